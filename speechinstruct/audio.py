@@ -1,0 +1,75 @@
+"""Audio input: decode wav/flac/ogg-opus/mp3 with soundfile (libsndfile), downmix, resample with soxr.
+
+``load(path, offset, duration)`` seeks to the window instead of decoding the whole file where the format
+allows it (libsndfile seeks in wav, flac, ogg and mp3).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+TARGET_SR = 16_000
+SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a window holds no speech
+
+
+class AudioError(ValueError):
+    """A file that cannot be used as speech; the message names the file and the problem."""
+
+
+def info(path: str | os.PathLike) -> tuple[int, int]:
+    """(sample_rate, frames) of an audio file."""
+    try:
+        i = sf.info(str(path))
+    except Exception as e:  # libsndfile's errors are RuntimeError/LibsndfileError
+        raise AudioError(f"{path}: unreadable audio ({e})") from None
+    return i.samplerate, i.frames
+
+
+def resample(wav: np.ndarray, sr: int, target_sr: int = TARGET_SR) -> np.ndarray:
+    if sr == target_sr:
+        return wav.astype(np.float32, copy=False)
+    return soxr.resample(wav, sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def load(
+    path: str | os.PathLike,
+    offset: float = 0.0,
+    duration: float | None = None,
+    target_sr: int = TARGET_SR,
+    reject_silence: bool = True,
+) -> np.ndarray:
+    """Float32 mono samples at ``target_sr`` of ``[offset, offset + duration)`` seconds of ``path``."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            start = int(round(offset * sr))
+            if start:
+                if not f.seekable():
+                    raise AudioError(f"{path}: cannot seek to {offset:.3f} s")
+                f.seek(start)
+            frames = -1 if duration is None else int(round(duration * sr))
+            wav = f.read(frames=frames, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except Exception as e:
+        raise AudioError(f"{path}: unreadable audio ({e})") from None
+    if wav.shape[0] == 0:
+        raise AudioError(f"{path}: no samples in window offset={offset} duration={duration}")
+    if duration is not None and wav.shape[0] < 0.9 * duration * sr:
+        raise AudioError(
+            f"{path}: truncated: asked for {duration:.3f} s at {offset:.3f} s, file gave {wav.shape[0] / sr:.3f} s"
+        )
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: contains NaN or Inf samples")
+    if reject_silence and float(np.abs(wav).max()) < SILENCE_PEAK:
+        raise AudioError(f"{path}: all-silent window (peak below {SILENCE_PEAK:g}) at {offset:.3f} s")
+    return resample(wav, sr, target_sr)
+
+
+def write(path: str | os.PathLike, wav: np.ndarray, sr: int = TARGET_SR, **kwargs) -> None:
+    sf.write(str(path), wav, sr, **kwargs)

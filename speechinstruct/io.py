@@ -1,0 +1,91 @@
+"""Crash-safe file output: everything is written under a temporary name, fsynced, then renamed.
+
+A reader therefore sees a file either complete or not at all; a killed run leaves at most ``*.tmp-*``
+files behind, which the next run ignores and overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        # No statistics-dependent metadata besides the data: same rows give the same bytes.
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_parquet_files(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
+    tables = [pq.read_table(p, columns=columns) for p in paths]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def safe_join(root: str | os.PathLike, relative: str) -> Path:
+    """``root/relative``, refusing absolute paths, ``..`` escapes and symlinks that lead out of ``root``."""
+    root = Path(root).resolve()
+    if os.path.isabs(relative):
+        raise ValueError(f"absolute path {relative!r} refused: paths must be relative to the corpus root {root}")
+    candidate = (root / relative).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise ValueError(f"path {relative!r} leaves the corpus root {root}")
+    return candidate

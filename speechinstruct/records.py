@@ -1,0 +1,78 @@
+"""The record definitions, read from ``schemas/*.json``: the one source for JSON validation and Arrow types.
+
+Each property of a schema carries ``x-arrow``, the Arrow type of its column; nullable columns are those
+whose JSON type admits ``null``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pyarrow as pa
+
+KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "pretrain")
+
+_ARROW = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+}
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(_arrow_type(name[5:-1]))
+    return _ARROW[name]
+
+
+@functools.cache
+def json_schema(kind: str) -> dict:
+    if kind not in KINDS:
+        raise KeyError(f"unknown record kind {kind!r}; known: {', '.join(KINDS)}")
+    checkout = Path(__file__).resolve().parent.parent / "schemas" / f"{kind}.json"
+    if checkout.is_file():  # a source checkout or an editable install
+        return json.loads(checkout.read_text())
+    return json.loads(resources.files("speechinstruct.schemas").joinpath(f"{kind}.json").read_text())
+
+
+@functools.cache
+def arrow_schema(kind: str) -> pa.Schema:
+    schema = json_schema(kind)
+    fields = []
+    for name, prop in schema["properties"].items():
+        types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+        fields.append(pa.field(name, _arrow_type(prop["x-arrow"]), nullable="null" in types))
+    return pa.schema(fields, metadata={"speechinstruct.kind": kind})
+
+
+@functools.cache
+def _validator(kind: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json_schema(kind))
+
+
+def record_errors(kind: str, record: dict) -> list[str]:
+    """Schema violations of one record, as readable strings (empty when it conforms)."""
+    out = []
+    for err in _validator(kind).iter_errors(record):
+        where = ".".join(str(p) for p in err.absolute_path) or "<record>"
+        out.append(f"{where}: {err.message}")
+    return out
+
+
+def to_table(kind: str, rows: list[dict]) -> pa.Table:
+    """Rows (dicts) to an Arrow table of the kind's schema; extra keys are an error, missing ones too."""
+    schema = arrow_schema(kind)
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise ValueError(f"{kind} record {row.get('id')!r} has columns not in schemas/{kind}.json: {sorted(extra)}")
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.table(columns, schema=schema)

@@ -1,0 +1,111 @@
+"""``speechinstruct shard``: a corpus in its native layout → Parquet manifest shards + a JSON summary.
+
+Rows are cut into shards of about ``shard_hours`` of audio each (``manifest-00000.parquet`` …), every
+shard written atomically; a rerun rewrites the same names and removes shards a previous, larger run left.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+from . import records
+from .corpora import Skip, readers
+from .io import write_json, write_parquet
+
+MAX_LISTED_SKIPS = 1000
+
+
+def shard_corpus(
+    corpus: str,
+    root: str | Path,
+    out: str | Path,
+    shard_hours: float = 10.0,
+    quiet: bool = False,
+    **reader_options,
+) -> dict:
+    """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary."""
+    all_readers = readers()
+    if corpus not in all_readers:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(all_readers)}")
+    if shard_hours <= 0:
+        raise ValueError(f"shard_hours must be positive, got {shard_hours}")
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: corpus root is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict] = []
+    written: list[str] = []
+    seen_ids: set[str] = set()
+    skipped: collections.Counter[str] = collections.Counter()
+    skip_list: list[dict] = []
+    seconds_total = 0.0
+    shard_seconds = 0.0
+    n_rows = 0
+
+    def flush():
+        nonlocal rows, shard_seconds
+        if rows:
+            name = f"manifest-{len(written):05d}.parquet"
+            write_parquet(out / name, records.to_table("manifest", rows))
+            written.append(name)
+            rows, shard_seconds = [], 0.0
+
+    for item in all_readers[corpus](root, quiet=quiet, **reader_options):
+        if isinstance(item, Skip):
+            skipped[item.reason] += 1
+            if len(skip_list) < MAX_LISTED_SKIPS:
+                skip_list.append(item.as_dict())
+            continue
+        if item["id"] in seen_ids:
+            skipped["duplicate id"] += 1
+            if len(skip_list) < MAX_LISTED_SKIPS:
+                skip_list.append(Skip(item["path"], "duplicate id", item["id"]).as_dict())
+            continue
+        seen_ids.add(item["id"])
+        rows.append(item)
+        n_rows += 1
+        seconds_total += item["duration"]
+        shard_seconds += item["duration"]
+        if shard_seconds >= shard_hours * 3600:
+            flush()
+    flush()
+
+    for stale in sorted(out.glob("manifest-*.parquet")):
+        if stale.name not in written:
+            stale.unlink()
+    summary = {
+        "corpus": corpus,
+        "root": str(root.resolve()),
+        "options": {"shard_hours": shard_hours, **{k: v for k, v in reader_options.items()}},
+        "shards": written,
+        "utterances": n_rows,
+        "hours": round(seconds_total / 3600, 4),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": skip_list,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def manifest_files(folder: str | Path) -> list[Path]:
+    """The manifest shards of a ``shard`` output folder, in order (a single .parquet file also works)."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    files = sorted(folder.glob("manifest-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no manifest-*.parquet shards (run `speechinstruct shard` first)")
+    return files
+
+
+def corpus_root(folder: str | Path) -> Path:
+    """The corpus root recorded in a shard folder's summary.json."""
+    folder = Path(folder)
+    summary = (folder if folder.is_dir() else folder.parent) / "summary.json"
+    try:
+        return Path(json.loads(summary.read_text())["root"])
+    except (OSError, KeyError, ValueError) as e:
+        raise FileNotFoundError(f"{summary}: cannot read the corpus root ({e}); pass --root") from None

@@ -1,0 +1,116 @@
+import json
+import os
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from speechinstruct.cli import app
+from speechinstruct.corpora import gigaspeech, librilight
+from speechinstruct.shard import shard_corpus
+
+
+def rows(out):
+    return datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train").to_list()
+
+
+def test_librispeech(librispeech_root, tmp_path):
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    got = {r["id"]: r for r in rows(tmp_path / "m")}
+    assert sorted(got) == [f"librispeech/1272-128104-000{i}" for i in range(3)] + ["librispeech/1462-170138-0000"]
+    r = got["librispeech/1272-128104-0001"]
+    assert r["text"] == "NOR IS MISTER QUILTER'S MANNER"
+    assert r["path"] == "dev-clean/1272/128104/1272-128104-0001.flac"
+    assert r["speaker"] == "1272" and r["sample_rate"] == 16000 and r["license"] == "CC-BY-4.0"
+    assert r["duration"] == pytest.approx(1.5)
+    assert summary["skipped"] == {"missing audio file": 1, "unreadable audio": 1}
+    bad = [s for s in summary["skipped_examples"] if s["reason"] == "unreadable audio"][0]
+    assert bad["path"].endswith("1462-170138-0002.flac")
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["utterances"] == 4
+
+
+def test_shards_by_hours_and_rerun_is_identical(librispeech_root, tmp_path):
+    out = tmp_path / "m"
+    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600, quiet=True)
+    files = sorted(p.name for p in out.glob("*.parquet"))
+    assert files == ["manifest-00000.parquet", "manifest-00001.parquet"]
+    first = {f: (out / f).read_bytes() for f in files}
+    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600, quiet=True)
+    assert {f: (out / f).read_bytes() for f in files} == first
+    shard_corpus("librispeech", librispeech_root, out, shard_hours=10, quiet=True)  # fewer shards: stale ones go
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["manifest-00000.parquet"]
+    assert len(rows(out)) == 4
+
+
+def test_librilight_segments_follow_vad(librilight_root, tmp_path):
+    summary = shard_corpus("librilight", librilight_root, tmp_path / "m", max_seconds=5.0, quiet=True)
+    got = rows(tmp_path / "m")
+    windows = [x for r in got for x in (r["offset"], r["offset"] + r["duration"])]
+    # [0.2,2.0]+[2.5,4.0] fit in 5 s; [4.4,9.6] is 5.2 s alone and is cut in two; [10.0,11.8] alone.
+    assert windows == pytest.approx([0.2, 4.0, 4.4, 7.0, 7.0, 9.6, 10.0, 11.8])
+    assert all(r["text"] is None and r["speaker"] == "100" for r in got)
+    assert len({r["id"] for r in got}) == 4
+    assert summary["skipped"] == {"malformed voice-activity json": 1, "missing voice-activity json": 1}
+
+
+def test_librilight_segment_never_exceeds_max():
+    spans = [(0, 1), (1.5, 3), (3.1, 20), (21, 22)]
+    for start, end in librilight.segment(spans, 4.0):
+        assert end - start <= 4.0 + 1e-9
+
+
+def test_gigaspeech(gigaspeech_root, tmp_path):
+    summary = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
+    got = {r["id"]: r for r in rows(tmp_path / "m")}
+    assert got["gigaspeech/POD0000000001_S0000000"]["text"] == "AS THEY'RE LEAVING, CAN KASH PULL ZAHRA ASIDE?"
+    assert got["gigaspeech/POD0000000001_S0000002"]["offset"] == 3.0
+    assert got["gigaspeech/POD0000000001_S0000002"]["duration"] == pytest.approx(2.5)
+    assert summary["skipped"] == {"garbage segment": 1, "missing audio file": 1}
+    small = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "s", subset="S", quiet=True)
+    assert small["utterances"] == 1
+    with pytest.raises(ValueError, match="unknown GigaSpeech subset"):
+        shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "x", subset="XXL", quiet=True)
+
+
+def test_gigaspeech_normalize():
+    assert gigaspeech.normalize("<SIL>") == ""
+    assert gigaspeech.normalize("YES <COMMA> WE CAN <EXCLAMATIONPOINT>") == "YES, WE CAN!"
+
+
+def test_commonvoice_unquoted(commonvoice_root, tmp_path):
+    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", quiet=True)
+    got = {r["id"]: r for r in rows(tmp_path / "m")}
+    assert got["commonvoice/en/common_voice_en_0"]["text"] == '"Quoted," she said, "twice."'
+    assert got["commonvoice/en/common_voice_en_1"]["sample_rate"] == 48000
+    assert got["commonvoice/en/common_voice_en_1"]["speaker"] == "bbb"
+    assert summary["skipped"] == {"empty transcript": 1, "malformed tsv row": 1, "missing audio file": 1}
+    where = {s["reason"]: s["path"] for s in summary["skipped_examples"]}
+    assert where["malformed tsv row"] == "validated.tsv:6"
+
+
+def test_commonvoice_quoted_tsv(commonvoice_root, tmp_path):
+    shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="train.tsv", quiet=True)
+    (row,) = rows(tmp_path / "m")
+    assert row["text"] == 'Tab here and newline "too"'
+
+
+def test_symlink_out_of_root_is_refused(librispeech_root, tmp_path):
+    outside = tmp_path / "secret.flac"
+    chapter = librispeech_root / "dev-clean" / "1272" / "128104"
+    os.replace(chapter / "1272-128104-0000.flac", outside)
+    os.symlink(outside, chapter / "1272-128104-0000.flac")
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    assert summary["skipped"]["path escapes the corpus root"] == 1
+
+
+def test_cli_shard_and_clear_errors(librispeech_root, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["utterances"] == 4
+    result = runner.invoke(app, ["shard", "librispeech", str(tmp_path / "nowhere"), str(tmp_path / "m2")])
+    assert result.exit_code == 2 and "nowhere: corpus root is not a folder" in result.stderr
+    result = runner.invoke(app, ["shard", "gigaspeech", str(librispeech_root), str(tmp_path / "m3")])
+    assert result.exit_code == 2 and "GigaSpeech.json: missing" in result.stderr
+    assert pq.read_table(tmp_path / "m" / "manifest-00000.parquet").num_rows == 4
