@@ -85,6 +85,101 @@ def shard(
     _print_json(summary)
 
 
+class Features(str, Enum):
+    mfcc = "mfcc"
+    hubert = "hubert"
+
+
+NumShards = typer.Option(1, help="Split the work into this many parts (job arrays)...")
+ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@app.command()
+def extract(
+    manifest: Path = typer.Argument(..., help="A `shard` output folder (or one manifest .parquet)."),
+    out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
+    features: Features = typer.Option(Features.mfcc, help="mfcc (offline default) or hubert."),
+    checkpoint: Optional[str] = typer.Option(None, help="hubert: fairseq .pt, Hugging Face folder, or hub id."),
+    layer: Optional[int] = typer.Option(None, help="hubert: transformer layer (1-based; default: last). SpeechGPT: 11."),
+    kmeans: Optional[Path] = typer.Option(None, help="Quantize on the fly with this k-means; features are not stored."),
+    root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard`)."),
+    batch_seconds: float = typer.Option(100.0, help="Seconds of audio per model batch."),
+    float16: bool = typer.Option(False, help="Store features as float16."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    workers: int = typer.Option(2, help="Audio decoding threads."),
+    engine: str = typer.Option("local", help="local, or ray (pip install speechinstruct[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="ray: address of an existing cluster (default: start one)."),
+    actors: int = typer.Option(2, help="ray: model actors."),
+    num_gpus_per_actor: float = typer.Option(0.0, help="ray: GPUs per model actor."),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
+    quiet: bool = Quiet,
+):
+    """Decode audio and compute MFCC or HuBERT features (or units) per manifest shard; resumable."""
+    from .extract import extract as run_extract
+    from .features import load_extractor
+    from .units import load_kmeans
+
+    km = _run(load_kmeans, kmeans) if kmeans else None
+    if engine == "ray":
+        from .engine_ray import extract_ray
+
+        stats = _run(extract_ray, manifest, out, features.value, checkpoint=checkpoint, layer=layer,
+                     kmeans_path=kmeans, root=root, batch_seconds=batch_seconds, float16=float16,
+                     actors=actors, num_gpus_per_actor=num_gpus_per_actor, address=ray_address,
+                     num_shards=num_shards, shard_index=shard_index)
+    elif engine == "local":
+        extractor = _run(load_extractor, features.value, checkpoint, layer, _device(device))
+        stats = _run(run_extract, manifest, out, extractor,
+                     root=root, kmeans=km, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
+                     shard_index=shard_index, workers=workers, quiet=quiet)
+    else:
+        fail(f"unknown engine {engine!r}: choose local or ray")
+    _print_json(stats)
+
+
+@app.command()
+def cluster(
+    features: Path = typer.Argument(..., help="An `extract` output folder."),
+    out: Path = typer.Argument(..., help="Output folder for centroids.npy and kmeans.json."),
+    k: int = typer.Option(1000, help="Number of units (SpeechGPT: 1000)."),
+    max_frames: int = typer.Option(1_000_000, help="Frames sampled for fitting."),
+    seed: int = typer.Option(0),
+    niter: int = typer.Option(50, help="k-means iterations."),
+    nredo: int = typer.Option(3, help="k-means runs from different random starts; the best is kept."),
+    quiet: bool = Quiet,
+):
+    """Fit FAISS k-means on a random sample of feature frames."""
+    from .cluster import cluster as run_cluster
+
+    _print_json(_run(run_cluster, features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo, quiet=quiet))
+
+
+@app.command()
+def quantize(
+    features: Path = typer.Argument(..., help="An `extract` output folder."),
+    kmeans: Path = typer.Argument(..., help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
+    out: Path = typer.Argument(..., help="Output folder for units-*.parquet and stats.json."),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
+    quiet: bool = Quiet,
+):
+    """Assign units, merge repeats, write SpeechGPT unit strings joined to the manifest."""
+    from .quantize import quantize as run_quantize
+    from .units import load_kmeans
+
+    km = _run(load_kmeans, kmeans)
+    _print_json(_run(run_quantize, features, km, out, num_shards=num_shards, shard_index=shard_index, quiet=quiet))
+
+
 def main():
     app()
 

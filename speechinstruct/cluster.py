@@ -1,0 +1,79 @@
+"""``speechinstruct cluster``: FAISS k-means on a seeded random sample of feature frames.
+
+Saves ``centroids.npy`` (k × dim float32) and ``kmeans.json`` (features spec, k, inertia on the sample,
+sample size, seed, iterations, centroid hash) in the output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from .io import atomic_path, write_json
+from .units import KMeans
+
+
+def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.ndarray:
+    """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file."""
+    from .extract import feature_files
+
+    files = feature_files(features)
+    columns = []
+    for path in files:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        col = table.column("features").combine_chunks()
+        dim = col.type.value_type.list_size
+        columns.append(col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+    total = sum(c.shape[0] for c in columns)
+    if total == 0:
+        raise ValueError(f"{features}: feature files hold no frames")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(max_frames, total), replace=False))
+    out, start = [], 0
+    for c in columns:
+        local = chosen[(chosen >= start) & (chosen < start + c.shape[0])] - start
+        out.append(c[local].astype(np.float32))
+        start += c.shape[0]
+    return np.concatenate(out)
+
+
+def fit(sample: np.ndarray, k: int, seed: int = 0, niter: int = 50, nredo: int = 3, gpu: bool | None = None,
+        verbose: bool = False) -> np.ndarray:
+    """k-means centroids of ``sample`` (rows are points) with FAISS, seeded and multi-threaded; the best
+    of ``nredo`` runs (FAISS initialises randomly, so a few restarts avoid poor local minima)."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if sample.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} frames, the sample has {sample.shape[0]}")
+    if gpu is None:
+        gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
+    km = faiss.Kmeans(sample.shape[1], k, niter=niter, nredo=nredo, seed=seed, gpu=bool(gpu), verbose=verbose,
+                      max_points_per_centroid=max(256, sample.shape[0] // k + 1), spherical=False)
+    km.train(sample)
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def cluster(features: str | Path, out: str | Path, k: int = 1000, max_frames: int = 1_000_000, seed: int = 0,
+            niter: int = 50, nredo: int = 3, gpu: bool | None = None, quiet: bool = False) -> dict:
+    features, out = Path(features), Path(out)
+    spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
+    started = time.perf_counter()
+    sample = sample_frames(features, max_frames, seed)
+    centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, verbose=not quiet)
+    inertia = KMeans(centroids).inertia(sample)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "centroids.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, centroids, allow_pickle=False)
+    meta = {
+        "k": k, "dim": int(centroids.shape[1]), "features": {k_: v for k_, v in spec.items() if k_ not in ("manifest", "root")},
+        "inertia": inertia, "sample_frames": int(sample.shape[0]), "seed": seed, "niter": niter, "nredo": nredo,
+        "sha256": hashlib.sha256(centroids.tobytes()).hexdigest(), "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(out / "kmeans.json", meta)
+    return meta

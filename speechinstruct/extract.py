@@ -1,0 +1,238 @@
+"""``speechinstruct extract``: manifest shards → one feature file per shard (or, fused with ``--kmeans``,
+one units file per shard without storing features).
+
+Streaming: rows are decoded a few at a time by a small thread pool (soundfile and soxr release the GIL),
+grouped into batches of about ``batch_seconds`` of audio (sorted by length inside a group to limit
+padding), run through the extractor and written out in manifest order. Memory is bounded by one group.
+
+Output per manifest shard ``manifest-NNNNN.parquet``:
+  ``features-NNNNN.arrow``: Arrow IPC file, columns ``id`` and ``features`` (list of fixed-size lists:
+  frames × dim), readable zero-copy with a memory map; ``errors-NNNNN.jsonl``: utterances skipped, why.
+``features.json`` records the extractor (kind, layer, checkpoint hash, dim, frame rate) and the manifest.
+A shard is complete when its output file exists (written atomically); a rerun skips complete shards.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from . import audio
+from .features import Extractor
+from .io import atomic_path, safe_join, write_json, write_text
+from .shard import corpus_root, manifest_files
+
+
+def shard_suffix(path: Path) -> str:
+    """``manifest-00003.parquet`` → ``00003``."""
+    return path.stem.rsplit("-", 1)[-1]
+
+
+def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) -> list[Path]:
+    """The manifest shards this worker owns: every ``num_shards``-th, starting at ``shard_index``."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+    return files[shard_index::num_shards]
+
+
+def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` results waiting."""
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def decode_rows(rows: list[dict], root: Path, workers: int = 2) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, 16 kHz samples) per row, or (row, reason) when the audio cannot be used."""
+
+    def load(row):
+        try:
+            path = safe_join(root, row["path"])
+            return row, audio.load(path, row["offset"], row["duration"])
+        except (audio.AudioError, ValueError, OSError) as e:
+            return row, str(e)
+
+    return bounded_map(load, rows, workers=workers, ahead=4 * workers + 4)
+
+
+def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio."""
+    group: list[tuple[dict, np.ndarray | str]] = []
+    budget = batch_seconds * audio.TARGET_SR
+
+    def run(group):
+        good = sorted((i for i, (_, w) in enumerate(group) if not isinstance(w, str)), key=lambda i: group[i][1].size)
+        results: dict[int, np.ndarray | str] = {i: w for i, (_, w) in enumerate(group) if isinstance(w, str)}
+        batch: list[int] = []
+        for i in good + [None]:
+            if i is not None and (not batch or (len(batch) + 1) * group[i][1].size <= budget):
+                batch.append(i)
+                continue
+            if batch:
+                results.update(_run_batch(extractor, [group[j][1] for j in batch], batch))
+            batch = [i] if i is not None else []
+        return [(row, results[i]) for i, (row, _) in enumerate(group)]
+
+    size = 0
+    for row, wav in decoded:
+        group.append((row, wav))
+        size += 0 if isinstance(wav, str) else wav.size
+        if size >= 4 * budget:
+            yield from run(group)
+            group, size = [], 0
+    if group:
+        yield from run(group)
+
+
+def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int]) -> dict[int, np.ndarray | str]:
+    try:
+        return dict(zip(index, extractor.features_batch(wavs)))
+    except (audio.AudioError, ValueError, RuntimeError):
+        if len(wavs) == 1:
+            raise
+    out: dict[int, np.ndarray | str] = {}
+    for i, wav in zip(index, wavs):  # isolate the utterance that failed
+        try:
+            out[i] = extractor.features_batch([wav])[0]
+        except (audio.AudioError, ValueError, RuntimeError) as e:
+            out[i] = f"feature extraction failed: {e}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------ feature files
+def feature_schema(dim: int, float16: bool) -> pa.Schema:
+    value = pa.float16() if float16 else pa.float32()
+    return pa.schema([("id", pa.string()), ("features", pa.list_(pa.list_(value, dim)))])
+
+
+def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array:
+    dtype = np.float16 if float16 else np.float32
+    flat = np.concatenate([f.astype(dtype, copy=False).ravel() for f in feats]) if feats else np.zeros(0, dtype)
+    frames = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+    offsets = np.concatenate([[0], np.cumsum([f.shape[0] for f in feats])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), frames)
+
+
+def read_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
+    """Ids and (frames, dim) float32 arrays of one feature file."""
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    ids = table.column("id").to_pylist()
+    col = table.column("features").combine_chunks()
+    dim = col.type.value_type.list_size
+    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    offsets = col.offsets.to_numpy()
+    return ids, [flat[offsets[i] : offsets[i + 1]].astype(np.float32) for i in range(len(ids))]
+
+
+def feature_files(folder: str | Path) -> list[Path]:
+    files = sorted(Path(folder).glob("features-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no features-*.arrow files (run `speechinstruct extract` first)")
+    return files
+
+
+def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
+    """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec."""
+    meta = out / name
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old != json.loads(json.dumps(spec)):
+            diff = {k: (old.get(k), spec.get(k)) for k in set(old) | set(spec) if old.get(k) != spec.get(k)}
+            raise ValueError(f"{meta}: {out} holds output made with other settings {diff}; use a new folder")
+    else:
+        write_json(meta, spec)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def extract(
+    manifest: str | Path,
+    out: str | Path,
+    extractor: Extractor,
+    root: str | Path | None = None,
+    kmeans=None,
+    batch_seconds: float = 100.0,
+    float16: bool = False,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    workers: int = 2,
+    quiet: bool = False,
+) -> dict:
+    """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""
+    from .quantize import UnitWriter
+
+    manifest, out = Path(manifest), Path(out)
+    root = Path(root) if root else corpus_root(manifest)
+    shards = select_shards(manifest_files(manifest), num_shards, shard_index)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {**extractor.spec, "float16": float16, "manifest": str(manifest.resolve()), "root": str(root.resolve())}
+    if kmeans is not None:
+        spec["kmeans"] = {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
+    check_spec(out, spec, "units.json" if kmeans is not None else "features.json")
+
+    stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_seconds": 0.0}
+    started = time.perf_counter()
+    for shard in shards:
+        suffix = shard_suffix(shard)
+        target = out / (f"units-{suffix}.parquet" if kmeans is not None else f"features-{suffix}.arrow")
+        if target.exists():
+            stats["shards_skipped"] += 1
+            continue
+        rows = pq.read_table(shard).to_pylist()
+        results = compute(extractor, decode_rows(rows, root, workers), batch_seconds)
+        bar = tqdm(results, total=len(rows), desc=f"{'units' if kmeans is not None else 'features'} {shard.name}",
+                   unit="utt", disable=quiet)
+        errors = []
+        if kmeans is not None:
+            writer = UnitWriter(kmeans, extractor.frame_rate)
+            for row, feats in bar:
+                if isinstance(feats, str):
+                    errors.append({"id": row["id"], "path": row["path"], "reason": feats})
+                    continue
+                writer.add(row, feats)
+                stats["audio_seconds"] += row["duration"]
+            write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+            writer.write(target)
+            stats["utterances"] += writer.count
+        else:
+            with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+                with pa.ipc.new_file(sink, feature_schema(extractor.dim, float16)) as ipc:
+                    ids, feats_buf = [], []
+
+                    def flush():
+                        if ids:
+                            ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()),
+                                                             features_array(feats_buf, extractor.dim, float16)],
+                                                            schema=feature_schema(extractor.dim, float16)))
+                            ids.clear(), feats_buf.clear()
+
+                    for row, feats in bar:
+                        if isinstance(feats, str):
+                            errors.append({"id": row["id"], "path": row["path"], "reason": feats})
+                            continue
+                        ids.append(row["id"])
+                        feats_buf.append(feats)
+                        stats["utterances"] += 1
+                        stats["audio_seconds"] += row["duration"]
+                        if len(ids) >= 256:
+                            flush()
+                    flush()
+                write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+        stats["errors"] += len(errors)
+        stats["shards_done"] += 1
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    stats["audio_hours"] = round(stats.pop("audio_seconds") / 3600, 4)
+    return stats

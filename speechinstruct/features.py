@@ -1,0 +1,293 @@
+"""Dense speech features: 39-dim MFCC (HuBERT's first-iteration features) and HuBERT layer activations.
+
+An extractor has ``features(wav, sample_rate) -> (frames, dim) float32`` for one utterance and
+``features_batch(wavs_16k)`` for many (same frames as one at a time), plus ``spec`` for provenance.
+
+HuBERT loads from a fairseq checkpoint (``hubert_base_ls960.pt``, ``mhubert_base_vp_en_es_fr_it3.pt``,
+HuBERT Large) without fairseq: its config is read and its weights renamed into ``transformers``'
+``HubertModel``. Hugging Face folders (and hub ids, for users with internet) load directly.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import audio
+from .checkpoints import plain, torch_load_restricted
+from .io import sha256_file
+
+SAMPLE_RATE = audio.TARGET_SR
+CHUNK_SAMPLES = 1_600_000  # SpeechGPT feeds long audio to HuBERT in chunks of at most 100 s
+
+
+class Extractor(Protocol):
+    dim: int
+    frame_rate: float
+    spec: dict
+
+    def features(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray: ...
+
+    def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+# ------------------------------------------------------------------------------------------------- MFCC
+def deltas(x: np.ndarray, window: int = 2) -> np.ndarray:
+    """Regression deltas over ±``window`` frames with edge replication (Kaldi's and torchaudio's formula)."""
+    padded = np.pad(x, ((window, window), (0, 0)), mode="edge")
+    n = x.shape[0]
+    num = sum(k * (padded[window + k : window + k + n] - padded[window - k : window - k + n]) for k in range(1, window + 1))
+    return (num / (2 * sum(k * k for k in range(1, window + 1)))).astype(np.float32)
+
+
+class MFCC:
+    """13 Kaldi MFCCs (25 ms window, 10 ms hop, no energy, no dither) + deltas + delta-deltas = 39 dims,
+    as fairseq's ``dump_mfcc_feature.py`` computes them for HuBERT's first iteration. 100 frames/s;
+    ``1 + (samples - 400) // 160`` frames (Kaldi's snip-edges framing)."""
+
+    dim = 39
+    frame_rate = 100.0
+
+    def __init__(self):
+        import kaldi_native_fbank as knf
+
+        self._knf = knf
+        opts = knf.MfccOptions()
+        opts.frame_opts.samp_freq = SAMPLE_RATE
+        opts.frame_opts.dither = 0.0
+        opts.use_energy = False
+        opts.num_ceps = 13
+        self._opts = opts
+        self.spec = {"features": "mfcc", "dim": self.dim, "frame_rate": self.frame_rate,
+                     "options": "kaldi mfcc 13 ceps, 23 mel bins, 25ms/10ms, no energy, no dither, +d +dd"}
+
+    def features(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        wav = _check_wav(wav, sample_rate, min_samples=400)
+        mfcc = self._knf.OnlineMfcc(self._opts)
+        mfcc.accept_waveform(SAMPLE_RATE, wav)
+        mfcc.input_finished()
+        ceps = np.array([mfcc.get_frame(i) for i in range(mfcc.num_frames_ready)], dtype=np.float32)
+        d = deltas(ceps)
+        return np.concatenate([ceps, d, deltas(d)], axis=1)
+
+    def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.features(w) for w in wavs]
+
+
+def _check_wav(wav: np.ndarray, sample_rate: int, min_samples: int) -> np.ndarray:
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 1:
+        raise ValueError(f"expected mono audio (1-D), got shape {wav.shape}")
+    wav = audio.resample(wav, sample_rate)
+    if wav.size < min_samples:
+        raise audio.AudioError(f"audio too short: {wav.size} samples at 16 kHz, need at least {min_samples}")
+    return wav
+
+
+# ----------------------------------------------------------------------------------------------- HuBERT
+class HuBERT:
+    """One layer of a ``transformers`` ``HubertModel``, truncated after that layer (later layers are
+    never run). Batches pad only after the convolutional front end, which runs per utterance, so
+    group-norm models (HuBERT Base) give the same frames batched as one at a time."""
+
+    def __init__(self, model, layer: int, normalize: bool, source: str, device: str = "cpu"):
+        from torch import nn
+
+        total = len(model.encoder.layers)
+        if not 1 <= layer <= total:
+            raise ValueError(f"{source}: layer {layer} out of range: the model has layers 1..{total}")
+        model.encoder.layers = model.encoder.layers[:layer]
+        if model.config.do_stable_layer_norm:
+            # Pre-LN models apply encoder.layer_norm after the last layer only; fairseq's layer-L output
+            # (and SpeechGPT's units) come before it.
+            model.encoder.layer_norm = nn.Identity()
+        self.model = model.eval().to(device)
+        self.device = device
+        self.layer, self.normalize = layer, normalize
+        self.dim = model.config.hidden_size
+        self.frame_rate = SAMPLE_RATE / int(np.prod(model.config.conv_stride))
+        self._receptive = _receptive_field(model.config)
+        self.spec = {"features": "hubert", "source": source, "layer": layer, "normalize": normalize,
+                     "dim": self.dim, "frame_rate": self.frame_rate}
+
+    def features(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        return self.features_batch([audio.resample(np.asarray(wav, np.float32), sample_rate)])[0]
+
+    @torch.inference_mode()
+    def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        pieces: list[tuple[int, torch.Tensor]] = []  # (utterance index, conv features (T, C))
+        for i, wav in enumerate(wavs):
+            wav = _check_wav(wav, SAMPLE_RATE, min_samples=self._receptive)
+            for start in range(0, wav.size, CHUNK_SAMPLES):
+                chunk = torch.from_numpy(wav[start : start + CHUNK_SAMPLES]).to(self.device)
+                if chunk.numel() < self._receptive:
+                    continue  # a tail shorter than one frame's receptive field yields no frame
+                if self.normalize:
+                    chunk = torch.nn.functional.layer_norm(chunk, chunk.shape)
+                conv = self.model.feature_extractor(chunk[None])  # (1, C, T)
+                pieces.append((i, conv[0].transpose(0, 1)))
+        lengths = [p.shape[0] for _, p in pieces]
+        padded = torch.nn.utils.rnn.pad_sequence([p for _, p in pieces], batch_first=True)
+        mask = torch.arange(padded.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        hidden = self.model.feature_projection(padded)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+        hidden = self.model.encoder(hidden, attention_mask=mask).last_hidden_state
+        out: list[list[np.ndarray]] = [[] for _ in wavs]
+        for (i, _), n, h in zip(pieces, lengths, hidden):
+            out[i].append(h[:n].float().cpu().numpy())
+        return [np.concatenate(parts) for parts in out]
+
+
+def _receptive_field(config) -> int:
+    field = 1
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+        field = (field - 1) * stride + kernel
+    return field
+
+
+# fairseq HuBERT parameter names → transformers HubertModel names.
+_RENAMES = [
+    (r"^feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
+    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.", r"feature_extractor.conv_layers.\1.layer_norm."),
+    (r"^feature_extractor\.conv_layers\.0\.2\.", r"feature_extractor.conv_layers.0.layer_norm."),
+    (r"^layer_norm\.", r"feature_projection.layer_norm."),
+    (r"^post_extract_proj\.", r"feature_projection.projection."),
+    (r"^encoder\.pos_conv\.0\.bias$", r"encoder.pos_conv_embed.conv.bias"),
+    (r"^encoder\.layer_norm\.", r"encoder.layer_norm."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|q_proj|out_proj)\.", r"encoder.layers.\1.attention.\2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.layer_norm."),
+    (r"^encoder\.layers\.(\d+)\.fc1\.", r"encoder.layers.\1.feed_forward.intermediate_dense."),
+    (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layers.\1.feed_forward.output_dense."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
+]
+_PRETRAINING_ONLY = re.compile(r"^(final_proj|label_embs_concat|label_embs|label_embs_list|mask_emb)\b")
+
+
+def hubert_config_from_fairseq(model_cfg: dict):
+    """A ``transformers.HubertConfig`` equal to a fairseq HuBERT model config."""
+    from transformers import HubertConfig
+
+    layers = ast.literal_eval(model_cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"))
+    if not isinstance(layers, list):
+        layers = list(layers)
+    mode = model_cfg.get("extractor_mode", "default")
+    if mode not in ("default", "layer_norm"):
+        raise ValueError(f"unsupported fairseq extractor_mode {mode!r}")
+    return HubertConfig(
+        hidden_size=model_cfg.get("encoder_embed_dim", 768),
+        num_hidden_layers=model_cfg.get("encoder_layers", 12),
+        num_attention_heads=model_cfg.get("encoder_attention_heads", 12),
+        intermediate_size=model_cfg.get("encoder_ffn_embed_dim", 3072),
+        hidden_act=model_cfg.get("activation_fn", "gelu"),
+        feat_extract_norm="group" if mode == "default" else "layer",
+        conv_dim=[c for c, _, _ in layers],
+        conv_kernel=[k for _, k, _ in layers],
+        conv_stride=[s for _, _, s in layers],
+        conv_bias=bool(model_cfg.get("conv_bias", False)),
+        num_conv_pos_embeddings=model_cfg.get("conv_pos", 128),
+        num_conv_pos_embedding_groups=model_cfg.get("conv_pos_groups", 16),
+        do_stable_layer_norm=bool(model_cfg.get("layer_norm_first", False)),
+        feat_proj_layer_norm=True,
+        layer_norm_eps=1e-5,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0,
+    )
+
+
+def read_fairseq_hubert(path: str | Path):
+    """(transformers HubertModel, task normalize flag) from a fairseq HuBERT checkpoint, safely."""
+    from transformers import HubertModel
+
+    path = Path(path)
+    ckpt = torch_load_restricted(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' state)")
+    cfg = plain(ckpt.get("cfg")) or {}
+    if not cfg and ckpt.get("args") is not None:  # pre-hydra checkpoints keep an argparse Namespace
+        args = plain(ckpt["args"])
+        cfg = {"model": args, "task": args}
+    model_cfg, task_cfg = cfg.get("model") or {}, cfg.get("task") or {}
+    if not model_cfg:
+        raise ValueError(f"{path}: the checkpoint holds no model config (cfg.model / args)")
+    if model_cfg.get("_name", "hubert") not in ("hubert", "hubert_ctc"):
+        raise ValueError(f"{path}: a {model_cfg.get('_name')!r} checkpoint, not HuBERT")
+    model = HubertModel(hubert_config_from_fairseq(model_cfg))
+    target = model.state_dict()
+    g_name, v_name = (
+        ("encoder.pos_conv_embed.conv.parametrizations.weight.original0", "encoder.pos_conv_embed.conv.parametrizations.weight.original1")
+        if "encoder.pos_conv_embed.conv.parametrizations.weight.original0" in target
+        else ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.weight_v")
+    )
+    weight_norm = {"encoder.pos_conv.0.weight_g": g_name, "encoder.pos_conv.0.weight_v": v_name}
+    mapped, unknown = {}, []
+    for key, tensor in ckpt["model"].items():
+        key = key.removeprefix("w2v_encoder.w2v_model.")
+        if _PRETRAINING_ONLY.match(key):
+            continue
+        if key in weight_norm:
+            mapped[weight_norm[key]] = tensor
+            continue
+        for pattern, repl in _RENAMES:
+            if re.match(pattern, key):
+                mapped[re.sub(pattern, repl, key)] = tensor
+                break
+        else:
+            unknown.append(key)
+    unknown += sorted(set(mapped) - set(target))
+    missing = sorted(set(target) - set(mapped))
+    if unknown or missing:
+        raise ValueError(f"{path}: weights do not match a HuBERT model: unknown {unknown[:5]}, missing {missing[:5]}")
+    for name, tensor in mapped.items():
+        if tuple(tensor.shape) != tuple(target[name].shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(target[name].shape)}")
+    model.load_state_dict(mapped, strict=True)
+    return model, bool(task_cfg.get("normalize", False))
+
+
+def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu") -> HuBERT:
+    """Load HuBERT from a fairseq ``.pt``, a Hugging Face folder, or (with internet) a hub id; keep
+    layers 1..``layer`` (default: all)."""
+    source = str(path)
+    p = Path(path)
+    if p.is_file():
+        model, normalize = read_fairseq_hubert(p)
+        source = f"fairseq:{p.name}:sha256={sha256_file(p)[:16]}"
+    else:
+        from transformers import HubertModel
+
+        local = p.is_dir()
+        if local and not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p}: not a Hugging Face model folder (no config.json)")
+        if not local and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+            raise FileNotFoundError(f"{source}: no such checkpoint file or model folder")
+        model = HubertModel.from_pretrained(source, local_files_only=local)
+        normalize = _hf_normalize(p) if local else False
+        source = f"hf:{source}"
+    total = model.config.num_hidden_layers
+    if layer is not None and not 1 <= layer <= total:
+        raise ValueError(f"{path}: layer {layer} out of range: the model has layers 1..{total}")
+    return HuBERT(model, layer or total, normalize, source, device=device)
+
+
+def _hf_normalize(folder: Path) -> bool:
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        return bool(json.loads(pre.read_text()).get("do_normalize", False))
+    return False
+
+
+def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None = None, device: str = "cpu") -> Extractor:
+    if kind == "mfcc":
+        return MFCC()
+    if kind == "hubert":
+        if not checkpoint:
+            raise ValueError("--features hubert needs --checkpoint (a fairseq .pt or a Hugging Face folder)")
+        return load_hubert(checkpoint, layer, device=device)
+    raise ValueError(f"unknown features {kind!r}: choose mfcc or hubert")

@@ -1,0 +1,105 @@
+"""``speechinstruct quantize``: feature files + k-means → units per utterance, joined to the manifest.
+
+Each output row is the manifest row plus ``units`` (repeats merged), ``durations`` (frames per merged
+unit), ``n_frames`` and ``unit_text`` (``<sosp><12><7>…<eosp>``). One ``units-NNNNN.parquet`` per feature
+shard, written atomically; ``stats.json`` holds the unit-usage histogram and units per second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from . import records
+from .io import write_json, write_parquet
+from .units import KMeans, dedup, to_text
+
+
+class UnitWriter:
+    """Collects one shard's unit rows; ``write`` puts them in a Parquet file atomically."""
+
+    def __init__(self, kmeans: KMeans, frame_rate: float):
+        self.kmeans, self.frame_rate = kmeans, frame_rate
+        self.rows: list[dict] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def add(self, manifest_row: dict, feats: np.ndarray) -> None:
+        labels = self.kmeans.assign(feats)
+        units, durations = dedup(labels)
+        self.rows.append({**manifest_row, "units": units.tolist(), "durations": durations.tolist(),
+                          "n_frames": int(labels.size), "unit_text": to_text(units)})
+
+    def write(self, path: Path) -> None:
+        write_parquet(path, records.to_table("units", self.rows))
+
+
+def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
+             quiet: bool = False) -> dict:
+    from .extract import check_spec, feature_files, read_features, select_shards, shard_suffix
+
+    features, out = Path(features), Path(out)
+    spec = json.loads((features / "features.json").read_text())
+    if spec.get("dim") != kmeans.dim:
+        raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
+    out.mkdir(parents=True, exist_ok=True)
+    check_spec(out, {**spec, "kmeans": {"source": kmeans.source, "k": kmeans.k,
+                                        **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}}, "units.json")
+    manifest = Path(spec["manifest"])
+    done = skipped = 0
+    for path in select_shards(feature_files(features), num_shards, shard_index):
+        suffix = shard_suffix(path)
+        target = out / f"units-{suffix}.parquet"
+        if target.exists():
+            skipped += 1
+            continue
+        manifest_shard = manifest / f"manifest-{suffix}.parquet" if manifest.is_dir() else manifest
+        rows = {r["id"]: r for r in pq.read_table(manifest_shard).to_pylist()}
+        ids, feats = read_features(path)
+        writer = UnitWriter(kmeans, spec["frame_rate"])
+        for uid, f in tqdm(zip(ids, feats), total=len(ids), desc=f"quantize {path.name}", unit="utt", disable=quiet):
+            writer.add(rows[uid], f)
+        writer.write(target)
+        done += 1
+    return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
+
+
+def unit_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(folder.glob("units-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no units-*.parquet files (run `speechinstruct quantize` first)")
+    return files
+
+
+def unit_stats(folder: str | Path, k: int) -> dict:
+    """Unit usage histogram and units per second before/after merging, over all unit files; saved as
+    ``stats.json`` beside them."""
+    histogram = np.zeros(k, dtype=np.int64)
+    frames = merged = 0
+    seconds = 0.0
+    utterances = 0
+    for path in unit_files(folder):
+        table = pq.read_table(path, columns=["units", "n_frames", "duration"])
+        flat = table.column("units").combine_chunks().flatten().to_numpy()
+        histogram += np.bincount(flat, minlength=k)[:k]
+        merged += flat.size
+        frames += int(np.sum(table.column("n_frames").to_numpy()))
+        seconds += float(np.sum(table.column("duration").to_numpy()))
+        utterances += table.num_rows
+    stats = {
+        "utterances": utterances,
+        "k": k,
+        "units_used": int((histogram > 0).sum()),
+        "frames_per_second": round(frames / seconds, 3) if seconds else 0.0,
+        "units_per_second": round(merged / seconds, 3) if seconds else 0.0,
+        "histogram": histogram.tolist(),
+    }
+    write_json(Path(folder) / "stats.json", stats)
+    return {k_: v for k_, v in stats.items() if k_ != "histogram"}

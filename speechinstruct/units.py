@@ -1,0 +1,99 @@
+"""Discrete units: a k-means quantizer, the repeat merger and SpeechGPT's unit string.
+
+``load_kmeans`` reads this project's ``cluster`` output (a folder with ``centroids.npy`` and
+``kmeans.json``), a bare ``.npy`` of centroids, or a fairseq/SpeechGPT ``*_km1000.bin`` (a joblib pickle
+of scikit-learn's MiniBatchKMeans, read with a restricted unpickler). Assignment is the nearest centroid
+in squared Euclidean distance, as scikit-learn's ``predict``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .checkpoints import Stub, joblib_load_restricted
+from .io import sha256_file
+
+UNIT_RE = re.compile(r"<(\d+)>")
+
+
+class KMeans:
+    """Nearest-centroid assignment with FAISS (exact L2 search)."""
+
+    def __init__(self, centroids: np.ndarray, source: str = "", meta: dict | None = None):
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or centroids.shape[0] < 1:
+            raise ValueError(f"{source}: centroids must be a (k, dim) array, got shape {centroids.shape}")
+        self.centroids = centroids
+        self.k, self.dim = centroids.shape
+        self.source = source
+        self.meta = meta or {}
+        self._index = faiss.IndexFlatL2(self.dim)
+        self._index.add(centroids)
+
+    def assign(self, feats: np.ndarray) -> np.ndarray:
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(
+                f"{self.source}: k-means expects {self.dim}-dim features, got shape {feats.shape} "
+                "(features and k-means come from different extractors or layers)"
+            )
+        if feats.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        _, labels = self._index.search(feats, 1)
+        return labels[:, 0].astype(np.int64)
+
+    def inertia(self, feats: np.ndarray) -> float:
+        distances, _ = self._index.search(np.ascontiguousarray(feats, dtype=np.float32), 1)
+        return float(distances.sum())
+
+
+def load_kmeans(path: str | Path) -> KMeans:
+    path = Path(path)
+    if path.is_dir():
+        centroids_path, meta_path = path / "centroids.npy", path / "kmeans.json"
+        if not centroids_path.is_file():
+            raise FileNotFoundError(f"{path}: no centroids.npy (not a `speechinstruct cluster` output)")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return KMeans(np.load(centroids_path, allow_pickle=False), str(path), meta)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such k-means file or folder")
+    if path.suffix == ".npy":
+        return KMeans(np.load(path, allow_pickle=False), str(path))
+    model = joblib_load_restricted(path)
+    state = model.state if isinstance(model, Stub) else None
+    if not isinstance(state, dict) or "cluster_centers_" not in state:
+        raise ValueError(f"{path}: the pickle holds no fitted k-means (no cluster_centers_)")
+    meta = {"format": "sklearn-joblib", "class": type(model).__name__, "sklearn_version": state.get("_sklearn_version"),
+            "sha256": sha256_file(path)}
+    return KMeans(np.asarray(state["cluster_centers_"]), str(path), meta)
+
+
+def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge consecutive repeats: 5 5 5 9 9 2 → units 5 9 2, durations 3 2 1."""
+    units = np.asarray(units)
+    if units.size == 0:
+        return units.astype(np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], units[1:] != units[:-1]]))
+    durations = np.diff(np.concatenate([starts, [units.size]]))
+    return units[starts].astype(np.int64), durations.astype(np.int64)
+
+
+def to_text(units) -> str:
+    """``[661, 588]`` → ``<sosp><661><588><eosp>``."""
+    return "<sosp>" + "".join(f"<{int(u)}>" for u in units) + "<eosp>"
+
+
+def from_text(text: str) -> list[int]:
+    """Inverse of ``to_text``; raises ValueError for anything that is not one well-formed unit string."""
+    if not (text.startswith("<sosp>") and text.endswith("<eosp>")):
+        raise ValueError(f"not a unit string (must start with <sosp> and end with <eosp>): {text[:40]!r}")
+    body = text[len("<sosp>") : -len("<eosp>")]
+    units = [int(u) for u in UNIT_RE.findall(body)]
+    if "".join(f"<{u}>" for u in UNIT_RE.findall(body)) != body or not units:
+        raise ValueError(f"malformed unit string: {text[:60]!r}")
+    return units

@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from speechinstruct import units
+from speechinstruct.cli import app
+from speechinstruct.extract import read_features
+from speechinstruct.features import MFCC
+from speechinstruct.shard import shard_corpus
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def manifest(librispeech_root, tmp_path):
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600, quiet=True)
+    return tmp_path / "manifest"
+
+
+def test_extract_cluster_quantize(manifest, tmp_path, librispeech_root):
+    stats = cli("extract", manifest, tmp_path / "feats", "-q")
+    assert stats["utterances"] == 4 and stats["shards_done"] == 2
+    ids, feats = read_features(tmp_path / "feats" / "features-00000.arrow")
+    assert ids == ["librispeech/1272-128104-0000", "librispeech/1272-128104-0001"]
+    assert [f.shape for f in feats] == [(98, 39), (148, 39)]
+    # stored frames equal a direct computation
+    from speechinstruct import audio
+    wav = audio.load(librispeech_root / "dev-clean/1272/128104/1272-128104-0001.flac")
+    np.testing.assert_allclose(feats[1], MFCC().features(wav), atol=1e-5)
+
+    meta = cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
+    assert meta["k"] == 8 and meta["dim"] == 39 and meta["sample_frames"] > 400
+
+    qstats = cli("quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units", "-q")
+    assert qstats["utterances"] == 4
+    rows = [r for f in sorted((tmp_path / "units").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    km = units.load_kmeans(tmp_path / "km")
+    row = next(r for r in rows if r["id"] == "librispeech/1272-128104-0001")
+    expect, durations = units.dedup(km.assign(feats[1]))
+    assert row["units"] == expect.tolist() and row["durations"] == durations.tolist()
+    assert sum(row["durations"]) == row["n_frames"] == 148
+    assert row["unit_text"] == units.to_text(expect) and row["text"] == "NOR IS MISTER QUILTER'S MANNER"
+    stats = json.loads((tmp_path / "units" / "stats.json").read_text())
+    assert len(stats["histogram"]) == 8 and sum(stats["histogram"]) == sum(len(r["units"]) for r in rows)
+    assert stats["frames_per_second"] == pytest.approx(100, rel=0.05)
+
+    # fused extract --kmeans writes the same units without storing features
+    cli("extract", manifest, tmp_path / "fused", "--kmeans", tmp_path / "km", "-q")
+    fused = [r for f in sorted((tmp_path / "fused").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert fused == rows
+    assert not list((tmp_path / "fused").glob("*.arrow"))
+
+
+def test_extract_resumes_and_shard_index_partitions(manifest, tmp_path):
+    cli("extract", manifest, tmp_path / "a", "--num-shards", 2, "--shard-index", 1, "-q")
+    assert [p.name for p in sorted((tmp_path / "a").glob("*.arrow"))] == ["features-00001.arrow"]
+    before = (tmp_path / "a" / "features-00001.arrow").stat().st_mtime_ns
+    stats = cli("extract", manifest, tmp_path / "a", "-q")
+    assert stats == {**stats, "shards_done": 1, "shards_skipped": 1}
+    assert (tmp_path / "a" / "features-00001.arrow").stat().st_mtime_ns == before
+
+
+def test_broken_audio_is_skipped_with_reason(manifest, tmp_path, librispeech_root):
+    (librispeech_root / "dev-clean/1272/128104/1272-128104-0002.flac").write_bytes(b"broken since sharding")
+    stats = cli("extract", manifest, tmp_path / "f", "-q")
+    assert stats["errors"] == 1 and stats["utterances"] == 3
+    errors = [json.loads(l) for f in sorted((tmp_path / "f").glob("errors-*.jsonl")) for l in f.read_text().splitlines()]
+    assert errors[0]["id"] == "librispeech/1272-128104-0002" and "unreadable audio" in errors[0]["reason"]
+
+
+def test_settings_change_refused(manifest, tmp_path):
+    cli("extract", manifest, tmp_path / "f", "-q")
+    result = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "f"), "--float16", "-q"])
+    assert result.exit_code == 2 and "other settings" in result.stderr
+
+
+def test_kmeans_dimension_mismatch_fails_fast(manifest, tmp_path):
+    cli("extract", manifest, tmp_path / "f", "-q")
+    np.save(tmp_path / "km.npy", np.zeros((4, 12), np.float32))
+    result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km.npy"), str(tmp_path / "u"), "-q"])
+    assert result.exit_code == 2 and "km.npy: k-means is 12-dim" in result.stderr

@@ -1,0 +1,84 @@
+import io
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.cluster import MiniBatchKMeans
+
+from speechinstruct import cluster, units
+from speechinstruct.checkpoints import UnsafeCheckpointError
+
+
+def blobs(n_per=200, k=5, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 20, size=(k, dim))
+    labels = np.repeat(np.arange(k), n_per)
+    return (centers[labels] + rng.normal(0, 1, size=(labels.size, dim))).astype(np.float32), labels, centers
+
+
+def test_faiss_kmeans_recovers_separated_clusters():
+    x, labels, _ = blobs()
+    km = units.KMeans(cluster.fit(x, 5, seed=0))
+    got = km.assign(x)
+    # every true cluster maps to exactly one unit and vice versa
+    pairs = set(zip(labels.tolist(), got.tolist()))
+    assert len(pairs) == 5 and len({g for _, g in pairs}) == 5
+
+
+def test_fit_is_seeded():
+    x, _, _ = blobs(seed=1)
+    np.testing.assert_array_equal(cluster.fit(x, 4, seed=3), cluster.fit(x, 4, seed=3))
+
+
+def test_fairseq_joblib_kmeans_matches_sklearn(tmp_path):
+    x, _, _ = blobs(k=6, dim=12, seed=2)
+    # fairseq learn_kmeans.py settings (smaller batch for the tiny sample)
+    km = MiniBatchKMeans(n_clusters=6, init="k-means++", max_iter=100, batch_size=256, tol=0.0,
+                         max_no_improvement=100, n_init=3, reassignment_ratio=0.0, random_state=0).fit(x)
+    joblib.dump(km, tmp_path / "km6.bin")
+    loaded = units.load_kmeans(tmp_path / "km6.bin")
+    assert (loaded.k, loaded.dim) == (6, 12)
+    probe = np.random.default_rng(5).normal(0, 15, size=(2000, 12)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.assign(probe), km.predict(probe))
+    np.testing.assert_array_equal(loaded.assign(x), km.predict(x))
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_joblib_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    joblib.dump({"cluster_centers_": Exploit()}, tmp_path / "evil.bin")
+    with pytest.raises(UnsafeCheckpointError, match=r"evil.bin: refused to load.*system"):
+        units.load_kmeans(tmp_path / "evil.bin")
+    obj = np.array([Exploit()], dtype=object)
+    joblib.dump(obj, tmp_path / "evil2.bin")
+    with pytest.raises(UnsafeCheckpointError, match="evil2.bin"):
+        units.load_kmeans(tmp_path / "evil2.bin")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_garbage_kmeans_file_is_clear(tmp_path):
+    (tmp_path / "junk.bin").write_bytes(b"hello")
+    with pytest.raises(ValueError, match="junk.bin: not"):
+        units.load_kmeans(tmp_path / "junk.bin")
+
+
+def test_wrong_dimension_fails_fast():
+    km = units.KMeans(np.zeros((3, 4), np.float32), source="km.npy")
+    with pytest.raises(ValueError, match="km.npy: k-means expects 4-dim features, got shape \\(10, 39\\)"):
+        km.assign(np.zeros((10, 39), np.float32))
+
+
+def test_dedup_and_unit_text():
+    u, d = units.dedup(np.array([5, 5, 5, 9, 9, 2]))
+    assert u.tolist() == [5, 9, 2] and d.tolist() == [3, 2, 1]
+    assert units.to_text([661, 588, 604]) == "<sosp><661><588><604><eosp>"
+    assert units.from_text("<sosp><661><588><604><eosp>") == [661, 588, 604]
+    for bad in ["<sosp><eosp>", "<661><eosp>", "<sosp><6 61><eosp>", "<sosp><1>x<eosp>"]:
+        with pytest.raises(ValueError):
+            units.from_text(bad)
