@@ -180,6 +180,134 @@ def quantize(
     _print_json(_run(run_quantize, features, km, out, num_shards=num_shards, shard_index=shard_index, quiet=quiet))
 
 
+templates_app = typer.Typer(help="Instruction templates for cross-modal records.", no_args_is_help=True)
+compose_app = typer.Typer(help="Compose SpeechInstruct records from units.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
+app.add_typer(compose_app, name="compose")
+
+BaseUrl = typer.Option(None, help="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama…); key from $OPENAI_API_KEY.")
+Model = typer.Option("gpt-4o-mini", help="LLM model name at the endpoint.")
+MaxRequests = typer.Option(None, help="Most LLM requests this run may make.")
+
+
+def _llm(base_url, model, cache_dir, max_requests, required=True):
+    from .llm import LLM, LLMError, api_key
+
+    if base_url is None and api_key() is None and not required:
+        return None
+    try:
+        return LLM(base_url=base_url, model=model, cache_dir=cache_dir, max_requests=max_requests)
+    except LLMError as e:
+        fail(str(e))
+
+
+@templates_app.command("generate")
+def templates_generate(
+    out: Path = typer.Argument(..., help="Template file to write (JSON)."),
+    task: str = typer.Option(..., help="asr or tts."),
+    n: int = typer.Option(100, help="How many distinct instructions."),
+    base_url: Optional[str] = BaseUrl,
+    model: str = Model,
+    max_requests: Optional[int] = MaxRequests,
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache LLM answers here (default: beside OUT)."),
+):
+    """Ask an LLM for varied task instructions; write a versioned template file."""
+    from . import templates
+    from .llm import LLMError
+
+    llm = _llm(base_url, model, cache_dir or out.parent / ".llm-cache", max_requests)
+    try:
+        data = _run(templates.generate, llm, task, n, out)
+    except LLMError as e:
+        fail(str(e))
+    typer.echo(f"wrote {len(data['templates'])} {task} templates, version {data['version']}, to {out}")
+
+
+@compose_app.command("cross-modal")
+def compose_cross_modal(
+    units: Path = typer.Argument(..., help="A `quantize` output folder."),
+    out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
+    mode: str = typer.Option("both", help="both (ASR and TTS per utterance), random, asr or tts."),
+    asr_fraction: float = typer.Option(0.5, help="random mode: share of ASR records."),
+    asr_templates: Optional[str] = typer.Option(None, help="ASR template file (default: shipped set)."),
+    tts_templates: Optional[str] = typer.Option(None, help="TTS template file (default: shipped set)."),
+    prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT-style)."),
+    seed: int = typer.Option(0),
+    quiet: bool = Quiet,
+):
+    """ASR (speech→text) and TTS (text→speech) instruction records."""
+    from . import compose, templates
+
+    prefix = prefix_file.read_text() if prefix_file else compose.DEFAULT_PREFIX
+    sets = {t: _run(templates.load, src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
+    _print_json(_run(compose.cross_modal, units, out, sets["asr"], sets["tts"], mode=mode,
+                     asr_fraction=asr_fraction, prefix=prefix, seed=seed, quiet=quiet))
+
+
+@compose_app.command("pretrain")
+def compose_pretrain(
+    units: Path = typer.Argument(..., help="A `quantize` output folder."),
+    out: Path = typer.Argument(..., help="Output folder for train-*/dev-*.parquet."),
+    dev_fraction: float = typer.Option(0.01, help="Share of utterances for dev."),
+    seed: int = typer.Option(0),
+    quiet: bool = Quiet,
+):
+    """Stage-1 unit text: one <sosp>…<eosp> per utterance, train/dev split."""
+    from . import compose
+
+    _print_json(_run(compose.pretrain, units, out, dev_fraction=dev_fraction, seed=seed, quiet=quiet))
+
+
+@compose_app.command("chain-of-modality")
+def compose_chain_of_modality(
+    instructions: str = typer.Argument(..., help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
+    out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
+    kmeans: Path = typer.Option(..., help="k-means matching --features (a `cluster` output)."),
+    features: Features = typer.Option(Features.mfcc),
+    checkpoint: Optional[str] = typer.Option(None, help="hubert: checkpoint."),
+    layer: Optional[int] = typer.Option(None, help="hubert: layer."),
+    tts: str = typer.Option("espeak", help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
+    tts_model: str = typer.Option("tts-1", help="openai TTS model."),
+    rewrite: bool = typer.Option(False, help="Rewrite pairs for speech with the LLM (needs an endpoint)."),
+    base_url: Optional[str] = BaseUrl,
+    model: str = Model,
+    max_requests: Optional[int] = MaxRequests,
+    formats: str = typer.Option(",".join(("speech-speech", "speech-text", "text-speech", "text-text")),
+                                help="Comma-separated formats to draw from."),
+    all_formats: bool = typer.Option(False, help="Emit every format for every pair (default: one, drawn by seed)."),
+    instruction_column: str = typer.Option("instruction"),
+    response_column: str = typer.Option("response"),
+    id_column: str = typer.Option("id"),
+    license: str = typer.Option("unspecified", help="License of the instruction data."),
+    max_pairs: Optional[int] = typer.Option(None),
+    cache_dir: Optional[Path] = typer.Option(None, help="TTS/LLM cache (default: OUT/.cache)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    quiet: bool = Quiet,
+):
+    """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
+    from . import compose
+    from .features import load_extractor
+    from .tts import make_tts
+    from .units import load_kmeans
+
+    cache = cache_dir or out / ".cache"
+    llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
+    engine = _run(make_tts, tts, cache / "tts", client=llm.client if llm else None, model=tts_model)
+    extractor = _run(load_extractor, features.value, checkpoint, layer, _device(device))
+    km = _run(load_kmeans, kmeans)
+    from .llm import LLMError
+
+    try:
+        summary = _run(compose.chain_of_modality, instructions, out, extractor, km, engine,
+                       llm=llm if rewrite else None, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+                       all_formats=all_formats, seed=seed, license=license, instruction_column=instruction_column,
+                       response_column=response_column, id_column=id_column, max_pairs=max_pairs, quiet=quiet)
+    except LLMError as e:
+        fail(f"{e} (finished chunks are kept; rerun to resume)")
+    _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
+
+
 def main():
     app()
 

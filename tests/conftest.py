@@ -122,3 +122,20 @@ def gigaspeech_root(tmp_path):
 @pytest.fixture
 def commonvoice_root(tmp_path):
     return write_commonvoice(tmp_path / "cv-corpus" / "en")
+
+
+@pytest.fixture
+def units_dir(librispeech_root, tmp_path):
+    """A quantized mini corpus: LibriSpeech layout → manifest → MFCC → k-means (k=8) → units."""
+    from speechinstruct.cluster import cluster
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC
+    from speechinstruct.quantize import quantize
+    from speechinstruct.shard import shard_corpus
+    from speechinstruct.units import load_kmeans
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600, quiet=True)
+    extract(tmp_path / "manifest", tmp_path / "features", MFCC(), quiet=True)
+    cluster(tmp_path / "features", tmp_path / "kmeans", k=8, quiet=True)
+    quantize(tmp_path / "features", load_kmeans(tmp_path / "kmeans"), tmp_path / "units", quiet=True)
+    return tmp_path / "units"

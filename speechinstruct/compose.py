@@ -1,0 +1,338 @@
+"""``speechinstruct compose``: SpeechInstruct records in SpeechGPT's exact text form.
+
+* ``cross_modal``: for every utterance with a transcript, an ASR and/or a TTS record
+  (``[Human]: {instruction} This is input: {input}<eoh> [SpeechGPT]: {output}<eoa>``).
+* ``pretrain``: one ``<sosp>…<eosp>`` line per utterance, split into train and dev by a hash of the id.
+* ``chain_of_modality``: text instruction–response pairs (optionally rewritten for speech by an LLM),
+  spoken by a TTS engine, turned into units, in one of four formats:
+
+  speech-speech  ``[Human]: {units(q)}<eoh>. [SpeechGPT]: {q}; [ta] {a}; [ua] {units(a)}<eoa>.``
+  speech-text    ``[Human]: {units(q)}<eoh>. [SpeechGPT]: {q}; [ta] {a}<eoa>.``
+  text-speech    ``[Human]: {q}<eoh>. [SpeechGPT]: [ta] {a}; [ua] {units(a)}<eoa>.``
+  text-text      ``[Human]: {q}<eoh>. [SpeechGPT]: [ta] {a}<eoa>.``
+
+Every record carries provenance (source id, corpus, license, pipeline version, content hash). Choices
+(task, template, format, voice) are drawn from a hash of seed and source id, so a record does not depend
+on processing order, sharding or reruns. Output is written per input shard (or per chunk of pairs),
+atomically; a rerun skips finished parts.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from . import __version__, records, templates as templates_mod
+from .io import sha256_json, write_json, write_parquet
+from .units import dedup, to_text
+
+DEFAULT_PREFIX = (
+    "You are an AI assistant whose name is SpeechGPT.\n"
+    "- SpeechGPT is an intrinsic cross-modal conversational language model. It can understand and "
+    "communicate fluently with humans through speech or text chosen by the user.\n"
+    "- It can perceive cross-modal inputs and generate cross-modal outputs.\n"
+)
+FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
+
+
+def _draw(seed: int, *parts: str) -> int:
+    """A deterministic 64-bit draw from the seed and the given strings."""
+    return int.from_bytes(hashlib.sha256("\0".join([str(seed), *parts]).encode()).digest()[:8], "big")
+
+
+def finish(record: dict) -> dict:
+    """Add pipeline version and content hash (over every other field)."""
+    record["pipeline_version"] = __version__
+    record["content_hash"] = sha256_json({k: v for k, v in record.items() if k not in ("content_hash", "pipeline_version")})
+    return record
+
+
+def cross_modal_text(task: str, instruction: str, text: str, unit_text: str) -> str:
+    if task == "asr":
+        return f"[Human]: {instruction} This is input: {unit_text}<eoh> [SpeechGPT]: {text}<eoa>"
+    return f"[Human]: {instruction} This is input: {text}<eoh> [SpeechGPT]: {unit_text}<eoa>"
+
+
+def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_units: list[int]) -> str:
+    if fmt == "speech-speech":
+        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}; [ua] {to_text(a_units)}<eoa>."
+    if fmt == "speech-text":
+        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}<eoa>."
+    if fmt == "text-speech":
+        return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}; [ua] {to_text(a_units)}<eoa>."
+    if fmt == "text-text":
+        return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}<eoa>."
+    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+
+
+def _unit_shards(units_dir: Path):
+    from .extract import shard_suffix
+    from .quantize import unit_files
+
+    for path in unit_files(units_dir):
+        yield shard_suffix(path), path
+
+
+# ------------------------------------------------------------------------------------------- cross-modal
+def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
+                tts_templates: dict | None = None, mode: str = "both", asr_fraction: float = 0.5,
+                prefix: str = DEFAULT_PREFIX, seed: int = 0, quiet: bool = False) -> dict:
+    """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
+    probability ``asr_fraction``), asr, or tts."""
+    if mode not in ("both", "random", "asr", "tts"):
+        raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
+    sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
+    out = Path(out)
+    counts: collections.Counter[str] = collections.Counter()
+    for suffix, path in _unit_shards(Path(units_dir)):
+        target = out / f"train-{suffix}.parquet"
+        if target.exists():
+            counts["shards skipped (done)"] += 1
+            continue
+        rows = []
+        for u in tqdm(pq.read_table(path).to_pylist(), desc=f"cross-modal {path.name}", unit="utt", disable=quiet):
+            text = (u.get("text") or "").strip()
+            if not text:
+                counts["no transcript"] += 1
+                continue
+            if mode == "both":
+                tasks = ["asr", "tts"]
+            elif mode == "random":
+                tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
+            else:
+                tasks = [mode]
+            for task in tasks:
+                items = sets[task]["templates"]
+                template = items[_draw(seed, "template", task, u["id"]) % len(items)]
+                rows.append(finish({
+                    "id": f"{task}/{u['id']}", "prefix": prefix,
+                    "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
+                    "task": task, "units": u["units"], "text": text, "template_id": template["id"],
+                    "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
+                }))
+                counts[task] += 1
+        write_parquet(target, records.to_table("cross_modal", rows))
+    summary = {"records": counts["asr"] + counts["tts"], **dict(counts),
+               "templates": {t: sets[t]["version"] for t in sets}}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, quiet: bool = False) -> dict:
+    """Stage-1 unit text, one record per utterance; ``dev_fraction`` of ids (by hash) go to dev."""
+    if not 0 <= dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+    out = Path(out)
+    counts: collections.Counter[str] = collections.Counter()
+    for suffix, path in _unit_shards(Path(units_dir)):
+        targets = {s: out / f"{s}-{suffix}.parquet" for s in ("train", "dev")}
+        if all(t.exists() for t in targets.values()):
+            continue
+        split_rows: dict[str, list] = {"train": [], "dev": []}
+        for u in tqdm(pq.read_table(path).to_pylist(), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
+            split = "dev" if _draw(seed, "split", u["id"]) / 2**64 < dev_fraction else "train"
+            split_rows[split].append(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
+                                             "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]}))
+        for split, rows in split_rows.items():  # dev first would also do: both are written before the next shard
+            write_parquet(targets[split], records.to_table("pretrain", rows))
+    for f in sorted(out.glob("*-*.parquet")):
+        counts[f.name.split("-")[0]] += pq.read_metadata(f).num_rows
+    summary = {"train": counts["train"], "dev": counts["dev"]}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------- chain-of-modality
+MAX_WORDS = {"instruction": 40, "response": 80}
+_MARKDOWN = re.compile(r"(\*\*|__|`|^#+\s*|^\s*[-*•]\s+)", re.M)
+
+
+def unfit_for_speech(instruction: str, response: str) -> str | None:
+    """Why a pair cannot be spoken naturally (code, URLs, tables, too long), or None."""
+    for name, text in (("instruction", instruction), ("response", response)):
+        if not text.strip():
+            return f"empty {name}"
+        if "```" in text or re.search(r"^\s{4,}\S", text, re.M) or re.search(r"\b(def|class|return|import)\b.*[:(]", text):
+            return f"code in {name}"
+        if re.search(r"https?://|www\.", text):
+            return f"URL in {name}"
+        if re.search(r"^\s*\|.*\|\s*$", text, re.M):
+            return f"table in {name}"
+        if len(text.split()) > MAX_WORDS[name]:
+            return f"{name} too long to speak"
+    return None
+
+
+def speakable(text: str) -> str:
+    """Light clean-up for TTS: markdown marks removed, whitespace collapsed."""
+    return " ".join(_MARKDOWN.sub("", text).split())
+
+
+REWRITE_PROMPT = (
+    "Rewrite this instruction-response pair for a spoken conversation. The instruction should sound like "
+    "something a person would say aloud. The response should be a concise spoken answer: plain sentences, "
+    "no markdown, lists, code, tables, URLs or symbols that cannot be read aloud. If the pair cannot be "
+    "turned into natural speech, set fit to false. Answer with JSON only: "
+    '{"fit": true|false, "instruction": "...", "response": "..."}'
+)
+
+
+def rewrite_for_speech(llm, instruction: str, response: str) -> tuple[str, str] | str:
+    """(instruction, response) rewritten by the LLM, or a reason the pair was dropped."""
+    answer = llm.complete([{"role": "system", "content": REWRITE_PROMPT},
+                           {"role": "user", "content": json.dumps({"instruction": instruction, "response": response})}])
+    match = re.search(r"\{.*\}", answer, re.S)
+    try:
+        data = json.loads(match.group(0)) if match else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not {"fit", "instruction", "response"} <= set(data):
+        return "LLM answer not understood"
+    if not data["fit"]:
+        return "LLM judged unfit for speech"
+    return str(data["instruction"]).strip(), str(data["response"]).strip()
+
+
+def read_pairs(source: str | Path, instruction_column: str = "instruction", response_column: str = "response",
+               id_column: str | None = "id", split: str = "train") -> Iterator[dict | tuple[str, str]]:
+    """Pairs ``{id, instruction, response}`` from the shipped sample (``builtin``), a JSONL file, a
+    Parquet file, a saved HF dataset folder or an HF dataset name; malformed lines come as
+    (where, reason)."""
+    from importlib import resources
+
+    if str(source) == "builtin":
+        source = resources.files("speechinstruct.data").joinpath("instructions_sample.jsonl")
+    path = Path(str(source))
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        name = path.name
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not an object")
+            except ValueError as e:
+                yield (f"{name}:{lineno}", f"malformed JSON ({e})")
+                continue
+            yield from _pair(obj, f"{name}:{lineno}", instruction_column, response_column, id_column, f"{path.stem}-{lineno}")
+        return
+    import datasets
+
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    elif path.suffix == ".parquet" and path.is_file():
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    elif path.exists():
+        ds = datasets.load_dataset(str(path), split=split)
+    else:  # a hub id: needs internet
+        ds = datasets.load_dataset(str(source), split=split)
+    for i, obj in enumerate(ds):
+        yield from _pair(obj, f"{path.name}[{i}]", instruction_column, response_column, id_column, f"{path.name}-{i}")
+
+
+def _pair(obj: dict, where: str, icol: str, rcol: str, idcol: str | None, fallback_id: str):
+    missing = [c for c in (icol, rcol) if c not in obj]
+    if missing:
+        yield (where, f"missing columns {missing}")
+        return
+    instruction, response = obj[icol], obj[rcol]
+    if not isinstance(instruction, str) or not isinstance(response, str):
+        yield (where, "instruction and response must be strings")
+        return
+    yield {"id": str(obj.get(idcol) or fallback_id) if idcol else fallback_id, "instruction": instruction, "response": response}
+
+
+def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None,
+                      formats: tuple[str, ...] = FORMATS, all_formats: bool = False, prefix: str = DEFAULT_PREFIX,
+                      seed: int = 0, corpus: str | None = None, license: str = "unspecified",
+                      instruction_column: str = "instruction", response_column: str = "response",
+                      id_column: str | None = "id", max_pairs: int | None = None, chunk_size: int = 100,
+                      quiet: bool = False) -> dict:
+    """Chain-of-modality records from text pairs; see the module docstring for the four formats."""
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if str(source) == "builtin":
+        corpus, license = corpus or "speechinstruct-sample", "Apache-2.0"
+    corpus = corpus or Path(str(source)).stem
+    out = Path(out)
+    counts: collections.Counter[str] = collections.Counter()
+    dropped: list[dict] = []
+    pairs = []
+    for item in read_pairs(source, instruction_column, response_column, id_column):
+        if isinstance(item, tuple):
+            counts["dropped: " + item[1].split(" (")[0]] += 1
+            dropped.append({"where": item[0], "reason": item[1]})
+            continue
+        pairs.append(item)
+        if max_pairs and len(pairs) >= max_pairs:
+            break
+
+    def speech_units(text: str, key: str) -> tuple[list[int], str]:
+        voice, rate = tts.voice_for(key)
+        wav, sr = tts.synthesize(text, voice, rate)
+        u, _ = dedup(kmeans.assign(extractor.features(wav, sr)))
+        return u.tolist(), f"{tts.name}:{voice}@{rate}"
+
+    for start in range(0, len(pairs), chunk_size):
+        chunk = start // chunk_size
+        target = out / f"train-{chunk:05d}.parquet"
+        if target.exists():
+            continue
+        rows, chunk_counts, chunk_dropped = [], collections.Counter(), []
+        for pair in tqdm(pairs[start : start + chunk_size], desc=f"chain-of-modality {target.name}", unit="pair", disable=quiet):
+            instruction, response = pair["instruction"], pair["response"]
+            if llm is not None:
+                rewritten = rewrite_for_speech(llm, instruction, response)
+                if isinstance(rewritten, str):
+                    chunk_counts[f"dropped: {rewritten}"] += 1
+                    chunk_dropped.append({"where": pair["id"], "reason": rewritten})
+                    continue
+                instruction, response = rewritten
+            reason = unfit_for_speech(instruction, response)
+            if reason:
+                chunk_counts[f"dropped: {reason}"] += 1
+                chunk_dropped.append({"where": pair["id"], "reason": reason})
+                continue
+            instruction, response = speakable(instruction), speakable(response)
+            chosen = formats if all_formats else [formats[_draw(seed, "format", pair["id"]) % len(formats)]]
+            spoken: dict[str, tuple[list[int], str]] = {}  # "q"/"a" → (units, voice)
+            for fmt in chosen:
+                needs = [side for side, text in (("q", instruction), ("a", response))
+                         if (fmt.startswith("speech") if side == "q" else fmt.endswith("speech"))]
+                for side in needs:
+                    if side not in spoken:
+                        spoken[side] = speech_units(instruction if side == "q" else response, f"{seed}/{side}/{pair['id']}")
+                q_units = spoken["q"][0] if "q" in needs else []
+                a_units = spoken["a"][0] if "a" in needs else []
+                rows.append(finish({
+                    "id": f"com/{pair['id']}/{fmt}", "prefix": prefix,
+                    "plain_text": com_text(fmt, instruction, response, q_units, a_units),
+                    "format": fmt, "instruction": instruction, "response": response,
+                    "instruction_units": q_units, "response_units": a_units,
+                    "voice": ",".join(spoken[side][1] for side in needs),
+                    "source_id": pair["id"], "corpus": corpus, "license": license,
+                }))
+                chunk_counts[fmt] += 1
+        write_json(out / f"train-{chunk:05d}.summary.json", {"counts": chunk_counts, "dropped": chunk_dropped})
+        write_parquet(target, records.to_table("chain_of_modality", rows))
+    for sidecar in sorted(out.glob("train-*.summary.json")):
+        part = json.loads(sidecar.read_text())
+        counts.update(part["counts"])
+        dropped.extend(part["dropped"])
+    summary = {"pairs": len(pairs), "records": sum(counts[f] for f in FORMATS), **dict(sorted(counts.items())),
+               "tts_calls_this_run": getattr(tts, "calls", None),
+               "llm_requests_this_run": getattr(llm, "requests", 0) if llm else 0,
+               "dropped_examples": dropped[:200]}
+    write_json(out / "summary.json", summary)
+    return summary

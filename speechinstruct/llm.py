@@ -1,0 +1,86 @@
+"""An OpenAI-compatible chat client for template writing and speech-style rewriting.
+
+Works with any endpoint that speaks the OpenAI API (OpenAI, vLLM, llama.cpp server, Ollama): ``base_url``
+and ``model`` choose it; the key comes from the environment (``OPENAI_API_KEY`` by default) or from a
+key file, never from recipes or the command line, and is never logged. The ``openai`` client does the
+retrying (exponential backoff with jitter on 408/409/429/5xx, connection errors and timeouts); this
+wrapper adds a per-run request budget and an on-disk cache keyed by the request's content, so a rerun
+never pays twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .io import sha256_json, write_json
+
+
+class LLMError(RuntimeError):
+    pass
+
+
+class BudgetExceeded(LLMError):
+    pass
+
+
+def api_key(env: str = "OPENAI_API_KEY", key_file: str | Path | None = None) -> str | None:
+    """The API key from ``$env``, else from ``key_file`` (or ``$SPEECHINSTRUCT_API_KEY_FILE``)."""
+    if os.environ.get(env):
+        return os.environ[env]
+    key_file = key_file or os.environ.get("SPEECHINSTRUCT_API_KEY_FILE")
+    if key_file and Path(key_file).is_file():
+        return Path(key_file).read_text().strip() or None
+    return None
+
+
+class LLM:
+    def __init__(self, base_url: str | None = None, model: str = "gpt-4o-mini", api_key_env: str = "OPENAI_API_KEY",
+                 cache_dir: str | Path | None = None, max_requests: int | None = None, max_retries: int = 4,
+                 timeout: float = 60.0, temperature: float = 0.7):
+        from openai import OpenAI
+
+        key = api_key(api_key_env)
+        if key is None and base_url is None:
+            raise LLMError(f"no LLM endpoint: set ${api_key_env} for OpenAI, or pass --base-url for a local server")
+        # Local servers (vLLM, llama.cpp, Ollama) accept any key.
+        self.client = OpenAI(base_url=base_url, api_key=key or "not-needed", max_retries=max_retries, timeout=timeout)
+        self._key = key
+        self.base_url, self.model, self.temperature = base_url, model, temperature
+        self.cache = Path(cache_dir) if cache_dir else None
+        self.max_requests = max_requests
+        self.requests = 0
+
+    def describe(self) -> dict:
+        """What to record as provenance: endpoint and model, never the key."""
+        return {"base_url": self.base_url or "https://api.openai.com/v1", "model": self.model}
+
+    def complete(self, messages: list[dict], **params) -> str:
+        import openai
+
+        request = {"model": self.model, "messages": messages, "temperature": self.temperature, **params}
+        key = sha256_json({**request, "base_url": self.base_url})
+        path = self.cache / key[:2] / f"{key}.json" if self.cache else None
+        if path and path.is_file():
+            return json.loads(path.read_text())["content"]
+        if self.max_requests is not None and self.requests >= self.max_requests:
+            raise BudgetExceeded(f"LLM request budget of {self.max_requests} used up (--max-requests)")
+        self.requests += 1
+        try:
+            response = self.client.chat.completions.create(**request)
+        except openai.APIError as e:
+            raise LLMError(f"LLM request to {self.describe()['base_url']} failed: {type(e).__name__}: {_scrub(str(e), self._key)}") from None
+        content = (response.choices[0].message.content or "") if response.choices else ""
+        if path:
+            write_json(path, {"request": request, "content": content})
+        return content
+
+
+def _scrub(message: str, key: str | None) -> str:
+    """Remove the API key, and anything shaped like one, from an error message."""
+    import re
+
+    if key:
+        message = message.replace(key, "***")
+    return re.sub(r"sk-[A-Za-z0-9_\-]{8,}", "sk-***", message)

@@ -1,0 +1,125 @@
+"""Task instructions for cross-modal records: the shipped offline sets, or sets an LLM writes.
+
+A template file is JSON: ``{"format": "speechinstruct-templates", "version", "task", "source",
+"templates": [{"id", "text"}, …]}``. The shipped sets (``data/templates_{asr,tts}.txt``, written by this
+project) have ids ``builtin-asr-000`` ….
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+from .io import write_json
+
+TASKS = ("asr", "tts")
+BUILTIN_VERSION = "builtin-1"
+FORMAT = "speechinstruct-templates"
+
+_DESCRIPTIONS = {
+    "asr": "speech recognition: the user gives a recording and asks for its transcript",
+    "tts": "speech synthesis: the user gives a sentence and asks for it to be spoken aloud",
+}
+
+
+def builtin(task: str) -> dict:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose asr or tts")
+    lines = resources.files("speechinstruct.data").joinpath(f"templates_{task}.txt").read_text().splitlines()
+    texts = [line.strip() for line in lines if line.strip()]
+    return {"format": FORMAT, "version": BUILTIN_VERSION, "task": task, "source": {"kind": "builtin"},
+            "templates": [{"id": f"builtin-{task}-{i:03d}", "text": t} for i, t in enumerate(texts)]}
+
+
+def load(source: str | Path | None, task: str) -> dict:
+    """``None`` or ``"builtin"`` → the shipped set; otherwise a template file written by ``generate``."""
+    if source in (None, "builtin"):
+        return builtin(task)
+    path = Path(source)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable template file ({e})") from None
+    if data.get("format") != FORMAT or data.get("task") != task or not data.get("templates"):
+        raise ValueError(f"{path}: not a {task} template file (format {FORMAT!r}, task {task!r}, non-empty templates)")
+    return data
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]+", "", text.lower()).strip()
+
+
+def is_near_duplicate(text: str, kept: list[str], threshold: float = 0.85) -> bool:
+    n = _normal(text)
+    return any(n == _normal(k) or difflib.SequenceMatcher(None, n, _normal(k)).ratio() >= threshold for k in kept)
+
+
+def parse_instructions(answer: str) -> list[str]:
+    """Instructions from an LLM answer: a JSON list (possibly inside a code fence or an object), or one
+    per line with bullets, numbers and quotes stripped."""
+    text = answer.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), [])
+        if isinstance(data, list):
+            return [str(x.get("text", "") if isinstance(x, dict) else x).strip() for x in data if x]
+    except ValueError:
+        pass
+    out = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:[-*•]|\d+[.)]|\(\d+\))\s*", "", line).strip().strip('"“”\'').strip()
+        if line and not line.endswith(":") and len(line.split()) >= 2:
+            out.append(line)
+    return out
+
+
+def _acceptable(text: str, task: str) -> bool:
+    """A usable instruction: a sentence of sensible length without placeholders or the input itself."""
+    words = text.split()
+    return 2 <= len(words) <= 40 and "{" not in text and "<sosp>" not in text and "\n" not in text
+
+
+def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_rounds: int = 10, quiet: bool = False) -> dict:
+    """Ask ``llm`` for ``n`` varied, distinct instructions for ``task``; write a versioned template file."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose asr or tts")
+    kept: list[str] = []
+    dropped = 0
+    for round_ in range(max_rounds):
+        if len(kept) >= n:
+            break
+        want = min(50, n - len(kept) + 10)
+        avoid = "\n".join(f"- {k}" for k in kept[-30:])
+        messages = [
+            {"role": "system", "content": "You write short, varied user instructions for a dataset. Answer with a JSON list of strings only."},
+            {"role": "user", "content": (
+                f"Write {want} different instructions a user might give an assistant for {_DESCRIPTIONS[task]}. "
+                "Vary wording, politeness, length and sentence type. Do not include the input itself; it is appended "
+                "after the instruction as 'This is input: …'."
+                + (f"\nAlready have (do not repeat or paraphrase closely):\n{avoid}" if avoid else "")
+            )},
+        ]
+        for text in parse_instructions(llm.complete(messages, seed=round_)):
+            if not _acceptable(text, task) or is_near_duplicate(text, kept):
+                dropped += 1
+                continue
+            kept.append(text)
+            if len(kept) >= n:
+                break
+    if not kept:
+        raise ValueError("the LLM returned no usable instructions")
+    version = "llm-" + hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
+    data = {"format": FORMAT, "version": version, "task": task,
+            "source": {"kind": "llm", **llm.describe(), "requested": n, "dropped": dropped},
+            "templates": [{"id": f"{version}-{task}-{i:03d}", "text": t} for i, t in enumerate(kept)]}
+    if out:
+        write_json(out, data)
+    return data

@@ -1,0 +1,157 @@
+"""Text-to-speech engines for chain-of-modality dialogues and the demo corpus.
+
+* ``EspeakTTS``: the embedded default. libespeak-ng and its voice data come in the ``espeakng-loader``
+  wheel and are driven in-process through ctypes: no apt, no network. Several voices (accents and voice
+  variants) and speaking rates give variety.
+* ``OpenAITTS``: any OpenAI-compatible ``/audio/speech`` endpoint.
+
+``CachedTTS`` wraps either and keeps every synthesis as FLAC under a cache folder, keyed by a hash of
+engine, voice, rate and text, so a rerun synthesizes nothing twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .io import atomic_path
+
+# Voices that ship in espeakng-loader's data (accent + voice variant).
+ESPEAK_VOICES = ("en-us", "en-us+f3", "en", "en+f2", "en-029+m3", "en-gb-scotland+f4", "en-us+m7", "en-gb-x-rp+f5", "en-us-nyc")
+ESPEAK_RATES = (150, 165, 180)  # words per minute
+
+
+class TTSError(RuntimeError):
+    pass
+
+
+class EspeakTTS:
+    """espeak-ng in-process. ``synthesize(text, voice, rate) -> (int16-range float32 samples, sample rate)``."""
+
+    name = "espeak-ng"
+    _lock = threading.Lock()  # libespeak-ng keeps global state
+    _lib = None
+    _sample_rate = 0
+
+    def __init__(self, voices: tuple[str, ...] = ESPEAK_VOICES, rates: tuple[int, ...] = ESPEAK_RATES):
+        self.voices, self.rates = tuple(voices), tuple(rates)
+        self._load()
+
+    @classmethod
+    def _load(cls):
+        if cls._lib is not None:
+            return
+        try:
+            import espeakng_loader
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise TTSError("espeak-ng TTS needs the espeakng-loader package (pip install espeakng-loader)") from e
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        data_parent = os.path.dirname(espeakng_loader.get_data_path())
+        sample_rate = lib.espeak_Initialize(2, 0, data_parent.encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+        if sample_rate <= 0:
+            raise TTSError(f"espeak-ng failed to initialise with data in {data_parent}")
+        cls._chunks: list[np.ndarray] = []
+
+        @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        def callback(wav, n, events):
+            if n > 0:
+                cls._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0
+
+        cls._callback = callback  # keep a reference: ctypes callbacks must outlive their use
+        lib.espeak_SetSynthCallback(callback)
+        cls._lib, cls._sample_rate = lib, sample_rate
+
+    def voice_for(self, key: str) -> tuple[str, int]:
+        """A (voice, rate) chosen deterministically from ``key``."""
+        h = int(hashlib.sha256(key.encode()).hexdigest(), 16)
+        return self.voices[h % len(self.voices)], self.rates[(h // len(self.voices)) % len(self.rates)]
+
+    def synthesize(self, text: str, voice: str = "en-us", rate: int = 165) -> tuple[np.ndarray, int]:
+        text = " ".join(text.split())
+        if not text:
+            raise TTSError("nothing to say: empty text")
+        with self._lock:
+            lib = self._lib
+            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise TTSError(f"espeak-ng has no voice {voice!r}")
+            lib.espeak_SetParameter(1, int(rate), 0)  # espeakRATE
+            self._chunks.clear()
+            data = text.encode("utf-8")
+            # position 0, POS_CHARACTER, no end, flags: espeakCHARS_UTF8 (1)
+            if lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None) != 0:
+                raise TTSError(f"espeak-ng could not synthesize {text[:40]!r}")
+            lib.espeak_Synchronize()
+            wav = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+            self._chunks.clear()
+        if wav.size == 0:
+            raise TTSError(f"espeak-ng produced no audio for {text[:40]!r}")
+        return (wav.astype(np.float32) / 32768.0), self._sample_rate
+
+
+class OpenAITTS:
+    """An OpenAI-compatible speech endpoint (``client.audio.speech``)."""
+
+    name = "openai"
+
+    def __init__(self, client, model: str = "tts-1", voices: tuple[str, ...] = ("alloy", "echo", "fable", "nova", "onyx", "shimmer")):
+        self.client, self.model, self.voices, self.rates = client, model, tuple(voices), (1,)
+
+    def voice_for(self, key: str) -> tuple[str, int]:
+        h = int(hashlib.sha256(key.encode()).hexdigest(), 16)
+        return self.voices[h % len(self.voices)], 1
+
+    def synthesize(self, text: str, voice: str = "alloy", rate: int = 1) -> tuple[np.ndarray, int]:
+        response = self.client.audio.speech.create(model=self.model, voice=voice, input=text, response_format="wav")
+        wav, sr = sf.read(io.BytesIO(response.read()), dtype="float32", always_2d=True)
+        return wav.mean(axis=1), sr
+
+
+class CachedTTS:
+    """Any engine, with each result stored as ``cache/ab/abcdef….flac`` keyed by engine, voice, rate, text."""
+
+    def __init__(self, engine, cache_dir: str | Path | None):
+        self.engine = engine
+        self.name = engine.name
+        self.cache = Path(cache_dir) if cache_dir else None
+        self.calls = 0
+
+    def voice_for(self, key: str) -> tuple[str, int]:
+        return self.engine.voice_for(key)
+
+    def synthesize(self, text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
+        if self.cache is None:
+            self.calls += 1
+            return self.engine.synthesize(text, voice, rate)
+        key = hashlib.sha256(f"{self.engine.name}\0{getattr(self.engine, 'model', '')}\0{voice}\0{rate}\0{text}".encode()).hexdigest()
+        path = self.cache / key[:2] / f"{key}.flac"
+        if path.is_file():
+            wav, sr = sf.read(path, dtype="float32")
+            return wav, sr
+        self.calls += 1
+        wav, sr = self.engine.synthesize(text, voice, rate)
+        with atomic_path(path) as tmp:
+            sf.write(tmp, np.clip(wav, -1, 1), sr, format="FLAC")
+        return sf.read(path, dtype="float32")  # the cached bytes, so first and later runs agree exactly
+
+
+def make_tts(engine: str = "espeak", cache_dir: str | Path | None = None, client=None, model: str = "tts-1") -> CachedTTS:
+    if engine == "espeak":
+        return CachedTTS(EspeakTTS(), cache_dir)
+    if engine == "openai":
+        if client is None:
+            raise ValueError("--tts openai needs an LLM endpoint (--base-url / OPENAI_API_KEY)")
+        return CachedTTS(OpenAITTS(client, model=model), cache_dir)
+    raise ValueError(f"unknown TTS engine {engine!r}: choose espeak or openai")

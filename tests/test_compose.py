@@ -1,0 +1,159 @@
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from speechinstruct import compose, templates, units
+from speechinstruct.features import MFCC
+from speechinstruct.tts import CachedTTS, EspeakTTS
+
+
+def read(folder, pattern="train-*.parquet"):
+    return [r for f in sorted(folder.glob(pattern)) for r in pq.read_table(f).to_pylist()]
+
+
+UNITS = r"<sosp>(?:<\d+>)+<eosp>"
+
+
+def test_cross_modal_exact_shapes(units_dir, tmp_path):
+    summary = compose.cross_modal(units_dir, tmp_path / "cm", quiet=True)
+    rows = read(tmp_path / "cm")
+    assert summary["records"] == len(rows) == 8 and summary["asr"] == summary["tts"] == 4
+    unit_rows = {r["id"]: r for r in read(units_dir, "units-*.parquet")}
+    asr_ids = {t["id"]: t["text"] for t in templates.builtin("asr")["templates"]}
+    tts_ids = {t["id"]: t["text"] for t in templates.builtin("tts")["templates"]}
+    for r in rows:
+        source = unit_rows[r["source_id"]]
+        assert r["prefix"] == compose.DEFAULT_PREFIX
+        assert r["units"] == source["units"] and r["text"] == source["text"]
+        if r["task"] == "asr":
+            instruction = asr_ids[r["template_id"]]
+            assert r["plain_text"] == f"[Human]: {instruction} This is input: {source['unit_text']}<eoh> [SpeechGPT]: {source['text']}<eoa>"
+            assert re.fullmatch(rf"\[Human\]: .+ This is input: {UNITS}<eoh> \[SpeechGPT\]: [^<]+<eoa>", r["plain_text"])
+        else:
+            instruction = tts_ids[r["template_id"]]
+            assert r["plain_text"] == f"[Human]: {instruction} This is input: {source['text']}<eoh> [SpeechGPT]: {source['unit_text']}<eoa>"
+        assert r["corpus"] == "librispeech" and r["license"] == "CC-BY-4.0" and len(r["content_hash"]) == 64
+
+
+def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
+    compose.cross_modal(units_dir, tmp_path / "a", mode="random", quiet=True)
+    compose.cross_modal(units_dir, tmp_path / "b", mode="random", quiet=True)
+    for fa, fb in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "b").glob("*.parquet"))):
+        assert fa.read_bytes() == fb.read_bytes()
+    draws = lambda seed: [compose._draw(seed, "template", "asr", f"u{i}") % 100 for i in range(50)]  # noqa: E731
+    assert draws(0) == draws(0) and draws(0) != draws(7)
+    assert len(read(tmp_path / "a")) == 4
+
+
+def test_templates_are_many_and_varied():
+    for task in ("asr", "tts"):
+        texts = [t["text"] for t in templates.builtin(task)["templates"]]
+        assert len(texts) >= 100
+        kept = []
+        for t in texts:
+            assert not templates.is_near_duplicate(t, kept), t
+            kept.append(t)
+        assert len({t.split()[0].lower() for t in texts}) >= 20  # many different openings
+
+
+def test_template_choice_spreads_over_the_set():
+    draws = {compose._draw(0, "template", "asr", f"utt-{i}") % 108 for i in range(500)}
+    assert len(draws) > 90
+
+
+def test_pretrain_split(units_dir, tmp_path):
+    summary = compose.pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5, quiet=True)
+    train, dev = read(tmp_path / "pt", "train-*.parquet"), read(tmp_path / "pt", "dev-*.parquet")
+    assert summary == {"train": len(train), "dev": len(dev)} and len(train) + len(dev) == 4
+    assert {r["id"] for r in train}.isdisjoint({r["id"] for r in dev})
+    for r in train + dev:
+        assert re.fullmatch(UNITS, r["text"]) and units.from_text(r["text"]) == r["units"]
+
+
+def test_unfit_for_speech():
+    assert compose.unfit_for_speech("Write code", "```python\nprint(1)\n```") == "code in response"
+    assert compose.unfit_for_speech("Docs?", "See https://x.org") == "URL in response"
+    assert compose.unfit_for_speech("Table", "| a | b |\n|---|---|") == "table in response"
+    assert compose.unfit_for_speech("Hi", "word " * 100) == "response too long to speak"
+    assert compose.unfit_for_speech("What is two plus two?", "Two plus two is four.") is None
+    assert compose.speakable("**Bold** and `code`") == "Bold and code"
+
+
+@pytest.fixture(scope="module")
+def espeak():
+    return EspeakTTS()
+
+
+def test_espeak_speaks_a_sentence_at_plausible_length(espeak):
+    from speechinstruct import audio
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank."
+    wav, sr = espeak.synthesize(sentence, "en-us", 165)
+    wav16 = audio.resample(wav, sr)
+    seconds = wav16.size / 16000
+    assert 2.0 < seconds < 7.0  # 13 words at ~165 wpm ≈ 4.7 s
+    assert np.abs(wav16).max() > 0.05
+    other, _ = espeak.synthesize(sentence, "en+f2", 165)
+    assert other.size != wav.size or not np.allclose(other, wav)  # a different voice sounds different
+
+
+def test_chain_of_modality_four_formats(tmp_path, espeak):
+    mfcc = MFCC()
+    wav, sr = espeak.synthesize("Some speech to fit a small quantizer on, with many different sounds.", "en-us", 160)
+    from speechinstruct.cluster import fit
+    km = units.KMeans(fit(mfcc.features(wav, sr), 16, seed=0))
+    tts = CachedTTS(espeak, tmp_path / "cache")
+    summary = compose.chain_of_modality("builtin", tmp_path / "com", mfcc, km, tts, all_formats=True, max_pairs=12, quiet=True)
+    rows = read(tmp_path / "com")
+    assert summary["pairs"] == 12 and summary["records"] == len(rows) == 48
+    by_format = {}
+    for r in rows:
+        by_format.setdefault(r["format"], r)
+        q, a = re.escape(r["instruction"]), re.escape(r["response"])
+        expected = {
+            "speech-speech": rf"\[Human\]: {UNITS}<eoh>\. \[SpeechGPT\]: {q}; \[ta\] {a}; \[ua\] {UNITS}<eoa>\.",
+            "speech-text": rf"\[Human\]: {UNITS}<eoh>\. \[SpeechGPT\]: {q}; \[ta\] {a}<eoa>\.",
+            "text-speech": rf"\[Human\]: {q}<eoh>\. \[SpeechGPT\]: \[ta\] {a}; \[ua\] {UNITS}<eoa>\.",
+            "text-text": rf"\[Human\]: {q}<eoh>\. \[SpeechGPT\]: \[ta\] {a}<eoa>\.",
+        }[r["format"]]
+        assert re.fullmatch(expected, r["plain_text"]), r["plain_text"][:200]
+        if r["format"].startswith("speech"):
+            assert units.to_text(r["instruction_units"]) in r["plain_text"]
+        else:
+            assert r["instruction_units"] == []
+        assert r["corpus"] == "speechinstruct-sample" and r["source_id"] in r["id"]
+    assert set(by_format) == set(compose.FORMATS)
+    ss = by_format["speech-speech"]
+    assert ss["voice"].startswith("espeak-ng:") and len(ss["instruction_units"]) > 10
+    # rerun: every chunk done, nothing synthesized again; a fresh output folder reuses the TTS cache
+    calls = tts.calls
+    compose.chain_of_modality("builtin", tmp_path / "com", mfcc, km, tts, all_formats=True, max_pairs=12, quiet=True)
+    compose.chain_of_modality("builtin", tmp_path / "com2", mfcc, km, tts, all_formats=True, max_pairs=12, quiet=True)
+    assert tts.calls == calls
+    assert read(tmp_path / "com2") == rows
+
+
+def test_chain_of_modality_drops_unspeakable_pairs(tmp_path, espeak):
+    mfcc = MFCC()
+    km = units.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join([
+        json.dumps({"id": "a", "instruction": "Say hi.", "response": "Hi there."}),
+        json.dumps({"id": "b", "instruction": "Show code.", "response": "```\nx = 1\n```"}),
+        "{broken json",
+        json.dumps({"id": "c", "question": "wrong columns"}),
+    ]))
+    summary = compose.chain_of_modality(src, tmp_path / "com", mfcc, km, CachedTTS(espeak, None), quiet=True)
+    assert summary["records"] == 1
+    assert summary["dropped: code in response"] == 1
+    assert summary["dropped: malformed JSON"] == 1 and summary["dropped: missing columns ['instruction', 'response']"] == 1
+    assert {d["where"] for d in summary["dropped_examples"]} == {"b", "pairs.jsonl:3", "pairs.jsonl:4"}
+
+
+def test_every_default_espeak_voice_exists(espeak):
+    from speechinstruct.tts import ESPEAK_VOICES
+    for voice in ESPEAK_VOICES:
+        wav, _ = espeak.synthesize("Hello there.", voice, 160)
+        assert wav.size > 1000, voice
