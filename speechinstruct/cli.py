@@ -308,6 +308,47 @@ def compose_chain_of_modality(
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
+@app.command()
+def publish(
+    compose_dir: Path = typer.Argument(..., help="Folder with cross_modal/, chain_of_modality/, pretrain/ from `compose`."),
+    out: Path = typer.Argument(..., help="Dataset folder to write (Parquet + README.md card)."),
+    name: str = typer.Option("SpeechInstruct", help="Dataset name for the card."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face dataset repo (needs a token)."),
+):
+    """Write composed records as a Hugging Face dataset with a dataset card."""
+    from .publish import publish as run_publish
+
+    meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub)
+    _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"]})
+
+
+@app.command()
+def validate(
+    dataset: Path = typer.Argument(..., help="A published dataset, a units/manifest folder, or one Parquet file."),
+    k: Optional[int] = typer.Option(None, help="Number of units (default: from the dataset's metadata)."),
+    max_errors: int = typer.Option(50, help="Per-record errors to list."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Check every record against schemas/ and SpeechInstruct's rules; exit 1 when anything fails."""
+    from .validate import format_report, validate as run_validate
+
+    report = _run(run_validate, dataset, k=k, max_examples=max_errors)
+    typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def report(
+    dataset: Path = typer.Argument(..., help="A published dataset."),
+    out: Path = typer.Argument(..., help="Folder for index.html and the PNG plots."),
+):
+    """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths."""
+    from .report import report as run_report
+
+    result = _run(run_report, dataset, out)
+    typer.echo(f"report: {result['page']} ({len(result['plots'])} plots)")
+
+
 def main():
     app()
 

@@ -120,7 +120,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 counts[task] += 1
         write_parquet(target, records.to_table("cross_modal", rows))
     summary = {"records": counts["asr"] + counts["tts"], **dict(counts),
-               "templates": {t: sets[t]["version"] for t in sets}}
+               "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve())}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -145,7 +145,7 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
             write_parquet(targets[split], records.to_table("pretrain", rows))
     for f in sorted(out.glob("*-*.parquet")):
         counts[f.name.split("-")[0]] += pq.read_metadata(f).num_rows
-    summary = {"train": counts["train"], "dev": counts["dev"]}
+    summary = {"train": counts["train"], "dev": counts["dev"], "units": str(Path(units_dir).resolve())}
     write_json(out / "summary.json", summary)
     return summary
 

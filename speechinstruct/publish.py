@@ -1,0 +1,176 @@
+"""``speechinstruct publish``: composed records → a Hugging Face dataset folder with a dataset card.
+
+Layout (``datasets.load_dataset(OUT, "cross_modal")`` reads it; the card's YAML declares the configs)::
+
+    OUT/README.md                                   dataset card
+    OUT/speechinstruct.json                         machine-readable provenance (K, extractor, hashes, counts)
+    OUT/data/{config}/{split}-00000-of-00002.parquet
+    OUT/stats/utterances.parquet                    id, corpus, duration, frames, units (for the report)
+
+Configs: ``cross_modal``, ``chain_of_modality``, ``pretrain`` (train and dev). IN is a folder holding any
+of ``cross_modal/``, ``chain_of_modality/`` and ``pretrain/`` as ``compose`` writes them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from . import __version__, records
+from .io import write_json, write_parquet, write_text
+
+CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
+
+
+def _inputs(folder: Path) -> dict[str, dict[str, list[Path]]]:
+    """{config: {split: [parquet files]}} of a compose folder."""
+    found: dict[str, dict[str, list[Path]]] = {}
+    for config in CONFIGS:
+        for path in sorted((folder / config).glob("*-*.parquet")):
+            found.setdefault(config, {}).setdefault(path.name.split("-")[0], []).append(path)
+    if not found:
+        raise FileNotFoundError(f"{folder}: no composed records (expected {', '.join(c + '/' for c in CONFIGS)})")
+    return found
+
+
+def _units_dirs(folder: Path) -> list[Path]:
+    dirs = []
+    for config in ("cross_modal", "pretrain"):
+        summary = folder / config / "summary.json"
+        if summary.is_file():
+            units = json.loads(summary.read_text()).get("units")
+            if units and Path(units).is_dir() and Path(units) not in dirs:
+                dirs.append(Path(units))
+    return dirs
+
+
+def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
+    tables = []
+    for d in units_dirs:
+        for f in sorted(d.glob("units-*.parquet")):
+            t = pq.read_table(f, columns=["id", "corpus", "license", "duration", "n_frames", "units", "text"])
+            tables.append(pa.table({
+                "id": t["id"], "corpus": t["corpus"], "license": t["license"], "duration": t["duration"],
+                "n_frames": t["n_frames"],
+                "n_units": pa.compute.list_value_length(t["units"]).cast(pa.int32()),
+                "has_text": pa.compute.invert(pa.compute.is_null(t["text"])),
+            }))
+    return pa.concat_tables(tables) if tables else None
+
+
+def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None) -> dict:
+    compose_dir, out = Path(compose_dir), Path(out)
+    inputs = _inputs(compose_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {}
+    by_kind: dict[str, collections.Counter] = {}
+    provenance: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    configs_yaml = []
+    written = set()
+    for config, splits in inputs.items():
+        schema = records.arrow_schema(config)
+        data_files = []
+        for split, files in splits.items():
+            tables = []
+            for f in files:
+                table = pq.read_table(f)
+                if not table.schema.remove_metadata().equals(schema.remove_metadata()):
+                    raise ValueError(f"{f}: schema differs from schemas/{config}.json; recompose it")
+                if table.num_rows:  # datasets cannot read zero-row Parquet files
+                    tables.append(table)
+            if not tables:
+                continue
+            for i, table in enumerate(tables):
+                target = out / "data" / config / f"{split}-{i:05d}-of-{len(tables):05d}.parquet"
+                write_parquet(target, table.cast(schema))
+                written.add(target)
+                counts.setdefault(config, collections.Counter())[split] += table.num_rows
+                column = "task" if config == "cross_modal" else "format" if config == "chain_of_modality" else None
+                if column:
+                    by_kind.setdefault(config, collections.Counter()).update(table.column(column).to_pylist())
+                for corpus, license in zip(table.column("corpus").to_pylist(), table.column("license").to_pylist()):
+                    provenance[f"{corpus}\t{license}"][config] += 1
+            data_files.append({"split": split, "path": f"data/{config}/{split}-*.parquet"})
+        if data_files:
+            configs_yaml.append({"config_name": config, "data_files": data_files})
+    for stale in (out / "data").rglob("*.parquet"):
+        if stale not in written:
+            stale.unlink()
+
+    units_dirs = _units_dirs(compose_dir)
+    spec = {}
+    for d in units_dirs:
+        if (d / "units.json").is_file():
+            spec = json.loads((d / "units.json").read_text())
+            break
+    k = (spec.get("kmeans") or {}).get("k")
+    utterances = _utterance_stats(units_dirs)
+    hours = collections.Counter()
+    if utterances is not None:
+        write_parquet(out / "stats" / "utterances.parquet", utterances)
+        for corpus, seconds in zip(utterances.column("corpus").to_pylist(), utterances.column("duration").to_pylist()):
+            hours[corpus] += seconds / 3600
+    templates = {}
+    cm_summary = compose_dir / "cross_modal" / "summary.json"
+    if cm_summary.is_file():
+        templates = json.loads(cm_summary.read_text()).get("templates", {})
+    meta = {
+        "name": name, "pipeline_version": __version__, "k": k,
+        "extractor": {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans")},
+        "kmeans": spec.get("kmeans"), "templates": templates,
+        "counts": {c: dict(v) for c, v in counts.items()},
+        "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
+        "hours": {c: round(h, 4) for c, h in sorted(hours.items())},
+        "sources": [{"corpus": key.split("\t")[0], "license": key.split("\t")[1], "records": dict(v)}
+                    for key, v in sorted(provenance.items())],
+    }
+    write_json(out / "speechinstruct.json", meta)
+    write_text(out / "README.md", dataset_card(meta, configs_yaml))
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(repo_id=push_to_hub, folder_path=str(out), repo_type="dataset")
+    return meta
+
+
+def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:
+    licenses = sorted({s["license"] for s in meta["sources"]})
+    header = {
+        "license": "other", "license_name": "mixed", "license_details": "; ".join(licenses),
+        "language": ["en"], "pretty_name": meta["name"],
+        "task_categories": ["automatic-speech-recognition", "text-to-speech", "text-generation"],
+        "tags": ["speech", "discrete-units", "speechgpt", "speechinstruct"],
+        "configs": configs_yaml,
+    }
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "", f"# {meta['name']}", "",
+             "A SpeechInstruct-style cross-modal speech-instruction dataset (as in SpeechGPT), built with "
+             f"speechinstruct {meta['pipeline_version']}. Speech is represented as discrete units "
+             "`<sosp><12><7>…<eosp>`.", "", "## Sources", "",
+             "| corpus | license | hours | records |", "|---|---|---|---|"]
+    for s in meta["sources"]:
+        lines.append(f"| {s['corpus']} | {s['license']} | {meta['hours'].get(s['corpus'], 0):.3f} | "
+                     + ", ".join(f"{c}: {n}" for c, n in sorted(s["records"].items())) + " |")
+    ext, km = meta["extractor"], meta["kmeans"] or {}
+    lines += ["", "## Speech units", "",
+              f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("features") == "hubert" else f" ({ext.get('options', '')})"),
+              f"- frame rate: {ext.get('frame_rate')} Hz, dimension {ext.get('dim')}",
+              f"- k-means: K = {meta['k']}, source `{km.get('source', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
+              "- consecutive repeated units are merged", "",
+              "## Templates", ""] + [f"- {t}: `{v}`" for t, v in sorted(meta["templates"].items())] + [
+              "", "## Counts", "", "| config | split | records |", "|---|---|---|"]
+    for config, splits in meta["counts"].items():
+        for split, n in splits.items():
+            lines.append(f"| {config} | {split} | {n} |")
+    for config, kinds in meta["by_kind"].items():
+        lines.append("")
+        lines.append(f"{config}: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    lines += ["", "## Loading", "", "```python", "import datasets",
+              *[f'{c["config_name"]} = datasets.load_dataset("PATH_OR_REPO", "{c["config_name"]}")' for c in configs_yaml],
+              "```", "", "Validate with `speechinstruct validate PATH`. Each record carries `source_id`, `corpus`, "
+              "`license`, `pipeline_version` and `content_hash` (sha256 of its content fields).", ""]
+    return "\n".join(lines)

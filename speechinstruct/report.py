@@ -1,0 +1,127 @@
+"""``speechinstruct report``: an HTML page with PNG plots of a published dataset.
+
+Plots: hours per corpus, utterance durations, unit usage (K bars), units per second, records per
+task/format, and text lengths. Each plot is a PNG beside ``index.html``; the page also lists the numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .io import atomic_path, write_text
+
+
+def _plot(path: Path, draw) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def _read(folder: Path, config: str, columns: list[str]) -> dict[str, list]:
+    files = sorted((folder / "data" / config).glob("*.parquet"))
+    out: dict[str, list] = {c: [] for c in columns}
+    for f in files:
+        t = pq.read_table(f, columns=columns)
+        for c in columns:
+            out[c].extend(t.column(c).to_pylist())
+    return out
+
+
+def report(dataset: str | Path, out: str | Path) -> dict:
+    dataset, out = Path(dataset), Path(out)
+    meta_path = dataset / "speechinstruct.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing: not a dataset written by `speechinstruct publish`")
+    meta = json.loads(meta_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    k = meta.get("k") or 0
+    plots: list[tuple[str, str]] = []  # (file, caption)
+    numbers: dict[str, object] = {"records": meta["counts"], "hours": meta["hours"]}
+
+    if meta["hours"]:
+        corpora, hours = zip(*sorted(meta["hours"].items()))
+        _plot(out / "hours_per_corpus.png", lambda ax: (ax.bar(corpora, hours, color="#4477aa"), ax.set_ylabel("hours"),
+                                                         ax.set_title("Audio hours per corpus")))
+        plots.append(("hours_per_corpus.png", "Hours of audio per source corpus"))
+
+    stats_path = dataset / "stats" / "utterances.parquet"
+    if stats_path.is_file():
+        s = pq.read_table(stats_path).to_pydict()
+        durations = np.array(s["duration"], dtype=float)
+        ups = np.array(s["n_units"], dtype=float) / np.maximum(durations, 1e-9)
+        fps = np.array(s["n_frames"], dtype=float) / np.maximum(durations, 1e-9)
+        _plot(out / "durations.png", lambda ax: (ax.hist(durations, bins=40, color="#66ccee"), ax.set_xlabel("seconds"),
+                                                  ax.set_ylabel("utterances"), ax.set_title("Utterance durations")))
+        _plot(out / "units_per_second.png", lambda ax: (ax.hist(ups, bins=40, color="#228833"), ax.set_xlabel("units per second (repeats merged)"),
+                                                         ax.set_ylabel("utterances"), ax.set_title(f"Units per second (frames: {fps.mean():.1f}/s)")))
+        plots += [("durations.png", "Utterance duration histogram"), ("units_per_second.png", "Units per second after merging repeats")]
+        numbers.update({"utterances": int(durations.size), "mean_duration_s": round(float(durations.mean()), 3),
+                        "mean_units_per_second": round(float(ups.mean()), 3), "frames_per_second": round(float(fps.mean()), 3)})
+
+    usage = np.zeros(max(k, 1), dtype=np.int64)
+    for config, column in (("pretrain", "units"), ("cross_modal", "units")):
+        if (dataset / "data" / config).is_dir():
+            for units in _read(dataset, config, [column])[column]:
+                if units:
+                    usage += np.bincount(np.asarray(units), minlength=usage.size)[: usage.size]
+            break  # the same utterances appear in both: count them once
+    if usage.sum():
+        _plot(out / "unit_usage.png", lambda ax: (ax.bar(np.arange(usage.size), usage, width=1.0, color="#aa3377"),
+                                                   ax.set_xlabel("unit id"), ax.set_ylabel("count"),
+                                                   ax.set_title(f"Unit usage ({int((usage > 0).sum())} of {usage.size} used)")))
+        plots.append(("unit_usage.png", f"Unit usage histogram, K = {usage.size}"))
+        numbers["units_used"] = int((usage > 0).sum())
+
+    kinds = collections.Counter()
+    for config, kv in meta.get("by_kind", {}).items():
+        for kind, n in kv.items():
+            kinds[f"{config}: {kind}"] = n
+    for split, n in meta["counts"].get("pretrain", {}).items():
+        kinds[f"pretrain: {split}"] = n
+    if kinds:
+        labels, values = zip(*sorted(kinds.items()))
+        _plot(out / "records.png", lambda ax: (ax.barh(labels, values, color="#ccbb44"), ax.set_xlabel("records"),
+                                                ax.set_title("Records per task / format")))
+        plots.append(("records.png", "Record counts per task and format"))
+
+    lengths = {}
+    if (dataset / "data" / "cross_modal").is_dir():
+        lengths["transcripts"] = [len(t) for t in _read(dataset, "cross_modal", ["text"])["text"]]
+    if (dataset / "data" / "chain_of_modality").is_dir():
+        com = _read(dataset, "chain_of_modality", ["instruction", "response"])
+        lengths["instructions"] = [len(t) for t in com["instruction"]]
+        lengths["responses"] = [len(t) for t in com["response"]]
+    if lengths:
+        _plot(out / "text_lengths.png", lambda ax: (ax.hist(list(lengths.values()), bins=30, label=list(lengths), stacked=False),
+                                                     ax.legend(), ax.set_xlabel("characters"), ax.set_title("Text lengths")))
+        plots.append(("text_lengths.png", "Text length distribution"))
+
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(meta["name"]) + " report</title>",
+            "<style>body{font-family:sans-serif;max-width:820px;margin:2em auto}figure{margin:1.5em 0}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>",
+            f"<h1>{html.escape(meta['name'])}</h1>",
+            f"<p>speechinstruct {html.escape(meta['pipeline_version'])}; K = {k}; features "
+            f"{html.escape(str(meta['extractor'].get('features')))}</p>", "<h2>Sources</h2><table><tr><th>corpus</th><th>license</th><th>hours</th></tr>"]
+    for src in meta["sources"]:
+        page.append(f"<tr><td>{html.escape(src['corpus'])}</td><td>{html.escape(src['license'])}</td>"
+                    f"<td>{meta['hours'].get(src['corpus'], 0):.3f}</td></tr>")
+    page.append("</table>")
+    for file, caption in plots:
+        page.append(f"<figure><img src='{file}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    page.append("<h2>Numbers</h2><pre>" + html.escape(json.dumps(numbers, indent=2)) + "</pre></body></html>")
+    write_text(out / "index.html", "\n".join(page))
+    return {"page": str(out / "index.html"), "plots": [p for p, _ in plots], **numbers}

@@ -1,0 +1,191 @@
+"""``speechinstruct validate``: check every record of a published dataset (or of any output folder or
+Parquet file of this project) against ``schemas/`` and SpeechInstruct's rules.
+
+Rules, each with a name that appears in the report:
+  schema        types, required fields, enums and patterns of ``schemas/{kind}.json``
+  unit-range    every unit id in [0, K)
+  unit-markers  ``<sosp>``/``<eosp>`` balanced and not nested in ``plain_text``
+  shape         ``plain_text`` has the shape of its task/format
+  units-match   the unit strings in ``plain_text``/``text``/``unit_text`` equal the ``units`` columns
+  text-match    the texts in ``plain_text`` equal the ``text``/``instruction``/``response`` columns
+  empty-text    no blank texts
+  durations     (units) durations sum to ``n_frames``; utterance duration sane
+  content-hash  ``content_hash`` equals the hash of the record's content
+  duplicate-id  ids unique within a config
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from . import records
+from .compose import com_text, cross_modal_text
+from .io import sha256_json
+from .units import to_text
+
+U = r"<sosp>(?:<\d+>)+<eosp>"
+SHAPES = {
+    "asr": re.compile(rf"\[Human\]: (?P<instruction>.+?) This is input: (?P<units>{U})<eoh> \[SpeechGPT\]: (?P<text>.+)<eoa>", re.S),
+    "tts": re.compile(rf"\[Human\]: (?P<instruction>.+?) This is input: (?P<text>.+)<eoh> \[SpeechGPT\]: (?P<units>{U})<eoa>", re.S),
+    "speech-speech": re.compile(rf"\[Human\]: (?P<q_units>{U})<eoh>\. \[SpeechGPT\]: (?P<instruction>.+); \[ta\] (?P<response>.+); \[ua\] (?P<a_units>{U})<eoa>\.", re.S),
+    "speech-text": re.compile(rf"\[Human\]: (?P<q_units>{U})<eoh>\. \[SpeechGPT\]: (?P<instruction>.+); \[ta\] (?P<response>.+)<eoa>\.", re.S),
+    "text-speech": re.compile(rf"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+); \[ua\] (?P<a_units>{U})<eoa>\.", re.S),
+    "text-text": re.compile(r"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+)<eoa>\.", re.S),
+}
+CONTENT_KINDS = ("cross_modal", "chain_of_modality", "pretrain")
+
+
+@dataclass
+class Report:
+    records: dict = field(default_factory=dict)  # config → records checked
+    failed: dict = field(default_factory=dict)   # config → records with at least one error
+    by_rule: collections.Counter = field(default_factory=collections.Counter)
+    examples: list = field(default_factory=list)
+    k: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.by_rule
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "k": self.k, "records": self.records, "failed_records": self.failed,
+                "errors_by_rule": dict(sorted(self.by_rule.items())), "errors": self.examples}
+
+
+def markers_balanced(text: str) -> bool:
+    depth = 0
+    for m in re.finditer(r"<sosp>|<eosp>", text):
+        depth += 1 if m.group(0) == "<sosp>" else -1
+        if depth not in (0, 1):
+            return False
+    return depth == 0
+
+
+def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
+    """(rule, message) for every rule the record breaks."""
+    errors = [("schema", e) for e in records.record_errors(kind, r)]
+    if errors:
+        return errors  # later rules assume the schema holds
+    for column in ("units", "instruction_units", "response_units"):
+        if k is not None and column in r:
+            bad = [u for u in r[column] if not 0 <= u < k]
+            if bad:
+                errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    for column in ("text", "instruction", "response", "prefix"):
+        if column in r and isinstance(r[column], str) and column != "prefix" and not r[column].strip():
+            errors.append(("empty-text", f"{column} is blank"))
+    if "content_hash" in r:
+        expected = sha256_json({key: v for key, v in r.items() if key not in ("content_hash", "pipeline_version")})
+        if r["content_hash"] != expected:
+            errors.append(("content-hash", "content_hash does not match the record's content"))
+    if kind == "pretrain" and r["text"] != to_text(r["units"]):
+        errors.append(("units-match", "text is not the unit string of units"))
+    if kind == "units":
+        if r["unit_text"] != to_text(r["units"]):
+            errors.append(("units-match", "unit_text is not the unit string of units"))
+        if len(r["durations"]) != len(r["units"]) or sum(r["durations"]) != r["n_frames"]:
+            errors.append(("durations", "durations do not pair with units or do not sum to n_frames"))
+        if r["n_frames"] > r["duration"] * 1000 + 10:
+            errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
+    if kind in ("cross_modal", "chain_of_modality"):
+        text = r["plain_text"]
+        if not markers_balanced(text):
+            errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+            return errors
+        shape = r["task"] if kind == "cross_modal" else r["format"]
+        m = SHAPES[shape].fullmatch(text)
+        if not m:
+            errors.append(("shape", f"plain_text does not have the {shape} shape"))
+            return errors
+        if kind == "cross_modal":
+            if m.group("units") != to_text(r["units"]):
+                errors.append(("units-match", "units in plain_text differ from the units column"))
+            if m.group("text") != r["text"]:
+                errors.append(("text-match", "text in plain_text differs from the text column"))
+            elif text != cross_modal_text(r["task"], m.group("instruction"), r["text"], to_text(r["units"])):
+                errors.append(("shape", "plain_text does not match its columns"))
+        else:
+            groups = m.groupdict()
+            if groups.get("q_units") is not None and groups["q_units"] != to_text(r["instruction_units"]):
+                errors.append(("units-match", "instruction units in plain_text differ from instruction_units"))
+            if groups.get("a_units") is not None and groups["a_units"] != to_text(r["response_units"]):
+                errors.append(("units-match", "response units in plain_text differ from response_units"))
+            needs_q, needs_a = shape.startswith("speech"), shape.endswith("speech")
+            if bool(r["instruction_units"]) != needs_q or bool(r["response_units"]) != needs_a:
+                errors.append(("units-match", f"{shape} record has unit columns filled wrongly"))
+            if text != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
+                    and not any(rule == "units-match" for rule, _ in errors):
+                errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
+    return errors
+
+
+def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:
+    """(config, kind, files) to check."""
+    if path.is_file():
+        kind = (pq.read_schema(path).metadata or {}).get(b"speechinstruct.kind", b"").decode()
+        if kind not in records.KINDS:
+            raise ValueError(f"{path}: not a speechinstruct Parquet file (no speechinstruct.kind in its schema)")
+        return [(path.name, kind, [path])]
+    out = []
+    data = path / "data" if (path / "data").is_dir() else path
+    for kind in CONTENT_KINDS:
+        files = sorted((data / kind).glob("*.parquet"))
+        if files:
+            out.append((kind, kind, files))
+    for pattern, kind in (("units-*.parquet", "units"), ("manifest-*.parquet", "manifest")):
+        files = sorted(path.glob(pattern))
+        if files:
+            out.append((kind, kind, files))
+    if not out:
+        raise FileNotFoundError(f"{path}: nothing to validate (no data/{{config}}/*.parquet, units-*, manifest-*)")
+    return out
+
+
+def _k(path: Path) -> int | None:
+    for meta, key in ((path / "speechinstruct.json", "k"), (path / "units.json", "kmeans")):
+        if meta.is_file():
+            value = json.loads(meta.read_text()).get(key)
+            return value.get("k") if isinstance(value, dict) else value
+    return None
+
+
+def validate(path: str | Path, k: int | None = None, max_examples: int = 50) -> Report:
+    path = Path(path)
+    report = Report(k=k if k is not None else _k(path))
+    for config, kind, files in _targets(path):
+        seen: set[str] = set()
+        report.records[config] = report.failed[config] = 0
+        for f in files:
+            rel = f.relative_to(path) if f != path and path in f.parents else f.name
+            for i, rec in enumerate(pq.read_table(f).to_pylist()):
+                report.records[config] += 1
+                errors = check_record(kind, rec, report.k)
+                if rec.get("id") in seen:
+                    errors.append(("duplicate-id", "id appears more than once"))
+                seen.add(rec.get("id"))
+                if errors:
+                    report.failed[config] += 1
+                for rule, message in errors:
+                    report.by_rule[rule] += 1
+                    if len(report.examples) < max_examples:
+                        report.examples.append({"file": str(rel), "row": i, "id": rec.get("id"), "rule": rule, "message": message})
+    return report
+
+
+def format_report(report: Report) -> str:
+    lines = [f"K = {report.k if report.k is not None else 'unknown (unit-range not checked; pass --k)'}"]
+    for config, n in report.records.items():
+        lines.append(f"{config:>20}: {n} records, {report.failed[config]} failing")
+    if report.ok:
+        lines.append("PASS: every record satisfies every rule")
+    else:
+        lines.append("FAIL: " + ", ".join(f"{rule} ×{n}" for rule, n in sorted(report.by_rule.items())))
+        for e in report.examples:
+            lines.append(f"  {e['file']} row {e['row']} ({e['id']}): [{e['rule']}] {e['message']}")
+    return "\n".join(lines)

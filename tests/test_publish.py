@@ -1,0 +1,127 @@
+import json
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from speechinstruct import compose, records
+from speechinstruct.cli import app
+from speechinstruct.features import MFCC
+from speechinstruct.publish import publish
+from speechinstruct.report import report
+from speechinstruct.tts import CachedTTS, EspeakTTS
+from speechinstruct.units import load_kmeans
+from speechinstruct.validate import validate
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def composed(units_dir, tmp_path):
+    out = tmp_path / "composed"
+    compose.cross_modal(units_dir, out / "cross_modal", quiet=True)
+    compose.pretrain(units_dir, out / "pretrain", dev_fraction=0.3, quiet=True)
+    compose.chain_of_modality("builtin", out / "chain_of_modality", MFCC(), load_kmeans(units_dir.parent / "kmeans"),
+                              CachedTTS(EspeakTTS(), tmp_path / "tts"), max_pairs=8, quiet=True)
+    return out
+
+
+@pytest.fixture
+def dataset(composed, tmp_path):
+    publish(composed, tmp_path / "dataset")
+    return tmp_path / "dataset"
+
+
+def test_round_trip_load_dataset_and_validate(dataset, composed):
+    cm = datasets.load_dataset(str(dataset), "cross_modal", split="train")
+    assert len(cm) == 8 and set(cm.column_names) == set(records.arrow_schema("cross_modal").names)
+    com = datasets.load_dataset(str(dataset), "chain_of_modality", split="train")
+    assert len(com) == 8  # the first 8 shipped pairs are all speakable; one format each
+    assert set(com["format"]) <= set(compose.FORMATS)
+    pt = datasets.load_dataset(str(dataset), "pretrain")
+    assert set(pt) == {"train", "dev"} and len(pt["train"]) + len(pt["dev"]) == 4
+    meta = json.loads((dataset / "speechinstruct.json").read_text())
+    assert meta["k"] == 8 and meta["extractor"]["features"] == "mfcc" and meta["hours"]["librispeech"] > 0
+    assert meta["templates"] == {"asr": "builtin-1", "tts": "builtin-1"}
+    card = (dataset / "README.md").read_text()
+    assert card.startswith("---\n") and "config_name: cross_modal" in card and "CC-BY-4.0" in card and "K = 8" in card
+    report_ = validate(dataset)
+    assert report_.ok, report_.as_dict()
+    assert report_.records["cross_modal"] == 8
+
+
+def test_publish_is_byte_identical(composed, tmp_path):
+    publish(composed, tmp_path / "a")
+    publish(composed, tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def _break(dataset, config, mutate):
+    path = sorted((dataset / "data" / config).glob("*.parquet"))[0]
+    rows = pq.read_table(path).to_pylist()
+    rows = mutate(rows)
+    pq.write_table(records.to_table(config, rows), path)
+    return validate(dataset)
+
+
+def _first(fn):
+    def mutate(rows):
+        fn(rows[0])
+        return rows
+    return mutate
+
+
+@pytest.mark.parametrize("config,mutate,rule", [
+    ("cross_modal", _first(lambda r: r.update(task="summarise")), "schema"),
+    ("cross_modal", _first(lambda r: r.update(content_hash="abc")), "schema"),
+    ("cross_modal", _first(lambda r: r.update(units=[r["units"][0], 99999])), "unit-range"),
+    ("cross_modal", _first(lambda r: r.update(plain_text=r["plain_text"].replace("<eosp>", "<sosp><eosp>", 1))), "unit-markers"),
+    ("cross_modal", _first(lambda r: r.update(plain_text="[Human]: hello<eoh> [SpeechGPT]: hi<eoa>")), "shape"),
+    ("cross_modal", _first(lambda r: r.update(units=list(reversed(r["units"])) + [0])), "units-match"),
+    ("cross_modal", _first(lambda r: r.update(text=r["text"] + " EXTRA")), "text-match"),
+    ("cross_modal", _first(lambda r: r.update(text="   ")), "empty-text"),
+    ("cross_modal", _first(lambda r: r.update(template_id="another-template")), "content-hash"),
+    ("cross_modal", lambda rows: rows + [rows[0]], "duplicate-id"),
+    ("pretrain", _first(lambda r: r.update(text="<sosp><1><eosp>")), "units-match"),
+    ("chain_of_modality", _first(lambda r: r.update(response=r["response"] + "!")), "text-match"),
+    ("chain_of_modality", _first(lambda r: r.update(format="text-text" if r["format"] != "text-text" else "speech-speech")), "shape"),
+])
+def test_every_rule_catches_its_fault(dataset, config, mutate, rule):
+    assert validate(dataset).ok
+    report_ = _break(dataset, config, mutate)
+    assert not report_.ok and report_.by_rule[rule] >= 1, report_.as_dict()
+    example = next(e for e in report_.examples if e["rule"] == rule)
+    assert example["file"].startswith(f"data/{config}/") and example["row"] in (0, len(pq.read_table(dataset / example["file"])) - 1)
+
+
+def test_units_durations_rule(units_dir, tmp_path):
+    path = sorted(units_dir.glob("units-*.parquet"))[0]
+    assert validate(units_dir).ok
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["durations"] = rows[0]["durations"][:-1]
+    pq.write_table(records.to_table("units", rows), path)
+    assert validate(units_dir).by_rule["durations"] == 1
+
+
+def test_cli_validate_exit_codes(dataset):
+    result = runner.invoke(app, ["validate", str(dataset)])
+    assert result.exit_code == 0 and "PASS" in result.stdout
+    _break(dataset, "cross_modal", _first(lambda r: r.update(units=[123456])))
+    result = runner.invoke(app, ["validate", str(dataset), "--json"])
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["ok"] is False and out["errors_by_rule"]["unit-range"] == 1
+
+
+def test_report_renders_its_plots(dataset, tmp_path):
+    result = report(dataset, tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert set(result["plots"]) == {"hours_per_corpus.png", "durations.png", "units_per_second.png", "unit_usage.png",
+                                    "records.png", "text_lengths.png"}
+    for png in result["plots"]:
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"src='{png}'" in page
+    assert result["utterances"] == 4 and result["frames_per_second"] == pytest.approx(100, rel=0.05)
