@@ -349,6 +349,27 @@ def report(
     typer.echo(f"report: {result['page']} ({len(result['plots'])} plots)")
 
 
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="A recipe YAML, e.g. recipes/mini.yaml."),
+    workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
+    force: bool = typer.Option(False, help="Redo every stage even when up to date."),
+    quiet: bool = Quiet,
+):
+    """Run the whole job: shard → extract → cluster → quantize → compose → publish → validate → report."""
+    from .pipeline import RecipeError, run as run_recipe
+
+    try:
+        summary = run_recipe(recipe, workdir=workdir, quiet=quiet, force=force)
+    except RecipeError as e:
+        fail(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    _print_json(summary)
+    if not summary["valid"]:
+        raise typer.Exit(1)
+
+
 def main():
     app()
 

@@ -64,7 +64,7 @@ def cluster(features: str | Path, out: str | Path, k: int = 1000, max_frames: in
     spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)
-    centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, verbose=not quiet)
+    centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu)
     inertia = KMeans(centroids).inertia(sample)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "centroids.npy") as tmp:

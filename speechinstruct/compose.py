@@ -72,6 +72,10 @@ def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_un
     raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
 
 
+def _named(part: str | None, suffix: str) -> str:
+    return f"{part}-{suffix}" if part else suffix
+
+
 def _unit_shards(units_dir: Path):
     from .extract import shard_suffix
     from .quantize import unit_files
@@ -83,16 +87,17 @@ def _unit_shards(units_dir: Path):
 # ------------------------------------------------------------------------------------------- cross-modal
 def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
                 tts_templates: dict | None = None, mode: str = "both", asr_fraction: float = 0.5,
-                prefix: str = DEFAULT_PREFIX, seed: int = 0, quiet: bool = False) -> dict:
+                prefix: str = DEFAULT_PREFIX, seed: int = 0, part: str | None = None, quiet: bool = False) -> dict:
     """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
-    probability ``asr_fraction``), asr, or tts."""
+    probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
+    several corpora can share one output folder."""
     if mode not in ("both", "random", "asr", "tts"):
         raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
     sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     for suffix, path in _unit_shards(Path(units_dir)):
-        target = out / f"train-{suffix}.parquet"
+        target = out / f"train-{_named(part, suffix)}.parquet"
         if target.exists():
             counts["shards skipped (done)"] += 1
             continue
@@ -121,19 +126,20 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
         write_parquet(target, records.to_table("cross_modal", rows))
     summary = {"records": counts["asr"] + counts["tts"], **dict(counts),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve())}
-    write_json(out / "summary.json", summary)
+    write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
-def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, quiet: bool = False) -> dict:
+def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, part: str | None = None,
+             quiet: bool = False) -> dict:
     """Stage-1 unit text, one record per utterance; ``dev_fraction`` of ids (by hash) go to dev."""
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     for suffix, path in _unit_shards(Path(units_dir)):
-        targets = {s: out / f"{s}-{suffix}.parquet" for s in ("train", "dev")}
+        targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in ("train", "dev")}
         if all(t.exists() for t in targets.values()):
             continue
         split_rows: dict[str, list] = {"train": [], "dev": []}
@@ -143,10 +149,10 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
                                              "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]}))
         for split, rows in split_rows.items():  # dev first would also do: both are written before the next shard
             write_parquet(targets[split], records.to_table("pretrain", rows))
-    for f in sorted(out.glob("*-*.parquet")):
+    for f in sorted(out.glob(f"*-{part + '-' if part else ''}*.parquet")):
         counts[f.name.split("-")[0]] += pq.read_metadata(f).num_rows
     summary = {"train": counts["train"], "dev": counts["dev"], "units": str(Path(units_dir).resolve())}
-    write_json(out / "summary.json", summary)
+    write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
 
 

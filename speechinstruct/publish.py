@@ -14,6 +14,7 @@ of ``cross_modal/``, ``chain_of_modality/`` and ``pretrain/`` as ``compose`` wri
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 from pathlib import Path
 
@@ -41,8 +42,7 @@ def _inputs(folder: Path) -> dict[str, dict[str, list[Path]]]:
 def _units_dirs(folder: Path) -> list[Path]:
     dirs = []
     for config in ("cross_modal", "pretrain"):
-        summary = folder / config / "summary.json"
-        if summary.is_file():
+        for summary in sorted((folder / config).glob("summary*.json")):
             units = json.loads(summary.read_text()).get("units")
             if units and Path(units).is_dir() and Path(units) not in dirs:
                 dirs.append(Path(units))
@@ -85,17 +85,22 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
                     tables.append(table)
             if not tables:
                 continue
+            paths = []
             for i, table in enumerate(tables):
-                target = out / "data" / config / f"{split}-{i:05d}-of-{len(tables):05d}.parquet"
+                # The name carries a digest of the rows: `datasets` caches a folder's configs by folder name
+                # and card, so two datasets in same-named folders would otherwise share a cache entry.
+                digest = hashlib.sha256("".join(table.column("content_hash").to_pylist()).encode()).hexdigest()[:12]
+                target = out / "data" / config / f"{split}-{i:05d}-of-{len(tables):05d}-{digest}.parquet"
                 write_parquet(target, table.cast(schema))
                 written.add(target)
+                paths.append(str(target.relative_to(out)))
                 counts.setdefault(config, collections.Counter())[split] += table.num_rows
                 column = "task" if config == "cross_modal" else "format" if config == "chain_of_modality" else None
                 if column:
                     by_kind.setdefault(config, collections.Counter()).update(table.column(column).to_pylist())
                 for corpus, license in zip(table.column("corpus").to_pylist(), table.column("license").to_pylist()):
                     provenance[f"{corpus}\t{license}"][config] += 1
-            data_files.append({"split": split, "path": f"data/{config}/{split}-*.parquet"})
+            data_files.append({"split": split, "path": paths})
         if data_files:
             configs_yaml.append({"config_name": config, "data_files": data_files})
     for stale in (out / "data").rglob("*.parquet"):
@@ -116,9 +121,8 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         for corpus, seconds in zip(utterances.column("corpus").to_pylist(), utterances.column("duration").to_pylist()):
             hours[corpus] += seconds / 3600
     templates = {}
-    cm_summary = compose_dir / "cross_modal" / "summary.json"
-    if cm_summary.is_file():
-        templates = json.loads(cm_summary.read_text()).get("templates", {})
+    for cm_summary in sorted((compose_dir / "cross_modal").glob("summary*.json")):
+        templates = json.loads(cm_summary.read_text()).get("templates", templates)
     meta = {
         "name": name, "pipeline_version": __version__, "k": k,
         "extractor": {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans")},

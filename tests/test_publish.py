@@ -51,6 +51,17 @@ def test_round_trip_load_dataset_and_validate(dataset, composed):
     assert report_.records["cross_modal"] == 8
 
 
+def test_same_named_datasets_do_not_share_the_datasets_cache(composed, tmp_path):
+    publish(composed, tmp_path / "one" / "dataset")
+    smaller = tmp_path / "smaller"
+    (smaller / "cross_modal").mkdir(parents=True)
+    table = pq.read_table(sorted((composed / "cross_modal").glob("*.parquet"))[0]).slice(0, 3)
+    pq.write_table(table, smaller / "cross_modal" / "train-00000.parquet")
+    publish(smaller, tmp_path / "two" / "dataset")
+    assert len(datasets.load_dataset(str(tmp_path / "one" / "dataset"), "cross_modal", split="train")) == 8
+    assert len(datasets.load_dataset(str(tmp_path / "two" / "dataset"), "cross_modal", split="train")) == 3
+
+
 def test_publish_is_byte_identical(composed, tmp_path):
     publish(composed, tmp_path / "a")
     publish(composed, tmp_path / "b")

@@ -1,0 +1,64 @@
+import json
+
+import datasets
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from speechinstruct.cli import app
+from speechinstruct.pipeline import RecipeError, load_recipe, run
+
+runner = CliRunner()
+
+
+def recipe(tmp_path, **over):
+    data = {"name": "tiny", "workdir": str(tmp_path / "work"), "demo_corpus": {"sentences": 24, "seed": 1},
+            "features": {"kind": "mfcc"}, "kmeans": {"k": 16, "max_frames": 20000},
+            "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}}}
+    data.update(over)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, capsys):
+    summary = run(recipe(tmp_path), quiet=True)
+    assert summary["valid"] and summary["k"] == 16
+    assert summary["records"]["cross_modal"]["train"] == 48
+    ds = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "chain_of_modality", split="train")
+    assert len(ds) == 6
+    assert (tmp_path / "work" / "report" / "index.html").is_file()
+    first = {p: p.read_bytes() for p in (tmp_path / "work" / "dataset").rglob("*.parquet")}
+
+    again = run(recipe(tmp_path), quiet=True)
+    assert "up to date" in capsys.readouterr().out
+    assert again["stages_skipped"] == 10
+
+    # a changed k redoes clustering and everything after it, with the same result shape
+    changed = run(recipe(tmp_path, kmeans={"k": 12, "max_frames": 20000}), quiet=True)
+    assert changed["k"] == 12 and changed["stages_skipped"] == 3  # demo, shard, extract
+    meta = json.loads((tmp_path / "work" / "dataset" / "speechinstruct.json").read_text())
+    assert meta["k"] == 12
+    # and going back gives byte-identical output to the first run
+    run(recipe(tmp_path), quiet=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "work" / "dataset").rglob("*.parquet")} == first
+
+
+def test_recipe_errors_are_clear(tmp_path, monkeypatch):
+    for var in ("LIBRISPEECH_ROOT", "GIGASPEECH_ROOT", "COMMONVOICE_ROOT", "LIBRILIGHT_ROOT", "MHUBERT_CKPT", "MHUBERT_KMEANS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RecipeError, match=r"speechgpt.yaml: set the environment variable\(s\) \$COMMONVOICE_ROOT"):
+        load_recipe("recipes/speechgpt.yaml")
+    for var in ("LIBRISPEECH_ROOT", "GIGASPEECH_ROOT", "COMMONVOICE_ROOT", "LIBRILIGHT_ROOT", "MHUBERT_CKPT", "MHUBERT_KMEANS"):
+        monkeypatch.setenv(var, str(tmp_path / "missing"))
+    with pytest.raises(RecipeError, match="librispeech root .* is not a folder.*features.checkpoint"):
+        load_recipe("recipes/speechgpt.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("corpora: []\nfeaturs: {}\n")
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "unknown recipe keys ['featurs']" in result.stderr
+
+
+def test_shipped_mini_recipe_loads():
+    r = load_recipe("recipes/mini.yaml")
+    assert r["demo_corpus"]["sentences"] == 300 and r["features"]["kind"] == "mfcc" and r["kmeans"]["k"] == 100
