@@ -370,6 +370,83 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    stage: int = typer.Option(..., help="1: modality adaptation, 2: cross-modal instructions, 3: chain-of-modality (LoRA)."),
+    base_model: str = typer.Option(..., help="A causal LM folder (or hub id): the base, or the previous stage's model/."),
+    data: Path = typer.Option(..., help="A dataset written by `speechinstruct publish`."),
+    out: Path = typer.Option(..., help="Output folder: model/ (or adapter/), checkpoints/, log.jsonl."),
+    config: Optional[Path] = typer.Option(None, help="Settings YAML (default: recipes/train-stage{N}.yaml if present)."),
+    epochs: Optional[float] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None),
+    block_size: Optional[int] = typer.Option(None, help="Stage 1 block size."),
+    max_length: Optional[int] = typer.Option(None, help="Stages 2/3 maximum sequence length."),
+    train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--mask-inputs", help="Loss on the prompt too."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Stage 3: also save the merged model."),
+    save_every: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in OUT."),
+    quiet: bool = Quiet,
+):
+    """Fine-tune a causal LM on a published SpeechInstruct dataset (stages 1–3)."""
+    import yaml
+
+    from .train import TrainConfig, train as run_train
+
+    settings = {}
+    default = Path(__file__).resolve().parent.parent / "recipes" / f"train-stage{stage}.yaml"
+    path = config or (default if default.is_file() else None)
+    if path:
+        try:
+            settings = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            fail(f"{path}: cannot read training settings ({e})")
+    overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+                     block_size=block_size, max_length=max_length, train_on_inputs=train_on_inputs, merge=merge,
+                     save_every=save_every, seed=seed)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = _run(TrainConfig.from_dict, settings)
+    result = _run(run_train, stage, base_model, data, out, cfg, resume=resume, quiet=quiet)
+    _print_json({k: v for k, v in result.items() if k != "history"} | {"last": result["history"][-1:] })
+
+
+@app.command()
+def chat(
+    model: Path = typer.Option(..., help="A trained model folder (model/ or merged/), or the base with --lora."),
+    lora: Optional[Path] = typer.Option(None, help="A stage-3 adapter/ folder."),
+    text: Optional[str] = typer.Option(None, help="Say this (text input)."),
+    audio_file: Optional[Path] = typer.Option(None, "--audio", help="Say this recording (audio input → units)."),
+    kmeans: Optional[Path] = typer.Option(None, help="For --audio: the dataset's k-means."),
+    features: Features = typer.Option(Features.mfcc, help="For --audio: the dataset's features."),
+    checkpoint: Optional[str] = typer.Option(None),
+    layer: Optional[int] = typer.Option(None),
+    max_new_tokens: int = typer.Option(256),
+    device: str = typer.Option("auto"),
+):
+    """Generate a reply to text or an audio file; prints text and unit strings. Reads stdin lines when
+    neither --text nor --audio is given."""
+    from .chat import Chat, audio_to_unit_text
+    from .features import load_extractor
+    from .units import load_kmeans
+
+    bot = _run(Chat, model, lora, _device(device))
+    inputs: list[str] = []
+    if audio_file:
+        if not kmeans:
+            fail("--audio needs --kmeans (and --features/--checkpoint/--layer matching the dataset)")
+        inputs.append(_run(audio_to_unit_text, audio_file, _run(load_extractor, features.value, checkpoint, layer),
+                           _run(load_kmeans, kmeans)))
+    if text:
+        inputs.append(text)
+    if not inputs:
+        inputs = (line.strip() for line in sys.stdin if line.strip())
+    for user_input in inputs:
+        _print_json(bot.reply(user_input, max_new_tokens=max_new_tokens))
+
+
 def main():
     app()
 
