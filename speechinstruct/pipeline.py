@@ -129,6 +129,9 @@ class Runner:
         if stale and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.rglob(".*.tmp-*"):  # half-written files of a killed run
+            if leftover.is_file():
+                leftover.unlink()
         if done.is_file():
             done.unlink()
         write_json(pending, {"hash": digest})

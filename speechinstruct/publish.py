@@ -114,6 +114,13 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
             spec = json.loads((d / "units.json").read_text())
             break
     k = (spec.get("kmeans") or {}).get("k")
+    # Machine-independent provenance: files by name and hash, never by a local absolute path.
+    kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
+    if (spec.get("kmeans") or {}).get("source"):
+        kmeans["file"] = Path(spec["kmeans"]["source"]).name
+    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans")}
+    if str(extractor.get("source", "")).startswith("hf:/"):
+        extractor["source"] = "hf:" + Path(extractor["source"][3:]).name
     utterances = _utterance_stats(units_dirs)
     hours = collections.Counter()
     if utterances is not None:
@@ -125,8 +132,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         templates = json.loads(cm_summary.read_text()).get("templates", templates)
     meta = {
         "name": name, "pipeline_version": __version__, "k": k,
-        "extractor": {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans")},
-        "kmeans": spec.get("kmeans"), "templates": templates,
+        "extractor": extractor, "kmeans": kmeans, "templates": templates,
         "counts": {c: dict(v) for c, v in counts.items()},
         "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
         "hours": {c: round(h, 4) for c, h in sorted(hours.items())},
@@ -163,7 +169,7 @@ def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:
     lines += ["", "## Speech units", "",
               f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("features") == "hubert" else f" ({ext.get('options', '')})"),
               f"- frame rate: {ext.get('frame_rate')} Hz, dimension {ext.get('dim')}",
-              f"- k-means: K = {meta['k']}, source `{km.get('source', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
+              f"- k-means: K = {meta['k']}, file `{km.get('file', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
               "- consecutive repeated units are merged", "",
               "## Templates", ""] + [f"- {t}: `{v}`" for t, v in sorted(meta["templates"].items())] + [
               "", "## Counts", "", "| config | split | records |", "|---|---|---|"]

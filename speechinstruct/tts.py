@@ -12,10 +12,11 @@ engine, voice, rate and text, so a rerun synthesizes nothing twice.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import hashlib
 import io
 import os
-import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -33,46 +34,28 @@ class TTSError(RuntimeError):
 
 
 class EspeakTTS:
-    """espeak-ng in-process. ``synthesize(text, voice, rate) -> (int16-range float32 samples, sample rate)``."""
+    """espeak-ng. ``synthesize(text, voice, rate) -> (float32 samples in [-1, 1], sample rate)``.
+
+    libespeak-ng keeps state from one utterance to the next that no API call resets (its pitch flutter
+    runs on), so the same text would sound slightly different depending on what was said before. Each
+    utterance is therefore spoken in a fresh worker process (forked where the platform allows): the
+    same (text, voice, rate) always gives the same samples, which keeps datasets byte-identical."""
 
     name = "espeak-ng"
-    _lock = threading.Lock()  # libespeak-ng keeps global state
-    _lib = None
-    _sample_rate = 0
 
     def __init__(self, voices: tuple[str, ...] = ESPEAK_VOICES, rates: tuple[int, ...] = ESPEAK_RATES):
-        self.voices, self.rates = tuple(voices), tuple(rates)
-        self._load()
+        import multiprocessing as mp
 
-    @classmethod
-    def _load(cls):
-        if cls._lib is not None:
-            return
+        self.voices, self.rates = tuple(voices), tuple(rates)
         try:
             import espeakng_loader
         except ImportError as e:  # pragma: no cover - a declared dependency
             raise TTSError("espeak-ng TTS needs the espeakng-loader package (pip install espeakng-loader)") from e
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        data_parent = os.path.dirname(espeakng_loader.get_data_path())
-        sample_rate = lib.espeak_Initialize(2, 0, data_parent.encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
-        if sample_rate <= 0:
-            raise TTSError(f"espeak-ng failed to initialise with data in {data_parent}")
-        cls._chunks: list[np.ndarray] = []
-
-        @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-        def callback(wav, n, events):
-            if n > 0:
-                cls._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0
-
-        cls._callback = callback  # keep a reference: ctypes callbacks must outlive their use
-        lib.espeak_SetSynthCallback(callback)
-        cls._lib, cls._sample_rate = lib, sample_rate
+        if not Path(espeakng_loader.get_library_path()).is_file():
+            raise TTSError(f"libespeak-ng missing at {espeakng_loader.get_library_path()}")
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self._pool = mp.get_context(method).Pool(1, maxtasksperchild=1)
+        weakref.finalize(self, self._pool.terminate)
 
     def voice_for(self, key: str) -> tuple[str, int]:
         """A (voice, rate) chosen deterministically from ``key``."""
@@ -83,22 +66,51 @@ class EspeakTTS:
         text = " ".join(text.split())
         if not text:
             raise TTSError("nothing to say: empty text")
-        with self._lock:
-            lib = self._lib
-            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                raise TTSError(f"espeak-ng has no voice {voice!r}")
-            lib.espeak_SetParameter(1, int(rate), 0)  # espeakRATE
-            self._chunks.clear()
-            data = text.encode("utf-8")
-            # position 0, POS_CHARACTER, no end, flags: espeakCHARS_UTF8 (1)
-            if lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None) != 0:
-                raise TTSError(f"espeak-ng could not synthesize {text[:40]!r}")
-            lib.espeak_Synchronize()
-            wav = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-            self._chunks.clear()
-        if wav.size == 0:
-            raise TTSError(f"espeak-ng produced no audio for {text[:40]!r}")
-        return (wav.astype(np.float32) / 32768.0), self._sample_rate
+        return self._pool.apply(_espeak_once, (text, voice, int(rate)))
+
+    def close(self):
+        self._pool.terminate()
+
+
+def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
+    """Initialise libespeak-ng in this (fresh) process and speak one utterance."""
+    import espeakng_loader
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    data_parent = os.path.dirname(espeakng_loader.get_data_path())
+    sample_rate = lib.espeak_Initialize(2, 0, data_parent.encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+    if sample_rate <= 0:
+        raise TTSError(f"espeak-ng failed to initialise with data in {data_parent}")
+    chunks: list[np.ndarray] = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    def callback(wav, n, events):
+        if n > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    lib.espeak_SetSynthCallback(callback)
+    if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        raise TTSError(f"espeak-ng has no voice {voice!r}")
+    lib.espeak_SetParameter(1, rate, 0)  # espeakRATE, words per minute
+    # Some voice variants add noise from espeak's own generator and from libc's rand(): seed both.
+    if hasattr(lib, "espeak_ng_SetRandSeed"):
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed(0)
+    ctypes.CDLL(ctypes.util.find_library("c")).srand(0)
+    data = text.encode("utf-8")
+    # position 0, POS_CHARACTER, no end position, flags espeakCHARS_UTF8
+    if lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None) != 0:
+        raise TTSError(f"espeak-ng could not synthesize {text[:40]!r}")
+    lib.espeak_Synchronize()
+    if not chunks:
+        raise TTSError(f"espeak-ng produced no audio for {text[:40]!r}")
+    return np.concatenate(chunks).astype(np.float32) / 32768.0, sample_rate
 
 
 class OpenAITTS:

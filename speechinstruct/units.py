@@ -63,7 +63,7 @@ def load_kmeans(path: str | Path) -> KMeans:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such k-means file or folder")
     if path.suffix == ".npy":
-        return KMeans(np.load(path, allow_pickle=False), str(path))
+        return KMeans(np.load(path, allow_pickle=False), str(path), {"format": "npy", "sha256": sha256_file(path)})
     model = joblib_load_restricted(path)
     state = model.state if isinstance(model, Stub) else None
     if not isinstance(state, dict) or "cluster_centers_" not in state:

@@ -157,3 +157,12 @@ def test_every_default_espeak_voice_exists(espeak):
     for voice in ESPEAK_VOICES:
         wav, _ = espeak.synthesize("Hello there.", voice, 160)
         assert wav.size > 1000, voice
+
+
+def test_espeak_is_deterministic_whatever_came_before(espeak):
+    from speechinstruct.tts import ESPEAK_VOICES
+    for voice in ESPEAK_VOICES:
+        first, _ = espeak.synthesize("The old sailor walked to the red house.", voice, 165)
+        espeak.synthesize("Something else entirely, said quickly.", ESPEAK_VOICES[0], 180)
+        again, _ = espeak.synthesize("The old sailor walked to the red house.", voice, 165)
+        np.testing.assert_array_equal(first, again, err_msg=voice)

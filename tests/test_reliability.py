@@ -1,0 +1,165 @@
+"""Crash safety, bad input and secrets, proven end to end."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from conftest import speechlike, write_librispeech
+from openai_server import FakeOpenAI
+from speechinstruct.extract import extract
+from speechinstruct.features import MFCC
+from speechinstruct.pipeline import run
+from speechinstruct.shard import shard_corpus
+
+
+def tiny_recipe(path, workdir, **over):
+    data = {"name": "crash", "workdir": str(workdir), "demo_corpus": {"sentences": 60, "seed": 3},
+            "shard": {"shard_hours": 0.003}, "kmeans": {"k": 16, "max_frames": 30000},
+            "compose": {"pretrain": {"dev_fraction": 0.1}, "chain_of_modality": {"max_pairs": 10}}}
+    data.update(over)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clean")
+    assert run(tiny_recipe(tmp / "r.yaml", tmp / "work"), quiet=True)["valid"]
+    return tmp / "work"
+
+
+@pytest.mark.parametrize("trigger", [
+    "demo-corpus/dev-clean/1002",                       # while the demo corpus is being spoken
+    "librispeech/features/features-00002.arrow",        # mid-extraction, some shards done
+    "librispeech/units/units-00001.parquet",            # mid-quantization
+    "composed/cross_modal/summary-librispeech.json",    # during composition
+])
+def test_sigkill_anywhere_then_rerun_gives_the_clean_result(clean_run, tmp_path, trigger):
+    recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work")
+    cmd = [sys.executable, "-m", "speechinstruct.cli", "run", str(recipe), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "work" / trigger).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed, f"the run finished before {trigger} appeared"
+    assert not (tmp_path / "work" / "dataset" / "speechinstruct.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert snapshot(tmp_path / "work" / "dataset") == snapshot(clean_run / "dataset")
+    for part in ("librispeech/units", "composed"):
+        # working folders: their summary/spec JSON files name this run's absolute paths, so compare the data
+        got = {k: v for k, v in snapshot(tmp_path / "work" / part).items() if k.endswith(".parquet")}
+        want = {k: v for k, v in snapshot(clean_run / part).items() if k.endswith(".parquet")}
+        assert got.keys() == want.keys(), part
+        assert all(got[k] == want[k] for k in got), [k for k in got if got[k] != want[k]]
+
+
+def test_bad_inputs_are_skipped_with_reasons(tmp_path):
+    """One utterance per fault, in a LibriSpeech layout; the good ones come through."""
+    root = tmp_path / "corpus"
+    chapter = root / "dev-clean" / "7" / "1"
+    chapter.mkdir(parents=True)
+    cases = {}
+
+    def utt(name, text, write=None, expect=None):
+        uid = f"7-1-{len(cases):04d}"
+        cases[uid] = (name, text, expect)
+        if write:
+            write(chapter / f"{uid}.flac")
+
+    good = lambda p: sf.write(p, speechlike(1.0, seed=1), 16000)  # noqa: E731
+    utt("good", "A GOOD ONE", good)
+    utt("48 kHz stereo", "STEREO", lambda p: sf.write(p, np.stack([speechlike(1.0, 48000, 2)] * 2, 1), 48000))
+    utt("8 kHz", "LOW RATE", lambda p: sf.write(p, speechlike(1.0, 8000, 3), 8000))
+    utt("missing file", "NOT THERE", None, "missing audio file")
+    utt("corrupt", "CORRUPT", lambda p: p.write_bytes(b"fLaC\x00\x00\x00\x22" + os.urandom(200)), "unreadable audio")
+    # libsndfile reads by content: a zero-frame WAV (a zero-frame FLAC is unreadable, covered by "corrupt")
+    utt("zero length", "EMPTY", lambda p: sf.write(p, np.zeros(0, np.float32), 16000, format="WAV"), "empty audio")
+    utt("all silent", "SILENT", lambda p: sf.write(p, np.zeros(16000, np.float32), 16000), "all-silent")
+    nan = speechlike(1.0, seed=4)
+    nan[10:20] = np.nan
+    utt("NaN samples", "NAN", lambda p: sf.write(p, nan, 16000, format="WAV", subtype="FLOAT"), "NaN or Inf")
+    utt("too short", "SHORT", lambda p: sf.write(p, speechlike(0.01, seed=5), 16000), "too short")
+
+    def truncated(p):
+        sf.write(p, speechlike(3.0, seed=6), 16000)
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 3])
+    utt("truncated", "TRUNCATED", truncated, "truncated|decoder lost sync")
+    outside = tmp_path / "outside.flac"
+    good(outside)
+    utt("symlink out of root", "ESCAPE", lambda p: os.symlink(outside, p), "path escapes the corpus root")
+    utt("empty transcript", "", good, "empty transcript")
+    lines = [f"{uid} {text}" for uid, (_, text, _) in cases.items()]
+    (chapter / "7-1.trans.txt").write_text("\n".join(lines) + "\n")
+    other = root / "dev-clean" / "8" / "1"
+    other.mkdir(parents=True)
+    good(other / "8-1-0000.flac")
+    (other / "8-1.trans.txt").write_bytes(b"8-1-0000 CAF\xe9 LATIN-1\n")  # not UTF-8
+
+    summary = shard_corpus("librispeech", root, tmp_path / "m", quiet=True)
+    stats = extract(tmp_path / "m", tmp_path / "f", MFCC(), quiet=True)
+    import json
+    errors = {json.loads(l)["id"].split("/")[1]: json.loads(l)["reason"]
+              for f in (tmp_path / "f").glob("errors-*.jsonl") for l in f.read_text().splitlines()}
+    skipped = {s["path"]: s["reason"] + " " + s["detail"] for s in summary["skipped_examples"]}
+    assert summary["skipped"]["transcript file is not UTF-8"] == 1
+    for uid, (name, _, expect) in cases.items():
+        where = " ".join([errors.get(uid, "")] + [v for k, v in skipped.items() if uid in k or uid in v])
+        if expect is None:
+            assert not where.strip(), f"{name} should pass: {where}"
+        else:
+            assert re.search(expect, where), f"{name}: expected {expect!r}, got {where!r}"
+    assert stats["utterances"] == 3  # good, 48 kHz stereo, 8 kHz
+
+
+def test_gigaspeech_paths_that_escape_the_root_are_refused(tmp_path):
+    import json
+    root = tmp_path / "giga"
+    root.mkdir()
+    sf.write(tmp_path / "outside.opus", speechlike(2.0), 16000, format="OGG", subtype="OPUS")
+    seg = lambda sid: [{"sid": sid, "begin_time": 0, "end_time": 1, "text_tn": "HI", "subsets": ["{XL}"]}]  # noqa: E731
+    (root / "GigaSpeech.json").write_text(json.dumps({"audios": [
+        {"aid": "a", "path": "../outside.opus", "segments": seg("a0")},
+        {"aid": "b", "path": str(tmp_path / "outside.opus"), "segments": seg("b0")},
+    ]}))
+    summary = shard_corpus("gigaspeech", root, tmp_path / "m", quiet=True)
+    assert summary["utterances"] == 0 and summary["skipped"] == {"path escapes the corpus root": 2}
+
+
+def test_api_key_never_reaches_any_output(tmp_path, monkeypatch):
+    key = "sk-live-DO-NOT-LEAK-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    import json
+
+    def answer(request):
+        pair = json.loads(request["messages"][-1]["content"])
+        return json.dumps({"fit": True, "instruction": pair["instruction"], "response": pair["response"]})
+
+    with FakeOpenAI(default=answer) as server:
+        recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work", demo_corpus={"sentences": 12, "seed": 1},
+                             llm={"base_url": server.url, "model": "local", "max_requests": 50},
+                             compose={"chain_of_modality": {"max_pairs": 4, "rewrite": True}})
+        assert run(recipe, quiet=True)["valid"]
+        assert len(server.requests) == 4
+    assert key not in recipe.read_text()
+    for f in (tmp_path / "work").rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
