@@ -153,8 +153,8 @@ def cluster(
     k: int = typer.Option(1000, help="Number of units (SpeechGPT: 1000)."),
     max_frames: int = typer.Option(1_000_000, help="Frames sampled for fitting."),
     seed: int = typer.Option(0),
-    niter: int = typer.Option(50, help="k-means iterations."),
-    nredo: int = typer.Option(3, help="k-means runs from different random starts; the best is kept."),
+    niter: int = typer.Option(25, help="k-means iterations."),
+    nredo: int = typer.Option(1, help="k-means runs from different random starts; the best is kept (raise for few, well-separated clusters)."),
     quiet: bool = Quiet,
 ):
     """Fit FAISS k-means on a random sample of feature frames."""

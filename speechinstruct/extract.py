@@ -145,6 +145,18 @@ def feature_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def kmeans_spec(kmeans) -> dict:
+    return {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
+
+
+def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path, kmeans=None) -> dict:
+    """What an extract output folder was made from (written as features.json or units.json)."""
+    spec = {**extractor_spec, "float16": float16, "manifest": str(Path(manifest).resolve()), "root": str(Path(root).resolve())}
+    if kmeans is not None:
+        spec["kmeans"] = kmeans_spec(kmeans)
+    return spec
+
+
 def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
     """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec."""
     meta = out / name
@@ -172,67 +184,78 @@ def extract(
     quiet: bool = False,
 ) -> dict:
     """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""
-    from .quantize import UnitWriter
-
     manifest, out = Path(manifest), Path(out)
     root = Path(root) if root else corpus_root(manifest)
     shards = select_shards(manifest_files(manifest), num_shards, shard_index)
     out.mkdir(parents=True, exist_ok=True)
-    spec = {**extractor.spec, "float16": float16, "manifest": str(manifest.resolve()), "root": str(root.resolve())}
-    if kmeans is not None:
-        spec["kmeans"] = {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
-    check_spec(out, spec, "units.json" if kmeans is not None else "features.json")
+    check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans), "units.json" if kmeans is not None else "features.json")
 
-    stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_seconds": 0.0}
+    stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
     started = time.perf_counter()
     for shard in shards:
-        suffix = shard_suffix(shard)
-        target = out / (f"units-{suffix}.parquet" if kmeans is not None else f"features-{suffix}.arrow")
+        target = shard_output(out, shard, fused=kmeans is not None)
         if target.exists():
             stats["shards_skipped"] += 1
             continue
         rows = pq.read_table(shard).to_pylist()
         results = compute(extractor, decode_rows(rows, root, workers), batch_seconds)
-        bar = tqdm(results, total=len(rows), desc=f"{'units' if kmeans is not None else 'features'} {shard.name}",
-                   unit="utt", disable=quiet)
-        errors = []
-        if kmeans is not None:
-            writer = UnitWriter(kmeans, extractor.frame_rate)
-            for row, feats in bar:
-                if isinstance(feats, str):
-                    errors.append({"id": row["id"], "path": row["path"], "reason": feats})
-                    continue
-                writer.add(row, feats)
-                stats["audio_seconds"] += row["duration"]
-            write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
-            writer.write(target)
-            stats["utterances"] += writer.count
-        else:
-            with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-                with pa.ipc.new_file(sink, feature_schema(extractor.dim, float16)) as ipc:
-                    ids, feats_buf = [], []
-
-                    def flush():
-                        if ids:
-                            ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()),
-                                                             features_array(feats_buf, extractor.dim, float16)],
-                                                            schema=feature_schema(extractor.dim, float16)))
-                            ids.clear(), feats_buf.clear()
-
-                    for row, feats in bar:
-                        if isinstance(feats, str):
-                            errors.append({"id": row["id"], "path": row["path"], "reason": feats})
-                            continue
-                        ids.append(row["id"])
-                        feats_buf.append(feats)
-                        stats["utterances"] += 1
-                        stats["audio_seconds"] += row["duration"]
-                        if len(ids) >= 256:
-                            flush()
-                    flush()
-                write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
-        stats["errors"] += len(errors)
-        stats["shards_done"] += 1
+        _add(stats, write_shard(results, target, len(rows), extractor.dim, extractor.frame_rate, float16, kmeans, quiet))
     stats["seconds"] = round(time.perf_counter() - started, 3)
-    stats["audio_hours"] = round(stats.pop("audio_seconds") / 3600, 4)
+    stats["audio_hours"] = round(stats["audio_hours"], 4)
     return stats
+
+
+def _add(stats: dict, shard: dict) -> None:
+    stats["shards_done"] += 1
+    for key in ("utterances", "errors", "audio_hours"):
+        stats[key] += shard[key]
+
+
+def shard_output(out: Path, manifest_shard: Path, fused: bool) -> Path:
+    suffix = shard_suffix(manifest_shard)
+    return out / (f"units-{suffix}.parquet" if fused else f"features-{suffix}.arrow")
+
+
+def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
+                kmeans=None, quiet: bool = False) -> dict:
+    """Write one shard from ``(manifest row, value)`` pairs in manifest order, where value is a (frames,
+    dim) feature array, a 1-D array of unit labels (already assigned), or an error string. Errors go to
+    ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last."""
+    from .quantize import UnitWriter
+
+    suffix = target.stem.rsplit("-", 1)[-1]
+    errors: list[dict] = []
+    counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
+    bar = tqdm(results, total=total, desc=f"{'units' if kmeans is not None else 'features'} {target.name}",
+               unit="utt", disable=quiet)
+
+    def good(pairs):
+        for row, value in pairs:
+            if isinstance(value, str):
+                errors.append({"id": row["id"], "path": row["path"], "reason": value})
+                continue
+            counts["utterances"] += 1
+            counts["audio_hours"] += row["duration"] / 3600
+            yield row, value
+
+    if kmeans is not None:
+        writer = UnitWriter(kmeans, frame_rate)
+        for row, value in good(bar):
+            writer.add_labels(row, value if value.ndim == 1 else kmeans.assign(value))
+        write_text(target.parent / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+        writer.write(target)
+    else:
+        schema = feature_schema(dim, float16)
+        with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as ipc:
+            ids, feats = [], []
+            for row, value in good(bar):
+                ids.append(row["id"])
+                feats.append(value)
+                if len(ids) >= 256:
+                    ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()), features_array(feats, dim, float16)], schema=schema))
+                    ids, feats = [], []
+            if ids:
+                ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()), features_array(feats, dim, float16)], schema=schema))
+            write_text(target.parent / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    counts["errors"] = len(errors)
+    return counts

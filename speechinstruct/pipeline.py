@@ -30,7 +30,7 @@ DEFAULTS = {
     "shard": {"shard_hours": 10.0},
     "features": {"kind": "mfcc", "checkpoint": None, "layer": None, "device": "auto", "batch_seconds": 100.0,
                  "float16": False, "workers": 2},
-    "kmeans": {"path": None, "k": 1000, "max_frames": 1_000_000, "seed": 0, "niter": 50, "nredo": 3},
+    "kmeans": {"path": None, "k": 1000, "max_frames": 1_000_000, "seed": 0, "niter": 25, "nredo": 1},
     "templates": {"asr": "builtin", "tts": "builtin"},
     "llm": None,                           # {base_url, model, max_requests}; the key comes from $OPENAI_API_KEY
     "compose": {

@@ -31,7 +31,9 @@ class UnitWriter:
         return len(self.rows)
 
     def add(self, manifest_row: dict, feats: np.ndarray) -> None:
-        labels = self.kmeans.assign(feats)
+        self.add_labels(manifest_row, self.kmeans.assign(feats))
+
+    def add_labels(self, manifest_row: dict, labels: np.ndarray) -> None:
         units, durations = dedup(labels)
         self.rows.append({**manifest_row, "units": units.tolist(), "durations": durations.tolist(),
                           "n_frames": int(labels.size), "unit_text": to_text(units)})
@@ -42,15 +44,14 @@ class UnitWriter:
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
              quiet: bool = False) -> dict:
-    from .extract import check_spec, feature_files, read_features, select_shards, shard_suffix
+    from .extract import check_spec, feature_files, kmeans_spec, read_features, select_shards, shard_suffix
 
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text())
     if spec.get("dim") != kmeans.dim:
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
     out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, {**spec, "kmeans": {"source": kmeans.source, "k": kmeans.k,
-                                        **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}}, "units.json")
+    check_spec(out, {**spec, "kmeans": kmeans_spec(kmeans)}, "units.json")
     manifest = Path(spec["manifest"])
     done = skipped = 0
     for path in select_shards(feature_files(features), num_shards, shard_index):

@@ -88,3 +88,16 @@ def test_kmeans_dimension_mismatch_fails_fast(manifest, tmp_path):
     np.save(tmp_path / "km.npy", np.zeros((4, 12), np.float32))
     result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km.npy"), str(tmp_path / "u"), "-q"])
     assert result.exit_code == 2 and "km.npy: k-means is 12-dim" in result.stderr
+
+
+def test_shard_index_runs_cover_every_utterance_exactly_once(librispeech_root, tmp_path):
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=1.2 / 3600, quiet=True)
+    n_shards = len(list((tmp_path / "m").glob("manifest-*.parquet")))
+    assert n_shards >= 3
+    for i in range(3):  # three job-array tasks writing into one folder
+        cli("extract", tmp_path / "m", tmp_path / "f", "--num-shards", 3, "--shard-index", i, "-q")
+    ids = [i for f in sorted((tmp_path / "f").glob("features-*.arrow")) for i in read_features(f)[0]]
+    manifest_ids = [r["id"] for f in sorted((tmp_path / "m").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert sorted(ids) == sorted(manifest_ids) and len(set(ids)) == len(ids)
+    result = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "g"), "--num-shards", "2", "--shard-index", "2"])
+    assert result.exit_code == 2 and "--shard-index must be in [0, 2)" in result.stderr
