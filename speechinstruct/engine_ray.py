@@ -9,11 +9,9 @@ cluster; without it a local Ray runtime starts.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from . import audio
 from .io import safe_join
@@ -70,20 +68,13 @@ def extract_ray(manifest, out, kind: str, checkpoint=None, layer=None, kmeans_pa
         import ray
     except ImportError:
         raise ValueError("--engine ray needs Ray: pip install 'speechinstruct[ray]'") from None
-    from .extract import _add, check_spec, output_spec, select_shards, shard_output, write_shard
+    from .extract import run_shards
     from .features import load_extractor
-    from .shard import corpus_root, manifest_files
     from .units import load_kmeans
 
-    manifest, out = Path(manifest), Path(out)
-    root = Path(root) if root else corpus_root(manifest)
-    shards = select_shards(manifest_files(manifest), num_shards, shard_index)
     device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
     probe = load_extractor(kind, checkpoint, layer, "cpu")  # for the spec and dimensions; the actors load their own
     kmeans = load_kmeans(kmeans_path) if kmeans_path else None
-    out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, output_spec(probe.spec, float16, manifest, root, kmeans), "units.json" if kmeans is not None else "features.json")
-
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -94,14 +85,8 @@ def extract_ray(manifest, out, kind: str, checkpoint=None, layer=None, kmeans_pa
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
-    started = time.perf_counter()
-    for shard in shards:
-        target = shard_output(out, shard, fused=kmeans is not None)
-        if target.exists():
-            stats["shards_skipped"] += 1
-            continue
-        rows = pq.read_table(shard).to_pylist()
+
+    def results_for(shard: Path, rows: list[dict], root: Path):
         by_id = {r["id"]: r for r in rows}
         ds = ray.data.read_parquet(str(shard), columns=["id", "path", "offset", "duration"])
         ds = ds.map_batches(_decode, fn_kwargs={"root": str(root)}, batch_size=rows_per_block, batch_format="numpy")
@@ -110,20 +95,16 @@ def extract_ray(manifest, out, kind: str, checkpoint=None, layer=None, kmeans_pa
                                                            "batch_seconds": batch_seconds},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus_per_actor,
                             batch_size=rows_per_block, batch_format="numpy")
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for uid, payload, n, error in zip(batch["id"], batch["payload"], batch["frames"], batch["error"]):
+                row = by_id[str(uid)]
+                if error:
+                    yield row, str(error)
+                elif kmeans is not None:
+                    yield row, np.frombuffer(payload, dtype=np.int64)
+                else:
+                    yield row, np.frombuffer(payload, dtype=np.float32).reshape(int(n), probe.dim)
 
-        def results():
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                for uid, payload, n, error in zip(batch["id"], batch["payload"], batch["frames"], batch["error"]):
-                    row = by_id[str(uid)]
-                    if error:
-                        yield row, str(error)
-                    elif kmeans is not None:
-                        yield row, np.frombuffer(payload, dtype=np.int64)
-                    else:
-                        yield row, np.frombuffer(payload, dtype=np.float32).reshape(int(n), probe.dim)
-
-        _add(stats, write_shard(results(), target, len(rows), probe.dim, probe.frame_rate, float16, kmeans, quiet=True))
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    stats["audio_hours"] = round(stats["audio_hours"], 4)
-    stats["engine"] = "ray"
-    return stats
+    stats = run_shards(manifest, out, probe, results_for, root=root, kmeans=kmeans, float16=float16,
+                       num_shards=num_shards, shard_index=shard_index, quiet=True)
+    return {**stats, "engine": "ray"}

@@ -184,12 +184,24 @@ def extract(
     quiet: bool = False,
 ) -> dict:
     """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""
+
+    def results_for(shard: Path, rows: list[dict], root: Path):
+        return compute(extractor, decode_rows(rows, root, workers), batch_seconds)
+
+    return run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
+                      num_shards=num_shards, shard_index=shard_index, quiet=quiet)
+
+
+def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmeans=None, float16: bool = False,
+               num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> dict:
+    """The driver loop both engines share: for each manifest shard this worker owns and has not finished,
+    ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
+    ``write_shard`` writes them. ``extractor`` gives the spec and dimensions."""
     manifest, out = Path(manifest), Path(out)
     root = Path(root) if root else corpus_root(manifest)
     shards = select_shards(manifest_files(manifest), num_shards, shard_index)
     out.mkdir(parents=True, exist_ok=True)
     check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans), "units.json" if kmeans is not None else "features.json")
-
     stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
     started = time.perf_counter()
     for shard in shards:
@@ -198,17 +210,14 @@ def extract(
             stats["shards_skipped"] += 1
             continue
         rows = pq.read_table(shard).to_pylist()
-        results = compute(extractor, decode_rows(rows, root, workers), batch_seconds)
-        _add(stats, write_shard(results, target, len(rows), extractor.dim, extractor.frame_rate, float16, kmeans, quiet))
+        shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
+                                  extractor.frame_rate, float16, kmeans, quiet)
+        stats["shards_done"] += 1
+        for key in ("utterances", "errors", "audio_hours"):
+            stats[key] += shard_stats[key]
     stats["seconds"] = round(time.perf_counter() - started, 3)
     stats["audio_hours"] = round(stats["audio_hours"], 4)
     return stats
-
-
-def _add(stats: dict, shard: dict) -> None:
-    stats["shards_done"] += 1
-    for key in ("utterances", "errors", "audio_hours"):
-        stats[key] += shard[key]
 
 
 def shard_output(out: Path, manifest_shard: Path, fused: bool) -> Path:

@@ -154,7 +154,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     from .extract import extract
     from .features import load_extractor
     from .publish import publish
-    from .quantize import quantize, unit_stats
+    from .quantize import quantize
     from .report import report
     from .shard import shard_corpus
     from .tts import make_tts

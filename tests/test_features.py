@@ -1,4 +1,3 @@
-import pickle
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from conftest import speechlike, write_librispeech
+from conftest import speechlike
 from openai_server import FakeOpenAI
 from speechinstruct.extract import extract
 from speechinstruct.features import MFCC

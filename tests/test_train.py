@@ -98,6 +98,7 @@ def test_three_stages_loss_decreases_and_chain(base_model, dataset, tmp_path):
     assert s2["tokens_added"] == 0  # stage 1's vocabulary carried over
     assert s2["history"][-1]["loss"] < s2["history"][0]["loss"]
     s3 = T.train(3, tmp_path / "s2" / "model", dataset, tmp_path / "s3", fast(max_steps=6, merge=True, max_length=1024), quiet=True)
+    assert s3["steps"] == 6 and s3["tokens_added"] == 0
     assert (tmp_path / "s3" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "s3" / "merged" / "config.json").is_file()
     cfg = json.loads((tmp_path / "s3" / "adapter" / "adapter_config.json").read_text())

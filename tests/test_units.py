@@ -1,5 +1,3 @@
-import io
-import pickle
 
 import joblib
 import numpy as np
