@@ -314,11 +314,12 @@ def publish(
     out: Path = typer.Argument(..., help="Dataset folder to write (Parquet + README.md card)."),
     name: str = typer.Option("SpeechInstruct", help="Dataset name for the card."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face dataset repo (needs a token)."),
+    save_to_disk: bool = typer.Option(False, help="Also write OUT/arrow/{config} for datasets.load_from_disk."),
 ):
     """Write composed records as a Hugging Face dataset with a dataset card."""
     from .publish import publish as run_publish
 
-    meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub)
+    meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk)
     _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"]})
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,7 +64,9 @@ def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None) -> dict:
+def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
+            save_to_disk: bool = False) -> dict:
+    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``."""
     compose_dir, out = Path(compose_dir), Path(out)
     inputs = _inputs(compose_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,19 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     }
     write_json(out / "speechinstruct.json", meta)
     write_text(out / "README.md", dataset_card(meta, configs_yaml))
+    if save_to_disk:
+        import datasets
+
+        for item in configs_yaml:
+            config = item["config_name"]
+            dd = datasets.DatasetDict({d["split"]: datasets.Dataset.from_parquet([str(out / p) for p in d["path"]])
+                                       for d in item["data_files"]})
+            target = out / "arrow" / config
+            tmp = target.with_name(f".{config}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            dd.save_to_disk(str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
     if push_to_hub:
         from huggingface_hub import HfApi
 

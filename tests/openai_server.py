@@ -9,11 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeOpenAI:
-    """Answers /v1/chat/completions from a script: each entry is ("ok", content), ("status", code) or
+    """Answers /v1/audio/speech with ``speech(request)`` (WAV bytes) and /v1/chat/completions from a script: each entry is ("ok", content), ("status", code) or
     ("sleep", seconds, content). After the script runs out, ``default`` (a function of the request) answers."""
 
-    def __init__(self, script=None, default=None):
+    def __init__(self, script=None, default=None, speech=None):
         self.script = list(script or [])
+        self.speech = speech or (lambda request: b"")
         self.default = default or (lambda request: "[]")
         self.requests: list[dict] = []
         self.headers: list[dict] = []
@@ -27,6 +28,14 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 server.requests.append(body)
                 server.headers.append(dict(self.headers))
+                if self.path.endswith("/audio/speech"):
+                    data = server.speech(body)
+                    self.send_response(200)
+                    self.send_header("content-type", "audio/wav")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 step = server.script.pop(0) if server.script else ("ok", server.default(body))
                 if step[0] == "status":
                     self.send_response(step[1])

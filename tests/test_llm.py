@@ -101,3 +101,39 @@ def test_error_messages_never_show_the_key(monkeypatch):
     from speechinstruct.llm import _scrub
     assert FAKE_KEY not in _scrub(f"Incorrect API key provided: {FAKE_KEY}", FAKE_KEY)
     assert "SECRET" not in _scrub("key sk-abcdefSECRETxyz rejected", None)
+
+
+def test_openai_speech_endpoint_tts_is_cached(tmp_path):
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from conftest import speechlike
+    from speechinstruct.tts import make_tts
+
+    def speech(request):
+        buf = io.BytesIO()
+        sf.write(buf, speechlike(0.2 * len(request["input"].split()), 24000), 24000, format="WAV")
+        return buf.getvalue()
+
+    with FakeOpenAI(speech=speech) as server:
+        llm = LLM(base_url=server.url, model="m")
+        tts = make_tts("openai", tmp_path / "cache", client=llm.client, model="tts-test")
+        voice, rate = tts.voice_for("utt-1")
+        wav, sr = tts.synthesize("one two three four five", voice, rate)
+        assert sr == 24000 and abs(wav.size - 24000) < 10
+        again, _ = tts.synthesize("one two three four five", voice, rate)
+        np.testing.assert_array_equal(wav, again)
+        assert [r["model"] for r in server.requests] == ["tts-test"] and server.requests[0]["voice"] == voice
+
+
+def test_key_from_key_file(tmp_path, monkeypatch):
+    from speechinstruct.llm import api_key
+    monkeypatch.delenv("OPENAI_API_KEY")
+    (tmp_path / "key").write_text(FAKE_KEY + "\n")
+    monkeypatch.setenv("SPEECHINSTRUCT_API_KEY_FILE", str(tmp_path / "key"))
+    assert api_key() == FAKE_KEY
+    with FakeOpenAI(default=lambda r: "ok") as server:
+        LLM(base_url=server.url, model="m").complete([{"role": "user", "content": "x"}])
+        assert {k.lower(): v for k, v in server.headers[0].items()}["authorization"] == f"Bearer {FAKE_KEY}"

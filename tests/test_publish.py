@@ -62,6 +62,15 @@ def test_same_named_datasets_do_not_share_the_datasets_cache(composed, tmp_path)
     assert len(datasets.load_dataset(str(tmp_path / "two" / "dataset"), "cross_modal", split="train")) == 3
 
 
+def test_save_to_disk_for_load_from_disk(composed, tmp_path):
+    publish(composed, tmp_path / "ds", save_to_disk=True)
+    cm = datasets.load_from_disk(str(tmp_path / "ds" / "arrow" / "cross_modal"))
+    assert len(cm["train"]) == 8
+    pt = datasets.load_from_disk(str(tmp_path / "ds" / "arrow" / "pretrain"))
+    assert set(pt) == {"train", "dev"}
+    assert validate(tmp_path / "ds").ok
+
+
 def test_publish_is_byte_identical(composed, tmp_path):
     publish(composed, tmp_path / "a")
     publish(composed, tmp_path / "b")
