@@ -233,6 +233,8 @@ def compose_cross_modal(
     tts_templates: Optional[str] = typer.Option(None, help="TTS template file (default: shipped set)."),
     prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT-style)."),
     seed: int = typer.Option(0),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
     quiet: bool = Quiet,
 ):
     """ASR (speech→text) and TTS (text→speech) instruction records."""
@@ -241,7 +243,8 @@ def compose_cross_modal(
     prefix = prefix_file.read_text() if prefix_file else compose.DEFAULT_PREFIX
     sets = {t: _run(templates.load, src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
     _print_json(_run(compose.cross_modal, units, out, sets["asr"], sets["tts"], mode=mode,
-                     asr_fraction=asr_fraction, prefix=prefix, seed=seed, quiet=quiet))
+                     asr_fraction=asr_fraction, prefix=prefix, seed=seed, num_shards=num_shards,
+                     shard_index=shard_index, quiet=quiet))
 
 
 @compose_app.command("pretrain")
@@ -250,12 +253,15 @@ def compose_pretrain(
     out: Path = typer.Argument(..., help="Output folder for train-*/dev-*.parquet."),
     dev_fraction: float = typer.Option(0.01, help="Share of utterances for dev."),
     seed: int = typer.Option(0),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
     quiet: bool = Quiet,
 ):
     """Stage-1 unit text: one <sosp>…<eosp> per utterance, train/dev split."""
     from . import compose
 
-    _print_json(_run(compose.pretrain, units, out, dev_fraction=dev_fraction, seed=seed, quiet=quiet))
+    _print_json(_run(compose.pretrain, units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
+                     shard_index=shard_index, quiet=quiet))
 
 
 @compose_app.command("chain-of-modality")

@@ -76,18 +76,20 @@ def _named(part: str | None, suffix: str) -> str:
     return f"{part}-{suffix}" if part else suffix
 
 
-def _unit_shards(units_dir: Path):
-    from .extract import shard_suffix
+def _unit_shards(units_dir: Path, num_shards: int = 1, shard_index: int = 0):
+    """(suffix, path) of the units shards this worker owns (``--num-shards/--shard-index``)."""
+    from .extract import select_shards, shard_suffix
     from .quantize import unit_files
 
-    for path in unit_files(units_dir):
+    for path in select_shards(unit_files(units_dir), num_shards, shard_index):
         yield shard_suffix(path), path
 
 
 # ------------------------------------------------------------------------------------------- cross-modal
 def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
                 tts_templates: dict | None = None, mode: str = "both", asr_fraction: float = 0.5,
-                prefix: str = DEFAULT_PREFIX, seed: int = 0, part: str | None = None, quiet: bool = False) -> dict:
+                prefix: str = DEFAULT_PREFIX, seed: int = 0, part: str | None = None, num_shards: int = 1,
+                shard_index: int = 0, quiet: bool = False) -> dict:
     """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
     probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
     several corpora can share one output folder."""
@@ -96,7 +98,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
-    for suffix, path in _unit_shards(Path(units_dir)):
+    for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
         target = out / f"train-{_named(part, suffix)}.parquet"
         if target.exists():
             counts["shards skipped (done)"] += 1
@@ -122,9 +124,10 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                     "task": task, "units": u["units"], "text": text, "template_id": template["id"],
                     "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
                 }))
-                counts[task] += 1
         write_parquet(target, records.to_table("cross_modal", rows))
-    summary = {"records": counts["asr"] + counts["tts"], **dict(counts),
+    for f in sorted(out.glob(f"train-{part + '-' if part else ''}*.parquet")):  # all shards, not just this run's
+        counts.update(pq.read_table(f, columns=["task"]).column("task").to_pylist())
+    summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve())}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
@@ -132,13 +135,13 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, part: str | None = None,
-             quiet: bool = False) -> dict:
+             num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> dict:
     """Stage-1 unit text, one record per utterance; ``dev_fraction`` of ids (by hash) go to dev."""
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
-    for suffix, path in _unit_shards(Path(units_dir)):
+    for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
         targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in ("train", "dev")}
         if all(t.exists() for t in targets.values()):
             continue

@@ -166,3 +166,14 @@ def test_espeak_is_deterministic_whatever_came_before(espeak):
         espeak.synthesize("Something else entirely, said quickly.", ESPEAK_VOICES[0], 180)
         again, _ = espeak.synthesize("The old sailor walked to the red house.", voice, 165)
         np.testing.assert_array_equal(first, again, err_msg=voice)
+
+
+def test_compose_shard_index_runs_merge_to_the_single_run(units_dir, tmp_path):
+    compose.cross_modal(units_dir, tmp_path / "one", quiet=True)
+    for i in range(2):
+        compose.cross_modal(units_dir, tmp_path / "split", num_shards=2, shard_index=i, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.parquet")) == sorted(p.name for p in (tmp_path / "split").glob("*.parquet"))
+    for f in (tmp_path / "one").glob("*.parquet"):
+        assert f.read_bytes() == (tmp_path / "split" / f.name).read_bytes()
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["records"] == 8 and summary["asr"] == summary["tts"] == 4

@@ -114,3 +114,9 @@ def test_cli_shard_and_clear_errors(librispeech_root, tmp_path):
     result = runner.invoke(app, ["shard", "gigaspeech", str(librispeech_root), str(tmp_path / "m3")])
     assert result.exit_code == 2 and "GigaSpeech.json: missing" in result.stderr
     assert pq.read_table(tmp_path / "m" / "manifest-00000.parquet").num_rows == 4
+
+
+def test_gigaspeech_malformed_metadata_is_clear(gigaspeech_root, tmp_path):
+    (gigaspeech_root / "GigaSpeech.json").write_text('{"audios": [{"aid": "x", "path": "a.opus", "segments": [')
+    with pytest.raises(ValueError, match="GigaSpeech.json: not valid GigaSpeech metadata"):
+        shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)

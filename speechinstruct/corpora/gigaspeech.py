@@ -1,10 +1,10 @@
 """GigaSpeech: ``GigaSpeech.json`` lists audio files (opus, 16 kHz), each with ``segments`` (``sid``,
 ``begin_time``, ``end_time``, ``text_tn``, ``subsets``). Punctuation tags become punctuation; garbage
-segments (``<SIL>``, ``<NOISE>``, ``<MUSIC>``, ``<OTHER>``) are dropped and counted."""
+segments (``<SIL>``, ``<NOISE>``, ``<MUSIC>``, ``<OTHER>``) are dropped and counted. The metadata is
+streamed with ijson, so memory stays flat however large the file is."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -40,11 +40,7 @@ def read(
     meta_path = root / "GigaSpeech.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing: not a GigaSpeech folder")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        audios = meta["audios"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{meta_path}: not valid GigaSpeech metadata ({type(e).__name__}: {e})") from None
+    audios = _stream_audios(meta_path)
     want = None if subset is None else subset.upper()
     for n, entry in enumerate(tqdm(audios, desc="gigaspeech audios", unit="file", disable=quiet)):
         where = f"GigaSpeech.json:audios[{n}]"
@@ -87,6 +83,19 @@ def read(
                 "corpus": "gigaspeech",
                 "license": license,
             }
+
+
+def _stream_audios(meta_path: Path) -> Iterator[dict]:
+    """The ``audios`` entries of GigaSpeech.json one at a time: the file is gigabytes, and loading it
+    whole would take several times that in memory."""
+    import ijson
+
+    with open(meta_path, "rb") as f:
+        try:
+            for entry in ijson.items(f, "audios.item", use_float=True):
+                yield entry
+        except ijson.JSONError as e:
+            raise ValueError(f"{meta_path}: not valid GigaSpeech metadata ({e})") from None
 
 
 def _in_subset(segment: dict, subset: str) -> bool:
