@@ -43,7 +43,7 @@ def _run(fn, *args, **kwargs):
     """Call a pipeline function, turning expected failures into one clear line and exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except (FileNotFoundError, ValueError, KeyError, PermissionError) as e:
+    except (OSError, ValueError, KeyError) as e:  # OSError: missing files, permissions, unreadable models
         fail(str(e) if not isinstance(e, KeyError) else str(e.args[0]))
 
 

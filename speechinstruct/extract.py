@@ -198,8 +198,8 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
     ``write_shard`` writes them. ``extractor`` gives the spec and dimensions."""
     manifest, out = Path(manifest), Path(out)
-    root = Path(root) if root else corpus_root(manifest)
     shards = select_shards(manifest_files(manifest), num_shards, shard_index)
+    root = Path(root) if root else corpus_root(manifest)
     out.mkdir(parents=True, exist_ok=True)
     check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans), "units.json" if kmeans is not None else "features.json")
     stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}

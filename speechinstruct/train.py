@@ -187,6 +187,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no")
     set_seed(cfg.seed)
     local = Path(base_model).is_dir()
+    if not local and (Path(base_model).exists() or str(base_model).startswith((".", "/", "~")) or str(base_model).count("/") > 1):
+        raise FileNotFoundError(f"{base_model}: not a model folder (config.json, weights and tokenizer files)")
     tokenizer = AutoTokenizer.from_pretrained(str(base_model), local_files_only=local)
     model = AutoModelForCausalLM.from_pretrained(str(base_model), local_files_only=local)
     k = dataset_k(data)

@@ -59,7 +59,7 @@ def random_state(cfg, seed=0):
     return sd
 
 
-def save_checkpoint(path, cfg, state, normalize=False):
+def save_checkpoint(path, cfg, state, normalize=False, legacy_args=False):
     """torch.save a checkpoint whose pickle names fairseq classes, as real fairseq checkpoints do."""
     fake = {name: types.ModuleType(name) for name in ("fairseq", "fairseq.data", "fairseq.data.dictionary")}
 
@@ -72,6 +72,11 @@ def save_checkpoint(path, cfg, state, normalize=False):
     saved = {k: sys.modules.get(k) for k in fake}
     sys.modules.update(fake)
     try:
+        if legacy_args:  # pre-hydra fairseq: one argparse Namespace for model and task, no cfg
+            import argparse
+            args = argparse.Namespace(**{k: v for k, v in cfg.items() if k != "_name"}, arch="hubert", normalize=normalize)
+            torch.save({"args": args, "model": state, "task_state": {"dictionaries": [Dictionary()]}}, path)
+            return
         torch.save({"cfg": {"model": cfg, "task": {"_name": "hubert_pretraining", "normalize": normalize,
                                                    "sample_rate": 16000, "label_rate": 50}},
                     "model": state, "task_state": {"dictionaries": [Dictionary()]}, "args": None}, path)

@@ -27,6 +27,17 @@ def test_fairseq_checkpoint_matches_fairseq_forward(tmp_path, mode, pre_ln, norm
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_legacy_argparse_checkpoint(tmp_path):
+    cfg = model_cfg()
+    state = random_state(cfg, seed=3)
+    save_checkpoint(tmp_path / "old.pt", cfg, state, normalize=True, legacy_args=True)
+    hubert = features.load_hubert(tmp_path / "old.pt", layer=2)
+    assert hubert.normalize is True
+    wav = speechlike(0.3, seed=4)
+    want = reference_features(state, cfg, torch.from_numpy(wav), 2, True).numpy()
+    np.testing.assert_allclose(hubert.features(wav), want, atol=1e-4, rtol=1e-4)
+
+
 def test_batched_frames_equal_one_at_a_time(tmp_path):
     cfg = model_cfg()
     save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
