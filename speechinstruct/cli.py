@@ -40,11 +40,19 @@ def fail(message: str, code: int = 2):
 
 
 def _run(fn, *args, **kwargs):
-    """Call a pipeline function, turning expected failures into one clear line and exit code 2."""
+    """Call a pipeline function, turning expected failures into one clear line and exit code 2: missing
+    or unreadable files (OSError), bad values, refused checkpoints, failed LLM or TTS calls. Work already
+    written stays; rerunning resumes."""
+    from .checkpoints import UnsafeCheckpointError
+    from .llm import LLMError
+    from .tts import TTSError
+
     try:
         return fn(*args, **kwargs)
-    except (OSError, ValueError, KeyError) as e:  # OSError: missing files, permissions, unreadable models
-        fail(str(e) if not isinstance(e, KeyError) else str(e.args[0]))
+    except KeyError as e:
+        fail(str(e.args[0]))
+    except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError) as e:
+        fail(str(e))
 
 
 def _print_json(obj):
@@ -213,13 +221,9 @@ def templates_generate(
 ):
     """Ask an LLM for varied task instructions; write a versioned template file."""
     from . import templates
-    from .llm import LLMError
 
     llm = _llm(base_url, model, cache_dir or out.parent / ".llm-cache", max_requests)
-    try:
-        data = _run(templates.generate, llm, task, n, out)
-    except LLMError as e:
-        fail(str(e))
+    data = _run(templates.generate, llm, task, n, out)
     typer.echo(f"wrote {len(data['templates'])} {task} templates, version {data['version']}, to {out}")
 
 
@@ -302,15 +306,10 @@ def compose_chain_of_modality(
     engine = _run(make_tts, tts, cache / "tts", client=llm.client if llm else None, model=tts_model)
     extractor = _run(load_extractor, features.value, checkpoint, layer, _device(device))
     km = _run(load_kmeans, kmeans)
-    from .llm import LLMError
-
-    try:
-        summary = _run(compose.chain_of_modality, instructions, out, extractor, km, engine,
-                       llm=llm if rewrite else None, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
-                       all_formats=all_formats, seed=seed, license=license, instruction_column=instruction_column,
-                       response_column=response_column, id_column=id_column, max_pairs=max_pairs, quiet=quiet)
-    except LLMError as e:
-        fail(f"{e} (finished chunks are kept; rerun to resume)")
+    summary = _run(compose.chain_of_modality, instructions, out, extractor, km, engine,
+                   llm=llm if rewrite else None, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+                   all_formats=all_formats, seed=seed, license=license, instruction_column=instruction_column,
+                   response_column=response_column, id_column=id_column, max_pairs=max_pairs, quiet=quiet)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -364,14 +363,9 @@ def run(
     quiet: bool = Quiet,
 ):
     """Run the whole job: shard → extract → cluster → quantize → compose → publish → validate → report."""
-    from .pipeline import RecipeError, run as run_recipe
+    from .pipeline import run as run_recipe
 
-    try:
-        summary = run_recipe(recipe, workdir=workdir, quiet=quiet, force=force)
-    except RecipeError as e:
-        fail(str(e))
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    summary = _run(run_recipe, recipe, workdir=workdir, quiet=quiet, force=force)
     _print_json(summary)
     if not summary["valid"]:
         raise typer.Exit(1)

@@ -1,9 +1,9 @@
 """``extract --engine ray``: the same job on a Ray cluster (``pip install speechinstruct[ray]``).
 
-Per manifest shard, a Ray Data pipeline reads the shard, decodes audio in CPU tasks, and runs the
-extractor (and, fused, the k-means) in a pool of model actors (``actors``, ``num_gpus_per_actor``). Order
-is preserved, and the driver writes exactly the files the local engine writes, with the same writer, so
-outputs of the two engines are interchangeable and resume each other. ``address`` joins an existing
+One Ray Data pipeline reads every manifest shard still to do, decodes audio in CPU tasks, and runs the
+extractor (and, fused, the k-means) in a pool of model actors (``actors``, ``num_gpus_per_actor``) that
+start once. Order is preserved, and the driver writes exactly the files the local engine writes, shard by
+shard, with the same writer, so outputs of the two engines are interchangeable and resume each other. ``address`` joins an existing
 cluster; without it a local Ray runtime starts.
 """
 
@@ -68,8 +68,9 @@ def extract_ray(manifest, out, kind: str, checkpoint=None, layer=None, kmeans_pa
         import ray
     except ImportError:
         raise ValueError("--engine ray needs Ray: pip install 'speechinstruct[ray]'") from None
-    from .extract import run_shards
+    from .extract import run_shards, select_shards, shard_output
     from .features import load_extractor
+    from .shard import corpus_root, manifest_files
     from .units import load_kmeans
 
     device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
@@ -86,24 +87,35 @@ def extract_ray(manifest, out, kind: str, checkpoint=None, layer=None, kmeans_pa
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
 
-    def results_for(shard: Path, rows: list[dict], root: Path):
-        by_id = {r["id"]: r for r in rows}
-        ds = ray.data.read_parquet(str(shard), columns=["id", "path", "offset", "duration"])
+    # One pipeline over every shard still to do, so the model actors start once; with order preserved,
+    # the driver takes each shard's rows off the stream in turn and writes that shard.
+    manifest, out = Path(manifest), Path(out)
+    root = Path(root) if root else corpus_root(manifest)
+    pending = [str(s) for s in select_shards(manifest_files(manifest), num_shards, shard_index)
+               if not shard_output(out, s, fused=kmeans is not None).exists()]
+    stream = iter(())
+    if pending:
+        ds = ray.data.read_parquet(pending, columns=["id", "path", "offset", "duration"])
         ds = ds.map_batches(_decode, fn_kwargs={"root": str(root)}, batch_size=rows_per_block, batch_format="numpy")
         ds = ds.map_batches(_Model, fn_constructor_kwargs={"kind": kind, "checkpoint": checkpoint, "layer": layer,
                                                            "device": device, "kmeans_path": str(kmeans_path) if kmeans_path else None,
                                                            "batch_seconds": batch_seconds},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus_per_actor,
                             batch_size=rows_per_block, batch_format="numpy")
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for uid, payload, n, error in zip(batch["id"], batch["payload"], batch["frames"], batch["error"]):
-                row = by_id[str(uid)]
-                if error:
-                    yield row, str(error)
-                elif kmeans is not None:
-                    yield row, np.frombuffer(payload, dtype=np.int64)
-                else:
-                    yield row, np.frombuffer(payload, dtype=np.float32).reshape(int(n), probe.dim)
+        stream = (item for batch in ds.iter_batches(batch_format="numpy", batch_size=None)
+                  for item in zip(batch["id"], batch["payload"], batch["frames"], batch["error"]))
+
+    def results_for(shard: Path, rows: list[dict], root: Path):
+        for row in rows:
+            uid, payload, n, error = next(stream)
+            if str(uid) != row["id"]:
+                raise RuntimeError(f"ray engine: expected {row['id']} from {shard.name}, got {uid} (order lost)")
+            if error:
+                yield row, str(error)
+            elif kmeans is not None:
+                yield row, np.frombuffer(payload, dtype=np.int64)
+            else:
+                yield row, np.frombuffer(payload, dtype=np.float32).reshape(int(n), probe.dim)
 
     stats = run_shards(manifest, out, probe, results_for, root=root, kmeans=kmeans, float16=float16,
                        num_shards=num_shards, shard_index=shard_index, quiet=True)

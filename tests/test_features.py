@@ -120,3 +120,14 @@ def test_mfcc_deltas_are_regression_deltas():
     d = features.deltas(x)
     # interior: sum_k k (x[t+k] - x[t-k]) / 10 = 2t for x = t^2
     np.testing.assert_allclose(d[2:-2, 0], 2 * np.arange(2, 8))
+
+
+def test_cli_refuses_malicious_checkpoint_in_one_line(tmp_path, librispeech_root):
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+    from speechinstruct.shard import shard_corpus
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    torch.save({"model": {}, "cfg": Exploit()}, tmp_path / "evil.pt")
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
+                                      "--checkpoint", str(tmp_path / "evil.pt"), "-q"])
+    assert result.exit_code == 2 and "evil.pt: refused to load" in result.stderr
