@@ -303,7 +303,7 @@ def compose_chain_of_modality(
 
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
-    engine = _run(make_tts, tts, cache / "tts", client=llm.client if llm else None, model=tts_model)
+    engine = _run(make_tts, tts, cache / "tts", llm=llm, model=tts_model)
     extractor = _run(load_extractor, features.value, checkpoint, layer, _device(device))
     km = _run(load_kmeans, kmeans)
     summary = _run(compose.chain_of_modality, instructions, out, extractor, km, engine,

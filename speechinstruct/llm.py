@@ -56,6 +56,12 @@ class LLM:
         """What to record as provenance: endpoint and model, never the key."""
         return {"base_url": self.base_url or "https://api.openai.com/v1", "model": self.model}
 
+    def charge(self) -> None:
+        """Count one request against ``max_requests`` (chat and speech requests share the budget)."""
+        if self.max_requests is not None and self.requests >= self.max_requests:
+            raise BudgetExceeded(f"request budget of {self.max_requests} used up (--max-requests)")
+        self.requests += 1
+
     def complete(self, messages: list[dict], **params) -> str:
         import openai
 
@@ -64,9 +70,7 @@ class LLM:
         path = self.cache / key[:2] / f"{key}.json" if self.cache else None
         if path and path.is_file():
             return json.loads(path.read_text())["content"]
-        if self.max_requests is not None and self.requests >= self.max_requests:
-            raise BudgetExceeded(f"LLM request budget of {self.max_requests} used up (--max-requests)")
-        self.requests += 1
+        self.charge()
         try:
             response = self.client.chat.completions.create(**request)
         except openai.APIError as e:

@@ -253,7 +253,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
         [stamps["kmeans"], sha256_json(feature_settings)],
         lambda: _brief(compose.chain_of_modality(
             com["instructions"], composed / "chain_of_modality", get_extractor(), km,
-            make_tts(com["tts"], work / "cache" / "tts", client=llm.client if llm else None),
+            make_tts(com["tts"], work / "cache" / "tts", llm=llm),
             llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
             license=com["license"], max_pairs=com["max_pairs"], quiet=quiet)))
 

@@ -114,19 +114,25 @@ def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
 
 
 class OpenAITTS:
-    """An OpenAI-compatible speech endpoint (``client.audio.speech``)."""
+    """An OpenAI-compatible speech endpoint (``/audio/speech``), through an ``LLM`` (client, key, budget)."""
 
     name = "openai"
 
-    def __init__(self, client, model: str = "tts-1", voices: tuple[str, ...] = ("alloy", "echo", "fable", "nova", "onyx", "shimmer")):
-        self.client, self.model, self.voices, self.rates = client, model, tuple(voices), (1,)
+    def __init__(self, llm, model: str = "tts-1", voices: tuple[str, ...] = ("alloy", "echo", "fable", "nova", "onyx", "shimmer")):
+        self.llm, self.model, self.voices, self.rates = llm, model, tuple(voices), (1,)
 
     def voice_for(self, key: str) -> tuple[str, int]:
         h = int(hashlib.sha256(key.encode()).hexdigest(), 16)
         return self.voices[h % len(self.voices)], 1
 
     def synthesize(self, text: str, voice: str = "alloy", rate: int = 1) -> tuple[np.ndarray, int]:
-        response = self.client.audio.speech.create(model=self.model, voice=voice, input=text, response_format="wav")
+        import openai
+
+        self.llm.charge()  # the run's --max-requests covers speech requests too
+        try:
+            response = self.llm.client.audio.speech.create(model=self.model, voice=voice, input=text, response_format="wav")
+        except openai.APIError as e:
+            raise TTSError(f"speech request to {self.llm.describe()['base_url']} failed: {type(e).__name__}") from None
         wav, sr = sf.read(io.BytesIO(response.read()), dtype="float32", always_2d=True)
         return wav.mean(axis=1), sr
 
@@ -159,11 +165,11 @@ class CachedTTS:
         return sf.read(path, dtype="float32")  # the cached bytes, so first and later runs agree exactly
 
 
-def make_tts(engine: str = "espeak", cache_dir: str | Path | None = None, client=None, model: str = "tts-1") -> CachedTTS:
+def make_tts(engine: str = "espeak", cache_dir: str | Path | None = None, llm=None, model: str = "tts-1") -> CachedTTS:
     if engine == "espeak":
         return CachedTTS(EspeakTTS(), cache_dir)
     if engine == "openai":
-        if client is None:
-            raise ValueError("--tts openai needs an LLM endpoint (--base-url / OPENAI_API_KEY)")
-        return CachedTTS(OpenAITTS(client, model=model), cache_dir)
+        if llm is None:
+            raise ValueError("--tts openai needs an endpoint (--base-url, or $OPENAI_API_KEY for OpenAI)")
+        return CachedTTS(OpenAITTS(llm, model=model), cache_dir)
     raise ValueError(f"unknown TTS engine {engine!r}: choose espeak or openai")

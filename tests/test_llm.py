@@ -118,14 +118,18 @@ def test_openai_speech_endpoint_tts_is_cached(tmp_path):
         return buf.getvalue()
 
     with FakeOpenAI(speech=speech) as server:
-        llm = LLM(base_url=server.url, model="m")
-        tts = make_tts("openai", tmp_path / "cache", client=llm.client, model="tts-test")
+        llm = LLM(base_url=server.url, model="m", max_requests=2)
+        tts = make_tts("openai", tmp_path / "cache", llm=llm, model="tts-test")
         voice, rate = tts.voice_for("utt-1")
         wav, sr = tts.synthesize("one two three four five", voice, rate)
         assert sr == 24000 and abs(wav.size - 24000) < 10
         again, _ = tts.synthesize("one two three four five", voice, rate)
         np.testing.assert_array_equal(wav, again)
         assert [r["model"] for r in server.requests] == ["tts-test"] and server.requests[0]["voice"] == voice
+        tts.synthesize("six seven", voice, rate)  # the second request of a budget of two
+        with pytest.raises(BudgetExceeded):
+            tts.synthesize("eight nine", voice, rate)
+        assert len(server.requests) == 2
 
 
 def test_key_from_key_file(tmp_path, monkeypatch):
