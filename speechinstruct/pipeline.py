@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .io import sha256_json, write_json
+from .io import sha256_file, sha256_json, write_json
 
 DEFAULTS = {
     "name": "SpeechInstruct",
@@ -193,6 +193,9 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
         return extractor
 
     feature_settings = {k: f[k] for k in ("kind", "checkpoint", "layer", "float16")}
+    if f["checkpoint"] and Path(f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
+        st = Path(f["checkpoint"]).stat()
+        feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     for c in corpora:
         n = c["name"]
         base = work / n
@@ -207,14 +210,14 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
                                       float16=f["float16"], workers=f["workers"], quiet=quiet))
 
     if km_cfg["path"]:
-        km_path, stamps["kmeans"] = Path(km_cfg["path"]), sha256_json({"path": str(Path(km_cfg["path"]).resolve())})
+        km_path = Path(km_cfg["path"])
+        stamps["kmeans"] = sha256_file(km_path / "centroids.npy" if km_path.is_dir() else km_path)
     else:
         km_path = work / "kmeans"
         fit_settings = {k: km_cfg[k] for k in ("k", "max_frames", "seed", "niter", "nredo")}
         first = names[0]
         stamps["kmeans"] = runner.stage(f"cluster (k={km_cfg['k']}, on {first})", km_path, fit_settings, [stamps[f"extract:{first}"]],
                                         lambda: cluster(work / first / "features", km_path, quiet=quiet, **fit_settings))
-    km = None
     for n in names:
         stamps[f"units:{n}"] = runner.stage(
             f"quantize {n}", work / n / "units", {}, [stamps[f"extract:{n}"], stamps["kmeans"]],

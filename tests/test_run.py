@@ -62,3 +62,16 @@ def test_recipe_errors_are_clear(tmp_path, monkeypatch):
 def test_shipped_mini_recipe_loads():
     r = load_recipe("recipes/mini.yaml")
     assert r["demo_corpus"]["sentences"] == 300 and r["features"]["kind"] == "mfcc" and r["kmeans"]["k"] == 100
+
+
+def test_recipe_with_an_existing_kmeans_file(tmp_path):
+    import numpy as np
+    km = tmp_path / "km.npy"
+    np.save(km, np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32))  # 39 = MFCC dims
+    path = recipe(tmp_path, kmeans={"path": str(km)})
+    summary = run(path, quiet=True)
+    assert summary["valid"] and summary["k"] == 10
+    assert not (tmp_path / "work" / "kmeans").exists()  # nothing was fitted
+    np.save(km, np.random.default_rng(1).normal(size=(10, 39)).astype(np.float32))  # replaced in place
+    again = run(path, quiet=True)
+    assert again["stages_skipped"] == 3  # demo, shard, extract; quantize onwards redone
