@@ -13,7 +13,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
 from .io import atomic_path, write_json
 from .units import KMeans
@@ -21,15 +20,9 @@ from .units import KMeans
 
 def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.ndarray:
     """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file."""
-    from .extract import feature_files
+    from .extract import feature_files, read_frames
 
-    files = feature_files(features)
-    columns = []
-    for path in files:
-        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-        col = table.column("features").combine_chunks()
-        dim = col.type.value_type.list_size
-        columns.append(col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+    columns = [read_frames(path)[2] for path in feature_files(features)]
     total = sum(c.shape[0] for c in columns)
     if total == 0:
         raise ValueError(f"{features}: feature files hold no frames")

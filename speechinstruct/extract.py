@@ -127,14 +127,17 @@ def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array
     return pa.ListArray.from_arrays(pa.array(offsets), frames)
 
 
+def read_frames(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Ids, frame offsets (len(ids) + 1) and all frames (total, dim) of one feature file, memory-mapped."""
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    col = table.column("features").combine_chunks()
+    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.value_type.list_size)
+    return table.column("id").to_pylist(), col.offsets.to_numpy(), flat
+
+
 def read_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
     """Ids and (frames, dim) float32 arrays of one feature file."""
-    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    ids = table.column("id").to_pylist()
-    col = table.column("features").combine_chunks()
-    dim = col.type.value_type.list_size
-    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    offsets = col.offsets.to_numpy()
+    ids, offsets, flat = read_frames(path)
     return ids, [flat[offsets[i] : offsets[i + 1]].astype(np.float32) for i in range(len(ids))]
 
 
@@ -232,7 +235,6 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
     ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last."""
     from .quantize import UnitWriter
 
-    suffix = target.stem.rsplit("-", 1)[-1]
     errors: list[dict] = []
     counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
     bar = tqdm(results, total=total, desc=f"{'units' if kmeans is not None else 'features'} {target.name}",
@@ -247,24 +249,31 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
             counts["audio_hours"] += row["duration"] / 3600
             yield row, value
 
+    def write_errors():  # before the shard's output appears, so a complete shard always has its errors
+        write_text(target.parent / f"errors-{shard_suffix(target)}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+
     if kmeans is not None:
         writer = UnitWriter(kmeans, frame_rate)
         for row, value in good(bar):
             writer.add_labels(row, value if value.ndim == 1 else kmeans.assign(value))
-        write_text(target.parent / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+        write_errors()
         writer.write(target)
     else:
         schema = feature_schema(dim, float16)
         with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as ipc:
             ids, feats = [], []
+
+            def flush():
+                if ids:
+                    ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()), features_array(feats, dim, float16)], schema=schema))
+                    ids.clear(), feats.clear()
+
             for row, value in good(bar):
                 ids.append(row["id"])
                 feats.append(value)
                 if len(ids) >= 256:
-                    ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()), features_array(feats, dim, float16)], schema=schema))
-                    ids, feats = [], []
-            if ids:
-                ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()), features_array(feats, dim, float16)], schema=schema))
-            write_text(target.parent / f"errors-{suffix}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+                    flush()
+            flush()
+            write_errors()
     counts["errors"] = len(errors)
     return counts

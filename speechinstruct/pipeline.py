@@ -109,8 +109,8 @@ def load_recipe(path: str | Path) -> dict:
 class Runner:
     """Runs stages with stamps; prints one line per stage."""
 
-    def __init__(self, workdir: Path, quiet: bool = False, force: bool = False):
-        self.workdir, self.quiet, self.force = workdir, quiet, force
+    def __init__(self, force: bool = False):
+        self.force = force
         self.log: list[dict] = []
         self.total = 0
         self.index = 0
@@ -169,7 +169,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     names = [c["name"] for c in corpora]
     if len(set(names)) != len(names):
         raise RecipeError(f"{recipe_path}: each corpus kind may appear once (got {names})")
-    runner = Runner(work, quiet=quiet, force=force)
+    runner = Runner(force=force)
     runner.total = bool(recipe["demo_corpus"]) + 3 * len(corpora) + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2
     f, km_cfg, c_cfg = recipe["features"], recipe["kmeans"], recipe["compose"]
     device = f["device"]

@@ -44,7 +44,7 @@ class UnitWriter:
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
              quiet: bool = False) -> dict:
-    from .extract import check_spec, feature_files, kmeans_spec, read_features, select_shards, shard_suffix
+    from .extract import check_spec, feature_files, kmeans_spec, read_features, select_shards, shard_output, shard_suffix
 
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text())
@@ -55,12 +55,11 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
     manifest = Path(spec["manifest"])
     done = skipped = 0
     for path in select_shards(feature_files(features), num_shards, shard_index):
-        suffix = shard_suffix(path)
-        target = out / f"units-{suffix}.parquet"
+        target = shard_output(out, path, fused=True)
         if target.exists():
             skipped += 1
             continue
-        manifest_shard = manifest / f"manifest-{suffix}.parquet" if manifest.is_dir() else manifest
+        manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in pq.read_table(manifest_shard).to_pylist()}
         ids, feats = read_features(path)
         writer = UnitWriter(kmeans, spec["frame_rate"])
