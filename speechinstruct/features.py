@@ -10,7 +10,6 @@ HuBERT Large) without fairseq: its config is read and its weights renamed into `
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from . import audio
-from .checkpoints import plain, torch_load_restricted
+from .checkpoints import fairseq_config, literal_arithmetic, torch_load_restricted
 from .io import sha256_file
 
 SAMPLE_RATE = audio.TARGET_SR
@@ -123,13 +122,13 @@ class HuBERT:
     def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         pieces: list[tuple[int, torch.Tensor]] = []  # (utterance index, conv features (T, C))
         for i, wav in enumerate(wavs):
-            wav = _check_wav(wav, SAMPLE_RATE, min_samples=self._receptive)
-            for start in range(0, wav.size, CHUNK_SAMPLES):
-                chunk = torch.from_numpy(wav[start : start + CHUNK_SAMPLES]).to(self.device)
+            wav = torch.from_numpy(_check_wav(wav, SAMPLE_RATE, min_samples=self._receptive)).to(self.device)
+            if self.normalize:  # the whole waveform, then chunks: as fairseq's dump_hubert_feature.py does
+                wav = torch.nn.functional.layer_norm(wav, wav.shape)
+            for start in range(0, wav.numel(), CHUNK_SAMPLES):
+                chunk = wav[start : start + CHUNK_SAMPLES]
                 if chunk.numel() < self._receptive:
                     continue  # a tail shorter than one frame's receptive field yields no frame
-                if self.normalize:
-                    chunk = torch.nn.functional.layer_norm(chunk, chunk.shape)
                 conv = self.model.feature_extractor(chunk[None])  # (1, C, T)
                 pieces.append((i, conv[0].transpose(0, 1)))
         lengths = [p.shape[0] for _, p in pieces]
@@ -152,6 +151,8 @@ def _receptive_field(config) -> int:
     return field
 
 
+FAIRSEQ_CONV_LAYERS = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"  # fairseq's default, as it saves it
+
 # fairseq HuBERT parameter names → transformers HubertModel names.
 _RENAMES = [
     (r"^feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
@@ -167,17 +168,19 @@ _RENAMES = [
     (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layers.\1.feed_forward.output_dense."),
     (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
 ]
-_PRETRAINING_ONLY = re.compile(r"^(final_proj|label_embs_concat|label_embs|label_embs_list|mask_emb)\b")
+_PRETRAINING_ONLY = re.compile(r"^(final_proj|label_embs_concat|label_embs|label_embs_list|mask_emb|target_glu|w2v_encoder\.proj)\b")
 
 
 def hubert_config_from_fairseq(model_cfg: dict):
     """A ``transformers.HubertConfig`` equal to a fairseq HuBERT model config."""
     from transformers import HubertConfig
 
-    layers = ast.literal_eval(model_cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"))
-    if not isinstance(layers, list):
-        layers = list(layers)
-    mode = model_cfg.get("extractor_mode", "default")
+    layers = literal_arithmetic(model_cfg.get("conv_feature_layers", FAIRSEQ_CONV_LAYERS), "conv_feature_layers")
+    if not (isinstance(layers, (list, tuple)) and layers and all(
+            isinstance(x, (list, tuple)) and len(x) == 3 and all(isinstance(v, int) and v > 0 for v in x) for x in layers)):
+        raise ValueError(f"conv_feature_layers {model_cfg.get('conv_feature_layers')!r} is not a list of "
+                         "(dim, kernel, stride) triples")
+    mode = str(model_cfg.get("extractor_mode", "default"))
     if mode not in ("default", "layer_norm"):
         raise ValueError(f"unsupported fairseq extractor_mode {mode!r}")
     return HubertConfig(
@@ -207,27 +210,33 @@ def read_fairseq_hubert(path: str | Path):
 
     path = Path(path)
     ckpt = torch_load_restricted(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' state)")
-    cfg = plain(ckpt.get("cfg")) or {}
-    if not cfg and ckpt.get("args") is not None:  # pre-hydra checkpoints keep an argparse Namespace
-        args = plain(ckpt["args"])
-        cfg = {"model": args, "task": args}
-    model_cfg, task_cfg = cfg.get("model") or {}, cfg.get("task") or {}
-    if not model_cfg:
-        raise ValueError(f"{path}: the checkpoint holds no model config (cfg.model / args)")
-    if model_cfg.get("_name", "hubert") not in ("hubert", "hubert_ctc"):
-        raise ValueError(f"{path}: a {model_cfg.get('_name')!r} checkpoint, not HuBERT")
-    model = HubertModel(hubert_config_from_fairseq(model_cfg))
+    model_cfg, task_cfg = fairseq_config(ckpt, path)
+    name = str(model_cfg.get("_name") or model_cfg.get("arch") or "hubert")
+    if name in ("hubert_ctc", "hubert_seq2seq") and isinstance(model_cfg.get("w2v_args"), dict):
+        inner = model_cfg["w2v_args"]  # fine-tuned: the pre-trained encoder's config is nested
+        model_cfg, task_cfg = inner.get("model") or model_cfg, {**(inner.get("task") or {}), **task_cfg}
+        name = str(model_cfg.get("_name", "hubert"))
+    if not name.startswith("hubert"):
+        raise ValueError(f"{path}: a {name!r} checkpoint, not HuBERT")
+    try:
+        config = hubert_config_from_fairseq(model_cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    model = HubertModel(config)
     target = model.state_dict()
     g_name, v_name = (
         ("encoder.pos_conv_embed.conv.parametrizations.weight.original0", "encoder.pos_conv_embed.conv.parametrizations.weight.original1")
         if "encoder.pos_conv_embed.conv.parametrizations.weight.original0" in target
         else ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.weight_v")
     )
-    weight_norm = {"encoder.pos_conv.0.weight_g": g_name, "encoder.pos_conv.0.weight_v": v_name}
+    weight_norm = {"encoder.pos_conv.0.weight_g": g_name, "encoder.pos_conv.0.weight_v": v_name,
+                   # fairseq on newer torch saves weight norm as a parametrization
+                   "encoder.pos_conv.0.parametrizations.weight.original0": g_name,
+                   "encoder.pos_conv.0.parametrizations.weight.original1": v_name}
     mapped, unknown = {}, []
     for key, tensor in ckpt["model"].items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: model weight {key!r} is a {type(tensor).__name__}, not a tensor")
         key = key.removeprefix("w2v_encoder.w2v_model.")
         if _PRETRAINING_ONLY.match(key):
             continue
@@ -240,6 +249,11 @@ def read_fairseq_hubert(path: str | Path):
                 break
         else:
             unknown.append(key)
+    projection = "feature_projection.projection."
+    if projection + "weight" not in mapped and config.conv_dim[-1] == config.hidden_size:
+        # fairseq builds no post_extract_proj when the conv output already has the encoder's width
+        mapped[projection + "weight"] = torch.eye(config.hidden_size)
+        mapped[projection + "bias"] = torch.zeros(config.hidden_size)
     unknown += sorted(set(mapped) - set(target))
     missing = sorted(set(target) - set(mapped))
     if unknown or missing:
@@ -247,7 +261,7 @@ def read_fairseq_hubert(path: str | Path):
     for name, tensor in mapped.items():
         if tuple(tensor.shape) != tuple(target[name].shape):
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(target[name].shape)}")
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)
     return model, bool(task_cfg.get("normalize", False))
 
 

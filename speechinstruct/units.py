@@ -89,11 +89,12 @@ def to_text(units) -> str:
 
 
 def from_text(text: str) -> list[int]:
-    """Inverse of ``to_text``; raises ValueError for anything that is not one well-formed unit string."""
+    """Inverse of ``to_text`` (``<sosp><eosp>`` is the empty sequence); raises ValueError for anything that
+    is not one well-formed unit string."""
     if not (text.startswith("<sosp>") and text.endswith("<eosp>")):
         raise ValueError(f"not a unit string (must start with <sosp> and end with <eosp>): {text[:40]!r}")
     body = text[len("<sosp>") : -len("<eosp>")]
     units = [int(u) for u in UNIT_RE.findall(body)]
-    if "".join(f"<{u}>" for u in UNIT_RE.findall(body)) != body or not units:
+    if "".join(f"<{u}>" for u in UNIT_RE.findall(body)) != body:
         raise ValueError(f"malformed unit string: {text[:60]!r}")
     return units

@@ -3,21 +3,24 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_fixture import model_cfg, random_state, reference_features, save_checkpoint
+from fairseq_fixture import HUBERT_STRIDE_CONV, model_cfg, random_state, reference_features, save_checkpoint
 from conftest import speechlike
 from speechinstruct import audio, features
-from speechinstruct.checkpoints import UnsafeCheckpointError
+from speechinstruct.checkpoints import UnsafeCheckpointError, literal_arithmetic
 
 
+@pytest.mark.parametrize("form", ["dict", "dictconfig", "args"])
 @pytest.mark.parametrize("mode,pre_ln,normalize,layer", [
     ("default", False, False, 2),      # HuBERT Base / mHuBERT layout
     ("default", False, True, 3),
     ("layer_norm", True, True, 3),     # HuBERT Large layout (pre-LN, layer-norm extractor), last layer
 ])
-def test_fairseq_checkpoint_matches_fairseq_forward(tmp_path, mode, pre_ln, normalize, layer):
+def test_fairseq_checkpoint_matches_fairseq_forward(tmp_path, mode, pre_ln, normalize, layer, form):
+    """Every saved cfg form (plain dict with enum members and interpolations, pickled DictConfig, argparse
+    Namespace) loads without fairseq and gives fairseq's layer-L features."""
     cfg = model_cfg(mode, pre_ln, conv_bias=(mode == "layer_norm"))
     state = random_state(cfg, seed=1)
-    save_checkpoint(tmp_path / "hubert.pt", cfg, state, normalize=normalize)
+    save_checkpoint(tmp_path / "hubert.pt", cfg, state, normalize=normalize, form=form)
     hubert = features.load_hubert(tmp_path / "hubert.pt", layer=layer)
     assert hubert.normalize is normalize and hubert.dim == 32 and hubert.frame_rate == 800.0
     wav = speechlike(0.5, seed=2)
@@ -27,10 +30,10 @@ def test_fairseq_checkpoint_matches_fairseq_forward(tmp_path, mode, pre_ln, norm
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_legacy_argparse_checkpoint(tmp_path):
+def test_legacy_argparse_checkpoint_in_pre_zip_format(tmp_path):
     cfg = model_cfg()
     state = random_state(cfg, seed=3)
-    save_checkpoint(tmp_path / "old.pt", cfg, state, normalize=True, legacy_args=True)
+    save_checkpoint(tmp_path / "old.pt", cfg, state, normalize=True, form="args", zipfile=False)
     hubert = features.load_hubert(tmp_path / "old.pt", layer=2)
     assert hubert.normalize is True
     wav = speechlike(0.3, seed=4)
@@ -46,6 +49,93 @@ def test_batched_frames_equal_one_at_a_time(tmp_path):
     batched = hubert.features_batch(wavs)
     for wav, b in zip(wavs, batched):
         np.testing.assert_allclose(b, hubert.features(wav), atol=1e-5)
+
+
+def test_fairseq_default_layer_spec_is_read_without_eval():
+    assert literal_arithmetic("[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2") == \
+        [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+    assert literal_arithmetic("[(512, 10, 5)]*2 + 2*[(1,2,3)]") == [(512, 10, 5)] * 2 + [(1, 2, 3)] * 2
+    assert literal_arithmetic([(1, 2, 3)]) == [(1, 2, 3)]  # a literal list passes through
+    for bad in ("__import__('os').system('touch pwned')", "[x for x in range(3)]", "[(1,2,3)] * 10**9",
+                "().__class__", "open('f')", "[(1,2,3)] - [(1,2,3)]", "[(1,2,3)] +"):
+        with pytest.raises(ValueError, match="conv"):
+            literal_arithmetic(bad, "conv_feature_layers")
+
+
+def test_whole_waveform_is_normalised_before_chunking(tmp_path):
+    """> 100 s of audio: fairseq's dump_hubert_feature.py (and SpeechGPT) layer-normalise the WHOLE waveform,
+    then feed 1,600,000-sample chunks; per-chunk normalisation gives different features."""
+    cfg = model_cfg("layer_norm", layer_norm_first=True, conv_bias=True, conv=HUBERT_STRIDE_CONV)  # HuBERT Large's
+    cfg.update(encoder_layers=1)
+    state = random_state(cfg, seed=7)
+    save_checkpoint(tmp_path / "hubert.pt", cfg, state, normalize=True)
+    hubert = features.load_hubert(tmp_path / "hubert.pt", layer=1)
+    assert features.CHUNK_SAMPLES == 1_600_000 and hubert.frame_rate == 50.0
+    wav = np.concatenate([0.2 * speechlike(60.0, seed=8), 2 * speechlike(41.0, seed=9) + 0.1])  # 101 s, uneven
+    got = hubert.features(wav)
+    whole = torch.nn.functional.layer_norm(torch.from_numpy(wav), (wav.size,))
+    want = np.concatenate([reference_features(state, cfg, whole[s:s + 1_600_000], 1, False).numpy()
+                           for s in (0, 1_600_000)])
+    assert got.shape == want.shape and got.shape[0] == (1_600_000 - 400) // 320 + 1 + (16_000 - 400) // 320 + 1
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    tail = torch.from_numpy(wav[1_600_000:])
+    per_chunk_tail = reference_features(state, cfg, tail, 1, True).numpy()
+    assert np.abs(per_chunk_tail - want[(1_600_000 - 400) // 320 + 1:]).max() > 1e-2  # the old behaviour would have differed
+
+
+def test_fp16_weights_and_identity_projection(tmp_path):
+    """fp16-trained checkpoints hold half weights; a model whose conv width equals the encoder width has no
+    post_extract_proj in fairseq."""
+    cfg = model_cfg(conv="[(32, 10, 5)] + [(32, 3, 2)] + [(32, 2, 2)]")
+    state = random_state(cfg, seed=4)
+    del state["post_extract_proj.weight"], state["post_extract_proj.bias"]
+    save_checkpoint(tmp_path / "h.pt", cfg, {k: v.half() for k, v in state.items()})
+    wav = speechlike(0.4, seed=1)
+    ref_state = {k: v.half().float() for k, v in state.items()}
+    ref_state["post_extract_proj.weight"], ref_state["post_extract_proj.bias"] = torch.eye(32), torch.zeros(32)
+    want = reference_features(ref_state, cfg, torch.from_numpy(wav), 2, False).numpy()
+    np.testing.assert_allclose(features.load_hubert(tmp_path / "h.pt", layer=2).features(wav), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ckpt,message", [
+    ({"cfg": {"model": "hubert", "task": {}}, "model": {}}, r"cfg.model is a str \('hubert'\), not a mapping"),
+    ({"cfg": ["model"], "model": {}}, r"'cfg' is a list, not a mapping"),
+    ({"cfg": {"task": {}}, "model": {}}, r"holds no model config"),
+    ({"model": {}}, r"holds no config \(neither 'cfg' nor 'args'\)"),
+    ({"cfg": {"model": {"_name": "hubert"}}}, r"no 'model' weights"),
+    ({"cfg": {"model": {"_name": "hubert"}}, "model": [1, 2]}, r"'model' is a list, not a dict of weights"),
+    ({"cfg": {"model": {"_name": "wav2vec2"}}, "model": {}}, r"a 'wav2vec2' checkpoint, not HuBERT"),
+    ({"cfg": {"model": {"_name": "hubert", "conv_feature_layers": "[(512, 10)]"}}, "model": {}},
+     r"not a list of \(dim, kernel, stride\) triples"),
+    ({"cfg": {"model": {"_name": "hubert", "conv_feature_layers": "exec('1')"}}, "model": {}}, r"not a literal layer spec"),
+    ({"cfg": {"model": {"_name": "hubert"}}, "model": {"layer_norm.weight": "x"}}, r"'layer_norm.weight' is a str, not a tensor"),
+    (torch.zeros(3), r"not a fairseq checkpoint \(a Tensor, not a dict\)"),
+])
+def test_malformed_checkpoints_get_one_clear_line(tmp_path, ckpt, message):
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt: .*" + message):
+        features.load_hubert(tmp_path / "bad.pt")
+
+
+def test_truncated_checkpoint_is_clear(tmp_path):
+    cfg = model_cfg()
+    save_checkpoint(tmp_path / "h.pt", cfg, random_state(cfg))
+    data = (tmp_path / "h.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.pt: not a readable torch checkpoint"):
+        features.load_hubert(tmp_path / "cut.pt")
+
+
+def test_cli_malformed_checkpoint_is_one_line(tmp_path, librispeech_root):
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+    from speechinstruct.shard import shard_corpus
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    torch.save({"cfg": {"model": "hubert"}, "model": {}}, tmp_path / "odd.pt")
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
+                                      "--checkpoint", str(tmp_path / "odd.pt"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'odd.pt'}: cfg.model is a str ('hubert'), not a mapping"]
 
 
 def test_long_audio_is_cut_into_chunks(tmp_path, monkeypatch):
@@ -98,10 +188,22 @@ class Exploit:
         return (os.system, ("touch pwned",))
 
 
-def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch):
+class EvalExploit:
+    def __reduce__(self):
+        return (eval, ("__import__('os').system('touch pwned')",))
+
+
+class GetattrExploit:
+    def __reduce__(self):
+        return (getattr, (dict, "fromkeys"))
+
+
+@pytest.mark.parametrize("exploit,name", [(Exploit, r"(posix|os)\.system"), (EvalExploit, r"builtins\.eval"),
+                                          (GetattrExploit, r"builtins\.getattr")])
+def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch, exploit, name):
     monkeypatch.chdir(tmp_path)
-    torch.save({"model": {}, "cfg": Exploit()}, tmp_path / "evil.pt")
-    with pytest.raises(UnsafeCheckpointError, match=r"evil.pt: refused to load.*(posix|os)\.system"):
+    torch.save({"model": {}, "cfg": exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=rf"evil.pt: refused to load.*{name}"):
         features.load_hubert(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
 

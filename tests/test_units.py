@@ -77,6 +77,7 @@ def test_dedup_and_unit_text():
     assert u.tolist() == [5, 9, 2] and d.tolist() == [3, 2, 1]
     assert units.to_text([661, 588, 604]) == "<sosp><661><588><604><eosp>"
     assert units.from_text("<sosp><661><588><604><eosp>") == [661, 588, 604]
-    for bad in ["<sosp><eosp>", "<661><eosp>", "<sosp><6 61><eosp>", "<sosp><1>x<eosp>"]:
+    assert units.from_text(units.to_text([])) == [] and units.to_text([]) == "<sosp><eosp>"
+    for bad in ["<sosp>", "<sosp><eosp><eosp>", "<661><eosp>", "<sosp><6 61><eosp>", "<sosp><1>x<eosp>"]:
         with pytest.raises(ValueError):
             units.from_text(bad)
