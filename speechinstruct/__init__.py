@@ -1,3 +1,3 @@
 """speechinstruct: build SpeechInstruct-style cross-modal speech-instruction datasets (SpeechGPT)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

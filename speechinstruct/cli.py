@@ -64,6 +64,7 @@ class Corpus(str, Enum):
     librilight = "librilight"
     gigaspeech = "gigaspeech"
     commonvoice = "commonvoice"
+    demo = "speechinstruct-demo"
 
 
 @app.command()
@@ -73,15 +74,16 @@ def shard(
     out: Path = typer.Argument(..., help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(10.0, help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight: longest utterance cut from the VAD spans."),
-    subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L or XL."),
-    tsv: str = typer.Option("validated.tsv", help="commonvoice: which TSV to read."),
+    subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
+    tsv: str = typer.Option("validated.tsv", help="commonvoice: which TSV to read (clips in dev.tsv/test.tsv stay dev/test)."),
+    splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,dev (default: all, each marked)."),
     license: Optional[str] = typer.Option(None, help="Override the corpus's license string."),
     quiet: bool = Quiet,
 ):
-    """Read a corpus in its native layout into sharded Parquet manifests."""
+    """Read a corpus in its native layout into sharded Parquet manifests; every row says its split."""
     from .shard import shard_corpus
 
-    options = {"license": license}
+    options = {"license": license, "splits": splits}
     if corpus is Corpus.librilight:
         options["max_seconds"] = max_seconds
     if corpus is Corpus.gigaspeech:
@@ -254,14 +256,14 @@ def compose_cross_modal(
 @compose_app.command("pretrain")
 def compose_pretrain(
     units: Path = typer.Argument(..., help="A `quantize` output folder."),
-    out: Path = typer.Argument(..., help="Output folder for train-*/dev-*.parquet."),
-    dev_fraction: float = typer.Option(0.01, help="Share of utterances for dev."),
+    out: Path = typer.Argument(..., help="Output folder for train-*/validation-*/test-*.parquet."),
+    dev_fraction: float = typer.Option(0.01, help="Share of train utterances also held out for validation."),
     seed: int = typer.Option(0),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
 ):
-    """Stage-1 unit text: one <sosp>…<eosp> per utterance, train/dev split."""
+    """Stage-1 unit text: one <sosp>…<eosp> per utterance, in its audio's split (train, validation, test)."""
     from . import compose
 
     _print_json(_run(compose.pretrain, units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
@@ -320,11 +322,14 @@ def publish(
     name: str = typer.Option("SpeechInstruct", help="Dataset name for the card."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face dataset repo (needs a token)."),
     save_to_disk: bool = typer.Option(False, help="Also write OUT/arrow/{config} for datasets.load_from_disk."),
+    eval_splits: bool = typer.Option(True, "--eval-splits/--train-only",
+                                     help="Publish records from the corpora's dev/test audio as validation/test splits, or leave them out."),
 ):
     """Write composed records as a Hugging Face dataset with a dataset card."""
     from .publish import publish as run_publish
 
-    meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk)
+    meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
+                eval_splits=eval_splits)
     _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"]})
 
 

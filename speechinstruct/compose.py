@@ -2,7 +2,13 @@
 
 * ``cross_modal``: for every utterance with a transcript, an ASR and/or a TTS record
   (``[Human]: {instruction} This is input: {input}<eoh> [SpeechGPT]: {output}<eoa>``).
-* ``pretrain``: one ``<sosp>…<eosp>`` line per utterance, split into train and dev by a hash of the id.
+* ``pretrain``: one ``<sosp>…<eosp>`` line per utterance.
+
+Records keep the split of the audio they come from, in separate files named by Hugging Face's split names:
+a corpus's train utterances go to ``train-*``, its dev utterances to ``validation-*`` and its test utterances
+to ``test-*`` (``HF_SPLIT``). Dev and test audio never becomes a training record. For ``pretrain``,
+``dev_fraction`` of the train utterances (by a hash of the id) also go to ``validation``, since LibriLight,
+stage 1's corpus, has no dev set.
 * ``chain_of_modality``: text instruction–response pairs (optionally rewritten for speech by an LLM),
   spoken by a TTS engine, turned into units, in one of four formats:
 
@@ -40,6 +46,7 @@ DEFAULT_PREFIX = (
     "- It can perceive cross-modal inputs and generate cross-modal outputs.\n"
 )
 FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
+HF_SPLIT = {"train": "train", "dev": "validation", "test": "test"}  # corpus split → published split
 
 
 def _draw(seed: int, *parts: str) -> int:
@@ -99,11 +106,11 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        target = out / f"train-{_named(part, suffix)}.parquet"
-        if target.exists():
+        targets = {split: out / f"{split}-{_named(part, suffix)}.parquet" for split in HF_SPLIT.values()}
+        if all(t.exists() for t in targets.values()):
             counts["shards skipped (done)"] += 1
             continue
-        rows = []
+        rows: dict[str, list] = {split: [] for split in targets}
         for u in tqdm(pq.read_table(path).to_pylist(), desc=f"cross-modal {path.name}", unit="utt", disable=quiet):
             text = (u.get("text") or "").strip()
             if not text:
@@ -118,16 +125,21 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
             for task in tasks:
                 items = sets[task]["templates"]
                 template = items[_draw(seed, "template", task, u["id"]) % len(items)]
-                rows.append(finish({
+                rows[HF_SPLIT[u["split"]]].append(finish({
                     "id": f"{task}/{u['id']}", "prefix": prefix,
                     "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
                     "task": task, "units": u["units"], "text": text, "template_id": template["id"],
                     "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
                 }))
-        write_parquet(target, records.to_table("cross_modal", rows))
-    for f in sorted(out.glob(f"train-{part + '-' if part else ''}*.parquet")):  # all shards, not just this run's
-        counts.update(pq.read_table(f, columns=["task"]).column("task").to_pylist())
-    summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())),
+        for split, target in targets.items():  # every split's file, empty or not: together they mark the shard done
+            write_parquet(target, records.to_table("cross_modal", rows[split]))
+    by_split: collections.Counter[str] = collections.Counter()
+    for split in HF_SPLIT.values():  # all shards, not just this run's
+        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
+            tasks = pq.read_table(f, columns=["task"]).column("task").to_pylist()
+            by_split[split] += len(tasks)
+            counts.update(tasks)
+    summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve())}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
@@ -136,25 +148,29 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
 # ---------------------------------------------------------------------------------------------- pretrain
 def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, part: str | None = None,
              num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> dict:
-    """Stage-1 unit text, one record per utterance; ``dev_fraction`` of ids (by hash) go to dev."""
+    """Stage-1 unit text, one record per utterance, in the split of its audio; ``dev_fraction`` of the train
+    utterances (by a hash of the id) go to validation too."""
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in ("train", "dev")}
+        targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in HF_SPLIT.values()}
         if all(t.exists() for t in targets.values()):
             continue
-        split_rows: dict[str, list] = {"train": [], "dev": []}
+        split_rows: dict[str, list] = {s: [] for s in targets}
         for u in tqdm(pq.read_table(path).to_pylist(), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
-            split = "dev" if _draw(seed, "split", u["id"]) / 2**64 < dev_fraction else "train"
+            split = HF_SPLIT[u["split"]]
+            if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
+                split = "validation"
             split_rows[split].append(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
                                              "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]}))
-        for split, rows in split_rows.items():  # dev first would also do: both are written before the next shard
+        for split, rows in split_rows.items():  # all written before the next shard: together they mark it done
             write_parquet(targets[split], records.to_table("pretrain", rows))
-    for f in sorted(out.glob(f"*-{part + '-' if part else ''}*.parquet")):
-        counts[f.name.split("-")[0]] += pq.read_metadata(f).num_rows
-    summary = {"train": counts["train"], "dev": counts["dev"], "units": str(Path(units_dir).resolve())}
+    for split in HF_SPLIT.values():
+        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
+            counts[split] += pq.read_metadata(f).num_rows
+    summary = {**{s: counts[s] for s in HF_SPLIT.values()}, "units": str(Path(units_dir).resolve())}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
 

@@ -1,7 +1,8 @@
 """The embedded demo corpus: a few hundred sentences spoken by espeak-ng in several voices, written in
-LibriSpeech's layout (``dev-clean/{speaker}/{chapter}/{speaker}-{chapter}-{utt}.flac`` + ``.trans.txt``),
+LibriSpeech's layout (``train/{speaker}/{chapter}/{speaker}-{chapter}-{utt}.flac`` + ``.trans.txt``),
 so the whole pipeline runs with nothing from outside. Sentences are drawn from small word lists with a
-seed; each voice is one speaker."""
+seed; each voice is one speaker. It is its own corpus kind, ``speechinstruct-demo`` (``corpora/demo.py``),
+never LibriSpeech."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def make_demo_corpus(out: str | Path, n_sentences: int = 300, seed: int = 0, qui
     seconds = 0.0
     bar = tqdm(total=len(texts), desc="demo corpus (espeak-ng)", unit="utt", disable=quiet)
     for (speaker, chapter), items in sorted(by_chapter.items()):
-        folder = out / "dev-clean" / str(speaker) / str(chapter)
+        folder = out / "train" / str(speaker) / str(chapter)
         trans = folder / f"{speaker}-{chapter}.trans.txt"
         lines = []
         for j, (voice, text) in enumerate(items):

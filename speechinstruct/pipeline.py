@@ -25,7 +25,7 @@ from .io import sha256_file, sha256_json, write_json
 DEFAULTS = {
     "name": "SpeechInstruct",
     "workdir": None,                       # default: work/<recipe name>
-    "demo_corpus": None,                   # {sentences, seed}: make a demo corpus and use it as librispeech
+    "demo_corpus": None,                   # {sentences, seed}: make the demo corpus (speechinstruct-demo) and use it
     "corpora": [],                         # [{name: librispeech|librilight|gigaspeech|commonvoice, root, options}]
     "shard": {"shard_hours": 10.0},
     "features": {"kind": "mfcc", "checkpoint": None, "layer": None, "device": "auto", "batch_seconds": 100.0,
@@ -40,7 +40,7 @@ DEFAULTS = {
         "chain_of_modality": {"instructions": "builtin", "tts": "espeak", "rewrite": False, "max_pairs": None,
                               "all_formats": False, "license": "unspecified"},
     },
-    "output": {"dataset": None, "report": None},
+    "output": {"dataset": None, "report": None, "eval_splits": True},
 }
 
 
@@ -165,7 +165,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     work = Path(workdir or recipe["workdir"])
     corpora = [dict(c) for c in recipe["corpora"]]
     if recipe["demo_corpus"]:
-        corpora.insert(0, {"name": "librispeech", "root": str(work / "demo-corpus"), "options": {}})
+        corpora.insert(0, {"name": "speechinstruct-demo", "root": str(work / "demo-corpus"), "options": {}})
     names = [c["name"] for c in corpora]
     if len(set(names)) != len(names):
         raise RecipeError(f"{recipe_path}: each corpus kind may appear once (got {names})")
@@ -201,7 +201,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
         base = work / n
         stamps[f"shard:{n}"] = runner.stage(
             f"shard {n}", base / "manifest", {"corpus": n, "root": str(Path(c["root"]).resolve()), **recipe["shard"], **(c.get("options") or {})},
-            [stamps.get("demo", "")] if n == "librispeech" and recipe["demo_corpus"] else [],
+            [stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
             lambda c=c, base=base: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=quiet,
                                                        shard_hours=recipe["shard"]["shard_hours"], **(c.get("options") or {}))))
         stamps[f"extract:{n}"] = runner.stage(
@@ -263,8 +263,9 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     dataset = Path(recipe["output"]["dataset"] or work / "dataset")
     report_dir = Path(recipe["output"]["report"] or work / "report")
     inputs = [stamps["cross_modal"], stamps["pretrain"], stamps["chain_of_modality"]]
-    stamps["publish"] = runner.stage("publish", dataset, {"name": recipe["name"]}, inputs,
-                                     lambda: _brief(publish(composed, dataset, name=recipe["name"])))
+    eval_splits = bool(recipe["output"]["eval_splits"])
+    stamps["publish"] = runner.stage("publish", dataset, {"name": recipe["name"], "eval_splits": eval_splits}, inputs,
+                                     lambda: _brief(publish(composed, dataset, name=recipe["name"], eval_splits=eval_splits)))
     runner.index += 1
     verdict = validate(dataset)
     print(f"[{runner.index}/{runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}", flush=True)

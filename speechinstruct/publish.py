@@ -7,8 +7,10 @@ Layout (``datasets.load_dataset(OUT, "cross_modal")`` reads it; the card's YAML 
     OUT/data/{config}/{split}-00000-of-00002.parquet
     OUT/stats/utterances.parquet                    id, corpus, duration, frames, units (for the report)
 
-Configs: ``cross_modal``, ``chain_of_modality``, ``pretrain`` (train and dev). IN is a folder holding any
-of ``cross_modal/``, ``chain_of_modality/`` and ``pretrain/`` as ``compose`` writes them.
+Configs: ``cross_modal``, ``chain_of_modality``, ``pretrain``. Splits: ``train``, and unless ``eval_splits``
+is off, ``validation`` and ``test``, holding records made from the corpora's own dev and test audio (never
+in ``train``; for ``pretrain``, ``validation`` also holds a hashed share of train utterances). IN is a folder
+holding any of ``cross_modal/``, ``chain_of_modality/`` and ``pretrain/`` as ``compose`` writes them.
 """
 
 from __future__ import annotations
@@ -29,12 +31,19 @@ from .io import write_json, write_parquet, write_text
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
 
-def _inputs(folder: Path) -> dict[str, dict[str, list[Path]]]:
-    """{config: {split: [parquet files]}} of a compose folder."""
+SPLITS = ("train", "validation", "test")
+
+
+def _inputs(folder: Path, eval_splits: bool = True) -> dict[str, dict[str, list[Path]]]:
+    """{config: {split: [parquet files]}} of a compose folder (train only unless ``eval_splits``)."""
     found: dict[str, dict[str, list[Path]]] = {}
     for config in CONFIGS:
         for path in sorted((folder / config).glob("*-*.parquet")):
-            found.setdefault(config, {}).setdefault(path.name.split("-")[0], []).append(path)
+            split = path.name.split("-")[0]
+            if split not in SPLITS:
+                raise ValueError(f"{path}: not a compose output (splits are {', '.join(SPLITS)}); recompose it")
+            if split == "train" or eval_splits:
+                found.setdefault(config, {}).setdefault(split, []).append(path)
     if not found:
         raise FileNotFoundError(f"{folder}: no composed records (expected {', '.join(c + '/' for c in CONFIGS)})")
     return found
@@ -65,10 +74,11 @@ def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
 
 
 def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False) -> dict:
-    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``."""
+            save_to_disk: bool = False, eval_splits: bool = True) -> dict:
+    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
+    ``eval_splits`` False leaves the validation and test records out."""
     compose_dir, out = Path(compose_dir), Path(out)
-    inputs = _inputs(compose_dir)
+    inputs = _inputs(compose_dir, eval_splits)
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     by_kind: dict[str, collections.Counter] = {}
@@ -134,7 +144,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     for cm_summary in sorted((compose_dir / "cross_modal").glob("summary*.json")):
         templates = json.loads(cm_summary.read_text()).get("templates", templates)
     meta = {
-        "name": name, "pipeline_version": __version__, "k": k,
+        "name": name, "pipeline_version": __version__, "k": k, "eval_splits": eval_splits,
         "extractor": extractor, "kmeans": kmeans, "templates": templates,
         "counts": {c: dict(v) for c, v in counts.items()},
         "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
@@ -195,6 +205,15 @@ def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:
     for config, kinds in meta["by_kind"].items():
         lines.append("")
         lines.append(f"{config}: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    lines += ["", "## Splits", "",
+              "Every record keeps the split of the audio it was made from, as the corpus itself defines it "
+              "(LibriSpeech's `dev-*`/`test-*` folders, GigaSpeech's `{DEV}`/`{TEST}` subsets, Common Voice's "
+              "`dev.tsv`/`test.tsv`). No dev or test audio is in `train`."]
+    if meta.get("eval_splits", True):
+        lines.append("`validation` and `test` hold the records made from the corpora's dev and test audio; for "
+                     "`pretrain`, `validation` also holds a hashed share of training utterances (stage 1's dev set).")
+    else:
+        lines.append("Records made from the corpora's dev and test audio were left out of this dataset.")
     lines += ["", "## Loading", "", "```python", "import datasets",
               *[f'{c["config_name"]} = datasets.load_dataset("PATH_OR_REPO", "{c["config_name"]}")' for c in configs_yaml],
               "```", "", "Validate with `speechinstruct validate PATH`. Each record carries `source_id`, `corpus`, "

@@ -2,6 +2,7 @@
 
 Rows are cut into shards of about ``shard_hours`` of audio each (``manifest-00000.parquet`` …), every
 shard written atomically; a rerun rewrites the same names and removes shards a previous, larger run left.
+Every row carries the ``split`` (train, dev, test) the corpus gives it; ``splits`` keeps only some.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import records
-from .corpora import Skip, readers
+from .corpora import Skip, parse_splits, readers
 from .io import write_json, write_parquet
 
 MAX_LISTED_SKIPS = 1000
@@ -22,15 +23,18 @@ def shard_corpus(
     root: str | Path,
     out: str | Path,
     shard_hours: float = 10.0,
+    splits: str | list[str] | None = None,
     quiet: bool = False,
     **reader_options,
 ) -> dict:
-    """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary."""
+    """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
+    ``splits`` (e.g. ``"train,dev"``) keeps only rows of those splits; the others are counted as left out."""
     all_readers = readers()
     if corpus not in all_readers:
         raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(all_readers)}")
     if shard_hours <= 0:
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
+    keep = parse_splits(splits)
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: corpus root is not a folder")
@@ -41,6 +45,8 @@ def shard_corpus(
     seen_ids: set[str] = set()
     skipped: collections.Counter[str] = collections.Counter()
     skip_list: list[dict] = []
+    by_split: dict[str, dict] = {}
+    left_out: collections.Counter[str] = collections.Counter()
     seconds_total = 0.0
     shard_seconds = 0.0
     n_rows = 0
@@ -65,6 +71,13 @@ def shard_corpus(
                 skip_list.append(Skip(item["path"], "duplicate id", item["id"]).as_dict())
             continue
         seen_ids.add(item["id"])
+        if keep is not None and item["split"] not in keep:
+            left_out[item["split"]] += 1
+            continue
+        part = by_split.setdefault(item["split"], {"utterances": 0, "hours": 0.0, "corpus_splits": collections.Counter()})
+        part["utterances"] += 1
+        part["hours"] += item["duration"] / 3600
+        part["corpus_splits"][item["corpus_split"]] += 1
         rows.append(item)
         n_rows += 1
         seconds_total += item["duration"]
@@ -79,10 +92,14 @@ def shard_corpus(
     summary = {
         "corpus": corpus,
         "root": str(root.resolve()),
-        "options": {"shard_hours": shard_hours, **{k: v for k, v in reader_options.items()}},
+        "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None, **reader_options},
         "shards": written,
         "utterances": n_rows,
         "hours": round(seconds_total / 3600, 4),
+        "splits": {name: {"utterances": v["utterances"], "hours": round(v["hours"], 4),
+                          "corpus_splits": dict(sorted(v["corpus_splits"].items()))}
+                   for name, v in sorted(by_split.items())},
+        "left_out_by_split": dict(sorted(left_out.items())),
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": skip_list,
     }

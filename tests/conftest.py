@@ -22,7 +22,7 @@ def speechlike(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
     return (0.3 * wav / np.abs(wav).max()).astype(np.float32)
 
 
-def write_librispeech(root: Path, split: str = "dev-clean") -> Path:
+def write_librispeech(root: Path, split: str = "train-clean-100") -> Path:
     """2 speakers × 1 chapter × 3 utterances, one chapter with a missing and a corrupt flac."""
     texts = {
         "1272-128104": ["MISTER QUILTER IS THE APOSTLE", "NOR IS MISTER QUILTER'S MANNER", "HE HAS GRAVE DOUBTS"],
@@ -46,6 +46,23 @@ def write_librispeech(root: Path, split: str = "dev-clean") -> Path:
     return root
 
 
+def write_librispeech_release(root: Path) -> Path:
+    """LibriSpeech as released: the top-level text files beside train-clean-100, dev-clean and test-clean."""
+    write_librispeech(root, "train-clean-100")
+    for split, (spk, chap), seed in (("dev-clean", ("2277", "149896"), 40), ("test-clean", ("1089", "134686"), 50)):
+        folder = root / split / spk / chap
+        folder.mkdir(parents=True)
+        lines = []
+        for i, text in enumerate(["HE HOPED THERE WOULD BE STEW FOR DINNER", "STUFF IT INTO YOU HIS BELLY COUNSELLED HIM"]):
+            utt = f"{spk}-{chap}-{i:04d}"
+            sf.write(folder / f"{utt}.flac", speechlike(1.2, seed=seed + i), 16000)
+            lines.append(f"{utt} {text}")
+        (folder / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
+    for name in ("BOOKS.TXT", "CHAPTERS.TXT", "SPEAKERS.TXT", "README.TXT", "LICENSE.TXT"):
+        (root / name).write_text(f";{name} as shipped with LibriSpeech\n")
+    return root
+
+
 def write_librilight(root: Path) -> Path:
     folder = root / "small" / "100" / "sea_fairies_0812_librivox"
     folder.mkdir(parents=True)
@@ -62,8 +79,21 @@ def write_gigaspeech(root: Path) -> Path:
     (root / "audio" / "podcast" / "P0000").mkdir(parents=True)
     rel = "audio/podcast/P0000/POD0000000001.opus"
     sf.write(root / rel, speechlike(6.0, seed=4), 16000, format="OGG", subtype="OPUS")
+    for aid, subset in (("YOU1000000038", "{DEV}"), ("YOU1000000019", "{TEST}")):
+        sf.write(root / f"audio/podcast/P0000/{aid}.opus", speechlike(3.0, seed=len(aid) + len(subset)), 16000,
+                 format="OGG", subtype="OPUS")
+    eval_audios = [  # evaluation files are labelled end to end, garbage segments included
+        {"aid": aid, "title": "an evaluation file", "path": f"audio/podcast/P0000/{aid}.opus", "md5": "0" * 32,
+         "duration": 3.0, "source": "podcast", "format": "opus", "sample_rate": 16000, "channels": 1,
+         "segments": [
+             {"sid": f"{aid}_S0000000", "speaker": "N/A", "begin_time": 0.0, "end_time": 0.5, "text_tn": "<SIL>",
+              "subsets": [subset]},
+             {"sid": f"{aid}_S0000001", "speaker": "N/A", "begin_time": 0.5, "end_time": 3.0,
+              "text_tn": "WE WILL BE RIGHT BACK <PERIOD>", "subsets": [subset]}]}
+        for aid, subset in (("YOU1000000038", "{DEV}"), ("YOU1000000019", "{TEST}"))]
     meta = {
-        "audios": [
+        "dataset": "GigaSpeech", "language": "EN", "version": "v1.0.0", "description": "fixture",
+        "audios": eval_audios + [
             {
                 "aid": "POD0000000001",
                 "path": rel,
@@ -86,27 +116,46 @@ def write_gigaspeech(root: Path) -> Path:
 
 
 def write_commonvoice(root: Path) -> Path:
+    """A Common Voice release as its tools write it: unquoted TSVs (raw quotes inside sentences), disjoint
+    train/dev/test TSVs, validated.tsv listing the dev and test clips too, clip_durations.tsv."""
     (root / "clips").mkdir(parents=True)
-    for i in range(4):
+    for i in range(6):
         sf.write(root / "clips" / f"common_voice_en_{i}.mp3", speechlike(1.5, sr=48000, seed=20 + i), 48000, format="MP3")
-    header = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\tlocale"
-    rows = [
-        'aaa\tcommon_voice_en_0.mp3\t"Quoted," she said, "twice."\t2\t0\t\t\ten',
-        "bbb\tcommon_voice_en_1.mp3\tA plain sentence.\t3\t0\ttwenties\tfemale\ten",
-        "ccc\tcommon_voice_en_2.mp3\t\t2\t0\t\t\ten",                   # empty sentence
-        "ddd\tcommon_voice_en_missing.mp3\tNo such clip.\t2\t0\t\t\ten",  # missing clip
-        "eee\tcommon_voice_en_3.mp3\ttoo\tfew",                          # malformed row
-    ]
-    (root / "validated.tsv").write_text(header + "\n" + "\n".join(rows) + "\n")
-    # A re-saved TSV whose quoted field holds a tab and a newline.
-    quoted = [header, 'fff\tcommon_voice_en_1.mp3\t"Tab\there and\nnewline ""too"""\t1\t0\t\t\ten']
-    (root / "train.tsv").write_text("\n".join(quoted) + "\n")
+    header = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents\tvariant\tlocale\tsegment"
+    rows = {
+        0: 'aaa\tcommon_voice_en_0.mp3\ts0\t"Quoted," she said, "twice."\t\t2\t0\t\t\t\t\ten\t',
+        1: "bbb\tcommon_voice_en_1.mp3\ts1\tA plain sentence.\t\t3\t0\ttwenties\tfemale_feminine\t\t\ten\t",
+        2: "ccc\tcommon_voice_en_2.mp3\ts2\t\t\t2\t0\t\t\t\t\ten\t",                        # empty sentence
+        3: "ddd\tcommon_voice_en_missing.mp3\ts3\tNo such clip.\t\t2\t0\t\t\t\t\ten\t",       # missing clip
+        4: "eee\tcommon_voice_en_3.mp3\ttoo\tfew",                                                 # malformed row
+        5: 'fff\tcommon_voice_en_4.mp3\ts5\t"""Good-bye,"" said the dev clip.\t\t2\t0\t\t\t\t\ten\t',  # in dev.tsv
+        6: "ggg\tcommon_voice_en_5.mp3\ts6\tThis clip is a test clip.\t\t2\t0\t\t\t\t\ten\t",      # in test.tsv
+    }
+
+    def tsv(name, keys):
+        (root / name).write_text(header + "\n" + "".join(rows[k] + "\n" for k in keys))
+
+    tsv("validated.tsv", range(7))
+    tsv("train.tsv", [0, 1])
+    tsv("dev.tsv", [5])
+    tsv("test.tsv", [6])
+    tsv("invalidated.tsv", [])
+    (root / "clip_durations.tsv").write_text("clip\tduration[ms]\n" + "".join(
+        f"common_voice_en_{i}.mp3\t1500\n" for i in range(6)))
+    # A re-saved TSV (pandas, spreadsheets) whose quoted field holds a tab and a newline.
+    quoted = [header, 'fff\tcommon_voice_en_1.mp3\ts9\t"Tab\there and\nnewline ""too"""\t\t1\t0\t\t\t\t\ten\t']
+    (root / "resaved.tsv").write_text("\n".join(quoted) + "\n")
     return root
 
 
 @pytest.fixture
 def librispeech_root(tmp_path):
     return write_librispeech(tmp_path / "LibriSpeech")
+
+
+@pytest.fixture
+def librispeech_release(tmp_path):
+    return write_librispeech_release(tmp_path / "LibriSpeech")
 
 
 @pytest.fixture

@@ -66,8 +66,8 @@ def test_template_choice_spreads_over_the_set():
 
 def test_pretrain_split(units_dir, tmp_path):
     summary = compose.pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5, quiet=True)
-    train, dev = read(tmp_path / "pt", "train-*.parquet"), read(tmp_path / "pt", "dev-*.parquet")
-    assert (summary["train"], summary["dev"]) == (len(train), len(dev)) and len(train) + len(dev) == 4
+    train, dev = read(tmp_path / "pt", "train-*.parquet"), read(tmp_path / "pt", "validation-*.parquet")
+    assert (summary["train"], summary["validation"]) == (len(train), len(dev)) and len(train) + len(dev) == 4
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in dev})
     for r in train + dev:
         assert re.fullmatch(UNITS, r["text"]) and units.from_text(r["text"]) == r["units"]

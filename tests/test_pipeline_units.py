@@ -34,7 +34,7 @@ def test_extract_cluster_quantize(manifest, tmp_path, librispeech_root):
     assert [f.shape for f in feats] == [(98, 39), (148, 39)]
     # stored frames equal a direct computation
     from speechinstruct import audio
-    wav = audio.load(librispeech_root / "dev-clean/1272/128104/1272-128104-0001.flac")
+    wav = audio.load(librispeech_root / "train-clean-100/1272/128104/1272-128104-0001.flac")
     np.testing.assert_allclose(feats[1], MFCC().features(wav), atol=1e-5)
 
     meta = cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
@@ -70,7 +70,7 @@ def test_extract_resumes_and_shard_index_partitions(manifest, tmp_path):
 
 
 def test_broken_audio_is_skipped_with_reason(manifest, tmp_path, librispeech_root):
-    (librispeech_root / "dev-clean/1272/128104/1272-128104-0002.flac").write_bytes(b"broken since sharding")
+    (librispeech_root / "train-clean-100/1272/128104/1272-128104-0002.flac").write_bytes(b"broken since sharding")
     stats = cli("extract", manifest, tmp_path / "f", "-q")
     assert stats["errors"] == 1 and stats["utterances"] == 3
     errors = [json.loads(l) for f in sorted((tmp_path / "f").glob("errors-*.jsonl")) for l in f.read_text().splitlines()]

@@ -40,7 +40,7 @@ def test_round_trip_load_dataset_and_validate(dataset, composed):
     assert len(com) == 8  # the first 8 shipped pairs are all speakable; one format each
     assert set(com["format"]) <= set(compose.FORMATS)
     pt = datasets.load_dataset(str(dataset), "pretrain")
-    assert set(pt) == {"train", "dev"} and len(pt["train"]) + len(pt["dev"]) == 4
+    assert set(pt) == {"train", "validation"} and len(pt["train"]) + len(pt["validation"]) == 4
     meta = json.loads((dataset / "speechinstruct.json").read_text())
     assert meta["k"] == 8 and meta["extractor"]["features"] == "mfcc" and meta["hours"]["librispeech"] > 0
     assert meta["templates"] == {"asr": "builtin-1", "tts": "builtin-1"}
@@ -55,7 +55,7 @@ def test_same_named_datasets_do_not_share_the_datasets_cache(composed, tmp_path)
     publish(composed, tmp_path / "one" / "dataset")
     smaller = tmp_path / "smaller"
     (smaller / "cross_modal").mkdir(parents=True)
-    table = pq.read_table(sorted((composed / "cross_modal").glob("*.parquet"))[0]).slice(0, 3)
+    table = pq.read_table(sorted((composed / "cross_modal").glob("train-*.parquet"))[0]).slice(0, 3)
     pq.write_table(table, smaller / "cross_modal" / "train-00000.parquet")
     publish(smaller, tmp_path / "two" / "dataset")
     assert len(datasets.load_dataset(str(tmp_path / "one" / "dataset"), "cross_modal", split="train")) == 8
@@ -67,7 +67,7 @@ def test_save_to_disk_for_load_from_disk(composed, tmp_path):
     cm = datasets.load_from_disk(str(tmp_path / "ds" / "arrow" / "cross_modal"))
     assert len(cm["train"]) == 8
     pt = datasets.load_from_disk(str(tmp_path / "ds" / "arrow" / "pretrain"))
-    assert set(pt) == {"train", "dev"}
+    assert set(pt) == {"train", "validation"}
     assert validate(tmp_path / "ds").ok
 
 

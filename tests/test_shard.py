@@ -21,7 +21,8 @@ def test_librispeech(librispeech_root, tmp_path):
     assert sorted(got) == [f"librispeech/1272-128104-000{i}" for i in range(3)] + ["librispeech/1462-170138-0000"]
     r = got["librispeech/1272-128104-0001"]
     assert r["text"] == "NOR IS MISTER QUILTER'S MANNER"
-    assert r["path"] == "dev-clean/1272/128104/1272-128104-0001.flac"
+    assert r["path"] == "train-clean-100/1272/128104/1272-128104-0001.flac"
+    assert (r["split"], r["corpus_split"]) == ("train", "train-clean-100")
     assert r["speaker"] == "1272" and r["sample_rate"] == 16000 and r["license"] == "CC-BY-4.0"
     assert r["duration"] == pytest.approx(1.5)
     assert summary["skipped"] == {"missing audio file": 1, "unreadable audio": 1}
@@ -66,11 +67,47 @@ def test_gigaspeech(gigaspeech_root, tmp_path):
     assert got["gigaspeech/POD0000000001_S0000000"]["text"] == "AS THEY'RE LEAVING, CAN KASH PULL ZAHRA ASIDE?"
     assert got["gigaspeech/POD0000000001_S0000002"]["offset"] == 3.0
     assert got["gigaspeech/POD0000000001_S0000002"]["duration"] == pytest.approx(2.5)
-    assert summary["skipped"] == {"garbage segment": 1, "missing audio file": 1}
+    assert summary["skipped"] == {"garbage segment": 3, "missing audio file": 1}  # the eval files' <SIL> too
     small = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "s", subset="S", quiet=True)
     assert small["utterances"] == 1
-    with pytest.raises(ValueError, match="unknown GigaSpeech subset"):
+    with pytest.raises(ValueError, match="unknown GigaSpeech subset 'XXL'; choose one of XS, S, M, L, XL, DEV, TEST"):
         shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "x", subset="XXL", quiet=True)
+
+
+def test_gigaspeech_dev_and_test_subsets_are_marked_and_selectable(gigaspeech_root, tmp_path):
+    shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
+    got = {r["id"]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")}
+    assert got == {"gigaspeech/YOU1000000038_S0000001": ("dev", "{DEV}"),
+                   "gigaspeech/YOU1000000019_S0000001": ("test", "{TEST}"),
+                   "gigaspeech/POD0000000001_S0000000": ("train", "{XS}"),
+                   "gigaspeech/POD0000000001_S0000002": ("train", "{L}")}
+    dev = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "dev", subset="DEV", quiet=True)
+    assert dev["utterances"] == 1 and dev["splits"]["dev"]["corpus_splits"] == {"{DEV}": 1}
+    xl = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "xl", subset="xl", quiet=True)
+    assert set(xl["splits"]) == {"train"} and xl["utterances"] == 2  # XL never holds DEV/TEST segments
+
+
+def test_librispeech_release_keeps_dev_and_test_apart(librispeech_release, tmp_path):
+    summary = shard_corpus("librispeech", librispeech_release, tmp_path / "m", quiet=True)
+    got = {r["id"]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")}
+    assert got["librispeech/2277-149896-0000"] == ("dev", "dev-clean")
+    assert got["librispeech/1089-134686-0001"] == ("test", "test-clean")
+    assert got["librispeech/1272-128104-0000"] == ("train", "train-clean-100")
+    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"dev": 2, "test": 2, "train": 4}
+    # ROOT may be one split folder; its name is the split
+    one = shard_corpus("librispeech", librispeech_release / "test-clean", tmp_path / "t", quiet=True)
+    assert set(one["splits"]) == {"test"}
+    # --splits keeps some and counts the rest
+    only = shard_corpus("librispeech", librispeech_release, tmp_path / "o", splits="train,dev", quiet=True)
+    assert only["utterances"] == 6 and only["left_out_by_split"] == {"test": 2}
+    assert {r["split"] for r in rows(tmp_path / "o")} == {"train", "dev"}
+    with pytest.raises(ValueError, match=r"unknown split\(s\) \['valid'\]"):
+        shard_corpus("librispeech", librispeech_release, tmp_path / "x", splits="train,valid", quiet=True)
+
+
+def test_librilight_is_train_with_its_size_folder(librilight_root, tmp_path):
+    shard_corpus("librilight", librilight_root, tmp_path / "m", quiet=True)
+    assert {(r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")} == {("train", "small")}
 
 
 def test_gigaspeech_normalize():
@@ -82,6 +119,7 @@ def test_commonvoice_unquoted(commonvoice_root, tmp_path):
     summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", quiet=True)
     got = {r["id"]: r for r in rows(tmp_path / "m")}
     assert got["commonvoice/en/common_voice_en_0"]["text"] == '"Quoted," she said, "twice."'
+    assert got["commonvoice/en/common_voice_en_4"]["text"] == '"""Good-bye,"" said the dev clip.'  # raw, unquoted
     assert got["commonvoice/en/common_voice_en_1"]["sample_rate"] == 48000
     assert got["commonvoice/en/common_voice_en_1"]["speaker"] == "bbb"
     assert summary["skipped"] == {"empty transcript": 1, "malformed tsv row": 1, "missing audio file": 1}
@@ -89,15 +127,33 @@ def test_commonvoice_unquoted(commonvoice_root, tmp_path):
     assert where["malformed tsv row"] == "validated.tsv:6"
 
 
+def test_commonvoice_clips_of_dev_and_test_tsvs_stay_out_of_train(commonvoice_root, tmp_path):
+    """validated.tsv also lists the dev and test clips: they are dev/test whichever TSV they are read from."""
+    shard_corpus("commonvoice", commonvoice_root, tmp_path / "v", quiet=True)
+    got = {r["id"].rsplit("/", 1)[1]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "v")}
+    assert got == {"common_voice_en_0": ("train", "validated.tsv"), "common_voice_en_1": ("train", "validated.tsv"),
+                   "common_voice_en_4": ("dev", "dev.tsv"), "common_voice_en_5": ("test", "test.tsv")}
+    for tsv, split in (("train.tsv", "train"), ("dev.tsv", "dev"), ("test.tsv", "test")):
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / tsv, tsv=tsv, quiet=True)
+        assert {r["split"] for r in rows(tmp_path / tsv)} == {split}
+    # clip_durations.tsv lies beside the split TSVs; it is no clip list
+    with pytest.raises(ValueError, match=r"clip_durations.tsv: header lacks columns \['client_id', 'path', 'sentence'\]"):
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="clip_durations.tsv", quiet=True)
+    # without dev.tsv and test.tsv, validated.tsv cannot be split safely: refused with the way out
+    (commonvoice_root / "dev.tsv").unlink(), (commonvoice_root / "test.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"neither dev.tsv nor test.tsv is here.*--tsv train.tsv"):
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "x", quiet=True)
+
+
 def test_commonvoice_quoted_tsv(commonvoice_root, tmp_path):
-    shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="train.tsv", quiet=True)
+    shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="resaved.tsv", quiet=True)
     (row,) = rows(tmp_path / "m")
     assert row["text"] == 'Tab here and newline "too"'
 
 
 def test_symlink_out_of_root_is_refused(librispeech_root, tmp_path):
     outside = tmp_path / "secret.flac"
-    chapter = librispeech_root / "dev-clean" / "1272" / "128104"
+    chapter = librispeech_root / "train-clean-100" / "1272" / "128104"
     os.replace(chapter / "1272-128104-0000.flac", outside)
     os.symlink(outside, chapter / "1272-128104-0000.flac")
     summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)

@@ -1,8 +1,13 @@
 """Common Voice: ``clips/*.mp3`` (48 kHz) and tab-separated ``validated.tsv`` / ``train.tsv`` / … with
 columns ``client_id, path, sentence, up_votes, down_votes, age, gender, locale, …``.
 
-Most releases write the TSV unquoted; some tools re-save it with quoting (fields holding tabs, newlines
-or quotes wrapped in ``"``). The reader checks which one a file is and parses accordingly.
+Releases write the TSVs unquoted (a sentence may hold raw ``"``, even three quotes in a row before ``Good-bye,""``); some tools
+re-save them with quoting (fields holding tabs, newlines or quotes wrapped in ``"``). The reader checks which
+one a file is and parses accordingly.
+
+Splits: ``train.tsv``, ``dev.tsv`` and ``test.tsv`` are disjoint, and ``validated.tsv`` (the default, and
+``other.tsv``…) also lists the dev and test clips. A clip listed in ``dev.tsv`` or ``test.tsv`` is therefore
+dev or test whichever TSV it is read from; ``corpus_split`` names the TSV that assigns it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe
+from . import DEFAULT_LICENSES, Item, Skip, probe, split_of
 
 REQUIRED = ("client_id", "path", "sentence")
 
@@ -48,6 +53,27 @@ def _rows(tsv: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return parsed[0][1], parsed[1:]
 
 
+def _read_tsv(tsv_path: Path) -> tuple[dict[str, int], list[tuple[int, list[str]]], int]:
+    header, rows = _rows(tsv_path)
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise ValueError(f"{tsv_path}: header lacks columns {missing} (has {header})")
+    return {name: i for i, name in enumerate(header)}, rows, len(header)
+
+
+EVAL_TSVS = ("dev.tsv", "test.tsv")
+
+
+def eval_clips(root: Path, tsv: str) -> dict[str, str]:
+    """clip → the evaluation TSV listing it (dev.tsv, test.tsv), for clips read from another TSV."""
+    clips: dict[str, str] = {}
+    for name in EVAL_TSVS:
+        if name != tsv and (root / name).is_file():
+            col, rows, width = _read_tsv(root / name)
+            clips.update((row[col["path"]].strip(), name) for _, row in rows if len(row) == width)
+    return clips
+
+
 def read(
     root: str | Path, tsv: str = "validated.tsv", license: str | None = None, quiet: bool = False
 ) -> Iterator[Item]:
@@ -56,15 +82,17 @@ def read(
     tsv_path = root / tsv
     if not tsv_path.is_file():
         raise FileNotFoundError(f"{tsv_path}: missing: not a Common Voice folder (or wrong --tsv)")
-    header, rows = _rows(tsv_path)
-    missing = [c for c in REQUIRED if c not in header]
-    if missing:
-        raise ValueError(f"{tsv_path}: header lacks columns {missing} (has {header})")
-    col = {name: i for i, name in enumerate(header)}
+    split_tsv = tsv in ("train.tsv", *EVAL_TSVS)  # one of the disjoint split files: its name is the split
+    if not split_tsv and not any((root / name).is_file() for name in EVAL_TSVS):
+        raise FileNotFoundError(
+            f"{root}: neither dev.tsv nor test.tsv is here, so the dev and test clips inside {tsv} cannot be told "
+            "apart from training clips; restore them, or read train.tsv (--tsv train.tsv)")
+    col, rows, width = _read_tsv(tsv_path)
+    evaluation = {} if split_tsv else eval_clips(root, tsv)
     for line, row in tqdm(rows, desc=f"commonvoice {tsv}", unit="clip", disable=quiet):
         where = f"{tsv}:{line}"
-        if len(row) != len(header):
-            yield Skip(where, "malformed tsv row", f"{len(row)} fields, header has {len(header)}")
+        if len(row) != width:
+            yield Skip(where, "malformed tsv row", f"{len(row)} fields, header has {width}")
             continue
         clip, sentence = row[col["path"]].strip(), " ".join(row[col["sentence"]].split())
         if not clip:
@@ -93,4 +121,6 @@ def read(
             "speaker": row[col["client_id"]],
             "corpus": "commonvoice",
             "license": license,
+            "split": split_of(evaluation.get(clip, tsv)),
+            "corpus_split": evaluation.get(clip, tsv),
         }

@@ -1,7 +1,11 @@
 """GigaSpeech: ``GigaSpeech.json`` lists audio files (opus, 16 kHz), each with ``segments`` (``sid``,
 ``begin_time``, ``end_time``, ``text_tn``, ``subsets``). Punctuation tags become punctuation; garbage
 segments (``<SIL>``, ``<NOISE>``, ``<MUSIC>``, ``<OTHER>``) are dropped and counted. The metadata is
-streamed with ijson, so memory stays flat however large the file is."""
+streamed with ijson, so memory stays flat however large the file is.
+
+Splits come from each segment's ``subsets``: ``{DEV}`` and ``{TEST}`` segments (whole files, labelled end to
+end) are dev and test; the training subsets ``{XS}`` ⊂ ``{S}`` ⊂ ``{M}`` ⊂ ``{L}`` ⊂ ``{XL}`` are train, and
+``corpus_split`` names the smallest one holding the segment. ``subset`` keeps one of the seven."""
 
 from __future__ import annotations
 
@@ -11,11 +15,12 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe, relpath
+from . import DEFAULT_LICENSES, Item, Skip, probe, relpath, split_of
 
 PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
 GARBAGE = {"<SIL>", "<NOISE>", "<MUSIC>", "<OTHER>"}
-SUBSETS = ("XS", "S", "M", "L", "XL")
+SUBSETS = ("XS", "S", "M", "L", "XL")  # nested training subsets, smallest first
+EVAL_SUBSETS = ("DEV", "TEST")
 
 
 def normalize(text_tn: str) -> str:
@@ -35,8 +40,8 @@ def read(
 ) -> Iterator[Item]:
     root = Path(root)
     license = license or DEFAULT_LICENSES["gigaspeech"]
-    if subset is not None and subset.upper() not in SUBSETS:
-        raise ValueError(f"unknown GigaSpeech subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+    if subset is not None and subset.upper() not in SUBSETS + EVAL_SUBSETS:
+        raise ValueError(f"unknown GigaSpeech subset {subset!r}; choose one of {', '.join(SUBSETS + EVAL_SUBSETS)}")
     meta_path = root / "GigaSpeech.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing: not a GigaSpeech folder")
@@ -72,6 +77,10 @@ def read(
             if not (0 <= begin < end <= seconds + 0.05):
                 yield Skip(rel, "segment outside the audio", f"{sid}: {begin}-{end} s of {seconds:.2f} s")
                 continue
+            part = corpus_split(seg)
+            if part is None:
+                yield Skip(rel, "segment in no GigaSpeech subset", f"{sid}: subsets {seg.get('subsets')!r}")
+                continue
             yield {
                 "id": f"gigaspeech/{sid}",
                 "path": relpath(path, root),
@@ -82,6 +91,8 @@ def read(
                 "speaker": str(entry.get("aid", "unknown")),
                 "corpus": "gigaspeech",
                 "license": license,
+                "split": split_of(part),
+                "corpus_split": part,
             }
 
 
@@ -98,5 +109,19 @@ def _stream_audios(meta_path: Path) -> Iterator[dict]:
             raise ValueError(f"{meta_path}: not valid GigaSpeech metadata ({e})") from None
 
 
+def _subsets(segment: dict) -> set[str]:
+    subsets = segment.get("subsets") or []
+    return {str(s).strip("{} ").upper() for s in (subsets if isinstance(subsets, list) else [subsets])}
+
+
 def _in_subset(segment: dict, subset: str) -> bool:
-    return any(str(s).strip("{}").upper() == subset for s in segment.get("subsets", []))
+    return subset in _subsets(segment)
+
+
+def corpus_split(segment: dict) -> str | None:
+    """``{DEV}`` or ``{TEST}`` for evaluation segments, else the smallest training subset holding it."""
+    subsets = _subsets(segment)
+    for name in EVAL_SUBSETS + SUBSETS:
+        if name in subsets:
+            return "{" + name + "}"
+    return None

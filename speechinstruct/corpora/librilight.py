@@ -1,5 +1,7 @@
 """LibriLight: ``{subset}/{speaker}/{book}/{file}.flac`` with ``{file}.json`` beside it holding the
-voice-activity spans (``voice_activity``: [[start, end], ...] seconds). No transcripts.
+voice-activity spans (``voice_activity``: [[start, end], ...] seconds). No transcripts. LibriLight has no
+dev or test part (``small``/``medium``/``large`` are sizes; its evaluation sets come from LibriSpeech): every
+row is ``train``, with the size folder as ``corpus_split``.
 
 Long files are cut into utterances of at most ``max_seconds`` by grouping consecutive voice-activity
 spans; a cut falls inside a span only when that span alone is longer than ``max_seconds``.
@@ -85,4 +87,6 @@ def read(
                 "speaker": speaker,
                 "corpus": "librilight",
                 "license": license,
+                "split": "train",
+                "corpus_split": parts[0] if len(parts) > 1 else root.resolve().name,
             }

@@ -1,5 +1,9 @@
 """LibriSpeech: ``{split}/{speaker}/{chapter}/{speaker}-{chapter}-{utt}.flac`` with transcripts in
-``{speaker}-{chapter}.trans.txt`` ("UTT-ID TEXT" per line). ROOT may be the corpus folder or one split."""
+``{speaker}-{chapter}.trans.txt`` ("UTT-ID TEXT" per line). ROOT may be the corpus folder or one split.
+
+The split is the top folder (``train-clean-100`` … ``dev-clean`` … ``test-other``): ``split`` says train, dev
+or test, ``corpus_split`` keeps LibriSpeech's name. A folder that names no LibriSpeech split counts by its
+name (``dev*``/``test*`` are dev/test, anything else train)."""
 
 from __future__ import annotations
 
@@ -8,16 +12,29 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe, relpath
+from . import DEFAULT_LICENSES, Item, Skip, probe, relpath, split_of
+
+SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
 
 
-def read(root: str | Path, license: str | None = None, quiet: bool = False) -> Iterator[Item]:
+def corpus_split(trans: Path, root: Path) -> str:
+    """LibriSpeech's split folder holding a transcript file: a known split name on its path (ROOT may be
+    the corpus, one split or deeper), else the first folder under ROOT (or ROOT's own name)."""
+    parts = [root.resolve().name, *trans.relative_to(root).parts[:-1]]
+    known = [p for p in parts if p in SPLITS]
+    if known:
+        return known[-1]
+    return parts[1] if len(parts) > 3 else parts[0]
+
+
+def read(root: str | Path, license: str | None = None, quiet: bool = False, corpus: str = "librispeech") -> Iterator[Item]:
     root = Path(root)
-    license = license or DEFAULT_LICENSES["librispeech"]
+    license = license or DEFAULT_LICENSES[corpus]
     trans_files = sorted(root.rglob("*.trans.txt"))
     if not trans_files:
         raise FileNotFoundError(f"{root}: no *.trans.txt files: not a LibriSpeech folder")
-    for trans in tqdm(trans_files, desc="librispeech chapters", unit="chapter", disable=quiet):
+    for trans in tqdm(trans_files, desc=f"{corpus} chapters", unit="chapter", disable=quiet):
+        part = corpus_split(trans, root)
         try:
             lines = trans.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
@@ -39,13 +56,15 @@ def read(root: str | Path, license: str | None = None, quiet: bool = False) -> I
                 continue
             sr, seconds = probed
             yield {
-                "id": f"librispeech/{utt}",
+                "id": f"{corpus}/{utt}",
                 "path": relpath(flac, root),
                 "offset": 0.0,
                 "duration": seconds,
                 "sample_rate": sr,
                 "text": text,
                 "speaker": utt.split("-")[0],
-                "corpus": "librispeech",
+                "corpus": corpus,
                 "license": license,
+                "split": split_of(part),
+                "corpus_split": part,
             }
