@@ -32,6 +32,14 @@ CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
 
 SPLITS = ("train", "validation", "test")
+SPLIT_RULES = {  # how each corpus says which audio is dev or test (corpora/*.py)
+    "librispeech": "LibriSpeech: its `dev-*`/`test-*` folders",
+    "gigaspeech": "GigaSpeech: its `{DEV}`/`{TEST}` subsets",
+    "commonvoice": "Common Voice: the clips listed in `dev.tsv`/`test.tsv`",
+    "librilight": "LibriLight: no dev or test part, all train",
+    "speechinstruct-demo": "the embedded demo corpus: all train",
+    "speechinstruct-sample": "the shipped instruction sample: all train",
+}
 
 
 def _inputs(folder: Path, eval_splits: bool = True) -> dict[str, dict[str, list[Path]]]:
@@ -205,10 +213,10 @@ def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:
     for config, kinds in meta["by_kind"].items():
         lines.append("")
         lines.append(f"{config}: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    rules = [SPLIT_RULES.get(c, f"{c}: as its reader marks it") for c in sorted({s["corpus"] for s in meta["sources"]})]
     lines += ["", "## Splits", "",
-              "Every record keeps the split of the audio it was made from, as the corpus itself defines it "
-              "(LibriSpeech's `dev-*`/`test-*` folders, GigaSpeech's `{DEV}`/`{TEST}` subsets, Common Voice's "
-              "`dev.tsv`/`test.tsv`). No dev or test audio is in `train`."]
+              "Every record keeps the split of the audio it was made from, as the corpus itself defines it ("
+              + "; ".join(rules) + "). No dev or test audio is in `train`."]
     if meta.get("eval_splits", True):
         lines.append("`validation` and `test` hold the records made from the corpora's dev and test audio; for "
                      "`pretrain`, `validation` also holds a hashed share of training utterances (stage 1's dev set).")

@@ -42,10 +42,10 @@ def clean_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("trigger", [
-    "demo-corpus/dev-clean/1002",                       # while the demo corpus is being spoken
-    "librispeech/features/features-00002.arrow",        # mid-extraction, some shards done
-    "librispeech/units/units-00001.parquet",            # mid-quantization
-    "composed/cross_modal/summary-librispeech.json",    # during composition
+    "demo-corpus/train/1002",                       # while the demo corpus is being spoken
+    "speechinstruct-demo/features/features-00002.arrow",        # mid-extraction, some shards done
+    "speechinstruct-demo/units/units-00001.parquet",            # mid-quantization
+    "composed/cross_modal/summary-speechinstruct-demo.json",    # during composition
 ])
 def test_sigkill_anywhere_then_rerun_gives_the_clean_result(clean_run, tmp_path, trigger):
     recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work")
@@ -63,7 +63,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_clean_result(clean_run, tmp_path,
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert snapshot(tmp_path / "work" / "dataset") == snapshot(clean_run / "dataset")
-    for part in ("librispeech/units", "composed"):
+    for part in ("speechinstruct-demo/units", "composed"):
         # working folders: their summary/spec JSON files name this run's absolute paths, so compare the data
         got = {k: v for k, v in snapshot(tmp_path / "work" / part).items() if k.endswith(".parquet")}
         want = {k: v for k, v in snapshot(clean_run / part).items() if k.endswith(".parquet")}

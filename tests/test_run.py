@@ -75,3 +75,39 @@ def test_recipe_with_an_existing_kmeans_file(tmp_path):
     np.save(km, np.random.default_rng(1).normal(size=(10, 39)).astype(np.float32))  # replaced in place
     again = run(path, quiet=True)
     assert again["stages_skipped"] == 3  # demo, shard, extract; quantize onwards redone
+
+
+def test_run_on_a_release_with_test_sets_publishes_no_test_audio_as_training_data(tmp_path, librispeech_release):
+    """LIBRISPEECH_ROOT=/data/LibriSpeech, as the README shows: dev-clean and test-clean sit beside the training
+    folders. Their records go to validation/test (or nowhere), never to train."""
+    path = recipe(tmp_path, demo_corpus=None, corpora=[{"name": "librispeech", "root": str(librispeech_release)}],
+                  kmeans={"k": 8, "max_frames": 20000})
+    summary = run(path, quiet=True)
+    assert summary["valid"]
+    dataset = tmp_path / "work" / "dataset"
+    eval_ids = {"2277-149896-0000", "2277-149896-0001", "1089-134686-0000", "1089-134686-0001"}
+    for config in ("cross_modal", "pretrain"):
+        splits = datasets.load_dataset(str(dataset), config)
+        train_sources = {s.rsplit("/", 1)[1] for s in splits["train"]["source_id"]}
+        assert train_sources and not train_sources & eval_ids, config
+        assert {s.rsplit("/", 1)[1] for s in splits["test"]["source_id"]} == {"1089-134686-0000", "1089-134686-0001"}
+        assert set(splits) == {"train", "validation", "test"}
+    card = (dataset / "README.md").read_text()
+    assert "No dev or test audio is in `train`" in card and "`validation` and `test` hold" in card
+
+    path = recipe(tmp_path, demo_corpus=None, corpora=[{"name": "librispeech", "root": str(librispeech_release)}],
+                  kmeans={"k": 8, "max_frames": 20000}, output={"eval_splits": False})
+    assert run(path, quiet=True)["valid"]
+    assert set(datasets.load_dataset(str(dataset), "cross_modal")) == {"train"}
+    assert "were left out of this dataset" in (dataset / "README.md").read_text()
+
+
+def test_demo_corpus_is_published_as_what_it_is(tmp_path):
+    run(recipe(tmp_path), quiet=True)
+    dataset = tmp_path / "work" / "dataset"
+    cm = datasets.load_dataset(str(dataset), "cross_modal", split="train")
+    assert set(cm["corpus"]) == {"speechinstruct-demo"} and all("espeak-ng" in x for x in cm["license"])
+    card = (dataset / "README.md").read_text()
+    assert "librispeech" not in card.lower() and "CC-BY" not in card
+    meta = json.loads((dataset / "speechinstruct.json").read_text())
+    assert set(meta["hours"]) == {"speechinstruct-demo"}
