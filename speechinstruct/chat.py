@@ -1,7 +1,11 @@
 """``speechinstruct chat``: talk to a trained model with text or an audio file.
 
-Audio becomes units with the same extractor and k-means as the training data; the prompt is SpeechGPT's
-``{prefix}[Human]: {input}<eoh> [SpeechGPT]:``; the answer is printed as text plus its unit strings.
+Audio becomes units with the same extractor and k-means as the training data. The prompt is the record
+format the model was trained on, up to the answer (``PROMPTS``): by default chain-of-modality's
+``{prefix}[Human]: {input}<eoh>. [SpeechGPT]:``, or cross-modal's ``… {input}<eoh> [SpeechGPT]:``, or SpeechGPT's
+``cli_infer.py`` template (``[Human]: {input} <eoh>. [SpeechGPT]: ``). The answer is split as ``cli_infer.py``
+splits it: text question (before ``; [ta]``), text answer (between ``[ta]`` and ``; [ua]``) and unit answer
+(after ``[ua]``), each up to ``<eoa>``.
 """
 
 from __future__ import annotations
@@ -12,15 +16,50 @@ from pathlib import Path
 import torch
 
 from .compose import DEFAULT_PREFIX
-from .units import dedup, to_text
+from .units import UNIT_RE, dedup, to_text
 
+PROMPTS = {
+    "chain_of_modality": "[Human]: {input}<eoh>. [SpeechGPT]:",
+    "cross_modal": "[Human]: {input}<eoh> [SpeechGPT]:",
+    "speechgpt-cli": "[Human]: {input} <eoh>. [SpeechGPT]: ",
+}
 UNIT_SPAN = re.compile(r"<sosp>(?:<\d+>)*(?:<eosp>|$)")
 
 
+def _between(text: str, start: str | None, end: str | None) -> str:
+    """The text after ``start`` (or from the beginning) up to ``end`` (or the end)."""
+    if start is not None:
+        i = text.find(start)
+        if i < 0:
+            return ""
+        text = text[i + len(start):]
+    if end is not None and end in text:
+        text = text[: text.index(end)]
+    return text.strip()
+
+
+def parse_answer(generated: str) -> dict:
+    """The model's answer split as SpeechGPT's ``cli_infer.py`` splits it."""
+    answer = generated.split("<eoa>")[0].strip()
+    has_ta, has_ua = "[ta]" in answer, "[ua]" in answer
+    unit_answer = _between(answer, "[ua]", None) if has_ua else ""
+    return {
+        "answer": answer,
+        "text_question": _between(answer, None, "; [ta]") if "; [ta]" in answer else "",
+        "text_answer": _between(answer, "[ta]", "; [ua]") if has_ta else "",
+        "unit_answer": unit_answer,
+        "units": [int(u) for u in UNIT_RE.findall(unit_answer or (UNIT_SPAN.search(answer) or [""])[0])],
+        "raw": generated,
+    }
+
+
 class Chat:
-    def __init__(self, model_dir: str | Path, lora: str | Path | None = None, device: str = "cpu", prefix: str = DEFAULT_PREFIX):
+    def __init__(self, model_dir: str | Path, lora: str | Path | None = None, device: str = "cpu",
+                 prefix: str = DEFAULT_PREFIX, kind: str = "chain_of_modality"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if kind not in PROMPTS:
+            raise ValueError(f"unknown prompt kind {kind!r}: choose {', '.join(PROMPTS)}")
         source = Path(lora) if lora else Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=source.is_dir())
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=Path(model_dir).is_dir())
@@ -31,22 +70,25 @@ class Chat:
 
             model = PeftModel.from_pretrained(model, str(lora))
         self.model = model.eval().to(device)
-        self.device, self.prefix = device, prefix
+        self.device, self.prefix, self.kind = device, prefix, kind
 
     def prompt(self, user_input: str) -> str:
-        return f"{self.prefix}[Human]: {user_input}<eoh> [SpeechGPT]:"
+        return self.prefix + PROMPTS[self.kind].format(input=user_input)
+
+    def prompt_ids(self, user_input: str) -> list[int]:
+        """Token ids of the prompt exactly as training tokenised the record's beginning (BOS first)."""
+        from .train import _with_bos
+
+        return _with_bos(self.tokenizer, self.tokenizer(self.prompt(user_input), add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
     def reply(self, user_input: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 0.8) -> dict:
-        ids = self.tokenizer(self.prompt(user_input), return_tensors="pt").to(self.device)
-        eoa = self.tokenizer.convert_tokens_to_ids("<eoa>")
-        output = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     eos_token_id=[t for t in (eoa, self.tokenizer.eos_token_id) if t is not None],
-                                     pad_token_id=self.tokenizer.pad_token_id)
-        text = self.tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        text = text.split("<eoa>")[0]
-        units = UNIT_SPAN.findall(text)
-        return {"text": UNIT_SPAN.sub("", text).strip(), "units": units, "raw": text}
+        ids = torch.tensor([self.prompt_ids(user_input)], device=self.device)
+        sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+        output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                     stop_strings=["<eoa>"], tokenizer=self.tokenizer, **sampling)
+        return parse_answer(self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def audio_to_unit_text(path: str | Path, extractor, kmeans) -> str:

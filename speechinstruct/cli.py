@@ -382,37 +382,44 @@ def train(
     base_model: str = typer.Option(..., help="A causal LM folder (or hub id): the base, or the previous stage's model/."),
     data: Path = typer.Option(..., help="A dataset written by `speechinstruct publish`."),
     out: Path = typer.Option(..., help="Output folder: model/ (or adapter/), checkpoints/, log.jsonl."),
-    config: Optional[Path] = typer.Option(None, help="Settings YAML (default: recipes/train-stage{N}.yaml if present)."),
+    config: Optional[Path] = typer.Option(None, help="Settings YAML (default: SpeechGPT's, the packaged recipes/train-stage{N}.yaml)."),
     epochs: Optional[float] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="Global micro-batch over all processes."),
     grad_accum: Optional[int] = typer.Option(None),
     max_steps: Optional[int] = typer.Option(None),
     block_size: Optional[int] = typer.Option(None, help="Stage 1 block size."),
     max_length: Optional[int] = typer.Option(None, help="Stages 2/3 maximum sequence length."),
-    train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--mask-inputs", help="Loss on the prompt too."),
+    mask: Optional[str] = typer.Option(None, help="No loss over: prefix (SpeechGPT's default), prompt (answer-only loss) or none."),
+    lora_targets: Optional[str] = typer.Option(None, help="Stage 3: comma-separated layer names (default: peft's for the model)."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping (SpeechGPT/Trainer: 1.0; 0 turns it off)."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate on the validation split every N steps (always at the end)."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Stage 3: also save the merged model."),
     save_every: Optional[int] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in OUT."),
     quiet: bool = Quiet,
 ):
-    """Fine-tune a causal LM on a published SpeechInstruct dataset (stages 1–3)."""
+    """Fine-tune a causal LM on a published SpeechInstruct dataset (stages 1–3), with SpeechGPT's settings."""
     import yaml
 
-    from .train import TrainConfig, train as run_train
+    from .train import TrainConfig, settings_for_stage, train as run_train
 
-    settings = {}
-    default = Path(__file__).resolve().parent.parent / "recipes" / f"train-stage{stage}.yaml"
-    path = config or (default if default.is_file() else None)
-    if path:
+    if stage not in (1, 2, 3):
+        fail(f"--stage must be 1, 2 or 3, got {stage}")
+    if config:
         try:
-            settings = yaml.safe_load(path.read_text()) or {}
+            settings = yaml.safe_load(config.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            fail(f"{path}: cannot read training settings ({e})")
+            fail(f"{config}: cannot read training settings ({e})")
+        if not isinstance(settings, dict):
+            fail(f"{config}: training settings must be a YAML mapping")
+    else:
+        settings = settings_for_stage(stage)
     overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-                     block_size=block_size, max_length=max_length, train_on_inputs=train_on_inputs, merge=merge,
-                     save_every=save_every, seed=seed)
+                     block_size=block_size, max_length=max_length, mask=mask, max_grad_norm=max_grad_norm,
+                     eval_every=eval_every, merge=merge, save_every=save_every, seed=seed,
+                     lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = _run(TrainConfig.from_dict, settings)
     result = _run(run_train, stage, base_model, data, out, cfg, resume=resume, quiet=quiet)
@@ -430,15 +437,20 @@ def chat(
     checkpoint: Optional[str] = typer.Option(None),
     layer: Optional[int] = typer.Option(None),
     max_new_tokens: int = typer.Option(256),
+    prompt: str = typer.Option("chain_of_modality", help="Prompt format: chain_of_modality (stage 3's records), "
+                               "cross_modal (stage 2's) or speechgpt-cli (SpeechGPT's cli_infer.py template)."),
+    prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT's)."),
     device: str = typer.Option("auto"),
 ):
-    """Generate a reply to text or an audio file; prints text and unit strings. Reads stdin lines when
-    neither --text nor --audio is given."""
+    """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
+    unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
     from .chat import Chat, audio_to_unit_text
+    from .compose import DEFAULT_PREFIX
     from .features import load_extractor
     from .units import load_kmeans
 
-    bot = _run(Chat, model, lora, _device(device))
+    prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
+    bot = _run(Chat, model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
     if audio_file:
         if not kmeans:

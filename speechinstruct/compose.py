@@ -39,12 +39,15 @@ from . import __version__, records, templates as templates_mod
 from .io import sha256_json, write_json, write_parquet
 from .units import dedup, to_text
 
-DEFAULT_PREFIX = (
+# SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
+# spaces after "University.", "with human" included): a model continued from SpeechGPT expects exactly this.
+SPEECHGPT_PREFIX = (
     "You are an AI assistant whose name is SpeechGPT.\n"
-    "- SpeechGPT is an intrinsic cross-modal conversational language model. It can understand and "
-    "communicate fluently with humans through speech or text chosen by the user.\n"
+    "- SpeechGPT is a intrinsic cross-modal conversational language model that is developed by Fudan University.  "
+    "SpeechGPT can understand and communicate fluently with human through speech or text chosen by the user.\n"
     "- It can perceive cross-modal inputs and generate cross-modal outputs.\n"
 )
+DEFAULT_PREFIX = SPEECHGPT_PREFIX
 FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
 HF_SPLIT = {"train": "train", "dev": "validation", "test": "test"}  # corpus split → published split
 

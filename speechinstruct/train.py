@@ -1,14 +1,25 @@
 """``speechinstruct train``: SpeechGPT's three stages on any causal LM (LLaMA, Qwen, GPT-2, …).
 
 1. modality-adaptation pre-training: causal LM on ``pretrain`` unit text, packed into blocks;
-2. cross-modal instruction fine-tuning: full fine-tune on ``cross_modal``, loss on the response only;
-3. chain-of-modality fine-tuning: LoRA on ``chain_of_modality``, loss on the response only.
+2. cross-modal instruction fine-tuning: full fine-tune on ``cross_modal``;
+3. chain-of-modality fine-tuning: LoRA on ``chain_of_modality``.
 
-The vocabulary gains ``<0>``…``<K-1>``, ``<sosp>``, ``<eosp>``, ``[Human]``, ``[SpeechGPT]``, ``<eoh>``,
-``<eoa>`` (K from the dataset's ``speechinstruct.json``) as single tokens; new embedding rows start at the
-mean of the old ones. The loop is plain PyTorch driven by ``accelerate`` (devices, bf16, gradient
-accumulation, multi-GPU, checkpoint state): read it top to bottom. Batches come from a permutation drawn
-from ``seed + epoch``, so a resumed run replays exactly the batches an uninterrupted run would see.
+As SpeechGPT's released scripts (``ma_pretrain.py``, ``cm_sft.py``, ``com_sft.py``) do, by default:
+
+* the vocabulary gains ``<0>``…``<K-1>``, ``<sosp>``, ``<eosp>``, ``[Human]``, ``[SpeechGPT]``, ``<eoh>``,
+  ``<eos>`` (K from the dataset's ``speechinstruct.json``) as single tokens; ``<eoa>`` stays plain text.
+  New embedding rows start at the mean of the old ones (SpeechGPT: transformers' default init);
+* stages 2 and 3 tokenise ``prefix + plain_text`` as ONE string (BOS first, EOS appended when it fits) and
+  set the labels to -100 over the prefix only (``mask="prefix"``): the ``[Human]`` turn is trained on.
+  ``mask="prompt"`` (loss on the ``[SpeechGPT]`` answer only) and ``mask="none"`` are options; the boundary
+  is found from the tokenizer's character offsets, never by tokenising the parts separately;
+* stage 1 puts BOS before each line, no EOS, and keeps the short last block;
+* gradients are clipped at 1.0 (Hugging Face Trainer's default, which SpeechGPT trained with).
+
+The loop is plain PyTorch driven by ``accelerate`` (devices, bf16, gradient accumulation, multi-GPU,
+checkpoint state): read it top to bottom. Batches come from a permutation drawn from ``seed + epoch``, so a
+resumed run replays exactly the batches an uninterrupted run would see; each process takes its share of
+every global batch and the LR schedule steps once per optimizer step, whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -23,14 +34,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eoa>")
+SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")  # SpeechGPT's; not <eoa>
 CONFIG_FOR_STAGE = {1: "pretrain", 2: "cross_modal", 3: "chain_of_modality"}
 RESPONSE_MARK = "[SpeechGPT]:"
+MASKS = ("prefix", "prompt", "none")
 
 
 @dataclass
 class TrainConfig:
-    """Defaults are SpeechGPT's published settings (``recipes/train-stage*.yaml`` set them per stage)."""
+    """Generic defaults; ``settings_for_stage(N)`` gives SpeechGPT's per stage (packaged
+    ``recipes/train-stage{N}.yaml``)."""
 
     epochs: float = 3
     lr: float = 2e-5
@@ -39,20 +52,27 @@ class TrainConfig:
     max_steps: int | None = None
     block_size: int = 1024            # stage 1 packing
     max_length: int = 512             # stages 2 and 3 (SpeechGPT: 512 and 1024)
-    train_on_inputs: bool = False
+    mask: str = "prefix"              # labels -100 over: prefix (SpeechGPT), prompt (answer-only loss), none
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_targets: list[str] | None = None  # default: what peft knows for the architecture (LLaMA: q_proj, v_proj)
     merge: bool = False               # stage 3: also save base + adapter merged
     bf16: bool | None = None          # default: on when a GPU supports it
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    eval_every: int | None = None     # also evaluate on the validation split every N steps (always at the end)
+    eval_batches: int | None = None   # at most this many validation batches per evaluation
+
+    def __post_init__(self):
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -61,6 +81,18 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def settings_for_stage(stage: int) -> dict:
+    """SpeechGPT's settings for a stage, shipped in the package (``recipes/train-stage{N}.yaml``)."""
+    from importlib import resources
+
+    import yaml
+
+    name = f"train-stage{stage}.yaml"
+    checkout = Path(__file__).resolve().parent.parent / "recipes" / name
+    text = checkout.read_text() if checkout.is_file() else resources.files("speechinstruct.recipes").joinpath(name).read_text()
+    return yaml.safe_load(text) or {}
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -100,44 +132,75 @@ def dataset_k(data: str | Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ examples
-def supervised_example(tokenizer, prefix: str, plain_text: str, max_length: int, train_on_inputs: bool) -> dict | None:
-    """input_ids and labels; labels are -100 over the prefix and the [Human] turn (unless train_on_inputs)."""
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+
+def masked_chars(prefix: str, plain_text: str, mask: str) -> int | None:
+    """How many leading characters of ``prefix + plain_text`` get no loss (None: not a dialogue record)."""
+    if mask == "none":
+        return 0
+    if mask == "prefix":
+        return len(prefix)
     cut = plain_text.find(RESPONSE_MARK)
-    if cut < 0:
+    return None if cut < 0 else len(prefix) + cut + len(RESPONSE_MARK)
+
+
+def supervised_example(tokenizer, prefix: str, plain_text: str, max_length: int, mask: str = "prefix") -> dict | None:
+    """input_ids and labels for one record, as SpeechGPT's ``cm_sft.py`` builds them: the whole text
+    tokenised once, BOS first, EOS appended when it fits, truncated at ``max_length``; labels -100 over the
+    tokens that start inside the masked characters (``masked_chars``)."""
+    text = prefix + plain_text
+    cut = masked_chars(prefix, plain_text, mask)
+    if cut is None:
         return None
-    cut += len(RESPONSE_MARK)
-    prompt = tokenizer(prefix + plain_text[:cut], add_special_tokens=False)["input_ids"]
-    response = tokenizer(plain_text[cut:], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = (bos + prompt + response)[:max_length]
-    labels = (list(ids[: len(bos) + len(prompt)]) if train_on_inputs else [-100] * (len(bos) + len(prompt))) + response
-    labels = labels[:max_length]
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
+        n_masked = sum(1 for start in starts if start < cut)
+    else:  # slow tokenizers have no offsets: count the tokens of the masked text, as SpeechGPT does
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_masked = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if cut else 0
+    full = _with_bos(tokenizer, ids)
+    if cut:
+        n_masked += len(full) - len(ids)  # BOS is masked with the prefix
+    if tokenizer.eos_token_id is not None and len(full) < max_length:
+        full = full + [tokenizer.eos_token_id]
+    full = full[:max_length]
+    labels = [-100] * min(n_masked, len(full)) + full[n_masked:]
     if all(label == -100 for label in labels):
-        return None  # truncated before the response: nothing to learn
-    return {"input_ids": ids, "labels": labels}
+        return None  # truncated before anything to learn
+    return {"input_ids": full, "labels": labels}
 
 
 def packed_blocks(tokenizer, texts: list[str], block_size: int) -> list[dict]:
-    """Stage 1: texts joined with EOS and cut into blocks of ``block_size`` tokens (the tail is dropped)."""
+    """Stage 1, as SpeechGPT's ``ma_pretrain.py``: each line tokenised with BOS and no EOS, concatenated,
+    cut into blocks of ``block_size`` tokens; the shorter last block is kept."""
     stream: list[int] = []
     for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(stream) // block_size
-    if n == 0:
-        raise ValueError(f"the pretrain data holds {len(stream)} tokens, fewer than one block of {block_size}; lower --block-size")
-    return [{"input_ids": stream[i * block_size : (i + 1) * block_size], "labels": stream[i * block_size : (i + 1) * block_size]}
-            for i in range(n)]
+        stream += _with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not stream:
+        raise ValueError("the pretrain data holds no tokens")
+    return [{"input_ids": stream[i : i + block_size], "labels": stream[i : i + block_size]}
+            for i in range(0, len(stream), block_size)]
 
 
 def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, split: str = "train") -> list[dict]:
+    """Examples of one split of the stage's config (an empty list when the dataset has no such split)."""
     import datasets
 
-    ds = datasets.load_dataset(str(data), CONFIG_FOR_STAGE[stage], split=split)
+    try:
+        ds = datasets.load_dataset(str(data), CONFIG_FOR_STAGE[stage], split=split)
+    except ValueError as e:
+        if split != "train" and "Unknown split" in str(e):
+            return []
+        raise
     if stage == 1:
-        return packed_blocks(tokenizer, ds["text"], cfg.block_size)
-    examples = [supervised_example(tokenizer, r["prefix"], r["plain_text"], cfg.max_length, cfg.train_on_inputs) for r in ds]
+        return packed_blocks(tokenizer, ds["text"], cfg.block_size) if len(ds) else []
+    examples = [supervised_example(tokenizer, r["prefix"], r["plain_text"], cfg.max_length, cfg.mask) for r in ds]
     examples = [e for e in examples if e is not None]
-    if not examples:
+    if not examples and split == "train":
         raise ValueError(f"{data}: no usable {CONFIG_FOR_STAGE[stage]} examples")
     return examples
 
@@ -156,6 +219,35 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     order = np.random.default_rng(seed + epoch).permutation(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def process_share(index: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This process's examples of one global batch. A batch smaller than the number of processes (the last
+    of an epoch) is topped up by repeating its examples, as accelerate's ``even_batches`` does, so no
+    process gets an empty batch."""
+    if len(index) < world:
+        index = np.resize(index, world)
+    return index[rank::world]
+
+
+def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, accelerator, max_batches: int | None = None) -> dict:
+    """Mean token loss and perplexity over validation examples (each process its share, then gathered)."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # summed loss, token count
+    batches = [np.arange(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
+    with torch.no_grad():
+        for index in batches[:max_batches]:
+            mine = index[accelerator.process_index :: accelerator.num_processes]
+            if not len(mine):
+                continue
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in mine], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                total += torch.tensor([model(**batch).loss.float().item() * n, n], device=accelerator.device)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    loss = float(total[0] / total[1]) if total[1] else float("nan")
+    return {"eval_loss": round(loss, 5), "eval_perplexity": round(math.exp(min(loss, 50)), 4), "eval_tokens": int(total[1])}
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -184,7 +276,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     cfg = cfg or TrainConfig()
     out = Path(out)
     bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no")
+    # cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really
+    # distributes (gloo) instead of running N independent copies.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
+                              cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     local = Path(base_model).is_dir()
     if not local and (Path(base_model).exists() or str(base_model).startswith((".", "/", "~")) or str(base_model).count("/") > 1):
@@ -197,18 +292,26 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM",
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM",  # None: peft's for this model
                           # a base without the unit tokens must also learn (and save) their embeddings
                           modules_to_save=_embedding_module_names(model) if added else None)
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ValueError(f"LoRA on {model.config.model_type}: {str(e).splitlines()[0]} "
+                             "(name the layers with --lora-targets, e.g. q_proj,v_proj or c_attn)") from None
     examples = build_examples(stage, data, tokenizer, cfg)
+    eval_examples = build_examples(stage, data, tokenizer, cfg, split="validation")
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is stepped by hand once per optimizer step: prepared by accelerate, it would step once per
+    # process (batches are split by hand here, not by accelerate), and the schedule would run N times too fast.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     checkpoints = _checkpoints(out) if resume else []
@@ -224,37 +327,51 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     tokens, started, running = 0, time.perf_counter(), []
 
     def save_checkpoint():
+        """Every process writes its part of the state into one temporary folder; the main process alone
+        prepares, renames and prunes folders, between barriers."""
         final = out / "checkpoints" / f"step-{step:07d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
         while batch_in_epoch < len(batches) and step < total_steps:
-            index = batches[batch_in_epoch]
-            mine = index[accelerator.process_index :: accelerator.num_processes]  # each process its share
+            mine = process_share(batches[batch_in_epoch], accelerator.process_index, accelerator.num_processes)
             batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             batch_in_epoch += 1
-            tokens += int(batch["attention_mask"].sum())
-            running.append(loss.item())
+            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
             if accelerator.sync_gradients:
                 step += 1
-                if step % cfg.log_every == 0 or step == total_steps or step == 1:
+                evaluate_now = eval_examples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                if step % cfg.log_every == 0 or step == total_steps or step == 1 or evaluate_now:
                     record = {"step": step, "epoch": epoch, "loss": round(float(np.mean(running)), 5),
                               "lr": scheduler.get_last_lr()[0],
                               "tokens_per_s": round(tokens / max(time.perf_counter() - started, 1e-9), 1)}
+                    if evaluate_now:
+                        record.update(evaluate(model, eval_examples, cfg.batch_size, tokenizer.pad_token_id,
+                                               accelerator, cfg.eval_batches))
                     history.append(record)
                     running = []
                     if accelerator.is_main_process:
@@ -279,5 +396,5 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
             tokenizer.save_pretrained(out / "merged")
         (out / "train_config.json").write_text(json.dumps({"stage": stage, "base_model": str(base_model), "data": str(data),
                                                            "k": k, **asdict(cfg)}, indent=2))
-    return {"stage": stage, "steps": step, "examples": len(examples), "tokens_added": added,
+    return {"stage": stage, "steps": step, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}

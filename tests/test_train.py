@@ -13,7 +13,7 @@ def dataset(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
     recipe = {"name": "tiny", "workdir": str(tmp / "work"), "demo_corpus": {"sentences": 16, "seed": 2},
               "kmeans": {"k": 12, "max_frames": 20000},
-              "compose": {"pretrain": {"dev_fraction": 0.0}, "chain_of_modality": {"max_pairs": 6}}}
+              "compose": {"pretrain": {"dev_fraction": 0.25}, "chain_of_modality": {"max_pairs": 6, "all_formats": True}}}
     (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert run(tmp / "r.yaml", quiet=True)["valid"]
     return tmp / "work" / "dataset"
@@ -60,29 +60,119 @@ def test_vocabulary_expansion_single_tokens_and_idempotent(base_model):
     assert T.expand_vocabulary(model, tok, 12) == 0 and model.get_input_embeddings().weight.shape[0] == len(tok)
 
 
-def test_labels_masked_exactly_over_prompt(base_model):
+def speechgpt_cm_sft_example(tokenizer, prefix, plain_text, max_length):
+    """SpeechGPT's cm_sft.py/com_sft.py preprocessing, re-derived from its behaviour (SPEC.md): prefix +
+    plain_text as one string through a BOS-adding tokenizer, truncated, EOS appended when it fits; labels
+    -100 over as many tokens as the prefix alone tokenises to."""
+    def tokenize(text, add_eos):
+        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ids[:max_length]
+        if ids[-1] != tokenizer.eos_token_id and len(ids) < max_length and add_eos:
+            ids.append(tokenizer.eos_token_id)
+        return ids
+    full = tokenize(prefix + plain_text, True)
+    n = len(tokenize(prefix, False))
+    return {"input_ids": full, "labels": [-100] * n + full[n:]}
+
+
+def test_labels_masks(base_model):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(base_model)
     T.add_unit_tokens(tok, 12)
+    prefix = "PREFIX\n"
     plain = "[Human]: Please read this text aloud. This is input: THE OLD SAILOR<eoh> [SpeechGPT]: <sosp><3><11><eosp><eoa>"
-    ex = T.supervised_example(tok, "PREFIX ", plain, 512, train_on_inputs=False)
-    n_prompt = 1 + len(tok("PREFIX " + plain[: plain.index("[SpeechGPT]:") + len("[SpeechGPT]:")], add_special_tokens=False)["input_ids"])
-    assert ex["labels"][:n_prompt] == [-100] * n_prompt
-    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
-    learned = tok.decode(ex["input_ids"][n_prompt:])
-    assert learned.replace(" ", "") == "<sosp><3><11><eosp><eoa></s>"
-    assert tok.decode(ex["input_ids"][n_prompt - 2 : n_prompt]) == "[SpeechGPT]:"  # the last masked tokens
-    full = T.supervised_example(tok, "PREFIX ", plain, 512, train_on_inputs=True)
-    assert full["labels"] == full["input_ids"]
-    assert T.supervised_example(tok, "PREFIX ", plain, 5, train_on_inputs=False) is None  # cut before the response
+    whole = [tok.bos_token_id] + tok(prefix + plain, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # SpeechGPT's mask: the prefix only; the [Human] turn is trained on
+    ex = T.supervised_example(tok, prefix, plain, 512, mask="prefix")
+    assert ex["input_ids"] == whole  # one tokenisation of the whole text, BOS first, EOS last
+    n = 1 + len(tok(prefix, add_special_tokens=False)["input_ids"])
+    assert ex["labels"] == [-100] * n + whole[n:]
+    assert tok.decode(ex["labels"][n:n + 1]) == "[Human]"
+    # answer-only loss: everything up to and including "[SpeechGPT]:" is masked
+    ex = T.supervised_example(tok, prefix, plain, 512, mask="prompt")
+    first = next(i for i, label in enumerate(ex["labels"]) if label != -100)
+    assert tok.decode(ex["input_ids"][first - 2:first]) == "[SpeechGPT]:"
+    assert tok.decode(ex["input_ids"][first:]).replace(" ", "") == "<sosp><3><11><eosp><eoa></s>"
+    assert T.supervised_example(tok, prefix, plain, 512, mask="none")["labels"] == whole
+    assert T.supervised_example(tok, prefix, plain, 5, mask="prompt") is None  # cut before the answer
+    with pytest.raises(ValueError, match="mask must be one of prefix, prompt, none"):
+        T.TrainConfig(mask="response")
 
 
-def test_stage1_packs_blocks(base_model, dataset):
+@pytest.fixture(scope="module")
+def llama_sentencepiece(tmp_path_factory):
+    """A LLaMA tokenizer (SentencePiece, byte fallback, BOS added) trained here, and a tiny LLaMA."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from speechinstruct.compose import SPEECHGPT_PREFIX
+    folder = tmp_path_factory.mktemp("llama-sp")
+    corpus = [SPEECHGPT_PREFIX, "This is input: transcribe the speech please. A cat sat on a mat.",
+              "THE OLD SAILOR WALKED TO THE RED HOUSE", "Please read this text aloud. Answer: A good idea."] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, minloglevel=3)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+                                                              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("A")["input_ids"][0] == tok.bos_token_id == 1  # a LLaMA tokenizer adds BOS
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    return folder
+
+
+def test_records_tokenise_and_mask_as_speechgpts_own_preprocessing(llama_sentencepiece, dataset):
+    """Every published cross-modal and chain-of-modality record, through SpeechGPT's cm_sft/com_sft
+    preprocessing and through ours (speechgpt profile), gives the same ids and labels on a LLaMA tokenizer."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from speechinstruct.compose import SPEECHGPT_PREFIX
+    tok = AutoTokenizer.from_pretrained(llama_sentencepiece)
+    T.add_unit_tokens(tok, 12)
+    checked = 0
+    for config, max_length in (("cross_modal", 512), ("chain_of_modality", 1024)):
+        for r in datasets.load_dataset(str(dataset), config, split="train"):
+            assert r["prefix"] == SPEECHGPT_PREFIX
+            ours = T.supervised_example(tok, r["prefix"], r["plain_text"], max_length, mask="prefix")
+            assert ours == speechgpt_cm_sft_example(tok, r["prefix"], r["plain_text"], max_length), r["id"]
+            checked += 1
+    assert checked >= 30
+
+
+def test_speechgpt_prefix_is_byte_exact():
+    from speechinstruct.compose import DEFAULT_PREFIX
+    assert DEFAULT_PREFIX == ("You are an AI assistant whose name is SpeechGPT.\n- SpeechGPT is a intrinsic cross-modal "
+                              "conversational language model that is developed by Fudan University.  SpeechGPT can "
+                              "understand and communicate fluently with human through speech or text chosen by the "
+                              "user.\n- It can perceive cross-modal inputs and generate cross-modal outputs.\n")
+
+
+def test_packaged_stage_settings_are_speechgpts():
+    s1, s2, s3 = (T.settings_for_stage(n) for n in (1, 2, 3))
+    assert (s1["lr"], s1["scheduler"], s1["block_size"], s1["epochs"]) == (5e-5, "linear", 1024, 3)
+    assert (s2["lr"], s2["max_length"], s2["mask"], s2["epochs"], s2["scheduler"]) == (2e-5, 512, "prefix", 3, "cosine")
+    assert (s3["epochs"], s3["max_length"], s3["lora_r"], s3["lora_alpha"], s3["lora_dropout"]) == (300, 1024, 8, 16, 0.05)
+    assert all(s["max_grad_norm"] == 1.0 for s in (s1, s2, s3))
+    for s in (s1, s2, s3):
+        T.TrainConfig.from_dict(s)  # every key is a real setting
+
+
+def test_stage1_packs_blocks_as_ma_pretrain(base_model, dataset):
+    """BOS before each line, no EOS, the short last block kept (SpeechGPT's ma_pretrain.py)."""
+    import datasets
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(base_model)
     T.add_unit_tokens(tok, 12)
+    lines = datasets.load_dataset(str(dataset), "pretrain", split="train")["text"]
     blocks = T.build_examples(1, dataset, tok, T.TrainConfig(block_size=64))
-    assert blocks and all(len(b["input_ids"]) == 64 and b["labels"] == b["input_ids"] for b in blocks)
+    stream = [t for line in lines for t in [tok.bos_token_id] + tok(line, add_special_tokens=False)["input_ids"]]
+    assert [t for b in blocks for t in b["input_ids"]] == stream and tok.eos_token_id not in stream
+    assert all(len(b["input_ids"]) == 64 for b in blocks[:-1]) and 0 < len(blocks[-1]["input_ids"]) <= 64
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+    assert stream.count(tok.bos_token_id) == len(lines)
 
 
 def fast(**kw):
@@ -103,11 +193,14 @@ def test_three_stages_loss_decreases_and_chain(base_model, dataset, tmp_path):
     assert (tmp_path / "s3" / "merged" / "config.json").is_file()
     cfg = json.loads((tmp_path / "s3" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    # validation loss and perplexity are logged at the end (stage 1's pretrain validation split)
+    last = json.loads((tmp_path / "s1" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 25 and last["eval_tokens"] > 0 and last["eval_perplexity"] > 1
     # the adapter loads back and generates
     from speechinstruct.chat import Chat
     bot = Chat(tmp_path / "s2" / "model", lora=tmp_path / "s3" / "adapter")
     reply = bot.reply("<sosp><1><2><3><eosp>", max_new_tokens=8)
-    assert isinstance(reply["text"], str) and isinstance(reply["units"], list)
+    assert set(reply) == {"answer", "text_question", "text_answer", "unit_answer", "units", "raw"}
     merged = Chat(tmp_path / "s3" / "merged").reply("<sosp><1><2><3><eosp>", max_new_tokens=8)
     assert merged["raw"] == reply["raw"]
 
@@ -135,6 +228,150 @@ def test_cli_train_and_chat(base_model, dataset, tmp_path):
     assert json.loads(result.stdout)["steps"] == 2
     result = runner.invoke(app, ["chat", "--model", str(tmp_path / "s2" / "model"), "--text", "hello", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)) == {"text", "units", "raw"}
+    assert set(json.loads(result.stdout)) == {"answer", "text_question", "text_answer", "unit_answer", "units", "raw"}
     result = runner.invoke(app, ["train", "--stage", "4", "--base-model", str(base_model), "--data", str(dataset), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--stage must be 1, 2 or 3" in result.stderr
+
+
+def _bytelevel_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["This is input: transcribe the speech please.", "Please read this text aloud.",
+              "THE OLD SAILOR WALKED TO THE RED HOUSE", "You are an AI assistant whose name is SpeechGPT."] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def architectures(tmp_path_factory, llama_sentencepiece):
+    """Tiny Qwen2 and GPT-2 (byte-level BPE, as theirs) beside the SentencePiece LLaMA."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    tok = _bytelevel_tokenizer()
+    torch.manual_seed(0)
+    models = {
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=4096,
+                                           bos_token_id=1, eos_token_id=2)),
+    }
+    folders = {"llama": llama_sentencepiece}
+    for name, model in models.items():
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("arch,lora_targets", [("llama", ["q_proj", "v_proj"]), ("qwen2", ["q_proj", "v_proj"]),
+                                               ("gpt2", ["c_attn"])])
+def test_three_stages_on_llama_qwen2_and_gpt2(architectures, dataset, tmp_path, arch, lora_targets):
+    """Any causal LM: LoRA targets come from peft's table for the architecture (GPT-2: c_attn)."""
+    base = architectures[arch]
+    T.train(1, base, dataset, tmp_path / "s1", fast(max_steps=2), quiet=True)
+    T.train(2, tmp_path / "s1" / "model", dataset, tmp_path / "s2", fast(max_steps=2), quiet=True)
+    s3 = T.train(3, tmp_path / "s2" / "model", dataset, tmp_path / "s3", fast(max_steps=2, max_length=1024), quiet=True)
+    assert s3["steps"] == 2
+    cfg = json.loads((tmp_path / "s3" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == lora_targets
+
+
+def test_unknown_lora_targets_are_one_clear_line(architectures, dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"LoRA on gpt2: .*--lora-targets"):
+        T.train(3, architectures["gpt2"], dataset, tmp_path / "s3", fast(max_steps=1, lora_targets=["q_proj"]), quiet=True)
+
+
+def test_process_share_never_empty():
+    import numpy as np
+    index = np.array([7, 3, 5])
+    assert [T.process_share(index, r, 2).tolist() for r in range(2)] == [[7, 5], [3]]
+    last = np.array([9])  # the last batch of an epoch, smaller than the number of processes
+    assert [T.process_share(last, r, 4).tolist() for r in range(4)] == [[9], [9], [9], [9]]
+
+
+def test_chat_prompt_is_the_training_format(base_model, dataset, tmp_path):
+    """The prompt chat sends is exactly the beginning of the records the model was trained on, token for token."""
+    import datasets
+    from speechinstruct.chat import Chat
+    T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1), quiet=True)
+    for config, kind in (("chain_of_modality", "chain_of_modality"), ("cross_modal", "cross_modal")):
+        bot = Chat(tmp_path / "s2" / "model", kind=kind)
+        for r in datasets.load_dataset(str(dataset), config, split="train"):
+            human = r["plain_text"][len("[Human]: "): r["plain_text"].index("<eoh>")]
+            prompt = bot.prompt(human)
+            assert (r["prefix"] + r["plain_text"]).startswith(prompt) and prompt.endswith("[SpeechGPT]:")
+            example = T.supervised_example(bot.tokenizer, r["prefix"], r["plain_text"], 4096, mask="none")
+            ids = bot.prompt_ids(human)
+            assert example["input_ids"][: len(ids)] == ids, r["id"]
+
+
+def cli_infer_postprocess(decoded: str) -> dict:
+    """SpeechGPT's cli_infer.py answer split, re-derived: on the decoded sequence, text question between
+    "[SpeechGPT] :" and "; [ta]", text answer between "[ta]" and "; [ua]", unit answer after "[ua]"."""
+    import re
+
+    def between(text, a, b):
+        m = re.search(f"{re.escape(a)}(.*?){re.escape(b)}", text, re.S)
+        return m.group(1) if m else ""
+    return {"answer": between(decoded + "<eoa>", "[SpeechGPT] :", "<eoa>"),
+            "tq": between(decoded, "[SpeechGPT] :", "; [ta]") if "[ta]" in decoded else "",
+            "ta": between(decoded, "[ta]", "; [ua]") if "[ta]" in decoded else "",
+            "ua": between(decoded + "<eoa>", "[ua]", "<eoa>") if "[ua]" in decoded else ""}
+
+
+def test_answers_parse_like_cli_infer(dataset):
+    import datasets
+    from speechinstruct.chat import parse_answer
+    from speechinstruct.units import from_text
+    formats = set()
+    for r in datasets.load_dataset(str(dataset), "chain_of_modality", split="train"):
+        answer = r["plain_text"].split("[SpeechGPT]:", 1)[1]
+        theirs = cli_infer_postprocess(r["plain_text"].replace("[SpeechGPT]:", "[SpeechGPT] :"))
+        ours = parse_answer(answer)
+        assert ours["answer"] == theirs["answer"].strip()
+        if "[ua]" in answer:  # cli_infer finds a text answer only before "; [ua]"; we also read "[ta] …<eoa>"
+            assert (ours["text_question"], ours["text_answer"], ours["unit_answer"]) == \
+                tuple(x.strip() for x in (theirs["tq"], theirs["ta"], theirs["ua"].removesuffix("<eoa>."))), r["id"]
+        else:
+            assert (ours["text_question"], ours["unit_answer"]) == (theirs["tq"].strip(), "")
+        if r["format"].endswith("speech"):
+            assert ours["units"] == r["response_units"] == from_text(ours["unit_answer"])
+        if r["format"].startswith("speech"):
+            assert ours["text_question"] == r["instruction"]
+        assert ours["text_answer"] == r["response"]
+        formats.add(r["format"])
+    assert formats == {"speech-speech", "speech-text", "text-speech", "text-text"}
+
+
+def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo on loopback): the LR schedule steps once per optimizer step, as
+    with one process, and a last batch smaller than the number of processes (31 + 1 of 32 records) trains."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["-m", "speechinstruct.cli", "train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
+            "--epochs", "3", "--batch-size", "31", "--grad-accum", "1", "--lr", "1e-3", "--save-every", "4", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(port), *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    def curve(out):
+        return [(r["step"], r["lr"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+    assert curve(tmp_path / "two") == curve(tmp_path / "one")  # one log, written once, same schedule
+    assert curve(tmp_path / "one")[-1] == (6, 0.0)  # 2 batches per epoch x 3 epochs, cosine to zero
+    assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # both ranks saved
+    assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
