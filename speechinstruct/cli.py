@@ -324,13 +324,19 @@ def publish(
     save_to_disk: bool = typer.Option(False, help="Also write OUT/arrow/{config} for datasets.load_from_disk."),
     eval_splits: bool = typer.Option(True, "--eval-splits/--train-only",
                                      help="Publish records from the corpora's dev/test audio as validation/test splits, or leave them out."),
+    format: str = typer.Option("hf", help="hf (the dataset), or hf,speechgpt: also SpeechGPT's own training files "
+                               "in OUT/speechgpt/stage{1,2,3}/ (train.txt/dev.txt, SpeechInstruct_*.jsonl)."),
 ):
     """Write composed records as a Hugging Face dataset with a dataset card."""
     from .publish import publish as run_publish
 
+    formats = {f.strip() for f in format.split(",") if f.strip()}
+    if not formats <= {"hf", "speechgpt"} or not formats:
+        fail(f"--format {format!r}: choose hf or hf,speechgpt")
     meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
-                eval_splits=eval_splits)
-    _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"]})
+                eval_splits=eval_splits, speechgpt_files="speechgpt" in formats)
+    _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"],
+                 **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
 
 @app.command()

@@ -58,7 +58,10 @@ def _draw(seed: int, *parts: str) -> int:
 
 
 def finish(record: dict) -> dict:
-    """Add pipeline version and content hash (over every other field)."""
+    """Add the prompt/completion pair (dialogue records), pipeline version and content hash (over every
+    other field)."""
+    if "plain_text" in record:
+        record["prompt"], record["completion"] = record["prefix"], record["plain_text"]
     record["pipeline_version"] = __version__
     record["content_hash"] = sha256_json({k: v for k, v in record.items() if k not in ("content_hash", "pipeline_version")})
     return record
@@ -131,7 +134,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 rows[HF_SPLIT[u["split"]]].append(finish({
                     "id": f"{task}/{u['id']}", "prefix": prefix,
                     "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
-                    "task": task, "units": u["units"], "text": text, "template_id": template["id"],
+                    "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
                     "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
                 }))
         for split, target in targets.items():  # every split's file, empty or not: together they mark the shard done

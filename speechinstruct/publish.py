@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from . import __version__, records
-from .io import write_json, write_parquet, write_text
+from .io import atomic_path, write_json, write_parquet, write_text
 
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
@@ -82,9 +82,10 @@ def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
 
 
 def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False, eval_splits: bool = True) -> dict:
+            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False) -> dict:
     """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
-    ``eval_splits`` False leaves the validation and test records out."""
+    ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
+    SpeechGPT's own training files (``export_speechgpt``)."""
     compose_dir, out = Path(compose_dir), Path(out)
     inputs = _inputs(compose_dir, eval_splits)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,11 +176,50 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
             dd.save_to_disk(str(tmp))
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
+    if speechgpt_files:
+        meta["speechgpt_files"] = export_speechgpt(out, out / "speechgpt")
+    else:  # files of an earlier export would no longer match the dataset
+        for name in SPEECHGPT_FILES.values():
+            (out / "speechgpt" / name).unlink(missing_ok=True)
     if push_to_hub:
         from huggingface_hub import HfApi
 
         HfApi().upload_folder(repo_id=push_to_hub, folder_path=str(out), repo_type="dataset")
     return meta
+
+
+SPEECHGPT_FILES = {  # (config, split) → the file SpeechGPT's scripts read, under their data/stage{N}/ folders
+    ("pretrain", "train"): "stage1/train.txt",
+    ("pretrain", "validation"): "stage1/dev.txt",
+    ("cross_modal", "train"): "stage2/SpeechInstruct_cross_modal.jsonl",
+    ("chain_of_modality", "train"): "stage3/SpeechInstruct_chain_of_modality.jsonl",
+}
+
+
+def export_speechgpt(dataset: str | Path, out: str | Path) -> dict:
+    """SpeechGPT's own training files from a published dataset: ``stage1/train.txt`` and ``dev.txt`` (one
+    ``<sosp>…<eosp>`` per line, for ``ma_pretrain.py``), ``stage2/SpeechInstruct_cross_modal.jsonl`` and
+    ``stage3/SpeechInstruct_chain_of_modality.jsonl`` (one ``{"prefix", "plain_text"}`` object per line, for
+    ``cm_sft.py``/``com_sft.py``). Train records only, besides stage 1's dev; streamed in record batches."""
+    import json as json_
+
+    dataset, out = Path(dataset), Path(out)
+    written = {}
+    for (config, split), name in SPEECHGPT_FILES.items():
+        files = sorted((dataset / "data" / config).glob(f"{split}-*.parquet"))
+        if not files:
+            continue
+        count = 0
+        with atomic_path(out / name) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for path in files:
+                columns = ["text"] if config == "pretrain" else ["prefix", "plain_text"]
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+                    for row in batch.to_pylist():
+                        f.write(row["text"] + "\n" if config == "pretrain" else
+                                json_.dumps({"prefix": row["prefix"], "plain_text": row["plain_text"]}, ensure_ascii=False) + "\n")
+                        count += 1
+        written[name] = count
+    return written
 
 
 def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:

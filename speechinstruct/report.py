@@ -100,7 +100,7 @@ def report(dataset: str | Path, out: str | Path) -> dict:
 
     lengths = {}
     if (dataset / "data" / "cross_modal").is_dir():
-        lengths["transcripts"] = [len(t) for t in _read(dataset, "cross_modal", ["text"])["text"]]
+        lengths["transcripts"] = [len(t) for t in _read(dataset, "cross_modal", ["transcript"])["transcript"]]
     if (dataset / "data" / "chain_of_modality").is_dir():
         com = _read(dataset, "chain_of_modality", ["instruction", "response"])
         lengths["instructions"] = [len(t) for t in com["instruction"]]

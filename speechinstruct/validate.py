@@ -11,6 +11,7 @@ Rules, each with a name that appears in the report:
   empty-text    no blank texts
   durations     (units) durations sum to ``n_frames``; utterance duration sane
   content-hash  ``content_hash`` equals the hash of the record's content
+  prompt-completion  ``prompt``/``completion`` equal ``prefix``/``plain_text``
   duplicate-id  ids unique within a config
 """
 
@@ -77,7 +78,7 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             bad = [u for u in r[column] if not 0 <= u < k]
             if bad:
                 errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
-    for column in ("text", "instruction", "response", "prefix"):
+    for column in ("text", "transcript", "instruction", "response", "prefix"):
         if column in r and isinstance(r[column], str) and column != "prefix" and not r[column].strip():
             errors.append(("empty-text", f"{column} is blank"))
     if "content_hash" in r:
@@ -95,6 +96,8 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
     if kind in ("cross_modal", "chain_of_modality"):
         text = r["plain_text"]
+        if (r["prompt"], r["completion"]) != (r["prefix"], text):
+            errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
         if not markers_balanced(text):
             errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
             return errors
@@ -106,9 +109,9 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
         if kind == "cross_modal":
             if m.group("units") != to_text(r["units"]):
                 errors.append(("units-match", "units in plain_text differ from the units column"))
-            if m.group("text") != r["text"]:
-                errors.append(("text-match", "text in plain_text differs from the text column"))
-            elif text != cross_modal_text(r["task"], m.group("instruction"), r["text"], to_text(r["units"])):
+            if m.group("text") != r["transcript"]:
+                errors.append(("text-match", "text in plain_text differs from the transcript column"))
+            elif text != cross_modal_text(r["task"], m.group("instruction"), r["transcript"], to_text(r["units"])):
                 errors.append(("shape", "plain_text does not match its columns"))
         else:
             groups = m.groupdict()

@@ -27,7 +27,7 @@ def test_cross_modal_exact_shapes(units_dir, tmp_path):
     for r in rows:
         source = unit_rows[r["source_id"]]
         assert r["prefix"] == compose.DEFAULT_PREFIX
-        assert r["units"] == source["units"] and r["text"] == source["text"]
+        assert r["units"] == source["units"] and r["transcript"] == source["text"]
         if r["task"] == "asr":
             instruction = asr_ids[r["template_id"]]
             assert r["plain_text"] == f"[Human]: {instruction} This is input: {source['unit_text']}<eoh> [SpeechGPT]: {source['text']}<eoa>"

@@ -100,8 +100,9 @@ def _first(fn):
     ("cross_modal", _first(lambda r: r.update(plain_text=r["plain_text"].replace("<eosp>", "<sosp><eosp>", 1))), "unit-markers"),
     ("cross_modal", _first(lambda r: r.update(plain_text="[Human]: hello<eoh> [SpeechGPT]: hi<eoa>")), "shape"),
     ("cross_modal", _first(lambda r: r.update(units=list(reversed(r["units"])) + [0])), "units-match"),
-    ("cross_modal", _first(lambda r: r.update(text=r["text"] + " EXTRA")), "text-match"),
-    ("cross_modal", _first(lambda r: r.update(text="   ")), "empty-text"),
+    ("cross_modal", _first(lambda r: r.update(transcript=r["transcript"] + " EXTRA")), "text-match"),
+    ("cross_modal", _first(lambda r: r.update(completion=r["completion"] + " EXTRA")), "prompt-completion"),
+    ("cross_modal", _first(lambda r: r.update(transcript="   ")), "empty-text"),
     ("cross_modal", _first(lambda r: r.update(template_id="another-template")), "content-hash"),
     ("cross_modal", lambda rows: rows + [rows[0]], "duplicate-id"),
     ("pretrain", _first(lambda r: r.update(text="<sosp><1><eosp>")), "units-match"),
@@ -145,3 +146,27 @@ def test_report_renders_its_plots(dataset, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"src='{png}'" in page
     assert result["utterances"] == 4 and result["frames_per_second"] == pytest.approx(100, rel=0.05)
+
+
+def test_speechgpt_training_files(composed, tmp_path):
+    """publish --format hf,speechgpt: the files SpeechGPT's scripts read, with their names and keys."""
+    import re
+    result = runner.invoke(app, ["publish", str(composed), str(tmp_path / "ds"), "--format", "hf,speechgpt"])
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "ds" / "speechgpt"
+    for config, name in (("cross_modal", "stage2/SpeechInstruct_cross_modal.jsonl"),
+                         ("chain_of_modality", "stage3/SpeechInstruct_chain_of_modality.jsonl")):
+        published = datasets.load_dataset(str(tmp_path / "ds"), config, split="train")
+        as_speechgpt_reads_it = datasets.load_dataset("json", data_files=str(root / name), split="train")  # cm_sft.py
+        assert as_speechgpt_reads_it.column_names == ["prefix", "plain_text"]
+        assert as_speechgpt_reads_it["plain_text"] == published["plain_text"]
+        assert as_speechgpt_reads_it["prefix"] == published["prefix"]
+    pretrain = datasets.load_dataset(str(tmp_path / "ds"), "pretrain")
+    for split, name in (("train", "train.txt"), ("validation", "dev.txt")):
+        lines = (root / "stage1" / name).read_text().splitlines()
+        assert lines == pretrain[split]["text"] and all(re.fullmatch(r"<sosp>(<\d+>)*<eosp>", line) for line in lines)
+    assert json.loads(result.stdout)["speechgpt_files"]["stage2/SpeechInstruct_cross_modal.jsonl"] == 8
+    result = runner.invoke(app, ["publish", str(composed), str(tmp_path / "ds")])  # hf only: stale exports go
+    assert result.exit_code == 0 and not (root / "stage1" / "train.txt").exists()
+    result = runner.invoke(app, ["publish", str(composed), str(tmp_path / "ds"), "--format", "fairseq"])
+    assert result.exit_code == 2 and "choose hf or hf,speechgpt" in result.stderr

@@ -375,3 +375,50 @@ def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_
     assert curve(tmp_path / "one")[-1] == (6, 0.0)  # 2 batches per epoch x 3 epochs, cosine to zero
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # both ranks saved
     assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("config", ["cross_modal", "chain_of_modality"])
+def test_trl_sfttrainer_trains_on_the_published_configs_unmodified(base_model, dataset, tmp_path, config):
+    """TRL reads prompt/completion: it trains on prefix + plain_text with loss on plain_text only, which is
+    SpeechGPT's mask, and never on the bare transcript."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    T.expand_vocabulary(model, tok, 12)
+    train = datasets.load_dataset(str(dataset), config, split="train")
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, max_length=1024, save_strategy="no", logging_steps=1, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    assert trainer.train().training_loss > 0
+    first = trainer.train_dataset[0]
+    record = train[0]
+    ours = T.supervised_example(tok, record["prefix"], record["plain_text"], 1024, mask="prefix")
+    n_prompt = len(tok(record["prefix"])["input_ids"])
+    labels = first["labels"] if "labels" in first else [  # TRL builds labels, or a completion mask (older)
+        i if m else -100 for i, m in zip(first["input_ids"], first["completion_mask"])]
+    assert labels == [-100] * n_prompt + first["input_ids"][n_prompt:]
+    body = tok(record["prefix"] + record["plain_text"])["input_ids"]
+    assert first["input_ids"][: len(body)] == body  # the whole record, not the transcript alone
+    assert ours["input_ids"][1:len(body) + 1] == body  # the same tokens our loop trains on (ours adds BOS)
+
+
+def test_a_wheel_install_has_the_stage_settings(tmp_path):
+    """Installed from a wheel (no checkout beside it), train still finds SpeechGPT's per-stage settings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("speechinstruct-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import json, speechinstruct.train as t; assert 'site' in t.__file__, t.__file__; "
+            "print(json.dumps([t.settings_for_stage(n) for n in (1, 2, 3)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    assert json.loads(out) == [T.settings_for_stage(n) for n in (1, 2, 3)]
