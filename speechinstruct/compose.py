@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import __version__, records, templates as templates_mod
+from .records import find_markup
 from .io import sha256_json, write_json, write_parquet
+from .audio import AudioError
 from .units import dedup, to_text
 
 # SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
@@ -50,6 +52,7 @@ SPEECHGPT_PREFIX = (
 DEFAULT_PREFIX = SPEECHGPT_PREFIX
 FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
 HF_SPLIT = {"train": "train", "dev": "validation", "test": "test"}  # corpus split → published split
+
 
 
 def _draw(seed: int, *parts: str) -> int:
@@ -109,8 +112,14 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     if mode not in ("both", "random", "asr", "tts"):
         raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
     sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
+    for task, data in sets.items():
+        for template in data["templates"]:
+            if find_markup(template["text"]):
+                raise ValueError(f"{task} template {template['id']} holds record markup "
+                                 f"{find_markup(template['text'])!r}: {template['text'][:80]!r}")
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
+    dropped: list[dict] = []
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
         targets = {split: out / f"{split}-{_named(part, suffix)}.parquet" for split in HF_SPLIT.values()}
         if all(t.exists() for t in targets.values()):
@@ -121,6 +130,11 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
             text = (u.get("text") or "").strip()
             if not text:
                 counts["no transcript"] += 1
+                continue
+            mark = find_markup(text)
+            if mark:
+                counts["dropped: markup in transcript"] += 1
+                dropped.append({"where": u["id"], "reason": f"markup in transcript: {mark!r}"})
                 continue
             if mode == "both":
                 tasks = ["asr", "tts"]
@@ -146,7 +160,8 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
             by_split[split] += len(tasks)
             counts.update(tasks)
     summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
-               "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve())}
+               "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
+               "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
 
@@ -183,6 +198,8 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
 
 # ------------------------------------------------------------------------------------- chain-of-modality
 MAX_WORDS = {"instruction": 40, "response": 80}
+MAX_CHARS = {"instruction": 400, "response": 800}  # a 100 kB "word" is one word but no sentence
+MAX_WORD_CHARS = 40
 _MARKDOWN = re.compile(r"(\*\*|__|`|^#+\s*|^\s*[-*•]\s+)", re.M)
 
 
@@ -191,14 +208,19 @@ def unfit_for_speech(instruction: str, response: str) -> str | None:
     for name, text in (("instruction", instruction), ("response", response)):
         if not text.strip():
             return f"empty {name}"
+        mark = find_markup(text)
+        if mark:
+            return f"markup in {name} ({mark})"
         if "```" in text or re.search(r"^\s{4,}\S", text, re.M) or re.search(r"\b(def|class|return|import)\b.*[:(]", text):
             return f"code in {name}"
         if re.search(r"https?://|www\.", text):
             return f"URL in {name}"
         if re.search(r"^\s*\|.*\|\s*$", text, re.M):
             return f"table in {name}"
-        if len(text.split()) > MAX_WORDS[name]:
+        if len(text.split()) > MAX_WORDS[name] or len(text) > MAX_CHARS[name]:
             return f"{name} too long to speak"
+        if any(len(word) > MAX_WORD_CHARS for word in text.split()):
+            return f"{name} has a word too long to speak"
     return None
 
 
@@ -244,17 +266,15 @@ def read_pairs(source: str | Path, instruction_column: str = "instruction", resp
     path = Path(str(source))
     if path.suffix in (".jsonl", ".json") and path.is_file():
         name = path.name
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not an object")
-            except ValueError as e:
-                yield (f"{name}:{lineno}", f"malformed JSON ({e})")
-                continue
-            yield from _pair(obj, f"{name}:{lineno}", instruction_column, response_column, id_column, f"{path.stem}-{lineno}")
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield (f"{name}:{lineno}", f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                    continue
+                yield from _json_pair(line, f"{name}:{lineno}", instruction_column, response_column, id_column,
+                                      f"{path.stem}-{lineno}")
         return
     import datasets
 
@@ -271,6 +291,19 @@ def read_pairs(source: str | Path, instruction_column: str = "instruction", resp
         yield from _pair(obj, f"{path.name}[{i}]", instruction_column, response_column, id_column, f"{path.name}-{i}")
 
 
+def _json_pair(line: str, where: str, icol: str, rcol: str, idcol: str | None, fallback_id: str):
+    if not line.strip():
+        return
+    try:
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        yield (where, f"malformed JSON ({e})")
+        return
+    yield from _pair(obj, where, icol, rcol, idcol, fallback_id)
+
+
 def _pair(obj: dict, where: str, icol: str, rcol: str, idcol: str | None, fallback_id: str):
     missing = [c for c in (icol, rcol) if c not in obj]
     if missing:
@@ -280,7 +313,8 @@ def _pair(obj: dict, where: str, icol: str, rcol: str, idcol: str | None, fallba
     if not isinstance(instruction, str) or not isinstance(response, str):
         yield (where, "instruction and response must be strings")
         return
-    yield {"id": str(obj.get(idcol) or fallback_id) if idcol else fallback_id, "instruction": instruction, "response": response}
+    yield {"id": str(obj.get(idcol) or fallback_id) if idcol else fallback_id, "instruction": instruction,
+           "response": response, "where": where}
 
 
 def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None,
@@ -300,11 +334,15 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
     pairs = []
+    first_seen: dict[str, str] = {}
     for item in read_pairs(source, instruction_column, response_column, id_column):
+        if isinstance(item, dict) and item["id"] in first_seen:  # the later one goes; ids name records
+            item = (item["where"], f"duplicate id ({item['id']!r}, first at {first_seen[item['id']]})")
         if isinstance(item, tuple):
             counts["dropped: " + item[1].split(" (")[0]] += 1
             dropped.append({"where": item[0], "reason": item[1]})
             continue
+        first_seen[item["id"]] = item["where"]
         pairs.append(item)
         if max_pairs and len(pairs) >= max_pairs:
             break
@@ -313,6 +351,8 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
         voice, rate = tts.voice_for(key)
         wav, sr = tts.synthesize(text, voice, rate)
         u, _ = dedup(kmeans.assign(extractor.features(wav, sr)))
+        if not u.size:
+            raise ValueError("no speech units")
         return u.tolist(), f"{tts.name}:{voice}@{rate}"
 
     for start in range(0, len(pairs), chunk_size):
@@ -327,23 +367,28 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
                 rewritten = rewrite_for_speech(llm, instruction, response)
                 if isinstance(rewritten, str):
                     chunk_counts[f"dropped: {rewritten}"] += 1
-                    chunk_dropped.append({"where": pair["id"], "reason": rewritten})
+                    chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": rewritten})
                     continue
                 instruction, response = rewritten
             reason = unfit_for_speech(instruction, response)
             if reason:
                 chunk_counts[f"dropped: {reason}"] += 1
-                chunk_dropped.append({"where": pair["id"], "reason": reason})
+                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": reason})
                 continue
             instruction, response = speakable(instruction), speakable(response)
             chosen = formats if all_formats else [formats[_draw(seed, "format", pair["id"]) % len(formats)]]
             spoken: dict[str, tuple[list[int], str]] = {}  # "q"/"a" → (units, voice)
-            for fmt in chosen:
-                needs = [side for side, text in (("q", instruction), ("a", response))
-                         if (fmt.startswith("speech") if side == "q" else fmt.endswith("speech"))]
-                for side in needs:
-                    if side not in spoken:
+            try:  # speak what the chosen formats need first: a pair that cannot be spoken is dropped whole
+                for side in ("q", "a"):
+                    if any(fmt.startswith("speech") if side == "q" else fmt.endswith("speech") for fmt in chosen):
                         spoken[side] = speech_units(instruction if side == "q" else response, f"{seed}/{side}/{pair['id']}")
+            except (AudioError, ValueError) as e:
+                reason = f"cannot be spoken ({str(e).split(': ')[-1][:80]})"
+                chunk_counts["dropped: cannot be spoken"] += 1
+                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": reason})
+                continue
+            for fmt in chosen:
+                needs = [side for side in ("q", "a") if (fmt.startswith("speech") if side == "q" else fmt.endswith("speech"))]
                 q_units = spoken["q"][0] if "q" in needs else []
                 a_units = spoken["a"][0] if "a" in needs else []
                 rows.append(finish({

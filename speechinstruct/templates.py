@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from .io import write_json
+from .records import find_markup
 
 TASKS = ("asr", "tts")
 BUILTIN_VERSION = "builtin-1"
@@ -46,6 +47,10 @@ def load(source: str | Path | None, task: str) -> dict:
         raise ValueError(f"{path}: not a readable template file ({e})") from None
     if data.get("format") != FORMAT or data.get("task") != task or not data.get("templates"):
         raise ValueError(f"{path}: not a {task} template file (format {FORMAT!r}, task {task!r}, non-empty templates)")
+    for template in data["templates"]:
+        mark = find_markup(str(template.get("text", "")))
+        if mark:
+            raise ValueError(f"{path}: template {template.get('id')} holds record markup {mark!r}; remove it")
     return data
 
 
@@ -84,7 +89,7 @@ def parse_instructions(answer: str) -> list[str]:
 def _acceptable(text: str, task: str) -> bool:
     """A usable instruction: a sentence of sensible length without placeholders or the input itself."""
     words = text.split()
-    return 2 <= len(words) <= 40 and "{" not in text and "<sosp>" not in text and "\n" not in text
+    return 2 <= len(words) <= 40 and "{" not in text and not find_markup(text) and "\n" not in text
 
 
 def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_rounds: int = 10, quiet: bool = False) -> dict:

@@ -12,6 +12,8 @@ Rules, each with a name that appears in the report:
   durations     (units) durations sum to ``n_frames``; utterance duration sane
   content-hash  ``content_hash`` equals the hash of the record's content
   prompt-completion  ``prompt``/``completion`` equal ``prefix``/``plain_text``
+  markup        no text field (transcript, instruction, response, template) holds record markup such as
+                ``<eoa> [Human]:`` or ``<sosp><5><eosp>``: it would plant fake turns or units
   duplicate-id  ids unique within a config
 """
 
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 
 from . import records
 from .compose import com_text, cross_modal_text
+from .records import find_markup
 from .io import sha256_json
 from .units import to_text
 
@@ -94,6 +97,12 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("durations", "durations do not pair with units or do not sum to n_frames"))
         if r["n_frames"] > r["duration"] * 1000 + 10:
             errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
+    for column in ("transcript", "instruction", "response"):
+        mark = find_markup(r.get(column)) if isinstance(r.get(column), str) else None
+        if mark:
+            errors.append(("markup", f"{column} holds record markup {mark!r}"))
+    if any(rule == "markup" for rule, _ in errors):
+        return errors  # the shape checks below would only repeat it
     if kind in ("cross_modal", "chain_of_modality"):
         text = r["plain_text"]
         if (r["prompt"], r["completion"]) != (r["prefix"], text):
@@ -107,6 +116,8 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("shape", f"plain_text does not have the {shape} shape"))
             return errors
         if kind == "cross_modal":
+            if find_markup(m.group("instruction")):
+                errors.append(("markup", f"the instruction holds record markup {find_markup(m.group('instruction'))!r}"))
             if m.group("units") != to_text(r["units"]):
                 errors.append(("units-match", "units in plain_text differ from the units column"))
             if m.group("text") != r["transcript"]:

@@ -103,6 +103,12 @@ def _first(fn):
     ("cross_modal", _first(lambda r: r.update(transcript=r["transcript"] + " EXTRA")), "text-match"),
     ("cross_modal", _first(lambda r: r.update(completion=r["completion"] + " EXTRA")), "prompt-completion"),
     ("cross_modal", _first(lambda r: r.update(transcript="   ")), "empty-text"),
+    ("cross_modal", _first(lambda r: r.update(
+        transcript="HI<eoa> [Human]: x<eoh>", plain_text=r["plain_text"].replace(r["transcript"], "HI<eoa> [Human]: x<eoh>"),
+        completion=r["completion"].replace(r["transcript"], "HI<eoa> [Human]: x<eoh>"))), "markup"),
+    ("chain_of_modality", _first(lambda r: r.update(
+        response="Sure. [ua] <sosp><5><eosp>", plain_text=r["plain_text"].replace(r["response"], "Sure. [ua] <sosp><5><eosp>"),
+        completion=r["completion"].replace(r["response"], "Sure. [ua] <sosp><5><eosp>"))), "markup"),
     ("cross_modal", _first(lambda r: r.update(template_id="another-template")), "content-hash"),
     ("cross_modal", lambda rows: rows + [rows[0]], "duplicate-id"),
     ("pretrain", _first(lambda r: r.update(text="<sosp><1><eosp>")), "units-match"),
