@@ -212,6 +212,8 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
         if target.exists():
             stats["shards_skipped"] += 1
             continue
+        for stale in out.glob(f".*-{shard_suffix(shard)}.*.tmp-*"):  # a killed run's half-written files of this
+            stale.unlink(missing_ok=True)                            # shard (only this worker writes them)
         rows = pq.read_table(shard).to_pylist()
         shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
                                   extractor.frame_rate, float16, kmeans, quiet)

@@ -1,7 +1,9 @@
 """Crash-safe file output: everything is written under a temporary name, fsynced, then renamed.
 
-A reader therefore sees a file either complete or not at all; a killed run leaves at most ``*.tmp-*``
-files behind, which the next run ignores and overwrites.
+A reader therefore sees a file either complete or not at all; a killed run leaves at most ``.*.tmp-*``
+files behind, which the next run of the same stage (or of the same shard) deletes. Files get the usual
+permissions (0666 less the umask, so 0644 by default), not ``mkstemp``'s private 0600: a dataset written on
+a shared cluster is readable by those the umask lets read it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+_UMASK = os.umask(0o022)  # read once at import (single-threaded then): os.umask can only be read by setting it
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -24,11 +30,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         if tmp.is_file():
+            os.chmod(tmp, FILE_MODE)  # writers that replace the file (pyarrow, soundfile) get the same mode
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,11 +71,6 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
-def read_parquet_files(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
-    tables = [pq.read_table(p, columns=columns) for p in paths]
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,7 +88,10 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     root = Path(root).resolve()
     if os.path.isabs(relative):
         raise ValueError(f"absolute path {relative!r} refused: paths must be relative to the corpus root {root}")
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+    except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError on a symlink loop
+        raise ValueError(f"path {relative!r} cannot be resolved (symlink loop?): {e}") from None
     if candidate != root and root not in candidate.parents:
         raise ValueError(f"path {relative!r} leaves the corpus root {root}")
     return candidate

@@ -9,105 +9,23 @@ per shard on its own). ``${VAR}`` in the recipe is read from the environment.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 
-import yaml
-
 from . import __version__
 from .io import sha256_file, sha256_json, write_json
-
-DEFAULTS = {
-    "name": "SpeechInstruct",
-    "workdir": None,                       # default: work/<recipe name>
-    "demo_corpus": None,                   # {sentences, seed}: make the demo corpus (speechinstruct-demo) and use it
-    "corpora": [],                         # [{name: librispeech|librilight|gigaspeech|commonvoice, root, options}]
-    "shard": {"shard_hours": 10.0},
-    "features": {"kind": "mfcc", "checkpoint": None, "layer": None, "device": "auto", "batch_seconds": 100.0,
-                 "float16": False, "workers": 2},
-    "kmeans": {"path": None, "k": 1000, "max_frames": 1_000_000, "seed": 0, "niter": 25, "nredo": 1},
-    "templates": {"asr": "builtin", "tts": "builtin"},
-    "llm": None,                           # {base_url, model, max_requests}; the key comes from $OPENAI_API_KEY
-    "compose": {
-        "seed": 0,
-        "cross_modal": {"mode": "both", "asr_fraction": 0.5, "corpora": None},
-        "pretrain": {"dev_fraction": 0.01, "corpora": None},
-        "chain_of_modality": {"instructions": "builtin", "tts": "espeak", "rewrite": False, "max_pairs": None,
-                              "all_formats": False, "license": "unspecified"},
-    },
-    "output": {"dataset": None, "report": None, "eval_splits": True},
-}
-
-
-class RecipeError(ValueError):
-    pass
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _expand(value, path: Path, missing: set[str]):
-    if isinstance(value, dict):
-        return {k: _expand(v, path, missing) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, path, missing) for v in value]
-    if isinstance(value, str):
-        for var in re.findall(r"\$\{(\w+)\}", value):
-            if var not in os.environ:
-                missing.add(var)
-        return os.path.expandvars(value)
-    return value
-
-
-def load_recipe(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e})") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping")
-    unknown = set(raw) - set(DEFAULTS)
-    if unknown:
-        raise RecipeError(f"{path}: unknown recipe keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    missing: set[str] = set()
-    recipe = _expand(_merge(DEFAULTS, raw), path, missing)
-    if missing:
-        raise RecipeError(f"{path}: set the environment variable(s) {', '.join('$' + m for m in sorted(missing))} "
-                          "(your corpus folders / checkpoint) before running this recipe")
-    recipe["workdir"] = recipe["workdir"] or f"work/{path.stem}"
-    problems = []
-    if not recipe["corpora"] and not recipe["demo_corpus"]:
-        problems.append("no corpora and no demo_corpus")
-    for c in recipe["corpora"]:
-        if c.get("name") not in ("librispeech", "librilight", "gigaspeech", "commonvoice"):
-            problems.append(f"corpus {c.get('name')!r} is not one of librispeech, librilight, gigaspeech, commonvoice")
-        elif not c.get("root") or not Path(c["root"]).is_dir():
-            problems.append(f"{c['name']} root {c.get('root')!r} is not a folder")
-    f = recipe["features"]
-    if f["kind"] == "hubert" and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
-        problems.append(f"features.checkpoint {f['checkpoint']!r} does not exist (a fairseq .pt or HF folder)")
-    if recipe["kmeans"]["path"] and not Path(recipe["kmeans"]["path"]).exists():
-        problems.append(f"kmeans.path {recipe['kmeans']['path']!r} does not exist")
-    if problems:
-        raise RecipeError(f"{path}: " + "; ".join(problems))
-    return recipe
+from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
 
 
 class Runner:
-    """Runs stages with stamps; prints one line per stage."""
+    """Runs stages with stamps; prints one line per stage.
+
+    A stage folder may already hold files that are not ours (``output.report`` pointed at a folder of the
+    user's, say): they are listed as ``foreign`` in the stamp when the stage first claims the folder, and
+    clearing the stage for a redo deletes everything but them."""
 
     def __init__(self, force: bool = False):
         self.force = force
@@ -120,25 +38,24 @@ class Runner:
         digest = sha256_json({"stage": name, "settings": settings, "inputs": inputs, "version": __version__})
         done, pending = out / ".stage.json", out / ".stage-pending.json"
         label = f"[{self.index}/{self.total}] {name}"
-        if not self.force and done.is_file() and json.loads(done.read_text()).get("hash") == digest:
+        stamp = _read_stamp(done) or _read_stamp(pending)
+        if not self.force and _read_stamp(done).get("hash") == digest:
             self._say(f"{label}: up to date")
             self.log.append({"stage": name, "skipped": True})
             return digest
-        stale = (done.is_file() and json.loads(done.read_text()).get("hash") != digest) or \
-                (pending.is_file() and json.loads(pending.read_text()).get("hash") != digest) or self.force
-        if stale and out.exists():
-            shutil.rmtree(out)
+        foreign = stamp["foreign"] if "foreign" in stamp else _files(out)  # first claim: whatever is there is not ours
+        if stamp and (stamp.get("hash") != digest or self.force):
+            _clear(out, keep=set(foreign))
         out.mkdir(parents=True, exist_ok=True)
         for leftover in out.rglob(".*.tmp-*"):  # half-written files of a killed run
             if leftover.is_file():
                 leftover.unlink()
-        if done.is_file():
-            done.unlink()
-        write_json(pending, {"hash": digest})
+        done.unlink(missing_ok=True)
+        write_json(pending, {"hash": digest, "foreign": foreign})
         self._say(f"{label} → {out}")
         started = time.perf_counter()
         result = fn()
-        write_json(done, {"hash": digest, "settings": settings, "finished": True})
+        write_json(done, {"hash": digest, "settings": settings, "finished": True, "foreign": foreign})
         pending.unlink()
         self.log.append({"stage": name, "seconds": round(time.perf_counter() - started, 2), "result": result})
         return digest
@@ -147,7 +64,62 @@ class Runner:
         print(line, flush=True)
 
 
+def _read_stamp(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()) if folder.is_dir() else []
+
+
+def _clear(folder: Path, keep: set[str]) -> None:
+    """Delete the stage's own files (everything but ``keep``), then the folders left empty."""
+    for rel in _files(folder):
+        if rel not in keep:
+            (folder / rel).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()  # only empty ones go
+
+
+@contextlib.contextmanager
+def workdir_lock(work: Path):
+    """One ``run`` per workdir at a time: a second one stops with one clear line instead of racing the
+    first (its start-up clean-up would delete the other's temporary files)."""
+    import fcntl
+
+    work.mkdir(parents=True, exist_ok=True)
+    lock = work / ".run.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RecipeError(f"{work}: another `speechinstruct run` is using this workdir "
+                              f"({f.read().strip() or 'pid unknown'}); wait for it or choose another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool = False, force: bool = False) -> dict:
+    """Run every stage of the recipe (see the module docstring); ``workdir`` overrides the recipe's, and the
+    outputs (``output.dataset``/``report``, relative to the workdir) follow it."""
+    recipe = load_recipe(recipe_path)
+    work = Path(workdir or recipe["workdir"])
+    with workdir_lock(work):
+        return _run(recipe, recipe_path, work, quiet, force)
+
+
+def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dict:
     from . import compose, templates
     from .cluster import cluster
     from .demo import make_demo_corpus
@@ -161,14 +133,11 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     from .units import load_kmeans
     from .validate import format_report, validate
 
-    recipe = load_recipe(recipe_path)
-    work = Path(workdir or recipe["workdir"])
-    corpora = [dict(c) for c in recipe["corpora"]]
+    # options a recipe leaves unset are the readers' defaults
+    corpora = [{**c, "options": {k: v for k, v in c["options"].items() if v is not None}} for c in recipe["corpora"]]
     if recipe["demo_corpus"]:
         corpora.insert(0, {"name": "speechinstruct-demo", "root": str(work / "demo-corpus"), "options": {}})
     names = [c["name"] for c in corpora]
-    if len(set(names)) != len(names):
-        raise RecipeError(f"{recipe_path}: each corpus kind may appear once (got {names})")
     runner = Runner(force=force)
     runner.total = bool(recipe["demo_corpus"]) + 3 * len(corpora) + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2
     f, km_cfg, c_cfg = recipe["features"], recipe["kmeans"], recipe["compose"]
@@ -260,8 +229,8 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
             llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
             license=com["license"], max_pairs=com["max_pairs"], quiet=quiet)))
 
-    dataset = Path(recipe["output"]["dataset"] or work / "dataset")
-    report_dir = Path(recipe["output"]["report"] or work / "report")
+    dataset = work / (recipe["output"]["dataset"] or "dataset")  # relative outputs follow the workdir
+    report_dir = work / (recipe["output"]["report"] or "report")
     inputs = [stamps["cross_modal"], stamps["pretrain"], stamps["chain_of_modality"]]
     eval_splits = bool(recipe["output"]["eval_splits"])
     stamps["publish"] = runner.stage("publish", dataset, {"name": recipe["name"], "eval_splits": eval_splits}, inputs,

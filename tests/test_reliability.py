@@ -163,3 +163,43 @@ def test_api_key_never_reaches_any_output(tmp_path, monkeypatch):
     for f in (tmp_path / "work").rglob("*"):
         if f.is_file():
             assert key.encode() not in f.read_bytes(), f
+
+
+def test_files_respect_the_umask(tmp_path):
+    """Written files get 0666 less the umask (0644 by default), not mkstemp's 0600."""
+    import stat
+    import pyarrow as pa
+    from speechinstruct import io
+    io.write_json(tmp_path / "a.json", {"x": 1})
+    io.write_parquet(tmp_path / "b.parquet", pa.table({"x": [1]}))
+    for name in ("a.json", "b.parquet"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == io.FILE_MODE == 0o666 & ~io._UMASK
+    code = ("import os, stat, sys; from speechinstruct import io; io.write_text(sys.argv[1], 'x'); "
+            "print(oct(stat.S_IMODE(os.stat(sys.argv[1]).st_mode)))")
+    for umask, mode in ((0o022, "0o644"), (0o077, "0o600"), (0o002, "0o664")):
+        out = subprocess.run(["bash", "-c", f"umask {umask:03o}; exec \"$0\" -c \"$1\" \"$2\"", sys.executable, code,
+                              str(tmp_path / f"m{umask:o}.txt")], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == mode
+
+
+def test_a_symlink_loop_in_a_corpus_is_skipped(librispeech_root, tmp_path):
+    chapter = librispeech_root / "train-clean-100" / "1272" / "128104"
+    (chapter / "1272-128104-0000.flac").unlink()
+    os.symlink(chapter / "1272-128104-0000.flac", chapter / "1272-128104-0000.flac")  # points at itself
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    assert summary["skipped"]["path escapes the corpus root"] == 1 and summary["utterances"] == 3
+    example = next(s for s in summary["skipped_examples"] if s["reason"] == "path escapes the corpus root")
+    assert "symlink loop" in example["detail"]
+
+
+def test_stale_temp_files_of_a_killed_job_are_removed(librispeech_root, tmp_path):
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600, quiet=True)
+    out = tmp_path / "f"
+    out.mkdir()
+    stale = [out / ".features-00000.arrow.tmp-abc123", out / ".errors-00000.jsonl.tmp-x"]
+    other_task = out / ".features-00001.arrow.tmp-def456"  # a shard another job-array task owns
+    for f in stale + [other_task]:
+        f.write_bytes(b"half written")
+    extract(tmp_path / "m", out, MFCC(), num_shards=2, shard_index=0, quiet=True)
+    assert not any(f.exists() for f in stale) and other_task.exists()
+    assert (out / "features-00000.arrow").is_file()

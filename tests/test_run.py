@@ -51,12 +51,15 @@ def test_recipe_errors_are_clear(tmp_path, monkeypatch):
         load_recipe("recipes/speechgpt.yaml")
     for var in ("LIBRISPEECH_ROOT", "GIGASPEECH_ROOT", "COMMONVOICE_ROOT", "LIBRILIGHT_ROOT", "MHUBERT_CKPT", "MHUBERT_KMEANS"):
         monkeypatch.setenv(var, str(tmp_path / "missing"))
-    with pytest.raises(RecipeError, match="librispeech root .* is not a folder.*features.checkpoint"):
+    with pytest.raises(RecipeError) as e:
         load_recipe("recipes/speechgpt.yaml")
+    lines = str(e.value).splitlines()
+    assert lines[0].endswith("corpora[0].root: librispeech root '" + str(tmp_path / "missing") + "' is not a folder")
+    assert any("features.checkpoint: " in line for line in lines) and len(lines) == 6
     bad = tmp_path / "bad.yaml"
     bad.write_text("corpora: []\nfeaturs: {}\n")
     result = runner.invoke(app, ["run", str(bad)])
-    assert result.exit_code == 2 and "unknown recipe keys ['featurs']" in result.stderr
+    assert result.exit_code == 2 and "bad.yaml: featurs: unknown key" in result.stderr
 
 
 def test_shipped_mini_recipe_loads():
@@ -111,3 +114,66 @@ def test_demo_corpus_is_published_as_what_it_is(tmp_path):
     assert "librispeech" not in card.lower() and "CC-BY" not in card
     meta = json.loads((dataset / "speechinstruct.json").read_text())
     assert set(meta["hours"]) == {"speechinstruct-demo"}
+
+
+@pytest.mark.parametrize("text,lines", [
+    ("demo_corpus: {sentences: 5}\nkmeans: {max_frams: 10}\ncompose: {cross_modal: {mdoe: both}}\n",
+     ["kmeans.max_frams: unknown key", "compose.cross_modal.mdoe: unknown key"]),
+    ("demo_corpus: [1, 2]\n", ["demo_corpus: Input should be a valid dictionary or instance of DemoCorpus"]),
+    ("demo_corpus: {sentences: five}\n",
+     ["demo_corpus.sentences: Input should be a valid integer, unable to parse string as an integer"]),
+    ("demo_corpus: {}\nkmeans: {k: 1}\nfeatures: {kind: wav2vec}\ncompose: {pretrain: {dev_fraction: 1.5}}\n",
+     ["features.kind: Input should be 'mfcc' or 'hubert'", "kmeans.k: Input should be greater than or equal to 2",
+      "compose.pretrain.dev_fraction: Input should be less than 1"]),
+    ("demo_corpus: {}\ncompose: {cross_modal: {corpora: [gigaspeech]}}\n",
+     ["compose.cross_modal.corpora: 'gigaspeech' is none of this recipe's corpora ['speechinstruct-demo']"]),
+    ("demo_corpus: {}\ncompose: {chain_of_modality: {rewrite: true}}\n",
+     ["compose.chain_of_modality: rewrite / tts openai need an llm section (base_url, model)"]),
+])
+def test_every_recipe_problem_is_one_line_with_its_key_path(tmp_path, text, lines):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value).splitlines() == [f"{path}: {line}" for line in lines]
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output and not (tmp_path / "work").exists()
+
+
+def test_secrets_are_refused_in_recipes_and_never_echoed(tmp_path, monkeypatch):
+    key = "sk-proj-abcdefghijklmnop0123"
+    path = tmp_path / "r.yaml"
+    path.write_text(f"demo_corpus: {{}}\nllm: {{base_url: http://127.0.0.1:9, api_key: {key}}}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: llm.api_key: looks like a secret") as e:
+        load_recipe(path)
+    assert key not in str(e.value)
+    path.write_text(f"demo_corpus: {{}}\nllm: {{base_url: http://127.0.0.1:9, model: {key}}}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: llm.model: holds what looks like an API key") as e:
+        load_recipe(path)
+    assert key not in str(e.value)
+    monkeypatch.setenv("MY_MODEL", key)  # brought in through ${VAR}
+    path.write_text("demo_corpus: {}\nllm: {base_url: http://127.0.0.1:9, model: '${MY_MODEL}'}\n")
+    with pytest.raises(RecipeError, match=r"llm.model: holds what looks like an API key"):
+        load_recipe(path)
+
+
+def test_workdir_moves_the_outputs_and_a_second_run_is_refused(tmp_path):
+    from speechinstruct.pipeline import workdir_lock
+    path = recipe(tmp_path, output={"dataset": "ds", "report": "rep"})
+    run(path, workdir=tmp_path / "elsewhere", quiet=True)
+    assert (tmp_path / "elsewhere" / "ds" / "README.md").is_file() and (tmp_path / "elsewhere" / "rep" / "index.html").is_file()
+    assert not (tmp_path / "work").exists()
+    with workdir_lock(tmp_path / "elsewhere"):  # as if another run held it
+        result = runner.invoke(app, ["run", str(path), "--workdir", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 2 and "another `speechinstruct run` is using this workdir (pid " in result.stderr
+
+
+def test_force_deletes_only_what_the_stage_wrote(tmp_path):
+    mine = tmp_path / "work" / "my-report"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's own file")
+    path = recipe(tmp_path, output={"report": "my-report"})
+    run(path, quiet=True)
+    assert (mine / "index.html").is_file()
+    run(path, quiet=True, force=True)
+    assert (mine / "notes.txt").read_text() == "the user's own file" and (mine / "index.html").is_file()

@@ -1,0 +1,241 @@
+"""Recipes: the YAML that ``speechinstruct run`` reads, defined once as a typed schema (pydantic).
+
+The whole recipe is checked before any stage runs: unknown keys at any depth (``kmeans.max_frams``), wrong
+types (``demo_corpus: [1, 2]``, ``sentences: five``), out-of-range values, and references between sections
+(a ``compose.cross_modal.corpora`` entry that names no corpus) each give one line naming the key path. A key
+that looks like a secret (``llm.api_key``, ``token``, ``password`` …) or a value that looks like an API key is
+refused: keys come from ``$OPENAI_API_KEY`` or a key file, so none can end up in a stamp, card or log.
+``${VAR}`` in a string is read from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CORPORA = ("librispeech", "librilight", "gigaspeech", "commonvoice")
+SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{20,})\b")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoCorpus(Section):
+    sentences: int = Field(300, ge=1, le=100_000)
+    seed: int = 0
+
+
+class CorpusOptions(Section):
+    splits: Optional[Union[str, list[str]]] = None
+    subset: Optional[str] = None
+    tsv: Optional[str] = None
+    max_seconds: Optional[float] = Field(None, gt=0)
+    license: Optional[str] = None
+
+
+class Corpus(Section):
+    name: Literal["librispeech", "librilight", "gigaspeech", "commonvoice"]
+    root: str
+    options: CorpusOptions = CorpusOptions()
+
+
+class Shard(Section):
+    shard_hours: float = Field(10.0, gt=0)
+
+
+class Features(Section):
+    kind: Literal["mfcc", "hubert"] = "mfcc"
+    checkpoint: Optional[str] = None
+    layer: Optional[int] = Field(None, ge=1)
+    device: str = "auto"
+    batch_seconds: float = Field(100.0, gt=0)
+    float16: bool = False
+    workers: int = Field(2, ge=1)
+
+
+class KMeans(Section):
+    path: Optional[str] = None
+    k: int = Field(1000, ge=2)
+    max_frames: int = Field(1_000_000, ge=1)
+    seed: int = 0
+    niter: int = Field(25, ge=1)
+    nredo: int = Field(1, ge=1)
+
+
+class Templates(Section):
+    asr: str = "builtin"
+    tts: str = "builtin"
+
+
+class LLM(Section):
+    base_url: Optional[str] = None
+    model: str = "gpt-4o-mini"
+    max_requests: Optional[int] = Field(None, ge=0)
+
+
+class CrossModal(Section):
+    mode: Literal["both", "random", "asr", "tts"] = "both"
+    asr_fraction: float = Field(0.5, ge=0, le=1)
+    corpora: Optional[list[str]] = None
+
+
+class Pretrain(Section):
+    dev_fraction: float = Field(0.01, ge=0, lt=1)
+    corpora: Optional[list[str]] = None
+
+
+class ChainOfModality(Section):
+    instructions: str = "builtin"
+    tts: Literal["espeak", "openai"] = "espeak"
+    rewrite: bool = False
+    max_pairs: Optional[int] = Field(None, ge=1)
+    all_formats: bool = False
+    license: str = "unspecified"
+
+
+class Compose(Section):
+    seed: int = 0
+    cross_modal: CrossModal = CrossModal()
+    pretrain: Pretrain = Pretrain()
+    chain_of_modality: ChainOfModality = ChainOfModality()
+
+
+class Output(Section):
+    dataset: Optional[str] = None   # relative paths are inside the workdir
+    report: Optional[str] = None
+    eval_splits: bool = True
+
+
+class Recipe(Section):
+    name: str = "SpeechInstruct"
+    workdir: Optional[str] = None  # default: work/<recipe file name>
+    demo_corpus: Optional[DemoCorpus] = None
+    corpora: list[Corpus] = []
+    shard: Shard = Shard()
+    features: Features = Features()
+    kmeans: KMeans = KMeans()
+    templates: Templates = Templates()
+    llm: Optional[LLM] = None
+    compose: Compose = Compose()
+    output: Output = Output()
+
+    @field_validator("corpora")
+    @classmethod
+    def _one_of_each(cls, corpora):
+        names = [c.name for c in corpora]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each corpus kind may appear once (got {names})")
+        return corpora
+
+
+DEFAULTS = Recipe().model_dump()
+
+
+def _secrets(value, where: str = "") -> list[str]:
+    """Key paths of the recipe that hold, or are named like, a secret."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if SECRET_KEY.search(str(key)):
+                found.append(f"{path}: looks like a secret; secrets never go in a recipe (set $OPENAI_API_KEY, or "
+                             "$SPEECHINSTRUCT_API_KEY_FILE to a key file)")
+            else:
+                found += _secrets(item, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _secrets(item, f"{where}[{i}]")
+    elif isinstance(value, str) and (SECRET_VALUE.search(value) or
+                                     (os.environ.get("OPENAI_API_KEY") and os.environ["OPENAI_API_KEY"] in value)):
+        found.append(f"{where}: holds what looks like an API key; secrets never go in a recipe")
+    return found
+
+
+def _expand(value, where: str, missing: set[str]):
+    """``${VAR}`` from the environment, in every string."""
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else str(k), missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]", missing) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        for var in re.findall(r"\$\{(\w+)\}", value):
+            if var not in os.environ:
+                missing.add(var)
+        return os.path.expandvars(value)
+    return value
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<recipe>"
+
+
+def load_recipe(path: str | Path) -> dict:
+    """The recipe at ``path`` with every default filled in, as plain dicts; RecipeError (one line per
+    problem, each naming its key path) when anything is wrong."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping")
+    problems = _secrets(raw)
+    if problems:  # checked before anything else, and the value never repeated
+        raise RecipeError("\n".join(f"{path}: {p}" for p in problems))
+    missing: set[str] = set()
+    expanded = _expand(raw, "", missing)
+    problems = _secrets(expanded)  # a ${VAR} that brought a key in
+    try:
+        recipe = Recipe.model_validate(expanded).model_dump()
+    except ValidationError as e:
+        for err in e.errors(include_url=False, include_input=False):
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{_where(err['loc'])}: {message}")
+        recipe = None
+    if recipe is not None and not missing:  # unset variables would only show up again as missing folders
+        problems += _references(recipe)
+    if missing:
+        problems.append(f"set the environment variable(s) {', '.join('$' + m for m in sorted(missing))} "
+                        "(your corpus folders / checkpoint) before running this recipe")
+    if problems:
+        raise RecipeError("\n".join(f"{path}: {p}" for p in problems))
+    recipe["workdir"] = recipe["workdir"] or f"work/{path.stem}"
+    return recipe
+
+
+def _references(recipe: dict) -> list[str]:
+    """What the types cannot say: files that must exist, names that must refer to a corpus."""
+    problems = []
+    if not recipe["corpora"] and not recipe["demo_corpus"]:
+        problems.append("corpora: no corpora and no demo_corpus")
+    for i, c in enumerate(recipe["corpora"]):
+        if not Path(c["root"]).is_dir():
+            problems.append(f"corpora[{i}].root: {c['name']} root {c['root']!r} is not a folder")
+    f = recipe["features"]
+    if f["kind"] == "hubert" and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
+        problems.append(f"features.checkpoint: {f['checkpoint']!r} does not exist (a fairseq .pt or HF folder)")
+    if recipe["kmeans"]["path"] and not Path(recipe["kmeans"]["path"]).exists():
+        problems.append(f"kmeans.path: {recipe['kmeans']['path']!r} does not exist")
+    names = [c["name"] for c in recipe["corpora"]] + (["speechinstruct-demo"] if recipe["demo_corpus"] else [])
+    for section in ("cross_modal", "pretrain"):
+        for name in recipe["compose"][section]["corpora"] or []:
+            if name not in names:
+                problems.append(f"compose.{section}.corpora: {name!r} is none of this recipe's corpora {names}")
+    com = recipe["compose"]["chain_of_modality"]
+    if (com["rewrite"] or com["tts"] == "openai") and not recipe["llm"]:
+        problems.append("compose.chain_of_modality: rewrite / tts openai need an llm section (base_url, model)")
+    return problems
