@@ -200,13 +200,13 @@ Model = typer.Option("gpt-4o-mini", help="LLM model name at the endpoint.")
 MaxRequests = typer.Option(None, help="Most LLM requests this run may make.")
 
 
-def _llm(base_url, model, cache_dir, max_requests, required=True):
+def _llm(base_url, model, cache_dir, max_requests, required=True, **options):
     from .llm import LLM, LLMError, api_key
 
     if base_url is None and api_key() is None and not required:
         return None
     try:
-        return LLM(base_url=base_url, model=model, cache_dir=cache_dir, max_requests=max_requests)
+        return LLM(base_url=base_url, model=model, cache_dir=cache_dir, max_requests=max_requests, **options)
     except LLMError as e:
         fail(str(e))
 
@@ -219,14 +219,20 @@ def templates_generate(
     base_url: Optional[str] = BaseUrl,
     model: str = Model,
     max_requests: Optional[int] = MaxRequests,
+    max_tokens: int = typer.Option(2048, help="Longest answer per request; an answer cut off there counts as failed."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for one request (local models can be slow)."),
+    allow_fewer: bool = typer.Option(False, help="Exit 0 even when fewer than --n usable instructions came back."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache LLM answers here (default: beside OUT)."),
 ):
-    """Ask an LLM for varied task instructions; write a versioned template file."""
+    """Ask an LLM for varied task instructions; write a versioned template file. Ends with a line saying how
+    many were asked, written and dropped, by reason."""
     from . import templates
 
-    llm = _llm(base_url, model, cache_dir or out.parent / ".llm-cache", max_requests)
-    data = _run(templates.generate, llm, task, n, out)
-    typer.echo(f"wrote {len(data['templates'])} {task} templates, version {data['version']}, to {out}")
+    llm = _llm(base_url, model, cache_dir or out.parent / ".llm-cache", max_requests, max_tokens=max_tokens, timeout=timeout)
+    data = _run(templates.generate, llm, task, n, out, allow_fewer=allow_fewer)  # fewer than asked: exit 2, saying so
+    source = data["source"]
+    typer.echo(f"asked {n}, wrote {source['written']} {task} templates (version {data['version']}) to {out}; "
+               f"dropped {templates._reasons(source['dropped'])}")
 
 
 @compose_app.command("cross-modal")

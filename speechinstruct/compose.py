@@ -240,8 +240,13 @@ REWRITE_PROMPT = (
 
 def rewrite_for_speech(llm, instruction: str, response: str) -> tuple[str, str] | str:
     """(instruction, response) rewritten by the LLM, or a reason the pair was dropped."""
-    answer = llm.complete([{"role": "system", "content": REWRITE_PROMPT},
-                           {"role": "user", "content": json.dumps({"instruction": instruction, "response": response})}])
+    from .llm import TruncatedAnswer
+
+    try:
+        answer = llm.complete([{"role": "system", "content": REWRITE_PROMPT},
+                               {"role": "user", "content": json.dumps({"instruction": instruction, "response": response})}])
+    except TruncatedAnswer:
+        return "LLM answer cut off (max_tokens)"
     match = re.search(r"\{.*\}", answer, re.S)
     try:
         data = json.loads(match.group(0)) if match else None

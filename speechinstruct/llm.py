@@ -25,6 +25,10 @@ class BudgetExceeded(LLMError):
     pass
 
 
+class TruncatedAnswer(LLMError):
+    """The answer stopped at ``max_tokens`` (``finish_reason: length``): it is not a complete answer."""
+
+
 def api_key(env: str = "OPENAI_API_KEY", key_file: str | Path | None = None) -> str | None:
     """The API key from ``$env``, else from ``key_file`` (or ``$SPEECHINSTRUCT_API_KEY_FILE``)."""
     if os.environ.get(env):
@@ -38,7 +42,7 @@ def api_key(env: str = "OPENAI_API_KEY", key_file: str | Path | None = None) -> 
 class LLM:
     def __init__(self, base_url: str | None = None, model: str = "gpt-4o-mini", api_key_env: str = "OPENAI_API_KEY",
                  cache_dir: str | Path | None = None, max_requests: int | None = None, max_retries: int = 4,
-                 timeout: float = 60.0, temperature: float = 0.7):
+                 timeout: float = 60.0, temperature: float = 0.7, max_tokens: int | None = 2048):
         from openai import OpenAI
 
         key = api_key(api_key_env)
@@ -47,7 +51,7 @@ class LLM:
         # Local servers (vLLM, llama.cpp, Ollama) accept any key.
         self.client = OpenAI(base_url=base_url, api_key=key or "not-needed", max_retries=max_retries, timeout=timeout)
         self._key = key
-        self.base_url, self.model, self.temperature = base_url, model, temperature
+        self.base_url, self.model, self.temperature, self.max_tokens = base_url, model, temperature, max_tokens
         self.cache = Path(cache_dir) if cache_dir else None
         self.max_requests = max_requests
         self.requests = 0
@@ -65,19 +69,27 @@ class LLM:
     def complete(self, messages: list[dict], **params) -> str:
         import openai
 
-        request = {"model": self.model, "messages": messages, "temperature": self.temperature, **params}
+        request = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   **({"max_tokens": self.max_tokens} if self.max_tokens else {}), **params}
         key = sha256_json({**request, "base_url": self.base_url})
         path = self.cache / key[:2] / f"{key}.json" if self.cache else None
         if path and path.is_file():
-            return json.loads(path.read_text())["content"]
+            cached = json.loads(path.read_text())
+            return self._checked(cached["content"], cached.get("finish_reason"))
         self.charge()
         try:
             response = self.client.chat.completions.create(**request)
         except openai.APIError as e:
             raise LLMError(f"LLM request to {self.describe()['base_url']} failed: {type(e).__name__}: {_scrub(str(e), self._key)}") from None
         content = (response.choices[0].message.content or "") if response.choices else ""
-        if path:
-            write_json(path, {"request": request, "content": content})
+        finish = response.choices[0].finish_reason if response.choices else None
+        if path:  # cut-off answers are cached too: a rerun fails them the same way without paying again
+            write_json(path, {"request": request, "content": content, "finish_reason": finish})
+        return self._checked(content, finish)
+
+    def _checked(self, content: str, finish_reason: str | None) -> str:
+        if finish_reason == "length":
+            raise TruncatedAnswer(f"answer cut off at max_tokens={self.max_tokens} (finish_reason: length)")
         return content
 
 

@@ -217,11 +217,11 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
         from .llm import LLM
 
         llm_cfg = recipe["llm"]
-        llm = LLM(base_url=llm_cfg.get("base_url"), model=llm_cfg.get("model", "gpt-4o-mini"),
-                  cache_dir=work / "cache" / "llm", max_requests=llm_cfg.get("max_requests"))
+        llm = LLM(base_url=llm_cfg["base_url"], model=llm_cfg["model"], cache_dir=work / "cache" / "llm",
+                  max_requests=llm_cfg["max_requests"], max_tokens=llm_cfg["max_tokens"], timeout=llm_cfg["timeout"])
     stamps["chain_of_modality"] = runner.stage(
         "compose chain-of-modality", composed / "chain_of_modality",
-        {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k != "max_requests"}},
+        {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")}},
         [stamps["kmeans"], sha256_json(feature_settings)],
         lambda: _brief(compose.chain_of_modality(
             com["instructions"], composed / "chain_of_modality", get_extractor(), km,

@@ -82,6 +82,8 @@ class LLM(Section):
     base_url: Optional[str] = None
     model: str = "gpt-4o-mini"
     max_requests: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(2048, ge=1)
+    timeout: float = Field(60.0, gt=0)
 
 
 class CrossModal(Section):

@@ -86,18 +86,61 @@ def parse_instructions(answer: str) -> list[str]:
     return out
 
 
-def _acceptable(text: str, task: str) -> bool:
-    """A usable instruction: a sentence of sensible length without placeholders or the input itself."""
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+def real_word_share(text: str, language: str = "en") -> float:
+    """The share of ``text``'s words that are words of ``language``, by pyspellchecker's word list (kept
+    with the package, offline)."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    if not words:
+        return 0.0
+    return len(_spellchecker(language).known(words)) / len(set(words))
+
+
+_SPELLCHECKERS: dict = {}
+
+
+def _spellchecker(language: str):
+    from spellchecker import SpellChecker
+
+    if language not in _SPELLCHECKERS:
+        _SPELLCHECKERS[language] = SpellChecker(language=language)
+    return _SPELLCHECKERS[language]
+
+
+MIN_REAL_WORDS = 0.8
+
+
+def rejection(text: str, language: str = "en") -> str | None:
+    """Why an instruction is not usable (a sentence of sensible length, no placeholders, no record markup,
+    mostly real words of the language), or None."""
     words = text.split()
-    return 2 <= len(words) <= 40 and "{" not in text and not find_markup(text) and "\n" not in text
+    if not 2 <= len(words) <= 40 or len(text) > 300:
+        return "length"
+    if "{" in text or "\n" in text:
+        return "placeholder or line break"
+    if find_markup(text):
+        return "record markup"
+    if real_word_share(text, language) < MIN_REAL_WORDS:
+        return "not real words"
+    return None
 
 
-def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_rounds: int = 10, quiet: bool = False) -> dict:
-    """Ask ``llm`` for ``n`` varied, distinct instructions for ``task``; write a versioned template file."""
+def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_rounds: int = 10, quiet: bool = False,
+             language: str = "en", allow_fewer: bool = False) -> dict:
+    """Ask ``llm`` for ``n`` varied, distinct instructions for ``task``; write a versioned template file.
+    Answers cut off at max_tokens count as failed; instructions that fail ``rejection`` or repeat one already
+    kept are dropped. The result's ``source`` says how many were asked, written and dropped by reason; with
+    fewer than ``n`` written, ``FewerThanAsked`` is raised (after writing the file) unless ``allow_fewer``."""
+    from collections import Counter
+
+    from .llm import TruncatedAnswer
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose asr or tts")
     kept: list[str] = []
-    dropped = 0
+    dropped: Counter[str] = Counter()
     for round_ in range(max_rounds):
         if len(kept) >= n:
             break
@@ -112,19 +155,41 @@ def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_ro
                 + (f"\nAlready have (do not repeat or paraphrase closely):\n{avoid}" if avoid else "")
             )},
         ]
-        for text in parse_instructions(llm.complete(messages, seed=round_)):
-            if not _acceptable(text, task) or is_near_duplicate(text, kept):
-                dropped += 1
+        try:
+            answer = llm.complete(messages, seed=round_)
+        except TruncatedAnswer:
+            dropped["answer cut off (max_tokens)"] += 1
+            continue
+        for text in parse_instructions(answer):
+            reason = rejection(text, language) or ("near duplicate" if is_near_duplicate(text, kept) else None)
+            if reason:
+                dropped[reason] += 1
                 continue
             kept.append(text)
             if len(kept) >= n:
                 break
+    source = {"kind": "llm", **llm.describe(), "requested": n, "written": len(kept), "dropped": dict(sorted(dropped.items()))}
     if not kept:
-        raise ValueError("the LLM returned no usable instructions")
+        raise FewerThanAsked(source, f"the LLM returned no usable instructions (asked {n}; dropped "
+                                     f"{_reasons(dropped)})")
     version = "llm-" + hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
-    data = {"format": FORMAT, "version": version, "task": task,
-            "source": {"kind": "llm", **llm.describe(), "requested": n, "dropped": dropped},
+    data = {"format": FORMAT, "version": version, "task": task, "source": source,
             "templates": [{"id": f"{version}-{task}-{i:03d}", "text": t} for i, t in enumerate(kept)]}
     if out:
         write_json(out, data)
+    if len(kept) < n and not allow_fewer:
+        raise FewerThanAsked(source, f"asked {n}, wrote {len(kept)}{f' to {out}' if out else ''}, dropped "
+                                     f"{_reasons(dropped)}; rerun with --allow-fewer to accept fewer")
     return data
+
+
+def _reasons(dropped) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())) or "none"
+
+
+class FewerThanAsked(ValueError):
+    """Fewer usable instructions than asked for; ``source`` holds the counts."""
+
+    def __init__(self, source: dict, message: str):
+        super().__init__(message)
+        self.source = source

@@ -129,11 +129,21 @@ class OpenAITTS:
         import openai
 
         self.llm.charge()  # the run's --max-requests covers speech requests too
+        endpoint = f"{self.llm.describe()['base_url'].rstrip('/')}/audio/speech"
         try:
             response = self.llm.client.audio.speech.create(model=self.model, voice=voice, input=text, response_format="wav")
+        except openai.APIStatusError as e:
+            hint = ": this server has no speech endpoint (use --tts espeak)" if e.status_code in (404, 405) else ""
+            raise TTSError(f"{endpoint} answered HTTP {e.status_code} ({type(e).__name__}){hint}") from None
         except openai.APIError as e:
-            raise TTSError(f"speech request to {self.llm.describe()['base_url']} failed: {type(e).__name__}") from None
-        wav, sr = sf.read(io.BytesIO(response.read()), dtype="float32", always_2d=True)
+            raise TTSError(f"speech request to {endpoint} failed: {type(e).__name__}") from None
+        data = response.read()
+        try:
+            wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError):
+            kind = response.response.headers.get("content-type", "no content type")
+            raise TTSError(f"{endpoint} answered 200 with {len(data)} bytes that are not audio ({kind}, "
+                           f"starting {data[:16]!r})") from None
         return wav.mean(axis=1), sr
 
 
@@ -160,8 +170,11 @@ class CachedTTS:
             return wav, sr
         self.calls += 1
         wav, sr = self.engine.synthesize(text, voice, rate)
-        with atomic_path(path) as tmp:
-            sf.write(tmp, np.clip(wav, -1, 1), sr, format="FLAC")
+        try:
+            with atomic_path(path) as tmp:
+                sf.write(tmp, np.clip(wav, -1, 1), sr, format="FLAC")
+        except (OSError, sf.LibsndfileError, RuntimeError) as e:  # a full disk, a read-only cache …
+            raise TTSError(f"cannot write the TTS cache file {path}: {str(e).splitlines()[0]}") from None
         return sf.read(path, dtype="float32")  # the cached bytes, so first and later runs agree exactly
 
 

@@ -9,8 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeOpenAI:
-    """Answers /v1/audio/speech with ``speech(request)`` (WAV bytes) and /v1/chat/completions from a script: each entry is ("ok", content), ("status", code) or
-    ("sleep", seconds, content). After the script runs out, ``default`` (a function of the request) answers."""
+    """Answers /v1/audio/speech with ``speech(request)`` (bytes sent with 200, or an int: that HTTP status) and
+    /v1/chat/completions from a script: each entry is ("ok", content), ("status", code), ("sleep", seconds,
+    content) or ("length", content) (an answer cut off at max_tokens: finish_reason "length"). After the
+    script runs out, ``default`` (a function of the request) answers."""
 
     def __init__(self, script=None, default=None, speech=None):
         self.script = list(script or [])
@@ -30,6 +32,12 @@ class FakeOpenAI:
                 server.headers.append(dict(self.headers))
                 if self.path.endswith("/audio/speech"):
                     data = server.speech(body)
+                    if isinstance(data, int):
+                        self.send_response(data)
+                        self.send_header("content-type", "application/json")
+                        self.end_headers()
+                        self.wfile.write(json.dumps({"error": {"message": "File Not Found", "code": data}}).encode())
+                        return
                     self.send_response(200)
                     self.send_header("content-type", "audio/wav")
                     self.send_header("content-length", str(len(data)))
@@ -47,8 +55,9 @@ class FakeOpenAI:
                 if step[0] == "sleep":
                     time.sleep(step[1])
                     step = ("ok", step[2])
+                finish = "length" if step[0] == "length" else "stop"
                 payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
-                           "choices": [{"index": 0, "finish_reason": "stop",
+                           "choices": [{"index": 0, "finish_reason": finish,
                                         "message": {"role": "assistant", "content": step[1]}}],
                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
                 data = json.dumps(payload).encode()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -141,3 +142,84 @@ def test_key_from_key_file(tmp_path, monkeypatch):
     with FakeOpenAI(default=lambda r: "ok") as server:
         LLM(base_url=server.url, model="m").complete([{"role": "user", "content": "x"}])
         assert {k.lower(): v for k, v in server.headers[0].items()}["authorization"] == f"Bearer {FAKE_KEY}"
+
+
+@pytest.mark.parametrize("speech,message", [
+    (lambda request: b"<html>not audio</html>", r"/v1/audio/speech answered 200 with 22 bytes that are not audio \(audio/wav, starting b'<html>not audio<'\)"),
+    (lambda request: 404, r"/v1/audio/speech answered HTTP 404 \(NotFoundError\): this server has no speech endpoint"),
+])
+def test_speech_endpoint_failures_are_one_clear_line(tmp_path, speech, message):
+    from speechinstruct.tts import TTSError, make_tts
+    with FakeOpenAI(speech=speech) as server:
+        tts = make_tts("openai", tmp_path / "cache", llm=LLM(base_url=server.url, model="m"))
+        with pytest.raises(TTSError, match=message):
+            tts.synthesize("hello there", "alloy", 1)
+    assert not list((tmp_path / "cache").rglob("*.flac")) if (tmp_path / "cache").exists() else True
+
+
+def test_a_full_disk_while_caching_speech_is_one_clear_line(tmp_path):
+    """A real write failure: the process may write files of at most 2 kB (RLIMIT_FSIZE)."""
+    import subprocess
+    import sys
+    code = """
+import resource, signal, sys
+from speechinstruct.tts import CachedTTS, EspeakTTS, TTSError
+tts = CachedTTS(EspeakTTS(), sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+try:
+    tts.synthesize("a sentence long enough to need more than two kilobytes of flac", "en-us", 160)
+except TTSError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(f"cannot write the TTS cache file {tmp_path / 'cache'}/") and "Traceback" not in out.stderr
+    assert not list((tmp_path / "cache").rglob("*.flac")) and not list((tmp_path / "cache").rglob(".*tmp*"))
+
+
+SOUP = json.dumps(["че quickExcelgy SettingvisedMapping", "ologyInst 反 Settingvised", "adultos qué tangent Excelgy"])
+
+
+def test_templates_from_a_nonsense_model_fail_loudly(tmp_path):
+    """A model answering token soup: nothing is called a template, and the last line says what happened."""
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+    good = json.dumps(["Please transcribe this recording.", "What is said in this clip?", "Write down the spoken words."])
+    script = [("ok", SOUP), ("length", json.dumps(["Transcribe this", "Write"])), ("ok", good)] + [("ok", SOUP)] * 20
+    with FakeOpenAI(script) as server:
+        result = CliRunner().invoke(app, ["templates", "generate", str(tmp_path / "asr.json"), "--task", "asr", "--n", "20",
+                                          "--base-url", server.url, "--model", "m", "--max-tokens", "300",
+                                          "--timeout", "5"])
+        assert all(r["max_tokens"] == 300 for r in server.requests)
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: asked 20, wrote 3 to ") and "1 answer cut off (max_tokens)" in line
+    assert "--allow-fewer" in line and re.search(r"\d+ not real words", line)
+    data = json.loads((tmp_path / "asr.json").read_text())
+    assert [t["text"] for t in data["templates"]] == json.loads(good)
+    assert data["source"]["requested"] == 20 and data["source"]["written"] == 3
+    with FakeOpenAI([("ok", SOUP)] * 30) as server:  # only soup: nothing written at all
+        result = CliRunner().invoke(app, ["templates", "generate", str(tmp_path / "soup.json"), "--task", "asr", "--n", "5",
+                                          "--base-url", server.url, "--model", "m", "--allow-fewer"])
+    assert result.exit_code == 2 and "no usable instructions" in result.stderr and not (tmp_path / "soup.json").exists()
+
+
+def test_allow_fewer_accepts_a_short_set(tmp_path):
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+    good = json.dumps(["Please transcribe this recording.", "What is said in this clip?"])
+    with FakeOpenAI([("ok", good)] + [("ok", SOUP)] * 20) as server:
+        result = CliRunner().invoke(app, ["templates", "generate", str(tmp_path / "asr.json"), "--task", "asr", "--n", "5",
+                                          "--base-url", server.url, "--model", "m", "--allow-fewer"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("asked 5, wrote 2 asr templates") and "not real words" in result.stdout
+
+
+def test_a_cut_off_rewrite_drops_the_pair(tmp_path):
+    from speechinstruct.compose import rewrite_for_speech
+    with FakeOpenAI([("length", '{"fit": true, "instruction": "Say hi.", "response": "Hel')]) as server:
+        llm = LLM(base_url=server.url, model="m", cache_dir=tmp_path / "cache")
+        assert rewrite_for_speech(llm, "Say hi.", "Hello.") == "LLM answer cut off (max_tokens)"
+        assert rewrite_for_speech(llm, "Say hi.", "Hello.") == "LLM answer cut off (max_tokens)"  # cached, same
+        assert len(server.requests) == 1
