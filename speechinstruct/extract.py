@@ -135,10 +135,25 @@ def read_frames(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return table.column("id").to_pylist(), col.offsets.to_numpy(), flat
 
 
+def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, (frames, dim) float32) per utterance of one feature file, record batch by record batch from a
+    memory map: memory holds one utterance's float32 copy at most (none for float32 files), whatever the
+    shard's size."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    for b in range(reader.num_record_batches):
+        batch = reader.get_batch(b)
+        col = batch.column(batch.schema.get_field_index("features"))
+        dim = col.type.value_type.list_size
+        flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)  # the batch's frames, mapped
+        offsets = col.offsets.to_numpy()
+        for i, uid in enumerate(batch.column(batch.schema.get_field_index("id")).to_pylist()):
+            yield uid, flat[offsets[i] : offsets[i + 1]].astype(np.float32, copy=False)
+
+
 def read_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
-    """Ids and (frames, dim) float32 arrays of one feature file."""
-    ids, offsets, flat = read_frames(path)
-    return ids, [flat[offsets[i] : offsets[i + 1]].astype(np.float32) for i in range(len(ids))]
+    """Ids and (frames, dim) float32 arrays of one feature file (all in memory: for tests and small files)."""
+    pairs = list(iter_features(path))
+    return [uid for uid, _ in pairs], [f for _, f in pairs]
 
 
 def feature_files(folder: str | Path) -> list[Path]:

@@ -44,7 +44,7 @@ class UnitWriter:
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
              quiet: bool = False) -> dict:
-    from .extract import check_spec, feature_files, kmeans_spec, read_features, select_shards, shard_output, shard_suffix
+    from .extract import check_spec, feature_files, iter_features, kmeans_spec, select_shards, shard_output, shard_suffix
 
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text())
@@ -61,10 +61,9 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
             continue
         manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in pq.read_table(manifest_shard).to_pylist()}
-        ids, feats = read_features(path)
         writer = UnitWriter(kmeans, spec["frame_rate"])
-        for uid, f in tqdm(zip(ids, feats), total=len(ids), desc=f"quantize {path.name}", unit="utt", disable=quiet):
-            writer.add(rows[uid], f)
+        for uid, f in tqdm(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt", disable=quiet):
+            writer.add(rows[uid], f)  # one utterance's features at a time: memory does not grow with the shard
         writer.write(target)
         done += 1
     return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
