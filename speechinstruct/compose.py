@@ -26,6 +26,8 @@ atomically; a rerun skips finished parts.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from . import __version__, records, templates as templates_mod
 from .records import find_markup
-from .io import sha256_json, write_json, write_parquet
+from .io import iter_rows, parquet_rows, sha256_json, write_json, write_parquet
 from .audio import AudioError
 from .units import dedup, to_text
 
@@ -88,6 +90,11 @@ def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_un
     raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
 
 
+def _records_file(path: Path, kind: str):
+    """Records of ``kind`` streamed into ``path`` (one row group in memory at a time)."""
+    return parquet_rows(path, records.arrow_schema(kind), functools.partial(records.to_table, kind))
+
+
 def _named(part: str | None, suffix: str) -> str:
     return f"{part}-{suffix}" if part else suffix
 
@@ -125,34 +132,33 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
         if all(t.exists() for t in targets.values()):
             counts["shards skipped (done)"] += 1
             continue
-        rows: dict[str, list] = {split: [] for split in targets}
-        for u in tqdm(pq.read_table(path).to_pylist(), desc=f"cross-modal {path.name}", unit="utt", disable=quiet):
-            text = (u.get("text") or "").strip()
-            if not text:
-                counts["no transcript"] += 1
-                continue
-            mark = find_markup(text)
-            if mark:
-                counts["dropped: markup in transcript"] += 1
-                dropped.append({"where": u["id"], "reason": f"markup in transcript: {mark!r}"})
-                continue
-            if mode == "both":
-                tasks = ["asr", "tts"]
-            elif mode == "random":
-                tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
-            else:
-                tasks = [mode]
-            for task in tasks:
-                items = sets[task]["templates"]
-                template = items[_draw(seed, "template", task, u["id"]) % len(items)]
-                rows[HF_SPLIT[u["split"]]].append(finish({
-                    "id": f"{task}/{u['id']}", "prefix": prefix,
-                    "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
-                    "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
-                    "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
-                }))
-        for split, target in targets.items():  # every split's file, empty or not: together they mark the shard done
-            write_parquet(target, records.to_table("cross_modal", rows[split]))
+        with contextlib.ExitStack() as files:  # every split's file, empty or not: together they mark the shard done
+            sinks = {split: files.enter_context(_records_file(target, "cross_modal")) for split, target in targets.items()}
+            for u in tqdm(iter_rows(path), desc=f"cross-modal {path.name}", unit="utt", disable=quiet):
+                text = (u.get("text") or "").strip()
+                if not text:
+                    counts["no transcript"] += 1
+                    continue
+                mark = find_markup(text)
+                if mark:
+                    counts["dropped: markup in transcript"] += 1
+                    dropped.append({"where": u["id"], "reason": f"markup in transcript: {mark!r}"})
+                    continue
+                if mode == "both":
+                    tasks = ["asr", "tts"]
+                elif mode == "random":
+                    tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
+                else:
+                    tasks = [mode]
+                for task in tasks:
+                    items = sets[task]["templates"]
+                    template = items[_draw(seed, "template", task, u["id"]) % len(items)]
+                    sinks[HF_SPLIT[u["split"]]].add(finish({
+                        "id": f"{task}/{u['id']}", "prefix": prefix,
+                        "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
+                        "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
+                        "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
+                    }))
     by_split: collections.Counter[str] = collections.Counter()
     for split in HF_SPLIT.values():  # all shards, not just this run's
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
@@ -179,15 +185,14 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
         targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in HF_SPLIT.values()}
         if all(t.exists() for t in targets.values()):
             continue
-        split_rows: dict[str, list] = {s: [] for s in targets}
-        for u in tqdm(pq.read_table(path).to_pylist(), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
-            split = HF_SPLIT[u["split"]]
-            if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
-                split = "validation"
-            split_rows[split].append(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
-                                             "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]}))
-        for split, rows in split_rows.items():  # all written before the next shard: together they mark it done
-            write_parquet(targets[split], records.to_table("pretrain", rows))
+        with contextlib.ExitStack() as files:  # all written before the next shard: together they mark it done
+            sinks = {s: files.enter_context(_records_file(t, "pretrain")) for s, t in targets.items()}
+            for u in tqdm(iter_rows(path), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
+                split = HF_SPLIT[u["split"]]
+                if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
+                    split = "validation"
+                sinks[split].add(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
+                                         "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]}))
     for split in HF_SPLIT.values():
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
             counts[split] += pq.read_metadata(f).num_rows

@@ -71,6 +71,45 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
+class _Rows:
+    """Collects rows and writes a row group each ``per_group`` rows."""
+
+    def __init__(self, writer, to_table, per_group: int):
+        self.writer, self.to_table, self.per_group, self.rows, self.count = writer, to_table, per_group, [], 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.per_group:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(self.to_table(self.rows))
+            self.rows = []
+
+
+@contextlib.contextmanager
+def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_group: int = 4096) -> Iterator[_Rows]:
+    """``sink.add(row)`` writes rows to ``path`` as they come, a row group at a time, under a temporary name
+    renamed into place when the block ends (deleted if it fails): memory holds one row group, not the file.
+    ``to_table`` turns a list of row dicts into a table of ``schema`` (``records.to_table``)."""
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            sink = _Rows(writer, to_table, rows_per_group)
+            yield sink
+            sink.flush()
+        finally:
+            writer.close()
+
+
+def iter_rows(path: str | os.PathLike, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[dict]:
+    """The rows of a Parquet file as dicts, one record batch in memory at a time."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+        yield from batch.to_pylist()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
