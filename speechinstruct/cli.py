@@ -30,8 +30,12 @@ def _version(value: bool):
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for OpenMP/FAISS, BLAS and torch "
+                                          "(default: the CPUs this process may use: affinity and cgroup quota)."),
 ):
-    pass
+    from . import threads as threads_mod
+
+    threads_mod.configure(threads)  # before any command imports torch or faiss
 
 
 def fail(message: str, code: int = 2):

@@ -203,3 +203,23 @@ def test_stale_temp_files_of_a_killed_job_are_removed(librispeech_root, tmp_path
     extract(tmp_path / "m", out, MFCC(), num_shards=2, shard_index=0, quiet=True)
     assert not any(f.exists() for f in stale) and other_task.exists()
     assert (out / "features-00000.arrow").is_file()
+
+
+@pytest.mark.parametrize("threads,expected", [(None, "1 1 PASSIVE"), (2, "2 2 PASSIVE")])
+def test_thread_counts_follow_the_cpus_we_may_use(threads, expected):
+    """Pinned to one CPU (as taskset or SLURM would), FAISS's OpenMP and torch use one thread, and OpenMP
+    waits passively; --threads overrides."""
+    code = (f"import os; os.sched_setaffinity(0, {{0}}); from speechinstruct import threads; "
+            f"threads.configure({threads}); import torch, faiss; "
+            "print(torch.get_num_threads(), faiss.omp_get_max_threads(), os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                            "OPENBLAS_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split("\n")[-2] == expected
+
+
+def test_the_user_environment_wins():
+    code = "from speechinstruct import threads; import os; print(threads.configure(), os.environ['OMP_WAIT_POLICY'])"
+    env = {**os.environ, "OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "3 ACTIVE"
