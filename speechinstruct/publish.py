@@ -32,6 +32,7 @@ CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
 
 SPLITS = ("train", "validation", "test")
+ROWS_PER_BATCH = 4096  # records copied at a time: publish's memory does not grow with the dataset
 SPLIT_RULES = {  # how each corpus says which audio is dev or test (corpora/*.py)
     "librispeech": "LibriSpeech: its `dev-*`/`test-*` folders",
     "gigaspeech": "GigaSpeech: its `{DEV}`/`{TEST}` subsets",
@@ -98,30 +99,32 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         schema = records.arrow_schema(config)
         data_files = []
         for split, files in splits.items():
-            tables = []
             for f in files:
-                table = pq.read_table(f)
-                if not table.schema.remove_metadata().equals(schema.remove_metadata()):
+                if not pq.read_schema(f).remove_metadata().equals(schema.remove_metadata()):
                     raise ValueError(f"{f}: schema differs from schemas/{config}.json; recompose it")
-                if table.num_rows:  # datasets cannot read zero-row Parquet files
-                    tables.append(table)
-            if not tables:
+            files = [f for f in files if pq.read_metadata(f).num_rows]  # datasets cannot read zero-row Parquet files
+            if not files:
                 continue
             paths = []
-            for i, table in enumerate(tables):
+            column = "task" if config == "cross_modal" else "format" if config == "chain_of_modality" else None
+            for i, f in enumerate(files):
                 # The name carries a digest of the rows: `datasets` caches a folder's configs by folder name
                 # and card, so two datasets in same-named folders would otherwise share a cache entry.
-                digest = hashlib.sha256("".join(table.column("content_hash").to_pylist()).encode()).hexdigest()[:12]
-                target = out / "data" / config / f"{split}-{i:05d}-of-{len(tables):05d}-{digest}.parquet"
-                write_parquet(target, table.cast(schema))
+                hashes = hashlib.sha256()
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=["content_hash"]):
+                    hashes.update("".join(batch.column(0).to_pylist()).encode())
+                target = out / "data" / config / f"{split}-{i:05d}-of-{len(files):05d}-{hashes.hexdigest()[:12]}.parquet"
+                with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH):  # one batch in memory
+                        table = pa.Table.from_batches([batch]).cast(schema)
+                        writer.write_table(table)
+                        counts.setdefault(config, collections.Counter())[split] += table.num_rows
+                        if column:
+                            by_kind.setdefault(config, collections.Counter()).update(table.column(column).to_pylist())
+                        for corpus, license in zip(table.column("corpus").to_pylist(), table.column("license").to_pylist()):
+                            provenance[f"{corpus}\t{license}"][config] += 1
                 written.add(target)
                 paths.append(str(target.relative_to(out)))
-                counts.setdefault(config, collections.Counter())[split] += table.num_rows
-                column = "task" if config == "cross_modal" else "format" if config == "chain_of_modality" else None
-                if column:
-                    by_kind.setdefault(config, collections.Counter()).update(table.column(column).to_pylist())
-                for corpus, license in zip(table.column("corpus").to_pylist(), table.column("license").to_pylist()):
-                    provenance[f"{corpus}\t{license}"][config] += 1
             data_files.append({"split": split, "path": paths})
         if data_files:
             configs_yaml.append({"config_name": config, "data_files": data_files})

@@ -233,24 +233,26 @@ def test_bad_pairs_are_each_skipped_naming_file_and_line(tmp_path, espeak):
         assert summary["dropped: duplicate id"] == summary["dropped: not UTF-8"] == summary["dropped: cannot be spoken"] == 1
 
 
+def units_shard(folder, n):
+    """One synthetic units shard of ``n`` transcribed utterances."""
+    from speechinstruct import records
+    from speechinstruct.io import write_parquet
+
+    rng = np.random.default_rng(n)
+    rows = [{"id": f"c/u{i}", "path": "a.flac", "offset": 0.0, "duration": 3.0, "sample_rate": 16000,
+             "text": "THE OLD SAILOR WALKED TO THE RED HOUSE", "speaker": "s", "corpus": "c", "license": "l",
+             "split": "train", "corpus_split": "train", "units": rng.integers(0, 100, 20).tolist(),
+             "durations": [2] * 20, "n_frames": 40, "unit_text": ""} for i in range(n)]
+    for r in rows:
+        r["unit_text"] = units.to_text(r["units"])
+    write_parquet(folder / "units-00000.parquet", records.to_table("units", rows))
+    return folder
+
+
 def test_compose_memory_does_not_grow_with_the_shard(tmp_path):
     """Peak Python memory (tracemalloc) of cross-modal and pretrain compose on a 4x larger units shard stays
     within 1.3x: rows are read and written a record batch / row group at a time."""
     import tracemalloc
-
-    from speechinstruct import records
-    from speechinstruct.io import write_parquet
-
-    def units_shard(folder, n):
-        rng = np.random.default_rng(n)
-        rows = [{"id": f"c/u{i}", "path": "a.flac", "offset": 0.0, "duration": 3.0, "sample_rate": 16000,
-                 "text": "THE OLD SAILOR WALKED TO THE RED HOUSE", "speaker": "s", "corpus": "c", "license": "l",
-                 "split": "train", "corpus_split": "train", "units": rng.integers(0, 100, 20).tolist(),
-                 "durations": [2] * 20, "n_frames": 40, "unit_text": ""} for i in range(n)]
-        for r in rows:
-            r["unit_text"] = units.to_text(r["units"])
-        write_parquet(folder / "units-00000.parquet", records.to_table("units", rows))
-        return folder
 
     peaks = []
     for n in (5000, 20000):
@@ -261,4 +263,20 @@ def test_compose_memory_does_not_grow_with_the_shard(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         assert json.loads((tmp_path / f"cm{n}" / "summary.json").read_text())["records"] == 2 * n
+    assert peaks[1] < 1.3 * peaks[0], [p / 1e6 for p in peaks]
+
+
+def test_publish_memory_does_not_grow_with_the_dataset(tmp_path):
+    """publish copies records a batch at a time: 4x the records, about the same peak (tracemalloc)."""
+    import tracemalloc
+
+    from speechinstruct.publish import publish
+    peaks = []
+    for n in (5000, 20000):
+        compose.cross_modal(units_shard(tmp_path / f"u{n}", n), tmp_path / f"c{n}" / "cross_modal", quiet=True)
+        tracemalloc.start()
+        meta = publish(tmp_path / f"c{n}", tmp_path / f"d{n}")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert meta["counts"]["cross_modal"]["train"] == 2 * n
     assert peaks[1] < 1.3 * peaks[0], [p / 1e6 for p in peaks]
