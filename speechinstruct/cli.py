@@ -236,7 +236,7 @@ def templates_generate(
     data = _run(templates.generate, llm, task, n, out, allow_fewer=allow_fewer)  # fewer than asked: exit 2, saying so
     source = data["source"]
     typer.echo(f"asked {n}, wrote {source['written']} {task} templates (version {data['version']}) to {out}; "
-               f"dropped {templates._reasons(source['dropped'])}")
+               f"dropped {templates.reasons_line(source['dropped'])}")
 
 
 @compose_app.command("cross-modal")

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import __version__, records, templates as templates_mod
-from .records import find_markup
-from .io import iter_rows, parquet_rows, sha256_json, write_json, write_parquet
 from .audio import AudioError
+from .io import iter_rows, parquet_rows, sha256_json, write_json, write_parquet
+from .records import find_markup
 from .units import dedup, to_text
 
 # SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
@@ -54,8 +54,6 @@ SPEECHGPT_PREFIX = (
 DEFAULT_PREFIX = SPEECHGPT_PREFIX
 FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
 HF_SPLIT = {"train": "train", "dev": "validation", "test": "test"}  # corpus split → published split
-
-
 
 def _draw(seed: int, *parts: str) -> int:
     """A deterministic 64-bit draw from the seed and the given strings."""
@@ -120,10 +118,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
         raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
     sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
     for task, data in sets.items():
-        for template in data["templates"]:
-            if find_markup(template["text"]):
-                raise ValueError(f"{task} template {template['id']} holds record markup "
-                                 f"{find_markup(template['text'])!r}: {template['text'][:80]!r}")
+        templates_mod.check_markup(data, f"{task} templates {data['version']}")
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []

@@ -90,18 +90,22 @@ class _Rows:
 
 
 @contextlib.contextmanager
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ``ParquetWriter`` (one row group per ``write_table``) on a temporary name, renamed onto ``path`` when
+    the block ends, deleted if it fails."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        yield writer
+
+
+@contextlib.contextmanager
 def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_group: int = 4096) -> Iterator[_Rows]:
-    """``sink.add(row)`` writes rows to ``path`` as they come, a row group at a time, under a temporary name
-    renamed into place when the block ends (deleted if it fails): memory holds one row group, not the file.
-    ``to_table`` turns a list of row dicts into a table of ``schema`` (``records.to_table``)."""
-    with atomic_path(path) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-        try:
-            sink = _Rows(writer, to_table, rows_per_group)
-            yield sink
-            sink.flush()
-        finally:
-            writer.close()
+    """``sink.add(row)`` writes rows to ``path`` as they come, a row group at a time (``parquet_writer``):
+    memory holds one row group, not the file. ``to_table`` turns a list of row dicts into a table of
+    ``schema`` (``records.to_table``)."""
+    with parquet_writer(path, schema) as writer:
+        sink = _Rows(writer, to_table, rows_per_group)
+        yield sink
+        sink.flush()
 
 
 def iter_rows(path: str | os.PathLike, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[dict]:

@@ -38,8 +38,9 @@ class Runner:
         digest = sha256_json({"stage": name, "settings": settings, "inputs": inputs, "version": __version__})
         done, pending = out / ".stage.json", out / ".stage-pending.json"
         label = f"[{self.index}/{self.total}] {name}"
-        stamp = _read_stamp(done) or _read_stamp(pending)
-        if not self.force and _read_stamp(done).get("hash") == digest:
+        finished = _read_stamp(done)
+        stamp = finished or _read_stamp(pending)
+        if not self.force and finished.get("hash") == digest:
             self._say(f"{label}: up to date")
             self.log.append({"stage": name, "skipped": True})
             return digest

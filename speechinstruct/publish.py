@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from . import __version__, records
-from .io import atomic_path, write_json, write_parquet, write_text
+from .io import atomic_path, parquet_writer, write_json, write_parquet, write_text
 
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
@@ -114,7 +114,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=["content_hash"]):
                     hashes.update("".join(batch.column(0).to_pylist()).encode())
                 target = out / "data" / config / f"{split}-{i:05d}-of-{len(files):05d}-{hashes.hexdigest()[:12]}.parquet"
-                with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                with parquet_writer(target, schema) as writer:
                     for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH):  # one batch in memory
                         table = pa.Table.from_batches([batch]).cast(schema)
                         writer.write_table(table)
@@ -204,8 +204,6 @@ def export_speechgpt(dataset: str | Path, out: str | Path) -> dict:
     ``<sosp>…<eosp>`` per line, for ``ma_pretrain.py``), ``stage2/SpeechInstruct_cross_modal.jsonl`` and
     ``stage3/SpeechInstruct_chain_of_modality.jsonl`` (one ``{"prefix", "plain_text"}`` object per line, for
     ``cm_sft.py``/``com_sft.py``). Train records only, besides stage 1's dev; streamed in record batches."""
-    import json as json_
-
     dataset, out = Path(dataset), Path(out)
     written = {}
     for (config, split), name in SPEECHGPT_FILES.items():
@@ -216,10 +214,10 @@ def export_speechgpt(dataset: str | Path, out: str | Path) -> dict:
         with atomic_path(out / name) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for path in files:
                 columns = ["text"] if config == "pretrain" else ["prefix", "plain_text"]
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
                     for row in batch.to_pylist():
                         f.write(row["text"] + "\n" if config == "pretrain" else
-                                json_.dumps({"prefix": row["prefix"], "plain_text": row["plain_text"]}, ensure_ascii=False) + "\n")
+                                json.dumps({"prefix": row["prefix"], "plain_text": row["plain_text"]}, ensure_ascii=False) + "\n")
                         count += 1
         written[name] = count
     return written

@@ -18,7 +18,6 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-CORPORA = ("librispeech", "librilight", "gigaspeech", "commonvoice")
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{20,})\b")
 
@@ -140,8 +139,6 @@ class Recipe(Section):
             raise ValueError(f"each corpus kind may appear once (got {names})")
         return corpora
 
-
-DEFAULTS = Recipe().model_dump()
 
 
 def _secrets(value, where: str = "") -> list[str]:

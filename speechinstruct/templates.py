@@ -7,7 +7,9 @@ project) have ids ``builtin-asr-000`` ….
 
 from __future__ import annotations
 
+import collections
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -47,11 +49,16 @@ def load(source: str | Path | None, task: str) -> dict:
         raise ValueError(f"{path}: not a readable template file ({e})") from None
     if data.get("format") != FORMAT or data.get("task") != task or not data.get("templates"):
         raise ValueError(f"{path}: not a {task} template file (format {FORMAT!r}, task {task!r}, non-empty templates)")
+    check_markup(data, path)
+    return data
+
+
+def check_markup(data: dict, where) -> None:
+    """Refuse a template set any of whose texts holds record markup (it would end up in every record)."""
     for template in data["templates"]:
         mark = find_markup(str(template.get("text", "")))
         if mark:
-            raise ValueError(f"{path}: template {template.get('id')} holds record markup {mark!r}; remove it")
-    return data
+            raise ValueError(f"{where}: template {template.get('id')} holds record markup {mark!r}; remove it")
 
 
 def _normal(text: str) -> str:
@@ -98,15 +105,11 @@ def real_word_share(text: str, language: str = "en") -> float:
     return len(_spellchecker(language).known(words)) / len(set(words))
 
 
-_SPELLCHECKERS: dict = {}
-
-
+@functools.cache
 def _spellchecker(language: str):
     from spellchecker import SpellChecker
 
-    if language not in _SPELLCHECKERS:
-        _SPELLCHECKERS[language] = SpellChecker(language=language)
-    return _SPELLCHECKERS[language]
+    return SpellChecker(language=language)
 
 
 MIN_REAL_WORDS = 0.8
@@ -133,14 +136,12 @@ def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_ro
     Answers cut off at max_tokens count as failed; instructions that fail ``rejection`` or repeat one already
     kept are dropped. The result's ``source`` says how many were asked, written and dropped by reason; with
     fewer than ``n`` written, ``FewerThanAsked`` is raised (after writing the file) unless ``allow_fewer``."""
-    from collections import Counter
-
     from .llm import TruncatedAnswer
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose asr or tts")
     kept: list[str] = []
-    dropped: Counter[str] = Counter()
+    dropped: collections.Counter[str] = collections.Counter()
     for round_ in range(max_rounds):
         if len(kept) >= n:
             break
@@ -170,26 +171,22 @@ def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_ro
                 break
     source = {"kind": "llm", **llm.describe(), "requested": n, "written": len(kept), "dropped": dict(sorted(dropped.items()))}
     if not kept:
-        raise FewerThanAsked(source, f"the LLM returned no usable instructions (asked {n}; dropped "
-                                     f"{_reasons(dropped)})")
+        raise FewerThanAsked(f"the LLM returned no usable instructions (asked {n}; dropped {reasons_line(dropped)})")
     version = "llm-" + hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
     data = {"format": FORMAT, "version": version, "task": task, "source": source,
             "templates": [{"id": f"{version}-{task}-{i:03d}", "text": t} for i, t in enumerate(kept)]}
     if out:
         write_json(out, data)
     if len(kept) < n and not allow_fewer:
-        raise FewerThanAsked(source, f"asked {n}, wrote {len(kept)}{f' to {out}' if out else ''}, dropped "
-                                     f"{_reasons(dropped)}; rerun with --allow-fewer to accept fewer")
+        raise FewerThanAsked(f"asked {n}, wrote {len(kept)}{f' to {out}' if out else ''}, dropped "
+                             f"{reasons_line(dropped)}; rerun with --allow-fewer to accept fewer")
     return data
 
 
-def _reasons(dropped) -> str:
+def reasons_line(dropped: dict) -> str:
+    """``{"near duplicate": 2, "length": 1}`` → ``"1 length, 2 near duplicate"``."""
     return ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())) or "none"
 
 
 class FewerThanAsked(ValueError):
-    """Fewer usable instructions than asked for; ``source`` holds the counts."""
-
-    def __init__(self, source: dict, message: str):
-        super().__init__(message)
-        self.source = source
+    """Fewer usable instructions than asked for (the message gives the counts)."""

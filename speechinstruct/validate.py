@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from . import records
 from .compose import com_text, cross_modal_text
-from .records import find_markup
 from .io import sha256_json
+from .records import find_markup
 from .units import to_text
 
 U = r"<sosp>(?:<\d+>)+<eosp>"
@@ -116,8 +116,9 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("shape", f"plain_text does not have the {shape} shape"))
             return errors
         if kind == "cross_modal":
-            if find_markup(m.group("instruction")):
-                errors.append(("markup", f"the instruction holds record markup {find_markup(m.group('instruction'))!r}"))
+            mark = find_markup(m.group("instruction"))
+            if mark:
+                errors.append(("markup", f"the instruction holds record markup {mark!r}"))
             if m.group("units") != to_text(r["units"]):
                 errors.append(("units-match", "units in plain_text differ from the units column"))
             if m.group("text") != r["transcript"]:
