@@ -48,6 +48,7 @@ def _run(fn, *args, **kwargs):
     or unreadable files (OSError), bad values, refused checkpoints, failed LLM or TTS calls. Work already
     written stays; rerunning resumes."""
     from .checkpoints import UnsafeCheckpointError
+    from .engine_ray import RayJobError
     from .llm import LLMError
     from .tts import TTSError
 
@@ -55,7 +56,7 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except KeyError as e:
         fail(str(e.args[0]))
-    except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError) as e:
+    except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError, RayJobError) as e:
         fail(str(e))
 
 
@@ -109,11 +110,9 @@ ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
 
 
 def _device(device: str) -> str:
-    if device == "auto":
-        import torch
+    from .features import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve_device(device)
 
 
 @app.command()
@@ -127,12 +126,17 @@ def extract(
     root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard`)."),
     batch_seconds: float = typer.Option(100.0, help="Seconds of audio per model batch."),
     float16: bool = typer.Option(False, help="Store features as float16."),
+    dtype: str = typer.Option("float32", help="hubert: compute in float32 or bfloat16 (autocast; AVX512-BF16/AMX CPUs, GPUs)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     workers: int = typer.Option(2, help="Audio decoding threads."),
     engine: str = typer.Option("local", help="local, or ray (pip install speechinstruct[ray])."),
-    ray_address: Optional[str] = typer.Option(None, help="ray: address of an existing cluster (default: start one)."),
-    actors: int = typer.Option(2, help="ray: model actors."),
+    ray_address: Optional[str] = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 "
+                                              "(Ray client); default: start a local Ray."),
+    actors: int = typer.Option(2, help="ray: model actors, spread over the nodes."),
     num_gpus_per_actor: float = typer.Option(0.0, help="ray: GPUs per model actor."),
+    cpus_per_actor: float = typer.Option(1.0, help="ray: CPUs per model actor (and its torch threads)."),
+    block_seconds: Optional[float] = typer.Option(None, help="ray: seconds of audio per work block (default: 4 x --batch-seconds)."),
+    max_retries: int = typer.Option(3, min=0, help="ray: retries for a failed decode task or a dead model actor."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
@@ -142,21 +146,24 @@ def extract(
     from .features import load_extractor
     from .units import load_kmeans
 
+    if engine not in ("local", "ray"):
+        fail(f"unknown engine {engine!r}: choose local or ray")
     km = _run(load_kmeans, kmeans) if kmeans else None
+    # the Ray engine ships a CPU copy to its actors, which move it to their own device
+    extractor = _run(load_extractor, features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
+                     dtype=dtype)
     if engine == "ray":
         from .engine_ray import extract_ray
 
-        stats = _run(extract_ray, manifest, out, features.value, checkpoint=checkpoint, layer=layer,
-                     kmeans_path=kmeans, root=root, batch_seconds=batch_seconds, float16=float16,
-                     actors=actors, num_gpus_per_actor=num_gpus_per_actor, address=ray_address,
-                     num_shards=num_shards, shard_index=shard_index)
-    elif engine == "local":
-        extractor = _run(load_extractor, features.value, checkpoint, layer, _device(device))
+        stats = _run(extract_ray, manifest, out, extractor, kmeans=km, root=root, batch_seconds=batch_seconds,
+                     float16=float16, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
+                     cpus_per_actor=cpus_per_actor, address=ray_address, num_shards=num_shards,
+                     shard_index=shard_index, device=None if device == "auto" else device,
+                     block_seconds=block_seconds, max_retries=max_retries)
+    else:
         stats = _run(run_extract, manifest, out, extractor,
                      root=root, kmeans=km, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
                      shard_index=shard_index, workers=workers, quiet=quiet)
-    else:
-        fail(f"unknown engine {engine!r}: choose local or ray")
     _print_json(stats)
 
 

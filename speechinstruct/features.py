@@ -24,6 +24,7 @@ from .io import sha256_file
 
 SAMPLE_RATE = audio.TARGET_SR
 CHUNK_SAMPLES = 1_600_000  # SpeechGPT feeds long audio to HuBERT in chunks of at most 100 s
+DTYPES = ("float32", "bfloat16")  # HuBERT compute precision (``--dtype``)
 
 
 class Extractor(Protocol):
@@ -78,6 +79,9 @@ class MFCC:
     def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         return [self.features(w) for w in wavs]
 
+    def __reduce__(self):  # the Ray engine ships extractors to its actors; the Kaldi options rebuild there
+        return (type(self), ())
+
 
 def _check_wav(wav: np.ndarray, sample_rate: int, min_samples: int) -> np.ndarray:
     wav = np.asarray(wav, dtype=np.float32)
@@ -95,8 +99,11 @@ class HuBERT:
     never run). Batches pad only after the convolutional front end, which runs per utterance, so
     group-norm models (HuBERT Base) give the same frames batched as one at a time."""
 
-    def __init__(self, model, layer: int, normalize: bool, source: str, device: str = "cpu"):
+    def __init__(self, model, layer: int, normalize: bool, source: str, device: str = "cpu", dtype: str = "float32"):
         from torch import nn
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
 
         total = len(model.encoder.layers)
         if not 1 <= layer <= total:
@@ -108,18 +115,33 @@ class HuBERT:
             model.encoder.layer_norm = nn.Identity()
         self.model = model.eval().to(device)
         self.device = device
-        self.layer, self.normalize = layer, normalize
+        self.layer, self.normalize, self.dtype = layer, normalize, dtype
         self.dim = model.config.hidden_size
         self.frame_rate = SAMPLE_RATE / int(np.prod(model.config.conv_stride))
         self._receptive = _receptive_field(model.config)
         self.spec = {"features": "hubert", "source": source, "layer": layer, "normalize": normalize,
                      "dim": self.dim, "frame_rate": self.frame_rate}
+        if dtype != "float32":  # float32 folders keep the spec they always had
+            self.spec["dtype"] = dtype
+
+    def to(self, device: str) -> "HuBERT":
+        self.model.to(device)
+        self.device = device
+        return self
 
     def features(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         return self.features_batch([audio.resample(np.asarray(wav, np.float32), sample_rate)])[0]
 
     @torch.inference_mode()
     def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        if self.dtype == "float32":
+            return self._features_batch(wavs)
+        # bfloat16 autocast: torch runs the matrix products and convolutions in bf16 (fast on AVX512-BF16/AMX
+        # CPUs and on GPUs) and keeps the precision-sensitive ops in float32; frames come back as float32.
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16):
+            return self._features_batch(wavs)
+
+    def _features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         pieces: list[tuple[int, torch.Tensor]] = []  # (utterance index, conv features (T, C))
         for i, wav in enumerate(wavs):
             wav = torch.from_numpy(_check_wav(wav, SAMPLE_RATE, min_samples=self._receptive)).to(self.device)
@@ -265,7 +287,7 @@ def read_fairseq_hubert(path: str | Path):
     return model, bool(task_cfg.get("normalize", False))
 
 
-def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu") -> HuBERT:
+def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu", dtype: str = "float32") -> HuBERT:
     """Load HuBERT from a fairseq ``.pt``, a Hugging Face folder, or (with internet) a hub id; keep
     layers 1..``layer`` (default: all)."""
     source = str(path)
@@ -287,7 +309,7 @@ def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu")
     total = model.config.num_hidden_layers
     if layer is not None and not 1 <= layer <= total:
         raise ValueError(f"{path}: layer {layer} out of range: the model has layers 1..{total}")
-    return HuBERT(model, layer or total, normalize, source, device=device)
+    return HuBERT(model, layer or total, normalize, source, device=device, dtype=dtype)
 
 
 def _hf_normalize(folder: Path) -> bool:
@@ -297,11 +319,23 @@ def _hf_normalize(folder: Path) -> bool:
     return False
 
 
-def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None = None, device: str = "cpu") -> Extractor:
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None = None, device: str = "cpu",
+                   dtype: str = "float32") -> Extractor:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     if kind == "mfcc":
+        if dtype != "float32":
+            raise ValueError("--dtype bfloat16 is for HuBERT; MFCC is computed in float32")
         return MFCC()
     if kind == "hubert":
         if not checkpoint:
             raise ValueError("--features hubert needs --checkpoint (a fairseq .pt or a Hugging Face folder)")
-        return load_hubert(checkpoint, layer, device=device)
+        return load_hubert(checkpoint, layer, device=device, dtype=dtype)
     raise ValueError(f"unknown features {kind!r}: choose mfcc or hubert")

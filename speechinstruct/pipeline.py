@@ -125,7 +125,7 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
     from .cluster import cluster
     from .demo import make_demo_corpus
     from .extract import extract
-    from .features import load_extractor
+    from .features import load_extractor, resolve_device
     from .publish import publish
     from .quantize import quantize
     from .report import report
@@ -142,11 +142,7 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
     runner = Runner(force=force)
     runner.total = bool(recipe["demo_corpus"]) + 3 * len(corpora) + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2
     f, km_cfg, c_cfg = recipe["features"], recipe["kmeans"], recipe["compose"]
-    device = f["device"]
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(f["device"])
     stamps: dict[str, str] = {}
 
     if recipe["demo_corpus"]:
@@ -159,10 +155,12 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
     def get_extractor():
         nonlocal extractor
         if extractor is None:
-            extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], device)
+            extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], device, dtype=f["dtype"])
         return extractor
 
     feature_settings = {k: f[k] for k in ("kind", "checkpoint", "layer", "float16")}
+    if f["dtype"] != "float32":  # float32 stamps stay what they were
+        feature_settings["dtype"] = f["dtype"]
     if f["checkpoint"] and Path(f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
         st = Path(f["checkpoint"]).stat()
         feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

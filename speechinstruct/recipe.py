@@ -60,6 +60,7 @@ class Features(Section):
     device: str = "auto"
     batch_seconds: float = Field(100.0, gt=0)
     float16: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"  # HuBERT compute precision
     workers: int = Field(2, ge=1)
 
 

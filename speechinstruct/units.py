@@ -35,6 +35,9 @@ class KMeans:
         self._index = faiss.IndexFlatL2(self.dim)
         self._index.add(centroids)
 
+    def __reduce__(self):  # the FAISS index is rebuilt from the centroids (the Ray engine ships k-means)
+        return (KMeans, (self.centroids, self.source, self.meta))
+
     def assign(self, feats: np.ndarray) -> np.ndarray:
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[1] != self.dim:

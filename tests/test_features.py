@@ -233,3 +233,41 @@ def test_cli_refuses_malicious_checkpoint_in_one_line(tmp_path, librispeech_root
     result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
                                       "--checkpoint", str(tmp_path / "evil.pt"), "-q"])
     assert result.exit_code == 2 and "evil.pt: refused to load" in result.stderr
+
+
+def test_bfloat16_extraction_is_close_to_float32_and_says_so_in_its_spec(tmp_path):
+    from transformers import HubertConfig, HubertModel
+
+    # transformers' own initialisation (std 0.02), as a trained model is conditioned; the fixture's large random
+    # weights make attention chaotic, where any rounding flips the output
+    torch.manual_seed(0)
+    config = HubertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                          conv_dim=(32, 32, 32), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2),
+                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    HubertModel(config).save_pretrained(tmp_path / "hf")
+    fp32 = features.load_hubert(tmp_path / "hf", layer=3)
+    bf16 = features.load_extractor("hubert", str(tmp_path / "hf"), 3, dtype="bfloat16")
+    wav = speechlike(1.0, seed=3)
+    a, b = fp32.features(wav), bf16.features(wav)
+    assert b.dtype == np.float32 and b.shape == a.shape
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert 0 < rel < 0.03  # bf16 really ran (not bit-equal) and stays close (measured: 1 %)
+    assert bf16.spec["dtype"] == "bfloat16" and "dtype" not in fp32.spec  # float32 folders keep their old spec
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        features.load_extractor("hubert", str(tmp_path / "hf"), 3, dtype="float16")
+    with pytest.raises(ValueError, match="for HuBERT"):
+        features.load_extractor("mfcc", dtype="bfloat16")
+
+
+def test_extractors_and_kmeans_survive_pickling_for_the_ray_engine(tmp_path):
+    import pickle
+
+    from speechinstruct.units import KMeans
+
+    mfcc = pickle.loads(pickle.dumps(features.MFCC()))
+    wav = speechlike(0.5, seed=1)
+    np.testing.assert_array_equal(mfcc.features(wav), features.MFCC().features(wav))
+    km = KMeans(np.random.default_rng(0).standard_normal((5, 39)).astype(np.float32), "km", {"sha256": "x"})
+    again = pickle.loads(pickle.dumps(km))
+    np.testing.assert_array_equal(again.assign(mfcc.features(wav)), km.assign(mfcc.features(wav)))
+    assert again.meta == km.meta and again.source == "km"

@@ -1,46 +1,159 @@
+"""The Ray engine: the same files as the local engine, model work on every node of a real multi-node
+cluster, finished shards kept when a block keeps failing, and a cluster joined by Ray client and by `auto`."""
+
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
+from speechinstruct.extract import extract
+from speechinstruct.features import MFCC
 from speechinstruct.shard import shard_corpus
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
+SMALL_STORE = 80 * 2**20  # object store per node: the test audio is tiny
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime():
+@pytest.fixture(autouse=True)
+def ray_off():
     yield
     ray.shutdown()
 
 
-def test_ray_engine_writes_the_same_files_as_the_local_engine(librispeech_root, tmp_path):
-    from speechinstruct.cluster import cluster
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
-
+@pytest.fixture
+def manifest(librispeech_root, tmp_path):
     shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600, quiet=True)
-    extract(tmp_path / "m", tmp_path / "f", MFCC(), quiet=True)
+    return tmp_path / "m"
+
+
+def same_files(a: Path, b: Path, skip=("units.json", "features.json")):
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name not in skip:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path):
+    from speechinstruct.cluster import cluster
+    from speechinstruct.engine_ray import extract_ray
+
+    extract(manifest, tmp_path / "f", MFCC(), quiet=True)
     cluster(tmp_path / "f", tmp_path / "km", k=8, quiet=True)
-    local = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "local"), "--kmeans", str(tmp_path / "km"), "-q"])
+    local = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "local"), "--kmeans", str(tmp_path / "km"), "-q"])
     assert local.exit_code == 0, local.output
-    result = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "ray"), "--kmeans", str(tmp_path / "km"),
-                                 "--engine", "ray", "--actors", "2", "-q"])
+    # one-second blocks: every utterance its own block, so results come back from many tasks
+    result = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "ray"), "--kmeans", str(tmp_path / "km"),
+                                 "--engine", "ray", "--actors", "1", "--block-seconds", "1", "-q"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout[result.stdout.index("{"):])["utterances"] == 4
-    files = sorted(p.name for p in (tmp_path / "local").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "ray").iterdir())
-    for name in files:
-        if name != "units.json":
-            assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4
+    same_files(tmp_path / "local", tmp_path / "ray")
 
     # features too, and one engine resumes the other's folder
     (tmp_path / "f" / "features-00001.arrow").unlink()
-    from speechinstruct.engine_ray import extract_ray
-    stats = extract_ray(tmp_path / "m", tmp_path / "f", "mfcc", actors=1)
+    stats = extract_ray(manifest, tmp_path / "f", MFCC(), actors=1)
     assert stats["shards_done"] == 1 and stats["shards_skipped"] == 1
     fresh = tmp_path / "f2"
-    extract(tmp_path / "m", fresh, MFCC(), quiet=True)
-    assert (tmp_path / "f" / "features-00001.arrow").read_bytes() == (fresh / "features-00001.arrow").read_bytes()
+    extract(manifest, fresh, MFCC(), quiet=True)
+    same_files(tmp_path / "f", fresh)
+
+
+def test_blocks_follow_manifest_order_and_audio_seconds(manifest):
+    from speechinstruct.engine_ray import blocks
+    from speechinstruct.shard import manifest_files
+
+    shards = manifest_files(manifest)
+    one = list(blocks(shards, block_seconds=1.0))       # each utterance is longer than 1 s: one row per block
+    assert [(b.shard, b.first, len(b.rows)) for b in one] == [("manifest-00000.parquet", 0, 1),
+                                                              ("manifest-00000.parquet", 1, 1),
+                                                              ("manifest-00001.parquet", 0, 1),
+                                                              ("manifest-00001.parquet", 1, 1)]
+    whole = list(blocks(shards, block_seconds=1000.0))  # a block never spans two shards
+    assert [(b.shard, b.first, len(b.rows)) for b in whole] == [("manifest-00000.parquet", 0, 2),
+                                                                ("manifest-00001.parquet", 0, 2)]
+
+
+def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    from speechinstruct.engine_ray import extract_ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": SMALL_STORE})
+    try:
+        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE)  # a second raylet: a node of its own
+        cluster.wait_for_nodes()
+        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else []) in (0, 2)
+        stats = extract_ray(manifest, tmp_path / "ray", MFCC(), actors=2, block_seconds=1.0, address=cluster.address)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        assert len(alive) == 2
+        # SPREAD put one model actor on each node, and each did part of the work
+        assert len(stats["nodes"]) == 2 and all(n >= 1 for n in stats["nodes"].values()), stats
+        assert {k.split("/")[1] for k in stats["nodes"]} == {n["NodeID"][:8] for n in alive}
+        assert sum(stats["nodes"].values()) == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    extract(manifest, tmp_path / "local", MFCC(), quiet=True)
+    same_files(tmp_path / "local", tmp_path / "ray")
+
+
+def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(manifest, tmp_path):
+    from speechinstruct.engine_ray import RayJobError, extract_ray
+
+    class DiesOnLongAudio(MFCC):  # defined here, so Ray ships it by value to the actor process
+        def features_batch(self, wavs):
+            if any(w.size > 24_000 for w in wavs):  # the 2 s utterance, first of the second shard
+                os._exit(1)  # the actor's process dies, as on a segfault or the OOM killer
+            return super().features_batch(wavs)
+
+    with pytest.raises(RayJobError, match=r"manifest-00001\.parquet rows 0-0 failed after 1 retries: The actor is dead"):
+        extract_ray(manifest, tmp_path / "f", DiesOnLongAudio(), actors=1, block_seconds=1.0, max_retries=1)
+    assert (tmp_path / "f" / "features-00000.arrow").is_file()   # the shard finished before it was written
+    assert not (tmp_path / "f" / "features-00001.arrow").exists()
+    ray.shutdown()
+    stats = extract_ray(manifest, tmp_path / "f", MFCC(), actors=1)  # the rerun does only what is missing
+    assert stats["shards_done"] == 1 and stats["shards_skipped"] == 1
+    extract(manifest, tmp_path / "local", MFCC(), quiet=True)
+    same_files(tmp_path / "local", tmp_path / "f")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_path):
+    """A cluster started by `ray start --head`, with token authentication on (as Ray >= 2.59 does by default),
+    joined from the CLI in another process through the Ray client (`ray://`) and through `auto`."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "speechinstruct-test-" + "0" * 24,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, client = _free_port(), _free_port()
+    start = subprocess.run([str(bin_dir / "ray"), "start", "--head", "--num-cpus", "3", "--port", str(gcs),
+                            "--ray-client-server-port", str(client), "--include-dashboard", "false",
+                            "--object-store-memory", str(SMALL_STORE)],
+                           env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        extract(manifest, tmp_path / "local", MFCC(), quiet=True)
+        for name, address in (("client", f"ray://127.0.0.1:{client}"), ("auto", "auto")):
+            done = subprocess.run([str(bin_dir / "speechinstruct"), "extract", str(manifest), str(tmp_path / name),
+                                   "--engine", "ray", "--ray-address", address, "--actors", "2", "-q"],
+                                  env=env, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, done.stderr[-3000:]
+            stats = json.loads(done.stdout[done.stdout.index("{"):])
+            assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4, stats
+            same_files(tmp_path / "local", tmp_path / name)
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
+    shutil.rmtree(tmp_path / "client", ignore_errors=True)
