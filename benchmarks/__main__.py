@@ -1,9 +1,13 @@
 """``python -m benchmarks``: every speed and memory target, each measured side by side in one run.
 
-  kmeans    FAISS vs scikit-learn MiniBatchKMeans with fairseq's settings, same sample: speed, inertia
-  extract   batched vs one-utterance-at-a-time HuBERT (Base-sized, random weights): speed, same frames
-  engine    local vs Ray engine on the same shards: same outputs, speed
-  memory    peak RSS of `extract` at 1x and 10x corpus size (streaming: should stay flat)
+  kmeans    FAISS vs scikit-learn MiniBatchKMeans with fairseq's settings, same sample, K=100 and K=500, on an
+            idle machine and beside one other CPU-bound process: speed, held-out inertia
+  extract   HuBERT-Base layer 11 (random weights) on CPU: batched vs one at a time; achieved GFLOP/s vs the
+            machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
+  gpu       HuBERT-Base layer 11 on a GPU, bf16, length-bucketed batches: x real time and MFU (skipped without one)
+  engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
+            model work per node
+  memory    peak RSS of extract, quantize, compose and publish at 1x and 8x corpus size, default shard size
   compose   cross-modal records per second
   train     stage-2 tokens per second, ours vs TRL's SFTTrainer on the same model, data and steps (and model
             FLOP utilisation on a GPU)
@@ -36,15 +40,17 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def demo_corpus(work: Path, sentences: int) -> Path:
+def demo_corpus(work: Path, sentences: int, shard_hours: float = 0.05) -> Path:
     from speechinstruct.demo import make_demo_corpus
     from speechinstruct.shard import shard_corpus
 
     root = work / f"corpus-{sentences}"
     if not root.exists():
         make_demo_corpus(root, sentences, seed=0, quiet=True)
-        shard_corpus("speechinstruct-demo", root, work / f"manifest-{sentences}", shard_hours=0.05, quiet=True)
-    return work / f"manifest-{sentences}"
+    manifest = work / (f"manifest-{sentences}" if shard_hours == 0.05 else f"manifest-{sentences}-{shard_hours:g}h")
+    if not manifest.exists():
+        shard_corpus("speechinstruct-demo", root, manifest, shard_hours=shard_hours, quiet=True)
+    return manifest
 
 
 def mfcc(work: Path, manifest: Path) -> Path:
@@ -58,6 +64,11 @@ def mfcc(work: Path, manifest: Path) -> Path:
     return out
 
 
+def busy_neighbour():
+    """One other CPU-bound process, as on a shared node or beside another job-array task."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
 def bench_kmeans(work: Path, quick: bool) -> list[dict]:
     from sklearn.cluster import MiniBatchKMeans
 
@@ -66,18 +77,30 @@ def bench_kmeans(work: Path, quick: bool) -> list[dict]:
 
     manifest = demo_corpus(work, 120 if quick else 400)
     features = mfcc(work, manifest)
-    k = 50 if quick else 200
-    sample = sample_frames(features, 40_000 if quick else 200_000, seed=0)
-    centroids, t_faiss = timed(fit, sample, k, seed=0)
-    # fairseq examples/hubert/simple_kmeans/learn_kmeans.py settings
-    sk = MiniBatchKMeans(n_clusters=k, init="k-means++", max_iter=100, batch_size=10000, verbose=0, compute_labels=False,
-                         tol=0.0, max_no_improvement=100, init_size=None, n_init=20, reassignment_ratio=0.0, random_state=0)
-    _, t_sk = timed(sk.fit, sample)
-    inertia_faiss = KMeans(centroids).inertia(sample)
-    inertia_sk = KMeans(sk.cluster_centers_.astype(np.float32)).inertia(sample)
-    return [{"name": f"k-means fit (K={k}, {len(sample)} frames x {sample.shape[1]})", "baseline": "sklearn MiniBatchKMeans (fairseq settings)",
-             "baseline_s": t_sk, "ours_s": t_faiss, "speedup": t_sk / t_faiss, "target": ">= 10x",
-             "extra": f"inertia ours/baseline = {inertia_faiss / inertia_sk:.4f} (target within 2%)"}]
+    frames = sample_frames(features, 60_000 if quick else 240_000, seed=0)
+    sample, held_out = frames[: len(frames) * 5 // 6], frames[len(frames) * 5 // 6 :]
+    rows = []
+    for k in ((50,) if quick else (100, 500)):
+        for neighbour in (False, True):
+            other = busy_neighbour() if neighbour else None
+            try:
+                centroids, t_faiss = timed(fit, sample, k, seed=0)
+                # fairseq examples/hubert/simple_kmeans/learn_kmeans.py settings
+                sk = MiniBatchKMeans(n_clusters=k, init="k-means++", max_iter=100, batch_size=10000, verbose=0,
+                                     compute_labels=False, tol=0.0, max_no_improvement=100, init_size=None, n_init=20,
+                                     reassignment_ratio=0.0, random_state=0)
+                _, t_sk = timed(sk.fit, sample)
+            finally:
+                if other:
+                    other.kill()
+                    other.wait()
+            ratio = KMeans(centroids).inertia(held_out) / KMeans(sk.cluster_centers_.astype(np.float32)).inertia(held_out)
+            rows.append({"name": f"k-means fit K={k}, {len(sample)} frames x {sample.shape[1]}, "
+                                 f"{'one busy neighbour process' if neighbour else 'idle'}",
+                         "baseline": "sklearn MiniBatchKMeans (fairseq settings)", "baseline_s": t_sk, "ours_s": t_faiss,
+                         "speedup": t_sk / t_faiss, "target": ">= 10x",
+                         "extra": f"held-out inertia ours/baseline = {ratio:.4f} (target <= 1.02)"})
+    return rows
 
 
 def hubert_base(work: Path) -> Path:
@@ -93,16 +116,47 @@ def hubert_base(work: Path) -> Path:
     return folder
 
 
+def gemm_gflops(threads: int, n: int = 2048, repeat: int = 5) -> float:
+    """The machine's fp32 matrix-product rate on ``threads`` threads (best of ``repeat``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b)[1] for _ in range(repeat))
+    return 2 * n**3 / best / 1e9
+
+
+def model_flops(hubert, wav) -> float:
+    """Multiply-add FLOPs (x2) of HuBERT's forward pass up to its last kept layer on one utterance, from the
+    config: the convolutional front end, the projection, the positional convolution and each transformer
+    layer (projections, attention scores and values, feed-forward). Norms and activations are left out."""
+    c = hubert.model.config
+    t, flops, c_in = wav.size, 0.0, 1
+    for dim, kernel, stride in zip(c.conv_dim, c.conv_kernel, c.conv_stride):
+        t = (t - kernel) // stride + 1
+        flops += 2 * c_in * dim * kernel * t
+        c_in = dim
+    d, layers = c.hidden_size, len(hubert.model.encoder.layers)
+    flops += 2 * c_in * d * t                                                         # feature projection
+    flops += 2 * d * (d // c.num_conv_pos_embedding_groups) * c.num_conv_pos_embeddings * t  # positional conv
+    flops += layers * (2 * t * (4 * d * d + 2 * d * c.intermediate_size) + 4 * t * t * d)
+    return float(flops)
+
+
 def bench_extract(work: Path, quick: bool) -> list[dict]:
     import torch
 
     from speechinstruct import audio
+    from speechinstruct.cluster import fit
     from speechinstruct.extract import compute
     from speechinstruct.features import load_hubert
+    from speechinstruct.threads import available_cpus
+    from speechinstruct.units import KMeans
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hubert = load_hubert(hubert_base(work), layer=11, device=device)
+    cpus = available_cpus()
+    torch.set_num_threads(cpus)
+    hubert = load_hubert(hubert_base(work), layer=11, device="cpu")
     rng = np.random.default_rng(0)
     manifest_dir = demo_corpus(work, 120 if quick else 400)
     import pyarrow.parquet as pq
@@ -116,52 +170,141 @@ def bench_extract(work: Path, quick: bool) -> list[dict]:
     batched, t_batched = timed(lambda: [f for _, f in compute(hubert, iter([({"id": i}, w) for i, w in enumerate(wavs)]), 60.0)])
     diff = max(float(np.abs(a - b).max()) for a, b in zip(single, batched))
     seconds = sum(w.size for w in wavs) / 16000
-    return [{"name": f"HuBERT-Base layer 11 on {device} ({len(wavs)} utts, {seconds:.0f} s audio)",
-             "baseline": "one utterance at a time", "baseline_s": t_single, "ours_s": t_batched,
-             "speedup": t_single / t_batched, "target": ">= 1.5x (CPU)",
-             "extra": f"max |batched - single| = {diff:.2e}; {seconds / t_batched:.1f}x real time"}]
+    flops = sum(model_flops(hubert, w) for w in wavs)
+    gemm = gemm_gflops(cpus)
+    out = [{"name": f"HuBERT-Base layer 11 on CPU, {cpus} threads ({len(wavs)} utts, {seconds:.0f} s audio)",
+            "baseline": "one utterance at a time", "baseline_s": t_single, "ours_s": t_batched,
+            "speedup": t_single / t_batched, "target": ">= 1.5x (CPU)",
+            "extra": f"max |batched - single| = {diff:.2e}; {seconds / t_batched:.1f}x real time"},
+           {"name": f"HuBERT-Base layer 11 CPU compute rate ({flops / seconds / 1e9:.1f} GFLOP per audio second)",
+            "baseline": f"torch fp32 2048x2048 GEMM on {cpus} threads", "baseline_gflops": gemm,
+            "ours_gflops": flops / t_batched / 1e9, "fraction": flops / t_batched / 1e9 / gemm, "target": ">= 0.80"}]
+    bf16 = load_hubert(hubert_base(work), layer=11, device="cpu", dtype="bfloat16")
+    bf16.features_batch(wavs[:2])
+    low, t_low = timed(lambda: [f for _, f in compute(bf16, iter([({"id": i}, w) for i, w in enumerate(wavs)]), 60.0)])
+    km = KMeans(fit(np.concatenate(batched), 100, seed=0))  # units from a k-means fitted on the float32 frames
+    agree = float(np.mean(np.concatenate([km.assign(a) == km.assign(b) for a, b in zip(batched, low)])))
+    rel = float(np.mean([np.linalg.norm(a - b) / np.linalg.norm(a) for a, b in zip(batched, low)]))
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        isa = "unknown"
+    out.append({"name": f"HuBERT-Base layer 11, bfloat16 autocast on CPU ({isa})", "baseline": "float32",
+                "baseline_s": t_batched, "ours_s": t_low, "speedup": t_batched / t_low, "target": ">= 1.6x",
+                "extra": f"unit agreement with float32 (K=100) {agree:.1%} (target >= 97%); relative feature change {rel:.2%}"})
+    return out
+
+
+def bench_gpu(work: Path, quick: bool) -> list[dict]:
+    """HuBERT-Base layer 11 on one GPU in bf16: length-bucketed batches (the extract engine's own grouping),
+    decode on threads overlapping compute, pinned host memory. MFU against the GPU's bf16 dense peak
+    (``--gpu-peak-tflops``, default H100 SXM 989)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
+    from speechinstruct.extract import compute, decode_rows
+    from speechinstruct.features import load_hubert
+
+    hubert = load_hubert(hubert_base(work), layer=11, device="cuda", dtype="bfloat16")
+    manifest_dir = demo_corpus(work, 120 if quick else 1200)
+    import pyarrow.parquet as pq
+
+    rows = [r for f in sorted(manifest_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    root = Path(json.loads((manifest_dir / "summary.json").read_text())["root"])
+    wavs = [w for _, w in decode_rows(rows, root, workers=8)]
+    flops = sum(model_flops(hubert, w) for w in wavs[:20]) / sum(w.size for w in wavs[:20]) * 16000  # per audio second
+    list(compute(hubert, iter([({"id": i}, w) for i, w in enumerate(wavs[:32])]), 400.0))  # warm up
+    torch.cuda.synchronize()
+    _, t = timed(lambda: (list(compute(hubert, decode_rows(rows, root, workers=8), 400.0)), torch.cuda.synchronize()))
+    seconds = sum(r["duration"] for r in rows)
+    peak = float(os.environ.get("GPU_PEAK_TFLOPS", 989)) * 1e12
+    return [{"name": f"HuBERT-Base layer 11 on {torch.cuda.get_device_name()} (bf16, {len(rows)} utts, {seconds:.0f} s audio)",
+             "realtime": seconds / t, "ours_s": t, "target": ">= 5000x real time",
+             "extra": f"MFU {flops * seconds / t / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"}]
 
 
 def bench_engine(work: Path, quick: bool) -> list[dict]:
+    """Local engine vs the Ray engine on a two-node local cluster (two raylets on this machine, each with half
+    the CPUs as model-actor slots plus one for decode tasks), HuBERT-Base layer 11, same manifest."""
     try:
-        import ray  # noqa: F401
+        import ray
+        from ray.cluster_utils import Cluster
     except ImportError:
         return [{"name": "local vs Ray engine", "skipped": "ray not installed (pip install 'speechinstruct[ray]')"}]
     from speechinstruct.engine_ray import extract_ray
     from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
+    from speechinstruct.features import load_hubert
+    from speechinstruct.threads import available_cpus
 
-    manifest = demo_corpus(work, 120 if quick else 400)
+    import torch
+
+    cpus = available_cpus()
+    torch.set_num_threads(cpus)
+    manifest = demo_corpus(work, 40 if quick else 300)
+    hubert = load_hubert(hubert_base(work), layer=11)
     for d in ("engine-local", "engine-ray"):
         shutil.rmtree(work / d, ignore_errors=True)
-    local, t_local = timed(extract, manifest, work / "engine-local", MFCC(), quiet=True)
-    ray_stats, t_ray = timed(extract_ray, manifest, work / "engine-ray", "mfcc", actors=max(1, (os.cpu_count() or 2) - 1))
-    same = all((work / "engine-local" / f.name).read_bytes() == f.read_bytes()
-               for f in (work / "engine-ray").glob("features-*.arrow"))
-    import ray
+    local, t_local = timed(extract, manifest, work / "engine-local", hubert, quiet=True)
+    per_node = max(1, cpus // 2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node + 1})
+    try:
+        cluster.add_node(num_cpus=per_node + 1)
+        cluster.wait_for_nodes()
+        stats, t_ray = timed(extract_ray, manifest, work / "engine-ray", hubert, actors=2, cpus_per_actor=per_node,
+                             block_seconds=30.0, address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    from speechinstruct.extract import iter_features
 
-    ray.shutdown()
-    return [{"name": f"extract MFCC, {local['utterances']} utts", "baseline": "local engine", "baseline_s": t_local,
-             "ours_s": t_ray, "speedup": t_local / t_ray, "target": "same outputs; scales with the cluster",
-             "extra": f"identical feature files: {same} (one machine: Ray adds start-up cost)"}]
+    diff = max(float(np.abs(a - b).max()) for f in sorted((work / "engine-ray").glob("features-*.arrow"))
+               for (_, a), (_, b) in zip(iter_features(work / "engine-local" / f.name), iter_features(f)))
+    same = f"max |ray - local| frame difference {diff:.1e} (other batches and thread counts)"
+    return [{"name": f"extract HuBERT-Base L11, {local['utterances']} utts, {local['audio_hours'] * 3600:.0f} s audio, "
+                     f"2-node local Ray cluster", "baseline": "local engine", "baseline_s": t_local,
+             "ours_s": t_ray, "speedup": t_local / t_ray, "target": ">= 0.8x on one machine (job >= 2 min)",
+             "extra": f"{same}; utterances per node {list(stats['nodes'].values())}"}]
 
 
-def _peak_rss_mb(manifest: Path, out: Path) -> float:
-    code = ("import resource,sys; from speechinstruct.extract import extract; from speechinstruct.features import MFCC;"
-            f"extract({str(manifest)!r}, {str(out)!r}, MFCC(), quiet=True);"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+STAGE_CODE = {
+    "extract": "from speechinstruct.extract import extract; from speechinstruct.features import MFCC;"
+               "extract(M, W / 'features', MFCC(), quiet=True)",
+    "quantize": "from speechinstruct.quantize import quantize; from speechinstruct.units import load_kmeans;"
+                "quantize(W / 'features', load_kmeans(KM), W / 'units', quiet=True)",
+    "compose": "from speechinstruct.compose import cross_modal; cross_modal(W / 'units', W / 'composed' / 'cross_modal', quiet=True)",
+    "publish": "from speechinstruct.publish import publish; publish(W / 'composed', W / 'dataset')",
+}
+
+
+def _stage_rss_mb(stage: str, manifest: Path, work: Path, kmeans: Path) -> float:
+    """Peak RSS of one stage run alone in a fresh process (ru_maxrss of that process)."""
+    code = (f"import resource; from pathlib import Path; M, W, KM = Path({str(manifest)!r}), Path({str(work)!r}), "
+            f"Path({str(kmeans)!r}); {STAGE_CODE[stage]}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{stage}: {result.stderr[-2000:]}")
     return int(result.stdout.strip().splitlines()[-1]) / 1024
 
 
 def bench_memory(work: Path, quick: bool) -> list[dict]:
-    small = 40 if quick else 100
-    m1, m10 = demo_corpus(work, small), demo_corpus(work, small * 10)
-    for d in ("mem1", "mem10"):
-        shutil.rmtree(work / d, ignore_errors=True)
-    rss1, rss10 = _peak_rss_mb(m1, work / "mem1"), _peak_rss_mb(m10, work / "mem10")
-    return [{"name": f"extract peak RSS, {small} vs {small * 10} utterances", "baseline": "1x corpus",
-             "baseline_mb": rss1, "ours_mb": rss10, "ratio": rss10 / rss1, "target": "~1x (streaming)"}]
+    """Each stage at 1x and 8x the corpus, with the default shard size (10 h: every corpus here is ONE shard,
+    so a stage that held a shard would grow 8x)."""
+    from speechinstruct.cluster import cluster
+
+    small = 40 if quick else 150
+    sizes = {1: demo_corpus(work, small, shard_hours=10.0), 8: demo_corpus(work, small * 8, shard_hours=10.0)}
+    rss: dict[str, dict[int, float]] = {stage: {} for stage in STAGE_CODE}
+    for times, manifest in sizes.items():
+        folder = work / f"mem-{times}x"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for stage in STAGE_CODE:
+            if stage == "quantize" and times == 1:
+                cluster(folder / "features", work / "mem-km", k=50, quiet=True)
+            rss[stage][times] = _stage_rss_mb(stage, manifest, folder, work / "mem-km")
+    return [{"name": f"{stage} peak RSS, {small} vs {small * 8} utterances in one shard", "baseline": "1x corpus",
+             "baseline_mb": r[1], "ours_mb": r[8], "ratio": r[8] / r[1], "target": "<= 1.2x"} for stage, r in rss.items()]
 
 
 def bench_compose(work: Path, quick: bool) -> list[dict]:
@@ -263,8 +406,8 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "engine": bench_engine, "memory": bench_memory,
-            "compose": bench_compose, "train": bench_train}
+SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "gpu": bench_gpu, "engine": bench_engine,
+            "memory": bench_memory, "compose": bench_compose, "train": bench_train}
 
 
 def main(argv=None):
@@ -274,6 +417,9 @@ def main(argv=None):
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from speechinstruct import threads
+
+    threads.configure()  # as every command does: thread counts from the usable CPUs, passive OpenMP waiting
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="speechinstruct-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -294,6 +440,11 @@ def main(argv=None):
         elif "throughput" in r:
             line = (f"{r['baseline_tps']:.0f} tokens/s ({r['baseline']}) vs {r['ours_tps']:.0f} tokens/s → "
                     f"{r['throughput']:.2f}x (target {r['target']})")
+        elif "realtime" in r:
+            line = f"{r['realtime']:.0f}x real time ({r['ours_s']:.1f} s; target {r['target']})"
+        elif "fraction" in r:
+            line = (f"{r['baseline_gflops']:.0f} GFLOP/s ({r['baseline']}) vs {r['ours_gflops']:.0f} GFLOP/s → "
+                    f"{r['fraction']:.2f} (target {r['target']})")
         elif "records_per_s" in r:
             line = f"{r['records']} records in {r['ours_s']:.2f} s → {r['records_per_s']:.0f} records/s"
         else:

@@ -124,6 +124,12 @@ class HuBERT:
         if dtype != "float32":  # float32 folders keep the spec they always had
             self.spec["dtype"] = dtype
 
+    def __reduce__(self):
+        # torch cannot pickle weight-norm parametrizations (HuBERT's positional convolution); the Ray engine
+        # ships extractors to its actors, so a HuBERT travels as its config and state dict
+        return (_rebuild_hubert, (self.model.config, self.model.state_dict(), self.layer, self.normalize,
+                                  self.spec["source"], self.dtype))
+
     def to(self, device: str) -> "HuBERT":
         self.model.to(device)
         self.device = device
@@ -164,6 +170,14 @@ class HuBERT:
         for (i, _), n, h in zip(pieces, lengths, hidden):
             out[i].append(h[:n].float().cpu().numpy())
         return [np.concatenate(parts) for parts in out]
+
+
+def _rebuild_hubert(config, state: dict, layer: int, normalize: bool, source: str, dtype: str) -> HuBERT:
+    from transformers import HubertModel
+
+    hubert = HuBERT(HubertModel(config), layer, normalize, source, dtype=dtype)
+    hubert.model.load_state_dict(state, strict=True)
+    return hubert
 
 
 def _receptive_field(config) -> int:

@@ -271,3 +271,10 @@ def test_extractors_and_kmeans_survive_pickling_for_the_ray_engine(tmp_path):
     again = pickle.loads(pickle.dumps(km))
     np.testing.assert_array_equal(again.assign(mfcc.features(wav)), km.assign(mfcc.features(wav)))
     assert again.meta == km.meta and again.source == "km"
+    # HuBERT, whose positional convolution is a weight-norm parametrization torch will not pickle
+    cfg = model_cfg(layer_norm_first=True)
+    save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
+    hubert = features.load_hubert(tmp_path / "hubert.pt", layer=2)
+    copy = pickle.loads(pickle.dumps(hubert))
+    assert copy.spec == hubert.spec and len(copy.model.encoder.layers) == 2
+    np.testing.assert_array_equal(copy.features(wav), hubert.features(wav))

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.extract import extract
+from speechinstruct.extract import extract, read_features
 from speechinstruct.features import MFCC
 from speechinstruct.shard import shard_corpus
 
@@ -65,6 +66,27 @@ def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path
     fresh = tmp_path / "f2"
     extract(manifest, fresh, MFCC(), quiet=True)
     same_files(tmp_path / "f", fresh)
+
+
+def test_ray_engine_runs_hubert_from_a_fairseq_checkpoint(manifest, tmp_path):
+    from fairseq_fixture import model_cfg, random_state, save_checkpoint
+
+    from speechinstruct.engine_ray import extract_ray
+    from speechinstruct.features import load_hubert
+
+    cfg = model_cfg()
+    save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
+    hubert = load_hubert(tmp_path / "hubert.pt", layer=2)
+    extract(manifest, tmp_path / "local", hubert, quiet=True)
+    stats = extract_ray(manifest, tmp_path / "ray", hubert, actors=1, block_seconds=1.0)
+    assert stats["utterances"] == 4
+    # other batches (one utterance per block) and thread counts than the local run: equal frames, not bytes
+    for shard in ("features-00000.arrow", "features-00001.arrow"):
+        ids, frames = read_features(tmp_path / "local" / shard)
+        ray_ids, ray_frames = read_features(tmp_path / "ray" / shard)
+        assert ids == ray_ids
+        for a, b in zip(frames, ray_frames):
+            np.testing.assert_allclose(b, a, atol=1e-5)
 
 
 def test_blocks_follow_manifest_order_and_audio_seconds(manifest):
