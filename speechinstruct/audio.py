@@ -71,5 +71,9 @@ def load(
     return resample(wav, sr, target_sr)
 
 
-def write(path: str | os.PathLike, wav: np.ndarray, sr: int = TARGET_SR, **kwargs) -> None:
-    sf.write(str(path), wav, sr, **kwargs)
+def write_wav(path: str | os.PathLike, wav: np.ndarray, sr: int = TARGET_SR) -> None:
+    """A 16-bit PCM wav, written atomically (complete or absent)."""
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.clip(wav, -1.0, 1.0), sr, format="WAV", subtype="PCM_16")

@@ -464,6 +464,9 @@ def chat(
                                "cross_modal (stage 2's) or speechgpt-cli (SpeechGPT's cli_infer.py template)."),
     prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT's)."),
     device: str = typer.Option("auto"),
+    vocoder: Optional[Path] = typer.Option(None, help="A unit HiFi-GAN (fairseq g_00500000 + config.json, or its "
+                                           "folder) to speak the unit answer."),
+    speak: Optional[Path] = typer.Option(None, help="With --vocoder: write the spoken unit answer here (.wav)."),
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
@@ -472,6 +475,9 @@ def chat(
     from .features import load_extractor
     from .units import load_kmeans
 
+    if bool(vocoder) != bool(speak):
+        fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
+    voice = _run(_load_vocoder, vocoder) if vocoder else None
     prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
     bot = _run(Chat, model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
@@ -485,7 +491,38 @@ def chat(
     if not inputs:
         inputs = (line.strip() for line in sys.stdin if line.strip())
     for user_input in inputs:
-        _print_json(bot.reply(user_input, max_new_tokens=max_new_tokens))
+        answer = bot.reply(user_input, max_new_tokens=max_new_tokens)
+        if voice is not None:
+            from . import audio
+
+            if answer["units"]:
+                audio.write_wav(speak, _run(voice.synthesize, answer["units"]), voice.sample_rate)
+                answer["spoken"] = str(speak)
+            else:
+                answer["spoken"] = None  # nothing to say: the answer has no units
+                typer.secho("note: the answer has no unit part to speak", err=True)
+        _print_json(answer)
+
+
+def _load_vocoder(path):
+    from .vocoder import load_vocoder
+
+    return load_vocoder(path)
+
+
+@app.command()
+def resynth(
+    source: Path = typer.Argument(..., help="A units folder, compose folder or published dataset (or one .parquet)."),
+    out: Path = typer.Argument(..., help="Output folder for NNNNN.wav and manifest.jsonl."),
+    vocoder: Path = typer.Option(..., help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) with its "
+                                 "config.json beside it, or their folder."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many wavs."),
+):
+    """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
+    [ua] answers, pretrain lines) with a manifest."""
+    from .vocoder import resynthesize
+
+    _print_json(_run(resynthesize, source, out, _run(_load_vocoder, vocoder), limit=limit))
 
 
 def main():

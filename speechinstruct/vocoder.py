@@ -172,3 +172,66 @@ def load_vocoder(path: str | Path) -> UnitVocoder:
                              f"{tuple(target[name].shape)}")
     vocoder.load_state_dict(mapped, strict=True)
     return vocoder
+
+
+# ------------------------------------------------------------------------------------------ resynthesis
+def _record_units(row: dict, columns: set[str], frame_rate_units: bool) -> tuple[str, list[int]] | None:
+    """(kind, units) of one record, or None when it has no speech to say. ``frame_rate_units``: one unit per
+    frame (repeats restored from ``durations``), for a vocoder without a duration predictor."""
+    if "durations" in columns:  # a quantize / extract --kmeans units folder
+        units = row["units"] or []
+        return ("utterance", list(np.repeat(units, row["durations"])) if frame_rate_units else list(units)) if units else None
+    if frame_rate_units:
+        raise ValueError("dataset records hold deduplicated units; this vocoder has no duration predictor and needs "
+                         "one unit per frame: resynthesise a units folder (quantize output) instead")
+    if "response_units" in columns:  # chain of modality: the spoken answer ([ua])
+        return ("chain_of_modality [ua] answer", list(row["response_units"])) if row.get("response_units") else None
+    if "task" in columns:  # cross-modal: the speech of the ASR input or the TTS target
+        return (f"cross_modal {row['task']}", list(row["units"])) if row.get("units") else None
+    if "units" in columns:  # pretrain lines
+        return ("pretrain", list(row["units"])) if row.get("units") else None
+    return None
+
+
+def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limit: int | None = None) -> dict:
+    """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
+    every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
+    record, kind, source file and units. ``limit``: at most that many wavs."""
+    import pyarrow.parquet as pq
+
+    from . import audio
+    from .io import write_text
+
+    source, out = Path(source), Path(out)
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
+    entries, skipped = [], 0
+    for path in files:
+        columns = set(pq.read_schema(path).names)
+        if not columns & {"units", "response_units"}:
+            continue
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                if limit is not None and len(entries) >= limit:
+                    break
+                found = _record_units(row, columns, frame_rate_units=not vocoder.dur_prediction)
+                if found is None:
+                    skipped += 1
+                    continue
+                kind, units = found
+                try:
+                    wav = vocoder.synthesize(units)
+                except ValueError as e:
+                    raise ValueError(f"{path}: record {row.get('id')}: {e}") from None
+                name = f"{len(entries):05d}.wav"
+                audio.write_wav(out / name, wav, vocoder.sample_rate)
+                entries.append({"file": name, "id": row.get("id"), "kind": kind, "source": str(path.relative_to(source))
+                                if source.is_dir() else path.name, "units": len(units),
+                                "seconds": round(wav.size / vocoder.sample_rate, 3)})
+    if not entries:
+        raise ValueError(f"{source}: no records with units found (expected units, cross-modal, chain-of-modality "
+                         "or pretrain records)")
+    write_text(out / "manifest.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    return {"wavs": len(entries), "skipped_without_units": skipped, "seconds": round(sum(e["seconds"] for e in entries), 3),
+            "vocoder": vocoder.source, "kinds": sorted({e["kind"] for e in entries})}

@@ -85,3 +85,86 @@ def test_checkpoints_of_other_models_are_one_clear_line(tmp_path):
     (tmp_path / "voc" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not all tensors"):
         load_vocoder(tmp_path / "voc")
+
+
+def test_resynth_speaks_every_record_kind_of_a_published_dataset(tmp_path):
+    import soundfile as sf
+    import yaml
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+    from speechinstruct.pipeline import run
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "demo_corpus": {"sentences": 12, "seed": 1},
+                                      "kmeans": {"k": 16, "max_frames": 20000},
+                                      "compose": {"chain_of_modality": {"max_pairs": 4}}}))
+    run(recipe, quiet=True)
+    cfg = vocoder_config(True, k=16)
+    save_vocoder(tmp_path / "voc", cfg, random_generator_state(cfg))
+    runner = CliRunner()
+    result = runner.invoke(app, ["resynth", str(tmp_path / "work" / "dataset"), str(tmp_path / "wavs"),
+                                 "--vocoder", str(tmp_path / "voc")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    entries = [json.loads(line) for line in (tmp_path / "wavs" / "manifest.jsonl").read_text().splitlines()]
+    assert summary["wavs"] == len(entries) > 0
+    kinds = {e["kind"] for e in entries}
+    assert {"cross_modal asr", "cross_modal tts", "chain_of_modality [ua] answer", "pretrain"} <= kinds, kinds
+    for e in entries[:5]:
+        wav, sr = sf.read(tmp_path / "wavs" / e["file"])
+        assert sr == 16000 and wav.ndim == 1 and wav.size / sr == pytest.approx(e["seconds"], abs=1e-3)
+    limited = runner.invoke(app, ["resynth", str(tmp_path / "work" / "dataset"), str(tmp_path / "three"),
+                                  "--vocoder", str(tmp_path / "voc"), "--limit", "3"])
+    assert limited.exit_code == 0 and len(list((tmp_path / "three").glob("*.wav"))) == 3
+
+    # a vocoder without a duration predictor needs frame-rate units: a units folder has them, records do not
+    plain = vocoder_config(False, k=16)
+    save_vocoder(tmp_path / "plain", plain, random_generator_state(plain))
+    units = tmp_path / "work" / "speechinstruct-demo" / "units"
+    done = runner.invoke(app, ["resynth", str(units), str(tmp_path / "frames"), "--vocoder", str(tmp_path / "plain"),
+                               "--limit", "2"])
+    assert done.exit_code == 0, done.output
+    import pyarrow.parquet as pq
+
+    first = pq.read_table(sorted(units.glob("units-*.parquet"))[0]).to_pylist()[0]
+    wav, _ = sf.read(tmp_path / "frames" / "00000.wav")
+    assert wav.size == sum(first["durations"]) * 40  # one unit per frame, repeats restored; hop 40 here
+    refused = runner.invoke(app, ["resynth", str(tmp_path / "work" / "dataset"), str(tmp_path / "no"),
+                                  "--vocoder", str(tmp_path / "plain")])
+    assert refused.exit_code == 2 and "needs one unit per frame" in refused.output
+    assert "Traceback" not in refused.output
+    # units the vocoder cannot say: one line naming the file and record
+    small = vocoder_config(True, k=4)
+    save_vocoder(tmp_path / "small", small, random_generator_state(small))
+    bad = runner.invoke(app, ["resynth", str(units), str(tmp_path / "bad"), "--vocoder", str(tmp_path / "small")])
+    assert bad.exit_code == 2 and "outside this vocoder's vocabulary 0..3" in bad.output and "units-" in bad.output
+
+
+def test_chat_speaks_the_unit_answer(tmp_path, monkeypatch):
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from speechinstruct import chat
+    from speechinstruct.cli import app
+
+    class Scripted:  # the language model's side is tested in test_train; here, what chat does with its answer
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def reply(self, user_input, max_new_tokens=256):
+            return chat.parse_answer("what is up; [ta] the sky; [ua] <sosp><3><7><7><1><eosp><eoa>")
+
+    monkeypatch.setattr(chat, "Chat", Scripted)
+    cfg = vocoder_config(True)
+    state = random_generator_state(cfg)
+    save_vocoder(tmp_path / "voc", cfg, state)
+    result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path), "--text", "hi", "--vocoder", str(tmp_path / "voc"),
+                                      "--speak", str(tmp_path / "answer.wav")])
+    assert result.exit_code == 0, result.output
+    wav, sr = sf.read(tmp_path / "answer.wav", dtype="float32")
+    want = reference_waveform(state, cfg, [3, 7, 7, 1], True).numpy()
+    assert sr == 16000 and wav.shape == want.shape
+    np.testing.assert_allclose(wav, np.clip(want, -1, 1), atol=1 / 16000)  # 16-bit PCM
+    alone = CliRunner().invoke(app, ["chat", "--model", str(tmp_path), "--text", "hi", "--vocoder", str(tmp_path / "voc")])
+    assert alone.exit_code == 2 and "--vocoder and --speak go together" in alone.output
