@@ -278,9 +278,10 @@ STAGE_CODE = {
 
 
 def _stage_rss_mb(stage: str, manifest: Path, work: Path, kmeans: Path) -> float:
-    """Peak RSS of one stage run alone in a fresh process (ru_maxrss of that process)."""
-    code = (f"import resource; from pathlib import Path; M, W, KM = Path({str(manifest)!r}), Path({str(work)!r}), "
-            f"Path({str(kmeans)!r}); {STAGE_CODE[stage]}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """Peak RSS of one stage run alone in a fresh process: its VmHWM. (Not ru_maxrss: Linux carries that over
+    from the parent through fork and exec, so every child would report the benchmark's own peak.)"""
+    code = (f"from pathlib import Path; M, W, KM = Path({str(manifest)!r}), Path({str(work)!r}), Path({str(kmeans)!r}); "
+            f"{STAGE_CODE[stage]}; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{stage}: {result.stderr[-2000:]}")
