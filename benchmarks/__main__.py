@@ -8,6 +8,7 @@
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
   memory    peak RSS of extract, quantize, compose and publish at 1x and 8x corpus size, default shard size
+  vocoder   resynthesis speed (x real time) of a unit HiFi-GAN the size of SpeechGPT's, on CPU
   compose   cross-modal records per second
   train     stage-2 tokens per second, ours vs TRL's SFTTrainer on the same model, data and steps (and model
             FLOP utilisation on a GPU)
@@ -308,6 +309,33 @@ def bench_memory(work: Path, quick: bool) -> list[dict]:
              "baseline_mb": r[1], "ours_mb": r[8], "ratio": r[8] / r[1], "target": "<= 1.2x"} for stage, r in rss.items()]
 
 
+def bench_vocoder(work: Path, quick: bool) -> list[dict]:
+    """Resynthesis speed of a unit HiFi-GAN the size of SpeechGPT's (fairseq's mhubert ..._km1000_lj config:
+    512 initial channels, upsampling 5x4x4x2x2, resblocks 3/7/11, 128-dim units, duration predictor), random
+    weights, on CPU."""
+    import torch
+
+    from speechinstruct.threads import available_cpus
+    from speechinstruct.vocoder import UnitVocoder
+
+    torch.set_num_threads(available_cpus())
+    config = {"upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
+              "upsample_initial_channel": 512, "resblock_kernel_sizes": [3, 7, 11],
+              "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "num_embeddings": 1000,
+              "embedding_dim": 128, "model_in_dim": 128, "sampling_rate": 16000,
+              "dur_predictor_params": {"encoder_embed_dim": 128, "var_pred_hidden_dim": 128,
+                                       "var_pred_kernel_size": 3, "var_pred_dropout": 0.5}}
+    torch.manual_seed(0)
+    vocoder = UnitVocoder(config, source="speechgpt-size random")
+    units = np.random.default_rng(0).integers(0, 1000, 100 if quick else 400)
+    vocoder.synthesize(units[:20])
+    wav, t = timed(vocoder.synthesize, units)
+    seconds = wav.size / vocoder.sample_rate
+    return [{"name": f"unit HiFi-GAN (SpeechGPT's size) on CPU, {available_cpus()} threads, {len(units)} units",
+             "realtime": seconds / t, "ours_s": t, "target": "report",
+             "extra": f"{seconds:.1f} s of speech"}]
+
+
 def bench_compose(work: Path, quick: bool) -> list[dict]:
     from speechinstruct import compose
     from speechinstruct.cluster import cluster
@@ -408,7 +436,7 @@ def torch_cuda() -> bool:
 
 
 SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "gpu": bench_gpu, "engine": bench_engine,
-            "memory": bench_memory, "compose": bench_compose, "train": bench_train}
+            "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "train": bench_train}
 
 
 def main(argv=None):

@@ -519,7 +519,7 @@ def resynth(
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many wavs."),
 ):
     """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
-    [ua] answers, pretrain lines) with a manifest."""
+    \\[ua] answers, pretrain lines) with a manifest."""
     from .vocoder import resynthesize
 
     _print_json(_run(resynthesize, source, out, _run(_load_vocoder, vocoder), limit=limit))
