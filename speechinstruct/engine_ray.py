@@ -99,9 +99,6 @@ class ModelActor:
             results.append((uid, value))
         return self.node, results
 
-    def where(self) -> str:
-        return self.node
-
 
 def connect(address: str | None):
     """Start or join Ray (see the module docstring); one clear line when that cannot be done."""
