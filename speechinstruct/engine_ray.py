@@ -29,9 +29,6 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from . import audio
-from .io import safe_join
-
 
 class RayJobError(RuntimeError):
     """The cluster could not finish a block (retries spent) or sent back something out of order."""
@@ -63,13 +60,9 @@ def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
 
 def decode_block(rows: list[dict], root: str) -> list[tuple[str, np.ndarray | str]]:
     """(id, 16 kHz samples) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task."""
-    out = []
-    for row in rows:
-        try:
-            out.append((row["id"], audio.load(safe_join(root, row["path"]), row["offset"], row["duration"])))
-        except (audio.AudioError, ValueError, OSError) as e:
-            out.append((row["id"], str(e)))
-    return out
+    from .extract import decode_row
+
+    return [(row["id"], decode_row(row, root)) for row in rows]
 
 
 class ModelActor:
@@ -93,7 +86,7 @@ class ModelActor:
         from .extract import compute
 
         results = []
-        for (uid, _), (_, value) in zip(decoded, compute(self.extractor, iter(decoded), self.batch_seconds)):
+        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds):  # (id, frames | reason)
             if not isinstance(value, str) and self.kmeans is not None:
                 value = self.kmeans.assign(value)
             results.append((uid, value))
@@ -179,9 +172,9 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None, batch_seconds:
                 float16: bool = False, actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
                 address: str | None = None, num_shards: int = 1, shard_index: int = 0, device: str | None = None,
                 block_seconds: float | None = None, depth: int = 2, max_retries: int = 3) -> dict:
-    """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` and ``kmeans`` are loaded
-    here, on the CPU, and shipped to the actors, which move the model to ``device`` (default: cuda when
-    actors get GPUs)."""
+    """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU) and
+    ``kmeans`` are shipped to the actors, which move the model to ``device`` (default: cuda when actors get
+    GPUs)."""
     from .extract import run_shards, select_shards, shard_output
     from .shard import corpus_root, manifest_files
 

@@ -56,17 +56,17 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
             yield pending.popleft().result()
 
 
+def decode_row(row: dict, root: str | Path) -> np.ndarray | str:
+    """The 16 kHz samples of one manifest row, or the reason its audio cannot be used."""
+    try:
+        return audio.load(safe_join(root, row["path"]), row["offset"], row["duration"])
+    except (audio.AudioError, ValueError, OSError) as e:
+        return str(e)
+
+
 def decode_rows(rows: list[dict], root: Path, workers: int = 2) -> Iterator[tuple[dict, np.ndarray | str]]:
     """(row, 16 kHz samples) per row, or (row, reason) when the audio cannot be used."""
-
-    def load(row):
-        try:
-            path = safe_join(root, row["path"])
-            return row, audio.load(path, row["offset"], row["duration"])
-        except (audio.AudioError, ValueError, OSError) as e:
-            return row, str(e)
-
-    return bounded_map(load, rows, workers=workers, ahead=4 * workers + 4)
+    return bounded_map(lambda row: (row, decode_row(row, root)), rows, workers=workers, ahead=4 * workers + 4)
 
 
 def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> Iterator[tuple[dict, np.ndarray | str]]:
