@@ -517,12 +517,13 @@ def resynth(
     vocoder: Path = typer.Option(..., help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) with its "
                                  "config.json beside it, or their folder."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many wavs."),
+    quiet: bool = Quiet,
 ):
     """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
     \\[ua] answers, pretrain lines) with a manifest."""
     from .vocoder import resynthesize
 
-    _print_json(_run(resynthesize, source, out, _run(_load_vocoder, vocoder), limit=limit))
+    _print_json(_run(resynthesize, source, out, _run(_load_vocoder, vocoder), limit=limit, quiet=quiet))
 
 
 def main():

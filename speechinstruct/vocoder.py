@@ -193,11 +193,13 @@ def _record_units(row: dict, columns: set[str], frame_rate_units: bool) -> tuple
     return None
 
 
-def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limit: int | None = None) -> dict:
+def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limit: int | None = None,
+                 quiet: bool = False) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
     record, kind, source file and units. ``limit``: at most that many wavs."""
     import pyarrow.parquet as pq
+    from tqdm import tqdm
 
     from . import audio
     from .io import write_text
@@ -207,11 +209,13 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limi
     if not files:
         raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
     entries, skipped = [], 0
+    bar = tqdm(total=limit, desc=f"resynth {out.name}", unit="wav", disable=quiet)
     for path in files:
-        columns = set(pq.read_schema(path).names)
+        table = pq.ParquetFile(path)
+        columns = set(table.schema_arrow.names)
         if not columns & {"units", "response_units"}:
             continue
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for batch in table.iter_batches(batch_size=256):
             for row in batch.to_pylist():
                 if limit is not None and len(entries) >= limit:
                     break
@@ -229,6 +233,8 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limi
                 entries.append({"file": name, "id": row.get("id"), "kind": kind, "source": str(path.relative_to(source))
                                 if source.is_dir() else path.name, "units": len(units),
                                 "seconds": round(wav.size / vocoder.sample_rate, 3)})
+                bar.update()
+    bar.close()
     if not entries:
         raise ValueError(f"{source}: no records with units found (expected units, cross-modal, chain-of-modality "
                          "or pretrain records)")

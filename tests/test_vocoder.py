@@ -115,7 +115,7 @@ def test_resynth_speaks_every_record_kind_of_a_published_dataset(tmp_path):
         wav, sr = sf.read(tmp_path / "wavs" / e["file"])
         assert sr == 16000 and wav.ndim == 1 and wav.size / sr == pytest.approx(e["seconds"], abs=1e-3)
     limited = runner.invoke(app, ["resynth", str(tmp_path / "work" / "dataset"), str(tmp_path / "three"),
-                                  "--vocoder", str(tmp_path / "voc"), "--limit", "3"])
+                                  "--vocoder", str(tmp_path / "voc"), "--limit", "3", "-q"])
     assert limited.exit_code == 0 and len(list((tmp_path / "three").glob("*.wav"))) == 3
 
     # a vocoder without a duration predictor needs frame-rate units: a units folder has them, records do not
