@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -105,7 +106,17 @@ def connect(address: str | None):
     if not (address or "").startswith("ray://"):
         options.update(include_dashboard=False, configure_logging=False)
     try:
-        ray.init(address=address, **options)
+        for attempt in range(3):
+            try:
+                ray.init(address=address, **options)
+                break
+            except ConnectionAbortedError:
+                # Seen with Ray 2.60: the first Ray-client connection to a fresh cluster can fail with
+                # "Initialization failure from server" (the proxy's first per-client server dies at start);
+                # the next one goes through.
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
     except ImportError as e:
         raise ValueError(f"ray address {address}: {e} (pip install 'speechinstruct[ray]' installs ray[client])") from None
     except (ConnectionError, RuntimeError, TimeoutError) as e:
