@@ -113,7 +113,6 @@ def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path)
     try:
         cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE)  # a second raylet: a node of its own
         cluster.wait_for_nodes()
-        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else []) in (0, 2)
         stats = extract_ray(manifest, tmp_path / "ray", MFCC(), actors=2, block_seconds=1.0, address=cluster.address)
         alive = [n for n in ray.nodes() if n["Alive"]]
         assert len(alive) == 2

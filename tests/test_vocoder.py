@@ -63,8 +63,8 @@ def test_checkpoints_of_other_models_are_one_clear_line(tmp_path):
     cfg = vocoder_config(True)
     save_vocoder(tmp_path / "voc", cfg, random_generator_state(cfg))
     # a HuBERT checkpoint where the generator should be
-    save_checkpoint(tmp_path / "hubert" / "g_00500000", model_cfg(), random_state(model_cfg())) \
-        if (tmp_path / "hubert").mkdir() is None else None
+    (tmp_path / "hubert").mkdir()
+    save_checkpoint(tmp_path / "hubert" / "g_00500000", model_cfg(), random_state(model_cfg()))
     (tmp_path / "hubert" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no 'generator' weights"):
         load_vocoder(tmp_path / "hubert")
