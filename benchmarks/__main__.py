@@ -8,7 +8,8 @@
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
   memory    peak RSS of extract, quantize, compose and publish at 1x and 8x corpus size, default shard size
-  vocoder   resynthesis speed (x real time) of a unit HiFi-GAN the size of SpeechGPT's, on CPU
+  vocoder   resynthesis speed (x real time) of a unit HiFi-GAN the size of SpeechGPT's, and of the
+            embedded preview vocoder, on CPU
   compose   cross-modal records per second
   train     stage-2 tokens per second, ours vs TRL's SFTTrainer on the same model, data and steps (and model
             FLOP utilisation on a GPU)
@@ -334,9 +335,22 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
     vocoder.synthesize(units[:20])
     wav, t = timed(vocoder.synthesize, units)
     seconds = wav.size / vocoder.sample_rate
-    return [{"name": f"unit HiFi-GAN (SpeechGPT's size) on CPU, {available_cpus()} threads, {len(units)} units",
+    rows = [{"name": f"unit HiFi-GAN (SpeechGPT's size) on CPU, {available_cpus()} threads, {len(units)} units",
              "realtime": seconds / t, "ours_s": t, "target": "report",
              "extra": f"{seconds:.1f} s of speech"}]
+    # the embedded preview (MFCC centroids -> Griffin-Lim, 32 iterations) at the demo's K=100
+    from speechinstruct.units import KMeans
+    from speechinstruct.vocoder import PreviewVocoder
+
+    centroids = np.random.default_rng(0).normal(0, 1, (100, 39)).astype(np.float32)
+    centroids[:, 0] += 40  # a C0 (log energy) in the range real MFCCs have
+    preview = PreviewVocoder(KMeans(centroids, "random-mfcc-k100", {"features": {"features": "mfcc"}}))
+    preview.synthesize(units[:20] % 100)
+    wav, t = timed(preview.synthesize, units % 100)
+    seconds = wav.size / preview.sample_rate
+    rows.append({"name": f"preview vocoder (Griffin-Lim, 32 iterations) on CPU, {len(units)} units x 2.5 frames",
+                 "realtime": seconds / t, "ours_s": t, "target": "report", "extra": f"{seconds:.1f} s of speech"})
+    return rows
 
 
 def bench_compose(work: Path, quick: bool) -> list[dict]:

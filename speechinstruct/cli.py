@@ -375,12 +375,21 @@ def validate(
 def report(
     dataset: Path = typer.Argument(..., help="A published dataset."),
     out: Path = typer.Argument(..., help="Folder for index.html and the PNG plots."),
+    units: Optional[Path] = typer.Option(None, help="A units folder (quantize output): its utterances' original "
+                                         "audio goes into the report to listen to."),
+    vocoder: Optional[Path] = typer.Option(None, help="Resynthesise the samples: a unit HiFi-GAN (g_00500000 + "
+                                           "config.json) or, as a preview, an MFCC k-means folder."),
+    samples: int = typer.Option(4, min=0, help="How many utterances to put in the listening table."),
 ):
-    """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths."""
+    """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths, and
+    samples to listen to (original and resynthesised, with their mel-cepstral distance)."""
     from .report import report as run_report
 
-    result = _run(run_report, dataset, out)
-    typer.echo(f"report: {result['page']} ({len(result['plots'])} plots)")
+    voice = _run(_load_vocoder, vocoder) if vocoder else None
+    result = _run(run_report, dataset, out, units=units, vocoder=voice, samples=samples)
+    extra = f", {result['samples']} samples" if result.get("samples") else ""
+    mcd = f", resynthesis MCD {result['resynthesis_mcd_db']} dB" if "resynthesis_mcd_db" in result else ""
+    typer.echo(f"report: {result['page']} ({len(result['plots'])} plots{extra}{mcd})")
 
 
 @app.command()
@@ -515,7 +524,8 @@ def resynth(
     source: Path = typer.Argument(..., help="A units folder, compose folder or published dataset (or one .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for NNNNN.wav and manifest.jsonl."),
     vocoder: Path = typer.Option(..., help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) with its "
-                                 "config.json beside it, or their folder."),
+                                 "config.json beside it, or their folder; or an MFCC k-means folder for the "
+                                 "embedded preview (centroids -> Griffin-Lim, not SpeechGPT's vocoder)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many wavs."),
     quiet: bool = Quiet,
 ):

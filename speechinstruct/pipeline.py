@@ -120,6 +120,15 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
         return _run(recipe, recipe_path, work, quiet, force)
 
 
+def _report_vocoder(setting: str, km_path: Path, features: str):
+    """The vocoder the report resynthesises its samples with (see ``Output.vocoder``), or None."""
+    from .vocoder import load_vocoder
+
+    if setting == "none" or (setting == "auto" and (features != "mfcc" or not km_path.is_dir())):
+        return None
+    return load_vocoder(km_path if setting == "auto" else setting)
+
+
 def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dict:
     from . import compose, templates
     from .cluster import cluster
@@ -239,7 +248,9 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
     print(f"[{runner.index}/{runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}", flush=True)
     if not verdict.ok:
         print(format_report(verdict), flush=True)
-    runner.stage("report", report_dir, {}, [stamps["publish"]], lambda: _brief(report(dataset, report_dir)))
+    vocoder = _report_vocoder(recipe["output"]["vocoder"], km_path, f["kind"])
+    runner.stage("report", report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4}, [stamps["publish"]],
+                 lambda: _brief(report(dataset, report_dir, units=work / names[0] / "units", vocoder=vocoder, samples=4)))
 
     meta = json.loads((dataset / "speechinstruct.json").read_text())
     summary = {
@@ -248,6 +259,10 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
         "stages_skipped": sum(1 for s in runner.log if s.get("skipped")),
         "seconds": round(sum(s.get("seconds", 0) for s in runner.log), 2),
     }
+    numbers = json.loads((report_dir / "report.json").read_text()) if (report_dir / "report.json").is_file() else {}
+    if "resynthesis_mcd_db" in numbers:  # how close the report's resynthesised samples are to the originals
+        summary["resynthesis"] = {"vocoder": numbers["vocoder"], "mcd_db": numbers["resynthesis_mcd_db"],
+                                  "samples": numbers["samples"]}
     write_json(work / "run-summary.json", {**summary, "stages": runner.log})
     return summary
 

@@ -117,6 +117,9 @@ class Output(Section):
     dataset: Optional[str] = None   # relative paths are inside the workdir
     report: Optional[str] = None
     eval_splits: bool = True
+    # resynthesised samples in the report: "auto" = the embedded preview for MFCC units, none for others;
+    # "none"; or a unit HiFi-GAN (g_00500000 with config.json, or its folder)
+    vocoder: str = "auto"
 
 
 class Recipe(Section):

@@ -2,6 +2,8 @@
 
 Plots: hours per corpus, utterance durations, unit usage (K bars), units per second, records per
 task/format, and text lengths. Each plot is a PNG beside ``index.html``; the page also lists the numbers.
+With a units folder and/or a vocoder it also has samples to listen to (``audio/*.wav``): the original
+utterance, its resynthesis from units, and the mel-cepstral distance between them.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import collections
 import html
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from .io import atomic_path, write_text
+from .io import atomic_path, write_json, write_text
 
 
 def _plot(path: Path, draw) -> None:
@@ -32,17 +35,104 @@ def _plot(path: Path, draw) -> None:
 
 
 def _read(folder: Path, config: str, columns: list[str]) -> dict[str, list]:
-    files = sorted((folder / "data" / config).glob("*.parquet"))
     out: dict[str, list] = {c: [] for c in columns}
-    for f in files:
-        t = pq.read_table(f, columns=columns)
+    for row in _rows(folder, config, columns):
         for c in columns:
-            out[c].extend(t.column(c).to_pylist())
+            out[c].append(row[c])
     return out
 
 
-def report(dataset: str | Path, out: str | Path) -> dict:
+def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int) -> tuple[list[str], dict]:
+    """HTML rows and numbers for up to ``samples`` utterances: original audio (from ``units``, a units
+    folder whose ``units.json`` names the corpus root) and its resynthesis by ``vocoder``."""
+    from . import audio
+    from .io import iter_rows, safe_join
+    from .vocoder import mel_cepstral_distortion
+
+    picked: list[dict] = []
+    if units is not None:
+        root = json.loads((units / "units.json").read_text())["root"]
+        for path in sorted(units.glob("units-*.parquet")):
+            for row in iter_rows(path, columns=["id", "path", "offset", "duration", "text", "units", "durations"]):
+                if len(picked) == samples:
+                    break
+                if row["units"]:
+                    picked.append({**row, "root": root, "kind": "utterance"})
+    elif vocoder is not None and (dataset / "data" / "cross_modal").is_dir():
+        tts = [r for r in _rows(dataset, "cross_modal", ["id", "task", "units", "transcript"]) if r["task"] == "tts"]
+        picked = [{"id": r["id"], "text": r["transcript"], "units": r["units"], "durations": None, "kind": "cross_modal tts"}
+                  for r in tts[:samples]]
+    if vocoder is not None and (dataset / "data" / "chain_of_modality").is_dir():
+        for r in _rows(dataset, "chain_of_modality", ["id", "response", "response_units"]):
+            if r["response_units"]:
+                picked.append({"id": r["id"], "text": r["response"], "units": r["response_units"], "durations": None,
+                               "kind": "chain_of_modality [ua] answer"})
+                break
+    if not picked:
+        return [], {}
+    rows, mcds, seconds, spent, numbers_skipped = [], [], 0.0, 0.0, []
+    for j, item in enumerate(picked):
+        cells = [f"<td>{html.escape(item['kind'])}<br><code>{html.escape(str(item['id']))}</code></td>",
+                 f"<td>{html.escape(str(item.get('text') or ''))}</td>"]
+        original = resynth = None
+        if "path" in item:
+            try:
+                wav = audio.load(safe_join(item["root"], item["path"]), item["offset"], item["duration"])
+            except (audio.AudioError, ValueError, OSError) as e:
+                numbers_skipped.append(f"{item['id']}: original audio unavailable: {e}")
+            else:
+                original = f"audio/{j:02d}-original.wav"
+                audio.write_wav(out / original, wav)
+        if vocoder is not None:
+            start = time.perf_counter()
+            wav = vocoder.synthesize(item["units"], item["durations"])
+            spent += time.perf_counter() - start
+            seconds += wav.size / vocoder.sample_rate
+            resynth = f"audio/{j:02d}-resynth.wav"
+            audio.write_wav(out / resynth, wav, vocoder.sample_rate)
+        for file in (original, resynth):
+            cells.append(f"<td><audio controls preload='metadata' src='{file}'></audio></td>" if file else "<td>-</td>")
+        if original and resynth:
+            mcds.append(mel_cepstral_distortion(out / original, out / resynth))
+            cells.append(f"<td>{mcds[-1]:.2f}</td>")
+        else:
+            cells.append("<td>-</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    numbers: dict[str, object] = {"samples": len(picked)}
+    if numbers_skipped:
+        numbers["samples_without_original"] = numbers_skipped
+    head = ["<h2>Listen</h2>"]
+    if vocoder is not None:
+        numbers["vocoder"] = vocoder.source
+        numbers["resynthesis_real_time_factor"] = round(seconds / max(spent, 1e-9), 2)
+        if getattr(vocoder, "is_preview", False):
+            head.append("<p class='warn'><b>Preview vocoder</b>: units are turned back into their MFCC k-means centroids "
+                        "and then into sound by Griffin-Lim. This is a rough preview of what the units keep, "
+                        "<b>not SpeechGPT's unit vocoder</b>; expect buzzy, flat speech.</p>")
+        head.append(f"<p>Vocoder: <code>{html.escape(vocoder.source)}</code></p>")
+    if mcds:
+        numbers["resynthesis_mcd_db"] = round(float(np.mean(mcds)), 3)
+        head.append(f"<p>Mean mel-cepstral distance, original vs resynthesis: <b>{np.mean(mcds):.2f} dB</b> over "
+                    f"{len(mcds)} utterances (Kubichek 1993 via the <code>mel-cepstral-distance</code> package: 20 mel bands, "
+                    "cepstra 1-15, DTW-aligned; lower is closer; its own scale, not comparable with papers' SPTK MCDs).</p>")
+    head.append("<table><tr><th>record</th><th>text</th><th>original</th><th>resynthesis</th><th>MCD (dB)</th></tr>")
+    return head + rows + ["</table>"], numbers
+
+
+def _rows(folder: Path, config: str, columns: list[str]):
+    from .io import iter_rows
+
+    for f in sorted((folder / "data" / config).glob("*.parquet")):
+        yield from iter_rows(f, columns=columns)
+
+
+def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4) -> dict:
+    """Write ``OUT/index.html`` for a published dataset. ``units``: a units folder to take original audio
+    from; ``vocoder`` (see :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it."""
     dataset, out = Path(dataset), Path(out)
+    units = Path(units) if units is not None else None
+    if units is not None and not (units / "units.json").is_file():
+        raise FileNotFoundError(f"{units}: no units.json: not a units folder (quantize or extract --kmeans output)")
     meta_path = dataset / "speechinstruct.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing: not a dataset written by `speechinstruct publish`")
@@ -75,9 +165,9 @@ def report(dataset: str | Path, out: str | Path) -> dict:
     usage = np.zeros(max(k, 1), dtype=np.int64)
     for config, column in (("pretrain", "units"), ("cross_modal", "units")):
         if (dataset / "data" / config).is_dir():
-            for units in _read(dataset, config, [column])[column]:
-                if units:
-                    usage += np.bincount(np.asarray(units), minlength=usage.size)[: usage.size]
+            for row_units in _read(dataset, config, [column])[column]:
+                if row_units:
+                    usage += np.bincount(np.asarray(row_units), minlength=usage.size)[: usage.size]
             break  # the same utterances appear in both: count them once
     if usage.sum():
         _plot(out / "unit_usage.png", lambda ax: (ax.bar(np.arange(usage.size), usage, width=1.0, color="#aa3377"),
@@ -112,7 +202,7 @@ def report(dataset: str | Path, out: str | Path) -> dict:
 
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(meta["name"]) + " report</title>",
             "<style>body{font-family:sans-serif;max-width:820px;margin:2em auto}figure{margin:1.5em 0}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>",
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}.warn{background:#fff3cd;padding:.5em}</style></head><body>",
             f"<h1>{html.escape(meta['name'])}</h1>",
             f"<p>speechinstruct {html.escape(meta['pipeline_version'])}; K = {k}; features "
             f"{html.escape(str(meta['extractor'].get('features')))}</p>", "<h2>Sources</h2><table><tr><th>corpus</th><th>license</th><th>hours</th></tr>"]
@@ -122,6 +212,10 @@ def report(dataset: str | Path, out: str | Path) -> dict:
     page.append("</table>")
     for file, caption in plots:
         page.append(f"<figure><img src='{file}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    listen, heard = _listen(dataset, out, units, vocoder, samples)
+    page += listen
+    numbers.update(heard)
     page.append("<h2>Numbers</h2><pre>" + html.escape(json.dumps(numbers, indent=2)) + "</pre></body></html>")
     write_text(out / "index.html", "\n".join(page))
+    write_json(out / "report.json", numbers)
     return {"page": str(out / "index.html"), "plots": [p for p, _ in plots], **numbers}

@@ -73,15 +73,16 @@ class UnitVocoder(torch.nn.Module):
         self.hifi_gan = SeamlessM4THifiGan(hf)
         self.eval()
 
+    is_preview = False
+
     @torch.inference_mode()
-    def synthesize(self, units) -> np.ndarray:
-        codes = torch.as_tensor(np.asarray(units, dtype=np.int64)).view(1, -1)
-        if codes.numel() == 0:
-            raise ValueError(f"{self.source}: no units to synthesize")
-        if int(codes.min()) < 0 or int(codes.max()) >= self.k:
-            bad = int(codes.max()) if int(codes.max()) >= self.k else int(codes.min())
-            raise ValueError(f"{self.source}: unit {bad} is outside this vocoder's vocabulary 0..{self.k - 1} "
-                             "(units and vocoder come from different k-means)")
+    def synthesize(self, units, durations=None) -> np.ndarray:
+        """16 kHz samples of ``units``. Without a duration predictor, ``durations`` (frames per unit) expand
+        deduplicated units back to one unit per frame; with one, they are ignored, as fairseq predicts them."""
+        units = _checked_units(units, self.k, self.source)
+        if durations is not None and self.dur_predictor is None:
+            units = np.repeat(units, np.asarray(durations, dtype=np.int64))
+        codes = torch.as_tensor(units).view(1, -1)
         x = self.embedding(codes).transpose(1, 2)  # (1, C, T)
         if self.dur_predictor is not None:
             log_duration = self.dur_predictor(x.transpose(1, 2))
@@ -127,9 +128,14 @@ def read_config(folder: Path, checkpoint: Path) -> dict:
     return config
 
 
-def load_vocoder(path: str | Path) -> UnitVocoder:
-    """A unit HiFi-GAN from a generator checkpoint (``g_00500000``) or its folder, with ``config.json`` beside it."""
+def load_vocoder(path: str | Path) -> UnitVocoder | PreviewVocoder:
+    """A unit HiFi-GAN from a generator checkpoint (``g_00500000``) or its folder, with ``config.json`` beside it;
+    or, for a ``speechinstruct cluster`` folder of MFCC units, the embedded :class:`PreviewVocoder`."""
     path = Path(path)
+    if path.is_dir() and (path / "centroids.npy").is_file():
+        from .units import load_kmeans
+
+        return PreviewVocoder(load_kmeans(path))
     if path.is_dir():
         found = [path / n for n in GENERATOR_FILES if (path / n).is_file()] or sorted(path.glob("g_*"))
         if not found:
@@ -174,26 +180,92 @@ def load_vocoder(path: str | Path) -> UnitVocoder:
     return vocoder
 
 
+# -------------------------------------------------------------------------------- the embedded preview
+class PreviewVocoder:
+    """A PREVIEW for MFCC units, not SpeechGPT's vocoder: each unit becomes its k-means centroid's 13 Kaldi
+    cepstra, which are un-liftered and inverse-DCT'd back to 23 log mel energies (exactly inverting Kaldi's
+    DCT-II and lifter), turned into a linear spectrum (NNLS) and a waveform (Griffin-Lim) by librosa, with
+    Kaldi's pre-emphasis undone. It needs no weights, so the demo has something to listen to; it sounds
+    buzzy and flat (a centroid is an average, and phase is guessed). Deduplicated units are held for
+    ``frames_per_unit`` 10 ms frames each; frame-rate units with their ``durations`` keep their timing."""
+
+    is_preview = True
+    dur_prediction = True  # takes deduplicated units (with a fixed duration when none is given)
+
+    def __init__(self, kmeans, frames_per_unit: float = 2.5, n_iter: int = 32):
+        from scipy.fft import idct
+
+        spec = kmeans.meta.get("features") or {}
+        if spec.get("features") != "mfcc" or kmeans.dim != 39:
+            raise ValueError(f"{kmeans.source}: the preview vocoder needs a k-means of MFCC features (39 dims); "
+                             f"this one is of {spec.get('features') or 'unknown'} features ({kmeans.dim} dims): "
+                             "use a unit HiFi-GAN (--vocoder g_00500000) for HuBERT units")
+        self.k, self.sample_rate, self.frames_per_unit, self.n_iter = kmeans.k, 16000, frames_per_unit, n_iter
+        self.source = f"preview (MFCC centroids -> Griffin-Lim) of {Path(kmeans.source).name}"
+        ceps = kmeans.centroids[:, :13].astype(np.float64)
+        lifter = 1.0 + 11.0 * np.sin(np.pi * np.arange(13) / 22.0)  # Kaldi's cepstral_lifter = 22
+        log_mel = idct(ceps / lifter, type=2, n=23, norm="ortho", axis=1)  # Kaldi's DCT is the orthonormal DCT-II
+        self._mel_power = np.exp(np.clip(log_mel, -30.0, 30.0))  # (k, 23)
+
+    def synthesize(self, units, durations=None) -> np.ndarray:
+        import librosa
+        from scipy.signal import lfilter
+
+        units = _checked_units(units, self.k, self.source)
+        if durations is None:  # spread the fixed rate evenly: 2.5 frames per unit = 2, 3, 2, 3, ...
+            edges = np.round(np.arange(units.size + 1) * self.frames_per_unit).astype(np.int64)
+            durations = np.maximum(np.diff(edges), 1)
+        frames = np.repeat(units, np.asarray(durations, dtype=np.int64))
+        mel = self._mel_power[np.append(frames, frames[-1])].T  # n + 1 centred frames span exactly n * 10 ms
+        magnitude = librosa.feature.inverse.mel_to_stft(  # Kaldi's mel scale, 20 Hz to Nyquist, unnormalised
+            mel, sr=16000, n_fft=512, power=2.0, htk=True, fmin=20.0, fmax=8000.0, norm=None)
+        wav = librosa.griffinlim(magnitude, n_iter=self.n_iter, hop_length=160, win_length=400, random_state=0)
+        wav = lfilter([1.0], [1.0, -0.97], wav)  # undo Kaldi's pre-emphasis
+        peak = float(np.abs(wav).max()) or 1.0
+        return (0.9 * wav / peak).astype(np.float32)
+
+
+def _checked_units(units, k: int, source: str) -> np.ndarray:
+    codes = np.asarray(units, dtype=np.int64).reshape(-1)
+    if codes.size == 0:
+        raise ValueError(f"{source}: no units to synthesize")
+    if codes.min() < 0 or codes.max() >= k:
+        bad = int(codes.max()) if codes.max() >= k else int(codes.min())
+        raise ValueError(f"{source}: unit {bad} is outside this vocoder's vocabulary 0..{k - 1} "
+                         "(units and vocoder come from different k-means)")
+    return codes
+
+
+def mel_cepstral_distortion(reference: str | Path, synthesized: str | Path) -> float:
+    """Mean mel-cepstral distance (dB) between two wav files, as Kubichek (1993) defines it, computed by the
+    ``mel-cepstral-distance`` package with its defaults: both files peak-normalised, 32 ms Hann windows every
+    8 ms, 20 mel bands, cepstra 1..15 (c0, loudness, left out), frames aligned by DTW. Lower is closer. Its
+    scale is this method's own: do not compare it with SPTK/WORLD mel-cepstrum MCDs in papers."""
+    from mel_cepstral_distance import compare_audio_files
+
+    mcd, _penalty = compare_audio_files(Path(reference), Path(synthesized))
+    return float(mcd)
+
+
 # ------------------------------------------------------------------------------------------ resynthesis
-def _record_units(row: dict, columns: set[str], frame_rate_units: bool) -> tuple[str, list[int]] | None:
-    """(kind, units) of one record, or None when it has no speech to say. ``frame_rate_units``: one unit per
-    frame (repeats restored from ``durations``), for a vocoder without a duration predictor."""
+def _record_units(row: dict, columns: set[str], needs_durations: bool) -> tuple[str, list[int], list[int] | None] | None:
+    """(kind, deduplicated units, their durations or None) of one record, or None when it has no speech to
+    say. ``needs_durations``: the vocoder needs one unit per frame, which only a units folder can give."""
     if "durations" in columns:  # a quantize / extract --kmeans units folder
-        units = row["units"] or []
-        return ("utterance", list(np.repeat(units, row["durations"])) if frame_rate_units else list(units)) if units else None
-    if frame_rate_units:
+        return ("utterance", list(row["units"]), list(row["durations"])) if row["units"] else None
+    if needs_durations:
         raise ValueError("dataset records hold deduplicated units; this vocoder has no duration predictor and needs "
                          "one unit per frame: resynthesise a units folder (quantize output) instead")
     if "response_units" in columns:  # chain of modality: the spoken answer ([ua])
-        return ("chain_of_modality [ua] answer", list(row["response_units"])) if row.get("response_units") else None
+        return ("chain_of_modality [ua] answer", list(row["response_units"]), None) if row.get("response_units") else None
     if "task" in columns:  # cross-modal: the speech of the ASR input or the TTS target
-        return (f"cross_modal {row['task']}", list(row["units"])) if row.get("units") else None
+        return (f"cross_modal {row['task']}", list(row["units"]), None) if row.get("units") else None
     if "units" in columns:  # pretrain lines
-        return ("pretrain", list(row["units"])) if row.get("units") else None
+        return ("pretrain", list(row["units"]), None) if row.get("units") else None
     return None
 
 
-def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limit: int | None = None,
+def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None,
                  quiet: bool = False) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
@@ -219,13 +291,13 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder, limi
             for row in batch.to_pylist():
                 if limit is not None and len(entries) >= limit:
                     break
-                found = _record_units(row, columns, frame_rate_units=not vocoder.dur_prediction)
+                found = _record_units(row, columns, needs_durations=not vocoder.dur_prediction)
                 if found is None:
                     skipped += 1
                     continue
-                kind, units = found
+                kind, units, durations = found
                 try:
-                    wav = vocoder.synthesize(units)
+                    wav = vocoder.synthesize(units, durations)
                 except ValueError as e:
                     raise ValueError(f"{path}: record {row.get('id')}: {e}") from None
                 name = f"{len(entries):05d}.wav"

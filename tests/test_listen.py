@@ -1,0 +1,175 @@
+"""Listening to units: the embedded preview vocoder (MFCC centroids → Griffin-Lim), the report's samples
+with their mel-cepstral distance, and the report played in a real browser (headless Chromium)."""
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import yaml
+from scipy.fft import dct, idct
+from typer.testing import CliRunner
+
+from speechinstruct import audio
+from speechinstruct.cli import app
+from speechinstruct.features import MFCC
+from speechinstruct.pipeline import run
+from speechinstruct.units import KMeans
+from speechinstruct.vocoder import PreviewVocoder, load_vocoder, mel_cepstral_distortion
+
+from conftest import speechlike
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The embedded default at its smallest: demo corpus → MFCC units (K=16) → dataset → report (preview)."""
+    tmp = tmp_path_factory.mktemp("listen")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp / "work"), "demo_corpus": {"sentences": 12, "seed": 1},
+                                      "kmeans": {"k": 16, "max_frames": 20000},
+                                      "compose": {"chain_of_modality": {"max_pairs": 4}}}))
+    summary = run(recipe, quiet=True)
+    return tmp / "work", summary
+
+
+def test_preview_inverts_kaldis_cepstra_to_kaldis_log_mel_energies():
+    """The preview's first step, checked against Kaldi's own filterbank (kaldi-native-fbank): the 13 cepstra
+    of an MFCC frame, un-liftered and inverse-DCT'd, are that frame's 23 log mel energies, smoothed to 13
+    cepstral terms (what 13 cepstra can hold)."""
+    import kaldi_native_fbank as knf
+
+    wav = speechlike(1.0, seed=3)
+    ceps = MFCC().features(wav)[:, :13]
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.mel_opts.num_bins = 23
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(16000, wav)
+    fbank.input_finished()
+    log_mel = np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)])
+    smoothed = idct(dct(log_mel, type=2, norm="ortho", axis=1)[:, :13], type=2, n=23, norm="ortho", axis=1)
+
+    centroids = np.zeros((ceps.shape[0], 39), dtype=np.float32)
+    centroids[:, :13] = ceps
+    preview = PreviewVocoder(KMeans(centroids, "frames", {"features": {"features": "mfcc"}}))
+    np.testing.assert_allclose(np.log(preview._mel_power), smoothed, atol=2e-3)
+
+
+def test_preview_speech_is_closer_to_the_original_than_noise_and_keeps_its_timing(work, tmp_path):
+    folder, _ = work
+    vocoder = load_vocoder(folder / "kmeans")
+    assert vocoder.is_preview and "preview" in vocoder.source
+    row = pq.read_table(sorted((folder / "speechinstruct-demo" / "units").glob("units-*.parquet"))[0]).to_pylist()[0]
+    root = json.loads((folder / "speechinstruct-demo" / "units" / "units.json").read_text())["root"]
+    original = audio.load(f"{root}/{row['path']}", row["offset"], row["duration"])
+    timed = vocoder.synthesize(row["units"], row["durations"])
+    assert timed.dtype == np.float32 and timed.size == sum(row["durations"]) * 160  # 10 ms per frame
+    np.testing.assert_array_equal(vocoder.synthesize(row["units"], row["durations"]), timed)  # deterministic
+    fixed = vocoder.synthesize(row["units"])  # deduplicated units: 2.5 frames each
+    assert fixed.size == round(len(row["units"]) * 2.5) * 160
+    noise = np.random.default_rng(0).normal(0, 0.1, original.size).astype(np.float32)
+    for name, wav in (("original", original), ("preview", timed), ("noise", noise)):
+        audio.write_wav(tmp_path / f"{name}.wav", wav)
+    close = mel_cepstral_distortion(tmp_path / "original.wav", tmp_path / "preview.wav")
+    far = mel_cepstral_distortion(tmp_path / "original.wav", tmp_path / "noise.wav")
+    assert mel_cepstral_distortion(tmp_path / "original.wav", tmp_path / "original.wav") == pytest.approx(0, abs=1e-6)
+    assert 0 < close < 0.7 * far, (close, far)
+
+
+def test_preview_refuses_hubert_units_and_foreign_units():
+    hubert = KMeans(np.zeros((8, 768), dtype=np.float32), "km-hubert", {"features": {"features": "hubert"}})
+    with pytest.raises(ValueError, match="needs a k-means of MFCC features.*768 dims.*unit HiFi-GAN"):
+        PreviewVocoder(hubert)
+    small = PreviewVocoder(KMeans(np.zeros((4, 39), dtype=np.float32), "km4", {"features": {"features": "mfcc"}}))
+    with pytest.raises(ValueError, match="unit 7 is outside this vocoder's vocabulary 0..3"):
+        small.synthesize([1, 7])
+    with pytest.raises(ValueError, match="no units"):
+        small.synthesize([])
+
+
+def test_demo_report_has_originals_resyntheses_and_their_distance(work):
+    folder, summary = work
+    report = folder / "report"
+    numbers = json.loads((report / "report.json").read_text())
+    page = (report / "index.html").read_text()
+    assert "Preview vocoder" in page and "not SpeechGPT's unit vocoder" in page
+    assert summary["resynthesis"]["mcd_db"] == numbers["resynthesis_mcd_db"] > 0
+    originals, resyntheses = sorted(report.glob("audio/*-original.wav")), sorted(report.glob("audio/*-resynth.wav"))
+    assert len(originals) == 4 and len(resyntheses) == 5  # 4 utterances + one chain-of-modality [ua] answer
+    for wav in originals + resyntheses:
+        info = sf.info(str(wav))
+        assert info.samplerate == 16000 and info.channels == 1 and info.duration > 0.5
+        assert f"src='audio/{wav.name}'" in page
+
+
+def test_report_cli_takes_units_and_any_vocoder(work, tmp_path):
+    from fairseq_vocoder_fixture import random_generator_state, save_vocoder, vocoder_config
+
+    folder, _ = work
+    dataset, units = folder / "dataset", folder / "speechinstruct-demo" / "units"
+    only_originals = runner.invoke(app, ["report", str(dataset), str(tmp_path / "a"), "--units", str(units), "--samples", "2"])
+    assert only_originals.exit_code == 0, only_originals.output
+    assert len(list((tmp_path / "a" / "audio").glob("*-original.wav"))) == 2
+    assert not list((tmp_path / "a" / "audio").glob("*-resynth.wav"))
+
+    cfg = vocoder_config(True, k=16)
+    save_vocoder(tmp_path / "voc", cfg, random_generator_state(cfg))
+    hifigan = runner.invoke(app, ["report", str(dataset), str(tmp_path / "b"), "--vocoder", str(tmp_path / "voc")])
+    assert hifigan.exit_code == 0, hifigan.output
+    numbers = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert numbers["samples"] == 5 and "resynthesis_mcd_db" not in numbers  # no originals: no distance
+    assert "Preview vocoder" not in (tmp_path / "b" / "index.html").read_text()
+
+    wrong = runner.invoke(app, ["report", str(dataset), str(tmp_path / "c"), "--units", str(dataset)])
+    assert wrong.exit_code == 2 and "not a units folder" in wrong.output and "Traceback" not in wrong.output
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")
+def test_report_plays_in_headless_chromium(work):
+    """Served on loopback and opened in Chromium: every plot decodes, every <audio> loads its metadata with
+    the file's duration, and one sample really plays (its clock advances)."""
+    from playwright.sync_api import sync_playwright
+
+    report = work[0] / "report"
+    handler = functools.partial(QuietHandler, directory=str(report))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_port}/index.html")
+            images = page.evaluate("() => [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
+            clips = page.evaluate("""() => Promise.all([...document.querySelectorAll('audio')].map(a => new Promise(done => {
+                const report = () => done({src: a.getAttribute('src'), duration: a.duration, error: a.error && a.error.code});
+                if (a.readyState >= 1) report(); else { a.addEventListener('loadedmetadata', report); a.addEventListener('error', report); }
+            })))""")
+            played = page.evaluate("""() => new Promise(done => {
+                const a = document.querySelector('audio');
+                a.addEventListener('timeupdate', () => { if (a.currentTime > 0.2) done(a.currentTime); });
+                a.play().catch(e => done('refused: ' + e));
+                setTimeout(() => done(a.currentTime), 20000);
+            })""")
+            browser.close()
+    finally:
+        server.shutdown()
+    assert images and all(width > 0 for _, width in images), images
+    assert len(clips) == 9
+    for clip in clips:
+        assert clip["error"] is None, clip
+        assert clip["duration"] == pytest.approx(sf.info(str(report / clip["src"])).duration, abs=0.01)
+    assert isinstance(played, float) and played > 0.2, played
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
