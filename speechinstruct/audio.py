@@ -41,10 +41,14 @@ def load(
     duration: float | None = None,
     target_sr: int = TARGET_SR,
     reject_silence: bool = True,
+    name: str | None = None,
 ) -> np.ndarray:
-    """Float32 mono samples at ``target_sr`` of ``[offset, offset + duration)`` seconds of ``path``."""
+    """Float32 mono samples at ``target_sr`` of ``[offset, offset + duration)`` seconds of ``path`` (a file
+    name, or a binary file object such as ``io.BytesIO`` of encoded audio; ``name`` then labels errors)."""
+    source = path if hasattr(path, "read") else str(path)
+    path = name or path
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             sr = f.samplerate
             start = int(round(offset * sr))
             if start:

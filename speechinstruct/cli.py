@@ -70,22 +70,35 @@ class Corpus(str, Enum):
     gigaspeech = "gigaspeech"
     commonvoice = "commonvoice"
     demo = "speechinstruct-demo"
+    hf = "hf"
+    lhotse = "lhotse"
+    kaldi = "kaldi"
 
 
 @app.command()
 def shard(
     corpus: Corpus = typer.Argument(..., help="Corpus layout of ROOT."),
-    root: Path = typer.Argument(..., help="Corpus folder in its native layout."),
+    root: str = typer.Argument(..., help="Corpus folder in its native layout; hf: a dataset folder (Hub-style "
+                               "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or a cuts file; "
+                               "kaldi: a data directory or a folder of them."),
     out: Path = typer.Argument(..., help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(10.0, help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight: longest utterance cut from the VAD spans."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: str = typer.Option("validated.tsv", help="commonvoice: which TSV to read (clips in dev.tsv/test.tsv stay dev/test)."),
+    audio_column: str = typer.Option("audio", help="hf: the audio column (struct<bytes, path>)."),
+    text_column: str = typer.Option("text", help="hf: the transcript column."),
+    id_column: Optional[str] = typer.Option(None, help="hf: a column of utterance ids (default: file and row)."),
+    speaker_column: Optional[str] = typer.Option(None, help="hf: a column of speaker ids."),
+    split: Optional[str] = typer.Option(None, help="hf: read only this split of the dataset (its own name, e.g. validation)."),
+    audio_root: Optional[Path] = typer.Option(None, help="lhotse, kaldi: the folder manifest paths are relative to "
+                                              "(default: the deepest folder holding every listed file)."),
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,dev (default: all, each marked)."),
     license: Optional[str] = typer.Option(None, help="Override the corpus's license string."),
     quiet: bool = Quiet,
 ):
-    """Read a corpus in its native layout into sharded Parquet manifests; every row says its split."""
+    """Read a corpus in its native layout, a Hugging Face audio dataset, lhotse manifests or a Kaldi data
+    directory into sharded Parquet manifests; every row says its split."""
     from .shard import shard_corpus
 
     options = {"license": license, "splits": splits}
@@ -95,6 +108,14 @@ def shard(
         options["subset"] = subset
     if corpus is Corpus.commonvoice:
         options["tsv"] = tsv
+    if corpus is Corpus.hf:
+        from .corpora.hf import local_folder
+
+        root = _run(local_folder, root)
+        options.update(audio_column=audio_column, text_column=text_column, id_column=id_column,
+                       speaker_column=speaker_column, split=split)
+    if corpus in (Corpus.lhotse, Corpus.kaldi):
+        options["audio_root"] = audio_root
     summary = _run(shard_corpus, corpus.value, root, out, shard_hours=shard_hours, quiet=quiet, **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import io
 import json
 import time
 from pathlib import Path
@@ -57,10 +58,17 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
 
 
 def decode_row(row: dict, root: str | Path) -> np.ndarray | str:
-    """The 16 kHz samples of one manifest row, or the reason its audio cannot be used."""
+    """The 16 kHz samples of one manifest row, or the reason its audio cannot be used. A row with a ``row``
+    number has its audio inside a dataset file (Hugging Face Parquet/Arrow), as encoded bytes."""
     try:
-        return audio.load(safe_join(root, row["path"]), row["offset"], row["duration"])
-    except (audio.AudioError, ValueError, OSError) as e:
+        path = safe_join(root, row["path"])
+        if row.get("row") is None:
+            return audio.load(path, row["offset"], row["duration"])
+        from .corpora.hf import audio_bytes
+
+        data = audio_bytes(path, row["audio_column"], row["row"])
+        return audio.load(io.BytesIO(data), row["offset"], row["duration"], name=f"{row['path']} row {row['row']}")
+    except (audio.AudioError, ValueError, OSError, KeyError) as e:
         return str(e)
 
 

@@ -164,8 +164,13 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         "sources": [{"corpus": key.split("\t")[0], "license": key.split("\t")[1], "records": dict(v)}
                     for key, v in sorted(provenance.items())],
     }
+    meta["languages"] = _languages(meta, units_dirs)
     write_json(out / "speechinstruct.json", meta)
-    write_text(out / "README.md", dataset_card(meta, configs_yaml))
+    write_text(out / "README.md", dataset_card(meta, configs_yaml, out))
+    if card_data(meta, configs_yaml, meta["languages"], out).license == "other":
+        write_text(out / "LICENSE.md", licenses_file(meta))
+    else:
+        (out / "LICENSE.md").unlink(missing_ok=True)
     if save_to_disk:
         import datasets
 
@@ -185,10 +190,29 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         for name in SPEECHGPT_FILES.values():
             (out / "speechgpt" / name).unlink(missing_ok=True)
     if push_to_hub:
-        from huggingface_hub import HfApi
-
-        HfApi().upload_folder(repo_id=push_to_hub, folder_path=str(out), repo_type="dataset")
+        meta["pushed"] = push(out, push_to_hub)
     return meta
+
+
+# What a dataset folder uploads: the card, its license notes, the data and statistics, SpeechGPT's files;
+# never the save_to_disk copy (arrow/), the pipeline's stage stamps or half-written temporary files.
+UPLOAD_PATTERNS = ["README.md", "LICENSE.md", "speechinstruct.json", "data/**/*.parquet", "stats/*.parquet",
+                   "speechgpt/**/*.txt", "speechgpt/**/*.jsonl"]
+
+
+def push(folder: str | Path, repo_id: str, api=None, private: bool = False) -> dict:
+    """Upload a published dataset folder to the Hub as ``repo_id``: the card is validated by the Hub first
+    (as ``DatasetCard.push_to_hub`` does), the dataset repo is created when missing, and only
+    :data:`UPLOAD_PATTERNS` go up, in one commit. ``api``: a ``huggingface_hub.HfApi`` (its token and endpoint)."""
+    from huggingface_hub import DatasetCard, HfApi
+
+    folder = Path(folder)
+    api = api or HfApi()
+    DatasetCard.load(folder / "README.md").validate(repo_type="dataset")
+    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
+                               allow_patterns=UPLOAD_PATTERNS, commit_message=f"speechinstruct {__version__}: publish")
+    return {"repo": str(url), "commit": str(getattr(commit, "oid", commit))}
 
 
 SPEECHGPT_FILES = {  # (config, split) → the file SpeechGPT's scripts read, under their data/stage{N}/ folders
@@ -223,19 +247,101 @@ def export_speechgpt(dataset: str | Path, out: str | Path) -> dict:
     return written
 
 
-def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:
+# Hub license ids (https://huggingface.co/docs/hub/repositories-licenses) our sources' strings can be
+HUB_LICENSES = {"cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc-by-nd-4.0", "cc0-1.0",
+                "apache-2.0", "mit", "odc-by", "pddl", "cdla-permissive-2.0"}
+# the language of each corpus's speech; the text side (templates, instructions) is the shipped English
+CORPUS_LANGUAGES = {"librispeech": "en", "librilight": "en", "gigaspeech": "en", "speechinstruct-demo": "en",
+                    "speechinstruct-sample": "en"}
+SPEECHGPT_CITATION = """@article{zhang2023speechgpt,
+  title={SpeechGPT: Empowering Large Language Models with Intrinsic Cross-Modal Conversational Abilities},
+  author={Zhang, Dong and Li, Shimin and Zhang, Xin and Zhan, Jun and Wang, Pengyu and Zhou, Yaqian and Qiu, Xipeng},
+  journal={arXiv preprint arXiv:2305.11000},
+  year={2023}
+}"""
+
+
+def _languages(meta: dict, units_dirs: list[Path]) -> list[str]:
+    """Languages of the records: English for the text side (the shipped templates and instructions), plus each
+    corpus's speech language where it is known (Common Voice: the locales in its utterance ids)."""
+    found = {"en"}
+    for source in meta["sources"]:
+        if source["corpus"] in CORPUS_LANGUAGES:
+            found.add(CORPUS_LANGUAGES[source["corpus"]])
+    if any(s["corpus"] == "commonvoice" for s in meta["sources"]):
+        for d in units_dirs:
+            for f in sorted(d.glob("units-*.parquet")):
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=["id"]):
+                    found.update(i.split("/")[1].split("-")[0] for i in batch.column(0).to_pylist()
+                                 if i.startswith("commonvoice/") and i.count("/") >= 2)
+    return sorted(found)
+
+
+def size_category(n: int) -> str:
+    """The Hub's size_categories bucket of ``n`` records."""
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")):
+        if n < limit:
+            return label
+    return "n>1T" if n >= 10 ** 12 else "1B<n<10B"
+
+
+def card_data(meta: dict, configs_yaml: list[dict], languages: list[str], folder: Path):
+    """The card's YAML as huggingface_hub's ``DatasetCardData``, with ``dataset_info`` (features and split
+    sizes per config) written by ``datasets``' own ``DatasetInfosDict``, as ``push_to_hub`` writes it."""
+    import datasets
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
     licenses = sorted({s["license"] for s in meta["sources"]})
-    header = {
-        "license": "other", "license_name": "mixed", "license_details": "; ".join(licenses),
-        "language": ["en"], "pretty_name": meta["name"],
-        "task_categories": ["automatic-speech-recognition", "text-to-speech", "text-generation"],
-        "tags": ["speech", "discrete-units", "speechgpt", "speechinstruct"],
-        "configs": configs_yaml,
-    }
-    lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "", f"# {meta['name']}", "",
+    single = licenses[0].lower() if len(licenses) == 1 and licenses[0].lower() in HUB_LICENSES else None
+    license = {"license": single} if single else {
+        "license": "other", "license_name": "speechinstruct-sources", "license_link": "LICENSE.md"}
+    corpora = sorted({s["corpus"] for s in meta["sources"]})
+    data = DatasetCardData(
+        language=languages, **license, pretty_name=meta["name"],
+        annotations_creators=["machine-generated"], language_creators=["found", "machine-generated"],
+        multilinguality="monolingual" if len(languages) == 1 else "multilingual",
+        size_categories=[size_category(sum(sum(v.values()) for v in meta["counts"].values()))],
+        source_datasets=sorted({f"extended|{c}" if not c.startswith("speechinstruct-") else "original" for c in corpora}),
+        task_categories=["automatic-speech-recognition", "text-to-speech", "text-generation"],
+        tags=["speech", "discrete-units", "speechgpt", "speechinstruct"], configs=configs_yaml)
+    data.license = license["license"]  # DatasetCardData keeps unknown keys as extras, license as a field
+    infos = DatasetInfosDict()
+    for item in configs_yaml:
+        config = item["config_name"]
+        splits, stored = datasets.SplitDict(), 0
+        for split in item["data_files"]:
+            files = [pq.ParquetFile(folder / path) for path in split["path"]]
+            size = sum(f.metadata.row_group(i).total_byte_size for f in files for i in range(f.metadata.num_row_groups))
+            stored += sum((folder / path).stat().st_size for path in split["path"])
+            splits.add(datasets.SplitInfo(name=split["split"], num_bytes=size,
+                                          num_examples=meta["counts"][config][split["split"]]))
+        infos[config] = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(records.arrow_schema(config)),
+                                             splits=splits, config_name=config, download_size=stored,
+                                             dataset_size=sum(s.num_bytes for s in splits.values()))
+    infos.to_dataset_card_data(data)
+    return data
+
+
+def licenses_file(meta: dict) -> str:
+    lines = ["# Licenses of the sources", "", "Each record carries `corpus` and `license`; this dataset combines:", "",
+             "| corpus | license | records |", "|---|---|---|"]
+    for s in meta["sources"]:
+        lines.append(f"| {s['corpus']} | {s['license']} | {sum(s['records'].values())} |")
+    return "\n".join(lines + ["", "Use each record under the license of its source."]) + "\n"
+
+
+def dataset_card(meta: dict, configs_yaml: list[dict], folder: Path) -> str:
+    """The dataset card (``README.md``) of the dataset in ``folder``, built with huggingface_hub's card classes."""
+    from huggingface_hub import DatasetCard
+
+    languages = meta.get("languages") or ["en"]
+    data = card_data(meta, configs_yaml, languages, folder)
+    lines = [f"# {meta['name']}", "",
              "A SpeechInstruct-style cross-modal speech-instruction dataset (as in SpeechGPT), built with "
              f"speechinstruct {meta['pipeline_version']}. Speech is represented as discrete units "
-             "`<sosp><12><7>…<eosp>`.", "", "## Sources", "",
+             "`<sosp><12><7>…<eosp>`.", "", "## Sources and provenance", "",
              "| corpus | license | hours | records |", "|---|---|---|---|"]
     for s in meta["sources"]:
         lines.append(f"| {s['corpus']} | {s['license']} | {meta['hours'].get(s['corpus'], 0):.3f} | "
@@ -263,8 +369,27 @@ def dataset_card(meta: dict, configs_yaml: list[dict]) -> str:
                      "`pretrain`, `validation` also holds a hashed share of training utterances (stage 1's dev set).")
     else:
         lines.append("Records made from the corpora's dev and test audio were left out of this dataset.")
-    lines += ["", "## Loading", "", "```python", "import datasets",
+    lines += ["", "## Fields", ""]
+    for item in configs_yaml:
+        schema = records.json_schema(item["config_name"])
+        lines += [f"### {item['config_name']}", "", "| field | type | description |", "|---|---|---|"]
+        for field, prop in schema["properties"].items():
+            lines.append(f"| `{field}` | {prop['x-arrow']} | {prop.get('description', '').replace('|', '/')} |")
+        lines.append("")
+    lines += ["## Intended uses", "",
+              "Training and evaluating speech-text language models in SpeechGPT's three stages: `pretrain` for "
+              "stage 1 (unit language modelling), `cross_modal` for stage 2 (ASR and TTS instructions), "
+              "`chain_of_modality` for stage 3 (spoken dialogue). Prompt-completion columns suit TRL's `SFTTrainer`.",
+              "", "## Limitations", "",
+              f"- Units come from one extractor and k-means (K = {meta['k']}); they are meaningless with another.",
+              "- Instructions and responses are machine-generated (templates, an LLM or the shipped samples); "
+              "spoken answers are synthetic TTS speech, one voice per record, not human recordings.",
+              "- Transcripts are the source corpora's own, with their errors and normalisation.",
+              f"- Languages: {', '.join(languages)}. Speakers and accents are those of the source corpora.", "",
+              "## Loading", "", "```python", "import datasets",
               *[f'{c["config_name"]} = datasets.load_dataset("PATH_OR_REPO", "{c["config_name"]}")' for c in configs_yaml],
               "```", "", "Validate with `speechinstruct validate PATH`. Each record carries `source_id`, `corpus`, "
-              "`license`, `pipeline_version` and `content_hash` (sha256 of its content fields).", ""]
-    return "\n".join(lines)
+              "`license`, `pipeline_version` and `content_hash` (sha256 of its content fields).", "",
+              "## Citation", "", "This dataset follows SpeechGPT's SpeechInstruct recipe:", "", "```bibtex",
+              SPEECHGPT_CITATION, "```", ""]
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

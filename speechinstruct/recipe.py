@@ -41,10 +41,18 @@ class CorpusOptions(Section):
     tsv: Optional[str] = None
     max_seconds: Optional[float] = Field(None, gt=0)
     license: Optional[str] = None
+    # hf: columns and one split of a Hugging Face audio dataset
+    audio_column: Optional[str] = None
+    text_column: Optional[str] = None
+    id_column: Optional[str] = None
+    speaker_column: Optional[str] = None
+    split: Optional[str] = None
+    # lhotse, kaldi: the folder manifest paths are relative to
+    audio_root: Optional[str] = None
 
 
 class Corpus(Section):
-    name: Literal["librispeech", "librilight", "gigaspeech", "commonvoice"]
+    name: Literal["librispeech", "librilight", "gigaspeech", "commonvoice", "hf", "lhotse", "kaldi"]
     root: str
     options: CorpusOptions = CorpusOptions()
 

@@ -46,14 +46,17 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
     """HTML rows and numbers for up to ``samples`` utterances: original audio (from ``units``, a units
     folder whose ``units.json`` names the corpus root) and its resynthesis by ``vocoder``."""
     from . import audio
-    from .io import iter_rows, safe_join
+    from .extract import decode_row
+    from .io import iter_rows
     from .vocoder import mel_cepstral_distortion
 
     picked: list[dict] = []
     if units is not None:
         root = json.loads((units / "units.json").read_text())["root"]
+        wanted = ["id", "path", "offset", "duration", "row", "audio_column", "text", "units", "durations"]
         for path in sorted(units.glob("units-*.parquet")):
-            for row in iter_rows(path, columns=["id", "path", "offset", "duration", "text", "units", "durations"]):
+            present = set(pq.read_schema(path).names)  # folders from before row/audio_column existed lack them
+            for row in iter_rows(path, columns=[c for c in wanted if c in present]):
                 if len(picked) == samples:
                     break
                 if row["units"]:
@@ -76,10 +79,9 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
                  f"<td>{html.escape(str(item.get('text') or ''))}</td>"]
         original = resynth = None
         if "path" in item:
-            try:
-                wav = audio.load(safe_join(item["root"], item["path"]), item["offset"], item["duration"])
-            except (audio.AudioError, ValueError, OSError) as e:
-                numbers_skipped.append(f"{item['id']}: original audio unavailable: {e}")
+            wav = decode_row(item, item["root"])
+            if isinstance(wav, str):
+                numbers_skipped.append(f"{item['id']}: original audio unavailable: {wav}")
             else:
                 original = f"audio/{j:02d}-original.wav"
                 audio.write_wav(out / original, wav)

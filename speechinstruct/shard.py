@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import records
-from .corpora import Skip, parse_splits, readers
+from .corpora import Skip, audio_roots, parse_splits, readers
 from .io import write_json, write_parquet
 
 MAX_LISTED_SKIPS = 1000
@@ -36,8 +36,12 @@ def shard_corpus(
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
     keep = parse_splits(splits)
     root, out = Path(root), Path(out)
-    if not root.is_dir():
+    if not root.is_dir() and not (corpus == "lhotse" and root.is_file()):
         raise FileNotFoundError(f"{root}: corpus root is not a folder")
+    audio_root = root
+    if corpus in audio_roots():  # manifests that name audio files anywhere: paths relative to their folder
+        audio_root = audio_roots()[corpus](root, **reader_options)
+        reader_options["audio_root"] = str(audio_root)
     out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict] = []
@@ -91,7 +95,8 @@ def shard_corpus(
             stale.unlink()
     summary = {
         "corpus": corpus,
-        "root": str(root.resolve()),
+        "root": str(audio_root.resolve()),
+        **({"source": str(root.resolve())} if audio_root != root else {}),
         "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None, **reader_options},
         "shards": written,
         "utterances": n_rows,

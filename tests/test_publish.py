@@ -176,3 +176,71 @@ def test_speechgpt_training_files(composed, tmp_path):
     assert result.exit_code == 0 and not (root / "stage1" / "train.txt").exists()
     result = runner.invoke(app, ["publish", str(composed), str(tmp_path / "ds"), "--format", "fairseq"])
     assert result.exit_code == 2 and "choose hf or hf,speechgpt" in result.stderr
+
+
+def test_card_follows_the_hub_card_specification(dataset):
+    """Read back with huggingface_hub's own card classes: every field the Hub's dataset-card spec asks for."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(dataset / "README.md")
+    data = card.data.to_dict()
+    # two sources under different licenses: "other", with the required license_link to a file that exists
+    assert data["license"] == "other" and data["license_name"] == "speechinstruct-sources"
+    assert data["license_link"] == "LICENSE.md" and "CC-BY-4.0" in (dataset / "LICENSE.md").read_text()
+    assert data["annotations_creators"] == ["machine-generated"] and data["language"] == ["en"]
+    assert data["size_categories"] == ["n<1K"] and data["source_datasets"] == ["extended|librispeech", "original"]
+    infos = {c["config_name"]: c for c in data["dataset_info"]}
+    assert set(infos) == {"cross_modal", "chain_of_modality", "pretrain"}
+    for config, info in infos.items():
+        assert [f["name"] for f in info["features"]] == records.arrow_schema(config).names
+        assert sum(s["num_examples"] for s in info["splits"]) == sum(
+            pq.read_metadata(f).num_rows for f in (dataset / "data" / config).glob("*.parquet"))
+    assert {"dtype": "string", "name": "transcript"} in infos["cross_modal"]["features"]
+    assert {"list": "int32", "name": "units"} in infos["cross_modal"]["features"]
+    for section in ("## Sources and provenance", "## Fields", "## Intended uses", "## Limitations", "## Citation"):
+        assert section in card.text, section
+    assert "arXiv:2305.11000" in card.text and "| `content_hash` | string |" in card.text
+    # the card's config table is what `datasets` reads: the dataset_info features load as declared
+    builder = datasets.load_dataset_builder(str(dataset), "cross_modal")
+    assert list(builder.info.features) == records.arrow_schema("cross_modal").names
+
+
+def test_a_single_known_license_is_the_cards_license(units_dir, tmp_path):
+    from huggingface_hub import DatasetCard
+
+    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal", quiet=True)
+    publish(tmp_path / "c", tmp_path / "d")
+    data = DatasetCard.load(tmp_path / "d" / "README.md").data.to_dict()
+    assert data["license"] == "cc-by-4.0" and "license_link" not in data and not (tmp_path / "d" / "LICENSE.md").exists()
+
+
+def test_push_to_hub_validates_creates_and_uploads_only_the_dataset(composed, tmp_path, monkeypatch):
+    """Against a loopback stand-in for the Hub API: the card is validated, the repo created (once: a second
+    push finds it), and the commit holds the dataset files and nothing else (no stage stamps, no arrow copy)."""
+    import huggingface_hub.constants
+    from hub_server import Hub
+    from huggingface_hub import HfApi
+
+    from speechinstruct.publish import push
+
+    hub = Hub()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        out = tmp_path / "ds"
+        publish(composed, out, save_to_disk=True)
+        (out / ".stage.json").write_text("{}")  # what `run` leaves in the folder
+        api = HfApi(endpoint=hub.url, token="hf_loopback")
+        pushed = push(out, "user/tiny", api=api)
+        assert pushed["repo"] == f"{hub.url}/datasets/user/tiny"
+        assert hub.validated[0]["repoType"] == "dataset" and hub.validated[0]["content"] == (out / "README.md").read_text()
+        uploaded = hub.files["user/tiny"]
+        expected = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+                    and (p.suffix == ".parquet" and p.parts[len(out.parts)] in ("data", "stats")
+                         or p.name in ("README.md", "LICENSE.md", "speechinstruct.json"))}
+        assert set(uploaded) == expected and "data/cross_modal" in " ".join(uploaded)
+        assert uploaded["README.md"] == (out / "README.md").read_bytes()
+        assert not any(name.startswith(("arrow/", ".")) for name in uploaded)
+        push(out, "user/tiny", api=api)  # the repo exists now: no error, a second commit
+        assert [c for c in hub.calls if c[1] == "/api/repos/create"] == [("POST", "/api/repos/create")] * 2
+    finally:
+        hub.close()

@@ -52,7 +52,7 @@ def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
 
 
 def readers() -> dict[str, Reader]:
-    from . import commonvoice, demo, gigaspeech, librilight, librispeech
+    from . import commonvoice, demo, gigaspeech, hf, kaldi, librilight, librispeech, lhotse_manifests
 
     return {
         "librispeech": librispeech.read,
@@ -60,7 +60,18 @@ def readers() -> dict[str, Reader]:
         "gigaspeech": gigaspeech.read,
         "commonvoice": commonvoice.read,
         demo.NAME: demo.read,
+        hf.NAME: hf.read,
+        lhotse_manifests.NAME: lhotse_manifests.read,
+        kaldi.NAME: kaldi.read,
     }
+
+
+def audio_roots() -> dict[str, Callable[..., Path]]:
+    """For the sources that list audio files by path (lhotse, Kaldi) rather than in a corpus folder: the
+    folder their manifest paths are made relative to, from ROOT and the reader's options."""
+    from . import kaldi, lhotse_manifests
+
+    return {kaldi.NAME: kaldi.audio_root, lhotse_manifests.NAME: lhotse_manifests.audio_root}
 
 
 DEFAULT_LICENSES = {

@@ -1,0 +1,230 @@
+"""Hugging Face audio datasets, read where they lie, without copying the audio.
+
+Two local forms, as ``datasets`` and the Hub write them:
+- Hub-style Parquet files: ``data/train-00000-of-00002.parquet``, ``validation-00000-of-00001.parquet`` or
+  ``train/0000.parquet`` (the split is in the file or folder name); the audio column is
+  ``struct<bytes: binary, path: string>`` holding the encoded file (flac, wav, mp3…).
+- A ``save_to_disk`` folder: ``dataset_dict.json`` with one folder per split, or one split's folder, each
+  with ``data-00000-of-00001.arrow`` (Arrow IPC stream files), ``dataset_info.json`` and ``state.json``.
+A hub id (``owner/name``) is fetched first with ``huggingface_hub.snapshot_download`` (Parquet files and the
+card only), for users with internet, and then read as a local folder.
+
+Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
+plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
+(Parquet) or one memory-mapped file (Arrow) at a time. Bytes are decoded with soundfile, not ``datasets``'
+``Audio`` feature, which needs torchcodec. The license comes from the dataset card (``README.md``'s YAML
+``license``) when there is one.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from . import Item, Skip, relpath, split_of
+
+NAME = "hf"
+# train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet
+_SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?)?\.(?:parquet|arrow)$")
+
+
+def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
+         speaker_column: str | None = None, split: str | None = None, license: str | None = None,
+         quiet: bool = False) -> Iterator[Item]:
+    """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``)."""
+    root = Path(root)
+    files = data_files(root)
+    if split is not None:
+        known = sorted({s for s, _ in files})
+        files = [(s, f) for s, f in files if s == split]
+        if not files:
+            raise ValueError(f"{root}: no split {split!r} in this dataset (it has {', '.join(known)})")
+    license = license or card_license(root) or "unknown (no license in the dataset card)"
+    name = root.resolve().name
+    for hf_split, path in files:
+        yield from _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column)
+
+
+def local_folder(source: str | Path) -> Path:
+    """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose Parquet files
+    and card are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never
+    does this)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise FileNotFoundError(f"{source}: no such folder, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.parquet", "README.md"]))
+
+
+def data_files(root: Path) -> list[tuple[str, Path]]:
+    """(split, file) of every data file under ``root``, Parquet or ``save_to_disk`` Arrow."""
+    dict_file = root / "dataset_dict.json"
+    if dict_file.is_file():  # DatasetDict.save_to_disk: one folder per split
+        splits = json.loads(dict_file.read_text()).get("splits") or []
+        return [(s, f) for s in splits for f in _arrow_files(root / s)]
+    if (root / "state.json").is_file():  # Dataset.save_to_disk: one split, named in dataset_info.json
+        info = json.loads((root / "dataset_info.json").read_text()) if (root / "dataset_info.json").is_file() else {}
+        return [(info.get("split") or "train", f) for f in _arrow_files(root)]
+    found = []
+    for path in sorted(root.rglob("*.parquet")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        m = _SPLIT_IN_NAME.match(path.name)
+        named = m.group("split") if m else None
+        # train/0000.parquet (the Hub's converted layout) names its split by folder
+        if named is None or named.isdigit() or re.fullmatch(r"\d+", path.stem):
+            named = path.parent.name if path.parent != root else "train"
+        found.append((named, path))
+    if not found:
+        raise FileNotFoundError(f"{root}: no Parquet files and no save_to_disk folder (dataset_dict.json or "
+                                "state.json): not a Hugging Face dataset folder")
+    return found
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    state = folder / "state.json"
+    if state.is_file():
+        names = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+        if names:
+            return [folder / n for n in names]
+    return sorted(folder.glob("data-*.arrow"))
+
+
+def card_license(root: Path) -> str | None:
+    """The ``license`` of the dataset card (``README.md`` YAML), read with huggingface_hub's card classes."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import DatasetCard
+
+    try:
+        data = DatasetCard.load(readme).data
+    except Exception:  # a README without YAML metadata, or broken YAML: no license to take
+        return None
+    value = data.get("license")
+    if isinstance(value, list):
+        value = ", ".join(map(str, value))
+    if value == "other" and data.get("license_name"):
+        value = f"other: {data.get('license_name')}"
+    return str(value) if value else None
+
+
+def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    if path.suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns)
+    else:
+        with pa.memory_map(str(path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.select(columns)
+
+
+def _schema_names(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).schema_arrow.names
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).schema.names
+
+
+def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, audio_column: str, text_column: str,
+               id_column: str | None, speaker_column: str | None) -> Iterator[Item]:
+    rel = relpath(path, root)
+    try:
+        names = _schema_names(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        yield Skip(rel, "unreadable data file", str(e))
+        return
+    wanted = {"audio column": audio_column, "text column": text_column, "id column": id_column,
+              "speaker column": speaker_column}
+    missing = [f"{what} {col!r}" for what, col in wanted.items() if col is not None and col not in names]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} (columns: {', '.join(names)}); "
+                         "pick them with --audio-column/--text-column/--id-column/--speaker-column")
+    columns = [c for c in dict.fromkeys(wanted.values()) if c is not None]
+    row = 0
+    for batch in _batches(path, columns):
+        for record in batch.to_pylist():
+            item = _row(record, rel, row, hf_split, name, license, audio_column, text_column, id_column, speaker_column)
+            row += 1
+            yield item
+
+
+def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: str, audio_column: str,
+         text_column: str, id_column: str | None, speaker_column: str | None) -> Item:
+    where = f"{rel} row {row}"
+    value = record[audio_column]
+    data = value.get("bytes") if isinstance(value, dict) else None
+    if not data:
+        return Skip(where, "no embedded audio bytes",
+                    f"audio column holds {'a path only' if isinstance(value, dict) and value.get('path') else 'nothing'}")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as e:
+        return Skip(where, "unreadable audio", str(e))
+    if info.frames <= 0:
+        return Skip(where, "empty audio", "0 samples")
+    utt = str(record[id_column]) if id_column else f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
+    text = record.get(text_column)
+    return {
+        "id": f"{name}/{utt}", "path": rel, "offset": 0.0, "duration": info.frames / info.samplerate,
+        "sample_rate": info.samplerate, "text": str(text).strip() if text is not None and str(text).strip() else None,
+        "speaker": str(record[speaker_column]) if speaker_column and record.get(speaker_column) is not None else "unknown",
+        "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
+        "row": row, "audio_column": audio_column,
+    }
+
+
+def audio_bytes(path: str | Path, column: str, row: int) -> bytes:
+    """The encoded audio of ``row`` in a dataset file's ``column`` (a ``struct<bytes, path>``)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        group, index = _locate(str(path), row)
+        table = _row_group(str(path), column, group)
+    else:
+        table, index = _arrow_table(str(path)), row
+    if index >= table.num_rows:
+        raise ValueError(f"{path}: no row {row} (the file has fewer rows: re-run shard)")
+    value = table.column(column)[index].as_py()
+    if not isinstance(value, dict) or not value.get("bytes"):
+        raise ValueError(f"{path}: row {row} has no audio bytes in column {column!r}")
+    return value["bytes"]
+
+
+@functools.lru_cache(maxsize=16)
+def _row_group_starts(path: str) -> tuple[int, ...]:
+    meta = pq.ParquetFile(path).metadata
+    starts, total = [], 0
+    for i in range(meta.num_row_groups):
+        starts.append(total)
+        total += meta.row_group(i).num_rows
+    return tuple(starts + [total])
+
+
+def _locate(path: str, row: int) -> tuple[int, int]:
+    import bisect
+
+    starts = _row_group_starts(path)
+    if not 0 <= row < starts[-1]:
+        raise ValueError(f"{path}: no row {row} (the file has {starts[-1]} rows: re-run shard)")
+    group = bisect.bisect_right(starts, row) - 1
+    return group, row - starts[group]
+
+
+@functools.lru_cache(maxsize=2)  # manifest rows come in file order: one row group is read once, not per row
+def _row_group(path: str, column: str, group: int) -> pa.Table:
+    return pq.ParquetFile(path).read_row_group(group, columns=[column])
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_table(path: str) -> pa.Table:
+    return pa.ipc.open_stream(pa.memory_map(path)).read_all()  # memory-mapped: pages are read as rows are used

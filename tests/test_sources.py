@@ -1,0 +1,241 @@
+"""Where users' data already is: Hugging Face audio datasets (Hub-style Parquet and save_to_disk), lhotse
+manifests and Kaldi data directories. Fixtures are written by the tools themselves (``datasets``, lhotse)
+or in the exact text layout Kaldi's recipes write."""
+
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import yaml
+from conftest import speechlike
+from typer.testing import CliRunner
+
+from speechinstruct.cli import app
+from speechinstruct.extract import decode_row
+from speechinstruct.features import MFCC
+from speechinstruct.extract import extract
+from speechinstruct.shard import corpus_root, manifest_files, shard_corpus
+
+runner = CliRunner()
+CARD = """---
+license: cc-by-4.0
+language:
+- en
+pretty_name: Tiny ASR
+---
+# Tiny ASR
+
+A fixture.
+"""
+
+
+def flac_bytes(seconds: float, seed: int, sr: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, speechlike(seconds, sr=sr, seed=seed), sr, format="FLAC")
+    return buf.getvalue()
+
+
+def hf_rows(n: int, seed: int, split: str) -> dict:
+    return {"audio": [{"bytes": flac_bytes(1.0 + 0.25 * i, seed + i), "path": f"{split}-{i}.flac"} for i in range(n)],
+            "text": [f"{split} sentence number {i}" for i in range(n)],
+            "speaker_id": [f"spk{i % 2}" for i in range(n)]}
+
+
+def hub_dataset(root, corrupt: bool = True):
+    """Two train files and one validation file under data/, as `push_to_hub` names them, written by
+    `datasets` (audio column struct<bytes, path>, the features in the Parquet schema metadata). One train
+    row holds bytes that are not audio."""
+    (root / "data").mkdir(parents=True)
+    (root / "README.md").write_text(CARD)
+    for name, rows in (("train-00000-of-00002", hf_rows(3, 0, "train")), ("train-00001-of-00002", hf_rows(3, 10, "train")),
+                       ("validation-00000-of-00001", hf_rows(2, 20, "validation"))):
+        if corrupt and name == "train-00001-of-00002":
+            rows["audio"][1] = {"bytes": b"fLaC" + bytes(range(256)) * 4, "path": "broken.flac"}
+        if corrupt and name == "train-00000-of-00002":  # a valid header, half the data: fails only when decoded
+            whole = rows["audio"][2]["bytes"]
+            rows["audio"][2] = {"bytes": whole[: len(whole) // 2], "path": "cut.flac"}
+        ds = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio(sampling_rate=16000))
+        ds.to_parquet(str(root / "data" / f"{name}.parquet"))
+    return root
+
+
+def test_hub_parquet_folder_shards_with_splits_license_and_a_counted_corrupt_row(tmp_path):
+    root = hub_dataset(tmp_path / "tiny-asr")
+    assert "huggingface" in pq.read_schema(root / "data" / "train-00000-of-00002.parquet").metadata.keys().__repr__()
+    summary = shard_corpus("hf", root, tmp_path / "manifest", speaker_column="speaker_id", quiet=True)
+    assert summary["skipped"] == {"unreadable audio": 1}
+    assert summary["skipped_examples"][0]["path"] == "data/train-00001-of-00002.parquet row 1"
+    assert summary["splits"]["train"]["utterances"] == 5 and summary["splits"]["dev"]["utterances"] == 2
+    assert summary["splits"]["dev"]["corpus_splits"] == {"validation": 2}
+    rows = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
+    first = rows[0]
+    assert first["path"] == "data/train-00000-of-00002.parquet" and first["row"] == 0 and first["audio_column"] == "audio"
+    assert first["license"] == "cc-by-4.0" and first["corpus"] == "tiny-asr" and first["speaker"] == "spk0"
+    assert first["text"] == "train sentence number 0" and first["duration"] == pytest.approx(1.0)
+    # the manifest points into the dataset; nothing was copied
+    assert not list((tmp_path / "manifest").glob("*.flac")) and sum(f.stat().st_size for f in (tmp_path / "manifest").iterdir()) < 40_000
+    # extract reads the bytes back out of the Parquet row: the very samples datasets stored
+    wav = decode_row(rows[4], corpus_root(tmp_path / "manifest"))  # train-00001 row 2 (row 1 was skipped)
+    assert rows[4]["row"] == 2
+    expected, _ = sf.read(io.BytesIO(pq.read_table(root / "data" / "train-00001-of-00002.parquet")
+                                     .column("audio")[2].as_py()["bytes"]), dtype="float32")
+    np.testing.assert_array_equal(wav, expected)
+
+
+def test_hub_parquet_bad_columns_and_unknown_split_are_one_line(tmp_path):
+    root = hub_dataset(tmp_path / "tiny", corrupt=False)
+    bad = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--text-column", "sentence"])
+    assert bad.exit_code == 2 and "no text column 'sentence'" in bad.output and "columns: audio, text, speaker_id" in bad.output
+    assert "Traceback" not in bad.output
+    missing = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--split", "test"])
+    assert missing.exit_code == 2 and "no split 'test'" in missing.output and "train, validation" in missing.output
+    only = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "v"), "--split", "validation", "-q"])
+    assert only.exit_code == 0, only.output
+    assert json.loads(only.stdout)["splits"] == {"dev": {"utterances": 2, "hours": 0.0006, "corpus_splits": {"validation": 2}}}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = runner.invoke(app, ["shard", "hf", str(empty), str(tmp_path / "n")])
+    assert nothing.exit_code == 2 and "not a Hugging Face dataset folder" in nothing.output
+
+
+def test_save_to_disk_folder_reads_like_its_parquet_twin(tmp_path):
+    rows = {"train": hf_rows(3, 0, "train"), "test": hf_rows(2, 5, "test")}
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(r).cast_column("audio", datasets.Audio()) for s, r in rows.items()})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "dataset_dict.json").is_file()
+    summary = shard_corpus("hf", tmp_path / "saved", tmp_path / "manifest", quiet=True)
+    assert summary["skipped"] == {} and {k: v["utterances"] for k, v in summary["splits"].items()} == {"train": 3, "test": 2}
+    manifest = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
+    assert manifest[0]["path"] == "train/data-00000-of-00001.arrow"
+    root = corpus_root(tmp_path / "manifest")
+    for row in manifest:
+        split, i = row["corpus_split"], row["row"]
+        expected, _ = sf.read(io.BytesIO(rows[split]["audio"][i]["bytes"]), dtype="float32")
+        np.testing.assert_array_equal(decode_row(row, root), expected)
+
+
+def test_hub_dataset_runs_through_the_whole_pipeline_with_its_split_kept(tmp_path):
+    """A new user's path: shard hf → extract → cluster → quantize → compose → publish → validate."""
+    root = hub_dataset(tmp_path / "tiny-asr")
+    recipe = tmp_path / "hf.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "from-hf", "workdir": str(tmp_path / "work"), "demo_corpus": None,
+        "corpora": [{"name": "hf", "root": str(root), "options": {"speaker_column": "speaker_id"}}],
+        "kmeans": {"k": 8, "max_frames": 20000},
+        "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}},
+        "output": {"vocoder": "none"}}))
+    result = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["valid"]
+    # ASR + TTS per utterance; the truncated flac is counted by extract, with its file and row
+    assert summary["records"]["cross_modal"] == {"train": 8, "validation": 4}
+    errors = [json.loads(line) for f in (tmp_path / "work" / "hf" / "features").glob("errors-*.jsonl")
+              for line in f.read_text().splitlines()]
+    assert len(errors) == 1 and "data/train-00000-of-00002.parquet row 2: unreadable audio" in errors[0]["reason"], errors
+    ds = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="validation")
+    assert {r["source_id"] for r in ds} == {"tiny-asr/data/validation-00000-of-00001/000000",
+                                            "tiny-asr/data/validation-00000-of-00001/000001"}
+    meta = json.loads((tmp_path / "work" / "dataset" / "speechinstruct.json").read_text())
+    assert {s["corpus"]: s["license"] for s in meta["sources"]}["tiny-asr"] == "cc-by-4.0"
+
+
+def kaldi_dir(tmp_path):
+    """data/train and data/dev_clean as a Kaldi recipe writes them: absolute paths in wav.scp, segments
+    with start/end seconds, text, utt2spk; one recording is a `flac ... |` pipe as in egs/librispeech."""
+    audio = tmp_path / "corpus" / "wav"
+    audio.mkdir(parents=True)
+    for i in range(3):
+        sf.write(audio / f"rec{i}.flac", speechlike(4.0, seed=i), 16000)
+    train, dev = tmp_path / "data" / "train", tmp_path / "data" / "dev_clean"
+    train.mkdir(parents=True)
+    dev.mkdir(parents=True)
+    (train / "wav.scp").write_text(f"rec0 {audio / 'rec0.flac'}\nrec1 {audio / 'rec1.flac'}\n"
+                                   f"recp flac -c -d -s {audio / 'rec1.flac'} |\n")
+    (train / "segments").write_text("spkA-rec0-0000 rec0 0.00 1.50\nspkA-rec0-0001 rec0 1.50 3.90\n"
+                                    "spkB-rec1-0000 rec1 0.20 2.00\nspkB-recp-0000 recp 0.00 1.00\n"
+                                    "spkB-rec1-0001 rec1 3.00 9.00\n")
+    (train / "text").write_text("spkA-rec0-0000 HELLO THERE\nspkA-rec0-0001 GENERAL   KENOBI\nspkB-rec1-0000 ONE TWO\n"
+                                "spkB-recp-0000 PIPED\nspkB-rec1-0001 TOO LONG\n")
+    (train / "utt2spk").write_text("spkA-rec0-0000 spkA\nspkA-rec0-0001 spkA\nspkB-rec1-0000 spkB\nspkB-recp-0000 spkB\n"
+                                   "spkB-rec1-0001 spkB\n")
+    (dev / "wav.scp").write_text(f"rec2 {audio / 'rec2.flac'}\n")  # no segments: the recording is the utterance
+    (dev / "text").write_text("rec2 A DEV UTTERANCE\n")
+    (dev / "utt2spk").write_text("rec2 spkC\n")
+    return tmp_path / "data", audio
+
+
+def test_kaldi_data_dirs_shard_with_segments_splits_and_pipes_refused(tmp_path):
+    data, audio = kaldi_dir(tmp_path)
+    result = runner.invoke(app, ["shard", "kaldi", str(data), str(tmp_path / "manifest"), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["root"] == str(audio)  # the deepest folder holding every wav.scp file
+    assert summary["skipped"] == {"segment outside its recording": 1, "wav.scp entry is a command (not run)": 1}
+    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"dev": 1, "train": 3}
+    rows = {r["id"]: r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()}
+    seg = rows["kaldi/train/spkA-rec0-0001"]
+    assert (seg["path"], seg["offset"], seg["duration"], seg["text"], seg["speaker"]) == ("rec0.flac", 1.5, pytest.approx(2.4),
+                                                                                         "GENERAL KENOBI", "spkA")
+    assert rows["kaldi/dev_clean/rec2"]["split"] == "dev" and rows["kaldi/dev_clean/rec2"]["duration"] == pytest.approx(4.0)
+    full, _ = sf.read(audio / "rec0.flac", dtype="float32")
+    np.testing.assert_allclose(decode_row(seg, audio), full[24000:24000 + 38400], atol=1e-6)
+    stats = extract(tmp_path / "manifest", tmp_path / "feats", MFCC(), quiet=True)
+    assert stats["utterances"] == 4 and stats["errors"] == 0
+
+
+def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cuts(tmp_path):
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse.audio import AudioSource
+
+    audio = tmp_path / "LibriSpeech" / "dev-clean"
+    audio.mkdir(parents=True)
+    recordings = []
+    for i in range(2):
+        sf.write(audio / f"r{i}.flac", speechlike(3.0, seed=i), 16000)
+        recordings.append(Recording.from_file(audio / f"r{i}.flac", recording_id=f"r{i}"))
+    remote = Recording(id="web", sources=[AudioSource(type="url", channels=[0], source="https://example.org/a.flac")],
+                       sampling_rate=16000, num_samples=16000, duration=1.0)
+    sups = [SupervisionSegment(id="r0-a", recording_id="r0", start=0.0, duration=1.2, channel=0, text="first half", speaker="s0"),
+            SupervisionSegment(id="r0-b", recording_id="r0", start=1.2, duration=1.8, channel=0, text="second half", speaker="s0"),
+            SupervisionSegment(id="r1-a", recording_id="r1", start=0.5, duration=2.0, channel=0, text="another one", speaker="s1"),
+            SupervisionSegment(id="web-a", recording_id="web", start=0.0, duration=1.0, channel=0, text="remote", speaker="s2")]
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    RecordingSet.from_recordings(recordings + [remote]).to_file(manifests / "librispeech_recordings_dev-clean.jsonl.gz")
+    SupervisionSet.from_segments(sups).to_file(manifests / "librispeech_supervisions_dev-clean.jsonl.gz")
+    summary = shard_corpus("lhotse", manifests, tmp_path / "manifest", quiet=True)
+    assert summary["root"] == str(audio)
+    assert summary["skipped"] == {"audio source is not one file (not read)": 1}
+    assert summary["splits"] == {"dev": {"utterances": 3, "hours": 0.0014, "corpus_splits": {"dev-clean": 3}}}
+    rows = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
+    assert [(r["id"], r["path"], r["offset"], r["text"]) for r in rows[:2]] == [
+        ("lhotse/dev-clean/r0-a", "r0.flac", 0.0, "first half"), ("lhotse/dev-clean/r0-b", "r0.flac", 1.2, "second half")]
+
+    # the same data as lhotse cuts: one row per cut, its supervisions' text
+    cuts = CutSet.from_manifests(recordings=RecordingSet.from_recordings(recordings),
+                                 supervisions=SupervisionSet.from_segments(sups[:3])).trim_to_supervisions()
+    cuts_dir = tmp_path / "cuts"
+    cuts_dir.mkdir()
+    cuts.to_file(cuts_dir / "librispeech_cuts_train-clean-5.jsonl.gz")
+    by_cut = shard_corpus("lhotse", cuts_dir, tmp_path / "from-cuts", quiet=True)
+    assert by_cut["splits"]["train"]["utterances"] == 3 and by_cut["skipped"] == {}
+    cut_rows = sorted((r["offset"], r["duration"], r["text"]) for f in manifest_files(tmp_path / "from-cuts")
+                      for r in pq.read_table(f).to_pylist())
+    assert cut_rows == sorted((s.start, pytest.approx(s.duration), s.text) for s in sups[:3])
+
+
+def test_lhotse_and_kaldi_refuse_what_they_are_not(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    for corpus, message in (("lhotse", "no lhotse manifests"), ("kaldi", "not a Kaldi data directory")):
+        result = runner.invoke(app, ["shard", corpus, str(tmp_path / "nothing"), str(tmp_path / corpus)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "x_recordings_dev.jsonl.gz").write_bytes(b"")
+    half = runner.invoke(app, ["shard", "lhotse", str(tmp_path / "half"), str(tmp_path / "h")])
+    assert half.exit_code == 2 and "needs recordings with supervisions, or cuts" in half.output
