@@ -401,13 +401,15 @@ def report(
     vocoder: Optional[Path] = typer.Option(None, help="Resynthesise the samples: a unit HiFi-GAN (g_00500000 + "
                                            "config.json) or, as a preview, an MFCC k-means folder."),
     samples: int = typer.Option(4, min=0, help="How many utterances to put in the listening table."),
+    work: Optional[Path] = typer.Option(None, help="The `run` workdir that built the dataset: adds what each stage "
+                                        "dropped and why, and the stage timings."),
 ):
     """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths, and
     samples to listen to (original and resynthesised, with their mel-cepstral distance)."""
     from .report import report as run_report
 
     voice = _run(_load_vocoder, vocoder) if vocoder else None
-    result = _run(run_report, dataset, out, units=units, vocoder=voice, samples=samples)
+    result = _run(run_report, dataset, out, units=units, vocoder=voice, samples=samples, work=work)
     extra = f", {result['samples']} samples" if result.get("samples") else ""
     mcd = f", resynthesis MCD {result['resynthesis_mcd_db']} dB" if "resynthesis_mcd_db" in result else ""
     typer.echo(f"report: {result['page']} ({len(result['plots'])} plots{extra}{mcd})")

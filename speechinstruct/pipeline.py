@@ -42,7 +42,7 @@ class Runner:
         stamp = finished or _read_stamp(pending)
         if not self.force and finished.get("hash") == digest:
             self._say(f"{label}: up to date")
-            self.log.append({"stage": name, "skipped": True})
+            self.log.append({"stage": name, "skipped": True, **({"ran_seconds": finished["seconds"]} if "seconds" in finished else {})})
             return digest
         foreign = stamp["foreign"] if "foreign" in stamp else _files(out)  # first claim: whatever is there is not ours
         if stamp and (stamp.get("hash") != digest or self.force):
@@ -56,9 +56,10 @@ class Runner:
         self._say(f"{label} → {out}")
         started = time.perf_counter()
         result = fn()
-        write_json(done, {"hash": digest, "settings": settings, "finished": True, "foreign": foreign})
+        seconds = round(time.perf_counter() - started, 2)
+        write_json(done, {"hash": digest, "settings": settings, "finished": True, "foreign": foreign, "seconds": seconds})
         pending.unlink()
-        self.log.append({"stage": name, "seconds": round(time.perf_counter() - started, 2), "result": result})
+        self.log.append({"stage": name, "seconds": seconds, "result": result})
         return digest
 
     def _say(self, line: str):
@@ -250,7 +251,8 @@ def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dic
         print(format_report(verdict), flush=True)
     vocoder = _report_vocoder(recipe["output"]["vocoder"], km_path, f["kind"])
     runner.stage("report", report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4}, [stamps["publish"]],
-                 lambda: _brief(report(dataset, report_dir, units=work / names[0] / "units", vocoder=vocoder, samples=4)))
+                 lambda: _brief(report(dataset, report_dir, units=work / names[0] / "units", vocoder=vocoder, samples=4,
+                                       work=work, stages=runner.log, verdict=verdict)))
 
     meta = json.loads((dataset / "speechinstruct.json").read_text())
     summary = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import html
 import json
+import re
 import time
 from pathlib import Path
 
@@ -121,16 +122,97 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
     return head + rows + ["</table>"], numbers
 
 
-def _rows(folder: Path, config: str, columns: list[str]):
+def _rows(folder: Path, config: str, columns: list[str] | None):
     from .io import iter_rows
 
     for f in sorted((folder / "data" / config).glob("*.parquet")):
         yield from iter_rows(f, columns=columns)
 
 
-def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4) -> dict:
-    """Write ``OUT/index.html`` for a published dataset. ``units``: a units folder to take original audio
-    from; ``vocoder`` (see :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it."""
+_UNIT_RUN = re.compile(r"<sosp>((?:<\d+>)+)<eosp>")
+
+
+def short_units(text: str, keep: int = 6) -> str:
+    """``<sosp><1><2>…<eosp>`` runs cut to their first ``keep`` units and a count, for reading."""
+    def cut(m):
+        units = re.findall(r"<\d+>", m.group(1))
+        if len(units) <= keep:
+            return m.group(0)
+        return f"<sosp>{''.join(units[:keep])}… {len(units)} units …<eosp>"
+    return _UNIT_RUN.sub(cut, text)
+
+
+def _sample_records(dataset: Path) -> list[tuple[str, dict]]:
+    """(label, record) for the first record of every kind: cross-modal ASR/TTS, each chain-of-modality
+    format, pretrain."""
+    picked: dict[str, dict] = {}
+    for config, column in (("cross_modal", "task"), ("chain_of_modality", "format"), ("pretrain", None)):
+        if not (dataset / "data" / config).is_dir():
+            continue
+        for row in _rows(dataset, config, None):
+            label = f"{config}: {row[column]}" if column else config
+            picked.setdefault(label, row)
+            if column is None:
+                break
+    return sorted(picked.items())
+
+
+def _reason_kind(reason: str) -> str:
+    """The kind of an extract error, without its file and details: ``x.flac: truncated: asked…`` → truncated."""
+    parts = [p.strip() for p in reason.split(": ")]
+    kind = parts[1] if len(parts) > 1 and ("/" in parts[0] or "." in parts[0]) else parts[0]
+    return re.sub(r"\s*\(.*$", "", kind)
+
+
+def dropped(work: Path) -> list[dict]:
+    """What each stage of a ``run`` workdir left out, and why: {stage, reason, count, example}."""
+    out: list[dict] = []
+    for summary in sorted(work.glob("*/manifest/summary.json")):
+        data = json.loads(summary.read_text())
+        examples = {e["reason"]: f"{e['path']}" + (f" ({e['detail']})" if e.get("detail") else "")
+                    for e in reversed(data.get("skipped_examples", []))}
+        out += [{"stage": f"shard {data['corpus']}", "reason": r, "count": n, "example": examples.get(r, "")}
+                for r, n in sorted(data.get("skipped", {}).items())]
+    for folder in sorted({p.parent for p in work.glob("*/*/errors-*.jsonl")}):
+        kinds: collections.Counter[str] = collections.Counter()
+        first: dict[str, str] = {}
+        for f in sorted(folder.glob("errors-*.jsonl")):
+            for line in f.read_text().splitlines():
+                e = json.loads(line)
+                kinds[_reason_kind(e["reason"])] += 1
+                first.setdefault(_reason_kind(e["reason"]), e["reason"])
+        out += [{"stage": f"extract {folder.parent.name}", "reason": k, "count": n, "example": first[k]}
+                for k, n in sorted(kinds.items())]
+    for summary in sorted(work.glob("composed/*/summary*.json")):
+        data = json.loads(summary.read_text())
+        stage = f"compose {summary.parent.name}"
+        examples = {e["reason"]: e.get("where") or e.get("id", "") for e in reversed(data.get("dropped_examples", []))}
+        counts = {k.removeprefix("dropped: "): v for k, v in data.items() if k.startswith("dropped: ")}
+        for e in data.get("dropped_examples", []):
+            if not counts.get(e["reason"]) and e["reason"] not in counts:
+                counts[e["reason"]] = sum(1 for x in data["dropped_examples"] if x["reason"] == e["reason"])
+        out += [{"stage": stage, "reason": r, "count": n, "example": examples.get(r, "")} for r, n in sorted(counts.items())]
+    return out
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Markup) else html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+class Markup(str):
+    """Text that is already HTML (not escaped again by :func:`_table`)."""
+
+
+def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4,
+           work: str | Path | None = None, stages: list[dict] | None = None, verdict=None) -> dict:
+    """Write ``OUT/index.html`` for a published dataset: the validation verdict (``verdict``, else validated
+    here), what each stage dropped and why (from the ``run`` workdir ``work``), one record of every kind,
+    samples to listen to, plots, and each stage's time (``stages``: the run's log, else the workdir's
+    ``run-summary.json``). ``units``: a units folder to take original audio from; ``vocoder`` (see
+    :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it."""
     dataset, out = Path(dataset), Path(out)
     units = Path(units) if units is not None else None
     if units is not None and not (units / "units.json").is_file():
@@ -164,19 +246,34 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         numbers.update({"utterances": int(durations.size), "mean_duration_s": round(float(durations.mean()), 3),
                         "mean_units_per_second": round(float(ups.mean()), 3), "frames_per_second": round(float(fps.mean()), 3)})
 
-    usage = np.zeros(max(k, 1), dtype=np.int64)
-    for config, column in (("pretrain", "units"), ("cross_modal", "units")):
-        if (dataset / "data" / config).is_dir():
-            for row_units in _read(dataset, config, [column])[column]:
-                if row_units:
-                    usage += np.bincount(np.asarray(row_units), minlength=usage.size)[: usage.size]
-            break  # the same utterances appear in both: count them once
-    if usage.sum():
-        _plot(out / "unit_usage.png", lambda ax: (ax.bar(np.arange(usage.size), usage, width=1.0, color="#aa3377"),
-                                                   ax.set_xlabel("unit id"), ax.set_ylabel("count"),
-                                                   ax.set_title(f"Unit usage ({int((usage > 0).sum())} of {usage.size} used)")))
-        plots.append(("unit_usage.png", f"Unit usage histogram, K = {usage.size}"))
-        numbers["units_used"] = int((usage > 0).sum())
+    usage = {"corpus utterances (cross-modal, pretrain)": np.zeros(max(k, 1), dtype=np.int64),
+             "chain-of-modality speech (TTS)": np.zeros(max(k, 1), dtype=np.int64)}
+    sources = [("cross_modal", ["units"], 0), ("pretrain", ["units"], 0),
+               ("chain_of_modality", ["instruction_units", "response_units"], 1)]
+    counted_utterances = False
+    for config, columns, series in sources:
+        if not (dataset / "data" / config).is_dir() or (series == 0 and counted_utterances):
+            continue  # cross-modal and pretrain records hold the same utterances: count them once
+        counted_utterances |= series == 0
+        target = list(usage.values())[series]
+        for row in _rows(dataset, config, columns):
+            for column in columns:
+                if row[column]:
+                    target += np.bincount(np.asarray(row[column]), minlength=target.size)[: target.size]
+    total = sum(usage.values())
+    if total.sum():
+        def draw(ax):
+            bottom = np.zeros(total.size)
+            for (label, counts), color in zip(usage.items(), ("#aa3377", "#4477aa")):
+                if counts.sum():
+                    ax.bar(np.arange(counts.size), counts, width=1.0, bottom=bottom, color=color, label=label)
+                    bottom += counts
+            ax.set_xlabel("unit id"), ax.set_ylabel("count"), ax.legend()
+            ax.set_title(f"Unit usage ({int((total > 0).sum())} of {total.size} used)")
+        _plot(out / "unit_usage.png", draw)
+        plots.append(("unit_usage.png", f"Unit usage histogram over every record kind, K = {total.size}"))
+        numbers["units_used"] = int((total > 0).sum())
+        numbers["units_by_kind"] = {label: int(c.sum()) for label, c in usage.items()}
 
     kinds = collections.Counter()
     for config, kv in meta.get("by_kind", {}).items():
@@ -202,21 +299,59 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
                                                      ax.legend(), ax.set_xlabel("characters"), ax.set_title("Text lengths")))
         plots.append(("text_lengths.png", "Text length distribution"))
 
+    if verdict is None:
+        from .validate import validate
+
+        verdict = validate(dataset)
+    work = Path(work) if work is not None else None
+    if stages is None and work is not None and (work / "run-summary.json").is_file():
+        stages = json.loads((work / "run-summary.json").read_text()).get("stages")
+    drops = dropped(work) if work is not None else []
+    listen, heard = _listen(dataset, out, units, vocoder, samples)
+    numbers.update(heard)
+    numbers["valid"] = verdict.ok
+    numbers["dropped"] = {f"{d['stage']}: {d['reason']}": d["count"] for d in drops}
+
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(meta["name"]) + " report</title>",
-            "<style>body{font-family:sans-serif;max-width:820px;margin:2em auto}figure{margin:1.5em 0}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}.warn{background:#fff3cd;padding:.5em}</style></head><body>",
+            "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.35}figure{margin:1.5em 0}"
+            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;vertical-align:top}"
+            ".warn{background:#fff3cd;padding:.5em}.verdict{font-size:1.3em;padding:.6em 1em;border-radius:6px;color:#fff}"
+            ".pass{background:#228833}.fail{background:#bb3333}code.rec{white-space:pre-wrap;font-size:.85em}</style></head><body>",
             f"<h1>{html.escape(meta['name'])}</h1>",
+            f"<p class='verdict {'pass' if verdict.ok else 'fail'}' id='verdict'>"
+            + (f"PASS: all {sum(verdict.records.values())} records satisfy every validation rule" if verdict.ok else
+               "FAIL: " + html.escape(", ".join(f"{rule} ×{n}" for rule, n in sorted(verdict.by_rule.items()))))
+            + "</p>",
             f"<p>speechinstruct {html.escape(meta['pipeline_version'])}; K = {k}; features "
-            f"{html.escape(str(meta['extractor'].get('features')))}</p>", "<h2>Sources</h2><table><tr><th>corpus</th><th>license</th><th>hours</th></tr>"]
-    for src in meta["sources"]:
-        page.append(f"<tr><td>{html.escape(src['corpus'])}</td><td>{html.escape(src['license'])}</td>"
-                    f"<td>{meta['hours'].get(src['corpus'], 0):.3f}</td></tr>")
-    page.append("</table>")
+            f"{html.escape(str(meta['extractor'].get('features')))}</p>"]
+    if not verdict.ok:
+        page.append(_table(["file", "row", "record", "rule", "problem"],
+                           [[e["file"], e["row"], e["id"], e["rule"], e["message"]] for e in verdict.examples]))
+    page.append("<h2>Records</h2>" + _table(["config", "split", "records"], [
+        [config, split, n] for config, splits in meta["counts"].items() for split, n in splits.items()]))
+    page.append("<h2>Sources</h2>" + _table(["corpus", "license", "hours"], [
+        [src["corpus"], src["license"], f"{meta['hours'].get(src['corpus'], 0):.3f}"] for src in meta["sources"]]))
+    page.append("<h2 id='dropped'>What was dropped, and why</h2>")
+    if work is None:
+        page.append("<p>No run folder given (<code>--work</code>): the stages' skips are not known here.</p>")
+    elif drops:
+        page.append(_table(["stage", "reason", "count", "example"], [[d["stage"], d["reason"], d["count"], d["example"]]
+                                                                     for d in drops]))
+    else:
+        page.append("<p>Nothing: every input of every stage was used.</p>")
+    page.append("<h2 id='samples'>One record of each kind</h2><p>Unit runs are shortened for reading.</p>")
+    page.append(_table(["kind", "id", "record (plain_text)"], [
+        [label, row["id"], Markup(f"<code class='rec'>{html.escape(short_units(row.get('plain_text') or row.get('text') or ''))}</code>")]
+        for label, row in _sample_records(dataset)]))
+    page += listen
+    page.append("<h2>Plots</h2>")
     for file, caption in plots:
         page.append(f"<figure><img src='{file}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-    listen, heard = _listen(dataset, out, units, vocoder, samples)
-    page += listen
-    numbers.update(heard)
+    if stages:
+        timed = [[st["stage"], f"{st['seconds']:.1f} s" if "seconds" in st else
+                  f"up to date ({st['ran_seconds']:.1f} s when it ran)" if "ran_seconds" in st else "up to date"]
+                 for st in stages]
+        page.append("<h2 id='timings'>Stage timings</h2>" + _table(["stage", "time"], timed))
     page.append("<h2>Numbers</h2><pre>" + html.escape(json.dumps(numbers, indent=2)) + "</pre></body></html>")
     write_text(out / "index.html", "\n".join(page))
     write_json(out / "report.json", numbers)

@@ -133,8 +133,8 @@ def test_report_cli_takes_units_and_any_vocoder(work, tmp_path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")
 def test_report_plays_in_headless_chromium(work):
-    """Served on loopback and opened in Chromium: every plot decodes, every <audio> loads its metadata with
-    the file's duration, and one sample really plays (its clock advances)."""
+    """Served on loopback and opened in Chromium: the verdict is on the first screen, every plot decodes,
+    every <audio> loads its metadata with the file's duration, and one sample really plays (its clock advances)."""
     from playwright.sync_api import sync_playwright
 
     report = work[0] / "report"
@@ -147,7 +147,11 @@ def test_report_plays_in_headless_chromium(work):
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"])
             page = browser.new_page()
+            page.set_viewport_size({"width": 1000, "height": 800})
             page.goto(f"http://127.0.0.1:{server.server_port}/index.html")
+            verdict = page.locator("#verdict")  # readable at a glance: the verdict is on the first screen
+            verdict_box, verdict_text = verdict.bounding_box(), verdict.inner_text()
+            dropped_heading = page.locator("#dropped").bounding_box()
             images = page.evaluate("() => [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
             clips = page.evaluate("""() => Promise.all([...document.querySelectorAll('audio')].map(a => new Promise(done => {
                 const report = () => done({src: a.getAttribute('src'), duration: a.duration, error: a.error && a.error.code});
@@ -162,6 +166,8 @@ def test_report_plays_in_headless_chromium(work):
             browser.close()
     finally:
         server.shutdown()
+    assert verdict_text.startswith("PASS: all") and verdict_box["y"] + verdict_box["height"] < 300
+    assert dropped_heading["y"] < 800 * 1.5  # what was dropped follows right after the counts
     assert images and all(width > 0 for _, width in images), images
     assert len(clips) == 9
     for clip in clips:

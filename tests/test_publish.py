@@ -244,3 +244,21 @@ def test_push_to_hub_validates_creates_and_uploads_only_the_dataset(composed, tm
         assert [c for c in hub.calls if c[1] == "/api/repos/create"] == [("POST", "/api/repos/create")] * 2
     finally:
         hub.close()
+
+
+def test_report_says_pass_or_fail_first_and_shows_a_record_of_every_kind(dataset, tmp_path):
+    passed = report(dataset, tmp_path / "ok")
+    page = (tmp_path / "ok" / "index.html").read_text()
+    assert passed["valid"] and page.index("PASS: all") < page.index("<h2>")  # the verdict comes first
+    for kind in ("cross_modal: asr", "cross_modal: tts", "pretrain", "chain_of_modality: "):
+        assert f"<td>{kind}" in page, kind
+    assert "units …&lt;eosp&gt;" in page or "units …<eosp>" in page  # unit runs are shortened for reading
+    assert passed["units_by_kind"]["chain-of-modality speech (TTS)"] > 0
+    assert passed["units_by_kind"]["corpus utterances (cross-modal, pretrain)"] > 0
+
+    _break(dataset, "cross_modal", _first(lambda r: r.update(units=[123456])))
+    failed = runner.invoke(app, ["report", str(dataset), str(tmp_path / "bad")])
+    assert failed.exit_code == 0, failed.output
+    page = (tmp_path / "bad" / "index.html").read_text()
+    assert "FAIL: content-hash ×1, shape ×1, unit-range ×1, units-match ×1" in page and "<td>unit-range</td>" in page
+    assert json.loads((tmp_path / "bad" / "report.json").read_text())["valid"] is False

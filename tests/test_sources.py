@@ -143,6 +143,12 @@ def test_hub_dataset_runs_through_the_whole_pipeline_with_its_split_kept(tmp_pat
                                             "tiny-asr/data/validation-00000-of-00001/000001"}
     meta = json.loads((tmp_path / "work" / "dataset" / "speechinstruct.json").read_text())
     assert {s["corpus"]: s["license"] for s in meta["sources"]}["tiny-asr"] == "cc-by-4.0"
+    # the report answers "did it pass, what was dropped and why": both bad rows, each at its stage
+    numbers = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
+    assert numbers["valid"] and numbers["dropped"] == {"shard hf: unreadable audio": 1, "extract hf: unreadable audio": 1}
+    page = (tmp_path / "work" / "report" / "index.html").read_text()
+    assert "data/train-00001-of-00002.parquet row 1" in page and "data/train-00000-of-00002.parquet row 2" in page
+    assert "<h2 id='timings'>" in page and "extract hf (mfcc)</td><td>" in page
 
 
 def kaldi_dir(tmp_path):
