@@ -13,6 +13,7 @@
   compose   cross-modal records per second
   train     stage-2 tokens per second, ours vs TRL's SFTTrainer on the same model, data and steps (and model
             FLOP utilisation on a GPU)
+  startup   `speechinstruct --help` and `validate` start-up time, this checkout vs the code before the lazy imports
 
 Prints a table of ratios against the baseline of each pair and appends one JSON line per run to
 benchmarks/results.jsonl. ``--quick`` shrinks every workload; ``--only kmeans,extract`` picks sections.
@@ -371,6 +372,51 @@ def bench_compose(work: Path, quick: bool) -> list[dict]:
              "records_per_s": summary["records"] / t, "target": "report"}]
 
 
+STARTUP_BASELINE = "1e43768"  # the landed code before imports moved to where they are used (issue 18)
+
+
+def bench_startup(work: Path, quick: bool) -> list[dict]:
+    """``speechinstruct --help`` and ``validate DATASET`` wall time, this checkout vs the baseline commit's
+    package (``git archive`` of it, run from a temporary folder), alternating, best of N each."""
+    from speechinstruct import compose
+    from speechinstruct.cluster import cluster
+    from speechinstruct.publish import publish
+    from speechinstruct.quantize import quantize
+    from speechinstruct.units import load_kmeans
+
+    manifest = demo_corpus(work, 40)
+    features = mfcc(work, manifest)
+    units, dataset = work / "startup-units", work / "startup-dataset"
+    if not dataset.exists():
+        cluster(features, work / "startup-km", k=20, quiet=True)
+        quantize(features, load_kmeans(work / "startup-km"), units, quiet=True)
+        compose.cross_modal(units, work / "startup-composed" / "cross_modal", quiet=True)
+        publish(work / "startup-composed", dataset)
+    before = work / f"startup-{STARTUP_BASELINE}"
+    if not before.exists():
+        before.mkdir()
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", STARTUP_BASELINE, "speechinstruct", "schemas",
+                                  "recipes"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+    code = "import sys; from speechinstruct.cli import main; sys.argv = ['speechinstruct', *sys.argv[1:]]; main()"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(folder: Path, args: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, *args], cwd=folder, env=env, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    rows = []
+    for label, args in (("--help", ["--help"]), ("validate", ["validate", str(dataset)])):
+        ours, base = [], []
+        for _ in range(3 if quick else 7):
+            base.append(run(before, args))
+            ours.append(run(HERE.parent, args))
+        rows.append({"name": f"speechinstruct {label} start-up", "baseline": f"commit {STARTUP_BASELINE}", "baseline_s": min(base),
+                     "ours_s": min(ours), "speedup": min(base) / min(ours), "target": "faster"})
+    return rows
+
+
 def bench_train(work: Path, quick: bool) -> list[dict]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -453,7 +499,8 @@ def torch_cuda() -> bool:
 
 
 SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "gpu": bench_gpu, "engine": bench_engine,
-            "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "train": bench_train}
+            "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "train": bench_train,
+            "startup": bench_startup}
 
 
 def main(argv=None):

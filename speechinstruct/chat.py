@@ -66,7 +66,9 @@ class Chat:
         if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
             model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         if lora:
-            from peft import PeftModel
+            from .train import require_train_extra
+
+            PeftModel = require_train_extra("peft").PeftModel
 
             model = PeftModel.from_pretrained(model, str(lora))
         self.model = model.eval().to(device)

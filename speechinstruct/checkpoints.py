@@ -23,7 +23,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -100,6 +99,8 @@ def torch_load_restricted(path: str | Path) -> dict:
     """``torch.load`` with torch's weights-only unpickler, plus the globals in ``_ADMITTED`` and inert
     stubs for fairseq/omegaconf/typing names. The pickle's globals are listed first (without running
     anything), so the file is read once; anything else is refused with the name it asked for."""
+    import torch  # here: every command's error handling imports this module, and most never load a checkpoint
+
     path = Path(path)
     allowed: dict[str, tuple] = {}
     try:

@@ -265,8 +265,22 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "progress.json").is_file())
 
 
+def require_train_extra(module: str):
+    """``module`` (peft, accelerate), or one clear line saying how to install the training extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"training needs {module}, which the data-only install leaves out: "
+                         "pip install 'speechinstruct[train]'") from None
+
+
 def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
           resume: bool = True, quiet: bool = False) -> dict:
+    require_train_extra("accelerate")
+    if stage == 3:
+        require_train_extra("peft")  # stage 3 trains LoRA adapters
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler

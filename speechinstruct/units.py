@@ -12,10 +12,8 @@ import json
 import re
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from .checkpoints import Stub, joblib_load_restricted
 from .io import sha256_file
 
 UNIT_RE = re.compile(r"<(\d+)>")
@@ -32,6 +30,8 @@ class KMeans:
         self.k, self.dim = centroids.shape
         self.source = source
         self.meta = meta or {}
+        import faiss  # here, not at module import: validate and --help never need it
+
         self._index = faiss.IndexFlatL2(self.dim)
         self._index.add(centroids)
 
@@ -67,6 +67,8 @@ def load_kmeans(path: str | Path) -> KMeans:
         raise FileNotFoundError(f"{path}: no such k-means file or folder")
     if path.suffix == ".npy":
         return KMeans(np.load(path, allow_pickle=False), str(path), {"format": "npy", "sha256": sha256_file(path)})
+    from .checkpoints import Stub, joblib_load_restricted  # torch: only when a fairseq k-means file is read
+
     model = joblib_load_restricted(path)
     state = model.state if isinstance(model, Stub) else None
     if not isinstance(state, dict) or "cluster_centers_" not in state:

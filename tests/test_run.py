@@ -177,3 +177,32 @@ def test_force_deletes_only_what_the_stage_wrote(tmp_path):
     assert (mine / "index.html").is_file()
     run(path, quiet=True, force=True)
     assert (mine / "notes.txt").read_text() == "the user's own file" and (mine / "index.html").is_file()
+
+
+LEAN = ("import sys\n"
+        "for name in ('peft', 'accelerate', 'trl', 'ray'):  # as if the data-only install had left them out\n"
+        "    sys.modules[name] = None\n"
+        "from speechinstruct.cli import main\n"
+        "sys.argv = ['speechinstruct', *sys.argv[1:]]\n"
+        "main()\n")
+
+
+def test_the_data_path_runs_without_the_training_extras(tmp_path):
+    """shard … publish, validate and report with peft, accelerate, TRL and Ray unimportable; `train` then
+    says in one line which extra to install."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", LEAN, "run", str(recipe(tmp_path)), "-q"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["valid"]
+    checked = subprocess.run([sys.executable, "-c", LEAN, "validate", str(tmp_path / "work" / "dataset")], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and "PASS" in checked.stdout
+    refused = subprocess.run([sys.executable, "-c", LEAN, "train", "--stage", "2", "--base-model", str(tmp_path),
+                              "--data", str(tmp_path / "work" / "dataset"), "--out", str(tmp_path / "run")],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pip install 'speechinstruct[train]'" in refused.stderr
+    assert "Traceback" not in refused.stderr
