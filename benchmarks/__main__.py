@@ -262,7 +262,7 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    from speechinstruct.extract import iter_features
+    from speechinstruct.shardfiles import iter_features
 
     diff = max(float(np.abs(a - b).max()) for f in sorted((work / "engine-ray").glob("features-*.arrow"))
                for (_, a), (_, b) in zip(iter_features(work / "engine-local" / f.name), iter_features(f)))

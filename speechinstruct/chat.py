@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .compose import DEFAULT_PREFIX
-from .units import UNIT_RE, dedup, to_text
+from .units import UNIT_RE, SpeechEncoder, to_text
 
 PROMPTS = {
     "chain_of_modality": "[Human]: {input}<eoh>. [SpeechGPT]:",
@@ -97,5 +97,4 @@ def audio_to_unit_text(path: str | Path, extractor, kmeans) -> str:
     from . import audio
 
     wav = audio.load(path)
-    units, _ = dedup(kmeans.assign(extractor.features(wav)))
-    return to_text(units)
+    return to_text(SpeechEncoder(kmeans, extractor).encode(wav).units)

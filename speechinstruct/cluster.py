@@ -15,12 +15,12 @@ import faiss
 import numpy as np
 
 from .io import atomic_path, write_json
+from .shardfiles import feature_files, read_frames
 from .units import KMeans
 
 
 def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.ndarray:
     """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file."""
-    from .extract import feature_files, read_frames
 
     columns = [read_frames(path)[2] for path in feature_files(features)]
     total = sum(c.shape[0] for c in columns)

@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from . import __version__, records, templates as templates_mod
 from .audio import AudioError
-from .io import iter_rows, parquet_rows, sha256_json, write_json, write_parquet
+from .io import iter_rows, parquet_rows, write_json, write_parquet
 from .records import find_markup
-from .units import dedup, to_text
+from .shardfiles import select_shards, shard_suffix, unit_files
+from .units import SpeechEncoder, to_text
 
 # SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
 # spaces after "University.", "with human" included): a model continued from SpeechGPT expects exactly this.
@@ -66,7 +67,7 @@ def finish(record: dict) -> dict:
     if "plain_text" in record:
         record["prompt"], record["completion"] = record["prefix"], record["plain_text"]
     record["pipeline_version"] = __version__
-    record["content_hash"] = sha256_json({k: v for k, v in record.items() if k not in ("content_hash", "pipeline_version")})
+    record["content_hash"] = records.content_hash(record)
     return record
 
 
@@ -99,8 +100,6 @@ def _named(part: str | None, suffix: str) -> str:
 
 def _unit_shards(units_dir: Path, num_shards: int = 1, shard_index: int = 0):
     """(suffix, path) of the units shards this worker owns (``--num-shards/--shard-index``)."""
-    from .extract import select_shards, shard_suffix
-    from .quantize import unit_files
 
     for path in select_shards(unit_files(units_dir), num_shards, shard_index):
         yield shard_suffix(path), path
@@ -352,10 +351,12 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
         if max_pairs and len(pairs) >= max_pairs:
             break
 
+    encoder = SpeechEncoder(kmeans, extractor)
+
     def speech_units(text: str, key: str) -> tuple[list[int], str]:
         voice, rate = tts.voice_for(key)
         wav, sr = tts.synthesize(text, voice, rate)
-        u, _ = dedup(kmeans.assign(extractor.features(wav, sr)))
+        u = encoder.encode(wav, sr).units
         if not u.size:
             raise ValueError("no speech units")
         return u.tolist(), f"{tts.name}:{voice}@{rate}"

@@ -30,6 +30,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from .shardfiles import corpus_root, manifest_files, select_shards, shard_output
+
 
 class RayJobError(RuntimeError):
     """The cluster could not finish a block (retries spent) or sent back something out of order."""
@@ -186,8 +188,7 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None, batch_seconds:
     """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU) and
     ``kmeans`` are shipped to the actors, which move the model to ``device`` (default: cuda when actors get
     GPUs)."""
-    from .extract import run_shards, select_shards, shard_output
-    from .shard import corpus_root, manifest_files
+    from .extract import run_shards
 
     device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
     manifest, out = Path(manifest), Path(out)

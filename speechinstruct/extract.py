@@ -29,20 +29,11 @@ from tqdm import tqdm
 
 from . import audio
 from .features import Extractor
-from .io import atomic_path, safe_join, write_json, write_text
-from .shard import corpus_root, manifest_files
-
-
-def shard_suffix(path: Path) -> str:
-    """``manifest-00003.parquet`` → ``00003``."""
-    return path.stem.rsplit("-", 1)[-1]
-
-
-def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) -> list[Path]:
-    """The manifest shards this worker owns: every ``num_shards``-th, starting at ``shard_index``."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
-    return files[shard_index::num_shards]
+from .io import atomic_path, safe_join, write_text
+from .quantize import UnitWriter
+from .shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
+                         select_shards, shard_output, shard_suffix)
+from .units import SpeechEncoder
 
 
 def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
@@ -121,80 +112,6 @@ def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int]) -
     return out
 
 
-# ------------------------------------------------------------------------------------------ feature files
-def feature_schema(dim: int, float16: bool) -> pa.Schema:
-    value = pa.float16() if float16 else pa.float32()
-    return pa.schema([("id", pa.string()), ("features", pa.list_(pa.list_(value, dim)))])
-
-
-def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array:
-    dtype = np.float16 if float16 else np.float32
-    flat = np.concatenate([f.astype(dtype, copy=False).ravel() for f in feats]) if feats else np.zeros(0, dtype)
-    frames = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
-    offsets = np.concatenate([[0], np.cumsum([f.shape[0] for f in feats])]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), frames)
-
-
-def read_frames(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Ids, frame offsets (len(ids) + 1) and all frames (total, dim) of one feature file, memory-mapped."""
-    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    col = table.column("features").combine_chunks()
-    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.value_type.list_size)
-    return table.column("id").to_pylist(), col.offsets.to_numpy(), flat
-
-
-def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(id, (frames, dim) float32) per utterance of one feature file, record batch by record batch from a
-    memory map: memory holds one utterance's float32 copy at most (none for float32 files), whatever the
-    shard's size."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path)))
-    for b in range(reader.num_record_batches):
-        batch = reader.get_batch(b)
-        col = batch.column(batch.schema.get_field_index("features"))
-        dim = col.type.value_type.list_size
-        flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)  # the batch's frames, mapped
-        offsets = col.offsets.to_numpy()
-        for i, uid in enumerate(batch.column(batch.schema.get_field_index("id")).to_pylist()):
-            yield uid, flat[offsets[i] : offsets[i + 1]].astype(np.float32, copy=False)
-
-
-def read_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
-    """Ids and (frames, dim) float32 arrays of one feature file (all in memory: for tests and small files)."""
-    pairs = list(iter_features(path))
-    return [uid for uid, _ in pairs], [f for _, f in pairs]
-
-
-def feature_files(folder: str | Path) -> list[Path]:
-    files = sorted(Path(folder).glob("features-*.arrow"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no features-*.arrow files (run `speechinstruct extract` first)")
-    return files
-
-
-def kmeans_spec(kmeans) -> dict:
-    return {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
-
-
-def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path, kmeans=None) -> dict:
-    """What an extract output folder was made from (written as features.json or units.json)."""
-    spec = {**extractor_spec, "float16": float16, "manifest": str(Path(manifest).resolve()), "root": str(Path(root).resolve())}
-    if kmeans is not None:
-        spec["kmeans"] = kmeans_spec(kmeans)
-    return spec
-
-
-def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
-    """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec."""
-    meta = out / name
-    if meta.is_file():
-        old = json.loads(meta.read_text())
-        if old != json.loads(json.dumps(spec)):
-            diff = {k: (old.get(k), spec.get(k)) for k in set(old) | set(spec) if old.get(k) != spec.get(k)}
-            raise ValueError(f"{meta}: {out} holds output made with other settings {diff}; use a new folder")
-    else:
-        write_json(meta, spec)
-
-
 # ---------------------------------------------------------------------------------------------- the job
 def extract(
     manifest: str | Path,
@@ -248,17 +165,11 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     return stats
 
 
-def shard_output(out: Path, manifest_shard: Path, fused: bool) -> Path:
-    suffix = shard_suffix(manifest_shard)
-    return out / (f"units-{suffix}.parquet" if fused else f"features-{suffix}.arrow")
-
-
 def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
                 kmeans=None, quiet: bool = False) -> dict:
     """Write one shard from ``(manifest row, value)`` pairs in manifest order, where value is a (frames,
     dim) feature array, a 1-D array of unit labels (already assigned), or an error string. Errors go to
     ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last."""
-    from .quantize import UnitWriter
 
     errors: list[dict] = []
     counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
@@ -278,9 +189,9 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
         write_text(target.parent / f"errors-{shard_suffix(target)}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
 
     if kmeans is not None:
-        writer = UnitWriter(kmeans, frame_rate)
+        writer = UnitWriter(SpeechEncoder(kmeans))
         for row, value in good(bar):
-            writer.add_labels(row, value if value.ndim == 1 else kmeans.assign(value))
+            writer.add(row, value)
         write_errors()
         writer.write(target)
     else:

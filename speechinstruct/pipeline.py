@@ -118,7 +118,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     recipe = load_recipe(recipe_path)
     work = Path(workdir or recipe["workdir"])
     with workdir_lock(work):
-        return _run(recipe, recipe_path, work, quiet, force)
+        return _run(recipe, work, quiet, force)
 
 
 def _report_vocoder(setting: str, km_path: Path, features: str):
@@ -130,143 +130,185 @@ def _report_vocoder(setting: str, km_path: Path, features: str):
     return load_vocoder(km_path if setting == "auto" else setting)
 
 
-def _run(recipe: dict, recipe_path, work: Path, quiet: bool, force: bool) -> dict:
-    from . import compose, templates
-    from .cluster import cluster
-    from .demo import make_demo_corpus
-    from .extract import extract
-    from .features import load_extractor, resolve_device
-    from .publish import publish
-    from .quantize import quantize
-    from .report import report
-    from .shard import shard_corpus
-    from .tts import make_tts
-    from .units import load_kmeans
-    from .validate import format_report, validate
+def _run(recipe: dict, work: Path, quiet: bool, force: bool) -> dict:
+    job = Job(recipe, work, quiet, force)
+    job.demo_corpus()
+    for corpus in job.corpora:
+        job.shard_and_extract(corpus)
+    job.cluster_and_quantize()
+    job.compose()
+    verdict = job.publish_and_validate()
+    job.report(verdict)
+    return job.summary(verdict)
 
-    # options a recipe leaves unset are the readers' defaults
-    corpora = [{**c, "options": {k: v for k, v in c["options"].items() if v is not None}} for c in recipe["corpora"]]
-    if recipe["demo_corpus"]:
-        corpora.insert(0, {"name": "speechinstruct-demo", "root": str(work / "demo-corpus"), "options": {}})
-    names = [c["name"] for c in corpora]
-    runner = Runner(force=force)
-    runner.total = bool(recipe["demo_corpus"]) + 3 * len(corpora) + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2
-    f, km_cfg, c_cfg = recipe["features"], recipe["kmeans"], recipe["compose"]
-    device = resolve_device(f["device"])
-    stamps: dict[str, str] = {}
 
-    if recipe["demo_corpus"]:
-        demo = {"sentences": 300, "seed": 0, **recipe["demo_corpus"]}
-        stamps["demo"] = runner.stage("demo corpus", work / "demo-corpus", demo, [],
-                                      lambda: make_demo_corpus(work / "demo-corpus", demo["sentences"], demo["seed"], quiet=quiet))
+class Job:
+    """One ``run``: the recipe, the workdir, the stage runner and each stage's stamp (``stamps``), which the
+    stages after it take as inputs. Each method is one step of :func:`_run`, in order."""
 
-    extractor = None
+    def __init__(self, recipe: dict, work: Path, quiet: bool, force: bool):
+        from .features import resolve_device
 
-    def get_extractor():
-        nonlocal extractor
-        if extractor is None:
-            extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], device, dtype=f["dtype"])
-        return extractor
+        self.recipe, self.work, self.quiet = recipe, work, quiet
+        # options a recipe leaves unset are the readers' defaults
+        self.corpora = [{**c, "options": {k: v for k, v in c["options"].items() if v is not None}} for c in recipe["corpora"]]
+        if recipe["demo_corpus"]:
+            self.corpora.insert(0, {"name": "speechinstruct-demo", "root": str(work / "demo-corpus"), "options": {}})
+        self.names = [c["name"] for c in self.corpora]
+        self.runner = Runner(force=force)
+        self.runner.total = (bool(recipe["demo_corpus"]) + 3 * len(self.corpora) + (0 if recipe["kmeans"]["path"] else 1)
+                             + 3 + 1 + 2)
+        self.f = recipe["features"]
+        self.device = resolve_device(self.f["device"])
+        self.stamps: dict[str, str] = {}
+        self._extractor = None
+        self.feature_settings = {k: self.f[k] for k in ("kind", "checkpoint", "layer", "float16")}
+        if self.f["dtype"] != "float32":  # float32 stamps stay what they were
+            self.feature_settings["dtype"] = self.f["dtype"]
+        if self.f["checkpoint"] and Path(self.f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
+            st = Path(self.f["checkpoint"]).stat()
+            self.feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        self.km_path = Path(recipe["kmeans"]["path"]) if recipe["kmeans"]["path"] else work / "kmeans"
+        self.composed = work / "composed"
+        self.dataset = work / (recipe["output"]["dataset"] or "dataset")  # relative outputs follow the workdir
+        self.report_dir = work / (recipe["output"]["report"] or "report")
 
-    feature_settings = {k: f[k] for k in ("kind", "checkpoint", "layer", "float16")}
-    if f["dtype"] != "float32":  # float32 stamps stay what they were
-        feature_settings["dtype"] = f["dtype"]
-    if f["checkpoint"] and Path(f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
-        st = Path(f["checkpoint"]).stat()
-        feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    for c in corpora:
-        n = c["name"]
-        base = work / n
-        stamps[f"shard:{n}"] = runner.stage(
-            f"shard {n}", base / "manifest", {"corpus": n, "root": str(Path(c["root"]).resolve()), **recipe["shard"], **(c.get("options") or {})},
-            [stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
-            lambda c=c, base=base: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=quiet,
-                                                       shard_hours=recipe["shard"]["shard_hours"], **(c.get("options") or {}))))
-        stamps[f"extract:{n}"] = runner.stage(
-            f"extract {n} ({f['kind']})", base / "features", feature_settings, [stamps[f"shard:{n}"]],
-            lambda base=base: extract(base / "manifest", base / "features", get_extractor(), batch_seconds=f["batch_seconds"],
-                                      float16=f["float16"], workers=f["workers"], quiet=quiet))
+    def extractor(self):
+        """The recipe's extractor, loaded once, when a stage first needs it (never when all are up to date)."""
+        from .features import load_extractor
 
-    if km_cfg["path"]:
-        km_path = Path(km_cfg["path"])
-        stamps["kmeans"] = sha256_file(km_path / "centroids.npy" if km_path.is_dir() else km_path)
-    else:
-        km_path = work / "kmeans"
-        fit_settings = {k: km_cfg[k] for k in ("k", "max_frames", "seed", "niter", "nredo")}
-        first = names[0]
-        stamps["kmeans"] = runner.stage(f"cluster (k={km_cfg['k']}, on {first})", km_path, fit_settings, [stamps[f"extract:{first}"]],
-                                        lambda: cluster(work / first / "features", km_path, quiet=quiet, **fit_settings))
-    for n in names:
-        stamps[f"units:{n}"] = runner.stage(
-            f"quantize {n}", work / n / "units", {}, [stamps[f"extract:{n}"], stamps["kmeans"]],
-            lambda n=n: quantize(work / n / "features", load_kmeans(km_path), work / n / "units", quiet=quiet))
-    km = load_kmeans(km_path)
+        if self._extractor is None:
+            f = self.f
+            self._extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], self.device, dtype=f["dtype"])
+        return self._extractor
 
-    composed = work / "composed"
-    seed = c_cfg["seed"]
-    cm = c_cfg["cross_modal"]
-    cm_corpora = cm.get("corpora") or [n for n in names if n != "librilight"]
-    sets = {t: templates.load(recipe["templates"][t], t) for t in ("asr", "tts")}
-    stamps["cross_modal"] = runner.stage(
-        "compose cross-modal", composed / "cross_modal",
-        {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
-         "templates": {t: sets[t]["version"] for t in sets}}, [stamps[f"units:{n}"] for n in cm_corpora],
-        lambda: [compose.cross_modal(work / n / "units", composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
-                                     asr_fraction=cm["asr_fraction"], seed=seed, part=n, quiet=quiet) for n in cm_corpora])
-    pt = c_cfg["pretrain"]
-    pt_corpora = pt.get("corpora") or names
-    stamps["pretrain"] = runner.stage(
-        "compose pretrain", composed / "pretrain", {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora},
-        [stamps[f"units:{n}"] for n in pt_corpora],
-        lambda: [compose.pretrain(work / n / "units", composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, quiet=quiet)
-                 for n in pt_corpora])
-    com = c_cfg["chain_of_modality"]
-    llm = None
-    if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai"):
+    def demo_corpus(self) -> None:
+        from .demo import make_demo_corpus
+
+        if self.recipe["demo_corpus"]:
+            demo = {"sentences": 300, "seed": 0, **self.recipe["demo_corpus"]}
+            folder = self.work / "demo-corpus"
+            self.stamps["demo"] = self.runner.stage("demo corpus", folder, demo, [], lambda: make_demo_corpus(
+                folder, demo["sentences"], demo["seed"], quiet=self.quiet))
+
+    def shard_and_extract(self, c: dict) -> None:
+        from .extract import extract
+        from .shard import shard_corpus
+
+        n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
+        self.stamps[f"shard:{n}"] = self.runner.stage(
+            f"shard {n}", base / "manifest", {"corpus": n, "root": str(Path(c["root"]).resolve()), **shard, **(c.get("options") or {})},
+            [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
+            lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=self.quiet,
+                                        shard_hours=shard["shard_hours"], **(c.get("options") or {}))))
+        self.stamps[f"extract:{n}"] = self.runner.stage(
+            f"extract {n} ({f['kind']})", base / "features", self.feature_settings, [self.stamps[f"shard:{n}"]],
+            lambda: extract(base / "manifest", base / "features", self.extractor(), batch_seconds=f["batch_seconds"],
+                            float16=f["float16"], workers=f["workers"], quiet=self.quiet))
+
+    def cluster_and_quantize(self) -> None:
+        from .cluster import cluster
+        from .quantize import quantize
+        from .units import load_kmeans
+
+        km_cfg, work = self.recipe["kmeans"], self.work
+        if km_cfg["path"]:
+            self.stamps["kmeans"] = sha256_file(self.km_path / "centroids.npy" if self.km_path.is_dir() else self.km_path)
+        else:
+            fit_settings = {k: km_cfg[k] for k in ("k", "max_frames", "seed", "niter", "nredo")}
+            first = self.names[0]
+            self.stamps["kmeans"] = self.runner.stage(
+                f"cluster (k={km_cfg['k']}, on {first})", self.km_path, fit_settings, [self.stamps[f"extract:{first}"]],
+                lambda: cluster(work / first / "features", self.km_path, quiet=self.quiet, **fit_settings))
+        for n in self.names:
+            self.stamps[f"units:{n}"] = self.runner.stage(
+                f"quantize {n}", work / n / "units", {}, [self.stamps[f"extract:{n}"], self.stamps["kmeans"]],
+                lambda n=n: quantize(work / n / "features", load_kmeans(self.km_path), work / n / "units", quiet=self.quiet))
+
+    def compose(self) -> None:
+        from . import compose, templates
+        from .tts import make_tts
+        from .units import load_kmeans
+
+        recipe, work, composed, quiet = self.recipe, self.work, self.composed, self.quiet
+        c_cfg = recipe["compose"]
+        seed, cm = c_cfg["seed"], c_cfg["cross_modal"]
+        cm_corpora = cm.get("corpora") or [n for n in self.names if n != "librilight"]
+        sets = {t: templates.load(recipe["templates"][t], t) for t in ("asr", "tts")}
+        self.stamps["cross_modal"] = self.runner.stage(
+            "compose cross-modal", composed / "cross_modal",
+            {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
+             "templates": {t: sets[t]["version"] for t in sets}}, [self.stamps[f"units:{n}"] for n in cm_corpora],
+            lambda: [compose.cross_modal(work / n / "units", composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
+                                         asr_fraction=cm["asr_fraction"], seed=seed, part=n, quiet=quiet) for n in cm_corpora])
+        pt = c_cfg["pretrain"]
+        pt_corpora = pt.get("corpora") or self.names
+        self.stamps["pretrain"] = self.runner.stage(
+            "compose pretrain", composed / "pretrain", {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora},
+            [self.stamps[f"units:{n}"] for n in pt_corpora],
+            lambda: [compose.pretrain(work / n / "units", composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, quiet=quiet)
+                     for n in pt_corpora])
+        com = c_cfg["chain_of_modality"]
+        llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
+        km = load_kmeans(self.km_path)
+        self.stamps["chain_of_modality"] = self.runner.stage(
+            "compose chain-of-modality", composed / "chain_of_modality",
+            {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")}},
+            [self.stamps["kmeans"], sha256_json(self.feature_settings)],
+            lambda: _brief(compose.chain_of_modality(
+                com["instructions"], composed / "chain_of_modality", self.extractor(), km,
+                make_tts(com["tts"], work / "cache" / "tts", llm=llm),
+                llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
+                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet)))
+
+    def _llm(self):
         from .llm import LLM
 
-        llm_cfg = recipe["llm"]
-        llm = LLM(base_url=llm_cfg["base_url"], model=llm_cfg["model"], cache_dir=work / "cache" / "llm",
-                  max_requests=llm_cfg["max_requests"], max_tokens=llm_cfg["max_tokens"], timeout=llm_cfg["timeout"])
-    stamps["chain_of_modality"] = runner.stage(
-        "compose chain-of-modality", composed / "chain_of_modality",
-        {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")}},
-        [stamps["kmeans"], sha256_json(feature_settings)],
-        lambda: _brief(compose.chain_of_modality(
-            com["instructions"], composed / "chain_of_modality", get_extractor(), km,
-            make_tts(com["tts"], work / "cache" / "tts", llm=llm),
-            llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
-            license=com["license"], max_pairs=com["max_pairs"], quiet=quiet)))
+        cfg = self.recipe["llm"]
+        return LLM(base_url=cfg["base_url"], model=cfg["model"], cache_dir=self.work / "cache" / "llm",
+                   max_requests=cfg["max_requests"], max_tokens=cfg["max_tokens"], timeout=cfg["timeout"])
 
-    dataset = work / (recipe["output"]["dataset"] or "dataset")  # relative outputs follow the workdir
-    report_dir = work / (recipe["output"]["report"] or "report")
-    inputs = [stamps["cross_modal"], stamps["pretrain"], stamps["chain_of_modality"]]
-    eval_splits = bool(recipe["output"]["eval_splits"])
-    stamps["publish"] = runner.stage("publish", dataset, {"name": recipe["name"], "eval_splits": eval_splits}, inputs,
-                                     lambda: _brief(publish(composed, dataset, name=recipe["name"], eval_splits=eval_splits)))
-    runner.index += 1
-    verdict = validate(dataset)
-    print(f"[{runner.index}/{runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}", flush=True)
-    if not verdict.ok:
-        print(format_report(verdict), flush=True)
-    vocoder = _report_vocoder(recipe["output"]["vocoder"], km_path, f["kind"])
-    runner.stage("report", report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4}, [stamps["publish"]],
-                 lambda: _brief(report(dataset, report_dir, units=work / names[0] / "units", vocoder=vocoder, samples=4,
-                                       work=work, stages=runner.log, verdict=verdict)))
+    def publish_and_validate(self):
+        from .publish import publish
+        from .validate import format_report, validate
 
-    meta = json.loads((dataset / "speechinstruct.json").read_text())
-    summary = {
-        "dataset": str(dataset), "report": str(report_dir / "index.html"), "valid": verdict.ok,
-        "hours": meta["hours"], "records": meta["counts"], "k": meta["k"],
-        "stages_skipped": sum(1 for s in runner.log if s.get("skipped")),
-        "seconds": round(sum(s.get("seconds", 0) for s in runner.log), 2),
-    }
-    numbers = json.loads((report_dir / "report.json").read_text()) if (report_dir / "report.json").is_file() else {}
-    if "resynthesis_mcd_db" in numbers:  # how close the report's resynthesised samples are to the originals
-        summary["resynthesis"] = {"vocoder": numbers["vocoder"], "mcd_db": numbers["resynthesis_mcd_db"],
-                                  "samples": numbers["samples"]}
-    write_json(work / "run-summary.json", {**summary, "stages": runner.log})
-    return summary
+        name, eval_splits = self.recipe["name"], bool(self.recipe["output"]["eval_splits"])
+        inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"]]
+        self.stamps["publish"] = self.runner.stage(
+            "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
+            lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits)))
+        self.runner.index += 1
+        verdict = validate(self.dataset)
+        print(f"[{self.runner.index}/{self.runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}", flush=True)
+        if not verdict.ok:
+            print(format_report(verdict), flush=True)
+        return verdict
+
+    def report(self, verdict) -> None:
+        from .report import report
+
+        vocoder = _report_vocoder(self.recipe["output"]["vocoder"], self.km_path, self.f["kind"])
+        self.runner.stage(
+            "report", self.report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4}, [self.stamps["publish"]],
+            lambda: _brief(report(self.dataset, self.report_dir, units=self.work / self.names[0] / "units", vocoder=vocoder,
+                                  samples=4, work=self.work, stages=self.runner.log, verdict=verdict)))
+
+    def summary(self, verdict) -> dict:
+        meta = json.loads((self.dataset / "speechinstruct.json").read_text())
+        log = self.runner.log
+        summary = {
+            "dataset": str(self.dataset), "report": str(self.report_dir / "index.html"), "valid": verdict.ok,
+            "hours": meta["hours"], "records": meta["counts"], "k": meta["k"],
+            "stages_skipped": sum(1 for s in log if s.get("skipped")),
+            "seconds": round(sum(s.get("seconds", 0) for s in log), 2),
+        }
+        numbers_file = self.report_dir / "report.json"
+        numbers = json.loads(numbers_file.read_text()) if numbers_file.is_file() else {}
+        if "resynthesis_mcd_db" in numbers:  # how close the report's resynthesised samples are to the originals
+            summary["resynthesis"] = {"vocoder": numbers["vocoder"], "mcd_db": numbers["resynthesis_mcd_db"],
+                                      "samples": numbers["samples"]}
+        write_json(self.work / "run-summary.json", {**summary, "stages": log})
+        return summary
 
 
 def _brief(result: dict) -> dict:

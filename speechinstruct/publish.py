@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from . import __version__, records
 from .io import atomic_path, parquet_writer, write_json, write_parquet, write_text

@@ -16,27 +16,23 @@ from tqdm import tqdm
 
 from . import records
 from .io import write_json, write_parquet
-from .units import KMeans, dedup, to_text
+from .shardfiles import (check_spec, feature_files, iter_features, kmeans_spec, select_shards, shard_output, shard_suffix,
+                         unit_files)
+from .units import KMeans, SpeechEncoder, to_text
 
 
 class UnitWriter:
     """Collects one shard's unit rows; ``write`` puts them in a Parquet file atomically."""
 
-    def __init__(self, kmeans: KMeans, frame_rate: float):
-        self.kmeans, self.frame_rate = kmeans, frame_rate
+    def __init__(self, encoder: SpeechEncoder):
+        self.encoder = encoder
         self.rows: list[dict] = []
 
-    @property
-    def count(self) -> int:
-        return len(self.rows)
-
-    def add(self, manifest_row: dict, feats: np.ndarray) -> None:
-        self.add_labels(manifest_row, self.kmeans.assign(feats))
-
-    def add_labels(self, manifest_row: dict, labels: np.ndarray) -> None:
-        units, durations = dedup(labels)
-        self.rows.append({**manifest_row, "units": units.tolist(), "durations": durations.tolist(),
-                          "n_frames": int(labels.size), "unit_text": to_text(units)})
+    def add(self, manifest_row: dict, value: np.ndarray) -> None:
+        """``value``: one utterance's (frames, dim) features, or its unit labels (1-D) already assigned."""
+        encoded = self.encoder.merge(value) if value.ndim == 1 else self.encoder.quantize(value)
+        self.rows.append({**manifest_row, "units": encoded.units.tolist(), "durations": encoded.durations.tolist(),
+                          "n_frames": encoded.n_frames, "unit_text": to_text(encoded.units)})
 
     def write(self, path: Path) -> None:
         write_parquet(path, records.to_table("units", self.rows))
@@ -44,8 +40,6 @@ class UnitWriter:
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
              quiet: bool = False) -> dict:
-    from .extract import check_spec, feature_files, iter_features, kmeans_spec, select_shards, shard_output, shard_suffix
-
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text())
     if spec.get("dim") != kmeans.dim:
@@ -61,20 +55,12 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
             continue
         manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in pq.read_table(manifest_shard).to_pylist()}
-        writer = UnitWriter(kmeans, spec["frame_rate"])
+        writer = UnitWriter(SpeechEncoder(kmeans))
         for uid, f in tqdm(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt", disable=quiet):
             writer.add(rows[uid], f)  # one utterance's features at a time: memory does not grow with the shard
         writer.write(target)
         done += 1
     return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
-
-
-def unit_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    files = [folder] if folder.is_file() else sorted(folder.glob("units-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no units-*.parquet files (run `speechinstruct quantize` first)")
-    return files
 
 
 def unit_stats(folder: str | Path, k: int) -> dict:

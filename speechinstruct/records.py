@@ -67,6 +67,14 @@ def record_errors(kind: str, record: dict) -> list[str]:
     return out
 
 
+def content_hash(record: dict) -> str:
+    """sha256 of a record's content: every field but ``content_hash`` itself and ``pipeline_version`` (so a
+    new release that writes the same record gives the same hash). Compose writes it; validate checks it."""
+    from .io import sha256_json
+
+    return sha256_json({k: v for k, v in record.items() if k not in ("content_hash", "pipeline_version")})
+
+
 def to_table(kind: str, rows: list[dict]) -> pa.Table:
     """Rows (dicts) to an Arrow table of the kind's schema; extra keys are an error, missing ones too."""
     schema = arrow_schema(kind)

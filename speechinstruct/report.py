@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .io import atomic_path, write_json, write_text
+from .units import folder_k
 
 
 def _plot(path: Path, draw) -> None:
@@ -222,7 +223,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         raise FileNotFoundError(f"{meta_path}: missing: not a dataset written by `speechinstruct publish`")
     meta = json.loads(meta_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    k = meta.get("k") or 0
+    k = folder_k(dataset) or 0
     plots: list[tuple[str, str]] = []  # (file, caption)
     numbers: dict[str, object] = {"records": meta["counts"], "hours": meta["hours"]}
 

@@ -8,7 +8,6 @@ Every row carries the ``split`` (train, dev, test) the corpus gives it; ``splits
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 from . import records
@@ -112,22 +111,3 @@ def shard_corpus(
     return summary
 
 
-def manifest_files(folder: str | Path) -> list[Path]:
-    """The manifest shards of a ``shard`` output folder, in order (a single .parquet file also works)."""
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    files = sorted(folder.glob("manifest-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no manifest-*.parquet shards (run `speechinstruct shard` first)")
-    return files
-
-
-def corpus_root(folder: str | Path) -> Path:
-    """The corpus root recorded in a shard folder's summary.json."""
-    folder = Path(folder)
-    summary = (folder if folder.is_dir() else folder.parent) / "summary.json"
-    try:
-        return Path(json.loads(summary.read_text())["root"])
-    except (OSError, KeyError, ValueError) as e:
-        raise FileNotFoundError(f"{summary}: cannot read the corpus root ({e}); pass --root") from None

@@ -122,10 +122,12 @@ def expand_vocabulary(model, tokenizer, k: int) -> int:
 
 
 def dataset_k(data: str | Path) -> int:
+    from .units import folder_k
+
     meta = Path(data) / "speechinstruct.json"
     if not meta.is_file():
         raise FileNotFoundError(f"{meta}: missing: --data must be a dataset written by `speechinstruct publish`")
-    k = json.loads(meta.read_text()).get("k")
+    k = folder_k(data)
     if not k:
         raise ValueError(f"{meta}: no K recorded")
     return int(k)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,6 +79,17 @@ def load_kmeans(path: str | Path) -> KMeans:
     return KMeans(np.asarray(state["cluster_centers_"]), str(path), meta)
 
 
+def folder_k(folder: str | Path) -> int | None:
+    """K of the units in a published dataset (``speechinstruct.json``) or a units folder (``units.json``), or
+    None when the folder records none."""
+    folder = Path(folder)
+    for meta, key in ((folder / "speechinstruct.json", "k"), (folder / "units.json", "kmeans")):
+        if meta.is_file():
+            value = json.loads(meta.read_text()).get(key)
+            return value.get("k") if isinstance(value, dict) else value
+    return None
+
+
 def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge consecutive repeats: 5 5 5 9 9 2 → units 5 9 2, durations 3 2 1."""
     units = np.asarray(units)
@@ -86,6 +98,36 @@ def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(np.concatenate([[True], units[1:] != units[:-1]]))
     durations = np.diff(np.concatenate([starts, [units.size]]))
     return units[starts].astype(np.int64), durations.astype(np.int64)
+
+
+class Encoded(NamedTuple):
+    units: np.ndarray      # repeats merged (unless the encoder keeps them)
+    durations: np.ndarray  # frames per unit
+    n_frames: int
+
+
+class SpeechEncoder:
+    """Speech → units in textlesslib's ``SpeechEncoder`` shape: a dense model (``extractor``: MFCC or HuBERT),
+    a quantizer (``kmeans``), then consecutive repeats merged (``deduplicate``). ``encode`` runs all three on
+    a waveform; ``quantize`` the last two on features computed elsewhere (batched extraction, feature files);
+    ``merge`` the last one on unit labels. Extract, quantize, compose and chat all go through it."""
+
+    def __init__(self, kmeans: KMeans, extractor=None, deduplicate: bool = True):
+        self.kmeans, self.extractor, self.deduplicate = kmeans, extractor, deduplicate
+
+    def encode(self, wav: np.ndarray, sample_rate: int = 16000) -> Encoded:
+        if self.extractor is None:
+            raise ValueError("this SpeechEncoder has no extractor: it can only quantize features")
+        return self.quantize(self.extractor.features(wav, sample_rate))
+
+    def quantize(self, feats: np.ndarray) -> Encoded:
+        return self.merge(self.kmeans.assign(feats))
+
+    def merge(self, labels: np.ndarray) -> Encoded:
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.deduplicate:
+            return Encoded(*dedup(labels), int(labels.size))
+        return Encoded(labels, np.ones(labels.size, dtype=np.int64), int(labels.size))
 
 
 def to_text(units) -> str:

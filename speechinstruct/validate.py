@@ -20,7 +20,6 @@ Rules, each with a name that appears in the report:
 from __future__ import annotations
 
 import collections
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,8 @@ import pyarrow.parquet as pq
 
 from . import records
 from .compose import com_text, cross_modal_text
-from .io import sha256_json
 from .records import find_markup
-from .units import to_text
+from .units import folder_k, to_text
 
 U = r"<sosp>(?:<\d+>)+<eosp>"
 SHAPES = {
@@ -85,8 +83,7 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
         if column in r and isinstance(r[column], str) and column != "prefix" and not r[column].strip():
             errors.append(("empty-text", f"{column} is blank"))
     if "content_hash" in r:
-        expected = sha256_json({key: v for key, v in r.items() if key not in ("content_hash", "pipeline_version")})
-        if r["content_hash"] != expected:
+        if r["content_hash"] != records.content_hash(r):
             errors.append(("content-hash", "content_hash does not match the record's content"))
     if kind == "pretrain" and r["text"] != to_text(r["units"]):
         errors.append(("units-match", "text is not the unit string of units"))
@@ -162,17 +159,9 @@ def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:
     return out
 
 
-def _k(path: Path) -> int | None:
-    for meta, key in ((path / "speechinstruct.json", "k"), (path / "units.json", "kmeans")):
-        if meta.is_file():
-            value = json.loads(meta.read_text()).get(key)
-            return value.get("k") if isinstance(value, dict) else value
-    return None
-
-
 def validate(path: str | Path, k: int | None = None, max_examples: int = 50) -> Report:
     path = Path(path)
-    report = Report(k=k if k is not None else _k(path))
+    report = Report(k=k if k is not None else folder_k(path))
     for config, kind, files in _targets(path):
         seen: set[str] = set()
         report.records[config] = report.failed[config] = 0

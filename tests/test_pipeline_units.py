@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from speechinstruct import units
 from speechinstruct.cli import app
-from speechinstruct.extract import read_features
 from speechinstruct.features import MFCC
 from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import read_features
 
 runner = CliRunner()
 
@@ -113,7 +113,7 @@ def test_quantize_holds_one_utterance_at_a_time(tmp_path):
     import pyarrow as pa
 
     from speechinstruct import records
-    from speechinstruct.extract import feature_schema, features_array
+    from speechinstruct.shardfiles import feature_schema, features_array
     from speechinstruct.io import write_json, write_parquet
     from speechinstruct.quantize import quantize
     from speechinstruct.units import KMeans

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.extract import extract, read_features
+from speechinstruct.extract import extract
 from speechinstruct.features import MFCC
 from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import read_features
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -91,7 +92,7 @@ def test_ray_engine_runs_hubert_from_a_fairseq_checkpoint(manifest, tmp_path):
 
 def test_blocks_follow_manifest_order_and_audio_seconds(manifest):
     from speechinstruct.engine_ray import blocks
-    from speechinstruct.shard import manifest_files
+    from speechinstruct.shardfiles import manifest_files
 
     shards = manifest_files(manifest)
     one = list(blocks(shards, block_seconds=1.0))       # each utterance is longer than 1 s: one row per block

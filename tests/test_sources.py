@@ -4,7 +4,6 @@ or in the exact text layout Kaldi's recipes write."""
 
 import io
 import json
-import os
 
 import datasets
 import numpy as np
@@ -16,10 +15,10 @@ from conftest import speechlike
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.extract import decode_row
+from speechinstruct.extract import decode_row, extract
 from speechinstruct.features import MFCC
-from speechinstruct.extract import extract
-from speechinstruct.shard import corpus_root, manifest_files, shard_corpus
+from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import corpus_root, manifest_files
 
 runner = CliRunner()
 CARD = """---

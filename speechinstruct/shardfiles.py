@@ -1,0 +1,144 @@
+"""The files in each stage's folder, in one place: how they are named, listed and split among the tasks
+of a job array, what the folder's spec file (``features.json``, ``units.json``) records, and the format of
+feature files.
+
+- ``shard``: ``manifest-NNNNN.parquet`` (one *manifest shard* each) + ``summary.json`` (the corpus root).
+- ``extract``: ``features-NNNNN.arrow`` per manifest shard (Arrow IPC: ``id`` + frames × dim), or with
+  ``--kmeans`` ``units-NNNNN.parquet``; ``errors-NNNNN.jsonl``; ``features.json`` / ``units.json``.
+- ``quantize``: ``units-NNNNN.parquet`` per feature file; ``units.json``, ``stats.json``.
+The ``NNNNN`` suffix carries through every stage, so the output of manifest shard 3 is always ``…-00003``.
+A *job-array part* (``--num-shards N --shard-index I``) is every N-th file from the I-th: :func:`select_shards`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .io import write_json
+
+
+# ------------------------------------------------------------------------------------------ listing files
+def manifest_files(folder: str | Path) -> list[Path]:
+    """The manifest shards of a ``shard`` output folder, in order (a single .parquet file also works)."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    files = sorted(folder.glob("manifest-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no manifest-*.parquet shards (run `speechinstruct shard` first)")
+    return files
+
+
+def corpus_root(folder: str | Path) -> Path:
+    """The corpus root recorded in a shard folder's summary.json."""
+    folder = Path(folder)
+    summary = (folder if folder.is_dir() else folder.parent) / "summary.json"
+    try:
+        return Path(json.loads(summary.read_text())["root"])
+    except (OSError, KeyError, ValueError) as e:
+        raise FileNotFoundError(f"{summary}: cannot read the corpus root ({e}); pass --root") from None
+
+
+def feature_files(folder: str | Path) -> list[Path]:
+    files = sorted(Path(folder).glob("features-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no features-*.arrow files (run `speechinstruct extract` first)")
+    return files
+
+
+def unit_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(folder.glob("units-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no units-*.parquet files (run `speechinstruct quantize` first)")
+    return files
+
+
+def shard_suffix(path: Path) -> str:
+    """``manifest-00003.parquet`` → ``00003``."""
+    return path.stem.rsplit("-", 1)[-1]
+
+
+def shard_output(out: Path, manifest_shard: Path, fused: bool) -> Path:
+    suffix = shard_suffix(manifest_shard)
+    return out / (f"units-{suffix}.parquet" if fused else f"features-{suffix}.arrow")
+
+
+def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) -> list[Path]:
+    """The manifest shards this worker owns: every ``num_shards``-th, starting at ``shard_index``."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+    return files[shard_index::num_shards]
+
+
+# ---------------------------------------------------------------------------------- folder spec files
+def kmeans_spec(kmeans) -> dict:
+    return {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
+
+
+def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path, kmeans=None) -> dict:
+    """What an extract output folder was made from (written as features.json or units.json)."""
+    spec = {**extractor_spec, "float16": float16, "manifest": str(Path(manifest).resolve()), "root": str(Path(root).resolve())}
+    if kmeans is not None:
+        spec["kmeans"] = kmeans_spec(kmeans)
+    return spec
+
+
+def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
+    """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec."""
+    meta = out / name
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old != json.loads(json.dumps(spec)):
+            diff = {k: (old.get(k), spec.get(k)) for k in set(old) | set(spec) if old.get(k) != spec.get(k)}
+            raise ValueError(f"{meta}: {out} holds output made with other settings {diff}; use a new folder")
+    else:
+        write_json(meta, spec)
+
+
+# ---------------------------------------------------------------------------------- feature file format
+def feature_schema(dim: int, float16: bool) -> pa.Schema:
+    value = pa.float16() if float16 else pa.float32()
+    return pa.schema([("id", pa.string()), ("features", pa.list_(pa.list_(value, dim)))])
+
+
+def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array:
+    dtype = np.float16 if float16 else np.float32
+    flat = np.concatenate([f.astype(dtype, copy=False).ravel() for f in feats]) if feats else np.zeros(0, dtype)
+    frames = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+    offsets = np.concatenate([[0], np.cumsum([f.shape[0] for f in feats])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), frames)
+
+
+def read_frames(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Ids, frame offsets (len(ids) + 1) and all frames (total, dim) of one feature file, memory-mapped."""
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    col = table.column("features").combine_chunks()
+    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.value_type.list_size)
+    return table.column("id").to_pylist(), col.offsets.to_numpy(), flat
+
+
+def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, (frames, dim) float32) per utterance of one feature file, record batch by record batch from a
+    memory map: memory holds one utterance's float32 copy at most (none for float32 files), whatever the
+    shard's size."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    for b in range(reader.num_record_batches):
+        batch = reader.get_batch(b)
+        col = batch.column(batch.schema.get_field_index("features"))
+        dim = col.type.value_type.list_size
+        flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)  # the batch's frames, mapped
+        offsets = col.offsets.to_numpy()
+        for i, uid in enumerate(batch.column(batch.schema.get_field_index("id")).to_pylist()):
+            yield uid, flat[offsets[i] : offsets[i + 1]].astype(np.float32, copy=False)
+
+
+def read_features(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
+    """Ids and (frames, dim) float32 arrays of one feature file (all in memory: for tests and small files)."""
+    pairs = list(iter_features(path))
+    return [uid for uid, _ in pairs], [f for _, f in pairs]
