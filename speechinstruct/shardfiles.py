@@ -23,15 +23,27 @@ from .io import write_json
 
 
 # ------------------------------------------------------------------------------------------ listing files
-def manifest_files(folder: str | Path) -> list[Path]:
-    """The manifest shards of a ``shard`` output folder, in order (a single .parquet file also works)."""
+def _listed(folder: str | Path, pattern: str, made_by: str) -> list[Path]:
+    """The files of one stage in a folder, in shard order (``folder`` may also be one such file)."""
     folder = Path(folder)
     if folder.is_file():
         return [folder]
-    files = sorted(folder.glob("manifest-*.parquet"))
+    files = sorted(folder.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"{folder}: no manifest-*.parquet shards (run `speechinstruct shard` first)")
+        raise FileNotFoundError(f"{folder}: no {pattern} files (run `speechinstruct {made_by}` first)")
     return files
+
+
+def manifest_files(folder: str | Path) -> list[Path]:
+    return _listed(folder, "manifest-*.parquet", "shard")
+
+
+def feature_files(folder: str | Path) -> list[Path]:
+    return _listed(folder, "features-*.arrow", "extract")
+
+
+def unit_files(folder: str | Path) -> list[Path]:
+    return _listed(folder, "units-*.parquet", "quantize")
 
 
 def corpus_root(folder: str | Path) -> Path:
@@ -42,21 +54,6 @@ def corpus_root(folder: str | Path) -> Path:
         return Path(json.loads(summary.read_text())["root"])
     except (OSError, KeyError, ValueError) as e:
         raise FileNotFoundError(f"{summary}: cannot read the corpus root ({e}); pass --root") from None
-
-
-def feature_files(folder: str | Path) -> list[Path]:
-    files = sorted(Path(folder).glob("features-*.arrow"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no features-*.arrow files (run `speechinstruct extract` first)")
-    return files
-
-
-def unit_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    files = [folder] if folder.is_file() else sorted(folder.glob("units-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no units-*.parquet files (run `speechinstruct quantize` first)")
-    return files
 
 
 def shard_suffix(path: Path) -> str:

@@ -226,6 +226,8 @@ def test_push_to_hub_validates_creates_and_uploads_only_the_dataset(composed, tm
     hub = Hub()
     try:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        # the suite runs with HF_HUB_OFFLINE=1 (scripts/test.sh); this one test may reach its loopback Hub
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at each request
         out = tmp_path / "ds"
         publish(composed, out, save_to_disk=True)
         (out / ".stage.json").write_text("{}")  # what `run` leaves in the folder
