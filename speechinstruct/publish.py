@@ -262,11 +262,17 @@ SPEECHGPT_CITATION = """@article{zhang2023speechgpt,
 
 def _languages(meta: dict, units_dirs: list[Path]) -> list[str]:
     """Languages of the records: English for the text side (the shipped templates and instructions), plus each
-    corpus's speech language where it is known (Common Voice: the locales in its utterance ids)."""
+    corpus's speech language where it is known (Common Voice: the locales in its utterance ids; a Hugging
+    Face dataset: its card's ``language``)."""
     found = {"en"}
     for source in meta["sources"]:
         if source["corpus"] in CORPUS_LANGUAGES:
             found.add(CORPUS_LANGUAGES[source["corpus"]])
+    for d in units_dirs:  # what a source said of itself at shard time (a Hugging Face card's `language`)
+        spec = json.loads((d / "units.json").read_text()) if (d / "units.json").is_file() else {}
+        summary = Path(spec.get("manifest", "")) / "summary.json"
+        if spec.get("manifest") and summary.is_file():
+            found.update(json.loads(summary.read_text()).get("languages") or [])
     if any(s["corpus"] == "commonvoice" for s in meta["sources"]):
         for d in units_dirs:
             for f in sorted(d.glob("units-*.parquet")):

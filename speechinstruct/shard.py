@@ -11,7 +11,7 @@ import collections
 from pathlib import Path
 
 from . import records
-from .corpora import Skip, audio_roots, parse_splits, readers
+from .corpora import Skip, audio_roots, languages, parse_splits, readers
 from .io import write_json, write_parquet
 
 MAX_LISTED_SKIPS = 1000
@@ -103,6 +103,7 @@ def shard_corpus(
         "splits": {name: {"utterances": v["utterances"], "hours": round(v["hours"], 4),
                           "corpus_splits": dict(sorted(v["corpus_splits"].items()))}
                    for name, v in sorted(by_split.items())},
+        **({"languages": languages()[corpus](root)} if corpus in languages() else {}),
         "left_out_by_split": dict(sorted(left_out.items())),
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": skip_list,

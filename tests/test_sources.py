@@ -24,7 +24,7 @@ runner = CliRunner()
 CARD = """---
 license: cc-by-4.0
 language:
-- en
+- fr
 pretty_name: Tiny ASR
 ---
 # Tiny ASR
@@ -142,6 +142,12 @@ def test_hub_dataset_runs_through_the_whole_pipeline_with_its_split_kept(tmp_pat
                                             "tiny-asr/data/validation-00000-of-00001/000001"}
     meta = json.loads((tmp_path / "work" / "dataset" / "speechinstruct.json").read_text())
     assert {s["corpus"]: s["license"] for s in meta["sources"]}["tiny-asr"] == "cc-by-4.0"
+    # the card's languages come from the data: the dataset's own card (fr) and the English text side
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(tmp_path / "work" / "dataset" / "README.md").data
+    assert card.language == ["en", "fr"] and card.multilinguality == "multilingual"
+    assert card.license == "other" and "| tiny-asr | cc-by-4.0 |" in (tmp_path / "work" / "dataset" / "LICENSE.md").read_text()
     # the report answers "did it pass, what was dropped and why": both bad rows, each at its stage
     numbers = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
     assert numbers["valid"] and numbers["dropped"] == {"shard hf: unreadable audio": 1, "extract hf: unreadable audio": 1}
@@ -244,3 +250,41 @@ def test_lhotse_and_kaldi_refuse_what_they_are_not(tmp_path):
     (tmp_path / "half" / "x_recordings_dev.jsonl.gz").write_bytes(b"")
     half = runner.invoke(app, ["shard", "lhotse", str(tmp_path / "half"), str(tmp_path / "h")])
     assert half.exit_code == 2 and "needs recordings with supervisions, or cuts" in half.output
+
+
+def lhotse_parts(tmp_path):
+    """Two parts (train-clean-5, dev-clean) as lhotse's recipes write them, with lhotse's own classes."""
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    for part, seed in (("train-clean-5", 0), ("dev-clean", 10)):
+        audio = tmp_path / "audio" / part
+        audio.mkdir(parents=True)
+        recs, sups = [], []
+        for i in range(3 if part.startswith("train") else 1):
+            sf.write(audio / f"{part}-{i}.flac", speechlike(2.0, seed=seed + i), 16000)
+            recs.append(Recording.from_file(audio / f"{part}-{i}.flac", recording_id=f"{part}-{i}"))
+            sups.append(SupervisionSegment(id=f"{part}-{i}-0", recording_id=f"{part}-{i}", start=0.1, duration=1.8,
+                                           channel=0, text=f"utterance {i} of {part}", speaker=f"s{i}"))
+        RecordingSet.from_recordings(recs).to_file(folder / f"tiny_recordings_{part}.jsonl.gz")
+        SupervisionSet.from_segments(sups).to_file(folder / f"tiny_supervisions_{part}.jsonl.gz")
+    return folder
+
+
+@pytest.mark.parametrize("source", ["lhotse", "kaldi"])
+def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, source):
+    root = lhotse_parts(tmp_path) if source == "lhotse" else kaldi_dir(tmp_path)[0]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": f"from-{source}", "workdir": str(tmp_path / "work"), "demo_corpus": None,
+        "corpora": [{"name": source, "root": str(root), "options": {"license": "CC-BY-4.0"}}],
+        "kmeans": {"k": 8, "max_frames": 20000},
+        "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}},
+        "output": {"vocoder": "none"}}))
+    result = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 6, "validation": 2}
+    dev = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="validation")
+    assert {r["source_id"].split("/")[1] for r in dev} == {"dev-clean" if source == "lhotse" else "dev_clean"}

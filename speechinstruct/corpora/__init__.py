@@ -66,6 +66,14 @@ def readers() -> dict[str, Reader]:
     }
 
 
+def languages() -> dict[str, Callable[..., list[str]]]:
+    """For sources that say which languages they hold (a Hugging Face dataset's card): ROOT → language codes,
+    written to the shard summary and from there to the published card."""
+    from . import hf
+
+    return {hf.NAME: hf.card_languages}
+
+
 def audio_roots() -> dict[str, Callable[..., Path]]:
     """For the sources that list audio files by path (lhotse, Kaldi) rather than in a corpus folder: the
     folder their manifest paths are made relative to, from ROOT and the reader's options."""

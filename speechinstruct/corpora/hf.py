@@ -120,6 +120,20 @@ def card_license(root: Path) -> str | None:
     return str(value) if value else None
 
 
+def card_languages(root: str | Path, **_) -> list[str]:
+    """The dataset card's ``language`` list (empty without a card or the key)."""
+    readme = Path(root) / "README.md"
+    if not readme.is_file():
+        return []
+    from huggingface_hub import DatasetCard
+
+    try:
+        value = DatasetCard.load(readme).data.get("language")
+    except Exception:
+        return []
+    return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
+
+
 def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
     if path.suffix == ".parquet":
         yield from pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns)
