@@ -288,3 +288,19 @@ def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, sourc
     assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 6, "validation": 2}
     dev = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="validation")
     assert {r["source_id"].split("/")[1] for r in dev} == {"dev-clean" if source == "lhotse" else "dev_clean"}
+
+
+def test_split_names_in_every_layout_the_hub_writes(tmp_path):
+    from speechinstruct.corpora.hf import data_files
+
+    names = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+             "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet",  # older push_to_hub: a fingerprint
+             "test.parquet", "default/train/0000.parquet", "default/test/0000.parquet",  # refs/convert/parquet
+             ".cache/train-00000-of-00001.parquet"]  # hidden folders are not data
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = {str(p.relative_to(tmp_path)): split for split, p in data_files(tmp_path)}
+    assert found == {"data/train-00000-of-00002.parquet": "train", "data/train-00001-of-00002.parquet": "train",
+                     "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet": "validation", "test.parquet": "test",
+                     "default/train/0000.parquet": "train", "default/test/0000.parquet": "test"}

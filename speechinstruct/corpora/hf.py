@@ -32,8 +32,9 @@ import soundfile as sf
 from . import Item, Skip, relpath, split_of
 
 NAME = "hf"
-# train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet
-_SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?)?\.(?:parquet|arrow)$")
+# train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
+# older push_to_hub names with a fingerprint: train-00000-of-00001-5f6c3c7bd8a2e1f0.parquet
+_SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?)?(?:-[0-9a-f]{8,})?\.(?:parquet|arrow)$")
 
 
 def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
