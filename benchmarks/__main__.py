@@ -247,7 +247,7 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
 
     cpus = available_cpus()
     torch.set_num_threads(cpus)
-    manifest = demo_corpus(work, 40 if quick else 300)
+    manifest = demo_corpus(work, 40 if quick else 600)  # full: ~30 min of audio, a job of over 2 minutes
     hubert = load_hubert(hubert_base(work), layer=11)
     for d in ("engine-local", "engine-ray"):
         shutil.rmtree(work / d, ignore_errors=True)

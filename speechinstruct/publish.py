@@ -81,14 +81,10 @@ def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False) -> dict:
-    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
-    ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
-    SpeechGPT's own training files (``export_speechgpt``)."""
-    compose_dir, out = Path(compose_dir), Path(out)
-    inputs = _inputs(compose_dir, eval_splits)
-    out.mkdir(parents=True, exist_ok=True)
+def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path):
+    """Copy each config's composed records into ``OUT/data/{config}/{split}-NNNNN-of-NNNNN-{digest}.parquet``,
+    one record batch in memory at a time, and delete files an earlier publish left; returns the card's
+    ``configs`` list and the counts per config and split, per task/format, and per source (corpus, license)."""
     counts: dict[str, dict[str, int]] = {}
     by_kind: dict[str, collections.Counter] = {}
     provenance: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -130,6 +126,17 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     for stale in (out / "data").rglob("*.parquet"):
         if stale not in written:
             stale.unlink()
+    return configs_yaml, counts, by_kind, provenance
+
+
+def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
+            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False) -> dict:
+    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
+    ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
+    SpeechGPT's own training files (``export_speechgpt``)."""
+    compose_dir, out = Path(compose_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs_yaml, counts, by_kind, provenance = write_configs(_inputs(compose_dir, eval_splits), out)
 
     units_dirs = _units_dirs(compose_dir)
     spec = {}
@@ -171,18 +178,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     else:
         (out / "LICENSE.md").unlink(missing_ok=True)
     if save_to_disk:
-        import datasets
-
-        for item in configs_yaml:
-            config = item["config_name"]
-            dd = datasets.DatasetDict({d["split"]: datasets.Dataset.from_parquet([str(out / p) for p in d["path"]])
-                                       for d in item["data_files"]})
-            target = out / "arrow" / config
-            tmp = target.with_name(f".{config}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            dd.save_to_disk(str(tmp))
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
+        write_arrow(out, configs_yaml)
     if speechgpt_files:
         meta["speechgpt_files"] = export_speechgpt(out, out / "speechgpt")
     else:  # files of an earlier export would no longer match the dataset
@@ -191,6 +187,22 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     if push_to_hub:
         meta["pushed"] = push(out, push_to_hub)
     return meta
+
+
+def write_arrow(out: Path, configs_yaml: list[dict]) -> None:
+    """``OUT/arrow/{config}``: each config as ``datasets``' ``save_to_disk`` writes it, for ``load_from_disk``."""
+    import datasets
+
+    for item in configs_yaml:
+        config = item["config_name"]
+        dd = datasets.DatasetDict({d["split"]: datasets.Dataset.from_parquet([str(out / p) for p in d["path"]])
+                                   for d in item["data_files"]})
+        target = out / "arrow" / config
+        tmp = target.with_name(f".{config}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dd.save_to_disk(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
 
 
 # What a dataset folder uploads: the card, its license notes, the data and statistics, SpeechGPT's files;

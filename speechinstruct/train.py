@@ -278,31 +278,16 @@ def require_train_extra(module: str):
                          "pip install 'speechinstruct[train]'") from None
 
 
-def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
-          resume: bool = True, quiet: bool = False) -> dict:
-    require_train_extra("accelerate")
-    if stage == 3:
-        require_train_extra("peft")  # stage 3 trains LoRA adapters
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+def load_model(stage: int, base_model: str | Path, k: int, cfg: TrainConfig):
+    """(tokenizer, model, tokens added): the base model with SpeechGPT's unit tokens added for ``k`` units; for
+    stage 3 wrapped in LoRA adapters (with the embeddings trained too when the tokens were new)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if stage not in CONFIG_FOR_STAGE:
-        raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
-    cfg = cfg or TrainConfig()
-    out = Path(out)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    # cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really
-    # distributes (gloo) instead of running N independent copies.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
-                              cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
     local = Path(base_model).is_dir()
     if not local and (Path(base_model).exists() or str(base_model).startswith((".", "/", "~")) or str(base_model).count("/") > 1):
         raise FileNotFoundError(f"{base_model}: not a model folder (config.json, weights and tokenizer files)")
     tokenizer = AutoTokenizer.from_pretrained(str(base_model), local_files_only=local)
     model = AutoModelForCausalLM.from_pretrained(str(base_model), local_files_only=local)
-    k = dataset_k(data)
     added = expand_vocabulary(model, tokenizer, k)
     if stage == 3:
         from peft import LoraConfig, get_peft_model
@@ -316,6 +301,62 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         except ValueError as e:
             raise ValueError(f"LoRA on {model.config.model_type}: {str(e).splitlines()[0]} "
                              "(name the layers with --lora-targets, e.g. q_proj,v_proj or c_attn)") from None
+    return tokenizer, model, added
+
+
+def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
+    """``out/checkpoints/step-NNNNNNN``: every process writes its part of the state into one temporary folder;
+    the main process alone prepares, renames and prunes folders (keeping the last ``keep``), between barriers."""
+    final = out / "checkpoints" / f"step-{progress['step']:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, settings: dict) -> None:
+    """``out/model`` (stage 3: ``out/adapter``, and with ``merge`` ``out/merged``) and ``train_config.json``."""
+    final = out / ("adapter" if stage == 3 else "model")
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    if stage == 3 and cfg.merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    (out / "train_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
+          resume: bool = True, quiet: bool = False) -> dict:
+    require_train_extra("accelerate")
+    if stage == 3:
+        require_train_extra("peft")  # stage 3 trains LoRA adapters
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    if stage not in CONFIG_FOR_STAGE:
+        raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really
+    # distributes (gloo) instead of running N independent copies.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
+                              cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    k = dataset_k(data)
+    tokenizer, model, added = load_model(stage, base_model, k, cfg)
     examples = build_examples(stage, data, tokenizer, cfg)
     eval_examples = build_examples(stage, data, tokenizer, cfg, split="validation")
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -341,25 +382,6 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     history: list[dict] = []
     model.train()
     tokens, started, running = 0, time.perf_counter(), []
-
-    def save_checkpoint():
-        """Every process writes its part of the state into one temporary folder; the main process alone
-        prepares, renames and prunes folders, between barriers."""
-        final = out / "checkpoints" / f"step-{step:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
@@ -396,21 +418,14 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                         if not quiet:
                             print(json.dumps(record), flush=True)
                 if step % cfg.save_every == 0 or step == total_steps:
-                    save_checkpoint()
+                    save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                                    cfg.keep_checkpoints)
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        final = out / ("adapter" if stage == 3 else "model")
-        unwrapped.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        if stage == 3 and cfg.merge:
-            merged = unwrapped.merge_and_unload()
-            merged.save_pretrained(out / "merged")
-            tokenizer.save_pretrained(out / "merged")
-        (out / "train_config.json").write_text(json.dumps({"stage": stage, "base_model": str(base_model), "data": str(data),
-                                                           "k": k, **asdict(cfg)}, indent=2))
+        save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg,
+                   {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **asdict(cfg)})
     return {"stage": stage, "steps": step, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}
