@@ -118,19 +118,24 @@ def test_save_to_disk_folder_reads_like_its_parquet_twin(tmp_path):
         np.testing.assert_array_equal(decode_row(row, root), expected)
 
 
-def test_hub_dataset_runs_through_the_whole_pipeline_with_its_split_kept(tmp_path):
-    """A new user's path: shard hf → extract → cluster → quantize → compose → publish → validate."""
-    root = hub_dataset(tmp_path / "tiny-asr")
-    recipe = tmp_path / "hf.yaml"
+def run_source(tmp_path, source: str, root, options: dict) -> dict:
+    """`speechinstruct run` on one source (no demo corpus, K=8), as a new user would; its summary."""
+    recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        "name": "from-hf", "workdir": str(tmp_path / "work"), "demo_corpus": None,
-        "corpora": [{"name": "hf", "root": str(root), "options": {"speaker_column": "speaker_id"}}],
+        "name": f"from-{source}", "workdir": str(tmp_path / "work"), "demo_corpus": None,
+        "corpora": [{"name": source, "root": str(root), "options": options}],
         "kmeans": {"k": 8, "max_frames": 20000},
         "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}},
         "output": {"vocoder": "none"}}))
     result = runner.invoke(app, ["run", str(recipe), "-q"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_hub_dataset_runs_through_the_whole_pipeline_with_its_split_kept(tmp_path):
+    """A new user's path: shard hf → extract → cluster → quantize → compose → publish → validate."""
+    root = hub_dataset(tmp_path / "tiny-asr")
+    summary = run_source(tmp_path, "hf", root, {"speaker_column": "speaker_id"})
     assert summary["valid"]
     # ASR + TTS per utterance; the truncated flac is counted by extract, with its file and row
     assert summary["records"]["cross_modal"] == {"train": 8, "validation": 4}
@@ -275,16 +280,7 @@ def lhotse_parts(tmp_path):
 @pytest.mark.parametrize("source", ["lhotse", "kaldi"])
 def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, source):
     root = lhotse_parts(tmp_path) if source == "lhotse" else kaldi_dir(tmp_path)[0]
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": f"from-{source}", "workdir": str(tmp_path / "work"), "demo_corpus": None,
-        "corpora": [{"name": source, "root": str(root), "options": {"license": "CC-BY-4.0"}}],
-        "kmeans": {"k": 8, "max_frames": 20000},
-        "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}},
-        "output": {"vocoder": "none"}}))
-    result = runner.invoke(app, ["run", str(recipe), "-q"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = run_source(tmp_path, source, root, {"license": "CC-BY-4.0"})
     assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 6, "validation": 2}
     dev = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="validation")
     assert {r["source_id"].split("/")[1] for r in dev} == {"dev-clean" if source == "lhotse" else "dev_clean"}

@@ -32,6 +32,13 @@ def relpath(path: Path, root: Path) -> str:
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
+def deepest_common_folder(files, fallback: Path) -> Path:
+    """The deepest folder holding every one of ``files`` (absolute paths), or ``fallback`` when there are none:
+    where lhotse and Kaldi sources, which name audio anywhere on disk, get their manifest root."""
+    parents = {os.path.dirname(os.path.abspath(f)) for f in files}
+    return Path(os.path.commonpath(sorted(parents))) if parents else Path(fallback).resolve()
+
+
 def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
     """(sample_rate, seconds) of an audio file, or a Skip saying why it cannot be read.
 

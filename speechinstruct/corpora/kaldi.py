@@ -18,7 +18,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import Item, Skip, probe, split_of
+from . import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "kaldi"
 
@@ -59,8 +59,7 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
     holds every file ``wav.scp`` lists (relative entries resolved from the current folder)."""
     if audio_root is not None:
         return Path(audio_root).resolve()
-    parents = {str(Path(os.path.abspath(entry)).parent) for entry in _file_entries(Path(root))}
-    return Path(os.path.commonpath(sorted(parents))) if parents else Path(root).resolve()
+    return deepest_common_folder(_file_entries(Path(root)), Path(root))
 
 
 def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None,

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import Item, Skip, probe, split_of
+from . import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "lhotse"
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
@@ -72,8 +72,7 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
     """``audio_root`` when given, else the deepest folder holding every recording's file."""
     if audio_root is not None:
         return Path(audio_root).resolve()
-    parents = {str(Path(f).parent) for f in map(_file_of, _recordings(_parts(Path(root)))) if f}
-    return Path(os.path.commonpath(sorted(parents))) if parents else Path(root).resolve()
+    return deepest_common_folder((f for f in map(_file_of, _recordings(_parts(Path(root)))) if f), Path(root))
 
 
 def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None,
