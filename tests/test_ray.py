@@ -179,3 +179,17 @@ def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
     shutil.rmtree(tmp_path / "client", ignore_errors=True)
+
+
+def test_ray_engine_reads_audio_inside_a_hugging_face_dataset(tmp_path):
+    """Manifest rows that point into Parquet rows (shard hf): Ray's decode tasks read the same bytes."""
+    from test_sources import hub_dataset
+
+    from speechinstruct.engine_ray import extract_ray
+
+    shard_corpus("hf", hub_dataset(tmp_path / "tiny-asr"), tmp_path / "m", quiet=True)
+    extract(tmp_path / "m", tmp_path / "local", MFCC(), quiet=True)
+    ray.init(num_cpus=2, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    stats = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1, block_seconds=2.0)
+    assert stats["utterances"] == 6 and stats["errors"] == 1  # the cut-short flac, as locally
+    same_files(tmp_path / "local", tmp_path / "ray")
