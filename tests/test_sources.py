@@ -300,3 +300,16 @@ def test_split_names_in_every_layout_the_hub_writes(tmp_path):
     assert found == {"data/train-00000-of-00002.parquet": "train", "data/train-00001-of-00002.parquet": "train",
                      "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet": "validation", "test.parquet": "test",
                      "default/train/0000.parquet": "train", "default/test/0000.parquet": "test"}
+
+
+def test_rows_without_embedded_audio_are_counted_skips_naming_file_and_row(tmp_path):
+    (tmp_path / "ds").mkdir()
+    table = datasets.Dataset.from_dict({"audio": [{"bytes": flac_bytes(1.0, 0), "path": "a.flac"},
+                                                  {"bytes": None, "path": "/elsewhere/b.flac"}],
+                                        "text": ["one", "two"]})
+    table.to_parquet(str(tmp_path / "ds" / "train-00000-of-00001.parquet"))
+    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m", quiet=True)
+    assert summary["utterances"] == 1 and summary["skipped"] == {"no embedded audio bytes": 1}
+    assert summary["skipped_examples"] == [{"path": "train-00000-of-00001.parquet row 1", "reason": "no embedded audio bytes",
+                                            "detail": "the audio column holds only the path '/elsewhere/b.flac'"}]
+    assert summary["root"] == str((tmp_path / "ds").resolve()) and "languages" in summary

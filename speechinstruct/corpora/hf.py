@@ -180,8 +180,9 @@ def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: st
     value = record[audio_column]
     data = value.get("bytes") if isinstance(value, dict) else None
     if not data:
-        return Skip(where, "no embedded audio bytes",
-                    f"audio column holds {'a path only' if isinstance(value, dict) and value.get('path') else 'nothing'}")
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        return Skip(where, "no embedded audio bytes", f"the audio column holds only the path {path!r}" if path
+                    else f"the audio column holds {type(value).__name__}: nothing to decode")
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as e:
