@@ -179,3 +179,20 @@ def test_report_plays_in_headless_chromium(work):
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+
+def test_resynth_with_the_preview_speaks_dataset_records_and_units(work, tmp_path):
+    """Every record kind, one wav each (a file per config, --limit 1), and frame-timed units."""
+    folder, _ = work
+    sources = [sorted((folder / "dataset" / "data" / c).glob("*.parquet"))[0]
+               for c in ("chain_of_modality", "cross_modal", "pretrain")] + [folder / "speechinstruct-demo" / "units"]
+    kinds = set()
+    for i, source in enumerate(sources):
+        out = tmp_path / f"wavs-{i}"
+        result = runner.invoke(app, ["resynth", str(source), str(out), "--vocoder", str(folder / "kmeans"), "--limit", "1", "-q"])
+        assert result.exit_code == 0, result.output
+        [entry] = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        kinds.add(entry["kind"].split(" ")[0])
+        info = sf.info(str(out / entry["file"]))
+        assert info.samplerate == 16000 and info.duration == pytest.approx(entry["seconds"], abs=1e-3)
+    assert kinds == {"chain_of_modality", "cross_modal", "pretrain", "utterance"}
