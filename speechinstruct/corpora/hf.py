@@ -102,17 +102,23 @@ def _arrow_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("data-*.arrow"))
 
 
-def card_license(root: Path) -> str | None:
-    """The ``license`` of the dataset card (``README.md`` YAML), read with huggingface_hub's card classes."""
-    readme = root / "README.md"
+def _card(root: str | Path) -> dict:
+    """The YAML of the dataset card (``README.md``), read with huggingface_hub's card classes; empty when
+    there is no card, or it has no YAML or broken YAML."""
+    readme = Path(root) / "README.md"
     if not readme.is_file():
-        return None
+        return {}
     from huggingface_hub import DatasetCard
 
     try:
-        data = DatasetCard.load(readme).data
-    except Exception:  # a README without YAML metadata, or broken YAML: no license to take
-        return None
+        return DatasetCard.load(readme).data.to_dict()
+    except Exception:  # a README without YAML metadata, or broken YAML: nothing to take from it
+        return {}
+
+
+def card_license(root: Path) -> str | None:
+    """The card's ``license`` (``other: NAME`` with its ``license_name``), or None."""
+    data = _card(root)
     value = data.get("license")
     if isinstance(value, list):
         value = ", ".join(map(str, value))
@@ -122,16 +128,8 @@ def card_license(root: Path) -> str | None:
 
 
 def card_languages(root: str | Path, **_) -> list[str]:
-    """The dataset card's ``language`` list (empty without a card or the key)."""
-    readme = Path(root) / "README.md"
-    if not readme.is_file():
-        return []
-    from huggingface_hub import DatasetCard
-
-    try:
-        value = DatasetCard.load(readme).data.get("language")
-    except Exception:
-        return []
+    """The card's ``language`` list (empty without a card or the key)."""
+    value = _card(root).get("language")
     return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
 
 
