@@ -172,8 +172,9 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     }
     meta["languages"] = _languages(meta, units_dirs)
     write_json(out / "speechinstruct.json", meta)
-    write_text(out / "README.md", dataset_card(meta, configs_yaml, out))
-    if card_data(meta, configs_yaml, meta["languages"], out).license == "other":
+    data = card_data(meta, configs_yaml, out)
+    write_text(out / "README.md", dataset_card(meta, configs_yaml, data))
+    if data.license == "other":
         write_text(out / "LICENSE.md", licenses_file(meta))
     else:
         (out / "LICENSE.md").unlink(missing_ok=True)
@@ -303,13 +304,14 @@ def size_category(n: int) -> str:
     return "n>1T" if n >= 10 ** 12 else "1B<n<10B"
 
 
-def card_data(meta: dict, configs_yaml: list[dict], languages: list[str], folder: Path):
+def card_data(meta: dict, configs_yaml: list[dict], folder: Path):
     """The card's YAML as huggingface_hub's ``DatasetCardData``, with ``dataset_info`` (features and split
     sizes per config) written by ``datasets``' own ``DatasetInfosDict``, as ``push_to_hub`` writes it."""
     import datasets
     from datasets.info import DatasetInfosDict
     from huggingface_hub import DatasetCardData
 
+    languages = meta.get("languages") or ["en"]
     licenses = sorted({s["license"] for s in meta["sources"]})
     single = licenses[0].lower() if len(licenses) == 1 and licenses[0].lower() in HUB_LICENSES else None
     license = {"license": single} if single else {
@@ -349,12 +351,11 @@ def licenses_file(meta: dict) -> str:
     return "\n".join(lines + ["", "Use each record under the license of its source."]) + "\n"
 
 
-def dataset_card(meta: dict, configs_yaml: list[dict], folder: Path) -> str:
-    """The dataset card (``README.md``) of the dataset in ``folder``, built with huggingface_hub's card classes."""
+def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
+    """The dataset card (``README.md``): ``data`` (:func:`card_data`) as its YAML, and the body."""
     from huggingface_hub import DatasetCard
 
-    languages = meta.get("languages") or ["en"]
-    data = card_data(meta, configs_yaml, languages, folder)
+    languages = data.language
     lines = [f"# {meta['name']}", "",
              "A SpeechInstruct-style cross-modal speech-instruction dataset (as in SpeechGPT), built with "
              f"speechinstruct {meta['pipeline_version']}. Speech is represented as discrete units "
