@@ -59,6 +59,7 @@ class UnitVocoder(torch.nn.Module):
         self.hop = int(np.prod(config["upsample_rates"]))
         dur = config.get("dur_predictor_params") or None
         self.dur_prediction = dur is not None
+        self.needs_durations = not self.dur_prediction  # one unit per frame: deduplicated records will not do
         embed = int(config["embedding_dim"])
         hf = SeamlessM4TConfig(
             unit_embed_dim=embed, lang_embed_dim=0, spkr_embed_dim=0, leaky_relu_slope=0.1,
@@ -190,7 +191,7 @@ class PreviewVocoder:
     ``frames_per_unit`` 10 ms frames each; frame-rate units with their ``durations`` keep their timing."""
 
     is_preview = True
-    dur_prediction = True  # takes deduplicated units (with a fixed duration when none is given)
+    needs_durations = False  # deduplicated units are held frames_per_unit frames each
 
     def __init__(self, kmeans, frames_per_unit: float = 2.5, n_iter: int = 32):
         from scipy.fft import idct
@@ -265,12 +266,25 @@ def _record_units(row: dict, columns: set[str], needs_durations: bool) -> tuple[
     return None
 
 
+def _unit_records(files: list[Path], needs_durations: bool):
+    """(file, row, (kind, units, durations) or None) for every row of the unit-holding files, in order."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        table = pq.ParquetFile(path)
+        columns = set(table.schema_arrow.names)
+        if not columns & {"units", "response_units"}:
+            continue
+        for batch in table.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                yield path, row, _record_units(row, columns, needs_durations)
+
+
 def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None,
                  quiet: bool = False) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
-    record, kind, source file and units. ``limit``: at most that many wavs."""
-    import pyarrow.parquet as pq
+    record, kind, source file and units. ``limit``: at most that many wavs (reading stops there)."""
     from tqdm import tqdm
 
     from . import audio
@@ -282,30 +296,23 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | Pre
         raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
     entries, skipped = [], 0
     bar = tqdm(total=limit, desc=f"resynth {out.name}", unit="wav", disable=quiet)
-    for path in files:
-        table = pq.ParquetFile(path)
-        columns = set(table.schema_arrow.names)
-        if not columns & {"units", "response_units"}:
+    for path, row, found in _unit_records(files, vocoder.needs_durations):
+        if found is None:
+            skipped += 1
             continue
-        for batch in table.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                if limit is not None and len(entries) >= limit:
-                    break
-                found = _record_units(row, columns, needs_durations=not vocoder.dur_prediction)
-                if found is None:
-                    skipped += 1
-                    continue
-                kind, units, durations = found
-                try:
-                    wav = vocoder.synthesize(units, durations)
-                except ValueError as e:
-                    raise ValueError(f"{path}: record {row.get('id')}: {e}") from None
-                name = f"{len(entries):05d}.wav"
-                audio.write_wav(out / name, wav, vocoder.sample_rate)
-                entries.append({"file": name, "id": row.get("id"), "kind": kind, "source": str(path.relative_to(source))
-                                if source.is_dir() else path.name, "units": len(units),
-                                "seconds": round(wav.size / vocoder.sample_rate, 3)})
-                bar.update()
+        kind, units, durations = found
+        try:
+            wav = vocoder.synthesize(units, durations)
+        except ValueError as e:
+            raise ValueError(f"{path}: record {row.get('id')}: {e}") from None
+        name = f"{len(entries):05d}.wav"
+        audio.write_wav(out / name, wav, vocoder.sample_rate)
+        entries.append({"file": name, "id": row.get("id"), "kind": kind, "source": str(path.relative_to(source))
+                        if source.is_dir() else path.name, "units": len(units),
+                        "seconds": round(wav.size / vocoder.sample_rate, 3)})
+        bar.update()
+        if limit is not None and len(entries) >= limit:
+            break
     bar.close()
     if not entries:
         raise ValueError(f"{source}: no records with units found (expected units, cross-modal, chain-of-modality "
