@@ -57,6 +57,8 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
         root = json.loads((units / "units.json").read_text())["root"]
         wanted = ["id", "path", "offset", "duration", "row", "audio_column", "text", "units", "durations"]
         for path in sorted(units.glob("units-*.parquet")):
+            if len(picked) == samples:
+                break
             present = set(pq.read_schema(path).names)  # folders from before row/audio_column existed lack them
             for row in iter_rows(path, columns=[c for c in wanted if c in present]):
                 if len(picked) == samples:
@@ -179,19 +181,19 @@ def dropped(work: Path) -> list[dict]:
         first: dict[str, str] = {}
         for f in sorted(folder.glob("errors-*.jsonl")):
             for line in f.read_text().splitlines():
-                e = json.loads(line)
-                kinds[_reason_kind(e["reason"])] += 1
-                first.setdefault(_reason_kind(e["reason"]), e["reason"])
+                reason = json.loads(line)["reason"]
+                kinds[_reason_kind(reason)] += 1
+                first.setdefault(_reason_kind(reason), reason)
         out += [{"stage": f"extract {folder.parent.name}", "reason": k, "count": n, "example": first[k]}
                 for k, n in sorted(kinds.items())]
     for summary in sorted(work.glob("composed/*/summary*.json")):
         data = json.loads(summary.read_text())
         stage = f"compose {summary.parent.name}"
         examples = {e["reason"]: e.get("where") or e.get("id", "") for e in reversed(data.get("dropped_examples", []))}
+        # chain of modality counts its drops as "dropped: REASON" keys; cross-modal lists them only
         counts = {k.removeprefix("dropped: "): v for k, v in data.items() if k.startswith("dropped: ")}
-        for e in data.get("dropped_examples", []):
-            if not counts.get(e["reason"]) and e["reason"] not in counts:
-                counts[e["reason"]] = sum(1 for x in data["dropped_examples"] if x["reason"] == e["reason"])
+        for reason, n in collections.Counter(e["reason"] for e in data.get("dropped_examples", [])).items():
+            counts.setdefault(reason, n)
         out += [{"stage": stage, "reason": r, "count": n, "example": examples.get(r, "")} for r, n in sorted(counts.items())]
     return out
 
@@ -247,16 +249,16 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         numbers.update({"utterances": int(durations.size), "mean_duration_s": round(float(durations.mean()), 3),
                         "mean_units_per_second": round(float(ups.mean()), 3), "frames_per_second": round(float(fps.mean()), 3)})
 
-    usage = {"corpus utterances (cross-modal, pretrain)": np.zeros(max(k, 1), dtype=np.int64),
-             "chain-of-modality speech (TTS)": np.zeros(max(k, 1), dtype=np.int64)}
-    sources = [("cross_modal", ["units"], 0), ("pretrain", ["units"], 0),
-               ("chain_of_modality", ["instruction_units", "response_units"], 1)]
-    counted_utterances = False
-    for config, columns, series in sources:
-        if not (dataset / "data" / config).is_dir() or (series == 0 and counted_utterances):
+    utterances, tts = "corpus utterances (cross-modal, pretrain)", "chain-of-modality speech (TTS)"
+    usage = {utterances: np.zeros(max(k, 1), dtype=np.int64), tts: np.zeros(max(k, 1), dtype=np.int64)}
+    sources = [("cross_modal", ["units"], utterances), ("pretrain", ["units"], utterances),
+               ("chain_of_modality", ["instruction_units", "response_units"], tts)]
+    counted: set[str] = set()
+    for config, columns, label in sources:
+        if not (dataset / "data" / config).is_dir() or label in counted:
             continue  # cross-modal and pretrain records hold the same utterances: count them once
-        counted_utterances |= series == 0
-        target = list(usage.values())[series]
+        counted.add(label)
+        target = usage[label]
         for row in _rows(dataset, config, columns):
             for column in columns:
                 if row[column]:
