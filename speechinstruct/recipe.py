@@ -18,6 +18,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .corpora import root_problem
+
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{20,})\b")
 
@@ -234,8 +236,9 @@ def _references(recipe: dict) -> list[str]:
     if not recipe["corpora"] and not recipe["demo_corpus"]:
         problems.append("corpora: no corpora and no demo_corpus")
     for i, c in enumerate(recipe["corpora"]):
-        if not Path(c["root"]).is_dir():
-            problems.append(f"corpora[{i}].root: {c['name']} root {c['root']!r} is not a folder")
+        problem = root_problem(c["name"], c["root"])
+        if problem:
+            problems.append(f"corpora[{i}].root: {c['name']} root {c['root']!r} {problem}")
     f = recipe["features"]
     if f["kind"] == "hubert" and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
         problems.append(f"features.checkpoint: {f['checkpoint']!r} does not exist (a fairseq .pt or HF folder)")

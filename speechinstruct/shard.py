@@ -11,7 +11,7 @@ import collections
 from pathlib import Path
 
 from . import records
-from .corpora import Skip, audio_roots, languages, parse_splits, readers
+from .corpora import Skip, audio_roots, languages, parse_splits, readers, root_problem
 from .io import write_json, write_parquet
 
 MAX_LISTED_SKIPS = 1000
@@ -35,8 +35,9 @@ def shard_corpus(
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
     keep = parse_splits(splits)
     root, out = Path(root), Path(out)
-    if not root.is_dir() and not (corpus == "lhotse" and root.is_file()):
-        raise FileNotFoundError(f"{root}: corpus root is not a folder")
+    problem = root_problem(corpus, root)
+    if problem:
+        raise FileNotFoundError(f"{root}: corpus root {problem}")
     audio_root = root
     if corpus in audio_roots():  # manifests that name audio files anywhere: paths relative to their folder
         audio_root = audio_roots()[corpus](root, **reader_options)

@@ -313,3 +313,24 @@ def test_rows_without_embedded_audio_are_counted_skips_naming_file_and_row(tmp_p
     assert summary["skipped_examples"] == [{"path": "train-00000-of-00001.parquet row 1", "reason": "no embedded audio bytes",
                                             "detail": "the audio column holds only the path '/elsewhere/b.flac'"}]
     assert summary["root"] == str((tmp_path / "ds").resolve()) and "languages" in summary
+
+
+def test_a_lhotse_cuts_file_is_a_root_in_a_recipe_too(tmp_path):
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    from speechinstruct.pipeline import load_recipe
+
+    sf.write(tmp_path / "a.flac", speechlike(2.0, seed=1), 16000)
+    recording = Recording.from_file(tmp_path / "a.flac", recording_id="a")
+    cuts = CutSet.from_manifests(recordings=RecordingSet.from_recordings([recording]), supervisions=SupervisionSet.from_segments(
+        [SupervisionSegment(id="a-0", recording_id="a", start=0.0, duration=2.0, channel=0, text="one file")]))
+    cuts.to_file(tmp_path / "tiny_cuts_train.jsonl.gz")
+    recipe = tmp_path / "r.yaml"
+    for root, ok in ((tmp_path / "tiny_cuts_train.jsonl.gz", True), (tmp_path / "missing.jsonl.gz", False)):
+        recipe.write_text(yaml.safe_dump({"demo_corpus": None, "corpora": [{"name": "lhotse", "root": str(root)}]}))
+        if ok:
+            assert load_recipe(recipe)["corpora"][0]["root"] == str(root)
+            assert shard_corpus("lhotse", root, tmp_path / "m", quiet=True)["utterances"] == 1
+        else:
+            with pytest.raises(Exception, match="is neither a folder nor a manifest file"):
+                load_recipe(recipe)

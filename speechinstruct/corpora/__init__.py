@@ -73,6 +73,17 @@ def readers() -> dict[str, Reader]:
     }
 
 
+FILE_ROOTS = {"lhotse"}  # sources whose ROOT may also be one file (a lhotse cuts manifest)
+
+
+def root_problem(corpus: str, root: str | Path) -> str | None:
+    """Why ``root`` cannot be read as ``corpus`` (not a folder, nor a file where one is allowed), or None."""
+    root = Path(root)
+    if root.is_dir() or (corpus in FILE_ROOTS and root.is_file()):
+        return None
+    return "is not a folder" if corpus not in FILE_ROOTS else "is neither a folder nor a manifest file"
+
+
 def languages() -> dict[str, Callable[..., list[str]]]:
     """For sources that say which languages they hold (a Hugging Face dataset's card): ROOT → language codes,
     written to the shard summary and from there to the published card."""
