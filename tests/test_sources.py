@@ -334,3 +334,12 @@ def test_a_lhotse_cuts_file_is_a_root_in_a_recipe_too(tmp_path):
         else:
             with pytest.raises(Exception, match="is neither a folder nor a manifest file"):
                 load_recipe(recipe)
+
+
+def test_a_data_file_that_is_not_parquet_is_a_counted_skip(tmp_path):
+    root = hub_dataset(tmp_path / "tiny", corrupt=False)
+    (root / "data" / "test-00000-of-00001.parquet").write_bytes(b"not parquet at all")
+    result = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m")])  # with its progress bar
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["skipped"] == {"unreadable data file": 1} and summary["utterances"] == 8

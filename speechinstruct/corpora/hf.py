@@ -28,6 +28,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
+from tqdm import tqdm
 
 from . import Item, Skip, relpath, split_of
 
@@ -50,8 +51,12 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
             raise ValueError(f"{root}: no split {split!r} in this dataset (it has {', '.join(known)})")
     license = license or card_license(root) or "unknown (no license in the dataset card)"
     name = root.resolve().name
-    for hf_split, path in files:
-        yield from _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column)
+    rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
+    with tqdm(total=rows, desc=f"hf {name}", unit="row", disable=quiet) as bar:
+        for hf_split, path in files:
+            for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
+                bar.update()
+                yield item
 
 
 def local_folder(source: str | Path) -> Path:
@@ -131,6 +136,13 @@ def card_languages(root: str | Path, **_) -> list[str]:
     """The card's ``language`` list (empty without a card or the key)."""
     value = _card(root).get("language")
     return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return pq.read_metadata(path).num_rows if path.suffix == ".parquet" else 0
+    except (pa.ArrowInvalid, OSError):  # an unreadable file is a counted skip when its turn comes
+        return 0
 
 
 def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
