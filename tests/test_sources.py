@@ -163,7 +163,8 @@ def test_hub_dataset_runs_through_the_whole_pipeline_with_its_split_kept(tmp_pat
 
 def kaldi_dir(tmp_path):
     """data/train and data/dev_clean as a Kaldi recipe writes them: absolute paths in wav.scp, segments
-    with start/end seconds, text, utt2spk; one recording is a `flac ... |` pipe as in egs/librispeech."""
+    with start/end seconds, text, utt2spk, every file sorted by key in C order (utils/fix_data_dir.sh);
+    one recording is a `flac ... |` pipe as in egs/librispeech."""
     audio = tmp_path / "corpus" / "wav"
     audio.mkdir(parents=True)
     for i in range(3):
@@ -174,12 +175,12 @@ def kaldi_dir(tmp_path):
     (train / "wav.scp").write_text(f"rec0 {audio / 'rec0.flac'}\nrec1 {audio / 'rec1.flac'}\n"
                                    f"recp flac -c -d -s {audio / 'rec1.flac'} |\n")
     (train / "segments").write_text("spkA-rec0-0000 rec0 0.00 1.50\nspkA-rec0-0001 rec0 1.50 3.90\n"
-                                    "spkB-rec1-0000 rec1 0.20 2.00\nspkB-recp-0000 recp 0.00 1.00\n"
-                                    "spkB-rec1-0001 rec1 3.00 9.00\n")
+                                    "spkB-rec1-0000 rec1 0.20 2.00\nspkB-rec1-0001 rec1 3.00 9.00\n"
+                                    "spkB-recp-0000 recp 0.00 1.00\n")
     (train / "text").write_text("spkA-rec0-0000 HELLO THERE\nspkA-rec0-0001 GENERAL   KENOBI\nspkB-rec1-0000 ONE TWO\n"
-                                "spkB-recp-0000 PIPED\nspkB-rec1-0001 TOO LONG\n")
-    (train / "utt2spk").write_text("spkA-rec0-0000 spkA\nspkA-rec0-0001 spkA\nspkB-rec1-0000 spkB\nspkB-recp-0000 spkB\n"
-                                   "spkB-rec1-0001 spkB\n")
+                                "spkB-rec1-0001 TOO LONG\nspkB-recp-0000 PIPED\n")
+    (train / "utt2spk").write_text("spkA-rec0-0000 spkA\nspkA-rec0-0001 spkA\nspkB-rec1-0000 spkB\nspkB-rec1-0001 spkB\n"
+                                   "spkB-recp-0000 spkB\n")
     (dev / "wav.scp").write_text(f"rec2 {audio / 'rec2.flac'}\n")  # no segments: the recording is the utterance
     (dev / "text").write_text("rec2 A DEV UTTERANCE\n")
     (dev / "utt2spk").write_text("rec2 spkC\n")
