@@ -14,7 +14,9 @@ runner = CliRunner()
 def recipe(tmp_path, **over):
     data = {"name": "tiny", "workdir": str(tmp_path / "work"), "demo_corpus": {"sentences": 24, "seed": 1},
             "features": {"kind": "mfcc"}, "kmeans": {"k": 16, "max_frames": 20000},
-            "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}}}
+            "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}},
+            # these tests are about stages and stamps; the report's resynthesis has its own (tests/test_listen.py)
+            "output": {"vocoder": "none"}}
     data.update(over)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
