@@ -116,6 +116,7 @@ class HuBERT:
         self.model = model.eval().to(device)
         self.device = device
         self.layer, self.normalize, self.dtype = layer, normalize, dtype
+        self._compute_dtype = getattr(torch, dtype)
         self.dim = model.config.hidden_size
         self.frame_rate = SAMPLE_RATE / int(np.prod(model.config.conv_stride))
         self._receptive = _receptive_field(model.config)
@@ -157,8 +158,7 @@ class HuBERT:
                 chunk = wav[start : start + CHUNK_SAMPLES]
                 if chunk.numel() < self._receptive:
                     continue  # a tail shorter than one frame's receptive field yields no frame
-                conv = self.model.feature_extractor(chunk[None])  # (1, C, T)
-                pieces.append((i, conv[0].transpose(0, 1)))
+                pieces.append((i, conv_features(self.model.feature_extractor, chunk, self._compute_dtype)))
         lengths = [p.shape[0] for _, p in pieces]
         padded = torch.nn.utils.rnn.pad_sequence([p for _, p in pieces], batch_first=True)
         mask = torch.arange(padded.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
@@ -170,6 +170,30 @@ class HuBERT:
         for (i, _), n, h in zip(pieces, lengths, hidden):
             out[i].append(h[:n].float().cpu().numpy())
         return [np.concatenate(parts) for parts in out]
+
+
+def conv_features(encoder, wav: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """HuBERT's convolutional front end (a ``transformers`` ``HubertFeatureEncoder``) on one waveform, as
+    (frames, channels). Each convolution is one matrix product over the unfolded windows, time-major
+    throughout: the same arithmetic as the module's own forward (a test holds them to 1e-5), but on CPU
+    ``Conv1d`` with one input channel or in bf16 runs far below the machine's GEMM rate, and the
+    channel-major layout costs a transposition per utterance (``python -m benchmarks --only extract``)."""
+    x = wav[:, None]  # (T, C_in=1)
+    for layer in encoder.conv_layers:
+        conv = layer.conv
+        windows = x.to(dtype).unfold(0, conv.kernel_size[0], conv.stride[0]).flatten(1)  # (T_out, C_in * k)
+        x = torch.nn.functional.linear(windows, conv.weight.flatten(1), conv.bias)  # weights are (C_out, C_in * k)
+        norm = getattr(layer, "layer_norm", None)
+        if isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels:
+            # HuBERT Base's first layer: each channel normalised over time, which is what batch norm's
+            # training-mode statistics are for (T, C)
+            x = torch.nn.functional.batch_norm(x.float(), None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+        elif isinstance(norm, torch.nn.GroupNorm):
+            x = norm(x.T[None])[0].T
+        elif norm is not None:  # the layer-norm front end (HuBERT Large): over channels
+            x = norm(x)
+        x = layer.activation(x)
+    return x
 
 
 def _rebuild_hubert(config, state: dict, layer: int, normalize: bool, source: str, dtype: str) -> HuBERT:

@@ -278,3 +278,32 @@ def test_extractors_and_kmeans_survive_pickling_for_the_ray_engine(tmp_path):
     copy = pickle.loads(pickle.dumps(hubert))
     assert copy.spec == hubert.spec and len(copy.model.encoder.layers) == 2
     np.testing.assert_array_equal(copy.features(wav), hubert.features(wav))
+
+
+@pytest.mark.parametrize("norm,bias", [("group", False), ("layer", True), ("layer", False)])
+def test_conv_front_end_as_matrix_products_equals_the_modules_forward(norm, bias):
+    """features.conv_features (one GEMM per convolution, time-major) against transformers' own
+    HubertFeatureEncoder: the same frames in float32; in bf16 autocast, as close to the float32 frames as the
+    module's own bf16 forward is."""
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    config = HubertConfig(conv_dim=(48, 48, 48, 48), conv_kernel=(10, 3, 3, 2), conv_stride=(5, 2, 2, 2),
+                          feat_extract_norm=norm, conv_bias=bias, hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32)
+    encoder = HubertModel(config).eval().feature_extractor
+    if bias:  # transformers initialises conv biases to zero; make them count
+        for layer in encoder.conv_layers:
+            torch.nn.init.normal_(layer.conv.bias)
+    wav = torch.from_numpy(speechlike(1.3, seed=5))
+    with torch.inference_mode():
+        want = encoder(wav[None])[0].T
+        got = features.conv_features(encoder, wav)
+        frames = ((((20800 - 10) // 5 + 1 - 3) // 2 + 1 - 3) // 2 + 1 - 2) // 2 + 1
+        assert got.shape == want.shape == (frames, 48)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = encoder(wav[None])[0].T.float()
+            ours = features.conv_features(encoder, wav, torch.bfloat16).float()
+    error = lambda x: float((x - want).norm() / want.norm())  # noqa: E731
+    assert 0 < error(ours) < max(2 * error(theirs), 0.01)
