@@ -185,9 +185,12 @@ def conv_features(encoder, wav: torch.Tensor, dtype: torch.dtype = torch.float32
         x = torch.nn.functional.linear(windows, conv.weight.flatten(1), conv.bias)  # weights are (C_out, C_in * k)
         norm = getattr(layer, "layer_norm", None)
         if isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels:
-            # HuBERT Base's first layer: each channel normalised over time, which is what batch norm's
-            # training-mode statistics are for (T, C)
-            x = torch.nn.functional.batch_norm(x.float(), None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+            # HuBERT Base's first layer: each channel normalised over time, in two passes. (batch_norm's
+            # training statistics would be one call, but their sums depend on the thread count.)
+            x = x.float()
+            centred = x - x.mean(0)
+            scale = norm.weight * torch.rsqrt((centred * centred).mean(0) + norm.eps)
+            x = torch.addcmul(norm.bias, centred, scale)
         elif isinstance(norm, torch.nn.GroupNorm):
             x = norm(x.T[None])[0].T
         elif norm is not None:  # the layer-norm front end (HuBERT Large): over channels

@@ -302,6 +302,12 @@ def test_conv_front_end_as_matrix_products_equals_the_modules_forward(norm, bias
         frames = ((((20800 - 10) // 5 + 1 - 3) // 2 + 1 - 3) // 2 + 1 - 2) // 2 + 1
         assert got.shape == want.shape == (frames, 48)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        threads = torch.get_num_threads()
+        try:  # the same bytes on one thread as on two, as the module's own forward gives
+            torch.set_num_threads(1 if threads > 1 else 2)
+            assert torch.equal(features.conv_features(encoder, wav), got)
+        finally:
+            torch.set_num_threads(threads)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             theirs = encoder(wav[None])[0].T.float()
             ours = features.conv_features(encoder, wav, torch.bfloat16).float()
