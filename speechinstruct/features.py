@@ -151,7 +151,11 @@ class HuBERT:
     def _features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         pieces: list[tuple[int, torch.Tensor]] = []  # (utterance index, conv features (T, C))
         for i, wav in enumerate(wavs):
-            wav = torch.from_numpy(_check_wav(wav, SAMPLE_RATE, min_samples=self._receptive)).to(self.device)
+            wav = torch.from_numpy(_check_wav(wav, SAMPLE_RATE, min_samples=self._receptive))
+            if torch.device(self.device).type == "cuda":  # page-locked host memory: an asynchronous copy
+                wav = wav.pin_memory().to(self.device, non_blocking=True)
+            else:
+                wav = wav.to(self.device)
             if self.normalize:  # the whole waveform, then chunks: as fairseq's dump_hubert_feature.py does
                 wav = torch.nn.functional.layer_norm(wav, wav.shape)
             for start in range(0, wav.numel(), CHUNK_SAMPLES):
