@@ -116,7 +116,6 @@ class HuBERT:
         self.model = model.eval().to(device)
         self.device = device
         self.layer, self.normalize, self.dtype = layer, normalize, dtype
-        self._compute_dtype = getattr(torch, dtype)
         self.dim = model.config.hidden_size
         self.frame_rate = SAMPLE_RATE / int(np.prod(model.config.conv_stride))
         self._receptive = _receptive_field(model.config)
@@ -150,6 +149,7 @@ class HuBERT:
 
     def _features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         pieces: list[tuple[int, torch.Tensor]] = []  # (utterance index, conv features (T, C))
+        dtype = getattr(torch, self.dtype)
         for i, wav in enumerate(wavs):
             wav = torch.from_numpy(_check_wav(wav, SAMPLE_RATE, min_samples=self._receptive))
             if torch.device(self.device).type == "cuda":  # page-locked host memory: an asynchronous copy
@@ -162,7 +162,7 @@ class HuBERT:
                 chunk = wav[start : start + CHUNK_SAMPLES]
                 if chunk.numel() < self._receptive:
                     continue  # a tail shorter than one frame's receptive field yields no frame
-                pieces.append((i, conv_features(self.model.feature_extractor, chunk, self._compute_dtype)))
+                pieces.append((i, conv_features(self.model.feature_extractor, chunk, dtype)))
         lengths = [p.shape[0] for _, p in pieces]
         padded = torch.nn.utils.rnn.pad_sequence([p for _, p in pieces], batch_first=True)
         mask = torch.arange(padded.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
