@@ -39,6 +39,7 @@ class DemoCorpus(Section):
 
 class CorpusOptions(Section):
     splits: Optional[Union[str, list[str]]] = None
+    split_map: Optional[dict[str, Literal["train", "dev", "test"]]] = None  # a part's split where its name says none
     subset: Optional[str] = None
     tsv: Optional[str] = None
     max_seconds: Optional[float] = Field(None, gt=0)

@@ -11,7 +11,7 @@ import collections
 from pathlib import Path
 
 from . import records
-from .corpora import Skip, audio_roots, languages, parse_splits, readers, root_problem
+from .corpora import Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers, root_problem, split_of, split_word
 from .io import write_json, write_parquet
 
 MAX_LISTED_SKIPS = 1000
@@ -23,17 +23,21 @@ def shard_corpus(
     out: str | Path,
     shard_hours: float = 10.0,
     splits: str | list[str] | None = None,
+    split_map: dict[str, str] | list[str] | str | None = None,
     quiet: bool = False,
     **reader_options,
 ) -> dict:
     """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
-    ``splits`` (e.g. ``"train,dev"``) keeps only rows of those splits; the others are counted as left out."""
+    ``splits`` (e.g. ``"train,dev"``) keeps only rows of those splits; the others are counted as left out.
+    ``split_map`` (``{"eval2000": "test"}`` or ``["eval2000=test"]``) says the split of a corpus part whose
+    name does not; the summary lists the part names that said nothing and were kept as train."""
     all_readers = readers()
     if corpus not in all_readers:
         raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(all_readers)}")
     if shard_hours <= 0:
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
     keep = parse_splits(splits)
+    split_map = split_map if isinstance(split_map, dict) else parse_split_map(split_map)
     root, out = Path(root), Path(out)
     problem = root_problem(corpus, root)
     if problem:
@@ -63,7 +67,11 @@ def shard_corpus(
             written.append(name)
             rows, shard_seconds = [], 0.0
 
+    notes: list[str] = []
     for item in all_readers[corpus](root, quiet=quiet, **reader_options):
+        if isinstance(item, Note):
+            notes.append(item.text)
+            continue
         if isinstance(item, Skip):
             skipped[item.reason] += 1
             if len(skip_list) < MAX_LISTED_SKIPS:
@@ -75,6 +83,8 @@ def shard_corpus(
                 skip_list.append(Skip(item["path"], "duplicate id", item["id"]).as_dict())
             continue
         seen_ids.add(item["id"])
+        if item["corpus_split"] in split_map:
+            item["split"] = split_of(item["corpus_split"], split_map)
         if keep is not None and item["split"] not in keep:
             left_out[item["split"]] += 1
             continue
@@ -97,7 +107,8 @@ def shard_corpus(
         "corpus": corpus,
         "root": str(audio_root.resolve()),
         **({"source": str(root.resolve())} if audio_root != root else {}),
-        "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None, **reader_options},
+        "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None,
+                    **({"split_map": split_map} if split_map else {}), **reader_options},
         "shards": written,
         "utterances": n_rows,
         "hours": round(seconds_total / 3600, 4),
@@ -106,6 +117,10 @@ def shard_corpus(
                    for name, v in sorted(by_split.items())},
         **({"languages": languages()[corpus](root)} if corpus in languages() else {}),
         "left_out_by_split": dict(sorted(left_out.items())),
+        # part names that say neither train, dev nor test: kept as train; map them with --split-map if held out
+        "unrecognised_split_names": sorted({name for v in by_split.values() for name in v["corpus_splits"]
+                                            if split_word(name) is None and name not in split_map}),
+        **({"notes": notes} if notes else {}),
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": skip_list,
     }

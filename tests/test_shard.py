@@ -145,6 +145,75 @@ def test_commonvoice_clips_of_dev_and_test_tsvs_stay_out_of_train(commonvoice_ro
         shard_corpus("commonvoice", commonvoice_root, tmp_path / "x", quiet=True)
 
 
+def test_commonvoice_folder_with_only_validated_tsv(commonvoice_root, tmp_path):
+    """A user's subset: validated.tsv alone. The default refuses it and names the way that exists (not a
+    train.tsv that is not there); naming it with --tsv reads every clip as train and says so."""
+    for name in ("dev.tsv", "test.tsv", "train.tsv"):
+        (commonvoice_root / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"neither dev.tsv nor test.tsv.*--tsv validated.tsv") as refused:
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "x", quiet=True)
+    assert "train.tsv" not in str(refused.value)
+    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="validated.tsv", quiet=True)
+    assert {r["split"] for r in rows(tmp_path / "m")} == {"train"} and summary["utterances"] == 4
+    assert len(summary["notes"]) == 1 and "neither dev.tsv nor test.tsv" in summary["notes"][0]
+    result = CliRunner().invoke(app, ["shard", "commonvoice", str(commonvoice_root), str(tmp_path / "c"), "-q"])
+    assert result.exit_code == 2 and "--tsv validated.tsv" in result.stderr and "train.tsv" not in result.stderr
+    result = CliRunner().invoke(app, ["shard", "commonvoice", str(commonvoice_root), str(tmp_path / "c"), "-q",
+                                      "--tsv", "validated.tsv"])
+    assert result.exit_code == 0, result.output
+    # a named TSV whose dev/test lists are present still keeps their clips out of train
+    (commonvoice_root / "dev.tsv").write_text((commonvoice_root / "validated.tsv").read_text().splitlines()[0]
+                                              + "\n" + "fff\tcommon_voice_en_4.mp3\ts5\tx\t\t2\t0\t\t\t\t\ten\t\n")
+    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="validated.tsv", quiet=True)
+    assert {r["id"].rsplit("/", 1)[1]: r["split"] for r in rows(tmp_path / "d")}["common_voice_en_4"] == "dev"
+    assert "notes" not in summary
+    with pytest.raises(FileNotFoundError, match=r"nope.tsv: missing.*TSVs here: .*validated.tsv"):
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "n", tsv="nope.tsv", quiet=True)
+
+
+@pytest.mark.parametrize("name, split", [
+    ("validation.clean", "dev"), ("validation.other", "dev"), ("valid_clean", "dev"), ("val-clean", "dev"),
+    ("dev-clean", "dev"), ("dev93", "dev"), ("{DEV}", "dev"), ("dev.tsv", "dev"), ("train_dev", "dev"),
+    ("eval", "test"), ("eval2000", "test"), ("test-other", "test"), ("test_clean", "test"), ("{TEST}", "test"),
+    ("train-clean-100", "train"), ("validated.tsv", "train"), ("{XL}", "train"), ("train", "train"),
+    ("somethingelse", "train"),
+])
+def test_split_words_are_matched_as_words_of_the_name(name, split):
+    from speechinstruct.corpora import split_of, split_word
+
+    assert split_of(name) == split
+    assert split_word("somethingelse") is None and split_of("heldout_a", {"heldout_a": "test"}) == "test"
+
+
+def test_hub_librispeech_file_names_keep_validation_out_of_train(tmp_path):
+    """The Hub's librispeech_asr names its files validation.clean-…, test.other-…: never train."""
+    import io as _io
+
+    import pyarrow as pa
+    import soundfile as sf
+    from conftest import speechlike
+
+    root = tmp_path / "ds" / "data"
+    root.mkdir(parents=True)
+    for split in ("train.clean.100", "validation.clean", "test.other", "heldout_a", "mystery"):
+        buf = _io.BytesIO()
+        sf.write(buf, speechlike(0.5, seed=len(split)), 16000, format="FLAC")
+        table = pa.table({"audio": [{"bytes": buf.getvalue(), "path": "a.flac"}], "text": ["hello"]})
+        pq.write_table(table, root / f"{split}-00000-of-00001.parquet")
+    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m", split_map=["heldout_a=test"], quiet=True)
+    got = {r["corpus_split"]: r["split"] for r in rows(tmp_path / "m")}
+    assert got == {"train.clean.100": "train", "validation.clean": "dev", "test.other": "test",
+                   "heldout_a": "test", "mystery": "train"}
+    assert summary["unrecognised_split_names"] == ["mystery"]
+    assert summary["options"]["split_map"] == {"heldout_a": "test"}
+    result = CliRunner().invoke(app, ["shard", "hf", str(tmp_path / "ds"), str(tmp_path / "c"), "-q",
+                                      "--split-map", "mystery=dev", "--split-map", "heldout_a=test"])
+    assert result.exit_code == 0, result.output
+    assert {r["corpus_split"]: r["split"] for r in rows(tmp_path / "c")}["mystery"] == "dev"
+    result = CliRunner().invoke(app, ["shard", "hf", str(tmp_path / "ds"), str(tmp_path / "e"), "--split-map", "mystery"])
+    assert result.exit_code == 2 and "--split-map 'mystery': write NAME=SPLIT" in result.stderr
+
+
 def test_commonvoice_quoted_tsv(commonvoice_root, tmp_path):
     shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="resaved.tsv", quiet=True)
     (row,) = rows(tmp_path / "m")

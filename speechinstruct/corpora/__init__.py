@@ -4,6 +4,7 @@ manifest rows (``schemas/manifest.json``) and ``Skip`` notes for what could not 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,7 +25,14 @@ class Skip:
         return asdict(self)
 
 
-Item = dict | Skip
+@dataclass(frozen=True)
+class Note:
+    """Something a reader tells the user about the whole source (not one file): written to the shard summary."""
+
+    text: str
+
+
+Item = dict | Skip | Note
 Reader = Callable[..., Iterator[Item]]
 
 
@@ -111,15 +119,52 @@ DEFAULT_LICENSES = {
 SPLITS = ("train", "dev", "test")
 
 
-def split_of(name: str) -> str:
-    """train, dev or test for a corpus's own name of a part: ``dev-clean``, ``test-other``, ``{DEV}``,
-    ``dev.tsv`` … Names that do not say dev or test are training data."""
-    name = name.strip("{}").lower().removesuffix(".tsv")
-    if name.startswith("dev") or name in ("val", "valid", "validation"):  # not "validated" (Common Voice)
-        return "dev"
-    if name.startswith("test"):
+# The words a corpus's part names use for its held-out data, matched as whole words of the name (letters
+# only, so ``eval2000`` is ``eval`` and ``dev93`` is ``dev``): ``validation.clean`` (the Hub's librispeech_asr),
+# ``valid_clean``, ``val-clean``, ``dev-other``, ``test_clean``, ``eval`` (AMI), ``eval2000`` (Switchboard),
+# Kaldi's ``train_dev`` (held out from train). Common Voice's ``validated`` is not ``valid``.
+DEV_WORDS = frozenset({"dev", "devel", "development", "val", "valid", "validation", "heldout"})
+TEST_WORDS = frozenset({"test", "testing", "eval", "evaluation"})
+# Names that say training data: the word train, and the corpora's own names for parts of their training data
+# (GigaSpeech's sizes, LibriLight's, Common Voice's TSVs). Any other name is train too, but listed in the
+# shard summary as not recognised, so that a held-out set named otherwise is seen (and mapped: --split-map).
+TRAIN_WORDS = frozenset({"train", "training", "xs", "s", "m", "l", "xl", "small", "medium", "large",
+                         "validated", "invalidated", "other", "reported"})
+
+
+def split_word(name: str) -> str | None:
+    """train, dev or test when ``name`` (a corpus's own name of a part: ``dev-clean``, ``{DEV}``, ``dev.tsv``,
+    ``validation.clean`` …) says which, else None. A word for held-out data wins over ``train``."""
+    words = re.findall(r"[a-z]+", name.lower().removesuffix(".tsv"))
+    if any(w in TEST_WORDS for w in words):
         return "test"
-    return "train"
+    if any(w in DEV_WORDS for w in words):
+        return "dev"
+    if any(w in TRAIN_WORDS for w in words):
+        return "train"
+    return None
+
+
+def split_of(name: str, split_map: dict[str, str] | None = None) -> str:
+    """The split of a corpus part: ``split_map[name]`` when the user mapped it, else what its name says
+    (:func:`split_word`); names that say nothing are training data."""
+    if split_map and name in split_map:
+        return split_map[name]
+    return split_word(name) or "train"
+
+
+def parse_split_map(pairs) -> dict[str, str]:
+    """``["eval2000=test", "heldout=dev"]`` (or one comma-separated string) → {name: split}."""
+    if not pairs:
+        return {}
+    items = [p.strip() for p in (pairs.split(",") if isinstance(pairs, str) else pairs) if p.strip()]
+    mapping = {}
+    for item in items:
+        name, sep, split = item.rpartition("=")
+        if not sep or not name.strip() or split.strip() not in SPLITS:
+            raise ValueError(f"--split-map {item!r}: write NAME=SPLIT with SPLIT one of {', '.join(SPLITS)}")
+        mapping[name.strip()] = split.strip()
+    return mapping
 
 
 def parse_splits(splits) -> tuple[str, ...] | None:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe, split_of
+from . import DEFAULT_LICENSES, Item, Note, Skip, probe, split_of
 
 REQUIRED = ("client_id", "path", "sentence")
 
@@ -75,18 +75,29 @@ def eval_clips(root: Path, tsv: str) -> dict[str, str]:
 
 
 def read(
-    root: str | Path, tsv: str = "validated.tsv", license: str | None = None, quiet: bool = False
+    root: str | Path, tsv: str | None = None, license: str | None = None, quiet: bool = False
 ) -> Iterator[Item]:
+    """Rows of ``tsv`` (default ``validated.tsv``). The default needs ``dev.tsv`` or ``test.tsv`` beside it to
+    tell their clips apart; a TSV the user names is read even without them (their clips are then all train,
+    and a :class:`Note` says no dev/test list was found)."""
     root = Path(root)
     license = license or DEFAULT_LICENSES["commonvoice"]
+    named, tsv = tsv is not None, tsv or "validated.tsv"
     tsv_path = root / tsv
     if not tsv_path.is_file():
-        raise FileNotFoundError(f"{tsv_path}: missing: not a Common Voice folder (or wrong --tsv)")
+        present = sorted(p.name for p in root.glob("*.tsv")) if root.is_dir() else []
+        raise FileNotFoundError(f"{tsv_path}: missing: not a Common Voice folder (or wrong --tsv)"
+                                + (f"; TSVs here: {', '.join(present)}" if present else ""))
     split_tsv = tsv in ("train.tsv", *EVAL_TSVS)  # one of the disjoint split files: its name is the split
     if not split_tsv and not any((root / name).is_file() for name in EVAL_TSVS):
-        raise FileNotFoundError(
-            f"{root}: neither dev.tsv nor test.tsv is here, so the dev and test clips inside {tsv} cannot be told "
-            "apart from training clips; restore them, or read train.tsv (--tsv train.tsv)")
+        if not named:
+            alternative = ("read train.tsv (--tsv train.tsv)" if (root / "train.tsv").is_file()
+                           else f"name it with --tsv {tsv} to read all its clips as training data")
+            raise FileNotFoundError(
+                f"{root}: neither dev.tsv nor test.tsv is here, so the dev and test clips inside {tsv} cannot be "
+                f"told apart from training clips; restore them, or {alternative}")
+        yield Note(f"{tsv}: neither dev.tsv nor test.tsv is in {root}: every clip of {tsv} is read as train "
+                   "(named with --tsv); none is held out")
     col, rows, width = _read_tsv(tsv_path)
     evaluation = {} if split_tsv else eval_clips(root, tsv)
     for line, row in tqdm(rows, desc=f"commonvoice {tsv}", unit="clip", disable=quiet):
