@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
+from ..io import safe_join
 from . import Item, Skip, relpath, split_of
 
 NAME = "hf"
@@ -42,7 +45,7 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
          speaker_column: str | None = None, split: str | None = None, license: str | None = None,
          quiet: bool = False) -> Iterator[Item]:
     """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``)."""
-    root = Path(root)
+    root = Path(root).resolve()
     files = data_files(root)
     if split is not None:
         known = sorted({s for s, _ in files})
@@ -73,15 +76,44 @@ def local_folder(source: str | Path) -> Path:
     return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.parquet", "README.md"]))
 
 
+def _json(path: Path, kind: type, what: str):
+    """A ``datasets`` metadata file, which must hold a JSON ``kind``; one clear line naming it otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: {what} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _inside(root: Path, relative, where: Path) -> Path:
+    """``root/relative`` for a name a metadata file gives, refusing names that leave ``root``."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise ValueError(f"{where}: {relative!r} is not a file or folder name")
+    try:
+        return safe_join(root, relative)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; a dataset's files must lie inside it") from None
+
+
 def data_files(root: Path) -> list[tuple[str, Path]]:
-    """(split, file) of every data file under ``root``, Parquet or ``save_to_disk`` Arrow."""
+    """(split, file) of every data file under ``root``, Parquet or ``save_to_disk`` Arrow. Names that the
+    metadata files give (splits, ``_data_files``) must stay inside ``root``."""
     dict_file = root / "dataset_dict.json"
     if dict_file.is_file():  # DatasetDict.save_to_disk: one folder per split
-        splits = json.loads(dict_file.read_text()).get("splits") or []
-        return [(s, f) for s in splits for f in _arrow_files(root / s)]
+        splits = _json(dict_file, dict, "the file").get("splits")
+        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+            raise ValueError(f"{dict_file}: 'splits' must be a list of split names (as save_to_disk writes it), "
+                             f"got {splits!r}")
+        return [(s, f) for s in splits for f in _arrow_files(_inside(root, s, dict_file), root)]
     if (root / "state.json").is_file():  # Dataset.save_to_disk: one split, named in dataset_info.json
-        info = json.loads((root / "dataset_info.json").read_text()) if (root / "dataset_info.json").is_file() else {}
-        return [(info.get("split") or "train", f) for f in _arrow_files(root)]
+        info_file = root / "dataset_info.json"
+        info = _json(info_file, dict, "the file") if info_file.is_file() else {}
+        split = info.get("split") or "train"
+        if not isinstance(split, str):
+            raise ValueError(f"{info_file}: 'split' must be a name, got {split!r}")
+        return [(split, f) for f in _arrow_files(root, root)]
     found = []
     for path in sorted(root.rglob("*.parquet")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
@@ -98,12 +130,16 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _arrow_files(folder: Path) -> list[Path]:
+def _arrow_files(folder: Path, root: Path) -> list[Path]:
     state = folder / "state.json"
     if state.is_file():
-        names = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+        entries = _json(state, dict, "the file").get("_data_files") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{state}: '_data_files' must be a list of {{\"filename\": …}} objects, got {entries!r}")
+        names = [e.get("filename") for e in entries]
         if names:
-            return [folder / n for n in names]
+            here = os.path.relpath(folder.resolve(), root.resolve())
+            return [_inside(root, os.path.join(here, n) if isinstance(n, str) else n, state) for n in names]
     return sorted(folder.glob("data-*.arrow"))
 
 
@@ -122,20 +158,32 @@ def _card(root: str | Path) -> dict:
 
 
 def card_license(root: Path) -> str | None:
-    """The card's ``license`` (``other: NAME`` with its ``license_name``), or None."""
+    """The card's ``license`` (``other: NAME`` with its ``license_name``), or None. Only plain text is taken:
+    a value holding markup (``<``, ``>``) or that is not a string is ignored, since it is copied into every
+    manifest row and, from there, into the published card the Hub renders."""
     data = _card(root)
     value = data.get("license")
     if isinstance(value, list):
-        value = ", ".join(map(str, value))
-    if value == "other" and data.get("license_name"):
-        value = f"other: {data.get('license_name')}"
-    return str(value) if value else None
+        value = ", ".join(v for v in value if isinstance(v, str))
+    name = data.get("license_name")
+    if value == "other" and isinstance(name, str) and name.strip():
+        value = f"other: {name.strip()}"
+    if not isinstance(value, str) or not value.strip() or _MARKUP.search(value):
+        return None
+    return value.strip()
+
+
+_MARKUP = re.compile(r"[<>]")
+# BCP-47-like language codes as the Hub's cards hold them: en, en-US, zh_Hans, yue
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 
 
 def card_languages(root: str | Path, **_) -> list[str]:
-    """The card's ``language`` list (empty without a card or the key)."""
+    """The card's ``language`` list (empty without a card or the key); entries that are not language codes
+    (numbers, markup) are left out."""
     value = _card(root).get("language")
-    return [str(v) for v in ([value] if isinstance(value, str) else value or [])]
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [v for v in values if isinstance(v, str) and _LANGUAGE.fullmatch(v)]
 
 
 def _parquet_rows(path: Path) -> int:
@@ -184,26 +232,39 @@ def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, a
             yield item
 
 
+def _encoded(value) -> bytes | None:
+    """The encoded audio of one cell: an ``Audio`` struct's ``bytes``, or a plain ``binary`` column's value."""
+    if isinstance(value, dict):
+        return value.get("bytes") or None
+    return value if isinstance(value, (bytes, bytearray)) and value else None
+
+
+def _text(value) -> str | None:
+    """A transcript cell as text; null, NaN (pandas' missing value) and blank are no transcript."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value).strip() or None
+
+
 def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: str, audio_column: str,
          text_column: str, id_column: str | None, speaker_column: str | None) -> Item:
     where = f"{rel} row {row}"
     value = record[audio_column]
-    data = value.get("bytes") if isinstance(value, dict) else None
+    data = _encoded(value)
     if not data:
         path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         return Skip(where, "no embedded audio bytes", f"the audio column holds only the path {path!r}" if path
                     else f"the audio column holds {type(value).__name__}: nothing to decode")
     try:
         info = sf.info(io.BytesIO(data))
-    except Exception as e:
-        return Skip(where, "unreadable audio", str(e))
+    except Exception as e:  # libsndfile's message names the file object by its address: name the row instead
+        return Skip(where, "unreadable audio", re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", where, str(e)))
     if info.frames <= 0:
         return Skip(where, "empty audio", "0 samples")
     utt = str(record[id_column]) if id_column else f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
-    text = record.get(text_column)
     return {
         "id": f"{name}/{utt}", "path": rel, "offset": 0.0, "duration": info.frames / info.samplerate,
-        "sample_rate": info.samplerate, "text": str(text).strip() if text is not None and str(text).strip() else None,
+        "sample_rate": info.samplerate, "text": _text(record.get(text_column)),
         "speaker": str(record[speaker_column]) if speaker_column and record.get(speaker_column) is not None else "unknown",
         "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
         "row": row, "audio_column": audio_column,
@@ -211,7 +272,7 @@ def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: st
 
 
 def audio_bytes(path: str | Path, column: str, row: int) -> bytes:
-    """The encoded audio of ``row`` in a dataset file's ``column`` (a ``struct<bytes, path>``)."""
+    """The encoded audio of ``row`` in a dataset file's ``column`` (a ``struct<bytes, path>`` or ``binary``)."""
     path = Path(path)
     if path.suffix == ".parquet":
         group, index = _locate(str(path), row)
@@ -220,10 +281,10 @@ def audio_bytes(path: str | Path, column: str, row: int) -> bytes:
         table, index = _arrow_table(str(path)), row
     if index >= table.num_rows:
         raise ValueError(f"{path}: no row {row} (the file has fewer rows: re-run shard)")
-    value = table.column(column)[index].as_py()
-    if not isinstance(value, dict) or not value.get("bytes"):
+    data = _encoded(table.column(column)[index].as_py())
+    if not data:
         raise ValueError(f"{path}: row {row} has no audio bytes in column {column!r}")
-    return value["bytes"]
+    return data
 
 
 @functools.lru_cache(maxsize=16)

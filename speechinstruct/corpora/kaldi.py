@@ -35,7 +35,7 @@ def data_dirs(root: Path) -> list[Path]:
 def _table(path: Path, min_fields: int) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of a Kaldi table file: whitespace-separated, the key first."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (editors on Windows) is not part of the first key
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 ({e})") from None
     for n, line in enumerate(text.splitlines(), 1):

@@ -49,16 +49,74 @@ def _parts(root: Path) -> dict[str, dict[str, Path]]:
     return parts
 
 
-def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
-    from lhotse import load_manifest_lazy
+def records(path: Path) -> Iterator[tuple[int, object] | Skip]:
+    """(line, lhotse object) of each line of a JSONL manifest (gzipped or not), decoded by lhotse's own
+    ``deserialize_item``, or a :class:`Skip` naming the file and line for a record that is not a valid one.
+    A file that is not gzip or is cut short is one clear error naming it (not lhotse's traceback)."""
+    import gzip
+    import json
+    import zlib
 
+    from lhotse.serialization import deserialize_item
+
+    line = 0
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                where = f"{path.name}:{line}"
+                try:
+                    data = json.loads(text)
+                    if not isinstance(data, dict):
+                        raise ValueError(f"a record must be a JSON object, got {type(data).__name__}")
+                    obj = deserialize_item(data)
+                    _check_fields(obj)
+                except Exception as e:  # lhotse raises TypeError/KeyError/ValueError/AssertionError on bad records
+                    yield Skip(where, "malformed manifest record", f"{type(e).__name__}: {e}")
+                    continue
+                yield line, obj
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # not gzip, truncated, not UTF-8
+        raise ValueError(f"{path}: unreadable manifest after line {line} ({type(e).__name__}: {e})") from None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(obj) -> None:
+    """The fields this reader uses have the types lhotse documents (lhotse itself does not check them)."""
+    from lhotse import SupervisionSegment
+
+    segments = [obj] if isinstance(obj, SupervisionSegment) else list(getattr(obj, "supervisions", None) or [])
+    if not isinstance(obj, SupervisionSegment) and hasattr(obj, "start"):
+        segments.append(obj)  # a cut: its own start and duration
+    for seg in segments:
+        for key in ("start", "duration"):
+            if not _number(getattr(seg, key)):
+                raise ValueError(f"{key} must be a number of seconds, got {getattr(seg, key)!r}")
+        for key in ("text", "speaker"):
+            value = getattr(seg, key, None)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key} must be a string, got {value!r}")
+
+
+def _objects(path: Path) -> Iterator:
+    """The valid records of a manifest, for the passes that only look (the audio root): skips are counted by
+    :func:`read`."""
+    for item in records(path):
+        if not isinstance(item, Skip):
+            yield item[1]
+
+
+def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
     for kinds in parts.values():
         if "cuts" in kinds:
-            for cut in load_manifest_lazy(kinds["cuts"]):
-                if cut.has_recording:
+            for cut in _objects(kinds["cuts"]):
+                if getattr(cut, "has_recording", False):
                     yield cut.recording
         else:
-            yield from load_manifest_lazy(kinds["recordings"])
+            yield from _objects(kinds["recordings"])
 
 
 def _file_of(recording) -> str | None:
@@ -77,8 +135,6 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
 
 def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None,
          quiet: bool = False) -> Iterator[Item]:
-    from lhotse import load_manifest_lazy
-
     root = Path(root)
     base = Path(audio_root or ".").resolve()
     license = license or "unknown (lhotse manifests carry none: pass --license)"
@@ -91,9 +147,13 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
             return probed[recording.id]
 
         if "cuts" in kinds:
-            for cut in tqdm(load_manifest_lazy(kinds["cuts"]), desc=f"lhotse {part} cuts", unit="cut", disable=quiet):
+            for item in tqdm(records(kinds["cuts"]), desc=f"lhotse {part} cuts", unit="cut", disable=quiet):
+                if isinstance(item, Skip):
+                    yield item
+                    continue
+                _, cut = item
                 where = f"{kinds['cuts'].name}: cut {cut.id}"
-                if not cut.has_recording:
+                if not getattr(cut, "has_recording", False):
                     yield Skip(where, "cut without a recording", "features-only cuts have no audio to read")
                     continue
                 found = check(cut.recording, where)
@@ -102,11 +162,20 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                     continue
                 texts = [s.text for s in cut.supervisions if s.text]
                 speakers = [s.speaker for s in cut.supervisions if s.speaker]
-                yield _row(f"{part}/{cut.id}", found, cut.start, cut.duration, " ".join(texts) or None,
-                           speakers[0] if speakers else None, part, license)
+                yield _row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
+                           speakers[0] if speakers else None, license)
         else:
-            recordings = {r.id: r for r in load_manifest_lazy(kinds["recordings"])}
-            for sup in tqdm(load_manifest_lazy(kinds["supervisions"]), desc=f"lhotse {part}", unit="utt", disable=quiet):
+            recordings = {}
+            for item in records(kinds["recordings"]):
+                if isinstance(item, Skip):
+                    yield item
+                else:
+                    recordings[item[1].id] = item[1]
+            for item in tqdm(records(kinds["supervisions"]), desc=f"lhotse {part}", unit="utt", disable=quiet):
+                if isinstance(item, Skip):
+                    yield item
+                    continue
+                _, sup = item
                 where = f"{kinds['supervisions'].name}: supervision {sup.id}"
                 if sup.recording_id not in recordings:
                     yield Skip(where, "recording not in the recordings manifest", sup.recording_id)
@@ -115,7 +184,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 if isinstance(found, Skip):
                     yield found
                     continue
-                yield _row(f"{part}/{sup.id}", found, sup.start, sup.duration, sup.text, sup.speaker, part, license)
+                yield _row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license)
 
 
 def _probe(recording, base: Path, where: str) -> tuple[str, int, float] | Skip:
@@ -130,13 +199,13 @@ def _probe(recording, base: Path, where: str) -> tuple[str, int, float] | Skip:
     return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds
 
 
-def _row(utt: str, found: tuple[str, int, float], start: float, duration: float, text: str | None,
-         speaker: str | None, part: str, license: str) -> Item:
+def _row(part: str, utt: str, found: tuple[str, int, float], start: float, duration: float, text: str | None,
+         speaker: str | None, license: str) -> Item:
     rel, sr, seconds = found
     if start < 0 or duration <= 0 or start + duration > seconds + 0.01:
         return Skip(f"{part}/{utt}", "segment outside its recording", f"{start}+{duration} s of a {seconds:.3f} s file")
     return {
-        "id": f"lhotse/{utt}", "path": rel, "offset": float(start), "duration": float(min(duration, seconds - start)),
+        "id": f"lhotse/{part}/{utt}", "path": rel, "offset": float(start), "duration": float(min(duration, seconds - start)),
         "sample_rate": sr, "text": " ".join(text.split()) if text and text.strip() else None,
         "speaker": speaker or "unknown", "corpus": NAME, "license": license, "split": split_of(part),
         "corpus_split": part,

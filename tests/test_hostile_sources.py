@@ -1,0 +1,219 @@
+"""Sources as an attacker or a careless tool writes them (issue 25): data files named outside ROOT, metadata of
+the wrong JSON type, lhotse manifests that are not gzip, cut short or hold wrong types, markup in a card, a
+BOM in wav.scp, NaN transcripts, plain binary audio columns. Each is one clear line naming the file, or a
+counted skip with its reason; never a traceback, never a foreign file's rows in the manifest."""
+
+import gzip
+import json
+import shutil
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from conftest import speechlike
+from test_sources import flac_bytes, hf_rows
+from typer.testing import CliRunner
+
+from speechinstruct.cli import app
+from speechinstruct.extract import decode_row
+from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import manifest_files
+
+runner = CliRunner()
+
+
+def manifest_rows(folder):
+    return [r for f in manifest_files(folder) for r in pq.read_table(f).to_pylist()]
+
+
+def shard_cli(*args):
+    result = runner.invoke(app, ["shard", *map(str, args), "-q"])
+    assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, AttributeError, KeyError))
+    return result
+
+
+def saved(tmp_path, name="saved"):
+    """A DatasetDict written by `datasets`' own save_to_disk, and a secret split beside it (outside ROOT)."""
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict(hf_rows(2, 0, "train"))})
+    ds.save_to_disk(str(tmp_path / name))
+    secret = datasets.Dataset.from_dict({**hf_rows(1, 50, "secret"), "text": ["the secret transcript"]})
+    secret.save_to_disk(str(tmp_path / "outside"))
+    return tmp_path / name
+
+
+def test_save_to_disk_metadata_naming_files_outside_root_is_refused(tmp_path):
+    root = saved(tmp_path)
+    # a split folder outside ROOT
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "../outside"]}))
+    result = shard_cli("hf", root, tmp_path / "m1")
+    assert result.exit_code == 2 and "dataset_dict.json" in result.stderr and "leaves the corpus root" in result.stderr
+    assert not (tmp_path / "m1").exists() or not list((tmp_path / "m1").glob("manifest-*"))
+    # a data file outside ROOT named by a split's state.json
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    state = json.loads((root / "train" / "state.json").read_text())
+    arrow = next((tmp_path / "outside").glob("*.arrow")).name
+    state["_data_files"] = [{"filename": f"../../outside/{arrow}"}]
+    (root / "train" / "state.json").write_text(json.dumps(state))
+    result = shard_cli("hf", root, tmp_path / "m2")
+    assert result.exit_code == 2 and "train/state.json" in result.stderr and "leaves the corpus root" in result.stderr
+    # an absolute name, and a symlink leading out
+    state["_data_files"] = [{"filename": str(tmp_path / "outside" / arrow)}]
+    (root / "train" / "state.json").write_text(json.dumps(state))
+    assert "absolute path" in shard_cli("hf", root, tmp_path / "m3").stderr
+    state["_data_files"] = [{"filename": "link.arrow"}]
+    (root / "train" / "state.json").write_text(json.dumps(state))
+    (root / "train" / "link.arrow").symlink_to(tmp_path / "outside" / arrow)
+    result = shard_cli("hf", root, tmp_path / "m4")
+    assert result.exit_code == 2 and "leaves the corpus root" in result.stderr
+    for m in ("m1", "m2", "m3", "m4"):
+        rows = manifest_rows(tmp_path / m) if list((tmp_path / m).glob("manifest-*")) else []
+        assert not any(r["text"] == "the secret transcript" for r in rows)
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("dataset_dict.json", "[1, 2]", "must be a JSON dict, got list"),
+    ("dataset_dict.json", '{"splits": "train"}', "'splits' must be a list of split names"),
+    ("dataset_dict.json", '{"splits": [1]}', "'splits' must be a list of split names"),
+    ("dataset_dict.json", '{"splits": ["train",}', "not valid JSON"),
+    ("train/state.json", "[1, 2]", "must be a JSON dict, got list"),
+    ("train/state.json", '{"_data_files": ["data-00000-of-00001.arrow"]}', "'_data_files' must be a list of"),
+    ("train/state.json", '{"_data_files": [{"filename": 7}]}', "7 is not a file or folder name"),
+    ("train/state.json", '{"_data_files": [{"filename": "a.arrow"},}', "not valid JSON"),
+])
+def test_save_to_disk_metadata_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path, file, content, message):
+    root = saved(tmp_path)
+    (root / file).write_text(content)
+    result = shard_cli("hf", root, tmp_path / "m")
+    assert result.exit_code == 2, result.output
+    assert file.split("/")[-1] in result.stderr and message in result.stderr
+
+
+def test_single_split_save_to_disk_with_a_wrong_dataset_info(tmp_path):
+    datasets.Dataset.from_dict(hf_rows(2, 0, "train")).save_to_disk(str(tmp_path / "one"))
+    (tmp_path / "one" / "dataset_info.json").write_text("[]")
+    result = shard_cli("hf", tmp_path / "one", tmp_path / "m")
+    assert result.exit_code == 2 and "dataset_info.json: the file must be a JSON dict, got list" in result.stderr
+    (tmp_path / "one" / "dataset_info.json").write_text('{"split": 3}')
+    assert "'split' must be a name, got 3" in shard_cli("hf", tmp_path / "one", tmp_path / "m").stderr
+
+
+def hub_folder(tmp_path, card: str, table: pa.Table):
+    root = tmp_path / "ds"
+    (root / "data").mkdir(parents=True)
+    (root / "README.md").write_text(card)
+    pq.write_table(table, root / "data" / "train-00000-of-00001.parquet")
+    return root
+
+
+def test_card_values_that_are_not_text_or_hold_markup_are_not_taken(tmp_path):
+    table = pa.table({"audio": [{"bytes": flac_bytes(1.0, 0), "path": "a.flac"}], "text": ["hi"]})
+    card = "---\nlicense: other\nlicense_name: <script>alert(1)</script>\nlanguage: 5\n---\n# x\n"
+    root = hub_folder(tmp_path, card, table)
+    result = shard_cli("hf", root, tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["languages"] == []
+    assert "<script>" not in manifest_rows(tmp_path / "m")[0]["license"]
+    (root / "README.md").write_text('---\nlicense: cc-by-4.0\nlanguage: ["en", "<img src=x onerror=alert(1)>", 3]\n---\n')
+    summary = json.loads(shard_cli("hf", root, tmp_path / "m").stdout)
+    assert summary["languages"] == ["en"] and manifest_rows(tmp_path / "m")[0]["license"] == "cc-by-4.0"
+
+
+def test_nan_transcripts_binary_audio_and_skip_details_are_what_they_are(tmp_path):
+    """A NaN transcript (pandas' missing value) is no transcript, not the text "nan"; a plain `binary` column of
+    FLAC bytes is audio; an unreadable row's detail names the row, not a Python object's address."""
+    good, other = flac_bytes(1.0, 0), flac_bytes(1.2, 1)
+    table = pa.table({"audio": pa.array([good, other, b"not audio at all"], pa.binary()),
+                      "text": pa.array([float("nan"), 2.0, 1.0])})
+    root = hub_folder(tmp_path, "---\nlicense: cc0-1.0\n---\n", table)
+    summary = shard_corpus("hf", root, tmp_path / "m", quiet=True)
+    rows = manifest_rows(tmp_path / "m")
+    assert [r["text"] for r in rows] == [None, "2.0"]
+    assert summary["skipped"] == {"unreadable audio": 1}
+    detail = summary["skipped_examples"][0]["detail"]
+    assert "0x" not in detail and "BytesIO" not in detail and "row 2" in detail
+    assert len(decode_row(rows[1], root)) == pytest.approx(1.2 * 16000, abs=2)  # extract reads binary cells too
+    again = shard_corpus("hf", root, tmp_path / "m2", quiet=True)
+    assert again["skipped_examples"] == summary["skipped_examples"]  # same input, same summary
+
+
+def test_a_bom_at_the_start_of_wav_scp_is_not_part_of_the_first_id(tmp_path):
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    sf.write(tmp_path / "r0.flac", speechlike(1.0), 16000)
+    (data / "wav.scp").write_text(f"\ufeffr0 {tmp_path / 'r0.flac'}\n", encoding="utf-8")
+    (data / "text").write_text("\ufeffr0 HELLO THERE\n", encoding="utf-8")
+    shard_corpus("kaldi", data, tmp_path / "m", quiet=True)
+    (row,) = manifest_rows(tmp_path / "m")
+    assert row["id"] == "kaldi/train/r0" and row["text"] == "HELLO THERE"
+
+
+def lhotse_pair(folder, sup_lines, audio_file):
+    """recordings + supervisions of one part, the supervisions as raw JSONL lines (gzipped)."""
+    from lhotse import Recording, RecordingSet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    RecordingSet.from_recordings([Recording.from_file(audio_file, recording_id="r0")]).to_file(
+        folder / "x_recordings_train.jsonl.gz")
+    with gzip.open(folder / "x_supervisions_train.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in sup_lines))
+    return folder
+
+
+def test_lhotse_records_of_the_wrong_shape_are_counted_skips_naming_file_and_line(tmp_path):
+    sf.write(tmp_path / "r0.flac", speechlike(3.0), 16000)
+    good = {"id": "ok", "recording_id": "r0", "start": 0.0, "duration": 1.0, "channel": 0, "text": "fine", "speaker": "s"}
+    lines = [good, {**good, "id": "num", "text": 123}, {"id": "missing", "recording_id": "r0"},
+             {**good, "id": "start", "start": "abc"}, [1, 2]]
+    folder = lhotse_pair(tmp_path / "man", lines, tmp_path / "r0.flac")
+    result = shard_cli("lhotse", folder, tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["utterances"] == 1 and summary["skipped"] == {"malformed manifest record": 4}
+    rows = manifest_rows(tmp_path / "m")
+    assert [r["id"] for r in rows] == ["lhotse/train/ok"]
+    full = json.loads((tmp_path / "m" / "summary.json").read_text())["skipped_examples"]
+    assert [s["path"] for s in full] == [f"x_supervisions_train.jsonl.gz:{n}" for n in (2, 3, 4, 5)]
+    assert "text must be a string, got 123" in full[0]["detail"] and "start must be a number" in full[2]["detail"]
+
+
+def test_lhotse_manifest_that_is_not_gzip_or_is_cut_short_is_one_line(tmp_path):
+    sf.write(tmp_path / "r0.flac", speechlike(3.0), 16000)
+    good = {"id": "ok", "recording_id": "r0", "start": 0.0, "duration": 1.0, "channel": 0, "text": "fine"}
+    folder = lhotse_pair(tmp_path / "man", [good] * 200, tmp_path / "r0.flac")
+    sups = folder / "x_supervisions_train.jsonl.gz"
+    whole = sups.read_bytes()
+    sups.write_bytes(whole[: len(whole) // 2])  # truncated gzip
+    result = shard_cli("lhotse", folder, tmp_path / "m")
+    assert result.exit_code == 2 and "x_supervisions_train.jsonl.gz: unreadable manifest" in result.stderr
+    assert "Aborted" not in result.output
+    sups.write_bytes(b'{"id": "plain json, not gzip"}\n')
+    result = shard_cli("lhotse", folder, tmp_path / "m")
+    assert result.exit_code == 2 and "x_supervisions_train.jsonl.gz: unreadable manifest" in result.stderr
+
+
+def test_lhotse_skips_name_the_part_once(tmp_path):
+    sf.write(tmp_path / "r0.flac", speechlike(1.0), 16000)
+    sup = {"id": "late", "recording_id": "r0", "start": 5.0, "duration": 1.0, "channel": 0, "text": "beyond the end"}
+    folder = lhotse_pair(tmp_path / "man", [sup], tmp_path / "r0.flac")
+    summary = shard_corpus("lhotse", folder, tmp_path / "m", quiet=True)
+    assert summary["skipped_examples"][0]["path"] == "train/late"
+
+
+def test_unreadable_parquet_or_arrow_name_their_file(tmp_path):
+    root = saved(tmp_path)
+    arrow = next((root / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:200])
+    summary = shard_corpus("hf", root, tmp_path / "m", quiet=True)
+    assert summary["skipped"] == {"unreadable data file": 1}
+    assert summary["skipped_examples"][0]["path"].startswith("train/data-")
+    shutil.rmtree(root)
+    table = pa.table({"audio": [{"bytes": flac_bytes(1.0, 0), "path": "a.flac"}], "text": ["hi"]})
+    hub = hub_folder(tmp_path, "---\nlicense: cc0-1.0\n---\n", table)
+    parquet = hub / "data" / "train-00000-of-00001.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:-30])
+    summary = shard_corpus("hf", hub, tmp_path / "m2", quiet=True)
+    assert summary["skipped"] == {"unreadable data file": 1}
+    assert summary["skipped_examples"][0]["path"] == "data/train-00000-of-00001.parquet"
