@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11), install the CPU build of torch first, then speechinstruct with its extras.
 # Idempotent: a second run only checks. Usage: scripts/setup.sh [EXTRAS], e.g. scripts/setup.sh test,bench
+# pip's own output goes to .venv/install.log and is shown only when a step fails (setuptools prints an
+# informational notice about editable installs on every run, which is not ours to show).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test}"
@@ -9,10 +11,19 @@ command -v "$python" >/dev/null || python=python3
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+log=.venv/install.log
+: > "$log"
+step() {  # run one install step; on failure show what pip said and stop
+  if ! "$@" >>"$log" 2>&1; then
+    echo "scripts/setup.sh: failed: $*" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+step .venv/bin/python -m pip install -q --upgrade pip
 # CPU torch before anything that depends on torch, so pip never resolves a multi-GB CUDA build.
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
+  step .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[${extras}]" 2>&1 | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
+step .venv/bin/python -m pip install -q -e ".[${extras}]"
 .venv/bin/python -c 'import speechinstruct, torch; print("speechinstruct", speechinstruct.__version__, "torch", torch.__version__)'

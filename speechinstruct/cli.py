@@ -85,7 +85,8 @@ def shard(
     shard_hours: float = typer.Option(10.0, help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight: longest utterance cut from the VAD spans."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
-    tsv: str = typer.Option("validated.tsv", help="commonvoice: which TSV to read (clips in dev.tsv/test.tsv stay dev/test)."),
+    tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
+                                      "dev.tsv/test.tsv stay dev/test; a TSV named here is read even without them)."),
     audio_column: str = typer.Option("audio", help="hf: the audio column (struct<bytes, path>)."),
     text_column: str = typer.Option("text", help="hf: the transcript column."),
     id_column: Optional[str] = typer.Option(None, help="hf: a column of utterance ids (default: file and row)."),
@@ -94,6 +95,8 @@ def shard(
     audio_root: Optional[Path] = typer.Option(None, help="lhotse, kaldi: the folder manifest paths are relative to "
                                               "(default: the deepest folder holding every listed file)."),
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,dev (default: all, each marked)."),
+    split_map: Optional[list[str]] = typer.Option(None, "--split-map", help="NAME=SPLIT: the split (train, dev, test) "
+                                                  "of a corpus part whose name does not say it, e.g. heldout_a=dev; repeatable."),
     license: Optional[str] = typer.Option(None, help="Override the corpus's license string."),
     quiet: bool = Quiet,
 ):
@@ -101,7 +104,7 @@ def shard(
     directory into sharded Parquet manifests; every row says its split."""
     from .shard import shard_corpus
 
-    options = {"license": license, "splits": splits}
+    options = {"license": license, "splits": splits, "split_map": split_map or None}
     if corpus is Corpus.librilight:
         options["max_seconds"] = max_seconds
     if corpus is Corpus.gigaspeech:
@@ -364,6 +367,7 @@ def publish(
                                      help="Publish records from the corpora's dev/test audio as validation/test splits, or leave them out."),
     format: str = typer.Option("hf", help="hf (the dataset), or hf,speechgpt: also SpeechGPT's own training files "
                                "in OUT/speechgpt/stage{1,2,3}/ (train.txt/dev.txt, SpeechInstruct_*.jsonl)."),
+    quiet: bool = Quiet,
 ):
     """Write composed records as a Hugging Face dataset with a dataset card."""
     from .publish import publish as run_publish
@@ -372,7 +376,7 @@ def publish(
     if not formats <= {"hf", "speechgpt"} or not formats:
         fail(f"--format {format!r}: choose hf or hf,speechgpt")
     meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
-                eval_splits=eval_splits, speechgpt_files="speechgpt" in formats)
+                eval_splits=eval_splits, speechgpt_files="speechgpt" in formats, quiet=quiet)
     _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"],
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 

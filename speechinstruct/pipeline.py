@@ -276,7 +276,7 @@ class Job:
         inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"]]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
-            lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits)))
+            lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))
         self.runner.index += 1
         verdict = validate(self.dataset)
         print(f"[{self.runner.index}/{self.runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}", flush=True)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import html
 import json
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from . import __version__, records
+from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, write_json, write_parquet, write_text
 
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
@@ -81,15 +84,20 @@ def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path):
+def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: set[str] | None = None,
+                  quiet: bool = True):
     """Copy each config's composed records into ``OUT/data/{config}/{split}-NNNNN-of-NNNNN-{digest}.parquet``,
-    one record batch in memory at a time, and delete files an earlier publish left; returns the card's
-    ``configs`` list and the counts per config and split, per task/format, and per source (corpus, license)."""
+    one record batch in memory at a time; returns the card's ``configs`` list, the files written (relative to
+    ``out``) and the counts per config and split, per task/format, and per source (corpus, license).
+    ``owned``: the files an earlier publish wrote, which may be replaced; any other file in the way is refused."""
+    owned = set() if owned is None else owned
     counts: dict[str, dict[str, int]] = {}
     by_kind: dict[str, collections.Counter] = {}
     provenance: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     configs_yaml = []
-    written = set()
+    written: set[str] = set()
+    total = sum(pq.read_metadata(f).num_rows for splits in inputs.values() for files in splits.values() for f in files)
+    bar = tqdm(total=total, desc="publish", unit="rec", disable=quiet)
     for config, splits in inputs.items():
         schema = records.arrow_schema(config)
         data_files = []
@@ -109,34 +117,97 @@ def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path):
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=["content_hash"]):
                     hashes.update("".join(batch.column(0).to_pylist()).encode())
                 target = out / "data" / config / f"{split}-{i:05d}-of-{len(files):05d}-{hashes.hexdigest()[:12]}.parquet"
+                refuse_foreign(out, [target.relative_to(out).as_posix()], owned)
                 with parquet_writer(target, schema) as writer:
                     for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH):  # one batch in memory
                         table = pa.Table.from_batches([batch]).cast(schema)
                         writer.write_table(table)
+                        bar.update(table.num_rows)
                         counts.setdefault(config, collections.Counter())[split] += table.num_rows
                         if column:
                             by_kind.setdefault(config, collections.Counter()).update(table.column(column).to_pylist())
                         for corpus, license in zip(table.column("corpus").to_pylist(), table.column("license").to_pylist()):
                             provenance[f"{corpus}\t{license}"][config] += 1
-                written.add(target)
-                paths.append(str(target.relative_to(out)))
+                written.add(target.relative_to(out).as_posix())
+                paths.append(target.relative_to(out).as_posix())
             data_files.append({"split": split, "path": paths})
         if data_files:
             configs_yaml.append({"config_name": config, "data_files": data_files})
-    for stale in (out / "data").rglob("*.parquet"):
-        if stale not in written:
-            stale.unlink()
-    return configs_yaml, counts, by_kind, provenance
+    bar.close()
+    return configs_yaml, written, counts, by_kind, provenance
+
+
+# ------------------------------------------------------------------------------ which files are publish's
+# ``OUT/.speechinstruct-publish.json`` lists every file publish wrote into OUT. A later publish replaces and
+# deletes only those: the user's own files in OUT (their README.md, LICENSE.md, data/mine/…) are never touched,
+# and one that stands where publish must write is refused with its name.
+OWNED_LIST = ".speechinstruct-publish.json"
+
+
+def owned_files(out: Path) -> set[str]:
+    """The files (relative to ``out``) an earlier publish wrote there. A folder published before the list
+    existed (its ``speechinstruct.json`` says ``pipeline_version``) owns the files of publish's layout."""
+    listed = out / OWNED_LIST
+    if listed.is_file():
+        try:
+            files = json.loads(listed.read_text()).get("files")
+        except (ValueError, AttributeError, OSError) as e:
+            raise ValueError(f"{listed}: unreadable list of published files ({e}); delete it and every file "
+                             "publish wrote, or publish into a new folder") from None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{listed}: 'files' is not a list of paths; publish into a new folder")
+        return set(files)
+    try:
+        legacy = json.loads((out / "speechinstruct.json").read_text()).get("pipeline_version")
+    except (OSError, ValueError, AttributeError):
+        legacy = None
+    if not legacy:
+        return set()
+    patterns = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", "arrow/*/**/*",
+                *[f"data/{c}/*-*-of-*.parquet" for c in CONFIGS], *[f"speechgpt/{n}" for n in SPEECHGPT_FILES.values()]]
+    return {p.relative_to(out).as_posix() for pattern in patterns for p in out.glob(pattern) if p.is_file()}
+
+
+def refuse_foreign(out: Path, paths, owned: set[str]) -> None:
+    """Refuse to write over a file in ``out`` that publish did not write."""
+    for rel in paths:
+        target = out / rel
+        if (target.is_file() or target.is_symlink()) and rel not in owned:
+            raise FileExistsError(f"{target}: already there and not written by publish; move it away or "
+                                  "publish into another folder (publish never overwrites a file it did not write)")
+        if target.is_dir() and not rel.startswith("arrow/"):
+            raise FileExistsError(f"{target}: a folder stands where publish writes a file; move it away")
+
+
+def _remove_stale(out: Path, owned: set[str], written: set[str]) -> None:
+    """Delete what an earlier publish wrote and this one did not, then the folders that left empty."""
+    for rel in sorted(owned - written):
+        (out / rel).unlink(missing_ok=True)
+        parent = (out / rel).parent
+        while parent != out and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
 
 
 def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False) -> dict:
+            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False,
+            quiet: bool = True) -> dict:
     """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
     ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
-    SpeechGPT's own training files (``export_speechgpt``)."""
+    SpeechGPT's own training files (``export_speechgpt``). Only files an earlier publish wrote are replaced
+    or deleted (:data:`OWNED_LIST`)."""
     compose_dir, out = Path(compose_dir), Path(out)
+    inputs = _inputs(compose_dir, eval_splits)
     out.mkdir(parents=True, exist_ok=True)
-    configs_yaml, counts, by_kind, provenance = write_configs(_inputs(compose_dir, eval_splits), out)
+    owned = owned_files(out)
+    fixed = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", OWNED_LIST,
+             *(f"speechgpt/{n}" for n in SPEECHGPT_FILES.values() if speechgpt_files)]
+    refuse_foreign(out, fixed, owned | {OWNED_LIST})
+    if save_to_disk:
+        for config in inputs:
+            theirs = [p.relative_to(out).as_posix() for p in (out / "arrow" / config).rglob("*") if p.is_file()]
+            refuse_foreign(out, theirs, owned)
+    configs_yaml, written, counts, by_kind, provenance = write_configs(inputs, out, owned, quiet=quiet)
 
     units_dirs = _units_dirs(compose_dir)
     spec = {}
@@ -156,6 +227,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     hours = collections.Counter()
     if utterances is not None:
         write_parquet(out / "stats" / "utterances.parquet", utterances)
+        written.add("stats/utterances.parquet")
         for corpus, seconds in zip(utterances.column("corpus").to_pylist(), utterances.column("duration").to_pylist()):
             hours[corpus] += seconds / 3600
     templates = {}
@@ -174,26 +246,28 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     write_json(out / "speechinstruct.json", meta)
     data = card_data(meta, configs_yaml, out)
     write_text(out / "README.md", dataset_card(meta, configs_yaml, data))
+    written |= {"speechinstruct.json", "README.md"}
     if data.license == "other":
         write_text(out / "LICENSE.md", licenses_file(meta))
-    else:
-        (out / "LICENSE.md").unlink(missing_ok=True)
+        written.add("LICENSE.md")
     if save_to_disk:
-        write_arrow(out, configs_yaml)
+        written |= write_arrow(out, configs_yaml)
     if speechgpt_files:
         meta["speechgpt_files"] = export_speechgpt(out, out / "speechgpt")
-    else:  # files of an earlier export would no longer match the dataset
-        for name in SPEECHGPT_FILES.values():
-            (out / "speechgpt" / name).unlink(missing_ok=True)
+        written |= {f"speechgpt/{n}" for n in meta["speechgpt_files"]}
+    _remove_stale(out, owned, written)  # e.g. an earlier export's files, which would no longer match the dataset
+    write_json(out / OWNED_LIST, {"written_by": f"speechinstruct {__version__} publish", "files": sorted(written)})
     if push_to_hub:
         meta["pushed"] = push(out, push_to_hub)
     return meta
 
 
-def write_arrow(out: Path, configs_yaml: list[dict]) -> None:
-    """``OUT/arrow/{config}``: each config as ``datasets``' ``save_to_disk`` writes it, for ``load_from_disk``."""
+def write_arrow(out: Path, configs_yaml: list[dict]) -> set[str]:
+    """``OUT/arrow/{config}``: each config as ``datasets``' ``save_to_disk`` writes it, for ``load_from_disk``;
+    returns the files written (relative to ``out``)."""
     import datasets
 
+    written = set()
     for item in configs_yaml:
         config = item["config_name"]
         dd = datasets.DatasetDict({d["split"]: datasets.Dataset.from_parquet([str(out / p) for p in d["path"]])
@@ -202,8 +276,10 @@ def write_arrow(out: Path, configs_yaml: list[dict]) -> None:
         tmp = target.with_name(f".{config}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         dd.save_to_disk(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)  # publish's own (refuse_foreign checked every file in it)
         tmp.rename(target)
+        written |= {p.relative_to(out).as_posix() for p in target.rglob("*") if p.is_file()}
+    return written
 
 
 # What a dataset folder uploads: the card, its license notes, the data and statistics, SpeechGPT's files;
@@ -212,18 +288,46 @@ UPLOAD_PATTERNS = ["README.md", "LICENSE.md", "speechinstruct.json", "data/**/*.
                    "speechgpt/**/*.txt", "speechgpt/**/*.jsonl"]
 
 
+class PushError(OSError):
+    """The Hub could not be reached or refused the upload; the local dataset folder is complete."""
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub request raises: huggingface_hub's HTTP errors and its HTTP client's transport errors
+    (httpx, or the httpx2 fork newer huggingface_hub releases use), whichever is installed."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    found: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    for module in ("httpx2", "httpx", "requests"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found.append(getattr(mod, "HTTPError", None) or getattr(mod, "RequestException"))
+    return tuple(e for e in found if isinstance(e, type))
+
+
 def push(folder: str | Path, repo_id: str, api=None, private: bool = False) -> dict:
     """Upload a published dataset folder to the Hub as ``repo_id``: the card is validated by the Hub first
     (as ``DatasetCard.push_to_hub`` does), the dataset repo is created when missing, and only
-    :data:`UPLOAD_PATTERNS` go up, in one commit. ``api``: a ``huggingface_hub.HfApi`` (its token and endpoint)."""
+    :data:`UPLOAD_PATTERNS` go up, in one commit. ``api``: a ``huggingface_hub.HfApi`` (its token and endpoint).
+    A Hub that cannot be reached or refuses is one :class:`PushError` line."""
     from huggingface_hub import DatasetCard, HfApi
 
     folder = Path(folder)
     api = api or HfApi()
-    DatasetCard.load(folder / "README.md").validate(repo_type="dataset")
-    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
-                               allow_patterns=UPLOAD_PATTERNS, commit_message=f"speechinstruct {__version__}: publish")
+    try:
+        DatasetCard.load(folder / "README.md").validate(repo_type="dataset")
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
+                                   allow_patterns=UPLOAD_PATTERNS, commit_message=f"speechinstruct {__version__}: publish")
+    except _hub_errors() as e:
+        endpoint = getattr(api, "endpoint", None) or "the Hub"
+        raise PushError(f"could not push {folder} to {repo_id} at {endpoint}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}. The dataset folder is complete; "
+                        "publish again with --push-to-hub when the Hub can be reached") from None
     return {"repo": str(url), "commit": str(getattr(commit, "oid", commit))}
 
 
@@ -292,7 +396,7 @@ def _languages(meta: dict, units_dirs: list[Path]) -> list[str]:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=["id"]):
                     found.update(i.split("/")[1].split("-")[0] for i in batch.column(0).to_pylist()
                                  if i.startswith("commonvoice/") and i.count("/") >= 2)
-    return sorted(found)
+    return sorted(code for code in found if isinstance(code, str) and LANGUAGE_CODE.fullmatch(code))
 
 
 def size_category(n: int) -> str:
@@ -343,11 +447,17 @@ def card_data(meta: dict, configs_yaml: list[dict], folder: Path):
     return data
 
 
+def cell(text) -> str:
+    """A value from the data (a corpus name, a license string a source's card or a user gave) as Markdown text:
+    markup escaped, so the card the Hub renders shows it and never runs it, and ``|`` kept inside its cell."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
 def licenses_file(meta: dict) -> str:
     lines = ["# Licenses of the sources", "", "Each record carries `corpus` and `license`; this dataset combines:", "",
              "| corpus | license | records |", "|---|---|---|"]
     for s in meta["sources"]:
-        lines.append(f"| {s['corpus']} | {s['license']} | {sum(s['records'].values())} |")
+        lines.append(f"| {cell(s['corpus'])} | {cell(s['license'])} | {sum(s['records'].values())} |")
     return "\n".join(lines + ["", "Use each record under the license of its source."]) + "\n"
 
 
@@ -356,13 +466,13 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     from huggingface_hub import DatasetCard
 
     languages = data.language
-    lines = [f"# {meta['name']}", "",
+    lines = [f"# {cell(meta['name'])}", "",
              "A SpeechInstruct-style cross-modal speech-instruction dataset (as in SpeechGPT), built with "
              f"speechinstruct {meta['pipeline_version']}. Speech is represented as discrete units "
              "`<sosp><12><7>…<eosp>`.", "", "## Sources and provenance", "",
              "| corpus | license | hours | records |", "|---|---|---|---|"]
     for s in meta["sources"]:
-        lines.append(f"| {s['corpus']} | {s['license']} | {meta['hours'].get(s['corpus'], 0):.3f} | "
+        lines.append(f"| {cell(s['corpus'])} | {cell(s['license'])} | {meta['hours'].get(s['corpus'], 0):.3f} | "
                      + ", ".join(f"{c}: {n}" for c, n in sorted(s["records"].items())) + " |")
     ext, km = meta["extractor"], meta["kmeans"] or {}
     lines += ["", "## Speech units", "",
@@ -378,7 +488,7 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     for config, kinds in meta["by_kind"].items():
         lines.append("")
         lines.append(f"{config}: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
-    rules = [SPLIT_RULES.get(c, f"{c}: as its reader marks it") for c in sorted({s["corpus"] for s in meta["sources"]})]
+    rules = [SPLIT_RULES.get(c, f"{cell(c)}: as its reader marks it") for c in sorted({s["corpus"] for s in meta["sources"]})]
     lines += ["", "## Splits", "",
               "Every record keeps the split of the audio it was made from, as the corpus itself defines it ("
               + "; ".join(rules) + "). No dev or test audio is in `train`."]
@@ -403,7 +513,7 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
               "- Instructions and responses are machine-generated (templates, an LLM or the shipped samples); "
               "spoken answers are synthetic TTS speech, one voice per record, not human recordings.",
               "- Transcripts are the source corpora's own, with their errors and normalisation.",
-              f"- Languages: {', '.join(languages)}. Speakers and accents are those of the source corpora.", "",
+              f"- Languages: {cell(', '.join(languages))}. Speakers and accents are those of the source corpora.", "",
               "## Loading", "", "```python", "import datasets",
               *[f'{c["config_name"]} = datasets.load_dataset("PATH_OR_REPO", "{c["config_name"]}")' for c in configs_yaml],
               "```", "", "Validate with `speechinstruct validate PATH`. Each record carries `source_id`, `corpus`, "

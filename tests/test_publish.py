@@ -264,3 +264,83 @@ def test_report_says_pass_or_fail_first_and_shows_a_record_of_every_kind(dataset
     page = (tmp_path / "bad" / "index.html").read_text()
     assert "FAIL: content-hash ×1, shape ×1, unit-range ×1, units-match ×1" in page and "<td>unit-range</td>" in page
     assert json.loads((tmp_path / "bad" / "report.json").read_text())["valid"] is False
+
+
+def test_publish_never_deletes_or_overwrites_files_it_did_not_write(composed, tmp_path):
+    """The user's own files in OUT stay byte for byte; one standing where publish writes is refused by name;
+    what an earlier publish wrote and this one does not is deleted (and only that)."""
+    out = tmp_path / "ds"
+    (out / "data" / "mine").mkdir(parents=True)
+    (out / "data" / "mine" / "important.parquet").write_bytes(b"user data")
+    (out / "speechgpt" / "stage1").mkdir(parents=True)
+    (out / "speechgpt" / "stage1" / "train.txt").write_text("the user's own stage-1 file\n")
+    (out / "notes.md").write_text("mine\n")
+    publish(composed, out)  # hf only: SpeechGPT's file names are not written, so the user's stays
+    assert (out / "data" / "mine" / "important.parquet").read_bytes() == b"user data"
+    assert (out / "speechgpt" / "stage1" / "train.txt").read_text() == "the user's own stage-1 file\n"
+    assert (out / "notes.md").read_text() == "mine\n"
+    with pytest.raises(FileExistsError, match=r"stage1/train.txt: already there and not written by publish"):
+        publish(composed, out, speechgpt_files=True)
+    assert (out / "speechgpt" / "stage1" / "train.txt").read_text() == "the user's own stage-1 file\n"
+    # the user's LICENSE.md: refused, untouched, whether publish would write one (mixed licenses) or not
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "LICENSE.md").write_text("the user's license\n")
+    with pytest.raises(FileExistsError, match=r"LICENSE.md: already there and not written by publish"):
+        publish(composed, fresh)
+    assert (fresh / "LICENSE.md").read_text() == "the user's license\n" and not (fresh / "README.md").exists()
+    result = runner.invoke(app, ["publish", str(composed), str(fresh), "-q"])
+    assert result.exit_code == 2 and "LICENSE.md: already there and not written by publish" in result.stderr
+    # publish's own files are replaced and its stale ones removed: a smaller republish leaves no old shard
+    (out / "speechgpt" / "stage1" / "train.txt").unlink()
+    publish(composed, out, speechgpt_files=True, save_to_disk=True)
+    ours = set(json.loads((out / ".speechinstruct-publish.json").read_text())["files"])
+    assert "speechgpt/stage1/train.txt" in ours and "LICENSE.md" in ours and "data/mine/important.parquet" not in ours
+    assert any(f.startswith("arrow/cross_modal/") for f in ours)
+    publish(composed, out, eval_splits=False)  # no export, no arrow copy, no validation/test files this time
+    assert not (out / "speechgpt" / "stage1" / "train.txt").exists() and not (out / "arrow").exists()
+    assert not list((out / "data").rglob("validation-*.parquet"))
+    assert (out / "data" / "mine" / "important.parquet").read_bytes() == b"user data"
+    assert validate(out).ok
+
+
+def test_a_single_license_republish_removes_only_its_own_license_file(units_dir, composed, tmp_path):
+    out = tmp_path / "d"
+    publish(composed, out)  # two sources: LICENSE.md written
+    assert (out / "LICENSE.md").is_file()
+    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal", quiet=True)
+    publish(tmp_path / "c", out)  # one Hub license: publish's LICENSE.md goes
+    assert not (out / "LICENSE.md").exists()
+
+
+def test_a_folder_published_before_the_list_existed_is_still_publishs(composed, tmp_path):
+    out = tmp_path / "old"
+    publish(composed, out, speechgpt_files=True)
+    (out / ".speechinstruct-publish.json").unlink()  # as an earlier release left it
+    publish(composed, out)
+    assert not (out / "speechgpt" / "stage1" / "train.txt").exists() and validate(out).ok
+
+
+def test_markup_from_sources_is_escaped_in_the_card_and_license_file(composed, tmp_path):
+    from speechinstruct.publish import cell, licenses_file
+
+    assert cell("<script>alert(1)</script> | x") == "&lt;script&gt;alert(1)&lt;/script&gt; \\| x"
+    meta = {"sources": [{"corpus": "evil<img src=x onerror=alert(1)>", "license": "<b>mine</b>", "records": {"cross_modal": 1}}]}
+    text = licenses_file(meta)
+    assert "<img" not in text and "<b>" not in text and "&lt;b&gt;mine&lt;/b&gt;" in text
+    publish(composed, tmp_path / "d", name="<script>x</script>")
+    body = (tmp_path / "d" / "README.md").read_text().split("\n---\n", 1)[1]  # the Markdown the Hub renders
+    assert "<script>" not in body and "# &lt;script&gt;x&lt;/script&gt;" in body
+
+
+def test_push_to_an_unreachable_hub_is_one_line(composed, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "s" * 30)
+    result = runner.invoke(app, ["publish", str(composed), str(tmp_path / "ds"), "--push-to-hub", "user/x", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "could not push" in result.stderr and "127.0.0.1:9" in result.stderr and "Traceback" not in result.output
+    assert "s" * 30 not in result.output and (tmp_path / "ds" / "README.md").is_file()

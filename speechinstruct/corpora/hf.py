@@ -175,7 +175,7 @@ def card_license(root: Path) -> str | None:
 
 _MARKUP = re.compile(r"[<>]")
 # BCP-47-like language codes as the Hub's cards hold them: en, en-US, zh_Hans, yue
-_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 
 
 def card_languages(root: str | Path, **_) -> list[str]:
@@ -183,7 +183,7 @@ def card_languages(root: str | Path, **_) -> list[str]:
     (numbers, markup) are left out."""
     value = _card(root).get("language")
     values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return [v for v in values if isinstance(v, str) and _LANGUAGE.fullmatch(v)]
+    return [v for v in values if isinstance(v, str) and LANGUAGE_CODE.fullmatch(v)]
 
 
 def _parquet_rows(path: Path) -> int:
