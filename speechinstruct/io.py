@@ -1,7 +1,10 @@
 """Crash-safe file output: everything is written under a temporary name, fsynced, then renamed.
 
 A reader therefore sees a file either complete or not at all; a killed run leaves at most ``.*.tmp-*``
-files behind, which the next run of the same stage (or of the same shard) deletes. Files get the usual
+files behind, which the next run of the same stage (or of the same shard) deletes. Each temporary name
+carries its writer's host and process id (``.NAME.tmp-HOST-PID-XXXX``), and only temporary files whose writer
+is no longer alive are deleted (:func:`remove_stale_temps`): two runs on one folder never delete each other's
+live files. Files get the usual
 permissions (0666 less the umask, so 0644 by default), not ``mkstemp``'s private 0600: a dataset written on
 a shared cluster is readable by those the umask lets read it.
 """
@@ -12,6 +15,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -24,12 +29,44 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+_TEMP_OWNER = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[^-]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, pattern: str = ".*.tmp-*", recursive: bool = False) -> int:
+    """Delete the temporary files under ``folder`` (matching ``pattern``) whose writer is dead: written on
+    this host by a process that no longer runs, or named as releases before the owner was in the name did.
+    A live writer's files, and those of another host (its processes cannot be seen from here), are kept."""
+    folder, removed = Path(folder), 0
+    for tmp in (folder.rglob(pattern) if recursive else folder.glob(pattern)):
+        if not tmp.is_file():
+            continue
+        owner = _TEMP_OWNER.search(tmp.name)
+        if owner:
+            pid = int(owner["pid"])
+            if owner["host"] != _HOST or pid == os.getpid() or _alive(pid):
+                continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .io import sha256_file, sha256_json, write_json
+from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
 
 
@@ -48,9 +48,7 @@ class Runner:
         if stamp and (stamp.get("hash") != digest or self.force):
             _clear(out, keep=set(foreign))
         out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.rglob(".*.tmp-*"):  # half-written files of a killed run
-            if leftover.is_file():
-                leftover.unlink()
+        remove_stale_temps(out, recursive=True)  # half-written files of a killed run
         done.unlink(missing_ok=True)
         write_json(pending, {"hash": digest, "foreign": foreign})
         self._say(f"{label} → {out}")

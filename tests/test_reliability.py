@@ -205,6 +205,48 @@ def test_stale_temp_files_of_a_killed_job_are_removed(librispeech_root, tmp_path
     assert (out / "features-00000.arrow").is_file()
 
 
+def test_a_second_extract_never_deletes_a_live_runs_temporary_files(librispeech_root, tmp_path):
+    """Two extract runs on one shard: the second one's clean-up leaves the first's live temporary file (its
+    writer's host and pid are in the name, and that process runs), and removes a dead writer's."""
+    import socket
+
+    from speechinstruct.io import atomic_path
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    out = tmp_path / "f"
+    out.mkdir()
+    with atomic_path(out / "probe.txt") as tmp:
+        host = re.search(r"\.tmp-(.+)-(\d+)-", tmp.name).group(1)
+        assert int(re.search(r"\.tmp-(.+)-(\d+)-", tmp.name).group(2)) == os.getpid()
+        assert host == re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        first = out / f".features-00000.arrow.tmp-{host}-{live.pid}-k2j4x9ab"  # the first run, still writing
+        gone = out / f".features-00000.arrow.tmp-{host}-{dead.pid}-q8w7e6rt"  # a killed run's
+        remote = out / f".features-00000.arrow.tmp-otherhost-{dead.pid}-z1x2c3v4"  # a live run elsewhere, maybe
+        for f in (first, gone, remote):
+            f.write_bytes(b"half written")
+        extract(tmp_path / "m", out, MFCC(), quiet=True)
+        assert first.read_bytes() == b"half written" and remote.exists() and not gone.exists()
+        assert (out / "features-00000.arrow").is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_two_extract_processes_on_one_shard_both_finish(librispeech_root, tmp_path):
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    cmd = [sys.executable, "-m", "speechinstruct.cli", "extract", str(tmp_path / "m"), str(tmp_path / "f"), "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert (tmp_path / "f" / "features-00000.arrow").is_file()
+    assert not list((tmp_path / "f").glob(".*.tmp-*"))
+
+
 @pytest.mark.parametrize("threads,expected", [(None, "1 1 PASSIVE"), (2, "2 2 PASSIVE")])
 def test_thread_counts_follow_the_cpus_we_may_use(threads, expected):
     """Pinned to one CPU (as taskset or SLURM would), FAISS's OpenMP and torch use one thread, and OpenMP
@@ -223,3 +265,18 @@ def test_the_user_environment_wins():
     env = {**os.environ, "OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "3 ACTIVE"
+
+
+def test_run_keeps_the_users_files_in_an_existing_dataset_folder(tmp_path):
+    """`output.dataset` pointed at a folder of the user's: their files survive the first publish and a later
+    one that the recipe's change forces (the stage clears only its own files, publish deletes only its own)."""
+    mine = tmp_path / "shared-dataset"
+    (mine / "data" / "mine").mkdir(parents=True)
+    (mine / "data" / "mine" / "important.parquet").write_bytes(b"user data")
+    (mine / "notes.md").write_text("mine\n")
+    recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work", output={"dataset": str(mine), "vocoder": "none"})
+    assert run(recipe, quiet=True)["valid"]
+    tiny_recipe(tmp_path / "r.yaml", tmp_path / "work", name="renamed", output={"dataset": str(mine), "vocoder": "none"})
+    assert run(recipe, quiet=True)["valid"]
+    assert (mine / "data" / "mine" / "important.parquet").read_bytes() == b"user data"
+    assert (mine / "notes.md").read_text() == "mine\n" and "# renamed" in (mine / "README.md").read_text()
