@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .io import atomic_path, write_json, write_text
+from .shardfiles import read_dataset_meta
 from .units import folder_k
 
 
@@ -220,10 +221,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     units = Path(units) if units is not None else None
     if units is not None and not (units / "units.json").is_file():
         raise FileNotFoundError(f"{units}: no units.json: not a units folder (quantize or extract --kmeans output)")
-    meta_path = dataset / "speechinstruct.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: missing: not a dataset written by `speechinstruct publish`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_dataset_meta(dataset)
     out.mkdir(parents=True, exist_ok=True)
     k = folder_k(dataset) or 0
     plots: list[tuple[str, str]] = []  # (file, caption)

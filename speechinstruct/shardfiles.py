@@ -98,6 +98,44 @@ def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
         write_json(meta, spec)
 
 
+# ------------------------------------------------------------------------- a published dataset's metadata
+# The keys of ``speechinstruct.json`` (publish writes it) that other stages read, and the JSON type of each.
+DATASET_META_TYPES = {"name": str, "pipeline_version": str, "counts": dict, "hours": dict, "sources": list,
+                      "by_kind": dict, "extractor": dict, "kmeans": dict, "templates": dict, "languages": list}
+DATASET_META_REQUIRED = ("name", "pipeline_version", "counts", "hours", "sources", "extractor")
+
+
+def read_dataset_meta(folder: str | Path) -> dict:
+    """``speechinstruct.json`` of a published dataset, checked: a JSON object whose keys have the types publish
+    writes (``k`` an integer or null, ``counts`` {config: {split: count}}); one line naming the file and the
+    key otherwise (an edited or damaged file), never an AttributeError later."""
+    path = Path(folder) / "speechinstruct.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing: not a dataset written by `speechinstruct publish`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); publish the dataset again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {type(meta).__name__}; publish the dataset again")
+    for key, kind in DATASET_META_TYPES.items():
+        if key not in meta and key in DATASET_META_REQUIRED:
+            raise ValueError(f"{path}: no {key!r}: not as publish writes it; publish the dataset again")
+        if key in meta and not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: {key!r} must be a JSON {'object' if kind is dict else kind.__name__}, "
+                             f"got {type(meta[key]).__name__}; publish the dataset again")
+    k = meta.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"{path}: 'k' must be a positive integer, got {k!r}; publish the dataset again")
+    for config, splits in (meta.get("counts") or {}).items():
+        if not isinstance(splits, dict) or not all(isinstance(n, int) for n in splits.values()):
+            raise ValueError(f"{path}: counts[{config!r}] must map splits to record counts; publish the dataset again")
+    for i, source in enumerate(meta.get("sources") or []):
+        if not isinstance(source, dict) or not isinstance(source.get("records", {}), dict):
+            raise ValueError(f"{path}: sources[{i}] must be an object with corpus, license and records")
+    return meta
+
+
 # ---------------------------------------------------------------------------------- feature file format
 def feature_schema(dim: int, float16: bool) -> pa.Schema:
     value = pa.float16() if float16 else pa.float32()

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -188,16 +190,33 @@ def packed_blocks(tokenizer, texts: list[str], block_size: int) -> list[dict]:
             for i in range(0, len(stream), block_size)]
 
 
-def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, split: str = "train") -> list[dict]:
-    """Examples of one split of the stage's config (an empty list when the dataset has no such split)."""
+def load_split(data: str | Path, config: str, split: str):
+    """One split of a published dataset's config with ``datasets``, or None for a missing eval split. A card
+    whose recorded sizes no longer match the files (a user filtered the Parquet files) loads without the size
+    check, with a warning saying which split and how to refresh the card, instead of ``datasets``' error."""
     import datasets
+    from datasets.exceptions import NonMatchingSplitsSizesError
 
     try:
-        ds = datasets.load_dataset(str(data), CONFIG_FOR_STAGE[stage], split=split)
+        try:
+            return datasets.load_dataset(str(data), config, split=split)
+        except NonMatchingSplitsSizesError as e:
+            found = re.findall(r"SplitInfo\(name='(\w+)'", str(e))
+            print(f"warning: {data}: the card's sizes of {config} ({', '.join(dict.fromkeys(found)) or 'a split'}) no "
+                  "longer match its data files; loading without the size check (run `speechinstruct publish` "
+                  "again to refresh the card)", file=sys.stderr, flush=True)
+            return datasets.load_dataset(str(data), config, split=split, verification_mode="no_checks")
     except ValueError as e:
         if split != "train" and "Unknown split" in str(e):
-            return []
+            return None
         raise
+
+
+def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, split: str = "train") -> list[dict]:
+    """Examples of one split of the stage's config (an empty list when the dataset has no such split)."""
+    ds = load_split(data, CONFIG_FOR_STAGE[stage], split)
+    if ds is None:
+        return []
     if stage == 1:
         return packed_blocks(tokenizer, ds["text"], cfg.block_size) if len(ds) else []
     examples = [supervised_example(tokenizer, r["prefix"], r["plain_text"], cfg.max_length, cfg.mask) for r in ds]

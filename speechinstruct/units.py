@@ -82,11 +82,20 @@ def load_kmeans(path: str | Path) -> KMeans:
 def folder_k(folder: str | Path) -> int | None:
     """K of the units in a published dataset (``speechinstruct.json``) or a units folder (``units.json``), or
     None when the folder records none."""
+    from .shardfiles import read_dataset_meta
+
     folder = Path(folder)
-    for meta, key in ((folder / "speechinstruct.json", "k"), (folder / "units.json", "kmeans")):
-        if meta.is_file():
-            value = json.loads(meta.read_text()).get(key)
-            return value.get("k") if isinstance(value, dict) else value
+    if (folder / "speechinstruct.json").is_file():
+        return read_dataset_meta(folder).get("k")
+    spec = folder / "units.json"
+    if spec.is_file():
+        try:
+            value = json.loads(spec.read_text())
+        except ValueError as e:
+            raise ValueError(f"{spec}: not valid JSON ({e})") from None
+        value = value.get("kmeans") if isinstance(value, dict) else None
+        k = value.get("k") if isinstance(value, dict) else None
+        return k if isinstance(k, int) and not isinstance(k, bool) else None
     return None
 
 

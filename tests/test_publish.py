@@ -344,3 +344,35 @@ def test_push_to_an_unreachable_hub_is_one_line(composed, tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
     assert "could not push" in result.stderr and "127.0.0.1:9" in result.stderr and "Traceback" not in result.output
     assert "s" * 30 not in result.output and (tmp_path / "ds" / "README.md").is_file()
+
+
+def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(dataset, tmp_path):
+    meta = json.loads((dataset / "speechinstruct.json").read_text())
+    for edit, message in ((lambda m: {**m, "counts": [1, 2]}, "'counts' must be a JSON object, got list"),
+                          (lambda m: {**m, "k": "eight"}, "'k' must be a positive integer"),
+                          (lambda m: [m], "must be a JSON object, got list"),
+                          (lambda m: {k: v for k, v in m.items() if k != "hours"}, "no 'hours'")):
+        (dataset / "speechinstruct.json").write_text(json.dumps(edit(meta)))
+        for cmd in (["report", str(dataset), str(tmp_path / "r")], ["validate", str(dataset)]):
+            result = runner.invoke(app, cmd)
+            assert result.exit_code == 2, (cmd, result.output)
+            assert "speechinstruct.json" in result.stderr and message in result.stderr, result.stderr
+    (dataset / "speechinstruct.json").write_text("{not json")
+    result = runner.invoke(app, ["validate", str(dataset)])
+    assert result.exit_code == 2 and "speechinstruct.json: not valid JSON" in result.stderr
+
+
+def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, capsys, tmp_path, monkeypatch):
+    """A user drops rows from a Parquet file: the card's dataset_info sizes no longer match. Training loads it
+    without the size check and says which split, instead of datasets' NonMatchingSplitsSizesError."""
+    from speechinstruct.train import load_split
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not another test's cached copy
+    files = sorted((dataset / "data" / "cross_modal").glob("train-*.parquet"))
+    before = sum(pq.read_metadata(f).num_rows for f in files)
+    pq.write_table(pq.read_table(files[0]).slice(0, 1), files[0])
+    ds = load_split(dataset, "cross_modal", "train")
+    after = sum(pq.read_metadata(f).num_rows for f in files)
+    assert after < before and len(ds) == after
+    err = capsys.readouterr().err
+    assert "sizes of cross_modal (train) no longer match" in err and "publish" in err
