@@ -188,11 +188,10 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
         write_text(target.parent / f"errors-{shard_suffix(target)}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
 
     if kmeans is not None:
-        writer = UnitWriter(SpeechEncoder(kmeans))
-        for row, value in good(bar):
-            writer.add(row, value)
-        write_errors()
-        writer.write(target)
+        with UnitWriter(SpeechEncoder(kmeans), target) as writer:
+            for row, value in good(bar):
+                writer.add(row, value)
+            write_errors()
     else:
         schema = feature_schema(dim, float16)
         with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as ipc:

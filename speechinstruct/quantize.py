@@ -15,27 +15,39 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import records
-from .io import write_json, write_parquet
+from .io import parquet_rows, write_json
 from .shardfiles import (check_spec, feature_files, iter_features, kmeans_spec, select_shards, shard_output, shard_suffix,
                          unit_files)
 from .units import KMeans, SpeechEncoder, to_text
 
 
 class UnitWriter:
-    """Collects one shard's unit rows; ``write`` puts them in a Parquet file atomically."""
+    """Writes one shard's unit rows to a Parquet file as they come, a row group (``ROWS_PER_GROUP`` rows) at
+    a time, on a temporary name renamed into place when the ``with`` block ends (deleted if it fails)::
 
-    def __init__(self, encoder: SpeechEncoder):
-        self.encoder = encoder
-        self.rows: list[dict] = []
+        with UnitWriter(encoder, path) as writer:
+            writer.add(manifest_row, features)
+    """
+
+    ROWS_PER_GROUP = 4096
+
+    def __init__(self, encoder: SpeechEncoder, path: Path):
+        self.encoder, self.path = encoder, Path(path)
+
+    def __enter__(self) -> "UnitWriter":
+        self._context = parquet_rows(self.path, records.arrow_schema("units"), lambda rows: records.to_table("units", rows),
+                                     rows_per_group=self.ROWS_PER_GROUP)
+        self._sink = self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._context.__exit__(*exc)
 
     def add(self, manifest_row: dict, value: np.ndarray) -> None:
         """``value``: one utterance's (frames, dim) features, or its unit labels (1-D) already assigned."""
         encoded = self.encoder.merge(value) if value.ndim == 1 else self.encoder.quantize(value)
-        self.rows.append({**manifest_row, "units": encoded.units.tolist(), "durations": encoded.durations.tolist(),
-                          "n_frames": encoded.n_frames, "unit_text": to_text(encoded.units)})
-
-    def write(self, path: Path) -> None:
-        write_parquet(path, records.to_table("units", self.rows))
+        self._sink.add({**manifest_row, "units": encoded.units.tolist(), "durations": encoded.durations.tolist(),
+                        "n_frames": encoded.n_frames, "unit_text": to_text(encoded.units)})
 
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
@@ -55,10 +67,10 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
             continue
         manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in pq.read_table(manifest_shard).to_pylist()}
-        writer = UnitWriter(SpeechEncoder(kmeans))
-        for uid, f in tqdm(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt", disable=quiet):
-            writer.add(rows[uid], f)  # one utterance's features at a time: memory does not grow with the shard
-        writer.write(target)
+        # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
+        with UnitWriter(SpeechEncoder(kmeans), target) as writer:
+            for uid, f in tqdm(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt", disable=quiet):
+                writer.add(rows[uid], f)
         done += 1
     return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
 
