@@ -38,14 +38,36 @@ def test_cross_modal_exact_shapes(units_dir, tmp_path):
         assert r["corpus"] == "librispeech" and r["license"] == "CC-BY-4.0" and len(r["content_hash"]) == 64
 
 
+def many_units(units_dir, folder, n=300):
+    """A units folder of ``n`` utterances: the fixture's rows repeated under new ids (compose reads only the
+    rows and units.json)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    shutil.copy(units_dir / "units.json", folder / "units.json")
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(units_dir.glob("units-*.parquet"))])
+    rows = [{**table.slice(i % table.num_rows, 1).to_pylist()[0], "id": f"many/{i:04d}"} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), folder / "units-00000.parquet")
+    return folder
+
+
 def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
     compose.cross_modal(units_dir, tmp_path / "a", mode="random", quiet=True)
     compose.cross_modal(units_dir, tmp_path / "b", mode="random", quiet=True)
     for fa, fb in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "b").glob("*.parquet"))):
         assert fa.read_bytes() == fb.read_bytes()
-    draws = lambda seed: [compose._draw(seed, "template", "asr", f"u{i}") % 100 for i in range(50)]  # noqa: E731
-    assert draws(0) == draws(0) and draws(0) != draws(7)
     assert len(read(tmp_path / "a")) == 4
+    # another seed draws other tasks and templates for the same utterances
+    many = many_units(units_dir, tmp_path / "many", n=60)
+    choices = {}
+    for seed in (0, 7):
+        compose.cross_modal(many, tmp_path / f"s{seed}", mode="random", seed=seed, quiet=True)
+        choices[seed] = sorted((r["source_id"], r["task"], r["template_id"]) for r in read(tmp_path / f"s{seed}"))
+    assert [c[0] for c in choices[0]] == [c[0] for c in choices[7]]
+    assert sum(a != b for a, b in zip(choices[0], choices[7])) > 30
 
 
 def test_templates_are_many_and_varied():
@@ -59,9 +81,12 @@ def test_templates_are_many_and_varied():
         assert len({t.split()[0].lower() for t in texts}) >= 20  # many different openings
 
 
-def test_template_choice_spreads_over_the_set():
-    draws = {compose._draw(0, "template", "asr", f"utt-{i}") % 108 for i in range(500)}
-    assert len(draws) > 90
+def test_template_choice_spreads_over_the_set(units_dir, tmp_path):
+    """300 ASR records draw from the whole set of 100-odd templates (about 101 distinct expected)."""
+    many = many_units(units_dir, tmp_path / "many", n=300)
+    compose.cross_modal(many, tmp_path / "cm", mode="asr", quiet=True)
+    used = {r["template_id"] for r in read(tmp_path / "cm")}
+    assert len(used) > 85 and len(used) <= len(templates.builtin("asr")["templates"])
 
 
 def test_pretrain_split(units_dir, tmp_path):

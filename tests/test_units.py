@@ -27,6 +27,8 @@ def test_faiss_kmeans_recovers_separated_clusters():
 def test_fit_is_seeded():
     x, _, _ = blobs(seed=1)
     np.testing.assert_array_equal(cluster.fit(x, 4, seed=3), cluster.fit(x, 4, seed=3))
+    # the seed is used: other seeds start from other samples, so the centroids come out otherwise (in order at least)
+    assert any(not np.array_equal(cluster.fit(x, 4, seed=3), cluster.fit(x, 4, seed=s)) for s in (4, 5, 6))
 
 
 def test_fairseq_joblib_kmeans_matches_sklearn(tmp_path):
