@@ -24,12 +24,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import audio
 from .features import Extractor
-from .io import atomic_path, remove_stale_temps, safe_join, write_text
+from .io import atomic_path, read_table, remove_stale_temps, safe_join, write_text
 from .quantize import UnitWriter
 from .shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                          select_shards, shard_output, shard_suffix)
@@ -153,7 +152,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
             stats["shards_skipped"] += 1
             continue
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
-        rows = pq.read_table(shard).to_pylist()
+        rows = read_table(shard).to_pylist()
         shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
                                   extractor.frame_rate, float16, kmeans, quiet)
         stats["shards_done"] += 1

@@ -145,10 +145,28 @@ def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_
         sink.flush()
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Name ``path`` in pyarrow's errors: a truncated or foreign Parquet/Arrow file otherwise says only
+    "Parquet magic bytes not found in footer", naming no file."""
+    try:
+        yield
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: unreadable {Path(path).suffix.lstrip('.') or 'data'} file, truncated or not one "
+                         f"({e}); rerun the stage that wrote it") from None
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """A whole Parquet file (``pq.read_table``), its path named in any error."""
+    with naming(path):
+        return pq.read_table(path, columns=columns)
+
+
 def iter_rows(path: str | os.PathLike, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[dict]:
     """The rows of a Parquet file as dicts, one record batch in memory at a time."""
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-        yield from batch.to_pylist()
+    with naming(path):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+            yield from batch.to_pylist()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import records
-from .io import parquet_rows, write_json
+from .io import parquet_rows, read_table, write_json
 from .shardfiles import (check_spec, feature_files, iter_features, kmeans_spec, select_shards, shard_output, shard_suffix,
                          unit_files)
 from .units import KMeans, SpeechEncoder, to_text
@@ -66,7 +65,7 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
             skipped += 1
             continue
         manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
-        rows = {r["id"]: r for r in pq.read_table(manifest_shard).to_pylist()}
+        rows = {r["id"]: r for r in read_table(manifest_shard).to_pylist()}
         # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
         with UnitWriter(SpeechEncoder(kmeans), target) as writer:
             for uid, f in tqdm(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt", disable=quiet):
@@ -83,7 +82,7 @@ def unit_stats(folder: str | Path, k: int) -> dict:
     seconds = 0.0
     utterances = 0
     for path in unit_files(folder):
-        table = pq.read_table(path, columns=["units", "n_frames", "duration"])
+        table = read_table(path, columns=["units", "n_frames", "duration"])
         flat = table.column("units").combine_chunks().flatten().to_numpy()
         histogram += np.bincount(flat, minlength=k)[:k]
         merged += flat.size

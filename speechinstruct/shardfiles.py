@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from .io import write_json
+from .io import naming, write_json
 
 
 # ------------------------------------------------------------------------------------------ listing files
@@ -152,7 +152,8 @@ def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array
 
 def read_frames(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Ids, frame offsets (len(ids) + 1) and all frames (total, dim) of one feature file, memory-mapped."""
-    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    with naming(path):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
     col = table.column("features").combine_chunks()
     flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.value_type.list_size)
     return table.column("id").to_pylist(), col.offsets.to_numpy(), flat
@@ -162,7 +163,8 @@ def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     """(id, (frames, dim) float32) per utterance of one feature file, record batch by record batch from a
     memory map: memory holds one utterance's float32 copy at most (none for float32 files), whatever the
     shard's size."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    with naming(path):
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
     for b in range(reader.num_record_batches):
         batch = reader.get_batch(b)
         col = batch.column(batch.schema.get_field_index("features"))

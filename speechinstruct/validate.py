@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from . import records
 from .compose import com_text, cross_modal_text
+from .io import naming, read_table
 from .records import find_markup
 from .units import folder_k, to_text
 
@@ -140,7 +141,8 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
 def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:
     """(config, kind, files) to check."""
     if path.is_file():
-        kind = (pq.read_schema(path).metadata or {}).get(b"speechinstruct.kind", b"").decode()
+        with naming(path):
+            kind = (pq.read_schema(path).metadata or {}).get(b"speechinstruct.kind", b"").decode()
         if kind not in records.KINDS:
             raise ValueError(f"{path}: not a speechinstruct Parquet file (no speechinstruct.kind in its schema)")
         return [(path.name, kind, [path])]
@@ -167,7 +169,7 @@ def validate(path: str | Path, k: int | None = None, max_examples: int = 50) -> 
         report.records[config] = report.failed[config] = 0
         for f in files:
             rel = f.relative_to(path) if f != path and path in f.parents else f.name
-            for i, rec in enumerate(pq.read_table(f).to_pylist()):
+            for i, rec in enumerate(read_table(f).to_pylist()):
                 report.records[config] += 1
                 errors = check_record(kind, rec, report.k)
                 if rec.get("id") in seen:

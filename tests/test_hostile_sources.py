@@ -217,3 +217,25 @@ def test_unreadable_parquet_or_arrow_name_their_file(tmp_path):
     summary = shard_corpus("hf", hub, tmp_path / "m2", quiet=True)
     assert summary["skipped"] == {"unreadable data file": 1}
     assert summary["skipped_examples"][0]["path"] == "data/train-00000-of-00001.parquet"
+
+
+def test_truncated_stage_files_are_named_in_the_error(librispeech_root, tmp_path):
+    """pyarrow says only "Parquet magic bytes not found in footer": every stage names the file."""
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    extract(tmp_path / "m", tmp_path / "f", MFCC(), quiet=True)
+    from speechinstruct.cluster import cluster
+
+    cluster(tmp_path / "f", tmp_path / "km", k=4, quiet=True)
+    feats = tmp_path / "f" / "features-00000.arrow"
+    feats.write_bytes(feats.read_bytes()[:300])
+    result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km"), str(tmp_path / "u"), "-q"])
+    assert result.exit_code == 2 and "features-00000.arrow: unreadable arrow file" in result.stderr
+    manifest = tmp_path / "m" / "manifest-00000.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:-40])
+    result = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f2"), "-q"])
+    assert result.exit_code == 2 and "manifest-00000.parquet: unreadable parquet file" in result.stderr
+    result = runner.invoke(app, ["validate", str(manifest)])
+    assert result.exit_code == 2 and "manifest-00000.parquet: unreadable parquet file" in result.stderr
