@@ -134,8 +134,13 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[pq.Pa
         yield writer
 
 
+# Rows the streaming readers and writers hold as Python dicts at a time: a stage's working set is bounded by
+# this many rows, whatever the shard's size (python -m benchmarks --only memory measures it).
+ROWS_AT_A_TIME = 256
+
+
 @contextlib.contextmanager
-def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_group: int = 4096) -> Iterator[_Rows]:
+def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_group: int = ROWS_AT_A_TIME) -> Iterator[_Rows]:
     """``sink.add(row)`` writes rows to ``path`` as they come, a row group at a time (``parquet_writer``):
     memory holds one row group, not the file. ``to_table`` turns a list of row dicts into a table of
     ``schema`` (``records.to_table``)."""
@@ -162,7 +167,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
         return pq.read_table(path, columns=columns)
 
 
-def iter_rows(path: str | os.PathLike, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[dict]:
+def iter_rows(path: str | os.PathLike, batch_size: int = ROWS_AT_A_TIME, columns: list[str] | None = None) -> Iterator[dict]:
     """The rows of a Parquet file as dicts, one record batch in memory at a time."""
     with naming(path):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):

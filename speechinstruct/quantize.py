@@ -21,21 +21,18 @@ from .units import KMeans, SpeechEncoder, to_text
 
 
 class UnitWriter:
-    """Writes one shard's unit rows to a Parquet file as they come, a row group (``ROWS_PER_GROUP`` rows) at
-    a time, on a temporary name renamed into place when the ``with`` block ends (deleted if it fails)::
+    """Writes one shard's unit rows to a Parquet file as they come, a row group (``io.ROWS_AT_A_TIME`` rows)
+    at a time, on a temporary name renamed into place when the ``with`` block ends (deleted if it fails)::
 
         with UnitWriter(encoder, path) as writer:
             writer.add(manifest_row, features)
     """
 
-    ROWS_PER_GROUP = 4096
-
     def __init__(self, encoder: SpeechEncoder, path: Path):
         self.encoder, self.path = encoder, Path(path)
 
     def __enter__(self) -> "UnitWriter":
-        self._context = parquet_rows(self.path, records.arrow_schema("units"), lambda rows: records.to_table("units", rows),
-                                     rows_per_group=self.ROWS_PER_GROUP)
+        self._context = parquet_rows(self.path, records.arrow_schema("units"), lambda rows: records.to_table("units", rows))
         self._sink = self._context.__enter__()
         return self
 
