@@ -34,6 +34,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -156,9 +158,10 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     by_split: collections.Counter[str] = collections.Counter()
     for split in HF_SPLIT.values():  # all shards, not just this run's
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
-            tasks = pq.read_table(f, columns=["task"]).column("task").to_pylist()
+            tasks = pq.read_table(f, columns=["task"]).column("task")  # counted in Arrow, not as a Python list
             by_split[split] += len(tasks)
-            counts.update(tasks)
+            for pair in pa.compute.value_counts(tasks).to_pylist():
+                counts[pair["values"]] += pair["counts"]
     summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
                "dropped_examples": dropped[:200]}
