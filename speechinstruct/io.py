@@ -174,6 +174,19 @@ def iter_rows(path: str | os.PathLike, batch_size: int = ROWS_AT_A_TIME, columns
             yield from batch.to_pylist()
 
 
+def read_json(path: str | os.PathLike, kind: type = dict, hint: str = ""):
+    """A JSON file that must hold a ``kind`` (dict or list); one line naming the file otherwise (``hint``: what
+    to do about it, appended)."""
+    names = {dict: "object", list: "array"}
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: must be a JSON {names.get(kind, kind.__name__)}, got {type(value).__name__}{hint}")
+    return value
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

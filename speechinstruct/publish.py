@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import __version__, records
 from .corpora.hf import LANGUAGE_CODE
-from .io import atomic_path, parquet_writer, write_json, write_parquet, write_text
+from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
@@ -149,11 +149,7 @@ def owned_files(out: Path) -> set[str]:
     existed (its ``speechinstruct.json`` says ``pipeline_version``) owns the files of publish's layout."""
     listed = out / OWNED_LIST
     if listed.is_file():
-        try:
-            files = json.loads(listed.read_text()).get("files")
-        except (ValueError, AttributeError, OSError) as e:
-            raise ValueError(f"{listed}: unreadable list of published files ({e}); delete it and every file "
-                             "publish wrote, or publish into a new folder") from None
+        files = read_json(listed, dict, "; delete it and every file publish wrote, or publish into a new folder").get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError(f"{listed}: 'files' is not a list of paths; publish into a new folder")
         return set(files)

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from .io import naming, write_json
+from .io import naming, read_json, write_json
 
 
 # ------------------------------------------------------------------------------------------ listing files
@@ -112,12 +112,7 @@ def read_dataset_meta(folder: str | Path) -> dict:
     path = Path(folder) / "speechinstruct.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing: not a dataset written by `speechinstruct publish`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); publish the dataset again") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: must be a JSON object, got {type(meta).__name__}; publish the dataset again")
+    meta = read_json(path, dict, "; publish the dataset again")
     for key, kind in DATASET_META_TYPES.items():
         if key not in meta and key in DATASET_META_REQUIRED:
             raise ValueError(f"{path}: no {key!r}: not as publish writes it; publish the dataset again")

@@ -73,11 +73,11 @@ def test_save_to_disk_metadata_naming_files_outside_root_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("file, content, message", [
-    ("dataset_dict.json", "[1, 2]", "must be a JSON dict, got list"),
+    ("dataset_dict.json", "[1, 2]", "must be a JSON object, got list"),
     ("dataset_dict.json", '{"splits": "train"}', "'splits' must be a list of split names"),
     ("dataset_dict.json", '{"splits": [1]}', "'splits' must be a list of split names"),
     ("dataset_dict.json", '{"splits": ["train",}', "not valid JSON"),
-    ("train/state.json", "[1, 2]", "must be a JSON dict, got list"),
+    ("train/state.json", "[1, 2]", "must be a JSON object, got list"),
     ("train/state.json", '{"_data_files": ["data-00000-of-00001.arrow"]}', "'_data_files' must be a list of"),
     ("train/state.json", '{"_data_files": [{"filename": 7}]}', "7 is not a file or folder name"),
     ("train/state.json", '{"_data_files": [{"filename": "a.arrow"},}', "not valid JSON"),
@@ -94,7 +94,7 @@ def test_single_split_save_to_disk_with_a_wrong_dataset_info(tmp_path):
     datasets.Dataset.from_dict(hf_rows(2, 0, "train")).save_to_disk(str(tmp_path / "one"))
     (tmp_path / "one" / "dataset_info.json").write_text("[]")
     result = shard_cli("hf", tmp_path / "one", tmp_path / "m")
-    assert result.exit_code == 2 and "dataset_info.json: the file must be a JSON dict, got list" in result.stderr
+    assert result.exit_code == 2 and "dataset_info.json: must be a JSON object, got list" in result.stderr
     (tmp_path / "one" / "dataset_info.json").write_text('{"split": 3}')
     assert "'split' must be a name, got 3" in shard_cli("hf", tmp_path / "one", tmp_path / "m").stderr
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
-from ..io import safe_join
+from ..io import read_json, safe_join
 from . import Item, Skip, relpath, split_of
 
 NAME = "hf"
@@ -76,17 +76,6 @@ def local_folder(source: str | Path) -> Path:
     return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.parquet", "README.md"]))
 
 
-def _json(path: Path, kind: type, what: str):
-    """A ``datasets`` metadata file, which must hold a JSON ``kind``; one clear line naming it otherwise."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{path}: {what} must be a JSON {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 def _inside(root: Path, relative, where: Path) -> Path:
     """``root/relative`` for a name a metadata file gives, refusing names that leave ``root``."""
     if not isinstance(relative, str) or not relative.strip():
@@ -102,14 +91,14 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
     metadata files give (splits, ``_data_files``) must stay inside ``root``."""
     dict_file = root / "dataset_dict.json"
     if dict_file.is_file():  # DatasetDict.save_to_disk: one folder per split
-        splits = _json(dict_file, dict, "the file").get("splits")
+        splits = read_json(dict_file).get("splits")
         if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
             raise ValueError(f"{dict_file}: 'splits' must be a list of split names (as save_to_disk writes it), "
                              f"got {splits!r}")
         return [(s, f) for s in splits for f in _arrow_files(_inside(root, s, dict_file), root)]
     if (root / "state.json").is_file():  # Dataset.save_to_disk: one split, named in dataset_info.json
         info_file = root / "dataset_info.json"
-        info = _json(info_file, dict, "the file") if info_file.is_file() else {}
+        info = read_json(info_file) if info_file.is_file() else {}
         split = info.get("split") or "train"
         if not isinstance(split, str):
             raise ValueError(f"{info_file}: 'split' must be a name, got {split!r}")
@@ -133,7 +122,7 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
 def _arrow_files(folder: Path, root: Path) -> list[Path]:
     state = folder / "state.json"
     if state.is_file():
-        entries = _json(state, dict, "the file").get("_data_files") or []
+        entries = read_json(state).get("_data_files") or []
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError(f"{state}: '_data_files' must be a list of {{\"filename\": …}} objects, got {entries!r}")
         names = [e.get("filename") for e in entries]
