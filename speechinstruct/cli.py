@@ -381,6 +381,45 @@ def publish(
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
 
+def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int):
+    from .score import DNSMOS, Judge, load_asr
+
+    if not dnsmos and not asr:
+        fail("nothing to score with: give --dnsmos, --asr MODEL or both")
+    judge_dnsmos = _run(DNSMOS, device=device) if dnsmos else None
+    judge_asr = _run(load_asr, asr, base_url=base_url, device=device, batch_size=batch_size) if asr else None
+    return Judge(judge_dnsmos, judge_asr)
+
+
+@app.command()
+def score(
+    source: Path = typer.Argument(..., help="A `shard` output (manifest-*.parquet) or a units folder (units-*.parquet)."),
+    out: Path = typer.Argument(..., help="Output folder for scores-*.parquet, errors-*.jsonl, score.json, summary.json."),
+    dnsmos: bool = typer.Option(False, "--dnsmos", help="DNSMOS P.835 (OVRL, SIG, BAK) and P.808, with the ONNX "
+                                "models inside the speechmos wheel (no download)."),
+    asr: Optional[str] = typer.Option(None, help="ASR round trip: a transformers ASR folder (Whisper, Moonshine, "
+                                      "wav2vec2/Parakeet CTC) or hub id; or a model name at --base-url (`openai`: whisper-1)."),
+    base_url: Optional[str] = typer.Option(None, help="An OpenAI-compatible server: score POSTs each clip to "
+                                           "{base-url}/audio/transcriptions (key from $OPENAI_API_KEY)."),
+    root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard` or `extract`)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    batch_size: int = typer.Option(8, min=1, help="ASR: clips per forward pass."),
+    workers: int = typer.Option(2, help="Audio decoding threads."),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
+    quiet: bool = Quiet,
+):
+    """Score every utterance: DNSMOS and/or the WER and CER of an ASR round trip; resumable per shard."""
+    from .score import score as run_score
+
+    judge = _judge(dnsmos, asr, base_url, _device(device), batch_size)
+    summary = _run(run_score, source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
+                   workers=workers, quiet=quiet)
+    for column in summary["scores"].values():
+        column.pop("histogram", None)
+    _print_json(summary)
+
+
 @app.command()
 def validate(
     dataset: Path = typer.Argument(..., help="A published dataset, a units/manifest folder, or one Parquet file."),
@@ -406,16 +445,25 @@ def report(
                                            "config.json) or, as a preview, an MFCC k-means folder."),
     samples: int = typer.Option(4, min=0, help="How many utterances to put in the listening table."),
     work: Optional[Path] = typer.Option(None, help="The `run` workdir that built the dataset: adds what each stage "
-                                        "dropped and why, and the stage timings."),
+                                        "dropped and why, the stage timings and the speech-quality scores."),
+    asr: Optional[str] = typer.Option(None, help="Transcribe each resynthesised sample with this ASR model (as `score "
+                                      "--asr`) and give its WER: how much of the words the units keep."),
+    base_url: Optional[str] = typer.Option(None, help="--asr at an OpenAI-compatible /audio/transcriptions server."),
 ):
     """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths, and
     samples to listen to (original and resynthesised, with their mel-cepstral distance)."""
     from .report import report as run_report
 
+    from .score import load_asr
+
     voice = _run(_load_vocoder, vocoder) if vocoder else None
-    result = _run(run_report, dataset, out, units=units, vocoder=voice, samples=samples, work=work)
+    if asr and voice is None:
+        fail("--asr scores the resynthesised samples: give --vocoder too")
+    judge = _run(load_asr, asr, base_url=base_url, device=_device("auto")) if asr else None
+    result = _run(run_report, dataset, out, units=units, vocoder=voice, samples=samples, work=work, asr=judge)
     extra = f", {result['samples']} samples" if result.get("samples") else ""
     mcd = f", resynthesis MCD {result['resynthesis_mcd_db']} dB" if "resynthesis_mcd_db" in result else ""
+    mcd += f", resynthesis WER {result['resynthesis_wer']}" if "resynthesis_wer" in result else ""
     typer.echo(f"report: {result['page']} ({len(result['plots'])} plots{extra}{mcd})")
 
 

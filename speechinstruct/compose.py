@@ -43,6 +43,7 @@ from . import __version__, records, templates as templates_mod
 from .audio import AudioError
 from .io import iter_rows, parquet_rows, write_json, write_parquet
 from .records import find_markup
+from .score import ScoreError
 from .shardfiles import select_shards, shard_suffix, unit_files
 from .units import SpeechEncoder, to_text
 
@@ -63,9 +64,14 @@ def _draw(seed: int, *parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\0".join([str(seed), *parts]).encode()).digest()[:8], "big")
 
 
+QUALITY_COLUMNS = ("dnsmos_ovrl", "wer", "cer")  # the scores a record carries (null when not scored)
+
+
 def finish(record: dict) -> dict:
-    """Add the prompt/completion pair (dialogue records), pipeline version and content hash (over every
-    other field)."""
+    """Add the prompt/completion pair (dialogue records), the score columns left unset (null), pipeline version
+    and content hash (over every other field)."""
+    for column in QUALITY_COLUMNS:
+        record.setdefault(column, None)
     if "plain_text" in record:
         record["prompt"], record["completion"] = record["prefix"], record["plain_text"]
     record["pipeline_version"] = __version__
@@ -107,14 +113,44 @@ def _unit_shards(units_dir: Path, num_shards: int = 1, shard_index: int = 0):
         yield shard_suffix(path), path
 
 
+class QualityGate:
+    """The scores of a units folder's utterances (a ``score`` output, shard by shard) and the gates they must
+    pass. ``check(suffix, id)`` → (score columns for the record, reason to drop or None). Without a scores
+    folder every utterance passes with null scores. Memory: one shard's scores at a time."""
+
+    def __init__(self, scores: str | Path | None = None, gates=None):
+        self.folder, self.gates = (Path(scores) if scores else None), gates
+        self._suffix, self._table = None, {}
+
+    def check(self, suffix: str, uid: str) -> tuple[dict, str | None]:
+        if self.folder is None:
+            return {}, None
+        if suffix != self._suffix:
+            from .score import read_scores
+
+            self._suffix, self._table = suffix, read_scores(self.folder, suffix)
+        found = self._table.get(uid)
+        columns = {c: found[c] for c in QUALITY_COLUMNS} if found else {}
+        reason = self.gates.reason(found) if self.gates is not None else None
+        if reason == "not scored":
+            reason = f"not scored (see {self.folder / f'errors-{suffix}.jsonl'})"
+        return columns, reason
+
+
+def _quality_drop(counts, dropped, uid: str, reason: str) -> None:
+    counts["dropped: quality: " + reason.split(" (")[0]] += 1
+    dropped.append({"where": uid, "reason": f"quality gate: {reason}"})
+
+
 # ------------------------------------------------------------------------------------------- cross-modal
 def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
                 tts_templates: dict | None = None, mode: str = "both", asr_fraction: float = 0.5,
                 prefix: str = DEFAULT_PREFIX, seed: int = 0, part: str | None = None, num_shards: int = 1,
-                shard_index: int = 0, quiet: bool = False) -> dict:
+                shard_index: int = 0, scores: str | Path | None = None, gates=None, quiet: bool = False) -> dict:
     """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
     probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
-    several corpora can share one output folder."""
+    several corpora can share one output folder. ``scores``: a ``score`` output of these utterances; their
+    columns go into the records, and ``gates`` (``score.Gates``) drop those that fail."""
     if mode not in ("both", "random", "asr", "tts"):
         raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
     sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
@@ -123,6 +159,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
+    quality = QualityGate(scores, gates)
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
         targets = {split: out / f"{split}-{_named(part, suffix)}.parquet" for split in HF_SPLIT.values()}
         if all(t.exists() for t in targets.values()):
@@ -140,6 +177,10 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                     counts["dropped: markup in transcript"] += 1
                     dropped.append({"where": u["id"], "reason": f"markup in transcript: {mark!r}"})
                     continue
+                judged, reason = quality.check(suffix, u["id"])
+                if reason:
+                    _quality_drop(counts, dropped, u["id"], reason)
+                    continue
                 if mode == "both":
                     tasks = ["asr", "tts"]
                 elif mode == "random":
@@ -153,7 +194,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                         "id": f"{task}/{u['id']}", "prefix": prefix,
                         "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
                         "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
-                        "source_id": u["id"], "corpus": u["corpus"], "license": u["license"],
+                        "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
                     }))
     by_split: collections.Counter[str] = collections.Counter()
     for split in HF_SPLIT.values():  # all shards, not just this run's
@@ -171,13 +212,16 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, part: str | None = None,
-             num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> dict:
+             num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None,
+             quiet: bool = False) -> dict:
     """Stage-1 unit text, one record per utterance, in the split of its audio; ``dev_fraction`` of the train
-    utterances (by a hash of the id) go to validation too."""
+    utterances (by a hash of the id) go to validation too. ``scores``, ``gates``: as for :func:`cross_modal`."""
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
+    dropped: list[dict] = []
+    quality = QualityGate(scores, gates)
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
         targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in HF_SPLIT.values()}
         if all(t.exists() for t in targets.values()):
@@ -185,20 +229,38 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
         with contextlib.ExitStack() as files:  # all written before the next shard: together they mark it done
             sinks = {s: files.enter_context(_records_file(t, "pretrain")) for s, t in targets.items()}
             for u in tqdm(iter_rows(path), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
+                judged, reason = quality.check(suffix, u["id"])
+                if reason:
+                    _quality_drop(counts, dropped, u["id"], reason)
+                    continue
                 split = HF_SPLIT[u["split"]]
                 if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
                     split = "validation"
                 sinks[split].add(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
-                                         "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]}))
+                                         "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
     for split in HF_SPLIT.values():
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
             counts[split] += pq.read_metadata(f).num_rows
-    summary = {**{s: counts[s] for s in HF_SPLIT.values()}, "units": str(Path(units_dir).resolve())}
+    summary = {**{s: counts[s] for s in HF_SPLIT.values()}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
+               "units": str(Path(units_dir).resolve()), "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
 
 
 # ------------------------------------------------------------------------------------- chain-of-modality
+class SpeechRejected(ValueError):
+    """Synthesized speech that failed the quality gates (or could not be scored); the pair is dropped."""
+
+
+def worst(judged: list[dict]) -> dict:
+    """The lowest DNSMOS and highest WER/CER over a record's synthesized turns (null where none has one)."""
+    out = {}
+    for column, pick in (("dnsmos_ovrl", min), ("wer", max), ("cer", max)):
+        values = [j[column] for j in judged if j.get(column) is not None]
+        out[column] = pick(values) if values else None
+    return out
+
+
 MAX_WORDS = {"instruction": 40, "response": 80}
 MAX_CHARS = {"instruction": 400, "response": 800}  # a 100 kB "word" is one word but no sentence
 MAX_WORD_CHARS = 40
@@ -329,8 +391,10 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
                       seed: int = 0, corpus: str | None = None, license: str = "unspecified",
                       instruction_column: str = "instruction", response_column: str = "response",
                       id_column: str | None = "id", max_pairs: int | None = None, chunk_size: int = 100,
-                      quiet: bool = False) -> dict:
-    """Chain-of-modality records from text pairs; see the module docstring for the four formats."""
+                      judge=None, gates=None, quiet: bool = False) -> dict:
+    """Chain-of-modality records from text pairs; see the module docstring for the four formats. ``judge``
+    (``score.Judge``) scores each synthesized turn against the text it was meant to say, and a pair whose
+    speech fails ``gates`` is dropped with its reason; records carry the worst score of their turns."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
@@ -356,13 +420,25 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
 
     encoder = SpeechEncoder(kmeans, extractor)
 
-    def speech_units(text: str, key: str) -> tuple[list[int], str]:
+    def speech_units(text: str, key: str) -> tuple[list[int], str, dict]:
         voice, rate = tts.voice_for(key)
         wav, sr = tts.synthesize(text, voice, rate)
+        judged = judge_speech(wav, sr, text) if judge is not None else {}
         u = encoder.encode(wav, sr).units
         if not u.size:
             raise ValueError("no speech units")
-        return u.tolist(), f"{tts.name}:{voice}@{rate}"
+        return u.tolist(), f"{tts.name}:{voice}@{rate}", judged
+
+    def judge_speech(wav, sr: int, text: str) -> dict:
+        from .audio import resample
+
+        result = judge.scores([resample(wav, sr)], [text])[0]
+        if isinstance(result, str):
+            raise SpeechRejected(f"not scored ({result})")
+        reason = gates.reason(result) if gates is not None else None
+        if reason:
+            raise SpeechRejected(reason)
+        return {c: result.get(c) for c in QUALITY_COLUMNS}
 
     for start in range(0, len(pairs), chunk_size):
         chunk = start // chunk_size
@@ -386,11 +462,17 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
                 continue
             instruction, response = speakable(instruction), speakable(response)
             chosen = formats if all_formats else [formats[_draw(seed, "format", pair["id"]) % len(formats)]]
-            spoken: dict[str, tuple[list[int], str]] = {}  # "q"/"a" → (units, voice)
+            spoken: dict[str, tuple[list[int], str, dict]] = {}  # "q"/"a" → (units, voice, scores)
             try:  # speak what the chosen formats need first: a pair that cannot be spoken is dropped whole
                 for side in ("q", "a"):
                     if any(fmt.startswith("speech") if side == "q" else fmt.endswith("speech") for fmt in chosen):
                         spoken[side] = speech_units(instruction if side == "q" else response, f"{seed}/{side}/{pair['id']}")
+            except ScoreError:  # a judge that cannot work at all (its server is down) stops the stage
+                raise
+            except SpeechRejected as e:
+                chunk_counts["dropped: quality: " + str(e).split(" (")[0]] += 1
+                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": f"synthesized speech: {e}"})
+                continue
             except (AudioError, ValueError) as e:
                 reason = f"cannot be spoken ({str(e).split(': ')[-1][:80]})"
                 chunk_counts["dropped: cannot be spoken"] += 1
@@ -407,6 +489,7 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
                     "instruction_units": q_units, "response_units": a_units,
                     "voice": ",".join(spoken[side][1] for side in needs),
                     "source_id": pair["id"], "corpus": corpus, "license": license,
+                    **worst([spoken[side][2] for side in needs]),
                 }))
                 chunk_counts[fmt] += 1
         write_json(out / f"train-{chunk:05d}.summary.json", {"counts": chunk_counts, "dropped": chunk_dropped})

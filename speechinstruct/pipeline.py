@@ -1,6 +1,8 @@
 """``speechinstruct run RECIPE``: the whole job from one YAML recipe.
 
-Stages: (demo corpus) → shard → extract → cluster → quantize → compose → publish → validate → report.
+Stages: (demo corpus) → shard → (score) → extract → cluster → quantize → compose → publish → validate → report.
+With a ``quality`` section, each corpus's utterances are scored (DNSMOS, ASR round trip) and compose drops
+those below its thresholds, and the speech it synthesises too.
 Each stage writes into its own folder under ``workdir`` and, when done, a stamp (``.stage.json``) with
 the hash of its settings and of its inputs' stamps. A stage whose stamp matches is skipped; one whose
 settings or inputs changed is cleared and redone; one that was interrupted resumes (every stage resumes
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
@@ -154,8 +157,11 @@ class Job:
             self.corpora.insert(0, {"name": "speechinstruct-demo", "root": str(work / "demo-corpus"), "options": {}})
         self.names = [c["name"] for c in self.corpora]
         self.runner = Runner(force=force)
-        self.runner.total = (bool(recipe["demo_corpus"]) + 3 * len(self.corpora) + (0 if recipe["kmeans"]["path"] else 1)
-                             + 3 + 1 + 2)
+        self.quality = recipe["quality"]
+        self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"])
+        self.runner.total = (bool(recipe["demo_corpus"]) + (3 + self.scoring) * len(self.corpora)
+                             + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2)
+        self._judge = None
         self.f = recipe["features"]
         self.device = resolve_device(self.f["device"])
         self.stamps: dict[str, str] = {}
@@ -180,6 +186,45 @@ class Job:
             self._extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], self.device, dtype=f["dtype"])
         return self._extractor
 
+    def judge(self):
+        """The recipe's judges (``quality``: DNSMOS, ASR), loaded once, when a stage first needs them."""
+        from .score import DNSMOS, Judge, load_asr
+
+        if self._judge is None:
+            q = self.quality
+            asr = load_asr(q["asr"], base_url=q["base_url"], device=self.device, batch_size=q["batch_size"]) if q["asr"] else None
+            self._judge = Judge(DNSMOS(device=self.device) if q["dnsmos"] else None, asr)
+        return self._judge
+
+    def judge_settings(self) -> dict:
+        """What the scores depend on (a replaced ASR folder's weights change the stamp)."""
+        q = self.quality
+        settings = {k: q[k] for k in ("dnsmos", "asr", "base_url")}
+        weights = Path(q["asr"]) / "model.safetensors" if q["asr"] and not q["base_url"] else None
+        if weights is not None and weights.is_file():
+            st = weights.stat()
+            settings["asr_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return settings
+
+    def gates(self, synthesized: bool = False):
+        from .score import Gates
+
+        return Gates.of(self.quality, synthesized)
+
+    def score_corpus(self, c: dict) -> None:
+        from .score import score
+
+        n, base = c["name"], self.work / c["name"]
+        if self.scoring:
+            self.stamps[f"score:{n}"] = self.runner.stage(
+                f"score {n}", base / "scores", self.judge_settings(), [self.stamps[f"shard:{n}"]],
+                lambda: _brief(score(base / "manifest", base / "scores", self.judge(), workers=self.f["workers"],
+                                     quiet=self.quiet)))
+
+    def scores_of(self, n: str) -> dict:
+        """compose's arguments for corpus ``n``: its scores folder and the gates (none without a quality section)."""
+        return {"scores": self.work / n / "scores", "gates": self.gates()} if self.scoring else {}
+
     def demo_corpus(self) -> None:
         from .demo import make_demo_corpus
 
@@ -199,6 +244,7 @@ class Job:
             [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
             lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=self.quiet,
                                         shard_hours=shard["shard_hours"], **(c.get("options") or {}))))
+        self.score_corpus(c)
         self.stamps[f"extract:{n}"] = self.runner.stage(
             f"extract {n} ({f['kind']})", base / "features", self.feature_settings, [self.stamps[f"shard:{n}"]],
             lambda: extract(base / "manifest", base / "features", self.extractor(), batch_seconds=f["batch_seconds"],
@@ -233,31 +279,38 @@ class Job:
         seed, cm = c_cfg["seed"], c_cfg["cross_modal"]
         cm_corpora = cm.get("corpora") or [n for n in self.names if n != "librilight"]
         sets = {t: templates.load(recipe["templates"][t], t) for t in ("asr", "tts")}
+        gated = {"quality": asdict(self.gates())} if self.scoring else {}  # stamps without quality stay as they were
+        scored = lambda names: [self.stamps[f"score:{n}"] for n in names] if self.scoring else []  # noqa: E731
         self.stamps["cross_modal"] = self.runner.stage(
             "compose cross-modal", composed / "cross_modal",
             {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
-             "templates": {t: sets[t]["version"] for t in sets}}, [self.stamps[f"units:{n}"] for n in cm_corpora],
+             "templates": {t: sets[t]["version"] for t in sets}, **gated},
+            [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora),
             lambda: [compose.cross_modal(work / n / "units", composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
-                                         asr_fraction=cm["asr_fraction"], seed=seed, part=n, quiet=quiet) for n in cm_corpora])
+                                         asr_fraction=cm["asr_fraction"], seed=seed, part=n, quiet=quiet, **self.scores_of(n))
+                     for n in cm_corpora])
         pt = c_cfg["pretrain"]
         pt_corpora = pt.get("corpora") or self.names
         self.stamps["pretrain"] = self.runner.stage(
-            "compose pretrain", composed / "pretrain", {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora},
-            [self.stamps[f"units:{n}"] for n in pt_corpora],
-            lambda: [compose.pretrain(work / n / "units", composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, quiet=quiet)
-                     for n in pt_corpora])
+            "compose pretrain", composed / "pretrain",
+            {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora, **gated},
+            [self.stamps[f"units:{n}"] for n in pt_corpora] + scored(pt_corpora),
+            lambda: [compose.pretrain(work / n / "units", composed / "pretrain", pt["dev_fraction"], seed=seed, part=n,
+                                      quiet=quiet, **self.scores_of(n)) for n in pt_corpora])
         com = c_cfg["chain_of_modality"]
         llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
         km = load_kmeans(self.km_path)
         self.stamps["chain_of_modality"] = self.runner.stage(
             "compose chain-of-modality", composed / "chain_of_modality",
-            {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")}},
+            {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
+             **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings)],
             lambda: _brief(compose.chain_of_modality(
                 com["instructions"], composed / "chain_of_modality", self.extractor(), km,
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm),
                 llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
-                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet)))
+                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet,
+                **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def _llm(self):
         from .llm import LLM
@@ -287,9 +340,12 @@ class Job:
 
         vocoder = _report_vocoder(self.recipe["output"]["vocoder"], self.km_path, self.f["kind"])
         self.runner.stage(
-            "report", self.report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4}, [self.stamps["publish"]],
+            "report", self.report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4,
+                                        **({"quality": asdict(self.gates())} if self.scoring else {})},
+            [self.stamps["publish"]] + [self.stamps[f"score:{n}"] for n in self.names if self.scoring],
             lambda: _brief(report(self.dataset, self.report_dir, units=self.work / self.names[0] / "units", vocoder=vocoder,
-                                  samples=4, work=self.work, stages=self.runner.log, verdict=verdict)))
+                                  samples=4, work=self.work, stages=self.runner.log, verdict=verdict,
+                                  quality=self.quality if self.scoring else None)))
 
     def summary(self, verdict) -> dict:
         meta = json.loads((self.dataset / "speechinstruct.json").read_text())
@@ -305,6 +361,8 @@ class Job:
         if "resynthesis_mcd_db" in numbers:  # how close the report's resynthesised samples are to the originals
             summary["resynthesis"] = {"vocoder": numbers["vocoder"], "mcd_db": numbers["resynthesis_mcd_db"],
                                       "samples": numbers["samples"]}
+        if "quality" in numbers:  # mean DNSMOS / WER per corpus and record kind
+            summary["quality"] = numbers["quality"]
         write_json(self.work / "run-summary.json", {**summary, "stages": log})
         return summary
 

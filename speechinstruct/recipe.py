@@ -124,6 +124,23 @@ class Compose(Section):
     chain_of_modality: ChainOfModality = ChainOfModality()
 
 
+class Thresholds(Section):
+    min_dnsmos: Optional[float] = Field(None, ge=1, le=5)  # DNSMOS OVRL
+    max_wer: Optional[float] = Field(None, ge=0)
+    max_cer: Optional[float] = Field(None, ge=0)
+
+
+class Quality(Thresholds):
+    """Judges and gates: corpus utterances are scored (``speechinstruct score``) and those below a threshold never
+    become records; the speech compose synthesises is judged the same way, with ``synthesized``'s thresholds
+    (default: the same as the corpus's)."""
+    dnsmos: bool = False
+    asr: Optional[str] = None       # a transformers ASR folder or hub id, or a model name at base_url
+    base_url: Optional[str] = None  # an OpenAI-compatible /audio/transcriptions server
+    batch_size: int = Field(8, ge=1)
+    synthesized: Optional[Thresholds] = None
+
+
 class Output(Section):
     dataset: Optional[str] = None   # relative paths are inside the workdir
     report: Optional[str] = None
@@ -144,6 +161,7 @@ class Recipe(Section):
     templates: Templates = Templates()
     llm: Optional[LLM] = None
     compose: Compose = Compose()
+    quality: Quality = Quality()
     output: Output = Output()
 
     @field_validator("corpora")
@@ -250,6 +268,15 @@ def _references(recipe: dict) -> list[str]:
         for name in recipe["compose"][section]["corpora"] or []:
             if name not in names:
                 problems.append(f"compose.{section}.corpora: {name!r} is none of this recipe's corpora {names}")
+    q = recipe["quality"]
+    for where, gates in (("quality", q), ("quality.synthesized", q["synthesized"] or {})):
+        if gates.get("min_dnsmos") is not None and not q["dnsmos"]:
+            problems.append(f"{where}.min_dnsmos: needs quality.dnsmos: true")
+        for key in ("max_wer", "max_cer"):
+            if gates.get(key) is not None and not q["asr"]:
+                problems.append(f"{where}.{key}: needs quality.asr (an ASR model, or a model name with base_url)")
+    if q["base_url"] and not q["asr"]:
+        problems.append("quality.base_url: needs quality.asr (the model name at that server, or openai)")
     com = recipe["compose"]["chain_of_modality"]
     if (com["rewrite"] or com["tts"] == "openai") and not recipe["llm"]:
         problems.append("compose.chain_of_modality: rewrite / tts openai need an llm section (base_url, model)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import pyarrow as pa
 
-KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "pretrain")
+KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "pretrain", "scores")
 
 _ARROW = {
     "string": pa.string(),

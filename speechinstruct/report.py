@@ -45,9 +45,10 @@ def _read(folder: Path, config: str, columns: list[str]) -> dict[str, list]:
     return out
 
 
-def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int) -> tuple[list[str], dict]:
+def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int, asr=None) -> tuple[list[str], dict]:
     """HTML rows and numbers for up to ``samples`` utterances: original audio (from ``units``, a units
-    folder whose ``units.json`` names the corpus root) and its resynthesis by ``vocoder``."""
+    folder whose ``units.json`` names the corpus root), its resynthesis by ``vocoder`` and, with ``asr``, the
+    WER of that resynthesis against the text: how much of the words the units keep."""
     from . import audio
     from .extract import decode_row
     from .io import iter_rows
@@ -78,7 +79,7 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
                 break
     if not picked:
         return [], {}
-    rows, mcds, seconds, spent, numbers_skipped = [], [], 0.0, 0.0, []
+    rows, mcds, wers, seconds, spent, numbers_skipped = [], [], [], 0.0, 0.0, []
     for j, item in enumerate(picked):
         cells = [f"<td>{html.escape(item['kind'])}<br><code>{html.escape(str(item['id']))}</code></td>",
                  f"<td>{html.escape(str(item.get('text') or ''))}</td>"]
@@ -104,6 +105,18 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
             cells.append(f"<td>{mcds[-1]:.2f}</td>")
         else:
             cells.append("<td>-</td>")
+        if asr is not None:
+            rates = None
+            if resynth and (item.get("text") or "").strip():
+                from .score import BadAnswer, error_rates
+
+                heard = asr.transcribe([audio.resample(wav, vocoder.sample_rate)])[0]
+                rates = None if isinstance(heard, BadAnswer) else error_rates(item["text"], heard, asr.normalise)
+            if isinstance(rates, tuple):
+                wers.append(rates[0])
+                cells.append(f"<td>{rates[0]:.2f}</td>")
+            else:
+                cells.append("<td>-</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     numbers: dict[str, object] = {"samples": len(picked)}
     if numbers_skipped:
@@ -117,12 +130,18 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int)
                         "and then into sound by Griffin-Lim. This is a rough preview of what the units keep, "
                         "<b>not SpeechGPT's unit vocoder</b>; expect buzzy, flat speech.</p>")
         head.append(f"<p>Vocoder: <code>{html.escape(vocoder.source)}</code></p>")
+    if wers:
+        numbers["resynthesis_wer"] = round(float(np.mean(wers)), 4)
+        numbers["resynthesis_asr"] = asr.spec
+        head.append(f"<p>Mean ASR WER of the resynthesised samples: <b>{np.mean(wers):.3f}</b> over {len(wers)} "
+                    f"(<code>{html.escape(asr.name)}</code>, Whisper's English normaliser, jiwer).</p>")
     if mcds:
         numbers["resynthesis_mcd_db"] = round(float(np.mean(mcds)), 3)
         head.append(f"<p>Mean mel-cepstral distance, original vs resynthesis: <b>{np.mean(mcds):.2f} dB</b> over "
                     f"{len(mcds)} utterances (Kubichek 1993 via the <code>mel-cepstral-distance</code> package: 20 mel bands, "
                     "cepstra 1-15, DTW-aligned; lower is closer; its own scale, not comparable with papers' SPTK MCDs).</p>")
-    head.append("<table><tr><th>record</th><th>text</th><th>original</th><th>resynthesis</th><th>MCD (dB)</th></tr>")
+    head.append("<table><tr><th>record</th><th>text</th><th>original</th><th>resynthesis</th><th>MCD (dB)</th>"
+                + ("<th>ASR WER</th>" if asr is not None else "") + "</tr>")
     return head + rows + ["</table>"], numbers
 
 
@@ -185,7 +204,8 @@ def dropped(work: Path) -> list[dict]:
                 reason = json.loads(line)["reason"]
                 kinds[_reason_kind(reason)] += 1
                 first.setdefault(_reason_kind(reason), reason)
-        out += [{"stage": f"extract {folder.parent.name}", "reason": k, "count": n, "example": first[k]}
+        stage = "score" if folder.name == "scores" else "extract"
+        out += [{"stage": f"{stage} {folder.parent.name}", "reason": k, "count": n, "example": first[k]}
                 for k, n in sorted(kinds.items())]
     for summary in sorted(work.glob("composed/*/summary*.json")):
         data = json.loads(summary.read_text())
@@ -210,13 +230,91 @@ class Markup(str):
     """Text that is already HTML (not escaped again by :func:`_table`)."""
 
 
+SCORE_PLOTS = (("dnsmos_ovrl", "DNSMOS OVRL", "min_dnsmos", np.linspace(1, 5, 33)), ("wer", "WER", "max_wer", np.linspace(0, 1.5, 31)))
+
+
+def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) -> tuple[list[str], list[tuple[str, str]], dict]:
+    """The quality section: DNSMOS and WER histograms per corpus (every scored utterance, from the workdir's
+    ``*/scores``) and per record kind (the records kept), the gates' thresholds drawn on them, and the five
+    utterances with the lowest DNSMOS, with their audio. Empty when nothing was scored."""
+    from . import audio
+    from .extract import decode_row
+    from .io import read_table
+
+    quality = quality or {}
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    worst: list[tuple[float, str, Path]] = []  # (OVRL, id, scores file)
+    for folder in sorted(work.glob("*/scores")) if work is not None else []:
+        files = sorted(folder.glob("scores-*.parquet"))
+        tables = [read_table(f, columns=["id", "dnsmos_ovrl", "wer"]) for f in files]
+        if not tables:
+            continue
+        groups[f"corpus {folder.parent.name}"] = {c: np.concatenate([t.column(c).to_numpy(zero_copy_only=False) for t in tables])
+                                                  .astype(float) for c in ("dnsmos_ovrl", "wer")}
+        for f, t in zip(files, tables):
+            worst += [(v, uid, f) for uid, v in zip(t.column("id").to_pylist(), t.column("dnsmos_ovrl").to_pylist()) if v is not None]
+    for config in ("cross_modal", "pretrain", "chain_of_modality"):
+        if (dataset / "data" / config).is_dir():
+            rows = _read(dataset, config, ["dnsmos_ovrl", "wer"]) if _has_columns(dataset, config) else {}
+            if rows:
+                groups[f"records {config}"] = {c: np.array([np.nan if v is None else v for v in rows[c]], dtype=float)
+                                               for c in ("dnsmos_ovrl", "wer")}
+    numbers: dict[str, dict] = {}
+    plots: list[tuple[str, str]] = []
+    for column, name, gate, bins in SCORE_PLOTS:
+        series = {label: v[column][~np.isnan(v[column])] for label, v in groups.items()}
+        series = {label: v for label, v in series.items() if v.size}
+        if not series:
+            continue
+        numbers[column] = {label: {"count": int(v.size), "mean": round(float(v.mean()), 3)} for label, v in series.items()}
+        limit = quality.get(gate)
+
+        def draw(ax, series=series, name=name, limit=limit, bins=bins):
+            for label, values in series.items():
+                ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.5, label=label)
+            if limit is not None:
+                ax.axvline(limit, color="#bb3333", linestyle="--", label=f"gate {limit:g}")
+            ax.set_xlabel(name), ax.set_ylabel("utterances / records"), ax.legend(fontsize=8), ax.set_title(f"{name} per corpus and record kind")
+        _plot(out / f"{column}.png", draw)
+        plots.append((f"{column}.png", f"{name} of every scored corpus utterance and of the records kept"
+                      + (f"; the gate at {limit:g}" if limit is not None else "")))
+    if not numbers:
+        return [], [], {}
+    page = ["<h2 id='quality'>Speech quality</h2>", _table(["score", "group", "count", "mean"], [
+        [column, label, v["count"], f"{v['mean']:.3f}"] for column, by in numbers.items() for label, v in by.items()])]
+    worst.sort()
+    rows = []
+    for j, (value, uid, scores_file) in enumerate(worst[:5]):
+        manifest = Path(json.loads((scores_file.parent / "score.json").read_text())["source"])
+        shard = manifest / scores_file.name.replace("scores-", "manifest-") if manifest.is_dir() else manifest
+        root = json.loads((scores_file.parent / "score.json").read_text())["root"]
+        row = next((r for r in read_table(shard).to_pylist() if r["id"] == uid), None) if shard.is_file() else None
+        wav = decode_row(row, root) if row else "manifest row not found"
+        cell = "-"
+        if not isinstance(wav, str):
+            audio.write_wav(out / f"audio/worst-{j}.wav", wav)
+            cell = Markup(f"<audio controls preload='metadata' src='audio/worst-{j}.wav'></audio>")
+        rows.append([uid, f"{value:.2f}", html.escape(str(row.get("text") or "")) if row else "", cell])
+    if rows:
+        page.append("<h3>The five lowest DNSMOS OVRL, to listen to</h3>" + _table(["utterance", "OVRL", "text", "audio"], rows))
+    return page, plots, {"quality": numbers}
+
+
+def _has_columns(dataset: Path, config: str) -> bool:
+    files = sorted((dataset / "data" / config).glob("*.parquet"))
+    return bool(files) and {"dnsmos_ovrl", "wer"} <= set(pq.read_schema(files[0]).names)
+
+
 def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4,
-           work: str | Path | None = None, stages: list[dict] | None = None, verdict=None) -> dict:
+           work: str | Path | None = None, stages: list[dict] | None = None, verdict=None, quality: dict | None = None,
+           asr=None) -> dict:
     """Write ``OUT/index.html`` for a published dataset: the validation verdict (``verdict``, else validated
     here), what each stage dropped and why (from the ``run`` workdir ``work``), one record of every kind,
     samples to listen to, plots, and each stage's time (``stages``: the run's log, else the workdir's
     ``run-summary.json``). ``units``: a units folder to take original audio from; ``vocoder`` (see
-    :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it."""
+    :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it; ``asr`` (``score.load_asr``):
+    transcribe each resynthesis and give its WER against the text. ``quality``: the recipe's gates, drawn on the
+    DNSMOS and WER histograms of the workdir's scores."""
     dataset, out = Path(dataset), Path(out)
     units = Path(units) if units is not None else None
     if units is not None and not (units / "units.json").is_file():
@@ -308,8 +406,11 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     if stages is None and work is not None and (work / "run-summary.json").is_file():
         stages = json.loads((work / "run-summary.json").read_text()).get("stages")
     drops = dropped(work) if work is not None else []
-    listen, heard = _listen(dataset, out, units, vocoder, samples)
+    listen, heard = _listen(dataset, out, units, vocoder, samples, asr)
     numbers.update(heard)
+    judged, quality_plots, quality_numbers = _quality(dataset, out, work, quality)
+    plots += quality_plots
+    numbers.update(quality_numbers)
     numbers["valid"] = verdict.ok
     numbers["dropped"] = {f"{d['stage']}: {d['reason']}": d["count"] for d in drops}
 
@@ -345,6 +446,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         [label, row["id"], Markup(f"<code class='rec'>{html.escape(short_units(row.get('plain_text') or row.get('text') or ''))}</code>")]
         for label, row in _sample_records(dataset)]))
     page += listen
+    page += judged
     page.append("<h2>Plots</h2>")
     for file, caption in plots:
         page.append(f"<figure><img src='{file}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")

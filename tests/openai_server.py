@@ -8,7 +8,24 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class FakeOpenAI:
+class Loopback:
+    """A threaded HTTP server on 127.0.0.1 (a free port) for ``Handler``; ``url`` ends in /v1; a context manager."""
+
+    def serve(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeOpenAI(Loopback):
     """Answers /v1/audio/speech with ``speech(request)`` (bytes sent with 200, or an int: that HTTP status) and
     /v1/chat/completions from a script: each entry is ("ok", content), ("status", code), ("sleep", seconds,
     content) or ("length", content) (an answer cut off at max_tokens: finish_reason "length"). After the
@@ -70,14 +87,4 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)

@@ -96,6 +96,8 @@ def _first(fn):
 @pytest.mark.parametrize("config,mutate,rule", [
     ("cross_modal", _first(lambda r: r.update(task="summarise")), "schema"),
     ("cross_modal", _first(lambda r: r.update(content_hash="abc")), "schema"),
+    ("cross_modal", _first(lambda r: r.update(dnsmos_ovrl=7.5)), "schema"),   # DNSMOS is 1-5
+    ("chain_of_modality", _first(lambda r: r.update(wer=-0.1)), "schema"),
     ("cross_modal", _first(lambda r: r.update(units=[r["units"][0], 99999])), "unit-range"),
     ("cross_modal", _first(lambda r: r.update(plain_text=r["plain_text"].replace("<eosp>", "<sosp><eosp>", 1))), "unit-markers"),
     ("cross_modal", _first(lambda r: r.update(plain_text="[Human]: hello<eoh> [SpeechGPT]: hi<eoa>")), "shape"),

@@ -1,0 +1,538 @@
+"""``speechinstruct score IN OUT``: how good each utterance's speech is, as columns.
+
+Two judges, either or both:
+
+* :class:`DNSMOS`: Microsoft's DNSMOS (P.835 SIG, BAK, OVRL and P.808), the ONNX models that ship inside the
+  ``speechmos`` wheel, run with onnxruntime. The scores are speechmos's ``dnsmos.run(wav, 16000)``: the same
+  tiling, windows and polynomials, quirks kept (see :func:`dnsmos_windows`); the work is batched over the windows
+  of many clips and the sessions and mel filterbank are built once.
+* An ASR round trip (:func:`load_asr`): a transformers ASR model (Whisper, wav2vec2/Parakeet CTC, Moonshine) or an
+  OpenAI-compatible ``/audio/transcriptions`` server transcribes the clip; both sides are normalised with Whisper's
+  English normaliser (:func:`normalise`) and compared with jiwer: ``wer``, ``cer`` against the utterance's own text.
+
+Input: a ``shard`` output (``manifest-NNNNN.parquet``) or a units folder (``units-NNNNN.parquet``). Output per
+input shard: ``scores-NNNNN.parquet`` (``schemas/scores.json``) and ``errors-NNNNN.jsonl`` (utterances that could
+not be scored, and why); ``score.json`` records the judges (models and their hashes), ``summary.json`` the
+distribution of every score. A shard is done when its scores file exists (written atomically); a rerun skips it.
+
+:class:`Gates` turns scores into keep-or-drop decisions with a reason (the recipe's ``quality`` section).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import records
+from .audio import TARGET_SR, AudioError
+from .io import iter_rows, parquet_rows, read_json, read_table, remove_stale_temps, sha256_file, write_json, write_text
+from .shardfiles import check_spec, select_shards, shard_suffix
+
+SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer")
+
+
+class ScoreError(ValueError):
+    """A judge that cannot work at all (a model folder that is no ASR model, a server that is down)."""
+
+
+# ------------------------------------------------------------------------------------------------ DNSMOS
+DNSMOS_SR = 16_000
+WINDOW_SECONDS = 9.01  # speechmos's INPUT_LENGTH
+# speechmos's non-personalised polynomials (numpy.poly1d, highest power first), raw model output → MOS
+POLYNOMIALS = {"ovrl": [-0.06766283, 1.11546468, 0.04602535], "sig": [-0.08397278, 1.22083953, 0.0052439],
+               "bak": [-0.13166888, 1.60915514, -0.39604546]}
+
+
+def dnsmos_windows(wav: np.ndarray) -> np.ndarray:
+    """The (n, 144160) windows speechmos scores for one 16 kHz clip, computed with its own expressions:
+    a clip shorter than 9.01 s is appended to itself until it is not; windows start every second; the
+    clip's ``floor(seconds - 9.01) + 1`` windows end at ``int((i + 9.01) * 16000)``, which float rounding
+    makes one sample short for i = 7..23, and speechmos skips such windows (so do we: same scores)."""
+    audio = np.asarray(wav, dtype=np.float32)
+    if audio.size == 0:
+        raise AudioError("no samples")
+    need = int(WINDOW_SECONDS * DNSMOS_SR)
+    while len(audio) < need:
+        audio = np.append(audio, audio)
+    hops = int(np.floor(len(audio) / DNSMOS_SR) - WINDOW_SECONDS) + 1
+    windows = [audio[int(i * DNSMOS_SR): int((i + WINDOW_SECONDS) * DNSMOS_SR)] for i in range(hops)]
+    return np.stack([w for w in windows if len(w) >= need])
+
+
+def _models_dir() -> Path:
+    import speechmos
+
+    return Path(speechmos.__file__).parent / "dnsmos_models"
+
+
+class DNSMOS:
+    """DNSMOS P.835 and P.808 on batches of windows. ``score(wavs)`` → one dict per clip with ``dnsmos_ovrl``,
+    ``dnsmos_sig``, ``dnsmos_bak``, ``dnsmos_p808``. ``device``: cpu, or cuda when onnxruntime-gpu is installed."""
+
+    def __init__(self, threads: int | None = None, batch_windows: int = 8, device: str = "cpu"):
+        import librosa
+        import onnxruntime as ort
+
+        from .threads import available_cpus
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cpus()
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        folder = _models_dir()
+        self.files = {"p835": folder / "sig_bak_ovr.onnx", "p808": folder / "model_v8.onnx"}
+        for path in self.files.values():
+            if not path.is_file():
+                raise ScoreError(f"{path}: missing: the speechmos wheel is incomplete; reinstall speechmos")
+        self.p835 = ort.InferenceSession(str(self.files["p835"]), options, providers=providers)
+        self.p808 = ort.InferenceSession(str(self.files["p808"]), options, providers=providers)
+        self.batch_windows = batch_windows
+        self.mel_basis = librosa.filters.mel(sr=DNSMOS_SR, n_fft=321, n_mels=120)  # as melspectrogram builds it
+        self.polynomials = {k: np.poly1d(v) for k, v in POLYNOMIALS.items()}
+
+    @property
+    def spec(self) -> dict:
+        from importlib.metadata import version
+
+        return {"judge": "dnsmos", "speechmos": version("speechmos"),
+                "models": {k: {"file": p.name, "sha256": sha256_file(p)} for k, p in self.files.items()}}
+
+    def p808_features(self, windows: np.ndarray) -> np.ndarray:
+        """(n, 900, 120) log-mel inputs of P.808, as speechmos's ``audio_melspec`` of each window less its last
+        160 samples: librosa's mel power spectrogram (n_fft 321, hop 160), ``power_to_db(ref=max)`` of that
+        window, then (dB + 40) / 40."""
+        import librosa
+
+        power = np.abs(librosa.stft(windows[:, :-160], n_fft=321, hop_length=160)) ** 2
+        mel = np.einsum("...ft,mf->...mt", power, self.mel_basis, optimize=True)
+        db = np.stack([librosa.power_to_db(m, ref=np.max) for m in mel])
+        return ((db + 40) / 40).transpose(0, 2, 1).astype(np.float32)
+
+    def score_windows(self, windows: np.ndarray) -> np.ndarray:
+        """(n, 4) OVRL, SIG, BAK, P.808 per window."""
+        out = []
+        for start in range(0, len(windows), self.batch_windows):
+            batch = windows[start: start + self.batch_windows].astype(np.float32)
+            raw = self.p835.run(None, {"input_1": batch})[0]  # SIG, BAK, OVRL
+            p808 = self.p808.run(None, {"input_1": self.p808_features(batch)})[0][:, 0]
+            out.append(np.stack([self.polynomials["ovrl"](raw[:, 2]), self.polynomials["sig"](raw[:, 0]),
+                                 self.polynomials["bak"](raw[:, 1]), p808.astype(np.float64)], axis=1))
+        return np.concatenate(out)
+
+    def score(self, wavs: list[np.ndarray]) -> list[dict]:
+        """Scores of 16 kHz clips (samples clipped to [-1, 1], which speechmos requires), one dict each, the
+        windows of all clips batched together."""
+        per_clip = [dnsmos_windows(np.clip(w, -1.0, 1.0)) for w in wavs]
+        if not per_clip:
+            return []
+        scores = self.score_windows(np.concatenate(per_clip))
+        bounds = np.cumsum([0] + [len(w) for w in per_clip])
+        return [dict(zip(("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808"),
+                         map(float, scores[a:b].mean(axis=0)))) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ---------------------------------------------------------------------------------------------------- ASR
+def normaliser(spelling: dict | None = None):
+    """Whisper's English text normaliser as transformers ships it (``EnglishTextNormalizer``): lower case,
+    punctuation, numbers, contractions, "mr" → "mister"; ``spelling``: its British → American mapping, the
+    ``normalizer.json`` of a Whisper checkpoint, when one is at hand (transformers itself ships none)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer(spelling or {})
+
+
+def error_rates(reference: str, hypothesis: str, normalise) -> tuple[float, float] | str:
+    """(WER, CER) of ``hypothesis`` against ``reference``, both normalised, with jiwer; or the reason there is
+    none (a reference with no words left after normalisation)."""
+    import jiwer
+
+    ref, hyp = normalise(reference).strip(), normalise(hypothesis).strip()
+    if not ref:
+        return "no words in the transcript after normalisation"
+    if not hyp:
+        return 1.0, 1.0
+    return float(jiwer.wer(ref, hyp)), float(jiwer.cer(ref, hyp))
+
+
+class TransformersASR:
+    """A transformers ASR model from a folder (or a hub id, with internet): sequence-to-sequence (Whisper,
+    Moonshine) or CTC (wav2vec2, HuBERT, Parakeet CTC). ``transcribe(wavs)`` → texts, ``batch_size`` clips per
+    forward pass (the clips of a batch are padded to the longest, with an attention mask)."""
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8, max_new_tokens: int = 128):
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise ScoreError(f"{model}: not a transformers model folder or hub id ({str(e).splitlines()[0]})") from None
+        seq2seq = type(config) in transformers.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
+        ctc = type(config) in transformers.MODEL_FOR_CTC_MAPPING
+        if not (seq2seq or ctc):
+            raise ScoreError(f"{model}: not an ASR model (a {config.model_type!r} model; score --asr takes a "
+                             "speech-to-text or CTC model: Whisper, Moonshine, wav2vec2, Parakeet CTC)")
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(model)
+            auto = transformers.AutoModelForSpeechSeq2Seq if seq2seq else transformers.AutoModelForCTC
+            self.model = auto.from_pretrained(model).to(device).eval()
+        except (OSError, ValueError, TypeError) as e:
+            raise ScoreError(f"{model}: cannot load the ASR model or its processor ({str(e).splitlines()[0]})") from None
+        self.kind = "seq2seq" if seq2seq else "ctc"
+        self.name, self.device, self.batch_size, self.max_new_tokens = str(model), device, batch_size, max_new_tokens
+        self.revision = _revision(model)
+        spelling = Path(model) / "normalizer.json"
+        self.normalise = normaliser(read_json(spelling) if spelling.is_file() else None)
+        self.spelling = spelling.is_file()
+
+    @property
+    def spec(self) -> dict:
+        return {"judge": "asr", "model": self.name, "revision": self.revision, "kind": self.kind,
+                "model_type": self.model.config.model_type, "spelling_mapping": self.spelling}
+
+    def _inputs(self, wavs: list[np.ndarray]):
+        if self.model.config.model_type == "whisper":  # Whisper's 30 s frames; longer clips as long-form
+            long = max(len(w) for w in wavs) > 30 * TARGET_SR
+            kwargs = {"truncation": False, "padding": "longest", "return_attention_mask": True} if long else {}
+            return self.processor(wavs, sampling_rate=TARGET_SR, return_tensors="pt", **kwargs)
+        return self.processor(wavs, sampling_rate=TARGET_SR, return_tensors="pt", padding=True, return_attention_mask=True)
+
+    def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
+        import torch
+
+        order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # similar lengths together: less padding
+        texts: list[str] = []
+        for start in range(0, len(wavs), self.batch_size):
+            batch = [wavs[i] for i in order[start: start + self.batch_size]]
+            inputs = self._inputs(batch).to(self.device)
+            with torch.inference_mode():
+                if self.kind == "seq2seq":  # Whisper counts its 4 start tokens in max_target_positions
+                    room = getattr(self.model.config, "max_target_positions", 1 << 30) - 8
+                    with _quiet_transformers():  # Whisper's generate warns per batch about its own arguments
+                        ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)))
+                else:  # each clip's own frames: the padding's frames decode to letters too
+                    ids = self.model(**inputs).logits.argmax(dim=-1)
+                    lengths = self.model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1)).tolist()
+                    ids = [row[:n] for row, n in zip(ids, lengths)]
+            texts += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        out = [""] * len(wavs)
+        for i, text in zip(order, texts):
+            out[i] = text
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off for a block (errors still show)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _revision(model: str) -> str:
+    """What names the weights exactly: the sha256 of a folder's weights file, or the hub commit of a hub id."""
+    folder = Path(model)
+    if folder.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / name).is_file():
+                return "sha256:" + sha256_file(folder / name)
+        return "unknown"
+    from transformers.utils import cached_file
+
+    parts = Path(cached_file(model, "config.json")).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else "unknown"
+
+
+class EndpointASR:
+    """An OpenAI-compatible ``POST {base_url}/audio/transcriptions`` server (OpenAI's API shape; tested against a
+    loopback server that answers as OpenAI documents): each clip sent as 16-bit WAV, ``threads`` requests at a time. A server that
+    cannot be reached stops the job (:class:`ScoreError`); an answer with no transcript in it is that utterance's
+    error (:class:`BadAnswer`)."""
+
+    def __init__(self, base_url: str, model: str = "whisper-1", threads: int = 4, timeout: float = 120.0):
+        from openai import OpenAI
+
+        from .llm import api_key
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key() or "none", timeout=timeout, max_retries=2)
+        self.base_url, self.name, self.threads = base_url, model, threads
+        self.normalise, self.kind = normaliser(), "endpoint"
+
+    @property
+    def spec(self) -> dict:
+        return {"judge": "asr", "model": self.name, "base_url": self.base_url, "kind": self.kind}
+
+    def _one(self, wav: np.ndarray) -> str | BadAnswer:
+        import openai
+        import soundfile as sf
+
+        data = io.BytesIO()
+        sf.write(data, np.clip(wav, -1, 1), TARGET_SR, format="WAV", subtype="PCM_16")
+        try:
+            raw = self.client.audio.transcriptions.with_raw_response.create(
+                model=self.name, file=("utterance.wav", data.getvalue(), "audio/wav"), response_format="json")
+            body = raw.http_response.text
+        except openai.APIConnectionError as e:
+            raise ScoreError(f"{self.base_url}: transcription server unreachable ({e})") from None
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403, 404):  # every request would fail the same way
+                raise ScoreError(f"{self.base_url}: transcription request refused (HTTP {e.status_code}: "
+                                 f"{str(e)[:200]})") from None
+            return BadAnswer(f"transcription server answered HTTP {e.status_code}")
+        try:
+            text = json.loads(body)["text"]
+            if not isinstance(text, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return BadAnswer(f"transcription server answered no transcript ({body[:60]!r})")
+        return text.strip()
+
+    def transcribe(self, wavs: list[np.ndarray]) -> list[str | BadAnswer]:
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(max_workers=self.threads) as pool:
+            return list(pool.map(self._one, wavs))
+
+
+class BadAnswer(str):
+    """The reason one utterance got no transcript."""
+
+
+def load_asr(model: str, base_url: str | None = None, device: str = "cpu", batch_size: int = 8):
+    """``model``: a transformers ASR folder or hub id; with ``base_url``, the model name at that endpoint
+    (``openai`` means the endpoint's default, whisper-1)."""
+    if base_url:
+        return EndpointASR(base_url, "whisper-1" if model == "openai" else model)
+    if model == "openai":
+        raise ScoreError("--asr openai needs --base-url (an OpenAI-compatible /audio/transcriptions server)")
+    return TransformersASR(model, device=device, batch_size=batch_size)
+
+
+# -------------------------------------------------------------------------------------------------- gates
+@dataclass(frozen=True)
+class Gates:
+    """The recipe's ``quality`` thresholds; None = no gate. ``reason(scores)`` says why an utterance fails."""
+
+    min_dnsmos: float | None = None
+    max_wer: float | None = None
+    max_cer: float | None = None
+
+    @classmethod
+    def of(cls, quality: dict, synthesized: bool = False) -> "Gates":
+        """The recipe's ``quality`` thresholds for corpus utterances, or (``synthesized``) for the speech compose
+        synthesises: its ``synthesized`` section when there is one (a threshold left out there is no gate),
+        else the corpus's."""
+        source = quality.get("synthesized") or quality if synthesized else quality
+        return cls(source.get("min_dnsmos"), source.get("max_wer"), source.get("max_cer"))
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.min_dnsmos, self.max_wer, self.max_cer))
+
+    def reason(self, scores: dict | None) -> str | None:
+        if not self.active:
+            return None
+        if scores is None:
+            return "not scored"
+        checks = (("dnsmos_ovrl", self.min_dnsmos, "DNSMOS OVRL", "below"), ("wer", self.max_wer, "WER", "above"),
+                  ("cer", self.max_cer, "CER", "above"))
+        for column, limit, name, side in checks:
+            if limit is None:
+                continue
+            value = scores.get(column)
+            if value is None:
+                return f"no {name}"
+            if (value < limit) if side == "below" else (value > limit):
+                return f"{name} {side} {limit:g} ({value:.2f})"
+        return None
+
+
+class Judge:
+    """DNSMOS and/or ASR on clips in memory: ``scores(wavs, texts)`` → per clip a dict of score columns, or
+    the reason it could not be scored. compose uses it on the speech its TTS synthesises."""
+
+    def __init__(self, dnsmos: DNSMOS | None = None, asr=None):
+        if dnsmos is None and asr is None:
+            raise ValueError("nothing to score with: give --dnsmos, --asr MODEL or both")
+        self.dnsmos, self.asr = dnsmos, asr
+
+    @property
+    def spec(self) -> dict:
+        return {"dnsmos": self.dnsmos.spec if self.dnsmos else None, "asr": self.asr.spec if self.asr else None}
+
+    def scores(self, wavs: list[np.ndarray], texts: list[str | None]) -> list[dict | str]:
+        out: list[dict | str] = [{} for _ in wavs]
+        if self.dnsmos is not None:
+            for i, s in enumerate(self.dnsmos.score(wavs)):
+                out[i].update(s)
+        if self.asr is not None:
+            for i, (hyp, ref) in enumerate(zip(self.asr.transcribe(wavs), texts)):
+                if isinstance(hyp, BadAnswer):
+                    out[i] = str(hyp)
+                    continue
+                out[i]["asr_text"] = hyp
+                if ref and ref.strip():
+                    rates = error_rates(ref, hyp, self.asr.normalise)
+                    if isinstance(rates, str):
+                        out[i] = rates
+                        continue
+                    out[i]["wer"], out[i]["cer"] = rates
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def input_files(folder: str | Path) -> tuple[list[Path], str]:
+    """The shard files of a manifest or units folder (or one such file), and which kind they are."""
+    folder = Path(folder)
+    for pattern, kind in (("manifest-*.parquet", "manifest"), ("units-*.parquet", "units")):
+        if folder.is_file() and folder.match(pattern):
+            return [folder], kind
+        files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if files:
+            return files, kind
+    raise FileNotFoundError(f"{folder}: no manifest-*.parquet or units-*.parquet files: score reads a `shard` "
+                            "output or a units folder")
+
+
+def audio_root(folder: Path, kind: str) -> Path:
+    """The corpus root of a manifest folder (summary.json) or a units folder (units.json, as extract wrote it)."""
+    from .shardfiles import corpus_root
+
+    if kind == "manifest":
+        return corpus_root(folder)
+    spec_file = (folder if folder.is_dir() else folder.parent) / "units.json"
+    if spec_file.is_file():
+        root = read_json(spec_file, dict, "; pass --root").get("root")
+        if isinstance(root, str):
+            return Path(root)
+    raise FileNotFoundError(f"{spec_file}: no corpus root recorded; pass --root")
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+AUDIO_COLUMNS = ["id", "path", "offset", "duration", "text", "row", "audio_column"]
+
+
+def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | None = None, num_shards: int = 1,
+          shard_index: int = 0, workers: int = 2, clips_at_a_time: int = 16, quiet: bool = False) -> dict:
+    """Score every utterance of the shards this worker owns (see the module docstring); returns the summary."""
+    from tqdm import tqdm
+
+    from .extract import decode_rows
+
+    source, out = Path(source), Path(out)
+    files, kind = input_files(source)
+    root = Path(root) if root else audio_root(source, kind)
+    out.mkdir(parents=True, exist_ok=True)
+    check_spec(out, {**judge.spec, "source": str(source.resolve()), "root": str(root.resolve())}, "score.json")
+    schema = records.arrow_schema("scores")
+    done = skipped = 0
+    started = time.perf_counter()
+    for path in select_shards(files, num_shards, shard_index):
+        suffix = shard_suffix(path)
+        target = out / f"scores-{suffix}.parquet"
+        if target.exists():
+            skipped += 1
+            continue
+        remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
+        present = _columns(path)
+        rows = iter_rows(path, columns=[c for c in AUDIO_COLUMNS if c in present])
+        total = _num_rows(path)
+        errors: list[dict] = []
+        bar = tqdm(total=total, desc=f"score {path.name}", unit="utt", disable=quiet)
+        with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
+            for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
+                good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]
+                errors += [{"id": row["id"], "path": row["path"], "reason": wav} for row, wav in chunk if isinstance(wav, str)]
+                results = judge.scores([w for _, w in good], [r.get("text") for r, _ in good]) if good else []
+                for (row, _), result in zip(good, results):
+                    if isinstance(result, str):
+                        errors.append({"id": row["id"], "path": row["path"], "reason": result})
+                    else:
+                        sink.add({"id": row["id"], "duration": row["duration"], **{c: result.get(c) for c in SCORE_COLUMNS}})
+                bar.update(len(chunk))
+            bar.close()
+            write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+        done += 1
+    summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
+               **summarise(out)}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _columns(path: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    from .io import naming
+
+    with naming(path):
+        return set(pq.read_schema(path).names)
+
+
+def _num_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+HISTOGRAM_BINS = {"dnsmos_ovrl": np.linspace(1, 5, 17), "dnsmos_sig": np.linspace(1, 5, 17),
+                  "dnsmos_bak": np.linspace(1, 5, 17), "dnsmos_p808": np.linspace(1, 5, 17),
+                  "wer": np.linspace(0, 1, 11), "cer": np.linspace(0, 1, 11)}
+
+
+def summarise(folder: str | Path) -> dict:
+    """Counts, mean, percentiles and a histogram of every score over all scores files of a folder, and the
+    skip reasons of the errors files."""
+    folder = Path(folder)
+    tables = [read_table(p) for p in sorted(folder.glob("scores-*.parquet"))]
+    reasons: collections.Counter[str] = collections.Counter()
+    for p in sorted(folder.glob("errors-*.jsonl")):
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                reasons[json.loads(line)["reason"].split(": ")[-1].split(" (")[0]] += 1
+    summary: dict = {"utterances": sum(t.num_rows for t in tables), "skipped": sum(reasons.values()),
+                     "skip_reasons": dict(reasons.most_common()), "scores": {}}
+    for column, bins in HISTOGRAM_BINS.items():
+        values = np.concatenate([t.column(column).to_numpy(zero_copy_only=False) for t in tables]) if tables else np.zeros(0)
+        values = values[~np.isnan(values.astype(np.float64))] if values.size else values
+        if not values.size:
+            continue
+        values = values.astype(np.float64)
+        counts, edges = np.histogram(np.clip(values, bins[0], bins[-1]), bins=bins)
+        summary["scores"][column] = {
+            "count": int(values.size), "mean": round(float(values.mean()), 4),
+            **{f"p{q}": round(float(np.percentile(values, q)), 4) for q in (5, 50, 95)},
+            "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()}}
+    return summary
+
+
+def read_scores(folder: str | Path, suffix: str) -> dict[str, dict]:
+    """id → score columns of one shard (``scores-{suffix}.parquet``)."""
+    path = Path(folder) / f"scores-{suffix}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing: run `speechinstruct score` on this shard first")
+    table = read_table(path)
+    return {row["id"]: {c: row[c] for c in SCORE_COLUMNS} for row in table.to_pylist()}
