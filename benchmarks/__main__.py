@@ -11,6 +11,8 @@
   vocoder   resynthesis speed (x real time) of a unit HiFi-GAN the size of SpeechGPT's, and of the
             embedded preview vocoder, on CPU
   compose   cross-modal records per second
+  score     DNSMOS: ours (batched windows, sessions kept) vs speechmos's dnsmos.run on the same clips, equal scores;
+            ASR round trip: a random Whisper (d_model 256, 2+2 layers) batched vs one clip at a time, same texts
   train     stage-2 tokens per second, ours vs TRL's SFTTrainer on the same model, data and steps (and model
             FLOP utilisation on a GPU)
   startup   `speechinstruct --help` and `validate` start-up time, this checkout vs the code before the lazy imports
@@ -378,6 +380,51 @@ def bench_compose(work: Path, quick: bool) -> list[dict]:
              "records_per_s": summary["records"] / t, "target": "report"}]
 
 
+def bench_score(work: Path, quick: bool) -> list[dict]:
+    from speechmos import dnsmos as speechmos_dnsmos
+
+    from speechinstruct import audio
+    from speechinstruct.io import read_table
+    from speechinstruct.score import DNSMOS, dnsmos_windows, load_asr
+    from speechinstruct.shardfiles import corpus_root, manifest_files
+
+    manifest = demo_corpus(work, 60)
+    root = corpus_root(manifest)
+    rows = read_table(manifest_files(manifest)[0]).to_pylist()[: 8 if quick else 24]
+    clips = [audio.load(root / r["path"]) for r in rows]
+    seconds = sum(len(c) for c in clips) / audio.TARGET_SR
+    judge = DNSMOS()
+    judge.score(clips[:1])  # sessions built and warm, as in a long run
+    speechmos_dnsmos.run(clips[0], 16000)
+    ours, t_ours = timed(judge.score, clips)
+    theirs, t_theirs = timed(lambda: [speechmos_dnsmos.run(c, 16000) for c in clips])
+    diff = max(abs(o["dnsmos_ovrl"] - float(t["ovrl_mos"])) for o, t in zip(ours, theirs))
+    windows = sum(len(dnsmos_windows(c)) for c in clips)
+    p835 = judge.p835
+    batch = np.zeros((judge.batch_windows, 144160), np.float32)
+    _, t_model = timed(lambda: [p835.run(None, {"input_1": batch}) for _ in range(max(1, windows // judge.batch_windows))])
+    out = [{"name": f"DNSMOS, {len(clips)} demo clips ({seconds:.0f} s, {windows} windows)", "baseline": "speechmos dnsmos.run",
+            "baseline_s": t_theirs, "ours_s": t_ours, "speedup": t_theirs / t_ours, "target": ">= 20x",
+            "extra": f"max |OVRL difference| {diff:.2g}; {seconds / t_ours:.1f}x real time; the P.835 network alone on "
+                     f"the same number of windows: {t_model:.2f} s"}]
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from asr_fixture import write_tiny_whisper
+
+    folder = work / "whisper-256"
+    if not folder.exists():
+        write_tiny_whisper(folder, d_model=256, layers=2)
+    asr = load_asr(str(folder), batch_size=8)
+    asr.transcribe(clips[:2])
+    asr_clips = clips[:16]
+    batched, t_batched = timed(asr.transcribe, asr_clips)
+    asr.batch_size = 1
+    single, t_single = timed(asr.transcribe, asr_clips)
+    out.append({"name": f"ASR, random Whisper d_model 256, {len(asr_clips)} clips, batch 8", "baseline": "one clip at a time",
+                "baseline_s": t_single, "ours_s": t_batched, "speedup": t_single / t_batched, "target": ">= 2x",
+                "extra": f"same texts: {batched == single}"})
+    return out
+
+
 STARTUP_BASELINE = "1e43768"  # the landed code before imports moved to where they are used (issue 18)
 
 
@@ -505,7 +552,7 @@ def torch_cuda() -> bool:
 
 
 SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "gpu": bench_gpu, "engine": bench_engine,
-            "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "train": bench_train,
+            "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
 
 
