@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .corpora import SOURCES
 
 app = typer.Typer(
     help="Build SpeechInstruct-style cross-modal speech-instruction datasets and train LMs on them.",
@@ -64,15 +65,8 @@ def _print_json(obj):
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-class Corpus(str, Enum):
-    librispeech = "librispeech"
-    librilight = "librilight"
-    gigaspeech = "gigaspeech"
-    commonvoice = "commonvoice"
-    demo = "speechinstruct-demo"
-    hf = "hf"
-    lhotse = "lhotse"
-    kaldi = "kaldi"
+# the corpus choices, from the registry (corpora.SOURCES); Corpus.demo is speechinstruct-demo
+Corpus = Enum("Corpus", {name.removeprefix("speechinstruct-"): name for name in SOURCES}, type=str)
 
 
 @app.command()

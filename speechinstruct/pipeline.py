@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .corpora import SOURCES
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
 
@@ -277,7 +278,7 @@ class Job:
         recipe, work, composed, quiet = self.recipe, self.work, self.composed, self.quiet
         c_cfg = recipe["compose"]
         seed, cm = c_cfg["seed"], c_cfg["cross_modal"]
-        cm_corpora = cm.get("corpora") or [n for n in self.names if n != "librilight"]
+        cm_corpora = cm.get("corpora") or [n for n in self.names if SOURCES[n].transcripts]
         sets = {t: templates.load(recipe["templates"][t], t) for t in ("asr", "tts")}
         gated = {"quality": asdict(self.gates())} if self.scoring else {}  # stamps without quality stay as they were
         scored = lambda names: [self.stamps[f"score:{n}"] for n in names] if self.scoring else []  # noqa: E731

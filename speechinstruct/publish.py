@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import __version__, records
+from .corpora import SOURCES
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 
@@ -35,14 +36,9 @@ CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
 SPLITS = ("train", "validation", "test")
 ROWS_PER_BATCH = 4096  # records copied at a time: publish's memory does not grow with the dataset
-SPLIT_RULES = {  # how each corpus says which audio is dev or test (corpora/*.py)
-    "librispeech": "LibriSpeech: its `dev-*`/`test-*` folders",
-    "gigaspeech": "GigaSpeech: its `{DEV}`/`{TEST}` subsets",
-    "commonvoice": "Common Voice: the clips listed in `dev.tsv`/`test.tsv`",
-    "librilight": "LibriLight: no dev or test part, all train",
-    "speechinstruct-demo": "the embedded demo corpus: all train",
-    "speechinstruct-sample": "the shipped instruction sample: all train",
-}
+SAMPLE = "speechinstruct-sample"  # the shipped instruction pairs chain-of-modality speaks (no corpus reader)
+SPLIT_RULES = {**{name: c.split_rule for name, c in SOURCES.items() if c.split_rule},  # corpora.SOURCES
+               SAMPLE: "the shipped instruction sample: all train"}
 
 
 def _inputs(folder: Path, eval_splits: bool = True) -> dict[str, dict[str, list[Path]]]:
@@ -363,8 +359,7 @@ def export_speechgpt(dataset: str | Path, out: str | Path) -> dict:
 HUB_LICENSES = {"cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc-by-nd-4.0", "cc0-1.0",
                 "apache-2.0", "mit", "odc-by", "pddl", "cdla-permissive-2.0"}
 # the language of each corpus's speech; the text side (templates, instructions) is the shipped English
-CORPUS_LANGUAGES = {"librispeech": "en", "librilight": "en", "gigaspeech": "en", "speechinstruct-demo": "en",
-                    "speechinstruct-sample": "en"}
+CORPUS_LANGUAGES = {**{name: c.language for name, c in SOURCES.items() if c.language}, SAMPLE: "en"}
 SPEECHGPT_CITATION = """@article{zhang2023speechgpt,
   title={SpeechGPT: Empowering Large Language Models with Intrinsic Cross-Modal Conversational Abilities},
   author={Zhang, Dong and Li, Shimin and Zhang, Xin and Zhan, Jun and Wang, Pengyu and Zhou, Yaqian and Qiu, Xipeng},

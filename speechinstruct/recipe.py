@@ -18,7 +18,7 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .corpora import root_problem
+from .corpora import SOURCES, root_problem
 
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{20,})\b")
@@ -55,7 +55,7 @@ class CorpusOptions(Section):
 
 
 class Corpus(Section):
-    name: Literal["librispeech", "librilight", "gigaspeech", "commonvoice", "hf", "lhotse", "kaldi"]
+    name: Literal[tuple(n for n, s in SOURCES.items() if not s.generated)]  # the demo corpus: demo_corpus
     root: str
     options: CorpusOptions = CorpusOptions()
 

@@ -245,3 +245,21 @@ def test_gigaspeech_malformed_metadata_is_clear(gigaspeech_root, tmp_path):
     (gigaspeech_root / "GigaSpeech.json").write_text('{"audios": [{"aid": "x", "path": "a.opus", "segments": [')
     with pytest.raises(ValueError, match="GigaSpeech.json: not valid GigaSpeech metadata"):
         shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
+
+
+def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():
+    """corpora.SOURCES is the one list: every entry's reader loads, and the CLI's choices, the recipe's names
+    (less the generated demo corpus), the default licenses and the card's split rules are the registry's."""
+    import typing
+
+    from speechinstruct import cli, publish, recipe
+    from speechinstruct.corpora import DEFAULT_LICENSES, SOURCES, readers
+
+    assert all(callable(r) for r in readers().values()) and set(readers()) == set(SOURCES)
+    assert {c.value for c in cli.Corpus} == set(SOURCES)
+    assert set(typing.get_args(recipe.Corpus.model_fields["name"].annotation)) == {
+        n for n, s in SOURCES.items() if not s.generated} == {"librispeech", "librilight", "gigaspeech", "commonvoice",
+                                                               "hf", "lhotse", "kaldi"}
+    assert DEFAULT_LICENSES["librispeech"] == "CC-BY-4.0" and "hf" not in DEFAULT_LICENSES
+    assert publish.SPLIT_RULES["gigaspeech"] == SOURCES["gigaspeech"].split_rule
+    assert [n for n, s in SOURCES.items() if not s.transcripts] == ["librilight"]  # run's cross-modal default skips it

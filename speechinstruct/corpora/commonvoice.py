@@ -19,7 +19,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Note, Skip, probe, split_of
+from . import DEFAULT_LICENSES
+from .base import Item, Note, Skip, probe, split_of
 
 REQUIRED = ("client_id", "path", "sentence")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from . import Item
 from . import librispeech
+from .base import Item
 
 NAME = "speechinstruct-demo"
 

@@ -15,7 +15,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe, relpath, split_of
+from . import DEFAULT_LICENSES
+from .base import Item, Skip, probe, relpath, split_of
 
 PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
 GARBAGE = {"<SIL>", "<NOISE>", "<MUSIC>", "<OTHER>"}

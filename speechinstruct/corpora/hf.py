@@ -33,7 +33,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from ..io import read_json, safe_join
-from . import Item, Skip, relpath, split_of
+from .base import Item, Skip, relpath, split_of
 
 NAME = "hf"
 # train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import Item, Skip, deepest_common_folder, probe, split_of
+from .base import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "kaldi"
 

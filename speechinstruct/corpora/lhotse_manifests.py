@@ -17,7 +17,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import Item, Skip, deepest_common_folder, probe, split_of
+from .base import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "lhotse"
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")

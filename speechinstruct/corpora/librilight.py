@@ -16,7 +16,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe, relpath
+from . import DEFAULT_LICENSES
+from .base import Item, Skip, probe, relpath
 
 
 def segment(spans: list[tuple[float, float]], max_seconds: float) -> list[tuple[float, float]]:

@@ -12,7 +12,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES, Item, Skip, probe, relpath, split_of
+from . import DEFAULT_LICENSES
+from .base import Item, Skip, probe, relpath, split_of
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
 
