@@ -10,48 +10,12 @@ splits it: text question (before ``; [ta]``), text answer (between ``[ta]`` and 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-from .compose import DEFAULT_PREFIX
-from .units import UNIT_RE, SpeechEncoder, to_text
-
-PROMPTS = {
-    "chain_of_modality": "[Human]: {input}<eoh>. [SpeechGPT]:",
-    "cross_modal": "[Human]: {input}<eoh> [SpeechGPT]:",
-    "speechgpt-cli": "[Human]: {input} <eoh>. [SpeechGPT]: ",
-}
-UNIT_SPAN = re.compile(r"<sosp>(?:<\d+>)*(?:<eosp>|$)")
-
-
-def _between(text: str, start: str | None, end: str | None) -> str:
-    """The text after ``start`` (or from the beginning) up to ``end`` (or the end)."""
-    if start is not None:
-        i = text.find(start)
-        if i < 0:
-            return ""
-        text = text[i + len(start):]
-    if end is not None and end in text:
-        text = text[: text.index(end)]
-    return text.strip()
-
-
-def parse_answer(generated: str) -> dict:
-    """The model's answer split as SpeechGPT's ``cli_infer.py`` splits it."""
-    answer = generated.split("<eoa>")[0].strip()
-    has_ta, has_ua = "[ta]" in answer, "[ua]" in answer
-    unit_answer = _between(answer, "[ua]", None) if has_ua else ""
-    return {
-        "answer": answer,
-        "text_question": _between(answer, None, "; [ta]") if "; [ta]" in answer else "",
-        "text_answer": _between(answer, "[ta]", "; [ua]") if has_ta else "",
-        "unit_answer": unit_answer,
-        "units": [int(u) for u in UNIT_RE.findall(unit_answer or (UNIT_SPAN.search(answer) or [""])[0])],
-        "raw": generated,
-    }
-
+from .speechgpt import DEFAULT_PREFIX, PROMPTS, parse_answer, with_bos  # noqa: F401 (parse_answer: chat's API)
+from .units import SpeechEncoder, to_text
 
 class Chat:
     def __init__(self, model_dir: str | Path, lora: str | Path | None = None, device: str = "cpu",
@@ -79,9 +43,8 @@ class Chat:
 
     def prompt_ids(self, user_input: str) -> list[int]:
         """Token ids of the prompt exactly as training tokenised the record's beginning (BOS first)."""
-        from .train import _with_bos
 
-        return _with_bos(self.tokenizer, self.tokenizer(self.prompt(user_input), add_special_tokens=False)["input_ids"])
+        return with_bos(self.tokenizer, self.tokenizer(self.prompt(user_input), add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
     def reply(self, user_input: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 0.8) -> dict:

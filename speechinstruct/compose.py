@@ -42,21 +42,11 @@ from tqdm import tqdm
 from . import __version__, records, templates as templates_mod
 from .audio import AudioError
 from .io import iter_rows, parquet_rows, write_json, write_parquet
-from .records import find_markup
 from .score import ScoreError
 from .shardfiles import select_shards, shard_suffix, unit_files
-from .units import SpeechEncoder, to_text
+from .speechgpt import DEFAULT_PREFIX, FORMATS, SPEECHGPT_PREFIX, com_text, cross_modal_text, find_markup  # noqa: F401
+from .units import SpeechEncoder
 
-# SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
-# spaces after "University.", "with human" included): a model continued from SpeechGPT expects exactly this.
-SPEECHGPT_PREFIX = (
-    "You are an AI assistant whose name is SpeechGPT.\n"
-    "- SpeechGPT is a intrinsic cross-modal conversational language model that is developed by Fudan University.  "
-    "SpeechGPT can understand and communicate fluently with human through speech or text chosen by the user.\n"
-    "- It can perceive cross-modal inputs and generate cross-modal outputs.\n"
-)
-DEFAULT_PREFIX = SPEECHGPT_PREFIX
-FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
 HF_SPLIT = {"train": "train", "dev": "validation", "test": "test"}  # corpus split → published split
 
 def _draw(seed: int, *parts: str) -> int:
@@ -77,24 +67,6 @@ def finish(record: dict) -> dict:
     record["pipeline_version"] = __version__
     record["content_hash"] = records.content_hash(record)
     return record
-
-
-def cross_modal_text(task: str, instruction: str, text: str, unit_text: str) -> str:
-    if task == "asr":
-        return f"[Human]: {instruction} This is input: {unit_text}<eoh> [SpeechGPT]: {text}<eoa>"
-    return f"[Human]: {instruction} This is input: {text}<eoh> [SpeechGPT]: {unit_text}<eoa>"
-
-
-def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_units: list[int]) -> str:
-    if fmt == "speech-speech":
-        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}; [ua] {to_text(a_units)}<eoa>."
-    if fmt == "speech-text":
-        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}<eoa>."
-    if fmt == "text-speech":
-        return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}; [ua] {to_text(a_units)}<eoa>."
-    if fmt == "text-text":
-        return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}<eoa>."
-    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
 
 
 def _records_file(path: Path, kind: str):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -85,16 +84,3 @@ def to_table(kind: str, rows: list[dict]) -> pa.Table:
             raise ValueError(f"{kind} record {row.get('id')!r} has columns not in schemas/{kind}.json: {sorted(extra)}")
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     return pa.table(columns, schema=schema)
-
-
-# Record markup, and the tokens tokenizers treat as special. A text field (transcript, instruction, response,
-# template) that carries any of them could plant a fake turn or unit string in training data: such input is
-# skipped and counted, never copied, and ``validate`` fails any record whose text fields hold one.
-MARKUP = re.compile(r"\[(?:Human|SpeechGPT|ta|ua|tq)\]|<(?:eoh|eoa|eos|sosp|eosp|\d+|/?s|unk|pad)>|<\|[^|<>]{1,40}\|>",
-                    re.IGNORECASE)
-
-
-def find_markup(text: str) -> str | None:
-    """The first piece of record markup (or special-token text) in ``text``, or None."""
-    match = MARKUP.search(text or "")
-    return match.group(0) if match else None

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .io import write_json
-from .records import find_markup
+from .speechgpt import find_markup
 
 TASKS = ("asr", "tts")
 BUILTIN_VERSION = "builtin-1"

@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .speechgpt import RESPONSE_MARK, with_bos
+
 SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")  # SpeechGPT's; not <eoa>
 CONFIG_FOR_STAGE = {1: "pretrain", 2: "cross_modal", 3: "chain_of_modality"}
-RESPONSE_MARK = "[SpeechGPT]:"
 MASKS = ("prefix", "prompt", "none")
 
 
@@ -136,11 +137,6 @@ def dataset_k(data: str | Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ examples
-def _with_bos(tokenizer, ids: list[int]) -> list[int]:
-    bos = tokenizer.bos_token_id
-    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
-
-
 def masked_chars(prefix: str, plain_text: str, mask: str) -> int | None:
     """How many leading characters of ``prefix + plain_text`` get no loss (None: not a dialogue record)."""
     if mask == "none":
@@ -166,7 +162,7 @@ def supervised_example(tokenizer, prefix: str, plain_text: str, max_length: int,
     else:  # slow tokenizers have no offsets: count the tokens of the masked text, as SpeechGPT does
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         n_masked = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if cut else 0
-    full = _with_bos(tokenizer, ids)
+    full = with_bos(tokenizer, ids)
     if cut:
         n_masked += len(full) - len(ids)  # BOS is masked with the prefix
     if tokenizer.eos_token_id is not None and len(full) < max_length:
@@ -183,7 +179,7 @@ def packed_blocks(tokenizer, texts: list[str], block_size: int) -> list[dict]:
     cut into blocks of ``block_size`` tokens; the shorter last block is kept."""
     stream: list[int] = []
     for text in texts:
-        stream += _with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream += with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
     if not stream:
         raise ValueError("the pretrain data holds no tokens")
     return [{"input_ids": stream[i : i + block_size], "labels": stream[i : i + block_size]}

@@ -27,20 +27,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import records
-from .compose import com_text, cross_modal_text
 from .io import naming, read_table
-from .records import find_markup
+from .speechgpt import SHAPES, com_text, cross_modal_text, find_markup
 from .units import folder_k, to_text
 
-U = r"<sosp>(?:<\d+>)+<eosp>"
-SHAPES = {
-    "asr": re.compile(rf"\[Human\]: (?P<instruction>.+?) This is input: (?P<units>{U})<eoh> \[SpeechGPT\]: (?P<text>.+)<eoa>", re.S),
-    "tts": re.compile(rf"\[Human\]: (?P<instruction>.+?) This is input: (?P<text>.+)<eoh> \[SpeechGPT\]: (?P<units>{U})<eoa>", re.S),
-    "speech-speech": re.compile(rf"\[Human\]: (?P<q_units>{U})<eoh>\. \[SpeechGPT\]: (?P<instruction>.+); \[ta\] (?P<response>.+); \[ua\] (?P<a_units>{U})<eoa>\.", re.S),
-    "speech-text": re.compile(rf"\[Human\]: (?P<q_units>{U})<eoh>\. \[SpeechGPT\]: (?P<instruction>.+); \[ta\] (?P<response>.+)<eoa>\.", re.S),
-    "text-speech": re.compile(rf"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+); \[ua\] (?P<a_units>{U})<eoa>\.", re.S),
-    "text-text": re.compile(r"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+)<eoa>\.", re.S),
-}
 CONTENT_KINDS = ("cross_modal", "chain_of_modality", "pretrain")
 
 

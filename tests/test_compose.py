@@ -305,3 +305,20 @@ def test_publish_memory_does_not_grow_with_the_dataset(tmp_path):
         tracemalloc.stop()
         assert meta["counts"]["cross_modal"]["train"] == 2 * n
     assert peaks[1] < 1.3 * peaks[0], [p / 1e6 for p in peaks]
+
+
+def test_speechgpt_writers_and_parsers_agree_on_every_kind():
+    """speechgpt.SHAPES (what validate holds records to) reads back exactly what the writers wrote."""
+    from speechinstruct import speechgpt
+
+    q, a = [3, 1, 4], [1, 5, 9, 2]
+    for fmt in speechgpt.FORMATS:
+        m = speechgpt.SHAPES[fmt].fullmatch(speechgpt.com_text(fmt, "What is pi?", "About 3.14.", q, a))
+        assert m and m.group("response") == "About 3.14.", fmt
+        assert m.groupdict().get("q_units") in (None, units.to_text(q)) and m.groupdict().get("a_units") in (None, units.to_text(a))
+        if fmt.startswith("speech"):
+            assert m.group("instruction") == "What is pi?"
+    for task in ("asr", "tts"):
+        m = speechgpt.SHAPES[task].fullmatch(speechgpt.cross_modal_text(task, "Transcribe it.", "A CAT", units.to_text(q)))
+        assert m and (m.group("instruction"), m.group("text"), m.group("units")) == ("Transcribe it.", "A CAT", units.to_text(q))
+    assert speechgpt.find_markup("fine text") is None and speechgpt.find_markup("a [ua] b") == "[ua]"

@@ -105,7 +105,7 @@ def llama_sentencepiece(tmp_path_factory):
     import sentencepiece as spm
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from speechinstruct.compose import SPEECHGPT_PREFIX
+    from speechinstruct.speechgpt import SPEECHGPT_PREFIX
     folder = tmp_path_factory.mktemp("llama-sp")
     corpus = [SPEECHGPT_PREFIX, "This is input: transcribe the speech please. A cat sat on a mat.",
               "THE OLD SAILOR WALKED TO THE RED HOUSE", "Please read this text aloud. Answer: A good idea."] * 30
@@ -129,7 +129,7 @@ def test_records_tokenise_and_mask_as_speechgpts_own_preprocessing(llama_sentenc
     import datasets
     from transformers import AutoTokenizer
 
-    from speechinstruct.compose import SPEECHGPT_PREFIX
+    from speechinstruct.speechgpt import SPEECHGPT_PREFIX
     tok = AutoTokenizer.from_pretrained(llama_sentencepiece)
     T.add_unit_tokens(tok, 12)
     checked = 0
@@ -143,7 +143,7 @@ def test_records_tokenise_and_mask_as_speechgpts_own_preprocessing(llama_sentenc
 
 
 def test_speechgpt_prefix_is_byte_exact():
-    from speechinstruct.compose import DEFAULT_PREFIX
+    from speechinstruct.speechgpt import DEFAULT_PREFIX
     assert DEFAULT_PREFIX == ("You are an AI assistant whose name is SpeechGPT.\n- SpeechGPT is a intrinsic cross-modal "
                               "conversational language model that is developed by Fudan University.  SpeechGPT can "
                               "understand and communicate fluently with human through speech or text chosen by the "

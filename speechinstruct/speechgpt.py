@@ -1,0 +1,112 @@
+"""SpeechGPT's record format, in one place: how each record kind is written, how it is read back, which text
+counts as markup, and the prompts a trained model is asked with (see the README's Records section).
+
+Writers: :func:`cross_modal_text` (ASR and TTS instructions) and :func:`com_text` (the four chain-of-modality
+formats), after :data:`SPEECHGPT_PREFIX`. Parsers: :data:`SHAPES`, one regular expression per task or format,
+which ``validate`` holds every record to. :data:`MARKUP`: what no text field may carry. :data:`PROMPTS` and
+:func:`parse_answer`: ``chat``'s side, as SpeechGPT's ``cli_infer.py`` builds and splits them;
+:data:`RESPONSE_MARK` and :func:`with_bos`: ``train``'s side (where the loss starts, and the BOS token).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .units import UNIT_RE, to_text
+
+# SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
+# spaces after "University.", "with human" included): a model continued from SpeechGPT expects exactly this.
+SPEECHGPT_PREFIX = (
+    "You are an AI assistant whose name is SpeechGPT.\n"
+    "- SpeechGPT is a intrinsic cross-modal conversational language model that is developed by Fudan University.  "
+    "SpeechGPT can understand and communicate fluently with human through speech or text chosen by the user.\n"
+    "- It can perceive cross-modal inputs and generate cross-modal outputs.\n"
+)
+DEFAULT_PREFIX = SPEECHGPT_PREFIX
+FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
+
+
+# ------------------------------------------------------------------------------------------------ writers
+def cross_modal_text(task: str, instruction: str, text: str, unit_text: str) -> str:
+    if task == "asr":
+        return f"[Human]: {instruction} This is input: {unit_text}<eoh> [SpeechGPT]: {text}<eoa>"
+    return f"[Human]: {instruction} This is input: {text}<eoh> [SpeechGPT]: {unit_text}<eoa>"
+
+
+def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_units: list[int]) -> str:
+    if fmt == "speech-speech":
+        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}; [ua] {to_text(a_units)}<eoa>."
+    if fmt == "speech-text":
+        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}<eoa>."
+    if fmt == "text-speech":
+        return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}; [ua] {to_text(a_units)}<eoa>."
+    if fmt == "text-text":
+        return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}<eoa>."
+    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+
+
+# ------------------------------------------------------------------------------------------------ parsers
+U = r"<sosp>(?:<\d+>)+<eosp>"
+SHAPES = {
+    "asr": re.compile(rf"\[Human\]: (?P<instruction>.+?) This is input: (?P<units>{U})<eoh> \[SpeechGPT\]: (?P<text>.+)<eoa>", re.S),
+    "tts": re.compile(rf"\[Human\]: (?P<instruction>.+?) This is input: (?P<text>.+)<eoh> \[SpeechGPT\]: (?P<units>{U})<eoa>", re.S),
+    "speech-speech": re.compile(rf"\[Human\]: (?P<q_units>{U})<eoh>\. \[SpeechGPT\]: (?P<instruction>.+); \[ta\] (?P<response>.+); \[ua\] (?P<a_units>{U})<eoa>\.", re.S),
+    "speech-text": re.compile(rf"\[Human\]: (?P<q_units>{U})<eoh>\. \[SpeechGPT\]: (?P<instruction>.+); \[ta\] (?P<response>.+)<eoa>\.", re.S),
+    "text-speech": re.compile(rf"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+); \[ua\] (?P<a_units>{U})<eoa>\.", re.S),
+    "text-text": re.compile(r"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+)<eoa>\.", re.S),
+}
+
+# Record markup, and the tokens tokenizers treat as special. A text field (transcript, instruction, response,
+# template) that carries any of them could plant a fake turn or unit string in training data: such input is
+# skipped and counted, never copied, and ``validate`` fails any record whose text fields hold one.
+MARKUP = re.compile(r"\[(?:Human|SpeechGPT|ta|ua|tq)\]|<(?:eoh|eoa|eos|sosp|eosp|\d+|/?s|unk|pad)>|<\|[^|<>]{1,40}\|>",
+                    re.IGNORECASE)
+
+
+def find_markup(text: str) -> str | None:
+    """The first piece of record markup (or special-token text) in ``text``, or None."""
+    match = MARKUP.search(text or "")
+    return match.group(0) if match else None
+
+
+# ------------------------------------------------------------------------------------- prompts and answers
+PROMPTS = {
+    "chain_of_modality": "[Human]: {input}<eoh>. [SpeechGPT]:",
+    "cross_modal": "[Human]: {input}<eoh> [SpeechGPT]:",
+    "speechgpt-cli": "[Human]: {input} <eoh>. [SpeechGPT]: ",
+}
+UNIT_SPAN = re.compile(r"<sosp>(?:<\d+>)*(?:<eosp>|$)")
+RESPONSE_MARK = "[SpeechGPT]:"  # training's loss starts after it (mask "human")
+
+
+def _between(text: str, start: str | None, end: str | None) -> str:
+    """The text after ``start`` (or from the beginning) up to ``end`` (or the end)."""
+    if start is not None:
+        i = text.find(start)
+        if i < 0:
+            return ""
+        text = text[i + len(start):]
+    if end is not None and end in text:
+        text = text[: text.index(end)]
+    return text.strip()
+
+
+def parse_answer(generated: str) -> dict:
+    """The model's answer split as SpeechGPT's ``cli_infer.py`` splits it."""
+    answer = generated.split("<eoa>")[0].strip()
+    has_ta, has_ua = "[ta]" in answer, "[ua]" in answer
+    unit_answer = _between(answer, "[ua]", None) if has_ua else ""
+    return {
+        "answer": answer,
+        "text_question": _between(answer, None, "; [ta]") if "; [ta]" in answer else "",
+        "text_answer": _between(answer, "[ta]", "; [ua]") if has_ta else "",
+        "unit_answer": unit_answer,
+        "units": [int(u) for u in UNIT_RE.findall(unit_answer or (UNIT_SPAN.search(answer) or [""])[0])],
+        "raw": generated,
+    }
+
+
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` with the tokenizer's BOS token in front, once (none when it has no BOS token)."""
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
