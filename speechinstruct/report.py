@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from .io import atomic_path, write_json, write_text
 from .shardfiles import read_dataset_meta
-from .units import folder_k
+from .shardfiles import folder_k
 
 
 def _plot(path: Path, draw) -> None:

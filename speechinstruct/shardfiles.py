@@ -131,7 +131,26 @@ def read_dataset_meta(folder: str | Path) -> dict:
     return meta
 
 
+def folder_k(folder: str | Path) -> int | None:
+    """K of the units in a published dataset (``speechinstruct.json``) or a units folder (``units.json``), or
+    None when the folder records none."""
+    folder = Path(folder)
+    if (folder / "speechinstruct.json").is_file():
+        return read_dataset_meta(folder).get("k")
+    spec = folder / "units.json"
+    if spec.is_file():
+        try:
+            value = json.loads(spec.read_text())
+        except ValueError as e:
+            raise ValueError(f"{spec}: not valid JSON ({e})") from None
+        value = value.get("kmeans") if isinstance(value, dict) else None
+        k = value.get("k") if isinstance(value, dict) else None
+        return k if isinstance(k, int) and not isinstance(k, bool) else None
+    return None
+
+
 # ---------------------------------------------------------------------------------- feature file format
+
 def feature_schema(dim: int, float16: bool) -> pa.Schema:
     value = pa.float16() if float16 else pa.float32()
     return pa.schema([("id", pa.string()), ("features", pa.list_(pa.list_(value, dim)))])

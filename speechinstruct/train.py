@@ -125,7 +125,7 @@ def expand_vocabulary(model, tokenizer, k: int) -> int:
 
 
 def dataset_k(data: str | Path) -> int:
-    from .units import folder_k
+    from .shardfiles import folder_k
 
     meta = Path(data) / "speechinstruct.json"
     if not meta.is_file():

@@ -79,26 +79,6 @@ def load_kmeans(path: str | Path) -> KMeans:
     return KMeans(np.asarray(state["cluster_centers_"]), str(path), meta)
 
 
-def folder_k(folder: str | Path) -> int | None:
-    """K of the units in a published dataset (``speechinstruct.json``) or a units folder (``units.json``), or
-    None when the folder records none."""
-    from .shardfiles import read_dataset_meta
-
-    folder = Path(folder)
-    if (folder / "speechinstruct.json").is_file():
-        return read_dataset_meta(folder).get("k")
-    spec = folder / "units.json"
-    if spec.is_file():
-        try:
-            value = json.loads(spec.read_text())
-        except ValueError as e:
-            raise ValueError(f"{spec}: not valid JSON ({e})") from None
-        value = value.get("kmeans") if isinstance(value, dict) else None
-        k = value.get("k") if isinstance(value, dict) else None
-        return k if isinstance(k, int) and not isinstance(k, bool) else None
-    return None
-
-
 def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge consecutive repeats: 5 5 5 9 9 2 → units 5 9 2, durations 3 2 1."""
     units = np.asarray(units)

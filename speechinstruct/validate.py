@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 from . import records
 from .io import naming, read_table
 from .speechgpt import SHAPES, com_text, cross_modal_text, find_markup
-from .units import folder_k, to_text
+from .shardfiles import folder_k
+from .units import to_text
 
 CONTENT_KINDS = ("cross_modal", "chain_of_modality", "pretrain")
 
