@@ -30,6 +30,7 @@ from . import __version__, records
 from .corpora import SOURCES
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
+from .shardfiles import folder_vocabulary, read_units_spec
 
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
@@ -202,17 +203,16 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     configs_yaml, written, counts, by_kind, provenance = write_configs(inputs, out, owned, quiet=quiet)
 
     units_dirs = _units_dirs(compose_dir)
-    spec = {}
+    spec, vocabulary = {}, None
     for d in units_dirs:
-        if (d / "units.json").is_file():
-            spec = json.loads((d / "units.json").read_text())
+        if read_units_spec(d) is not None:
+            spec, vocabulary = read_units_spec(d), folder_vocabulary(d)
             break
-    k = (spec.get("kmeans") or {}).get("k")
     # Machine-independent provenance: files by name and hash, never by a local absolute path.
     kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
     if (spec.get("kmeans") or {}).get("source"):
         kmeans["file"] = Path(spec["kmeans"]["source"]).name
-    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans")}
+    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans", "vocabulary")}
     if str(extractor.get("source", "")).startswith("hf:/"):
         extractor["source"] = "hf:" + Path(extractor["source"][3:]).name
     utterances = _utterance_stats(units_dirs)
@@ -226,7 +226,8 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     for cm_summary in sorted((compose_dir / "cross_modal").glob("summary*.json")):
         templates = json.loads(cm_summary.read_text()).get("templates", templates)
     meta = {
-        "name": name, "pipeline_version": __version__, "k": k, "eval_splits": eval_splits,
+        "name": name, "pipeline_version": __version__, "k": vocabulary.size if vocabulary else None,
+        "eval_splits": eval_splits,
         "extractor": extractor, "kmeans": kmeans, "templates": templates,
         "counts": {c: dict(v) for c, v in counts.items()},
         "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
@@ -234,6 +235,8 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         "sources": [{"corpus": key.split("\t")[0], "license": key.split("\t")[1], "records": dict(v)}
                     for key, v in sorted(provenance.items())],
     }
+    if vocabulary is not None:
+        meta["vocabulary"] = vocabulary.to_json()
     meta["languages"] = _languages(meta, units_dirs)
     write_json(out / "speechinstruct.json", meta)
     data = card_data(meta, configs_yaml, out)
@@ -377,7 +380,7 @@ def _languages(meta: dict, units_dirs: list[Path]) -> list[str]:
         if source["corpus"] in CORPUS_LANGUAGES:
             found.add(CORPUS_LANGUAGES[source["corpus"]])
     for d in units_dirs:  # what a source said of itself at shard time (a Hugging Face card's `language`)
-        spec = json.loads((d / "units.json").read_text()) if (d / "units.json").is_file() else {}
+        spec = read_units_spec(d) or {}
         summary = Path(spec.get("manifest", "")) / "summary.json"
         if spec.get("manifest") and summary.is_file():
             found.update(json.loads(summary.read_text()).get("languages") or [])
@@ -470,6 +473,9 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
               f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("features") == "hubert" else f" ({ext.get('options', '')})"),
               f"- frame rate: {ext.get('frame_rate')} Hz, dimension {ext.get('dim')}",
               f"- k-means: K = {meta['k']}, file `{km.get('file', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
+              *([f"- vocabulary: tokenizer `{voc['tokenizer']}`, {voc['size']} unit tokens `<0>`…`<{voc['size'] - 1}>`"
+                 f" ({voc.get('codebooks', 1)} codebook of {voc.get('codebook_size', voc['size'])})"]
+                if (voc := meta.get("vocabulary")) else []),
               "- consecutive repeated units are merged", "",
               "## Templates", ""] + [f"- {t}: `{v}`" for t, v in sorted(meta["templates"].items())] + [
               "", "## Counts", "", "| config | split | records |", "|---|---|---|"]

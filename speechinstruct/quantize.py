@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from . import records
 from .io import parquet_rows, read_table, write_json
-from .shardfiles import (check_spec, feature_files, iter_features, kmeans_spec, select_shards, shard_output, shard_suffix,
-                         unit_files)
+from .shardfiles import (check_spec, feature_files, iter_features, select_shards, shard_output, shard_suffix, unit_files,
+                         units_spec)
 from .units import KMeans, SpeechEncoder, to_text
 
 
@@ -53,7 +53,7 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
     if spec.get("dim") != kmeans.dim:
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
     out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, {**spec, "kmeans": kmeans_spec(kmeans)}, "units.json")
+    check_spec(out, units_spec(spec, kmeans), "units.json")
     manifest = Path(spec["manifest"])
     done = skipped = 0
     for path in select_shards(feature_files(features), num_shards, shard_index):

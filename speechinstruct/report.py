@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from .io import atomic_path, write_json, write_text
 from .shardfiles import read_dataset_meta
-from .shardfiles import folder_k
+from .shardfiles import folder_k, read_units_spec
 
 
 def _plot(path: Path, draw) -> None:
@@ -56,7 +56,7 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int,
 
     picked: list[dict] = []
     if units is not None:
-        root = json.loads((units / "units.json").read_text())["root"]
+        root = (read_units_spec(units) or {}).get("root")
         wanted = ["id", "path", "offset", "duration", "row", "audio_column", "text", "units", "durations"]
         for path in sorted(units.glob("units-*.parquet")):
             if len(picked) == samples:
@@ -317,7 +317,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     DNSMOS and WER histograms of the workdir's scores."""
     dataset, out = Path(dataset), Path(out)
     units = Path(units) if units is not None else None
-    if units is not None and not (units / "units.json").is_file():
+    if units is not None and read_units_spec(units) is None:
         raise FileNotFoundError(f"{units}: no units.json: not a units folder (quantize or extract --kmeans output)")
     meta = read_dataset_meta(dataset)
     out.mkdir(parents=True, exist_ok=True)

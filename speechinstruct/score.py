@@ -410,16 +410,15 @@ def input_files(folder: str | Path) -> tuple[list[Path], str]:
 
 def audio_root(folder: Path, kind: str) -> Path:
     """The corpus root of a manifest folder (summary.json) or a units folder (units.json, as extract wrote it)."""
-    from .shardfiles import corpus_root
+    from .shardfiles import corpus_root, read_units_spec
 
     if kind == "manifest":
         return corpus_root(folder)
-    spec_file = (folder if folder.is_dir() else folder.parent) / "units.json"
-    if spec_file.is_file():
-        root = read_json(spec_file, dict, "; pass --root").get("root")
-        if isinstance(root, str):
-            return Path(root)
-    raise FileNotFoundError(f"{spec_file}: no corpus root recorded; pass --root")
+    root = (read_units_spec(folder) or {}).get("root")
+    if isinstance(root, str):
+        return Path(root)
+    raise FileNotFoundError(f"{(folder if folder.is_dir() else folder.parent) / 'units.json'}: no corpus root recorded; "
+                            "pass --root")
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -13,6 +13,7 @@ A *job-array part* (``--num-shards N --shard-index I``) is every N-th file from 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -73,6 +74,59 @@ def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) 
     return files[shard_index::num_shards]
 
 
+# ------------------------------------------------------------------------------------ the unit vocabulary
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the speech units are: which tokenizer made them and how many unit tokens there are. Written by
+    extract and quantize (``units.json``) and publish (``speechinstruct.json``); read by validate (the unit
+    range), train (the tokens it adds), chat and the report. K of SpeechGPT's k-means units is ``size``.
+
+    ``tokenizer``: ``kmeans`` (features clustered by k-means). ``codebooks`` × ``codebook_size`` = ``size``
+    (one codebook for k-means). ``frame_rate``: frames per second before repeats are merged. ``features``:
+    the features clustered (``mfcc``, ``hubert``). ``sha256``: the k-means file's hash."""
+
+    tokenizer: str
+    size: int
+    codebooks: int = 1
+    codebook_size: int | None = None
+    frame_rate: float | None = None
+    sample_rate: int | None = None
+    features: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self):
+        if self.codebook_size is None:
+            object.__setattr__(self, "codebook_size", self.size // max(self.codebooks, 1))
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, value, where: str) -> "Vocabulary":
+        """The record as written by :meth:`to_json`; one line naming ``where`` when it is not."""
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(value, dict) or not {"tokenizer", "size"} <= set(value) or not set(value) <= fields:
+            raise ValueError(f"{where}: 'vocabulary' must be an object with tokenizer and size (and only "
+                             f"{', '.join(sorted(fields))}), got {value!r}")
+        for key in ("size", "codebooks", "codebook_size"):
+            n = value.get(key, 1)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"{where}: vocabulary {key} must be a positive integer, got {n!r}")
+        vocabulary = cls(**value)
+        if vocabulary.codebooks * vocabulary.codebook_size != vocabulary.size:
+            raise ValueError(f"{where}: vocabulary size {vocabulary.size} is not codebooks {vocabulary.codebooks} "
+                             f"x codebook_size {vocabulary.codebook_size}")
+        return vocabulary
+
+
+def kmeans_vocabulary(extractor_spec: dict, kmeans) -> Vocabulary:
+    """The vocabulary of units made by clustering ``extractor_spec``'s features with ``kmeans``."""
+    from .features import SAMPLE_RATE
+
+    return Vocabulary("kmeans", int(kmeans.k), frame_rate=extractor_spec.get("frame_rate"), sample_rate=SAMPLE_RATE,
+                      features=extractor_spec.get("features"), sha256=kmeans.meta.get("sha256"))
+
+
 # ---------------------------------------------------------------------------------- folder spec files
 def kmeans_spec(kmeans) -> dict:
     return {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
@@ -82,8 +136,19 @@ def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path,
     """What an extract output folder was made from (written as features.json or units.json)."""
     spec = {**extractor_spec, "float16": float16, "manifest": str(Path(manifest).resolve()), "root": str(Path(root).resolve())}
     if kmeans is not None:
-        spec["kmeans"] = kmeans_spec(kmeans)
+        spec = units_spec(spec, kmeans)
     return spec
+
+
+def units_spec(features_spec: dict, kmeans) -> dict:
+    """``units.json`` of units made from features of ``features_spec`` (a ``features.json``) with ``kmeans``."""
+    return {**features_spec, "kmeans": kmeans_spec(kmeans),
+            "vocabulary": kmeans_vocabulary(features_spec, kmeans).to_json()}
+
+
+# Keys a spec file records that follow from the others: a folder written before they existed is not "made with
+# other settings" for lacking them (they are added to its spec file).
+DERIVED_KEYS = ("vocabulary",)
 
 
 def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
@@ -91,7 +156,12 @@ def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
     meta = out / name
     if meta.is_file():
         old = json.loads(meta.read_text())
-        if old != json.loads(json.dumps(spec)):
+        new = json.loads(json.dumps(spec))
+        if isinstance(old, dict) and any(k in new and k not in old for k in DERIVED_KEYS):
+            if old == {k: v for k, v in new.items() if k in old}:
+                write_json(meta, spec)
+                return
+        if old != new:
             diff = {k: (old.get(k), spec.get(k)) for k in set(old) | set(spec) if old.get(k) != spec.get(k)}
             raise ValueError(f"{meta}: {out} holds output made with other settings {diff}; use a new folder")
     else:
@@ -101,7 +171,8 @@ def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
 # ------------------------------------------------------------------------- a published dataset's metadata
 # The keys of ``speechinstruct.json`` (publish writes it) that other stages read, and the JSON type of each.
 DATASET_META_TYPES = {"name": str, "pipeline_version": str, "counts": dict, "hours": dict, "sources": list,
-                      "by_kind": dict, "extractor": dict, "kmeans": dict, "templates": dict, "languages": list}
+                      "by_kind": dict, "extractor": dict, "kmeans": dict, "templates": dict, "languages": list,
+                      "vocabulary": dict}
 DATASET_META_REQUIRED = ("name", "pipeline_version", "counts", "hours", "sources", "extractor")
 
 
@@ -122,6 +193,9 @@ def read_dataset_meta(folder: str | Path) -> dict:
     k = meta.get("k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise ValueError(f"{path}: 'k' must be a positive integer, got {k!r}; publish the dataset again")
+    if "vocabulary" in meta and Vocabulary.from_json(meta["vocabulary"], str(path)).size != k:
+        raise ValueError(f"{path}: 'k' is {k!r} but the vocabulary has {meta['vocabulary']['size']} units; "
+                         "publish the dataset again")
     for config, splits in (meta.get("counts") or {}).items():
         if not isinstance(splits, dict) or not all(isinstance(n, int) for n in splits.values()):
             raise ValueError(f"{path}: counts[{config!r}] must map splits to record counts; publish the dataset again")
@@ -131,22 +205,50 @@ def read_dataset_meta(folder: str | Path) -> dict:
     return meta
 
 
-def folder_k(folder: str | Path) -> int | None:
-    """K of the units in a published dataset (``speechinstruct.json``) or a units folder (``units.json``), or
-    None when the folder records none."""
+def read_units_spec(folder: str | Path) -> dict | None:
+    """``units.json`` of a units folder (quantize's or extract --kmeans's output; ``folder`` may be one of its
+    files), or None when there is none; one line naming the file when it is not a JSON object."""
+    folder = Path(folder)
+    path = (folder if folder.is_dir() else folder.parent) / "units.json"
+    if not path.is_file():
+        return None
+    return read_json(path, dict, "; extract or quantize into a new folder")
+
+
+def _spec_vocabulary(spec: dict, where: str) -> Vocabulary | None:
+    """The vocabulary a units.json records; for folders written before it did, the one its k-means says."""
+    if "vocabulary" in spec:
+        return Vocabulary.from_json(spec["vocabulary"], where)
+    k = spec.get("kmeans").get("k") if isinstance(spec.get("kmeans"), dict) else None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        return None
+    from .features import SAMPLE_RATE
+
+    return Vocabulary("kmeans", k, frame_rate=spec.get("frame_rate"), sample_rate=SAMPLE_RATE,
+                      features=spec.get("features"), sha256=spec["kmeans"].get("sha256"))
+
+
+def folder_vocabulary(folder: str | Path) -> Vocabulary | None:
+    """The unit vocabulary of a published dataset (``speechinstruct.json``) or a units folder (``units.json``),
+    or None when the folder records none. Folders written before the vocabulary record existed give the one
+    their K says."""
     folder = Path(folder)
     if (folder / "speechinstruct.json").is_file():
-        return read_dataset_meta(folder).get("k")
-    spec = folder / "units.json"
-    if spec.is_file():
-        try:
-            value = json.loads(spec.read_text())
-        except ValueError as e:
-            raise ValueError(f"{spec}: not valid JSON ({e})") from None
-        value = value.get("kmeans") if isinstance(value, dict) else None
-        k = value.get("k") if isinstance(value, dict) else None
-        return k if isinstance(k, int) and not isinstance(k, bool) else None
-    return None
+        meta = read_dataset_meta(folder)
+        where = str(folder / "speechinstruct.json")
+        if "vocabulary" in meta:
+            return Vocabulary.from_json(meta["vocabulary"], where)
+        return _spec_vocabulary({"kmeans": {"k": meta.get("k"), **(meta.get("kmeans") or {})},
+                                 "frame_rate": (meta.get("extractor") or {}).get("frame_rate"),
+                                 "features": (meta.get("extractor") or {}).get("features")}, where)
+    spec = read_units_spec(folder)
+    return None if spec is None else _spec_vocabulary(spec, str(folder / "units.json"))
+
+
+def folder_k(folder: str | Path) -> int | None:
+    """K (the vocabulary's size) of the units in a published dataset or a units folder, or None."""
+    vocabulary = folder_vocabulary(folder)
+    return vocabulary.size if vocabulary is not None else None
 
 
 # ---------------------------------------------------------------------------------- feature file format

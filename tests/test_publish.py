@@ -51,6 +51,33 @@ def test_round_trip_load_dataset_and_validate(dataset, composed):
     assert report_.records["cross_modal"] == 8
 
 
+def test_the_unit_vocabulary_travels_from_the_units_folder_to_the_dataset(units_dir, dataset, tmp_path):
+    """quantize writes the vocabulary record into units.json, publish carries it into speechinstruct.json and the
+    card, and both folders read back as the same record; a units folder written before the record existed reads
+    as the vocabulary its K says, and quantizing into it again is not refused as made with other settings."""
+    from speechinstruct.quantize import quantize
+    from speechinstruct.shardfiles import Vocabulary, folder_k, folder_vocabulary
+
+    expected = Vocabulary("kmeans", 8, frame_rate=100.0, sample_rate=16000, features="mfcc",
+                          sha256=json.loads((units_dir / "units.json").read_text())["kmeans"]["sha256"])
+    assert json.loads((units_dir / "units.json").read_text())["vocabulary"] == {**expected.to_json(), "codebooks": 1,
+                                                                                  "codebook_size": 8}
+    assert folder_vocabulary(units_dir) == folder_vocabulary(dataset) == expected and folder_k(dataset) == 8
+    assert json.loads((dataset / "speechinstruct.json").read_text())["vocabulary"]["size"] == 8
+    assert "- vocabulary: tokenizer `kmeans`, 8 unit tokens `<0>`…`<7>` (1 codebook of 8)" in (dataset / "README.md").read_text()
+
+    spec = json.loads((units_dir / "units.json").read_text())
+    del spec["vocabulary"]
+    (units_dir / "units.json").write_text(json.dumps(spec))  # as 0.2.0 wrote it
+    assert folder_vocabulary(units_dir) == expected
+    quantize(units_dir.parent / "features", load_kmeans(units_dir.parent / "kmeans"), units_dir, quiet=True)
+    assert json.loads((units_dir / "units.json").read_text())["vocabulary"]["size"] == 8
+    other = load_kmeans(units_dir.parent / "kmeans")
+    other.k = 9  # another k-means still is refused
+    with pytest.raises(ValueError, match="made with other settings"):
+        quantize(units_dir.parent / "features", other, units_dir, quiet=True)
+
+
 def test_same_named_datasets_do_not_share_the_datasets_cache(composed, tmp_path):
     publish(composed, tmp_path / "one" / "dataset")
     smaller = tmp_path / "smaller"
@@ -353,7 +380,12 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
     for edit, message in ((lambda m: {**m, "counts": [1, 2]}, "'counts' must be a JSON object, got list"),
                           (lambda m: {**m, "k": "eight"}, "'k' must be a positive integer"),
                           (lambda m: [m], "must be a JSON object, got list"),
-                          (lambda m: {k: v for k, v in m.items() if k != "hours"}, "no 'hours'")):
+                          (lambda m: {k: v for k, v in m.items() if k != "hours"}, "no 'hours'"),
+                          (lambda m: {**m, "vocabulary": {**m["vocabulary"], "size": 9, "codebook_size": 9}},
+                           "'k' is 8 but the vocabulary has 9 units"),
+                          (lambda m: {**m, "vocabulary": {"tokenizer": "kmeans"}}, "'vocabulary' must be an object"),
+                          (lambda m: {**m, "vocabulary": {**m["vocabulary"], "codebooks": 3}},
+                           "vocabulary size 8 is not codebooks 3 x codebook_size 8")):
         (dataset / "speechinstruct.json").write_text(json.dumps(edit(meta)))
         for cmd in (["report", str(dataset), str(tmp_path / "r")], ["validate", str(dataset)]):
             result = runner.invoke(app, cmd)
