@@ -80,7 +80,7 @@ def shard(
     max_seconds: float = typer.Option(30.0, help="librilight: longest utterance cut from the VAD spans."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
-                                      "dev.tsv/test.tsv stay dev/test; a TSV named here is read even without them)."),
+                                      "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
     audio_column: str = typer.Option("audio", help="hf: the audio column (struct<bytes, path>)."),
     text_column: str = typer.Option("text", help="hf: the transcript column."),
     id_column: Optional[str] = typer.Option(None, help="hf: a column of utterance ids (default: file and row)."),
@@ -88,9 +88,9 @@ def shard(
     split: Optional[str] = typer.Option(None, help="hf: read only this split of the dataset (its own name, e.g. validation)."),
     audio_root: Optional[Path] = typer.Option(None, help="lhotse, kaldi: the folder manifest paths are relative to "
                                               "(default: the deepest folder holding every listed file)."),
-    splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,dev (default: all, each marked)."),
-    split_map: Optional[list[str]] = typer.Option(None, "--split-map", help="NAME=SPLIT: the split (train, dev, test) "
-                                                  "of a corpus part whose name does not say it, e.g. heldout_a=dev; repeatable."),
+    splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,validation (default: all, each marked)."),
+    split_map: Optional[list[str]] = typer.Option(None, "--split-map", help="NAME=SPLIT: the split (train, validation, test) "
+                                                  "of a corpus part whose name does not say it, e.g. heldout_a=validation; repeatable."),
     license: Optional[str] = typer.Option(None, help="Override the corpus's license string."),
     quiet: bool = Quiet,
 ):

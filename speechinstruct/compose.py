@@ -4,9 +4,9 @@
   (``[Human]: {instruction} This is input: {input}<eoh> [SpeechGPT]: {output}<eoa>``).
 * ``pretrain``: one ``<sosp>…<eosp>`` line per utterance.
 
-Records keep the split of the audio they come from, in separate files named by Hugging Face's split names:
-a corpus's train utterances go to ``train-*``, its dev utterances to ``validation-*`` and its test utterances
-to ``test-*`` (``HF_SPLIT``). Dev and test audio never becomes a training record. For ``pretrain``,
+Records keep the split of the audio they come from (``corpora.SPLITS``: train, validation, test), in separate
+files named by it: ``train-*``, ``validation-*``, ``test-*``. Validation and test audio never becomes a training
+record. For ``pretrain``,
 ``dev_fraction`` of the train utterances (by a hash of the id) also go to ``validation``, since LibriLight,
 stage 1's corpus, has no dev set.
 * ``chain_of_modality``: text instruction–response pairs (optionally rewritten for speech by an LLM),
@@ -41,13 +41,13 @@ from tqdm import tqdm
 
 from . import __version__, records, templates as templates_mod
 from .audio import AudioError
+from .corpora.base import SPLITS, split_name
 from .io import iter_rows, parquet_rows, write_json, write_parquet
 from .score import ScoreError
 from .shardfiles import select_shards, shard_suffix, unit_files
 from .speechgpt import DEFAULT_PREFIX, FORMATS, SPEECHGPT_PREFIX, com_text, cross_modal_text, find_markup  # noqa: F401
 from .units import SpeechEncoder
 
-HF_SPLIT = {"train": "train", "dev": "validation", "test": "test"}  # corpus split → published split
 
 def _draw(seed: int, *parts: str) -> int:
     """A deterministic 64-bit draw from the seed and the given strings."""
@@ -133,7 +133,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     dropped: list[dict] = []
     quality = QualityGate(scores, gates)
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        targets = {split: out / f"{split}-{_named(part, suffix)}.parquet" for split in HF_SPLIT.values()}
+        targets = {split: out / f"{split}-{_named(part, suffix)}.parquet" for split in SPLITS}
         if all(t.exists() for t in targets.values()):
             counts["shards skipped (done)"] += 1
             continue
@@ -162,14 +162,14 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 for task in tasks:
                     items = sets[task]["templates"]
                     template = items[_draw(seed, "template", task, u["id"]) % len(items)]
-                    sinks[HF_SPLIT[u["split"]]].add(finish({
+                    sinks[split_name(u["split"])].add(finish({
                         "id": f"{task}/{u['id']}", "prefix": prefix,
                         "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
                         "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
                         "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
                     }))
     by_split: collections.Counter[str] = collections.Counter()
-    for split in HF_SPLIT.values():  # all shards, not just this run's
+    for split in SPLITS:  # all shards, not just this run's
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
             tasks = pq.read_table(f, columns=["task"]).column("task")  # counted in Arrow, not as a Python list
             by_split[split] += len(tasks)
@@ -195,7 +195,7 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
     dropped: list[dict] = []
     quality = QualityGate(scores, gates)
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in HF_SPLIT.values()}
+        targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in SPLITS}
         if all(t.exists() for t in targets.values()):
             continue
         with contextlib.ExitStack() as files:  # all written before the next shard: together they mark it done
@@ -205,15 +205,15 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01,
                 if reason:
                     _quality_drop(counts, dropped, u["id"], reason)
                     continue
-                split = HF_SPLIT[u["split"]]
+                split = split_name(u["split"])
                 if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
                     split = "validation"
                 sinks[split].add(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
                                          "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
-    for split in HF_SPLIT.values():
+    for split in SPLITS:
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
             counts[split] += pq.read_metadata(f).num_rows
-    summary = {**{s: counts[s] for s in HF_SPLIT.values()}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
+    summary = {**{s: counts[s] for s in SPLITS}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
                "units": str(Path(units_dir).resolve()), "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary

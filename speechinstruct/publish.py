@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import __version__, records
 from .corpora import SOURCES
+from .corpora.base import SPLITS
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from .shardfiles import folder_vocabulary, read_units_spec
@@ -35,7 +36,6 @@ from .shardfiles import folder_vocabulary, read_units_spec
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
 
-SPLITS = ("train", "validation", "test")
 ROWS_PER_BATCH = 4096  # records copied at a time: publish's memory does not grow with the dataset
 SAMPLE = "speechinstruct-sample"  # the shipped instruction pairs chain-of-modality speaks (no corpus reader)
 SPLIT_RULES = {**{name: c.split_rule for name, c in SOURCES.items() if c.split_rule},  # corpora.SOURCES

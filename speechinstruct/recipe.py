@@ -39,7 +39,8 @@ class DemoCorpus(Section):
 
 class CorpusOptions(Section):
     splits: Optional[Union[str, list[str]]] = None
-    split_map: Optional[dict[str, Literal["train", "dev", "test"]]] = None  # a part's split where its name says none
+    # a part's split where its name says none (dev: validation, as speechinstruct 0.2 named it)
+    split_map: Optional[dict[str, Literal["train", "validation", "test", "dev"]]] = None
     subset: Optional[str] = None
     tsv: Optional[str] = None
     max_seconds: Optional[float] = Field(None, gt=0)

@@ -2,7 +2,7 @@
 
 Rows are cut into shards of about ``shard_hours`` of audio each (``manifest-00000.parquet`` …), every
 shard written atomically; a rerun rewrites the same names and removes shards a previous, larger run left.
-Every row carries the ``split`` (train, dev, test) the corpus gives it; ``splits`` keeps only some.
+Every row carries the ``split`` (train, validation, test) the corpus gives it; ``splits`` keeps only some.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def shard_corpus(
     **reader_options,
 ) -> dict:
     """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
-    ``splits`` (e.g. ``"train,dev"``) keeps only rows of those splits; the others are counted as left out.
+    ``splits`` (e.g. ``"train,validation"``) keeps only rows of those splits; the others are counted as left out.
     ``split_map`` (``{"eval2000": "test"}`` or ``["eval2000=test"]``) says the split of a corpus part whose
     name does not; the summary lists the part names that said nothing and were kept as train."""
     all_readers = readers()
@@ -37,7 +37,7 @@ def shard_corpus(
     if shard_hours <= 0:
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
     keep = parse_splits(splits)
-    split_map = split_map if isinstance(split_map, dict) else parse_split_map(split_map)
+    split_map = parse_split_map(split_map)
     root, out = Path(root), Path(out)
     problem = root_problem(corpus, root)
     if problem:

@@ -98,6 +98,30 @@ def test_pretrain_split(units_dir, tmp_path):
         assert re.fullmatch(UNITS, r["text"]) and units.from_text(r["text"]) == r["units"]
 
 
+def test_records_keep_their_audio_split_and_0_2_dev_reads_as_validation(units_dir, tmp_path):
+    """One split vocabulary from the manifest on: train, validation, test. A units folder written by 0.2, whose
+    rows say dev, still composes into validation files and validates."""
+    import pyarrow as pa
+
+    from speechinstruct.validate import validate
+
+    names, ids = iter(["dev", "validation", "test", "train"]), {}
+    for path in sorted(units_dir.glob("units-*.parquet")):
+        table = pq.read_table(path)
+        splits = [next(names) for _ in range(table.num_rows)]
+        pq.write_table(table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits)), path)
+        ids.update(zip(table.column("id").to_pylist(), splits))
+    assert sorted(ids.values()) == ["dev", "test", "train", "validation"]
+    assert validate(units_dir).ok
+    compose.cross_modal(units_dir, tmp_path / "cm", quiet=True)
+    got = {split: sorted({r["source_id"] for r in read(tmp_path / "cm", f"{split}-*.parquet")})
+           for split in ("train", "validation", "test")}
+    assert got == {"train": sorted(i for i, n in ids.items() if n == "train"),
+                   "validation": sorted(i for i, n in ids.items() if n in ("dev", "validation")),
+                   "test": sorted(i for i, n in ids.items() if n == "test")}
+    assert len(got["validation"]) == 2 and not list((tmp_path / "cm").glob("dev-*"))
+
+
 def test_unfit_for_speech():
     assert compose.unfit_for_speech("Write code", "```python\nprint(1)\n```") == "code in response"
     assert compose.unfit_for_speech("Docs?", "See https://x.org") == "URL in response"

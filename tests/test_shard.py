@@ -77,12 +77,12 @@ def test_gigaspeech(gigaspeech_root, tmp_path):
 def test_gigaspeech_dev_and_test_subsets_are_marked_and_selectable(gigaspeech_root, tmp_path):
     shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
     got = {r["id"]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")}
-    assert got == {"gigaspeech/YOU1000000038_S0000001": ("dev", "{DEV}"),
+    assert got == {"gigaspeech/YOU1000000038_S0000001": ("validation", "{DEV}"),
                    "gigaspeech/YOU1000000019_S0000001": ("test", "{TEST}"),
                    "gigaspeech/POD0000000001_S0000000": ("train", "{XS}"),
                    "gigaspeech/POD0000000001_S0000002": ("train", "{L}")}
     dev = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "dev", subset="DEV", quiet=True)
-    assert dev["utterances"] == 1 and dev["splits"]["dev"]["corpus_splits"] == {"{DEV}": 1}
+    assert dev["utterances"] == 1 and dev["splits"]["validation"]["corpus_splits"] == {"{DEV}": 1}
     xl = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "xl", subset="xl", quiet=True)
     assert set(xl["splits"]) == {"train"} and xl["utterances"] == 2  # XL never holds DEV/TEST segments
 
@@ -90,17 +90,17 @@ def test_gigaspeech_dev_and_test_subsets_are_marked_and_selectable(gigaspeech_ro
 def test_librispeech_release_keeps_dev_and_test_apart(librispeech_release, tmp_path):
     summary = shard_corpus("librispeech", librispeech_release, tmp_path / "m", quiet=True)
     got = {r["id"]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")}
-    assert got["librispeech/2277-149896-0000"] == ("dev", "dev-clean")
+    assert got["librispeech/2277-149896-0000"] == ("validation", "dev-clean")
     assert got["librispeech/1089-134686-0001"] == ("test", "test-clean")
     assert got["librispeech/1272-128104-0000"] == ("train", "train-clean-100")
-    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"dev": 2, "test": 2, "train": 4}
+    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"validation": 2, "test": 2, "train": 4}
     # ROOT may be one split folder; its name is the split
     one = shard_corpus("librispeech", librispeech_release / "test-clean", tmp_path / "t", quiet=True)
     assert set(one["splits"]) == {"test"}
     # --splits keeps some and counts the rest
     only = shard_corpus("librispeech", librispeech_release, tmp_path / "o", splits="train,dev", quiet=True)
     assert only["utterances"] == 6 and only["left_out_by_split"] == {"test": 2}
-    assert {r["split"] for r in rows(tmp_path / "o")} == {"train", "dev"}
+    assert {r["split"] for r in rows(tmp_path / "o")} == {"train", "validation"}  # dev: validation, as 0.2 named it
     with pytest.raises(ValueError, match=r"unknown split\(s\) \['valid'\]"):
         shard_corpus("librispeech", librispeech_release, tmp_path / "x", splits="train,valid", quiet=True)
 
@@ -132,8 +132,8 @@ def test_commonvoice_clips_of_dev_and_test_tsvs_stay_out_of_train(commonvoice_ro
     shard_corpus("commonvoice", commonvoice_root, tmp_path / "v", quiet=True)
     got = {r["id"].rsplit("/", 1)[1]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "v")}
     assert got == {"common_voice_en_0": ("train", "validated.tsv"), "common_voice_en_1": ("train", "validated.tsv"),
-                   "common_voice_en_4": ("dev", "dev.tsv"), "common_voice_en_5": ("test", "test.tsv")}
-    for tsv, split in (("train.tsv", "train"), ("dev.tsv", "dev"), ("test.tsv", "test")):
+                   "common_voice_en_4": ("validation", "dev.tsv"), "common_voice_en_5": ("test", "test.tsv")}
+    for tsv, split in (("train.tsv", "train"), ("dev.tsv", "validation"), ("test.tsv", "test")):
         shard_corpus("commonvoice", commonvoice_root, tmp_path / tsv, tsv=tsv, quiet=True)
         assert {r["split"] for r in rows(tmp_path / tsv)} == {split}
     # clip_durations.tsv lies beside the split TSVs; it is no clip list
@@ -165,15 +165,15 @@ def test_commonvoice_folder_with_only_validated_tsv(commonvoice_root, tmp_path):
     (commonvoice_root / "dev.tsv").write_text((commonvoice_root / "validated.tsv").read_text().splitlines()[0]
                                               + "\n" + "fff\tcommon_voice_en_4.mp3\ts5\tx\t\t2\t0\t\t\t\t\ten\t\n")
     summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="validated.tsv", quiet=True)
-    assert {r["id"].rsplit("/", 1)[1]: r["split"] for r in rows(tmp_path / "d")}["common_voice_en_4"] == "dev"
+    assert {r["id"].rsplit("/", 1)[1]: r["split"] for r in rows(tmp_path / "d")}["common_voice_en_4"] == "validation"
     assert "notes" not in summary
     with pytest.raises(FileNotFoundError, match=r"nope.tsv: missing.*TSVs here: .*validated.tsv"):
         shard_corpus("commonvoice", commonvoice_root, tmp_path / "n", tsv="nope.tsv", quiet=True)
 
 
 @pytest.mark.parametrize("name, split", [
-    ("validation.clean", "dev"), ("validation.other", "dev"), ("valid_clean", "dev"), ("val-clean", "dev"),
-    ("dev-clean", "dev"), ("dev93", "dev"), ("{DEV}", "dev"), ("dev.tsv", "dev"), ("train_dev", "dev"),
+    ("validation.clean", "validation"), ("validation.other", "validation"), ("valid_clean", "validation"), ("val-clean", "validation"),
+    ("dev-clean", "validation"), ("dev93", "validation"), ("{DEV}", "validation"), ("dev.tsv", "validation"), ("train_dev", "validation"),
     ("eval", "test"), ("eval2000", "test"), ("test-other", "test"), ("test_clean", "test"), ("{TEST}", "test"),
     ("train-clean-100", "train"), ("validated.tsv", "train"), ("{XL}", "train"), ("train", "train"),
     ("somethingelse", "train"),
@@ -202,14 +202,14 @@ def test_hub_librispeech_file_names_keep_validation_out_of_train(tmp_path):
         pq.write_table(table, root / f"{split}-00000-of-00001.parquet")
     summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m", split_map=["heldout_a=test"], quiet=True)
     got = {r["corpus_split"]: r["split"] for r in rows(tmp_path / "m")}
-    assert got == {"train.clean.100": "train", "validation.clean": "dev", "test.other": "test",
+    assert got == {"train.clean.100": "train", "validation.clean": "validation", "test.other": "test",
                    "heldout_a": "test", "mystery": "train"}
     assert summary["unrecognised_split_names"] == ["mystery"]
     assert summary["options"]["split_map"] == {"heldout_a": "test"}
     result = CliRunner().invoke(app, ["shard", "hf", str(tmp_path / "ds"), str(tmp_path / "c"), "-q",
                                       "--split-map", "mystery=dev", "--split-map", "heldout_a=test"])
     assert result.exit_code == 0, result.output
-    assert {r["corpus_split"]: r["split"] for r in rows(tmp_path / "c")}["mystery"] == "dev"
+    assert {r["corpus_split"]: r["split"] for r in rows(tmp_path / "c")}["mystery"] == "validation"
     result = CliRunner().invoke(app, ["shard", "hf", str(tmp_path / "ds"), str(tmp_path / "e"), "--split-map", "mystery"])
     assert result.exit_code == 2 and "--split-map 'mystery': write NAME=SPLIT" in result.stderr
 

@@ -69,8 +69,8 @@ def test_hub_parquet_folder_shards_with_splits_license_and_a_counted_corrupt_row
     summary = shard_corpus("hf", root, tmp_path / "manifest", speaker_column="speaker_id", quiet=True)
     assert summary["skipped"] == {"unreadable audio": 1}
     assert summary["skipped_examples"][0]["path"] == "data/train-00001-of-00002.parquet row 1"
-    assert summary["splits"]["train"]["utterances"] == 5 and summary["splits"]["dev"]["utterances"] == 2
-    assert summary["splits"]["dev"]["corpus_splits"] == {"validation": 2}
+    assert summary["splits"]["train"]["utterances"] == 5 and summary["splits"]["validation"]["utterances"] == 2
+    assert summary["splits"]["validation"]["corpus_splits"] == {"validation": 2}
     rows = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
     first = rows[0]
     assert first["path"] == "data/train-00000-of-00002.parquet" and first["row"] == 0 and first["audio_column"] == "audio"
@@ -95,7 +95,7 @@ def test_hub_parquet_bad_columns_and_unknown_split_are_one_line(tmp_path):
     assert missing.exit_code == 2 and "no split 'test'" in missing.output and "train, validation" in missing.output
     only = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "v"), "--split", "validation", "-q"])
     assert only.exit_code == 0, only.output
-    assert json.loads(only.stdout)["splits"] == {"dev": {"utterances": 2, "hours": 0.0006, "corpus_splits": {"validation": 2}}}
+    assert json.loads(only.stdout)["splits"] == {"validation": {"utterances": 2, "hours": 0.0006, "corpus_splits": {"validation": 2}}}
     empty = tmp_path / "empty"
     empty.mkdir()
     nothing = runner.invoke(app, ["shard", "hf", str(empty), str(tmp_path / "n")])
@@ -194,12 +194,12 @@ def test_kaldi_data_dirs_shard_with_segments_splits_and_pipes_refused(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["root"] == str(audio)  # the deepest folder holding every wav.scp file
     assert summary["skipped"] == {"segment outside its recording": 1, "wav.scp entry is a command (not run)": 1}
-    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"dev": 1, "train": 3}
+    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"validation": 1, "train": 3}
     rows = {r["id"]: r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()}
     seg = rows["kaldi/train/spkA-rec0-0001"]
     assert (seg["path"], seg["offset"], seg["duration"], seg["text"], seg["speaker"]) == ("rec0.flac", 1.5, pytest.approx(2.4),
                                                                                          "GENERAL KENOBI", "spkA")
-    assert rows["kaldi/dev_clean/rec2"]["split"] == "dev" and rows["kaldi/dev_clean/rec2"]["duration"] == pytest.approx(4.0)
+    assert rows["kaldi/dev_clean/rec2"]["split"] == "validation" and rows["kaldi/dev_clean/rec2"]["duration"] == pytest.approx(4.0)
     full, _ = sf.read(audio / "rec0.flac", dtype="float32")
     np.testing.assert_allclose(decode_row(seg, audio), full[24000:24000 + 38400], atol=1e-6)
     stats = extract(tmp_path / "manifest", tmp_path / "feats", MFCC(), quiet=True)
@@ -229,7 +229,7 @@ def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cut
     summary = shard_corpus("lhotse", manifests, tmp_path / "manifest", quiet=True)
     assert summary["root"] == str(audio)
     assert summary["skipped"] == {"audio source is not one file (not read)": 1}
-    assert summary["splits"] == {"dev": {"utterances": 3, "hours": 0.0014, "corpus_splits": {"dev-clean": 3}}}
+    assert summary["splits"] == {"validation": {"utterances": 3, "hours": 0.0014, "corpus_splits": {"dev-clean": 3}}}
     rows = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
     assert [(r["id"], r["path"], r["offset"], r["text"]) for r in rows[:2]] == [
         ("lhotse/dev-clean/r0-a", "r0.flac", 0.0, "first half"), ("lhotse/dev-clean/r0-b", "r0.flac", 1.2, "second half")]

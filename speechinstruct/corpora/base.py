@@ -1,5 +1,5 @@
 """What every corpus reader shares: the items a reader yields (manifest rows, ``Skip``, ``Note``), probing an
-audio file, and the split vocabulary (``train``/``dev``/``test``) with the words corpora use for it."""
+audio file, and the split vocabulary (``train``/``validation``/``test``) with the words corpora use for it."""
 
 from __future__ import annotations
 
@@ -67,7 +67,18 @@ def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
     return sr, frames / sr
 
 
-SPLITS = ("train", "dev", "test")
+# The one split vocabulary, from the manifest to the published dataset (Hugging Face's names). Corpora name
+# their parts otherwise (``dev-clean``, ``{DEV}``, ``dev.tsv``): :func:`split_word` maps those names onto it,
+# and :func:`split_name` the names users and older folders give (``dev``, written by speechinstruct 0.2).
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"dev": "validation"}
+
+
+def split_name(name: str) -> str | None:
+    """``name`` in the split vocabulary (``dev`` → ``validation``), or None when it is not a split's name."""
+    name = SPLIT_ALIASES.get(name, name)
+    return name if name in SPLITS else None
+
 
 
 # The words a corpus's part names use for its held-out data, matched as whole words of the name (letters
@@ -84,13 +95,13 @@ TRAIN_WORDS = frozenset({"train", "training", "xs", "s", "m", "l", "xl", "small"
 
 
 def split_word(name: str) -> str | None:
-    """train, dev or test when ``name`` (a corpus's own name of a part: ``dev-clean``, ``{DEV}``, ``dev.tsv``,
+    """train, validation or test when ``name`` (a corpus's own name of a part: ``dev-clean``, ``{DEV}``, ``dev.tsv``,
     ``validation.clean`` …) says which, else None. A word for held-out data wins over ``train``."""
     words = re.findall(r"[a-z]+", name.lower().removesuffix(".tsv"))
     if any(w in TEST_WORDS for w in words):
         return "test"
     if any(w in DEV_WORDS for w in words):
-        return "dev"
+        return "validation"
     if any(w in TRAIN_WORDS for w in words):
         return "train"
     return None
@@ -105,25 +116,29 @@ def split_of(name: str, split_map: dict[str, str] | None = None) -> str:
 
 
 def parse_split_map(pairs) -> dict[str, str]:
-    """``["eval2000=test", "heldout=dev"]`` (or one comma-separated string) → {name: split}."""
+    """``["eval2000=test", "heldout=validation"]`` (or one comma-separated string, or a dict) → {name: split},
+    with the splits' names in the split vocabulary (``dev`` → ``validation``)."""
     if not pairs:
         return {}
+    if isinstance(pairs, dict):  # a recipe's {NAME: SPLIT}
+        pairs = [f"{name}={split}" for name, split in pairs.items()]
     items = [p.strip() for p in (pairs.split(",") if isinstance(pairs, str) else pairs) if p.strip()]
     mapping = {}
     for item in items:
         name, sep, split = item.rpartition("=")
-        if not sep or not name.strip() or split.strip() not in SPLITS:
+        if not sep or not name.strip() or split_name(split.strip()) is None:
             raise ValueError(f"--split-map {item!r}: write NAME=SPLIT with SPLIT one of {', '.join(SPLITS)}")
-        mapping[name.strip()] = split.strip()
+        mapping[name.strip()] = split_name(split.strip())
     return mapping
 
 
 def parse_splits(splits) -> tuple[str, ...] | None:
-    """``"train,dev"`` (or a list) → ("train", "dev"); None keeps every split."""
+    """``"train,validation"`` (or a list; ``dev`` is ``validation``) → ("train", "validation"); None keeps every
+    split."""
     if splits is None:
         return None
     items = [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip()]
-    unknown = [s for s in items if s not in SPLITS]
+    unknown = [s for s in items if split_name(s) is None]
     if unknown or not items:
         raise ValueError(f"unknown split(s) {unknown or splits!r}: choose from {', '.join(SPLITS)}")
-    return tuple(items)
+    return tuple(split_name(s) for s in items)
