@@ -9,7 +9,6 @@ utterance, its resynthesis from units, and the mel-cepstral distance between the
 from __future__ import annotations
 
 import collections
-import html
 import json
 import re
 import time
@@ -19,8 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .io import atomic_path, write_json, write_text
-from .shardfiles import read_dataset_meta
-from .shardfiles import folder_k, read_units_spec
+from .shardfiles import folder_k, read_dataset_meta, read_units_spec
 
 
 def _plot(path: Path, draw) -> None:
@@ -45,8 +43,8 @@ def _read(folder: Path, config: str, columns: list[str]) -> dict[str, list]:
     return out
 
 
-def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int, asr=None) -> tuple[list[str], dict]:
-    """HTML rows and numbers for up to ``samples`` utterances: original audio (from ``units``, a units
+def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int, asr=None) -> tuple[dict | None, dict]:
+    """The listening table (for the page) and its numbers, for up to ``samples`` utterances: original audio (from ``units``, a units
     folder whose ``units.json`` names the corpus root), its resynthesis by ``vocoder`` and, with ``asr``, the
     WER of that resynthesis against the text: how much of the words the units keep."""
     from . import audio
@@ -78,71 +76,53 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int,
                                "kind": "chain_of_modality [ua] answer"})
                 break
     if not picked:
-        return [], {}
-    rows, mcds, wers, seconds, spent, numbers_skipped = [], [], [], 0.0, 0.0, []
+        return None, {}
+    items, mcds, wers, seconds, spent, numbers_skipped = [], [], [], 0.0, 0.0, []
     for j, item in enumerate(picked):
-        cells = [f"<td>{html.escape(item['kind'])}<br><code>{html.escape(str(item['id']))}</code></td>",
-                 f"<td>{html.escape(str(item.get('text') or ''))}</td>"]
-        original = resynth = None
+        shown = {"kind": item["kind"], "id": str(item["id"]), "text": str(item.get("text") or ""), "original": None,
+                 "resynth": None, "mcd": None, "wer": None}
         if "path" in item:
             wav = decode_row(item, item["root"])
             if isinstance(wav, str):
                 numbers_skipped.append(f"{item['id']}: original audio unavailable: {wav}")
             else:
-                original = f"audio/{j:02d}-original.wav"
-                audio.write_wav(out / original, wav)
+                shown["original"] = f"audio/{j:02d}-original.wav"
+                audio.write_wav(out / shown["original"], wav)
         if vocoder is not None:
             start = time.perf_counter()
             wav = vocoder.synthesize(item["units"], item["durations"])
             spent += time.perf_counter() - start
             seconds += wav.size / vocoder.sample_rate
-            resynth = f"audio/{j:02d}-resynth.wav"
-            audio.write_wav(out / resynth, wav, vocoder.sample_rate)
-        for file in (original, resynth):
-            cells.append(f"<td><audio controls preload='metadata' src='{file}'></audio></td>" if file else "<td>-</td>")
-        if original and resynth:
-            mcds.append(mel_cepstral_distortion(out / original, out / resynth))
-            cells.append(f"<td>{mcds[-1]:.2f}</td>")
-        else:
-            cells.append("<td>-</td>")
-        if asr is not None:
-            rates = None
-            if resynth and (item.get("text") or "").strip():
-                from .score import BadAnswer, error_rates
+            shown["resynth"] = f"audio/{j:02d}-resynth.wav"
+            audio.write_wav(out / shown["resynth"], wav, vocoder.sample_rate)
+        if shown["original"] and shown["resynth"]:
+            mcds.append(mel_cepstral_distortion(out / shown["original"], out / shown["resynth"]))
+            shown["mcd"] = f"{mcds[-1]:.2f}"
+        if asr is not None and shown["resynth"] and (item.get("text") or "").strip():
+            from .score import BadAnswer, error_rates
 
-                heard = asr.transcribe([audio.resample(wav, vocoder.sample_rate)])[0]
-                rates = None if isinstance(heard, BadAnswer) else error_rates(item["text"], heard, asr.normalise)
+            heard = asr.transcribe([audio.resample(wav, vocoder.sample_rate)])[0]
+            rates = None if isinstance(heard, BadAnswer) else error_rates(item["text"], heard, asr.normalise)
             if isinstance(rates, tuple):
                 wers.append(rates[0])
-                cells.append(f"<td>{rates[0]:.2f}</td>")
-            else:
-                cells.append("<td>-</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+                shown["wer"] = f"{rates[0]:.2f}"
+        items.append(shown)
     numbers: dict[str, object] = {"samples": len(picked)}
     if numbers_skipped:
         numbers["samples_without_original"] = numbers_skipped
-    head = ["<h2>Listen</h2>"]
+    listen = {"items": items, "preview": bool(getattr(vocoder, "is_preview", False)),
+              "vocoder": vocoder.source if vocoder is not None else None, "asr": asr.name if asr is not None else None,
+              "wer": float(np.mean(wers)) if wers else None, "wer_count": len(wers),
+              "mcd": float(np.mean(mcds)) if mcds else None, "mcd_count": len(mcds)}
     if vocoder is not None:
         numbers["vocoder"] = vocoder.source
         numbers["resynthesis_real_time_factor"] = round(seconds / max(spent, 1e-9), 2)
-        if getattr(vocoder, "is_preview", False):
-            head.append("<p class='warn'><b>Preview vocoder</b>: units are turned back into their MFCC k-means centroids "
-                        "and then into sound by Griffin-Lim. This is a rough preview of what the units keep, "
-                        "<b>not SpeechGPT's unit vocoder</b>; expect buzzy, flat speech.</p>")
-        head.append(f"<p>Vocoder: <code>{html.escape(vocoder.source)}</code></p>")
     if wers:
         numbers["resynthesis_wer"] = round(float(np.mean(wers)), 4)
         numbers["resynthesis_asr"] = asr.spec
-        head.append(f"<p>Mean ASR WER of the resynthesised samples: <b>{np.mean(wers):.3f}</b> over {len(wers)} "
-                    f"(<code>{html.escape(asr.name)}</code>, Whisper's English normaliser, jiwer).</p>")
     if mcds:
         numbers["resynthesis_mcd_db"] = round(float(np.mean(mcds)), 3)
-        head.append(f"<p>Mean mel-cepstral distance, original vs resynthesis: <b>{np.mean(mcds):.2f} dB</b> over "
-                    f"{len(mcds)} utterances (Kubichek 1993 via the <code>mel-cepstral-distance</code> package: 20 mel bands, "
-                    "cepstra 1-15, DTW-aligned; lower is closer; its own scale, not comparable with papers' SPTK MCDs).</p>")
-    head.append("<table><tr><th>record</th><th>text</th><th>original</th><th>resynthesis</th><th>MCD (dB)</th>"
-                + ("<th>ASR WER</th>" if asr is not None else "") + "</tr>")
-    return head + rows + ["</table>"], numbers
+    return listen, numbers
 
 
 def _rows(folder: Path, config: str, columns: list[str] | None):
@@ -219,24 +199,13 @@ def dropped(work: Path) -> list[dict]:
     return out
 
 
-def _table(head: list[str], rows: list[list]) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Markup) else html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><tr>{cells}</tr>{body}</table>"
-
-
-class Markup(str):
-    """Text that is already HTML (not escaped again by :func:`_table`)."""
-
-
 SCORE_PLOTS = (("dnsmos_ovrl", "DNSMOS OVRL", "min_dnsmos", np.linspace(1, 5, 33)), ("wer", "WER", "max_wer", np.linspace(0, 1.5, 31)))
 
 
-def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) -> tuple[list[str], list[tuple[str, str]], dict]:
+def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) -> tuple[dict | None, list, dict]:
     """The quality section: DNSMOS and WER histograms per corpus (every scored utterance, from the workdir's
     ``*/scores``) and per record kind (the records kept), the gates' thresholds drawn on them, and the five
-    utterances with the lowest DNSMOS, with their audio. Empty when nothing was scored."""
+    utterances with the lowest DNSMOS, with their audio. None when nothing was scored."""
     from . import audio
     from .extract import decode_row
     from .io import read_table
@@ -279,25 +248,29 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
         plots.append((f"{column}.png", f"{name} of every scored corpus utterance and of the records kept"
                       + (f"; the gate at {limit:g}" if limit is not None else "")))
     if not numbers:
-        return [], [], {}
-    page = ["<h2 id='quality'>Speech quality</h2>", _table(["score", "group", "count", "mean"], [
-        [column, label, v["count"], f"{v['mean']:.3f}"] for column, by in numbers.items() for label, v in by.items()])]
-    worst.sort()
-    rows = []
-    for j, (value, uid, scores_file) in enumerate(worst[:5]):
-        manifest = Path(json.loads((scores_file.parent / "score.json").read_text())["source"])
+        return None, [], {}
+    section = {"table": [[column, label, v["count"], f"{v['mean']:.3f}"] for column, by in numbers.items() for label, v in by.items()],
+               "worst": []}
+    worst = sorted(worst)[:5]
+    manifest_rows: dict[Path, dict[str, dict]] = {}  # each manifest shard read once, for the rows wanted from it
+    roots: dict[Path, str] = {}
+    for value, uid, scores_file in worst:
+        spec = json.loads((scores_file.parent / "score.json").read_text())
+        manifest = Path(spec["source"])
         shard = manifest / scores_file.name.replace("scores-", "manifest-") if manifest.is_dir() else manifest
-        root = json.loads((scores_file.parent / "score.json").read_text())["root"]
-        row = next((r for r in read_table(shard).to_pylist() if r["id"] == uid), None) if shard.is_file() else None
-        wav = decode_row(row, root) if row else "manifest row not found"
-        cell = "-"
+        roots[scores_file] = spec["root"]
+        if shard.is_file() and shard not in manifest_rows:
+            wanted = {u for _, u, f in worst if f == scores_file}
+            manifest_rows[shard] = {r["id"]: r for r in read_table(shard).to_pylist() if r["id"] in wanted}
+        manifest_rows.setdefault(shard, {})
+        row = manifest_rows[shard].get(uid)
+        wav = decode_row(row, roots[scores_file]) if row else "manifest row not found"
+        file = None
         if not isinstance(wav, str):
-            audio.write_wav(out / f"audio/worst-{j}.wav", wav)
-            cell = Markup(f"<audio controls preload='metadata' src='audio/worst-{j}.wav'></audio>")
-        rows.append([uid, f"{value:.2f}", html.escape(str(row.get("text") or "")) if row else "", cell])
-    if rows:
-        page.append("<h3>The five lowest DNSMOS OVRL, to listen to</h3>" + _table(["utterance", "OVRL", "text", "audio"], rows))
-    return page, plots, {"quality": numbers}
+            file = f"audio/worst-{len(section['worst'])}.wav"
+            audio.write_wav(out / file, wav)
+        section["worst"].append([uid, f"{value:.2f}", str(row.get("text") or "") if row else "", file])
+    return section, plots, {"quality": numbers}
 
 
 def _has_columns(dataset: Path, config: str) -> bool:
@@ -305,32 +278,14 @@ def _has_columns(dataset: Path, config: str) -> bool:
     return bool(files) and {"dnsmos_ovrl", "wer"} <= set(pq.read_schema(files[0]).names)
 
 
-def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4,
-           work: str | Path | None = None, stages: list[dict] | None = None, verdict=None, quality: dict | None = None,
-           asr=None) -> dict:
-    """Write ``OUT/index.html`` for a published dataset: the validation verdict (``verdict``, else validated
-    here), what each stage dropped and why (from the ``run`` workdir ``work``), one record of every kind,
-    samples to listen to, plots, and each stage's time (``stages``: the run's log, else the workdir's
-    ``run-summary.json``). ``units``: a units folder to take original audio from; ``vocoder`` (see
-    :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it; ``asr`` (``score.load_asr``):
-    transcribe each resynthesis and give its WER against the text. ``quality``: the recipe's gates, drawn on the
-    DNSMOS and WER histograms of the workdir's scores."""
-    dataset, out = Path(dataset), Path(out)
-    units = Path(units) if units is not None else None
-    if units is not None and read_units_spec(units) is None:
-        raise FileNotFoundError(f"{units}: no units.json: not a units folder (quantize or extract --kmeans output)")
-    meta = read_dataset_meta(dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    k = folder_k(dataset) or 0
-    plots: list[tuple[str, str]] = []  # (file, caption)
-    numbers: dict[str, object] = {"records": meta["counts"], "hours": meta["hours"]}
-
+def _corpus_plots(dataset: Path, out: Path, meta: dict, numbers: dict) -> list[tuple[str, str]]:
+    """Hours per corpus, utterance durations and units per second (from ``stats/utterances.parquet``)."""
+    plots = []
     if meta["hours"]:
         corpora, hours = zip(*sorted(meta["hours"].items()))
         _plot(out / "hours_per_corpus.png", lambda ax: (ax.bar(corpora, hours, color="#4477aa"), ax.set_ylabel("hours"),
                                                          ax.set_title("Audio hours per corpus")))
         plots.append(("hours_per_corpus.png", "Hours of audio per source corpus"))
-
     stats_path = dataset / "stats" / "utterances.parquet"
     if stats_path.is_file():
         s = pq.read_table(stats_path).to_pydict()
@@ -344,7 +299,11 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         plots += [("durations.png", "Utterance duration histogram"), ("units_per_second.png", "Units per second after merging repeats")]
         numbers.update({"utterances": int(durations.size), "mean_duration_s": round(float(durations.mean()), 3),
                         "mean_units_per_second": round(float(ups.mean()), 3), "frames_per_second": round(float(fps.mean()), 3)})
+    return plots
 
+
+def _unit_usage_plot(dataset: Path, out: Path, k: int, numbers: dict) -> list[tuple[str, str]]:
+    """How often each of the K units occurs, corpus utterances and TTS speech stacked."""
     utterances, tts = "corpus utterances (cross-modal, pretrain)", "chain-of-modality speech (TTS)"
     usage = {utterances: np.zeros(max(k, 1), dtype=np.int64), tts: np.zeros(max(k, 1), dtype=np.int64)}
     sources = [("cross_modal", ["units"], utterances), ("pretrain", ["units"], utterances),
@@ -360,20 +319,26 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
                 if row[column]:
                     target += np.bincount(np.asarray(row[column]), minlength=target.size)[: target.size]
     total = sum(usage.values())
-    if total.sum():
-        def draw(ax):
-            bottom = np.zeros(total.size)
-            for (label, counts), color in zip(usage.items(), ("#aa3377", "#4477aa")):
-                if counts.sum():
-                    ax.bar(np.arange(counts.size), counts, width=1.0, bottom=bottom, color=color, label=label)
-                    bottom += counts
-            ax.set_xlabel("unit id"), ax.set_ylabel("count"), ax.legend()
-            ax.set_title(f"Unit usage ({int((total > 0).sum())} of {total.size} used)")
-        _plot(out / "unit_usage.png", draw)
-        plots.append(("unit_usage.png", f"Unit usage histogram over every record kind, K = {total.size}"))
-        numbers["units_used"] = int((total > 0).sum())
-        numbers["units_by_kind"] = {label: int(c.sum()) for label, c in usage.items()}
+    if not total.sum():
+        return []
 
+    def draw(ax):
+        bottom = np.zeros(total.size)
+        for (label, counts), color in zip(usage.items(), ("#aa3377", "#4477aa")):
+            if counts.sum():
+                ax.bar(np.arange(counts.size), counts, width=1.0, bottom=bottom, color=color, label=label)
+                bottom += counts
+        ax.set_xlabel("unit id"), ax.set_ylabel("count"), ax.legend()
+        ax.set_title(f"Unit usage ({int((total > 0).sum())} of {total.size} used)")
+    _plot(out / "unit_usage.png", draw)
+    numbers["units_used"] = int((total > 0).sum())
+    numbers["units_by_kind"] = {label: int(c.sum()) for label, c in usage.items()}
+    return [("unit_usage.png", f"Unit usage histogram over every record kind, K = {total.size}")]
+
+
+def _record_plots(dataset: Path, out: Path, meta: dict) -> list[tuple[str, str]]:
+    """Records per task and format, and the lengths of transcripts, instructions and responses."""
+    plots = []
     kinds = collections.Counter()
     for config, kv in meta.get("by_kind", {}).items():
         for kind, n in kv.items():
@@ -385,7 +350,6 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         _plot(out / "records.png", lambda ax: (ax.barh(labels, values, color="#ccbb44"), ax.set_xlabel("records"),
                                                 ax.set_title("Records per task / format")))
         plots.append(("records.png", "Record counts per task and format"))
-
     lengths = {}
     if (dataset / "data" / "cross_modal").is_dir():
         lengths["transcripts"] = [len(t) for t in _read(dataset, "cross_modal", ["transcript"])["transcript"]]
@@ -397,6 +361,45 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         _plot(out / "text_lengths.png", lambda ax: (ax.hist(list(lengths.values()), bins=30, label=list(lengths), stacked=False),
                                                      ax.legend(), ax.set_xlabel("characters"), ax.set_title("Text lengths")))
         plots.append(("text_lengths.png", "Text length distribution"))
+    return plots
+
+
+def _timings(stages: list[dict] | None) -> list[list[str]]:
+    return [[st["stage"], f"{st['seconds']:.1f} s" if "seconds" in st else
+             f"up to date ({st['ran_seconds']:.1f} s when it ran)" if "ran_seconds" in st else "up to date"]
+            for st in stages or []]
+
+
+def render(context: dict) -> str:
+    """The page: ``data/report.html`` (a Jinja2 template; every value is HTML-escaped) filled with ``context``."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("speechinstruct", "data"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html").render(**context)
+
+
+def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4,
+           work: str | Path | None = None, stages: list[dict] | None = None, verdict=None, quality: dict | None = None,
+           asr=None) -> dict:
+    """Write ``OUT/index.html`` for a published dataset: the validation verdict (``verdict``, else validated
+    here), what each stage dropped and why (from the ``run`` workdir ``work``), one record of every kind,
+    samples to listen to, plots, and each stage's time (``stages``: the run's log, else the workdir's
+    ``run-summary.json``). ``units``: a units folder to take original audio from; ``vocoder`` (see
+    :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it; ``asr`` (``score.load_asr``):
+    transcribe each resynthesis and give its WER against the text. ``quality``: the recipe's gates, drawn on the
+    DNSMOS and WER histograms of the workdir's scores. The statistics are computed here, step by step; the
+    page is the template's (:func:`render`)."""
+    dataset, out = Path(dataset), Path(out)
+    units = Path(units) if units is not None else None
+    if units is not None and read_units_spec(units) is None:
+        raise FileNotFoundError(f"{units}: no units.json: not a units folder (quantize or extract --kmeans output)")
+    meta = read_dataset_meta(dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    k = folder_k(dataset) or 0
+    numbers: dict[str, object] = {"records": meta["counts"], "hours": meta["hours"]}
+    plots = _corpus_plots(dataset, out, meta, numbers) + _unit_usage_plot(dataset, out, k, numbers)
+    plots += _record_plots(dataset, out, meta)
 
     if verdict is None:
         from .validate import validate
@@ -405,57 +408,28 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     work = Path(work) if work is not None else None
     if stages is None and work is not None and (work / "run-summary.json").is_file():
         stages = json.loads((work / "run-summary.json").read_text()).get("stages")
-    drops = dropped(work) if work is not None else []
+    drops = dropped(work) if work is not None else None
     listen, heard = _listen(dataset, out, units, vocoder, samples, asr)
     numbers.update(heard)
     judged, quality_plots, quality_numbers = _quality(dataset, out, work, quality)
     plots += quality_plots
     numbers.update(quality_numbers)
     numbers["valid"] = verdict.ok
-    numbers["dropped"] = {f"{d['stage']}: {d['reason']}": d["count"] for d in drops}
+    numbers["dropped"] = {f"{d['stage']}: {d['reason']}": d["count"] for d in drops or []}
 
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(meta["name"]) + " report</title>",
-            "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.35}figure{margin:1.5em 0}"
-            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;vertical-align:top}"
-            ".warn{background:#fff3cd;padding:.5em}.verdict{font-size:1.3em;padding:.6em 1em;border-radius:6px;color:#fff}"
-            ".pass{background:#228833}.fail{background:#bb3333}code.rec{white-space:pre-wrap;font-size:.85em}</style></head><body>",
-            f"<h1>{html.escape(meta['name'])}</h1>",
-            f"<p class='verdict {'pass' if verdict.ok else 'fail'}' id='verdict'>"
-            + (f"PASS: all {sum(verdict.records.values())} records satisfy every validation rule" if verdict.ok else
-               "FAIL: " + html.escape(", ".join(f"{rule} ×{n}" for rule, n in sorted(verdict.by_rule.items()))))
-            + "</p>",
-            f"<p>speechinstruct {html.escape(meta['pipeline_version'])}; K = {k}; features "
-            f"{html.escape(str(meta['extractor'].get('features')))}</p>"]
-    if not verdict.ok:
-        page.append(_table(["file", "row", "record", "rule", "problem"],
-                           [[e["file"], e["row"], e["id"], e["rule"], e["message"]] for e in verdict.examples]))
-    page.append("<h2>Records</h2>" + _table(["config", "split", "records"], [
-        [config, split, n] for config, splits in meta["counts"].items() for split, n in splits.items()]))
-    page.append("<h2>Sources</h2>" + _table(["corpus", "license", "hours"], [
-        [src["corpus"], src["license"], f"{meta['hours'].get(src['corpus'], 0):.3f}"] for src in meta["sources"]]))
-    page.append("<h2 id='dropped'>What was dropped, and why</h2>")
-    if work is None:
-        page.append("<p>No run folder given (<code>--work</code>): the stages' skips are not known here.</p>")
-    elif drops:
-        page.append(_table(["stage", "reason", "count", "example"], [[d["stage"], d["reason"], d["count"], d["example"]]
-                                                                     for d in drops]))
-    else:
-        page.append("<p>Nothing: every input of every stage was used.</p>")
-    page.append("<h2 id='samples'>One record of each kind</h2><p>Unit runs are shortened for reading.</p>")
-    page.append(_table(["kind", "id", "record (plain_text)"], [
-        [label, row["id"], Markup(f"<code class='rec'>{html.escape(short_units(row.get('plain_text') or row.get('text') or ''))}</code>")]
-        for label, row in _sample_records(dataset)]))
-    page += listen
-    page += judged
-    page.append("<h2>Plots</h2>")
-    for file, caption in plots:
-        page.append(f"<figure><img src='{file}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-    if stages:
-        timed = [[st["stage"], f"{st['seconds']:.1f} s" if "seconds" in st else
-                  f"up to date ({st['ran_seconds']:.1f} s when it ran)" if "ran_seconds" in st else "up to date"]
-                 for st in stages]
-        page.append("<h2 id='timings'>Stage timings</h2>" + _table(["stage", "time"], timed))
-    page.append("<h2>Numbers</h2><pre>" + html.escape(json.dumps(numbers, indent=2)) + "</pre></body></html>")
-    write_text(out / "index.html", "\n".join(page))
+    page = render({
+        "name": meta["name"], "version": meta["pipeline_version"], "k": k, "features": str(meta["extractor"].get("features")),
+        "verdict": {"ok": verdict.ok, "records": sum(verdict.records.values()),
+                    "rules": ", ".join(f"{rule} ×{n}" for rule, n in sorted(verdict.by_rule.items())),
+                    "examples": [[e["file"], e["row"], e["id"], e["rule"], e["message"]] for e in verdict.examples]},
+        "records": [[config, split, n] for config, splits in meta["counts"].items() for split, n in splits.items()],
+        "sources": [[src["corpus"], src["license"], f"{meta['hours'].get(src['corpus'], 0):.3f}"] for src in meta["sources"]],
+        "dropped": None if drops is None else [[d["stage"], d["reason"], d["count"], d["example"]] for d in drops],
+        "samples": [(label, row["id"], short_units(row.get("plain_text") or row.get("text") or ""))
+                    for label, row in _sample_records(dataset)],
+        "listen": listen, "quality": judged, "plots": plots, "timings": _timings(stages),
+        "numbers": json.dumps(numbers, indent=2),
+    })
+    write_text(out / "index.html", page)
     write_json(out / "report.json", numbers)
     return {"page": str(out / "index.html"), "plots": [p for p, _ in plots], **numbers}

@@ -283,7 +283,8 @@ def test_report_says_pass_or_fail_first_and_shows_a_record_of_every_kind(dataset
     assert passed["valid"] and page.index("PASS: all") < page.index("<h2>")  # the verdict comes first
     for kind in ("cross_modal: asr", "cross_modal: tts", "pretrain", "chain_of_modality: "):
         assert f"<td>{kind}" in page, kind
-    assert "units …&lt;eosp&gt;" in page or "units …<eosp>" in page  # unit runs are shortened for reading
+    assert "units …&lt;eosp&gt;" in page  # unit runs are shortened for reading, and escaped as all text is
+    assert "<sosp>" not in page and "&lt;sosp&gt;" in page
     assert passed["units_by_kind"]["chain-of-modality speech (TTS)"] > 0
     assert passed["units_by_kind"]["corpus utterances (cross-modal, pretrain)"] > 0
 
@@ -396,7 +397,7 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
     assert result.exit_code == 2 and "speechinstruct.json: not valid JSON" in result.stderr
 
 
-def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, capsys, tmp_path, monkeypatch):
+def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, caplog, tmp_path, monkeypatch):
     """A user drops rows from a Parquet file: the card's dataset_info sizes no longer match. Training loads it
     without the size check and says which split, instead of datasets' NonMatchingSplitsSizesError."""
     from speechinstruct.train import load_split
@@ -405,8 +406,10 @@ def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, c
     files = sorted((dataset / "data" / "cross_modal").glob("train-*.parquet"))
     before = sum(pq.read_metadata(f).num_rows for f in files)
     pq.write_table(pq.read_table(files[0]).slice(0, 1), files[0])
-    ds = load_split(dataset, "cross_modal", "train")
+    with caplog.at_level("WARNING", logger="speechinstruct"):
+        ds = load_split(dataset, "cross_modal", "train")
     after = sum(pq.read_metadata(f).num_rows for f in files)
     assert after < before and len(ds) == after
-    err = capsys.readouterr().err
-    assert "sizes of cross_modal (train) no longer match" in err and "publish" in err
+    said = [r for r in caplog.records if r.name == "speechinstruct.train" and r.levelname == "WARNING"]
+    assert len(said) == 1 and "sizes of cross_modal (train) no longer match" in said[0].message
+    assert "publish" in said[0].message
