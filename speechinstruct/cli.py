@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,7 +14,9 @@ from typing import Optional
 import typer
 
 from . import __version__
+from . import recipe as settings
 from .corpora import SOURCES
+from .recipe import default
 
 app = typer.Typer(
     help="Build SpeechInstruct-style cross-modal speech-instruction datasets and train LMs on them.",
@@ -19,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars or stage lines (warnings and errors still show).")
 
 
 def _version(value: bool):
@@ -44,21 +49,56 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _run(fn, *args, **kwargs):
-    """Call a pipeline function, turning expected failures into one clear line and exit code 2: missing
-    or unreadable files (OSError), bad values, refused checkpoints, failed LLM or TTS calls. Work already
-    written stays; rerunning resumes."""
+@contextlib.contextmanager
+def expected_failures():
+    """Expected failures as one clear line and exit code 2: missing or unreadable files (OSError), bad values,
+    refused checkpoints, failed LLM or TTS calls, a failed Ray job. Work already written stays; rerunning
+    resumes. Anything else is a bug and keeps its traceback."""
     from .checkpoints import UnsafeCheckpointError
     from .engine_ray import RayJobError
     from .llm import LLMError
     from .tts import TTSError
 
     try:
-        return fn(*args, **kwargs)
+        yield
     except KeyError as e:
         fail(str(e.args[0]))
     except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError, RayJobError) as e:
         fail(str(e))
+
+
+class _Stderr(logging.Handler):
+    """What the stages log, on whatever ``sys.stderr`` is when they say it (a test runner swaps it per call):
+    info lines as they are, warnings and errors prefixed ``warning:`` / ``error:``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+def log_to_stderr(quiet: bool) -> None:
+    """The ``speechinstruct`` loggers to stderr: stage lines (info) and above, or with ``-q`` warnings and
+    errors only. Progress bars are tqdm's, also off with ``-q``."""
+    logger = logging.getLogger("speechinstruct")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def command(group: typer.Typer, name: str | None = None):
+    """``group.command(name)`` for a function whose expected failures (:func:`expected_failures`) end the
+    command with one line, and whose ``quiet`` option sets what the stages log (:func:`log_to_stderr`)."""
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            log_to_stderr(bool(kwargs.get("quiet", False)))
+            with expected_failures():
+                return fn(*args, **kwargs)
+        return group.command(name)(run)
+    return register
 
 
 def _print_json(obj):
@@ -69,14 +109,14 @@ def _print_json(obj):
 Corpus = Enum("Corpus", {name.removeprefix("speechinstruct-"): name for name in SOURCES}, type=str)
 
 
-@app.command()
+@command(app)
 def shard(
     corpus: Corpus = typer.Argument(..., help="Corpus layout of ROOT."),
     root: str = typer.Argument(..., help="Corpus folder in its native layout; hf: a dataset folder (Hub-style "
                                "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or a cuts file; "
                                "kaldi: a data directory or a folder of them."),
     out: Path = typer.Argument(..., help="Output folder for manifest-*.parquet and summary.json."),
-    shard_hours: float = typer.Option(10.0, help="Hours of audio per manifest shard."),
+    shard_hours: float = typer.Option(default(settings.Shard, "shard_hours"), help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight: longest utterance cut from the VAD spans."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
@@ -108,12 +148,12 @@ def shard(
     if corpus is Corpus.hf:
         from .corpora.hf import local_folder
 
-        root = _run(local_folder, root)
+        root = local_folder(root)
         options.update(audio_column=audio_column, text_column=text_column, id_column=id_column,
                        speaker_column=speaker_column, split=split)
     if corpus in (Corpus.lhotse, Corpus.kaldi):
         options["audio_root"] = audio_root
-    summary = _run(shard_corpus, corpus.value, root, out, shard_hours=shard_hours, quiet=quiet, **options)
+    summary = shard_corpus(corpus.value, root, out, shard_hours=shard_hours, quiet=quiet, **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)
 
@@ -133,7 +173,7 @@ def _device(device: str) -> str:
     return resolve_device(device)
 
 
-@app.command()
+@command(app)
 def extract(
     manifest: Path = typer.Argument(..., help="A `shard` output folder (or one manifest .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
@@ -142,11 +182,12 @@ def extract(
     layer: Optional[int] = typer.Option(None, help="hubert: transformer layer (1-based; default: last). SpeechGPT: 11."),
     kmeans: Optional[Path] = typer.Option(None, help="Quantize on the fly with this k-means; features are not stored."),
     root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard`)."),
-    batch_seconds: float = typer.Option(100.0, help="Seconds of audio per model batch."),
-    float16: bool = typer.Option(False, help="Store features as float16."),
-    dtype: str = typer.Option("float32", help="hubert: compute in float32 or bfloat16 (autocast; AVX512-BF16/AMX CPUs, GPUs)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    workers: int = typer.Option(2, help="Audio decoding threads."),
+    batch_seconds: float = typer.Option(default(settings.Features, "batch_seconds"), help="Seconds of audio per model batch."),
+    float16: bool = typer.Option(default(settings.Features, "float16"), help="Store features as float16."),
+    dtype: str = typer.Option(default(settings.Features, "dtype"),
+                              help="hubert: compute in float32 or bfloat16 (autocast; AVX512-BF16/AMX CPUs, GPUs)."),
+    device: str = typer.Option(default(settings.Features, "device"), help="cpu, cuda, cuda:N or auto."),
+    workers: int = typer.Option(default(settings.Features, "workers"), help="Audio decoding threads."),
     engine: str = typer.Option("local", help="local, or ray (pip install speechinstruct[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 "
                                               "(Ray client); default: start a local Ray."),
@@ -166,43 +207,47 @@ def extract(
 
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
-    km = _run(load_kmeans, kmeans) if kmeans else None
+    settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16, dtype=dtype,
+                     device=device, workers=workers, layer=layer)
+    km = load_kmeans(kmeans) if kmeans else None
     # the Ray engine ships a CPU copy to its actors, which move it to their own device
-    extractor = _run(load_extractor, features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
-                     dtype=dtype)
+    extractor = load_extractor(features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
+                               dtype=dtype)
     if engine == "ray":
         from .engine_ray import extract_ray
 
-        stats = _run(extract_ray, manifest, out, extractor, kmeans=km, root=root, batch_seconds=batch_seconds,
-                     float16=float16, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
-                     cpus_per_actor=cpus_per_actor, address=ray_address, num_shards=num_shards,
-                     shard_index=shard_index, device=None if device == "auto" else device,
-                     block_seconds=block_seconds, max_retries=max_retries)
+        stats = extract_ray(manifest, out, extractor, kmeans=km, root=root, batch_seconds=batch_seconds,
+                            float16=float16, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
+                            cpus_per_actor=cpus_per_actor, address=ray_address, num_shards=num_shards,
+                            shard_index=shard_index, device=None if device == "auto" else device,
+                            block_seconds=block_seconds, max_retries=max_retries)
     else:
-        stats = _run(run_extract, manifest, out, extractor,
-                     root=root, kmeans=km, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
-                     shard_index=shard_index, workers=workers, quiet=quiet)
+        stats = run_extract(manifest, out, extractor,
+                            root=root, kmeans=km, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
+                            shard_index=shard_index, workers=workers, quiet=quiet)
     _print_json(stats)
 
 
-@app.command()
+@command(app)
 def cluster(
     features: Path = typer.Argument(..., help="An `extract` output folder."),
     out: Path = typer.Argument(..., help="Output folder for centroids.npy and kmeans.json."),
-    k: int = typer.Option(1000, help="Number of units (SpeechGPT: 1000)."),
-    max_frames: int = typer.Option(1_000_000, help="Frames sampled for fitting."),
-    seed: int = typer.Option(0),
-    niter: int = typer.Option(25, help="k-means iterations."),
-    nredo: int = typer.Option(1, help="k-means runs from different random starts; the best is kept (raise for few, well-separated clusters)."),
+    k: int = typer.Option(default(settings.KMeans, "k"), help="Number of units (SpeechGPT: 1000)."),
+    max_frames: int = typer.Option(default(settings.KMeans, "max_frames"), help="Frames sampled for fitting."),
+    seed: int = typer.Option(default(settings.KMeans, "seed")),
+    niter: int = typer.Option(default(settings.KMeans, "niter"), help="k-means iterations."),
+    nredo: int = typer.Option(default(settings.KMeans, "nredo"), help="k-means runs from different random starts; the "
+                              "best is kept (raise for few, well-separated clusters)."),
     quiet: bool = Quiet,
 ):
     """Fit FAISS k-means on a random sample of feature frames."""
     from .cluster import cluster as run_cluster
 
-    _print_json(_run(run_cluster, features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo, quiet=quiet))
+    settings.checked(settings.KMeans, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo)
+    _print_json(run_cluster(features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo, quiet=quiet))
 
 
-@app.command()
+@command(app)
 def quantize(
     features: Path = typer.Argument(..., help="An `extract` output folder."),
     kmeans: Path = typer.Argument(..., help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
@@ -215,8 +260,8 @@ def quantize(
     from .quantize import quantize as run_quantize
     from .units import load_kmeans
 
-    km = _run(load_kmeans, kmeans)
-    _print_json(_run(run_quantize, features, km, out, num_shards=num_shards, shard_index=shard_index, quiet=quiet))
+    km = load_kmeans(kmeans)
+    _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index, quiet=quiet))
 
 
 templates_app = typer.Typer(help="Instruction templates for cross-modal records.", no_args_is_help=True)
@@ -225,7 +270,7 @@ app.add_typer(templates_app, name="templates")
 app.add_typer(compose_app, name="compose")
 
 BaseUrl = typer.Option(None, help="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama…); key from $OPENAI_API_KEY.")
-Model = typer.Option("gpt-4o-mini", help="LLM model name at the endpoint.")
+Model = typer.Option(default(settings.LLM, "model"), help="LLM model name at the endpoint.")
 MaxRequests = typer.Option(None, help="Most LLM requests this run may make.")
 
 
@@ -240,7 +285,7 @@ def _llm(base_url, model, cache_dir, max_requests, required=True, **options):
         fail(str(e))
 
 
-@templates_app.command("generate")
+@command(templates_app, "generate")
 def templates_generate(
     out: Path = typer.Argument(..., help="Template file to write (JSON)."),
     task: str = typer.Option(..., help="asr or tts."),
@@ -248,8 +293,9 @@ def templates_generate(
     base_url: Optional[str] = BaseUrl,
     model: str = Model,
     max_requests: Optional[int] = MaxRequests,
-    max_tokens: int = typer.Option(2048, help="Longest answer per request; an answer cut off there counts as failed."),
-    timeout: float = typer.Option(60.0, help="Seconds to wait for one request (local models can be slow)."),
+    max_tokens: int = typer.Option(default(settings.LLM, "max_tokens"),
+                                   help="Longest answer per request; an answer cut off there counts as failed."),
+    timeout: float = typer.Option(default(settings.LLM, "timeout"), help="Seconds to wait for one request (local models can be slow)."),
     allow_fewer: bool = typer.Option(False, help="Exit 0 even when fewer than --n usable instructions came back."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache LLM answers here (default: beside OUT)."),
 ):
@@ -258,22 +304,22 @@ def templates_generate(
     from . import templates
 
     llm = _llm(base_url, model, cache_dir or out.parent / ".llm-cache", max_requests, max_tokens=max_tokens, timeout=timeout)
-    data = _run(templates.generate, llm, task, n, out, allow_fewer=allow_fewer)  # fewer than asked: exit 2, saying so
+    data = templates.generate(llm, task, n, out, allow_fewer=allow_fewer)  # fewer than asked: exit 2, saying so
     source = data["source"]
     typer.echo(f"asked {n}, wrote {source['written']} {task} templates (version {data['version']}) to {out}; "
                f"dropped {templates.reasons_line(source['dropped'])}")
 
 
-@compose_app.command("cross-modal")
+@command(compose_app, "cross-modal")
 def compose_cross_modal(
     units: Path = typer.Argument(..., help="A `quantize` output folder."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
-    mode: str = typer.Option("both", help="both (ASR and TTS per utterance), random, asr or tts."),
-    asr_fraction: float = typer.Option(0.5, help="random mode: share of ASR records."),
+    mode: str = typer.Option(default(settings.CrossModal, "mode"), help="both (ASR and TTS per utterance), random, asr or tts."),
+    asr_fraction: float = typer.Option(default(settings.CrossModal, "asr_fraction"), help="random mode: share of ASR records."),
     asr_templates: Optional[str] = typer.Option(None, help="ASR template file (default: shipped set)."),
     tts_templates: Optional[str] = typer.Option(None, help="TTS template file (default: shipped set)."),
     prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT-style)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(default(settings.Compose, "seed")),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
@@ -281,19 +327,21 @@ def compose_cross_modal(
     """ASR (speech→text) and TTS (text→speech) instruction records."""
     from . import compose, templates
 
+    settings.checked(settings.CrossModal, mode=mode, asr_fraction=asr_fraction)
     prefix = prefix_file.read_text() if prefix_file else compose.DEFAULT_PREFIX
-    sets = {t: _run(templates.load, src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
-    _print_json(_run(compose.cross_modal, units, out, sets["asr"], sets["tts"], mode=mode,
-                     asr_fraction=asr_fraction, prefix=prefix, seed=seed, num_shards=num_shards,
-                     shard_index=shard_index, quiet=quiet))
+    sets = {t: templates.load(src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
+    _print_json(compose.cross_modal(units, out, sets["asr"], sets["tts"], mode=mode, asr_fraction=asr_fraction,
+                                    prefix=prefix, seed=seed, num_shards=num_shards, shard_index=shard_index,
+                                    quiet=quiet))
 
 
-@compose_app.command("pretrain")
+@command(compose_app, "pretrain")
 def compose_pretrain(
     units: Path = typer.Argument(..., help="A `quantize` output folder."),
     out: Path = typer.Argument(..., help="Output folder for train-*/validation-*/test-*.parquet."),
-    dev_fraction: float = typer.Option(0.01, help="Share of train utterances also held out for validation."),
-    seed: int = typer.Option(0),
+    dev_fraction: float = typer.Option(default(settings.Pretrain, "dev_fraction"),
+                                       help="Share of train utterances also held out for validation."),
+    seed: int = typer.Option(default(settings.Compose, "seed")),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
@@ -301,11 +349,12 @@ def compose_pretrain(
     """Stage-1 unit text: one <sosp>…<eosp> per utterance, in its audio's split (train, validation, test)."""
     from . import compose
 
-    _print_json(_run(compose.pretrain, units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
-                     shard_index=shard_index, quiet=quiet))
+    settings.checked(settings.Pretrain, dev_fraction=dev_fraction)
+    _print_json(compose.pretrain(units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
+                                 shard_index=shard_index, quiet=quiet))
 
 
-@compose_app.command("chain-of-modality")
+@command(compose_app, "chain-of-modality")
 def compose_chain_of_modality(
     instructions: str = typer.Argument(..., help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
@@ -313,23 +362,24 @@ def compose_chain_of_modality(
     features: Features = typer.Option(Features.mfcc),
     checkpoint: Optional[str] = typer.Option(None, help="hubert: checkpoint."),
     layer: Optional[int] = typer.Option(None, help="hubert: layer."),
-    tts: str = typer.Option("espeak", help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
+    tts: str = typer.Option(default(settings.ChainOfModality, "tts"), help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
     tts_model: str = typer.Option("tts-1", help="openai TTS model."),
-    rewrite: bool = typer.Option(False, help="Rewrite pairs for speech with the LLM (needs an endpoint)."),
+    rewrite: bool = typer.Option(default(settings.ChainOfModality, "rewrite"), help="Rewrite pairs for speech with the LLM (needs an endpoint)."),
     base_url: Optional[str] = BaseUrl,
     model: str = Model,
     max_requests: Optional[int] = MaxRequests,
     formats: str = typer.Option(",".join(("speech-speech", "speech-text", "text-speech", "text-text")),
                                 help="Comma-separated formats to draw from."),
-    all_formats: bool = typer.Option(False, help="Emit every format for every pair (default: one, drawn by seed)."),
+    all_formats: bool = typer.Option(default(settings.ChainOfModality, "all_formats"),
+                                     help="Emit every format for every pair (default: one, drawn by seed)."),
     instruction_column: str = typer.Option("instruction"),
     response_column: str = typer.Option("response"),
     id_column: str = typer.Option("id"),
-    license: str = typer.Option("unspecified", help="License of the instruction data."),
-    max_pairs: Optional[int] = typer.Option(None),
+    license: str = typer.Option(default(settings.ChainOfModality, "license"), help="License of the instruction data."),
+    max_pairs: Optional[int] = typer.Option(default(settings.ChainOfModality, "max_pairs")),
     cache_dir: Optional[Path] = typer.Option(None, help="TTS/LLM cache (default: OUT/.cache)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    seed: int = typer.Option(default(settings.Compose, "seed")),
+    device: str = typer.Option(default(settings.Features, "device")),
     quiet: bool = Quiet,
 ):
     """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
@@ -338,26 +388,29 @@ def compose_chain_of_modality(
     from .tts import make_tts
     from .units import load_kmeans
 
+    settings.checked(settings.ChainOfModality, tts=tts, rewrite=rewrite, all_formats=all_formats, license=license,
+                     max_pairs=max_pairs)
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
-    engine = _run(make_tts, tts, cache / "tts", llm=llm, model=tts_model)
-    extractor = _run(load_extractor, features.value, checkpoint, layer, _device(device))
-    km = _run(load_kmeans, kmeans)
-    summary = _run(compose.chain_of_modality, instructions, out, extractor, km, engine,
-                   llm=llm if rewrite else None, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
-                   all_formats=all_formats, seed=seed, license=license, instruction_column=instruction_column,
-                   response_column=response_column, id_column=id_column, max_pairs=max_pairs, quiet=quiet)
+    engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model)
+    extractor = load_extractor(features.value, checkpoint, layer, _device(device))
+    km = load_kmeans(kmeans)
+    summary = compose.chain_of_modality(
+        instructions, out, extractor, km, engine, llm=llm if rewrite else None,
+        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
+        license=license, instruction_column=instruction_column, response_column=response_column,
+        id_column=id_column, max_pairs=max_pairs, quiet=quiet)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
-@app.command()
+@command(app)
 def publish(
     compose_dir: Path = typer.Argument(..., help="Folder with cross_modal/, chain_of_modality/, pretrain/ from `compose`."),
     out: Path = typer.Argument(..., help="Dataset folder to write (Parquet + README.md card)."),
     name: str = typer.Option("SpeechInstruct", help="Dataset name for the card."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face dataset repo (needs a token)."),
     save_to_disk: bool = typer.Option(False, help="Also write OUT/arrow/{config} for datasets.load_from_disk."),
-    eval_splits: bool = typer.Option(True, "--eval-splits/--train-only",
+    eval_splits: bool = typer.Option(default(settings.Output, "eval_splits"), "--eval-splits/--train-only",
                                      help="Publish records from the corpora's dev/test audio as validation/test splits, or leave them out."),
     format: str = typer.Option("hf", help="hf (the dataset), or hf,speechgpt: also SpeechGPT's own training files "
                                "in OUT/speechgpt/stage{1,2,3}/ (train.txt/dev.txt, SpeechInstruct_*.jsonl)."),
@@ -369,8 +422,8 @@ def publish(
     formats = {f.strip() for f in format.split(",") if f.strip()}
     if not formats <= {"hf", "speechgpt"} or not formats:
         fail(f"--format {format!r}: choose hf or hf,speechgpt")
-    meta = _run(run_publish, compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
-                eval_splits=eval_splits, speechgpt_files="speechgpt" in formats, quiet=quiet)
+    meta = run_publish(compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
+                       eval_splits=eval_splits, speechgpt_files="speechgpt" in formats, quiet=quiet)
     _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"],
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
@@ -380,12 +433,12 @@ def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: st
 
     if not dnsmos and not asr:
         fail("nothing to score with: give --dnsmos, --asr MODEL or both")
-    judge_dnsmos = _run(DNSMOS, device=device) if dnsmos else None
-    judge_asr = _run(load_asr, asr, base_url=base_url, device=device, batch_size=batch_size) if asr else None
+    judge_dnsmos = DNSMOS(device=device) if dnsmos else None
+    judge_asr = load_asr(asr, base_url=base_url, device=device, batch_size=batch_size) if asr else None
     return Judge(judge_dnsmos, judge_asr)
 
 
-@app.command()
+@command(app)
 def score(
     source: Path = typer.Argument(..., help="A `shard` output (manifest-*.parquet) or a units folder (units-*.parquet)."),
     out: Path = typer.Argument(..., help="Output folder for scores-*.parquet, errors-*.jsonl, score.json, summary.json."),
@@ -397,7 +450,7 @@ def score(
                                            "{base-url}/audio/transcriptions (key from $OPENAI_API_KEY)."),
     root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard` or `extract`)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    batch_size: int = typer.Option(8, min=1, help="ASR: clips per forward pass."),
+    batch_size: int = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per forward pass."),
     workers: int = typer.Option(2, help="Audio decoding threads."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
@@ -407,14 +460,14 @@ def score(
     from .score import score as run_score
 
     judge = _judge(dnsmos, asr, base_url, _device(device), batch_size)
-    summary = _run(run_score, source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
-                   workers=workers, quiet=quiet)
+    summary = run_score(source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
+                        workers=workers, quiet=quiet)
     for column in summary["scores"].values():
         column.pop("histogram", None)
     _print_json(summary)
 
 
-@app.command()
+@command(app)
 def validate(
     dataset: Path = typer.Argument(..., help="A published dataset, a units/manifest folder, or one Parquet file."),
     k: Optional[int] = typer.Option(None, help="Number of units (default: from the dataset's metadata)."),
@@ -424,12 +477,12 @@ def validate(
     """Check every record against schemas/ and SpeechInstruct's rules; exit 1 when anything fails."""
     from .validate import format_report, validate as run_validate
 
-    report = _run(run_validate, dataset, k=k, max_examples=max_errors)
+    report = run_validate(dataset, k=k, max_examples=max_errors)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
     raise typer.Exit(0 if report.ok else 1)
 
 
-@app.command()
+@command(app)
 def report(
     dataset: Path = typer.Argument(..., help="A published dataset."),
     out: Path = typer.Argument(..., help="Folder for index.html and the PNG plots."),
@@ -450,18 +503,18 @@ def report(
 
     from .score import load_asr
 
-    voice = _run(_load_vocoder, vocoder) if vocoder else None
+    voice = _load_vocoder(vocoder) if vocoder else None
     if asr and voice is None:
         fail("--asr scores the resynthesised samples: give --vocoder too")
-    judge = _run(load_asr, asr, base_url=base_url, device=_device("auto")) if asr else None
-    result = _run(run_report, dataset, out, units=units, vocoder=voice, samples=samples, work=work, asr=judge)
+    judge = load_asr(asr, base_url=base_url, device=_device("auto")) if asr else None
+    result = run_report(dataset, out, units=units, vocoder=voice, samples=samples, work=work, asr=judge)
     extra = f", {result['samples']} samples" if result.get("samples") else ""
     mcd = f", resynthesis MCD {result['resynthesis_mcd_db']} dB" if "resynthesis_mcd_db" in result else ""
     mcd += f", resynthesis WER {result['resynthesis_wer']}" if "resynthesis_wer" in result else ""
     typer.echo(f"report: {result['page']} ({len(result['plots'])} plots{extra}{mcd})")
 
 
-@app.command()
+@command(app)
 def run(
     recipe: Path = typer.Argument(..., help="A recipe YAML, e.g. recipes/mini.yaml."),
     workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
@@ -471,13 +524,13 @@ def run(
     """Run the whole job: shard → extract → cluster → quantize → compose → publish → validate → report."""
     from .pipeline import run as run_recipe
 
-    summary = _run(run_recipe, recipe, workdir=workdir, quiet=quiet, force=force)
+    summary = run_recipe(recipe, workdir=workdir, quiet=quiet, force=force)
     _print_json(summary)
     if not summary["valid"]:
         raise typer.Exit(1)
 
 
-@app.command()
+@command(app)
 def train(
     stage: int = typer.Option(..., help="1: modality adaptation, 2: cross-modal instructions, 3: chain-of-modality (LoRA)."),
     base_model: str = typer.Option(..., help="A causal LM folder (or hub id): the base, or the previous stage's model/."),
@@ -522,12 +575,12 @@ def train(
                      eval_every=eval_every, merge=merge, save_every=save_every, seed=seed,
                      lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = _run(TrainConfig.from_dict, settings)
-    result = _run(run_train, stage, base_model, data, out, cfg, resume=resume, quiet=quiet)
+    cfg = TrainConfig.from_dict(settings)
+    result = run_train(stage, base_model, data, out, cfg, resume=resume, quiet=quiet)
     _print_json({k: v for k, v in result.items() if k != "history"} | {"last": result["history"][-1:] })
 
 
-@app.command()
+@command(app)
 def chat(
     model: Path = typer.Option(..., help="A trained model folder (model/ or merged/), or the base with --lora."),
     lora: Optional[Path] = typer.Option(None, help="A stage-3 adapter/ folder."),
@@ -555,15 +608,15 @@ def chat(
 
     if bool(vocoder) != bool(speak):
         fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
-    voice = _run(_load_vocoder, vocoder) if vocoder else None
+    voice = _load_vocoder(vocoder) if vocoder else None
     prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
-    bot = _run(Chat, model, lora, _device(device), prefix=prefix, kind=prompt)
+    bot = Chat(model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
     if audio_file:
         if not kmeans:
             fail("--audio needs --kmeans (and --features/--checkpoint/--layer matching the dataset)")
-        inputs.append(_run(audio_to_unit_text, audio_file, _run(load_extractor, features.value, checkpoint, layer),
-                           _run(load_kmeans, kmeans)))
+        inputs.append(audio_to_unit_text(audio_file, load_extractor(features.value, checkpoint, layer),
+                                         load_kmeans(kmeans)))
     if text:
         inputs.append(text)
     if not inputs:
@@ -574,7 +627,7 @@ def chat(
             from . import audio
 
             if answer["units"]:
-                audio.write_wav(speak, _run(voice.synthesize, answer["units"]), voice.sample_rate)
+                audio.write_wav(speak, voice.synthesize(answer["units"]), voice.sample_rate)
                 answer["spoken"] = str(speak)
             else:
                 answer["spoken"] = None  # nothing to say: the answer has no units
@@ -588,7 +641,7 @@ def _load_vocoder(path):
     return load_vocoder(path)
 
 
-@app.command()
+@command(app)
 def resynth(
     source: Path = typer.Argument(..., help="A units folder, compose folder or published dataset (or one .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for NNNNN.wav and manifest.jsonl."),
@@ -602,7 +655,7 @@ def resynth(
     \\[ua] answers, pretrain lines) with a manifest."""
     from .vocoder import resynthesize
 
-    _print_json(_run(resynthesize, source, out, _run(_load_vocoder, vocoder), limit=limit, quiet=quiet))
+    _print_json(resynthesize(source, out, _load_vocoder(vocoder), limit=limit, quiet=quiet))
 
 
 def main():

@@ -14,7 +14,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import recipe as settings
 from .io import atomic_path, write_json
+from .recipe import default
 from .shardfiles import feature_files, read_frames
 from .units import KMeans
 
@@ -55,8 +57,10 @@ def fit(sample: np.ndarray, k: int, seed: int = 0, niter: int = 25, nredo: int =
     return np.asarray(km.centroids, dtype=np.float32)
 
 
-def cluster(features: str | Path, out: str | Path, k: int = 1000, max_frames: int = 1_000_000, seed: int = 0,
-            niter: int = 25, nredo: int = 1, gpu: bool | None = None, quiet: bool = False) -> dict:
+def cluster(features: str | Path, out: str | Path, k: int = default(settings.KMeans, "k"),
+            max_frames: int = default(settings.KMeans, "max_frames"), seed: int = default(settings.KMeans, "seed"),
+            niter: int = default(settings.KMeans, "niter"), nredo: int = default(settings.KMeans, "nredo"),
+            gpu: bool | None = None, quiet: bool = False) -> dict:
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
     started = time.perf_counter()

@@ -39,10 +39,11 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from . import __version__, records, templates as templates_mod
+from . import __version__, recipe as settings, records, templates as templates_mod
 from .audio import AudioError
 from .corpora.base import SPLITS, split_name
 from .io import iter_rows, parquet_rows, write_json, write_parquet
+from .recipe import default
 from .score import ScoreError
 from .shardfiles import select_shards, shard_suffix, unit_files
 from .speechgpt import DEFAULT_PREFIX, FORMATS, SPEECHGPT_PREFIX, com_text, cross_modal_text, find_markup  # noqa: F401
@@ -116,8 +117,9 @@ def _quality_drop(counts, dropped, uid: str, reason: str) -> None:
 
 # ------------------------------------------------------------------------------------------- cross-modal
 def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
-                tts_templates: dict | None = None, mode: str = "both", asr_fraction: float = 0.5,
-                prefix: str = DEFAULT_PREFIX, seed: int = 0, part: str | None = None, num_shards: int = 1,
+                tts_templates: dict | None = None, mode: str = default(settings.CrossModal, "mode"),
+                asr_fraction: float = default(settings.CrossModal, "asr_fraction"), prefix: str = DEFAULT_PREFIX,
+                seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
                 shard_index: int = 0, scores: str | Path | None = None, gates=None, quiet: bool = False) -> dict:
     """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
     probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
@@ -183,7 +185,8 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
-def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = 0.01, seed: int = 0, part: str | None = None,
+def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = default(settings.Pretrain, "dev_fraction"),
+             seed: int = default(settings.Compose, "seed"), part: str | None = None,
              num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None,
              quiet: bool = False) -> dict:
     """Stage-1 unit text, one record per utterance, in the split of its audio; ``dev_fraction`` of the train

@@ -21,6 +21,7 @@ path on every node; the driver writes every output file itself.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +31,11 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from . import recipe as settings
+from .recipe import default
 from .shardfiles import corpus_root, manifest_files, select_shards, shard_output
+
+log = logging.getLogger(__name__)
 
 
 class RayJobError(RuntimeError):
@@ -185,8 +190,9 @@ class _Window:
                 self.free.append(actor)
 
 
-def extract_ray(manifest, out, extractor, kmeans=None, root=None, batch_seconds: float = 100.0,
-                float16: bool = False, actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+def extract_ray(manifest, out, extractor, kmeans=None, root=None,
+                batch_seconds: float = default(settings.Features, "batch_seconds"),
+                float16: bool = default(settings.Features, "float16"), actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
                 address: str | None = None, num_shards: int = 1, shard_index: int = 0, device: str | None = None,
                 block_seconds: float | None = None, depth: int = 2, max_retries: int = 3) -> dict:
     """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU) and
@@ -205,7 +211,7 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None, batch_seconds:
     if num_gpus_per_actor == 0 and actors * cpus_per_actor > cpus - 1:
         # CPU actors holding every CPU leave none for the decode tasks: the job would stall.
         fit = max(1, int((cpus - 1) // cpus_per_actor))
-        print(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}", flush=True)
+        log.warning(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}")
         actors = fit
     remote_actor = ray.remote(ModelActor).options(
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor, scheduling_strategy="SPREAD",

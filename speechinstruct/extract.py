@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import audio
+from . import audio, recipe as settings
 from .features import Extractor
 from .io import atomic_path, read_table, remove_stale_temps, safe_join, write_text
 from .quantize import UnitWriter
+from .recipe import default
 from .shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                          select_shards, shard_output, shard_suffix)
 from .units import SpeechEncoder
@@ -118,11 +119,11 @@ def extract(
     extractor: Extractor,
     root: str | Path | None = None,
     kmeans=None,
-    batch_seconds: float = 100.0,
-    float16: bool = False,
+    batch_seconds: float = default(settings.Features, "batch_seconds"),
+    float16: bool = default(settings.Features, "float16"),
     num_shards: int = 1,
     shard_index: int = 0,
-    workers: int = 2,
+    workers: int = default(settings.Features, "workers"),
     quiet: bool = False,
 ) -> dict:
     """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""

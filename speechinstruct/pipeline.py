@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -22,6 +23,8 @@ from . import __version__
 from .corpora import SOURCES
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
+
+log = logging.getLogger(__name__)
 
 
 class Runner:
@@ -65,7 +68,7 @@ class Runner:
         return digest
 
     def _say(self, line: str):
-        print(line, flush=True)
+        log.info(line)
 
 
 def _read_stamp(path: Path) -> dict:
@@ -331,9 +334,9 @@ class Job:
             lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))
         self.runner.index += 1
         verdict = validate(self.dataset)
-        print(f"[{self.runner.index}/{self.runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}", flush=True)
+        log.info(f"[{self.runner.index}/{self.runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}")
         if not verdict.ok:
-            print(format_report(verdict), flush=True)
+            log.error(format_report(verdict))
         return verdict
 
     def report(self, verdict) -> None:

@@ -175,6 +175,23 @@ class Recipe(Section):
 
 
 
+def default(section: type[Section], name: str):
+    """The default of setting ``name`` of a recipe ``section``, where it is declared once: the CLI's options and
+    the stage functions' keyword defaults are read from here."""
+    return section.model_fields[name].get_default(call_default_factory=True)
+
+
+def checked(section: type[Section], **options) -> Section:
+    """A command's ``options`` validated as the recipe validates ``section`` (ranges, choices): one line naming
+    the option otherwise."""
+    try:
+        return section.model_validate(options)
+    except ValidationError as e:
+        error = e.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        raise ValueError(f"--{name.replace('_', '-')} {options.get(name)!r}: {error['msg']}") from None
+
+
 def _secrets(value, where: str = "") -> list[str]:
     """Key paths of the recipe that hold, or are named like, a secret."""
     found = []

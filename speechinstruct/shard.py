@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from . import records
+from . import recipe as settings, records
 from .corpora import Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers, root_problem, split_of, split_word
 from .io import write_json, write_parquet
+from .recipe import default
 
 MAX_LISTED_SKIPS = 1000
 
@@ -21,7 +22,7 @@ def shard_corpus(
     corpus: str,
     root: str | Path,
     out: str | Path,
-    shard_hours: float = 10.0,
+    shard_hours: float = default(settings.Shard, "shard_hours"),
     splits: str | list[str] | None = None,
     split_map: dict[str, str] | list[str] | str | None = None,
     quiet: bool = False,

@@ -25,10 +25,10 @@ every global batch and the LR schedule steps once per optimizer step, whatever t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from .speechgpt import RESPONSE_MARK, with_bos
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")  # SpeechGPT's; not <eoa>
 CONFIG_FOR_STAGE = {1: "pretrain", 2: "cross_modal", 3: "chain_of_modality"}
@@ -198,9 +200,9 @@ def load_split(data: str | Path, config: str, split: str):
             return datasets.load_dataset(str(data), config, split=split)
         except NonMatchingSplitsSizesError as e:
             found = re.findall(r"SplitInfo\(name='(\w+)'", str(e))
-            print(f"warning: {data}: the card's sizes of {config} ({', '.join(dict.fromkeys(found)) or 'a split'}) no "
-                  "longer match its data files; loading without the size check (run `speechinstruct publish` "
-                  "again to refresh the card)", file=sys.stderr, flush=True)
+            log.warning(f"{data}: the card's sizes of {config} ({', '.join(dict.fromkeys(found)) or 'a split'}) no "
+                        "longer match its data files; loading without the size check (run `speechinstruct publish` "
+                        "again to refresh the card)")
             return datasets.load_dataset(str(data), config, split=split, verification_mode="no_checks")
     except ValueError as e:
         if split != "train" and "Unknown split" in str(e):
@@ -391,7 +393,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         accelerator.load_state(str(checkpoints[-1]))
         progress = json.loads((checkpoints[-1] / "progress.json").read_text())
         step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-        accelerator.print(f"resuming from {checkpoints[-1]} (step {step})")
+        if accelerator.is_main_process:
+            log.info(f"resuming from {checkpoints[-1]} (step {step})")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     history: list[dict] = []

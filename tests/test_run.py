@@ -23,7 +23,7 @@ def recipe(tmp_path, **over):
     return path
 
 
-def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, capsys):
+def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, caplog):
     summary = run(recipe(tmp_path), quiet=True)
     assert summary["valid"] and summary["k"] == 16
     assert summary["records"]["cross_modal"]["train"] == 48
@@ -32,9 +32,17 @@ def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, capsys):
     assert (tmp_path / "work" / "report" / "index.html").is_file()
     first = {p: p.read_bytes() for p in (tmp_path / "work" / "dataset").rglob("*.parquet")}
 
-    again = run(recipe(tmp_path), quiet=True)
-    assert "up to date" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="speechinstruct"):
+        again = run(recipe(tmp_path), quiet=True)
+    assert "[1/11] demo corpus: up to date" in caplog.messages
     assert again["stages_skipped"] == 10
+    # the command: stage lines on stderr (none with -q), the summary alone on stdout
+    for flags, said in (([], True), (["-q"], False)):
+        result = runner.invoke(app, ["run", str(recipe(tmp_path)), *flags])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["stages_skipped"] == 10
+        assert ("[1/11] demo corpus: up to date" in result.stderr) is said, result.stderr
+        assert ("validate: PASS" in result.stderr) is said
 
     # a changed k redoes clustering and everything after it, with the same result shape
     changed = run(recipe(tmp_path, kmeans={"k": 12, "max_frames": 20000}), quiet=True)
@@ -208,3 +216,45 @@ def test_the_data_path_runs_without_the_training_extras(tmp_path):
                              env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "pip install 'speechinstruct[train]'" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_each_setting_has_one_default_the_recipes_and_every_command_and_function_share_it():
+    """The CLI's options and the stage functions' keyword defaults are the recipe sections' own (recipe.default),
+    and the CLI validates its values as the recipe does."""
+    import inspect
+
+    import typer.main
+
+    from speechinstruct import cluster, compose, extract, recipe as settings, shard
+
+    cli = typer.main.get_command(app)
+    commands = {("shard",): [settings.Shard], ("extract",): [settings.Features], ("cluster",): [settings.KMeans],
+                ("compose", "cross-modal"): [settings.CrossModal, settings.Compose],
+                ("compose", "pretrain"): [settings.Pretrain, settings.Compose],
+                ("compose", "chain-of-modality"): [settings.ChainOfModality, settings.Compose]}
+    compared = 0
+    for path, sections in commands.items():
+        command = cli
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            section = next((s for s in sections if param.name in s.model_fields), None)
+            if section is not None and param.param_type_name == "option":
+                assert param.default == settings.default(section, param.name), (path, param.name)
+                compared += 1
+    functions = {cluster.cluster: [settings.KMeans], extract.extract: [settings.Features], shard.shard_corpus: [settings.Shard],
+                 compose.cross_modal: [settings.CrossModal, settings.Compose], compose.pretrain: [settings.Pretrain, settings.Compose]}
+    for fn, sections in functions.items():
+        for name, param in inspect.signature(fn).parameters.items():
+            section = next((s for s in sections if name in s.model_fields), None)
+            if section is not None and param.default is not inspect.Parameter.empty:
+                assert param.default == settings.default(section, name), (fn.__name__, name)
+                compared += 1
+    assert compared >= 25, compared
+    assert settings.default(settings.KMeans, "k") == 1000  # SpeechGPT's K
+
+    for args, message in ((["cluster", "f", "o", "--k", "1"], "--k 1: Input should be greater than or equal to 2"),
+                          (["compose", "pretrain", "u", "o", "--dev-fraction", "1"], "--dev-fraction 1.0: Input should be less than 1"),
+                          (["compose", "cross-modal", "u", "o", "--mode", "all"], "--mode 'all': Input should be 'both', 'random'")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
