@@ -18,6 +18,79 @@ from .recipe import default
 MAX_LISTED_SKIPS = 1000
 
 
+class ManifestShards:
+    """Manifest rows as ``manifest-NNNNN.parquet`` files in ``out``, a new file every ``shard_hours`` of audio,
+    each written atomically; :meth:`close` writes the last one and removes the shards of an earlier, larger run."""
+
+    def __init__(self, out: Path, shard_hours: float):
+        self.out, self.limit = out, shard_hours * 3600
+        self.rows: list[dict] = []
+        self.seconds = 0.0
+        self.written: list[str] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.seconds += row["duration"]
+        if self.seconds >= self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            name = f"manifest-{len(self.written):05d}.parquet"
+            write_parquet(self.out / name, records.to_table("manifest", self.rows))
+            self.written.append(name)
+            self.rows, self.seconds = [], 0.0
+
+    def close(self) -> list[str]:
+        self._flush()
+        for stale in sorted(self.out.glob("manifest-*.parquet")):
+            if stale.name not in self.written:
+                stale.unlink()
+        return self.written
+
+
+class Tally:
+    """What the summary counts: rows kept per split (with the corpus's own part names), rows left out by
+    ``splits``, skips by reason (the first :data:`MAX_LISTED_SKIPS` listed) and the readers' notes."""
+
+    def __init__(self):
+        self.by_split: dict[str, dict] = {}
+        self.left_out: collections.Counter[str] = collections.Counter()
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.examples: list[dict] = []
+        self.notes: list[str] = []
+        self.utterances, self.seconds = 0, 0.0
+
+    def skip(self, skip: Skip) -> None:
+        self.skipped[skip.reason] += 1
+        if len(self.examples) < MAX_LISTED_SKIPS:
+            self.examples.append(skip.as_dict())
+
+    def kept(self, row: dict) -> None:
+        part = self.by_split.setdefault(row["split"], {"utterances": 0, "hours": 0.0, "corpus_splits": collections.Counter()})
+        part["utterances"] += 1
+        part["hours"] += row["duration"] / 3600
+        part["corpus_splits"][row["corpus_split"]] += 1
+        self.utterances += 1
+        self.seconds += row["duration"]
+
+    def summary(self, split_map: dict[str, str]) -> dict:
+        return {
+            "utterances": self.utterances,
+            "hours": round(self.seconds / 3600, 4),
+            "splits": {name: {"utterances": v["utterances"], "hours": round(v["hours"], 4),
+                              "corpus_splits": dict(sorted(v["corpus_splits"].items()))}
+                       for name, v in sorted(self.by_split.items())},
+            "left_out_by_split": dict(sorted(self.left_out.items())),
+            # part names that say neither train, validation nor test: kept as train; --split-map them if held out
+            "unrecognised_split_names": sorted({name for v in self.by_split.values() for name in v["corpus_splits"]
+                                                if split_word(name) is None and name not in split_map}),
+            **({"notes": self.notes} if self.notes else {}),
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_examples": self.examples,
+        }
+
+
 def shard_corpus(
     corpus: str,
     root: str | Path,
@@ -49,61 +122,26 @@ def shard_corpus(
         reader_options["audio_root"] = str(audio_root)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows: list[dict] = []
-    written: list[str] = []
-    seen_ids: set[str] = set()
-    skipped: collections.Counter[str] = collections.Counter()
-    skip_list: list[dict] = []
-    by_split: dict[str, dict] = {}
-    left_out: collections.Counter[str] = collections.Counter()
-    seconds_total = 0.0
-    shard_seconds = 0.0
-    n_rows = 0
-
-    def flush():
-        nonlocal rows, shard_seconds
-        if rows:
-            name = f"manifest-{len(written):05d}.parquet"
-            write_parquet(out / name, records.to_table("manifest", rows))
-            written.append(name)
-            rows, shard_seconds = [], 0.0
-
-    notes: list[str] = []
+    shards, tally, seen_ids = ManifestShards(out, shard_hours), Tally(), set()
     for item in all_readers[corpus](root, quiet=quiet, **reader_options):
         if isinstance(item, Note):
-            notes.append(item.text)
-            continue
-        if isinstance(item, Skip):
-            skipped[item.reason] += 1
-            if len(skip_list) < MAX_LISTED_SKIPS:
-                skip_list.append(item.as_dict())
-            continue
-        if item["id"] in seen_ids:
-            skipped["duplicate id"] += 1
-            if len(skip_list) < MAX_LISTED_SKIPS:
-                skip_list.append(Skip(item["path"], "duplicate id", item["id"]).as_dict())
-            continue
-        seen_ids.add(item["id"])
-        if item["corpus_split"] in split_map:
-            item["split"] = split_of(item["corpus_split"], split_map)
-        if keep is not None and item["split"] not in keep:
-            left_out[item["split"]] += 1
-            continue
-        part = by_split.setdefault(item["split"], {"utterances": 0, "hours": 0.0, "corpus_splits": collections.Counter()})
-        part["utterances"] += 1
-        part["hours"] += item["duration"] / 3600
-        part["corpus_splits"][item["corpus_split"]] += 1
-        rows.append(item)
-        n_rows += 1
-        seconds_total += item["duration"]
-        shard_seconds += item["duration"]
-        if shard_seconds >= shard_hours * 3600:
-            flush()
-    flush()
+            tally.notes.append(item.text)
+        elif isinstance(item, Skip):
+            tally.skip(item)
+        elif item["id"] in seen_ids:
+            tally.skip(Skip(item["path"], "duplicate id", item["id"]))
+        else:
+            seen_ids.add(item["id"])
+            if item["corpus_split"] in split_map:
+                item["split"] = split_of(item["corpus_split"], split_map)
+            if keep is not None and item["split"] not in keep:
+                tally.left_out[item["split"]] += 1
+                continue
+            tally.kept(item)
+            shards.add(item)
+    written = shards.close()
 
-    for stale in sorted(out.glob("manifest-*.parquet")):
-        if stale.name not in written:
-            stale.unlink()
+    counts = tally.summary(split_map)
     summary = {
         "corpus": corpus,
         "root": str(audio_root.resolve()),
@@ -111,21 +149,9 @@ def shard_corpus(
         "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None,
                     **({"split_map": split_map} if split_map else {}), **reader_options},
         "shards": written,
-        "utterances": n_rows,
-        "hours": round(seconds_total / 3600, 4),
-        "splits": {name: {"utterances": v["utterances"], "hours": round(v["hours"], 4),
-                          "corpus_splits": dict(sorted(v["corpus_splits"].items()))}
-                   for name, v in sorted(by_split.items())},
+        **{key: counts[key] for key in ("utterances", "hours", "splits")},
         **({"languages": languages()[corpus](root)} if corpus in languages() else {}),
-        "left_out_by_split": dict(sorted(left_out.items())),
-        # part names that say neither train, dev nor test: kept as train; map them with --split-map if held out
-        "unrecognised_split_names": sorted({name for v in by_split.values() for name in v["corpus_splits"]
-                                            if split_word(name) is None and name not in split_map}),
-        **({"notes": notes} if notes else {}),
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_examples": skip_list,
+        **{key: value for key, value in counts.items() if key not in ("utterances", "hours", "splits")},
     }
     write_json(out / "summary.json", summary)
     return summary
-
-
