@@ -361,6 +361,100 @@ def _pair(obj: dict, where: str, icol: str, rcol: str, idcol: str | None, fallba
            "response": response, "where": where}
 
 
+def _speaks(side: str, fmt: str) -> bool:
+    """Whether format ``fmt`` has the question (``q``) or the answer (``a``) as speech."""
+    return fmt.startswith("speech") if side == "q" else fmt.endswith("speech")
+
+
+def unique_pairs(source, instruction_column: str, response_column: str, id_column: str | None,
+                 max_pairs: int | None) -> tuple[list[dict], list[dict]]:
+    """The usable pairs of ``source`` (at most ``max_pairs``) and what was dropped, with where and why: pairs
+    :func:`read_pairs` refuses, and a later pair with an id seen before (ids name records)."""
+    pairs, dropped, first_seen = [], [], {}
+    for item in read_pairs(source, instruction_column, response_column, id_column):
+        if isinstance(item, dict) and item["id"] in first_seen:
+            item = (item["where"], f"duplicate id ({item['id']!r}, first at {first_seen[item['id']]})")
+        if isinstance(item, tuple):
+            dropped.append({"where": item[0], "reason": item[1]})
+            continue
+        first_seen[item["id"]] = item["where"]
+        pairs.append(item)
+        if max_pairs and len(pairs) >= max_pairs:
+            break
+    return pairs, dropped
+
+
+class Speaker:
+    """Text → TTS speech → units, with the speech judged (``judge``, ``gates``) when asked: :meth:`units`
+    gives (units, voice, scores), or raises SpeechRejected (quality) or AudioError/ValueError (no speech)."""
+
+    def __init__(self, tts, extractor, kmeans, judge=None, gates=None):
+        self.tts, self.encoder, self.judge, self.gates = tts, SpeechEncoder(kmeans, extractor), judge, gates
+
+    def units(self, text: str, key: str) -> tuple[list[int], str, dict]:
+        voice, rate = self.tts.voice_for(key)
+        wav, sr = self.tts.synthesize(text, voice, rate)
+        judged = self._judged(wav, sr, text) if self.judge is not None else {}
+        u = self.encoder.encode(wav, sr).units
+        if not u.size:
+            raise ValueError("no speech units")
+        return u.tolist(), f"{self.tts.name}:{voice}@{rate}", judged
+
+    def _judged(self, wav, sr: int, text: str) -> dict:
+        from .audio import resample
+
+        result = self.judge.scores([resample(wav, sr)], [text])[0]
+        if isinstance(result, str):
+            raise SpeechRejected(f"not scored ({result})")
+        reason = self.gates.reason(result) if self.gates is not None else None
+        if reason:
+            raise SpeechRejected(reason)
+        return {c: result.get(c) for c in QUALITY_COLUMNS}
+
+
+def _pair_records(pair: dict, speaker: Speaker, llm, formats, all_formats: bool, prefix: str, seed: int,
+                  corpus: str, license: str) -> list[dict] | tuple[str, str]:
+    """The records of one pair, or (count key, reason) when it is dropped: the LLM could not rewrite it, it is
+    unfit for speech, or its speech could not be made or failed the gates (the pair goes whole)."""
+    instruction, response = pair["instruction"], pair["response"]
+    if llm is not None:
+        rewritten = rewrite_for_speech(llm, instruction, response)
+        if isinstance(rewritten, str):
+            return f"dropped: {rewritten}", rewritten
+        instruction, response = rewritten
+    reason = unfit_for_speech(instruction, response)
+    if reason:
+        return f"dropped: {reason}", reason
+    instruction, response = speakable(instruction), speakable(response)
+    chosen = formats if all_formats else [formats[_draw(seed, "format", pair["id"]) % len(formats)]]
+    spoken: dict[str, tuple[list[int], str, dict]] = {}  # "q"/"a" → (units, voice, scores)
+    try:  # speak what the chosen formats need first: a pair that cannot be spoken is dropped whole
+        for side, text in (("q", instruction), ("a", response)):
+            if any(_speaks(side, fmt) for fmt in chosen):
+                spoken[side] = speaker.units(text, f"{seed}/{side}/{pair['id']}")
+    except ScoreError:  # a judge that cannot work at all (its server is down) stops the stage
+        raise
+    except SpeechRejected as e:
+        return "dropped: quality: " + str(e).split(" (")[0], f"synthesized speech: {e}"
+    except (AudioError, ValueError) as e:
+        return "dropped: cannot be spoken", f"cannot be spoken ({str(e).split(': ')[-1][:80]})"
+    rows = []
+    for fmt in chosen:
+        needs = [side for side in ("q", "a") if _speaks(side, fmt)]
+        q_units = spoken["q"][0] if "q" in needs else []
+        a_units = spoken["a"][0] if "a" in needs else []
+        rows.append(finish({
+            "id": f"com/{pair['id']}/{fmt}", "prefix": prefix,
+            "plain_text": com_text(fmt, instruction, response, q_units, a_units),
+            "format": fmt, "instruction": instruction, "response": response,
+            "instruction_units": q_units, "response_units": a_units,
+            "voice": ",".join(spoken[side][1] for side in needs),
+            "source_id": pair["id"], "corpus": corpus, "license": license,
+            **worst([spoken[side][2] for side in needs]),
+        }))
+    return rows
+
+
 def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None,
                       formats: tuple[str, ...] = FORMATS, all_formats: bool = False, prefix: str = DEFAULT_PREFIX,
                       seed: int = 0, corpus: str | None = None, license: str = "unspecified",
@@ -369,7 +463,9 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
                       judge=None, gates=None, quiet: bool = False) -> dict:
     """Chain-of-modality records from text pairs; see the module docstring for the four formats. ``judge``
     (``score.Judge``) scores each synthesized turn against the text it was meant to say, and a pair whose
-    speech fails ``gates`` is dropped with its reason; records carry the worst score of their turns."""
+    speech fails ``gates`` is dropped with its reason; records carry the worst score of their turns. Pairs
+    go ``chunk_size`` to a ``train-NNNNN.parquet`` file, each with a sidecar of its counts; a rerun skips
+    the chunks already written."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
@@ -377,44 +473,9 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
         corpus, license = corpus or "speechinstruct-sample", "Apache-2.0"
     corpus = corpus or Path(str(source)).stem
     out = Path(out)
-    counts: collections.Counter[str] = collections.Counter()
-    dropped: list[dict] = []
-    pairs = []
-    first_seen: dict[str, str] = {}
-    for item in read_pairs(source, instruction_column, response_column, id_column):
-        if isinstance(item, dict) and item["id"] in first_seen:  # the later one goes; ids name records
-            item = (item["where"], f"duplicate id ({item['id']!r}, first at {first_seen[item['id']]})")
-        if isinstance(item, tuple):
-            counts["dropped: " + item[1].split(" (")[0]] += 1
-            dropped.append({"where": item[0], "reason": item[1]})
-            continue
-        first_seen[item["id"]] = item["where"]
-        pairs.append(item)
-        if max_pairs and len(pairs) >= max_pairs:
-            break
-
-    encoder = SpeechEncoder(kmeans, extractor)
-
-    def speech_units(text: str, key: str) -> tuple[list[int], str, dict]:
-        voice, rate = tts.voice_for(key)
-        wav, sr = tts.synthesize(text, voice, rate)
-        judged = judge_speech(wav, sr, text) if judge is not None else {}
-        u = encoder.encode(wav, sr).units
-        if not u.size:
-            raise ValueError("no speech units")
-        return u.tolist(), f"{tts.name}:{voice}@{rate}", judged
-
-    def judge_speech(wav, sr: int, text: str) -> dict:
-        from .audio import resample
-
-        result = judge.scores([resample(wav, sr)], [text])[0]
-        if isinstance(result, str):
-            raise SpeechRejected(f"not scored ({result})")
-        reason = gates.reason(result) if gates is not None else None
-        if reason:
-            raise SpeechRejected(reason)
-        return {c: result.get(c) for c in QUALITY_COLUMNS}
-
+    pairs, dropped = unique_pairs(source, instruction_column, response_column, id_column, max_pairs)
+    counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
+    speaker = Speaker(tts, extractor, kmeans, judge, gates)
     for start in range(0, len(pairs), chunk_size):
         chunk = start // chunk_size
         target = out / f"train-{chunk:05d}.parquet"
@@ -422,51 +483,13 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
             continue
         rows, chunk_counts, chunk_dropped = [], collections.Counter(), []
         for pair in tqdm(pairs[start : start + chunk_size], desc=f"chain-of-modality {target.name}", unit="pair", disable=quiet):
-            instruction, response = pair["instruction"], pair["response"]
-            if llm is not None:
-                rewritten = rewrite_for_speech(llm, instruction, response)
-                if isinstance(rewritten, str):
-                    chunk_counts[f"dropped: {rewritten}"] += 1
-                    chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": rewritten})
-                    continue
-                instruction, response = rewritten
-            reason = unfit_for_speech(instruction, response)
-            if reason:
-                chunk_counts[f"dropped: {reason}"] += 1
-                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": reason})
+            made = _pair_records(pair, speaker, llm, formats, all_formats, prefix, seed, corpus, license)
+            if isinstance(made, tuple):
+                chunk_counts[made[0]] += 1
+                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": made[1]})
                 continue
-            instruction, response = speakable(instruction), speakable(response)
-            chosen = formats if all_formats else [formats[_draw(seed, "format", pair["id"]) % len(formats)]]
-            spoken: dict[str, tuple[list[int], str, dict]] = {}  # "q"/"a" → (units, voice, scores)
-            try:  # speak what the chosen formats need first: a pair that cannot be spoken is dropped whole
-                for side in ("q", "a"):
-                    if any(fmt.startswith("speech") if side == "q" else fmt.endswith("speech") for fmt in chosen):
-                        spoken[side] = speech_units(instruction if side == "q" else response, f"{seed}/{side}/{pair['id']}")
-            except ScoreError:  # a judge that cannot work at all (its server is down) stops the stage
-                raise
-            except SpeechRejected as e:
-                chunk_counts["dropped: quality: " + str(e).split(" (")[0]] += 1
-                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": f"synthesized speech: {e}"})
-                continue
-            except (AudioError, ValueError) as e:
-                reason = f"cannot be spoken ({str(e).split(': ')[-1][:80]})"
-                chunk_counts["dropped: cannot be spoken"] += 1
-                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": reason})
-                continue
-            for fmt in chosen:
-                needs = [side for side in ("q", "a") if (fmt.startswith("speech") if side == "q" else fmt.endswith("speech"))]
-                q_units = spoken["q"][0] if "q" in needs else []
-                a_units = spoken["a"][0] if "a" in needs else []
-                rows.append(finish({
-                    "id": f"com/{pair['id']}/{fmt}", "prefix": prefix,
-                    "plain_text": com_text(fmt, instruction, response, q_units, a_units),
-                    "format": fmt, "instruction": instruction, "response": response,
-                    "instruction_units": q_units, "response_units": a_units,
-                    "voice": ",".join(spoken[side][1] for side in needs),
-                    "source_id": pair["id"], "corpus": corpus, "license": license,
-                    **worst([spoken[side][2] for side in needs]),
-                }))
-                chunk_counts[fmt] += 1
+            rows += made
+            chunk_counts.update(r["format"] for r in made)
         write_json(out / f"train-{chunk:05d}.summary.json", {"counts": chunk_counts, "dropped": chunk_dropped})
         write_parquet(target, records.to_table("chain_of_modality", rows))
     for sidecar in sorted(out.glob("train-*.summary.json")):
