@@ -161,6 +161,9 @@ def shard(
 class Features(str, Enum):
     mfcc = "mfcc"
     hubert = "hubert"
+    mimi = "mimi"        # the codecs (codecs.CODECS): their codes are the units, no k-means
+    encodec = "encodec"
+    dac = "dac"
 
 
 NumShards = typer.Option(1, help="Split the work into this many parts (job arrays)...")
@@ -177,8 +180,12 @@ def _device(device: str) -> str:
 def extract(
     manifest: Path = typer.Argument(..., help="A `shard` output folder (or one manifest .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
-    features: Features = typer.Option(Features.mfcc, help="mfcc (offline default) or hubert."),
-    checkpoint: Optional[str] = typer.Option(None, help="hubert: fairseq .pt, Hugging Face folder, or hub id."),
+    features: Features = typer.Option(Features.mfcc, help="mfcc (offline default), hubert, or a codec whose codes "
+                                      "are the units: mimi, encodec, dac."),
+    checkpoint: Optional[str] = typer.Option(None, help="hubert: fairseq .pt, Hugging Face folder, or hub id; a codec: "
+                                             "a folder saved by transformers, or a hub id."),
+    codebooks: Optional[int] = typer.Option(None, min=1, help="codecs: how many of the model's codebooks to keep "
+                                            "(default: all)."),
     layer: Optional[int] = typer.Option(None, help="hubert: transformer layer (1-based; default: last). SpeechGPT: 11."),
     kmeans: Optional[Path] = typer.Option(None, help="Quantize on the fly with this k-means; features are not stored."),
     root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard`)."),
@@ -208,11 +215,13 @@ def extract(
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
     settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16, dtype=dtype,
-                     device=device, workers=workers, layer=layer)
+                     device=device, workers=workers, layer=layer, codebooks=codebooks)
     km = load_kmeans(kmeans) if kmeans else None
     # the Ray engine ships a CPU copy to its actors, which move it to their own device
     extractor = load_extractor(features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
-                               dtype=dtype)
+                               dtype=dtype, codebooks=codebooks)
+    if kmeans and hasattr(extractor, "vocabulary"):
+        fail(f"--kmeans is for features; a {features.value} codec's codes are already units")
     if engine == "ray":
         from .engine_ray import extract_ray
 

@@ -70,11 +70,11 @@ def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
             yield Block(shard.name, start, rows[start:])
 
 
-def decode_block(rows: list[dict], root: str) -> list[tuple[str, np.ndarray | str]]:
-    """(id, 16 kHz samples) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task."""
+def decode_block(rows: list[dict], root: str, sample_rate: int = 16000) -> list[tuple[str, np.ndarray | str]]:
+    """(id, samples at ``sample_rate``) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task."""
     from .extract import decode_row
 
-    return [(row["id"], decode_row(row, root)) for row in rows]
+    return [(row["id"], decode_row(row, root, sample_rate)) for row in rows]
 
 
 class ModelActor:
@@ -143,8 +143,9 @@ class _Window:
     """Block results in block order, with at most ``depth`` blocks in flight per actor: each actor gets a
     new block as soon as one of its own comes back."""
 
-    def __init__(self, ray, todo: Iterator[Block], actors: list, decode, root: str, depth: int, max_retries: int):
-        self.ray, self.todo, self.decode, self.root = ray, enumerate(todo), decode, root
+    def __init__(self, ray, todo: Iterator[Block], actors: list, decode, root: str, depth: int, max_retries: int,
+                 sample_rate: int = 16000):
+        self.ray, self.todo, self.decode, self.root, self.sample_rate = ray, enumerate(todo), decode, root, sample_rate
         self.max_retries = max_retries
         self.free = collections.deque(a for _ in range(depth) for a in actors)
         self.limit = 2 * depth * len(actors)  # blocks in flight + finished ones waiting for their turn
@@ -160,7 +161,7 @@ class _Window:
                 return
             seq, block = item
             actor = self.free.popleft()
-            ref = actor.run.remote(self.decode.remote(block.rows, self.root))
+            ref = actor.run.remote(self.decode.remote(block.rows, self.root, self.sample_rate))
             self.in_flight[ref] = (seq, block, actor)
 
     def __iter__(self) -> Iterator[tuple[Block, list]]:
@@ -198,13 +199,13 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None,
     """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU) and
     ``kmeans`` are shipped to the actors, which move the model to ``device`` (default: cuda when actors get
     GPUs)."""
-    from .extract import run_shards
+    from .extract import makes_units, run_shards, sample_rate_of
 
     device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
     manifest, out = Path(manifest), Path(out)
     root = Path(root) if root else corpus_root(manifest)
     pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
-               if not shard_output(out, s, fused=kmeans is not None).exists()]
+               if not shard_output(out, s, fused=makes_units(extractor, kmeans)).exists()]
     ray = connect(address)
 
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -222,7 +223,7 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None,
         shared = [ray.put((extractor, kmeans))]  # one copy in the object store, whichever node an actor is on
         pool = [remote_actor.remote(shared, device, batch_seconds, max(1, int(cpus_per_actor))) for _ in range(actors)]
         window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds), pool, decode, str(root), depth,
-                         max_retries)
+                         max_retries, sample_rate_of(extractor))
     stream = iter(window) if window else iter(())
 
     def results_for(shard: Path, rows: list[dict], root: Path):

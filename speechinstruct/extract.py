@@ -48,30 +48,43 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
             yield pending.popleft().result()
 
 
-def decode_row(row: dict, root: str | Path) -> np.ndarray | str:
-    """The 16 kHz samples of one manifest row, or the reason its audio cannot be used. A row with a ``row``
-    number has its audio inside a dataset file (Hugging Face Parquet/Arrow), as encoded bytes."""
+def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
+    """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
+    the file's rate), or the reason its audio cannot be used. A row with a ``row`` number has its audio inside a
+    dataset file (Hugging Face Parquet/Arrow), as encoded bytes."""
     try:
         path = safe_join(root, row["path"])
         if row.get("row") is None:
-            return audio.load(path, row["offset"], row["duration"])
+            return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
         from .corpora.hf import audio_bytes
 
         data = audio_bytes(path, row["audio_column"], row["row"])
-        return audio.load(io.BytesIO(data), row["offset"], row["duration"], name=f"{row['path']} row {row['row']}")
+        return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
+                          name=f"{row['path']} row {row['row']}")
     except (audio.AudioError, ValueError, OSError, KeyError) as e:
         return str(e)
 
 
-def decode_rows(rows: list[dict], root: Path, workers: int = 2) -> Iterator[tuple[dict, np.ndarray | str]]:
-    """(row, 16 kHz samples) per row, or (row, reason) when the audio cannot be used."""
-    return bounded_map(lambda row: (row, decode_row(row, root)), rows, workers=workers, ahead=4 * workers + 4)
+def decode_rows(rows: list[dict], root: Path, workers: int = 2,
+                sample_rate: int = audio.TARGET_SR) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, samples at ``sample_rate``) per row, or (row, reason) when the audio cannot be used."""
+    return bounded_map(lambda row: (row, decode_row(row, root, sample_rate)), rows, workers=workers, ahead=4 * workers + 4)
+
+
+def sample_rate_of(extractor) -> int:
+    """The rate an extractor reads audio at: 16 kHz, or a codec's own."""
+    return int(getattr(extractor, "sample_rate", audio.TARGET_SR))
+
+
+def makes_units(extractor, kmeans) -> bool:
+    """Whether extract writes units (with k-means, or a codec whose codes are units) rather than features."""
+    return kmeans is not None or hasattr(extractor, "vocabulary")
 
 
 def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> Iterator[tuple[dict, np.ndarray | str]]:
     """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio."""
     group: list[tuple[dict, np.ndarray | str]] = []
-    budget = batch_seconds * audio.TARGET_SR
+    budget = batch_seconds * sample_rate_of(extractor)
 
     def run(group):
         good = sorted((i for i, (_, w) in enumerate(group) if not isinstance(w, str)), key=lambda i: group[i][1].size)
@@ -129,7 +142,7 @@ def extract(
     """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""
 
     def results_for(shard: Path, rows: list[dict], root: Path):
-        return compute(extractor, decode_rows(rows, root, workers), batch_seconds)
+        return compute(extractor, decode_rows(rows, root, workers, sample_rate_of(extractor)), batch_seconds)
 
     return run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
                       num_shards=num_shards, shard_index=shard_index, quiet=quiet)
@@ -144,18 +157,21 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     shards = select_shards(manifest_files(manifest), num_shards, shard_index)
     root = Path(root) if root else corpus_root(manifest)
     out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans), "units.json" if kmeans is not None else "features.json")
+    fused = makes_units(extractor, kmeans)
+    vocabulary = extractor.vocabulary() if hasattr(extractor, "vocabulary") else None
+    check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans, vocabulary),
+               "units.json" if fused else "features.json")
     stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
     started = time.perf_counter()
     for shard in shards:
-        target = shard_output(out, shard, fused=kmeans is not None)
+        target = shard_output(out, shard, fused=fused)
         if target.exists():
             stats["shards_skipped"] += 1
             continue
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
         rows = read_table(shard).to_pylist()
         shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
-                                  extractor.frame_rate, float16, kmeans, quiet)
+                                  extractor.frame_rate, float16, kmeans, quiet, units=fused)
         stats["shards_done"] += 1
         for key in ("utterances", "errors", "audio_hours"):
             stats[key] += shard_stats[key]
@@ -165,14 +181,16 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
 
 
 def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
-                kmeans=None, quiet: bool = False) -> dict:
+                kmeans=None, quiet: bool = False, units: bool | None = None) -> dict:
     """Write one shard from ``(manifest row, value)`` pairs in manifest order, where value is a (frames,
-    dim) feature array, a 1-D array of unit labels (already assigned), or an error string. Errors go to
+    dim) feature array, a 1-D array of unit labels (already assigned), or an error string. ``units``: write
+    units (default: when there is a k-means); without k-means (a codec's units) repeats are kept. Errors go to
     ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last."""
+    units = kmeans is not None if units is None else units
 
     errors: list[dict] = []
     counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
-    bar = tqdm(results, total=total, desc=f"{'units' if kmeans is not None else 'features'} {target.name}",
+    bar = tqdm(results, total=total, desc=f"{'units' if units else 'features'} {target.name}",
                unit="utt", disable=quiet)
 
     def good(pairs):
@@ -187,8 +205,8 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
     def write_errors():  # before the shard's output appears, so a complete shard always has its errors
         write_text(target.parent / f"errors-{shard_suffix(target)}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
 
-    if kmeans is not None:
-        with UnitWriter(SpeechEncoder(kmeans), target) as writer:
+    if units:
+        with UnitWriter(SpeechEncoder(kmeans, deduplicate=kmeans is not None), target) as writer:
             for row, value in good(bar):
                 writer.add(row, value)
             write_errors()

@@ -372,7 +372,16 @@ def resolve_device(device: str) -> str:
 
 
 def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None = None, device: str = "cpu",
-                   dtype: str = "float32") -> Extractor:
+                   dtype: str = "float32", codebooks: int | None = None) -> Extractor:
+    """MFCC, HuBERT at a layer, or a codec (``codecs.CODECS``: its codes are the units, ``codebooks`` of them)."""
+    from .codecs import CODECS, load_codec
+
+    if kind in CODECS:
+        if layer is not None or dtype != "float32":
+            raise ValueError(f"--layer and --dtype are for HuBERT; a {kind} codec gives its codes")
+        return load_codec(kind, checkpoint, codebooks, device)
+    if codebooks is not None:
+        raise ValueError("--codebooks is for codecs (mimi, encodec, dac)")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     if kind == "mfcc":
@@ -383,4 +392,4 @@ def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None =
         if not checkpoint:
             raise ValueError("--features hubert needs --checkpoint (a fairseq .pt or a Hugging Face folder)")
         return load_hubert(checkpoint, layer, device=device, dtype=dtype)
-    raise ValueError(f"unknown features {kind!r}: choose mfcc or hubert")
+    raise ValueError(f"unknown features {kind!r}: choose mfcc, hubert or a codec ({', '.join(CODECS)})")

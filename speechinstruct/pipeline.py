@@ -167,6 +167,9 @@ class Job:
                              + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2)
         self._judge = None
         self.f = recipe["features"]
+        if self.f["kind"] not in ("mfcc", "hubert"):  # a codec (codecs.CODECS)
+            raise RecipeError(f"features.kind: {self.f['kind']}: `run` builds k-means units only so far; for codec "
+                              "units run the stages: shard, extract --features " + self.f["kind"] + ", compose, publish")
         self.device = resolve_device(self.f["device"])
         self.stamps: dict[str, str] = {}
         self._extractor = None

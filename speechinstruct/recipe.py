@@ -66,9 +66,10 @@ class Shard(Section):
 
 
 class Features(Section):
-    kind: Literal["mfcc", "hubert"] = "mfcc"
+    kind: Literal["mfcc", "hubert", "mimi", "encodec", "dac"] = "mfcc"  # the last three: codecs (codecs.CODECS)
     checkpoint: Optional[str] = None
     layer: Optional[int] = Field(None, ge=1)
+    codebooks: Optional[int] = Field(None, ge=1)  # codecs: how many of the model's codebooks to keep
     device: str = "auto"
     batch_seconds: float = Field(100.0, gt=0)
     float16: bool = False

@@ -132,11 +132,15 @@ def kmeans_spec(kmeans) -> dict:
     return {"source": kmeans.source, "k": kmeans.k, **{k: v for k, v in kmeans.meta.items() if k == "sha256"}}
 
 
-def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path, kmeans=None) -> dict:
-    """What an extract output folder was made from (written as features.json or units.json)."""
+def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path, kmeans=None,
+                vocabulary: Vocabulary | None = None) -> dict:
+    """What an extract output folder was made from (written as features.json or units.json): with ``kmeans``
+    or a codec's ``vocabulary``, a units folder."""
     spec = {**extractor_spec, "float16": float16, "manifest": str(Path(manifest).resolve()), "root": str(Path(root).resolve())}
     if kmeans is not None:
         spec = units_spec(spec, kmeans)
+    elif vocabulary is not None:
+        spec["vocabulary"] = vocabulary.to_json()
     return spec
 
 

@@ -1,0 +1,171 @@
+"""Neural audio codecs as speech tokenizers: transformers' ``MimiModel``, ``EncodecModel`` and ``DacModel``.
+
+A codec is dense model and quantizer in one: its codes are the units, with no k-means stage. A codec frame
+has ``codebooks`` codes (residual vector quantization: codebook 0 first); the units of an utterance are its
+codes frame-major, codebook ``q``'s code ``c`` written as ``q * codebook_size + c``::
+
+    frame 0: q0 q1 … q(Q-1), frame 1: q0 q1 …   →   one vocabulary of codebooks × codebook_size tokens
+
+so the unit text stays ``<sosp><..><..><eosp>``. Codec units are never deduplicated: the decoder needs every
+frame. Audio is decoded straight to the codec's own sample rate (Mimi and EnCodec-24k: 24 kHz, DAC-16k:
+16 kHz, DAC-44k: 44.1 kHz).
+
+The codes of an utterance are the model's own ``encode`` of that utterance alone, so every utterance is encoded
+on its own. Batches do not give the same codes: Mimi's encoder reads no padding mask yet (a TODO in
+transformers) and its last frame changes when other audio follows it; DAC has no padding mask; and even
+EnCodec-24k, causal and with a padding mask, moved its latents by up to 1.3e-7 in a batch of three (1.8e-4 at a
+padded utterance's last frame), enough to flip the nearest code at near ties: 18 of 1,806 codes of the tests'
+tiny random model (6 codebooks of 64, utterances of 0.7, 1.3 and 2.0 s, CPU, 2 threads). A codebook search is a
+hard decision, so we keep it exact.
+
+A tokenizer outside transformers (SpeechTokenizer, CosyVoice's S3 tokenizer) is another class with the same
+face: ``sample_rate``, ``frame_rate``, ``vocabulary()``, ``units(wav)``, ``units_batch(wavs)``, ``speech(units)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .io import sha256_file
+from .shardfiles import Vocabulary
+
+CODECS = {"mimi": "MimiModel", "encodec": "EncodecModel", "dac": "DacModel"}
+
+
+class Codec:
+    """One codec model, ``codebooks`` of its codebooks kept (default: all)."""
+
+    dim = None  # units come out directly; there are no features to store
+
+    def __init__(self, kind: str, model, source: str, codebooks: int | None = None, sha256: str | None = None,
+                 device: str = "cpu"):
+        import torch
+
+        self.kind, self.model, self.source, self.sha256 = kind, model.eval().to(device), source, sha256
+        self.device = device
+        cfg = model.config
+        self.sample_rate = int(cfg.sampling_rate)
+        if kind == "mimi":
+            self.frame_rate, total = float(cfg.frame_rate), int(cfg.num_quantizers)
+            self.hop = int(round(self.sample_rate / self.frame_rate))
+        elif kind == "encodec":
+            self.frame_rate = float(cfg.frame_rate)
+            total = int(model.quantizer.get_num_quantizers_for_bandwidth(max(cfg.target_bandwidths)))
+            self.hop = int(np.prod(cfg.upsampling_ratios))
+        else:  # dac
+            self.hop = int(cfg.hop_length)
+            self.frame_rate, total = self.sample_rate / self.hop, int(cfg.n_codebooks)
+        self.codebook_size = int(cfg.codebook_size)
+        if codebooks is not None and not 1 <= codebooks <= total:
+            raise ValueError(f"{source}: --codebooks {codebooks}: this {kind} model has {total} codebooks")
+        self.codebooks = codebooks or total
+        self.offsets = np.arange(self.codebooks, dtype=np.int64) * self.codebook_size
+        self.spec = {"features": kind, "source": source, "codebooks": self.codebooks, "frame_rate": self.frame_rate,
+                     "sample_rate": self.sample_rate}
+        self._torch = torch
+
+    # the faces the extract stage and the Ray engine use
+    @property
+    def k(self) -> int:
+        return self.codebooks * self.codebook_size
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self.kind, self.k, codebooks=self.codebooks, codebook_size=self.codebook_size,
+                          frame_rate=self.frame_rate, sample_rate=self.sample_rate, features=self.kind,
+                          sha256=self.sha256)
+
+    def to(self, device: str) -> "Codec":
+        self.model.to(device)
+        self.device = device
+        return self
+
+    # --------------------------------------------------------------------------------------- encoding
+    def codes(self, wav: np.ndarray) -> np.ndarray:
+        """(codebooks, frames) codes of one utterance at :attr:`sample_rate`, as the model's ``encode`` gives them."""
+        torch = self._torch
+        if wav.size < self.hop:
+            raise ValueError(f"{wav.size} samples: shorter than one {self.kind} frame ({self.hop} samples at "
+                             f"{self.sample_rate} Hz)")
+        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None].to(self.device)
+        with torch.inference_mode():
+            if self.kind == "mimi":
+                codes = self.model.encode(x, num_quantizers=self.codebooks).audio_codes[0]
+            elif self.kind == "encodec":
+                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0, 0]
+            else:
+                codes = self.model.encode(x, n_quantizers=self.codebooks).audio_codes[0]
+        return codes[: self.codebooks].cpu().numpy().astype(np.int64)
+
+    def units(self, wav: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+        """The units of one utterance (resampled to the codec's rate when ``sample_rate`` differs)."""
+        if sample_rate is not None and sample_rate != self.sample_rate:
+            from .audio import resample
+
+            wav = resample(np.asarray(wav, np.float32), sample_rate, self.sample_rate)
+        return self.flatten(self.codes(wav))
+
+    def units_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """Units of many utterances at the codec's rate, each encoded on its own (see the module docstring)."""
+        return [self.flatten(self.codes(w)) for w in wavs]
+
+    features = units            # extract calls its tokenizer's features/features_batch
+    features_batch = units_batch
+
+    def flatten(self, codes: np.ndarray) -> np.ndarray:
+        """(codebooks, frames) codes → frame-major units, codebook q offset by q × codebook_size."""
+        return (codes.T + self.offsets).ravel()
+
+    def unflatten(self, units) -> np.ndarray:
+        """Units → (codebooks, frames) codes; one clear line when they are not this codec's."""
+        units = np.asarray(units, dtype=np.int64)
+        if units.size % self.codebooks:
+            raise ValueError(f"{units.size} units are not whole {self.kind} frames of {self.codebooks} codebooks")
+        codes = units.reshape(-1, self.codebooks) - self.offsets
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"units do not follow this codec's layout (frame-major, codebook q in "
+                             f"[q*{self.codebook_size}, (q+1)*{self.codebook_size}))")
+        return codes.T
+
+    # --------------------------------------------------------------------------------------- decoding
+    def speech(self, units) -> np.ndarray:
+        """Units back to a waveform at :attr:`sample_rate`, with the codec's own decoder."""
+        torch = self._torch
+        codes = torch.from_numpy(self.unflatten(units))[None].to(self.device)
+        with torch.inference_mode():
+            if self.kind == "encodec":
+                wav = self.model.decode(codes[None], [None]).audio_values
+            elif self.kind == "mimi":
+                wav = self.model.decode(codes).audio_values
+            else:
+                wav = self.model.decode(audio_codes=codes).audio_values
+        wav = wav.reshape(-1).float().cpu().numpy()
+        return wav[: codes.shape[-1] * self.hop]
+
+
+def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, device: str = "cpu") -> Codec:
+    """A codec from a folder written by transformers' ``save_pretrained`` (or, with internet, a hub id); one
+    line when the folder holds another kind of model."""
+    import transformers
+
+    if kind not in CODECS:
+        raise ValueError(f"unknown codec {kind!r}: choose {', '.join(CODECS)}")
+    if not checkpoint:
+        raise ValueError(f"--features {kind} needs --checkpoint (a folder saved by transformers, or a hub id)")
+    path = Path(checkpoint)
+    local = path.is_dir()
+    if local:
+        config = path / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        found = json.loads(config.read_text()).get("model_type")
+        if found != kind:
+            raise ValueError(f"{path}: holds a {found!r} model, not {kind!r}; pass --features {found}"
+                             if found in CODECS else f"{path}: holds a {found!r} model, not a {kind} codec")
+    model = getattr(transformers, CODECS[kind]).from_pretrained(str(checkpoint), local_files_only=local)
+    weights = sorted(path.glob("*.safetensors")) if local else []
+    sha = sha256_file(weights[0]) if len(weights) == 1 else None
+    source = f"hf:{path.name}" if local else f"hf:{checkpoint}"
+    return Codec(kind, model, source, codebooks=codebooks, sha256=sha, device=device)
