@@ -367,9 +367,10 @@ def compose_pretrain(
 def compose_chain_of_modality(
     instructions: str = typer.Argument(..., help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
-    kmeans: Path = typer.Option(..., help="k-means matching --features (a `cluster` output)."),
+    kmeans: Optional[Path] = typer.Option(None, help="k-means matching --features (a `cluster` output); not for a codec."),
     features: Features = typer.Option(Features.mfcc),
-    checkpoint: Optional[str] = typer.Option(None, help="hubert: checkpoint."),
+    checkpoint: Optional[str] = typer.Option(None, help="hubert or a codec: checkpoint."),
+    codebooks: Optional[int] = typer.Option(None, min=1, help="codecs: codebooks to keep (as extract was given)."),
     layer: Optional[int] = typer.Option(None, help="hubert: layer."),
     tts: str = typer.Option(default(settings.ChainOfModality, "tts"), help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
     tts_model: str = typer.Option("tts-1", help="openai TTS model."),
@@ -402,8 +403,12 @@ def compose_chain_of_modality(
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
     engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model)
-    extractor = load_extractor(features.value, checkpoint, layer, _device(device))
-    km = load_kmeans(kmeans)
+    extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks)
+    codec = hasattr(extractor, "vocabulary")
+    if codec == bool(kmeans):
+        fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if codec
+             else "--kmeans is needed: the k-means that made the units of the records")
+    km = load_kmeans(kmeans) if kmeans else None
     summary = compose.chain_of_modality(
         instructions, out, extractor, km, engine, llm=llm if rewrite else None,
         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
@@ -512,7 +517,9 @@ def report(
 
     from .score import load_asr
 
-    voice = _load_vocoder(vocoder) if vocoder else None
+    from .codecs import codec_of
+
+    voice = _load_vocoder(vocoder, dataset) if vocoder else codec_of(units) if units else None
     if asr and voice is None:
         fail("--asr scores the resynthesised samples: give --vocoder too")
     judge = load_asr(asr, base_url=base_url, device=_device("auto")) if asr else None
@@ -644,27 +651,39 @@ def chat(
         _print_json(answer)
 
 
-def _load_vocoder(path):
+def _load_vocoder(path, units_of=None):
+    """The vocoder at ``path``; a codec is set to the codebooks of the units in ``units_of`` (a units folder or a
+    dataset) and refused for another tokenizer's units."""
+    from .codecs import Codec
+    from .shardfiles import folder_vocabulary
     from .vocoder import load_vocoder
 
-    return load_vocoder(path)
+    voice = load_vocoder(path)
+    if isinstance(voice, Codec) and units_of is not None and Path(units_of).is_dir():
+        voice.fit(folder_vocabulary(units_of))
+    return voice
 
 
 @command(app)
 def resynth(
     source: Path = typer.Argument(..., help="A units folder, compose folder or published dataset (or one .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for NNNNN.wav and manifest.jsonl."),
-    vocoder: Path = typer.Option(..., help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) with its "
-                                 "config.json beside it, or their folder; or an MFCC k-means folder for the "
-                                 "embedded preview (centroids -> Griffin-Lim, not SpeechGPT's vocoder)."),
+    vocoder: Optional[Path] = typer.Option(None, help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) "
+                                           "with its config.json beside it, or their folder; an MFCC k-means folder for "
+                                           "the embedded preview (centroids -> Griffin-Lim, not SpeechGPT's vocoder); or "
+                                           "a codec folder. Default for codec units: the codec that made them."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many wavs."),
     quiet: bool = Quiet,
 ):
     """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
     \\[ua] answers, pretrain lines) with a manifest."""
+    from .codecs import codec_of
     from .vocoder import resynthesize
 
-    _print_json(resynthesize(source, out, _load_vocoder(vocoder), limit=limit, quiet=quiet))
+    voice = _load_vocoder(vocoder, source) if vocoder else codec_of(source)
+    if voice is None:
+        fail(f"{source}: give --vocoder (its units are not a codec's, which would decode them itself)")
+    _print_json(resynthesize(source, out, voice, limit=limit, quiet=quiet))
 
 
 def main():

@@ -36,12 +36,15 @@ CODECS = {"mimi": "MimiModel", "encodec": "EncodecModel", "dac": "DacModel"}
 
 
 class Codec:
-    """One codec model, ``codebooks`` of its codebooks kept (default: all)."""
+    """One codec model, ``codebooks`` of its codebooks kept (default: all). It is also the vocoder of its own
+    units (``synthesize``, as ``vocoder.UnitVocoder`` has it): resynth, the report and chat decode with it."""
 
     dim = None  # units come out directly; there are no features to store
+    needs_durations = False  # a vocoder face: every frame is in the units
+    is_preview = False
 
     def __init__(self, kind: str, model, source: str, codebooks: int | None = None, sha256: str | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", checkpoint: str | None = None):
         import torch
 
         self.kind, self.model, self.source, self.sha256 = kind, model.eval().to(device), source, sha256
@@ -58,14 +61,31 @@ class Codec:
         else:  # dac
             self.hop = int(cfg.hop_length)
             self.frame_rate, total = self.sample_rate / self.hop, int(cfg.n_codebooks)
-        self.codebook_size = int(cfg.codebook_size)
-        if codebooks is not None and not 1 <= codebooks <= total:
-            raise ValueError(f"{source}: --codebooks {codebooks}: this {kind} model has {total} codebooks")
-        self.codebooks = codebooks or total
-        self.offsets = np.arange(self.codebooks, dtype=np.int64) * self.codebook_size
-        self.spec = {"features": kind, "source": source, "codebooks": self.codebooks, "frame_rate": self.frame_rate,
-                     "sample_rate": self.sample_rate}
+        self.codebook_size, self.total = int(cfg.codebook_size), total
+        self.spec = {"features": kind, "source": source, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate}
+        self.keep(codebooks or total)
+        if checkpoint:  # where to load it again to decode this folder's units (publish leaves it out)
+            self.spec["checkpoint"] = checkpoint
         self._torch = torch
+
+    def keep(self, codebooks: int) -> "Codec":
+        """Use the first ``codebooks`` codebooks (residual quantization: the coarsest first)."""
+        if not 1 <= codebooks <= self.total:
+            raise ValueError(f"{self.source}: --codebooks {codebooks}: this {self.kind} model has {self.total} codebooks")
+        self.codebooks = codebooks
+        self.offsets = np.arange(codebooks, dtype=np.int64) * self.codebook_size
+        self.spec["codebooks"] = codebooks
+        return self
+
+    def fit(self, vocabulary) -> "Codec":
+        """This codec set to decode units of ``vocabulary`` (a folder's record); one line when they are another
+        tokenizer's."""
+        if vocabulary is None:
+            return self
+        if vocabulary.tokenizer != self.kind or vocabulary.codebook_size != self.codebook_size:
+            raise ValueError(f"{self.source}: a {self.kind} codec with codebooks of {self.codebook_size} cannot decode "
+                             f"{vocabulary.tokenizer} units of {vocabulary.codebook_size}")
+        return self.keep(vocabulary.codebooks)
 
     # the faces the extract stage and the Ray engine use
     @property
@@ -144,6 +164,10 @@ class Codec:
         wav = wav.reshape(-1).float().cpu().numpy()
         return wav[: codes.shape[-1] * self.hop]
 
+    def synthesize(self, units, durations=None) -> np.ndarray:
+        """:meth:`speech`, with a unit vocoder's signature (``durations`` are not needed: units are per frame)."""
+        return self.speech(units)
+
 
 def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, device: str = "cpu") -> Codec:
     """A codec from a folder written by transformers' ``save_pretrained`` (or, with internet, a hub id); one
@@ -168,4 +192,38 @@ def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, 
     weights = sorted(path.glob("*.safetensors")) if local else []
     sha = sha256_file(weights[0]) if len(weights) == 1 else None
     source = f"hf:{path.name}" if local else f"hf:{checkpoint}"
-    return Codec(kind, model, source, codebooks=codebooks, sha256=sha, device=device)
+    return Codec(kind, model, source, codebooks=codebooks, sha256=sha, device=device,
+                 checkpoint=str(path.resolve()) if local else str(checkpoint))
+
+
+def is_codec_folder(path: str | Path) -> bool:
+    """A transformers folder holding one of :data:`CODECS`."""
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") in CODECS
+    except ValueError:
+        return False
+
+
+def codec_of(folder: str | Path, device: str = "cpu") -> Codec | None:
+    """The codec that made a units folder's units (its ``units.json`` names kind, checkpoint and codebooks), or a
+    compose folder's (through the units folders its summaries name); None for k-means units. One line when the
+    checkpoint is no longer where extract read it."""
+    from .shardfiles import read_units_spec
+
+    folder = Path(folder)
+    candidates = [folder]
+    for summary in sorted(folder.glob("*/summary*.json")) if folder.is_dir() else []:
+        try:
+            units = json.loads(summary.read_text()).get("units")
+        except ValueError:
+            continue
+        if units:
+            candidates.append(Path(units))
+    for candidate in candidates:
+        spec = read_units_spec(candidate) if candidate.is_dir() else None
+        if spec and spec.get("features") in CODECS:
+            if not spec.get("checkpoint"):
+                raise ValueError(f"{candidate / 'units.json'}: names no codec checkpoint; pass --vocoder CODEC_FOLDER")
+            return load_codec(spec["features"], spec["checkpoint"], spec.get("codebooks"), device)
+    return None

@@ -385,17 +385,23 @@ def unique_pairs(source, instruction_column: str, response_column: str, id_colum
 
 
 class Speaker:
-    """Text → TTS speech → units, with the speech judged (``judge``, ``gates``) when asked: :meth:`units`
-    gives (units, voice, scores), or raises SpeechRejected (quality) or AudioError/ValueError (no speech)."""
+    """Text → TTS speech → units (features and k-means, or a codec's codes with ``kmeans`` None), with the speech
+    judged (``judge``, ``gates``) when asked: :meth:`units` gives (units, voice, scores), or raises
+    SpeechRejected (quality) or AudioError/ValueError (no speech)."""
 
     def __init__(self, tts, extractor, kmeans, judge=None, gates=None):
-        self.tts, self.encoder, self.judge, self.gates = tts, SpeechEncoder(kmeans, extractor), judge, gates
+        self.tts, self.judge, self.gates = tts, judge, gates
+        if hasattr(extractor, "vocabulary"):  # a codec (codecs.Codec): its codes are the units, every frame kept
+            self.encode = extractor.units
+        else:
+            encoder = SpeechEncoder(kmeans, extractor)
+            self.encode = lambda wav, sr: encoder.encode(wav, sr).units
 
     def units(self, text: str, key: str) -> tuple[list[int], str, dict]:
         voice, rate = self.tts.voice_for(key)
         wav, sr = self.tts.synthesize(text, voice, rate)
         judged = self._judged(wav, sr, text) if self.judge is not None else {}
-        u = self.encoder.encode(wav, sr).units
+        u = self.encode(wav, sr)
         if not u.size:
             raise ValueError("no speech units")
         return u.tolist(), f"{self.tts.name}:{voice}@{rate}", judged

@@ -167,13 +167,18 @@ class Job:
                              + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2)
         self._judge = None
         self.f = recipe["features"]
-        if self.f["kind"] not in ("mfcc", "hubert"):  # a codec (codecs.CODECS)
-            raise RecipeError(f"features.kind: {self.f['kind']}: `run` builds k-means units only so far; for codec "
-                              "units run the stages: shard, extract --features " + self.f["kind"] + ", compose, publish")
+        # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
+        self.codec = self.f["kind"] not in ("mfcc", "hubert")
+        if self.codec and recipe["kmeans"]["path"]:
+            raise RecipeError(f"kmeans.path: a {self.f['kind']} codec's codes are the units; leave the kmeans section out")
+        if self.codec:
+            self.runner.total -= len(self.corpora) + 1  # no quantize per corpus, no cluster
         self.device = resolve_device(self.f["device"])
         self.stamps: dict[str, str] = {}
         self._extractor = None
         self.feature_settings = {k: self.f[k] for k in ("kind", "checkpoint", "layer", "float16")}
+        if self.f["codebooks"] is not None:  # stamps without it stay as they were
+            self.feature_settings["codebooks"] = self.f["codebooks"]
         if self.f["dtype"] != "float32":  # float32 stamps stay what they were
             self.feature_settings["dtype"] = self.f["dtype"]
         if self.f["checkpoint"] and Path(self.f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
@@ -190,7 +195,8 @@ class Job:
 
         if self._extractor is None:
             f = self.f
-            self._extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], self.device, dtype=f["dtype"])
+            self._extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], self.device, dtype=f["dtype"],
+                                             codebooks=f["codebooks"])
         return self._extractor
 
     def judge(self):
@@ -252,10 +258,13 @@ class Job:
             lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=self.quiet,
                                         shard_hours=shard["shard_hours"], **(c.get("options") or {}))))
         self.score_corpus(c)
+        target = base / ("units" if self.codec else "features")  # a codec's extract writes the units
         self.stamps[f"extract:{n}"] = self.runner.stage(
-            f"extract {n} ({f['kind']})", base / "features", self.feature_settings, [self.stamps[f"shard:{n}"]],
-            lambda: extract(base / "manifest", base / "features", self.extractor(), batch_seconds=f["batch_seconds"],
+            f"extract {n} ({f['kind']})", target, self.feature_settings, [self.stamps[f"shard:{n}"]],
+            lambda: extract(base / "manifest", target, self.extractor(), batch_seconds=f["batch_seconds"],
                             float16=f["float16"], workers=f["workers"], quiet=self.quiet))
+        if self.codec:
+            self.stamps[f"units:{n}"] = self.stamps[f"extract:{n}"]
 
     def cluster_and_quantize(self) -> None:
         from .cluster import cluster
@@ -263,6 +272,9 @@ class Job:
         from .units import load_kmeans
 
         km_cfg, work = self.recipe["kmeans"], self.work
+        if self.codec:
+            self.stamps["kmeans"] = ""
+            return
         if km_cfg["path"]:
             self.stamps["kmeans"] = sha256_file(self.km_path / "centroids.npy" if self.km_path.is_dir() else self.km_path)
         else:
@@ -306,7 +318,7 @@ class Job:
                                       quiet=quiet, **self.scores_of(n)) for n in pt_corpora])
         com = c_cfg["chain_of_modality"]
         llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
-        km = load_kmeans(self.km_path)
+        km = None if self.codec else load_kmeans(self.km_path)
         self.stamps["chain_of_modality"] = self.runner.stage(
             "compose chain-of-modality", composed / "chain_of_modality",
             {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
@@ -345,12 +357,16 @@ class Job:
     def report(self, verdict) -> None:
         from .report import report
 
-        vocoder = _report_vocoder(self.recipe["output"]["vocoder"], self.km_path, self.f["kind"])
+        setting = self.recipe["output"]["vocoder"]
+        own = self.codec and setting == "auto"  # codec units are spoken by the codec itself, loaded when needed
+        vocoder = None if own else _report_vocoder(setting, self.km_path, self.f["kind"])
         self.runner.stage(
-            "report", self.report_dir, {"vocoder": vocoder.source if vocoder else None, "samples": 4,
+            "report", self.report_dir, {"vocoder": f"{self.f['kind']}:{self.f['checkpoint']}" if own else
+                                        vocoder.source if vocoder else None, "samples": 4,
                                         **({"quality": asdict(self.gates())} if self.scoring else {})},
             [self.stamps["publish"]] + [self.stamps[f"score:{n}"] for n in self.names if self.scoring],
-            lambda: _brief(report(self.dataset, self.report_dir, units=self.work / self.names[0] / "units", vocoder=vocoder,
+            lambda: _brief(report(self.dataset, self.report_dir, units=self.work / self.names[0] / "units",
+                                  vocoder=self.extractor() if own else vocoder,
                                   samples=4, work=self.work, stages=self.runner.log, verdict=verdict,
                                   quality=self.quality if self.scoring else None)))
 

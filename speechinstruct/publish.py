@@ -203,16 +203,20 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     configs_yaml, written, counts, by_kind, provenance = write_configs(inputs, out, owned, quiet=quiet)
 
     units_dirs = _units_dirs(compose_dir)
-    spec, vocabulary = {}, None
+    spec, vocabulary, first = {}, None, None
     for d in units_dirs:
         if read_units_spec(d) is not None:
-            spec, vocabulary = read_units_spec(d), folder_vocabulary(d)
-            break
+            if vocabulary is not None and folder_vocabulary(d) != vocabulary:  # one dataset, one unit vocabulary
+                raise ValueError(f"{compose_dir}: its records come from units of two vocabularies ({first}: "
+                                 f"{vocabulary.tokenizer} {vocabulary.size}; {d}: {folder_vocabulary(d).tokenizer} "
+                                 f"{folder_vocabulary(d).size}); compose them into separate folders")
+            if vocabulary is None:
+                spec, vocabulary, first = read_units_spec(d), folder_vocabulary(d), d
     # Machine-independent provenance: files by name and hash, never by a local absolute path.
     kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
     if (spec.get("kmeans") or {}).get("source"):
         kmeans["file"] = Path(spec["kmeans"]["source"]).name
-    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans", "vocabulary")}
+    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans", "vocabulary", "checkpoint")}
     if str(extractor.get("source", "")).startswith("hf:/"):
         extractor["source"] = "hf:" + Path(extractor["source"][3:]).name
     utterances = _utterance_stats(units_dirs)

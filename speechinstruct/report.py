@@ -82,12 +82,13 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int,
         shown = {"kind": item["kind"], "id": str(item["id"]), "text": str(item.get("text") or ""), "original": None,
                  "resynth": None, "mcd": None, "wer": None}
         if "path" in item:
-            wav = decode_row(item, item["root"])
+            rate = vocoder.sample_rate if vocoder is not None else audio.TARGET_SR  # the original beside its resynthesis
+            wav = decode_row(item, item["root"], rate)
             if isinstance(wav, str):
                 numbers_skipped.append(f"{item['id']}: original audio unavailable: {wav}")
             else:
                 shown["original"] = f"audio/{j:02d}-original.wav"
-                audio.write_wav(out / shown["original"], wav)
+                audio.write_wav(out / shown["original"], wav, rate)
         if vocoder is not None:
             start = time.perf_counter()
             wav = vocoder.synthesize(item["units"], item["durations"])

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from speechinstruct import audio
 from speechinstruct.cli import app
 from speechinstruct.codecs import load_codec
+from test_train import base_model  # noqa: F401, E402  (the tiny LLaMA and tokenizer fixture)
 
 torch.set_num_threads(2)
 runner = CliRunner()
@@ -169,6 +170,38 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     assert meta["k"] == 128 and meta["vocabulary"]["tokenizer"] == "mimi"
     assert validate(tmp_path / "dataset").ok
 
+    # units back to speech with the codec itself: resynth and the report's listening table need no --vocoder
+    done = runner.invoke(app, ["resynth", str(tmp_path / "units"), str(tmp_path / "wavs"), "--limit", "2", "-q"])
+    assert done.exit_code == 0, done.output
+    entries = [json.loads(line) for line in (tmp_path / "wavs" / "manifest.jsonl").read_text().splitlines()]
+    wav, sr = sf.read(tmp_path / "wavs" / entries[0]["file"], dtype="float32")
+    spoken = codec.speech(rows[entries[0]["id"]]["units"])
+    assert sr == 24000 and wav.size == spoken.size  # a random codec's speech goes past ±1: wavs are clipped, 16-bit
+    assert np.abs(wav - np.clip(spoken, -1, 1)).max() < 1e-4
+    assert json.loads(done.stdout)["vocoder"] == codec.source
+    refused = runner.invoke(app, ["resynth", str(tmp_path / "dataset"), str(tmp_path / "w2"), "-q"])
+    assert refused.exit_code == 2 and "give --vocoder" in refused.stderr  # a dataset names no local checkpoint
+    assert str(folders["mimi"]) not in (tmp_path / "dataset" / "speechinstruct.json").read_text()
+    named = runner.invoke(app, ["resynth", str(tmp_path / "dataset"), str(tmp_path / "w3"), "--vocoder", str(folders["mimi"]),
+                                "--limit", "1", "-q"])
+    assert named.exit_code == 0, named.output
+    shown = runner.invoke(app, ["report", str(tmp_path / "dataset"), str(tmp_path / "report"), "--units", str(tmp_path / "units")])
+    assert shown.exit_code == 0, shown.output
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert numbers["vocoder"] == codec.source and numbers["resynthesis_mcd_db"] > 0
+    assert sf.info(tmp_path / "report" / "audio" / "00-resynth.wav").samplerate == 24000
+    assert sf.info(tmp_path / "report" / "audio" / "00-original.wav").samplerate == 24000
+
+    wrong = runner.invoke(app, ["resynth", str(tmp_path / "dataset"), str(tmp_path / "w4"), "--vocoder", str(folders["dac"]), "-q"])
+    assert wrong.exit_code == 2 and "a dac codec with codebooks of 64 cannot decode mimi units" in wrong.stderr
+
+    # records from units of two tokenizers in one compose folder: publish refuses to mix them
+    runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units3"), "--features", "mimi",
+                        "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
+    compose.pretrain(tmp_path / "units3", tmp_path / "composed" / "pretrain", part="other", quiet=True)
+    with pytest.raises(ValueError, match=r"units of two vocabularies .*mimi 128.*mimi 192"):
+        publish(tmp_path / "composed", tmp_path / "mixed", quiet=True)
+
     again = runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units"), "--features", "mimi",
                                 "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
     assert again.exit_code == 2 and "made with other settings" in again.stderr  # another tokenizer: a new folder
@@ -177,13 +210,40 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     assert refused.exit_code == 2 and "holds a 'mimi' model, not 'dac'" in refused.stderr
 
 
-def test_run_refuses_a_codec_recipe_with_the_way_out(tmp_path):
+def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the_codec(folders, base_model, tmp_path):
+    """A recipe with features.kind mimi: no cluster or quantize stage; chain-of-modality speech is tokenized by
+    the codec too; the report speaks samples with the codec; train stage 2 adds exactly the 128 unit tokens."""
     import yaml
 
-    recipe = tmp_path / "codec.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "c", "workdir": str(tmp_path / "w"), "demo_corpus": {"sentences": 2},
-                                      "features": {"kind": "mimi", "checkpoint": str(tmp_path)}}))
-    result = runner.invoke(app, ["run", str(recipe), "-q"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "features.kind: mimi: `run` builds k-means units only so far" in result.stderr
-    assert "extract --features mimi" in result.stderr and not (tmp_path / "w" / "demo-corpus").exists()
+    from speechinstruct import train as T
+    from speechinstruct.pipeline import run
+    from speechinstruct.train import unit_vocabulary
+
+    recipe = tmp_path / "mimi.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "mimi-units", "workdir": str(tmp_path / "w"), "demo_corpus": {"sentences": 10, "seed": 3},
+        "features": {"kind": "mimi", "checkpoint": str(folders["mimi"]), "codebooks": 2},
+        "compose": {"chain_of_modality": {"max_pairs": 3, "all_formats": True}}}))
+    summary = run(recipe, quiet=True)
+    assert summary["valid"] and summary["k"] == 128
+    names = [st["stage"] for st in json.loads((tmp_path / "w" / "run-summary.json").read_text())["stages"]]
+    assert not any(n.startswith(("cluster", "quantize")) for n in names) and not (tmp_path / "w" / "kmeans").exists()
+    assert "extract speechinstruct-demo (mimi)" in " ".join(names)
+    dataset = tmp_path / "w" / "dataset"
+    com = [r for f in sorted((dataset / "data" / "chain_of_modality").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    spoken = [r["response_units"] for r in com if r["response_units"]]
+    assert spoken and all(len(u) % 2 == 0 and max(u) < 128 for u in spoken)  # whole frames of 2 codebooks
+    assert all(u[i] < 64 <= u[i + 1] for u in spoken for i in range(0, len(u), 2))  # frame-major, codebook 1 offset
+    numbers = json.loads((tmp_path / "w" / "report" / "report.json").read_text())
+    assert numbers["vocoder"].startswith("hf:") and numbers["samples"] > 0
+    assert sf.info(tmp_path / "w" / "report" / "audio" / "00-resynth.wav").samplerate == 24000
+    again = run(recipe, quiet=True)
+    assert again["stages_skipped"] == len(names)
+
+    s2 = T.train(2, base_model, dataset, tmp_path / "s2", T.TrainConfig(lr=3e-3, batch_size=2, max_steps=2, save_every=2,
+                                                                         log_every=1, warmup_ratio=0.0), quiet=True)
+    assert s2["steps"] == 2 and s2["tokens_added"] >= 128
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "s2" / "model").get_vocab()
+    assert all(t in vocab for t in unit_vocabulary(128)) and "<128>" not in vocab
