@@ -4,6 +4,7 @@
             idle machine and beside one other CPU-bound process: speed, held-out inertia
   extract   HuBERT-Base layer 11 (random weights) on CPU: batched vs one at a time; achieved GFLOP/s vs the
             machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
+  codecs    Mimi, EnCodec and DAC at their released sizes (random weights) on CPU: encode and decode x real time
   gpu       HuBERT-Base layer 11 on a GPU, bf16, length-bucketed batches: x real time and MFU (skipped without one)
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
@@ -362,6 +363,32 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_codecs(work: Path, quick: bool) -> list[dict]:
+    """Codec tokenizers at their default (released) sizes, random weights, on CPU: encode and decode x real time,
+    one utterance at a time (as extract runs them: batched codes were not the same, see codecs.py)."""
+    import torch
+    from transformers import DacConfig, DacModel, EncodecConfig, EncodecModel, MimiConfig, MimiModel
+
+    from speechinstruct.codecs import Codec
+    from speechinstruct.threads import available_cpus
+
+    torch.set_num_threads(available_cpus())
+    rows = []
+    seconds = 3.0 if quick else 10.0
+    for kind, model in (("mimi", MimiModel(MimiConfig())), ("encodec", EncodecModel(EncodecConfig())),
+                        ("dac", DacModel(DacConfig()))):
+        codec = Codec(kind, model, f"random {kind} (default config)")
+        wav = (0.1 * np.random.default_rng(0).standard_normal(int(seconds * codec.sample_rate))).astype(np.float32)
+        codec.units(wav[: codec.sample_rate])  # warm up
+        units, t_enc = timed(codec.units, wav)
+        _, t_dec = timed(codec.speech, units)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append({"name": f"{kind} encode, {params:.0f}M params, {codec.sample_rate} Hz, {codec.codebooks} codebooks, "
+                             f"{seconds:g} s, {available_cpus()} threads", "realtime": seconds / t_enc, "ours_s": t_enc,
+                     "target": "report", "extra": f"decode {seconds / t_dec:.1f}x real time"})
+    return rows
+
+
 def bench_compose(work: Path, quick: bool) -> list[dict]:
     from speechinstruct import compose
     from speechinstruct.cluster import cluster
@@ -551,7 +578,7 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "gpu": bench_gpu, "engine": bench_engine,
+SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
             "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
 
