@@ -161,6 +161,9 @@ def shard(
 class Features(str, Enum):
     mfcc = "mfcc"
     hubert = "hubert"
+    wav2vec2 = "wav2vec2"  # the other SSL encoders (features.SSL_MODELS), read at --layer like HuBERT
+    wavlm = "wavlm"
+    data2vec = "data2vec-audio"
     mimi = "mimi"        # the codecs (codecs.CODECS): their codes are the units, no k-means
     encodec = "encodec"
     dac = "dac"
@@ -180,8 +183,8 @@ def _device(device: str) -> str:
 def extract(
     manifest: Path = typer.Argument(..., help="A `shard` output folder (or one manifest .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
-    features: Features = typer.Option(Features.mfcc, help="mfcc (offline default), hubert, or a codec whose codes "
-                                      "are the units: mimi, encodec, dac."),
+    features: Features = typer.Option(Features.mfcc, help="mfcc (offline default); hubert, wav2vec2, wavlm or "
+                                      "data2vec-audio at --layer; or a codec whose codes are the units: mimi, encodec, dac."),
     checkpoint: Optional[str] = typer.Option(None, help="hubert: fairseq .pt, Hugging Face folder, or hub id; a codec: "
                                              "a folder saved by transformers, or a hub id."),
     codebooks: Optional[int] = typer.Option(None, min=1, help="codecs: how many of the model's codebooks to keep "

@@ -474,7 +474,7 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
                      + ", ".join(f"{c}: {n}" for c, n in sorted(s["records"].items())) + " |")
     ext, km = meta["extractor"], meta["kmeans"] or {}
     lines += ["", "## Speech units", "",
-              f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("features") == "hubert" else f" ({ext.get('options', '')})"),
+              f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("layer") else f" ({ext.get('options', '')})"),
               f"- frame rate: {ext.get('frame_rate')} Hz, dimension {ext.get('dim')}",
               f"- k-means: K = {meta['k']}, file `{km.get('file', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
               *([f"- vocabulary: tokenizer `{voc['tokenizer']}`, {voc['size']} unit tokens `<0>`…`<{voc['size'] - 1}>`"

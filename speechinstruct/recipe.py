@@ -66,7 +66,8 @@ class Shard(Section):
 
 
 class Features(Section):
-    kind: Literal["mfcc", "hubert", "mimi", "encodec", "dac"] = "mfcc"  # the last three: codecs (codecs.CODECS)
+    # SSL encoders at a layer (features.SSL_MODELS), then codecs (codecs.CODECS: their codes are the units)
+    kind: Literal["mfcc", "hubert", "wav2vec2", "wavlm", "data2vec-audio", "mimi", "encodec", "dac"] = "mfcc"
     checkpoint: Optional[str] = None
     layer: Optional[int] = Field(None, ge=1)
     codebooks: Optional[int] = Field(None, ge=1)  # codecs: how many of the model's codebooks to keep
@@ -278,7 +279,7 @@ def _references(recipe: dict) -> list[str]:
         if problem:
             problems.append(f"corpora[{i}].root: {c['name']} root {c['root']!r} {problem}")
     f = recipe["features"]
-    if f["kind"] == "hubert" and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
+    if f["kind"] in ("hubert", "wav2vec2", "wavlm", "data2vec-audio") and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
         problems.append(f"features.checkpoint: {f['checkpoint']!r} does not exist (a fairseq .pt or HF folder)")
     if recipe["kmeans"]["path"] and not Path(recipe["kmeans"]["path"]).exists():
         problems.append(f"kmeans.path: {recipe['kmeans']['path']!r} does not exist")

@@ -313,3 +313,35 @@ def test_conv_front_end_as_matrix_products_equals_the_modules_forward(norm, bias
             ours = features.conv_features(encoder, wav, torch.bfloat16).float()
     error = lambda x: float((x - want).norm() / want.norm())  # noqa: E731
     assert 0 < error(ours) < max(2 * error(theirs), 0.01)
+
+
+SSL_KW = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16, 16),
+              conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "wavlm", "data2vec-audio"])
+def test_other_ssl_encoders_at_a_layer_equal_their_models_hidden_states(kind, tmp_path):
+    """WavLM, wav2vec2 and data2vec-audio from Hugging Face folders, read at layer 2 as HuBERT is: each
+    utterance's frames in a batch of two lengths equal the model's own hidden_states[2] on that utterance alone."""
+    import transformers
+
+    torch.manual_seed(0)
+    config_class = {"wav2vec2": "Wav2Vec2Config", "wavlm": "WavLMConfig", "data2vec-audio": "Data2VecAudioConfig"}[kind]
+    extra = {"num_buckets": 32, "max_bucket_distance": 64} if kind == "wavlm" else {}
+    model = getattr(transformers, features.SSL_MODELS[kind])(getattr(transformers, config_class)(**SSL_KW, **extra)).eval()
+    model.save_pretrained(tmp_path / kind)
+    extractor = features.load_extractor(kind, str(tmp_path / kind), layer=2)
+    assert extractor.spec["features"] == kind and extractor.spec["layer"] == 2 and extractor.frame_rate == 200.0
+    wavs = [speechlike(s, seed=i) for i, s in enumerate((0.7, 1.3))]
+    got = extractor.features_batch(wavs)
+    for wav, frames in zip(wavs, got):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(wav)[None], output_hidden_states=True).hidden_states[2][0].numpy()
+        assert frames.shape == expected.shape and np.abs(frames - expected).max() < 1e-4
+    assert extractor.batched is (kind != "data2vec-audio")  # its positional convolutions carry the padding
+
+    with pytest.raises(ValueError, match=rf"holds a {kind!r} model, not 'hubert'; pass --features {kind}"):
+        features.load_extractor("hubert", str(tmp_path / kind), layer=2)
+    (tmp_path / "x.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"--features {kind} reads a Hugging Face folder"):
+        features.load_extractor(kind, str(tmp_path / "x.pt"))
