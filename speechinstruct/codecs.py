@@ -1,4 +1,5 @@
-"""Neural audio codecs as speech tokenizers: transformers' ``MimiModel``, ``EncodecModel`` and ``DacModel``.
+"""Neural audio codecs as speech tokenizers: transformers' ``MimiModel``, ``EncodecModel``, ``DacModel`` and
+``XcodecModel`` (X-Codec: acoustic and semantic, 16 kHz).
 
 A codec is dense model and quantizer in one: its codes are the units, with no k-means stage. A codec frame
 has ``codebooks`` codes (residual vector quantization: codebook 0 first); the units of an utterance are its
@@ -32,7 +33,7 @@ import numpy as np
 from .io import sha256_file
 from .shardfiles import Vocabulary
 
-CODECS = {"mimi": "MimiModel", "encodec": "EncodecModel", "dac": "DacModel"}
+CODECS = {"mimi": "MimiModel", "encodec": "EncodecModel", "dac": "DacModel", "xcodec": "XcodecModel"}
 
 
 class Codec:
@@ -50,8 +51,11 @@ class Codec:
         self.kind, self.model, self.source, self.sha256 = kind, model.eval().to(device), source, sha256
         self.device = device
         cfg = model.config
-        self.sample_rate = int(cfg.sampling_rate)
-        if kind == "mimi":
+        self.sample_rate = int(cfg.sample_rate if kind == "xcodec" else cfg.sampling_rate)
+        if kind == "xcodec":
+            self.frame_rate, self.hop = float(cfg.frame_rate), int(cfg.hop_length)
+            total = int(model.quantizer.get_num_quantizers_for_bandwidth(max(cfg.target_bandwidths)))
+        elif kind == "mimi":
             self.frame_rate, total = float(cfg.frame_rate), int(cfg.num_quantizers)
             self.hop = int(round(self.sample_rate / self.frame_rate))
         elif kind == "encodec":
@@ -115,6 +119,8 @@ class Codec:
                 codes = self.model.encode(x, num_quantizers=self.codebooks).audio_codes[0]
             elif self.kind == "encodec":
                 codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0, 0]
+            elif self.kind == "xcodec":
+                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0]
             else:
                 codes = self.model.encode(x, n_quantizers=self.codebooks).audio_codes[0]
         return codes[: self.codebooks].cpu().numpy().astype(np.int64)
@@ -157,7 +163,7 @@ class Codec:
         with torch.inference_mode():
             if self.kind == "encodec":
                 wav = self.model.decode(codes[None], [None]).audio_values
-            elif self.kind == "mimi":
+            elif self.kind in ("mimi", "xcodec"):
                 wav = self.model.decode(codes).audio_values
             else:
                 wav = self.model.decode(audio_codes=codes).audio_values

@@ -406,7 +406,7 @@ def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None =
             raise ValueError(f"--layer and --dtype are for HuBERT; a {kind} codec gives its codes")
         return load_codec(kind, checkpoint, codebooks, device)
     if codebooks is not None:
-        raise ValueError("--codebooks is for codecs (mimi, encodec, dac)")
+        raise ValueError(f"--codebooks is for codecs ({', '.join(CODECS)})")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     if kind == "mfcc":

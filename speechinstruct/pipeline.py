@@ -168,7 +168,7 @@ class Job:
         self._judge = None
         self.f = recipe["features"]
         # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
-        self.codec = self.f["kind"] in ("mimi", "encodec", "dac")  # codecs.CODECS, without importing torch
+        self.codec = self.f["kind"] in ("mimi", "encodec", "dac", "xcodec")  # codecs.CODECS, without importing torch
         if self.codec and recipe["kmeans"]["path"]:
             raise RecipeError(f"kmeans.path: a {self.f['kind']} codec's codes are the units; leave the kmeans section out")
         if self.codec:

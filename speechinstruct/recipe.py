@@ -67,7 +67,7 @@ class Shard(Section):
 
 class Features(Section):
     # SSL encoders at a layer (features.SSL_MODELS), then codecs (codecs.CODECS: their codes are the units)
-    kind: Literal["mfcc", "hubert", "wav2vec2", "wavlm", "data2vec-audio", "mimi", "encodec", "dac"] = "mfcc"
+    kind: Literal["mfcc", "hubert", "wav2vec2", "wavlm", "data2vec-audio", "mimi", "encodec", "dac", "xcodec"] = "mfcc"
     checkpoint: Optional[str] = None
     layer: Optional[int] = Field(None, ge=1)
     codebooks: Optional[int] = Field(None, ge=1)  # codecs: how many of the model's codebooks to keep

@@ -47,16 +47,47 @@ def tiny(kind: str):
                 pick = torch.randint(0, frames.shape[0], (64,), generator=generator)
                 layer.codebook.embed.copy_(frames[pick] if q == 0 else spread[pick] * 0.5 ** q)
                 layer.codebook.embed_avg.copy_(layer.codebook.embed)
+    elif kind == "xcodec":
+        from transformers import HubertConfig, XcodecConfig, XcodecModel
+
+        model = XcodecModel(XcodecConfig(
+            acoustic_model_config=DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5, 8], decoder_hidden_size=32,
+                                            hidden_size=32, codebook_size=64, codebook_dim=8, n_codebooks=2),
+            semantic_model_config=HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                               conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+            codebook_size=64, codebook_dim=64, target_bandwidths=[0.5, 1.2]))
+        with torch.no_grad():  # zeros too: centroids drawn from the model's own pre-quantizer embeddings
+            signals = torch.from_numpy(np.concatenate([speech(1.0, 16000, i) * (i + 1) for i in range(4)]))[None, None]
+            frames = _xcodec_embeddings(model, signals)
+            spread = frames - frames.mean(0)
+            generator = torch.Generator().manual_seed(0)
+            for q, layer in enumerate(model.quantizer.quantizers):
+                pick = torch.randint(0, frames.shape[0], (64,), generator=generator)
+                layer.codebook.embed.copy_(frames[pick] if q == 0 else spread[pick] * 0.5 ** q)
+                layer.codebook.embed_avg.copy_(layer.codebook.embed)
     else:
         model = DacModel(DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5, 8], decoder_hidden_size=32,
                                    n_codebooks=4, codebook_size=64, codebook_dim=8, hidden_size=64))
     return model.eval()
 
 
+def _xcodec_embeddings(model, x):
+    """X-Codec's embeddings just before its quantizer (frames, dim), by running encode with the quantizer's
+    encode captured."""
+    seen = []
+    original = model.quantizer.encode
+    model.quantizer.encode = lambda embeddings, bandwidth=None: seen.append(embeddings) or original(embeddings, bandwidth)
+    try:
+        model.encode(x)
+    finally:
+        model.quantizer.encode = original
+    return seen[0][0].T
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     out = {}
-    for kind in ("mimi", "encodec", "dac"):
+    for kind in ("mimi", "encodec", "dac", "xcodec"):
         out[kind] = tmp_path_factory.mktemp(kind)
         tiny(kind).save_pretrained(out[kind])
     return out
@@ -77,17 +108,19 @@ def model_codes(kind, model, wav, n):
             return model.encode(x, num_quantizers=n).audio_codes[0].numpy()
         if kind == "encodec":
             return model.encode(x, bandwidth=3.0).audio_codes[0, 0, :n].numpy()
+        if kind == "xcodec":
+            return model.encode(x, bandwidth=1.2).audio_codes[0, :n].numpy()
         return model.encode(x, n_quantizers=n).audio_codes[0, :n].numpy()
 
 
-@pytest.mark.parametrize("kind", ["mimi", "encodec", "dac"])
+@pytest.mark.parametrize("kind", ["mimi", "encodec", "dac", "xcodec"])
 def test_units_are_the_models_own_codes_frame_major_with_codebook_offsets(kind, folders):
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(folders[kind]).eval()
     codec = load_codec(kind, str(folders[kind]), codebooks=3)
     assert (codec.codebooks, codec.codebook_size, codec.k) == (3, 64, 192)
-    assert codec.sample_rate == (16000 if kind == "dac" else 24000)
+    assert codec.sample_rate == (16000 if kind in ("dac", "xcodec") else 24000)
     wavs = [speech(s, codec.sample_rate, i) for i, s in enumerate((0.7, 1.3, 2.0))]
     for wav, units in zip(wavs, codec.units_batch(wavs)):
         codes = model_codes(kind, model, wav, 3)
@@ -98,7 +131,7 @@ def test_units_are_the_models_own_codes_frame_major_with_codebook_offsets(kind, 
         with torch.no_grad():
             c = torch.from_numpy(codes)[None]
             ref = (model.decode(c[None], [None]) if kind == "encodec" else
-                   model.decode(c) if kind == "mimi" else model.decode(audio_codes=c)).audio_values.reshape(-1).numpy()
+                   model.decode(c) if kind in ("mimi", "xcodec") else model.decode(audio_codes=c)).audio_values.reshape(-1).numpy()
         assert wav_back.size == min(ref.size, codes.shape[1] * codec.hop)  # the decoder's output, cut to the frames
         assert np.allclose(wav_back, ref[: wav_back.size], atol=1e-5)
     voc = codec.vocabulary()

@@ -133,7 +133,7 @@ def test_demo_corpus_is_published_as_what_it_is(tmp_path):
     ("demo_corpus: {sentences: five}\n",
      ["demo_corpus.sentences: Input should be a valid integer, unable to parse string as an integer"]),
     ("demo_corpus: {}\nkmeans: {k: 1}\nfeatures: {kind: wav2vec}\ncompose: {pretrain: {dev_fraction: 1.5}}\n",
-     ["features.kind: Input should be 'mfcc', 'hubert', 'wav2vec2', 'wavlm', 'data2vec-audio', 'mimi', 'encodec' or 'dac'", "kmeans.k: Input should be greater than or equal to 2",
+     ["features.kind: Input should be 'mfcc', 'hubert', 'wav2vec2', 'wavlm', 'data2vec-audio', 'mimi', 'encodec', 'dac' or 'xcodec'", "kmeans.k: Input should be greater than or equal to 2",
       "compose.pretrain.dev_fraction: Input should be less than 1"]),
     ("demo_corpus: {}\ncompose: {cross_modal: {corpora: [gigaspeech]}}\n",
      ["compose.cross_modal.corpora: 'gigaspeech' is none of this recipe's corpora ['speechinstruct-demo']"]),
