@@ -56,8 +56,11 @@ class Chat:
         return parse_answer(self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
 
 
-def audio_to_unit_text(path: str | Path, extractor, kmeans) -> str:
+def audio_to_unit_text(path: str | Path, extractor, kmeans=None) -> str:
+    """A recording as unit text: features and k-means, or a codec's codes (``kmeans`` None; decoded to its rate)."""
     from . import audio
 
+    if hasattr(extractor, "vocabulary"):  # a codec (codecs.Codec)
+        return to_text(extractor.units(audio.load(path, target_sr=extractor.sample_rate)))
     wav = audio.load(path)
     return to_text(SpeechEncoder(kmeans, extractor).encode(wav).units)

@@ -606,17 +606,19 @@ def chat(
     lora: Optional[Path] = typer.Option(None, help="A stage-3 adapter/ folder."),
     text: Optional[str] = typer.Option(None, help="Say this (text input)."),
     audio_file: Optional[Path] = typer.Option(None, "--audio", help="Say this recording (audio input → units)."),
-    kmeans: Optional[Path] = typer.Option(None, help="For --audio: the dataset's k-means."),
-    features: Features = typer.Option(Features.mfcc, help="For --audio: the dataset's features."),
+    kmeans: Optional[Path] = typer.Option(None, help="For --audio: the dataset's k-means (not for codec units)."),
+    features: Features = typer.Option(Features.mfcc, help="For --audio: the dataset's features (or its codec)."),
     checkpoint: Optional[str] = typer.Option(None),
     layer: Optional[int] = typer.Option(None),
+    codebooks: Optional[int] = typer.Option(None, min=1, help="Codec units: the dataset's codebooks (for --audio with "
+                                            "a codec and for a codec --vocoder)."),
     max_new_tokens: int = typer.Option(256),
     prompt: str = typer.Option("chain_of_modality", help="Prompt format: chain_of_modality (stage 3's records), "
                                "cross_modal (stage 2's) or speechgpt-cli (SpeechGPT's cli_infer.py template)."),
     prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT's)."),
     device: str = typer.Option("auto"),
     vocoder: Optional[Path] = typer.Option(None, help="A unit HiFi-GAN (fairseq g_00500000 + config.json, or its "
-                                           "folder) to speak the unit answer."),
+                                           "folder), or the dataset's codec folder, to speak the unit answer."),
     speak: Optional[Path] = typer.Option(None, help="With --vocoder: write the spoken unit answer here (.wav)."),
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
@@ -629,14 +631,17 @@ def chat(
     if bool(vocoder) != bool(speak):
         fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
     voice = _load_vocoder(vocoder) if vocoder else None
+    if codebooks is not None and hasattr(voice, "keep"):  # a codec speaks the units of the codebooks trained on
+        voice.keep(codebooks)
     prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
     bot = Chat(model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
     if audio_file:
-        if not kmeans:
+        extractor = load_extractor(features.value, checkpoint, layer, codebooks=codebooks)
+        codec = hasattr(extractor, "vocabulary")
+        if not kmeans and not codec:
             fail("--audio needs --kmeans (and --features/--checkpoint/--layer matching the dataset)")
-        inputs.append(audio_to_unit_text(audio_file, load_extractor(features.value, checkpoint, layer),
-                                         load_kmeans(kmeans)))
+        inputs.append(audio_to_unit_text(audio_file, extractor, None if codec else load_kmeans(kmeans)))
     if text:
         inputs.append(text)
     if not inputs:

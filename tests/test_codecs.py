@@ -280,3 +280,17 @@ def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the
 
     vocab = AutoTokenizer.from_pretrained(tmp_path / "s2" / "model").get_vocab()
     assert all(t in vocab for t in unit_vocabulary(128)) and "<128>" not in vocab
+
+    # chat hears a recording through the codec and can speak with it
+    from speechinstruct.chat import audio_to_unit_text
+
+    clip = tmp_path / "question.wav"
+    sf.write(clip, speech(1.0, 44100, 11), 44100)
+    codec = load_codec("mimi", str(folders["mimi"]), codebooks=2)
+    assert audio_to_unit_text(clip, codec) == "<sosp>" + "".join(
+        f"<{u}>" for u in codec.units(audio.load(clip, target_sr=24000))) + "<eosp>"
+    said = runner.invoke(app, ["chat", "--model", str(tmp_path / "s2" / "model"), "--audio", str(clip), "--features", "mimi",
+                               "--checkpoint", str(folders["mimi"]), "--codebooks", "2", "--vocoder", str(folders["mimi"]),
+                               "--speak", str(tmp_path / "answer.wav"), "--max-new-tokens", "6", "--prompt", "cross_modal"])
+    assert said.exit_code == 0, said.output
+    assert {"answer", "units"} <= set(json.loads(said.stdout[said.stdout.index("{"):]))
