@@ -368,7 +368,12 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     out = Path(out)
     bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     # cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really
-    # distributes (gloo) instead of running N independent copies.
+    # distributes (gloo) instead of running N independent copies. accelerate keeps one AcceleratorState per
+    # process and refuses another precision than the first Accelerator's (a TRL trainer with bf16 earlier in a
+    # notebook, say): ours starts from a fresh one; the distributed environment (PartialState) stays.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
                               cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)

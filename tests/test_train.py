@@ -422,3 +422,12 @@ def test_a_wheel_install_has_the_stage_settings(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
                          check=True, capture_output=True, text=True, timeout=300).stdout
     assert json.loads(out) == [T.settings_for_stage(n) for n in (1, 2, 3)]
+
+
+def test_train_after_another_accelerator_of_another_precision_in_the_process(base_model, dataset, tmp_path):
+    """A TRL trainer (bf16) earlier in the same process left accelerate's state set: train still runs."""
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="bf16", cpu=True)
+    result = T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1, bf16=False), quiet=True)
+    assert result["steps"] == 1
