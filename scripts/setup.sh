@@ -26,4 +26,7 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   step .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 step .venv/bin/python -m pip install -q -e ".[${extras}]"
+# silero-vad ships the VAD model `shard audio` runs (ONNX, through onnxruntime); its wheel declares torchaudio,
+# which loads only beside the torch it was built for and then breaks `import transformers`: no dependencies.
+step .venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.0"
 .venv/bin/python -c 'import speechinstruct, torch; print("speechinstruct", speechinstruct.__version__, "torch", torch.__version__)'

@@ -117,7 +117,7 @@ def shard(
                                "kaldi: a data directory or a folder of them."),
     out: Path = typer.Argument(..., help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(default(settings.Shard, "shard_hours"), help="Hours of audio per manifest shard."),
-    max_seconds: float = typer.Option(30.0, help="librilight: longest utterance cut from the VAD spans."),
+    max_seconds: float = typer.Option(30.0, help="librilight, audio: longest utterance cut from the VAD spans."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
@@ -139,7 +139,7 @@ def shard(
     from .shard import shard_corpus
 
     options = {"license": license, "splits": splits, "split_map": split_map or None}
-    if corpus is Corpus.librilight:
+    if corpus in (Corpus.librilight, Corpus.audio):
         options["max_seconds"] = max_seconds
     if corpus is Corpus.gigaspeech:
         options["subset"] = subset

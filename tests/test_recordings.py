@@ -1,0 +1,121 @@
+"""Raw recordings (`shard audio`): silero-vad's model streamed over long generated recordings, speech between
+silences of known length, in several containers and sample rates."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from speechinstruct import audio
+from speechinstruct.cli import app
+from speechinstruct.vad import RATE, WINDOW, Rules, SileroVAD, speech_spans, stream_16k, utterances
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    from speechinstruct.tts import EspeakTTS
+
+    tts = EspeakTTS()
+    said = []
+    for text in ("The old sailor walked slowly to the red house by the sea.",
+                 "Nobody had opened its door for many years.",
+                 "Inside, the rooms were full of maps and letters."):
+        wav, sr = tts.synthesize(text, "en-us", 160)
+        said.append(audio.resample(wav, sr))
+    return said  # 16 kHz
+
+
+def recording(sentences, rate: int, gaps=(3.0, 3.0, 0.4, 2.5)):
+    """silence, speech A, silence, speech B, a short pause, speech C, silence: the samples at ``rate`` and the
+    (start, end) seconds of each speech part."""
+    rng = np.random.default_rng(0)
+    parts, spoken, t = [], [], 0.0
+    for gap, wav in zip(gaps, [*sentences, None]):
+        parts.append(0.001 * rng.standard_normal(int(gap * RATE)).astype(np.float32))
+        t += gap
+        if wav is not None:
+            parts.append(wav)
+            spoken.append((t, t + wav.size / RATE))
+            t += wav.size / RATE
+    whole = np.concatenate(parts)
+    return audio.resample(whole, RATE, rate) if rate != RATE else whole, spoken
+
+
+def test_speech_spans_follow_get_speech_timestamps_rules():
+    """Windows of 512 samples: speech from window 2 to 12 (5,120 samples > 250 ms) ends where 100 ms of
+    silence begins, padded by 30 ms (480 samples) each side; a 5-window burst (< 250 ms) is dropped; a
+    dip of 2 windows (< 100 ms) does not end speech."""
+    probs = [0, 0] + [0.9] * 10 + [0.0] * 10 + [0.9] * 5 + [0.0] * 10 + [0.9] * 4 + [0.3, 0.3] + [0.9] * 6 + [0.0] * 8
+    n = len(probs) * WINDOW
+    found = speech_spans(probs, n)
+    assert found[0] == (2 * WINDOW - 480, 12 * WINDOW + 480)
+    first_long = 37 * WINDOW  # the two windows at 0.3 (below the off level, 0.35) are under 100 ms: speech goes on
+    assert found[1:] == [(first_long - 480, 49 * WINDOW + 480)] and len(found) == 2
+    assert speech_spans([0.9] * 20, 20 * WINDOW, Rules(threshold=0.95)) == []
+
+
+def test_utterances_join_short_pauses_and_cut_long_groups_at_the_longest_pause():
+    spans = [(1.0, 3.0), (3.5, 5.0), (8.0, 9.0), (9.2, 12.0), (12.1, 14.0)]
+    assert utterances(spans, 30) == [(1.0, 5.0), (8.0, 14.0)]  # the 3 s pause separates, the short ones join
+    assert utterances(spans, 5) == [(1.0, 5.0), (8.0, 9.0), (9.2, 14.0)]  # 6 s cut at its longest pause (0.2 s)
+    assert utterances([(0.0, 10.0)], 4) == [(0.0, 10 / 3), (10 / 3, 20 / 3), (20 / 3, 10.0)]
+
+
+@pytest.mark.parametrize("rate, suffix", [(44100, ".flac"), (22050, ".wav"), (16000, ".ogg")])
+def test_vad_finds_the_speech_and_no_long_silence_inside_an_utterance(sentences, rate, suffix, tmp_path):
+    wav, spoken = recording(sentences, rate)
+    path = tmp_path / f"long{suffix}"
+    sf.write(path, wav, rate)
+    spans, seconds = SileroVAD().spans(path)
+    assert seconds == pytest.approx(wav.size / rate, abs=0.01)
+    cuts = utterances(spans, 30.0)
+    for start, end in spoken:  # every speech part is inside one utterance, all but its edges
+        assert any(a <= start + 0.15 and end - 0.15 <= b for a, b in cuts), (start, end, cuts)
+    silences = [(0.0, spoken[0][0]), (spoken[0][1], spoken[1][0]), (spoken[2][1], seconds)]
+    for a, b in cuts:  # no silence of 2 s or more inside an utterance
+        assert not any(min(b, s1) - max(a, s0) > 0.5 for s0, s1 in silences), (a, b)
+    assert len(cuts) == 2  # A alone; B and C across their 0.4 s pause
+
+
+def test_streaming_equals_reading_the_whole_file(sentences, tmp_path):
+    import soxr
+
+    wav, _ = recording(sentences, 44100)
+    sf.write(tmp_path / "x.flac", wav, 44100)
+    streamed = np.concatenate(list(stream_16k(tmp_path / "x.flac", block_seconds=1.3)))
+    whole = soxr.resample(sf.read(tmp_path / "x.flac", dtype="float32")[0], 44100, RATE)
+    assert streamed.size == whole.size and np.abs(streamed - whole).max() < 1e-4
+    vad = SileroVAD()
+    blocks = list(vad.probabilities([streamed[i : i + 7777] for i in range(0, streamed.size, 7777)]))
+    assert blocks == list(vad.probabilities([streamed]))  # windows do not depend on how the stream is cut
+
+
+def test_shard_audio_writes_train_rows_with_skips_and_needs_a_license(sentences, tmp_path):
+    from speechinstruct.extract import decode_row
+
+    root = tmp_path / "podcasts"
+    (root / "ep1").mkdir(parents=True)
+    wav, spoken = recording(sentences, 44100)
+    sf.write(root / "ep1" / "talk.flac", wav, 44100)
+    sf.write(root / "quiet.wav", 0.001 * np.random.default_rng(1).standard_normal(16000 * 5).astype(np.float32), 16000)
+    (root / "broken.wav").write_bytes(b"RIFF not really a wav")
+    refused = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "m")])
+    assert refused.exit_code == 2 and "needs --license" in refused.stderr and "Traceback" not in refused.output
+    result = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "m"), "--license", "CC-BY-4.0",
+                                 "--max-seconds", "30", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["utterances"] == 2 and summary["splits"]["train"]["utterances"] == 2
+    assert summary["skipped"] == {"no speech found": 1, "unreadable audio": 1}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sorted((tmp_path / "m").glob("manifest-*.parquet"))[0]).to_pylist()
+    assert [r["id"] for r in rows] == ["audio/ep1/talk/00000", "audio/ep1/talk/00001"]
+    assert all(r["split"] == "train" and r["license"] == "CC-BY-4.0" and r["text"] is None for r in rows)
+    assert rows[0]["offset"] <= spoken[0][0] + 0.15 and spoken[0][1] - 0.15 <= rows[0]["offset"] + rows[0]["duration"]
+    clip = decode_row(rows[1], root)  # a row reads back as its span of the file
+    assert abs(clip.size / RATE - rows[1]["duration"]) < 0.01
