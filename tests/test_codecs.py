@@ -37,16 +37,9 @@ def tiny(kind: str):
     elif kind == "encodec":
         model = EncodecModel(EncodecConfig(num_filters=4, hidden_size=16, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 2],
                                            codebook_size=64, codebook_dim=16, num_lstm_layers=1, target_bandwidths=[1.5, 3.0]))
-        with torch.no_grad():  # zeros too: centroids drawn from the encoder's own frames (codebook 0) and their
-            # spread around the mean (the residual codebooks), as a k-means initialisation would
+        with torch.no_grad():  # zeros too
             signals = torch.from_numpy(np.concatenate([speech(1.0, 24000, i) * (i + 1) for i in range(4)]))[None, None]
-            frames = model.encoder(signals)[0].T
-            spread = frames - frames.mean(0)
-            generator = torch.Generator().manual_seed(0)
-            for q, layer in enumerate(model.quantizer.layers):
-                pick = torch.randint(0, frames.shape[0], (64,), generator=generator)
-                layer.codebook.embed.copy_(frames[pick] if q == 0 else spread[pick] * 0.5 ** q)
-                layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            seed_codebooks(model.quantizer.layers, model.encoder(signals)[0].T)
     elif kind == "xcodec":
         from transformers import HubertConfig, XcodecConfig, XcodecModel
 
@@ -56,19 +49,25 @@ def tiny(kind: str):
             semantic_model_config=HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                                conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
             codebook_size=64, codebook_dim=64, target_bandwidths=[0.5, 1.2]))
-        with torch.no_grad():  # zeros too: centroids drawn from the model's own pre-quantizer embeddings
+        with torch.no_grad():  # zeros too
             signals = torch.from_numpy(np.concatenate([speech(1.0, 16000, i) * (i + 1) for i in range(4)]))[None, None]
-            frames = _xcodec_embeddings(model, signals)
-            spread = frames - frames.mean(0)
-            generator = torch.Generator().manual_seed(0)
-            for q, layer in enumerate(model.quantizer.quantizers):
-                pick = torch.randint(0, frames.shape[0], (64,), generator=generator)
-                layer.codebook.embed.copy_(frames[pick] if q == 0 else spread[pick] * 0.5 ** q)
-                layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            seed_codebooks(model.quantizer.quantizers, _xcodec_embeddings(model, signals))
     else:
         model = DacModel(DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5, 8], decoder_hidden_size=32,
                                    n_codebooks=4, codebook_size=64, codebook_dim=8, hidden_size=64))
     return model.eval()
+
+
+def seed_codebooks(layers, frames: torch.Tensor) -> None:
+    """Centroids of an EMA codebook stack (EnCodec's, X-Codec's; transformers starts them at zero) drawn from the
+    model's own pre-quantizer frames (codebook 0) and their spread around the mean (the residual codebooks), as
+    a k-means initialisation would."""
+    spread = frames - frames.mean(0)
+    generator = torch.Generator().manual_seed(0)
+    for q, layer in enumerate(layers):
+        pick = torch.randint(0, frames.shape[0], (layer.codebook.embed.shape[0],), generator=generator)
+        layer.codebook.embed.copy_(frames[pick] if q == 0 else spread[pick] * 0.5 ** q)
+        layer.codebook.embed_avg.copy_(layer.codebook.embed)
 
 
 def _xcodec_embeddings(model, x):
