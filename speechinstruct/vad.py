@@ -13,6 +13,7 @@ resampled in blocks (soundfile, soxr's streaming resampler), so memory does not 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -68,7 +69,7 @@ class SileroVAD:
         context = np.zeros(CONTEXT, np.float32)
         rest = np.zeros(0, np.float32)
         sr = np.array(RATE, dtype=np.int64)
-        for block in [*blocks, None]:
+        for block in itertools.chain(blocks, [None]):  # None: the end of the stream
             if block is None:
                 if not rest.size:
                     break
