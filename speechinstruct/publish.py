@@ -205,13 +205,16 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     units_dirs = _units_dirs(compose_dir)
     spec, vocabulary, first = {}, None, None
     for d in units_dirs:
-        if read_units_spec(d) is not None:
-            if vocabulary is not None and folder_vocabulary(d) != vocabulary:  # one dataset, one unit vocabulary
-                raise ValueError(f"{compose_dir}: its records come from units of two vocabularies ({first}: "
-                                 f"{vocabulary.tokenizer} {vocabulary.size}; {d}: {folder_vocabulary(d).tokenizer} "
-                                 f"{folder_vocabulary(d).size}); compose them into separate folders")
-            if vocabulary is None:
-                spec, vocabulary, first = read_units_spec(d), folder_vocabulary(d), d
+        spec_here = read_units_spec(d)
+        if spec_here is None:
+            continue
+        found = folder_vocabulary(d)
+        if vocabulary is None:
+            spec, vocabulary, first = spec_here, found, d
+        elif found != vocabulary:  # one dataset, one unit vocabulary
+            raise ValueError(f"{compose_dir}: its records come from units of two vocabularies ({first}: "
+                             f"{vocabulary.tokenizer} {vocabulary.size}; {d}: {found.tokenizer} {found.size}); "
+                             "compose them into separate folders")
     # Machine-independent provenance: files by name and hash, never by a local absolute path.
     kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
     if (spec.get("kmeans") or {}).get("source"):
