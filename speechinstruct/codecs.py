@@ -215,19 +215,12 @@ def codec_of(folder: str | Path, device: str = "cpu") -> Codec | None:
     """The codec that made a units folder's units (its ``units.json`` names kind, checkpoint and codebooks), or a
     compose folder's (through the units folders its summaries name); None for k-means units. One line when the
     checkpoint is no longer where extract read it."""
-    from .shardfiles import read_units_spec
+    from .shardfiles import composed_units_dirs, read_units_spec
 
     folder = Path(folder)
-    candidates = [folder]
-    for summary in sorted(folder.glob("*/summary*.json")) if folder.is_dir() else []:
-        try:
-            units = json.loads(summary.read_text()).get("units")
-        except ValueError:
-            continue
-        if units:
-            candidates.append(Path(units))
+    candidates = [folder, *composed_units_dirs(folder)] if folder.is_dir() else []
     for candidate in candidates:
-        spec = read_units_spec(candidate) if candidate.is_dir() else None
+        spec = read_units_spec(candidate)
         if spec and spec.get("features") in CODECS:
             if not spec.get("checkpoint"):
                 raise ValueError(f"{candidate / 'units.json'}: names no codec checkpoint; pass --vocoder CODEC_FOLDER")

@@ -31,7 +31,7 @@ from .corpora import SOURCES
 from .corpora.base import SPLITS
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
-from .shardfiles import folder_vocabulary, read_units_spec
+from .shardfiles import composed_units_dirs, folder_vocabulary, read_units_spec
 
 CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
 
@@ -55,16 +55,6 @@ def _inputs(folder: Path, eval_splits: bool = True) -> dict[str, dict[str, list[
     if not found:
         raise FileNotFoundError(f"{folder}: no composed records (expected {', '.join(c + '/' for c in CONFIGS)})")
     return found
-
-
-def _units_dirs(folder: Path) -> list[Path]:
-    dirs = []
-    for config in ("cross_modal", "pretrain"):
-        for summary in sorted((folder / config).glob("summary*.json")):
-            units = json.loads(summary.read_text()).get("units")
-            if units and Path(units).is_dir() and Path(units) not in dirs:
-                dirs.append(Path(units))
-    return dirs
 
 
 def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
@@ -202,7 +192,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
             refuse_foreign(out, theirs, owned)
     configs_yaml, written, counts, by_kind, provenance = write_configs(inputs, out, owned, quiet=quiet)
 
-    units_dirs = _units_dirs(compose_dir)
+    units_dirs = composed_units_dirs(compose_dir)
     spec, vocabulary, first = {}, None, None
     for d in units_dirs:
         spec_here = read_units_spec(d)

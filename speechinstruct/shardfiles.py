@@ -219,6 +219,18 @@ def read_units_spec(folder: str | Path) -> dict | None:
     return read_json(path, dict, "; extract or quantize into a new folder")
 
 
+def composed_units_dirs(folder: str | Path) -> list[Path]:
+    """The units folders a compose folder's records were made from, as its cross-modal and pretrain summaries
+    name them (those that still exist), in order, each once."""
+    dirs: list[Path] = []
+    for config in ("cross_modal", "pretrain"):
+        for summary in sorted((Path(folder) / config).glob("summary*.json")):
+            units = read_json(summary, dict, "; compose again").get("units")
+            if units and Path(units).is_dir() and Path(units) not in dirs:
+                dirs.append(Path(units))
+    return dirs
+
+
 def _spec_vocabulary(spec: dict, where: str) -> Vocabulary | None:
     """The vocabulary a units.json records; for folders written before it did, the one its k-means says."""
     if "vocabulary" in spec:
