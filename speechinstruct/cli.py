@@ -17,6 +17,7 @@ from . import __version__
 from . import recipe as settings
 from .corpora import SOURCES
 from .recipe import default
+from .tokenizers import FEATURES
 
 app = typer.Typer(
     help="Build SpeechInstruct-style cross-modal speech-instruction datasets and train LMs on them.",
@@ -158,16 +159,9 @@ def shard(
     _print_json(summary)
 
 
-class Features(str, Enum):
-    mfcc = "mfcc"
-    hubert = "hubert"
-    wav2vec2 = "wav2vec2"  # the other SSL encoders (features.SSL_MODELS), read at --layer like HuBERT
-    wavlm = "wavlm"
-    data2vec = "data2vec-audio"
-    mimi = "mimi"        # the codecs (codecs.CODECS): their codes are the units, no k-means
-    encodec = "encodec"
-    dac = "dac"
-    xcodec = "xcodec"
+# the --features choices (tokenizers.FEATURES): MFCC, the SSL encoders read at --layer, the codecs; Features.data2vec
+# is data2vec-audio
+Features = Enum("Features", {kind.split("-")[0]: kind for kind in FEATURES}, type=str)
 
 
 NumShards = typer.Option(1, help="Split the work into this many parts (job arrays)...")

@@ -21,6 +21,7 @@ import torch
 from . import audio
 from .checkpoints import fairseq_config, literal_arithmetic, torch_load_restricted
 from .io import sha256_file
+from .tokenizers import SSL_MODELS
 
 SAMPLE_RATE = audio.TARGET_SR
 CHUNK_SAMPLES = 1_600_000  # SpeechGPT feeds long audio to HuBERT in chunks of at most 100 s
@@ -94,10 +95,8 @@ def _check_wav(wav: np.ndarray, sample_rate: int, min_samples: int) -> np.ndarra
 
 
 # ----------------------------------------------------------------------------------------------- HuBERT
-# The self-supervised encoders read at a layer (then clustered, as HuBERT's units are): transformers' classes,
-# which share HuBERT's shape (convolutional front end, feature projection, transformer encoder).
-SSL_MODELS = {"hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model", "wavlm": "WavLMModel",
-              "data2vec-audio": "Data2VecAudioModel"}
+# The self-supervised encoders read at a layer (then clustered, as HuBERT's units are), tokenizers.SSL_MODELS:
+# transformers' classes, which share HuBERT's shape (convolutional front end, feature projection, encoder).
 
 
 class HuBERT:

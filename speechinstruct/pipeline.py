@@ -23,6 +23,7 @@ from . import __version__
 from .corpora import SOURCES
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
+from .tokenizers import CODECS
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class Job:
         self._judge = None
         self.f = recipe["features"]
         # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
-        self.codec = self.f["kind"] in ("mimi", "encodec", "dac", "xcodec")  # codecs.CODECS, without importing torch
+        self.codec = self.f["kind"] in CODECS
         if self.codec and recipe["kmeans"]["path"]:
             raise RecipeError(f"kmeans.path: a {self.f['kind']} codec's codes are the units; leave the kmeans section out")
         if self.codec:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .corpora import SOURCES, root_problem
+from .tokenizers import FEATURES, SSL_MODELS
 
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{20,})\b")
@@ -66,8 +67,7 @@ class Shard(Section):
 
 
 class Features(Section):
-    # SSL encoders at a layer (features.SSL_MODELS), then codecs (codecs.CODECS: their codes are the units)
-    kind: Literal["mfcc", "hubert", "wav2vec2", "wavlm", "data2vec-audio", "mimi", "encodec", "dac", "xcodec"] = "mfcc"
+    kind: Literal[FEATURES] = "mfcc"  # tokenizers.FEATURES: MFCC, SSL encoders at a layer, codecs
     checkpoint: Optional[str] = None
     layer: Optional[int] = Field(None, ge=1)
     codebooks: Optional[int] = Field(None, ge=1)  # codecs: how many of the model's codebooks to keep
@@ -279,7 +279,7 @@ def _references(recipe: dict) -> list[str]:
         if problem:
             problems.append(f"corpora[{i}].root: {c['name']} root {c['root']!r} {problem}")
     f = recipe["features"]
-    if f["kind"] in ("hubert", "wav2vec2", "wavlm", "data2vec-audio") and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
+    if f["kind"] in SSL_MODELS and not (f["checkpoint"] and Path(f["checkpoint"]).exists()):
         problems.append(f"features.checkpoint: {f['checkpoint']!r} does not exist (a fairseq .pt or HF folder)")
     if recipe["kmeans"]["path"] and not Path(recipe["kmeans"]["path"]).exists():
         problems.append(f"kmeans.path: {recipe['kmeans']['path']!r} does not exist")
