@@ -60,7 +60,9 @@ def audio_to_unit_text(path: str | Path, extractor, kmeans=None) -> str:
     """A recording as unit text: features and k-means, or a codec's codes (``kmeans`` None; decoded to its rate)."""
     from . import audio
 
-    if hasattr(extractor, "vocabulary"):  # a codec (codecs.Codec)
+    from .codecs import is_codec
+
+    if is_codec(extractor):
         return to_text(extractor.units(audio.load(path, target_sr=extractor.sample_rate)))
     wav = audio.load(path)
     return to_text(SpeechEncoder(kmeans, extractor).encode(wav).units)

@@ -207,6 +207,7 @@ def extract(
 ):
     """Decode audio and compute MFCC or HuBERT features (or units) per manifest shard; resumable."""
     from .extract import extract as run_extract
+    from .codecs import is_codec
     from .features import load_extractor
     from .units import load_kmeans
 
@@ -218,7 +219,7 @@ def extract(
     # the Ray engine ships a CPU copy to its actors, which move it to their own device
     extractor = load_extractor(features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
                                dtype=dtype, codebooks=codebooks)
-    if kmeans and hasattr(extractor, "vocabulary"):
+    if kmeans and is_codec(extractor):
         fail(f"--kmeans is for features; a {features.value} codec's codes are already units")
     if engine == "ray":
         from .engine_ray import extract_ray
@@ -392,6 +393,7 @@ def compose_chain_of_modality(
 ):
     """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
     from . import compose
+    from .codecs import is_codec
     from .features import load_extractor
     from .tts import make_tts
     from .units import load_kmeans
@@ -402,7 +404,7 @@ def compose_chain_of_modality(
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
     engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model)
     extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks)
-    codec = hasattr(extractor, "vocabulary")
+    codec = is_codec(extractor)
     if codec == bool(kmeans):
         fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if codec
              else "--kmeans is needed: the k-means that made the units of the records")
@@ -619,20 +621,21 @@ def chat(
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
     from .chat import Chat, audio_to_unit_text
     from .compose import DEFAULT_PREFIX
+    from .codecs import is_codec
     from .features import load_extractor
     from .units import load_kmeans
 
     if bool(vocoder) != bool(speak):
         fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
     voice = _load_vocoder(vocoder) if vocoder else None
-    if codebooks is not None and hasattr(voice, "keep"):  # a codec speaks the units of the codebooks trained on
+    if codebooks is not None and is_codec(voice):  # a codec speaks the units of the codebooks trained on
         voice.keep(codebooks)
     prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
     bot = Chat(model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
     if audio_file:
         extractor = load_extractor(features.value, checkpoint, layer, codebooks=codebooks)
-        codec = hasattr(extractor, "vocabulary")
+        codec = is_codec(extractor)
         if not kmeans and not codec:
             fail("--audio needs --kmeans (and --features/--checkpoint/--layer matching the dataset)")
         inputs.append(audio_to_unit_text(audio_file, extractor, None if codec else load_kmeans(kmeans)))
@@ -657,12 +660,12 @@ def chat(
 def _load_vocoder(path, units_of=None):
     """The vocoder at ``path``; a codec is set to the codebooks of the units in ``units_of`` (a units folder or a
     dataset) and refused for another tokenizer's units."""
-    from .codecs import Codec
+    from .codecs import is_codec
     from .shardfiles import folder_vocabulary
     from .vocoder import load_vocoder
 
     voice = load_vocoder(path)
-    if isinstance(voice, Codec) and units_of is not None and Path(units_of).is_dir():
+    if is_codec(voice) and units_of is not None and Path(units_of).is_dir():
         voice.fit(folder_vocabulary(units_of))
     return voice
 

@@ -202,6 +202,11 @@ def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, 
                  checkpoint=str(path.resolve()) if local else str(checkpoint))
 
 
+def is_codec(tokenizer) -> bool:
+    """Whether an extractor is a codec, whose codes are the units (no k-means, every frame kept)."""
+    return isinstance(tokenizer, Codec)
+
+
 def is_codec_folder(path: str | Path) -> bool:
     """A transformers folder holding one of :data:`CODECS`."""
     config = Path(path) / "config.json"

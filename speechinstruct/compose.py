@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from . import __version__, recipe as settings, records, templates as templates_mod
 from .audio import AudioError
+from .codecs import is_codec
 from .corpora.base import SPLITS, split_name
 from .io import iter_rows, parquet_rows, write_json, write_parquet
 from .recipe import default
@@ -391,7 +392,7 @@ class Speaker:
 
     def __init__(self, tts, extractor, kmeans, judge=None, gates=None):
         self.tts, self.judge, self.gates = tts, judge, gates
-        if hasattr(extractor, "vocabulary"):  # a codec (codecs.Codec): its codes are the units, every frame kept
+        if is_codec(extractor):  # its codes are the units, every frame kept
             self.encode = extractor.units
         else:
             encoder = SpeechEncoder(kmeans, extractor)

@@ -27,6 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from . import audio, recipe as settings
+from .codecs import is_codec
 from .features import Extractor
 from .io import atomic_path, read_table, remove_stale_temps, safe_join, write_text
 from .quantize import UnitWriter
@@ -78,7 +79,7 @@ def sample_rate_of(extractor) -> int:
 
 def makes_units(extractor, kmeans) -> bool:
     """Whether extract writes units (with k-means, or a codec whose codes are units) rather than features."""
-    return kmeans is not None or hasattr(extractor, "vocabulary")
+    return kmeans is not None or is_codec(extractor)
 
 
 def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> Iterator[tuple[dict, np.ndarray | str]]:
@@ -158,7 +159,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     root = Path(root) if root else corpus_root(manifest)
     out.mkdir(parents=True, exist_ok=True)
     fused = makes_units(extractor, kmeans)
-    vocabulary = extractor.vocabulary() if hasattr(extractor, "vocabulary") else None
+    vocabulary = extractor.vocabulary() if is_codec(extractor) else None
     check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans, vocabulary),
                "units.json" if fused else "features.json")
     stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
