@@ -254,18 +254,19 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
                "worst": []}
     worst = sorted(worst)[:5]
     manifest_rows: dict[Path, dict[str, dict]] = {}  # each manifest shard read once, for the rows wanted from it
-    roots: dict[Path, str] = {}
+    specs: dict[Path, dict] = {}  # each scores folder's score.json read once
     for value, uid, scores_file in worst:
-        spec = json.loads((scores_file.parent / "score.json").read_text())
+        if scores_file.parent not in specs:
+            specs[scores_file.parent] = json.loads((scores_file.parent / "score.json").read_text())
+        spec = specs[scores_file.parent]
         manifest = Path(spec["source"])
         shard = manifest / scores_file.name.replace("scores-", "manifest-") if manifest.is_dir() else manifest
-        roots[scores_file] = spec["root"]
         if shard.is_file() and shard not in manifest_rows:
             wanted = {u for _, u, f in worst if f == scores_file}
             manifest_rows[shard] = {r["id"]: r for r in read_table(shard).to_pylist() if r["id"] in wanted}
         manifest_rows.setdefault(shard, {})
         row = manifest_rows[shard].get(uid)
-        wav = decode_row(row, roots[scores_file]) if row else "manifest row not found"
+        wav = decode_row(row, spec["root"]) if row else "manifest row not found"
         file = None
         if not isinstance(wav, str):
             file = f"audio/worst-{len(section['worst'])}.wav"
