@@ -119,12 +119,13 @@ class Vocabulary:
         return vocabulary
 
 
-def kmeans_vocabulary(extractor_spec: dict, kmeans) -> Vocabulary:
-    """The vocabulary of units made by clustering ``extractor_spec``'s features with ``kmeans``."""
+def kmeans_vocabulary(extractor_spec: dict, k: int, sha256: str | None = None) -> Vocabulary:
+    """The vocabulary of units made by clustering ``extractor_spec``'s features with a k-means of ``k``
+    centroids (its file's ``sha256``)."""
     from .features import SAMPLE_RATE
 
-    return Vocabulary("kmeans", int(kmeans.k), frame_rate=extractor_spec.get("frame_rate"), sample_rate=SAMPLE_RATE,
-                      features=extractor_spec.get("features"), sha256=kmeans.meta.get("sha256"))
+    return Vocabulary("kmeans", int(k), frame_rate=extractor_spec.get("frame_rate"), sample_rate=SAMPLE_RATE,
+                      features=extractor_spec.get("features"), sha256=sha256)
 
 
 # ---------------------------------------------------------------------------------- folder spec files
@@ -147,7 +148,7 @@ def output_spec(extractor_spec: dict, float16: bool, manifest: Path, root: Path,
 def units_spec(features_spec: dict, kmeans) -> dict:
     """``units.json`` of units made from features of ``features_spec`` (a ``features.json``) with ``kmeans``."""
     return {**features_spec, "kmeans": kmeans_spec(kmeans),
-            "vocabulary": kmeans_vocabulary(features_spec, kmeans).to_json()}
+            "vocabulary": kmeans_vocabulary(features_spec, kmeans.k, kmeans.meta.get("sha256")).to_json()}
 
 
 # Keys a spec file records that follow from the others: a folder written before they existed is not "made with
@@ -238,10 +239,7 @@ def _spec_vocabulary(spec: dict, where: str) -> Vocabulary | None:
     k = spec.get("kmeans").get("k") if isinstance(spec.get("kmeans"), dict) else None
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         return None
-    from .features import SAMPLE_RATE
-
-    return Vocabulary("kmeans", k, frame_rate=spec.get("frame_rate"), sample_rate=SAMPLE_RATE,
-                      features=spec.get("features"), sha256=spec["kmeans"].get("sha256"))
+    return kmeans_vocabulary(spec, k, spec["kmeans"].get("sha256"))
 
 
 def folder_vocabulary(folder: str | Path) -> Vocabulary | None:
