@@ -207,13 +207,14 @@ def is_codec(tokenizer) -> bool:
     return isinstance(tokenizer, Codec)
 
 
-def is_codec_folder(path: str | Path) -> bool:
-    """A transformers folder holding one of :data:`CODECS`."""
+def codec_kind(path: str | Path) -> str | None:
+    """Which of :data:`CODECS` a transformers folder holds, or None (not a codec folder)."""
     config = Path(path) / "config.json"
     try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") in CODECS
-    except ValueError:
-        return False
+        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+    return kind if kind in CODECS else None
 
 
 def codec_of(folder: str | Path, device: str = "cpu") -> Codec | None:

@@ -132,17 +132,16 @@ def read_config(folder: Path, checkpoint: Path) -> dict:
 def load_vocoder(path: str | Path) -> UnitVocoder | PreviewVocoder:
     """A unit HiFi-GAN from a generator checkpoint (``g_00500000``) or its folder, with ``config.json`` beside it;
     or, for a ``speechinstruct cluster`` folder of MFCC units, the embedded :class:`PreviewVocoder`."""
-    from .codecs import is_codec_folder, load_codec
+    from .codecs import codec_kind, load_codec
 
     path = Path(path)
     if path.is_dir() and (path / "centroids.npy").is_file():
         from .units import load_kmeans
 
         return PreviewVocoder(load_kmeans(path))
-    if path.is_dir() and is_codec_folder(path):  # codec units decode with the codec itself
-        import json
-
-        return load_codec(json.loads((path / "config.json").read_text())["model_type"], str(path))
+    kind = codec_kind(path) if path.is_dir() else None
+    if kind:  # codec units decode with the codec itself
+        return load_codec(kind, str(path))
     if path.is_dir():
         found = [path / n for n in GENERATOR_FILES if (path / n).is_file()] or sorted(path.glob("g_*"))
         if not found:
