@@ -4,11 +4,13 @@
             idle machine and beside one other CPU-bound process: speed, held-out inertia
   extract   HuBERT-Base layer 11 (random weights) on CPU: batched vs one at a time; achieved GFLOP/s vs the
             machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
-  codecs    Mimi, EnCodec and DAC at their released sizes (random weights) on CPU: encode and decode x real time
+  codecs    Mimi, EnCodec, DAC, X-Codec and XCodec2 at their released sizes (random weights) on CPU: encode and
+            decode x real time
   gpu       HuBERT-Base layer 11 on a GPU, bf16, length-bucketed batches: x real time and MFU (skipped without one)
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
-  memory    peak RSS of extract, quantize, compose and publish at 1x and 8x corpus size, default shard size
+  memory    peak RSS of extract (MFCC, and an EnCodec-24k codec), quantize, compose and publish at 1x and 8x corpus
+            size, default shard size
   vocoder   resynthesis speed (x real time) of a unit HiFi-GAN the size of SpeechGPT's, and of the
             embedded preview vocoder, on CPU
   compose   cross-modal records per second
@@ -285,6 +287,9 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
 STAGE_CODE = {
     "extract": "from speechinstruct.extract import extract; from speechinstruct.features import MFCC;"
                "extract(M, W / 'features', MFCC(), quiet=True)",
+    "extract-codec": "import torch; torch.set_num_threads(2); from transformers import EncodecConfig, EncodecModel;"
+                     "from speechinstruct.codecs import Codec; from speechinstruct.extract import extract;"
+                     "extract(M, W / 'codec-units', Codec('encodec', EncodecModel(EncodecConfig()), 'random'), quiet=True)",
     "quantize": "from speechinstruct.quantize import quantize; from speechinstruct.units import load_kmeans;"
                 "quantize(W / 'features', load_kmeans(KM), W / 'units', quiet=True)",
     "compose": "from speechinstruct.compose import cross_modal; cross_modal(W / 'units', W / 'composed' / 'cross_modal', quiet=True)",
@@ -367,16 +372,18 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
     """Codec tokenizers at their default (released) sizes, random weights, on CPU: encode and decode x real time,
     one utterance at a time (as extract runs them: batched codes were not the same, see codecs.py)."""
     import torch
-    from transformers import DacConfig, DacModel, EncodecConfig, EncodecModel, MimiConfig, MimiModel
+    import transformers
 
     from speechinstruct.codecs import Codec
     from speechinstruct.threads import available_cpus
+    from speechinstruct.tokenizers import CODECS
 
     torch.set_num_threads(available_cpus())
     rows = []
     seconds = 3.0 if quick else 10.0
-    for kind, model in (("mimi", MimiModel(MimiConfig())), ("encodec", EncodecModel(EncodecConfig())),
-                        ("dac", DacModel(DacConfig()))):
+    for kind, name in CODECS.items():
+        config = getattr(transformers, name.replace("Model", "Config"))()
+        model = getattr(transformers, name)(config)
         codec = Codec(kind, model, f"random {kind} (default config)")
         wav = (0.1 * np.random.default_rng(0).standard_normal(int(seconds * codec.sample_rate))).astype(np.float32)
         codec.units(wav[: codec.sample_rate])  # warm up
@@ -386,6 +393,7 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
         rows.append({"name": f"{kind} encode, {params:.0f}M params, {codec.sample_rate} Hz, {codec.codebooks} codebooks, "
                              f"{seconds:g} s, {available_cpus()} threads", "realtime": seconds / t_enc, "ours_s": t_enc,
                      "target": "report", "extra": f"decode {seconds / t_dec:.1f}x real time"})
+        del model, codec
     return rows
 
 

@@ -29,4 +29,9 @@ step .venv/bin/python -m pip install -q -e ".[${extras}]"
 # silero-vad ships the VAD model `shard audio` runs (ONNX, through onnxruntime); its wheel declares torchaudio,
 # which loads only beside the torch it was built for and then breaks `import transformers`: no dependencies.
 step .venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.0"
+# The tests hold our Kaldi features (MFCC, XCodec2's filterbanks) to torchaudio's own compliance.kaldi code, read
+# from its wheel (tests/torchaudio_reference.py); the wheel is downloaded, never installed.
+if [[ ",${extras}," == *",test,"* ]] && ! ls .venv/reference/torchaudio-2.11.0-*.whl >/dev/null 2>&1; then
+  step .venv/bin/python -m pip download -q --no-deps -d .venv/reference "torchaudio==2.11.0"
+fi
 .venv/bin/python -c 'import speechinstruct, torch; print("speechinstruct", speechinstruct.__version__, "torch", torch.__version__)'

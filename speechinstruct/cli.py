@@ -179,7 +179,7 @@ def extract(
     manifest: Path = typer.Argument(..., help="A `shard` output folder (or one manifest .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
     features: Features = typer.Option(Features.mfcc, help="mfcc (offline default); hubert, wav2vec2, wavlm or "
-                                      "data2vec-audio at --layer; or a codec whose codes are the units: mimi, encodec, dac, xcodec."),
+                                      "data2vec-audio at --layer; or a codec whose codes are the units: mimi, encodec, dac, xcodec, xcodec2."),
     checkpoint: Optional[str] = typer.Option(None, help="hubert: fairseq .pt, Hugging Face folder, or hub id; a codec: "
                                              "a folder saved by transformers, or a hub id."),
     codebooks: Optional[int] = typer.Option(None, min=1, help="codecs: how many of the model's codebooks to keep "

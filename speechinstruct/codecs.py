@@ -1,5 +1,6 @@
-"""Neural audio codecs as speech tokenizers: transformers' ``MimiModel``, ``EncodecModel``, ``DacModel`` and
-``XcodecModel`` (X-Codec: acoustic and semantic, 16 kHz).
+"""Neural audio codecs as speech tokenizers: transformers' ``MimiModel``, ``EncodecModel``, ``DacModel``,
+``XcodecModel`` (X-Codec: acoustic and semantic, 16 kHz) and ``Xcodec2Model`` (XCodec2: one FSQ codebook of
+65,536 codes at 50 Hz, 16 kHz).
 
 A codec is dense model and quantizer in one: its codes are the units, with no k-means stage. A codec frame
 has ``codebooks`` codes (residual vector quantization: codebook 0 first); the units of an utterance are its
@@ -52,7 +53,11 @@ class Codec:
         self.device = device
         cfg = model.config
         self.sample_rate = int(cfg.sample_rate if kind == "xcodec" else cfg.sampling_rate)
-        if kind == "xcodec":
+        if kind == "xcodec2":  # one finite-scalar codebook: the product of its levels
+            self.hop, total = int(cfg.hop_length), 1
+            self.frame_rate = self.sample_rate / self.hop
+            self.codebook_size = int(np.prod(cfg.quantization_levels))
+        elif kind == "xcodec":
             self.frame_rate, self.hop = float(cfg.frame_rate), int(cfg.hop_length)
             total = int(model.quantizer.get_num_quantizers_for_bandwidth(max(cfg.target_bandwidths)))
         elif kind == "mimi":
@@ -65,7 +70,9 @@ class Codec:
         else:  # dac
             self.hop = int(cfg.hop_length)
             self.frame_rate, total = self.sample_rate / self.hop, int(cfg.n_codebooks)
-        self.codebook_size, self.total = int(cfg.codebook_size), total
+        if kind != "xcodec2":
+            self.codebook_size = int(cfg.codebook_size)
+        self.total = total
         self.spec = {"features": kind, "source": source, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate}
         self.keep(codebooks or total)
         if checkpoint:  # where to load it again to decode this folder's units (publish leaves it out)
@@ -121,6 +128,9 @@ class Codec:
                 codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0, 0]
             elif self.kind == "xcodec":
                 codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0]
+            elif self.kind == "xcodec2":
+                inputs = xcodec2_inputs(wav, self.hop, self.sample_rate)
+                codes = self.model.encode(**{k: v.to(self.device) for k, v in inputs.items()}).audio_codes[0]
             else:
                 codes = self.model.encode(x, n_quantizers=self.codebooks).audio_codes[0]
         return codes[: self.codebooks].cpu().numpy().astype(np.int64)
@@ -163,7 +173,7 @@ class Codec:
         with torch.inference_mode():
             if self.kind == "encodec":
                 wav = self.model.decode(codes[None], [None]).audio_values
-            elif self.kind in ("mimi", "xcodec"):
+            elif self.kind in ("mimi", "xcodec", "xcodec2"):
                 wav = self.model.decode(codes).audio_values
             else:
                 wav = self.model.decode(audio_codes=codes).audio_values
@@ -173,6 +183,44 @@ class Codec:
     def synthesize(self, units, durations=None) -> np.ndarray:
         """:meth:`speech`, with a unit vocoder's signature (``durations`` are not needed: units are per frame)."""
         return self.speech(units)
+
+
+def xcodec2_inputs(wav: np.ndarray, hop: int, sample_rate: int) -> dict:
+    """The two inputs of XCodec2's ``encode`` for one utterance, as transformers' ``Xcodec2FeatureExtractor``
+    makes them: the waveform with one zero appended, padded with zeros to whole frames; and for its semantic
+    encoder 80 Kaldi log-mel filterbanks (25 ms / 10 ms, povey window, of the waveform × 2^15 with half a frame of
+    zeros on each side), normalised per bin over the utterance, padded with 1.0 to an even count and stacked in
+    pairs. That extractor computes the filterbanks with ``torchaudio.compliance.kaldi.fbank``; torchaudio cannot
+    load beside our torch, so kaldi-native-fbank computes them here (a test holds the two equal)."""
+    import kaldi_native_fbank as knf
+    import torch
+
+    wav = np.asarray(wav, dtype=np.float32)
+    length = -(-(wav.size + 1) // hop) * hop
+    values = np.zeros(length, dtype=np.float32)
+    values[: wav.size] = wav
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = sample_rate
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.window_type = "povey"
+    opts.frame_opts.preemph_coeff = 0.97
+    opts.frame_opts.remove_dc_offset = True
+    opts.frame_opts.snip_edges = True
+    opts.frame_opts.frame_length_ms = 400 / sample_rate * 1000
+    opts.frame_opts.frame_shift_ms = 160 / sample_rate * 1000
+    opts.mel_opts.num_bins = 80
+    opts.mel_opts.low_freq = 20
+    opts.mel_opts.high_freq = sample_rate // 2
+    opts.use_energy = False
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(sample_rate, np.pad(values, hop // 2) * 2**15)
+    fbank.input_finished()
+    mel = np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)], dtype=np.float64)
+    mel = (mel - mel.mean(0)) / np.sqrt(mel.var(0, ddof=1) + 1e-7)
+    if len(mel) % 2:
+        mel = np.concatenate([mel, np.ones((1, mel.shape[1]))])
+    features = mel.reshape(len(mel) // 2, 2 * mel.shape[1]).astype(np.float32)
+    return {"input_values": torch.from_numpy(values)[None, None], "input_features": torch.from_numpy(features)[None]}
 
 
 def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, device: str = "cpu") -> Codec:

@@ -5,6 +5,7 @@
 SSL_MODELS = {"hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model", "wavlm": "WavLMModel",
               "data2vec-audio": "Data2VecAudioModel"}
 # codecs whose codes are the units, no k-means (codecs.py): kind → transformers class
-CODECS = {"mimi": "MimiModel", "encodec": "EncodecModel", "dac": "DacModel", "xcodec": "XcodecModel"}
+CODECS = {"mimi": "MimiModel", "encodec": "EncodecModel", "dac": "DacModel", "xcodec": "XcodecModel",
+          "xcodec2": "Xcodec2Model"}
 # every --features choice, the offline default first
 FEATURES = ("mfcc", *SSL_MODELS, *CODECS)

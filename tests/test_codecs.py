@@ -52,6 +52,26 @@ def tiny(kind: str):
         with torch.no_grad():  # zeros too
             signals = torch.from_numpy(np.concatenate([speech(1.0, 16000, i) * (i + 1) for i in range(4)]))[None, None]
             seed_codebooks(model.quantizer.quantizers, _xcodec_embeddings(model, signals))
+    elif kind == "xcodec2":
+        from transformers import Wav2Vec2BertConfig, Xcodec2Config, Xcodec2Model
+
+        model = Xcodec2Model(Xcodec2Config(  # hop 320 (2·2·4·4·5), as the mel frames (160 samples) stacked in pairs
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=16, encoder_hidden_size=4, quantization_dim=64, quantization_levels=[4, 4, 4],
+            semantic_model_config=Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=64, feature_projection_input_dim=160,
+                                                     output_hidden_size=32)))
+        with torch.no_grad():  # a random projection leaves every frame in one FSQ cell: centre and scale it on the
+            # model's own frames (a test signal's), so that they spread over the cells
+            from speechinstruct.codecs import xcodec2_inputs
+
+            seen = []
+            hook = model.quantizer.project_in.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+            model.encode(**xcodec2_inputs(np.concatenate([speech(1.0, 16000, i) * (i + 1) for i in range(4)]), 320, 16000))
+            hook.remove()
+            layer, out = model.quantizer.project_in, seen[0]
+            layer.weight.div_(out.std(0)[:, None] / 1.5)
+            layer.bias.copy_((layer.bias - out.mean(0)) / (out.std(0) / 1.5))
     else:
         model = DacModel(DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5, 8], decoder_hidden_size=32,
                                    n_codebooks=4, codebook_size=64, codebook_dim=8, hidden_size=64))
@@ -86,7 +106,7 @@ def _xcodec_embeddings(model, x):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     out = {}
-    for kind in ("mimi", "encodec", "dac", "xcodec"):
+    for kind in ("mimi", "encodec", "dac", "xcodec", "xcodec2"):
         out[kind] = tmp_path_factory.mktemp(kind)
         tiny(kind).save_pretrained(out[kind])
     return out
@@ -136,6 +156,49 @@ def test_units_are_the_models_own_codes_frame_major_with_codebook_offsets(kind, 
     voc = codec.vocabulary()
     assert (voc.tokenizer, voc.size, voc.codebooks, voc.codebook_size, voc.sample_rate) == (kind, 192, 3, 64, codec.sample_rate)
     assert voc.frame_rate == codec.sample_rate / codec.hop and len(voc.sha256) == 64
+
+
+def xcodec2_feature_extractor():
+    """transformers' own Xcodec2FeatureExtractor, its filterbanks computed by torchaudio's kaldi.fbank (read from
+    the torchaudio wheel: tests/torchaudio_reference.py)."""
+    import importlib
+    import types
+
+    from torchaudio_reference import kaldi
+
+    module = importlib.import_module("transformers.models.xcodec2.feature_extraction_xcodec2")
+    module.torchaudio = types.SimpleNamespace(compliance=types.SimpleNamespace(kaldi=kaldi()))
+    return module.Xcodec2FeatureExtractor()
+
+
+def test_xcodec2_units_are_the_models_own_codes_on_its_feature_extractors_inputs(folders):
+    """XCodec2 reads the waveform and 80 log-mel filterbanks; ours come from kaldi-native-fbank, the feature
+    extractor's from torchaudio: the inputs agree (waveform exactly, filterbanks within 1e-3 after normalising) and
+    the codes are the model's own encode of the extractor's inputs."""
+    from transformers import Xcodec2Model
+
+    from speechinstruct.codecs import xcodec2_inputs
+
+    extractor = xcodec2_feature_extractor()
+    model = Xcodec2Model.from_pretrained(folders["xcodec2"]).eval()
+    codec = load_codec("xcodec2", str(folders["xcodec2"]))
+    assert (codec.codebooks, codec.codebook_size, codec.k, codec.sample_rate, codec.frame_rate) == (1, 64, 64, 16000, 50.0)
+    for seed, seconds in enumerate((0.7, 1.0, 1.37)):
+        wav = speech(seconds, 16000, seed)
+        ref = extractor(wav, sampling_rate=16000, return_tensors="pt")
+        ours = xcodec2_inputs(wav, codec.hop, 16000)
+        assert torch.equal(ours["input_values"], ref["input_values"])
+        assert ours["input_features"].shape == ref["input_features"].shape
+        assert torch.allclose(ours["input_features"], ref["input_features"], atol=1e-3)
+        with torch.no_grad():
+            codes = model.encode(ref["input_values"], ref["input_features"]).audio_codes[0].numpy()
+        units = codec.units(wav)
+        assert units.tolist() == codes[0].tolist() and len(set(units.tolist())) > 3
+        with torch.no_grad():
+            back = model.decode(audio_codes=torch.from_numpy(codes)[None]).audio_values.reshape(-1).numpy()
+        assert np.allclose(codec.speech(units), back[: units.size * 320], atol=1e-5)
+    with pytest.raises(ValueError, match=r"--codebooks 2: this xcodec2 model has 1 codebooks"):
+        load_codec("xcodec2", str(folders["xcodec2"]), codebooks=2)
 
 
 def test_bad_codec_inputs_are_one_line(folders, tmp_path):

@@ -217,6 +217,18 @@ def test_mfcc_frames_and_shape():
         mfcc.features(np.ones(100, np.float32))
 
 
+def test_mfcc_is_torchaudios_kaldi_mfcc_as_fairseq_calls_it():
+    """fairseq's dump_mfcc_feature.py: ``torchaudio.compliance.kaldi.mfcc(waveform=x, sample_frequency=16000,
+    use_energy=False)`` on the waveform in [-1, 1]; torchaudio's own code (from its wheel) is the reference."""
+    from torchaudio_reference import kaldi
+
+    wav = speechlike(1.3)
+    ours = features.MFCC().features(wav)
+    theirs = kaldi().mfcc(waveform=torch.from_numpy(wav)[None], sample_frequency=16000, use_energy=False).numpy()
+    assert ours.shape == (theirs.shape[0], 39)
+    np.testing.assert_allclose(ours[:, :13], theirs, rtol=1e-4, atol=1e-3)  # seen: 1.8e-4 of 42
+
+
 def test_mfcc_deltas_are_regression_deltas():
     x = np.arange(10, dtype=np.float32)[:, None] ** 2
     d = features.deltas(x)

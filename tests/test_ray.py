@@ -193,3 +193,22 @@ def test_ray_engine_reads_audio_inside_a_hugging_face_dataset(tmp_path):
     stats = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1, block_seconds=2.0)
     assert stats["utterances"] == 6 and stats["errors"] == 1  # the cut-short flac, as locally
     same_files(tmp_path / "local", tmp_path / "ray")
+
+
+def test_ray_engine_extracts_codec_units_as_the_local_engine(manifest, tmp_path):
+    """A codec (tiny random Mimi) shipped to the actors: audio decoded at 24 kHz by the decode tasks, units from the
+    codec, the same files and vocabulary as the local engine."""
+    from test_codecs import tiny
+
+    tiny("mimi").save_pretrained(tmp_path / "mimi")
+    args = ["--features", "mimi", "--checkpoint", str(tmp_path / "mimi"), "--codebooks", "2", "-q"]
+    local = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "local"), *args])
+    assert local.exit_code == 0, local.output
+    result = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "ray"), *args,
+                                 "--engine", "ray", "--actors", "1", "--block-seconds", "1"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4
+    same_files(tmp_path / "local", tmp_path / "ray")
+    spec = lambda folder: json.loads((folder / "units.json").read_text())["vocabulary"]  # noqa: E731
+    assert spec(tmp_path / "ray") == spec(tmp_path / "local") and spec(tmp_path / "ray")["size"] == 128
