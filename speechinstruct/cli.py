@@ -280,6 +280,13 @@ app.add_typer(compose_app, name="compose")
 BaseUrl = typer.Option(None, help="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama…); key from $OPENAI_API_KEY.")
 Model = typer.Option(default(settings.LLM, "model"), help="LLM model name at the endpoint.")
 MaxRequests = typer.Option(None, help="Most LLM requests this run may make.")
+# the tokenizer of the speech a compose command synthesizes (chain-of-modality, dialogue): as extract made the units
+SpeechKmeans = typer.Option(None, "--kmeans", help="k-means matching --features (a `cluster` output); not for a codec.")
+SpeechFeatures = typer.Option(Features.mfcc, "--features")
+SpeechCheckpoint = typer.Option(None, "--checkpoint", help="hubert or a codec: checkpoint.")
+SpeechCodebooks = typer.Option(None, "--codebooks", min=1, help="codecs: codebooks to keep (as extract was given).")
+SpeechLayer = typer.Option(None, "--layer", help="hubert: layer.")
+TtsModel = typer.Option("tts-1", "--tts-model", help="openai TTS model.")
 
 
 def _llm(base_url, model, cache_dir, max_requests, required=True, **options):
@@ -362,17 +369,36 @@ def compose_pretrain(
                                  shard_index=shard_index, quiet=quiet))
 
 
+def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, rewrite: bool, base_url, model, max_requests,
+                  features, checkpoint, layer, codebooks, kmeans, device):
+    """(LLM or None, TTS engine, extractor, k-means or None) for a compose command that speaks text."""
+    from .codecs import is_codec
+    from .features import load_extractor
+    from .tts import make_tts
+    from .units import load_kmeans
+
+    cache = cache_dir or out / ".cache"
+    llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
+    engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model)
+    extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks)
+    codec = is_codec(extractor)
+    if codec == bool(kmeans):
+        fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if codec
+             else "--kmeans is needed: the k-means that made the units of the records")
+    return llm if rewrite else None, engine, extractor, load_kmeans(kmeans) if kmeans else None
+
+
 @command(compose_app, "chain-of-modality")
 def compose_chain_of_modality(
     instructions: str = typer.Argument(..., help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
-    kmeans: Optional[Path] = typer.Option(None, help="k-means matching --features (a `cluster` output); not for a codec."),
-    features: Features = typer.Option(Features.mfcc),
-    checkpoint: Optional[str] = typer.Option(None, help="hubert or a codec: checkpoint."),
-    codebooks: Optional[int] = typer.Option(None, min=1, help="codecs: codebooks to keep (as extract was given)."),
-    layer: Optional[int] = typer.Option(None, help="hubert: layer."),
+    kmeans: Optional[Path] = SpeechKmeans,
+    features: Features = SpeechFeatures,
+    checkpoint: Optional[str] = SpeechCheckpoint,
+    codebooks: Optional[int] = SpeechCodebooks,
+    layer: Optional[int] = SpeechLayer,
     tts: str = typer.Option(default(settings.ChainOfModality, "tts"), help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
-    tts_model: str = typer.Option("tts-1", help="openai TTS model."),
+    tts_model: str = TtsModel,
     rewrite: bool = typer.Option(default(settings.ChainOfModality, "rewrite"), help="Rewrite pairs for speech with the LLM (needs an endpoint)."),
     base_url: Optional[str] = BaseUrl,
     model: str = Model,
@@ -393,27 +419,52 @@ def compose_chain_of_modality(
 ):
     """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
     from . import compose
-    from .codecs import is_codec
-    from .features import load_extractor
-    from .tts import make_tts
-    from .units import load_kmeans
 
     settings.checked(settings.ChainOfModality, tts=tts, rewrite=rewrite, all_formats=all_formats, license=license,
                      max_pairs=max_pairs)
-    cache = cache_dir or out / ".cache"
-    llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
-    engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model)
-    extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks)
-    codec = is_codec(extractor)
-    if codec == bool(kmeans):
-        fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if codec
-             else "--kmeans is needed: the k-means that made the units of the records")
-    km = load_kmeans(kmeans) if kmeans else None
+    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, rewrite, base_url, model, max_requests,
+                                               features, checkpoint, layer, codebooks, kmeans, device)
     summary = compose.chain_of_modality(
-        instructions, out, extractor, km, engine, llm=llm if rewrite else None,
+        instructions, out, extractor, km, engine, llm=llm,
         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
         license=license, instruction_column=instruction_column, response_column=response_column,
         id_column=id_column, max_pairs=max_pairs, quiet=quiet)
+    _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
+
+
+@command(compose_app, "dialogue")
+def compose_dialogue(
+    conversations: str = typer.Argument(..., help="JSONL/Parquet of ShareGPT `conversations` or `messages`, a saved "
+                                        "HF dataset, a hub id, or 'builtin' (a shipped sample)."),
+    out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
+    kmeans: Optional[Path] = SpeechKmeans,
+    features: Features = SpeechFeatures,
+    checkpoint: Optional[str] = SpeechCheckpoint,
+    codebooks: Optional[int] = SpeechCodebooks,
+    layer: Optional[int] = SpeechLayer,
+    tts: str = typer.Option(default(settings.Dialogue, "tts"), help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
+    tts_model: str = TtsModel,
+    rewrite: bool = typer.Option(default(settings.Dialogue, "rewrite"), help="Rewrite each exchange for speech with the LLM."),
+    base_url: Optional[str] = BaseUrl,
+    model: str = Model,
+    max_requests: Optional[int] = MaxRequests,
+    id_column: str = typer.Option("id"),
+    license: str = typer.Option(default(settings.Dialogue, "license"), help="License of the conversations."),
+    max_dialogues: Optional[int] = typer.Option(default(settings.Dialogue, "max_dialogues")),
+    cache_dir: Optional[Path] = typer.Option(None, help="TTS/LLM cache (default: OUT/.cache)."),
+    seed: int = typer.Option(default(settings.Compose, "seed")),
+    device: str = typer.Option(default(settings.Features, "device")),
+    quiet: bool = Quiet,
+):
+    """Multi-turn spoken dialogues: every user turn spoken, every answer in the chain-of-modality way, with
+    chat-format `messages` beside SpeechGPT's markup."""
+    from .dialogue import dialogue
+
+    settings.checked(settings.Dialogue, tts=tts, rewrite=rewrite, license=license, max_dialogues=max_dialogues)
+    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, rewrite, base_url, model, max_requests,
+                                               features, checkpoint, layer, codebooks, kmeans, device)
+    summary = dialogue(conversations, out, extractor, km, engine, llm=llm, seed=seed, license=license,
+                       id_column=id_column, max_dialogues=max_dialogues, quiet=quiet)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 

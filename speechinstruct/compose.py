@@ -245,22 +245,28 @@ _MARKDOWN = re.compile(r"(\*\*|__|`|^#+\s*|^\s*[-*•]\s+)", re.M)
 
 def unfit_for_speech(instruction: str, response: str) -> str | None:
     """Why a pair cannot be spoken naturally (code, URLs, tables, too long), or None."""
-    for name, text in (("instruction", instruction), ("response", response)):
-        if not text.strip():
-            return f"empty {name}"
-        mark = find_markup(text)
-        if mark:
-            return f"markup in {name} ({mark})"
-        if "```" in text or re.search(r"^\s{4,}\S", text, re.M) or re.search(r"\b(def|class|return|import)\b.*[:(]", text):
-            return f"code in {name}"
-        if re.search(r"https?://|www\.", text):
-            return f"URL in {name}"
-        if re.search(r"^\s*\|.*\|\s*$", text, re.M):
-            return f"table in {name}"
-        if len(text.split()) > MAX_WORDS[name] or len(text) > MAX_CHARS[name]:
-            return f"{name} too long to speak"
-        if any(len(word) > MAX_WORD_CHARS for word in text.split()):
-            return f"{name} has a word too long to speak"
+    return unfit_text("instruction", instruction) or unfit_text("response", response)
+
+
+def unfit_text(name: str, text: str, limit: str | None = None) -> str | None:
+    """Why one text (named ``name`` in the reason) cannot be spoken naturally, or None; ``limit`` picks the
+    length limits (``instruction``'s or ``response``'s; default: ``name``'s)."""
+    limit = limit or name
+    if not text.strip():
+        return f"empty {name}"
+    mark = find_markup(text)
+    if mark:
+        return f"markup in {name} ({mark})"
+    if "```" in text or re.search(r"^\s{4,}\S", text, re.M) or re.search(r"\b(def|class|return|import)\b.*[:(]", text):
+        return f"code in {name}"
+    if re.search(r"https?://|www\.", text):
+        return f"URL in {name}"
+    if re.search(r"^\s*\|.*\|\s*$", text, re.M):
+        return f"table in {name}"
+    if len(text.split()) > MAX_WORDS[limit] or len(text) > MAX_CHARS[limit]:
+        return f"{name} too long to speak"
+    if any(len(word) > MAX_WORD_CHARS for word in text.split()):
+        return f"{name} has a word too long to speak"
     return None
 
 
@@ -304,22 +310,42 @@ def read_pairs(source: str | Path, instruction_column: str = "instruction", resp
     """Pairs ``{id, instruction, response}`` from the shipped sample (``builtin``), a JSONL file, a
     Parquet file, a saved HF dataset folder or an HF dataset name; malformed lines come as
     (where, reason)."""
+    for where, fallback_id, obj in read_objects(source, "instructions_sample.jsonl", split):
+        if isinstance(obj, str):
+            yield (where, obj)
+        else:
+            yield from _pair(obj, where, instruction_column, response_column, id_column, fallback_id)
+
+
+def read_objects(source: str | Path, builtin: str, split: str = "train") -> Iterator[tuple[str, str, dict | str]]:
+    """(where, fallback id, object or the reason it is not one) for each line of a JSONL file or row of a
+    Parquet file, saved HF dataset folder or HF dataset name; ``builtin`` names the shipped sample used for
+    the source ``builtin``."""
     from importlib import resources
 
     if str(source) == "builtin":
-        source = resources.files("speechinstruct.data").joinpath("instructions_sample.jsonl")
+        source = resources.files("speechinstruct.data").joinpath(builtin)
     path = Path(str(source))
     if path.suffix in (".jsonl", ".json") and path.is_file():
         name = path.name
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
+                where = f"{name}:{lineno}"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield (f"{name}:{lineno}", f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                    yield where, "", f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
                     continue
-                yield from _json_pair(line, f"{name}:{lineno}", instruction_column, response_column, id_column,
-                                      f"{path.stem}-{lineno}")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ValueError("not an object")
+                except ValueError as e:
+                    yield where, "", f"malformed JSON ({e})"
+                    continue
+                yield where, f"{path.stem}-{lineno}", obj
         return
     import datasets
 
@@ -333,20 +359,7 @@ def read_pairs(source: str | Path, instruction_column: str = "instruction", resp
     else:  # a hub id: needs internet
         ds = datasets.load_dataset(str(source), split=split)
     for i, obj in enumerate(ds):
-        yield from _pair(obj, f"{path.name}[{i}]", instruction_column, response_column, id_column, f"{path.name}-{i}")
-
-
-def _json_pair(line: str, where: str, icol: str, rcol: str, idcol: str | None, fallback_id: str):
-    if not line.strip():
-        return
-    try:
-        obj = json.loads(line)
-        if not isinstance(obj, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        yield (where, f"malformed JSON ({e})")
-        return
-    yield from _pair(obj, where, icol, rcol, idcol, fallback_id)
+        yield f"{path.name}[{i}]", f"{path.name}-{i}", obj
 
 
 def _pair(obj: dict, where: str, icol: str, rcol: str, idcol: str | None, fallback_id: str):
@@ -369,20 +382,26 @@ def _speaks(side: str, fmt: str) -> bool:
 
 def unique_pairs(source, instruction_column: str, response_column: str, id_column: str | None,
                  max_pairs: int | None) -> tuple[list[dict], list[dict]]:
-    """The usable pairs of ``source`` (at most ``max_pairs``) and what was dropped, with where and why: pairs
-    :func:`read_pairs` refuses, and a later pair with an id seen before (ids name records)."""
-    pairs, dropped, first_seen = [], [], {}
-    for item in read_pairs(source, instruction_column, response_column, id_column):
+    """The usable pairs of ``source`` (at most ``max_pairs``) and what was dropped (:func:`unique_items`)."""
+    return unique_items(read_pairs(source, instruction_column, response_column, id_column), max_pairs)
+
+
+def unique_items(items, limit: int | None) -> tuple[list[dict], list[dict]]:
+    """The usable items (at most ``limit``) of a reader that yields items or (where, reason), and what was
+    dropped, with where and why: what the reader refused, and a later item with an id seen before (ids name
+    records)."""
+    kept, dropped, first_seen = [], [], {}
+    for item in items:
         if isinstance(item, dict) and item["id"] in first_seen:
             item = (item["where"], f"duplicate id ({item['id']!r}, first at {first_seen[item['id']]})")
         if isinstance(item, tuple):
             dropped.append({"where": item[0], "reason": item[1]})
             continue
         first_seen[item["id"]] = item["where"]
-        pairs.append(item)
-        if max_pairs and len(pairs) >= max_pairs:
+        kept.append(item)
+        if limit and len(kept) >= limit:
             break
-    return pairs, dropped
+    return kept, dropped
 
 
 class Speaker:
@@ -462,6 +481,34 @@ def _pair_records(pair: dict, speaker: Speaker, llm, formats, all_formats: bool,
     return rows
 
 
+def write_chunks(items: list[dict], out: Path, kind: str, chunk_size: int, counts: collections.Counter,
+                 dropped: list[dict], quiet: bool, make, count) -> None:
+    """Records of ``kind`` made from ``items`` (``make(item)``: a list of records, or (count key, reason) when
+    the item is dropped), ``chunk_size`` items to a ``train-NNNNN.parquet`` file with a sidecar of its counts
+    (``count(record)`` names a record's) and drops; a rerun skips the chunks already written. ``counts`` and
+    ``dropped`` gain every chunk's, done now or before."""
+    for start in range(0, len(items), chunk_size):
+        chunk = start // chunk_size
+        target = out / f"train-{chunk:05d}.parquet"
+        if target.exists():
+            continue
+        rows, chunk_counts, chunk_dropped = [], collections.Counter(), []
+        for item in tqdm(items[start : start + chunk_size], desc=f"{kind} {target.name}", unit="item", disable=quiet):
+            made = make(item)
+            if isinstance(made, tuple):
+                chunk_counts[made[0]] += 1
+                chunk_dropped.append({"where": item["where"], "id": item["id"], "reason": made[1]})
+                continue
+            rows += made
+            chunk_counts.update(count(r) for r in made)
+        write_json(out / f"train-{chunk:05d}.summary.json", {"counts": chunk_counts, "dropped": chunk_dropped})
+        write_parquet(target, records.to_table(kind, rows))
+    for sidecar in sorted(out.glob("train-*.summary.json")):
+        part = json.loads(sidecar.read_text())
+        counts.update(part["counts"])
+        dropped.extend(part["dropped"])
+
+
 def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None,
                       formats: tuple[str, ...] = FORMATS, all_formats: bool = False, prefix: str = DEFAULT_PREFIX,
                       seed: int = 0, corpus: str | None = None, license: str = "unspecified",
@@ -483,26 +530,9 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
     pairs, dropped = unique_pairs(source, instruction_column, response_column, id_column, max_pairs)
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
     speaker = Speaker(tts, extractor, kmeans, judge, gates)
-    for start in range(0, len(pairs), chunk_size):
-        chunk = start // chunk_size
-        target = out / f"train-{chunk:05d}.parquet"
-        if target.exists():
-            continue
-        rows, chunk_counts, chunk_dropped = [], collections.Counter(), []
-        for pair in tqdm(pairs[start : start + chunk_size], desc=f"chain-of-modality {target.name}", unit="pair", disable=quiet):
-            made = _pair_records(pair, speaker, llm, formats, all_formats, prefix, seed, corpus, license)
-            if isinstance(made, tuple):
-                chunk_counts[made[0]] += 1
-                chunk_dropped.append({"where": pair["where"], "id": pair["id"], "reason": made[1]})
-                continue
-            rows += made
-            chunk_counts.update(r["format"] for r in made)
-        write_json(out / f"train-{chunk:05d}.summary.json", {"counts": chunk_counts, "dropped": chunk_dropped})
-        write_parquet(target, records.to_table("chain_of_modality", rows))
-    for sidecar in sorted(out.glob("train-*.summary.json")):
-        part = json.loads(sidecar.read_text())
-        counts.update(part["counts"])
-        dropped.extend(part["dropped"])
+    write_chunks(pairs, out, "chain_of_modality", chunk_size, counts, dropped, quiet,
+                 lambda pair: _pair_records(pair, speaker, llm, formats, all_formats, prefix, seed, corpus, license),
+                 count=lambda row: row["format"])
     summary = {"pairs": len(pairs), "records": sum(counts[f] for f in FORMATS), **dict(sorted(counts.items())),
                "tts_calls_this_run": getattr(tts, "calls", None),
                "llm_requests_this_run": getattr(llm, "requests", 0) if llm else 0,

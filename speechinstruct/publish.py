@@ -7,10 +7,11 @@ Layout (``datasets.load_dataset(OUT, "cross_modal")`` reads it; the card's YAML 
     OUT/data/{config}/{split}-00000-of-00002.parquet
     OUT/stats/utterances.parquet                    id, corpus, duration, frames, units (for the report)
 
-Configs: ``cross_modal``, ``chain_of_modality``, ``pretrain``. Splits: ``train``, and unless ``eval_splits``
+Configs: ``cross_modal``, ``chain_of_modality``, ``dialogue``, ``pretrain``. Splits: ``train``, and unless ``eval_splits``
 is off, ``validation`` and ``test``, holding records made from the corpora's own dev and test audio (never
 in ``train``; for ``pretrain``, ``validation`` also holds a hashed share of train utterances). IN is a folder
-holding any of ``cross_modal/``, ``chain_of_modality/`` and ``pretrain/`` as ``compose`` writes them.
+holding any of ``cross_modal/``, ``chain_of_modality/``, ``dialogue/`` and ``pretrain/`` as ``compose`` writes
+them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from .shardfiles import composed_units_dirs, folder_vocabulary, read_units_spec
 
-CONFIGS = ("cross_modal", "chain_of_modality", "pretrain")
+CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "pretrain")
+# the column each config's records are counted by on the card ("voices": the TTS voices that spoke them)
+COUNTED_BY = {"cross_modal": "task", "chain_of_modality": "format", "dialogue": "turns"}
 
 
 ROWS_PER_BATCH = 4096  # records copied at a time: publish's memory does not grow with the dataset
@@ -80,6 +83,7 @@ def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: se
     owned = set() if owned is None else owned
     counts: dict[str, dict[str, int]] = {}
     by_kind: dict[str, collections.Counter] = {}
+    voices: dict[str, collections.Counter] = {}
     provenance: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     configs_yaml = []
     written: set[str] = set()
@@ -96,7 +100,7 @@ def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: se
             if not files:
                 continue
             paths = []
-            column = "task" if config == "cross_modal" else "format" if config == "chain_of_modality" else None
+            column = COUNTED_BY.get(config)
             for i, f in enumerate(files):
                 # The name carries a digest of the rows: `datasets` caches a folder's configs by folder name
                 # and card, so two datasets in same-named folders would otherwise share a cache entry.
@@ -112,7 +116,11 @@ def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: se
                         bar.update(table.num_rows)
                         counts.setdefault(config, collections.Counter())[split] += table.num_rows
                         if column:
-                            by_kind.setdefault(config, collections.Counter()).update(table.column(column).to_pylist())
+                            by_kind.setdefault(config, collections.Counter()).update(
+                                f"{n} turns" if column == "turns" else n for n in table.column(column).to_pylist())
+                        if "voice" in table.column_names:
+                            voices.setdefault(config, collections.Counter()).update(
+                                v for spoken in table.column("voice").to_pylist() for v in spoken.split(",") if v)
                         for corpus, license in zip(table.column("corpus").to_pylist(), table.column("license").to_pylist()):
                             provenance[f"{corpus}\t{license}"][config] += 1
                 written.add(target.relative_to(out).as_posix())
@@ -121,7 +129,7 @@ def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: se
         if data_files:
             configs_yaml.append({"config_name": config, "data_files": data_files})
     bar.close()
-    return configs_yaml, written, counts, by_kind, provenance
+    return configs_yaml, written, counts, by_kind, voices, provenance
 
 
 # ------------------------------------------------------------------------------ which files are publish's
@@ -190,7 +198,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         for config in inputs:
             theirs = [p.relative_to(out).as_posix() for p in (out / "arrow" / config).rglob("*") if p.is_file()]
             refuse_foreign(out, theirs, owned)
-    configs_yaml, written, counts, by_kind, provenance = write_configs(inputs, out, owned, quiet=quiet)
+    configs_yaml, written, counts, by_kind, voices, provenance = write_configs(inputs, out, owned, quiet=quiet)
 
     units_dirs = composed_units_dirs(compose_dir)
     spec, vocabulary, first = {}, None, None
@@ -228,6 +236,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         "extractor": extractor, "kmeans": kmeans, "templates": templates,
         "counts": {c: dict(v) for c, v in counts.items()},
         "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
+        "voices": {c: dict(sorted(v.items())) for c, v in voices.items()},
         "hours": {c: round(h, 4) for c, h in sorted(hours.items())},
         "sources": [{"corpus": key.split("\t")[0], "license": key.split("\t")[1], "records": dict(v)}
                     for key, v in sorted(provenance.items())],
@@ -482,6 +491,11 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     for config, kinds in meta["by_kind"].items():
         lines.append("")
         lines.append(f"{config}: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    if meta.get("voices"):
+        lines += ["", "## Voices", "", "The TTS voices that spoke the synthesized turns (engine:voice@rate), and how "
+                  "many turns or records each spoke:", "", "| config | voices | uses |", "|---|---|---|"]
+        for config, used in meta["voices"].items():
+            lines.append(f"| {config} | {len(used)} | " + ", ".join(f"`{cell(v)}` {n}" for v, n in used.items()) + " |")
     rules = [SPLIT_RULES.get(c, f"{cell(c)}: as its reader marks it") for c in sorted({s["corpus"] for s in meta["sources"]})]
     lines += ["", "## Splits", "",
               "Every record keeps the split of the audio it was made from, as the corpus itself defines it ("
@@ -501,11 +515,13 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     lines += ["## Intended uses", "",
               "Training and evaluating speech-text language models in SpeechGPT's three stages: `pretrain` for "
               "stage 1 (unit language modelling), `cross_modal` for stage 2 (ASR and TTS instructions), "
-              "`chain_of_modality` for stage 3 (spoken dialogue). Prompt-completion columns suit TRL's `SFTTrainer`.",
+              "`chain_of_modality` for stage 3 (spoken dialogue), `dialogue` for multi-turn spoken dialogue. "
+              "Prompt-completion columns suit TRL's `SFTTrainer`; `dialogue`'s `messages` suit it through a chat "
+              "template, with the loss on the assistant turns (`assistant_only_loss`).",
               "", "## Limitations", "",
               f"- Units come from one extractor and k-means (K = {meta['k']}); they are meaningless with another.",
               "- Instructions and responses are machine-generated (templates, an LLM or the shipped samples); "
-              "spoken answers are synthetic TTS speech, one voice per record, not human recordings.",
+              "spoken answers are synthetic TTS speech, not human recordings (one voice per speaker and record; see Voices).",
               "- Transcripts are the source corpora's own, with their errors and normalisation.",
               f"- Languages: {cell(', '.join(languages))}. Speakers and accents are those of the source corpora.", "",
               "## Loading", "", "```python", "import datasets",

@@ -120,11 +120,20 @@ class ChainOfModality(Section):
     license: str = "unspecified"
 
 
+class Dialogue(Section):
+    conversations: str = "builtin"
+    tts: Literal["espeak", "openai"] = "espeak"
+    rewrite: bool = False
+    max_dialogues: Optional[int] = Field(None, ge=1)
+    license: str = "unspecified"
+
+
 class Compose(Section):
     seed: int = 0
     cross_modal: CrossModal = CrossModal()
     pretrain: Pretrain = Pretrain()
     chain_of_modality: ChainOfModality = ChainOfModality()
+    dialogue: Optional[Dialogue] = None  # multi-turn dialogues: off unless the recipe asks for them
 
 
 class Thresholds(Section):

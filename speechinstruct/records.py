@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pyarrow as pa
 
-KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "pretrain", "scores")
+KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "dialogue", "pretrain", "scores")
 
 _ARROW = {
     "string": pa.string(),
@@ -27,8 +27,11 @@ _ARROW = {
 
 
 def _arrow_type(name: str) -> pa.DataType:
+    """``int32``, ``list<T>``, ``struct<a:T,b:T>`` (fields of primitive types)."""
     if name.startswith("list<") and name.endswith(">"):
         return pa.list_(_arrow_type(name[5:-1]))
+    if name.startswith("struct<") and name.endswith(">"):
+        return pa.struct([(field, _ARROW[kind]) for field, kind in (f.split(":") for f in name[7:-1].split(","))])
     return _ARROW[name]
 
 

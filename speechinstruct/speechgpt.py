@@ -1,8 +1,8 @@
 """SpeechGPT's record format, in one place: how each record kind is written, how it is read back, which text
 counts as markup, and the prompts a trained model is asked with (see the README's Records section).
 
-Writers: :func:`cross_modal_text` (ASR and TTS instructions) and :func:`com_text` (the four chain-of-modality
-formats), after :data:`SPEECHGPT_PREFIX`. Parsers: :data:`SHAPES`, one regular expression per task or format,
+Writers: :func:`cross_modal_text` (ASR and TTS instructions), :func:`com_text` (the four chain-of-modality
+formats) and :func:`dialogue_text` / :func:`dialogue_messages` (multi-turn dialogues), after :data:`SPEECHGPT_PREFIX`. Parsers: :data:`SHAPES`, one regular expression per task or format,
 which ``validate`` holds every record to. :data:`MARKUP`: what no text field may carry. :data:`PROMPTS` and
 :func:`parse_answer`: ``chat``'s side, as SpeechGPT's ``cli_infer.py`` builds and splits them;
 :data:`RESPONSE_MARK` and :func:`with_bos`: ``train``'s side (where the loss starts, and the BOS token).
@@ -35,7 +35,7 @@ def cross_modal_text(task: str, instruction: str, text: str, unit_text: str) -> 
 
 def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_units: list[int]) -> str:
     if fmt == "speech-speech":
-        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}; [ua] {to_text(a_units)}<eoa>."
+        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {com_answer(instruction, response, a_units)}<eoa>."
     if fmt == "speech-text":
         return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}<eoa>."
     if fmt == "text-speech":
@@ -43,6 +43,30 @@ def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_un
     if fmt == "text-text":
         return f"[Human]: {instruction}<eoh>. [SpeechGPT]: [ta] {response}<eoa>."
     raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+
+
+def com_answer(instruction: str, response: str, a_units: list[int]) -> str:
+    """The assistant's side of a speech-speech exchange: what it heard, its text answer, then the answer spoken."""
+    return f"{instruction}; [ta] {response}; [ua] {to_text(a_units)}"
+
+
+# A dialogue is its exchanges in the speech-speech form one after another, one space apart (SpeechGPT released
+# single-turn records only; this is our multi-turn form, the same markup repeated).
+EXCHANGE_SEPARATOR = " "
+
+
+def dialogue_text(exchanges: list[tuple[str, str, list[int], list[int]]]) -> str:
+    """``(user text, assistant text, user units, assistant units)`` per exchange → the dialogue's plain_text."""
+    return EXCHANGE_SEPARATOR.join(com_text("speech-speech", q, a, qu, au) for q, a, qu, au in exchanges)
+
+
+def dialogue_messages(prefix: str, exchanges: list[tuple[str, str, list[int], list[int]]]) -> list[dict]:
+    """The same dialogue as chat messages: the prefix as system message, the user's speech as unit text, the
+    assistant's chain-of-modality answer (:func:`com_answer`)."""
+    messages = [{"role": "system", "content": prefix.strip()}] if prefix.strip() else []
+    for q, a, qu, au in exchanges:
+        messages += [{"role": "user", "content": to_text(qu)}, {"role": "assistant", "content": com_answer(q, a, au)}]
+    return messages
 
 
 # ------------------------------------------------------------------------------------------------ parsers

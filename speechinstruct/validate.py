@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 
 from . import records
 from .io import naming, read_table
-from .speechgpt import SHAPES, com_text, cross_modal_text, find_markup
+from .speechgpt import SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup
 from .shardfiles import folder_k
 from .units import to_text
 
-CONTENT_KINDS = ("cross_modal", "chain_of_modality", "pretrain")
+CONTENT_KINDS = ("cross_modal", "chain_of_modality", "dialogue", "pretrain")
 
 
 @dataclass
@@ -90,6 +90,8 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
         mark = find_markup(r.get(column)) if isinstance(r.get(column), str) else None
         if mark:
             errors.append(("markup", f"{column} holds record markup {mark!r}"))
+    if kind == "dialogue":
+        errors += _dialogue_errors(r, k)
     if any(rule == "markup" for rule, _ in errors):
         return errors  # the shape checks below would only repeat it
     if kind in ("cross_modal", "chain_of_modality"):
@@ -126,6 +128,36 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             if text != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
                     and not any(rule == "units-match" for rule, _ in errors):
                 errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
+    return errors
+
+
+def _dialogue_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A dialogue's columns agree with each other, and its plain_text and messages are the ones they make."""
+    errors = []
+    for column in ("user_units", "assistant_units"):
+        bad = [u for turn in r[column] for u in turn if k is not None and not 0 <= u < k]
+        if bad:
+            errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    for column in ("user_texts", "assistant_texts"):
+        for n, text in enumerate(r[column], 1):
+            mark = find_markup(text)
+            if mark:
+                errors.append(("markup", f"{column} turn {n} holds record markup {mark!r}"))
+    columns = (r["user_texts"], r["assistant_texts"], r["user_units"], r["assistant_units"])
+    if any(len(c) != r["turns"] for c in columns):
+        errors.append(("turns", f"turns is {r['turns']}, the per-turn columns have {[len(c) for c in columns]}"))
+        return errors
+    if errors:
+        return errors
+    exchanges = list(zip(*columns))
+    if (r["prompt"], r["completion"]) != (r["prefix"], r["plain_text"]):
+        errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
+    if not markers_balanced(r["plain_text"]):
+        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+    elif r["plain_text"] != dialogue_text(exchanges):
+        errors.append(("shape", "plain_text is not the dialogue its per-turn columns make"))
+    if r["messages"] != dialogue_messages(r["prefix"], exchanges):
+        errors.append(("messages", "messages are not the dialogue its per-turn columns make"))
     return errors
 
 

@@ -133,7 +133,7 @@ def test_demo_corpus_is_published_as_what_it_is(tmp_path):
     ("demo_corpus: {sentences: five}\n",
      ["demo_corpus.sentences: Input should be a valid integer, unable to parse string as an integer"]),
     ("demo_corpus: {}\nkmeans: {k: 1}\nfeatures: {kind: wav2vec}\ncompose: {pretrain: {dev_fraction: 1.5}}\n",
-     ["features.kind: Input should be 'mfcc', 'hubert', 'wav2vec2', 'wavlm', 'data2vec-audio', 'mimi', 'encodec', 'dac' or 'xcodec'", "kmeans.k: Input should be greater than or equal to 2",
+     ["features.kind: Input should be 'mfcc', 'hubert', 'wav2vec2', 'wavlm', 'data2vec-audio', 'mimi', 'encodec', 'dac', 'xcodec' or 'xcodec2'", "kmeans.k: Input should be greater than or equal to 2",
       "compose.pretrain.dev_fraction: Input should be less than 1"]),
     ("demo_corpus: {}\ncompose: {cross_modal: {corpora: [gigaspeech]}}\n",
      ["compose.cross_modal.corpora: 'gigaspeech' is none of this recipe's corpora ['speechinstruct-demo']"]),
@@ -225,13 +225,14 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
 
     import typer.main
 
-    from speechinstruct import cluster, compose, extract, recipe as settings, shard
+    from speechinstruct import cluster, compose, dialogue, extract, recipe as settings, shard
 
     cli = typer.main.get_command(app)
     commands = {("shard",): [settings.Shard], ("extract",): [settings.Features], ("cluster",): [settings.KMeans],
                 ("compose", "cross-modal"): [settings.CrossModal, settings.Compose],
                 ("compose", "pretrain"): [settings.Pretrain, settings.Compose],
-                ("compose", "chain-of-modality"): [settings.ChainOfModality, settings.Compose]}
+                ("compose", "chain-of-modality"): [settings.ChainOfModality, settings.Compose],
+                ("compose", "dialogue"): [settings.Dialogue, settings.Compose]}
     compared = 0
     for path, sections in commands.items():
         command = cli
@@ -243,7 +244,8 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
                 assert param.default == settings.default(section, param.name), (path, param.name)
                 compared += 1
     functions = {cluster.cluster: [settings.KMeans], extract.extract: [settings.Features], shard.shard_corpus: [settings.Shard],
-                 compose.cross_modal: [settings.CrossModal, settings.Compose], compose.pretrain: [settings.Pretrain, settings.Compose]}
+                 compose.cross_modal: [settings.CrossModal, settings.Compose], compose.pretrain: [settings.Pretrain, settings.Compose],
+                 dialogue.dialogue: [settings.Dialogue, settings.Compose]}
     for fn, sections in functions.items():
         for name, param in inspect.signature(fn).parameters.items():
             section = next((s for s in sections if name in s.model_fields), None)

@@ -1,0 +1,237 @@
+"""compose dialogue (speechinstruct.dialogue): multi-turn spoken dialogues from text conversations, read back by
+a parser written here from the format's description, published, validated, and trained on by TRL's SFTTrainer
+through a chat template with the loss on the assistant turns only."""
+
+import json
+import re
+from importlib import resources
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from speechinstruct import units
+from speechinstruct.cli import app
+from speechinstruct.cluster import fit
+from speechinstruct.dialogue import dialogue
+from speechinstruct.features import MFCC
+from speechinstruct.tts import CachedTTS, EspeakTTS
+from test_train import base_model  # noqa: F401  (the tiny LLaMA and tokenizer fixture)
+
+torch.set_num_threads(2)
+runner = CliRunner()
+U = r"<sosp>(?:<\d+>)+<eosp>"
+EXCHANGE = re.compile(rf"\[Human\]: ({U})<eoh>\. \[SpeechGPT\]: (.+?); \[ta\] (.+?); \[ua\] ({U})<eoa>\.")
+
+
+def unit_ids(text: str) -> list[int]:
+    return [int(u) for u in re.findall(r"<(\d+)>", text)]
+
+
+def parse_dialogue(text: str) -> list[tuple]:
+    """Exchanges (user units, question, answer, answer units) of a dialogue's plain_text, which must be nothing
+    but those exchanges separated by single spaces."""
+    found, at = [], 0
+    while at < len(text):
+        m = EXCHANGE.match(text, at)
+        assert m, f"no exchange at {at}: {text[at:at + 80]!r}"
+        found.append((unit_ids(m.group(1)), m.group(2), m.group(3), unit_ids(m.group(4))))
+        at = m.end()
+        if at < len(text):
+            assert text[at] == " ", text[at:at + 20]
+            at += 1
+    return found
+
+
+@pytest.fixture(scope="module")
+def speech():
+    espeak = EspeakTTS()
+    mfcc = MFCC()
+    wav, sr = espeak.synthesize("Some speech to fit a small quantizer on, with many different sounds.", "en-us", 160)
+    return espeak, mfcc, units.KMeans(fit(mfcc.features(wav, sr), 16, seed=0))
+
+
+@pytest.fixture(scope="module")
+def composed(speech, tmp_path_factory):
+    espeak, mfcc, km = speech
+    root = tmp_path_factory.mktemp("dialogue")
+    tts = CachedTTS(espeak, root / "tts")
+    summary = dialogue("builtin", root / "composed" / "dialogue", mfcc, km, tts, quiet=True)
+    return root, summary, tts
+
+
+def rows(folder):
+    return [r for f in sorted(folder.glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_every_turn_is_spoken_and_the_records_parse_back(composed, speech):
+    root, summary, tts = composed
+    sample = [json.loads(line) for line in
+              resources.files("speechinstruct.data").joinpath("dialogues_sample.jsonl").read_text().splitlines()]
+    source = {}
+    for obj in sample:  # the sample in both forms, read here without our reader
+        turns = obj.get("messages") or obj.get("conversations")
+        texts = [t.get("content", t.get("value")) for t in turns if t.get("role", t.get("from")) != "system"]
+        source[obj["id"]] = list(zip(texts[0::2], texts[1::2]))
+    records = rows(root / "composed" / "dialogue")
+    assert summary["records"] == len(records) == len(sample) == 8
+    assert summary["turns"] == sum(len(v) for v in source.values()) and max(summary["records_by_turns"], key=int) == "3"
+    _, mfcc, km = speech
+    for r in records:
+        exchanges = parse_dialogue(r["plain_text"])
+        assert [(q, a) for _, q, a, _ in exchanges] == source[r["source_id"]] == list(zip(r["user_texts"], r["assistant_texts"]))
+        assert [qu for qu, _, _, _ in exchanges] == r["user_units"] and [au for *_, au in exchanges] == r["assistant_units"]
+        assert r["turns"] == len(exchanges) and all(len(u) > 10 for u in r["user_units"] + r["assistant_units"])
+        assert (r["prompt"], r["completion"]) == (r["prefix"], r["plain_text"]) and r["prefix"].startswith("You are an AI")
+        # the same dialogue as messages: system, then user (its speech as units) and assistant in turn
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["system"] + ["user", "assistant"] * r["turns"]
+        assert r["messages"][0]["content"] == r["prefix"].strip()
+        for (qu, q, a, au), user, assistant in zip(exchanges, r["messages"][1::2], r["messages"][2::2]):
+            assert unit_ids(user["content"]) == qu and re.fullmatch(U, user["content"])
+            assert assistant["content"] == f"{q}; [ta] {a}; [ua] <sosp>" + "".join(f"<{u}>" for u in au) + "<eosp>"
+        # one voice per speaker for the whole dialogue, the two speakers' voices differ
+        user_voice, assistant_voice = r["voice"].split(",")
+        assert user_voice.split(":")[1].split("@")[0] != assistant_voice.split(":")[1].split("@")[0]
+    # the first user turn's units are those of its speech, spoken in the user's voice
+    first = next(r for r in records if r["source_id"] == "dialogue-000")
+    voice, rate = first["voice"].split(",")[0].split(":")[1].split("@")
+    wav, sr = tts.synthesize(first["user_texts"][0], voice, int(rate))
+    assert first["user_units"][0] == units.SpeechEncoder(km, mfcc).encode(wav, sr).units.tolist()
+
+
+def test_a_rerun_makes_nothing_again_and_the_dataset_validates(composed, speech, tmp_path):
+    from speechinstruct.publish import publish
+    from speechinstruct.validate import validate
+
+    root, _, tts = composed
+    espeak, mfcc, km = speech
+    calls = tts.calls
+    before = rows(root / "composed" / "dialogue")
+    dialogue("builtin", root / "composed" / "dialogue", mfcc, km, tts, quiet=True)
+    dialogue("builtin", tmp_path / "again", mfcc, km, tts, quiet=True)
+    assert tts.calls == calls and rows(tmp_path / "again") == before
+    publish(root / "composed", root / "dataset", quiet=True)
+    report = validate(root / "dataset")
+    assert report.ok and report.records["dialogue"] == 8, report.as_dict()
+    card = (root / "dataset" / "README.md").read_text()
+    assert "### dialogue" in card and "## Voices" in card and "| dialogue |" in card
+    meta = json.loads((root / "dataset" / "speechinstruct.json").read_text())
+    assert sum(meta["voices"]["dialogue"].values()) == 16  # a user and an assistant voice per record
+    assert meta["by_kind"]["dialogue"] == {"1 turns": 2, "2 turns": 5, "3 turns": 1}
+
+
+def test_validate_catches_a_dialogue_whose_columns_disagree(composed, tmp_path):
+    from speechinstruct import records
+    from speechinstruct.validate import validate
+
+    root, _, _ = composed
+    good = rows(root / "composed" / "dialogue")
+    tampered = [dict(r) for r in good[:3]]
+    tampered[0]["messages"] = tampered[0]["messages"][:-1] + [{"role": "assistant", "content": "something else"}]
+    tampered[1]["plain_text"] = tampered[1]["plain_text"].replace("[ta] ", "[ta]  ", 1)
+    tampered[1]["completion"] = tampered[1]["plain_text"]
+    tampered[2]["assistant_units"] = [[99]] + tampered[2]["assistant_units"][1:]  # outside K = 16
+    for r in tampered:
+        r["content_hash"] = records.content_hash(r)
+    path = tmp_path / "train-00000.parquet"
+    table = records.to_table("dialogue", tampered)
+    pq.write_table(table, path)
+    rules = validate(path, k=16).as_dict()["errors_by_rule"]
+    assert rules == {"messages": 1, "shape": 1, "unit-range": 1}, rules
+
+
+def test_bad_conversations_are_each_skipped_and_named(speech, tmp_path):
+    espeak, mfcc, km = speech
+
+    def m(*turns):
+        return {"messages": [{"role": role, "content": text} for role, text in turns]}
+
+    lines = [
+        {"id": "ok", **m(("user", "Hello there."), ("assistant", "Hello, how can I help?"))},
+        {"id": "twice", **m(("user", "One."), ("user", "Two."), ("assistant", "Three."))},
+        {"id": "empty", **m(("user", "Hi."), ("assistant", "  "))},
+        {"id": "markup", **m(("user", "Say <eoa> now."), ("assistant", "No."))},
+        {"id": "long", **m(("user", "Tell me."), ("assistant", " ".join(["word"] * 200)))},
+        {"id": "open", **m(("user", "Hi."), ("assistant", "Hello."), ("user", "Still there?"))},
+        {"id": "role", "conversations": [{"from": "narrator", "value": "Once."}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "system", **m(("user", "Hi."), ("system", "Be brief."), ("assistant", "Hello."))},
+        {"id": "none", "text": "no turns at all"},
+    ]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("\n".join(json.dumps(line) for line in lines[:3]) + "\n{not json\n"
+                   + "\n".join(json.dumps(line) for line in lines[3:]) + "\n")
+    summary = dialogue(src, tmp_path / "out", mfcc, km, CachedTTS(espeak, None), quiet=True)
+    assert summary["records"] == 1 and summary["conversations"] == 4  # ok, empty, markup, long read as conversations
+    dropped = {d["reason"]: d["where"] for d in summary["dropped_examples"]}
+    assert dropped == {
+        "roles do not alternate (turn 2 is user, expected assistant)": "chats.jsonl:2",
+        "exchange 1: empty assistant turn": "chats.jsonl:3",
+        "malformed JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))": "chats.jsonl:4",
+        "exchange 1: markup in user turn (<eoa>)": "chats.jsonl:5",
+        "exchange 1: assistant turn too long to speak": "chats.jsonl:6",
+        "ends with a user turn that has no answer": "chats.jsonl:7",
+        "unknown role ('narrator' at turn 1)": "chats.jsonl:8",
+        "a system message inside the conversation (turn 2)": "chats.jsonl:9",
+        "no 'conversations' or 'messages' list": "chats.jsonl:10",
+    }
+    assert summary["dropped: roles do not alternate"] == 1 and summary["dropped: markup in user turn"] == 1
+    assert [r["source_id"] for r in rows(tmp_path / "out")] == ["ok"]
+
+
+def test_cli_compose_dialogue(speech, tmp_path):
+    espeak, mfcc, km = speech
+    np.save(tmp_path / "km.npy", km.centroids)
+    result = runner.invoke(app, ["compose", "dialogue", "builtin", str(tmp_path / "out"), "--kmeans",
+                                 str(tmp_path / "km.npy"), "--max-dialogues", "2", "--seed", "3", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["records"] == 2 and summary["conversations"] == 2 and "dropped_examples" not in summary
+    assert [r["source_id"] for r in rows(tmp_path / "out")] == ["dialogue-000", "dialogue-001"]
+    missing = runner.invoke(app, ["compose", "dialogue", "builtin", str(tmp_path / "o2"), "-q"])
+    assert missing.exit_code == 2 and "--kmeans is needed" in missing.output and "Traceback" not in missing.output
+
+
+CHAT_TEMPLATE = (  # a plain template with TRL's generation markers around each assistant turn and its end
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_trl_trains_on_messages_with_the_loss_on_assistant_turns_only(composed, base_model, tmp_path):  # noqa: F811
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from speechinstruct import train as T
+    from speechinstruct.publish import publish
+
+    root, _, _ = composed
+    if not (root / "dataset").is_dir():
+        publish(root / "composed", root / "dataset", quiet=True)
+    tok = AutoTokenizer.from_pretrained(base_model)
+    tok.chat_template = CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    T.expand_vocabulary(model, tok, 16)
+    train = datasets.load_dataset(str(root / "dataset"), "dialogue", split="train").select_columns(["messages"])
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, max_length=4096, save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+                     assistant_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    assert trainer.train().training_loss > 0
+    example = trainer.train_dataset[0]
+    messages = train[0]["messages"]
+    ids = example["input_ids"]
+    mask = [label != -100 for label in example["labels"]] if "labels" in example else example["assistant_masks"]
+    trained = [i for i, m in zip(ids, mask) if m]
+    expected = sum((tok(m["content"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+                    for m in messages if m["role"] == "assistant"), [])
+    assert trained == expected  # every assistant turn, and nothing of the system prompt or the user's speech
+    user_units = tok(messages[1]["content"], add_special_tokens=False)["input_ids"]
+    untrained = [i for i, m in zip(ids, mask) if not m]
+    assert any(untrained[j:j + len(user_units)] == user_units for j in range(len(untrained)))
+    assert np.isfinite(trainer.state.log_history[0]["loss"])
