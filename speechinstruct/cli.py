@@ -611,7 +611,10 @@ def train(
     max_steps: Optional[int] = typer.Option(None),
     block_size: Optional[int] = typer.Option(None, help="Stage 1 block size."),
     max_length: Optional[int] = typer.Option(None, help="Stages 2/3 maximum sequence length."),
-    mask: Optional[str] = typer.Option(None, help="No loss over: prefix (SpeechGPT's default), prompt (answer-only loss) or none."),
+    mask: Optional[str] = typer.Option(None, help="No loss over: prefix (SpeechGPT's default), prompt (answer-only "
+                                       "loss), assistant (loss on every [SpeechGPT] turn only) or none."),
+    configs: Optional[str] = typer.Option(None, help="Dataset configs to train on, comma-separated (default: the stage's; "
+                                          "stage 3 with dialogues: chain_of_modality,dialogue)."),
     lora_targets: Optional[str] = typer.Option(None, help="Stage 3: comma-separated layer names (default: peft's for the model)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping (SpeechGPT/Trainer: 1.0; 0 turns it off)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate on the validation split every N steps (always at the end)."),
@@ -639,7 +642,7 @@ def train(
         settings = settings_for_stage(stage)
     overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
                      block_size=block_size, max_length=max_length, mask=mask, max_grad_norm=max_grad_norm,
-                     eval_every=eval_every, merge=merge, save_every=save_every, seed=seed,
+                     eval_every=eval_every, merge=merge, save_every=save_every, seed=seed, configs=configs,
                      lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig.from_dict(settings)

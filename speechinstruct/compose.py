@@ -411,11 +411,23 @@ class Speaker:
 
     def __init__(self, tts, extractor, kmeans, judge=None, gates=None):
         self.tts, self.judge, self.gates = tts, judge, gates
+        self.extractor, self.kmeans = extractor, kmeans
         if is_codec(extractor):  # its codes are the units, every frame kept
             self.encode = extractor.units
         else:
             encoder = SpeechEncoder(kmeans, extractor)
             self.encode = lambda wav, sr: encoder.encode(wav, sr).units
+
+    def tokenizer_spec(self) -> dict:
+        """What made the units (for a compose summary, so that publish knows the vocabulary of records that
+        come from no units folder): the extractor's spec, the k-means and the unit vocabulary."""
+        from .shardfiles import kmeans_spec, kmeans_vocabulary
+
+        spec = {k: v for k, v in self.extractor.spec.items() if k != "checkpoint"}
+        if is_codec(self.extractor):
+            return {"extractor": spec, "kmeans": None, "vocabulary": self.extractor.vocabulary().to_json()}
+        vocabulary = kmeans_vocabulary(self.extractor.spec, self.kmeans.k, self.kmeans.meta.get("sha256"))
+        return {"extractor": spec, "kmeans": kmeans_spec(self.kmeans), "vocabulary": vocabulary.to_json()}
 
     def units(self, text: str, key: str) -> tuple[list[int], str, dict]:
         voice, rate = self.tts.voice_for(key)
@@ -536,6 +548,6 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
     summary = {"pairs": len(pairs), "records": sum(counts[f] for f in FORMATS), **dict(sorted(counts.items())),
                "tts_calls_this_run": getattr(tts, "calls", None),
                "llm_requests_this_run": getattr(llm, "requests", 0) if llm else 0,
-               "dropped_examples": dropped[:200]}
+               **speaker.tokenizer_spec(), "dropped_examples": dropped[:200]}
     write_json(out / "summary.json", summary)
     return summary

@@ -161,6 +161,7 @@ def dialogue(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=No
     summary = {"conversations": len(conversations), "records": counts.pop("records", 0),
                "turns": sum(n * c for n, c in turns.items()), "records_by_turns": {str(n): c for n, c in sorted(turns.items())},
                **dict(sorted(counts.items())), "tts_calls_this_run": getattr(tts, "calls", None),
-               "llm_requests_this_run": getattr(llm, "requests", 0) if llm else 0, "dropped_examples": dropped[:200]}
+               "llm_requests_this_run": getattr(llm, "requests", 0) if llm else 0, **speaker.tokenizer_spec(),
+               "dropped_examples": dropped[:200]}
     write_json(out / "summary.json", summary)
     return summary

@@ -32,7 +32,7 @@ from .corpora import SOURCES
 from .corpora.base import SPLITS
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
-from .shardfiles import composed_units_dirs, folder_vocabulary, read_units_spec
+from .shardfiles import Vocabulary, composed_speech_specs, composed_units_dirs, folder_vocabulary, read_units_spec
 
 CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "pretrain")
 # the column each config's records are counted by on the card ("voices": the TTS voices that spoke them)
@@ -212,6 +212,14 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
         elif found != vocabulary:  # one dataset, one unit vocabulary
             raise ValueError(f"{compose_dir}: its records come from units of two vocabularies ({first}: "
                              f"{vocabulary.tokenizer} {vocabulary.size}; {d}: {found.tokenizer} {found.size}); "
+                             "compose them into separate folders")
+    for where, made in composed_speech_specs(compose_dir):  # synthesized speech: what tokenized it
+        found = Vocabulary.from_json(made["vocabulary"], str(where))
+        if vocabulary is None:
+            spec, vocabulary, first = {**made.get("extractor", {}), "kmeans": made.get("kmeans")}, found, where
+        elif (found.tokenizer, found.size) != (vocabulary.tokenizer, vocabulary.size):
+            raise ValueError(f"{compose_dir}: its records come from units of two vocabularies ({first}: "
+                             f"{vocabulary.tokenizer} {vocabulary.size}; {where}: {found.tokenizer} {found.size}); "
                              "compose them into separate folders")
     # Machine-independent provenance: files by name and hash, never by a local absolute path.
     kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}

@@ -176,8 +176,8 @@ def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
 # ------------------------------------------------------------------------- a published dataset's metadata
 # The keys of ``speechinstruct.json`` (publish writes it) that other stages read, and the JSON type of each.
 DATASET_META_TYPES = {"name": str, "pipeline_version": str, "counts": dict, "hours": dict, "sources": list,
-                      "by_kind": dict, "extractor": dict, "kmeans": dict, "templates": dict, "languages": list,
-                      "vocabulary": dict}
+                      "by_kind": dict, "voices": dict, "extractor": dict, "kmeans": dict, "templates": dict,
+                      "languages": list, "vocabulary": dict}
 DATASET_META_REQUIRED = ("name", "pipeline_version", "counts", "hours", "sources", "extractor")
 
 
@@ -230,6 +230,19 @@ def composed_units_dirs(folder: str | Path) -> list[Path]:
             if units and Path(units).is_dir() and Path(units) not in dirs:
                 dirs.append(Path(units))
     return dirs
+
+
+def composed_speech_specs(folder: str | Path) -> list[tuple[Path, dict]]:
+    """(summary, {extractor, kmeans, vocabulary}) of a compose folder's synthesized speech: the chain-of-modality
+    and dialogue summaries record what tokenized it."""
+    found = []
+    for config in ("chain_of_modality", "dialogue"):
+        summary = Path(folder) / config / "summary.json"
+        if summary.is_file():
+            spec = read_json(summary, dict, "; compose again")
+            if isinstance(spec.get("vocabulary"), dict):
+                found.append((summary, spec))
+    return found
 
 
 def _spec_vocabulary(spec: dict, where: str) -> Vocabulary | None:

@@ -11,8 +11,10 @@ As SpeechGPT's released scripts (``ma_pretrain.py``, ``cm_sft.py``, ``com_sft.py
   New embedding rows start at the mean of the old ones (SpeechGPT: transformers' default init);
 * stages 2 and 3 tokenise ``prefix + plain_text`` as ONE string (BOS first, EOS appended when it fits) and
   set the labels to -100 over the prefix only (``mask="prefix"``): the ``[Human]`` turn is trained on.
-  ``mask="prompt"`` (loss on the ``[SpeechGPT]`` answer only) and ``mask="none"`` are options; the boundary
-  is found from the tokenizer's character offsets, never by tokenising the parts separately;
+  ``mask="prompt"`` (loss on the ``[SpeechGPT]`` answer only), ``mask="assistant"`` (loss on every
+  ``[SpeechGPT]`` turn of a multi-turn dialogue, up to the next ``[Human]``) and ``mask="none"`` are options;
+  the boundaries are found from the tokenizer's character offsets, never by tokenising the parts separately;
+* stage 3 reads ``chain_of_modality``; ``configs`` adds others (``dialogue``: multi-turn spoken dialogues);
 * stage 1 puts BOS before each line, no EOS, and keeps the short last block;
 * gradients are clipped at 1.0 (Hugging Face Trainer's default, which SpeechGPT trained with).
 
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")  # SpeechGPT's; not <eoa>
 CONFIG_FOR_STAGE = {1: "pretrain", 2: "cross_modal", 3: "chain_of_modality"}
-MASKS = ("prefix", "prompt", "none")
+MASKS = ("prefix", "prompt", "assistant", "none")
+HUMAN_MARK = "[Human]:"
 
 
 @dataclass
@@ -57,7 +60,9 @@ class TrainConfig:
     max_steps: int | None = None
     block_size: int = 1024            # stage 1 packing
     max_length: int = 512             # stages 2 and 3 (SpeechGPT: 512 and 1024)
-    mask: str = "prefix"              # labels -100 over: prefix (SpeechGPT), prompt (answer-only loss), none
+    mask: str = "prefix"              # labels -100 over: prefix (SpeechGPT), prompt (answer-only loss),
+                                      # assistant (all but every [SpeechGPT] turn), none
+    configs: list[str] | None = None  # the dataset configs to train on (default: the stage's, CONFIG_FOR_STAGE)
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -78,6 +83,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mask not in MASKS:
             raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
+        if isinstance(self.configs, str):
+            self.configs = [c.strip() for c in self.configs.split(",") if c.strip()]
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -139,38 +146,56 @@ def dataset_k(data: str | Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ examples
-def masked_chars(prefix: str, plain_text: str, mask: str) -> int | None:
-    """How many leading characters of ``prefix + plain_text`` get no loss (None: not a dialogue record)."""
+def loss_spans(prefix: str, plain_text: str, mask: str) -> list[tuple[int, int]] | None:
+    """The character ranges of ``prefix + plain_text`` that get the loss (None: ``mask`` finds no answer)."""
+    end = len(prefix) + len(plain_text)
     if mask == "none":
-        return 0
+        return [(0, end)]
     if mask == "prefix":
-        return len(prefix)
+        return [(len(prefix), end)]
     cut = plain_text.find(RESPONSE_MARK)
-    return None if cut < 0 else len(prefix) + cut + len(RESPONSE_MARK)
+    if cut < 0:
+        return None
+    if mask == "prompt":
+        return [(len(prefix) + cut + len(RESPONSE_MARK), end)]
+    spans = []  # assistant: each [SpeechGPT] turn, up to the next [Human] turn
+    while cut >= 0:
+        start = cut + len(RESPONSE_MARK)
+        human = plain_text.find(HUMAN_MARK, start)
+        stop = human if human >= 0 else len(plain_text)
+        spans.append((len(prefix) + start, len(prefix) + stop))
+        cut = plain_text.find(RESPONSE_MARK, stop)
+    return spans
 
 
 def supervised_example(tokenizer, prefix: str, plain_text: str, max_length: int, mask: str = "prefix") -> dict | None:
     """input_ids and labels for one record, as SpeechGPT's ``cm_sft.py`` builds them: the whole text
-    tokenised once, BOS first, EOS appended when it fits, truncated at ``max_length``; labels -100 over the
-    tokens that start inside the masked characters (``masked_chars``)."""
+    tokenised once, BOS first, EOS appended when it fits, truncated at ``max_length``; a token gets the loss when
+    it starts inside one of the ``loss_spans`` (BOS with the first character, EOS with the last)."""
     text = prefix + plain_text
-    cut = masked_chars(prefix, plain_text, mask)
-    if cut is None:
+    spans = loss_spans(prefix, plain_text, mask)
+    if spans is None:
         return None
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, starts = enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
-        n_masked = sum(1 for start in starts if start < cut)
-    else:  # slow tokenizers have no offsets: count the tokens of the masked text, as SpeechGPT does
+        trained = [any(a <= start < b for a, b in spans) for start in starts]
+    elif len(spans) == 1 and spans[0][1] == len(text):
+        # slow tokenizers have no offsets: count the tokens of the masked text, as SpeechGPT does
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = spans[0][0]
         n_masked = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if cut else 0
+        trained = [i >= n_masked for i in range(len(ids))]
+    else:
+        raise ValueError(f"mask {mask!r} needs a fast tokenizer (one with character offsets)")
     full = with_bos(tokenizer, ids)
-    if cut:
-        n_masked += len(full) - len(ids)  # BOS is masked with the prefix
+    if len(full) > len(ids):
+        trained = [spans[0][0] == 0] + trained  # BOS: trained only when the first character is
     if tokenizer.eos_token_id is not None and len(full) < max_length:
         full = full + [tokenizer.eos_token_id]
-    full = full[:max_length]
-    labels = [-100] * min(n_masked, len(full)) + full[n_masked:]
+        trained = trained + [spans[-1][1] == len(text)]
+    full, trained = full[:max_length], trained[:max_length]
+    labels = [token if keep else -100 for token, keep in zip(full, trained)]
     if all(label == -100 for label in labels):
         return None  # truncated before anything to learn
     return {"input_ids": full, "labels": labels}
@@ -212,15 +237,25 @@ def load_split(data: str | Path, config: str, split: str):
 
 def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, split: str = "train") -> list[dict]:
     """Examples of one split of the stage's config (an empty list when the dataset has no such split)."""
-    ds = load_split(data, CONFIG_FOR_STAGE[stage], split)
-    if ds is None:
-        return []
+    configs = cfg.configs or [CONFIG_FOR_STAGE[stage]]
+    from .shardfiles import read_dataset_meta
+
+    published = read_dataset_meta(data)["counts"]
+    missing = [c for c in configs if c not in published]
+    if missing:
+        raise ValueError(f"{data}: no {', '.join(missing)} config (it has {', '.join(published) or 'none'})")
     if stage == 1:
-        return packed_blocks(tokenizer, ds["text"], cfg.block_size) if len(ds) else []
-    examples = [supervised_example(tokenizer, r["prefix"], r["plain_text"], cfg.max_length, cfg.mask) for r in ds]
-    examples = [e for e in examples if e is not None]
+        ds = load_split(data, configs[0], split)
+        return packed_blocks(tokenizer, ds["text"], cfg.block_size) if ds is not None and len(ds) else []
+    examples = []
+    for config in configs:
+        ds = load_split(data, config, split)
+        for r in ds if ds is not None else []:
+            example = supervised_example(tokenizer, r["prefix"], r["plain_text"], cfg.max_length, cfg.mask)
+            if example is not None:
+                examples.append(example)
     if not examples and split == "train":
-        raise ValueError(f"{data}: no usable {CONFIG_FOR_STAGE[stage]} examples")
+        raise ValueError(f"{data}: no usable {' or '.join(configs)} examples")
     return examples
 
 

@@ -121,6 +121,25 @@ def test_a_rerun_makes_nothing_again_and_the_dataset_validates(composed, speech,
     meta = json.loads((root / "dataset" / "speechinstruct.json").read_text())
     assert sum(meta["voices"]["dialogue"].values()) == 16  # a user and an assistant voice per record
     assert meta["by_kind"]["dialogue"] == {"1 turns": 2, "2 turns": 5, "3 turns": 1}
+    # no units folder made these records: the compose summary says what tokenized the speech
+    assert meta["k"] == report.k == 16 and meta["vocabulary"]["tokenizer"] == "kmeans"
+    assert meta["extractor"]["features"] == "mfcc"
+
+
+def test_publish_refuses_dialogues_and_pairs_spoken_into_two_vocabularies(composed, speech, tmp_path):
+    import shutil
+
+    from speechinstruct import compose
+    from speechinstruct.publish import publish
+
+    root, _, tts = composed
+    espeak, mfcc, km = speech
+    shutil.copytree(root / "composed" / "dialogue", tmp_path / "composed" / "dialogue")
+    other = units.KMeans(km.centroids[:8])
+    compose.chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", mfcc, other, tts, max_pairs=2,
+                              quiet=True)
+    with pytest.raises(ValueError, match=r"two vocabularies .*chain_of_modality.summary.json: kmeans 8; .*dialogue.summary.json: kmeans 16\)"):
+        publish(tmp_path / "composed", tmp_path / "dataset", quiet=True)
 
 
 def test_validate_catches_a_dialogue_whose_columns_disagree(composed, tmp_path):
@@ -235,3 +254,59 @@ def test_trl_trains_on_messages_with_the_loss_on_assistant_turns_only(composed, 
     untrained = [i for i, m in zip(ids, mask) if not m]
     assert any(untrained[j:j + len(user_units)] == user_units for j in range(len(untrained)))
     assert np.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_mask_assistant_trains_on_every_speechgpt_turn_only(composed, base_model):  # noqa: F811
+    """train's mask "assistant": the loss on each [SpeechGPT] turn of a dialogue, up to the next [Human] turn; the
+    prefix, every [Human] turn (the user's speech) and BOS get none; EOS, closing the last answer, gets it."""
+    from transformers import AutoTokenizer
+
+    from speechinstruct import train as T
+
+    root, _, _ = composed
+    record = next(r for r in rows(root / "composed" / "dialogue") if r["turns"] == 3)
+    tok = AutoTokenizer.from_pretrained(base_model)
+    T.add_unit_tokens(tok, 16)
+    example = T.supervised_example(tok, record["prefix"], record["plain_text"], 8192, mask="assistant")
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids[0] == tok.bos_token_id and labels[0] == -100 and labels[-1] == ids[-1] == tok.eos_token_id
+    runs, current = [], []  # the trained tokens, as contiguous runs
+    for token, label in zip(ids, labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs.append(current)
+    decoded = [tok.decode(run).replace(" ", "") for run in runs]
+    exchanges = parse_dialogue(record["plain_text"])
+    assert len(decoded) == 3
+    for text, (_, q, a, au) in zip(decoded, exchanges):
+        answer = f"{q}; [ta] {a}; [ua] <sosp>" + "".join(f"<{u}>" for u in au) + "<eosp><eoa>."
+        assert text.startswith(answer.replace(" ", ""))
+        assert "[Human]" not in text and "<eoh>" not in text
+    assert decoded[-1].endswith("<eoa>.</s>")
+    # the same record under SpeechGPT's mask trains the [Human] turns too
+    prefix_only = T.supervised_example(tok, record["prefix"], record["plain_text"], 8192, mask="prefix")
+    assert sum(label != -100 for label in prefix_only["labels"]) > sum(label != -100 for label in labels)
+
+
+def test_stage3_trains_on_chain_of_modality_and_dialogues_together(composed, base_model, tmp_path):  # noqa: F811
+    from speechinstruct.publish import publish
+    from speechinstruct.train import TrainConfig, build_examples, train
+
+    root, _, _ = composed
+    if not (root / "dataset").is_dir():
+        publish(root / "composed", root / "dataset", quiet=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    cfg = TrainConfig(configs="dialogue", mask="assistant", max_length=4096)
+    assert len(build_examples(3, root / "dataset", tok, cfg)) == 8
+    with pytest.raises(ValueError, match=r"no chain_of_modality config \(it has dialogue\)"):
+        build_examples(3, root / "dataset", tok, TrainConfig(configs=["chain_of_modality", "dialogue"]))
+    result = train(3, base_model, root / "dataset", tmp_path / "run",
+                   TrainConfig(configs=["dialogue"], mask="assistant", max_steps=2, batch_size=2, max_length=4096,
+                               lr=1e-3, log_every=1), quiet=True)
+    assert result["history"] and np.isfinite(result["history"][-1]["loss"])
+    assert (tmp_path / "run" / "adapter").is_dir()

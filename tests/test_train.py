@@ -95,7 +95,7 @@ def test_labels_masks(base_model):
     assert tok.decode(ex["input_ids"][first:]).replace(" ", "") == "<sosp><3><11><eosp><eoa></s>"
     assert T.supervised_example(tok, prefix, plain, 512, mask="none")["labels"] == whole
     assert T.supervised_example(tok, prefix, plain, 5, mask="prompt") is None  # cut before the answer
-    with pytest.raises(ValueError, match="mask must be one of prefix, prompt, none"):
+    with pytest.raises(ValueError, match="mask must be one of prefix, prompt, assistant, none"):
         T.TrainConfig(mask="response")
 
 
