@@ -6,6 +6,10 @@ format the model was trained on, up to the answer (``PROMPTS``): by default chai
 ``cli_infer.py`` template (``[Human]: {input} <eoh>. [SpeechGPT]: ``). The answer is split as ``cli_infer.py``
 splits it: text question (before ``; [ta]``), text answer (between ``[ta]`` and ``; [ua]``) and unit answer
 (after ``[ua]``), each up to ``<eoa>``.
+
+Several turns: with ``history`` (earlier (input, answer) exchanges) the chain-of-modality prompt is the
+dialogue so far, as ``compose dialogue`` writes it (``speechgpt.dialogue_text``: each exchange
+``[Human]: {input}<eoh>. [SpeechGPT]: {answer}<eoa>.``, one space apart), then the new input.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .speechgpt import DEFAULT_PREFIX, PROMPTS, parse_answer, with_bos  # noqa: F401 (parse_answer: chat's API)
+from .speechgpt import (DEFAULT_PREFIX, EXCHANGE_SEPARATOR, PROMPTS, exchange_text, parse_answer,  # noqa: F401
+                        with_bos)  # (parse_answer: chat's API)
 from .units import SpeechEncoder, to_text
 
 class Chat:
@@ -38,17 +43,24 @@ class Chat:
         self.model = model.eval().to(device)
         self.device, self.prefix, self.kind = device, prefix, kind
 
-    def prompt(self, user_input: str) -> str:
-        return self.prefix + PROMPTS[self.kind].format(input=user_input)
+    def prompt(self, user_input: str, history: list[tuple[str, str]] = ()) -> str:
+        """The prompt for ``user_input`` after the exchanges of ``history`` ((input, answer) pairs; the answer as
+        :func:`parse_answer` gives it, up to ``<eoa>``)."""
+        if history and self.kind != "chain_of_modality":
+            raise ValueError(f"a history needs the chain_of_modality prompt (dialogues); {self.kind} records are one turn")
+        turns = [exchange_text(question, answer) for question, answer in history]
+        return self.prefix + "".join(turn + EXCHANGE_SEPARATOR for turn in turns) + PROMPTS[self.kind].format(input=user_input)
 
-    def prompt_ids(self, user_input: str) -> list[int]:
+    def prompt_ids(self, user_input: str, history: list[tuple[str, str]] = ()) -> list[int]:
         """Token ids of the prompt exactly as training tokenised the record's beginning (BOS first)."""
 
-        return with_bos(self.tokenizer, self.tokenizer(self.prompt(user_input), add_special_tokens=False)["input_ids"])
+        text = self.prompt(user_input, history)
+        return with_bos(self.tokenizer, self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
-    def reply(self, user_input: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 0.8) -> dict:
-        ids = torch.tensor([self.prompt_ids(user_input)], device=self.device)
+    def reply(self, user_input: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 0.8,
+              history: list[tuple[str, str]] = ()) -> dict:
+        ids = torch.tensor([self.prompt_ids(user_input, history)], device=self.device)
         sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
         output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,

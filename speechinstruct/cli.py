@@ -670,6 +670,8 @@ def chat(
     vocoder: Optional[Path] = typer.Option(None, help="A unit HiFi-GAN (fairseq g_00500000 + config.json, or its "
                                            "folder), or the dataset's codec folder, to speak the unit answer."),
     speak: Optional[Path] = typer.Option(None, help="With --vocoder: write the spoken unit answer here (.wav)."),
+    history: Optional[Path] = typer.Option(None, help="A JSON file of the dialogue so far ([{input, answer}, …]; "
+                                           "created when missing): each reply sees it, and is added to it."),
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
@@ -697,8 +699,15 @@ def chat(
         inputs.append(text)
     if not inputs:
         inputs = (line.strip() for line in sys.stdin if line.strip())
+    past = _read_history(history) if history else None
     for user_input in inputs:
-        answer = bot.reply(user_input, max_new_tokens=max_new_tokens)
+        answer = bot.reply(user_input, max_new_tokens=max_new_tokens,
+                           history=[(turn["input"], turn["answer"]) for turn in past or []])
+        if past is not None:
+            from .io import write_json
+
+            past.append({"input": user_input, "answer": answer["answer"]})
+            write_json(history, past)
         if voice is not None:
             from . import audio
 
@@ -709,6 +718,20 @@ def chat(
                 answer["spoken"] = None  # nothing to say: the answer has no units
                 typer.secho("note: the answer has no unit part to speak", err=True)
         _print_json(answer)
+
+
+def _read_history(path: Path) -> list[dict]:
+    """``chat --history``: the exchanges so far, or one line naming the file when it is not what chat writes."""
+    if not path.exists():
+        return []
+    try:
+        turns = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{path}: cannot read the chat history ({e})")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("input"), str)
+                                              and isinstance(t.get("answer"), str) for t in turns):
+        fail(f"{path}: a chat history is a JSON list of {{\"input\": …, \"answer\": …}} objects")
+    return turns
 
 
 def _load_vocoder(path, units_of=None):

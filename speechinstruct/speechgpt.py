@@ -35,7 +35,7 @@ def cross_modal_text(task: str, instruction: str, text: str, unit_text: str) -> 
 
 def com_text(fmt: str, instruction: str, response: str, q_units: list[int], a_units: list[int]) -> str:
     if fmt == "speech-speech":
-        return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {com_answer(instruction, response, a_units)}<eoa>."
+        return exchange_text(to_text(q_units), com_answer(instruction, response, a_units))
     if fmt == "speech-text":
         return f"[Human]: {to_text(q_units)}<eoh>. [SpeechGPT]: {instruction}; [ta] {response}<eoa>."
     if fmt == "text-speech":
@@ -58,6 +58,12 @@ EXCHANGE_SEPARATOR = " "
 def dialogue_text(exchanges: list[tuple[str, str, list[int], list[int]]]) -> str:
     """``(user text, assistant text, user units, assistant units)`` per exchange → the dialogue's plain_text."""
     return EXCHANGE_SEPARATOR.join(com_text("speech-speech", q, a, qu, au) for q, a, qu, au in exchanges)
+
+
+def exchange_text(user_input: str, answer: str) -> str:
+    """One exchange of a dialogue from what the user said (text or unit text) and the assistant's whole answer:
+    for a speech-speech exchange this is :func:`com_text`'s ``speech-speech`` record."""
+    return f"[Human]: {user_input}<eoh>. [SpeechGPT]: {answer}<eoa>."
 
 
 def dialogue_messages(prefix: str, exchanges: list[tuple[str, str, list[int], list[int]]]) -> list[dict]:

@@ -310,3 +310,32 @@ def test_stage3_trains_on_chain_of_modality_and_dialogues_together(composed, bas
                                lr=1e-3, log_every=1), quiet=True)
     assert result["history"] and np.isfinite(result["history"][-1]["loss"])
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_chat_with_a_history_prompts_with_the_dialogue_so_far_as_training_wrote_it(composed, base_model, tmp_path):  # noqa: F811
+    from speechinstruct.chat import Chat
+    from speechinstruct.speechgpt import com_answer
+    from speechinstruct.units import to_text
+
+    root, _, _ = composed
+    record = next(r for r in rows(root / "composed" / "dialogue") if r["turns"] == 3)
+    bot = Chat(base_model)
+    history = [(to_text(qu), com_answer(q, a, au)) for q, a, qu, au in
+               zip(record["user_texts"], record["assistant_texts"], record["user_units"], record["assistant_units"])][:2]
+    third = record["plain_text"].index("[SpeechGPT]:", record["plain_text"].index(to_text(record["user_units"][2])))
+    expected = record["prefix"] + record["plain_text"][: third + len("[SpeechGPT]:")]
+    assert bot.prompt(to_text(record["user_units"][2]), history) == expected
+    assert bot.prompt("hello") == record["prefix"] + "[Human]: hello<eoh>. [SpeechGPT]:"
+    with pytest.raises(ValueError, match="a history needs the chain_of_modality prompt"):
+        Chat(base_model, kind="cross_modal").prompt("hello", history)
+
+    log = tmp_path / "history.json"
+    for said in ("Hello there.", "And then?"):
+        result = runner.invoke(app, ["chat", "--model", str(base_model), "--text", said, "--history", str(log),
+                                     "--max-new-tokens", "3"])
+        assert result.exit_code == 0, result.output
+    turns = json.loads(log.read_text())
+    assert [t["input"] for t in turns] == ["Hello there.", "And then?"] and all(isinstance(t["answer"], str) for t in turns)
+    log.write_text('{"not": "a list"}')
+    bad = runner.invoke(app, ["chat", "--model", str(base_model), "--text", "hi", "--history", str(log)])
+    assert bad.exit_code == 2 and "history.json: a chat history is a JSON list" in bad.output and "Traceback" not in bad.output
