@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -165,7 +166,7 @@ class Job:
         self.quality = recipe["quality"]
         self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"])
         self.runner.total = (bool(recipe["demo_corpus"]) + (3 + self.scoring) * len(self.corpora)
-                             + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2)
+                             + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2 + bool(recipe["compose"]["dialogue"]))
         self._judge = None
         self.f = recipe["features"]
         # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
@@ -332,6 +333,32 @@ class Job:
                 license=com["license"], max_pairs=com["max_pairs"], quiet=quiet,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
+        self.compose_dialogues(seed, km)
+
+    def compose_dialogues(self, seed: int, km) -> None:
+        """Multi-turn dialogues, when the recipe asks for them (``compose.dialogue``); a folder left by an
+        earlier run whose recipe did is removed, so that publish does not take it."""
+        recipe, composed = self.recipe, self.composed
+        dlg = recipe["compose"]["dialogue"]
+        if not dlg:
+            if (composed / "dialogue" / ".stage.json").is_file():
+                shutil.rmtree(composed / "dialogue")
+            return
+        from .dialogue import dialogue
+        from .tts import make_tts
+
+        llm = self._llm() if recipe["llm"] and (dlg["rewrite"] or dlg["tts"] == "openai") else None
+        self.stamps["dialogue"] = self.runner.stage(
+            "compose dialogue", composed / "dialogue",
+            {**dlg, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
+             **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
+            [self.stamps["kmeans"], sha256_json(self.feature_settings)],
+            lambda: _brief(dialogue(
+                dlg["conversations"], composed / "dialogue", self.extractor(), km,
+                make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm), llm=llm if dlg["rewrite"] else None,
+                seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"], quiet=self.quiet,
+                **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
+
     def _llm(self):
         from .llm import LLM
 
@@ -344,7 +371,8 @@ class Job:
         from .validate import format_report, validate
 
         name, eval_splits = self.recipe["name"], bool(self.recipe["output"]["eval_splits"])
-        inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"]]
+        inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"],
+                  *([self.stamps["dialogue"]] if "dialogue" in self.stamps else [])]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
             lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))

@@ -306,7 +306,8 @@ def _references(recipe: dict) -> list[str]:
                 problems.append(f"{where}.{key}: needs quality.asr (an ASR model, or a model name with base_url)")
     if q["base_url"] and not q["asr"]:
         problems.append("quality.base_url: needs quality.asr (the model name at that server, or openai)")
-    com = recipe["compose"]["chain_of_modality"]
-    if (com["rewrite"] or com["tts"] == "openai") and not recipe["llm"]:
-        problems.append("compose.chain_of_modality: rewrite / tts openai need an llm section (base_url, model)")
+    for name in ("chain_of_modality", "dialogue"):
+        section = recipe["compose"][name]
+        if section and (section["rewrite"] or section["tts"] == "openai") and not recipe["llm"]:
+            problems.append(f"compose.{name}: rewrite / tts openai need an llm section (base_url, model)")
     return problems

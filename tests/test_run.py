@@ -75,19 +75,24 @@ def test_recipe_errors_are_clear(tmp_path, monkeypatch):
 def test_shipped_mini_recipe_loads():
     r = load_recipe("recipes/mini.yaml")
     assert r["demo_corpus"]["sentences"] == 300 and r["features"]["kind"] == "mfcc" and r["kmeans"]["k"] == 100
+    assert r["compose"]["dialogue"]["conversations"] == "builtin"
 
 
 def test_recipe_with_an_existing_kmeans_file(tmp_path):
     import numpy as np
     km = tmp_path / "km.npy"
     np.save(km, np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32))  # 39 = MFCC dims
-    path = recipe(tmp_path, kmeans={"path": str(km)})
-    summary = run(path, quiet=True)
+    dialogues = {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}, "dialogue": {"max_dialogues": 2}}
+    summary = run(recipe(tmp_path, kmeans={"path": str(km)}, compose=dialogues), quiet=True)
     assert summary["valid"] and summary["k"] == 10
     assert not (tmp_path / "work" / "kmeans").exists()  # nothing was fitted
+    talks = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "dialogue", split="train")
+    assert talks["source_id"] == ["dialogue-000", "dialogue-001"] and talks["turns"] == [2, 2]
     np.save(km, np.random.default_rng(1).normal(size=(10, 39)).astype(np.float32))  # replaced in place
-    again = run(path, quiet=True)
+    again = run(recipe(tmp_path, kmeans={"path": str(km)}), quiet=True)  # and dialogues no longer asked for
     assert again["stages_skipped"] == 3  # demo, shard, extract; quantize onwards redone
+    assert again["valid"] and "dialogue" not in again["records"]
+    assert not (tmp_path / "work" / "composed" / "dialogue").exists()
 
 
 def test_run_on_a_release_with_test_sets_publishes_no_test_audio_as_training_data(tmp_path, librispeech_release):
