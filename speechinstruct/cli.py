@@ -286,7 +286,10 @@ SpeechFeatures = typer.Option(Features.mfcc, "--features")
 SpeechCheckpoint = typer.Option(None, "--checkpoint", help="hubert or a codec: checkpoint.")
 SpeechCodebooks = typer.Option(None, "--codebooks", min=1, help="codecs: codebooks to keep (as extract was given).")
 SpeechLayer = typer.Option(None, "--layer", help="hubert: layer.")
-TtsModel = typer.Option("tts-1", "--tts-model", help="openai TTS model.")
+TtsModel = typer.Option(default(settings.ChainOfModality, "tts_model"), "--tts-model",
+                        help="openai: the endpoint's TTS model; vits: a transformers VitsModel folder.")
+Voices = typer.Option(None, "--voices", help="Comma-separated TTS voices to draw from (espeak: en-us, en+f2, …; openai: "
+                      "alloy, …; vits: speaker ids 0, 1, …). Default: the engine's own list.")
 
 
 def _llm(base_url, model, cache_dir, max_requests, required=True, **options):
@@ -369,8 +372,8 @@ def compose_pretrain(
                                  shard_index=shard_index, quiet=quiet))
 
 
-def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, rewrite: bool, base_url, model, max_requests,
-                  features, checkpoint, layer, codebooks, kmeans, device):
+def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | None, rewrite: bool, base_url, model,
+                  max_requests, features, checkpoint, layer, codebooks, kmeans, device):
     """(LLM or None, TTS engine, extractor, k-means or None) for a compose command that speaks text."""
     from .codecs import is_codec
     from .features import load_extractor
@@ -379,7 +382,8 @@ def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, rewrite: bool,
 
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
-    engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model)
+    engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model,
+                      voices=[v.strip() for v in voices.split(",") if v.strip()] if voices else None)
     extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks)
     codec = is_codec(extractor)
     if codec == bool(kmeans):
@@ -397,8 +401,9 @@ def compose_chain_of_modality(
     checkpoint: Optional[str] = SpeechCheckpoint,
     codebooks: Optional[int] = SpeechCodebooks,
     layer: Optional[int] = SpeechLayer,
-    tts: str = typer.Option(default(settings.ChainOfModality, "tts"), help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
+    tts: str = typer.Option(default(settings.ChainOfModality, "tts"), help="espeak (embedded), openai (the endpoint's /audio/speech) or vits (--tts-model FOLDER)."),
     tts_model: str = TtsModel,
+    voices: Optional[str] = Voices,
     rewrite: bool = typer.Option(default(settings.ChainOfModality, "rewrite"), help="Rewrite pairs for speech with the LLM (needs an endpoint)."),
     base_url: Optional[str] = BaseUrl,
     model: str = Model,
@@ -422,7 +427,7 @@ def compose_chain_of_modality(
 
     settings.checked(settings.ChainOfModality, tts=tts, rewrite=rewrite, all_formats=all_formats, license=license,
                      max_pairs=max_pairs)
-    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, rewrite, base_url, model, max_requests,
+    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
                                                features, checkpoint, layer, codebooks, kmeans, device)
     summary = compose.chain_of_modality(
         instructions, out, extractor, km, engine, llm=llm,
@@ -442,8 +447,9 @@ def compose_dialogue(
     checkpoint: Optional[str] = SpeechCheckpoint,
     codebooks: Optional[int] = SpeechCodebooks,
     layer: Optional[int] = SpeechLayer,
-    tts: str = typer.Option(default(settings.Dialogue, "tts"), help="espeak (embedded) or openai (the endpoint's /audio/speech)."),
+    tts: str = typer.Option(default(settings.Dialogue, "tts"), help="espeak (embedded), openai (the endpoint's /audio/speech) or vits (--tts-model FOLDER)."),
     tts_model: str = TtsModel,
+    voices: Optional[str] = Voices,
     rewrite: bool = typer.Option(default(settings.Dialogue, "rewrite"), help="Rewrite each exchange for speech with the LLM."),
     base_url: Optional[str] = BaseUrl,
     model: str = Model,
@@ -461,7 +467,7 @@ def compose_dialogue(
     from .dialogue import dialogue
 
     settings.checked(settings.Dialogue, tts=tts, rewrite=rewrite, license=license, max_dialogues=max_dialogues)
-    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, rewrite, base_url, model, max_requests,
+    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
                                                features, checkpoint, layer, codebooks, kmeans, device)
     summary = dialogue(conversations, out, extractor, km, engine, llm=llm, seed=seed, license=license,
                        id_column=id_column, max_dialogues=max_dialogues, quiet=quiet)

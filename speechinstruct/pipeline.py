@@ -323,12 +323,12 @@ class Job:
         km = None if self.codec else load_kmeans(self.km_path)
         self.stamps["chain_of_modality"] = self.runner.stage(
             "compose chain-of-modality", composed / "chain_of_modality",
-            {**com, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
+            {**com, "seed": seed, **({"voices": c_cfg["voices"]} if c_cfg["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings)],
             lambda: _brief(compose.chain_of_modality(
                 com["instructions"], composed / "chain_of_modality", self.extractor(), km,
-                make_tts(com["tts"], work / "cache" / "tts", llm=llm),
+                make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
                 llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
                 license=com["license"], max_pairs=com["max_pairs"], quiet=quiet,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
@@ -350,12 +350,13 @@ class Job:
         llm = self._llm() if recipe["llm"] and (dlg["rewrite"] or dlg["tts"] == "openai") else None
         self.stamps["dialogue"] = self.runner.stage(
             "compose dialogue", composed / "dialogue",
-            {**dlg, "seed": seed, "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
+            {**dlg, "seed": seed, **({"voices": recipe["compose"]["voices"]} if recipe["compose"]["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings)],
             lambda: _brief(dialogue(
                 dlg["conversations"], composed / "dialogue", self.extractor(), km,
-                make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm), llm=llm if dlg["rewrite"] else None,
+                make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm, model=dlg["tts_model"],
+                         voices=recipe["compose"]["voices"]), llm=llm if dlg["rewrite"] else None,
                 seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"], quiet=self.quiet,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 

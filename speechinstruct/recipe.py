@@ -113,7 +113,8 @@ class Pretrain(Section):
 
 class ChainOfModality(Section):
     instructions: str = "builtin"
-    tts: Literal["espeak", "openai"] = "espeak"
+    tts: Literal["espeak", "openai", "vits"] = "espeak"
+    tts_model: str = "tts-1"  # openai: the endpoint's model; vits: a VitsModel folder
     rewrite: bool = False
     max_pairs: Optional[int] = Field(None, ge=1)
     all_formats: bool = False
@@ -122,7 +123,8 @@ class ChainOfModality(Section):
 
 class Dialogue(Section):
     conversations: str = "builtin"
-    tts: Literal["espeak", "openai"] = "espeak"
+    tts: Literal["espeak", "openai", "vits"] = "espeak"
+    tts_model: str = "tts-1"
     rewrite: bool = False
     max_dialogues: Optional[int] = Field(None, ge=1)
     license: str = "unspecified"
@@ -130,6 +132,7 @@ class Dialogue(Section):
 
 class Compose(Section):
     seed: int = 0
+    voices: Optional[list[str]] = None  # the TTS voices to draw from (default: the engine's own list)
     cross_modal: CrossModal = CrossModal()
     pretrain: Pretrain = Pretrain()
     chain_of_modality: ChainOfModality = ChainOfModality()

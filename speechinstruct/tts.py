@@ -3,7 +3,11 @@
 * ``EspeakTTS``: the embedded default. libespeak-ng and its voice data come in the ``espeakng-loader``
   wheel and are driven in-process through ctypes: no apt, no network. Several voices (accents and voice
   variants) and speaking rates give variety.
-* ``OpenAITTS``: any OpenAI-compatible ``/audio/speech`` endpoint.
+* ``OpenAITTS``: any OpenAI-compatible ``/audio/speech`` endpoint (Kokoro, CosyVoice and others serve it).
+* ``VitsTTS``: a transformers ``VitsModel`` folder (MMS-TTS and other VITS models), its speakers as voices.
+
+Each engine draws a voice (and rate) per key from its ``voices``, which a recipe's ``compose.voices`` or
+``--voices`` can set; every voice is checked when the engine is made, so a misspelt one is one line.
 
 ``CachedTTS`` wraps either and keeps every synthesis as FLAC under a cache folder, keyed by a hash of
 engine, voice, rate and text, so a rerun synthesizes nothing twice.
@@ -43,10 +47,10 @@ class EspeakTTS:
 
     name = "espeak-ng"
 
-    def __init__(self, voices: tuple[str, ...] = ESPEAK_VOICES, rates: tuple[int, ...] = ESPEAK_RATES):
+    def __init__(self, voices: tuple[str, ...] | None = None, rates: tuple[int, ...] = ESPEAK_RATES):
         import multiprocessing as mp
 
-        self.voices, self.rates = tuple(voices), tuple(rates)
+        self.voices, self.rates = tuple(voices or ESPEAK_VOICES), tuple(rates)
         try:
             import espeakng_loader
         except ImportError as e:  # pragma: no cover - a declared dependency
@@ -56,6 +60,11 @@ class EspeakTTS:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self._pool = mp.get_context(method).Pool(1, maxtasksperchild=1)
         weakref.finalize(self, self._pool.terminate)
+        if voices:  # the defaults are known to exist (a test)
+            missing = [v for v in self.voices if not self._pool.apply(_espeak_has_voice, (v,))]
+            if missing:
+                raise TTSError(f"espeak-ng has no voice {', '.join(map(repr, missing))} (voices are a language such as "
+                               "en-us, optionally +variant such as en-us+f3)")
 
     def voice_for(self, key: str) -> tuple[str, int]:
         """A (voice, rate) chosen deterministically from ``key``."""
@@ -72,8 +81,8 @@ class EspeakTTS:
         self._pool.terminate()
 
 
-def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
-    """Initialise libespeak-ng in this (fresh) process and speak one utterance."""
+def _espeak_library():
+    """libespeak-ng, initialised in this (fresh) process: (library, sample rate)."""
     import espeakng_loader
 
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
@@ -86,6 +95,17 @@ def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
     sample_rate = lib.espeak_Initialize(2, 0, data_parent.encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
     if sample_rate <= 0:
         raise TTSError(f"espeak-ng failed to initialise with data in {data_parent}")
+    return lib, sample_rate
+
+
+def _espeak_has_voice(voice: str) -> bool:
+    lib, _ = _espeak_library()
+    return lib.espeak_SetVoiceByName(voice.encode()) == 0
+
+
+def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
+    """Initialise libespeak-ng in this (fresh) process and speak one utterance."""
+    lib, sample_rate = _espeak_library()
     chunks: list[np.ndarray] = []
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
@@ -147,6 +167,56 @@ class OpenAITTS:
         return wav.mean(axis=1), sr
 
 
+class VitsTTS:
+    """A transformers ``VitsModel`` folder (saved with its ``VitsTokenizer``): MMS-TTS and other VITS models. Its
+    voices are its speakers (``"0"``, ``"1"``, …; one, ``"0"``, for a single-speaker model). VITS draws noise for
+    its durations and flow; it is seeded from the text and voice, so the same input always gives the same audio."""
+
+    name = "vits"
+
+    def __init__(self, folder: str | Path, voices: tuple[str, ...] | None = None, device: str = "cpu"):
+        from transformers import AutoTokenizer, VitsModel
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise TTSError(f"{folder}: not a transformers VITS folder (no config.json); pass --tts-model FOLDER")
+        try:
+            self.model = VitsModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise TTSError(f"{folder}: cannot load a VITS model ({str(e).splitlines()[0]})") from None
+        self.model_dir, self.device = folder, device
+        self.model_id = f"{folder.name}:{self._weights_digest()}"  # the cache key: another model, other audio
+        speakers = max(1, int(self.model.config.num_speakers))
+        self.voices, self.rates = tuple(voices or [str(i) for i in range(speakers)]), (1,)
+        bad = [v for v in self.voices if not (v.isdigit() and int(v) < speakers)]
+        if bad:
+            raise TTSError(f"{folder}: no speaker {', '.join(map(repr, bad))}: its voices are 0..{speakers - 1}")
+
+    def _weights_digest(self) -> str:
+        from .io import sha256_file
+
+        weights = sorted(self.model_dir.glob("*.safetensors"))
+        return sha256_file(weights[0])[:16] if weights else "unknown"
+
+    def voice_for(self, key: str) -> tuple[str, int]:
+        h = int(hashlib.sha256(key.encode()).hexdigest(), 16)
+        return self.voices[h % len(self.voices)], 1
+
+    def synthesize(self, text: str, voice: str = "0", rate: int = 1) -> tuple[np.ndarray, int]:
+        import torch
+
+        inputs = self.tokenizer(" ".join(text.split()), return_tensors="pt").to(self.device)
+        if inputs["input_ids"].shape[1] == 0:
+            raise TTSError(f"nothing to say: {text[:40]!r} has no characters this VITS model knows")
+        speaker = int(voice) if self.model.config.num_speakers > 1 else None
+        seed = int(hashlib.sha256(f"{voice}\0{text}".encode()).hexdigest()[:8], 16)
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            wav = self.model(**inputs, speaker_id=speaker).waveform[0]
+        return wav.float().cpu().numpy(), int(self.model.config.sampling_rate)
+
+
 class CachedTTS:
     """Any engine, with each result stored as ``cache/ab/abcdef….flac`` keyed by engine, voice, rate, text."""
 
@@ -163,7 +233,8 @@ class CachedTTS:
         if self.cache is None:
             self.calls += 1
             return self.engine.synthesize(text, voice, rate)
-        key = hashlib.sha256(f"{self.engine.name}\0{getattr(self.engine, 'model', '')}\0{voice}\0{rate}\0{text}".encode()).hexdigest()
+        model = getattr(self.engine, "model_id", None) or getattr(self.engine, "model", "")
+        key = hashlib.sha256(f"{self.engine.name}\0{model}\0{voice}\0{rate}\0{text}".encode()).hexdigest()
         path = self.cache / key[:2] / f"{key}.flac"
         if path.is_file():
             wav, sr = sf.read(path, dtype="float32")
@@ -178,11 +249,17 @@ class CachedTTS:
         return sf.read(path, dtype="float32")  # the cached bytes, so first and later runs agree exactly
 
 
-def make_tts(engine: str = "espeak", cache_dir: str | Path | None = None, llm=None, model: str = "tts-1") -> CachedTTS:
+def make_tts(engine: str = "espeak", cache_dir: str | Path | None = None, llm=None, model: str = "tts-1",
+             voices: list[str] | None = None) -> CachedTTS:
+    """A cached TTS engine: ``espeak`` (embedded), ``openai`` (``model`` at the LLM's endpoint) or ``vits``
+    (``model``: a VitsModel folder); ``voices`` to draw from (default: the engine's own list)."""
+    voices = tuple(voices) if voices else None
     if engine == "espeak":
-        return CachedTTS(EspeakTTS(), cache_dir)
+        return CachedTTS(EspeakTTS(voices), cache_dir)
     if engine == "openai":
         if llm is None:
             raise ValueError("--tts openai needs an endpoint (--base-url, or $OPENAI_API_KEY for OpenAI)")
-        return CachedTTS(OpenAITTS(llm, model=model), cache_dir)
-    raise ValueError(f"unknown TTS engine {engine!r}: choose espeak or openai")
+        return CachedTTS(OpenAITTS(llm, model=model, **({"voices": voices} if voices else {})), cache_dir)
+    if engine == "vits":
+        return CachedTTS(VitsTTS(model, voices), cache_dir)
+    raise ValueError(f"unknown TTS engine {engine!r}: choose espeak, openai or vits")

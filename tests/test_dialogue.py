@@ -339,3 +339,72 @@ def test_chat_with_a_history_prompts_with_the_dialogue_so_far_as_training_wrote_
     log.write_text('{"not": "a list"}')
     bad = runner.invoke(app, ["chat", "--model", str(base_model), "--text", "hi", "--history", str(log)])
     assert bad.exit_code == 2 and "history.json: a chat history is a JSON list" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.fixture(scope="module")
+def tiny_vits(tmp_path_factory):
+    """A tiny random VitsModel of three speakers with a character VitsTokenizer, as save_pretrained writes them."""
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    folder = tmp_path_factory.mktemp("vits")
+    vocab = {c: i for i, c in enumerate(["<pad>", *" abcdefghijklmnopqrstuvwxyz'.,?!"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tok = VitsTokenizer(str(folder / "vocab.json"), pad_token="<pad>", unk_token="<pad>", add_blank=True,
+                        normalize=True, phonemize=False, is_uroman=False)
+    torch.manual_seed(0)
+    model = VitsModel(VitsConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, flow_size=16,
+        spectrogram_bins=33, upsample_initial_channel=32, upsample_rates=[8, 8], upsample_kernel_sizes=[16, 16],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=2,
+        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=2,
+        duration_predictor_filter_channels=32, depth_separable_num_layers=2, num_speakers=3, speaker_embedding_size=8,
+        sampling_rate=16000))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_voices_from_a_vits_model_folder_speak_dialogues_one_speaker_each(tiny_vits, speech, tmp_path):
+    """--tts vits --tts-model FOLDER: the model's speakers are the voices; the same text and voice always give the
+    same audio (VITS's noise is seeded), each speaker sounds different, and each record names its voices."""
+    from transformers import VitsModel, VitsTokenizer
+
+    from speechinstruct.tts import TTSError, make_tts
+
+    _, mfcc, km = speech
+    tts = make_tts("vits", tmp_path / "cache", model=str(tiny_vits), voices=["0", "2"])
+    assert tts.engine.voices == ("0", "2")
+    first, sr = tts.engine.synthesize("hello there", "2")
+    again, _ = tts.engine.synthesize("hello there", "2")
+    other, _ = tts.engine.synthesize("hello there", "0")
+    assert sr == 16000 and np.array_equal(first, again) and not (first.size == other.size and np.allclose(first, other))
+    model, tok = VitsModel.from_pretrained(tiny_vits).eval(), VitsTokenizer.from_pretrained(tiny_vits)
+    with torch.no_grad():  # the model's own output for that speaker, under the seed the engine drew
+        import hashlib
+
+        torch.manual_seed(int(hashlib.sha256("2\0hello there".encode()).hexdigest()[:8], 16))
+        theirs = model(**tok("hello there", return_tensors="pt"), speaker_id=2).waveform[0].numpy()
+    assert np.allclose(first, theirs, atol=1e-6)
+    summary = dialogue("builtin", tmp_path / "out", mfcc, km, tts, max_dialogues=3, quiet=True)
+    assert summary["records"] == 3
+    for r in rows(tmp_path / "out"):
+        assert sorted(r["voice"].split(",")) == ["vits:0@1", "vits:2@1"]  # two speakers, one voice each
+    with pytest.raises(TTSError, match=r"no speaker '3': its voices are 0..2"):
+        make_tts("vits", None, model=str(tiny_vits), voices=["3"])
+    with pytest.raises(TTSError, match="not a transformers VITS folder"):
+        make_tts("vits", None, model=str(tmp_path))
+
+
+def test_espeak_voices_can_be_chosen_and_a_missing_one_is_one_line(speech, tmp_path):
+    from speechinstruct.tts import TTSError, make_tts
+
+    _, mfcc, km = speech
+    tts = make_tts("espeak", tmp_path / "cache", voices=["en-us", "en-gb-scotland+f4"])
+    summary = dialogue("builtin", tmp_path / "out", mfcc, km, tts, max_dialogues=4, quiet=True)
+    used = {v.split(":")[1].split("@")[0] for r in rows(tmp_path / "out") for v in r["voice"].split(",")}
+    assert summary["records"] == 4 and used == {"en-us", "en-gb-scotland+f4"}
+    with pytest.raises(TTSError, match=r"espeak-ng has no voice 'xx-nowhere'"):
+        make_tts("espeak", None, voices=["en-us", "xx-nowhere"])
+    result = runner.invoke(app, ["compose", "dialogue", "builtin", str(tmp_path / "o"), "--kmeans", str(tmp_path / "k.npy"),
+                                 "--voices", "xx-nowhere"])
+    assert result.exit_code == 2 and "espeak-ng has no voice 'xx-nowhere'" in result.output
