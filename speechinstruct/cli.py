@@ -437,6 +437,26 @@ def compose_chain_of_modality(
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
+@command(compose_app, "interleaved")
+def compose_interleaved(
+    units: Path = typer.Argument(..., help="A units folder (extract --kmeans, quantize, or a codec) whose rows have word "
+                                 "alignments (TextGrids beside the corpus audio, lhotse alignments, the demo corpus)."),
+    out: Path = typer.Argument(..., help="Output folder for {split}-*.parquet."),
+    min_words: int = typer.Option(1, min=1, help="Fewest words in a segment."),
+    max_words: int = typer.Option(6, min=1, help="Most words in a segment."),
+    seed: int = typer.Option(default(settings.Compose, "seed")),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
+    quiet: bool = Quiet,
+):
+    """Text and speech interleaved at word boundaries (SpiritLM's [TEXT]/[SPEECH]), for stage-1-style pretraining."""
+    from .interleaved import interleaved
+
+    _print_json({k: v for k, v in interleaved(units, out, seed=seed, min_words=min_words, max_words=max_words,
+                                              num_shards=num_shards, shard_index=shard_index, quiet=quiet).items()
+                 if k != "dropped_examples"})
+
+
 @command(compose_app, "dialogue")
 def compose_dialogue(
     conversations: str = typer.Argument(..., help="JSONL/Parquet of ShareGPT `conversations` or `messages`, a saved "

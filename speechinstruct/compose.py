@@ -186,6 +186,24 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
+@contextlib.contextmanager
+def split_records(out: Path, part: str | None, suffix: str, kind: str):
+    """Record sinks of ``kind`` for one units shard, one file per split (``{split}-{part-}{suffix}.parquet``),
+    all written when the block ends, so that together they mark the shard done; None when they already are."""
+    targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in SPLITS}
+    if all(t.exists() for t in targets.values()):
+        yield None
+        return
+    with contextlib.ExitStack() as files:
+        yield {s: files.enter_context(_records_file(t, kind)) for s, t in targets.items()}
+
+
+def split_counts(out: Path, part: str | None = None) -> dict[str, int]:
+    """Records per split in a compose folder's ``{split}-*.parquet`` files (``part``'s only, when given)."""
+    return {split: sum(pq.read_metadata(f).num_rows for f in out.glob(f"{split}-{part + '-' if part else ''}*.parquet"))
+            for split in SPLITS}
+
+
 def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = default(settings.Pretrain, "dev_fraction"),
              seed: int = default(settings.Compose, "seed"), part: str | None = None,
              num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None,
@@ -199,11 +217,9 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = defau
     dropped: list[dict] = []
     quality = QualityGate(scores, gates)
     for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in SPLITS}
-        if all(t.exists() for t in targets.values()):
-            continue
-        with contextlib.ExitStack() as files:  # all written before the next shard: together they mark it done
-            sinks = {s: files.enter_context(_records_file(t, "pretrain")) for s, t in targets.items()}
+        with split_records(out, part, suffix, "pretrain") as sinks:
+            if sinks is None:
+                continue
             for u in tqdm(iter_rows(path), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
                 judged, reason = quality.check(suffix, u["id"])
                 if reason:
@@ -214,9 +230,7 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = defau
                     split = "validation"
                 sinks[split].add(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
                                          "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
-    for split in SPLITS:
-        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
-            counts[split] += pq.read_metadata(f).num_rows
+    counts.update(split_counts(out, part))
     summary = {**{s: counts[s] for s in SPLITS}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
                "units": str(Path(units_dir).resolve()), "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)

@@ -1,6 +1,7 @@
 """The embedded demo corpus: a few hundred sentences spoken by espeak-ng in several voices, written in
 LibriSpeech's layout (``train/{speaker}/{chapter}/{speaker}-{chapter}-{utt}.flac`` + ``.trans.txt``),
-so the whole pipeline runs with nothing from outside. Sentences are drawn from small word lists with a
+so the whole pipeline runs with nothing from outside. Beside each recording, a TextGrid of its words timed by
+espeak-ng's own word events (as the Montreal Forced Aligner would write it). Sentences are drawn from small word lists with a
 seed; each voice is one speaker. It is its own corpus kind, ``speechinstruct-demo`` (``corpora/demo.py``),
 never LibriSpeech."""
 
@@ -14,6 +15,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from . import audio
+from .alignments import write_textgrid
 from .io import atomic_path, write_text
 from .tts import ESPEAK_RATES, ESPEAK_VOICES, EspeakTTS
 
@@ -62,11 +64,13 @@ def make_demo_corpus(out: str | Path, n_sentences: int = 300, seed: int = 0, qui
             flac = folder / f"{utt}.flac"
             rate = ESPEAK_RATES[(j + chapter) % len(ESPEAK_RATES)]
             if not trans.is_file():
-                wav, sr = tts.synthesize(text.lower(), voice, rate)
+                wav, sr, words = tts.synthesize_words(text.lower(), voice, rate)
                 wav = audio.resample(wav, sr)
                 folder.mkdir(parents=True, exist_ok=True)
                 with atomic_path(flac) as tmp:
                     sf.write(tmp, np.clip(wav, -1, 1), audio.TARGET_SR, format="FLAC")
+                # when espeak-ng spoke each word, as the Montreal Forced Aligner would write it beside the audio
+                write_textgrid(flac.with_suffix(".TextGrid"), words, wav.size / audio.TARGET_SR)
             seconds += sf.info(str(flac)).duration
             lines.append(f"{utt} {text}")
             bar.update(1)

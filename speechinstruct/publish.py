@@ -7,11 +7,11 @@ Layout (``datasets.load_dataset(OUT, "cross_modal")`` reads it; the card's YAML 
     OUT/data/{config}/{split}-00000-of-00002.parquet
     OUT/stats/utterances.parquet                    id, corpus, duration, frames, units (for the report)
 
-Configs: ``cross_modal``, ``chain_of_modality``, ``dialogue``, ``pretrain``. Splits: ``train``, and unless ``eval_splits``
+Configs: ``cross_modal``, ``chain_of_modality``, ``dialogue``, ``interleaved``, ``pretrain``. Splits: ``train``, and unless ``eval_splits``
 is off, ``validation`` and ``test``, holding records made from the corpora's own dev and test audio (never
 in ``train``; for ``pretrain``, ``validation`` also holds a hashed share of train utterances). IN is a folder
-holding any of ``cross_modal/``, ``chain_of_modality/``, ``dialogue/`` and ``pretrain/`` as ``compose`` writes
-them.
+holding any of ``cross_modal/``, ``chain_of_modality/``, ``dialogue/``, ``interleaved/`` and ``pretrain/`` as
+``compose`` writes them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from .shardfiles import Vocabulary, composed_speech_specs, composed_units_dirs, folder_vocabulary, read_units_spec
 
-CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "pretrain")
+CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain")
 # the column each config's records are counted by on the card ("voices": the TTS voices that spoke them)
 COUNTED_BY = {"cross_modal": "task", "chain_of_modality": "format", "dialogue": "turns"}
 
@@ -523,7 +523,8 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     lines += ["## Intended uses", "",
               "Training and evaluating speech-text language models in SpeechGPT's three stages: `pretrain` for "
               "stage 1 (unit language modelling), `cross_modal` for stage 2 (ASR and TTS instructions), "
-              "`chain_of_modality` for stage 3 (spoken dialogue), `dialogue` for multi-turn spoken dialogue. "
+              "`chain_of_modality` for stage 3 (spoken dialogue), `dialogue` for multi-turn spoken dialogue, `interleaved` (text and speech switching at word boundaries) for "
+              "stage-1-style pretraining. "
               "Prompt-completion columns suit TRL's `SFTTrainer`; `dialogue`'s `messages` suit it through a chat "
               "template, with the loss on the assistant turns (`assistant_only_loss`).",
               "", "## Limitations", "",

@@ -86,10 +86,10 @@ SHAPES = {
     "text-text": re.compile(r"\[Human\]: (?P<instruction>.+)<eoh>\. \[SpeechGPT\]: \[ta\] (?P<response>.+)<eoa>\.", re.S),
 }
 
-# Record markup, and the tokens tokenizers treat as special. A text field (transcript, instruction, response,
+# Record markup (SpeechGPT's, and the interleaved records' [TEXT]/[SPEECH]), and the tokens tokenizers treat as special. A text field (transcript, instruction, response,
 # template) that carries any of them could plant a fake turn or unit string in training data: such input is
 # skipped and counted, never copied, and ``validate`` fails any record whose text fields hold one.
-MARKUP = re.compile(r"\[(?:Human|SpeechGPT|ta|ua|tq)\]|<(?:eoh|eoa|eos|sosp|eosp|\d+|/?s|unk|pad)>|<\|[^|<>]{1,40}\|>",
+MARKUP = re.compile(r"\[(?:Human|SpeechGPT|ta|ua|tq|TEXT|SPEECH)\]|<(?:eoh|eoa|eos|sosp|eosp|\d+|/?s|unk|pad)>|<\|[^|<>]{1,40}\|>",
                     re.IGNORECASE)
 
 

@@ -31,6 +31,7 @@ from .io import atomic_path
 # Voices that ship in espeakng-loader's data (accent + voice variant).
 ESPEAK_VOICES = ("en-us", "en-us+f3", "en", "en+f2", "en-029+m3", "en-gb-scotland+f4", "en-us+m7", "en-gb-x-rp+f5", "en-us-nyc")
 ESPEAK_RATES = (150, 165, 180)  # words per minute
+PUNCTUATION = ".,;:!?\"'()[]"
 
 
 class TTSError(RuntimeError):
@@ -77,6 +78,25 @@ class EspeakTTS:
             raise TTSError("nothing to say: empty text")
         return self._pool.apply(_espeak_once, (text, voice, int(rate)))
 
+    def synthesize_words(self, text: str, voice: str = "en-us", rate: int = 165) -> tuple[np.ndarray, int, list[dict]]:
+        """:meth:`synthesize`, and when espeak-ng spoke each word: {word, start, end} in seconds, from its own
+        word events. A word lasts until the next event (the last until the audio ends). espeak-ng sends no event
+        for some unstressed words it speaks with the next or previous one ("for the"): the text up to the next
+        event is then one entry, so the entries, in order, hold every word of the text (punctuation left out)."""
+        text = " ".join(text.split())
+        if not text:
+            raise TTSError("nothing to say: empty text")
+        wav, sr, events = self._pool.apply(_espeak_once, (text, voice, int(rate), True))
+        positions = [pos - 1 for pos, _, _ in events] + [len(text)]  # espeak-ng counts characters from 1
+        words = []
+        positions[0] = 0  # text before the first event (none seen) goes with the first word
+        for (_, _, ms), start_pos, end_pos, next_event in zip(events, positions, positions[1:], [*events[1:], None]):
+            label = " ".join(w.strip(PUNCTUATION) for w in text[start_pos:end_pos].split() if w.strip(PUNCTUATION))
+            end = next_event[2] / 1000 if next_event else wav.size / sr
+            if label:
+                words.append({"word": label, "start": ms / 1000, "end": end})
+        return wav, sr, words
+
     def close(self):
         self._pool.terminate()
 
@@ -103,15 +123,32 @@ def _espeak_has_voice(voice: str) -> bool:
     return lib.espeak_SetVoiceByName(voice.encode()) == 0
 
 
-def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
-    """Initialise libespeak-ng in this (fresh) process and speak one utterance."""
+class _EspeakEvent(ctypes.Structure):
+    """``espeak_EVENT`` of speak_lib.h (the union ``id`` is 8 bytes: an int, a pointer or char[8])."""
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+EVENT_LIST_TERMINATED, EVENT_WORD = 0, 1
+
+
+def _espeak_once(text: str, voice: str, rate: int, with_words: bool = False):
+    """Initialise libespeak-ng in this (fresh) process and speak one utterance: (samples, rate), and with
+    ``with_words`` its word events as (character position, length, milliseconds into the audio)."""
     lib, sample_rate = _espeak_library()
     chunks: list[np.ndarray] = []
+    word_events: list[tuple[int, int, int]] = []
 
-    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent))
     def callback(wav, n, events):
         if n > 0:
             chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        i = 0
+        while events and events[i].type != EVENT_LIST_TERMINATED:
+            if events[i].type == EVENT_WORD:
+                word_events.append((events[i].text_position, events[i].length, events[i].audio_position))
+            i += 1
         return 0
 
     lib.espeak_SetSynthCallback(callback)
@@ -130,7 +167,8 @@ def _espeak_once(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
     lib.espeak_Synchronize()
     if not chunks:
         raise TTSError(f"espeak-ng produced no audio for {text[:40]!r}")
-    return np.concatenate(chunks).astype(np.float32) / 32768.0, sample_rate
+    wav = np.concatenate(chunks).astype(np.float32) / 32768.0
+    return (wav, sample_rate, word_events) if with_words else (wav, sample_rate)
 
 
 class OpenAITTS:

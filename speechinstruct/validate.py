@@ -32,7 +32,7 @@ from .speechgpt import SHAPES, com_text, cross_modal_text, dialogue_messages, di
 from .shardfiles import folder_k
 from .units import to_text
 
-CONTENT_KINDS = ("cross_modal", "chain_of_modality", "dialogue", "pretrain")
+CONTENT_KINDS = ("cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain")
 
 
 @dataclass
@@ -92,6 +92,8 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("markup", f"{column} holds record markup {mark!r}"))
     if kind == "dialogue":
         errors += _dialogue_errors(r, k)
+    if kind == "interleaved":
+        errors += _interleaved_errors(r, k)
     if any(rule == "markup" for rule, _ in errors):
         return errors  # the shape checks below would only repeat it
     if kind in ("cross_modal", "chain_of_modality"):
@@ -158,6 +160,30 @@ def _dialogue_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
         errors.append(("shape", "plain_text is not the dialogue its per-turn columns make"))
     if r["messages"] != dialogue_messages(r["prefix"], exchanges):
         errors.append(("messages", "messages are not the dialogue its per-turn columns make"))
+    return errors
+
+
+def _interleaved_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """An interleaved record's segments alternate, speech segments (only) hold units, and its text is theirs."""
+    from .interleaved import interleaved_text
+
+    modalities, texts, segments = r["modalities"], r["segment_texts"], r["segment_units"]
+    if not len(modalities) == len(texts) == len(segments):
+        return [("segments", f"{len(modalities)} modalities, {len(texts)} texts, {len(segments)} unit lists")]
+    errors = []
+    if any(a == b for a, b in zip(modalities, modalities[1:])):
+        errors.append(("segments", "two segments of one modality follow each other"))
+    if any(bool(units) != (modality == "speech") for modality, units in zip(modalities, segments)):
+        errors.append(("segments", "a speech segment without units or a text segment with units"))
+    bad = [u for units in segments for u in units if k is not None and not 0 <= u < k]
+    if bad:
+        errors.append(("unit-range", f"segment_units has ids outside [0, {k}): {bad[:5]}"))
+    for n, text in enumerate(texts, 1):
+        mark = find_markup(text)
+        if mark:
+            errors.append(("markup", f"segment {n} holds record markup {mark!r}"))
+    if not errors and r["text"] != interleaved_text(modalities, texts, segments):
+        errors.append(("shape", "text is not the sequence its segments make"))
     return errors
 
 

@@ -237,7 +237,8 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
                 ("compose", "cross-modal"): [settings.CrossModal, settings.Compose],
                 ("compose", "pretrain"): [settings.Pretrain, settings.Compose],
                 ("compose", "chain-of-modality"): [settings.ChainOfModality, settings.Compose],
-                ("compose", "dialogue"): [settings.Dialogue, settings.Compose]}
+                ("compose", "dialogue"): [settings.Dialogue, settings.Compose],
+                ("compose", "interleaved"): [settings.Compose]}
     compared = 0
     for path, sections in commands.items():
         command = cli

@@ -3,7 +3,8 @@
 
 ROOT is a folder of such files, or one cuts file. The split is ``<part>`` (``dev-clean``, ``test``…: ``dev*``
 and ``test*`` are dev/test, anything else train). One manifest row per supervision (or per cut, its
-supervisions' texts joined). Only audio sources of type ``file`` are read; ``url``, ``command`` and
+supervisions' texts joined). A supervision's word alignment (``alignment["word"]``) becomes the row's ``words``,
+timed from the supervision's start. Only audio sources of type ``file`` are read; ``url``, ``command`` and
 ``memory`` sources are counted skips. Paths are stored relative to ``audio_root``: by default the deepest
 folder holding every recording's file (:func:`audio_root`).
 """
@@ -17,6 +18,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from ..alignments import check_words, lhotse_words
 from .base import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "lhotse"
@@ -184,7 +186,14 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 if isinstance(found, Skip):
                     yield found
                     continue
-                yield _row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license)
+                row = _row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license)
+                words = lhotse_words(sup)
+                problem = check_words(words, row["duration"]) if words and isinstance(row, dict) else None
+                if problem:
+                    yield Skip(where, "alignment not used", problem)
+                elif words and isinstance(row, dict):
+                    row["words"] = words
+                yield row
 
 
 def _probe(recording, base: Path, where: str) -> tuple[str, int, float] | Skip:

@@ -3,7 +3,10 @@
 
 The split is the top folder (``train-clean-100`` … ``dev-clean`` … ``test-other``): ``split`` says train, dev
 or test, ``corpus_split`` keeps LibriSpeech's name. A folder that names no LibriSpeech split counts by its
-name (``dev*``/``test*`` are dev/test, anything else train)."""
+name (``dev*``/``test*`` are dev/test, anything else train).
+
+Word alignments: a TextGrid beside an utterance's audio (``{utt}.TextGrid``, as the Montreal Forced Aligner writes
+them) becomes its ``words`` (``alignments.py``); one that does not fit the audio is skipped with its reason."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from ..alignments import textgrid_words
 from . import DEFAULT_LICENSES
 from .base import Item, Skip, probe, relpath, split_of
 
@@ -56,6 +60,9 @@ def read(root: str | Path, license: str | None = None, quiet: bool = False, corp
                 yield probed
                 continue
             sr, seconds = probed
+            words, problem = textgrid_words(flac, seconds)
+            if problem:
+                yield Skip(relpath(flac.with_suffix(".TextGrid"), root), "alignment not used", problem)
             yield {
                 "id": f"{corpus}/{utt}",
                 "path": relpath(flac, root),
@@ -68,4 +75,5 @@ def read(root: str | Path, license: str | None = None, quiet: bool = False, corp
                 "license": license,
                 "split": split_of(part),
                 "corpus_split": part,
+                **({"words": words} if words else {}),
             }

@@ -1,0 +1,209 @@
+"""Word alignments (speechinstruct.alignments) and interleaved text/speech records (speechinstruct.interleaved):
+espeak-ng's own word events, TextGrids as the Montreal Forced Aligner writes them (praatio, which MFA writes them
+with), lhotse's word alignments; records read back by a parser written here and held to the alignment's frames."""
+
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from conftest import speechlike
+from speechinstruct import units as U
+from speechinstruct.cli import app
+from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import manifest_files
+
+runner = CliRunner()
+SEGMENT = re.compile(r"\[(TEXT|SPEECH)\]((?:(?!\[(?:TEXT|SPEECH)\]).)*)", re.S)
+
+
+def parse(text: str) -> list[tuple[str, str]]:
+    """(marker, body) segments of an interleaved text, which must be nothing else."""
+    found = SEGMENT.findall(text)
+    assert "".join(f"[{m}]{b}" for m, b in found) == text
+    return found
+
+
+@pytest.fixture(scope="module")
+def espeak():
+    from speechinstruct.tts import EspeakTTS
+
+    return EspeakTTS()
+
+
+def test_espeak_word_events_time_every_word_of_the_text(espeak):
+    text = "A travelling painter painted a heavy letter for the very first time, then slept."
+    wav, sr, words = espeak.synthesize_words(text, "en-us", 165)
+    plain, _ = espeak.synthesize(text, "en-us", 165)
+    assert np.array_equal(wav, plain)  # the same speech, with its timing
+    assert " ".join(w["word"] for w in words).split() == re.sub(r"[,.]", "", text).split()
+    assert "for the" in [w["word"] for w in words]  # espeak-ng sends no event for this "the": one entry
+    starts = [w["start"] for w in words]
+    assert starts[0] == 0.0 and all(a < b for a, b in zip(starts, starts[1:]))
+    assert all(w["end"] == n["start"] for w, n in zip(words, words[1:])) and words[-1]["end"] == wav.size / sr
+    for w in words:  # each word's span holds speech
+        span = wav[int(w["start"] * sr): int(w["end"] * sr)]
+        assert np.sqrt(np.mean(span ** 2)) > 0.01, w
+
+
+@pytest.fixture(scope="module")
+def demo_units(tmp_path_factory):
+    """A demo corpus of 12 sentences (espeak-ng, TextGrids beside the audio) → MFCC → k-means 16 → units."""
+    from speechinstruct.cluster import cluster
+    from speechinstruct.demo import make_demo_corpus
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC
+    from speechinstruct.quantize import quantize
+
+    root = tmp_path_factory.mktemp("interleaved")
+    make_demo_corpus(root / "corpus", 12, seed=0, quiet=True)
+    shard_corpus("speechinstruct-demo", root / "corpus", root / "manifest", quiet=True)
+    extract(root / "manifest", root / "features", MFCC(), quiet=True)
+    cluster(root / "features", root / "km", k=16, quiet=True)
+    quantize(root / "features", U.load_kmeans(root / "km"), root / "units", quiet=True)
+    return root
+
+
+def test_the_demo_corpus_textgrids_are_espeaks_word_events_and_reach_the_units(demo_units, espeak):
+    from praatio import textgrid
+
+    from speechinstruct.tts import ESPEAK_RATES, ESPEAK_VOICES
+
+    first = demo_units / "corpus" / "train" / "1000" / "1" / "1000-1-0000.TextGrid"
+    grid = textgrid.openTextgrid(str(first), includeEmptyIntervals=False)
+    assert list(grid.tierNames) == ["words"]
+    entries = grid.getTier("words").entries
+    text = (demo_units / "corpus" / "train" / "1000" / "1" / "1000-1.trans.txt").read_text().split("\n")[0].split(" ", 1)[1]
+    _, _, words = espeak.synthesize_words(text.lower(), ESPEAK_VOICES[0], ESPEAK_RATES[1 % len(ESPEAK_RATES)])
+    assert [e.label for e in entries] == [w["word"] for w in words]
+    assert all(abs(e.start - w["start"]) <= 5e-4 for e, w in zip(entries, words))
+    rows = [r for f in sorted((demo_units / "units").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 12 and all(r["words"] for r in rows)
+    row = next(r for r in rows if r["id"].endswith("1000-1-0000"))
+    assert [(w["word"], round(w["start"], 3)) for w in row["words"]] == [(e.label, round(e.start, 3)) for e in entries]
+
+
+def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(demo_units):
+    from speechinstruct.interleaved import interleaved
+
+    summary = interleaved(demo_units / "units", demo_units / "composed" / "interleaved", seed=3, max_words=4, quiet=True)
+    assert summary["train"] == 12
+    rows = {r["id"]: r for f in sorted((demo_units / "units").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()}
+    records = [r for f in sorted((demo_units / "composed" / "interleaved").glob("train-*.parquet"))
+               for r in pq.read_table(f).to_pylist()]
+    assert len(records) == 12
+    for rec in records:
+        row = rows[rec["source_id"]]
+        segments = parse(rec["text"])
+        markers = [m for m, _ in segments]
+        assert len(segments) >= 2 and all(a != b for a, b in zip(markers, markers[1:]))
+        assert markers == [m.upper() for m in rec["modalities"]]
+        # every transcript word once, in order, across the segments
+        assert " ".join(rec["segment_texts"]).split() == row["text"].split()
+        frames = np.repeat(row["units"], row["durations"])
+        first_word = 0
+        for (marker, body), words_text in zip(segments, rec["segment_texts"]):
+            n = sum(len(w["word"].split()) for w in row["words"])
+            assert n == len(row["text"].split())
+            k = 0  # the alignment entries this segment covers (an entry may hold several words: "for the")
+            covered = 0
+            while covered < len(words_text.split()):
+                covered += len(row["words"][first_word + k]["word"].split())
+                k += 1
+            span = row["words"][first_word: first_word + k]
+            if marker == "TEXT":
+                assert body == words_text
+            else:
+                start, end = round(span[0]["start"] * 100), round(span[-1]["end"] * 100)
+                expected = U.dedup(frames[start:end])[0].tolist()
+                assert [int(u) for u in re.findall(r"<(\d+)>", body)] == expected and expected
+            first_word += k
+        assert first_word == len(row["words"])
+    again = interleaved(demo_units / "units", demo_units / "again", seed=3, max_words=4, quiet=True)
+    assert again["train"] == 12
+    assert [r for f in sorted((demo_units / "again").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()] == records
+
+
+def test_interleaved_publishes_and_validates_and_a_tampered_record_fails(demo_units, tmp_path):
+    from speechinstruct import records as R
+    from speechinstruct.interleaved import interleaved
+    from speechinstruct.publish import publish
+    from speechinstruct.validate import validate
+
+    result = runner.invoke(app, ["compose", "interleaved", str(demo_units / "units"), str(tmp_path / "composed" / "interleaved"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"] == 12
+    publish(tmp_path / "composed", tmp_path / "dataset", quiet=True)
+    report = validate(tmp_path / "dataset")
+    assert report.ok and report.records["interleaved"] == 12 and report.k == 16, report.as_dict()
+    good = [r for f in sorted((tmp_path / "composed" / "interleaved").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    bad = [dict(good[0]), dict(good[1])]
+    bad[0]["text"] = bad[0]["text"].replace("[TEXT]", "[TEXT] ", 1)
+    bad[1]["segment_units"] = [[99] if units else [] for units in bad[1]["segment_units"]]
+    for r in bad:
+        r["content_hash"] = R.content_hash(r)
+    pq.write_table(R.to_table("interleaved", bad), tmp_path / "train-00000.parquet")
+    rules = validate(tmp_path / "train-00000.parquet", k=16).as_dict()["errors_by_rule"]
+    assert rules == {"shape": 1, "unit-range": 1}, rules
+    with pytest.raises(ValueError, match="min_words 3 and max_words 2"):
+        interleaved(demo_units / "units", tmp_path / "x", min_words=3, max_words=2)
+
+
+def test_textgrids_that_do_not_fit_their_audio_are_skipped_with_the_utterance_kept(librispeech_root, tmp_path):
+    from praatio import textgrid
+
+    chapter = librispeech_root / "train-clean-100" / "1272" / "128104"
+
+    def grid(utt, entries, xmax):
+        tg = textgrid.Textgrid()
+        tg.addTier(textgrid.IntervalTier("words", entries, 0, xmax))
+        tg.save(str(chapter / f"{utt}.TextGrid"), format="long_textgrid", includeBlankSpaces=True)
+
+    # 1.0 s: fits (MFA writes lowercase words and empty intervals for silence)
+    grid("1272-128104-0000", [(0.1, 0.4, "mister"), (0.4, 0.6, "quilter"), (0.6, 0.7, "is"), (0.7, 0.8, "the"),
+                              (0.8, 0.98, "apostle")], 1.0)
+    grid("1272-128104-0001", [(0.1, 0.5, "nor"), (0.5, 1.9, "is")], 1.9)  # the audio is 1.5 s long
+    (chapter / "1272-128104-0002.TextGrid").write_text("File type = \"ooTextFile\"\nnot a grid\n")
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    assert summary["skipped"]["alignment not used"] == 2
+    details = {e["path"].rsplit("/", 1)[1]: e["detail"] for e in summary["skipped_examples"] if e["reason"] == "alignment not used"}
+    assert "word 2 ('is') ends at 1.9 s, after the audio (1.5 s)" in details["1272-128104-0001.TextGrid"]
+    assert "not a readable TextGrid" in details["1272-128104-0002.TextGrid"]
+    rows = {r["id"].rsplit("/", 1)[1]: r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()}
+    assert [w["word"] for w in rows["1272-128104-0000"]["words"]] == ["mister", "quilter", "is", "the", "apostle"]
+    assert rows["1272-128104-0001"]["words"] is None and rows["1272-128104-0002"]["words"] is None  # kept, no words
+    assert rows["1462-170138-0000"]["words"] is None  # no TextGrid at all
+
+
+def test_check_words_names_overlaps_and_backwards_words():
+    from speechinstruct.alignments import check_words
+
+    w = lambda word, a, b: {"word": word, "start": a, "end": b}  # noqa: E731
+    assert check_words([w("a", 0, 0.5), w("b", 0.4, 0.8)], 1.0) == "word 2 ('b') starts at 0.4 s, before word 1 ends (0.5 s)"
+    assert check_words([w("a", 0.5, 0.5)], 1.0) == "word 1 ('a') ends at 0.5 s, not after its start 0.5 s"
+    assert check_words([w("a", 0, 0.5), w("b", 0.5, 0.8)], 1.0) is None
+
+
+def test_lhotse_word_alignments_are_timed_from_the_supervision_start(tmp_path):
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse.supervision import AlignmentItem
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "r0.flac", speechlike(3.0, seed=1), 16000)
+    recording = Recording.from_file(audio / "r0.flac", recording_id="r0")
+    sups = [SupervisionSegment(id="r0-b", recording_id="r0", start=1.0, duration=1.5, channel=0, text="hello there",
+                               alignment={"word": [AlignmentItem("hello", 1.1, 0.4), AlignmentItem("there", 1.6, 0.5)]}),
+            SupervisionSegment(id="r0-c", recording_id="r0", start=0.0, duration=1.0, channel=0, text="too long",
+                               alignment={"word": [AlignmentItem("too", 0.1, 0.3), AlignmentItem("long", 0.5, 0.9)]})]
+    RecordingSet.from_recordings([recording]).to_file(tmp_path / "ls_recordings_train.jsonl.gz")
+    SupervisionSet.from_segments(sups).to_file(tmp_path / "ls_supervisions_train.jsonl.gz")
+    summary = shard_corpus("lhotse", tmp_path, tmp_path / "manifest", quiet=True)
+    rows = {r["id"]: r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()}
+    assert [(w["word"], round(w["start"], 6), round(w["end"], 6)) for w in rows["lhotse/train/r0-b"]["words"]] == [
+        ("hello", 0.1, 0.5), ("there", 0.6, 1.1)]
+    assert rows["lhotse/train/r0-c"]["words"] is None and summary["skipped"] == {"alignment not used": 1}
