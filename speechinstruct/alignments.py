@@ -6,7 +6,10 @@ units (``compose interleaved`` cuts units at word boundaries with them):
 * Praat TextGrids beside the audio (``{utt}.TextGrid``), as the Montreal Forced Aligner writes them (a
   ``words`` interval tier, silences as empty intervals), read with praatio, which MFA itself writes them with;
 * lhotse supervisions' ``alignment["word"]`` (items timed from the start of the recording);
-* espeak-ng's own word events, for the speech we synthesize (the demo corpus writes them as TextGrids).
+* espeak-ng's own word events, for the speech we synthesize (the demo corpus writes them as TextGrids);
+* for a corpus that has none, CTC forced alignment (``speechinstruct align``): a transformers wav2vec2-CTC
+  model's emissions and the transcript's letters, the best CTC path by a Viterbi search (:func:`ctc_viterbi`;
+  torchaudio's ``forced_align`` cannot load here).
 
 An alignment that does not fit its audio (a word ending after the audio does, overlapping words, a word that
 ends before it starts, an empty word) is not used: the utterance keeps no ``words``, and the reader says why.
@@ -14,6 +17,7 @@ ends before it starts, an empty word) is not used: the utterance keeps no ``word
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TOLERANCE = 0.02  # seconds: alignments are written rounded (MFA: to the 10 ms frame)
@@ -93,3 +97,147 @@ def lhotse_words(supervision) -> list[dict] | None:
         return None
     return [{"word": it.symbol, "start": round(it.start - supervision.start, 6),
              "end": round(it.start + it.duration - supervision.start, 6)} for it in items]
+
+
+# ------------------------------------------------------------------------------------- CTC forced alignment
+def ctc_viterbi(log_probs, tokens: list[int], blank: int) -> list[int] | None:
+    """The best CTC path of ``tokens`` through ``log_probs`` (frames × symbols): for each frame, the index of the
+    token it emits, or -1 for a blank. None when the frames are too few for the tokens. The path is over the
+    tokens with blanks between and around them (a repeated token needs a blank between its two emissions)."""
+    import numpy as np
+
+    lp = np.asarray(log_probs, dtype=np.float64)
+    frames, states = lp.shape[0], 2 * len(tokens) + 1
+    symbols = np.full(states, blank)
+    symbols[1::2] = tokens
+    skip = np.zeros(states, dtype=bool)  # s may be reached from s - 2: a token after a different token
+    skip[3::2] = np.asarray(tokens[1:]) != np.asarray(tokens[:-1])
+    score = np.full(states, -np.inf)
+    score[0], score[1] = lp[0, blank], lp[0, tokens[0]] if tokens else -np.inf
+    back = np.zeros((frames, states), dtype=np.int8)  # 0: stayed, 1: from s - 1, 2: from s - 2
+    for t in range(1, frames):
+        stay, one = score, np.concatenate([[-np.inf], score[:-1]])
+        two = np.where(skip, np.concatenate([[-np.inf, -np.inf], score[:-2]]), -np.inf)
+        choice = np.argmax(np.stack([stay, one, two]), axis=0)
+        score = np.choose(choice, [stay, one, two]) + lp[t, symbols]
+        back[t] = choice
+    end = states - 1 if states == 1 or score[-1] >= score[-2] else states - 2
+    if not np.isfinite(score[end]):
+        return None
+    path, s = [], end
+    for t in range(frames - 1, -1, -1):
+        path.append((s - 1) // 2 if s % 2 else -1)
+        s -= back[t, s]
+    return path[::-1]
+
+
+class CtcAligner:
+    """Word timings from a transformers CTC model folder (wav2vec2 and its kind, with a character vocabulary):
+    ``words(wav_16k, transcript)`` → {word, start, end} per transcript word, or why there are none."""
+
+    def __init__(self, model: str | Path, device: str = "cpu"):
+        import transformers
+
+        local = Path(model).is_dir()
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(str(model), local_files_only=local)
+            self.model = transformers.AutoModelForCTC.from_pretrained(str(model), local_files_only=local).eval().to(device)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{model}: cannot load a CTC model and its processor ({str(e).splitlines()[0]})") from None
+        tokenizer = self.processor.tokenizer
+        self.vocab = tokenizer.get_vocab()
+        self.blank = tokenizer.pad_token_id
+        self.delimiter = self.vocab.get(getattr(tokenizer, "word_delimiter_token", "|") or "|")
+        letters = [c for c in self.vocab if len(c) == 1 and c.isalpha()]
+        self.upper = bool(letters) and all(c.isupper() for c in letters)
+        self.ratio = int(self.model.config.inputs_to_logits_ratio)
+        self.source, self.device = str(model), device
+
+    def tokens(self, words: list[str]) -> list[list[int]] | str:
+        """Each word's letters as token ids (letters the vocabulary lacks left out), or why a word has none."""
+        out = []
+        for word in words:
+            ids = [self.vocab[c] for c in (word.upper() if self.upper else word.lower()) if c in self.vocab]
+            if not ids:
+                return f"a word has no letters the model knows ({word!r})"
+            out.append(ids)
+        return out
+
+    def words(self, wav, transcript: str, sample_rate: int = 16000) -> list[dict] | str:
+        import torch
+
+        words = transcript.split()
+        per_word = self.tokens(words) if words else "empty transcript"
+        if isinstance(per_word, str):
+            return per_word
+        tokens, owner = [], []  # the whole sequence, word delimiters between words; owner: token → word (or -1)
+        for n, ids in enumerate(per_word):
+            if n and self.delimiter is not None:
+                tokens.append(self.delimiter)
+                owner.append(-1)
+            tokens += ids
+            owner += [n] * len(ids)
+        inputs = self.processor(wav, sampling_rate=sample_rate, return_tensors="pt")
+        with torch.inference_mode():
+            logits = self.model(inputs["input_values"].to(self.device)).logits[0]
+        path = ctc_viterbi(logits.log_softmax(-1).float().cpu().numpy(), tokens, self.blank)
+        if path is None:
+            return f"audio too short for its transcript ({logits.shape[0]} frames for {len(tokens)} letters)"
+        first, last = {}, {}
+        for frame, token in enumerate(path):
+            if token >= 0 and owner[token] >= 0:
+                first.setdefault(owner[token], frame)
+                last[owner[token]] = frame
+        seconds = self.ratio / sample_rate
+        return [{"word": word, "start": round(first[n] * seconds, 4), "end": round((last[n] + 1) * seconds, 4)}
+                for n, word in enumerate(words)]
+
+
+def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner, quiet: bool = False) -> dict:
+    """A copy of a shard folder whose rows with a transcript and no ``words`` get them from ``aligner``; rows it
+    cannot align are kept without, counted by reason. Shard by shard, resumable (a finished shard is skipped)."""
+    import collections
+    import shutil
+
+    from tqdm import tqdm
+
+    from . import records
+    from .extract import decode_row
+    from .io import iter_rows, write_json, write_parquet
+    from .shardfiles import corpus_root, manifest_files
+
+    manifest, out = Path(manifest), Path(out)
+    if out.resolve() == manifest.resolve():
+        raise ValueError(f"{out}: align writes a new shard folder; give another one")
+    root = corpus_root(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: collections.Counter[str] = collections.Counter()
+    examples: list[dict] = []
+    for shard in manifest_files(manifest):
+        target = out / shard.name
+        if target.exists():
+            counts["shards skipped (done)"] += 1
+            continue
+        rows = []
+        for row in tqdm(iter_rows(shard), desc=f"align {shard.name}", unit="utt", disable=quiet):
+            if row.get("words") or not (row.get("text") or "").strip():
+                counts["kept as they were"] += 1
+            else:
+                wav = decode_row(row, root)
+                found = wav if isinstance(wav, str) else aligner.words(wav, row["text"])
+                if isinstance(found, str):
+                    counts["not aligned: " + found.split(" (")[0]] += 1
+                    if len(examples) < 50:
+                        examples.append({"id": row["id"], "reason": found})
+                else:
+                    row["words"] = found
+                    counts["aligned"] += 1
+            rows.append(row)
+        write_parquet(target, records.to_table("manifest", rows))
+    summary = {**json.loads((manifest / "summary.json").read_text()),
+               "alignment": {"model": aligner.source, **dict(sorted(counts.items())), "examples": examples}}
+    write_json(out / "summary.json", summary)
+    for extra in manifest.glob("*.json"):  # whatever else shard wrote beside the shards
+        if extra.name != "summary.json" and not (out / extra.name).exists():
+            shutil.copy2(extra, out / extra.name)
+    return summary["alignment"]

@@ -437,6 +437,21 @@ def compose_chain_of_modality(
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
+@command(app)
+def align(
+    manifest: Path = typer.Argument(..., help="A `shard` output folder."),
+    out: Path = typer.Argument(..., help="A new shard folder: the same rows, with word timings."),
+    model: str = typer.Option(..., help="A transformers CTC model folder (wav2vec2 with a character vocabulary), or a hub id."),
+    device: str = typer.Option(default(settings.Features, "device")),
+    quiet: bool = Quiet,
+):
+    """Word timings for a corpus that has none: CTC forced alignment of each transcript with a wav2vec2-CTC model
+    (for `compose interleaved`). Rows that already have words are kept as they are."""
+    from .alignments import CtcAligner, align_manifest
+
+    _print_json(align_manifest(manifest, out, CtcAligner(model, _device(device)), quiet=quiet))
+
+
 @command(compose_app, "interleaved")
 def compose_interleaved(
     units: Path = typer.Argument(..., help="A units folder (extract --kmeans, quantize, or a codec) whose rows have word "

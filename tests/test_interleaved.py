@@ -207,3 +207,64 @@ def test_lhotse_word_alignments_are_timed_from_the_supervision_start(tmp_path):
     assert [(w["word"], round(w["start"], 6), round(w["end"], 6)) for w in rows["lhotse/train/r0-b"]["words"]] == [
         ("hello", 0.1, 0.5), ("there", 0.6, 1.1)]
     assert rows["lhotse/train/r0-c"]["words"] is None and summary["skipped"] == {"alignment not used": 1}
+
+
+def brute_force_best_path(log_probs: np.ndarray, tokens: list[int], blank: int):
+    """Every frame labelling whose CTC collapse (merge repeats, drop blanks) is ``tokens``: the best one, as the
+    per-frame token index (-1 for blank), by enumeration."""
+    import itertools
+
+    frames, symbols = log_probs.shape
+    best, best_path = -np.inf, None
+    for labels in itertools.product(range(symbols), repeat=frames):
+        collapsed = [s for i, s in enumerate(labels) if s != blank and (i == 0 or labels[i - 1] != s)]
+        if collapsed != tokens:
+            continue
+        score = sum(log_probs[t, s] for t, s in enumerate(labels))
+        if score > best:
+            best, position, path = score, -1, []
+            for i, s in enumerate(labels):
+                if s == blank:
+                    path.append(-1)
+                    continue
+                if i == 0 or labels[i - 1] != s:
+                    position += 1
+                path.append(position)
+            best_path = path
+    return best_path
+
+
+@pytest.mark.parametrize("tokens,frames,seed", [([1, 2], 5, 0), ([1, 1], 5, 1), ([2, 1, 3], 7, 2), ([3], 4, 3),
+                                               ([1, 2, 1], 6, 4)])
+def test_ctc_viterbi_finds_the_best_path_an_enumeration_finds(tokens, frames, seed):
+    from speechinstruct.alignments import ctc_viterbi
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (frames, 4))
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert ctc_viterbi(log_probs, tokens, blank=0) == brute_force_best_path(log_probs, tokens, blank=0)
+    assert ctc_viterbi(log_probs[:1], [1, 1], blank=0) is None  # a repeat needs a blank between: 3 frames
+
+
+def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tmp_path):
+    from asr_fixture import write_tiny_ctc
+
+    write_tiny_ctc(tmp_path / "ctc")
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    result = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"),
+                                 "--model", str(tmp_path / "ctc"), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = [r for f in manifest_files(tmp_path / "aligned") for r in pq.read_table(f).to_pylist()]
+    assert report["aligned"] == len(rows) == 4
+    for r in rows:
+        assert [w["word"] for w in r["words"]] == r["text"].split()
+        starts = [w["start"] for w in r["words"]]
+        assert all(a < b for a, b in zip(starts, starts[1:])) and all(w["end"] > w["start"] for w in r["words"])
+        assert r["words"][-1]["end"] <= r["duration"] + 0.02
+    before = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
+    assert [{k: v for k, v in r.items() if k != "words"} for r in rows] == [{k: v for k, v in r.items() if k != "words"} for r in before]
+    again = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model", str(tmp_path / "ctc"), "-q"])
+    assert json.loads(again.stdout)["shards skipped (done)"] == 1
+    same = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "manifest"), "--model", str(tmp_path / "ctc")])
+    assert same.exit_code == 2 and "align writes a new shard folder" in same.output
