@@ -243,7 +243,11 @@ def test_ctc_viterbi_finds_the_best_path_an_enumeration_finds(tokens, frames, se
     logits = rng.normal(0, 2, (frames, 4))
     log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     assert ctc_viterbi(log_probs, tokens, blank=0) == brute_force_best_path(log_probs, tokens, blank=0)
-    assert ctc_viterbi(log_probs[:1], [1, 1], blank=0) is None  # a repeat needs a blank between: 3 frames
+    # a repeated token needs a blank between its emissions, however unlikely blanks are
+    unlikely_blank = log_probs.copy()
+    unlikely_blank[:, 0] -= 50
+    assert ctc_viterbi(unlikely_blank, [1, 1], blank=0) == brute_force_best_path(unlikely_blank, [1, 1], blank=0)
+    assert ctc_viterbi(unlikely_blank[:2], [1, 1], blank=0) is None  # two frames cannot hold 1, blank, 1
 
 
 def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tmp_path):
