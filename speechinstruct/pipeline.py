@@ -166,7 +166,8 @@ class Job:
         self.quality = recipe["quality"]
         self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"])
         self.runner.total = (bool(recipe["demo_corpus"]) + (3 + self.scoring) * len(self.corpora)
-                             + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2 + bool(recipe["compose"]["dialogue"]))
+                             + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2 + bool(recipe["compose"]["dialogue"])
+                             + bool(recipe["compose"]["interleaved"]))
         self._judge = None
         self.f = recipe["features"]
         # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
@@ -334,6 +335,24 @@ class Job:
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
         self.compose_dialogues(seed, km)
+        self.compose_interleaved(seed, scored)
+
+    def compose_interleaved(self, seed: int, scored) -> None:
+        """Interleaved text and speech from the corpora's units (their word timings), when the recipe asks."""
+        from .interleaved import interleaved
+
+        cfg, composed, work = self.recipe["compose"]["interleaved"], self.composed, self.work
+        if not cfg:
+            if (composed / "interleaved" / ".stage.json").is_file():
+                shutil.rmtree(composed / "interleaved")
+            return
+        names = cfg.get("corpora") or self.names
+        self.stamps["interleaved"] = self.runner.stage(
+            "compose interleaved", composed / "interleaved",
+            {"min_words": cfg["min_words"], "max_words": cfg["max_words"], "seed": seed, "corpora": names},
+            [self.stamps[f"units:{n}"] for n in names],
+            lambda: [_brief(interleaved(work / n / "units", composed / "interleaved", seed=seed, min_words=cfg["min_words"],
+                                        max_words=cfg["max_words"], part=n, quiet=self.quiet)) for n in names])
 
     def compose_dialogues(self, seed: int, km) -> None:
         """Multi-turn dialogues, when the recipe asks for them (``compose.dialogue``); a folder left by an
@@ -373,7 +392,7 @@ class Job:
 
         name, eval_splits = self.recipe["name"], bool(self.recipe["output"]["eval_splits"])
         inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"],
-                  *([self.stamps["dialogue"]] if "dialogue" in self.stamps else [])]
+                  *[self.stamps[k] for k in ("dialogue", "interleaved") if k in self.stamps]]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
             lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))

@@ -130,6 +130,12 @@ class Dialogue(Section):
     license: str = "unspecified"
 
 
+class Interleaved(Section):
+    min_words: int = Field(1, ge=1)
+    max_words: int = Field(6, ge=1)
+    corpora: Optional[list[str]] = None  # default: every corpus (utterances without word timings are counted)
+
+
 class Compose(Section):
     seed: int = 0
     voices: Optional[list[str]] = None  # the TTS voices to draw from (default: the engine's own list)
@@ -137,6 +143,7 @@ class Compose(Section):
     pretrain: Pretrain = Pretrain()
     chain_of_modality: ChainOfModality = ChainOfModality()
     dialogue: Optional[Dialogue] = None  # multi-turn dialogues: off unless the recipe asks for them
+    interleaved: Optional[Interleaved] = None  # text and speech at word boundaries: off unless asked for
 
 
 class Thresholds(Section):

@@ -82,17 +82,22 @@ def test_recipe_with_an_existing_kmeans_file(tmp_path):
     import numpy as np
     km = tmp_path / "km.npy"
     np.save(km, np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32))  # 39 = MFCC dims
-    dialogues = {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}, "dialogue": {"max_dialogues": 2}}
+    dialogues = {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}, "dialogue": {"max_dialogues": 2},
+                 "interleaved": {"max_words": 3}}
     summary = run(recipe(tmp_path, kmeans={"path": str(km)}, compose=dialogues), quiet=True)
     assert summary["valid"] and summary["k"] == 10
     assert not (tmp_path / "work" / "kmeans").exists()  # nothing was fitted
     talks = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "dialogue", split="train")
     assert talks["source_id"] == ["dialogue-000", "dialogue-001"] and talks["turns"] == [2, 2]
+    mixed = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "interleaved", split="train")
+    assert len(mixed) == 24  # every demo sentence has espeak-ng's word timings; the demo corpus is all train
+    assert all(m[0] != m[1] for m in mixed["modalities"]) and mixed[0]["text"].startswith(("[TEXT]", "[SPEECH]"))
     np.save(km, np.random.default_rng(1).normal(size=(10, 39)).astype(np.float32))  # replaced in place
     again = run(recipe(tmp_path, kmeans={"path": str(km)}), quiet=True)  # and dialogues no longer asked for
     assert again["stages_skipped"] == 3  # demo, shard, extract; quantize onwards redone
-    assert again["valid"] and "dialogue" not in again["records"]
+    assert again["valid"] and "dialogue" not in again["records"] and "interleaved" not in again["records"]
     assert not (tmp_path / "work" / "composed" / "dialogue").exists()
+    assert not (tmp_path / "work" / "composed" / "interleaved").exists()
 
 
 def test_run_on_a_release_with_test_sets_publishes_no_test_audio_as_training_data(tmp_path, librispeech_release):
