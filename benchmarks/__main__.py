@@ -13,6 +13,7 @@
             size, default shard size
   vocoder   resynthesis speed (x real time) of a unit HiFi-GAN the size of SpeechGPT's, and of the
             embedded preview vocoder, on CPU
+  recordings  shard audio (silero-vad) x real time, and its peak RSS on a 1- and an 8-minute recording
   compose   cross-modal records per second; dialogue turns per second with the TTS cache warm
   score     DNSMOS: ours (batched windows, sessions kept) vs speechmos's dnsmos.run on the same clips, equal scores;
             ASR round trip: a random Whisper (d_model 256, 2+2 layers) batched vs one clip at a time, same texts
@@ -397,6 +398,63 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def long_recording(path: Path, minutes: float, seed: int = 0) -> float:
+    """A recording of ``minutes``: espeak-ng sentences (demo voices) between silences of 0.3-4 s, 16 kHz FLAC,
+    written a sentence at a time. Returns its seconds of speech."""
+    import soundfile as sf
+
+    from speechinstruct import audio
+    from speechinstruct.demo import sentences
+    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
+
+    rng = np.random.default_rng(seed)
+    tts = EspeakTTS()
+    spoken = [audio.resample(*tts.synthesize(t.lower(), ESPEAK_VOICES[i % 3], 165)) for i, t in enumerate(sentences(12, seed))]
+    total, speech = int(minutes * 60 * 16000), 0
+    with sf.SoundFile(str(path), "w", 16000, 1, format="FLAC") as out:
+        written = 0
+        while written < total:
+            gap = np.zeros(int(rng.uniform(0.3, 4.0) * 16000), np.float32)
+            clip = spoken[int(rng.integers(len(spoken)))]
+            block = np.concatenate([gap, clip])[: total - written]
+            out.write(block)
+            written += block.size
+            speech += max(0, block.size - gap.size)
+    return speech / 16000
+
+
+SHARD_AUDIO = ("from speechinstruct.shard import shard_corpus; "
+               "s = shard_corpus('audio', R, W, license='CC0-1.0', quiet=True); print(s['utterances'])")
+
+
+def bench_recordings(work: Path, quick: bool) -> list[dict]:
+    """shard audio (silero-vad, streamed in blocks): x real time on a long recording, and peak RSS of the stage
+    on a recording of 1x and 8x that length (a fresh process each: its VmHWM)."""
+    minutes = 0.5 if quick else 1.0
+    rows, rss = [], {}
+    for times in (1, 8):
+        root = work / f"recordings-{times}x"
+        if not root.exists():
+            root.mkdir()
+            long_recording(root / "long.flac", minutes * times)
+        out = work / f"recordings-{times}x-manifest"
+        shutil.rmtree(out, ignore_errors=True)
+        code = (f"from pathlib import Path; R, W = Path({str(root)!r}), Path({str(out)!r}); import time; t = time.perf_counter(); "
+                f"{SHARD_AUDIO}; print(time.perf_counter() - t); "
+                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(result.stderr[-2000:])
+        utterances, seconds, hwm = result.stdout.split()[-3:]
+        rss[times] = int(hwm) / 1024
+        rows.append({"name": f"shard audio, one {minutes * times:g}-minute 16 kHz FLAC recording, {utterances} utterances, "
+                             "2 threads", "realtime": minutes * times * 60 / float(seconds), "ours_s": float(seconds),
+                     "target": "report"})
+    rows.append({"name": f"shard audio peak RSS, a {minutes:g}- vs a {minutes * 8:g}-minute recording", "baseline": "1x",
+                 "baseline_mb": rss[1], "ours_mb": rss[8], "ratio": rss[8] / rss[1], "target": "<= 1.2x"})
+    return rows
+
+
 def bench_compose(work: Path, quick: bool) -> list[dict]:
     from speechinstruct import compose
     from speechinstruct.cluster import cluster
@@ -613,7 +671,7 @@ def torch_cuda() -> bool:
 
 
 SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
-            "memory": bench_memory, "vocoder": bench_vocoder, "compose": bench_compose, "score": bench_score, "train": bench_train,
+            "memory": bench_memory, "vocoder": bench_vocoder, "recordings": bench_recordings, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
 
 

@@ -20,7 +20,6 @@ import ctypes.util
 import hashlib
 import io
 import os
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,11 @@ class EspeakTTS:
 
     libespeak-ng keeps state from one utterance to the next that no API call resets (its pitch flutter
     runs on), so the same text would sound slightly different depending on what was said before. Each
-    utterance is therefore spoken in a fresh worker process (forked where the platform allows): the
-    same (text, voice, rate) always gives the same samples, which keeps datasets byte-identical."""
+    utterance is therefore spoken in a fresh process (forked where the platform allows): the same (text,
+    voice, rate) always gives the same samples, which keeps datasets byte-identical. One process per call,
+    not a ``multiprocessing.Pool(maxtasksperchild=1)``: such a pool waits forever for the result of a worker
+    that died (seen once in the test suite, two pools alive in one process), where a lone process's death is
+    seen at once and is one line."""
 
     name = "espeak-ng"
 
@@ -58,11 +60,9 @@ class EspeakTTS:
             raise TTSError("espeak-ng TTS needs the espeakng-loader package (pip install espeakng-loader)") from e
         if not Path(espeakng_loader.get_library_path()).is_file():
             raise TTSError(f"libespeak-ng missing at {espeakng_loader.get_library_path()}")
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        self._pool = mp.get_context(method).Pool(1, maxtasksperchild=1)
-        weakref.finalize(self, self._pool.terminate)
+        self._context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         if voices:  # the defaults are known to exist (a test)
-            missing = [v for v in self.voices if not self._pool.apply(_espeak_has_voice, (v,))]
+            missing = [v for v in self.voices if not self._fresh(_espeak_has_voice, v)]
             if missing:
                 raise TTSError(f"espeak-ng has no voice {', '.join(map(repr, missing))} (voices are a language such as "
                                "en-us, optionally +variant such as en-us+f3)")
@@ -76,7 +76,7 @@ class EspeakTTS:
         text = " ".join(text.split())
         if not text:
             raise TTSError("nothing to say: empty text")
-        return self._pool.apply(_espeak_once, (text, voice, int(rate)))
+        return self._fresh(_espeak_once, text, voice, int(rate))
 
     def synthesize_words(self, text: str, voice: str = "en-us", rate: int = 165) -> tuple[np.ndarray, int, list[dict]]:
         """:meth:`synthesize`, and when espeak-ng spoke each word: {word, start, end} in seconds, from its own
@@ -86,7 +86,7 @@ class EspeakTTS:
         text = " ".join(text.split())
         if not text:
             raise TTSError("nothing to say: empty text")
-        wav, sr, events = self._pool.apply(_espeak_once, (text, voice, int(rate), True))
+        wav, sr, events = self._fresh(_espeak_once, text, voice, int(rate), True)
         positions = [pos - 1 for pos, _, _ in events] + [len(text)]  # espeak-ng counts characters from 1
         words = []
         positions[0] = 0  # text before the first event (none seen) goes with the first word
@@ -97,8 +97,36 @@ class EspeakTTS:
                 words.append({"word": label, "start": ms / 1000, "end": end})
         return wav, sr, words
 
-    def close(self):
-        self._pool.terminate()
+    def _fresh(self, fn, *args):
+        """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died."""
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_run_and_send, args=(send, fn, args), daemon=True)
+        process.start()
+        send.close()
+        try:
+            result = receive.recv()
+        except EOFError:
+            result = None
+        finally:
+            receive.close()
+            process.join()
+        if process.exitcode != 0 and result is None:
+            raise TTSError(f"the espeak-ng process died (exit code {process.exitcode})")
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def close(self):  # nothing is kept between calls
+        pass
+
+
+def _run_and_send(connection, fn, args) -> None:
+    try:
+        connection.send(fn(*args))
+    except BaseException as e:  # sent back to the caller, which raises it
+        connection.send(e)
+    finally:
+        connection.close()
 
 
 def _espeak_library():

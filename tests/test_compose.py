@@ -346,3 +346,20 @@ def test_speechgpt_writers_and_parsers_agree_on_every_kind():
         m = speechgpt.SHAPES[task].fullmatch(speechgpt.cross_modal_text(task, "Transcribe it.", "A CAT", units.to_text(q)))
         assert m and (m.group("instruction"), m.group("text"), m.group("units")) == ("Transcribe it.", "A CAT", units.to_text(q))
     assert speechgpt.find_markup("fine text") is None and speechgpt.find_markup("a [ua] b") == "[ua]"
+
+
+def _die_at_once():
+    import os
+
+    os._exit(3)
+
+
+def test_an_espeak_process_that_dies_is_one_line_not_a_hang(espeak):
+    """Each utterance is spoken in its own process; one that dies (a crash in libespeak-ng) raises TTSError at
+    once, where a multiprocessing pool would wait for its result forever."""
+    from speechinstruct.tts import TTSError
+
+    with pytest.raises(TTSError, match=r"the espeak-ng process died \(exit code 3\)"):
+        espeak._fresh(_die_at_once)
+    wav, _ = espeak.synthesize("still here", "en-us", 165)  # and the next utterance is spoken
+    assert wav.size > 1000

@@ -1,0 +1,130 @@
+"""shard webdataset (speechinstruct.corpora.webdataset): tar shards written by the webdataset package itself,
+read as streams; the manifest names each audio member's bytes in its tar, and extract decodes them in place."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from conftest import speechlike
+from speechinstruct.cli import app
+from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import manifest_files
+
+runner = CliRunner()
+
+
+def encoded(wav: np.ndarray, sr: int, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, wav, sr, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three shards as webdataset's TarWriter writes them: train-000000.tar and train-000001.tar (FLAC + JSON with
+    Emilia's keys, WAV + TXT, a sample with no audio, one unreadable clip), validation-000000.tar."""
+    import webdataset as wds
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    clips = {}
+    with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
+        for i in range(3):
+            wav = speechlike(1.0 + 0.25 * i, seed=i)
+            clips[f"s{i:03d}"] = wav
+            sink.write({"__key__": f"s{i:03d}", "flac": encoded(wav, 16000, "FLAC"),
+                        "json": {"id": f"s{i:03d}", "text": f"sample number {i}", "speaker": f"spk{i % 2}",
+                                 "language": "en", "duration": len(wav) / 16000}})
+        sink.write({"__key__": "s003", "json": {"text": "no audio here"}})
+    with wds.TarWriter(str(folder / "train-000001.tar")) as sink:
+        wav = speechlike(0.8, seed=7, sr=24000)
+        clips["w000"] = wav
+        sink.write({"__key__": "w000", "wav": encoded(wav, 24000, "WAV"), "txt": "a wav sample"})
+        sink.write({"__key__": "w001", "flac": b"fLaC but not audio", "txt": "broken"})
+    with wds.TarWriter(str(folder / "validation-000000.tar")) as sink:
+        wav = speechlike(1.1, seed=9)
+        clips["v000"] = wav
+        sink.write({"__key__": "v000", "flac": encoded(wav, 16000, "FLAC"), "json": {"sentence": "held out"}})
+    return folder, clips
+
+
+def rows_of(folder):
+    return {r["id"]: r for f in manifest_files(folder) for r in pq.read_table(f).to_pylist()}
+
+
+def test_shards_become_rows_that_point_into_their_tars(shards, tmp_path):
+    from speechinstruct.extract import decode_row
+
+    folder, clips = shards
+    summary = shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="CC-BY-4.0",
+                           quiet=True)
+    assert summary["root"] == str(folder.resolve())
+    assert summary["skipped"] == {"sample without audio": 1, "unreadable audio": 1}
+    rows = rows_of(tmp_path / "m")
+    assert sorted(rows) == ["webdataset/train-000000/s000", "webdataset/train-000000/s001", "webdataset/train-000000/s002",
+                            "webdataset/train-000001/w000"]
+    s1 = rows["webdataset/train-000000/s001"]
+    assert (s1["text"], s1["speaker"], s1["split"], s1["path"], s1["license"]) == (
+        "sample number 1", "spk1", "train", "train-000000.tar", "CC-BY-4.0")
+    assert rows["webdataset/train-000001/w000"]["text"] == "a wav sample" and rows["webdataset/train-000001/w000"]["sample_rate"] == 24000
+    raw = (folder / "train-000000.tar").read_bytes()
+    assert sf.read(io.BytesIO(raw[s1["tar_offset"]: s1["tar_offset"] + s1["tar_size"]]))[0].size == clips["s001"].size
+    for uid, key in (("webdataset/train-000000/s001", "s001"), ("webdataset/train-000001/w000", "w000")):
+        wav = decode_row(rows[uid], summary["root"])  # read in place, at 16 kHz
+        expected = clips[key] if key != "w000" else None
+        if expected is not None:
+            assert np.allclose(wav, expected, atol=1e-4)
+        else:
+            assert abs(wav.size - round(clips[key].size * 16000 / 24000)) <= 1
+
+
+def test_the_split_comes_from_the_tar_name_and_a_license_is_required(shards, tmp_path):
+    folder, _ = shards
+    summary = shard_corpus("webdataset", str(folder / "validation-000000.tar"), tmp_path / "v", license="CC0-1.0", quiet=True)
+    assert summary["splits"]["validation"]["utterances"] == 1
+    assert rows_of(tmp_path / "v")["webdataset/validation-000000/v000"]["text"] == "held out"
+    result = runner.invoke(app, ["shard", "webdataset", f"{folder}/train-{{000000..000001}}.tar", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "needs --license" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["shard", "webdataset", f"{folder}/nothing-{{0..3}}.tar", str(tmp_path / "y"), "--license", "x"])
+    assert result.exit_code == 2 and "matches no tar files" in result.output
+
+
+def test_a_truncated_tar_keeps_its_samples_before_the_cut(shards, tmp_path):
+    folder, _ = shards
+    raw = (folder / "train-000000.tar").read_bytes()
+    shard_corpus("webdataset", str(folder / "train-000000.tar"), tmp_path / "full", license="x", quiet=True)
+    second = rows_of(tmp_path / "full")["webdataset/train-000000/s001"]
+    cut = tmp_path / "cut" / "train-000000.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(raw[: second["tar_offset"] + second["tar_size"] // 2])  # in the middle of s001's audio
+    summary = shard_corpus("webdataset", str(cut), tmp_path / "m", license="x", quiet=True)
+    rows = rows_of(tmp_path / "m")
+    assert sorted(rows) == ["webdataset/train-000000/s000"]
+    assert summary["skipped"] == {"truncated or damaged tar": 1}
+    assert "after s001" in summary["skipped_examples"][0]["detail"]
+
+
+def test_extract_reads_tar_members_on_the_ray_engine_as_locally(shards, tmp_path):
+    pytest.importorskip("ray")
+    import ray
+
+    from speechinstruct.engine_ray import extract_ray
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC
+
+    folder, _ = shards
+    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
+    local = extract(tmp_path / "m", tmp_path / "local", MFCC(), quiet=True)
+    try:
+        remote = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1)
+    finally:
+        ray.shutdown()
+    assert local["utterances"] == remote["utterances"] == 4 and local["errors"] == remote["errors"] == 0
+    for f in sorted((tmp_path / "local").glob("features-*.arrow")):
+        assert f.read_bytes() == (tmp_path / "ray" / f.name).read_bytes()
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["corpus"] == "webdataset"
