@@ -48,15 +48,14 @@ class Block:
 
     shard: str
     first: int
-    rows: list[dict]  # what decode_row reads: id, path, offset, duration (+ row, audio_column: a dataset file's)
-
-
-AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column")
+    rows: list[dict]  # what decode_row reads (extract.AUDIO_COLUMNS)
 
 
 def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
     """Each shard's rows in manifest order, cut into blocks of at most ``block_seconds`` of audio (one row
     at least). Shards are read one at a time, as the blocks are needed."""
+    from .extract import AUDIO_COLUMNS
+
     for shard in shards:
         present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
         rows = pq.read_table(shard, columns=[c for c in AUDIO_COLUMNS if c in present]).to_pylist()

@@ -49,12 +49,24 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
             yield pending.popleft().result()
 
 
+# the manifest columns decode_row reads: the Ray engine ships only these to its decode tasks
+AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
+
+
 def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
     """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
     the file's rate), or the reason its audio cannot be used. A row with a ``row`` number has its audio inside a
-    dataset file (Hugging Face Parquet/Arrow), as encoded bytes."""
+    dataset file (Hugging Face Parquet/Arrow), as encoded bytes; one with a ``tar_offset``, inside a tar."""
     try:
         path = safe_join(root, row["path"])
+        if row.get("tar_offset") is not None:  # a member of a WebDataset tar: its bytes, read in place
+            with open(path, "rb") as f:
+                f.seek(row["tar_offset"])
+                data = f.read(row["tar_size"])
+            if len(data) != row["tar_size"]:
+                raise audio.AudioError(f"{row['path']}: {row['tar_size']} bytes at {row['tar_offset']} are not in the tar")
+            return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
+                              name=f"{row['path']} at byte {row['tar_offset']}")
         if row.get("row") is None:
             return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
         from .corpora.hf import audio_bytes

@@ -432,15 +432,12 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-AUDIO_COLUMNS = ["id", "path", "offset", "duration", "text", "row", "audio_column"]
-
-
 def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | None = None, num_shards: int = 1,
           shard_index: int = 0, workers: int = 2, clips_at_a_time: int = 16, quiet: bool = False) -> dict:
     """Score every utterance of the shards this worker owns (see the module docstring); returns the summary."""
     from tqdm import tqdm
 
-    from .extract import decode_rows
+    from .extract import AUDIO_COLUMNS, decode_rows
 
     source, out = Path(source), Path(out)
     files, kind = input_files(source)
@@ -458,7 +455,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
         present = _columns(path)
-        rows = iter_rows(path, columns=[c for c in AUDIO_COLUMNS if c in present])
+        rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text") if c in present])
         total = _num_rows(path)
         errors: list[dict] = []
         bar = tqdm(total=total, desc=f"score {path.name}", unit="utt", disable=quiet)

@@ -124,7 +124,17 @@ def test_extract_reads_tar_members_on_the_ray_engine_as_locally(shards, tmp_path
         remote = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1)
     finally:
         ray.shutdown()
-    assert local["utterances"] == remote["utterances"] == 4 and local["errors"] == remote["errors"] == 0
+    assert (local["utterances"], local["errors"]) == (remote["utterances"], remote["errors"]) == (4, 0), (local, remote)
     for f in sorted((tmp_path / "local").glob("features-*.arrow")):
         assert f.read_bytes() == (tmp_path / "ray" / f.name).read_bytes()
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["corpus"] == "webdataset"
+
+
+def test_score_reads_tar_members_too(shards, tmp_path):
+    """score decodes the same rows (DNSMOS, from the speechmos wheel): every sample scored, none unreadable."""
+    from speechinstruct.score import DNSMOS, Judge, score
+
+    folder, _ = shards
+    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
+    summary = score(tmp_path / "m", tmp_path / "s", Judge(DNSMOS()), quiet=True)
+    assert summary["utterances"] == 4 and summary["skipped"] == 0 and summary["scores"]["dnsmos_ovrl"]["count"] == 4, summary

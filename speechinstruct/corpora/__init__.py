@@ -26,6 +26,7 @@ class Source:
     split_rule: str | None = None   # how it marks dev and test audio, for the dataset card
     transcripts: bool = True        # False: speech only (stage-1 units; no cross-modal records by default)
     file_root: bool = False         # ROOT may also be one file (a lhotse cuts manifest)
+    pattern_root: bool = False      # ROOT is a file pattern (WebDataset shards: data/shard-{000..099}.tar)
     generated: bool = False         # made by the recipe's demo_corpus section, not read from a user's folder
 
     def reader(self) -> Reader:
@@ -44,6 +45,8 @@ SOURCES = {s.name: s for s in (
            "the embedded demo corpus: all train", generated=True),
     Source("audio", "recordings", None, None, "raw recordings cut by a voice activity detector: all train",
            transcripts=False),
+    Source("webdataset", "webdataset", None, None, "WebDataset shards: the split word in each tar's name or folder",
+           pattern_root=True),
     Source("hf", "hf"),
     Source("lhotse", "lhotse_manifests", file_root=True),
     Source("kaldi", "kaldi"),
@@ -57,6 +60,10 @@ def readers() -> dict[str, Reader]:
 
 def root_problem(corpus: str, root: str | Path) -> str | None:
     """Why ``root`` cannot be read as ``corpus`` (not a folder, nor a file where one is allowed), or None."""
+    if corpus in SOURCES and SOURCES[corpus].pattern_root:
+        from .webdataset import tar_files
+
+        return None if tar_files(root) else "matches no tar files"
     root = Path(root)
     file_root = corpus in SOURCES and SOURCES[corpus].file_root
     if root.is_dir() or (file_root and root.is_file()):
@@ -75,6 +82,7 @@ def languages() -> dict[str, Callable[..., list[str]]]:
 def audio_roots() -> dict[str, Callable[..., Path]]:
     """For the sources that list audio files by path (lhotse, Kaldi) rather than in a corpus folder: the
     folder their manifest paths are made relative to, from ROOT and the reader's options."""
-    from . import kaldi, lhotse_manifests
+    from . import kaldi, lhotse_manifests, webdataset
 
-    return {kaldi.NAME: kaldi.audio_root, lhotse_manifests.NAME: lhotse_manifests.audio_root}
+    return {kaldi.NAME: kaldi.audio_root, lhotse_manifests.NAME: lhotse_manifests.audio_root,
+            webdataset.NAME: webdataset.audio_root}
