@@ -133,6 +133,27 @@ def test_openai_speech_endpoint_tts_is_cached(tmp_path):
         assert len(server.requests) == 2
 
 
+def test_openai_tts_draws_only_the_voices_it_is_given(tmp_path):
+    """--voices for an OpenAI-compatible speech endpoint (Kokoro's voice names, say): only those are asked for."""
+    import io
+
+    import soundfile as sf
+
+    from conftest import speechlike
+    from speechinstruct.tts import make_tts
+
+    def speech(request):
+        buf = io.BytesIO()
+        sf.write(buf, speechlike(0.3, 24000), 24000, format="WAV")
+        return buf.getvalue()
+
+    with FakeOpenAI(speech=speech) as server:
+        tts = make_tts("openai", None, llm=LLM(base_url=server.url, model="m"), model="kokoro", voices=["af_bella", "am_adam"])
+        for n in range(6):
+            tts.synthesize(f"sentence {n}", *tts.voice_for(f"utt-{n}"))
+        assert {r["voice"] for r in server.requests} == {"af_bella", "am_adam"}
+
+
 def test_key_from_key_file(tmp_path, monkeypatch):
     from speechinstruct.llm import api_key
     monkeypatch.delenv("OPENAI_API_KEY")

@@ -212,3 +212,21 @@ def test_ray_engine_extracts_codec_units_as_the_local_engine(manifest, tmp_path)
     same_files(tmp_path / "local", tmp_path / "ray")
     spec = lambda folder: json.loads((folder / "units.json").read_text())["vocabulary"]  # noqa: E731
     assert spec(tmp_path / "ray") == spec(tmp_path / "local") and spec(tmp_path / "ray")["size"] == 128
+
+
+def test_extract_reads_webdataset_tar_members_on_the_ray_engine_as_locally(tmp_path):
+    """Rows that point into WebDataset tars (tar_offset/tar_size) reach the decode tasks whole. Here, with the other
+    Ray tests in one test worker: in test_webdataset.py its ray.init hung once in _init_gcs_client while this
+    file's tests (one of which starts a cluster with `ray start`) ran in the other worker."""
+    from test_webdataset import write_shards
+
+    from speechinstruct.engine_ray import extract_ray
+
+    folder, _ = write_shards(tmp_path)
+    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
+    local = extract(tmp_path / "m", tmp_path / "local", MFCC(), quiet=True)
+    remote = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1)
+    assert (local["utterances"], local["errors"]) == (remote["utterances"], remote["errors"]) == (4, 0), (local, remote)
+    for f in sorted((tmp_path / "local").glob("features-*.arrow")):
+        assert f.read_bytes() == (tmp_path / "ray" / f.name).read_bytes()
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["corpus"] == "webdataset"

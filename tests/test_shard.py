@@ -259,8 +259,8 @@ def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():
     assert {c.value for c in cli.Corpus} == set(SOURCES)
     assert set(typing.get_args(recipe.Corpus.model_fields["name"].annotation)) == {
         n for n, s in SOURCES.items() if not s.generated} == {"librispeech", "librilight", "gigaspeech", "commonvoice",
-                                                               "audio", "hf", "lhotse", "kaldi"}
+                                                               "audio", "webdataset", "hf", "lhotse", "kaldi"}
     assert DEFAULT_LICENSES["librispeech"] == "CC-BY-4.0" and "hf" not in DEFAULT_LICENSES
     assert publish.SPLIT_RULES["gigaspeech"] == SOURCES["gigaspeech"].split_rule
     assert [n for n, s in SOURCES.items() if not s.transcripts] == ["librilight", "audio"]  # run's cross-modal default skips them
-    assert "audio" not in DEFAULT_LICENSES  # raw recordings: the user says the license
+    assert "audio" not in DEFAULT_LICENSES and "webdataset" not in DEFAULT_LICENSES  # the user says the license

@@ -2,7 +2,6 @@
 read as streams; the manifest names each audio member's bytes in its tar, and extract decodes them in place."""
 
 import io
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,6 +25,10 @@ def encoded(wav: np.ndarray, sr: int, fmt: str) -> bytes:
 
 @pytest.fixture
 def shards(tmp_path):
+    return write_shards(tmp_path)
+
+
+def write_shards(tmp_path):
     """Three shards as webdataset's TarWriter writes them: train-000000.tar and train-000001.tar (FLAC + JSON with
     Emilia's keys, WAV + TXT, a sample with no audio, one unreadable clip), validation-000000.tar."""
     import webdataset as wds
@@ -107,27 +110,6 @@ def test_a_truncated_tar_keeps_its_samples_before_the_cut(shards, tmp_path):
     assert sorted(rows) == ["webdataset/train-000000/s000"]
     assert summary["skipped"] == {"truncated or damaged tar": 1}
     assert "after s001" in summary["skipped_examples"][0]["detail"]
-
-
-def test_extract_reads_tar_members_on_the_ray_engine_as_locally(shards, tmp_path):
-    pytest.importorskip("ray")
-    import ray
-
-    from speechinstruct.engine_ray import extract_ray
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
-
-    folder, _ = shards
-    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
-    local = extract(tmp_path / "m", tmp_path / "local", MFCC(), quiet=True)
-    try:
-        remote = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1)
-    finally:
-        ray.shutdown()
-    assert (local["utterances"], local["errors"]) == (remote["utterances"], remote["errors"]) == (4, 0), (local, remote)
-    for f in sorted((tmp_path / "local").glob("features-*.arrow")):
-        assert f.read_bytes() == (tmp_path / "ray" / f.name).read_bytes()
-    assert json.loads((tmp_path / "m" / "summary.json").read_text())["corpus"] == "webdataset"
 
 
 def test_score_reads_tar_members_too(shards, tmp_path):
