@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .compose import _draw, _unit_shards, finish, split_counts, split_records
+from .compose import QualityGate, _draw, _quality_drop, _unit_shards, finish, split_counts, split_records
 from .corpora.base import SPLITS, split_name
 from .io import iter_rows, write_json
 from .shardfiles import folder_vocabulary
@@ -94,8 +94,10 @@ def _record(u: dict, frame_rate: float, codebooks: int, merge: bool, seed: int, 
 
 
 def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words: int = 1, max_words: int = 6,
-                part: str | None = None, num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> dict:
-    """Interleaved records from a units folder whose rows have word alignments (see the module docstring)."""
+                part: str | None = None, num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None,
+                gates=None, quiet: bool = False) -> dict:
+    """Interleaved records from a units folder whose rows have word alignments (see the module docstring).
+    ``scores``, ``gates``: as for ``compose.pretrain`` (an utterance that fails the gates makes no record)."""
     if not 1 <= min_words <= max_words:
         raise ValueError(f"min_words {min_words} and max_words {max_words}: need 1 <= min_words <= max_words")
     units_dir, out = Path(units_dir), Path(out)
@@ -106,20 +108,26 @@ def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words
     codebooks = vocabulary.codebooks or 1
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
+    quality = QualityGate(scores, gates)
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
         with split_records(out, part, suffix, "interleaved") as sinks:
             if sinks is None:
                 continue
             for u in tqdm(iter_rows(path), desc=f"interleaved {path.name}", unit="utt", disable=quiet):
+                judged, reason = quality.check(suffix, u["id"])
+                if reason:
+                    _quality_drop(counts, dropped, u["id"], reason)
+                    continue
                 made = _record(u, vocabulary.frame_rate, codebooks, merge, seed, min_words, max_words)
                 if isinstance(made, str):
                     counts[f"skipped: {made}"] += 1
                     if len(dropped) < 200:
                         dropped.append({"where": u["id"], "reason": made})
                     continue
-                sinks[split_name(u["split"])].add(made)
+                sinks[split_name(u["split"])].add(finish({**made, **judged}) if judged else made)
     counts.update(split_counts(out, part))
-    summary = {**{s: counts[s] for s in SPLITS}, **{k: v for k, v in sorted(counts.items()) if k.startswith("skipped")},
+    summary = {**{s: counts[s] for s in SPLITS},
+               **{k: v for k, v in sorted(counts.items()) if k.startswith(("skipped", "dropped"))},
                "units": str(units_dir.resolve()), "dropped_examples": dropped}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary

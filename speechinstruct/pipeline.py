@@ -349,10 +349,12 @@ class Job:
         names = cfg.get("corpora") or self.names
         self.stamps["interleaved"] = self.runner.stage(
             "compose interleaved", composed / "interleaved",
-            {"min_words": cfg["min_words"], "max_words": cfg["max_words"], "seed": seed, "corpora": names},
-            [self.stamps[f"units:{n}"] for n in names],
+            {"min_words": cfg["min_words"], "max_words": cfg["max_words"], "seed": seed, "corpora": names,
+             **({"quality": asdict(self.gates())} if self.scoring else {})},
+            [self.stamps[f"units:{n}"] for n in names] + scored(names),
             lambda: [_brief(interleaved(work / n / "units", composed / "interleaved", seed=seed, min_words=cfg["min_words"],
-                                        max_words=cfg["max_words"], part=n, quiet=self.quiet)) for n in names])
+                                        max_words=cfg["max_words"], part=n, quiet=self.quiet, **self.scores_of(n)))
+                     for n in names])
 
     def compose_dialogues(self, seed: int, km) -> None:
         """Multi-turn dialogues, when the recipe asks for them (``compose.dialogue``); a folder left by an

@@ -182,7 +182,7 @@ def test_endpoint_asr_scores_and_counts_garbage_answers(tmp_path, speech):
 def _recipe(tmp_path: Path, root: Path, **quality) -> Path:
     data = {"name": "gated", "workdir": str(tmp_path / "work"), "corpora": [{"name": "librispeech", "root": str(root)}],
             "features": {"kind": "mfcc"}, "kmeans": {"k": 8, "max_frames": 20000},
-            "compose": {"pretrain": {"dev_fraction": 0.0}, "chain_of_modality": {"max_pairs": 1}},
+            "compose": {"pretrain": {"dev_fraction": 0.0}, "chain_of_modality": {"max_pairs": 1}, "interleaved": {}},
             "quality": quality, "output": {"vocoder": "none"}}
     path = tmp_path / "gated.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -197,6 +197,11 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     clips = {f"clean{i}": (speech[i], SENTENCES[i]) for i in range(3)}
     clips.update({f"noisy{i}": (noisy(speech[i], 0.0, seed=i), SENTENCES[i]) for i in range(3)})
     root = _corpus(tmp_path / "ls", clips)
+    from speechinstruct.alignments import write_textgrid
+
+    for flac in root.rglob("*.flac"):  # word timings, so that interleaved records are made (and gated) too
+        write_textgrid(flac.with_suffix(".TextGrid"), [{"word": "a", "start": 0.1, "end": 0.5},
+                                                       {"word": "b", "start": 0.5, "end": 0.9}], sf.info(flac).duration)
     summary = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=2.0, synthesized={"min_dnsmos": 1.5}), quiet=True)
     assert summary["valid"]
     ds = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="train")
@@ -205,6 +210,8 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     assert all(2.0 <= s <= 5 for s in ds["dnsmos_ovrl"]) and set(ds["wer"]) == {None}
     pretrain = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "pretrain", split="train")
     assert sorted(pretrain["source_id"]) == kept
+    mixed = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "interleaved", split="train")
+    assert sorted(mixed["source_id"]) == kept and all(2.0 <= s <= 5 for s in mixed["dnsmos_ovrl"])
     log = json.loads((tmp_path / "work" / "run-summary.json").read_text())["stages"]
     cm = next(s for s in log if s["stage"] == "compose cross-modal")["result"][0]
     assert cm["dropped: quality: DNSMOS OVRL below 2"] == 3
