@@ -13,7 +13,8 @@ def dataset(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
     recipe = {"name": "tiny", "workdir": str(tmp / "work"), "demo_corpus": {"sentences": 16, "seed": 2},
               "kmeans": {"k": 12, "max_frames": 20000},
-              "compose": {"pretrain": {"dev_fraction": 0.25}, "chain_of_modality": {"max_pairs": 6, "all_formats": True}}}
+              "compose": {"pretrain": {"dev_fraction": 0.25}, "chain_of_modality": {"max_pairs": 6, "all_formats": True}},
+              "output": {"vocoder": "none"}}  # the report's listening table is tested elsewhere (test_listen.py)
     (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert run(tmp / "r.yaml", quiet=True)["valid"]
     return tmp / "work" / "dataset"
