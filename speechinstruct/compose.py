@@ -198,6 +198,23 @@ def split_records(out: Path, part: str | None, suffix: str, kind: str):
         yield {s: files.enter_context(_records_file(t, kind)) for s, t in targets.items()}
 
 
+def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality: QualityGate, counts, dropped: list,
+                num_shards: int = 1, shard_index: int = 0, quiet: bool = False):
+    """(split sinks, units row, its score columns) for every row of the units shards this worker owns that
+    passes ``quality``, shard after shard (:func:`split_records`; a shard already written is skipped); a row
+    that fails is counted in ``counts`` and ``dropped``."""
+    for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
+        with split_records(out, part, suffix, kind) as sinks:
+            if sinks is None:
+                continue
+            for u in tqdm(iter_rows(path), desc=f"{kind} {path.name}", unit="utt", disable=quiet):
+                judged, reason = quality.check(suffix, u["id"])
+                if reason:
+                    _quality_drop(counts, dropped, u["id"], reason)
+                    continue
+                yield sinks, u, judged
+
+
 def split_counts(out: Path, part: str | None = None) -> dict[str, int]:
     """Records per split in a compose folder's ``{split}-*.parquet`` files (``part``'s only, when given)."""
     return {split: sum(pq.read_metadata(f).num_rows for f in out.glob(f"{split}-{part + '-' if part else ''}*.parquet"))
@@ -215,21 +232,13 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = defau
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
-    quality = QualityGate(scores, gates)
-    for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        with split_records(out, part, suffix, "pretrain") as sinks:
-            if sinks is None:
-                continue
-            for u in tqdm(iter_rows(path), desc=f"pretrain {path.name}", unit="utt", disable=quiet):
-                judged, reason = quality.check(suffix, u["id"])
-                if reason:
-                    _quality_drop(counts, dropped, u["id"], reason)
-                    continue
-                split = split_name(u["split"])
-                if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
-                    split = "validation"
-                sinks[split].add(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
-                                         "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
+    for sinks, u, judged in gated_units(Path(units_dir), out, part, "pretrain", QualityGate(scores, gates), counts,
+                                        dropped, num_shards, shard_index, quiet):
+        split = split_name(u["split"])
+        if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
+            split = "validation"
+        sinks[split].add(finish({"id": u["id"], "text": u["unit_text"], "units": u["units"],
+                                 "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
     counts.update(split_counts(out, part))
     summary = {**{s: counts[s] for s in SPLITS}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
                "units": str(Path(units_dir).resolve()), "dropped_examples": dropped[:200]}

@@ -21,11 +21,10 @@ import random
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from .compose import QualityGate, _draw, _quality_drop, _unit_shards, finish, split_counts, split_records
+from .compose import QualityGate, _draw, finish, gated_units, split_counts
 from .corpora.base import SPLITS, split_name
-from .io import iter_rows, write_json
+from .io import write_json
 from .shardfiles import folder_vocabulary
 from .units import dedup
 
@@ -108,23 +107,15 @@ def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words
     codebooks = vocabulary.codebooks or 1
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
-    quality = QualityGate(scores, gates)
-    for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
-        with split_records(out, part, suffix, "interleaved") as sinks:
-            if sinks is None:
-                continue
-            for u in tqdm(iter_rows(path), desc=f"interleaved {path.name}", unit="utt", disable=quiet):
-                judged, reason = quality.check(suffix, u["id"])
-                if reason:
-                    _quality_drop(counts, dropped, u["id"], reason)
-                    continue
-                made = _record(u, vocabulary.frame_rate, codebooks, merge, seed, min_words, max_words)
-                if isinstance(made, str):
-                    counts[f"skipped: {made}"] += 1
-                    if len(dropped) < 200:
-                        dropped.append({"where": u["id"], "reason": made})
-                    continue
-                sinks[split_name(u["split"])].add(finish({**made, **judged}) if judged else made)
+    for sinks, u, judged in gated_units(units_dir, out, part, "interleaved", QualityGate(scores, gates), counts, dropped,
+                                        num_shards, shard_index, quiet):
+        made = _record(u, vocabulary.frame_rate, codebooks, merge, seed, min_words, max_words)
+        if isinstance(made, str):
+            counts[f"skipped: {made}"] += 1
+            if len(dropped) < 200:
+                dropped.append({"where": u["id"], "reason": made})
+            continue
+        sinks[split_name(u["split"])].add(finish({**made, **judged}) if judged else made)
     counts.update(split_counts(out, part))
     summary = {**{s: counts[s] for s in SPLITS},
                **{k: v for k, v in sorted(counts.items()) if k.startswith(("skipped", "dropped"))},
