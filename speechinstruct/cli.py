@@ -102,6 +102,19 @@ def command(group: typer.Typer, name: str | None = None):
     return register
 
 
+def _input_name(value: str) -> str:
+    """An input given as a path, hub id or name; a URL (``s3://…``, ``hf://…``) is copied into the cache first
+    (:func:`speechinstruct.storage.local`) and becomes that copy's path."""
+    from .storage import local
+
+    return str(local(value))
+
+
+def _input(value: str) -> Path:
+    """An input file or folder; a URL is copied into the cache first, as for :func:`_input_name`."""
+    return Path(_input_name(value))
+
+
 def _print_json(obj):
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -119,6 +132,10 @@ def shard(
     out: Path = typer.Argument(..., help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(default(settings.Shard, "shard_hours"), help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight, audio: longest utterance cut from the VAD spans."),
+    asr: Optional[str] = typer.Option(None, parser=_input_name, help="audio: transcribe each utterance with this ASR "
+                                      "model (as `score --asr`: a transformers folder or hub id, or a model at --base-url)."),
+    base_url: Optional[str] = typer.Option(None, help="audio: --asr at an OpenAI-compatible /audio/transcriptions server."),
+    device: str = typer.Option("auto", help="audio: where --asr runs (cpu, cuda, cuda:N or auto)."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
@@ -142,14 +159,21 @@ def shard(
     options = {"license": license, "splits": splits, "split_map": split_map or None}
     if corpus in (Corpus.librilight, Corpus.audio):
         options["max_seconds"] = max_seconds
+    if (asr or base_url) and corpus is not Corpus.audio:
+        fail(f"--asr and --base-url are for `shard audio` (a {corpus.value} corpus has its transcripts)")
+    if base_url and not asr:
+        fail("--base-url needs --asr: the model name at that server (`openai`: whisper-1)")
+    if asr:
+        options.update(asr=asr, base_url=base_url, device=device)
     if corpus is Corpus.gigaspeech:
         options["subset"] = subset
     if corpus is Corpus.commonvoice:
         options["tsv"] = tsv
     if corpus is Corpus.hf:
         from .corpora.hf import local_folder
+        from .storage import is_url
 
-        root = local_folder(root)
+        root = root if is_url(root) else local_folder(root)  # a URL is copied by shard_corpus
         options.update(audio_column=audio_column, text_column=text_column, id_column=id_column,
                        speaker_column=speaker_column, split=split)
     if corpus in (Corpus.lhotse, Corpus.kaldi):
@@ -176,17 +200,17 @@ def _device(device: str) -> str:
 
 @command(app)
 def extract(
-    manifest: Path = typer.Argument(..., help="A `shard` output folder (or one manifest .parquet)."),
+    manifest: Path = typer.Argument(..., parser=_input, help="A `shard` output folder (or one manifest .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
     features: Features = typer.Option(Features.mfcc, help="mfcc (offline default); hubert, wav2vec2, wavlm or "
                                       "data2vec-audio at --layer; or a codec whose codes are the units: mimi, encodec, dac, xcodec, xcodec2."),
-    checkpoint: Optional[str] = typer.Option(None, help="hubert: fairseq .pt, Hugging Face folder, or hub id; a codec: "
+    checkpoint: Optional[str] = typer.Option(None, parser=_input_name, help="hubert: fairseq .pt, Hugging Face folder, or hub id; a codec: "
                                              "a folder saved by transformers, or a hub id."),
     codebooks: Optional[int] = typer.Option(None, min=1, help="codecs: how many of the model's codebooks to keep "
                                             "(default: all)."),
     layer: Optional[int] = typer.Option(None, help="hubert: transformer layer (1-based; default: last). SpeechGPT: 11."),
-    kmeans: Optional[Path] = typer.Option(None, help="Quantize on the fly with this k-means; features are not stored."),
-    root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard`)."),
+    kmeans: Optional[Path] = typer.Option(None, parser=_input, help="Quantize on the fly with this k-means; features are not stored."),
+    root: Optional[Path] = typer.Option(None, parser=_input, help="Corpus root (default: the one recorded by `shard`)."),
     batch_seconds: float = typer.Option(default(settings.Features, "batch_seconds"), help="Seconds of audio per model batch."),
     float16: bool = typer.Option(default(settings.Features, "float16"), help="Store features as float16."),
     dtype: str = typer.Option(default(settings.Features, "dtype"),
@@ -238,7 +262,7 @@ def extract(
 
 @command(app)
 def cluster(
-    features: Path = typer.Argument(..., help="An `extract` output folder."),
+    features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
     out: Path = typer.Argument(..., help="Output folder for centroids.npy and kmeans.json."),
     k: int = typer.Option(default(settings.KMeans, "k"), help="Number of units (SpeechGPT: 1000)."),
     max_frames: int = typer.Option(default(settings.KMeans, "max_frames"), help="Frames sampled for fitting."),
@@ -257,8 +281,8 @@ def cluster(
 
 @command(app)
 def quantize(
-    features: Path = typer.Argument(..., help="An `extract` output folder."),
-    kmeans: Path = typer.Argument(..., help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
+    features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
+    kmeans: Path = typer.Argument(..., parser=_input, help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
     out: Path = typer.Argument(..., help="Output folder for units-*.parquet and stats.json."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
@@ -330,13 +354,13 @@ def templates_generate(
 
 @command(compose_app, "cross-modal")
 def compose_cross_modal(
-    units: Path = typer.Argument(..., help="A `quantize` output folder."),
+    units: Path = typer.Argument(..., parser=_input, help="A `quantize` output folder."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
     mode: str = typer.Option(default(settings.CrossModal, "mode"), help="both (ASR and TTS per utterance), random, asr or tts."),
     asr_fraction: float = typer.Option(default(settings.CrossModal, "asr_fraction"), help="random mode: share of ASR records."),
-    asr_templates: Optional[str] = typer.Option(None, help="ASR template file (default: shipped set)."),
-    tts_templates: Optional[str] = typer.Option(None, help="TTS template file (default: shipped set)."),
-    prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT-style)."),
+    asr_templates: Optional[str] = typer.Option(None, parser=_input_name, help="ASR template file (default: shipped set)."),
+    tts_templates: Optional[str] = typer.Option(None, parser=_input_name, help="TTS template file (default: shipped set)."),
+    prefix_file: Optional[Path] = typer.Option(None, parser=_input, help="System prompt file (default: SpeechGPT-style)."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
@@ -355,7 +379,7 @@ def compose_cross_modal(
 
 @command(compose_app, "pretrain")
 def compose_pretrain(
-    units: Path = typer.Argument(..., help="A `quantize` output folder."),
+    units: Path = typer.Argument(..., parser=_input, help="A `quantize` output folder."),
     out: Path = typer.Argument(..., help="Output folder for train-*/validation-*/test-*.parquet."),
     dev_fraction: float = typer.Option(default(settings.Pretrain, "dev_fraction"),
                                        help="Share of train utterances also held out for validation."),
@@ -394,7 +418,7 @@ def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | 
 
 @command(compose_app, "chain-of-modality")
 def compose_chain_of_modality(
-    instructions: str = typer.Argument(..., help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
+    instructions: str = typer.Argument(..., parser=_input_name, help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
     kmeans: Optional[Path] = SpeechKmeans,
     features: Features = SpeechFeatures,
@@ -439,9 +463,9 @@ def compose_chain_of_modality(
 
 @command(app)
 def align(
-    manifest: Path = typer.Argument(..., help="A `shard` output folder."),
+    manifest: Path = typer.Argument(..., parser=_input, help="A `shard` output folder."),
     out: Path = typer.Argument(..., help="A new shard folder: the same rows, with word timings."),
-    model: str = typer.Option(..., help="A transformers CTC model folder (wav2vec2 with a character vocabulary), or a hub id."),
+    model: str = typer.Option(..., parser=_input_name, help="A transformers CTC model folder (wav2vec2 with a character vocabulary), or a hub id."),
     device: str = typer.Option(default(settings.Features, "device")),
     quiet: bool = Quiet,
 ):
@@ -454,7 +478,7 @@ def align(
 
 @command(compose_app, "interleaved")
 def compose_interleaved(
-    units: Path = typer.Argument(..., help="A units folder (extract --kmeans, quantize, or a codec) whose rows have word "
+    units: Path = typer.Argument(..., parser=_input, help="A units folder (extract --kmeans, quantize, or a codec) whose rows have word "
                                  "alignments (TextGrids beside the corpus audio, lhotse alignments, the demo corpus)."),
     out: Path = typer.Argument(..., help="Output folder for {split}-*.parquet."),
     min_words: int = typer.Option(1, min=1, help="Fewest words in a segment."),
@@ -474,7 +498,7 @@ def compose_interleaved(
 
 @command(compose_app, "dialogue")
 def compose_dialogue(
-    conversations: str = typer.Argument(..., help="JSONL/Parquet of ShareGPT `conversations` or `messages`, a saved "
+    conversations: str = typer.Argument(..., parser=_input_name, help="JSONL/Parquet of ShareGPT `conversations` or `messages`, a saved "
                                         "HF dataset, a hub id, or 'builtin' (a shipped sample)."),
     out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
     kmeans: Optional[Path] = SpeechKmeans,
@@ -511,7 +535,7 @@ def compose_dialogue(
 
 @command(app)
 def publish(
-    compose_dir: Path = typer.Argument(..., help="Folder with cross_modal/, chain_of_modality/, pretrain/ from `compose`."),
+    compose_dir: Path = typer.Argument(..., parser=_input, help="Folder with cross_modal/, chain_of_modality/, pretrain/ from `compose`."),
     out: Path = typer.Argument(..., help="Dataset folder to write (Parquet + README.md card)."),
     name: str = typer.Option("SpeechInstruct", help="Dataset name for the card."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face dataset repo (needs a token)."),
@@ -546,15 +570,15 @@ def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: st
 
 @command(app)
 def score(
-    source: Path = typer.Argument(..., help="A `shard` output (manifest-*.parquet) or a units folder (units-*.parquet)."),
+    source: Path = typer.Argument(..., parser=_input, help="A `shard` output (manifest-*.parquet) or a units folder (units-*.parquet)."),
     out: Path = typer.Argument(..., help="Output folder for scores-*.parquet, errors-*.jsonl, score.json, summary.json."),
     dnsmos: bool = typer.Option(False, "--dnsmos", help="DNSMOS P.835 (OVRL, SIG, BAK) and P.808, with the ONNX "
                                 "models inside the speechmos wheel (no download)."),
-    asr: Optional[str] = typer.Option(None, help="ASR round trip: a transformers ASR folder (Whisper, Moonshine, "
+    asr: Optional[str] = typer.Option(None, parser=_input_name, help="ASR round trip: a transformers ASR folder (Whisper, Moonshine, "
                                       "wav2vec2/Parakeet CTC) or hub id; or a model name at --base-url (`openai`: whisper-1)."),
     base_url: Optional[str] = typer.Option(None, help="An OpenAI-compatible server: score POSTs each clip to "
                                            "{base-url}/audio/transcriptions (key from $OPENAI_API_KEY)."),
-    root: Optional[Path] = typer.Option(None, help="Corpus root (default: the one recorded by `shard` or `extract`)."),
+    root: Optional[Path] = typer.Option(None, parser=_input, help="Corpus root (default: the one recorded by `shard` or `extract`)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     batch_size: int = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per forward pass."),
     workers: int = typer.Option(2, help="Audio decoding threads."),
@@ -575,7 +599,7 @@ def score(
 
 @command(app)
 def validate(
-    dataset: Path = typer.Argument(..., help="A published dataset, a units/manifest folder, or one Parquet file."),
+    dataset: Path = typer.Argument(..., parser=_input, help="A published dataset, a units/manifest folder, or one Parquet file."),
     k: Optional[int] = typer.Option(None, help="Number of units (default: from the dataset's metadata)."),
     max_errors: int = typer.Option(50, help="Per-record errors to list."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -590,16 +614,16 @@ def validate(
 
 @command(app)
 def report(
-    dataset: Path = typer.Argument(..., help="A published dataset."),
+    dataset: Path = typer.Argument(..., parser=_input, help="A published dataset."),
     out: Path = typer.Argument(..., help="Folder for index.html and the PNG plots."),
-    units: Optional[Path] = typer.Option(None, help="A units folder (quantize output): its utterances' original "
+    units: Optional[Path] = typer.Option(None, parser=_input, help="A units folder (quantize output): its utterances' original "
                                          "audio goes into the report to listen to."),
-    vocoder: Optional[Path] = typer.Option(None, help="Resynthesise the samples: a unit HiFi-GAN (g_00500000 + "
+    vocoder: Optional[Path] = typer.Option(None, parser=_input, help="Resynthesise the samples: a unit HiFi-GAN (g_00500000 + "
                                            "config.json) or, as a preview, an MFCC k-means folder."),
     samples: int = typer.Option(4, min=0, help="How many utterances to put in the listening table."),
-    work: Optional[Path] = typer.Option(None, help="The `run` workdir that built the dataset: adds what each stage "
+    work: Optional[Path] = typer.Option(None, parser=_input, help="The `run` workdir that built the dataset: adds what each stage "
                                         "dropped and why, the stage timings and the speech-quality scores."),
-    asr: Optional[str] = typer.Option(None, help="Transcribe each resynthesised sample with this ASR model (as `score "
+    asr: Optional[str] = typer.Option(None, parser=_input_name, help="Transcribe each resynthesised sample with this ASR model (as `score "
                                       "--asr`) and give its WER: how much of the words the units keep."),
     base_url: Optional[str] = typer.Option(None, help="--asr at an OpenAI-compatible /audio/transcriptions server."),
 ):
@@ -624,7 +648,7 @@ def report(
 
 @command(app)
 def run(
-    recipe: Path = typer.Argument(..., help="A recipe YAML, e.g. recipes/mini.yaml."),
+    recipe: Path = typer.Argument(..., parser=_input, help="A recipe YAML, e.g. recipes/mini.yaml."),
     workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
     force: bool = typer.Option(False, help="Redo every stage even when up to date."),
     quiet: bool = Quiet,
@@ -641,10 +665,10 @@ def run(
 @command(app)
 def train(
     stage: int = typer.Option(..., help="1: modality adaptation, 2: cross-modal instructions, 3: chain-of-modality (LoRA)."),
-    base_model: str = typer.Option(..., help="A causal LM folder (or hub id): the base, or the previous stage's model/."),
-    data: Path = typer.Option(..., help="A dataset written by `speechinstruct publish`."),
+    base_model: str = typer.Option(..., parser=_input_name, help="A causal LM folder (or hub id): the base, or the previous stage's model/."),
+    data: Path = typer.Option(..., parser=_input, help="A dataset written by `speechinstruct publish`."),
     out: Path = typer.Option(..., help="Output folder: model/ (or adapter/), checkpoints/, log.jsonl."),
-    config: Optional[Path] = typer.Option(None, help="Settings YAML (default: SpeechGPT's, the packaged recipes/train-stage{N}.yaml)."),
+    config: Optional[Path] = typer.Option(None, parser=_input, help="Settings YAML (default: SpeechGPT's, the packaged recipes/train-stage{N}.yaml)."),
     epochs: Optional[float] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None, help="Global micro-batch over all processes."),
@@ -693,25 +717,25 @@ def train(
 
 @command(app)
 def chat(
-    model: Path = typer.Option(..., help="A trained model folder (model/ or merged/), or the base with --lora."),
-    lora: Optional[Path] = typer.Option(None, help="A stage-3 adapter/ folder."),
+    model: Path = typer.Option(..., parser=_input, help="A trained model folder (model/ or merged/), or the base with --lora."),
+    lora: Optional[Path] = typer.Option(None, parser=_input, help="A stage-3 adapter/ folder."),
     text: Optional[str] = typer.Option(None, help="Say this (text input)."),
-    audio_file: Optional[Path] = typer.Option(None, "--audio", help="Say this recording (audio input → units)."),
-    kmeans: Optional[Path] = typer.Option(None, help="For --audio: the dataset's k-means (not for codec units)."),
+    audio_file: Optional[Path] = typer.Option(None, "--audio", parser=_input, help="Say this recording (audio input → units)."),
+    kmeans: Optional[Path] = typer.Option(None, parser=_input, help="For --audio: the dataset's k-means (not for codec units)."),
     features: Features = typer.Option(Features.mfcc, help="For --audio: the dataset's features (or its codec)."),
-    checkpoint: Optional[str] = typer.Option(None),
+    checkpoint: Optional[str] = typer.Option(None, parser=_input_name),
     layer: Optional[int] = typer.Option(None),
     codebooks: Optional[int] = typer.Option(None, min=1, help="Codec units: the dataset's codebooks (for --audio with "
                                             "a codec and for a codec --vocoder)."),
     max_new_tokens: int = typer.Option(256),
     prompt: str = typer.Option("chain_of_modality", help="Prompt format: chain_of_modality (stage 3's records), "
                                "cross_modal (stage 2's) or speechgpt-cli (SpeechGPT's cli_infer.py template)."),
-    prefix_file: Optional[Path] = typer.Option(None, help="System prompt file (default: SpeechGPT's)."),
+    prefix_file: Optional[Path] = typer.Option(None, parser=_input, help="System prompt file (default: SpeechGPT's)."),
     device: str = typer.Option("auto"),
-    vocoder: Optional[Path] = typer.Option(None, help="A unit HiFi-GAN (fairseq g_00500000 + config.json, or its "
+    vocoder: Optional[Path] = typer.Option(None, parser=_input, help="A unit HiFi-GAN (fairseq g_00500000 + config.json, or its "
                                            "folder), or the dataset's codec folder, to speak the unit answer."),
     speak: Optional[Path] = typer.Option(None, help="With --vocoder: write the spoken unit answer here (.wav)."),
-    history: Optional[Path] = typer.Option(None, help="A JSON file of the dialogue so far ([{input, answer}, …]; "
+    history: Optional[Path] = typer.Option(None, parser=_input, help="A JSON file of the dialogue so far ([{input, answer}, …]; "
                                            "created when missing): each reply sees it, and is added to it."),
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
@@ -790,9 +814,9 @@ def _load_vocoder(path, units_of=None):
 
 @command(app)
 def resynth(
-    source: Path = typer.Argument(..., help="A units folder, compose folder or published dataset (or one .parquet)."),
+    source: Path = typer.Argument(..., parser=_input, help="A units folder, compose folder or published dataset (or one .parquet)."),
     out: Path = typer.Argument(..., help="Output folder for NNNNN.wav and manifest.jsonl."),
-    vocoder: Optional[Path] = typer.Option(None, help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) "
+    vocoder: Optional[Path] = typer.Option(None, parser=_input, help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) "
                                            "with its config.json beside it, or their folder; an MFCC k-means folder for "
                                            "the embedded preview (centroids -> Griffin-Lim, not SpeechGPT's vocoder); or "
                                            "a codec folder. Default for codec units: the codec that made them."),

@@ -253,10 +253,11 @@ class Job:
     def shard_and_extract(self, c: dict) -> None:
         from .extract import extract
         from .shard import shard_corpus
+        from .storage import is_url
 
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
         self.stamps[f"shard:{n}"] = self.runner.stage(
-            f"shard {n}", base / "manifest", {"corpus": n, "root": str(Path(c["root"]).resolve()), **shard, **(c.get("options") or {})},
+            f"shard {n}", base / "manifest", {"corpus": n, "root": c["root"] if is_url(c["root"]) else str(Path(c["root"]).resolve()), **shard, **(c.get("options") or {})},
             [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
             lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=self.quiet,
                                         shard_hours=shard["shard_hours"], **(c.get("options") or {}))))

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .corpora import SOURCES, root_problem
+from .storage import is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
@@ -54,6 +55,9 @@ class CorpusOptions(Section):
     split: Optional[str] = None
     # lhotse, kaldi: the folder manifest paths are relative to
     audio_root: Optional[str] = None
+    # audio: transcribe each utterance (as `score --asr`), here or at an OpenAI-compatible server
+    asr: Optional[str] = None
+    base_url: Optional[str] = None
 
 
 class Corpus(Section):
@@ -294,7 +298,7 @@ def _references(recipe: dict) -> list[str]:
     if not recipe["corpora"] and not recipe["demo_corpus"]:
         problems.append("corpora: no corpora and no demo_corpus")
     for i, c in enumerate(recipe["corpora"]):
-        problem = root_problem(c["name"], c["root"])
+        problem = None if is_url(c["root"]) else root_problem(c["name"], c["root"])  # a URL: checked as copied
         if problem:
             problems.append(f"corpora[{i}].root: {c['name']} root {c['root']!r} {problem}")
     f = recipe["features"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from . import recipe as settings, records
-from .corpora import Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers, root_problem, split_of, split_word
+from . import recipe as settings, records, storage
+from .corpora import SOURCES, Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers, root_problem, split_of, split_word
 from .io import write_json, write_parquet
 from .recipe import default
 
@@ -112,6 +112,11 @@ def shard_corpus(
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
     keep = parse_splits(splits)
     split_map = parse_split_map(split_map)
+    remote = storage.redacted(str(root)) if storage.is_url(root) else None
+    if remote:  # a bucket or the Hub: read from its copy in the cache (downloaded once)
+        root = storage.local_pattern(str(root), quiet) if SOURCES[corpus].pattern_root else storage.local(root, quiet)
+    if storage.is_url(reader_options.get("audio_root") or ""):
+        reader_options["audio_root"] = storage.local(reader_options["audio_root"], quiet)
     root, out = Path(root), Path(out)
     problem = root_problem(corpus, root)
     if problem:
@@ -146,6 +151,7 @@ def shard_corpus(
         "corpus": corpus,
         "root": str(audio_root.resolve()),
         **({"source": str(root.resolve())} if audio_root != root else {}),
+        **({"remote": remote} if remote else {}),  # where the copy at ``root`` came from
         "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None,
                     **({"split_map": split_map} if split_map else {}), **reader_options},
         "shards": written,

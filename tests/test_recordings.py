@@ -119,3 +119,51 @@ def test_shard_audio_writes_train_rows_with_skips_and_needs_a_license(sentences,
     assert rows[0]["offset"] <= spoken[0][0] + 0.15 and spoken[0][1] - 0.15 <= rows[0]["offset"] + rows[0]["duration"]
     clip = decode_row(rows[1], root)  # a row reads back as its span of the file
     assert abs(clip.size / RATE - rows[1]["duration"]) < 0.01
+
+
+def _podcast(sentences, tmp_path):
+    root = tmp_path / "podcasts"
+    root.mkdir()
+    wav, _ = recording(sentences, 22050)
+    sf.write(root / "talk.wav", wav, 22050)
+    return root
+
+
+def test_shard_audio_asr_at_an_endpoint_transcribes_each_utterance_of_its_own_span(sentences, tmp_path):
+    import pyarrow.parquet as pq
+    from transcribe_server import TranscriptionServer
+
+    root = _podcast(sentences, tmp_path)
+
+    def answer(samples, request):  # says how long the clip it got is; the long one gets an HTML error page
+        return f"heard {len(samples) / RATE:.2f} seconds" if len(samples) < 5 * RATE else b"<html>502</html>"
+
+    with TranscriptionServer(answer) as server:
+        result = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "m"), "--license", "CC0-1.0", "-q",
+                                     "--asr", "whisper-1", "--base-url", server.url])
+    assert result.exit_code == 0, result.output
+    assert [r["sample_rate"] for r in server.requests] == [16000, 16000]
+    rows = pq.read_table(tmp_path / "m" / "manifest-00000.parquet").to_pylist()
+    assert len(rows) == 2 and rows[0]["duration"] < 5 < rows[1]["duration"]
+    assert rows[0]["text"] == f"heard {rows[0]['duration']:.2f} seconds" and rows[1]["text"] is None
+    notes = json.loads(result.stdout)["notes"]
+    assert notes[-1] == "1 utterances kept without a transcript (pretrain only): transcription server answered no transcript ('<html>502</html>')"
+    assert '"base_url": "' + server.url in notes[0]
+
+
+def test_shard_audio_asr_with_a_transformers_model_hears_what_score_hears(sentences, tmp_path):
+    import pyarrow.parquet as pq
+    from asr_fixture import write_tiny_whisper
+    from speechinstruct.extract import decode_row
+    from speechinstruct.score import TransformersASR
+
+    root = _podcast(sentences, tmp_path)
+    model = write_tiny_whisper(tmp_path / "whisper")
+    result = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "m"), "--license", "CC0-1.0", "-q",
+                                 "--asr", str(model), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "m" / "manifest-00000.parquet").to_pylist()
+    heard = TransformersASR(str(model)).transcribe([decode_row(r, root) for r in rows])
+    assert [r["text"] for r in rows] == [t or None for t in heard] and any(heard)
+    refused = runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "x"), "--asr", str(model)])
+    assert refused.exit_code == 2 and "--asr and --base-url are for `shard audio`" in refused.stderr

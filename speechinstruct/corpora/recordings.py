@@ -1,24 +1,29 @@
 """Raw recordings (corpus name ``audio``): any folder of audio files of any length that libsndfile reads, such as
 podcasts, audiobooks or broadcasts, untranscribed. Speech is found by silero-vad (:mod:`speechinstruct.vad`), each
 file streamed in blocks; speech spans closer than 2 s are joined into utterances of at most ``max_seconds`` (a
-longer group is cut at its longest pause), as LibriLight's cuts are. Every row is ``train``, with no transcript:
-such rows feed stage-1 ``pretrain`` records. A license is required: we will not guess one.
+longer group is cut at its longest pause), as LibriLight's cuts are. Every row is ``train``. Without ``asr`` the rows
+have no transcript and feed stage-1 ``pretrain`` records; with it, each utterance is transcribed by that model (the
+ASR ``score`` uses: a transformers folder, or a model at an OpenAI-compatible ``base_url``) and can feed
+cross-modal records too. A license is required: we will not guess one.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
-from .base import Item, Skip, probe, relpath
+from .base import Item, Note, Skip, probe, relpath
 
 # the container suffixes libsndfile reads (soundfile.available_formats(), as file names spell them)
 SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".snd", ".w64", ".caf", ".rf64")
 
 
-def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None, quiet: bool = False) -> Iterator[Item]:
+def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None, quiet: bool = False,
+         asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int = 8) -> Iterator[Item]:
     from ..audio import AudioError
     from ..vad import SileroVAD, utterances
 
@@ -31,6 +36,14 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
     if not files:
         raise FileNotFoundError(f"{root}: no audio files ({', '.join(SUFFIXES)})")
     vad = SileroVAD()
+    transcriber = None
+    if asr:
+        from ..features import resolve_device
+        from ..score import load_asr
+
+        transcriber = load_asr(asr, base_url, device=resolve_device(device), batch_size=batch_size)
+        yield Note(f"transcripts by ASR: {json.dumps(transcriber.spec, sort_keys=True)}")
+    missed = collections.Counter()
     for path in tqdm(files, desc="audio files (VAD)", unit="file", disable=quiet):
         rel = relpath(path, root)
         probed = probe(path, root)
@@ -48,8 +61,7 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
             yield Skip(rel, "no speech found", f"{seconds:.1f} s, silero-vad found no speech")
             continue
         stem = str(Path(rel).with_suffix(""))
-        for i, (start, end) in enumerate(cuts):
-            yield {
+        rows = [{
                 "id": f"audio/{stem}/{i:05d}",
                 "path": rel,
                 "offset": round(start, 4),
@@ -61,4 +73,26 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
                 "license": license,
                 "split": "train",
                 "corpus_split": "train",
-            }
+            } for i, (start, end) in enumerate(cuts)]
+        if transcriber:
+            transcribe(transcriber, path, rows, batch_size, missed)
+        yield from rows
+    for reason, count in sorted(missed.items()):
+        yield Note(f"{count} utterances kept without a transcript (pretrain only): {reason}")
+
+
+def transcribe(transcriber, path: Path, rows: list[dict], batch_size: int, missed: collections.Counter) -> None:
+    """Set each row's ``text`` to what ``transcriber`` hears in its span of ``path`` (``batch_size`` spans in
+    memory at a time). A span it hears no words in, or gets no answer for, keeps ``text`` None, counted in
+    ``missed`` by reason."""
+    from ..audio import load
+    from ..score import BadAnswer
+
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
+        wavs = [load(path, r["offset"], r["duration"], reject_silence=False) for r in batch]
+        for row, text in zip(batch, transcriber.transcribe(wavs)):
+            if isinstance(text, BadAnswer) or not text.strip():
+                missed[str(text) if isinstance(text, BadAnswer) else "the ASR model heard no words"] += 1
+            else:
+                row["text"] = text.strip()

@@ -1,0 +1,235 @@
+"""Inputs in object storage: ``s3://``, ``gs://``, ``hf://`` (any fsspec URL) as a local copy, downloaded once.
+
+Every source and stage input may be a URL. :func:`local` turns one into a folder or file in the cache
+(``$SPEECHINSTRUCT_CACHE``, default ``~/.cache/speechinstruct/remote``), laid out as the bucket is
+(``s3://corpus/LibriSpeech/dev-clean/…`` → ``CACHE/s3/corpus/LibriSpeech/dev-clean/…``), so that every corpus
+reader and stage reads it as it reads a local folder. A rerun lists the URL again and downloads only what is new
+or changed there (size and version: S3's ETag, the Hub's blob id), and removes from the copy what is gone
+from the URL, so the copy never holds a file the source does not. Each file is written under a temporary name
+and renamed when complete: a killed download leaves no half file that a rerun would take as whole.
+
+fsspec does the talking (s3fs for S3, gcsfs for Google Cloud Storage, huggingface_hub for ``hf://``), and those
+libraries find the credentials themselves, in the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, ``AWS_ENDPOINT_URL_S3`` for MinIO or R2; ``GOOGLE_APPLICATION_CREDENTIALS``; ``HF_TOKEN``).
+We never take credentials as arguments, refuse URLs that carry them, and never write them anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_ENV = "SPEECHINSTRUCT_CACHE"
+INDEX = ".speechinstruct-mirror.json"  # beside the copy: relative path → [size, version] of each file
+_URL = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+_DOWNLOADS_AT_ONCE = 8
+
+
+class StorageError(ValueError):
+    """A URL that cannot be read; the message names it and says what to do."""
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` names a remote file or folder (``s3://…``); local paths and ``file://`` are not."""
+    found = _URL.match(str(path))
+    return bool(found) and found["protocol"].lower() != "file"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "speechinstruct" / "remote")
+
+
+@dataclass
+class Copy:
+    """What :func:`mirror` did: the local copy, and how much of it came over the network this time."""
+
+    path: Path
+    files: int
+    size: int
+    downloaded: int
+    downloaded_bytes: int
+    removed: int
+
+
+def local(path, quiet: bool = False):
+    """``path`` itself when local (a ``Path`` when given one), else the local copy of the URL (a ``Path``)."""
+    if not is_url(path):
+        return path
+    return mirror(str(path), quiet=quiet).path
+
+
+def local_pattern(pattern: str, quiet: bool = False) -> str:
+    """A brace pattern of remote files (``s3://b/shard-{000..009}.tar``) as the same pattern in the cache, each
+    file it names copied there (those that exist: a pattern's missing names are the reader's to report)."""
+    from braceexpand import braceexpand
+
+    if not is_url(pattern):
+        return pattern
+    fs, _ = _filesystem(pattern)
+    for url in braceexpand(pattern):
+        try:
+            present = fs.isfile(_strip(fs, url))
+        except Exception as e:
+            raise _explain(e, url) from None
+        if present:
+            mirror(url, quiet=quiet)
+    return str(_cache_path(fs, pattern))
+
+
+def mirror(url: str, quiet: bool = False) -> Copy:
+    """Copy the file or folder at ``url`` into the cache, fetching only files that are new or changed there."""
+    from tqdm import tqdm
+
+    from .io import atomic_path, remove_stale_temps, write_json
+
+    fs, remote = _filesystem(url)
+    target = _cache_path(fs, url)
+    try:
+        if fs.isfile(remote):
+            entries = {"": fs.info(remote)}
+        else:
+            entries = {_relative(name, remote): info for name, info in fs.find(remote, detail=True).items()
+                       if info.get("type", "file") == "file"}
+    except Exception as e:
+        raise _explain(e, url) from None
+    if not entries:
+        raise StorageError(f"{url}: no such file or folder (nothing is stored under this name)")
+
+    if "" in entries:  # one file: it is kept in its folder's copy, under its name
+        folder, entries = target.parent, {target.name: entries[""]}
+        sources = {target.name: remote}
+    else:
+        folder, sources = target, {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
+    index_file = folder / INDEX  # paths relative to ``folder``: a file's and its folder's copies agree
+    index = _read_index(index_file)
+    wanted = {rel: [int(info.get("size") or 0), _version(info)] for rel, info in entries.items()}
+    todo = [rel for rel, state in wanted.items() if index.get(rel) != state or not _whole(folder / rel, state[0])]
+    if folder.is_dir():  # a killed run's half files (a live writer's are kept)
+        remove_stale_temps(folder, recursive=folder == target)
+    removed = 0
+    if folder == target:  # a folder: drop what the URL no longer holds
+        removed = _remove_gone(folder, set(wanted))
+        index = {rel: state for rel, state in index.items() if rel in wanted}
+
+    def fetch(rel: str) -> str:
+        with atomic_path(folder / rel) as tmp:
+            fs.get_file(sources[rel], str(tmp))
+        return rel
+
+    size = sum(wanted[rel][0] for rel in todo)
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {redacted(url)}", disable=quiet or not todo) as bar:
+        failed = None
+        with ThreadPoolExecutor(_DOWNLOADS_AT_ONCE) as pool:
+            for done in as_completed([pool.submit(fetch, rel) for rel in todo]):
+                try:
+                    rel = done.result()
+                except Exception as e:  # the others still finish, and are kept for the rerun
+                    failed = failed or e
+                    continue
+                index[rel] = wanted[rel]
+                bar.update(wanted[rel][0])
+        write_json(index_file, index)
+    if failed:
+        raise _explain(failed, url) from None
+    return Copy(target, len(wanted), sum(s for s, _ in wanted.values()), len(todo), size, removed)
+
+
+def _filesystem(url: str):
+    """(fsspec filesystem, path within it) for ``url``; one line when the protocol or its package is missing."""
+    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        raise StorageError(f"{redacted(url)}: credentials in a URL are refused (they would be written into "
+                           "manifests and logs); set them in the environment instead")
+    import fsspec
+
+    protocol = _URL.match(url)["protocol"].lower()
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        package = _PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
+        raise StorageError(f"{url}: reading {protocol}:// needs {package} (pip install {package}): {e}") from None
+    except ValueError as e:
+        raise StorageError(f"{url}: {e}") from None
+
+
+def _strip(fs, url: str) -> str:
+    return fs._strip_protocol(url)
+
+
+def _cache_path(fs, url: str) -> Path:
+    """Where the copy of ``url`` lives: CACHE/PROTOCOL/BUCKET/KEY, refusing names that would leave the cache."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    parts = [p for p in _strip(fs, url).split("/") if p]
+    if any(p in (".", "..") for p in parts) or not parts:
+        raise StorageError(f"{url}: a URL with '.' or '..' parts, or without a bucket, cannot be copied")
+    return cache_root() / protocol / Path(*parts)
+
+
+def _relative(name: str, remote: str) -> str:
+    return name[len(remote.rstrip("/")):].lstrip("/")
+
+
+def _version(info: dict) -> str:
+    """What changes when the stored file does: S3's ETag, GCS's md5, the Hub's blob id, else its time."""
+    for key in ("ETag", "etag", "md5Hash", "blob_id", "VersionId", "LastModified", "updated", "mtime"):
+        if info.get(key):
+            return str(info[key])
+    lfs = info.get("lfs") or {}
+    return str(lfs.get("sha256", ""))
+
+
+def _whole(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no copy yet, or an unreadable index: every file is fetched again
+    return index if isinstance(index, dict) else {}
+
+
+def _remove_gone(folder: Path, wanted: set[str]) -> int:
+    """Delete the files of the copy that the URL no longer holds (so no reader sees a file the source lacks)."""
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and path.name != INDEX and ".tmp-" not in path.name and rel not in wanted:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def redacted(url: str) -> str:
+    """``url`` without a ``user:password@`` part, fit to be written down."""
+    head, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{head}://{netloc.rpartition('@')[2]}{slash}{path}"
+
+
+def _explain(e: Exception, url: str) -> StorageError:
+    """One line for a failed listing or download: missing, refused, unreachable, or no credentials."""
+    name, text = type(e).__name__, str(e).strip() or type(e).__name__
+    where = redacted(url)
+    if isinstance(e, StorageError):
+        return e
+    if name == "NoCredentialsError":
+        return StorageError(f"{where}: no credentials found: set them in the environment (for S3: "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    if isinstance(e, PermissionError):
+        return StorageError(f"{where}: access refused ({text}): check the credentials in the environment")
+    if isinstance(e, FileNotFoundError):
+        return StorageError(f"{where}: no such bucket, file or folder ({text})")
+    if "connect" in name.lower() or "timeout" in name.lower() or isinstance(e, (ConnectionError, TimeoutError)):
+        return StorageError(f"{where}: cannot reach the storage ({text})")
+    return StorageError(f"{where}: {name}: {text}")

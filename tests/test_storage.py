@@ -1,0 +1,217 @@
+"""Sources and stage inputs in object storage (speechinstruct.storage), against a real S3 API on loopback: moto's
+server, started as its own process, checking signatures against the IAM user it holds (as S3 does), so that a
+wrong secret is refused as S3 refuses it."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_librispeech
+from speechinstruct import storage
+from speechinstruct.cli import app
+from speechinstruct.shard import shard_corpus
+from speechinstruct.shardfiles import manifest_files, read_features
+from test_webdataset import write_shards
+
+pytest.importorskip("s3fs")
+runner = CliRunner()
+ALL = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback that checks every request's signature against its one IAM user's key."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "admin",
+                 "aws_secret_access_key": "admin"}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="all", PolicyDocument=ALL)
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        boto3.client("s3", **admin).create_bucket(Bucket="corpus")
+        # from here on moto authenticates every request (its documented INITIAL_NO_AUTH_ACTION_COUNT switch)
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                                      headers={"Content-Type": "text/plain"}))
+        env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_ENDPOINT_URL_S3": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+               "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull,
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        yield {"env": env, "client": client, "endpoint": endpoint}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch, tmp_path):
+    """The server's credentials in this test's environment only, a fresh cache, and no filesystem objects left
+    from another test's credentials (fsspec keeps one per set of arguments, whatever the environment)."""
+    import s3fs
+
+    for name, value in s3["env"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def upload(client, folder, prefix):
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.put_object(Bucket="corpus", Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+
+
+def rows_of(folder):
+    return sorted((r for f in manifest_files(folder) for r in pq.read_table(f).to_pylist()), key=lambda r: r["id"])
+
+
+def test_a_corpus_in_a_bucket_shards_as_its_local_copy_does(bucket, tmp_path):
+    local = write_librispeech(tmp_path / "LibriSpeech")
+    upload(bucket["client"], local, "ls-shard/LibriSpeech")
+    summary = shard_corpus("librispeech", "s3://corpus/ls-shard/LibriSpeech", tmp_path / "remote", quiet=True)
+    expected = shard_corpus("librispeech", local, tmp_path / "local", quiet=True)
+    assert summary["remote"] == "s3://corpus/ls-shard/LibriSpeech"
+    assert summary["root"] == str(tmp_path / "cache" / "s3" / "corpus" / "ls-shard" / "LibriSpeech")
+    assert summary["utterances"] == expected["utterances"] == 4
+    assert summary["skipped"] == expected["skipped"]  # the corrupt flac is skipped there as here
+    assert [{k: v for k, v in r.items()} for r in rows_of(tmp_path / "remote")] == rows_of(tmp_path / "local")
+
+
+def test_a_rerun_downloads_nothing_and_follows_what_changed_in_the_bucket(bucket, tmp_path):
+    client = bucket["client"]
+    for name, body in {"a.txt": b"first", "sub/b.txt": b"second", "sub/c.txt": b"third"}.items():
+        client.put_object(Bucket="corpus", Key=f"rerun/{name}", Body=body)
+    first = storage.mirror("s3://corpus/rerun", quiet=True)
+    assert (first.files, first.downloaded, first.removed) == (3, 3, 0)
+    stamps = {p: p.stat().st_mtime_ns for p in first.path.rglob("*.txt")}
+    again = storage.mirror("s3://corpus/rerun", quiet=True)
+    assert (again.downloaded, again.downloaded_bytes) == (0, 0)
+    assert {p: p.stat().st_mtime_ns for p in first.path.rglob("*.txt")} == stamps  # not one file rewritten
+
+    client.put_object(Bucket="corpus", Key="rerun/a.txt", Body=b"FIRST")  # same size, new content: a new ETag
+    client.delete_object(Bucket="corpus", Key="rerun/sub/c.txt")
+    client.put_object(Bucket="corpus", Key="rerun/d.txt", Body=b"fourth")
+    (first.path / "sub" / "b.txt").write_bytes(b"sec")  # a copy cut short (a disk full, a hand edit)
+    changed = storage.mirror("s3://corpus/rerun", quiet=True)
+    assert (changed.files, changed.downloaded, changed.removed) == (3, 3, 1)
+    assert {p.relative_to(first.path).as_posix(): p.read_bytes() for p in first.path.rglob("*.txt")} == {
+        "a.txt": b"FIRST", "sub/b.txt": b"second", "d.txt": b"fourth"}  # c.txt, gone from the bucket, is gone here
+
+
+def test_tar_shards_in_a_bucket_are_read_by_their_pattern(bucket, tmp_path):
+    folder, _ = write_shards(tmp_path)
+    upload(bucket["client"], folder, "wds")
+    bucket["client"].put_object(Bucket="corpus", Key="wds/train-000009.tar", Body=b"not named by the pattern")
+    pattern = "s3://corpus/wds/train-{000000..000001}.tar"
+    summary = shard_corpus("webdataset", pattern, tmp_path / "remote", quiet=True, license="CC-BY-4.0")
+    expected = shard_corpus("webdataset", str(folder / "train-{000000..000001}.tar"), tmp_path / "local", quiet=True,
+                            license="CC-BY-4.0")
+    assert summary["remote"] == pattern and summary["utterances"] == expected["utterances"] == 4
+    assert [r["tar_offset"] for r in rows_of(tmp_path / "remote")] == [r["tar_offset"] for r in rows_of(tmp_path / "local")]
+    copied = sorted(p.name for p in (tmp_path / "cache" / "s3" / "corpus" / "wds").glob("*.tar"))
+    assert copied == ["train-000000.tar", "train-000001.tar"]  # only what the pattern names
+    result = runner.invoke(app, ["extract", str(tmp_path / "remote"), str(tmp_path / "features"), "-q"])
+    assert result.exit_code == 0, result.output  # the members are read in place, in the cache's copy
+    assert len(list((tmp_path / "features").glob("features-*.arrow"))) == 1
+
+
+def test_a_stage_input_may_be_a_url(bucket, tmp_path, librispeech_root):
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    upload(bucket["client"], tmp_path / "manifest", "stage/manifest")
+    result = runner.invoke(app, ["extract", "s3://corpus/stage/manifest", str(tmp_path / "features"), "-q"])
+    assert result.exit_code == 0, result.output
+    ids, _ = read_features(tmp_path / "features" / "features-00000.arrow")
+    assert sorted(ids) == sorted(r["id"] for r in rows_of(tmp_path / "manifest"))
+
+
+def _cli_error(args, **env):
+    """Run the CLI in its own process (as a user does) with ``env`` over the server's; its exit code and stderr."""
+    done = subprocess.run([sys.executable, "-m", "speechinstruct.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+    return done.returncode, " ".join(re.sub("[│╭╮╰╯─]", " ", done.stderr).split())  # typer's box, unwrapped
+
+
+def test_bad_buckets_and_credentials_are_one_line_and_no_secret_reaches_the_disk(bucket, tmp_path):
+    bucket["client"].put_object(Bucket="corpus", Key="bad/a.txt", Body=b"x")
+    out = tmp_path / "out"
+    cases = {
+        "access refused": (["validate", "s3://corpus/bad"], {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
+        "no such bucket": (["validate", "s3://no-such-bucket/x"], {}),
+        "no such file or folder": (["validate", "s3://corpus/nothing-here"], {}),
+        "cannot reach the storage": (["validate", "s3://corpus/bad"], {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}),
+        "no credentials found": (["validate", "s3://corpus/bad"], {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}),
+        "credentials in a URL are refused": (["shard", "librispeech", "s3://key:hunter2@corpus/bad", str(out)], {}),
+        "needs gcsfs": (["shard", "librispeech", "gs://corpus/bad", str(out)], {}),
+    }
+    for expected, (args, env) in cases.items():
+        code, stderr = _cli_error(args, **env)
+        assert code == 2 and expected in stderr and "Traceback" not in stderr, (expected, stderr)
+    secrets = [bucket["env"]["AWS_SECRET_ACCESS_KEY"], "hunter2"]
+    for path in [*tmp_path.rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(s.encode() in data for s in secrets), path
+
+
+def test_a_download_cut_off_leaves_no_half_file_and_the_rerun_fetches_only_the_rest(bucket, tmp_path, monkeypatch):
+    import fsspec
+
+    for name in ("a.bin", "b.bin", "c.bin"):
+        bucket["client"].put_object(Bucket="corpus", Key=f"cut/{name}", Body=name.encode() * 1000)
+    fs, _ = fsspec.core.url_to_fs("s3://corpus")  # the instance storage gets too (fsspec caches it)
+    whole = fs.get_file
+
+    def cut_off(rpath, lpath, **kwargs):
+        if rpath.endswith("b.bin"):
+            with open(lpath, "wb") as f:
+                f.write(b"half")
+            raise ConnectionResetError("connection reset by peer")
+        return whole(rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(fs, "get_file", cut_off)
+    with pytest.raises(storage.StorageError, match="s3://corpus/cut: cannot reach the storage"):
+        storage.mirror("s3://corpus/cut", quiet=True)
+    copy = tmp_path / "cache" / "s3" / "corpus" / "cut"
+    assert sorted(p.name for p in copy.iterdir()) == sorted([storage.INDEX, "a.bin", "c.bin"])  # no b.bin, whole or half
+    monkeypatch.setattr(fs, "get_file", whole)
+    rerun = storage.mirror("s3://corpus/cut", quiet=True)
+    assert rerun.downloaded == 1 and (copy / "b.bin").read_bytes() == b"b.bin" * 1000
+
+
+def test_a_recipe_may_name_a_bucket_as_a_corpus_root(tmp_path):
+    from speechinstruct.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("corpora: [{name: librispeech, root: 's3://corpus/LibriSpeech'}]\n")
+    assert load_recipe(recipe)["corpora"][0]["root"] == "s3://corpus/LibriSpeech"  # checked when copied
+    recipe.write_text(f"corpora: [{{name: librispeech, root: '{tmp_path}/s3:/corpus'}}]\n")
+    with pytest.raises(RecipeError, match="is not a folder"):
+        load_recipe(recipe)
