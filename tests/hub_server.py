@@ -1,15 +1,41 @@
 """A loopback stand-in for the parts of the Hugging Face Hub API that ``huggingface_hub`` calls to validate a
 card, create a dataset repo and commit files to it (``/api/validate-yaml``, ``/api/repos/create``,
-``/api/datasets/{repo}/preupload/{rev}``, ``/api/datasets/{repo}/commit/{rev}``). Every file is answered
-"regular" (inline in the commit, no LFS), so the commit body holds each uploaded file, which the tests read."""
+``/api/datasets/{repo}/preupload/{rev}``, ``/api/datasets/{repo}/commit/{rev}``), and those ``HfFileSystem``
+(``hf://`` URLs) calls to list and download a repo's files (``revision``, ``tree``, ``paths-info``, ``/resolve/``).
+Every file is answered "regular" (inline in the commit, no LFS), so the commit body holds each uploaded file,
+which the tests read; ``files[repo]`` is what the read side serves."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+COMMIT = "1" * 40  # the one revision every repo is at
+
+
+def blob_id(data: bytes) -> str:
+    """A file's git blob id, as the Hub names a (non-LFS) file's version."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _tree(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict]:
+    """The Hub's tree entries under ``prefix``: folders, then files (type, oid, size, path)."""
+    folders, entries = set(), []
+    for name in sorted(files):
+        if prefix and not name.startswith(prefix + "/"):
+            continue
+        parts = name[len(prefix) + 1:].split("/") if prefix else name.split("/")
+        for depth in range(1, len(parts) if recursive else min(2, len(parts))):
+            folders.add("/".join([prefix, *parts[:depth]] if prefix else parts[:depth]))
+        if recursive or len(parts) == 1:
+            entries.append({"type": "file", "oid": blob_id(files[name]), "size": len(files[name]), "path": name})
+    return [{"type": "directory", "oid": "0" * 40, "path": f} for f in sorted(folders)] + entries
 
 
 class Hub:
@@ -50,6 +76,13 @@ class Hub:
                     hub.repos.add(repo)
                     hub.files[repo] = {}
                     return self._json(200, {"url": f"{hub.url}/datasets/{repo}"})
+                m = re.fullmatch(r"/api/datasets/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)", path)
+                if m:  # huggingface_hub sends the paths form-encoded, one `paths` field each
+                    files = hub.files.get(m["repo"])
+                    if files is None:
+                        return self._missing("RepoNotFound", "Repository not found")
+                    wanted = set(urllib.parse.parse_qs(body.decode()).get("paths", []))
+                    return self._json(200, [e for e in _tree(files, "", True) if e["path"] in wanted])
                 m = re.fullmatch(r"/api/datasets/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit)/(?P<rev>[^/]+)", path)
                 if m and m["repo"] in hub.repos:
                     if m["op"] == "preupload":
@@ -66,8 +99,51 @@ class Hub:
                 return self._json(404, {"error": f"no route {path}"})
 
             def do_GET(self):
-                path = self.path.split("?")[0]
-                hub.calls.append(("GET", path))
+                self._read(head=False)
+
+            def do_HEAD(self):
+                self._read(head=True)
+
+            def _missing(self, code: str, message: str):
+                data = json.dumps({"error": message}).encode()
+                self.send_response(404)
+                self.send_header("X-Error-Code", code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _read(self, head: bool):
+                """The Hub's read API as huggingface_hub's HfFileSystem calls it: repo info, the tree (paged, here
+                one page), paths-info, and /resolve/ for the bytes (with the ETag and X-Repo-Commit it sends)."""
+                path, _, query = self.path.partition("?")
+                hub.calls.append((self.command, path))
+                params = urllib.parse.parse_qs(query)
+                m = re.fullmatch(r"/api/datasets/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>revision|tree)/(?P<rev>[^/]+)(?P<sub>/.*)?)?", path)
+                if m:
+                    files = hub.files.get(m["repo"])
+                    if files is None:
+                        return self._missing("RepoNotFound", "Repository not found")
+                    if m["op"] in (None, "revision"):  # repo info, at the main branch or a revision
+                        return self._json(200, {"id": m["repo"], "sha": COMMIT, "private": False,
+                                                "siblings": [{"rfilename": name} for name in sorted(files)]})
+                    prefix = urllib.parse.unquote(m["sub"] or "").strip("/")
+                    recursive = params.get("recursive", ["False"])[0].lower() == "true"
+                    return self._json(200, _tree(files, prefix, recursive))
+                m = re.fullmatch(r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+                if m:
+                    name = urllib.parse.unquote(m["file"])
+                    data = hub.files.get(m["repo"], {}).get(name)
+                    if data is None:
+                        return self._missing("EntryNotFound", f"{name} does not exist")
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("ETag", f'"{blob_id(data)}"')
+                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(data)
+                    return
                 return self._json(404, {"error": f"no route {path}"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

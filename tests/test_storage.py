@@ -215,3 +215,32 @@ def test_a_recipe_may_name_a_bucket_as_a_corpus_root(tmp_path):
     recipe.write_text(f"corpora: [{{name: librispeech, root: '{tmp_path}/s3:/corpus'}}]\n")
     with pytest.raises(RecipeError, match="is not a folder"):
         load_recipe(recipe)
+
+
+def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):
+    """hf:// through huggingface_hub's own HfFileSystem, against the loopback Hub (tests/hub_server.py), which
+    answers its tree, paths-info and /resolve/ requests as the Hub does."""
+    import huggingface_hub.constants
+    from hub_server import Hub
+
+    hub = Hub()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)  # both as HF_ENDPOINT sets them
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+        local = write_librispeech(tmp_path / "LibriSpeech")
+        hub.files["user/corpus"] = {f"LibriSpeech/{p.relative_to(local).as_posix()}": p.read_bytes()
+                                    for p in sorted(local.rglob("*")) if p.is_file()}
+        summary = shard_corpus("librispeech", "hf://datasets/user/corpus/LibriSpeech", tmp_path / "m", quiet=True)
+        expected = shard_corpus("librispeech", local, tmp_path / "local", quiet=True)
+        assert summary["remote"] == "hf://datasets/user/corpus/LibriSpeech" and summary["utterances"] == 4
+        assert rows_of(tmp_path / "m") == rows_of(tmp_path / "local") and summary["skipped"] == expected["skipped"]
+        fetched = [c for c in hub.calls if "/resolve/" in c[1] and c[0] == "GET"]
+        again = storage.mirror("hf://datasets/user/corpus/LibriSpeech", quiet=True)
+        assert again.downloaded == 0 and [c for c in hub.calls if "/resolve/" in c[1] and c[0] == "GET"] == fetched
+        with pytest.raises(storage.StorageError, match="hf://datasets/user/nothing: no such bucket, file or folder"):
+            storage.mirror("hf://datasets/user/nothing", quiet=True)
+    finally:
+        hub.close()
