@@ -94,29 +94,61 @@ def _clear(folder: Path, keep: set[str]) -> None:
             sub.rmdir()  # only empty ones go
 
 
+LOCK_WAIT = 30.0  # seconds a lock left by a killed run's still-exiting child processes is waited for
+
+
 @contextlib.contextmanager
 def workdir_lock(work: Path):
     """One ``run`` per workdir at a time: a second one stops with one clear line instead of racing the
-    first (its start-up clean-up would delete the other's temporary files)."""
+    first (its start-up clean-up would delete the other's temporary files). A lock whose run is gone but which
+    a process it started still holds (forked processes inherit it) is waited for, ``LOCK_WAIT`` seconds."""
     import fcntl
+    import socket
 
     work.mkdir(parents=True, exist_ok=True)
     lock = work / ".run.lock"
     with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RecipeError(f"{work}: another `speechinstruct run` is using this workdir "
-                              f"({f.read().strip() or 'pid unknown'}); wait for it or choose another --workdir") from None
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "pid unknown"
+            if not _gone(owner):
+                raise RecipeError(f"{work}: another `speechinstruct run` is using this workdir ({owner}); "
+                                  "wait for it or choose another --workdir") from None
+            if time.monotonic() > deadline:
+                raise RecipeError(f"{work}: the run that locked this workdir ({owner}) has ended, but a process "
+                                  f"it started still holds the lock after {LOCK_WAIT:.0f} s; end that process "
+                                  f"(fuser {lock}) or choose another --workdir") from None
+            time.sleep(0.1)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _gone(owner: str) -> bool:
+    """Whether the run a lock file names (``pid N on HOST``) ran on this host and no longer runs."""
+    import re
+    import socket
+
+    found = re.fullmatch(r"pid (\d+) on (\S+)", owner)
+    if not found or found[2] != socket.gethostname():
+        return False  # another host's process cannot be seen from here
+    try:
+        os.kill(int(found[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool = False, force: bool = False) -> dict:

@@ -100,7 +100,7 @@ class EspeakTTS:
     def _fresh(self, fn, *args):
         """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died."""
         receive, send = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_run_and_send, args=(send, fn, args), daemon=True)
+        process = self._context.Process(target=_run_and_send, args=(send, fn, args, os.getpid()), daemon=True)
         process.start()
         send.close()
         try:
@@ -120,7 +120,22 @@ class EspeakTTS:
         pass
 
 
-def _run_and_send(connection, fn, args) -> None:
+def _die_with(parent: int) -> None:
+    """End this (forked) process when ``parent`` does, as Linux's PR_SET_PDEATHSIG does: a process left behind
+    by a killed run would hold what it inherited, the workdir's lock among them."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
+    except (OSError, AttributeError):  # not Linux: the parent's daemon flag still ends it at a normal exit
+        return
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+def _run_and_send(connection, fn, args, parent: int) -> None:
+    _die_with(parent)
     try:
         connection.send(fn(*args))
     except BaseException as e:  # sent back to the caller, which raises it

@@ -1,5 +1,6 @@
 """Crash safety, bad input and secrets, proven end to end."""
 
+import contextlib
 import os
 import re
 import signal
@@ -280,3 +281,64 @@ def test_run_keeps_the_users_files_in_an_existing_dataset_folder(tmp_path):
     assert run(recipe, quiet=True)["valid"]
     assert (mine / "data" / "mine" / "important.parquet").read_bytes() == b"user data"
     assert (mine / "notes.md").read_text() == "mine\n" and "# renamed" in (mine / "README.md").read_text()
+
+
+def _gone(pid: int, seconds: float = 20.0) -> bool:
+    """Whether process ``pid`` has ended (or become a zombie) within ``seconds``."""
+    import psutil
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_run_leaves_no_espeak_process_behind(tmp_path):
+    """The forked process EspeakTTS speaks each utterance in dies with its parent: left running, it held the
+    workdir lock it inherited, and the rerun was refused (seen once in the sigkill test above)."""
+    script = tmp_path / "speak.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from speechinstruct.tts import EspeakTTS\n"
+        "def hold(path):\n"
+        "    open(path + '.tmp', 'w').write(str(os.getpid())); os.replace(path + '.tmp', path); time.sleep(120)\n"
+        "EspeakTTS()._fresh(hold, sys.argv[1])\n")
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    deadline = time.time() + 60
+    while not pid_file.exists() and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    try:
+        assert _gone(child), "the espeak-ng process outlived the run that started it"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_lock_left_by_a_killed_runs_children_is_waited_for(tmp_path):
+    """A child process of a killed run still holds the workdir lock it inherited: the next run waits for it
+    to end (a few seconds here) instead of refusing to start."""
+    from speechinstruct.pipeline import workdir_lock
+
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from speechinstruct.pipeline import workdir_lock\n"
+        "with workdir_lock(Path(sys.argv[1])):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(3); os._exit(0)\n"
+        "    Path(sys.argv[1], 'forked').write_text('')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "work")], timeout=60)
+    assert (tmp_path / "work" / "forked").exists()
+    with workdir_lock(tmp_path / "work"):
+        pass
