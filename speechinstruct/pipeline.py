@@ -194,6 +194,9 @@ class Job:
         if recipe["demo_corpus"]:
             self.corpora.insert(0, {"name": "speechinstruct-demo", "root": str(work / "demo-corpus"), "options": {}})
         self.names = [c["name"] for c in self.corpora]
+        # the corpora with transcripts, which cross-modal records are made of: raw recordings (`audio`) have
+        # them when the recipe names an ASR model to transcribe them with
+        self.transcribed = [c["name"] for c in self.corpora if SOURCES[c["name"]].transcripts or c["options"].get("asr")]
         self.runner = Runner(force=force)
         self.quality = recipe["quality"]
         self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"])
@@ -332,7 +335,7 @@ class Job:
         recipe, work, composed, quiet = self.recipe, self.work, self.composed, self.quiet
         c_cfg = recipe["compose"]
         seed, cm = c_cfg["seed"], c_cfg["cross_modal"]
-        cm_corpora = cm.get("corpora") or [n for n in self.names if SOURCES[n].transcripts]
+        cm_corpora = cm.get("corpora") or self.transcribed
         sets = {t: templates.load(recipe["templates"][t], t) for t in ("asr", "tts")}
         gated = {"quality": asdict(self.gates())} if self.scoring else {}  # stamps without quality stay as they were
         scored = lambda names: [self.stamps[f"score:{n}"] for n in names] if self.scoring else []  # noqa: E731

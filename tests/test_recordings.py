@@ -167,3 +167,15 @@ def test_shard_audio_asr_with_a_transformers_model_hears_what_score_hears(senten
     assert [r["text"] for r in rows] == [t or None for t in heard] and any(heard)
     refused = runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "x"), "--asr", str(model)])
     assert refused.exit_code == 2 and "--asr and --base-url are for `shard audio`" in refused.stderr
+
+
+def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_path):
+    from speechinstruct.pipeline import Job
+    from speechinstruct.recipe import load_recipe
+
+    (tmp_path / "pods").mkdir()
+    path = tmp_path / "r.yaml"
+    for options, expected in (({"license": "CC0-1.0"}, []),
+                              ({"license": "CC0-1.0", "asr": "whisper-1", "base_url": "http://127.0.0.1:9/v1"}, ["audio"])):
+        path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "pods"), "options": options}]}))
+        assert Job(load_recipe(path), tmp_path / "work", quiet=True, force=False).transcribed == expected
