@@ -5,8 +5,10 @@ Every source and stage input may be a URL. :func:`local` turns one into a folder
 (``s3://corpus/LibriSpeech/dev-clean/…`` → ``CACHE/s3/corpus/LibriSpeech/dev-clean/…``), so that every corpus
 reader and stage reads it as it reads a local folder. A rerun lists the URL again and downloads only what is new
 or changed there (size and version: S3's ETag, the Hub's blob id), and removes from the copy what is gone
-from the URL, so the copy never holds a file the source does not. Each file is written under a temporary name
-and renamed when complete: a killed download leaves no half file that a rerun would take as whole.
+from the URL, so the copy never holds a file the source does not (what was fetched is recorded outside the
+copy, under ``CACHE/.index``). Each file is written under a temporary name and renamed when complete: a killed
+download leaves no half file that a rerun would take as whole. Processes given one URL at once (job-array
+tasks) copy it one at a time, so the later ones find the files there.
 
 fsspec does the talking (s3fs for S3, gcsfs for Google Cloud Storage, huggingface_hub for ``hf://``), and those
 libraries find the credentials themselves, in the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
@@ -16,6 +18,7 @@ We never take credentials as arguments, refuse URLs that carry them, and never w
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_ENV = "SPEECHINSTRUCT_CACHE"
-INDEX = ".speechinstruct-mirror.json"  # beside the copy: relative path → [size, version] of each file
+INDEX = ".index"  # CACHE/.index/PROTOCOL/BUCKET/KEY/index.json: relative path → [size, version] of each file
 _URL = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 _DOWNLOADS_AT_ONCE = 8
@@ -83,10 +86,6 @@ def local_pattern(pattern: str, quiet: bool = False) -> str:
 
 def mirror(url: str, quiet: bool = False) -> Copy:
     """Copy the file or folder at ``url`` into the cache, fetching only files that are new or changed there."""
-    from tqdm import tqdm
-
-    from .io import atomic_path, remove_stale_temps, write_json
-
     fs, remote = _filesystem(url)
     target = _cache_path(fs, url)
     try:
@@ -105,7 +104,22 @@ def mirror(url: str, quiet: bool = False) -> Copy:
         sources = {target.name: remote}
     else:
         folder, sources = target, {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
-    index_file = folder / INDEX  # paths relative to ``folder``: a file's and its folder's copies agree
+    # what the copy holds, kept outside it (the copy holds the source's files and nothing else), with paths
+    # relative to ``folder``, so that a file's copy and its folder's agree; one process at a time per folder
+    # (job-array tasks given one URL): the others then find the files there
+    index_file = cache_root() / INDEX / folder.relative_to(cache_root()) / "index.json"
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(index_file.with_name("lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _update(fs, url, target, folder, sources, entries, index_file, quiet)
+
+
+def _update(fs, url: str, target: Path, folder: Path, sources: dict, entries: dict, index_file: Path, quiet: bool) -> Copy:
+    """Bring the copy at ``folder`` up to ``entries`` (relative path → the listing's info)."""
+    from tqdm import tqdm
+
+    from .io import atomic_path, remove_stale_temps, write_json
+
     index = _read_index(index_file)
     wanted = {rel: [int(info.get("size") or 0), _version(info)] for rel, info in entries.items()}
     todo = [rel for rel, state in wanted.items() if index.get(rel) != state or not _whole(folder / rel, state[0])]
@@ -204,7 +218,7 @@ def _remove_gone(folder: Path, wanted: set[str]) -> int:
     removed = 0
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and path.name != INDEX and ".tmp-" not in path.name and rel not in wanted:
+        if path.is_file() and ".tmp-" not in path.name and rel not in wanted:
             path.unlink()
             removed += 1
     return removed

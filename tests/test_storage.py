@@ -200,7 +200,7 @@ def test_a_download_cut_off_leaves_no_half_file_and_the_rerun_fetches_only_the_r
     with pytest.raises(storage.StorageError, match="s3://corpus/cut: cannot reach the storage"):
         storage.mirror("s3://corpus/cut", quiet=True)
     copy = tmp_path / "cache" / "s3" / "corpus" / "cut"
-    assert sorted(p.name for p in copy.iterdir()) == sorted([storage.INDEX, "a.bin", "c.bin"])  # no b.bin, whole or half
+    assert sorted(p.name for p in copy.iterdir()) == ["a.bin", "c.bin"]  # no b.bin, whole or half
     monkeypatch.setattr(fs, "get_file", whole)
     rerun = storage.mirror("s3://corpus/cut", quiet=True)
     assert rerun.downloaded == 1 and (copy / "b.bin").read_bytes() == b"b.bin" * 1000
@@ -244,3 +244,30 @@ def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):
             storage.mirror("hf://datasets/user/nothing", quiet=True)
     finally:
         hub.close()
+
+
+def test_tasks_copying_one_url_at_once_download_each_file_once(bucket, monkeypatch):
+    """Job-array tasks all given one input URL: one copies it while the others wait, then find it there."""
+    import threading
+
+    import fsspec
+
+    for i in range(12):
+        bucket["client"].put_object(Bucket="corpus", Key=f"together/{i:02d}.bin", Body=bytes([i]) * 100)
+    fs, _ = fsspec.core.url_to_fs("s3://corpus")
+    whole = fs.get_file
+
+    def slow(rpath, lpath, **kwargs):  # downloads that take a while, so that the tasks overlap
+        time.sleep(0.05)
+        return whole(rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(fs, "get_file", slow)
+    copies = []
+    tasks = [threading.Thread(target=lambda: copies.append(storage.mirror("s3://corpus/together", quiet=True)))
+             for _ in range(3)]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join()
+    assert sorted(c.downloaded for c in copies) == [0, 0, 12]
+    assert sorted(p.name for p in copies[0].path.iterdir()) == [f"{i:02d}.bin" for i in range(12)]  # nothing else
