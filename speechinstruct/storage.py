@@ -23,7 +23,7 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 CACHE_ENV = "SPEECHINSTRUCT_CACHE"
@@ -43,11 +43,17 @@ def is_url(path) -> bool:
     return bool(found) and found["protocol"].lower() != "file"
 
 
+def in_object_storage(path) -> bool:
+    """Whether ``path`` is a URL of object storage (``s3://``, ``gs://``, ``hf://``, Azure), not a web page."""
+    found = _URL.match(str(path))
+    return bool(found) and found["protocol"].lower() in {*_PACKAGES, "hf"}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "speechinstruct" / "remote")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Copy:
     """What :func:`mirror` did: the local copy, and how much of it came over the network this time."""
 
@@ -104,18 +110,53 @@ def mirror(url: str, quiet: bool = False) -> Copy:
         sources = {target.name: remote}
     else:
         folder, sources = target, {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
-    # what the copy holds, kept outside it (the copy holds the source's files and nothing else), with paths
-    # relative to ``folder``, so that a file's copy and its folder's agree; one process at a time per folder
-    # (job-array tasks given one URL): the others then find the files there
+    return replace(_update(fs, url, folder, sources, entries, quiet, whole_folder=folder == target), path=target)
+
+
+def local_files(urls, quiet: bool = False) -> dict[str, Path]:
+    """The local copies of remote files (lhotse's ``url`` audio sources), each fetched once: {url: path}. A URL
+    with nothing stored at it is left out (the caller's to report); any other failure is one StorageError."""
+    groups: dict[tuple, dict[str, tuple[str, str]]] = {}  # (filesystem, folder) → {name: (url, remote path)}
+    for url in dict.fromkeys(urls):
+        fs, remote = _filesystem(url)
+        target = _cache_path(fs, url)
+        groups.setdefault((fs, target.parent), {})[target.name] = (url, remote)
+    copies = {}
+    for (fs, folder), files in groups.items():
+        with ThreadPoolExecutor(_DOWNLOADS_AT_ONCE) as pool:
+            infos = dict(zip(files, pool.map(lambda item: _info_or_none(fs, *item), files.values())))
+        present = {name: info for name, info in infos.items() if info is not None}
+        if present:
+            _update(fs, redacted(files[next(iter(present))][0]), folder, {n: files[n][1] for n in present}, present,
+                    quiet, whole_folder=False)
+        copies.update({files[name][0]: folder / name for name in present})
+    return copies
+
+
+def _info_or_none(fs, url: str, remote: str) -> dict | None:
+    try:
+        return fs.info(remote)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        raise _explain(e, url) from None
+
+
+def _update(fs, url: str, folder: Path, sources: dict, entries: dict, quiet: bool, whole_folder: bool) -> Copy:
+    """Bring the copy at ``folder`` up to ``entries`` (relative path → the listing's info), fetching
+    ``sources[path]``; with ``whole_folder``, also delete what ``entries`` no longer lists. What the copy holds
+    is recorded outside it (the copy holds the source's files and nothing else), with paths relative to
+    ``folder``, so that a file's copy and its folder's agree; one process at a time per folder (job-array tasks
+    given one URL), so the others then find the files there."""
     index_file = cache_root() / INDEX / folder.relative_to(cache_root()) / "index.json"
     index_file.parent.mkdir(parents=True, exist_ok=True)
     with open(index_file.with_name("lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _update(fs, url, target, folder, sources, entries, index_file, quiet)
+        return _fetch(fs, url, folder, sources, entries, index_file, quiet, whole_folder)
 
 
-def _update(fs, url: str, target: Path, folder: Path, sources: dict, entries: dict, index_file: Path, quiet: bool) -> Copy:
-    """Bring the copy at ``folder`` up to ``entries`` (relative path → the listing's info)."""
+def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file: Path, quiet: bool,
+           whole_folder: bool) -> Copy:
     from tqdm import tqdm
 
     from .io import atomic_path, remove_stale_temps, write_json
@@ -124,9 +165,9 @@ def _update(fs, url: str, target: Path, folder: Path, sources: dict, entries: di
     wanted = {rel: [int(info.get("size") or 0), _version(info)] for rel, info in entries.items()}
     todo = [rel for rel, state in wanted.items() if index.get(rel) != state or not _whole(folder / rel, state[0])]
     if folder.is_dir():  # a killed run's half files (a live writer's are kept)
-        remove_stale_temps(folder, recursive=folder == target)
+        remove_stale_temps(folder, recursive=whole_folder)
     removed = 0
-    if folder == target:  # a folder: drop what the URL no longer holds
+    if whole_folder:  # drop what the URL no longer holds
         removed = _remove_gone(folder, set(wanted))
         index = {rel: state for rel, state in index.items() if rel in wanted}
 
@@ -150,7 +191,7 @@ def _update(fs, url: str, target: Path, folder: Path, sources: dict, entries: di
         write_json(index_file, index)
     if failed:
         raise _explain(failed, url) from None
-    return Copy(target, len(wanted), sum(s for s, _ in wanted.values()), len(todo), size, removed)
+    return Copy(folder, len(wanted), sum(s for s, _ in wanted.values()), len(todo), size, removed)
 
 
 def _filesystem(url: str):
@@ -168,6 +209,12 @@ def _filesystem(url: str):
         raise StorageError(f"{url}: reading {protocol}:// needs {package} (pip install {package}): {e}") from None
     except ValueError as e:
         raise StorageError(f"{url}: {e}") from None
+
+
+def cache_path(url: str) -> Path:
+    """Where the copy of ``url`` is (or will be) in the cache; nothing is fetched."""
+    fs, _ = _filesystem(url)
+    return _cache_path(fs, url)
 
 
 def _strip(fs, url: str) -> str:

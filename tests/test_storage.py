@@ -271,3 +271,43 @@ def test_tasks_copying_one_url_at_once_download_each_file_once(bucket, monkeypat
         task.join()
     assert sorted(c.downloaded for c in copies) == [0, 0, 12]
     assert sorted(p.name for p in copies[0].path.iterdir()) == [f"{i:02d}.bin" for i in range(12)]  # nothing else
+
+
+def test_lhotse_recordings_in_a_bucket_are_copied_once_and_read(bucket, tmp_path):
+    """lhotse manifests (written by lhotse) whose recordings are ``url`` sources in S3, one of them gone from
+    the bucket: the others shard as their local files do, the gone one is a counted skip."""
+    import soundfile as sf
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse.audio import AudioSource
+
+    from conftest import speechlike
+
+    local = tmp_path / "audio"
+    local.mkdir()
+    remote, here, sups = [], [], []
+    for i in range(3):
+        sf.write(local / f"r{i}.flac", speechlike(2.0, seed=i), 16000)
+        if i < 2:
+            bucket["client"].put_object(Bucket="corpus", Key=f"lh/audio/r{i}.flac", Body=(local / f"r{i}.flac").read_bytes())
+        here.append(Recording.from_file(local / f"r{i}.flac", recording_id=f"r{i}"))
+        remote.append(Recording(id=f"r{i}", sampling_rate=16000, num_samples=32000, duration=2.0,
+                                sources=[AudioSource(type="url", channels=[0], source=f"s3://corpus/lh/audio/r{i}.flac")]))
+        sups.append(SupervisionSegment(id=f"r{i}-0", recording_id=f"r{i}", start=0.2, duration=1.5, channel=0,
+                                       text=f"utterance {i}", speaker="s0"))
+    for name, recordings in (("remote", remote), ("local", here)):
+        (tmp_path / name).mkdir()
+        RecordingSet.from_recordings(recordings).to_file(tmp_path / name / "x_recordings_train.jsonl.gz")
+        SupervisionSet.from_segments(sups).to_file(tmp_path / name / "x_supervisions_train.jsonl.gz")
+    summary = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-remote", quiet=True, license="CC0-1.0")
+    expected = shard_corpus("lhotse", tmp_path / "local", tmp_path / "m-local", quiet=True, license="CC0-1.0")
+    assert summary["root"] == str(tmp_path / "cache" / "s3" / "corpus" / "lh" / "audio")
+    assert summary["skipped"] == {"missing audio file": 1} and summary["utterances"] == 2
+    assert rows_of(tmp_path / "m-remote") == [r for r in rows_of(tmp_path / "m-local") if r["id"] != "lhotse/train/r2-0"]
+    assert expected["utterances"] == 3
+    copies = sorted((tmp_path / "cache" / "s3" / "corpus" / "lh" / "audio").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in copies]
+    again = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-again", quiet=True, license="CC0-1.0")
+    assert again["utterances"] == 2 and [p.stat().st_mtime_ns for p in copies] == stamps  # nothing fetched twice
+    bucket["client"].delete_object(Bucket="corpus", Key="lh/audio/r1.flac")  # its old copy stays in the cache
+    gone = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-gone", quiet=True, license="CC0-1.0")
+    assert gone["skipped"] == {"missing audio file": 2} and [r["id"] for r in rows_of(tmp_path / "m-gone")] == ["lhotse/train/r0-0"]

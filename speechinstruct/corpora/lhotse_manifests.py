@@ -4,9 +4,10 @@
 ROOT is a folder of such files, or one cuts file. The split is ``<part>`` (``dev-clean``, ``test``…: ``dev*``
 and ``test*`` are dev/test, anything else train). One manifest row per supervision (or per cut, its
 supervisions' texts joined). A supervision's word alignment (``alignment["word"]``) becomes the row's ``words``,
-timed from the supervision's start. Only audio sources of type ``file`` are read; ``url``, ``command`` and
-``memory`` sources are counted skips. Paths are stored relative to ``audio_root``: by default the deepest
-folder holding every recording's file (:func:`audio_root`).
+timed from the supervision's start. Audio sources of type ``file`` are read, and those of type ``url`` whose
+URL is object storage (``s3://``, ``gs://``, ``hf://``; not ``http(s)://``), from their copy in the cache (:mod:`speechinstruct.storage`,
+each fetched once); ``command`` and ``memory`` sources are counted skips. Paths are stored relative to
+``audio_root``: by default the deepest folder holding every recording's file (:func:`audio_root`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from .. import storage
 from ..alignments import check_words, lhotse_words
 from .base import Item, Skip, deepest_common_folder, probe, split_of
 
@@ -122,9 +124,20 @@ def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
 
 
 def _file_of(recording) -> str | None:
+    """The one file a recording's audio is in: its path, or where the cache keeps its URL's copy."""
+    url = _url_of(recording)
+    if url:
+        return str(storage.cache_path(url))
     sources = recording.sources
     if len(sources) == 1 and sources[0].type == "file":
         return os.path.abspath(sources[0].source)
+    return None
+
+
+def _url_of(recording) -> str | None:
+    sources = recording.sources
+    if len(sources) == 1 and sources[0].type == "url" and storage.in_object_storage(sources[0].source):
+        return sources[0].source
     return None
 
 
@@ -140,12 +153,15 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     root = Path(root)
     base = Path(audio_root or ".").resolve()
     license = license or "unknown (lhotse manifests carry none: pass --license)"
-    for part, kinds in sorted(_parts(root).items()):
+    parts = _parts(root)
+    # recordings in object storage: their files copied first, each once (a rerun fetches only what changed)
+    fetched = storage.local_files([u for u in map(_url_of, _recordings(parts)) if u], quiet=quiet)
+    for part, kinds in sorted(parts.items()):
         probed: dict[str, tuple[str, int, float] | Skip] = {}
 
         def check(recording, where):
             if recording.id not in probed:
-                probed[recording.id] = _probe(recording, base, where)
+                probed[recording.id] = _probe(recording, base, where, fetched)
             return probed[recording.id]
 
         if "cuts" in kinds:
@@ -196,7 +212,10 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 yield row
 
 
-def _probe(recording, base: Path, where: str) -> tuple[str, int, float] | Skip:
+def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple[str, int, float] | Skip:
+    url = _url_of(recording)
+    if url and url not in fetched:  # nothing stored there (an older copy in the cache is not used)
+        return Skip(where, "missing audio file", f"recording {recording.id}: nothing stored at {storage.redacted(url)}")
     path = _file_of(recording)
     if path is None:
         kinds = ", ".join(s.type for s in recording.sources)
