@@ -100,7 +100,7 @@ class EspeakTTS:
     def _fresh(self, fn, *args):
         """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died."""
         receive, send = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_run_and_send, args=(send, fn, args, os.getpid()), daemon=True)
+        process = self._context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
         process.start()
         send.close()
         try:
@@ -134,8 +134,9 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _run_and_send(connection, fn, args, parent: int) -> None:
+def _run_and_send(connection, parents_end, fn, args, parent: int) -> None:
     _die_with(parent)
+    parents_end.close()  # forked with both ends: holding the reading end, a write to a dead parent would block forever
     try:
         connection.send(fn(*args))
     except BaseException as e:  # sent back to the caller, which raises it

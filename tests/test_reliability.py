@@ -323,6 +323,35 @@ def test_a_killed_run_leaves_no_espeak_process_behind(tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
+def test_an_espeak_process_whose_parent_died_does_not_block_on_its_answer(tmp_path):
+    """Without the death signal (another OS), the process still ends: it had inherited the pipe's reading end
+    too, so writing a large answer to a parent that had died blocked forever (seen: an orphan of a killed run
+    asleep 35 minutes later)."""
+    script = tmp_path / "answer.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import speechinstruct.tts as tts\n"
+        "tts._die_with = lambda parent: None\n"
+        "def answer(path):\n"
+        "    parent = os.getppid(); open(path + '.tmp', 'w').write(str(os.getpid())); os.replace(path + '.tmp', path)\n"
+        "    while os.getppid() == parent: time.sleep(0.05)\n"
+        "    return b'x' * 1_000_000\n"
+        "tts.EspeakTTS()._fresh(answer, sys.argv[1])\n")
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not pid_file.exists() and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    try:
+        assert _gone(child), "the espeak-ng process blocked writing its answer to a dead parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_lock_left_by_a_killed_runs_children_is_waited_for(tmp_path):
     """A child process of a killed run still holds the workdir lock it inherited: the next run waits for it
     to end (a few seconds here) instead of refusing to start."""
