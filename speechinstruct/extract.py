@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import audio, recipe as settings
+from . import audio, recipe as settings, storage
 from .codecs import is_codec
 from .features import Extractor
 from .io import atomic_path, read_table, remove_stale_temps, safe_join, write_text
@@ -59,6 +59,8 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
     dataset file (Hugging Face Parquet/Arrow), as encoded bytes; one with a ``tar_offset``, inside a tar."""
     try:
         path = safe_join(root, row["path"])
+        if not path.exists():  # a copy of a bucket that another machine made: fetched here, once
+            storage.fetch_copy(path)
         if row.get("tar_offset") is not None:  # a member of a WebDataset tar: its bytes, read in place
             with open(path, "rb") as f:
                 f.seek(row["tar_offset"])

@@ -211,6 +211,20 @@ def _filesystem(url: str):
         raise StorageError(f"{url}: {e}") from None
 
 
+def fetch_copy(path: Path) -> bool:
+    """Fetch ``path``, a file of a copy in the cache that this machine lacks (a Ray node that did not make the
+    copy, with the same cache path: the same user, or the same $SPEECHINSTRUCT_CACHE), from its URL. Whether it is
+    here now; False too for a path outside the cache."""
+    try:
+        parts = Path(path).resolve().relative_to(cache_root().resolve()).parts
+    except ValueError:
+        return False
+    if len(parts) < 3 or parts[0] == INDEX:
+        return False
+    url = f"{parts[0]}://{'/'.join(parts[1:])}"
+    return bool(local_files([url], quiet=True)) and Path(path).is_file()
+
+
 def cache_path(url: str) -> Path:
     """Where the copy of ``url`` is (or will be) in the cache; nothing is fetched."""
     fs, _ = _filesystem(url)

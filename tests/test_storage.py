@@ -311,3 +311,26 @@ def test_lhotse_recordings_in_a_bucket_are_copied_once_and_read(bucket, tmp_path
     bucket["client"].delete_object(Bucket="corpus", Key="lh/audio/r1.flac")  # its old copy stays in the cache
     gone = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-gone", quiet=True, license="CC0-1.0")
     assert gone["skipped"] == {"missing audio file": 2} and [r["id"] for r in rows_of(tmp_path / "m-gone")] == ["lhotse/train/r0-0"]
+
+
+def test_a_node_without_the_copy_fetches_the_files_its_rows_read(bucket, tmp_path):
+    """extract on a machine that did not make the copy (a Ray node without shared storage; here, the copy
+    deleted): each row's file is fetched from the bucket into this machine's cache, once, and nothing else."""
+    import shutil
+
+    local = write_librispeech(tmp_path / "LibriSpeech")
+    upload(bucket["client"], local, "node/LibriSpeech")
+    shard_corpus("librispeech", "s3://corpus/node/LibriSpeech", tmp_path / "manifest", quiet=True)
+    expected = extract_features(tmp_path / "manifest", tmp_path / "here")
+    shutil.rmtree(tmp_path / "cache")
+    assert len(expected) == 4 and extract_features(tmp_path / "manifest", tmp_path / "there") == expected
+    fetched = sorted(p.name for p in (tmp_path / "cache" / "s3").rglob("*") if p.is_file())
+    assert fetched == sorted(r["path"].rsplit("/", 1)[1] for r in rows_of(tmp_path / "manifest"))  # the rows' audio only
+
+
+def extract_features(manifest, out):
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC
+
+    extract(manifest, out, MFCC(), quiet=True)
+    return {i: frames.tobytes() for f in sorted(out.glob("features-*.arrow")) for i, frames in zip(*read_features(f))}
