@@ -15,7 +15,8 @@ restarts); after that the job stops with one line naming the shard and rows.
 ``address``: ``None`` starts a local runtime, ``"auto"`` or ``host:6379`` joins a cluster from one of its
 nodes, ``ray://host:10001`` connects as a Ray client (the ``[ray]`` extra installs ``ray[client]``). The
 extractor and k-means travel through Ray's object store, so only the corpus must be readable at the same
-path on every node; the driver writes every output file itself.
+path on every node (a corpus copied from a bucket is fetched by each node's decode tasks, file by file, into
+that node's cache: :func:`speechinstruct.storage.fetch_copy`); the driver writes every output file itself.
 """
 
 from __future__ import annotations
