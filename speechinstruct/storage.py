@@ -79,15 +79,12 @@ def local_pattern(pattern: str, quiet: bool = False) -> str:
 
     if not is_url(pattern):
         return pattern
-    fs, _ = _filesystem(pattern)
-    for url in braceexpand(pattern):
-        try:
-            present = fs.isfile(_strip(fs, url))
-        except Exception as e:
-            raise _explain(e, url) from None
-        if present:
-            mirror(url, quiet=quiet)
-    return str(_cache_path(fs, pattern))
+    urls = list(braceexpand(pattern))
+    copied = local_files(urls, quiet=quiet)
+    for url in urls:  # gone from the bucket: an older copy must not be read as if it were there
+        if url not in copied:
+            cache_path(url).unlink(missing_ok=True)
+    return str(cache_path(pattern))
 
 
 def mirror(url: str, quiet: bool = False) -> Copy:

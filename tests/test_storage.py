@@ -141,6 +141,9 @@ def test_tar_shards_in_a_bucket_are_read_by_their_pattern(bucket, tmp_path):
     result = runner.invoke(app, ["extract", str(tmp_path / "remote"), str(tmp_path / "features"), "-q"])
     assert result.exit_code == 0, result.output  # the members are read in place, in the cache's copy
     assert len(list((tmp_path / "features").glob("features-*.arrow"))) == 1
+    bucket["client"].delete_object(Bucket="corpus", Key="wds/train-000001.tar")  # its copy is in the cache
+    again = shard_corpus("webdataset", pattern, tmp_path / "again", quiet=True, license="CC-BY-4.0")
+    assert again["utterances"] == 3 and {r["path"] for r in rows_of(tmp_path / "again")} == {"train-000000.tar"}
 
 
 def test_a_stage_input_may_be_a_url(bucket, tmp_path, librispeech_root):
