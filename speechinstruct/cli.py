@@ -305,12 +305,12 @@ BaseUrl = typer.Option(None, help="OpenAI-compatible endpoint (vLLM, llama.cpp, 
 Model = typer.Option(default(settings.LLM, "model"), help="LLM model name at the endpoint.")
 MaxRequests = typer.Option(None, help="Most LLM requests this run may make.")
 # the tokenizer of the speech a compose command synthesizes (chain-of-modality, dialogue): as extract made the units
-SpeechKmeans = typer.Option(None, "--kmeans", help="k-means matching --features (a `cluster` output); not for a codec.")
+SpeechKmeans = typer.Option(None, "--kmeans", parser=_input, help="k-means matching --features (a `cluster` output); not for a codec.")
 SpeechFeatures = typer.Option(Features.mfcc, "--features")
-SpeechCheckpoint = typer.Option(None, "--checkpoint", help="hubert or a codec: checkpoint.")
+SpeechCheckpoint = typer.Option(None, "--checkpoint", parser=_input_name, help="hubert or a codec: checkpoint.")
 SpeechCodebooks = typer.Option(None, "--codebooks", min=1, help="codecs: codebooks to keep (as extract was given).")
 SpeechLayer = typer.Option(None, "--layer", help="hubert: layer.")
-TtsModel = typer.Option(default(settings.ChainOfModality, "tts_model"), "--tts-model",
+TtsModel = typer.Option(default(settings.ChainOfModality, "tts_model"), "--tts-model", parser=_input_name,
                         help="openai: the endpoint's TTS model; vits: a transformers VitsModel folder.")
 Voices = typer.Option(None, "--voices", help="Comma-separated TTS voices to draw from (espeak: en-us, en+f2, …; openai: "
                       "alloy, …; vits: speaker ids 0, 1, …). Default: the engine's own list.")
