@@ -107,7 +107,8 @@ def mirror(url: str, quiet: bool = False) -> Copy:
         sources = {target.name: remote}
     else:
         folder, sources = target, {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
-    return replace(_update(fs, url, folder, sources, entries, quiet, whole_folder=folder == target), path=target)
+    base = url.rstrip("/") if folder == target else url.rsplit("/", 1)[0]  # the URL of ``folder``
+    return replace(_update(fs, base, folder, sources, entries, quiet, whole_folder=folder == target), path=target)
 
 
 def local_files(urls, quiet: bool = False) -> dict[str, Path]:
@@ -124,8 +125,8 @@ def local_files(urls, quiet: bool = False) -> dict[str, Path]:
             infos = dict(zip(files, pool.map(lambda item: _info_or_none(fs, *item), files.values())))
         present = {name: info for name, info in infos.items() if info is not None}
         if present:
-            _update(fs, redacted(files[next(iter(present))][0]), folder, {n: files[n][1] for n in present}, present,
-                    quiet, whole_folder=False)
+            base = files[next(iter(present))][0].rsplit("/", 1)[0]  # the URL of ``folder``
+            _update(fs, base, folder, {n: files[n][1] for n in present}, present, quiet, whole_folder=False)
         copies.update({files[name][0]: folder / name for name in present})
     return copies
 
@@ -140,8 +141,8 @@ def _info_or_none(fs, url: str, remote: str) -> dict | None:
 
 
 def _update(fs, url: str, folder: Path, sources: dict, entries: dict, quiet: bool, whole_folder: bool) -> Copy:
-    """Bring the copy at ``folder`` up to ``entries`` (relative path → the listing's info), fetching
-    ``sources[path]``; with ``whole_folder``, also delete what ``entries`` no longer lists. What the copy holds
+    """Bring the copy at ``folder`` (of the folder at ``url``) up to ``entries`` (relative path → the listing's
+    info), fetching ``sources[path]``; with ``whole_folder``, also delete what ``entries`` no longer lists. What the copy holds
     is recorded outside it (the copy holds the source's files and nothing else), with paths relative to
     ``folder``, so that a file's copy and its folder's agree; one process at a time per folder (job-array tasks
     given one URL), so the others then find the files there."""
@@ -174,20 +175,21 @@ def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file:
         return rel
 
     size = sum(wanted[rel][0] for rel in todo)
-    with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {redacted(url)}", disable=quiet or not todo) as bar:
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {redacted(url)}/", disable=quiet or not todo) as bar:
         failed = None
         with ThreadPoolExecutor(_DOWNLOADS_AT_ONCE) as pool:
-            for done in as_completed([pool.submit(fetch, rel) for rel in todo]):
+            pending = {pool.submit(fetch, rel): rel for rel in todo}
+            for done in as_completed(pending):
                 try:
                     rel = done.result()
                 except Exception as e:  # the others still finish, and are kept for the rerun
-                    failed = failed or e
+                    failed = failed or (e, f"{url}/{pending[done]}")
                     continue
                 index[rel] = wanted[rel]
                 bar.update(wanted[rel][0])
         write_json(index_file, index)
     if failed:
-        raise _explain(failed, url) from None
+        raise _explain(*failed) from None
     return Copy(folder, len(wanted), sum(s for s, _ in wanted.values()), len(todo), size, removed)
 
 

@@ -200,7 +200,7 @@ def test_a_download_cut_off_leaves_no_half_file_and_the_rerun_fetches_only_the_r
         return whole(rpath, lpath, **kwargs)
 
     monkeypatch.setattr(fs, "get_file", cut_off)
-    with pytest.raises(storage.StorageError, match="s3://corpus/cut: cannot reach the storage"):
+    with pytest.raises(storage.StorageError, match="s3://corpus/cut/b.bin: cannot reach the storage"):
         storage.mirror("s3://corpus/cut", quiet=True)
     copy = tmp_path / "cache" / "s3" / "corpus" / "cut"
     assert sorted(p.name for p in copy.iterdir()) == ["a.bin", "c.bin"]  # no b.bin, whole or half
