@@ -300,6 +300,23 @@ def _gone(pid: int, seconds: float = 20.0) -> bool:
     return False
 
 
+def _child_ends_with_its_parent(script, pid_file) -> bool:
+    """Run ``script PID_FILE`` (which forks a child that writes its pid there), SIGKILL it once the child is
+    up, and say whether the child then ends (it is killed here either way)."""
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not pid_file.exists() and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    try:
+        return _gone(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_killed_run_leaves_no_espeak_process_behind(tmp_path):
     """The forked process EspeakTTS speaks each utterance in dies with its parent: left running, it held the
     workdir lock it inherited, and the rerun was refused (seen once in the sigkill test above)."""
@@ -310,19 +327,8 @@ def test_a_killed_run_leaves_no_espeak_process_behind(tmp_path):
         "def hold(path):\n"
         "    open(path + '.tmp', 'w').write(str(os.getpid())); os.replace(path + '.tmp', path); time.sleep(120)\n"
         "EspeakTTS()._fresh(hold, sys.argv[1])\n")
-    pid_file = tmp_path / "child.pid"
-    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
-    deadline = time.time() + 60
-    while not pid_file.exists() and parent.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    child = int(pid_file.read_text())
-    parent.kill()
-    parent.wait()
-    try:
-        assert _gone(child), "the espeak-ng process outlived the run that started it"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
+    assert _child_ends_with_its_parent(script, tmp_path / "child.pid"), \
+        "the espeak-ng process outlived the run that started it"
 
 
 def test_an_espeak_process_whose_parent_died_does_not_block_on_its_answer(tmp_path):
@@ -339,19 +345,8 @@ def test_an_espeak_process_whose_parent_died_does_not_block_on_its_answer(tmp_pa
         "    while os.getppid() == parent: time.sleep(0.05)\n"
         "    return b'x' * 1_000_000\n"
         "tts.EspeakTTS()._fresh(answer, sys.argv[1])\n")
-    pid_file = tmp_path / "child.pid"
-    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not pid_file.exists() and parent.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    child = int(pid_file.read_text())
-    parent.kill()
-    parent.wait()
-    try:
-        assert _gone(child), "the espeak-ng process blocked writing its answer to a dead parent"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
+    assert _child_ends_with_its_parent(script, tmp_path / "child.pid"), \
+        "the espeak-ng process blocked writing its answer to a dead parent"
 
 
 def test_a_lock_left_by_a_killed_runs_children_is_waited_for(tmp_path):
