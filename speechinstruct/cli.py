@@ -144,7 +144,7 @@ def shard(
     id_column: Optional[str] = typer.Option(None, help="hf: a column of utterance ids (default: file and row)."),
     speaker_column: Optional[str] = typer.Option(None, help="hf: a column of speaker ids."),
     split: Optional[str] = typer.Option(None, help="hf: read only this split of the dataset (its own name, e.g. validation)."),
-    audio_root: Optional[Path] = typer.Option(None, help="lhotse, kaldi: the folder manifest paths are relative to "
+    audio_root: Optional[Path] = typer.Option(None, parser=_input, help="lhotse, kaldi: the folder manifest paths are relative to "
                                               "(default: the deepest folder holding every listed file)."),
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,validation (default: all, each marked)."),
     split_map: Optional[list[str]] = typer.Option(None, "--split-map", help="NAME=SPLIT: the split (train, validation, test) "

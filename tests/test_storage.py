@@ -337,3 +337,37 @@ def extract_features(manifest, out):
 
     extract(manifest, out, MFCC(), quiet=True)
     return {i: frames.tobytes() for f in sorted(out.glob("features-*.arrow")) for i, frames in zip(*read_features(f))}
+
+
+U = "s3://key:not-a-secret@corpus/x"  # refused before anything is fetched: shows the argument goes through storage
+INPUTS = [
+    ["shard", "librispeech", U, "o"], ["shard", "lhotse", "m", "o", "--audio-root", U],
+    ["shard", "audio", "r", "o", "--license", "L", "--asr", U],
+    ["extract", U, "o"], ["extract", "m", "o", "--kmeans", U], ["extract", "m", "o", "--root", U],
+    ["extract", "m", "o", "--checkpoint", U],
+    ["cluster", U, "o"], ["quantize", U, "k", "o"], ["quantize", "f", U, "o"],
+    ["compose", "cross-modal", U, "o"], ["compose", "cross-modal", "u", "o", "--asr-templates", U],
+    ["compose", "cross-modal", "u", "o", "--tts-templates", U], ["compose", "cross-modal", "u", "o", "--prefix-file", U],
+    ["compose", "pretrain", U, "o"], ["compose", "interleaved", U, "o"],
+    *[[*cmd, *opt] for cmd in (["compose", "chain-of-modality"], ["compose", "dialogue"])
+      for opt in ([U, "o"], ["builtin", "o", "--kmeans", U], ["builtin", "o", "--checkpoint", U],
+                  ["builtin", "o", "--tts-model", U])],
+    ["align", U, "o", "--model", "m"], ["align", "m", "o", "--model", U],
+    ["publish", U, "o"], ["score", U, "o"], ["score", "s", "o", "--root", U], ["score", "s", "o", "--asr", U],
+    ["validate", U], ["report", U, "o"], *[["report", "d", "o", f"--{o}", U] for o in ("units", "vocoder", "work", "asr")],
+    ["run", U],
+    *[["train", "--stage", "1", *a] for a in (["--base-model", U, "--data", "d", "--out", "o"],
+                                             ["--base-model", "b", "--data", U, "--out", "o"],
+                                             ["--base-model", "b", "--data", "d", "--out", "o", "--config", U])],
+    *[["chat", "--model", "m", f"--{o}", U] for o in ("lora", "audio", "kmeans", "checkpoint", "prefix-file", "vocoder",
+                                                      "history")], ["chat", "--model", U],
+    ["resynth", U, "o"], ["resynth", "s", "o", "--vocoder", U],
+]
+
+
+@pytest.mark.parametrize("argv", INPUTS, ids=" ".join)
+def test_every_input_argument_may_be_a_url(argv):
+    result = runner.invoke(app, argv)
+    output = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert result.exit_code == 2 and "credentials in a URL are refused" in output, output
+    assert "not-a-secret" not in output
