@@ -41,8 +41,11 @@ def tar_files(root: str | Path) -> list[Path]:
 
 def audio_root(root: str | Path, **_) -> Path:
     """The deepest folder holding every shard: manifest paths are relative to it."""
-    files = tar_files(root)
-    return deepest_common_folder(files, files[0].parent if files else Path("."))
+    return _shards_folder(tar_files(root))
+
+
+def _shards_folder(tars: list[Path]) -> Path:
+    return deepest_common_folder(tars, tars[0].parent if tars else Path("."))
 
 
 def _key(name: str) -> tuple[str, str]:
@@ -61,8 +64,8 @@ def _split_part(tar: Path, base: Path) -> str:
 
 
 def samples(tar: Path) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
-    """(key, {extension: (data offset, size, bytes or None for audio)}) per sample of one tar, read as a stream;
-    a Skip when the tar is truncated or damaged (and no more samples of it)."""
+    """(key, {extension: (data offset, size, bytes)}) per sample of one tar, read as a stream (one sample's
+    members in memory at a time); a Skip when the tar is truncated or damaged (and no more samples of it)."""
     current, members = None, {}
     try:
         with tarfile.open(tar, "r|*") as stream:
@@ -133,8 +136,9 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     tars = tar_files(root)
     if not tars:
         raise FileNotFoundError(f"{root}: no tar files match")
-    base = Path(audio_root) if audio_root else deepest_common_folder(tars, tars[0].parent)
+    base = (Path(audio_root) if audio_root else _shards_folder(tars)).resolve()
     for tar in tqdm(tars, desc="webdataset shards", unit="tar", disable=quiet):
-        part = _split_part(tar.resolve(), base.resolve())
+        resolved = tar.resolve()
+        part = _split_part(resolved, base)
         for sample in samples(tar):
-            yield sample if isinstance(sample, Skip) else _row(*sample, tar.resolve(), base.resolve(), part, license)
+            yield sample if isinstance(sample, Skip) else _row(*sample, resolved, base, part, license)
