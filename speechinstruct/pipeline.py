@@ -134,6 +134,13 @@ def workdir_lock(work: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _remove_stage_folder(folder: Path) -> None:
+    """An optional stage's folder left by an earlier run whose recipe had the stage on (its ``.stage.json`` says
+    a stage wrote it), so that publish does not take it; a folder no stage wrote is left alone."""
+    if (folder / ".stage.json").is_file():
+        shutil.rmtree(folder)
+
+
 def _gone(owner: str) -> bool:
     """Whether the run a lock file names (``pid N on HOST``) ran on this host and no longer runs."""
     import re
@@ -379,8 +386,7 @@ class Job:
 
         cfg, composed, work = self.recipe["compose"]["interleaved"], self.composed, self.work
         if not cfg:
-            if (composed / "interleaved" / ".stage.json").is_file():
-                shutil.rmtree(composed / "interleaved")
+            _remove_stage_folder(composed / "interleaved")
             return
         names = cfg.get("corpora") or self.names
         self.stamps["interleaved"] = self.runner.stage(
@@ -398,8 +404,7 @@ class Job:
         recipe, composed = self.recipe, self.composed
         dlg = recipe["compose"]["dialogue"]
         if not dlg:
-            if (composed / "dialogue" / ".stage.json").is_file():
-                shutil.rmtree(composed / "dialogue")
+            _remove_stage_folder(composed / "dialogue")
             return
         from .dialogue import dialogue
         from .tts import make_tts

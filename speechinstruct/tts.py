@@ -73,19 +73,14 @@ class EspeakTTS:
         return self.voices[h % len(self.voices)], self.rates[(h // len(self.voices)) % len(self.rates)]
 
     def synthesize(self, text: str, voice: str = "en-us", rate: int = 165) -> tuple[np.ndarray, int]:
-        text = " ".join(text.split())
-        if not text:
-            raise TTSError("nothing to say: empty text")
-        return self._fresh(_espeak_once, text, voice, int(rate))
+        return self._fresh(_espeak_once, _said(text), voice, int(rate))
 
     def synthesize_words(self, text: str, voice: str = "en-us", rate: int = 165) -> tuple[np.ndarray, int, list[dict]]:
         """:meth:`synthesize`, and when espeak-ng spoke each word: {word, start, end} in seconds, from its own
         word events. A word lasts until the next event (the last until the audio ends). espeak-ng sends no event
         for some unstressed words it speaks with the next or previous one ("for the"): the text up to the next
         event is then one entry, so the entries, in order, hold every word of the text (punctuation left out)."""
-        text = " ".join(text.split())
-        if not text:
-            raise TTSError("nothing to say: empty text")
+        text = _said(text)
         wav, sr, events = self._fresh(_espeak_once, text, voice, int(rate), True)
         positions = [pos - 1 for pos, _, _ in events] + [len(text)]  # espeak-ng counts characters from 1
         words = []
@@ -118,6 +113,14 @@ class EspeakTTS:
 
     def close(self):  # nothing is kept between calls
         pass
+
+
+def _said(text: str) -> str:
+    """``text`` as espeak-ng is given it: whitespace runs as one space; an empty text is one TTSError."""
+    text = " ".join(text.split())
+    if not text:
+        raise TTSError("nothing to say: empty text")
+    return text
 
 
 def _die_with(parent: int) -> None:
