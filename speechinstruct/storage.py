@@ -92,22 +92,19 @@ def mirror(url: str, quiet: bool = False) -> Copy:
     fs, remote = _filesystem(url)
     target = _cache_path(fs, url)
     try:
-        if fs.isfile(remote):
-            entries = {"": fs.info(remote)}
+        if fs.isfile(remote):  # one file: it is kept in its folder's copy, under its name
+            folder, base, entries = target.parent, url.rsplit("/", 1)[0], {target.name: fs.info(remote)}
+            sources = {target.name: remote}
         else:
+            folder, base = target, url.rstrip("/")
             entries = {_relative(name, remote): info for name, info in fs.find(remote, detail=True).items()
                        if info.get("type", "file") == "file"}
+            sources = {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
     except Exception as e:
         raise _explain(e, url) from None
     if not entries:
         raise StorageError(f"{url}: no such file or folder (nothing is stored under this name)")
-
-    if "" in entries:  # one file: it is kept in its folder's copy, under its name
-        folder, entries = target.parent, {target.name: entries[""]}
-        sources = {target.name: remote}
-    else:
-        folder, sources = target, {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
-    base = url.rstrip("/") if folder == target else url.rsplit("/", 1)[0]  # the URL of ``folder``
+    # ``base``: the URL of ``folder``
     return replace(_update(fs, base, folder, sources, entries, quiet, whole_folder=folder == target), path=target)
 
 
