@@ -113,8 +113,13 @@ def shard_corpus(
     keep = parse_splits(splits)
     split_map = parse_split_map(split_map)
     remote = storage.redacted(str(root)) if storage.is_url(root) else None
+    refused: tuple[str, ...] = ()  # bucket keys that would be written outside the copy (``..``)
     if remote:  # a bucket or the Hub: read from its copy in the cache (downloaded once)
-        root = storage.local_pattern(str(root), quiet) if SOURCES[corpus].pattern_root else storage.local(root, quiet)
+        if SOURCES[corpus].pattern_root:
+            root = storage.local_pattern(str(root), quiet)
+        else:
+            copy = storage.mirror(str(root), quiet)
+            root, refused = copy.path, copy.refused
     if storage.is_url(reader_options.get("audio_root") or ""):
         reader_options["audio_root"] = storage.local(reader_options["audio_root"], quiet)
     root, out = Path(root), Path(out)
@@ -128,6 +133,8 @@ def shard_corpus(
     out.mkdir(parents=True, exist_ok=True)
 
     shards, tally, seen_ids = ManifestShards(out, shard_hours), Tally(), set()
+    for name in refused:
+        tally.skip(Skip(name, "unsafe name in the bucket", "it would be written outside the copy ('..'); not copied"))
     for item in all_readers[corpus](root, quiet=quiet, **reader_options):
         if isinstance(item, Note):
             tally.notes.append(item.text)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,6 +32,7 @@ INDEX = ".index"  # CACHE/.index/PROTOCOL/BUCKET/KEY/index.json: relative path â
 _URL = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 _DOWNLOADS_AT_ONCE = 8
+log = logging.getLogger(__name__)
 
 
 class StorageError(ValueError):
@@ -63,6 +65,7 @@ class Copy:
     downloaded: int
     downloaded_bytes: int
     removed: int
+    refused: tuple[str, ...] = ()  # listed names that would land outside the copy (``..``): never written
 
 
 def local(path, quiet: bool = False):
@@ -97,15 +100,28 @@ def mirror(url: str, quiet: bool = False) -> Copy:
             sources = {target.name: remote}
         else:
             folder, base = target, url.rstrip("/")
-            entries = {_relative(name, remote): info for name, info in fs.find(remote, detail=True).items()
-                       if info.get("type", "file") == "file"}
+            listed = {_relative(name, remote): info for name, info in fs.find(remote, detail=True).items()
+                      if info.get("type", "file") == "file"}
+            entries = {rel: info for rel, info in listed.items() if _safe_name(rel)}
+            refused = tuple(sorted(rel for rel in listed if rel not in entries))
             sources = {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
     except Exception as e:
         raise _explain(e, url) from None
-    if not entries:
+    if not entries and not refused:
         raise StorageError(f"{url}: no such file or folder (nothing is stored under this name)")
+    for rel in refused:
+        log.warning("%s/%s: skipped: a name that would be written outside the copy ('..', '.' or an empty part)",
+                    redacted(url), rel)
     # ``base``: the URL of ``folder``
-    return replace(_update(fs, base, folder, sources, entries, quiet, whole_folder=folder == target), path=target)
+    copy = _update(fs, base, folder, sources, entries, quiet, whole_folder=folder == target)
+    return replace(copy, path=target, refused=refused)
+
+
+def _safe_name(rel: str) -> bool:
+    """Whether a listed name, relative to its folder, stays inside that folder's copy: no ``..`` or ``.`` part,
+    no empty part (``a//b``, a leading ``/``), no backslash (a separator on some systems), no NUL."""
+    parts = rel.split("/")
+    return bool(rel) and all(p not in ("", ".", "..") for p in parts) and "\\" not in rel and "\0" not in rel
 
 
 def local_files(urls, quiet: bool = False) -> dict[str, Path]:
@@ -167,6 +183,8 @@ def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file:
         index = {rel: state for rel, state in index.items() if rel in wanted}
 
     def fetch(rel: str) -> str:
+        if not (folder / rel).resolve().is_relative_to(folder.resolve()):  # _safe_name's promise, kept here too
+            raise StorageError(f"{rel}: would be written outside {folder}; refused")
         with atomic_path(folder / rel) as tmp:
             fs.get_file(sources[rel], str(tmp))
         return rel

@@ -371,3 +371,23 @@ def test_every_input_argument_may_be_a_url(argv):
     output = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
     assert result.exit_code == 2 and "credentials in a URL are refused" in output, output
     assert "not-a-secret" not in output
+
+
+def test_bucket_keys_that_climb_out_of_the_copy_are_skipped_and_counted(bucket, tmp_path):
+    """An S3 key may hold '..' parts: written as listed, `ls/LibriSpeech/../../../../victim.txt` would land
+    outside the cache (with the default cache, on ~/.bashrc). Such keys are never written; shard counts them."""
+    local = write_librispeech(tmp_path / "LibriSpeech")
+    upload(bucket["client"], local, "esc/LibriSpeech")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    depth = len((tmp_path / "cache" / "s3" / "corpus" / "esc" / "LibriSpeech").relative_to(tmp_path).parts)
+    evil = "esc/LibriSpeech/" + "../" * depth + "victim.txt"
+    bucket["client"].put_object(Bucket="corpus", Key=evil, Body=b"overwritten")
+    bucket["client"].put_object(Bucket="corpus", Key="esc/LibriSpeech/./dot.txt", Body=b"x")
+    summary = shard_corpus("librispeech", "s3://corpus/esc/LibriSpeech", tmp_path / "out", quiet=True)
+    assert victim.read_text() == "mine"
+    assert not any(p.name == "victim.txt" for p in (tmp_path / "cache").rglob("*"))
+    assert summary["skipped"]["unsafe name in the bucket"] == 2
+    assert summary["utterances"] == 4  # the corpus itself is read as before
+    copy = storage.mirror("s3://corpus/esc/LibriSpeech", quiet=True)
+    assert sorted(copy.refused) == ["../" * depth + "victim.txt", "./dot.txt"]
