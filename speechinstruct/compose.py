@@ -47,7 +47,8 @@ from .io import iter_rows, parquet_rows, write_json, write_parquet
 from .recipe import default
 from .score import ScoreError
 from .shardfiles import select_shards, shard_suffix, unit_files
-from .speechgpt import DEFAULT_PREFIX, FORMATS, SPEECHGPT_PREFIX, com_text, cross_modal_text, find_markup  # noqa: F401
+from .speechgpt import (DEFAULT_PREFIX, FORMATS, SPEECHGPT_PREFIX, com_text, cross_modal_text, find_markup,  # noqa: F401
+                        record_problems, text_problem)
 from .units import SpeechEncoder
 
 
@@ -59,9 +60,24 @@ def _draw(seed: int, *parts: str) -> int:
 QUALITY_COLUMNS = ("dnsmos_ovrl", "wer", "cer")  # the scores a record carries (null when not scored)
 
 
+class RecordRefused(ValueError):
+    """A record that must not be written: a text holds markup or a control character (after every change made to
+    it: markdown stripped, an LLM's rewrite), or an id no UTF-8 file can hold. The composer drops and counts it."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(message for _, message in problems))
+        rule, message = problems[0]
+        column = message.split(" holds ")[0].split(" turn ")[0]
+        self.key = f"dropped: {rule.replace('-', ' ')} in {column}"
+
+
 def finish(record: dict) -> dict:
     """Add the prompt/completion pair (dialogue records), the score columns left unset (null), pipeline version
-    and content hash (over every other field)."""
+    and content hash (over every other field). Every record of every kind passes here: one that holds markup or a
+    control character in a text field is refused (:class:`RecordRefused`), whatever made it so."""
+    problems = record_problems(record)
+    if problems:
+        raise RecordRefused(problems)
     for column in QUALITY_COLUMNS:
         record.setdefault(column, None)
     if "plain_text" in record:
@@ -147,10 +163,10 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 if not text:
                     counts["no transcript"] += 1
                     continue
-                mark = find_markup(text)
-                if mark:
-                    counts["dropped: markup in transcript"] += 1
-                    dropped.append({"where": u["id"], "reason": f"markup in transcript: {mark!r}"})
+                problem = text_problem(text)
+                if problem:
+                    counts[f"dropped: {problem[0].replace('-', ' ')} in transcript"] += 1
+                    dropped.append({"where": u["id"], "reason": f"transcript holds {problem[1]}"})
                     continue
                 judged, reason = quality.check(suffix, u["id"])
                 if reason:
@@ -165,12 +181,18 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 for task in tasks:
                     items = sets[task]["templates"]
                     template = items[_draw(seed, "template", task, u["id"]) % len(items)]
-                    sinks[split_name(u["split"])].add(finish({
-                        "id": f"{task}/{u['id']}", "prefix": prefix,
-                        "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
-                        "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
-                        "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
-                    }))
+                    try:
+                        record = finish({
+                            "id": f"{task}/{u['id']}", "prefix": prefix,
+                            "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
+                            "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
+                            "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
+                        })
+                    except RecordRefused as e:
+                        counts[e.key] += 1
+                        dropped.append({"where": u["id"], "reason": str(e)})
+                        continue
+                    sinks[split_name(u["split"])].add(record)
     by_split: collections.Counter[str] = collections.Counter()
     for split in SPLITS:  # all shards, not just this run's
         for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
@@ -277,9 +299,9 @@ def unfit_text(name: str, text: str, limit: str | None = None) -> str | None:
     limit = limit or name
     if not text.strip():
         return f"empty {name}"
-    mark = find_markup(text)
-    if mark:
-        return f"markup in {name} ({mark})"
+    problem = text_problem(text)
+    if problem:
+        return f"{problem[0].replace('-', ' ')} in {name} ({find_markup(text) or problem[1].split()[-1]})"
     if "```" in text or re.search(r"^\s{4,}\S", text, re.M) or re.search(r"\b(def|class|return|import)\b.*[:(]", text):
         return f"code in {name}"
     if re.search(r"https?://|www\.", text):
@@ -319,7 +341,7 @@ def rewrite_for_speech(llm, instruction: str, response: str) -> tuple[str, str] 
     match = re.search(r"\{.*\}", answer, re.S)
     try:
         data = json.loads(match.group(0)) if match else None
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict) or not {"fit", "instruction", "response"} <= set(data):
         return "LLM answer not understood"
@@ -361,12 +383,9 @@ def read_objects(source: str | Path, builtin: str, split: str = "train") -> Iter
                     continue
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError("not an object")
-                except ValueError as e:
-                    yield where, "", f"malformed JSON ({e})"
+                obj = parse_json_object(line)
+                if isinstance(obj, str):
+                    yield where, "", obj
                     continue
                 yield where, f"{path.stem}-{lineno}", obj
         return
@@ -383,6 +402,27 @@ def read_objects(source: str | Path, builtin: str, split: str = "train") -> Iter
         ds = datasets.load_dataset(str(source), split=split)
     for i, obj in enumerate(ds):
         yield f"{path.name}[{i}]", f"{path.name}-{i}", obj
+
+
+def parse_json_object(text: str) -> dict | str:
+    """One JSON object from untrusted text, or the reason it is none: malformed, nested too deeply for Python's
+    parser (100,000 ``[``), not an object, or holding a lone surrogate (``"\\ud800"``, which no UTF-8 file can
+    hold)."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return "malformed JSON (nested too deeply)"
+    except ValueError as e:
+        return f"malformed JSON ({e})"
+    if not isinstance(obj, dict):
+        return "malformed JSON (not an object)"
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid Unicode (a lone surrogate, such as \\ud800)"
+    except RecursionError:
+        return "malformed JSON (nested too deeply)"
+    return obj
 
 
 def _pair(obj: dict, where: str, icol: str, rcol: str, idcol: str | None, fallback_id: str):
@@ -483,10 +523,12 @@ def _pair_records(pair: dict, speaker: Speaker, llm, formats, all_formats: bool,
         if isinstance(rewritten, str):
             return f"dropped: {rewritten}", rewritten
         instruction, response = rewritten
-    reason = unfit_for_speech(instruction, response)
+    # checked as given (code fences, tables) and as spoken and written, markdown stripped (``<eo**a>`` is ``<eoa>``)
+    spoken_pair = speakable(instruction), speakable(response)
+    reason = unfit_for_speech(instruction, response) or unfit_for_speech(*spoken_pair)
     if reason:
-        return f"dropped: {reason}", reason
-    instruction, response = speakable(instruction), speakable(response)
+        return f"dropped: {reason.split(' (')[0]}", reason
+    instruction, response = spoken_pair
     chosen = formats if all_formats else [formats[_draw(seed, "format", pair["id"]) % len(formats)]]
     spoken: dict[str, tuple[list[int], str, dict]] = {}  # "q"/"a" → (units, voice, scores)
     try:  # speak what the chosen formats need first: a pair that cannot be spoken is dropped whole
@@ -504,15 +546,18 @@ def _pair_records(pair: dict, speaker: Speaker, llm, formats, all_formats: bool,
         needs = [side for side in ("q", "a") if _speaks(side, fmt)]
         q_units = spoken["q"][0] if "q" in needs else []
         a_units = spoken["a"][0] if "a" in needs else []
-        rows.append(finish({
-            "id": f"com/{pair['id']}/{fmt}", "prefix": prefix,
-            "plain_text": com_text(fmt, instruction, response, q_units, a_units),
-            "format": fmt, "instruction": instruction, "response": response,
-            "instruction_units": q_units, "response_units": a_units,
-            "voice": ",".join(spoken[side][1] for side in needs),
-            "source_id": pair["id"], "corpus": corpus, "license": license,
-            **worst([spoken[side][2] for side in needs]),
-        }))
+        try:
+            rows.append(finish({
+                "id": f"com/{pair['id']}/{fmt}", "prefix": prefix,
+                "plain_text": com_text(fmt, instruction, response, q_units, a_units),
+                "format": fmt, "instruction": instruction, "response": response,
+                "instruction_units": q_units, "response_units": a_units,
+                "voice": ",".join(spoken[side][1] for side in needs),
+                "source_id": pair["id"], "corpus": corpus, "license": license,
+                **worst([spoken[side][2] for side in needs]),
+            }))
+        except RecordRefused as e:
+            return e.key, str(e)
     return rows
 
 

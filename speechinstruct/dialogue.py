@@ -27,7 +27,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from .audio import AudioError
-from .compose import (SpeechRejected, Speaker, finish, read_objects, rewrite_for_speech, speakable, unfit_text,
+from .compose import (RecordRefused, SpeechRejected, Speaker, finish, read_objects, rewrite_for_speech, speakable, unfit_text,
                       unique_items, worst, write_chunks)
 from .io import write_json
 from .score import ScoreError
@@ -107,8 +107,9 @@ def _dialogue_record(conversation: dict, speaker: Speaker, llm, prefix: str, see
             if isinstance(rewritten, str):
                 return f"dropped: {rewritten}", f"exchange {n}: {rewritten}"
             question, answer = rewritten
+        # checked as given (code fences, tables) and as spoken and written, markdown stripped (``<eo**a>`` is ``<eoa>``)
         for name, text, limit in (("user turn", question, "instruction"), ("assistant turn", answer, "response")):
-            reason = unfit_text(name, text, limit)
+            reason = unfit_text(name, text, limit) or unfit_text(name, speakable(text), limit)
             if reason:
                 return f"dropped: {reason.split(' (')[0]}", f"exchange {n}: {reason}"
         exchanges.append((speakable(question), speakable(answer)))
@@ -128,14 +129,17 @@ def _dialogue_record(conversation: dict, speaker: Speaker, llm, prefix: str, see
         return "dropped: quality: " + str(e).split(" (")[0], f"exchange {n}: synthesized speech: {e}"
     except (AudioError, ValueError) as e:
         return "dropped: cannot be spoken", f"exchange {n}: cannot be spoken ({str(e).split(': ')[-1][:80]})"
-    return [finish({
-        "id": f"dialogue/{conversation['id']}", "prefix": prefix, "plain_text": dialogue_text(spoken),
-        "messages": dialogue_messages(prefix, spoken), "turns": len(spoken),
-        "user_texts": [q for q, _, _, _ in spoken], "assistant_texts": [a for _, a, _, _ in spoken],
-        "user_units": [qu for _, _, qu, _ in spoken], "assistant_units": [au for _, _, _, au in spoken],
-        "voice": f"{voices['user']},{voices['assistant']}",
-        "source_id": conversation["id"], "corpus": corpus, "license": license, **worst(judged),
-    })]
+    try:
+        return [finish({
+            "id": f"dialogue/{conversation['id']}", "prefix": prefix, "plain_text": dialogue_text(spoken),
+            "messages": dialogue_messages(prefix, spoken), "turns": len(spoken),
+            "user_texts": [q for q, _, _, _ in spoken], "assistant_texts": [a for _, a, _, _ in spoken],
+            "user_units": [qu for _, _, qu, _ in spoken], "assistant_units": [au for _, _, _, au in spoken],
+            "voice": f"{voices['user']},{voices['assistant']}",
+            "source_id": conversation["id"], "corpus": corpus, "license": license, **worst(judged),
+        })]
+    except RecordRefused as e:
+        return e.key, str(e)
 
 
 def dialogue(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None, prefix: str = DEFAULT_PREFIX,

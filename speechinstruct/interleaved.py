@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compose import QualityGate, _draw, finish, gated_units, split_counts
+from .compose import QualityGate, RecordRefused, _draw, finish, gated_units, split_counts
 from .corpora.base import SPLITS, split_name
 from .io import write_json
 from .shardfiles import folder_vocabulary
@@ -87,9 +87,12 @@ def _record(u: dict, frame_rate: float, codebooks: int, merge: bool, seed: int, 
         modalities.append(modality)
         texts.append(" ".join(labels[i:j]))
         units.append(segment.tolist() if modality == "speech" else [])
-    return finish({"id": f"interleaved/{u['id']}", "text": interleaved_text(modalities, texts, units),
-                   "modalities": modalities, "segment_texts": texts, "segment_units": units, "words": len(words),
-                   "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]})
+    try:
+        return finish({"id": f"interleaved/{u['id']}", "text": interleaved_text(modalities, texts, units),
+                       "modalities": modalities, "segment_texts": texts, "segment_units": units, "words": len(words),
+                       "source_id": u["id"], "corpus": u["corpus"], "license": u["license"]})
+    except RecordRefused as e:  # a transcript or alignment label that holds [SPEECH], <7>, a NUL …
+        return f"{e.key.removeprefix('dropped: ').replace('segment_texts', 'the words')} ({e})"
 
 
 def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words: int = 1, max_words: int = 6,
@@ -111,7 +114,7 @@ def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words
                                         num_shards, shard_index, quiet):
         made = _record(u, vocabulary.frame_rate, codebooks, merge, seed, min_words, max_words)
         if isinstance(made, str):
-            counts[f"skipped: {made}"] += 1
+            counts[f"skipped: {made.split(' (')[0]}"] += 1
             if len(dropped) < 200:
                 dropped.append({"where": u["id"], "reason": made})
             continue

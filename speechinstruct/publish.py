@@ -60,6 +60,26 @@ def _inputs(folder: Path, eval_splits: bool = True) -> dict[str, dict[str, list[
     return found
 
 
+class InvalidRecords(ValueError):
+    """Composed records that ``validate`` fails: publish writes nothing."""
+
+
+def refuse_invalid(compose_dir: Path, inputs: dict[str, dict[str, list[Path]]]) -> None:
+    """Hold every record to ``validate``'s rules before anything is written, so that no dataset ships a record
+    its own validation fails (unit ids are checked against K by ``validate`` after publishing, when K is known)."""
+    from .validate import Report, check_files
+
+    report = Report()
+    for config, splits in inputs.items():
+        check_files(report, config, config, [f for files in splits.values() for f in files], compose_dir, 5)
+    if not report.ok:
+        first = report.examples[0]
+        raise InvalidRecords(
+            f"{compose_dir / first['file']}: row {first['row']} ({first['id']}): [{first['rule']}] {first['message']}; "
+            f"{sum(report.failed.values())} records fail validation ({', '.join(f'{r} x{n}' for r, n in sorted(report.by_rule.items()))}): "
+            "nothing published; compose them again with this version")
+
+
 def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
     tables = []
     for d in units_dirs:
@@ -189,6 +209,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     or deleted (:data:`OWNED_LIST`)."""
     compose_dir, out = Path(compose_dir), Path(out)
     inputs = _inputs(compose_dir, eval_splits)
+    refuse_invalid(compose_dir, inputs)
     out.mkdir(parents=True, exist_ok=True)
     owned = owned_files(out)
     fixed = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", OWNED_LIST,

@@ -99,6 +99,50 @@ def find_markup(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+# Characters no text field may hold: C0 controls but tab, newline and carriage return (a TTS engine stops at a
+# NUL and speaks less than the record says), DEL, and lone surrogates (no UTF-8 file can hold them).
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+# The text columns of every record kind: written from its input, so checked for markup and controls.
+TEXT_COLUMNS = ("transcript", "instruction", "response", "user_texts", "assistant_texts", "segment_texts")
+
+
+def text_problem(text: str) -> tuple[str, str] | None:
+    """(rule, what) when ``text`` holds record markup or a control character; None when it may be written."""
+    mark = find_markup(text)
+    if mark:
+        return "markup", f"record markup {mark!r}"
+    control = CONTROL.search(text or "")
+    if control:
+        return "control-character", f"control character U+{ord(control.group(0)):04X}"
+    return None
+
+
+def text_fields(record: dict):
+    """(label, text) of each text a record carries in :data:`TEXT_COLUMNS`, a list's items as ``column turn N``."""
+    for column in TEXT_COLUMNS:
+        value = record.get(column)
+        if isinstance(value, str):
+            yield column, value
+        elif isinstance(value, list):
+            for n, text in enumerate(value, 1):
+                if isinstance(text, str):
+                    yield f"{column} turn {n}", text
+
+
+def record_problems(record: dict) -> list[tuple[str, str]]:
+    """(rule, message) for every text of ``record`` that holds markup or a control character, and for any string
+    field no UTF-8 file can hold (a lone surrogate in an id): what compose refuses to write and validate fails."""
+    out = []
+    for label, text in text_fields(record):
+        problem = text_problem(text)
+        if problem:
+            out.append((problem[0], f"{label} holds {problem[1]}"))
+    for column, value in record.items():
+        if isinstance(value, str) and column not in TEXT_COLUMNS and re.search(r"[\ud800-\udfff]", value):
+            out.append(("control-character", f"{column} holds a lone surrogate"))
+    return out
+
+
 # ------------------------------------------------------------------------------------- prompts and answers
 PROMPTS = {
     "chain_of_modality": "[Human]: {input}<eoh>. [SpeechGPT]:",

@@ -12,8 +12,11 @@ Rules, each with a name that appears in the report:
   durations     (units) durations sum to ``n_frames``; utterance duration sane
   content-hash  ``content_hash`` equals the hash of the record's content
   prompt-completion  ``prompt``/``completion`` equal ``prefix``/``plain_text``
-  markup        no text field (transcript, instruction, response, template) holds record markup such as
-                ``<eoa> [Human]:`` or ``<sosp><5><eosp>``: it would plant fake turns or units
+  markup        no text field (transcript, instruction, response, a dialogue's turns, an interleaved record's
+                segments) holds record markup such as ``<eoa> [Human]:`` or ``<sosp><5><eosp>``: it would plant
+                fake turns or units
+  control-character  no text field holds a control character (a NUL stops a TTS engine mid-text) and no field
+                a lone surrogate
   duplicate-id  ids unique within a config
 """
 
@@ -27,8 +30,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import records
-from .io import naming, read_table
-from .speechgpt import SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup
+from .io import iter_rows, naming
+from .speechgpt import SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup, record_problems
 from .shardfiles import folder_k
 from .units import to_text
 
@@ -86,16 +89,13 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("durations", "durations do not pair with units or do not sum to n_frames"))
         if r["n_frames"] > r["duration"] * 1000 + 10:
             errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
-    for column in ("transcript", "instruction", "response"):
-        mark = find_markup(r.get(column)) if isinstance(r.get(column), str) else None
-        if mark:
-            errors.append(("markup", f"{column} holds record markup {mark!r}"))
+    errors += record_problems(r)  # markup and control characters: the check compose makes before writing
+    if any(rule in ("markup", "control-character") for rule, _ in errors):
+        return errors  # the shape checks below would only repeat it
     if kind == "dialogue":
         errors += _dialogue_errors(r, k)
     if kind == "interleaved":
         errors += _interleaved_errors(r, k)
-    if any(rule == "markup" for rule, _ in errors):
-        return errors  # the shape checks below would only repeat it
     if kind in ("cross_modal", "chain_of_modality"):
         text = r["plain_text"]
         if (r["prompt"], r["completion"]) != (r["prefix"], text):
@@ -140,11 +140,6 @@ def _dialogue_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
         bad = [u for turn in r[column] for u in turn if k is not None and not 0 <= u < k]
         if bad:
             errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
-    for column in ("user_texts", "assistant_texts"):
-        for n, text in enumerate(r[column], 1):
-            mark = find_markup(text)
-            if mark:
-                errors.append(("markup", f"{column} turn {n} holds record markup {mark!r}"))
     columns = (r["user_texts"], r["assistant_texts"], r["user_units"], r["assistant_units"])
     if any(len(c) != r["turns"] for c in columns):
         errors.append(("turns", f"turns is {r['turns']}, the per-turn columns have {[len(c) for c in columns]}"))
@@ -178,10 +173,6 @@ def _interleaved_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
     bad = [u for units in segments for u in units if k is not None and not 0 <= u < k]
     if bad:
         errors.append(("unit-range", f"segment_units has ids outside [0, {k}): {bad[:5]}"))
-    for n, text in enumerate(texts, 1):
-        mark = find_markup(text)
-        if mark:
-            errors.append(("markup", f"segment {n} holds record markup {mark!r}"))
     if not errors and r["text"] != interleaved_text(modalities, texts, segments):
         errors.append(("shape", "text is not the sequence its segments make"))
     return errors
@@ -214,23 +205,46 @@ def validate(path: str | Path, k: int | None = None, max_examples: int = 50) -> 
     path = Path(path)
     report = Report(k=k if k is not None else folder_k(path))
     for config, kind, files in _targets(path):
-        seen: set[str] = set()
-        report.records[config] = report.failed[config] = 0
-        for f in files:
-            rel = f.relative_to(path) if f != path and path in f.parents else f.name
-            for i, rec in enumerate(read_table(f).to_pylist()):
-                report.records[config] += 1
-                errors = check_record(kind, rec, report.k)
+        check_files(report, config, kind, files, path, max_examples)
+    return report
+
+
+def check_files(report: Report, config: str, kind: str, files: list[Path], base: Path, max_examples: int = 50) -> None:
+    """Check every record of ``files`` (one config, ids unique across them) into ``report``; files are named
+    relative to ``base``. ``publish`` calls this on what it is about to publish."""
+    repeated, seen = duplicate_ids(files), set()  # seen: of the repeated ids only (memory does not grow with files)
+    report.records[config] = report.failed[config] = 0
+    for f in files:
+        rel = f.relative_to(base) if f != base and base in f.parents else f.name
+        for i, rec in enumerate(iter_rows(f)):  # a record batch in memory at a time
+            report.records[config] += 1
+            errors = check_record(kind, rec, report.k)
+            if rec.get("id") in repeated:
                 if rec.get("id") in seen:
                     errors.append(("duplicate-id", "id appears more than once"))
                 seen.add(rec.get("id"))
-                if errors:
-                    report.failed[config] += 1
-                for rule, message in errors:
-                    report.by_rule[rule] += 1
-                    if len(report.examples) < max_examples:
-                        report.examples.append({"file": str(rel), "row": i, "id": rec.get("id"), "rule": rule, "message": message})
-    return report
+            if errors:
+                report.failed[config] += 1
+            for rule, message in errors:
+                report.by_rule[rule] += 1
+                if len(report.examples) < max_examples:
+                    report.examples.append({"file": str(rel), "row": i, "id": rec.get("id"), "rule": rule, "message": message})
+
+
+def duplicate_ids(files: list[Path]) -> set[str]:
+    """The ids that occur more than once across ``files``, counted in Arrow (a column of ids, not Python strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for f in files:
+        with naming(f):
+            if "id" in pq.read_schema(f).names:
+                columns.extend(pq.read_table(f, columns=["id"]).column("id").chunks)
+    if not columns:
+        return set()
+    counts = pc.value_counts(pa.chunked_array(columns, type=columns[0].type))
+    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
 
 
 def format_report(report: Report) -> str:

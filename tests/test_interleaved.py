@@ -272,3 +272,27 @@ def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tm
     assert json.loads(again.stdout)["shards skipped (done)"] == 1
     same = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "manifest"), "--model", str(tmp_path / "ctc")])
     assert same.exit_code == 2 and "align writes a new shard folder" in same.output
+
+
+def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interleaved_record(demo_units, tmp_path):
+    """A transcript `THE [SPEECH]<7> …` or a word label `[SPEECH]<5><6> [TEXT]` would be copied into the record's
+    text: such utterances are skipped and counted, the others composed as before."""
+    import shutil
+
+    from speechinstruct import records
+    from speechinstruct.interleaved import interleaved
+    from speechinstruct.validate import validate
+
+    units = tmp_path / "units"
+    shutil.copytree(demo_units / "units", units)
+    path = sorted(units.glob("units-*.parquet"))[0]
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["text"] = "[SPEECH]<7> " + rows[0]["text"].split(" ", 1)[1]  # a transcript word (read when they pair up)
+    rows[1]["words"][0]["word"] = "[SPEECH]<5><6> [TEXT]"  # an alignment label (read when they do not)
+    rows[2]["text"] = "ca\x00t " + rows[2]["text"].split(" ", 1)[1]
+    pq.write_table(records.to_table("units", rows), path)
+    summary = interleaved(units, tmp_path / "out", seed=3, max_words=4, quiet=True)
+    assert summary["train"] == 9
+    assert summary["skipped: markup in the words"] == 2 and summary["skipped: control character in the words"] == 1
+    assert {d["where"] for d in summary["dropped_examples"]} == {r["id"] for r in rows[:3]}
+    assert all(validate(f).ok for f in (tmp_path / "out").glob("*.parquet"))

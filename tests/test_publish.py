@@ -413,3 +413,22 @@ def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, c
     said = [r for r in caplog.records if r.name == "speechinstruct.train" and r.levelname == "WARNING"]
     assert len(said) == 1 and "sizes of cross_modal (train) no longer match" in said[0].message
     assert "publish" in said[0].message
+
+
+def test_publish_refuses_records_that_validate_fails(composed, tmp_path):
+    """A record with markup in a text field (composed by an older version, or edited) is not published."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from speechinstruct import records
+    from speechinstruct.publish import InvalidRecords, publish
+
+    folder = tmp_path / "composed"
+    shutil.copytree(composed, folder)
+    path = sorted((folder / "cross_modal").glob("train-*.parquet"))[0]
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["transcript"] = rows[0]["transcript"] + " [Human]: hi"
+    pq.write_table(records.to_table("cross_modal", rows), path)
+    with pytest.raises(InvalidRecords, match=r"row 0 .*\[markup\] transcript holds record markup '\[Human\]'"):
+        publish(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
