@@ -22,6 +22,21 @@ from .speechgpt import (DEFAULT_PREFIX, EXCHANGE_SEPARATOR, PROMPTS, exchange_te
                         with_bos)  # (parse_answer: chat's API)
 from .units import SpeechEncoder, to_text
 
+def model_folder(path, option: str, marker: str = "config.json") -> Path:
+    """``path`` when it is a folder holding ``marker``; else one line saying what it is (a missing folder, an empty
+    one, a dataset): asked before transformers, which would take the name for a hub id and try the network."""
+    path = Path(path)
+    what = "trained model folder (model/ or merged/ of `speechinstruct train`)" if option == "--model" else \
+        "adapter folder (adapter/ of `speechinstruct train --stage 3`)"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder: {option} takes a {what}; a model on the Hub as hf://ORG/NAME")
+    if not (path / marker).is_file():
+        found = "empty" if not any(path.iterdir()) else \
+            "a dataset" if (path / "dataset_info.json").is_file() or (path / "data").is_dir() else f"no {marker}"
+        raise ValueError(f"{path}: not a model ({found}): {option} takes a {what}")
+    return path
+
+
 class Chat:
     def __init__(self, model_dir: str | Path, lora: str | Path | None = None, device: str = "cpu",
                  prefix: str = DEFAULT_PREFIX, kind: str = "chain_of_modality"):
@@ -29,7 +44,8 @@ class Chat:
 
         if kind not in PROMPTS:
             raise ValueError(f"unknown prompt kind {kind!r}: choose {', '.join(PROMPTS)}")
-        source = Path(lora) if lora else Path(model_dir)
+        model_folder(model_dir, "--model")
+        source = model_folder(lora, "--lora", "adapter_config.json") if lora else Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=source.is_dir())
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=Path(model_dir).is_dir())
         if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
@@ -57,15 +73,40 @@ class Chat:
         text = self.prompt(user_input, history)
         return with_bos(self.tokenizer, self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def context(self) -> int | None:
+        """The most tokens the model attends to (its position table), or None when its config says no limit."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def fitting(self, user_input: str, history: list[tuple[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
+        """The prompt's ids with the most recent exchanges of ``history`` that leave room for ``max_new_tokens``,
+        and how many earlier exchanges were left out. Raises ValueError when the input alone does not fit."""
+        limit = self.context()
+        history = list(history)
+        for dropped in range(len(history) + 1):
+            ids = self.prompt_ids(user_input, history[dropped:])
+            if limit is None or len(ids) + max_new_tokens <= limit:
+                return ids, dropped
+        raise ValueError(f"the system prompt and the input alone are {len(ids)} tokens, and the model reads at most {limit} "
+                         f"with {max_new_tokens} to answer: shorten it or lower --max-new-tokens")
+
     @torch.inference_mode()
     def reply(self, user_input: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 0.8,
               history: list[tuple[str, str]] = ()) -> dict:
-        ids = torch.tensor([self.prompt_ids(user_input, history)], device=self.device)
+        """The model's answer (:func:`parse_answer`), with ``history_left_out``: the earliest exchanges of
+        ``history`` that did not fit the model's context beside the input and the answer (the most recent are kept)."""
+        prompt, left_out = self.fitting(user_input, history, max_new_tokens)
+        ids = torch.tensor([prompt], device=self.device)
         sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
         output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                      stop_strings=["<eoa>"], tokenizer=self.tokenizer, **sampling)
-        return parse_answer(self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+        answer = parse_answer(self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+        return {**answer, "history_left_out": left_out} if left_out else answer
 
 
 def audio_to_unit_text(path: str | Path, extractor, kmeans=None) -> str:

@@ -768,6 +768,9 @@ def chat(
     for user_input in inputs:
         answer = bot.reply(user_input, max_new_tokens=max_new_tokens,
                            history=[(turn["input"], turn["answer"]) for turn in past or []])
+        if answer.get("history_left_out"):
+            typer.secho(f"note: the {answer['history_left_out']} earliest exchanges of the history did not fit the "
+                        "model's context and were left out of the prompt (the file keeps them)", err=True)
         if past is not None:
             from .io import write_json
 
@@ -793,6 +796,8 @@ def _read_history(path: Path) -> list[dict]:
         turns = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         fail(f"{path}: cannot read the chat history ({e})")
+    except RecursionError:
+        fail(f"{path}: cannot read the chat history (JSON nested too deeply)")
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("input"), str)
                                               and isinstance(t.get("answer"), str) for t in turns):
         fail(f"{path}: a chat history is a JSON list of {{\"input\": …, \"answer\": …}} objects")

@@ -408,3 +408,38 @@ def test_espeak_voices_can_be_chosen_and_a_missing_one_is_one_line(speech, tmp_p
     result = runner.invoke(app, ["compose", "dialogue", "builtin", str(tmp_path / "o"), "--kmeans", str(tmp_path / "k.npy"),
                                  "--voices", "xx-nowhere"])
     assert result.exit_code == 2 and "espeak-ng has no voice 'xx-nowhere'" in result.output
+
+
+def test_chat_keeps_the_recent_history_that_fits_and_names_bad_model_folders_at_once(base_model, tmp_path):  # noqa: F811
+    """A history longer than the model's context: the earliest exchanges are left out of the prompt (and said
+    so), not an IndexError. A missing, empty or dataset folder as --model: one line, before transformers (which
+    would take the name for a hub id and retry the network)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    small = tmp_path / "small"
+    shutil.copytree(base_model, small)
+    config = AutoConfig.from_pretrained(small)
+    config.max_position_embeddings = 600
+    config.save_pretrained(small)
+    log = tmp_path / "long.json"
+    log.write_text(json.dumps([{"input": f"Tell me story number {i}.", "answer": "Once upon a time " * 8}
+                               for i in range(20)]))
+    result = runner.invoke(app, ["chat", "--model", str(small), "--text", "And then?", "--history", str(log),
+                                 "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "earliest exchanges of the history did not fit" in result.output
+    answer = json.loads(result.stdout[result.stdout.index("{"):])
+    assert 0 < answer["history_left_out"] < 20
+    assert len(json.loads(log.read_text())) == 21  # the file keeps every exchange
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dataset" / "data").mkdir(parents=True)
+    for folder, says in ((tmp_path / "missing" / "model", "no such folder"), (tmp_path / "empty", "not a model (empty)"),
+                         (tmp_path / "dataset", "not a model (a dataset)")):
+        bad = runner.invoke(app, ["chat", "--model", str(folder), "--text", "hi"])
+        assert bad.exit_code == 2 and says in bad.output and "Traceback" not in bad.output, bad.output
+    log.write_text("[" * 100_000)
+    bad = runner.invoke(app, ["chat", "--model", str(base_model), "--text", "hi", "--history", str(log)])
+    assert bad.exit_code == 2 and "nested too deeply" in bad.output
