@@ -120,3 +120,27 @@ def test_score_reads_tar_members_too(shards, tmp_path):
     shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
     summary = score(tmp_path / "m", tmp_path / "s", Judge(DNSMOS()), quiet=True)
     assert summary["utterances"] == 4 and summary["skipped"] == 0 and summary["scores"]["dnsmos_ovrl"]["count"] == 4, summary
+
+
+def test_compressed_tars_are_skipped_whole_and_a_nested_json_member_is_one_skip(shards, tmp_path):
+    """A .tar.gz (webdataset reads them) holds no byte offsets a row could be read back at: it is skipped, counted,
+    with what to do; the plain tars beside it are read as before. A .json member of 100,000 '[' is one sample's
+    skip, not a RecursionError that ends the whole shard."""
+    import gzip
+    import webdataset as wds
+
+    folder, _ = shards
+    for name in ("train-000000", "train-000001"):
+        (folder / f"{name}.tar.gz").write_bytes(gzip.compress((folder / f"{name}.tar").read_bytes()))
+    with wds.TarWriter(str(folder / "train-000002.tar")) as sink:
+        sink.write({"__key__": "deep", "flac": encoded(speechlike(1.0, seed=3), 16000, "FLAC"), "json": b"[" * 100_000})
+        sink.write({"__key__": "fine", "flac": encoded(speechlike(1.0, seed=4), 16000, "FLAC"), "txt": "fine"})
+    summary = shard_corpus("webdataset", f"{folder}/train-{{000000..000002}}.tar{{,.gz}}", tmp_path / "m",
+                           license="x", quiet=True)
+    assert summary["skipped"] == {"compressed tar": 2, "sample without audio": 1, "unreadable audio": 1,
+                                  "unreadable .json": 1}
+    assert {s["path"] for s in summary["skipped_examples"] if s["reason"] == "compressed tar"} == {
+        "train-000000.tar.gz", "train-000001.tar.gz"}
+    assert "gzip" in summary["skipped_examples"][0]["detail"] or any(
+        "gzip" in s["detail"] for s in summary["skipped_examples"])
+    assert summary["utterances"] == 5  # 3 + 1 from the plain tars, and "fine"

@@ -11,7 +11,8 @@ the tar's name or its folder (``train-000.tar``, ``validation/000.tar``), train 
 required: a shard carries none we could trust.
 
 A sample without audio, audio libsndfile cannot read, and a truncated tar (the rest of that tar cannot be read)
-are skipped with the tar and the member named.
+are skipped with the tar and the member named. A compressed tar (``.tar.gz``, ``.tar.bz2``, ``.tar.xz``,
+``.tar.zst``, found by its first bytes) is skipped whole, counted: its rows could not be read back by offset.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def _split_part(tar: Path, base: Path) -> str:
     return "train"
 
 
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def compressed(tar: Path) -> str | None:
+    """The compression of a tar file (``.tar.gz`` and the like), by its first bytes; None for a plain tar."""
+    with open(tar, "rb") as f:
+        head = f.read(6)
+    return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+
+
 def samples(tar: Path) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
     """(key, {extension: (data offset, size, bytes)}) per sample of one tar, read as a stream (one sample's
     members in memory at a time); a Skip when the tar is truncated or damaged (and no more samples of it)."""
@@ -106,7 +117,7 @@ def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str
         try:
             meta = json.loads(members[".json"][2].decode("utf-8"))
             meta = meta if isinstance(meta, dict) else {}
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             return Skip(where, "unreadable .json", "not a UTF-8 JSON object")
     text = next((meta[k] for k in TEXT_KEYS if isinstance(meta.get(k), str)), None)
     if text is None and ".txt" in members:
@@ -140,5 +151,10 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     for tar in tqdm(tars, desc="webdataset shards", unit="tar", disable=quiet):
         resolved = tar.resolve()
         part = _split_part(resolved, base)
+        compression = compressed(tar)
+        if compression:
+            yield Skip(tar.name, "compressed tar", f"{compression}: a row is read later at its byte offset in the tar, "
+                       f"which a compressed file does not have; decompress it (e.g. `gunzip`) and shard again")
+            continue
         for sample in samples(tar):
             yield sample if isinstance(sample, Skip) else _row(*sample, resolved, base, part, license)
