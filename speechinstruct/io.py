@@ -182,6 +182,8 @@ def read_json(path: str | os.PathLike, kind: type = dict, hint: str = ""):
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}){hint}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply){hint}") from None
     if not isinstance(value, kind):
         raise ValueError(f"{path}: must be a JSON {names.get(kind, kind.__name__)}, got {type(value).__name__}{hint}")
     return value

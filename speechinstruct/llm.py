@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .io import sha256_json, write_json
@@ -27,6 +28,20 @@ class BudgetExceeded(LLMError):
 
 class TruncatedAnswer(LLMError):
     """The answer stopped at ``max_tokens`` (``finish_reason: length``): it is not a complete answer."""
+
+
+# a URL that carries a secret: ``http://user:sk-…@host/v1`` or ``…/v1?api_key=…``
+URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#\s]*@|[?&;](?:api[_-]?key|key|token|access_token|secret|"
+                             r"password|sig|signature)=", re.IGNORECASE)
+
+
+def check_endpoint(url: str | None, option: str = "base_url") -> None:
+    """Refuse an endpoint URL that carries credentials: it is recorded (score.json, summaries, stdout) as where the
+    work was done, and a secret must never reach a file. One line that does not echo the URL."""
+    if url and URL_CREDENTIALS.search(url):
+        raise LLMError(f"{option}: the URL carries credentials (user:password@ or a key in its query); they would be "
+                       "written into the outputs: give the URL without them and the key in $OPENAI_API_KEY "
+                       "(or $SPEECHINSTRUCT_API_KEY_FILE)")
 
 
 def api_key(env: str = "OPENAI_API_KEY", key_file: str | Path | None = None) -> str | None:
@@ -45,6 +60,7 @@ class LLM:
                  timeout: float = 60.0, temperature: float = 0.7, max_tokens: int | None = 2048):
         from openai import OpenAI
 
+        check_endpoint(base_url, "--base-url")
         key = api_key(api_key_env)
         if key is None and base_url is None:
             raise LLMError(f"no LLM endpoint: set ${api_key_env} for OpenAI, or pass --base-url for a local server")

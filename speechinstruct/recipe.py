@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .corpora import SOURCES, root_problem
+from .llm import URL_CREDENTIALS
 from .storage import is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
@@ -234,6 +235,9 @@ def _secrets(value, where: str = "") -> list[str]:
     elif isinstance(value, str) and (SECRET_VALUE.search(value) or
                                      (os.environ.get("OPENAI_API_KEY") and os.environ["OPENAI_API_KEY"] in value)):
         found.append(f"{where}: holds what looks like an API key; secrets never go in a recipe")
+    elif isinstance(value, str) and URL_CREDENTIALS.search(value):
+        found.append(f"{where}: a URL that carries credentials (user:password@ or a key in its query); secrets never "
+                     "go in a recipe")
     return found
 
 

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,18 +258,27 @@ def _revision(model: str) -> str:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else "unknown"
 
 
+# HTTP statuses that say "not now" rather than "never": timeout, conflict, rate limit, server errors
+TRANSIENT_STATUS = (408, 409, 429, 500, 502, 503, 504)
+
+
 class EndpointASR:
     """An OpenAI-compatible ``POST {base_url}/audio/transcriptions`` server (OpenAI's API shape; tested against a
-    loopback server that answers as OpenAI documents): each clip sent as 16-bit WAV, ``threads`` requests at a time. A server that
-    cannot be reached stops the job (:class:`ScoreError`); an answer with no transcript in it is that utterance's
-    error (:class:`BadAnswer`)."""
+    loopback server that answers as OpenAI documents): each clip sent as 16-bit WAV, ``threads`` requests at a time.
+    A request that times out or is answered 408/409/429/5xx is retried by the ``openai`` client, ``max_retries``
+    times with exponential backoff (0.5 s doubling, at most 8 s apart) or after the server's ``Retry-After``; a server
+    still failing then, or one that cannot be reached, stops the job (:class:`ScoreError`): the shard is not written,
+    so a rerun scores it once the server is back, and no passing failure is ever recorded as a score. An answer with
+    no transcript in it is that utterance's error (:class:`BadAnswer`)."""
 
-    def __init__(self, base_url: str, model: str = "whisper-1", threads: int = 4, timeout: float = 120.0):
+    def __init__(self, base_url: str, model: str = "whisper-1", threads: int = 4, timeout: float = 120.0,
+                 max_retries: int = 6):
         from openai import OpenAI
 
-        from .llm import api_key
+        from .llm import api_key, check_endpoint
 
-        self.client = OpenAI(base_url=base_url, api_key=api_key() or "none", timeout=timeout, max_retries=2)
+        check_endpoint(base_url, "--base-url")
+        self.client = OpenAI(base_url=base_url, api_key=api_key() or "none", timeout=timeout, max_retries=max_retries)
         self.base_url, self.name, self.threads = base_url, model, threads
         self.normalise, self.kind = normaliser(), "endpoint"
 
@@ -286,18 +296,23 @@ class EndpointASR:
             raw = self.client.audio.transcriptions.with_raw_response.create(
                 model=self.name, file=("utterance.wav", data.getvalue(), "audio/wav"), response_format="json")
             body = raw.http_response.text
-        except openai.APIConnectionError as e:
-            raise ScoreError(f"{self.base_url}: transcription server unreachable ({e})") from None
+        except openai.APIConnectionError as e:  # also a timeout, after the retries
+            raise ScoreError(f"{self.base_url}: transcription server unreachable ({e}) after "
+                             f"{self.client.max_retries} retries; run again when it is back") from None
         except openai.APIStatusError as e:
             if e.status_code in (401, 403, 404):  # every request would fail the same way
                 raise ScoreError(f"{self.base_url}: transcription request refused (HTTP {e.status_code}: "
                                  f"{str(e)[:200]})") from None
+            if e.status_code in TRANSIENT_STATUS:  # still failing after the client's retries: stop, record nothing
+                raise ScoreError(f"{self.base_url}: transcription server still answering HTTP {e.status_code} after "
+                                 f"{self.client.max_retries} retries; nothing of this shard was written: run again "
+                                 "when it is back (finished shards are kept)") from None
             return BadAnswer(f"transcription server answered HTTP {e.status_code}")
         try:
             text = json.loads(body)["text"]
             if not isinstance(text, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return BadAnswer(f"transcription server answered no transcript ({body[:60]!r})")
         return text.strip()
 
@@ -450,7 +465,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     for path in select_shards(files, num_shards, shard_index):
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
-        if target.exists():
+        if target.exists() and not transient_errors(out / f"errors-{suffix}.jsonl"):
             skipped += 1
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
@@ -477,6 +492,16 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
                **summarise(out)}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def transient_errors(path: Path) -> int:
+    """How many errors of an errors file record a passing server failure (HTTP 408/409/429/5xx), as versions before
+    0.3 wrote them: such a shard is scored again on a rerun."""
+    if not path.is_file():
+        return 0
+    statuses = "|".join(map(str, TRANSIENT_STATUS))
+    pattern = re.compile(rf"answered HTTP (?:{statuses})\b")
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line))
 
 
 def _columns(path: Path) -> set[str]:

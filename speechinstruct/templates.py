@@ -83,7 +83,7 @@ def parse_instructions(answer: str) -> list[str]:
             data = next((v for v in data.values() if isinstance(v, list)), [])
         if isinstance(data, list):
             return [str(x.get("text", "") if isinstance(x, dict) else x).strip() for x in data if x]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     out = []
     for line in text.splitlines():

@@ -244,3 +244,34 @@ def test_a_cut_off_rewrite_drops_the_pair(tmp_path):
         assert rewrite_for_speech(llm, "Say hi.", "Hello.") == "LLM answer cut off (max_tokens)"
         assert rewrite_for_speech(llm, "Say hi.", "Hello.") == "LLM answer cut off (max_tokens)"  # cached, same
         assert len(server.requests) == 1
+
+
+def test_a_speech_endpoint_failing_for_a_while_is_retried_and_nothing_failed_is_cached(tmp_path):
+    """503, 503, then audio: the openai client's retries (backoff) ride it out; the audio is cached, the failures
+    never are. An LLM or speech URL that carries credentials is refused before any request, without echoing it."""
+    import io
+
+    import soundfile as sf
+
+    from conftest import speechlike
+    from speechinstruct.tts import make_tts
+
+    answers = [503, 503]
+
+    def speech(request):
+        if answers:
+            return answers.pop(0)
+        buf = io.BytesIO()
+        sf.write(buf, speechlike(0.5, 24000), 24000, format="WAV")
+        return buf.getvalue()
+
+    with FakeOpenAI(speech=speech) as server:
+        tts = make_tts("openai", tmp_path / "cache", llm=LLM(base_url=server.url, model="m"), model="tts")
+        wav, sr = tts.synthesize("hello there", "alloy", 1)
+        assert sr == 24000 and wav.size and len(server.requests) == 3
+        assert len(list((tmp_path / "cache").rglob("*.*"))) >= 1
+    secret = "sk-abcdef0123456789secret"
+    for url in (f"http://me:{secret}@127.0.0.1:9/v1", f"http://127.0.0.1:9/v1?key={secret}"):
+        with pytest.raises(LLMError, match="carries credentials") as e:
+            LLM(base_url=url, model="m")
+        assert secret not in str(e.value)

@@ -175,6 +175,10 @@ def test_secrets_are_refused_in_recipes_and_never_echoed(tmp_path, monkeypatch):
     path.write_text("demo_corpus: {}\nllm: {base_url: http://127.0.0.1:9, model: '${MY_MODEL}'}\n")
     with pytest.raises(RecipeError, match=r"llm.model: holds what looks like an API key"):
         load_recipe(path)
+    path.write_text("demo_corpus: {}\nquality: {asr: whisper-1, base_url: 'http://me:hunter2@127.0.0.1:9/v1'}\n")
+    with pytest.raises(RecipeError, match=r"quality.base_url: a URL that carries credentials") as e:
+        load_recipe(path)
+    assert "hunter2" not in str(e.value)
 
 
 def test_workdir_moves_the_outputs_and_a_second_run_is_refused(tmp_path):

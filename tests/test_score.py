@@ -276,3 +276,59 @@ def test_chain_of_modality_drops_pairs_whose_speech_the_asr_does_not_hear(tmp_pa
     assert [r["source_id"] for r in rows] == ["p1"] and rows[0]["wer"] == 0.0 and rows[0]["cer"] == 0.0
     assert summary["dropped: quality: WER above 0.5"] == 1
     assert summary["dropped_examples"][0]["reason"] == "synthesized speech: WER above 0.5 (1.00)"
+
+
+def test_a_server_failing_for_a_while_is_retried_and_a_rerun_finishes_the_job(tmp_path, speech):
+    """429/503 for a while: retried with backoff, honouring Retry-After (here retry-after-ms: 5), so a short outage
+    costs nothing; a longer one stops the job with one line and no shard written, and the rerun after the server
+    is back scores every utterance. Passing failures recorded by an older version are scored again on a rerun."""
+    import threading
+
+    clips = {f"c{i}": (speech[i], SENTENCES[i]) for i in range(3)}
+    root = _corpus(tmp_path / "ls", clips)
+    assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "-q"]).exit_code == 0
+    state = {"failures": 4, "status": 503}
+    lock = threading.Lock()
+
+    def answer(samples, request):
+        with lock:
+            if state["failures"] > 0:
+                state["failures"] -= 1
+                return state["status"], {"retry-after-ms": "5"}
+        return "the quick brown fox"
+
+    with TranscriptionServer(answer) as server:
+        asr = EndpointASR(server.url, "whisper-1", threads=1)
+        summary = score(tmp_path / "m", tmp_path / "s", Judge(None, asr), quiet=True)
+        assert summary["utterances"] == 3 and summary["skipped"] == 0 and len(server.requests) == 7
+
+        state.update(failures=10**6, status=429)  # down for longer than the retries last
+        args = ["score", str(tmp_path / "m"), str(tmp_path / "s2"), "--asr", "whisper-1", "--base-url", server.url, "-q"]
+        down = runner.invoke(app, args)
+        assert down.exit_code == 2 and "still answering HTTP 429 after 6 retries" in down.output, down.output
+        assert "Traceback" not in down.output and not list((tmp_path / "s2").glob("scores-*.parquet"))
+        state["failures"] = 0  # back
+        back = runner.invoke(app, args)
+        assert back.exit_code == 0, back.output
+        assert json.loads(back.output[back.output.index("{"):])["utterances"] == 3
+
+        # an errors file from a version that recorded a 503 as the utterance's error: scored again
+        errors = tmp_path / "s2" / "errors-00000.jsonl"
+        errors.write_text(json.dumps({"id": "librispeech/10-20-0000", "path": "x.flac",
+                                      "reason": "transcription server answered HTTP 503"}) + "\n")
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0 and '"shards_done": 1' in again.output and errors.read_text() == ""
+
+
+def test_endpoint_urls_that_carry_credentials_are_refused_and_never_written(tmp_path, speech):
+    root = _corpus(tmp_path / "ls", {"a": (speech[0], SENTENCES[0])})
+    assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "-q"]).exit_code == 0
+    secret = "sk-abcdef0123456789secret"
+    for url in (f"http://user:{secret}@127.0.0.1:9/v1", f"http://127.0.0.1:9/v1?api_key={secret}"):
+        for args in (["score", str(tmp_path / "m"), str(tmp_path / "s"), "--asr", "whisper-1", "--base-url", url],
+                     ["shard", "audio", str(root), str(tmp_path / "a"), "--license", "x", "--asr", "whisper-1",
+                      "--base-url", url]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2 and "carries credentials" in result.output, result.output
+            assert secret not in result.output
+    assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".json")

@@ -1,6 +1,7 @@
 """An OpenAI-compatible transcription server on loopback for tests: real HTTP, real multipart uploads, the real
 ``openai`` client on the other end. ``answer(samples, request)`` gives the transcript (a str, sent as
-``{"text": ...}``), raw bytes (sent as they are: garbage) or an int (that HTTP status)."""
+``{"text": ...}``), raw bytes (sent as they are: garbage), an int (that HTTP status) or (status, headers)
+(``Retry-After`` and the like)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ class TranscriptionServer(Loopback):
                            "response_format": fields.get("response_format", b"").decode()}
                 server.requests.append(request)
                 reply = server.answer(samples, request)
+                headers = {}
+                if isinstance(reply, tuple):
+                    reply, headers = reply
                 if isinstance(reply, int):
                     self.send_response(reply)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("content-type", "application/json")
                     self.end_headers()
                     self.wfile.write(json.dumps({"error": {"message": "no", "code": reply}}).encode())
