@@ -494,6 +494,15 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     return summary
 
 
+def reason_key(error: dict) -> str:
+    """What an error counts as: its reason without the file it names (``…/a.flac: unreadable audio (…)``) and without
+    the detail in brackets, which may quote a server's answer (``{"text": ["a", "b"]}``)."""
+    reason, name = str(error.get("reason", "")), Path(str(error.get("path") or "")).name
+    if name and f"{name}: " in reason:
+        reason = reason.rsplit(f"{name}: ", 1)[1]
+    return reason.split(" (")[0].strip() or "unknown"
+
+
 def transient_errors(path: Path) -> int:
     """How many errors of an errors file record a passing server failure (HTTP 408/409/429/5xx), as versions before
     0.3 wrote them: such a shard is scored again on a rerun."""
@@ -533,7 +542,7 @@ def summarise(folder: str | Path) -> dict:
     for p in sorted(folder.glob("errors-*.jsonl")):
         for line in p.read_text(encoding="utf-8").splitlines():
             if line.strip():
-                reasons[json.loads(line)["reason"].split(": ")[-1].split(" (")[0]] += 1
+                reasons[reason_key(json.loads(line))] += 1
     summary: dict = {"utterances": sum(t.num_rows for t in tables), "skipped": sum(reasons.values()),
                      "skip_reasons": dict(reasons.most_common()), "scores": {}}
     for column, bins in HISTOGRAM_BINS.items():

@@ -177,6 +177,10 @@ def test_endpoint_asr_scores_and_counts_garbage_answers(tmp_path, speech):
     rows = pq.read_table(tmp_path / "s" / "scores-00000.parquet").to_pylist()
     assert [(r["wer"], r["cer"], r["dnsmos_ovrl"]) for r in rows] == [(0.0, 0.0, None)]
     assert summary["skip_reasons"] == {"transcription server answered no transcript": 1}
+    # an answer whose body has ': ' in it ({"text": [...]}) is counted under the same reason, not split on it
+    with TranscriptionServer(lambda samples, request: b'{"text": ["a", "b"]}') as server:
+        summary = score(tmp_path / "m", tmp_path / "s3", Judge(None, EndpointASR(server.url, "whisper-1")), quiet=True)
+    assert summary["skip_reasons"] == {"transcription server answered no transcript": 2}
 
 
 def _recipe(tmp_path: Path, root: Path, **quality) -> Path:
