@@ -138,14 +138,23 @@ class CtcAligner:
     def __init__(self, model: str | Path, device: str = "cpu"):
         import transformers
 
+        from .checkpoints import load_pretrained
+
         local = Path(model).is_dir()
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(str(model), local_files_only=local)
-            self.model = transformers.AutoModelForCTC.from_pretrained(str(model), local_files_only=local).eval().to(device)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{model}: cannot load a CTC model and its processor ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001  a malformed vocab.json or config, whatever it raises
+            raise ValueError(f"{model}: cannot load a CTC model's processor ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        self.model = load_pretrained(transformers.AutoModelForCTC, str(model), "CTC model", local,
+                                     unexpected_ok=True).eval().to(device)
         tokenizer = self.processor.tokenizer
         self.vocab = tokenizer.get_vocab()
+        size = int(self.model.config.vocab_size)
+        beyond = sorted((i, t) for t, i in self.vocab.items() if not 0 <= i < size)
+        if beyond:
+            raise ValueError(f"{model}: its vocab.json gives {beyond[0][1]!r} the id {beyond[0][0]}, beyond the "
+                             f"model's {size} outputs: the tokenizer is not this model's")
         self.blank = tokenizer.pad_token_id
         self.delimiter = self.vocab.get(getattr(tokenizer, "word_delimiter_token", "|") or "|")
         letters = [c for c in self.vocab if len(c) == 1 and c.isalpha()]

@@ -311,3 +311,25 @@ def _reconstructor(cls, base, state):
     if not (isinstance(cls, type) and issubclass(cls, Stub)):
         raise UnsafeCheckpointError(f"refused copyreg reconstruction of {cls!r}")
     return cls()
+
+
+def load_pretrained(cls, checkpoint: str, what: str, local: bool | None = None, unexpected_ok: bool = False):
+    """``cls.from_pretrained(checkpoint)`` (a transformers model class; ``local``: a folder, read offline) with every
+    weight accounted for: a checkpoint with weights missing (they would start random: a codec would give every
+    utterance the same constant units), of the wrong shape, or (unless ``unexpected_ok``) unexpected is refused,
+    naming them; a file that is no checkpoint (garbage, a pickle that torch refuses) is one line."""
+    try:
+        local = Path(checkpoint).is_dir() if local is None else local
+        model, info = cls.from_pretrained(str(checkpoint), local_files_only=local, output_loading_info=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  safetensors' SafetensorError, torch's UnpicklingError, OSError, …
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"{checkpoint}: cannot load the {what} ({type(e).__name__}: {first})") from None
+    checks = [("missing_keys", "missing"), ("mismatched_keys", "of the wrong shape")]
+    for key, says in checks + ([] if unexpected_ok else [("unexpected_keys", "unexpected")]):
+        names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in info.get(key) or ())
+        if names:
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ValueError(f"{checkpoint}: not a whole {what}: {len(names)} weights {says} ({listed})")
+    return model

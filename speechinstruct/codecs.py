@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import load_pretrained
 from .io import sha256_file
 from .shardfiles import Vocabulary
 from .tokenizers import CODECS  # noqa: F401 (re-exported: the codec kinds)
@@ -238,16 +239,40 @@ def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, 
         config = path / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
-        found = json.loads(config.read_text()).get("model_type")
+        from .io import read_json
+
+        raw = read_json(config)
+        found = raw.get("model_type")
+        if found == kind:
+            _check_config(kind, raw, config)  # before transformers, which fails on some of these with an IndexError
         if found != kind:
             raise ValueError(f"{path}: holds a {found!r} model, not {kind!r}; pass --features {found}"
                              if found in CODECS else f"{path}: holds a {found!r} model, not a {kind} codec")
-    model = getattr(transformers, CODECS[kind]).from_pretrained(str(checkpoint), local_files_only=local)
+    model = load_pretrained(getattr(transformers, CODECS[kind]), str(checkpoint), f"{kind} codec", local)
+    _check_config(kind, model.config.to_dict(), f"{checkpoint}/config.json")
     weights = sorted(path.glob("*.safetensors")) if local else []
     sha = sha256_file(weights[0]) if len(weights) == 1 else None
     source = f"hf:{path.name}" if local else f"hf:{checkpoint}"
     return Codec(kind, model, source, codebooks=codebooks, sha256=sha, device=device,
                  checkpoint=str(path.resolve()) if local else str(checkpoint))
+
+
+def _check_config(kind: str, cfg: dict, where) -> None:
+    """The numbers a codec's config must hold for its units to mean anything; one line naming those that do not.
+    A value the config leaves out is transformers' default, which is fine."""
+    problems = []
+    rate_key = "sample_rate" if kind == "xcodec" else "sampling_rate"
+    rate = cfg.get(rate_key, 1)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+        problems.append(f"sampling rate {rate!r}")
+    if kind in ("encodec", "xcodec") and "target_bandwidths" in cfg and not (
+            isinstance(cfg["target_bandwidths"], list) and cfg["target_bandwidths"]):
+        problems.append("no target_bandwidths")
+    size = cfg.get("codebook_size", 1)
+    if kind != "xcodec2" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        problems.append(f"codebook_size {size!r}")
+    if problems:
+        raise ValueError(f"{where}: not a usable {kind} config ({'; '.join(problems)})")
 
 
 def is_codec(tokenizer) -> bool:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from . import audio
-from .checkpoints import fairseq_config, literal_arithmetic, torch_load_restricted
-from .io import sha256_file
+from .checkpoints import fairseq_config, literal_arithmetic, load_pretrained, torch_load_restricted
+from .io import read_json, sha256_file
 from .tokenizers import SSL_MODELS
 
 SAMPLE_RATE = audio.TARGET_SR
@@ -368,11 +368,11 @@ def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu",
         if not local and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
             raise FileNotFoundError(f"{source}: no such checkpoint file or model folder")
         if local:
-            found = json.loads((p / "config.json").read_text()).get("model_type")
+            found = read_json(p / "config.json").get("model_type")
             if found != kind:
                 raise ValueError(f"{p}: holds a {found!r} model, not {kind!r}"
                                  + (f"; pass --features {found}" if found in SSL_MODELS else ""))
-        model = getattr(transformers, SSL_MODELS[kind]).from_pretrained(source, local_files_only=local)
+        model = load_pretrained(getattr(transformers, SSL_MODELS[kind]), source, f"{kind} model", local)
         normalize = _hf_normalize(p) if local else False
         source = f"hf:{source}"
     total = model.config.num_hidden_layers

@@ -200,28 +200,10 @@ def _remove_stale(out: Path, owned: set[str], written: set[str]) -> None:
             parent = parent.parent
 
 
-def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False,
-            quiet: bool = True) -> dict:
-    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
-    ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
-    SpeechGPT's own training files (``export_speechgpt``). Only files an earlier publish wrote are replaced
-    or deleted (:data:`OWNED_LIST`)."""
-    compose_dir, out = Path(compose_dir), Path(out)
-    inputs = _inputs(compose_dir, eval_splits)
-    refuse_invalid(compose_dir, inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    owned = owned_files(out)
-    fixed = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", OWNED_LIST,
-             *(f"speechgpt/{n}" for n in SPEECHGPT_FILES.values() if speechgpt_files)]
-    refuse_foreign(out, fixed, owned | {OWNED_LIST})
-    if save_to_disk:
-        for config in inputs:
-            theirs = [p.relative_to(out).as_posix() for p in (out / "arrow" / config).rglob("*") if p.is_file()]
-            refuse_foreign(out, theirs, owned)
-    configs_yaml, written, counts, by_kind, voices, provenance = write_configs(inputs, out, owned, quiet=quiet)
-
-    units_dirs = composed_units_dirs(compose_dir)
+def one_vocabulary(compose_dir: Path, units_dirs: list[Path]) -> tuple[dict, Vocabulary | None]:
+    """The spec (extractor, k-means) and unit vocabulary of every record of a compose folder: from the units folders
+    its records came from, and the summaries of the speech it synthesized. One dataset has one vocabulary: records
+    of two are refused, naming both."""
     spec, vocabulary, first = {}, None, None
     for d in units_dirs:
         spec_here = read_units_spec(d)
@@ -242,6 +224,32 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
             raise ValueError(f"{compose_dir}: its records come from units of two vocabularies ({first}: "
                              f"{vocabulary.tokenizer} {vocabulary.size}; {where}: {found.tokenizer} {found.size}); "
                              "compose them into separate folders")
+    return spec, vocabulary
+
+
+def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
+            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False,
+            quiet: bool = True) -> dict:
+    """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
+    ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
+    SpeechGPT's own training files (``export_speechgpt``). Only files an earlier publish wrote are replaced
+    or deleted (:data:`OWNED_LIST`)."""
+    compose_dir, out = Path(compose_dir), Path(out)
+    inputs = _inputs(compose_dir, eval_splits)
+    units_dirs = composed_units_dirs(compose_dir)
+    spec, vocabulary = one_vocabulary(compose_dir, units_dirs)
+    refuse_invalid(compose_dir, inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    owned = owned_files(out)
+    fixed = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", OWNED_LIST,
+             *(f"speechgpt/{n}" for n in SPEECHGPT_FILES.values() if speechgpt_files)]
+    refuse_foreign(out, fixed, owned | {OWNED_LIST})
+    if save_to_disk:
+        for config in inputs:
+            theirs = [p.relative_to(out).as_posix() for p in (out / "arrow" / config).rglob("*") if p.is_file()]
+            refuse_foreign(out, theirs, owned)
+    configs_yaml, written, counts, by_kind, voices, provenance = write_configs(inputs, out, owned, quiet=quiet)
+
     # Machine-independent provenance: files by name and hash, never by a local absolute path.
     kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
     if (spec.get("kmeans") or {}).get("source"):

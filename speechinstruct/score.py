@@ -34,6 +34,7 @@ import numpy as np
 
 from . import records
 from .audio import TARGET_SR, AudioError
+from .checkpoints import load_pretrained
 from .io import iter_rows, parquet_rows, read_json, read_table, remove_stale_temps, sha256_file, write_json, write_text
 from .shardfiles import check_spec, select_shards, shard_suffix
 
@@ -152,6 +153,15 @@ def normaliser(spelling: dict | None = None):
     return EnglishTextNormalizer(spelling or {})
 
 
+def spelling_mapping(path: Path) -> dict[str, str]:
+    """A Whisper checkpoint's ``normalizer.json``: British → American spellings, every key and value a word."""
+    mapping = read_json(path, hint=": a Whisper normalizer.json maps words to words")
+    bad = next(((k, v) for k, v in mapping.items() if not isinstance(v, str)), None)
+    if bad:
+        raise ScoreError(f"{path}: {bad[0]!r} maps to {bad[1]!r}, not a word: a Whisper normalizer.json maps words to words")
+    return mapping
+
+
 def error_rates(reference: str, hypothesis: str, normalise) -> tuple[float, float] | str:
     """(WER, CER) of ``hypothesis`` against ``reference``, both normalised, with jiwer; or the reason there is
     none (a reference with no words left after normalisation)."""
@@ -184,15 +194,19 @@ class TransformersASR:
                              "speech-to-text or CTC model: Whisper, Moonshine, wav2vec2, Parakeet CTC)")
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(model)
-            auto = transformers.AutoModelForSpeechSeq2Seq if seq2seq else transformers.AutoModelForCTC
-            self.model = auto.from_pretrained(model).to(device).eval()
-        except (OSError, ValueError, TypeError) as e:
-            raise ScoreError(f"{model}: cannot load the ASR model or its processor ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001  a malformed tokenizer or feature-extractor file, whatever it raises
+            raise ScoreError(f"{model}: cannot load the ASR model's processor ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        auto = transformers.AutoModelForSpeechSeq2Seq if seq2seq else transformers.AutoModelForCTC
+        try:
+            self.model = load_pretrained(auto, model, "ASR model", unexpected_ok=True).to(device).eval()
+        except ValueError as e:
+            raise ScoreError(str(e)) from None
         self.kind = "seq2seq" if seq2seq else "ctc"
         self.name, self.device, self.batch_size, self.max_new_tokens = str(model), device, batch_size, max_new_tokens
         self.revision = _revision(model)
         spelling = Path(model) / "normalizer.json"
-        self.normalise = normaliser(read_json(spelling) if spelling.is_file() else None)
+        self.normalise = normaliser(spelling_mapping(spelling) if spelling.is_file() else None)
         self.spelling = spelling.is_file()
 
     @property

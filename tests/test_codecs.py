@@ -356,3 +356,56 @@ def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the
                                "--speak", str(tmp_path / "answer.wav"), "--max-new-tokens", "6", "--prompt", "cross_modal"])
     assert said.exit_code == 0, said.output
     assert {"answer", "units"} <= set(json.loads(said.stdout[said.stdout.index("{"):]))
+
+
+def test_incomplete_or_malformed_codec_folders_are_refused_naming_what_is_wrong(folders, tmp_path):
+    """Weights missing (they would start random: every utterance the same constant units), no tensor at all, a
+    tensor of the wrong shape, unexpected weights, a garbage or pickled weights file, a config that is not an
+    object or holds a zero sampling rate or no bandwidths: each one line naming the folder, never a codec."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def variant(name, kind="mimi", weights=None, config=None, files=None):
+        folder = tmp_path / name
+        shutil.copytree(folders[kind], folder)
+        if weights is not None:
+            state = load_file(folder / "model.safetensors")
+            save_file(weights(state), folder / "model.safetensors")
+        if config is not None:
+            data = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps(config(data)))
+        for file, body in (files or {}).items():
+            (folder / file).write_bytes(body)
+        return folder
+
+    def drop_encoder(state):
+        return {k: v for k, v in state.items() if not k.startswith("encoder.layers.0.")}
+
+    def reshape_first(state):
+        name = sorted(state)[0]
+        return {**state, name: torch.zeros(3, 3)}
+
+    import pickle
+
+    cases = [
+        (variant("missing", weights=drop_encoder), r"not a whole mimi codec: 2 weights missing \(encoder\.\S*layers\.0\."),
+        (variant("none", weights=lambda s: {"nothing": torch.zeros(1)}), r"weights missing"),
+        (variant("extra", weights=lambda s: {**s, "extra.weight": torch.zeros(2)}), r"1 weights unexpected \(extra.weight\)"),
+        (variant("shape", weights=reshape_first), r"cannot load the mimi codec|of the wrong shape"),
+        (variant("garbage", files={"model.safetensors": b"\x00garbage" * 10}), r"cannot load the mimi codec"),
+        (variant("config-list", config=lambda c: []), r"config.json: must be a JSON object"),
+        (variant("rate0", config=lambda c: {**c, "sampling_rate": 0}), r"not a usable mimi config \(sampling rate 0\)"),
+        (variant("bands", "encodec", config=lambda c: {**c, "target_bandwidths": []}), r"no target_bandwidths"),
+    ]
+    pickled = variant("pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}))
+    cases.append((pickled, r"cannot load the mimi codec"))
+    for folder, message in cases:
+        kind = "encodec" if folder.name == "bands" else "mimi"
+        with pytest.raises(ValueError, match=message):
+            load_codec(kind, str(folder))
+        result = runner.invoke(app, ["extract", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--features", kind,
+                                     "--checkpoint", str(folder)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (folder.name, result.output)

@@ -423,12 +423,13 @@ def test_publish_refuses_records_that_validate_fails(composed, tmp_path):
     from speechinstruct import records
     from speechinstruct.publish import InvalidRecords, publish
 
-    folder = tmp_path / "composed"
+    folder = tmp_path / "tampered"
     shutil.copytree(composed, folder)
     path = sorted((folder / "cross_modal").glob("train-*.parquet"))[0]
     rows = pq.read_table(path).to_pylist()
     rows[0]["transcript"] = rows[0]["transcript"] + " [Human]: hi"
+    rows[0]["content_hash"] = records.content_hash(rows[0])  # as a composer of an older version would have written it
     pq.write_table(records.to_table("cross_modal", rows), path)
-    with pytest.raises(InvalidRecords, match=r"row 0 .*\[markup\] transcript holds record markup '\[Human\]'"):
+    with pytest.raises(InvalidRecords, match=r"row 0 .*\[markup\] transcript holds record markup '\[Human\]'.*markup x1\)"):
         publish(folder, tmp_path / "out")
     assert not (tmp_path / "out" / "data").exists()

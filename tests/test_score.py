@@ -336,3 +336,43 @@ def test_endpoint_urls_that_carry_credentials_are_refused_and_never_written(tmp_
             assert result.exit_code == 2 and "carries credentials" in result.output, result.output
             assert secret not in result.output
     assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".json")
+
+
+def test_malformed_asr_and_ctc_folders_are_one_line(tmp_path, speech):
+    """A Whisper normalizer.json that maps a word to a number, a garbage or incomplete model.safetensors, a config
+    that is no object, and (align) a CTC vocab.json with an id beyond the model's outputs: one line each."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from speechinstruct.alignments import CtcAligner
+
+    ctc = write_tiny_ctc(tmp_path / "ctc")
+    whisper = write_tiny_whisper(tmp_path / "whisper")
+
+    def variant(name, base, change):
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        change(folder)
+        return folder
+
+    def drop(folder):
+        state = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in state.items() if "layers.0" not in k}, folder / "model.safetensors")
+
+    cases = [
+        (variant("norm", whisper, lambda f: (f / "normalizer.json").write_text('{"colour": 5}')),
+         "'colour' maps to 5, not a word"),
+        (variant("garbage", ctc, lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64)), "cannot load the ASR model"),
+        (variant("missing", ctc, drop), "not a whole ASR model"),
+        (variant("config", ctc, lambda f: (f / "config.json").write_text("[]")), "not a transformers model folder"),
+    ]
+    root = _corpus(tmp_path / "ls", {"a": (speech[0], SENTENCES[0])})
+    assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "-q"]).exit_code == 0
+    for folder, message in cases:
+        result = runner.invoke(app, ["score", str(tmp_path / "m"), str(tmp_path / "s"), "--asr", str(folder), "-q"])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, (folder, result.output)
+    vocab = json.loads((ctc / "vocab.json").read_text())
+    beyond = variant("vocab", ctc, lambda f: (f / "vocab.json").write_text(json.dumps({**vocab, "q": 99})))
+    with pytest.raises(ValueError, match=r"vocab.json gives 'q' the id 99, beyond the model's 32 outputs"):
+        CtcAligner(beyond)
