@@ -72,7 +72,8 @@ class RecordRefused(ValueError):
 
 
 def finish(record: dict) -> dict:
-    """Add the prompt/completion pair (dialogue records), the score columns left unset (null), pipeline version
+    """Add the prompt/completion pair (records in SpeechGPT's text form, not the chat form of ``messages``: TRL would
+    read a record with both as either, by the hash seed), the score columns left unset (null), pipeline version
     and content hash (over every other field). Every record of every kind passes here: one that holds markup or a
     control character in a text field is refused (:class:`RecordRefused`), whatever made it so."""
     problems = record_problems(record)
@@ -80,7 +81,7 @@ def finish(record: dict) -> dict:
         raise RecordRefused(problems)
     for column in QUALITY_COLUMNS:
         record.setdefault(column, None)
-    if "plain_text" in record:
+    if "plain_text" in record and "messages" not in record:
         record["prompt"], record["completion"] = record["prefix"], record["plain_text"]
     record["pipeline_version"] = __version__
     record["content_hash"] = records.content_hash(record)

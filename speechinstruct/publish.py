@@ -554,8 +554,9 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
               "stage 1 (unit language modelling), `cross_modal` for stage 2 (ASR and TTS instructions), "
               "`chain_of_modality` for stage 3 (spoken dialogue), `dialogue` for multi-turn spoken dialogue, `interleaved` (text and speech switching at word boundaries) for "
               "stage-1-style pretraining. "
-              "Prompt-completion columns suit TRL's `SFTTrainer`; `dialogue`'s `messages` suit it through a chat "
-              "template, with the loss on the assistant turns (`assistant_only_loss`).",
+              "Prompt-completion columns suit TRL's `SFTTrainer`; `dialogue` has `messages` and no prompt-completion "
+              "columns, so TRL reads it as chat data (through a chat template, with the loss on the assistant turns: "
+              "`assistant_only_loss`); SpeechGPT's text form of the dialogue is `prefix` + `plain_text`.",
               "", "## Limitations", "",
               f"- Units come from one extractor and k-means (K = {meta['k']}); they are meaningless with another.",
               "- Instructions and responses are machine-generated (templates, an LLM or the shipped samples); "

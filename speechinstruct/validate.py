@@ -147,8 +147,6 @@ def _dialogue_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
     if errors:
         return errors
     exchanges = list(zip(*columns))
-    if (r["prompt"], r["completion"]) != (r["prefix"], r["plain_text"]):
-        errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
     if not markers_balanced(r["plain_text"]):
         errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
     elif r["plain_text"] != dialogue_text(exchanges):
