@@ -162,7 +162,11 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     """Run every stage of the recipe (see the module docstring); ``workdir`` overrides the recipe's, and the
     outputs (``output.dataset``/``report``, relative to the workdir) follow it."""
     recipe = load_recipe(recipe_path)
+    for line in recipe["inferred"]:
+        log.warning("%s: inferred %s", recipe_path, line)
     work = Path(workdir or recipe["workdir"])
+    if work.exists() and not work.is_dir():
+        raise NotADirectoryError(f"{work}: the workdir is a file, not a folder: give --workdir a folder (it is created)")
     with workdir_lock(work):
         return _run(recipe, work, quiet, force)
 
@@ -470,6 +474,7 @@ class Job:
             "hours": meta["hours"], "records": meta["counts"], "k": meta["k"],
             "stages_skipped": sum(1 for s in log if s.get("skipped")),
             "seconds": round(sum(s.get("seconds", 0) for s in log), 2),
+            **({"inferred": self.recipe["inferred"]} if self.recipe.get("inferred") else {}),
         }
         numbers_file = self.report_dir / "report.json"
         numbers = json.loads(numbers_file.read_text()) if numbers_file.is_file() else {}

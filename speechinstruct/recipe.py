@@ -161,7 +161,7 @@ class Quality(Thresholds):
     """Judges and gates: corpus utterances are scored (``speechinstruct score``) and those below a threshold never
     become records; the speech compose synthesises is judged the same way, with ``synthesized``'s thresholds
     (default: the same as the corpus's)."""
-    dnsmos: bool = False
+    dnsmos: Optional[bool] = None   # unset: on when a min_dnsmos gate asks for it (load_recipe says so)
     asr: Optional[str] = None       # a transformers ASR folder or hub id, or a model name at base_url
     base_url: Optional[str] = None  # an OpenAI-compatible /audio/transcriptions server
     batch_size: int = Field(8, ge=1)
@@ -293,7 +293,21 @@ def load_recipe(path: str | Path) -> dict:
     if problems:
         raise RecipeError("\n".join(f"{path}: {p}" for p in problems))
     recipe["workdir"] = recipe["workdir"] or f"work/{path.stem}"
+    recipe["inferred"] = _infer(recipe)
     return recipe
+
+
+def _infer(recipe: dict) -> list[str]:
+    """Settings a recipe leaves unset whose value its other settings make plain, filled in; each said in a line
+    (``run`` prints them and keeps them in its summary). A min_dnsmos gate needs the DNSMOS judge: it is on."""
+    q, said = recipe["quality"], []
+    if q["dnsmos"] is None:
+        gated = [where for where, gates in (("quality", q), ("quality.synthesized", q["synthesized"] or {}))
+                 if gates.get("min_dnsmos") is not None]
+        q["dnsmos"] = bool(gated)
+        if gated:
+            said.append(f"quality.dnsmos: true ({gated[0]}.min_dnsmos is set)")
+    return said
 
 
 def _references(recipe: dict) -> list[str]:
@@ -317,8 +331,8 @@ def _references(recipe: dict) -> list[str]:
                 problems.append(f"compose.{section}.corpora: {name!r} is none of this recipe's corpora {names}")
     q = recipe["quality"]
     for where, gates in (("quality", q), ("quality.synthesized", q["synthesized"] or {})):
-        if gates.get("min_dnsmos") is not None and not q["dnsmos"]:
-            problems.append(f"{where}.min_dnsmos: needs quality.dnsmos: true")
+        if gates.get("min_dnsmos") is not None and q["dnsmos"] is False:  # unset: inferred (see _infer)
+            problems.append(f"{where}.min_dnsmos: needs the DNSMOS judge, and quality.dnsmos is false")
         for key in ("max_wer", "max_cer"):
             if gates.get(key) is not None and not q["asr"]:
                 problems.append(f"{where}.{key}: needs quality.asr (an ASR model, or a model name with base_url)")

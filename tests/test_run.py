@@ -275,3 +275,11 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
                           (["compose", "cross-modal", "u", "o", "--mode", "all"], "--mode 'all': Input should be 'both', 'random'")):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    path = recipe(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    result = runner.invoke(app, ["run", str(path), "--workdir", str(tmp_path / "afile")])
+    assert result.exit_code == 2 and "the workdir is a file, not a folder" in result.output, result.output
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -249,13 +249,19 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
 
 
 def test_recipe_quality_thresholds_need_their_judge(tmp_path):
+    """A min_dnsmos gate turns the DNSMOS judge on when quality.dnsmos is unset (said, and in run's summary);
+    an explicit dnsmos: false beside it, or a WER/CER gate with no ASR model to judge by, is refused."""
     from speechinstruct.recipe import RecipeError, load_recipe
 
     root = _corpus(tmp_path / "ls", {})
+    inferred = load_recipe(_recipe(tmp_path, root, synthesized={"min_dnsmos": 2.5}))
+    assert inferred["quality"]["dnsmos"] is True
+    assert inferred["inferred"] == ["quality.dnsmos: true (quality.synthesized.min_dnsmos is set)"]
+    assert load_recipe(_recipe(tmp_path, root))["quality"]["dnsmos"] is False
     with pytest.raises(RecipeError) as e:
-        load_recipe(_recipe(tmp_path, root, min_dnsmos=3.0, max_wer=0.2, synthesized={"max_cer": 0.1}))
+        load_recipe(_recipe(tmp_path, root, dnsmos=False, min_dnsmos=3.0, max_wer=0.2, synthesized={"max_cer": 0.1}))
     lines = str(e.value).splitlines()
-    assert any(line.endswith("quality.min_dnsmos: needs quality.dnsmos: true") for line in lines)
+    assert any(line.endswith("quality.min_dnsmos: needs the DNSMOS judge, and quality.dnsmos is false") for line in lines)
     assert any(line.endswith("quality.max_wer: needs quality.asr (an ASR model, or a model name with base_url)") for line in lines)
     assert any(line.endswith("quality.synthesized.max_cer: needs quality.asr (an ASR model, or a model name with base_url)")
                for line in lines)
