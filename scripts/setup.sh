@@ -26,9 +26,12 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   step .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 step .venv/bin/python -m pip install -q -e ".[${extras}]"
-# silero-vad ships the VAD model `shard audio` runs (ONNX, through onnxruntime); its wheel declares torchaudio,
-# which loads only beside the torch it was built for and then breaks `import transformers`: no dependencies.
-step .venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.0"
+# The tests hold the VAD model we ship (speechinstruct/data/silero_vad.onnx) to silero-vad's own wheel; that wheel
+# declares torchaudio, which loads only beside the torch it was built for and then breaks `import transformers`:
+# installed for the tests only, without dependencies.
+if [[ ",${extras}," == *",test,"* ]]; then
+  step .venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.0"
+fi
 # The tests hold our Kaldi features (MFCC, XCodec2's filterbanks) to torchaudio's own compliance.kaldi code, read
 # from its wheel (tests/torchaudio_reference.py); the wheel is downloaded, never installed.
 if [[ ",${extras}," == *",test,"* ]] && ! ls .venv/reference/torchaudio-2.11.0-*.whl >/dev/null 2>&1; then

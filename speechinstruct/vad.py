@@ -1,8 +1,10 @@
 """Voice activity detection with silero-vad's model, streamed over recordings of any length.
 
-The model is the ONNX file inside the ``silero-vad`` wheel (no download). The package itself cannot be
-imported here: ``silero_vad/utils_vad.py`` imports torchaudio at its top, which loads only beside the exact torch
-it was built for. So the file is found without importing the package, run with onnxruntime as silero's own
+The model is silero-vad 6.2.0's ONNX file (MIT licensed), shipped inside this package as
+``speechinstruct/data/silero_vad.onnx`` with its license beside it, so ``pip install speechinstruct`` is complete
+(a test holds it byte-identical to the file in the ``silero-vad`` wheel). The package itself cannot be imported
+here: ``silero_vad/utils_vad.py`` imports torchaudio at its top, which loads only beside the exact torch it was
+built for, and its wheel declares torchaudio, which breaks ``import transformers``. The file is run with onnxruntime as silero's own
 ``OnnxWrapper`` runs it (512-sample windows at 16 kHz, each with the previous window's last 64 samples before it,
 the recurrent state carried), and the speech spans follow the rules of silero's ``get_speech_timestamps`` with
 its defaults (threshold 0.5, off below threshold - 0.15, speech of at least 250 ms, silences of at least 100 ms
@@ -38,16 +40,26 @@ class Rules:
         return max(self.threshold - 0.15, 0.01)
 
 
+
+
 def model_file() -> Path:
-    """``silero_vad/data/silero_vad.onnx`` of the installed wheel, found without importing the package."""
+    """The packaged ``silero_vad.onnx`` (silero-vad 6.2.0's)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("speechinstruct.data").joinpath("silero_vad.onnx")))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing: this speechinstruct installation is incomplete; reinstall it")
+    return path
+
+
+def wheel_model_file() -> Path | None:
+    """``silero_vad/data/silero_vad.onnx`` of an installed silero-vad wheel, found without importing the package
+    (the tests hold the packaged copy to it); None when none is installed."""
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("silero-vad is not installed (pip install --no-deps silero-vad: its torchaudio "
-                                "dependency is not needed and breaks transformers): it ships the VAD model")
+        return None
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the silero-vad wheel")
-    return path
+    return path if path.is_file() else None
 
 
 class SileroVAD:
@@ -108,8 +120,13 @@ def stream_16k(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterat
     try:
         with sf.SoundFile(str(path)) as f:
             resampler = None if f.samplerate == RATE else soxr.ResampleStream(f.samplerate, RATE, 1, dtype="float32")
+            read = 0
             for block in f.blocks(blocksize=int(block_seconds * f.samplerate), dtype="float32", always_2d=True):
                 mono = block.mean(axis=1).astype(np.float32)
+                bad = np.flatnonzero(~np.isfinite(mono))
+                if bad.size:  # the VAD would read them as silence, and every row cut here would fail to decode
+                    raise AudioError(f"{path}: contains NaN or Inf samples (the first at {(read + bad[0]) / f.samplerate:.3f} s)")
+                read += block.shape[0]
                 yield mono if resampler is None else resampler.resample_chunk(mono)
             if resampler is not None:
                 yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)

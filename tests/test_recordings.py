@@ -103,6 +103,9 @@ def test_shard_audio_writes_train_rows_with_skips_and_needs_a_license(sentences,
     sf.write(root / "ep1" / "talk.flac", wav, 44100)
     sf.write(root / "quiet.wav", 0.001 * np.random.default_rng(1).standard_normal(16000 * 5).astype(np.float32), 16000)
     (root / "broken.wav").write_bytes(b"RIFF not really a wav")
+    holes, _ = recording(sentences, 16000)
+    holes[::5000] = np.nan  # a NaN every 5,000 samples: read as silence, it made one 25 s row over 3 s silences
+    sf.write(root / "holes.wav", holes, 16000, subtype="FLOAT")
     refused = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "m")])
     assert refused.exit_code == 2 and "needs --license" in refused.stderr and "Traceback" not in refused.output
     result = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "m"), "--license", "CC-BY-4.0",
@@ -110,7 +113,9 @@ def test_shard_audio_writes_train_rows_with_skips_and_needs_a_license(sentences,
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["utterances"] == 2 and summary["splits"]["train"]["utterances"] == 2
-    assert summary["skipped"] == {"no speech found": 1, "unreadable audio": 1}
+    assert summary["skipped"] == {"NaN or Inf samples": 1, "no speech found": 1, "unreadable audio": 1}
+    examples = json.loads((tmp_path / "m" / "summary.json").read_text())["skipped_examples"]
+    assert any("holes.wav: contains NaN or Inf samples (the first at 0.000 s)" in s["detail"] for s in examples)
     import pyarrow.parquet as pq
 
     rows = pq.read_table(sorted((tmp_path / "m").glob("manifest-*.parquet"))[0]).to_pylist()
@@ -179,3 +184,25 @@ def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_pat
                               ({"license": "CC0-1.0", "asr": "whisper-1", "base_url": "http://127.0.0.1:9/v1"}, ["audio"])):
         path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "pods"), "options": options}]}))
         assert Job(load_recipe(path), tmp_path / "work", quiet=True, force=False).transcribed == expected
+
+
+def test_the_vad_model_ships_inside_the_package_as_silero_vad_publishes_it(tmp_path):
+    """`pip install speechinstruct` alone gives `shard audio` its model: the wheel built from this tree holds
+    silero-vad 6.2.0's ONNX file (byte for byte the one in silero-vad's own wheel) and its MIT license."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from speechinstruct import vad
+
+    wheel = vad.wheel_model_file()
+    if wheel is None:
+        pytest.skip("silero-vad's wheel is not installed (scripts/setup.sh test installs it) to compare with")
+    assert vad.model_file().read_bytes() == wheel.read_bytes()
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(root)], check=True, capture_output=True, timeout=300)
+    built = next(tmp_path.glob("speechinstruct-*.whl"))
+    names = zipfile.ZipFile(built).namelist()
+    assert {"speechinstruct/data/silero_vad.onnx", "speechinstruct/data/silero_vad.LICENSE"} <= set(names)

@@ -54,7 +54,7 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
         try:
             spans, seconds = vad.spans(path)
         except AudioError as e:
-            yield Skip(rel, "unreadable audio", str(e))
+            yield Skip(rel, "NaN or Inf samples" if "NaN or Inf" in str(e) else "unreadable audio", str(e))
             continue
         cuts = utterances(spans, max_seconds)
         if not cuts:
