@@ -54,10 +54,17 @@ POLYNOMIALS = {"ovrl": [-0.06766283, 1.11546468, 0.04602535], "sig": [-0.0839727
 
 
 def dnsmos_windows(wav: np.ndarray) -> np.ndarray:
-    """The (n, 144160) windows speechmos scores for one 16 kHz clip, computed with its own expressions:
-    a clip shorter than 9.01 s is appended to itself until it is not; windows start every second; the
-    clip's ``floor(seconds - 9.01) + 1`` windows end at ``int((i + 9.01) * 16000)``, which float rounding
-    makes one sample short for i = 7..23, and speechmos skips such windows (so do we: same scores)."""
+    """The (n, 144160) windows speechmos scores for one 16 kHz clip, stacked (:func:`iter_windows` gives them one
+    at a time, as :meth:`DNSMOS.score` reads them)."""
+    return np.stack(list(iter_windows(wav)))
+
+
+def iter_windows(wav: np.ndarray) -> Iterator[np.ndarray]:
+    """The windows speechmos scores for one 16 kHz clip, as views of it (never all copied at once: a 20-minute clip
+    has 1,170 windows of 576 kB), computed with speechmos's own expressions: a clip shorter than 9.01 s is
+    appended to itself until it is not; windows start every second; the clip's ``floor(seconds - 9.01) + 1``
+    windows end at ``int((i + 9.01) * 16000)``, which float rounding makes one sample short for i = 7..23, and
+    speechmos skips such windows (so do we: same scores)."""
     audio = np.asarray(wav, dtype=np.float32)
     if audio.size == 0:
         raise AudioError("no samples")
@@ -65,8 +72,10 @@ def dnsmos_windows(wav: np.ndarray) -> np.ndarray:
     while len(audio) < need:
         audio = np.append(audio, audio)
     hops = int(np.floor(len(audio) / DNSMOS_SR) - WINDOW_SECONDS) + 1
-    windows = [audio[int(i * DNSMOS_SR): int((i + WINDOW_SECONDS) * DNSMOS_SR)] for i in range(hops)]
-    return np.stack([w for w in windows if len(w) >= need])
+    for i in range(hops):
+        window = audio[int(i * DNSMOS_SR): int((i + WINDOW_SECONDS) * DNSMOS_SR)]
+        if len(window) >= need:
+            yield window
 
 
 def _models_dir() -> Path:
@@ -132,15 +141,29 @@ class DNSMOS:
         return np.concatenate(out)
 
     def score(self, wavs: list[np.ndarray]) -> list[dict]:
-        """Scores of 16 kHz clips (samples clipped to [-1, 1], which speechmos requires), one dict each, the
-        windows of all clips batched together."""
-        per_clip = [dnsmos_windows(np.clip(w, -1.0, 1.0)) for w in wavs]
-        if not per_clip:
-            return []
-        scores = self.score_windows(np.concatenate(per_clip))
-        bounds = np.cumsum([0] + [len(w) for w in per_clip])
-        return [dict(zip(("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808"),
-                         map(float, scores[a:b].mean(axis=0)))) for a, b in zip(bounds[:-1], bounds[1:])]
+        """Scores of 16 kHz clips (samples clipped to [-1, 1], which speechmos requires), one dict each: the mean
+        over each clip's windows. The windows of all clips are batched together, ``batch_windows`` at a time,
+        streamed from the clips: memory holds one batch of windows, whatever the clips' lengths."""
+        per_clip: list[list[np.ndarray]] = [[] for _ in wavs]
+        owners: list[int] = []
+        batch: list[np.ndarray] = []
+
+        def flush():
+            if batch:
+                for owner, row in zip(owners, self.score_windows(np.stack(batch))):
+                    per_clip[owner].append(row)
+                batch.clear()
+                owners.clear()
+
+        for n, wav in enumerate(wavs):
+            for window in iter_windows(np.clip(wav, -1.0, 1.0)):
+                batch.append(window)
+                owners.append(n)
+                if len(batch) == self.batch_windows:
+                    flush()
+        flush()
+        return [dict(zip(("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808"), map(float, np.mean(rows, axis=0))))
+                for rows in per_clip]
 
 
 # ---------------------------------------------------------------------------------------------------- ASR

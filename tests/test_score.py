@@ -382,3 +382,22 @@ def test_malformed_asr_and_ctc_folders_are_one_line(tmp_path, speech):
     beyond = variant("vocab", ctc, lambda f: (f / "vocab.json").write_text(json.dumps({**vocab, "q": 99})))
     with pytest.raises(ValueError, match=r"vocab.json gives 'q' the id 99, beyond the model's 32 outputs"):
         CtcAligner(beyond)
+
+
+def test_dnsmos_memory_does_not_grow_with_a_clips_windows(dnsmos, monkeypatch):
+    """A 20-minute clip has over 1,100 windows of 576 kB: stacked, 670 MB (and copied again). Windows are streamed,
+    a batch at a time: the peak (tracemalloc, the networks stubbed out) stays near the clip's own size."""
+    import tracemalloc
+
+    clip = np.random.default_rng(0).uniform(-0.5, 0.5, 20 * 60 * 16000).astype(np.float32)
+    seen = []
+    monkeypatch.setattr(dnsmos, "score_windows", lambda windows: seen.append(len(windows)) or np.ones((len(windows), 4)))
+    tracemalloc.start()
+    result = dnsmos.score([clip])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    from speechinstruct.score import iter_windows
+
+    assert sum(seen) == sum(1 for _ in iter_windows(clip)) > 1100 and max(seen) == dnsmos.batch_windows
+    assert result[0]["dnsmos_ovrl"] == 1.0
+    assert peak < 2 * clip.nbytes + 20e6, peak / 1e6  # the clipped copy and one batch, not 686 MB
