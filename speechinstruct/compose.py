@@ -130,7 +130,7 @@ class QualityGate:
 
 def _quality_drop(counts, dropped, uid: str, reason: str) -> None:
     counts["dropped: quality: " + reason.split(" (")[0]] += 1
-    dropped.append({"where": uid, "reason": f"quality gate: {reason}"})
+    dropped.append({"where": uid, "reason": f"quality: {reason}"})  # the counted key, then the score
 
 
 # ------------------------------------------------------------------------------------------- cross-modal
@@ -167,7 +167,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 problem = text_problem(text)
                 if problem:
                     counts[f"dropped: {problem[0].replace('-', ' ')} in transcript"] += 1
-                    dropped.append({"where": u["id"], "reason": f"transcript holds {problem[1]}"})
+                    dropped.append({"where": u["id"], "reason": f"{problem[0].replace('-', ' ')} in transcript ({problem[1]})"})
                     continue
                 judged, reason = quality.check(suffix, u["id"])
                 if reason:
@@ -191,7 +191,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                         })
                     except RecordRefused as e:
                         counts[e.key] += 1
-                        dropped.append({"where": u["id"], "reason": str(e)})
+                        dropped.append({"where": u["id"], "reason": f"{e.key.removeprefix('dropped: ')} ({e})"})
                         continue
                     sinks[split_name(u["split"])].add(record)
     by_split: collections.Counter[str] = collections.Counter()

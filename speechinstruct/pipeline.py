@@ -444,7 +444,9 @@ class Job:
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
             lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))
         self.runner.index += 1
+        started = time.perf_counter()
         verdict = validate(self.dataset)
+        self.validated = {"stage": "validate", "seconds": round(time.perf_counter() - started, 2)}  # every run: no stamp
         log.info(f"[{self.runner.index}/{self.runner.total}] validate: {'PASS' if verdict.ok else 'FAIL'}")
         if not verdict.ok:
             log.error(format_report(verdict))
@@ -463,7 +465,7 @@ class Job:
             [self.stamps["publish"]] + [self.stamps[f"score:{n}"] for n in self.names if self.scoring],
             lambda: _brief(report(self.dataset, self.report_dir, units=self.work / self.names[0] / "units",
                                   vocoder=self.extractor() if own else vocoder,
-                                  samples=4, work=self.work, stages=self.runner.log, verdict=verdict,
+                                  samples=4, work=self.work, stages=[*self.runner.log, self.validated], verdict=verdict,
                                   quality=self.quality if self.scoring else None)))
 
     def summary(self, verdict) -> dict:
@@ -483,7 +485,7 @@ class Job:
                                       "samples": numbers["samples"]}
         if "quality" in numbers:  # mean DNSMOS / WER per corpus and record kind
             summary["quality"] = numbers["quality"]
-        write_json(self.work / "run-summary.json", {**summary, "stages": log})
+        write_json(self.work / "run-summary.json", {**summary, "stages": log, "validate": self.validated})
         return summary
 
 

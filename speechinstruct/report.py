@@ -146,15 +146,19 @@ def short_units(text: str, keep: int = 6) -> str:
     return _UNIT_RUN.sub(cut, text)
 
 
+SAMPLED = (("cross_modal", "task"), ("chain_of_modality", "format"), ("dialogue", "turns"), ("interleaved", None),
+           ("pretrain", None))  # each config, and the column whose every value gets a record of its own
+
+
 def _sample_records(dataset: Path) -> list[tuple[str, dict]]:
     """(label, record) for the first record of every kind: cross-modal ASR/TTS, each chain-of-modality
-    format, pretrain."""
+    format, a dialogue of each length, interleaved, pretrain."""
     picked: dict[str, dict] = {}
-    for config, column in (("cross_modal", "task"), ("chain_of_modality", "format"), ("pretrain", None)):
+    for config, column in SAMPLED:
         if not (dataset / "data" / config).is_dir():
             continue
         for row in _rows(dataset, config, None):
-            label = f"{config}: {row[column]}" if column else config
+            label = f"{config}: {row[column]}{' turns' if column == 'turns' else ''}" if column else config
             picked.setdefault(label, row)
             if column is None:
                 break
@@ -191,11 +195,10 @@ def dropped(work: Path) -> list[dict]:
     for summary in sorted(work.glob("composed/*/summary*.json")):
         data = json.loads(summary.read_text())
         stage = f"compose {summary.parent.name}"
-        examples = {e["reason"]: e.get("where") or e.get("id", "") for e in reversed(data.get("dropped_examples", []))}
-        # chain of modality counts its drops as "dropped: REASON" keys; cross-modal lists them only
-        counts = {k.removeprefix("dropped: "): v for k, v in data.items() if k.startswith("dropped: ")}
-        for reason, n in collections.Counter(e["reason"] for e in data.get("dropped_examples", [])).items():
-            counts.setdefault(reason, n)
+        # the counts are the "dropped: REASON" / "skipped: REASON" keys; an example's reason is REASON (detail)
+        examples = {e["reason"].split(" (")[0]: e.get("where") or e.get("id", "")
+                    for e in reversed(data.get("dropped_examples", []))}
+        counts = {k.split(": ", 1)[1]: v for k, v in data.items() if k.startswith(("dropped: ", "skipped: "))}
         out += [{"stage": stage, "reason": r, "count": n, "example": examples.get(r, "")} for r, n in sorted(counts.items())]
     return out
 
@@ -345,8 +348,9 @@ def _record_plots(dataset: Path, out: Path, meta: dict) -> list[tuple[str, str]]
     for config, kv in meta.get("by_kind", {}).items():
         for kind, n in kv.items():
             kinds[f"{config}: {kind}"] = n
-    for split, n in meta["counts"].get("pretrain", {}).items():
-        kinds[f"pretrain: {split}"] = n
+    for config in ("interleaved", "pretrain"):  # counted by split: they have no task or format
+        for split, n in meta["counts"].get(config, {}).items():
+            kinds[f"{config}: {split}"] = n
     if kinds:
         labels, values = zip(*sorted(kinds.items()))
         _plot(out / "records.png", lambda ax: (ax.barh(labels, values, color="#ccbb44"), ax.set_xlabel("records"),
@@ -367,9 +371,12 @@ def _record_plots(dataset: Path, out: Path, meta: dict) -> list[tuple[str, str]]
 
 
 def _timings(stages: list[dict] | None) -> list[list[str]]:
+    """Each stage's time; then this page's own line (its time is known only after it is written: run-summary.json)."""
+    if not stages:
+        return []
     return [[st["stage"], f"{st['seconds']:.1f} s" if "seconds" in st else
              f"up to date ({st['ran_seconds']:.1f} s when it ran)" if "ran_seconds" in st else "up to date"]
-            for st in stages or []]
+            for st in stages] + [["report", "this page (its time: run-summary.json)"]]
 
 
 def render(context: dict) -> str:
@@ -409,7 +416,8 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         verdict = validate(dataset)
     work = Path(work) if work is not None else None
     if stages is None and work is not None and (work / "run-summary.json").is_file():
-        stages = json.loads((work / "run-summary.json").read_text()).get("stages")
+        ran = json.loads((work / "run-summary.json").read_text())
+        stages = ran.get("stages", []) + ([ran["validate"]] if ran.get("validate") else [])
     drops = dropped(work) if work is not None else None
     listen, heard = _listen(dataset, out, units, vocoder, samples, asr)
     numbers.update(heard)
@@ -425,7 +433,8 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
                     "rules": ", ".join(f"{rule} ×{n}" for rule, n in sorted(verdict.by_rule.items())),
                     "examples": [[e["file"], e["row"], e["id"], e["rule"], e["message"]] for e in verdict.examples]},
         "records": [[config, split, n] for config, splits in meta["counts"].items() for split, n in splits.items()],
-        "sources": [[src["corpus"], src["license"], f"{meta['hours'].get(src['corpus'], 0):.3f}"] for src in meta["sources"]],
+        "sources": [[src["corpus"], src["license"], f"{meta['hours'][src['corpus']]:.3f}" if src["corpus"] in meta["hours"]
+                     else "- (text; its speech synthesized)"] for src in meta["sources"]],
         "dropped": None if drops is None else [[d["stage"], d["reason"], d["count"], d["example"]] for d in drops],
         "samples": [(label, row["id"], short_units(row.get("plain_text") or row.get("text") or ""))
                     for label, row in _sample_records(dataset)],

@@ -409,7 +409,7 @@ class Gates:
             if value is None:
                 return f"no {name}"
             if (value < limit) if side == "below" else (value > limit):
-                return f"{name} {side} {limit:g} ({value:.2f})"
+                return f"{name} {side} {limit:g} ({value:.3f})"  # 1.996 is not shown as 2.00
         return None
 
 

@@ -241,7 +241,7 @@ def test_markup_in_a_transcript_is_skipped_and_counted(units_dir, tmp_path):
     pq.write_table(records.to_table("units", rows), path)
     summary = compose.cross_modal(units_dir, tmp_path / "cm", quiet=True)
     assert summary["dropped: markup in transcript"] == 1 and summary["records"] == 6
-    assert summary["dropped_examples"] == [{"where": rows[0]["id"], "reason": "transcript holds record markup '<eoa>'"}]
+    assert summary["dropped_examples"] == [{"where": rows[0]["id"], "reason": "markup in transcript (record markup '<eoa>')"}]
     assert not any("ignore the above" in r["plain_text"] for r in read(tmp_path / "cm"))
 
 

@@ -465,3 +465,17 @@ def test_the_dialogue_config_is_chat_data_to_trl_under_every_hash_seed(composed)
         out = subprocess.run([sys.executable, "-c", script, str(root / "dataset")], capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": seed, "HF_DATASETS_OFFLINE": "1"}, timeout=120)
         assert out.stdout.split("\n")[0] == "True ['messages']", (seed, out.stdout, out.stderr[-2000:])
+
+
+def test_the_report_shows_a_dialogue_of_each_length_and_counts_dialogues(composed, tmp_path):
+    from speechinstruct.publish import publish
+    from speechinstruct.report import report
+
+    root, _, _ = composed
+    if not (root / "dataset").is_dir():
+        publish(root / "composed", root / "dataset", quiet=True)
+    numbers = report(root / "dataset", tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<td>dialogue: 2 turns</td>" in page and "<td>dialogue: 3 turns</td>" in page
+    assert "records.png" in numbers["plots"]
+    assert "- (text; its speech synthesized)" in page  # the shipped sample: no hours of its own, and not 0.000

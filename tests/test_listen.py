@@ -157,6 +157,12 @@ def test_report_plays_in_headless_chromium(work):
                 const report = () => done({src: a.getAttribute('src'), duration: a.duration, error: a.error && a.error.code});
                 if (a.readyState >= 1) report(); else { a.addEventListener('loadedmetadata', report); a.addEventListener('error', report); }
             })))""")
+            overflow = {}
+            for width in (1400, 1000):  # nothing wider than the page: the listen table's players once were
+                page.set_viewport_size({"width": width, "height": 800})
+                overflow[width] = page.evaluate("""() => [...document.querySelectorAll('table, pre, img')]
+                    .filter(e => e.getBoundingClientRect().right > document.body.getBoundingClientRect().right + 1)
+                    .map(e => e.tagName + ' ' + Math.round(e.getBoundingClientRect().width))""")
             played = page.evaluate("""() => new Promise(done => {
                 const a = document.querySelector('audio');
                 a.addEventListener('timeupdate', () => { if (a.currentTime > 0.2) done(a.currentTime); });
@@ -167,6 +173,7 @@ def test_report_plays_in_headless_chromium(work):
     finally:
         server.shutdown()
     assert verdict_text.startswith("PASS: all") and verdict_box["y"] + verdict_box["height"] < 300
+    assert overflow == {1400: [], 1000: []}, overflow
     assert dropped_heading["y"] < 800 * 1.5  # what was dropped follows right after the counts
     assert images and all(width > 0 for _, width in images), images
     assert len(clips) == 9

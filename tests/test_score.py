@@ -82,7 +82,8 @@ def test_error_rates_use_whisper_normaliser_and_jiwer():
     assert wer == 0.25 and 0 < cer < 0.25
     assert error_rates("hello", "", norm) == (1.0, 1.0)
     assert error_rates("(laughs) [noise]", "anything", norm) == "no words in the transcript after normalisation"
-    assert Gates(min_dnsmos=3.0).reason({"dnsmos_ovrl": 2.5}) == "DNSMOS OVRL below 3 (2.50)"
+    assert Gates(min_dnsmos=3.0).reason({"dnsmos_ovrl": 2.5}) == "DNSMOS OVRL below 3 (2.500)"
+    assert Gates(min_dnsmos=2.0).reason({"dnsmos_ovrl": 1.996}) == "DNSMOS OVRL below 2 (1.996)"  # not "(2.00)"
     assert Gates(max_wer=0.2).reason({"wer": 0.1}) is None and Gates(max_wer=0.2).reason({"wer": None}) == "no WER"
     assert Gates().reason(None) is None and Gates(max_cer=0.1).reason(None) == "not scored"
 
@@ -219,11 +220,16 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     log = json.loads((tmp_path / "work" / "run-summary.json").read_text())["stages"]
     cm = next(s for s in log if s["stage"] == "compose cross-modal")["result"][0]
     assert cm["dropped: quality: DNSMOS OVRL below 2"] == 3
+    # the report counts each drop once, under the key the stage counted it by, with an example of it
+    numbers = json.loads((tmp_path / "work" / "report" / "report.json").read_text())
+    assert {k: v for k, v in numbers["dropped"].items() if k.startswith("compose")} == {
+        f"compose {kind}: quality: DNSMOS OVRL below 2": 3 for kind in ("cross_modal", "interleaved", "pretrain")}
     com = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "chain_of_modality", split="train")
     spoken = [r for r in com if r["instruction_units"] or r["response_units"]]
     assert spoken and all(r["dnsmos_ovrl"] >= 1.5 for r in spoken)
     # the report: histograms with the gate drawn, the five lowest DNSMOS to listen to, the figures in run's summary
     page = (tmp_path / "work" / "report" / "index.html").read_text()
+    assert "<td>interleaved</td>" in page and "<td>validate</td>" in page  # a sample of every kind; every step's time
     assert "Speech quality" in page and "gate at 2" in page and (tmp_path / "work" / "report" / "dnsmos_ovrl.png").is_file()
     assert len(list((tmp_path / "work" / "report" / "audio").glob("worst-*.wav"))) == 5
     assert summary["quality"]["dnsmos_ovrl"]["corpus librispeech"]["count"] == 6
