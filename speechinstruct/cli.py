@@ -19,7 +19,19 @@ from .corpora import SOURCES
 from .recipe import default
 from .tokenizers import FEATURES
 
+# --help lists the commands in pipeline order (typer lists commands as defined, then groups)
+PIPELINE_ORDER = ("shard", "score", "align", "extract", "cluster", "quantize", "templates", "compose", "publish",
+                  "validate", "report", "resynth", "run", "train", "chat")
+
+
+class _PipelineOrder(typer.core.TyperGroup):
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER))
+
+
 app = typer.Typer(
+    cls=_PipelineOrder,
     help="Build SpeechInstruct-style cross-modal speech-instruction datasets and train LMs on them.",
     no_args_is_help=True,
     add_completion=False,
@@ -115,6 +127,16 @@ def _input(value: str) -> Path:
     return Path(_input_name(value))
 
 
+def _output(value: str) -> Path:
+    """An output file or folder: local (a URL would become a local folder named ``s3:``); one line otherwise."""
+    from .storage import is_url, redacted
+
+    if is_url(value):
+        raise typer.BadParameter(f"{redacted(value)}: outputs are written to a local folder (copy them to object "
+                                 "storage after, e.g. with the aws or gcloud command line)")
+    return Path(value)
+
+
 def _print_json(obj):
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -129,7 +151,7 @@ def shard(
     root: str = typer.Argument(..., help="Corpus folder in its native layout; hf: a dataset folder (Hub-style "
                                "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or a cuts file; "
                                "kaldi: a data directory or a folder of them. A URL (s3://, gs://, hf://) is copied into the cache first."),
-    out: Path = typer.Argument(..., help="Output folder for manifest-*.parquet and summary.json."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(default(settings.Shard, "shard_hours"), help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight, audio: longest utterance cut from the VAD spans."),
     asr: Optional[str] = typer.Option(None, parser=_input_name, help="audio: transcribe each utterance with this ASR "
@@ -149,11 +171,15 @@ def shard(
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,validation (default: all, each marked)."),
     split_map: Optional[list[str]] = typer.Option(None, "--split-map", help="NAME=SPLIT: the split (train, validation, test) "
                                                   "of a corpus part whose name does not say it, e.g. heldout_a=validation; repeatable."),
-    license: Optional[str] = typer.Option(None, help="Override the corpus's license string."),
+    license: Optional[str] = typer.Option(None, help="The audio's license: required for audio and webdataset (we will "
+                                          "not guess one); for LibriSpeech, LibriLight, GigaSpeech, Common Voice and "
+                                          "the demo it replaces the corpus's known license; hf: the dataset card's "
+                                          "unless given; lhotse, kaldi: recorded as unknown unless given."),
     quiet: bool = Quiet,
 ):
-    """Read a corpus in its native layout, a Hugging Face audio dataset, lhotse manifests or a Kaldi data
-    directory into sharded Parquet manifests; every row says its split."""
+    """Read a corpus into sharded Parquet manifests, every row with its split: LibriSpeech, LibriLight, GigaSpeech,
+    Common Voice in their native layouts, a Hugging Face audio dataset, lhotse manifests, a Kaldi data directory,
+    WebDataset tar shards (webdataset), or raw recordings of any length cut at speech by silero-vad (audio)."""
     from .shard import shard_corpus
 
     options = {"license": license, "splits": splits, "split_map": split_map or None}
@@ -201,7 +227,7 @@ def _device(device: str) -> str:
 @command(app)
 def extract(
     manifest: Path = typer.Argument(..., parser=_input, help="A `shard` output folder (or one manifest .parquet)."),
-    out: Path = typer.Argument(..., help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
     features: Features = typer.Option(Features.mfcc, help="mfcc (offline default); hubert, wav2vec2, wavlm or "
                                       "data2vec-audio at --layer; or a codec whose codes are the units: mimi, encodec, dac, xcodec, xcodec2."),
     checkpoint: Optional[str] = typer.Option(None, parser=_input_name, help="hubert: fairseq .pt, Hugging Face folder, or hub id; a codec: "
@@ -263,7 +289,7 @@ def extract(
 @command(app)
 def cluster(
     features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
-    out: Path = typer.Argument(..., help="Output folder for centroids.npy and kmeans.json."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for centroids.npy and kmeans.json."),
     k: int = typer.Option(default(settings.KMeans, "k"), help="Number of units (SpeechGPT: 1000)."),
     max_frames: int = typer.Option(default(settings.KMeans, "max_frames"), help="Frames sampled for fitting."),
     seed: int = typer.Option(default(settings.KMeans, "seed")),
@@ -283,7 +309,7 @@ def cluster(
 def quantize(
     features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
     kmeans: Path = typer.Argument(..., parser=_input, help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
-    out: Path = typer.Argument(..., help="Output folder for units-*.parquet and stats.json."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for units-*.parquet and stats.json."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
@@ -329,7 +355,7 @@ def _llm(base_url, model, cache_dir, max_requests, required=True, **options):
 
 @command(templates_app, "generate")
 def templates_generate(
-    out: Path = typer.Argument(..., help="Template file to write (JSON)."),
+    out: Path = typer.Argument(..., parser=_output, help="Template file to write (JSON)."),
     task: str = typer.Option(..., help="asr or tts."),
     n: int = typer.Option(100, help="How many distinct instructions."),
     base_url: Optional[str] = BaseUrl,
@@ -339,7 +365,7 @@ def templates_generate(
                                    help="Longest answer per request; an answer cut off there counts as failed."),
     timeout: float = typer.Option(default(settings.LLM, "timeout"), help="Seconds to wait for one request (local models can be slow)."),
     allow_fewer: bool = typer.Option(False, help="Exit 0 even when fewer than --n usable instructions came back."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache LLM answers here (default: beside OUT)."),
+    cache_dir: Optional[Path] = typer.Option(None, parser=_output, help="Cache LLM answers here (default: beside OUT)."),
 ):
     """Ask an LLM for varied task instructions; write a versioned template file. Ends with a line saying how
     many were asked, written and dropped, by reason."""
@@ -355,7 +381,7 @@ def templates_generate(
 @command(compose_app, "cross-modal")
 def compose_cross_modal(
     units: Path = typer.Argument(..., parser=_input, help="A `quantize` output folder."),
-    out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for train-*.parquet."),
     mode: str = typer.Option(default(settings.CrossModal, "mode"), help="both (ASR and TTS per utterance), random, asr or tts."),
     asr_fraction: float = typer.Option(default(settings.CrossModal, "asr_fraction"), help="random mode: share of ASR records."),
     asr_templates: Optional[str] = typer.Option(None, parser=_input_name, help="ASR template file (default: shipped set)."),
@@ -380,7 +406,7 @@ def compose_cross_modal(
 @command(compose_app, "pretrain")
 def compose_pretrain(
     units: Path = typer.Argument(..., parser=_input, help="A `quantize` output folder."),
-    out: Path = typer.Argument(..., help="Output folder for train-*/validation-*/test-*.parquet."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for train-*/validation-*/test-*.parquet."),
     dev_fraction: float = typer.Option(default(settings.Pretrain, "dev_fraction"),
                                        help="Share of train utterances also held out for validation."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
@@ -419,7 +445,7 @@ def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | 
 @command(compose_app, "chain-of-modality")
 def compose_chain_of_modality(
     instructions: str = typer.Argument(..., parser=_input_name, help="JSONL/Parquet file, saved HF dataset, hub id, or 'builtin'."),
-    out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for train-*.parquet."),
     kmeans: Optional[Path] = SpeechKmeans,
     features: Features = SpeechFeatures,
     checkpoint: Optional[str] = SpeechCheckpoint,
@@ -441,7 +467,7 @@ def compose_chain_of_modality(
     id_column: str = typer.Option("id"),
     license: str = typer.Option(default(settings.ChainOfModality, "license"), help="License of the instruction data."),
     max_pairs: Optional[int] = typer.Option(default(settings.ChainOfModality, "max_pairs")),
-    cache_dir: Optional[Path] = typer.Option(None, help="TTS/LLM cache (default: OUT/.cache)."),
+    cache_dir: Optional[Path] = typer.Option(None, parser=_output, help="TTS/LLM cache (default: OUT/.cache)."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     device: str = typer.Option(default(settings.Features, "device")),
     quiet: bool = Quiet,
@@ -464,7 +490,7 @@ def compose_chain_of_modality(
 @command(app)
 def align(
     manifest: Path = typer.Argument(..., parser=_input, help="A `shard` output folder."),
-    out: Path = typer.Argument(..., help="A new shard folder: the same rows, with word timings."),
+    out: Path = typer.Argument(..., parser=_output, help="A new shard folder: the same rows, with word timings."),
     model: str = typer.Option(..., parser=_input_name, help="A transformers CTC model folder (wav2vec2 with a character vocabulary), or a hub id."),
     device: str = typer.Option(default(settings.Features, "device")),
     quiet: bool = Quiet,
@@ -480,7 +506,7 @@ def align(
 def compose_interleaved(
     units: Path = typer.Argument(..., parser=_input, help="A units folder (extract --kmeans, quantize, or a codec) whose rows have word "
                                  "alignments (TextGrids beside the corpus audio, lhotse alignments, the demo corpus)."),
-    out: Path = typer.Argument(..., help="Output folder for {split}-*.parquet."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for {split}-*.parquet."),
     min_words: int = typer.Option(1, min=1, help="Fewest words in a segment."),
     max_words: int = typer.Option(6, min=1, help="Most words in a segment."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
@@ -500,7 +526,7 @@ def compose_interleaved(
 def compose_dialogue(
     conversations: str = typer.Argument(..., parser=_input_name, help="JSONL/Parquet of ShareGPT `conversations` or `messages`, a saved "
                                         "HF dataset, a hub id, or 'builtin' (a shipped sample)."),
-    out: Path = typer.Argument(..., help="Output folder for train-*.parquet."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for train-*.parquet."),
     kmeans: Optional[Path] = SpeechKmeans,
     features: Features = SpeechFeatures,
     checkpoint: Optional[str] = SpeechCheckpoint,
@@ -516,7 +542,7 @@ def compose_dialogue(
     id_column: str = typer.Option("id"),
     license: str = typer.Option(default(settings.Dialogue, "license"), help="License of the conversations."),
     max_dialogues: Optional[int] = typer.Option(default(settings.Dialogue, "max_dialogues")),
-    cache_dir: Optional[Path] = typer.Option(None, help="TTS/LLM cache (default: OUT/.cache)."),
+    cache_dir: Optional[Path] = typer.Option(None, parser=_output, help="TTS/LLM cache (default: OUT/.cache)."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     device: str = typer.Option(default(settings.Features, "device")),
     quiet: bool = Quiet,
@@ -536,7 +562,7 @@ def compose_dialogue(
 @command(app)
 def publish(
     compose_dir: Path = typer.Argument(..., parser=_input, help="Folder with cross_modal/, chain_of_modality/, pretrain/ from `compose`."),
-    out: Path = typer.Argument(..., help="Dataset folder to write (Parquet + README.md card)."),
+    out: Path = typer.Argument(..., parser=_output, help="Dataset folder to write (Parquet + README.md card)."),
     name: str = typer.Option("SpeechInstruct", help="Dataset name for the card."),
     push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face dataset repo (needs a token)."),
     save_to_disk: bool = typer.Option(False, help="Also write OUT/arrow/{config} for datasets.load_from_disk."),
@@ -571,7 +597,7 @@ def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: st
 @command(app)
 def score(
     source: Path = typer.Argument(..., parser=_input, help="A `shard` output (manifest-*.parquet) or a units folder (units-*.parquet)."),
-    out: Path = typer.Argument(..., help="Output folder for scores-*.parquet, errors-*.jsonl, score.json, summary.json."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for scores-*.parquet, errors-*.jsonl, score.json, summary.json."),
     dnsmos: bool = typer.Option(False, "--dnsmos", help="DNSMOS P.835 (OVRL, SIG, BAK) and P.808, with the ONNX "
                                 "models inside the speechmos wheel (no download)."),
     asr: Optional[str] = typer.Option(None, parser=_input_name, help="ASR round trip: a transformers ASR folder (Whisper, Moonshine, "
@@ -615,7 +641,7 @@ def validate(
 @command(app)
 def report(
     dataset: Path = typer.Argument(..., parser=_input, help="A published dataset."),
-    out: Path = typer.Argument(..., help="Folder for index.html and the PNG plots."),
+    out: Path = typer.Argument(..., parser=_output, help="Folder for index.html and the PNG plots."),
     units: Optional[Path] = typer.Option(None, parser=_input, help="A units folder (quantize output): its utterances' original "
                                          "audio goes into the report to listen to."),
     vocoder: Optional[Path] = typer.Option(None, parser=_input, help="Resynthesise the samples: a unit HiFi-GAN (g_00500000 + "
@@ -649,11 +675,11 @@ def report(
 @command(app)
 def run(
     recipe: Path = typer.Argument(..., parser=_input, help="A recipe YAML, e.g. recipes/mini.yaml."),
-    workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
+    workdir: Optional[Path] = typer.Option(None, parser=_output, help="Override the recipe's workdir."),
     force: bool = typer.Option(False, help="Redo every stage even when up to date."),
     quiet: bool = Quiet,
 ):
-    """Run the whole job: shard → extract → cluster → quantize → compose → publish → validate → report."""
+    """Run the whole job: shard → (score) → extract → cluster → quantize → compose → publish → validate → report."""
     from .pipeline import run as run_recipe
 
     summary = run_recipe(recipe, workdir=workdir, quiet=quiet, force=force)
@@ -667,7 +693,7 @@ def train(
     stage: int = typer.Option(..., help="1: modality adaptation, 2: cross-modal instructions, 3: chain-of-modality (LoRA)."),
     base_model: str = typer.Option(..., parser=_input_name, help="A causal LM folder (or hub id): the base, or the previous stage's model/."),
     data: Path = typer.Option(..., parser=_input, help="A dataset written by `speechinstruct publish`."),
-    out: Path = typer.Option(..., help="Output folder: model/ (or adapter/), checkpoints/, log.jsonl."),
+    out: Path = typer.Option(..., parser=_output, help="Output folder: model/ (or adapter/), checkpoints/, log.jsonl."),
     config: Optional[Path] = typer.Option(None, parser=_input, help="Settings YAML (default: SpeechGPT's, the packaged recipes/train-stage{N}.yaml)."),
     epochs: Optional[float] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
@@ -734,7 +760,7 @@ def chat(
     device: str = typer.Option("auto"),
     vocoder: Optional[Path] = typer.Option(None, parser=_input, help="A unit HiFi-GAN (fairseq g_00500000 + config.json, or its "
                                            "folder), or the dataset's codec folder, to speak the unit answer."),
-    speak: Optional[Path] = typer.Option(None, help="With --vocoder: write the spoken unit answer here (.wav)."),
+    speak: Optional[Path] = typer.Option(None, parser=_output, help="With --vocoder: write the spoken unit answer here (.wav)."),
     history: Optional[Path] = typer.Option(None, parser=_input, help="A JSON file of the dialogue so far ([{input, answer}, …]; "
                                            "created when missing): each reply sees it, and is added to it."),
 ):
@@ -820,7 +846,7 @@ def _load_vocoder(path, units_of=None):
 @command(app)
 def resynth(
     source: Path = typer.Argument(..., parser=_input, help="A units folder, compose folder or published dataset (or one .parquet)."),
-    out: Path = typer.Argument(..., help="Output folder for NNNNN.wav and manifest.jsonl."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder for NNNNN.wav and manifest.jsonl."),
     vocoder: Optional[Path] = typer.Option(None, parser=_input, help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) "
                                            "with its config.json beside it, or their folder; an MFCC k-means folder for "
                                            "the embedded preview (centroids -> Griffin-Lim, not SpeechGPT's vocoder); or "

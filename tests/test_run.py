@@ -283,3 +283,18 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     result = runner.invoke(app, ["run", str(path), "--workdir", str(tmp_path / "afile")])
     assert result.exit_code == 2 and "the workdir is a file, not a folder" in result.output, result.output
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_help_lists_the_commands_in_pipeline_order_and_says_what_each_reads():
+    listed = runner.invoke(app, ["--help"], env={"COLUMNS": "240"}).output
+    import re
+
+    order = ("shard", "score", "align", "extract", "cluster", "quantize", "templates", "compose", "publish",
+             "validate", "report", "resynth", "run", "train", "chat")
+    at = {n: re.search(rf"│ {n}\s", listed).start() for n in order}  # where each command's row starts
+    assert sorted(order, key=at.get) == list(order)
+    shard_help = runner.invoke(app, ["shard", "--help"], env={"COLUMNS": "240"}).output
+    assert "WebDataset" in shard_help and "silero-vad" in shard_help and "required for audio and webdataset" in shard_help
+    assert "(score)" in runner.invoke(app, ["run", "--help"], env={"COLUMNS": "240"}).output
+    out = runner.invoke(app, ["extract", "manifest", "s3://bucket/features"], env={"COLUMNS": "240"})
+    assert out.exit_code == 2 and "outputs are written to a local folder" in out.output
