@@ -21,8 +21,10 @@
             FLOP utilisation on a GPU)
   startup   `speechinstruct --help` and `validate` start-up time, this checkout vs the code before the lazy imports
 
-Prints a table of ratios against the baseline of each pair and appends one JSON line per run to
-benchmarks/results.jsonl. ``--quick`` shrinks every workload; ``--only kmeans,extract`` picks sections.
+Prints a table of ratios against the baseline of each pair and appends one JSON line per run to ``--results``
+(default ``work/benchmarks/results.jsonl``, untracked: a run never changes the checkout).
+``benchmarks/measured.jsonl`` holds the runs the README's figures come from. ``--quick`` shrinks every workload;
+``--only kmeans,extract`` picks sections.
 """
 
 from __future__ import annotations
@@ -680,6 +682,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small workloads (a minute or two)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--results", default="work/benchmarks/results.jsonl", help="append the run's JSON line here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from speechinstruct import threads
@@ -719,9 +722,11 @@ def main(argv=None):
         print(f"{r['section']:>8} | {r['name']}: {line}" + (f"; {r['extra']}" if r.get("extra") else ""))
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
               "cpus": os.cpu_count(), "python": platform.python_version(), "quick": args.quick, "results": rows}
-    with open(HERE / "results.jsonl", "a") as f:
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
         f.write(json.dumps(record) + "\n")
-    print(f"\nappended to {HERE / 'results.jsonl'}")
+    print(f"\nappended to {results}")
 
 
 if __name__ == "__main__":
