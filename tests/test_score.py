@@ -47,13 +47,17 @@ def noisy(wav: np.ndarray, snr_db: float = 0.0, seed: int = 0) -> np.ndarray:
     return (out / max(1.0, np.abs(out).max())).astype(np.float32)
 
 
-def test_dnsmos_equals_speechmos_on_speech_noise_and_every_length(dnsmos, speech):
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_dnsmos_equals_speechmos_on_speech_noise_and_every_length(dnsmos, speech, engine):
+    """Both engines against speechmos's own dnsmos.run: onnxruntime (the CPU default) and the same networks run by
+    torch (the GPU default, run here on the CPU: TorchGraph and torch's log-mel features)."""
     from speechmos import dnsmos as reference
 
+    judge = dnsmos if engine == "onnxruntime" else DNSMOS(threads=2, engine="torch", batch_windows=5)
     long = np.concatenate(speech * 3)[: int(17.5 * 16000)]  # windows 7.. are one sample short: speechmos skips them
     clips = {"speech": speech[0], "speech 0 dB": noisy(speech[1]), "noise": noisy(np.zeros(40000, np.float32) + 1e-3),
              "short 0.3 s": speech[2][:4800], "17.5 s": long}
-    ours = dnsmos.score(list(clips.values()))
+    ours = judge.score(list(clips.values()))
     for (name, clip), got in zip(clips.items(), ours):
         want = reference.run(clip, 16000)
         for column, key in (("dnsmos_ovrl", "ovrl_mos"), ("dnsmos_sig", "sig_mos"), ("dnsmos_bak", "bak_mos"),
@@ -291,7 +295,7 @@ def test_chain_of_modality_drops_pairs_whose_speech_the_asr_does_not_hear(tmp_pa
     rows = pq.read_table(tmp_path / "com" / "train-00000.parquet").to_pylist()
     assert [r["source_id"] for r in rows] == ["p1"] and rows[0]["wer"] == 0.0 and rows[0]["cer"] == 0.0
     assert summary["dropped: quality: WER above 0.5"] == 1
-    assert summary["dropped_examples"][0]["reason"] == "synthesized speech: WER above 0.5 (1.00)"
+    assert summary["dropped_examples"][0]["reason"] == "synthesized speech: WER above 0.5 (1.000)"
 
 
 def test_a_server_failing_for_a_while_is_retried_and_a_rerun_finishes_the_job(tmp_path, speech):
