@@ -271,6 +271,8 @@ def extract(
                                dtype=dtype, codebooks=codebooks)
     if kmeans and is_codec(extractor):
         fail(f"--kmeans is for features; a {features.value} codec's codes are already units")
+    if km is not None and engine == "local" and _device(device) != "cpu":
+        km.to(_device(device))  # the fused units path assigns where the features are made
     if engine == "ray":
         from .engine_ray import extract_ray
 

@@ -36,8 +36,20 @@ class KMeans:
         self._index = faiss.IndexFlatL2(self.dim)
         self._index.add(centroids)
 
+        self.device = "cpu"  # where assign runs: FAISS on the CPU, torch's matrix products elsewhere (to())
+        self._torch = None
+
     def __reduce__(self):  # the FAISS index is rebuilt from the centroids (the Ray engine ships k-means)
         return (KMeans, (self.centroids, self.source, self.meta))
+
+    def to(self, device: str) -> "KMeans":
+        """Assign on ``device``: ``cpu`` is FAISS's exact search; any other torch device (a GPU) computes the same
+        nearest centroids as chunked matrix products there (``torch`` forces that path on the CPU, for tests)."""
+        import torch
+
+        self.device = device
+        self._torch = None if device == "cpu" else torch.from_numpy(self.centroids).to("cpu" if device == "torch" else device)
+        return self
 
     def assign(self, feats: np.ndarray) -> np.ndarray:
         feats = np.ascontiguousarray(feats, dtype=np.float32)
@@ -48,12 +60,31 @@ class KMeans:
             )
         if feats.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
+        if self._torch is not None:
+            import torch
+
+            x = torch.from_numpy(feats).to(self._torch.device)
+            return nearest_centroids(x, (x * x).sum(1), self._torch).cpu().numpy().astype(np.int64)
         _, labels = self._index.search(feats, 1)
         return labels[:, 0].astype(np.int64)
 
     def inertia(self, feats: np.ndarray) -> float:
         distances, _ = self._index.search(np.ascontiguousarray(feats, dtype=np.float32), 1)
         return float(distances.sum())
+
+
+def nearest_centroids(x, norms, centroids, chunk: int = 65536):
+    """The index of each row of ``x`` (torch, any device; ``norms``: its squared norms) nearest to a row of
+    ``centroids``: ``|x|² - 2x·c + |c|²``, ``chunk`` rows at a time."""
+    import torch
+
+    c_norms = (centroids * centroids).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start: start + chunk]
+        distances = norms[start: start + chunk, None] - 2 * part @ centroids.T + c_norms[None]
+        out[start: start + chunk] = distances.argmin(1)
+    return out
 
 
 def load_kmeans(path: str | Path) -> KMeans:
