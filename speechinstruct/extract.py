@@ -30,6 +30,7 @@ from . import audio, recipe as settings, storage
 from .codecs import is_codec
 from .features import Extractor
 from .io import atomic_path, read_table, remove_stale_temps, safe_join, write_text
+from .memory import OutOfMemory, halving
 from .quantize import UnitWriter
 from .recipe import default
 from .shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
@@ -96,8 +97,10 @@ def makes_units(extractor, kmeans) -> bool:
     return kmeans is not None or is_codec(extractor)
 
 
-def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> Iterator[tuple[dict, np.ndarray | str]]:
-    """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio."""
+def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
+            counts: collections.Counter | None = None) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio. A batch that
+    runs out of memory is halved (``counts["batches_halved"]``)."""
     group: list[tuple[dict, np.ndarray | str]] = []
     budget = batch_seconds * sample_rate_of(extractor)
 
@@ -110,7 +113,7 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> It
                 batch.append(i)
                 continue
             if batch:
-                results.update(_run_batch(extractor, [group[j][1] for j in batch], batch))
+                results.update(_run_batch(extractor, [group[j][1] for j in batch], batch, counts))
             batch = [i] if i is not None else []
         return [(row, results[i]) for i, (row, _) in enumerate(group)]
 
@@ -125,17 +128,24 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float) -> It
         yield from run(group)
 
 
-def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int]) -> dict[int, np.ndarray | str]:
+def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
+               counts: collections.Counter | None = None) -> dict[int, np.ndarray | str]:
+    """Features of one batch; halved while it runs out of memory; an utterance that fails (or does not fit even
+    alone) is isolated and gets its reason, the others their features."""
+    rate = sample_rate_of(extractor)
+
+    def batch(items):
+        return halving(extractor.features_batch, items, counts, lambda w: f"an utterance of {w.size / rate:.1f} s")
+
     try:
-        return dict(zip(index, extractor.features_batch(wavs)))
-    except (audio.AudioError, ValueError, RuntimeError):
-        if len(wavs) == 1:
-            raise
+        return dict(zip(index, batch(wavs)))
+    except (audio.AudioError, ValueError, RuntimeError, OutOfMemory):
+        pass
     out: dict[int, np.ndarray | str] = {}
     for i, wav in zip(index, wavs):  # isolate the utterance that failed
         try:
-            out[i] = extractor.features_batch([wav])[0]
-        except (audio.AudioError, ValueError, RuntimeError) as e:
+            out[i] = batch([wav])[0]
+        except (audio.AudioError, ValueError, RuntimeError, OutOfMemory) as e:
             out[i] = f"feature extraction failed: {e}"
     return out
 
@@ -155,12 +165,16 @@ def extract(
     quiet: bool = False,
 ) -> dict:
     """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""
+    counts: collections.Counter[str] = collections.Counter()
 
     def results_for(shard: Path, rows: list[dict], root: Path):
-        return compute(extractor, decode_rows(rows, root, workers, sample_rate_of(extractor)), batch_seconds)
+        return compute(extractor, decode_rows(rows, root, workers, sample_rate_of(extractor)), batch_seconds, counts)
 
-    return run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
-                      num_shards=num_shards, shard_index=shard_index, quiet=quiet)
+    stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
+                       num_shards=num_shards, shard_index=shard_index, quiet=quiet)
+    if counts["batches_halved"]:  # batches that ran out of memory and were run in halves
+        stats["batches_halved"] = counts["batches_halved"]
+    return stats
 
 
 def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmeans=None, float16: bool = False,

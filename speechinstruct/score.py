@@ -100,6 +100,7 @@ class DNSMOS:
         from .threads import available_cpus
 
         engine = engine or ("onnxruntime" if device == "cpu" else "torch")
+        self.counts: collections.Counter[str] = collections.Counter()  # batches halved for memory (torch engine)
         if engine not in ("onnxruntime", "torch"):
             raise ScoreError(f"unknown DNSMOS engine {engine!r}: onnxruntime or torch")
         self.engine, self.device = engine, device
@@ -181,18 +182,24 @@ class DNSMOS:
         return np.concatenate(out)
 
     def _torch_score_windows(self, windows: np.ndarray) -> np.ndarray:
-        import torch
+        """(n, 4) per window with torch, ``batch_windows`` at a time, halved while a batch runs out of memory."""
+        from .memory import halving
 
         out = []
+        for start in range(0, len(windows), self.batch_windows):
+            rows = list(windows[start: start + self.batch_windows])
+            out += halving(self._torch_batch, rows, self.counts)
+        return np.asarray(out)
+
+    def _torch_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
         with torch.inference_mode():
-            for start in range(0, len(windows), self.batch_windows):
-                batch = torch.from_numpy(np.ascontiguousarray(windows[start: start + self.batch_windows],
-                                                              dtype=np.float32)).to(self.device)
-                raw = self.torch_p835(batch).double().cpu().numpy()  # SIG, BAK, OVRL
-                p808 = self.torch_p808(self.torch_p808_features(batch))[:, 0].double().cpu().numpy()
-                out.append(np.stack([self.polynomials["ovrl"](raw[:, 2]), self.polynomials["sig"](raw[:, 0]),
-                                     self.polynomials["bak"](raw[:, 1]), p808], axis=1))
-        return np.concatenate(out)
+            batch = torch.from_numpy(np.ascontiguousarray(np.stack(rows), dtype=np.float32)).to(self.device)
+            raw = self.torch_p835(batch).double().cpu().numpy()  # SIG, BAK, OVRL
+            p808 = self.torch_p808(self.torch_p808_features(batch))[:, 0].double().cpu().numpy()
+        return list(np.stack([self.polynomials["ovrl"](raw[:, 2]), self.polynomials["sig"](raw[:, 0]),
+                              self.polynomials["bak"](raw[:, 1]), p808], axis=1))
 
     def score(self, wavs: list[np.ndarray]) -> list[dict]:
         """Scores of 16 kHz clips (samples clipped to [-1, 1], which speechmos requires), one dict each: the mean
@@ -280,11 +287,27 @@ class TransformersASR:
         except ValueError as e:
             raise ScoreError(str(e)) from None
         self.kind = "seq2seq" if seq2seq else "ctc"
+        self.counts: collections.Counter[str] = collections.Counter()  # batches halved for memory
         self.name, self.device, self.batch_size, self.max_new_tokens = str(model), device, batch_size, max_new_tokens
         self.revision = _revision(model)
         spelling = Path(model) / "normalizer.json"
         self.normalise = normaliser(spelling_mapping(spelling) if spelling.is_file() else None)
         self.spelling = spelling.is_file()
+
+    def _transcribe_batch(self, batch: list[np.ndarray]) -> list[str]:
+        import torch
+
+        inputs = self._inputs(batch).to(self.device)
+        with torch.inference_mode():
+            if self.kind == "seq2seq":  # Whisper counts its 4 start tokens in max_target_positions
+                room = getattr(self.model.config, "max_target_positions", 1 << 30) - 8
+                with _quiet_transformers():  # Whisper's generate warns per batch about its own arguments
+                    ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)))
+            else:  # each clip's own frames: the padding's frames decode to letters too
+                ids = self.model(**inputs).logits.argmax(dim=-1)
+                lengths = self.model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1)).tolist()
+                ids = [row[:n] for row, n in zip(ids, lengths)]
+        return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
     @property
     def spec(self) -> dict:
@@ -299,23 +322,16 @@ class TransformersASR:
         return self.processor(wavs, sampling_rate=TARGET_SR, return_tensors="pt", padding=True, return_attention_mask=True)
 
     def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
-        import torch
+        """Texts of 16 kHz clips, ``batch_size`` at a time (similar lengths together); a batch that runs out of
+        memory is halved (``self.counts["batches_halved"]``)."""
+        from .memory import halving
 
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # similar lengths together: less padding
         texts: list[str] = []
         for start in range(0, len(wavs), self.batch_size):
             batch = [wavs[i] for i in order[start: start + self.batch_size]]
-            inputs = self._inputs(batch).to(self.device)
-            with torch.inference_mode():
-                if self.kind == "seq2seq":  # Whisper counts its 4 start tokens in max_target_positions
-                    room = getattr(self.model.config, "max_target_positions", 1 << 30) - 8
-                    with _quiet_transformers():  # Whisper's generate warns per batch about its own arguments
-                        ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)))
-                else:  # each clip's own frames: the padding's frames decode to letters too
-                    ids = self.model(**inputs).logits.argmax(dim=-1)
-                    lengths = self.model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1)).tolist()
-                    ids = [row[:n] for row, n in zip(ids, lengths)]
-            texts += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            texts += halving(self._transcribe_batch, batch, self.counts,
+                             lambda w: f"a clip of {len(w) / TARGET_SR:.1f} s")
         out = [""] * len(wavs)
         for i, text in zip(order, texts):
             out[i] = text
@@ -579,8 +595,9 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
             bar.close()
             write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
         done += 1
+    halved = sum(getattr(j, "counts", {}).get("batches_halved", 0) for j in (judge.dnsmos, judge.asr) if j is not None)
     summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
-               **summarise(out)}
+               **({"batches_halved": halved} if halved else {}), **summarise(out)}
     write_json(out / "summary.json", summary)
     return summary
 

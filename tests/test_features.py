@@ -357,3 +357,42 @@ def test_other_ssl_encoders_at_a_layer_equal_their_models_hidden_states(kind, tm
     (tmp_path / "x.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=rf"--features {kind} reads a Hugging Face folder"):
         features.load_extractor(kind, str(tmp_path / "x.pt"))
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(librispeech_root, tmp_path, monkeypatch):
+    """An extractor that runs out of memory on batches of more than one utterance (as a GPU does on a batch too
+    large, torch.cuda.OutOfMemoryError): every utterance still gets its features, equal to the run without the
+    failure, and the summary counts the halvings; an utterance too large even alone is that utterance's error."""
+    import pyarrow.ipc as ipc
+
+    from speechinstruct.extract import extract
+    from speechinstruct.shard import shard_corpus
+    from speechinstruct.shardfiles import read_frames
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    mfcc = features.MFCC()
+    plain = extract(tmp_path / "m", tmp_path / "plain", mfcc, quiet=True)
+    original = mfcc.features_batch
+
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name and base
+        pass
+
+    def tight(wavs):
+        if len(wavs) > 1:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(wavs)
+
+    monkeypatch.setattr(mfcc, "features_batch", tight)
+    halved = extract(tmp_path / "m", tmp_path / "halved", mfcc, batch_seconds=100.0, quiet=True)
+    assert halved["batches_halved"] >= 1 and halved["utterances"] == plain["utterances"] and halved["errors"] == plain["errors"]
+    for a, b in zip(sorted((tmp_path / "plain").glob("features-*.arrow")), sorted((tmp_path / "halved").glob("features-*.arrow"))):
+        np.testing.assert_array_equal(read_frames(a)[2], read_frames(b)[2])
+
+    def never(wavs):
+        raise OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(mfcc, "features_batch", never)
+    none = extract(tmp_path / "m", tmp_path / "none", mfcc, quiet=True)
+    assert none["utterances"] == 0 and none["errors"] == plain["utterances"] + plain["errors"]
+    reasons = [l for p in (tmp_path / "none").glob("errors-*.jsonl") for l in p.read_text().splitlines()]
+    assert any("out of memory even alone (an utterance of" in r for r in reasons)

@@ -411,3 +411,30 @@ def test_dnsmos_memory_does_not_grow_with_a_clips_windows(dnsmos, monkeypatch):
     assert sum(seen) == sum(1 for _ in iter_windows(clip)) > 1100 and max(seen) == dnsmos.batch_windows
     assert result[0]["dnsmos_ovrl"] == 1.0
     assert peak < 2 * clip.nbytes + 20e6, peak / 1e6  # the clipped copy and one batch, not 686 MB
+
+
+def test_asr_and_dnsmos_batches_that_run_out_of_memory_are_halved(tmp_path, speech, monkeypatch):
+    asr = load_asr(str(write_tiny_ctc(tmp_path / "ctc")), batch_size=4)
+    want = asr.transcribe(speech)
+    original = asr._transcribe_batch
+
+    def tight(batch):
+        if len(batch) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return original(batch)
+
+    monkeypatch.setattr(asr, "_transcribe_batch", tight)
+    assert asr.transcribe(speech) == want and asr.counts["batches_halved"] == 3  # 4 → 2 + 2 → 1 + 1 + 1 + 1
+    judge = DNSMOS(threads=2, engine="torch", batch_windows=4)
+    clean = judge.score(speech[:2])
+    inner = judge._torch_batch
+
+    def one_window_at_a_time(rows):
+        if len(rows) > 1:
+            raise MemoryError()
+        return inner(rows)
+
+    monkeypatch.setattr(judge, "_torch_batch", one_window_at_a_time)
+    halved = judge.score(speech[:2])
+    assert judge.counts["batches_halved"] >= 1  # the same scores, to float rounding of other batch sizes
+    assert all(got[c] == pytest.approx(want[c], abs=1e-5) for got, want in zip(halved, clean) for c in want)

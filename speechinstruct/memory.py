@@ -1,0 +1,55 @@
+"""Out of memory is never a crash: a batch that does not fit is halved and tried again.
+
+:func:`halving` runs a batch function on a list of items; when the device (a GPU, or the host) runs out of
+memory it frees what torch caches, splits the list in two and runs each half the same way, and counts each
+split in ``counts["batches_halved"]`` (which the stage's summary reports). One item that does not fit alone is
+re-raised as :class:`OutOfMemory`, naming how large it was, for the caller to record as that item's error.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Sequence
+
+
+class OutOfMemory(MemoryError):
+    """One item does not fit even alone."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's CUDA (or other accelerator) out-of-memory error, its older RuntimeError form, or the host's."""
+    if isinstance(error, MemoryError):
+        return True
+    name = type(error).__name__
+    return name == "OutOfMemoryError" or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _free() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def halving(run: Callable[[list], list], items: Sequence, counts: collections.Counter | None = None,
+            describe: Callable[[object], str] = lambda item: "one item") -> list:
+    """``run(items)``, or on running out of memory the results of its halves run the same way (in order)."""
+    try:
+        return run(list(items))
+    except Exception as e:  # noqa: BLE001  only out-of-memory errors are handled; the rest go on up
+        if not is_out_of_memory(e):
+            raise
+        error = e
+    _free()
+    if len(items) == 1:
+        raise OutOfMemory(f"out of memory even alone ({describe(items[0])}): {str(error).splitlines()[0][:200]}")
+    if counts is not None:
+        counts["batches_halved"] += 1
+    middle = len(items) // 2
+    return halving(run, items[:middle], counts, describe) + halving(run, items[middle:], counts, describe)
