@@ -210,13 +210,17 @@ def bench_extract(work: Path, quick: bool) -> list[dict]:
 
 
 def bench_gpu(work: Path, quick: bool) -> list[dict]:
-    """HuBERT-Base layer 11 on one GPU in bf16: length-bucketed batches (the extract engine's own grouping),
-    decode on threads overlapping compute, pinned host memory. MFU against the GPU's bf16 dense peak
-    (``--gpu-peak-tflops``, default H100 SXM 989)."""
+    """On one GPU: HuBERT-Base layer 11 in bf16 (MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM),
+    k-means K=1000 on 1M x 768 frames with torch against faiss-cpu on the same sample, and DNSMOS with the torch
+    engine. ``GPU_DRYRUN=1`` runs the k-means and DNSMOS rows on the CPU at a small size, to check the code."""
     import torch
 
+    rows = []
+    device = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("GPU_DRYRUN") else None)
+    if device is not None:
+        rows += gpu_kmeans_and_dnsmos(work, device, small=device == "cpu" or quick)
     if not torch.cuda.is_available():
-        return [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
+        return rows + [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
     from speechinstruct.extract import compute, decode_rows
     from speechinstruct.features import load_hubert
 
@@ -236,6 +240,43 @@ def bench_gpu(work: Path, quick: bool) -> list[dict]:
     return [{"name": f"HuBERT-Base layer 11 on {torch.cuda.get_device_name()} (bf16, {len(rows)} utts, {seconds:.0f} s audio)",
              "realtime": seconds / t, "ours_s": t, "target": ">= 5000x real time",
              "extra": f"MFU {flops * seconds / t / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"}]
+
+
+def gpu_kmeans_and_dnsmos(work: Path, device: str, small: bool) -> list[dict]:
+    """k-means K=1000 (torch on ``device``) vs faiss-cpu on one sample of clustered 768-dim frames, held-out
+    inertia compared; DNSMOS torch engine x real time on ``device`` with its scores against onnxruntime's."""
+    from speechinstruct import cluster
+    from speechinstruct.score import DNSMOS
+    from speechinstruct.units import KMeans
+
+    k, n, dim = (100, 20_000, 64) if small else (1000, 1_000_000, 768)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (k * 2, dim)).astype(np.float32)
+    frames = centres[rng.integers(0, k * 2, n + n // 10)] + rng.normal(0, 0.6, (n + n // 10, dim)).astype(np.float32)
+    train, held = frames[:n], frames[n:]
+    ours, t_ours = timed(cluster.fit, train, k, seed=0, engine="torch", device=device)
+    theirs, t_faiss = timed(cluster.fit, train, k, seed=0, engine="faiss")
+    ratio = KMeans(ours).inertia(held) / KMeans(theirs).inertia(held)
+    rows = [{"name": f"k-means K={k}, {n} x {dim} frames: torch on {device} vs faiss-cpu", "baseline": "faiss-cpu",
+             "baseline_s": t_faiss, "ours_s": t_ours, "speedup": t_faiss / t_ours,
+             "target": "<= 15 s on an H200; held-out inertia <= 1.01x", "extra": f"held-out inertia {ratio:.4f}x faiss"}]
+    def clip(seconds: float, seed: int) -> np.ndarray:  # a harmonic tone, syllable-modulated, with a little noise
+        r = np.random.default_rng(seed)
+        t = np.arange(int(seconds * 16000)) / 16000
+        wav = np.sin(2 * np.pi * (120 + 60 * r.random()) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) ** 2
+        return (0.3 * wav + 0.01 * r.standard_normal(t.size)).astype(np.float32)
+
+    clips = [clip(9.0 + (i % 5), seed=i) for i in range(8 if small else 400)]
+    seconds = sum(c.size for c in clips) / 16000
+    judge = DNSMOS(device=device, engine="torch")
+    judge.score(clips[:2])  # warm-up
+    got, t = timed(judge.score, clips)
+    want = DNSMOS(threads=2).score(clips[:4])
+    diff = max(abs(a[c] - b[c]) for a, b in zip(got, want) for c in a)
+    rows.append({"name": f"DNSMOS, torch engine on {device}, {len(clips)} clips ({seconds:.0f} s)", "realtime": seconds / t,
+                 "ours_s": t, "target": ">= 2000x real time on an H200; within 0.02 of speechmos",
+                 "extra": f"max difference from onnxruntime {diff:.2e}"})
+    return rows
 
 
 def bench_engine(work: Path, quick: bool) -> list[dict]:
