@@ -713,7 +713,116 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-SECTIONS = {"kmeans": bench_kmeans, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
+def bench_dedup(work: Path, quick: bool) -> list[dict]:
+    """dedup: utterances per second over synthetic unit rows (K=1000, 150 units each, 1 % planted copies), and the
+    recall of planted re-encoded copies (MP3 64 kbit/s, Opus, resampled, 10 % cut, white noise at 20 dB SNR) of
+    espeak-ng sentences on MFCC units (K=100) and on the units of a tiny random HuBERT, with the false drops among
+    the distinct sentences."""
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from speechinstruct import records
+    from speechinstruct.dedup import dedup
+    from speechinstruct.io import write_parquet
+    from speechinstruct.units import to_text
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    rows_n = 2000 if quick else 20000
+    rng = np.random.default_rng(0)
+    folder = work / f"dedup-synthetic-{rows_n}"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        for shard in range(4):
+            rows = []
+            for i in range(rows_n // 4):
+                units = rng.integers(0, 1000, 150)
+                if i % 100 == 1:  # a copy of the row before, 10 % of its units changed
+                    units = rows[-1]["units"].copy()
+                    units[rng.integers(0, 150, 15)] = rng.integers(0, 1000, 15)
+                rows.append({"units": np.asarray(units)})
+            table_rows = [{"id": f"syn/{shard}-{i:06d}", "path": "x.flac", "offset": 0.0, "duration": 3.0,
+                           "sample_rate": 16000, "text": f"sentence {shard} {i}", "speaker": f"s{i % 50}", "corpus": "syn",
+                           "license": "x", "split": "train", "corpus_split": "train", "units": r["units"].tolist(),
+                           "durations": [2] * 150, "n_frames": 300, "unit_text": to_text(r["units"])} for i, r in enumerate(rows)]
+            write_parquet(folder / f"units-{shard:05d}.parquet", records.to_table("units", table_rows))
+    shutil.rmtree(work / "dedup-out", ignore_errors=True)
+    summary, t = timed(dedup, folder, work / "dedup-out", quiet=True)
+    planted = (rows_n // 100)
+    out = [{"name": f"dedup of {rows_n} synthetic unit rows (K=1000, 150 units), first run (signatures computed)",
+            "records": rows_n, "ours_s": t, "records_per_s": rows_n / t, "target": ">= 1000 utterances/s on 2 cores",
+            "extra": f"dropped {sum(summary['dropped'].values())} of {planted} planted; {summary['bytes_per_utterance']} "
+                     "bytes per utterance (signature and units)"}]
+    _, t2 = timed(dedup, folder, work / "dedup-out", quiet=True)
+    out.append({"name": "the same, rerun (signatures cached)", "records": rows_n, "ours_s": t2, "records_per_s": rows_n / t2})
+    import tracemalloc
+
+    tracemalloc.start()  # what the decisions hold per utterance: Python's allocations at the peak, over the rows
+    dedup(folder, work / "dedup-out", quiet=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out[0]["extra"] += f"; peak Python memory of a (cached) run {peak / rows_n:.0f} bytes per utterance"
+    return out + dedup_recall(work, quick)
+
+
+def dedup_recall(work: Path, quick: bool) -> list[dict]:
+    from test_dedup import COPIES, copy_of, write_utterances
+
+    from speechinstruct import audio
+    from speechinstruct.cluster import cluster
+    from speechinstruct.dedup import dedup
+    from speechinstruct.demo import sentences
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC, load_hubert
+    from speechinstruct.quantize import quantize
+    from speechinstruct.shard import shard_corpus
+    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
+    from speechinstruct.units import load_kmeans
+
+    base = work / "dedup-recall"
+    n, copied = (40, 10) if quick else (200, 40)
+    if not (base / "manifest").exists():
+        tts = EspeakTTS()
+        texts = list(dict.fromkeys(sentences(n * 2, seed=11)))[:n]
+        spoken = []
+        for i, text in enumerate(texts):
+            wav, sr = tts.synthesize(text, ESPEAK_VOICES[i % len(ESPEAK_VOICES)], 160)
+            spoken.append((audio.resample(wav, sr), text))
+        root = base / "LibriSpeech"
+        for s in range(0, n, 20):
+            write_utterances(root, "train-clean-100", f"{100 + s // 20}", spoken[s: s + 20])
+        write_utterances(root, "train-clean-100", "900", [(copy_of(spoken[i][0], kind, i), spoken[i][1])
+                                                          for i in range(copied) for kind in COPIES])
+        shard_corpus("librispeech", root, base / "manifest", quiet=True)
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    if not (base / "hubert").exists():
+        torch.manual_seed(0)
+        HubertModel(HubertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                 conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+                    ).save_pretrained(base / "hubert")
+    out = []
+    for name, extractor in (("MFCC", MFCC()), ("tiny random HuBERT", load_hubert(base / "hubert", layer=2))):
+        tag = name.split()[0].lower()
+        if not (base / f"units-{tag}").exists():
+            extract(base / "manifest", base / f"features-{tag}", extractor, quiet=True)
+            cluster(base / f"features-{tag}", base / f"km-{tag}", k=100, quiet=True)
+            quantize(base / f"features-{tag}", load_kmeans(base / f"km-{tag}"), base / f"units-{tag}", quiet=True)
+        shutil.rmtree(base / f"out-{tag}", ignore_errors=True)
+        dedup(base / f"units-{tag}", base / f"out-{tag}", quiet=True)
+        gone = {json.loads(line)["id"] for f in (base / f"out-{tag}").glob("dropped-*.jsonl") for line in f.read_text().splitlines()}
+        found = {kind: np.mean([f"librispeech/900-1-{i * len(COPIES) + k:04d}" in gone for i in range(copied)])
+                 for k, kind in enumerate(COPIES)}
+        originals = [f"librispeech/{100 + i // 20}-1-{i % 20:04d}" for i in range(n)]
+        false = np.mean([o in gone for o in originals])
+        out.append({"name": f"dedup recall of planted copies, {name} units (K=100), {n} sentences, {copied} copied",
+                    "figure": ", ".join(f"{k} {v:.0%}" for k, v in found.items()) + f"; originals dropped {false:.1%}",
+                    "target": "exact and re-encoded >= 95 %, false positives <= 1 %"})
+    return out
+
+
+SECTIONS = {"kmeans": bench_kmeans, "dedup": bench_dedup, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
             "memory": bench_memory, "vocoder": bench_vocoder, "recordings": bench_recordings, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
 
@@ -742,7 +851,9 @@ def main(argv=None):
         if "skipped" in r:
             print(f"{r['section']:>8} | {r['name']}: skipped: {r['skipped']}")
             continue
-        if "speedup" in r:
+        if "figure" in r:
+            line = f"{r['figure']} (target {r['target']})"
+        elif "speedup" in r:
             line = f"{r['baseline_s']:.2f} s ({r['baseline']}) vs {r['ours_s']:.2f} s → {r['speedup']:.2f}x (target {r['target']})"
         elif "ratio" in r:
             line = f"{r['baseline_mb']:.0f} MB ({r['baseline']}) vs {r['ours_mb']:.0f} MB → {r['ratio']:.2f}x (target {r['target']})"

@@ -20,7 +20,7 @@ from .recipe import default
 from .tokenizers import FEATURES
 
 # --help lists the commands in pipeline order (typer lists commands as defined, then groups)
-PIPELINE_ORDER = ("shard", "score", "align", "extract", "cluster", "quantize", "templates", "compose", "publish",
+PIPELINE_ORDER = ("shard", "score", "align", "extract", "cluster", "quantize", "dedup", "templates", "compose", "publish",
                   "validate", "report", "resynth", "run", "train", "chat")
 
 
@@ -324,6 +324,47 @@ def quantize(
     _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index, quiet=quiet))
 
 
+EvalSets = typer.Option(None, "--eval", help="An evaluation set (repeatable): a text file (a line each), a JSONL file, a "
+                        "manifest or units folder, or NAME=PATH (a corpus in the layout `shard` reads as NAME); "
+                        "what shares a 13-word n-gram with it (or equals a shorter text of it) is dropped.")
+
+
+@command(app)
+def dedup(
+    units: Path = typer.Argument(..., parser=_input, help="A units folder (quantize or extract --kmeans output, or codec units)."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder: units-*.parquet without the dropped rows, "
+                               "dropped-*.jsonl, dedup.json."),
+    eval: Optional[list[str]] = EvalSets,
+    ngram: int = typer.Option(default(settings.Dedup, "ngram"), help="Units per n-gram for MinHash."),
+    num_perm: int = typer.Option(default(settings.Dedup, "num_perm"), help="MinHash permutations."),
+    threshold: float = typer.Option(default(settings.Dedup, "threshold"), help="LSH's Jaccard threshold for candidates."),
+    similarity: float = typer.Option(default(settings.Dedup, "similarity"), help="Normalised Levenshtein similarity "
+                                     "of two unit sequences that makes them duplicates."),
+    eval_ngram: int = typer.Option(default(settings.Dedup, "eval_ngram"), help="Words per n-gram against evaluation texts."),
+    max_per_transcript: Optional[int] = typer.Option(default(settings.Dedup, "max_per_transcript"),
+                                                     help="At most this many utterances per normalised transcript."),
+    speaker_disjoint: bool = typer.Option(default(settings.Dedup, "speaker_disjoint"),
+                                          help="Drop training rows of speakers who also speak in an evaluation split."),
+    audio_hash: bool = typer.Option(default(settings.Dedup, "audio_hash"), help="Also compare the decoded audio "
+                                    "(decodes every row)."),
+    scores: Optional[Path] = typer.Option(None, parser=_input, help="A `score` output: each group keeps its best DNSMOS."),
+    num_shards: int = NumShards,
+    shard_index: int = ShardIndex,
+    quiet: bool = Quiet,
+):
+    """Near-duplicate audio (unit MinHash), repeated transcripts and evaluation data out of the training rows; the
+    folder's own validation and test rows always count as evaluation data."""
+    from .dedup import dedup as run_dedup
+
+    settings.checked(settings.Dedup, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
+                     similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript)
+    summary = run_dedup(units, out, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
+                        similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript,
+                        speaker_disjoint=speaker_disjoint, audio_hash=audio_hash, scores=scores, num_shards=num_shards,
+                        shard_index=shard_index, quiet=quiet)
+    _print_json({k: v for k, v in summary.items() if k != "examples"})
+
+
 templates_app = typer.Typer(help="Instruction templates for cross-modal records.", no_args_is_help=True)
 compose_app = typer.Typer(help="Compose SpeechInstruct records from units.", no_args_is_help=True)
 app.add_typer(templates_app, name="templates")
@@ -472,6 +513,7 @@ def compose_chain_of_modality(
     cache_dir: Optional[Path] = typer.Option(None, parser=_output, help="TTS/LLM cache (default: OUT/.cache)."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     device: str = typer.Option(default(settings.Features, "device")),
+    eval: Optional[list[str]] = EvalSets,
     quiet: bool = Quiet,
 ):
     """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
@@ -485,8 +527,15 @@ def compose_chain_of_modality(
         instructions, out, extractor, km, engine, llm=llm,
         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
         license=license, instruction_column=instruction_column, response_column=response_column,
-        id_column=id_column, max_pairs=max_pairs, quiet=quiet)
+        id_column=id_column, max_pairs=max_pairs, eval_texts=_eval_texts(eval), quiet=quiet)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
+
+
+def _eval_texts(sources: Optional[list[str]]):
+    """``--eval`` of the compose commands: the evaluation texts pairs and conversations are held to, or None."""
+    from .dedup import eval_texts
+
+    return eval_texts(sources) if sources else None
 
 
 @command(app)
@@ -547,6 +596,7 @@ def compose_dialogue(
     cache_dir: Optional[Path] = typer.Option(None, parser=_output, help="TTS/LLM cache (default: OUT/.cache)."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     device: str = typer.Option(default(settings.Features, "device")),
+    eval: Optional[list[str]] = EvalSets,
     quiet: bool = Quiet,
 ):
     """Multi-turn spoken dialogues: every user turn spoken, every answer in the chain-of-modality way, with
@@ -557,7 +607,7 @@ def compose_dialogue(
     llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
                                                features, checkpoint, layer, codebooks, kmeans, device)
     summary = dialogue(conversations, out, extractor, km, engine, llm=llm, seed=seed, license=license,
-                       id_column=id_column, max_dialogues=max_dialogues, quiet=quiet)
+                       id_column=id_column, max_dialogues=max_dialogues, eval_texts=_eval_texts(eval), quiet=quiet)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 

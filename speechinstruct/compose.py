@@ -450,6 +450,23 @@ def unique_pairs(source, instruction_column: str, response_column: str, id_colum
     return unique_items(read_pairs(source, instruction_column, response_column, id_column), max_pairs)
 
 
+def decontaminated(items: list[dict], dropped: list[dict], eval_texts, fields) -> tuple[list[dict], list[dict]]:
+    """``items`` without those whose text (``fields``: keys of text, or of lists of (question, answer) exchanges)
+    shares an n-gram with an evaluation text (``dedup.EvalTexts``; None: all kept), which go to ``dropped``."""
+    if eval_texts is None:
+        return items, dropped
+    kept = []
+    for item in items:
+        texts = [t for f in fields for t in ([item[f]] if isinstance(item[f], str) else [x for pair in item[f] for x in pair])]
+        found = next((m for m in map(eval_texts.match, texts) if m), None)
+        if found:
+            dropped = dropped + [{"where": item["where"], "id": item["id"],
+                                  "reason": f"evaluation text ({found[1]}: {found[0][:60]!r})"}]
+        else:
+            kept.append(item)
+    return kept, dropped
+
+
 def unique_items(items, limit: int | None) -> tuple[list[dict], list[dict]]:
     """The usable items (at most ``limit``) of a reader that yields items or (where, reason), and what was
     dropped, with where and why: what the reader refused, and a later item with an id seen before (ids name
@@ -595,7 +612,7 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
                       seed: int = 0, corpus: str | None = None, license: str = "unspecified",
                       instruction_column: str = "instruction", response_column: str = "response",
                       id_column: str | None = "id", max_pairs: int | None = None, chunk_size: int = 100,
-                      judge=None, gates=None, quiet: bool = False) -> dict:
+                      judge=None, gates=None, eval_texts=None, quiet: bool = False) -> dict:
     """Chain-of-modality records from text pairs; see the module docstring for the four formats. ``judge``
     (``score.Judge``) scores each synthesized turn against the text it was meant to say, and a pair whose
     speech fails ``gates`` is dropped with its reason; records carry the worst score of their turns. Pairs
@@ -609,6 +626,7 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
     corpus = corpus or Path(str(source)).stem
     out = Path(out)
     pairs, dropped = unique_pairs(source, instruction_column, response_column, id_column, max_pairs)
+    pairs, dropped = decontaminated(pairs, dropped, eval_texts, ("instruction", "response"))
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
     speaker = Speaker(tts, extractor, kmeans, judge, gates)
     write_chunks(pairs, out, "chain_of_modality", chunk_size, counts, dropped, quiet,

@@ -27,7 +27,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from .audio import AudioError
-from .compose import (RecordRefused, SpeechRejected, Speaker, finish, read_objects, rewrite_for_speech, speakable, unfit_text,
+from .compose import (RecordRefused, SpeechRejected, Speaker, decontaminated, finish, read_objects, rewrite_for_speech, speakable, unfit_text,
                       unique_items, worst, write_chunks)
 from .io import write_json
 from .score import ScoreError
@@ -144,7 +144,7 @@ def _dialogue_record(conversation: dict, speaker: Speaker, llm, prefix: str, see
 
 def dialogue(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None, prefix: str = DEFAULT_PREFIX,
              seed: int = 0, corpus: str | None = None, license: str = "unspecified", id_column: str | None = "id",
-             max_dialogues: int | None = None, chunk_size: int = 100, judge=None, gates=None,
+             max_dialogues: int | None = None, chunk_size: int = 100, judge=None, gates=None, eval_texts=None,
              quiet: bool = False) -> dict:
     """Dialogue records from text conversations (see the module docstring); ``llm`` rewrites each exchange for
     speech, ``judge``/``gates`` score each synthesized turn as ``compose.chain_of_modality`` does. Written
@@ -154,6 +154,7 @@ def dialogue(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=No
     corpus = corpus or Path(str(source)).stem
     out = Path(out)
     conversations, dropped = unique_items(read_conversations(source, id_column), max_dialogues)
+    conversations, dropped = decontaminated(conversations, dropped, eval_texts, ("exchanges",))
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
     speaker = Speaker(tts, extractor, kmeans, judge, gates)
     write_chunks(conversations, out, "dialogue", chunk_size, counts, dropped, quiet,

@@ -186,6 +186,7 @@ def _run(recipe: dict, work: Path, quiet: bool, force: bool) -> dict:
     for corpus in job.corpora:
         job.shard_and_extract(corpus)
     job.cluster_and_quantize()
+    job.dedup()
     job.compose()
     verdict = job.publish_and_validate()
     job.report(verdict)
@@ -213,7 +214,7 @@ class Job:
         self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"])
         self.runner.total = (bool(recipe["demo_corpus"]) + (3 + self.scoring) * len(self.corpora)
                              + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2 + bool(recipe["compose"]["dialogue"])
-                             + bool(recipe["compose"]["interleaved"]))
+                             + bool(recipe["compose"]["interleaved"]) + bool(recipe["dedup"]))
         self._judge = None
         self.f = recipe["features"]
         # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
@@ -338,6 +339,42 @@ class Job:
                 f"quantize {n}", work / n / "units", {}, [self.stamps[f"extract:{n}"], self.stamps["kmeans"]],
                 lambda n=n: quantize(work / n / "features", load_kmeans(self.km_path), work / n / "units", quiet=self.quiet))
 
+    def units_dir(self, n: str) -> Path:
+        """The units folder compose reads for corpus ``n``: dedup's output when the recipe has a dedup section."""
+        return self.work / n / ("dedup" if self.recipe["dedup"] else "units")
+
+    def dedup(self) -> None:
+        """Repeats and evaluation data out of every corpus's units, all corpora together (``recipe.dedup``); the
+        stamps of the units compose reads become dedup's."""
+        from .dedup import dedup
+
+        cfg = self.recipe["dedup"]
+        if not cfg:
+            _remove_stage_folder(self.work / "dedup")
+            for n in self.names:  # its outputs, when an earlier run's recipe had the stage (dedup.json says so)
+                if (self.work / n / "dedup" / "dedup.json").is_file():
+                    shutil.rmtree(self.work / n / "dedup")
+            return
+        scored = [self.stamps[f"score:{n}"] for n in self.names] if self.scoring else []
+        stamp = self.runner.stage(
+            "dedup", self.work / "dedup", cfg, [self.stamps[f"units:{n}"] for n in self.names] + scored,
+            lambda: _brief(dedup([self.work / n / "units" for n in self.names], [self.units_dir(n) for n in self.names],
+                                 scores=[self.work / n / "scores" if self.scoring else None for n in self.names],
+                                 quiet=self.quiet, **cfg)))
+        for n in self.names:
+            self.stamps[f"units:{n}"] = stamp
+        self.stamps["dedup"] = stamp
+
+    def eval_texts(self):
+        """What composed instructions and dialogues are held to when the recipe has a dedup section: its ``eval``
+        sets and every corpus's validation and test transcripts (None without one)."""
+        from .dedup import eval_texts
+
+        cfg = self.recipe["dedup"]
+        if not cfg:
+            return None
+        return eval_texts(cfg["eval"], [self.work / n / "units" for n in self.names], cfg["eval_ngram"])
+
     def compose(self) -> None:
         from . import compose, templates
         from .tts import make_tts
@@ -355,7 +392,7 @@ class Job:
             {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
              "templates": {t: sets[t]["version"] for t in sets}, **gated},
             [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora),
-            lambda: [compose.cross_modal(work / n / "units", composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
+            lambda: [compose.cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
                                          asr_fraction=cm["asr_fraction"], seed=seed, part=n, quiet=quiet, **self.scores_of(n))
                      for n in cm_corpora])
         pt = c_cfg["pretrain"]
@@ -364,7 +401,7 @@ class Job:
             "compose pretrain", composed / "pretrain",
             {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora, **gated},
             [self.stamps[f"units:{n}"] for n in pt_corpora] + scored(pt_corpora),
-            lambda: [compose.pretrain(work / n / "units", composed / "pretrain", pt["dev_fraction"], seed=seed, part=n,
+            lambda: [compose.pretrain(self.units_dir(n), composed / "pretrain", pt["dev_fraction"], seed=seed, part=n,
                                       quiet=quiet, **self.scores_of(n)) for n in pt_corpora])
         com = c_cfg["chain_of_modality"]
         llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
@@ -373,12 +410,12 @@ class Job:
             "compose chain-of-modality", composed / "chain_of_modality",
             {**com, "seed": seed, **({"voices": c_cfg["voices"]} if c_cfg["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
-            [self.stamps["kmeans"], sha256_json(self.feature_settings)],
+            [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
             lambda: _brief(compose.chain_of_modality(
                 com["instructions"], composed / "chain_of_modality", self.extractor(), km,
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
                 llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
-                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet,
+                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet, eval_texts=self.eval_texts(),
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
         self.compose_dialogues(seed, km)
@@ -398,7 +435,7 @@ class Job:
             {"min_words": cfg["min_words"], "max_words": cfg["max_words"], "seed": seed, "corpora": names,
              **({"quality": asdict(self.gates())} if self.scoring else {})},
             [self.stamps[f"units:{n}"] for n in names] + scored(names),
-            lambda: [_brief(interleaved(work / n / "units", composed / "interleaved", seed=seed, min_words=cfg["min_words"],
+            lambda: [_brief(interleaved(self.units_dir(n), composed / "interleaved", seed=seed, min_words=cfg["min_words"],
                                         max_words=cfg["max_words"], part=n, quiet=self.quiet, **self.scores_of(n)))
                      for n in names])
 
@@ -418,12 +455,13 @@ class Job:
             "compose dialogue", composed / "dialogue",
             {**dlg, "seed": seed, **({"voices": recipe["compose"]["voices"]} if recipe["compose"]["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
-            [self.stamps["kmeans"], sha256_json(self.feature_settings)],
+            [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
             lambda: _brief(dialogue(
                 dlg["conversations"], composed / "dialogue", self.extractor(), km,
                 make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm, model=dlg["tts_model"],
                          voices=recipe["compose"]["voices"]), llm=llm if dlg["rewrite"] else None,
                 seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"], quiet=self.quiet,
+                eval_texts=self.eval_texts(),
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def _llm(self):

@@ -281,6 +281,11 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     if vocabulary is not None:
         meta["vocabulary"] = vocabulary.to_json()
     meta["languages"] = _languages(meta, units_dirs)
+    from .dedup import read_summary
+
+    found = [read_summary(d) for d in units_dirs]  # the units compose read, when dedup wrote them
+    if any(found):
+        meta["dedup"] = {k: v for k, v in next(f for f in found if f).items() if k not in ("inputs", "examples")}
     write_json(out / "speechinstruct.json", meta)
     data = card_data(meta, configs_yaml, out)
     write_text(out / "README.md", dataset_card(meta, configs_yaml, data))
@@ -498,6 +503,28 @@ def licenses_file(meta: dict) -> str:
     return "\n".join(lines + ["", "Use each record under the license of its source."]) + "\n"
 
 
+def dedup_section(dedup: dict | None) -> list[str]:
+    """The card's lines on what ``dedup`` checked the training utterances against and what it dropped."""
+    if not dedup:
+        return ["", "## Duplicates and contamination", "",
+                "The utterances were not deduplicated or checked against evaluation sets (no `dedup` stage ran)."]
+    checked = dedup["checked_against"]
+    sources = [f"`{cell(s['source'])}` ({s['texts']} texts, {s['utterances']} utterances)" for s in checked["eval_sources"]]
+    s = dedup["settings"]
+    lines = ["", "## Duplicates and contamination", "",
+             f"Before composing, `speechinstruct dedup` checked {dedup['utterances']} utterances and kept {dedup['kept']}. "
+             f"Checked against: the corpora's own validation and test rows ({checked['eval_split_rows']})"
+             + (", " + ", ".join(sources) if sources else "") + f"; {checked['eval_texts']} evaluation texts in all, "
+             f"matched by {s['eval_ngram']}-word n-grams. Near duplicates: MinHash of {s['ngram']}-unit n-grams "
+             f"({s['num_perm']} permutations, LSH at Jaccard {s['threshold']:g}) verified by a normalised Levenshtein "
+             f"similarity of at least {s['similarity']:g}.", "", "| dropped because | utterances |", "|---|---|"]
+    lines += [f"| {cell(reason)} | {n} |" for reason, n in dedup["dropped"].items()] or ["| (nothing) | 0 |"]
+    shared = dedup.get("speakers_in_train_and_eval") or []
+    lines += ["", f"Speakers found in both training and evaluation splits of one corpus: {len(shared)}"
+              + (" (their training utterances were dropped)." if s.get("speaker_disjoint") and shared else ".")]
+    return lines
+
+
 def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     """The dataset card (``README.md``): ``data`` (:func:`card_data`) as its YAML, and the body."""
     from huggingface_hub import DatasetCard
@@ -542,6 +569,7 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
                      "`pretrain`, `validation` also holds a hashed share of training utterances (stage 1's dev set).")
     else:
         lines.append("Records made from the corpora's dev and test audio were left out of this dataset.")
+    lines += dedup_section(meta.get("dedup"))
     lines += ["", "## Fields", ""]
     for item in configs_yaml:
         schema = records.json_schema(item["config_name"])

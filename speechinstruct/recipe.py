@@ -177,6 +177,20 @@ class Output(Section):
     vocoder: str = "auto"
 
 
+class Dedup(Section):
+    """Repeats and evaluation data out of the training utterances (``speechinstruct dedup``), between quantize
+    and compose, over every corpus together."""
+    eval: list[str] = []            # evaluation sets: text/JSONL files, manifest or units folders, NAME=PATH corpora
+    ngram: int = Field(4, ge=1)     # units per n-gram for MinHash
+    num_perm: int = Field(128, ge=2)
+    threshold: float = Field(0.2, gt=0, le=1)   # LSH's Jaccard threshold for candidates
+    similarity: float = Field(0.7, gt=0, le=1)  # normalised Levenshtein similarity that makes a duplicate
+    eval_ngram: int = Field(13, ge=1)           # words per n-gram against evaluation texts
+    max_per_transcript: Optional[int] = Field(None, ge=1)
+    speaker_disjoint: bool = False
+    audio_hash: bool = False        # also compare the decoded 16 kHz samples (decodes every row)
+
+
 class Recipe(Section):
     name: str = "SpeechInstruct"
     workdir: Optional[str] = None  # default: work/<recipe file name>
@@ -189,6 +203,7 @@ class Recipe(Section):
     llm: Optional[LLM] = None
     compose: Compose = Compose()
     quality: Quality = Quality()
+    dedup: Optional[Dedup] = None   # no dedup stage unless given
     output: Output = Output()
 
     @field_validator("corpora")

@@ -278,6 +278,46 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
     return section, plots, {"quality": numbers}
 
 
+def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | None:
+    """The duplicates section: what dedup checked against, what it dropped, and (with the run's workdir) a few
+    dropped utterances beside the one they duplicate or match, to listen to."""
+    from . import audio
+    from .extract import decode_row
+    from .io import iter_rows
+    from .shardfiles import read_units_spec
+
+    found = meta.get("dedup")
+    if not found:
+        return None
+    section = {"checked": [[s["source"], s["texts"], s["utterances"]] for s in found["checked_against"]["eval_sources"]],
+               "eval_split_rows": found["checked_against"]["eval_split_rows"],
+               "dropped": sorted(found["dropped"].items()), "kept": found["kept"], "utterances": found["utterances"],
+               "speakers": len(found.get("speakers_in_train_and_eval") or []), "pairs": []}
+    full = next((json.loads(p.read_text()) for p in sorted(work.glob("*/dedup/dedup.json"))), None) if work else None
+    if not full:
+        return section
+    wanted = [e for reason in ("exact duplicate", "near duplicate", "evaluation audio")
+              for e in full["examples"].get(reason, [])[:1] if not e["of"].startswith("eval:")][:pairs]
+    ids = {e["id"] for e in wanted} | {e["of"] for e in wanted}
+    rows: dict[str, tuple[dict, Path]] = {}
+    for folder in map(Path, full["inputs"]):
+        root = Path((read_units_spec(folder) or {}).get("root") or ".")
+        for path in sorted(folder.glob("units-*.parquet")):
+            for row in iter_rows(path, columns=["id", "path", "offset", "duration", "text"]):
+                if row["id"] in ids:
+                    rows[row["id"]] = (row, root)
+    for n, e in enumerate(wanted):
+        files = []
+        for side, uid in (("dropped", e["id"]), ("kept", e["of"])):
+            row, root = rows.get(uid, (None, None))
+            wav = decode_row(row, root) if row else "not found"
+            files.append(None if isinstance(wav, str) else f"audio/dup-{n}-{side}.wav")
+            if files[-1]:
+                audio.write_wav(out / files[-1], wav)
+        section["pairs"].append([e["id"], e["of"], *files])
+    return section
+
+
 def _has_columns(dataset: Path, config: str) -> bool:
     files = sorted((dataset / "data" / config).glob("*.parquet"))
     return bool(files) and {"dnsmos_ovrl", "wer"} <= set(pq.read_schema(files[0]).names)
@@ -438,7 +478,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         "dropped": None if drops is None else [[d["stage"], d["reason"], d["count"], d["example"]] for d in drops],
         "samples": [(label, row["id"], short_units(row.get("plain_text") or row.get("text") or ""))
                     for label, row in _sample_records(dataset)],
-        "listen": listen, "quality": judged, "plots": plots, "timings": _timings(stages),
+        "listen": listen, "quality": judged, "dedup": _dedup(meta, work, out), "plots": plots, "timings": _timings(stages),
         "numbers": json.dumps(numbers, indent=2),
     })
     write_text(out / "index.html", page)

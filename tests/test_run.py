@@ -289,7 +289,7 @@ def test_help_lists_the_commands_in_pipeline_order_and_says_what_each_reads():
     listed = runner.invoke(app, ["--help"], env={"COLUMNS": "240"}).output
     import re
 
-    order = ("shard", "score", "align", "extract", "cluster", "quantize", "templates", "compose", "publish",
+    order = ("shard", "score", "align", "extract", "cluster", "quantize", "dedup", "templates", "compose", "publish",
              "validate", "report", "resynth", "run", "train", "chat")
     at = {n: re.search(rf"│ {n}\s", listed).start() for n in order}  # where each command's row starts
     assert sorted(order, key=at.get) == list(order)

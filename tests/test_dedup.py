@@ -1,0 +1,274 @@
+"""`dedup`: near-duplicate audio by unit MinHash (datasketch) verified by Levenshtein similarity (rapidfuzz),
+repeated transcripts capped, evaluation texts and audio kept out of training, speakers across splits. The
+duplicates are planted with real tools: libsndfile's MP3 (64 kbit/s) and Opus encoders, soxr resampling, a cut,
+white noise at 20 dB SNR; the corpus is espeak-ng speech in LibriSpeech's layout, MFCC units (K = 100)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import soxr
+from typer.testing import CliRunner
+
+from speechinstruct import audio
+from speechinstruct.cli import app
+from speechinstruct.dedup import EvalTexts, Signer, dedup, ngram_hashes, words
+
+runner = CliRunner()
+COPIES = ("mp3", "opus", "resampled", "cut", "noise")
+
+
+def reencoded(wav: np.ndarray, fmt: str, subtype: str | None = None, **options) -> np.ndarray:
+    buffer = io.BytesIO()
+    sf.write(buffer, wav, 16000, format=fmt, subtype=subtype, **options)
+    buffer.seek(0)
+    return sf.read(buffer, dtype="float32")[0]
+
+
+def copy_of(wav: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    if kind == "mp3":  # libsndfile's LAME at a constant 64 kbit/s: for 16 kHz (MPEG-2) level 0 is 160 kbit/s and
+        # each 1/152 of a level 1 kbit/s less (measured: 0.5 gave 83 kbit/s, this 67 with the file's headers)
+        return reencoded(wav, "MP3", bitrate_mode="CONSTANT", compression_level=96 / 152)
+    if kind == "opus":
+        return reencoded(wav, "OGG", "OPUS")
+    if kind == "resampled":
+        return soxr.resample(soxr.resample(wav, 16000, 22050), 22050, 16000).astype(np.float32)
+    if kind == "cut":
+        return wav[: int(wav.size * 0.9)]
+    noise = np.random.default_rng(seed).standard_normal(wav.size).astype(np.float32)
+    noise *= np.sqrt(np.mean(wav ** 2) / np.mean(noise ** 2) / 10 ** (20 / 10))
+    return (wav + noise).astype(np.float32)
+
+
+def write_utterances(root, split: str, speaker: str, items: list[tuple[np.ndarray, str]], chapter: str = "1") -> list[str]:
+    folder = root / split / speaker / chapter
+    folder.mkdir(parents=True, exist_ok=True)
+    lines, ids = [], []
+    for n, (wav, text) in enumerate(items):
+        utt = f"{speaker}-{chapter}-{n:04d}"
+        sf.write(folder / f"{utt}.flac", wav, 16000)
+        lines.append(f"{utt} {text.upper()}")
+        ids.append(f"librispeech/{utt}")
+    (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """60 distinct espeak-ng sentences (speakers 100-105), the copies of 12 of them (speaker 200), a test split of
+    3 utterances (speaker 300), one of them also read in training (speaker 100 reads the test text), and units."""
+    from speechinstruct.cluster import cluster
+    from speechinstruct.demo import sentences
+    from speechinstruct.extract import extract
+    from speechinstruct.features import MFCC
+    from speechinstruct.quantize import quantize
+    from speechinstruct.shard import shard_corpus
+    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
+    from speechinstruct.units import load_kmeans
+
+    tmp = tmp_path_factory.mktemp("dedup")
+    tts = EspeakTTS()
+    texts = list(dict.fromkeys(sentences(80, seed=5)))[:64]
+    spoken = []
+    for i, text in enumerate(texts):
+        wav, sr = tts.synthesize(text, ESPEAK_VOICES[i % len(ESPEAK_VOICES)], 160)
+        spoken.append((audio.resample(wav, sr), text))
+    root = tmp / "LibriSpeech"
+    originals = []
+    for s in range(6):
+        originals += write_utterances(root, "train-clean-100", f"10{s}", spoken[s * 10: s * 10 + 10])
+    copies = {}
+    items = []
+    for i in range(12):
+        for kind in COPIES:
+            items.append((copy_of(spoken[i][0], kind, i), spoken[i][1]))
+            copies[f"librispeech/200-1-{len(items) - 1:04d}"] = (originals[i], kind)
+    write_utterances(root, "train-clean-100", "200", items)
+    test_ids = write_utterances(root, "test-clean", "300", spoken[60:63])
+    contaminated = write_utterances(root, "train-clean-360", "400", [spoken[60]])  # a test utterance read in training
+    shared = write_utterances(root, "train-clean-360", "300", [spoken[63]], chapter="2")  # a test speaker, in training
+    shard_corpus("librispeech", root, tmp / "manifest", quiet=True)
+    extract(tmp / "manifest", tmp / "features", MFCC(), quiet=True)
+    cluster(tmp / "features", tmp / "km", k=100, quiet=True)
+    quantize(tmp / "features", load_kmeans(tmp / "km"), tmp / "units", quiet=True)
+    return {"root": tmp, "originals": originals, "copies": copies, "test": test_ids, "contaminated": contaminated,
+            "shared": shared, "texts": texts}
+
+
+def dropped_rows(folder):
+    return {d["id"]: d for f in sorted(folder.glob("dropped-*.jsonl")) for d in map(json.loads, f.read_text().splitlines())}
+
+
+def test_planted_copies_are_found_and_distinct_utterances_kept(planted, tmp_path):
+    summary = dedup(planted["root"] / "units", tmp_path / "out", quiet=True)
+    gone = dropped_rows(tmp_path / "out")
+    found = {kind: [] for kind in COPIES}
+    for uid, (original, kind) in planted["copies"].items():
+        found[kind].append(uid in gone and gone[uid]["duplicate_of"] in (original, *planted["copies"]))
+    re_encoded = [x for kind in ("mp3", "opus", "resampled", "cut") for x in found[kind]]
+    assert np.mean(re_encoded) >= 0.95, {k: np.mean(v) for k, v in found.items()}
+    false = [uid for uid in planted["originals"][12:] if uid in gone]  # 48 originals with no copy
+    assert len(false) / 48 <= 0.01, [gone[u] for u in false]
+    assert not any(uid in gone for uid in planted["originals"][:12])  # each group keeps its smallest id: the original
+    print("noisy copies (20 dB SNR) found:", np.mean(found["noise"]))  # reported, not a target
+    assert summary["dropped"].get("near duplicate", 0) + summary["dropped"].get("exact duplicate", 0) >= 46
+    kept = [r["id"] for f in sorted((tmp_path / "out").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(kept) == summary["kept"] and not set(kept) & set(gone)
+    assert (tmp_path / "out" / "units.json").read_bytes() == (planted["root"] / "units" / "units.json").read_bytes()
+
+
+def test_evaluation_texts_and_audio_are_kept_out_and_a_rerun_is_the_same(planted, tmp_path):
+    """The test split's transcripts and audio count as evaluation data across the corpus: a training utterance
+    reading a test sentence is dropped, as is one whose transcript holds 13 words of an evaluation text file."""
+    (tmp_path / "bench.txt").write_text(f"Something else entirely.\n{planted['texts'][5].lower()}\n")  # a short text: whole
+    summary = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")], quiet=True)
+    gone = dropped_rows(tmp_path / "out")
+    assert gone[planted["contaminated"][0]]["reason"] in ("evaluation text", "evaluation audio")
+    assert gone[planted["originals"][5]]["reason"] == "evaluation text" and "bench.txt:2" in gone[planted["originals"][5]]["duplicate_of"]
+    assert not any(t in gone for t in planted["test"])  # evaluation rows are never dropped
+    assert summary["checked_against"]["eval_sources"] == [{"source": str(tmp_path / "bench.txt"), "texts": 2, "utterances": 0}]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    again = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")], quiet=True)
+    assert again == summary and {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+
+
+def test_transcripts_are_capped_with_distinct_speakers_first_and_shared_speakers_reported(planted, tmp_path):
+    summary = dedup(planted["root"] / "units", tmp_path / "out", max_per_transcript=1, similarity=1.0, quiet=True)
+    gone = dropped_rows(tmp_path / "out")
+    # the 12 sentences speaker 200 read again (5 copies each): one reading of each stays
+    for i in range(12):
+        readings = [planted["originals"][i]] + [u for u, (o, _) in planted["copies"].items() if o == planted["originals"][i]]
+        assert sum(u not in gone for u in readings) == 1
+    assert summary["speakers_in_train_and_eval"] == [{"corpus": "librispeech", "speaker": "300"}]  # reported
+    assert planted["shared"][0] not in gone  # but kept without --speaker-disjoint
+    cli = runner.invoke(app, ["dedup", str(planted["root"] / "units"), str(tmp_path / "cli"), "--speaker-disjoint", "-q"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["dropped"]["speaker in an evaluation split"] == 1
+    assert dropped_rows(tmp_path / "cli")[planted["shared"][0]]["duplicate_of"] == "librispeech: 300"
+
+
+def test_signatures_are_datasketchs_minhash_of_the_unit_ngrams():
+    from datasketch import MinHash
+
+    units = np.random.default_rng(0).integers(0, 100, 200)
+    signer = Signer(ngram=4, num_perm=64)
+    reference = MinHash(num_perm=64, seed=1, hashfunc=int)
+    reference.update_batch(ngram_hashes(units, 4).tolist())
+    np.testing.assert_array_equal(signer.signature(units), reference.hashvalues.astype(np.uint32))
+    assert len(ngram_hashes([1, 2, 3], 4)) == 1 and len(ngram_hashes([], 4)) == 0
+
+
+def test_evaluation_texts_match_by_thirteen_word_ngrams_and_short_texts_whole():
+    texts = EvalTexts(13)
+    texts.add("What is the capital of France? Paris is the capital and the largest city of the country.", "bench:1")
+    texts.add("Hi there!", "bench:2")
+    assert texts.match("the capital of France: Paris is the capital and the largest city of the country, they said")[1] == "bench:1"
+    assert texts.match("paris is the capital and the largest city") is None  # 8 words: shares no 13-gram
+    assert texts.match("HI, THERE.")[1] == "bench:2" and texts.match("hi there friend") is None
+    assert words("It's  Paris—the CITY!") == ["its", "paris", "the", "city"]
+
+
+def test_bad_inputs_are_one_line(planted, tmp_path):
+    for args, says in ((["dedup", str(tmp_path / "none"), str(tmp_path / "o")], "no units-*.parquet"),
+                       (["dedup", str(planted["root"] / "units"), str(tmp_path / "o"), "--eval", str(tmp_path / "x.txt")],
+                        "no such evaluation file"),
+                       (["dedup", str(planted["root"] / "units"), str(tmp_path / "o"), "--threshold", "0"], "threshold")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_checked(tmp_path):
+    """recipe.dedup: a stage after quantize; compose reads its output; the card and the report say what was
+    checked against and what was dropped; without the section a rerun removes the stage's folders."""
+    import yaml
+
+    from speechinstruct.pipeline import run
+
+    data = {"workdir": str(tmp_path / "work"), "demo_corpus": {"sentences": 16, "seed": 2},
+            "kmeans": {"k": 16, "max_frames": 20000}, "compose": {"chain_of_modality": {"max_pairs": 2}},
+            "dedup": {"max_per_transcript": 1, "eval": [str(tmp_path / "bench.txt")]}, "output": {"vocoder": "none"}}
+    (tmp_path / "bench.txt").write_text("nothing in the demo corpus says this\n")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    summary = run(tmp_path / "r.yaml", quiet=True)
+    assert summary["valid"]
+    work = tmp_path / "work"
+    cm = json.loads(next((work / "composed" / "cross_modal").glob("summary*.json")).read_text())
+    assert cm["units"] == str((work / "speechinstruct-demo" / "dedup").resolve())
+    card = (work / "dataset" / "README.md").read_text()
+    assert "## Duplicates and contamination" in card and "bench.txt" in card and "13-word n-grams" in card
+    page = (work / "report" / "index.html").read_text()
+    assert "Duplicates and contamination" in page
+    del data["dedup"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    run(tmp_path / "r.yaml", quiet=True)
+    assert not (work / "speechinstruct-demo" / "dedup").exists()
+    assert "no `dedup` stage ran" in (work / "dataset" / "README.md").read_text()
+
+
+def test_the_report_plays_a_dropped_copy_beside_what_it_duplicates(planted, tmp_path):
+    from speechinstruct import compose
+    from speechinstruct.publish import publish
+    from speechinstruct.report import report
+
+    dedup(planted["root"] / "units", tmp_path / "librispeech" / "dedup", quiet=True)
+    compose.pretrain(tmp_path / "librispeech" / "dedup", tmp_path / "composed" / "pretrain", quiet=True)
+    publish(tmp_path / "composed", tmp_path / "dataset")
+    report(tmp_path / "dataset", tmp_path / "report", work=tmp_path)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Duplicates and contamination" in page and "near duplicate" in page
+    pairs = sorted((tmp_path / "report" / "audio").glob("dup-*.wav"))
+    assert len(pairs) >= 2 and all(sf.info(p).duration > 0.5 for p in pairs)
+
+
+def test_a_benchmark_prompt_among_the_instruction_pairs_is_dropped_before_it_is_spoken(tmp_path):
+    """compose chain-of-modality and dialogue --eval: a pair (or any turn of a conversation) that shares a 13-word
+    n-gram with an evaluation text, or equals a short one, is dropped and counted, never spoken."""
+    from speechinstruct import compose, units as U
+    from speechinstruct.dialogue import dialogue
+    from speechinstruct.features import MFCC
+    from speechinstruct.tts import CachedTTS, EspeakTTS
+
+    question = "Which planet in our solar system has the largest number of known moons orbiting it today?"
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"question": question, "answer": "Saturn."}) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in [
+        {"id": "fine", "instruction": "Say hello to me.", "response": "Hello there, friend."},
+        {"id": "leaked", "instruction": f"Quick question. {question}", "response": "I think it is Saturn."},
+        {"id": "short", "instruction": "Saturn.", "response": "A planet."}]) + "\n")
+    from speechinstruct.dedup import eval_texts
+
+    texts = eval_texts([str(tmp_path / "bench.jsonl")])
+    km = U.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
+    tts = CachedTTS(EspeakTTS(), tmp_path / "tts")
+    summary = compose.chain_of_modality(pairs, tmp_path / "com", MFCC(), km, tts, formats=("text-text",),
+                                        eval_texts=texts, quiet=True)
+    assert summary["records"] == 1 and summary["dropped: evaluation text"] == 2
+    reasons = {d["id"]: d["reason"] for d in summary["dropped_examples"]}
+    assert reasons["leaked"].startswith("evaluation text (bench.jsonl:1") and reasons["short"].startswith("evaluation text")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"id": "c1", "messages": [{"role": "user", "content": "Hi!"},
+                                                           {"role": "assistant", "content": "Hello."},
+                                                           {"role": "user", "content": question},
+                                                           {"role": "assistant", "content": "Saturn."}]}) + "\n")
+    result = dialogue(chats, tmp_path / "dlg", MFCC(), km, tts, eval_texts=texts, quiet=True)
+    assert result["records"] == 0 and result["dropped: evaluation text"] == 1
+
+
+def test_job_array_tasks_cache_signatures_and_the_final_run_uses_them(planted, tmp_path, monkeypatch):
+    from speechinstruct import dedup as D
+
+    for i in range(2):
+        part = dedup(planted["root"] / "units", tmp_path / "out", num_shards=2, shard_index=i, quiet=True)
+        assert part["signatures_of_shards"] >= 1
+    assert not list((tmp_path / "out").glob("units-*.parquet"))  # the tasks decide nothing
+    computed = []
+    monkeypatch.setattr(D.Signer, "signature", lambda self, units: computed.append(1) or np.zeros(self.num_perm, np.uint32))
+    final = dedup(planted["root"] / "units", tmp_path / "out", quiet=True)
+    assert computed == []  # every signature came from the tasks' cache
+    monkeypatch.undo()
+    assert final["dropped"] == dedup(planted["root"] / "units", tmp_path / "single", quiet=True)["dropped"]
