@@ -14,8 +14,8 @@ training row is checked, in this order (the first reason that holds is the one r
    (reported whether or not they are dropped);
 4. **exact duplicate**: the same unit sequence as a row kept, or (``audio_hash``) the same 16 kHz samples;
 5. **near duplicate**: MinHash of its unit n-grams (``ngram`` units, ``num_perm`` permutations; datasketch's
-   ``MinHash`` and ``MinHashLSH``) finds candidate rows whose estimated Jaccard similarity is at least
-   ``threshold``, and each candidate pair counts as a duplicate when the two unit sequences are at least
+   ``MinHash``, and the bands of its ``MinHashLSH`` for ``threshold``, in :func:`candidate_pairs`) finds candidate
+   rows whose estimated Jaccard similarity is at least ``threshold``, and each candidate pair counts as a duplicate when the two unit sequences are at least
    ``similarity`` alike by normalised Levenshtein similarity (rapidfuzz). Units of re-encoded audio share few
    exact n-grams but stay in order: on MFCC units (K=100) of espeak-ng sentences, MP3, Opus, resampled and 10 %
    shorter copies measured 0.78-1.0 while distinct sentences reached at most 0.61, where their n-gram Jaccard
@@ -29,7 +29,8 @@ it duplicates or matches; ``OUT/dedup.json`` has the counts per reason, what was
 groups, and the speakers found in both training and evaluation splits.
 
 Memory: per row, its MinHash signature (``num_perm`` × 4 bytes), its units (2 bytes each below 65,536 units,
-to verify candidates) and the LSH index's band keys; the rows' other columns are read a shard at a time. Signatures are cached per shard (``OUT/.signatures``), so a rerun
+to verify candidates), what the decisions need of it (id, split, speaker, transcript) and one band's keys at a
+time (8 bytes); the rows' other columns are read a shard at a time. Signatures are cached per shard (``OUT/.signatures``), so a rerun
 (or one after a kill) does not compute them again; the output shards are written atomically, every run anew
 (the decisions are global: a setting changed may change any shard), and an output shard whose input is gone is
 removed.
@@ -134,12 +135,6 @@ class Signer:
         m.update_batch(ngram_hashes(units, self.ngram).tolist())
         return m.hashvalues.astype(np.uint32)
 
-    def lean(self, signature: np.ndarray):
-        from datasketch import LeanMinHash, MinHash
-
-        return LeanMinHash(MinHash(num_perm=self.num_perm, seed=self.seed, hashvalues=signature.astype(np.uint64),
-                                   permutations=self._permutations, scheme="affine32"))
-
 
 def compact(units) -> np.ndarray:
     """A unit sequence in the fewest bytes that hold it (2 per unit below 65,536)."""
@@ -149,6 +144,37 @@ def compact(units) -> np.ndarray:
 
 def unit_hash(units) -> bytes:
     return hashlib.sha1(np.asarray(units, dtype=np.int64).tobytes()).digest()[:12]
+
+
+def candidate_pairs(matrix: np.ndarray, threshold: float, largest: int = 64):
+    """(i, j) rows of a (rows, num_perm) signature matrix that LSH makes candidates at ``threshold``: the bands and
+    rows per band datasketch's ``MinHashLSH`` chooses (its ``_optimal_param``), each band's values combined into
+    one 64-bit key per row and the rows sorted by it, so equal keys sit together (8 bytes per row and band, one
+    band at a time, where ``MinHashLSH`` keeps a dictionary entry per row and band: 10 kB per utterance measured).
+    A bucket of more than ``largest`` rows pairs each with its neighbour and with the bucket's first row."""
+    import itertools
+
+    from datasketch.lsh import _optimal_param
+
+    bands, per_band = _optimal_param(threshold, matrix.shape[1], 0.5, 0.5)
+    seen: set[tuple[int, int]] = set()
+    for band in range(bands):
+        key = np.zeros(len(matrix), np.uint64)
+        with np.errstate(over="ignore"):
+            for column in range(band * per_band, (band + 1) * per_band):
+                key = key * np.uint64(0x9E3779B97F4A7C15) + matrix[:, column].astype(np.uint64)
+        order = np.argsort(key, kind="stable")
+        ordered = key[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        ends = np.r_[starts[1:], len(ordered)]
+        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            members = sorted(order[start:end].tolist())
+            pairs = itertools.combinations(members, 2) if len(members) <= largest else \
+                itertools.chain(zip(members, members[1:]), ((members[0], m) for m in members[2:]))
+            for pair in pairs:
+                if pair not in seen:
+                    seen.add(pair)
+                    yield pair
 
 
 # ------------------------------------------------------------------------------------------- groups
@@ -412,7 +438,6 @@ def decide(rows: dict[str, Row], signatures: dict[str, np.ndarray], sequences: d
            texts: EvalTexts, threshold: float, similarity: float, max_per_transcript: int | None, speaker_disjoint: bool):
     """id → (reason, what it duplicates or matches) for every training row dropped, example groups per reason,
     and the speakers found in training and evaluation splits of one corpus."""
-    from datasketch import MinHashLSH
     from rapidfuzz.distance import Levenshtein
 
     dropped: dict[str, tuple[str, str]] = {}
@@ -431,10 +456,6 @@ def decide(rows: dict[str, Row], signatures: dict[str, np.ndarray], sequences: d
             if found:
                 drop(uid, "evaluation text", f"{found[1]} ({found[0]!r})")
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=signer.num_perm)
-    leans = {uid: signer.lean(sig) for uid, sig in signatures.items()}
-    for uid, lean in leans.items():
-        lsh.insert(uid, lean)
     near, exact = UnionFind(), UnionFind()
     by_units: dict[bytes, str] = {}
     by_audio: dict[bytes, str] = {}
@@ -447,11 +468,13 @@ def decide(rows: dict[str, Row], signatures: dict[str, np.ndarray], sequences: d
                     near.union(uid, seen[key])
                 else:
                     seen[key] = uid
-    for uid, lean in leans.items():  # LSH's candidates, each pair verified on the unit sequences themselves
-        for other in lsh.query(lean):
-            if other > uid and near.find(uid) != near.find(other) and \
-                    Levenshtein.normalized_similarity(sequences[uid], sequences[other]) >= similarity:
-                near.union(uid, other)
+    ids = sorted(signatures)
+    matrix = np.stack([signatures[uid] for uid in ids]) if ids else np.zeros((0, signer.num_perm), np.uint32)
+    for a, b in candidate_pairs(matrix, threshold):  # each candidate verified on the unit sequences themselves
+        uid, other = ids[a], ids[b]
+        if near.find(uid) != near.find(other) and \
+                Levenshtein.normalized_similarity(sequences[uid], sequences[other]) >= similarity:
+            near.union(uid, other)
 
     eval_speakers = {(r.corpus, r.speaker) for r in rows.values() if r.is_eval and r.speaker not in (None, "", "unknown")}
     shared = sorted({(r.corpus, r.speaker) for r in rows.values() if not r.is_eval and (r.corpus, r.speaker) in eval_speakers})
