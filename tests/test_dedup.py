@@ -272,3 +272,32 @@ def test_job_array_tasks_cache_signatures_and_the_final_run_uses_them(planted, t
     assert computed == []  # every signature came from the tasks' cache
     monkeypatch.undo()
     assert final["dropped"] == dedup(planted["root"] / "units", tmp_path / "single", quiet=True)["dropped"]
+
+
+def test_candidate_pairs_are_the_pairs_datasketchs_minhashlsh_finds():
+    """Our banding (numpy keys, sorted) gives exactly the candidates MinHashLSH's own index gives for the same
+    signatures and threshold; a bucket too large for all its pairs still connects every member."""
+    from datasketch import MinHashLSH
+
+    from speechinstruct.dedup import UnionFind, candidate_pairs
+
+    rng = np.random.default_rng(3)
+    signer = Signer(ngram=4, num_perm=64)
+    base = [rng.integers(0, 50, 120) for _ in range(60)]
+    seqs = base + [np.where(rng.random(120) < 0.1, rng.integers(0, 50, 120), b) for b in base[:20]]
+    matrix = np.stack([signer.signature(s) for s in seqs])
+    ours = {tuple(sorted(p)) for p in candidate_pairs(matrix, 0.3)}
+    lsh = MinHashLSH(threshold=0.3, num_perm=64)
+    from datasketch import LeanMinHash, MinHash
+
+    leans = [LeanMinHash(MinHash(num_perm=64, seed=1, hashvalues=m.astype(np.uint64), scheme="affine32",
+                                 permutations=signer._permutations)) for m in matrix]
+    for i, lean in enumerate(leans):
+        lsh.insert(i, lean)
+    theirs = {tuple(sorted((i, j))) for i, lean in enumerate(leans) for j in lsh.query(lean) if j != i}
+    assert ours == theirs and len(ours) >= 15  # most of the 20 near copies
+    same = np.tile(matrix[:1], (100, 1))
+    groups = UnionFind()
+    for a, b in candidate_pairs(same, 0.3, largest=10):
+        groups.union(str(a), str(b))
+    assert len(groups.groups()) == 1 and len(groups.groups()[0]) == 100
