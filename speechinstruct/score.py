@@ -378,14 +378,17 @@ class EndpointASR:
     so a rerun scores it once the server is back, and no passing failure is ever recorded as a score. An answer with
     no transcript in it is that utterance's error (:class:`BadAnswer`)."""
 
+    MAX_RETRIES = 6  # 0.5 + 1 + 2 + 4 + 8 + 8 s of backoff (less up to a quarter: jitter) before a server counts as down
+
     def __init__(self, base_url: str, model: str = "whisper-1", threads: int = 4, timeout: float = 120.0,
-                 max_retries: int = 6):
+                 max_retries: int | None = None):
         from openai import OpenAI
 
         from .llm import api_key, check_endpoint
 
         check_endpoint(base_url, "--base-url")
-        self.client = OpenAI(base_url=base_url, api_key=api_key() or "none", timeout=timeout, max_retries=max_retries)
+        self.client = OpenAI(base_url=base_url, api_key=api_key() or "none", timeout=timeout,
+                             max_retries=self.MAX_RETRIES if max_retries is None else max_retries)
         self.base_url, self.name, self.threads = base_url, model, threads
         self.normalise, self.kind = normaliser(), "endpoint"
 

@@ -188,3 +188,18 @@ def units_dir(librispeech_root, tmp_path):
     cluster(tmp_path / "features", tmp_path / "kmeans", k=8, quiet=True)
     quantize(tmp_path / "features", load_kmeans(tmp_path / "kmeans"), tmp_path / "units", quiet=True)
     return tmp_path / "units"
+
+
+# The quick subset for iteration (`scripts/test.sh -m "not slow"`, under 3 minutes on 2 cores): everything but
+# the files and tests that take seconds each (whole runs of the pipeline, Ray clusters, training, kills).
+SLOW_FILES = ("test_ray.py", "test_reliability.py", "test_run.py", "test_train.py", "test_listen.py")
+SLOW_TESTS = ("test_compose_memory_does_not_grow", "test_publish_memory_does_not_grow", "test_run_quality_gate",
+              "test_dnsmos_equals_speechmos", "test_run_with_mimi_units", "test_the_dialogue_config_is_chat_data",
+              "test_resynth_speaks_every_record_kind", "test_a_recipe_dedups_every_corpus", "test_stage3_trains",
+              "test_trl_trains_on_messages", "test_asr_and_dnsmos_batches")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or item.name.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
