@@ -26,6 +26,9 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   step .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 step .venv/bin/python -m pip install -q -e ".[${extras}]"
+# Resemblyzer's GE2E speaker encoder (score --speaker, shard audio --speakers): its weights ship in its wheel, which
+# declares the `typing` backport (never to be installed on Python 3): without dependencies.
+step .venv/bin/python -m pip install -q --no-deps "resemblyzer==0.1.4"
 # The tests hold the VAD model we ship (speechinstruct/data/silero_vad.onnx) to silero-vad's own wheel; that wheel
 # declares torchaudio, which loads only beside the torch it was built for and then breaks `import transformers`:
 # installed for the tests only, without dependencies.

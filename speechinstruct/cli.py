@@ -158,6 +158,10 @@ def shard(
                                       "model (as `score --asr`: a transformers folder or hub id, or a model at --base-url)."),
     base_url: Optional[str] = typer.Option(None, help="audio: --asr at an OpenAI-compatible /audio/transcriptions server."),
     device: str = typer.Option("auto", help="audio: where --asr runs (cpu, cuda, cuda:N or auto)."),
+    speakers: bool = typer.Option(False, "--speakers", help="audio: find each recording's speakers (speaker embeddings "
+                                  "clustered); rows get speaker RECORDING#S1, #S2, …"),
+    speaker_threshold: float = typer.Option(0.25, help="audio --speakers: the cosine distance at which clusters stop "
+                                            "merging (lower: more speakers)."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
@@ -191,6 +195,10 @@ def shard(
         fail("--base-url needs --asr: the model name at that server (`openai`: whisper-1)")
     if asr:
         options.update(asr=asr, base_url=base_url, device=device)
+    if speakers and corpus is not Corpus.audio:
+        fail(f"--speakers is for `shard audio` (a {corpus.value} corpus names its speakers)")
+    if speakers:
+        options.update(speakers=True, speaker_threshold=speaker_threshold)
     if corpus is Corpus.gigaspeech:
         options["subset"] = subset
     if corpus is Corpus.commonvoice:
@@ -636,14 +644,20 @@ def publish(
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
 
-def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int):
-    from .score import DNSMOS, Judge, load_asr
+def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int,
+           speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False):
+    from .score import DNSMOS, Judge, load_asr, reference_embeddings
+    from .speakers import load_speaker_encoder
 
-    if not dnsmos and not asr:
-        fail("nothing to score with: give --dnsmos, --asr MODEL or both")
+    if references and not speaker:
+        speaker = "resemblyzer"  # references mean speaker similarity: the default encoder
+    if not (dnsmos or asr or speaker or language):
+        fail("nothing to score with: give --dnsmos, --asr MODEL, --speaker or --language")
     judge_dnsmos = DNSMOS(device=device) if dnsmos else None
     judge_asr = load_asr(asr, base_url=base_url, device=device, batch_size=batch_size) if asr else None
-    return Judge(judge_dnsmos, judge_asr)
+    encoder = load_speaker_encoder(speaker, device) if speaker else None
+    return Judge(judge_dnsmos, judge_asr, encoder, reference_embeddings(references, encoder) if references else None,
+                 languages=language)
 
 
 @command(app)
@@ -660,14 +674,24 @@ def score(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     batch_size: int = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per forward pass."),
     workers: int = typer.Option(2, help="Audio decoding threads."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", parser=_input_name, help="Speaker embeddings "
+                                          "(embeddings-NNNNN.npy, float16, row for row with the scores): "
+                                          "`resemblyzer` (GE2E, its weights in its wheel) or a transformers x-vector "
+                                          "model folder or hub id."),
+    speaker_references: Optional[Path] = typer.Option(None, parser=_input, help="A folder of reference recordings, "
+                                                      "SPEAKER.wav each: speaker_similarity is each utterance's cosine "
+                                                      "to its speaker's (implies --speaker resemblyzer)."),
+    language: bool = typer.Option(False, "--language", help="Language ID of each transcript (langid, in its "
+                                  "package) and, with --asr, of the audio (a Whisper model's language token)."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
 ):
-    """Score every utterance: DNSMOS and/or the WER and CER of an ASR round trip; resumable per shard."""
+    """Score every utterance: DNSMOS, the WER and CER of an ASR round trip, speaker embeddings and similarity,
+    language; resumable per shard."""
     from .score import score as run_score
 
-    judge = _judge(dnsmos, asr, base_url, _device(device), batch_size)
+    judge = _judge(dnsmos, asr, base_url, _device(device), batch_size, speaker, speaker_references, language)
     summary = run_score(source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
                         workers=workers, quiet=quiet)
     for column in summary["scores"].values():

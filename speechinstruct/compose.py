@@ -203,6 +203,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 counts[pair["values"]] += pair["counts"]
     summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
+               **({"scores": str(Path(scores).resolve())} if scores else {}),
                "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
@@ -264,7 +265,8 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = defau
                                  "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
     counts.update(split_counts(out, part))
     summary = {**{s: counts[s] for s in SPLITS}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
-               "units": str(Path(units_dir).resolve()), "dropped_examples": dropped[:200]}
+               "units": str(Path(units_dir).resolve()), **({"scores": str(Path(scores).resolve())} if scores else {}),
+               "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
 
@@ -499,6 +501,9 @@ class Speaker:
             encoder = SpeechEncoder(kmeans, extractor)
             self.encode = lambda wav, sr: encoder.encode(wav, sr).units
 
+    def _reference(self, voice: str, rate):
+        return self.tts.synthesize(self.REFERENCE, voice, rate)
+
     def tokenizer_spec(self) -> dict:
         """What made the units (for a compose summary, so that publish knows the vocabulary of records that
         come from no units folder): the extractor's spec, the k-means and the unit vocabulary."""
@@ -513,16 +518,23 @@ class Speaker:
     def units(self, text: str, key: str) -> tuple[list[int], str, dict]:
         voice, rate = self.tts.voice_for(key)
         wav, sr = self.tts.synthesize(text, voice, rate)
-        judged = self._judged(wav, sr, text) if self.judge is not None else {}
+        judged = self._judged(wav, sr, text, voice, rate) if self.judge is not None else {}
         u = self.encode(wav, sr)
         if not u.size:
             raise ValueError("no speech units")
         return u.tolist(), f"{self.tts.name}:{voice}@{rate}", judged
 
-    def _judged(self, wav, sr: int, text: str) -> dict:
+    REFERENCE = "The quick brown fox jumps over the lazy dog, and the five boxing wizards jump quickly."
+
+    def _judged(self, wav, sr: int, text: str, voice: str, rate) -> dict:
+        """The judge's scores of one synthesized turn; with a speaker encoder, its similarity to the voice's
+        reference (the voice saying :data:`REFERENCE`, embedded once per voice and rate)."""
         from .audio import resample
 
-        result = self.judge.scores([resample(wav, sr)], [text])[0]
+        who = f"voice:{voice}@{rate}"
+        if self.judge.speaker is not None and who not in self.judge.references:
+            self.judge.references[who] = self.judge.speaker.embed(resample(*self._reference(voice, rate)))
+        result = self.judge.scores([resample(wav, sr)], [text], [who])[0]
         if isinstance(result, str):
             raise SpeechRejected(f"not scored ({result})")
         reason = self.gates.reason(result) if self.gates is not None else None

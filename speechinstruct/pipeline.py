@@ -211,7 +211,8 @@ class Job:
         self.transcribed = [c["name"] for c in self.corpora if SOURCES[c["name"]].transcripts or c["options"].get("asr")]
         self.runner = Runner(force=force)
         self.quality = recipe["quality"]
-        self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"])
+        self.scoring = bool(self.quality["dnsmos"] or self.quality["asr"] or self.quality["speaker"]
+                            or self.quality["language"])
         self.runner.total = (bool(recipe["demo_corpus"]) + (3 + self.scoring) * len(self.corpora)
                              + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2 + bool(recipe["compose"]["dialogue"])
                              + bool(recipe["compose"]["interleaved"]) + bool(recipe["dedup"]))
@@ -250,19 +251,24 @@ class Job:
         return self._extractor
 
     def judge(self):
-        """The recipe's judges (``quality``: DNSMOS, ASR), loaded once, when a stage first needs them."""
+        """The recipe's judges (``quality``: DNSMOS, ASR, speaker embeddings, language ID), loaded once, when a
+        stage first needs them."""
         from .score import DNSMOS, Judge, load_asr
+        from .speakers import load_speaker_encoder
 
         if self._judge is None:
             q = self.quality
             asr = load_asr(q["asr"], base_url=q["base_url"], device=self.device, batch_size=q["batch_size"]) if q["asr"] else None
-            self._judge = Judge(DNSMOS(device=self.device) if q["dnsmos"] else None, asr)
+            speaker = load_speaker_encoder(q["speaker"], self.device) if q["speaker"] else None
+            self._judge = Judge(DNSMOS(device=self.device) if q["dnsmos"] else None, asr, speaker,
+                                languages=bool(q["language"]))
         return self._judge
 
     def judge_settings(self) -> dict:
         """What the scores depend on (a replaced ASR folder's weights change the stamp)."""
         q = self.quality
         settings = {k: q[k] for k in ("dnsmos", "asr", "base_url")}
+        settings.update({k: q[k] for k in ("speaker", "language") if q[k]})  # only when on: older stamps stay valid
         weights = Path(q["asr"]) / "model.safetensors" if q["asr"] and not q["base_url"] else None
         if weights is not None and weights.is_file():
             st = weights.stat()

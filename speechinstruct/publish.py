@@ -281,6 +281,10 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     if vocabulary is not None:
         meta["vocabulary"] = vocabulary.to_json()
     meta["languages"] = _languages(meta, units_dirs)
+    measured = measured_languages(compose_dir)
+    if measured:  # what langid found in the transcripts (score --language), not what the sources declare
+        meta["languages_measured"] = measured
+        meta["languages"] = sorted(c for c in {"en", *measured} if LANGUAGE_CODE.fullmatch(c))
     from .dedup import read_summary
 
     found = [read_summary(d) for d in units_dirs]  # the units compose read, when dedup wrote them
@@ -417,6 +421,20 @@ SPEECHGPT_CITATION = """@article{zhang2023speechgpt,
   journal={arXiv preprint arXiv:2305.11000},
   year={2023}
 }"""
+
+
+def measured_languages(compose_dir: Path) -> dict[str, int]:
+    """Utterances per language of their transcripts, as ``score --language`` measured them, over the scores folders
+    the compose summaries name (cross-modal and pretrain records read them)."""
+    found: collections.Counter[str] = collections.Counter()
+    folders = set()
+    for config in ("cross_modal", "pretrain"):
+        for summary in sorted((compose_dir / config).glob("summary*.json")):
+            scores = read_json(summary).get("scores")
+            if scores and Path(scores, "summary.json").is_file() and scores not in folders:
+                folders.add(scores)
+                found.update(read_json(Path(scores, "summary.json")).get("text_language") or {})
+    return dict(found.most_common())
 
 
 def _languages(meta: dict, units_dirs: list[Path]) -> list[str]:
@@ -570,6 +588,10 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
     else:
         lines.append("Records made from the corpora's dev and test audio were left out of this dataset.")
     lines += dedup_section(meta.get("dedup"))
+    if meta.get("languages_measured"):
+        lines += ["", "## Languages (measured)", "", "Utterances per language of their transcripts, by langid "
+                  "(`score --language`), before the quality gates:", "", "| language | utterances |", "|---|---|"]
+        lines += [f"| {cell(code)} | {n} |" for code, n in meta["languages_measured"].items()]
     lines += ["", "## Fields", ""]
     for item in configs_yaml:
         schema = records.json_schema(item["config_name"])

@@ -59,6 +59,9 @@ class CorpusOptions(Section):
     # audio: transcribe each utterance (as `score --asr`), here or at an OpenAI-compatible server
     asr: Optional[str] = None
     base_url: Optional[str] = None
+    # audio: find each recording's speakers (speaker embeddings clustered at this cosine distance)
+    speakers: Optional[bool] = None
+    speaker_threshold: Optional[float] = Field(None, gt=0, lt=2)
 
 
 class Corpus(Section):
@@ -155,6 +158,9 @@ class Thresholds(Section):
     min_dnsmos: Optional[float] = Field(None, ge=1, le=5)  # DNSMOS OVRL
     max_wer: Optional[float] = Field(None, ge=0)
     max_cer: Optional[float] = Field(None, ge=0)
+    # synthesized speech: each turn's voice against its reference utterance (cosine of speaker embeddings)
+    min_speaker_similarity: Optional[float] = Field(None, ge=-1, le=1)
+    languages: Optional[list[str]] = None  # the languages kept (ISO 639-1): transcripts, and the audio when heard
 
 
 class Quality(Thresholds):
@@ -162,6 +168,8 @@ class Quality(Thresholds):
     become records; the speech compose synthesises is judged the same way, with ``synthesized``'s thresholds
     (default: the same as the corpus's)."""
     dnsmos: Optional[bool] = None   # unset: on when a min_dnsmos gate asks for it (load_recipe says so)
+    speaker: Optional[str] = None   # speaker encoder: resemblyzer, or an x-vector model; unset: resemblyzer when gated
+    language: Optional[bool] = None  # language ID; unset: on when a languages gate asks for it
     asr: Optional[str] = None       # a transformers ASR folder or hub id, or a model name at base_url
     base_url: Optional[str] = None  # an OpenAI-compatible /audio/transcriptions server
     batch_size: int = Field(8, ge=1)
@@ -322,6 +330,17 @@ def _infer(recipe: dict) -> list[str]:
         q["dnsmos"] = bool(gated)
         if gated:
             said.append(f"quality.dnsmos: true ({gated[0]}.min_dnsmos is set)")
+    sections = (("quality", q), ("quality.synthesized", q["synthesized"] or {}))
+    if q["speaker"] is None:
+        gated = [where for where, gates in sections if gates.get("min_speaker_similarity") is not None]
+        if gated:
+            q["speaker"] = "resemblyzer"
+            said.append(f"quality.speaker: resemblyzer ({gated[0]}.min_speaker_similarity is set)")
+    if q["language"] is None:
+        gated = [where for where, gates in sections if gates.get("languages")]
+        q["language"] = bool(gated)
+        if gated:
+            said.append(f"quality.language: true ({gated[0]}.languages is set)")
     return said
 
 
@@ -351,6 +370,9 @@ def _references(recipe: dict) -> list[str]:
         for key in ("max_wer", "max_cer"):
             if gates.get(key) is not None and not q["asr"]:
                 problems.append(f"{where}.{key}: needs quality.asr (an ASR model, or a model name with base_url)")
+    if q.get("min_speaker_similarity") is not None:
+        problems.append("quality.min_speaker_similarity: applies to synthesized speech, each turn against its voice's "
+                        "reference: put it under quality.synthesized")
     if q["base_url"] and not q["asr"]:
         problems.append("quality.base_url: needs quality.asr (the model name at that server, or openai)")
     for name in ("chain_of_modality", "dialogue"):

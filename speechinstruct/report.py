@@ -318,6 +318,59 @@ def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | N
     return section
 
 
+def _who_and_language(work: Path | None, out: Path, quality: dict | None) -> tuple[dict | None, list]:
+    """Speakers per corpus and talk time per speaker (from the run's units), the languages measured and the speaker
+    similarities (from its scores), with the gates; None without a run folder."""
+    from .io import iter_rows
+
+    if work is None:
+        return None, []
+    talk: dict[str, collections.Counter] = {}
+    for path in sorted(work.glob("*/units/units-*.parquet")):
+        corpus_talk = talk.setdefault(path.parent.parent.name, collections.Counter())
+        for row in iter_rows(path, columns=["speaker", "duration"]):
+            corpus_talk[row["speaker"] or "unknown"] += row["duration"]
+    languages: collections.Counter[tuple[str, str]] = collections.Counter()
+    similarity: list[float] = []
+    for path in sorted(work.glob("*/scores/scores-*.parquet")):
+        present = set(pq.read_schema(path).names)
+        columns = [c for c in ("text_language", "asr_language", "speaker_similarity") if c in present]
+        for row in iter_rows(path, columns=columns) if columns else []:
+            for column, side in (("text_language", "transcript"), ("asr_language", "audio")):
+                if row.get(column):
+                    languages[(side, row[column])] += 1
+            if row.get("speaker_similarity") is not None:
+                similarity.append(row["speaker_similarity"])
+    if not talk and not languages:
+        return None, []
+    plots = []
+    if talk:
+        def draw(ax):
+            for corpus, seconds in talk.items():
+                ax.hist(np.array(list(seconds.values())) / 60, bins=30, histtype="step", linewidth=1.5, label=corpus)
+            ax.set_xlabel("minutes of speech"), ax.set_ylabel("speakers"), ax.legend(fontsize=8)
+            ax.set_title("Talk time per speaker")
+        _plot(out / "talk_time.png", draw)
+        plots.append(("talk_time.png", "Minutes of speech per speaker, per corpus"))
+    gate = ((quality or {}).get("synthesized") or {}).get("min_speaker_similarity")
+    if similarity:
+        def draw(ax):
+            ax.hist(similarity, bins=np.linspace(-0.2, 1, 25), color="#4477aa")
+            if gate is not None:
+                ax.axvline(gate, color="#bb3333", linestyle="--", label=f"gate {gate:g}")
+                ax.legend(fontsize=8)
+            ax.set_xlabel("cosine similarity to the speaker's reference"), ax.set_ylabel("utterances")
+            ax.set_title("Speaker similarity")
+        _plot(out / "speaker_similarity.png", draw)
+        plots.append(("speaker_similarity.png", "Speaker similarity of the scored utterances to their references"))
+    section = {"speakers": [[corpus, len(seconds), f"{sum(seconds.values()) / 3600:.3f}",
+                             f"{max(seconds.values()) / max(sum(seconds.values()), 1e-9):.0%}"]
+                            for corpus, seconds in talk.items()],
+               "languages": [[side, code, n] for (side, code), n in sorted(languages.items(), key=lambda kv: -kv[1])],
+               "kept": ", ".join((quality or {}).get("languages") or []) or None}
+    return section, plots
+
+
 def _has_columns(dataset: Path, config: str) -> bool:
     files = sorted((dataset / "data" / config).glob("*.parquet"))
     return bool(files) and {"dnsmos_ovrl", "wer"} <= set(pq.read_schema(files[0]).names)
@@ -463,6 +516,11 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     numbers.update(heard)
     judged, quality_plots, quality_numbers = _quality(dataset, out, work, quality)
     plots += quality_plots
+    who, who_plots = _who_and_language(work, out, quality)
+    plots += who_plots
+    if who:
+        numbers["speakers"] = {corpus: n for corpus, n, _, _ in who["speakers"]}
+        numbers["languages"] = {f"{side} {code}": n for side, code, n in who["languages"]}
     numbers.update(quality_numbers)
     numbers["valid"] = verdict.ok
     numbers["dropped"] = {f"{d['stage']}: {d['reason']}": d["count"] for d in drops or []}
@@ -478,7 +536,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         "dropped": None if drops is None else [[d["stage"], d["reason"], d["count"], d["example"]] for d in drops],
         "samples": [(label, row["id"], short_units(row.get("plain_text") or row.get("text") or ""))
                     for label, row in _sample_records(dataset)],
-        "listen": listen, "quality": judged, "dedup": _dedup(meta, work, out), "plots": plots, "timings": _timings(stages),
+        "listen": listen, "quality": judged, "dedup": _dedup(meta, work, out), "who": who, "plots": plots, "timings": _timings(stages),
         "numbers": json.dumps(numbers, indent=2),
     })
     write_text(out / "index.html", page)

@@ -38,7 +38,8 @@ from .checkpoints import load_pretrained
 from .io import iter_rows, parquet_rows, read_json, read_table, remove_stale_temps, sha256_file, write_json, write_text
 from .shardfiles import check_spec, select_shards, shard_suffix
 
-SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer")
+SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
+                 "speaker_similarity", "text_language", "asr_language")
 
 
 class ScoreError(ValueError):
@@ -294,7 +295,7 @@ class TransformersASR:
         self.normalise = normaliser(spelling_mapping(spelling) if spelling.is_file() else None)
         self.spelling = spelling.is_file()
 
-    def _transcribe_batch(self, batch: list[np.ndarray]) -> list[str]:
+    def _transcribe_batch(self, batch: list[np.ndarray]) -> list[tuple[str, str | None]]:
         import torch
 
         inputs = self._inputs(batch).to(self.device)
@@ -307,7 +308,11 @@ class TransformersASR:
                 ids = self.model(**inputs).logits.argmax(dim=-1)
                 lengths = self.model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1)).tolist()
                 ids = [row[:n] for row, n in zip(ids, lengths)]
-        return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        texts = [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        if self.model.config.model_type != "whisper":
+            return [(t, None) for t in texts]
+        raw = self.processor.batch_decode(ids, skip_special_tokens=False)  # <|startoftranscript|><|de|><|transcribe|>…
+        return [(t, (re.search(r"<\|([a-z]{2,3})\|>", r) or [None, None])[1]) for t, r in zip(texts, raw)]
 
     @property
     def spec(self) -> dict:
@@ -327,14 +332,17 @@ class TransformersASR:
         from .memory import halving
 
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # similar lengths together: less padding
-        texts: list[str] = []
+        heard: list[tuple[str, str | None]] = []
         for start in range(0, len(wavs), self.batch_size):
             batch = [wavs[i] for i in order[start: start + self.batch_size]]
-            texts += halving(self._transcribe_batch, batch, self.counts,
+            heard += halving(self._transcribe_batch, batch, self.counts,
                              lambda w: f"a clip of {len(w) / TARGET_SR:.1f} s")
         out = [""] * len(wavs)
-        for i, text in zip(order, texts):
+        self.languages = {}  # clip → the language token a Whisper model chose (the last call's clips)
+        for i, (text, language) in zip(order, heard):
             out[i] = text
+            if language:
+                self.languages[i] = language
         return out
 
 
@@ -455,6 +463,8 @@ class Gates:
     min_dnsmos: float | None = None
     max_wer: float | None = None
     max_cer: float | None = None
+    min_speaker_similarity: float | None = None  # synthesized speech: each turn's voice against its reference
+    languages: tuple[str, ...] | None = None     # the languages kept (transcript, and the audio when heard)
 
     @classmethod
     def of(cls, quality: dict, synthesized: bool = False) -> "Gates":
@@ -462,19 +472,28 @@ class Gates:
         synthesises: its ``synthesized`` section when there is one (a threshold left out there is no gate),
         else the corpus's."""
         source = quality.get("synthesized") or quality if synthesized else quality
-        return cls(source.get("min_dnsmos"), source.get("max_wer"), source.get("max_cer"))
+        languages = source.get("languages")
+        return cls(source.get("min_dnsmos"), source.get("max_wer"), source.get("max_cer"),
+                   source.get("min_speaker_similarity"), tuple(languages) if languages else None)
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.min_dnsmos, self.max_wer, self.max_cer))
+        return any(v is not None for v in (self.min_dnsmos, self.max_wer, self.max_cer, self.min_speaker_similarity,
+                                           self.languages))
 
     def reason(self, scores: dict | None) -> str | None:
         if not self.active:
             return None
         if scores is None:
             return "not scored"
+        if self.languages:
+            for column, name in (("text_language", "transcript"), ("asr_language", "audio")):
+                found = scores.get(column)
+                if found is not None and found not in self.languages:
+                    return f"{name} in {found}, not {'/'.join(self.languages)}"
         checks = (("dnsmos_ovrl", self.min_dnsmos, "DNSMOS OVRL", "below"), ("wer", self.max_wer, "WER", "above"),
-                  ("cer", self.max_cer, "CER", "above"))
+                  ("cer", self.max_cer, "CER", "above"),
+                  ("speaker_similarity", self.min_speaker_similarity, "speaker similarity", "below"))
         for column, limit, name, side in checks:
             if limit is None:
                 continue
@@ -486,21 +505,52 @@ class Gates:
         return None
 
 
-class Judge:
-    """DNSMOS and/or ASR on clips in memory: ``scores(wavs, texts)`` → per clip a dict of score columns, or
-    the reason it could not be scored. compose uses it on the speech its TTS synthesises."""
+def language_of(text: str | None) -> str | None:
+    """The language of a text by langid (its model ships inside the package: no download), ISO 639-1, of the text
+    in lower case; None for text with no letters."""
+    import langid
 
-    def __init__(self, dnsmos: DNSMOS | None = None, asr=None):
-        if dnsmos is None and asr is None:
-            raise ValueError("nothing to score with: give --dnsmos, --asr MODEL or both")
-        self.dnsmos, self.asr = dnsmos, asr
+    if not text or not any(c.isalpha() for c in text):
+        return None
+    return langid.classify(text.lower())[0]  # LibriSpeech's upper-case transcripts read as Amharic otherwise
+
+
+class Judge:
+    """DNSMOS, ASR, speaker embeddings and language ID on clips in memory: ``scores(wavs, texts, who)`` → per clip
+    a dict of score columns (``embedding``: the speaker embedding, for the side file), or the reason it could not
+    be scored. ``references``: speaker (or voice) → reference embedding, against which ``who[i]``'s clip is
+    compared. compose uses it on the speech its TTS synthesises."""
+
+    def __init__(self, dnsmos: DNSMOS | None = None, asr=None, speaker=None, references: dict | None = None,
+                 languages: bool = False):
+        if dnsmos is None and asr is None and speaker is None and not languages:
+            raise ValueError("nothing to score with: give --dnsmos, --asr MODEL, --speaker or --language")
+        self.dnsmos, self.asr, self.speaker, self.languages = dnsmos, asr, speaker, languages
+        self.references = dict(references or {})
 
     @property
     def spec(self) -> dict:
-        return {"dnsmos": self.dnsmos.spec if self.dnsmos else None, "asr": self.asr.spec if self.asr else None}
+        spec = {"dnsmos": self.dnsmos.spec if self.dnsmos else None, "asr": self.asr.spec if self.asr else None}
+        if self.speaker is not None:  # judges added later: their keys only when used, so older stamps stay valid
+            spec["speaker"] = {**self.speaker.spec, "references": sorted(self.references)}
+        if self.languages:
+            from importlib.metadata import version
 
-    def scores(self, wavs: list[np.ndarray], texts: list[str | None]) -> list[dict | str]:
+            spec["languages"] = {"langid": version("langid")}
+        return spec
+
+    def scores(self, wavs: list[np.ndarray], texts: list[str | None], who: list[str | None] | None = None) -> list[dict | str]:
         out: list[dict | str] = [{} for _ in wavs]
+        if self.speaker is not None:
+            for i, wav in enumerate(wavs):
+                embedding = self.speaker.embed(wav)
+                out[i]["embedding"] = embedding
+                reference = self.references.get(who[i]) if who else None
+                if reference is not None:
+                    out[i]["speaker_similarity"] = float(np.dot(embedding, reference))
+        if self.languages:
+            for i, text in enumerate(texts):
+                out[i]["text_language"] = language_of(text)
         if self.dnsmos is not None:
             for i, s in enumerate(self.dnsmos.score(wavs)):
                 out[i].update(s)
@@ -510,6 +560,9 @@ class Judge:
                     out[i] = str(hyp)
                     continue
                 out[i]["asr_text"] = hyp
+                if self.languages:
+                    heard = getattr(self.asr, "languages", {}).get(i)  # a Whisper model's own language token
+                    out[i]["asr_language"] = heard or language_of(hyp)
                 if ref and ref.strip():
                     rates = error_rates(ref, hyp, self.asr.normalise)
                     if isinstance(rates, str):
@@ -580,23 +633,29 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
         present = _columns(path)
-        rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text") if c in present])
+        rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text", "speaker") if c in present])
         total = _num_rows(path)
         errors: list[dict] = []
+        embeddings: list[np.ndarray] = []  # row for row with the scores file (score --speaker)
         bar = tqdm(total=total, desc=f"score {path.name}", unit="utt", disable=quiet)
         with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
             for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
                 good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]
                 errors += [{"id": row["id"], "path": row["path"], "reason": wav} for row, wav in chunk if isinstance(wav, str)]
-                results = judge.scores([w for _, w in good], [r.get("text") for r, _ in good]) if good else []
+                results = judge.scores([w for _, w in good], [r.get("text") for r, _ in good],
+                                       [r.get("speaker") for r, _ in good]) if good else []
                 for (row, _), result in zip(good, results):
                     if isinstance(result, str):
                         errors.append({"id": row["id"], "path": row["path"], "reason": result})
                     else:
                         sink.add({"id": row["id"], "duration": row["duration"], **{c: result.get(c) for c in SCORE_COLUMNS}})
+                        if "embedding" in result:
+                            embeddings.append(result["embedding"])
                 bar.update(len(chunk))
             bar.close()
             write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+            if judge.speaker is not None:  # before the scores file appears: a complete shard has its embeddings
+                write_embeddings(out / f"embeddings-{suffix}.npy", embeddings, judge.speaker.dim)
         done += 1
     halved = sum(getattr(j, "counts", {}).get("batches_halved", 0) for j in (judge.dnsmos, judge.asr) if j is not None)
     summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
@@ -622,6 +681,42 @@ def transient_errors(path: Path) -> int:
     statuses = "|".join(map(str, TRANSIENT_STATUS))
     pattern = re.compile(rf"answered HTTP (?:{statuses})\b")
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line))
+
+
+def write_embeddings(path: Path, embeddings: list[np.ndarray], dim: int) -> None:
+    """(rows, dim) float16 speaker embeddings, row i the scores file's row i, written atomically."""
+    from .io import atomic_path
+
+    array = np.asarray(embeddings, dtype=np.float16).reshape(len(embeddings), dim)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+def read_embeddings(folder: str | Path, suffix: str) -> tuple[list[str], np.ndarray] | None:
+    """(ids, embeddings) of one shard of a ``score --speaker`` output, or None when it has none."""
+    path = Path(folder) / f"embeddings-{suffix}.npy"
+    if not path.is_file():
+        return None
+    ids = read_table(Path(folder) / f"scores-{suffix}.parquet", columns=["id"]).column("id").to_pylist()
+    return ids, np.load(path, allow_pickle=False).astype(np.float32)
+
+
+def reference_embeddings(folder: str | Path, encoder) -> dict[str, np.ndarray]:
+    """speaker id → the embedding of ``folder/SPEAKER.wav`` (any audio file libsndfile reads, named by its
+    speaker id), for ``score --speaker-references``."""
+    from . import audio
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of reference recordings (one per speaker: SPEAKER.wav)")
+    out = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            out[path.stem] = encoder.embed(audio.load(path))
+        except AudioError as e:
+            raise ValueError(f"{path}: a reference recording that cannot be read ({e})") from None
+    return out
 
 
 def _columns(path: Path) -> set[str]:
@@ -656,6 +751,10 @@ def summarise(folder: str | Path) -> dict:
                 reasons[reason_key(json.loads(line))] += 1
     summary: dict = {"utterances": sum(t.num_rows for t in tables), "skipped": sum(reasons.values()),
                      "skip_reasons": dict(reasons.most_common()), "scores": {}}
+    for column in ("text_language", "asr_language"):  # utterances per language measured (score --language)
+        found = collections.Counter(v for t in tables if column in t.column_names for v in t.column(column).to_pylist() if v)
+        if found:
+            summary[column] = dict(found.most_common())
     for column, bins in HISTOGRAM_BINS.items():
         values = np.concatenate([t.column(column).to_numpy(zero_copy_only=False) for t in tables]) if tables else np.zeros(0)
         values = values[~np.isnan(values.astype(np.float64))] if values.size else values
@@ -676,4 +775,4 @@ def read_scores(folder: str | Path, suffix: str) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing: run `speechinstruct score` on this shard first")
     table = read_table(path)
-    return {row["id"]: {c: row[c] for c in SCORE_COLUMNS} for row in table.to_pylist()}
+    return {row["id"]: {c: row.get(c) for c in SCORE_COLUMNS} for row in table.to_pylist()}  # older files lack some

@@ -177,7 +177,7 @@ def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
 # The keys of ``speechinstruct.json`` (publish writes it) that other stages read, and the JSON type of each.
 DATASET_META_TYPES = {"name": str, "pipeline_version": str, "counts": dict, "hours": dict, "sources": list,
                       "by_kind": dict, "voices": dict, "extractor": dict, "kmeans": dict, "templates": dict,
-                      "languages": list, "vocabulary": dict, "dedup": dict}
+                      "languages": list, "vocabulary": dict, "dedup": dict, "languages_measured": dict}
 DATASET_META_REQUIRED = ("name", "pipeline_version", "counts", "hours", "sources", "extractor")
 
 

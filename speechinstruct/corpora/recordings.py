@@ -4,7 +4,11 @@ file streamed in blocks; speech spans closer than 2 s are joined into utterances
 longer group is cut at its longest pause), as LibriLight's cuts are. Every row is ``train``. Without ``asr`` the rows
 have no transcript and feed stage-1 ``pretrain`` records; with it, each utterance is transcribed by that model (the
 ASR ``score`` uses: a transformers folder, or a model at an OpenAI-compatible ``base_url``) and can feed
-cross-modal records too. A license is required: we will not guess one.
+cross-modal records too. With ``speakers``, each recording's speech spans are embedded (Resemblyzer's GE2E,
+:mod:`speechinstruct.speakers`) and clustered, the number of speakers being what the clustering finds; each row's
+``speaker`` is ``{recording}#S1``, ``#S2``, … (the speaker of most of its speech), and a row whose spans hold two
+voices is named in the summary's notes with each recording's count of speakers. A license is required: we will
+not guess one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import collections
 import json
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -23,7 +29,8 @@ SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", "
 
 
 def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None, quiet: bool = False,
-         asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int = 8) -> Iterator[Item]:
+         asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int = 8,
+         speakers: bool = False, speaker_threshold: float = 0.25) -> Iterator[Item]:
     from ..audio import AudioError
     from ..vad import SileroVAD, utterances
 
@@ -36,6 +43,11 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
     if not files:
         raise FileNotFoundError(f"{root}: no audio files ({', '.join(SUFFIXES)})")
     vad = SileroVAD()
+    encoder = None
+    if speakers:
+        from ..speakers import GE2E
+
+        encoder = GE2E()
     transcriber = None
     if asr:
         from ..features import resolve_device
@@ -74,11 +86,58 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
                 "split": "train",
                 "corpus_split": "train",
             } for i, (start, end) in enumerate(cuts)]
+        if encoder is not None:
+            yield label_speakers(encoder, path, stem, spans, cuts, rows, speaker_threshold)
         if transcriber:
             transcribe(transcriber, path, rows, batch_size, missed)
         yield from rows
     for reason, count in sorted(missed.items()):
         yield Note(f"{count} utterances kept without a transcript (pretrain only): {reason}")
+
+
+JOIN_GAP = 0.25          # seconds: spans closer than this are one segment for speaker embeddings
+MIN_EMBED_SECONDS = 1.0  # segments shorter than this join the nearest speaker instead of being clustered
+
+
+def label_speakers(encoder, path: Path, stem: str, spans: list[tuple[float, float]], cuts: list[tuple[float, float]],
+                   rows: list[dict], threshold: float) -> Note:
+    """Each row's ``speaker`` from the clustered embeddings of the speech inside it (the speaker of most of its
+    speech); a Note with the recording's count of speakers and the rows whose speech holds two voices. Spans less
+    than :data:`JOIN_GAP` apart are one segment (a pause inside a sentence); segments of :data:`MIN_EMBED_SECONDS`
+    or more are clustered, and shorter ones, whose embeddings are unreliable, join the nearest cluster."""
+    from ..audio import load
+    from ..speakers import cluster_speakers
+
+    segments: list[list[float]] = []
+    for a, b in spans:
+        if segments and a - segments[-1][1] < JOIN_GAP:
+            segments[-1][1] = b
+        else:
+            segments.append([a, b])
+    spans = [(a, b) for a, b in segments]
+    embeddings = np.array([encoder.embed(load(path, a, max(b - a, 0.05), reject_silence=False)) for a, b in spans])
+    long = np.array([b - a >= MIN_EMBED_SECONDS for a, b in spans])
+    if long.sum() >= 1:
+        labels = np.zeros(len(spans), dtype=np.int64)
+        labels[long] = cluster_speakers(embeddings[long], threshold)
+        centroids = np.array([embeddings[long][labels[long] == c].mean(axis=0) for c in range(labels[long].max() + 1)])
+        labels[~long] = np.argmax(embeddings[~long] @ centroids.T, axis=1) if (~long).any() else []
+    else:
+        labels = cluster_speakers(embeddings, threshold)
+    mixed = []
+    for row, (start, end) in zip(rows, cuts):
+        talk: collections.Counter[int] = collections.Counter()
+        for (a, b), label in zip(spans, labels):
+            overlap = min(b, end) - max(a, start)
+            if overlap > 0:
+                talk[int(label)] += overlap
+        if talk:
+            row["speaker"] = f"{stem}#S{talk.most_common(1)[0][0] + 1}"
+        if len(talk) > 1:
+            mixed.append(row["id"])
+    found = len(set(labels.tolist()))
+    return Note(f"{stem}: {found} speaker{'s' if found != 1 else ''}" + (
+        f"; {len(mixed)} utterances hold two voices: {', '.join(mixed[:10])}" if mixed else ""))
 
 
 def transcribe(transcriber, path: Path, rows: list[dict], batch_size: int, missed: collections.Counter) -> None:
