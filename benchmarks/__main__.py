@@ -822,7 +822,34 @@ def dedup_recall(work: Path, quick: bool) -> list[dict]:
     return out
 
 
-SECTIONS = {"kmeans": bench_kmeans, "dedup": bench_dedup, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
+def bench_speakers(work: Path, quick: bool) -> list[dict]:
+    """Speaker embeddings (Resemblyzer's GE2E, as score --speaker runs it) per second and x real time, on the CPU
+    with the process's threads, and on a GPU when there is one; and language ID of transcripts per second."""
+    import torch
+
+    from speechinstruct.score import language_of
+    from speechinstruct.speakers import GE2E
+
+    rng = np.random.default_rng(0)
+    clips = [(0.1 * rng.standard_normal(int(16000 * (2 + 4 * rng.random())))).astype(np.float32)
+             for _ in range(40 if quick else 200)]
+    seconds = sum(c.size for c in clips) / 16000
+    rows = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        encoder = GE2E(device)
+        encoder.embed(clips[0])
+        _, t = timed(lambda: [encoder.embed(c) for c in clips])
+        rows.append({"name": f"GE2E speaker embeddings on {device}, {len(clips)} clips of 2-6 s", "records": len(clips),
+                     "ours_s": t, "records_per_s": len(clips) / t, "extra": f"{seconds / t:.0f}x real time"})
+    texts = ["the old sailor walked slowly to the red house by the sea", "das alte haus am meer war leer"] * (500 if quick else 2500)
+    language_of(texts[0])
+    _, t = timed(lambda: [language_of(x) for x in texts])
+    rows.append({"name": f"langid on {len(texts)} transcripts", "records": len(texts), "ours_s": t,
+                 "records_per_s": len(texts) / t})
+    return rows
+
+
+SECTIONS = {"kmeans": bench_kmeans, "dedup": bench_dedup, "speakers": bench_speakers, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
             "memory": bench_memory, "vocoder": bench_vocoder, "recordings": bench_recordings, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
 
