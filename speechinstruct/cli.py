@@ -619,6 +619,42 @@ def compose_dialogue(
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
+@command(compose_app, "duplex")
+def compose_duplex(
+    conversations: str = typer.Argument(..., parser=_input_name, help="Conversations as `compose dialogue` reads them "
+                                        "(JSONL/Parquet, a saved HF dataset, a hub id, or 'builtin')."),
+    out: Path = typer.Argument(..., parser=_output, help="Output folder: audio/{id}.wav + .json, duplex.jsonl, stats.jsonl."),
+    tts: str = typer.Option(default(settings.Duplex, "tts"), help="espeak: its word events time every word."),
+    voices: Optional[str] = Voices,
+    max_conversations: Optional[int] = typer.Option(default(settings.Duplex, "max_conversations")),
+    sample_rate: int = typer.Option(default(settings.Duplex, "sample_rate"), help="Hz (Mimi: 24000)."),
+    gap_mean: float = typer.Option(default(settings.Duplex, "gap_mean"), help="Mean seconds from one turn's end to the "
+                                   "next's start (negative: overlap)."),
+    gap_sd: float = typer.Option(default(settings.Duplex, "gap_sd"), help="Their standard deviation."),
+    interruption_rate: float = typer.Option(default(settings.Duplex, "interruption_rate"),
+                                            help="Share of overlapping turns that interrupt."),
+    backchannel_rate: float = typer.Option(default(settings.Duplex, "backchannel_rate"),
+                                           help="Backchannels per second of the other's turns over 2.5 s."),
+    seed: int = typer.Option(default(settings.Compose, "seed")),
+    tts_model: str = TtsModel,
+    quiet: bool = Quiet,
+):
+    """Full-duplex spoken conversations for Moshi-style models, in moshi-finetune's layout: stereo WAV (left the
+    assistant, right the user) with word alignments, gaps, overlaps, interruptions and backchannels."""
+    from .duplex import duplex
+    from .tts import make_tts
+
+    settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate, gap_sd=gap_sd,
+                     interruption_rate=interruption_rate, backchannel_rate=backchannel_rate)
+    if tts != "espeak":
+        fail(f"--tts {tts}: compose duplex needs word timings from the TTS itself, which only espeak gives")
+    engine = make_tts(tts, None, model=tts_model, voices=[v.strip() for v in voices.split(",")] if voices else None)
+    summary = duplex(conversations, out, engine, seed=seed, sample_rate=sample_rate, max_conversations=max_conversations,
+                     gap_mean=gap_mean, gap_sd=gap_sd, interruption_rate=interruption_rate,
+                     backchannel_rate=backchannel_rate, quiet=quiet)
+    _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
+
+
 @command(app)
 def publish(
     compose_dir: Path = typer.Argument(..., parser=_input, help="Folder with cross_modal/, chain_of_modality/, pretrain/ from `compose`."),

@@ -34,7 +34,7 @@ from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from .shardfiles import Vocabulary, composed_speech_specs, composed_units_dirs, folder_vocabulary, read_units_spec
 
-CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain")
+CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain", "duplex")
 # the column each config's records are counted by on the card ("voices": the TTS voices that spoke them)
 COUNTED_BY = {"cross_modal": "task", "chain_of_modality": "format", "dialogue": "turns"}
 

@@ -138,6 +138,20 @@ class Dialogue(Section):
     license: str = "unspecified"
 
 
+class Duplex(Section):
+    """Full-duplex conversations for Moshi-style models (``compose duplex``): see speechinstruct/duplex.py for the
+    published figures the turn-taking defaults follow."""
+    conversations: str = "builtin"
+    tts: Literal["espeak"] = "espeak"   # the one engine with word events of its own
+    max_conversations: Optional[int] = Field(None, ge=1)
+    sample_rate: int = Field(24000, ge=8000)
+    gap_mean: float = 0.2               # seconds between turns (negative: overlap)
+    gap_sd: float = Field(0.45, ge=0)
+    interruption_rate: float = Field(0.2, ge=0, le=1)
+    backchannel_rate: float = Field(0.15, ge=0)  # per second of the other's turns over 2.5 s
+    license: str = "unspecified"
+
+
 class Interleaved(Section):
     min_words: int = Field(1, ge=1)
     max_words: int = Field(6, ge=1)

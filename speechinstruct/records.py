@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pyarrow as pa
 
-KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain", "scores")
+KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain", "duplex", "scores")
 
 _ARROW = {
     "string": pa.string(),

@@ -103,7 +103,8 @@ def find_markup(text: str) -> str | None:
 # NUL and speaks less than the record says), DEL, and lone surrogates (no UTF-8 file can hold them).
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 # The text columns of every record kind: written from its input, so checked for markup and controls.
-TEXT_COLUMNS = ("transcript", "instruction", "response", "user_texts", "assistant_texts", "segment_texts")
+TEXT_COLUMNS = ("transcript", "instruction", "response", "user_texts", "assistant_texts", "segment_texts", "main_text",
+                "other_text")
 
 
 def text_problem(text: str) -> tuple[str, str] | None:
