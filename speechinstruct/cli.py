@@ -637,21 +637,37 @@ def compose_duplex(
                                            help="Backchannels per second of the other's turns over 2.5 s."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     tts_model: str = TtsModel,
+    kmeans: Optional[Path] = SpeechKmeans,
+    features: Optional[Features] = typer.Option(None, "--features", help="Also a duplex config of both channels' "
+                                                "units: a codec (e.g. mimi, with --checkpoint), or features with --kmeans."),
+    checkpoint: Optional[str] = SpeechCheckpoint,
+    codebooks: Optional[int] = SpeechCodebooks,
+    layer: Optional[int] = SpeechLayer,
+    device: str = typer.Option(default(settings.Features, "device")),
     quiet: bool = Quiet,
 ):
     """Full-duplex spoken conversations for Moshi-style models, in moshi-finetune's layout: stereo WAV (left the
-    assistant, right the user) with word alignments, gaps, overlaps, interruptions and backchannels."""
+    assistant, right the user) with word alignments, gaps, overlaps, interruptions and backchannels; with a
+    tokenizer, also a duplex config of both channels' units."""
+    from .codecs import is_codec
     from .duplex import duplex
+    from .features import load_extractor
     from .tts import make_tts
+    from .units import load_kmeans
 
     settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate, gap_sd=gap_sd,
                      interruption_rate=interruption_rate, backchannel_rate=backchannel_rate)
     if tts != "espeak":
         fail(f"--tts {tts}: compose duplex needs word timings from the TTS itself, which only espeak gives")
     engine = make_tts(tts, None, model=tts_model, voices=[v.strip() for v in voices.split(",")] if voices else None)
+    extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks) if features else None
+    if extractor is not None and is_codec(extractor) == bool(kmeans):
+        fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if kmeans
+             else "--kmeans is needed with --features: the k-means that makes its units")
     summary = duplex(conversations, out, engine, seed=seed, sample_rate=sample_rate, max_conversations=max_conversations,
                      gap_mean=gap_mean, gap_sd=gap_sd, interruption_rate=interruption_rate,
-                     backchannel_rate=backchannel_rate, quiet=quiet)
+                     backchannel_rate=backchannel_rate, extractor=extractor,
+                     kmeans=load_kmeans(kmeans) if kmeans else None, quiet=quiet)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 

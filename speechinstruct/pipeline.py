@@ -215,7 +215,8 @@ class Job:
                             or self.quality["language"])
         self.runner.total = (bool(recipe["demo_corpus"]) + (3 + self.scoring) * len(self.corpora)
                              + (0 if recipe["kmeans"]["path"] else 1) + 3 + 1 + 2 + bool(recipe["compose"]["dialogue"])
-                             + bool(recipe["compose"]["interleaved"]) + bool(recipe["dedup"]))
+                             + bool(recipe["compose"]["interleaved"]) + bool(recipe["dedup"])
+                             + bool(recipe["compose"]["duplex"]))
         self._judge = None
         self.f = recipe["features"]
         # a codec (codecs.CODECS): extract writes its codes as the units; no cluster or quantize stage
@@ -426,6 +427,31 @@ class Job:
 
         self.compose_dialogues(seed, km)
         self.compose_interleaved(seed, scored)
+        self.compose_duplex(seed, km)
+
+    def compose_duplex(self, seed: int, km) -> None:
+        """Full-duplex conversations in moshi-finetune's layout, with a duplex config of both channels' units, when
+        the recipe asks (``compose.duplex``); a folder left by an earlier run whose recipe did is removed."""
+        cfg, composed = self.recipe["compose"]["duplex"], self.composed
+        if not cfg:
+            _remove_stage_folder(composed / "duplex")
+            return
+        from .duplex import duplex
+        from .tts import make_tts
+
+        voices = self.recipe["compose"]["voices"]
+        self.stamps["duplex"] = self.runner.stage(
+            "compose duplex", composed / "duplex",
+            {**cfg, "seed": seed, **({"voices": voices} if voices else {}),
+             **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
+            [self.stamps["kmeans"], sha256_json(self.feature_settings)],
+            lambda: _brief(duplex(
+                cfg["conversations"], composed / "duplex", make_tts(cfg["tts"], None, voices=voices), seed=seed,
+                sample_rate=cfg["sample_rate"], max_conversations=cfg["max_conversations"], gap_mean=cfg["gap_mean"],
+                gap_sd=cfg["gap_sd"], interruption_rate=cfg["interruption_rate"],
+                backchannel_rate=cfg["backchannel_rate"], extractor=self.extractor(), kmeans=km,
+                license=cfg["license"], quiet=self.quiet,
+                **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def compose_interleaved(self, seed: int, scored) -> None:
         """Interleaved text and speech from the corpora's units (their word timings), when the recipe asks."""
@@ -483,7 +509,7 @@ class Job:
 
         name, eval_splits = self.recipe["name"], bool(self.recipe["output"]["eval_splits"])
         inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"],
-                  *[self.stamps[k] for k in ("dialogue", "interleaved") if k in self.stamps]]
+                  *[self.stamps[k] for k in ("dialogue", "interleaved", "duplex") if k in self.stamps]]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
             lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))

@@ -166,6 +166,7 @@ class Compose(Section):
     chain_of_modality: ChainOfModality = ChainOfModality()
     dialogue: Optional[Dialogue] = None  # multi-turn dialogues: off unless the recipe asks for them
     interleaved: Optional[Interleaved] = None  # text and speech at word boundaries: off unless asked for
+    duplex: Optional[Duplex] = None  # full-duplex conversations (moshi-finetune's layout): off unless asked for
 
 
 class Thresholds(Section):

@@ -371,6 +371,46 @@ def _who_and_language(work: Path | None, out: Path, quality: dict | None) -> tup
     return section, plots
 
 
+def _duplex(work: Path | None, out: Path) -> tuple[dict | None, list]:
+    """Full-duplex conversations (the run's ``composed/duplex``): gaps and overlaps between turns, backchannels per
+    minute, talk time per speaker, and the first conversation to listen to in stereo."""
+    import shutil
+
+    folder = work / "composed" / "duplex" if work is not None else None
+    if folder is None or not (folder / "stats.jsonl").is_file():
+        return None, []
+    stats = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines() if line.strip()]
+    if not stats:
+        return None, []
+    gaps = [g for s in stats for g in s["gaps"]]
+    overlaps = [o for s in stats for o in s["overlaps"]]
+    minutes = sum(s["duration"] for s in stats) / 60
+
+    def draw(ax):
+        ax.hist([-o for o in overlaps] + gaps, bins=np.linspace(-1, 2, 31), color="#66ccee")
+        ax.axvline(0, color="#444444", linewidth=1)
+        ax.set_xlabel("seconds from one turn's end to the next's start (below 0: overlap)"), ax.set_ylabel("speaker changes")
+        ax.set_title("Turn-taking offsets")
+    _plot(out / "duplex_offsets.png", draw)
+    manifest = [json.loads(line) for line in (folder / "duplex.jsonl").read_text().splitlines() if line.strip()]
+    listen = None
+    if manifest and (folder / manifest[0]["path"]).is_file():
+        listen = "audio/duplex-0.wav"
+        (out / "audio").mkdir(exist_ok=True)
+        shutil.copyfile(folder / manifest[0]["path"], out / listen)
+    talk = collections.Counter()
+    for s in stats:
+        talk.update(s["talk_seconds"])
+    section = {"conversations": len(stats), "minutes": f"{minutes:.1f}",
+               "table": [["speaker changes with a gap", len(gaps)], ["with an overlap", len(overlaps)],
+                         ["overlap share", f"{len(overlaps) / max(1, len(gaps) + len(overlaps)):.0%}"],
+                         ["interruptions", sum(s["interruptions"] for s in stats)],
+                         ["backchannels per minute", f"{sum(s['backchannels'] for s in stats) / max(minutes, 1e-9):.1f}"],
+                         *[[f"talk time, {who}", f"{seconds / 60:.1f} min"] for who, seconds in sorted(talk.items())]],
+               "listen": listen}
+    return section, [("duplex_offsets.png", "Turn-taking offsets of the full-duplex conversations")]
+
+
 def _has_columns(dataset: Path, config: str) -> bool:
     files = sorted((dataset / "data" / config).glob("*.parquet"))
     return bool(files) and {"dnsmos_ovrl", "wer"} <= set(pq.read_schema(files[0]).names)
@@ -518,6 +558,8 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     plots += quality_plots
     who, who_plots = _who_and_language(work, out, quality)
     plots += who_plots
+    conversations, duplex_plots = _duplex(work, out)
+    plots += duplex_plots
     if who:
         numbers["speakers"] = {corpus: n for corpus, n, _, _ in who["speakers"]}
         numbers["languages"] = {f"{side} {code}": n for side, code, n in who["languages"]}
@@ -536,7 +578,8 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
         "dropped": None if drops is None else [[d["stage"], d["reason"], d["count"], d["example"]] for d in drops],
         "samples": [(label, row["id"], short_units(row.get("plain_text") or row.get("text") or ""))
                     for label, row in _sample_records(dataset)],
-        "listen": listen, "quality": judged, "dedup": _dedup(meta, work, out), "who": who, "plots": plots, "timings": _timings(stages),
+        "listen": listen, "quality": judged, "dedup": _dedup(meta, work, out), "who": who,
+        "duplex": conversations, "plots": plots, "timings": _timings(stages),
         "numbers": json.dumps(numbers, indent=2),
     })
     write_text(out / "index.html", page)

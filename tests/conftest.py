@@ -196,7 +196,8 @@ SLOW_FILES = ("test_ray.py", "test_reliability.py", "test_run.py", "test_train.p
 SLOW_TESTS = ("test_compose_memory_does_not_grow", "test_publish_memory_does_not_grow", "test_run_quality_gate",
               "test_dnsmos_equals_speechmos", "test_run_with_mimi_units", "test_the_dialogue_config_is_chat_data",
               "test_resynth_speaks_every_record_kind", "test_a_recipe_dedups_every_corpus", "test_stage3_trains",
-              "test_trl_trains_on_messages", "test_asr_and_dnsmos_batches", "test_a_recipe_with_language_and_speaker")
+              "test_trl_trains_on_messages", "test_asr_and_dnsmos_batches", "test_a_recipe_with_language_and_speaker",
+              "test_a_recipe_composes_duplex")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -157,3 +157,35 @@ def test_units_of_both_channels_frame_aligned_with_text_streams_publish_and_vali
     tampered["content_hash"] = records.content_hash(tampered)
     pq.write_table(records.to_table("duplex", [tampered]), tmp_path / "t.parquet")
     assert validate(tmp_path / "t.parquet", k=16).as_dict()["errors_by_rule"] == {"text-stream": 1}
+
+
+def test_a_recipe_composes_duplex_conversations_publishes_their_units_and_reports_them(tmp_path):
+    import yaml
+
+    from speechinstruct.pipeline import run
+
+    data = {"workdir": str(tmp_path / "work"), "demo_corpus": {"sentences": 12, "seed": 4},
+            "kmeans": {"k": 16, "max_frames": 20000},
+            "compose": {"chain_of_modality": {"max_pairs": 2}, "duplex": {"max_conversations": 3}},
+            "output": {"vocoder": "none"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    summary = run(tmp_path / "r.yaml", quiet=True)
+    assert summary["valid"] and summary["records"]["duplex"] == {"train": 3}
+    page = (tmp_path / "work" / "report" / "index.html").read_text()
+    assert "Full-duplex conversations" in page and "audio/duplex-0.wav" in page
+    assert sf.info(tmp_path / "work" / "report" / "audio" / "duplex-0.wav").channels == 2
+
+
+def test_cli_with_a_codec_writes_both_channels_codes(tmp_path):
+    """--features mimi: the tiny random Mimi of the codec tests; each frame holds its codebooks' codes per channel."""
+    import pyarrow.parquet as pq
+
+    from test_codecs import tiny
+
+    tiny("mimi").save_pretrained(tmp_path / "mimi")
+    result = runner.invoke(app, ["compose", "duplex", "builtin", str(tmp_path / "d"), "--max-conversations", "1",
+                                 "--features", "mimi", "--checkpoint", str(tmp_path / "mimi"), "-q"])
+    assert result.exit_code == 0, result.output
+    row = pq.read_table(tmp_path / "d" / "train-00000.parquet").to_pylist()[0]
+    assert row["codebooks"] == 4 and len(row["main_units"]) == 4 * len(row["main_text"]) == len(row["other_units"])
+    assert row["frame_rate"] == 12.5
