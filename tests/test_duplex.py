@@ -189,3 +189,21 @@ def test_cli_with_a_codec_writes_both_channels_codes(tmp_path):
     row = pq.read_table(tmp_path / "d" / "train-00000.parquet").to_pylist()[0]
     assert row["codebooks"] == 4 and len(row["main_units"]) == 4 * len(row["main_text"]) == len(row["other_units"])
     assert row["frame_rate"] == 12.5
+
+
+def test_each_turn_is_judged_and_a_conversation_with_a_failing_turn_is_dropped(espeak, tmp_path):
+    from speechinstruct.score import Gates
+
+    class Judge:  # scores each turn; the turns that speak of bread are poor
+        speaker = None
+        seen: list = []
+
+        def scores(self, wavs, texts, who=None):
+            self.seen += texts
+            return [{"dnsmos_ovrl": 1.2 if "bread" in t else 3.5} for t in texts]
+
+    judge = Judge()
+    summary = duplex("builtin", tmp_path / "d", espeak, judge=judge, gates=Gates(min_dnsmos=2.0), quiet=True)
+    dropped = {d["id"]: d["reason"] for d in summary["dropped_examples"]}
+    assert dropped and all(r == "quality: DNSMOS OVRL below 2 (1.200)" for r in dropped.values())
+    assert summary["conversations"] + len(dropped) == 8 and all("mm" not in t for t in judge.seen)  # turns only
