@@ -23,6 +23,7 @@ from pathlib import Path
 from . import __version__
 from .corpora import SOURCES
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
+from .kinds import RECORD_KINDS
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
 from .tokenizers import CODECS
 
@@ -509,7 +510,8 @@ class Job:
 
         name, eval_splits = self.recipe["name"], bool(self.recipe["output"]["eval_splits"])
         inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"],
-                  *[self.stamps[k] for k in ("dialogue", "interleaved", "duplex") if k in self.stamps]]
+                  *[self.stamps[k] for k in RECORD_KINDS if k in self.stamps and k not in ("cross_modal", "pretrain",
+                                                                                           "chain_of_modality")]]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
             lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))

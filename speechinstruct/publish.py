@@ -32,11 +32,12 @@ from .corpora import SOURCES
 from .corpora.base import SPLITS
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
+from .kinds import RECORD_KINDS
 from .shardfiles import Vocabulary, composed_speech_specs, composed_units_dirs, folder_vocabulary, read_units_spec
 
-CONFIGS = ("cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain", "duplex")
+CONFIGS = tuple(RECORD_KINDS)  # every record kind is a config (kinds.RECORD_KINDS)
 # the column each config's records are counted by on the card ("voices": the TTS voices that spoke them)
-COUNTED_BY = {"cross_modal": "task", "chain_of_modality": "format", "dialogue": "turns"}
+COUNTED_BY = {name: kind.counted_by for name, kind in RECORD_KINDS.items() if kind.counted_by}
 
 
 ROWS_PER_BATCH = 4096  # records copied at a time: publish's memory does not grow with the dataset
@@ -428,7 +429,7 @@ def measured_languages(compose_dir: Path) -> dict[str, int]:
     the compose summaries name (cross-modal and pretrain records read them)."""
     found: collections.Counter[str] = collections.Counter()
     folders = set()
-    for config in ("cross_modal", "pretrain"):
+    for config in [name for name, kind in RECORD_KINDS.items() if kind.gated and kind.from_units]:
         for summary in sorted((compose_dir / config).glob("summary*.json")):
             scores = read_json(summary).get("scores")
             if scores and Path(scores, "summary.json").is_file() and scores not in folders:

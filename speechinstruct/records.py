@@ -14,7 +14,9 @@ from pathlib import Path
 import jsonschema
 import pyarrow as pa
 
-KINDS = ("manifest", "units", "cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain", "duplex", "scores")
+from .kinds import RECORD_KINDS
+
+KINDS = ("manifest", "units", *RECORD_KINDS, "scores")  # the stage files' kinds, and every record kind
 
 _ARROW = {
     "string": pa.string(),

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .io import atomic_path, write_json, write_text
+from .kinds import RECORD_KINDS
 from .shardfiles import folder_k, read_dataset_meta, read_units_spec
 
 
@@ -146,8 +147,8 @@ def short_units(text: str, keep: int = 6) -> str:
     return _UNIT_RUN.sub(cut, text)
 
 
-SAMPLED = (("cross_modal", "task"), ("chain_of_modality", "format"), ("dialogue", "turns"), ("interleaved", None),
-           ("pretrain", None))  # each config, and the column whose every value gets a record of its own
+SAMPLED = tuple((name, kind.sampled_by) for name, kind in RECORD_KINDS.items())  # config, the column whose values
+# each get a record of their own (kinds.RECORD_KINDS)
 
 
 def _sample_records(dataset: Path) -> list[tuple[str, dict]]:
@@ -226,7 +227,7 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
                                                   .astype(float) for c in ("dnsmos_ovrl", "wer")}
         for f, t in zip(files, tables):
             worst += [(v, uid, f) for uid, v in zip(t.column("id").to_pylist(), t.column("dnsmos_ovrl").to_pylist()) if v is not None]
-    for config in ("cross_modal", "pretrain", "chain_of_modality"):
+    for config in [name for name, kind in RECORD_KINDS.items() if kind.gated]:
         if (dataset / "data" / config).is_dir():
             rows = _read(dataset, config, ["dnsmos_ovrl", "wer"]) if _has_columns(dataset, config) else {}
             if rows:

@@ -224,7 +224,9 @@ def composed_units_dirs(folder: str | Path) -> list[Path]:
     """The units folders a compose folder's records were made from, as its cross-modal, pretrain and interleaved summaries
     name them (those that still exist), in order, each once."""
     dirs: list[Path] = []
-    for config in ("cross_modal", "pretrain", "interleaved"):
+    from .kinds import RECORD_KINDS
+
+    for config in [name for name, kind in RECORD_KINDS.items() if kind.from_units]:
         for summary in sorted((Path(folder) / config).glob("summary*.json")):
             units = read_json(summary, dict, "; compose again").get("units")
             if units and Path(units).is_dir() and Path(units) not in dirs:

@@ -30,12 +30,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import records
+from .kinds import RECORD_KINDS
 from .io import iter_rows, naming
 from .speechgpt import SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup, record_problems
 from .shardfiles import folder_k
 from .units import to_text
 
-CONTENT_KINDS = ("cross_modal", "chain_of_modality", "dialogue", "interleaved", "pretrain", "duplex")
+CONTENT_KINDS = tuple(RECORD_KINDS)
 
 
 @dataclass
@@ -92,12 +93,8 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
     errors += record_problems(r)  # markup and control characters: the check compose makes before writing
     if any(rule in ("markup", "control-character") for rule, _ in errors):
         return errors  # the shape checks below would only repeat it
-    if kind == "dialogue":
-        errors += _dialogue_errors(r, k)
-    if kind == "interleaved":
-        errors += _interleaved_errors(r, k)
-    if kind == "duplex":
-        errors += _duplex_errors(r, k)
+    if kind in RULES:  # what a kind's schema cannot say of it
+        errors += RULES[kind](r, k)
     if kind in ("cross_modal", "chain_of_modality"):
         text = r["plain_text"]
         if (r["prompt"], r["completion"]) != (r["prefix"], text):
@@ -200,6 +197,9 @@ def _duplex_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("text-stream", f"{a['word']!r} at {a['start']} s is not in the {a['speaker']} stream's frame {frame}"))
             break
     return errors
+
+
+RULES = {"dialogue": _dialogue_errors, "interleaved": _interleaved_errors, "duplex": _duplex_errors}
 
 
 def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:
