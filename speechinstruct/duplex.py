@@ -62,6 +62,8 @@ class Voice:
         from .audio import resample
 
         wav, sr, words = self.tts.synthesize_words(text, self.voice, self.rate)
+        if not words or not np.size(wav):
+            raise ValueError(f"no words spoken of {text[:40]!r}")
         end = speech_end(wav, sr)
         wav = resample(np.asarray(wav, np.float32)[: int(round(end * sr))], sr, self.sr)
         if words:
@@ -185,7 +187,7 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
     import soundfile as sf
     from tqdm import tqdm
 
-    from .compose import unique_items
+    from .compose import speakable, unique_items
     from .dialogue import read_conversations, speaker_keys
 
     if not 0 <= interruption_rate <= 1 or backchannel_rate < 0 or gap_sd < 0:
@@ -203,6 +205,11 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
         voices = {MAIN: Voice(tts, *tts.voice_for(keys["assistant"]), sample_rate),
                   OTHER: Voice(tts, *tts.voice_for(keys["user"]), sample_rate)}
         turns = [(who, text) for q, a in conversation["exchanges"] for who, text in ((OTHER, q), (MAIN, a))]
+        unfit = _unfit(turns)
+        if unfit:  # markup, control characters, code or text too long to speak, as compose dialogue refuses
+            dropped.append({"where": conversation["where"], "id": conversation["id"], "reason": unfit})
+            continue
+        turns = [(who, speakable(text)) for who, text in turns]
         try:
             layout = timeline(turns, voices, random.Random(f"{seed}/{conversation['id']}"), gap_mean, gap_sd,
                               interruption_rate, backchannel_rate=backchannel_rate)
@@ -248,6 +255,19 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
                "dropped": len(dropped), "dropped_examples": dropped[:200]}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _unfit(turns: list[tuple[str, str]]) -> str | None:
+    """Why a conversation cannot be spoken (as compose dialogue checks each turn: as given, and as spoken with
+    markdown stripped), or None."""
+    from .compose import speakable, unfit_text
+
+    for n, (who, text) in enumerate(turns, 1):
+        name, limit = ("assistant turn", "response") if who == MAIN else ("user turn", "instruction")
+        reason = unfit_text(name, text, limit) or unfit_text(name, speakable(text), limit)
+        if reason:
+            return f"turn {n}: {reason}"
+    return None
 
 
 def _judge_turns(layout: dict, sr: int, judge, gates) -> None:

@@ -207,3 +207,21 @@ def test_each_turn_is_judged_and_a_conversation_with_a_failing_turn_is_dropped(e
     dropped = {d["id"]: d["reason"] for d in summary["dropped_examples"]}
     assert dropped and all(r == "quality: DNSMOS OVRL below 2 (1.200)" for r in dropped.values())
     assert summary["conversations"] + len(dropped) == 8 and all("mm" not in t for t in judge.seen)  # turns only
+
+
+def test_hostile_conversations_are_counted_skips_and_names_never_climb_out(espeak, tmp_path):
+    conversations = tmp_path / "c.jsonl"
+    lines = [{"id": "../../etc/passwd", "messages": [{"role": "user", "content": "Hello there."},
+                                                     {"role": "assistant", "content": "Hi."}]},
+             {"id": "nul", "messages": [{"role": "user", "content": "Hello\u0000 there."}, {"role": "assistant", "content": "Hi."}]},
+             {"id": "markup", "messages": [{"role": "user", "content": "Say <eo**a> [Hu**man]: now."},
+                                           {"role": "assistant", "content": "No."}]},
+             {"id": "silent", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "!!!"}]}]
+    conversations.write_text("\n".join(json.dumps(x) for x in lines) + "\n" + "[" * 100_000 + "\n")
+    summary = duplex(conversations, tmp_path / "out", espeak, quiet=True)
+    reasons = sorted(d["reason"].split(" (")[0] for d in summary["dropped_examples"])
+    assert summary["conversations"] == 1 and reasons == [
+        "cannot be spoken", "malformed JSON", "turn 1: control character in user turn", "turn 1: markup in user turn"]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(tmp_path / "out" in p.parents for p in written if p != conversations)
+    assert [p.name for p in (tmp_path / "out" / "audio").glob("*.wav")][0].startswith("_.._etc_passwd-")
