@@ -838,6 +838,9 @@ def train(
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping (SpeechGPT/Trainer: 1.0; 0 turns it off)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate on the validation split every N steps (always at the end)."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Stage 3: also save the merged model."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Recompute activations in the backward pass (less memory)."),
+    attention: Optional[str] = typer.Option(None, help="The attention kernel: sdpa (default), eager or flash_attention_2."),
     save_every: Optional[int] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in OUT."),
@@ -862,6 +865,7 @@ def train(
     overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
                      block_size=block_size, max_length=max_length, mask=mask, max_grad_norm=max_grad_norm,
                      eval_every=eval_every, merge=merge, save_every=save_every, seed=seed, configs=configs,
+                     gradient_checkpointing=gradient_checkpointing, attention=attention,
                      lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig.from_dict(settings)

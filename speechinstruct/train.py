@@ -73,6 +73,8 @@ class TrainConfig:
     lora_targets: list[str] | None = None  # default: what peft knows for the architecture (LLaMA: q_proj, v_proj)
     merge: bool = False               # stage 3: also save base + adapter merged
     bf16: bool | None = None          # default: on when a GPU supports it
+    attention: str = "sdpa"           # the model's attention kernel: sdpa (torch's fused), eager, flash_attention_2
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % more time
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -339,8 +341,15 @@ def load_model(stage: int, base_model: str | Path, k: int, cfg: TrainConfig):
     if not local and (Path(base_model).exists() or str(base_model).startswith((".", "/", "~")) or str(base_model).count("/") > 1):
         raise FileNotFoundError(f"{base_model}: not a model folder (config.json, weights and tokenizer files)")
     tokenizer = AutoTokenizer.from_pretrained(str(base_model), local_files_only=local)
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), local_files_only=local)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), local_files_only=local,
+                                                     attn_implementation=cfg.attention)
+    except (ValueError, ImportError) as e:  # an attention kernel this model or machine does not have
+        raise ValueError(f"{base_model}: attention {cfg.attention!r}: {str(e).splitlines()[0]}") from None
     added = expand_vocabulary(model, tokenizer, k)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if stage == 3:
         from peft import LoraConfig, get_peft_model
 

@@ -432,3 +432,15 @@ def test_train_after_another_accelerator_of_another_precision_in_the_process(bas
     Accelerator(mixed_precision="bf16", cpu=True)
     result = T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1, bf16=False), quiet=True)
     assert result["steps"] == 1
+
+
+def test_gradient_checkpointing_and_the_attention_kernel_leave_the_losses_as_they_were(base_model, dataset, tmp_path):
+    """Activations recomputed in the backward pass, and eager attention instead of torch's SDPA: the same losses
+    (the same arithmetic, in another order), on the CPU."""
+    plain = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=3), quiet=True)
+    checkpointed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=3, gradient_checkpointing=True), quiet=True)
+    eager = T.train(2, base_model, dataset, tmp_path / "c", fast(max_steps=3, attention="eager"), quiet=True)
+    for other in (checkpointed, eager):
+        assert [h["loss"] for h in other["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-4)
+    with pytest.raises(ValueError, match="attention 'nonsense'"):
+        T.train(2, base_model, dataset, tmp_path / "d", fast(max_steps=1, attention="nonsense"), quiet=True)
