@@ -211,7 +211,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner, q
     from tqdm import tqdm
 
     from . import records
-    from .extract import decode_row
+    from .decoding import decode_row
     from .io import iter_rows, write_json, write_parquet
     from .shardfiles import corpus_root, manifest_files
 

@@ -263,7 +263,7 @@ def _dnsmos(scores: Path | None) -> dict[str, float]:
 
 def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
     """id → sha1 of each row's decoded 16 kHz samples (``audio_hash``)."""
-    from .extract import AUDIO_COLUMNS, decode_rows
+    from .decoding import AUDIO_COLUMNS, decode_rows
     from .shardfiles import read_units_spec
 
     root = Path((read_units_spec(folder) or {}).get("root") or ".")

@@ -55,7 +55,7 @@ class Block:
 def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
     """Each shard's rows in manifest order, cut into blocks of at most ``block_seconds`` of audio (one row
     at least). Shards are read one at a time, as the blocks are needed."""
-    from .extract import AUDIO_COLUMNS
+    from .decoding import AUDIO_COLUMNS
 
     for shard in shards:
         present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
@@ -72,7 +72,7 @@ def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
 
 def decode_block(rows: list[dict], root: str, sample_rate: int = 16000) -> list[tuple[str, np.ndarray | str]]:
     """(id, samples at ``sample_rate``) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task."""
-    from .extract import decode_row
+    from .decoding import decode_row
 
     return [(row["id"], decode_row(row, root, sample_rate)) for row in rows]
 

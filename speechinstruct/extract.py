@@ -15,8 +15,6 @@ A shard is complete when its output file exists (written atomically); a rerun sk
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
-import io
 import json
 import time
 from pathlib import Path
@@ -26,65 +24,17 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import audio, recipe as settings, storage
+from . import audio, recipe as settings
 from .codecs import is_codec
 from .features import Extractor
-from .io import atomic_path, read_table, remove_stale_temps, safe_join, write_text
+from .decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
+from .io import atomic_path, read_table, remove_stale_temps, write_text
 from .memory import OutOfMemory, halving
 from .quantize import UnitWriter
 from .recipe import default
 from .shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                          select_shards, shard_output, shard_suffix)
 from .units import SpeechEncoder
-
-
-def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
-    """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` results waiting."""
-    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-# the manifest columns decode_row reads: the Ray engine ships only these to its decode tasks
-AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
-
-
-def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
-    """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
-    the file's rate), or the reason its audio cannot be used. A row with a ``row`` number has its audio inside a
-    dataset file (Hugging Face Parquet/Arrow), as encoded bytes; one with a ``tar_offset``, inside a tar."""
-    try:
-        path = safe_join(root, row["path"])
-        if not path.exists():  # a copy of a bucket that another machine made: fetched here, once
-            storage.fetch_copy(path)
-        if row.get("tar_offset") is not None:  # a member of a WebDataset tar: its bytes, read in place
-            with open(path, "rb") as f:
-                f.seek(row["tar_offset"])
-                data = f.read(row["tar_size"])
-            if len(data) != row["tar_size"]:
-                raise audio.AudioError(f"{row['path']}: {row['tar_size']} bytes at {row['tar_offset']} are not in the tar")
-            return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
-                              name=f"{row['path']} at byte {row['tar_offset']}")
-        if row.get("row") is None:
-            return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
-        from .corpora.hf import audio_bytes
-
-        data = audio_bytes(path, row["audio_column"], row["row"])
-        return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
-                          name=f"{row['path']} row {row['row']}")
-    except (audio.AudioError, ValueError, OSError, KeyError) as e:
-        return str(e)
-
-
-def decode_rows(rows: list[dict], root: Path, workers: int = 2,
-                sample_rate: int = audio.TARGET_SR) -> Iterator[tuple[dict, np.ndarray | str]]:
-    """(row, samples at ``sample_rate``) per row, or (row, reason) when the audio cannot be used."""
-    return bounded_map(lambda row: (row, decode_row(row, root, sample_rate)), rows, workers=workers, ahead=4 * workers + 4)
 
 
 def sample_rate_of(extractor) -> int:

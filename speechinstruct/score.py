@@ -615,7 +615,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     """Score every utterance of the shards this worker owns (see the module docstring); returns the summary."""
     from tqdm import tqdm
 
-    from .extract import AUDIO_COLUMNS, decode_rows
+    from .decoding import AUDIO_COLUMNS, decode_rows
 
     source, out = Path(source), Path(out)
     files, kind = input_files(source)

@@ -122,9 +122,9 @@ class Vocabulary:
 def kmeans_vocabulary(extractor_spec: dict, k: int, sha256: str | None = None) -> Vocabulary:
     """The vocabulary of units made by clustering ``extractor_spec``'s features with a k-means of ``k``
     centroids (its file's ``sha256``)."""
-    from .features import SAMPLE_RATE
+    from .audio import TARGET_SR
 
-    return Vocabulary("kmeans", int(k), frame_rate=extractor_spec.get("frame_rate"), sample_rate=SAMPLE_RATE,
+    return Vocabulary("kmeans", int(k), frame_rate=extractor_spec.get("frame_rate"), sample_rate=TARGET_SR,
                       features=extractor_spec.get("features"), sha256=sha256)
 
 

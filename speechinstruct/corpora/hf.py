@@ -18,9 +18,7 @@ plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back fo
 
 from __future__ import annotations
 
-import functools
 import io
-import json
 import math
 import os
 import re
@@ -32,6 +30,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
+from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from ..io import read_json, safe_join
 from .base import Item, Skip, relpath, split_of
 
@@ -221,13 +220,6 @@ def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, a
             yield item
 
 
-def _encoded(value) -> bytes | None:
-    """The encoded audio of one cell: an ``Audio`` struct's ``bytes``, or a plain ``binary`` column's value."""
-    if isinstance(value, dict):
-        return value.get("bytes") or None
-    return value if isinstance(value, (bytes, bytearray)) and value else None
-
-
 def _text(value) -> str | None:
     """A transcript cell as text; null, NaN (pandas' missing value) and blank are no transcript."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -258,49 +250,3 @@ def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: st
         "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
         "row": row, "audio_column": audio_column,
     }
-
-
-def audio_bytes(path: str | Path, column: str, row: int) -> bytes:
-    """The encoded audio of ``row`` in a dataset file's ``column`` (a ``struct<bytes, path>`` or ``binary``)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        group, index = _locate(str(path), row)
-        table = _row_group(str(path), column, group)
-    else:
-        table, index = _arrow_table(str(path)), row
-    if index >= table.num_rows:
-        raise ValueError(f"{path}: no row {row} (the file has fewer rows: re-run shard)")
-    data = _encoded(table.column(column)[index].as_py())
-    if not data:
-        raise ValueError(f"{path}: row {row} has no audio bytes in column {column!r}")
-    return data
-
-
-@functools.lru_cache(maxsize=16)
-def _row_group_starts(path: str) -> tuple[int, ...]:
-    meta = pq.ParquetFile(path).metadata
-    starts, total = [], 0
-    for i in range(meta.num_row_groups):
-        starts.append(total)
-        total += meta.row_group(i).num_rows
-    return tuple(starts + [total])
-
-
-def _locate(path: str, row: int) -> tuple[int, int]:
-    import bisect
-
-    starts = _row_group_starts(path)
-    if not 0 <= row < starts[-1]:
-        raise ValueError(f"{path}: no row {row} (the file has {starts[-1]} rows: re-run shard)")
-    group = bisect.bisect_right(starts, row) - 1
-    return group, row - starts[group]
-
-
-@functools.lru_cache(maxsize=2)  # manifest rows come in file order: one row group is read once, not per row
-def _row_group(path: str, column: str, group: int) -> pa.Table:
-    return pq.ParquetFile(path).read_row_group(group, columns=[column])
-
-
-@functools.lru_cache(maxsize=4)
-def _arrow_table(path: str) -> pa.Table:
-    return pa.ipc.open_stream(pa.memory_map(path)).read_all()  # memory-mapped: pages are read as rows are used
