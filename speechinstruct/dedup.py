@@ -375,12 +375,11 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     if not 0 < threshold <= 1 or not 0 < similarity <= 1 or ngram < 1 or num_perm < 2 or eval_ngram < 1:
         raise ValueError(f"dedup: threshold and similarity in (0, 1], ngram >= 1, num_perm >= 2 and eval_ngram >= 1 "
                          f"(got {threshold}, {similarity}, {ngram}, {num_perm}, {eval_ngram})")
-    settings = {"ngram": ngram, "num_perm": num_perm, "threshold": threshold, "similarity": similarity,
-                "eval_ngram": eval_ngram,
-                "max_per_transcript": max_per_transcript, "speaker_disjoint": speaker_disjoint,
-                "audio_hash": audio_hash, "eval": list(eval), "seed": seed}
+    used = {"ngram": ngram, "num_perm": num_perm, "threshold": threshold, "similarity": similarity,
+            "eval_ngram": eval_ngram, "max_per_transcript": max_per_transcript, "speaker_disjoint": speaker_disjoint,
+            "audio_hash": audio_hash, "eval": list(eval), "seed": seed}
     signer, texts = Signer(ngram, num_perm, seed), EvalTexts(eval_ngram)
-    eval_signatures, eval_units, checked = read_eval(settings["eval"], texts, signer, quiet)
+    eval_signatures, eval_units, checked = read_eval(used["eval"], texts, signer, quiet)
 
     from .io import remove_stale_temps
     from .shardfiles import select_shards
@@ -416,7 +415,7 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     dropped, examples, overlap = decide(rows, signatures, sequences, signer, texts, threshold, similarity,
                                         max_per_transcript, speaker_disjoint)
     counts = collections.Counter(reason for reason, _ in dropped.values())
-    summary = {"inputs": [str(p.resolve()) for p in inputs], "settings": settings,
+    summary = {"inputs": [str(p.resolve()) for p in inputs], "settings": used,
                "checked_against": {"eval_sources": checked, "eval_split_rows": sum(r.is_eval for r in rows.values()),
                                    "eval_texts": texts.count},
                "utterances": len(rows), "kept": len(rows) - len(dropped), "dropped": dict(sorted(counts.items())),
