@@ -365,8 +365,6 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     module docstring); returns the summary (also ``OUT/dedup.json`` in each). With ``num_shards`` > 1 (job-array
     tasks) this task only computes and caches the signatures of its shards; one run without them then decides
     and writes, reading the cache."""
-    from tqdm import tqdm
-
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     outs = [Path(p) for p in (outs if isinstance(outs, (list, tuple)) else [outs])]
     scores = list(scores) if isinstance(scores, (list, tuple)) else [scores] * len(inputs)
@@ -392,22 +390,9 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     for out in outs:  # a killed run's half-written files
         if out.is_dir():
             remove_stale_temps(out)
-    rows: dict[str, Row] = {}
     signatures: dict[str, np.ndarray] = dict(eval_signatures)
     sequences: dict[str, np.ndarray] = dict(eval_units)
-    files: list[tuple[Path, Path, Path]] = []  # (input file, its folder, output folder)
-    for folder, out, score_dir in zip(inputs, outs, scores):
-        dnsmos = _dnsmos(Path(score_dir) if score_dir else None)
-        for path in tqdm(_unit_files(folder), desc=f"dedup {folder.name}", unit="shard", disable=quiet):
-            files.append((path, folder, out))
-            signatures.update(_signatures(path, signer, out / ".signatures"))
-            audio = _audio_hashes(path, folder) if audio_hash else {}
-            for r in iter_rows(path, columns=list(COLUMNS)):
-                if r["id"] in rows:
-                    raise ValueError(f"{path}: id {r['id']!r} is also in another input: dedup needs unique ids")
-                rows[r["id"]] = Row(r["id"], r["split"], r["corpus"], r.get("speaker"), r.get("text"),
-                                    unit_hash(r["units"]), audio.get(r["id"]), dnsmos.get(r["id"]))
-                sequences[r["id"]] = compact(r["units"])
+    rows, files = read_inputs(inputs, outs, scores, signer, signatures, sequences, audio_hash, quiet)
     for r in rows.values():  # the inputs' own validation and test rows are evaluation texts, always
         if r.is_eval:
             texts.add(r.text, f"{r.corpus} {r.split}: {r.id}")
@@ -433,81 +418,124 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     return summary
 
 
+class Decisions:
+    """What ``decide`` finds: id → (reason, what it duplicates or matches) of each training row dropped (the first
+    reason that holds), and a few examples per reason. Evaluation rows are never dropped."""
+
+    def __init__(self, rows: dict[str, Row]):
+        self.rows, self.dropped = rows, {}
+        self.examples: dict[str, list] = collections.defaultdict(list)
+
+    def drop(self, uid: str, reason: str, of: str) -> None:
+        if uid not in self.dropped and not self.rows[uid].is_eval:
+            self.dropped[uid] = (reason, of)
+            if len(self.examples[reason]) < MAX_EXAMPLES:
+                self.examples[reason].append({"id": uid, "of": of})
+
+
+def read_inputs(inputs: list[Path], outs: list[Path], scores: list, signer: Signer, signatures: dict,
+                sequences: dict, audio_hash: bool, quiet: bool) -> tuple[dict[str, Row], list[tuple[Path, Path, Path]]]:
+    """What the decisions need of every row of the units folders ``inputs`` (id → :class:`Row`, its signature into
+    ``signatures``, its units into ``sequences``), and (input file, its folder, output folder) per shard."""
+    from tqdm import tqdm
+
+    rows: dict[str, Row] = {}
+    files: list[tuple[Path, Path, Path]] = []
+    for folder, out, score_dir in zip(inputs, outs, scores):
+        dnsmos = _dnsmos(Path(score_dir) if score_dir else None)
+        for path in tqdm(_unit_files(folder), desc=f"dedup {folder.name}", unit="shard", disable=quiet):
+            files.append((path, folder, out))
+            signatures.update(_signatures(path, signer, out / ".signatures"))
+            audio = _audio_hashes(path, folder) if audio_hash else {}
+            for r in iter_rows(path, columns=list(COLUMNS)):
+                if r["id"] in rows:
+                    raise ValueError(f"{path}: id {r['id']!r} is also in another input: dedup needs unique ids")
+                rows[r["id"]] = Row(r["id"], r["split"], r["corpus"], r.get("speaker"), r.get("text"),
+                                    unit_hash(r["units"]), audio.get(r["id"]), dnsmos.get(r["id"]))
+                sequences[r["id"]] = compact(r["units"])
+    return rows, files
+
+
 def decide(rows: dict[str, Row], signatures: dict[str, np.ndarray], sequences: dict[str, np.ndarray], signer: Signer,
            texts: EvalTexts, threshold: float, similarity: float, max_per_transcript: int | None, speaker_disjoint: bool):
     """id → (reason, what it duplicates or matches) for every training row dropped, example groups per reason,
-    and the speakers found in training and evaluation splits of one corpus."""
+    and the speakers found in training and evaluation splits of one corpus: the steps of the module docstring."""
+    decisions = Decisions(rows)
+    for uid in sorted(rows):  # 1. text shared with an evaluation text
+        found = None if rows[uid].is_eval else texts.match(rows[uid].text)
+        if found:
+            decisions.drop(uid, "evaluation text", f"{found[1]} ({found[0]!r})")
+    near, exact = duplicate_groups(rows, signatures, sequences, signer, threshold, similarity)
+    shared = _speakers_in_both(rows, decisions if speaker_disjoint else None)  # 3., before the groups' keepers
+    _resolve_groups(near, exact, rows, decisions)  # 2., 4. and 5.
+    if max_per_transcript:  # 6.
+        _cap_transcripts(rows, decisions, max_per_transcript)
+    return decisions.dropped, dict(decisions.examples), [{"corpus": c, "speaker": s} for c, s in shared]
+
+
+def duplicate_groups(rows: dict[str, Row], signatures: dict[str, np.ndarray], sequences: dict[str, np.ndarray],
+                     signer: Signer, threshold: float, similarity: float) -> tuple[UnionFind, UnionFind]:
+    """(near, exact): rows joined when their units (or decoded audio) are equal, and, in ``near`` also, when LSH
+    makes them candidates and their unit sequences are at least ``similarity`` alike (Levenshtein)."""
     from rapidfuzz.distance import Levenshtein
 
-    dropped: dict[str, tuple[str, str]] = {}
-    examples: dict[str, list] = collections.defaultdict(list)
-
-    def drop(uid: str, reason: str, of: str) -> None:
-        if uid not in dropped and not rows[uid].is_eval:
-            dropped[uid] = (reason, of)
-            if len(examples[reason]) < MAX_EXAMPLES:
-                examples[reason].append({"id": uid, "of": of})
-
-    order = sorted(rows)
-    for uid in order:  # 1. text shared with an evaluation text
-        if not rows[uid].is_eval:
-            found = texts.match(rows[uid].text)
-            if found:
-                drop(uid, "evaluation text", f"{found[1]} ({found[0]!r})")
-
     near, exact = UnionFind(), UnionFind()
-    by_units: dict[bytes, str] = {}
-    by_audio: dict[bytes, str] = {}
-    for uid in order:
-        r = rows[uid]
-        for key, seen in ((r.units_hash, by_units), (r.audio_hash, by_audio)):
+    seen: dict[tuple[str, bytes], str] = {}
+    for uid in sorted(rows):
+        for kind, key in (("units", rows[uid].units_hash), ("audio", rows[uid].audio_hash)):
             if key is not None:
-                if key in seen:
-                    exact.union(uid, seen[key])
-                    near.union(uid, seen[key])
-                else:
-                    seen[key] = uid
+                first = seen.setdefault((kind, key), uid)
+                if first != uid:
+                    exact.union(uid, first)
+                    near.union(uid, first)
     ids = sorted(signatures)
     matrix = np.stack([signatures[uid] for uid in ids]) if ids else np.zeros((0, signer.num_perm), np.uint32)
-    for a, b in candidate_pairs(matrix, threshold):  # each candidate verified on the unit sequences themselves
+    for a, b in candidate_pairs(matrix, threshold):
         uid, other = ids[a], ids[b]
         if near.find(uid) != near.find(other) and \
                 Levenshtein.normalized_similarity(sequences[uid], sequences[other]) >= similarity:
             near.union(uid, other)
+    return near, exact
 
+
+def _speakers_in_both(rows: dict[str, Row], decisions: Decisions | None) -> list[tuple[str, str]]:
+    """(corpus, speaker) of the speakers in both training and evaluation splits of one corpus; with
+    ``decisions``, their training rows are dropped."""
     eval_speakers = {(r.corpus, r.speaker) for r in rows.values() if r.is_eval and r.speaker not in (None, "", "unknown")}
-    shared = sorted({(r.corpus, r.speaker) for r in rows.values() if not r.is_eval and (r.corpus, r.speaker) in eval_speakers})
-    if speaker_disjoint:  # 3. before the duplicates, so that a group keeps one of the rows that stay
-        for uid in order:
-            r = rows[uid]
-            if not r.is_eval and (r.corpus, r.speaker) in eval_speakers:
-                drop(uid, "speaker in an evaluation split", f"{r.corpus}: {r.speaker}")
+    train = [r for r in rows.values() if not r.is_eval and (r.corpus, r.speaker) in eval_speakers]
+    for r in sorted(train, key=lambda r: r.id) if decisions is not None else []:
+        decisions.drop(r.id, "speaker in an evaluation split", f"{r.corpus}: {r.speaker}")
+    return sorted({(r.corpus, r.speaker) for r in train})
 
-    for group in near.groups():  # 2. evaluation audio; 4-5. duplicates
+
+def _resolve_groups(near: UnionFind, exact: UnionFind, rows: dict[str, Row], decisions: Decisions) -> None:
+    """A group with an evaluation utterance drops its training rows; any other keeps one (the best DNSMOS, else
+    the smallest id) of the rows still kept and drops the rest as exact or near duplicates of it."""
+    for group in near.groups():
         evals = [g for g in group if g.startswith("eval:") or rows[g].is_eval]
         train = [g for g in group if g in rows and not rows[g].is_eval]
         if evals:
             for g in train:
-                drop(g, "evaluation audio", evals[0])
+                decisions.drop(g, "evaluation audio", evals[0])
             continue
-        alive = [g for g in train if g not in dropped]
+        alive = [g for g in train if g not in decisions.dropped]
         if len(alive) < 2:
             continue
         keep = min(alive, key=lambda g: (-(rows[g].dnsmos if rows[g].dnsmos is not None else -1e9), g))
         for g in alive:
             if g != keep:
-                drop(g, "exact duplicate" if exact.find(g) == exact.find(keep) else "near duplicate", keep)
+                decisions.drop(g, "exact duplicate" if exact.find(g) == exact.find(keep) else "near duplicate", keep)
 
-    if max_per_transcript:  # 6. repeated transcripts, distinct speakers first
-        by_text: dict[str, list[str]] = collections.defaultdict(list)
-        for uid in order:
-            if uid not in dropped and not rows[uid].is_eval and words(rows[uid].text):
-                by_text[" ".join(words(rows[uid].text))].append(uid)
-        for group in by_text.values():
-            for uid in _spread_over_speakers(group, rows)[max_per_transcript:]:
-                drop(uid, "repeated transcript", group[0])
-    overlap = [{"corpus": c, "speaker": s} for c, s in shared]
-    return dropped, dict(examples), overlap
+
+def _cap_transcripts(rows: dict[str, Row], decisions: Decisions, limit: int) -> None:
+    """At most ``limit`` kept training rows per normalised transcript, distinct speakers first."""
+    by_text: dict[str, list[str]] = collections.defaultdict(list)
+    for uid in sorted(rows):
+        if uid not in decisions.dropped and not rows[uid].is_eval and words(rows[uid].text):
+            by_text[" ".join(words(rows[uid].text))].append(uid)
+    for group in by_text.values():
+        for uid in _spread_over_speakers(group, rows)[limit:]:
+            decisions.drop(uid, "repeated transcript", group[0])
 
 
 def _spread_over_speakers(group: list[str], rows: dict[str, Row]) -> list[str]:

@@ -184,11 +184,10 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
     ``extractor`` (and ``kmeans`` for features), also ``duplex`` records of both channels' units
     (``OUT/train-00000.parquet``); with ``judge`` and ``gates``, each turn's speech is judged as compose dialogue
     judges it, and a conversation with a turn that fails is dropped whole."""
-    import soundfile as sf
     from tqdm import tqdm
 
-    from .compose import speakable, unique_items
-    from .dialogue import read_conversations, speaker_keys
+    from .compose import unique_items
+    from .dialogue import read_conversations
 
     if not 0 <= interruption_rate <= 1 or backchannel_rate < 0 or gap_sd < 0:
         raise ValueError("duplex: interruption_rate in [0, 1], backchannel_rate >= 0, gap_sd >= 0")
@@ -198,60 +197,81 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
         corpus, license = corpus or "speechinstruct-dialogues-sample", "Apache-2.0"
     corpus = corpus or Path(str(source)).stem
     conversations, dropped = unique_items(read_conversations(source), max_conversations)
+    settings = {"gap_mean": gap_mean, "gap_sd": gap_sd, "seed": seed, "interruption_rate": interruption_rate,
+                "backchannel_rate": backchannel_rate}
     manifest, stats_lines, rows = [], [], []
-    totals = collections.Counter()
     for conversation in tqdm(conversations, desc="duplex", unit="conversation", disable=quiet):
-        keys = speaker_keys(tts, seed, conversation["id"])
-        voices = {MAIN: Voice(tts, *tts.voice_for(keys["assistant"]), sample_rate),
-                  OTHER: Voice(tts, *tts.voice_for(keys["user"]), sample_rate)}
-        turns = [(who, text) for q, a in conversation["exchanges"] for who, text in ((OTHER, q), (MAIN, a))]
-        unfit = _unfit(turns)
-        if unfit:  # markup, control characters, code or text too long to speak, as compose dialogue refuses
-            dropped.append({"where": conversation["where"], "id": conversation["id"], "reason": unfit})
+        made = speak(conversation, tts, sample_rate, judge, gates, **settings)
+        if isinstance(made, str):
+            dropped.append({"where": conversation["where"], "id": conversation["id"], "reason": made})
             continue
-        turns = [(who, speakable(text)) for who, text in turns]
-        try:
-            layout = timeline(turns, voices, random.Random(f"{seed}/{conversation['id']}"), gap_mean, gap_sd,
-                              interruption_rate, backchannel_rate=backchannel_rate)
-            if judge is not None:
-                _judge_turns(layout, sample_rate, judge, gates)
-        except (ValueError, RuntimeError) as e:
-            from .score import ScoreError
-
-            if isinstance(e, ScoreError):  # a judge that cannot work at all stops the stage
-                raise
-            dropped.append({"where": conversation["where"], "id": conversation["id"],
-                            "reason": str(e) if type(e).__name__ == "SpeechRejected" else f"cannot be spoken ({e})"})
-            continue
-        samples, alignments = render(layout, sample_rate)
-        name = _file_name(conversation["id"])
-        with atomic_path(out / "audio" / f"{name}.wav") as tmp:
-            sf.write(tmp, samples, sample_rate, subtype="PCM_16", format="WAV")
-        write_text(out / "audio" / f"{name}.json", json.dumps({"alignments": alignments}, ensure_ascii=False) + "\n")
-        duration = samples.shape[0] / sample_rate
-        manifest.append({"path": f"audio/{name}.wav", "duration": duration})
+        layout, samples, alignments = made
+        path = write_conversation(out, conversation["id"], samples, sample_rate, alignments)
+        manifest.append({"path": path, "duration": samples.shape[0] / sample_rate})
         if extractor is not None:
-            rows.append(units_record(conversation, f"audio/{name}.wav", samples, sample_rate, alignments, extractor,
-                                     kmeans, corpus, license))
+            rows.append(units_record(conversation, path, samples, sample_rate, alignments, extractor, kmeans, corpus,
+                                     license))
         talk = {s: round(sum(e["duration"] for e in layout["events"] if e["speaker"] == s), 3) for s in (MAIN, OTHER)}
-        stats = {"id": conversation["id"], "duration": round(duration, 3), **layout["stats"], "talk_seconds": talk}
-        stats_lines.append(stats)
-        totals.update(turns=stats["turns"], gaps=len(stats["gaps"]), overlaps=len(stats["overlaps"]),
-                      interruptions=stats["interruptions"], backchannels=stats["backchannels"])
+        stats_lines.append({"id": conversation["id"], "duration": round(manifest[-1]["duration"], 3),
+                            **layout["stats"], "talk_seconds": talk})
+    return write_outputs(out, manifest, stats_lines, rows if extractor is not None else None, dropped,
+                         {"sample_rate": sample_rate, "settings": settings})
+
+
+def speak(conversation: dict, tts, sample_rate: int, judge, gates, seed: int, **settings) -> tuple | str:
+    """(layout, stereo samples, alignments) of one conversation, or why it is dropped (a turn unfit for speech,
+    one that cannot be spoken, or one that fails the gates)."""
+    from .compose import speakable
+    from .dialogue import speaker_keys
+    from .score import ScoreError
+
+    keys = speaker_keys(tts, seed, conversation["id"])
+    voices = {MAIN: Voice(tts, *tts.voice_for(keys["assistant"]), sample_rate),
+              OTHER: Voice(tts, *tts.voice_for(keys["user"]), sample_rate)}
+    turns = [(who, text) for q, a in conversation["exchanges"] for who, text in ((OTHER, q), (MAIN, a))]
+    unfit = _unfit(turns)
+    if unfit:  # markup, control characters, code or text too long to speak, as compose dialogue refuses
+        return unfit
+    try:
+        layout = timeline([(who, speakable(text)) for who, text in turns], voices,
+                          random.Random(f"{seed}/{conversation['id']}"), **settings)
+        if judge is not None:
+            _judge_turns(layout, sample_rate, judge, gates)
+    except ScoreError:  # a judge that cannot work at all stops the stage
+        raise
+    except (ValueError, RuntimeError) as e:
+        return str(e) if type(e).__name__ == "SpeechRejected" else f"cannot be spoken ({e})"
+    return (layout, *render(layout, sample_rate))
+
+
+def write_conversation(out: Path, uid: str, samples: np.ndarray, sample_rate: int, alignments: list) -> str:
+    """``OUT/audio/{name}.wav`` (stereo, 16-bit) and its ``.json`` alignments; the WAV's path relative to OUT."""
+    import soundfile as sf
+
+    name = _file_name(uid)
+    with atomic_path(out / "audio" / f"{name}.wav") as tmp:
+        sf.write(tmp, samples, sample_rate, subtype="PCM_16", format="WAV")
+    write_text(out / "audio" / f"{name}.json", json.dumps({"alignments": alignments}, ensure_ascii=False) + "\n")
+    return f"audio/{name}.wav"
+
+
+def write_outputs(out: Path, manifest: list, stats_lines: list, rows: list | None, dropped: list, extra: dict) -> dict:
+    """The manifest, the statistics, the records (when units were made) and the summary, which is returned."""
     write_text(out / "duplex.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
-    if extractor is not None:
+    if rows is not None:
         from . import records
         from .io import write_parquet
 
         write_parquet(out / "train-00000.parquet", records.to_table("duplex", rows))
     write_text(out / "stats.jsonl", "".join(json.dumps(s) + "\n" for s in stats_lines))
+    totals = collections.Counter()
+    for s in stats_lines:
+        totals.update(turns=s["turns"], gaps=len(s["gaps"]), overlaps=len(s["overlaps"]),
+                      interruptions=s["interruptions"], backchannels=s["backchannels"])
     changes = totals["gaps"] + totals["overlaps"]
-    summary = {"conversations": len(manifest), "records": len(rows),
-               "hours": round(sum(m["duration"] for m in manifest) / 3600, 4),
-               **dict(totals), "overlap_share": round(totals["overlaps"] / changes, 4) if changes else None,
-               "sample_rate": sample_rate, "settings": {"gap_mean": gap_mean, "gap_sd": gap_sd, "seed": seed,
-                                                         "interruption_rate": interruption_rate,
-                                                         "backchannel_rate": backchannel_rate},
+    summary = {"conversations": len(manifest), "records": len(rows or []),
+               "hours": round(sum(m["duration"] for m in manifest) / 3600, 4), **dict(totals),
+               "overlap_share": round(totals["overlaps"] / changes, 4) if changes else None, **extra,
                "dropped": len(dropped), "dropped_examples": dropped[:200]}
     write_json(out / "summary.json", summary)
     return summary
