@@ -242,55 +242,20 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     refuse_invalid(compose_dir, inputs)
     out.mkdir(parents=True, exist_ok=True)
     owned = owned_files(out)
-    fixed = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", OWNED_LIST,
-             *(f"speechgpt/{n}" for n in SPEECHGPT_FILES.values() if speechgpt_files)]
-    refuse_foreign(out, fixed, owned | {OWNED_LIST})
-    if save_to_disk:
-        for config in inputs:
-            theirs = [p.relative_to(out).as_posix() for p in (out / "arrow" / config).rglob("*") if p.is_file()]
-            refuse_foreign(out, theirs, owned)
+    _refuse_foreign_outputs(out, inputs, owned, save_to_disk, speechgpt_files)
     configs_yaml, written, counts, by_kind, voices, provenance = write_configs(inputs, out, owned, quiet=quiet)
-
-    # Machine-independent provenance: files by name and hash, never by a local absolute path.
-    kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
-    if (spec.get("kmeans") or {}).get("source"):
-        kmeans["file"] = Path(spec["kmeans"]["source"]).name
-    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans", "vocabulary", "checkpoint")}
-    if str(extractor.get("source", "")).startswith("hf:/"):
-        extractor["source"] = "hf:" + Path(extractor["source"][3:]).name
-    utterances = _utterance_stats(units_dirs)
-    hours = collections.Counter()
-    if utterances is not None:
-        write_parquet(out / "stats" / "utterances.parquet", utterances)
-        written.add("stats/utterances.parquet")
-        for corpus, seconds in zip(utterances.column("corpus").to_pylist(), utterances.column("duration").to_pylist()):
-            hours[corpus] += seconds / 3600
-    templates = {}
-    for cm_summary in sorted((compose_dir / "cross_modal").glob("summary*.json")):
-        templates = json.loads(cm_summary.read_text()).get("templates", templates)
-    meta = {
-        "name": name, "pipeline_version": __version__, "k": vocabulary.size if vocabulary else None,
-        "eval_splits": eval_splits,
-        "extractor": extractor, "kmeans": kmeans, "templates": templates,
-        "counts": {c: dict(v) for c, v in counts.items()},
-        "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
-        "voices": {c: dict(sorted(v.items())) for c, v in voices.items()},
-        "hours": {c: round(h, 4) for c, h in sorted(hours.items())},
-        "sources": [{"corpus": key.split("\t")[0], "license": key.split("\t")[1], "records": dict(v)}
-                    for key, v in sorted(provenance.items())],
-    }
+    hours = _write_utterance_stats(out, units_dirs, written)
+    meta = {"name": name, "pipeline_version": __version__, "k": vocabulary.size if vocabulary else None,
+            "eval_splits": eval_splits, **_provenance(spec), "templates": _templates(compose_dir),
+            "counts": {c: dict(v) for c, v in counts.items()},
+            "by_kind": {c: dict(sorted(v.items())) for c, v in by_kind.items()},
+            "voices": {c: dict(sorted(v.items())) for c, v in voices.items()},
+            "hours": {c: round(h, 4) for c, h in sorted(hours.items())},
+            "sources": [{"corpus": key.split("\t")[0], "license": key.split("\t")[1], "records": dict(v)}
+                        for key, v in sorted(provenance.items())]}
     if vocabulary is not None:
         meta["vocabulary"] = vocabulary.to_json()
-    meta["languages"] = _languages(meta, units_dirs)
-    measured = measured_languages(compose_dir)
-    if measured:  # what langid found in the transcripts (score --language), not what the sources declare
-        meta["languages_measured"] = measured
-        meta["languages"] = sorted(c for c in {"en", *measured} if LANGUAGE_CODE.fullmatch(c))
-    from .dedup import read_summary
-
-    found = [read_summary(d) for d in units_dirs]  # the units compose read, when dedup wrote them
-    if any(found):
-        meta["dedup"] = {k: v for k, v in next(f for f in found if f).items() if k not in ("inputs", "examples")}
+    _measured(meta, compose_dir, units_dirs)
     write_json(out / "speechinstruct.json", meta)
     data = card_data(meta, configs_yaml, out)
     write_text(out / "README.md", dataset_card(meta, configs_yaml, data))
@@ -308,6 +273,62 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     if push_to_hub:
         meta["pushed"] = push(out, push_to_hub)
     return meta
+
+
+def _refuse_foreign_outputs(out: Path, inputs: dict, owned: set[str], save_to_disk: bool, speechgpt_files: bool) -> None:
+    """Stop before writing when a file publish would write stands there and no earlier publish wrote it."""
+    fixed = ["README.md", "LICENSE.md", "speechinstruct.json", "stats/utterances.parquet", OWNED_LIST,
+             *(f"speechgpt/{n}" for n in SPEECHGPT_FILES.values() if speechgpt_files)]
+    refuse_foreign(out, fixed, owned | {OWNED_LIST})
+    if save_to_disk:
+        for config in inputs:
+            theirs = [p.relative_to(out).as_posix() for p in (out / "arrow" / config).rglob("*") if p.is_file()]
+            refuse_foreign(out, theirs, owned)
+
+
+def _provenance(spec: dict) -> dict:
+    """The extractor and k-means of the units, machine-independent: files by name and hash, never by a local
+    absolute path."""
+    kmeans = {key: v for key, v in (spec.get("kmeans") or {}).items() if key != "source"}
+    if (spec.get("kmeans") or {}).get("source"):
+        kmeans["file"] = Path(spec["kmeans"]["source"]).name
+    extractor = {key: v for key, v in spec.items() if key not in ("manifest", "root", "kmeans", "vocabulary", "checkpoint")}
+    if str(extractor.get("source", "")).startswith("hf:/"):
+        extractor["source"] = "hf:" + Path(extractor["source"][3:]).name
+    return {"extractor": extractor, "kmeans": kmeans}
+
+
+def _write_utterance_stats(out: Path, units_dirs: list[Path], written: set[str]) -> collections.Counter:
+    """``stats/utterances.parquet`` of the units the records came from; hours of audio per corpus."""
+    utterances = _utterance_stats(units_dirs)
+    hours: collections.Counter = collections.Counter()
+    if utterances is not None:
+        write_parquet(out / "stats" / "utterances.parquet", utterances)
+        written.add("stats/utterances.parquet")
+        for corpus, seconds in zip(utterances.column("corpus").to_pylist(), utterances.column("duration").to_pylist()):
+            hours[corpus] += seconds / 3600
+    return hours
+
+
+def _templates(compose_dir: Path) -> dict:
+    templates = {}
+    for cm_summary in sorted((compose_dir / "cross_modal").glob("summary*.json")):
+        templates = json.loads(cm_summary.read_text()).get("templates", templates)
+    return templates
+
+
+def _measured(meta: dict, compose_dir: Path, units_dirs: list[Path]) -> None:
+    """The languages (declared, or measured by langid when scores hold them) and what dedup checked, into ``meta``."""
+    from .dedup import read_summary
+
+    meta["languages"] = _languages(meta, units_dirs)
+    measured = measured_languages(compose_dir)
+    if measured:  # what langid found in the transcripts (score --language), not what the sources declare
+        meta["languages_measured"] = measured
+        meta["languages"] = sorted(c for c in {"en", *measured} if LANGUAGE_CODE.fullmatch(c))
+    found = [read_summary(d) for d in units_dirs]  # the units compose read, when dedup wrote them
+    if any(found):
+        meta["dedup"] = {k: v for k, v in next(f for f in found if f).items() if k not in ("inputs", "examples")}
 
 
 def write_arrow(out: Path, configs_yaml: list[dict]) -> set[str]:
