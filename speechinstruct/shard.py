@@ -11,7 +11,8 @@ import collections
 from pathlib import Path
 
 from . import recipe as settings, records, storage
-from .corpora import SOURCES, Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers, root_problem, split_of, split_word
+from .corpora import (SOURCES, Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers, root_problem,
+                      split_of, split_word, with_known_license)
 from .io import write_json, write_parquet
 from .recipe import default
 
@@ -135,7 +136,7 @@ def shard_corpus(
     shards, tally, seen_ids = ManifestShards(out, shard_hours), Tally(), set()
     for name in refused:
         tally.skip(Skip(name, "unsafe name in the bucket", "it would be written outside the copy ('..'); not copied"))
-    for item in all_readers[corpus](root, quiet=quiet, **reader_options):
+    for item in all_readers[corpus](root, quiet=quiet, **with_known_license(corpus, reader_options)):
         if isinstance(item, Note):
             tally.notes.append(item.text)
         elif isinstance(item, Skip):

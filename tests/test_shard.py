@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
@@ -264,3 +265,10 @@ def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():
     assert publish.SPLIT_RULES["gigaspeech"] == SOURCES["gigaspeech"].split_rule
     assert [n for n, s in SOURCES.items() if not s.transcripts] == ["librilight", "audio"]  # run's cross-modal default skips them
     assert "audio" not in DEFAULT_LICENSES and "webdataset" not in DEFAULT_LICENSES  # the user says the license
+    from speechinstruct.corpora import with_known_license  # the one place a known license fills an unset one
+    assert with_known_license("gigaspeech", {"license": None})["license"] == SOURCES["gigaspeech"].license
+    assert with_known_license("gigaspeech", {"license": "mine"}) == {"license": "mine"}
+    assert with_known_license("audio", {"license": None}) == {"license": None}
+    readers_source = "".join((Path(__file__).parents[1] / "speechinstruct/corpora" / f"{s.module}.py").read_text()
+                             for s in SOURCES.values())
+    assert "DEFAULT_LICENSES" not in readers_source  # no reader fills it in again

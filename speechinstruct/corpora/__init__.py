@@ -54,6 +54,13 @@ SOURCES = {s.name: s for s in (
 DEFAULT_LICENSES = {name: s.license for name, s in SOURCES.items() if s.license}
 
 
+def with_known_license(corpus: str, options: dict) -> dict:
+    """The reader's options with the source's known license where the user gave none: the one place that
+    default is filled in (readers write the ``license`` they are handed)."""
+    known = SOURCES[corpus].license if corpus in SOURCES else None
+    return {**options, "license": known} if known and not options.get("license") else options
+
+
 def readers() -> dict[str, Reader]:
     return {name: s.reader() for name, s in SOURCES.items()}
 

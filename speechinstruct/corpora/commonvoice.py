@@ -19,7 +19,6 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES
 from .base import Item, Note, Skip, probe, split_of
 
 REQUIRED = ("client_id", "path", "sentence")
@@ -82,7 +81,6 @@ def read(
     tell their clips apart; a TSV the user names is read even without them (their clips are then all train,
     and a :class:`Note` says no dev/test list was found)."""
     root = Path(root)
-    license = license or DEFAULT_LICENSES["commonvoice"]
     named, tsv = tsv is not None, tsv or "validated.tsv"
     tsv_path = root / tsv
     if not tsv_path.is_file():

@@ -15,7 +15,6 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES
 from .base import Item, Skip, probe, relpath, split_of
 
 PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
@@ -40,7 +39,6 @@ def read(
     root: str | Path, subset: str | None = None, license: str | None = None, quiet: bool = False
 ) -> Iterator[Item]:
     root = Path(root)
-    license = license or DEFAULT_LICENSES["gigaspeech"]
     if subset is not None and subset.upper() not in SUBSETS + EVAL_SUBSETS:
         raise ValueError(f"unknown GigaSpeech subset {subset!r}; choose one of {', '.join(SUBSETS + EVAL_SUBSETS)}")
     meta_path = root / "GigaSpeech.json"

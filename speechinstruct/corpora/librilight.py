@@ -16,7 +16,6 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from . import DEFAULT_LICENSES
 from .base import Item, Skip, probe, relpath
 
 
@@ -52,7 +51,6 @@ def read(
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     root = Path(root)
-    license = license or DEFAULT_LICENSES["librilight"]
     flacs = sorted(root.rglob("*.flac"))
     if not flacs:
         raise FileNotFoundError(f"{root}: no .flac files: not a LibriLight folder")

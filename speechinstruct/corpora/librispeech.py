@@ -16,7 +16,6 @@ from typing import Iterator
 from tqdm import tqdm
 
 from ..alignments import textgrid_words
-from . import DEFAULT_LICENSES
 from .base import Item, Skip, probe, relpath, split_of
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
@@ -34,7 +33,6 @@ def corpus_split(trans: Path, root: Path) -> str:
 
 def read(root: str | Path, license: str | None = None, quiet: bool = False, corpus: str = "librispeech") -> Iterator[Item]:
     root = Path(root)
-    license = license or DEFAULT_LICENSES[corpus]
     trans_files = sorted(root.rglob("*.trans.txt"))
     if not trans_files:
         raise FileNotFoundError(f"{root}: no *.trans.txt files: not a LibriSpeech folder")
