@@ -397,30 +397,65 @@ def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, settin
     (out / "train_config.json").write_text(json.dumps(settings, indent=2))
 
 
+def make_accelerator(cfg: TrainConfig):
+    """An ``Accelerator`` in bf16 where the GPU has it (or as ``cfg.bf16`` says), seeded.
+    cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really distributes
+    (gloo) instead of running N independent copies. accelerate keeps one AcceleratorState per process and refuses
+    another precision than the first Accelerator's (a TRL trainer with bf16 earlier in a notebook, say): ours
+    starts from a fresh one; the distributed environment (PartialState) stays."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
+                              cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """(AdamW over the trainable parameters, its learning-rate schedule over ``total_steps``)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def resume_state(accelerator, out: Path, resume: bool) -> tuple[int, int, int]:
+    """(step, epoch, batch in epoch) of the newest checkpoint in ``out``, its state loaded; (0, 0, 0) without one."""
+    checkpoints = _checkpoints(out) if resume else []
+    if not checkpoints:
+        return 0, 0, 0
+    accelerator.load_state(str(checkpoints[-1]))
+    progress = json.loads((checkpoints[-1] / "progress.json").read_text())
+    if accelerator.is_main_process:
+        log.info(f"resuming from {checkpoints[-1]} (step {progress['step']})")
+    return progress["step"], progress["epoch"], progress["batch_in_epoch"]
+
+
+def write_log(accelerator, path: Path, record: dict, quiet: bool) -> None:
+    """One line of ``log.jsonl`` (and of the console unless ``quiet``), from the main process."""
+    if accelerator.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not quiet:
+            print(json.dumps(record), flush=True)
+
+
 def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
           resume: bool = True, quiet: bool = False) -> dict:
     require_train_extra("accelerate")
     if stage == 3:
         require_train_extra("peft")  # stage 3 trains LoRA adapters
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
     if stage not in CONFIG_FOR_STAGE:
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
     cfg = cfg or TrainConfig()
     out = Path(out)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    # cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really
-    # distributes (gloo) instead of running N independent copies. accelerate keeps one AcceleratorState per
-    # process and refuses another precision than the first Accelerator's (a TRL trainer with bf16 earlier in a
-    # notebook, say): ours starts from a fresh one; the distributed environment (PartialState) stays.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
-                              cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg)
     k = dataset_k(data)
     tokenizer, model, added = load_model(stage, base_model, k, cfg)
     examples = build_examples(stage, data, tokenizer, cfg)
@@ -428,24 +463,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
     # The scheduler is stepped by hand once per optimizer step: prepared by accelerate, it would step once per
     # process (batches are split by hand here, not by accelerate), and the schedule would run N times too fast.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    checkpoints = _checkpoints(out) if resume else []
-    if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        progress = json.loads((checkpoints[-1] / "progress.json").read_text())
-        step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-        if accelerator.is_main_process:
-            log.info(f"resuming from {checkpoints[-1]} (step {step})")
+    step, epoch, batch_in_epoch = resume_state(accelerator, out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
     history: list[dict] = []
     model.train()
     tokens, started, running = 0, time.perf_counter(), []
@@ -467,26 +491,23 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
             batch_in_epoch += 1
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
-            if accelerator.sync_gradients:
-                step += 1
-                evaluate_now = eval_examples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                if step % cfg.log_every == 0 or step == total_steps or step == 1 or evaluate_now:
-                    record = {"step": step, "epoch": epoch, "loss": round(float(np.mean(running)), 5),
-                              "lr": scheduler.get_last_lr()[0],
-                              "tokens_per_s": round(tokens / max(time.perf_counter() - started, 1e-9), 1)}
-                    if evaluate_now:
-                        record.update(evaluate(model, eval_examples, cfg.batch_size, tokenizer.pad_token_id,
-                                               accelerator, cfg.eval_batches))
-                    history.append(record)
-                    running = []
-                    if accelerator.is_main_process:
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        if not quiet:
-                            print(json.dumps(record), flush=True)
-                if step % cfg.save_every == 0 or step == total_steps:
-                    save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
-                                    cfg.keep_checkpoints)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            evaluate_now = eval_examples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+            if step % cfg.log_every == 0 or step == total_steps or step == 1 or evaluate_now:
+                record = {"step": step, "epoch": epoch, "loss": round(float(np.mean(running)), 5),
+                          "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": round(tokens / max(time.perf_counter() - started, 1e-9), 1)}
+                if evaluate_now:
+                    record.update(evaluate(model, eval_examples, cfg.batch_size, tokenizer.pad_token_id,
+                                           accelerator, cfg.eval_batches))
+                history.append(record)
+                running = []
+                write_log(accelerator, out / "log.jsonl", record, quiet)
+            if step % cfg.save_every == 0 or step == total_steps:
+                save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                                cfg.keep_checkpoints)
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
 
