@@ -133,83 +133,6 @@ def _quality_drop(counts, dropped, uid: str, reason: str) -> None:
     dropped.append({"where": uid, "reason": f"quality: {reason}"})  # the counted key, then the score
 
 
-# ------------------------------------------------------------------------------------------- cross-modal
-def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
-                tts_templates: dict | None = None, mode: str = default(settings.CrossModal, "mode"),
-                asr_fraction: float = default(settings.CrossModal, "asr_fraction"), prefix: str = DEFAULT_PREFIX,
-                seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
-                shard_index: int = 0, scores: str | Path | None = None, gates=None, quiet: bool = False) -> dict:
-    """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
-    probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
-    several corpora can share one output folder. ``scores``: a ``score`` output of these utterances; their
-    columns go into the records, and ``gates`` (``score.Gates``) drop those that fail."""
-    if mode not in ("both", "random", "asr", "tts"):
-        raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
-    sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
-    for task, data in sets.items():
-        templates_mod.check_markup(data, f"{task} templates {data['version']}")
-    out = Path(out)
-    counts: collections.Counter[str] = collections.Counter()
-    dropped: list[dict] = []
-    quality = QualityGate(scores, gates)
-    for suffix, path in _unit_shards(Path(units_dir), num_shards, shard_index):
-        targets = {split: out / f"{split}-{_named(part, suffix)}.parquet" for split in SPLITS}
-        if all(t.exists() for t in targets.values()):
-            counts["shards skipped (done)"] += 1
-            continue
-        with contextlib.ExitStack() as files:  # every split's file, empty or not: together they mark the shard done
-            sinks = {split: files.enter_context(_records_file(target, "cross_modal")) for split, target in targets.items()}
-            for u in tqdm(iter_rows(path), desc=f"cross-modal {path.name}", unit="utt", disable=quiet):
-                text = (u.get("text") or "").strip()
-                if not text:
-                    counts["no transcript"] += 1
-                    continue
-                problem = text_problem(text)
-                if problem:
-                    counts[f"dropped: {problem[0].replace('-', ' ')} in transcript"] += 1
-                    dropped.append({"where": u["id"], "reason": f"{problem[0].replace('-', ' ')} in transcript ({problem[1]})"})
-                    continue
-                judged, reason = quality.check(suffix, u["id"])
-                if reason:
-                    _quality_drop(counts, dropped, u["id"], reason)
-                    continue
-                if mode == "both":
-                    tasks = ["asr", "tts"]
-                elif mode == "random":
-                    tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
-                else:
-                    tasks = [mode]
-                for task in tasks:
-                    items = sets[task]["templates"]
-                    template = items[_draw(seed, "template", task, u["id"]) % len(items)]
-                    try:
-                        record = finish({
-                            "id": f"{task}/{u['id']}", "prefix": prefix,
-                            "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
-                            "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
-                            "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
-                        })
-                    except RecordRefused as e:
-                        counts[e.key] += 1
-                        dropped.append({"where": u["id"], "reason": f"{e.key.removeprefix('dropped: ')} ({e})"})
-                        continue
-                    sinks[split_name(u["split"])].add(record)
-    by_split: collections.Counter[str] = collections.Counter()
-    for split in SPLITS:  # all shards, not just this run's
-        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
-            tasks = pq.read_table(f, columns=["task"]).column("task")  # counted in Arrow, not as a Python list
-            by_split[split] += len(tasks)
-            for pair in pa.compute.value_counts(tasks).to_pylist():
-                counts[pair["values"]] += pair["counts"]
-    summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
-               "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
-               **({"scores": str(Path(scores).resolve())} if scores else {}),
-               "dropped_examples": dropped[:200]}
-    write_json(out / f"summary{'-' + part if part else ''}.json", summary)
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------- pretrain
 @contextlib.contextmanager
 def split_records(out: Path, part: str | None, suffix: str, kind: str):
     """Record sinks of ``kind`` for one units shard, one file per split (``{split}-{part-}{suffix}.parquet``),
@@ -230,6 +153,7 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
         with split_records(out, part, suffix, kind) as sinks:
             if sinks is None:
+                counts["shards skipped (done)"] += 1
                 continue
             for u in tqdm(iter_rows(path), desc=f"{kind} {path.name}", unit="utt", disable=quiet):
                 judged, reason = quality.check(suffix, u["id"])
@@ -245,6 +169,73 @@ def split_counts(out: Path, part: str | None = None) -> dict[str, int]:
             for split in SPLITS}
 
 
+# ------------------------------------------------------------------------------------------- cross-modal
+def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
+                tts_templates: dict | None = None, mode: str = default(settings.CrossModal, "mode"),
+                asr_fraction: float = default(settings.CrossModal, "asr_fraction"), prefix: str = DEFAULT_PREFIX,
+                seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
+                shard_index: int = 0, scores: str | Path | None = None, gates=None, quiet: bool = False) -> dict:
+    """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
+    probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
+    several corpora can share one output folder. ``scores``: a ``score`` output of these utterances; their
+    columns go into the records, and ``gates`` (``score.Gates``) drop those that fail."""
+    if mode not in ("both", "random", "asr", "tts"):
+        raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
+    sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
+    for task, data in sets.items():
+        templates_mod.check_markup(data, f"{task} templates {data['version']}")
+    out = Path(out)
+    counts: collections.Counter[str] = collections.Counter()
+    dropped: list[dict] = []
+    quality = QualityGate(scores, gates)
+    for sinks, u, judged in gated_units(Path(units_dir), out, part, "cross_modal", quality, counts, dropped,
+                                        num_shards, shard_index, quiet):
+        text = (u.get("text") or "").strip()
+        if not text:
+            counts["no transcript"] += 1
+            continue
+        problem = text_problem(text)
+        if problem:
+            counts[f"dropped: {problem[0].replace('-', ' ')} in transcript"] += 1
+            dropped.append({"where": u["id"], "reason": f"{problem[0].replace('-', ' ')} in transcript ({problem[1]})"})
+            continue
+        if mode == "both":
+            tasks = ["asr", "tts"]
+        elif mode == "random":
+            tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
+        else:
+            tasks = [mode]
+        for task in tasks:
+            items = sets[task]["templates"]
+            template = items[_draw(seed, "template", task, u["id"]) % len(items)]
+            try:
+                record = finish({
+                    "id": f"{task}/{u['id']}", "prefix": prefix,
+                    "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
+                    "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
+                    "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
+                })
+            except RecordRefused as e:
+                counts[e.key] += 1
+                dropped.append({"where": u["id"], "reason": f"{e.key.removeprefix('dropped: ')} ({e})"})
+                continue
+            sinks[split_name(u["split"])].add(record)
+    by_split: collections.Counter[str] = collections.Counter()
+    for split in SPLITS:  # all shards, not just this run's
+        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
+            tasks = pq.read_table(f, columns=["task"]).column("task")  # counted in Arrow, not as a Python list
+            by_split[split] += len(tasks)
+            for pair in pa.compute.value_counts(tasks).to_pylist():
+                counts[pair["values"]] += pair["counts"]
+    summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
+               "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
+               **({"scores": str(Path(scores).resolve())} if scores else {}),
+               "dropped_examples": dropped[:200]}
+    write_json(out / f"summary{'-' + part if part else ''}.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
 def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = default(settings.Pretrain, "dev_fraction"),
              seed: int = default(settings.Compose, "seed"), part: str | None = None,
              num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None,
