@@ -267,6 +267,30 @@ class SpeechRejected(ValueError):
     """Synthesized speech that failed the quality gates (or could not be scored); the pair is dropped."""
 
 
+class NotScored(SpeechRejected):
+    """Synthesized speech the judge could not score (the gates could not be applied)."""
+
+
+REFERENCE = "The quick brown fox jumps over the lazy dog, and the five boxing wizards jump quickly."
+
+
+def judge_speech(judge, gates, wav, sr: int, text: str, who: str, say_reference) -> dict:
+    """The judge's scores of one synthesized turn (``text``, spoken as voice ``who``); raises SpeechRejected when it
+    cannot be scored (:class:`NotScored`) or fails ``gates``. With a speaker encoder, the turn is compared with the voice's reference:
+    ``say_reference()`` gives (wav, sr) of the voice saying :data:`REFERENCE`, embedded once per voice."""
+    from .audio import resample
+
+    if judge.speaker is not None and who not in judge.references:
+        judge.references[who] = judge.speaker.embed(resample(*say_reference()))
+    result = judge.scores([resample(wav, sr)], [text], [who])[0]
+    if isinstance(result, str):
+        raise NotScored(f"not scored ({result})")
+    reason = gates.reason(result) if gates is not None else None
+    if reason:
+        raise SpeechRejected(reason)
+    return result
+
+
 def worst(judged: list[dict]) -> dict:
     """The lowest DNSMOS and highest WER/CER over a record's synthesized turns (null where none has one)."""
     out = {}
@@ -492,9 +516,6 @@ class Speaker:
             encoder = SpeechEncoder(kmeans, extractor)
             self.encode = lambda wav, sr: encoder.encode(wav, sr).units
 
-    def _reference(self, voice: str, rate):
-        return self.tts.synthesize(self.REFERENCE, voice, rate)
-
     def tokenizer_spec(self) -> dict:
         """What made the units (for a compose summary, so that publish knows the vocabulary of records that
         come from no units folder): the extractor's spec, the k-means and the unit vocabulary."""
@@ -515,22 +536,10 @@ class Speaker:
             raise ValueError("no speech units")
         return u.tolist(), f"{self.tts.name}:{voice}@{rate}", judged
 
-    REFERENCE = "The quick brown fox jumps over the lazy dog, and the five boxing wizards jump quickly."
-
     def _judged(self, wav, sr: int, text: str, voice: str, rate) -> dict:
-        """The judge's scores of one synthesized turn; with a speaker encoder, its similarity to the voice's
-        reference (the voice saying :data:`REFERENCE`, embedded once per voice and rate)."""
-        from .audio import resample
-
-        who = f"voice:{voice}@{rate}"
-        if self.judge.speaker is not None and who not in self.judge.references:
-            self.judge.references[who] = self.judge.speaker.embed(resample(*self._reference(voice, rate)))
-        result = self.judge.scores([resample(wav, sr)], [text], [who])[0]
-        if isinstance(result, str):
-            raise SpeechRejected(f"not scored ({result})")
-        reason = self.gates.reason(result) if self.gates is not None else None
-        if reason:
-            raise SpeechRejected(reason)
+        """The quality columns of one synthesized turn (:func:`judge_speech`)."""
+        result = judge_speech(self.judge, self.gates, wav, sr, text, f"voice:{voice}@{rate}",
+                              lambda: self.tts.synthesize(REFERENCE, voice, rate))
         return {c: result.get(c) for c in QUALITY_COLUMNS}
 
 

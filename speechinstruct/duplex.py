@@ -66,8 +66,7 @@ class Voice:
             raise ValueError(f"no words spoken of {text[:40]!r}")
         end = speech_end(wav, sr)
         wav = resample(np.asarray(wav, np.float32)[: int(round(end * sr))], sr, self.sr)
-        if words:
-            words[-1]["end"] = min(words[-1]["end"], end)
+        words[-1]["end"] = min(words[-1]["end"], end)
         return wav, [w for w in words if w["end"] > w["start"]]
 
 
@@ -221,7 +220,7 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
 def speak(conversation: dict, tts, sample_rate: int, judge, gates, seed: int, **settings) -> tuple | str:
     """(layout, stereo samples, alignments) of one conversation, or why it is dropped (a turn unfit for speech,
     one that cannot be spoken, or one that fails the gates)."""
-    from .compose import speakable
+    from .compose import SpeechRejected, speakable
     from .dialogue import speaker_keys
     from .score import ScoreError
 
@@ -236,11 +235,11 @@ def speak(conversation: dict, tts, sample_rate: int, judge, gates, seed: int, **
         layout = timeline([(who, speakable(text)) for who, text in turns], voices,
                           random.Random(f"{seed}/{conversation['id']}"), **settings)
         if judge is not None:
-            _judge_turns(layout, sample_rate, judge, gates)
+            _judge_turns(layout, voices, sample_rate, judge, gates)
     except ScoreError:  # a judge that cannot work at all stops the stage
         raise
     except (ValueError, RuntimeError) as e:
-        return str(e) if type(e).__name__ == "SpeechRejected" else f"cannot be spoken ({e})"
+        return str(e) if isinstance(e, SpeechRejected) else f"cannot be spoken ({e})"
     return (layout, *render(layout, sample_rate))
 
 
@@ -290,22 +289,24 @@ def _unfit(turns: list[tuple[str, str]]) -> str | None:
     return None
 
 
-def _judge_turns(layout: dict, sr: int, judge, gates) -> None:
-    """Each turn's speech as spoken (an interrupted one cut), judged against its words; raises SpeechRejected with
-    the first gate a turn fails."""
-    from .audio import resample
-    from .compose import SpeechRejected
+def _judge_turns(layout: dict, voices: dict[str, Voice], sr: int, judge, gates) -> None:
+    """Each turn's speech as spoken (an interrupted one cut), judged against its words and its voice as compose
+    dialogue judges a turn (:func:`~speechinstruct.compose.judge_speech`); raises SpeechRejected with the first gate
+    a turn fails."""
+    from .compose import REFERENCE, NotScored, SpeechRejected, judge_speech
 
     for event in layout["events"]:
         if event["kind"] != "turn":
             continue
+        voice = voices[event["speaker"]]
         said = " ".join(w["word"] for w in event["words"])
-        result = judge.scores([resample(event["wav"], sr)], [said])[0]
-        if isinstance(result, str):
-            raise SpeechRejected(f"not scored ({result})")
-        reason = gates.reason(result) if gates is not None else None
-        if reason:
-            raise SpeechRejected(f"quality: {reason}")
+        try:
+            judge_speech(judge, gates, event["wav"], sr, said, f"voice:{voice.voice}@{voice.rate}",
+                         lambda: voice.tts.synthesize(REFERENCE, voice.voice, voice.rate))
+        except NotScored:
+            raise
+        except SpeechRejected as e:
+            raise SpeechRejected(f"quality: {e}") from None
 
 
 def _file_name(uid: str) -> str:

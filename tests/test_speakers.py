@@ -166,6 +166,32 @@ def test_a_dialogue_turn_spoken_in_the_wrong_voice_is_dropped_by_the_similarity_
     assert [d["id"] for d in summary["dropped_examples"]] == ["bad"]
 
 
+def test_a_duplex_turn_spoken_in_the_wrong_voice_is_dropped_and_the_others_kept(tmp_path):
+    """compose duplex judges its turns as compose dialogue does: each against its voice's reference, so the
+    similarity gate keeps the conversations spoken in their own voices and drops the one with a swapped turn."""
+    from speechinstruct.duplex import duplex
+    from speechinstruct.score import Gates, Judge
+
+    class Swapped(EspeakTTS):
+        """Speaks 'Then what happened next?' in a voice it does not name."""
+
+        def synthesize_words(self, text, voice, rate):
+            if text.startswith("Then what happened"):
+                voice = VOICES[2] if voice != VOICES[2] else VOICES[0]
+            return super().synthesize_words(text, voice, rate)
+
+    chats = tmp_path / "chats.jsonl"
+    good = [("user", "Tell me a story about the sea."), ("assistant", "An old sailor walked to the red house.")]
+    bad = good + [("user", "Then what happened next?"), ("assistant", "Nobody had opened its door for years.")]
+    chats.write_text("\n".join(json.dumps({"id": i, "messages": [{"role": r, "content": c} for r, c in m]})
+                               for i, m in (("good", good), ("bad", bad))) + "\n")
+    summary = duplex(chats, tmp_path / "out", Swapped(voices=VOICES[:2]), judge=Judge(speaker=GE2E()),
+                     gates=Gates(min_speaker_similarity=0.8), quiet=True)
+    assert summary["conversations"] == 1
+    assert [(d["id"], d["reason"].split(" (")[0]) for d in summary["dropped_examples"]] == [
+        ("bad", "quality: speaker similarity below 0.8")]
+
+
 def test_a_recipe_with_language_and_speaker_gates_judges_measures_and_reports(tmp_path):
     """quality.languages and quality.synthesized.min_speaker_similarity turn the language and speaker judges on
     (said in the summary); the card's languages are the measured ones, and the report shows speakers,
