@@ -196,8 +196,9 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
             continue
         problem = text_problem(text)
         if problem:
-            counts[f"dropped: {problem[0].replace('-', ' ')} in transcript"] += 1
-            dropped.append({"where": u["id"], "reason": f"{problem[0].replace('-', ' ')} in transcript ({problem[1]})"})
+            rule = problem[0].replace("-", " ")
+            counts[f"dropped: {rule} in transcript"] += 1
+            dropped.append({"where": u["id"], "reason": f"{rule} in transcript ({problem[1]})"})
             continue
         if mode == "both":
             tasks = ["asr", "tts"]
@@ -472,13 +473,13 @@ def decontaminated(items: list[dict], dropped: list[dict], eval_texts, fields) -
     shares an n-gram with an evaluation text (``dedup.EvalTexts``; None: all kept), which go to ``dropped``."""
     if eval_texts is None:
         return items, dropped
-    kept = []
+    kept, dropped = [], list(dropped)
     for item in items:
         texts = [t for f in fields for t in ([item[f]] if isinstance(item[f], str) else [x for pair in item[f] for x in pair])]
         found = next((m for m in map(eval_texts.match, texts) if m), None)
         if found:
-            dropped = dropped + [{"where": item["where"], "id": item["id"],
-                                  "reason": f"evaluation text ({found[1]}: {found[0][:60]!r})"}]
+            dropped.append({"where": item["where"], "id": item["id"],
+                            "reason": f"evaluation text ({found[1]}: {found[0][:60]!r})"})
         else:
             kept.append(item)
     return kept, dropped
