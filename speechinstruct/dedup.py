@@ -50,7 +50,7 @@ from typing import Iterable
 import numpy as np
 
 from . import recipe as settings
-from .io import iter_rows, read_json, write_json, write_parquet, write_text
+from .io import atomic_path, iter_rows, read_json, write_json, write_parquet, write_text
 from .recipe import default
 
 EVAL_SPLITS = ("validation", "test")
@@ -242,8 +242,6 @@ def _signatures(path: Path, signer: Signer, cache: Path) -> dict[str, np.ndarray
         ids.append(row["id"])
         sigs.append(signer.signature(row["units"]))
     cache.mkdir(parents=True, exist_ok=True)
-    from .io import atomic_path
-
     with atomic_path(cached) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=np.array(ids, dtype=str), signatures=np.array(sigs, dtype=np.uint32).reshape(len(ids), -1))
@@ -267,14 +265,14 @@ def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
     from .shardfiles import read_units_spec
 
     root = Path((read_units_spec(folder) or {}).get("root") or ".")
-    rows = list(iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS,) if c]))
+    rows = list(iter_rows(path, columns=list(AUDIO_COLUMNS)))
     return {row["id"]: hashlib.sha1(np.asarray(wav, np.float32).tobytes()).digest()[:12]
             for row, wav in decode_rows(rows, root) if not isinstance(wav, str)}
 
 
-def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer, quiet: bool = True) -> tuple[dict, dict, list[dict]]:
-    """Evaluation texts into ``texts``, and the signatures and units of evaluation units (``eval:SOURCE:ID``)
-    from each source: a text file (a line each), a JSONL file (the text fields of each object), a manifest or
+def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None, quiet: bool = True) -> tuple[dict, dict, list[dict]]:
+    """Evaluation texts into ``texts``, and (with a ``signer``) the signatures and units of evaluation units
+    (``eval:SOURCE:ID``) from each source: a text file (a line each), a JSONL file (the text fields of each object), a manifest or
     units folder, or ``NAME=PATH``: a corpus folder in the layout ``shard`` reads as NAME. Returns also what was
     read from each source, for the summary."""
     import tempfile
@@ -296,10 +294,11 @@ def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer, quiet: b
                         texts.add(row["text"], f"{source}: {row['id']}")
         elif path.is_dir():
             units = sorted(path.glob("units-*.parquet"))
+            signed = bool(units) and signer is not None
             for f in units or sorted(path.glob("manifest-*.parquet")):
-                for row in iter_rows(f, columns=["id", "text", "units"] if units else ["id", "text"]):
+                for row in iter_rows(f, columns=["id", "text", "units"] if signed else ["id", "text"]):
                     texts.add(row["text"], f"{path.name}: {row['id']}")
-                    if units:
+                    if signed:
                         signatures[f"eval:{path.name}:{row['id']}"] = signer.signature(row["units"])
                         sequences[f"eval:{path.name}:{row['id']}"] = compact(row["units"])
             if not units and not list(path.glob("manifest-*.parquet")):
@@ -318,7 +317,7 @@ def eval_texts(sources: Iterable[str], units_dirs: Iterable[str | Path] = (), n:
     """The evaluation texts composed instructions and dialogues are held to: ``sources`` (as ``dedup``'s ``eval``)
     and the validation and test rows of the units folders ``units_dirs``."""
     texts = EvalTexts(n)
-    read_eval(sources, texts, Signer(num_perm=2))
+    read_eval(sources, texts, None)
     for folder in units_dirs:
         for path in sorted(Path(folder).glob("units-*.parquet")):
             for row in iter_rows(path, columns=["id", "text", "split", "corpus"]):
@@ -406,8 +405,13 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
                "utterances": len(rows), "kept": len(rows) - len(dropped), "dropped": dict(sorted(counts.items())),
                "speakers_in_train_and_eval": overlap, "examples": examples,
                "bytes_per_utterance": num_perm * 4 + round(sum(s.nbytes for s in sequences.values()) / max(1, len(sequences)))}
-    for path, folder, out in files:
-        _write_shard(path, folder, out, dropped)
+    for folder, out in zip(inputs, outs):  # the units' vocabulary and provenance, as quantize wrote them
+        out.mkdir(parents=True, exist_ok=True)
+        if (folder / "units.json").is_file():
+            with atomic_path(out / "units.json") as tmp:
+                shutil.copyfile(folder / "units.json", tmp)
+    for path, _, out in files:
+        _write_shard(path, out, dropped)
     for out in set(outs):  # shards of inputs no longer there
         made = {p.name for p, _, o in files if o == out}
         for old in [*out.glob("units-*.parquet"), *out.glob("dropped-*.jsonl")]:
@@ -531,8 +535,9 @@ def _cap_transcripts(rows: dict[str, Row], decisions: Decisions, limit: int) -> 
     """At most ``limit`` kept training rows per normalised transcript, distinct speakers first."""
     by_text: dict[str, list[str]] = collections.defaultdict(list)
     for uid in sorted(rows):
-        if uid not in decisions.dropped and not rows[uid].is_eval and words(rows[uid].text):
-            by_text[" ".join(words(rows[uid].text))].append(uid)
+        said = words(rows[uid].text) if uid not in decisions.dropped and not rows[uid].is_eval else []
+        if said:
+            by_text[" ".join(said)].append(uid)
     for group in by_text.values():
         for uid in _spread_over_speakers(group, rows)[limit:]:
             decisions.drop(uid, "repeated transcript", group[0])
@@ -553,18 +558,11 @@ def _spread_over_speakers(group: list[str], rows: dict[str, Row]) -> list[str]:
     return out
 
 
-def _write_shard(path: Path, folder: Path, out: Path, dropped: dict[str, tuple[str, str]]) -> None:
-    """``out/units-NNNNN.parquet`` without the dropped rows (same schema), ``dropped-NNNNN.jsonl`` beside it, and
-    the folder's ``units.json``."""
+def _write_shard(path: Path, out: Path, dropped: dict[str, tuple[str, str]]) -> None:
+    """``out/units-NNNNN.parquet`` without the dropped rows (same schema), and ``dropped-NNNNN.jsonl`` beside it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out.mkdir(parents=True, exist_ok=True)
-    if (folder / "units.json").is_file():
-        from .io import atomic_path
-
-        with atomic_path(out / "units.json") as tmp:
-            shutil.copyfile(folder / "units.json", tmp)
     suffix = path.stem.split("-", 1)[1]
     target = out / path.name
     gone = []
