@@ -213,3 +213,15 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     if candidate != root and root not in candidate.parents:
         raise ValueError(f"path {relative!r} leaves the corpus root {root}")
     return candidate
+
+
+def installed_file(package: str, *parts: str) -> Path | None:
+    """A file inside an installed package, found without importing the package (silero_vad's import loads
+    torchaudio; resemblyzer's, webrtcvad), or None when the package or the file is not there."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.is_file() else None

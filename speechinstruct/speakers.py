@@ -20,7 +20,6 @@ clustering on cosine distance, cut at ``threshold``; the number of speakers is w
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,10 @@ PARTIAL_FRAMES, HOP_MS, WINDOW_MS, N_MELS = 160, 10, 25, 40
 
 def resemblyzer_weights() -> Path:
     """``resemblyzer/pretrained.pt`` of the installed wheel, found without importing the package."""
-    spec = importlib.util.find_spec("resemblyzer")
-    path = Path(list(spec.submodule_search_locations)[0]) / "pretrained.pt" if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
+    from .io import installed_file
+
+    path = installed_file("resemblyzer", "pretrained.pt")
+    if path is None:
         raise FileNotFoundError("the speaker encoder's weights ship in the resemblyzer wheel: "
                                 "pip install --no-deps resemblyzer==0.1.4 (its declared 'typing' backport must not "
                                 "be installed on Python 3), or give a transformers x-vector model")

@@ -14,7 +14,6 @@ resampled in blocks (soundfile, soxr's streaming resampler), so memory does not 
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,6 @@ class Rules:
         return max(self.threshold - 0.15, 0.01)
 
 
-
-
 def model_file() -> Path:
     """The packaged ``silero_vad.onnx`` (silero-vad 6.2.0's)."""
     from importlib import resources
@@ -55,11 +52,9 @@ def model_file() -> Path:
 def wheel_model_file() -> Path | None:
     """``silero_vad/data/silero_vad.onnx`` of an installed silero-vad wheel, found without importing the package
     (the tests hold the packaged copy to it); None when none is installed."""
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
-    return path if path.is_file() else None
+    from .io import installed_file
+
+    return installed_file("silero_vad", "data", "silero_vad.onnx")
 
 
 class SileroVAD:
