@@ -12,6 +12,7 @@ per shard on its own). ``${VAR}`` in the recipe is read from the environment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -373,9 +374,11 @@ class Job:
             self.stamps[f"units:{n}"] = stamp
         self.stamps["dedup"] = stamp
 
+    @functools.cached_property
     def eval_texts(self):
         """What composed instructions and dialogues are held to when the recipe has a dedup section: its ``eval``
-        sets and every corpus's validation and test transcripts (None without one)."""
+        sets and every corpus's validation and test transcripts (None without one); read once, when a compose stage
+        that needs them first runs."""
         from .dedup import eval_texts
 
         cfg = self.recipe["dedup"]
@@ -423,7 +426,7 @@ class Job:
                 com["instructions"], composed / "chain_of_modality", self.extractor(), km,
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
                 llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
-                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet, eval_texts=self.eval_texts(),
+                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet, eval_texts=self.eval_texts,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
         self.compose_dialogues(seed, km)
@@ -458,7 +461,7 @@ class Job:
         """Interleaved text and speech from the corpora's units (their word timings), when the recipe asks."""
         from .interleaved import interleaved
 
-        cfg, composed, work = self.recipe["compose"]["interleaved"], self.composed, self.work
+        cfg, composed = self.recipe["compose"]["interleaved"], self.composed
         if not cfg:
             _remove_stage_folder(composed / "interleaved")
             return
@@ -494,7 +497,7 @@ class Job:
                 make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm, model=dlg["tts_model"],
                          voices=recipe["compose"]["voices"]), llm=llm if dlg["rewrite"] else None,
                 seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"], quiet=self.quiet,
-                eval_texts=self.eval_texts(),
+                eval_texts=self.eval_texts,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def _llm(self):
