@@ -339,13 +339,12 @@ def _infer(recipe: dict) -> list[str]:
     """Settings a recipe leaves unset whose value its other settings make plain, filled in; each said in a line
     (``run`` prints them and keeps them in its summary). A min_dnsmos gate needs the DNSMOS judge: it is on."""
     q, said = recipe["quality"], []
+    sections = (("quality", q), ("quality.synthesized", q["synthesized"] or {}))
     if q["dnsmos"] is None:
-        gated = [where for where, gates in (("quality", q), ("quality.synthesized", q["synthesized"] or {}))
-                 if gates.get("min_dnsmos") is not None]
+        gated = [where for where, gates in sections if gates.get("min_dnsmos") is not None]
         q["dnsmos"] = bool(gated)
         if gated:
             said.append(f"quality.dnsmos: true ({gated[0]}.min_dnsmos is set)")
-    sections = (("quality", q), ("quality.synthesized", q["synthesized"] or {}))
     if q["speaker"] is None:
         gated = [where for where, gates in sections if gates.get("min_speaker_similarity") is not None]
         if gated:

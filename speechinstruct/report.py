@@ -482,7 +482,7 @@ def _record_plots(dataset: Path, out: Path, meta: dict) -> list[tuple[str, str]]
     for config, kv in meta.get("by_kind", {}).items():
         for kind, n in kv.items():
             kinds[f"{config}: {kind}"] = n
-    for config in ("interleaved", "pretrain"):  # counted by split: they have no task or format
+    for config in [name for name, kind in RECORD_KINDS.items() if not kind.counted_by]:  # counted by split
         for split, n in meta["counts"].get(config, {}).items():
             kinds[f"{config}: {split}"] = n
     if kinds:
