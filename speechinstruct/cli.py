@@ -698,18 +698,13 @@ def publish(
 
 def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int,
            speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False):
-    from .score import DNSMOS, Judge, load_asr, reference_embeddings
-    from .speakers import load_speaker_encoder
+    from .score import Judge
 
     if references and not speaker:
         speaker = "resemblyzer"  # references mean speaker similarity: the default encoder
     if not (dnsmos or asr or speaker or language):
         fail("nothing to score with: give --dnsmos, --asr MODEL, --speaker or --language")
-    judge_dnsmos = DNSMOS(device=device) if dnsmos else None
-    judge_asr = load_asr(asr, base_url=base_url, device=device, batch_size=batch_size) if asr else None
-    encoder = load_speaker_encoder(speaker, device) if speaker else None
-    return Judge(judge_dnsmos, judge_asr, encoder, reference_embeddings(references, encoder) if references else None,
-                 languages=language)
+    return Judge.load(dnsmos, asr, base_url, device, batch_size, speaker, references, language)
 
 
 @command(app)

@@ -256,15 +256,12 @@ class Job:
     def judge(self):
         """The recipe's judges (``quality``: DNSMOS, ASR, speaker embeddings, language ID), loaded once, when a
         stage first needs them."""
-        from .score import DNSMOS, Judge, load_asr
-        from .speakers import load_speaker_encoder
+        from .score import Judge
 
         if self._judge is None:
             q = self.quality
-            asr = load_asr(q["asr"], base_url=q["base_url"], device=self.device, batch_size=q["batch_size"]) if q["asr"] else None
-            speaker = load_speaker_encoder(q["speaker"], self.device) if q["speaker"] else None
-            self._judge = Judge(DNSMOS(device=self.device) if q["dnsmos"] else None, asr, speaker,
-                                languages=bool(q["language"]))
+            self._judge = Judge.load(q["dnsmos"], q["asr"], q["base_url"], self.device, q["batch_size"], q["speaker"],
+                                     language=bool(q["language"]))
         return self._judge
 
     def judge_settings(self) -> dict:
