@@ -57,8 +57,8 @@ def fit_torch(sample: np.ndarray, k: int, seed: int = 0, niter: int = 25, device
     a relative 1/1024). On a GPU the assignments are matrix products; on the CPU the same code runs (tested)."""
     import torch
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)).to(device)
+    generator = torch.Generator(device=x.device).manual_seed(seed)  # draws where the points are: no copies back
     norms = (x * x).sum(1)
     centroids = _kmeans_plus_plus(x, norms, k, generator)
     for _ in range(niter):
@@ -67,7 +67,7 @@ def fit_torch(sample: np.ndarray, k: int, seed: int = 0, niter: int = 25, device
         sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         centroids = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
         for empty in torch.nonzero(counts == 0).flatten().tolist():  # split a cluster drawn by its size
-            donor = int(torch.multinomial(counts.double().cpu(), 1, generator=generator))
+            donor = int(torch.multinomial(counts.double(), 1, generator=generator))
             centroids[empty] = centroids[donor] * (1 + 1 / 1024)
             centroids[donor] = centroids[donor] * (1 - 1 / 1024)
             counts[empty] = counts[donor] // 2
@@ -81,12 +81,12 @@ def _kmeans_plus_plus(x, norms, k: int, generator):
     import torch
 
     n = x.shape[0]
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    chosen = [int(torch.randint(n, (1,), generator=generator, device=x.device))]
     nearest = (norms - 2 * x @ x[chosen[0]] + norms[chosen[0]]).clamp(min=0)
     for _ in range(1, k):
-        weights = nearest.double().cpu()
+        weights = nearest.double()
         pick = int(torch.multinomial(weights, 1, generator=generator)) if weights.sum() > 0 else \
-            int(torch.randint(n, (1,), generator=generator))
+            int(torch.randint(n, (1,), generator=generator, device=x.device))
         chosen.append(pick)
         nearest = torch.minimum(nearest, (norms - 2 * x @ x[pick] + norms[pick]).clamp(min=0))
     return x[torch.tensor(chosen, device=x.device)].clone()
