@@ -22,6 +22,7 @@ from .speechgpt import (DEFAULT_PREFIX, EXCHANGE_SEPARATOR, PROMPTS, exchange_te
                         with_bos)  # (parse_answer: chat's API)
 from .units import SpeechEncoder, to_text
 
+
 def model_folder(path, option: str, marker: str = "config.json") -> Path:
     """``path`` when it is a folder holding ``marker``; else one line saying what it is (a missing folder, an empty
     one, a dataset): asked before transformers, which would take the name for a hub id and try the network."""

@@ -243,11 +243,10 @@ def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, 
 
         raw = read_json(config)
         found = raw.get("model_type")
-        if found == kind:
-            _check_config(kind, raw, config)  # before transformers, which fails on some of these with an IndexError
         if found != kind:
             raise ValueError(f"{path}: holds a {found!r} model, not {kind!r}; pass --features {found}"
                              if found in CODECS else f"{path}: holds a {found!r} model, not a {kind} codec")
+        _check_config(kind, raw, config)  # before transformers, which fails on some of these with an IndexError
     model = load_pretrained(getattr(transformers, CODECS[kind]), str(checkpoint), f"{kind} codec", local)
     _check_config(kind, model.config.to_dict(), f"{checkpoint}/config.json")
     weights = sorted(path.glob("*.safetensors")) if local else []
