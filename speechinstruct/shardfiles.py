@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from .io import naming, read_json, write_json
+from .kinds import RECORD_KINDS
 
 
 # ------------------------------------------------------------------------------------------ listing files
@@ -224,8 +225,6 @@ def composed_units_dirs(folder: str | Path) -> list[Path]:
     """The units folders a compose folder's records were made from, as its cross-modal, pretrain and interleaved summaries
     name them (those that still exist), in order, each once."""
     dirs: list[Path] = []
-    from .kinds import RECORD_KINDS
-
     for config in [name for name, kind in RECORD_KINDS.items() if kind.from_units]:
         for summary in sorted((Path(folder) / config).glob("summary*.json")):
             units = read_json(summary, dict, "; compose again").get("units")

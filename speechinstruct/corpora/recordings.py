@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
 from tqdm import tqdm
 
 from .base import Item, Note, Skip, probe, relpath
