@@ -720,8 +720,6 @@ def bench_dedup(work: Path, quick: bool) -> list[dict]:
     the distinct sentences."""
     import sys
 
-    import pyarrow.parquet as pq
-
     from speechinstruct import records
     from speechinstruct.dedup import dedup
     from speechinstruct.io import write_parquet
@@ -766,9 +764,8 @@ def bench_dedup(work: Path, quick: bool) -> list[dict]:
 
 
 def dedup_recall(work: Path, quick: bool) -> list[dict]:
-    from test_dedup import COPIES, copy_of, write_utterances
+    from test_dedup import COPIES, copy_of, spoken_sentences, write_utterances
 
-    from speechinstruct import audio
     from speechinstruct.cluster import cluster
     from speechinstruct.dedup import dedup
     from speechinstruct.demo import sentences
@@ -776,18 +773,12 @@ def dedup_recall(work: Path, quick: bool) -> list[dict]:
     from speechinstruct.features import MFCC, load_hubert
     from speechinstruct.quantize import quantize
     from speechinstruct.shard import shard_corpus
-    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
     from speechinstruct.units import load_kmeans
 
     base = work / "dedup-recall"
     n, copied = (40, 10) if quick else (200, 40)
     if not (base / "manifest").exists():
-        tts = EspeakTTS()
-        texts = list(dict.fromkeys(sentences(n * 2, seed=11)))[:n]
-        spoken = []
-        for i, text in enumerate(texts):
-            wav, sr = tts.synthesize(text, ESPEAK_VOICES[i % len(ESPEAK_VOICES)], 160)
-            spoken.append((audio.resample(wav, sr), text))
+        spoken = spoken_sentences(list(dict.fromkeys(sentences(n * 2, seed=11)))[:n])
         root = base / "LibriSpeech"
         for s in range(0, n, 20):
             write_utterances(root, "train-clean-100", f"{100 + s // 20}", spoken[s: s + 20])

@@ -45,6 +45,18 @@ def copy_of(wav: np.ndarray, kind: str, seed: int) -> np.ndarray:
     return (wav + noise).astype(np.float32)
 
 
+def spoken_sentences(texts: list[str]) -> list[tuple[np.ndarray, str]]:
+    """(16 kHz samples, text) of each sentence spoken by espeak-ng, the voices taking turns."""
+    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
+
+    tts = EspeakTTS()
+    spoken = []
+    for i, text in enumerate(texts):
+        wav, sr = tts.synthesize(text, ESPEAK_VOICES[i % len(ESPEAK_VOICES)], 160)
+        spoken.append((audio.resample(wav, sr), text))
+    return spoken
+
+
 def write_utterances(root, split: str, speaker: str, items: list[tuple[np.ndarray, str]], chapter: str = "1") -> list[str]:
     folder = root / split / speaker / chapter
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,16 +80,11 @@ def planted(tmp_path_factory):
     from speechinstruct.features import MFCC
     from speechinstruct.quantize import quantize
     from speechinstruct.shard import shard_corpus
-    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
     from speechinstruct.units import load_kmeans
 
     tmp = tmp_path_factory.mktemp("dedup")
-    tts = EspeakTTS()
     texts = list(dict.fromkeys(sentences(80, seed=5)))[:64]
-    spoken = []
-    for i, text in enumerate(texts):
-        wav, sr = tts.synthesize(text, ESPEAK_VOICES[i % len(ESPEAK_VOICES)], 160)
-        spoken.append((audio.resample(wav, sr), text))
+    spoken = spoken_sentences(texts)
     root = tmp / "LibriSpeech"
     originals = []
     for s in range(6):

@@ -363,8 +363,6 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
     """An extractor that runs out of memory on batches of more than one utterance (as a GPU does on a batch too
     large, torch.cuda.OutOfMemoryError): every utterance still gets its features, equal to the run without the
     failure, and the summary counts the halvings; an utterance too large even alone is that utterance's error."""
-    import pyarrow.ipc as ipc
-
     from speechinstruct.extract import extract
     from speechinstruct.shard import shard_corpus
     from speechinstruct.shardfiles import read_frames

@@ -85,7 +85,7 @@ def test_clustering_recovers_three_voices_taking_turns(tts):
 
 
 def test_shard_audio_speakers_labels_rows_and_counts_speakers_per_recording(tts, tmp_path):
-    who = conversation(tts, tmp_path / "rec")
+    conversation(tts, tmp_path / "rec")
     result = runner.invoke(app, ["shard", "audio", str(tmp_path / "rec"), str(tmp_path / "m"), "--license", "x",
                                  "--speakers", "--max-seconds", "30", "-q"])
     assert result.exit_code == 0, result.output
@@ -136,6 +136,24 @@ def test_score_writes_embeddings_row_for_row_similarity_to_references_and_langua
     assert gates.reason(rows["librispeech/10-1-0000"]) is None
 
 
+def good_and_bad_chats(tmp_path):
+    """Two conversations: ``good``, one exchange; ``bad``, the same and a second whose question is 'Then what
+    happened next?', which :func:`swapped_voice` makes a TTS speak in the wrong voice."""
+    chats = tmp_path / "chats.jsonl"
+    good = [("user", "Tell me a story about the sea."), ("assistant", "An old sailor walked to the red house.")]
+    bad = good + [("user", "Then what happened next?"), ("assistant", "Nobody had opened its door for years.")]
+    chats.write_text("\n".join(json.dumps({"id": i, "messages": [{"role": r, "content": c} for r, c in m]})
+                               for i, m in (("good", good), ("bad", bad))) + "\n")
+    return chats
+
+
+def swapped_voice(text, voice):
+    """The voice a TTS gone wrong (a VITS speaker id mixed up) speaks ``text`` in: not ``voice`` for one question."""
+    if text.startswith("Then what happened"):
+        return VOICES[2] if voice != VOICES[2] else VOICES[0]
+    return voice
+
+
 def test_a_dialogue_turn_spoken_in_the_wrong_voice_is_dropped_by_the_similarity_gate(tts, tmp_path):
     """A TTS that speaks one turn in another voice than the one it names (a VITS speaker id gone wrong): the
     turn's embedding against the voice's reference falls under min_speaker_similarity, and the conversation goes."""
@@ -149,16 +167,10 @@ def test_a_dialogue_turn_spoken_in_the_wrong_voice_is_dropped_by_the_similarity_
         """Speaks the text 'Then what happened next?' in a voice it does not name."""
 
         def synthesize(self, text, voice, rate):
-            if text.startswith("Then what happened"):
-                voice = VOICES[2] if voice != VOICES[2] else VOICES[0]
-            return super().synthesize(text, voice, rate)
+            return super().synthesize(text, swapped_voice(text, voice), rate)
 
     engine = Swapped(EspeakTTS(voices=VOICES[:2]), tmp_path / "tts")
-    chats = tmp_path / "chats.jsonl"
-    good = [("user", "Tell me a story about the sea."), ("assistant", "An old sailor walked to the red house.")]
-    bad = good + [("user", "Then what happened next?"), ("assistant", "Nobody had opened its door for years.")]
-    chats.write_text("\n".join(json.dumps({"id": i, "messages": [{"role": r, "content": c} for r, c in m]})
-                               for i, m in (("good", good), ("bad", bad))) + "\n")
+    chats = good_and_bad_chats(tmp_path)
     km = U.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
     summary = dialogue(chats, tmp_path / "out", MFCC(), km, engine, judge=Judge(speaker=GE2E()),
                        gates=Gates(min_speaker_similarity=0.8), quiet=True)
@@ -176,15 +188,9 @@ def test_a_duplex_turn_spoken_in_the_wrong_voice_is_dropped_and_the_others_kept(
         """Speaks 'Then what happened next?' in a voice it does not name."""
 
         def synthesize_words(self, text, voice, rate):
-            if text.startswith("Then what happened"):
-                voice = VOICES[2] if voice != VOICES[2] else VOICES[0]
-            return super().synthesize_words(text, voice, rate)
+            return super().synthesize_words(text, swapped_voice(text, voice), rate)
 
-    chats = tmp_path / "chats.jsonl"
-    good = [("user", "Tell me a story about the sea."), ("assistant", "An old sailor walked to the red house.")]
-    bad = good + [("user", "Then what happened next?"), ("assistant", "Nobody had opened its door for years.")]
-    chats.write_text("\n".join(json.dumps({"id": i, "messages": [{"role": r, "content": c} for r, c in m]})
-                               for i, m in (("good", good), ("bad", bad))) + "\n")
+    chats = good_and_bad_chats(tmp_path)
     summary = duplex(chats, tmp_path / "out", Swapped(voices=VOICES[:2]), judge=Judge(speaker=GE2E()),
                      gates=Gates(min_speaker_similarity=0.8), quiet=True)
     assert summary["conversations"] == 1
