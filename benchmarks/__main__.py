@@ -57,10 +57,10 @@ def demo_corpus(work: Path, sentences: int, shard_hours: float = 0.05) -> Path:
 
     root = work / f"corpus-{sentences}"
     if not root.exists():
-        make_demo_corpus(root, sentences, seed=0, quiet=True)
+        make_demo_corpus(root, sentences, seed=0)
     manifest = work / (f"manifest-{sentences}" if shard_hours == 0.05 else f"manifest-{sentences}-{shard_hours:g}h")
     if not manifest.exists():
-        shard_corpus("speechinstruct-demo", root, manifest, shard_hours=shard_hours, quiet=True)
+        shard_corpus("speechinstruct-demo", root, manifest, shard_hours=shard_hours)
     return manifest
 
 
@@ -71,7 +71,7 @@ def mfcc(work: Path, manifest: Path) -> Path:
 
     out = work / f"mfcc-{manifest.name}"
     if not out.exists():
-        extract(manifest, out, MFCC(), quiet=True)
+        extract(manifest, out, MFCC())
     return out
 
 
@@ -303,7 +303,7 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
     for _ in range(1 if quick else 2):  # full: local, Ray, local, Ray, so that the host's drift falls on both
         for d in ("engine-local", "engine-ray"):
             shutil.rmtree(work / d, ignore_errors=True)
-        local, t = timed(extract, manifest, work / "engine-local", hubert, quiet=True)
+        local, t = timed(extract, manifest, work / "engine-local", hubert)
         times["local"].append(t)
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node + 1})
         try:
@@ -330,13 +330,13 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
 
 STAGE_CODE = {
     "extract": "from speechinstruct.extract import extract; from speechinstruct.features import MFCC;"
-               "extract(M, W / 'features', MFCC(), quiet=True)",
+               "extract(M, W / 'features', MFCC())",
     "extract-codec": "import torch; torch.set_num_threads(2); from transformers import EncodecConfig, EncodecModel;"
                      "from speechinstruct.codecs import Codec; from speechinstruct.extract import extract;"
-                     "extract(M, W / 'codec-units', Codec('encodec', EncodecModel(EncodecConfig()), 'random'), quiet=True)",
+                     "extract(M, W / 'codec-units', Codec('encodec', EncodecModel(EncodecConfig()), 'random'))",
     "quantize": "from speechinstruct.quantize import quantize; from speechinstruct.units import load_kmeans;"
-                "quantize(W / 'features', load_kmeans(KM), W / 'units', quiet=True)",
-    "compose": "from speechinstruct.compose import cross_modal; cross_modal(W / 'units', W / 'composed' / 'cross_modal', quiet=True)",
+                "quantize(W / 'features', load_kmeans(KM), W / 'units')",
+    "compose": "from speechinstruct.compose import cross_modal; cross_modal(W / 'units', W / 'composed' / 'cross_modal')",
     "publish": "from speechinstruct.publish import publish; publish(W / 'composed', W / 'dataset')",
 }
 
@@ -366,7 +366,7 @@ def bench_memory(work: Path, quick: bool) -> list[dict]:
         folder.mkdir()
         for stage in STAGE_CODE:
             if stage == "quantize" and times == 1:
-                cluster(folder / "features", work / "mem-km", k=50, quiet=True)
+                cluster(folder / "features", work / "mem-km", k=50)
             rss[stage][times] = _stage_rss_mb(stage, manifest, folder, work / "mem-km")
     return [{"name": f"{stage} peak RSS, {small} vs {small * 8} utterances in one shard", "baseline": "1x corpus",
              "baseline_mb": r[1], "ours_mb": r[8], "ratio": r[8] / r[1], "target": "<= 1.2x"} for stage, r in rss.items()]
@@ -467,7 +467,7 @@ def long_recording(path: Path, minutes: float, seed: int = 0) -> float:
 
 
 SHARD_AUDIO = ("from speechinstruct.shard import shard_corpus; "
-               "s = shard_corpus('audio', R, W, license='CC0-1.0', quiet=True); print(s['utterances'])")
+               "s = shard_corpus('audio', R, W, license='CC0-1.0'); print(s['utterances'])")
 
 
 def bench_recordings(work: Path, quick: bool) -> list[dict]:
@@ -508,10 +508,10 @@ def bench_compose(work: Path, quick: bool) -> list[dict]:
     features = mfcc(work, manifest)
     units = work / f"units-{manifest.name}"
     if not units.exists():
-        cluster(features, work / f"km-{manifest.name}", k=50, quiet=True)
-        quantize(features, load_kmeans(work / f"km-{manifest.name}"), units, quiet=True)
+        cluster(features, work / f"km-{manifest.name}", k=50)
+        quantize(features, load_kmeans(work / f"km-{manifest.name}"), units)
     shutil.rmtree(work / "cm", ignore_errors=True)
-    summary, t = timed(compose.cross_modal, units, work / "cm", quiet=True)
+    summary, t = timed(compose.cross_modal, units, work / "cm")
     return [{"name": "compose cross-modal", "records": summary["records"], "ours_s": t,
              "records_per_s": summary["records"] / t, "target": "report"}, bench_dialogue(work, quick, load_kmeans(work / f"km-{manifest.name}"))]
 
@@ -524,6 +524,7 @@ def bench_dialogue(work: Path, quick: bool, km) -> dict:
     from speechinstruct.dialogue import dialogue
     from speechinstruct.features import MFCC
     from speechinstruct.tts import make_tts
+    from speechinstruct.units import SpeechEncoder
 
     sample = resources.files("speechinstruct.data").joinpath("dialogues_sample.jsonl").read_text().splitlines()
     chats = work / "chats.jsonl"
@@ -532,10 +533,10 @@ def bench_dialogue(work: Path, quick: bool, km) -> dict:
                              for i in range(copies) for line in sample))
     tts = make_tts("espeak", work / "dialogue-tts")
     shutil.rmtree(work / "dialogue-cold", ignore_errors=True)
-    dialogue(chats, work / "dialogue-cold", MFCC(), km, tts, quiet=True)  # every voice and text synthesized once
+    dialogue(chats, work / "dialogue-cold", SpeechEncoder(km, MFCC()), tts)  # every voice and text synthesized once
     shutil.rmtree(work / "dialogue", ignore_errors=True)
     calls = tts.calls
-    summary, t = timed(dialogue, chats, work / "dialogue", MFCC(), km, tts, quiet=True)
+    summary, t = timed(dialogue, chats, work / "dialogue", SpeechEncoder(km, MFCC()), tts)
     assert tts.calls == calls, "the TTS cache was not warm"
     turns = 2 * summary["turns"]
     return {"name": f"compose dialogue, TTS cache warm (espeak-ng), MFCC + K=50, {summary['records']} dialogues",
@@ -603,9 +604,9 @@ def bench_startup(work: Path, quick: bool) -> list[dict]:
     features = mfcc(work, manifest)
     units, dataset = work / "startup-units", work / "startup-dataset"
     if not dataset.exists():
-        cluster(features, work / "startup-km", k=20, quiet=True)
-        quantize(features, load_kmeans(work / "startup-km"), units, quiet=True)
-        compose.cross_modal(units, work / "startup-composed" / "cross_modal", quiet=True)
+        cluster(features, work / "startup-km", k=20)
+        quantize(features, load_kmeans(work / "startup-km"), units)
+        compose.cross_modal(units, work / "startup-composed" / "cross_modal")
         publish(work / "startup-composed", dataset)
     before = work / f"startup-{STARTUP_BASELINE}"
     if not before.exists():
@@ -646,7 +647,7 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
 
         (work / "train.yaml").write_text(yaml.safe_dump({"workdir": str(data), "demo_corpus": {"sentences": 60},
                                                          "kmeans": {"k": 100, "max_frames": 50000}}))
-        run(work / "train.yaml", quiet=True)
+        run(work / "train.yaml")
     base = work / "tiny-llama"
     if not base.exists():
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -664,7 +665,7 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
     steps, batch, max_length = (5 if quick else 20), 8, 512
     cfg = T.TrainConfig(max_steps=steps, batch_size=batch, lr=1e-4, save_every=10**6, log_every=1, max_length=max_length,
                         warmup_ratio=0.0, max_grad_norm=1.0, mask="prefix")
-    result, t = timed(T.train, 2, base, data / "dataset", work / "train-out", cfg, quiet=True)
+    result, t = timed(T.train, 2, base, data / "dataset", work / "train-out", cfg)
     tps = result["history"][-1]["tokens_per_s"]
     extra = "no GPU here: model FLOP utilisation needs one"
     if torch.cuda.is_available():
@@ -745,18 +746,18 @@ def bench_dedup(work: Path, quick: bool) -> list[dict]:
                            "durations": [2] * 150, "n_frames": 300, "unit_text": to_text(r["units"])} for i, r in enumerate(rows)]
             write_parquet(folder / f"units-{shard:05d}.parquet", records.to_table("units", table_rows))
     shutil.rmtree(work / "dedup-out", ignore_errors=True)
-    summary, t = timed(dedup, folder, work / "dedup-out", quiet=True)
+    summary, t = timed(dedup, folder, work / "dedup-out")
     planted = (rows_n // 100)
     out = [{"name": f"dedup of {rows_n} synthetic unit rows (K=1000, 150 units), first run (signatures computed)",
             "records": rows_n, "ours_s": t, "records_per_s": rows_n / t, "target": ">= 1000 utterances/s on 2 cores",
             "extra": f"dropped {sum(summary['dropped'].values())} of {planted} planted; {summary['bytes_per_utterance']} "
                      "bytes per utterance (signature and units)"}]
-    _, t2 = timed(dedup, folder, work / "dedup-out", quiet=True)
+    _, t2 = timed(dedup, folder, work / "dedup-out")
     out.append({"name": "the same, rerun (signatures cached)", "records": rows_n, "ours_s": t2, "records_per_s": rows_n / t2})
     import tracemalloc
 
     tracemalloc.start()  # what the decisions hold per utterance: Python's allocations at the peak, over the rows
-    dedup(folder, work / "dedup-out", quiet=True)
+    dedup(folder, work / "dedup-out")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     out[0]["extra"] += f"; peak Python memory of a (cached) run {peak / rows_n:.0f} bytes per utterance"
@@ -784,7 +785,7 @@ def dedup_recall(work: Path, quick: bool) -> list[dict]:
             write_utterances(root, "train-clean-100", f"{100 + s // 20}", spoken[s: s + 20])
         write_utterances(root, "train-clean-100", "900", [(copy_of(spoken[i][0], kind, i), spoken[i][1])
                                                           for i in range(copied) for kind in COPIES])
-        shard_corpus("librispeech", root, base / "manifest", quiet=True)
+        shard_corpus("librispeech", root, base / "manifest")
     import torch
     from transformers import HubertConfig, HubertModel
 
@@ -797,11 +798,11 @@ def dedup_recall(work: Path, quick: bool) -> list[dict]:
     for name, extractor in (("MFCC", MFCC()), ("tiny random HuBERT", load_hubert(base / "hubert", layer=2))):
         tag = name.split()[0].lower()
         if not (base / f"units-{tag}").exists():
-            extract(base / "manifest", base / f"features-{tag}", extractor, quiet=True)
-            cluster(base / f"features-{tag}", base / f"km-{tag}", k=100, quiet=True)
-            quantize(base / f"features-{tag}", load_kmeans(base / f"km-{tag}"), base / f"units-{tag}", quiet=True)
+            extract(base / "manifest", base / f"features-{tag}", extractor)
+            cluster(base / f"features-{tag}", base / f"km-{tag}", k=100)
+            quantize(base / f"features-{tag}", load_kmeans(base / f"km-{tag}"), base / f"units-{tag}")
         shutil.rmtree(base / f"out-{tag}", ignore_errors=True)
-        dedup(base / f"units-{tag}", base / f"out-{tag}", quiet=True)
+        dedup(base / f"units-{tag}", base / f"out-{tag}")
         gone = {json.loads(line)["id"] for f in (base / f"out-{tag}").glob("dropped-*.jsonl") for line in f.read_text().splitlines()}
         found = {kind: np.mean([f"librispeech/900-1-{i * len(COPIES) + k:04d}" in gone for i in range(copied)])
                  for k, kind in enumerate(COPIES)}

@@ -202,17 +202,16 @@ class CtcAligner:
                 for n, word in enumerate(words)]
 
 
-def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner, quiet: bool = False) -> dict:
+def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -> dict:
     """A copy of a shard folder whose rows with a transcript and no ``words`` get them from ``aligner``; rows it
     cannot align are kept without, counted by reason. Shard by shard, resumable (a finished shard is skipped)."""
     import collections
     import shutil
 
-    from tqdm import tqdm
-
     from . import records
     from .decoding import decode_row
     from .io import iter_rows, write_json, write_parquet
+    from .progress import progress
     from .shardfiles import corpus_root, manifest_files
 
     manifest, out = Path(manifest), Path(out)
@@ -228,7 +227,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner, q
             counts["shards skipped (done)"] += 1
             continue
         rows = []
-        for row in tqdm(iter_rows(shard), desc=f"align {shard.name}", unit="utt", disable=quiet):
+        for row in progress(iter_rows(shard), desc=f"align {shard.name}", unit="utt"):
             if row.get("words") or not (row.get("text") or "").strip():
                 counts["kept as they were"] += 1
             else:

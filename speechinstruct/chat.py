@@ -20,7 +20,7 @@ import torch
 
 from .speechgpt import (DEFAULT_PREFIX, EXCHANGE_SEPARATOR, PROMPTS, exchange_text, parse_answer,  # noqa: F401
                         with_bos)  # (parse_answer: chat's API)
-from .units import SpeechEncoder, to_text
+from .units import to_text
 
 
 def model_folder(path, option: str, marker: str = "config.json") -> Path:
@@ -110,13 +110,8 @@ class Chat:
         return {**answer, "history_left_out": left_out} if left_out else answer
 
 
-def audio_to_unit_text(path: str | Path, extractor, kmeans=None) -> str:
-    """A recording as unit text: features and k-means, or a codec's codes (``kmeans`` None; decoded to its rate)."""
+def audio_to_unit_text(path: str | Path, tokenizer) -> str:
+    """A recording as unit text, by any speech tokenizer (tokenizer.py), decoded to its rate."""
     from . import audio
 
-    from .codecs import is_codec
-
-    if is_codec(extractor):
-        return to_text(extractor.units(audio.load(path, target_sr=extractor.sample_rate)))
-    wav = audio.load(path)
-    return to_text(SpeechEncoder(kmeans, extractor).encode(wav).units)
+    return to_text(tokenizer.encode(audio.load(path, target_sr=tokenizer.sample_rate), tokenizer.sample_rate).units)

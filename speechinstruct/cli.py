@@ -212,7 +212,7 @@ def shard(
                        speaker_column=speaker_column, split=split)
     if corpus in (Corpus.lhotse, Corpus.kaldi):
         options["audio_root"] = audio_root
-    summary = shard_corpus(corpus.value, root, out, shard_hours=shard_hours, quiet=quiet, **options)
+    summary = shard_corpus(corpus.value, root, out, shard_hours=shard_hours, **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)
 
@@ -265,8 +265,7 @@ def extract(
 ):
     """Decode audio and compute MFCC or HuBERT features (or units) per manifest shard; resumable."""
     from .extract import extract as run_extract
-    from .codecs import is_codec
-    from .features import load_extractor
+    from .tokenizer import load_tokenizer
     from .units import load_kmeans
 
     if engine not in ("local", "ray"):
@@ -275,24 +274,22 @@ def extract(
                      device=device, workers=workers, layer=layer, codebooks=codebooks)
     km = load_kmeans(kmeans) if kmeans else None
     # the Ray engine ships a CPU copy to its actors, which move it to their own device
-    extractor = load_extractor(features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
-                               dtype=dtype, codebooks=codebooks)
-    if kmeans and is_codec(extractor):
-        fail(f"--kmeans is for features; a {features.value} codec's codes are already units")
+    extractor = load_tokenizer(features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
+                               dtype=dtype, codebooks=codebooks, kmeans=km, features_only=True)
     if km is not None and engine == "local" and _device(device) != "cpu":
         km.to(_device(device))  # the fused units path assigns where the features are made
     if engine == "ray":
         from .engine_ray import extract_ray
 
-        stats = extract_ray(manifest, out, extractor, kmeans=km, root=root, batch_seconds=batch_seconds,
+        stats = extract_ray(manifest, out, extractor, root=root, batch_seconds=batch_seconds,
                             float16=float16, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
                             cpus_per_actor=cpus_per_actor, address=ray_address, num_shards=num_shards,
                             shard_index=shard_index, device=None if device == "auto" else device,
                             block_seconds=block_seconds, max_retries=max_retries)
     else:
         stats = run_extract(manifest, out, extractor,
-                            root=root, kmeans=km, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
-                            shard_index=shard_index, workers=workers, quiet=quiet)
+                            root=root, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
+                            shard_index=shard_index, workers=workers)
     _print_json(stats)
 
 
@@ -312,7 +309,7 @@ def cluster(
     from .cluster import cluster as run_cluster
 
     settings.checked(settings.KMeans, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo)
-    _print_json(run_cluster(features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo, quiet=quiet))
+    _print_json(run_cluster(features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo))
 
 
 @command(app)
@@ -329,7 +326,7 @@ def quantize(
     from .units import load_kmeans
 
     km = load_kmeans(kmeans)
-    _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index, quiet=quiet))
+    _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index))
 
 
 EvalSets = typer.Option(None, "--eval", help="An evaluation set (repeatable): a text file (a line each), a JSONL file, a "
@@ -369,7 +366,7 @@ def dedup(
     summary = run_dedup(units, out, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
                         similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript,
                         speaker_disjoint=speaker_disjoint, audio_hash=audio_hash, scores=scores, num_shards=num_shards,
-                        shard_index=shard_index, quiet=quiet)
+                        shard_index=shard_index)
     _print_json({k: v for k, v in summary.items() if k != "examples"})
 
 
@@ -450,8 +447,7 @@ def compose_cross_modal(
     prefix = prefix_file.read_text() if prefix_file else compose.DEFAULT_PREFIX
     sets = {t: templates.load(src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
     _print_json(compose.cross_modal(units, out, sets["asr"], sets["tts"], mode=mode, asr_fraction=asr_fraction,
-                                    prefix=prefix, seed=seed, num_shards=num_shards, shard_index=shard_index,
-                                    quiet=quiet))
+                                    prefix=prefix, seed=seed, num_shards=num_shards, shard_index=shard_index))
 
 
 @command(compose_app, "pretrain")
@@ -470,27 +466,21 @@ def compose_pretrain(
 
     settings.checked(settings.Pretrain, dev_fraction=dev_fraction)
     _print_json(compose.pretrain(units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
-                                 shard_index=shard_index, quiet=quiet))
+                                 shard_index=shard_index))
 
 
 def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | None, rewrite: bool, base_url, model,
                   max_requests, features, checkpoint, layer, codebooks, kmeans, device):
-    """(LLM or None, TTS engine, extractor, k-means or None) for a compose command that speaks text."""
-    from .codecs import is_codec
-    from .features import load_extractor
+    """(LLM or None, TTS engine, speech tokenizer) for a compose command that speaks text."""
+    from .tokenizer import load_tokenizer
     from .tts import make_tts
-    from .units import load_kmeans
 
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
     engine = make_tts(tts, cache / "tts", llm=llm, model=tts_model,
                       voices=[v.strip() for v in voices.split(",") if v.strip()] if voices else None)
-    extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks)
-    codec = is_codec(extractor)
-    if codec == bool(kmeans):
-        fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if codec
-             else "--kmeans is needed: the k-means that made the units of the records")
-    return llm if rewrite else None, engine, extractor, load_kmeans(kmeans) if kmeans else None
+    return llm if rewrite else None, engine, load_tokenizer(features.value, checkpoint, layer, _device(device),
+                                                            codebooks=codebooks, kmeans=kmeans)
 
 
 @command(compose_app, "chain-of-modality")
@@ -529,13 +519,13 @@ def compose_chain_of_modality(
 
     settings.checked(settings.ChainOfModality, tts=tts, rewrite=rewrite, all_formats=all_formats, license=license,
                      max_pairs=max_pairs)
-    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
-                                               features, checkpoint, layer, codebooks, kmeans, device)
+    llm, engine, tokenizer = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
+                                           features, checkpoint, layer, codebooks, kmeans, device)
     summary = compose.chain_of_modality(
-        instructions, out, extractor, km, engine, llm=llm,
+        instructions, out, tokenizer, engine, llm=llm,
         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
         license=license, instruction_column=instruction_column, response_column=response_column,
-        id_column=id_column, max_pairs=max_pairs, eval_texts=_eval_texts(eval), quiet=quiet)
+        id_column=id_column, max_pairs=max_pairs, eval_texts=_eval_texts(eval))
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -558,7 +548,7 @@ def align(
     (for `compose interleaved`). Rows that already have words are kept as they are."""
     from .alignments import CtcAligner, align_manifest
 
-    _print_json(align_manifest(manifest, out, CtcAligner(model, _device(device)), quiet=quiet))
+    _print_json(align_manifest(manifest, out, CtcAligner(model, _device(device))))
 
 
 @command(compose_app, "interleaved")
@@ -577,7 +567,7 @@ def compose_interleaved(
     from .interleaved import interleaved
 
     _print_json({k: v for k, v in interleaved(units, out, seed=seed, min_words=min_words, max_words=max_words,
-                                              num_shards=num_shards, shard_index=shard_index, quiet=quiet).items()
+                                              num_shards=num_shards, shard_index=shard_index).items()
                  if k != "dropped_examples"})
 
 
@@ -612,10 +602,10 @@ def compose_dialogue(
     from .dialogue import dialogue
 
     settings.checked(settings.Dialogue, tts=tts, rewrite=rewrite, license=license, max_dialogues=max_dialogues)
-    llm, engine, extractor, km = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
-                                               features, checkpoint, layer, codebooks, kmeans, device)
-    summary = dialogue(conversations, out, extractor, km, engine, llm=llm, seed=seed, license=license,
-                       id_column=id_column, max_dialogues=max_dialogues, eval_texts=_eval_texts(eval), quiet=quiet)
+    llm, engine, tokenizer = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
+                                           features, checkpoint, layer, codebooks, kmeans, device)
+    summary = dialogue(conversations, out, tokenizer, engine, llm=llm, seed=seed, license=license,
+                       id_column=id_column, max_dialogues=max_dialogues, eval_texts=_eval_texts(eval))
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -649,25 +639,20 @@ def compose_duplex(
     """Full-duplex spoken conversations for Moshi-style models, in moshi-finetune's layout: stereo WAV (left the
     assistant, right the user) with word alignments, gaps, overlaps, interruptions and backchannels; with a
     tokenizer, also a duplex config of both channels' units."""
-    from .codecs import is_codec
     from .duplex import duplex
-    from .features import load_extractor
+    from .tokenizer import load_tokenizer
     from .tts import make_tts
-    from .units import load_kmeans
 
     settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate, gap_sd=gap_sd,
                      interruption_rate=interruption_rate, backchannel_rate=backchannel_rate)
     if tts != "espeak":
         fail(f"--tts {tts}: compose duplex needs word timings from the TTS itself, which only espeak gives")
     engine = make_tts(tts, None, model=tts_model, voices=[v.strip() for v in voices.split(",")] if voices else None)
-    extractor = load_extractor(features.value, checkpoint, layer, _device(device), codebooks=codebooks) if features else None
-    if extractor is not None and is_codec(extractor) == bool(kmeans):
-        fail(f"--kmeans is for features; a {features.value} codec's codes are already units" if kmeans
-             else "--kmeans is needed with --features: the k-means that makes its units")
+    tokenizer = load_tokenizer(features.value, checkpoint, layer, _device(device), codebooks=codebooks,
+                               kmeans=kmeans) if features else None
     summary = duplex(conversations, out, engine, seed=seed, sample_rate=sample_rate, max_conversations=max_conversations,
                      gap_mean=gap_mean, gap_sd=gap_sd, interruption_rate=interruption_rate,
-                     backchannel_rate=backchannel_rate, extractor=extractor,
-                     kmeans=load_kmeans(kmeans) if kmeans else None, quiet=quiet)
+                     backchannel_rate=backchannel_rate, tokenizer=tokenizer)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -691,7 +676,7 @@ def publish(
     if not formats <= {"hf", "speechgpt"} or not formats:
         fail(f"--format {format!r}: choose hf or hf,speechgpt")
     meta = run_publish(compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
-                       eval_splits=eval_splits, speechgpt_files="speechgpt" in formats, quiet=quiet)
+                       eval_splits=eval_splits, speechgpt_files="speechgpt" in formats)
     _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"],
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
@@ -740,7 +725,7 @@ def score(
 
     judge = _judge(dnsmos, asr, base_url, _device(device), batch_size, speaker, speaker_references, language)
     summary = run_score(source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
-                        workers=workers, quiet=quiet)
+                        workers=workers)
     for column in summary["scores"].values():
         column.pop("histogram", None)
     _print_json(summary)
@@ -805,7 +790,7 @@ def run(
     """Run the whole job: shard → (score) → extract → cluster → quantize → compose → publish → validate → report."""
     from .pipeline import run as run_recipe
 
-    summary = run_recipe(recipe, workdir=workdir, quiet=quiet, force=force)
+    summary = run_recipe(recipe, workdir=workdir, force=force)
     _print_json(summary)
     if not summary["valid"]:
         raise typer.Exit(1)
@@ -864,7 +849,7 @@ def train(
                      lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig.from_dict(settings)
-    result = run_train(stage, base_model, data, out, cfg, resume=resume, quiet=quiet)
+    result = run_train(stage, base_model, data, out, cfg, resume=resume)
     _print_json({k: v for k, v in result.items() if k != "history"} | {"last": result["history"][-1:] })
 
 
@@ -895,24 +880,19 @@ def chat(
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
     from .chat import Chat, audio_to_unit_text
     from .compose import DEFAULT_PREFIX
-    from .codecs import is_codec
-    from .features import load_extractor
-    from .units import load_kmeans
+    from .tokenizer import load_tokenizer
 
     if bool(vocoder) != bool(speak):
         fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
     voice = _load_vocoder(vocoder) if vocoder else None
-    if codebooks is not None and is_codec(voice):  # a codec speaks the units of the codebooks trained on
+    if voice is not None and codebooks is not None:  # a codec speaks the units of the codebooks trained on
         voice.keep(codebooks)
     prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
     bot = Chat(model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
     if audio_file:
-        extractor = load_extractor(features.value, checkpoint, layer, codebooks=codebooks)
-        codec = is_codec(extractor)
-        if not kmeans and not codec:
-            fail("--audio needs --kmeans (and --features/--checkpoint/--layer matching the dataset)")
-        inputs.append(audio_to_unit_text(audio_file, extractor, None if codec else load_kmeans(kmeans)))
+        tokenizer = load_tokenizer(features.value, checkpoint, layer, codebooks=codebooks, kmeans=kmeans)
+        inputs.append(audio_to_unit_text(audio_file, tokenizer))
     if text:
         inputs.append(text)
     if not inputs:
@@ -960,12 +940,11 @@ def _read_history(path: Path) -> list[dict]:
 def _load_vocoder(path, units_of=None):
     """The vocoder at ``path``; a codec is set to the codebooks of the units in ``units_of`` (a units folder or a
     dataset) and refused for another tokenizer's units."""
-    from .codecs import is_codec
     from .shardfiles import folder_vocabulary
     from .vocoder import load_vocoder
 
     voice = load_vocoder(path)
-    if is_codec(voice) and units_of is not None and Path(units_of).is_dir():
+    if units_of is not None and Path(units_of).is_dir():
         voice.fit(folder_vocabulary(units_of))
     return voice
 
@@ -989,7 +968,7 @@ def resynth(
     voice = _load_vocoder(vocoder, source) if vocoder else codec_of(source)
     if voice is None:
         fail(f"{source}: give --vocoder (its units are not a codec's, which would decode them itself)")
-    _print_json(resynthesize(source, out, voice, limit=limit, quiet=quiet))
+    _print_json(resynthesize(source, out, voice, limit=limit))
 
 
 def main():

@@ -117,7 +117,7 @@ def fit(sample: np.ndarray, k: int, seed: int = 0, niter: int = 25, nredo: int =
 def cluster(features: str | Path, out: str | Path, k: int = default(settings.KMeans, "k"),
             max_frames: int = default(settings.KMeans, "max_frames"), seed: int = default(settings.KMeans, "seed"),
             niter: int = default(settings.KMeans, "niter"), nredo: int = default(settings.KMeans, "nredo"),
-            gpu: bool | None = None, quiet: bool = False) -> dict:
+            gpu: bool | None = None) -> dict:
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
     started = time.perf_counter()

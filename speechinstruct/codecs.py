@@ -35,6 +35,7 @@ from .checkpoints import load_pretrained
 from .io import sha256_file
 from .shardfiles import Vocabulary
 from .tokenizers import CODECS  # noqa: F401 (re-exported: the codec kinds)
+from .units import Encoded
 
 
 
@@ -151,6 +152,17 @@ class Codec:
     features = units            # extract calls its tokenizer's features/features_batch
     features_batch = units_batch
 
+    def encode(self, wav: np.ndarray, sample_rate: int | None = None) -> Encoded:
+        """The tokenizer's face (tokenizer.py): the units of one utterance, every frame kept (the decoder needs
+        them all, so durations are all 1)."""
+        units = self.units(wav, sample_rate)
+        return Encoded(units, np.ones(units.size, dtype=np.int64), units.size // self.codebooks)
+
+    def describe(self) -> dict:
+        """What makes the units, for a compose summary: the codec, no k-means, the vocabulary."""
+        return {"extractor": {k: v for k, v in self.spec.items() if k != "checkpoint"}, "kmeans": None,
+                "vocabulary": self.vocabulary().to_json()}
+
     def flatten(self, codes: np.ndarray) -> np.ndarray:
         """(codebooks, frames) codes → frame-major units, codebook q offset by q × codebook_size."""
         return (codes.T + self.offsets).ravel()
@@ -184,6 +196,8 @@ class Codec:
     def synthesize(self, units, durations=None) -> np.ndarray:
         """:meth:`speech`, with a unit vocoder's signature (``durations`` are not needed: units are per frame)."""
         return self.speech(units)
+
+    decode = speech  # the tokenizer's face: a codec decodes its own units
 
 
 def xcodec2_inputs(wav: np.ndarray, hop: int, sample_rate: int) -> dict:
@@ -272,11 +286,6 @@ def _check_config(kind: str, cfg: dict, where) -> None:
         problems.append(f"codebook_size {size!r}")
     if problems:
         raise ValueError(f"{where}: not a usable {kind} config ({'; '.join(problems)})")
-
-
-def is_codec(tokenizer) -> bool:
-    """Whether an extractor is a codec, whose codes are the units (no k-means, every frame kept)."""
-    return isinstance(tokenizer, Codec)
 
 
 def codec_kind(path: str | Path) -> str | None:

@@ -37,19 +37,17 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from . import __version__, recipe as settings, records, templates as templates_mod
 from .audio import AudioError
-from .codecs import is_codec
 from .corpora.base import SPLITS, split_name
 from .io import iter_rows, parquet_rows, write_json, write_parquet
+from .progress import progress
 from .recipe import default
 from .score import ScoreError
 from .shardfiles import select_shards, shard_suffix, unit_files
 from .speechgpt import (DEFAULT_PREFIX, FORMATS, SPEECHGPT_PREFIX, com_text, cross_modal_text, find_markup,  # noqa: F401
                         record_problems, text_problem)
-from .units import SpeechEncoder
 
 
 def _draw(seed: int, *parts: str) -> int:
@@ -146,7 +144,7 @@ def split_records(out: Path, part: str | None, suffix: str, kind: str):
 
 
 def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality: QualityGate, counts, dropped: list,
-                num_shards: int = 1, shard_index: int = 0, quiet: bool = False):
+                num_shards: int = 1, shard_index: int = 0):
     """(split sinks, units row, its score columns) for every row of the units shards this worker owns that
     passes ``quality``, shard after shard (:func:`split_records`; a shard already written is skipped); a row
     that fails is counted in ``counts`` and ``dropped``."""
@@ -155,7 +153,7 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
             if sinks is None:
                 counts["shards skipped (done)"] += 1
                 continue
-            for u in tqdm(iter_rows(path), desc=f"{kind} {path.name}", unit="utt", disable=quiet):
+            for u in progress(iter_rows(path), desc=f"{kind} {path.name}", unit="utt"):
                 judged, reason = quality.check(suffix, u["id"])
                 if reason:
                     _quality_drop(counts, dropped, u["id"], reason)
@@ -174,7 +172,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 tts_templates: dict | None = None, mode: str = default(settings.CrossModal, "mode"),
                 asr_fraction: float = default(settings.CrossModal, "asr_fraction"), prefix: str = DEFAULT_PREFIX,
                 seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
-                shard_index: int = 0, scores: str | Path | None = None, gates=None, quiet: bool = False) -> dict:
+                shard_index: int = 0, scores: str | Path | None = None, gates=None) -> dict:
     """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
     probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
     several corpora can share one output folder. ``scores``: a ``score`` output of these utterances; their
@@ -189,7 +187,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     dropped: list[dict] = []
     quality = QualityGate(scores, gates)
     for sinks, u, judged in gated_units(Path(units_dir), out, part, "cross_modal", quality, counts, dropped,
-                                        num_shards, shard_index, quiet):
+                                        num_shards, shard_index):
         text = (u.get("text") or "").strip()
         if not text:
             counts["no transcript"] += 1
@@ -239,8 +237,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
 # ---------------------------------------------------------------------------------------------- pretrain
 def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = default(settings.Pretrain, "dev_fraction"),
              seed: int = default(settings.Compose, "seed"), part: str | None = None,
-             num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None,
-             quiet: bool = False) -> dict:
+             num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None) -> dict:
     """Stage-1 unit text, one record per utterance, in the split of its audio; ``dev_fraction`` of the train
     utterances (by a hash of the id) go to validation too. ``scores``, ``gates``: as for :func:`cross_modal`."""
     if not 0 <= dev_fraction < 1:
@@ -249,7 +246,7 @@ def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = defau
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
     for sinks, u, judged in gated_units(Path(units_dir), out, part, "pretrain", QualityGate(scores, gates), counts,
-                                        dropped, num_shards, shard_index, quiet):
+                                        dropped, num_shards, shard_index):
         split = split_name(u["split"])
         if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
             split = "validation"
@@ -504,35 +501,23 @@ def unique_items(items, limit: int | None) -> tuple[list[dict], list[dict]]:
 
 
 class Speaker:
-    """Text → TTS speech → units (features and k-means, or a codec's codes with ``kmeans`` None), with the speech
-    judged (``judge``, ``gates``) when asked: :meth:`units` gives (units, voice, scores), or raises
-    SpeechRejected (quality) or AudioError/ValueError (no speech)."""
+    """Text → TTS speech → units (any speech tokenizer, tokenizer.py), with the speech judged (``judge``,
+    ``gates``) when asked: :meth:`units` gives (units, voice, scores), or raises SpeechRejected (quality) or
+    AudioError/ValueError (no speech)."""
 
-    def __init__(self, tts, extractor, kmeans, judge=None, gates=None):
-        self.tts, self.judge, self.gates = tts, judge, gates
-        self.extractor, self.kmeans = extractor, kmeans
-        if is_codec(extractor):  # its codes are the units, every frame kept
-            self.encode = extractor.units
-        else:
-            encoder = SpeechEncoder(kmeans, extractor)
-            self.encode = lambda wav, sr: encoder.encode(wav, sr).units
+    def __init__(self, tts, tokenizer, judge=None, gates=None):
+        self.tts, self.tokenizer, self.judge, self.gates = tts, tokenizer, judge, gates
 
     def tokenizer_spec(self) -> dict:
         """What made the units (for a compose summary, so that publish knows the vocabulary of records that
-        come from no units folder): the extractor's spec, the k-means and the unit vocabulary."""
-        from .shardfiles import kmeans_spec, kmeans_vocabulary
-
-        spec = {k: v for k, v in self.extractor.spec.items() if k != "checkpoint"}
-        if is_codec(self.extractor):
-            return {"extractor": spec, "kmeans": None, "vocabulary": self.extractor.vocabulary().to_json()}
-        vocabulary = kmeans_vocabulary(self.extractor.spec, self.kmeans.k, self.kmeans.meta.get("sha256"))
-        return {"extractor": spec, "kmeans": kmeans_spec(self.kmeans), "vocabulary": vocabulary.to_json()}
+        come from no units folder)."""
+        return self.tokenizer.describe()
 
     def units(self, text: str, key: str) -> tuple[list[int], str, dict]:
         voice, rate = self.tts.voice_for(key)
         wav, sr = self.tts.synthesize(text, voice, rate)
         judged = self._judged(wav, sr, text, voice, rate) if self.judge is not None else {}
-        u = self.encode(wav, sr)
+        u = self.tokenizer.encode(wav, sr).units
         if not u.size:
             raise ValueError("no speech units")
         return u.tolist(), f"{self.tts.name}:{voice}@{rate}", judged
@@ -593,7 +578,7 @@ def _pair_records(pair: dict, speaker: Speaker, llm, formats, all_formats: bool,
 
 
 def write_chunks(items: list[dict], out: Path, kind: str, chunk_size: int, counts: collections.Counter,
-                 dropped: list[dict], quiet: bool, make, count) -> None:
+                 dropped: list[dict], make, count) -> None:
     """Records of ``kind`` made from ``items`` (``make(item)``: a list of records, or (count key, reason) when
     the item is dropped), ``chunk_size`` items to a ``train-NNNNN.parquet`` file with a sidecar of its counts
     (``count(record)`` names a record's) and drops; a rerun skips the chunks already written. ``counts`` and
@@ -604,7 +589,7 @@ def write_chunks(items: list[dict], out: Path, kind: str, chunk_size: int, count
         if target.exists():
             continue
         rows, chunk_counts, chunk_dropped = [], collections.Counter(), []
-        for item in tqdm(items[start : start + chunk_size], desc=f"{kind} {target.name}", unit="item", disable=quiet):
+        for item in progress(items[start : start + chunk_size], desc=f"{kind} {target.name}", unit="item"):
             made = make(item)
             if isinstance(made, tuple):
                 chunk_counts[made[0]] += 1
@@ -620,12 +605,12 @@ def write_chunks(items: list[dict], out: Path, kind: str, chunk_size: int, count
         dropped.extend(part["dropped"])
 
 
-def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None,
+def chain_of_modality(source: str | Path, out: str | Path, tokenizer, tts, llm=None,
                       formats: tuple[str, ...] = FORMATS, all_formats: bool = False, prefix: str = DEFAULT_PREFIX,
                       seed: int = 0, corpus: str | None = None, license: str = "unspecified",
                       instruction_column: str = "instruction", response_column: str = "response",
                       id_column: str | None = "id", max_pairs: int | None = None, chunk_size: int = 100,
-                      judge=None, gates=None, eval_texts=None, quiet: bool = False) -> dict:
+                      judge=None, gates=None, eval_texts=None) -> dict:
     """Chain-of-modality records from text pairs; see the module docstring for the four formats. ``judge``
     (``score.Judge``) scores each synthesized turn against the text it was meant to say, and a pair whose
     speech fails ``gates`` is dropped with its reason; records carry the worst score of their turns. Pairs
@@ -641,8 +626,8 @@ def chain_of_modality(source: str | Path, out: str | Path, extractor, kmeans, tt
     pairs, dropped = unique_pairs(source, instruction_column, response_column, id_column, max_pairs)
     pairs, dropped = decontaminated(pairs, dropped, eval_texts, ("instruction", "response"))
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
-    speaker = Speaker(tts, extractor, kmeans, judge, gates)
-    write_chunks(pairs, out, "chain_of_modality", chunk_size, counts, dropped, quiet,
+    speaker = Speaker(tts, tokenizer, judge, gates)
+    write_chunks(pairs, out, "chain_of_modality", chunk_size, counts, dropped,
                  lambda pair: _pair_records(pair, speaker, llm, formats, all_formats, prefix, seed, corpus, license),
                  count=lambda row: row["format"])
     summary = {"pairs": len(pairs), "records": sum(counts[f] for f in FORMATS), **dict(sorted(counts.items())),

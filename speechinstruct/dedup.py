@@ -270,7 +270,7 @@ def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
             for row, wav in decode_rows(rows, root) if not isinstance(wav, str)}
 
 
-def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None, quiet: bool = True) -> tuple[dict, dict, list[dict]]:
+def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None) -> tuple[dict, dict, list[dict]]:
     """Evaluation texts into ``texts``, and (with a ``signer``) the signatures and units of evaluation units
     (``eval:SOURCE:ID``) from each source: a text file (a line each), a JSONL file (the text fields of each object), a manifest or
     units folder, or ``NAME=PATH``: a corpus folder in the layout ``shard`` reads as NAME. Returns also what was
@@ -288,7 +288,7 @@ def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None, q
             from .shard import shard_corpus
 
             with tempfile.TemporaryDirectory() as tmp:
-                shard_corpus(name, path, Path(tmp) / "m", quiet=quiet)
+                shard_corpus(name, path, Path(tmp) / "m")
                 for f in sorted((Path(tmp) / "m").glob("manifest-*.parquet")):
                     for row in iter_rows(f, columns=["id", "text"]):
                         texts.add(row["text"], f"{source}: {row['id']}")
@@ -359,7 +359,7 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
           speaker_disjoint: bool = default(settings.Dedup, "speaker_disjoint"),
           audio_hash: bool = default(settings.Dedup, "audio_hash"),
           scores: list[str | Path | None] | str | Path | None = None, seed: int = 1, num_shards: int = 1,
-          shard_index: int = 0, quiet: bool = False) -> dict:
+          shard_index: int = 0) -> dict:
     """Deduplicate and decontaminate the units folders ``inputs`` together, each into its ``outs`` folder (see the
     module docstring); returns the summary (also ``OUT/dedup.json`` in each). With ``num_shards`` > 1 (job-array
     tasks) this task only computes and caches the signatures of its shards; one run without them then decides
@@ -376,7 +376,7 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
             "eval_ngram": eval_ngram, "max_per_transcript": max_per_transcript, "speaker_disjoint": speaker_disjoint,
             "audio_hash": audio_hash, "eval": list(eval), "seed": seed}
     signer, texts = Signer(ngram, num_perm, seed), EvalTexts(eval_ngram)
-    eval_signatures, eval_units, checked = read_eval(used["eval"], texts, signer, quiet)
+    eval_signatures, eval_units, checked = read_eval(used["eval"], texts, signer)
 
     from .io import remove_stale_temps
     from .shardfiles import select_shards
@@ -391,7 +391,7 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
             remove_stale_temps(out)
     signatures: dict[str, np.ndarray] = dict(eval_signatures)
     sequences: dict[str, np.ndarray] = dict(eval_units)
-    rows, files = read_inputs(inputs, outs, scores, signer, signatures, sequences, audio_hash, quiet)
+    rows, files = read_inputs(inputs, outs, scores, signer, signatures, sequences, audio_hash)
     for r in rows.values():  # the inputs' own validation and test rows are evaluation texts, always
         if r.is_eval:
             texts.add(r.text, f"{r.corpus} {r.split}: {r.id}")
@@ -438,16 +438,16 @@ class Decisions:
 
 
 def read_inputs(inputs: list[Path], outs: list[Path], scores: list, signer: Signer, signatures: dict,
-                sequences: dict, audio_hash: bool, quiet: bool) -> tuple[dict[str, Row], list[tuple[Path, Path, Path]]]:
+                sequences: dict, audio_hash: bool) -> tuple[dict[str, Row], list[tuple[Path, Path, Path]]]:
     """What the decisions need of every row of the units folders ``inputs`` (id → :class:`Row`, its signature into
     ``signatures``, its units into ``sequences``), and (input file, its folder, output folder) per shard."""
-    from tqdm import tqdm
+    from .progress import progress
 
     rows: dict[str, Row] = {}
     files: list[tuple[Path, Path, Path]] = []
     for folder, out, score_dir in zip(inputs, outs, scores):
         dnsmos = _dnsmos(Path(score_dir) if score_dir else None)
-        for path in tqdm(_unit_files(folder), desc=f"dedup {folder.name}", unit="shard", disable=quiet):
+        for path in progress(_unit_files(folder), desc=f"dedup {folder.name}", unit="shard"):
             files.append((path, folder, out))
             signatures.update(_signatures(path, signer, out / ".signatures"))
             audio = _audio_hashes(path, folder) if audio_hash else {}

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
 from . import audio
 from .alignments import write_textgrid
 from .io import atomic_path, write_text
+from .progress import progress
 from .tts import ESPEAK_RATES, ESPEAK_VOICES, EspeakTTS
 
 SUBJECTS = ["the old sailor", "a young girl", "my neighbour", "the tired doctor", "our teacher", "the little dog",
@@ -42,7 +42,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def make_demo_corpus(out: str | Path, n_sentences: int = 300, seed: int = 0, quiet: bool = False) -> dict:
+def make_demo_corpus(out: str | Path, n_sentences: int = 300, seed: int = 0) -> dict:
     """Write the demo corpus to ``out`` (skipped when its transcripts are already complete)."""
     out = Path(out)
     tts = EspeakTTS()
@@ -54,7 +54,7 @@ def make_demo_corpus(out: str | Path, n_sentences: int = 300, seed: int = 0, qui
         chapter = 1 + (i // len(speakers)) // 20
         by_chapter.setdefault((speaker, chapter), []).append((voice, text))
     seconds = 0.0
-    bar = tqdm(total=len(texts), desc="demo corpus (espeak-ng)", unit="utt", disable=quiet)
+    bar = progress(total=len(texts), desc="demo corpus (espeak-ng)", unit="utt")
     for (speaker, chapter), items in sorted(by_chapter.items()):
         folder = out / "train" / str(speaker) / str(chapter)
         trans = folder / f"{speaker}-{chapter}.trans.txt"

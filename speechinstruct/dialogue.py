@@ -142,10 +142,9 @@ def _dialogue_record(conversation: dict, speaker: Speaker, llm, prefix: str, see
         return e.key, str(e)
 
 
-def dialogue(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=None, prefix: str = DEFAULT_PREFIX,
+def dialogue(source: str | Path, out: str | Path, tokenizer, tts, llm=None, prefix: str = DEFAULT_PREFIX,
              seed: int = 0, corpus: str | None = None, license: str = "unspecified", id_column: str | None = "id",
-             max_dialogues: int | None = None, chunk_size: int = 100, judge=None, gates=None, eval_texts=None,
-             quiet: bool = False) -> dict:
+             max_dialogues: int | None = None, chunk_size: int = 100, judge=None, gates=None, eval_texts=None) -> dict:
     """Dialogue records from text conversations (see the module docstring); ``llm`` rewrites each exchange for
     speech, ``judge``/``gates`` score each synthesized turn as ``compose.chain_of_modality`` does. Written
     ``chunk_size`` conversations to a ``train-NNNNN.parquet`` file; a rerun skips the chunks already written."""
@@ -156,8 +155,8 @@ def dialogue(source: str | Path, out: str | Path, extractor, kmeans, tts, llm=No
     conversations, dropped = unique_items(read_conversations(source, id_column), max_dialogues)
     conversations, dropped = decontaminated(conversations, dropped, eval_texts, ("exchanges",))
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
-    speaker = Speaker(tts, extractor, kmeans, judge, gates)
-    write_chunks(conversations, out, "dialogue", chunk_size, counts, dropped, quiet,
+    speaker = Speaker(tts, tokenizer, judge, gates)
+    write_chunks(conversations, out, "dialogue", chunk_size, counts, dropped,
                  lambda c: _dialogue_record(c, speaker, llm, prefix, seed, corpus, license),
                  count=lambda row: "records")
     turns = collections.Counter()

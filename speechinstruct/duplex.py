@@ -144,32 +144,25 @@ def render(layout: dict, sr: int) -> tuple[np.ndarray, list]:
     return out, sorted(alignments, key=lambda a: (a[1][0], a[1][1], a[2]))
 
 
-def units_record(conversation: dict, path: str, samples: np.ndarray, sr: int, alignments: list, extractor, kmeans,
+def units_record(conversation: dict, path: str, samples: np.ndarray, sr: int, alignments: list, tokenizer,
                  corpus: str, license: str) -> dict:
     """The ``duplex`` record of one rendered conversation: each channel's units frame by frame (a codec's codes, or
     features and k-means, every frame kept) and each speaker's per-frame text stream: the words that start in a
     frame, '' elsewhere (Moshi's inner-monologue alignment)."""
     from .audio import resample
-    from .codecs import is_codec
     from .compose import finish
-    from .extract import sample_rate_of
 
-    rate = sample_rate_of(extractor)
+    rate, codebooks = tokenizer.sample_rate, tokenizer.codebooks
     channels = [resample(np.ascontiguousarray(samples[:, c]), sr, rate) for c in (0, 1)]
-    if is_codec(extractor):
-        units = [extractor.units(ch) for ch in channels]
-        codebooks = extractor.codebooks
-    else:
-        units = [kmeans.assign(extractor.features(ch)) for ch in channels]
-        codebooks = 1
+    units = [np.repeat(*tokenizer.encode(ch, rate)[:2]) for ch in channels]  # repeats put back: every frame
     frames = min(len(u) for u in units) // codebooks
     units = [np.asarray(u[: frames * codebooks], dtype=np.int64).tolist() for u in units]
     streams = {MAIN: [""] * frames, OTHER: [""] * frames}
     for word, (start, _), speaker in alignments:
-        frame = min(frames - 1, int(start * extractor.frame_rate))
+        frame = min(frames - 1, int(start * tokenizer.frame_rate))
         streams[speaker][frame] = f"{streams[speaker][frame]} {word}".strip()
     return finish({"id": f"duplex/{conversation['id']}", "path": path, "duration": samples.shape[0] / sr,
-                   "frame_rate": float(extractor.frame_rate), "codebooks": codebooks, "main_units": units[0],
+                   "frame_rate": float(tokenizer.frame_rate), "codebooks": codebooks, "main_units": units[0],
                    "other_units": units[1], "main_text": streams[MAIN], "other_text": streams[OTHER],
                    "alignments": [{"word": w, "start": a, "end": b, "speaker": s} for w, (a, b), s in alignments],
                    "source_id": conversation["id"], "corpus": corpus, "license": license})
@@ -177,16 +170,15 @@ def units_record(conversation: dict, path: str, samples: np.ndarray, sr: int, al
 
 def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conversations: int | None = None,
            gap_mean: float = 0.2, gap_sd: float = 0.45, interruption_rate: float = 0.2,
-           backchannel_rate: float = 0.15, extractor=None, kmeans=None, judge=None, gates=None,
-           corpus: str | None = None, license: str = "unspecified", quiet: bool = False) -> dict:
+           backchannel_rate: float = 0.15, tokenizer=None, judge=None, gates=None,
+           corpus: str | None = None, license: str = "unspecified") -> dict:
     """Full-duplex conversations from text conversations (see the module docstring); returns the summary. With
-    ``extractor`` (and ``kmeans`` for features), also ``duplex`` records of both channels' units
+    a speech ``tokenizer`` (tokenizer.py), also ``duplex`` records of both channels' units
     (``OUT/train-00000.parquet``); with ``judge`` and ``gates``, each turn's speech is judged as compose dialogue
     judges it, and a conversation with a turn that fails is dropped whole."""
-    from tqdm import tqdm
-
     from .compose import unique_items
     from .dialogue import read_conversations
+    from .progress import progress
 
     if not 0 <= interruption_rate <= 1 or backchannel_rate < 0 or gap_sd < 0:
         raise ValueError("duplex: interruption_rate in [0, 1], backchannel_rate >= 0, gap_sd >= 0")
@@ -199,7 +191,7 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
     settings = {"gap_mean": gap_mean, "gap_sd": gap_sd, "seed": seed, "interruption_rate": interruption_rate,
                 "backchannel_rate": backchannel_rate}
     manifest, stats_lines, rows = [], [], []
-    for conversation in tqdm(conversations, desc="duplex", unit="conversation", disable=quiet):
+    for conversation in progress(conversations, desc="duplex", unit="conversation"):
         made = speak(conversation, tts, sample_rate, judge, gates, **settings)
         if isinstance(made, str):
             dropped.append({"where": conversation["where"], "id": conversation["id"], "reason": made})
@@ -207,13 +199,12 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
         layout, samples, alignments = made
         path = write_conversation(out, conversation["id"], samples, sample_rate, alignments)
         manifest.append({"path": path, "duration": samples.shape[0] / sample_rate})
-        if extractor is not None:
-            rows.append(units_record(conversation, path, samples, sample_rate, alignments, extractor, kmeans, corpus,
-                                     license))
+        if tokenizer is not None:
+            rows.append(units_record(conversation, path, samples, sample_rate, alignments, tokenizer, corpus, license))
         talk = {s: round(sum(e["duration"] for e in layout["events"] if e["speaker"] == s), 3) for s in (MAIN, OTHER)}
         stats_lines.append({"id": conversation["id"], "duration": round(manifest[-1]["duration"], 3),
                             **layout["stats"], "talk_seconds": talk})
-    return write_outputs(out, manifest, stats_lines, rows if extractor is not None else None, dropped,
+    return write_outputs(out, manifest, stats_lines, rows if tokenizer is not None else None, dropped,
                          {"sample_rate": sample_rate, "settings": settings})
 
 

@@ -196,10 +196,13 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None,
                 float16: bool = default(settings.Features, "float16"), actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
                 address: str | None = None, num_shards: int = 1, shard_index: int = 0, device: str | None = None,
                 block_seconds: float | None = None, depth: int = 2, max_retries: int = 3) -> dict:
-    """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU) and
-    ``kmeans`` are shipped to the actors, which move the model to ``device`` (default: cuda when actors get
-    GPUs)."""
+    """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU; or a speech
+    tokenizer, tokenizer.py) and ``kmeans`` are shipped to the actors, which move the model to ``device``
+    (default: cuda when actors get GPUs)."""
     from .extract import makes_units, run_shards, sample_rate_of
+    from .tokenizer import dense_and_kmeans
+
+    extractor, kmeans = dense_and_kmeans(extractor, kmeans)
 
     device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
     manifest, out = Path(manifest), Path(out)
@@ -239,7 +242,7 @@ def extract_ray(manifest, out, extractor, kmeans=None, root=None,
             done += len(results)
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
-                       num_shards=num_shards, shard_index=shard_index, quiet=True)
+                       num_shards=num_shards, shard_index=shard_index)
     return {**stats, "engine": "ray", "actors": actors if pending else 0,
             "nodes": dict(sorted(window.nodes.items())) if window else {}}
 

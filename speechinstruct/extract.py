@@ -22,18 +22,18 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from . import audio, recipe as settings
-from .codecs import is_codec
 from .features import Extractor
 from .decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
 from .io import atomic_path, read_table, remove_stale_temps, write_text
 from .memory import OutOfMemory, halving
+from .progress import progress
 from .quantize import UnitWriter
 from .recipe import default
 from .shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                          select_shards, shard_output, shard_suffix)
+from .tokenizer import dense_and_kmeans, is_tokenizer
 from .units import SpeechEncoder
 
 
@@ -43,8 +43,8 @@ def sample_rate_of(extractor) -> int:
 
 
 def makes_units(extractor, kmeans) -> bool:
-    """Whether extract writes units (with k-means, or a codec whose codes are units) rather than features."""
-    return kmeans is not None or is_codec(extractor)
+    """Whether extract writes units (with k-means, or a tokenizer such as a codec) rather than features."""
+    return kmeans is not None or is_tokenizer(extractor)
 
 
 def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
@@ -112,23 +112,24 @@ def extract(
     num_shards: int = 1,
     shard_index: int = 0,
     workers: int = default(settings.Features, "workers"),
-    quiet: bool = False,
 ) -> dict:
-    """Extract features (or, with ``kmeans``, units) for every manifest shard this worker owns."""
+    """Extract features (or units: with ``kmeans``, or when ``extractor`` is a speech tokenizer, tokenizer.py) for
+    every manifest shard this worker owns."""
+    extractor, kmeans = dense_and_kmeans(extractor, kmeans)  # a k-means tokenizer's frames are computed in batches
     counts: collections.Counter[str] = collections.Counter()
 
     def results_for(shard: Path, rows: list[dict], root: Path):
         return compute(extractor, decode_rows(rows, root, workers, sample_rate_of(extractor)), batch_seconds, counts)
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
-                       num_shards=num_shards, shard_index=shard_index, quiet=quiet)
+                       num_shards=num_shards, shard_index=shard_index)
     if counts["batches_halved"]:  # batches that ran out of memory and were run in halves
         stats["batches_halved"] = counts["batches_halved"]
     return stats
 
 
 def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmeans=None, float16: bool = False,
-               num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> dict:
+               num_shards: int = 1, shard_index: int = 0) -> dict:
     """The driver loop both engines share: for each manifest shard this worker owns and has not finished,
     ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
     ``write_shard`` writes them. ``extractor`` gives the spec and dimensions."""
@@ -137,7 +138,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     root = Path(root) if root else corpus_root(manifest)
     out.mkdir(parents=True, exist_ok=True)
     fused = makes_units(extractor, kmeans)
-    vocabulary = extractor.vocabulary() if is_codec(extractor) else None
+    vocabulary = extractor.vocabulary() if is_tokenizer(extractor) else None  # k-means: from the k-means
     check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans, vocabulary),
                "units.json" if fused else "features.json")
     stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
@@ -150,7 +151,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
         rows = read_table(shard).to_pylist()
         shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
-                                  extractor.frame_rate, float16, kmeans, quiet, units=fused)
+                                  extractor.frame_rate, float16, kmeans, units=fused)
         stats["shards_done"] += 1
         for key in ("utterances", "errors", "audio_hours"):
             stats[key] += shard_stats[key]
@@ -160,7 +161,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
 
 
 def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
-                kmeans=None, quiet: bool = False, units: bool | None = None) -> dict:
+                kmeans=None, units: bool | None = None) -> dict:
     """Write one shard from ``(manifest row, value)`` pairs in manifest order, where value is a (frames,
     dim) feature array, a 1-D array of unit labels (already assigned), or an error string. ``units``: write
     units (default: when there is a k-means); without k-means (a codec's units) repeats are kept. Errors go to
@@ -169,8 +170,8 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
 
     errors: list[dict] = []
     counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
-    bar = tqdm(results, total=total, desc=f"{'units' if units else 'features'} {target.name}",
-               unit="utt", disable=quiet)
+    bar = progress(results, total=total, desc=f"{'units' if units else 'features'} {target.name}",
+                   unit="utt")
 
     def good(pairs):
         for row, value in pairs:

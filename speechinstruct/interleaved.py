@@ -97,7 +97,7 @@ def _record(u: dict, frame_rate: float, codebooks: int, merge: bool, seed: int, 
 
 def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words: int = 1, max_words: int = 6,
                 part: str | None = None, num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None,
-                gates=None, quiet: bool = False) -> dict:
+                gates=None) -> dict:
     """Interleaved records from a units folder whose rows have word alignments (see the module docstring).
     ``scores``, ``gates``: as for ``compose.pretrain`` (an utterance that fails the gates makes no record)."""
     if not 1 <= min_words <= max_words:
@@ -111,7 +111,7 @@ def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
     for sinks, u, judged in gated_units(units_dir, out, part, "interleaved", QualityGate(scores, gates), counts, dropped,
-                                        num_shards, shard_index, quiet):
+                                        num_shards, shard_index):
         made = _record(u, vocabulary.frame_rate, codebooks, merge, seed, min_words, max_words)
         if isinstance(made, str):
             counts[f"skipped: {made.split(' (')[0]}"] += 1

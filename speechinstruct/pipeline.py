@@ -160,7 +160,7 @@ def _gone(owner: str) -> bool:
     return False
 
 
-def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool = False, force: bool = False) -> dict:
+def run(recipe_path: str | Path, workdir: str | Path | None = None, force: bool = False) -> dict:
     """Run every stage of the recipe (see the module docstring); ``workdir`` overrides the recipe's, and the
     outputs (``output.dataset``/``report``, relative to the workdir) follow it."""
     recipe = load_recipe(recipe_path)
@@ -170,7 +170,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, quiet: bool 
     if work.exists() and not work.is_dir():
         raise NotADirectoryError(f"{work}: the workdir is a file, not a folder: give --workdir a folder (it is created)")
     with workdir_lock(work):
-        return _run(recipe, work, quiet, force)
+        return _run(recipe, work, force)
 
 
 def _report_vocoder(setting: str, km_path: Path, features: str):
@@ -182,8 +182,8 @@ def _report_vocoder(setting: str, km_path: Path, features: str):
     return load_vocoder(km_path if setting == "auto" else setting)
 
 
-def _run(recipe: dict, work: Path, quiet: bool, force: bool) -> dict:
-    job = Job(recipe, work, quiet, force)
+def _run(recipe: dict, work: Path, force: bool) -> dict:
+    job = Job(recipe, work, force)
     job.demo_corpus()
     for corpus in job.corpora:
         job.shard_and_extract(corpus)
@@ -199,10 +199,10 @@ class Job:
     """One ``run``: the recipe, the workdir, the stage runner and each stage's stamp (``stamps``), which the
     stages after it take as inputs. Each method is one step of :func:`_run`, in order."""
 
-    def __init__(self, recipe: dict, work: Path, quiet: bool, force: bool):
+    def __init__(self, recipe: dict, work: Path, force: bool):
         from .features import resolve_device
 
-        self.recipe, self.work, self.quiet = recipe, work, quiet
+        self.recipe, self.work = recipe, work
         # options a recipe leaves unset are the readers' defaults
         self.corpora = [{**c, "options": {k: v for k, v in c["options"].items() if v is not None}} for c in recipe["corpora"]]
         if recipe["demo_corpus"]:
@@ -253,6 +253,13 @@ class Job:
                                              codebooks=f["codebooks"])
         return self._extractor
 
+    def tokenizer(self):
+        """The recipe's speech tokenizer (tokenizer.py) for the stages that speak text: its codec, or its
+        extractor and the k-means (the recipe's, or the one the cluster stage fitted)."""
+        from .units import SpeechEncoder, load_kmeans
+
+        return self.extractor() if self.codec else SpeechEncoder(load_kmeans(self.km_path), self.extractor())
+
     def judge(self):
         """The recipe's judges (``quality``: DNSMOS, ASR, speaker embeddings, language ID), loaded once, when a
         stage first needs them."""
@@ -287,8 +294,7 @@ class Job:
         if self.scoring:
             self.stamps[f"score:{n}"] = self.runner.stage(
                 f"score {n}", base / "scores", self.judge_settings(), [self.stamps[f"shard:{n}"]],
-                lambda: _brief(score(base / "manifest", base / "scores", self.judge(), workers=self.f["workers"],
-                                     quiet=self.quiet)))
+                lambda: _brief(score(base / "manifest", base / "scores", self.judge(), workers=self.f["workers"])))
 
     def scores_of(self, n: str) -> dict:
         """compose's arguments for corpus ``n``: its scores folder and the gates (none without a quality section)."""
@@ -301,7 +307,7 @@ class Job:
             demo = {"sentences": 300, "seed": 0, **self.recipe["demo_corpus"]}
             folder = self.work / "demo-corpus"
             self.stamps["demo"] = self.runner.stage("demo corpus", folder, demo, [], lambda: make_demo_corpus(
-                folder, demo["sentences"], demo["seed"], quiet=self.quiet))
+                folder, demo["sentences"], demo["seed"]))
 
     def shard_and_extract(self, c: dict) -> None:
         from .extract import extract
@@ -312,14 +318,14 @@ class Job:
         self.stamps[f"shard:{n}"] = self.runner.stage(
             f"shard {n}", base / "manifest", {"corpus": n, "root": c["root"] if is_url(c["root"]) else str(Path(c["root"]).resolve()), **shard, **(c.get("options") or {})},
             [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
-            lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", quiet=self.quiet,
+            lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest",
                                         shard_hours=shard["shard_hours"], **(c.get("options") or {}))))
         self.score_corpus(c)
         target = base / ("units" if self.codec else "features")  # a codec's extract writes the units
         self.stamps[f"extract:{n}"] = self.runner.stage(
             f"extract {n} ({f['kind']})", target, self.feature_settings, [self.stamps[f"shard:{n}"]],
             lambda: extract(base / "manifest", target, self.extractor(), batch_seconds=f["batch_seconds"],
-                            float16=f["float16"], workers=f["workers"], quiet=self.quiet))
+                            float16=f["float16"], workers=f["workers"]))
         if self.codec:
             self.stamps[f"units:{n}"] = self.stamps[f"extract:{n}"]
 
@@ -339,11 +345,11 @@ class Job:
             first = self.names[0]
             self.stamps["kmeans"] = self.runner.stage(
                 f"cluster (k={km_cfg['k']}, on {first})", self.km_path, fit_settings, [self.stamps[f"extract:{first}"]],
-                lambda: cluster(work / first / "features", self.km_path, quiet=self.quiet, **fit_settings))
+                lambda: cluster(work / first / "features", self.km_path, **fit_settings))
         for n in self.names:
             self.stamps[f"units:{n}"] = self.runner.stage(
                 f"quantize {n}", work / n / "units", {}, [self.stamps[f"extract:{n}"], self.stamps["kmeans"]],
-                lambda n=n: quantize(work / n / "features", load_kmeans(self.km_path), work / n / "units", quiet=self.quiet))
+                lambda n=n: quantize(work / n / "features", load_kmeans(self.km_path), work / n / "units"))
 
     def units_dir(self, n: str) -> Path:
         """The units folder compose reads for corpus ``n``: dedup's output when the recipe has a dedup section."""
@@ -365,8 +371,7 @@ class Job:
         stamp = self.runner.stage(
             "dedup", self.work / "dedup", cfg, [self.stamps[f"units:{n}"] for n in self.names] + scored,
             lambda: _brief(dedup([self.work / n / "units" for n in self.names], [self.units_dir(n) for n in self.names],
-                                 scores=[self.work / n / "scores" if self.scoring else None for n in self.names],
-                                 quiet=self.quiet, **cfg)))
+                                 scores=[self.work / n / "scores" if self.scoring else None for n in self.names], **cfg)))
         for n in self.names:
             self.stamps[f"units:{n}"] = stamp
         self.stamps["dedup"] = stamp
@@ -386,9 +391,8 @@ class Job:
     def compose(self) -> None:
         from . import compose, templates
         from .tts import make_tts
-        from .units import load_kmeans
 
-        recipe, work, composed, quiet = self.recipe, self.work, self.composed, self.quiet
+        recipe, work, composed = self.recipe, self.work, self.composed
         c_cfg = recipe["compose"]
         seed, cm = c_cfg["seed"], c_cfg["cross_modal"]
         cm_corpora = cm.get("corpora") or self.transcribed
@@ -401,7 +405,7 @@ class Job:
              "templates": {t: sets[t]["version"] for t in sets}, **gated},
             [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora),
             lambda: [compose.cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
-                                         asr_fraction=cm["asr_fraction"], seed=seed, part=n, quiet=quiet, **self.scores_of(n))
+                                         asr_fraction=cm["asr_fraction"], seed=seed, part=n, **self.scores_of(n))
                      for n in cm_corpora])
         pt = c_cfg["pretrain"]
         pt_corpora = pt.get("corpora") or self.names
@@ -409,28 +413,26 @@ class Job:
             "compose pretrain", composed / "pretrain",
             {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora, **gated},
             [self.stamps[f"units:{n}"] for n in pt_corpora] + scored(pt_corpora),
-            lambda: [compose.pretrain(self.units_dir(n), composed / "pretrain", pt["dev_fraction"], seed=seed, part=n,
-                                      quiet=quiet, **self.scores_of(n)) for n in pt_corpora])
+            lambda: [compose.pretrain(self.units_dir(n), composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, **self.scores_of(n)) for n in pt_corpora])
         com = c_cfg["chain_of_modality"]
         llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
-        km = None if self.codec else load_kmeans(self.km_path)
         self.stamps["chain_of_modality"] = self.runner.stage(
             "compose chain-of-modality", composed / "chain_of_modality",
             {**com, "seed": seed, **({"voices": c_cfg["voices"]} if c_cfg["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
             lambda: _brief(compose.chain_of_modality(
-                com["instructions"], composed / "chain_of_modality", self.extractor(), km,
+                com["instructions"], composed / "chain_of_modality", self.tokenizer(),
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
                 llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
-                license=com["license"], max_pairs=com["max_pairs"], quiet=quiet, eval_texts=self.eval_texts,
+                license=com["license"], max_pairs=com["max_pairs"], eval_texts=self.eval_texts,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
-        self.compose_dialogues(seed, km)
+        self.compose_dialogues(seed)
         self.compose_interleaved(seed, scored)
-        self.compose_duplex(seed, km)
+        self.compose_duplex(seed)
 
-    def compose_duplex(self, seed: int, km) -> None:
+    def compose_duplex(self, seed: int) -> None:
         """Full-duplex conversations in moshi-finetune's layout, with a duplex config of both channels' units, when
         the recipe asks (``compose.duplex``); a folder left by an earlier run whose recipe did is removed."""
         cfg, composed = self.recipe["compose"]["duplex"], self.composed
@@ -450,8 +452,8 @@ class Job:
                 cfg["conversations"], composed / "duplex", make_tts(cfg["tts"], None, voices=voices), seed=seed,
                 sample_rate=cfg["sample_rate"], max_conversations=cfg["max_conversations"], gap_mean=cfg["gap_mean"],
                 gap_sd=cfg["gap_sd"], interruption_rate=cfg["interruption_rate"],
-                backchannel_rate=cfg["backchannel_rate"], extractor=self.extractor(), kmeans=km,
-                license=cfg["license"], quiet=self.quiet,
+                backchannel_rate=cfg["backchannel_rate"], tokenizer=self.tokenizer(),
+                license=cfg["license"],
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def compose_interleaved(self, seed: int, scored) -> None:
@@ -469,10 +471,10 @@ class Job:
              **({"quality": asdict(self.gates())} if self.scoring else {})},
             [self.stamps[f"units:{n}"] for n in names] + scored(names),
             lambda: [_brief(interleaved(self.units_dir(n), composed / "interleaved", seed=seed, min_words=cfg["min_words"],
-                                        max_words=cfg["max_words"], part=n, quiet=self.quiet, **self.scores_of(n)))
+                                        max_words=cfg["max_words"], part=n, **self.scores_of(n)))
                      for n in names])
 
-    def compose_dialogues(self, seed: int, km) -> None:
+    def compose_dialogues(self, seed: int) -> None:
         """Multi-turn dialogues, when the recipe asks for them (``compose.dialogue``); a folder left by an
         earlier run whose recipe did is removed, so that publish does not take it."""
         recipe, composed = self.recipe, self.composed
@@ -490,10 +492,10 @@ class Job:
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
             lambda: _brief(dialogue(
-                dlg["conversations"], composed / "dialogue", self.extractor(), km,
+                dlg["conversations"], composed / "dialogue", self.tokenizer(),
                 make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm, model=dlg["tts_model"],
                          voices=recipe["compose"]["voices"]), llm=llm if dlg["rewrite"] else None,
-                seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"], quiet=self.quiet,
+                seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"],
                 eval_texts=self.eval_texts,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
@@ -514,7 +516,7 @@ class Job:
                                                                                            "chain_of_modality")]]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
-            lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits, quiet=self.quiet)))
+            lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits)))
         self.runner.index += 1
         started = time.perf_counter()
         verdict = validate(self.dataset)

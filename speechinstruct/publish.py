@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from . import __version__, records
 from .corpora import SOURCES
@@ -33,6 +32,7 @@ from .corpora.base import SPLITS
 from .corpora.hf import LANGUAGE_CODE
 from .io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from .kinds import RECORD_KINDS
+from .progress import progress
 from .shardfiles import Vocabulary, composed_speech_specs, composed_units_dirs, folder_vocabulary, read_units_spec
 
 CONFIGS = tuple(RECORD_KINDS)  # every record kind is a config (kinds.RECORD_KINDS)
@@ -95,8 +95,7 @@ def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: set[str] | None = None,
-                  quiet: bool = True):
+def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: set[str] | None = None):
     """Copy each config's composed records into ``OUT/data/{config}/{split}-NNNNN-of-NNNNN-{digest}.parquet``,
     one record batch in memory at a time; returns the card's ``configs`` list, the files written (relative to
     ``out``) and the counts per config and split, per task/format, and per source (corpus, license).
@@ -109,7 +108,7 @@ def write_configs(inputs: dict[str, dict[str, list[Path]]], out: Path, owned: se
     configs_yaml = []
     written: set[str] = set()
     total = sum(pq.read_metadata(f).num_rows for splits in inputs.values() for files in splits.values() for f in files)
-    bar = tqdm(total=total, desc="publish", unit="rec", disable=quiet)
+    bar = progress(total=total, desc="publish", unit="rec")
     for config, splits in inputs.items():
         schema = records.arrow_schema(config)
         data_files = []
@@ -229,8 +228,7 @@ def one_vocabulary(compose_dir: Path, units_dirs: list[Path]) -> tuple[dict, Voc
 
 
 def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False,
-            quiet: bool = True) -> dict:
+            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False) -> dict:
     """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
     ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
     SpeechGPT's own training files (``export_speechgpt``). Only files an earlier publish wrote are replaced
@@ -243,7 +241,7 @@ def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruc
     out.mkdir(parents=True, exist_ok=True)
     owned = owned_files(out)
     _refuse_foreign_outputs(out, inputs, owned, save_to_disk, speechgpt_files)
-    configs_yaml, written, counts, by_kind, voices, provenance = write_configs(inputs, out, owned, quiet=quiet)
+    configs_yaml, written, counts, by_kind, voices, provenance = write_configs(inputs, out, owned)
     hours = _write_utterance_stats(out, units_dirs, written)
     meta = {"name": name, "pipeline_version": __version__, "k": vocabulary.size if vocabulary else None,
             "eval_splits": eval_splits, **_provenance(spec), "templates": _templates(compose_dir),

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import records
 from .io import parquet_rows, read_table, write_json
+from .progress import progress
 from .shardfiles import (check_spec, feature_files, iter_features, select_shards, shard_output, shard_suffix, unit_files,
                          units_spec)
 from .units import KMeans, SpeechEncoder, to_text
@@ -46,8 +46,7 @@ class UnitWriter:
                         "n_frames": encoded.n_frames, "unit_text": to_text(encoded.units)})
 
 
-def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0,
-             quiet: bool = False) -> dict:
+def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0) -> dict:
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text())
     if spec.get("dim") != kmeans.dim:
@@ -65,7 +64,7 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
         rows = {r["id"]: r for r in read_table(manifest_shard).to_pylist()}
         # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
         with UnitWriter(SpeechEncoder(kmeans), target) as writer:
-            for uid, f in tqdm(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt", disable=quiet):
+            for uid, f in progress(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt"):
                 writer.add(rows[uid], f)
         done += 1
     return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}

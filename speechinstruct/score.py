@@ -625,11 +625,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | None = None, num_shards: int = 1,
-          shard_index: int = 0, workers: int = 2, clips_at_a_time: int = 16, quiet: bool = False) -> dict:
+          shard_index: int = 0, workers: int = 2, clips_at_a_time: int = 16) -> dict:
     """Score every utterance of the shards this worker owns (see the module docstring); returns the summary."""
-    from tqdm import tqdm
-
     from .decoding import AUDIO_COLUMNS, decode_rows
+    from .progress import progress
 
     source, out = Path(source), Path(out)
     files, kind = input_files(source)
@@ -651,7 +650,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
         total = _num_rows(path)
         errors: list[dict] = []
         embeddings: list[np.ndarray] = []  # row for row with the scores file (score --speaker)
-        bar = tqdm(total=total, desc=f"score {path.name}", unit="utt", disable=quiet)
+        bar = progress(total=total, desc=f"score {path.name}", unit="utt")
         with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
             for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
                 good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]

@@ -99,7 +99,6 @@ def shard_corpus(
     shard_hours: float = default(settings.Shard, "shard_hours"),
     splits: str | list[str] | None = None,
     split_map: dict[str, str] | list[str] | str | None = None,
-    quiet: bool = False,
     **reader_options,
 ) -> dict:
     """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
@@ -117,12 +116,12 @@ def shard_corpus(
     refused: tuple[str, ...] = ()  # bucket keys that would be written outside the copy (``..``)
     if remote:  # a bucket or the Hub: read from its copy in the cache (downloaded once)
         if SOURCES[corpus].pattern_root:
-            root = storage.local_pattern(str(root), quiet)
+            root = storage.local_pattern(str(root))
         else:
-            copy = storage.mirror(str(root), quiet)
+            copy = storage.mirror(str(root))
             root, refused = copy.path, copy.refused
     if storage.is_url(reader_options.get("audio_root") or ""):
-        reader_options["audio_root"] = storage.local(reader_options["audio_root"], quiet)
+        reader_options["audio_root"] = storage.local(reader_options["audio_root"])
     root, out = Path(root), Path(out)
     problem = root_problem(corpus, root)
     if problem:
@@ -136,7 +135,7 @@ def shard_corpus(
     shards, tally, seen_ids = ManifestShards(out, shard_hours), Tally(), set()
     for name in refused:
         tally.skip(Skip(name, "unsafe name in the bucket", "it would be written outside the copy ('..'); not copied"))
-    for item in all_readers[corpus](root, quiet=quiet, **with_known_license(corpus, reader_options)):
+    for item in all_readers[corpus](root, **with_known_license(corpus, reader_options)):
         if isinstance(item, Note):
             tally.notes.append(item.text)
         elif isinstance(item, Skip):

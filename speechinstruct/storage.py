@@ -68,14 +68,14 @@ class Copy:
     refused: tuple[str, ...] = ()  # listed names that would land outside the copy (``..``): never written
 
 
-def local(path, quiet: bool = False):
+def local(path):
     """``path`` itself when local (a ``Path`` when given one), else the local copy of the URL (a ``Path``)."""
     if not is_url(path):
         return path
-    return mirror(str(path), quiet=quiet).path
+    return mirror(str(path)).path
 
 
-def local_pattern(pattern: str, quiet: bool = False) -> str:
+def local_pattern(pattern: str) -> str:
     """A brace pattern of remote files (``s3://b/shard-{000..009}.tar``) as the same pattern in the cache, each
     file it names copied there (those that exist: a pattern's missing names are the reader's to report)."""
     from braceexpand import braceexpand
@@ -83,14 +83,14 @@ def local_pattern(pattern: str, quiet: bool = False) -> str:
     if not is_url(pattern):
         return pattern
     urls = list(braceexpand(pattern))
-    copied = local_files(urls, quiet=quiet)
+    copied = local_files(urls)
     for url in urls:  # gone from the bucket: an older copy must not be read as if it were there
         if url not in copied:
             cache_path(url).unlink(missing_ok=True)
     return str(cache_path(pattern))
 
 
-def mirror(url: str, quiet: bool = False) -> Copy:
+def mirror(url: str) -> Copy:
     """Copy the file or folder at ``url`` into the cache, fetching only files that are new or changed there."""
     fs, remote = _filesystem(url)
     target = _cache_path(fs, url)
@@ -113,7 +113,7 @@ def mirror(url: str, quiet: bool = False) -> Copy:
         log.warning("%s/%s: skipped: a name that would be written outside the copy ('..', '.' or an empty part)",
                     redacted(url), rel)
     # ``base``: the URL of ``folder``
-    copy = _update(fs, base, folder, sources, entries, quiet, whole_folder=folder == target)
+    copy = _update(fs, base, folder, sources, entries, whole_folder=folder == target)
     return replace(copy, path=target, refused=refused)
 
 
@@ -124,7 +124,7 @@ def _safe_name(rel: str) -> bool:
     return bool(rel) and all(p not in ("", ".", "..") for p in parts) and "\\" not in rel and "\0" not in rel
 
 
-def local_files(urls, quiet: bool = False) -> dict[str, Path]:
+def local_files(urls) -> dict[str, Path]:
     """The local copies of remote files (lhotse's ``url`` audio sources), each fetched once: {url: path}. A URL
     with nothing stored at it is left out (the caller's to report); any other failure is one StorageError."""
     groups: dict[tuple, dict[str, tuple[str, str]]] = {}  # (filesystem, folder) → {name: (url, remote path)}
@@ -139,7 +139,7 @@ def local_files(urls, quiet: bool = False) -> dict[str, Path]:
         present = {name: info for name, info in infos.items() if info is not None}
         if present:
             base = files[next(iter(present))][0].rsplit("/", 1)[0]  # the URL of ``folder``
-            _update(fs, base, folder, {n: files[n][1] for n in present}, present, quiet, whole_folder=False)
+            _update(fs, base, folder, {n: files[n][1] for n in present}, present, whole_folder=False)
         copies.update({files[name][0]: folder / name for name in present})
     return copies
 
@@ -153,7 +153,7 @@ def _info_or_none(fs, url: str, remote: str) -> dict | None:
         raise _explain(e, url) from None
 
 
-def _update(fs, url: str, folder: Path, sources: dict, entries: dict, quiet: bool, whole_folder: bool) -> Copy:
+def _update(fs, url: str, folder: Path, sources: dict, entries: dict, whole_folder: bool) -> Copy:
     """Bring the copy at ``folder`` (of the folder at ``url``) up to ``entries`` (relative path → the listing's
     info), fetching ``sources[path]``; with ``whole_folder``, also delete what ``entries`` no longer lists. What the copy holds
     is recorded outside it (the copy holds the source's files and nothing else), with paths relative to
@@ -163,14 +163,13 @@ def _update(fs, url: str, folder: Path, sources: dict, entries: dict, quiet: boo
     index_file.parent.mkdir(parents=True, exist_ok=True)
     with open(index_file.with_name("lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _fetch(fs, url, folder, sources, entries, index_file, quiet, whole_folder)
+        return _fetch(fs, url, folder, sources, entries, index_file, whole_folder)
 
 
-def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file: Path, quiet: bool,
+def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file: Path,
            whole_folder: bool) -> Copy:
-    from tqdm import tqdm
-
     from .io import atomic_path, remove_stale_temps, write_json
+    from .progress import progress
 
     index = _read_index(index_file)
     wanted = {rel: [int(info.get("size") or 0), _version(info)] for rel, info in entries.items()}
@@ -190,7 +189,7 @@ def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file:
         return rel
 
     size = sum(wanted[rel][0] for rel in todo)
-    with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {redacted(url)}/", disable=quiet or not todo) as bar:
+    with progress(total=size, unit="B", unit_scale=True, desc=f"download {redacted(url)}/", disable=not todo) as bar:
         failed = None
         with ThreadPoolExecutor(_DOWNLOADS_AT_ONCE) as pool:
             pending = {pool.submit(fetch, rel): rel for rel in todo}
@@ -236,7 +235,7 @@ def fetch_copy(path: Path) -> bool:
     if len(parts) < 3 or parts[0] == INDEX:
         return False
     url = f"{parts[0]}://{'/'.join(parts[1:])}"
-    return bool(local_files([url], quiet=True)) and Path(path).is_file()
+    return bool(local_files([url])) and Path(path).is_file()
 
 
 def cache_path(url: str) -> Path:

@@ -130,7 +130,7 @@ def rejection(text: str, language: str = "en") -> str | None:
     return None
 
 
-def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_rounds: int = 10, quiet: bool = False,
+def generate(llm, task: str, n: int = 100, out: str | Path | None = None, max_rounds: int = 10,
              language: str = "en", allow_fewer: bool = False) -> dict:
     """Ask ``llm`` for ``n`` varied, distinct instructions for ``task``; write a versioned template file.
     Answers cut off at max_tokens count as failed; instructions that fail ``rejection`` or repeat one already

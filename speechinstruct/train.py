@@ -437,17 +437,16 @@ def resume_state(accelerator, out: Path, resume: bool) -> tuple[int, int, int]:
     return progress["step"], progress["epoch"], progress["batch_in_epoch"]
 
 
-def write_log(accelerator, path: Path, record: dict, quiet: bool) -> None:
-    """One line of ``log.jsonl`` (and of the console unless ``quiet``), from the main process."""
+def write_log(accelerator, path: Path, record: dict) -> None:
+    """One line of ``log.jsonl`` (and of the log, which ``-q`` keeps quiet), from the main process."""
     if accelerator.is_main_process:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if not quiet:
-            print(json.dumps(record), flush=True)
+        log.info(json.dumps(record))
 
 
 def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
-          resume: bool = True, quiet: bool = False) -> dict:
+          resume: bool = True) -> dict:
     require_train_extra("accelerate")
     if stage == 3:
         require_train_extra("peft")  # stage 3 trains LoRA adapters
@@ -504,7 +503,7 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                                            accelerator, cfg.eval_batches))
                 history.append(record)
                 running = []
-                write_log(accelerator, out / "log.jsonl", record, quiet)
+                write_log(accelerator, out / "log.jsonl", record)
             if step % cfg.save_every == 0 or step == total_steps:
                 save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
                                 cfg.keep_checkpoints)

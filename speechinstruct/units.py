@@ -132,8 +132,35 @@ class SpeechEncoder:
     a waveform; ``quantize`` the last two on features computed elsewhere (batched extraction, feature files);
     ``merge`` the last one on unit labels. Extract, quantize, compose and chat all go through it."""
 
+    codebooks = 1  # one unit per frame
+
     def __init__(self, kmeans: KMeans, extractor=None, deduplicate: bool = True):
         self.kmeans, self.extractor, self.deduplicate = kmeans, extractor, deduplicate
+
+    # the tokenizer's face, as a codec has it (tokenizer.py)
+    @property
+    def sample_rate(self) -> int:
+        return int(getattr(self.extractor, "sample_rate", 16000))
+
+    @property
+    def frame_rate(self) -> float:
+        return self.extractor.frame_rate
+
+    @property
+    def spec(self) -> dict:
+        return self.extractor.spec
+
+    def vocabulary(self):
+        from .shardfiles import kmeans_vocabulary
+
+        return kmeans_vocabulary(self.extractor.spec, self.kmeans.k, self.kmeans.meta.get("sha256"))
+
+    def describe(self) -> dict:
+        """What makes the units, for a compose summary: the dense model, the k-means and the vocabulary."""
+        from .shardfiles import kmeans_spec
+
+        return {"extractor": {k: v for k, v in self.extractor.spec.items() if k != "checkpoint"},
+                "kmeans": kmeans_spec(self.kmeans), "vocabulary": self.vocabulary().to_json()}
 
     def encode(self, wav: np.ndarray, sample_rate: int = 16000) -> Encoded:
         if self.extractor is None:

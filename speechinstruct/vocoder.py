@@ -43,7 +43,21 @@ _RENAMES = [
 ]
 
 
-class UnitVocoder(torch.nn.Module):
+class OneUnitPerFrame:
+    """The face a vocoder of k-means units shares with a codec (which is the vocoder of its own units): ``fit``
+    and ``keep`` set a codec to the units it is given; a k-means vocoder has one codebook and nothing to set."""
+
+    def fit(self, vocabulary) -> "OneUnitPerFrame":
+        return self
+
+    def keep(self, codebooks: int) -> "OneUnitPerFrame":
+        if codebooks != 1:
+            raise ValueError(f"{self.source}: --codebooks {codebooks} is for a codec; this vocoder speaks k-means "
+                             "units, one codebook")
+        return self
+
+
+class UnitVocoder(OneUnitPerFrame, torch.nn.Module):
     """Units → 16 kHz mono float32 samples (``synthesize``). ``dur_prediction``: takes deduplicated units and
     predicts each one's duration; otherwise one unit per frame."""
 
@@ -187,7 +201,7 @@ def load_vocoder(path: str | Path) -> UnitVocoder | PreviewVocoder:
 
 
 # -------------------------------------------------------------------------------- the embedded preview
-class PreviewVocoder:
+class PreviewVocoder(OneUnitPerFrame):
     """A PREVIEW for MFCC units, not SpeechGPT's vocoder: each unit becomes its k-means centroid's 13 Kaldi
     cepstra, which are un-liftered and inverse-DCT'd back to 23 log mel energies (exactly inverting Kaldi's
     DCT-II and lifter), turned into a linear spectrum (NNLS) and a waveform (Griffin-Lim) by librosa, with
@@ -285,22 +299,20 @@ def _unit_records(files: list[Path], needs_durations: bool):
                 yield path, row, _record_units(row, columns, needs_durations)
 
 
-def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None,
-                 quiet: bool = False) -> dict:
+def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
     record, kind, source file and units. ``limit``: at most that many wavs (reading stops there)."""
-    from tqdm import tqdm
-
     from . import audio
     from .io import write_text
+    from .progress import progress
 
     source, out = Path(source), Path(out)
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*.parquet") if not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
     entries, skipped = [], 0
-    bar = tqdm(total=limit, desc=f"resynth {out.name}", unit="wav", disable=quiet)
+    bar = progress(total=limit, desc=f"resynth {out.name}", unit="wav")
     for path, row, found in _unit_records(files, vocoder.needs_durations):
         if found is None:
             skipped += 1

@@ -183,10 +183,10 @@ def units_dir(librispeech_root, tmp_path):
     from speechinstruct.shard import shard_corpus
     from speechinstruct.units import load_kmeans
 
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600, quiet=True)
-    extract(tmp_path / "manifest", tmp_path / "features", MFCC(), quiet=True)
-    cluster(tmp_path / "features", tmp_path / "kmeans", k=8, quiet=True)
-    quantize(tmp_path / "features", load_kmeans(tmp_path / "kmeans"), tmp_path / "units", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600)
+    extract(tmp_path / "manifest", tmp_path / "features", MFCC())
+    cluster(tmp_path / "features", tmp_path / "kmeans", k=8)
+    quantize(tmp_path / "features", load_kmeans(tmp_path / "kmeans"), tmp_path / "units")
     return tmp_path / "units"
 
 

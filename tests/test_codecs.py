@@ -234,7 +234,7 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     sf.write(first, speech(1.1, 44100, 7), 44100)
     short = sorted(chapter.glob("*.flac"))[1]
     sf.write(short, speech(0.05, 16000, 8), 16000)
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
     result = runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units"), "--features", "mimi",
                                  "--checkpoint", str(folders["mimi"]), "--codebooks", "2", "-q"])
     assert result.exit_code == 0, result.output
@@ -257,9 +257,9 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     assert row["units"] == codec.units(direct).tolist() and set(row["durations"]) == {1}  # not deduplicated
     assert row["unit_text"] == "<sosp>" + "".join(f"<{u}>" for u in row["units"]) + "<eosp>"
 
-    compose.cross_modal(tmp_path / "units", tmp_path / "composed" / "cross_modal", quiet=True)
-    compose.pretrain(tmp_path / "units", tmp_path / "composed" / "pretrain", quiet=True)
-    publish(tmp_path / "composed", tmp_path / "dataset", quiet=True)
+    compose.cross_modal(tmp_path / "units", tmp_path / "composed" / "cross_modal")
+    compose.pretrain(tmp_path / "units", tmp_path / "composed" / "pretrain")
+    publish(tmp_path / "composed", tmp_path / "dataset")
     assert folder_vocabulary(tmp_path / "dataset") == codec.vocabulary()
     meta = json.loads((tmp_path / "dataset" / "speechinstruct.json").read_text())
     assert meta["k"] == 128 and meta["vocabulary"]["tokenizer"] == "mimi"
@@ -293,9 +293,9 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     # records from units of two tokenizers in one compose folder: publish refuses to mix them
     runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units3"), "--features", "mimi",
                         "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
-    compose.pretrain(tmp_path / "units3", tmp_path / "composed" / "pretrain", part="other", quiet=True)
+    compose.pretrain(tmp_path / "units3", tmp_path / "composed" / "pretrain", part="other")
     with pytest.raises(ValueError, match=r"units of two vocabularies .*mimi 128.*mimi 192"):
-        publish(tmp_path / "composed", tmp_path / "mixed", quiet=True)
+        publish(tmp_path / "composed", tmp_path / "mixed")
 
     again = runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units"), "--features", "mimi",
                                 "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
@@ -319,7 +319,7 @@ def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the
         "name": "mimi-units", "workdir": str(tmp_path / "w"), "demo_corpus": {"sentences": 10, "seed": 3},
         "features": {"kind": "mimi", "checkpoint": str(folders["mimi"]), "codebooks": 2},
         "compose": {"chain_of_modality": {"max_pairs": 3, "all_formats": True}}}))
-    summary = run(recipe, quiet=True)
+    summary = run(recipe)
     assert summary["valid"] and summary["k"] == 128
     names = [st["stage"] for st in json.loads((tmp_path / "w" / "run-summary.json").read_text())["stages"]]
     assert not any(n.startswith(("cluster", "quantize")) for n in names) and not (tmp_path / "w" / "kmeans").exists()
@@ -332,11 +332,11 @@ def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the
     numbers = json.loads((tmp_path / "w" / "report" / "report.json").read_text())
     assert numbers["vocoder"].startswith("hf:") and numbers["samples"] > 0
     assert sf.info(tmp_path / "w" / "report" / "audio" / "00-resynth.wav").samplerate == 24000
-    again = run(recipe, quiet=True)
+    again = run(recipe)
     assert again["stages_skipped"] == len(names)
 
     s2 = T.train(2, base_model, dataset, tmp_path / "s2", T.TrainConfig(lr=3e-3, batch_size=2, max_steps=2, save_every=2,
-                                                                         log_every=1, warmup_ratio=0.0), quiet=True)
+                                                                         log_every=1, warmup_ratio=0.0))
     assert s2["steps"] == 2 and s2["tokens_added"] >= 128
     from transformers import AutoTokenizer
 
@@ -409,3 +409,49 @@ def test_incomplete_or_malformed_codec_folders_are_refused_naming_what_is_wrong(
         result = runner.invoke(app, ["extract", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--features", kind,
                                      "--checkpoint", str(folder)])
         assert result.exit_code == 2 and "Traceback" not in result.output, (folder.name, result.output)
+
+
+def test_one_tokenizer_face_for_codecs_and_kmeans_units_built_by_one_loader(folders):
+    """tokenizer.py: a codec and k-means units both encode, say their vocabulary, rates and codebooks; a codec
+    decodes; the loader refuses --kmeans with a codec and features without --kmeans where units are needed."""
+    from speechinstruct.features import MFCC
+    from speechinstruct.tokenizer import dense_and_kmeans, is_tokenizer, load_tokenizer
+    from speechinstruct.units import KMeans, SpeechEncoder
+
+    km = KMeans(np.random.default_rng(0).normal(size=(16, 39)).astype(np.float32))
+    mimi = load_tokenizer("mimi", str(folders["mimi"]), codebooks=2)
+    units = load_tokenizer("mfcc", kmeans=km)
+    assert isinstance(units, SpeechEncoder) and is_tokenizer(mimi) and is_tokenizer(units)
+    assert not is_tokenizer(load_tokenizer("mfcc", features_only=True))  # a dense model: features, no units
+    wav = speech(1.0, 16000, 3)
+    for tokenizer in (mimi, units):
+        encoded = tokenizer.encode(wav, 16000)
+        frames = np.repeat(encoded.units, encoded.durations)
+        assert frames.size == encoded.n_frames * tokenizer.codebooks
+        assert abs(encoded.n_frames - tokenizer.frame_rate) <= 2  # a second of audio
+        assert tokenizer.vocabulary().size == tokenizer.describe()["vocabulary"]["size"]
+    assert np.array_equal(np.repeat(*units.encode(wav, 16000)[:2]), km.assign(MFCC().features(wav)))
+    assert np.array_equal(mimi.encode(wav, 16000).units, mimi.units(wav, 16000))
+    assert mimi.decode(mimi.encode(wav, 16000).units).size > 0 and not hasattr(units, "decode")
+    assert units.describe()["kmeans"] is not None and mimi.describe()["kmeans"] is None
+    assert dense_and_kmeans(units)[1] is km and dense_and_kmeans(mimi) == (mimi, None)
+    with pytest.raises(ValueError, match="codec's codes are already units"):
+        load_tokenizer("mimi", str(folders["mimi"]), kmeans=km)
+    with pytest.raises(ValueError, match="--kmeans is needed"):
+        load_tokenizer("mfcc")
+
+
+def test_no_module_asks_which_kind_of_tokenizer_it_holds():
+    """Only tokenizer.py (and the classes themselves) tell a codec from k-means units."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "speechinstruct"
+    askers = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if name == "is_codec" or (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance"
+                                      and any(getattr(a, "id", None) in ("Codec", "SpeechEncoder") for a in ast.walk(node.args[1]))):
+                askers.append(f"{path.name}:{node.lineno}")
+    assert [a for a in askers if not a.startswith("tokenizer.py:")] == []

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from speechinstruct import compose, templates, units
+from speechinstruct.units import SpeechEncoder
 from speechinstruct.features import MFCC
 from speechinstruct.tts import CachedTTS, EspeakTTS
 
@@ -18,7 +19,7 @@ UNITS = r"<sosp>(?:<\d+>)+<eosp>"
 
 
 def test_cross_modal_exact_shapes(units_dir, tmp_path):
-    summary = compose.cross_modal(units_dir, tmp_path / "cm", quiet=True)
+    summary = compose.cross_modal(units_dir, tmp_path / "cm")
     rows = read(tmp_path / "cm")
     assert summary["records"] == len(rows) == 8 and summary["asr"] == summary["tts"] == 4
     unit_rows = {r["id"]: r for r in read(units_dir, "units-*.parquet")}
@@ -55,8 +56,8 @@ def many_units(units_dir, folder, n=300):
 
 
 def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
-    compose.cross_modal(units_dir, tmp_path / "a", mode="random", quiet=True)
-    compose.cross_modal(units_dir, tmp_path / "b", mode="random", quiet=True)
+    compose.cross_modal(units_dir, tmp_path / "a", mode="random")
+    compose.cross_modal(units_dir, tmp_path / "b", mode="random")
     for fa, fb in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "b").glob("*.parquet"))):
         assert fa.read_bytes() == fb.read_bytes()
     assert len(read(tmp_path / "a")) == 4
@@ -64,7 +65,7 @@ def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
     many = many_units(units_dir, tmp_path / "many", n=60)
     choices = {}
     for seed in (0, 7):
-        compose.cross_modal(many, tmp_path / f"s{seed}", mode="random", seed=seed, quiet=True)
+        compose.cross_modal(many, tmp_path / f"s{seed}", mode="random", seed=seed)
         choices[seed] = sorted((r["source_id"], r["task"], r["template_id"]) for r in read(tmp_path / f"s{seed}"))
     assert [c[0] for c in choices[0]] == [c[0] for c in choices[7]]
     assert sum(a != b for a, b in zip(choices[0], choices[7])) > 30
@@ -84,13 +85,13 @@ def test_templates_are_many_and_varied():
 def test_template_choice_spreads_over_the_set(units_dir, tmp_path):
     """300 ASR records draw from the whole set of 100-odd templates (about 101 distinct expected)."""
     many = many_units(units_dir, tmp_path / "many", n=300)
-    compose.cross_modal(many, tmp_path / "cm", mode="asr", quiet=True)
+    compose.cross_modal(many, tmp_path / "cm", mode="asr")
     used = {r["template_id"] for r in read(tmp_path / "cm")}
     assert len(used) > 85 and len(used) <= len(templates.builtin("asr")["templates"])
 
 
 def test_pretrain_split(units_dir, tmp_path):
-    summary = compose.pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5, quiet=True)
+    summary = compose.pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5)
     train, dev = read(tmp_path / "pt", "train-*.parquet"), read(tmp_path / "pt", "validation-*.parquet")
     assert (summary["train"], summary["validation"]) == (len(train), len(dev)) and len(train) + len(dev) == 4
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in dev})
@@ -113,7 +114,7 @@ def test_records_keep_their_audio_split_and_0_2_dev_reads_as_validation(units_di
         ids.update(zip(table.column("id").to_pylist(), splits))
     assert sorted(ids.values()) == ["dev", "test", "train", "validation"]
     assert validate(units_dir).ok
-    compose.cross_modal(units_dir, tmp_path / "cm", quiet=True)
+    compose.cross_modal(units_dir, tmp_path / "cm")
     got = {split: sorted({r["source_id"] for r in read(tmp_path / "cm", f"{split}-*.parquet")})
            for split in ("train", "validation", "test")}
     assert got == {"train": sorted(i for i, n in ids.items() if n == "train"),
@@ -154,7 +155,7 @@ def test_chain_of_modality_four_formats(tmp_path, espeak):
     from speechinstruct.cluster import fit
     km = units.KMeans(fit(mfcc.features(wav, sr), 16, seed=0))
     tts = CachedTTS(espeak, tmp_path / "cache")
-    summary = compose.chain_of_modality("builtin", tmp_path / "com", mfcc, km, tts, all_formats=True, max_pairs=12, quiet=True)
+    summary = compose.chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
     rows = read(tmp_path / "com")
     assert summary["pairs"] == 12 and summary["records"] == len(rows) == 48
     by_format = {}
@@ -178,8 +179,8 @@ def test_chain_of_modality_four_formats(tmp_path, espeak):
     assert ss["voice"].startswith("espeak-ng:") and len(ss["instruction_units"]) > 10
     # rerun: every chunk done, nothing synthesized again; a fresh output folder reuses the TTS cache
     calls = tts.calls
-    compose.chain_of_modality("builtin", tmp_path / "com", mfcc, km, tts, all_formats=True, max_pairs=12, quiet=True)
-    compose.chain_of_modality("builtin", tmp_path / "com2", mfcc, km, tts, all_formats=True, max_pairs=12, quiet=True)
+    compose.chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
+    compose.chain_of_modality("builtin", tmp_path / "com2", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
     assert tts.calls == calls
     assert read(tmp_path / "com2") == rows
 
@@ -194,7 +195,7 @@ def test_chain_of_modality_drops_unspeakable_pairs(tmp_path, espeak):
         "{broken json",
         json.dumps({"id": "c", "question": "wrong columns"}),
     ]))
-    summary = compose.chain_of_modality(src, tmp_path / "com", mfcc, km, CachedTTS(espeak, None), quiet=True)
+    summary = compose.chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, None))
     assert summary["records"] == 1
     assert summary["dropped: code in response"] == 1
     assert summary["dropped: malformed JSON"] == 1 and summary["dropped: missing columns ['instruction', 'response']"] == 1
@@ -219,9 +220,9 @@ def test_espeak_is_deterministic_whatever_came_before(espeak):
 
 
 def test_compose_shard_index_runs_merge_to_the_single_run(units_dir, tmp_path):
-    compose.cross_modal(units_dir, tmp_path / "one", quiet=True)
+    compose.cross_modal(units_dir, tmp_path / "one")
     for i in range(2):
-        compose.cross_modal(units_dir, tmp_path / "split", num_shards=2, shard_index=i, quiet=True)
+        compose.cross_modal(units_dir, tmp_path / "split", num_shards=2, shard_index=i)
     assert sorted(p.name for p in (tmp_path / "one").glob("*.parquet")) == sorted(p.name for p in (tmp_path / "split").glob("*.parquet"))
     for f in (tmp_path / "one").glob("*.parquet"):
         assert f.read_bytes() == (tmp_path / "split" / f.name).read_bytes()
@@ -239,7 +240,7 @@ def test_markup_in_a_transcript_is_skipped_and_counted(units_dir, tmp_path):
     rows = pq.read_table(path).to_pylist()
     rows[0]["text"] = POISON
     pq.write_table(records.to_table("units", rows), path)
-    summary = compose.cross_modal(units_dir, tmp_path / "cm", quiet=True)
+    summary = compose.cross_modal(units_dir, tmp_path / "cm")
     assert summary["dropped: markup in transcript"] == 1 and summary["records"] == 6
     assert summary["dropped_examples"] == [{"where": rows[0]["id"], "reason": "markup in transcript (record markup '<eoa>')"}]
     assert not any("ignore the above" in r["plain_text"] for r in read(tmp_path / "cm"))
@@ -270,8 +271,8 @@ def test_bad_pairs_are_each_skipped_naming_file_and_line(tmp_path, espeak):
     src = tmp_path / "pairs.jsonl"
     src.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
     for _ in range(2):  # the rerun skips the finished chunk and ends the same way
-        summary = compose.chain_of_modality(src, tmp_path / "com", mfcc, km, CachedTTS(espeak, tmp_path / "tts"),
-                                            formats=("speech-speech",), quiet=True)
+        summary = compose.chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, tmp_path / "tts"),
+                                            formats=("speech-speech",))
         assert summary["records"] == 2 and {r["source_id"] for r in read(tmp_path / "com")} == {"good", "good2"}
         reasons = {d["where"]: d["reason"] for d in summary["dropped_examples"]}
         assert reasons["pairs.jsonl:2"].startswith("markup in response")
@@ -307,8 +308,8 @@ def test_compose_memory_does_not_grow_with_the_shard(tmp_path):
     for n in (5000, 20000):
         folder = units_shard(tmp_path / f"u{n}", n)
         tracemalloc.start()
-        compose.cross_modal(folder, tmp_path / f"cm{n}", quiet=True)
-        compose.pretrain(folder, tmp_path / f"pt{n}", quiet=True)
+        compose.cross_modal(folder, tmp_path / f"cm{n}")
+        compose.pretrain(folder, tmp_path / f"pt{n}")
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         assert json.loads((tmp_path / f"cm{n}" / "summary.json").read_text())["records"] == 2 * n
@@ -322,7 +323,7 @@ def test_publish_memory_does_not_grow_with_the_dataset(tmp_path):
     from speechinstruct.publish import publish
     peaks = []
     for n in (5000, 20000):
-        compose.cross_modal(units_shard(tmp_path / f"u{n}", n), tmp_path / f"c{n}" / "cross_modal", quiet=True)
+        compose.cross_modal(units_shard(tmp_path / f"u{n}", n), tmp_path / f"c{n}" / "cross_modal")
         tracemalloc.start()
         meta = publish(tmp_path / f"c{n}", tmp_path / f"d{n}")
         peaks.append(tracemalloc.get_traced_memory()[1])
@@ -384,8 +385,8 @@ def test_markup_formed_by_stripping_markdown_nul_and_lone_surrogates_are_skipped
     ]
     src = tmp_path / "pairs.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    summary = compose.chain_of_modality(src, tmp_path / "com", mfcc, km, CachedTTS(espeak, tmp_path / "tts"),
-                                        formats=("speech-speech",), quiet=True)
+    summary = compose.chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, tmp_path / "tts"),
+                                        formats=("speech-speech",))
     reasons = {d["where"]: d["reason"] for d in summary["dropped_examples"]}
     assert summary["records"] == 1 and [r["response"] for r in read(tmp_path / "com")] == ["Paris is in France."]
     assert reasons["pairs.jsonl:2"] == "markup in response (<eoa>)"

@@ -16,6 +16,7 @@ import soxr
 from typer.testing import CliRunner
 
 from speechinstruct import audio
+from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
 from speechinstruct.dedup import EvalTexts, Signer, dedup, ngram_hashes, words
 
@@ -99,10 +100,10 @@ def planted(tmp_path_factory):
     test_ids = write_utterances(root, "test-clean", "300", spoken[60:63])
     contaminated = write_utterances(root, "train-clean-360", "400", [spoken[60]])  # a test utterance read in training
     shared = write_utterances(root, "train-clean-360", "300", [spoken[63]], chapter="2")  # a test speaker, in training
-    shard_corpus("librispeech", root, tmp / "manifest", quiet=True)
-    extract(tmp / "manifest", tmp / "features", MFCC(), quiet=True)
-    cluster(tmp / "features", tmp / "km", k=100, quiet=True)
-    quantize(tmp / "features", load_kmeans(tmp / "km"), tmp / "units", quiet=True)
+    shard_corpus("librispeech", root, tmp / "manifest")
+    extract(tmp / "manifest", tmp / "features", MFCC())
+    cluster(tmp / "features", tmp / "km", k=100)
+    quantize(tmp / "features", load_kmeans(tmp / "km"), tmp / "units")
     return {"root": tmp, "originals": originals, "copies": copies, "test": test_ids, "contaminated": contaminated,
             "shared": shared, "texts": texts}
 
@@ -112,7 +113,7 @@ def dropped_rows(folder):
 
 
 def test_planted_copies_are_found_and_distinct_utterances_kept(planted, tmp_path):
-    summary = dedup(planted["root"] / "units", tmp_path / "out", quiet=True)
+    summary = dedup(planted["root"] / "units", tmp_path / "out")
     gone = dropped_rows(tmp_path / "out")
     found = {kind: [] for kind in COPIES}
     for uid, (original, kind) in planted["copies"].items():
@@ -133,19 +134,19 @@ def test_evaluation_texts_and_audio_are_kept_out_and_a_rerun_is_the_same(planted
     """The test split's transcripts and audio count as evaluation data across the corpus: a training utterance
     reading a test sentence is dropped, as is one whose transcript holds 13 words of an evaluation text file."""
     (tmp_path / "bench.txt").write_text(f"Something else entirely.\n{planted['texts'][5].lower()}\n")  # a short text: whole
-    summary = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")], quiet=True)
+    summary = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")])
     gone = dropped_rows(tmp_path / "out")
     assert gone[planted["contaminated"][0]]["reason"] in ("evaluation text", "evaluation audio")
     assert gone[planted["originals"][5]]["reason"] == "evaluation text" and "bench.txt:2" in gone[planted["originals"][5]]["duplicate_of"]
     assert not any(t in gone for t in planted["test"])  # evaluation rows are never dropped
     assert summary["checked_against"]["eval_sources"] == [{"source": str(tmp_path / "bench.txt"), "texts": 2, "utterances": 0}]
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
-    again = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")], quiet=True)
+    again = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")])
     assert again == summary and {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
 
 
 def test_transcripts_are_capped_with_distinct_speakers_first_and_shared_speakers_reported(planted, tmp_path):
-    summary = dedup(planted["root"] / "units", tmp_path / "out", max_per_transcript=1, similarity=1.0, quiet=True)
+    summary = dedup(planted["root"] / "units", tmp_path / "out", max_per_transcript=1, similarity=1.0)
     gone = dropped_rows(tmp_path / "out")
     # the 12 sentences speaker 200 read again (5 copies each): one reading of each stays
     for i in range(12):
@@ -201,7 +202,7 @@ def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_
             "dedup": {"max_per_transcript": 1, "eval": [str(tmp_path / "bench.txt")]}, "output": {"vocoder": "none"}}
     (tmp_path / "bench.txt").write_text("nothing in the demo corpus says this\n")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    summary = run(tmp_path / "r.yaml", quiet=True)
+    summary = run(tmp_path / "r.yaml")
     assert summary["valid"]
     work = tmp_path / "work"
     cm = json.loads(next((work / "composed" / "cross_modal").glob("summary*.json")).read_text())
@@ -212,7 +213,7 @@ def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_
     assert "Duplicates and contamination" in page
     del data["dedup"]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    run(tmp_path / "r.yaml", quiet=True)
+    run(tmp_path / "r.yaml")
     assert not (work / "speechinstruct-demo" / "dedup").exists()
     assert "no `dedup` stage ran" in (work / "dataset" / "README.md").read_text()
 
@@ -222,8 +223,8 @@ def test_the_report_plays_a_dropped_copy_beside_what_it_duplicates(planted, tmp_
     from speechinstruct.publish import publish
     from speechinstruct.report import report
 
-    dedup(planted["root"] / "units", tmp_path / "librispeech" / "dedup", quiet=True)
-    compose.pretrain(tmp_path / "librispeech" / "dedup", tmp_path / "composed" / "pretrain", quiet=True)
+    dedup(planted["root"] / "units", tmp_path / "librispeech" / "dedup")
+    compose.pretrain(tmp_path / "librispeech" / "dedup", tmp_path / "composed" / "pretrain")
     publish(tmp_path / "composed", tmp_path / "dataset")
     report(tmp_path / "dataset", tmp_path / "report", work=tmp_path)
     page = (tmp_path / "report" / "index.html").read_text()
@@ -252,8 +253,8 @@ def test_a_benchmark_prompt_among_the_instruction_pairs_is_dropped_before_it_is_
     texts = eval_texts([str(tmp_path / "bench.jsonl")])
     km = U.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
     tts = CachedTTS(EspeakTTS(), tmp_path / "tts")
-    summary = compose.chain_of_modality(pairs, tmp_path / "com", MFCC(), km, tts, formats=("text-text",),
-                                        eval_texts=texts, quiet=True)
+    summary = compose.chain_of_modality(pairs, tmp_path / "com", SpeechEncoder(km, MFCC()), tts, formats=("text-text",),
+                                        eval_texts=texts)
     assert summary["records"] == 1 and summary["dropped: evaluation text"] == 2
     reasons = {d["id"]: d["reason"] for d in summary["dropped_examples"]}
     assert reasons["leaked"].startswith("evaluation text (bench.jsonl:1") and reasons["short"].startswith("evaluation text")
@@ -262,23 +263,23 @@ def test_a_benchmark_prompt_among_the_instruction_pairs_is_dropped_before_it_is_
                                                            {"role": "assistant", "content": "Hello."},
                                                            {"role": "user", "content": question},
                                                            {"role": "assistant", "content": "Saturn."}]}) + "\n")
-    result = dialogue(chats, tmp_path / "dlg", MFCC(), km, tts, eval_texts=texts, quiet=True)
+    result = dialogue(chats, tmp_path / "dlg", SpeechEncoder(km, MFCC()), tts, eval_texts=texts)
     assert result["records"] == 0 and result["dropped: evaluation text"] == 1
 
 
 def test_job_array_tasks_cache_signatures_and_the_final_run_uses_them(planted, tmp_path, monkeypatch):
     from speechinstruct import dedup as D
 
-    parts = [dedup(planted["root"] / "units", tmp_path / "out", num_shards=2, shard_index=i, quiet=True)
+    parts = [dedup(planted["root"] / "units", tmp_path / "out", num_shards=2, shard_index=i)
              for i in range(2)]
     assert sum(p["signatures_of_shards"] for p in parts) == len(list((planted["root"] / "units").glob("units-*.parquet")))
     assert not list((tmp_path / "out").glob("units-*.parquet"))  # the tasks decide nothing
     computed = []
     monkeypatch.setattr(D.Signer, "signature", lambda self, units: computed.append(1) or np.zeros(self.num_perm, np.uint32))
-    final = dedup(planted["root"] / "units", tmp_path / "out", quiet=True)
+    final = dedup(planted["root"] / "units", tmp_path / "out")
     assert computed == []  # every signature came from the tasks' cache
     monkeypatch.undo()
-    assert final["dropped"] == dedup(planted["root"] / "units", tmp_path / "single", quiet=True)["dropped"]
+    assert final["dropped"] == dedup(planted["root"] / "units", tmp_path / "single")["dropped"]
 
 
 def test_candidate_pairs_are_the_pairs_datasketchs_minhashlsh_finds():

@@ -19,6 +19,7 @@ from speechinstruct.cluster import fit
 from speechinstruct.dialogue import dialogue
 from speechinstruct.features import MFCC
 from speechinstruct.tts import CachedTTS, EspeakTTS
+from speechinstruct.units import SpeechEncoder
 from test_train import base_model  # noqa: F401  (the tiny LLaMA and tokenizer fixture)
 
 torch.set_num_threads(2)
@@ -59,7 +60,7 @@ def composed(speech, tmp_path_factory):
     espeak, mfcc, km = speech
     root = tmp_path_factory.mktemp("dialogue")
     tts = CachedTTS(espeak, root / "tts")
-    summary = dialogue("builtin", root / "composed" / "dialogue", mfcc, km, tts, quiet=True)
+    summary = dialogue("builtin", root / "composed" / "dialogue", SpeechEncoder(km, mfcc), tts)
     return root, summary, tts
 
 
@@ -111,10 +112,10 @@ def test_a_rerun_makes_nothing_again_and_the_dataset_validates(composed, speech,
     espeak, mfcc, km = speech
     calls = tts.calls
     before = rows(root / "composed" / "dialogue")
-    dialogue("builtin", root / "composed" / "dialogue", mfcc, km, tts, quiet=True)
-    dialogue("builtin", tmp_path / "again", mfcc, km, tts, quiet=True)
+    dialogue("builtin", root / "composed" / "dialogue", SpeechEncoder(km, mfcc), tts)
+    dialogue("builtin", tmp_path / "again", SpeechEncoder(km, mfcc), tts)
     assert tts.calls == calls and rows(tmp_path / "again") == before
-    publish(root / "composed", root / "dataset", quiet=True)
+    publish(root / "composed", root / "dataset")
     report = validate(root / "dataset")
     assert report.ok and report.records["dialogue"] == 8, report.as_dict()
     card = (root / "dataset" / "README.md").read_text()
@@ -137,10 +138,9 @@ def test_publish_refuses_dialogues_and_pairs_spoken_into_two_vocabularies(compos
     espeak, mfcc, km = speech
     shutil.copytree(root / "composed" / "dialogue", tmp_path / "composed" / "dialogue")
     other = units.KMeans(km.centroids[:8])
-    compose.chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", mfcc, other, tts, max_pairs=2,
-                              quiet=True)
+    compose.chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", SpeechEncoder(other, mfcc), tts, max_pairs=2)
     with pytest.raises(ValueError, match=r"two vocabularies .*chain_of_modality.summary.json: kmeans 8; .*dialogue.summary.json: kmeans 16\)"):
-        publish(tmp_path / "composed", tmp_path / "dataset", quiet=True)
+        publish(tmp_path / "composed", tmp_path / "dataset")
 
 
 def test_validate_catches_a_dialogue_whose_columns_disagree(composed, tmp_path):
@@ -182,7 +182,7 @@ def test_bad_conversations_are_each_skipped_and_named(speech, tmp_path):
     src = tmp_path / "chats.jsonl"
     src.write_text("\n".join(json.dumps(line) for line in lines[:3]) + "\n{not json\n"
                    + "\n".join(json.dumps(line) for line in lines[3:]) + "\n")
-    summary = dialogue(src, tmp_path / "out", mfcc, km, CachedTTS(espeak, None), quiet=True)
+    summary = dialogue(src, tmp_path / "out", SpeechEncoder(km, mfcc), CachedTTS(espeak, None))
     assert summary["records"] == 1 and summary["conversations"] == 4  # ok, empty, markup, long read as conversations
     dropped = {d["reason"]: d["where"] for d in summary["dropped_examples"]}
     assert dropped == {
@@ -231,7 +231,7 @@ def test_trl_trains_on_messages_with_the_loss_on_assistant_turns_only(composed, 
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
-        publish(root / "composed", root / "dataset", quiet=True)
+        publish(root / "composed", root / "dataset")
     tok = AutoTokenizer.from_pretrained(base_model)
     tok.chat_template = CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(base_model)
@@ -297,7 +297,7 @@ def test_stage3_trains_on_chain_of_modality_and_dialogues_together(composed, bas
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
-        publish(root / "composed", root / "dataset", quiet=True)
+        publish(root / "composed", root / "dataset")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_model)
@@ -307,7 +307,7 @@ def test_stage3_trains_on_chain_of_modality_and_dialogues_together(composed, bas
         build_examples(3, root / "dataset", tok, TrainConfig(configs=["chain_of_modality", "dialogue"]))
     result = train(3, base_model, root / "dataset", tmp_path / "run",
                    TrainConfig(configs=["dialogue"], mask="assistant", max_steps=2, batch_size=2, max_length=4096,
-                               lr=1e-3, log_every=1), quiet=True)
+                               lr=1e-3, log_every=1))
     assert result["history"] and np.isfinite(result["history"][-1]["loss"])
     assert (tmp_path / "run" / "adapter").is_dir()
 
@@ -385,7 +385,7 @@ def test_voices_from_a_vits_model_folder_speak_dialogues_one_speaker_each(tiny_v
         torch.manual_seed(int(hashlib.sha256("2\0hello there".encode()).hexdigest()[:8], 16))
         theirs = model(**tok("hello there", return_tensors="pt"), speaker_id=2).waveform[0].numpy()
     assert np.allclose(first, theirs, atol=1e-6)
-    summary = dialogue("builtin", tmp_path / "out", mfcc, km, tts, max_dialogues=3, quiet=True)
+    summary = dialogue("builtin", tmp_path / "out", SpeechEncoder(km, mfcc), tts, max_dialogues=3)
     assert summary["records"] == 3
     for r in rows(tmp_path / "out"):
         assert sorted(r["voice"].split(",")) == ["vits:0@1", "vits:2@1"]  # two speakers, one voice each
@@ -400,7 +400,7 @@ def test_espeak_voices_can_be_chosen_and_a_missing_one_is_one_line(speech, tmp_p
 
     _, mfcc, km = speech
     tts = make_tts("espeak", tmp_path / "cache", voices=["en-us", "en-gb-scotland+f4"])
-    summary = dialogue("builtin", tmp_path / "out", mfcc, km, tts, max_dialogues=4, quiet=True)
+    summary = dialogue("builtin", tmp_path / "out", SpeechEncoder(km, mfcc), tts, max_dialogues=4)
     used = {v.split(":")[1].split("@")[0] for r in rows(tmp_path / "out") for v in r["voice"].split(",")}
     assert summary["records"] == 4 and used == {"en-us", "en-gb-scotland+f4"}
     with pytest.raises(TTSError, match=r"espeak-ng has no voice 'xx-nowhere'"):
@@ -456,7 +456,7 @@ def test_the_dialogue_config_is_chat_data_to_trl_under_every_hash_seed(composed)
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
-        publish(root / "composed", root / "dataset", quiet=True)
+        publish(root / "composed", root / "dataset")
     script = ("import datasets, sys\nfrom trl.data_utils import is_conversational\n"
               "ds = datasets.load_dataset(sys.argv[1], 'dialogue', split='train')\n"
               "print(all(is_conversational(ds[i]) for i in range(len(ds))), sorted(set(ds.column_names) & "
@@ -473,7 +473,7 @@ def test_the_report_shows_a_dialogue_of_each_length_and_counts_dialogues(compose
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
-        publish(root / "composed", root / "dataset", quiet=True)
+        publish(root / "composed", root / "dataset")
     numbers = report(root / "dataset", tmp_path / "report")
     page = (tmp_path / "report" / "index.html").read_text()
     assert "<td>dialogue: 2 turns</td>" in page and "<td>dialogue: 3 turns</td>" in page

@@ -27,7 +27,7 @@ def espeak():
 @pytest.fixture(scope="module")
 def built(espeak, tmp_path_factory):
     out = tmp_path_factory.mktemp("duplex")
-    summary = duplex("builtin", out / "d", espeak, seed=1, interruption_rate=0.5, quiet=True)
+    summary = duplex("builtin", out / "d", espeak, seed=1, interruption_rate=0.5)
     return out / "d", summary
 
 
@@ -137,8 +137,8 @@ def test_units_of_both_channels_frame_aligned_with_text_streams_publish_and_vali
     from speechinstruct.validate import validate
 
     km = U.KMeans(np.random.default_rng(0).normal(size=(16, 39)).astype(np.float32))
-    summary = duplex("builtin", tmp_path / "composed" / "duplex", espeak, max_conversations=2, extractor=MFCC(),
-                     kmeans=km, quiet=True)
+    summary = duplex("builtin", tmp_path / "composed" / "duplex", espeak, max_conversations=2,
+                     tokenizer=U.SpeechEncoder(km, MFCC()))
     assert summary["records"] == 2
     rows = pq.read_table(tmp_path / "composed" / "duplex" / "train-00000.parquet").to_pylist()
     for r in rows:
@@ -169,7 +169,7 @@ def test_a_recipe_composes_duplex_conversations_publishes_their_units_and_report
             "compose": {"chain_of_modality": {"max_pairs": 2}, "duplex": {"max_conversations": 3}},
             "output": {"vocoder": "none"}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    summary = run(tmp_path / "r.yaml", quiet=True)
+    summary = run(tmp_path / "r.yaml")
     assert summary["valid"] and summary["records"]["duplex"] == {"train": 3}
     page = (tmp_path / "work" / "report" / "index.html").read_text()
     assert "Full-duplex conversations" in page and "audio/duplex-0.wav" in page
@@ -203,7 +203,7 @@ def test_each_turn_is_judged_and_a_conversation_with_a_failing_turn_is_dropped(e
             return [{"dnsmos_ovrl": 1.2 if "bread" in t else 3.5} for t in texts]
 
     judge = Judge()
-    summary = duplex("builtin", tmp_path / "d", espeak, judge=judge, gates=Gates(min_dnsmos=2.0), quiet=True)
+    summary = duplex("builtin", tmp_path / "d", espeak, judge=judge, gates=Gates(min_dnsmos=2.0))
     dropped = {d["id"]: d["reason"] for d in summary["dropped_examples"]}
     assert dropped and all(r == "quality: DNSMOS OVRL below 2 (1.200)" for r in dropped.values())
     assert summary["conversations"] + len(dropped) == 8 and all("mm" not in t for t in judge.seen)  # turns only
@@ -218,7 +218,7 @@ def test_hostile_conversations_are_counted_skips_and_names_never_climb_out(espea
                                            {"role": "assistant", "content": "No."}]},
              {"id": "silent", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "!!!"}]}]
     conversations.write_text("\n".join(json.dumps(x) for x in lines) + "\n" + "[" * 100_000 + "\n")
-    summary = duplex(conversations, tmp_path / "out", espeak, quiet=True)
+    summary = duplex(conversations, tmp_path / "out", espeak)
     reasons = sorted(d["reason"].split(" (")[0] for d in summary["dropped_examples"])
     assert summary["conversations"] == 1 and reasons == [
         "cannot be spoken", "malformed JSON", "turn 1: control character in user turn", "turn 1: markup in user turn"]

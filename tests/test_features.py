@@ -130,7 +130,7 @@ def test_cli_malformed_checkpoint_is_one_line(tmp_path, librispeech_root):
     from typer.testing import CliRunner
     from speechinstruct.cli import app
     from speechinstruct.shard import shard_corpus
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     torch.save({"cfg": {"model": "hubert"}, "model": {}}, tmp_path / "odd.pt")
     result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
                                       "--checkpoint", str(tmp_path / "odd.pt"), "-q"])
@@ -240,7 +240,7 @@ def test_cli_refuses_malicious_checkpoint_in_one_line(tmp_path, librispeech_root
     from typer.testing import CliRunner
     from speechinstruct.cli import app
     from speechinstruct.shard import shard_corpus
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     torch.save({"model": {}, "cfg": Exploit()}, tmp_path / "evil.pt")
     result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
                                       "--checkpoint", str(tmp_path / "evil.pt"), "-q"])
@@ -367,9 +367,9 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
     from speechinstruct.shard import shard_corpus
     from speechinstruct.shardfiles import read_frames
 
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     mfcc = features.MFCC()
-    plain = extract(tmp_path / "m", tmp_path / "plain", mfcc, quiet=True)
+    plain = extract(tmp_path / "m", tmp_path / "plain", mfcc)
     original = mfcc.features_batch
 
     class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name and base
@@ -381,7 +381,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
         return original(wavs)
 
     monkeypatch.setattr(mfcc, "features_batch", tight)
-    halved = extract(tmp_path / "m", tmp_path / "halved", mfcc, batch_seconds=100.0, quiet=True)
+    halved = extract(tmp_path / "m", tmp_path / "halved", mfcc, batch_seconds=100.0)
     assert halved["batches_halved"] >= 1 and halved["utterances"] == plain["utterances"] and halved["errors"] == plain["errors"]
     for a, b in zip(sorted((tmp_path / "plain").glob("features-*.arrow")), sorted((tmp_path / "halved").glob("features-*.arrow"))):
         np.testing.assert_array_equal(read_frames(a)[2], read_frames(b)[2])
@@ -390,7 +390,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
         raise OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(mfcc, "features_batch", never)
-    none = extract(tmp_path / "m", tmp_path / "none", mfcc, quiet=True)
+    none = extract(tmp_path / "m", tmp_path / "none", mfcc)
     assert none["utterances"] == 0 and none["errors"] == plain["utterances"] + plain["errors"]
     reasons = [l for p in (tmp_path / "none").glob("errors-*.jsonl") for l in p.read_text().splitlines()]
     assert any("out of memory even alone (an utterance of" in r for r in reasons)

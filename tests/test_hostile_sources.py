@@ -128,14 +128,14 @@ def test_nan_transcripts_binary_audio_and_skip_details_are_what_they_are(tmp_pat
     table = pa.table({"audio": pa.array([good, other, b"not audio at all"], pa.binary()),
                       "text": pa.array([float("nan"), 2.0, 1.0])})
     root = hub_folder(tmp_path, "---\nlicense: cc0-1.0\n---\n", table)
-    summary = shard_corpus("hf", root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("hf", root, tmp_path / "m")
     rows = manifest_rows(tmp_path / "m")
     assert [r["text"] for r in rows] == [None, "2.0"]
     assert summary["skipped"] == {"unreadable audio": 1}
     detail = summary["skipped_examples"][0]["detail"]
     assert "0x" not in detail and "BytesIO" not in detail and "row 2" in detail
     assert len(decode_row(rows[1], root)) == pytest.approx(1.2 * 16000, abs=2)  # extract reads binary cells too
-    again = shard_corpus("hf", root, tmp_path / "m2", quiet=True)
+    again = shard_corpus("hf", root, tmp_path / "m2")
     assert again["skipped_examples"] == summary["skipped_examples"]  # same input, same summary
 
 
@@ -145,7 +145,7 @@ def test_a_bom_at_the_start_of_wav_scp_is_not_part_of_the_first_id(tmp_path):
     sf.write(tmp_path / "r0.flac", speechlike(1.0), 16000)
     (data / "wav.scp").write_text(f"\ufeffr0 {tmp_path / 'r0.flac'}\n", encoding="utf-8")
     (data / "text").write_text("\ufeffr0 HELLO THERE\n", encoding="utf-8")
-    shard_corpus("kaldi", data, tmp_path / "m", quiet=True)
+    shard_corpus("kaldi", data, tmp_path / "m")
     (row,) = manifest_rows(tmp_path / "m")
     assert row["id"] == "kaldi/train/r0" and row["text"] == "HELLO THERE"
 
@@ -198,7 +198,7 @@ def test_lhotse_skips_name_the_part_once(tmp_path):
     sf.write(tmp_path / "r0.flac", speechlike(1.0), 16000)
     sup = {"id": "late", "recording_id": "r0", "start": 5.0, "duration": 1.0, "channel": 0, "text": "beyond the end"}
     folder = lhotse_pair(tmp_path / "man", [sup], tmp_path / "r0.flac")
-    summary = shard_corpus("lhotse", folder, tmp_path / "m", quiet=True)
+    summary = shard_corpus("lhotse", folder, tmp_path / "m")
     assert summary["skipped_examples"][0]["path"] == "train/late"
 
 
@@ -206,7 +206,7 @@ def test_unreadable_parquet_or_arrow_name_their_file(tmp_path):
     root = saved(tmp_path)
     arrow = next((root / "train").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:200])
-    summary = shard_corpus("hf", root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("hf", root, tmp_path / "m")
     assert summary["skipped"] == {"unreadable data file": 1}
     assert summary["skipped_examples"][0]["path"].startswith("train/data-")
     shutil.rmtree(root)
@@ -214,7 +214,7 @@ def test_unreadable_parquet_or_arrow_name_their_file(tmp_path):
     hub = hub_folder(tmp_path, "---\nlicense: cc0-1.0\n---\n", table)
     parquet = hub / "data" / "train-00000-of-00001.parquet"
     parquet.write_bytes(parquet.read_bytes()[:-30])
-    summary = shard_corpus("hf", hub, tmp_path / "m2", quiet=True)
+    summary = shard_corpus("hf", hub, tmp_path / "m2")
     assert summary["skipped"] == {"unreadable data file": 1}
     assert summary["skipped_examples"][0]["path"] == "data/train-00000-of-00001.parquet"
 
@@ -224,11 +224,11 @@ def test_truncated_stage_files_are_named_in_the_error(librispeech_root, tmp_path
     from speechinstruct.extract import extract
     from speechinstruct.features import MFCC
 
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
-    extract(tmp_path / "m", tmp_path / "f", MFCC(), quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "f", MFCC())
     from speechinstruct.cluster import cluster
 
-    cluster(tmp_path / "f", tmp_path / "km", k=4, quiet=True)
+    cluster(tmp_path / "f", tmp_path / "km", k=4)
     feats = tmp_path / "f" / "features-00000.arrow"
     feats.write_bytes(feats.read_bytes()[:300])
     result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km"), str(tmp_path / "u"), "-q"])

@@ -60,11 +60,11 @@ def demo_units(tmp_path_factory):
     from speechinstruct.quantize import quantize
 
     root = tmp_path_factory.mktemp("interleaved")
-    make_demo_corpus(root / "corpus", 12, seed=0, quiet=True)
-    shard_corpus("speechinstruct-demo", root / "corpus", root / "manifest", quiet=True)
-    extract(root / "manifest", root / "features", MFCC(), quiet=True)
-    cluster(root / "features", root / "km", k=16, quiet=True)
-    quantize(root / "features", U.load_kmeans(root / "km"), root / "units", quiet=True)
+    make_demo_corpus(root / "corpus", 12, seed=0)
+    shard_corpus("speechinstruct-demo", root / "corpus", root / "manifest")
+    extract(root / "manifest", root / "features", MFCC())
+    cluster(root / "features", root / "km", k=16)
+    quantize(root / "features", U.load_kmeans(root / "km"), root / "units")
     return root
 
 
@@ -90,7 +90,7 @@ def test_the_demo_corpus_textgrids_are_espeaks_word_events_and_reach_the_units(d
 def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(demo_units):
     from speechinstruct.interleaved import interleaved
 
-    summary = interleaved(demo_units / "units", demo_units / "composed" / "interleaved", seed=3, max_words=4, quiet=True)
+    summary = interleaved(demo_units / "units", demo_units / "composed" / "interleaved", seed=3, max_words=4)
     assert summary["train"] == 12
     rows = {r["id"]: r for f in sorted((demo_units / "units").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()}
     records = [r for f in sorted((demo_units / "composed" / "interleaved").glob("train-*.parquet"))
@@ -123,7 +123,7 @@ def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(dem
                 assert [int(u) for u in re.findall(r"<(\d+)>", body)] == expected and expected
             first_word += k
         assert first_word == len(row["words"])
-    again = interleaved(demo_units / "units", demo_units / "again", seed=3, max_words=4, quiet=True)
+    again = interleaved(demo_units / "units", demo_units / "again", seed=3, max_words=4)
     assert again["train"] == 12
     assert [r for f in sorted((demo_units / "again").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()] == records
 
@@ -137,7 +137,7 @@ def test_interleaved_publishes_and_validates_and_a_tampered_record_fails(demo_un
     result = runner.invoke(app, ["compose", "interleaved", str(demo_units / "units"), str(tmp_path / "composed" / "interleaved"), "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["train"] == 12
-    publish(tmp_path / "composed", tmp_path / "dataset", quiet=True)
+    publish(tmp_path / "composed", tmp_path / "dataset")
     report = validate(tmp_path / "dataset")
     assert report.ok and report.records["interleaved"] == 12 and report.k == 16, report.as_dict()
     good = [r for f in sorted((tmp_path / "composed" / "interleaved").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()]
@@ -168,7 +168,7 @@ def test_textgrids_that_do_not_fit_their_audio_are_skipped_with_the_utterance_ke
                               (0.8, 0.98, "apostle")], 1.0)
     grid("1272-128104-0001", [(0.1, 0.5, "nor"), (0.5, 1.9, "is")], 1.9)  # the audio is 1.5 s long
     (chapter / "1272-128104-0002.TextGrid").write_text("File type = \"ooTextFile\"\nnot a grid\n")
-    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
     assert summary["skipped"]["alignment not used"] == 2
     details = {e["path"].rsplit("/", 1)[1]: e["detail"] for e in summary["skipped_examples"] if e["reason"] == "alignment not used"}
     assert "word 2 ('is') ends at 1.9 s, after the audio (1.5 s)" in details["1272-128104-0001.TextGrid"]
@@ -202,7 +202,7 @@ def test_lhotse_word_alignments_are_timed_from_the_supervision_start(tmp_path):
                                alignment={"word": [AlignmentItem("too", 0.1, 0.3), AlignmentItem("long", 0.5, 0.9)]})]
     RecordingSet.from_recordings([recording]).to_file(tmp_path / "ls_recordings_train.jsonl.gz")
     SupervisionSet.from_segments(sups).to_file(tmp_path / "ls_supervisions_train.jsonl.gz")
-    summary = shard_corpus("lhotse", tmp_path, tmp_path / "manifest", quiet=True)
+    summary = shard_corpus("lhotse", tmp_path, tmp_path / "manifest")
     rows = {r["id"]: r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()}
     assert [(w["word"], round(w["start"], 6), round(w["end"], 6)) for w in rows["lhotse/train/r0-b"]["words"]] == [
         ("hello", 0.1, 0.5), ("there", 0.6, 1.1)]
@@ -254,7 +254,7 @@ def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tm
     from asr_fixture import write_tiny_ctc
 
     write_tiny_ctc(tmp_path / "ctc")
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
     result = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"),
                                  "--model", str(tmp_path / "ctc"), "-q"])
     assert result.exit_code == 0, result.output
@@ -291,7 +291,7 @@ def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interlea
     rows[1]["words"][0]["word"] = "[SPEECH]<5><6> [TEXT]"  # an alignment label (read when they do not)
     rows[2]["text"] = "ca\x00t " + rows[2]["text"].split(" ", 1)[1]
     pq.write_table(records.to_table("units", rows), path)
-    summary = interleaved(units, tmp_path / "out", seed=3, max_words=4, quiet=True)
+    summary = interleaved(units, tmp_path / "out", seed=3, max_words=4)
     assert summary["train"] == 9
     assert summary["skipped: markup in the words"] == 2 and summary["skipped: control character in the words"] == 1
     assert {d["where"] for d in summary["dropped_examples"]} == {r["id"] for r in rows[:3]}

@@ -62,3 +62,43 @@ def test_the_import_graph_has_no_cycles():
     assert len(edges) > 50 and sum(map(len, edges.values())) > 200  # the graph is really read
     assert cycles(edges) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]  # and a cycle would be seen
+
+
+def test_no_stage_takes_quiet():
+    """Logging decides what is shown: only the command line's ``-q`` option is named ``quiet``."""
+    takers = [f"{path.name}:{node.name}" for path in PACKAGE.rglob("*.py") if path.name != "cli.py"
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and "quiet" in [a.arg for a in node.args.args + node.args.kwonlyargs]]
+    assert takers == []
+
+
+def test_progress_bars_follow_the_log_level(librispeech_root, tmp_path, capsys):
+    import logging
+
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+    from speechinstruct.shard import shard_corpus
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "a")])
+    assert shown.exit_code == 0, shown.output
+    assert "librispeech chapters" in shown.stderr and "100%" in shown.stderr
+    quiet = runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "b"), "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "librispeech chapters" not in quiet.stderr
+    logger = logging.getLogger("speechinstruct")
+    level, handlers = logger.level, logger.handlers[:]
+    try:  # a library call with logging as Python leaves it (warnings only): no bar
+        logger.setLevel(logging.NOTSET)
+        logger.handlers.clear()
+        capsys.readouterr()
+        shard_corpus("librispeech", librispeech_root, tmp_path / "c")
+        assert "librispeech chapters" not in capsys.readouterr().err
+        logger.setLevel(logging.INFO)  # a user who asks for the stages' lines gets the bars too
+        shard_corpus("librispeech", librispeech_root, tmp_path / "d")
+        assert "librispeech chapters" in capsys.readouterr().err
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers

@@ -35,7 +35,7 @@ def work(tmp_path_factory):
     recipe.write_text(yaml.safe_dump({"workdir": str(tmp / "work"), "demo_corpus": {"sentences": 12, "seed": 1},
                                       "kmeans": {"k": 16, "max_frames": 20000},
                                       "compose": {"chain_of_modality": {"max_pairs": 4}}}))
-    summary = run(recipe, quiet=True)
+    summary = run(recipe)
     return tmp / "work", summary
 
 

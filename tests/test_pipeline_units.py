@@ -22,7 +22,7 @@ def cli(*args):
 
 @pytest.fixture
 def manifest(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600, quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600)
     return tmp_path / "manifest"
 
 
@@ -91,7 +91,7 @@ def test_kmeans_dimension_mismatch_fails_fast(manifest, tmp_path):
 
 
 def test_shard_index_runs_cover_every_utterance_exactly_once(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=1.2 / 3600, quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=1.2 / 3600)
     n_shards = len(list((tmp_path / "m").glob("manifest-*.parquet")))
     assert n_shards >= 3
     for i in range(3):  # three job-array tasks writing into one folder
@@ -136,7 +136,7 @@ def test_quantize_holds_one_utterance_at_a_time(tmp_path):
                                                   "manifest": str(tmp_path / "m"), "root": str(tmp_path)})
     del feats
     tracemalloc.start()
-    quantize(tmp_path / "f", KMeans(centroids), tmp_path / "u", quiet=True)
+    quantize(tmp_path / "f", KMeans(centroids), tmp_path / "u")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 8e6, f"peak {peak / 1e6:.1f} MB"  # the whole shard as float32 would be 31 MB

@@ -11,7 +11,7 @@ from speechinstruct.features import MFCC
 from speechinstruct.publish import publish
 from speechinstruct.report import report
 from speechinstruct.tts import CachedTTS, EspeakTTS
-from speechinstruct.units import load_kmeans
+from speechinstruct.units import SpeechEncoder, load_kmeans
 from speechinstruct.validate import validate
 
 runner = CliRunner()
@@ -20,10 +20,10 @@ runner = CliRunner()
 @pytest.fixture
 def composed(units_dir, tmp_path):
     out = tmp_path / "composed"
-    compose.cross_modal(units_dir, out / "cross_modal", quiet=True)
-    compose.pretrain(units_dir, out / "pretrain", dev_fraction=0.3, quiet=True)
-    compose.chain_of_modality("builtin", out / "chain_of_modality", MFCC(), load_kmeans(units_dir.parent / "kmeans"),
-                              CachedTTS(EspeakTTS(), tmp_path / "tts"), max_pairs=8, quiet=True)
+    compose.cross_modal(units_dir, out / "cross_modal")
+    compose.pretrain(units_dir, out / "pretrain", dev_fraction=0.3)
+    compose.chain_of_modality("builtin", out / "chain_of_modality", SpeechEncoder(load_kmeans(units_dir.parent / "kmeans"), MFCC()),
+                              CachedTTS(EspeakTTS(), tmp_path / "tts"), max_pairs=8)
     return out
 
 
@@ -70,12 +70,12 @@ def test_the_unit_vocabulary_travels_from_the_units_folder_to_the_dataset(units_
     del spec["vocabulary"]
     (units_dir / "units.json").write_text(json.dumps(spec))  # as 0.2.0 wrote it
     assert folder_vocabulary(units_dir) == expected
-    quantize(units_dir.parent / "features", load_kmeans(units_dir.parent / "kmeans"), units_dir, quiet=True)
+    quantize(units_dir.parent / "features", load_kmeans(units_dir.parent / "kmeans"), units_dir)
     assert json.loads((units_dir / "units.json").read_text())["vocabulary"]["size"] == 8
     other = load_kmeans(units_dir.parent / "kmeans")
     other.k = 9  # another k-means still is refused
     with pytest.raises(ValueError, match="made with other settings"):
-        quantize(units_dir.parent / "features", other, units_dir, quiet=True)
+        quantize(units_dir.parent / "features", other, units_dir)
 
 
 def test_same_named_datasets_do_not_share_the_datasets_cache(composed, tmp_path):
@@ -237,7 +237,7 @@ def test_card_follows_the_hub_card_specification(dataset):
 def test_a_single_known_license_is_the_cards_license(units_dir, tmp_path):
     from huggingface_hub import DatasetCard
 
-    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal", quiet=True)
+    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal")
     publish(tmp_path / "c", tmp_path / "d")
     data = DatasetCard.load(tmp_path / "d" / "README.md").data.to_dict()
     assert data["license"] == "cc-by-4.0" and "license_link" not in data and not (tmp_path / "d" / "LICENSE.md").exists()
@@ -338,7 +338,7 @@ def test_a_single_license_republish_removes_only_its_own_license_file(units_dir,
     out = tmp_path / "d"
     publish(composed, out)  # two sources: LICENSE.md written
     assert (out / "LICENSE.md").is_file()
-    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal", quiet=True)
+    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal")
     publish(tmp_path / "c", out)  # one Hub license: publish's LICENSE.md goes
     assert not (out / "LICENSE.md").exists()
 

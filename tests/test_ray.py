@@ -32,7 +32,7 @@ def ray_off():
 
 @pytest.fixture
 def manifest(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600, quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600)
     return tmp_path / "m"
 
 
@@ -48,8 +48,8 @@ def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path
     from speechinstruct.cluster import cluster
     from speechinstruct.engine_ray import extract_ray
 
-    extract(manifest, tmp_path / "f", MFCC(), quiet=True)
-    cluster(tmp_path / "f", tmp_path / "km", k=8, quiet=True)
+    extract(manifest, tmp_path / "f", MFCC())
+    cluster(tmp_path / "f", tmp_path / "km", k=8)
     local = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "local"), "--kmeans", str(tmp_path / "km"), "-q"])
     assert local.exit_code == 0, local.output
     # one-second blocks: every utterance its own block, so results come back from many tasks
@@ -65,7 +65,7 @@ def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path
     stats = extract_ray(manifest, tmp_path / "f", MFCC(), actors=1)
     assert stats["shards_done"] == 1 and stats["shards_skipped"] == 1
     fresh = tmp_path / "f2"
-    extract(manifest, fresh, MFCC(), quiet=True)
+    extract(manifest, fresh, MFCC())
     same_files(tmp_path / "f", fresh)
 
 
@@ -78,7 +78,7 @@ def test_ray_engine_runs_hubert_from_a_fairseq_checkpoint(manifest, tmp_path):
     cfg = model_cfg()
     save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
     hubert = load_hubert(tmp_path / "hubert.pt", layer=2)
-    extract(manifest, tmp_path / "local", hubert, quiet=True)
+    extract(manifest, tmp_path / "local", hubert)
     stats = extract_ray(manifest, tmp_path / "ray", hubert, actors=1, block_seconds=1.0)
     assert stats["utterances"] == 4
     # other batches (one utterance per block) and thread counts than the local run: equal frames, not bytes
@@ -124,7 +124,7 @@ def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    extract(manifest, tmp_path / "local", MFCC(), quiet=True)
+    extract(manifest, tmp_path / "local", MFCC())
     same_files(tmp_path / "local", tmp_path / "ray")
 
 
@@ -144,7 +144,7 @@ def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(mani
     ray.shutdown()
     stats = extract_ray(manifest, tmp_path / "f", MFCC(), actors=1)  # the rerun does only what is missing
     assert stats["shards_done"] == 1 and stats["shards_skipped"] == 1
-    extract(manifest, tmp_path / "local", MFCC(), quiet=True)
+    extract(manifest, tmp_path / "local", MFCC())
     same_files(tmp_path / "local", tmp_path / "f")
 
 
@@ -167,7 +167,7 @@ def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_
                            env=env, capture_output=True, text=True, timeout=120)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
-        extract(manifest, tmp_path / "local", MFCC(), quiet=True)
+        extract(manifest, tmp_path / "local", MFCC())
         for name, address in (("client", f"ray://127.0.0.1:{client}"), ("auto", "auto")):
             done = subprocess.run([str(bin_dir / "speechinstruct"), "extract", str(manifest), str(tmp_path / name),
                                    "--engine", "ray", "--ray-address", address, "--actors", "2", "-q"],
@@ -187,8 +187,8 @@ def test_ray_engine_reads_audio_inside_a_hugging_face_dataset(tmp_path):
 
     from speechinstruct.engine_ray import extract_ray
 
-    shard_corpus("hf", hub_dataset(tmp_path / "tiny-asr"), tmp_path / "m", quiet=True)
-    extract(tmp_path / "m", tmp_path / "local", MFCC(), quiet=True)
+    shard_corpus("hf", hub_dataset(tmp_path / "tiny-asr"), tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "local", MFCC())
     ray.init(num_cpus=2, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
     stats = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1, block_seconds=2.0)
     assert stats["utterances"] == 6 and stats["errors"] == 1  # the cut-short flac, as locally
@@ -223,8 +223,8 @@ def test_extract_reads_webdataset_tar_members_on_the_ray_engine_as_locally(tmp_p
     from speechinstruct.engine_ray import extract_ray
 
     folder, _ = write_shards(tmp_path)
-    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
-    local = extract(tmp_path / "m", tmp_path / "local", MFCC(), quiet=True)
+    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x")
+    local = extract(tmp_path / "m", tmp_path / "local", MFCC())
     remote = extract_ray(tmp_path / "m", tmp_path / "ray", MFCC(), actors=1)
     assert (local["utterances"], local["errors"]) == (remote["utterances"], remote["errors"]) == (4, 0), (local, remote)
     for f in sorted((tmp_path / "local").glob("features-*.arrow")):

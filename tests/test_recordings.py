@@ -183,7 +183,7 @@ def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_pat
     for options, expected in (({"license": "CC0-1.0"}, []),
                               ({"license": "CC0-1.0", "asr": "whisper-1", "base_url": "http://127.0.0.1:9/v1"}, ["audio"])):
         path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "pods"), "options": options}]}))
-        assert Job(load_recipe(path), tmp_path / "work", quiet=True, force=False).transcribed == expected
+        assert Job(load_recipe(path), tmp_path / "work", force=False).transcribed == expected
 
 
 def test_the_vad_model_ships_inside_the_package_as_silero_vad_publishes_it(tmp_path):

@@ -40,7 +40,7 @@ def snapshot(folder):
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clean")
-    assert run(tiny_recipe(tmp / "r.yaml", tmp / "work"), quiet=True)["valid"]
+    assert run(tiny_recipe(tmp / "r.yaml", tmp / "work"))["valid"]
     return tmp / "work"
 
 
@@ -117,8 +117,8 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     good(other / "8-1-0000.flac")
     (other / "8-1.trans.txt").write_bytes(b"8-1-0000 CAF\xe9 LATIN-1\n")  # not UTF-8
 
-    summary = shard_corpus("librispeech", root, tmp_path / "m", quiet=True)
-    stats = extract(tmp_path / "m", tmp_path / "f", MFCC(), quiet=True)
+    summary = shard_corpus("librispeech", root, tmp_path / "m")
+    stats = extract(tmp_path / "m", tmp_path / "f", MFCC())
     import json
     errors = {json.loads(l)["id"].split("/")[1]: json.loads(l)["reason"]
               for f in (tmp_path / "f").glob("errors-*.jsonl") for l in f.read_text().splitlines()}
@@ -143,7 +143,7 @@ def test_gigaspeech_paths_that_escape_the_root_are_refused(tmp_path):
         {"aid": "a", "path": "../outside.opus", "segments": seg("a0")},
         {"aid": "b", "path": str(tmp_path / "outside.opus"), "segments": seg("b0")},
     ]}))
-    summary = shard_corpus("gigaspeech", root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("gigaspeech", root, tmp_path / "m")
     assert summary["utterances"] == 0 and summary["skipped"] == {"path escapes the corpus root": 2}
 
 
@@ -160,7 +160,7 @@ def test_api_key_never_reaches_any_output(tmp_path, monkeypatch):
         recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work", demo_corpus={"sentences": 12, "seed": 1},
                              llm={"base_url": server.url, "model": "local", "max_requests": 50},
                              compose={"chain_of_modality": {"max_pairs": 4, "rewrite": True}})
-        assert run(recipe, quiet=True)["valid"]
+        assert run(recipe)["valid"]
         assert len(server.requests) == 4
     assert key not in recipe.read_text()
     for f in (tmp_path / "work").rglob("*"):
@@ -189,21 +189,21 @@ def test_a_symlink_loop_in_a_corpus_is_skipped(librispeech_root, tmp_path):
     chapter = librispeech_root / "train-clean-100" / "1272" / "128104"
     (chapter / "1272-128104-0000.flac").unlink()
     os.symlink(chapter / "1272-128104-0000.flac", chapter / "1272-128104-0000.flac")  # points at itself
-    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     assert summary["skipped"]["path escapes the corpus root"] == 1 and summary["utterances"] == 3
     example = next(s for s in summary["skipped_examples"] if s["reason"] == "path escapes the corpus root")
     assert "symlink loop" in example["detail"]
 
 
 def test_stale_temp_files_of_a_killed_job_are_removed(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600, quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600)
     out = tmp_path / "f"
     out.mkdir()
     stale = [out / ".features-00000.arrow.tmp-abc123", out / ".errors-00000.jsonl.tmp-x"]
     other_task = out / ".features-00001.arrow.tmp-def456"  # a shard another job-array task owns
     for f in stale + [other_task]:
         f.write_bytes(b"half written")
-    extract(tmp_path / "m", out, MFCC(), num_shards=2, shard_index=0, quiet=True)
+    extract(tmp_path / "m", out, MFCC(), num_shards=2, shard_index=0)
     assert not any(f.exists() for f in stale) and other_task.exists()
     assert (out / "features-00000.arrow").is_file()
 
@@ -215,7 +215,7 @@ def test_a_second_extract_never_deletes_a_live_runs_temporary_files(librispeech_
 
     from speechinstruct.io import atomic_path
 
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     out = tmp_path / "f"
     out.mkdir()
     with atomic_path(out / "probe.txt") as tmp:
@@ -231,7 +231,7 @@ def test_a_second_extract_never_deletes_a_live_runs_temporary_files(librispeech_
         remote = out / f".features-00000.arrow.tmp-otherhost-{dead.pid}-z1x2c3v4"  # a live run elsewhere, maybe
         for f in (first, gone, remote):
             f.write_bytes(b"half written")
-        extract(tmp_path / "m", out, MFCC(), quiet=True)
+        extract(tmp_path / "m", out, MFCC())
         assert first.read_bytes() == b"half written" and remote.exists() and not gone.exists()
         assert (out / "features-00000.arrow").is_file()
     finally:
@@ -240,7 +240,7 @@ def test_a_second_extract_never_deletes_a_live_runs_temporary_files(librispeech_
 
 
 def test_two_extract_processes_on_one_shard_both_finish(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     cmd = [sys.executable, "-m", "speechinstruct.cli", "extract", str(tmp_path / "m"), str(tmp_path / "f"), "-q"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
@@ -278,9 +278,9 @@ def test_run_keeps_the_users_files_in_an_existing_dataset_folder(tmp_path):
     (mine / "data" / "mine" / "important.parquet").write_bytes(b"user data")
     (mine / "notes.md").write_text("mine\n")
     recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work", output={"dataset": str(mine), "vocoder": "none"})
-    assert run(recipe, quiet=True)["valid"]
+    assert run(recipe)["valid"]
     tiny_recipe(tmp_path / "r.yaml", tmp_path / "work", name="renamed", output={"dataset": str(mine), "vocoder": "none"})
-    assert run(recipe, quiet=True)["valid"]
+    assert run(recipe)["valid"]
     assert (mine / "data" / "mine" / "important.parquet").read_bytes() == b"user data"
     assert (mine / "notes.md").read_text() == "mine\n" and "# renamed" in (mine / "README.md").read_text()
 

@@ -24,7 +24,7 @@ def recipe(tmp_path, **over):
 
 
 def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, caplog):
-    summary = run(recipe(tmp_path), quiet=True)
+    summary = run(recipe(tmp_path))
     assert summary["valid"] and summary["k"] == 16
     assert summary["records"]["cross_modal"]["train"] == 48
     ds = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "chain_of_modality", split="train")
@@ -33,7 +33,7 @@ def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, caplog):
     first = {p: p.read_bytes() for p in (tmp_path / "work" / "dataset").rglob("*.parquet")}
 
     with caplog.at_level("INFO", logger="speechinstruct"):
-        again = run(recipe(tmp_path), quiet=True)
+        again = run(recipe(tmp_path))
     assert "[1/11] demo corpus: up to date" in caplog.messages
     assert again["stages_skipped"] == 10
     # the command: stage lines on stderr (none with -q), the summary alone on stdout
@@ -45,12 +45,12 @@ def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, caplog):
         assert ("validate: PASS" in result.stderr) is said
 
     # a changed k redoes clustering and everything after it, with the same result shape
-    changed = run(recipe(tmp_path, kmeans={"k": 12, "max_frames": 20000}), quiet=True)
+    changed = run(recipe(tmp_path, kmeans={"k": 12, "max_frames": 20000}))
     assert changed["k"] == 12 and changed["stages_skipped"] == 3  # demo, shard, extract
     meta = json.loads((tmp_path / "work" / "dataset" / "speechinstruct.json").read_text())
     assert meta["k"] == 12
     # and going back gives byte-identical output to the first run
-    run(recipe(tmp_path), quiet=True)
+    run(recipe(tmp_path))
     assert {p: p.read_bytes() for p in (tmp_path / "work" / "dataset").rglob("*.parquet")} == first
 
 
@@ -84,7 +84,7 @@ def test_recipe_with_an_existing_kmeans_file(tmp_path):
     np.save(km, np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32))  # 39 = MFCC dims
     dialogues = {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}, "dialogue": {"max_dialogues": 2},
                  "interleaved": {"max_words": 3}}
-    summary = run(recipe(tmp_path, kmeans={"path": str(km)}, compose=dialogues), quiet=True)
+    summary = run(recipe(tmp_path, kmeans={"path": str(km)}, compose=dialogues))
     assert summary["valid"] and summary["k"] == 10
     assert not (tmp_path / "work" / "kmeans").exists()  # nothing was fitted
     talks = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "dialogue", split="train")
@@ -93,7 +93,7 @@ def test_recipe_with_an_existing_kmeans_file(tmp_path):
     assert len(mixed) == 24  # every demo sentence has espeak-ng's word timings; the demo corpus is all train
     assert all(m[0] != m[1] for m in mixed["modalities"]) and mixed[0]["text"].startswith(("[TEXT]", "[SPEECH]"))
     np.save(km, np.random.default_rng(1).normal(size=(10, 39)).astype(np.float32))  # replaced in place
-    again = run(recipe(tmp_path, kmeans={"path": str(km)}), quiet=True)  # and dialogues no longer asked for
+    again = run(recipe(tmp_path, kmeans={"path": str(km)}))  # and dialogues no longer asked for
     assert again["stages_skipped"] == 3  # demo, shard, extract; quantize onwards redone
     assert again["valid"] and "dialogue" not in again["records"] and "interleaved" not in again["records"]
     assert not (tmp_path / "work" / "composed" / "dialogue").exists()
@@ -105,7 +105,7 @@ def test_run_on_a_release_with_test_sets_publishes_no_test_audio_as_training_dat
     folders. Their records go to validation/test (or nowhere), never to train."""
     path = recipe(tmp_path, demo_corpus=None, corpora=[{"name": "librispeech", "root": str(librispeech_release)}],
                   kmeans={"k": 8, "max_frames": 20000})
-    summary = run(path, quiet=True)
+    summary = run(path)
     assert summary["valid"]
     dataset = tmp_path / "work" / "dataset"
     eval_ids = {"2277-149896-0000", "2277-149896-0001", "1089-134686-0000", "1089-134686-0001"}
@@ -120,13 +120,13 @@ def test_run_on_a_release_with_test_sets_publishes_no_test_audio_as_training_dat
 
     path = recipe(tmp_path, demo_corpus=None, corpora=[{"name": "librispeech", "root": str(librispeech_release)}],
                   kmeans={"k": 8, "max_frames": 20000}, output={"eval_splits": False})
-    assert run(path, quiet=True)["valid"]
+    assert run(path)["valid"]
     assert set(datasets.load_dataset(str(dataset), "cross_modal")) == {"train"}
     assert "were left out of this dataset" in (dataset / "README.md").read_text()
 
 
 def test_demo_corpus_is_published_as_what_it_is(tmp_path):
-    run(recipe(tmp_path), quiet=True)
+    run(recipe(tmp_path))
     dataset = tmp_path / "work" / "dataset"
     cm = datasets.load_dataset(str(dataset), "cross_modal", split="train")
     assert set(cm["corpus"]) == {"speechinstruct-demo"} and all("espeak-ng" in x for x in cm["license"])
@@ -184,7 +184,7 @@ def test_secrets_are_refused_in_recipes_and_never_echoed(tmp_path, monkeypatch):
 def test_workdir_moves_the_outputs_and_a_second_run_is_refused(tmp_path):
     from speechinstruct.pipeline import workdir_lock
     path = recipe(tmp_path, output={"dataset": "ds", "report": "rep"})
-    run(path, workdir=tmp_path / "elsewhere", quiet=True)
+    run(path, workdir=tmp_path / "elsewhere")
     assert (tmp_path / "elsewhere" / "ds" / "README.md").is_file() and (tmp_path / "elsewhere" / "rep" / "index.html").is_file()
     assert not (tmp_path / "work").exists()
     with workdir_lock(tmp_path / "elsewhere"):  # as if another run held it
@@ -197,9 +197,9 @@ def test_force_deletes_only_what_the_stage_wrote(tmp_path):
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("the user's own file")
     path = recipe(tmp_path, output={"report": "my-report"})
-    run(path, quiet=True)
+    run(path)
     assert (mine / "index.html").is_file()
-    run(path, quiet=True, force=True)
+    run(path, force=True)
     assert (mine / "notes.txt").read_text() == "the user's own file" and (mine / "index.html").is_file()
 
 

@@ -14,6 +14,7 @@ from transcribe_server import TranscriptionServer
 from typer.testing import CliRunner
 
 from speechinstruct import audio
+from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
 from speechinstruct.score import (DNSMOS, EndpointASR, Gates, Judge, dnsmos_windows, error_rates, load_asr, normaliser,
                                   score)
@@ -178,14 +179,14 @@ def test_endpoint_asr_scores_and_counts_garbage_answers(tmp_path, speech):
         return SENTENCES[0].capitalize() + "." if abs(len(samples) - len(speech[0])) < 10 else b"<html>502</html>"
 
     with TranscriptionServer(answer) as server:
-        summary = score(tmp_path / "m", tmp_path / "s", Judge(None, EndpointASR(server.url, "whisper-1")), quiet=True)
+        summary = score(tmp_path / "m", tmp_path / "s", Judge(None, EndpointASR(server.url, "whisper-1")))
     assert server.requests[0]["model"] == "whisper-1" and server.requests[0]["sample_rate"] == 16000
     rows = pq.read_table(tmp_path / "s" / "scores-00000.parquet").to_pylist()
     assert [(r["wer"], r["cer"], r["dnsmos_ovrl"]) for r in rows] == [(0.0, 0.0, None)]
     assert summary["skip_reasons"] == {"transcription server answered no transcript": 1}
     # an answer whose body has ': ' in it ({"text": [...]}) is counted under the same reason, not split on it
     with TranscriptionServer(lambda samples, request: b'{"text": ["a", "b"]}') as server:
-        summary = score(tmp_path / "m", tmp_path / "s3", Judge(None, EndpointASR(server.url, "whisper-1")), quiet=True)
+        summary = score(tmp_path / "m", tmp_path / "s3", Judge(None, EndpointASR(server.url, "whisper-1")))
     assert summary["skip_reasons"] == {"transcription server answered no transcript": 2}
 
 
@@ -212,7 +213,7 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     for flac in root.rglob("*.flac"):  # word timings, so that interleaved records are made (and gated) too
         write_textgrid(flac.with_suffix(".TextGrid"), [{"word": "a", "start": 0.1, "end": 0.5},
                                                        {"word": "b", "start": 0.5, "end": 0.9}], sf.info(flac).duration)
-    summary = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=2.0, synthesized={"min_dnsmos": 1.5}), quiet=True)
+    summary = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=2.0, synthesized={"min_dnsmos": 1.5}))
     assert summary["valid"]
     ds = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="train")
     kept = sorted(set(ds["source_id"]))
@@ -251,9 +252,9 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     assert numbers["resynthesis_wer"] >= 0 and numbers["resynthesis_asr"]["kind"] == "ctc"
     assert "ASR WER" in (tmp_path / "r2" / "index.html").read_text()
     # the same recipe again is up to date; a stricter gate redoes compose, not the scoring
-    again = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=2.0, synthesized={"min_dnsmos": 1.5}), quiet=True)
+    again = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=2.0, synthesized={"min_dnsmos": 1.5}))
     assert again["stages_skipped"] == len(log)
-    stricter = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=4.5, synthesized={"min_dnsmos": 1.5}), quiet=True)
+    stricter = run(_recipe(tmp_path, root, dnsmos=True, min_dnsmos=4.5, synthesized={"min_dnsmos": 1.5}))
     assert stricter["records"].get("cross_modal", {}).get("train", 0) == 0  # every clip is below 4.5
     assert "score librispeech" in [s["stage"] for s in json.loads((tmp_path / "work" / "run-summary.json").read_text())["stages"]
                                    if s.get("skipped")]
@@ -290,9 +291,9 @@ def test_chain_of_modality_drops_pairs_whose_speech_the_asr_does_not_hear(tmp_pa
     extractor = load_extractor("mfcc")
     km = KMeans(np.random.default_rng(0).standard_normal((8, extractor.dim)).astype(np.float32))
     with TranscriptionServer(lambda samples, request: "Say hello!") as server:
-        summary = chain_of_modality(pairs, tmp_path / "com", extractor, km, make_tts("espeak", tmp_path / "cache"),
+        summary = chain_of_modality(pairs, tmp_path / "com", SpeechEncoder(km, extractor), make_tts("espeak", tmp_path / "cache"),
                                     formats=("speech-text",), judge=Judge(None, EndpointASR(server.url)),
-                                    gates=Gates(max_wer=0.5), quiet=True)
+                                    gates=Gates(max_wer=0.5))
     rows = pq.read_table(tmp_path / "com" / "train-00000.parquet").to_pylist()
     assert [r["source_id"] for r in rows] == ["p1"] and rows[0]["wer"] == 0.0 and rows[0]["cer"] == 0.0
     assert summary["dropped: quality: WER above 0.5"] == 1
@@ -320,7 +321,7 @@ def test_a_server_failing_for_a_while_is_retried_and_a_rerun_finishes_the_job(tm
 
     with TranscriptionServer(answer) as server:
         asr = EndpointASR(server.url, "whisper-1", threads=1)
-        summary = score(tmp_path / "m", tmp_path / "s", Judge(None, asr), quiet=True)
+        summary = score(tmp_path / "m", tmp_path / "s", Judge(None, asr))
         assert summary["utterances"] == 3 and summary["skipped"] == 0 and len(server.requests) == 7
 
         state.update(failures=10**6, status=429)  # down for longer than the retries last

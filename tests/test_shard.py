@@ -17,7 +17,7 @@ def rows(out):
 
 
 def test_librispeech(librispeech_root, tmp_path):
-    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     got = {r["id"]: r for r in rows(tmp_path / "m")}
     assert sorted(got) == [f"librispeech/1272-128104-000{i}" for i in range(3)] + ["librispeech/1462-170138-0000"]
     r = got["librispeech/1272-128104-0001"]
@@ -34,19 +34,19 @@ def test_librispeech(librispeech_root, tmp_path):
 
 def test_shards_by_hours_and_rerun_is_identical(librispeech_root, tmp_path):
     out = tmp_path / "m"
-    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600, quiet=True)
+    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600)
     files = sorted(p.name for p in out.glob("*.parquet"))
     assert files == ["manifest-00000.parquet", "manifest-00001.parquet"]
     first = {f: (out / f).read_bytes() for f in files}
-    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600, quiet=True)
+    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600)
     assert {f: (out / f).read_bytes() for f in files} == first
-    shard_corpus("librispeech", librispeech_root, out, shard_hours=10, quiet=True)  # fewer shards: stale ones go
+    shard_corpus("librispeech", librispeech_root, out, shard_hours=10)  # fewer shards: stale ones go
     assert sorted(p.name for p in out.glob("*.parquet")) == ["manifest-00000.parquet"]
     assert len(rows(out)) == 4
 
 
 def test_librilight_segments_follow_vad(librilight_root, tmp_path):
-    summary = shard_corpus("librilight", librilight_root, tmp_path / "m", max_seconds=5.0, quiet=True)
+    summary = shard_corpus("librilight", librilight_root, tmp_path / "m", max_seconds=5.0)
     got = rows(tmp_path / "m")
     windows = [x for r in got for x in (r["offset"], r["offset"] + r["duration"])]
     # [0.2,2.0]+[2.5,4.0] fit in 5 s; [4.4,9.6] is 5.2 s alone and is cut in two; [10.0,11.8] alone.
@@ -63,51 +63,51 @@ def test_librilight_segment_never_exceeds_max():
 
 
 def test_gigaspeech(gigaspeech_root, tmp_path):
-    summary = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m")
     got = {r["id"]: r for r in rows(tmp_path / "m")}
     assert got["gigaspeech/POD0000000001_S0000000"]["text"] == "AS THEY'RE LEAVING, CAN KASH PULL ZAHRA ASIDE?"
     assert got["gigaspeech/POD0000000001_S0000002"]["offset"] == 3.0
     assert got["gigaspeech/POD0000000001_S0000002"]["duration"] == pytest.approx(2.5)
     assert summary["skipped"] == {"garbage segment": 3, "missing audio file": 1}  # the eval files' <SIL> too
-    small = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "s", subset="S", quiet=True)
+    small = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "s", subset="S")
     assert small["utterances"] == 1
     with pytest.raises(ValueError, match="unknown GigaSpeech subset 'XXL'; choose one of XS, S, M, L, XL, DEV, TEST"):
-        shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "x", subset="XXL", quiet=True)
+        shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "x", subset="XXL")
 
 
 def test_gigaspeech_dev_and_test_subsets_are_marked_and_selectable(gigaspeech_root, tmp_path):
-    shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
+    shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m")
     got = {r["id"]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")}
     assert got == {"gigaspeech/YOU1000000038_S0000001": ("validation", "{DEV}"),
                    "gigaspeech/YOU1000000019_S0000001": ("test", "{TEST}"),
                    "gigaspeech/POD0000000001_S0000000": ("train", "{XS}"),
                    "gigaspeech/POD0000000001_S0000002": ("train", "{L}")}
-    dev = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "dev", subset="DEV", quiet=True)
+    dev = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "dev", subset="DEV")
     assert dev["utterances"] == 1 and dev["splits"]["validation"]["corpus_splits"] == {"{DEV}": 1}
-    xl = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "xl", subset="xl", quiet=True)
+    xl = shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "xl", subset="xl")
     assert set(xl["splits"]) == {"train"} and xl["utterances"] == 2  # XL never holds DEV/TEST segments
 
 
 def test_librispeech_release_keeps_dev_and_test_apart(librispeech_release, tmp_path):
-    summary = shard_corpus("librispeech", librispeech_release, tmp_path / "m", quiet=True)
+    summary = shard_corpus("librispeech", librispeech_release, tmp_path / "m")
     got = {r["id"]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")}
     assert got["librispeech/2277-149896-0000"] == ("validation", "dev-clean")
     assert got["librispeech/1089-134686-0001"] == ("test", "test-clean")
     assert got["librispeech/1272-128104-0000"] == ("train", "train-clean-100")
     assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"validation": 2, "test": 2, "train": 4}
     # ROOT may be one split folder; its name is the split
-    one = shard_corpus("librispeech", librispeech_release / "test-clean", tmp_path / "t", quiet=True)
+    one = shard_corpus("librispeech", librispeech_release / "test-clean", tmp_path / "t")
     assert set(one["splits"]) == {"test"}
     # --splits keeps some and counts the rest
-    only = shard_corpus("librispeech", librispeech_release, tmp_path / "o", splits="train,dev", quiet=True)
+    only = shard_corpus("librispeech", librispeech_release, tmp_path / "o", splits="train,dev")
     assert only["utterances"] == 6 and only["left_out_by_split"] == {"test": 2}
     assert {r["split"] for r in rows(tmp_path / "o")} == {"train", "validation"}  # dev: validation, as 0.2 named it
     with pytest.raises(ValueError, match=r"unknown split\(s\) \['valid'\]"):
-        shard_corpus("librispeech", librispeech_release, tmp_path / "x", splits="train,valid", quiet=True)
+        shard_corpus("librispeech", librispeech_release, tmp_path / "x", splits="train,valid")
 
 
 def test_librilight_is_train_with_its_size_folder(librilight_root, tmp_path):
-    shard_corpus("librilight", librilight_root, tmp_path / "m", quiet=True)
+    shard_corpus("librilight", librilight_root, tmp_path / "m")
     assert {(r["split"], r["corpus_split"]) for r in rows(tmp_path / "m")} == {("train", "small")}
 
 
@@ -117,7 +117,7 @@ def test_gigaspeech_normalize():
 
 
 def test_commonvoice_unquoted(commonvoice_root, tmp_path):
-    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m")
     got = {r["id"]: r for r in rows(tmp_path / "m")}
     assert got["commonvoice/en/common_voice_en_0"]["text"] == '"Quoted," she said, "twice."'
     assert got["commonvoice/en/common_voice_en_4"]["text"] == '"""Good-bye,"" said the dev clip.'  # raw, unquoted
@@ -130,20 +130,20 @@ def test_commonvoice_unquoted(commonvoice_root, tmp_path):
 
 def test_commonvoice_clips_of_dev_and_test_tsvs_stay_out_of_train(commonvoice_root, tmp_path):
     """validated.tsv also lists the dev and test clips: they are dev/test whichever TSV they are read from."""
-    shard_corpus("commonvoice", commonvoice_root, tmp_path / "v", quiet=True)
+    shard_corpus("commonvoice", commonvoice_root, tmp_path / "v")
     got = {r["id"].rsplit("/", 1)[1]: (r["split"], r["corpus_split"]) for r in rows(tmp_path / "v")}
     assert got == {"common_voice_en_0": ("train", "validated.tsv"), "common_voice_en_1": ("train", "validated.tsv"),
                    "common_voice_en_4": ("validation", "dev.tsv"), "common_voice_en_5": ("test", "test.tsv")}
     for tsv, split in (("train.tsv", "train"), ("dev.tsv", "validation"), ("test.tsv", "test")):
-        shard_corpus("commonvoice", commonvoice_root, tmp_path / tsv, tsv=tsv, quiet=True)
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / tsv, tsv=tsv)
         assert {r["split"] for r in rows(tmp_path / tsv)} == {split}
     # clip_durations.tsv lies beside the split TSVs; it is no clip list
     with pytest.raises(ValueError, match=r"clip_durations.tsv: header lacks columns \['client_id', 'path', 'sentence'\]"):
-        shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="clip_durations.tsv", quiet=True)
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="clip_durations.tsv")
     # without dev.tsv and test.tsv, validated.tsv cannot be split safely: refused with the way out
     (commonvoice_root / "dev.tsv").unlink(), (commonvoice_root / "test.tsv").unlink()
     with pytest.raises(FileNotFoundError, match=r"neither dev.tsv nor test.tsv is here.*--tsv train.tsv"):
-        shard_corpus("commonvoice", commonvoice_root, tmp_path / "x", quiet=True)
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "x")
 
 
 def test_commonvoice_folder_with_only_validated_tsv(commonvoice_root, tmp_path):
@@ -152,9 +152,9 @@ def test_commonvoice_folder_with_only_validated_tsv(commonvoice_root, tmp_path):
     for name in ("dev.tsv", "test.tsv", "train.tsv"):
         (commonvoice_root / name).unlink()
     with pytest.raises(FileNotFoundError, match=r"neither dev.tsv nor test.tsv.*--tsv validated.tsv") as refused:
-        shard_corpus("commonvoice", commonvoice_root, tmp_path / "x", quiet=True)
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "x")
     assert "train.tsv" not in str(refused.value)
-    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="validated.tsv", quiet=True)
+    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="validated.tsv")
     assert {r["split"] for r in rows(tmp_path / "m")} == {"train"} and summary["utterances"] == 4
     assert len(summary["notes"]) == 1 and "neither dev.tsv nor test.tsv" in summary["notes"][0]
     result = CliRunner().invoke(app, ["shard", "commonvoice", str(commonvoice_root), str(tmp_path / "c"), "-q"])
@@ -165,11 +165,11 @@ def test_commonvoice_folder_with_only_validated_tsv(commonvoice_root, tmp_path):
     # a named TSV whose dev/test lists are present still keeps their clips out of train
     (commonvoice_root / "dev.tsv").write_text((commonvoice_root / "validated.tsv").read_text().splitlines()[0]
                                               + "\n" + "fff\tcommon_voice_en_4.mp3\ts5\tx\t\t2\t0\t\t\t\t\ten\t\n")
-    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="validated.tsv", quiet=True)
+    summary = shard_corpus("commonvoice", commonvoice_root, tmp_path / "d", tsv="validated.tsv")
     assert {r["id"].rsplit("/", 1)[1]: r["split"] for r in rows(tmp_path / "d")}["common_voice_en_4"] == "validation"
     assert "notes" not in summary
     with pytest.raises(FileNotFoundError, match=r"nope.tsv: missing.*TSVs here: .*validated.tsv"):
-        shard_corpus("commonvoice", commonvoice_root, tmp_path / "n", tsv="nope.tsv", quiet=True)
+        shard_corpus("commonvoice", commonvoice_root, tmp_path / "n", tsv="nope.tsv")
 
 
 @pytest.mark.parametrize("name, split", [
@@ -201,7 +201,7 @@ def test_hub_librispeech_file_names_keep_validation_out_of_train(tmp_path):
         sf.write(buf, speechlike(0.5, seed=len(split)), 16000, format="FLAC")
         table = pa.table({"audio": [{"bytes": buf.getvalue(), "path": "a.flac"}], "text": ["hello"]})
         pq.write_table(table, root / f"{split}-00000-of-00001.parquet")
-    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m", split_map=["heldout_a=test"], quiet=True)
+    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m", split_map=["heldout_a=test"])
     got = {r["corpus_split"]: r["split"] for r in rows(tmp_path / "m")}
     assert got == {"train.clean.100": "train", "validation.clean": "validation", "test.other": "test",
                    "heldout_a": "test", "mystery": "train"}
@@ -216,7 +216,7 @@ def test_hub_librispeech_file_names_keep_validation_out_of_train(tmp_path):
 
 
 def test_commonvoice_quoted_tsv(commonvoice_root, tmp_path):
-    shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="resaved.tsv", quiet=True)
+    shard_corpus("commonvoice", commonvoice_root, tmp_path / "m", tsv="resaved.tsv")
     (row,) = rows(tmp_path / "m")
     assert row["text"] == 'Tab here and newline "too"'
 
@@ -226,7 +226,7 @@ def test_symlink_out_of_root_is_refused(librispeech_root, tmp_path):
     chapter = librispeech_root / "train-clean-100" / "1272" / "128104"
     os.replace(chapter / "1272-128104-0000.flac", outside)
     os.symlink(outside, chapter / "1272-128104-0000.flac")
-    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m", quiet=True)
+    summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     assert summary["skipped"]["path escapes the corpus root"] == 1
 
 
@@ -245,7 +245,7 @@ def test_cli_shard_and_clear_errors(librispeech_root, tmp_path):
 def test_gigaspeech_malformed_metadata_is_clear(gigaspeech_root, tmp_path):
     (gigaspeech_root / "GigaSpeech.json").write_text('{"audios": [{"aid": "x", "path": "a.opus", "segments": [')
     with pytest.raises(ValueError, match="GigaSpeech.json: not valid GigaSpeech metadata"):
-        shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m", quiet=True)
+        shard_corpus("gigaspeech", gigaspeech_root, tmp_path / "m")
 
 
 def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():

@@ -66,7 +66,7 @@ def hub_dataset(root, corrupt: bool = True):
 def test_hub_parquet_folder_shards_with_splits_license_and_a_counted_corrupt_row(tmp_path):
     root = hub_dataset(tmp_path / "tiny-asr")
     assert "huggingface" in pq.read_schema(root / "data" / "train-00000-of-00002.parquet").metadata.keys().__repr__()
-    summary = shard_corpus("hf", root, tmp_path / "manifest", speaker_column="speaker_id", quiet=True)
+    summary = shard_corpus("hf", root, tmp_path / "manifest", speaker_column="speaker_id")
     assert summary["skipped"] == {"unreadable audio": 1}
     assert summary["skipped_examples"][0]["path"] == "data/train-00001-of-00002.parquet row 1"
     assert summary["splits"]["train"]["utterances"] == 5 and summary["splits"]["validation"]["utterances"] == 2
@@ -107,7 +107,7 @@ def test_save_to_disk_folder_reads_like_its_parquet_twin(tmp_path):
     dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(r).cast_column("audio", datasets.Audio()) for s, r in rows.items()})
     dd.save_to_disk(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "dataset_dict.json").is_file()
-    summary = shard_corpus("hf", tmp_path / "saved", tmp_path / "manifest", quiet=True)
+    summary = shard_corpus("hf", tmp_path / "saved", tmp_path / "manifest")
     assert summary["skipped"] == {} and {k: v["utterances"] for k, v in summary["splits"].items()} == {"train": 3, "test": 2}
     manifest = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
     assert manifest[0]["path"] == "train/data-00000-of-00001.arrow"
@@ -202,7 +202,7 @@ def test_kaldi_data_dirs_shard_with_segments_splits_and_pipes_refused(tmp_path):
     assert rows["kaldi/dev_clean/rec2"]["split"] == "validation" and rows["kaldi/dev_clean/rec2"]["duration"] == pytest.approx(4.0)
     full, _ = sf.read(audio / "rec0.flac", dtype="float32")
     np.testing.assert_allclose(decode_row(seg, audio), full[24000:24000 + 38400], atol=1e-6)
-    stats = extract(tmp_path / "manifest", tmp_path / "feats", MFCC(), quiet=True)
+    stats = extract(tmp_path / "manifest", tmp_path / "feats", MFCC())
     assert stats["utterances"] == 4 and stats["errors"] == 0
 
 
@@ -226,7 +226,7 @@ def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cut
     manifests.mkdir()
     RecordingSet.from_recordings(recordings + [remote]).to_file(manifests / "librispeech_recordings_dev-clean.jsonl.gz")
     SupervisionSet.from_segments(sups).to_file(manifests / "librispeech_supervisions_dev-clean.jsonl.gz")
-    summary = shard_corpus("lhotse", manifests, tmp_path / "manifest", quiet=True)
+    summary = shard_corpus("lhotse", manifests, tmp_path / "manifest")
     assert summary["root"] == str(audio)
     assert summary["skipped"] == {"audio source is not one file (not read)": 1}
     assert summary["splits"] == {"validation": {"utterances": 3, "hours": 0.0014, "corpus_splits": {"dev-clean": 3}}}
@@ -240,7 +240,7 @@ def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cut
     cuts_dir = tmp_path / "cuts"
     cuts_dir.mkdir()
     cuts.to_file(cuts_dir / "librispeech_cuts_train-clean-5.jsonl.gz")
-    by_cut = shard_corpus("lhotse", cuts_dir, tmp_path / "from-cuts", quiet=True)
+    by_cut = shard_corpus("lhotse", cuts_dir, tmp_path / "from-cuts")
     assert by_cut["splits"]["train"]["utterances"] == 3 and by_cut["skipped"] == {}
     cut_rows = sorted((r["offset"], r["duration"], r["text"]) for f in manifest_files(tmp_path / "from-cuts")
                       for r in pq.read_table(f).to_pylist())
@@ -309,7 +309,7 @@ def test_rows_without_embedded_audio_are_counted_skips_naming_file_and_row(tmp_p
                                                   {"bytes": None, "path": "/elsewhere/b.flac"}],
                                         "text": ["one", "two"]})
     table.to_parquet(str(tmp_path / "ds" / "train-00000-of-00001.parquet"))
-    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m", quiet=True)
+    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m")
     assert summary["utterances"] == 1 and summary["skipped"] == {"no embedded audio bytes": 1}
     assert summary["skipped_examples"] == [{"path": "train-00000-of-00001.parquet row 1", "reason": "no embedded audio bytes",
                                             "detail": "the audio column holds only the path '/elsewhere/b.flac'"}]
@@ -331,7 +331,7 @@ def test_a_lhotse_cuts_file_is_a_root_in_a_recipe_too(tmp_path):
         recipe.write_text(yaml.safe_dump({"demo_corpus": None, "corpora": [{"name": "lhotse", "root": str(root)}]}))
         if ok:
             assert load_recipe(recipe)["corpora"][0]["root"] == str(root)
-            assert shard_corpus("lhotse", root, tmp_path / "m", quiet=True)["utterances"] == 1
+            assert shard_corpus("lhotse", root, tmp_path / "m")["utterances"] == 1
         else:
             with pytest.raises(Exception, match="is neither a folder nor a manifest file"):
                 load_recipe(recipe)

@@ -13,6 +13,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from speechinstruct import audio
+from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
 from speechinstruct.speakers import GE2E, XVector, cluster_speakers
 from speechinstruct.tts import EspeakTTS
@@ -172,8 +173,8 @@ def test_a_dialogue_turn_spoken_in_the_wrong_voice_is_dropped_by_the_similarity_
     engine = Swapped(EspeakTTS(voices=VOICES[:2]), tmp_path / "tts")
     chats = good_and_bad_chats(tmp_path)
     km = U.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
-    summary = dialogue(chats, tmp_path / "out", MFCC(), km, engine, judge=Judge(speaker=GE2E()),
-                       gates=Gates(min_speaker_similarity=0.8), quiet=True)
+    summary = dialogue(chats, tmp_path / "out", SpeechEncoder(km, MFCC()), engine, judge=Judge(speaker=GE2E()),
+                       gates=Gates(min_speaker_similarity=0.8))
     assert summary["records"] == 1 and summary["dropped: quality: speaker similarity below 0.8"] == 1
     assert [d["id"] for d in summary["dropped_examples"]] == ["bad"]
 
@@ -192,7 +193,7 @@ def test_a_duplex_turn_spoken_in_the_wrong_voice_is_dropped_and_the_others_kept(
 
     chats = good_and_bad_chats(tmp_path)
     summary = duplex(chats, tmp_path / "out", Swapped(voices=VOICES[:2]), judge=Judge(speaker=GE2E()),
-                     gates=Gates(min_speaker_similarity=0.8), quiet=True)
+                     gates=Gates(min_speaker_similarity=0.8))
     assert summary["conversations"] == 1
     assert [(d["id"], d["reason"].split(" (")[0]) for d in summary["dropped_examples"]] == [
         ("bad", "quality: speaker similarity below 0.8")]
@@ -211,7 +212,7 @@ def test_a_recipe_with_language_and_speaker_gates_judges_measures_and_reports(tm
             "quality": {"languages": ["en"], "synthesized": {"min_speaker_similarity": 0.5}},
             "output": {"vocoder": "none"}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    summary = run(tmp_path / "r.yaml", quiet=True)
+    summary = run(tmp_path / "r.yaml")
     assert summary["valid"] and summary["inferred"] == [
         "quality.speaker: resemblyzer (quality.synthesized.min_speaker_similarity is set)",
         "quality.language: true (quality.languages is set)"]

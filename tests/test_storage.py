@@ -96,8 +96,8 @@ def rows_of(folder):
 def test_a_corpus_in_a_bucket_shards_as_its_local_copy_does(bucket, tmp_path):
     local = write_librispeech(tmp_path / "LibriSpeech")
     upload(bucket["client"], local, "ls-shard/LibriSpeech")
-    summary = shard_corpus("librispeech", "s3://corpus/ls-shard/LibriSpeech", tmp_path / "remote", quiet=True)
-    expected = shard_corpus("librispeech", local, tmp_path / "local", quiet=True)
+    summary = shard_corpus("librispeech", "s3://corpus/ls-shard/LibriSpeech", tmp_path / "remote")
+    expected = shard_corpus("librispeech", local, tmp_path / "local")
     assert summary["remote"] == "s3://corpus/ls-shard/LibriSpeech"
     assert summary["root"] == str(tmp_path / "cache" / "s3" / "corpus" / "ls-shard" / "LibriSpeech")
     assert summary["utterances"] == expected["utterances"] == 4
@@ -109,10 +109,10 @@ def test_a_rerun_downloads_nothing_and_follows_what_changed_in_the_bucket(bucket
     client = bucket["client"]
     for name, body in {"a.txt": b"first", "sub/b.txt": b"second", "sub/c.txt": b"third"}.items():
         client.put_object(Bucket="corpus", Key=f"rerun/{name}", Body=body)
-    first = storage.mirror("s3://corpus/rerun", quiet=True)
+    first = storage.mirror("s3://corpus/rerun")
     assert (first.files, first.downloaded, first.removed) == (3, 3, 0)
     stamps = {p: p.stat().st_mtime_ns for p in first.path.rglob("*.txt")}
-    again = storage.mirror("s3://corpus/rerun", quiet=True)
+    again = storage.mirror("s3://corpus/rerun")
     assert (again.downloaded, again.downloaded_bytes) == (0, 0)
     assert {p: p.stat().st_mtime_ns for p in first.path.rglob("*.txt")} == stamps  # not one file rewritten
 
@@ -120,7 +120,7 @@ def test_a_rerun_downloads_nothing_and_follows_what_changed_in_the_bucket(bucket
     client.delete_object(Bucket="corpus", Key="rerun/sub/c.txt")
     client.put_object(Bucket="corpus", Key="rerun/d.txt", Body=b"fourth")
     (first.path / "sub" / "b.txt").write_bytes(b"sec")  # a copy cut short (a disk full, a hand edit)
-    changed = storage.mirror("s3://corpus/rerun", quiet=True)
+    changed = storage.mirror("s3://corpus/rerun")
     assert (changed.files, changed.downloaded, changed.removed) == (3, 3, 1)
     assert {p.relative_to(first.path).as_posix(): p.read_bytes() for p in first.path.rglob("*.txt")} == {
         "a.txt": b"FIRST", "sub/b.txt": b"second", "d.txt": b"fourth"}  # c.txt, gone from the bucket, is gone here
@@ -131,8 +131,8 @@ def test_tar_shards_in_a_bucket_are_read_by_their_pattern(bucket, tmp_path):
     upload(bucket["client"], folder, "wds")
     bucket["client"].put_object(Bucket="corpus", Key="wds/train-000009.tar", Body=b"not named by the pattern")
     pattern = "s3://corpus/wds/train-{000000..000001}.tar"
-    summary = shard_corpus("webdataset", pattern, tmp_path / "remote", quiet=True, license="CC-BY-4.0")
-    expected = shard_corpus("webdataset", str(folder / "train-{000000..000001}.tar"), tmp_path / "local", quiet=True,
+    summary = shard_corpus("webdataset", pattern, tmp_path / "remote", license="CC-BY-4.0")
+    expected = shard_corpus("webdataset", str(folder / "train-{000000..000001}.tar"), tmp_path / "local",
                             license="CC-BY-4.0")
     assert summary["remote"] == pattern and summary["utterances"] == expected["utterances"] == 4
     assert [r["tar_offset"] for r in rows_of(tmp_path / "remote")] == [r["tar_offset"] for r in rows_of(tmp_path / "local")]
@@ -142,12 +142,12 @@ def test_tar_shards_in_a_bucket_are_read_by_their_pattern(bucket, tmp_path):
     assert result.exit_code == 0, result.output  # the members are read in place, in the cache's copy
     assert len(list((tmp_path / "features").glob("features-*.arrow"))) == 1
     bucket["client"].delete_object(Bucket="corpus", Key="wds/train-000001.tar")  # its copy is in the cache
-    again = shard_corpus("webdataset", pattern, tmp_path / "again", quiet=True, license="CC-BY-4.0")
+    again = shard_corpus("webdataset", pattern, tmp_path / "again", license="CC-BY-4.0")
     assert again["utterances"] == 3 and {r["path"] for r in rows_of(tmp_path / "again")} == {"train-000000.tar"}
 
 
 def test_a_stage_input_may_be_a_url(bucket, tmp_path, librispeech_root):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", quiet=True)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
     upload(bucket["client"], tmp_path / "manifest", "stage/manifest")
     result = runner.invoke(app, ["extract", "s3://corpus/stage/manifest", str(tmp_path / "features"), "-q"])
     assert result.exit_code == 0, result.output
@@ -201,11 +201,11 @@ def test_a_download_cut_off_leaves_no_half_file_and_the_rerun_fetches_only_the_r
 
     monkeypatch.setattr(fs, "get_file", cut_off)
     with pytest.raises(storage.StorageError, match="s3://corpus/cut/b.bin: cannot reach the storage"):
-        storage.mirror("s3://corpus/cut", quiet=True)
+        storage.mirror("s3://corpus/cut")
     copy = tmp_path / "cache" / "s3" / "corpus" / "cut"
     assert sorted(p.name for p in copy.iterdir()) == ["a.bin", "c.bin"]  # no b.bin, whole or half
     monkeypatch.setattr(fs, "get_file", whole)
-    rerun = storage.mirror("s3://corpus/cut", quiet=True)
+    rerun = storage.mirror("s3://corpus/cut")
     assert rerun.downloaded == 1 and (copy / "b.bin").read_bytes() == b"b.bin" * 1000
 
 
@@ -236,15 +236,15 @@ def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):
         local = write_librispeech(tmp_path / "LibriSpeech")
         hub.files["user/corpus"] = {f"LibriSpeech/{p.relative_to(local).as_posix()}": p.read_bytes()
                                     for p in sorted(local.rglob("*")) if p.is_file()}
-        summary = shard_corpus("librispeech", "hf://datasets/user/corpus/LibriSpeech", tmp_path / "m", quiet=True)
-        expected = shard_corpus("librispeech", local, tmp_path / "local", quiet=True)
+        summary = shard_corpus("librispeech", "hf://datasets/user/corpus/LibriSpeech", tmp_path / "m")
+        expected = shard_corpus("librispeech", local, tmp_path / "local")
         assert summary["remote"] == "hf://datasets/user/corpus/LibriSpeech" and summary["utterances"] == 4
         assert rows_of(tmp_path / "m") == rows_of(tmp_path / "local") and summary["skipped"] == expected["skipped"]
         fetched = [c for c in hub.calls if "/resolve/" in c[1] and c[0] == "GET"]
-        again = storage.mirror("hf://datasets/user/corpus/LibriSpeech", quiet=True)
+        again = storage.mirror("hf://datasets/user/corpus/LibriSpeech")
         assert again.downloaded == 0 and [c for c in hub.calls if "/resolve/" in c[1] and c[0] == "GET"] == fetched
         with pytest.raises(storage.StorageError, match="hf://datasets/user/nothing: no such bucket, file or folder"):
-            storage.mirror("hf://datasets/user/nothing", quiet=True)
+            storage.mirror("hf://datasets/user/nothing")
     finally:
         hub.close()
 
@@ -266,7 +266,7 @@ def test_tasks_copying_one_url_at_once_download_each_file_once(bucket, monkeypat
 
     monkeypatch.setattr(fs, "get_file", slow)
     copies = []
-    tasks = [threading.Thread(target=lambda: copies.append(storage.mirror("s3://corpus/together", quiet=True)))
+    tasks = [threading.Thread(target=lambda: copies.append(storage.mirror("s3://corpus/together")))
              for _ in range(3)]
     for task in tasks:
         task.start()
@@ -301,18 +301,18 @@ def test_lhotse_recordings_in_a_bucket_are_copied_once_and_read(bucket, tmp_path
         (tmp_path / name).mkdir()
         RecordingSet.from_recordings(recordings).to_file(tmp_path / name / "x_recordings_train.jsonl.gz")
         SupervisionSet.from_segments(sups).to_file(tmp_path / name / "x_supervisions_train.jsonl.gz")
-    summary = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-remote", quiet=True, license="CC0-1.0")
-    expected = shard_corpus("lhotse", tmp_path / "local", tmp_path / "m-local", quiet=True, license="CC0-1.0")
+    summary = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-remote", license="CC0-1.0")
+    expected = shard_corpus("lhotse", tmp_path / "local", tmp_path / "m-local", license="CC0-1.0")
     assert summary["root"] == str(tmp_path / "cache" / "s3" / "corpus" / "lh" / "audio")
     assert summary["skipped"] == {"missing audio file": 1} and summary["utterances"] == 2
     assert rows_of(tmp_path / "m-remote") == [r for r in rows_of(tmp_path / "m-local") if r["id"] != "lhotse/train/r2-0"]
     assert expected["utterances"] == 3
     copies = sorted((tmp_path / "cache" / "s3" / "corpus" / "lh" / "audio").iterdir())
     stamps = [p.stat().st_mtime_ns for p in copies]
-    again = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-again", quiet=True, license="CC0-1.0")
+    again = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-again", license="CC0-1.0")
     assert again["utterances"] == 2 and [p.stat().st_mtime_ns for p in copies] == stamps  # nothing fetched twice
     bucket["client"].delete_object(Bucket="corpus", Key="lh/audio/r1.flac")  # its old copy stays in the cache
-    gone = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-gone", quiet=True, license="CC0-1.0")
+    gone = shard_corpus("lhotse", tmp_path / "remote", tmp_path / "m-gone", license="CC0-1.0")
     assert gone["skipped"] == {"missing audio file": 2} and [r["id"] for r in rows_of(tmp_path / "m-gone")] == ["lhotse/train/r0-0"]
 
 
@@ -323,7 +323,7 @@ def test_a_node_without_the_copy_fetches_the_files_its_rows_read(bucket, tmp_pat
 
     local = write_librispeech(tmp_path / "LibriSpeech")
     upload(bucket["client"], local, "node/LibriSpeech")
-    shard_corpus("librispeech", "s3://corpus/node/LibriSpeech", tmp_path / "manifest", quiet=True)
+    shard_corpus("librispeech", "s3://corpus/node/LibriSpeech", tmp_path / "manifest")
     expected = extract_features(tmp_path / "manifest", tmp_path / "here")
     shutil.rmtree(tmp_path / "cache")
     assert len(expected) == 4 and extract_features(tmp_path / "manifest", tmp_path / "there") == expected
@@ -335,7 +335,7 @@ def extract_features(manifest, out):
     from speechinstruct.extract import extract
     from speechinstruct.features import MFCC
 
-    extract(manifest, out, MFCC(), quiet=True)
+    extract(manifest, out, MFCC())
     return {i: frames.tobytes() for f in sorted(out.glob("features-*.arrow")) for i, frames in zip(*read_features(f))}
 
 
@@ -384,10 +384,10 @@ def test_bucket_keys_that_climb_out_of_the_copy_are_skipped_and_counted(bucket, 
     evil = "esc/LibriSpeech/" + "../" * depth + "victim.txt"
     bucket["client"].put_object(Bucket="corpus", Key=evil, Body=b"overwritten")
     bucket["client"].put_object(Bucket="corpus", Key="esc/LibriSpeech/./dot.txt", Body=b"x")
-    summary = shard_corpus("librispeech", "s3://corpus/esc/LibriSpeech", tmp_path / "out", quiet=True)
+    summary = shard_corpus("librispeech", "s3://corpus/esc/LibriSpeech", tmp_path / "out")
     assert victim.read_text() == "mine"
     assert not any(p.name == "victim.txt" for p in (tmp_path / "cache").rglob("*"))
     assert summary["skipped"]["unsafe name in the bucket"] == 2
     assert summary["utterances"] == 4  # the corpus itself is read as before
-    copy = storage.mirror("s3://corpus/esc/LibriSpeech", quiet=True)
+    copy = storage.mirror("s3://corpus/esc/LibriSpeech")
     assert sorted(copy.refused) == ["../" * depth + "victim.txt", "./dot.txt"]

@@ -16,7 +16,7 @@ def dataset(tmp_path_factory):
               "compose": {"pretrain": {"dev_fraction": 0.25}, "chain_of_modality": {"max_pairs": 6, "all_formats": True}},
               "output": {"vocoder": "none"}}  # the report's listening table is tested elsewhere (test_listen.py)
     (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
-    assert run(tmp / "r.yaml", quiet=True)["valid"]
+    assert run(tmp / "r.yaml")["valid"]
     return tmp / "work" / "dataset"
 
 
@@ -182,13 +182,13 @@ def fast(**kw):
 
 
 def test_three_stages_loss_decreases_and_chain(base_model, dataset, tmp_path):
-    s1 = T.train(1, base_model, dataset, tmp_path / "s1", fast(max_steps=25), quiet=True)
+    s1 = T.train(1, base_model, dataset, tmp_path / "s1", fast(max_steps=25))
     losses = [h["loss"] for h in s1["history"]]
     assert losses[-1] < losses[0] * 0.8
-    s2 = T.train(2, tmp_path / "s1" / "model", dataset, tmp_path / "s2", fast(max_steps=25), quiet=True)
+    s2 = T.train(2, tmp_path / "s1" / "model", dataset, tmp_path / "s2", fast(max_steps=25))
     assert s2["tokens_added"] == 0  # stage 1's vocabulary carried over
     assert s2["history"][-1]["loss"] < s2["history"][0]["loss"]
-    s3 = T.train(3, tmp_path / "s2" / "model", dataset, tmp_path / "s3", fast(max_steps=6, merge=True, max_length=1024), quiet=True)
+    s3 = T.train(3, tmp_path / "s2" / "model", dataset, tmp_path / "s3", fast(max_steps=6, merge=True, max_length=1024))
     assert s3["steps"] == 6 and s3["tokens_added"] == 0
     assert (tmp_path / "s3" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "s3" / "merged" / "config.json").is_file()
@@ -207,9 +207,9 @@ def test_three_stages_loss_decreases_and_chain(base_model, dataset, tmp_path):
 
 
 def test_resume_continues_from_saved_step(base_model, dataset, tmp_path):
-    straight = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=6), quiet=True)
-    T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=4), quiet=True)
-    resumed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=6), quiet=True)
+    straight = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=6))
+    T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=4))
+    resumed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=6))
     assert [h["step"] for h in resumed["history"]] == [5, 6]
     from safetensors.torch import load_file
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
@@ -273,9 +273,9 @@ def architectures(tmp_path_factory, llama_sentencepiece):
 def test_three_stages_on_llama_qwen2_and_gpt2(architectures, dataset, tmp_path, arch, lora_targets):
     """Any causal LM: LoRA targets come from peft's table for the architecture (GPT-2: c_attn)."""
     base = architectures[arch]
-    T.train(1, base, dataset, tmp_path / "s1", fast(max_steps=2), quiet=True)
-    T.train(2, tmp_path / "s1" / "model", dataset, tmp_path / "s2", fast(max_steps=2), quiet=True)
-    s3 = T.train(3, tmp_path / "s2" / "model", dataset, tmp_path / "s3", fast(max_steps=2, max_length=1024), quiet=True)
+    T.train(1, base, dataset, tmp_path / "s1", fast(max_steps=2))
+    T.train(2, tmp_path / "s1" / "model", dataset, tmp_path / "s2", fast(max_steps=2))
+    s3 = T.train(3, tmp_path / "s2" / "model", dataset, tmp_path / "s3", fast(max_steps=2, max_length=1024))
     assert s3["steps"] == 2
     cfg = json.loads((tmp_path / "s3" / "adapter" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == lora_targets
@@ -283,7 +283,7 @@ def test_three_stages_on_llama_qwen2_and_gpt2(architectures, dataset, tmp_path, 
 
 def test_unknown_lora_targets_are_one_clear_line(architectures, dataset, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA on gpt2: .*--lora-targets"):
-        T.train(3, architectures["gpt2"], dataset, tmp_path / "s3", fast(max_steps=1, lora_targets=["q_proj"]), quiet=True)
+        T.train(3, architectures["gpt2"], dataset, tmp_path / "s3", fast(max_steps=1, lora_targets=["q_proj"]))
 
 
 def test_process_share_never_empty():
@@ -298,7 +298,7 @@ def test_chat_prompt_is_the_training_format(base_model, dataset, tmp_path):
     """The prompt chat sends is exactly the beginning of the records the model was trained on, token for token."""
     import datasets
     from speechinstruct.chat import Chat
-    T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1), quiet=True)
+    T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1))
     for config, kind in (("chain_of_modality", "chain_of_modality"), ("cross_modal", "cross_modal")):
         bot = Chat(tmp_path / "s2" / "model", kind=kind)
         for r in datasets.load_dataset(str(dataset), config, split="train"):
@@ -430,17 +430,17 @@ def test_train_after_another_accelerator_of_another_precision_in_the_process(bas
     from accelerate import Accelerator
 
     Accelerator(mixed_precision="bf16", cpu=True)
-    result = T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1, bf16=False), quiet=True)
+    result = T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1, bf16=False))
     assert result["steps"] == 1
 
 
 def test_gradient_checkpointing_and_the_attention_kernel_leave_the_losses_as_they_were(base_model, dataset, tmp_path):
     """Activations recomputed in the backward pass, and eager attention instead of torch's SDPA: the same losses
     (the same arithmetic, in another order), on the CPU."""
-    plain = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=3), quiet=True)
-    checkpointed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=3, gradient_checkpointing=True), quiet=True)
-    eager = T.train(2, base_model, dataset, tmp_path / "c", fast(max_steps=3, attention="eager"), quiet=True)
+    plain = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=3))
+    checkpointed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=3, gradient_checkpointing=True))
+    eager = T.train(2, base_model, dataset, tmp_path / "c", fast(max_steps=3, attention="eager"))
     for other in (checkpointed, eager):
         assert [h["loss"] for h in other["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-4)
     with pytest.raises(ValueError, match="attention 'nonsense'"):
-        T.train(2, base_model, dataset, tmp_path / "d", fast(max_steps=1, attention="nonsense"), quiet=True)
+        T.train(2, base_model, dataset, tmp_path / "d", fast(max_steps=1, attention="nonsense"))

@@ -99,7 +99,7 @@ def test_resynth_speaks_every_record_kind_of_a_published_dataset(tmp_path):
     recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "demo_corpus": {"sentences": 12, "seed": 1},
                                       "kmeans": {"k": 16, "max_frames": 20000},
                                       "compose": {"chain_of_modality": {"max_pairs": 4}}}))
-    run(recipe, quiet=True)
+    run(recipe)
     cfg = vocoder_config(True, k=16)
     save_vocoder(tmp_path / "voc", cfg, random_generator_state(cfg))
     runner = CliRunner()

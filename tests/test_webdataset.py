@@ -64,8 +64,7 @@ def test_shards_become_rows_that_point_into_their_tars(shards, tmp_path):
     from speechinstruct.extract import decode_row
 
     folder, clips = shards
-    summary = shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="CC-BY-4.0",
-                           quiet=True)
+    summary = shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="CC-BY-4.0")
     assert summary["root"] == str(folder.resolve())
     assert summary["skipped"] == {"sample without audio": 1, "unreadable audio": 1}
     rows = rows_of(tmp_path / "m")
@@ -88,7 +87,7 @@ def test_shards_become_rows_that_point_into_their_tars(shards, tmp_path):
 
 def test_the_split_comes_from_the_tar_name_and_a_license_is_required(shards, tmp_path):
     folder, _ = shards
-    summary = shard_corpus("webdataset", str(folder / "validation-000000.tar"), tmp_path / "v", license="CC0-1.0", quiet=True)
+    summary = shard_corpus("webdataset", str(folder / "validation-000000.tar"), tmp_path / "v", license="CC0-1.0")
     assert summary["splits"]["validation"]["utterances"] == 1
     assert rows_of(tmp_path / "v")["webdataset/validation-000000/v000"]["text"] == "held out"
     result = runner.invoke(app, ["shard", "webdataset", f"{folder}/train-{{000000..000001}}.tar", str(tmp_path / "x")])
@@ -100,12 +99,12 @@ def test_the_split_comes_from_the_tar_name_and_a_license_is_required(shards, tmp
 def test_a_truncated_tar_keeps_its_samples_before_the_cut(shards, tmp_path):
     folder, _ = shards
     raw = (folder / "train-000000.tar").read_bytes()
-    shard_corpus("webdataset", str(folder / "train-000000.tar"), tmp_path / "full", license="x", quiet=True)
+    shard_corpus("webdataset", str(folder / "train-000000.tar"), tmp_path / "full", license="x")
     second = rows_of(tmp_path / "full")["webdataset/train-000000/s001"]
     cut = tmp_path / "cut" / "train-000000.tar"
     cut.parent.mkdir()
     cut.write_bytes(raw[: second["tar_offset"] + second["tar_size"] // 2])  # in the middle of s001's audio
-    summary = shard_corpus("webdataset", str(cut), tmp_path / "m", license="x", quiet=True)
+    summary = shard_corpus("webdataset", str(cut), tmp_path / "m", license="x")
     rows = rows_of(tmp_path / "m")
     assert sorted(rows) == ["webdataset/train-000000/s000"]
     assert summary["skipped"] == {"truncated or damaged tar": 1}
@@ -117,8 +116,8 @@ def test_score_reads_tar_members_too(shards, tmp_path):
     from speechinstruct.score import DNSMOS, Judge, score
 
     folder, _ = shards
-    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x", quiet=True)
-    summary = score(tmp_path / "m", tmp_path / "s", Judge(DNSMOS()), quiet=True)
+    shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x")
+    summary = score(tmp_path / "m", tmp_path / "s", Judge(DNSMOS()))
     assert summary["utterances"] == 4 and summary["skipped"] == 0 and summary["scores"]["dnsmos_ovrl"]["count"] == 4, summary
 
 
@@ -136,7 +135,7 @@ def test_compressed_tars_are_skipped_whole_and_a_nested_json_member_is_one_skip(
         sink.write({"__key__": "deep", "flac": encoded(speechlike(1.0, seed=3), 16000, "FLAC"), "json": b"[" * 100_000})
         sink.write({"__key__": "fine", "flac": encoded(speechlike(1.0, seed=4), 16000, "FLAC"), "txt": "fine"})
     summary = shard_corpus("webdataset", f"{folder}/train-{{000000..000002}}.tar{{,.gz}}", tmp_path / "m",
-                           license="x", quiet=True)
+                           license="x")
     assert summary["skipped"] == {"compressed tar": 2, "sample without audio": 1, "unreadable audio": 1,
                                   "unreadable .json": 1}
     assert {s["path"] for s in summary["skipped_examples"] if s["reason"] == "compressed tar"} == {

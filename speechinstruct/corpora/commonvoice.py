@@ -17,8 +17,7 @@ import io
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
+from ..progress import progress
 from .base import Item, Note, Skip, probe, split_of
 
 REQUIRED = ("client_id", "path", "sentence")
@@ -75,7 +74,7 @@ def eval_clips(root: Path, tsv: str) -> dict[str, str]:
 
 
 def read(
-    root: str | Path, tsv: str | None = None, license: str | None = None, quiet: bool = False
+    root: str | Path, tsv: str | None = None, license: str | None = None
 ) -> Iterator[Item]:
     """Rows of ``tsv`` (default ``validated.tsv``). The default needs ``dev.tsv`` or ``test.tsv`` beside it to
     tell their clips apart; a TSV the user names is read even without them (their clips are then all train,
@@ -99,7 +98,7 @@ def read(
                    "(named with --tsv); none is held out")
     col, rows, width = _read_tsv(tsv_path)
     evaluation = {} if split_tsv else eval_clips(root, tsv)
-    for line, row in tqdm(rows, desc=f"commonvoice {tsv}", unit="clip", disable=quiet):
+    for line, row in progress(rows, desc=f"commonvoice {tsv}", unit="clip"):
         where = f"{tsv}:{line}"
         if len(row) != width:
             yield Skip(where, "malformed tsv row", f"{len(row)} fields, header has {width}")

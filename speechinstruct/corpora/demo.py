@@ -13,8 +13,8 @@ from .base import Item
 NAME = "speechinstruct-demo"
 
 
-def read(root: str | Path, license: str | None = None, quiet: bool = False) -> Iterator[Item]:
-    for item in librispeech.read(root, license=license, quiet=quiet, corpus=NAME):
+def read(root: str | Path, license: str | None = None) -> Iterator[Item]:
+    for item in librispeech.read(root, license=license, corpus=NAME):
         if isinstance(item, dict):
             item = {**item, "split": "train", "corpus_split": "train"}
         yield item

@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
+from ..progress import progress
 from .base import Item, Skip, probe, relpath, split_of
 
 PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
@@ -36,7 +35,7 @@ def normalize(text_tn: str) -> str:
 
 
 def read(
-    root: str | Path, subset: str | None = None, license: str | None = None, quiet: bool = False
+    root: str | Path, subset: str | None = None, license: str | None = None
 ) -> Iterator[Item]:
     root = Path(root)
     if subset is not None and subset.upper() not in SUBSETS + EVAL_SUBSETS:
@@ -46,7 +45,7 @@ def read(
         raise FileNotFoundError(f"{meta_path}: missing: not a GigaSpeech folder")
     audios = _stream_audios(meta_path)
     want = None if subset is None else subset.upper()
-    for n, entry in enumerate(tqdm(audios, desc="gigaspeech audios", unit="file", disable=quiet)):
+    for n, entry in enumerate(progress(audios, desc="gigaspeech audios", unit="file")):
         where = f"GigaSpeech.json:audios[{n}]"
         try:
             rel = str(entry["path"])

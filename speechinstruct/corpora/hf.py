@@ -28,10 +28,10 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
-from tqdm import tqdm
 
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from ..io import read_json, safe_join
+from ..progress import progress
 from .base import Item, Skip, relpath, split_of
 
 NAME = "hf"
@@ -41,8 +41,7 @@ _SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?
 
 
 def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
-         speaker_column: str | None = None, split: str | None = None, license: str | None = None,
-         quiet: bool = False) -> Iterator[Item]:
+         speaker_column: str | None = None, split: str | None = None, license: str | None = None) -> Iterator[Item]:
     """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``)."""
     root = Path(root).resolve()
     files = data_files(root)
@@ -54,7 +53,7 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     license = license or card_license(root) or "unknown (no license in the dataset card)"
     name = root.resolve().name
     rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
-    with tqdm(total=rows, desc=f"hf {name}", unit="row", disable=quiet) as bar:
+    with progress(total=rows, desc=f"hf {name}", unit="row") as bar:
         for hf_split, path in files:
             for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
                 bar.update()

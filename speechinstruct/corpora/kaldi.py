@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
+from ..progress import progress
 from .base import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "kaldi"
@@ -62,16 +61,15 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
     return deepest_common_folder(_file_entries(Path(root)), Path(root))
 
 
-def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None,
-         quiet: bool = False) -> Iterator[Item]:
+def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None) -> Iterator[Item]:
     root = Path(root)
     base = Path(audio_root or ".").resolve()
     license = license or "unknown (Kaldi data directories carry none: pass --license)"
     for folder in data_dirs(root):
-        yield from _read_dir(folder, base, license, quiet)
+        yield from _read_dir(folder, base, license)
 
 
-def _read_dir(folder: Path, base: Path, license: str, quiet: bool) -> Iterator[Item]:
+def _read_dir(folder: Path, base: Path, license: str) -> Iterator[Item]:
     part = folder.name
     recordings: dict[str, str] = {}
     for n, fields in _table(folder / "wav.scp", 2):
@@ -90,7 +88,7 @@ def _read_dir(folder: Path, base: Path, license: str, quiet: bool) -> Iterator[I
     else:
         segments = [(None, rec, rec, 0.0, None) for rec in recordings]
     probed: dict[str, tuple[str, int, float] | Skip] = {}
-    for n, utt, rec, start, end in tqdm(segments, desc=f"kaldi {part}", unit="utt", disable=quiet):
+    for n, utt, rec, start, end in progress(segments, desc=f"kaldi {part}", unit="utt"):
         where = f"{folder.name}/segments:{n}" if n is not None else f"{folder.name}/wav.scp: {rec}"
         if rec not in recordings:
             yield Skip(where, "recording not in wav.scp", rec)

@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
 from .. import storage
 from ..alignments import check_words, lhotse_words
+from ..progress import progress
 from .base import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "lhotse"
@@ -148,14 +147,13 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
     return deepest_common_folder((f for f in map(_file_of, _recordings(_parts(Path(root)))) if f), Path(root))
 
 
-def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None,
-         quiet: bool = False) -> Iterator[Item]:
+def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None) -> Iterator[Item]:
     root = Path(root)
     base = Path(audio_root or ".").resolve()
     license = license or "unknown (lhotse manifests carry none: pass --license)"
     parts = _parts(root)
     # recordings in object storage: their files copied first, each once (a rerun fetches only what changed)
-    fetched = storage.local_files([u for u in map(_url_of, _recordings(parts)) if u], quiet=quiet)
+    fetched = storage.local_files([u for u in map(_url_of, _recordings(parts)) if u])
     for part, kinds in sorted(parts.items()):
         probed: dict[str, tuple[str, int, float] | Skip] = {}
 
@@ -165,7 +163,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
             return probed[recording.id]
 
         if "cuts" in kinds:
-            for item in tqdm(records(kinds["cuts"]), desc=f"lhotse {part} cuts", unit="cut", disable=quiet):
+            for item in progress(records(kinds["cuts"]), desc=f"lhotse {part} cuts", unit="cut"):
                 if isinstance(item, Skip):
                     yield item
                     continue
@@ -189,7 +187,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                     yield item
                 else:
                     recordings[item[1].id] = item[1]
-            for item in tqdm(records(kinds["supervisions"]), desc=f"lhotse {part}", unit="utt", disable=quiet):
+            for item in progress(records(kinds["supervisions"]), desc=f"lhotse {part}", unit="utt"):
                 if isinstance(item, Skip):
                     yield item
                     continue

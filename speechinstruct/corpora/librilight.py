@@ -14,8 +14,7 @@ import math
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
+from ..progress import progress
 from .base import Item, Skip, probe, relpath
 
 
@@ -46,7 +45,7 @@ def segment(spans: list[tuple[float, float]], max_seconds: float) -> list[tuple[
 
 
 def read(
-    root: str | Path, max_seconds: float = 30.0, license: str | None = None, quiet: bool = False
+    root: str | Path, max_seconds: float = 30.0, license: str | None = None
 ) -> Iterator[Item]:
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
@@ -54,7 +53,7 @@ def read(
     flacs = sorted(root.rglob("*.flac"))
     if not flacs:
         raise FileNotFoundError(f"{root}: no .flac files: not a LibriLight folder")
-    for flac in tqdm(flacs, desc="librilight files", unit="file", disable=quiet):
+    for flac in progress(flacs, desc="librilight files", unit="file"):
         rel = relpath(flac, root)
         meta_path = flac.with_suffix(".json")
         if not meta_path.is_file():

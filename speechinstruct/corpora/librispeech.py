@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
 from ..alignments import textgrid_words
+from ..progress import progress
 from .base import Item, Skip, probe, relpath, split_of
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
@@ -31,12 +30,12 @@ def corpus_split(trans: Path, root: Path) -> str:
     return parts[1] if len(parts) > 3 else parts[0]
 
 
-def read(root: str | Path, license: str | None = None, quiet: bool = False, corpus: str = "librispeech") -> Iterator[Item]:
+def read(root: str | Path, license: str | None = None, corpus: str = "librispeech") -> Iterator[Item]:
     root = Path(root)
     trans_files = sorted(root.rglob("*.trans.txt"))
     if not trans_files:
         raise FileNotFoundError(f"{root}: no *.trans.txt files: not a LibriSpeech folder")
-    for trans in tqdm(trans_files, desc=f"{corpus} chapters", unit="chapter", disable=quiet):
+    for trans in progress(trans_files, desc=f"{corpus} chapters", unit="chapter"):
         part = corpus_split(trans, root)
         try:
             lines = trans.read_text(encoding="utf-8").splitlines()

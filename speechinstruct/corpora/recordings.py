@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
+from ..progress import progress
 from .base import Item, Note, Skip, probe, relpath
 
 # the container suffixes libsndfile reads (soundfile.available_formats(), as file names spell them)
 SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".snd", ".w64", ".caf", ".rf64")
 
 
-def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None, quiet: bool = False,
+def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None,
          asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int = 8,
          speakers: bool = False, speaker_threshold: float = 0.25) -> Iterator[Item]:
     from ..audio import AudioError
@@ -55,7 +55,7 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
         transcriber = load_asr(asr, base_url, device=resolve_device(device), batch_size=batch_size)
         yield Note(f"transcripts by ASR: {json.dumps(transcriber.spec, sort_keys=True)}")
     missed = collections.Counter()
-    for path in tqdm(files, desc="audio files (VAD)", unit="file", disable=quiet):
+    for path in progress(files, desc="audio files (VAD)", unit="file"):
         rel = relpath(path, root)
         probed = probe(path, root)
         if isinstance(probed, Skip):

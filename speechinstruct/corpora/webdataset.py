@@ -24,8 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
+from ..progress import progress
 from .base import Item, Skip, deepest_common_folder, relpath, split_of, split_word
 
 NAME = "webdataset"
@@ -140,15 +139,14 @@ def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str
     }
 
 
-def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None,
-         quiet: bool = False) -> Iterator[Item]:
+def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None) -> Iterator[Item]:
     if not license:
         raise ValueError(f"{root}: shard webdataset needs --license: the license of these shards (we will not guess one)")
     tars = tar_files(root)
     if not tars:
         raise FileNotFoundError(f"{root}: no tar files match")
     base = (Path(audio_root) if audio_root else _shards_folder(tars)).resolve()
-    for tar in tqdm(tars, desc="webdataset shards", unit="tar", disable=quiet):
+    for tar in progress(tars, desc="webdataset shards", unit="tar"):
         resolved = tar.resolve()
         part = _split_part(resolved, base)
         compression = compressed(tar)
