@@ -52,8 +52,8 @@ def timed(fn, *args, **kwargs):
 
 
 def demo_corpus(work: Path, sentences: int, shard_hours: float = 0.05) -> Path:
-    from speechinstruct.demo import make_demo_corpus
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.sources.demo import make_demo_corpus
+    from speechinstruct.sources.shard import shard_corpus
 
     root = work / f"corpus-{sentences}"
     if not root.exists():
@@ -66,8 +66,8 @@ def demo_corpus(work: Path, sentences: int, shard_hours: float = 0.05) -> Path:
 
 def mfcc(work: Path, manifest: Path) -> Path:
     """MFCC features of a demo manifest, extracted once per corpus size."""
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
 
     out = work / f"mfcc-{manifest.name}"
     if not out.exists():
@@ -83,7 +83,7 @@ def busy_neighbour():
 def bench_kmeans(work: Path, quick: bool) -> list[dict]:
     from sklearn.cluster import MiniBatchKMeans
 
-    from speechinstruct.cluster import fit, sample_frames
+    from speechinstruct.units.cluster import fit, sample_frames
     from speechinstruct.units import KMeans
 
     manifest = demo_corpus(work, 120 if quick else 400)
@@ -159,9 +159,9 @@ def bench_extract(work: Path, quick: bool) -> list[dict]:
     import torch
 
     from speechinstruct import audio
-    from speechinstruct.cluster import fit
-    from speechinstruct.extract import compute
-    from speechinstruct.features import load_hubert
+    from speechinstruct.units.cluster import fit
+    from speechinstruct.units.extract import compute
+    from speechinstruct.units.features import load_hubert
     from speechinstruct.threads import available_cpus
     from speechinstruct.units import KMeans
 
@@ -221,8 +221,8 @@ def bench_gpu(work: Path, quick: bool) -> list[dict]:
         rows += gpu_kmeans_and_dnsmos(work, device, small=device == "cpu" or quick)
     if not torch.cuda.is_available():
         return rows + [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
-    from speechinstruct.extract import compute, decode_rows
-    from speechinstruct.features import load_hubert
+    from speechinstruct.units.extract import compute, decode_rows
+    from speechinstruct.units.features import load_hubert
 
     hubert = load_hubert(hubert_base(work), layer=11, device="cuda", dtype="bfloat16")
     manifest_dir = demo_corpus(work, 120 if quick else 1200)
@@ -245,8 +245,8 @@ def bench_gpu(work: Path, quick: bool) -> list[dict]:
 def gpu_kmeans_and_dnsmos(work: Path, device: str, small: bool) -> list[dict]:
     """k-means K=1000 (torch on ``device``) vs faiss-cpu on one sample of clustered 768-dim frames, held-out
     inertia compared; DNSMOS torch engine x real time on ``device`` with its scores against onnxruntime's."""
-    from speechinstruct import cluster
-    from speechinstruct.score import DNSMOS
+    from speechinstruct.units import cluster
+    from speechinstruct.judges.dnsmos import DNSMOS
     from speechinstruct.units import KMeans
 
     k, n, dim = (100, 20_000, 64) if small else (1000, 1_000_000, 768)
@@ -287,9 +287,9 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
         from ray.cluster_utils import Cluster
     except ImportError:
         return [{"name": "local vs Ray engine", "skipped": "ray not installed (pip install 'speechinstruct[ray]')"}]
-    from speechinstruct.engine_ray import extract_ray
-    from speechinstruct.extract import extract
-    from speechinstruct.features import load_hubert
+    from speechinstruct.units.engine_ray import extract_ray
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import load_hubert
     from speechinstruct.threads import available_cpus
 
     import torch
@@ -329,15 +329,15 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
 
 
 STAGE_CODE = {
-    "extract": "from speechinstruct.extract import extract; from speechinstruct.features import MFCC;"
+    "extract": "from speechinstruct.units.extract import extract; from speechinstruct.units.features import MFCC;"
                "extract(M, W / 'features', MFCC())",
     "extract-codec": "import torch; torch.set_num_threads(2); from transformers import EncodecConfig, EncodecModel;"
-                     "from speechinstruct.codecs import Codec; from speechinstruct.extract import extract;"
+                     "from speechinstruct.units.codecs import Codec; from speechinstruct.units.extract import extract;"
                      "extract(M, W / 'codec-units', Codec('encodec', EncodecModel(EncodecConfig()), 'random'))",
-    "quantize": "from speechinstruct.quantize import quantize; from speechinstruct.units import load_kmeans;"
+    "quantize": "from speechinstruct.units.quantize import quantize; from speechinstruct.units import load_kmeans;"
                 "quantize(W / 'features', load_kmeans(KM), W / 'units')",
-    "compose": "from speechinstruct.compose import cross_modal; cross_modal(W / 'units', W / 'composed' / 'cross_modal')",
-    "publish": "from speechinstruct.publish import publish; publish(W / 'composed', W / 'dataset')",
+    "compose": "from speechinstruct.compose.cross_modal import cross_modal; cross_modal(W / 'units', W / 'composed' / 'cross_modal')",
+    "publish": "from speechinstruct.release.publish import publish; publish(W / 'composed', W / 'dataset')",
 }
 
 
@@ -355,7 +355,7 @@ def _stage_rss_mb(stage: str, manifest: Path, work: Path, kmeans: Path) -> float
 def bench_memory(work: Path, quick: bool) -> list[dict]:
     """Each stage at 1x and 8x the corpus, with the default shard size (10 h: every corpus here is ONE shard,
     so a stage that held a shard would grow 8x)."""
-    from speechinstruct.cluster import cluster
+    from speechinstruct.units.cluster import cluster
 
     small = 40 if quick else 150
     sizes = {1: demo_corpus(work, small, shard_hours=10.0), 8: demo_corpus(work, small * 8, shard_hours=10.0)}
@@ -379,7 +379,7 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
     import torch
 
     from speechinstruct.threads import available_cpus
-    from speechinstruct.vocoder import UnitVocoder
+    from speechinstruct.units.vocoder import UnitVocoder
 
     torch.set_num_threads(available_cpus())
     config = {"upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
@@ -399,7 +399,7 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
              "extra": f"{seconds:.1f} s of speech"}]
     # the embedded preview (MFCC centroids -> Griffin-Lim, 32 iterations) at the demo's K=100
     from speechinstruct.units import KMeans
-    from speechinstruct.vocoder import PreviewVocoder
+    from speechinstruct.units.vocoder import PreviewVocoder
 
     centroids = np.random.default_rng(0).normal(0, 1, (100, 39)).astype(np.float32)
     centroids[:, 0] += 40  # a C0 (log energy) in the range real MFCCs have
@@ -418,7 +418,7 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
     import torch
     import transformers
 
-    from speechinstruct.codecs import Codec
+    from speechinstruct.units.codecs import Codec
     from speechinstruct.threads import available_cpus
     from speechinstruct.tokenizers import CODECS
 
@@ -447,8 +447,8 @@ def long_recording(path: Path, minutes: float, seed: int = 0) -> float:
     import soundfile as sf
 
     from speechinstruct import audio
-    from speechinstruct.demo import sentences
-    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
+    from speechinstruct.sources.demo import sentences
+    from speechinstruct.sources.tts import ESPEAK_VOICES, EspeakTTS
 
     rng = np.random.default_rng(seed)
     tts = EspeakTTS()
@@ -466,7 +466,7 @@ def long_recording(path: Path, minutes: float, seed: int = 0) -> float:
     return speech / 16000
 
 
-SHARD_AUDIO = ("from speechinstruct.shard import shard_corpus; "
+SHARD_AUDIO = ("from speechinstruct.sources.shard import shard_corpus; "
                "s = shard_corpus('audio', R, W, license='CC0-1.0'); print(s['utterances'])")
 
 
@@ -499,9 +499,9 @@ def bench_recordings(work: Path, quick: bool) -> list[dict]:
 
 
 def bench_compose(work: Path, quick: bool) -> list[dict]:
-    from speechinstruct import compose
-    from speechinstruct.cluster import cluster
-    from speechinstruct.quantize import quantize
+    from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.units.quantize import quantize
     from speechinstruct.units import load_kmeans
 
     manifest = demo_corpus(work, 120 if quick else 400)
@@ -511,7 +511,7 @@ def bench_compose(work: Path, quick: bool) -> list[dict]:
         cluster(features, work / f"km-{manifest.name}", k=50)
         quantize(features, load_kmeans(work / f"km-{manifest.name}"), units)
     shutil.rmtree(work / "cm", ignore_errors=True)
-    summary, t = timed(compose.cross_modal, units, work / "cm")
+    summary, t = timed(cross_modal, units, work / "cm")
     return [{"name": "compose cross-modal", "records": summary["records"], "ours_s": t,
              "records_per_s": summary["records"] / t, "target": "report"}, bench_dialogue(work, quick, load_kmeans(work / f"km-{manifest.name}"))]
 
@@ -521,9 +521,9 @@ def bench_dialogue(work: Path, quick: bool, km) -> dict:
     The conversations are the shipped sample's, repeated under new ids."""
     from importlib import resources
 
-    from speechinstruct.dialogue import dialogue
-    from speechinstruct.features import MFCC
-    from speechinstruct.tts import make_tts
+    from speechinstruct.compose.dialogue import dialogue
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.sources.tts import make_tts
     from speechinstruct.units import SpeechEncoder
 
     sample = resources.files("speechinstruct.data").joinpath("dialogues_sample.jsonl").read_text().splitlines()
@@ -548,7 +548,8 @@ def bench_score(work: Path, quick: bool) -> list[dict]:
 
     from speechinstruct import audio
     from speechinstruct.io import read_table
-    from speechinstruct.score import DNSMOS, dnsmos_windows, load_asr
+    from speechinstruct.judges.dnsmos import DNSMOS, dnsmos_windows
+    from speechinstruct.judges.asr import load_asr
     from speechinstruct.shardfiles import corpus_root, manifest_files
 
     manifest = demo_corpus(work, 60)
@@ -594,10 +595,10 @@ STARTUP_BASELINE = "1e43768"  # the landed code before imports moved to where th
 def bench_startup(work: Path, quick: bool) -> list[dict]:
     """``speechinstruct --help`` and ``validate DATASET`` wall time, this checkout vs the baseline commit's
     package (``git archive`` of it, run from a temporary folder), alternating, best of N each."""
-    from speechinstruct import compose
-    from speechinstruct.cluster import cluster
-    from speechinstruct.publish import publish
-    from speechinstruct.quantize import quantize
+    from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.release.publish import publish
+    from speechinstruct.units.quantize import quantize
     from speechinstruct.units import load_kmeans
 
     manifest = demo_corpus(work, 40)
@@ -606,7 +607,7 @@ def bench_startup(work: Path, quick: bool) -> list[dict]:
     if not dataset.exists():
         cluster(features, work / "startup-km", k=20)
         quantize(features, load_kmeans(work / "startup-km"), units)
-        compose.cross_modal(units, work / "startup-composed" / "cross_modal")
+        cross_modal(units, work / "startup-composed" / "cross_modal")
         publish(work / "startup-composed", dataset)
     before = work / f"startup-{STARTUP_BASELINE}"
     if not before.exists():
@@ -638,7 +639,7 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from speechinstruct import train as T
+    from speechinstruct.model import train as T
     from speechinstruct.pipeline import run
 
     data = work / "train-data"
@@ -691,7 +692,7 @@ def _trl_sft(base: Path, dataset: Path, out: Path, steps: int, batch: int, max_l
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from speechinstruct import train as T
+    from speechinstruct.model import train as T
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -722,7 +723,7 @@ def bench_dedup(work: Path, quick: bool) -> list[dict]:
     import sys
 
     from speechinstruct import records
-    from speechinstruct.dedup import dedup
+    from speechinstruct.curate.dedup import dedup
     from speechinstruct.io import write_parquet
     from speechinstruct.units import to_text
 
@@ -767,13 +768,13 @@ def bench_dedup(work: Path, quick: bool) -> list[dict]:
 def dedup_recall(work: Path, quick: bool) -> list[dict]:
     from test_dedup import COPIES, copy_of, spoken_sentences, write_utterances
 
-    from speechinstruct.cluster import cluster
-    from speechinstruct.dedup import dedup
-    from speechinstruct.demo import sentences
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC, load_hubert
-    from speechinstruct.quantize import quantize
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.curate.dedup import dedup
+    from speechinstruct.sources.demo import sentences
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC, load_hubert
+    from speechinstruct.units.quantize import quantize
+    from speechinstruct.sources.shard import shard_corpus
     from speechinstruct.units import load_kmeans
 
     base = work / "dedup-recall"
@@ -819,8 +820,8 @@ def bench_speakers(work: Path, quick: bool) -> list[dict]:
     with the process's threads, and on a GPU when there is one; and language ID of transcripts per second."""
     import torch
 
-    from speechinstruct.score import language_of
-    from speechinstruct.speakers import GE2E
+    from speechinstruct.judges.judge import language_of
+    from speechinstruct.judges.speakers import GE2E
 
     rng = np.random.default_rng(0)
     clips = [(0.1 * rng.standard_normal(int(16000 * (2 + 4 * rng.random())))).astype(np.float32)

@@ -15,7 +15,7 @@ import typer
 
 from . import __version__
 from . import recipe as settings
-from .corpora import SOURCES
+from .sources.corpora import SOURCES
 from .recipe import default
 from .tokenizers import FEATURES
 
@@ -68,9 +68,9 @@ def expected_failures():
     refused checkpoints, failed LLM or TTS calls, a failed Ray job. Work already written stays; rerunning
     resumes. Anything else is a bug and keeps its traceback."""
     from .checkpoints import UnsafeCheckpointError
-    from .engine_ray import RayJobError
+    from .units.engine_ray import RayJobError
     from .llm import LLMError
-    from .tts import TTSError
+    from .sources.tts import TTSError
 
     try:
         yield
@@ -117,7 +117,7 @@ def command(group: typer.Typer, name: str | None = None):
 def _input_name(value: str) -> str:
     """An input given as a path, hub id or name; a URL (``s3://…``, ``hf://…``) is copied into the cache first
     (:func:`speechinstruct.storage.local`) and becomes that copy's path."""
-    from .storage import local
+    from .sources.storage import local
 
     return str(local(value))
 
@@ -129,7 +129,7 @@ def _input(value: str) -> Path:
 
 def _output(value: str) -> Path:
     """An output file or folder: local (a URL would become a local folder named ``s3:``); one line otherwise."""
-    from .storage import is_url, redacted
+    from .sources.storage import is_url, redacted
 
     if is_url(value):
         raise typer.BadParameter(f"{redacted(value)}: outputs are written to a local folder (copy them to object "
@@ -184,7 +184,7 @@ def shard(
     """Read a corpus into sharded Parquet manifests, every row with its split: LibriSpeech, LibriLight, GigaSpeech,
     Common Voice in their native layouts, a Hugging Face audio dataset, lhotse manifests, a Kaldi data directory,
     WebDataset tar shards (webdataset), or raw recordings of any length cut at speech by silero-vad (audio)."""
-    from .shard import shard_corpus
+    from .sources.shard import shard_corpus
 
     options = {"license": license, "splits": splits, "split_map": split_map or None}
     if corpus in (Corpus.librilight, Corpus.audio):
@@ -204,8 +204,8 @@ def shard(
     if corpus is Corpus.commonvoice:
         options["tsv"] = tsv
     if corpus is Corpus.hf:
-        from .corpora.hf import local_folder
-        from .storage import is_url
+        from .sources.corpora.hf import local_folder
+        from .sources.storage import is_url
 
         root = root if is_url(root) else local_folder(root)  # a URL is copied by shard_corpus
         options.update(audio_column=audio_column, text_column=text_column, id_column=id_column,
@@ -227,7 +227,7 @@ ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
 
 
 def _device(device: str) -> str:
-    from .features import resolve_device
+    from .devices import resolve_device
 
     return resolve_device(device)
 
@@ -264,9 +264,9 @@ def extract(
     quiet: bool = Quiet,
 ):
     """Decode audio and compute MFCC or HuBERT features (or units) per manifest shard; resumable."""
-    from .extract import extract as run_extract
-    from .tokenizer import load_tokenizer
-    from .units import load_kmeans
+    from .units.extract import extract as run_extract
+    from .units.tokenizer import load_tokenizer
+    from .units.kmeans import load_kmeans
 
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
@@ -279,7 +279,7 @@ def extract(
     if km is not None and engine == "local" and _device(device) != "cpu":
         km.to(_device(device))  # the fused units path assigns where the features are made
     if engine == "ray":
-        from .engine_ray import extract_ray
+        from .units.engine_ray import extract_ray
 
         stats = extract_ray(manifest, out, extractor, root=root, batch_seconds=batch_seconds,
                             float16=float16, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
@@ -306,7 +306,7 @@ def cluster(
     quiet: bool = Quiet,
 ):
     """Fit FAISS k-means on a random sample of feature frames."""
-    from .cluster import cluster as run_cluster
+    from .units.cluster import cluster as run_cluster
 
     settings.checked(settings.KMeans, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo)
     _print_json(run_cluster(features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo))
@@ -322,8 +322,8 @@ def quantize(
     quiet: bool = Quiet,
 ):
     """Assign units, merge repeats, write SpeechGPT unit strings joined to the manifest."""
-    from .quantize import quantize as run_quantize
-    from .units import load_kmeans
+    from .units.quantize import quantize as run_quantize
+    from .units.kmeans import load_kmeans
 
     km = load_kmeans(kmeans)
     _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index))
@@ -359,7 +359,7 @@ def dedup(
 ):
     """Near-duplicate audio (unit MinHash), repeated transcripts and evaluation data out of the training rows; the
     folder's own validation and test rows always count as evaluation data."""
-    from .dedup import dedup as run_dedup
+    from .curate.dedup import dedup as run_dedup
 
     settings.checked(settings.Dedup, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
                      similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript)
@@ -417,7 +417,7 @@ def templates_generate(
 ):
     """Ask an LLM for varied task instructions; write a versioned template file. Ends with a line saying how
     many were asked, written and dropped, by reason."""
-    from . import templates
+    from .compose import templates
 
     llm = _llm(base_url, model, cache_dir or out.parent / ".llm-cache", max_requests, max_tokens=max_tokens, timeout=timeout)
     data = templates.generate(llm, task, n, out, allow_fewer=allow_fewer)  # fewer than asked: exit 2, saying so
@@ -441,13 +441,15 @@ def compose_cross_modal(
     quiet: bool = Quiet,
 ):
     """ASR (speech→text) and TTS (text→speech) instruction records."""
-    from . import compose, templates
+    from .compose import templates
+    from .compose.cross_modal import cross_modal
+    from .speechgpt import DEFAULT_PREFIX
 
     settings.checked(settings.CrossModal, mode=mode, asr_fraction=asr_fraction)
-    prefix = prefix_file.read_text() if prefix_file else compose.DEFAULT_PREFIX
+    prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
     sets = {t: templates.load(src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
-    _print_json(compose.cross_modal(units, out, sets["asr"], sets["tts"], mode=mode, asr_fraction=asr_fraction,
-                                    prefix=prefix, seed=seed, num_shards=num_shards, shard_index=shard_index))
+    _print_json(cross_modal(units, out, sets["asr"], sets["tts"], mode=mode, asr_fraction=asr_fraction,
+                            prefix=prefix, seed=seed, num_shards=num_shards, shard_index=shard_index))
 
 
 @command(compose_app, "pretrain")
@@ -462,18 +464,18 @@ def compose_pretrain(
     quiet: bool = Quiet,
 ):
     """Stage-1 unit text: one <sosp>…<eosp> per utterance, in its audio's split (train, validation, test)."""
-    from . import compose
+    from .compose.pretrain import pretrain
 
     settings.checked(settings.Pretrain, dev_fraction=dev_fraction)
-    _print_json(compose.pretrain(units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
-                                 shard_index=shard_index))
+    _print_json(pretrain(units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
+                         shard_index=shard_index))
 
 
 def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | None, rewrite: bool, base_url, model,
                   max_requests, features, checkpoint, layer, codebooks, kmeans, device):
     """(LLM or None, TTS engine, speech tokenizer) for a compose command that speaks text."""
-    from .tokenizer import load_tokenizer
-    from .tts import make_tts
+    from .units.tokenizer import load_tokenizer
+    from .sources.tts import make_tts
 
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
@@ -515,13 +517,13 @@ def compose_chain_of_modality(
     quiet: bool = Quiet,
 ):
     """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
-    from . import compose
+    from .compose.chain_of_modality import chain_of_modality
 
     settings.checked(settings.ChainOfModality, tts=tts, rewrite=rewrite, all_formats=all_formats, license=license,
                      max_pairs=max_pairs)
     llm, engine, tokenizer = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
                                            features, checkpoint, layer, codebooks, kmeans, device)
-    summary = compose.chain_of_modality(
+    summary = chain_of_modality(
         instructions, out, tokenizer, engine, llm=llm,
         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
         license=license, instruction_column=instruction_column, response_column=response_column,
@@ -531,7 +533,7 @@ def compose_chain_of_modality(
 
 def _eval_texts(sources: Optional[list[str]]):
     """``--eval`` of the compose commands: the evaluation texts pairs and conversations are held to, or None."""
-    from .dedup import eval_texts
+    from .curate.dedup import eval_texts
 
     return eval_texts(sources) if sources else None
 
@@ -546,7 +548,7 @@ def align(
 ):
     """Word timings for a corpus that has none: CTC forced alignment of each transcript with a wav2vec2-CTC model
     (for `compose interleaved`). Rows that already have words are kept as they are."""
-    from .alignments import CtcAligner, align_manifest
+    from .sources.alignments import CtcAligner, align_manifest
 
     _print_json(align_manifest(manifest, out, CtcAligner(model, _device(device))))
 
@@ -564,7 +566,7 @@ def compose_interleaved(
     quiet: bool = Quiet,
 ):
     """Text and speech interleaved at word boundaries (SpiritLM's [TEXT]/[SPEECH]), for stage-1-style pretraining."""
-    from .interleaved import interleaved
+    from .compose.interleaved import interleaved
 
     _print_json({k: v for k, v in interleaved(units, out, seed=seed, min_words=min_words, max_words=max_words,
                                               num_shards=num_shards, shard_index=shard_index).items()
@@ -599,7 +601,7 @@ def compose_dialogue(
 ):
     """Multi-turn spoken dialogues: every user turn spoken, every answer in the chain-of-modality way, with
     chat-format `messages` beside SpeechGPT's markup."""
-    from .dialogue import dialogue
+    from .compose.dialogue import dialogue
 
     settings.checked(settings.Dialogue, tts=tts, rewrite=rewrite, license=license, max_dialogues=max_dialogues)
     llm, engine, tokenizer = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
@@ -639,9 +641,9 @@ def compose_duplex(
     """Full-duplex spoken conversations for Moshi-style models, in moshi-finetune's layout: stereo WAV (left the
     assistant, right the user) with word alignments, gaps, overlaps, interruptions and backchannels; with a
     tokenizer, also a duplex config of both channels' units."""
-    from .duplex import duplex
-    from .tokenizer import load_tokenizer
-    from .tts import make_tts
+    from .compose.duplex import duplex
+    from .units.tokenizer import load_tokenizer
+    from .sources.tts import make_tts
 
     settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate, gap_sd=gap_sd,
                      interruption_rate=interruption_rate, backchannel_rate=backchannel_rate)
@@ -670,7 +672,7 @@ def publish(
     quiet: bool = Quiet,
 ):
     """Write composed records as a Hugging Face dataset with a dataset card."""
-    from .publish import publish as run_publish
+    from .release.publish import publish as run_publish
 
     formats = {f.strip() for f in format.split(",") if f.strip()}
     if not formats <= {"hf", "speechgpt"} or not formats:
@@ -683,7 +685,7 @@ def publish(
 
 def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int,
            speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False):
-    from .score import Judge
+    from .judges.judge import Judge
 
     if references and not speaker:
         speaker = "resemblyzer"  # references mean speaker similarity: the default encoder
@@ -721,7 +723,7 @@ def score(
 ):
     """Score every utterance: DNSMOS, the WER and CER of an ASR round trip, speaker embeddings and similarity,
     language; resumable per shard."""
-    from .score import score as run_score
+    from .curate.score import score as run_score
 
     judge = _judge(dnsmos, asr, base_url, _device(device), batch_size, speaker, speaker_references, language)
     summary = run_score(source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
@@ -739,7 +741,7 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Check every record against schemas/ and SpeechInstruct's rules; exit 1 when anything fails."""
-    from .validate import format_report, validate as run_validate
+    from .release.validate import format_report, validate as run_validate
 
     report = run_validate(dataset, k=k, max_examples=max_errors)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
@@ -763,11 +765,11 @@ def report(
 ):
     """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths, and
     samples to listen to (original and resynthesised, with their mel-cepstral distance)."""
-    from .report import report as run_report
+    from .release.report import report as run_report
 
-    from .score import load_asr
+    from .judges.asr import load_asr
 
-    from .codecs import codec_of
+    from .units.codecs import codec_of
 
     voice = _load_vocoder(vocoder, dataset) if vocoder else codec_of(units) if units else None
     if asr and voice is None:
@@ -829,7 +831,7 @@ def train(
     """Fine-tune a causal LM on a published SpeechInstruct dataset (stages 1–3), with SpeechGPT's settings."""
     import yaml
 
-    from .train import TrainConfig, settings_for_stage, train as run_train
+    from .model.train import TrainConfig, settings_for_stage, train as run_train
 
     if stage not in (1, 2, 3):
         fail(f"--stage must be 1, 2 or 3, got {stage}")
@@ -878,9 +880,9 @@ def chat(
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
-    from .chat import Chat, audio_to_unit_text
-    from .compose import DEFAULT_PREFIX
-    from .tokenizer import load_tokenizer
+    from .model.chat import Chat, audio_to_unit_text
+    from .speechgpt import DEFAULT_PREFIX
+    from .units.tokenizer import load_tokenizer
 
     if bool(vocoder) != bool(speak):
         fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
@@ -941,7 +943,7 @@ def _load_vocoder(path, units_of=None):
     """The vocoder at ``path``; a codec is set to the codebooks of the units in ``units_of`` (a units folder or a
     dataset) and refused for another tokenizer's units."""
     from .shardfiles import folder_vocabulary
-    from .vocoder import load_vocoder
+    from .units.vocoder import load_vocoder
 
     voice = load_vocoder(path)
     if units_of is not None and Path(units_of).is_dir():
@@ -962,8 +964,8 @@ def resynth(
 ):
     """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
     \\[ua] answers, pretrain lines) with a manifest."""
-    from .codecs import codec_of
-    from .vocoder import resynthesize
+    from .units.codecs import codec_of
+    from .units.vocoder import resynthesize
 
     voice = _load_vocoder(vocoder, source) if vocoder else codec_of(source)
     if voice is None:

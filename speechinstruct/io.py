@@ -225,3 +225,24 @@ def installed_file(package: str, *parts: str) -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations)), *parts)
     return path if path.is_file() else None
+
+
+def parse_json_object(text: str) -> dict | str:
+    """One JSON object from untrusted text, or the reason it is none: malformed, nested too deeply for Python's
+    parser (100,000 ``[``), not an object, or holding a lone surrogate (``"\\ud800"``, which no UTF-8 file can
+    hold)."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return "malformed JSON (nested too deeply)"
+    except ValueError as e:
+        return f"malformed JSON ({e})"
+    if not isinstance(obj, dict):
+        return "malformed JSON (not an object)"
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid Unicode (a lone surrogate, such as \\ud800)"
+    except RecursionError:
+        return "malformed JSON (nested too deeply)"
+    return obj

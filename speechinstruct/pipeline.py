@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .corpora import SOURCES
+from .sources.corpora import SOURCES
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .kinds import RECORD_KINDS
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
@@ -175,7 +175,7 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, force: bool 
 
 def _report_vocoder(setting: str, km_path: Path, features: str):
     """The vocoder the report resynthesises its samples with (see ``Output.vocoder``), or None."""
-    from .vocoder import load_vocoder
+    from .units.vocoder import load_vocoder
 
     if setting == "none" or (setting == "auto" and (features != "mfcc" or not km_path.is_dir())):
         return None
@@ -200,7 +200,7 @@ class Job:
     stages after it take as inputs. Each method is one step of :func:`_run`, in order."""
 
     def __init__(self, recipe: dict, work: Path, force: bool):
-        from .features import resolve_device
+        from .devices import resolve_device
 
         self.recipe, self.work = recipe, work
         # options a recipe leaves unset are the readers' defaults
@@ -245,7 +245,7 @@ class Job:
 
     def extractor(self):
         """The recipe's extractor, loaded once, when a stage first needs it (never when all are up to date)."""
-        from .features import load_extractor
+        from .units.features import load_extractor
 
         if self._extractor is None:
             f = self.f
@@ -256,14 +256,14 @@ class Job:
     def tokenizer(self):
         """The recipe's speech tokenizer (tokenizer.py) for the stages that speak text: its codec, or its
         extractor and the k-means (the recipe's, or the one the cluster stage fitted)."""
-        from .units import SpeechEncoder, load_kmeans
+        from .units.kmeans import SpeechEncoder, load_kmeans
 
         return self.extractor() if self.codec else SpeechEncoder(load_kmeans(self.km_path), self.extractor())
 
     def judge(self):
         """The recipe's judges (``quality``: DNSMOS, ASR, speaker embeddings, language ID), loaded once, when a
         stage first needs them."""
-        from .score import Judge
+        from .judges.judge import Judge
 
         if self._judge is None:
             q = self.quality
@@ -283,12 +283,12 @@ class Job:
         return settings
 
     def gates(self, synthesized: bool = False):
-        from .score import Gates
+        from .judges.gates import Gates
 
         return Gates.of(self.quality, synthesized)
 
     def score_corpus(self, c: dict) -> None:
-        from .score import score
+        from .curate.score import score
 
         n, base = c["name"], self.work / c["name"]
         if self.scoring:
@@ -301,7 +301,7 @@ class Job:
         return {"scores": self.work / n / "scores", "gates": self.gates()} if self.scoring else {}
 
     def demo_corpus(self) -> None:
-        from .demo import make_demo_corpus
+        from .sources.demo import make_demo_corpus
 
         if self.recipe["demo_corpus"]:
             demo = {"sentences": 300, "seed": 0, **self.recipe["demo_corpus"]}
@@ -310,9 +310,9 @@ class Job:
                 folder, demo["sentences"], demo["seed"]))
 
     def shard_and_extract(self, c: dict) -> None:
-        from .extract import extract
-        from .shard import shard_corpus
-        from .storage import is_url
+        from .units.extract import extract
+        from .sources.shard import shard_corpus
+        from .sources.storage import is_url
 
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
         self.stamps[f"shard:{n}"] = self.runner.stage(
@@ -330,9 +330,9 @@ class Job:
             self.stamps[f"units:{n}"] = self.stamps[f"extract:{n}"]
 
     def cluster_and_quantize(self) -> None:
-        from .cluster import cluster
-        from .quantize import quantize
-        from .units import load_kmeans
+        from .units.cluster import cluster
+        from .units.quantize import quantize
+        from .units.kmeans import load_kmeans
 
         km_cfg, work = self.recipe["kmeans"], self.work
         if self.codec:
@@ -358,7 +358,7 @@ class Job:
     def dedup(self) -> None:
         """Repeats and evaluation data out of every corpus's units, all corpora together (``recipe.dedup``); the
         stamps of the units compose reads become dedup's."""
-        from .dedup import dedup
+        from .curate.dedup import dedup
 
         cfg = self.recipe["dedup"]
         if not cfg:
@@ -381,7 +381,7 @@ class Job:
         """What composed instructions and dialogues are held to when the recipe has a dedup section: its ``eval``
         sets and every corpus's validation and test transcripts (None without one); read once, when a compose stage
         that needs them first runs."""
-        from .dedup import eval_texts
+        from .curate.dedup import eval_texts
 
         cfg = self.recipe["dedup"]
         if not cfg:
@@ -389,8 +389,11 @@ class Job:
         return eval_texts(cfg["eval"], [self.work / n / "units" for n in self.names], cfg["eval_ngram"])
 
     def compose(self) -> None:
-        from . import compose, templates
-        from .tts import make_tts
+        from .compose import templates
+        from .compose.chain_of_modality import chain_of_modality
+        from .compose.cross_modal import cross_modal
+        from .compose.pretrain import pretrain
+        from .sources.tts import make_tts
 
         recipe, work, composed = self.recipe, self.work, self.composed
         c_cfg = recipe["compose"]
@@ -404,7 +407,7 @@ class Job:
             {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
              "templates": {t: sets[t]["version"] for t in sets}, **gated},
             [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora),
-            lambda: [compose.cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
+            lambda: [cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
                                          asr_fraction=cm["asr_fraction"], seed=seed, part=n, **self.scores_of(n))
                      for n in cm_corpora])
         pt = c_cfg["pretrain"]
@@ -413,7 +416,7 @@ class Job:
             "compose pretrain", composed / "pretrain",
             {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora, **gated},
             [self.stamps[f"units:{n}"] for n in pt_corpora] + scored(pt_corpora),
-            lambda: [compose.pretrain(self.units_dir(n), composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, **self.scores_of(n)) for n in pt_corpora])
+            lambda: [pretrain(self.units_dir(n), composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, **self.scores_of(n)) for n in pt_corpora])
         com = c_cfg["chain_of_modality"]
         llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
         self.stamps["chain_of_modality"] = self.runner.stage(
@@ -421,7 +424,7 @@ class Job:
             {**com, "seed": seed, **({"voices": c_cfg["voices"]} if c_cfg["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
-            lambda: _brief(compose.chain_of_modality(
+            lambda: _brief(chain_of_modality(
                 com["instructions"], composed / "chain_of_modality", self.tokenizer(),
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
                 llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
@@ -439,8 +442,8 @@ class Job:
         if not cfg:
             _remove_stage_folder(composed / "duplex")
             return
-        from .duplex import duplex
-        from .tts import make_tts
+        from .compose.duplex import duplex
+        from .sources.tts import make_tts
 
         voices = self.recipe["compose"]["voices"]
         self.stamps["duplex"] = self.runner.stage(
@@ -458,7 +461,7 @@ class Job:
 
     def compose_interleaved(self, seed: int, scored) -> None:
         """Interleaved text and speech from the corpora's units (their word timings), when the recipe asks."""
-        from .interleaved import interleaved
+        from .compose.interleaved import interleaved
 
         cfg, composed = self.recipe["compose"]["interleaved"], self.composed
         if not cfg:
@@ -482,8 +485,8 @@ class Job:
         if not dlg:
             _remove_stage_folder(composed / "dialogue")
             return
-        from .dialogue import dialogue
-        from .tts import make_tts
+        from .compose.dialogue import dialogue
+        from .sources.tts import make_tts
 
         llm = self._llm() if recipe["llm"] and (dlg["rewrite"] or dlg["tts"] == "openai") else None
         self.stamps["dialogue"] = self.runner.stage(
@@ -507,8 +510,8 @@ class Job:
                    max_requests=cfg["max_requests"], max_tokens=cfg["max_tokens"], timeout=cfg["timeout"])
 
     def publish_and_validate(self):
-        from .publish import publish
-        from .validate import format_report, validate
+        from .release.publish import publish
+        from .release.validate import format_report, validate
 
         name, eval_splits = self.recipe["name"], bool(self.recipe["output"]["eval_splits"])
         inputs = [self.stamps["cross_modal"], self.stamps["pretrain"], self.stamps["chain_of_modality"],
@@ -527,7 +530,7 @@ class Job:
         return verdict
 
     def report(self, verdict) -> None:
-        from .report import report
+        from .release.report import report
 
         setting = self.recipe["output"]["vocoder"]
         own = self.codec and setting == "auto"  # codec units are spoken by the codec itself, loaded when needed

@@ -18,9 +18,9 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .corpora import SOURCES, root_problem
+from .sources.corpora import SOURCES, root_problem
 from .llm import URL_CREDENTIALS
-from .storage import is_url
+from .sources.storage import is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)

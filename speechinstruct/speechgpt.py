@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .units import UNIT_RE, to_text
+UNIT_RE = re.compile(r"<(\d+)>")
 
 # SpeechGPT's system prompt, byte for byte as in its released records and cli_infer.py ("a intrinsic", two
 # spaces after "University.", "with human" included): a model continued from SpeechGPT expects exactly this.
@@ -24,6 +24,24 @@ SPEECHGPT_PREFIX = (
 )
 DEFAULT_PREFIX = SPEECHGPT_PREFIX
 FORMATS = ("speech-speech", "speech-text", "text-speech", "text-text")
+
+
+# ------------------------------------------------------------------------------------------- unit string
+def to_text(units) -> str:
+    """``[661, 588]`` → ``<sosp><661><588><eosp>``."""
+    return "<sosp>" + "".join(f"<{int(u)}>" for u in units) + "<eosp>"
+
+
+def from_text(text: str) -> list[int]:
+    """Inverse of ``to_text`` (``<sosp><eosp>`` is the empty sequence); raises ValueError for anything that
+    is not one well-formed unit string."""
+    if not (text.startswith("<sosp>") and text.endswith("<eosp>")):
+        raise ValueError(f"not a unit string (must start with <sosp> and end with <eosp>): {text[:40]!r}")
+    body = text[len("<sosp>") : -len("<eosp>")]
+    units = [int(u) for u in UNIT_RE.findall(body)]
+    if "".join(f"<{u}>" for u in UNIT_RE.findall(body)) != body:
+        raise ValueError(f"malformed unit string: {text[:60]!r}")
+    return units
 
 
 # ------------------------------------------------------------------------------------------------ writers

@@ -176,11 +176,11 @@ def commonvoice_root(tmp_path):
 @pytest.fixture
 def units_dir(librispeech_root, tmp_path):
     """A quantized mini corpus: LibriSpeech layout → manifest → MFCC → k-means (k=8) → units."""
-    from speechinstruct.cluster import cluster
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
-    from speechinstruct.quantize import quantize
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.units.quantize import quantize
+    from speechinstruct.sources.shard import shard_corpus
     from speechinstruct.units import load_kmeans
 
     shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600)

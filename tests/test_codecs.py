@@ -1,4 +1,4 @@
-"""Codecs as speech tokenizers (speechinstruct.codecs): tiny random Mimi, EnCodec and DAC models built from configs
+"""Codecs as speech tokenizers (speechinstruct.units.codecs): tiny random Mimi, EnCodec and DAC models built from configs
 and saved with save_pretrained, their codes held to each model's own encode/decode on each utterance alone."""
 
 import json
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from speechinstruct import audio
 from speechinstruct.cli import app
-from speechinstruct.codecs import load_codec
+from speechinstruct.units.codecs import load_codec
 from test_train import base_model  # noqa: F401, E402  (the tiny LLaMA and tokenizer fixture)
 
 torch.set_num_threads(2)
@@ -63,7 +63,7 @@ def tiny(kind: str):
                                                      output_hidden_size=32)))
         with torch.no_grad():  # a random projection leaves every frame in one FSQ cell: centre and scale it on the
             # model's own frames (a test signal's), so that they spread over the cells
-            from speechinstruct.codecs import xcodec2_inputs
+            from speechinstruct.units.codecs import xcodec2_inputs
 
             seen = []
             hook = model.quantizer.project_in.register_forward_hook(lambda m, args, out: seen.append(out[0]))
@@ -177,7 +177,7 @@ def test_xcodec2_units_are_the_models_own_codes_on_its_feature_extractors_inputs
     the codes are the model's own encode of the extractor's inputs."""
     from transformers import Xcodec2Model
 
-    from speechinstruct.codecs import xcodec2_inputs
+    from speechinstruct.units.codecs import xcodec2_inputs
 
     extractor = xcodec2_feature_extractor()
     model = Xcodec2Model.from_pretrained(folders["xcodec2"]).eval()
@@ -221,12 +221,13 @@ def test_bad_codec_inputs_are_one_line(folders, tmp_path):
 def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispeech_root, tmp_path):
     """shard → extract --features mimi (audio decoded straight to 24 kHz, no k-means, repeats kept) → compose →
     publish → validate; the vocabulary record travels to the dataset and K is codebooks × codebook size."""
-    from speechinstruct import compose
-    from speechinstruct.extract import decode_row
-    from speechinstruct.publish import publish
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct.compose.pretrain import pretrain
+    from speechinstruct.units.extract import decode_row
+    from speechinstruct.release.publish import publish
+    from speechinstruct.sources.shard import shard_corpus
     from speechinstruct.shardfiles import folder_vocabulary
-    from speechinstruct.validate import validate
+    from speechinstruct.release.validate import validate
 
     # one utterance at 44.1 kHz and one too short for a Mimi frame (1920 samples at 24 kHz)
     chapter = next(p for p in librispeech_root.rglob("*.trans.txt")).parent
@@ -257,8 +258,8 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     assert row["units"] == codec.units(direct).tolist() and set(row["durations"]) == {1}  # not deduplicated
     assert row["unit_text"] == "<sosp>" + "".join(f"<{u}>" for u in row["units"]) + "<eosp>"
 
-    compose.cross_modal(tmp_path / "units", tmp_path / "composed" / "cross_modal")
-    compose.pretrain(tmp_path / "units", tmp_path / "composed" / "pretrain")
+    cross_modal(tmp_path / "units", tmp_path / "composed" / "cross_modal")
+    pretrain(tmp_path / "units", tmp_path / "composed" / "pretrain")
     publish(tmp_path / "composed", tmp_path / "dataset")
     assert folder_vocabulary(tmp_path / "dataset") == codec.vocabulary()
     meta = json.loads((tmp_path / "dataset" / "speechinstruct.json").read_text())
@@ -293,7 +294,7 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     # records from units of two tokenizers in one compose folder: publish refuses to mix them
     runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units3"), "--features", "mimi",
                         "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
-    compose.pretrain(tmp_path / "units3", tmp_path / "composed" / "pretrain", part="other")
+    pretrain(tmp_path / "units3", tmp_path / "composed" / "pretrain", part="other")
     with pytest.raises(ValueError, match=r"units of two vocabularies .*mimi 128.*mimi 192"):
         publish(tmp_path / "composed", tmp_path / "mixed")
 
@@ -310,9 +311,9 @@ def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the
     the codec too; the report speaks samples with the codec; train stage 2 adds exactly the 128 unit tokens."""
     import yaml
 
-    from speechinstruct import train as T
+    from speechinstruct.model import train as T
     from speechinstruct.pipeline import run
-    from speechinstruct.train import unit_vocabulary
+    from speechinstruct.model.train import unit_vocabulary
 
     recipe = tmp_path / "mimi.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -344,7 +345,7 @@ def test_run_with_mimi_units_to_a_validated_dataset_trained_on_and_spoken_by_the
     assert all(t in vocab for t in unit_vocabulary(128)) and "<128>" not in vocab
 
     # chat hears a recording through the codec and can speak with it
-    from speechinstruct.chat import audio_to_unit_text
+    from speechinstruct.model.chat import audio_to_unit_text
 
     clip = tmp_path / "question.wav"
     sf.write(clip, speech(1.0, 44100, 11), 44100)
@@ -414,8 +415,8 @@ def test_incomplete_or_malformed_codec_folders_are_refused_naming_what_is_wrong(
 def test_one_tokenizer_face_for_codecs_and_kmeans_units_built_by_one_loader(folders):
     """tokenizer.py: a codec and k-means units both encode, say their vocabulary, rates and codebooks; a codec
     decodes; the loader refuses --kmeans with a codec and features without --kmeans where units are needed."""
-    from speechinstruct.features import MFCC
-    from speechinstruct.tokenizer import dense_and_kmeans, is_tokenizer, load_tokenizer
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.units.tokenizer import dense_and_kmeans, is_tokenizer, load_tokenizer
     from speechinstruct.units import KMeans, SpeechEncoder
 
     km = KMeans(np.random.default_rng(0).normal(size=(16, 39)).astype(np.float32))

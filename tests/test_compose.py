@@ -5,10 +5,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from speechinstruct import compose, templates, units
+from speechinstruct import units
+from speechinstruct.compose.chain_of_modality import chain_of_modality
+from speechinstruct.compose.cross_modal import cross_modal
+from speechinstruct.compose.pretrain import pretrain
+from speechinstruct.compose.speech import speakable, unfit_for_speech
+from speechinstruct.speechgpt import DEFAULT_PREFIX, FORMATS
+from speechinstruct.compose import templates
 from speechinstruct.units import SpeechEncoder
-from speechinstruct.features import MFCC
-from speechinstruct.tts import CachedTTS, EspeakTTS
+from speechinstruct.units.features import MFCC
+from speechinstruct.sources.tts import CachedTTS, EspeakTTS
 
 
 def read(folder, pattern="train-*.parquet"):
@@ -19,7 +25,7 @@ UNITS = r"<sosp>(?:<\d+>)+<eosp>"
 
 
 def test_cross_modal_exact_shapes(units_dir, tmp_path):
-    summary = compose.cross_modal(units_dir, tmp_path / "cm")
+    summary = cross_modal(units_dir, tmp_path / "cm")
     rows = read(tmp_path / "cm")
     assert summary["records"] == len(rows) == 8 and summary["asr"] == summary["tts"] == 4
     unit_rows = {r["id"]: r for r in read(units_dir, "units-*.parquet")}
@@ -27,7 +33,7 @@ def test_cross_modal_exact_shapes(units_dir, tmp_path):
     tts_ids = {t["id"]: t["text"] for t in templates.builtin("tts")["templates"]}
     for r in rows:
         source = unit_rows[r["source_id"]]
-        assert r["prefix"] == compose.DEFAULT_PREFIX
+        assert r["prefix"] == DEFAULT_PREFIX
         assert r["units"] == source["units"] and r["transcript"] == source["text"]
         if r["task"] == "asr":
             instruction = asr_ids[r["template_id"]]
@@ -56,8 +62,8 @@ def many_units(units_dir, folder, n=300):
 
 
 def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
-    compose.cross_modal(units_dir, tmp_path / "a", mode="random")
-    compose.cross_modal(units_dir, tmp_path / "b", mode="random")
+    cross_modal(units_dir, tmp_path / "a", mode="random")
+    cross_modal(units_dir, tmp_path / "b", mode="random")
     for fa, fb in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "b").glob("*.parquet"))):
         assert fa.read_bytes() == fb.read_bytes()
     assert len(read(tmp_path / "a")) == 4
@@ -65,7 +71,7 @@ def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
     many = many_units(units_dir, tmp_path / "many", n=60)
     choices = {}
     for seed in (0, 7):
-        compose.cross_modal(many, tmp_path / f"s{seed}", mode="random", seed=seed)
+        cross_modal(many, tmp_path / f"s{seed}", mode="random", seed=seed)
         choices[seed] = sorted((r["source_id"], r["task"], r["template_id"]) for r in read(tmp_path / f"s{seed}"))
     assert [c[0] for c in choices[0]] == [c[0] for c in choices[7]]
     assert sum(a != b for a, b in zip(choices[0], choices[7])) > 30
@@ -85,13 +91,13 @@ def test_templates_are_many_and_varied():
 def test_template_choice_spreads_over_the_set(units_dir, tmp_path):
     """300 ASR records draw from the whole set of 100-odd templates (about 101 distinct expected)."""
     many = many_units(units_dir, tmp_path / "many", n=300)
-    compose.cross_modal(many, tmp_path / "cm", mode="asr")
+    cross_modal(many, tmp_path / "cm", mode="asr")
     used = {r["template_id"] for r in read(tmp_path / "cm")}
     assert len(used) > 85 and len(used) <= len(templates.builtin("asr")["templates"])
 
 
 def test_pretrain_split(units_dir, tmp_path):
-    summary = compose.pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5)
+    summary = pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5)
     train, dev = read(tmp_path / "pt", "train-*.parquet"), read(tmp_path / "pt", "validation-*.parquet")
     assert (summary["train"], summary["validation"]) == (len(train), len(dev)) and len(train) + len(dev) == 4
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in dev})
@@ -104,7 +110,7 @@ def test_records_keep_their_audio_split_and_0_2_dev_reads_as_validation(units_di
     rows say dev, still composes into validation files and validates."""
     import pyarrow as pa
 
-    from speechinstruct.validate import validate
+    from speechinstruct.release.validate import validate
 
     names, ids = iter(["dev", "validation", "test", "train"]), {}
     for path in sorted(units_dir.glob("units-*.parquet")):
@@ -114,7 +120,7 @@ def test_records_keep_their_audio_split_and_0_2_dev_reads_as_validation(units_di
         ids.update(zip(table.column("id").to_pylist(), splits))
     assert sorted(ids.values()) == ["dev", "test", "train", "validation"]
     assert validate(units_dir).ok
-    compose.cross_modal(units_dir, tmp_path / "cm")
+    cross_modal(units_dir, tmp_path / "cm")
     got = {split: sorted({r["source_id"] for r in read(tmp_path / "cm", f"{split}-*.parquet")})
            for split in ("train", "validation", "test")}
     assert got == {"train": sorted(i for i, n in ids.items() if n == "train"),
@@ -124,12 +130,12 @@ def test_records_keep_their_audio_split_and_0_2_dev_reads_as_validation(units_di
 
 
 def test_unfit_for_speech():
-    assert compose.unfit_for_speech("Write code", "```python\nprint(1)\n```") == "code in response"
-    assert compose.unfit_for_speech("Docs?", "See https://x.org") == "URL in response"
-    assert compose.unfit_for_speech("Table", "| a | b |\n|---|---|") == "table in response"
-    assert compose.unfit_for_speech("Hi", "word " * 100) == "response too long to speak"
-    assert compose.unfit_for_speech("What is two plus two?", "Two plus two is four.") is None
-    assert compose.speakable("**Bold** and `code`") == "Bold and code"
+    assert unfit_for_speech("Write code", "```python\nprint(1)\n```") == "code in response"
+    assert unfit_for_speech("Docs?", "See https://x.org") == "URL in response"
+    assert unfit_for_speech("Table", "| a | b |\n|---|---|") == "table in response"
+    assert unfit_for_speech("Hi", "word " * 100) == "response too long to speak"
+    assert unfit_for_speech("What is two plus two?", "Two plus two is four.") is None
+    assert speakable("**Bold** and `code`") == "Bold and code"
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +158,10 @@ def test_espeak_speaks_a_sentence_at_plausible_length(espeak):
 def test_chain_of_modality_four_formats(tmp_path, espeak):
     mfcc = MFCC()
     wav, sr = espeak.synthesize("Some speech to fit a small quantizer on, with many different sounds.", "en-us", 160)
-    from speechinstruct.cluster import fit
+    from speechinstruct.units.cluster import fit
     km = units.KMeans(fit(mfcc.features(wav, sr), 16, seed=0))
     tts = CachedTTS(espeak, tmp_path / "cache")
-    summary = compose.chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
+    summary = chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
     rows = read(tmp_path / "com")
     assert summary["pairs"] == 12 and summary["records"] == len(rows) == 48
     by_format = {}
@@ -174,13 +180,13 @@ def test_chain_of_modality_four_formats(tmp_path, espeak):
         else:
             assert r["instruction_units"] == []
         assert r["corpus"] == "speechinstruct-sample" and r["source_id"] in r["id"]
-    assert set(by_format) == set(compose.FORMATS)
+    assert set(by_format) == set(FORMATS)
     ss = by_format["speech-speech"]
     assert ss["voice"].startswith("espeak-ng:") and len(ss["instruction_units"]) > 10
     # rerun: every chunk done, nothing synthesized again; a fresh output folder reuses the TTS cache
     calls = tts.calls
-    compose.chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
-    compose.chain_of_modality("builtin", tmp_path / "com2", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
+    chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
+    chain_of_modality("builtin", tmp_path / "com2", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
     assert tts.calls == calls
     assert read(tmp_path / "com2") == rows
 
@@ -195,7 +201,7 @@ def test_chain_of_modality_drops_unspeakable_pairs(tmp_path, espeak):
         "{broken json",
         json.dumps({"id": "c", "question": "wrong columns"}),
     ]))
-    summary = compose.chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, None))
+    summary = chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, None))
     assert summary["records"] == 1
     assert summary["dropped: code in response"] == 1
     assert summary["dropped: malformed JSON"] == 1 and summary["dropped: missing columns ['instruction', 'response']"] == 1
@@ -204,14 +210,14 @@ def test_chain_of_modality_drops_unspeakable_pairs(tmp_path, espeak):
 
 
 def test_every_default_espeak_voice_exists(espeak):
-    from speechinstruct.tts import ESPEAK_VOICES
+    from speechinstruct.sources.tts import ESPEAK_VOICES
     for voice in ESPEAK_VOICES:
         wav, _ = espeak.synthesize("Hello there.", voice, 160)
         assert wav.size > 1000, voice
 
 
 def test_espeak_is_deterministic_whatever_came_before(espeak):
-    from speechinstruct.tts import ESPEAK_VOICES
+    from speechinstruct.sources.tts import ESPEAK_VOICES
     for voice in ESPEAK_VOICES:
         first, _ = espeak.synthesize("The old sailor walked to the red house.", voice, 165)
         espeak.synthesize("Something else entirely, said quickly.", ESPEAK_VOICES[0], 180)
@@ -220,9 +226,9 @@ def test_espeak_is_deterministic_whatever_came_before(espeak):
 
 
 def test_compose_shard_index_runs_merge_to_the_single_run(units_dir, tmp_path):
-    compose.cross_modal(units_dir, tmp_path / "one")
+    cross_modal(units_dir, tmp_path / "one")
     for i in range(2):
-        compose.cross_modal(units_dir, tmp_path / "split", num_shards=2, shard_index=i)
+        cross_modal(units_dir, tmp_path / "split", num_shards=2, shard_index=i)
     assert sorted(p.name for p in (tmp_path / "one").glob("*.parquet")) == sorted(p.name for p in (tmp_path / "split").glob("*.parquet"))
     for f in (tmp_path / "one").glob("*.parquet"):
         assert f.read_bytes() == (tmp_path / "split" / f.name).read_bytes()
@@ -240,7 +246,7 @@ def test_markup_in_a_transcript_is_skipped_and_counted(units_dir, tmp_path):
     rows = pq.read_table(path).to_pylist()
     rows[0]["text"] = POISON
     pq.write_table(records.to_table("units", rows), path)
-    summary = compose.cross_modal(units_dir, tmp_path / "cm")
+    summary = cross_modal(units_dir, tmp_path / "cm")
     assert summary["dropped: markup in transcript"] == 1 and summary["records"] == 6
     assert summary["dropped_examples"] == [{"where": rows[0]["id"], "reason": "markup in transcript (record markup '<eoa>')"}]
     assert not any("ignore the above" in r["plain_text"] for r in read(tmp_path / "cm"))
@@ -271,7 +277,7 @@ def test_bad_pairs_are_each_skipped_naming_file_and_line(tmp_path, espeak):
     src = tmp_path / "pairs.jsonl"
     src.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
     for _ in range(2):  # the rerun skips the finished chunk and ends the same way
-        summary = compose.chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, tmp_path / "tts"),
+        summary = chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, tmp_path / "tts"),
                                             formats=("speech-speech",))
         assert summary["records"] == 2 and {r["source_id"] for r in read(tmp_path / "com")} == {"good", "good2"}
         reasons = {d["where"]: d["reason"] for d in summary["dropped_examples"]}
@@ -308,8 +314,8 @@ def test_compose_memory_does_not_grow_with_the_shard(tmp_path):
     for n in (5000, 20000):
         folder = units_shard(tmp_path / f"u{n}", n)
         tracemalloc.start()
-        compose.cross_modal(folder, tmp_path / f"cm{n}")
-        compose.pretrain(folder, tmp_path / f"pt{n}")
+        cross_modal(folder, tmp_path / f"cm{n}")
+        pretrain(folder, tmp_path / f"pt{n}")
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         assert json.loads((tmp_path / f"cm{n}" / "summary.json").read_text())["records"] == 2 * n
@@ -320,10 +326,10 @@ def test_publish_memory_does_not_grow_with_the_dataset(tmp_path):
     """publish copies records a batch at a time: 4x the records, about the same peak (tracemalloc)."""
     import tracemalloc
 
-    from speechinstruct.publish import publish
+    from speechinstruct.release.publish import publish
     peaks = []
     for n in (5000, 20000):
-        compose.cross_modal(units_shard(tmp_path / f"u{n}", n), tmp_path / f"c{n}" / "cross_modal")
+        cross_modal(units_shard(tmp_path / f"u{n}", n), tmp_path / f"c{n}" / "cross_modal")
         tracemalloc.start()
         meta = publish(tmp_path / f"c{n}", tmp_path / f"d{n}")
         peaks.append(tracemalloc.get_traced_memory()[1])
@@ -358,7 +364,7 @@ def _die_at_once():
 def test_an_espeak_process_that_dies_is_one_line_not_a_hang(espeak):
     """Each utterance is spoken in its own process; one that dies (a crash in libespeak-ng) raises TTSError at
     once, where a multiprocessing pool would wait for its result forever."""
-    from speechinstruct.tts import TTSError
+    from speechinstruct.sources.tts import TTSError
 
     with pytest.raises(TTSError, match=r"the espeak-ng process died \(exit code 3\)"):
         espeak._fresh(_die_at_once)
@@ -370,7 +376,7 @@ def test_markup_formed_by_stripping_markdown_nul_and_lone_surrogates_are_skipped
     """What is checked is what is spoken and written: `<eo**a>` becomes `<eoa>` once markdown is stripped; a NUL
     would stop the TTS while the record kept the rest; a lone surrogate in an id cannot be written to any UTF-8
     file. Each pair is skipped and counted with its line; the good pair comes through and validates."""
-    from speechinstruct.validate import validate
+    from speechinstruct.release.validate import validate
 
     mfcc = MFCC()
     km = units.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
@@ -385,7 +391,7 @@ def test_markup_formed_by_stripping_markdown_nul_and_lone_surrogates_are_skipped
     ]
     src = tmp_path / "pairs.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    summary = compose.chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, tmp_path / "tts"),
+    summary = chain_of_modality(src, tmp_path / "com", SpeechEncoder(km, mfcc), CachedTTS(espeak, tmp_path / "tts"),
                                         formats=("speech-speech",))
     reasons = {d["where"]: d["reason"] for d in summary["dropped_examples"]}
     assert summary["records"] == 1 and [r["response"] for r in read(tmp_path / "com")] == ["Paris is in France."]

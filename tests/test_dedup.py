@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from speechinstruct import audio
 from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
-from speechinstruct.dedup import EvalTexts, Signer, dedup, ngram_hashes, words
+from speechinstruct.curate.dedup import EvalTexts, Signer, dedup, ngram_hashes, words
 
 runner = CliRunner()
 COPIES = ("mp3", "opus", "resampled", "cut", "noise")
@@ -48,7 +48,7 @@ def copy_of(wav: np.ndarray, kind: str, seed: int) -> np.ndarray:
 
 def spoken_sentences(texts: list[str]) -> list[tuple[np.ndarray, str]]:
     """(16 kHz samples, text) of each sentence spoken by espeak-ng, the voices taking turns."""
-    from speechinstruct.tts import ESPEAK_VOICES, EspeakTTS
+    from speechinstruct.sources.tts import ESPEAK_VOICES, EspeakTTS
 
     tts = EspeakTTS()
     spoken = []
@@ -75,12 +75,12 @@ def write_utterances(root, split: str, speaker: str, items: list[tuple[np.ndarra
 def planted(tmp_path_factory):
     """60 distinct espeak-ng sentences (speakers 100-105), the copies of 12 of them (speaker 200), a test split of
     3 utterances (speaker 300), one of them also read in training (speaker 100 reads the test text), and units."""
-    from speechinstruct.cluster import cluster
-    from speechinstruct.demo import sentences
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
-    from speechinstruct.quantize import quantize
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.sources.demo import sentences
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.units.quantize import quantize
+    from speechinstruct.sources.shard import shard_corpus
     from speechinstruct.units import load_kmeans
 
     tmp = tmp_path_factory.mktemp("dedup")
@@ -219,12 +219,12 @@ def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_
 
 
 def test_the_report_plays_a_dropped_copy_beside_what_it_duplicates(planted, tmp_path):
-    from speechinstruct import compose
-    from speechinstruct.publish import publish
-    from speechinstruct.report import report
+    from speechinstruct.compose.pretrain import pretrain
+    from speechinstruct.release.publish import publish
+    from speechinstruct.release.report import report
 
     dedup(planted["root"] / "units", tmp_path / "librispeech" / "dedup")
-    compose.pretrain(tmp_path / "librispeech" / "dedup", tmp_path / "composed" / "pretrain")
+    pretrain(tmp_path / "librispeech" / "dedup", tmp_path / "composed" / "pretrain")
     publish(tmp_path / "composed", tmp_path / "dataset")
     report(tmp_path / "dataset", tmp_path / "report", work=tmp_path)
     page = (tmp_path / "report" / "index.html").read_text()
@@ -236,10 +236,11 @@ def test_the_report_plays_a_dropped_copy_beside_what_it_duplicates(planted, tmp_
 def test_a_benchmark_prompt_among_the_instruction_pairs_is_dropped_before_it_is_spoken(tmp_path):
     """compose chain-of-modality and dialogue --eval: a pair (or any turn of a conversation) that shares a 13-word
     n-gram with an evaluation text, or equals a short one, is dropped and counted, never spoken."""
-    from speechinstruct import compose, units as U
-    from speechinstruct.dialogue import dialogue
-    from speechinstruct.features import MFCC
-    from speechinstruct.tts import CachedTTS, EspeakTTS
+    from speechinstruct import units as U
+    from speechinstruct.compose.chain_of_modality import chain_of_modality
+    from speechinstruct.compose.dialogue import dialogue
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.sources.tts import CachedTTS, EspeakTTS
 
     question = "Which planet in our solar system has the largest number of known moons orbiting it today?"
     (tmp_path / "bench.jsonl").write_text(json.dumps({"question": question, "answer": "Saturn."}) + "\n")
@@ -248,12 +249,12 @@ def test_a_benchmark_prompt_among_the_instruction_pairs_is_dropped_before_it_is_
         {"id": "fine", "instruction": "Say hello to me.", "response": "Hello there, friend."},
         {"id": "leaked", "instruction": f"Quick question. {question}", "response": "I think it is Saturn."},
         {"id": "short", "instruction": "Saturn.", "response": "A planet."}]) + "\n")
-    from speechinstruct.dedup import eval_texts
+    from speechinstruct.curate.dedup import eval_texts
 
     texts = eval_texts([str(tmp_path / "bench.jsonl")])
     km = U.KMeans(np.random.default_rng(0).normal(size=(8, 39)).astype(np.float32))
     tts = CachedTTS(EspeakTTS(), tmp_path / "tts")
-    summary = compose.chain_of_modality(pairs, tmp_path / "com", SpeechEncoder(km, MFCC()), tts, formats=("text-text",),
+    summary = chain_of_modality(pairs, tmp_path / "com", SpeechEncoder(km, MFCC()), tts, formats=("text-text",),
                                         eval_texts=texts)
     assert summary["records"] == 1 and summary["dropped: evaluation text"] == 2
     reasons = {d["id"]: d["reason"] for d in summary["dropped_examples"]}
@@ -268,7 +269,7 @@ def test_a_benchmark_prompt_among_the_instruction_pairs_is_dropped_before_it_is_
 
 
 def test_job_array_tasks_cache_signatures_and_the_final_run_uses_them(planted, tmp_path, monkeypatch):
-    from speechinstruct import dedup as D
+    from speechinstruct.curate import dedup as D
 
     parts = [dedup(planted["root"] / "units", tmp_path / "out", num_shards=2, shard_index=i)
              for i in range(2)]
@@ -287,7 +288,7 @@ def test_candidate_pairs_are_the_pairs_datasketchs_minhashlsh_finds():
     signatures and threshold; a bucket too large for all its pairs still connects every member."""
     from datasketch import MinHashLSH
 
-    from speechinstruct.dedup import UnionFind, candidate_pairs
+    from speechinstruct.curate.dedup import UnionFind, candidate_pairs
 
     rng = np.random.default_rng(3)
     signer = Signer(ngram=4, num_perm=64)

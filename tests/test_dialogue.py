@@ -1,4 +1,4 @@
-"""compose dialogue (speechinstruct.dialogue): multi-turn spoken dialogues from text conversations, read back by
+"""compose dialogue (speechinstruct.compose.dialogue): multi-turn spoken dialogues from text conversations, read back by
 a parser written here from the format's description, published, validated, and trained on by TRL's SFTTrainer
 through a chat template with the loss on the assistant turns only."""
 
@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from speechinstruct import units
 from speechinstruct.cli import app
-from speechinstruct.cluster import fit
-from speechinstruct.dialogue import dialogue
-from speechinstruct.features import MFCC
-from speechinstruct.tts import CachedTTS, EspeakTTS
+from speechinstruct.units.cluster import fit
+from speechinstruct.compose.dialogue import dialogue
+from speechinstruct.units.features import MFCC
+from speechinstruct.sources.tts import CachedTTS, EspeakTTS
 from speechinstruct.units import SpeechEncoder
 from test_train import base_model  # noqa: F401  (the tiny LLaMA and tokenizer fixture)
 
@@ -105,8 +105,8 @@ def test_every_turn_is_spoken_and_the_records_parse_back(composed, speech):
 
 
 def test_a_rerun_makes_nothing_again_and_the_dataset_validates(composed, speech, tmp_path):
-    from speechinstruct.publish import publish
-    from speechinstruct.validate import validate
+    from speechinstruct.release.publish import publish
+    from speechinstruct.release.validate import validate
 
     root, _, tts = composed
     espeak, mfcc, km = speech
@@ -131,21 +131,21 @@ def test_a_rerun_makes_nothing_again_and_the_dataset_validates(composed, speech,
 def test_publish_refuses_dialogues_and_pairs_spoken_into_two_vocabularies(composed, speech, tmp_path):
     import shutil
 
-    from speechinstruct import compose
-    from speechinstruct.publish import publish
+    from speechinstruct.compose.chain_of_modality import chain_of_modality
+    from speechinstruct.release.publish import publish
 
     root, _, tts = composed
     espeak, mfcc, km = speech
     shutil.copytree(root / "composed" / "dialogue", tmp_path / "composed" / "dialogue")
     other = units.KMeans(km.centroids[:8])
-    compose.chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", SpeechEncoder(other, mfcc), tts, max_pairs=2)
+    chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", SpeechEncoder(other, mfcc), tts, max_pairs=2)
     with pytest.raises(ValueError, match=r"two vocabularies .*chain_of_modality.summary.json: kmeans 8; .*dialogue.summary.json: kmeans 16\)"):
         publish(tmp_path / "composed", tmp_path / "dataset")
 
 
 def test_validate_catches_a_dialogue_whose_columns_disagree(composed, tmp_path):
     from speechinstruct import records
-    from speechinstruct.validate import validate
+    from speechinstruct.release.validate import validate
 
     root, _, _ = composed
     good = rows(root / "composed" / "dialogue")
@@ -226,8 +226,8 @@ def test_trl_trains_on_messages_with_the_loss_on_assistant_turns_only(composed, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from speechinstruct import train as T
-    from speechinstruct.publish import publish
+    from speechinstruct.model import train as T
+    from speechinstruct.release.publish import publish
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
@@ -261,7 +261,7 @@ def test_mask_assistant_trains_on_every_speechgpt_turn_only(composed, base_model
     prefix, every [Human] turn (the user's speech) and BOS get none; EOS, closing the last answer, gets it."""
     from transformers import AutoTokenizer
 
-    from speechinstruct import train as T
+    from speechinstruct.model import train as T
 
     root, _, _ = composed
     record = next(r for r in rows(root / "composed" / "dialogue") if r["turns"] == 3)
@@ -292,8 +292,8 @@ def test_mask_assistant_trains_on_every_speechgpt_turn_only(composed, base_model
 
 
 def test_stage3_trains_on_chain_of_modality_and_dialogues_together(composed, base_model, tmp_path):  # noqa: F811
-    from speechinstruct.publish import publish
-    from speechinstruct.train import TrainConfig, build_examples, train
+    from speechinstruct.release.publish import publish
+    from speechinstruct.model.train import TrainConfig, build_examples, train
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
@@ -313,7 +313,7 @@ def test_stage3_trains_on_chain_of_modality_and_dialogues_together(composed, bas
 
 
 def test_chat_with_a_history_prompts_with_the_dialogue_so_far_as_training_wrote_it(composed, base_model, tmp_path):  # noqa: F811
-    from speechinstruct.chat import Chat
+    from speechinstruct.model.chat import Chat
     from speechinstruct.speechgpt import com_answer
     from speechinstruct.units import to_text
 
@@ -369,7 +369,7 @@ def test_voices_from_a_vits_model_folder_speak_dialogues_one_speaker_each(tiny_v
     same audio (VITS's noise is seeded), each speaker sounds different, and each record names its voices."""
     from transformers import VitsModel, VitsTokenizer
 
-    from speechinstruct.tts import TTSError, make_tts
+    from speechinstruct.sources.tts import TTSError, make_tts
 
     _, mfcc, km = speech
     tts = make_tts("vits", tmp_path / "cache", model=str(tiny_vits), voices=["0", "2"])
@@ -396,7 +396,7 @@ def test_voices_from_a_vits_model_folder_speak_dialogues_one_speaker_each(tiny_v
 
 
 def test_espeak_voices_can_be_chosen_and_a_missing_one_is_one_line(speech, tmp_path):
-    from speechinstruct.tts import TTSError, make_tts
+    from speechinstruct.sources.tts import TTSError, make_tts
 
     _, mfcc, km = speech
     tts = make_tts("espeak", tmp_path / "cache", voices=["en-us", "en-gb-scotland+f4"])
@@ -452,7 +452,7 @@ def test_the_dialogue_config_is_chat_data_to_trl_under_every_hash_seed(composed)
     import subprocess
     import sys
 
-    from speechinstruct.publish import publish
+    from speechinstruct.release.publish import publish
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():
@@ -468,8 +468,8 @@ def test_the_dialogue_config_is_chat_data_to_trl_under_every_hash_seed(composed)
 
 
 def test_the_report_shows_a_dialogue_of_each_length_and_counts_dialogues(composed, tmp_path):
-    from speechinstruct.publish import publish
-    from speechinstruct.report import report
+    from speechinstruct.release.publish import publish
+    from speechinstruct.release.report import report
 
     root, _, _ = composed
     if not (root / "dataset").is_dir():

@@ -13,8 +13,8 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.duplex import MAIN, OTHER, Voice, duplex, timeline
-from speechinstruct.tts import EspeakTTS
+from speechinstruct.compose.duplex import MAIN, OTHER, Voice, duplex, timeline
+from speechinstruct.sources.tts import EspeakTTS
 
 runner = CliRunner()
 
@@ -132,9 +132,9 @@ def test_units_of_both_channels_frame_aligned_with_text_streams_publish_and_vali
     import pyarrow.parquet as pq
 
     from speechinstruct import records, units as U
-    from speechinstruct.features import MFCC
-    from speechinstruct.publish import publish
-    from speechinstruct.validate import validate
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.release.publish import publish
+    from speechinstruct.release.validate import validate
 
     km = U.KMeans(np.random.default_rng(0).normal(size=(16, 39)).astype(np.float32))
     summary = duplex("builtin", tmp_path / "composed" / "duplex", espeak, max_conversations=2,
@@ -192,7 +192,7 @@ def test_cli_with_a_codec_writes_both_channels_codes(tmp_path):
 
 
 def test_each_turn_is_judged_and_a_conversation_with_a_failing_turn_is_dropped(espeak, tmp_path):
-    from speechinstruct.score import Gates
+    from speechinstruct.judges.gates import Gates
 
     class Judge:  # scores each turn; the turns that speak of bread are poor
         speaker = None

@@ -5,7 +5,8 @@ import torch
 
 from fairseq_fixture import HUBERT_STRIDE_CONV, model_cfg, random_state, reference_features, save_checkpoint
 from conftest import speechlike
-from speechinstruct import audio, features
+from speechinstruct import audio
+from speechinstruct.units import features
 from speechinstruct.checkpoints import UnsafeCheckpointError, literal_arithmetic
 
 
@@ -129,7 +130,7 @@ def test_truncated_checkpoint_is_clear(tmp_path):
 def test_cli_malformed_checkpoint_is_one_line(tmp_path, librispeech_root):
     from typer.testing import CliRunner
     from speechinstruct.cli import app
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.sources.shard import shard_corpus
     shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     torch.save({"cfg": {"model": "hubert"}, "model": {}}, tmp_path / "odd.pt")
     result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
@@ -239,7 +240,7 @@ def test_mfcc_deltas_are_regression_deltas():
 def test_cli_refuses_malicious_checkpoint_in_one_line(tmp_path, librispeech_root):
     from typer.testing import CliRunner
     from speechinstruct.cli import app
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.sources.shard import shard_corpus
     shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     torch.save({"model": {}, "cfg": Exploit()}, tmp_path / "evil.pt")
     result = CliRunner().invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "--features", "hubert",
@@ -363,8 +364,8 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
     """An extractor that runs out of memory on batches of more than one utterance (as a GPU does on a batch too
     large, torch.cuda.OutOfMemoryError): every utterance still gets its features, equal to the run without the
     failure, and the summary counts the halvings; an utterance too large even alone is that utterance's error."""
-    from speechinstruct.extract import extract
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.units.extract import extract
+    from speechinstruct.sources.shard import shard_corpus
     from speechinstruct.shardfiles import read_frames
 
     shard_corpus("librispeech", librispeech_root, tmp_path / "m")

@@ -17,8 +17,8 @@ from test_sources import flac_bytes, hf_rows
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.extract import decode_row
-from speechinstruct.shard import shard_corpus
+from speechinstruct.units.extract import decode_row
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import manifest_files
 
 runner = CliRunner()
@@ -221,12 +221,12 @@ def test_unreadable_parquet_or_arrow_name_their_file(tmp_path):
 
 def test_truncated_stage_files_are_named_in_the_error(librispeech_root, tmp_path):
     """pyarrow says only "Parquet magic bytes not found in footer": every stage names the file."""
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
 
     shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     extract(tmp_path / "m", tmp_path / "f", MFCC())
-    from speechinstruct.cluster import cluster
+    from speechinstruct.units.cluster import cluster
 
     cluster(tmp_path / "f", tmp_path / "km", k=4)
     feats = tmp_path / "f" / "features-00000.arrow"

@@ -1,4 +1,4 @@
-"""Word alignments (speechinstruct.alignments) and interleaved text/speech records (speechinstruct.interleaved):
+"""Word alignments (speechinstruct.sources.alignments) and interleaved text/speech records (speechinstruct.compose.interleaved):
 espeak-ng's own word events, TextGrids as the Montreal Forced Aligner writes them (praatio, which MFA writes them
 with), lhotse's word alignments; records read back by a parser written here and held to the alignment's frames."""
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import speechlike
 from speechinstruct import units as U
 from speechinstruct.cli import app
-from speechinstruct.shard import shard_corpus
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import manifest_files
 
 runner = CliRunner()
@@ -30,7 +30,7 @@ def parse(text: str) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def espeak():
-    from speechinstruct.tts import EspeakTTS
+    from speechinstruct.sources.tts import EspeakTTS
 
     return EspeakTTS()
 
@@ -53,11 +53,11 @@ def test_espeak_word_events_time_every_word_of_the_text(espeak):
 @pytest.fixture(scope="module")
 def demo_units(tmp_path_factory):
     """A demo corpus of 12 sentences (espeak-ng, TextGrids beside the audio) → MFCC → k-means 16 → units."""
-    from speechinstruct.cluster import cluster
-    from speechinstruct.demo import make_demo_corpus
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
-    from speechinstruct.quantize import quantize
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.sources.demo import make_demo_corpus
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.units.quantize import quantize
 
     root = tmp_path_factory.mktemp("interleaved")
     make_demo_corpus(root / "corpus", 12, seed=0)
@@ -71,7 +71,7 @@ def demo_units(tmp_path_factory):
 def test_the_demo_corpus_textgrids_are_espeaks_word_events_and_reach_the_units(demo_units, espeak):
     from praatio import textgrid
 
-    from speechinstruct.tts import ESPEAK_RATES, ESPEAK_VOICES
+    from speechinstruct.sources.tts import ESPEAK_RATES, ESPEAK_VOICES
 
     first = demo_units / "corpus" / "train" / "1000" / "1" / "1000-1-0000.TextGrid"
     grid = textgrid.openTextgrid(str(first), includeEmptyIntervals=False)
@@ -88,7 +88,7 @@ def test_the_demo_corpus_textgrids_are_espeaks_word_events_and_reach_the_units(d
 
 
 def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(demo_units):
-    from speechinstruct.interleaved import interleaved
+    from speechinstruct.compose.interleaved import interleaved
 
     summary = interleaved(demo_units / "units", demo_units / "composed" / "interleaved", seed=3, max_words=4)
     assert summary["train"] == 12
@@ -130,9 +130,9 @@ def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(dem
 
 def test_interleaved_publishes_and_validates_and_a_tampered_record_fails(demo_units, tmp_path):
     from speechinstruct import records as R
-    from speechinstruct.interleaved import interleaved
-    from speechinstruct.publish import publish
-    from speechinstruct.validate import validate
+    from speechinstruct.compose.interleaved import interleaved
+    from speechinstruct.release.publish import publish
+    from speechinstruct.release.validate import validate
 
     result = runner.invoke(app, ["compose", "interleaved", str(demo_units / "units"), str(tmp_path / "composed" / "interleaved"), "-q"])
     assert result.exit_code == 0, result.output
@@ -180,7 +180,7 @@ def test_textgrids_that_do_not_fit_their_audio_are_skipped_with_the_utterance_ke
 
 
 def test_check_words_names_overlaps_and_backwards_words():
-    from speechinstruct.alignments import check_words
+    from speechinstruct.sources.alignments import check_words
 
     w = lambda word, a, b: {"word": word, "start": a, "end": b}  # noqa: E731
     assert check_words([w("a", 0, 0.5), w("b", 0.4, 0.8)], 1.0) == "word 2 ('b') starts at 0.4 s, before word 1 ends (0.5 s)"
@@ -237,7 +237,7 @@ def brute_force_best_path(log_probs: np.ndarray, tokens: list[int], blank: int):
 @pytest.mark.parametrize("tokens,frames,seed", [([1, 2], 5, 0), ([1, 1], 5, 1), ([2, 1, 3], 7, 2), ([3], 4, 3),
                                                ([1, 2, 1], 6, 4)])
 def test_ctc_viterbi_finds_the_best_path_an_enumeration_finds(tokens, frames, seed):
-    from speechinstruct.alignments import ctc_viterbi
+    from speechinstruct.sources.alignments import ctc_viterbi
 
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 2, (frames, 4))
@@ -280,8 +280,8 @@ def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interlea
     import shutil
 
     from speechinstruct import records
-    from speechinstruct.interleaved import interleaved
-    from speechinstruct.validate import validate
+    from speechinstruct.compose.interleaved import interleaved
+    from speechinstruct.release.validate import validate
 
     units = tmp_path / "units"
     shutil.copytree(demo_units / "units", units)

@@ -1,5 +1,5 @@
 """The package's import graph, read from its own imports (module-level and inside functions): no cycles, so a
-module can be read knowing only those below it."""
+module can be read knowing only those below it, and no import runs back up the pipeline."""
 
 import ast
 import collections
@@ -64,6 +64,63 @@ def test_the_import_graph_has_no_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]  # and a cycle would be seen
 
 
+PIPELINE = ("judges", "sources", "units", "curate", "compose", "release", "model")  # the subpackages, in order
+JOB = {"speechinstruct.cli", "speechinstruct.pipeline", "speechinstruct.recipe"}     # the top: may import anything
+
+
+def floor(module: str) -> int:
+    """0: the ground floor (the package's own top-level modules); 1…: the subpackages in pipeline order."""
+    parts = module.split(".")
+    if module in JOB:
+        return len(PIPELINE) + 1
+    return PIPELINE.index(parts[1]) + 1 if len(parts) > 2 or (len(parts) == 2 and parts[1] in PIPELINE) else 0
+
+
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    """Imports from a module to a later floor: the ground floor importing a subpackage, a stage importing a later
+    stage; anything importing the job's modules, except the recipe (every stage reads its defaults there)."""
+    return sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets
+                  if a not in JOB and floor(b) > floor(a) and b != "speechinstruct.recipe")
+
+
+def test_no_import_runs_back_up_the_pipeline():
+    edges = import_graph()
+    assert {m.split(".")[1] for m in edges if m.count(".") >= 2} >= set(PIPELINE)  # the floors are really there
+    assert upward(edges) == []
+    assert upward({"speechinstruct.io": {"speechinstruct.units.kmeans"},  # and one would be seen
+                   "speechinstruct.units.extract": {"speechinstruct.release.report", "speechinstruct.judges.asr"},
+                   "speechinstruct.release.report": {"speechinstruct.units.vocoder"}}) == [
+        "speechinstruct.io -> speechinstruct.units.kmeans", "speechinstruct.units.extract -> speechinstruct.release.report"]
+
+
+def test_modules_moved_in_0_3_are_still_importable_by_their_old_names(tmp_path):
+    """``speechinstruct.extract`` is ``speechinstruct.units.extract`` (the same object: patching either patches
+    both), with a DeprecationWarning; the split ``score`` module is a view of the modules it became."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings
+warnings.simplefilter("error")
+import speechinstruct.units.extract as new
+import speechinstruct.sources.corpora.hf as new_hf
+import speechinstruct.judges.judge as judge
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as said:
+    import speechinstruct.extract as old
+    from speechinstruct.corpora.hf import local_folder
+    from speechinstruct.score import Gates, Judge, score
+    from speechinstruct import features
+assert old is new and local_folder is new_hf.local_folder and Judge is judge.Judge and features.MFCC
+assert old.__spec__.name == "speechinstruct.units.extract", old.__spec__.name
+assert len([w for w in said if issubclass(w.category, DeprecationWarning)]) == 5  # corpora, then corpora.hf, [str(w.message) for w in said]
+print(said[0].message)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "speechinstruct.extract is now speechinstruct.units.extract" in done.stdout
+
+
 def test_no_stage_takes_quiet():
     """Logging decides what is shown: only the command line's ``-q`` option is named ``quiet``."""
     takers = [f"{path.name}:{node.name}" for path in PACKAGE.rglob("*.py") if path.name != "cli.py"
@@ -79,7 +136,7 @@ def test_progress_bars_follow_the_log_level(librispeech_root, tmp_path, capsys):
     from typer.testing import CliRunner
 
     from speechinstruct.cli import app
-    from speechinstruct.shard import shard_corpus
+    from speechinstruct.sources.shard import shard_corpus
 
     runner = CliRunner()
     shown = runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "a")])

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from speechinstruct import audio
 from speechinstruct.cli import app
-from speechinstruct.features import MFCC
+from speechinstruct.units.features import MFCC
 from speechinstruct.pipeline import run
 from speechinstruct.units import KMeans
-from speechinstruct.vocoder import PreviewVocoder, load_vocoder, mel_cepstral_distortion
+from speechinstruct.units.vocoder import PreviewVocoder, load_vocoder, mel_cepstral_distortion
 
 from conftest import speechlike
 

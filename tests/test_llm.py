@@ -4,7 +4,8 @@ import re
 import pytest
 
 from openai_server import FakeOpenAI
-from speechinstruct import compose, templates
+from speechinstruct.compose.speech import rewrite_for_speech
+from speechinstruct.compose import templates
 from speechinstruct.llm import LLM, BudgetExceeded, LLMError
 
 FAKE_KEY = "sk-test-SECRET0123456789abcdef"
@@ -93,9 +94,9 @@ def test_rewrite_for_speech(tmp_path):
 
     with FakeOpenAI(default=answer) as server:
         llm = LLM(base_url=server.url, model="m")
-        assert compose.rewrite_for_speech(llm, "What is 2+2?", "4") == ("hey, what is 2+2?", "Sure. 4")
-        assert compose.rewrite_for_speech(llm, "Write code", "x") == "LLM judged unfit for speech"
-        assert compose.rewrite_for_speech(llm, "garbled", "x") == "LLM answer not understood"
+        assert rewrite_for_speech(llm, "What is 2+2?", "4") == ("hey, what is 2+2?", "Sure. 4")
+        assert rewrite_for_speech(llm, "Write code", "x") == "LLM judged unfit for speech"
+        assert rewrite_for_speech(llm, "garbled", "x") == "LLM answer not understood"
 
 
 def test_error_messages_never_show_the_key(monkeypatch):
@@ -111,7 +112,7 @@ def test_openai_speech_endpoint_tts_is_cached(tmp_path):
     import soundfile as sf
 
     from conftest import speechlike
-    from speechinstruct.tts import make_tts
+    from speechinstruct.sources.tts import make_tts
 
     def speech(request):
         buf = io.BytesIO()
@@ -140,7 +141,7 @@ def test_openai_tts_draws_only_the_voices_it_is_given(tmp_path):
     import soundfile as sf
 
     from conftest import speechlike
-    from speechinstruct.tts import make_tts
+    from speechinstruct.sources.tts import make_tts
 
     def speech(request):
         buf = io.BytesIO()
@@ -170,7 +171,7 @@ def test_key_from_key_file(tmp_path, monkeypatch):
     (lambda request: 404, r"/v1/audio/speech answered HTTP 404 \(NotFoundError\): this server has no speech endpoint"),
 ])
 def test_speech_endpoint_failures_are_one_clear_line(tmp_path, speech, message):
-    from speechinstruct.tts import TTSError, make_tts
+    from speechinstruct.sources.tts import TTSError, make_tts
     with FakeOpenAI(speech=speech) as server:
         tts = make_tts("openai", tmp_path / "cache", llm=LLM(base_url=server.url, model="m"))
         with pytest.raises(TTSError, match=message):
@@ -184,7 +185,7 @@ def test_a_full_disk_while_caching_speech_is_one_clear_line(tmp_path):
     import sys
     code = """
 import resource, signal, sys
-from speechinstruct.tts import CachedTTS, EspeakTTS, TTSError
+from speechinstruct.sources.tts import CachedTTS, EspeakTTS, TTSError
 tts = CachedTTS(EspeakTTS(), sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
@@ -238,7 +239,7 @@ def test_allow_fewer_accepts_a_short_set(tmp_path):
 
 
 def test_a_cut_off_rewrite_drops_the_pair(tmp_path):
-    from speechinstruct.compose import rewrite_for_speech
+    from speechinstruct.compose.speech import rewrite_for_speech
     with FakeOpenAI([("length", '{"fit": true, "instruction": "Say hi.", "response": "Hel')]) as server:
         llm = LLM(base_url=server.url, model="m", cache_dir=tmp_path / "cache")
         assert rewrite_for_speech(llm, "Say hi.", "Hello.") == "LLM answer cut off (max_tokens)"
@@ -254,7 +255,7 @@ def test_a_speech_endpoint_failing_for_a_while_is_retried_and_nothing_failed_is_
     import soundfile as sf
 
     from conftest import speechlike
-    from speechinstruct.tts import make_tts
+    from speechinstruct.sources.tts import make_tts
 
     answers = [503, 503]
 

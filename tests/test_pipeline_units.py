@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from speechinstruct import units
 from speechinstruct.cli import app
-from speechinstruct.features import MFCC
-from speechinstruct.shard import shard_corpus
+from speechinstruct.units.features import MFCC
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import read_features
 
 runner = CliRunner()
@@ -115,7 +115,7 @@ def test_quantize_holds_one_utterance_at_a_time(tmp_path):
     from speechinstruct import records
     from speechinstruct.shardfiles import feature_schema, features_array
     from speechinstruct.io import write_json, write_parquet
-    from speechinstruct.quantize import quantize
+    from speechinstruct.units.quantize import quantize
     from speechinstruct.units import KMeans
 
     rng = np.random.default_rng(0)

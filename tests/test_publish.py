@@ -5,14 +5,18 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from speechinstruct import compose, records
+from speechinstruct import records
+from speechinstruct.compose.chain_of_modality import chain_of_modality
+from speechinstruct.compose.cross_modal import cross_modal
+from speechinstruct.compose.pretrain import pretrain
+from speechinstruct.speechgpt import FORMATS
 from speechinstruct.cli import app
-from speechinstruct.features import MFCC
-from speechinstruct.publish import publish
-from speechinstruct.report import report
-from speechinstruct.tts import CachedTTS, EspeakTTS
+from speechinstruct.units.features import MFCC
+from speechinstruct.release.publish import publish
+from speechinstruct.release.report import report
+from speechinstruct.sources.tts import CachedTTS, EspeakTTS
 from speechinstruct.units import SpeechEncoder, load_kmeans
-from speechinstruct.validate import validate
+from speechinstruct.release.validate import validate
 
 runner = CliRunner()
 
@@ -20,9 +24,9 @@ runner = CliRunner()
 @pytest.fixture
 def composed(units_dir, tmp_path):
     out = tmp_path / "composed"
-    compose.cross_modal(units_dir, out / "cross_modal")
-    compose.pretrain(units_dir, out / "pretrain", dev_fraction=0.3)
-    compose.chain_of_modality("builtin", out / "chain_of_modality", SpeechEncoder(load_kmeans(units_dir.parent / "kmeans"), MFCC()),
+    cross_modal(units_dir, out / "cross_modal")
+    pretrain(units_dir, out / "pretrain", dev_fraction=0.3)
+    chain_of_modality("builtin", out / "chain_of_modality", SpeechEncoder(load_kmeans(units_dir.parent / "kmeans"), MFCC()),
                               CachedTTS(EspeakTTS(), tmp_path / "tts"), max_pairs=8)
     return out
 
@@ -38,7 +42,7 @@ def test_round_trip_load_dataset_and_validate(dataset, composed):
     assert len(cm) == 8 and set(cm.column_names) == set(records.arrow_schema("cross_modal").names)
     com = datasets.load_dataset(str(dataset), "chain_of_modality", split="train")
     assert len(com) == 8  # the first 8 shipped pairs are all speakable; one format each
-    assert set(com["format"]) <= set(compose.FORMATS)
+    assert set(com["format"]) <= set(FORMATS)
     pt = datasets.load_dataset(str(dataset), "pretrain")
     assert set(pt) == {"train", "validation"} and len(pt["train"]) + len(pt["validation"]) == 4
     meta = json.loads((dataset / "speechinstruct.json").read_text())
@@ -55,7 +59,7 @@ def test_the_unit_vocabulary_travels_from_the_units_folder_to_the_dataset(units_
     """quantize writes the vocabulary record into units.json, publish carries it into speechinstruct.json and the
     card, and both folders read back as the same record; a units folder written before the record existed reads
     as the vocabulary its K says, and quantizing into it again is not refused as made with other settings."""
-    from speechinstruct.quantize import quantize
+    from speechinstruct.units.quantize import quantize
     from speechinstruct.shardfiles import Vocabulary, folder_k, folder_vocabulary
 
     expected = Vocabulary("kmeans", 8, frame_rate=100.0, sample_rate=16000, features="mfcc",
@@ -237,7 +241,7 @@ def test_card_follows_the_hub_card_specification(dataset):
 def test_a_single_known_license_is_the_cards_license(units_dir, tmp_path):
     from huggingface_hub import DatasetCard
 
-    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal")
+    cross_modal(units_dir, tmp_path / "c" / "cross_modal")
     publish(tmp_path / "c", tmp_path / "d")
     data = DatasetCard.load(tmp_path / "d" / "README.md").data.to_dict()
     assert data["license"] == "cc-by-4.0" and "license_link" not in data and not (tmp_path / "d" / "LICENSE.md").exists()
@@ -250,7 +254,7 @@ def test_push_to_hub_validates_creates_and_uploads_only_the_dataset(composed, tm
     from hub_server import Hub
     from huggingface_hub import HfApi
 
-    from speechinstruct.publish import push
+    from speechinstruct.release.publish import push
 
     hub = Hub()
     try:
@@ -338,7 +342,7 @@ def test_a_single_license_republish_removes_only_its_own_license_file(units_dir,
     out = tmp_path / "d"
     publish(composed, out)  # two sources: LICENSE.md written
     assert (out / "LICENSE.md").is_file()
-    compose.cross_modal(units_dir, tmp_path / "c" / "cross_modal")
+    cross_modal(units_dir, tmp_path / "c" / "cross_modal")
     publish(tmp_path / "c", out)  # one Hub license: publish's LICENSE.md goes
     assert not (out / "LICENSE.md").exists()
 
@@ -352,7 +356,7 @@ def test_a_folder_published_before_the_list_existed_is_still_publishs(composed, 
 
 
 def test_markup_from_sources_is_escaped_in_the_card_and_license_file(composed, tmp_path):
-    from speechinstruct.publish import cell, licenses_file
+    from speechinstruct.release.publish import cell, licenses_file
 
     assert cell("<script>alert(1)</script> | x") == "&lt;script&gt;alert(1)&lt;/script&gt; \\| x"
     meta = {"sources": [{"corpus": "evil<img src=x onerror=alert(1)>", "license": "<b>mine</b>", "records": {"cross_modal": 1}}]}
@@ -400,7 +404,7 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
 def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, caplog, tmp_path, monkeypatch):
     """A user drops rows from a Parquet file: the card's dataset_info sizes no longer match. Training loads it
     without the size check and says which split, instead of datasets' NonMatchingSplitsSizesError."""
-    from speechinstruct.train import load_split
+    from speechinstruct.model.train import load_split
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not another test's cached copy
     files = sorted((dataset / "data" / "cross_modal").glob("train-*.parquet"))
@@ -410,7 +414,7 @@ def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, c
         ds = load_split(dataset, "cross_modal", "train")
     after = sum(pq.read_metadata(f).num_rows for f in files)
     assert after < before and len(ds) == after
-    said = [r for r in caplog.records if r.name == "speechinstruct.train" and r.levelname == "WARNING"]
+    said = [r for r in caplog.records if r.name == "speechinstruct.model.train" and r.levelname == "WARNING"]
     assert len(said) == 1 and "sizes of cross_modal (train) no longer match" in said[0].message
     assert "publish" in said[0].message
 
@@ -421,7 +425,7 @@ def test_publish_refuses_records_that_validate_fails(composed, tmp_path):
 
     import pyarrow.parquet as pq
     from speechinstruct import records
-    from speechinstruct.publish import InvalidRecords, publish
+    from speechinstruct.release.publish import InvalidRecords, publish
 
     folder = tmp_path / "tampered"
     shutil.copytree(composed, folder)

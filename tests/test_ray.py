@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.extract import extract
-from speechinstruct.features import MFCC
-from speechinstruct.shard import shard_corpus
+from speechinstruct.units.extract import extract
+from speechinstruct.units.features import MFCC
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import read_features
 
 ray = pytest.importorskip("ray")
@@ -45,8 +45,8 @@ def same_files(a: Path, b: Path, skip=("units.json", "features.json")):
 
 
 def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path):
-    from speechinstruct.cluster import cluster
-    from speechinstruct.engine_ray import extract_ray
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.units.engine_ray import extract_ray
 
     extract(manifest, tmp_path / "f", MFCC())
     cluster(tmp_path / "f", tmp_path / "km", k=8)
@@ -72,8 +72,8 @@ def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path
 def test_ray_engine_runs_hubert_from_a_fairseq_checkpoint(manifest, tmp_path):
     from fairseq_fixture import model_cfg, random_state, save_checkpoint
 
-    from speechinstruct.engine_ray import extract_ray
-    from speechinstruct.features import load_hubert
+    from speechinstruct.units.engine_ray import extract_ray
+    from speechinstruct.units.features import load_hubert
 
     cfg = model_cfg()
     save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
@@ -91,7 +91,7 @@ def test_ray_engine_runs_hubert_from_a_fairseq_checkpoint(manifest, tmp_path):
 
 
 def test_blocks_follow_manifest_order_and_audio_seconds(manifest):
-    from speechinstruct.engine_ray import blocks
+    from speechinstruct.units.engine_ray import blocks
     from speechinstruct.shardfiles import manifest_files
 
     shards = manifest_files(manifest)
@@ -108,7 +108,7 @@ def test_blocks_follow_manifest_order_and_audio_seconds(manifest):
 def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path):
     from ray.cluster_utils import Cluster
 
-    from speechinstruct.engine_ray import extract_ray
+    from speechinstruct.units.engine_ray import extract_ray
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": SMALL_STORE})
     try:
@@ -129,7 +129,7 @@ def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path)
 
 
 def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(manifest, tmp_path):
-    from speechinstruct.engine_ray import RayJobError, extract_ray
+    from speechinstruct.units.engine_ray import RayJobError, extract_ray
 
     class DiesOnLongAudio(MFCC):  # defined here, so Ray ships it by value to the actor process
         def features_batch(self, wavs):
@@ -185,7 +185,7 @@ def test_ray_engine_reads_audio_inside_a_hugging_face_dataset(tmp_path):
     """Manifest rows that point into Parquet rows (shard hf): Ray's decode tasks read the same bytes."""
     from test_sources import hub_dataset
 
-    from speechinstruct.engine_ray import extract_ray
+    from speechinstruct.units.engine_ray import extract_ray
 
     shard_corpus("hf", hub_dataset(tmp_path / "tiny-asr"), tmp_path / "m")
     extract(tmp_path / "m", tmp_path / "local", MFCC())
@@ -220,7 +220,7 @@ def test_extract_reads_webdataset_tar_members_on_the_ray_engine_as_locally(tmp_p
     file's tests (one of which starts a cluster with `ray start`) ran in the other worker."""
     from test_webdataset import write_shards
 
-    from speechinstruct.engine_ray import extract_ray
+    from speechinstruct.units.engine_ray import extract_ray
 
     folder, _ = write_shards(tmp_path)
     shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x")

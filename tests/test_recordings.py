@@ -10,14 +10,14 @@ from typer.testing import CliRunner
 
 from speechinstruct import audio
 from speechinstruct.cli import app
-from speechinstruct.vad import RATE, WINDOW, Rules, SileroVAD, speech_spans, stream_16k, utterances
+from speechinstruct.sources.vad import RATE, WINDOW, Rules, SileroVAD, speech_spans, stream_16k, utterances
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def sentences():
-    from speechinstruct.tts import EspeakTTS
+    from speechinstruct.sources.tts import EspeakTTS
 
     tts = EspeakTTS()
     said = []
@@ -95,7 +95,7 @@ def test_streaming_equals_reading_the_whole_file(sentences, tmp_path):
 
 
 def test_shard_audio_writes_train_rows_with_skips_and_needs_a_license(sentences, tmp_path):
-    from speechinstruct.extract import decode_row
+    from speechinstruct.units.extract import decode_row
 
     root = tmp_path / "podcasts"
     (root / "ep1").mkdir(parents=True)
@@ -159,8 +159,8 @@ def test_shard_audio_asr_at_an_endpoint_transcribes_each_utterance_of_its_own_sp
 def test_shard_audio_asr_with_a_transformers_model_hears_what_score_hears(sentences, tmp_path):
     import pyarrow.parquet as pq
     from asr_fixture import write_tiny_whisper
-    from speechinstruct.extract import decode_row
-    from speechinstruct.score import TransformersASR
+    from speechinstruct.units.extract import decode_row
+    from speechinstruct.judges.asr import TransformersASR
 
     root = _podcast(sentences, tmp_path)
     model = write_tiny_whisper(tmp_path / "whisper")
@@ -194,7 +194,7 @@ def test_the_vad_model_ships_inside_the_package_as_silero_vad_publishes_it(tmp_p
     import zipfile
     from pathlib import Path
 
-    from speechinstruct import vad
+    from speechinstruct.sources import vad
 
     wheel = vad.wheel_model_file()
     if wheel is None:

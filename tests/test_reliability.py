@@ -15,10 +15,10 @@ import yaml
 
 from conftest import speechlike
 from openai_server import FakeOpenAI
-from speechinstruct.extract import extract
-from speechinstruct.features import MFCC
+from speechinstruct.units.extract import extract
+from speechinstruct.units.features import MFCC
 from speechinstruct.pipeline import run
-from speechinstruct.shard import shard_corpus
+from speechinstruct.sources.shard import shard_corpus
 
 
 def tiny_recipe(path, workdir, **over):
@@ -323,7 +323,7 @@ def test_a_killed_run_leaves_no_espeak_process_behind(tmp_path):
     script = tmp_path / "speak.py"
     script.write_text(
         "import os, sys, time\n"
-        "from speechinstruct.tts import EspeakTTS\n"
+        "from speechinstruct.sources.tts import EspeakTTS\n"
         "def hold(path):\n"
         "    open(path + '.tmp', 'w').write(str(os.getpid())); os.replace(path + '.tmp', path); time.sleep(120)\n"
         "EspeakTTS()._fresh(hold, sys.argv[1])\n")
@@ -338,7 +338,7 @@ def test_an_espeak_process_whose_parent_died_does_not_block_on_its_answer(tmp_pa
     script = tmp_path / "answer.py"
     script.write_text(
         "import os, sys, time\n"
-        "import speechinstruct.tts as tts\n"
+        "import speechinstruct.sources.tts as tts\n"
         "tts._die_with = lambda parent: None\n"
         "def answer(path):\n"
         "    parent = os.getppid(); open(path + '.tmp', 'w').write(str(os.getpid())); os.replace(path + '.tmp', path)\n"

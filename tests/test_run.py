@@ -239,7 +239,12 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
 
     import typer.main
 
-    from speechinstruct import cluster, compose, dialogue, extract, recipe as settings, shard
+    from speechinstruct.units import cluster, extract
+    from speechinstruct import recipe as settings
+    from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct.compose.pretrain import pretrain
+    from speechinstruct.compose import dialogue
+    from speechinstruct.sources import shard
 
     cli = typer.main.get_command(app)
     commands = {("shard",): [settings.Shard], ("extract",): [settings.Features], ("cluster",): [settings.KMeans],
@@ -259,7 +264,7 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
                 assert param.default == settings.default(section, param.name), (path, param.name)
                 compared += 1
     functions = {cluster.cluster: [settings.KMeans], extract.extract: [settings.Features], shard.shard_corpus: [settings.Shard],
-                 compose.cross_modal: [settings.CrossModal, settings.Compose], compose.pretrain: [settings.Pretrain, settings.Compose],
+                 cross_modal: [settings.CrossModal, settings.Compose], pretrain: [settings.Pretrain, settings.Compose],
                  dialogue.dialogue: [settings.Dialogue, settings.Compose]}
     for fn, sections in functions.items():
         for name, param in inspect.signature(fn).parameters.items():

@@ -16,9 +16,12 @@ from typer.testing import CliRunner
 from speechinstruct import audio
 from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
-from speechinstruct.score import (DNSMOS, EndpointASR, Gates, Judge, dnsmos_windows, error_rates, load_asr, normaliser,
-                                  score)
-from speechinstruct.tts import EspeakTTS
+from speechinstruct.judges.dnsmos import DNSMOS, dnsmos_windows
+from speechinstruct.judges.asr import EndpointASR, error_rates, load_asr, normaliser
+from speechinstruct.judges.gates import Gates
+from speechinstruct.judges.judge import Judge
+from speechinstruct.curate.score import score
+from speechinstruct.sources.tts import EspeakTTS
 
 runner = CliRunner()
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "she sells sea shells by the sea shore",
@@ -208,7 +211,7 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     clips = {f"clean{i}": (speech[i], SENTENCES[i]) for i in range(3)}
     clips.update({f"noisy{i}": (noisy(speech[i], 0.0, seed=i), SENTENCES[i]) for i in range(3)})
     root = _corpus(tmp_path / "ls", clips)
-    from speechinstruct.alignments import write_textgrid
+    from speechinstruct.sources.alignments import write_textgrid
 
     for flac in root.rglob("*.flac"):  # word timings, so that interleaved records are made (and gated) too
         write_textgrid(flac.with_suffix(".TextGrid"), [{"word": "a", "start": 0.1, "end": 0.5},
@@ -243,8 +246,8 @@ def test_run_quality_gate_drops_noisy_clips_and_keeps_clean_ones(tmp_path, speec
     noisy_at = [worst.index(f"10-20-{i:04d}") for i in (3, 4, 5)]
     assert all(n < worst.index(f"10-20-{i:04d}") for n in noisy_at for i in (0, 1) if f"10-20-{i:04d}" in worst)
     # report --asr: the WER of each resynthesised sample beside its MCD
-    from speechinstruct.report import report
-    from speechinstruct.vocoder import load_vocoder
+    from speechinstruct.release.report import report
+    from speechinstruct.units.vocoder import load_vocoder
 
     numbers = report(tmp_path / "work" / "dataset", tmp_path / "r2", units=tmp_path / "work" / "librispeech" / "units",
                      vocoder=load_vocoder(tmp_path / "work" / "kmeans"), samples=2,
@@ -280,9 +283,9 @@ def test_recipe_quality_thresholds_need_their_judge(tmp_path):
 
 
 def test_chain_of_modality_drops_pairs_whose_speech_the_asr_does_not_hear(tmp_path):
-    from speechinstruct.compose import chain_of_modality
-    from speechinstruct.features import load_extractor
-    from speechinstruct.tts import make_tts
+    from speechinstruct.compose.chain_of_modality import chain_of_modality
+    from speechinstruct.units.features import load_extractor
+    from speechinstruct.sources.tts import make_tts
     from speechinstruct.units import KMeans
 
     pairs = tmp_path / "pairs.jsonl"
@@ -363,7 +366,7 @@ def test_malformed_asr_and_ctc_folders_are_one_line(tmp_path, speech):
 
     from safetensors.torch import load_file, save_file
 
-    from speechinstruct.alignments import CtcAligner
+    from speechinstruct.sources.alignments import CtcAligner
 
     ctc = write_tiny_ctc(tmp_path / "ctc")
     whisper = write_tiny_whisper(tmp_path / "whisper")
@@ -408,7 +411,7 @@ def test_dnsmos_memory_does_not_grow_with_a_clips_windows(dnsmos, monkeypatch):
     result = dnsmos.score([clip])
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    from speechinstruct.score import iter_windows
+    from speechinstruct.judges.dnsmos import iter_windows
 
     assert sum(seen) == sum(1 for _ in iter_windows(clip)) > 1100 and max(seen) == dnsmos.batch_windows
     assert result[0]["dnsmos_ovrl"] == 1.0

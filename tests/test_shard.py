@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.corpora import gigaspeech, librilight
-from speechinstruct.shard import shard_corpus
+from speechinstruct.sources.corpora import gigaspeech, librilight
+from speechinstruct.sources.shard import shard_corpus
 
 
 def rows(out):
@@ -180,7 +180,7 @@ def test_commonvoice_folder_with_only_validated_tsv(commonvoice_root, tmp_path):
     ("somethingelse", "train"),
 ])
 def test_split_words_are_matched_as_words_of_the_name(name, split):
-    from speechinstruct.corpora import split_of, split_word
+    from speechinstruct.sources.corpora import split_of, split_word
 
     assert split_of(name) == split
     assert split_word("somethingelse") is None and split_of("heldout_a", {"heldout_a": "test"}) == "test"
@@ -253,8 +253,9 @@ def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():
     (less the generated demo corpus), the default licenses and the card's split rules are the registry's."""
     import typing
 
-    from speechinstruct import cli, publish, recipe
-    from speechinstruct.corpora import DEFAULT_LICENSES, SOURCES, readers
+    from speechinstruct import cli, recipe
+    from speechinstruct.release import publish
+    from speechinstruct.sources.corpora import DEFAULT_LICENSES, SOURCES, readers
 
     assert all(callable(r) for r in readers().values()) and set(readers()) == set(SOURCES)
     assert {c.value for c in cli.Corpus} == set(SOURCES)
@@ -265,10 +266,10 @@ def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():
     assert publish.SPLIT_RULES["gigaspeech"] == SOURCES["gigaspeech"].split_rule
     assert [n for n, s in SOURCES.items() if not s.transcripts] == ["librilight", "audio"]  # run's cross-modal default skips them
     assert "audio" not in DEFAULT_LICENSES and "webdataset" not in DEFAULT_LICENSES  # the user says the license
-    from speechinstruct.corpora import with_known_license  # the one place a known license fills an unset one
+    from speechinstruct.sources.corpora import with_known_license  # the one place a known license fills an unset one
     assert with_known_license("gigaspeech", {"license": None})["license"] == SOURCES["gigaspeech"].license
     assert with_known_license("gigaspeech", {"license": "mine"}) == {"license": "mine"}
     assert with_known_license("audio", {"license": None}) == {"license": None}
-    readers_source = "".join((Path(__file__).parents[1] / "speechinstruct/corpora" / f"{s.module}.py").read_text()
+    readers_source = "".join((Path(__file__).parents[1] / "speechinstruct/sources/corpora" / f"{s.module}.py").read_text()
                              for s in SOURCES.values())
     assert "DEFAULT_LICENSES" not in readers_source  # no reader fills it in again

@@ -15,9 +15,9 @@ from conftest import speechlike
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
-from speechinstruct.extract import decode_row, extract
-from speechinstruct.features import MFCC
-from speechinstruct.shard import shard_corpus
+from speechinstruct.units.extract import decode_row, extract
+from speechinstruct.units.features import MFCC
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import corpus_root, manifest_files
 
 runner = CliRunner()
@@ -288,7 +288,7 @@ def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, sourc
 
 
 def test_split_names_in_every_layout_the_hub_writes(tmp_path):
-    from speechinstruct.corpora.hf import data_files
+    from speechinstruct.sources.corpora.hf import data_files
 
     names = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
              "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet",  # older push_to_hub: a fingerprint

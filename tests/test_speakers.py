@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from speechinstruct import audio
 from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
-from speechinstruct.speakers import GE2E, XVector, cluster_speakers
-from speechinstruct.tts import EspeakTTS
+from speechinstruct.judges.speakers import GE2E, XVector, cluster_speakers
+from speechinstruct.sources.tts import EspeakTTS
 
 runner = CliRunner()
 VOICES = ("en-029+m3", "en-gb-scotland+f4", "en-us+m7")  # three espeak-ng voices GE2E tells apart (cosine <= 0.8)
@@ -104,7 +104,8 @@ def test_score_writes_embeddings_row_for_row_similarity_to_references_and_langua
     """score --speaker --speaker-references --language on a LibriSpeech-layout corpus with a German and a French
     transcript among the English ones: embeddings aligned with the scores, similarity to each speaker's
     reference, the foreign transcripts caught by language and dropped by a languages gate."""
-    from speechinstruct.score import Gates, read_embeddings
+    from speechinstruct.judges.gates import Gates
+    from speechinstruct.curate.score import read_embeddings
 
     root = tmp_path / "LibriSpeech" / "train-clean-100"
     texts = {"10": [LINES[0], "Das alte Haus am Meer war seit vielen Jahren verschlossen und leer."],
@@ -159,10 +160,11 @@ def test_a_dialogue_turn_spoken_in_the_wrong_voice_is_dropped_by_the_similarity_
     """A TTS that speaks one turn in another voice than the one it names (a VITS speaker id gone wrong): the
     turn's embedding against the voice's reference falls under min_speaker_similarity, and the conversation goes."""
     from speechinstruct import units as U
-    from speechinstruct.dialogue import dialogue
-    from speechinstruct.features import MFCC
-    from speechinstruct.score import Gates, Judge
-    from speechinstruct.tts import CachedTTS
+    from speechinstruct.compose.dialogue import dialogue
+    from speechinstruct.units.features import MFCC
+    from speechinstruct.judges.gates import Gates
+    from speechinstruct.judges.judge import Judge
+    from speechinstruct.sources.tts import CachedTTS
 
     class Swapped(CachedTTS):
         """Speaks the text 'Then what happened next?' in a voice it does not name."""
@@ -182,8 +184,9 @@ def test_a_dialogue_turn_spoken_in_the_wrong_voice_is_dropped_by_the_similarity_
 def test_a_duplex_turn_spoken_in_the_wrong_voice_is_dropped_and_the_others_kept(tmp_path):
     """compose duplex judges its turns as compose dialogue does: each against its voice's reference, so the
     similarity gate keeps the conversations spoken in their own voices and drops the one with a swapped turn."""
-    from speechinstruct.duplex import duplex
-    from speechinstruct.score import Gates, Judge
+    from speechinstruct.compose.duplex import duplex
+    from speechinstruct.judges.gates import Gates
+    from speechinstruct.judges.judge import Judge
 
     class Swapped(EspeakTTS):
         """Speaks 'Then what happened next?' in a voice it does not name."""

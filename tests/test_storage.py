@@ -1,4 +1,4 @@
-"""Sources and stage inputs in object storage (speechinstruct.storage), against a real S3 API on loopback: moto's
+"""Sources and stage inputs in object storage (speechinstruct.sources.storage), against a real S3 API on loopback: moto's
 server, started as its own process, checking signatures against the IAM user it holds (as S3 does), so that a
 wrong secret is refused as S3 refuses it."""
 
@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_librispeech
-from speechinstruct import storage
+from speechinstruct.sources import storage
 from speechinstruct.cli import app
-from speechinstruct.shard import shard_corpus
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import manifest_files, read_features
 from test_webdataset import write_shards
 
@@ -332,8 +332,8 @@ def test_a_node_without_the_copy_fetches_the_files_its_rows_read(bucket, tmp_pat
 
 
 def extract_features(manifest, out):
-    from speechinstruct.extract import extract
-    from speechinstruct.features import MFCC
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
 
     extract(manifest, out, MFCC())
     return {i: frames.tobytes() for f in sorted(out.glob("features-*.arrow")) for i, frames in zip(*read_features(f))}

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from speechinstruct import train as T
+from speechinstruct.model import train as T
 from speechinstruct.pipeline import run
 
 
@@ -198,7 +198,7 @@ def test_three_stages_loss_decreases_and_chain(base_model, dataset, tmp_path):
     last = json.loads((tmp_path / "s1" / "log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 25 and last["eval_tokens"] > 0 and last["eval_perplexity"] > 1
     # the adapter loads back and generates
-    from speechinstruct.chat import Chat
+    from speechinstruct.model.chat import Chat
     bot = Chat(tmp_path / "s2" / "model", lora=tmp_path / "s3" / "adapter")
     reply = bot.reply("<sosp><1><2><3><eosp>", max_new_tokens=8)
     assert set(reply) == {"answer", "text_question", "text_answer", "unit_answer", "units", "raw"}
@@ -297,7 +297,7 @@ def test_process_share_never_empty():
 def test_chat_prompt_is_the_training_format(base_model, dataset, tmp_path):
     """The prompt chat sends is exactly the beginning of the records the model was trained on, token for token."""
     import datasets
-    from speechinstruct.chat import Chat
+    from speechinstruct.model.chat import Chat
     T.train(2, base_model, dataset, tmp_path / "s2", fast(max_steps=1))
     for config, kind in (("chain_of_modality", "chain_of_modality"), ("cross_modal", "cross_modal")):
         bot = Chat(tmp_path / "s2" / "model", kind=kind)
@@ -326,7 +326,7 @@ def cli_infer_postprocess(decoded: str) -> dict:
 
 def test_answers_parse_like_cli_infer(dataset):
     import datasets
-    from speechinstruct.chat import parse_answer
+    from speechinstruct.model.chat import parse_answer
     from speechinstruct.units import from_text
     formats = set()
     for r in datasets.load_dataset(str(dataset), "chain_of_modality", split="train"):
@@ -418,7 +418,7 @@ def test_a_wheel_install_has_the_stage_settings(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("speechinstruct-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import json, speechinstruct.train as t; assert 'site' in t.__file__, t.__file__; "
+    code = ("import json, speechinstruct.model.train as t; assert 'site' in t.__file__, t.__file__; "
             "print(json.dumps([t.settings_for_stage(n) for n in (1, 2, 3)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
                          check=True, capture_output=True, text=True, timeout=300).stdout

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import MiniBatchKMeans
 
-from speechinstruct import cluster, units
+from speechinstruct.units import cluster
+from speechinstruct import units
 from speechinstruct.checkpoints import UnsafeCheckpointError
 
 
@@ -91,7 +92,7 @@ def test_torch_kmeans_matches_faiss_on_held_out_frames():
     import torch
 
     from conftest import speechlike
-    from speechinstruct.features import MFCC
+    from speechinstruct.units.features import MFCC
 
     torch.set_num_threads(2)
     mfcc = MFCC()

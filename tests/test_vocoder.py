@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fairseq_vocoder_fixture import random_generator_state, reference_waveform, save_vocoder, vocoder_config
-from speechinstruct.vocoder import load_vocoder
+from speechinstruct.units.vocoder import load_vocoder
 
 UNITS = [3, 17, 17, 5, 0, 23, 9, 9, 9, 12]
 
@@ -145,7 +145,7 @@ def test_chat_speaks_the_unit_answer(tmp_path, monkeypatch):
     import soundfile as sf
     from typer.testing import CliRunner
 
-    from speechinstruct import chat
+    from speechinstruct.model import chat
     from speechinstruct.cli import app
 
     class Scripted:  # the language model's side is tested in test_train; here, what chat does with its answer

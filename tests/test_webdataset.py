@@ -1,4 +1,4 @@
-"""shard webdataset (speechinstruct.corpora.webdataset): tar shards written by the webdataset package itself,
+"""shard webdataset (speechinstruct.sources.corpora.webdataset): tar shards written by the webdataset package itself,
 read as streams; the manifest names each audio member's bytes in its tar, and extract decodes them in place."""
 
 import io
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import speechlike
 from speechinstruct.cli import app
-from speechinstruct.shard import shard_corpus
+from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import manifest_files
 
 runner = CliRunner()
@@ -61,7 +61,7 @@ def rows_of(folder):
 
 
 def test_shards_become_rows_that_point_into_their_tars(shards, tmp_path):
-    from speechinstruct.extract import decode_row
+    from speechinstruct.units.extract import decode_row
 
     folder, clips = shards
     summary = shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="CC-BY-4.0")
@@ -113,7 +113,9 @@ def test_a_truncated_tar_keeps_its_samples_before_the_cut(shards, tmp_path):
 
 def test_score_reads_tar_members_too(shards, tmp_path):
     """score decodes the same rows (DNSMOS, from the speechmos wheel): every sample scored, none unreadable."""
-    from speechinstruct.score import DNSMOS, Judge, score
+    from speechinstruct.judges.dnsmos import DNSMOS
+    from speechinstruct.judges.judge import Judge
+    from speechinstruct.curate.score import score
 
     folder, _ = shards
     shard_corpus("webdataset", f"{folder}/train-{{000000..000001}}.tar", tmp_path / "m", license="x")

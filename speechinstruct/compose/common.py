@@ -1,0 +1,168 @@
+"""What every composer shares: a record finished and checked (:func:`finish`), the split files records are
+written to (validation and test audio never becomes a training record), the quality gate over a units folder's
+scores (:func:`gated_units`), the chunk writer of the kinds made from text (:func:`write_chunks`), and the seeded
+draw that makes every choice independent of processing order.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .. import __version__, records
+from ..sources.corpora.base import SPLITS
+from ..io import iter_rows, parquet_rows, write_json, write_parquet
+from ..progress import progress
+from ..shardfiles import select_shards, shard_suffix, unit_files
+from ..speechgpt import record_problems
+
+
+def _draw(seed: int, *parts: str) -> int:
+    """A deterministic 64-bit draw from the seed and the given strings."""
+    return int.from_bytes(hashlib.sha256("\0".join([str(seed), *parts]).encode()).digest()[:8], "big")
+
+
+QUALITY_COLUMNS = ("dnsmos_ovrl", "wer", "cer")  # the scores a record carries (null when not scored)
+
+
+class RecordRefused(ValueError):
+    """A record that must not be written: a text holds markup or a control character (after every change made to
+    it: markdown stripped, an LLM's rewrite), or an id no UTF-8 file can hold. The composer drops and counts it."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(message for _, message in problems))
+        rule, message = problems[0]
+        column = message.split(" holds ")[0].split(" turn ")[0]
+        self.key = f"dropped: {rule.replace('-', ' ')} in {column}"
+
+
+def finish(record: dict) -> dict:
+    """Add the prompt/completion pair (records in SpeechGPT's text form, not the chat form of ``messages``: TRL would
+    read a record with both as either, by the hash seed), the score columns left unset (null), pipeline version
+    and content hash (over every other field). Every record of every kind passes here: one that holds markup or a
+    control character in a text field is refused (:class:`RecordRefused`), whatever made it so."""
+    problems = record_problems(record)
+    if problems:
+        raise RecordRefused(problems)
+    for column in QUALITY_COLUMNS:
+        record.setdefault(column, None)
+    if "plain_text" in record and "messages" not in record:
+        record["prompt"], record["completion"] = record["prefix"], record["plain_text"]
+    record["pipeline_version"] = __version__
+    record["content_hash"] = records.content_hash(record)
+    return record
+
+
+def _records_file(path: Path, kind: str):
+    """Records of ``kind`` streamed into ``path`` (one row group in memory at a time)."""
+    return parquet_rows(path, records.arrow_schema(kind), functools.partial(records.to_table, kind))
+
+
+def _named(part: str | None, suffix: str) -> str:
+    return f"{part}-{suffix}" if part else suffix
+
+
+def _unit_shards(units_dir: Path, num_shards: int = 1, shard_index: int = 0):
+    """(suffix, path) of the units shards this worker owns (``--num-shards/--shard-index``)."""
+
+    for path in select_shards(unit_files(units_dir), num_shards, shard_index):
+        yield shard_suffix(path), path
+
+
+class QualityGate:
+    """The scores of a units folder's utterances (a ``score`` output, shard by shard) and the gates they must
+    pass. ``check(suffix, id)`` → (score columns for the record, reason to drop or None). Without a scores
+    folder every utterance passes with null scores. Memory: one shard's scores at a time."""
+
+    def __init__(self, scores: str | Path | None = None, gates=None):
+        self.folder, self.gates = (Path(scores) if scores else None), gates
+        self._suffix, self._table = None, {}
+
+    def check(self, suffix: str, uid: str) -> tuple[dict, str | None]:
+        if self.folder is None:
+            return {}, None
+        if suffix != self._suffix:
+            from ..curate.score import read_scores
+
+            self._suffix, self._table = suffix, read_scores(self.folder, suffix)
+        found = self._table.get(uid)
+        columns = {c: found[c] for c in QUALITY_COLUMNS} if found else {}
+        reason = self.gates.reason(found) if self.gates is not None else None
+        if reason == "not scored":
+            reason = f"not scored (see {self.folder / f'errors-{suffix}.jsonl'})"
+        return columns, reason
+
+
+def _quality_drop(counts, dropped, uid: str, reason: str) -> None:
+    counts["dropped: quality: " + reason.split(" (")[0]] += 1
+    dropped.append({"where": uid, "reason": f"quality: {reason}"})  # the counted key, then the score
+
+
+@contextlib.contextmanager
+def split_records(out: Path, part: str | None, suffix: str, kind: str):
+    """Record sinks of ``kind`` for one units shard, one file per split (``{split}-{part-}{suffix}.parquet``),
+    all written when the block ends, so that together they mark the shard done; None when they already are."""
+    targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in SPLITS}
+    if all(t.exists() for t in targets.values()):
+        yield None
+        return
+    with contextlib.ExitStack() as files:
+        yield {s: files.enter_context(_records_file(t, kind)) for s, t in targets.items()}
+
+
+def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality: QualityGate, counts, dropped: list,
+                num_shards: int = 1, shard_index: int = 0):
+    """(split sinks, units row, its score columns) for every row of the units shards this worker owns that
+    passes ``quality``, shard after shard (:func:`split_records`; a shard already written is skipped); a row
+    that fails is counted in ``counts`` and ``dropped``."""
+    for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
+        with split_records(out, part, suffix, kind) as sinks:
+            if sinks is None:
+                counts["shards skipped (done)"] += 1
+                continue
+            for u in progress(iter_rows(path), desc=f"{kind} {path.name}", unit="utt"):
+                judged, reason = quality.check(suffix, u["id"])
+                if reason:
+                    _quality_drop(counts, dropped, u["id"], reason)
+                    continue
+                yield sinks, u, judged
+
+
+def split_counts(out: Path, part: str | None = None) -> dict[str, int]:
+    """Records per split in a compose folder's ``{split}-*.parquet`` files (``part``'s only, when given)."""
+    return {split: sum(pq.read_metadata(f).num_rows for f in out.glob(f"{split}-{part + '-' if part else ''}*.parquet"))
+            for split in SPLITS}
+
+
+def write_chunks(items: list[dict], out: Path, kind: str, chunk_size: int, counts: collections.Counter,
+                 dropped: list[dict], make, count) -> None:
+    """Records of ``kind`` made from ``items`` (``make(item)``: a list of records, or (count key, reason) when
+    the item is dropped), ``chunk_size`` items to a ``train-NNNNN.parquet`` file with a sidecar of its counts
+    (``count(record)`` names a record's) and drops; a rerun skips the chunks already written. ``counts`` and
+    ``dropped`` gain every chunk's, done now or before."""
+    for start in range(0, len(items), chunk_size):
+        chunk = start // chunk_size
+        target = out / f"train-{chunk:05d}.parquet"
+        if target.exists():
+            continue
+        rows, chunk_counts, chunk_dropped = [], collections.Counter(), []
+        for item in progress(items[start : start + chunk_size], desc=f"{kind} {target.name}", unit="item"):
+            made = make(item)
+            if isinstance(made, tuple):
+                chunk_counts[made[0]] += 1
+                chunk_dropped.append({"where": item["where"], "id": item["id"], "reason": made[1]})
+                continue
+            rows += made
+            chunk_counts.update(count(r) for r in made)
+        write_json(out / f"train-{chunk:05d}.summary.json", {"counts": chunk_counts, "dropped": chunk_dropped})
+        write_parquet(target, records.to_table(kind, rows))
+    for sidecar in sorted(out.glob("train-*.summary.json")):
+        part = json.loads(sidecar.read_text())
+        counts.update(part["counts"])
+        dropped.extend(part["dropped"])

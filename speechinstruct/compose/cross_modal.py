@@ -1,0 +1,90 @@
+"""``speechinstruct compose cross-modal``: for every utterance with a transcript, an ASR and/or a TTS record
+(``[Human]: {instruction} This is input: {input}<eoh> [SpeechGPT]: {output}<eoa>``), in the split of its audio.
+
+Every record carries provenance (source id, corpus, license, pipeline version, content hash). Choices (task,
+template) are drawn from a hash of seed and source id, so a record does not depend on processing order, sharding
+or reruns. Output is written per input shard, atomically; a rerun skips finished shards.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+
+from .. import recipe as settings
+from . import templates as templates_mod
+from ..sources.corpora.base import SPLITS, split_name
+from ..io import write_json
+from ..recipe import default
+from ..speechgpt import DEFAULT_PREFIX, cross_modal_text, text_problem
+from .common import QualityGate, RecordRefused, _draw, finish, gated_units
+
+
+def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
+                tts_templates: dict | None = None, mode: str = default(settings.CrossModal, "mode"),
+                asr_fraction: float = default(settings.CrossModal, "asr_fraction"), prefix: str = DEFAULT_PREFIX,
+                seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
+                shard_index: int = 0, scores: str | Path | None = None, gates=None) -> dict:
+    """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
+    probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
+    several corpora can share one output folder. ``scores``: a ``score`` output of these utterances; their
+    columns go into the records, and ``gates`` (``score.Gates``) drop those that fail."""
+    if mode not in ("both", "random", "asr", "tts"):
+        raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
+    sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
+    for task, data in sets.items():
+        templates_mod.check_markup(data, f"{task} templates {data['version']}")
+    out = Path(out)
+    counts: collections.Counter[str] = collections.Counter()
+    dropped: list[dict] = []
+    quality = QualityGate(scores, gates)
+    for sinks, u, judged in gated_units(Path(units_dir), out, part, "cross_modal", quality, counts, dropped,
+                                        num_shards, shard_index):
+        text = (u.get("text") or "").strip()
+        if not text:
+            counts["no transcript"] += 1
+            continue
+        problem = text_problem(text)
+        if problem:
+            rule = problem[0].replace("-", " ")
+            counts[f"dropped: {rule} in transcript"] += 1
+            dropped.append({"where": u["id"], "reason": f"{rule} in transcript ({problem[1]})"})
+            continue
+        if mode == "both":
+            tasks = ["asr", "tts"]
+        elif mode == "random":
+            tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
+        else:
+            tasks = [mode]
+        for task in tasks:
+            items = sets[task]["templates"]
+            template = items[_draw(seed, "template", task, u["id"]) % len(items)]
+            try:
+                record = finish({
+                    "id": f"{task}/{u['id']}", "prefix": prefix,
+                    "plain_text": cross_modal_text(task, template["text"], text, u["unit_text"]),
+                    "task": task, "units": u["units"], "transcript": text, "template_id": template["id"],
+                    "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged,
+                })
+            except RecordRefused as e:
+                counts[e.key] += 1
+                dropped.append({"where": u["id"], "reason": f"{e.key.removeprefix('dropped: ')} ({e})"})
+                continue
+            sinks[split_name(u["split"])].add(record)
+    by_split: collections.Counter[str] = collections.Counter()
+    for split in SPLITS:  # all shards, not just this run's
+        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
+            tasks = pq.read_table(f, columns=["task"]).column("task")  # counted in Arrow, not as a Python list
+            by_split[split] += len(tasks)
+            for pair in pa.compute.value_counts(tasks).to_pylist():
+                counts[pair["values"]] += pair["counts"]
+    summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
+               "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
+               **({"scores": str(Path(scores).resolve())} if scores else {}),
+               "dropped_examples": dropped[:200]}
+    write_json(out / f"summary{'-' + part if part else ''}.json", summary)
+    return summary

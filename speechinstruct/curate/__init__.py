@@ -1,0 +1,2 @@
+"""Which utterances a dataset keeps: ``score`` (the judges over a corpus) and ``dedup`` (repeats and evaluation data).
+"""

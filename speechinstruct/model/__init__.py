@@ -1,0 +1,2 @@
+"""Models trained on the dataset: ``train`` (SpeechGPT's three stages) and ``chat``.
+"""

@@ -1,0 +1,518 @@
+"""``speechinstruct train``: SpeechGPT's three stages on any causal LM (LLaMA, Qwen, GPT-2, …).
+
+1. modality-adaptation pre-training: causal LM on ``pretrain`` unit text, packed into blocks;
+2. cross-modal instruction fine-tuning: full fine-tune on ``cross_modal``;
+3. chain-of-modality fine-tuning: LoRA on ``chain_of_modality``.
+
+As SpeechGPT's released scripts (``ma_pretrain.py``, ``cm_sft.py``, ``com_sft.py``) do, by default:
+
+* the vocabulary gains ``<0>``…``<K-1>``, ``<sosp>``, ``<eosp>``, ``[Human]``, ``[SpeechGPT]``, ``<eoh>``,
+  ``<eos>`` (K from the dataset's ``speechinstruct.json``) as single tokens; ``<eoa>`` stays plain text.
+  New embedding rows start at the mean of the old ones (SpeechGPT: transformers' default init);
+* stages 2 and 3 tokenise ``prefix + plain_text`` as ONE string (BOS first, EOS appended when it fits) and
+  set the labels to -100 over the prefix only (``mask="prefix"``): the ``[Human]`` turn is trained on.
+  ``mask="prompt"`` (loss on the ``[SpeechGPT]`` answer only), ``mask="assistant"`` (loss on every
+  ``[SpeechGPT]`` turn of a multi-turn dialogue, up to the next ``[Human]``) and ``mask="none"`` are options;
+  the boundaries are found from the tokenizer's character offsets, never by tokenising the parts separately;
+* stage 3 reads ``chain_of_modality``; ``configs`` adds others (``dialogue``: multi-turn spoken dialogues);
+* stage 1 puts BOS before each line, no EOS, and keeps the short last block;
+* gradients are clipped at 1.0 (Hugging Face Trainer's default, which SpeechGPT trained with).
+
+The loop is plain PyTorch driven by ``accelerate`` (devices, bf16, gradient accumulation, multi-GPU,
+checkpoint state): read it top to bottom. Batches come from a permutation drawn from ``seed + epoch``, so a
+resumed run replays exactly the batches an uninterrupted run would see; each process takes its share of
+every global batch and the LR schedule steps once per optimizer step, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..speechgpt import RESPONSE_MARK, with_bos
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")  # SpeechGPT's; not <eoa>
+CONFIG_FOR_STAGE = {1: "pretrain", 2: "cross_modal", 3: "chain_of_modality"}
+MASKS = ("prefix", "prompt", "assistant", "none")
+HUMAN_MARK = "[Human]:"
+
+
+@dataclass
+class TrainConfig:
+    """Generic defaults; ``settings_for_stage(N)`` gives SpeechGPT's per stage (packaged
+    ``recipes/train-stage{N}.yaml``)."""
+
+    epochs: float = 3
+    lr: float = 2e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = None
+    block_size: int = 1024            # stage 1 packing
+    max_length: int = 512             # stages 2 and 3 (SpeechGPT: 512 and 1024)
+    mask: str = "prefix"              # labels -100 over: prefix (SpeechGPT), prompt (answer-only loss),
+                                      # assistant (all but every [SpeechGPT] turn), none
+    configs: list[str] | None = None  # the dataset configs to train on (default: the stage's, CONFIG_FOR_STAGE)
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # default: what peft knows for the architecture (LLaMA: q_proj, v_proj)
+    merge: bool = False               # stage 3: also save base + adapter merged
+    bf16: bool | None = None          # default: on when a GPU supports it
+    attention: str = "sdpa"           # the model's attention kernel: sdpa (torch's fused), eager, flash_attention_2
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % more time
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int | None = None     # also evaluate on the validation split every N steps (always at the end)
+    eval_batches: int | None = None   # at most this many validation batches per evaluation
+
+    def __post_init__(self):
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
+        if isinstance(self.configs, str):
+            self.configs = [c.strip() for c in self.configs.split(",") if c.strip()]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def settings_for_stage(stage: int) -> dict:
+    """SpeechGPT's settings for a stage, shipped in the package (``recipes/train-stage{N}.yaml``)."""
+    from importlib import resources
+
+    import yaml
+
+    name = f"train-stage{stage}.yaml"
+    checkout = Path(__file__).resolve().parent.parent / "recipes" / name
+    text = checkout.read_text() if checkout.is_file() else resources.files("speechinstruct.recipes").joinpath(name).read_text()
+    return yaml.safe_load(text) or {}
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+def unit_vocabulary(k: int) -> list[str]:
+    return [f"<{i}>" for i in range(k)] + list(SPECIAL_TOKENS)
+
+
+def add_unit_tokens(tokenizer, k: int) -> int:
+    """Add the unit and turn tokens the tokenizer lacks (idempotent); a missing pad token becomes EOS."""
+    vocab = tokenizer.get_vocab()
+    added = tokenizer.add_tokens([t for t in unit_vocabulary(k) if t not in vocab])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return added
+
+
+def expand_vocabulary(model, tokenizer, k: int) -> int:
+    """Add unit and turn tokens (idempotent); new embedding rows = mean of the existing rows."""
+    added = add_unit_tokens(tokenizer, k)
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    return added
+
+
+def dataset_k(data: str | Path) -> int:
+    from ..shardfiles import folder_k
+
+    meta = Path(data) / "speechinstruct.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta}: missing: --data must be a dataset written by `speechinstruct publish`")
+    k = folder_k(data)
+    if not k:
+        raise ValueError(f"{meta}: no K recorded")
+    return int(k)
+
+
+# ------------------------------------------------------------------------------------------------ examples
+def loss_spans(prefix: str, plain_text: str, mask: str) -> list[tuple[int, int]] | None:
+    """The character ranges of ``prefix + plain_text`` that get the loss (None: ``mask`` finds no answer)."""
+    end = len(prefix) + len(plain_text)
+    if mask == "none":
+        return [(0, end)]
+    if mask == "prefix":
+        return [(len(prefix), end)]
+    cut = plain_text.find(RESPONSE_MARK)
+    if cut < 0:
+        return None
+    if mask == "prompt":
+        return [(len(prefix) + cut + len(RESPONSE_MARK), end)]
+    spans = []  # assistant: each [SpeechGPT] turn, up to the next [Human] turn
+    while cut >= 0:
+        start = cut + len(RESPONSE_MARK)
+        human = plain_text.find(HUMAN_MARK, start)
+        stop = human if human >= 0 else len(plain_text)
+        spans.append((len(prefix) + start, len(prefix) + stop))
+        cut = plain_text.find(RESPONSE_MARK, stop)
+    return spans
+
+
+def supervised_example(tokenizer, prefix: str, plain_text: str, max_length: int, mask: str = "prefix") -> dict | None:
+    """input_ids and labels for one record, as SpeechGPT's ``cm_sft.py`` builds them: the whole text
+    tokenised once, BOS first, EOS appended when it fits, truncated at ``max_length``; a token gets the loss when
+    it starts inside one of the ``loss_spans`` (BOS with the first character, EOS with the last)."""
+    text = prefix + plain_text
+    spans = loss_spans(prefix, plain_text, mask)
+    if spans is None:
+        return None
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
+        trained = [any(a <= start < b for a, b in spans) for start in starts]
+    elif len(spans) == 1 and spans[0][1] == len(text):
+        # slow tokenizers have no offsets: count the tokens of the masked text, as SpeechGPT does
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = spans[0][0]
+        n_masked = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if cut else 0
+        trained = [i >= n_masked for i in range(len(ids))]
+    else:
+        raise ValueError(f"mask {mask!r} needs a fast tokenizer (one with character offsets)")
+    full = with_bos(tokenizer, ids)
+    if len(full) > len(ids):
+        trained = [spans[0][0] == 0] + trained  # BOS: trained only when the first character is
+    if tokenizer.eos_token_id is not None and len(full) < max_length:
+        full = full + [tokenizer.eos_token_id]
+        trained = trained + [spans[-1][1] == len(text)]
+    full, trained = full[:max_length], trained[:max_length]
+    labels = [token if keep else -100 for token, keep in zip(full, trained)]
+    if all(label == -100 for label in labels):
+        return None  # truncated before anything to learn
+    return {"input_ids": full, "labels": labels}
+
+
+def packed_blocks(tokenizer, texts: list[str], block_size: int) -> list[dict]:
+    """Stage 1, as SpeechGPT's ``ma_pretrain.py``: each line tokenised with BOS and no EOS, concatenated,
+    cut into blocks of ``block_size`` tokens; the shorter last block is kept."""
+    stream: list[int] = []
+    for text in texts:
+        stream += with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not stream:
+        raise ValueError("the pretrain data holds no tokens")
+    return [{"input_ids": stream[i : i + block_size], "labels": stream[i : i + block_size]}
+            for i in range(0, len(stream), block_size)]
+
+
+def load_split(data: str | Path, config: str, split: str):
+    """One split of a published dataset's config with ``datasets``, or None for a missing eval split. A card
+    whose recorded sizes no longer match the files (a user filtered the Parquet files) loads without the size
+    check, with a warning saying which split and how to refresh the card, instead of ``datasets``' error."""
+    import datasets
+    from datasets.exceptions import NonMatchingSplitsSizesError
+
+    try:
+        try:
+            return datasets.load_dataset(str(data), config, split=split)
+        except NonMatchingSplitsSizesError as e:
+            found = re.findall(r"SplitInfo\(name='(\w+)'", str(e))
+            log.warning(f"{data}: the card's sizes of {config} ({', '.join(dict.fromkeys(found)) or 'a split'}) no "
+                        "longer match its data files; loading without the size check (run `speechinstruct publish` "
+                        "again to refresh the card)")
+            return datasets.load_dataset(str(data), config, split=split, verification_mode="no_checks")
+    except ValueError as e:
+        if split != "train" and "Unknown split" in str(e):
+            return None
+        raise
+
+
+def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, split: str = "train") -> list[dict]:
+    """Examples of one split of the stage's config (an empty list when the dataset has no such split)."""
+    configs = cfg.configs or [CONFIG_FOR_STAGE[stage]]
+    from ..shardfiles import read_dataset_meta
+
+    published = read_dataset_meta(data)["counts"]
+    missing = [c for c in configs if c not in published]
+    if missing:
+        raise ValueError(f"{data}: no {', '.join(missing)} config (it has {', '.join(published) or 'none'})")
+    if stage == 1:
+        ds = load_split(data, configs[0], split)
+        return packed_blocks(tokenizer, ds["text"], cfg.block_size) if ds is not None and len(ds) else []
+    examples = []
+    for config in configs:
+        ds = load_split(data, config, split)
+        for r in ds if ds is not None else []:
+            example = supervised_example(tokenizer, r["prefix"], r["plain_text"], cfg.max_length, cfg.mask)
+            if example is not None:
+                examples.append(example)
+    if not examples and split == "train":
+        raise ValueError(f"{data}: no usable {' or '.join(configs)} examples")
+    return examples
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed + epoch).permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def process_share(index: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This process's examples of one global batch. A batch smaller than the number of processes (the last
+    of an epoch) is topped up by repeating its examples, as accelerate's ``even_batches`` does, so no
+    process gets an empty batch."""
+    if len(index) < world:
+        index = np.resize(index, world)
+    return index[rank::world]
+
+
+def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, accelerator, max_batches: int | None = None) -> dict:
+    """Mean token loss and perplexity over validation examples (each process its share, then gathered)."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # summed loss, token count
+    batches = [np.arange(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
+    with torch.no_grad():
+        for index in batches[:max_batches]:
+            mine = index[accelerator.process_index :: accelerator.num_processes]
+            if not len(mine):
+                continue
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in mine], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                total += torch.tensor([model(**batch).loss.float().item() * n, n], device=accelerator.device)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    loss = float(total[0] / total[1]) if total[1] else float("nan")
+    return {"eval_loss": round(loss, 5), "eval_perplexity": round(math.exp(min(loss, 50)), 4), "eval_tokens": int(total[1])}
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def _embedding_module_names(model) -> list[str]:
+    names = []
+    for target in (model.get_input_embeddings(), model.get_output_embeddings()):
+        for name, module in model.named_modules():
+            if module is target and name:
+                names.append(name.rsplit(".", 1)[-1])
+                break
+    return sorted(set(names))
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "progress.json").is_file())
+
+
+def require_train_extra(module: str):
+    """``module`` (peft, accelerate), or one clear line saying how to install the training extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"training needs {module}, which the data-only install leaves out: "
+                         "pip install 'speechinstruct[train]'") from None
+
+
+def load_model(stage: int, base_model: str | Path, k: int, cfg: TrainConfig):
+    """(tokenizer, model, tokens added): the base model with SpeechGPT's unit tokens added for ``k`` units; for
+    stage 3 wrapped in LoRA adapters (with the embeddings trained too when the tokens were new)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(base_model).is_dir()
+    if not local and (Path(base_model).exists() or str(base_model).startswith((".", "/", "~")) or str(base_model).count("/") > 1):
+        raise FileNotFoundError(f"{base_model}: not a model folder (config.json, weights and tokenizer files)")
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model), local_files_only=local)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), local_files_only=local,
+                                                     attn_implementation=cfg.attention)
+    except (ValueError, ImportError) as e:  # an attention kernel this model or machine does not have
+        raise ValueError(f"{base_model}: attention {cfg.attention!r}: {str(e).splitlines()[0]}") from None
+    added = expand_vocabulary(model, tokenizer, k)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if stage == 3:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM",  # None: peft's for this model
+                          # a base without the unit tokens must also learn (and save) their embeddings
+                          modules_to_save=_embedding_module_names(model) if added else None)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ValueError(f"LoRA on {model.config.model_type}: {str(e).splitlines()[0]} "
+                             "(name the layers with --lora-targets, e.g. q_proj,v_proj or c_attn)") from None
+    return tokenizer, model, added
+
+
+def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
+    """``out/checkpoints/step-NNNNNNN``: every process writes its part of the state into one temporary folder;
+    the main process alone prepares, renames and prunes folders (keeping the last ``keep``), between barriers."""
+    final = out / "checkpoints" / f"step-{progress['step']:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, settings: dict) -> None:
+    """``out/model`` (stage 3: ``out/adapter``, and with ``merge`` ``out/merged``) and ``train_config.json``."""
+    final = out / ("adapter" if stage == 3 else "model")
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    if stage == 3 and cfg.merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    (out / "train_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An ``Accelerator`` in bf16 where the GPU has it (or as ``cfg.bf16`` says), seeded.
+    cpu=True on machines without a GPU, so that torchrun / accelerate launch over CPU processes really distributes
+    (gloo) instead of running N independent copies. accelerate keeps one AcceleratorState per process and refuses
+    another precision than the first Accelerator's (a TRL trainer with bf16 earlier in a notebook, say): ours
+    starts from a fresh one; the distributed environment (PartialState) stays."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
+                              cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """(AdamW over the trainable parameters, its learning-rate schedule over ``total_steps``)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def resume_state(accelerator, out: Path, resume: bool) -> tuple[int, int, int]:
+    """(step, epoch, batch in epoch) of the newest checkpoint in ``out``, its state loaded; (0, 0, 0) without one."""
+    checkpoints = _checkpoints(out) if resume else []
+    if not checkpoints:
+        return 0, 0, 0
+    accelerator.load_state(str(checkpoints[-1]))
+    progress = json.loads((checkpoints[-1] / "progress.json").read_text())
+    if accelerator.is_main_process:
+        log.info(f"resuming from {checkpoints[-1]} (step {progress['step']})")
+    return progress["step"], progress["epoch"], progress["batch_in_epoch"]
+
+
+def write_log(accelerator, path: Path, record: dict) -> None:
+    """One line of ``log.jsonl`` (and of the log, which ``-q`` keeps quiet), from the main process."""
+    if accelerator.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(json.dumps(record))
+
+
+def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
+          resume: bool = True) -> dict:
+    require_train_extra("accelerate")
+    if stage == 3:
+        require_train_extra("peft")  # stage 3 trains LoRA adapters
+    if stage not in CONFIG_FOR_STAGE:
+        raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    accelerator = make_accelerator(cfg)
+    k = dataset_k(data)
+    tokenizer, model, added = load_model(stage, base_model, k, cfg)
+    examples = build_examples(stage, data, tokenizer, cfg)
+    eval_examples = build_examples(stage, data, tokenizer, cfg, split="validation")
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    # The scheduler is stepped by hand once per optimizer step: prepared by accelerate, it would step once per
+    # process (batches are split by hand here, not by accelerate), and the schedule would run N times too fast.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    step, epoch, batch_in_epoch = resume_state(accelerator, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    model.train()
+    tokens, started, running = 0, time.perf_counter(), []
+
+    while step < total_steps:
+        batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
+        while batch_in_epoch < len(batches) and step < total_steps:
+            mine = process_share(batches[batch_in_epoch], accelerator.process_index, accelerator.num_processes)
+            batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            batch_in_epoch += 1
+            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            evaluate_now = eval_examples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+            if step % cfg.log_every == 0 or step == total_steps or step == 1 or evaluate_now:
+                record = {"step": step, "epoch": epoch, "loss": round(float(np.mean(running)), 5),
+                          "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": round(tokens / max(time.perf_counter() - started, 1e-9), 1)}
+                if evaluate_now:
+                    record.update(evaluate(model, eval_examples, cfg.batch_size, tokenizer.pad_token_id,
+                                           accelerator, cfg.eval_batches))
+                history.append(record)
+                running = []
+                write_log(accelerator, out / "log.jsonl", record)
+            if step % cfg.save_every == 0 or step == total_steps:
+                save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                                cfg.keep_checkpoints)
+        if batch_in_epoch >= len(batches):
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg,
+                   {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **asdict(cfg)})
+    return {"stage": stage, "steps": step, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
+            "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}

@@ -1,0 +1,2 @@
+"""A dataset out of the composed records: ``publish``, ``validate`` and ``report``.
+"""

@@ -1,0 +1,284 @@
+"""``speechinstruct validate``: check every record of a published dataset (or of any output folder or
+Parquet file of this project) against ``schemas/`` and SpeechInstruct's rules.
+
+Rules, each with a name that appears in the report:
+  schema        types, required fields, enums and patterns of ``schemas/{kind}.json``
+  unit-range    every unit id in [0, K)
+  unit-markers  ``<sosp>``/``<eosp>`` balanced and not nested in ``plain_text``
+  shape         ``plain_text`` has the shape of its task/format
+  units-match   the unit strings in ``plain_text``/``text``/``unit_text`` equal the ``units`` columns
+  text-match    the texts in ``plain_text`` equal the ``text``/``instruction``/``response`` columns
+  empty-text    no blank texts
+  durations     (units) durations sum to ``n_frames``; utterance duration sane
+  content-hash  ``content_hash`` equals the hash of the record's content
+  prompt-completion  ``prompt``/``completion`` equal ``prefix``/``plain_text``
+  markup        no text field (transcript, instruction, response, a dialogue's turns, an interleaved record's
+                segments) holds record markup such as ``<eoa> [Human]:`` or ``<sosp><5><eosp>``: it would plant
+                fake turns or units
+  control-character  no text field holds a control character (a NUL stops a TTS engine mid-text) and no field
+                a lone surrogate
+  duplicate-id  ids unique within a config
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .. import records
+from ..kinds import RECORD_KINDS
+from ..io import iter_rows, naming
+from ..speechgpt import (SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup,
+                         record_problems, to_text)
+from ..shardfiles import folder_k
+
+CONTENT_KINDS = tuple(RECORD_KINDS)
+
+
+@dataclass
+class Report:
+    records: dict = field(default_factory=dict)  # config → records checked
+    failed: dict = field(default_factory=dict)   # config → records with at least one error
+    by_rule: collections.Counter = field(default_factory=collections.Counter)
+    examples: list = field(default_factory=list)
+    k: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.by_rule
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "k": self.k, "records": self.records, "failed_records": self.failed,
+                "errors_by_rule": dict(sorted(self.by_rule.items())), "errors": self.examples}
+
+
+def markers_balanced(text: str) -> bool:
+    depth = 0
+    for m in re.finditer(r"<sosp>|<eosp>", text):
+        depth += 1 if m.group(0) == "<sosp>" else -1
+        if depth not in (0, 1):
+            return False
+    return depth == 0
+
+
+def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
+    """(rule, message) for every rule the record breaks."""
+    errors = [("schema", e) for e in records.record_errors(kind, r)]
+    if errors:
+        return errors  # later rules assume the schema holds
+    for column in ("units", "instruction_units", "response_units"):
+        if k is not None and column in r:
+            bad = [u for u in r[column] if not 0 <= u < k]
+            if bad:
+                errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    for column in ("text", "transcript", "instruction", "response", "prefix"):
+        if column in r and isinstance(r[column], str) and column != "prefix" and not r[column].strip():
+            errors.append(("empty-text", f"{column} is blank"))
+    if "content_hash" in r:
+        if r["content_hash"] != records.content_hash(r):
+            errors.append(("content-hash", "content_hash does not match the record's content"))
+    if kind == "pretrain" and r["text"] != to_text(r["units"]):
+        errors.append(("units-match", "text is not the unit string of units"))
+    if kind == "units":
+        if r["unit_text"] != to_text(r["units"]):
+            errors.append(("units-match", "unit_text is not the unit string of units"))
+        if len(r["durations"]) != len(r["units"]) or sum(r["durations"]) != r["n_frames"]:
+            errors.append(("durations", "durations do not pair with units or do not sum to n_frames"))
+        if r["n_frames"] > r["duration"] * 1000 + 10:
+            errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
+    errors += record_problems(r)  # markup and control characters: the check compose makes before writing
+    if any(rule in ("markup", "control-character") for rule, _ in errors):
+        return errors  # the shape checks below would only repeat it
+    if kind in RULES:  # what a kind's schema cannot say of it
+        errors += RULES[kind](r, k)
+    if kind in ("cross_modal", "chain_of_modality"):
+        text = r["plain_text"]
+        if (r["prompt"], r["completion"]) != (r["prefix"], text):
+            errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
+        if not markers_balanced(text):
+            errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+            return errors
+        shape = r["task"] if kind == "cross_modal" else r["format"]
+        m = SHAPES[shape].fullmatch(text)
+        if not m:
+            errors.append(("shape", f"plain_text does not have the {shape} shape"))
+            return errors
+        if kind == "cross_modal":
+            mark = find_markup(m.group("instruction"))
+            if mark:
+                errors.append(("markup", f"the instruction holds record markup {mark!r}"))
+            if m.group("units") != to_text(r["units"]):
+                errors.append(("units-match", "units in plain_text differ from the units column"))
+            if m.group("text") != r["transcript"]:
+                errors.append(("text-match", "text in plain_text differs from the transcript column"))
+            elif text != cross_modal_text(r["task"], m.group("instruction"), r["transcript"], to_text(r["units"])):
+                errors.append(("shape", "plain_text does not match its columns"))
+        else:
+            groups = m.groupdict()
+            if groups.get("q_units") is not None and groups["q_units"] != to_text(r["instruction_units"]):
+                errors.append(("units-match", "instruction units in plain_text differ from instruction_units"))
+            if groups.get("a_units") is not None and groups["a_units"] != to_text(r["response_units"]):
+                errors.append(("units-match", "response units in plain_text differ from response_units"))
+            needs_q, needs_a = shape.startswith("speech"), shape.endswith("speech")
+            if bool(r["instruction_units"]) != needs_q or bool(r["response_units"]) != needs_a:
+                errors.append(("units-match", f"{shape} record has unit columns filled wrongly"))
+            if text != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
+                    and not any(rule == "units-match" for rule, _ in errors):
+                errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
+    return errors
+
+
+def _dialogue_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A dialogue's columns agree with each other, and its plain_text and messages are the ones they make."""
+    errors = []
+    for column in ("user_units", "assistant_units"):
+        bad = [u for turn in r[column] for u in turn if k is not None and not 0 <= u < k]
+        if bad:
+            errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    columns = (r["user_texts"], r["assistant_texts"], r["user_units"], r["assistant_units"])
+    if any(len(c) != r["turns"] for c in columns):
+        errors.append(("turns", f"turns is {r['turns']}, the per-turn columns have {[len(c) for c in columns]}"))
+        return errors
+    if errors:
+        return errors
+    exchanges = list(zip(*columns))
+    if not markers_balanced(r["plain_text"]):
+        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+    elif r["plain_text"] != dialogue_text(exchanges):
+        errors.append(("shape", "plain_text is not the dialogue its per-turn columns make"))
+    if r["messages"] != dialogue_messages(r["prefix"], exchanges):
+        errors.append(("messages", "messages are not the dialogue its per-turn columns make"))
+    return errors
+
+
+def _interleaved_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """An interleaved record's segments alternate, speech segments (only) hold units, and its text is theirs."""
+    from ..compose.interleaved import interleaved_text
+
+    modalities, texts, segments = r["modalities"], r["segment_texts"], r["segment_units"]
+    if not len(modalities) == len(texts) == len(segments):
+        return [("segments", f"{len(modalities)} modalities, {len(texts)} texts, {len(segments)} unit lists")]
+    errors = []
+    if any(a == b for a, b in zip(modalities, modalities[1:])):
+        errors.append(("segments", "two segments of one modality follow each other"))
+    if any(bool(units) != (modality == "speech") for modality, units in zip(modalities, segments)):
+        errors.append(("segments", "a speech segment without units or a text segment with units"))
+    bad = [u for units in segments for u in units if k is not None and not 0 <= u < k]
+    if bad:
+        errors.append(("unit-range", f"segment_units has ids outside [0, {k}): {bad[:5]}"))
+    if not errors and r["text"] != interleaved_text(modalities, texts, segments):
+        errors.append(("shape", "text is not the sequence its segments make"))
+    return errors
+
+
+def _duplex_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A duplex record's channels have one length in frames, its text streams one entry a frame, its alignments
+    are in order, and each word stands in its speaker's stream at the frame it starts in."""
+    errors = []
+    frames, codebooks = len(r["main_text"]), r["codebooks"]
+    if len(r["other_text"]) != frames or len(r["main_units"]) != frames * codebooks or len(r["other_units"]) != frames * codebooks:
+        errors.append(("frames", f"{frames} frames of text but {len(r['other_text'])}, and {len(r['main_units'])} / "
+                                 f"{len(r['other_units'])} units for {codebooks} codebooks a frame"))
+        return errors
+    bad = [u for u in r["main_units"] + r["other_units"] if k is not None and not 0 <= u < k]
+    if bad:
+        errors.append(("unit-range", f"units outside [0, {k}): {bad[:5]}"))
+    starts = [a["start"] for a in r["alignments"]]
+    if starts != sorted(starts) or any(a["end"] <= a["start"] or a["end"] > r["duration"] + 1e-3 for a in r["alignments"]):
+        errors.append(("alignments", "alignments out of order, or a word that ends before it starts or after the file"))
+    streams = {"SPEAKER_MAIN": r["main_text"], "SPEAKER_OTHER": r["other_text"]}
+    for a in r["alignments"]:
+        frame = min(frames - 1, int(a["start"] * r["frame_rate"]))
+        if not set(a["word"].split()) <= set(streams[a["speaker"]][frame].split()):  # an entry may be "in the"
+            errors.append(("text-stream", f"{a['word']!r} at {a['start']} s is not in the {a['speaker']} stream's frame {frame}"))
+            break
+    return errors
+
+
+RULES = {"dialogue": _dialogue_errors, "interleaved": _interleaved_errors, "duplex": _duplex_errors}
+
+
+def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:
+    """(config, kind, files) to check."""
+    if path.is_file():
+        with naming(path):
+            kind = (pq.read_schema(path).metadata or {}).get(b"speechinstruct.kind", b"").decode()
+        if kind not in records.KINDS:
+            raise ValueError(f"{path}: not a speechinstruct Parquet file (no speechinstruct.kind in its schema)")
+        return [(path.name, kind, [path])]
+    out = []
+    data = path / "data" if (path / "data").is_dir() else path
+    for kind in CONTENT_KINDS:
+        files = sorted((data / kind).glob("*.parquet"))
+        if files:
+            out.append((kind, kind, files))
+    for pattern, kind in (("units-*.parquet", "units"), ("manifest-*.parquet", "manifest")):
+        files = sorted(path.glob(pattern))
+        if files:
+            out.append((kind, kind, files))
+    if not out:
+        raise FileNotFoundError(f"{path}: nothing to validate (no data/{{config}}/*.parquet, units-*, manifest-*)")
+    return out
+
+
+def validate(path: str | Path, k: int | None = None, max_examples: int = 50) -> Report:
+    path = Path(path)
+    report = Report(k=k if k is not None else folder_k(path))
+    for config, kind, files in _targets(path):
+        check_files(report, config, kind, files, path, max_examples)
+    return report
+
+
+def check_files(report: Report, config: str, kind: str, files: list[Path], base: Path, max_examples: int = 50) -> None:
+    """Check every record of ``files`` (one config, ids unique across them) into ``report``; files are named
+    relative to ``base``. ``publish`` calls this on what it is about to publish."""
+    repeated, seen = duplicate_ids(files), set()  # seen: of the repeated ids only (memory does not grow with files)
+    report.records[config] = report.failed[config] = 0
+    for f in files:
+        rel = f.relative_to(base) if f != base and base in f.parents else f.name
+        for i, rec in enumerate(iter_rows(f)):  # a record batch in memory at a time
+            report.records[config] += 1
+            errors = check_record(kind, rec, report.k)
+            if rec.get("id") in repeated:
+                if rec.get("id") in seen:
+                    errors.append(("duplicate-id", "id appears more than once"))
+                seen.add(rec.get("id"))
+            if errors:
+                report.failed[config] += 1
+            for rule, message in errors:
+                report.by_rule[rule] += 1
+                if len(report.examples) < max_examples:
+                    report.examples.append({"file": str(rel), "row": i, "id": rec.get("id"), "rule": rule, "message": message})
+
+
+def duplicate_ids(files: list[Path]) -> set[str]:
+    """The ids that occur more than once across ``files``, counted in Arrow (a column of ids, not Python strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for f in files:
+        with naming(f):
+            if "id" in pq.read_schema(f).names:
+                columns.extend(pq.read_table(f, columns=["id"]).column("id").chunks)
+    if not columns:
+        return set()
+    counts = pc.value_counts(pa.chunked_array(columns, type=columns[0].type))
+    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+
+
+def format_report(report: Report) -> str:
+    lines = [f"K = {report.k if report.k is not None else 'unknown (unit-range not checked; pass --k)'}"]
+    for config, n in report.records.items():
+        lines.append(f"{config:>20}: {n} records, {report.failed[config]} failing")
+    if report.ok:
+        lines.append("PASS: every record satisfies every rule")
+    else:
+        lines.append("FAIL: " + ", ".join(f"{rule} ×{n}" for rule, n in sorted(report.by_rule.items())))
+        for e in report.examples:
+            lines.append(f"  {e['file']} row {e['row']} ({e['id']}): [{e['rule']}] {e['message']}")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""What every corpus reader shares: the items a reader yields (manifest rows, ``Skip``, ``Note``), probing an
+audio file, and the split vocabulary (``train``/``validation``/``test``) with the words corpora use for it."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Something a reader could not use: the file (relative to the root where possible), why, and where."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something a reader tells the user about the whole source (not one file): written to the shard summary."""
+
+    text: str
+
+
+Item = dict | Skip | Note
+Reader = Callable[..., Iterator[Item]]
+
+
+def relpath(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def deepest_common_folder(files, fallback: Path) -> Path:
+    """The deepest folder holding every one of ``files`` (absolute paths), or ``fallback`` when there are none:
+    where lhotse and Kaldi sources, which name audio anywhere on disk, get their manifest root."""
+    parents = {os.path.dirname(os.path.abspath(f)) for f in files}
+    return Path(os.path.commonpath(sorted(parents))) if parents else Path(fallback).resolve()
+
+
+def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
+    """(sample_rate, seconds) of an audio file, or a Skip saying why it cannot be read.
+
+    Paths that leave ``root`` (``..``, absolute paths, symlinks pointing outside) are refused."""
+    from ... import audio  # here, not at the top: the CLI reads the registry without loading audio libraries
+    from ...io import safe_join
+
+    try:
+        safe_join(root, os.path.relpath(path, root))
+    except ValueError as e:
+        return Skip(str(path), "path escapes the corpus root", str(e))
+    if not path.is_file():
+        return Skip(relpath(path, root), "missing audio file")
+    try:
+        sr, frames = audio.info(path)
+    except audio.AudioError as e:
+        return Skip(relpath(path, root), "unreadable audio", str(e))
+    if frames <= 0:
+        return Skip(relpath(path, root), "empty audio", f"{path}: 0 samples")
+    return sr, frames / sr
+
+
+# The one split vocabulary, from the manifest to the published dataset (Hugging Face's names). Corpora name
+# their parts otherwise (``dev-clean``, ``{DEV}``, ``dev.tsv``): :func:`split_word` maps those names onto it,
+# and :func:`split_name` the names users and older folders give (``dev``, written by speechinstruct 0.2).
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"dev": "validation"}
+
+
+def split_name(name: str) -> str | None:
+    """``name`` in the split vocabulary (``dev`` → ``validation``), or None when it is not a split's name."""
+    name = SPLIT_ALIASES.get(name, name)
+    return name if name in SPLITS else None
+
+
+
+# The words a corpus's part names use for its held-out data, matched as whole words of the name (letters
+# only, so ``eval2000`` is ``eval`` and ``dev93`` is ``dev``): ``validation.clean`` (the Hub's librispeech_asr),
+# ``valid_clean``, ``val-clean``, ``dev-other``, ``test_clean``, ``eval`` (AMI), ``eval2000`` (Switchboard),
+# Kaldi's ``train_dev`` (held out from train). Common Voice's ``validated`` is not ``valid``.
+DEV_WORDS = frozenset({"dev", "devel", "development", "val", "valid", "validation", "heldout"})
+TEST_WORDS = frozenset({"test", "testing", "eval", "evaluation"})
+# Names that say training data: the word train, and the corpora's own names for parts of their training data
+# (GigaSpeech's sizes, LibriLight's, Common Voice's TSVs). Any other name is train too, but listed in the
+# shard summary as not recognised, so that a held-out set named otherwise is seen (and mapped: --split-map).
+TRAIN_WORDS = frozenset({"train", "training", "xs", "s", "m", "l", "xl", "small", "medium", "large",
+                         "validated", "invalidated", "other", "reported"})
+
+
+def split_word(name: str) -> str | None:
+    """train, validation or test when ``name`` (a corpus's own name of a part: ``dev-clean``, ``{DEV}``, ``dev.tsv``,
+    ``validation.clean`` …) says which, else None. A word for held-out data wins over ``train``."""
+    words = re.findall(r"[a-z]+", name.lower().removesuffix(".tsv"))
+    if any(w in TEST_WORDS for w in words):
+        return "test"
+    if any(w in DEV_WORDS for w in words):
+        return "validation"
+    if any(w in TRAIN_WORDS for w in words):
+        return "train"
+    return None
+
+
+def split_of(name: str, split_map: dict[str, str] | None = None) -> str:
+    """The split of a corpus part: ``split_map[name]`` when the user mapped it, else what its name says
+    (:func:`split_word`); names that say nothing are training data."""
+    if split_map and name in split_map:
+        return split_map[name]
+    return split_word(name) or "train"
+
+
+def parse_split_map(pairs) -> dict[str, str]:
+    """``["eval2000=test", "heldout=validation"]`` (or one comma-separated string, or a dict) → {name: split},
+    with the splits' names in the split vocabulary (``dev`` → ``validation``)."""
+    if not pairs:
+        return {}
+    if isinstance(pairs, dict):  # a recipe's {NAME: SPLIT}
+        pairs = [f"{name}={split}" for name, split in pairs.items()]
+    items = [p.strip() for p in (pairs.split(",") if isinstance(pairs, str) else pairs) if p.strip()]
+    mapping = {}
+    for item in items:
+        name, sep, split = item.rpartition("=")
+        if not sep or not name.strip() or split_name(split.strip()) is None:
+            raise ValueError(f"--split-map {item!r}: write NAME=SPLIT with SPLIT one of {', '.join(SPLITS)}")
+        mapping[name.strip()] = split_name(split.strip())
+    return mapping
+
+
+def parse_splits(splits) -> tuple[str, ...] | None:
+    """``"train,validation"`` (or a list; ``dev`` is ``validation``) → ("train", "validation"); None keeps every
+    split."""
+    if splits is None:
+        return None
+    items = [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip()]
+    unknown = [s for s in items if split_name(s) is None]
+    if unknown or not items:
+        raise ValueError(f"unknown split(s) {unknown or splits!r}: choose from {', '.join(SPLITS)}")
+    return tuple(split_name(s) for s in items)

@@ -1,0 +1,251 @@
+"""Hugging Face audio datasets, read where they lie, without copying the audio.
+
+Two local forms, as ``datasets`` and the Hub write them:
+- Hub-style Parquet files: ``data/train-00000-of-00002.parquet``, ``validation-00000-of-00001.parquet`` or
+  ``train/0000.parquet`` (the split is in the file or folder name); the audio column is
+  ``struct<bytes: binary, path: string>`` holding the encoded file (flac, wav, mp3…).
+- A ``save_to_disk`` folder: ``dataset_dict.json`` with one folder per split, or one split's folder, each
+  with ``data-00000-of-00001.arrow`` (Arrow IPC stream files), ``dataset_info.json`` and ``state.json``.
+A hub id (``owner/name``) is fetched first with ``huggingface_hub.snapshot_download`` (Parquet files and the
+card only), for users with internet, and then read as a local folder.
+
+Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
+plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
+(Parquet) or one memory-mapped file (Arrow) at a time. Bytes are decoded with soundfile, not ``datasets``'
+``Audio`` feature, which needs torchcodec. The license comes from the dataset card (``README.md``'s YAML
+``license``) when there is one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
+from ...io import read_json, safe_join
+from ...progress import progress
+from .base import Item, Skip, relpath, split_of
+
+NAME = "hf"
+# train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
+# older push_to_hub names with a fingerprint: train-00000-of-00001-5f6c3c7bd8a2e1f0.parquet
+_SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?)?(?:-[0-9a-f]{8,})?\.(?:parquet|arrow)$")
+
+
+def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
+         speaker_column: str | None = None, split: str | None = None, license: str | None = None) -> Iterator[Item]:
+    """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``)."""
+    root = Path(root).resolve()
+    files = data_files(root)
+    if split is not None:
+        known = sorted({s for s, _ in files})
+        files = [(s, f) for s, f in files if s == split]
+        if not files:
+            raise ValueError(f"{root}: no split {split!r} in this dataset (it has {', '.join(known)})")
+    license = license or card_license(root) or "unknown (no license in the dataset card)"
+    name = root.resolve().name
+    rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
+    with progress(total=rows, desc=f"hf {name}", unit="row") as bar:
+        for hf_split, path in files:
+            for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
+                bar.update()
+                yield item
+
+
+def local_folder(source: str | Path) -> Path:
+    """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose Parquet files
+    and card are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never
+    does this)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise FileNotFoundError(f"{source}: no such folder, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.parquet", "README.md"]))
+
+
+def _inside(root: Path, relative, where: Path) -> Path:
+    """``root/relative`` for a name a metadata file gives, refusing names that leave ``root``."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise ValueError(f"{where}: {relative!r} is not a file or folder name")
+    try:
+        return safe_join(root, relative)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; a dataset's files must lie inside it") from None
+
+
+def data_files(root: Path) -> list[tuple[str, Path]]:
+    """(split, file) of every data file under ``root``, Parquet or ``save_to_disk`` Arrow. Names that the
+    metadata files give (splits, ``_data_files``) must stay inside ``root``."""
+    dict_file = root / "dataset_dict.json"
+    if dict_file.is_file():  # DatasetDict.save_to_disk: one folder per split
+        splits = read_json(dict_file).get("splits")
+        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+            raise ValueError(f"{dict_file}: 'splits' must be a list of split names (as save_to_disk writes it), "
+                             f"got {splits!r}")
+        return [(s, f) for s in splits for f in _arrow_files(_inside(root, s, dict_file), root)]
+    if (root / "state.json").is_file():  # Dataset.save_to_disk: one split, named in dataset_info.json
+        info_file = root / "dataset_info.json"
+        info = read_json(info_file) if info_file.is_file() else {}
+        split = info.get("split") or "train"
+        if not isinstance(split, str):
+            raise ValueError(f"{info_file}: 'split' must be a name, got {split!r}")
+        return [(split, f) for f in _arrow_files(root, root)]
+    found = []
+    for path in sorted(root.rglob("*.parquet")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        m = _SPLIT_IN_NAME.match(path.name)
+        named = m.group("split") if m else None
+        # train/0000.parquet (the Hub's converted layout) names its split by folder
+        if named is None or named.isdigit() or re.fullmatch(r"\d+", path.stem):
+            named = path.parent.name if path.parent != root else "train"
+        found.append((named, path))
+    if not found:
+        raise FileNotFoundError(f"{root}: no Parquet files and no save_to_disk folder (dataset_dict.json or "
+                                "state.json): not a Hugging Face dataset folder")
+    return found
+
+
+def _arrow_files(folder: Path, root: Path) -> list[Path]:
+    state = folder / "state.json"
+    if state.is_file():
+        entries = read_json(state).get("_data_files") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{state}: '_data_files' must be a list of {{\"filename\": …}} objects, got {entries!r}")
+        names = [e.get("filename") for e in entries]
+        if names:
+            here = os.path.relpath(folder.resolve(), root.resolve())
+            return [_inside(root, os.path.join(here, n) if isinstance(n, str) else n, state) for n in names]
+    return sorted(folder.glob("data-*.arrow"))
+
+
+def _card(root: str | Path) -> dict:
+    """The YAML of the dataset card (``README.md``), read with huggingface_hub's card classes; empty when
+    there is no card, or it has no YAML or broken YAML."""
+    readme = Path(root) / "README.md"
+    if not readme.is_file():
+        return {}
+    from huggingface_hub import DatasetCard
+
+    try:
+        return DatasetCard.load(readme).data.to_dict()
+    except Exception:  # a README without YAML metadata, or broken YAML: nothing to take from it
+        return {}
+
+
+def card_license(root: Path) -> str | None:
+    """The card's ``license`` (``other: NAME`` with its ``license_name``), or None. Only plain text is taken:
+    a value holding markup (``<``, ``>``) or that is not a string is ignored, since it is copied into every
+    manifest row and, from there, into the published card the Hub renders."""
+    data = _card(root)
+    value = data.get("license")
+    if isinstance(value, list):
+        value = ", ".join(v for v in value if isinstance(v, str))
+    name = data.get("license_name")
+    if value == "other" and isinstance(name, str) and name.strip():
+        value = f"other: {name.strip()}"
+    if not isinstance(value, str) or not value.strip() or _MARKUP.search(value):
+        return None
+    return value.strip()
+
+
+_MARKUP = re.compile(r"[<>]")
+# BCP-47-like language codes as the Hub's cards hold them: en, en-US, zh_Hans, yue
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+
+
+def card_languages(root: str | Path, **_) -> list[str]:
+    """The card's ``language`` list (empty without a card or the key); entries that are not language codes
+    (numbers, markup) are left out."""
+    value = _card(root).get("language")
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [v for v in values if isinstance(v, str) and LANGUAGE_CODE.fullmatch(v)]
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return pq.read_metadata(path).num_rows if path.suffix == ".parquet" else 0
+    except (pa.ArrowInvalid, OSError):  # an unreadable file is a counted skip when its turn comes
+        return 0
+
+
+def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    if path.suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns)
+    else:
+        with pa.memory_map(str(path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.select(columns)
+
+
+def _schema_names(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).schema_arrow.names
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).schema.names
+
+
+def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, audio_column: str, text_column: str,
+               id_column: str | None, speaker_column: str | None) -> Iterator[Item]:
+    rel = relpath(path, root)
+    try:
+        names = _schema_names(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        yield Skip(rel, "unreadable data file", str(e))
+        return
+    wanted = {"audio column": audio_column, "text column": text_column, "id column": id_column,
+              "speaker column": speaker_column}
+    missing = [f"{what} {col!r}" for what, col in wanted.items() if col is not None and col not in names]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} (columns: {', '.join(names)}); "
+                         "pick them with --audio-column/--text-column/--id-column/--speaker-column")
+    columns = [c for c in dict.fromkeys(wanted.values()) if c is not None]
+    row = 0
+    for batch in _batches(path, columns):
+        for record in batch.to_pylist():
+            item = _row(record, rel, row, hf_split, name, license, audio_column, text_column, id_column, speaker_column)
+            row += 1
+            yield item
+
+
+def _text(value) -> str | None:
+    """A transcript cell as text; null, NaN (pandas' missing value) and blank are no transcript."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value).strip() or None
+
+
+def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: str, audio_column: str,
+         text_column: str, id_column: str | None, speaker_column: str | None) -> Item:
+    where = f"{rel} row {row}"
+    value = record[audio_column]
+    data = _encoded(value)
+    if not data:
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        return Skip(where, "no embedded audio bytes", f"the audio column holds only the path {path!r}" if path
+                    else f"the audio column holds {type(value).__name__}: nothing to decode")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as e:  # libsndfile's message names the file object by its address: name the row instead
+        return Skip(where, "unreadable audio", re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", where, str(e)))
+    if info.frames <= 0:
+        return Skip(where, "empty audio", "0 samples")
+    utt = str(record[id_column]) if id_column else f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
+    return {
+        "id": f"{name}/{utt}", "path": rel, "offset": 0.0, "duration": info.frames / info.samplerate,
+        "sample_rate": info.samplerate, "text": _text(record.get(text_column)),
+        "speaker": str(record[speaker_column]) if speaker_column and record.get(speaker_column) is not None else "unknown",
+        "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
+        "row": row, "audio_column": audio_column,
+    }

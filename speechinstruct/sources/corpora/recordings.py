@@ -1,0 +1,156 @@
+"""Raw recordings (corpus name ``audio``): any folder of audio files of any length that libsndfile reads, such as
+podcasts, audiobooks or broadcasts, untranscribed. Speech is found by silero-vad (:mod:`speechinstruct.vad`), each
+file streamed in blocks; speech spans closer than 2 s are joined into utterances of at most ``max_seconds`` (a
+longer group is cut at its longest pause), as LibriLight's cuts are. Every row is ``train``. Without ``asr`` the rows
+have no transcript and feed stage-1 ``pretrain`` records; with it, each utterance is transcribed by that model (the
+ASR ``score`` uses: a transformers folder, or a model at an OpenAI-compatible ``base_url``) and can feed
+cross-modal records too. With ``speakers``, each recording's speech spans are embedded (Resemblyzer's GE2E,
+:mod:`speechinstruct.speakers`) and clustered, the number of speakers being what the clustering finds; each row's
+``speaker`` is ``{recording}#S1``, ``#S2``, … (the speaker of most of its speech), and a row whose spans hold two
+voices is named in the summary's notes with each recording's count of speakers. A license is required: we will
+not guess one.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ...progress import progress
+from .base import Item, Note, Skip, probe, relpath
+
+# the container suffixes libsndfile reads (soundfile.available_formats(), as file names spell them)
+SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".snd", ".w64", ".caf", ".rf64")
+
+
+def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None,
+         asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int = 8,
+         speakers: bool = False, speaker_threshold: float = 0.25) -> Iterator[Item]:
+    from ...audio import AudioError
+    from ..vad import SileroVAD, utterances
+
+    if not license:
+        raise ValueError(f"{root}: shard audio needs --license: the license of these recordings (we will not guess one)")
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{root}: no audio files ({', '.join(SUFFIXES)})")
+    vad = SileroVAD()
+    encoder = None
+    if speakers:
+        from ...judges.speakers import GE2E
+
+        encoder = GE2E()
+    transcriber = None
+    if asr:
+        from ...devices import resolve_device
+        from ...judges.asr import load_asr
+
+        transcriber = load_asr(asr, base_url, device=resolve_device(device), batch_size=batch_size)
+        yield Note(f"transcripts by ASR: {json.dumps(transcriber.spec, sort_keys=True)}")
+    missed = collections.Counter()
+    for path in progress(files, desc="audio files (VAD)", unit="file"):
+        rel = relpath(path, root)
+        probed = probe(path, root)
+        if isinstance(probed, Skip):
+            yield probed
+            continue
+        sr, _ = probed
+        try:
+            spans, seconds = vad.spans(path)
+        except AudioError as e:
+            yield Skip(rel, "NaN or Inf samples" if "NaN or Inf" in str(e) else "unreadable audio", str(e))
+            continue
+        cuts = utterances(spans, max_seconds)
+        if not cuts:
+            yield Skip(rel, "no speech found", f"{seconds:.1f} s, silero-vad found no speech")
+            continue
+        stem = str(Path(rel).with_suffix(""))
+        rows = [{
+                "id": f"audio/{stem}/{i:05d}",
+                "path": rel,
+                "offset": round(start, 4),
+                "duration": round(min(end, seconds) - start, 4),
+                "sample_rate": sr,
+                "text": None,
+                "speaker": "unknown",
+                "corpus": "audio",
+                "license": license,
+                "split": "train",
+                "corpus_split": "train",
+            } for i, (start, end) in enumerate(cuts)]
+        if encoder is not None:
+            yield label_speakers(encoder, path, stem, spans, cuts, rows, speaker_threshold)
+        if transcriber:
+            transcribe(transcriber, path, rows, batch_size, missed)
+        yield from rows
+    for reason, count in sorted(missed.items()):
+        yield Note(f"{count} utterances kept without a transcript (pretrain only): {reason}")
+
+
+JOIN_GAP = 0.25          # seconds: spans closer than this are one segment for speaker embeddings
+MIN_EMBED_SECONDS = 1.0  # segments shorter than this join the nearest speaker instead of being clustered
+
+
+def label_speakers(encoder, path: Path, stem: str, spans: list[tuple[float, float]], cuts: list[tuple[float, float]],
+                   rows: list[dict], threshold: float) -> Note:
+    """Each row's ``speaker`` from the clustered embeddings of the speech inside it (the speaker of most of its
+    speech); a Note with the recording's count of speakers and the rows whose speech holds two voices. Spans less
+    than :data:`JOIN_GAP` apart are one segment (a pause inside a sentence); segments of :data:`MIN_EMBED_SECONDS`
+    or more are clustered, and shorter ones, whose embeddings are unreliable, join the nearest cluster."""
+    from ...audio import load
+    from ...judges.speakers import cluster_speakers
+
+    segments: list[list[float]] = []
+    for a, b in spans:
+        if segments and a - segments[-1][1] < JOIN_GAP:
+            segments[-1][1] = b
+        else:
+            segments.append([a, b])
+    spans = [(a, b) for a, b in segments]
+    embeddings = np.array([encoder.embed(load(path, a, max(b - a, 0.05), reject_silence=False)) for a, b in spans])
+    long = np.array([b - a >= MIN_EMBED_SECONDS for a, b in spans])
+    if long.sum() >= 1:
+        labels = np.zeros(len(spans), dtype=np.int64)
+        labels[long] = cluster_speakers(embeddings[long], threshold)
+        centroids = np.array([embeddings[long][labels[long] == c].mean(axis=0) for c in range(labels[long].max() + 1)])
+        labels[~long] = np.argmax(embeddings[~long] @ centroids.T, axis=1) if (~long).any() else []
+    else:
+        labels = cluster_speakers(embeddings, threshold)
+    mixed = []
+    for row, (start, end) in zip(rows, cuts):
+        talk: collections.Counter[int] = collections.Counter()
+        for (a, b), label in zip(spans, labels):
+            overlap = min(b, end) - max(a, start)
+            if overlap > 0:
+                talk[int(label)] += overlap
+        if talk:
+            row["speaker"] = f"{stem}#S{talk.most_common(1)[0][0] + 1}"
+        if len(talk) > 1:
+            mixed.append(row["id"])
+    found = len(set(labels.tolist()))
+    return Note(f"{stem}: {found} speaker{'s' if found != 1 else ''}" + (
+        f"; {len(mixed)} utterances hold two voices: {', '.join(mixed[:10])}" if mixed else ""))
+
+
+def transcribe(transcriber, path: Path, rows: list[dict], batch_size: int, missed: collections.Counter) -> None:
+    """Set each row's ``text`` to what ``transcriber`` hears in its span of ``path`` (``batch_size`` spans in
+    memory at a time). A span it hears no words in, or gets no answer for, keeps ``text`` None, counted in
+    ``missed`` by reason."""
+    from ...audio import load
+    from ...judges.asr import BadAnswer
+
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
+        wavs = [load(path, r["offset"], r["duration"], reject_silence=False) for r in batch]
+        for row, text in zip(batch, transcriber.transcribe(wavs)):
+            if isinstance(text, BadAnswer) or not text.strip():
+                missed[str(text) if isinstance(text, BadAnswer) else "the ASR model heard no words"] += 1
+            else:
+                row["text"] = text.strip()

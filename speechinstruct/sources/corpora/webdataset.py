@@ -1,0 +1,158 @@
+"""WebDataset tar shards (corpus name ``webdataset``): ROOT is a shard pattern such as
+``data/shard-{000000..000099}.tar`` (brace-expanded as webdataset expands it) or one tar file.
+
+A sample is the tar members that share a key (the member name up to the first dot of its file name, as
+webdataset groups them): one audio member (``.flac``, ``.wav``, ``.mp3``, ``.ogg``, ``.opus``) and, for its text
+and speaker, a ``.json`` (``text``/``transcript``/``sentence``, ``speaker``/``speaker_id``, ``language``; Emilia's
+shards carry these) and/or a ``.txt``. Each tar is read once, as a stream, a sample at a time. The manifest row
+records the tar (``path``, relative to the folder of all the shards) and where the audio member's bytes lie in it
+(``tar_offset``, ``tar_size``), so ``extract`` reads the audio without unpacking anything. The split is read from
+the tar's name or its folder (``train-000.tar``, ``validation/000.tar``), train when neither says. A license is
+required: a shard carries none we could trust.
+
+A sample without audio, audio libsndfile cannot read, and a truncated tar (the rest of that tar cannot be read)
+are skipped with the tar and the member named. A compressed tar (``.tar.gz``, ``.tar.bz2``, ``.tar.xz``,
+``.tar.zst``, found by its first bytes) is skipped whole, counted: its rows could not be read back by offset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+from ...progress import progress
+from .base import Item, Skip, deepest_common_folder, relpath, split_of, split_word
+
+NAME = "webdataset"
+AUDIO = (".flac", ".wav", ".mp3", ".ogg", ".opus")
+TEXT_KEYS, SPEAKER_KEYS = ("text", "transcript", "sentence"), ("speaker", "speaker_id")
+
+
+def tar_files(root: str | Path) -> list[Path]:
+    """The tar files a pattern names (brace expansion), or one tar file, in order; those that exist."""
+    from braceexpand import braceexpand
+
+    return [Path(p) for p in braceexpand(str(root)) if Path(p).is_file()]
+
+
+def audio_root(root: str | Path, **_) -> Path:
+    """The deepest folder holding every shard: manifest paths are relative to it."""
+    return _shards_folder(tar_files(root))
+
+
+def _shards_folder(tars: list[Path]) -> Path:
+    return deepest_common_folder(tars, tars[0].parent if tars else Path("."))
+
+
+def _key(name: str) -> tuple[str, str]:
+    """(key, extension) of a member name, as webdataset splits it: at the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (dot + ext).lower()
+
+
+def _split_part(tar: Path, base: Path) -> str:
+    """The corpus part a tar belongs to: the split word its name starts with, else its folder's, else train."""
+    for name in (tar.stem.split("-")[0], tar.stem, *reversed(tar.relative_to(base).parts[:-1])):
+        if split_word(name) is not None:
+            return name
+    return "train"
+
+
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def compressed(tar: Path) -> str | None:
+    """The compression of a tar file (``.tar.gz`` and the like), by its first bytes; None for a plain tar."""
+    with open(tar, "rb") as f:
+        head = f.read(6)
+    return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+
+
+def samples(tar: Path) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
+    """(key, {extension: (data offset, size, bytes)}) per sample of one tar, read as a stream (one sample's
+    members in memory at a time); a Skip when the tar is truncated or damaged (and no more samples of it)."""
+    current, members = None, {}
+    try:
+        with tarfile.open(tar, "r|*") as stream:
+            for info in stream:
+                if not info.isfile():
+                    continue
+                key, ext = _key(info.name)
+                if key != current and current is not None:
+                    yield current, members
+                    members = {}
+                current = key
+                handle = stream.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
+                members[ext] = (info.offset_data, info.size, data)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        yield Skip(tar.name, "truncated or damaged tar", f"after {current or 'the start'}: {str(e)[:120]}")
+        return
+    if current is not None:
+        yield current, members
+
+
+def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str) -> Item:
+    import soundfile as sf
+
+    where = f"{tar.name}: {key}"
+    audio_ext = next((ext for ext in members if "." + ext.rsplit(".", 1)[-1] in AUDIO), None)  # .flac, .speech.flac
+    if audio_ext is None:
+        return Skip(where, "sample without audio", ", ".join(sorted(members)) or "no members")
+    offset, size, data = members[audio_ext]
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        return Skip(where, "unreadable audio", f"{audio_ext}: {str(e)[:80]}")
+    meta = {}
+    if ".json" in members:
+        try:
+            meta = json.loads(members[".json"][2].decode("utf-8"))
+            meta = meta if isinstance(meta, dict) else {}
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return Skip(where, "unreadable .json", "not a UTF-8 JSON object")
+    text = next((meta[k] for k in TEXT_KEYS if isinstance(meta.get(k), str)), None)
+    if text is None and ".txt" in members:
+        text = members[".txt"][2].decode("utf-8", "replace")
+    speaker = next((str(meta[k]) for k in SPEAKER_KEYS if meta.get(k) is not None), "unknown")
+    return {
+        "id": f"{NAME}/{Path(relpath(tar, base)).with_suffix('')}/{key}",
+        "path": relpath(tar, base),
+        "offset": 0.0,
+        "duration": round(info.frames / info.samplerate, 6),
+        "sample_rate": int(info.samplerate),
+        "text": " ".join(text.split()) if text and text.strip() else None,
+        "speaker": speaker,
+        "corpus": NAME,
+        "license": license,
+        "split": split_of(part),
+        "corpus_split": part,
+        "tar_offset": int(offset),
+        "tar_size": int(size),
+    }
+
+
+def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None) -> Iterator[Item]:
+    if not license:
+        raise ValueError(f"{root}: shard webdataset needs --license: the license of these shards (we will not guess one)")
+    tars = tar_files(root)
+    if not tars:
+        raise FileNotFoundError(f"{root}: no tar files match")
+    base = (Path(audio_root) if audio_root else _shards_folder(tars)).resolve()
+    for tar in progress(tars, desc="webdataset shards", unit="tar"):
+        resolved = tar.resolve()
+        part = _split_part(resolved, base)
+        compression = compressed(tar)
+        if compression:
+            yield Skip(tar.name, "compressed tar", f"{compression}: a row is read later at its byte offset in the tar, "
+                       f"which a compressed file does not have; decompress it (e.g. `gunzip`) and shard again")
+            continue
+        for sample in samples(tar):
+            yield sample if isinstance(sample, Skip) else _row(*sample, resolved, base, part, license)

@@ -1,0 +1,122 @@
+"""Reading the audio of a manifest row, wherever it lies: a file (a span of it), a member of a WebDataset tar (its
+bytes, at their offset), or a cell of a Hugging Face dataset file (Parquet row groups or an Arrow stream, read as
+encoded bytes). Every stage that decodes audio (extract, score, dedup, align, the report, the Ray engine's
+decode tasks) reads it here; the corpus readers only record where it lies.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import functools
+import io
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import audio
+from . import storage
+from ..io import safe_join
+
+
+def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` results waiting."""
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# the manifest columns decode_row reads: the Ray engine ships only these to its decode tasks
+AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
+
+
+def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
+    """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
+    the file's rate), or the reason its audio cannot be used. A row with a ``row`` number has its audio inside a
+    dataset file (Hugging Face Parquet/Arrow), as encoded bytes; one with a ``tar_offset``, inside a tar."""
+    try:
+        path = safe_join(root, row["path"])
+        if not path.exists():  # a copy of a bucket that another machine made: fetched here, once
+            storage.fetch_copy(path)
+        if row.get("tar_offset") is not None:  # a member of a WebDataset tar: its bytes, read in place
+            with open(path, "rb") as f:
+                f.seek(row["tar_offset"])
+                data = f.read(row["tar_size"])
+            if len(data) != row["tar_size"]:
+                raise audio.AudioError(f"{row['path']}: {row['tar_size']} bytes at {row['tar_offset']} are not in the tar")
+            return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
+                              name=f"{row['path']} at byte {row['tar_offset']}")
+        if row.get("row") is None:
+            return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
+        data = audio_bytes(path, row["audio_column"], row["row"])
+        return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
+                          name=f"{row['path']} row {row['row']}")
+    except (audio.AudioError, ValueError, OSError, KeyError) as e:
+        return str(e)
+
+
+def decode_rows(rows: list[dict], root: Path, workers: int = 2,
+                sample_rate: int = audio.TARGET_SR) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, samples at ``sample_rate``) per row, or (row, reason) when the audio cannot be used."""
+    return bounded_map(lambda row: (row, decode_row(row, root, sample_rate)), rows, workers=workers, ahead=4 * workers + 4)
+
+
+def encoded_audio(value) -> bytes | None:
+    """The encoded audio of one cell: an ``Audio`` struct's ``bytes``, or a plain ``binary`` column's value."""
+    if isinstance(value, dict):
+        return value.get("bytes") or None
+    return value if isinstance(value, (bytes, bytearray)) and value else None
+
+
+def audio_bytes(path: str | Path, column: str, row: int) -> bytes:
+    """The encoded audio of ``row`` in a dataset file's ``column`` (a ``struct<bytes, path>`` or ``binary``)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        group, index = _locate(str(path), row)
+        table = _row_group(str(path), column, group)
+    else:
+        table, index = _arrow_table(str(path)), row
+    if index >= table.num_rows:
+        raise ValueError(f"{path}: no row {row} (the file has fewer rows: re-run shard)")
+    data = encoded_audio(table.column(column)[index].as_py())
+    if not data:
+        raise ValueError(f"{path}: row {row} has no audio bytes in column {column!r}")
+    return data
+
+
+@functools.lru_cache(maxsize=16)
+def _row_group_starts(path: str) -> tuple[int, ...]:
+    meta = pq.ParquetFile(path).metadata
+    starts, total = [], 0
+    for i in range(meta.num_row_groups):
+        starts.append(total)
+        total += meta.row_group(i).num_rows
+    return tuple(starts + [total])
+
+
+def _locate(path: str, row: int) -> tuple[int, int]:
+    import bisect
+
+    starts = _row_group_starts(path)
+    if not 0 <= row < starts[-1]:
+        raise ValueError(f"{path}: no row {row} (the file has {starts[-1]} rows: re-run shard)")
+    group = bisect.bisect_right(starts, row) - 1
+    return group, row - starts[group]
+
+
+@functools.lru_cache(maxsize=2)  # manifest rows come in file order: one row group is read once, not per row
+def _row_group(path: str, column: str, group: int) -> pa.Table:
+    return pq.ParquetFile(path).read_row_group(group, columns=[column])
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_table(path: str) -> pa.Table:
+    return pa.ipc.open_stream(pa.memory_map(path)).read_all()  # memory-mapped: pages are read as rows are used

@@ -1,0 +1,171 @@
+"""``speechinstruct shard``: a corpus in its native layout → Parquet manifest shards + a JSON summary.
+
+Rows are cut into shards of about ``shard_hours`` of audio each (``manifest-00000.parquet`` …), every
+shard written atomically; a rerun rewrites the same names and removes shards a previous, larger run left.
+Every row carries the ``split`` (train, validation, test) the corpus gives it; ``splits`` keeps only some.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from .. import recipe as settings, records
+from . import storage
+from .corpora import (SOURCES, Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers,
+                      root_problem, split_of, split_word, with_known_license)
+from ..io import write_json, write_parquet
+from ..recipe import default
+
+MAX_LISTED_SKIPS = 1000
+
+
+class ManifestShards:
+    """Manifest rows as ``manifest-NNNNN.parquet`` files in ``out``, a new file every ``shard_hours`` of audio,
+    each written atomically; :meth:`close` writes the last one and removes the shards of an earlier, larger run."""
+
+    def __init__(self, out: Path, shard_hours: float):
+        self.out, self.limit = out, shard_hours * 3600
+        self.rows: list[dict] = []
+        self.seconds = 0.0
+        self.written: list[str] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.seconds += row["duration"]
+        if self.seconds >= self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            name = f"manifest-{len(self.written):05d}.parquet"
+            write_parquet(self.out / name, records.to_table("manifest", self.rows))
+            self.written.append(name)
+            self.rows, self.seconds = [], 0.0
+
+    def close(self) -> list[str]:
+        self._flush()
+        for stale in sorted(self.out.glob("manifest-*.parquet")):
+            if stale.name not in self.written:
+                stale.unlink()
+        return self.written
+
+
+class Tally:
+    """What the summary counts: rows kept per split (with the corpus's own part names), rows left out by
+    ``splits``, skips by reason (the first :data:`MAX_LISTED_SKIPS` listed) and the readers' notes."""
+
+    def __init__(self):
+        self.by_split: dict[str, dict] = {}
+        self.left_out: collections.Counter[str] = collections.Counter()
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.examples: list[dict] = []
+        self.notes: list[str] = []
+        self.utterances, self.seconds = 0, 0.0
+
+    def skip(self, skip: Skip) -> None:
+        self.skipped[skip.reason] += 1
+        if len(self.examples) < MAX_LISTED_SKIPS:
+            self.examples.append(skip.as_dict())
+
+    def kept(self, row: dict) -> None:
+        part = self.by_split.setdefault(row["split"], {"utterances": 0, "hours": 0.0, "corpus_splits": collections.Counter()})
+        part["utterances"] += 1
+        part["hours"] += row["duration"] / 3600
+        part["corpus_splits"][row["corpus_split"]] += 1
+        self.utterances += 1
+        self.seconds += row["duration"]
+
+    def summary(self, split_map: dict[str, str]) -> dict:
+        return {
+            "utterances": self.utterances,
+            "hours": round(self.seconds / 3600, 4),
+            "splits": {name: {"utterances": v["utterances"], "hours": round(v["hours"], 4),
+                              "corpus_splits": dict(sorted(v["corpus_splits"].items()))}
+                       for name, v in sorted(self.by_split.items())},
+            "left_out_by_split": dict(sorted(self.left_out.items())),
+            # part names that say neither train, validation nor test: kept as train; --split-map them if held out
+            "unrecognised_split_names": sorted({name for v in self.by_split.values() for name in v["corpus_splits"]
+                                                if split_word(name) is None and name not in split_map}),
+            **({"notes": self.notes} if self.notes else {}),
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_examples": self.examples,
+        }
+
+
+def shard_corpus(
+    corpus: str,
+    root: str | Path,
+    out: str | Path,
+    shard_hours: float = default(settings.Shard, "shard_hours"),
+    splits: str | list[str] | None = None,
+    split_map: dict[str, str] | list[str] | str | None = None,
+    **reader_options,
+) -> dict:
+    """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
+    ``splits`` (e.g. ``"train,validation"``) keeps only rows of those splits; the others are counted as left out.
+    ``split_map`` (``{"eval2000": "test"}`` or ``["eval2000=test"]``) says the split of a corpus part whose
+    name does not; the summary lists the part names that said nothing and were kept as train."""
+    all_readers = readers()
+    if corpus not in all_readers:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(all_readers)}")
+    if shard_hours <= 0:
+        raise ValueError(f"shard_hours must be positive, got {shard_hours}")
+    keep = parse_splits(splits)
+    split_map = parse_split_map(split_map)
+    remote = storage.redacted(str(root)) if storage.is_url(root) else None
+    refused: tuple[str, ...] = ()  # bucket keys that would be written outside the copy (``..``)
+    if remote:  # a bucket or the Hub: read from its copy in the cache (downloaded once)
+        if SOURCES[corpus].pattern_root:
+            root = storage.local_pattern(str(root))
+        else:
+            copy = storage.mirror(str(root))
+            root, refused = copy.path, copy.refused
+    if storage.is_url(reader_options.get("audio_root") or ""):
+        reader_options["audio_root"] = storage.local(reader_options["audio_root"])
+    root, out = Path(root), Path(out)
+    problem = root_problem(corpus, root)
+    if problem:
+        raise FileNotFoundError(f"{root}: corpus root {problem}")
+    audio_root = root
+    if corpus in audio_roots():  # manifests that name audio files anywhere: paths relative to their folder
+        audio_root = audio_roots()[corpus](root, **reader_options)
+        reader_options["audio_root"] = str(audio_root)
+    out.mkdir(parents=True, exist_ok=True)
+
+    shards, tally, seen_ids = ManifestShards(out, shard_hours), Tally(), set()
+    for name in refused:
+        tally.skip(Skip(name, "unsafe name in the bucket", "it would be written outside the copy ('..'); not copied"))
+    for item in all_readers[corpus](root, **with_known_license(corpus, reader_options)):
+        if isinstance(item, Note):
+            tally.notes.append(item.text)
+        elif isinstance(item, Skip):
+            tally.skip(item)
+        elif item["id"] in seen_ids:
+            tally.skip(Skip(item["path"], "duplicate id", item["id"]))
+        else:
+            seen_ids.add(item["id"])
+            if item["corpus_split"] in split_map:
+                item["split"] = split_of(item["corpus_split"], split_map)
+            if keep is not None and item["split"] not in keep:
+                tally.left_out[item["split"]] += 1
+                continue
+            tally.kept(item)
+            shards.add(item)
+    written = shards.close()
+
+    counts = tally.summary(split_map)
+    summary = {
+        "corpus": corpus,
+        "root": str(audio_root.resolve()),
+        **({"source": str(root.resolve())} if audio_root != root else {}),
+        **({"remote": remote} if remote else {}),  # where the copy at ``root`` came from
+        "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None,
+                    **({"split_map": split_map} if split_map else {}), **reader_options},
+        "shards": written,
+        **{key: counts[key] for key in ("utterances", "hours", "splits")},
+        **({"languages": languages()[corpus](root)} if corpus in languages() else {}),
+        **{key: value for key, value in counts.items() if key not in ("utterances", "hours", "splits")},
+    }
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,315 @@
+"""Neural audio codecs as speech tokenizers: transformers' ``MimiModel``, ``EncodecModel``, ``DacModel``,
+``XcodecModel`` (X-Codec: acoustic and semantic, 16 kHz) and ``Xcodec2Model`` (XCodec2: one FSQ codebook of
+65,536 codes at 50 Hz, 16 kHz).
+
+A codec is dense model and quantizer in one: its codes are the units, with no k-means stage. A codec frame
+has ``codebooks`` codes (residual vector quantization: codebook 0 first); the units of an utterance are its
+codes frame-major, codebook ``q``'s code ``c`` written as ``q * codebook_size + c``::
+
+    frame 0: q0 q1 … q(Q-1), frame 1: q0 q1 …   →   one vocabulary of codebooks × codebook_size tokens
+
+so the unit text stays ``<sosp><..><..><eosp>``. Codec units are never deduplicated: the decoder needs every
+frame. Audio is decoded straight to the codec's own sample rate (Mimi and EnCodec-24k: 24 kHz, DAC-16k:
+16 kHz, DAC-44k: 44.1 kHz).
+
+The codes of an utterance are the model's own ``encode`` of that utterance alone, so every utterance is encoded
+on its own. Batches do not give the same codes: Mimi's encoder reads no padding mask yet (a TODO in
+transformers) and its last frame changes when other audio follows it; DAC has no padding mask; and even
+EnCodec-24k, causal and with a padding mask, moved its latents by up to 1.3e-7 in a batch of three (1.8e-4 at a
+padded utterance's last frame), enough to flip the nearest code at near ties: 18 of 1,806 codes of the tests'
+tiny random model (6 codebooks of 64, utterances of 0.7, 1.3 and 2.0 s, CPU, 2 threads). A codebook search is a
+hard decision, so we keep it exact.
+
+A tokenizer outside transformers (SpeechTokenizer, CosyVoice's S3 tokenizer) is another class with the same
+face: ``sample_rate``, ``frame_rate``, ``vocabulary()``, ``units(wav)``, ``units_batch(wavs)``, ``speech(units)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoints import load_pretrained
+from ..io import sha256_file
+from ..shardfiles import Vocabulary
+from ..tokenizers import CODECS  # noqa: F401 (re-exported: the codec kinds)
+from .kmeans import Encoded
+
+
+
+class Codec:
+    """One codec model, ``codebooks`` of its codebooks kept (default: all). It is also the vocoder of its own
+    units (``synthesize``, as ``vocoder.UnitVocoder`` has it): resynth, the report and chat decode with it."""
+
+    dim = None  # units come out directly; there are no features to store
+    needs_durations = False  # a vocoder face: every frame is in the units
+    is_preview = False
+
+    def __init__(self, kind: str, model, source: str, codebooks: int | None = None, sha256: str | None = None,
+                 device: str = "cpu", checkpoint: str | None = None):
+        import torch
+
+        self.kind, self.model, self.source, self.sha256 = kind, model.eval().to(device), source, sha256
+        self.device = device
+        cfg = model.config
+        self.sample_rate = int(cfg.sample_rate if kind == "xcodec" else cfg.sampling_rate)
+        if kind == "xcodec2":  # one finite-scalar codebook: the product of its levels
+            self.hop, total = int(cfg.hop_length), 1
+            self.frame_rate = self.sample_rate / self.hop
+            self.codebook_size = int(np.prod(cfg.quantization_levels))
+        elif kind == "xcodec":
+            self.frame_rate, self.hop = float(cfg.frame_rate), int(cfg.hop_length)
+            total = int(model.quantizer.get_num_quantizers_for_bandwidth(max(cfg.target_bandwidths)))
+        elif kind == "mimi":
+            self.frame_rate, total = float(cfg.frame_rate), int(cfg.num_quantizers)
+            self.hop = int(round(self.sample_rate / self.frame_rate))
+        elif kind == "encodec":
+            self.frame_rate = float(cfg.frame_rate)
+            total = int(model.quantizer.get_num_quantizers_for_bandwidth(max(cfg.target_bandwidths)))
+            self.hop = int(np.prod(cfg.upsampling_ratios))
+        else:  # dac
+            self.hop = int(cfg.hop_length)
+            self.frame_rate, total = self.sample_rate / self.hop, int(cfg.n_codebooks)
+        if kind != "xcodec2":
+            self.codebook_size = int(cfg.codebook_size)
+        self.total = total
+        self.spec = {"features": kind, "source": source, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate}
+        self.keep(codebooks or total)
+        if checkpoint:  # where to load it again to decode this folder's units (publish leaves it out)
+            self.spec["checkpoint"] = checkpoint
+        self._torch = torch
+
+    def keep(self, codebooks: int) -> "Codec":
+        """Use the first ``codebooks`` codebooks (residual quantization: the coarsest first)."""
+        if not 1 <= codebooks <= self.total:
+            raise ValueError(f"{self.source}: --codebooks {codebooks}: this {self.kind} model has {self.total} codebooks")
+        self.codebooks = codebooks
+        self.offsets = np.arange(codebooks, dtype=np.int64) * self.codebook_size
+        self.spec["codebooks"] = codebooks
+        return self
+
+    def fit(self, vocabulary) -> "Codec":
+        """This codec set to decode units of ``vocabulary`` (a folder's record); one line when they are another
+        tokenizer's."""
+        if vocabulary is None:
+            return self
+        if vocabulary.tokenizer != self.kind or vocabulary.codebook_size != self.codebook_size:
+            raise ValueError(f"{self.source}: a {self.kind} codec with codebooks of {self.codebook_size} cannot decode "
+                             f"{vocabulary.tokenizer} units of {vocabulary.codebook_size}")
+        return self.keep(vocabulary.codebooks)
+
+    # the faces the extract stage and the Ray engine use
+    @property
+    def k(self) -> int:
+        return self.codebooks * self.codebook_size
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self.kind, self.k, codebooks=self.codebooks, codebook_size=self.codebook_size,
+                          frame_rate=self.frame_rate, sample_rate=self.sample_rate, features=self.kind,
+                          sha256=self.sha256)
+
+    def to(self, device: str) -> "Codec":
+        self.model.to(device)
+        self.device = device
+        return self
+
+    # --------------------------------------------------------------------------------------- encoding
+    def codes(self, wav: np.ndarray) -> np.ndarray:
+        """(codebooks, frames) codes of one utterance at :attr:`sample_rate`, as the model's ``encode`` gives them."""
+        torch = self._torch
+        if wav.size < self.hop:
+            raise ValueError(f"{wav.size} samples: shorter than one {self.kind} frame ({self.hop} samples at "
+                             f"{self.sample_rate} Hz)")
+        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None].to(self.device)
+        with torch.inference_mode():
+            if self.kind == "mimi":
+                codes = self.model.encode(x, num_quantizers=self.codebooks).audio_codes[0]
+            elif self.kind == "encodec":
+                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0, 0]
+            elif self.kind == "xcodec":
+                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0]
+            elif self.kind == "xcodec2":
+                inputs = xcodec2_inputs(wav, self.hop, self.sample_rate)
+                codes = self.model.encode(**{k: v.to(self.device) for k, v in inputs.items()}).audio_codes[0]
+            else:
+                codes = self.model.encode(x, n_quantizers=self.codebooks).audio_codes[0]
+        return codes[: self.codebooks].cpu().numpy().astype(np.int64)
+
+    def units(self, wav: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+        """The units of one utterance (resampled to the codec's rate when ``sample_rate`` differs)."""
+        if sample_rate is not None and sample_rate != self.sample_rate:
+            from ..audio import resample
+
+            wav = resample(np.asarray(wav, np.float32), sample_rate, self.sample_rate)
+        return self.flatten(self.codes(wav))
+
+    def units_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """Units of many utterances at the codec's rate, each encoded on its own (see the module docstring)."""
+        return [self.flatten(self.codes(w)) for w in wavs]
+
+    features = units            # extract calls its tokenizer's features/features_batch
+    features_batch = units_batch
+
+    def encode(self, wav: np.ndarray, sample_rate: int | None = None) -> Encoded:
+        """The tokenizer's face (tokenizer.py): the units of one utterance, every frame kept (the decoder needs
+        them all, so durations are all 1)."""
+        units = self.units(wav, sample_rate)
+        return Encoded(units, np.ones(units.size, dtype=np.int64), units.size // self.codebooks)
+
+    def describe(self) -> dict:
+        """What makes the units, for a compose summary: the codec, no k-means, the vocabulary."""
+        return {"extractor": {k: v for k, v in self.spec.items() if k != "checkpoint"}, "kmeans": None,
+                "vocabulary": self.vocabulary().to_json()}
+
+    def flatten(self, codes: np.ndarray) -> np.ndarray:
+        """(codebooks, frames) codes → frame-major units, codebook q offset by q × codebook_size."""
+        return (codes.T + self.offsets).ravel()
+
+    def unflatten(self, units) -> np.ndarray:
+        """Units → (codebooks, frames) codes; one clear line when they are not this codec's."""
+        units = np.asarray(units, dtype=np.int64)
+        if units.size % self.codebooks:
+            raise ValueError(f"{units.size} units are not whole {self.kind} frames of {self.codebooks} codebooks")
+        codes = units.reshape(-1, self.codebooks) - self.offsets
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"units do not follow this codec's layout (frame-major, codebook q in "
+                             f"[q*{self.codebook_size}, (q+1)*{self.codebook_size}))")
+        return codes.T
+
+    # --------------------------------------------------------------------------------------- decoding
+    def speech(self, units) -> np.ndarray:
+        """Units back to a waveform at :attr:`sample_rate`, with the codec's own decoder."""
+        torch = self._torch
+        codes = torch.from_numpy(self.unflatten(units))[None].to(self.device)
+        with torch.inference_mode():
+            if self.kind == "encodec":
+                wav = self.model.decode(codes[None], [None]).audio_values
+            elif self.kind in ("mimi", "xcodec", "xcodec2"):
+                wav = self.model.decode(codes).audio_values
+            else:
+                wav = self.model.decode(audio_codes=codes).audio_values
+        wav = wav.reshape(-1).float().cpu().numpy()
+        return wav[: codes.shape[-1] * self.hop]
+
+    def synthesize(self, units, durations=None) -> np.ndarray:
+        """:meth:`speech`, with a unit vocoder's signature (``durations`` are not needed: units are per frame)."""
+        return self.speech(units)
+
+    decode = speech  # the tokenizer's face: a codec decodes its own units
+
+
+def xcodec2_inputs(wav: np.ndarray, hop: int, sample_rate: int) -> dict:
+    """The two inputs of XCodec2's ``encode`` for one utterance, as transformers' ``Xcodec2FeatureExtractor``
+    makes them: the waveform with one zero appended, padded with zeros to whole frames; and for its semantic
+    encoder 80 Kaldi log-mel filterbanks (25 ms / 10 ms, povey window, of the waveform × 2^15 with half a frame of
+    zeros on each side), normalised per bin over the utterance, padded with 1.0 to an even count and stacked in
+    pairs. That extractor computes the filterbanks with ``torchaudio.compliance.kaldi.fbank``; torchaudio cannot
+    load beside our torch, so kaldi-native-fbank computes them here (a test holds the two equal)."""
+    import kaldi_native_fbank as knf
+    import torch
+
+    wav = np.asarray(wav, dtype=np.float32)
+    length = -(-(wav.size + 1) // hop) * hop
+    values = np.zeros(length, dtype=np.float32)
+    values[: wav.size] = wav
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = sample_rate
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.window_type = "povey"
+    opts.frame_opts.preemph_coeff = 0.97
+    opts.frame_opts.remove_dc_offset = True
+    opts.frame_opts.snip_edges = True
+    opts.frame_opts.frame_length_ms = 400 / sample_rate * 1000
+    opts.frame_opts.frame_shift_ms = 160 / sample_rate * 1000
+    opts.mel_opts.num_bins = 80
+    opts.mel_opts.low_freq = 20
+    opts.mel_opts.high_freq = sample_rate // 2
+    opts.use_energy = False
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(sample_rate, np.pad(values, hop // 2) * 2**15)
+    fbank.input_finished()
+    mel = np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)], dtype=np.float64)
+    mel = (mel - mel.mean(0)) / np.sqrt(mel.var(0, ddof=1) + 1e-7)
+    if len(mel) % 2:
+        mel = np.concatenate([mel, np.ones((1, mel.shape[1]))])
+    features = mel.reshape(len(mel) // 2, 2 * mel.shape[1]).astype(np.float32)
+    return {"input_values": torch.from_numpy(values)[None, None], "input_features": torch.from_numpy(features)[None]}
+
+
+def load_codec(kind: str, checkpoint: str | None, codebooks: int | None = None, device: str = "cpu") -> Codec:
+    """A codec from a folder written by transformers' ``save_pretrained`` (or, with internet, a hub id); one
+    line when the folder holds another kind of model."""
+    import transformers
+
+    if kind not in CODECS:
+        raise ValueError(f"unknown codec {kind!r}: choose {', '.join(CODECS)}")
+    if not checkpoint:
+        raise ValueError(f"--features {kind} needs --checkpoint (a folder saved by transformers, or a hub id)")
+    path = Path(checkpoint)
+    local = path.is_dir()
+    if local:
+        config = path / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        from ..io import read_json
+
+        raw = read_json(config)
+        found = raw.get("model_type")
+        if found != kind:
+            raise ValueError(f"{path}: holds a {found!r} model, not {kind!r}; pass --features {found}"
+                             if found in CODECS else f"{path}: holds a {found!r} model, not a {kind} codec")
+        _check_config(kind, raw, config)  # before transformers, which fails on some of these with an IndexError
+    model = load_pretrained(getattr(transformers, CODECS[kind]), str(checkpoint), f"{kind} codec", local)
+    _check_config(kind, model.config.to_dict(), f"{checkpoint}/config.json")
+    weights = sorted(path.glob("*.safetensors")) if local else []
+    sha = sha256_file(weights[0]) if len(weights) == 1 else None
+    source = f"hf:{path.name}" if local else f"hf:{checkpoint}"
+    return Codec(kind, model, source, codebooks=codebooks, sha256=sha, device=device,
+                 checkpoint=str(path.resolve()) if local else str(checkpoint))
+
+
+def _check_config(kind: str, cfg: dict, where) -> None:
+    """The numbers a codec's config must hold for its units to mean anything; one line naming those that do not.
+    A value the config leaves out is transformers' default, which is fine."""
+    problems = []
+    rate_key = "sample_rate" if kind == "xcodec" else "sampling_rate"
+    rate = cfg.get(rate_key, 1)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+        problems.append(f"sampling rate {rate!r}")
+    if kind in ("encodec", "xcodec") and "target_bandwidths" in cfg and not (
+            isinstance(cfg["target_bandwidths"], list) and cfg["target_bandwidths"]):
+        problems.append("no target_bandwidths")
+    size = cfg.get("codebook_size", 1)
+    if kind != "xcodec2" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        problems.append(f"codebook_size {size!r}")
+    if problems:
+        raise ValueError(f"{where}: not a usable {kind} config ({'; '.join(problems)})")
+
+
+def codec_kind(path: str | Path) -> str | None:
+    """Which of :data:`CODECS` a transformers folder holds, or None (not a codec folder)."""
+    config = Path(path) / "config.json"
+    try:
+        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+    return kind if kind in CODECS else None
+
+
+def codec_of(folder: str | Path, device: str = "cpu") -> Codec | None:
+    """The codec that made a units folder's units (its ``units.json`` names kind, checkpoint and codebooks), or a
+    compose folder's (through the units folders its summaries name); None for k-means units. One line when the
+    checkpoint is no longer where extract read it."""
+    from ..shardfiles import composed_units_dirs, read_units_spec
+
+    folder = Path(folder)
+    candidates = [folder, *composed_units_dirs(folder)] if folder.is_dir() else []
+    for candidate in candidates:
+        spec = read_units_spec(candidate)
+        if spec and spec.get("features") in CODECS:
+            if not spec.get("checkpoint"):
+                raise ValueError(f"{candidate / 'units.json'}: names no codec checkpoint; pass --vocoder CODEC_FOLDER")
+            return load_codec(spec["features"], spec["checkpoint"], spec.get("codebooks"), device)
+    return None

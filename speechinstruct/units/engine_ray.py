@@ -1,0 +1,248 @@
+"""``extract --engine ray``: the same job spread over the nodes of a Ray cluster (``pip install 'speechinstruct[ray]'``).
+
+Ray core, three kinds of work, each where Ray's scheduler puts it:
+- the driver (this process) reads the manifest shards still to do and cuts each into blocks of about
+  ``block_seconds`` of audio, in manifest order;
+- one decode task per block (``num_cpus=1``, on any node) reads and resamples that block's audio;
+- a pool of model actors spread over the nodes (``SPREAD``), each holding the extractor (and k-means),
+  turns decoded blocks into features or labels.
+The driver keeps ``depth`` blocks in flight per actor, so decoding overlaps compute, takes results back in
+manifest order and hands each shard to the local engine's writer as its blocks come back: a shard's file
+appears when its last block is done, a killed job keeps every finished shard, and a rerun of either engine
+resumes. A worker or actor that dies is retried ``max_retries`` times (Ray's own task retries and actor
+restarts); after that the job stops with one line naming the shard and rows.
+
+``address``: ``None`` starts a local runtime, ``"auto"`` or ``host:6379`` joins a cluster from one of its
+nodes, ``ray://host:10001`` connects as a Ray client (the ``[ray]`` extra installs ``ray[client]``). The
+extractor and k-means travel through Ray's object store, so only the corpus must be readable at the same
+path on every node (a corpus copied from a bucket is fetched by each node's decode tasks, file by file, into
+that node's cache: :func:`speechinstruct.storage.fetch_copy`); the driver writes every output file itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .. import recipe as settings
+from ..recipe import default
+from ..shardfiles import corpus_root, manifest_files, select_shards, shard_output
+
+log = logging.getLogger(__name__)
+
+
+class RayJobError(RuntimeError):
+    """The cluster could not finish a block (retries spent) or sent back something out of order."""
+
+
+@dataclass
+class Block:
+    """A run of consecutive rows of one manifest shard: the unit of work sent to the cluster."""
+
+    shard: str
+    first: int
+    rows: list[dict]  # what decode_row reads (extract.AUDIO_COLUMNS)
+
+
+def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
+    """Each shard's rows in manifest order, cut into blocks of at most ``block_seconds`` of audio (one row
+    at least). Shards are read one at a time, as the blocks are needed."""
+    from ..sources.decoding import AUDIO_COLUMNS
+
+    for shard in shards:
+        present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
+        rows = pq.read_table(shard, columns=[c for c in AUDIO_COLUMNS if c in present]).to_pylist()
+        start, seconds = 0, 0.0
+        for i, row in enumerate(rows):
+            if i > start and seconds + row["duration"] > block_seconds:
+                yield Block(shard.name, start, rows[start:i])
+                start, seconds = i, 0.0
+            seconds += row["duration"]
+        if start < len(rows):
+            yield Block(shard.name, start, rows[start:])
+
+
+def decode_block(rows: list[dict], root: str, sample_rate: int = 16000) -> list[tuple[str, np.ndarray | str]]:
+    """(id, samples at ``sample_rate``) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task."""
+    from ..sources.decoding import decode_row
+
+    return [(row["id"], decode_row(row, root, sample_rate)) for row in rows]
+
+
+class ModelActor:
+    """Holds the extractor (and k-means) on one node: decoded blocks in, features or labels out."""
+
+    def __init__(self, shared: list, device: str, batch_seconds: float, threads: int):
+        import ray
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        # ``shared`` holds one object-store reference to (extractor, k-means), fetched here (nested, so that a
+        # restarted actor fetches it again; the driver keeps it alive for the whole job)
+        extractor, kmeans = ray.get(shared[0])
+        self.extractor = extractor.to(device) if hasattr(extractor, "to") else extractor
+        self.kmeans = kmeans
+        self.batch_seconds = batch_seconds
+        ctx = ray.get_runtime_context()
+        self.node = f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+
+    def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list]:
+        from .extract import compute
+
+        results = []
+        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds):  # (id, frames | reason)
+            if not isinstance(value, str) and self.kmeans is not None:
+                value = self.kmeans.assign(value)
+            results.append((uid, value))
+        return self.node, results
+
+
+def connect(address: str | None):
+    """Start or join Ray (see the module docstring); one clear line when that cannot be done."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--engine ray needs Ray: pip install 'speechinstruct[ray]'") from None
+    if ray.is_initialized():
+        return ray
+    options = {"ignore_reinit_error": True, "log_to_driver": False}
+    if not (address or "").startswith("ray://"):
+        options.update(include_dashboard=False, configure_logging=False)
+    try:
+        for attempt in range(3):
+            try:
+                ray.init(address=address, **options)
+                break
+            except ConnectionAbortedError:
+                # Seen with Ray 2.60: the first Ray-client connection to a fresh cluster can fail with
+                # "Initialization failure from server" (the proxy's first per-client server dies at start);
+                # the next one goes through.
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
+    except ImportError as e:
+        raise ValueError(f"ray address {address}: {e} (pip install 'speechinstruct[ray]' installs ray[client])") from None
+    except (ConnectionError, RuntimeError, TimeoutError) as e:
+        hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                " (a cluster with token authentication, the default of `ray start` since Ray 2.59, needs "
+                "RAY_AUTH_MODE=token here too, and its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+        raise ValueError(f"ray address {address}: cannot connect: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
+    return ray
+
+
+class _Window:
+    """Block results in block order, with at most ``depth`` blocks in flight per actor: each actor gets a
+    new block as soon as one of its own comes back."""
+
+    def __init__(self, ray, todo: Iterator[Block], actors: list, decode, root: str, depth: int, max_retries: int,
+                 sample_rate: int = 16000):
+        self.ray, self.todo, self.decode, self.root, self.sample_rate = ray, enumerate(todo), decode, root, sample_rate
+        self.max_retries = max_retries
+        self.free = collections.deque(a for _ in range(depth) for a in actors)
+        self.limit = 2 * depth * len(actors)  # blocks in flight + finished ones waiting for their turn
+        self.in_flight: dict = {}
+        self.done: dict[int, tuple[Block, list]] = {}
+        self.next = 0
+        self.nodes: collections.Counter[str] = collections.Counter()
+
+    def _fill(self):
+        while self.free and len(self.in_flight) + len(self.done) < self.limit:
+            item = next(self.todo, None)
+            if item is None:
+                return
+            seq, block = item
+            actor = self.free.popleft()
+            ref = actor.run.remote(self.decode.remote(block.rows, self.root, self.sample_rate))
+            self.in_flight[ref] = (seq, block, actor)
+
+    def __iter__(self) -> Iterator[tuple[Block, list]]:
+        while True:
+            self._fill()
+            if self.next in self.done:
+                block, results = self.done.pop(self.next)
+                if isinstance(results, Exception):  # raised in its turn: every block before it is handed on
+                    raise results
+                yield block, results
+                self.next += 1
+                continue
+            if not self.in_flight:
+                return
+            ready, _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            for ref in ready:
+                seq, block, actor = self.in_flight.pop(ref)
+                try:
+                    node, results = self.ray.get(ref)
+                    self.nodes[node] += len(results)
+                except self.ray.exceptions.RayError as e:
+                    last = block.first + len(block.rows) - 1
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(". ")[0][:300]
+                    results = RayJobError(f"ray engine: {block.shard} rows {block.first}-{last} failed after "
+                                          f"{self.max_retries} retries: {reason} (the Ray logs have the rest)")
+                self.done[seq] = (block, results)
+                self.free.append(actor)
+
+
+def extract_ray(manifest, out, extractor, kmeans=None, root=None,
+                batch_seconds: float = default(settings.Features, "batch_seconds"),
+                float16: bool = default(settings.Features, "float16"), actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+                address: str | None = None, num_shards: int = 1, shard_index: int = 0, device: str | None = None,
+                block_seconds: float | None = None, depth: int = 2, max_retries: int = 3) -> dict:
+    """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU; or a speech
+    tokenizer, tokenizer.py) and ``kmeans`` are shipped to the actors, which move the model to ``device``
+    (default: cuda when actors get GPUs)."""
+    from .extract import makes_units, run_shards, sample_rate_of
+    from .tokenizer import dense_and_kmeans
+
+    extractor, kmeans = dense_and_kmeans(extractor, kmeans)
+
+    device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
+    manifest, out = Path(manifest), Path(out)
+    root = Path(root) if root else corpus_root(manifest)
+    pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
+               if not shard_output(out, s, fused=makes_units(extractor, kmeans)).exists()]
+    ray = connect(address)
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    if num_gpus_per_actor == 0 and actors * cpus_per_actor > cpus - 1:
+        # CPU actors holding every CPU leave none for the decode tasks: the job would stall.
+        fit = max(1, int((cpus - 1) // cpus_per_actor))
+        log.warning(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}")
+        actors = fit
+    remote_actor = ray.remote(ModelActor).options(
+        num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor, scheduling_strategy="SPREAD",
+        max_restarts=max_retries, max_task_retries=max_retries)
+    decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
+    window = None
+    if pending:
+        shared = [ray.put((extractor, kmeans))]  # one copy in the object store, whichever node an actor is on
+        pool = [remote_actor.remote(shared, device, batch_seconds, max(1, int(cpus_per_actor))) for _ in range(actors)]
+        window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds), pool, decode, str(root), depth,
+                         max_retries, sample_rate_of(extractor))
+    stream = iter(window) if window else iter(())
+
+    def results_for(shard: Path, rows: list[dict], root: Path):
+        done = 0
+        while done < len(rows):
+            block, results = next(stream)
+            if block.shard != shard.name or block.first != done:
+                raise RayJobError(f"ray engine: expected {shard.name} row {done}, got {block.shard} row {block.first}")
+            for row, (uid, value) in zip(rows[done:], results):
+                if uid != row["id"]:
+                    raise RayJobError(f"ray engine: expected {row['id']} in {shard.name}, got {uid}")
+                yield row, value
+            done += len(results)
+
+    stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
+                       num_shards=num_shards, shard_index=shard_index)
+    return {**stats, "engine": "ray", "actors": actors if pending else 0,
+            "nodes": dict(sorted(window.nodes.items())) if window else {}}
+

@@ -1,0 +1,211 @@
+"""``speechinstruct extract``: manifest shards → one feature file per shard (or, fused with ``--kmeans``,
+one units file per shard without storing features).
+
+Streaming: rows are decoded a few at a time by a small thread pool (soundfile and soxr release the GIL),
+grouped into batches of about ``batch_seconds`` of audio (sorted by length inside a group to limit
+padding), run through the extractor and written out in manifest order. Memory is bounded by one group.
+
+Output per manifest shard ``manifest-NNNNN.parquet``:
+  ``features-NNNNN.arrow``: Arrow IPC file, columns ``id`` and ``features`` (list of fixed-size lists:
+  frames × dim), readable zero-copy with a memory map; ``errors-NNNNN.jsonl``: utterances skipped, why.
+``features.json`` records the extractor (kind, layer, checkpoint hash, dim, frame rate) and the manifest.
+A shard is complete when its output file exists (written atomically); a rerun skips complete shards.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .. import audio, recipe as settings
+from .features import Extractor
+from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
+from ..io import atomic_path, read_table, remove_stale_temps, write_text
+from ..memory import OutOfMemory, halving
+from ..progress import progress
+from .quantize import UnitWriter
+from ..recipe import default
+from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
+                          select_shards, shard_output, shard_suffix)
+from .tokenizer import dense_and_kmeans, is_tokenizer
+from .kmeans import SpeechEncoder
+
+
+def sample_rate_of(extractor) -> int:
+    """The rate an extractor reads audio at: 16 kHz, or a codec's own."""
+    return int(getattr(extractor, "sample_rate", audio.TARGET_SR))
+
+
+def makes_units(extractor, kmeans) -> bool:
+    """Whether extract writes units (with k-means, or a tokenizer such as a codec) rather than features."""
+    return kmeans is not None or is_tokenizer(extractor)
+
+
+def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
+            counts: collections.Counter | None = None) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio. A batch that
+    runs out of memory is halved (``counts["batches_halved"]``)."""
+    group: list[tuple[dict, np.ndarray | str]] = []
+    budget = batch_seconds * sample_rate_of(extractor)
+
+    def run(group):
+        good = sorted((i for i, (_, w) in enumerate(group) if not isinstance(w, str)), key=lambda i: group[i][1].size)
+        results: dict[int, np.ndarray | str] = {i: w for i, (_, w) in enumerate(group) if isinstance(w, str)}
+        batch: list[int] = []
+        for i in good + [None]:
+            if i is not None and (not batch or (len(batch) + 1) * group[i][1].size <= budget):
+                batch.append(i)
+                continue
+            if batch:
+                results.update(_run_batch(extractor, [group[j][1] for j in batch], batch, counts))
+            batch = [i] if i is not None else []
+        return [(row, results[i]) for i, (row, _) in enumerate(group)]
+
+    size = 0
+    for row, wav in decoded:
+        group.append((row, wav))
+        size += 0 if isinstance(wav, str) else wav.size
+        if size >= 4 * budget:
+            yield from run(group)
+            group, size = [], 0
+    if group:
+        yield from run(group)
+
+
+def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
+               counts: collections.Counter | None = None) -> dict[int, np.ndarray | str]:
+    """Features of one batch; halved while it runs out of memory; an utterance that fails (or does not fit even
+    alone) is isolated and gets its reason, the others their features."""
+    rate = sample_rate_of(extractor)
+
+    def batch(items):
+        return halving(extractor.features_batch, items, counts, lambda w: f"an utterance of {w.size / rate:.1f} s")
+
+    try:
+        return dict(zip(index, batch(wavs)))
+    except (audio.AudioError, ValueError, RuntimeError, OutOfMemory):
+        pass
+    out: dict[int, np.ndarray | str] = {}
+    for i, wav in zip(index, wavs):  # isolate the utterance that failed
+        try:
+            out[i] = batch([wav])[0]
+        except (audio.AudioError, ValueError, RuntimeError, OutOfMemory) as e:
+            out[i] = f"feature extraction failed: {e}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def extract(
+    manifest: str | Path,
+    out: str | Path,
+    extractor: Extractor,
+    root: str | Path | None = None,
+    kmeans=None,
+    batch_seconds: float = default(settings.Features, "batch_seconds"),
+    float16: bool = default(settings.Features, "float16"),
+    num_shards: int = 1,
+    shard_index: int = 0,
+    workers: int = default(settings.Features, "workers"),
+) -> dict:
+    """Extract features (or units: with ``kmeans``, or when ``extractor`` is a speech tokenizer, tokenizer.py) for
+    every manifest shard this worker owns."""
+    extractor, kmeans = dense_and_kmeans(extractor, kmeans)  # a k-means tokenizer's frames are computed in batches
+    counts: collections.Counter[str] = collections.Counter()
+
+    def results_for(shard: Path, rows: list[dict], root: Path):
+        return compute(extractor, decode_rows(rows, root, workers, sample_rate_of(extractor)), batch_seconds, counts)
+
+    stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
+                       num_shards=num_shards, shard_index=shard_index)
+    if counts["batches_halved"]:  # batches that ran out of memory and were run in halves
+        stats["batches_halved"] = counts["batches_halved"]
+    return stats
+
+
+def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmeans=None, float16: bool = False,
+               num_shards: int = 1, shard_index: int = 0) -> dict:
+    """The driver loop both engines share: for each manifest shard this worker owns and has not finished,
+    ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
+    ``write_shard`` writes them. ``extractor`` gives the spec and dimensions."""
+    manifest, out = Path(manifest), Path(out)
+    shards = select_shards(manifest_files(manifest), num_shards, shard_index)
+    root = Path(root) if root else corpus_root(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    fused = makes_units(extractor, kmeans)
+    vocabulary = extractor.vocabulary() if is_tokenizer(extractor) else None  # k-means: from the k-means
+    check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans, vocabulary),
+               "units.json" if fused else "features.json")
+    stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
+    started = time.perf_counter()
+    for shard in shards:
+        target = shard_output(out, shard, fused=fused)
+        if target.exists():
+            stats["shards_skipped"] += 1
+            continue
+        remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
+        rows = read_table(shard).to_pylist()
+        shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
+                                  extractor.frame_rate, float16, kmeans, units=fused)
+        stats["shards_done"] += 1
+        for key in ("utterances", "errors", "audio_hours"):
+            stats[key] += shard_stats[key]
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    stats["audio_hours"] = round(stats["audio_hours"], 4)
+    return stats
+
+
+def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
+                kmeans=None, units: bool | None = None) -> dict:
+    """Write one shard from ``(manifest row, value)`` pairs in manifest order, where value is a (frames,
+    dim) feature array, a 1-D array of unit labels (already assigned), or an error string. ``units``: write
+    units (default: when there is a k-means); without k-means (a codec's units) repeats are kept. Errors go to
+    ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last."""
+    units = kmeans is not None if units is None else units
+
+    errors: list[dict] = []
+    counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
+    bar = progress(results, total=total, desc=f"{'units' if units else 'features'} {target.name}",
+                   unit="utt")
+
+    def good(pairs):
+        for row, value in pairs:
+            if isinstance(value, str):
+                errors.append({"id": row["id"], "path": row["path"], "reason": value})
+                continue
+            counts["utterances"] += 1
+            counts["audio_hours"] += row["duration"] / 3600
+            yield row, value
+
+    def write_errors():  # before the shard's output appears, so a complete shard always has its errors
+        write_text(target.parent / f"errors-{shard_suffix(target)}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+
+    if units:
+        with UnitWriter(SpeechEncoder(kmeans, deduplicate=kmeans is not None), target) as writer:
+            for row, value in good(bar):
+                writer.add(row, value)
+            write_errors()
+    else:
+        schema = feature_schema(dim, float16)
+        with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as ipc:
+            ids, feats = [], []
+
+            def flush():
+                if ids:
+                    ipc.write_batch(pa.record_batch([pa.array(ids, pa.string()), features_array(feats, dim, float16)], schema=schema))
+                    ids.clear(), feats.clear()
+
+            for row, value in good(bar):
+                ids.append(row["id"])
+                feats.append(value)
+                if len(ids) >= 256:
+                    flush()
+            flush()
+            write_errors()
+    counts["errors"] = len(errors)
+    return counts

@@ -1,0 +1,174 @@
+"""Discrete units: a k-means quantizer and the repeat merger (SpeechGPT's unit string: ``speechgpt.to_text``).
+
+``load_kmeans`` reads this project's ``cluster`` output (a folder with ``centroids.npy`` and
+``kmeans.json``), a bare ``.npy`` of centroids, or a fairseq/SpeechGPT ``*_km1000.bin`` (a joblib pickle
+of scikit-learn's MiniBatchKMeans, read with a restricted unpickler). Assignment is the nearest centroid
+in squared Euclidean distance, as scikit-learn's ``predict``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..io import sha256_file
+
+
+class KMeans:
+    """Nearest-centroid assignment with FAISS (exact L2 search)."""
+
+    def __init__(self, centroids: np.ndarray, source: str = "", meta: dict | None = None):
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or centroids.shape[0] < 1:
+            raise ValueError(f"{source}: centroids must be a (k, dim) array, got shape {centroids.shape}")
+        self.centroids = centroids
+        self.k, self.dim = centroids.shape
+        self.source = source
+        self.meta = meta or {}
+        import faiss  # here, not at module import: validate and --help never need it
+
+        self._index = faiss.IndexFlatL2(self.dim)
+        self._index.add(centroids)
+
+        self.device = "cpu"  # where assign runs: FAISS on the CPU, torch's matrix products elsewhere (to())
+        self._torch = None
+
+    def __reduce__(self):  # the FAISS index is rebuilt from the centroids (the Ray engine ships k-means)
+        return (KMeans, (self.centroids, self.source, self.meta))
+
+    def to(self, device: str) -> "KMeans":
+        """Assign on ``device``: ``cpu`` is FAISS's exact search; any other torch device (a GPU) computes the same
+        nearest centroids as chunked matrix products there (``torch`` forces that path on the CPU, for tests)."""
+        import torch
+
+        self.device = device
+        self._torch = None if device == "cpu" else torch.from_numpy(self.centroids).to("cpu" if device == "torch" else device)
+        return self
+
+    def assign(self, feats: np.ndarray) -> np.ndarray:
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(
+                f"{self.source}: k-means expects {self.dim}-dim features, got shape {feats.shape} "
+                "(features and k-means come from different extractors or layers)"
+            )
+        if feats.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        if self._torch is not None:
+            import torch
+
+            x = torch.from_numpy(feats).to(self._torch.device)
+            return nearest_centroids(x, (x * x).sum(1), self._torch).cpu().numpy().astype(np.int64)
+        _, labels = self._index.search(feats, 1)
+        return labels[:, 0].astype(np.int64)
+
+    def inertia(self, feats: np.ndarray) -> float:
+        distances, _ = self._index.search(np.ascontiguousarray(feats, dtype=np.float32), 1)
+        return float(distances.sum())
+
+
+def nearest_centroids(x, norms, centroids, chunk: int = 65536):
+    """The index of each row of ``x`` (torch, any device; ``norms``: its squared norms) nearest to a row of
+    ``centroids``: ``|x|² - 2x·c + |c|²``, ``chunk`` rows at a time."""
+    import torch
+
+    c_norms = (centroids * centroids).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start: start + chunk]
+        distances = norms[start: start + chunk, None] - 2 * part @ centroids.T + c_norms[None]
+        out[start: start + chunk] = distances.argmin(1)
+    return out
+
+
+def load_kmeans(path: str | Path) -> KMeans:
+    path = Path(path)
+    if path.is_dir():
+        centroids_path, meta_path = path / "centroids.npy", path / "kmeans.json"
+        if not centroids_path.is_file():
+            raise FileNotFoundError(f"{path}: no centroids.npy (not a `speechinstruct cluster` output)")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return KMeans(np.load(centroids_path, allow_pickle=False), str(path), meta)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such k-means file or folder")
+    if path.suffix == ".npy":
+        return KMeans(np.load(path, allow_pickle=False), str(path), {"format": "npy", "sha256": sha256_file(path)})
+    from ..checkpoints import Stub, joblib_load_restricted  # torch: only when a fairseq k-means file is read
+
+    model = joblib_load_restricted(path)
+    state = model.state if isinstance(model, Stub) else None
+    if not isinstance(state, dict) or "cluster_centers_" not in state:
+        raise ValueError(f"{path}: the pickle holds no fitted k-means (no cluster_centers_)")
+    meta = {"format": "sklearn-joblib", "class": type(model).__name__, "sklearn_version": state.get("_sklearn_version"),
+            "sha256": sha256_file(path)}
+    return KMeans(np.asarray(state["cluster_centers_"]), str(path), meta)
+
+
+def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge consecutive repeats: 5 5 5 9 9 2 → units 5 9 2, durations 3 2 1."""
+    units = np.asarray(units)
+    if units.size == 0:
+        return units.astype(np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], units[1:] != units[:-1]]))
+    durations = np.diff(np.concatenate([starts, [units.size]]))
+    return units[starts].astype(np.int64), durations.astype(np.int64)
+
+
+class Encoded(NamedTuple):
+    units: np.ndarray      # repeats merged (unless the encoder keeps them)
+    durations: np.ndarray  # frames per unit
+    n_frames: int
+
+
+class SpeechEncoder:
+    """Speech → units in textlesslib's ``SpeechEncoder`` shape: a dense model (``extractor``: MFCC or HuBERT),
+    a quantizer (``kmeans``), then consecutive repeats merged (``deduplicate``). ``encode`` runs all three on
+    a waveform; ``quantize`` the last two on features computed elsewhere (batched extraction, feature files);
+    ``merge`` the last one on unit labels. Extract, quantize, compose and chat all go through it."""
+
+    codebooks = 1  # one unit per frame
+
+    def __init__(self, kmeans: KMeans, extractor=None, deduplicate: bool = True):
+        self.kmeans, self.extractor, self.deduplicate = kmeans, extractor, deduplicate
+
+    # the tokenizer's face, as a codec has it (tokenizer.py)
+    @property
+    def sample_rate(self) -> int:
+        return int(getattr(self.extractor, "sample_rate", 16000))
+
+    @property
+    def frame_rate(self) -> float:
+        return self.extractor.frame_rate
+
+    @property
+    def spec(self) -> dict:
+        return self.extractor.spec
+
+    def vocabulary(self):
+        from ..shardfiles import kmeans_vocabulary
+
+        return kmeans_vocabulary(self.extractor.spec, self.kmeans.k, self.kmeans.meta.get("sha256"))
+
+    def describe(self) -> dict:
+        """What makes the units, for a compose summary: the dense model, the k-means and the vocabulary."""
+        from ..shardfiles import kmeans_spec
+
+        return {"extractor": {k: v for k, v in self.extractor.spec.items() if k != "checkpoint"},
+                "kmeans": kmeans_spec(self.kmeans), "vocabulary": self.vocabulary().to_json()}
+
+    def encode(self, wav: np.ndarray, sample_rate: int = 16000) -> Encoded:
+        if self.extractor is None:
+            raise ValueError("this SpeechEncoder has no extractor: it can only quantize features")
+        return self.quantize(self.extractor.features(wav, sample_rate))
+
+    def quantize(self, feats: np.ndarray) -> Encoded:
+        return self.merge(self.kmeans.assign(feats))
+
+    def merge(self, labels: np.ndarray) -> Encoded:
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.deduplicate:
+            return Encoded(*dedup(labels), int(labels.size))
+        return Encoded(labels, np.ones(labels.size, dtype=np.int64), int(labels.size))

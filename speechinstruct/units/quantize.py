@@ -1,0 +1,98 @@
+"""``speechinstruct quantize``: feature files + k-means → units per utterance, joined to the manifest.
+
+Each output row is the manifest row plus ``units`` (repeats merged), ``durations`` (frames per merged
+unit), ``n_frames`` and ``unit_text`` (``<sosp><12><7>…<eosp>``). One ``units-NNNNN.parquet`` per feature
+shard, written atomically; ``stats.json`` holds the unit-usage histogram and units per second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import records
+from ..io import parquet_rows, read_table, write_json
+from ..progress import progress
+from ..shardfiles import (check_spec, feature_files, iter_features, select_shards, shard_output, shard_suffix,
+                          unit_files, units_spec)
+from ..speechgpt import to_text
+from .kmeans import KMeans, SpeechEncoder
+
+
+class UnitWriter:
+    """Writes one shard's unit rows to a Parquet file as they come, a row group (``io.ROWS_AT_A_TIME`` rows)
+    at a time, on a temporary name renamed into place when the ``with`` block ends (deleted if it fails)::
+
+        with UnitWriter(encoder, path) as writer:
+            writer.add(manifest_row, features)
+    """
+
+    def __init__(self, encoder: SpeechEncoder, path: Path):
+        self.encoder, self.path = encoder, Path(path)
+
+    def __enter__(self) -> "UnitWriter":
+        self._context = parquet_rows(self.path, records.arrow_schema("units"), lambda rows: records.to_table("units", rows))
+        self._sink = self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._context.__exit__(*exc)
+
+    def add(self, manifest_row: dict, value: np.ndarray) -> None:
+        """``value``: one utterance's (frames, dim) features, or its unit labels (1-D) already assigned."""
+        encoded = self.encoder.merge(value) if value.ndim == 1 else self.encoder.quantize(value)
+        self._sink.add({**manifest_row, "units": encoded.units.tolist(), "durations": encoded.durations.tolist(),
+                        "n_frames": encoded.n_frames, "unit_text": to_text(encoded.units)})
+
+
+def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0) -> dict:
+    features, out = Path(features), Path(out)
+    spec = json.loads((features / "features.json").read_text())
+    if spec.get("dim") != kmeans.dim:
+        raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
+    out.mkdir(parents=True, exist_ok=True)
+    check_spec(out, units_spec(spec, kmeans), "units.json")
+    manifest = Path(spec["manifest"])
+    done = skipped = 0
+    for path in select_shards(feature_files(features), num_shards, shard_index):
+        target = shard_output(out, path, fused=True)
+        if target.exists():
+            skipped += 1
+            continue
+        manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
+        rows = {r["id"]: r for r in read_table(manifest_shard).to_pylist()}
+        # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
+        with UnitWriter(SpeechEncoder(kmeans), target) as writer:
+            for uid, f in progress(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt"):
+                writer.add(rows[uid], f)
+        done += 1
+    return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
+
+
+def unit_stats(folder: str | Path, k: int) -> dict:
+    """Unit usage histogram and units per second before/after merging, over all unit files; saved as
+    ``stats.json`` beside them."""
+    histogram = np.zeros(k, dtype=np.int64)
+    frames = merged = 0
+    seconds = 0.0
+    utterances = 0
+    for path in unit_files(folder):
+        table = read_table(path, columns=["units", "n_frames", "duration"])
+        flat = table.column("units").combine_chunks().flatten().to_numpy()
+        histogram += np.bincount(flat, minlength=k)[:k]
+        merged += flat.size
+        frames += int(np.sum(table.column("n_frames").to_numpy()))
+        seconds += float(np.sum(table.column("duration").to_numpy()))
+        utterances += table.num_rows
+    stats = {
+        "utterances": utterances,
+        "k": k,
+        "units_used": int((histogram > 0).sum()),
+        "frames_per_second": round(frames / seconds, 3) if seconds else 0.0,
+        "units_per_second": round(merged / seconds, 3) if seconds else 0.0,
+        "histogram": histogram.tolist(),
+    }
+    write_json(Path(folder) / "stats.json", stats)
+    return {k_: v for k_, v in stats.items() if k_ != "histogram"}
