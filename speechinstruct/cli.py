@@ -15,8 +15,8 @@ import typer
 
 from . import __version__
 from . import recipe as settings
-from .sources.corpora import SOURCES
 from .recipe import default
+from .sources.corpora import SOURCES
 from .tokenizers import FEATURES
 
 # --help lists the commands in pipeline order (typer lists commands as defined, then groups)
@@ -68,9 +68,9 @@ def expected_failures():
     refused checkpoints, failed LLM or TTS calls, a failed Ray job. Work already written stays; rerunning
     resumes. Anything else is a bug and keeps its traceback."""
     from .checkpoints import UnsafeCheckpointError
-    from .units.engine_ray import RayJobError
     from .llm import LLMError
     from .sources.tts import TTSError
+    from .units.engine_ray import RayJobError
 
     try:
         yield
@@ -265,8 +265,8 @@ def extract(
 ):
     """Decode audio and compute MFCC or HuBERT features (or units) per manifest shard; resumable."""
     from .units.extract import extract as run_extract
-    from .units.tokenizer import load_tokenizer
     from .units.kmeans import load_kmeans
+    from .units.tokenizer import load_tokenizer
 
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
@@ -322,8 +322,8 @@ def quantize(
     quiet: bool = Quiet,
 ):
     """Assign units, merge repeats, write SpeechGPT unit strings joined to the manifest."""
-    from .units.quantize import quantize as run_quantize
     from .units.kmeans import load_kmeans
+    from .units.quantize import quantize as run_quantize
 
     km = load_kmeans(kmeans)
     _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index))
@@ -474,8 +474,8 @@ def compose_pretrain(
 def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | None, rewrite: bool, base_url, model,
                   max_requests, features, checkpoint, layer, codebooks, kmeans, device):
     """(LLM or None, TTS engine, speech tokenizer) for a compose command that speaks text."""
-    from .units.tokenizer import load_tokenizer
     from .sources.tts import make_tts
+    from .units.tokenizer import load_tokenizer
 
     cache = cache_dir or out / ".cache"
     llm = _llm(base_url, model, cache / "llm", max_requests) if (rewrite or tts == "openai") else None
@@ -642,8 +642,8 @@ def compose_duplex(
     assistant, right the user) with word alignments, gaps, overlaps, interruptions and backchannels; with a
     tokenizer, also a duplex config of both channels' units."""
     from .compose.duplex import duplex
-    from .units.tokenizer import load_tokenizer
     from .sources.tts import make_tts
+    from .units.tokenizer import load_tokenizer
 
     settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate, gap_sd=gap_sd,
                      interruption_rate=interruption_rate, backchannel_rate=backchannel_rate)
@@ -765,10 +765,8 @@ def report(
 ):
     """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths, and
     samples to listen to (original and resynthesised, with their mel-cepstral distance)."""
-    from .release.report import report as run_report
-
     from .judges.asr import load_asr
-
+    from .release.report import report as run_report
     from .units.codecs import codec_of
 
     voice = _load_vocoder(vocoder, dataset) if vocoder else codec_of(units) if units else None

@@ -22,10 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .sources.corpora import SOURCES
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .kinds import RECORD_KINDS
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
+from .sources.corpora import SOURCES
 from .tokenizers import CODECS
 
 log = logging.getLogger(__name__)
@@ -310,9 +310,9 @@ class Job:
                 folder, demo["sentences"], demo["seed"]))
 
     def shard_and_extract(self, c: dict) -> None:
-        from .units.extract import extract
         from .sources.shard import shard_corpus
         from .sources.storage import is_url
+        from .units.extract import extract
 
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
         self.stamps[f"shard:{n}"] = self.runner.stage(
@@ -331,8 +331,8 @@ class Job:
 
     def cluster_and_quantize(self) -> None:
         from .units.cluster import cluster
-        from .units.quantize import quantize
         from .units.kmeans import load_kmeans
+        from .units.quantize import quantize
 
         km_cfg, work = self.recipe["kmeans"], self.work
         if self.codec:

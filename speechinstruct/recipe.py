@@ -18,8 +18,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .sources.corpora import SOURCES, root_problem
 from .llm import URL_CREDENTIALS
+from .sources.corpora import SOURCES, root_problem
 from .sources.storage import is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
@@ -236,7 +236,6 @@ class Recipe(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"each corpus kind may appear once (got {names})")
         return corpora
-
 
 
 def default(section: type[Section], name: str):

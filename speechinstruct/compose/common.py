@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .. import __version__, records
-from ..sources.corpora.base import SPLITS
 from ..io import iter_rows, parquet_rows, write_json, write_parquet
 from ..progress import progress
 from ..shardfiles import select_shards, shard_suffix, unit_files
+from ..sources.corpora.base import SPLITS
 from ..speechgpt import record_problems
 
 

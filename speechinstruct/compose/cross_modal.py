@@ -16,11 +16,11 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from . import templates as templates_mod
-from ..sources.corpora.base import SPLITS, split_name
 from ..io import write_json
 from ..recipe import default
+from ..sources.corpora.base import SPLITS, split_name
 from ..speechgpt import DEFAULT_PREFIX, cross_modal_text, text_problem
+from . import templates as templates_mod
 from .common import QualityGate, RecordRefused, _draw, finish, gated_units
 
 

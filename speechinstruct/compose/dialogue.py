@@ -27,12 +27,12 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from ..audio import AudioError
-from .common import RecordRefused, finish, write_chunks
-from .speech import SpeechRejected, Speaker, rewrite_for_speech, speakable, unfit_text, worst
-from .texts import decontaminated, read_objects, unique_items
 from ..io import write_json
 from ..judges import ScoreError
 from ..speechgpt import DEFAULT_PREFIX, dialogue_messages, dialogue_text
+from .common import RecordRefused, finish, write_chunks
+from .speech import SpeechRejected, Speaker, rewrite_for_speech, speakable, unfit_text, worst
+from .texts import decontaminated, read_objects, unique_items
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "system": "system"}

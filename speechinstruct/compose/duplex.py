@@ -176,9 +176,9 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
     a speech ``tokenizer`` (tokenizer.py), also ``duplex`` records of both channels' units
     (``OUT/train-00000.parquet``); with ``judge`` and ``gates``, each turn's speech is judged as compose dialogue
     judges it, and a conversation with a turn that fails is dropped whole."""
-    from .texts import unique_items
-    from .dialogue import read_conversations
     from ..progress import progress
+    from .dialogue import read_conversations
+    from .texts import unique_items
 
     if not 0 <= interruption_rate <= 1 or backchannel_rate < 0 or gap_sd < 0:
         raise ValueError("duplex: interruption_rate in [0, 1], backchannel_rate >= 0, gap_sd >= 0")
@@ -211,9 +211,9 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
 def speak(conversation: dict, tts, sample_rate: int, judge, gates, seed: int, **settings) -> tuple | str:
     """(layout, stereo samples, alignments) of one conversation, or why it is dropped (a turn unfit for speech,
     one that cannot be spoken, or one that fails the gates)."""
-    from .speech import SpeechRejected, speakable
-    from .dialogue import speaker_keys
     from ..judges import ScoreError
+    from .dialogue import speaker_keys
+    from .speech import SpeechRejected, speakable
 
     keys = speaker_keys(tts, seed, conversation["id"])
     voices = {MAIN: Voice(tts, *tts.voice_for(keys["assistant"]), sample_rate),

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import QualityGate, RecordRefused, _draw, finish, gated_units, split_counts
-from ..sources.corpora.base import SPLITS, split_name
 from ..io import write_json
 from ..shardfiles import folder_vocabulary
+from ..sources.corpora.base import SPLITS, split_name
 from ..units.kmeans import dedup
+from .common import QualityGate, RecordRefused, _draw, finish, gated_units, split_counts
 
 TEXT, SPEECH = "[TEXT]", "[SPEECH]"
 SLACK_SECONDS = 0.05  # how far an alignment may end after the last frame

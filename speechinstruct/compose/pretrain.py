@@ -9,9 +9,9 @@ import collections
 from pathlib import Path
 
 from .. import recipe as settings
-from ..sources.corpora.base import SPLITS, split_name
 from ..io import write_json
 from ..recipe import default
+from ..sources.corpora.base import SPLITS, split_name
 from .common import QualityGate, _draw, finish, gated_units, split_counts
 
 

@@ -261,8 +261,8 @@ def _dnsmos(scores: Path | None) -> dict[str, float]:
 
 def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
     """id → sha1 of each row's decoded 16 kHz samples (``audio_hash``)."""
-    from ..sources.decoding import AUDIO_COLUMNS, decode_rows
     from ..shardfiles import read_units_spec
+    from ..sources.decoding import AUDIO_COLUMNS, decode_rows
 
     root = Path((read_units_spec(folder) or {}).get("root") or ".")
     rows = list(iter_rows(path, columns=list(AUDIO_COLUMNS)))

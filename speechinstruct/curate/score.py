@@ -69,8 +69,8 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | None = None, num_shards: int = 1,
           shard_index: int = 0, workers: int = 2, clips_at_a_time: int = 16) -> dict:
     """Score every utterance of the shards this worker owns (see the module docstring); returns the summary."""
-    from ..sources.decoding import AUDIO_COLUMNS, decode_rows
     from ..progress import progress
+    from ..sources.decoding import AUDIO_COLUMNS, decode_rows
 
     source, out = Path(source), Path(out)
     files, kind = input_files(source)

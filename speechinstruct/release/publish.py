@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, records
-from ..sources.corpora import SOURCES
-from ..sources.corpora.base import SPLITS
-from ..sources.corpora.hf import LANGUAGE_CODE
 from ..io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from ..kinds import RECORD_KINDS
 from ..progress import progress
 from ..shardfiles import Vocabulary, composed_speech_specs, composed_units_dirs, folder_vocabulary, read_units_spec
+from ..sources.corpora import SOURCES
+from ..sources.corpora.base import SPLITS
+from ..sources.corpora.hf import LANGUAGE_CODE
 
 CONFIGS = tuple(RECORD_KINDS)  # every record kind is a config (kinds.RECORD_KINDS)
 # the column each config's records are counted by on the card ("voices": the TTS voices that spoke them)

@@ -49,8 +49,8 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int,
     folder whose ``units.json`` names the corpus root), its resynthesis by ``vocoder`` and, with ``asr``, the
     WER of that resynthesis against the text: how much of the words the units keep."""
     from .. import audio
-    from ..sources.decoding import decode_row
     from ..io import iter_rows
+    from ..sources.decoding import decode_row
     from ..units.vocoder import mel_cepstral_distortion
 
     picked: list[dict] = []
@@ -212,8 +212,8 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
     ``*/scores``) and per record kind (the records kept), the gates' thresholds drawn on them, and the five
     utterances with the lowest DNSMOS, with their audio. None when nothing was scored."""
     from .. import audio
-    from ..sources.decoding import decode_row
     from ..io import read_table
+    from ..sources.decoding import decode_row
 
     quality = quality or {}
     groups: dict[str, dict[str, np.ndarray]] = {}
@@ -283,9 +283,9 @@ def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | N
     """The duplicates section: what dedup checked against, what it dropped, and (with the run's workdir) a few
     dropped utterances beside the one they duplicate or match, to listen to."""
     from .. import audio
-    from ..sources.decoding import decode_row
     from ..io import iter_rows
     from ..shardfiles import read_units_spec
+    from ..sources.decoding import decode_row
 
     found = meta.get("dedup")
     if not found:

@@ -30,11 +30,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .. import records
-from ..kinds import RECORD_KINDS
 from ..io import iter_rows, naming
+from ..kinds import RECORD_KINDS
+from ..shardfiles import folder_k
 from ..speechgpt import (SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup,
                          record_problems, to_text)
-from ..shardfiles import folder_k
 
 CONTENT_KINDS = tuple(RECORD_KINDS)
 

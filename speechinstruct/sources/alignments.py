@@ -209,10 +209,10 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
     import shutil
 
     from .. import records
-    from .decoding import decode_row
     from ..io import iter_rows, write_json, write_parquet
     from ..progress import progress
     from ..shardfiles import corpus_root, manifest_files
+    from .decoding import decode_row
 
     manifest, out = Path(manifest), Path(out)
     if out.resolve() == manifest.resolve():

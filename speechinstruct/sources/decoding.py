@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import audio
-from . import storage
 from ..io import safe_join
+from . import storage
 
 
 def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:

@@ -14,9 +14,9 @@ import numpy as np
 import soundfile as sf
 
 from .. import audio
-from .alignments import write_textgrid
 from ..io import atomic_path, write_text
 from ..progress import progress
+from .alignments import write_textgrid
 from .tts import ESPEAK_RATES, ESPEAK_VOICES, EspeakTTS
 
 SUBJECTS = ["the old sailor", "a young girl", "my neighbour", "the tired doctor", "our teacher", "the little dog",

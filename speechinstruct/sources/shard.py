@@ -11,11 +11,11 @@ import collections
 from pathlib import Path
 
 from .. import recipe as settings, records
+from ..io import write_json, write_parquet
+from ..recipe import default
 from . import storage
 from .corpora import (SOURCES, Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers,
                       root_problem, split_of, split_word, with_known_license)
-from ..io import write_json, write_parquet
-from ..recipe import default
 
 MAX_LISTED_SKIPS = 1000
 

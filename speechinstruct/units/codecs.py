@@ -38,7 +38,6 @@ from ..tokenizers import CODECS  # noqa: F401 (re-exported: the codec kinds)
 from .kmeans import Encoded
 
 
-
 class Codec:
     """One codec model, ``codebooks`` of its codebooks kept (default: all). It is also the vocoder of its own
     units (``synthesize``, as ``vocoder.UnitVocoder`` has it): resynth, the report and chat decode with it."""

@@ -24,17 +24,17 @@ import numpy as np
 import pyarrow as pa
 
 from .. import audio, recipe as settings
-from .features import Extractor
-from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
 from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
-from .quantize import UnitWriter
 from ..recipe import default
 from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                           select_shards, shard_output, shard_suffix)
-from .tokenizer import dense_and_kmeans, is_tokenizer
+from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
+from .features import Extractor
 from .kmeans import SpeechEncoder
+from .quantize import UnitWriter
+from .tokenizer import dense_and_kmeans, is_tokenizer
 
 
 def sample_rate_of(extractor) -> int:

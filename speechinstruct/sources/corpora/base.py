@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-
 @dataclass(frozen=True)
 class Skip:
     """Something a reader could not use: the file (relative to the root where possible), why, and where."""

@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from ...io import read_json, safe_join
 from ...progress import progress
+from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .base import Item, Skip, relpath, split_of
 
 NAME = "hf"

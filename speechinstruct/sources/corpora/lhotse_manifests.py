@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from ...progress import progress
 from .. import storage
 from ..alignments import check_words, lhotse_words
-from ...progress import progress
 from .base import Item, Skip, deepest_common_folder, probe, split_of
 
 NAME = "lhotse"

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..alignments import textgrid_words
 from ...progress import progress
+from ..alignments import textgrid_words
 from .base import Item, Skip, probe, relpath, split_of
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
