@@ -54,13 +54,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
             counts[f"dropped: {rule} in transcript"] += 1
             dropped.append({"where": u["id"], "reason": f"{rule} in transcript ({problem[1]})"})
             continue
-        if mode == "both":
-            tasks = ["asr", "tts"]
-        elif mode == "random":
-            tasks = ["asr" if _draw(seed, "task", u["id"]) / 2**64 < asr_fraction else "tts"]
-        else:
-            tasks = [mode]
-        for task in tasks:
+        for task in _tasks(mode, asr_fraction, seed, u["id"]):
             items = sets[task]["templates"]
             template = items[_draw(seed, "template", task, u["id"]) % len(items)]
             try:
@@ -75,16 +69,32 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
                 dropped.append({"where": u["id"], "reason": f"{e.key.removeprefix('dropped: ')} ({e})"})
                 continue
             sinks[split_name(u["split"])].add(record)
-    by_split: collections.Counter[str] = collections.Counter()
-    for split in SPLITS:  # all shards, not just this run's
-        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
-            tasks = pq.read_table(f, columns=["task"]).column("task")  # counted in Arrow, not as a Python list
-            by_split[split] += len(tasks)
-            for pair in pa.compute.value_counts(tasks).to_pylist():
-                counts[pair["values"]] += pair["counts"]
+    by_split = _count_written(out, part, counts)
     summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
                **({"scores": str(Path(scores).resolve())} if scores else {}),
                "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
+
+
+def _tasks(mode: str, asr_fraction: float, seed: int, uid: str) -> list[str]:
+    """The records an utterance makes: both, one drawn (ASR with probability ``asr_fraction``), or the one named."""
+    if mode == "both":
+        return ["asr", "tts"]
+    if mode == "random":
+        return ["asr" if _draw(seed, "task", uid) / 2**64 < asr_fraction else "tts"]
+    return [mode]
+
+
+def _count_written(out: Path, part: str | None, counts: collections.Counter) -> collections.Counter:
+    """Records per split in the files of ``part`` (all shards, not just this run's), and per task into ``counts``;
+    counted in Arrow, not as Python lists."""
+    by_split: collections.Counter[str] = collections.Counter()
+    for split in SPLITS:
+        for f in sorted(out.glob(f"{split}-{part + '-' if part else ''}*.parquet")):
+            tasks = pq.read_table(f, columns=["task"]).column("task")
+            by_split[split] += len(tasks)
+            for pair in pa.compute.value_counts(tasks).to_pylist():
+                counts[pair["values"]] += pair["counts"]
+    return by_split

@@ -564,29 +564,44 @@ def dedup_section(dedup: dict | None) -> list[str]:
 
 
 def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
-    """The dataset card (``README.md``): ``data`` (:func:`card_data`) as its YAML, and the body."""
+    """The dataset card (``README.md``): ``data`` (:func:`card_data`) as its YAML, and the body, section by section."""
     from huggingface_hub import DatasetCard
 
-    languages = data.language
     lines = [f"# {cell(meta['name'])}", "",
              "A SpeechInstruct-style cross-modal speech-instruction dataset (as in SpeechGPT), built with "
              f"speechinstruct {meta['pipeline_version']}. Speech is represented as discrete units "
-             "`<sosp><12><7>…<eosp>`.", "", "## Sources and provenance", "",
-             "| corpus | license | hours | records |", "|---|---|---|---|"]
+             "`<sosp><12><7>…<eosp>`.", ""]
+    lines += (_sources_section(meta) + _units_section(meta) + _counts_section(meta) + _splits_section(meta)
+              + dedup_section(meta.get("dedup")) + _languages_section(meta) + _fields_section(configs_yaml)
+              + _uses_section(meta, data.language, configs_yaml))
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _sources_section(meta: dict) -> list[str]:
+    lines = ["## Sources and provenance", "", "| corpus | license | hours | records |", "|---|---|---|---|"]
     for s in meta["sources"]:
         lines.append(f"| {cell(s['corpus'])} | {cell(s['license'])} | {meta['hours'].get(s['corpus'], 0):.3f} | "
                      + ", ".join(f"{c}: {n}" for c, n in sorted(s["records"].items())) + " |")
+    return lines
+
+
+def _units_section(meta: dict) -> list[str]:
+    """The speech units and the templates."""
     ext, km = meta["extractor"], meta["kmeans"] or {}
-    lines += ["", "## Speech units", "",
-              f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("layer") else f" ({ext.get('options', '')})"),
-              f"- frame rate: {ext.get('frame_rate')} Hz, dimension {ext.get('dim')}",
-              f"- k-means: K = {meta['k']}, file `{km.get('file', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
-              *([f"- vocabulary: tokenizer `{voc['tokenizer']}`, {voc['size']} unit tokens `<0>`…`<{voc['size'] - 1}>`"
-                 f" ({voc.get('codebooks', 1)} codebook of {voc.get('codebook_size', voc['size'])})"]
-                if (voc := meta.get("vocabulary")) else []),
-              "- consecutive repeated units are merged", "",
-              "## Templates", ""] + [f"- {t}: `{v}`" for t, v in sorted(meta["templates"].items())] + [
-              "", "## Counts", "", "| config | split | records |", "|---|---|---|"]
+    return ["", "## Speech units", "",
+            f"- features: `{ext.get('features')}`" + (f", source `{ext.get('source')}`, layer {ext.get('layer')}" if ext.get("layer") else f" ({ext.get('options', '')})"),
+            f"- frame rate: {ext.get('frame_rate')} Hz, dimension {ext.get('dim')}",
+            f"- k-means: K = {meta['k']}, file `{km.get('file', '')}`" + (f", sha256 `{km['sha256']}`" if km.get("sha256") else ""),
+            *([f"- vocabulary: tokenizer `{voc['tokenizer']}`, {voc['size']} unit tokens `<0>`…`<{voc['size'] - 1}>`"
+               f" ({voc.get('codebooks', 1)} codebook of {voc.get('codebook_size', voc['size'])})"]
+              if (voc := meta.get("vocabulary")) else []),
+            "- consecutive repeated units are merged", "",
+            "## Templates", ""] + [f"- {t}: `{v}`" for t, v in sorted(meta["templates"].items())]
+
+
+def _counts_section(meta: dict) -> list[str]:
+    """Records per config and split, per kind, and the voices that spoke them."""
+    lines = ["", "## Counts", "", "| config | split | records |", "|---|---|---|"]
     for config, splits in meta["counts"].items():
         for split, n in splits.items():
             lines.append(f"| {config} | {split} | {n} |")
@@ -598,45 +613,61 @@ def dataset_card(meta: dict, configs_yaml: list[dict], data) -> str:
                   "many turns or records each spoke:", "", "| config | voices | uses |", "|---|---|---|"]
         for config, used in meta["voices"].items():
             lines.append(f"| {config} | {len(used)} | " + ", ".join(f"`{cell(v)}` {n}" for v, n in used.items()) + " |")
+    return lines
+
+
+def _splits_section(meta: dict) -> list[str]:
     rules = [SPLIT_RULES.get(c, f"{cell(c)}: as its reader marks it") for c in sorted({s["corpus"] for s in meta["sources"]})]
-    lines += ["", "## Splits", "",
-              "Every record keeps the split of the audio it was made from, as the corpus itself defines it ("
-              + "; ".join(rules) + "). No dev or test audio is in `train`."]
+    lines = ["", "## Splits", "",
+             "Every record keeps the split of the audio it was made from, as the corpus itself defines it ("
+             + "; ".join(rules) + "). No dev or test audio is in `train`."]
     if meta.get("eval_splits", True):
         lines.append("`validation` and `test` hold the records made from the corpora's dev and test audio; for "
                      "`pretrain`, `validation` also holds a hashed share of training utterances (stage 1's dev set).")
     else:
         lines.append("Records made from the corpora's dev and test audio were left out of this dataset.")
-    lines += dedup_section(meta.get("dedup"))
-    if meta.get("languages_measured"):
-        lines += ["", "## Languages (measured)", "", "Utterances per language of their transcripts, by langid "
-                  "(`score --language`), before the quality gates:", "", "| language | utterances |", "|---|---|"]
-        lines += [f"| {cell(code)} | {n} |" for code, n in meta["languages_measured"].items()]
-    lines += ["", "## Fields", ""]
+    return lines
+
+
+def _languages_section(meta: dict) -> list[str]:
+    if not meta.get("languages_measured"):
+        return []
+    return (["", "## Languages (measured)", "", "Utterances per language of their transcripts, by langid "
+             "(`score --language`), before the quality gates:", "", "| language | utterances |", "|---|---|"]
+            + [f"| {cell(code)} | {n} |" for code, n in meta["languages_measured"].items()])
+
+
+def _fields_section(configs_yaml: list[dict]) -> list[str]:
+    """Every config's fields, from its schema."""
+    lines = ["", "## Fields", ""]
     for item in configs_yaml:
         schema = records.json_schema(item["config_name"])
         lines += [f"### {item['config_name']}", "", "| field | type | description |", "|---|---|---|"]
         for field, prop in schema["properties"].items():
             lines.append(f"| `{field}` | {prop['x-arrow']} | {prop.get('description', '').replace('|', '/')} |")
         lines.append("")
-    lines += ["## Intended uses", "",
-              "Training and evaluating speech-text language models in SpeechGPT's three stages: `pretrain` for "
-              "stage 1 (unit language modelling), `cross_modal` for stage 2 (ASR and TTS instructions), "
-              "`chain_of_modality` for stage 3 (spoken dialogue), `dialogue` for multi-turn spoken dialogue, `interleaved` (text and speech switching at word boundaries) for "
-              "stage-1-style pretraining. "
-              "Prompt-completion columns suit TRL's `SFTTrainer`; `dialogue` has `messages` and no prompt-completion "
-              "columns, so TRL reads it as chat data (through a chat template, with the loss on the assistant turns: "
-              "`assistant_only_loss`); SpeechGPT's text form of the dialogue is `prefix` + `plain_text`.",
-              "", "## Limitations", "",
-              f"- Units come from one extractor and k-means (K = {meta['k']}); they are meaningless with another.",
-              "- Instructions and responses are machine-generated (templates, an LLM or the shipped samples); "
-              "spoken answers are synthetic TTS speech, not human recordings (one voice per speaker and record; see Voices).",
-              "- Transcripts are the source corpora's own, with their errors and normalisation.",
-              f"- Languages: {cell(', '.join(languages))}. Speakers and accents are those of the source corpora.", "",
-              "## Loading", "", "```python", "import datasets",
-              *[f'{c["config_name"]} = datasets.load_dataset("PATH_OR_REPO", "{c["config_name"]}")' for c in configs_yaml],
-              "```", "", "Validate with `speechinstruct validate PATH`. Each record carries `source_id`, `corpus`, "
-              "`license`, `pipeline_version` and `content_hash` (sha256 of its content fields).", "",
-              "## Citation", "", "This dataset follows SpeechGPT's SpeechInstruct recipe:", "", "```bibtex",
-              SPEECHGPT_CITATION, "```", ""]
-    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+    return lines
+
+
+def _uses_section(meta: dict, languages: list[str], configs_yaml: list[dict]) -> list[str]:
+    """Intended uses, limitations, loading and citation."""
+    return ["## Intended uses", "",
+            "Training and evaluating speech-text language models in SpeechGPT's three stages: `pretrain` for "
+            "stage 1 (unit language modelling), `cross_modal` for stage 2 (ASR and TTS instructions), "
+            "`chain_of_modality` for stage 3 (spoken dialogue), `dialogue` for multi-turn spoken dialogue, `interleaved` (text and speech switching at word boundaries) for "
+            "stage-1-style pretraining. "
+            "Prompt-completion columns suit TRL's `SFTTrainer`; `dialogue` has `messages` and no prompt-completion "
+            "columns, so TRL reads it as chat data (through a chat template, with the loss on the assistant turns: "
+            "`assistant_only_loss`); SpeechGPT's text form of the dialogue is `prefix` + `plain_text`.",
+            "", "## Limitations", "",
+            f"- Units come from one extractor and k-means (K = {meta['k']}); they are meaningless with another.",
+            "- Instructions and responses are machine-generated (templates, an LLM or the shipped samples); "
+            "spoken answers are synthetic TTS speech, not human recordings (one voice per speaker and record; see Voices).",
+            "- Transcripts are the source corpora's own, with their errors and normalisation.",
+            f"- Languages: {cell(', '.join(languages))}. Speakers and accents are those of the source corpora.", "",
+            "## Loading", "", "```python", "import datasets",
+            *[f'{c["config_name"]} = datasets.load_dataset("PATH_OR_REPO", "{c["config_name"]}")' for c in configs_yaml],
+            "```", "", "Validate with `speechinstruct validate PATH`. Each record carries `source_id`, `corpus`, "
+            "`license`, `pipeline_version` and `content_hash` (sha256 of its content fields).", "",
+            "## Citation", "", "This dataset follows SpeechGPT's SpeechInstruct recipe:", "", "```bibtex",
+            SPEECHGPT_CITATION, "```", ""]

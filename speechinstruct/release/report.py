@@ -48,10 +48,40 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int,
     """The listening table (for the page) and its numbers, for up to ``samples`` utterances: original audio (from ``units``, a units
     folder whose ``units.json`` names the corpus root), its resynthesis by ``vocoder`` and, with ``asr``, the
     WER of that resynthesis against the text: how much of the words the units keep."""
-    from .. import audio
+    picked = _listen_picks(dataset, units, vocoder, samples)
+    if not picked:
+        return None, {}
+    items, mcds, wers, seconds, spent, numbers_skipped = [], [], [], 0.0, 0.0, []
+    for j, item in enumerate(picked):
+        shown, heard = _listen_to(j, item, out, vocoder, asr)
+        items.append(shown)
+        if heard.get("skipped"):
+            numbers_skipped.append(heard["skipped"])
+        mcds += [heard["mcd"]] if "mcd" in heard else []
+        wers += [heard["wer"]] if "wer" in heard else []
+        seconds, spent = seconds + heard.get("seconds", 0.0), spent + heard.get("spent", 0.0)
+    numbers: dict[str, object] = {"samples": len(picked)}
+    if numbers_skipped:
+        numbers["samples_without_original"] = numbers_skipped
+    listen = {"items": items, "preview": bool(getattr(vocoder, "is_preview", False)),
+              "vocoder": vocoder.source if vocoder is not None else None, "asr": asr.name if asr is not None else None,
+              "wer": float(np.mean(wers)) if wers else None, "wer_count": len(wers),
+              "mcd": float(np.mean(mcds)) if mcds else None, "mcd_count": len(mcds)}
+    if vocoder is not None:
+        numbers["vocoder"] = vocoder.source
+        numbers["resynthesis_real_time_factor"] = round(seconds / max(spent, 1e-9), 2)
+    if wers:
+        numbers["resynthesis_wer"] = round(float(np.mean(wers)), 4)
+        numbers["resynthesis_asr"] = asr.spec
+    if mcds:
+        numbers["resynthesis_mcd_db"] = round(float(np.mean(mcds)), 3)
+    return listen, numbers
+
+
+def _listen_picks(dataset: Path, units: Path | None, vocoder, samples: int) -> list[dict]:
+    """What to listen to: the first ``samples`` utterances with units of the units folder (or, without one, the
+    first cross-modal TTS records), and one chain-of-modality spoken answer when there is a vocoder."""
     from ..io import iter_rows
-    from ..sources.decoding import decode_row
-    from ..units.vocoder import mel_cepstral_distortion
 
     picked: list[dict] = []
     if units is not None:
@@ -76,55 +106,46 @@ def _listen(dataset: Path, out: Path, units: Path | None, vocoder, samples: int,
                 picked.append({"id": r["id"], "text": r["response"], "units": r["response_units"], "durations": None,
                                "kind": "chain_of_modality [ua] answer"})
                 break
-    if not picked:
-        return None, {}
-    items, mcds, wers, seconds, spent, numbers_skipped = [], [], [], 0.0, 0.0, []
-    for j, item in enumerate(picked):
-        shown = {"kind": item["kind"], "id": str(item["id"]), "text": str(item.get("text") or ""), "original": None,
-                 "resynth": None, "mcd": None, "wer": None}
-        if "path" in item:
-            rate = vocoder.sample_rate if vocoder is not None else audio.TARGET_SR  # the original beside its resynthesis
-            wav = decode_row(item, item["root"], rate)
-            if isinstance(wav, str):
-                numbers_skipped.append(f"{item['id']}: original audio unavailable: {wav}")
-            else:
-                shown["original"] = f"audio/{j:02d}-original.wav"
-                audio.write_wav(out / shown["original"], wav, rate)
-        if vocoder is not None:
-            start = time.perf_counter()
-            wav = vocoder.synthesize(item["units"], item["durations"])
-            spent += time.perf_counter() - start
-            seconds += wav.size / vocoder.sample_rate
-            shown["resynth"] = f"audio/{j:02d}-resynth.wav"
-            audio.write_wav(out / shown["resynth"], wav, vocoder.sample_rate)
-        if shown["original"] and shown["resynth"]:
-            mcds.append(mel_cepstral_distortion(out / shown["original"], out / shown["resynth"]))
-            shown["mcd"] = f"{mcds[-1]:.2f}"
-        if asr is not None and shown["resynth"] and (item.get("text") or "").strip():
-            from ..judges.asr import BadAnswer, error_rates
+    return picked
 
-            heard = asr.transcribe([audio.resample(wav, vocoder.sample_rate)])[0]
-            rates = None if isinstance(heard, BadAnswer) else error_rates(item["text"], heard, asr.normalise)
-            if isinstance(rates, tuple):
-                wers.append(rates[0])
-                shown["wer"] = f"{rates[0]:.2f}"
-        items.append(shown)
-    numbers: dict[str, object] = {"samples": len(picked)}
-    if numbers_skipped:
-        numbers["samples_without_original"] = numbers_skipped
-    listen = {"items": items, "preview": bool(getattr(vocoder, "is_preview", False)),
-              "vocoder": vocoder.source if vocoder is not None else None, "asr": asr.name if asr is not None else None,
-              "wer": float(np.mean(wers)) if wers else None, "wer_count": len(wers),
-              "mcd": float(np.mean(mcds)) if mcds else None, "mcd_count": len(mcds)}
+
+def _listen_to(j: int, item: dict, out: Path, vocoder, asr) -> tuple[dict, dict]:
+    """One row of the listening table (its wav files written as ``audio/{j:02d}-*.wav``) and what was measured on
+    it: ``mcd``, ``wer``, the seconds synthesized and the seconds that took, or why the original was skipped."""
+    from .. import audio
+    from ..sources.decoding import decode_row
+    from ..units.vocoder import mel_cepstral_distortion
+
+    shown = {"kind": item["kind"], "id": str(item["id"]), "text": str(item.get("text") or ""), "original": None,
+             "resynth": None, "mcd": None, "wer": None}
+    heard: dict = {}
+    if "path" in item:
+        rate = vocoder.sample_rate if vocoder is not None else audio.TARGET_SR  # the original beside its resynthesis
+        wav = decode_row(item, item["root"], rate)
+        if isinstance(wav, str):
+            heard["skipped"] = f"{item['id']}: original audio unavailable: {wav}"
+        else:
+            shown["original"] = f"audio/{j:02d}-original.wav"
+            audio.write_wav(out / shown["original"], wav, rate)
     if vocoder is not None:
-        numbers["vocoder"] = vocoder.source
-        numbers["resynthesis_real_time_factor"] = round(seconds / max(spent, 1e-9), 2)
-    if wers:
-        numbers["resynthesis_wer"] = round(float(np.mean(wers)), 4)
-        numbers["resynthesis_asr"] = asr.spec
-    if mcds:
-        numbers["resynthesis_mcd_db"] = round(float(np.mean(mcds)), 3)
-    return listen, numbers
+        start = time.perf_counter()
+        wav = vocoder.synthesize(item["units"], item["durations"])
+        heard["spent"] = time.perf_counter() - start
+        heard["seconds"] = wav.size / vocoder.sample_rate
+        shown["resynth"] = f"audio/{j:02d}-resynth.wav"
+        audio.write_wav(out / shown["resynth"], wav, vocoder.sample_rate)
+    if shown["original"] and shown["resynth"]:
+        heard["mcd"] = mel_cepstral_distortion(out / shown["original"], out / shown["resynth"])
+        shown["mcd"] = f"{heard['mcd']:.2f}"
+    if asr is not None and shown["resynth"] and (item.get("text") or "").strip():
+        from ..judges.asr import BadAnswer, error_rates
+
+        said = asr.transcribe([audio.resample(wav, vocoder.sample_rate)])[0]
+        rates = None if isinstance(said, BadAnswer) else error_rates(item["text"], said, asr.normalise)
+        if isinstance(rates, tuple):
+            heard["wer"] = rates[0]
+            shown["wer"] = f"{rates[0]:.2f}"
+    return shown, heard
 
 
 def _rows(folder: Path, config: str, columns: list[str] | None):
@@ -211,28 +232,7 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
     """The quality section: DNSMOS and WER histograms per corpus (every scored utterance, from the workdir's
     ``*/scores``) and per record kind (the records kept), the gates' thresholds drawn on them, and the five
     utterances with the lowest DNSMOS, with their audio. None when nothing was scored."""
-    from .. import audio
-    from ..io import read_table
-    from ..sources.decoding import decode_row
-
-    quality = quality or {}
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    worst: list[tuple[float, str, Path]] = []  # (OVRL, id, scores file)
-    for folder in sorted(work.glob("*/scores")) if work is not None else []:
-        files = sorted(folder.glob("scores-*.parquet"))
-        tables = [read_table(f, columns=["id", "dnsmos_ovrl", "wer"]) for f in files]
-        if not tables:
-            continue
-        groups[f"corpus {folder.parent.name}"] = {c: np.concatenate([t.column(c).to_numpy(zero_copy_only=False) for t in tables])
-                                                  .astype(float) for c in ("dnsmos_ovrl", "wer")}
-        for f, t in zip(files, tables):
-            worst += [(v, uid, f) for uid, v in zip(t.column("id").to_pylist(), t.column("dnsmos_ovrl").to_pylist()) if v is not None]
-    for config in [name for name, kind in RECORD_KINDS.items() if kind.gated]:
-        if (dataset / "data" / config).is_dir():
-            rows = _read(dataset, config, ["dnsmos_ovrl", "wer"]) if _has_columns(dataset, config) else {}
-            if rows:
-                groups[f"records {config}"] = {c: np.array([np.nan if v is None else v for v in rows[c]], dtype=float)
-                                               for c in ("dnsmos_ovrl", "wer")}
+    groups, worst = _score_groups(dataset, work)
     numbers: dict[str, dict] = {}
     plots: list[tuple[str, str]] = []
     for column, name, gate, bins in SCORE_PLOTS:
@@ -241,7 +241,7 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
         if not series:
             continue
         numbers[column] = {label: {"count": int(v.size), "mean": round(float(v.mean()), 3)} for label, v in series.items()}
-        limit = quality.get(gate)
+        limit = (quality or {}).get(gate)
 
         def draw(ax, series=series, name=name, limit=limit, bins=bins):
             for label, values in series.items():
@@ -255,10 +255,45 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
     if not numbers:
         return None, [], {}
     section = {"table": [[column, label, v["count"], f"{v['mean']:.3f}"] for column, by in numbers.items() for label, v in by.items()],
-               "worst": []}
-    worst = sorted(worst)[:5]
-    manifest_rows: dict[Path, dict[str, dict]] = {}  # each manifest shard read once, for the rows wanted from it
-    specs: dict[Path, dict] = {}  # each scores folder's score.json read once
+               "worst": _worst_utterances(sorted(worst)[:5], out)}
+    return section, plots, {"quality": numbers}
+
+
+def _score_groups(dataset: Path, work: Path | None) -> tuple[dict[str, dict[str, np.ndarray]], list]:
+    """DNSMOS OVRL and WER per group (``corpus NAME``: every scored utterance of the workdir's ``*/scores``;
+    ``records KIND``: the records kept), and (OVRL, id, scores file) of every scored utterance."""
+    from ..io import read_table
+
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    scored: list[tuple[float, str, Path]] = []
+    for folder in sorted(work.glob("*/scores")) if work is not None else []:
+        files = sorted(folder.glob("scores-*.parquet"))
+        tables = [read_table(f, columns=["id", "dnsmos_ovrl", "wer"]) for f in files]
+        if not tables:
+            continue
+        groups[f"corpus {folder.parent.name}"] = {c: np.concatenate([t.column(c).to_numpy(zero_copy_only=False) for t in tables])
+                                                  .astype(float) for c in ("dnsmos_ovrl", "wer")}
+        for f, t in zip(files, tables):
+            scored += [(v, uid, f) for uid, v in zip(t.column("id").to_pylist(), t.column("dnsmos_ovrl").to_pylist()) if v is not None]
+    for config in [name for name, kind in RECORD_KINDS.items() if kind.gated]:
+        if (dataset / "data" / config).is_dir():
+            rows = _read(dataset, config, ["dnsmos_ovrl", "wer"]) if _has_columns(dataset, config) else {}
+            if rows:
+                groups[f"records {config}"] = {c: np.array([np.nan if v is None else v for v in rows[c]], dtype=float)
+                                               for c in ("dnsmos_ovrl", "wer")}
+    return groups, scored
+
+
+def _worst_utterances(worst: list[tuple[float, str, Path]], out: Path) -> list[list]:
+    """[id, OVRL, text, wav file or None] of each of ``worst``, its audio written as ``audio/worst-N.wav``: each
+    manifest shard read once, for the rows wanted from it, and each scores folder's ``score.json`` once."""
+    from .. import audio
+    from ..io import read_table
+    from ..sources.decoding import decode_row
+
+    shown: list[list] = []
+    manifest_rows: dict[Path, dict[str, dict]] = {}
+    specs: dict[Path, dict] = {}
     for value, uid, scores_file in worst:
         if scores_file.parent not in specs:
             specs[scores_file.parent] = json.loads((scores_file.parent / "score.json").read_text())
@@ -273,10 +308,10 @@ def _quality(dataset: Path, out: Path, work: Path | None, quality: dict | None) 
         wav = decode_row(row, spec["root"]) if row else "manifest row not found"
         file = None
         if not isinstance(wav, str):
-            file = f"audio/worst-{len(section['worst'])}.wav"
+            file = f"audio/worst-{len(shown)}.wav"
             audio.write_wav(out / file, wav)
-        section["worst"].append([uid, f"{value:.2f}", str(row.get("text") or "") if row else "", file])
-    return section, plots, {"quality": numbers}
+        shown.append([uid, f"{value:.2f}", str(row.get("text") or "") if row else "", file])
+    return shown
 
 
 def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | None:

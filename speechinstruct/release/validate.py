@@ -92,43 +92,64 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
             errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
     errors += record_problems(r)  # markup and control characters: the check compose makes before writing
     if any(rule in ("markup", "control-character") for rule, _ in errors):
-        return errors  # the shape checks below would only repeat it
+        return errors  # the kind's rules (its text's shape) would only repeat it
     if kind in RULES:  # what a kind's schema cannot say of it
         errors += RULES[kind](r, k)
-    if kind in ("cross_modal", "chain_of_modality"):
-        text = r["plain_text"]
-        if (r["prompt"], r["completion"]) != (r["prefix"], text):
-            errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
-        if not markers_balanced(text):
-            errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
-            return errors
-        shape = r["task"] if kind == "cross_modal" else r["format"]
-        m = SHAPES[shape].fullmatch(text)
-        if not m:
-            errors.append(("shape", f"plain_text does not have the {shape} shape"))
-            return errors
-        if kind == "cross_modal":
-            mark = find_markup(m.group("instruction"))
-            if mark:
-                errors.append(("markup", f"the instruction holds record markup {mark!r}"))
-            if m.group("units") != to_text(r["units"]):
-                errors.append(("units-match", "units in plain_text differ from the units column"))
-            if m.group("text") != r["transcript"]:
-                errors.append(("text-match", "text in plain_text differs from the transcript column"))
-            elif text != cross_modal_text(r["task"], m.group("instruction"), r["transcript"], to_text(r["units"])):
-                errors.append(("shape", "plain_text does not match its columns"))
-        else:
-            groups = m.groupdict()
-            if groups.get("q_units") is not None and groups["q_units"] != to_text(r["instruction_units"]):
-                errors.append(("units-match", "instruction units in plain_text differ from instruction_units"))
-            if groups.get("a_units") is not None and groups["a_units"] != to_text(r["response_units"]):
-                errors.append(("units-match", "response units in plain_text differ from response_units"))
-            needs_q, needs_a = shape.startswith("speech"), shape.endswith("speech")
-            if bool(r["instruction_units"]) != needs_q or bool(r["response_units"]) != needs_a:
-                errors.append(("units-match", f"{shape} record has unit columns filled wrongly"))
-            if text != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
-                    and not any(rule == "units-match" for rule, _ in errors):
-                errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
+    return errors
+
+
+def _shaped(r: dict, shape: str) -> tuple[list[tuple[str, str]], re.Match | None]:
+    """A cross-modal or chain-of-modality record's prompt/completion and the shape of its plain_text: the
+    errors, and the match of its shape (None when the shape does not hold)."""
+    errors = []
+    text = r["plain_text"]
+    if (r["prompt"], r["completion"]) != (r["prefix"], text):
+        errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
+    if not markers_balanced(text):
+        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+        return errors, None
+    m = SHAPES[shape].fullmatch(text)
+    if not m:
+        errors.append(("shape", f"plain_text does not have the {shape} shape"))
+    return errors, m
+
+
+def _cross_modal_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A cross-modal record's plain_text has its task's shape and holds its instruction, units and transcript."""
+    errors, m = _shaped(r, r["task"])
+    if m is None:
+        return errors
+    text = r["plain_text"]
+    mark = find_markup(m.group("instruction"))
+    if mark:
+        errors.append(("markup", f"the instruction holds record markup {mark!r}"))
+    if m.group("units") != to_text(r["units"]):
+        errors.append(("units-match", "units in plain_text differ from the units column"))
+    if m.group("text") != r["transcript"]:
+        errors.append(("text-match", "text in plain_text differs from the transcript column"))
+    elif text != cross_modal_text(r["task"], m.group("instruction"), r["transcript"], to_text(r["units"])):
+        errors.append(("shape", "plain_text does not match its columns"))
+    return errors
+
+
+def _chain_of_modality_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A chain-of-modality record's plain_text has its format's shape, and its unit columns are filled as the
+    format says and are the units in the text."""
+    shape = r["format"]
+    errors, m = _shaped(r, shape)
+    if m is None:
+        return errors
+    groups = m.groupdict()
+    if groups.get("q_units") is not None and groups["q_units"] != to_text(r["instruction_units"]):
+        errors.append(("units-match", "instruction units in plain_text differ from instruction_units"))
+    if groups.get("a_units") is not None and groups["a_units"] != to_text(r["response_units"]):
+        errors.append(("units-match", "response units in plain_text differ from response_units"))
+    needs_q, needs_a = shape.startswith("speech"), shape.endswith("speech")
+    if bool(r["instruction_units"]) != needs_q or bool(r["response_units"]) != needs_a:
+        errors.append(("units-match", f"{shape} record has unit columns filled wrongly"))
+    if r["plain_text"] != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
+            and not any(rule == "units-match" for rule, _ in errors):
+        errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
     return errors
 
 
@@ -199,7 +220,8 @@ def _duplex_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
     return errors
 
 
-RULES = {"dialogue": _dialogue_errors, "interleaved": _interleaved_errors, "duplex": _duplex_errors}
+RULES = {"cross_modal": _cross_modal_errors, "chain_of_modality": _chain_of_modality_errors,
+         "dialogue": _dialogue_errors, "interleaved": _interleaved_errors, "duplex": _duplex_errors}
 
 
 def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:

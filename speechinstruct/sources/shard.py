@@ -114,16 +114,8 @@ def shard_corpus(
     keep = parse_splits(splits)
     split_map = parse_split_map(split_map)
     remote = storage.redacted(str(root)) if storage.is_url(root) else None
-    refused: tuple[str, ...] = ()  # bucket keys that would be written outside the copy (``..``)
-    if remote:  # a bucket or the Hub: read from its copy in the cache (downloaded once)
-        if SOURCES[corpus].pattern_root:
-            root = storage.local_pattern(str(root))
-        else:
-            copy = storage.mirror(str(root))
-            root, refused = copy.path, copy.refused
-    if storage.is_url(reader_options.get("audio_root") or ""):
-        reader_options["audio_root"] = storage.local(reader_options["audio_root"])
-    root, out = Path(root), Path(out)
+    root, refused = local_root(corpus, root, reader_options)
+    out = Path(out)
     problem = root_problem(corpus, root)
     if problem:
         raise FileNotFoundError(f"{root}: corpus root {problem}")
@@ -133,25 +125,10 @@ def shard_corpus(
         reader_options["audio_root"] = str(audio_root)
     out.mkdir(parents=True, exist_ok=True)
 
-    shards, tally, seen_ids = ManifestShards(out, shard_hours), Tally(), set()
+    shards, tally = ManifestShards(out, shard_hours), Tally()
     for name in refused:
         tally.skip(Skip(name, "unsafe name in the bucket", "it would be written outside the copy ('..'); not copied"))
-    for item in all_readers[corpus](root, **with_known_license(corpus, reader_options)):
-        if isinstance(item, Note):
-            tally.notes.append(item.text)
-        elif isinstance(item, Skip):
-            tally.skip(item)
-        elif item["id"] in seen_ids:
-            tally.skip(Skip(item["path"], "duplicate id", item["id"]))
-        else:
-            seen_ids.add(item["id"])
-            if item["corpus_split"] in split_map:
-                item["split"] = split_of(item["corpus_split"], split_map)
-            if keep is not None and item["split"] not in keep:
-                tally.left_out[item["split"]] += 1
-                continue
-            tally.kept(item)
-            shards.add(item)
+    write_rows(all_readers[corpus](root, **with_known_license(corpus, reader_options)), shards, tally, keep, split_map)
     written = shards.close()
 
     counts = tally.summary(split_map)
@@ -169,3 +146,41 @@ def shard_corpus(
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def local_root(corpus: str, root: str | Path, reader_options: dict) -> tuple[Path, tuple[str, ...]]:
+    """The corpus root (and ``reader_options["audio_root"]``) where the reader can open it: a bucket or the Hub
+    read from its copy in the cache (downloaded once); with the bucket keys that were not copied because they
+    would be written outside the copy (``..``)."""
+    refused: tuple[str, ...] = ()
+    if storage.is_url(root):
+        if SOURCES[corpus].pattern_root:
+            root = storage.local_pattern(str(root))
+        else:
+            copy = storage.mirror(str(root))
+            root, refused = copy.path, copy.refused
+    if storage.is_url(reader_options.get("audio_root") or ""):
+        reader_options["audio_root"] = storage.local(reader_options["audio_root"])
+    return Path(root), refused
+
+
+def write_rows(items, shards: ManifestShards, tally: Tally, keep: tuple[str, ...] | None, split_map: dict) -> None:
+    """A reader's items into the shards: notes and skips counted, repeated ids skipped, each row's split as the
+    split map says, rows of splits not kept counted as left out."""
+    seen_ids: set[str] = set()
+    for item in items:
+        if isinstance(item, Note):
+            tally.notes.append(item.text)
+        elif isinstance(item, Skip):
+            tally.skip(item)
+        elif item["id"] in seen_ids:
+            tally.skip(Skip(item["path"], "duplicate id", item["id"]))
+        else:
+            seen_ids.add(item["id"])
+            if item["corpus_split"] in split_map:
+                item["split"] = split_of(item["corpus_split"], split_map)
+            if keep is not None and item["split"] not in keep:
+                tally.left_out[item["split"]] += 1
+                continue
+            tally.kept(item)
+            shards.add(item)
