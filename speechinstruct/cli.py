@@ -184,34 +184,35 @@ def shard(
     """Read a corpus into sharded Parquet manifests, every row with its split: LibriSpeech, LibriLight, GigaSpeech,
     Common Voice in their native layouts, a Hugging Face audio dataset, lhotse manifests, a Kaldi data directory,
     WebDataset tar shards (webdataset), or raw recordings of any length cut at speech by silero-vad (audio)."""
+    from .sources.corpora import option_problem
     from .sources.shard import shard_corpus
 
-    options = {"license": license, "splits": splits, "split_map": split_map or None}
-    if corpus in (Corpus.librilight, Corpus.audio):
-        options["max_seconds"] = max_seconds
-    if (asr or base_url) and corpus is not Corpus.audio:
-        fail(f"--asr and --base-url are for `shard audio` (a {corpus.value} corpus has its transcripts)")
+    # each source's own options (SOURCES[...].options); a flag given for a source that does not take it is one line
+    values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
+              "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
+              "audio_root": audio_root}
+    given = {**values, "max_seconds": None if max_seconds == 30.0 else max_seconds, "asr": asr, "base_url": base_url,
+             "speakers": speakers or None, "audio_column": None if audio_column == "audio" else audio_column,
+             "text_column": None if text_column == "text" else text_column}
+    foreign = [name for name, value in given.items() if value is not None and option_problem(corpus.value, name)]
+    if foreign:
+        takers = sorted({source for name in foreign for source, s in SOURCES.items() if name in s.options})
+        own = "".join(f", --{o.replace('_', '-')}" for o in SOURCES[corpus.value].options)
+        fail(f"{' and '.join('--' + f.replace('_', '-') for f in foreign)} {'is' if len(foreign) == 1 else 'are'} for "
+             f"`shard {'/'.join(takers)}` (a {corpus.value} corpus takes --license, --splits, --split-map{own})")
     if base_url and not asr:
         fail("--base-url needs --asr: the model name at that server (`openai`: whisper-1)")
+    options = {"license": license, "splits": splits, "split_map": split_map or None,
+               **{name: value for name, value in values.items() if name in SOURCES[corpus.value].options}}
     if asr:
         options.update(asr=asr, base_url=base_url, device=device)
-    if speakers and corpus is not Corpus.audio:
-        fail(f"--speakers is for `shard audio` (a {corpus.value} corpus names its speakers)")
     if speakers:
         options.update(speakers=True, speaker_threshold=speaker_threshold)
-    if corpus is Corpus.gigaspeech:
-        options["subset"] = subset
-    if corpus is Corpus.commonvoice:
-        options["tsv"] = tsv
     if corpus is Corpus.hf:
         from .sources.corpora.hf import local_folder
         from .sources.storage import is_url
 
         root = root if is_url(root) else local_folder(root)  # a URL is copied by shard_corpus
-        options.update(audio_column=audio_column, text_column=text_column, id_column=id_column,
-                       speaker_column=speaker_column, split=split)
-    if corpus in (Corpus.lhotse, Corpus.kaldi):
-        options["audio_root"] = audio_root
     summary = shard_corpus(corpus.value, root, out, shard_hours=shard_hours, **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)

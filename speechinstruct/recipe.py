@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .llm import URL_CREDENTIALS
-from .sources.corpora import SOURCES, root_problem
+from .sources.corpora import SOURCES, option_problem, root_problem
 from .sources.storage import is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
@@ -67,7 +68,15 @@ class CorpusOptions(Section):
 class Corpus(Section):
     name: Literal[tuple(n for n, s in SOURCES.items() if not s.generated)]  # the demo corpus: demo_corpus
     root: str
-    options: CorpusOptions = CorpusOptions()
+    options: CorpusOptions = CorpusOptions()  # the fields of every source; each takes those SOURCES names
+
+    @model_validator(mode="after")
+    def _options_of_its_source(self) -> "Corpus":
+        for option in sorted(self.options.model_fields_set):
+            problem = option_problem(self.name, option)
+            if problem:  # located at options.<option> by load_recipe (ctx "key")
+                raise PydanticCustomError("not_an_option", "{problem}", {"key": ("options", option), "problem": problem})
+        return self
 
 
 class Shard(Section):
@@ -320,7 +329,7 @@ def load_recipe(path: str | Path) -> dict:
     except ValidationError as e:
         for err in e.errors(include_url=False, include_input=False):
             message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{_where(err['loc'])}: {message}")
+            problems.append(f"{_where((*err['loc'], *(err.get('ctx') or {}).get('key', ())))}: {message}")
         recipe = None
     if recipe is not None and not missing:  # unset variables would only show up again as missing folders
         problems += _references(recipe)

@@ -171,7 +171,7 @@ def test_shard_audio_asr_with_a_transformers_model_hears_what_score_hears(senten
     heard = TransformersASR(str(model)).transcribe([decode_row(r, root) for r in rows])
     assert [r["text"] for r in rows] == [t or None for t in heard] and any(heard)
     refused = runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "x"), "--asr", str(model)])
-    assert refused.exit_code == 2 and "--asr and --base-url are for `shard audio`" in refused.stderr
+    assert refused.exit_code == 2 and "--asr is for `shard audio`" in refused.stderr
 
 
 def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_path):

@@ -273,3 +273,34 @@ def test_the_corpus_registry_is_what_the_cli_the_recipe_and_the_card_offer():
     readers_source = "".join((Path(__file__).parents[1] / "speechinstruct/sources/corpora" / f"{s.module}.py").read_text()
                              for s in SOURCES.values())
     assert "DEFAULT_LICENSES" not in readers_source  # no reader fills it in again
+
+
+def test_an_option_a_source_does_not_take_is_one_line_everywhere(librispeech_root, tmp_path):
+    """Each source declares the options its reader takes (corpora.SOURCES): an option of another source (a Common
+    Voice TSV for LibriSpeech) is one line naming it, in a recipe, on the command line and in a library call; it
+    had been accepted by the recipe and then stopped `run` with a TypeError traceback."""
+    import inspect
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+    from speechinstruct.recipe import RecipeError, load_recipe
+    from speechinstruct.sources.corpora import SOURCES
+
+    for name, source in SOURCES.items():  # the registry says what each reader really takes
+        taken = set(inspect.signature(source.reader()).parameters) - {"root"}
+        assert set(source.options) <= taken, name
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "demo_corpus": None, "corpora": [
+        {"name": "librispeech", "root": str(librispeech_root), "options": {"tsv": "validated.tsv", "splits": "train"}}]}))
+    with pytest.raises(RecipeError, match=r"corpora\[0\]\.options\.tsv: not an option of librispeech") as said:
+        load_recipe(recipe)
+    assert "Traceback" not in str(said.value) and "Value error" not in str(said.value)
+    done = CliRunner().invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "m"), "--tsv", "x.tsv"])
+    assert done.exit_code == 2 and "--tsv is for `shard commonvoice`" in done.stderr, done.output
+    with pytest.raises(ValueError, match="tsv: not an option of librispeech"):
+        shard_corpus("librispeech", librispeech_root, tmp_path / "m2", tsv="x.tsv")
+    assert not (tmp_path / "m2").exists()
+    kept = CliRunner().invoke(app, ["shard", "commonvoice", str(tmp_path / "nowhere"), str(tmp_path / "m3"), "--tsv", "x.tsv"])
+    assert "is for `shard" not in kept.output  # commonvoice takes it (and then finds no folder)

@@ -14,8 +14,8 @@ from .. import recipe as settings, records
 from ..io import write_json, write_parquet
 from ..recipe import default
 from . import storage
-from .corpora import (SOURCES, Note, Skip, audio_roots, languages, parse_split_map, parse_splits, readers,
-                      root_problem, split_of, split_word, with_known_license)
+from .corpora import (SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
+                      readers, root_problem, split_of, split_word, with_known_license)
 
 MAX_LISTED_SKIPS = 1000
 
@@ -111,6 +111,9 @@ def shard_corpus(
         raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(all_readers)}")
     if shard_hours <= 0:
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
+    for option in reader_options:
+        if option_problem(corpus, option):
+            raise ValueError(f"{option}: {option_problem(corpus, option)}")
     keep = parse_splits(splits)
     split_map = parse_split_map(split_map)
     remote = storage.redacted(str(root)) if storage.is_url(root) else None
