@@ -849,7 +849,7 @@ def train(
                      gradient_checkpointing=gradient_checkpointing, attention=attention,
                      lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig.from_dict(settings)
+    cfg = TrainConfig.from_dict(settings, str(config) if config else f"stage {stage}'s training settings")
     result = run_train(stage, base_model, data, out, cfg, resume=resume)
     _print_json({k: v for k, v in result.items() if k != "history"} | {"last": result["history"][-1:] })
 

@@ -247,6 +247,68 @@ class Recipe(Section):
         return corpora
 
 
+MASKS = ("prefix", "prompt", "assistant", "none")  # train: where the loss is off (labels -100)
+
+
+class Train(Section):
+    """``speechinstruct train``'s settings: generic defaults; ``model.train.settings_for_stage(N)`` gives
+    SpeechGPT's per stage (the packaged ``recipes/train-stage{N}.yaml``)."""
+
+    epochs: Union[int, float] = Field(3, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    block_size: int = Field(1024, ge=1)   # stage 1 packing
+    max_length: int = Field(512, ge=1)    # stages 2 and 3 (SpeechGPT: 512 and 1024)
+    mask: str = "prefix"                  # labels -100 over: prefix (SpeechGPT), prompt (answer-only loss),
+                                          # assistant (all but every [SpeechGPT] turn), none
+    configs: Optional[list[str]] = None   # the dataset configs to train on (default: the stage's, CONFIG_FOR_STAGE)
+    scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: Optional[list[str]] = None  # default: what peft knows for the architecture (LLaMA: q_proj, v_proj)
+    merge: bool = False                   # stage 3: also save base + adapter merged
+    bf16: Optional[bool] = None           # default: on when a GPU supports it
+    attention: str = "sdpa"               # the model's attention kernel: sdpa (torch's fused), eager, flash_attention_2
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % more time
+    seed: int = 0
+    save_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1)    # also evaluate on the validation split every N steps (always at the end)
+    eval_batches: Optional[int] = Field(None, ge=1)  # at most this many validation batches per evaluation
+
+    @field_validator("mask")
+    @classmethod
+    def _a_mask(cls, mask):
+        if mask not in MASKS:
+            raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
+        return mask
+
+    @field_validator("configs", mode="before")
+    @classmethod
+    def _configs(cls, configs):
+        return [c.strip() for c in configs.split(",") if c.strip()] if isinstance(configs, str) else configs
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "training settings") -> "Train":
+        """Settings from a mapping (a YAML file, the CLI's options); one line naming the first wrong key."""
+        unknown = set(data) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(cls.model_fields)}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            error = e.errors(include_url=False)[0]
+            raise ValueError(f"{where}: {_where(error['loc'])} {data.get(error['loc'][0])!r}: "
+                             f"{error['msg'].removeprefix('Value error, ')}") from None
+
+
 def default(section: type[Section], name: str):
     """The default of setting ``name`` of a recipe ``section``, where it is declared once: the CLI's options and
     the stage functions' keyword defaults are read from here."""

@@ -444,3 +444,22 @@ def test_gradient_checkpointing_and_the_attention_kernel_leave_the_losses_as_the
         assert [h["loss"] for h in other["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-4)
     with pytest.raises(ValueError, match="attention 'nonsense'"):
         T.train(2, base_model, dataset, tmp_path / "d", fast(max_steps=1, attention="nonsense"))
+
+
+def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
+    """train's settings are a recipe section (recipe.Train): a wrong value in a settings file or an option is one
+    line naming it, before any model is loaded; the packaged stage files hold only known, valid settings."""
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+
+    bad = tmp_path / "train.yaml"
+    for text, said in (("lr: -1\n", "lr -1: Input should be greater than 0"),
+                       ("batch_size: 0\n", "batch_size 0: Input should be greater than or equal to 1"),
+                       ("mask: response\n", "mask 'response': mask must be one of prefix, prompt, assistant, none"),
+                       ("lr_typo: 1\n", "unknown training settings ['lr_typo']")):
+        bad.write_text(text)
+        done = CliRunner().invoke(app, ["train", "--stage", "2", "--base-model", str(tmp_path / "none"), "--data",
+                                        str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--config", str(bad)])
+        assert done.exit_code == 2 and said in done.stderr and "Traceback" not in done.output, done.output
+    assert not (tmp_path / "o").exists()
+    assert T.TrainConfig.from_dict({"configs": "dialogue, pretrain"}).configs == ["dialogue", "pretrain"]

@@ -32,69 +32,22 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")  # SpeechGPT's; not <eoa>
 CONFIG_FOR_STAGE = {1: "pretrain", 2: "cross_modal", 3: "chain_of_modality"}
-MASKS = ("prefix", "prompt", "assistant", "none")
 HUMAN_MARK = "[Human]:"
 
 
-@dataclass
-class TrainConfig:
-    """Generic defaults; ``settings_for_stage(N)`` gives SpeechGPT's per stage (packaged
-    ``recipes/train-stage{N}.yaml``)."""
-
-    epochs: float = 3
-    lr: float = 2e-5
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int | None = None
-    block_size: int = 1024            # stage 1 packing
-    max_length: int = 512             # stages 2 and 3 (SpeechGPT: 512 and 1024)
-    mask: str = "prefix"              # labels -100 over: prefix (SpeechGPT), prompt (answer-only loss),
-                                      # assistant (all but every [SpeechGPT] turn), none
-    configs: list[str] | None = None  # the dataset configs to train on (default: the stage's, CONFIG_FOR_STAGE)
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # default: what peft knows for the architecture (LLaMA: q_proj, v_proj)
-    merge: bool = False               # stage 3: also save base + adapter merged
-    bf16: bool | None = None          # default: on when a GPU supports it
-    attention: str = "sdpa"           # the model's attention kernel: sdpa (torch's fused), eager, flash_attention_2
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % more time
-    seed: int = 0
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    eval_every: int | None = None     # also evaluate on the validation split every N steps (always at the end)
-    eval_batches: int | None = None   # at most this many validation batches per evaluation
-
-    def __post_init__(self):
-        if self.mask not in MASKS:
-            raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
-        if isinstance(self.configs, str):
-            self.configs = [c.strip() for c in self.configs.split(",") if c.strip()]
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+TrainConfig = Train  # the training settings, declared with the recipe's sections (recipe.Train)
 
 
 def settings_for_stage(stage: int) -> dict:
@@ -513,6 +466,6 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg,
-                   {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **asdict(cfg)})
+                   {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump()})
     return {"stage": stage, "steps": step, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}
