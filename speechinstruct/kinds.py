@@ -3,9 +3,11 @@
 Each kind is a config of the published dataset, a ``schemas/{name}.json`` and a folder of the compose output. What
 other modules list per kind is derived from here: the record kinds ``records`` knows, the configs ``publish``
 writes and the card counts, the kinds ``validate`` checks, the compose summaries that name the units folders they
-read, the report's samples and quality histograms, and the compose stages ``run`` publishes. Adding a kind: its
-schema, an entry here, its composer (a function writing ``{split}-*.parquet`` files into ``composed/{name}``), its
-CLI command and recipe section, and (where the schema cannot say it) its rule in ``validate.RULES``.
+read, the report's samples and quality histograms, and the compose stages ``run`` publishes. A kind's code is one
+module, ``compose/{name}.py``: its composer (a function named for the kind, writing ``{split}-*.parquet`` files into
+``composed/{name}``) and, for what its schema cannot say, ``record_errors(record, k)``, which ``validate`` applies.
+Adding a kind: its schema, an entry here, its module, and its CLI command, recipe section and ``run`` stage (the
+README walks through one).
 
 No imports: every module may read it.
 """

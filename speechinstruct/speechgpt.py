@@ -203,3 +203,28 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
     """``ids`` with the tokenizer's BOS token in front, once (none when it has no BOS token)."""
     bos = tokenizer.bos_token_id
     return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+
+def markers_balanced(text: str) -> bool:
+    depth = 0
+    for m in re.finditer(r"<sosp>|<eosp>", text):
+        depth += 1 if m.group(0) == "<sosp>" else -1
+        if depth not in (0, 1):
+            return False
+    return depth == 0
+
+
+def shape_errors(r: dict, shape: str) -> tuple[list[tuple[str, str]], re.Match | None]:
+    """A cross-modal or chain-of-modality record's prompt/completion and the shape of its plain_text: the
+    errors, and the match of its shape (None when the shape does not hold)."""
+    errors = []
+    text = r["plain_text"]
+    if (r["prompt"], r["completion"]) != (r["prefix"], text):
+        errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
+    if not markers_balanced(text):
+        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+        return errors, None
+    m = SHAPES[shape].fullmatch(text)
+    if not m:
+        errors.append(("shape", f"plain_text does not have the {shape} shape"))
+    return errors, m

@@ -159,3 +159,20 @@ def test_progress_bars_follow_the_log_level(librispeech_root, tmp_path, capsys):
     finally:
         logger.setLevel(level)
         logger.handlers[:] = handlers
+
+
+def test_each_record_kind_is_one_module_with_its_composer_and_its_rule():
+    """kinds.RECORD_KINDS: every kind has compose/{kind}.py holding a composer named for it; the kinds whose
+    schema cannot say everything hold ``record_errors`` there, which validate applies (and nothing else does)."""
+    import importlib
+
+    from speechinstruct.kinds import RECORD_KINDS
+    from speechinstruct.release.validate import kind_rule
+
+    for name in RECORD_KINDS:
+        module = importlib.import_module(f"speechinstruct.compose.{name}")
+        assert callable(getattr(module, name)), name
+        assert kind_rule(name) is getattr(module, "record_errors", None)
+    assert {n for n in RECORD_KINDS if kind_rule(n)} == {"cross_modal", "chain_of_modality", "dialogue", "interleaved",
+                                                         "duplex"}
+    assert kind_rule("units") is None and kind_rule("manifest") is None

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..audio import AudioError
 from ..io import write_json
 from ..judges import ScoreError
-from ..speechgpt import DEFAULT_PREFIX, FORMATS, com_text
+from ..speechgpt import DEFAULT_PREFIX, FORMATS, com_text, shape_errors, to_text
 from .common import RecordRefused, _draw, finish, write_chunks
 from .speech import SpeechRejected, Speaker, rewrite_for_speech, speakable, unfit_for_speech, worst
 from .texts import decontaminated, unique_pairs
@@ -108,3 +108,24 @@ def chain_of_modality(source: str | Path, out: str | Path, tokenizer, tts, llm=N
                **speaker.tokenizer_spec(), "dropped_examples": dropped[:200]}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def record_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A chain-of-modality record's plain_text has its format's shape, and its unit columns are filled as the
+    format says and are the units in the text."""
+    shape = r["format"]
+    errors, m = shape_errors(r, shape)
+    if m is None:
+        return errors
+    groups = m.groupdict()
+    if groups.get("q_units") is not None and groups["q_units"] != to_text(r["instruction_units"]):
+        errors.append(("units-match", "instruction units in plain_text differ from instruction_units"))
+    if groups.get("a_units") is not None and groups["a_units"] != to_text(r["response_units"]):
+        errors.append(("units-match", "response units in plain_text differ from response_units"))
+    needs_q, needs_a = shape.startswith("speech"), shape.endswith("speech")
+    if bool(r["instruction_units"]) != needs_q or bool(r["response_units"]) != needs_a:
+        errors.append(("units-match", f"{shape} record has unit columns filled wrongly"))
+    if r["plain_text"] != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
+            and not any(rule == "units-match" for rule, _ in errors):
+        errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
+    return errors

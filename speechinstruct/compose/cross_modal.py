@@ -19,7 +19,7 @@ from .. import recipe as settings
 from ..io import write_json
 from ..recipe import default
 from ..sources.corpora.base import SPLITS, split_name
-from ..speechgpt import DEFAULT_PREFIX, cross_modal_text, text_problem
+from ..speechgpt import DEFAULT_PREFIX, cross_modal_text, find_markup, shape_errors, text_problem, to_text
 from . import templates as templates_mod
 from .common import QualityGate, RecordRefused, _draw, finish, gated_units
 
@@ -98,3 +98,21 @@ def _count_written(out: Path, part: str | None, counts: collections.Counter) -> 
             for pair in pa.compute.value_counts(tasks).to_pylist():
                 counts[pair["values"]] += pair["counts"]
     return by_split
+
+
+def record_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A cross-modal record's plain_text has its task's shape and holds its instruction, units and transcript."""
+    errors, m = shape_errors(r, r["task"])
+    if m is None:
+        return errors
+    text = r["plain_text"]
+    mark = find_markup(m.group("instruction"))
+    if mark:
+        errors.append(("markup", f"the instruction holds record markup {mark!r}"))
+    if m.group("units") != to_text(r["units"]):
+        errors.append(("units-match", "units in plain_text differ from the units column"))
+    if m.group("text") != r["transcript"]:
+        errors.append(("text-match", "text in plain_text differs from the transcript column"))
+    elif text != cross_modal_text(r["task"], m.group("instruction"), r["transcript"], to_text(r["units"])):
+        errors.append(("shape", "plain_text does not match its columns"))
+    return errors

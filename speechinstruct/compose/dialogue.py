@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ..audio import AudioError
 from ..io import write_json
 from ..judges import ScoreError
-from ..speechgpt import DEFAULT_PREFIX, dialogue_messages, dialogue_text
+from ..speechgpt import DEFAULT_PREFIX, dialogue_messages, dialogue_text, markers_balanced
 from .common import RecordRefused, finish, write_chunks
 from .speech import SpeechRejected, Speaker, rewrite_for_speech, speakable, unfit_text, worst
 from .texts import decontaminated, read_objects, unique_items
@@ -170,3 +170,26 @@ def dialogue(source: str | Path, out: str | Path, tokenizer, tts, llm=None, pref
                "dropped_examples": dropped[:200]}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def record_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A dialogue's columns agree with each other, and its plain_text and messages are the ones they make."""
+    errors = []
+    for column in ("user_units", "assistant_units"):
+        bad = [u for turn in r[column] for u in turn if k is not None and not 0 <= u < k]
+        if bad:
+            errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    columns = (r["user_texts"], r["assistant_texts"], r["user_units"], r["assistant_units"])
+    if any(len(c) != r["turns"] for c in columns):
+        errors.append(("turns", f"turns is {r['turns']}, the per-turn columns have {[len(c) for c in columns]}"))
+        return errors
+    if errors:
+        return errors
+    exchanges = list(zip(*columns))
+    if not markers_balanced(r["plain_text"]):
+        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
+    elif r["plain_text"] != dialogue_text(exchanges):
+        errors.append(("shape", "plain_text is not the dialogue its per-turn columns make"))
+    if r["messages"] != dialogue_messages(r["prefix"], exchanges):
+        errors.append(("messages", "messages are not the dialogue its per-turn columns make"))
+    return errors

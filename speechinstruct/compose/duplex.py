@@ -310,3 +310,27 @@ def _file_name(uid: str) -> str:
     if name != uid:
         name += "-" + hashlib.sha1(uid.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return name
+
+
+def record_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """A duplex record's channels have one length in frames, its text streams one entry a frame, its alignments
+    are in order, and each word stands in its speaker's stream at the frame it starts in."""
+    errors = []
+    frames, codebooks = len(r["main_text"]), r["codebooks"]
+    if len(r["other_text"]) != frames or len(r["main_units"]) != frames * codebooks or len(r["other_units"]) != frames * codebooks:
+        errors.append(("frames", f"{frames} frames of text but {len(r['other_text'])}, and {len(r['main_units'])} / "
+                                 f"{len(r['other_units'])} units for {codebooks} codebooks a frame"))
+        return errors
+    bad = [u for u in r["main_units"] + r["other_units"] if k is not None and not 0 <= u < k]
+    if bad:
+        errors.append(("unit-range", f"units outside [0, {k}): {bad[:5]}"))
+    starts = [a["start"] for a in r["alignments"]]
+    if starts != sorted(starts) or any(a["end"] <= a["start"] or a["end"] > r["duration"] + 1e-3 for a in r["alignments"]):
+        errors.append(("alignments", "alignments out of order, or a word that ends before it starts or after the file"))
+    streams = {"SPEAKER_MAIN": r["main_text"], "SPEAKER_OTHER": r["other_text"]}
+    for a in r["alignments"]:
+        frame = min(frames - 1, int(a["start"] * r["frame_rate"]))
+        if not set(a["word"].split()) <= set(streams[a["speaker"]][frame].split()):  # an entry may be "in the"
+            errors.append(("text-stream", f"{a['word']!r} at {a['start']} s is not in the {a['speaker']} stream's frame {frame}"))
+            break
+    return errors

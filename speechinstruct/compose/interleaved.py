@@ -125,3 +125,21 @@ def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words
                "units": str(units_dir.resolve()), "dropped_examples": dropped}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary
+
+
+def record_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
+    """An interleaved record's segments alternate, speech segments (only) hold units, and its text is theirs."""
+    modalities, texts, segments = r["modalities"], r["segment_texts"], r["segment_units"]
+    if not len(modalities) == len(texts) == len(segments):
+        return [("segments", f"{len(modalities)} modalities, {len(texts)} texts, {len(segments)} unit lists")]
+    errors = []
+    if any(a == b for a, b in zip(modalities, modalities[1:])):
+        errors.append(("segments", "two segments of one modality follow each other"))
+    if any(bool(units) != (modality == "speech") for modality, units in zip(modalities, segments)):
+        errors.append(("segments", "a speech segment without units or a text segment with units"))
+    bad = [u for units in segments for u in units if k is not None and not 0 <= u < k]
+    if bad:
+        errors.append(("unit-range", f"segment_units has ids outside [0, {k}): {bad[:5]}"))
+    if not errors and r["text"] != interleaved_text(modalities, texts, segments):
+        errors.append(("shape", "text is not the sequence its segments make"))
+    return errors

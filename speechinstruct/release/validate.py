@@ -23,7 +23,8 @@ Rules, each with a name that appears in the report:
 from __future__ import annotations
 
 import collections
-import re
+import functools
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,7 @@ from .. import records
 from ..io import iter_rows, naming
 from ..kinds import RECORD_KINDS
 from ..shardfiles import folder_k
-from ..speechgpt import (SHAPES, com_text, cross_modal_text, dialogue_messages, dialogue_text, find_markup,
-                         record_problems, to_text)
+from ..speechgpt import record_problems, to_text
 
 CONTENT_KINDS = tuple(RECORD_KINDS)
 
@@ -55,14 +55,6 @@ class Report:
         return {"ok": self.ok, "k": self.k, "records": self.records, "failed_records": self.failed,
                 "errors_by_rule": dict(sorted(self.by_rule.items())), "errors": self.examples}
 
-
-def markers_balanced(text: str) -> bool:
-    depth = 0
-    for m in re.finditer(r"<sosp>|<eosp>", text):
-        depth += 1 if m.group(0) == "<sosp>" else -1
-        if depth not in (0, 1):
-            return False
-    return depth == 0
 
 
 def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
@@ -93,135 +85,21 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
     errors += record_problems(r)  # markup and control characters: the check compose makes before writing
     if any(rule in ("markup", "control-character") for rule, _ in errors):
         return errors  # the kind's rules (its text's shape) would only repeat it
-    if kind in RULES:  # what a kind's schema cannot say of it
-        errors += RULES[kind](r, k)
+    rule = kind_rule(kind)
+    if rule is not None:  # what a kind's schema cannot say of it
+        errors += rule(r, k)
     return errors
 
 
-def _shaped(r: dict, shape: str) -> tuple[list[tuple[str, str]], re.Match | None]:
-    """A cross-modal or chain-of-modality record's prompt/completion and the shape of its plain_text: the
-    errors, and the match of its shape (None when the shape does not hold)."""
-    errors = []
-    text = r["plain_text"]
-    if (r["prompt"], r["completion"]) != (r["prefix"], text):
-        errors.append(("prompt-completion", "prompt/completion are not prefix/plain_text"))
-    if not markers_balanced(text):
-        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
-        return errors, None
-    m = SHAPES[shape].fullmatch(text)
-    if not m:
-        errors.append(("shape", f"plain_text does not have the {shape} shape"))
-    return errors, m
+@functools.cache
+def kind_rule(kind: str):
+    """A record kind's own rule (``record_errors(record, k)`` in its module, ``compose/{kind}.py``), or None."""
+    if kind not in RECORD_KINDS:
+        return None
+    return getattr(importlib.import_module(f"speechinstruct.compose.{kind}"), "record_errors", None)
 
 
-def _cross_modal_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
-    """A cross-modal record's plain_text has its task's shape and holds its instruction, units and transcript."""
-    errors, m = _shaped(r, r["task"])
-    if m is None:
-        return errors
-    text = r["plain_text"]
-    mark = find_markup(m.group("instruction"))
-    if mark:
-        errors.append(("markup", f"the instruction holds record markup {mark!r}"))
-    if m.group("units") != to_text(r["units"]):
-        errors.append(("units-match", "units in plain_text differ from the units column"))
-    if m.group("text") != r["transcript"]:
-        errors.append(("text-match", "text in plain_text differs from the transcript column"))
-    elif text != cross_modal_text(r["task"], m.group("instruction"), r["transcript"], to_text(r["units"])):
-        errors.append(("shape", "plain_text does not match its columns"))
-    return errors
 
-
-def _chain_of_modality_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
-    """A chain-of-modality record's plain_text has its format's shape, and its unit columns are filled as the
-    format says and are the units in the text."""
-    shape = r["format"]
-    errors, m = _shaped(r, shape)
-    if m is None:
-        return errors
-    groups = m.groupdict()
-    if groups.get("q_units") is not None and groups["q_units"] != to_text(r["instruction_units"]):
-        errors.append(("units-match", "instruction units in plain_text differ from instruction_units"))
-    if groups.get("a_units") is not None and groups["a_units"] != to_text(r["response_units"]):
-        errors.append(("units-match", "response units in plain_text differ from response_units"))
-    needs_q, needs_a = shape.startswith("speech"), shape.endswith("speech")
-    if bool(r["instruction_units"]) != needs_q or bool(r["response_units"]) != needs_a:
-        errors.append(("units-match", f"{shape} record has unit columns filled wrongly"))
-    if r["plain_text"] != com_text(shape, r["instruction"], r["response"], r["instruction_units"], r["response_units"]) \
-            and not any(rule == "units-match" for rule, _ in errors):
-        errors.append(("text-match", "instruction/response in plain_text differ from their columns"))
-    return errors
-
-
-def _dialogue_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
-    """A dialogue's columns agree with each other, and its plain_text and messages are the ones they make."""
-    errors = []
-    for column in ("user_units", "assistant_units"):
-        bad = [u for turn in r[column] for u in turn if k is not None and not 0 <= u < k]
-        if bad:
-            errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
-    columns = (r["user_texts"], r["assistant_texts"], r["user_units"], r["assistant_units"])
-    if any(len(c) != r["turns"] for c in columns):
-        errors.append(("turns", f"turns is {r['turns']}, the per-turn columns have {[len(c) for c in columns]}"))
-        return errors
-    if errors:
-        return errors
-    exchanges = list(zip(*columns))
-    if not markers_balanced(r["plain_text"]):
-        errors.append(("unit-markers", "<sosp>/<eosp> unbalanced or nested in plain_text"))
-    elif r["plain_text"] != dialogue_text(exchanges):
-        errors.append(("shape", "plain_text is not the dialogue its per-turn columns make"))
-    if r["messages"] != dialogue_messages(r["prefix"], exchanges):
-        errors.append(("messages", "messages are not the dialogue its per-turn columns make"))
-    return errors
-
-
-def _interleaved_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
-    """An interleaved record's segments alternate, speech segments (only) hold units, and its text is theirs."""
-    from ..compose.interleaved import interleaved_text
-
-    modalities, texts, segments = r["modalities"], r["segment_texts"], r["segment_units"]
-    if not len(modalities) == len(texts) == len(segments):
-        return [("segments", f"{len(modalities)} modalities, {len(texts)} texts, {len(segments)} unit lists")]
-    errors = []
-    if any(a == b for a, b in zip(modalities, modalities[1:])):
-        errors.append(("segments", "two segments of one modality follow each other"))
-    if any(bool(units) != (modality == "speech") for modality, units in zip(modalities, segments)):
-        errors.append(("segments", "a speech segment without units or a text segment with units"))
-    bad = [u for units in segments for u in units if k is not None and not 0 <= u < k]
-    if bad:
-        errors.append(("unit-range", f"segment_units has ids outside [0, {k}): {bad[:5]}"))
-    if not errors and r["text"] != interleaved_text(modalities, texts, segments):
-        errors.append(("shape", "text is not the sequence its segments make"))
-    return errors
-
-
-def _duplex_errors(r: dict, k: int | None) -> list[tuple[str, str]]:
-    """A duplex record's channels have one length in frames, its text streams one entry a frame, its alignments
-    are in order, and each word stands in its speaker's stream at the frame it starts in."""
-    errors = []
-    frames, codebooks = len(r["main_text"]), r["codebooks"]
-    if len(r["other_text"]) != frames or len(r["main_units"]) != frames * codebooks or len(r["other_units"]) != frames * codebooks:
-        errors.append(("frames", f"{frames} frames of text but {len(r['other_text'])}, and {len(r['main_units'])} / "
-                                 f"{len(r['other_units'])} units for {codebooks} codebooks a frame"))
-        return errors
-    bad = [u for u in r["main_units"] + r["other_units"] if k is not None and not 0 <= u < k]
-    if bad:
-        errors.append(("unit-range", f"units outside [0, {k}): {bad[:5]}"))
-    starts = [a["start"] for a in r["alignments"]]
-    if starts != sorted(starts) or any(a["end"] <= a["start"] or a["end"] > r["duration"] + 1e-3 for a in r["alignments"]):
-        errors.append(("alignments", "alignments out of order, or a word that ends before it starts or after the file"))
-    streams = {"SPEAKER_MAIN": r["main_text"], "SPEAKER_OTHER": r["other_text"]}
-    for a in r["alignments"]:
-        frame = min(frames - 1, int(a["start"] * r["frame_rate"]))
-        if not set(a["word"].split()) <= set(streams[a["speaker"]][frame].split()):  # an entry may be "in the"
-            errors.append(("text-stream", f"{a['word']!r} at {a['start']} s is not in the {a['speaker']} stream's frame {frame}"))
-            break
-    return errors
-
-
-RULES = {"cross_modal": _cross_modal_errors, "chain_of_modality": _chain_of_modality_errors,
-         "dialogue": _dialogue_errors, "interleaved": _interleaved_errors, "duplex": _duplex_errors}
 
 
 def _targets(path: Path) -> list[tuple[str, str, list[Path]]]:
