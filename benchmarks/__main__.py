@@ -52,6 +52,7 @@ def timed(fn, *args, **kwargs):
 
 
 def demo_corpus(work: Path, sentences: int, shard_hours: float = 0.05) -> Path:
+    from speechinstruct import recipe as sections
     from speechinstruct.sources.demo import make_demo_corpus
     from speechinstruct.sources.shard import shard_corpus
 
@@ -60,7 +61,7 @@ def demo_corpus(work: Path, sentences: int, shard_hours: float = 0.05) -> Path:
         make_demo_corpus(root, sentences, seed=0)
     manifest = work / (f"manifest-{sentences}" if shard_hours == 0.05 else f"manifest-{sentences}-{shard_hours:g}h")
     if not manifest.exists():
-        shard_corpus("speechinstruct-demo", root, manifest, shard_hours=shard_hours)
+        shard_corpus("speechinstruct-demo", root, manifest, sections.Shard(shard_hours=shard_hours))
     return manifest
 
 
@@ -355,6 +356,7 @@ def _stage_rss_mb(stage: str, manifest: Path, work: Path, kmeans: Path) -> float
 def bench_memory(work: Path, quick: bool) -> list[dict]:
     """Each stage at 1x and 8x the corpus, with the default shard size (10 h: every corpus here is ONE shard,
     so a stage that held a shard would grow 8x)."""
+    from speechinstruct import recipe as sections
     from speechinstruct.units.cluster import cluster
 
     small = 40 if quick else 150
@@ -366,7 +368,7 @@ def bench_memory(work: Path, quick: bool) -> list[dict]:
         folder.mkdir()
         for stage in STAGE_CODE:
             if stage == "quantize" and times == 1:
-                cluster(folder / "features", work / "mem-km", k=50)
+                cluster(folder / "features", work / "mem-km", sections.KMeans(k=50))
             rss[stage][times] = _stage_rss_mb(stage, manifest, folder, work / "mem-km")
     return [{"name": f"{stage} peak RSS, {small} vs {small * 8} utterances in one shard", "baseline": "1x corpus",
              "baseline_mb": r[1], "ours_mb": r[8], "ratio": r[8] / r[1], "target": "<= 1.2x"} for stage, r in rss.items()]
@@ -500,6 +502,7 @@ def bench_recordings(work: Path, quick: bool) -> list[dict]:
 
 def bench_compose(work: Path, quick: bool) -> list[dict]:
     from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct import recipe as sections
     from speechinstruct.units.cluster import cluster
     from speechinstruct.units.quantize import quantize
     from speechinstruct.units import load_kmeans
@@ -508,7 +511,7 @@ def bench_compose(work: Path, quick: bool) -> list[dict]:
     features = mfcc(work, manifest)
     units = work / f"units-{manifest.name}"
     if not units.exists():
-        cluster(features, work / f"km-{manifest.name}", k=50)
+        cluster(features, work / f"km-{manifest.name}", sections.KMeans(k=50))
         quantize(features, load_kmeans(work / f"km-{manifest.name}"), units)
     shutil.rmtree(work / "cm", ignore_errors=True)
     summary, t = timed(cross_modal, units, work / "cm")
@@ -596,6 +599,7 @@ def bench_startup(work: Path, quick: bool) -> list[dict]:
     """``speechinstruct --help`` and ``validate DATASET`` wall time, this checkout vs the baseline commit's
     package (``git archive`` of it, run from a temporary folder), alternating, best of N each."""
     from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct import recipe as sections
     from speechinstruct.units.cluster import cluster
     from speechinstruct.release.publish import publish
     from speechinstruct.units.quantize import quantize
@@ -605,7 +609,7 @@ def bench_startup(work: Path, quick: bool) -> list[dict]:
     features = mfcc(work, manifest)
     units, dataset = work / "startup-units", work / "startup-dataset"
     if not dataset.exists():
-        cluster(features, work / "startup-km", k=20)
+        cluster(features, work / "startup-km", sections.KMeans(k=20))
         quantize(features, load_kmeans(work / "startup-km"), units)
         cross_modal(units, work / "startup-composed" / "cross_modal")
         publish(work / "startup-composed", dataset)
@@ -768,6 +772,7 @@ def bench_dedup(work: Path, quick: bool) -> list[dict]:
 def dedup_recall(work: Path, quick: bool) -> list[dict]:
     from test_dedup import COPIES, copy_of, spoken_sentences, write_utterances
 
+    from speechinstruct import recipe as sections
     from speechinstruct.units.cluster import cluster
     from speechinstruct.curate.dedup import dedup
     from speechinstruct.sources.demo import sentences
@@ -800,7 +805,7 @@ def dedup_recall(work: Path, quick: bool) -> list[dict]:
         tag = name.split()[0].lower()
         if not (base / f"units-{tag}").exists():
             extract(base / "manifest", base / f"features-{tag}", extractor)
-            cluster(base / f"features-{tag}", base / f"km-{tag}", k=100)
+            cluster(base / f"features-{tag}", base / f"km-{tag}", sections.KMeans(k=100))
             quantize(base / f"features-{tag}", load_kmeans(base / f"km-{tag}"), base / f"units-{tag}")
         shutil.rmtree(base / f"out-{tag}", ignore_errors=True)
         dedup(base / f"units-{tag}", base / f"out-{tag}")

@@ -213,7 +213,7 @@ def shard(
         from .sources.storage import is_url
 
         root = root if is_url(root) else local_folder(root)  # a URL is copied by shard_corpus
-    summary = shard_corpus(corpus.value, root, out, shard_hours=shard_hours, **options)
+    summary = shard_corpus(corpus.value, root, out, settings.checked(settings.Shard, shard_hours=shard_hours), **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)
 
@@ -271,8 +271,8 @@ def extract(
 
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
-    settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16, dtype=dtype,
-                     device=device, workers=workers, layer=layer, codebooks=codebooks)
+    cfg = settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16,
+                           dtype=dtype, device=device, workers=workers, layer=layer, codebooks=codebooks)
     km = load_kmeans(kmeans) if kmeans else None
     # the Ray engine ships a CPU copy to its actors, which move it to their own device
     extractor = load_tokenizer(features.value, checkpoint, layer, "cpu" if engine == "ray" else _device(device),
@@ -282,15 +282,12 @@ def extract(
     if engine == "ray":
         from .units.engine_ray import extract_ray
 
-        stats = extract_ray(manifest, out, extractor, root=root, batch_seconds=batch_seconds,
-                            float16=float16, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
+        stats = extract_ray(manifest, out, extractor, cfg, root=root, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
                             cpus_per_actor=cpus_per_actor, address=ray_address, num_shards=num_shards,
-                            shard_index=shard_index, device=None if device == "auto" else device,
+                            shard_index=shard_index,
                             block_seconds=block_seconds, max_retries=max_retries)
     else:
-        stats = run_extract(manifest, out, extractor,
-                            root=root, batch_seconds=batch_seconds, float16=float16, num_shards=num_shards,
-                            shard_index=shard_index, workers=workers)
+        stats = run_extract(manifest, out, extractor, cfg, root=root, num_shards=num_shards, shard_index=shard_index)
     _print_json(stats)
 
 
@@ -309,8 +306,8 @@ def cluster(
     """Fit FAISS k-means on a random sample of feature frames."""
     from .units.cluster import cluster as run_cluster
 
-    settings.checked(settings.KMeans, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo)
-    _print_json(run_cluster(features, out, k=k, max_frames=max_frames, seed=seed, niter=niter, nredo=nredo))
+    _print_json(run_cluster(features, out, settings.checked(settings.KMeans, k=k, max_frames=max_frames, seed=seed,
+                                                            niter=niter, nredo=nredo)))
 
 
 @command(app)
@@ -362,12 +359,10 @@ def dedup(
     folder's own validation and test rows always count as evaluation data."""
     from .curate.dedup import dedup as run_dedup
 
-    settings.checked(settings.Dedup, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
-                     similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript)
-    summary = run_dedup(units, out, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
-                        similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript,
-                        speaker_disjoint=speaker_disjoint, audio_hash=audio_hash, scores=scores, num_shards=num_shards,
-                        shard_index=shard_index)
+    cfg = settings.checked(settings.Dedup, eval=eval or [], ngram=ngram, num_perm=num_perm, threshold=threshold,
+                           similarity=similarity, eval_ngram=eval_ngram, max_per_transcript=max_per_transcript,
+                           speaker_disjoint=speaker_disjoint, audio_hash=audio_hash)
+    summary = run_dedup(units, out, cfg, scores=scores, num_shards=num_shards, shard_index=shard_index)
     _print_json({k: v for k, v in summary.items() if k != "examples"})
 
 
@@ -446,11 +441,11 @@ def compose_cross_modal(
     from .compose.cross_modal import cross_modal
     from .speechgpt import DEFAULT_PREFIX
 
-    settings.checked(settings.CrossModal, mode=mode, asr_fraction=asr_fraction)
+    cfg = settings.checked(settings.CrossModal, mode=mode, asr_fraction=asr_fraction)
     prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
     sets = {t: templates.load(src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
-    _print_json(cross_modal(units, out, sets["asr"], sets["tts"], mode=mode, asr_fraction=asr_fraction,
-                            prefix=prefix, seed=seed, num_shards=num_shards, shard_index=shard_index))
+    _print_json(cross_modal(units, out, sets["asr"], sets["tts"], cfg, prefix=prefix, seed=seed, num_shards=num_shards,
+                            shard_index=shard_index))
 
 
 @command(compose_app, "pretrain")
@@ -467,9 +462,8 @@ def compose_pretrain(
     """Stage-1 unit text: one <sosp>…<eosp> per utterance, in its audio's split (train, validation, test)."""
     from .compose.pretrain import pretrain
 
-    settings.checked(settings.Pretrain, dev_fraction=dev_fraction)
-    _print_json(pretrain(units, out, dev_fraction=dev_fraction, seed=seed, num_shards=num_shards,
-                         shard_index=shard_index))
+    _print_json(pretrain(units, out, settings.checked(settings.Pretrain, dev_fraction=dev_fraction), seed=seed,
+                         num_shards=num_shards, shard_index=shard_index))
 
 
 def _speech_maker(out: Path, cache_dir, tts: str, tts_model: str, voices: str | None, rewrite: bool, base_url, model,
@@ -520,15 +514,15 @@ def compose_chain_of_modality(
     """Chain-of-modality dialogues: text pairs → (LLM rewrite) → TTS → units, in four formats."""
     from .compose.chain_of_modality import chain_of_modality
 
-    settings.checked(settings.ChainOfModality, tts=tts, rewrite=rewrite, all_formats=all_formats, license=license,
-                     max_pairs=max_pairs)
+    cfg = settings.checked(settings.ChainOfModality, tts=tts, tts_model=tts_model, rewrite=rewrite,
+                           all_formats=all_formats, license=license, max_pairs=max_pairs)
     llm, engine, tokenizer = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
                                            features, checkpoint, layer, codebooks, kmeans, device)
     summary = chain_of_modality(
-        instructions, out, tokenizer, engine, llm=llm,
-        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), all_formats=all_formats, seed=seed,
-        license=license, instruction_column=instruction_column, response_column=response_column,
-        id_column=id_column, max_pairs=max_pairs, eval_texts=_eval_texts(eval))
+        instructions, out, tokenizer, engine, cfg, llm=llm,
+        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), seed=seed,
+        instruction_column=instruction_column, response_column=response_column, id_column=id_column,
+        eval_texts=_eval_texts(eval))
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -559,8 +553,8 @@ def compose_interleaved(
     units: Path = typer.Argument(..., parser=_input, help="A units folder (extract --kmeans, quantize, or a codec) whose rows have word "
                                  "alignments (TextGrids beside the corpus audio, lhotse alignments, the demo corpus)."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for {split}-*.parquet."),
-    min_words: int = typer.Option(1, min=1, help="Fewest words in a segment."),
-    max_words: int = typer.Option(6, min=1, help="Most words in a segment."),
+    min_words: int = typer.Option(default(settings.Interleaved, "min_words"), help="Fewest words in a segment."),
+    max_words: int = typer.Option(default(settings.Interleaved, "max_words"), help="Most words in a segment."),
     seed: int = typer.Option(default(settings.Compose, "seed")),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
@@ -569,9 +563,9 @@ def compose_interleaved(
     """Text and speech interleaved at word boundaries (SpiritLM's [TEXT]/[SPEECH]), for stage-1-style pretraining."""
     from .compose.interleaved import interleaved
 
-    _print_json({k: v for k, v in interleaved(units, out, seed=seed, min_words=min_words, max_words=max_words,
-                                              num_shards=num_shards, shard_index=shard_index).items()
-                 if k != "dropped_examples"})
+    cfg = settings.checked(settings.Interleaved, min_words=min_words, max_words=max_words)
+    summary = interleaved(units, out, cfg, seed=seed, num_shards=num_shards, shard_index=shard_index)
+    _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
 @command(compose_app, "dialogue")
@@ -604,11 +598,12 @@ def compose_dialogue(
     chat-format `messages` beside SpeechGPT's markup."""
     from .compose.dialogue import dialogue
 
-    settings.checked(settings.Dialogue, tts=tts, rewrite=rewrite, license=license, max_dialogues=max_dialogues)
+    cfg = settings.checked(settings.Dialogue, tts=tts, tts_model=tts_model, rewrite=rewrite, license=license,
+                           max_dialogues=max_dialogues)
     llm, engine, tokenizer = _speech_maker(out, cache_dir, tts, tts_model, voices, rewrite, base_url, model, max_requests,
                                            features, checkpoint, layer, codebooks, kmeans, device)
-    summary = dialogue(conversations, out, tokenizer, engine, llm=llm, seed=seed, license=license,
-                       id_column=id_column, max_dialogues=max_dialogues, eval_texts=_eval_texts(eval))
+    summary = dialogue(conversations, out, tokenizer, engine, cfg, llm=llm, seed=seed, id_column=id_column,
+                       eval_texts=_eval_texts(eval))
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -646,16 +641,15 @@ def compose_duplex(
     from .sources.tts import make_tts
     from .units.tokenizer import load_tokenizer
 
-    settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate, gap_sd=gap_sd,
-                     interruption_rate=interruption_rate, backchannel_rate=backchannel_rate)
+    cfg = settings.checked(settings.Duplex, max_conversations=max_conversations, sample_rate=sample_rate,
+                           gap_mean=gap_mean, gap_sd=gap_sd, interruption_rate=interruption_rate,
+                           backchannel_rate=backchannel_rate)
     if tts != "espeak":
         fail(f"--tts {tts}: compose duplex needs word timings from the TTS itself, which only espeak gives")
     engine = make_tts(tts, None, model=tts_model, voices=[v.strip() for v in voices.split(",")] if voices else None)
     tokenizer = load_tokenizer(features.value, checkpoint, layer, _device(device), codebooks=codebooks,
                                kmeans=kmeans) if features else None
-    summary = duplex(conversations, out, engine, seed=seed, sample_rate=sample_rate, max_conversations=max_conversations,
-                     gap_mean=gap_mean, gap_sd=gap_sd, interruption_rate=interruption_rate,
-                     backchannel_rate=backchannel_rate, tokenizer=tokenizer)
+    summary = duplex(conversations, out, engine, cfg, seed=seed, tokenizer=tokenizer)
     _print_json({k: v for k, v in summary.items() if k != "dropped_examples"})
 
 
@@ -678,8 +672,8 @@ def publish(
     formats = {f.strip() for f in format.split(",") if f.strip()}
     if not formats <= {"hf", "speechgpt"} or not formats:
         fail(f"--format {format!r}: choose hf or hf,speechgpt")
-    meta = run_publish(compose_dir, out, name=name, push_to_hub=push_to_hub, save_to_disk=save_to_disk,
-                       eval_splits=eval_splits, speechgpt_files="speechgpt" in formats)
+    meta = run_publish(compose_dir, out, settings.checked(settings.Output, eval_splits=eval_splits), name=name,
+                       push_to_hub=push_to_hub, save_to_disk=save_to_disk, speechgpt_files="speechgpt" in formats)
     _print_json({"dataset": str(out), "k": meta["k"], "counts": meta["counts"], "hours": meta["hours"],
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 

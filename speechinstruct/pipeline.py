@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
+from . import __version__, recipe as sections
 from .io import remove_stale_temps, sha256_file, sha256_json, write_json
 from .kinds import RECORD_KINDS
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
@@ -318,14 +318,13 @@ class Job:
         self.stamps[f"shard:{n}"] = self.runner.stage(
             f"shard {n}", base / "manifest", {"corpus": n, "root": c["root"] if is_url(c["root"]) else str(Path(c["root"]).resolve()), **shard, **(c.get("options") or {})},
             [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
-            lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest",
-                                        shard_hours=shard["shard_hours"], **(c.get("options") or {}))))
+            lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
+                                        **(c.get("options") or {}))))
         self.score_corpus(c)
         target = base / ("units" if self.codec else "features")  # a codec's extract writes the units
         self.stamps[f"extract:{n}"] = self.runner.stage(
             f"extract {n} ({f['kind']})", target, self.feature_settings, [self.stamps[f"shard:{n}"]],
-            lambda: extract(base / "manifest", target, self.extractor(), batch_seconds=f["batch_seconds"],
-                            float16=f["float16"], workers=f["workers"]))
+            lambda: extract(base / "manifest", target, self.extractor(), sections.Features(**f)))
         if self.codec:
             self.stamps[f"units:{n}"] = self.stamps[f"extract:{n}"]
 
@@ -341,11 +340,11 @@ class Job:
         if km_cfg["path"]:
             self.stamps["kmeans"] = sha256_file(self.km_path / "centroids.npy" if self.km_path.is_dir() else self.km_path)
         else:
-            fit_settings = {k: km_cfg[k] for k in ("k", "max_frames", "seed", "niter", "nredo")}
+            fit = sections.KMeans(**km_cfg)
             first = self.names[0]
             self.stamps["kmeans"] = self.runner.stage(
-                f"cluster (k={km_cfg['k']}, on {first})", self.km_path, fit_settings, [self.stamps[f"extract:{first}"]],
-                lambda: cluster(work / first / "features", self.km_path, **fit_settings))
+                f"cluster (k={fit.k}, on {first})", self.km_path, fit.model_dump(exclude={"path"}),
+                [self.stamps[f"extract:{first}"]], lambda: cluster(work / first / "features", self.km_path, fit))
         for n in self.names:
             self.stamps[f"units:{n}"] = self.runner.stage(
                 f"quantize {n}", work / n / "units", {}, [self.stamps[f"extract:{n}"], self.stamps["kmeans"]],
@@ -371,7 +370,8 @@ class Job:
         stamp = self.runner.stage(
             "dedup", self.work / "dedup", cfg, [self.stamps[f"units:{n}"] for n in self.names] + scored,
             lambda: _brief(dedup([self.work / n / "units" for n in self.names], [self.units_dir(n) for n in self.names],
-                                 scores=[self.work / n / "scores" if self.scoring else None for n in self.names], **cfg)))
+                                 sections.Dedup(**cfg),
+                                 scores=[self.work / n / "scores" if self.scoring else None for n in self.names])))
         for n in self.names:
             self.stamps[f"units:{n}"] = stamp
         self.stamps["dedup"] = stamp
@@ -407,8 +407,8 @@ class Job:
             {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
              "templates": {t: sets[t]["version"] for t in sets}, **gated},
             [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora),
-            lambda: [cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"], mode=cm["mode"],
-                                         asr_fraction=cm["asr_fraction"], seed=seed, part=n, **self.scores_of(n))
+            lambda: [cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"],
+                                 sections.CrossModal(**cm), seed=seed, part=n, **self.scores_of(n))
                      for n in cm_corpora])
         pt = c_cfg["pretrain"]
         pt_corpora = pt.get("corpora") or self.names
@@ -416,7 +416,8 @@ class Job:
             "compose pretrain", composed / "pretrain",
             {"dev_fraction": pt["dev_fraction"], "seed": seed, "corpora": pt_corpora, **gated},
             [self.stamps[f"units:{n}"] for n in pt_corpora] + scored(pt_corpora),
-            lambda: [pretrain(self.units_dir(n), composed / "pretrain", pt["dev_fraction"], seed=seed, part=n, **self.scores_of(n)) for n in pt_corpora])
+            lambda: [pretrain(self.units_dir(n), composed / "pretrain", sections.Pretrain(**pt), seed=seed, part=n,
+                              **self.scores_of(n)) for n in pt_corpora])
         com = c_cfg["chain_of_modality"]
         llm = self._llm() if recipe["llm"] and (com["rewrite"] or com["tts"] == "openai") else None
         self.stamps["chain_of_modality"] = self.runner.stage(
@@ -427,8 +428,8 @@ class Job:
             lambda: _brief(chain_of_modality(
                 com["instructions"], composed / "chain_of_modality", self.tokenizer(),
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
-                llm=llm if com["rewrite"] else None, all_formats=com["all_formats"], seed=seed,
-                license=com["license"], max_pairs=com["max_pairs"], eval_texts=self.eval_texts,
+                sections.ChainOfModality(**com), llm=llm if com["rewrite"] else None, seed=seed,
+                eval_texts=self.eval_texts,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
         self.compose_dialogues(seed)
@@ -452,11 +453,8 @@ class Job:
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
             [self.stamps["kmeans"], sha256_json(self.feature_settings)],
             lambda: _brief(duplex(
-                cfg["conversations"], composed / "duplex", make_tts(cfg["tts"], None, voices=voices), seed=seed,
-                sample_rate=cfg["sample_rate"], max_conversations=cfg["max_conversations"], gap_mean=cfg["gap_mean"],
-                gap_sd=cfg["gap_sd"], interruption_rate=cfg["interruption_rate"],
-                backchannel_rate=cfg["backchannel_rate"], tokenizer=self.tokenizer(),
-                license=cfg["license"],
+                cfg["conversations"], composed / "duplex", make_tts(cfg["tts"], None, voices=voices),
+                sections.Duplex(**cfg), seed=seed, tokenizer=self.tokenizer(),
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def compose_interleaved(self, seed: int, scored) -> None:
@@ -473,8 +471,8 @@ class Job:
             {"min_words": cfg["min_words"], "max_words": cfg["max_words"], "seed": seed, "corpora": names,
              **({"quality": asdict(self.gates())} if self.scoring else {})},
             [self.stamps[f"units:{n}"] for n in names] + scored(names),
-            lambda: [_brief(interleaved(self.units_dir(n), composed / "interleaved", seed=seed, min_words=cfg["min_words"],
-                                        max_words=cfg["max_words"], part=n, **self.scores_of(n)))
+            lambda: [_brief(interleaved(self.units_dir(n), composed / "interleaved", sections.Interleaved(**cfg),
+                                        seed=seed, part=n, **self.scores_of(n)))
                      for n in names])
 
     def compose_dialogues(self, seed: int) -> None:
@@ -497,9 +495,8 @@ class Job:
             lambda: _brief(dialogue(
                 dlg["conversations"], composed / "dialogue", self.tokenizer(),
                 make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm, model=dlg["tts_model"],
-                         voices=recipe["compose"]["voices"]), llm=llm if dlg["rewrite"] else None,
-                seed=seed, license=dlg["license"], max_dialogues=dlg["max_dialogues"],
-                eval_texts=self.eval_texts,
+                         voices=recipe["compose"]["voices"]), sections.Dialogue(**dlg),
+                llm=llm if dlg["rewrite"] else None, seed=seed, eval_texts=self.eval_texts,
                 **({"judge": self.judge(), "gates": self.gates(synthesized=True)} if self.scoring else {}))))
 
     def _llm(self):
@@ -519,7 +516,7 @@ class Job:
                                                                                            "chain_of_modality")]]
         self.stamps["publish"] = self.runner.stage(
             "publish", self.dataset, {"name": name, "eval_splits": eval_splits}, inputs,
-            lambda: _brief(publish(self.composed, self.dataset, name=name, eval_splits=eval_splits)))
+            lambda: _brief(publish(self.composed, self.dataset, sections.Output(**self.recipe["output"]), name=name)))
         self.runner.index += 1
         started = time.perf_counter()
         verdict = validate(self.dataset)

@@ -176,6 +176,7 @@ def commonvoice_root(tmp_path):
 @pytest.fixture
 def units_dir(librispeech_root, tmp_path):
     """A quantized mini corpus: LibriSpeech layout → manifest → MFCC → k-means (k=8) → units."""
+    from speechinstruct import recipe as sections
     from speechinstruct.units.cluster import cluster
     from speechinstruct.units.extract import extract
     from speechinstruct.units.features import MFCC
@@ -183,9 +184,9 @@ def units_dir(librispeech_root, tmp_path):
     from speechinstruct.sources.shard import shard_corpus
     from speechinstruct.units import load_kmeans
 
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", sections.Shard(shard_hours=2.5 / 3600))
     extract(tmp_path / "manifest", tmp_path / "features", MFCC())
-    cluster(tmp_path / "features", tmp_path / "kmeans", k=8)
+    cluster(tmp_path / "features", tmp_path / "kmeans", sections.KMeans(k=8))
     quantize(tmp_path / "features", load_kmeans(tmp_path / "kmeans"), tmp_path / "units")
     return tmp_path / "units"
 

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from speechinstruct import recipe as sections
 from speechinstruct import units
 from speechinstruct.compose.chain_of_modality import chain_of_modality
 from speechinstruct.compose.cross_modal import cross_modal
@@ -62,8 +63,8 @@ def many_units(units_dir, folder, n=300):
 
 
 def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
-    cross_modal(units_dir, tmp_path / "a", mode="random")
-    cross_modal(units_dir, tmp_path / "b", mode="random")
+    cross_modal(units_dir, tmp_path / "a", cfg=sections.CrossModal(mode="random"))
+    cross_modal(units_dir, tmp_path / "b", cfg=sections.CrossModal(mode="random"))
     for fa, fb in zip(sorted((tmp_path / "a").glob("*.parquet")), sorted((tmp_path / "b").glob("*.parquet"))):
         assert fa.read_bytes() == fb.read_bytes()
     assert len(read(tmp_path / "a")) == 4
@@ -71,7 +72,7 @@ def test_cross_modal_is_deterministic_and_seeded(units_dir, tmp_path):
     many = many_units(units_dir, tmp_path / "many", n=60)
     choices = {}
     for seed in (0, 7):
-        cross_modal(many, tmp_path / f"s{seed}", mode="random", seed=seed)
+        cross_modal(many, tmp_path / f"s{seed}", cfg=sections.CrossModal(mode="random"), seed=seed)
         choices[seed] = sorted((r["source_id"], r["task"], r["template_id"]) for r in read(tmp_path / f"s{seed}"))
     assert [c[0] for c in choices[0]] == [c[0] for c in choices[7]]
     assert sum(a != b for a, b in zip(choices[0], choices[7])) > 30
@@ -91,13 +92,13 @@ def test_templates_are_many_and_varied():
 def test_template_choice_spreads_over_the_set(units_dir, tmp_path):
     """300 ASR records draw from the whole set of 100-odd templates (about 101 distinct expected)."""
     many = many_units(units_dir, tmp_path / "many", n=300)
-    cross_modal(many, tmp_path / "cm", mode="asr")
+    cross_modal(many, tmp_path / "cm", cfg=sections.CrossModal(mode="asr"))
     used = {r["template_id"] for r in read(tmp_path / "cm")}
     assert len(used) > 85 and len(used) <= len(templates.builtin("asr")["templates"])
 
 
 def test_pretrain_split(units_dir, tmp_path):
-    summary = pretrain(units_dir, tmp_path / "pt", dev_fraction=0.5)
+    summary = pretrain(units_dir, tmp_path / "pt", sections.Pretrain(dev_fraction=0.5))
     train, dev = read(tmp_path / "pt", "train-*.parquet"), read(tmp_path / "pt", "validation-*.parquet")
     assert (summary["train"], summary["validation"]) == (len(train), len(dev)) and len(train) + len(dev) == 4
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in dev})
@@ -161,7 +162,8 @@ def test_chain_of_modality_four_formats(tmp_path, espeak):
     from speechinstruct.units.cluster import fit
     km = units.KMeans(fit(mfcc.features(wav, sr), 16, seed=0))
     tts = CachedTTS(espeak, tmp_path / "cache")
-    summary = chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
+    summary = chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts,
+                                sections.ChainOfModality(all_formats=True, max_pairs=12))
     rows = read(tmp_path / "com")
     assert summary["pairs"] == 12 and summary["records"] == len(rows) == 48
     by_format = {}
@@ -185,8 +187,10 @@ def test_chain_of_modality_four_formats(tmp_path, espeak):
     assert ss["voice"].startswith("espeak-ng:") and len(ss["instruction_units"]) > 10
     # rerun: every chunk done, nothing synthesized again; a fresh output folder reuses the TTS cache
     calls = tts.calls
-    chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
-    chain_of_modality("builtin", tmp_path / "com2", SpeechEncoder(km, mfcc), tts, all_formats=True, max_pairs=12)
+    chain_of_modality("builtin", tmp_path / "com", SpeechEncoder(km, mfcc), tts,
+                      sections.ChainOfModality(all_formats=True, max_pairs=12))
+    chain_of_modality("builtin", tmp_path / "com2", SpeechEncoder(km, mfcc), tts,
+                      sections.ChainOfModality(all_formats=True, max_pairs=12))
     assert tts.calls == calls
     assert read(tmp_path / "com2") == rows
 

@@ -15,6 +15,7 @@ import soundfile as sf
 import soxr
 from typer.testing import CliRunner
 
+from speechinstruct import recipe as sections
 from speechinstruct import audio
 from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
@@ -102,7 +103,7 @@ def planted(tmp_path_factory):
     shared = write_utterances(root, "train-clean-360", "300", [spoken[63]], chapter="2")  # a test speaker, in training
     shard_corpus("librispeech", root, tmp / "manifest")
     extract(tmp / "manifest", tmp / "features", MFCC())
-    cluster(tmp / "features", tmp / "km", k=100)
+    cluster(tmp / "features", tmp / "km", sections.KMeans(k=100))
     quantize(tmp / "features", load_kmeans(tmp / "km"), tmp / "units")
     return {"root": tmp, "originals": originals, "copies": copies, "test": test_ids, "contaminated": contaminated,
             "shared": shared, "texts": texts}
@@ -134,19 +135,19 @@ def test_evaluation_texts_and_audio_are_kept_out_and_a_rerun_is_the_same(planted
     """The test split's transcripts and audio count as evaluation data across the corpus: a training utterance
     reading a test sentence is dropped, as is one whose transcript holds 13 words of an evaluation text file."""
     (tmp_path / "bench.txt").write_text(f"Something else entirely.\n{planted['texts'][5].lower()}\n")  # a short text: whole
-    summary = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")])
+    summary = dedup(planted["root"] / "units", tmp_path / "out", sections.Dedup(eval=[str(tmp_path / "bench.txt")]))
     gone = dropped_rows(tmp_path / "out")
     assert gone[planted["contaminated"][0]]["reason"] in ("evaluation text", "evaluation audio")
     assert gone[planted["originals"][5]]["reason"] == "evaluation text" and "bench.txt:2" in gone[planted["originals"][5]]["duplicate_of"]
     assert not any(t in gone for t in planted["test"])  # evaluation rows are never dropped
     assert summary["checked_against"]["eval_sources"] == [{"source": str(tmp_path / "bench.txt"), "texts": 2, "utterances": 0}]
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
-    again = dedup(planted["root"] / "units", tmp_path / "out", eval=[str(tmp_path / "bench.txt")])
+    again = dedup(planted["root"] / "units", tmp_path / "out", sections.Dedup(eval=[str(tmp_path / "bench.txt")]))
     assert again == summary and {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
 
 
 def test_transcripts_are_capped_with_distinct_speakers_first_and_shared_speakers_reported(planted, tmp_path):
-    summary = dedup(planted["root"] / "units", tmp_path / "out", max_per_transcript=1, similarity=1.0)
+    summary = dedup(planted["root"] / "units", tmp_path / "out", sections.Dedup(max_per_transcript=1, similarity=1.0))
     gone = dropped_rows(tmp_path / "out")
     # the 12 sentences speaker 200 read again (5 copies each): one reading of each stays
     for i in range(12):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from speechinstruct import recipe as sections
 from speechinstruct import units
 from speechinstruct.cli import app
 from speechinstruct.units.cluster import fit
@@ -138,7 +139,8 @@ def test_publish_refuses_dialogues_and_pairs_spoken_into_two_vocabularies(compos
     espeak, mfcc, km = speech
     shutil.copytree(root / "composed" / "dialogue", tmp_path / "composed" / "dialogue")
     other = units.KMeans(km.centroids[:8])
-    chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", SpeechEncoder(other, mfcc), tts, max_pairs=2)
+    chain_of_modality("builtin", tmp_path / "composed" / "chain_of_modality", SpeechEncoder(other, mfcc), tts,
+                      sections.ChainOfModality(max_pairs=2))
     with pytest.raises(ValueError, match=r"two vocabularies .*chain_of_modality.summary.json: kmeans 8; .*dialogue.summary.json: kmeans 16\)"):
         publish(tmp_path / "composed", tmp_path / "dataset")
 
@@ -385,7 +387,7 @@ def test_voices_from_a_vits_model_folder_speak_dialogues_one_speaker_each(tiny_v
         torch.manual_seed(int(hashlib.sha256("2\0hello there".encode()).hexdigest()[:8], 16))
         theirs = model(**tok("hello there", return_tensors="pt"), speaker_id=2).waveform[0].numpy()
     assert np.allclose(first, theirs, atol=1e-6)
-    summary = dialogue("builtin", tmp_path / "out", SpeechEncoder(km, mfcc), tts, max_dialogues=3)
+    summary = dialogue("builtin", tmp_path / "out", SpeechEncoder(km, mfcc), tts, sections.Dialogue(max_dialogues=3))
     assert summary["records"] == 3
     for r in rows(tmp_path / "out"):
         assert sorted(r["voice"].split(",")) == ["vits:0@1", "vits:2@1"]  # two speakers, one voice each
@@ -400,7 +402,7 @@ def test_espeak_voices_can_be_chosen_and_a_missing_one_is_one_line(speech, tmp_p
 
     _, mfcc, km = speech
     tts = make_tts("espeak", tmp_path / "cache", voices=["en-us", "en-gb-scotland+f4"])
-    summary = dialogue("builtin", tmp_path / "out", SpeechEncoder(km, mfcc), tts, max_dialogues=4)
+    summary = dialogue("builtin", tmp_path / "out", SpeechEncoder(km, mfcc), tts, sections.Dialogue(max_dialogues=4))
     used = {v.split(":")[1].split("@")[0] for r in rows(tmp_path / "out") for v in r["voice"].split(",")}
     assert summary["records"] == 4 and used == {"en-us", "en-gb-scotland+f4"}
     with pytest.raises(TTSError, match=r"espeak-ng has no voice 'xx-nowhere'"):

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
+from speechinstruct import recipe as sections
 from speechinstruct.cli import app
 from speechinstruct.compose.duplex import MAIN, OTHER, Voice, duplex, timeline
 from speechinstruct.sources.tts import EspeakTTS
@@ -27,7 +28,7 @@ def espeak():
 @pytest.fixture(scope="module")
 def built(espeak, tmp_path_factory):
     out = tmp_path_factory.mktemp("duplex")
-    summary = duplex("builtin", out / "d", espeak, seed=1, interruption_rate=0.5)
+    summary = duplex("builtin", out / "d", espeak, sections.Duplex(interruption_rate=0.5), seed=1)
     return out / "d", summary
 
 
@@ -137,7 +138,7 @@ def test_units_of_both_channels_frame_aligned_with_text_streams_publish_and_vali
     from speechinstruct.release.validate import validate
 
     km = U.KMeans(np.random.default_rng(0).normal(size=(16, 39)).astype(np.float32))
-    summary = duplex("builtin", tmp_path / "composed" / "duplex", espeak, max_conversations=2,
+    summary = duplex("builtin", tmp_path / "composed" / "duplex", espeak, sections.Duplex(max_conversations=2),
                      tokenizer=U.SpeechEncoder(km, MFCC()))
     assert summary["records"] == 2
     rows = pq.read_table(tmp_path / "composed" / "duplex" / "train-00000.parquet").to_pylist()

@@ -5,7 +5,7 @@ import torch
 
 from fairseq_fixture import HUBERT_STRIDE_CONV, model_cfg, random_state, reference_features, save_checkpoint
 from conftest import speechlike
-from speechinstruct import audio
+from speechinstruct import audio, recipe as sections
 from speechinstruct.units import features
 from speechinstruct.checkpoints import UnsafeCheckpointError, literal_arithmetic
 
@@ -382,7 +382,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
         return original(wavs)
 
     monkeypatch.setattr(mfcc, "features_batch", tight)
-    halved = extract(tmp_path / "m", tmp_path / "halved", mfcc, batch_seconds=100.0)
+    halved = extract(tmp_path / "m", tmp_path / "halved", mfcc, sections.Features(batch_seconds=100.0))
     assert halved["batches_halved"] >= 1 and halved["utterances"] == plain["utterances"] and halved["errors"] == plain["errors"]
     for a, b in zip(sorted((tmp_path / "plain").glob("features-*.arrow")), sorted((tmp_path / "halved").glob("features-*.arrow"))):
         np.testing.assert_array_equal(read_frames(a)[2], read_frames(b)[2])

@@ -17,6 +17,7 @@ from test_sources import flac_bytes, hf_rows
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
+from speechinstruct import recipe as sections
 from speechinstruct.units.extract import decode_row
 from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import manifest_files
@@ -228,7 +229,7 @@ def test_truncated_stage_files_are_named_in_the_error(librispeech_root, tmp_path
     extract(tmp_path / "m", tmp_path / "f", MFCC())
     from speechinstruct.units.cluster import cluster
 
-    cluster(tmp_path / "f", tmp_path / "km", k=4)
+    cluster(tmp_path / "f", tmp_path / "km", sections.KMeans(k=4))
     feats = tmp_path / "f" / "features-00000.arrow"
     feats.write_bytes(feats.read_bytes()[:300])
     result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km"), str(tmp_path / "u"), "-q"])

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import speechlike
 from speechinstruct import units as U
+from speechinstruct import recipe as sections
 from speechinstruct.cli import app
 from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import manifest_files
@@ -63,7 +64,7 @@ def demo_units(tmp_path_factory):
     make_demo_corpus(root / "corpus", 12, seed=0)
     shard_corpus("speechinstruct-demo", root / "corpus", root / "manifest")
     extract(root / "manifest", root / "features", MFCC())
-    cluster(root / "features", root / "km", k=16)
+    cluster(root / "features", root / "km", sections.KMeans(k=16))
     quantize(root / "features", U.load_kmeans(root / "km"), root / "units")
     return root
 
@@ -90,7 +91,8 @@ def test_the_demo_corpus_textgrids_are_espeaks_word_events_and_reach_the_units(d
 def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(demo_units):
     from speechinstruct.compose.interleaved import interleaved
 
-    summary = interleaved(demo_units / "units", demo_units / "composed" / "interleaved", seed=3, max_words=4)
+    summary = interleaved(demo_units / "units", demo_units / "composed" / "interleaved", sections.Interleaved(max_words=4),
+                          seed=3)
     assert summary["train"] == 12
     rows = {r["id"]: r for f in sorted((demo_units / "units").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()}
     records = [r for f in sorted((demo_units / "composed" / "interleaved").glob("train-*.parquet"))
@@ -123,7 +125,7 @@ def test_interleaved_records_switch_at_word_boundaries_with_the_words_frames(dem
                 assert [int(u) for u in re.findall(r"<(\d+)>", body)] == expected and expected
             first_word += k
         assert first_word == len(row["words"])
-    again = interleaved(demo_units / "units", demo_units / "again", seed=3, max_words=4)
+    again = interleaved(demo_units / "units", demo_units / "again", sections.Interleaved(max_words=4), seed=3)
     assert again["train"] == 12
     assert [r for f in sorted((demo_units / "again").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()] == records
 
@@ -150,7 +152,7 @@ def test_interleaved_publishes_and_validates_and_a_tampered_record_fails(demo_un
     rules = validate(tmp_path / "train-00000.parquet", k=16).as_dict()["errors_by_rule"]
     assert rules == {"shape": 1, "unit-range": 1}, rules
     with pytest.raises(ValueError, match="min_words 3 and max_words 2"):
-        interleaved(demo_units / "units", tmp_path / "x", min_words=3, max_words=2)
+        interleaved(demo_units / "units", tmp_path / "x", sections.Interleaved(min_words=3, max_words=2))
 
 
 def test_textgrids_that_do_not_fit_their_audio_are_skipped_with_the_utterance_kept(librispeech_root, tmp_path):
@@ -291,7 +293,7 @@ def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interlea
     rows[1]["words"][0]["word"] = "[SPEECH]<5><6> [TEXT]"  # an alignment label (read when they do not)
     rows[2]["text"] = "ca\x00t " + rows[2]["text"].split(" ", 1)[1]
     pq.write_table(records.to_table("units", rows), path)
-    summary = interleaved(units, tmp_path / "out", seed=3, max_words=4)
+    summary = interleaved(units, tmp_path / "out", sections.Interleaved(max_words=4), seed=3)
     assert summary["train"] == 9
     assert summary["skipped: markup in the words"] == 2 and summary["skipped: control character in the words"] == 1
     assert {d["where"] for d in summary["dropped_examples"]} == {r["id"] for r in rows[:3]}

@@ -176,3 +176,28 @@ def test_each_record_kind_is_one_module_with_its_composer_and_its_rule():
     assert {n for n in RECORD_KINDS if kind_rule(n)} == {"cross_modal", "chain_of_modality", "dialogue", "interleaved",
                                                          "duplex"}
     assert kind_rule("units") is None and kind_rule("manifest") is None
+
+
+def test_each_stage_takes_its_recipe_section():
+    """A stage's settings come as its recipe section (``cfg``), declared once in recipe.py: no stage declares one
+    of them again as a parameter of its own; the CLI builds the section from its options (checked as a recipe
+    is), and ``run`` passes the recipe's."""
+    import importlib
+    import inspect
+
+    from speechinstruct import recipe
+
+    stages = {"sources.shard:shard_corpus": "Shard", "units.extract:extract": "Features",
+              "units.engine_ray:extract_ray": "Features", "units.cluster:cluster": "KMeans",
+              "curate.dedup:dedup": "Dedup", "compose.cross_modal:cross_modal": "CrossModal",
+              "compose.pretrain:pretrain": "Pretrain", "compose.chain_of_modality:chain_of_modality": "ChainOfModality",
+              "compose.dialogue:dialogue": "Dialogue", "compose.interleaved:interleaved": "Interleaved",
+              "compose.duplex:duplex": "Duplex", "release.publish:publish": "Output"}
+    for target, section in stages.items():
+        module, name = target.split(":")
+        parameters = inspect.signature(getattr(importlib.import_module(f"speechinstruct.{module}"), name)).parameters
+        assert section in str(parameters["cfg"].annotation), target
+        built = {"tts"}  # the engine, built from the section's tts and tts_model
+        assert not (set(getattr(recipe, section).model_fields) & set(parameters)) - built, target
+    from speechinstruct.model.train import TrainConfig
+    assert TrainConfig is recipe.Train  # train's settings in the same idiom

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from speechinstruct import recipe as sections
 from speechinstruct import units
 from speechinstruct.cli import app
 from speechinstruct.units.features import MFCC
@@ -22,7 +23,7 @@ def cli(*args):
 
 @pytest.fixture
 def manifest(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", shard_hours=2.5 / 3600)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", sections.Shard(shard_hours=2.5 / 3600))
     return tmp_path / "manifest"
 
 
@@ -91,7 +92,7 @@ def test_kmeans_dimension_mismatch_fails_fast(manifest, tmp_path):
 
 
 def test_shard_index_runs_cover_every_utterance_exactly_once(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=1.2 / 3600)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", sections.Shard(shard_hours=1.2 / 3600))
     n_shards = len(list((tmp_path / "m").glob("manifest-*.parquet")))
     assert n_shards >= 3
     for i in range(3):  # three job-array tasks writing into one folder

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from speechinstruct import recipe as sections
 from speechinstruct import records
 from speechinstruct.compose.chain_of_modality import chain_of_modality
 from speechinstruct.compose.cross_modal import cross_modal
@@ -25,9 +26,9 @@ runner = CliRunner()
 def composed(units_dir, tmp_path):
     out = tmp_path / "composed"
     cross_modal(units_dir, out / "cross_modal")
-    pretrain(units_dir, out / "pretrain", dev_fraction=0.3)
+    pretrain(units_dir, out / "pretrain", sections.Pretrain(dev_fraction=0.3))
     chain_of_modality("builtin", out / "chain_of_modality", SpeechEncoder(load_kmeans(units_dir.parent / "kmeans"), MFCC()),
-                              CachedTTS(EspeakTTS(), tmp_path / "tts"), max_pairs=8)
+                      CachedTTS(EspeakTTS(), tmp_path / "tts"), sections.ChainOfModality(max_pairs=8))
     return out
 
 
@@ -331,7 +332,7 @@ def test_publish_never_deletes_or_overwrites_files_it_did_not_write(composed, tm
     ours = set(json.loads((out / ".speechinstruct-publish.json").read_text())["files"])
     assert "speechgpt/stage1/train.txt" in ours and "LICENSE.md" in ours and "data/mine/important.parquet" not in ours
     assert any(f.startswith("arrow/cross_modal/") for f in ours)
-    publish(composed, out, eval_splits=False)  # no export, no arrow copy, no validation/test files this time
+    publish(composed, out, sections.Output(eval_splits=False))  # no export, no arrow copy, no validation/test files this time
     assert not (out / "speechgpt" / "stage1" / "train.txt").exists() and not (out / "arrow").exists()
     assert not list((out / "data").rglob("validation-*.parquet"))
     assert (out / "data" / "mine" / "important.parquet").read_bytes() == b"user data"

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from speechinstruct.cli import app
+from speechinstruct import recipe as sections
 from speechinstruct.units.extract import extract
 from speechinstruct.units.features import MFCC
 from speechinstruct.sources.shard import shard_corpus
@@ -32,7 +33,7 @@ def ray_off():
 
 @pytest.fixture
 def manifest(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", sections.Shard(shard_hours=2.5 / 3600))
     return tmp_path / "m"
 
 
@@ -49,7 +50,7 @@ def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path
     from speechinstruct.units.engine_ray import extract_ray
 
     extract(manifest, tmp_path / "f", MFCC())
-    cluster(tmp_path / "f", tmp_path / "km", k=8)
+    cluster(tmp_path / "f", tmp_path / "km", sections.KMeans(k=8))
     local = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "local"), "--kmeans", str(tmp_path / "km"), "-q"])
     assert local.exit_code == 0, local.output
     # one-second blocks: every utterance its own block, so results come back from many tasks

@@ -15,6 +15,7 @@ import yaml
 
 from conftest import speechlike
 from openai_server import FakeOpenAI
+from speechinstruct import recipe as sections
 from speechinstruct.units.extract import extract
 from speechinstruct.units.features import MFCC
 from speechinstruct.pipeline import run
@@ -196,7 +197,7 @@ def test_a_symlink_loop_in_a_corpus_is_skipped(librispeech_root, tmp_path):
 
 
 def test_stale_temp_files_of_a_killed_job_are_removed(librispeech_root, tmp_path):
-    shard_corpus("librispeech", librispeech_root, tmp_path / "m", shard_hours=2.5 / 3600)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m", sections.Shard(shard_hours=2.5 / 3600))
     out = tmp_path / "f"
     out.mkdir()
     stale = [out / ".features-00000.arrow.tmp-abc123", out / ".errors-00000.jsonl.tmp-x"]

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from speechinstruct import recipe as sections
 from speechinstruct.cli import app
 from speechinstruct.sources.corpora import gigaspeech, librilight
 from speechinstruct.sources.shard import shard_corpus
@@ -34,13 +35,13 @@ def test_librispeech(librispeech_root, tmp_path):
 
 def test_shards_by_hours_and_rerun_is_identical(librispeech_root, tmp_path):
     out = tmp_path / "m"
-    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600)
+    shard_corpus("librispeech", librispeech_root, out, sections.Shard(shard_hours=2.5 / 3600))
     files = sorted(p.name for p in out.glob("*.parquet"))
     assert files == ["manifest-00000.parquet", "manifest-00001.parquet"]
     first = {f: (out / f).read_bytes() for f in files}
-    shard_corpus("librispeech", librispeech_root, out, shard_hours=2.5 / 3600)
+    shard_corpus("librispeech", librispeech_root, out, sections.Shard(shard_hours=2.5 / 3600))
     assert {f: (out / f).read_bytes() for f in files} == first
-    shard_corpus("librispeech", librispeech_root, out, shard_hours=10)  # fewer shards: stale ones go
+    shard_corpus("librispeech", librispeech_root, out, sections.Shard(shard_hours=10))  # fewer shards: stale ones go
     assert sorted(p.name for p in out.glob("*.parquet")) == ["manifest-00000.parquet"]
     assert len(rows(out)) == 4
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
+from .. import recipe as settings
 from ..audio import AudioError
 from ..io import write_json
 from ..judges import ScoreError
+from ..recipe import default
 from ..speechgpt import DEFAULT_PREFIX, FORMATS, com_text, shape_errors, to_text
 from .common import RecordRefused, _draw, finish, write_chunks
 from .speech import SpeechRejected, Speaker, rewrite_for_speech, speakable, unfit_for_speech, worst
@@ -77,17 +79,20 @@ def _pair_records(pair: dict, speaker: Speaker, llm, formats, all_formats: bool,
     return rows
 
 
-def chain_of_modality(source: str | Path, out: str | Path, tokenizer, tts, llm=None,
-                      formats: tuple[str, ...] = FORMATS, all_formats: bool = False, prefix: str = DEFAULT_PREFIX,
-                      seed: int = 0, corpus: str | None = None, license: str = "unspecified",
+def chain_of_modality(source: str | Path, out: str | Path, tokenizer, tts, cfg: settings.ChainOfModality | None = None,
+                      llm=None, formats: tuple[str, ...] = FORMATS, prefix: str = DEFAULT_PREFIX,
+                      seed: int = default(settings.Compose, "seed"), corpus: str | None = None,
                       instruction_column: str = "instruction", response_column: str = "response",
-                      id_column: str | None = "id", max_pairs: int | None = None, chunk_size: int = 100,
-                      judge=None, gates=None, eval_texts=None) -> dict:
-    """Chain-of-modality records from text pairs; see the module docstring for the four formats. ``judge``
-    (``score.Judge``) scores each synthesized turn against the text it was meant to say, and a pair whose
-    speech fails ``gates`` is dropped with its reason; records carry the worst score of their turns. Pairs
-    go ``chunk_size`` to a ``train-NNNNN.parquet`` file, each with a sidecar of its counts; a rerun skips
-    the chunks already written."""
+                      id_column: str | None = "id", chunk_size: int = 100, judge=None, gates=None,
+                      eval_texts=None) -> dict:
+    """Chain-of-modality records from text pairs; see the module docstring for the four formats. ``cfg``: the
+    recipe's ``compose.chain_of_modality`` (``all_formats``, ``max_pairs``, ``license``; its defaults when None;
+    ``tts`` and ``llm`` were built from the rest). ``judge`` (``judges.judge.Judge``) scores each synthesized turn
+    against the text it was meant to say, and a pair whose speech fails ``gates`` is dropped with its reason;
+    records carry the worst score of their turns. Pairs go ``chunk_size`` to a ``train-NNNNN.parquet`` file, each
+    with a sidecar of its counts; a rerun skips the chunks already written."""
+    cfg = cfg or settings.ChainOfModality()
+    all_formats, license, max_pairs = cfg.all_formats, cfg.license, cfg.max_pairs
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")

@@ -25,16 +25,16 @@ from .common import QualityGate, RecordRefused, _draw, finish, gated_units
 
 
 def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
-                tts_templates: dict | None = None, mode: str = default(settings.CrossModal, "mode"),
-                asr_fraction: float = default(settings.CrossModal, "asr_fraction"), prefix: str = DEFAULT_PREFIX,
+                tts_templates: dict | None = None, cfg: settings.CrossModal | None = None, prefix: str = DEFAULT_PREFIX,
                 seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
                 shard_index: int = 0, scores: str | Path | None = None, gates=None) -> dict:
-    """ASR/TTS records for every transcribed utterance. ``mode``: both (one of each), random (one, ASR with
-    probability ``asr_fraction``), asr, or tts. ``part`` names the files (``train-{part}-NNNNN``) so that
-    several corpora can share one output folder. ``scores``: a ``score`` output of these utterances; their
-    columns go into the records, and ``gates`` (``score.Gates``) drop those that fail."""
-    if mode not in ("both", "random", "asr", "tts"):
-        raise ValueError(f"unknown mode {mode!r}: choose both, random, asr or tts")
+    """ASR/TTS records for every transcribed utterance. ``cfg`` (the recipe's ``compose.cross_modal``, its defaults
+    when None): ``mode`` both (one of each), random (one, ASR with probability ``asr_fraction``), asr, or tts.
+    ``part`` names the files (``train-{part}-NNNNN``) so that several corpora can share one output folder.
+    ``scores``: a ``score`` output of these utterances; their columns go into the records, and ``gates``
+    (``judges.gates.Gates``) drop those that fail."""
+    cfg = cfg or settings.CrossModal()
+    mode, asr_fraction = cfg.mode, cfg.asr_fraction
     sets = {"asr": asr_templates or templates_mod.builtin("asr"), "tts": tts_templates or templates_mod.builtin("tts")}
     for task, data in sets.items():
         templates_mod.check_markup(data, f"{task} templates {data['version']}")

@@ -26,9 +26,11 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from .. import recipe as settings
 from ..audio import AudioError
 from ..io import write_json
 from ..judges import ScoreError
+from ..recipe import default
 from ..speechgpt import DEFAULT_PREFIX, dialogue_messages, dialogue_text, markers_balanced
 from .common import RecordRefused, finish, write_chunks
 from .speech import SpeechRejected, Speaker, rewrite_for_speech, speakable, unfit_text, worst
@@ -143,12 +145,16 @@ def _dialogue_record(conversation: dict, speaker: Speaker, llm, prefix: str, see
         return e.key, str(e)
 
 
-def dialogue(source: str | Path, out: str | Path, tokenizer, tts, llm=None, prefix: str = DEFAULT_PREFIX,
-             seed: int = 0, corpus: str | None = None, license: str = "unspecified", id_column: str | None = "id",
-             max_dialogues: int | None = None, chunk_size: int = 100, judge=None, gates=None, eval_texts=None) -> dict:
-    """Dialogue records from text conversations (see the module docstring); ``llm`` rewrites each exchange for
-    speech, ``judge``/``gates`` score each synthesized turn as ``compose.chain_of_modality`` does. Written
-    ``chunk_size`` conversations to a ``train-NNNNN.parquet`` file; a rerun skips the chunks already written."""
+def dialogue(source: str | Path, out: str | Path, tokenizer, tts, cfg: settings.Dialogue | None = None, llm=None,
+             prefix: str = DEFAULT_PREFIX, seed: int = default(settings.Compose, "seed"), corpus: str | None = None,
+             id_column: str | None = "id", chunk_size: int = 100, judge=None, gates=None, eval_texts=None) -> dict:
+    """Dialogue records from text conversations (see the module docstring; ``cfg``: the recipe's
+    ``compose.dialogue``, its ``max_dialogues`` and ``license``, its defaults when None); ``llm`` rewrites each
+    exchange for speech, ``judge``/``gates`` score each synthesized turn as ``compose.chain_of_modality`` does.
+    Written ``chunk_size`` conversations to a ``train-NNNNN.parquet`` file; a rerun skips the chunks already
+    written."""
+    cfg = cfg or settings.Dialogue()
+    license, max_dialogues = cfg.license, cfg.max_dialogues
     if str(source) == "builtin":
         corpus, license = corpus or "speechinstruct-dialogues-sample", "Apache-2.0"
     corpus = corpus or Path(str(source)).stem

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import recipe as settings
 from ..io import atomic_path, write_json, write_text
+from ..recipe import default
 
 MAIN, OTHER = "SPEAKER_MAIN", "SPEAKER_OTHER"  # moshi's names: the model (left channel) and the user (right)
 BACKCHANNELS = ("mm-hmm", "yeah", "right", "okay", "I see")
@@ -168,31 +170,30 @@ def units_record(conversation: dict, path: str, samples: np.ndarray, sr: int, al
                    "source_id": conversation["id"], "corpus": corpus, "license": license})
 
 
-def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conversations: int | None = None,
-           gap_mean: float = 0.2, gap_sd: float = 0.45, interruption_rate: float = 0.2,
-           backchannel_rate: float = 0.15, tokenizer=None, judge=None, gates=None,
-           corpus: str | None = None, license: str = "unspecified") -> dict:
-    """Full-duplex conversations from text conversations (see the module docstring); returns the summary. With
-    a speech ``tokenizer`` (tokenizer.py), also ``duplex`` records of both channels' units
-    (``OUT/train-00000.parquet``); with ``judge`` and ``gates``, each turn's speech is judged as compose dialogue
-    judges it, and a conversation with a turn that fails is dropped whole."""
+def duplex(source, out, tts, cfg: settings.Duplex | None = None, seed: int = default(settings.Compose, "seed"),
+           tokenizer=None, judge=None, gates=None, corpus: str | None = None) -> dict:
+    """Full-duplex conversations from text conversations (see the module docstring; ``cfg``: the recipe's
+    ``compose.duplex``, its defaults when None); returns the summary. With a speech ``tokenizer`` (tokenizer.py),
+    also ``duplex`` records of both channels' units (``OUT/train-00000.parquet``); with ``judge`` and ``gates``,
+    each turn's speech is judged as compose dialogue judges it, and a conversation with a turn that fails is
+    dropped whole."""
     from ..progress import progress
     from .dialogue import read_conversations
     from .texts import unique_items
 
-    if not 0 <= interruption_rate <= 1 or backchannel_rate < 0 or gap_sd < 0:
-        raise ValueError("duplex: interruption_rate in [0, 1], backchannel_rate >= 0, gap_sd >= 0")
+    cfg = cfg or settings.Duplex()
+    sample_rate, license = cfg.sample_rate, cfg.license
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     if str(source) == "builtin":
         corpus, license = corpus or "speechinstruct-dialogues-sample", "Apache-2.0"
     corpus = corpus or Path(str(source)).stem
-    conversations, dropped = unique_items(read_conversations(source), max_conversations)
-    settings = {"gap_mean": gap_mean, "gap_sd": gap_sd, "seed": seed, "interruption_rate": interruption_rate,
-                "backchannel_rate": backchannel_rate}
+    conversations, dropped = unique_items(read_conversations(source), cfg.max_conversations)
+    timing = {"gap_mean": cfg.gap_mean, "gap_sd": cfg.gap_sd, "seed": seed, "interruption_rate": cfg.interruption_rate,
+              "backchannel_rate": cfg.backchannel_rate}
     manifest, stats_lines, rows = [], [], []
     for conversation in progress(conversations, desc="duplex", unit="conversation"):
-        made = speak(conversation, tts, sample_rate, judge, gates, **settings)
+        made = speak(conversation, tts, sample_rate, judge, gates, **timing)
         if isinstance(made, str):
             dropped.append({"where": conversation["where"], "id": conversation["id"], "reason": made})
             continue
@@ -205,7 +206,7 @@ def duplex(source, out, tts, seed: int = 0, sample_rate: int = 24_000, max_conve
         stats_lines.append({"id": conversation["id"], "duration": round(manifest[-1]["duration"], 3),
                             **layout["stats"], "talk_seconds": talk})
     return write_outputs(out, manifest, stats_lines, rows if tokenizer is not None else None, dropped,
-                         {"sample_rate": sample_rate, "settings": settings})
+                         {"sample_rate": sample_rate, "settings": timing})
 
 
 def speak(conversation: dict, tts, sample_rate: int, judge, gates, seed: int, **settings) -> tuple | str:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import recipe as settings
 from ..io import write_json
+from ..recipe import default
 from ..shardfiles import folder_vocabulary
 from ..sources.corpora.base import SPLITS, split_name
 from ..units.kmeans import dedup
@@ -95,11 +97,14 @@ def _record(u: dict, frame_rate: float, codebooks: int, merge: bool, seed: int, 
         return f"{e.key.removeprefix('dropped: ').replace('segment_texts', 'the words')} ({e})"
 
 
-def interleaved(units_dir: str | Path, out: str | Path, seed: int = 0, min_words: int = 1, max_words: int = 6,
-                part: str | None = None, num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None,
-                gates=None) -> dict:
-    """Interleaved records from a units folder whose rows have word alignments (see the module docstring).
-    ``scores``, ``gates``: as for ``compose.pretrain`` (an utterance that fails the gates makes no record)."""
+def interleaved(units_dir: str | Path, out: str | Path, cfg: settings.Interleaved | None = None,
+                seed: int = default(settings.Compose, "seed"), part: str | None = None, num_shards: int = 1,
+                shard_index: int = 0, scores: str | Path | None = None, gates=None) -> dict:
+    """Interleaved records from a units folder whose rows have word alignments (see the module docstring;
+    ``cfg``: the recipe's ``compose.interleaved``, its defaults when None). ``scores``, ``gates``: as for
+    ``compose.pretrain`` (an utterance that fails the gates makes no record)."""
+    cfg = cfg or settings.Interleaved()
+    min_words, max_words = cfg.min_words, cfg.max_words
     if not 1 <= min_words <= max_words:
         raise ValueError(f"min_words {min_words} and max_words {max_words}: need 1 <= min_words <= max_words")
     units_dir, out = Path(units_dir), Path(out)

@@ -15,13 +15,13 @@ from ..sources.corpora.base import SPLITS, split_name
 from .common import QualityGate, _draw, finish, gated_units, split_counts
 
 
-def pretrain(units_dir: str | Path, out: str | Path, dev_fraction: float = default(settings.Pretrain, "dev_fraction"),
+def pretrain(units_dir: str | Path, out: str | Path, cfg: settings.Pretrain | None = None,
              seed: int = default(settings.Compose, "seed"), part: str | None = None,
              num_shards: int = 1, shard_index: int = 0, scores: str | Path | None = None, gates=None) -> dict:
-    """Stage-1 unit text, one record per utterance, in the split of its audio; ``dev_fraction`` of the train
-    utterances (by a hash of the id) go to validation too. ``scores``, ``gates``: as for :func:`cross_modal`."""
-    if not 0 <= dev_fraction < 1:
-        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+    """Stage-1 unit text, one record per utterance, in the split of its audio; ``cfg.dev_fraction`` of the train
+    utterances (by a hash of the id) go to validation too (``cfg``: the recipe's ``compose.pretrain``, its
+    defaults when None). ``scores``, ``gates``: as for ``compose.cross_modal``."""
+    dev_fraction = (cfg or settings.Pretrain()).dev_fraction
     out = Path(out)
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []

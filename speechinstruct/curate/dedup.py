@@ -51,7 +51,6 @@ import numpy as np
 
 from .. import recipe as settings
 from ..io import atomic_path, iter_rows, read_json, write_json, write_parquet, write_text
-from ..recipe import default
 
 EVAL_SPLITS = ("validation", "test")
 COLUMNS = ("id", "text", "speaker", "corpus", "split", "units")
@@ -350,31 +349,24 @@ def _read_eval_file(path: Path, texts: EvalTexts) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | Path, eval: Iterable[str] = (),
-          ngram: int = default(settings.Dedup, "ngram"), num_perm: int = default(settings.Dedup, "num_perm"),
-          threshold: float = default(settings.Dedup, "threshold"),
-          similarity: float = default(settings.Dedup, "similarity"),
-          eval_ngram: int = default(settings.Dedup, "eval_ngram"),
-          max_per_transcript: int | None = default(settings.Dedup, "max_per_transcript"),
-          speaker_disjoint: bool = default(settings.Dedup, "speaker_disjoint"),
-          audio_hash: bool = default(settings.Dedup, "audio_hash"),
+def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | Path, cfg: settings.Dedup | None = None,
           scores: list[str | Path | None] | str | Path | None = None, seed: int = 1, num_shards: int = 1,
           shard_index: int = 0) -> dict:
     """Deduplicate and decontaminate the units folders ``inputs`` together, each into its ``outs`` folder (see the
-    module docstring); returns the summary (also ``OUT/dedup.json`` in each). With ``num_shards`` > 1 (job-array
-    tasks) this task only computes and caches the signatures of its shards; one run without them then decides
-    and writes, reading the cache."""
+    module docstring; ``cfg``: the recipe's ``dedup`` section, its defaults when None); returns the summary (also
+    ``OUT/dedup.json`` in each). With ``num_shards`` > 1 (job-array tasks) this task only computes and caches the
+    signatures of its shards; one run without them then decides and writes, reading the cache."""
+    cfg = cfg or settings.Dedup()
+    ngram, num_perm, threshold, similarity, eval_ngram = cfg.ngram, cfg.num_perm, cfg.threshold, cfg.similarity, cfg.eval_ngram
+    max_per_transcript, speaker_disjoint, audio_hash = cfg.max_per_transcript, cfg.speaker_disjoint, cfg.audio_hash
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     outs = [Path(p) for p in (outs if isinstance(outs, (list, tuple)) else [outs])]
     scores = list(scores) if isinstance(scores, (list, tuple)) else [scores] * len(inputs)
     if len(outs) != len(inputs) or len(scores) != len(inputs):
         raise ValueError("dedup: one output folder (and one scores folder, or none) per units folder")
-    if not 0 < threshold <= 1 or not 0 < similarity <= 1 or ngram < 1 or num_perm < 2 or eval_ngram < 1:
-        raise ValueError(f"dedup: threshold and similarity in (0, 1], ngram >= 1, num_perm >= 2 and eval_ngram >= 1 "
-                         f"(got {threshold}, {similarity}, {ngram}, {num_perm}, {eval_ngram})")
     used = {"ngram": ngram, "num_perm": num_perm, "threshold": threshold, "similarity": similarity,
             "eval_ngram": eval_ngram, "max_per_transcript": max_per_transcript, "speaker_disjoint": speaker_disjoint,
-            "audio_hash": audio_hash, "eval": list(eval), "seed": seed}
+            "audio_hash": audio_hash, "eval": list(cfg.eval), "seed": seed}
     signer, texts = Signer(ngram, num_perm, seed), EvalTexts(eval_ngram)
     eval_signatures, eval_units, checked = read_eval(used["eval"], texts, signer)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__, records
+from .. import __version__, recipe as settings, records
 from ..io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from ..kinds import RECORD_KINDS
 from ..progress import progress
@@ -227,12 +227,13 @@ def one_vocabulary(compose_dir: Path, units_dirs: list[Path]) -> tuple[dict, Voc
     return spec, vocabulary
 
 
-def publish(compose_dir: str | Path, out: str | Path, name: str = "SpeechInstruct", push_to_hub: str | None = None,
-            save_to_disk: bool = False, eval_splits: bool = True, speechgpt_files: bool = False) -> dict:
+def publish(compose_dir: str | Path, out: str | Path, cfg: settings.Output | None = None, name: str = "SpeechInstruct",
+            push_to_hub: str | None = None, save_to_disk: bool = False, speechgpt_files: bool = False) -> dict:
     """Write the dataset; ``save_to_disk`` also writes ``OUT/arrow/{config}`` for ``datasets.load_from_disk``;
-    ``eval_splits`` False leaves the validation and test records out; ``speechgpt_files`` also writes
-    SpeechGPT's own training files (``export_speechgpt``). Only files an earlier publish wrote are replaced
-    or deleted (:data:`OWNED_LIST`)."""
+    ``cfg`` (the recipe's ``output`` section, its defaults when None): ``eval_splits`` False leaves the validation
+    and test records out; ``speechgpt_files`` also writes SpeechGPT's own training files (``export_speechgpt``).
+    Only files an earlier publish wrote are replaced or deleted (:data:`OWNED_LIST`)."""
+    eval_splits = (cfg or settings.Output()).eval_splits
     compose_dir, out = Path(compose_dir), Path(out)
     inputs = _inputs(compose_dir, eval_splits)
     units_dirs = composed_units_dirs(compose_dir)

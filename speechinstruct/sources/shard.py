@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .. import recipe as settings, records
 from ..io import write_json, write_parquet
-from ..recipe import default
 from . import storage
 from .corpora import (SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
                       readers, root_problem, split_of, split_word, with_known_license)
@@ -97,7 +96,7 @@ def shard_corpus(
     corpus: str,
     root: str | Path,
     out: str | Path,
-    shard_hours: float = default(settings.Shard, "shard_hours"),
+    cfg: settings.Shard | None = None,
     splits: str | list[str] | None = None,
     split_map: dict[str, str] | list[str] | str | None = None,
     **reader_options,
@@ -105,7 +104,10 @@ def shard_corpus(
     """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
     ``splits`` (e.g. ``"train,validation"``) keeps only rows of those splits; the others are counted as left out.
     ``split_map`` (``{"eval2000": "test"}`` or ``["eval2000=test"]``) says the split of a corpus part whose
-    name does not; the summary lists the part names that said nothing and were kept as train."""
+    name does not; the summary lists the part names that said nothing and were kept as train. ``cfg``: the
+    recipe's ``shard`` section (its defaults when None); ``reader_options``: the source's own
+    (``corpora.SOURCES[corpus].options``) and ``license``."""
+    shard_hours = (cfg or settings.Shard()).shard_hours
     all_readers = readers()
     if corpus not in all_readers:
         raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(all_readers)}")

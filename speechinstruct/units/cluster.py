@@ -16,7 +16,6 @@ import numpy as np
 
 from .. import recipe as settings
 from ..io import atomic_path, write_json
-from ..recipe import default
 from ..shardfiles import feature_files, read_frames
 from .kmeans import KMeans, nearest_centroids
 
@@ -114,10 +113,11 @@ def fit(sample: np.ndarray, k: int, seed: int = 0, niter: int = 25, nredo: int =
     return np.asarray(km.centroids, dtype=np.float32)
 
 
-def cluster(features: str | Path, out: str | Path, k: int = default(settings.KMeans, "k"),
-            max_frames: int = default(settings.KMeans, "max_frames"), seed: int = default(settings.KMeans, "seed"),
-            niter: int = default(settings.KMeans, "niter"), nredo: int = default(settings.KMeans, "nredo"),
-            gpu: bool | None = None) -> dict:
+def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None = None, gpu: bool | None = None) -> dict:
+    """Fit k-means on a seeded sample of the feature frames in ``features`` (``cfg``: the recipe's ``kmeans``
+    section, its defaults when None); write ``centroids.npy`` and ``kmeans.json`` into ``out``."""
+    cfg = cfg or settings.KMeans()
+    k, max_frames, seed, niter, nredo = cfg.k, cfg.max_frames, cfg.seed, cfg.niter, cfg.nredo
     features, out = Path(features), Path(out)
     spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
     started = time.perf_counter()

@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from ..recipe import default
 from ..shardfiles import corpus_root, manifest_files, select_shards, shard_output
 
 log = logging.getLogger(__name__)
@@ -191,20 +190,21 @@ class _Window:
                 self.free.append(actor)
 
 
-def extract_ray(manifest, out, extractor, kmeans=None, root=None,
-                batch_seconds: float = default(settings.Features, "batch_seconds"),
-                float16: bool = default(settings.Features, "float16"), actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                address: str | None = None, num_shards: int = 1, shard_index: int = 0, device: str | None = None,
+def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, kmeans=None, root=None,
+                actors: int = 2, num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+                address: str | None = None, num_shards: int = 1, shard_index: int = 0,
                 block_seconds: float | None = None, depth: int = 2, max_retries: int = 3) -> dict:
     """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU; or a speech
-    tokenizer, tokenizer.py) and ``kmeans`` are shipped to the actors, which move the model to ``device``
-    (default: cuda when actors get GPUs)."""
+    tokenizer, tokenizer.py) and ``kmeans`` are shipped to the actors, which move the model to ``cfg.device``
+    (``auto``: cuda when actors get GPUs)."""
     from .extract import makes_units, run_shards, sample_rate_of
     from .tokenizer import dense_and_kmeans
 
+    cfg = cfg or settings.Features()
+    batch_seconds, float16 = cfg.batch_seconds, cfg.float16
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)
 
-    device = device or ("cuda" if num_gpus_per_actor > 0 else "cpu")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
     manifest, out = Path(manifest), Path(out)
     root = Path(root) if root else corpus_root(manifest)
     pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)

@@ -27,7 +27,6 @@ from .. import audio, recipe as settings
 from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
-from ..recipe import default
 from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                           select_shards, shard_output, shard_suffix)
 from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
@@ -105,16 +104,17 @@ def extract(
     manifest: str | Path,
     out: str | Path,
     extractor: Extractor,
+    cfg: settings.Features | None = None,
     root: str | Path | None = None,
     kmeans=None,
-    batch_seconds: float = default(settings.Features, "batch_seconds"),
-    float16: bool = default(settings.Features, "float16"),
     num_shards: int = 1,
     shard_index: int = 0,
-    workers: int = default(settings.Features, "workers"),
 ) -> dict:
     """Extract features (or units: with ``kmeans``, or when ``extractor`` is a speech tokenizer, tokenizer.py) for
-    every manifest shard this worker owns."""
+    every manifest shard this worker owns. ``cfg``: the recipe's ``features`` section (its ``batch_seconds``,
+    ``float16`` and ``workers``; the extractor was built from the rest), its defaults when None."""
+    cfg = cfg or settings.Features()
+    batch_seconds, float16, workers = cfg.batch_seconds, cfg.float16, cfg.workers
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)  # a k-means tokenizer's frames are computed in batches
     counts: collections.Counter[str] = collections.Counter()
 
