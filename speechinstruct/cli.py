@@ -208,6 +208,8 @@ def shard(
         options.update(asr=asr, base_url=base_url, device=device)
     if speakers:
         options.update(speakers=True, speaker_threshold=speaker_threshold)
+    settings.checked(settings.CorpusOptions, **{name: value for name, value in options.items()  # as a recipe's are
+                                                 if name in settings.CorpusOptions.model_fields and name != "split_map"})
     if corpus is Corpus.hf:
         from .sources.corpora.hf import local_folder
         from .sources.storage import is_url

@@ -303,5 +303,8 @@ def test_an_option_a_source_does_not_take_is_one_line_everywhere(librispeech_roo
     with pytest.raises(ValueError, match="tsv: not an option of librispeech"):
         shard_corpus("librispeech", librispeech_root, tmp_path / "m2", tsv="x.tsv")
     assert not (tmp_path / "m2").exists()
+    ranged = CliRunner().invoke(app, ["shard", "audio", str(librispeech_root), str(tmp_path / "m4"), "--license", "x",
+                                      "--speakers", "--speaker-threshold", "5"])  # checked as the recipe's (0, 2)
+    assert ranged.exit_code == 2 and "--speaker-threshold 5.0: Input should be less than 2" in ranged.stderr, ranged.output
     kept = CliRunner().invoke(app, ["shard", "commonvoice", str(tmp_path / "nowhere"), str(tmp_path / "m3"), "--tsv", "x.tsv"])
     assert "is for `shard" not in kept.output  # commonvoice takes it (and then finds no folder)
