@@ -3,7 +3,7 @@
 The package reads in pipeline order: ``sources`` (shard), ``judges`` (the models that judge speech), ``units``
 (extract, cluster, quantize), ``curate`` (score, dedup), ``compose`` (one module per record kind), ``release``
 (publish, validate, report) and ``model`` (train, chat), over a ground floor of modules every stage may read (files,
-audio, the folder contract, record schemas, SpeechGPT's format). Modules that lived at the top before 0.3 are
+audio, the folder contract, record schemas, SpeechGPT's format). Modules that lived at the top of the flat package are
 still importable by their old names (``speechinstruct.extract`` is ``speechinstruct.units.extract``, the same module
 object), with a DeprecationWarning, for one release.
 """

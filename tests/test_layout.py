@@ -93,7 +93,7 @@ def test_no_import_runs_back_up_the_pipeline():
         "speechinstruct.io -> speechinstruct.units.kmeans", "speechinstruct.units.extract -> speechinstruct.release.report"]
 
 
-def test_modules_moved_in_0_3_are_still_importable_by_their_old_names(tmp_path):
+def test_modules_moved_out_of_the_flat_package_are_still_importable_by_their_old_names(tmp_path):
     """``speechinstruct.extract`` is ``speechinstruct.units.extract`` (the same object: patching either patches
     both), with a DeprecationWarning; the split ``score`` module is a view of the modules it became."""
     import subprocess
