@@ -1,6 +1,6 @@
 """speechinstruct: build SpeechInstruct-style cross-modal speech-instruction datasets (SpeechGPT).
 
-The package reads in pipeline order: ``sources`` (shard), ``judges`` (the models that judge speech), ``units``
+The package reads in pipeline order: ``judges`` (the models that judge speech), ``sources`` (shard), ``units``
 (extract, cluster, quantize), ``curate`` (score, dedup), ``compose`` (one module per record kind), ``release``
 (publish, validate, report) and ``model`` (train, chat), over a ground floor of modules every stage may read (files,
 audio, the folder contract, record schemas, SpeechGPT's format). Modules that lived at the top of the flat package are

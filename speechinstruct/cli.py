@@ -116,7 +116,7 @@ def command(group: typer.Typer, name: str | None = None):
 
 def _input_name(value: str) -> str:
     """An input given as a path, hub id or name; a URL (``s3://…``, ``hf://…``) is copied into the cache first
-    (:func:`speechinstruct.storage.local`) and becomes that copy's path."""
+    (:func:`speechinstruct.sources.storage.local`) and becomes that copy's path."""
     from .sources.storage import local
 
     return str(local(value))

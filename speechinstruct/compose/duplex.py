@@ -283,7 +283,7 @@ def _unfit(turns: list[tuple[str, str]]) -> str | None:
 
 def _judge_turns(layout: dict, voices: dict[str, Voice], sr: int, judge, gates) -> None:
     """Each turn's speech as spoken (an interrupted one cut), judged against its words and its voice as compose
-    dialogue judges a turn (:func:`~speechinstruct.compose.judge_speech`); raises SpeechRejected with the first gate
+    dialogue judges a turn (:func:`~speechinstruct.compose.speech.judge_speech`); raises SpeechRejected with the first gate
     a turn fails."""
     from .speech import REFERENCE, NotScored, SpeechRejected, judge_speech
 

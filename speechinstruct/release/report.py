@@ -564,7 +564,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     here), what each stage dropped and why (from the ``run`` workdir ``work``), one record of every kind,
     samples to listen to, plots, and each stage's time (``stages``: the run's log, else the workdir's
     ``run-summary.json``). ``units``: a units folder to take original audio from; ``vocoder`` (see
-    :func:`speechinstruct.vocoder.load_vocoder`): resynthesise samples with it; ``asr`` (``score.load_asr``):
+    :func:`speechinstruct.units.vocoder.load_vocoder`): resynthesise samples with it; ``asr`` (``judges.asr.load_asr``):
     transcribe each resynthesis and give its WER against the text. ``quality``: the recipe's gates, drawn on the
     DNSMOS and WER histograms of the workdir's scores. The statistics are computed here, step by step; the
     page is the template's (:func:`render`)."""

@@ -16,7 +16,7 @@ restarts); after that the job stops with one line naming the shard and rows.
 nodes, ``ray://host:10001`` connects as a Ray client (the ``[ray]`` extra installs ``ray[client]``). The
 extractor and k-means travel through Ray's object store, so only the corpus must be readable at the same
 path on every node (a corpus copied from a bucket is fetched by each node's decode tasks, file by file, into
-that node's cache: :func:`speechinstruct.storage.fetch_copy`); the driver writes every output file itself.
+that node's cache: :func:`speechinstruct.sources.storage.fetch_copy`); the driver writes every output file itself.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One face for every speech tokenizer, textlesslib's, and one loader that builds it.
 
-K-means units (``units.SpeechEncoder``: a dense model, MFCC or an SSL layer, then a quantizer, then repeats
+K-means units (``units.kmeans.SpeechEncoder``: a dense model, MFCC or an SSL layer, then a quantizer, then repeats
 merged) and codecs (``codecs.Codec``, whose codes are the units, every frame kept) both have
 
 - ``sample_rate`` (what ``encode`` reads) and ``frame_rate`` (units per second, before repeats are merged),
