@@ -10,6 +10,7 @@ object), with a DeprecationWarning, for one release.
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import warnings
@@ -39,6 +40,9 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """``speechinstruct.<old>[.sub]`` as the module that now holds it (the same object, so that patching either
     name patches both); a split module as a view of the modules it became."""
 
+    def __init__(self):
+        self._specs: dict[str, importlib.machinery.ModuleSpec] = {}
+
     def find_spec(self, fullname, path=None, target=None):
         head = fullname.split(".")[1] if fullname.startswith(__name__ + ".") else None
         if head in MOVED or (head in SPLIT and fullname == f"{__name__}.{head}"):
@@ -54,14 +58,14 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         else:
             new = f"{__name__}.{MOVED[head]}" + (f".{rest}" if rest else "")
             module = importlib.import_module(new)
-            self._spec = module.__spec__
+            self._specs[spec.name] = module.__spec__  # by old name: another thread may import another meanwhile
         warnings.warn(f"{spec.name} is now {new}; the old name goes in the next release", DeprecationWarning,
                       stacklevel=3)
         return module
 
     def exec_module(self, module):
-        if not isinstance(module, _SplitModule):
-            module.__spec__ = self._spec  # the import system stamped the old name's spec on the module: put it back
+        if not isinstance(module, _SplitModule):  # the import system stamped the old name's spec on it: put it back
+            module.__spec__ = self._specs.pop(module.__spec__.name)
 
 
 class _SplitModule(type(sys)):

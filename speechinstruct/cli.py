@@ -147,6 +147,7 @@ Corpus = Enum("Corpus", {name.removeprefix("speechinstruct-"): name for name in 
 
 @command(app)
 def shard(
+    ctx: typer.Context,
     corpus: Corpus = typer.Argument(..., help="Corpus layout of ROOT."),
     root: str = typer.Argument(..., help="Corpus folder in its native layout; hf: a dataset folder (Hub-style "
                                "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or a cuts file; "
@@ -191,10 +192,9 @@ def shard(
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
               "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
               "audio_root": audio_root}
-    given = {**values, "max_seconds": None if max_seconds == 30.0 else max_seconds, "asr": asr, "base_url": base_url,
-             "speakers": speakers or None, "audio_column": None if audio_column == "audio" else audio_column,
-             "text_column": None if text_column == "text" else text_column}
-    foreign = [name for name, value in given.items() if value is not None and option_problem(corpus.value, name)]
+    # a flag is given when it came from the command line, not from its default
+    foreign = [p.name for p in ctx.command.params if any(p.name in s.options for s in SOURCES.values())
+               and ctx.get_parameter_source(p.name).name == "COMMANDLINE" and option_problem(corpus.value, p.name)]
     if foreign:
         takers = sorted({source for name in foreign for source, s in SOURCES.items() if name in s.options})
         own = "".join(f", --{o.replace('_', '-')}" for o in SOURCES[corpus.value].options)

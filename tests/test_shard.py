@@ -300,6 +300,9 @@ def test_an_option_a_source_does_not_take_is_one_line_everywhere(librispeech_roo
     assert "Traceback" not in str(said.value) and "Value error" not in str(said.value)
     done = CliRunner().invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "m"), "--tsv", "x.tsv"])
     assert done.exit_code == 2 and "--tsv is for `shard commonvoice`" in done.stderr, done.output
+    same = CliRunner().invoke(app, ["shard", "librispeech", str(librispeech_root), str(tmp_path / "m"), "--max-seconds",
+                                    "30"])  # given, even at its default value: the command line says where it came from
+    assert same.exit_code == 2 and "--max-seconds is for `shard audio/librilight`" in same.stderr, same.output
     with pytest.raises(ValueError, match="tsv: not an option of librispeech"):
         shard_corpus("librispeech", librispeech_root, tmp_path / "m2", tsv="x.tsv")
     assert not (tmp_path / "m2").exists()

@@ -357,17 +357,13 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     ``OUT/dedup.json`` in each). With ``num_shards`` > 1 (job-array tasks) this task only computes and caches the
     signatures of its shards; one run without them then decides and writes, reading the cache."""
     cfg = cfg or settings.Dedup()
-    ngram, num_perm, threshold, similarity, eval_ngram = cfg.ngram, cfg.num_perm, cfg.threshold, cfg.similarity, cfg.eval_ngram
-    max_per_transcript, speaker_disjoint, audio_hash = cfg.max_per_transcript, cfg.speaker_disjoint, cfg.audio_hash
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     outs = [Path(p) for p in (outs if isinstance(outs, (list, tuple)) else [outs])]
     scores = list(scores) if isinstance(scores, (list, tuple)) else [scores] * len(inputs)
     if len(outs) != len(inputs) or len(scores) != len(inputs):
         raise ValueError("dedup: one output folder (and one scores folder, or none) per units folder")
-    used = {"ngram": ngram, "num_perm": num_perm, "threshold": threshold, "similarity": similarity,
-            "eval_ngram": eval_ngram, "max_per_transcript": max_per_transcript, "speaker_disjoint": speaker_disjoint,
-            "audio_hash": audio_hash, "eval": list(cfg.eval), "seed": seed}
-    signer, texts = Signer(ngram, num_perm, seed), EvalTexts(eval_ngram)
+    used = {**cfg.model_dump(exclude={"eval"}), "eval": list(cfg.eval), "seed": seed}  # the order dedup.json had
+    signer, texts = Signer(cfg.ngram, cfg.num_perm, seed), EvalTexts(cfg.eval_ngram)
     eval_signatures, eval_units, checked = read_eval(used["eval"], texts, signer)
 
     from ..io import remove_stale_temps
@@ -383,20 +379,20 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
             remove_stale_temps(out)
     signatures: dict[str, np.ndarray] = dict(eval_signatures)
     sequences: dict[str, np.ndarray] = dict(eval_units)
-    rows, files = read_inputs(inputs, outs, scores, signer, signatures, sequences, audio_hash)
+    rows, files = read_inputs(inputs, outs, scores, signer, signatures, sequences, cfg.audio_hash)
     for r in rows.values():  # the inputs' own validation and test rows are evaluation texts, always
         if r.is_eval:
             texts.add(r.text, f"{r.corpus} {r.split}: {r.id}")
 
-    dropped, examples, overlap = decide(rows, signatures, sequences, signer, texts, threshold, similarity,
-                                        max_per_transcript, speaker_disjoint)
+    dropped, examples, overlap = decide(rows, signatures, sequences, signer, texts, cfg.threshold, cfg.similarity,
+                                        cfg.max_per_transcript, cfg.speaker_disjoint)
     counts = collections.Counter(reason for reason, _ in dropped.values())
     summary = {"inputs": [str(p.resolve()) for p in inputs], "settings": used,
                "checked_against": {"eval_sources": checked, "eval_split_rows": sum(r.is_eval for r in rows.values()),
                                    "eval_texts": texts.count},
                "utterances": len(rows), "kept": len(rows) - len(dropped), "dropped": dict(sorted(counts.items())),
                "speakers_in_train_and_eval": overlap, "examples": examples,
-               "bytes_per_utterance": num_perm * 4 + round(sum(s.nbytes for s in sequences.values()) / max(1, len(sequences)))}
+               "bytes_per_utterance": cfg.num_perm * 4 + round(sum(s.nbytes for s in sequences.values()) / max(1, len(sequences)))}
     for folder, out in zip(inputs, outs):  # the units' vocabulary and provenance, as quantize wrote them
         out.mkdir(parents=True, exist_ok=True)
         if (folder / "units.json").is_file():

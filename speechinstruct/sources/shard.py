@@ -114,8 +114,8 @@ def shard_corpus(
     if shard_hours <= 0:
         raise ValueError(f"shard_hours must be positive, got {shard_hours}")
     for option in reader_options:
-        if option_problem(corpus, option):
-            raise ValueError(f"{option}: {option_problem(corpus, option)}")
+        if problem := option_problem(corpus, option):
+            raise ValueError(f"{option}: {problem}")
     keep = parse_splits(splits)
     split_map = parse_split_map(split_map)
     remote = storage.redacted(str(root)) if storage.is_url(root) else None
