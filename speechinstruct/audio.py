@@ -20,6 +20,11 @@ class AudioError(ValueError):
     """A file that cannot be used as speech; the message names the file and the problem."""
 
 
+def sample_rate_of(model) -> int:
+    """The rate a feature extractor or speech tokenizer reads audio at: its own (a codec's), else 16 kHz."""
+    return int(getattr(model, "sample_rate", TARGET_SR))
+
+
 def info(path: str | os.PathLike) -> tuple[int, int]:
     """(sample_rate, frames) of an audio file."""
     try:

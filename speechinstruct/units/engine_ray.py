@@ -197,7 +197,8 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU; or a speech
     tokenizer, tokenizer.py) and ``kmeans`` are shipped to the actors, which move the model to ``cfg.device``
     (``auto``: cuda when actors get GPUs)."""
-    from .extract import makes_units, run_shards, sample_rate_of
+    from ..audio import sample_rate_of
+    from .extract import makes_units, run_shards
     from .tokenizer import dense_and_kmeans
 
     cfg = cfg or settings.Features()

@@ -36,11 +36,6 @@ from .quantize import UnitWriter
 from .tokenizer import dense_and_kmeans, is_tokenizer
 
 
-def sample_rate_of(extractor) -> int:
-    """The rate an extractor reads audio at: 16 kHz, or a codec's own."""
-    return int(getattr(extractor, "sample_rate", audio.TARGET_SR))
-
-
 def makes_units(extractor, kmeans) -> bool:
     """Whether extract writes units (with k-means, or a tokenizer such as a codec) rather than features."""
     return kmeans is not None or is_tokenizer(extractor)
@@ -51,7 +46,7 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
     """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio. A batch that
     runs out of memory is halved (``counts["batches_halved"]``)."""
     group: list[tuple[dict, np.ndarray | str]] = []
-    budget = batch_seconds * sample_rate_of(extractor)
+    budget = batch_seconds * audio.sample_rate_of(extractor)
 
     def run(group):
         good = sorted((i for i, (_, w) in enumerate(group) if not isinstance(w, str)), key=lambda i: group[i][1].size)
@@ -81,7 +76,7 @@ def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
                counts: collections.Counter | None = None) -> dict[int, np.ndarray | str]:
     """Features of one batch; halved while it runs out of memory; an utterance that fails (or does not fit even
     alone) is isolated and gets its reason, the others their features."""
-    rate = sample_rate_of(extractor)
+    rate = audio.sample_rate_of(extractor)
 
     def batch(items):
         return halving(extractor.features_batch, items, counts, lambda w: f"an utterance of {w.size / rate:.1f} s")
@@ -119,7 +114,8 @@ def extract(
     counts: collections.Counter[str] = collections.Counter()
 
     def results_for(shard: Path, rows: list[dict], root: Path):
-        return compute(extractor, decode_rows(rows, root, workers, sample_rate_of(extractor)), batch_seconds, counts)
+        decoded = decode_rows(rows, root, workers, audio.sample_rate_of(extractor))
+        return compute(extractor, decoded, batch_seconds, counts)
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
                        num_shards=num_shards, shard_index=shard_index)

@@ -137,15 +137,13 @@ class SpeechEncoder:
     # the tokenizer's face, as a codec has it (tokenizer.py)
     @property
     def sample_rate(self) -> int:
-        return int(getattr(self.extractor, "sample_rate", 16000))
+        from ..audio import sample_rate_of  # here: reading the units module loads no audio library
+
+        return sample_rate_of(self.extractor)
 
     @property
     def frame_rate(self) -> float:
         return self.extractor.frame_rate
-
-    @property
-    def spec(self) -> dict:
-        return self.extractor.spec
 
     def vocabulary(self):
         from ..shardfiles import kmeans_vocabulary
