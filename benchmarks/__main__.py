@@ -5,7 +5,7 @@
   extract   HuBERT-Base layer 11 (random weights) on CPU: batched vs one at a time; achieved GFLOP/s vs the
             machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
   codecs    Mimi, EnCodec, DAC, X-Codec and XCodec2 at their released sizes (random weights) on CPU: encode and
-            decode x real time
+            decode x real time; the causal ones (Mimi, EnCodec-24k) batched vs one at a time, codes equal
   gpu       HuBERT-Base layer 11 on a GPU, bf16, length-bucketed batches: x real time and MFU (skipped without one)
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
@@ -415,8 +415,9 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
 
 
 def bench_codecs(work: Path, quick: bool) -> list[dict]:
-    """Codec tokenizers at their default (released) sizes, random weights, on CPU: encode and decode x real time,
-    one utterance at a time (as extract runs them: batched codes were not the same, see codecs.py)."""
+    """Codec tokenizers at their default (released) sizes, random weights, on CPU: encode and decode x real time of
+    one utterance; for a causal codec (batched by extract, codecs.py) also a batch of utterances of mixed lengths
+    against the same utterances one at a time, side by side, with the share of codes that agree."""
     import torch
     import transformers
 
@@ -439,8 +440,27 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
         rows.append({"name": f"{kind} encode, {params:.0f}M params, {codec.sample_rate} Hz, {codec.codebooks} codebooks, "
                              f"{seconds:g} s, {available_cpus()} threads", "realtime": seconds / t_enc, "ours_s": t_enc,
                      "target": "report", "extra": f"decode {seconds / t_dec:.1f}x real time"})
+        if codec.causal:
+            rows.append(codec_batch_row(codec, quick))
         del model, codec
     return rows
+
+
+def codec_batch_row(codec, quick: bool) -> dict:
+    """A causal codec's batched encode (extract's way) against one utterance at a time, side by side."""
+    from speechinstruct.threads import available_cpus
+
+    rng = np.random.default_rng(1)
+    lengths = rng.uniform(1.0, 4.0, 8 if quick else 16)
+    wavs = [(0.1 * rng.standard_normal(int(s * codec.sample_rate))).astype(np.float32) for s in lengths]
+    alone, t_alone = timed(codec.codes_batch, wavs, batched=False)
+    batched, t_batch = timed(codec.codes_batch, wavs, batched=True)  # as on a GPU
+    equal = sum(int((a == b).sum()) for a, b in zip(alone, batched)) / sum(a.size for a in alone)
+    total = float(lengths.sum())
+    return {"name": f"{codec.kind} encode, {len(wavs)} utterances of 1-4 s ({total:.0f} s) in one batch vs one at a "
+                    f"time, {available_cpus()} threads", "ratio": t_alone / t_batch, "ours_s": t_batch,
+            "baseline_s": t_alone, "target": ">= 5x on a GPU; report on the CPU",
+            "extra": f"batched {total / t_batch:.1f}x real time, alone {total / t_alone:.1f}x; codes equal {equal:.2%}"}
 
 
 def long_recording(path: Path, minutes: float, seed: int = 0) -> float:

@@ -140,9 +140,15 @@ def test_units_are_the_models_own_codes_frame_major_with_codebook_offsets(kind, 
     codec = load_codec(kind, str(folders[kind]), codebooks=3)
     assert (codec.codebooks, codec.codebook_size, codec.k) == (3, 64, 192)
     assert codec.sample_rate == (16000 if kind in ("dac", "xcodec") else 24000)
-    wavs = [speech(s, codec.sample_rate, i) for i, s in enumerate((0.7, 1.3, 2.0))]
-    for wav, units in zip(wavs, codec.units_batch(wavs)):
-        codes = model_codes(kind, model, wav, 3)
+    assert codec.causal == (kind in ("mimi", "encodec"))  # the tiny EnCodec is the 24 kHz one: causal
+    for i, seconds in enumerate((0.7, 1.3, 2.0)):
+        wav = speech(seconds, codec.sample_rate, i)
+        units = codec.units(wav)
+        # a causal codec's utterance is padded with zeros to whole frames (codecs.py); the frame count is unchanged
+        padded = np.pad(wav, (0, -wav.size % codec.hop)) if codec.causal else wav
+        codes = model_codes(kind, model, padded, 3)
+        if codec.causal:
+            assert codes.shape[1] == model_codes(kind, model, wav, 3).shape[1] == padded.size // codec.hop
         expected = [q * 64 + int(codes[q, t]) for t in range(codes.shape[1]) for q in range(3)]
         assert units.tolist() == expected
         assert len(set(codes[0].tolist())) > 1  # the codebooks were randomised: codes vary
@@ -156,6 +162,44 @@ def test_units_are_the_models_own_codes_frame_major_with_codebook_offsets(kind, 
     voc = codec.vocabulary()
     assert (voc.tokenizer, voc.size, voc.codebooks, voc.codebook_size, voc.sample_rate) == (kind, 192, 3, 64, codec.sample_rate)
     assert voc.frame_rate == codec.sample_rate / codec.hop and len(voc.sha256) == 64
+
+
+@pytest.mark.parametrize("kind", ["mimi", "encodec"])
+def test_a_causal_codec_encodes_a_batch_in_one_call_with_each_utterances_own_codes(kind, folders):
+    """Mimi and EnCodec-24k read only the past: utterances padded to whole frames, batched with zeros after them,
+    get the codes each gets alone. Mimi's all equal; the tiny EnCodec's codes are near ties in places (scaling its
+    input by 1 + 1e-6 flips about 1 % of them alone), so float rounding in a batch flips a few, never a last frame."""
+    codec = load_codec(kind, str(folders[kind]))
+    rng = np.random.default_rng(1)
+    wavs = [speech(float(s), codec.sample_rate, i) * (0.5 + i % 3) for i, s in enumerate(rng.uniform(0.4, 3.0, 12))]
+    alone = [codec.codes(w) for w in wavs]
+    calls = []
+    original = codec.model.encode
+    codec.model.encode = lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
+    assert codec.codes_batch(wavs[:2]) and len(calls) == 2  # on the CPU one at a time: a batch was slower there
+    calls.clear()
+    batched = codec.codes_batch(wavs, batched=True)  # as on a GPU
+    assert len(calls) == 1 and calls[0][0] == 12  # one forward pass for the batch
+    assert [b.shape for b in batched] == [a.shape for a in alone]
+    equal = sum(int((a == b).sum()) for a, b in zip(alone, batched)) / sum(a.size for a in alone)
+    assert equal == 1.0 if kind == "mimi" else equal >= 0.985
+    assert all((a[:, -1] == b[:, -1]).all() for a, b in zip(alone, batched))  # the last frames: the padding's reach
+    seen = []  # on a GPU, extract's units_batch is one batch (the encode stubbed: no GPU here)
+    codec.device = "cuda"
+    codec._encode = lambda batch: seen.append(batch.shape[0]) or np.zeros((len(batch), codec.codebooks, batch.shape[1] // codec.hop), int)
+    assert [u.size for u in codec.units_batch(wavs)] == [b.size for b in batched] and seen == [12]
+
+
+def test_a_codec_that_reads_the_future_encodes_one_utterance_at_a_time(folders):
+    """DAC's convolutions are symmetric: a batch's padding would change its last frames, so it is never batched."""
+    codec = load_codec("dac", str(folders["dac"]))
+    assert not codec.causal and "padding" not in codec.spec
+    calls = []
+    original = codec.model.encode
+    codec.model.encode = lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
+    wavs = [speech(s, 16000, i) for i, s in enumerate((0.7, 1.3))]
+    codec.codes_batch(wavs, batched=True)
+    assert [c[0] for c in calls] == [1, 1]
 
 
 def xcodec2_feature_extractor():

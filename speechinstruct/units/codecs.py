@@ -12,13 +12,26 @@ so the unit text stays ``<sosp><..><..><eosp>``. Codec units are never deduplica
 frame. Audio is decoded straight to the codec's own sample rate (Mimi and EnCodec-24k: 24 kHz, DAC-16k:
 16 kHz, DAC-44k: 44.1 kHz).
 
-The codes of an utterance are the model's own ``encode`` of that utterance alone, so every utterance is encoded
-on its own. Batches do not give the same codes: Mimi's encoder reads no padding mask yet (a TODO in
-transformers) and its last frame changes when other audio follows it; DAC has no padding mask; and even
-EnCodec-24k, causal and with a padding mask, moved its latents by up to 1.3e-7 in a batch of three (1.8e-4 at a
-padded utterance's last frame), enough to flip the nearest code at near ties: 18 of 1,806 codes of the tests'
-tiny random model (6 codebooks of 64, utterances of 0.7, 1.3 and 2.0 s, CPU, 2 threads). A codebook search is a
-hard decision, so we keep it exact.
+The codes of an utterance are the model's own ``encode`` of that utterance alone. A causal codec (Mimi, EnCodec-24k:
+every layer reads only the past) is fed each utterance padded with zeros to a whole number of frames; then no
+frame of an utterance reads anything after its end (an unpadded utterance's last frame reads the model's own
+right padding, which a batch replaces with the next utterance's padding) and a zero-padded batch gives every
+utterance the codes it gets alone, up to float rounding. The units of a causal codec are therefore encoded in
+batches on a GPU (the extract stage's, sorted by length), cut back to each utterance's own frames; the frame count
+is the same as unpadded (one per started frame), and only a last frame can differ from an encode of the unpadded
+audio. On the CPU a batch was slower than one utterance at a time (default-config Mimi 0.56x, EnCodec-24k 0.46-0.55x:
+eight 3-s utterances, 2 threads, random weights; activations of a whole batch outgrow the caches), so there they go one at a time
+(the same codes, up to float rounding). A padded batch of 32 ran Mimi at 9.6x one at a time on an H200
+(``../shared/gpu-check``: transformers' encode, not yet this code).
+The other codecs read the future (DAC, X-Codec's acoustic side: symmetric convolutions; X-Codec's HuBERT and
+XCodec2's Wav2Vec2-BERT: attention over the whole clip), so padding changes their last frames (DAC) or all of
+them (X-Codec); they encode one utterance at a time.
+
+Measured on the tests' tiny random models (CPU, 2 threads, twelve utterances of 0.4-3 s): Mimi's batched codes
+equal its one-at-a-time codes, all of them; EnCodec's 99.1 % of them, every difference in an inner frame, where a
+code is a near tie: scaling the input by 1 + 1e-6 (below 16-bit audio's resolution) flips 1.1 % of that model's
+codes alone. Padding to whole frames is in ``units.json`` (``padding``), so a folder of older unpadded units is
+not extended with these.
 
 A tokenizer outside transformers (SpeechTokenizer, CosyVoice's S3 tokenizer) is another class with the same
 face: ``sample_rate``, ``frame_rate``, ``vocabulary()``, ``units(wav)``, ``units_batch(wavs)``, ``speech(units)``.
@@ -74,7 +87,12 @@ class Codec:
         if kind != "xcodec2":
             self.codebook_size = int(cfg.codebook_size)
         self.total = total
+        # causal end to end (no chunking with overlaps): batched codes are each utterance's own (module docstring)
+        self.causal = (kind in ("mimi", "encodec") and bool(getattr(cfg, "use_causal_conv", False))
+                       and not getattr(cfg, "chunk_length_s", None))
         self.spec = {"features": kind, "source": source, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate}
+        if self.causal:
+            self.spec["padding"] = "whole frames"
         self.keep(codebooks or total)
         if checkpoint:  # where to load it again to decode this folder's units (publish leaves it out)
             self.spec["checkpoint"] = checkpoint
@@ -116,25 +134,51 @@ class Codec:
 
     # --------------------------------------------------------------------------------------- encoding
     def codes(self, wav: np.ndarray) -> np.ndarray:
-        """(codebooks, frames) codes of one utterance at :attr:`sample_rate`, as the model's ``encode`` gives them."""
+        """(codebooks, frames) codes of one utterance at :attr:`sample_rate`, as the model's ``encode`` gives them
+        (a causal codec's of the utterance padded with zeros to whole frames)."""
+        return self.codes_batch([wav])[0]
+
+    def codes_batch(self, wavs: list[np.ndarray], batched: bool | None = None) -> list[np.ndarray]:
+        """(codebooks, frames) codes of each utterance: a causal codec's on a GPU in one zero-padded batch, each
+        cut to its own frames; on the CPU, and for the other codecs, one utterance at a time (module docstring).
+        ``batched``: True or False to choose (a causal codec's codes are the same either way)."""
+        for wav in wavs:
+            if wav.size < self.hop:
+                raise ValueError(f"{wav.size} samples: shorter than one {self.kind} frame ({self.hop} samples at "
+                                 f"{self.sample_rate} Hz)")
+        if batched is None:
+            batched = str(self.device) != "cpu"
+        if not self.causal or not batched:
+            return [self._encode(self._padded(w)[None])[0] for w in wavs]
+        frames = [-(-w.size // self.hop) for w in wavs]
+        batch = np.zeros((len(wavs), max(frames) * self.hop), dtype=np.float32)
+        for row, wav in zip(batch, wavs):
+            row[: wav.size] = wav
+        codes = self._encode(batch)
+        return [c[:, :n] for c, n in zip(codes, frames)]
+
+    def _padded(self, wav: np.ndarray) -> np.ndarray:
+        """One utterance as the model reads it: a causal codec's padded with zeros to whole frames."""
+        wav = np.asarray(wav, dtype=np.float32)
+        return np.pad(wav, (0, -wav.size % self.hop)) if self.causal else wav
+
+    def _encode(self, batch: np.ndarray) -> np.ndarray:
+        """(utterances, codebooks, frames) codes of a (utterances, samples) batch, by the model's ``encode``."""
         torch = self._torch
-        if wav.size < self.hop:
-            raise ValueError(f"{wav.size} samples: shorter than one {self.kind} frame ({self.hop} samples at "
-                             f"{self.sample_rate} Hz)")
-        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None].to(self.device)
+        x = torch.from_numpy(np.ascontiguousarray(batch))[:, None].to(self.device)
         with torch.inference_mode():
-            if self.kind == "mimi":
-                codes = self.model.encode(x, num_quantizers=self.codebooks).audio_codes[0]
+            if self.kind == "mimi":  # its encode reads no padding mask (and needs none: causal, zeros to whole frames)
+                codes = self.model.encode(x, num_quantizers=self.codebooks).audio_codes
             elif self.kind == "encodec":
-                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0, 0]
-            elif self.kind == "xcodec":
                 codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0]
+            elif self.kind == "xcodec":
+                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes
             elif self.kind == "xcodec2":
-                inputs = xcodec2_inputs(wav, self.hop, self.sample_rate)
-                codes = self.model.encode(**{k: v.to(self.device) for k, v in inputs.items()}).audio_codes[0]
+                inputs = xcodec2_inputs(batch[0], self.hop, self.sample_rate)
+                codes = self.model.encode(**{k: v.to(self.device) for k, v in inputs.items()}).audio_codes
             else:
-                codes = self.model.encode(x, n_quantizers=self.codebooks).audio_codes[0]
-        return codes[: self.codebooks].cpu().numpy().astype(np.int64)
+                codes = self.model.encode(x, n_quantizers=self.codebooks).audio_codes
+        return codes[:, : self.codebooks].cpu().numpy().astype(np.int64)
 
     def units(self, wav: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
         """The units of one utterance (resampled to the codec's rate when ``sample_rate`` differs)."""
@@ -145,8 +189,9 @@ class Codec:
         return self.flatten(self.codes(wav))
 
     def units_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        """Units of many utterances at the codec's rate, each encoded on its own (see the module docstring)."""
-        return [self.flatten(self.codes(w)) for w in wavs]
+        """Units of many utterances at the codec's rate: in one batch for a causal codec on a GPU, else one at a
+        time."""
+        return [self.flatten(c) for c in self.codes_batch(wavs)]
 
     features = units            # extract calls its tokenizer's features/features_batch
     features_batch = units_batch
