@@ -212,14 +212,20 @@ def bench_extract(work: Path, quick: bool) -> list[dict]:
 
 def bench_gpu(work: Path, quick: bool) -> list[dict]:
     """On one GPU: HuBERT-Base layer 11 in bf16 (MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM),
-    k-means K=1000 on 1M x 768 frames with torch against faiss-cpu on the same sample, and DNSMOS with the torch
-    engine. ``GPU_DRYRUN=1`` runs the k-means and DNSMOS rows on the CPU at a small size, to check the code."""
+    k-means K=1000 on 1M x 768 frames with torch against faiss-cpu on the same sample, DNSMOS with the torch
+    engine, and a Parakeet-CTC-0.6B-shaped ASR model in bf16 on 1,000 clips of 9-13 s. ``GPU_DRYRUN=1`` runs the
+    k-means, DNSMOS and ASR rows on the CPU at a small size, to check the code."""
     import torch
 
     rows = []
     device = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("GPU_DRYRUN") else None)
     if device is not None:
         rows += gpu_kmeans_and_dnsmos(work, device, small=device == "cpu" or quick)
+    if device is not None:  # Parakeet-CTC-0.6B's shape (a small one in a dry run), bf16 on a GPU
+        clips = [(0.1 * np.random.default_rng(i).standard_normal(int((9 + i % 5) * 16000))).astype(np.float32)
+                 for i in range(8 if device == "cpu" else 1000)]
+        rows.append(parakeet_row(work, device, clips, *((128, 2) if device == "cpu" else (1024, 24)),
+                                 batch_size=4 if device == "cpu" else 64))
     if not torch.cuda.is_available():
         return rows + [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
     from speechinstruct.units.extract import compute, decode_rows
@@ -609,7 +615,34 @@ def bench_score(work: Path, quick: bool) -> list[dict]:
     out.append({"name": f"ASR, random Whisper d_model 256, {len(asr_clips)} clips, batch 8", "baseline": "one clip at a time",
                 "baseline_s": t_single, "ours_s": t_batched, "speedup": t_single / t_batched, "target": ">= 2x",
                 "extra": f"same texts: {batched == single}"})
+    out.append(parakeet_row(work, "cpu", clips[:4 if quick else 8], hidden=256 if quick else 1024,
+                            layers=4 if quick else 24, batch_size=4))
     return out
+
+
+def parakeet_row(work: Path, device: str, clips: list, hidden: int = 1024, layers: int = 24, batch_size: int = 64,
+                 dtype: str = "auto") -> dict:
+    """A Parakeet CTC model (random weights; 1024 x 24 layers is parakeet-ctc-0.6b's shape) transcribing ``clips``
+    through score's ASR judge: x real time (the Open ASR leaderboard's fastest, Parakeet-TDT-0.6B, reports RTFx
+    3,380 on its GPU)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from asr_fixture import write_tiny_parakeet_ctc
+
+    from speechinstruct.judges.asr import load_asr
+    from speechinstruct.threads import available_cpus
+
+    folder = work / f"parakeet-ctc-{hidden}x{layers}"
+    if not folder.exists():
+        write_tiny_parakeet_ctc(folder, hidden=hidden, layers=layers)
+    asr = load_asr(str(folder), device=device, batch_size=batch_size, dtype=dtype)
+    params = sum(p.numel() for p in asr.model.parameters()) / 1e6
+    asr.transcribe(clips[:2])  # warm up
+    seconds = sum(len(c) for c in clips) / 16000
+    _, t = timed(asr.transcribe, clips)
+    where = device if device != "cpu" else f"cpu, {available_cpus()} threads"
+    return {"name": f"ASR, Parakeet CTC shape {hidden}x{layers} ({params:.0f}M params, random), {len(clips)} clips "
+                    f"({seconds:.0f} s), batch {batch_size}, {asr.dtype}, {where}",
+            "realtime": seconds / t, "ours_s": t, "target": ">= 4000x real time on an H200 (0.6B shape); report on the CPU"}
 
 
 STARTUP_BASELINE = "1e43768"  # the landed code before imports moved to where they are used (issue 18)

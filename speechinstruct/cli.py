@@ -681,14 +681,15 @@ def publish(
 
 
 def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int,
-           speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False):
+           speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False,
+           asr_dtype: str = "auto"):
     from .judges.judge import Judge
 
     if references and not speaker:
         speaker = "resemblyzer"  # references mean speaker similarity: the default encoder
     if not (dnsmos or asr or speaker or language):
         fail("nothing to score with: give --dnsmos, --asr MODEL, --speaker or --language")
-    return Judge.load(dnsmos, asr, base_url, device, batch_size, speaker, references, language)
+    return Judge.load(dnsmos, asr, base_url, device, batch_size, speaker, references, language, asr_dtype)
 
 
 @command(app)
@@ -704,6 +705,8 @@ def score(
     root: Optional[Path] = typer.Option(None, parser=_input, help="Corpus root (default: the one recorded by `shard` or `extract`)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     batch_size: int = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per forward pass."),
+    asr_dtype: str = typer.Option(default(settings.Quality, "asr_dtype"), help="ASR weights: auto (bfloat16 on a "
+                                  "GPU, float32 on the CPU), float32, bfloat16 or float16."),
     workers: int = typer.Option(2, help="Audio decoding threads."),
     speaker: Optional[str] = typer.Option(None, "--speaker", parser=_input_name, help="Speaker embeddings "
                                           "(embeddings-NNNNN.npy, float16, row for row with the scores): "
@@ -722,7 +725,8 @@ def score(
     language; resumable per shard."""
     from .curate.score import score as run_score
 
-    judge = _judge(dnsmos, asr, base_url, _device(device), batch_size, speaker, speaker_references, language)
+    judge = _judge(dnsmos, asr, base_url, _device(device), batch_size, speaker, speaker_references, language,
+                   asr_dtype)
     summary = run_score(source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
                         workers=workers)
     for column in summary["scores"].values():

@@ -268,7 +268,7 @@ class Job:
         if self._judge is None:
             q = self.quality
             self._judge = Judge.load(q["dnsmos"], q["asr"], q["base_url"], self.device, q["batch_size"], q["speaker"],
-                                     language=bool(q["language"]))
+                                     language=bool(q["language"]), asr_dtype=q["asr_dtype"])
         return self._judge
 
     def judge_settings(self) -> dict:

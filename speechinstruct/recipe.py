@@ -197,6 +197,7 @@ class Quality(Thresholds):
     asr: Optional[str] = None       # a transformers ASR folder or hub id, or a model name at base_url
     base_url: Optional[str] = None  # an OpenAI-compatible /audio/transcriptions server
     batch_size: int = Field(8, ge=1)
+    asr_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on a GPU, else float32
     synthesized: Optional[Thresholds] = None
 
 

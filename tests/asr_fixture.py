@@ -69,3 +69,31 @@ def write_tiny_ctc(folder: Path, seed: int = 0) -> Path:
     Wav2Vec2ForCTC(config).eval().save_pretrained(folder)
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def write_tiny_parakeet_ctc(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+    """A Parakeet CTC model (FastConformer encoder, 8x subsampled log-mel frames) in transformers' layout: a
+    SentencePiece-style unigram tokenizer (Metaspace ``▁``), its last id ``<pad>`` the CTC blank, as NVIDIA's
+    converted checkpoints have it. ``hidden``/``layers``: 1024 and 24 are parakeet-ctc-0.6b's shape."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (ParakeetCTCConfig, ParakeetEncoderConfig, ParakeetFeatureExtractor, ParakeetForCTC,
+                              ParakeetProcessor, ParakeetTokenizer)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = ["<unk>", "▁"] + [f"▁{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz'")
+    unigram = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    unigram.save(str(folder / "tokenizer.json"))
+    tokenizer = ParakeetTokenizer(tokenizer_file=str(folder / "tokenizer.json"), unk_token="<unk>", pad_token="<pad>")
+    blank = tokenizer.convert_tokens_to_ids("<pad>")
+    encoder = ParakeetEncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2 if hidden < 256 else 8,
+                                    intermediate_size=4 * hidden, subsampling_conv_channels=min(256, hidden),
+                                    conv_kernel_size=9, num_mel_bins=80)
+    config = ParakeetCTCConfig(vocab_size=len(tokenizer), pad_token_id=blank, encoder_config=encoder.to_dict())
+    torch.manual_seed(seed)
+    ParakeetForCTC(config).eval().save_pretrained(folder)
+    ParakeetProcessor(ParakeetFeatureExtractor(), tokenizer).save_pretrained(folder)
+    return folder

@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import yaml
-from asr_fixture import write_tiny_ctc, write_tiny_whisper
+from asr_fixture import write_tiny_ctc, write_tiny_parakeet_ctc, write_tiny_whisper
 from transcribe_server import TranscriptionServer
 from typer.testing import CliRunner
 
@@ -96,9 +97,12 @@ def test_error_rates_use_whisper_normaliser_and_jiwer():
     assert Gates().reason(None) is None and Gates(max_cer=0.1).reason(None) == "not scored"
 
 
-@pytest.mark.parametrize("kind", ["whisper", "ctc"])
+@pytest.mark.parametrize("kind", ["whisper", "ctc", "parakeet"])
 def test_transformers_asr_batched_equals_one_at_a_time(tmp_path, speech, kind):
-    folder = (write_tiny_whisper if kind == "whisper" else write_tiny_ctc)(tmp_path / kind)
+    """Whisper, a wav2vec2 CTC model and a Parakeet CTC model (its own feature extractor and lengths): the same
+    texts batched as one clip at a time."""
+    write = {"whisper": write_tiny_whisper, "ctc": write_tiny_ctc, "parakeet": write_tiny_parakeet_ctc}[kind]
+    folder = write(tmp_path / kind)
     asr = load_asr(str(folder), batch_size=4)
     clips = [speech[0], speech[1][:8000], speech[2], speech[3][:20000]]
     batched = asr.transcribe(clips)
@@ -106,6 +110,23 @@ def test_transformers_asr_batched_equals_one_at_a_time(tmp_path, speech, kind):
     assert asr.transcribe(clips) == batched and all(isinstance(t, str) for t in batched)
     spec = asr.spec
     assert spec["kind"] == ("seq2seq" if kind == "whisper" else "ctc") and spec["revision"].startswith("sha256:")
+    assert "dtype" not in spec  # auto on the CPU: float32, the spec scores always had
+    if kind == "parakeet":  # the random model hears letters: the texts are not trivially empty
+        assert all(batched)
+
+
+def test_asr_weights_in_bfloat16_and_a_bad_dtype_is_one_line(tmp_path, speech):
+    """``--asr-dtype bfloat16`` (auto's choice on a GPU) casts the weights and the log-mel inputs; the scores'
+    spec says so; an unknown dtype is one line."""
+    folder = write_tiny_parakeet_ctc(tmp_path / "pk")
+    clips = [speech[0], speech[1][:8000]]
+    half = load_asr(str(folder), dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16 and half.spec["dtype"] == "bfloat16"
+    texts = half.transcribe(clips)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    result = runner.invoke(app, ["score", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--asr", str(folder),
+                                 "--asr-dtype", "float8"])
+    assert result.exit_code != 0 and "float8" in result.output and "Traceback" not in result.output
 
 
 def _corpus(root: Path, clips: dict[str, tuple[np.ndarray, str]], sr: int = 16000) -> Path:

@@ -51,13 +51,24 @@ def error_rates(reference: str, hypothesis: str, normalise) -> tuple[float, floa
     return float(jiwer.wer(ref, hyp)), float(jiwer.cer(ref, hyp))
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # ASR weights and compute; auto: bfloat16 on a GPU, else float32
+
+
 class TransformersASR:
     """A transformers ASR model from a folder (or a hub id, with internet): sequence-to-sequence (Whisper,
-    Moonshine) or CTC (wav2vec2, HuBERT, Parakeet CTC). ``transcribe(wavs)`` → texts, ``batch_size`` clips per
-    forward pass (the clips of a batch are padded to the longest, with an attention mask)."""
+    Moonshine) or CTC (wav2vec2, HuBERT, Parakeet CTC: one forward pass and an argmax, the fast path).
+    ``transcribe(wavs)`` → texts, ``batch_size`` clips per forward pass (the clips of a batch are padded to the
+    longest, with an attention mask). ``dtype``: the weights' (``auto``: bfloat16 on a GPU, float32 on the CPU)."""
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8, max_new_tokens: int = 128):
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8, max_new_tokens: int = 128,
+                 dtype: str = "auto"):
+        import torch
         import transformers
+
+        if dtype not in DTYPES:
+            raise ScoreError(f"unknown ASR dtype {dtype!r}: choose {', '.join(DTYPES)}")
+        if dtype == "auto":
+            dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
 
         try:
             config = transformers.AutoConfig.from_pretrained(model)
@@ -75,10 +86,10 @@ class TransformersASR:
                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
         auto = transformers.AutoModelForSpeechSeq2Seq if seq2seq else transformers.AutoModelForCTC
         try:
-            self.model = load_pretrained(auto, model, "ASR model", unexpected_ok=True).to(device).eval()
+            self.model = load_pretrained(auto, model, "ASR model", unexpected_ok=True).to(device, getattr(torch, dtype)).eval()
         except ValueError as e:
             raise ScoreError(str(e)) from None
-        self.kind = "seq2seq" if seq2seq else "ctc"
+        self.kind, self.dtype = "seq2seq" if seq2seq else "ctc", dtype
         self.counts: collections.Counter[str] = collections.Counter()  # batches halved for memory
         self.name, self.device, self.batch_size, self.max_new_tokens = str(model), device, batch_size, max_new_tokens
         self.revision = _revision(model)
@@ -90,6 +101,7 @@ class TransformersASR:
         import torch
 
         inputs = self._inputs(batch).to(self.device)
+        inputs = inputs.to(self.model.dtype)  # floating inputs (samples, log-mels) only; masks stay integers
         with torch.inference_mode():
             if self.kind == "seq2seq":  # Whisper counts its 4 start tokens in max_target_positions
                 room = getattr(self.model.config, "max_target_positions", 1 << 30) - 8
@@ -97,7 +109,7 @@ class TransformersASR:
                     ids = self.model.generate(**inputs, max_new_tokens=max(1, min(self.max_new_tokens, room)))
             else:  # each clip's own frames: the padding's frames decode to letters too
                 ids = self.model(**inputs).logits.argmax(dim=-1)
-                lengths = self.model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1)).tolist()
+                lengths = _ctc_frames(self.model, inputs["attention_mask"]).tolist()
                 ids = [row[:n] for row, n in zip(ids, lengths)]
         texts = [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
         if self.model.config.model_type != "whisper":
@@ -107,8 +119,11 @@ class TransformersASR:
 
     @property
     def spec(self) -> dict:
-        return {"judge": "asr", "model": self.name, "revision": self.revision, "kind": self.kind,
+        spec = {"judge": "asr", "model": self.name, "revision": self.revision, "kind": self.kind,
                 "model_type": self.model.config.model_type, "spelling_mapping": self.spelling}
+        if self.dtype != "float32":  # float32 scores keep the spec (and stamps) they always had
+            spec["dtype"] = self.dtype
+        return spec
 
     def _inputs(self, wavs: list[np.ndarray]):
         if self.model.config.model_type == "whisper":  # Whisper's 30 s frames; longer clips as long-form
@@ -135,6 +150,15 @@ class TransformersASR:
             if language:
                 self.languages[i] = language
         return out
+
+
+def _ctc_frames(model, attention_mask):
+    """Each clip's output frames in a CTC model's padded batch: wav2vec2's family counts them from the samples,
+    Parakeet's from its log-mel frames (subsampled 8x), each with the model's own arithmetic."""
+    counted = attention_mask.sum(-1)
+    if hasattr(model, "_get_feat_extract_output_lengths"):
+        return model._get_feat_extract_output_lengths(counted)
+    return model._get_subsampling_output_length(counted)
 
 
 @contextlib.contextmanager
@@ -236,11 +260,11 @@ class BadAnswer(str):
     """The reason one utterance got no transcript."""
 
 
-def load_asr(model: str, base_url: str | None = None, device: str = "cpu", batch_size: int = 8):
+def load_asr(model: str, base_url: str | None = None, device: str = "cpu", batch_size: int = 8, dtype: str = "auto"):
     """``model``: a transformers ASR folder or hub id; with ``base_url``, the model name at that endpoint
-    (``openai`` means the endpoint's default, whisper-1)."""
+    (``openai`` means the endpoint's default, whisper-1). ``dtype``: a transformers model's (:data:`DTYPES`)."""
     if base_url:
         return EndpointASR(base_url, "whisper-1" if model == "openai" else model)
     if model == "openai":
         raise ScoreError("--asr openai needs --base-url (an OpenAI-compatible /audio/transcriptions server)")
-    return TransformersASR(model, device=device, batch_size=batch_size)
+    return TransformersASR(model, device=device, batch_size=batch_size, dtype=dtype)
