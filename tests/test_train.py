@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import yaml
@@ -376,6 +378,35 @@ def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_
     assert curve(tmp_path / "one")[-1] == (6, 0.0)  # 2 batches per epoch x 3 epochs, cosine to zero
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # both ranks saved
     assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+
+
+def test_accelerate_launch_over_cpu_processes_trains_ddp_and_refuses_fsdp_in_one_line(base_model, dataset, tmp_path):
+    """``accelerate launch --num_processes 2`` as a user runs it, over 2 CPU processes (gloo): DDP, recorded in
+    train_config.json. ``--use_fsdp`` there: accelerate shards over GPU processes only, and over CPU ones it ran
+    DDP instead or two unconnected copies writing the same log (both seen): one line, nothing trained."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["-m", "speechinstruct.cli", "train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
+            "--epochs", "2", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--save-every", "4", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(port)]
+    ddp = subprocess.run([*launch, "--multi_gpu", *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    config = json.loads((tmp_path / "ddp" / "train_config.json").read_text())
+    assert config["distributed"] == {"type": "MULTI_CPU", "processes": 2}
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one log, written by one process
+    fsdp = subprocess.run([*launch, "--use_fsdp", "--fsdp_version", "2", *args, "--out", str(tmp_path / "fsdp")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert fsdp.returncode != 0 and "accelerate runs FSDP on GPUs only" in fsdp.stderr
+    assert not (tmp_path / "fsdp" / "log.jsonl").exists()
 
 
 @pytest.mark.parametrize("config", ["cross_modal", "chain_of_modality"])

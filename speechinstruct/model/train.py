@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -338,10 +339,11 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, settings: dict) -> None:
-    """``out/model`` (stage 3: ``out/adapter``, and with ``merge`` ``out/merged``) and ``train_config.json``."""
+def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, state: dict | None, settings: dict) -> None:
+    """``out/model`` (stage 3: ``out/adapter``, and with ``merge`` ``out/merged``) and ``train_config.json``;
+    ``state``: the weights gathered from FSDP's shards (None: the model's own)."""
     final = out / ("adapter" if stage == 3 else "model")
-    model.save_pretrained(final)
+    model.save_pretrained(final, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(final)
     if stage == 3 and cfg.merge:
         merged = model.merge_and_unload()
@@ -362,6 +364,11 @@ def make_accelerator(cfg: TrainConfig):
 
     bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     AcceleratorState._reset_state(reset_partial_state=False)
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # accelerate shards with FSDP over GPU processes only: over CPU processes it would run DDP instead (cpu=True)
+        # or N unconnected copies writing the same files (cpu=False); both seen in a test
+        raise ValueError("accelerate launch --use_fsdp: accelerate runs FSDP on GPUs only, and this machine has none; "
+                         "launch without --use_fsdp to train over CPU processes (DDP over gloo: each holds the whole model)")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
                               cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
@@ -419,6 +426,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     # The scheduler is stepped by hand once per optimizer step: prepared by accelerate, it would step once per
     # process (batches are split by hand here, not by accelerate), and the schedule would run N times too fast.
     model, optimizer = accelerator.prepare(model, optimizer)
+    # how the model is spread: NO, MULTI_CPU / MULTI_GPU (DDP: a copy per process), FSDP (parameters sharded)
+    distributed = {"type": accelerator.distributed_type.value, "processes": accelerator.num_processes}
+    log.info("training on %d process(es), %s, mixed precision %s", accelerator.num_processes,
+             distributed["type"], accelerator.mixed_precision)
     accelerator.register_for_checkpointing(scheduler)
     step, epoch, batch_in_epoch = resume_state(accelerator, out, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,8 +475,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
             epoch, batch_in_epoch = epoch + 1, 0
 
     accelerator.wait_for_everyone()
+    # FSDP holds a shard of each weight per process: the whole state is gathered by every process together
+    state = accelerator.get_state_dict(model) if distributed["type"] == "FSDP" else None
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg,
-                   {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump()})
-    return {"stage": stage, "steps": step, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
+        save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg, state,
+                   {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump(),
+                    "distributed": distributed})
+    return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}
