@@ -213,8 +213,9 @@ def bench_extract(work: Path, quick: bool) -> list[dict]:
 def bench_gpu(work: Path, quick: bool) -> list[dict]:
     """On one GPU: HuBERT-Base layer 11 in bf16 (MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM),
     k-means K=1000 on 1M x 768 frames with torch against faiss-cpu on the same sample, DNSMOS with the torch
-    engine, and a Parakeet-CTC-0.6B-shaped ASR model in bf16 on 1,000 clips of 9-13 s. ``GPU_DRYRUN=1`` runs the
-    k-means, DNSMOS and ASR rows on the CPU at a small size, to check the code."""
+    engine, a Parakeet-CTC-0.6B-shaped ASR model in bf16 on 1,000 clips of 9-13 s, and our training loop on a
+    1B LLaMA (tokens/s, MFU). ``GPU_DRYRUN=1`` runs the k-means, DNSMOS, ASR and training rows on the CPU at a small
+    size, to check the code."""
     import torch
 
     rows = []
@@ -226,6 +227,8 @@ def bench_gpu(work: Path, quick: bool) -> list[dict]:
                  for i in range(8 if device == "cpu" else 1000)]
         rows.append(parakeet_row(work, device, clips, *((128, 2) if device == "cpu" else (1024, 24)),
                                  batch_size=4 if device == "cpu" else 64))
+    if device is not None:
+        rows.append(train_1b_row(work, device))
     if not torch.cuda.is_available():
         return rows + [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
     from speechinstruct.units.extract import compute, decode_rows
@@ -691,12 +694,11 @@ def bench_startup(work: Path, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_train(work: Path, quick: bool) -> list[dict]:
-    import torch
+def train_data(work: Path, quick: bool) -> tuple[Path, Path]:
+    """(a demo dataset of 60 sentences, a tiny LLaMA with its tokenizer), made once in ``work``."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from speechinstruct.model import train as T
     from speechinstruct.pipeline import run
 
     data = work / "train-data"
@@ -719,6 +721,16 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
         LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)).save_pretrained(base)
         tokenizer.save_pretrained(base)
+    return data, base
+
+
+def bench_train(work: Path, quick: bool) -> list[dict]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from speechinstruct.model import train as T
+
+    data, base = train_data(work, quick)
     shutil.rmtree(work / "train-out", ignore_errors=True)
     steps, batch, max_length = (5 if quick else 20), 8, 512
     cfg = T.TrainConfig(max_steps=steps, batch_size=batch, lr=1e-4, save_every=10**6, log_every=1, max_length=max_length,
@@ -739,6 +751,44 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
                  "baseline": "TRL SFTTrainer", "baseline_tps": trl_tps, "ours_tps": tps, "throughput": tps / trl_tps,
                  "target": ">= 1.3x"})
     return rows
+
+
+def train_1b_row(work: Path, device: str) -> dict:
+    """Our training loop (stage 1: unit text packed into 1024-token blocks) on a LLaMA of 1.0B parameters
+    (TinyLlama's shape: 2048 wide, 22 layers, 32 heads, 4 KV heads; random weights), bf16 and SDPA on a GPU:
+    tokens/s of the last steps and MFU as 6 N tokens/s over the card's peak (``GPU_PEAK_TFLOPS``, default 989).
+    On the CPU (``GPU_DRYRUN``) a small LLaMA of the same build, to check the code."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from speechinstruct.model import train as T
+
+    data, tiny = train_data(work, quick=True)
+    small = device == "cpu"
+    base = work / ("llama-small" if small else "llama-1b")
+    if not base.exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
+        shape = (dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+                 if small else dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                                    num_key_value_heads=4))
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **shape)).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+    steps = 4 if small else 30
+    cfg = T.TrainConfig(max_steps=steps, batch_size=4 if small else 16, lr=1e-4, save_every=10**6, log_every=1,
+                        block_size=256 if small else 1024, warmup_ratio=0.0)
+    shutil.rmtree(work / "train-1b-out", ignore_errors=True)
+    result, t = timed(T.train, 1, base, data / "dataset", work / "train-1b-out", cfg)
+    tps = result["history"][-1]["tokens_per_s"]
+    params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(work / "train-1b-out" / "model").parameters())
+    row = {"name": f"train stage 1, LLaMA {params / 1e9:.2f}B params (random), blocks of {cfg.block_size}, batch "
+                   f"{cfg.batch_size}, {steps} steps, {'bf16' if torch.cuda.is_available() else 'fp32'}, sdpa, {device}",
+           "tokens_per_s": tps, "ours_s": t, "target": "report tokens/s and MFU"}
+    if torch.cuda.is_available():
+        peak = float(os.environ.get("GPU_PEAK_TFLOPS", "989")) * 1e12
+        row["extra"] = f"MFU ~ {6 * params * tps / peak:.2%} (6 N tokens/s over {peak / 1e12:.0f} TFLOP/s)"
+    return row
 
 
 def _trl_sft(base: Path, dataset: Path, out: Path, steps: int, batch: int, max_length: int) -> float:

@@ -1,7 +1,5 @@
 import json
 
-import numpy as np
-
 import pytest
 import torch
 import yaml
