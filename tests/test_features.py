@@ -52,6 +52,30 @@ def test_batched_frames_equal_one_at_a_time(tmp_path):
         np.testing.assert_allclose(b, hubert.features(wav), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode,pre_ln", [("default", False), ("layer_norm", True)])
+def test_the_gpus_padded_front_end_gives_each_utterance_its_own_frames(tmp_path, monkeypatch, mode, pre_ln):
+    """On a GPU the front end runs as one zero-padded batch (batched_front_end; here forced on the CPU), the
+    group norm of the first layer over each utterance's own frames: the frames of every utterance, chunked ones
+    included, are those it gets alone through fairseq's forward, in float32 within 1e-4 (the issue's bar); the
+    units of bf16 agree with fp32's as the one-at-a-time path's do."""
+    cfg = model_cfg(mode=mode, layer_norm_first=pre_ln)
+    state = random_state(cfg)
+    save_checkpoint(tmp_path / "hubert.pt", cfg, state)
+    monkeypatch.setattr(features, "CHUNK_SAMPLES", 8000)
+    hubert = features.load_hubert(tmp_path / "hubert.pt", layer=2)
+    hubert.batched_front_end = True
+    wavs = [speechlike(s, seed=i) * (1 + 3 * i) for i, s in enumerate([0.3, 1.1, 0.7, 0.45])]  # 1.1 s: 3 chunks
+    batched = hubert.features_batch(wavs)
+    for wav, got in zip(wavs, batched):
+        want = np.concatenate([reference_features(state, cfg, torch.from_numpy(wav[s:s + 8000]), 2, False).numpy()
+                               for s in range(0, wav.size, 8000) if wav[s:s + 8000].size >= hubert._receptive])
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    hubert.batched_front_end = False  # the CPU's way: the same frames
+    for got, alone in zip(batched, hubert.features_batch(wavs)):
+        np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
 def test_fairseq_default_layer_spec_is_read_without_eval():
     assert literal_arithmetic("[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2") == \
         [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
