@@ -345,6 +345,12 @@ def test_extract_with_mimi_writes_units_a_dataset_validates_on(folders, librispe
     again = runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units"), "--features", "mimi",
                                 "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
     assert again.exit_code == 2 and "made with other settings" in again.stderr  # another tokenizer: a new folder
+    spec = json.loads((tmp_path / "units3" / "units.json").read_text())  # units of 0.2.0: not padded to whole frames
+    assert spec.pop("padding") == "whole frames"
+    (tmp_path / "units3" / "units.json").write_text(json.dumps(spec))
+    older = runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "units3"), "--features", "mimi",
+                                "--checkpoint", str(folders["mimi"]), "--codebooks", "3", "-q"])
+    assert older.exit_code == 2 and "made with other settings" in older.stderr and "padding" in older.stderr
     refused = runner.invoke(app, ["extract", str(tmp_path / "manifest"), str(tmp_path / "u2"), "--features", "dac",
                                   "--checkpoint", str(folders["mimi"]), "-q"])
     assert refused.exit_code == 2 and "holds a 'mimi' model, not 'dac'" in refused.stderr
