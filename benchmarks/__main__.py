@@ -5,7 +5,7 @@
   extract   HuBERT-Base layer 11 (random weights) on CPU: batched vs one at a time; achieved GFLOP/s vs the
             machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
   codecs    Mimi, EnCodec, DAC, X-Codec and XCodec2 at their released sizes (random weights) on CPU: encode and
-            decode x real time; the causal ones (Mimi, EnCodec-24k) batched vs one at a time, codes equal
+            decode x real time; Mimi, EnCodec-24k and DAC batched vs one at a time, codes equal
   gpu       HuBERT-Base layer 11 on a GPU, bf16, length-bucketed batches: x real time and MFU (skipped without one)
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
@@ -425,8 +425,9 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
 
 def bench_codecs(work: Path, quick: bool) -> list[dict]:
     """Codec tokenizers at their default (released) sizes, random weights, on CPU: encode and decode x real time of
-    one utterance; for a causal codec (batched by extract, codecs.py) also a batch of utterances of mixed lengths
-    against the same utterances one at a time, side by side, with the share of codes that agree."""
+    one utterance; for a codec extract batches on a GPU (Mimi, EnCodec-24k, DAC: codecs.py) also a batch of
+    utterances of mixed lengths against the same utterances one at a time, side by side, with the share of codes
+    that agree."""
     import torch
     import transformers
 
@@ -449,14 +450,14 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
         rows.append({"name": f"{kind} encode, {params:.0f}M params, {codec.sample_rate} Hz, {codec.codebooks} codebooks, "
                              f"{seconds:g} s, {available_cpus()} threads", "realtime": seconds / t_enc, "ours_s": t_enc,
                      "target": "report", "extra": f"decode {seconds / t_dec:.1f}x real time"})
-        if codec.causal:
+        if codec.batches:
             rows.append(codec_batch_row(codec, quick))
         del model, codec
     return rows
 
 
 def codec_batch_row(codec, quick: bool) -> dict:
-    """A causal codec's batched encode (extract's way) against one utterance at a time, side by side."""
+    """A codec's batched encode (extract's way on a GPU) against one utterance at a time, side by side."""
     from speechinstruct.threads import available_cpus
 
     rng = np.random.default_rng(1)

@@ -20,12 +20,16 @@ utterance the codes it gets alone, up to float rounding. The units of a causal c
 batches on a GPU (the extract stage's, sorted by length), cut back to each utterance's own frames; the frame count
 is the same as unpadded (one per started frame), and only a last frame can differ from an encode of the unpadded
 audio. On the CPU a batch was slower than one utterance at a time (default-config Mimi 0.56x, EnCodec-24k 0.46-0.55x:
-eight 3-s utterances, 2 threads, random weights; activations of a whole batch outgrow the caches), so there they go one at a time
+eight 3-s utterances, 2 threads, random weights; DAC 0.31x, eight of 1-4 s; activations of a whole batch
+outgrow the caches), so there they go one at a time
 (the same codes, up to float rounding). A padded batch of 32 ran Mimi at 9.6x one at a time on an H200
 (``../shared/gpu-check``: transformers' encode, not yet this code).
-The other codecs read the future (DAC, X-Codec's acoustic side: symmetric convolutions; X-Codec's HuBERT and
-XCodec2's Wav2Vec2-BERT: attention over the whole clip), so padding changes their last frames (DAC) or all of
-them (X-Codec); they encode one utterance at a time.
+DAC reads the future (symmetric convolutions, zero-padded at both ends), so a plain padded batch changes an
+utterance's last frames; its batch sets the activations past each utterance's own length to zero before every
+convolution, which is what each convolution reads there when the utterance is alone, and then every code is the
+utterance's own (the tests' tiny DAC: all equal). X-Codec (a HuBERT beside DAC's encoder) and XCodec2
+(Wav2Vec2-BERT) attend over the whole clip with no padding mask, so padding changes all their frames; they
+encode one utterance at a time.
 
 Measured on the tests' tiny random models (CPU, 2 threads, twelve utterances of 0.4-3 s): Mimi's batched codes
 equal its one-at-a-time codes, all of them; EnCodec's 99.1 % of them, every difference in an inner frame, where a
@@ -93,6 +97,7 @@ class Codec:
         self.spec = {"features": kind, "source": source, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate}
         if self.causal:
             self.spec["padding"] = "whole frames"
+        self.batches = self.causal or kind == "dac"  # the codecs whose batched codes are each utterance's own
         self.keep(codebooks or total)
         if checkpoint:  # where to load it again to decode this folder's units (publish leaves it out)
             self.spec["checkpoint"] = checkpoint
@@ -139,23 +144,53 @@ class Codec:
         return self.codes_batch([wav])[0]
 
     def codes_batch(self, wavs: list[np.ndarray], batched: bool | None = None) -> list[np.ndarray]:
-        """(codebooks, frames) codes of each utterance: a causal codec's on a GPU in one zero-padded batch, each
-        cut to its own frames; on the CPU, and for the other codecs, one utterance at a time (module docstring).
-        ``batched``: True or False to choose (a causal codec's codes are the same either way)."""
+        """(codebooks, frames) codes of each utterance: on a GPU a causal codec's and DAC's in one zero-padded
+        batch, each cut to its own frames; on the CPU, and for the other codecs, one utterance at a time (module
+        docstring). ``batched``: True or False to choose (the codes are the same either way)."""
         for wav in wavs:
             if wav.size < self.hop:
                 raise ValueError(f"{wav.size} samples: shorter than one {self.kind} frame ({self.hop} samples at "
                                  f"{self.sample_rate} Hz)")
         if batched is None:
             batched = str(self.device) != "cpu"
-        if not self.causal or not batched:
+        if not self.batches or not batched:
             return [self._encode(self._padded(w)[None])[0] for w in wavs]
+        if self.kind == "dac":
+            return self._dac_batch(wavs)
         frames = [-(-w.size // self.hop) for w in wavs]
         batch = np.zeros((len(wavs), max(frames) * self.hop), dtype=np.float32)
         for row, wav in zip(batch, wavs):
             row[: wav.size] = wav
         codes = self._encode(batch)
         return [c[:, :n] for c, n in zip(codes, frames)]
+
+    def _dac_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """DAC's codes of a zero-padded batch, each utterance's its own: DAC's convolutions pad with zeros on both
+        sides, so before each one the activations past an utterance's own length (the length it has there when
+        encoded alone) are set to zero, which is what that convolution reads there alone."""
+        torch = self._torch
+        batch = np.zeros((len(wavs), max(w.size for w in wavs)), dtype=np.float32)
+        for row, wav in zip(batch, wavs):
+            row[: wav.size] = wav
+        lengths = {batch.shape[1]: torch.tensor([w.size for w in wavs], device=self.device)}  # batch length → own
+
+        def zero_past_own_length(conv, args):
+            x = args[0]
+            own = lengths[x.shape[-1]]  # time shrinks at every strided convolution: each length is one level
+            x = x * (torch.arange(x.shape[-1], device=x.device)[None] < own[:, None])[:, None].to(x.dtype)
+            (kernel,), (stride,), (pad,), (dilation,) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+            reach = 2 * pad - dilation * (kernel - 1) - 1
+            lengths[(x.shape[-1] + reach) // stride + 1] = (own + reach) // stride + 1
+            return (x,)
+
+        hooks = [m.register_forward_pre_hook(zero_past_own_length) for m in self.model.encoder.modules()
+                 if isinstance(m, torch.nn.Conv1d)]
+        try:
+            codes = self._encode(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [c[:, :n] for c, n in zip(codes, lengths[codes.shape[-1]].tolist())]
 
     def _padded(self, wav: np.ndarray) -> np.ndarray:
         """One utterance as the model reads it: a causal codec's padded with zeros to whole frames."""
@@ -189,7 +224,7 @@ class Codec:
         return self.flatten(self.codes(wav))
 
     def units_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        """Units of many utterances at the codec's rate: in one batch for a causal codec on a GPU, else one at a
+        """Units of many utterances at the codec's rate: in one batch on a GPU (causal codecs, DAC), else one at a
         time."""
         return [self.flatten(c) for c in self.codes_batch(wavs)]
 
