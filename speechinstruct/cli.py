@@ -317,6 +317,8 @@ def quantize(
     features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
     kmeans: Path = typer.Argument(..., parser=_input, help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for units-*.parquet and stats.json."),
+    device: str = typer.Option("auto", help="Where to assign: cpu (FAISS's exact search), cuda, cuda:N or auto (a GPU "
+                               "when there is one: torch's matrix products, the same nearest centroids)."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
@@ -325,7 +327,7 @@ def quantize(
     from .units.kmeans import load_kmeans
     from .units.quantize import quantize as run_quantize
 
-    km = load_kmeans(kmeans)
+    km = load_kmeans(kmeans).to(_device(device))
     _print_json(run_quantize(features, km, out, num_shards=num_shards, shard_index=shard_index))
 
 

@@ -348,7 +348,7 @@ class Job:
         for n in self.names:
             self.stamps[f"units:{n}"] = self.runner.stage(
                 f"quantize {n}", work / n / "units", {}, [self.stamps[f"extract:{n}"], self.stamps["kmeans"]],
-                lambda n=n: quantize(work / n / "features", load_kmeans(self.km_path), work / n / "units"))
+                lambda n=n: quantize(work / n / "features", load_kmeans(self.km_path).to(self.device), work / n / "units"))
 
     def units_dir(self, n: str) -> Path:
         """The units folder compose reads for corpus ``n``: dedup's output when the recipe has a dedup section."""

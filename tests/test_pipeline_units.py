@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from speechinstruct import recipe as sections
@@ -53,6 +54,22 @@ def test_extract_cluster_quantize(manifest, tmp_path, librispeech_root):
     stats = json.loads((tmp_path / "units" / "stats.json").read_text())
     assert len(stats["histogram"]) == 8 and sum(stats["histogram"]) == sum(len(r["units"]) for r in rows)
     assert stats["frames_per_second"] == pytest.approx(100, rel=0.05)
+
+    # quantize --device: a GPU assigns with torch's matrix products ("torch" takes that path on the CPU): the same units
+    from speechinstruct.units.quantize import quantize
+
+    on_torch = quantize(tmp_path / "feats", units.load_kmeans(tmp_path / "km").to("torch"), tmp_path / "units-torch")
+    assert on_torch["utterances"] == 4
+    again = [r for f in sorted((tmp_path / "units-torch").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert again == rows
+    bogus = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "u-bad"),
+                                "--device", "gpu9", "-q"])
+    assert bogus.exit_code == 2 and "--device 'gpu9': not a device" in bogus.output
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: one line, not torch's AssertionError
+        for command in (["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "u-gpu")],
+                        ["score", str(manifest), str(tmp_path / "s-gpu"), "--dnsmos"]):
+            gpu = runner.invoke(app, [*command, "--device", "cuda", "-q"])
+            assert gpu.exit_code == 2 and "torch sees no GPU on this machine" in gpu.output, gpu.output
 
     # fused extract --kmeans writes the same units without storing features
     cli("extract", manifest, tmp_path / "fused", "--kmeans", tmp_path / "km", "-q")
