@@ -348,20 +348,27 @@ def test_answers_parse_like_cli_infer(dataset):
     assert formats == {"speech-speech", "speech-text", "text-speech", "text-text"}
 
 
-def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_path):
-    """torchrun with 2 CPU processes (gloo on loopback): the LR schedule steps once per optimizer step, as
-    with one process, and a last batch smaller than the number of processes (31 + 1 of 32 records) trains."""
+def _processes(base_model, dataset, epochs: int, batch_size: int) -> tuple[int, dict, list[str]]:
+    """A free loopback port, the environment and train's arguments for runs over several CPU processes."""
     import os
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = ["-m", "speechinstruct.cli", "train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
-            "--epochs", "3", "--batch-size", "31", "--grad-accum", "1", "--lr", "1e-3", "--save-every", "4", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+            "--epochs", str(epochs), "--batch-size", str(batch_size), "--grad-accum", "1", "--lr", "1e-3",
+            "--save-every", "4", "-q"]
+    return port, {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}, args
+
+
+def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo on loopback): the LR schedule steps once per optimizer step, as
+    with one process, and a last batch smaller than the number of processes (31 + 1 of 32 records) trains."""
+    import subprocess
+    import sys
+
+    port, env, args = _processes(base_model, dataset, epochs=3, batch_size=31)
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -382,17 +389,10 @@ def test_accelerate_launch_over_cpu_processes_trains_ddp_and_refuses_fsdp_in_one
     """``accelerate launch --num_processes 2`` as a user runs it, over 2 CPU processes (gloo): DDP, recorded in
     train_config.json. ``--use_fsdp`` there: accelerate shards over GPU processes only, and over CPU ones it ran
     DDP instead or two unconnected copies writing the same log (both seen): one line, nothing trained."""
-    import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["-m", "speechinstruct.cli", "train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
-            "--epochs", "2", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--save-every", "4", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    port, env, args = _processes(base_model, dataset, epochs=2, batch_size=8)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(port)]
     ddp = subprocess.run([*launch, "--multi_gpu", *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True,
                          text=True, timeout=600)
