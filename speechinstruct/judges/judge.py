@@ -46,8 +46,8 @@ class Judge:
         from .speakers import load_speaker_encoder
 
         judge_dnsmos = DNSMOS(device=device) if dnsmos else None
-        judge_asr = load_asr(asr, base_url=base_url, device=device, batch_size=batch_size,
-                                                 dtype=asr_dtype) if asr else None
+        judge_asr = (load_asr(asr, base_url=base_url, device=device, batch_size=batch_size, dtype=asr_dtype)
+                     if asr else None)
         encoder = load_speaker_encoder(speaker, device) if speaker else None
         return cls(judge_dnsmos, judge_asr, encoder, reference_embeddings(references, encoder) if references else None,
                    languages=language)

@@ -481,5 +481,6 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg, state,
                    {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump(),
                     "distributed": distributed})
-    return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples), "eval_examples": len(eval_examples), "tokens_added": added,
+    return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
+            "eval_examples": len(eval_examples), "tokens_added": added,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}

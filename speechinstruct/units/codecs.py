@@ -19,17 +19,20 @@ right padding, which a batch replaces with the next utterance's padding) and a z
 utterance the codes it gets alone, up to float rounding. The units of a causal codec are therefore encoded in
 batches on a GPU (the extract stage's, sorted by length), cut back to each utterance's own frames; the frame count
 is the same as unpadded (one per started frame), and only a last frame can differ from an encode of the unpadded
-audio. On the CPU a batch was slower than one utterance at a time (default-config Mimi 0.56x, EnCodec-24k 0.46-0.55x:
-eight 3-s utterances, 2 threads, random weights; DAC 0.31x, eight of 1-4 s; activations of a whole batch
-outgrow the caches), so there they go one at a time
-(the same codes, up to float rounding). A padded batch of 32 ran Mimi at 9.6x one at a time on an H200
-(``../shared/gpu-check``: transformers' encode, not yet this code).
+audio.
+
 DAC reads the future (symmetric convolutions, zero-padded at both ends), so a plain padded batch changes an
 utterance's last frames; its batch sets the activations past each utterance's own length to zero before every
 convolution, which is what each convolution reads there when the utterance is alone, and then every code is the
 utterance's own (the tests' tiny DAC: all equal). X-Codec (a HuBERT beside DAC's encoder) and XCodec2
 (Wav2Vec2-BERT) attend over the whole clip with no padding mask, so padding changes all their frames; they
 encode one utterance at a time.
+
+On the CPU a batch was slower than one utterance at a time (default-config Mimi 0.56x, EnCodec-24k 0.46-0.55x:
+eight 3-s utterances, 2 threads, random weights; DAC 0.31x, eight of 1-4 s), so there every codec goes one
+utterance at a time (the same codes, up to float rounding). A padded
+batch of 32 ran Mimi at 9.6x one at a time on an H200 (``../shared/gpu-check``: transformers' encode, not yet
+this code).
 
 Measured on the tests' tiny random models (CPU, 2 threads, twelve utterances of 0.4-3 s): Mimi's batched codes
 equal its one-at-a-time codes, all of them; EnCodec's 99.1 % of them, every difference in an inner frame, where a
