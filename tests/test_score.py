@@ -142,6 +142,24 @@ def _corpus(root: Path, clips: dict[str, tuple[np.ndarray, str]], sr: int = 1600
     return root
 
 
+def test_score_gives_the_asr_its_whole_batches(tmp_path, speech):
+    """score hands the judges a chunk of decoded clips at a time; the chunk holds several ASR batches, so that
+    ``--batch-size 32`` means 32 clips per forward pass (the chunk was 16 clips whatever the batch size) and the
+    length sort has clips to group."""
+    from speechinstruct.curate.score import score
+    from speechinstruct.judges.judge import Judge
+
+    clips = {f"c{i}": (speech[i % len(speech)][: 4000 + 300 * i], SENTENCES[i % len(SENTENCES)]) for i in range(40)}
+    root = _corpus(tmp_path / "ls", clips)
+    assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "-q"]).exit_code == 0
+    judge = Judge.load(asr=str(write_tiny_ctc(tmp_path / "ctc")), batch_size=32)
+    sizes = []
+    original = judge.asr._transcribe_batch
+    judge.asr._transcribe_batch = lambda batch: sizes.append(len(batch)) or original(batch)
+    summary = score(tmp_path / "m", tmp_path / "s", judge)
+    assert summary["utterances"] == 40 and sizes == [32, 8]
+
+
 def test_score_cli_writes_scores_errors_summary_and_resumes(tmp_path, speech):
     root = _corpus(tmp_path / "ls", {"a": (speech[0], SENTENCES[0]), "b": (speech[1], SENTENCES[1])}, sr=22050)
     assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "-q"]).exit_code == 0
