@@ -72,28 +72,38 @@ def write_tiny_ctc(folder: Path, seed: int = 0) -> Path:
 
 
 def write_tiny_parakeet_ctc(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
-    """A Parakeet CTC model (FastConformer encoder, 8x subsampled log-mel frames) in transformers' layout: a
-    SentencePiece-style unigram tokenizer (Metaspace ``▁``), its last id ``<pad>`` the CTC blank, as NVIDIA's
-    converted checkpoints have it. ``hidden``/``layers``: 1024 and 24 are parakeet-ctc-0.6b's shape."""
+    """A Parakeet CTC model (FastConformer encoder, 8x subsampled log-mel frames) written as transformers'
+    ``convert_nemo_to_hf.py`` writes NVIDIA's checkpoints: a SentencePiece model as NeMo trains one (unigram,
+    ``<unk>`` first, no BOS/EOS/pad) converted by ``ParakeetConverter``, ``<pad>`` added after it as the CTC blank,
+    and a processor with ``decoder_type="ctc"``. ``hidden``/``layers``: 1024 and 24 are parakeet-ctc-0.6b's shape."""
+    import sentencepiece as spm
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
     from transformers import (ParakeetCTCConfig, ParakeetEncoderConfig, ParakeetFeatureExtractor, ParakeetForCTC,
                               ParakeetProcessor, ParakeetTokenizer)
+    from transformers.convert_slow_tokenizer import ParakeetConverter
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pieces = ["<unk>", "▁"] + [f"▁{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz'")
-    unigram = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0))
-    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
-    unigram.decoder = decoders.Metaspace()
-    unigram.save(str(folder / "tokenizer.json"))
-    tokenizer = ParakeetTokenizer(tokenizer_file=str(folder / "tokenizer.json"), unk_token="<unk>", pad_token="<pad>")
-    blank = tokenizer.convert_tokens_to_ids("<pad>")
+    corpus = ["the old sailor walked to the red house", "a cat sat on a mat by the sea",
+              "please read this text aloud", "what is the weather like today"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(folder / "spm"), vocab_size=40,
+                                   model_type="unigram", unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+                                   character_coverage=1.0, minloglevel=3)
+    tokenizer = ParakeetTokenizer(tokenizer_object=ParakeetConverter(str(folder / "spm.model")).converted(),
+                                  clean_up_tokenization_spaces=False)
+    if tokenizer.convert_tokens_to_ids("<pad>") is None:  # a CTC vocabulary has none: the blank goes last
+        tokenizer.add_tokens([AddedToken("<pad>", normalized=False, special=True)])
+    tokenizer.add_special_tokens({"pad_token": AddedToken("<pad>", normalized=False, special=True),
+                                  "unk_token": AddedToken("<unk>", normalized=False, special=True)})
+    (folder / "spm.model").unlink()
+    (folder / "spm.vocab").unlink()
     encoder = ParakeetEncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2 if hidden < 256 else 8,
                                     intermediate_size=4 * hidden, subsampling_conv_channels=min(256, hidden),
                                     conv_kernel_size=9, num_mel_bins=80)
-    config = ParakeetCTCConfig(vocab_size=len(tokenizer), pad_token_id=blank, encoder_config=encoder.to_dict())
+    config = ParakeetCTCConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               encoder_config=encoder.to_dict())
     torch.manual_seed(seed)
     ParakeetForCTC(config).eval().save_pretrained(folder)
-    ParakeetProcessor(ParakeetFeatureExtractor(), tokenizer).save_pretrained(folder)
+    ParakeetProcessor(feature_extractor=ParakeetFeatureExtractor(), tokenizer=tokenizer, decoder_type="ctc").save_pretrained(folder)
     return folder
