@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import io
 import json
 import re
@@ -90,6 +91,11 @@ class TransformersASR:
         except ValueError as e:
             raise ScoreError(str(e)) from None
         self.kind, self.dtype = "seq2seq" if seq2seq else "ctc", dtype
+        # Whisper's and Parakeet's feature extractors compute their log-mel spectrograms with torch on a device of
+        # our choice: the model's (on the CPU the same inputs as before; on a GPU the gain is not measured yet)
+        extractor = getattr(self.processor, "feature_extractor", None)
+        self._spectrograms_at = ({"device": device} if extractor is not None
+                                 and "device" in inspect.signature(extractor.__call__).parameters else {})
         self.counts: collections.Counter[str] = collections.Counter()  # batches halved for memory
         self.name, self.device, self.batch_size, self.max_new_tokens = str(model), device, batch_size, max_new_tokens
         self.revision = _revision(model)
@@ -126,12 +132,7 @@ class TransformersASR:
         return spec
 
     def _inputs(self, wavs: list[np.ndarray]):
-        import inspect
-
-        # Whisper's and Parakeet's feature extractors compute their log-mel spectrograms with torch on a device of
-        # our choice: the model's (on the CPU the same inputs as before; on a GPU the gain is not measured yet)
-        where = ({"device": self.device} if "device" in inspect.signature(self.processor.feature_extractor.__call__).parameters
-                 else {})
+        where = self._spectrograms_at
         if self.model.config.model_type == "whisper":  # Whisper's 30 s frames; longer clips as long-form
             long = max(len(w) for w in wavs) > 30 * TARGET_SR
             kwargs = {"truncation": False, "padding": "longest", "return_attention_mask": True} if long else {}

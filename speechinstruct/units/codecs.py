@@ -161,10 +161,7 @@ class Codec:
         if self.kind == "dac":
             return self._dac_batch(wavs)
         frames = [-(-w.size // self.hop) for w in wavs]
-        batch = np.zeros((len(wavs), max(frames) * self.hop), dtype=np.float32)
-        for row, wav in zip(batch, wavs):
-            row[: wav.size] = wav
-        codes = self._encode(batch)
+        codes = self._encode(_zero_padded(wavs, max(frames) * self.hop))
         return [c[:, :n] for c, n in zip(codes, frames)]
 
     def _dac_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
@@ -172,9 +169,7 @@ class Codec:
         sides, so before each one the activations past an utterance's own length (the length it has there when
         encoded alone) are set to zero, which is what that convolution reads there alone."""
         torch = self._torch
-        batch = np.zeros((len(wavs), max(w.size for w in wavs)), dtype=np.float32)
-        for row, wav in zip(batch, wavs):
-            row[: wav.size] = wav
+        batch = _zero_padded(wavs, max(w.size for w in wavs))
         lengths = {batch.shape[1]: torch.tensor([w.size for w in wavs], device=self.device)}  # batch length → own
 
         def zero_past_own_length(conv, args):
@@ -280,6 +275,14 @@ class Codec:
         return self.speech(units)
 
     decode = speech  # the tokenizer's face: a codec decodes its own units
+
+
+def _zero_padded(wavs: list[np.ndarray], samples: int) -> np.ndarray:
+    """(utterances, ``samples``) float32: each utterance from the start of its row, zeros after it."""
+    batch = np.zeros((len(wavs), samples), dtype=np.float32)
+    for row, wav in zip(batch, wavs):
+        row[: wav.size] = wav
+    return batch
 
 
 def xcodec2_inputs(wav: np.ndarray, hop: int, sample_rate: int) -> dict:

@@ -179,7 +179,6 @@ class HuBERT:
                 chunk = wav[start : start + CHUNK_SAMPLES]
                 if chunk.numel() >= self._receptive:  # a shorter tail yields no frame
                     pieces.append((i, chunk))
-        lengths = torch.tensor([c.numel() for _, c in pieces])
         dtype, encoder = getattr(torch, self.dtype), self.model.feature_extractor
         together = self.batched_front_end
         if together is None:  # on the CPU a padded front end was slower than one piece at a time (class docstring)
@@ -189,7 +188,8 @@ class HuBERT:
             if torch.device(self.device).type == "cuda":  # page-locked host memory: an asynchronous copy
                 padded = padded.pin_memory()
             padded = padded.to(self.device, non_blocking=True)
-            frames, counts = conv_features_batch(encoder, padded, lengths.to(self.device), dtype)
+            lengths = torch.tensor([c.numel() for _, c in pieces], device=self.device)
+            frames, counts = conv_features_batch(encoder, padded, lengths, dtype)
         else:
             alone = [conv_features(encoder, c.to(self.device), dtype) for _, c in pieces]
             frames = torch.nn.utils.rnn.pad_sequence(alone, batch_first=True)
