@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,25 @@ def test_blocks_follow_manifest_order_and_audio_seconds(manifest):
                                                                 ("manifest-00001.parquet", 0, 2)]
 
 
+def every_node_schedulable(nodes):
+    """Wait until the driver's scheduler can place work on every node. ``wait_for_nodes`` returns once the GCS has
+    registered a node; the scheduler's own view of its free resources can come later, and SPREAD (best effort)
+    then places every actor on the nodes it already knows: seen once in CI on a loaded machine."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id()
+
+    pinned = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+              for n in nodes]
+    assert ray.get(pinned, timeout=180) == [n["NodeID"] for n in nodes]
+    deadline = time.monotonic() + 180  # a readiness wait, as wait_for_nodes's: nothing is asserted on time
+    while ray.available_resources().get("CPU", 0) < sum(n["Resources"].get("CPU", 0) for n in nodes):
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.1)
+
+
 def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -115,9 +135,12 @@ def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path)
     try:
         cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE)  # a second raylet: a node of its own
         cluster.wait_for_nodes()
-        stats = extract_ray(manifest, tmp_path / "ray", MFCC(), actors=2, block_seconds=1.0, address=cluster.address)
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)  # extract_ray joins it
         alive = [n for n in ray.nodes() if n["Alive"]]
         assert len(alive) == 2
+        every_node_schedulable(alive)
+        stats = extract_ray(manifest, tmp_path / "ray", MFCC(), actors=2, block_seconds=1.0, address=cluster.address)
+        assert stats["actors"] == 2, stats
         # SPREAD put one model actor on each node, and each did part of the work
         assert len(stats["nodes"]) == 2 and all(n >= 1 for n in stats["nodes"].values()), stats
         assert {k.split("/")[1] for k in stats["nodes"]} == {n["NodeID"][:8] for n in alive}
