@@ -6,7 +6,10 @@
             machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
   codecs    Mimi, EnCodec, DAC, X-Codec and XCodec2 at their released sizes (random weights) on CPU: encode and
             decode x real time; Mimi, EnCodec-24k and DAC batched vs one at a time, codes equal
-  gpu       HuBERT-Base layer 11 on a GPU, bf16, length-bucketed batches: x real time and MFU (skipped without one)
+  gpu       every GPU row (skipped without a GPU; GPU_DRYRUN=1 checks their code on the CPU), or one of them:
+            gpu_kmeans (K=1000 on 1M x 768 frames vs faiss-cpu; DNSMOS torch engine), gpu_asr (Parakeet-CTC-0.6B
+            shape, bf16), gpu_codecs (Mimi, EnCodec-24k, DAC batched vs one at a time), gpu_train (1B LLaMA:
+            tokens/s, MFU), gpu_hubert (HuBERT-Base layer 11, bf16: x real time, MFU)
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
   memory    peak RSS of extract (MFCC, and an EnCodec-24k codec), quantize, compose and publish at 1x and 8x corpus
@@ -210,27 +213,80 @@ def bench_extract(work: Path, quick: bool) -> list[dict]:
     return out
 
 
-def bench_gpu(work: Path, quick: bool) -> list[dict]:
-    """On one GPU: HuBERT-Base layer 11 in bf16 (MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM),
-    k-means K=1000 on 1M x 768 frames with torch against faiss-cpu on the same sample, DNSMOS with the torch
-    engine, a Parakeet-CTC-0.6B-shaped ASR model in bf16 on 1,000 clips of 9-13 s, and our training loop on a
-    1B LLaMA (tokens/s, MFU). ``GPU_DRYRUN=1`` runs the k-means, DNSMOS, ASR and training rows on the CPU at a small
-    size, to check the code."""
+def gpu_device() -> str | None:
+    """Where the GPU rows run: ``cuda``, the CPU at a small size with ``GPU_DRYRUN=1`` (to check their code), or
+    nowhere (None: the row says it was skipped)."""
     import torch
 
+    return "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("GPU_DRYRUN") else None)
+
+
+NO_GPU = "no GPU on this machine (benchmark ready: run it where one is, or GPU_DRYRUN=1 to check its code on the CPU)"
+
+
+def bench_gpu(work: Path, quick: bool) -> list[dict]:
+    """Every GPU row (issue 38), one section each: ``gpu_kmeans`` (k-means K=1000 on 1M x 768 frames, torch against
+    faiss-cpu on the same sample; DNSMOS with the torch engine), ``gpu_asr`` (a Parakeet-CTC-0.6B-shaped model in
+    bf16 on 1,000 clips of 9-13 s), ``gpu_codecs`` (Mimi, EnCodec-24k and DAC batched against one at a time),
+    ``gpu_train`` (our training loop on a 1B LLaMA: tokens/s, MFU) and ``gpu_hubert`` (HuBERT-Base layer 11 in bf16,
+    MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM). ``GPU_DRYRUN=1`` runs all but HuBERT on the CPU at
+    a small size, to check the code."""
+    return [row for name in GPU_SECTIONS for row in SECTIONS[name](work, quick)]
+
+
+def bench_gpu_kmeans(work: Path, quick: bool) -> list[dict]:
+    device = gpu_device()
+    if device is None:
+        return [{"name": "k-means and DNSMOS on a GPU", "skipped": NO_GPU}]
+    return gpu_kmeans_and_dnsmos(work, device, small=device == "cpu" or quick)
+
+
+def bench_gpu_asr(work: Path, quick: bool) -> list[dict]:
+    device = gpu_device()
+    if device is None:
+        return [{"name": "ASR (Parakeet CTC shape) on a GPU", "skipped": NO_GPU}]
+    small = device == "cpu"  # Parakeet-CTC-0.6B's shape on a GPU, a small one in a dry run; bf16 on a GPU
+    clips = [(0.1 * np.random.default_rng(i).standard_normal(int((9 + i % 5) * 16000))).astype(np.float32)
+             for i in range(8 if small else 1000)]
+    return [parakeet_row(work, device, clips, *((128, 2) if small else (1024, 24)), batch_size=4 if small else 64)]
+
+
+def bench_gpu_train(work: Path, quick: bool) -> list[dict]:
+    device = gpu_device()
+    if device is None:
+        return [{"name": "train a 1B LLaMA on a GPU", "skipped": NO_GPU}]
+    return [train_1b_row(work, device)]
+
+
+def bench_gpu_codecs(work: Path, quick: bool) -> list[dict]:
+    """Mimi, EnCodec-24k and DAC at their default sizes (random weights) on the GPU: a batch of 32 utterances of
+    2-25 s (the gpu-check corpus's lengths) against the same utterances one at a time, codes equal."""
+    import torch
+    import transformers
+
+    from speechinstruct.units.codecs import Codec
+    from speechinstruct.tokenizers import CODECS
+
+    device = gpu_device()
+    if device is None:
+        return [{"name": "codecs batched on a GPU", "skipped": NO_GPU}]
     rows = []
-    device = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("GPU_DRYRUN") else None)
-    if device is not None:
-        rows += gpu_kmeans_and_dnsmos(work, device, small=device == "cpu" or quick)
-    if device is not None:  # Parakeet-CTC-0.6B's shape (a small one in a dry run), bf16 on a GPU
-        clips = [(0.1 * np.random.default_rng(i).standard_normal(int((9 + i % 5) * 16000))).astype(np.float32)
-                 for i in range(8 if device == "cpu" else 1000)]
-        rows.append(parakeet_row(work, device, clips, *((128, 2) if device == "cpu" else (1024, 24)),
-                                 batch_size=4 if device == "cpu" else 64))
-    if device is not None:
-        rows.append(train_1b_row(work, device))
+    for kind, name in CODECS.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))())
+        codec = Codec(kind, model, f"random {kind} (default config)", device=device)
+        if codec.batches:
+            rows.append(codec_batch_row(codec, small=device == "cpu", lengths=(1.0, 4.0) if device == "cpu" else (2.0, 25.0),
+                                        count=32))
+        del model, codec
+    return rows
+
+
+def bench_gpu_hubert(work: Path, quick: bool) -> list[dict]:
+    import torch
+
     if not torch.cuda.is_available():
-        return rows + [{"name": "HuBERT-Base layer 11 on GPU", "skipped": "no GPU on this machine (benchmark ready: run it where one is)"}]
+        return [{"name": "HuBERT-Base layer 11 on GPU", "skipped": NO_GPU}]
     from speechinstruct.units.extract import compute, decode_rows
     from speechinstruct.units.features import load_hubert
 
@@ -264,7 +320,9 @@ def gpu_kmeans_and_dnsmos(work: Path, device: str, small: bool) -> list[dict]:
     centres = rng.normal(0, 1, (k * 2, dim)).astype(np.float32)
     frames = centres[rng.integers(0, k * 2, n + n // 10)] + rng.normal(0, 0.6, (n + n // 10, dim)).astype(np.float32)
     train, held = frames[:n], frames[n:]
+    cluster.fit(train[: 4 * k], k, seed=0, niter=2, engine="torch", device=device)  # warm up (CUDA's start-up)
     ours, t_ours = timed(cluster.fit, train, k, seed=0, engine="torch", device=device)
+    print(f"k-means torch on {device}: {t_ours:.1f} s; faiss-cpu next", flush=True)  # kept if the baseline runs out of time
     theirs, t_faiss = timed(cluster.fit, train, k, seed=0, engine="faiss")
     ratio = KMeans(ours).inertia(held) / KMeans(theirs).inertia(held)
     rows = [{"name": f"k-means K={k}, {n} x {dim} frames: torch on {device} vs faiss-cpu", "baseline": "faiss-cpu",
@@ -451,25 +509,28 @@ def bench_codecs(work: Path, quick: bool) -> list[dict]:
                              f"{seconds:g} s, {available_cpus()} threads", "realtime": seconds / t_enc, "ours_s": t_enc,
                      "target": "report", "extra": f"decode {seconds / t_dec:.1f}x real time"})
         if codec.batches:
-            rows.append(codec_batch_row(codec, quick))
+            rows.append(codec_batch_row(codec, small=quick))
         del model, codec
     return rows
 
 
-def codec_batch_row(codec, quick: bool) -> dict:
-    """A codec's batched encode (extract's way on a GPU) against one utterance at a time, side by side."""
+def codec_batch_row(codec, small: bool, lengths: tuple[float, float] = (1.0, 4.0), count: int = 16) -> dict:
+    """A codec's batched encode (extract's way on a GPU) against one utterance at a time, side by side: ``count``
+    utterances (8 when ``small``) of uniformly drawn lengths in seconds, on the codec's device (warmed up first)."""
     from speechinstruct.threads import available_cpus
 
     rng = np.random.default_rng(1)
-    lengths = rng.uniform(1.0, 4.0, 8 if quick else 16)
-    wavs = [(0.1 * rng.standard_normal(int(s * codec.sample_rate))).astype(np.float32) for s in lengths]
+    seconds = rng.uniform(*lengths, 8 if small else count)
+    wavs = [(0.1 * rng.standard_normal(int(s * codec.sample_rate))).astype(np.float32) for s in seconds]
+    codec.codes_batch(wavs[:2], batched=False), codec.codes_batch(wavs[:2], batched=True)  # warm up (cuDNN's choices)
     alone, t_alone = timed(codec.codes_batch, wavs, batched=False)
     batched, t_batch = timed(codec.codes_batch, wavs, batched=True)  # as on a GPU
     equal = sum(int((a == b).sum()) for a, b in zip(alone, batched)) / sum(a.size for a in alone)
-    total = float(lengths.sum())
-    return {"name": f"{codec.kind} encode, {len(wavs)} utterances of 1-4 s ({total:.0f} s) in one batch vs one at a "
-                    f"time, {available_cpus()} threads", "ratio": t_alone / t_batch, "ours_s": t_batch,
-            "baseline_s": t_alone, "target": ">= 5x on a GPU; report on the CPU",
+    total = float(seconds.sum())
+    where = codec.device if str(codec.device) != "cpu" else f"cpu, {available_cpus()} threads"
+    return {"name": f"{codec.kind} encode, {len(wavs)} utterances of {lengths[0]:g}-{lengths[1]:g} s ({total:.0f} s) in "
+                    f"one batch vs one at a time, {where}", "baseline": "one at a time", "speedup": t_alone / t_batch,
+            "ours_s": t_batch, "baseline_s": t_alone, "target": ">= 5x on a GPU, codes >= 99.9 % equal; report on the CPU",
             "extra": f"batched {total / t_batch:.1f}x real time, alone {total / t_alone:.1f}x; codes equal {equal:.2%}"}
 
 
@@ -764,7 +825,13 @@ def train_1b_row(work: Path, device: str) -> dict:
 
     from speechinstruct.model import train as T
 
-    data, tiny = train_data(work, quick=True)
+    # TRAIN_DATA: a folder with the demo's published ``dataset`` and ``tiny-llama`` made beforehand (train_data), as
+    # benchmarks/gpu_check.sh brings them: making them here runs the whole pipeline (espeak-ng, scoring, …)
+    if os.environ.get("TRAIN_DATA"):
+        data = Path(os.environ["TRAIN_DATA"])
+        tiny = data / "tiny-llama"
+    else:
+        data, tiny = train_data(work, quick=True)
     small = device == "cpu"
     base = work / ("llama-small" if small else "llama-1b")
     if not base.exists():
@@ -954,12 +1021,42 @@ def bench_speakers(work: Path, quick: bool) -> list[dict]:
 SECTIONS = {"kmeans": bench_kmeans, "dedup": bench_dedup, "speakers": bench_speakers, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
             "memory": bench_memory, "vocoder": bench_vocoder, "recordings": bench_recordings, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
+GPU_SECTIONS = ("gpu_kmeans", "gpu_asr", "gpu_codecs", "gpu_train", "gpu_hubert")  # `gpu` runs them all
+SECTIONS.update({name: globals()[f"bench_{name}"] for name in GPU_SECTIONS})
+
+
+def table_line(r: dict) -> str:
+    """One row of the printed table: the figure against its baseline and target."""
+    if "skipped" in r:
+        return f"{r['section']:>8} | {r['name']}: skipped: {r['skipped']}"
+    if "figure" in r:
+        line = f"{r['figure']} (target {r['target']})"
+    elif "speedup" in r:
+        line = f"{r['baseline_s']:.2f} s ({r['baseline']}) vs {r['ours_s']:.2f} s → {r['speedup']:.2f}x (target {r['target']})"
+    elif "ratio" in r:
+        line = f"{r['baseline_mb']:.0f} MB ({r['baseline']}) vs {r['ours_mb']:.0f} MB → {r['ratio']:.2f}x (target {r['target']})"
+    elif "throughput" in r:
+        line = (f"{r['baseline_tps']:.0f} tokens/s ({r['baseline']}) vs {r['ours_tps']:.0f} tokens/s → "
+                f"{r['throughput']:.2f}x (target {r['target']})")
+    elif "realtime" in r:
+        line = f"{r['realtime']:.0f}x real time ({r['ours_s']:.1f} s; target {r['target']})"
+    elif "fraction" in r:
+        line = (f"{r['baseline_gflops']:.0f} GFLOP/s ({r['baseline']}) vs {r['ours_gflops']:.0f} GFLOP/s → "
+                f"{r['fraction']:.2f} (target {r['target']})")
+    elif "records_per_s" in r:
+        line = f"{r['records']} records in {r['ours_s']:.2f} s → {r['records_per_s']:.0f} records/s"
+    elif "turns_per_s" in r:
+        line = f"{r['turns']} turns in {r['ours_s']:.2f} s → {r['turns_per_s']:.0f} turns/s (target {r['target']})"
+    else:
+        line = f"{r['tokens_per_s']:.0f} tokens/s"
+    return f"{r['section']:>8} | {r['name']}: {line}" + (f"; {r['extra']}" if r.get("extra") else "")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small workloads (a minute or two)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--only", default=",".join(n for n in SECTIONS if n not in GPU_SECTIONS),
+                        help="comma-separated sections")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--results", default="work/benchmarks/results.jsonl", help="append the run's JSON line here")
     args = parser.parse_args(argv)
@@ -974,33 +1071,13 @@ def main(argv=None):
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
         print(f"running {name} …", flush=True)
-        rows += [{"section": name, **r} for r in SECTIONS[name](work, args.quick)]
+        done = [{"section": name, **r} for r in SECTIONS[name](work, args.quick)]
+        for r in done:  # as each section ends: a run stopped at a time limit keeps what it measured
+            print(table_line(r), flush=True)
+        rows += done
     print()
     for r in rows:
-        if "skipped" in r:
-            print(f"{r['section']:>8} | {r['name']}: skipped: {r['skipped']}")
-            continue
-        if "figure" in r:
-            line = f"{r['figure']} (target {r['target']})"
-        elif "speedup" in r:
-            line = f"{r['baseline_s']:.2f} s ({r['baseline']}) vs {r['ours_s']:.2f} s → {r['speedup']:.2f}x (target {r['target']})"
-        elif "ratio" in r:
-            line = f"{r['baseline_mb']:.0f} MB ({r['baseline']}) vs {r['ours_mb']:.0f} MB → {r['ratio']:.2f}x (target {r['target']})"
-        elif "throughput" in r:
-            line = (f"{r['baseline_tps']:.0f} tokens/s ({r['baseline']}) vs {r['ours_tps']:.0f} tokens/s → "
-                    f"{r['throughput']:.2f}x (target {r['target']})")
-        elif "realtime" in r:
-            line = f"{r['realtime']:.0f}x real time ({r['ours_s']:.1f} s; target {r['target']})"
-        elif "fraction" in r:
-            line = (f"{r['baseline_gflops']:.0f} GFLOP/s ({r['baseline']}) vs {r['ours_gflops']:.0f} GFLOP/s → "
-                    f"{r['fraction']:.2f} (target {r['target']})")
-        elif "records_per_s" in r:
-            line = f"{r['records']} records in {r['ours_s']:.2f} s → {r['records_per_s']:.0f} records/s"
-        elif "turns_per_s" in r:
-            line = f"{r['turns']} turns in {r['ours_s']:.2f} s → {r['turns_per_s']:.0f} turns/s (target {r['target']})"
-        else:
-            line = f"{r['tokens_per_s']:.0f} tokens/s"
-        print(f"{r['section']:>8} | {r['name']}: {line}" + (f"; {r['extra']}" if r.get("extra") else ""))
+        print(table_line(r))
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
               "cpus": os.cpu_count(), "python": platform.python_version(), "quick": args.quick, "results": rows}
     results = Path(args.results)
