@@ -143,20 +143,9 @@ def gemm_gflops(threads: int, n: int = 2048, repeat: int = 5) -> float:
 
 
 def model_flops(hubert, wav) -> float:
-    """Multiply-add FLOPs (x2) of HuBERT's forward pass up to its last kept layer on one utterance, from the
-    config: the convolutional front end, the projection, the positional convolution and each transformer
-    layer (projections, attention scores and values, feed-forward). Norms and activations are left out."""
-    c = hubert.model.config
-    t, flops, c_in = wav.size, 0.0, 1
-    for dim, kernel, stride in zip(c.conv_dim, c.conv_kernel, c.conv_stride):
-        t = (t - kernel) // stride + 1
-        flops += 2 * c_in * dim * kernel * t
-        c_in = dim
-    d, layers = c.hidden_size, len(hubert.model.encoder.layers)
-    flops += 2 * c_in * d * t                                                         # feature projection
-    flops += 2 * d * (d // c.num_conv_pos_embedding_groups) * c.num_conv_pos_embeddings * t  # positional conv
-    flops += layers * (2 * t * (4 * d * d + 2 * d * c.intermediate_size) + 4 * t * t * d)
-    return float(flops)
+    """FLOPs of HuBERT's forward pass on one utterance: the extractor's own count (``HuBERT.flops``, equal to
+    torch's FlopCounterMode in a test); ../shared/gpu-check/model_bench.py imports it by this name."""
+    return hubert.flops(wav.size)
 
 
 def bench_extract(work: Path, quick: bool) -> list[dict]:

@@ -419,3 +419,60 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(libri
     assert none["utterances"] == 0 and none["errors"] == plain["utterances"] + plain["errors"]
     reasons = [l for p in (tmp_path / "none").glob("errors-*.jsonl") for l in p.read_text().splitlines()]
     assert any("out of memory even alone (an utterance of" in r for r in reasons)
+
+
+@pytest.mark.parametrize("kind", ["hubert", "wav2vec2", "wavlm", "data2vec-audio"])
+def test_the_flop_count_is_torchs_count_of_the_forward_pass(kind, tmp_path, monkeypatch):
+    """``flops`` (what extract's MFU is computed from) equals torch's FlopCounterMode over the forward pass of each
+    chunk alone, for each SSL family (eager attention: torch counts no CPU SDPA kernel). Useful FLOPs: what a
+    padded batch computes on its padding does not count, as MFU is defined."""
+    import transformers
+    from torch.nn.utils import parametrize
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    config_class = {"hubert": "HubertConfig", "wav2vec2": "Wav2Vec2Config", "wavlm": "WavLMConfig",
+                    "data2vec-audio": "Data2VecAudioConfig"}[kind]
+    extra = {"num_buckets": 32, "max_bucket_distance": 64} if kind == "wavlm" else {}
+    model_class = getattr(transformers, features.SSL_MODELS.get(kind, "HubertModel"))
+    model_class(getattr(transformers, config_class)(**SSL_KW, **extra)).save_pretrained(tmp_path / kind)
+    monkeypatch.setattr(features, "CHUNK_SAMPLES", 8000)
+    extractor = features.load_extractor(kind, str(tmp_path / kind), layer=2)
+    extractor.model.set_attn_implementation("eager")
+    for module in extractor.model.modules():  # weight norm's parametrization fails under the counter; same FLOPs
+        if parametrize.is_parametrized(module):
+            parametrize.remove_parametrizations(module, "weight")
+    wav = speechlike(1.3, seed=1)  # chunks of 8000, 8000 and 4800 samples
+    with FlopCounterMode(display=False) as counter:
+        for start in range(0, wav.size, 8000):
+            extractor.features(wav[start: start + 8000])
+    assert counter.get_total_flops() > 0 and extractor.flops(wav.size) == counter.get_total_flops()
+
+
+def test_extract_summary_gives_the_model_flop_rate_and_mfu_where_the_peak_is_known(librispeech_root, tmp_path,
+                                                                                   monkeypatch):
+    """extract's summary: the model's useful FLOPs (each utterance's own :meth:`flops`) over the stage's seconds;
+    MFU beside it only where a peak is known (a GPU torch names, or SPEECHINSTRUCT_PEAK_TFLOPS): never on a bare
+    CPU, and never for MFCC (no model). A bad peak is one line."""
+    from speechinstruct import devices
+    from speechinstruct.units.extract import extract
+    from speechinstruct.sources.shard import shard_corpus
+    from speechinstruct.io import read_table
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    cfg = model_cfg()
+    save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
+    hubert = features.load_hubert(tmp_path / "hubert.pt", layer=2)
+    monkeypatch.delenv("SPEECHINSTRUCT_PEAK_TFLOPS", raising=False)
+    stats = extract(tmp_path / "m", tmp_path / "a", hubert)
+    rows = [r for p in sorted((tmp_path / "m").glob("manifest-*.parquet")) for r in read_table(p).to_pylist()]
+    flops = sum(hubert.flops(round(r["duration"] * 16000)) for r in rows)
+    assert stats["errors"] == 0 and stats["model_tflop_per_s"] == round(flops / stats["seconds"] / 1e12, 3) > 0
+    assert "mfu" not in stats
+    monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "0.5")
+    stats = extract(tmp_path / "m", tmp_path / "b", hubert)
+    assert stats["mfu"] == round(flops / stats["seconds"] / 1e12 / 0.5, 4) and "SPEECHINSTRUCT_PEAK_TFLOPS" in stats["mfu_of"]
+    assert "model_tflop_per_s" not in extract(tmp_path / "m", tmp_path / "c", features.MFCC())
+    monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "fast")
+    with pytest.raises(ValueError, match="SPEECHINSTRUCT_PEAK_TFLOPS='fast': not a positive number"):
+        devices.peak_tflops("cpu")

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .. import audio, recipe as settings
+from .. import audio, devices, recipe as settings
 from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
@@ -59,6 +59,8 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
             if batch:
                 results.update(_run_batch(extractor, [group[j][1] for j in batch], batch, counts))
             batch = [i] if i is not None else []
+        if counts is not None and hasattr(extractor, "flops"):  # the model's useful FLOPs: the summary's MFU
+            counts["model_flops"] += sum(extractor.flops(group[i][1].size) for i in good if not isinstance(results[i], str))
         return [(row, results[i]) for i, (row, _) in enumerate(group)]
 
     size = 0
@@ -121,6 +123,7 @@ def extract(
                        num_shards=num_shards, shard_index=shard_index)
     if counts["batches_halved"]:  # batches that ran out of memory and were run in halves
         stats["batches_halved"] = counts["batches_halved"]
+    stats.update(devices.utilisation(counts["model_flops"], stats["seconds"], getattr(extractor, "device", "cpu")))
     return stats
 
 

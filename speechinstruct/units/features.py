@@ -149,6 +149,35 @@ class HuBERT:
         self.device = device
         return self
 
+    def flops(self, samples: int) -> float:
+        """Floating-point operations (two per multiply-add) of the forward pass on one utterance of ``samples``
+        samples, as :meth:`features_batch` runs it (chunks of at most 100 s), from the config: the convolutional
+        front end, the projection, the positional convolution and each kept layer's projections, attention and
+        feed-forward (and WavLM's position-bias gate). Norms, activations and softmax are left out, as torch's
+        ``FlopCounterMode`` counts (equal to it in a test)."""
+        c = self.model.config
+        total = 0.0
+        for start in range(0, samples, CHUNK_SAMPLES):
+            t, c_in = min(CHUNK_SAMPLES, samples - start), 1
+            if t < self._receptive:
+                continue
+            for dim, kernel, stride in zip(c.conv_dim, c.conv_kernel, c.conv_stride):
+                t = (t - kernel) // stride + 1
+                total += 2 * c_in * dim * kernel * t
+                c_in = dim
+            d = c.hidden_size
+            total += 2 * c_in * d * t  # feature projection
+            # the positional convolution, over t + 1 outputs when its kernel is even (the last one is then dropped);
+            # data2vec-audio has num_conv_pos_embeddings of them, each with conv_pos_kernel_size
+            convs, kernel = ((c.num_conv_pos_embeddings, c.conv_pos_kernel_size) if c.model_type == "data2vec-audio"
+                             else (1, c.num_conv_pos_embeddings))
+            total += convs * 2 * d * (d // c.num_conv_pos_embedding_groups) * kernel * (t + 1 - kernel % 2)
+            per_layer = 2 * t * (4 * d * d + 2 * d * c.intermediate_size) + 4 * t * t * d
+            if c.model_type == "wavlm":  # the gate of its relative position bias: a head_dim → 8 projection per head
+                per_layer += 16 * t * d
+            total += len(self.model.encoder.layers) * per_layer
+        return float(total)
+
     def features(self, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         return self.features_batch([audio.resample(np.asarray(wav, np.float32), sample_rate)])[0]
 
