@@ -253,7 +253,8 @@ def extract(
     dtype: str = typer.Option(default(settings.Features, "dtype"),
                               help="hubert: compute in float32 or bfloat16 (autocast; AVX512-BF16/AMX CPUs, GPUs)."),
     device: str = typer.Option(default(settings.Features, "device"), help="cpu, cuda, cuda:N or auto."),
-    workers: int = typer.Option(default(settings.Features, "workers"), help="Audio decoding threads."),
+    workers: Optional[int] = typer.Option(default(settings.Features, "workers"), min=1, help="Audio decoding threads "
+                                          "(default: every usable CPU when the model runs on a GPU, else 2)."),
     engine: str = typer.Option("local", help="local, or ray (pip install speechinstruct[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 "
                                               "(Ray client); default: start a local Ray."),
@@ -709,7 +710,8 @@ def score(
     batch_size: int = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per forward pass."),
     asr_dtype: str = typer.Option(default(settings.Quality, "asr_dtype"), help="ASR weights: auto (bfloat16 on a "
                                   "GPU, float32 on the CPU), float32, bfloat16 or float16."),
-    workers: int = typer.Option(2, help="Audio decoding threads."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Audio decoding threads (default: every usable CPU when "
+                                          "a judge runs on a GPU, else 2)."),
     speaker: Optional[str] = typer.Option(None, "--speaker", parser=_input_name, help="Speaker embeddings "
                                           "(embeddings-NNNNN.npy, float16, row for row with the scores): "
                                           "`resemblyzer` (GE2E, its weights in its wheel) or a transformers x-vector "

@@ -92,7 +92,7 @@ class Features(Section):
     batch_seconds: float = Field(100.0, gt=0)
     float16: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"  # HuBERT compute precision
-    workers: int = Field(2, ge=1)
+    workers: Optional[int] = Field(None, ge=1)  # audio decoding threads; None: threads.decode_workers (the device's)
 
 
 class KMeans(Section):

@@ -67,12 +67,17 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | None = None, num_shards: int = 1,
-          shard_index: int = 0, workers: int = 2, clips_at_a_time: int | None = None) -> dict:
+          shard_index: int = 0, workers: int | None = None, clips_at_a_time: int | None = None) -> dict:
     """Score every utterance of the shards this worker owns (see the module docstring); returns the summary.
+    ``workers``: audio decoding threads (default: every usable CPU when a judge runs on a GPU, else 2).
     ``clips_at_a_time``: decoded clips handed to the judges per call (default: 16, or four ASR batches when that
     is more, so that a batch is never cut short by the chunk and the ASR's length sort has clips to group)."""
     from ..progress import progress
     from ..sources.decoding import AUDIO_COLUMNS, decode_rows
+    from ..threads import decode_workers
+
+    devices = [str(getattr(j, "device", "cpu")) for j in (judge.dnsmos, judge.asr, judge.speaker) if j is not None]
+    workers = workers or decode_workers(next((d for d in devices if d != "cpu"), "cpu"))
 
     source, out = Path(source), Path(out)
     clips_at_a_time = clips_at_a_time or max(16, 4 * getattr(judge.asr, "batch_size", 0))

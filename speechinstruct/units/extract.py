@@ -27,6 +27,7 @@ from .. import audio, devices, recipe as settings
 from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
+from ..threads import decode_workers
 from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                           select_shards, shard_output, shard_suffix)
 from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
@@ -111,8 +112,9 @@ def extract(
     every manifest shard this worker owns. ``cfg``: the recipe's ``features`` section (its ``batch_seconds``,
     ``float16`` and ``workers``; the extractor was built from the rest), its defaults when None."""
     cfg = cfg or settings.Features()
-    batch_seconds, float16, workers = cfg.batch_seconds, cfg.float16, cfg.workers
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)  # a k-means tokenizer's frames are computed in batches
+    batch_seconds, float16 = cfg.batch_seconds, cfg.float16
+    workers = cfg.workers or decode_workers(getattr(extractor, "device", "cpu"))
     counts: collections.Counter[str] = collections.Counter()
 
     def results_for(shard: Path, rows: list[dict], root: Path):
