@@ -63,9 +63,9 @@ $PY -c "import speechinstruct.cli, torch, transformers; print('torch', torch.__v
 nvidia-smi -L 2>/dev/null; nproc
 # item 1 (HuBERT), 2 (k-means), 3 (DNSMOS) on the gpu-check corpus, as a user runs them
 step prep 90 bash -c "$PY $G/mkcorpus.py $G/clips $W/corpus ${HOURS:-4} && $PY $G/mkcorpus.py $G/clips $W/small ${SMALL_H:-0.25} && $PY -c \"import torch; from transformers import HubertConfig, HubertModel; torch.manual_seed(0); HubertModel(HubertConfig()).save_pretrained('$W/hub')\" && $SI shard librispeech $W/corpus $W/manifest -q >/dev/null && $SI shard librispeech $W/small $W/msmall -q > /dev/null && echo prepared"
-step extract_bf16 90 $SI extract $W/manifest $W/feat --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16 --workers 16
+step extract_bf16 90 $SI extract $W/manifest $W/feat --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16
 step cluster_k1000 60 $SI cluster $W/feat $W/km --k 1000
-step units_fused_bf16 90 $SI extract $W/manifest $W/units --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16 --workers 16 --kmeans $W/km
+step units_fused_bf16 90 $SI extract $W/manifest $W/units --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16 --kmeans $W/km
 step dnsmos 60 $SI score $W/msmall $W/scores --dnsmos --device $DEV
 TAILN=30 step model_bench 120 env BENCH_DIR=$ROOT $PY $G/model_bench.py $W/manifest $W/hub $OUT/model_bench.txt
 # items 5 (ASR), 4 (codecs), 7 (train), 2 (k-means against faiss-cpu, held-out inertia; DNSMOS against onnxruntime)
