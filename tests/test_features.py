@@ -1,3 +1,4 @@
+import collections
 
 import numpy as np
 import pytest
@@ -476,3 +477,30 @@ def test_extract_summary_gives_the_model_flop_rate_and_mfu_where_the_peak_is_kno
     monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "fast")
     with pytest.raises(ValueError, match="SPEECHINSTRUCT_PEAK_TFLOPS='fast': not a positive number"):
         devices.peak_tflops("cpu")
+
+
+def test_after_running_out_of_memory_later_batches_are_no_larger_than_what_fitted():
+    """A device that fits at most 2 s of padded audio, 24 utterances of 1 s in batches of 8 s: the first batch is
+    halved (8 → 4 → 2: three splits) and every later batch is at most the 2 s that ran, so the stage counts three
+    halvings, not three per batch, and each utterance's features are those of the run that never ran out."""
+    from speechinstruct.units.extract import compute
+
+    mfcc = features.MFCC()
+    wavs = [speechlike(1.0, seed=i) for i in range(24)]
+    sizes = []
+
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name and base
+        pass
+
+    def tight(batch):
+        sizes.append(len(batch))
+        if len(batch) * max(w.size for w in batch) > 2 * 16000:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [mfcc.features(w) for w in batch]
+
+    roomy = dict(compute(mfcc, iter([(i, w) for i, w in enumerate(wavs)]), batch_seconds=8.0))
+    mfcc.features_batch = tight
+    counts = collections.Counter()
+    got = dict(compute(mfcc, iter([(i, w) for i, w in enumerate(wavs)]), batch_seconds=8.0, counts=counts))
+    assert counts["batches_halved"] == 3 and sizes[:7] == [8, 4, 2, 2, 4, 2, 2] and set(sizes[7:]) == {2}
+    assert sorted(got) == list(range(24)) and all(np.array_equal(got[i], roomy[i]) for i in range(24))

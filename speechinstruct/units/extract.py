@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,6 +37,8 @@ from .kmeans import SpeechEncoder
 from .quantize import UnitWriter
 from .tokenizer import dense_and_kmeans, is_tokenizer
 
+log = logging.getLogger(__name__)
+
 
 def makes_units(extractor, kmeans) -> bool:
     """Whether extract writes units (with k-means, or a tokenizer such as a codec) rather than features."""
@@ -45,11 +48,13 @@ def makes_units(extractor, kmeans) -> bool:
 def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
             counts: collections.Counter | None = None) -> Iterator[tuple[dict, np.ndarray | str]]:
     """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio. A batch that
-    runs out of memory is halved (``counts["batches_halved"]``)."""
+    runs out of memory is halved (``counts["batches_halved"]``), and the batches after it are no larger than the
+    largest part of it that fitted, so that running out of memory costs one failed try, not one per batch."""
     group: list[tuple[dict, np.ndarray | str]] = []
     budget = batch_seconds * audio.sample_rate_of(extractor)
 
     def run(group):
+        nonlocal budget
         good = sorted((i for i, (_, w) in enumerate(group) if not isinstance(w, str)), key=lambda i: group[i][1].size)
         results: dict[int, np.ndarray | str] = {i: w for i, (_, w) in enumerate(group) if isinstance(w, str)}
         batch: list[int] = []
@@ -58,7 +63,12 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
                 batch.append(i)
                 continue
             if batch:
-                results.update(_run_batch(extractor, [group[j][1] for j in batch], batch, counts))
+                done, fitted = _run_batch(extractor, [group[j][1] for j in batch], batch, counts)
+                results.update(done)
+                if fitted is not None and fitted < budget:
+                    budget = fitted
+                    log.info(f"out of memory: batches of at most {budget / audio.sample_rate_of(extractor):.0f} s "
+                             "of (padded) audio from here on")
             batch = [i] if i is not None else []
         if counts is not None and hasattr(extractor, "flops"):  # the model's useful FLOPs: the summary's MFU
             counts["model_flops"] += sum(extractor.flops(group[i][1].size) for i in good if not isinstance(results[i], str))
@@ -76,25 +86,34 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
 
 
 def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
-               counts: collections.Counter | None = None) -> dict[int, np.ndarray | str]:
+               counts: collections.Counter | None = None) -> tuple[dict[int, np.ndarray | str], int | None]:
     """Features of one batch; halved while it runs out of memory; an utterance that fails (or does not fit even
-    alone) is isolated and gets its reason, the others their features."""
+    alone) is isolated and gets its reason, the others their features. Second: when the batch was halved, the
+    padded size (samples x utterances) of the largest part that ran, else None."""
     rate = audio.sample_rate_of(extractor)
+    halved: collections.Counter[str] = collections.Counter()
+    ran: list[int] = []
+
+    def features(items):
+        out = extractor.features_batch(items)
+        ran.append(len(items) * max(w.size for w in items))
+        return out
 
     def batch(items):
-        return halving(extractor.features_batch, items, counts, lambda w: f"an utterance of {w.size / rate:.1f} s")
+        return halving(features, items, halved, lambda w: f"an utterance of {w.size / rate:.1f} s")
 
-    try:
-        return dict(zip(index, batch(wavs)))
-    except (audio.AudioError, ValueError, RuntimeError, OutOfMemory):
-        pass
     out: dict[int, np.ndarray | str] = {}
-    for i, wav in zip(index, wavs):  # isolate the utterance that failed
-        try:
-            out[i] = batch([wav])[0]
-        except (audio.AudioError, ValueError, RuntimeError, OutOfMemory) as e:
-            out[i] = f"feature extraction failed: {e}"
-    return out
+    try:
+        out = dict(zip(index, batch(wavs)))
+    except (audio.AudioError, ValueError, RuntimeError, OutOfMemory):
+        for i, wav in zip(index, wavs):  # isolate the utterance that failed
+            try:
+                out[i] = batch([wav])[0]
+            except (audio.AudioError, ValueError, RuntimeError, OutOfMemory) as e:
+                out[i] = f"feature extraction failed: {e}"
+    if counts is not None:
+        counts.update(halved)
+    return out, (max(ran) if halved and ran else None)
 
 
 # ---------------------------------------------------------------------------------------------- the job
