@@ -53,3 +53,27 @@ def halving(run: Callable[[list], list], items: Sequence, counts: collections.Co
         counts["batches_halved"] += 1
     middle = len(items) // 2
     return halving(run, items[:middle], counts, describe) + halving(run, items[middle:], counts, describe)
+
+
+def batches(run: Callable[[list], list], items: Sequence, size: int, counts: collections.Counter,
+            describe: Callable[[object], str] = lambda item: "one item") -> tuple[list, int]:
+    """``run`` over ``items`` ``size`` at a time, each batch through :func:`halving`; after a batch had to be
+    halved, the batches after it are no larger than the largest part of it that ran (running out of memory costs
+    one failed try, not one per batch). Returns the results in order and the size to use from now on."""
+    out: list = []
+    start = 0
+    while start < len(items):
+        batch = list(items[start: start + size])
+        ran: list[int] = []
+
+        def counted(part):
+            result = run(part)
+            ran.append(len(part))
+            return result
+
+        halved = counts["batches_halved"]
+        out += halving(counted, batch, counts, describe)
+        if counts["batches_halved"] > halved and ran:
+            size = min(size, max(ran))
+        start += len(batch)
+    return out, size

@@ -469,6 +469,8 @@ def test_asr_and_dnsmos_batches_that_run_out_of_memory_are_halved(tmp_path, spee
 
     monkeypatch.setattr(asr, "_transcribe_batch", tight)
     assert asr.transcribe(speech) == want and asr.counts["batches_halved"] == 3  # 4 → 2 + 2 → 1 + 1 + 1 + 1
+    # what fitted is the batch size from then on: a second call runs out of memory no more
+    assert asr.batch_size == 1 and asr.transcribe(speech) == want and asr.counts["batches_halved"] == 3
     judge = DNSMOS(threads=2, engine="torch", batch_windows=2)
     clean = judge.score(speech[:1])
     inner = judge._torch_batch
@@ -480,5 +482,7 @@ def test_asr_and_dnsmos_batches_that_run_out_of_memory_are_halved(tmp_path, spee
 
     monkeypatch.setattr(judge, "_torch_batch", one_window_at_a_time)
     halved = judge.score(speech[:1])
-    assert judge.counts["batches_halved"] >= 1  # the same scores, to float rounding of other batch sizes
+    assert judge.counts["batches_halved"] == 1 and judge.batch_windows == 1  # 2 → 1 + 1, then one at a time
+    assert judge.score(speech[:1]) == halved and judge.counts["batches_halved"] == 1
+    # the same scores, to float rounding of other batch sizes
     assert all(got[c] == pytest.approx(want[c], abs=1e-5) for got, want in zip(halved, clean) for c in want)

@@ -142,15 +142,12 @@ class TransformersASR:
 
     def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
         """Texts of 16 kHz clips, ``batch_size`` at a time (similar lengths together); a batch that runs out of
-        memory is halved (``self.counts["batches_halved"]``)."""
-        from ..memory import halving
+        memory is halved (``self.counts["batches_halved"]``), and ``batch_size`` becomes what fitted."""
+        from ..memory import batches
 
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # similar lengths together: less padding
-        heard: list[tuple[str, str | None]] = []
-        for start in range(0, len(wavs), self.batch_size):
-            batch = [wavs[i] for i in order[start: start + self.batch_size]]
-            heard += halving(self._transcribe_batch, batch, self.counts,
-                             lambda w: f"a clip of {len(w) / TARGET_SR:.1f} s")
+        heard, self.batch_size = batches(self._transcribe_batch, [wavs[i] for i in order], self.batch_size,
+                                         self.counts, lambda w: f"a clip of {len(w) / TARGET_SR:.1f} s")
         out = [""] * len(wavs)
         self.languages = {}  # clip → the language token a Whisper model chose (the last call's clips)
         for i, (text, language) in zip(order, heard):

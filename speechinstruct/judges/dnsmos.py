@@ -158,13 +158,11 @@ class DNSMOS:
         return np.concatenate(out)
 
     def _torch_score_windows(self, windows: np.ndarray) -> np.ndarray:
-        """(n, 4) per window with torch, ``batch_windows`` at a time, halved while a batch runs out of memory."""
-        from ..memory import halving
+        """(n, 4) per window with torch, ``batch_windows`` at a time, halved while a batch runs out of memory (and
+        ``batch_windows`` then becomes what fitted)."""
+        from ..memory import batches
 
-        out = []
-        for start in range(0, len(windows), self.batch_windows):
-            rows = list(windows[start: start + self.batch_windows])
-            out += halving(self._torch_batch, rows, self.counts)
+        out, self.batch_windows = batches(self._torch_batch, list(windows), self.batch_windows, self.counts)
         return np.asarray(out)
 
     def _torch_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
