@@ -35,6 +35,7 @@ def peak_tflops(device: str) -> tuple[float, str] | None:
     """(bfloat16 dense peak TFLOP/s, where that figure comes from) of ``device``: ``SPEECHINSTRUCT_PEAK_TFLOPS``
     when set, else the card's data-sheet figure when :data:`BF16_PEAK_TFLOPS` knows its name; None for the CPU and
     for other cards."""
+    import math
     import os
 
     given = os.environ.get("SPEECHINSTRUCT_PEAK_TFLOPS")
@@ -43,7 +44,7 @@ def peak_tflops(device: str) -> tuple[float, str] | None:
             peak = float(given)
         except ValueError:
             peak = 0.0
-        if not peak > 0:
+        if not (peak > 0 and math.isfinite(peak)):
             raise ValueError(f"SPEECHINSTRUCT_PEAK_TFLOPS={given!r}: not a positive number of TFLOP/s")
         return peak, "SPEECHINSTRUCT_PEAK_TFLOPS"
     import torch

@@ -17,12 +17,13 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 
 def decode_workers(device: str | None = None) -> int:
-    """Audio decoding threads when none are asked for: every usable CPU when the model runs on a GPU, so that
-    decoding keeps up with it, else 2 (the CPU's cores compute the model). On the 2-core development machine one
-    thread decoded 16 kHz FLAC at 5,200-5,900x real time and Common Voice's kind of audio (48 kHz MP3, resampled
-    to 16 kHz) at 2,000x; two threads 9,800-11,000x and 3,900x: short of the 5,000x and 10,000x GPU targets."""
+    """Audio decoding threads when none are asked for: every usable CPU, at most 16, when the model runs on a GPU,
+    so that decoding keeps up with it, else 2 (the CPU's cores compute the model). On the 2-core development
+    machine one thread decoded 16 kHz FLAC at 5,200-5,900x real time and Common Voice's kind of audio (48 kHz
+    MP3, resampled to 16 kHz) at 2,000x; two threads 9,800-11,000x and 3,900x: short of the 5,000x and 10,000x
+    GPU targets. Sixteen are well past them; more would only hold more decoded audio in flight (4 per thread)."""
     on_gpu = device is not None and str(device).split(":")[0] != "cpu"
-    return available_cpus() if on_gpu else 2
+    return min(16, available_cpus()) if on_gpu else 2
 
 
 def available_cpus() -> int:

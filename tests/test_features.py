@@ -474,9 +474,10 @@ def test_extract_summary_gives_the_model_flop_rate_and_mfu_where_the_peak_is_kno
     stats = extract(tmp_path / "m", tmp_path / "b", hubert)
     assert stats["mfu"] == round(flops / stats["seconds"] / 1e12 / 0.5, 4) and "SPEECHINSTRUCT_PEAK_TFLOPS" in stats["mfu_of"]
     assert "model_tflop_per_s" not in extract(tmp_path / "m", tmp_path / "c", features.MFCC())
-    monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "fast")
-    with pytest.raises(ValueError, match="SPEECHINSTRUCT_PEAK_TFLOPS='fast': not a positive number"):
-        devices.peak_tflops("cpu")
+    for bad in ("fast", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", bad)
+        with pytest.raises(ValueError, match=f"SPEECHINSTRUCT_PEAK_TFLOPS='{bad}': not a positive number"):
+            devices.peak_tflops("cpu")
 
 
 def test_after_running_out_of_memory_later_batches_are_no_larger_than_what_fitted():

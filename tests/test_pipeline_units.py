@@ -173,6 +173,8 @@ def test_decoding_threads_default_to_every_cpu_when_the_model_is_on_a_gpu(manife
     from speechinstruct.sources import decoding
     from speechinstruct.units import extract as extract_stage
 
+    monkeypatch.setattr(threads, "available_cpus", lambda: 96)
+    assert threads.decode_workers("cuda") == 16  # a large node: 16, not 96 threads with 4 clips in flight each
     monkeypatch.setattr(threads, "available_cpus", lambda: 12)
     seen = []
 
