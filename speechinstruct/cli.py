@@ -826,6 +826,8 @@ def train(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                           help="Recompute activations in the backward pass (less memory)."),
     attention: Optional[str] = typer.Option(None, help="The attention kernel: sdpa (default), eager or flash_attention_2."),
+    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="Stages 2 and 3: each batch's examples in one "
+                                        "row, no padding, attention within each example."),
     save_every: Optional[int] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in OUT."),
@@ -850,7 +852,7 @@ def train(
     overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
                      block_size=block_size, max_length=max_length, mask=mask, max_grad_norm=max_grad_norm,
                      eval_every=eval_every, merge=merge, save_every=save_every, seed=seed, configs=configs,
-                     gradient_checkpointing=gradient_checkpointing, attention=attention,
+                     gradient_checkpointing=gradient_checkpointing, attention=attention, pack=pack,
                      lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig.from_dict(settings, str(config) if config else f"stage {stage}'s training settings")

@@ -281,6 +281,36 @@ def test_three_stages_on_llama_qwen2_and_gpt2(architectures, dataset, tmp_path, 
     assert sorted(cfg["target_modules"]) == lora_targets
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_packed_batches_give_the_padded_batches_losses(architectures, dataset, tmp_path, arch):
+    """``pack``: a batch's examples end to end in one row, no padding, position ids restarting per example: the
+    same losses as the padded batches, step for step (stage 2, and stage 3's LoRA on LLaMA), so no example
+    attends to another and no loss crosses from one to the next. Dropout off: its draws follow the tensors'
+    shapes (GPT-2's 0.1 gave 1e-4 apart at the first step)."""
+    base = architectures[arch]
+    if arch == "gpt2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(base)
+        model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+        model.save_pretrained(tmp_path / "gpt2")
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "gpt2")
+        base = tmp_path / "gpt2"
+    padded = T.train(2, base, dataset, tmp_path / "a", fast(max_steps=3, max_length=2048))  # rows of 2048 tokens:
+    packed = T.train(2, base, dataset, tmp_path / "b", fast(max_steps=3, max_length=2048, pack=True))  # all 4 in one
+    assert [h["loss"] for h in packed["history"]] == pytest.approx([h["loss"] for h in padded["history"]], rel=1e-4)
+    batch = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [1, 7]},
+             {"input_ids": [1, 8, 9, 4], "labels": [1, 8, 9, 4]}]
+    rows = T.collate(batch, pad_id=0, pack=5)  # rows of at most 5 tokens, first fit
+    assert rows["input_ids"].tolist() == [[1, 5, 6, 1, 7], [1, 8, 9, 4, 0]] and "attention_mask" not in rows
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert rows["labels"].tolist() == [[-100, 5, 6, -100, 7], [-100, 8, 9, 4, -100]]
+    if arch == "llama":
+        padded = T.train(3, base, dataset, tmp_path / "c", fast(max_steps=2, max_length=2048, lora_dropout=0.0))
+        packed = T.train(3, base, dataset, tmp_path / "d", fast(max_steps=2, max_length=2048, lora_dropout=0.0, pack=True))
+        assert [h["loss"] for h in packed["history"]] == pytest.approx([h["loss"] for h in padded["history"]], rel=1e-4)
+
+
 def test_unknown_lora_targets_are_one_clear_line(architectures, dataset, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA on gpt2: .*--lora-targets"):
         T.train(3, architectures["gpt2"], dataset, tmp_path / "s3", fast(max_steps=1, lora_targets=["q_proj"]))

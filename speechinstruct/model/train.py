@@ -26,6 +26,7 @@ every global batch and the LR schedule steps once per optimizer step, whatever t
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -215,7 +216,28 @@ def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, sp
     return examples
 
 
-def collate(examples: list[dict], pad_id: int) -> dict:
+def collate(examples: list[dict], pad_id: int, pack: int = 0) -> dict:
+    """A batch of examples padded to the longest; or with ``pack`` (a row length in tokens) laid end to end in
+    rows of at most ``pack`` tokens (first fit, in order), the rows padded to the longest, the position ids
+    starting again at each example and no attention mask: transformers then keeps attention inside each example
+    (it builds that mask from the position ids when there is no attention mask and no cache; padding comes last
+    in a row, where causal attention never reads it). No loss on an example's first token (the example before
+    would predict it): the loss is over the same tokens as the padded batch's."""
+    if pack:
+        rows: list[list[dict]] = []
+        for e in examples:
+            row = next((r for r in rows if sum(len(x["input_ids"]) for x in r) + len(e["input_ids"]) <= pack), None)
+            rows.append([e]) if row is None else row.append(e)
+        width = max(sum(len(x["input_ids"]) for x in r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            flat = [t for x in row for t in x["input_ids"]]
+            ids[i, :len(flat)] = torch.tensor(flat)
+            labels[i, :len(flat)] = torch.tensor([-100 if j == 0 else t for x in row for j, t in enumerate(x["labels"])])
+            positions[i, :len(flat)] = torch.tensor([j for x in row for j in range(len(x["input_ids"]))])
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -284,6 +306,24 @@ def require_train_extra(module: str):
     except ImportError:
         raise ValueError(f"training needs {module}, which the data-only install leaves out: "
                          "pip install 'speechinstruct[train]'") from None
+
+
+def require_packing(model) -> None:
+    """``pack`` needs transformers to build the attention mask from the position ids (``masking_utils``' packed
+    sequences, transformers 4.54 and later) and a model that uses it; an older one would let every example
+    attend to the ones before it in the row, silently. One line otherwise."""
+    import transformers
+
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise ValueError(f"pack: transformers {transformers.__version__} cannot keep packed examples apart "
+                         "(its masks do not follow position ids); upgrade transformers or train without pack") from None
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # stage 3: under the adapters
+    modeling = importlib.import_module(type(model).__module__)
+    if not hasattr(modeling, "create_causal_mask"):
+        raise ValueError(f"pack: {type(model).__name__} does not build its attention mask from position ids in "
+                         f"transformers {transformers.__version__}; train it without pack")
 
 
 def load_model(stage: int, base_model: str | Path, k: int, cfg: TrainConfig):
@@ -418,6 +458,9 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     k = dataset_k(data)
     tokenizer, model, added = load_model(stage, base_model, k, cfg)
     examples = build_examples(stage, data, tokenizer, cfg)
+    pack = cfg.max_length if cfg.pack and stage != 1 else 0  # rows of max_length; stage 1's blocks are full already
+    if pack:
+        require_packing(model)
     eval_examples = build_examples(stage, data, tokenizer, cfg, split="validation")
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -441,9 +484,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
         while batch_in_epoch < len(batches) and step < total_steps:
             mine = process_share(batches[batch_in_epoch], accelerator.process_index, accelerator.num_processes)
-            batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
+            batch = {key: v.to(accelerator.device)
+                     for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id, pack).items()}
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = model(**batch, use_cache=False).loss  # no cache: a packed batch's mask needs none
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -452,7 +496,7 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                     scheduler.step()
                 optimizer.zero_grad()
             batch_in_epoch += 1
-            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            tokens += sum(len(examples[i]["input_ids"]) for i in mine) * accelerator.num_processes
             running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
             if not accelerator.sync_gradients:
                 continue
