@@ -277,7 +277,7 @@ class Train(Section):
     bf16: Optional[bool] = None           # default: on when a GPU supports it
     attention: str = "sdpa"               # the model's attention kernel: sdpa (torch's fused), eager, flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % more time
-    pack: bool = False                    # stages 2 and 3: each batch in one row, no padding (model.train.collate)
+    pack: bool = False                    # stages 2 and 3: examples end to end in rows of max_length (train.collate)
     seed: int = 0
     save_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
