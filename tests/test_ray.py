@@ -172,6 +172,25 @@ def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(mani
     same_files(tmp_path / "local", tmp_path / "f")
 
 
+def test_the_ray_engine_halves_what_runs_out_of_memory_once_and_counts_it(manifest, tmp_path):
+    """An actor whose device fits one utterance at a time (torch.cuda.OutOfMemoryError's name): the first
+    batch of two is halved, the actor's later batches are no larger than what fitted (no second halving), the
+    summary counts it as the local engine's does, and the files equal the local engine's."""
+    from speechinstruct.units.engine_ray import extract_ray
+
+    class OneAtATime(MFCC):  # defined here, so Ray ships it by value to the actor process
+        def features_batch(self, wavs):
+            if len(wavs) > 1:
+                OutOfMemoryError = type("OutOfMemoryError", (RuntimeError,), {})
+                raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().features_batch(wavs)
+
+    stats = extract_ray(manifest, tmp_path / "ray", OneAtATime(), actors=1, block_seconds=1000.0)
+    assert stats["batches_halved"] == 1 and stats["errors"] == 0, stats  # 2 → 1 + 1 in the first shard only
+    extract(manifest, tmp_path / "local", MFCC())
+    same_files(tmp_path / "local", tmp_path / "ray")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

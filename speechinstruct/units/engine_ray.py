@@ -93,15 +93,18 @@ class ModelActor:
         ctx = ray.get_runtime_context()
         self.node = f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
 
-    def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list]:
+    def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list, int]:
+        """(this node, (id, frames | labels | reason) per utterance, batches halved for memory). After running
+        out of memory, this actor's later batches are no larger than what fitted."""
         from .extract import compute
 
-        results = []
-        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds):  # (id, frames | reason)
+        results, counts = [], collections.Counter()
+        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds, counts):
             if not isinstance(value, str) and self.kmeans is not None:
                 value = self.kmeans.assign(value)
             results.append((uid, value))
-        return self.node, results
+        self.batch_seconds = min(self.batch_seconds, counts.get("fitted_seconds") or self.batch_seconds)
+        return self.node, results, counts["batches_halved"]
 
 
 def connect(address: str | None):
@@ -152,6 +155,7 @@ class _Window:
         self.done: dict[int, tuple[Block, list]] = {}
         self.next = 0
         self.nodes: collections.Counter[str] = collections.Counter()
+        self.halved = 0  # batches the actors halved for memory
 
     def _fill(self):
         while self.free and len(self.in_flight) + len(self.done) < self.limit:
@@ -179,8 +183,9 @@ class _Window:
             for ref in ready:
                 seq, block, actor = self.in_flight.pop(ref)
                 try:
-                    node, results = self.ray.get(ref)
+                    node, results, halved = self.ray.get(ref)
                     self.nodes[node] += len(results)
+                    self.halved += halved
                 except self.ray.exceptions.RayError as e:
                     last = block.first + len(block.rows) - 1
                     reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(". ")[0][:300]
@@ -244,6 +249,8 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
                        num_shards=num_shards, shard_index=shard_index)
+    if window and window.halved:  # as the local engine's summary
+        stats["batches_halved"] = window.halved
     return {**stats, "engine": "ray", "actors": actors if pending else 0,
             "nodes": dict(sorted(window.nodes.items())) if window else {}}
 

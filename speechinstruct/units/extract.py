@@ -49,7 +49,8 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
             counts: collections.Counter | None = None) -> Iterator[tuple[dict, np.ndarray | str]]:
     """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio. A batch that
     runs out of memory is halved (``counts["batches_halved"]``), and the batches after it are no larger than the
-    largest part of it that fitted, so that running out of memory costs one failed try, not one per batch."""
+    largest part of it that fitted, so that running out of memory costs one failed try, not one per batch
+    (``counts["fitted_seconds"]``: that size, for a caller that runs compute again, as the Ray engine's actors)."""
     group: list[tuple[dict, np.ndarray | str]] = []
     budget = batch_seconds * audio.sample_rate_of(extractor)
 
@@ -67,6 +68,8 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
                 results.update(done)
                 if fitted is not None and fitted < budget:
                     budget = fitted
+                    if counts is not None:
+                        counts["fitted_seconds"] = budget / audio.sample_rate_of(extractor)
                     log.info(f"out of memory: batches of at most {budget / audio.sample_rate_of(extractor):.0f} s "
                              "of (padded) audio from here on")
             batch = [i] if i is not None else []
