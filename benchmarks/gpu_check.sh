@@ -67,6 +67,8 @@ step extract_bf16 90 $SI extract $W/manifest $W/feat --features hubert --checkpo
 step cluster_k1000 60 $SI cluster $W/feat $W/km --k 1000
 step units_fused_bf16 90 $SI extract $W/manifest $W/units --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16 --kmeans $W/km
 step dnsmos 60 $SI score $W/msmall $W/scores --dnsmos --device $DEV
+# the batch size a GPU should default to: the same extract with 400 s batches (model_bench's) against the 100 s default
+step extract_bf16_b400 90 $SI extract $W/manifest $W/feat400 --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16 --batch-seconds 400
 TAILN=30 step model_bench 120 env BENCH_DIR=$ROOT $PY $G/model_bench.py $W/manifest $W/hub $OUT/model_bench.txt
 # items 5 (ASR), 4 (codecs), 7 (train), 2 (k-means against faiss-cpu, held-out inertia; DNSMOS against onnxruntime)
 TAILN=3 step asr_parakeet 90 $BENCH gpu_asr
