@@ -218,8 +218,8 @@ def bench_gpu(work: Path, quick: bool) -> list[dict]:
     faiss-cpu on the same sample; DNSMOS with the torch engine), ``gpu_asr`` (a Parakeet-CTC-0.6B-shaped model in
     bf16 on 1,000 clips of 9-13 s), ``gpu_codecs`` (Mimi, EnCodec-24k and DAC batched against one at a time),
     ``gpu_train`` (our training loop on a 1B LLaMA: tokens/s, MFU) and ``gpu_hubert`` (HuBERT-Base layer 11 in bf16,
-    MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM). ``GPU_DRYRUN=1`` runs all but HuBERT on the CPU at
-    a small size, to check the code."""
+    MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM, and with an FFT positional convolution).
+    ``GPU_DRYRUN=1`` runs them all on the CPU at a small size, to check the code."""
     return [row for name in GPU_SECTIONS for row in SECTIONS[name](work, quick)]
 
 
@@ -271,30 +271,81 @@ def bench_gpu_codecs(work: Path, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_gpu_hubert(work: Path, quick: bool) -> list[dict]:
+def fft_positional_conv(conv):
+    """An experiment for issue 38 (58 % of the H200's kernel time went to HuBERT's positional convolution: 768
+    channels, kernel 128, 16 groups): a stand-in for ``pos_conv_embed.conv`` that computes the same grouped
+    convolution through the FFT, in float32, with about 60x fewer FLOPs at that kernel size. The project does not
+    use it unless a GPU measurement says it pays (``gpu_hubert`` runs both)."""
     import torch
 
-    if not torch.cuda.is_available():
+    class FFTConv1d(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            conv = self.conv
+            w, bias, groups, pad = conv.weight.float(), conv.bias.float(), conv.groups, conv.padding[0]
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                batch, channels, frames = x.shape
+                kernel = w.shape[-1]
+                size = 1 << (frames + 2 * pad + kernel - 2).bit_length()  # no wrap-around
+                spectrum = torch.fft.rfft(torch.nn.functional.pad(x.float(), (pad, pad)), n=size)
+                bins = spectrum.shape[-1]
+                taps = torch.fft.rfft(torch.flip(w, [-1]), n=size)  # correlation, as conv1d computes it
+                per = channels // groups
+                out = torch.matmul(spectrum.view(batch, groups, per, bins).permute(3, 1, 0, 2),
+                                   taps.view(groups, per, per, bins).permute(3, 0, 2, 1))  # bins, groups, batch, out
+                y = torch.fft.irfft(out.permute(2, 1, 3, 0).reshape(batch, channels, bins), n=size)
+                length = frames + 2 * pad - kernel + 1
+                return (y[..., kernel - 1: kernel - 1 + length] + bias[None, :, None]).to(x.dtype)
+
+    return FFTConv1d(conv)
+
+
+def bench_gpu_hubert(work: Path, quick: bool) -> list[dict]:
+    """HuBERT-Base layer 11 in bf16 through extract's compute, x real time and MFU; then the same with the
+    positional convolution through the FFT (:func:`fft_positional_conv`), and how far its frames are from the first's."""
+    import torch
+
+    device = gpu_device()
+    if device is None:
         return [{"name": "HuBERT-Base layer 11 on GPU", "skipped": NO_GPU}]
     from speechinstruct.units.extract import compute, decode_rows
     from speechinstruct.units.features import load_hubert
 
-    hubert = load_hubert(hubert_base(work), layer=11, device="cuda", dtype="bfloat16")
-    manifest_dir = demo_corpus(work, 120 if quick else 1200)
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    hubert = load_hubert(hubert_base(work), layer=11, device=device, dtype="bfloat16")
+    # GPU_MANIFEST: a manifest made beforehand (gpu_check.sh: the gpu-check corpus; the demo corpus needs espeak-ng)
+    manifest_dir = (Path(os.environ["GPU_MANIFEST"]) if os.environ.get("GPU_MANIFEST") else
+                    demo_corpus(work, 16 if device == "cpu" else 120 if quick else 1200))
     import pyarrow.parquet as pq
 
     rows = [r for f in sorted(manifest_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     root = Path(json.loads((manifest_dir / "summary.json").read_text())["root"])
     wavs = [w for _, w in decode_rows(rows[:32], root, workers=8)]  # for the FLOP count and the warm-up
     flops = sum(model_flops(hubert, w) for w in wavs[:20]) / sum(w.size for w in wavs[:20]) * 16000  # per audio second
-    list(compute(hubert, iter([({"id": i}, w) for i, w in enumerate(wavs[:32])]), 400.0))  # warm up
-    torch.cuda.synchronize()
-    _, t = timed(lambda: (list(compute(hubert, decode_rows(rows, root, workers=8), 400.0)), torch.cuda.synchronize()))
     seconds = sum(r["duration"] for r in rows)
     peak = float(os.environ.get("GPU_PEAK_TFLOPS", 989)) * 1e12
-    return [{"name": f"HuBERT-Base layer 11 on {torch.cuda.get_device_name()} (bf16, {len(rows)} utts, {seconds:.0f} s audio)",
-             "realtime": seconds / t, "ours_s": t, "target": ">= 5000x real time",
-             "extra": f"MFU {flops * seconds / t / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"}]
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+    out, first = [], None
+    for variant in ("torch's convolution", "FFT convolution"):
+        if variant.startswith("FFT"):
+            hubert.model.encoder.pos_conv_embed.conv = fft_positional_conv(hubert.model.encoder.pos_conv_embed.conv)
+        probe = [f for _, f in compute(hubert, iter([({"id": i}, w) for i, w in enumerate(wavs[:8])]), 400.0)]
+        first = first or probe  # warmed up; the frames of the first 8 utterances, to compare
+        sync()
+        _, t = timed(lambda: (list(compute(hubert, decode_rows(rows, root, workers=8), 400.0)), sync()))
+        differ = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-9)) for a, b in zip(first, probe))
+        out.append({"name": f"HuBERT-Base layer 11 on {where} (bf16, {len(rows)} utts, {seconds:.0f} s audio), "
+                            f"positional convolution: {variant}",
+                    "realtime": seconds / t, "ours_s": t, "target": ">= 5000x real time",
+                    "extra": f"MFU {flops * seconds / t / peak:.1%} of {peak / 1e12:.0f} TFLOP/s; frames differ from "
+                             f"torch's convolution's by {differ:.1e} (relative max)"})
+    return out
 
 
 def gpu_kmeans_and_dnsmos(work: Path, device: str, small: bool) -> list[dict]:

@@ -70,6 +70,7 @@ step dnsmos 60 $SI score $W/msmall $W/scores --dnsmos --device $DEV
 # the batch size a GPU should default to: the same extract with 400 s batches (model_bench's) against the 100 s default
 step extract_bf16_b400 90 $SI extract $W/manifest $W/feat400 --features hubert --checkpoint $W/hub --layer 11 --device $DEV --dtype bfloat16 --batch-seconds 400
 TAILN=30 step model_bench 120 env BENCH_DIR=$ROOT $PY $G/model_bench.py $W/manifest $W/hub $OUT/model_bench.txt
+TAILN=3 step hubert_fft_posconv 90 env GPU_MANIFEST=$W/manifest $BENCH gpu_hubert  # torch's positional conv vs FFT
 # items 5 (ASR), 4 (codecs), 7 (train), 2 (k-means against faiss-cpu, held-out inertia; DNSMOS against onnxruntime)
 TAILN=3 step asr_parakeet 90 $BENCH gpu_asr
 TAILN=5 step codecs_batched 90 $BENCH gpu_codecs
