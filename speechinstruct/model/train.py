@@ -458,9 +458,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     k = dataset_k(data)
     tokenizer, model, added = load_model(stage, base_model, k, cfg)
     examples = build_examples(stage, data, tokenizer, cfg)
-    pack = cfg.max_length if cfg.pack and stage != 1 else 0  # rows of max_length; stage 1's blocks are full already
+    pack = cfg.max_length if cfg.pack and stage != 1 else 0  # rows of max_length
     if pack:
         require_packing(model)
+    elif cfg.pack:
+        log.info("pack: stage 1's examples are packed blocks already; nothing to change")
     eval_examples = build_examples(stage, data, tokenizer, cfg, split="validation")
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
