@@ -738,7 +738,7 @@ def parakeet_row(work: Path, device: str, clips: list, hidden: int = 1024, layer
 
     folder = work / f"parakeet-ctc-{hidden}x{layers}"
     if not folder.exists():
-        write_tiny_parakeet_ctc(folder, hidden=hidden, layers=layers)
+        write_tiny_parakeet_ctc(folder, hidden=hidden, layers=layers, device=device)
     asr = load_asr(str(folder), device=device, batch_size=batch_size, dtype=dtype)
     params = sum(p.numel() for p in asr.model.parameters()) / 1e6
     asr.transcribe(clips[:2])  # warm up
@@ -881,15 +881,21 @@ def train_1b_row(work: Path, device: str) -> dict:
         shape = (dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
                  if small else dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                                     num_key_value_heads=4))
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **shape)).save_pretrained(base)
+        with torch.device(device):  # random weights drawn where the model trains: a GPU draws 1B in a moment
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **shape))
+        model.save_pretrained(base)
         tokenizer.save_pretrained(base)
+        del model
     steps = 4 if small else 30
     cfg = T.TrainConfig(max_steps=steps, batch_size=4 if small else 16, lr=1e-4, save_every=10**6, log_every=1,
                         block_size=256 if small else 1024, warmup_ratio=0.0)
     shutil.rmtree(work / "train-1b-out", ignore_errors=True)
     result, t = timed(T.train, 1, base, data / "dataset", work / "train-1b-out", cfg)
     tps = result["history"][-1]["tokens_per_s"]
-    params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(work / "train-1b-out" / "model").parameters())
+    from transformers import AutoConfig
+
+    with torch.device("meta"):  # the trained model's size (its vocabulary grew by the unit tokens), no weights read
+        params = sum(p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(work / "train-1b-out" / "model")).parameters())
     row = {"name": f"train stage 1, LLaMA {params / 1e9:.2f}B params (random), blocks of {cfg.block_size}, batch "
                    f"{cfg.batch_size}, {steps} steps, {'bf16' if torch.cuda.is_available() else 'fp32'}, sdpa, {device}",
            "tokens_per_s": tps, "ours_s": t, "target": "report tokens/s and MFU"}

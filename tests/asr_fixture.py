@@ -71,11 +71,12 @@ def write_tiny_ctc(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_tiny_parakeet_ctc(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+def write_tiny_parakeet_ctc(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 1, device: str = "cpu") -> Path:
     """A Parakeet CTC model (FastConformer encoder, 8x subsampled log-mel frames) written as transformers'
     ``convert_nemo_to_hf.py`` writes NVIDIA's checkpoints: a SentencePiece model as NeMo trains one (unigram,
     ``<unk>`` first, no BOS/EOS/pad) converted by ``ParakeetConverter``, ``<pad>`` added after it as the CTC blank,
-    and a processor with ``decoder_type="ctc"``. ``hidden``/``layers``: 1024 and 24 are parakeet-ctc-0.6b's shape."""
+    and a processor with ``decoder_type="ctc"``. ``hidden``/``layers``: 1024 and 24 are parakeet-ctc-0.6b's shape;
+    ``device``: where the random weights are drawn."""
     import sentencepiece as spm
     import torch
     from tokenizers import AddedToken
@@ -104,6 +105,7 @@ def write_tiny_parakeet_ctc(folder: Path, seed: int = 0, hidden: int = 32, layer
     config = ParakeetCTCConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                encoder_config=encoder.to_dict())
     torch.manual_seed(seed)
-    ParakeetForCTC(config).eval().save_pretrained(folder)
+    with torch.device(device):  # a benchmark draws a 0.6B model's random weights on its GPU: much faster
+        ParakeetForCTC(config).eval().save_pretrained(folder)
     ParakeetProcessor(feature_extractor=ParakeetFeatureExtractor(), tokenizer=tokenizer, decoder_type="ctc").save_pretrained(folder)
     return folder
