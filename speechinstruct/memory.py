@@ -38,21 +38,28 @@ def _free() -> None:
 
 
 def halving(run: Callable[[list], list], items: Sequence, counts: collections.Counter | None = None,
-            describe: Callable[[object], str] = lambda item: "one item") -> list:
-    """``run(items)``, or on running out of memory the results of its halves run the same way (in order)."""
+            describe: Callable[[object], str] = lambda item: "one item", ran: list[int] | None = None,
+            size: Callable[[list], int] = len) -> list:
+    """``run(items)``, or on running out of memory the results of its halves run the same way (in order).
+    ``ran``: gets the ``size`` of every part that ran (what fitted, for the batches that come after)."""
     try:
-        return run(list(items))
+        results = run(list(items))
     except Exception as e:  # noqa: BLE001  only out-of-memory errors are handled; the rest go on up
         if not is_out_of_memory(e):
             raise
         error = e
+    else:
+        if ran is not None:
+            ran.append(size(list(items)))
+        return results
     _free()
     if len(items) == 1:
         raise OutOfMemory(f"out of memory even alone ({describe(items[0])}): {str(error).splitlines()[0][:200]}")
     if counts is not None:
         counts["batches_halved"] += 1
     middle = len(items) // 2
-    return halving(run, items[:middle], counts, describe) + halving(run, items[middle:], counts, describe)
+    return (halving(run, items[:middle], counts, describe, ran, size)
+            + halving(run, items[middle:], counts, describe, ran, size))
 
 
 def batches(run: Callable[[list], list], items: Sequence, size: int, counts: collections.Counter,
@@ -65,14 +72,8 @@ def batches(run: Callable[[list], list], items: Sequence, size: int, counts: col
     while start < len(items):
         batch = list(items[start: start + size])
         ran: list[int] = []
-
-        def counted(part):
-            result = run(part)
-            ran.append(len(part))
-            return result
-
         halved = counts["batches_halved"]
-        out += halving(counted, batch, counts, describe)
+        out += halving(run, batch, counts, describe, ran)
         if counts["batches_halved"] > halved and ran:
             size = min(size, max(ran))
         start += len(batch)

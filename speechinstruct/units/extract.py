@@ -97,13 +97,9 @@ def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
     halved: collections.Counter[str] = collections.Counter()
     ran: list[int] = []
 
-    def features(items):
-        out = extractor.features_batch(items)
-        ran.append(len(items) * max(w.size for w in items))
-        return out
-
     def batch(items):
-        return halving(features, items, halved, lambda w: f"an utterance of {w.size / rate:.1f} s")
+        return halving(extractor.features_batch, items, halved, lambda w: f"an utterance of {w.size / rate:.1f} s",
+                       ran, size=lambda part: len(part) * max(w.size for w in part))
 
     out: dict[int, np.ndarray | str] = {}
     try:
@@ -135,8 +131,8 @@ def extract(
     ``float16`` and ``workers``; the extractor was built from the rest), its defaults when None."""
     cfg = cfg or settings.Features()
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)  # a k-means tokenizer's frames are computed in batches
-    batch_seconds, float16 = cfg.batch_seconds, cfg.float16
-    workers = cfg.workers or decode_workers(getattr(extractor, "device", "cpu"))
+    batch_seconds, float16, device = cfg.batch_seconds, cfg.float16, getattr(extractor, "device", "cpu")
+    workers = cfg.workers or decode_workers(device)
     counts: collections.Counter[str] = collections.Counter()
 
     def results_for(shard: Path, rows: list[dict], root: Path):
@@ -147,7 +143,7 @@ def extract(
                        num_shards=num_shards, shard_index=shard_index)
     if counts["batches_halved"]:  # batches that ran out of memory and were run in halves
         stats["batches_halved"] = counts["batches_halved"]
-    stats.update(devices.utilisation(counts["model_flops"], stats["seconds"], getattr(extractor, "device", "cpu")))
+    stats.update(devices.utilisation(counts["model_flops"], stats["seconds"], device))
     return stats
 
 
