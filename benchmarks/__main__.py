@@ -210,6 +210,12 @@ def gpu_device() -> str | None:
     return "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("GPU_DRYRUN") else None)
 
 
+def gpu_peak_flops() -> float:
+    """The GPU's peak in FLOP/s that the GPU rows' MFU divides by: ``GPU_PEAK_TFLOPS`` (as ../shared/gpu-check's
+    model_bench reads it), default 989, the H100/H200 SXM bf16 dense figure."""
+    return float(os.environ.get("GPU_PEAK_TFLOPS", 989)) * 1e12
+
+
 NO_GPU = "no GPU on this machine (benchmark ready: run it where one is, or GPU_DRYRUN=1 to check its code on the CPU)"
 
 
@@ -329,7 +335,7 @@ def bench_gpu_hubert(work: Path, quick: bool) -> list[dict]:
     wavs = [w for _, w in decode_rows(rows[:32], root, workers=8)]  # for the FLOP count and the warm-up
     flops = sum(model_flops(hubert, w) for w in wavs[:20]) / sum(w.size for w in wavs[:20]) * 16000  # per audio second
     seconds = sum(r["duration"] for r in rows)
-    peak = float(os.environ.get("GPU_PEAK_TFLOPS", 989)) * 1e12
+    peak = gpu_peak_flops()
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     out, first = [], None
     for variant in ("torch's convolution", "FFT convolution"):
@@ -842,7 +848,7 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
     extra = "no GPU here: model FLOP utilisation needs one"
     if torch.cuda.is_available():
         params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(work / "train-out" / "model").parameters())
-        peak = float(os.environ.get("GPU_PEAK_TFLOPS", "989")) * 1e12  # H100 SXM bf16 dense
+        peak = gpu_peak_flops()  # H100 SXM bf16 dense
         extra = f"MFU ~ {6 * params * tps / peak:.2%} (6 N tokens/s over {peak / 1e12:.0f} TFLOP/s)"
     rows = [{"name": f"train stage 2, tiny LLaMA, {steps} steps", "tokens_per_s": tps, "ours_s": t, "target": "report", "extra": extra}]
     try:
@@ -900,7 +906,7 @@ def train_1b_row(work: Path, device: str) -> dict:
                    f"{cfg.batch_size}, {steps} steps, {'bf16' if torch.cuda.is_available() else 'fp32'}, sdpa, {device}",
            "tokens_per_s": tps, "ours_s": t, "target": "report tokens/s and MFU"}
     if torch.cuda.is_available():
-        peak = float(os.environ.get("GPU_PEAK_TFLOPS", "989")) * 1e12
+        peak = gpu_peak_flops()
         row["extra"] = f"MFU ~ {6 * params * tps / peak:.2%} (6 N tokens/s over {peak / 1e12:.0f} TFLOP/s)"
     return row
 

@@ -826,8 +826,8 @@ def train(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                           help="Recompute activations in the backward pass (less memory)."),
     attention: Optional[str] = typer.Option(None, help="The attention kernel: sdpa (default), eager or flash_attention_2."),
-    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="Stages 2 and 3: each batch's examples in one "
-                                        "row, no padding, attention within each example."),
+    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="Stages 2 and 3: each batch's examples end to "
+                                        "end in rows of --max-length tokens, attention within each example."),
     save_every: Optional[int] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in OUT."),
