@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,7 +224,7 @@ def test_cli_train_and_chat(base_model, dataset, tmp_path):
     from typer.testing import CliRunner
     from speechinstruct.cli import app
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
+    result = runner.invoke(app, ["train", "--stage", str(stage), "--base-model", str(base_model), "--data", str(dataset),
                                  "--out", str(tmp_path / "s2"), "--max-steps", "2", "--batch-size", "2", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
@@ -378,15 +379,16 @@ def test_answers_parse_like_cli_infer(dataset):
     assert formats == {"speech-speech", "speech-text", "text-speech", "text-text"}
 
 
-def _processes(base_model, dataset, epochs: int, batch_size: int) -> tuple[int, dict, list[str]]:
-    """A free loopback port, the environment and train's arguments for runs over several CPU processes."""
+def _processes(base_model, dataset, epochs: int, batch_size: int, stage: int = 2) -> tuple[int, dict, list[str]]:
+    """A free loopback port, the environment and ``-m speechinstruct.cli train``'s arguments for runs over several
+    CPU processes."""
     import os
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = ["-m", "speechinstruct.cli", "train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
+    args = ["-m", "speechinstruct.cli", "train", "--stage", str(stage), "--base-model", str(base_model), "--data", str(dataset),
             "--epochs", str(epochs), "--batch-size", str(batch_size), "--grad-accum", "1", "--lr", "1e-3",
             "--save-every", "4", "-q"]
     return port, {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}, args
@@ -415,26 +417,89 @@ def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_
     assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
 
 
-def test_accelerate_launch_over_cpu_processes_trains_ddp_and_refuses_fsdp_in_one_line(base_model, dataset, tmp_path):
-    """``accelerate launch --num_processes 2`` as a user runs it, over 2 CPU processes (gloo): DDP, recorded in
-    train_config.json. ``--use_fsdp`` there: accelerate shards over GPU processes only, and over CPU ones it ran
-    DDP instead or two unconnected copies writing the same log (both seen): one line, nothing trained."""
+def _launch(port: int, *how: str) -> list[str]:
+    """``accelerate launch`` over 2 CPU processes as a user runs it; ``how``: its options and the program."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(port), *how]
+
+
+FSDP = ("--use_fsdp", "--fsdp_version", "2")
+FSDP_ON_CPU = str(Path(__file__).with_name("fsdp_on_cpu.py"))  # lets accelerate shard over CPU processes
+
+
+def _weights(folder: Path, name: str = "model") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / f"{name}.safetensors")
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, tmp_path):
+    """``accelerate launch --num_processes 2`` over 2 CPU processes (gloo): DDP, recorded in train_config.json.
+    FSDP (version 2, through the shim that lets accelerate shard over CPU processes) trains to DDP's weights,
+    writes sharded checkpoints, and a run stopped after its first checkpoint resumes from it to the same weights.
+    ``--use_fsdp`` without the shim, as a user on a machine without GPUs runs it: accelerate ran DDP instead or two
+    unconnected copies writing the same log (both seen): one line, nothing trained."""
+    import shutil
     import subprocess
     import sys
 
     port, env, args = _processes(base_model, dataset, epochs=2, batch_size=8)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(port)]
-    ddp = subprocess.run([*launch, "--multi_gpu", *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    args = args[2:]  # the program is in how
+
+    def train(*how, out):
+        done = subprocess.run([*_launch(port, *how), *args, "--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    ddp = train("--multi_gpu", "-m", "speechinstruct.cli", out=tmp_path / "ddp")
     config = json.loads((tmp_path / "ddp" / "train_config.json").read_text())
     assert config["distributed"] == {"type": "MULTI_CPU", "processes": 2}
-    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))  # one log, written by one process
-    fsdp = subprocess.run([*launch, "--use_fsdp", "--fsdp_version", "2", *args, "--out", str(tmp_path / "fsdp")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert fsdp.returncode != 0 and "accelerate runs FSDP on GPUs only" in fsdp.stderr
-    assert not (tmp_path / "fsdp" / "log.jsonl").exists()
+    steps = [r["step"] for r in ddp]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # one log, written by one process
+
+    fsdp = train(*FSDP, FSDP_ON_CPU, out=tmp_path / "fsdp")
+    assert json.loads((tmp_path / "fsdp" / "train_config.json").read_text())["distributed"] == {"type": "FSDP", "processes": 2}
+    assert [r["step"] for r in fsdp] == steps and fsdp[-1]["loss"] == pytest.approx(ddp[-1]["loss"], rel=1e-5)
+    shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp_0").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its shard
+    _assert_same_weights(_weights(tmp_path / "ddp" / "model"), _weights(tmp_path / "fsdp" / "model"))
+
+    # stopped after step 4's checkpoint: the rerun resumes there (no step 1 in its log) and ends where FSDP did
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-0000004", stopped / "checkpoints" / "step-0000004")
+    assert [r["step"] for r in train(*FSDP, FSDP_ON_CPU, out=stopped)] == [8]
+    _assert_same_weights(_weights(tmp_path / "fsdp" / "model"), _weights(stopped / "model"))
+
+    refused = subprocess.run([*_launch(port, *FSDP, "-m", "speechinstruct.cli"), *args, "--out", str(tmp_path / "refused")], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "accelerate runs FSDP on GPUs only" in refused.stderr
+    assert "Traceback" not in refused.stderr.split("accelerate runs FSDP")[0][-300:]
+    assert not (tmp_path / "refused" / "log.jsonl").exists()
+
+
+def test_fsdp_saves_and_merges_stage_3s_adapter_whole(base_model, dataset, tmp_path):
+    """Stage 3 with ``--merge`` under FSDP (2 CPU processes through the shim): the adapter and the merged model
+    equal DDP's. Merging the unwrapped model's sharded weights on the main process alone failed (gloo: connection
+    closed by peer), after the training had been done."""
+    import subprocess
+
+    port, env, args = _processes(base_model, dataset, epochs=1, batch_size=8, stage=3)
+    args = [*args[2:], "--max-steps", "2", "--merge"]  # the program is in how
+    for name, how in {"ddp": ("--multi_gpu", "-m", "speechinstruct.cli"), "fsdp": (*FSDP, FSDP_ON_CPU)}.items():
+        done = subprocess.run([*_launch(port, *how), *args, "--out", str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_weights(_weights(tmp_path / "ddp" / "adapter", "adapter_model"),
+                         _weights(tmp_path / "fsdp" / "adapter", "adapter_model"))
+    _assert_same_weights(_weights(tmp_path / "ddp" / "merged"), _weights(tmp_path / "fsdp" / "merged"))
 
 
 @pytest.mark.parametrize("config", ["cross_modal", "chain_of_modality"])
@@ -517,7 +582,7 @@ def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
                        ("mask: response\n", "mask 'response': mask must be one of prefix, prompt, assistant, none"),
                        ("lr_typo: 1\n", "unknown training settings ['lr_typo']")):
         bad.write_text(text)
-        done = CliRunner().invoke(app, ["train", "--stage", "2", "--base-model", str(tmp_path / "none"), "--data",
+        done = CliRunner().invoke(app, ["train", "--stage", str(stage), "--base-model", str(tmp_path / "none"), "--data",
                                         str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--config", str(bad)])
         assert done.exit_code == 2 and said in done.stderr and "Traceback" not in done.output, done.output
     assert not (tmp_path / "o").exists()

@@ -379,11 +379,10 @@ def save_checkpoint(accelerator, out: Path, progress: dict, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, state: dict | None, settings: dict) -> None:
-    """``out/model`` (stage 3: ``out/adapter``, and with ``merge`` ``out/merged``) and ``train_config.json``;
-    ``state``: the weights gathered from FSDP's shards (None: the model's own)."""
+def save_final(model, tokenizer, out: Path, stage: int, cfg: TrainConfig, settings: dict) -> None:
+    """``out/model`` (stage 3: ``out/adapter``, and with ``merge`` ``out/merged``) and ``train_config.json``."""
     final = out / ("adapter" if stage == 3 else "model")
-    model.save_pretrained(final, **({"state_dict": state} if state is not None else {}))
+    model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     if stage == 3 and cfg.merge:
         merged = model.merge_and_unload()
@@ -404,13 +403,13 @@ def make_accelerator(cfg: TrainConfig):
 
     bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     AcceleratorState._reset_state(reset_partial_state=False)
-    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        # accelerate shards with FSDP over GPU processes only: over CPU processes it would run DDP instead (cpu=True)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
+                              cpu=not torch.cuda.is_available())
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+        # accelerate shards with FSDP over GPU processes only: over CPU processes it runs DDP instead (cpu=True)
         # or N unconnected copies writing the same files (cpu=False); both seen in a test
         raise ValueError("accelerate launch --use_fsdp: accelerate runs FSDP on GPUs only, and this machine has none; "
                          "launch without --use_fsdp to train over CPU processes (DDP over gloo: each holds the whole model)")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
-                              cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     return accelerator
 
@@ -524,7 +523,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     # FSDP holds a shard of each weight per process: the whole state is gathered by every process together
     state = accelerator.get_state_dict(model) if distributed["type"] == "FSDP" else None
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), tokenizer, out, stage, cfg, state,
+        final = accelerator.unwrap_model(model)
+        if state is not None:
+            # the unwrapped model's weights are still shards (LoRA's merge on them waits for the other processes
+            # and fails): the main process saves (and merges) a whole copy on the CPU, the gathered weights in it
+            final = load_model(stage, base_model, k, cfg)[1]
+            final.load_state_dict(state, assign=True)
+        save_final(final, tokenizer, out, stage, cfg,
                    {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump(),
                     "distributed": distributed})
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
