@@ -224,7 +224,7 @@ def test_cli_train_and_chat(base_model, dataset, tmp_path):
     from typer.testing import CliRunner
     from speechinstruct.cli import app
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--stage", str(stage), "--base-model", str(base_model), "--data", str(dataset),
+    result = runner.invoke(app, ["train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
                                  "--out", str(tmp_path / "s2"), "--max-steps", "2", "--batch-size", "2", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
@@ -448,7 +448,6 @@ def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, 
     unconnected copies writing the same log (both seen): one line, nothing trained."""
     import shutil
     import subprocess
-    import sys
 
     port, env, args = _processes(base_model, dataset, epochs=2, batch_size=8)
     args = args[2:]  # the program is in how
@@ -582,7 +581,7 @@ def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
                        ("mask: response\n", "mask 'response': mask must be one of prefix, prompt, assistant, none"),
                        ("lr_typo: 1\n", "unknown training settings ['lr_typo']")):
         bad.write_text(text)
-        done = CliRunner().invoke(app, ["train", "--stage", str(stage), "--base-model", str(tmp_path / "none"), "--data",
+        done = CliRunner().invoke(app, ["train", "--stage", "2", "--base-model", str(tmp_path / "none"), "--data",
                                         str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--config", str(bad)])
         assert done.exit_code == 2 and said in done.stderr and "Traceback" not in done.output, done.output
     assert not (tmp_path / "o").exists()
