@@ -5,10 +5,10 @@
   extract   HuBERT-Base layer 11 (random weights) on CPU: batched vs one at a time; achieved GFLOP/s vs the
             machine's measured fp32 GEMM rate; bfloat16 vs float32 speed and unit agreement
   codecs    Mimi, EnCodec, DAC, X-Codec and XCodec2 at their released sizes (random weights) on CPU: encode and
-            decode x real time; Mimi, EnCodec-24k and DAC batched vs one at a time, codes equal
+            decode x real time; the five codecs batched vs one at a time, codes equal
   gpu       every GPU row (skipped without a GPU; GPU_DRYRUN=1 checks their code on the CPU), or one of them:
             gpu_kmeans (K=1000 on 1M x 768 frames vs faiss-cpu; DNSMOS torch engine), gpu_asr (Parakeet-CTC-0.6B
-            shape, bf16), gpu_codecs (Mimi, EnCodec-24k, DAC batched vs one at a time), gpu_train (1B LLaMA:
+            shape, bf16), gpu_codecs (Mimi, EnCodec-24k, DAC, X-Codec, XCodec2 batched vs one at a time), gpu_train (1B LLaMA:
             tokens/s, MFU), gpu_hubert (HuBERT-Base layer 11, bf16: x real time, MFU)
   engine    local engine vs Ray engine on a two-node local Ray cluster (two raylets): same files, speed,
             model work per node
@@ -222,7 +222,7 @@ NO_GPU = "no GPU on this machine (benchmark ready: run it where one is, or GPU_D
 def bench_gpu(work: Path, quick: bool) -> list[dict]:
     """Every GPU row (issue 38), one section each: ``gpu_kmeans`` (k-means K=1000 on 1M x 768 frames, torch against
     faiss-cpu on the same sample; DNSMOS with the torch engine), ``gpu_asr`` (a Parakeet-CTC-0.6B-shaped model in
-    bf16 on 1,000 clips of 9-13 s), ``gpu_codecs`` (Mimi, EnCodec-24k and DAC batched against one at a time),
+    bf16 on 1,000 clips of 9-13 s), ``gpu_codecs`` (the five codecs batched against one at a time),
     ``gpu_train`` (our training loop on a 1B LLaMA: tokens/s, MFU) and ``gpu_hubert`` (HuBERT-Base layer 11 in bf16,
     MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM, and with an FFT positional convolution).
     ``GPU_DRYRUN=1`` runs them all on the CPU at a small size, to check the code."""
@@ -254,8 +254,9 @@ def bench_gpu_train(work: Path, quick: bool) -> list[dict]:
 
 
 def bench_gpu_codecs(work: Path, quick: bool) -> list[dict]:
-    """Mimi, EnCodec-24k and DAC at their default sizes (random weights) on the GPU: a batch of 32 utterances of
-    2-25 s (the gpu-check corpus's lengths) against the same utterances one at a time, codes equal."""
+    """Mimi, EnCodec-24k, DAC, X-Codec and XCodec2 at their default sizes (random weights, drawn on the GPU) on the
+    GPU: a batch of 32 utterances of 2-25 s (the gpu-check corpus's lengths) against the same utterances one at a
+    time, codes equal. Each row prints as it is measured (a time-limited run keeps the codecs it finished)."""
     import torch
     import transformers
 
@@ -268,11 +269,13 @@ def bench_gpu_codecs(work: Path, quick: bool) -> list[dict]:
     rows = []
     for kind, name in CODECS.items():
         torch.manual_seed(0)
-        model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))())
+        with torch.device(device):  # XCodec2's 629M random weights take many seconds to draw on the CPU
+            model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))())
         codec = Codec(kind, model, f"random {kind} (default config)", device=device)
         if codec.batches:
             rows.append(codec_batch_row(codec, small=device == "cpu", lengths=(1.0, 4.0) if device == "cpu" else (2.0, 25.0),
                                         count=32))
+            print(table_line({"section": "gpu_codecs", **rows[-1]}), flush=True)
         del model, codec
     return rows
 
@@ -529,7 +532,7 @@ def bench_vocoder(work: Path, quick: bool) -> list[dict]:
 
 def bench_codecs(work: Path, quick: bool) -> list[dict]:
     """Codec tokenizers at their default (released) sizes, random weights, on CPU: encode and decode x real time of
-    one utterance; for a codec extract batches on a GPU (Mimi, EnCodec-24k, DAC: codecs.py) also a batch of
+    one utterance; for a codec extract batches on a GPU (all five: codecs.py) also a batch of
     utterances of mixed lengths against the same utterances one at a time, side by side, with the share of codes
     that agree."""
     import torch

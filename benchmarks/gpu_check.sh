@@ -73,7 +73,7 @@ TAILN=30 step model_bench 120 env BENCH_DIR=$ROOT $PY $G/model_bench.py $W/manif
 TAILN=3 step hubert_fft_posconv 90 env GPU_MANIFEST=$W/manifest $BENCH gpu_hubert  # torch's positional conv vs FFT
 # items 5 (ASR), 4 (codecs), 7 (train), 2 (k-means against faiss-cpu, held-out inertia; DNSMOS against onnxruntime)
 TAILN=3 step asr_parakeet 90 $BENCH gpu_asr
-TAILN=5 step codecs_batched 90 $BENCH gpu_codecs
+TAILN=12 step codecs_batched 150 $BENCH gpu_codecs  # five codecs, a row each as it ends
 TAILN=3 step train_1b 120 env TRAIN_DATA=$G/traindata $BENCH gpu_train
 TAILN=6 step kmeans_vs_faiss 150 $BENCH gpu_kmeans  # last: faiss-cpu on 1M x 768 may take it all (torch's time prints first)
 echo "used $(( $(date +%s) - T0 )) s of $TOTAL"

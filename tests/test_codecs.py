@@ -19,7 +19,9 @@ torch.set_num_threads(2)
 runner = CliRunner()
 
 
-def tiny(kind: str):
+def tiny(kind: str, semantic: str = "HubertConfig"):
+    """A tiny random ``kind`` codec; ``semantic``: X-Codec's semantic model's config class."""
+    import transformers
     from transformers import DacConfig, DacModel, EncodecConfig, EncodecModel, MimiConfig, MimiModel
 
     torch.manual_seed(0)
@@ -41,12 +43,12 @@ def tiny(kind: str):
             signals = torch.from_numpy(np.concatenate([speech(1.0, 24000, i) * (i + 1) for i in range(4)]))[None, None]
             seed_codebooks(model.quantizer.layers, model.encoder(signals)[0].T)
     elif kind == "xcodec":
-        from transformers import HubertConfig, XcodecConfig, XcodecModel
+        from transformers import XcodecConfig, XcodecModel
 
         model = XcodecModel(XcodecConfig(
             acoustic_model_config=DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5, 8], decoder_hidden_size=32,
                                             hidden_size=32, codebook_size=64, codebook_dim=8, n_codebooks=2),
-            semantic_model_config=HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            semantic_model_config=getattr(transformers, semantic)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                                conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
             codebook_size=64, codebook_dim=64, target_bandwidths=[0.5, 1.2]))
         with torch.no_grad():  # zeros too
@@ -193,18 +195,85 @@ def test_a_codec_encodes_a_batch_in_one_call_with_each_utterances_own_codes(kind
     assert [u.size for u in codec.units_batch(wavs)] == [b.size for b in batched] and seen == [12]
 
 
-def test_a_codec_that_attends_over_the_whole_clip_encodes_one_utterance_at_a_time(folders):
-    """X-Codec's HuBERT attends over the whole clip with no padding mask: a batch would change every frame, so
-    it is never batched; DAC's units are not padded (its batches are exact without it)."""
-    assert "padding" not in load_codec("dac", str(folders["dac"])).spec
-    codec = load_codec("xcodec", str(folders["xcodec"]))
-    assert not codec.causal and not codec.batches and "padding" not in codec.spec
+def _before_the_quantizer(codec, run):
+    """(what ``run()`` returned, the embeddings X-Codec's or XCodec2's quantizer was given in it, each (utterances,
+    frames, dim))."""
+    seen, quantizer = [], codec.model.quantizer
+    if codec.kind == "xcodec":
+        original = quantizer.encode
+        quantizer.encode = lambda e, bandwidth=None: seen.append(e.transpose(1, 2)) or original(e, bandwidth)
+        try:
+            return run(), seen
+        finally:
+            quantizer.encode = original
+    hook = quantizer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        return run(), seen
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("kind", ["xcodec", "xcodec2"])
+def test_codecs_that_attend_over_the_whole_clip_encode_a_batch_with_each_utterances_own_codes(kind, folders):
+    """X-Codec (HuBERT beside DAC's encoder) and XCodec2 (Wav2Vec2-BERT beside convolutions and anti-aliased
+    activations) attend over the whole clip and their encode takes no padding mask: a plain padded batch changes
+    the frames. Their batch (one pass of the semantic model) gives every utterance the codes it gets alone from
+    the model's own encode, and the embeddings before the quantizer within 2e-6 of alone's."""
+    codec = load_codec(kind, str(folders[kind]))
+    assert codec.batches and "padding" not in codec.spec
+    rng = np.random.default_rng(1)
+    wavs = [speech(float(s), codec.sample_rate, i) * (0.5 + i % 3) for i, s in enumerate(rng.uniform(0.4, 3.0, 12))]
+    alone, alone_embeddings = _before_the_quantizer(codec, lambda: [codec.codes(w) for w in wavs])
+    if kind == "xcodec":  # the model's own encode, as transformers writes it
+        assert all((a == model_codes(kind, codec.model, w, codec.codebooks)).all() for a, w in zip(alone, wavs))
+    semantic = codec.model.semantic_model if kind == "xcodec" else codec.model.semantic_encoder
     calls = []
-    original = codec.model.encode
-    codec.model.encode = lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
-    wavs = [speech(s, 16000, i) for i, s in enumerate((0.7, 1.3))]
-    codec.codes_batch(wavs, batched=True)
-    assert [c[0] for c in calls] == [1, 1]
+    hook = semantic.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    batched, (embeddings,) = _before_the_quantizer(codec, lambda: codec.codes_batch(wavs, batched=True))
+    hook.remove()
+    assert calls == [12]  # one pass for the batch
+    assert [b.shape for b in batched] == [a.shape for a in alone]
+    assert all((a == b).all() for a, b in zip(alone, batched))
+    for i, (a,) in enumerate(alone_embeddings):
+        assert (a - embeddings[i, : len(a)]).abs().max() <= 2e-6 * a.abs().max()
+    if kind == "xcodec":  # the plain padded batch, for contrast
+        from speechinstruct.units.codecs import _zero_padded
+
+        _, (plain,) = _before_the_quantizer(codec, lambda: codec._encode(_zero_padded(wavs, max(w.size for w in wavs))))
+        assert max(float((a - plain[i, : len(a)]).abs().max() / a.abs().max()) for i, (a,) in enumerate(alone_embeddings)) > 0.01
+
+
+@pytest.mark.parametrize("semantic", ["WavLMConfig", "Data2VecAudioConfig"])
+def test_an_xcodec_on_wavlm_batches_and_on_data2vec_audio_goes_one_at_a_time(semantic, tmp_path):
+    """X-Codec's semantic model may be a WavLM (published X-Codecs are): batched exactly as a HuBERT. A
+    data2vec-audio's positional convolutions carry the padding into a shorter utterance's frames (as extract
+    found): that X-Codec encodes one utterance at a time."""
+    tiny("xcodec", semantic).save_pretrained(tmp_path)
+    codec = load_codec("xcodec", str(tmp_path))
+    assert codec.batches == (semantic == "WavLMConfig")
+    rng = np.random.default_rng(1)
+    wavs = [speech(float(s), 16000, i) * (0.5 + i % 3) for i, s in enumerate(rng.uniform(0.4, 3.0, 6))]
+    alone = [codec.codes(w) for w in wavs]
+    assert all((a == b).all() for a, b in zip(alone, codec.codes_batch(wavs, batched=True)))
+
+
+def test_xcodec2s_acoustic_encoder_reads_past_each_utterance_what_it_reads_alone():
+    """XCodec2's anti-aliased activations pad by repeating the edge: in a batch each row's last value is repeated
+    past its own length before them (the codes above barely feel it: the semantic half dominates the embeddings)."""
+    from speechinstruct.units.codecs import each_row_alone
+
+    encoder = tiny("xcodec2").acoustic_encoder
+    wavs = [torch.from_numpy(np.pad(w, (0, -w.size % 320))) for w in (speech(s, 16000, i) for i, s in enumerate((0.5, 1.7, 1.1)))]
+    batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)[:, None]
+    with torch.no_grad():
+        alone = [encoder(w[None, None])[0] for w in wavs]
+        with each_row_alone(encoder, torch.tensor([w.numel() for w in wavs])) as own:
+            out = encoder(batch)
+        plain = encoder(batch)
+    assert own(out.shape[-1]).tolist() == [a.shape[-1] for a in alone]
+    for a, b, c in zip(alone, out, plain):
+        assert (a - b[:, : a.shape[-1]]).abs().max() <= 2e-6 * a.abs().max()
+    assert max(float((a - c[:, : a.shape[-1]]).abs().max() / a.abs().max()) for a, c in zip(alone, plain)) > 0.01
 
 
 def xcodec2_feature_extractor():

@@ -24,9 +24,15 @@ audio.
 DAC reads the future (symmetric convolutions, zero-padded at both ends), so a plain padded batch changes an
 utterance's last frames; its batch sets the activations past each utterance's own length to zero before every
 convolution, which is what each convolution reads there when the utterance is alone, and then every code is the
-utterance's own (the tests' tiny DAC: all equal). X-Codec (a HuBERT beside DAC's encoder) and XCodec2
-(Wav2Vec2-BERT) attend over the whole clip with no padding mask, so padding changes all their frames; they
-encode one utterance at a time.
+utterance's own (the tests' tiny DAC: all equal). X-Codec (a HuBERT or WavLM beside DAC's encoder) and XCodec2
+(Wav2Vec2-BERT beside an encoder of convolutions and anti-aliased activations) attend over the whole clip, and
+their ``encode`` takes no padding mask: a plain padded batch changes every frame. Their batches run the steps of
+``encode`` here instead: the semantic model with its padding masked (X-Codec's HuBERT as extract batches it, with
+the first group norm over each utterance's own frames), and the convolutional parts with the activations past each
+utterance's own length set to what each convolution reads there alone (zeros; the last value before XCodec2's
+anti-aliasing filters, which pad by repeating the edge). Each utterance's codes are then its own (the tests' tiny
+models: all equal, the embeddings before the quantizer within 2e-6), with the model's ``encode`` held to them in
+a test as transformers changes.
 
 On the CPU a batch was slower than one utterance at a time (default-config Mimi 0.56x, EnCodec-24k 0.46-0.55x:
 eight 3-s utterances, 2 threads, random weights; DAC 0.31x, eight of 1-4 s), so there every codec goes one
@@ -47,6 +53,7 @@ face: ``sample_rate``, ``frame_rate``, ``vocabulary()``, ``units(wav)``, ``units
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +107,10 @@ class Codec:
         self.spec = {"features": kind, "source": source, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate}
         if self.causal:
             self.spec["padding"] = "whole frames"
-        self.batches = self.causal or kind == "dac"  # the codecs whose batched codes are each utterance's own
+        # the codecs whose batched codes are each utterance's own (module docstring); X-Codec's semantic model is
+        # batched as extract batches it, which data2vec-audio's positional convolutions rule out
+        self.batches = (self.causal or kind in ("dac", "xcodec2")
+                        or (kind == "xcodec" and cfg.semantic_model_config.model_type != "data2vec-audio"))
         self.keep(codebooks or total)
         if checkpoint:  # where to load it again to decode this folder's units (publish leaves it out)
             self.spec["checkpoint"] = checkpoint
@@ -147,9 +157,9 @@ class Codec:
         return self.codes_batch([wav])[0]
 
     def codes_batch(self, wavs: list[np.ndarray], batched: bool | None = None) -> list[np.ndarray]:
-        """(codebooks, frames) codes of each utterance: on a GPU a causal codec's and DAC's in one zero-padded
-        batch, each cut to its own frames; on the CPU, and for the other codecs, one utterance at a time (module
-        docstring). ``batched``: True or False to choose (the codes are the same either way)."""
+        """(codebooks, frames) codes of each utterance: on a GPU in one zero-padded batch, each cut to its own
+        frames; on the CPU one utterance at a time (module docstring). ``batched``: True or False to choose (the
+        codes are the same either way)."""
         for wav in wavs:
             if wav.size < self.hop:
                 raise ValueError(f"{wav.size} samples: shorter than one {self.kind} frame ({self.hop} samples at "
@@ -158,8 +168,8 @@ class Codec:
             batched = str(self.device) != "cpu"
         if not self.batches or not batched:
             return [self._encode(self._padded(w)[None])[0] for w in wavs]
-        if self.kind == "dac":
-            return self._dac_batch(wavs)
+        if self.kind in ("dac", "xcodec", "xcodec2"):
+            return getattr(self, f"_{self.kind}_batch")(wavs)
         frames = [-(-w.size // self.hop) for w in wavs]
         codes = self._encode(_zero_padded(wavs, max(frames) * self.hop))
         return [c[:, :n] for c, n in zip(codes, frames)]
@@ -167,28 +177,82 @@ class Codec:
     def _dac_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         """DAC's codes of a zero-padded batch, each utterance's its own: DAC's convolutions pad with zeros on both
         sides, so before each one the activations past an utterance's own length (the length it has there when
-        encoded alone) are set to zero, which is what that convolution reads there alone."""
+        encoded alone) are set to zero, which is what that convolution reads there alone (:func:`each_row_alone`)."""
         torch = self._torch
         batch = _zero_padded(wavs, max(w.size for w in wavs))
-        lengths = {batch.shape[1]: torch.tensor([w.size for w in wavs], device=self.device)}  # batch length → own
-
-        def zero_past_own_length(conv, args):
-            x = args[0]
-            own = lengths[x.shape[-1]]  # time shrinks at every strided convolution: each length is one level
-            x = x * (torch.arange(x.shape[-1], device=x.device)[None] < own[:, None])[:, None].to(x.dtype)
-            (kernel,), (stride,), (pad,), (dilation,) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-            reach = 2 * pad - dilation * (kernel - 1) - 1
-            lengths[(x.shape[-1] + reach) // stride + 1] = (own + reach) // stride + 1
-            return (x,)
-
-        hooks = [m.register_forward_pre_hook(zero_past_own_length) for m in self.model.encoder.modules()
-                 if isinstance(m, torch.nn.Conv1d)]
-        try:
+        with each_row_alone(self.model.encoder, torch.tensor([w.size for w in wavs], device=self.device)) as own:
             codes = self._encode(batch)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [c[:, :n] for c, n in zip(codes, lengths[codes.shape[-1]].tolist())]
+        return [c[:, :n] for c, n in zip(codes, own(codes.shape[-1]).tolist())]
+
+    def _xcodec_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """X-Codec's ``encode`` on a zero-padded batch, each utterance's codes its own: the semantic model (a HuBERT
+        or WavLM, every layer's output averaged) as extract batches it (:func:`features.conv_features_batch`, then
+        its encoder with the padding masked), and its convolutional encoder and the acoustic (DAC) encoder with
+        :func:`each_row_alone`; each utterance padded as ``encode`` pads it alone."""
+        from .features import conv_features_batch
+
+        torch, m = self._torch, self.model
+        device = self.device
+
+        def tensor(rows):  # (utterances, samples) on the device, and each row's own length
+            return (torch.from_numpy(_zero_padded(rows, max(r.size for r in rows))).to(device),
+                    torch.tensor([r.size for r in rows], device=device))
+
+        semantic, lengths = tensor([np.pad(np.asarray(w, np.float32), m.pad) for w in wavs])
+        frames, counts = conv_features_batch(m.semantic_model.feature_extractor, semantic, lengths)
+        hidden = m.semantic_model.feature_projection(frames)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        mask = torch.arange(hidden.shape[1], device=device)[None] < counts[:, None]
+        with torch.inference_mode():
+            # transformers' hidden states: the first layer's input, each layer's output, the last the encoder's own
+            encoder, layers = m.semantic_model.encoder, []
+            hooks = [encoder.layers[0].register_forward_pre_hook(lambda _, args: layers.append(args[0])),
+                     *(layer.register_forward_hook(lambda _, args, out: layers.append(out[0] if isinstance(out, tuple) else out))
+                       for layer in encoder.layers)]
+            try:
+                last = encoder(hidden, attention_mask=mask).last_hidden_state
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            layers[-1] = last
+            with each_row_alone(m.encoder_semantic, counts) as own_semantic:
+                e_semantic = m.encoder_semantic(torch.stack(layers, dim=1).mean(dim=1).transpose(1, 2))
+            frames = own_semantic(e_semantic.shape[-1])
+            # encode pads the waveform by hop/2 on both sides when the acoustic frames would not match the semantic
+            acoustic = [np.pad(w, m.pad) if m._get_conv1d_output_lengths(w.size, m.acoustic_encoder) != n else w
+                        for w, n in zip(wavs, frames.tolist())]
+            acoustic, lengths = tensor([np.asarray(w, np.float32) for w in acoustic])
+            with each_row_alone(m.acoustic_encoder, lengths) as own_acoustic:
+                e_acoustic = m.acoustic_encoder(acoustic[:, None])
+            if e_acoustic.shape[-1] != e_semantic.shape[-1] or not torch.equal(own_acoustic(e_acoustic.shape[-1]), frames):
+                raise ValueError(f"{self.source}: this X-Codec's acoustic and semantic frames differ in length")
+            embeddings = m.fc(torch.cat([e_acoustic, e_semantic], dim=1).transpose(1, 2)).transpose(1, 2)
+            codes = m.quantizer.encode(embeddings, max(m.config.target_bandwidths)).transpose(0, 1)
+        codes = codes[:, : self.codebooks].cpu().numpy().astype(np.int64)
+        return [c[:, :n] for c, n in zip(codes, frames.tolist())]
+
+    def _xcodec2_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """XCodec2's ``encode`` on a batch of :func:`xcodec2_inputs`, each utterance's codes its own: the semantic
+        encoder (Wav2Vec2-BERT) with its attention mask, its adapter and the acoustic encoder with
+        :func:`each_row_alone` (the acoustic encoder's anti-aliased activations pad by repeating the edge)."""
+        torch, m = self._torch, self.model
+        inputs = [xcodec2_inputs(w, self.hop, self.sample_rate) for w in wavs]
+        values = [i["input_values"][0, 0] for i in inputs]
+        features = [i["input_features"][0] for i in inputs]
+        samples = torch.tensor([v.numel() for v in values], device=self.device)
+        counts = torch.tensor([f.shape[0] for f in features], device=self.device)
+        values = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)[:, None].to(self.device)
+        features = torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(self.device)
+        mask = torch.arange(features.shape[1], device=self.device)[None] < counts[:, None]
+        with torch.inference_mode():
+            semantic = m.semantic_encoder(features, attention_mask=mask).last_hidden_state.transpose(1, 2)
+            with each_row_alone(m.semantic_adapter, counts):
+                semantic = m.semantic_adapter(semantic)
+            with each_row_alone(m.acoustic_encoder, samples):
+                acoustic = m.acoustic_encoder(values)
+            _, codes = m.quantizer(m.fc_encoder(torch.cat([semantic, acoustic], dim=1).transpose(1, 2)))
+        codes = codes.transpose(1, 2).cpu().numpy().astype(np.int64)
+        return [c[:, :n] for c, n in zip(codes, (samples // self.hop).tolist())]
 
     def _padded(self, wav: np.ndarray) -> np.ndarray:
         """One utterance as the model reads it: a causal codec's padded with zeros to whole frames."""
@@ -222,8 +286,7 @@ class Codec:
         return self.flatten(self.codes(wav))
 
     def units_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        """Units of many utterances at the codec's rate: in one batch on a GPU (causal codecs, DAC), else one at a
-        time."""
+        """Units of many utterances at the codec's rate: in one batch on a GPU, else one at a time."""
         return [self.flatten(c) for c in self.codes_batch(wavs)]
 
     features = units            # extract calls its tokenizer's features/features_batch
@@ -275,6 +338,63 @@ class Codec:
         return self.speech(units)
 
     decode = speech  # the tokenizer's face: a codec decodes its own units
+
+
+@contextmanager
+def each_row_alone(module, own):
+    """Within it, ``module``'s padded convolutions read past each row of a batch what they read there when the row
+    is alone: before each ``Conv1d`` the activations past the row's own length are set to zero (the convolution's
+    zero padding alone), and before each of XCodec2's anti-aliasing resamplers to the row's last value (their
+    padding repeats the edge). ``own``: each row's length (samples or frames) at the module's input. Yields a
+    function of a batch length (the module's output's) giving each row's own length there. The lengths are kept
+    by batch length, one per level of time resolution (two levels of one length must hold the same own lengths)."""
+    import torch
+
+    lengths: dict[int, torch.Tensor] = {}
+
+    def note(batch: int, rows: torch.Tensor) -> None:
+        if batch in lengths and not torch.equal(lengths[batch], rows):
+            raise RuntimeError(f"two levels of {batch} frames hold other lengths: batching would change the codes")
+        lengths[batch] = rows
+
+    def past(x):  # (1, 1, time) True past each row's own length, and that length
+        rows = lengths[x.shape[-1]]
+        return (torch.arange(x.shape[-1], device=x.device)[None] >= rows[:, None])[:, None], rows
+
+    def zeros_past_own_length(conv, args):
+        x = args[0]
+        beyond, rows = past(x)
+        (kernel,), (stride,), (pad,), (dilation,) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        reach = 2 * pad - dilation * (kernel - 1) - 1
+        note((x.shape[-1] + reach) // stride + 1, (rows + reach) // stride + 1)
+        return (x.masked_fill(beyond, 0),)
+
+    def edge_past_own_length(resampler, args):
+        x = args[0]
+        beyond, rows = past(x)
+        if type(resampler).__name__.startswith("Xcodec2UpSample"):
+            note(x.shape[-1] * resampler.ratio, rows * resampler.ratio)
+        else:  # its padding repeats the edge on both sides, then a strided filter
+            reach = resampler.pad_left + resampler.pad_right - resampler.kernel_size
+            note((x.shape[-1] + reach) // resampler.stride + 1, (rows + reach) // resampler.stride + 1)
+        last = x.gather(-1, (rows - 1).clamp(min=0)[:, None, None].expand(-1, x.shape[1], 1))
+        return (torch.where(beyond, last, x),)
+
+    hooks = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv1d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ValueError(f"{type(m).__name__} pads with {m.padding_mode!r}: no exact batch")
+            hooks.append(m.register_forward_pre_hook(zeros_past_own_length))
+        elif type(m).__name__ in ("Xcodec2UpSample1d", "Xcodec2DownSample1d"):
+            hooks.append(m.register_forward_pre_hook(edge_past_own_length))
+    first = module.register_forward_pre_hook(lambda _, args: note(args[0].shape[-1], own))
+    try:
+        yield lambda batch: lengths[batch]
+    finally:
+        first.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def _zero_padded(wavs: list[np.ndarray], samples: int) -> np.ndarray:
