@@ -198,12 +198,12 @@ class Codec:
             return (torch.from_numpy(_zero_padded(rows, max(r.size for r in rows))).to(device),
                     torch.tensor([r.size for r in rows], device=device))
 
-        semantic, lengths = tensor([np.pad(np.asarray(w, np.float32), m.pad) for w in wavs])
-        frames, counts = conv_features_batch(m.semantic_model.feature_extractor, semantic, lengths)
-        hidden = m.semantic_model.feature_projection(frames)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        mask = torch.arange(hidden.shape[1], device=device)[None] < counts[:, None]
         with torch.inference_mode():
+            semantic, lengths = tensor([np.pad(np.asarray(w, np.float32), m.pad) for w in wavs])
+            conv, counts = conv_features_batch(m.semantic_model.feature_extractor, semantic, lengths)
+            hidden = m.semantic_model.feature_projection(conv)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            mask = torch.arange(hidden.shape[1], device=device)[None] < counts[:, None]
             # transformers' hidden states: the first layer's input, each layer's output, the last the encoder's own
             encoder, layers = m.semantic_model.encoder, []
             hooks = [encoder.layers[0].register_forward_pre_hook(lambda _, args: layers.append(args[0])),
