@@ -232,6 +232,7 @@ def test_codecs_that_attend_over_the_whole_clip_encode_a_batch_with_each_utteran
     batched, (embeddings,) = _before_the_quantizer(codec, lambda: codec.codes_batch(wavs, batched=True))
     hook.remove()
     assert calls == [12]  # one pass for the batch
+    assert codec.codes_batch([], batched=True) == [] and calls == [12]
     assert [b.shape for b in batched] == [a.shape for a in alone]
     assert all((a == b).all() for a, b in zip(alone, batched))
     for i, (a,) in enumerate(alone_embeddings):

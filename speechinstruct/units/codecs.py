@@ -166,7 +166,7 @@ class Codec:
                                  f"{self.sample_rate} Hz)")
         if batched is None:
             batched = str(self.device) != "cpu"
-        if not self.batches or not batched:
+        if not self.batches or not batched or not wavs:
             return [self._encode(self._padded(w)[None])[0] for w in wavs]
         if self.kind in ("dac", "xcodec", "xcodec2"):
             return getattr(self, f"_{self.kind}_batch")(wavs)
