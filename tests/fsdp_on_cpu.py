@@ -16,7 +16,9 @@ _init = state.AcceleratorState.__init__
 def _fsdp_over_cpu_processes(self, *args, fsdp_plugin=None, **kwargs):
     _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
-        self.distributed_type = DistributedType.FSDP  # what accelerate sets for MULTI_GPU with the same plugin
+        self.distributed_type = DistributedType.FSDP  # what accelerate does for MULTI_GPU with the same plugin
+        if self._mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
         state.PartialState._shared_state["distributed_type"] = self.distributed_type
 
