@@ -211,9 +211,15 @@ def gpu_device() -> str | None:
 
 
 def gpu_peak_flops() -> float:
-    """The GPU's peak in FLOP/s that the GPU rows' MFU divides by: ``GPU_PEAK_TFLOPS`` (as ../shared/gpu-check's
-    model_bench reads it), default 989, the H100/H200 SXM bf16 dense figure."""
-    return float(os.environ.get("GPU_PEAK_TFLOPS", 989)) * 1e12
+    """The GPU's peak in FLOP/s that the GPU rows' MFU divides by: the product's (extract's summary's) figure for the
+    card (``devices.peak_tflops``: ``SPEECHINSTRUCT_PEAK_TFLOPS`` or the card's data sheet), ``GPU_PEAK_TFLOPS``
+    first when set (../shared/gpu-check's model_bench reads that name), 989 (H100/H200 SXM bf16 dense) for a card
+    the table does not know."""
+    from speechinstruct.devices import peak_tflops
+
+    given = os.environ.get("GPU_PEAK_TFLOPS")
+    known = peak_tflops("cuda")
+    return (float(given) if given else known[0] if known else 989.0) * 1e12
 
 
 NO_GPU = "no GPU on this machine (benchmark ready: run it where one is, or GPU_DRYRUN=1 to check its code on the CPU)"
@@ -224,7 +230,7 @@ def bench_gpu(work: Path, quick: bool) -> list[dict]:
     faiss-cpu on the same sample; DNSMOS with the torch engine), ``gpu_asr`` (a Parakeet-CTC-0.6B-shaped model in
     bf16 on 1,000 clips of 9-13 s), ``gpu_codecs`` (the five codecs batched against one at a time),
     ``gpu_train`` (our training loop on a 1B LLaMA: tokens/s, MFU) and ``gpu_hubert`` (HuBERT-Base layer 11 in bf16,
-    MFU against ``GPU_PEAK_TFLOPS``, default 989, H100/H200 SXM, and with an FFT positional convolution).
+    MFU against the card's bf16 peak (:func:`gpu_peak_flops`), and with an FFT positional convolution).
     ``GPU_DRYRUN=1`` runs them all on the CPU at a small size, to check the code."""
     return [row for name in GPU_SECTIONS for row in SECTIONS[name](work, quick)]
 
@@ -851,7 +857,7 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
     extra = "no GPU here: model FLOP utilisation needs one"
     if torch.cuda.is_available():
         params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(work / "train-out" / "model").parameters())
-        peak = gpu_peak_flops()  # H100 SXM bf16 dense
+        peak = gpu_peak_flops()
         extra = f"MFU ~ {6 * params * tps / peak:.2%} (6 N tokens/s over {peak / 1e12:.0f} TFLOP/s)"
     rows = [{"name": f"train stage 2, tiny LLaMA, {steps} steps", "tokens_per_s": tps, "ours_s": t, "target": "report", "extra": extra}]
     try:
@@ -867,7 +873,7 @@ def bench_train(work: Path, quick: bool) -> list[dict]:
 def train_1b_row(work: Path, device: str) -> dict:
     """Our training loop (stage 1: unit text packed into 1024-token blocks) on a LLaMA of 1.0B parameters
     (TinyLlama's shape: 2048 wide, 22 layers, 32 heads, 4 KV heads; random weights), bf16 and SDPA on a GPU:
-    tokens/s of the last steps and MFU as 6 N tokens/s over the card's peak (``GPU_PEAK_TFLOPS``, default 989).
+    tokens/s of the last steps and MFU as 6 N tokens/s over the card's peak (:func:`gpu_peak_flops`).
     On the CPU (``GPU_DRYRUN``) a small LLaMA of the same build, to check the code."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
