@@ -245,7 +245,7 @@ class Job:
 
     def extractor(self):
         """The recipe's extractor, loaded once, when a stage first needs it (never when all are up to date)."""
-        from .units.features import load_extractor
+        from .units.tokenizer import load_extractor
 
         if self._extractor is None:
             f = self.f

@@ -8,6 +8,7 @@ from fairseq_fixture import HUBERT_STRIDE_CONV, model_cfg, random_state, referen
 from conftest import speechlike
 from speechinstruct import audio, recipe as sections
 from speechinstruct.units import features
+from speechinstruct.units.tokenizer import load_extractor
 from speechinstruct.checkpoints import UnsafeCheckpointError, literal_arithmetic
 
 
@@ -284,7 +285,7 @@ def test_bfloat16_extraction_is_close_to_float32_and_says_so_in_its_spec(tmp_pat
                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
     HubertModel(config).save_pretrained(tmp_path / "hf")
     fp32 = features.load_hubert(tmp_path / "hf", layer=3)
-    bf16 = features.load_extractor("hubert", str(tmp_path / "hf"), 3, dtype="bfloat16")
+    bf16 = load_extractor("hubert", str(tmp_path / "hf"), 3, dtype="bfloat16")
     wav = speechlike(1.0, seed=3)
     a, b = fp32.features(wav), bf16.features(wav)
     assert b.dtype == np.float32 and b.shape == a.shape
@@ -292,9 +293,9 @@ def test_bfloat16_extraction_is_close_to_float32_and_says_so_in_its_spec(tmp_pat
     assert 0 < rel < 0.03  # bf16 really ran (not bit-equal) and stays close (measured: 1 %)
     assert bf16.spec["dtype"] == "bfloat16" and "dtype" not in fp32.spec  # float32 folders keep their old spec
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        features.load_extractor("hubert", str(tmp_path / "hf"), 3, dtype="float16")
+        load_extractor("hubert", str(tmp_path / "hf"), 3, dtype="float16")
     with pytest.raises(ValueError, match="for HuBERT"):
-        features.load_extractor("mfcc", dtype="bfloat16")
+        load_extractor("mfcc", dtype="bfloat16")
 
 
 def test_extractors_and_kmeans_survive_pickling_for_the_ray_engine(tmp_path):
@@ -368,7 +369,7 @@ def test_other_ssl_encoders_at_a_layer_equal_their_models_hidden_states(kind, tm
     extra = {"num_buckets": 32, "max_bucket_distance": 64} if kind == "wavlm" else {}
     model = getattr(transformers, features.SSL_MODELS[kind])(getattr(transformers, config_class)(**SSL_KW, **extra)).eval()
     model.save_pretrained(tmp_path / kind)
-    extractor = features.load_extractor(kind, str(tmp_path / kind), layer=2)
+    extractor = load_extractor(kind, str(tmp_path / kind), layer=2)
     assert extractor.spec["features"] == kind and extractor.spec["layer"] == 2 and extractor.frame_rate == 200.0
     wavs = [speechlike(s, seed=i) for i, s in enumerate((0.7, 1.3))]
     got = extractor.features_batch(wavs)
@@ -379,10 +380,10 @@ def test_other_ssl_encoders_at_a_layer_equal_their_models_hidden_states(kind, tm
     assert extractor.batched is (kind != "data2vec-audio")  # its positional convolutions carry the padding
 
     with pytest.raises(ValueError, match=rf"holds a {kind!r} model, not 'hubert'; pass --features {kind}"):
-        features.load_extractor("hubert", str(tmp_path / kind), layer=2)
+        load_extractor("hubert", str(tmp_path / kind), layer=2)
     (tmp_path / "x.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=rf"--features {kind} reads a Hugging Face folder"):
-        features.load_extractor(kind, str(tmp_path / "x.pt"))
+        load_extractor(kind, str(tmp_path / "x.pt"))
 
 
 def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(librispeech_root, tmp_path, monkeypatch):
@@ -438,7 +439,7 @@ def test_the_flop_count_is_torchs_count_of_the_forward_pass(kind, tmp_path, monk
     model_class = getattr(transformers, features.SSL_MODELS.get(kind, "HubertModel"))
     model_class(getattr(transformers, config_class)(**SSL_KW, **extra)).save_pretrained(tmp_path / kind)
     monkeypatch.setattr(features, "CHUNK_SAMPLES", 8000)
-    extractor = features.load_extractor(kind, str(tmp_path / kind), layer=2)
+    extractor = load_extractor(kind, str(tmp_path / kind), layer=2)
     extractor.model.set_attn_implementation("eager")
     for module in extractor.model.modules():  # weight norm's parametrization fails under the counter; same FLOPs
         if parametrize.is_parametrized(module):

@@ -323,7 +323,7 @@ def test_recipe_quality_thresholds_need_their_judge(tmp_path):
 
 def test_chain_of_modality_drops_pairs_whose_speech_the_asr_does_not_hear(tmp_path):
     from speechinstruct.compose.chain_of_modality import chain_of_modality
-    from speechinstruct.units.features import load_extractor
+    from speechinstruct.units.tokenizer import load_extractor
     from speechinstruct.sources.tts import make_tts
     from speechinstruct.units import KMeans
 

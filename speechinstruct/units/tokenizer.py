@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .features import load_extractor
 from .kmeans import KMeans, SpeechEncoder, load_kmeans
 
 
@@ -55,3 +54,30 @@ def dense_and_kmeans(model, kmeans=None):
             raise ValueError("two k-means given: the tokenizer's and --kmeans")
         return model.extractor, model.kmeans
     return model, kmeans
+
+
+def load_extractor(kind: str, checkpoint: str | None = None, layer: int | None = None, device: str = "cpu",
+                   dtype: str = "float32", codebooks: int | None = None):
+    """MFCC, HuBERT at a layer, or a codec (``codecs.CODECS``: its codes are the units, ``codebooks`` of them)."""
+    from .codecs import CODECS, load_codec
+    from ..tokenizers import SSL_MODELS
+    from .features import DTYPES, MFCC, load_hubert
+
+    if kind in CODECS:
+        if layer is not None or dtype != "float32":
+            raise ValueError(f"--layer and --dtype are for HuBERT; a {kind} codec gives its codes")
+        return load_codec(kind, checkpoint, codebooks, device)
+    if codebooks is not None:
+        raise ValueError(f"--codebooks is for codecs ({', '.join(CODECS)})")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+    if kind == "mfcc":
+        if dtype != "float32":
+            raise ValueError("--dtype bfloat16 is for HuBERT; MFCC is computed in float32")
+        return MFCC()
+    if kind in SSL_MODELS:
+        if not checkpoint:
+            raise ValueError(f"--features {kind} needs --checkpoint (a Hugging Face folder"
+                             + (" or a fairseq .pt)" if kind == "hubert" else ")"))
+        return load_hubert(checkpoint, layer, device=device, dtype=dtype, kind=kind)
+    raise ValueError(f"unknown features {kind!r}: choose mfcc, {', '.join(SSL_MODELS)} or a codec ({', '.join(CODECS)})")
