@@ -31,39 +31,57 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.
                     ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
 
 
-def peak_tflops(device: str) -> tuple[float, str] | None:
-    """(bfloat16 dense peak TFLOP/s, where that figure comes from) of ``device``: ``SPEECHINSTRUCT_PEAK_TFLOPS``
-    when set, else the card's data-sheet figure when :data:`BF16_PEAK_TFLOPS` knows its name; None for the CPU and
-    for other cards."""
+def given_peak() -> tuple[float, str] | None:
+    """``SPEECHINSTRUCT_PEAK_TFLOPS`` as (TFLOP/s, its name), None when unset; one line when it is not a positive
+    number (extract reads it before any work, so that a typo does not wait for the end of a long run)."""
     import math
     import os
 
     given = os.environ.get("SPEECHINSTRUCT_PEAK_TFLOPS")
-    if given:
-        try:
-            peak = float(given)
-        except ValueError:
-            peak = 0.0
-        if not (peak > 0 and math.isfinite(peak)):
-            raise ValueError(f"SPEECHINSTRUCT_PEAK_TFLOPS={given!r}: not a positive number of TFLOP/s")
-        return peak, "SPEECHINSTRUCT_PEAK_TFLOPS"
+    if not given:
+        return None
+    try:
+        peak = float(given)
+    except ValueError:
+        peak = 0.0
+    if not (peak > 0 and math.isfinite(peak)):
+        raise ValueError(f"SPEECHINSTRUCT_PEAK_TFLOPS={given!r}: not a positive number of TFLOP/s")
+    return peak, "SPEECHINSTRUCT_PEAK_TFLOPS"
+
+
+def card(device: str) -> str | None:
+    """torch's name for the GPU ``device`` is (``NVIDIA H200``, say); None for the CPU."""
     import torch
 
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def peak_tflops(device: str, name: str | None = None) -> tuple[float, str] | None:
+    """(bfloat16 dense peak TFLOP/s, where that figure comes from) of ``device`` (or of the card called ``name``,
+    elsewhere: a Ray actor's): ``SPEECHINSTRUCT_PEAK_TFLOPS`` when set, else the card's data-sheet figure when
+    :data:`BF16_PEAK_TFLOPS` knows its name; None for the CPU and for other cards."""
+    given = given_peak()
+    if given:
+        return given
+    name = name or card(device)
+    if not name:
+        return None
     return next(((peak, f"{name}, bf16 dense") for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def utilisation(flops: float, seconds: float, device: str) -> dict:
-    """A stage's model FLOP rate over its wall time, and its MFU (that rate over the device's bf16 peak) where the
-    peak is known: what extract's summary shows."""
+def utilisation(flops: float, seconds: float, peaks: list[tuple[float, str] | None]) -> dict:
+    """A stage's model FLOP rate over its wall time, and its MFU where every device's peak is known (``peaks``:
+    one per device the model ran on, :func:`peak_tflops`): that rate over their sum. What extract's summary shows."""
     if not flops or seconds <= 0:
         return {}
     rate = flops / seconds / 1e12
-    out = {"model_tflop_per_s": round(rate, 3)}
-    peak = peak_tflops(device)
-    if peak:
-        out["mfu"] = round(rate / peak[0], 4)
-        out["mfu_of"] = f"{peak[0]:g} TFLOP/s ({peak[1]})"
+    out = {"model_tflop_per_s": float(f"{rate:.4g}")}  # four significant digits: a CPU's rate is a small number
+    if peaks and all(peaks):
+        total = sum(peak for peak, _ in peaks)
+        out["mfu"] = float(f"{rate / total:.4g}")
+        sources = sorted({source for _, source in peaks})
+        out["mfu_of"] = (f"{total:g} TFLOP/s ({sources[0]})" if len(peaks) == 1 else
+                         f"{total:g} TFLOP/s ({len(peaks)} devices: {'; '.join(sources)})")
     return out

@@ -469,16 +469,19 @@ def test_extract_summary_gives_the_model_flop_rate_and_mfu_where_the_peak_is_kno
     stats = extract(tmp_path / "m", tmp_path / "a", hubert)
     rows = [r for p in sorted((tmp_path / "m").glob("manifest-*.parquet")) for r in read_table(p).to_pylist()]
     flops = sum(hubert.flops(round(r["duration"] * 16000)) for r in rows)
-    assert stats["errors"] == 0 and stats["model_tflop_per_s"] == round(flops / stats["seconds"] / 1e12, 3) > 0
+    assert stats["errors"] == 0 and stats["model_tflop_per_s"] == float(f"{flops / stats['seconds'] / 1e12:.4g}") > 0
     assert "mfu" not in stats
     monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "0.5")
     stats = extract(tmp_path / "m", tmp_path / "b", hubert)
-    assert stats["mfu"] == round(flops / stats["seconds"] / 1e12 / 0.5, 4) and "SPEECHINSTRUCT_PEAK_TFLOPS" in stats["mfu_of"]
+    assert stats["mfu"] == float(f"{flops / stats['seconds'] / 1e12 / 0.5:.4g}") and "SPEECHINSTRUCT_PEAK_TFLOPS" in stats["mfu_of"]
     assert "model_tflop_per_s" not in extract(tmp_path / "m", tmp_path / "c", features.MFCC())
     for bad in ("fast", "0", "-3", "nan", "inf"):
         monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", bad)
         with pytest.raises(ValueError, match=f"SPEECHINSTRUCT_PEAK_TFLOPS='{bad}': not a positive number"):
             devices.peak_tflops("cpu")
+    with pytest.raises(ValueError, match="SPEECHINSTRUCT_PEAK_TFLOPS='inf'"):  # before any work, not at the end
+        extract(tmp_path / "m", tmp_path / "d", hubert)
+    assert not (tmp_path / "d").exists()
 
 
 def test_after_running_out_of_memory_later_batches_are_no_larger_than_what_fitted():

@@ -191,6 +191,31 @@ def test_the_ray_engine_halves_what_runs_out_of_memory_once_and_counts_it(manife
     same_files(tmp_path / "local", tmp_path / "ray")
 
 
+def test_the_ray_engines_summary_gives_the_model_flop_rate_and_mfu(manifest, tmp_path, monkeypatch):
+    """As the local engine's summary: the model's FLOPs (every actor's, summed) over the stage's seconds, and MFU
+    over the actors' devices' summed peaks where each is known (on the CPU: only SPEECHINSTRUCT_PEAK_TFLOPS). A
+    bad peak is one line before any work."""
+    from fairseq_fixture import model_cfg, random_state, save_checkpoint
+
+    from speechinstruct.io import read_table
+    from speechinstruct.units.engine_ray import extract_ray
+    from speechinstruct.units.features import load_hubert
+
+    cfg = model_cfg()
+    save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
+    hubert = load_hubert(tmp_path / "hubert.pt", layer=2)
+    monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "nan")
+    with pytest.raises(ValueError, match="SPEECHINSTRUCT_PEAK_TFLOPS='nan': not a positive number"):
+        extract_ray(manifest, tmp_path / "bad", hubert, actors=1)
+    assert not (tmp_path / "bad").exists()
+    monkeypatch.setenv("SPEECHINSTRUCT_PEAK_TFLOPS", "0.5")
+    stats = extract_ray(manifest, tmp_path / "ray", hubert, actors=1)
+    rows = [r for p in sorted(manifest.glob("manifest-*.parquet")) for r in read_table(p).to_pylist()]
+    rate = sum(hubert.flops(round(r["duration"] * 16000)) for r in rows) / stats["seconds"] / 1e12
+    assert stats["errors"] == 0 and stats["model_tflop_per_s"] == float(f"{rate:.4g}") > 0
+    assert stats["mfu"] == float(f"{rate / 0.5:.4g}") and "SPEECHINSTRUCT_PEAK_TFLOPS" in stats["mfu_of"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

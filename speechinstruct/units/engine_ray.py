@@ -88,14 +88,20 @@ class ModelActor:
         # restarted actor fetches it again; the driver keeps it alive for the whole job)
         extractor, kmeans = ray.get(shared[0])
         self.extractor = extractor.to(device) if hasattr(extractor, "to") else extractor
-        self.kmeans = kmeans
+        self.kmeans, self.device = kmeans, device
         self.batch_seconds = batch_seconds
         ctx = ray.get_runtime_context()
         self.node = f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
 
-    def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list, int]:
-        """(this node, (id, frames | labels | reason) per utterance, batches halved for memory). After running
-        out of memory, this actor's later batches are no larger than what fitted."""
+    def card(self) -> str | None:
+        """torch's name for this actor's GPU (the summary's MFU divides by its peak); None on the CPU."""
+        from ..devices import card
+
+        return card(self.device)
+
+    def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list, dict]:
+        """(this node, (id, frames | labels | reason) per utterance, {batches halved for memory, the model's
+        FLOPs}). After running out of memory, this actor's later batches are no larger than what fitted."""
         from .extract import compute
 
         results, counts = [], collections.Counter()
@@ -104,7 +110,7 @@ class ModelActor:
                 value = self.kmeans.assign(value)
             results.append((uid, value))
         self.batch_seconds = min(self.batch_seconds, counts.get("fitted_seconds") or self.batch_seconds)
-        return self.node, results, counts["batches_halved"]
+        return self.node, results, {"batches_halved": counts["batches_halved"], "model_flops": counts["model_flops"]}
 
 
 def connect(address: str | None):
@@ -156,6 +162,7 @@ class _Window:
         self.next = 0
         self.nodes: collections.Counter[str] = collections.Counter()
         self.halved = 0  # batches the actors halved for memory
+        self.flops = 0.0  # the model's FLOPs over every block
 
     def _fill(self):
         while self.free and len(self.in_flight) + len(self.done) < self.limit:
@@ -183,9 +190,10 @@ class _Window:
             for ref in ready:
                 seq, block, actor = self.in_flight.pop(ref)
                 try:
-                    node, results, halved = self.ray.get(ref)
+                    node, results, counts = self.ray.get(ref)
                     self.nodes[node] += len(results)
-                    self.halved += halved
+                    self.halved += counts["batches_halved"]
+                    self.flops += counts["model_flops"]
                 except self.ray.exceptions.RayError as e:
                     last = block.first + len(block.rows) - 1
                     reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(". ")[0][:300]
@@ -202,6 +210,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     """``extract`` (same arguments, same files) on a Ray cluster. ``extractor`` (loaded on the CPU; or a speech
     tokenizer, tokenizer.py) and ``kmeans`` are shipped to the actors, which move the model to ``cfg.device``
     (``auto``: cuda when actors get GPUs)."""
+    from .. import devices
     from ..audio import sample_rate_of
     from .extract import makes_units, run_shards
     from .tokenizer import dense_and_kmeans
@@ -211,6 +220,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
+    devices.given_peak()  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     manifest, out = Path(manifest), Path(out)
     root = Path(root) if root else corpus_root(manifest)
     pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
@@ -251,6 +261,9 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
                        num_shards=num_shards, shard_index=shard_index)
     if window and window.halved:  # as the local engine's summary
         stats["batches_halved"] = window.halved
+    if window:  # the model's FLOP rate, and its MFU over the actors' devices' summed peaks where all are known
+        peaks = [devices.peak_tflops(device, name) for name in ray.get([actor.card.remote() for actor in pool])]
+        stats.update(devices.utilisation(window.flops, stats["seconds"], peaks))
     return {**stats, "engine": "ray", "actors": actors if pending else 0,
             "nodes": dict(sorted(window.nodes.items())) if window else {}}
 

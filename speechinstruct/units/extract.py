@@ -133,6 +133,7 @@ def extract(
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)  # a k-means tokenizer's frames are computed in batches
     batch_seconds, float16, device = cfg.batch_seconds, cfg.float16, getattr(extractor, "device", "cpu")
     workers = cfg.workers or decode_workers(device)
+    peak = devices.peak_tflops(device)  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     counts: collections.Counter[str] = collections.Counter()
 
     def results_for(shard: Path, rows: list[dict], root: Path):
@@ -143,7 +144,7 @@ def extract(
                        num_shards=num_shards, shard_index=shard_index)
     if counts["batches_halved"]:  # batches that ran out of memory and were run in halves
         stats["batches_halved"] = counts["batches_halved"]
-    stats.update(devices.utilisation(counts["model_flops"], stats["seconds"], device))
+    stats.update(devices.utilisation(counts["model_flops"], stats["seconds"], [peak]))
     return stats
 
 
