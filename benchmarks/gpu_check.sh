@@ -75,5 +75,15 @@ TAILN=3 step hubert_fft_posconv 90 env GPU_MANIFEST=$W/manifest $BENCH gpu_huber
 TAILN=3 step asr_parakeet 90 $BENCH gpu_asr
 TAILN=12 step codecs_batched 150 $BENCH gpu_codecs  # five codecs, a row each as it ends
 TAILN=3 step train_1b 120 env TRAIN_DATA=$G/traindata $BENCH gpu_train
+# item 7: accelerate's FSDP2 on the GPU as a user launches it (one process: sharded checkpoints, the weights
+# gathered to save, stage 3's --merge), on a small LLaMA drawn there; the dry run takes 2 CPU processes and the
+# tests' shim (accelerate shards over GPU processes only)
+FSDP_RUN="-m speechinstruct.cli"; NP=1; [ "$DEV" = cpu ] && { FSDP_RUN=$ROOT/tests/fsdp_on_cpu.py; NP=2; }
+TAILN=12 step fsdp_stage3 90 bash -c "$PY -c \"from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM; \
+t = AutoTokenizer.from_pretrained('$G/traindata/tiny-llama'); t.save_pretrained('$W/tinybase'); LlamaForCausalLM(LlamaConfig(\
+vocab_size=len(t), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8\
+)).save_pretrained('$W/tinybase')\" && $PY -m accelerate.commands.launch --num_processes $NP --use_fsdp --fsdp_version 2 \
+$FSDP_RUN train --stage 3 --base-model $W/tinybase --data $G/traindata/dataset --max-steps 4 --batch-size 4 --save-every 2 \
+--merge --out $W/fsdp -q && grep -A3 distributed $W/fsdp/train_config.json && ls $W/fsdp/checkpoints/* $W/fsdp/merged"
 TAILN=6 step kmeans_vs_faiss 150 $BENCH gpu_kmeans  # last: faiss-cpu on 1M x 768 may take it all (torch's time prints first)
 echo "used $(( $(date +%s) - T0 )) s of $TOTAL"

@@ -529,6 +529,23 @@ def test_trl_sfttrainer_trains_on_the_published_configs_unmodified(base_model, d
     assert ours["input_ids"][1:len(body) + 1] == body  # the same tokens our loop trains on (ours adds BOS)
 
 
+def test_a_checkout_that_is_not_installed_has_the_stage_settings():
+    """Run from a source checkout on the path, not installed (no ``speechinstruct.recipes`` mapping, as the GPU
+    check runs it), train finds SpeechGPT's per-stage settings in the checkout's recipes/ (it looked in
+    speechinstruct/recipes/ once train.py had moved into model/, and stopped)."""
+    import site
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = (f"import sys; sys.path[:0] = [{str(root)!r}, {site.getsitepackages()[0]!r}]; import json; "  # no .pth files
+            "import speechinstruct.model.train as t; print(json.dumps([t.settings_for_stage(n) for n in (1, 2, 3)]))")
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert json.loads(done.stdout) == [yaml.safe_load((root / "recipes" / f"train-stage{n}.yaml").read_text()) or {}
+                                       for n in (1, 2, 3)]
+
+
 def test_a_wheel_install_has_the_stage_settings(tmp_path):
     """Installed from a wheel (no checkout beside it), train still finds SpeechGPT's per-stage settings."""
     import subprocess

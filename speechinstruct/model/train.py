@@ -59,7 +59,7 @@ def settings_for_stage(stage: int) -> dict:
     import yaml
 
     name = f"train-stage{stage}.yaml"
-    checkout = Path(__file__).resolve().parent.parent / "recipes" / name
+    checkout = Path(__file__).resolve().parents[2] / "recipes" / name  # speechinstruct/model/train.py
     text = checkout.read_text() if checkout.is_file() else resources.files("speechinstruct.recipes").joinpath(name).read_text()
     return yaml.safe_load(text) or {}
 
