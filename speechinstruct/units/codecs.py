@@ -357,7 +357,7 @@ def each_row_alone(module, own):
             raise RuntimeError(f"two levels of {batch} frames hold other lengths: batching would change the codes")
         lengths[batch] = rows
 
-    def past(x):  # (1, 1, time) True past each row's own length, and that length
+    def past(x):  # (rows, 1, time): True past each row's own length; and those lengths
         rows = lengths[x.shape[-1]]
         return (torch.arange(x.shape[-1], device=x.device)[None] >= rows[:, None])[:, None], rows
 
@@ -380,14 +380,14 @@ def each_row_alone(module, own):
         last = x.gather(-1, (rows - 1).clamp(min=0)[:, None, None].expand(-1, x.shape[1], 1))
         return (torch.where(beyond, last, x),)
 
-    hooks = []
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv1d):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise ValueError(f"{type(m).__name__} pads with {m.padding_mode!r}: no exact batch")
-            hooks.append(m.register_forward_pre_hook(zeros_past_own_length))
-        elif type(m).__name__ in ("Xcodec2UpSample1d", "Xcodec2DownSample1d"):
-            hooks.append(m.register_forward_pre_hook(edge_past_own_length))
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv1d)]
+    for conv in convs:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"{type(module).__name__}: a convolution pads with {conv.padding_mode!r} "
+                             f"({conv.padding}): no exact batch")
+    hooks = [conv.register_forward_pre_hook(zeros_past_own_length) for conv in convs]
+    hooks += [m.register_forward_pre_hook(edge_past_own_length) for m in module.modules()
+              if type(m).__name__ in ("Xcodec2UpSample1d", "Xcodec2DownSample1d")]
     first = module.register_forward_pre_hook(lambda _, args: note(args[0].shape[-1], own))
     try:
         yield lambda batch: lengths[batch]
