@@ -683,7 +683,7 @@ def publish(
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
 
-def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: int,
+def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: Optional[int],
            speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False,
            asr_dtype: str = "auto"):
     from .judges.judge import Judge
@@ -707,7 +707,8 @@ def score(
                                            "{base-url}/audio/transcriptions (key from $OPENAI_API_KEY)."),
     root: Optional[Path] = typer.Option(None, parser=_input, help="Corpus root (default: the one recorded by `shard` or `extract`)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    batch_size: int = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per forward pass."),
+    batch_size: Optional[int] = typer.Option(default(settings.Quality, "batch_size"), min=1, help="ASR: clips per "
+                                             "forward pass (default: 64 on a GPU, halved where they do not fit; 8 on the CPU)."),
     asr_dtype: str = typer.Option(default(settings.Quality, "asr_dtype"), help="ASR weights: auto (bfloat16 on a "
                                   "GPU, float32 on the CPU), float32, bfloat16 or float16."),
     workers: Optional[int] = typer.Option(None, min=1, help="Audio decoding threads (default: every usable CPU when "

@@ -196,7 +196,7 @@ class Quality(Thresholds):
     language: Optional[bool] = None  # language ID; unset: on when a languages gate asks for it
     asr: Optional[str] = None       # a transformers ASR folder or hub id, or a model name at base_url
     base_url: Optional[str] = None  # an OpenAI-compatible /audio/transcriptions server
-    batch_size: int = Field(8, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)  # ASR clips per pass; unset: 64 on a GPU, 8 on the CPU
     asr_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on a GPU, else float32
     synthesized: Optional[Thresholds] = None
 

@@ -14,7 +14,7 @@ from asr_fixture import write_tiny_ctc, write_tiny_parakeet_ctc, write_tiny_whis
 from transcribe_server import TranscriptionServer
 from typer.testing import CliRunner
 
-from speechinstruct import audio
+from speechinstruct import audio, recipe
 from speechinstruct.units import SpeechEncoder
 from speechinstruct.cli import app
 from speechinstruct.judges.dnsmos import DNSMOS, dnsmos_windows
@@ -455,6 +455,20 @@ def test_dnsmos_memory_does_not_grow_with_a_clips_windows(dnsmos, monkeypatch):
     assert sum(seen) == sum(1 for _ in iter_windows(clip)) > 1100 and max(seen) == dnsmos.batch_windows
     assert result[0]["dnsmos_ovrl"] == 1.0
     assert peak < 2 * clip.nbytes + 20e6, peak / 1e6  # the clipped copy and one batch, not 686 MB
+
+
+def test_asr_batches_are_sized_by_the_device_when_not_given(tmp_path):
+    """No batch size given (command, recipe, judge, shard audio's transcriber): 8 clips on the CPU, 64 on a GPU,
+    the size the GPU benchmark measures (halved there where they do not fit, as the next test holds); a given
+    size is kept."""
+    from speechinstruct.judges import asr as A
+    from speechinstruct.judges.judge import Judge
+
+    assert (A.default_batch_size("cpu"), A.default_batch_size("cuda"), A.default_batch_size("cuda:1")) == (8, 64, 64)
+    folder = str(write_tiny_ctc(tmp_path / "ctc"))
+    assert load_asr(folder).batch_size == 8 and load_asr(folder, batch_size=3).batch_size == 3
+    assert Judge.load(asr=folder).asr.batch_size == 8
+    assert recipe.Quality().batch_size is None
 
 
 def test_asr_and_dnsmos_batches_that_run_out_of_memory_are_halved(tmp_path, speech, monkeypatch):

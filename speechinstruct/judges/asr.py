@@ -55,13 +55,22 @@ def error_rates(reference: str, hypothesis: str, normalise) -> tuple[float, floa
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # ASR weights and compute; auto: bfloat16 on a GPU, else float32
 
 
+def default_batch_size(device: str) -> int:
+    """Clips per forward pass when none is given: 8 on the CPU, where a larger batch only pads more; 64 on a GPU
+    (the GPU benchmark's size), halved where it does not fit (``memory.batches``)."""
+    import torch
+
+    return 8 if torch.device(device).type == "cpu" else 64
+
+
 class TransformersASR:
     """A transformers ASR model from a folder (or a hub id, with internet): sequence-to-sequence (Whisper,
     Moonshine) or CTC (wav2vec2, HuBERT, Parakeet CTC: one forward pass and an argmax, the fast path).
     ``transcribe(wavs)`` → texts, ``batch_size`` clips per forward pass (the clips of a batch are padded to the
-    longest, with an attention mask). ``dtype``: the weights' (``auto``: bfloat16 on a GPU, float32 on the CPU)."""
+    longest, with an attention mask; None: :func:`default_batch_size`). ``dtype``: the weights' (``auto``: bfloat16
+    on a GPU, float32 on the CPU)."""
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8, max_new_tokens: int = 128,
+    def __init__(self, model: str, device: str = "cpu", batch_size: int | None = None, max_new_tokens: int = 128,
                  dtype: str = "auto"):
         import torch
         import transformers
@@ -97,7 +106,8 @@ class TransformersASR:
         self._spectrograms_at = ({"device": device} if extractor is not None
                                  and "device" in inspect.signature(extractor.__call__).parameters else {})
         self.counts: collections.Counter[str] = collections.Counter()  # batches halved for memory
-        self.name, self.device, self.batch_size, self.max_new_tokens = str(model), device, batch_size, max_new_tokens
+        self.name, self.device, self.max_new_tokens = str(model), device, max_new_tokens
+        self.batch_size = batch_size or default_batch_size(device)
         self.revision = _revision(model)
         spelling = Path(model) / "normalizer.json"
         self.normalise = normaliser(spelling_mapping(spelling) if spelling.is_file() else None)
@@ -265,7 +275,8 @@ class BadAnswer(str):
     """The reason one utterance got no transcript."""
 
 
-def load_asr(model: str, base_url: str | None = None, device: str = "cpu", batch_size: int = 8, dtype: str = "auto"):
+def load_asr(model: str, base_url: str | None = None, device: str = "cpu", batch_size: int | None = None,
+             dtype: str = "auto"):
     """``model``: a transformers ASR folder or hub id; with ``base_url``, the model name at that endpoint
     (``openai`` means the endpoint's default, whisper-1). ``dtype``: a transformers model's (:data:`DTYPES`)."""
     if base_url:

@@ -38,7 +38,7 @@ class Judge:
 
     @classmethod
     def load(cls, dnsmos: bool = False, asr: str | None = None, base_url: str | None = None, device: str = "cpu",
-             batch_size: int = 8, speaker: str | None = None, references: str | Path | None = None,
+             batch_size: int | None = None, speaker: str | None = None, references: str | Path | None = None,
              language: bool = False, asr_dtype: str = "auto") -> "Judge":
         """The judges a command's options or a recipe's ``quality`` name, loaded: the DNSMOS models, an ASR model (or
         a model at ``base_url``; ``asr_dtype``: its weights'), a speaker encoder (``references``: a folder of SPEAKER.wav

@@ -28,7 +28,7 @@ SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", "
 
 
 def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None,
-         asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int = 8,
+         asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int | None = None,
          speakers: bool = False, speaker_threshold: float = 0.25) -> Iterator[Item]:
     from ...audio import AudioError
     from ..vad import SileroVAD, utterances
@@ -53,6 +53,7 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
         from ...judges.asr import load_asr
 
         transcriber = load_asr(asr, base_url, device=resolve_device(device), batch_size=batch_size)
+        batch_size = getattr(transcriber, "batch_size", None) or batch_size or 8  # the model's, by its device
         yield Note(f"transcripts by ASR: {json.dumps(transcriber.spec, sort_keys=True)}")
     missed = collections.Counter()
     for path in progress(files, desc="audio files (VAD)", unit="file"):
