@@ -16,7 +16,10 @@ The codes of an utterance are the model's own ``encode`` of that utterance alone
 every layer reads only the past) is fed each utterance padded with zeros to a whole number of frames; then no
 frame of an utterance reads anything after its end (an unpadded utterance's last frame reads the model's own
 right padding, which a batch replaces with the next utterance's padding) and a zero-padded batch gives every
-utterance the codes it gets alone, up to float rounding. The units of a causal codec are therefore encoded in
+utterance the codes it gets alone, up to float rounding; except where EnCodec's reflect padding on the left is
+longer than an utterance (under seven frames, with its default last kernel of 7): alone it reflects zeros
+appended first, so its batch sets what lies past each utterance to zero before each convolution
+(:func:`each_row_alone`; a one-frame utterance's codes differed in 5 of 6 codebooks before). The units of a causal codec are therefore encoded in
 batches on a GPU (the extract stage's, sorted by length), cut back to each utterance's own frames; the frame count
 is the same as unpadded (one per started frame), and only a last frame can differ from an encode of the unpadded
 audio.
@@ -171,7 +174,12 @@ class Codec:
         if self.kind in ("dac", "xcodec", "xcodec2"):
             return getattr(self, f"_{self.kind}_batch")(wavs)
         frames = [-(-w.size // self.hop) for w in wavs]
-        codes = self._encode(_zero_padded(wavs, max(frames) * self.hop))
+        batch = _zero_padded(wavs, max(frames) * self.hop)
+        if self.kind == "encodec":  # its reflect padding reads past an utterance shorter than it (module docstring)
+            with each_row_alone(self.model.encoder, self._torch.tensor(frames) * self.hop):
+                codes = self._encode(batch)
+        else:
+            codes = self._encode(batch)
         return [c[:, :n] for c, n in zip(codes, frames)]
 
     def _dac_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
@@ -344,10 +352,12 @@ class Codec:
 def each_row_alone(module, own):
     """Within it, ``module``'s padded convolutions read past each row of a batch what they read there when the row
     is alone: before each ``Conv1d`` the activations past the row's own length are set to zero (the convolution's
-    zero padding alone), and before each of XCodec2's anti-aliasing resamplers to the row's last value (their
-    padding repeats the edge). ``own``: each row's length (samples or frames) at the module's input. Yields a
-    function of a batch length (the module's output's) giving each row's own length there. The lengths are kept
-    by batch length, one per level of time resolution (two levels of one length must hold the same own lengths)."""
+    zero padding alone; also before each of EnCodec's causal convolutions, whose reflect padding of a row shorter
+    than it reads zeros appended first alone), and before each of XCodec2's anti-aliasing resamplers to the row's
+    last value (their padding repeats the edge). ``own``: each row's length (samples or frames) at the module's
+    input, on any device. Yields a function of a batch length (the module's output's) giving each row's own length
+    there. The lengths are kept by batch length, one per level of time resolution (two levels of one length must
+    hold the same own lengths)."""
     import torch
 
     lengths: dict[int, torch.Tensor] = {}
@@ -369,6 +379,13 @@ def each_row_alone(module, own):
         note((x.shape[-1] + reach) // stride + 1, (rows + reach) // stride + 1)
         return (x.masked_fill(beyond, 0),)
 
+    def zeros_past_own_length_encodec(conv, args):  # EnCodec's causal convolution (``EncodecConv1d``)
+        x = args[0]
+        beyond, rows = past(x)
+        stride = int(conv.stride)  # whole frames in: its extra right padding is none, and the output ceil(n / stride)
+        note(-(-x.shape[-1] // stride), -(-rows // stride))
+        return (x.masked_fill(beyond, 0),)
+
     def edge_past_own_length(resampler, args):
         x = args[0]
         beyond, rows = past(x)
@@ -380,15 +397,20 @@ def each_row_alone(module, own):
         last = x.gather(-1, (rows - 1).clamp(min=0)[:, None, None].expand(-1, x.shape[1], 1))
         return (torch.where(beyond, last, x),)
 
-    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv1d)]
+    encodec = [m for m in module.modules() if type(m).__name__ == "EncodecConv1d"]
+    if any(not m.causal for m in encodec):
+        raise ValueError(f"{type(module).__name__}: a non-causal EnCodec convolution: no exact batch")
+    inside = {id(m.conv) for m in encodec}  # padded by their EnCodec wrapper, not by themselves
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv1d) and id(m) not in inside]
     for conv in convs:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"{type(module).__name__}: a convolution pads with {conv.padding_mode!r} "
                              f"({conv.padding}): no exact batch")
     hooks = [conv.register_forward_pre_hook(zeros_past_own_length) for conv in convs]
+    hooks += [conv.register_forward_pre_hook(zeros_past_own_length_encodec) for conv in encodec]
     hooks += [m.register_forward_pre_hook(edge_past_own_length) for m in module.modules()
               if type(m).__name__ in ("Xcodec2UpSample1d", "Xcodec2DownSample1d")]
-    first = module.register_forward_pre_hook(lambda _, args: note(args[0].shape[-1], own))
+    first = module.register_forward_pre_hook(lambda _, args: note(args[0].shape[-1], own.to(args[0].device)))
     try:
         yield lambda batch: lengths[batch]
     finally:
