@@ -484,6 +484,37 @@ def test_extract_summary_gives_the_model_flop_rate_and_mfu_where_the_peak_is_kno
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_units_path_assigns_where_the_frames_are_made(librispeech_root, tmp_path, monkeypatch, dtype):
+    """extract --kmeans with the k-means on the model's GPU (``to("torch")`` takes that path on the CPU): each
+    batch's frames are assigned where they are made and only their labels come back (``labels_batch``): the
+    same labels as assigning the frames ``features_batch`` returns (chunked utterances too, bf16 too), and the
+    same units files as the fused path that assigns on the host with FAISS; no frame goes through ``assign``."""
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.units.extract import extract
+    from speechinstruct.sources.shard import shard_corpus
+    from speechinstruct import units as U
+
+    cfg = model_cfg()
+    save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
+    hubert = features.load_hubert(tmp_path / "hubert.pt", layer=2, dtype=dtype)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "f", hubert)
+    cluster(tmp_path / "f", tmp_path / "km", sections.KMeans(k=16))
+    on_host, on_device = U.load_kmeans(tmp_path / "km"), U.load_kmeans(tmp_path / "km").to("torch")
+    monkeypatch.setattr(features, "CHUNK_SAMPLES", 8000)  # utterances of 0.5 s chunks
+    wavs = [speechlike(s, seed=i) for i, s in enumerate((1.3, 0.4, 2.2))]
+    want = [on_host.assign(f) for f in hubert.features_batch(wavs)]
+    got = hubert.labels_batch(wavs, on_device)
+    assert [g.dtype for g in got] == [np.int64] * 3 and all(np.array_equal(g, w) for g, w in zip(got, want))
+    monkeypatch.undo()
+    extract(tmp_path / "m", tmp_path / "units-host", hubert, kmeans=on_host)
+    monkeypatch.setattr(U.KMeans, "assign", lambda *a: pytest.fail("frames came back to be assigned"))
+    extract(tmp_path / "m", tmp_path / "units-device", hubert, kmeans=on_device)
+    for name in sorted(p.name for p in (tmp_path / "units-host").glob("units-*.parquet")):
+        assert (tmp_path / "units-host" / name).read_bytes() == (tmp_path / "units-device" / name).read_bytes()
+
+
 def test_after_running_out_of_memory_later_batches_are_no_larger_than_what_fitted():
     """A device that fits at most 2 s of padded audio, 24 utterances of 1 s in batches of 8 s: the first batch is
     halved (8 → 4 → 2: three splits) and every later batch is at most the 2 s that ran, so the stage counts three

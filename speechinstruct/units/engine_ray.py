@@ -88,6 +88,8 @@ class ModelActor:
         # restarted actor fetches it again; the driver keeps it alive for the whole job)
         extractor, kmeans = ray.get(shared[0])
         self.extractor = extractor.to(device) if hasattr(extractor, "to") else extractor
+        if kmeans is not None and device != "cpu":  # assigned where the frames are made, as the local engine does
+            kmeans = kmeans.to(device)
         self.kmeans, self.device = kmeans, device
         self.batch_seconds = batch_seconds
         ctx = ray.get_runtime_context()
@@ -102,11 +104,12 @@ class ModelActor:
     def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list, dict]:
         """(this node, (id, frames | labels | reason) per utterance, {batches halved for memory, the model's
         FLOPs}). After running out of memory, this actor's later batches are no larger than what fitted."""
-        from .extract import compute
+        from .extract import assigns_on_device, compute
 
         results, counts = [], collections.Counter()
-        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds, counts):
-            if not isinstance(value, str) and self.kmeans is not None:
+        on_device = self.kmeans if assigns_on_device(self.extractor, self.kmeans) else None
+        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds, counts, on_device):
+            if not isinstance(value, str) and self.kmeans is not None and on_device is None:
                 value = self.kmeans.assign(value)
             results.append((uid, value))
         self.batch_seconds = min(self.batch_seconds, counts.get("fitted_seconds") or self.batch_seconds)

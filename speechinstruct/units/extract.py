@@ -46,8 +46,10 @@ def makes_units(extractor, kmeans) -> bool:
 
 
 def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
-            counts: collections.Counter | None = None) -> Iterator[tuple[dict, np.ndarray | str]]:
-    """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio. A batch that
+            counts: collections.Counter | None = None, kmeans=None) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, features) per decoded row, in input order; batches of about ``batch_seconds`` of audio; with
+    ``kmeans`` (on the model's GPU: :func:`assigns_on_device`) each row's unit labels instead, assigned where the
+    frames are made (``labels_batch``), so that the frames never travel to the host. A batch that
     runs out of memory is halved (``counts["batches_halved"]``), and the batches after it are no larger than the
     largest part of it that fitted, so that running out of memory costs one failed try, not one per batch
     (``counts["fitted_seconds"]``: that size, for a caller that runs compute again, as the Ray engine's actors)."""
@@ -64,7 +66,7 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
                 batch.append(i)
                 continue
             if batch:
-                done, fitted = _run_batch(extractor, [group[j][1] for j in batch], batch, counts)
+                done, fitted = _run_batch(extractor, [group[j][1] for j in batch], batch, counts, kmeans)
                 results.update(done)
                 if fitted is not None and fitted < budget:
                     budget = fitted
@@ -89,7 +91,7 @@ def compute(extractor: Extractor, decoded: Iterable, batch_seconds: float,
 
 
 def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
-               counts: collections.Counter | None = None) -> tuple[dict[int, np.ndarray | str], int | None]:
+               counts: collections.Counter | None = None, kmeans=None) -> tuple[dict[int, np.ndarray | str], int | None]:
     """Features of one batch; halved while it runs out of memory; an utterance that fails (or does not fit even
     alone) is isolated and gets its reason, the others their features. Second: when the batch was halved, the
     padded size (samples x utterances) of the largest part that ran, else None."""
@@ -97,8 +99,10 @@ def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
     halved: collections.Counter[str] = collections.Counter()
     ran: list[int] = []
 
+    run = extractor.features_batch if kmeans is None else (lambda items: extractor.labels_batch(items, kmeans))
+
     def batch(items):
-        return halving(extractor.features_batch, items, halved, lambda w: f"an utterance of {w.size / rate:.1f} s",
+        return halving(run, items, halved, lambda w: f"an utterance of {w.size / rate:.1f} s",
                        ran, size=lambda part: len(part) * max(w.size for w in part))
 
     out: dict[int, np.ndarray | str] = {}
@@ -113,6 +117,12 @@ def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
     if counts is not None:
         counts.update(halved)
     return out, (max(ran) if halved and ran else None)
+
+
+def assigns_on_device(extractor, kmeans) -> bool:
+    """Whether the fused units path assigns ``kmeans``'s labels where ``extractor`` makes its frames: a k-means
+    moved off the CPU (``KMeans.to``) and a model that can (an SSL encoder's ``labels_batch``)."""
+    return kmeans is not None and kmeans.device != "cpu" and hasattr(extractor, "labels_batch")
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -136,9 +146,11 @@ def extract(
     peak = devices.peak_tflops(device)  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     counts: collections.Counter[str] = collections.Counter()
 
+    on_device = kmeans if assigns_on_device(extractor, kmeans) else None
+
     def results_for(shard: Path, rows: list[dict], root: Path):
         decoded = decode_rows(rows, root, workers, audio.sample_rate_of(extractor))
-        return compute(extractor, decoded, batch_seconds, counts)
+        return compute(extractor, decoded, batch_seconds, counts, on_device)
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
                        num_shards=num_shards, shard_index=shard_index)

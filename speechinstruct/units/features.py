@@ -183,22 +183,31 @@ class HuBERT:
 
     @torch.inference_mode()
     def features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        if not self.batched:
-            return [f for wav in wavs for f in self._in_precision([wav])]
-        return self._in_precision(wavs)
+        return self.labels_batch(wavs, None)
 
-    def _in_precision(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+    @torch.inference_mode()
+    def labels_batch(self, wavs: list[np.ndarray], kmeans) -> list[np.ndarray]:
+        """Each utterance's frames assigned to ``kmeans``'s nearest centroids where they are made (``kmeans``
+        moved to this model's GPU with ``to``): only the labels come back to the host, one copy per batch, the
+        same labels as ``kmeans.assign`` of :meth:`features_batch` (extract's fused units path). ``kmeans`` None:
+        the frames themselves."""
+        if not self.batched:
+            return [f for wav in wavs for f in self._in_precision([wav], kmeans)]
+        return self._in_precision(wavs, kmeans)
+
+    def _in_precision(self, wavs: list[np.ndarray], kmeans=None) -> list[np.ndarray]:
         if self.dtype == "float32":
-            return self._features_batch(wavs)
+            return self._features_batch(wavs, kmeans)
         # bfloat16 autocast: torch runs the matrix products and convolutions in bf16 (fast on AVX512-BF16/AMX
         # CPUs and on GPUs) and keeps the precision-sensitive ops in float32; frames come back as float32.
         with torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16):
-            return self._features_batch(wavs)
+            return self._features_batch(wavs, kmeans)
 
-    def _features_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+    def _features_batch(self, wavs: list[np.ndarray], kmeans=None) -> list[np.ndarray]:
         """Chunks of at most 100 s (each utterance normalised whole first) through the front end (on a GPU as one
         padded batch, sent at once from page-locked memory; on the CPU one chunk at a time), then the projection
-        and the encoder as one padded batch; the frames come back to the host in one copy."""
+        and the encoder as one padded batch; the frames (or with ``kmeans`` their labels) come back to the host in
+        one copy."""
         pieces: list[tuple[int, torch.Tensor]] = []  # (utterance index, samples of one chunk)
         for i, wav in enumerate(wavs):
             wav = torch.from_numpy(_check_wav(wav, SAMPLE_RATE, min_samples=self._receptive))
@@ -227,10 +236,15 @@ class HuBERT:
         hidden = self.model.feature_projection(frames)
         if isinstance(hidden, tuple):
             hidden = hidden[0]
-        hidden = self.model.encoder(hidden, attention_mask=mask).last_hidden_state.float().cpu()
+        hidden = self.model.encoder(hidden, attention_mask=mask).last_hidden_state.float()
+        if kmeans is not None:  # every piece's own frames in order, assigned here; their labels split on the host
+            labels = kmeans.labels(hidden[mask]).cpu().numpy().astype(np.int64)
+            values = np.split(labels, np.cumsum(counts.tolist())[:-1])
+        else:
+            values = [h[:n].numpy() for n, h in zip(counts.tolist(), hidden.cpu())]
         out: list[list[np.ndarray]] = [[] for _ in wavs]
-        for (i, _), n, h in zip(pieces, counts.tolist(), hidden):
-            out[i].append(h[:n].numpy())
+        for (i, _), value in zip(pieces, values):
+            out[i].append(value)
         return [np.concatenate(parts) for parts in out]
 
 

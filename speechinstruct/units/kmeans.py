@@ -60,10 +60,17 @@ class KMeans:
         if self._torch is not None:
             import torch
 
-            x = torch.from_numpy(feats).to(self._torch.device)
-            return nearest_centroids(x, (x * x).sum(1), self._torch).cpu().numpy().astype(np.int64)
+            return self.labels(torch.from_numpy(feats).to(self._torch.device)).cpu().numpy().astype(np.int64)
         _, labels = self._index.search(feats, 1)
         return labels[:, 0].astype(np.int64)
+
+    def labels(self, x):
+        """The nearest centroid of each row of ``x``, a float32 torch tensor on the device :meth:`to` chose (a GPU):
+        :meth:`assign` without the copies, for frames still on the device (extract's fused units path)."""
+        import torch
+
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 distances, whatever runs around it
+            return nearest_centroids(x, (x * x).sum(1), self._torch)
 
     def inertia(self, feats: np.ndarray) -> float:
         distances, _ = self._index.search(np.ascontiguousarray(feats, dtype=np.float32), 1)
