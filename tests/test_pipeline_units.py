@@ -106,6 +106,10 @@ def test_kmeans_dimension_mismatch_fails_fast(manifest, tmp_path):
     np.save(tmp_path / "km.npy", np.zeros((4, 12), np.float32))
     result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km.npy"), str(tmp_path / "u"), "-q"])
     assert result.exit_code == 2 and "km.npy: k-means is 12-dim" in result.stderr
+    # fused extract --kmeans: before any audio is decoded, not utterance by utterance
+    fused = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "fu"), "--kmeans", str(tmp_path / "km.npy"), "-q"])
+    assert fused.exit_code == 2 and "km.npy: k-means is 12-dim but mfcc makes 39-dim features" in fused.stderr
+    assert not (tmp_path / "fu").exists() or not list((tmp_path / "fu").iterdir())
 
 
 def test_shard_index_runs_cover_every_utterance_exactly_once(librispeech_root, tmp_path):

@@ -166,6 +166,9 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
     ``write_shard`` writes them. ``extractor`` gives the spec and dimensions."""
     manifest, out = Path(manifest), Path(out)
+    if kmeans is not None and getattr(extractor, "dim", None) and kmeans.dim != extractor.dim:  # before any audio
+        raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {extractor.spec['features']} makes "
+                         f"{extractor.dim}-dim features (features and k-means come from different extractors or layers)")
     shards = select_shards(manifest_files(manifest), num_shards, shard_index)
     root = Path(root) if root else corpus_root(manifest)
     out.mkdir(parents=True, exist_ok=True)
