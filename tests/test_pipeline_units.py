@@ -41,6 +41,10 @@ def test_extract_cluster_quantize(manifest, tmp_path, librispeech_root):
 
     meta = cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
     assert meta["k"] == 8 and meta["dim"] == 39 and meta["sample_frames"] > 400
+    # where the seconds went (reading the sample, fitting), in the summary and in kmeans.json
+    assert 0 < meta["seconds_reading"] and 0 < meta["seconds_fitting"]
+    assert meta["seconds_reading"] + meta["seconds_fitting"] <= meta["seconds"] + 0.002
+    assert json.loads((tmp_path / "km" / "kmeans.json").read_text())["seconds_fitting"] == meta["seconds_fitting"]
 
     qstats = cli("quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units", "-q")
     assert qstats["utterances"] == 4

@@ -122,8 +122,10 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
     spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)
+    read = time.perf_counter()
     engine = engine_for(gpu)
     centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, engine=engine)
+    fitted = time.perf_counter()
     inertia = KMeans(centroids).inertia(sample)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "centroids.npy") as tmp:
@@ -133,6 +135,8 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
         "k": k, "dim": int(centroids.shape[1]), "features": {k_: v for k_, v in spec.items() if k_ not in ("manifest", "root")},
         "inertia": inertia, "sample_frames": int(sample.shape[0]), "seed": seed, "niter": niter, "nredo": nredo,
         "sha256": hashlib.sha256(centroids.tobytes()).hexdigest(), "seconds": round(time.perf_counter() - started, 3),
+        # where they went: reading the sample from the feature files, and the k-means itself
+        "seconds_reading": round(read - started, 3), "seconds_fitting": round(fitted - read, 3),
         **({"engine": "torch"} if engine == "torch" else {}),
     }
     write_json(out / "kmeans.json", meta)
