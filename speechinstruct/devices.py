@@ -50,7 +50,7 @@ def given_peak() -> tuple[float, str] | None:
 
 
 def card(device: str) -> str | None:
-    """torch's name for the GPU ``device`` is (``NVIDIA H200``, say); None for the CPU."""
+    """torch's name for the GPU ``device`` (``NVIDIA H200``, say); None for the CPU."""
     import torch
 
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():

@@ -72,9 +72,8 @@ def batches(run: Callable[[list], list], items: Sequence, size: int, counts: col
     while start < len(items):
         batch = list(items[start: start + size])
         ran: list[int] = []
-        halved = counts["batches_halved"]
         out += halving(run, batch, counts, describe, ran)
-        if counts["batches_halved"] > halved and ran:
+        if len(ran) > 1:  # it was halved: its parts ran
             size = min(size, max(ran))
         start += len(batch)
     return out, size

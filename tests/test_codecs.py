@@ -193,7 +193,7 @@ def test_a_codec_encodes_a_batch_in_one_call_with_each_utterances_own_codes(kind
     seen = []  # on a GPU, extract's units_batch is one batch (the batch stubbed: no GPU here)
     codec.device = "cuda"
     codec._encode = lambda batch: seen.append(len(batch)) or np.stack([np.pad(b, ((0, 0), (0, max(x.shape[1] for x in batched) - b.shape[1]))) for b in batched])
-    codec._dac_batch = lambda wavs: seen.append(len(wavs)) or batched
+    codec._padding_batch = lambda wavs: seen.append(len(wavs)) or batched
     assert [u.size for u in codec.units_batch(wavs)] == [b.size for b in batched] and seen == [12]
 
 

@@ -171,24 +171,23 @@ class Codec:
             batched = str(self.device) != "cpu"
         if not self.batches or not batched or not wavs:
             return [self._encode(self._padded(w)[None])[0] for w in wavs]
-        if self.kind in ("dac", "xcodec", "xcodec2"):
+        if self.kind in ("xcodec", "xcodec2"):
             return getattr(self, f"_{self.kind}_batch")(wavs)
-        frames = [-(-w.size // self.hop) for w in wavs]
-        batch = _zero_padded(wavs, max(frames) * self.hop)
-        if self.kind == "encodec":  # its reflect padding reads past an utterance shorter than it (module docstring)
-            with each_row_alone(self.model.encoder, self._torch.tensor(frames) * self.hop):
-                codes = self._encode(batch)
-        else:
-            codes = self._encode(batch)
+        if self.kind != "mimi":  # DAC and EnCodec pad inside their convolutions
+            return self._padding_batch(wavs)
+        frames = [-(-w.size // self.hop) for w in wavs]  # Mimi pads with zeros before reading only the past
+        codes = self._encode(_zero_padded(wavs, max(frames) * self.hop))
         return [c[:, :n] for c, n in zip(codes, frames)]
 
-    def _dac_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        """DAC's codes of a zero-padded batch, each utterance's its own: DAC's convolutions pad with zeros on both
-        sides, so before each one the activations past an utterance's own length (the length it has there when
-        encoded alone) are set to zero, which is what that convolution reads there alone (:func:`each_row_alone`)."""
-        torch = self._torch
-        batch = _zero_padded(wavs, max(w.size for w in wavs))
-        with each_row_alone(self.model.encoder, torch.tensor([w.size for w in wavs], device=self.device)) as own:
+    def _padding_batch(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """DAC's and EnCodec's codes of a zero-padded batch, each utterance's its own: before each of their
+        convolutions the activations past an utterance's own length (the length it has there when encoded alone;
+        EnCodec's utterances padded to whole frames) are set to zero (:func:`each_row_alone`), which is what that
+        convolution reads there alone: DAC pads with zeros on both sides, and EnCodec's reflect padding of an
+        utterance shorter than it reflects zeros appended first."""
+        lengths = [-(-w.size // self.hop) * self.hop if self.causal else w.size for w in wavs]
+        batch = _zero_padded(wavs, max(lengths))
+        with each_row_alone(self.model.encoder, self._torch.tensor(lengths)) as own:
             codes = self._encode(batch)
         return [c[:, :n] for c, n in zip(codes, own(codes.shape[-1]).tolist())]
 

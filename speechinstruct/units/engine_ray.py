@@ -83,6 +83,8 @@ class ModelActor:
         import ray
         import torch
 
+        from .extract import assigns_on_device
+
         torch.set_num_threads(max(1, threads))
         # ``shared`` holds one object-store reference to (extractor, k-means), fetched here (nested, so that a
         # restarted actor fetches it again; the driver keeps it alive for the whole job)
@@ -91,6 +93,7 @@ class ModelActor:
         if kmeans is not None and device != "cpu":  # assigned where the frames are made, as the local engine does
             kmeans = kmeans.to(device)
         self.kmeans, self.device = kmeans, device
+        self.on_device = kmeans if assigns_on_device(self.extractor, kmeans) else None
         self.batch_seconds = batch_seconds
         ctx = ray.get_runtime_context()
         self.node = f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
@@ -104,12 +107,11 @@ class ModelActor:
     def run(self, decoded: list[tuple[str, np.ndarray | str]]) -> tuple[str, list, dict]:
         """(this node, (id, frames | labels | reason) per utterance, {batches halved for memory, the model's
         FLOPs}). After running out of memory, this actor's later batches are no larger than what fitted."""
-        from .extract import assigns_on_device, compute
+        from .extract import compute
 
         results, counts = [], collections.Counter()
-        on_device = self.kmeans if assigns_on_device(self.extractor, self.kmeans) else None
-        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds, counts, on_device):
-            if not isinstance(value, str) and self.kmeans is not None and on_device is None:
+        for uid, value in compute(self.extractor, iter(decoded), self.batch_seconds, counts, self.on_device):
+            if not isinstance(value, str) and self.kmeans is not None and self.on_device is None:
                 value = self.kmeans.assign(value)
             results.append((uid, value))
         self.batch_seconds = min(self.batch_seconds, counts.get("fitted_seconds") or self.batch_seconds)
