@@ -294,27 +294,24 @@ def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array
     return pa.ListArray.from_arrays(pa.array(offsets), frames)
 
 
-def read_frames(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Ids, frame offsets (len(ids) + 1) and all frames (total, dim) of one feature file, memory-mapped."""
+def frame_blocks(path: str | Path) -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray]]:
+    """One feature file record batch by record batch, from a memory map: the batch, its utterances' frame offsets
+    into the frames, and its frames (total, dim) as stored (float32 or float16), nothing read before it is used."""
     with naming(path):
-        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    col = table.column("features").combine_chunks()
-    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.value_type.list_size)
-    return table.column("id").to_pylist(), col.offsets.to_numpy(), flat
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    for b in range(reader.num_record_batches):
+        batch = reader.get_batch(b)
+        col = batch.column(batch.schema.get_field_index("features"))
+        offsets = col.offsets.to_numpy()
+        flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.value_type.list_size)
+        yield batch, offsets - offsets[0], flat[offsets[0] : offsets[-1]]
 
 
 def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     """(id, (frames, dim) float32) per utterance of one feature file, record batch by record batch from a
     memory map: memory holds one utterance's float32 copy at most (none for float32 files), whatever the
     shard's size."""
-    with naming(path):
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-    for b in range(reader.num_record_batches):
-        batch = reader.get_batch(b)
-        col = batch.column(batch.schema.get_field_index("features"))
-        dim = col.type.value_type.list_size
-        flat = col.values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)  # the batch's frames, mapped
-        offsets = col.offsets.to_numpy()
+    for batch, offsets, flat in frame_blocks(path):
         for i, uid in enumerate(batch.column(batch.schema.get_field_index("id")).to_pylist()):
             yield uid, flat[offsets[i] : offsets[i + 1]].astype(np.float32, copy=False)
 

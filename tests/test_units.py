@@ -124,3 +124,45 @@ def test_assignment_on_a_torch_device_equals_faiss():
     faiss_labels = units.KMeans(centroids).assign(x)
     torch_labels = units.KMeans(centroids).to("torch").assign(x)
     np.testing.assert_array_equal(torch_labels, faiss_labels)
+
+
+def _feature_folder(folder, files=3, batches=4, per_batch=(30, 50), dim=16, float16=False, seed=0):
+    """Feature files as extract writes them: several record batches each (extract flushes every 256 utterances);
+    returns every frame in file order, as float32."""
+    import pyarrow as pa
+
+    from speechinstruct.shardfiles import feature_schema, features_array
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, schema, every = np.random.default_rng(seed), feature_schema(dim, float16), []
+    for f in range(files):
+        with pa.OSFile(str(folder / f"features-{f:05d}.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            for b in range(batches):
+                feats = [rng.normal(size=(int(n), dim)).astype(np.float16 if float16 else np.float32)
+                         for n in rng.integers(*per_batch, size=20)]
+                every += [x.astype(np.float32) for x in feats]
+                w.write_batch(pa.record_batch([pa.array([f"{f}-{b}-{i}" for i in range(len(feats))]),
+                                               features_array(feats, dim, float16)], schema=schema))
+    return np.concatenate(every)
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_cluster_reads_only_the_frames_it_samples(tmp_path, float16):
+    """cluster's sample is drawn uniformly from every frame of every file, but only the sampled frames are read:
+    the feature files stay memory-mapped (at SpeechGPT's scale they hold hundreds of GB; reading them whole to
+    sample 1M frames held all of them in memory: 3.2 GB of peak RSS for a 61 MB sample of 2.4 GB of features).
+    The sample is the one drawn before: the seeded choice of frame numbers over the files in order."""
+    import subprocess
+    import sys
+
+    every = _feature_folder(tmp_path / "feat", float16=float16)
+    got = cluster.sample_frames(tmp_path / "feat", 200, seed=3)
+    chosen = np.sort(np.random.default_rng(3).choice(len(every), size=200, replace=False))
+    np.testing.assert_array_equal(got, every[chosen])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(cluster.sample_frames(tmp_path / "feat", 10**9), every)  # all of them, in order
+    # the bytes Arrow allocates while sampling (its pool's peak, in a fresh process): none of the files' frames
+    code = (f"import pyarrow as pa; from speechinstruct.units.cluster import sample_frames; "
+            f"sample_frames({str(tmp_path / 'feat')!r}, 200); print(pa.default_memory_pool().max_memory())")
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert peak < every.nbytes // (2 if float16 else 1) // 20, (peak, every.nbytes)

