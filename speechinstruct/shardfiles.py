@@ -307,6 +307,12 @@ def frame_blocks(path: str | Path) -> Iterator[tuple[pa.RecordBatch, np.ndarray,
         yield batch, offsets - offsets[0], flat[offsets[0] : offsets[-1]]
 
 
+def feature_dim(path: str | Path) -> int:
+    """The frame dimension of one feature file, from its schema (no frame is read)."""
+    with naming(path):
+        return pa.ipc.open_file(pa.memory_map(str(path))).schema.field("features").type.value_type.list_size
+
+
 def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     """(id, (frames, dim) float32) per utterance of one feature file, record batch by record batch from a
     memory map: memory holds one utterance's float32 copy at most (none for float32 files), whatever the

@@ -206,3 +206,23 @@ def test_decoding_threads_default_to_every_cpu_when_the_model_is_on_a_gpu(manife
         judge.dnsmos.device = device  # the onnxruntime engine scores on the CPU whatever this says
         score_stage.score(manifest, tmp_path / f"scores-{device}-{workers}", judge, workers=workers)
         assert seen and set(seen) == {want}, (device, seen)
+
+
+def test_quantize_names_a_feature_file_of_other_dimensions(manifest, tmp_path):
+    """A feature file of another extractor among the folder's (16-dim frames where the k-means is 39-dim) is one
+    line naming it; the shards before it are written, and none for it."""
+    import pyarrow as pa
+
+    from speechinstruct.shardfiles import feature_schema, features_array
+
+    cli("extract", manifest, tmp_path / "feats", "-q")
+    cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
+    ids, _ = read_features(tmp_path / "feats" / "features-00001.arrow")
+    schema = feature_schema(16, False)
+    with pa.OSFile(str(tmp_path / "feats" / "features-00001.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_batch(pa.record_batch([pa.array(ids), features_array([np.ones((50, 16), np.float32)] * len(ids), 16, False)],
+                                      schema=schema))
+    result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "features-00001.arrow: 16-dim frames, but the k-means" in result.output, result.output
+    assert (tmp_path / "units" / "units-00000.parquet").exists() and not (tmp_path / "units" / "units-00001.parquet").exists()

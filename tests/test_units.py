@@ -166,3 +166,13 @@ def test_cluster_reads_only_the_frames_it_samples(tmp_path, float16):
             f"sample_frames({str(tmp_path / 'feat')!r}, 200); print(pa.default_memory_pool().max_memory())")
     peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
     assert peak < every.nbytes // (2 if float16 else 1) // 20, (peak, every.nbytes)
+
+
+def test_cluster_names_a_feature_file_of_other_dimensions(tmp_path):
+    """A folder holding feature files of two extractors (a 32-dim file among 16-dim ones) is one line naming that
+    file, not numpy's concatenation error."""
+    _feature_folder(tmp_path / "feat", files=2, dim=16)
+    _feature_folder(tmp_path / "other", files=1, dim=32)
+    (tmp_path / "other" / "features-00000.arrow").rename(tmp_path / "feat" / "features-00002.arrow")
+    with pytest.raises(ValueError, match=r"features-00002.arrow: 32-dim frames, but .*features-00000.arrow"):
+        cluster.sample_frames(tmp_path / "feat", 10**6)

@@ -15,7 +15,7 @@ import numpy as np
 from .. import records
 from ..io import parquet_rows, read_table, write_json
 from ..progress import progress
-from ..shardfiles import (check_spec, feature_files, iter_features, select_shards, shard_output, shard_suffix,
+from ..shardfiles import (check_spec, feature_dim, feature_files, iter_features, select_shards, shard_output, shard_suffix,
                           unit_files, units_spec)
 from ..speechgpt import to_text
 from .kmeans import KMeans, SpeechEncoder
@@ -61,6 +61,9 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
         if target.exists():
             skipped += 1
             continue
+        if feature_dim(path) != kmeans.dim:  # a file of another extractor: named, before its shard is begun
+            raise ValueError(f"{path}: {feature_dim(path)}-dim frames, but the k-means {kmeans.source} is {kmeans.dim}-dim "
+                             "(features and k-means come from different extractors or layers)")
         manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in read_table(manifest_shard).to_pylist()}
         # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
