@@ -25,10 +25,11 @@ def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.nd
     counted first, then only the drawn frames are read from their memory maps (memory holds the sample, not
     the features: 2.4 GB of HuBERT frames, a sample of 20,000: peak RSS 3.2 GB when every file was read whole)."""
     paths = feature_files(features)
-    for path in paths[1:]:
-        if feature_dim(path) != feature_dim(paths[0]):
-            raise ValueError(f"{path}: {feature_dim(path)}-dim frames, but {paths[0]}: {feature_dim(paths[0])}-dim "
-                             "(feature files of different extractors or layers in one folder)")
+    dims = [feature_dim(path) for path in paths]
+    for path, dim in zip(paths, dims):
+        if dim != dims[0]:
+            raise ValueError(f"{path}: {dim}-dim frames, but {paths[0]}: {dims[0]}-dim (feature files of different "
+                             "extractors or layers in one folder)")
     sizes = [sum(len(flat) for _, _, flat in frame_blocks(path)) for path in paths]
     total = sum(sizes)
     if total == 0:
