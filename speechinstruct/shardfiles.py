@@ -294,11 +294,22 @@ def features_array(feats: list[np.ndarray], dim: int, float16: bool) -> pa.Array
     return pa.ListArray.from_arrays(pa.array(offsets), frames)
 
 
+def _feature_reader(path: str | Path) -> pa.ipc.RecordBatchFileReader:
+    """A feature file opened from a memory map, its schema checked: ``features``, a list of fixed-size frames."""
+    with naming(path):
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    index = reader.schema.get_field_index("features")
+    kind = reader.schema.field(index).type if index >= 0 else None
+    if kind is None or not (pa.types.is_list(kind) and pa.types.is_fixed_size_list(kind.value_type)):
+        raise ValueError(f"{path}: not a feature file (no 'features' column of frames: {reader.schema.names}); "
+                         "rerun the stage that wrote it")
+    return reader
+
+
 def frame_blocks(path: str | Path) -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray]]:
     """One feature file record batch by record batch, from a memory map: the batch, its utterances' frame offsets
     into the frames, and its frames (total, dim) as stored (float32 or float16), nothing read before it is used."""
-    with naming(path):
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    reader = _feature_reader(path)
     for b in range(reader.num_record_batches):
         batch = reader.get_batch(b)
         col = batch.column(batch.schema.get_field_index("features"))
@@ -309,8 +320,7 @@ def frame_blocks(path: str | Path) -> Iterator[tuple[pa.RecordBatch, np.ndarray,
 
 def feature_dim(path: str | Path) -> int:
     """The frame dimension of one feature file, from its schema (no frame is read)."""
-    with naming(path):
-        return pa.ipc.open_file(pa.memory_map(str(path))).schema.field("features").type.value_type.list_size
+    return _feature_reader(path).schema.field("features").type.value_type.list_size
 
 
 def iter_features(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:

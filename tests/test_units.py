@@ -176,3 +176,22 @@ def test_cluster_names_a_feature_file_of_other_dimensions(tmp_path):
     (tmp_path / "other" / "features-00000.arrow").rename(tmp_path / "feat" / "features-00002.arrow")
     with pytest.raises(ValueError, match=r"features-00002.arrow: 32-dim frames, but .*features-00000.arrow"):
         cluster.sample_frames(tmp_path / "feat", 10**6)
+
+
+def test_an_arrow_file_that_is_not_a_feature_file_is_named(tmp_path):
+    """An Arrow file without extract's ``features`` column of frames, under a feature file's name, is one line
+    naming it in cluster and quantize's reader (it was Arrow's "Column features does not exist in schema")."""
+    import pyarrow as pa
+
+    from speechinstruct.shardfiles import iter_features
+
+    _feature_folder(tmp_path / "feat", files=1, dim=16)
+    for name, table in (("features-00001.arrow", pa.table({"id": ["a"], "x": [[1.0, 2.0]]})),
+                        ("features-00002.arrow", pa.table({"id": ["a"], "features": [[1.0, 2.0]]}))):
+        with pa.OSFile(str(tmp_path / "feat" / name), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        with pytest.raises(ValueError, match=rf"{name}: not a feature file \(no 'features' column of frames"):
+            cluster.sample_frames(tmp_path / "feat", 100)
+        with pytest.raises(ValueError, match=rf"{name}: not a feature file"):
+            list(iter_features(tmp_path / "feat" / name))
+        (tmp_path / "feat" / name).unlink()
