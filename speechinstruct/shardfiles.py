@@ -25,19 +25,34 @@ from .kinds import RECORD_KINDS
 
 
 # ------------------------------------------------------------------------------------------ listing files
-def _listed(folder: str | Path, pattern: str, made_by: str) -> list[Path]:
-    """The files of one stage in a folder, in shard order (``folder`` may also be one such file)."""
+def _listed(folder: str | Path, pattern: str, made_by: str, kind: str | None = None) -> list[Path]:
+    """The files of one stage in a folder, in shard order (``folder`` may also be one such file); with ``kind``,
+    each checked to hold that record kind's columns (:func:`check_kind`)."""
     folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    files = sorted(folder.glob(pattern))
+    files = [folder] if folder.is_file() else sorted(folder.glob(pattern))
     if not files:
         raise FileNotFoundError(f"{folder}: no {pattern} files (run `speechinstruct {made_by}` first)")
-    return files
+    return [check_kind(f, kind, made_by) for f in files] if kind else files
+
+
+def check_kind(path: Path, kind: str, made_by: str) -> Path:
+    """``path`` when its schema holds every column a ``kind`` record requires (``schemas/KIND.json``), else one line
+    naming the file and what it lacks (a foreign file, or one a hand edit cut short of columns). Reads its footer."""
+    import pyarrow.parquet as pq
+
+    from . import records
+
+    with naming(path):
+        names = set(pq.read_schema(path).names)
+    missing = [c for c in records.json_schema(kind)["required"] if c not in names]
+    if missing:
+        raise ValueError(f"{path}: not a {kind} file (no {', '.join(missing)} column{'s' * (len(missing) > 1)}); "
+                         f"`speechinstruct {made_by}` writes them")
+    return path
 
 
 def manifest_files(folder: str | Path) -> list[Path]:
-    return _listed(folder, "manifest-*.parquet", "shard")
+    return _listed(folder, "manifest-*.parquet", "shard", "manifest")
 
 
 def feature_files(folder: str | Path) -> list[Path]:
@@ -45,7 +60,7 @@ def feature_files(folder: str | Path) -> list[Path]:
 
 
 def unit_files(folder: str | Path) -> list[Path]:
-    return _listed(folder, "units-*.parquet", "quantize")
+    return _listed(folder, "units-*.parquet", "quantize", "units")
 
 
 def corpus_root(folder: str | Path) -> Path:

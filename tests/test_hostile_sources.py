@@ -240,3 +240,29 @@ def test_truncated_stage_files_are_named_in_the_error(librispeech_root, tmp_path
     assert result.exit_code == 2 and "manifest-00000.parquet: unreadable parquet file" in result.stderr
     result = runner.invoke(app, ["validate", str(manifest)])
     assert result.exit_code == 2 and "manifest-00000.parquet: unreadable parquet file" in result.stderr
+
+
+def test_stage_files_of_another_kind_are_named_with_what_they_lack(librispeech_root, tmp_path):
+    """A readable Parquet file under a stage file's name that is not one (another tool's, a hand edit that dropped
+    columns): every stage that reads it says which file lacks which columns of its kind, in one line. It was
+    "error: split" (compose pretrain), "error: units" (dedup), "error: path" (score), or worse, a summary of
+    nothing: compose cross-modal counted the file's row as "no transcript" and wrote 0 records."""
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "f", MFCC())
+    runner.invoke(app, ["cluster", str(tmp_path / "f"), str(tmp_path / "km"), "--k", "4", "-q"])
+    assert runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km"), str(tmp_path / "u"), "-q"]).exit_code == 0
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "u" / "units-00000.parquet")
+    for command in (["compose", "cross-modal", tmp_path / "u", tmp_path / "cm"], ["compose", "pretrain", tmp_path / "u", tmp_path / "pt"],
+                    ["compose", "interleaved", tmp_path / "u", tmp_path / "il"], ["dedup", tmp_path / "u", tmp_path / "dd"],
+                    ["score", tmp_path / "u", tmp_path / "sc", "--dnsmos"]):
+        result = runner.invoke(app, [*map(str, command), "-q"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+        assert "units-00000.parquet: not a units file (no path, offset, duration" in result.stderr, (command, result.stderr)
+    pq.write_table(pa.table({"id": ["a"], "path": ["x.flac"]}), tmp_path / "m" / "manifest-00000.parquet")
+    for command in (["extract", tmp_path / "m", tmp_path / "f2"], ["score", tmp_path / "m", tmp_path / "sc2", "--dnsmos"]):
+        result = runner.invoke(app, [*map(str, command), "-q"])
+        assert result.exit_code == 2 and "manifest-00000.parquet: not a manifest file (no offset, duration" in result.stderr, \
+            (command, result.stderr)

@@ -51,6 +51,7 @@ import numpy as np
 
 from .. import recipe as settings
 from ..io import atomic_path, iter_rows, read_json, write_json, write_parquet, write_text
+from ..shardfiles import check_kind
 
 EVAL_SPLITS = ("validation", "test")
 COLUMNS = ("id", "text", "speaker", "corpus", "split", "units")
@@ -223,7 +224,7 @@ def _unit_files(folder: Path) -> list[Path]:
     files = sorted(Path(folder).glob("units-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{folder}: no units-*.parquet files: dedup reads a quantize or extract --kmeans output")
-    return files
+    return [check_kind(f, "units", "quantize") for f in files]
 
 
 def _signatures(path: Path, signer: Signer, cache: Path) -> dict[str, np.ndarray]:

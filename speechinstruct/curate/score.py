@@ -22,7 +22,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_spec, select_shards, shard_suffix
+from ..shardfiles import check_kind, check_spec, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -33,11 +33,12 @@ def input_files(folder: str | Path) -> tuple[list[Path], str]:
     """The shard files of a manifest or units folder (or one such file), and which kind they are."""
     folder = Path(folder)
     for pattern, kind in (("manifest-*.parquet", "manifest"), ("units-*.parquet", "units")):
+        made_by = "shard" if kind == "manifest" else "quantize"
         if folder.is_file() and folder.match(pattern):
-            return [folder], kind
+            return [check_kind(folder, kind, made_by)], kind
         files = sorted(folder.glob(pattern)) if folder.is_dir() else []
         if files:
-            return files, kind
+            return [check_kind(f, kind, made_by) for f in files], kind
     raise FileNotFoundError(f"{folder}: no manifest-*.parquet or units-*.parquet files: score reads a `shard` "
                             "output or a units folder")
 
