@@ -175,7 +175,7 @@ def load_split(data: str | Path, config: str, split: str):
     whose recorded sizes no longer match the files (a user filtered the Parquet files) loads without the size
     check, with a warning saying which split and how to refresh the card, instead of ``datasets``' error."""
     import datasets
-    from datasets.exceptions import NonMatchingSplitsSizesError
+    from datasets.exceptions import DatasetGenerationError, NonMatchingSplitsSizesError
 
     try:
         try:
@@ -186,10 +186,32 @@ def load_split(data: str | Path, config: str, split: str):
                         "longer match its data files; loading without the size check (run `speechinstruct publish` "
                         "again to refresh the card)")
             return datasets.load_dataset(str(data), config, split=split, verification_mode="no_checks")
+    except DatasetGenerationError as e:  # datasets names the file only in a log line: find it
+        raise ValueError(_faulty_file(data, config, split) or f"{data}: datasets could not load {config} ({split}): "
+                         f"{str(e.__cause__ or e).splitlines()[0]}") from None
     except ValueError as e:
         if split != "train" and "Unknown split" in str(e):
             return None
         raise
+
+
+def _faulty_file(data: str | Path, config: str, split: str) -> str | None:
+    """One line naming the first of a published config's ``split`` files that is unreadable (raised) or holds other
+    columns than the config's records, or None."""
+    import pyarrow.parquet as pq
+
+    from .. import records
+    from ..io import naming
+
+    expected = records.arrow_schema(config).names if config in records.KINDS else None
+    for path in sorted((Path(data) / "data" / config).glob(f"{split}-*.parquet")) if expected else []:
+        with naming(path):
+            names = pq.read_schema(path).names
+        missing, extra = [c for c in expected if c not in names], [c for c in names if c not in expected]
+        if missing or extra:
+            said = "; ".join(f"{word} {', '.join(cs)}" for word, cs in (("no", missing), ("extra", extra)) if cs)
+            return f"{path}: not {config} records ({said}); run `speechinstruct validate {data}`"
+    return None
 
 
 def build_examples(stage: int, data: str | Path, tokenizer, cfg: TrainConfig, split: str = "train") -> list[dict]:
