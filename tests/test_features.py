@@ -540,3 +540,44 @@ def test_after_running_out_of_memory_later_batches_are_no_larger_than_what_fitte
     got = dict(compute(mfcc, iter([(i, w) for i, w in enumerate(wavs)]), batch_seconds=8.0, counts=counts))
     assert counts["batches_halved"] == 3 and sizes[:7] == [8, 4, 2, 2, 4, 2, 2] and set(sizes[7:]) == {2}
     assert sorted(got) == list(range(24)) and all(np.array_equal(got[i], roomy[i]) for i in range(24))
+
+
+@pytest.mark.parametrize("where", ["features", "units on the host", "units on the device"])
+def test_an_utterance_whose_frames_are_not_finite_is_an_error_not_units(librispeech_root, tmp_path, where):
+    """A model that overflows (fp16/bf16 on a GPU) gives NaN frames: extract makes that utterance an error with its
+    reason (errors-NNNNN.jsonl, counted), never a features row nor units. On the device the torch assignment gave
+    such frames unit 0; FAISS's -1 reached the units file as a unit <-1>."""
+    import json as json_
+
+    import pyarrow.parquet as pq
+
+    from speechinstruct.units.extract import extract
+    from speechinstruct.sources.shard import shard_corpus
+    from speechinstruct.shardfiles import read_features
+    from speechinstruct import units as U
+
+    cfg = model_cfg()
+    save_checkpoint(tmp_path / "hubert.pt", cfg, random_state(cfg))
+    hubert = features.load_hubert(tmp_path / "hubert.pt", layer=2)
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    kmeans = None if where == "features" else U.KMeans(np.random.default_rng(0).normal(size=(8, hubert.dim)).astype(np.float32))
+    if where == "units on the device":
+        kmeans.to("torch")
+    original = hubert.model.encoder.forward
+
+    def overflowing(hidden, *args, **kwargs):  # the second utterance of each batch (by length) overflows
+        out = original(hidden, *args, **kwargs)
+        if out.last_hidden_state.shape[0] > 1:
+            out.last_hidden_state[1, 3] = float("inf")
+        return out
+
+    hubert.model.encoder.forward = overflowing
+    summary = extract(tmp_path / "m", tmp_path / "out", hubert, kmeans=kmeans)
+    errors = [json_.loads(line) for f in sorted((tmp_path / "out").glob("errors-*.jsonl")) for line in f.read_text().splitlines()]
+    assert summary["errors"] == len(errors) >= 1 and summary["utterances"] >= 1
+    assert all("NaN or infinite values" in e["reason"] for e in errors)
+    if kmeans is None:
+        assert all(np.isfinite(f).all() for p in (tmp_path / "out").glob("features-*.arrow") for f in read_features(p)[1])
+    else:
+        rows = [r for p in (tmp_path / "out").glob("units-*.parquet") for r in pq.read_table(p).to_pylist()]
+        assert rows and all(min(r["units"]) >= 0 for r in rows) and not {e["id"] for e in errors} & {r["id"] for r in rows}

@@ -226,3 +226,25 @@ def test_quantize_names_a_feature_file_of_other_dimensions(manifest, tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "features-00001.arrow: 16-dim frames, but the k-means" in result.output, result.output
     assert (tmp_path / "units" / "units-00000.parquet").exists() and not (tmp_path / "units" / "units-00001.parquet").exists()
+
+
+def test_quantize_names_an_utterance_whose_frames_are_not_finite(manifest, tmp_path):
+    """Features written before extract refused them (or by another tool) with NaN frames: quantize names the file
+    and the utterance, in one line (FAISS's -1 went on to the unit histogram: "'list' argument must have no
+    negative elements")."""
+    import pyarrow as pa
+
+    from speechinstruct.shardfiles import feature_schema, features_array
+
+    cli("extract", manifest, tmp_path / "feats", "-q")
+    cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
+    ids, feats = read_features(tmp_path / "feats" / "features-00001.arrow")
+    feats = [f.copy() for f in feats]
+    feats[1][5, 3] = np.nan
+    schema = feature_schema(39, False)
+    with pa.OSFile(str(tmp_path / "feats" / "features-00001.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_batch(pa.record_batch([pa.array(ids), features_array(feats, 39, False)], schema=schema))
+    result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"features-00001.arrow: {ids[1]}: frames hold NaN or infinite values" in result.stderr, result.output
+    assert not (tmp_path / "units" / "units-00001.parquet").exists()

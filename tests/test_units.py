@@ -69,6 +69,17 @@ def test_garbage_kmeans_file_is_clear(tmp_path):
         units.load_kmeans(tmp_path / "junk.bin")
 
 
+def test_kmeans_with_nan_or_infinite_centroids_is_refused(tmp_path):
+    """A centroids file holding NaN (a fit that diverged, a file written by hand) is one line naming it: FAISS
+    assigned every frame to -1 and quantize stopped on numpy's "'list' argument must have no negative elements"."""
+    for value, word in ((np.nan, "NaN"), (np.inf, "infinite")):
+        centroids = np.zeros((4, 3), np.float32)
+        centroids[2, 1] = value
+        np.save(tmp_path / "km.npy", centroids)
+        with pytest.raises(ValueError, match=rf"km.npy: centroid 2 holds {word} values"):
+            units.load_kmeans(tmp_path / "km.npy")
+
+
 def test_wrong_dimension_fails_fast():
     km = units.KMeans(np.zeros((3, 4), np.float32), source="km.npy")
     with pytest.raises(ValueError, match="km.npy: k-means expects 4-dim features, got shape \\(10, 39\\)"):
@@ -126,9 +137,9 @@ def test_assignment_on_a_torch_device_equals_faiss():
     np.testing.assert_array_equal(torch_labels, faiss_labels)
 
 
-def _feature_folder(folder, files=3, batches=4, per_batch=(30, 50), dim=16, float16=False, seed=0):
+def _feature_folder(folder, files=3, batches=4, per_batch=(30, 50), dim=16, float16=False, seed=0, nan=False):
     """Feature files as extract writes them: several record batches each (extract flushes every 256 utterances);
-    returns every frame in file order, as float32."""
+    returns every frame in file order, as float32. ``nan``: one frame of every utterance is NaN."""
     import pyarrow as pa
 
     from speechinstruct.shardfiles import feature_schema, features_array
@@ -140,6 +151,8 @@ def _feature_folder(folder, files=3, batches=4, per_batch=(30, 50), dim=16, floa
             for b in range(batches):
                 feats = [rng.normal(size=(int(n), dim)).astype(np.float16 if float16 else np.float32)
                          for n in rng.integers(*per_batch, size=20)]
+                for f in feats if nan else []:
+                    f[len(f) // 2] = np.nan
                 every += [x.astype(np.float32) for x in feats]
                 w.write_batch(pa.record_batch([pa.array([f"{f}-{b}-{i}" for i in range(len(feats))]),
                                                features_array(feats, dim, float16)], schema=schema))
@@ -195,3 +208,21 @@ def test_an_arrow_file_that_is_not_a_feature_file_is_named(tmp_path):
         with pytest.raises(ValueError, match=rf"{name}: not a feature file"):
             list(iter_features(tmp_path / "feat" / name))
         (tmp_path / "feat" / name).unlink()
+
+
+def test_frames_that_are_not_finite_get_no_unit_on_either_device():
+    """A frame holding NaN or inf (a model that overflowed in low precision) is nearest to no centroid: FAISS's
+    search says -1, and the torch path (a GPU's) said 0, a unit like any other."""
+    km = units.KMeans(np.eye(3, dtype=np.float32))
+    x = np.array([[1, 0, 0], [np.nan, 0, 0], [np.inf, 0, 0], [0, -np.inf, 1], [0, 0, 1]], np.float32)
+    for where in ("cpu", "torch"):
+        np.testing.assert_array_equal(km.to(where).assign(x), [0, -1, -1, -1, 2])
+
+
+def test_cluster_names_a_feature_file_with_frames_that_are_not_finite(tmp_path):
+    """NaN frames in the sample would give NaN centroids (which quantize then refuses): cluster names the file."""
+    _feature_folder(tmp_path / "feat", files=2, dim=8)
+    _feature_folder(tmp_path / "nan", files=1, dim=8, seed=1, nan=True)
+    (tmp_path / "nan" / "features-00000.arrow").rename(tmp_path / "feat" / "features-00002.arrow")
+    with pytest.raises(ValueError, match=r"features-00002.arrow: frames hold NaN or infinite values"):
+        cluster.sample_frames(tmp_path / "feat", 10**6)

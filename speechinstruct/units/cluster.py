@@ -45,6 +45,9 @@ def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.nd
             local = chosen[np.searchsorted(chosen, start) : np.searchsorted(chosen, start + len(flat))] - start
             if local.size:
                 out.append(flat[local].astype(np.float32))
+                if not np.isfinite(out[-1]).all():  # FAISS would fit NaN centroids
+                    raise ValueError(f"{path}: frames hold NaN or infinite values (the model overflowed?); extract "
+                                     "it again")
             start += len(flat)
     return np.concatenate(out)
 

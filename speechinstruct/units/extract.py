@@ -114,6 +114,9 @@ def _run_batch(extractor: Extractor, wavs: list[np.ndarray], index: list[int],
                 out[i] = batch([wav])[0]
             except (audio.AudioError, ValueError, RuntimeError, OutOfMemory) as e:
                 out[i] = f"feature extraction failed: {e}"
+    for i, value in out.items():  # a model that overflowed (fp16/bf16): no features, no units from it
+        if not isinstance(value, str) and not (np.isfinite(value).all() if value.dtype.kind == "f" else (value >= 0).all()):
+            out[i] = "the model's frames hold NaN or infinite values (it overflowed in low precision?)"
     if counts is not None:
         counts.update(halved)
     return out, (max(ran) if halved and ran else None)

@@ -24,6 +24,12 @@ class KMeans:
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         if centroids.ndim != 2 or centroids.shape[0] < 1:
             raise ValueError(f"{source}: centroids must be a (k, dim) array, got shape {centroids.shape}")
+        bad = ~np.isfinite(centroids).all(1)
+        if bad.any():  # FAISS would assign every frame to -1
+            first = int(np.argmax(bad))
+            word = "NaN" if np.isnan(centroids[first]).any() else "infinite"
+            raise ValueError(f"{source}: centroid {first} holds {word} values ({int(bad.sum())} of {len(bad)} centroids "
+                             "do): not a usable k-means")
         self.centroids = centroids
         self.k, self.dim = centroids.shape
         self.source = source
@@ -66,11 +72,13 @@ class KMeans:
 
     def labels(self, x):
         """The nearest centroid of each row of ``x``, a float32 torch tensor on the device :meth:`to` chose (a GPU):
-        :meth:`assign` without the copies, for frames still on the device (extract's fused units path)."""
+        :meth:`assign` without the copies, for frames still on the device (extract's fused units path); -1 for a
+        frame that is not finite, as FAISS's search says (argmin over NaN distances would say 0)."""
         import torch
 
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32 distances, whatever runs around it
-            return nearest_centroids(x, (x * x).sum(1), self._torch)
+            labels = nearest_centroids(x, (x * x).sum(1), self._torch)
+        return labels.masked_fill_(~torch.isfinite(x).all(1), -1)
 
     def inertia(self, feats: np.ndarray) -> float:
         distances, _ = self._index.search(np.ascontiguousarray(feats, dtype=np.float32), 1)

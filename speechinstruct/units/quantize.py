@@ -69,6 +69,8 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
         # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
         with UnitWriter(SpeechEncoder(kmeans), target) as writer:
             for uid, f in progress(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt"):
+                if not np.isfinite(f).all():  # FAISS would give -1: no unit
+                    raise ValueError(f"{path}: {uid}: frames hold NaN or infinite values; extract it again")
                 writer.add(rows[uid], f)
         done += 1
     return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
