@@ -129,6 +129,14 @@ def test_report_cli_takes_units_and_any_vocoder(work, tmp_path):
 
     wrong = runner.invoke(app, ["report", str(dataset), str(tmp_path / "c"), "--units", str(dataset)])
     assert wrong.exit_code == 2 and "not a units folder" in wrong.output and "Traceback" not in wrong.output
+    foreign = tmp_path / "foreign"  # a units folder whose file is another table: named, with what it lacks
+    shutil.copytree(units, foreign)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "x": [1]}), sorted(foreign.glob("units-*.parquet"))[0])
+    wrong = runner.invoke(app, ["report", str(dataset), str(tmp_path / "d"), "--units", str(foreign)])
+    assert wrong.exit_code == 2 and "units-00000.parquet: not a units file (no path" in wrong.stderr, wrong.output
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..io import atomic_path, write_json, write_text
 from ..kinds import RECORD_KINDS
-from ..shardfiles import folder_k, read_dataset_meta, read_units_spec
+from ..shardfiles import folder_k, read_dataset_meta, read_units_spec, unit_files
 
 
 def _plot(path: Path, draw) -> None:
@@ -87,7 +87,7 @@ def _listen_picks(dataset: Path, units: Path | None, vocoder, samples: int) -> l
     if units is not None:
         root = (read_units_spec(units) or {}).get("root")
         wanted = ["id", "path", "offset", "duration", "row", "audio_column", "text", "units", "durations"]
-        for path in sorted(units.glob("units-*.parquet")):
+        for path in unit_files(units):  # each checked to be a units file
             if len(picked) == samples:
                 break
             present = set(pq.read_schema(path).names)  # folders from before row/audio_column existed lack them
