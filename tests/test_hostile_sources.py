@@ -261,7 +261,12 @@ def test_stage_files_of_another_kind_are_named_with_what_they_lack(librispeech_r
         result = runner.invoke(app, [*map(str, command), "-q"])
         assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
         assert "units-00000.parquet: not a units file (no path, offset, duration" in result.stderr, (command, result.stderr)
+    assert runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km"), str(tmp_path / "u2"), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["dedup", str(tmp_path / "u2"), str(tmp_path / "dd2"), "--eval", str(tmp_path / "u"), "-q"])
+    assert result.exit_code == 2 and "units-00000.parquet: not a units file (no path" in result.stderr, result.output
     pq.write_table(pa.table({"id": ["a"], "path": ["x.flac"]}), tmp_path / "m" / "manifest-00000.parquet")
+    result = runner.invoke(app, ["dedup", str(tmp_path / "u2"), str(tmp_path / "dd3"), "--eval", str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 2 and "manifest-00000.parquet: not a manifest file (no offset" in result.stderr, result.output
     for command in (["extract", tmp_path / "m", tmp_path / "f2"], ["score", tmp_path / "m", tmp_path / "sc2", "--dnsmos"]):
         result = runner.invoke(app, [*map(str, command), "-q"])
         assert result.exit_code == 2 and "manifest-00000.parquet: not a manifest file (no offset, duration" in result.stderr, \

@@ -296,6 +296,7 @@ def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None) -
             units = sorted(path.glob("units-*.parquet"))
             signed = bool(units) and signer is not None
             for f in units or sorted(path.glob("manifest-*.parquet")):
+                check_kind(f, "units" if units else "manifest", "quantize" if units else "shard")
                 for row in iter_rows(f, columns=["id", "text", "units"] if signed else ["id", "text"]):
                     texts.add(row["text"], f"{path.name}: {row['id']}")
                     if signed:
