@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -94,11 +95,15 @@ class _Stderr(logging.Handler):
 
 def log_to_stderr(quiet: bool) -> None:
     """The ``speechinstruct`` loggers to stderr: stage lines (info) and above, or with ``-q`` warnings and
-    errors only. Progress bars are tqdm's, also off with ``-q``."""
+    errors only. Progress bars are tqdm's, also off with ``-q``: ours, and the Hub's, transformers' ("Loading
+    weights") and datasets' (their variables, read when they load: the commands import them later)."""
     logger = logging.getLogger("speechinstruct")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
 
 
 def command(group: typer.Typer, name: str | None = None):

@@ -248,3 +248,21 @@ def test_quantize_names_an_utterance_whose_frames_are_not_finite(manifest, tmp_p
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"features-00001.arrow: {ids[1]}: frames hold NaN or infinite values" in result.stderr, result.output
     assert not (tmp_path / "units" / "units-00001.parquet").exists()
+
+
+def test_quiet_means_no_progress_bars_from_the_libraries_either(manifest, tmp_path):
+    """``-q`` promises no progress bars: transformers' "Loading weights" bar (and datasets' and the Hub's) printed
+    anyway. Run as a user runs it, in its own process (the libraries read the setting when they load)."""
+    import subprocess
+    import sys
+
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    HubertModel(HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             conv_dim=(16,) * 7, num_conv_pos_embeddings=16)).save_pretrained(tmp_path / "hub")
+    result = subprocess.run([sys.executable, "-m", "speechinstruct.cli", "extract", str(manifest), str(tmp_path / "f"),
+                             "--features", "hubert", "--checkpoint", str(tmp_path / "hub"), "--layer", "1", "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr

@@ -177,22 +177,46 @@ def load_split(data: str | Path, config: str, split: str):
     import datasets
     from datasets.exceptions import DatasetGenerationError, NonMatchingSplitsSizesError
 
+    said = _HeldErrors("datasets.packaged_modules.parquet.parquet")  # its "Failed to read file": our line says it
     try:
         try:
-            return datasets.load_dataset(str(data), config, split=split)
+            with said:
+                return datasets.load_dataset(str(data), config, split=split)
         except NonMatchingSplitsSizesError as e:
             found = re.findall(r"SplitInfo\(name='(\w+)'", str(e))
             log.warning(f"{data}: the card's sizes of {config} ({', '.join(dict.fromkeys(found)) or 'a split'}) no "
                         "longer match its data files; loading without the size check (run `speechinstruct publish` "
                         "again to refresh the card)")
-            return datasets.load_dataset(str(data), config, split=split, verification_mode="no_checks")
-    except DatasetGenerationError as e:  # datasets names the file only in a log line: find it
+            with said:
+                return datasets.load_dataset(str(data), config, split=split, verification_mode="no_checks")
+    except DatasetGenerationError as e:  # datasets names the file only in its log line: find it
         raise ValueError(_faulty_file(data, config, split) or f"{data}: datasets could not load {config} ({split}): "
-                         f"{str(e.__cause__ or e).splitlines()[0]}") from None
+                         f"{(said.messages or [str(e.__cause__ or e)])[0].splitlines()[0]}") from None
     except ValueError as e:
         if split != "train" and "Unknown split" in str(e):
             return None
         raise
+
+
+class _HeldErrors(logging.Filter):
+    """Within ``with``: the ERROR records of logger ``name`` kept in ``messages`` instead of printed (the others
+    pass as before)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.logger, self.messages = logging.getLogger(name), []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.messages.append(record.getMessage())
+        return False
+
+    def __enter__(self):
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self)
 
 
 def _faulty_file(data: str | Path, config: str, split: str) -> str | None:
