@@ -271,3 +271,21 @@ def test_stage_files_of_another_kind_are_named_with_what_they_lack(librispeech_r
         result = runner.invoke(app, [*map(str, command), "-q"])
         assert result.exit_code == 2 and "manifest-00000.parquet: not a manifest file (no offset, duration" in result.stderr, \
             (command, result.stderr)
+
+
+def test_an_unforeseen_missing_key_or_file_is_still_a_sentence(tmp_path, capsys):
+    """The last line of defence: a KeyError nobody turned into a message printed its key alone ("error: split"),
+    and pyarrow's FileNotFoundError its path alone ("error: /data/manifest"); each says what it is now."""
+    import typer
+
+    from speechinstruct.cli import expected_failures
+
+    with pytest.raises(typer.Exit), expected_failures():
+        {}["split"]
+    assert capsys.readouterr().err == "error: no 'split' where one was expected (an input written by another tool or version?)\n"
+    with pytest.raises(typer.Exit), expected_failures():
+        pq.read_table(tmp_path / "nowhere.parquet")
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere.parquet'}: no such file or folder\n"
+    with pytest.raises(typer.Exit), expected_failures():  # messages already sentences stay as they are
+        raise KeyError("unknown record kind 'x'; known: manifest")
+    assert capsys.readouterr().err == "error: unknown record kind 'x'; known: manifest\n"

@@ -266,3 +266,16 @@ def test_quiet_means_no_progress_bars_from_the_libraries_either(manifest, tmp_pa
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
+
+
+def test_quantize_says_when_the_manifest_its_features_came_from_is_gone(manifest, tmp_path):
+    """features.json names the manifest the frames came from (quantize joins its rows to the units): moved or
+    deleted, it is one line saying so; it was "error: PATH", the path alone."""
+    import shutil
+
+    cli("extract", manifest, tmp_path / "feats", "-q")
+    cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
+    shutil.move(manifest, tmp_path / "moved")
+    result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"features.json: the manifest these features came from, {manifest}, is not there" in result.stderr, result.stderr
