@@ -279,3 +279,18 @@ def test_quantize_says_when_the_manifest_its_features_came_from_is_gone(manifest
     result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"features.json: the manifest these features came from, {manifest}, is not there" in result.stderr, result.stderr
+
+
+def test_a_corpus_root_that_is_not_there_stops_before_any_shard_is_written(manifest, tmp_path, librispeech_root):
+    """The manifest's corpus root gone (a storage mount missing for a while, a moved corpus): every utterance was a
+    counted "unreadable audio" skip and each shard was written, empty, as done, so the rerun after the mount came
+    back skipped them all. Now one line before any output; with --root where the audio is, it runs."""
+    summary = json.loads((manifest / "summary.json").read_text())
+    (manifest / "summary.json").write_text(json.dumps({**summary, "root": str(tmp_path / "unmounted")}))
+    for command in (["extract", manifest, tmp_path / "feats"], ["score", manifest, tmp_path / "scores", "--dnsmos"]):
+        result = runner.invoke(app, [*map(str, command), "-q"])
+        assert result.exit_code == 2 and f"{tmp_path / 'unmounted'}: the corpus root is not there" in result.stderr, \
+            result.output
+        assert not list(command[2].glob("*-00000.*")) if command[2].exists() else True
+    stats = cli("extract", manifest, tmp_path / "feats", "--root", librispeech_root, "-q")
+    assert stats["utterances"] == 4 and stats["errors"] == 0

@@ -22,7 +22,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_kind, check_spec, select_shards, shard_suffix
+from ..shardfiles import check_kind, check_root, check_spec, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -83,7 +83,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     source, out = Path(source), Path(out)
     clips_at_a_time = clips_at_a_time or max(16, 4 * getattr(judge.asr, "batch_size", 0))
     files, kind = input_files(source)
-    root = Path(root) if root else audio_root(source, kind)
+    root = check_root(Path(root) if root else audio_root(source, kind), source)
     out.mkdir(parents=True, exist_ok=True)
     check_spec(out, {**judge.spec, "source": str(source.resolve()), "root": str(root.resolve())}, "score.json")
     schema = records.arrow_schema("scores")

@@ -224,15 +224,27 @@ def _filesystem(url: str):
         raise StorageError(f"{url}: {e}") from None
 
 
+def _copy_parts(path: Path) -> tuple[str, ...] | None:
+    """``path``'s parts under the cache (PROTOCOL, BUCKET, KEY...) when it lies in a bucket's copy there, else None."""
+    try:
+        parts = Path(path).resolve().relative_to(cache_root().resolve()).parts
+    except ValueError:
+        return None
+    return parts if len(parts) >= 2 and parts[0] != INDEX else None
+
+
+def in_a_copy(path: Path) -> bool:
+    """Whether ``path`` lies in a bucket's copy in the cache, so that what this machine lacks of it is fetched as
+    it is read (:func:`fetch_copy`)."""
+    return _copy_parts(path) is not None
+
+
 def fetch_copy(path: Path) -> bool:
     """Fetch ``path``, a file of a copy in the cache that this machine lacks (a Ray node that did not make the
     copy, with the same cache path: the same user, or the same $SPEECHINSTRUCT_CACHE), from its URL. Whether it is
     here now; False too for a path outside the cache."""
-    try:
-        parts = Path(path).resolve().relative_to(cache_root().resolve()).parts
-    except ValueError:
-        return False
-    if len(parts) < 3 or parts[0] == INDEX:
+    parts = _copy_parts(path)
+    if parts is None or len(parts) < 3:
         return False
     url = f"{parts[0]}://{'/'.join(parts[1:])}"
     return bool(local_files([url])) and Path(path).is_file()

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from ..shardfiles import corpus_root, manifest_files, select_shards, shard_output
+from ..shardfiles import check_root, corpus_root, manifest_files, select_shards, shard_output
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     device = cfg.device if cfg.device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
     devices.given_peak()  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     manifest, out = Path(manifest), Path(out)
-    root = Path(root) if root else corpus_root(manifest)
+    root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
                if not shard_output(out, s, fused=makes_units(extractor, kmeans)).exists()]
     ray = connect(address)

@@ -29,7 +29,7 @@ from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
-from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
+from ..shardfiles import (check_root, check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                           select_shards, shard_output, shard_suffix)
 from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
 from .features import Extractor
@@ -173,7 +173,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {extractor.spec['features']} makes "
                          f"{extractor.dim}-dim features (features and k-means come from different extractors or layers)")
     shards = select_shards(manifest_files(manifest), num_shards, shard_index)
-    root = Path(root) if root else corpus_root(manifest)
+    root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     out.mkdir(parents=True, exist_ok=True)
     fused = makes_units(extractor, kmeans)
     vocabulary = extractor.vocabulary() if is_tokenizer(extractor) else None  # k-means: from the k-means
