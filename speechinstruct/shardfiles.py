@@ -63,18 +63,6 @@ def unit_files(folder: str | Path) -> list[Path]:
     return _listed(folder, "units-*.parquet", "quantize", "units")
 
 
-def check_root(root: Path, source: Path) -> Path:
-    """``root`` when it is a folder: the corpus root the rows' audio paths are relative to (recorded in ``source``'s
-    summary.json or units.json, or given with ``--root``). Gone (a storage mount missing, a corpus moved), every row
-    would be a skip and every shard written empty, as done: one line instead, before any output."""
-    from .sources.storage import in_a_copy
-
-    if not Path(root).is_dir() and not in_a_copy(root):  # a bucket's copy is fetched file by file as rows read it
-        raise FileNotFoundError(f"{root}: the corpus root is not there (the audio of {source}); mount or restore it, "
-                                "or pass --root where the audio is now")
-    return Path(root)
-
-
 def corpus_root(folder: str | Path) -> Path:
     """The corpus root recorded in a shard folder's summary.json."""
     folder = Path(folder)

@@ -22,7 +22,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_kind, check_root, check_spec, select_shards, shard_suffix
+from ..shardfiles import check_kind, check_spec, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -74,7 +74,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     ``clips_at_a_time``: decoded clips handed to the judges per call (default: 16, or four ASR batches when that
     is more, so that a batch is never cut short by the chunk and the ASR's length sort has clips to group)."""
     from ..progress import progress
-    from ..sources.decoding import AUDIO_COLUMNS, decode_rows
+    from ..sources.decoding import AUDIO_COLUMNS, check_root, decode_rows
     from ..threads import decode_workers
 
     devices = [str(getattr(j, "device", "cpu")) for j in (judge.dnsmos, judge.asr, judge.speaker) if j is not None]

@@ -38,6 +38,16 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
 AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
 
 
+def check_root(root: Path, source: Path) -> Path:
+    """``root`` when it is a folder: the corpus root the rows' audio paths are relative to (recorded in ``source``'s
+    summary.json or units.json, or given with ``--root``). Gone (a storage mount missing, a corpus moved), every row
+    would be a skip and every shard written empty, as done: one line instead, before any output."""
+    if not Path(root).is_dir() and not storage.in_a_copy(root):  # a bucket's copy is fetched file by file as rows read it
+        raise FileNotFoundError(f"{root}: the corpus root is not there (the audio of {source}); mount or restore it, "
+                                "or pass --root where the audio is now")
+    return Path(root)
+
+
 def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
     """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
     the file's rate), or the reason its audio cannot be used. A row with a ``row`` number has its audio inside a

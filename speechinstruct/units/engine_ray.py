@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from ..shardfiles import check_root, corpus_root, manifest_files, select_shards, shard_output
+from ..shardfiles import corpus_root, manifest_files, select_shards, shard_output
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     (``auto``: cuda when actors get GPUs)."""
     from .. import devices
     from ..audio import sample_rate_of
+    from ..sources.decoding import check_root
     from .extract import makes_units, run_shards
     from .tokenizer import dense_and_kmeans
 

@@ -29,9 +29,9 @@ from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
-from ..shardfiles import (check_root, check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
+from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
                           select_shards, shard_output, shard_suffix)
-from ..sources.decoding import AUDIO_COLUMNS, bounded_map, decode_row, decode_rows  # noqa: F401 (extract's API too)
+from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows  # noqa: F401 (extract's API too)
 from .features import Extractor
 from .kmeans import SpeechEncoder
 from .quantize import UnitWriter
