@@ -279,6 +279,7 @@ def test_quantize_says_when_the_manifest_its_features_came_from_is_gone(manifest
     result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"features.json: the manifest these features came from, {manifest}, is not there" in result.stderr, result.stderr
+    assert not (tmp_path / "units").exists()  # said before any output
 
 
 def test_a_corpus_root_that_is_not_there_stops_before_any_shard_is_written(manifest, tmp_path, librispeech_root):

@@ -52,12 +52,12 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
     spec = json.loads((features / "features.json").read_text())
     if spec.get("dim") != kmeans.dim:
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
-    out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, units_spec(spec, kmeans), "units.json")
     manifest = Path(spec["manifest"])
-    if not manifest.exists():  # its rows are joined to the units
+    if not manifest.exists():  # its rows are joined to the units: said before any output
         raise FileNotFoundError(f"{features / 'features.json'}: the manifest these features came from, {manifest}, is "
                                 "not there (moved or deleted?); quantize joins its rows to the units")
+    out.mkdir(parents=True, exist_ok=True)
+    check_spec(out, units_spec(spec, kmeans), "units.json")
     done = skipped = 0
     for path in select_shards(feature_files(features), num_shards, shard_index):
         target = shard_output(out, path, fused=True)
