@@ -83,6 +83,45 @@ def shard_output(out: Path, manifest_shard: Path, fused: bool) -> Path:
     return out / (f"units-{suffix}.parquet" if fused else f"features-{suffix}.arrow")
 
 
+def finished(target: Path) -> bool:
+    """Whether a shard's output ``target`` (``features-NNNNN.arrow``, ``scores-NNNNN.parquet``…) is there and none of
+    its errors (``errors-NNNNN.jsonl`` beside it) may pass: a shard written while storage failed is done again."""
+    return target.exists() and not errors_that_may_pass(target.parent / f"errors-{shard_suffix(target)}.jsonl")
+
+
+def errors_that_may_pass(path: Path) -> list[dict]:
+    """The errors of an errors file that may pass (``"may_pass": true``: reading the audio may work later)."""
+    if not path.is_file():
+        return []
+    found = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            error = json.loads(line) if line.strip() else {}
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: not JSON ({e}); an errors file is written whole by its stage") from None
+        if isinstance(error, dict) and error.get("may_pass"):
+            found.append(error)
+    return found
+
+
+class Unfinished(OSError):
+    """A stage wrote every shard, but some utterances failed for reasons that may pass: its rerun does those
+    shards again."""
+
+
+def check_finished(out: Path, suffixes: list[str]) -> None:
+    """One line (:class:`Unfinished`) when shards of ``out`` hold errors that may pass, naming how many and the
+    first; nothing when every shard is finished."""
+    found = {s: errors_that_may_pass(out / f"errors-{s}.jsonl") for s in suffixes}
+    found = {s: errors for s, errors in found.items() if errors}
+    if found:
+        first = next(iter(found.values()))[0]
+        count = sum(map(len, found.values()))
+        raise Unfinished(f"{out}: {count} utterance{'s' * (count > 1)} in {len(found)} shard{'s' * (len(found) > 1)} "
+                         f"could not be read for a reason that may pass (first: {first['reason']}); the rest is "
+                         "written: run it again when the storage is back, and it does those shards again")
+
+
 def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) -> list[Path]:
     """The manifest shards this worker owns: every ``num_shards``-th, starting at ``shard_index``."""
     if num_shards < 1 or not 0 <= shard_index < num_shards:

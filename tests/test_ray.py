@@ -62,10 +62,13 @@ def test_ray_engine_writes_the_same_files_as_the_local_engine(manifest, tmp_path
     assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4
     same_files(tmp_path / "local", tmp_path / "ray")
 
-    # features too, and one engine resumes the other's folder
+    # features too, and one engine resumes the other's folder: a missing shard, and one whose errors may pass
+    # (its audio read while storage failed for a while) are done again
     (tmp_path / "f" / "features-00001.arrow").unlink()
+    (tmp_path / "f" / "errors-00000.jsonl").write_text(json.dumps(
+        {"id": "x", "path": "p", "reason": "[Errno 5] Input/output error", "may_pass": True}) + "\n")
     stats = extract_ray(manifest, tmp_path / "f", MFCC(), actors=1)
-    assert stats["shards_done"] == 1 and stats["shards_skipped"] == 1
+    assert stats["shards_done"] == 2 and stats["shards_skipped"] == 0
     fresh = tmp_path / "f2"
     extract(manifest, fresh, MFCC())
     same_files(tmp_path / "f", fresh)

@@ -134,6 +134,19 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     assert stats["utterances"] == 3  # good, 48 kHz stereo, 8 kHz
 
 
+def test_an_io_error_of_the_storage_is_a_skip_that_may_pass(tmp_path):
+    """libsndfile says only "System error" (or reads short) when the storage fails under it; decode_row then reads
+    the file's bytes itself, so that a real I/O error (the kernel's EIO: /proc/self/mem, where no page backs
+    address 0) is a skip that may pass, done again by the rerun, and a corrupt file stays one that does not."""
+    from speechinstruct.sources.decoding import MayPass, decode_row
+
+    eio = decode_row({"id": "x", "path": "mem", "offset": 0.0, "duration": 1.0}, "/proc/self")
+    assert isinstance(eio, MayPass) and "Input/output error" in eio, eio
+    (tmp_path / "bad.flac").write_bytes(b"fLaC not a flac stream")
+    bad = decode_row({"id": "y", "path": "bad.flac", "offset": 0.0, "duration": 1.0}, tmp_path)
+    assert "unreadable audio" in bad and not isinstance(bad, MayPass), bad
+
+
 def test_gigaspeech_paths_that_escape_the_root_are_refused(tmp_path):
     import json
     root = tmp_path / "giga"

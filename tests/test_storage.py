@@ -391,3 +391,51 @@ def test_bucket_keys_that_climb_out_of_the_copy_are_skipped_and_counted(bucket, 
     assert summary["utterances"] == 4  # the corpus itself is read as before
     copy = storage.mirror("s3://corpus/esc/LibriSpeech")
     assert sorted(copy.refused) == ["../" * depth + "victim.txt", "./dot.txt"]
+
+
+@pytest.mark.parametrize("stage", ["extract", "score"])
+def test_storage_that_fails_for_a_while_then_recovers_is_finished_by_the_rerun(bucket, tmp_path, monkeypatch, stage):
+    """A node without the copy reads its rows' files from a bucket that is down (its endpoint refuses
+    connections): each such utterance is an error that may pass, the stage still ends every shard but says it
+    is not finished (one line, exit 2), and the rerun once the bucket is back does those shards again: every
+    utterance is there. The corrupt flac is then a skip that does not pass, and a third run does nothing."""
+    import json
+    import shutil
+
+    import s3fs
+
+    local = write_librispeech(tmp_path / "LibriSpeech")
+    upload(bucket["client"], local, "down/LibriSpeech")
+    shard_corpus("librispeech", "s3://corpus/down/LibriSpeech", tmp_path / "manifest")
+    argv = ([stage, str(tmp_path / "manifest"), str(tmp_path / "out")] +
+            (["--dnsmos"] if stage == "score" else []))
+    whole = runner.invoke(app, [*argv[:2], str(tmp_path / "whole"), *argv[3:]])
+    assert whole.exit_code == 0, whole.output
+    outputs = "features-*.arrow" if stage == "extract" else "scores-*.parquet"
+    shutil.rmtree(tmp_path / "cache")
+    with socket.socket() as closed:  # a port nobody listens on: the bucket is down
+        closed.bind(("127.0.0.1", 0))
+        down = closed.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{down}")
+    s3fs.S3FileSystem.clear_instance_cache()
+    failed = runner.invoke(app, argv)
+    assert failed.exit_code == 2, failed.output
+    line = failed.output.strip().splitlines()[-1]
+    assert "may pass" in line and "run it again" in line and str(tmp_path / "out") in line, line
+    errors = [json.loads(x) for f in sorted((tmp_path / "out").glob("errors-*.jsonl")) for x in f.read_text().splitlines()]
+    assert len(errors) == 4 and all(e["may_pass"] for e in errors), errors  # the corrupt flac too: never fetched
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", bucket["endpoint"])
+    s3fs.S3FileSystem.clear_instance_cache()
+    rerun = runner.invoke(app, argv)
+    assert rerun.exit_code == 0, rerun.output
+
+    def rows(folder):
+        return sorted(r for f in sorted(folder.glob(outputs)) for r in
+                      (zip(*read_features(f)) if stage == "extract" else pq.read_table(f).column("id").to_pylist()))
+
+    if stage == "extract":
+        assert {i: x.tobytes() for i, x in rows(tmp_path / "out")} == {i: x.tobytes() for i, x in rows(tmp_path / "whole")}
+    else:
+        assert rows(tmp_path / "out") == rows(tmp_path / "whole") and len(rows(tmp_path / "out")) == 4
+    again = runner.invoke(app, argv)  # finished: nothing is done again
+    assert again.exit_code == 0 and '"shards_done": 0' in again.output, again.output

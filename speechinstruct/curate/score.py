@@ -4,7 +4,8 @@
 Input: a ``shard`` output (``manifest-NNNNN.parquet``) or a units folder (``units-NNNNN.parquet``). Output per
 input shard: ``scores-NNNNN.parquet`` (``schemas/scores.json``) and ``errors-NNNNN.jsonl`` (utterances that could
 not be scored, and why); ``score.json`` records the judges (models and their hashes), ``summary.json`` the
-distribution of every score. A shard is done when its scores file exists (written atomically); a rerun skips it.
+distribution of every score. A shard is done when its scores file exists (written atomically) and none of its
+errors may pass (audio that storage failed to give for a while); a rerun skips it, and does the others again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_kind, check_spec, select_shards, shard_suffix
+from ..shardfiles import check_finished, check_kind, check_spec, finished, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -74,7 +75,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     ``clips_at_a_time``: decoded clips handed to the judges per call (default: 16, or four ASR batches when that
     is more, so that a batch is never cut short by the chunk and the ASR's length sort has clips to group)."""
     from ..progress import progress
-    from ..sources.decoding import AUDIO_COLUMNS, check_root, decode_rows
+    from ..sources.decoding import AUDIO_COLUMNS, check_root, decode_rows, error_record
     from ..threads import decode_workers
 
     devices = [str(getattr(j, "device", "cpu")) for j in (judge.dnsmos, judge.asr, judge.speaker) if j is not None]
@@ -92,7 +93,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     for path in select_shards(files, num_shards, shard_index):
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
-        if target.exists() and not transient_errors(out / f"errors-{suffix}.jsonl"):
+        if finished(target) and not transient_errors(out / f"errors-{suffix}.jsonl"):
             skipped += 1
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
@@ -105,12 +106,12 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
         with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
             for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
                 good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]
-                errors += [{"id": row["id"], "path": row["path"], "reason": wav} for row, wav in chunk if isinstance(wav, str)]
+                errors += [error_record(row, wav) for row, wav in chunk if isinstance(wav, str)]
                 results = judge.scores([w for _, w in good], [r.get("text") for r, _ in good],
                                        [r.get("speaker") for r, _ in good]) if good else []
                 for (row, _), result in zip(good, results):
                     if isinstance(result, str):
-                        errors.append({"id": row["id"], "path": row["path"], "reason": result})
+                        errors.append(error_record(row, result))
                     else:
                         sink.add({"id": row["id"], "duration": row["duration"], **{c: result.get(c) for c in SCORE_COLUMNS}})
                         if "embedding" in result:
@@ -125,6 +126,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
                **({"batches_halved": halved} if halved else {}), **summarise(out)}
     write_json(out / "summary.json", summary)
+    check_finished(out, [shard_suffix(p) for p in select_shards(files, num_shards, shard_index)])
     return summary
 
 

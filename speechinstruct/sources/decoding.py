@@ -48,10 +48,21 @@ def check_root(root: Path, source: Path) -> Path:
     return Path(root)
 
 
+class MayPass(str):
+    """The reason a row's audio could not be read when reading it again may work (storage that failed for a
+    while: :func:`storage.may_pass`): its shard is written, and done again by the stage's rerun."""
+
+
+def error_record(row: dict, reason: str) -> dict:
+    """The line of a stage's ``errors-NNNNN.jsonl`` for a row it could not use; ``may_pass`` when a rerun may."""
+    return {"id": row["id"], "path": row["path"], "reason": reason, **({"may_pass": True} if isinstance(reason, MayPass) else {})}
+
+
 def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
     """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
-    the file's rate), or the reason its audio cannot be used. A row with a ``row`` number has its audio inside a
-    dataset file (Hugging Face Parquet/Arrow), as encoded bytes; one with a ``tar_offset``, inside a tar."""
+    the file's rate), or the reason its audio cannot be used (a :class:`MayPass` when it may be read later). A
+    row with a ``row`` number has its audio inside a dataset file (Hugging Face Parquet/Arrow), as encoded bytes;
+    one with a ``tar_offset``, inside a tar."""
     try:
         path = safe_join(root, row["path"])
         if not path.exists():  # a copy of a bucket that another machine made: fetched here, once
@@ -65,12 +76,30 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
             return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
                               name=f"{row['path']} at byte {row['tar_offset']}")
         if row.get("row") is None:
-            return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
+            return _load_file(path, row, sample_rate)
         data = audio_bytes(path, row["audio_column"], row["row"])
         return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
                           name=f"{row['path']} row {row['row']}")
     except (audio.AudioError, ValueError, OSError, KeyError) as e:
-        return str(e)
+        return MayPass(e) if storage.may_pass(e) else str(e)
+
+
+def _load_file(path: Path, row: dict, sample_rate: int) -> np.ndarray:
+    """A file's window, read by libsndfile, which says only "System error" or reads short when the storage
+    fails: on failure the file's bytes are read here, so that an OS error that may pass (an I/O error of a
+    network mount) is raised as itself; when they read well now, the window is decoded once more."""
+    try:
+        return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
+    except audio.AudioError as failed:
+        try:
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except OSError as e:
+            if storage.may_pass(e):
+                raise
+            raise failed from None
+        return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
 
 
 def decode_rows(rows: list[dict], root: Path, workers: int = 2,

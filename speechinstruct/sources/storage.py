@@ -18,6 +18,7 @@ We never take credentials as arguments, refuse URLs that carry them, and never w
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -36,7 +37,28 @@ log = logging.getLogger(__name__)
 
 
 class StorageError(ValueError):
-    """A URL that cannot be read; the message names it and says what to do."""
+    """A URL that cannot be read; the message names it and says what to do. ``may_pass``: the storage failed
+    for a while (:func:`may_pass`), so that a rerun may read it."""
+
+    def __init__(self, message: str, may_pass: bool = False):
+        super().__init__(message)
+        self.may_pass = may_pass
+
+
+# what storage says when it fails for a while: an I/O error of a network file system (NFS, a FUSE mount of a
+# bucket) or one s3fs makes of a server's 500 (EREMOTEIO) or 503/SlowDown (EBUSY); a stale handle, a timeout,
+# a refused or reset connection
+_PASSING = {errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE,
+            errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH,
+            errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENOTCONN, errno.ENOLINK, errno.ECOMM}
+
+
+def may_pass(e: BaseException) -> bool:
+    """Whether ``e`` says that storage or the network failed for a while rather than that what was read is
+    missing or bad: reading it again later may work, so a stage does again what it stopped."""
+    if isinstance(e, StorageError):
+        return e.may_pass
+    return isinstance(e, (ConnectionError, TimeoutError)) or (isinstance(e, OSError) and e.errno in _PASSING)
 
 
 def is_url(path) -> bool:
@@ -331,5 +353,5 @@ def _explain(e: Exception, url: str) -> StorageError:
     if isinstance(e, FileNotFoundError):
         return StorageError(f"{where}: no such bucket, file or folder ({text})")
     if "connect" in name.lower() or "timeout" in name.lower() or isinstance(e, (ConnectionError, TimeoutError)):
-        return StorageError(f"{where}: cannot reach the storage ({text})")
-    return StorageError(f"{where}: {name}: {text}")
+        return StorageError(f"{where}: cannot reach the storage ({text})", may_pass=True)
+    return StorageError(f"{where}: {name}: {text}", may_pass=may_pass(e))

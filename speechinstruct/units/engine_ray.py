@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from ..shardfiles import corpus_root, manifest_files, select_shards, shard_output
+from ..shardfiles import corpus_root, finished, manifest_files, select_shards, shard_output
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     manifest, out = Path(manifest), Path(out)
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
-               if not shard_output(out, s, fused=makes_units(extractor, kmeans)).exists()]
+               if not finished(shard_output(out, s, fused=makes_units(extractor, kmeans)))]
     ray = connect(address)
 
     cpus = float(ray.cluster_resources().get("CPU", 1))

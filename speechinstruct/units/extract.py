@@ -9,7 +9,9 @@ Output per manifest shard ``manifest-NNNNN.parquet``:
   ``features-NNNNN.arrow``: Arrow IPC file, columns ``id`` and ``features`` (list of fixed-size lists:
   frames × dim), readable zero-copy with a memory map; ``errors-NNNNN.jsonl``: utterances skipped, why.
 ``features.json`` records the extractor (kind, layer, checkpoint hash, dim, frame rate) and the manifest.
-A shard is complete when its output file exists (written atomically); a rerun skips complete shards.
+A shard is complete when its output file exists (written atomically) and none of its errors may pass (audio
+that storage failed to give for a while: ``"may_pass": true``); a rerun skips complete shards and does the others
+again, and a run that leaves such errors ends with one line saying so (exit 2).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
-from ..shardfiles import (check_spec, corpus_root, feature_schema, features_array, manifest_files, output_spec,
-                          select_shards, shard_output, shard_suffix)
-from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows  # noqa: F401 (extract's API too)
+from ..shardfiles import (check_finished, check_spec, corpus_root, feature_schema, features_array, finished,
+                          manifest_files, output_spec, select_shards, shard_output, shard_suffix)
+from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows, error_record  # noqa: F401 (extract's API too)
 from .features import Extractor
 from .kmeans import SpeechEncoder
 from .quantize import UnitWriter
@@ -183,7 +185,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     started = time.perf_counter()
     for shard in shards:
         target = shard_output(out, shard, fused=fused)
-        if target.exists():
+        if finished(target):
             stats["shards_skipped"] += 1
             continue
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
@@ -195,6 +197,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
             stats[key] += shard_stats[key]
     stats["seconds"] = round(time.perf_counter() - started, 3)
     stats["audio_hours"] = round(stats["audio_hours"], 4)
+    check_finished(out, [shard_suffix(s) for s in shards])
     return stats
 
 
@@ -214,7 +217,7 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
     def good(pairs):
         for row, value in pairs:
             if isinstance(value, str):
-                errors.append({"id": row["id"], "path": row["path"], "reason": value})
+                errors.append(error_record(row, value))
                 continue
             counts["utterances"] += 1
             counts["audio_hours"] += row["duration"] / 3600
