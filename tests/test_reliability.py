@@ -147,6 +147,48 @@ def test_an_io_error_of_the_storage_is_a_skip_that_may_pass(tmp_path):
     assert "unreadable audio" in bad and not isinstance(bad, MayPass), bad
 
 
+BAD_ROWS = {"path": None, "duration": None, "offset": float("nan")}, {"duration": -1.0}, \
+    {"duration": float("inf")}, {"offset": float("nan")}, {"id": ""}, {"path": "a\x00b.flac"}
+
+
+@pytest.mark.parametrize("stage", ["extract", "score", "ray blocks"])
+def test_hand_edited_manifest_rows_are_skips_with_their_reason(librispeech_root, tmp_path, stage):
+    """A manifest another tool wrote with nullable columns, or a hand edit: a row without a path or a duration,
+    with a negative, NaN or infinite time, an empty id or a NUL in its path was a traceback (TypeError) or, with a
+    negative duration, the whole file counted as negative hours; each is now a counted skip naming what is wrong."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from speechinstruct.curate.score import score
+    from speechinstruct.judges.dnsmos import DNSMOS
+    from speechinstruct.judges.judge import Judge
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    first = sorted((tmp_path / "m").glob("manifest-*.parquet"))[0]
+    table = pq.read_table(first)
+    good = table.to_pylist()
+    rows = good + [{**good[0], **bad, **({"id": f"bad-{i}"} if "id" not in bad else {})} for i, bad in enumerate(BAD_ROWS)]
+    pq.write_table(pa.Table.from_pylist(rows, pa.schema([f.with_nullable(True) for f in table.schema])), first)
+    if stage == "ray blocks":
+        from speechinstruct.units.engine_ray import blocks
+
+        cut = list(blocks([first], 2.0))  # a bad row weighs nothing (decode_row makes it a skip)
+        assert [r["id"] for b in cut for r in b.rows] == [r["id"] for r in rows]
+        return
+    if stage == "extract":
+        stats = extract(tmp_path / "m", tmp_path / "out", MFCC())
+    else:
+        stats = score(tmp_path / "m", tmp_path / "out", Judge(DNSMOS()))
+    errors = [json.loads(line) for line in (tmp_path / "out" / f"errors-{first.stem.split('-')[1]}.jsonl").read_text().splitlines()]
+    reasons = [e["reason"] for e in errors[-len(BAD_ROWS):]]
+    assert all(r.startswith("not a manifest row") for r in reasons), reasons
+    assert "path" in reasons[0] and "duration" in reasons[1] and "duration" in reasons[2] and "offset" in reasons[3] \
+        and "id" in reasons[4] and "NUL" in reasons[5], reasons
+    assert stats["utterances"] == 4  # the good ones
+
+
 def test_gigaspeech_paths_that_escape_the_root_are_refused(tmp_path):
     import json
     root = tmp_path / "giga"

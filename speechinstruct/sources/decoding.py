@@ -10,6 +10,7 @@ import collections
 import concurrent.futures as cf
 import functools
 import io
+import math
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -38,6 +39,39 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
 AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
 
 
+@functools.cache
+def _row_check():
+    """The manifest schema's rules for the columns decode_row reads (``schemas/manifest.json``), compiled."""
+    import fastjsonschema
+
+    from .. import records
+
+    schema = records.json_schema("manifest")
+    return fastjsonschema.compile({"type": "object", "required": ["id", "path", "offset", "duration"],
+                                   "properties": {c: schema["properties"][c] for c in AUDIO_COLUMNS}})
+
+
+def row_problem(row: dict) -> str | None:
+    """Why a manifest row cannot say where its audio is (a row another tool wrote, or a hand edit: a null path or
+    duration, a negative, NaN or infinite time, an empty id), or None when it can."""
+    import fastjsonschema
+
+    try:
+        _row_check()(row)
+    except fastjsonschema.JsonSchemaException as e:
+        return f"not a manifest row ({e.message.replace('data.', '', 1)})"
+    bad = [c for c in ("offset", "duration") if not math.isfinite(row[c])]  # NaN passes the schema's bounds
+    if bad:
+        return f"not a manifest row ({' and '.join(bad)} not a finite number)"
+    return "not a manifest row (a NUL character in its path)" if "\x00" in row["path"] else None
+
+
+def seconds(row: dict) -> float:
+    """A row's duration where it is one (:func:`row_problem`), else 0: the Ray engine cuts blocks by it."""
+    duration = row.get("duration")
+    return duration if isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0 else 0.0
+
+
 def check_root(root: Path, source: Path) -> Path:
     """``root`` when it is a folder: the corpus root the rows' audio paths are relative to (recorded in ``source``'s
     summary.json or units.json, or given with ``--root``). Gone (a storage mount missing, a corpus moved), every row
@@ -63,6 +97,9 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
     the file's rate), or the reason its audio cannot be used (a :class:`MayPass` when it may be read later). A
     row with a ``row`` number has its audio inside a dataset file (Hugging Face Parquet/Arrow), as encoded bytes;
     one with a ``tar_offset``, inside a tar."""
+    problem = row_problem(row)
+    if problem:
+        return problem
     try:
         path = safe_join(root, row["path"])
         if not path.exists():  # a copy of a bucket that another machine made: fetched here, once

@@ -54,17 +54,17 @@ class Block:
 def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
     """Each shard's rows in manifest order, cut into blocks of at most ``block_seconds`` of audio (one row
     at least). Shards are read one at a time, as the blocks are needed."""
-    from ..sources.decoding import AUDIO_COLUMNS
+    from ..sources.decoding import AUDIO_COLUMNS, seconds as duration
 
     for shard in shards:
         present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
         rows = pq.read_table(shard, columns=[c for c in AUDIO_COLUMNS if c in present]).to_pylist()
         start, seconds = 0, 0.0
         for i, row in enumerate(rows):
-            if i > start and seconds + row["duration"] > block_seconds:
+            if i > start and seconds + duration(row) > block_seconds:
                 yield Block(shard.name, start, rows[start:i])
                 start, seconds = i, 0.0
-            seconds += row["duration"]
+            seconds += duration(row)
         if start < len(rows):
             yield Block(shard.name, start, rows[start:])
 
