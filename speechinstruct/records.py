@@ -89,6 +89,51 @@ def record_errors(kind: str, record: dict) -> list[str]:
     return out
 
 
+@functools.cache
+def _columns_check(kind: str, columns: tuple[str, ...]):
+    import fastjsonschema
+
+    schema = json_schema(kind)
+    return fastjsonschema.compile({"type": "object", "required": [c for c in schema["required"] if c in columns],
+                                   "properties": {c: schema["properties"][c] for c in columns}})
+
+
+def columns_problem(kind: str, row: dict, columns: tuple[str, ...]) -> str | None:
+    """What the ``kind`` schema refuses in the ``columns`` of ``row`` (a stage that reads only those: a row another
+    tool wrote, or a hand edit), as one short message, or None. NaN passes a schema's bounds: the caller checks."""
+    import fastjsonschema
+
+    try:
+        _columns_check(kind, tuple(columns))(row)
+    except fastjsonschema.JsonSchemaException as e:
+        return e.message.replace("data.", "", 1)
+    return None
+
+
+def unit_rules(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
+    """(rule, message) for what a record that passed its schema breaks of the unit rules (``validate``'s
+    unit-range, units-match and durations): unit ids outside [0, K) (with ``k``), a unit string that is not
+    its units', durations that do not pair with the units. compose checks the units rows it reads by them too."""
+    from .speechgpt import to_text
+
+    errors = []
+    for column in ("units", "instruction_units", "response_units"):
+        if k is not None and column in r:
+            bad = [u for u in r[column] if not 0 <= u < k]
+            if bad:
+                errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    if kind == "pretrain" and r["text"] != to_text(r["units"]):
+        errors.append(("units-match", "text is not the unit string of units"))
+    if kind == "units":
+        if r["unit_text"] != to_text(r["units"]):
+            errors.append(("units-match", "unit_text is not the unit string of units"))
+        if len(r["durations"]) != len(r["units"]) or sum(r["durations"]) != r["n_frames"]:
+            errors.append(("durations", "durations do not pair with units or do not sum to n_frames"))
+        if r["n_frames"] > r["duration"] * 1000 + 10:
+            errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
+    return errors
+
+
 def content_hash(record: dict) -> str:
     """sha256 of a record's content: every field but ``content_hash`` itself and ``pipeline_version`` (so a
     new release that writes the same record gives the same hash). Compose writes it; validate checks it."""

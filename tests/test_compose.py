@@ -256,6 +256,41 @@ def test_markup_in_a_transcript_is_skipped_and_counted(units_dir, tmp_path):
     assert not any("ignore the above" in r["plain_text"] for r in read(tmp_path / "cm"))
 
 
+BAD_UNITS = {"id": None}, {"split": "holdout"}, {"units": None}, {"units": [], "durations": []}, \
+    {"durations": [1]}, {"units": [99999], "durations": [1]}, {"unit_text": None}
+
+
+@pytest.mark.parametrize("kind", ["cross_modal", "pretrain", "interleaved"])
+def test_hand_edited_units_rows_are_skipped_naming_file_and_row(units_dir, tmp_path, kind):
+    """A units file another tool wrote with nullable columns, or a hand edit: a null id, unit_text or units, a
+    split no corpus has, units that are empty, beyond K or unpaired with their durations. Each was a traceback
+    (TypeError, Arrow's "declared non-nullable"), a bare "no None where one was expected", or a record whose units
+    disagreed with its unit string; each is now a counted drop naming the file, the row and the rule (the
+    schema, or validate's unit rules), and the good rows come through."""
+    import importlib
+
+    import pyarrow as pa
+    from speechinstruct import records
+
+    compose = getattr(importlib.import_module(f"speechinstruct.compose.{kind}"), kind)
+    path = sorted(units_dir.glob("units-*.parquet"))[0]
+    table = pq.read_table(path)
+    good = table.to_pylist()
+    rows = good + [{**good[0], "id": f"bad-{i}", **bad} for i, bad in enumerate(BAD_UNITS)]
+    for row, bad in zip(rows[len(good):], BAD_UNITS):
+        if bad.get("units"):  # new units: their unit string and frame count, so that only the range is broken
+            row.update(n_frames=sum(row["durations"]), unit_text=units.to_text(row["units"]))
+    pq.write_table(pa.Table.from_pylist(rows, pa.schema([f.with_nullable(True) for f in records.arrow_schema("units")])), path)
+    summary = compose(units_dir, tmp_path / "out")
+    drops = {k: v for k, v in summary.items() if k.startswith("dropped: not a units row")}
+    assert drops == {"dropped: not a units row (schema)": 4, "dropped: not a units row (units-match)": 1,
+                     "dropped: not a units row (durations)": 1, "dropped: not a units row (unit-range)": 1}, summary
+    where = [d["where"] for d in summary["dropped_examples"] if d["reason"].startswith("not a units row")]
+    assert where == [f"{path.name} row {len(good) + i}" for i in range(len(BAD_UNITS))]
+    ids = {r["id"] for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f, columns=["id"]).to_pylist()}
+    assert not any(i.startswith("bad-") for i in ids) and (ids or kind == "interleaved")  # no words here: none
+
+
 def test_a_template_with_markup_is_refused(units_dir, tmp_path):
     bad = {"format": "speechinstruct-templates", "version": "x", "task": "asr",
            "templates": [{"id": "t0", "text": "Transcribe this. [SpeechGPT]: sure<eoa>"}]}

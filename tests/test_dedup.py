@@ -191,6 +191,24 @@ def test_bad_inputs_are_one_line(planted, tmp_path):
         assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
 
 
+@pytest.mark.parametrize("bad, tasks", [({"id": None}, 1), ({"units": None}, 1), ({"units": [-5, 3]}, 1),
+                                        ({"split": "holdout"}, 1), ({"id": None}, 2), ({"units": [-5, 3]}, 2)], ids=str)
+def test_a_hand_edited_units_row_is_one_line_naming_file_and_row(units_dir, tmp_path, bad, tasks):
+    """A null id or units, a negative unit or an unknown split (another tool's file, or a hand edit) was a
+    traceback (TypeError, OverflowError) or, for the split, a row dedup took as training data; it is one line
+    naming the file and row, in the deciding run and in a job-array task's signatures (id and units) alike."""
+    import pyarrow as pa
+    from speechinstruct import records
+
+    path = sorted(units_dir.glob("units-*.parquet"))[0]
+    rows = pq.read_table(path).to_pylist()
+    rows[1].update(bad)
+    pq.write_table(pa.Table.from_pylist(rows, pa.schema([f.with_nullable(True) for f in records.arrow_schema("units")])), path)
+    result = runner.invoke(app, ["dedup", str(units_dir), str(tmp_path / "o"), "--num-shards", str(tasks)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{path} row 1: not a units row (" in result.output, result.output
+
+
 def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_checked(tmp_path):
     """recipe.dedup: a stage after quantize; compose reads its output; the card and the report say what was
     checked against and what was dropped; without the section a rerun removes the stage's folders."""

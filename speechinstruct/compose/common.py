@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from .. import __version__, records
 from ..io import iter_rows, parquet_rows, write_json, write_parquet
 from ..progress import progress
-from ..shardfiles import select_shards, shard_suffix, unit_files
+from ..shardfiles import folder_k, select_shards, shard_suffix, unit_files
 from ..sources.corpora.base import SPLITS
 from ..speechgpt import record_problems
 
@@ -121,17 +121,33 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
     """(split sinks, units row, its score columns) for every row of the units shards this worker owns that
     passes ``quality``, shard after shard (:func:`split_records`; a shard already written is skipped); a row
     that fails is counted in ``counts`` and ``dropped``."""
+    k = folder_k(units_dir)
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
         with split_records(out, part, suffix, kind) as sinks:
             if sinks is None:
                 counts["shards skipped (done)"] += 1
                 continue
-            for u in progress(iter_rows(path), desc=f"{kind} {path.name}", unit="utt"):
+            for number, u in enumerate(progress(iter_rows(path), desc=f"{kind} {path.name}", unit="utt")):
+                problem = units_row_problem(u, k)
+                if problem:  # another tool's row, or a hand edit
+                    counts[f"dropped: not a units row ({problem.split(':')[0]})"] += 1
+                    dropped.append({"where": f"{path.name} row {number}", "reason": f"not a units row: {problem}"})
+                    continue
                 judged, reason = quality.check(suffix, u["id"])
                 if reason:
                     _quality_drop(counts, dropped, u["id"], reason)
                     continue
                 yield sinks, u, judged
+
+
+def units_row_problem(u: dict, k: int | None) -> str | None:
+    """Why a units row cannot be composed, as ``rule: message`` (the schema's, or validate's unit rules:
+    :func:`records.unit_rules`), or None."""
+    schema = records.record_errors("units", u)
+    if schema:
+        return f"schema: {schema[0]}"
+    rules = records.unit_rules("units", u, k)
+    return f"{rules[0][0]}: {rules[0][1]}" if rules else None
 
 
 def split_counts(out: Path, part: str | None = None) -> dict[str, int]:

@@ -227,6 +227,20 @@ def _unit_files(folder: Path) -> list[Path]:
     return [check_kind(f, "units", "quantize") for f in files]
 
 
+def _checked_rows(path: Path, columns: tuple[str, ...]):
+    """The ``columns`` of each row of a units file, each as the units schema has them; a row that is not (another
+    tool's, or a hand edit: a null id or units, a negative unit, a split no corpus has) is one line naming the file
+    and row, since dedup decides over every row together."""
+    from .. import records
+
+    for number, row in enumerate(iter_rows(path, columns=list(columns))):
+        problem = records.columns_problem("units", row, columns)
+        if problem:
+            raise ValueError(f"{path} row {number}: not a units row ({problem}); dedup decides over every row "
+                             "together: mend or remove it")
+        yield row
+
+
 def _signatures(path: Path, signer: Signer, cache: Path) -> dict[str, np.ndarray]:
     """id → signature of one units file, cached beside the output (keyed by the file's size, time and the
     signer's settings), so a rerun reads them back."""
@@ -238,7 +252,7 @@ def _signatures(path: Path, signer: Signer, cache: Path) -> dict[str, np.ndarray
         with np.load(cached, allow_pickle=False) as data:
             return dict(zip(data["ids"].tolist(), data["signatures"]))
     ids, sigs = [], []
-    for row in iter_rows(path, columns=["id", "units"]):
+    for row in _checked_rows(path, ("id", "units")):
         ids.append(row["id"])
         sigs.append(signer.signature(row["units"]))
     cache.mkdir(parents=True, exist_ok=True)
@@ -441,7 +455,7 @@ def read_inputs(inputs: list[Path], outs: list[Path], scores: list, signer: Sign
             files.append((path, folder, out))
             signatures.update(_signatures(path, signer, out / ".signatures"))
             audio = _audio_hashes(path, folder) if audio_hash else {}
-            for r in iter_rows(path, columns=list(COLUMNS)):
+            for r in _checked_rows(path, COLUMNS):
                 if r["id"] in rows:
                     raise ValueError(f"{path}: id {r['id']!r} is also in another input: dedup needs unique ids")
                 rows[r["id"]] = Row(r["id"], r["split"], r["corpus"], r.get("speaker"), r.get("text"),

@@ -34,7 +34,7 @@ from .. import records
 from ..io import iter_rows, naming
 from ..kinds import RECORD_KINDS
 from ..shardfiles import folder_k
-from ..speechgpt import record_problems, to_text
+from ..speechgpt import record_problems
 
 CONTENT_KINDS = tuple(RECORD_KINDS)
 
@@ -62,26 +62,13 @@ def check_record(kind: str, r: dict, k: int | None) -> list[tuple[str, str]]:
     errors = [("schema", e) for e in records.record_errors(kind, r)]
     if errors:
         return errors  # later rules assume the schema holds
-    for column in ("units", "instruction_units", "response_units"):
-        if k is not None and column in r:
-            bad = [u for u in r[column] if not 0 <= u < k]
-            if bad:
-                errors.append(("unit-range", f"{column} has ids outside [0, {k}): {bad[:5]}"))
+    errors += records.unit_rules(kind, r, k)
     for column in ("text", "transcript", "instruction", "response", "prefix"):
         if column in r and isinstance(r[column], str) and column != "prefix" and not r[column].strip():
             errors.append(("empty-text", f"{column} is blank"))
     if "content_hash" in r:
         if r["content_hash"] != records.content_hash(r):
             errors.append(("content-hash", "content_hash does not match the record's content"))
-    if kind == "pretrain" and r["text"] != to_text(r["units"]):
-        errors.append(("units-match", "text is not the unit string of units"))
-    if kind == "units":
-        if r["unit_text"] != to_text(r["units"]):
-            errors.append(("units-match", "unit_text is not the unit string of units"))
-        if len(r["durations"]) != len(r["units"]) or sum(r["durations"]) != r["n_frames"]:
-            errors.append(("durations", "durations do not pair with units or do not sum to n_frames"))
-        if r["n_frames"] > r["duration"] * 1000 + 10:
-            errors.append(("durations", f"{r['n_frames']} frames for {r['duration']} s is not a plausible frame rate"))
     errors += record_problems(r)  # markup and control characters: the check compose makes before writing
     if any(rule in ("markup", "control-character") for rule, _ in errors):
         return errors  # the kind's rules (its text's shape) would only repeat it

@@ -39,27 +39,14 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
 AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
 
 
-@functools.cache
-def _row_check():
-    """The manifest schema's rules for the columns decode_row reads (``schemas/manifest.json``), compiled."""
-    import fastjsonschema
-
-    from .. import records
-
-    schema = records.json_schema("manifest")
-    return fastjsonschema.compile({"type": "object", "required": ["id", "path", "offset", "duration"],
-                                   "properties": {c: schema["properties"][c] for c in AUDIO_COLUMNS}})
-
-
 def row_problem(row: dict) -> str | None:
     """Why a manifest row cannot say where its audio is (a row another tool wrote, or a hand edit: a null path or
     duration, a negative, NaN or infinite time, an empty id), or None when it can."""
-    import fastjsonschema
+    from .. import records
 
-    try:
-        _row_check()(row)
-    except fastjsonschema.JsonSchemaException as e:
-        return f"not a manifest row ({e.message.replace('data.', '', 1)})"
+    problem = records.columns_problem("manifest", row, AUDIO_COLUMNS)
+    if problem:
+        return f"not a manifest row ({problem})"
     bad = [c for c in ("offset", "duration") if not math.isfinite(row[c])]  # NaN passes the schema's bounds
     if bad:
         return f"not a manifest row ({' and '.join(bad)} not a finite number)"
