@@ -424,6 +424,7 @@ def templates_generate(
     timeout: float = typer.Option(default(settings.LLM, "timeout"), help="Seconds to wait for one request (local models can be slow)."),
     allow_fewer: bool = typer.Option(False, help="Exit 0 even when fewer than --n usable instructions came back."),
     cache_dir: Optional[Path] = typer.Option(None, parser=_output, help="Cache LLM answers here (default: beside OUT)."),
+    quiet: bool = Quiet,
 ):
     """Ask an LLM for varied task instructions; write a versioned template file. Ends with a line saying how
     many were asked, written and dropped, by reason."""
@@ -754,6 +755,7 @@ def validate(
     k: Optional[int] = typer.Option(None, help="Number of units (default: from the dataset's metadata)."),
     max_errors: int = typer.Option(50, help="Per-record errors to list."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    quiet: bool = Quiet,
 ):
     """Check every record against schemas/ and SpeechInstruct's rules; exit 1 when anything fails."""
     from .release.validate import format_report, validate as run_validate
@@ -777,6 +779,7 @@ def report(
     asr: Optional[str] = typer.Option(None, parser=_input_name, help="Transcribe each resynthesised sample with this ASR model (as `score "
                                       "--asr`) and give its WER: how much of the words the units keep."),
     base_url: Optional[str] = typer.Option(None, help="--asr at an OpenAI-compatible /audio/transcriptions server."),
+    quiet: bool = Quiet,
 ):
     """An HTML report with plots: hours, durations, unit usage, units/s, record counts, text lengths, and
     samples to listen to (original and resynthesised, with their mel-cepstral distance)."""
@@ -892,6 +895,7 @@ def chat(
     speak: Optional[Path] = typer.Option(None, parser=_output, help="With --vocoder: write the spoken unit answer here (.wav)."),
     history: Optional[Path] = typer.Option(None, parser=_input, help="A JSON file of the dialogue so far ([{input, answer}, …]; "
                                            "created when missing): each reply sees it, and is added to it."),
+    quiet: bool = Quiet,
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""

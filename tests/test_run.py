@@ -303,3 +303,21 @@ def test_help_lists_the_commands_in_pipeline_order_and_says_what_each_reads():
     assert "(score)" in runner.invoke(app, ["run", "--help"], env={"COLUMNS": "240"}).output
     out = runner.invoke(app, ["extract", "manifest", "s3://bucket/features"], env={"COLUMNS": "240"})
     assert out.exit_code == 2 and "outputs are written to a local folder" in out.output
+
+
+def test_every_command_takes_quiet():
+    """A script that passes `-q` to each step got "No such option: -q" from validate, report and chat."""
+    import typer
+
+    def leaves(command, path=()):
+        if hasattr(command, "commands"):  # a group (typer's own click, whichever it ships)
+            for name, sub in command.commands.items():
+                yield from leaves(sub, (*path, name))
+        else:
+            yield path, command
+
+    found = list(leaves(typer.main.get_command(app)))
+    assert len(found) > 20
+    lacking = [" ".join(path) for path, command in found
+               if not any("-q" in p.opts and "--quiet" in p.opts for p in command.params)]
+    assert lacking == []
