@@ -95,6 +95,10 @@ def test_error_rates_use_whisper_normaliser_and_jiwer():
     assert Gates(min_dnsmos=2.0).reason({"dnsmos_ovrl": 1.996}) == "DNSMOS OVRL below 2 (1.996)"  # not "(2.00)"
     assert Gates(max_wer=0.2).reason({"wer": 0.1}) is None and Gates(max_wer=0.2).reason({"wer": None}) == "no WER"
     assert Gates().reason(None) is None and Gates(max_cer=0.1).reason(None) == "not scored"
+    # NaN compares false with every limit: it passed every gate (a scores file another tool wrote, a judge that
+    # overflowed); it is a score not measured
+    assert Gates(min_dnsmos=3.0).reason({"dnsmos_ovrl": float("nan")}) == "no DNSMOS OVRL"
+    assert Gates(max_wer=0.2).reason({"wer": float("nan")}) == "no WER"
 
 
 @pytest.mark.parametrize("kind", ["whisper", "ctc", "parakeet"])

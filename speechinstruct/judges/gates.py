@@ -47,7 +47,7 @@ class Gates:
             if limit is None:
                 continue
             value = scores.get(column)
-            if value is None:
+            if value is None or value != value:  # NaN: not measured (it would pass every comparison)
                 return f"no {name}"
             if (value < limit) if side == "below" else (value > limit):
                 return f"{name} {side} {limit:g} ({value:.3f})"  # 1.996 is not shown as 2.00
