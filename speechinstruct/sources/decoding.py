@@ -105,7 +105,9 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
         return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
                           name=f"{row['path']} row {row['row']}")
     except (audio.AudioError, ValueError, OSError, KeyError) as e:
-        return MayPass(e) if storage.may_pass(e) else str(e)
+        if not storage.may_pass(e):
+            return str(e)
+        return MayPass(e if row["path"] in str(e) else f"{row['path']}: {e}")  # a read's OSError names no file
 
 
 def _load_file(path: Path, row: dict, sample_rate: int) -> np.ndarray:
