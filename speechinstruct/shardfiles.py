@@ -112,14 +112,18 @@ class Unfinished(OSError):
 def check_finished(out: Path, suffixes: list[str]) -> None:
     """One line (:class:`Unfinished`) when shards of ``out`` hold errors that may pass, naming how many and the
     first; nothing when every shard is finished."""
-    found = {s: errors_that_may_pass(out / f"errors-{s}.jsonl") for s in suffixes}
-    found = {s: errors for s, errors in found.items() if errors}
+    check_read(out, {s: [e["reason"] for e in errors_that_may_pass(out / f"errors-{s}.jsonl")] for s in suffixes})
+
+
+def check_read(out: Path, passing: dict[str, list[str]]) -> None:
+    """One line (:class:`Unfinished`) when any shard's list of ``passing`` reasons (utterances storage failed to
+    give for a while) is not empty: how many, in how many shards, and the first."""
+    found = {shard: reasons for shard, reasons in passing.items() if reasons}
     if found:
-        first = next(iter(found.values()))[0]
         count = sum(map(len, found.values()))
         raise Unfinished(f"{out}: {count} utterance{'s' * (count > 1)} in {len(found)} shard{'s' * (len(found) > 1)} "
-                         f"could not be read for a reason that may pass (first: {first['reason']}); the rest is "
-                         "written: run it again when the storage is back, and it does those shards again")
+                         f"could not be read for a reason that may pass (first: {next(iter(found.values()))[0]}); the "
+                         "rest is written: run it again when the storage is back, and it does those shards again")
 
 
 def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) -> list[Path]:

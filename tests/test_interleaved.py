@@ -276,6 +276,32 @@ def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tm
     assert same.exit_code == 2 and "align writes a new shard folder" in same.output
 
 
+def test_align_stops_when_the_root_is_gone_and_leaves_a_shard_storage_failed_for_the_rerun(librispeech_root, tmp_path):
+    """A corpus root that is not there made every row "not aligned: unreadable audio" and every shard was written
+    as done; an utterance the storage failed to give (a real EIO: /proc/self/mem) lost its words for good. Now
+    the first is one line before any output, and a shard holding the second is not written (one line, exit 2),
+    so that the rerun aligns it."""
+    import pyarrow as pa
+    from asr_fixture import write_tiny_ctc
+
+    write_tiny_ctc(tmp_path / "ctc")
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
+    argv = ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model", str(tmp_path / "ctc"), "-q"]
+    librispeech_root.rename(tmp_path / "moved")
+    gone = runner.invoke(app, argv)
+    assert gone.exit_code == 2 and "the corpus root is not there" in gone.output, gone.output
+    assert not (tmp_path / "aligned").exists()
+    summary = json.loads((tmp_path / "manifest" / "summary.json").read_text())
+    (tmp_path / "manifest" / "summary.json").write_text(json.dumps({**summary, "root": "/proc/self"}))
+    shard = manifest_files(tmp_path / "manifest")[0]
+    rows = pq.read_table(shard).to_pylist()
+    rows[0]["path"] = "mem"
+    pq.write_table(pa.Table.from_pylist(rows, pq.read_schema(shard)), shard)
+    failed = runner.invoke(app, argv)
+    assert failed.exit_code == 2 and "may pass" in failed.output and "mem: [Errno 5]" in failed.output, failed.output
+    assert not (tmp_path / "aligned" / shard.name).exists()
+
+
 def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interleaved_record(demo_units, tmp_path):
     """A transcript `THE [SPEECH]<7> …` or a word label `[SPEECH]<5><6> [TEXT]` would be copied into the record's
     text: such utterances are skipped and counted, the others composed as before."""

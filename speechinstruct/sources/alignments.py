@@ -204,23 +204,26 @@ class CtcAligner:
 
 def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -> dict:
     """A copy of a shard folder whose rows with a transcript and no ``words`` get them from ``aligner``; rows it
-    cannot align are kept without, counted by reason. Shard by shard, resumable (a finished shard is skipped)."""
+    cannot align are kept without, counted by reason. Shard by shard, resumable (a finished shard is skipped); a
+    shard with an utterance that storage failed to give for a while is not written, and the run ends with one line
+    (:class:`shardfiles.Unfinished`), so that the rerun aligns it."""
     import collections
     import shutil
 
     from .. import records
     from ..io import iter_rows, write_json, write_parquet
     from ..progress import progress
-    from ..shardfiles import corpus_root, manifest_files
-    from .decoding import decode_row
+    from ..shardfiles import check_read, corpus_root, manifest_files
+    from .decoding import MayPass, check_root, decode_row
 
     manifest, out = Path(manifest), Path(out)
     if out.resolve() == manifest.resolve():
         raise ValueError(f"{out}: align writes a new shard folder; give another one")
-    root = corpus_root(manifest)
+    root = check_root(corpus_root(manifest), manifest)
     out.mkdir(parents=True, exist_ok=True)
     counts: collections.Counter[str] = collections.Counter()
     examples: list[dict] = []
+    passing: dict[str, list[str]] = {}  # shard → utterances storage failed to give: the shard is left for the rerun
     for shard in manifest_files(manifest):
         target = out / shard.name
         if target.exists():
@@ -232,6 +235,9 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
                 counts["kept as they were"] += 1
             else:
                 wav = decode_row(row, root)
+                if isinstance(wav, MayPass):
+                    passing.setdefault(shard.name, []).append(wav)
+                    continue
                 found = wav if isinstance(wav, str) else aligner.words(wav, row["text"])
                 if isinstance(found, str):
                     counts["not aligned: " + found.split(" (")[0]] += 1
@@ -241,11 +247,13 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
                     row["words"] = found
                     counts["aligned"] += 1
             rows.append(row)
-        write_parquet(target, records.to_table("manifest", rows))
+        if shard.name not in passing:
+            write_parquet(target, records.to_table("manifest", rows))
     summary = {**json.loads((manifest / "summary.json").read_text()),
                "alignment": {"model": aligner.source, **dict(sorted(counts.items())), "examples": examples}}
     write_json(out / "summary.json", summary)
     for extra in manifest.glob("*.json"):  # whatever else shard wrote beside the shards
         if extra.name != "summary.json" and not (out / extra.name).exists():
             shutil.copy2(extra, out / extra.name)
+    check_read(out, passing)
     return summary["alignment"]
