@@ -105,8 +105,8 @@ def errors_that_may_pass(path: Path) -> list[dict]:
 
 
 class Unfinished(OSError):
-    """A stage wrote every shard, but some utterances failed for reasons that may pass: its rerun does those
-    shards again."""
+    """A stage went through every shard, but some utterances failed for reasons that may pass (storage that failed
+    for a while): its rerun does those shards again."""
 
 
 def check_finished(out: Path, suffixes: list[str]) -> None:
