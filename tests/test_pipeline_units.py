@@ -250,6 +250,34 @@ def test_quantize_names_an_utterance_whose_frames_are_not_finite(manifest, tmp_p
     assert not (tmp_path / "units" / "units-00001.parquet").exists()
 
 
+@pytest.mark.parametrize("fault, says", [("no frames", "has no frames"), ("null frames", "has no frames"),
+                                         ("unknown id", "is not in its manifest shard"),
+                                         ("twice", "appears twice"), ("null id", "an utterance without an id")])
+def test_quantize_names_a_feature_row_it_cannot_turn_into_units(manifest, tmp_path, fault, says):
+    """A feature file another tool wrote, or spliced by hand: an utterance with no frames (or null ones) became a
+    units row the units schema refuses (no units, n_frames 0, `<sosp><eosp>`); one listed twice, two rows with one
+    id; an id the manifest lacks or a null one, "no None where one was expected". Each is one line naming the
+    file and the utterance, and the shard is not written."""
+    import pyarrow as pa
+
+    cli("extract", manifest, tmp_path / "feats", "-q")
+    cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")
+    path = tmp_path / "feats" / "features-00001.arrow"
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    ids, feats = table.column("id").to_pylist(), table.column("features").to_pylist()
+    if fault in ("no frames", "null frames"):
+        feats[1] = [] if fault == "no frames" else None
+    else:
+        ids[1] = {"unknown id": "elsewhere/x", "twice": ids[0], "null id": None}[fault]
+    schema = pa.schema([f.with_nullable(True) for f in table.schema])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_table(pa.table([pa.array(ids, pa.string()), pa.array(feats, schema.field("features").type)], schema=schema))
+    result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "features-00001.arrow: " in result.stderr and says in result.stderr, result.output
+    assert not (tmp_path / "units" / "units-00001.parquet").exists()
+
+
 def test_quiet_means_no_progress_bars_from_the_libraries_either(manifest, tmp_path):
     """``-q`` promises no progress bars: transformers' "Loading weights" bar (and datasets' and the Hub's) printed
     anyway. Run as a user runs it, in its own process (the libraries read the setting when they load)."""

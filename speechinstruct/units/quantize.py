@@ -70,13 +70,27 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
         manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in read_table(manifest_shard).to_pylist()}
         # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
+        seen: set[str] = set()
         with UnitWriter(SpeechEncoder(kmeans), target) as writer:
             for uid, f in progress(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt"):
-                if not np.isfinite(f).all():  # FAISS would give -1: no unit
-                    raise ValueError(f"{path}: {uid}: frames hold NaN or infinite values; extract it again")
+                _check_utterance(path, uid, f, rows, seen, manifest_shard)
+                seen.add(uid)
                 writer.add(rows[uid], f)
         done += 1
     return {"shards_done": done, "shards_skipped": skipped, **unit_stats(out, kmeans.k)}
+
+
+def _check_utterance(path: Path, uid, frames: np.ndarray, rows: dict, seen: set, manifest_shard: Path) -> None:
+    """One line naming the feature file and the utterance when it cannot become a units row (a file another tool
+    wrote, or spliced by hand), before anything of its shard is written."""
+    if not isinstance(uid, str):
+        raise ValueError(f"{path}: an utterance without an id; extract it again")
+    problem = ("is not in its manifest shard " + str(manifest_shard) if uid not in rows else
+               "appears twice" if uid in seen else
+               "has no frames" if not len(frames) else
+               "frames hold NaN or infinite values" if not np.isfinite(frames).all() else None)  # FAISS: -1, no unit
+    if problem:
+        raise ValueError(f"{path}: {uid}: {problem}; extract it again")
 
 
 def unit_stats(folder: str | Path, k: int) -> dict:
