@@ -457,7 +457,8 @@ def read_inputs(inputs: list[Path], outs: list[Path], scores: list, signer: Sign
             audio = _audio_hashes(path, folder) if audio_hash else {}
             for r in _checked_rows(path, COLUMNS):
                 if r["id"] in rows:
-                    raise ValueError(f"{path}: id {r['id']!r} is also in another input: dedup needs unique ids")
+                    raise ValueError(f"{path}: id {r['id']!r} is in an earlier row too (of this file or another "
+                                     "input): dedup needs unique ids")
                 rows[r["id"]] = Row(r["id"], r["split"], r["corpus"], r.get("speaker"), r.get("text"),
                                     unit_hash(r["units"]), audio.get(r["id"]), dnsmos.get(r["id"]))
                 sequences[r["id"]] = compact(r["units"])
