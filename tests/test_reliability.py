@@ -75,6 +75,32 @@ def test_sigkill_anywhere_then_rerun_gives_the_clean_result(clean_run, tmp_path,
         assert all(got[k] == want[k] for k in got), [k for k in got if got[k] != want[k]]
 
 
+def test_a_run_whose_storage_failed_for_a_while_is_finished_by_the_rerun(clean_run, tmp_path, monkeypatch):
+    """The audio of one speaker gives an I/O error (a network mount failing for a while): `run` goes through
+    every shard, then stops with one line before stamping extract, and the rerun once the storage is back gives
+    the clean run's dataset byte for byte (extract's stamp was not written, so its unfinished shards are redone)."""
+    import errno
+
+    from speechinstruct.shardfiles import Unfinished
+    from speechinstruct.sources import decoding
+
+    whole = decoding._load_file
+
+    def failing(path, row, sample_rate):
+        if "/1002/" in f"/{row['path']}":
+            raise OSError(errno.EIO, "Input/output error")
+        return whole(path, row, sample_rate)
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "work")
+    monkeypatch.setattr(decoding, "_load_file", failing)
+    with pytest.raises(Unfinished, match="could not be read for a reason that may pass"):
+        run(recipe)
+    assert not (tmp_path / "work" / "speechinstruct-demo" / "features" / ".stage.json").exists()
+    monkeypatch.setattr(decoding, "_load_file", whole)
+    assert run(recipe)["valid"]
+    assert snapshot(tmp_path / "work" / "dataset") == snapshot(clean_run / "dataset")
+
+
 def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     """One utterance per fault, in a LibriSpeech layout; the good ones come through."""
     root = tmp_path / "corpus"
