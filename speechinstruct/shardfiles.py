@@ -99,7 +99,7 @@ def errors_that_may_pass(path: Path) -> list[dict]:
             error = json.loads(line) if line.strip() else {}
         except ValueError as e:
             raise ValueError(f"{path} line {number}: not JSON ({e}); an errors file is written whole by its stage") from None
-        if isinstance(error, dict) and error.get("may_pass"):
+        if isinstance(error, dict) and error.get("may_pass") is True:
             found.append(error)
     return found
 
