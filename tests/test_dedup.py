@@ -209,6 +209,52 @@ def test_a_hand_edited_units_row_is_one_line_naming_file_and_row(units_dir, tmp_
     assert f"{path} row 1: not a units row (" in result.output, result.output
 
 
+def test_audio_hash_drops_the_same_samples_and_a_storage_failure_stops_it(units_dir, tmp_path, monkeypatch):
+    """`--audio-hash` had no test. A row whose units share nothing with another's but whose audio is the same
+    file is an exact duplicate with it and only with it. An utterance whose audio storage failed to give for a
+    while was skipped silently (that run's check was weaker, and said nothing); dedup decides over every row
+    together, so it now stops with one line, writing nothing, and the rerun finishes. A corpus root that is not
+    there is one line too (every row was skipped silently)."""
+    import errno
+    import shutil
+
+    import pyarrow as pa
+    from speechinstruct import records
+    from speechinstruct.sources import decoding
+    from speechinstruct.speechgpt import to_text
+
+    path = sorted(units_dir.glob("units-*.parquet"))[0]
+    rows = pq.read_table(path).to_pylist()
+    units = [(u + 3) % 8 for u in reversed(rows[0]["units"])]
+    rows.append({**rows[0], "id": "librispeech/copy", "units": units, "durations": list(reversed(rows[0]["durations"])),
+                 "unit_text": to_text(units)})
+    pq.write_table(records.to_table("units", rows), path)
+    plain = dedup(units_dir, tmp_path / "plain")
+    assert plain["dropped"] == {}, plain
+    hashed = dedup(units_dir, tmp_path / "hashed", sections.Dedup(audio_hash=True))
+    assert hashed["dropped"] == {"exact duplicate": 1}, hashed
+    assert set(dropped_rows(tmp_path / "hashed")) & {rows[0]["id"], "librispeech/copy"}
+
+    whole = decoding._load_file
+
+    def failing(file, row, sample_rate):
+        if row["id"] == "librispeech/copy":
+            raise OSError(errno.EIO, "Input/output error")
+        return whole(file, row, sample_rate)
+
+    monkeypatch.setattr(decoding, "_load_file", failing)
+    failed = runner.invoke(app, ["dedup", str(units_dir), str(tmp_path / "down"), "--audio-hash"])
+    assert failed.exit_code == 2 and "may pass" in failed.output and "nothing is written" in failed.output, failed.output
+    assert not list((tmp_path / "down").glob("units-*.parquet"))
+    monkeypatch.setattr(decoding, "_load_file", whole)
+    assert dedup(units_dir, tmp_path / "down", sections.Dedup(audio_hash=True))["dropped"] == {"exact duplicate": 1}
+
+    spec = json.loads((units_dir / "units.json").read_text())
+    shutil.move(spec["root"], tmp_path / "moved")
+    gone = runner.invoke(app, ["dedup", str(units_dir), str(tmp_path / "gone"), "--audio-hash"])
+    assert gone.exit_code == 2 and "the corpus root is not there" in gone.output, gone.output
+
+
 def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_checked(tmp_path):
     """recipe.dedup: a stage after quantize; compose reads its output; the card and the report say what was
     checked against and what was dropped; without the section a rerun removes the stage's folders."""

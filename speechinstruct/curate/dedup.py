@@ -274,14 +274,27 @@ def _dnsmos(scores: Path | None) -> dict[str, float]:
 
 
 def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
-    """id → sha1 of each row's decoded 16 kHz samples (``audio_hash``)."""
+    """id → sha1 of each row's decoded 16 kHz samples (``audio_hash``); a row whose audio cannot be used has
+    none. Audio that storage failed to give for a while stops dedup (one line, nothing written): it decides over
+    every row together, so a rerun does it all again once the storage is back."""
     from ..shardfiles import read_units_spec
-    from ..sources.decoding import AUDIO_COLUMNS, decode_rows
+    from ..sources.decoding import AUDIO_COLUMNS, MayPass, check_root, decode_rows
 
-    root = Path((read_units_spec(folder) or {}).get("root") or ".")
+    root = (read_units_spec(folder) or {}).get("root")
+    if not root:
+        raise ValueError(f"{folder / 'units.json'}: no corpus root recorded; --audio-hash decodes each row's audio")
     rows = list(iter_rows(path, columns=list(AUDIO_COLUMNS)))
-    return {row["id"]: hashlib.sha1(np.asarray(wav, np.float32).tobytes()).digest()[:12]
-            for row, wav in decode_rows(rows, root) if not isinstance(wav, str)}
+    hashes, passing = {}, []
+    for row, wav in decode_rows(rows, check_root(Path(root), folder)):
+        if isinstance(wav, MayPass):
+            passing.append(wav)
+        elif not isinstance(wav, str):
+            hashes[row["id"]] = hashlib.sha1(np.asarray(wav, np.float32).tobytes()).digest()[:12]
+    if passing:
+        raise OSError(f"{path}: the audio of {len(passing)} utterance{'s' * (len(passing) > 1)} could not be read for a "
+                      f"reason that may pass (first: {passing[0]}); dedup decides over every row together, so nothing "
+                      "is written: run it again when the storage is back")
+    return hashes
 
 
 def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None) -> tuple[dict, dict, list[dict]]:
