@@ -16,6 +16,7 @@ import yaml
 from conftest import speechlike
 from openai_server import FakeOpenAI
 from speechinstruct import recipe as sections
+from speechinstruct.shardfiles import read_features
 from speechinstruct.units.extract import extract
 from speechinstruct.units.features import MFCC
 from speechinstruct.pipeline import run
@@ -175,6 +176,24 @@ def test_an_io_error_of_the_storage_is_a_skip_that_may_pass(tmp_path):
 
 BAD_ROWS = {"path": None, "duration": None, "offset": float("nan")}, {"duration": -1.0}, \
     {"duration": float("inf")}, {"offset": float("nan")}, {"id": ""}, {"path": "a\x00b.flac"}
+
+
+def test_an_id_twice_in_a_manifest_shard_is_extracted_once(librispeech_root, tmp_path):
+    """A hand-merged manifest with one id on two rows was extracted twice: a feature file with one id twice,
+    which quantize refuses only after the extraction's hours. The repeat is a counted skip now."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    first = sorted((tmp_path / "m").glob("manifest-*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(table.take([0, 1, 0]) if table.num_rows > 1 else table.take([0, 0]), first)
+    stats = extract(tmp_path / "m", tmp_path / "out", MFCC())
+    ids = [i for f in sorted((tmp_path / "out").glob("features-*.arrow")) for i in read_features(f)[0]]
+    assert len(ids) == len(set(ids)) == stats["utterances"]
+    errors = [json.loads(x) for x in (tmp_path / "out" / f"errors-{first.stem.split('-')[1]}.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in errors] == ["id repeated in this shard (an earlier row has it)"]
 
 
 @pytest.mark.parametrize("stage", ["extract", "score", "ray blocks"])

@@ -214,11 +214,16 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
     bar = progress(results, total=total, desc=f"{'units' if units else 'features'} {target.name}",
                    unit="utt")
 
+    seen: set[str] = set()  # a hand-merged manifest may list an id twice: its repeat is a skip, not a second row
+
     def good(pairs):
         for row, value in pairs:
+            if not isinstance(value, str) and row["id"] in seen:
+                value = "id repeated in this shard (an earlier row has it)"
             if isinstance(value, str):
                 errors.append(error_record(row, value))
                 continue
+            seen.add(row["id"])
             counts["utterances"] += 1
             counts["audio_hours"] += row["duration"] / 3600
             yield row, value
