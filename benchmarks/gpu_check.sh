@@ -31,7 +31,7 @@ if [ "${1:-}" = prepare ]; then
   python3 -m pip download -q --no-deps $P -d .gpu/whl soundfile soxr kaldi-native-fbank pydantic pydantic-core \
     annotated-types typing-inspection jsonschema jsonschema-specifications referencing rpds-py ijson braceexpand cffi \
     pycparser typing-extensions faiss-cpu speechmos==0.0.1.1 librosa audioread decorator pooch platformdirs praatio \
-    datasets dill multiprocess ${EXTRA:-}
+    datasets dill multiprocess fastjsonschema ${EXTRA:-}
   # the carried tree may weigh 64 MiB in all: speechmos keeps DNSMOS's networks only (AECMOS's and PLCMOS's go)
   python3 -c "import sys, zipfile, os; src = sys.argv[1]; a = zipfile.ZipFile(src); b = zipfile.ZipFile(src + '.new', 'w', zipfile.ZIP_DEFLATED); \
 [b.writestr(i, a.read(i.filename)) for i in a.infolist() if not i.filename.startswith(('speechmos/aecmos_models/', 'speechmos/plcmos_models/', 'speechmos/pdnsmos_models/'))]; \
