@@ -218,7 +218,6 @@ def test_audio_hash_drops_the_same_samples_and_a_storage_failure_stops_it(units_
     import errno
     import shutil
 
-    import pyarrow as pa
     from speechinstruct import records
     from speechinstruct.sources import decoding
     from speechinstruct.speechgpt import to_text
