@@ -80,6 +80,8 @@ def expected_failures():
         fail(key if isinstance(key, str) and " " in key else
              f"no {key!r} where one was expected (an input written by another tool or version?)")
     except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError, RayJobError) as e:
+        if getattr(e, "summary", None) is not None:  # a stage that went through but must run again: its summary too
+            _print_json(e.summary)
         if isinstance(e, FileNotFoundError) and e.errno is None and " " not in str(e):  # pyarrow's: the path alone
             fail(f"{e}: no such file or folder")
         fail(str(e))

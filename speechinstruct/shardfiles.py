@@ -106,7 +106,10 @@ def errors_that_may_pass(path: Path) -> list[dict]:
 
 class Unfinished(OSError):
     """A stage went through every shard, but some utterances failed for reasons that may pass (storage that failed
-    for a while): its rerun does those shards again."""
+    for a while): its rerun does those shards again. ``summary``: the stage's summary, which the command line
+    still prints."""
+
+    summary: dict | None = None
 
 
 def check_finished(out: Path, suffixes: list[str]) -> None:

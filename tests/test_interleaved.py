@@ -300,6 +300,7 @@ def test_align_stops_when_the_root_is_gone_and_leaves_a_shard_storage_failed_for
     failed = runner.invoke(app, argv)
     assert failed.exit_code == 2 and "may pass" in failed.output and "mem: [Errno 5]" in failed.output, failed.output
     assert not (tmp_path / "aligned" / shard.name).exists()
+    assert json.loads(failed.stdout)["model"] == str(tmp_path / "ctc")  # the summary still comes, on stdout
 
 
 def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interleaved_record(demo_units, tmp_path):

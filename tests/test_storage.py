@@ -422,6 +422,8 @@ def test_storage_that_fails_for_a_while_then_recovers_is_finished_by_the_rerun(b
     assert failed.exit_code == 2, failed.output
     line = failed.output.strip().splitlines()[-1]
     assert "may pass" in line and "run it again" in line and str(tmp_path / "out") in line, line
+    summary = json.loads(failed.stdout[failed.stdout.index("{"):])  # the summary still comes, on stdout
+    assert summary["utterances"] == 0 and summary["shards_done"] == 1, summary
     errors = [json.loads(x) for f in sorted((tmp_path / "out").glob("errors-*.jsonl")) for x in f.read_text().splitlines()]
     assert len(errors) == 4 and all(e["may_pass"] for e in errors), errors  # the corrupt flac too: never fetched
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", bucket["endpoint"])

@@ -23,7 +23,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_finished, check_kind, check_spec, finished, select_shards, shard_suffix
+from ..shardfiles import Unfinished, check_finished, check_kind, check_spec, finished, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -126,7 +126,11 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
                **({"batches_halved": halved} if halved else {}), **summarise(out)}
     write_json(out / "summary.json", summary)
-    check_finished(out, [shard_suffix(p) for p in select_shards(files, num_shards, shard_index)])
+    try:
+        check_finished(out, [shard_suffix(p) for p in select_shards(files, num_shards, shard_index)])
+    except Unfinished as e:
+        e.summary = summary
+        raise
     return summary
 
 
