@@ -112,21 +112,25 @@ class Unfinished(OSError):
     summary: dict | None = None
 
 
-def check_finished(out: Path, suffixes: list[str]) -> None:
-    """One line (:class:`Unfinished`) when shards of ``out`` hold errors that may pass, naming how many and the
-    first; nothing when every shard is finished."""
-    check_read(out, {s: [e["reason"] for e in errors_that_may_pass(out / f"errors-{s}.jsonl")] for s in suffixes})
+def check_finished(out: Path, suffixes: list[str], summary: dict | None = None) -> None:
+    """One line (:class:`Unfinished`, carrying the stage's ``summary``) when shards of ``out`` hold errors that may
+    pass, naming how many and the first; nothing when every shard is finished."""
+    check_read(out, {s: [e["reason"] for e in errors_that_may_pass(out / f"errors-{s}.jsonl")] for s in suffixes},
+               summary)
 
 
-def check_read(out: Path, passing: dict[str, list[str]]) -> None:
-    """One line (:class:`Unfinished`) when any shard's list of ``passing`` reasons (utterances storage failed to
-    give for a while) is not empty: how many, in how many shards, and the first."""
+def check_read(out: Path, passing: dict[str, list[str]], summary: dict | None = None) -> None:
+    """One line (:class:`Unfinished`, carrying the stage's ``summary``) when any shard's list of ``passing`` reasons
+    (utterances storage failed to give for a while) is not empty: how many, in how many shards, and the first."""
     found = {shard: reasons for shard, reasons in passing.items() if reasons}
     if found:
         count = sum(map(len, found.values()))
-        raise Unfinished(f"{out}: {count} utterance{'s' * (count > 1)} in {len(found)} shard{'s' * (len(found) > 1)} "
-                         f"could not be read for a reason that may pass (first: {next(iter(found.values()))[0]}); the "
-                         "rest is written: run it again when the storage is back, and it does those shards again")
+        unfinished = Unfinished(f"{out}: {count} utterance{'s' * (count > 1)} in {len(found)} shard"
+                                f"{'s' * (len(found) > 1)} could not be read for a reason that may pass (first: "
+                                f"{next(iter(found.values()))[0]}); the rest is written: run it again when the storage "
+                                "is back, and it does those shards again")
+        unfinished.summary = summary
+        raise unfinished
 
 
 def select_shards(files: list[Path], num_shards: int = 1, shard_index: int = 0) -> list[Path]:

@@ -23,7 +23,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import Unfinished, check_finished, check_kind, check_spec, finished, select_shards, shard_suffix
+from ..shardfiles import check_finished, check_kind, check_spec, finished, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -90,7 +90,8 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     schema = records.arrow_schema("scores")
     done = skipped = 0
     started = time.perf_counter()
-    for path in select_shards(files, num_shards, shard_index):
+    mine = select_shards(files, num_shards, shard_index)
+    for path in mine:
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
         if finished(target) and not transient_errors(out / f"errors-{suffix}.jsonl"):
@@ -126,11 +127,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
                **({"batches_halved": halved} if halved else {}), **summarise(out)}
     write_json(out / "summary.json", summary)
-    try:
-        check_finished(out, [shard_suffix(p) for p in select_shards(files, num_shards, shard_index)])
-    except Unfinished as e:
-        e.summary = summary
-        raise
+    check_finished(out, [shard_suffix(p) for p in mine], summary)
     return summary
 
 

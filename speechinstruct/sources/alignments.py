@@ -213,7 +213,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
     from .. import records
     from ..io import iter_rows, write_json, write_parquet
     from ..progress import progress
-    from ..shardfiles import Unfinished, check_read, corpus_root, manifest_files
+    from ..shardfiles import check_read, corpus_root, manifest_files
     from .decoding import MayPass, check_root, decode_row
 
     manifest, out = Path(manifest), Path(out)
@@ -255,9 +255,5 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
     for extra in manifest.glob("*.json"):  # whatever else shard wrote beside the shards
         if extra.name != "summary.json" and not (out / extra.name).exists():
             shutil.copy2(extra, out / extra.name)
-    try:
-        check_read(out, passing)
-    except Unfinished as e:
-        e.summary = summary["alignment"]
-        raise
+    check_read(out, passing, summary["alignment"])
     return summary["alignment"]

@@ -54,9 +54,8 @@ def row_problem(row: dict) -> str | None:
 
 
 def seconds(row: dict) -> float:
-    """A row's duration where it is one (:func:`row_problem`), else 0: the Ray engine cuts blocks by it."""
-    duration = row.get("duration")
-    return duration if isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0 else 0.0
+    """A row's duration, or 0 for a row :func:`row_problem` refuses: the Ray engine cuts blocks by it."""
+    return 0.0 if row_problem(row) else row["duration"]
 
 
 def check_root(root: Path, source: Path) -> Path:

@@ -31,8 +31,8 @@ from ..io import atomic_path, read_table, remove_stale_temps, write_text
 from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
-from ..shardfiles import (Unfinished, check_finished, check_spec, corpus_root, feature_schema, features_array,
-                          finished, manifest_files, output_spec, select_shards, shard_output, shard_suffix)
+from ..shardfiles import (check_finished, check_spec, corpus_root, feature_schema, features_array, finished,
+                          manifest_files, output_spec, select_shards, shard_output, shard_suffix)
 from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows, error_record  # noqa: F401 (extract's API too)
 from .features import Extractor
 from .kmeans import SpeechEncoder
@@ -197,11 +197,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
             stats[key] += shard_stats[key]
     stats["seconds"] = round(time.perf_counter() - started, 3)
     stats["audio_hours"] = round(stats["audio_hours"], 4)
-    try:
-        check_finished(out, [shard_suffix(s) for s in shards])
-    except Unfinished as e:
-        e.summary = stats
-        raise
+    check_finished(out, [shard_suffix(s) for s in shards], stats)
     return stats
 
 
