@@ -327,7 +327,7 @@ def cluster(
 @command(app)
 def quantize(
     features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
-    kmeans: Path = typer.Argument(..., parser=_input, help="A `cluster` output folder, centroids .npy, or a fairseq *_km*.bin."),
+    kmeans: Path = typer.Argument(..., parser=_input, help="A `cluster` output folder (or its kmeans.json), centroids .npy, or a fairseq *_km*.bin."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for units-*.parquet and stats.json."),
     device: str = typer.Option("auto", help="Where to assign: cpu (FAISS's exact search), cuda, cuda:N or auto (a GPU "
                                "when there is one: torch's matrix products, the same nearest centroids)."),

@@ -63,6 +63,22 @@ def test_malicious_joblib_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_kmeans_json_of_a_cluster_folder_reads_the_folder(tmp_path):
+    """`cluster` writes kmeans.json beside centroids.npy; a user passing that file (tab completion stops there)
+    got "not an uncompressed joblib/pickle file". The intent is plain: the folder it describes is read."""
+    x, _, _ = blobs(k=4, dim=6, seed=3)
+    folder = tmp_path / "km"
+    folder.mkdir()
+    np.save(folder / "centroids.npy", cluster.fit(x, 4, seed=0))
+    (folder / "kmeans.json").write_text('{"k": 4, "seed": 0}')
+    by_file, by_folder = units.load_kmeans(folder / "kmeans.json"), units.load_kmeans(folder)
+    assert (by_file.source, by_file.meta) == (by_folder.source, by_folder.meta)
+    np.testing.assert_array_equal(by_file.centroids, by_folder.centroids)
+    (tmp_path / "other.json").write_text("{}")  # any other JSON file is still refused, naming it
+    with pytest.raises(ValueError, match="other.json: not"):
+        units.load_kmeans(tmp_path / "other.json")
+
+
 def test_garbage_kmeans_file_is_clear(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"hello")
     with pytest.raises(ValueError, match="junk.bin: not"):

@@ -101,6 +101,8 @@ def nearest_centroids(x, norms, centroids, chunk: int = 65536):
 
 def load_kmeans(path: str | Path) -> KMeans:
     path = Path(path)
+    if path.name == "kmeans.json" and (path.parent / "centroids.npy").is_file():
+        path = path.parent  # cluster's description of its output: the folder it describes is meant
     if path.is_dir():
         centroids_path, meta_path = path / "centroids.npy", path / "kmeans.json"
         if not centroids_path.is_file():
