@@ -63,6 +63,36 @@ def unit_files(folder: str | Path) -> list[Path]:
     return _listed(folder, "units-*.parquet", "quantize", "units")
 
 
+def repeated_elsewhere(files: list[Path]) -> dict[str, dict[str, str]]:
+    """For each file (by name) the ids an earlier file of ``files`` already holds, each with the name of the first
+    file that holds it: a shard copied beside itself, or shard folders merged by hand. Reads only the id columns
+    and keeps a 64-bit hash of each id (Python's own); the ids whose hashes repeat are read again and compared
+    whole, so that a collision is never taken for a repeat."""
+    import pyarrow.parquet as pq
+
+    def ids(f: Path) -> pa.Array:
+        with naming(f):
+            return pq.read_table(f, columns=["id"]).column("id").combine_chunks().cast(pa.string()).drop_null().unique()
+
+    if len(files) < 2:
+        return {}
+    hashes = [np.fromiter(map(hash, ids(f).to_pylist()), np.int64) for f in files]
+    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
+    suspects = values[counts > 1]
+    first: dict[str, str] = {}
+    out: dict[str, dict[str, str]] = {}
+    for f, hashed in zip(files, hashes):
+        inside = np.isin(hashed, suspects)
+        if not inside.any():
+            continue
+        for uid in ids(f).filter(pa.array(inside)).to_pylist():
+            if uid in first:
+                out.setdefault(f.name, {})[uid] = first[uid]
+            else:
+                first[uid] = f.name
+    return out
+
+
 def corpus_root(folder: str | Path) -> Path:
     """The corpus root recorded in a shard folder's summary.json."""
     folder = Path(folder)

@@ -457,3 +457,13 @@ def test_publish_refuses_records_that_validate_fails(composed, tmp_path):
     with pytest.raises(InvalidRecords, match=r"row 0 .*\[markup\] transcript holds record markup '\[Human\]'.*markup x1\)"):
         publish(folder, tmp_path / "out")
     assert not (tmp_path / "out" / "data").exists()
+    # a records file copied beside itself: every record twice, named with where it was first, and the advice
+    # is to take the copy out (composing again, what publish said, changed nothing)
+    shutil.rmtree(folder)
+    shutil.copytree(composed, folder)
+    path = sorted((folder / "cross_modal").glob("train-*.parquet"))[0]
+    shutil.copy(path, path.with_name("train-00099.parquet"))
+    with pytest.raises(InvalidRecords, match=r"train-00099.parquet: row 0 .*\[duplicate-id\] id appears more than once "
+                       rf"\(first in cross_modal/{path.name} row 0\).*nothing published; a file copied beside itself"):
+        publish(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()

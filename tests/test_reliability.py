@@ -196,6 +196,70 @@ def test_an_id_twice_in_a_manifest_shard_is_extracted_once(librispeech_root, tmp
     assert [e["reason"] for e in errors] == ["id repeated in this shard (an earlier row has it)"]
 
 
+@pytest.mark.parametrize("engine", ["local", "ray blocks", "score"])
+def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_path, engine):
+    """A manifest shard copied beside itself (or two shard folders merged by hand) put every utterance in two
+    feature files, then two units rows and two records each, refused only at publish ("compose them again", which
+    changed nothing). The later shard's rows are now counted skips naming the shard that has them first, before
+    their audio is read; the first shard is untouched, on both engines and in any job-array part."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    first = sorted((tmp_path / "m").glob("manifest-*.parquet"))[0]
+    copy = tmp_path / "m" / "manifest-00099.parquet"
+    shutil.copy(first, copy)
+    ids = pq.read_table(first, columns=["id"]).column("id").to_pylist()
+    if engine == "ray blocks":
+        from speechinstruct.shardfiles import manifest_files, repeated_elsewhere
+        from speechinstruct.units.engine_ray import blocks
+
+        cut = list(blocks([first, copy], 2.0, repeated_elsewhere(manifest_files(tmp_path / "m"))))
+        assert [r["id"] for b in cut if b.shard == first.name for r in b.rows] == ids
+        assert not [b for b in cut if b.shard == copy.name]
+        return
+    if engine == "score":  # the DNSMOS gate, the costliest stage per hour, scores each utterance once too
+        from speechinstruct.curate.score import score
+        from speechinstruct.judges.dnsmos import DNSMOS
+        from speechinstruct.judges.judge import Judge
+
+        summary = score(tmp_path / "m", tmp_path / "out", Judge(DNSMOS()))
+        scored = [i for f in sorted((tmp_path / "out").glob("scores-*.parquet")) for i in pq.read_table(f)["id"].to_pylist()]
+        assert sorted(scored) == sorted(ids), summary
+        errors = [json.loads(x) for x in (tmp_path / "out" / "errors-00099.jsonl").read_text().splitlines()]
+        assert [e["reason"] for e in errors] == [f"id repeated: {first.name} has it first"] * len(ids)
+        return
+    whole = extract(tmp_path / "m", tmp_path / "out", MFCC())
+    extracted = [i for f in sorted((tmp_path / "out").glob("features-*.arrow")) for i in read_features(f)[0]]
+    assert sorted(extracted) == sorted(ids) and whole["errors"] == len(ids)
+    errors = [json.loads(x) for x in (tmp_path / "out" / "errors-00099.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in errors] == ids
+    assert {e["reason"] for e in errors} == {f"id repeated: {first.name} has it first"}
+    assert whole["skip_reasons"] == {f"id repeated: {first.name} has it first": len(ids)}  # the summary says why
+    part = extract(tmp_path / "m", tmp_path / "part", MFCC(), num_shards=2, shard_index=1)  # the copy's worker alone
+    assert part["utterances"] == 0 and read_features(tmp_path / "part" / "features-00099.arrow")[0] == []
+
+
+def test_ids_whose_hashes_collide_are_not_repeats(tmp_path, monkeypatch):
+    """repeated_elsewhere keeps hashes of ids, not the ids: every hash equal (a collision on each pair) still
+    finds only the id that is really in two files, and the file that has it first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from speechinstruct import shardfiles
+
+    files = [tmp_path / f"manifest-{i:05d}.parquet" for i in range(3)]
+    for f, ids in zip(files, (["a", "b"], ["c", "b", None], ["d", "b", "a"])):
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), f)
+    expected = {"manifest-00001.parquet": {"b": "manifest-00000.parquet"},
+                "manifest-00002.parquet": {"b": "manifest-00000.parquet", "a": "manifest-00000.parquet"}}
+    assert shardfiles.repeated_elsewhere(files) == expected
+    monkeypatch.setattr(shardfiles, "hash", lambda _: 7, raising=False)
+    assert shardfiles.repeated_elsewhere(files) == expected
+
+
 @pytest.mark.parametrize("stage", ["extract", "score", "ray blocks"])
 def test_hand_edited_manifest_rows_are_skips_with_their_reason(librispeech_root, tmp_path, stage):
     """A manifest another tool wrote with nullable columns, or a hand edit: a row without a path or a duration,

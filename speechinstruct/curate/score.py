@@ -23,11 +23,22 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_finished, check_kind, check_spec, finished, select_shards, shard_suffix
+from ..shardfiles import check_finished, check_kind, check_spec, finished, repeated_elsewhere, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
                  "speaker_similarity", "text_language", "asr_language")
+
+
+def _leave_out(rows, earlier: dict[str, str], errors: list[dict]):
+    """``rows`` without those whose ids ``earlier`` names, each of which goes to ``errors`` with its reason."""
+    from ..sources.decoding import error_record
+
+    for row in rows:
+        if row["id"] in earlier:
+            errors.append(error_record(row, f"id repeated: {earlier[row['id']]} has it first"))
+        else:
+            yield row
 
 
 def input_files(folder: str | Path) -> tuple[list[Path], str]:
@@ -91,6 +102,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     done = skipped = 0
     started = time.perf_counter()
     mine = select_shards(files, num_shards, shard_index)
+    repeats = None
     for path in mine:
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
@@ -102,6 +114,10 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
         rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text", "speaker") if c in present])
         total = _num_rows(path)
         errors: list[dict] = []
+        if repeats is None:  # ids an earlier shard holds (a shard copied beside itself): skips, as extract makes them
+            repeats = repeated_elsewhere(files)
+        if earlier := repeats.get(path.name):
+            rows = _leave_out(rows, earlier, errors)
         embeddings: list[np.ndarray] = []  # row for row with the scores file (score --speaker)
         bar = progress(total=total, desc=f"score {path.name}", unit="utt")
         with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
@@ -129,15 +145,6 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     write_json(out / "summary.json", summary)
     check_finished(out, [shard_suffix(p) for p in mine], summary)
     return summary
-
-
-def reason_key(error: dict) -> str:
-    """What an error counts as: its reason without the file it names (``…/a.flac: unreadable audio (…)``) and without
-    the detail in brackets, which may quote a server's answer (``{"text": ["a", "b"]}``)."""
-    reason, name = str(error.get("reason", "")), Path(str(error.get("path") or "")).name
-    if name and f"{name}: " in reason:
-        reason = reason.rsplit(f"{name}: ", 1)[1]
-    return reason.split(" (")[0].strip() or "unknown"
 
 
 def transient_errors(path: Path) -> int:
@@ -192,6 +199,8 @@ HISTOGRAM_BINS = {"dnsmos_ovrl": np.linspace(1, 5, 17), "dnsmos_sig": np.linspac
 def summarise(folder: str | Path) -> dict:
     """Counts, mean, percentiles and a histogram of every score over all scores files of a folder, and the
     skip reasons of the errors files."""
+    from ..sources.decoding import reason_key
+
     folder = Path(folder)
     tables = [read_table(p) for p in sorted(folder.glob("scores-*.parquet"))]
     reasons: collections.Counter[str] = collections.Counter()

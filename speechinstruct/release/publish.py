@@ -75,10 +75,13 @@ def refuse_invalid(compose_dir: Path, inputs: dict[str, dict[str, list[Path]]]) 
         check_files(report, config, config, [f for files in splits.values() for f in files], compose_dir, 5)
     if not report.ok:
         first = report.examples[0]
+        # a repeated id is not a composer's fault that composing again mends: the same records are there twice
+        advice = ("a file copied beside itself, or compose folders merged by hand? Take the copy out"
+                  if set(report.by_rule) == {"duplicate-id"} else "compose them again with this version")
         raise InvalidRecords(
             f"{compose_dir / first['file']}: row {first['row']} ({first['id']}): [{first['rule']}] {first['message']}; "
             f"{sum(report.failed.values())} records fail validation ({', '.join(f'{r} x{n}' for r, n in sorted(report.by_rule.items()))}): "
-            "nothing published; compose them again with this version")
+            f"nothing published; {advice}")
 
 
 def _utterance_stats(units_dirs: list[Path]) -> pa.Table | None:

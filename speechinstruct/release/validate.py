@@ -123,7 +123,7 @@ def validate(path: str | Path, k: int | None = None, max_examples: int = 50) -> 
 def check_files(report: Report, config: str, kind: str, files: list[Path], base: Path, max_examples: int = 50) -> None:
     """Check every record of ``files`` (one config, ids unique across them) into ``report``; files are named
     relative to ``base``. ``publish`` calls this on what it is about to publish."""
-    repeated, seen = duplicate_ids(files), set()  # seen: of the repeated ids only (memory does not grow with files)
+    repeated, seen = duplicate_ids(files), {}  # seen: of the repeated ids only, where each was first (memory does not grow with files)
     report.records[config] = report.failed[config] = 0
     for f in files:
         rel = f.relative_to(base) if f != base and base in f.parents else f.name
@@ -132,8 +132,9 @@ def check_files(report: Report, config: str, kind: str, files: list[Path], base:
             errors = check_record(kind, rec, report.k)
             if rec.get("id") in repeated:
                 if rec.get("id") in seen:
-                    errors.append(("duplicate-id", "id appears more than once"))
-                seen.add(rec.get("id"))
+                    errors.append(("duplicate-id", f"id appears more than once (first in {seen[rec.get('id')]})"))
+                else:
+                    seen[rec.get("id")] = f"{rel} row {i}"
             if errors:
                 report.failed[config] += 1
             for rule, message in errors:

@@ -78,6 +78,15 @@ def error_record(row: dict, reason: str) -> dict:
     return {"id": row["id"], "path": row["path"], "reason": reason, **({"may_pass": True} if isinstance(reason, MayPass) else {})}
 
 
+def reason_key(error: dict) -> str:
+    """What an error counts as: its reason without the file it names (``…/a.flac: unreadable audio (…)``) and without
+    the detail in brackets, which may quote a server's answer (``{"text": ["a", "b"]}``)."""
+    reason, name = str(error.get("reason", "")), Path(str(error.get("path") or "")).name
+    if name and f"{name}: " in reason:
+        reason = reason.rsplit(f"{name}: ", 1)[1]
+    return reason.split(" (")[0].strip() or "unknown"
+
+
 def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) -> np.ndarray | str:
     """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
     the file's rate), or the reason its audio cannot be used (a :class:`MayPass` when it may be read later). A

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from ..shardfiles import corpus_root, finished, manifest_files, select_shards, shard_output
+from ..shardfiles import corpus_root, finished, manifest_files, repeated_elsewhere, select_shards, shard_output
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,17 @@ class Block:
     rows: list[dict]  # what decode_row reads (extract.AUDIO_COLUMNS)
 
 
-def blocks(shards: list[Path], block_seconds: float) -> Iterator[Block]:
+def blocks(shards: list[Path], block_seconds: float, repeats: dict[str, dict[str, str]] | None = None) -> Iterator[Block]:
     """Each shard's rows in manifest order, cut into blocks of at most ``block_seconds`` of audio (one row
-    at least). Shards are read one at a time, as the blocks are needed."""
+    at least), leaving out the rows whose ids an earlier shard holds (``repeats``: run_shards makes those skips).
+    Shards are read one at a time, as the blocks are needed."""
     from ..sources.decoding import AUDIO_COLUMNS, seconds as duration
 
     for shard in shards:
         present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
         rows = pq.read_table(shard, columns=[c for c in AUDIO_COLUMNS if c in present]).to_pylist()
+        earlier = (repeats or {}).get(shard.name, {})
+        rows = [r for r in rows if r["id"] not in earlier]
         start, seconds = 0, 0.0
         for i, row in enumerate(rows):
             if i > start and seconds + duration(row) > block_seconds:
@@ -231,6 +234,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
                if not finished(shard_output(out, s, fused=makes_units(extractor, kmeans)))]
+    repeats = repeated_elsewhere(manifest_files(manifest)) if pending else {}
     ray = connect(address)
 
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -247,7 +251,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     if pending:
         shared = [ray.put((extractor, kmeans))]  # one copy in the object store, whichever node an actor is on
         pool = [remote_actor.remote(shared, device, batch_seconds, max(1, int(cpus_per_actor))) for _ in range(actors)]
-        window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds), pool, decode, str(root), depth,
+        window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds, repeats), pool, decode, str(root), depth,
                          max_retries, sample_rate_of(extractor))
     stream = iter(window) if window else iter(())
 
@@ -264,7 +268,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
             done += len(results)
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
-                       num_shards=num_shards, shard_index=shard_index)
+                       num_shards=num_shards, shard_index=shard_index, repeats=repeats)
     if window and window.halved:  # as the local engine's summary
         stats["batches_halved"] = window.halved
     if window:  # the model's FLOP rate, and its MFU over the actors' devices' summed peaks where all are known

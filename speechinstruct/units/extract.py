@@ -32,8 +32,8 @@ from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
 from ..shardfiles import (check_finished, check_spec, corpus_root, feature_schema, features_array, finished,
-                          manifest_files, output_spec, select_shards, shard_output, shard_suffix)
-from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows, error_record  # noqa: F401 (extract's API too)
+                          manifest_files, output_spec, repeated_elsewhere, select_shards, shard_output, shard_suffix)
+from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows, error_record, reason_key  # noqa: F401 (extract's API too)
 from .features import Extractor
 from .kmeans import SpeechEncoder
 from .quantize import UnitWriter
@@ -166,10 +166,12 @@ def extract(
 
 
 def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmeans=None, float16: bool = False,
-               num_shards: int = 1, shard_index: int = 0) -> dict:
+               num_shards: int = 1, shard_index: int = 0, repeats: dict[str, dict[str, str]] | None = None) -> dict:
     """The driver loop both engines share: for each manifest shard this worker owns and has not finished,
     ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
-    ``write_shard`` writes them. ``extractor`` gives the spec and dimensions."""
+    ``write_shard`` writes them. ``extractor`` gives the spec and dimensions. A row whose id an earlier shard
+    holds (``repeats``: :func:`repeated_elsewhere` of every manifest shard, read here when None) is a skip,
+    never given to ``results_for``."""
     manifest, out = Path(manifest), Path(out)
     if kmeans is not None and getattr(extractor, "dim", None) and kmeans.dim != extractor.dim:  # before any audio
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {extractor.spec['features']} makes "
@@ -182,6 +184,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     check_spec(out, output_spec(extractor.spec, float16, manifest, root, kmeans, vocabulary),
                "units.json" if fused else "features.json")
     stats = {"shards_done": 0, "shards_skipped": 0, "utterances": 0, "errors": 0, "audio_hours": 0.0}
+    reasons: collections.Counter[str] = collections.Counter()  # the errors of the shards done now, by reason
     started = time.perf_counter()
     for shard in shards:
         target = shard_output(out, shard, fused=fused)
@@ -190,13 +193,23 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
             continue
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
         rows = read_table(shard).to_pylist()
-        shard_stats = write_shard(results_for(shard, rows, root), target, len(rows), extractor.dim,
-                                  extractor.frame_rate, float16, kmeans, units=fused)
+        if repeats is None:  # once, and only when a shard is to be done
+            repeats = repeated_elsewhere(manifest_files(manifest))
+        earlier = repeats.get(shard.name, {})
+        results = results_for(shard, [r for r in rows if r["id"] not in earlier], root)
+        if earlier:  # the skips back in manifest order
+            results = ((r, f"id repeated: {earlier[r['id']]} has it first") if r["id"] in earlier else next(results)
+                       for r in rows)
+        shard_stats = write_shard(results, target, len(rows), extractor.dim, extractor.frame_rate, float16, kmeans,
+                                  units=fused)
         stats["shards_done"] += 1
         for key in ("utterances", "errors", "audio_hours"):
             stats[key] += shard_stats[key]
+        reasons.update(shard_stats["skip_reasons"])
     stats["seconds"] = round(time.perf_counter() - started, 3)
     stats["audio_hours"] = round(stats["audio_hours"], 4)
+    if reasons:
+        stats["skip_reasons"] = dict(reasons.most_common())
     check_finished(out, [shard_suffix(s) for s in shards], stats)
     return stats
 
@@ -210,11 +223,12 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
     units = kmeans is not None if units is None else units
 
     errors: list[dict] = []
-    counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0}
+    counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0, "skip_reasons": collections.Counter()}
     bar = progress(results, total=total, desc=f"{'units' if units else 'features'} {target.name}",
                    unit="utt")
 
     seen: set[str] = set()  # a hand-merged manifest may list an id twice: its repeat is a skip, not a second row
+    reasons: collections.Counter[str] = counts["skip_reasons"]
 
     def good(pairs):
         for row, value in pairs:
@@ -222,6 +236,7 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
                 value = "id repeated in this shard (an earlier row has it)"
             if isinstance(value, str):
                 errors.append(error_record(row, value))
+                reasons[reason_key(errors[-1])] += 1
                 continue
             seen.add(row["id"])
             counts["utterances"] += 1
