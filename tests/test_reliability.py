@@ -200,25 +200,28 @@ def test_an_id_twice_in_a_manifest_shard_is_extracted_once(librispeech_root, tmp
 def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_path, engine):
     """A manifest shard copied beside itself (or two shard folders merged by hand) put every utterance in two
     feature files, then two units rows and two records each, refused only at publish ("compose them again", which
-    changed nothing). The later shard's rows are now counted skips naming the shard that has them first, before
-    their audio is read; the first shard is untouched, on both engines and in any job-array part."""
+    changed nothing). The later shard's repeated rows are now counted skips naming the shard that has them first,
+    before their audio is read, its other rows extracted in order; the first shard is untouched, on both engines
+    and in any job-array part."""
     import json
-    import shutil
 
     import pyarrow.parquet as pq
 
     shard_corpus("librispeech", librispeech_root, tmp_path / "m")
     first = sorted((tmp_path / "m").glob("manifest-*.parquet"))[0]
-    copy = tmp_path / "m" / "manifest-00099.parquet"
-    shutil.copy(first, copy)
-    ids = pq.read_table(first, columns=["id"]).column("id").to_pylist()
+    table = pq.read_table(first)
+    ids = table.column("id").to_pylist()
+    copy = tmp_path / "m" / "manifest-00099.parquet"  # a merge: new rows between the repeated ones
+    fresh = lambda name: {**table.to_pylist()[0], "id": f"librispeech/{name}"}  # noqa: E731
+    pq.write_table(table.from_pylist([fresh("new-a"), *table.to_pylist(), fresh("new-b")], table.schema), copy)
+    reason = f"id repeated: {first.name} has it first"
     if engine == "ray blocks":
         from speechinstruct.shardfiles import manifest_files, repeated_elsewhere
         from speechinstruct.units.engine_ray import blocks
 
         cut = list(blocks([first, copy], 2.0, repeated_elsewhere(manifest_files(tmp_path / "m"))))
         assert [r["id"] for b in cut if b.shard == first.name for r in b.rows] == ids
-        assert not [b for b in cut if b.shard == copy.name]
+        assert [r["id"] for b in cut if b.shard == copy.name for r in b.rows] == ["librispeech/new-a", "librispeech/new-b"]
         return
     if engine == "score":  # the DNSMOS gate, the costliest stage per hour, scores each utterance once too
         from speechinstruct.curate.score import score
@@ -226,20 +229,19 @@ def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_pa
         from speechinstruct.judges.judge import Judge
 
         summary = score(tmp_path / "m", tmp_path / "out", Judge(DNSMOS()))
-        scored = [i for f in sorted((tmp_path / "out").glob("scores-*.parquet")) for i in pq.read_table(f)["id"].to_pylist()]
-        assert sorted(scored) == sorted(ids), summary
+        assert pq.read_table(tmp_path / "out" / "scores-00099.parquet")["id"].to_pylist() == \
+            ["librispeech/new-a", "librispeech/new-b"], summary
         errors = [json.loads(x) for x in (tmp_path / "out" / "errors-00099.jsonl").read_text().splitlines()]
-        assert [e["reason"] for e in errors] == [f"id repeated: {first.name} has it first"] * len(ids)
+        assert [(e["id"], e["reason"]) for e in errors] == [(i, reason) for i in ids]
         return
     whole = extract(tmp_path / "m", tmp_path / "out", MFCC())
-    extracted = [i for f in sorted((tmp_path / "out").glob("features-*.arrow")) for i in read_features(f)[0]]
-    assert sorted(extracted) == sorted(ids) and whole["errors"] == len(ids)
+    assert read_features(tmp_path / "out" / f"features-{first.stem.split('-')[1]}.arrow")[0] == ids
+    assert read_features(tmp_path / "out" / "features-00099.arrow")[0] == ["librispeech/new-a", "librispeech/new-b"]
     errors = [json.loads(x) for x in (tmp_path / "out" / "errors-00099.jsonl").read_text().splitlines()]
-    assert [e["id"] for e in errors] == ids
-    assert {e["reason"] for e in errors} == {f"id repeated: {first.name} has it first"}
-    assert whole["skip_reasons"] == {f"id repeated: {first.name} has it first": len(ids)}  # the summary says why
+    assert [(e["id"], e["reason"]) for e in errors] == [(i, reason) for i in ids]
+    assert whole["skip_reasons"] == {reason: len(ids)} and whole["errors"] == len(ids)  # the summary says why
     part = extract(tmp_path / "m", tmp_path / "part", MFCC(), num_shards=2, shard_index=1)  # the copy's worker alone
-    assert part["utterances"] == 0 and read_features(tmp_path / "part" / "features-00099.arrow")[0] == []
+    assert part["utterances"] == 2 and part["skip_reasons"] == {reason: len(ids)}
 
 
 def test_ids_whose_hashes_collide_are_not_repeats(tmp_path, monkeypatch):

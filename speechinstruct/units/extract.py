@@ -197,9 +197,8 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
             repeats = repeated_elsewhere(manifest_files(manifest))
         earlier = repeats.get(shard.name, {})
         results = results_for(shard, [r for r in rows if r["id"] not in earlier], root)
-        if earlier:  # the skips back in manifest order
-            results = ((r, f"id repeated: {earlier[r['id']]} has it first") if r["id"] in earlier else next(results)
-                       for r in rows)
+        if earlier:
+            results = _with_repeats(rows, results, earlier)
         shard_stats = write_shard(results, target, len(rows), extractor.dim, extractor.frame_rate, float16, kmeans,
                                   units=fused)
         stats["shards_done"] += 1
@@ -212,6 +211,15 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
         stats["skip_reasons"] = dict(reasons.most_common())
     check_finished(out, [shard_suffix(s) for s in shards], stats)
     return stats
+
+
+def _with_repeats(rows: list[dict], results: Iterator, earlier: dict[str, str]) -> Iterator:
+    """``results`` (of the rows whose ids are not in ``earlier``) with a skip for each row that is, in manifest order."""
+    for row in rows:
+        if row["id"] in earlier:
+            yield row, f"id repeated: {earlier[row['id']]} has it first"
+        else:
+            yield next(results)
 
 
 def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
