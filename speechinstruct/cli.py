@@ -329,8 +329,8 @@ def quantize(
     features: Path = typer.Argument(..., parser=_input, help="An `extract` output folder."),
     kmeans: Path = typer.Argument(..., parser=_input, help="A `cluster` output folder (or its kmeans.json), centroids .npy, or a fairseq *_km*.bin."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for units-*.parquet and stats.json."),
-    device: str = typer.Option("auto", help="Where to assign: cpu (FAISS's exact search), cuda, cuda:N or auto (a GPU "
-                               "when there is one: torch's matrix products, the same nearest centroids)."),
+    device: str = typer.Option("auto", help="Where to assign: cpu (FAISS's search), cuda, cuda:N or auto (a GPU "
+                               "when there is one: torch's matrix products); the same nearest centroids on each."),
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,

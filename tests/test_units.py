@@ -96,6 +96,45 @@ def test_kmeans_with_nan_or_infinite_centroids_is_refused(tmp_path):
             units.load_kmeans(tmp_path / "km.npy")
 
 
+def test_faiss_and_torch_choose_the_nearest_of_two_nearly_equidistant_centroids():
+    """|x|² - 2x·c + |c|² rounds off a float32 error of the size of |x|²: with frames far from the origin and two
+    centroids nearly equally near, FAISS's search and torch's matrix products each chose either one, and the fused
+    units path's labels differed from quantize's (seen on a random HuBERT: distances 0.287909 and 0.287904). Both
+    now compare the two nearest again by the distance itself: the true nearest (float64), the same on both."""
+    rng = np.random.default_rng(0)
+    dim, n = 64, 4000
+    offset = np.full(dim, 300.0)  # |x|² near 6e6: the expansion's rounding is about 0.5, the gaps below 1e-2
+    base = rng.normal(size=(n, dim))
+    step = rng.normal(size=(n, dim))
+    step /= np.linalg.norm(step, axis=1, keepdims=True)
+    centroids = np.concatenate([offset + rng.normal(size=(6, dim))]).astype(np.float32)
+    # each frame on the bisecting plane of centroids 0 and 1, moved off it by a tiny distance
+    mid, normal = (centroids[0] + centroids[1]) / 2, centroids[1] - centroids[0]
+    normal /= np.linalg.norm(normal)
+    frames = mid + base * 0.3 - ((base * 0.3) @ normal)[:, None] * normal + rng.uniform(-3e-3, 3e-3, (n, 1)) * normal
+    frames = frames.astype(np.float32)
+    truth = ((frames.astype(np.float64)[:, None] - centroids.astype(np.float64)[None]) ** 2).sum(-1).argmin(1)
+    assert set(truth) == {0, 1}
+    on_host = units.KMeans(centroids, source="km.npy")
+    on_device = units.KMeans(centroids, source="km.npy").to("torch")
+    np.testing.assert_array_equal(on_host.assign(frames), truth)
+    np.testing.assert_array_equal(on_device.assign(frames), truth)
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    try:  # a caller that lets torch multiply float32 matrices in TF32 or bfloat16 (a training script) gets them too
+        for precision in ("high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            np.testing.assert_array_equal(on_device.assign(frames), truth)
+            np.testing.assert_array_equal(on_device.assign(frames[::7] * 0.01), on_host.assign(frames[::7] * 0.01))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    nan = frames[:3].copy()
+    nan[1, 5] = np.nan
+    assert on_host.assign(nan)[1] == on_device.assign(nan)[1] == -1  # not finite: -1, as FAISS says
+    assert units.KMeans(centroids[:1]).assign(nan).tolist() == [0, -1, 0]  # one centroid: nothing to compare
+
+
 def test_wrong_dimension_fails_fast():
     km = units.KMeans(np.zeros((3, 4), np.float32), source="km.npy")
     with pytest.raises(ValueError, match="km.npy: k-means expects 4-dim features, got shape \\(10, 39\\)"):

@@ -18,7 +18,9 @@ from ..io import sha256_file
 
 
 class KMeans:
-    """Nearest-centroid assignment with FAISS (exact L2 search)."""
+    """Nearest-centroid assignment: FAISS's search on the CPU, torch's matrix products on a GPU; on both, a frame's
+    two nearest centroids by that search are compared again by the distance itself where the search's rounding
+    could have put them in the wrong order, so that both give the nearest, the same labels."""
 
     def __init__(self, centroids: np.ndarray, source: str = "", meta: dict | None = None):
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -38,6 +40,7 @@ class KMeans:
 
         self._index = faiss.IndexFlatL2(self.dim)
         self._index.add(centroids)
+        self._c_norms = np.square(centroids).sum(1)
 
         self.device = "cpu"  # where assign runs: FAISS on the CPU, torch's matrix products elsewhere (to())
         self._torch = None
@@ -46,7 +49,7 @@ class KMeans:
         return (KMeans, (self.centroids, self.source, self.meta))
 
     def to(self, device: str) -> "KMeans":
-        """Assign on ``device``: ``cpu`` is FAISS's exact search; any other torch device (a GPU) computes the same
+        """Assign on ``device``: ``cpu`` is FAISS's search; any other torch device (a GPU) computes the same
         nearest centroids as chunked matrix products there (``torch`` forces that path on the CPU, for tests)."""
         import torch
 
@@ -67,8 +70,15 @@ class KMeans:
             import torch
 
             return self.labels(torch.from_numpy(feats).to(self._torch.device)).cpu().numpy().astype(np.int64)
-        _, labels = self._index.search(feats, 1)
-        return labels[:, 0].astype(np.int64)
+        if self.k == 1:
+            return np.where(np.isfinite(feats).all(1), 0, -1).astype(np.int64)
+        near, two = self._index.search(feats, 2)  # -1 for a frame that is not finite
+        labels = two[:, 0].astype(np.int64)
+        with np.errstate(invalid="ignore", over="ignore"):  # rows of NaN: never close (labels -1)
+            close = np.flatnonzero(near[:, 1] - near[:, 0] <= _rounding(np.square(feats).sum(1), self._c_norms, self.dim))
+        if close.size:
+            labels[close] = _closer(feats[close], self.centroids, two[close])
+        return labels
 
     def labels(self, x):
         """The nearest centroid of each row of ``x``, a float32 torch tensor on the device :meth:`to` chose (a GPU):
@@ -77,7 +87,7 @@ class KMeans:
         import torch
 
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32 distances, whatever runs around it
-            labels = nearest_centroids(x, (x * x).sum(1), self._torch)
+            labels = nearest_centroids(x, (x * x).sum(1), self._torch, exact=True)
         return labels.masked_fill_(~torch.isfinite(x).all(1), -1)
 
     def inertia(self, feats: np.ndarray) -> float:
@@ -85,18 +95,58 @@ class KMeans:
         return float(distances.sum())
 
 
-def nearest_centroids(x, norms, centroids, chunk: int = 65536):
+def nearest_centroids(x, norms, centroids, chunk: int = 65536, exact: bool = False):
     """The index of each row of ``x`` (torch, any device; ``norms``: its squared norms) nearest to a row of
-    ``centroids``: ``|x|² - 2x·c + |c|²``, ``chunk`` rows at a time."""
+    ``centroids``: ``|x|² - 2x·c + |c|²``, ``chunk`` rows at a time. That sum rounds off a float32 error of the
+    size of ``|x|²``, far more than the gap between two nearly equidistant centroids, so that two devices (or
+    FAISS and torch) can choose differently; ``exact``: the two nearest by it are compared again by their
+    distance itself (:func:`_closer`), as :meth:`KMeans.assign` does with FAISS's two nearest, so that both
+    choose the same centroid (k-means fitting, which does not need it, leaves it off)."""
     import torch
 
     c_norms = (centroids * centroids).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], chunk):
-        part = x[start: start + chunk]
-        distances = norms[start: start + chunk, None] - 2 * part @ centroids.T + c_norms[None]
-        out[start: start + chunk] = distances.argmin(1)
+    caller = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a caller's TF32 or bfloat16 products would swamp the distances
+    try:
+        for start in range(0, x.shape[0], chunk):
+            part = x[start: start + chunk]
+            distances = norms[start: start + chunk, None] - 2 * part @ centroids.T + c_norms[None]
+            if exact and centroids.shape[0] > 1:
+                near, two = distances.topk(2, dim=1, largest=False)
+                labels = two[:, 0].clone()
+                close = torch.nonzero(near[:, 1] - near[:, 0] <= _rounding(norms[start: start + chunk], c_norms, x.shape[1]))
+                if close.numel():
+                    close = close.flatten()
+                    labels[close] = _closer(part[close], centroids, two[close])
+                out[start: start + chunk] = labels
+            else:
+                out[start: start + chunk] = distances.argmin(1)
+    finally:
+        torch.set_float32_matmul_precision(caller)
     return out
+
+
+def _rounding(norms, c_norms, dim: int):
+    """Twice the most float32 rounding that ``|x|² - 2x·c + |c|²`` can carry for rows of squared norms ``norms`` and
+    centroids of squared norms ``c_norms`` (numpy or torch): (dim + 2) units of the last place of (|x| + |c|)². Two
+    centroids whose distances by it differ by more are in the right order whatever the rounding."""
+    return 2 * (dim + 2) * 2.0 ** -24 * (norms ** 0.5 + c_norms.max() ** 0.5) ** 2
+
+
+def _closer(x, centroids, two):
+    """Of each row's two candidate centroids (``two``: (n, 2) indices), the nearer by their squared distances (the
+    lower index when they are equally near), for numpy arrays or torch tensors alike: each float32 difference and
+    its square are correctly rounded on any device, and their sum is taken in float64, so that its rounding (about
+    1e-16 of the distance) is the only thing the device's order of summation changes."""
+    if isinstance(x, np.ndarray):
+        a, b = (np.square(x - centroids[two[:, j]]).sum(1, dtype=np.float64) for j in (0, 1))
+        low = np.minimum(two[:, 0], two[:, 1])
+        return np.where(a < b, two[:, 0], np.where(b < a, two[:, 1], low)).astype(np.int64)
+    import torch
+
+    a, b = ((x - centroids[two[:, j]]).square().sum(1, dtype=torch.float64) for j in (0, 1))
+    return torch.where(a < b, two[:, 0], torch.where(b < a, two[:, 1], torch.minimum(two[:, 0], two[:, 1])))
 
 
 def load_kmeans(path: str | Path) -> KMeans:
