@@ -574,11 +574,20 @@ def test_train_after_another_accelerator_of_another_precision_in_the_process(bas
     assert result["steps"] == 1
 
 
-def test_gradient_checkpointing_and_the_attention_kernel_leave_the_losses_as_they_were(base_model, dataset, tmp_path):
-    """Activations recomputed in the backward pass, and eager attention instead of torch's SDPA: the same losses
-    (the same arithmetic, in another order), on the CPU."""
+@pytest.mark.filterwarnings("error::FutureWarning")  # transformers' deprecated name for it warned on every run
+def test_gradient_checkpointing_and_the_attention_kernel_leave_the_losses_as_they_were(base_model, dataset, tmp_path,
+                                                                                        monkeypatch):
+    """Activations recomputed in the backward pass (torch's checkpoint really runs: counted), and eager attention
+    instead of torch's SDPA: the same losses (the same arithmetic, in another order), on the CPU."""
+    import transformers.modeling_utils as modeling
+
+    calls = []
+    real = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=3))
+    assert not calls
     checkpointed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=3, gradient_checkpointing=True))
+    assert len(calls) >= 3 * 2  # every step, every layer of the tiny LLaMA
     eager = T.train(2, base_model, dataset, tmp_path / "c", fast(max_steps=3, attention="eager"))
     for other in (checkpointed, eager):
         assert [h["loss"] for h in other["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-4)

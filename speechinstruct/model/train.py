@@ -387,8 +387,11 @@ def load_model(stage: int, base_model: str | Path, k: int, cfg: TrainConfig):
     except (ValueError, ImportError) as e:  # an attention kernel this model or machine does not have
         raise ValueError(f"{base_model}: attention {cfg.attention!r}: {str(e).splitlines()[0]}") from None
     added = expand_vocabulary(model, tokenizer, k)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers 5.24 renamed it (the old name warns that v6 removes it)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if stage == 3:
         from peft import LoraConfig, get_peft_model
