@@ -69,6 +69,8 @@ class KMeans:
         if self._torch is not None:
             import torch
 
+            if not feats.flags.writeable:  # frames from a feature file's memory map: torch warns, though only reading
+                feats = feats.copy()
             return self.labels(torch.from_numpy(feats).to(self._torch.device)).cpu().numpy().astype(np.int64)
         if self.k == 1:
             return np.where(np.isfinite(feats).all(1), 0, -1).astype(np.int64)
