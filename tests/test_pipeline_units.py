@@ -28,6 +28,7 @@ def manifest(librispeech_root, tmp_path):
     return tmp_path / "manifest"
 
 
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # quantize on torch: no warning to users
 def test_extract_cluster_quantize(manifest, tmp_path, librispeech_root):
     stats = cli("extract", manifest, tmp_path / "feats", "-q")
     assert stats["utterances"] == 4 and stats["shards_done"] == 2
