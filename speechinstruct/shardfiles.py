@@ -72,7 +72,10 @@ def repeated_elsewhere(files: list[Path]) -> dict[str, dict[str, str]]:
 
     def ids(f: Path) -> pa.Array:
         with naming(f):
-            return pq.read_table(f, columns=["id"]).column("id").combine_chunks().cast(pa.string()).drop_null().unique()
+            column = pq.read_table(f, columns=["id"]).column("id").combine_chunks()
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise ValueError(f"{f}: its id column holds {column.type}, not text: not a file this stage reads")
+        return column.cast(pa.string()).drop_null().unique()
 
     if len(files) < 2:
         return {}

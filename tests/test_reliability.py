@@ -260,6 +260,10 @@ def test_ids_whose_hashes_collide_are_not_repeats(tmp_path, monkeypatch):
     assert shardfiles.repeated_elsewhere(files) == expected
     monkeypatch.setattr(shardfiles, "hash", lambda _: 7, raising=False)
     assert shardfiles.repeated_elsewhere(files) == expected
+    monkeypatch.undo()
+    pq.write_table(pa.table({"id": pa.array([b"\xff\xfe", b"b"], pa.binary())}), files[1])  # another tool's file
+    with pytest.raises(ValueError, match=r"manifest-00001.parquet: its id column holds binary, not text"):
+        shardfiles.repeated_elsewhere(files)  # Arrow said "unreadable parquet file, truncated or not one"
 
 
 @pytest.mark.parametrize("stage", ["extract", "score", "ray blocks"])
