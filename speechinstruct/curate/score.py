@@ -118,6 +118,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
             repeats = repeated_elsewhere(files)
         if earlier := repeats.get(path.name):
             rows = _leave_out(rows, earlier, errors)
+            total -= len(earlier)  # the progress bar counts the rows scored
         embeddings: list[np.ndarray] = []  # row for row with the scores file (score --speaker)
         bar = progress(total=total, desc=f"score {path.name}", unit="utt")
         with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
