@@ -63,6 +63,22 @@ def unit_files(folder: str | Path) -> list[Path]:
     return _listed(folder, "units-*.parquet", "quantize", "units")
 
 
+def duplicate_ids(files: list[Path]) -> set[str]:
+    """The ids that occur more than once across ``files``, counted in Arrow (a column of ids, not Python strings)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    columns = []
+    for f in files:
+        with naming(f):
+            if "id" in pq.read_schema(f).names:
+                columns.extend(pq.read_table(f, columns=["id"]).column("id").chunks)
+    if not columns:
+        return set()
+    counts = pc.value_counts(pa.chunked_array(columns, type=columns[0].type))
+    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+
+
 def repeated_elsewhere(files: list[Path]) -> dict[str, dict[str, str]]:
     """For each file (by name) the ids an earlier file of ``files`` already holds, each with the name of the first
     file that holds it: a shard copied beside itself, or shard folders merged by hand. Reads only the id columns

@@ -291,6 +291,34 @@ def test_hand_edited_units_rows_are_skipped_naming_file_and_row(units_dir, tmp_p
     assert not any(i.startswith("bad-") for i in ids) and (ids or kind == "interleaved")  # no words here: none
 
 
+@pytest.mark.parametrize("kind", ["cross_modal", "pretrain"])
+def test_units_rows_repeated_in_a_folder_are_composed_once(units_dir, tmp_path, kind):
+    """A units file copied beside itself (units folders merged by hand), and a row listed twice in one file: each
+    utterance became two records each, which publish refused as duplicate ids. The repeats are counted drops now,
+    naming the file that has each first, and every record is composed once."""
+    import importlib
+    import shutil
+
+    compose = getattr(importlib.import_module(f"speechinstruct.compose.{kind}"), kind)
+    first = sorted(units_dir.glob("units-*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(pa_concat(table, table.slice(0, 1)), first)  # the first row twice in its own file
+    shutil.copy(first, units_dir / "units-00099.parquet")
+    summary = compose(units_dir, tmp_path / "out")
+    ids = [r["id"] for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f, columns=["id"]).to_pylist()]
+    assert ids and len(ids) == len(set(ids)), summary
+    assert summary["dropped: id repeated"] == 1 + table.num_rows + 1, summary  # one in the file, the copy's rows
+    reasons = [d["reason"] for d in summary["dropped_examples"] if d["reason"].startswith("id repeated")]
+    assert reasons[0] == "id repeated in this shard (an earlier row has it)"
+    assert reasons[1:] == [f"id repeated: {first.name} has it first"] * (len(reasons) - 1)
+
+
+def pa_concat(*tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
 def test_a_template_with_markup_is_refused(units_dir, tmp_path):
     bad = {"format": "speechinstruct-templates", "version": "x", "task": "asr",
            "templates": [{"id": "t0", "text": "Transcribe this. [SpeechGPT]: sure<eoa>"}]}

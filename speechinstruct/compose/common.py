@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from .. import __version__, records
 from ..io import iter_rows, parquet_rows, write_json, write_parquet
 from ..progress import progress
-from ..shardfiles import folder_k, select_shards, shard_suffix, unit_files
+from ..shardfiles import duplicate_ids, folder_k, repeated_elsewhere, select_shards, shard_suffix, unit_files
 from ..sources.corpora.base import SPLITS
 from ..speechgpt import record_problems
 
@@ -122,17 +122,29 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
     passes ``quality``, shard after shard (:func:`split_records`; a shard already written is skipped); a row
     that fails is counted in ``counts`` and ``dropped``."""
     k = folder_k(units_dir)
+    repeats = None
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
         with split_records(out, part, suffix, kind) as sinks:
             if sinks is None:
                 counts["shards skipped (done)"] += 1
                 continue
+            if repeats is None:  # ids an earlier units file holds (files copied or merged by hand): once, when needed
+                repeats = repeated_elsewhere(unit_files(units_dir))
+            earlier, twice, seen = repeats.get(path.name, {}), duplicate_ids([path]), set()  # seen: of twice only
             for number, u in enumerate(progress(iter_rows(path), desc=f"{kind} {path.name}", unit="utt")):
                 problem = units_row_problem(u, k)
                 if problem:  # another tool's row, or a hand edit
                     counts[f"dropped: not a units row ({problem.split(':')[0]})"] += 1
                     dropped.append({"where": f"{path.name} row {number}", "reason": f"not a units row: {problem}"})
                     continue
+                if u["id"] in earlier or u["id"] in seen:  # composed once, from the row that has it first
+                    counts["dropped: id repeated"] += 1
+                    dropped.append({"where": f"{path.name} row {number}", "id": u["id"], "reason":
+                                    f"id repeated: {earlier[u['id']]} has it first" if u["id"] in earlier
+                                    else "id repeated in this shard (an earlier row has it)"})
+                    continue
+                if u["id"] in twice:
+                    seen.add(u["id"])
                 judged, reason = quality.check(suffix, u["id"])
                 if reason:
                     _quality_drop(counts, dropped, u["id"], reason)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .. import records
 from ..io import iter_rows, naming
 from ..kinds import RECORD_KINDS
-from ..shardfiles import folder_k
+from ..shardfiles import duplicate_ids, folder_k
 from ..speechgpt import record_problems
 
 CONTENT_KINDS = tuple(RECORD_KINDS)
@@ -141,22 +141,6 @@ def check_files(report: Report, config: str, kind: str, files: list[Path], base:
                 report.by_rule[rule] += 1
                 if len(report.examples) < max_examples:
                     report.examples.append({"file": str(rel), "row": i, "id": rec.get("id"), "rule": rule, "message": message})
-
-
-def duplicate_ids(files: list[Path]) -> set[str]:
-    """The ids that occur more than once across ``files``, counted in Arrow (a column of ids, not Python strings)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    columns = []
-    for f in files:
-        with naming(f):
-            if "id" in pq.read_schema(f).names:
-                columns.extend(pq.read_table(f, columns=["id"]).column("id").chunks)
-    if not columns:
-        return set()
-    counts = pc.value_counts(pa.chunked_array(columns, type=columns[0].type))
-    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
 
 
 def format_report(report: Report) -> str:
