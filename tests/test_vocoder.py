@@ -168,3 +168,32 @@ def test_chat_speaks_the_unit_answer(tmp_path, monkeypatch):
     np.testing.assert_allclose(wav, np.clip(want, -1, 1), atol=1 / 16000)  # 16-bit PCM
     alone = CliRunner().invoke(app, ["chat", "--model", str(tmp_path), "--text", "hi", "--vocoder", str(tmp_path / "voc")])
     assert alone.exit_code == 2 and "--vocoder and --speak go together" in alone.output
+
+
+def test_resynth_never_writes_over_files_it_did_not_write(units_dir, tmp_path):
+    """resynth wrote NNNNN.wav and manifest.jsonl into OUT over whatever stood there (a user's own 00000.wav and
+    manifest.jsonl were lost without a word), and a rerun with fewer records left the last run's extra wavs that no
+    manifest named. A file it did not write now stops it with one line, before anything is written; its own
+    files from an earlier run are replaced, and those this run does not write again go."""
+    from speechinstruct.units.vocoder import resynthesize
+
+    preview = load_vocoder(units_dir.parent / "kmeans")
+    out = tmp_path / "wavs"
+    out.mkdir()
+    (out / "00000.wav").write_bytes(b"my recording")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"wavs/00000.wav: already there and not written by resynth"):
+        resynthesize(units_dir, out, preview, limit=3)
+    assert (out / "00000.wav").read_bytes() == b"my recording" and sorted(p.name for p in out.iterdir()) == \
+        ["00000.wav", "notes.txt"]
+    (out / "00000.wav").unlink()
+    (out / "manifest.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(FileExistsError, match=r"wavs/manifest.jsonl: already there and not written by resynth"):
+        resynthesize(units_dir, out, preview, limit=3)
+    (out / "manifest.jsonl").unlink()
+    assert resynthesize(units_dir, out, preview, limit=3)["wavs"] == 3
+    assert resynthesize(units_dir, out, preview, limit=2)["wavs"] == 2  # a rerun into its own folder
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["00000.wav", "00001.wav", "manifest.jsonl", "notes.txt"]
+    assert [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()] == \
+        ["00000.wav", "00001.wav"]

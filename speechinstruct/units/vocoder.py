@@ -299,10 +299,34 @@ def _unit_records(files: list[Path], needs_durations: bool):
                 yield path, row, _record_units(row, columns, needs_durations)
 
 
+# resynth's claim on its output folder: every NNNNN.wav there, and manifest.jsonl, are its own once this file is there
+# (it is written only when none of them was someone else's); the user's other files in the folder are never touched
+RESYNTH_OWNED = ".speechinstruct-resynth.json"
+_WAV_NAME = re.compile(r"\d{5}\.wav")
+
+
+def _claim(out: Path) -> None:
+    """Refuse (one line) when ``out`` holds a NNNNN.wav or manifest.jsonl that resynth did not write; else claim them."""
+    from .. import __version__
+    from ..io import read_json, write_json
+
+    owned = (out / RESYNTH_OWNED).is_file() and read_json(out / RESYNTH_OWNED, dict, "; resynth into a new folder")
+    if not owned and out.is_dir():
+        for p in sorted(out.iterdir()):
+            if p.name == "manifest.jsonl" or _WAV_NAME.fullmatch(p.name):
+                raise FileExistsError(f"{p}: already there and not written by resynth; move it away or resynth into "
+                                      "another folder (resynth never overwrites a file it did not write)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RESYNTH_OWNED, {"written_by": f"speechinstruct {__version__} resynth",
+                                     "owns": "every NNNNN.wav and manifest.jsonl in this folder"})
+
+
 def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
-    record, kind, source file and units. ``limit``: at most that many wavs (reading stops there)."""
+    record, kind, source file and units. ``limit``: at most that many wavs (reading stops there). A NNNNN.wav
+    or manifest.jsonl in ``OUT`` that resynth did not write stops it before anything is written (:data:`RESYNTH_OWNED`);
+    its own earlier wavs that this run does not write again are deleted."""
     from .. import audio
     from ..io import write_text
     from ..progress import progress
@@ -311,6 +335,7 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | Pre
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*.parquet") if not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
+    _claim(out)
     entries, skipped = [], 0
     bar = progress(total=limit, desc=f"resynth {out.name}", unit="wav")
     for path, row, found in _unit_records(files, vocoder.needs_durations):
@@ -335,5 +360,9 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | Pre
         raise ValueError(f"{source}: no records with units found (expected units, cross-modal, chain-of-modality "
                          "or pretrain records)")
     write_text(out / "manifest.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    written = {e["file"] for e in entries}
+    for stale in out.iterdir():  # an earlier run's wavs beyond this one's (resynth's own: see _claim)
+        if _WAV_NAME.fullmatch(stale.name) and stale.name not in written:
+            stale.unlink()
     return {"wavs": len(entries), "skipped_without_units": skipped, "seconds": round(sum(e["seconds"] for e in entries), 3),
             "vocoder": vocoder.source, "kinds": sorted({e["kind"] for e in entries})}
