@@ -189,6 +189,27 @@ def read_json(path: str | os.PathLike, kind: type = dict, hint: str = ""):
     return value
 
 
+def claim_outputs(out: str | os.PathLike, stage: str, names: str, legacy: bool = False) -> None:
+    """Before a command writes its files into ``out``: one line (FileExistsError) when a file there whose path
+    (relative to ``out``) matches the regular expression ``names`` was not written by ``stage``, else the claim that
+    every such file is ``stage``'s, ``out/.speechinstruct-{stage}.json``, written only when none was someone else's.
+    ``legacy``: ``out`` holds what an earlier version of ``stage`` wrote (it kept no claim): those files are its own.
+    The user's other files in ``out`` are never touched."""
+    from . import __version__
+
+    out, pattern = Path(out), re.compile(names)
+    claim = out / f".speechinstruct-{stage}.json"
+    if not claim.is_file() and not legacy and out.is_dir():
+        for p in sorted(out.rglob("*")):
+            if (p.is_file() or p.is_symlink()) and pattern.fullmatch(p.relative_to(out).as_posix()):
+                raise FileExistsError(f"{p}: already there and not written by {stage}; move it away or {stage} into "
+                                      f"another folder ({stage} never overwrites a file it did not write)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not claim.is_file():
+        write_json(claim, {"written_by": f"speechinstruct {__version__} {stage}",
+                           "owns": f"every file whose path here matches {names}"})
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

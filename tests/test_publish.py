@@ -187,6 +187,18 @@ def test_report_renders_its_plots(dataset, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"src='{png}'" in page
     assert result["utterances"] == 4 and result["frames_per_second"] == pytest.approx(100, rel=0.05)
+    report(dataset, tmp_path / "report")  # again, into its own folder
+    # the user's page or plot where the report writes: one line, nothing written (it was overwritten in silence)
+    for name in ("index.html", "records.png", "audio/worst-0.wav"):
+        mine = tmp_path / "mine" / name
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_text("the user's")
+        (tmp_path / "mine" / "notes.txt").write_text("kept")
+        with pytest.raises(FileExistsError, match=rf"mine/{name}: already there and not written by report"):
+            report(dataset, tmp_path / "mine")
+        assert sorted(p.relative_to(tmp_path / "mine").as_posix() for p in (tmp_path / "mine").rglob("*")
+                      if p.is_file()) == sorted({name, "notes.txt"})
+        mine.unlink()
 
 
 def test_speechgpt_training_files(composed, tmp_path):

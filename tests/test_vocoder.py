@@ -197,3 +197,5 @@ def test_resynth_never_writes_over_files_it_did_not_write(units_dir, tmp_path):
         ["00000.wav", "00001.wav", "manifest.jsonl", "notes.txt"]
     assert [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()] == \
         ["00000.wav", "00001.wav"]
+    (out / ".speechinstruct-resynth.json").unlink()  # a folder an earlier version wrote: its manifest's lines say so
+    assert resynthesize(units_dir, out, preview, limit=1)["wavs"] == 1 and not (out / "00001.wav").exists()

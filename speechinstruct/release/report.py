@@ -557,6 +557,20 @@ def render(context: dict) -> str:
     return env.get_template("report.html").render(**context)
 
 
+def _claim(out: Path) -> None:
+    """Refuse (one line) when ``out`` holds an index.html, report.json, PNG or audio/*.wav the report did not write,
+    else claim them (:func:`io.claim_outputs`). A folder an earlier version wrote (its report.json gives records
+    and hours) is the report's."""
+    from ..io import claim_outputs
+
+    try:
+        numbers = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        legacy = isinstance(numbers, dict) and {"records", "hours"} <= set(numbers)
+    except (OSError, ValueError):
+        legacy = False
+    claim_outputs(out, "report", r"index\.html|report\.json|[^/]+\.png|audio/[^/]+\.wav", legacy)
+
+
 def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4,
            work: str | Path | None = None, stages: list[dict] | None = None, verdict=None, quality: dict | None = None,
            asr=None) -> dict:
@@ -573,7 +587,7 @@ def report(dataset: str | Path, out: str | Path, units: str | Path | None = None
     if units is not None and read_units_spec(units) is None:
         raise FileNotFoundError(f"{units}: no units.json: not a units folder (quantize or extract --kmeans output)")
     meta = read_dataset_meta(dataset)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     k = folder_k(dataset) or 0
     numbers: dict[str, object] = {"records": meta["counts"], "hours": meta["hours"]}
     plots = _corpus_plots(dataset, out, meta, numbers) + _unit_usage_plot(dataset, out, k, numbers)

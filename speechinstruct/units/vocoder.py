@@ -299,33 +299,28 @@ def _unit_records(files: list[Path], needs_durations: bool):
                 yield path, row, _record_units(row, columns, needs_durations)
 
 
-# resynth's claim on its output folder: every NNNNN.wav there, and manifest.jsonl, are its own once this file is there
-# (it is written only when none of them was someone else's); the user's other files in the folder are never touched
-RESYNTH_OWNED = ".speechinstruct-resynth.json"
-_WAV_NAME = re.compile(r"\d{5}\.wav")
+_WAV_NAME = re.compile(r"\d{5}\.wav")  # resynth's files: NNNNN.wav and manifest.jsonl (io.claim_outputs)
 
 
 def _claim(out: Path) -> None:
-    """Refuse (one line) when ``out`` holds a NNNNN.wav or manifest.jsonl that resynth did not write; else claim them."""
-    from .. import __version__
-    from ..io import read_json, write_json
+    """Refuse (one line) when ``out`` holds a NNNNN.wav or manifest.jsonl that resynth did not write; else claim them.
+    A folder an earlier version wrote (its manifest.jsonl's lines name file, id, kind and source) is resynth's."""
+    from ..io import claim_outputs
 
-    owned = (out / RESYNTH_OWNED).is_file() and read_json(out / RESYNTH_OWNED, dict, "; resynth into a new folder")
-    if not owned and out.is_dir():
-        for p in sorted(out.iterdir()):
-            if p.name == "manifest.jsonl" or _WAV_NAME.fullmatch(p.name):
-                raise FileExistsError(f"{p}: already there and not written by resynth; move it away or resynth into "
-                                      "another folder (resynth never overwrites a file it did not write)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RESYNTH_OWNED, {"written_by": f"speechinstruct {__version__} resynth",
-                                     "owns": "every NNNNN.wav and manifest.jsonl in this folder"})
+    legacy = False
+    try:
+        first = json.loads((out / "manifest.jsonl").read_text(encoding="utf-8").partition("\n")[0])
+        legacy = isinstance(first, dict) and {"file", "id", "kind", "source"} <= set(first)
+    except (OSError, ValueError):
+        pass
+    claim_outputs(out, "resynth", r"\d{5}\.wav|manifest\.jsonl", legacy)
 
 
 def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
     record, kind, source file and units. ``limit``: at most that many wavs (reading stops there). A NNNNN.wav
-    or manifest.jsonl in ``OUT`` that resynth did not write stops it before anything is written (:data:`RESYNTH_OWNED`);
+    or manifest.jsonl in ``OUT`` that resynth did not write stops it before anything is written (:func:`_claim`);
     its own earlier wavs that this run does not write again are deleted."""
     from .. import audio
     from ..io import write_text
