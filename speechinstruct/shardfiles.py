@@ -272,8 +272,15 @@ DERIVED_KEYS = ("vocabulary",)
 
 
 def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
-    """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec."""
+    """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec, or shard files
+    (``features-00000.arrow``, ``errors-00000.jsonl``…) without ``name``, which every stage writes before them: another
+    tool's, or copied in, they would have been taken for finished shards of this run."""
     meta = out / name
+    if not meta.is_file() and out.is_dir():
+        stray = sorted(p for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9].*") if p.is_file())
+        if stray:
+            raise ValueError(f"{stray[0]}: already there, but {out} has no {name}, which this stage writes before any "
+                             "shard: not its output (it would be taken for a finished shard); use a new folder")
     if meta.is_file():
         old = json.loads(meta.read_text())
         new = json.loads(json.dumps(spec))

@@ -244,6 +244,30 @@ def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_pa
     assert part["utterances"] == 2 and part["skip_reasons"] == {reason: len(ids)}
 
 
+def test_shard_files_without_the_stages_spec_are_not_taken_for_finished_shards(librispeech_root, tmp_path):
+    """A feature or scores file copied into an empty output folder (or another tool's) was taken for a finished
+    shard: extract wrote features.json beside it and skipped the shard, so that quantize later read frames of
+    another extractor, or none of this corpus. Every stage writes its spec file before any shard, so shard files
+    without it are one line now, and nothing is written."""
+    import shutil
+
+    from speechinstruct.curate.score import score
+    from speechinstruct.judges.dnsmos import DNSMOS
+    from speechinstruct.judges.judge import Judge
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "f", MFCC())
+    suffix = sorted((tmp_path / "m").glob("manifest-*.parquet"))[0].stem.split("-")[1]
+    for stage, made in (("extract", f"features-{suffix}.arrow"), ("score", f"errors-{suffix}.jsonl")):
+        out = tmp_path / f"copied-{stage}"
+        out.mkdir()
+        shutil.copy(tmp_path / "f" / made, out / made)
+        with pytest.raises(ValueError, match=rf"{made}: already there, but .*copied-{stage} has no "):
+            extract(tmp_path / "m", out, MFCC()) if stage == "extract" else score(tmp_path / "m", out, Judge(DNSMOS()))
+        assert [p.name for p in out.iterdir()] == [made]
+    assert extract(tmp_path / "m", tmp_path / "f", MFCC())["shards_skipped"] >= 1  # its own folder: resumed
+
+
 def test_ids_whose_hashes_collide_are_not_repeats(tmp_path, monkeypatch):
     """repeated_elsewhere keeps hashes of ids, not the ids: every hash equal (a collision on each pair) still
     finds only the id that is really in two files, and the file that has it first."""
