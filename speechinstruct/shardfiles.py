@@ -277,7 +277,7 @@ def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
     tool's, or copied in, they would have been taken for finished shards of this run."""
     meta = out / name
     if not meta.is_file() and out.is_dir():
-        stray = sorted(p for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9].*") if p.is_file())
+        stray = sorted(p for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9].*") if p.is_file() and not p.name.startswith("."))
         if stray:
             raise ValueError(f"{stray[0]}: already there, but {out} has no {name}, which this stage writes before any "
                              "shard: not its output (it would be taken for a finished shard); use a new folder")
