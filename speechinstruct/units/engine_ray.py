@@ -232,9 +232,10 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     devices.given_peak()  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     manifest, out = Path(manifest), Path(out)
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
-    pending = [s for s in select_shards(manifest_files(manifest), num_shards, shard_index)
+    every = manifest_files(manifest)
+    pending = [s for s in select_shards(every, num_shards, shard_index)
                if not finished(shard_output(out, s, fused=makes_units(extractor, kmeans)))]
-    repeats = repeated_elsewhere(manifest_files(manifest)) if pending else {}
+    repeats = repeated_elsewhere(every) if pending else {}
     ray = connect(address)
 
     cpus = float(ray.cluster_resources().get("CPU", 1))

@@ -176,7 +176,8 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     if kmeans is not None and getattr(extractor, "dim", None) and kmeans.dim != extractor.dim:  # before any audio
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {extractor.spec['features']} makes "
                          f"{extractor.dim}-dim features (features and k-means come from different extractors or layers)")
-    shards = select_shards(manifest_files(manifest), num_shards, shard_index)
+    every = manifest_files(manifest)
+    shards = select_shards(every, num_shards, shard_index)
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     out.mkdir(parents=True, exist_ok=True)
     fused = makes_units(extractor, kmeans)
@@ -194,7 +195,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
         rows = read_table(shard).to_pylist()
         if repeats is None:  # once, and only when a shard is to be done
-            repeats = repeated_elsewhere(manifest_files(manifest))
+            repeats = repeated_elsewhere(every)
         earlier = repeats.get(shard.name, {})
         results = results_for(shard, [r for r in rows if r["id"] not in earlier], root)
         if earlier:
