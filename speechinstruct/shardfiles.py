@@ -79,6 +79,12 @@ def duplicate_ids(files: list[Path]) -> set[str]:
     return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
 
 
+def repeat_reason(first: str | None = None) -> str:
+    """Why a row is skipped whose id an earlier row holds (extract, score and compose say it alike): ``first``, the
+    file that holds the id first (:func:`repeated_elsewhere`), or None for an earlier row of the row's own file."""
+    return f"id repeated: {first} has it first" if first else "id repeated in this shard (an earlier row has it)"
+
+
 def repeated_elsewhere(files: list[Path]) -> dict[str, dict[str, str]]:
     """For each file (by name) the ids an earlier file of ``files`` already holds, each with the name of the first
     file that holds it: a shard copied beside itself, or shard folders merged by hand. Reads only the id columns

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from .. import __version__, records
 from ..io import iter_rows, parquet_rows, write_json, write_parquet
 from ..progress import progress
-from ..shardfiles import duplicate_ids, folder_k, repeated_elsewhere, select_shards, shard_suffix, unit_files
+from ..shardfiles import duplicate_ids, folder_k, repeat_reason, repeated_elsewhere, select_shards, shard_suffix, unit_files
 from ..sources.corpora.base import SPLITS
 from ..speechgpt import record_problems
 
@@ -139,9 +139,8 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
                     continue
                 if u["id"] in earlier or u["id"] in seen:  # composed once, from the row that has it first
                     counts["dropped: id repeated"] += 1
-                    dropped.append({"where": f"{path.name} row {number}", "id": u["id"], "reason":
-                                    f"id repeated: {earlier[u['id']]} has it first" if u["id"] in earlier
-                                    else "id repeated in this shard (an earlier row has it)"})
+                    dropped.append({"where": f"{path.name} row {number}", "id": u["id"],
+                                    "reason": repeat_reason(earlier.get(u["id"]))})
                     continue
                 if u["id"] in twice:
                     seen.add(u["id"])

@@ -23,7 +23,7 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_finished, check_kind, check_spec, finished, repeated_elsewhere, select_shards, shard_suffix
+from ..shardfiles import check_finished, check_kind, check_spec, finished, repeat_reason, repeated_elsewhere, select_shards, shard_suffix
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -36,7 +36,7 @@ def _leave_out(rows, earlier: dict[str, str], errors: list[dict]):
 
     for row in rows:
         if row["id"] in earlier:
-            errors.append(error_record(row, f"id repeated: {earlier[row['id']]} has it first"))
+            errors.append(error_record(row, repeat_reason(earlier[row["id"]])))
         else:
             yield row
 

@@ -32,7 +32,7 @@ from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
 from ..shardfiles import (check_finished, check_spec, corpus_root, feature_schema, features_array, finished,
-                          manifest_files, output_spec, repeated_elsewhere, select_shards, shard_output, shard_suffix)
+                          manifest_files, output_spec, repeat_reason, repeated_elsewhere, select_shards, shard_output, shard_suffix)
 from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows, error_record, reason_key  # noqa: F401 (extract's API too)
 from .features import Extractor
 from .kmeans import SpeechEncoder
@@ -218,7 +218,7 @@ def _with_repeats(rows: list[dict], results: Iterator, earlier: dict[str, str]) 
     """``results`` (of the rows whose ids are not in ``earlier``) with a skip for each row that is, in manifest order."""
     for row in rows:
         if row["id"] in earlier:
-            yield row, f"id repeated: {earlier[row['id']]} has it first"
+            yield row, repeat_reason(earlier[row["id"]])
         else:
             yield next(results)
 
@@ -242,7 +242,7 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
     def good(pairs):
         for row, value in pairs:
             if not isinstance(value, str) and row["id"] in seen:
-                value = "id repeated in this shard (an earlier row has it)"
+                value = repeat_reason()
             if isinstance(value, str):
                 errors.append(error_record(row, value))
                 reasons[reason_key(errors[-1])] += 1
