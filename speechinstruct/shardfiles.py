@@ -13,6 +13,7 @@ A *job-array part* (``--num-shards N --shard-index I``) is every N-th file from 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -277,13 +278,14 @@ def units_spec(features_spec: dict, kmeans) -> dict:
 DERIVED_KEYS = ("vocabulary",)
 
 
-def check_spec(out: Path, spec: dict, name: str = "features.json") -> None:
+def check_spec(out: Path, spec: dict, name: str = "features.json", shards: str = r"[^.].*-\d{5}\..*") -> None:
     """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec, or shard files
-    (``features-00000.arrow``, ``errors-00000.jsonl``…) without ``name``, which every stage writes before them: another
-    tool's, or copied in, they would have been taken for finished shards of this run."""
+    (names matching ``shards``: ``features-00000.arrow``, ``errors-00000.jsonl``…) without ``name``, which every
+    stage writes before them: another tool's, or copied in, they would have been taken for finished shards of this
+    run."""
     meta = out / name
     if not meta.is_file() and out.is_dir():
-        stray = sorted(p for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9].*") if p.is_file() and not p.name.startswith("."))
+        stray = sorted(p for p in out.iterdir() if p.is_file() and re.fullmatch(shards, p.name))
         if stray:
             raise ValueError(f"{stray[0]}: already there, but {out} has no {name}, which this stage writes before any "
                              "shard: not its output (it would be taken for a finished shard); use a new folder")

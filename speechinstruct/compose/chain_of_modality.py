@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import recipe as settings
 from ..audio import AudioError
-from ..io import write_json
+from ..io import sha256_json, write_json
 from ..judges import ScoreError
 from ..recipe import default
 from ..speechgpt import DEFAULT_PREFIX, FORMATS, com_text, shape_errors, to_text
@@ -104,9 +104,12 @@ def chain_of_modality(source: str | Path, out: str | Path, tokenizer, tts, cfg: 
     pairs, dropped = decontaminated(pairs, dropped, eval_texts, ("instruction", "response"))
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
     speaker = Speaker(tts, tokenizer, judge, gates)
+    made_with = {"pairs": sha256_json(pairs), "formats": list(formats), "all_formats": all_formats,
+                 "prefix": sha256_json(prefix), "seed": seed, "corpus": corpus, "license": license,
+                 "llm": getattr(llm, "model", None) if llm else None, **speaker.spec()}
     write_chunks(pairs, out, "chain_of_modality", chunk_size, counts, dropped,
                  lambda pair: _pair_records(pair, speaker, llm, formats, all_formats, prefix, seed, corpus, license),
-                 count=lambda row: row["format"])
+                 count=lambda row: row["format"], settings=made_with)
     summary = {"pairs": len(pairs), "records": sum(counts[f] for f in FORMATS), **dict(sorted(counts.items())),
                "tts_calls_this_run": getattr(tts, "calls", None),
                "llm_requests_this_run": getattr(llm, "requests", 0) if llm else 0,

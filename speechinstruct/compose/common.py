@@ -1,16 +1,19 @@
-"""What every composer shares: a record finished and checked (:func:`finish`), the split files records are
-written to (validation and test audio never becomes a training record), the quality gate over a units folder's
-scores (:func:`gated_units`), the chunk writer of the kinds made from text (:func:`write_chunks`), and the seeded
-draw that makes every choice independent of processing order.
+"""What every composer shares: a record finished and checked (:func:`finish`), the settings an output folder was
+made with (:func:`claim_folder`), the split files records are written to (validation and test audio never becomes
+a training record), the quality gate over a units folder's scores (:func:`gated_units`), the chunk writer of the
+kinds made from text (:func:`write_chunks`), and the seeded draw that makes every choice independent of processing
+order.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +21,8 @@ import pyarrow.parquet as pq
 from .. import __version__, records
 from ..io import iter_rows, parquet_rows, write_json, write_parquet
 from ..progress import progress
-from ..shardfiles import duplicate_ids, folder_k, repeat_reason, repeated_elsewhere, select_shards, shard_suffix, unit_files
+from ..shardfiles import (check_spec, duplicate_ids, folder_k, repeat_reason, repeated_elsewhere, select_shards, shard_suffix,
+                          unit_files)
 from ..sources.corpora.base import SPLITS
 from ..speechgpt import record_problems
 
@@ -104,6 +108,26 @@ def _quality_drop(counts, dropped, uid: str, reason: str) -> None:
     dropped.append({"where": uid, "reason": f"quality: {reason}"})  # the counted key, then the score
 
 
+def claim_folder(out: Path, part: str | None, spec: dict, own: str) -> None:
+    """Before any record: ``spec`` (the kind, its inputs and every setting a record depends on) into
+    ``out/compose{-part}.json``, or one line when ``out`` holds records of ``part`` made with other settings (a
+    rerun with another mode, seed, template set or gate would have taken them for done and counted them as new),
+    or files named as this composer's (``own``, a regular expression) that no compose wrote. A folder an earlier
+    version composed (its summary there, no spec file) is taken as this spec's."""
+    name, summary = (f"{stem}{'-' + part if part else ''}.json" for stem in ("compose", "summary"))
+    if not (out / name).is_file() and (out / summary).is_file():
+        write_json(out / name, spec)
+    check_spec(out, spec, name, own)
+
+
+def unit_spec(kind: str, units_dir: Path, part: str | None, quality: "QualityGate", **settings) -> dict:
+    """What a composer of units records (``kind``) is made from, for :func:`claim_folder`."""
+    gates = quality.gates if quality.folder is not None else None
+    return {"kind": kind, "units": str(units_dir.resolve()),
+            "scores": str(quality.folder.resolve()) if quality.folder is not None else None,
+            "gates": dataclasses.asdict(gates) if dataclasses.is_dataclass(gates) else None, **settings}
+
+
 @contextlib.contextmanager
 def split_records(out: Path, part: str | None, suffix: str, kind: str):
     """Record sinks of ``kind`` for one units shard, one file per split (``{split}-{part-}{suffix}.parquet``),
@@ -117,10 +141,13 @@ def split_records(out: Path, part: str | None, suffix: str, kind: str):
 
 
 def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality: QualityGate, counts, dropped: list,
-                num_shards: int = 1, shard_index: int = 0):
+                num_shards: int = 1, shard_index: int = 0, settings: dict | None = None):
     """(split sinks, units row, its score columns) for every row of the units shards this worker owns that
     passes ``quality``, shard after shard (:func:`split_records`; a shard already written is skipped); a row
-    that fails is counted in ``counts`` and ``dropped``."""
+    that fails is counted in ``counts`` and ``dropped``. ``settings``: what else the records depend on (the
+    folder's spec, :func:`claim_folder`)."""
+    own = rf"({'|'.join(SPLITS)})-{re.escape(part + '-') if part else ''}[^-]+\.parquet"
+    claim_folder(out, part, unit_spec(kind, units_dir, part, quality, **(settings or {})), own)
     k = folder_k(units_dir)
     repeats = None
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
@@ -168,11 +195,13 @@ def split_counts(out: Path, part: str | None = None) -> dict[str, int]:
 
 
 def write_chunks(items: list[dict], out: Path, kind: str, chunk_size: int, counts: collections.Counter,
-                 dropped: list[dict], make, count) -> None:
+                 dropped: list[dict], make, count, settings: dict) -> None:
     """Records of ``kind`` made from ``items`` (``make(item)``: a list of records, or (count key, reason) when
     the item is dropped), ``chunk_size`` items to a ``train-NNNNN.parquet`` file with a sidecar of its counts
-    (``count(record)`` names a record's) and drops; a rerun skips the chunks already written. ``counts`` and
-    ``dropped`` gain every chunk's, done now or before."""
+    (``count(record)`` names a record's) and drops; a rerun skips the chunks already written, when they were made
+    with the same ``settings`` (:func:`claim_folder`). ``counts`` and ``dropped`` gain every chunk's, done now or
+    before."""
+    claim_folder(out, None, {"kind": kind, "chunk_size": chunk_size, **settings}, r"train-\d{5}(\.summary\.json|\.parquet)")
     for start in range(0, len(items), chunk_size):
         chunk = start // chunk_size
         target = out / f"train-{chunk:05d}.parquet"

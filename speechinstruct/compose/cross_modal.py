@@ -16,7 +16,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
-from ..io import write_json
+from ..io import sha256_json, write_json
 from ..recipe import default
 from ..sources.corpora.base import SPLITS, split_name
 from ..speechgpt import DEFAULT_PREFIX, cross_modal_text, find_markup, shape_errors, text_problem, to_text
@@ -42,8 +42,10 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
     quality = QualityGate(scores, gates)
+    made_with = {"mode": mode, "asr_fraction": asr_fraction, "prefix": sha256_json(prefix), "seed": seed,
+                 "templates": {task: sha256_json(data["templates"]) for task, data in sets.items()}}
     for sinks, u, judged in gated_units(Path(units_dir), out, part, "cross_modal", quality, counts, dropped,
-                                        num_shards, shard_index):
+                                        num_shards, shard_index, made_with):
         text = (u.get("text") or "").strip()
         if not text:
             counts["no transcript"] += 1

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from .. import recipe as settings
 from ..audio import AudioError
-from ..io import write_json
+from ..io import sha256_json, write_json
 from ..judges import ScoreError
 from ..recipe import default
 from ..speechgpt import DEFAULT_PREFIX, dialogue_messages, dialogue_text, markers_balanced
@@ -163,9 +163,11 @@ def dialogue(source: str | Path, out: str | Path, tokenizer, tts, cfg: settings.
     conversations, dropped = decontaminated(conversations, dropped, eval_texts, ("exchanges",))
     counts = collections.Counter("dropped: " + d["reason"].split(" (")[0] for d in dropped)
     speaker = Speaker(tts, tokenizer, judge, gates)
+    made_with = {"conversations": sha256_json(conversations), "prefix": sha256_json(prefix), "seed": seed,
+                 "corpus": corpus, "license": license, "llm": getattr(llm, "model", None) if llm else None, **speaker.spec()}
     write_chunks(conversations, out, "dialogue", chunk_size, counts, dropped,
                  lambda c: _dialogue_record(c, speaker, llm, prefix, seed, corpus, license),
-                 count=lambda row: "records")
+                 count=lambda row: "records", settings=made_with)
     turns = collections.Counter()
     for part in sorted(out.glob("train-*.parquet")):
         turns.update(pq.read_table(part, columns=["turns"]).column("turns").to_pylist())

@@ -116,7 +116,7 @@ def interleaved(units_dir: str | Path, out: str | Path, cfg: settings.Interleave
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
     for sinks, u, judged in gated_units(units_dir, out, part, "interleaved", QualityGate(scores, gates), counts, dropped,
-                                        num_shards, shard_index):
+                                        num_shards, shard_index, {"min_words": min_words, "max_words": max_words, "seed": seed}):
         made = _record(u, vocabulary.frame_rate, codebooks, merge, seed, min_words, max_words)
         if isinstance(made, str):
             counts[f"skipped: {made.split(' (')[0]}"] += 1

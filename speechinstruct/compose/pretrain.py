@@ -26,7 +26,7 @@ def pretrain(units_dir: str | Path, out: str | Path, cfg: settings.Pretrain | No
     counts: collections.Counter[str] = collections.Counter()
     dropped: list[dict] = []
     for sinks, u, judged in gated_units(Path(units_dir), out, part, "pretrain", QualityGate(scores, gates), counts,
-                                        dropped, num_shards, shard_index):
+                                        dropped, num_shards, shard_index, {"dev_fraction": dev_fraction, "seed": seed}):
         split = split_name(u["split"])
         if split == "train" and _draw(seed, "split", u["id"]) / 2**64 < dev_fraction:
             split = "validation"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -135,6 +136,16 @@ class Speaker:
         """What made the units (for a compose summary, so that publish knows the vocabulary of records that
         come from no units folder)."""
         return self.tokenizer.describe()
+
+    def spec(self) -> dict:
+        """What the speech depends on (the TTS engine, model, voices and rates, the tokenizer, the gates), for a
+        compose folder's spec (common.claim_folder)."""
+        engine = getattr(self.tts, "engine", self.tts)  # CachedTTS: the engine it wraps
+        model = getattr(engine, "model_id", None) or getattr(engine, "model", None)  # vits: name and weights digest
+        tts = {"engine": getattr(engine, "name", type(engine).__name__), "model": model if isinstance(model, str) else None,
+               "voices": list(getattr(engine, "voices", ())), "rates": list(getattr(engine, "rates", ()))}
+        gates = dataclasses.asdict(self.gates) if dataclasses.is_dataclass(self.gates) else None
+        return {"tts": tts, **self.tokenizer_spec(), "gates": gates if self.judge is not None else None}
 
     def units(self, text: str, key: str) -> tuple[list[int], str, dict]:
         voice, rate = self.tts.voice_for(key)
