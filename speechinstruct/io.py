@@ -210,6 +210,18 @@ def claim_outputs(out: str | os.PathLike, stage: str, names: str, legacy: bool =
                            "owns": f"every file whose path here matches {names}"})
 
 
+def wrote_before(path: str | os.PathLike, keys: set[str]) -> bool:
+    """``path`` (a JSON file, or a JSONL file's first line) is an object with every one of ``keys``: a stage's own
+    file, by which :func:`claim_outputs` recognises a folder an earlier version wrote (it kept no claim)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        found = json.loads(text.partition("\n")[0] if path.suffix == ".jsonl" else text)
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and keys <= found.keys()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -191,6 +191,38 @@ def test_bad_inputs_are_one_line(planted, tmp_path):
         assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
 
 
+def test_dedup_never_deletes_or_overwrites_files_it_did_not_write(units_dir, tmp_path):
+    """OUT holding a user's units-00007.parquet and dropped-00009.jsonl lost both without a word (dedup deletes
+    the shards of inputs no longer there); OUT = UNITS overwrote the input with the kept rows, the dropped ones
+    gone for good. Both are one line now, before anything is written."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"units-00007.parquet": sorted(units_dir.glob("units-*.parquet"))[0].read_bytes(), "dropped-00009.jsonl": b"mine\n"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    result = runner.invoke(app, ["dedup", str(units_dir), str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "dropped-00009.jsonl: already there and not written by dedup" in result.output.replace("\n", "")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
+    before = {p.name: p.read_bytes() for p in units_dir.iterdir()}
+    result = runner.invoke(app, ["dedup", str(units_dir), str(units_dir)])
+    assert result.exit_code == 2 and "dedup writes the kept rows into a folder of their own" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in units_dir.iterdir()} == before
+    # its own folder: a rerun replaces its files, and the shard of an input file no longer there goes
+    units = tmp_path / "copy"
+    shutil.copytree(units_dir, units)
+    assert runner.invoke(app, ["dedup", str(units), str(tmp_path / "own")]).exit_code == 0
+    last = sorted(units.glob("units-*.parquet"))[-1]
+    last.unlink()
+    assert runner.invoke(app, ["dedup", str(units), str(tmp_path / "own")]).exit_code == 0
+    assert not (tmp_path / "own" / last.name).exists()
+    # a folder an earlier version wrote (dedup.json, no claim) is its own
+    (tmp_path / "own" / ".speechinstruct-dedup.json").unlink()
+    assert runner.invoke(app, ["dedup", str(units), str(tmp_path / "own")]).exit_code == 0
+
+
 @pytest.mark.parametrize("bad, tasks", [({"id": None}, 1), ({"units": None}, 1), ({"units": [-5, 3]}, 1),
                                         ({"split": "holdout"}, 1), ({"id": None}, 2), ({"units": [-5, 3]}, 2)], ids=str)
 def test_a_hand_edited_units_row_is_one_line_naming_file_and_row(units_dir, tmp_path, bad, tasks):

@@ -47,6 +47,16 @@ def test_extract_cluster_quantize(manifest, tmp_path, librispeech_root):
     assert meta["seconds_reading"] + meta["seconds_fitting"] <= meta["seconds"] + 0.002
     assert json.loads((tmp_path / "km" / "kmeans.json").read_text())["seconds_fitting"] == meta["seconds_fitting"]
 
+    # a centroids.npy cluster did not write (the user's own k-means) is never overwritten: one line
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "centroids.npy").write_bytes(b"mine")
+    result = runner.invoke(app, ["cluster", str(tmp_path / "feats"), str(tmp_path / "theirs"), "--k", "8", "-q"])
+    assert result.exit_code == 2 and "centroids.npy: already there and not written by cluster" in result.stderr.replace("\n", "")
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["centroids.npy"]
+    assert (tmp_path / "theirs" / "centroids.npy").read_bytes() == b"mine"
+    (tmp_path / "km" / ".speechinstruct-cluster.json").unlink()  # as an earlier version left its folder: its own
+    assert cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "8", "-q")["sha256"] == meta["sha256"]
+
     qstats = cli("quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units", "-q")
     assert qstats["utterances"] == 4
     rows = [r for f in sorted((tmp_path / "units").glob("units-*.parquet")) for r in pq.read_table(f).to_pylist()]

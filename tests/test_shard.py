@@ -243,6 +243,29 @@ def test_cli_shard_and_clear_errors(librispeech_root, tmp_path):
     assert pq.read_table(tmp_path / "m" / "manifest-00000.parquet").num_rows == 4
 
 
+def test_shard_never_deletes_or_overwrites_files_it_did_not_write(librispeech_root, tmp_path):
+    """OUT holding a user's manifest-00003.parquet and summary.json (another run's copy, their own notes) lost both
+    without a word: shard deletes the manifest shards it did not write this time. One line now, before anything
+    is written; its own folder (or one an earlier version wrote: its summary) it rewrites as before."""
+    runner = CliRunner()
+    out = tmp_path / "m"
+    out.mkdir()
+    mine = {"manifest-00003.parquet": b"theirs", "summary.json": b"{}", "notes.txt": b"mine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    result = runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(out), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "manifest-00003.parquet: already there and not written by shard" in result.stderr.replace("\n", "")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
+    (out / "manifest-00003.parquet").unlink()
+    (out / "summary.json").unlink()
+    for _ in range(2):
+        assert runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(out), "-q"]).exit_code == 0
+    (out / ".speechinstruct-shard.json").unlink()  # as an earlier version left it
+    assert runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(out), "-q"]).exit_code == 0
+    assert (out / "notes.txt").read_bytes() == b"mine" and len(rows(out)) == 4
+
+
 def test_gigaspeech_malformed_metadata_is_clear(gigaspeech_root, tmp_path):
     (gigaspeech_root / "GigaSpeech.json").write_text('{"audios": [{"aid": "x", "path": "a.opus", "segments": [')
     with pytest.raises(ValueError, match="GigaSpeech.json: not valid GigaSpeech metadata"):

@@ -378,6 +378,9 @@ def _read_eval_file(path: Path, texts: EvalTexts) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the stage
+OWN_FILES = r"units-[^/]+\.parquet|dropped-[^/]+\.jsonl|units\.json|dedup\.json"  # in OUT (io.claim_outputs)
+
+
 def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | Path, cfg: settings.Dedup | None = None,
           scores: list[str | Path | None] | str | Path | None = None, seed: int = 1, num_shards: int = 1,
           shard_index: int = 0) -> dict:
@@ -395,9 +398,14 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
     signer, texts = Signer(cfg.ngram, cfg.num_perm, seed), EvalTexts(cfg.eval_ngram)
     eval_signatures, eval_units, checked = read_eval(used["eval"], texts, signer)
 
-    from ..io import remove_stale_temps
+    from ..io import claim_outputs, remove_stale_temps, wrote_before
     from ..shardfiles import select_shards
 
+    for folder, out in zip(inputs, outs):  # never a file dedup did not write: not the input's, not the user's
+        if out.resolve() == folder.resolve():
+            raise ValueError(f"{out}: the output folder is the units folder; dedup writes the kept rows into a folder "
+                             "of their own (over its input, the rows it drops would be lost)")
+        claim_outputs(out, "dedup", OWN_FILES, wrote_before(out / "dedup.json", {"inputs", "settings", "kept"}))
     if num_shards > 1:
         mine = [(path, out) for folder, out in zip(inputs, outs) for path in select_shards(_unit_files(folder), num_shards, shard_index)]
         for path, out in mine:

@@ -561,14 +561,10 @@ def _claim(out: Path) -> None:
     """Refuse (one line) when ``out`` holds an index.html, report.json, PNG or audio/*.wav the report did not write,
     else claim them (:func:`io.claim_outputs`). A folder an earlier version wrote (its report.json gives records
     and hours) is the report's."""
-    from ..io import claim_outputs
+    from ..io import claim_outputs, wrote_before
 
-    try:
-        numbers = json.loads((out / "report.json").read_text(encoding="utf-8"))
-        legacy = isinstance(numbers, dict) and {"records", "hours"} <= set(numbers)
-    except (OSError, ValueError):
-        legacy = False
-    claim_outputs(out, "report", r"index\.html|report\.json|[^/]+\.png|audio/[^/]+\.wav", legacy)
+    claim_outputs(out, "report", r"index\.html|report\.json|[^/]+\.png|audio/[^/]+\.wav",
+                  wrote_before(out / "report.json", {"records", "hours"}))
 
 
 def report(dataset: str | Path, out: str | Path, units: str | Path | None = None, vocoder=None, samples: int = 4,

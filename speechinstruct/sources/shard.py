@@ -11,7 +11,7 @@ import collections
 from pathlib import Path
 
 from .. import recipe as settings, records
-from ..io import write_json, write_parquet
+from ..io import claim_outputs, write_json, write_parquet, wrote_before
 from . import storage
 from .corpora import (SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
                       readers, root_problem, split_of, split_word, with_known_license)
@@ -128,7 +128,8 @@ def shard_corpus(
     if corpus in audio_roots():  # manifests that name audio files anywhere: paths relative to their folder
         audio_root = audio_roots()[corpus](root, **reader_options)
         reader_options["audio_root"] = str(audio_root)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_outputs(out, "shard", r"manifest-\d{5}\.parquet|summary\.json",
+                  wrote_before(out / "summary.json", {"corpus", "root", "shards", "utterances"}))
 
     shards, tally = ManifestShards(out, shard_hours), Tally()
     for name in refused:

@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from .. import recipe as settings
-from ..io import atomic_path, write_json
+from ..io import atomic_path, claim_outputs, write_json, wrote_before
 from ..shardfiles import feature_dim, feature_files, frame_blocks
 from .kmeans import KMeans, nearest_centroids
 
@@ -134,6 +134,8 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
     cfg = cfg or settings.KMeans()
     k, max_frames, seed, niter, nredo = cfg.k, cfg.max_frames, cfg.seed, cfg.niter, cfg.nredo
     features, out = Path(features), Path(out)
+    claim_outputs(out, "cluster", r"centroids\.npy|kmeans\.json",
+                  wrote_before(out / "kmeans.json", {"k", "dim", "sha256", "sample_frames"}))
     spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)

@@ -305,15 +305,10 @@ _WAV_NAME = re.compile(r"\d{5}\.wav")  # resynth's files: NNNNN.wav and manifest
 def _claim(out: Path) -> None:
     """Refuse (one line) when ``out`` holds a NNNNN.wav or manifest.jsonl that resynth did not write; else claim them.
     A folder an earlier version wrote (its manifest.jsonl's lines name file, id, kind and source) is resynth's."""
-    from ..io import claim_outputs
+    from ..io import claim_outputs, wrote_before
 
-    legacy = False
-    try:
-        first = json.loads((out / "manifest.jsonl").read_text(encoding="utf-8").partition("\n")[0])
-        legacy = isinstance(first, dict) and {"file", "id", "kind", "source"} <= set(first)
-    except (OSError, ValueError):
-        pass
-    claim_outputs(out, "resynth", r"\d{5}\.wav|manifest\.jsonl", legacy)
+    claim_outputs(out, "resynth", r"\d{5}\.wav|manifest\.jsonl",
+                  wrote_before(out / "manifest.jsonl", {"file", "id", "kind", "source"}))
 
 
 def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None) -> dict:
