@@ -274,6 +274,17 @@ def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tm
     assert json.loads(again.stdout)["shards skipped (done)"] == 1
     same = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "manifest"), "--model", str(tmp_path / "ctc")])
     assert same.exit_code == 2 and "align writes a new shard folder" in same.output
+    # another model's rerun took the first model's shards for done; a shard align did not write was taken too
+    write_tiny_ctc(tmp_path / "ctc2", seed=1)
+    other = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model", str(tmp_path / "ctc2")])
+    assert other.exit_code == 2 and "align.json: " in other.output and "other settings" in other.output, other.output
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "manifest-00000.parquet").write_bytes((tmp_path / "manifest" / "manifest-00000.parquet").read_bytes())
+    copied = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "copied"), "--model", str(tmp_path / "ctc")])
+    assert copied.exit_code == 2 and "manifest-00000.parquet: already there, but" in copied.output, copied.output
+    (tmp_path / "aligned" / "align.json").unlink()  # a folder an earlier version aligned: its shards are done
+    again = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model", str(tmp_path / "ctc"), "-q"])
+    assert json.loads(again.stdout)["shards skipped (done)"] == 1
 
 
 def test_align_stops_when_the_root_is_gone_and_leaves_a_shard_storage_failed_for_the_rerun(librispeech_root, tmp_path):

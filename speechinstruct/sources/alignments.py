@@ -204,23 +204,29 @@ class CtcAligner:
 
 def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -> dict:
     """A copy of a shard folder whose rows with a transcript and no ``words`` get them from ``aligner``; rows it
-    cannot align are kept without, counted by reason. Shard by shard, resumable (a finished shard is skipped); a
+    cannot align are kept without, counted by reason. Shard by shard, resumable (a shard finished with the same
+    manifest and model, which ``out/align.json`` keeps, is skipped; another model is one line); a
     shard with an utterance that storage failed to give for a while is not written, and the run ends with one line
     (:class:`shardfiles.Unfinished`), so that the rerun aligns it."""
     import collections
     import shutil
 
     from .. import records
-    from ..io import iter_rows, write_json, write_parquet
+    from ..io import iter_rows, write_json, write_parquet, wrote_before
     from ..progress import progress
-    from ..shardfiles import check_read, corpus_root, manifest_files
+    from ..shardfiles import check_read, check_spec, corpus_root, manifest_files
     from .decoding import MayPass, check_root, decode_row
 
     manifest, out = Path(manifest), Path(out)
     if out.resolve() == manifest.resolve():
         raise ValueError(f"{out}: align writes a new shard folder; give another one")
     root = check_root(corpus_root(manifest), manifest)
+    model = str(Path(aligner.source).resolve()) if Path(aligner.source).is_dir() else aligner.source
+    spec = {"manifest": str(manifest.resolve()), "model": model}
+    if not (out / "align.json").is_file() and wrote_before(out / "summary.json", {"alignment"}):
+        write_json(out / "align.json", spec)  # a folder an earlier version aligned: its shards are this spec's
     out.mkdir(parents=True, exist_ok=True)
+    check_spec(out, spec, "align.json", r"manifest-\d{5}\.parquet")  # another model's, or copied in: never done
     counts: collections.Counter[str] = collections.Counter()
     examples: list[dict] = []
     passing: dict[str, list[str]] = {}  # shard → utterances storage failed to give: the shard is left for the rerun
@@ -253,7 +259,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
                "alignment": {"model": aligner.source, **dict(sorted(counts.items())), "examples": examples}}
     write_json(out / "summary.json", summary)
     for extra in manifest.glob("*.json"):  # whatever else shard wrote beside the shards
-        if extra.name != "summary.json" and not (out / extra.name).exists():
+        if extra.name != "summary.json" and not extra.name.startswith(".") and not (out / extra.name).exists():
             shutil.copy2(extra, out / extra.name)
     check_read(out, passing, summary["alignment"])
     return summary["alignment"]
