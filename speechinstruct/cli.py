@@ -66,10 +66,11 @@ def fail(message: str, code: int = 2):
 @contextlib.contextmanager
 def expected_failures():
     """Expected failures as one clear line and exit code 2: missing or unreadable files (OSError), bad values,
-    refused checkpoints, failed LLM or TTS calls, a failed Ray job. Work already written stays; rerunning
+    refused checkpoints, failed LLM or TTS calls, a failed Ray job, memory that halving could not find. Work already written stays; rerunning
     resumes. Anything else is a bug and keeps its traceback."""
     from .checkpoints import UnsafeCheckpointError
     from .llm import LLMError
+    from .memory import OutOfMemory
     from .sources.tts import TTSError
     from .units.engine_ray import RayJobError
 
@@ -79,7 +80,7 @@ def expected_failures():
         key = e.args[0] if e.args else ""
         fail(key if isinstance(key, str) and " " in key else
              f"no {key!r} where one was expected (an input written by another tool or version?)")
-    except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError, RayJobError) as e:
+    except (OSError, ValueError, UnsafeCheckpointError, LLMError, TTSError, RayJobError, OutOfMemory) as e:
         if getattr(e, "summary", None) is not None:  # a stage that went through but must run again: its summary too
             _print_json(e.summary)
         if isinstance(e, FileNotFoundError) and e.errno is None and " " not in str(e):  # pyarrow's: the path alone

@@ -24,7 +24,8 @@ def is_out_of_memory(error: BaseException) -> bool:
     return name == "OutOfMemoryError" or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
-def _free() -> None:
+def free_cached() -> None:
+    """What Python and torch's caching allocator hold and no longer use, given back before a smaller try."""
     import gc
 
     gc.collect()
@@ -52,7 +53,7 @@ def halving(run: Callable[[list], list], items: Sequence, counts: collections.Co
         if ran is not None:
             ran.append(size(list(items)))
         return results
-    _free()
+    free_cached()
     if len(items) == 1:
         raise OutOfMemory(f"out of memory even alone ({describe(items[0])}): {str(error).splitlines()[0][:200]}")
     if counts is not None:

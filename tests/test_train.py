@@ -595,6 +595,65 @@ def test_gradient_checkpointing_and_the_attention_kernel_leave_the_losses_as_the
         T.train(2, base_model, dataset, tmp_path / "d", fast(max_steps=1, attention="nonsense"))
 
 
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_batch_that_runs_out_of_memory_is_halved_to_the_same_weights(base_model, dataset, tmp_path, monkeypatch, where):
+    """A CUDA out-of-memory stopped the run (issue 38, item 6). A pass of more than 2 examples now raises torch's
+    OutOfMemoryError here: in the forward pass, or after the backward pass has added its gradients (the worst case,
+    gradients left half made), in the second micro-batch of a step (grad_accum 2). The step's gradients are made
+    again from nothing with 2 examples a pass, each part's loss weighted by its share of the loss tokens: the same
+    losses and weights as a run that fits, to float32 rounding; the halvings are counted and later batches start
+    at the size that fitted."""
+    from accelerate import Accelerator
+    from transformers import LlamaForCausalLM
+
+    cfg = fast(max_steps=3, grad_accum=2, batch_size=4)
+    fits = T.train(2, base_model, dataset, tmp_path / "fits", cfg)
+    assert fits["batches_halved"] == 0
+    real_forward, real_backward, passes = LlamaForCausalLM.forward, Accelerator.backward, []
+
+    def forward(self, *args, **kwargs):
+        passes.append(kwargs["input_ids"].shape[0])
+        if where == "forward" and passes[-1] > 2 and len(passes) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_forward(self, *args, **kwargs)
+
+    def backward(self, loss, **kwargs):
+        real_backward(self, loss, **kwargs)
+        if where == "backward" and passes[-1] > 2 and len(passes) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    halved = T.train(2, base_model, dataset, tmp_path / "halved", cfg)
+    assert halved["batches_halved"] == 1 and passes[0] == 4 and max(passes[2:]) == 2
+    assert [h["loss"] for h in halved["history"]] == pytest.approx([h["loss"] for h in fits["history"]], rel=1e-5)
+    # validation batches too (stage 1's validation split: evaluate's sums of the parts are the batch's)
+    tokenizer, model, _ = T.load_model(1, base_model, T.dataset_k(dataset), cfg)
+    held_out = T.build_examples(1, dataset, tokenizer, cfg, split="validation")
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(LlamaForCausalLM, "forward", real_forward)
+    whole = T.evaluate(model, held_out, 4, tokenizer.pad_token_id, accelerator)
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    if where == "forward":
+        parts = T.evaluate(model, held_out, 4, tokenizer.pad_token_id, accelerator)
+        assert len(held_out) > 2 and parts.pop("eval_batches_halved") >= 1 and "eval_batches_halved" not in whole
+        assert parts == pytest.approx(whole, rel=1e-5)
+    _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / "halved" / "model"))
+    # one example that does not fit alone is one line from the command, not a traceback
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory.")))
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
+                                      "--out", str(tmp_path / "never"), "--max-steps", "1", "--batch-size", "2", "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "out of memory with one example a pass: lower --max-length" in result.stderr
+    # several processes would all have to split together: one line saying what to change
+    from types import SimpleNamespace
+    with pytest.raises(T.OutOfMemory, match="process 1 of 2 with 3 examples a pass: lower --batch-size"):
+        T._halve(torch.OutOfMemoryError("CUDA out of memory."), 4, 3, SimpleNamespace(num_processes=2, process_index=1))
+
+
 def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
     """train's settings are a recipe section (recipe.Train): a wrong value in a settings file or an option is one
     line naming it, before any model is loaded; the packaged stage files hold only known, valid settings."""

@@ -26,6 +26,7 @@ every global batch and the LR schedule steps once per optimizer step, whatever t
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import logging
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..memory import OutOfMemory, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
 
@@ -294,6 +296,44 @@ def collate(examples: list[dict], pad_id: int, pack: int = 0) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def loss_tokens(batch: dict) -> int:
+    """How many tokens a batch's loss is the mean over: transformers' causal LM loss predicts each label from the
+    token before it (labels shifted by one), and -100 is no label."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int) -> torch.Tensor:
+    """The loss of one micro-batch (``items``), its gradient added to the model's, run ``size`` examples at a time:
+    each part's loss weighted by its share of the loss tokens, so that the parts' gradients add up to the whole
+    batch's (the mean over all its loss tokens, as one forward pass would take it)."""
+    parts = [collate(items[i: i + size], pad_id, pack) for i in range(0, len(items), size)]
+    total = max(1, sum(loss_tokens(p) for p in parts))
+    loss = torch.zeros((), device=accelerator.device)
+    for part in parts:
+        batch = {key: v.to(accelerator.device) for key, v in part.items()}
+        weighted = model(**batch, use_cache=False).loss * (loss_tokens(part) / total)  # no cache: packed rows need none
+        accelerator.backward(weighted)
+        loss += weighted.detach()
+    return loss
+
+
+def _halve(error: Exception, size: int, batch: int, accelerator) -> int:
+    """The examples per forward pass after running out of memory (``error``) with ``size`` of a micro-batch of
+    ``batch``: half as many, or one line that says what to do when there can be no fewer."""
+    first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    if accelerator.num_processes > 1:  # every process would have to split its batch together
+        raise OutOfMemory(f"out of memory on process {accelerator.process_index} of {accelerator.num_processes} "
+                          f"with {min(size, batch)} examples a pass: lower --batch-size and raise --grad-accum "
+                          f"({first})") from None
+    if min(size, batch) == 1:
+        raise OutOfMemory(f"out of memory with one example a pass: lower --max-length (stage 1: block_size) "
+                          f"({first})") from None
+    free_cached()
+    size = min(size, batch)
+    log.warning("out of memory with %d examples a pass: %d from now on (%s)", size, size // 2, first)
+    return size // 2
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     order = np.random.default_rng(seed + epoch).permutation(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -309,23 +349,28 @@ def process_share(index: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, accelerator, max_batches: int | None = None) -> dict:
-    """Mean token loss and perplexity over validation examples (each process its share, then gathered)."""
+    """Mean token loss and perplexity over validation examples (each process its share, then gathered); a batch
+    that runs out of memory is halved (:func:`memory.halving`; its parts' sums are the batch's)."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # summed loss, token count
     batches = [np.arange(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
+    counts: collections.Counter[str] = collections.Counter()
+
+    def sums(part: list[dict]) -> list[tuple[float, int]]:
+        batch = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
+        n = loss_tokens(batch)
+        return [(model(**batch).loss.float().item() * n, n)] if n else []
+
     with torch.no_grad():
         for index in batches[:max_batches]:
             mine = index[accelerator.process_index :: accelerator.num_processes]
-            if not len(mine):
-                continue
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in mine], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            if n:
-                total += torch.tensor([model(**batch).loss.float().item() * n, n], device=accelerator.device)
+            for loss_sum, n in halving(sums, [examples[i] for i in mine], counts) if len(mine) else []:
+                total += torch.tensor([loss_sum, n], device=accelerator.device)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     loss = float(total[0] / total[1]) if total[1] else float("nan")
-    return {"eval_loss": round(loss, 5), "eval_perplexity": round(math.exp(min(loss, 50)), 4), "eval_tokens": int(total[1])}
+    return {"eval_loss": round(loss, 5), "eval_perplexity": round(math.exp(min(loss, 50)), 4), "eval_tokens": int(total[1]),
+            **({"eval_batches_halved": counts["batches_halved"]} if counts else {})}
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -529,22 +574,36 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     history: list[dict] = []
     model.train()
     tokens, started, running = 0, time.perf_counter(), []
+    size, halved, cycle = cfg.batch_size, 0, []  # size: examples per forward pass; cycle: this step's micro-batches
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
         while batch_in_epoch < len(batches) and step < total_steps:
             mine = process_share(batches[batch_in_epoch], accelerator.process_index, accelerator.num_processes)
-            batch = {key: v.to(accelerator.device)
-                     for key, v in collate([examples[i] for i in mine], tokenizer.pad_token_id, pack).items()}
+            cycle.append([examples[i] for i in mine])
             with accelerator.accumulate(model):
-                loss = model(**batch, use_cache=False).loss  # no cache: a packed batch's mask needs none
-                accelerator.backward(loss)
+                redo: list[list[dict]] = []  # after running out of memory: the step's earlier micro-batches again
+                while True:
+                    try:
+                        for earlier in redo:
+                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size)
+                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size)
+                        break
+                    except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
+                        if not is_out_of_memory(e):
+                            raise
+                        size = _halve(e, size, max(map(len, cycle)), accelerator)
+                    halved += 1  # the step's gradients again from nothing, in parts of ``size``
+                    model.zero_grad(set_to_none=True)  # an out-of-memory in the backward pass left some added
+                    redo = cycle[:-1]
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                cycle = []
             batch_in_epoch += 1
             tokens += sum(len(examples[i]["input_ids"]) for i in mine) * accelerator.num_processes
             running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
@@ -582,5 +641,5 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                    {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump(),
                     "distributed": distributed})
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
-            "eval_examples": len(eval_examples), "tokens_added": added,
+            "eval_examples": len(eval_examples), "tokens_added": added, "batches_halved": halved,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}
