@@ -226,3 +226,28 @@ def test_hostile_conversations_are_counted_skips_and_names_never_climb_out(espea
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert all(tmp_path / "out" in p.parents for p in written if p != conversations)
     assert [p.name for p in (tmp_path / "out" / "audio").glob("*.wav")][0].startswith("_.._etc_passwd-")
+
+
+def test_a_rerun_leaves_no_file_of_the_last_run_and_touches_none_of_the_users(espeak, tmp_path):
+    """`compose duplex --kmeans` and then without it left the first run's train-00000.parquet, which publish took
+    as this run's records (units of other audio); a smaller --max-conversations left the WAVs of the others. A
+    user's own audio/NAME.wav or summary.json in OUT was overwritten. duplex claims its files now: a rerun removes
+    its own stale ones, and a user's file where one of them goes is one line before anything is written."""
+    from speechinstruct import units as U
+    from speechinstruct.units.features import MFCC
+
+    out = tmp_path / "d"
+    km = U.KMeans(np.random.default_rng(0).normal(size=(16, 39)).astype(np.float32))
+    assert duplex("builtin", out, espeak, sections.Duplex(max_conversations=3), tokenizer=U.SpeechEncoder(km, MFCC()))["records"] == 3
+    (out / "notes.txt").write_text("mine")
+    duplex("builtin", out, espeak, sections.Duplex(max_conversations=1))
+    listed = [json.loads(line)["path"] for line in (out / "duplex.jsonl").read_text().splitlines()]
+    assert not (out / "train-00000.parquet").exists() and len(listed) == 1
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "audio").iterdir()) == [listed[0][:-4] + ".json", listed[0]]
+    assert (out / "notes.txt").read_text() == "mine"
+    user = tmp_path / "u"
+    (user / "audio").mkdir(parents=True)
+    (user / listed[0]).write_bytes(b"mine")
+    result = runner.invoke(app, ["compose", "duplex", "builtin", str(user), "--max-conversations", "1", "-q"])
+    assert result.exit_code == 2 and "not written by duplex" in result.stderr.replace("\n", ""), result.output
+    assert [p.name for p in user.rglob("*")] == ["audio", listed[0].split("/")[1]] and (user / listed[0]).read_bytes() == b"mine"

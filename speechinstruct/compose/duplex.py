@@ -23,7 +23,9 @@ the **left channel the main speaker (the assistant), the right the user**; besid
 the start of the file, from the TTS's own word events (espeak-ng), each turn's last word ending where its audio
 does; and ``OUT/duplex.jsonl``, one ``{"path": "audio/{id}.wav", "duration": seconds}`` per file (paths relative
 to the manifest's folder). ``OUT/stats.jsonl`` holds each conversation's gaps, overlaps, interruptions,
-backchannels and talk time per speaker; ``summary.json`` their totals and distributions.
+backchannels and talk time per speaker; ``summary.json`` their totals and distributions. A rerun writes them all
+again and removes its own files that it did not write this time; a user's file where one of them goes stops it
+(one line) before anything is written.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import recipe as settings
-from ..io import atomic_path, write_json, write_text
+from ..io import atomic_path, claim_outputs, write_json, write_text, wrote_before
 from ..recipe import default
 
 MAIN, OTHER = "SPEAKER_MAIN", "SPEAKER_OTHER"  # moshi's names: the model (left channel) and the user (right)
@@ -170,6 +172,9 @@ def units_record(conversation: dict, path: str, samples: np.ndarray, sr: int, al
                    "source_id": conversation["id"], "corpus": corpus, "license": license})
 
 
+OWN_FILES = r"audio/[^/]+\.(wav|json)|duplex\.jsonl|stats\.jsonl|summary\.json|train-00000\.parquet"  # io.claim_outputs
+
+
 def duplex(source, out, tts, cfg: settings.Duplex | None = None, seed: int = default(settings.Compose, "seed"),
            tokenizer=None, judge=None, gates=None, corpus: str | None = None) -> dict:
     """Full-duplex conversations from text conversations (see the module docstring; ``cfg``: the recipe's
@@ -184,6 +189,8 @@ def duplex(source, out, tts, cfg: settings.Duplex | None = None, seed: int = def
     cfg = cfg or settings.Duplex()
     sample_rate, license = cfg.sample_rate, cfg.license
     out = Path(out)
+    claim_outputs(out, "duplex", OWN_FILES,
+                  wrote_before(out / "summary.json", {"conversations", "overlap_share", "sample_rate"}))
     (out / "audio").mkdir(parents=True, exist_ok=True)
     if str(source) == "builtin":
         corpus, license = corpus or "speechinstruct-dialogues-sample", "Apache-2.0"
@@ -247,13 +254,20 @@ def write_conversation(out: Path, uid: str, samples: np.ndarray, sample_rate: in
 
 
 def write_outputs(out: Path, manifest: list, stats_lines: list, rows: list | None, dropped: list, extra: dict) -> dict:
-    """The manifest, the statistics, the records (when units were made) and the summary, which is returned."""
+    """The manifest, the statistics, the records (when units were made) and the summary, which is returned; the
+    files an earlier run wrote that this one did not (duplex claimed them: :data:`OWN_FILES`) go."""
     write_text(out / "duplex.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
     if rows is not None:
         from .. import records
         from ..io import write_parquet
 
         write_parquet(out / "train-00000.parquet", records.to_table("duplex", rows))
+    else:  # records of an earlier run's audio, which publish would take for this run's
+        (out / "train-00000.parquet").unlink(missing_ok=True)
+    spoken = {Path(m["path"]).stem for m in manifest}
+    for stale in sorted((out / "audio").glob("*")):
+        if stale.is_file() and stale.suffix in (".wav", ".json") and stale.stem not in spoken:
+            stale.unlink()
     write_text(out / "stats.jsonl", "".join(json.dumps(s) + "\n" for s in stats_lines))
     totals = collections.Counter()
     for s in stats_lines:
