@@ -218,6 +218,15 @@ def test_resume_continues_from_saved_step(base_model, dataset, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert straight["history"][-1]["loss"] == pytest.approx(resumed["history"][-1]["loss"], rel=1e-4)
+    # another run's checkpoints (another lr, data, base model or stage) were resumed from without a word
+    with pytest.raises(ValueError, match=r"run\.json: .* holds checkpoints of another run \{'lr': \(0\.003, 0\.001\)\}"):
+        T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=8, lr=1e-3))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run, which this run's would mix with"):
+        T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=8), resume=False)
+    # checkpoints an earlier version left (no run.json) are resumed from, as before
+    (tmp_path / "b" / "checkpoints" / "run.json").unlink()
+    assert [h["step"] for h in T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=7))["history"]] == [7]
+    assert (tmp_path / "b" / "checkpoints" / "run.json").is_file()
 
 
 def test_cli_train_and_chat(base_model, dataset, tmp_path):

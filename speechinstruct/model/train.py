@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import write_json
 from ..memory import OutOfMemory, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
@@ -518,6 +519,45 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
+# What a rerun into the same OUT may change and still continue the run from its checkpoints: how long it runs, how
+# often it saves, logs and evaluates, whether it merges, and how it computes (precision, attention kernel,
+# activation checkpointing). Any other setting, the stage, the base model or the data makes it another run.
+RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "merge",
+             "bf16", "attention", "gradient_checkpointing")
+
+
+def run_identity(stage: int, base_model: str | Path, data: str | Path, k: int, cfg: TrainConfig) -> dict:
+    """What makes a run the same run (``OUT/checkpoints/run.json``): paths resolved, the published dataset by the
+    digest of its ``speechinstruct.json`` (its counts, sources and vocabulary)."""
+    from ..io import sha256_file
+
+    meta = Path(data) / "speechinstruct.json"
+    return json.loads(json.dumps({
+        "stage": stage, "base_model": str(Path(base_model).resolve()) if Path(base_model).exists() else str(base_model),
+        "data": str(Path(data).resolve()), "dataset": sha256_file(meta)[:16] if meta.is_file() else None, "k": k,
+        **cfg.model_dump(exclude=set(RESUMABLE))}))
+
+
+def claim_run(accelerator, out: Path, identity: dict, resume: bool) -> None:
+    """Refuse (one line) to resume from checkpoints of another run (``identity`` differs from the one in
+    ``OUT/checkpoints/run.json``), or to start afresh (``resume`` False) where checkpoints are: this run's would mix
+    with them, and a later resume would take the newest of either. Else write ``identity`` there."""
+    path, found = out / "checkpoints" / "run.json", _checkpoints(out)
+    if found and not resume:
+        raise ValueError(f"{found[-1]}: {out} holds checkpoints of an earlier run, which this run's would mix with (a "
+                         f"later resume takes the newest of either); resume it, remove {out / 'checkpoints'}, or give "
+                         "another --out")
+    old = json.loads(path.read_text()) if found and path.is_file() else None
+    if old is not None and old != identity:
+        diff = {key: (old.get(key), identity.get(key)) for key in sorted(set(old) | set(identity))
+                if old.get(key) != identity.get(key)}
+        raise ValueError(f"{path}: {out} holds checkpoints of another run {diff}; give another --out (or remove "
+                         f"{out / 'checkpoints'} to start this one there)")
+    if old is None and accelerator.is_main_process:  # a fresh start, or checkpoints an earlier version left
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, identity)
+
+
 def resume_state(accelerator, out: Path, resume: bool) -> tuple[int, int, int]:
     """(step, epoch, batch in epoch) of the newest checkpoint in ``out``, its state loaded; (0, 0, 0) without one."""
     checkpoints = _checkpoints(out) if resume else []
@@ -549,6 +589,7 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     out = Path(out)
     accelerator = make_accelerator(cfg)
     k = dataset_k(data)
+    claim_run(accelerator, out, run_identity(stage, base_model, data, k, cfg), resume)  # before the model loads
     tokenizer, model, added = load_model(stage, base_model, k, cfg)
     examples = build_examples(stage, data, tokenizer, cfg)
     pack = cfg.max_length if cfg.pack and stage != 1 else 0  # rows of max_length
