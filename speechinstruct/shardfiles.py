@@ -290,9 +290,9 @@ def check_spec(out: Path, spec: dict, name: str = "features.json", shards: str =
             raise ValueError(f"{stray[0]}: already there, but {out} has no {name}, which this stage writes before any "
                              "shard: not its output (it would be taken for a finished shard); use a new folder")
     if meta.is_file():
-        old = json.loads(meta.read_text())
+        old = read_json(meta, dict, f"; {out} is not this stage's output as it left it: use a new folder")
         new = json.loads(json.dumps(spec))
-        if isinstance(old, dict) and any(k in new and k not in old for k in DERIVED_KEYS):
+        if any(k in new and k not in old for k in DERIVED_KEYS):
             if old == {k: v for k, v in new.items() if k in old}:
                 write_json(meta, spec)
                 return

@@ -114,6 +114,17 @@ def test_settings_change_refused(manifest, tmp_path):
     cli("extract", manifest, tmp_path / "f", "-q")
     result = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "f"), "--float16", "-q"])
     assert result.exit_code == 2 and "other settings" in result.stderr
+    # a spec file cut short or edited into something else: one line naming it, not "Expecting value" or a traceback
+    cli("cluster", tmp_path / "f", tmp_path / "km", "--k", "4", "-q")
+    (tmp_path / "km" / "kmeans.json").write_text("[1]")
+    for text, says in (('{"name": ', "features.json: not valid JSON"), ("[1]", "features.json: must be a JSON object")):
+        (tmp_path / "f" / "features.json").write_text(text)
+        for args in (["extract", manifest, tmp_path / "f"], ["cluster", tmp_path / "f", tmp_path / "km2", "--k", "4"],
+                     ["quantize", tmp_path / "f", tmp_path / "km" / "centroids.npy", tmp_path / "u"]):
+            result = runner.invoke(app, [str(a) for a in args] + ["-q"])
+            assert result.exit_code == 2 and says in result.stderr and "Traceback" not in result.output, result.output
+    result = runner.invoke(app, ["quantize", str(tmp_path / "f"), str(tmp_path / "km"), str(tmp_path / "u"), "-q"])
+    assert result.exit_code == 2 and "kmeans.json: must be a JSON object" in result.stderr, result.output
 
 
 def test_kmeans_dimension_mismatch_fails_fast(manifest, tmp_path):

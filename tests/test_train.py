@@ -223,6 +223,9 @@ def test_resume_continues_from_saved_step(base_model, dataset, tmp_path):
         T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=8, lr=1e-3))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run, which this run's would mix with"):
         T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=8), resume=False)
+    (tmp_path / "b" / "checkpoints" / "run.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"run\.json: must be a JSON object, got list; remove it to resume"):
+        T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=7))
     # checkpoints an earlier version left (no run.json) are resumed from, as before
     (tmp_path / "b" / "checkpoints" / "run.json").unlink()
     assert [h["step"] for h in T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=7))["history"]] == [7]

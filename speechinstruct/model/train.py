@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import write_json
+from ..io import read_json, write_json
 from ..memory import OutOfMemory, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
@@ -547,7 +547,7 @@ def claim_run(accelerator, out: Path, identity: dict, resume: bool) -> None:
         raise ValueError(f"{found[-1]}: {out} holds checkpoints of an earlier run, which this run's would mix with (a "
                          f"later resume takes the newest of either); resume it, remove {out / 'checkpoints'}, or give "
                          "another --out")
-    old = json.loads(path.read_text()) if found and path.is_file() else None
+    old = read_json(path, dict, "; remove it to resume from these checkpoints") if found and path.is_file() else None
     if old is not None and old != identity:
         diff = {key: (old.get(key), identity.get(key)) for key in sorted(set(old) | set(identity))
                 if old.get(key) != identity.get(key)}

@@ -7,7 +7,6 @@ sample size, seed, iterations, centroid hash) in the output folder.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import faiss
 import numpy as np
 
 from .. import recipe as settings
-from ..io import atomic_path, claim_outputs, write_json, wrote_before
+from ..io import atomic_path, claim_outputs, read_json, write_json, wrote_before
 from ..shardfiles import feature_dim, feature_files, frame_blocks
 from .kmeans import KMeans, nearest_centroids
 
@@ -136,7 +135,7 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
     features, out = Path(features), Path(out)
     claim_outputs(out, "cluster", r"centroids\.npy|kmeans\.json",
                   wrote_before(out / "kmeans.json", {"k", "dim", "sha256", "sample_frames"}))
-    spec = json.loads((features / "features.json").read_text()) if (features / "features.json").is_file() else {}
+    spec = read_json(features / "features.json", dict, "; extract again") if (features / "features.json").is_file() else {}
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)
     read = time.perf_counter()

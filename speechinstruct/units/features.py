@@ -10,7 +10,6 @@ HuBERT Large) without fairseq: its config is read and its weights renamed into `
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Protocol
@@ -460,5 +459,5 @@ def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu",
 def _hf_normalize(folder: Path) -> bool:
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
-        return bool(json.loads(pre.read_text()).get("do_normalize", False))
+        return bool(read_json(pre, dict, f"; {folder} is not a transformers model folder as saved").get("do_normalize", False))
     return False

@@ -8,13 +8,12 @@ in squared Euclidean distance, as scikit-learn's ``predict``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ..io import sha256_file
+from ..io import read_json, sha256_file
 
 
 class KMeans:
@@ -159,7 +158,7 @@ def load_kmeans(path: str | Path) -> KMeans:
         centroids_path, meta_path = path / "centroids.npy", path / "kmeans.json"
         if not centroids_path.is_file():
             raise FileNotFoundError(f"{path}: no centroids.npy (not a `speechinstruct cluster` output)")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_json(meta_path, dict, "; cluster again") if meta_path.is_file() else {}
         return KMeans(np.load(centroids_path, allow_pickle=False), str(path), meta)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such k-means file or folder")

@@ -7,13 +7,12 @@ shard, written atomically; ``stats.json`` holds the unit-usage histogram and uni
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import records
-from ..io import parquet_rows, read_table, write_json
+from ..io import parquet_rows, read_json, read_table, write_json
 from ..progress import progress
 from ..shardfiles import (check_spec, feature_dim, feature_files, iter_features, select_shards, shard_output, shard_suffix,
                           unit_files, units_spec)
@@ -49,7 +48,7 @@ class UnitWriter:
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0) -> dict:
     features, out = Path(features), Path(out)
-    spec = json.loads((features / "features.json").read_text())
+    spec = read_json(features / "features.json", dict, "; extract again")
     if spec.get("dim") != kmeans.dim:
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
     manifest = Path(spec["manifest"])
