@@ -520,10 +520,12 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
 
 
 # What a rerun into the same OUT may change and still continue the run from its checkpoints: how long it runs, how
-# often it saves, logs and evaluates, whether it merges, and how it computes (precision, attention kernel,
-# activation checkpointing). Any other setting, the stage, the base model or the data makes it another run.
+# often it saves, logs and evaluates, whether it merges, gradient clipping, and how it computes (precision,
+# attention kernel, activation checkpointing). Any other setting, the stage, the base model or the data makes it
+# another run: the batches would not be the ones the run saw, and a new lr, schedule or weight decay would not even
+# take effect (the optimizer's and scheduler's saved state brings back the old ones).
 RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "merge",
-             "bf16", "attention", "gradient_checkpointing")
+             "max_grad_norm", "bf16", "attention", "gradient_checkpointing")
 
 
 def run_identity(stage: int, base_model: str | Path, data: str | Path, k: int, cfg: TrainConfig) -> dict:
