@@ -217,7 +217,7 @@ def wrote_before(path: str | os.PathLike, keys: set[str]) -> bool:
     try:
         text = path.read_text(encoding="utf-8")
         found = json.loads(text.partition("\n")[0] if path.suffix == ".jsonl" else text)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # not there, not JSON, nested too deeply: not the stage's file
         return False
     return isinstance(found, dict) and keys <= found.keys()
 

@@ -258,6 +258,9 @@ def test_shard_never_deletes_or_overwrites_files_it_did_not_write(librispeech_ro
     assert "manifest-00003.parquet: already there and not written by shard" in result.stderr.replace("\n", "")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
     (out / "manifest-00003.parquet").unlink()
+    (out / "summary.json").write_text("[" * 100_000 + "]" * 100_000)  # nested too deeply for Python's json: not shard's
+    result = runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(out), "-q"])
+    assert result.exit_code == 2 and "summary.json: already there and not written by shard" in result.stderr.replace("\n", "")
     (out / "summary.json").unlink()
     for _ in range(2):
         assert runner.invoke(app, ["shard", "librispeech", str(librispeech_root), str(out), "-q"]).exit_code == 0

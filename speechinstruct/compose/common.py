@@ -120,7 +120,7 @@ def claim_folder(out: Path, part: str | None, spec: dict, own: str) -> None:
     check_spec(out, spec, name, own)
 
 
-def unit_spec(kind: str, units_dir: Path, part: str | None, quality: "QualityGate", **settings) -> dict:
+def unit_spec(kind: str, units_dir: Path, quality: "QualityGate", **settings) -> dict:
     """What a composer of units records (``kind``) is made from, for :func:`claim_folder`."""
     gates = quality.gates if quality.folder is not None else None
     return {"kind": kind, "units": str(units_dir.resolve()),
@@ -147,7 +147,7 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
     that fails is counted in ``counts`` and ``dropped``. ``settings``: what else the records depend on (the
     folder's spec, :func:`claim_folder`)."""
     own = rf"({'|'.join(SPLITS)})-{re.escape(part + '-') if part else ''}[^-]+\.parquet"
-    claim_folder(out, part, unit_spec(kind, units_dir, part, quality, **(settings or {})), own)
+    claim_folder(out, part, unit_spec(kind, units_dir, quality, **(settings or {})), own)
     k = folder_k(units_dir)
     repeats = None
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
