@@ -198,7 +198,7 @@ SLOW_TESTS = ("test_compose_memory_does_not_grow", "test_publish_memory_does_not
               "test_dnsmos_equals_speechmos", "test_run_with_mimi_units", "test_the_dialogue_config_is_chat_data",
               "test_resynth_speaks_every_record_kind", "test_a_recipe_dedups_every_corpus", "test_stage3_trains",
               "test_trl_trains_on_messages", "test_asr_and_dnsmos_batches", "test_a_recipe_with_language_and_speaker",
-              "test_a_recipe_composes_duplex")
+              "test_a_recipe_composes_duplex", "test_decoding_threads_default_to_every_cpu")
 
 
 def pytest_collection_modifyitems(config, items):
