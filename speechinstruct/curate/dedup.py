@@ -259,7 +259,15 @@ def _signatures(path: Path, signer: Signer, cache: Path) -> dict[str, np.ndarray
     with atomic_path(cached) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=np.array(ids, dtype=str), signatures=np.array(sigs, dtype=np.uint32).reshape(len(ids), -1))
+    for old in _cached(cache, re.escape(path.stem)):  # the file's signatures before it changed: never read again
+        if old != cached:
+            old.unlink(missing_ok=True)
     return dict(zip(ids, sigs))
+
+
+def _cached(cache: Path, stem: str = r"[^/]+") -> list[Path]:
+    """The signature files in ``cache`` (of the units file ``stem``: a regular expression)."""
+    return [p for p in cache.glob("*.npz") if re.fullmatch(rf"{stem}-[0-9a-f]{{16}}\.npz", p.name)] if cache.is_dir() else []
 
 
 def _dnsmos(scores: Path | None) -> dict[str, float]:
@@ -437,10 +445,13 @@ def dedup(inputs: list[str | Path] | str | Path, outs: list[str | Path] | str | 
                 shutil.copyfile(folder / "units.json", tmp)
     for path, _, out in files:
         _write_shard(path, out, dropped)
-    for out in set(outs):  # shards of inputs no longer there
+    for out in set(outs):  # shards of inputs no longer there, and their signatures
         made = {p.name for p, _, o in files if o == out}
         for old in [*out.glob("units-*.parquet"), *out.glob("dropped-*.jsonl")]:
             if old.name.replace("dropped-", "units-").replace(".jsonl", ".parquet") not in made:
+                old.unlink()
+        for old in _cached(out / ".signatures"):
+            if old.name.rsplit("-", 1)[0] + ".parquet" not in made:
                 old.unlink()
     for out in set(outs):
         write_json(out / "dedup.json", summary)
