@@ -541,6 +541,27 @@ def test_trl_sfttrainer_trains_on_the_published_configs_unmodified(base_model, d
     assert ours["input_ids"][1:len(body) + 1] == body  # the same tokens our loop trains on (ours adds BOS)
 
 
+def test_trl_sfttrainer_trains_on_the_pretrain_config_as_plain_text(base_model, dataset, tmp_path):
+    """The pretrain config has no prompt/completion or messages: TRL takes its `text` column (the unit string,
+    SpeechGPT's stage 1) as plain language-model data, every token trained on."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    T.expand_vocabulary(model, tok, 12)
+    train = datasets.load_dataset(str(dataset), "pretrain", split="train")
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, max_length=1024, save_strategy="no", logging_steps=1, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    assert trainer.train().training_loss > 0
+    first, record = trainer.train_dataset[0], train[0]
+    body = tok(record["text"])["input_ids"]
+    assert first["input_ids"][: len(body)] == body and "<sosp>" in record["text"]
+    assert first["labels"][: len(body)] == body  # no prompt: every token of the line is trained on
+
+
 def test_a_checkout_that_is_not_installed_has_the_stage_settings():
     """Run from a source checkout on the path, not installed (no ``speechinstruct.recipes`` mapping, as the GPU
     check runs it), train finds SpeechGPT's per-stage settings in the checkout's recipes/ (it looked in
