@@ -126,12 +126,23 @@ def command(group: typer.Typer, name: str | None = None):
     return register
 
 
+def _utf8(value: str) -> str:
+    """``value``, or one line when it holds bytes that are not UTF-8 (Python passes them on as lone surrogates):
+    Arrow, which reads and writes every shard, cannot open such a path."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise typer.BadParameter(f"{os.fsencode(value)!r}: the path is not UTF-8 (Arrow, which reads and writes every "
+                                 "shard, cannot open it); rename it") from None
+    return value
+
+
 def _input_name(value: str) -> str:
     """An input given as a path, hub id or name; a URL (``s3://…``, ``hf://…``) is copied into the cache first
     (:func:`speechinstruct.sources.storage.local`) and becomes that copy's path."""
     from .sources.storage import local
 
-    return str(local(value))
+    return str(local(_utf8(value)))
 
 
 def _input(value: str) -> Path:
@@ -143,7 +154,7 @@ def _output(value: str) -> Path:
     """An output file or folder: local (a URL would become a local folder named ``s3:``); one line otherwise."""
     from .sources.storage import is_url, redacted
 
-    if is_url(value):
+    if is_url(_utf8(value)):
         raise typer.BadParameter(f"{redacted(value)}: outputs are written to a local folder (copy them to object "
                                  "storage after, e.g. with the aws or gcloud command line)")
     return Path(value)

@@ -99,7 +99,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a path's undecodable bytes): escaped as \udcff, read back the same
+        text = json.dumps(obj, indent=2, ensure_ascii=True, sort_keys=True)
+    write_text(path, text + "\n")
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:

@@ -289,3 +289,22 @@ def test_an_unforeseen_missing_key_or_file_is_still_a_sentence(tmp_path, capsys)
     with pytest.raises(typer.Exit), expected_failures():  # messages already sentences stay as they are
         raise KeyError("unknown record kind 'x'; known: manifest")
     assert capsys.readouterr().err == "error: unknown record kind 'x'; known: manifest\n"
+
+
+def test_a_path_that_is_not_utf8_is_one_line_and_a_lone_surrogate_is_written_as_json_escapes(units_dir, tmp_path):
+    """A folder named with bytes that are not UTF-8 (Python passes them on as lone surrogates) stopped compose with
+    "error: 'utf-8' codec can't encode character '\\udcff'", naming nothing: Arrow cannot open such a path. It is one
+    line naming the argument now. write_json, which wrote no file at all for a string holding a lone surrogate,
+    writes it as a JSON escape, read back the same."""
+    import os
+
+    from speechinstruct.io import read_json, write_json
+
+    bad = os.fsdecode(bytes(tmp_path / "units") + b"\xff")
+    shutil.copytree(units_dir, bad)
+    for args in (["compose", "cross-modal", bad, str(tmp_path / "out")], ["compose", "pretrain", str(units_dir), bad + "out"]):
+        result = runner.invoke(app, args + ["-q"], env={"COLUMNS": "500"})  # typer's box: one line, not wrapped
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "the path is not UTF-8" in said and "\\xff" in said, result.output
+    write_json(tmp_path / "s.json", {"units": bad, "text": "é"})
+    assert read_json(tmp_path / "s.json") == {"units": bad, "text": "é"}
