@@ -302,7 +302,8 @@ def test_a_path_that_is_not_utf8_is_one_line_and_a_lone_surrogate_is_written_as_
 
     bad = os.fsdecode(bytes(tmp_path / "units") + b"\xff")
     shutil.copytree(units_dir, bad)
-    for args in (["compose", "cross-modal", bad, str(tmp_path / "out")], ["compose", "pretrain", str(units_dir), bad + "out"]):
+    for args in (["compose", "cross-modal", bad, str(tmp_path / "out")], ["compose", "pretrain", str(units_dir), bad + "out"],
+                 ["shard", "librispeech", bad, str(tmp_path / "m")]):
         result = runner.invoke(app, args + ["-q"], env={"COLUMNS": "500"})  # typer's box: one line, not wrapped
         said = " ".join(result.output.replace("│", " ").split())
         assert result.exit_code == 2 and "the path is not UTF-8" in said and "\\xff" in said, result.output
