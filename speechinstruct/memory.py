@@ -24,6 +24,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     return name == "OutOfMemoryError" or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
+def first_line(error: BaseException) -> str:
+    """What an out-of-memory error says, in one line (torch's messages run on with allocator advice)."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
 def free_cached() -> None:
     """What Python and torch's caching allocator hold and no longer use, given back before a smaller try."""
     import gc
@@ -48,14 +53,14 @@ def halving(run: Callable[[list], list], items: Sequence, counts: collections.Co
     except Exception as e:  # noqa: BLE001  only out-of-memory errors are handled; the rest go on up
         if not is_out_of_memory(e):
             raise
-        error = e
+        said = first_line(e)  # not the error itself: its traceback holds the failed try's tensors
     else:
         if ran is not None:
             ran.append(size(list(items)))
         return results
-    free_cached()
+    free_cached()  # outside the except block, where nothing holds what the failed try allocated
     if len(items) == 1:
-        raise OutOfMemory(f"out of memory even alone ({describe(items[0])}): {str(error).splitlines()[0][:200]}")
+        raise OutOfMemory(f"out of memory even alone ({describe(items[0])}): {said}")
     if counts is not None:
         counts["batches_halved"] += 1
     middle = len(items) // 2

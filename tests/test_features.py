@@ -386,6 +386,28 @@ def test_other_ssl_encoders_at_a_layer_equal_their_models_hidden_states(kind, tm
         load_extractor(kind, str(tmp_path / "x.pt"))
 
 
+def test_what_a_batch_that_ran_out_of_memory_held_is_freed_before_its_halves_run():
+    """halving kept the out-of-memory error for its message, and with it the failed try's frames and tensors (its
+    activations, on a GPU): each half then ran with the failed batch's memory still held, and could run out too."""
+    import weakref
+
+    from speechinstruct.memory import OutOfMemory, halving
+
+    held = []
+
+    def run(items):
+        activations = torch.zeros(len(items), 1000)
+        assert not held or held[-1]() is None, "the failed try's tensors are still held"
+        if len(items) > 1:
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nadvice on more lines")
+        return items
+
+    assert halving(run, [1, 2, 3, 4]) == [1, 2, 3, 4] and len(held) == 3
+    with pytest.raises(OutOfMemory, match=r"out of memory even alone \(one item\): CUDA out of memory. Tried to allocate 20.00 GiB$"):
+        halving(lambda items: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")), [1])
+
+
 def test_a_batch_that_runs_out_of_memory_is_halved_and_counted_not_a_crash(librispeech_root, tmp_path, monkeypatch):
     """An extractor that runs out of memory on batches of more than one utterance (as a GPU does on a batch too
     large, torch.cuda.OutOfMemoryError): every utterance still gets its features, equal to the run without the

@@ -636,23 +636,29 @@ def test_a_batch_that_runs_out_of_memory_is_halved_to_the_same_weights(base_mode
     again from nothing with 2 examples a pass, each part's loss weighted by its share of the loss tokens: the same
     losses and weights as a run that fits, to float32 rounding; the halvings are counted and later batches start
     at the size that fitted."""
+    import weakref
+
     from accelerate import Accelerator
     from transformers import LlamaForCausalLM
 
     cfg = fast(max_steps=3, grad_accum=2, batch_size=4)
     fits = T.train(2, base_model, dataset, tmp_path / "fits", cfg)
     assert fits["batches_halved"] == 0
-    real_forward, real_backward, passes = LlamaForCausalLM.forward, Accelerator.backward, []
+    real_forward, real_backward, passes, failed = LlamaForCausalLM.forward, Accelerator.backward, [], []
 
     def forward(self, *args, **kwargs):
         passes.append(kwargs["input_ids"].shape[0])
+        assert not failed or failed[-1]() is None, "the failed try's tensors are still held on the retry"
         if where == "forward" and passes[-1] > 2 and len(passes) > 1:
+            activations = torch.zeros(passes[-1], 4096)
+            failed.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return real_forward(self, *args, **kwargs)
 
     def backward(self, loss, **kwargs):
         real_backward(self, loss, **kwargs)
         if where == "backward" and passes[-1] > 2 and len(passes) > 1:
+            failed.append(weakref.ref(loss))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
@@ -684,7 +690,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_to_the_same_weights(base_mode
     # several processes would all have to split together: one line saying what to change
     from types import SimpleNamespace
     with pytest.raises(T.OutOfMemory, match="process 1 of 2 with 3 examples a pass: lower --batch-size"):
-        T._halve(torch.OutOfMemoryError("CUDA out of memory."), 4, 3, SimpleNamespace(num_processes=2, process_index=1))
+        T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1))
 
 
 def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):

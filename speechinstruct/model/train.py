@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..io import read_json, write_json
-from ..memory import OutOfMemory, free_cached, halving, is_out_of_memory
+from ..memory import OutOfMemory, first_line, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
 
@@ -318,10 +318,9 @@ def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size
     return loss
 
 
-def _halve(error: Exception, size: int, batch: int, accelerator) -> int:
-    """The examples per forward pass after running out of memory (``error``) with ``size`` of a micro-batch of
-    ``batch``: half as many, or one line that says what to do when there can be no fewer."""
-    first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+def _halve(first: str, size: int, batch: int, accelerator) -> int:
+    """The examples per forward pass after running out of memory (the error's ``first`` line) with ``size`` of a
+    micro-batch of ``batch``: half as many, or one line that says what to do when there can be no fewer."""
     if accelerator.num_processes > 1:  # every process would have to split its batch together
         raise OutOfMemory(f"out of memory on process {accelerator.process_index} of {accelerator.num_processes} "
                           f"with {min(size, batch)} examples a pass: lower --batch-size and raise --grad-accum "
@@ -329,7 +328,6 @@ def _halve(error: Exception, size: int, batch: int, accelerator) -> int:
     if min(size, batch) == 1:
         raise OutOfMemory(f"out of memory with one example a pass: lower --max-length (stage 1: block_size) "
                           f"({first})") from None
-    free_cached()
     size = min(size, batch)
     log.warning("out of memory with %d examples a pass: %d from now on (%s)", size, size // 2, first)
     return size // 2
@@ -635,9 +633,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                     except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
                         if not is_out_of_memory(e):
                             raise
-                        size = _halve(e, size, max(map(len, cycle)), accelerator)
+                        size = _halve(first_line(e), size, max(map(len, cycle)), accelerator)
                     halved += 1  # the step's gradients again from nothing, in parts of ``size``
                     model.zero_grad(set_to_none=True)  # an out-of-memory in the backward pass left some added
+                    free_cached()  # here, not in the except block, whose error holds the failed try's tensors
                     redo = cycle[:-1]
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
