@@ -278,12 +278,17 @@ def units_spec(features_spec: dict, kmeans) -> dict:
 DERIVED_KEYS = ("vocabulary",)
 
 
-def check_spec(out: Path, spec: dict, name: str = "features.json", shards: str = r"[^.].*-\d{5}\..*") -> None:
+def check_spec(out: Path, spec: dict, name: str = "features.json", shards: str = r"[^.].*-\d{5}\..*",
+               legacy: bool = False) -> None:
     """Write ``spec`` to ``out/name``, or refuse when the folder already holds output of another spec, or shard files
     (names matching ``shards``: ``features-00000.arrow``, ``errors-00000.jsonl``…) without ``name``, which every
     stage writes before them: another tool's, or copied in, they would have been taken for finished shards of this
-    run."""
+    run. ``legacy``: ``out`` holds what an earlier version of the stage wrote before it kept ``name``: its shards
+    are taken as this spec's."""
     meta = out / name
+    if not meta.is_file() and legacy:
+        write_json(meta, spec)
+        return
     if not meta.is_file() and out.is_dir():
         stray = sorted(p for p in out.iterdir() if p.is_file() and re.fullmatch(shards, p.name))
         if stray:

@@ -115,9 +115,7 @@ def claim_folder(out: Path, part: str | None, spec: dict, own: str) -> None:
     or files named as this composer's (``own``, a regular expression) that no compose wrote. A folder an earlier
     version composed (its summary there, no spec file) is taken as this spec's."""
     name, summary = (f"{stem}{'-' + part if part else ''}.json" for stem in ("compose", "summary"))
-    if not (out / name).is_file() and (out / summary).is_file():
-        write_json(out / name, spec)
-    check_spec(out, spec, name, own)
+    check_spec(out, spec, name, own, legacy=(out / summary).is_file())
 
 
 def unit_spec(kind: str, units_dir: Path, quality: "QualityGate", **settings) -> dict:

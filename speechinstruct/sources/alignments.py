@@ -222,11 +222,9 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
         raise ValueError(f"{out}: align writes a new shard folder; give another one")
     root = check_root(corpus_root(manifest), manifest)
     model = str(Path(aligner.source).resolve()) if Path(aligner.source).is_dir() else aligner.source
-    spec = {"manifest": str(manifest.resolve()), "model": model}
-    if not (out / "align.json").is_file() and wrote_before(out / "summary.json", {"alignment"}):
-        write_json(out / "align.json", spec)  # a folder an earlier version aligned: its shards are this spec's
     out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, spec, "align.json", r"manifest-\d{5}\.parquet")  # another model's, or copied in: never done
+    check_spec(out, {"manifest": str(manifest.resolve()), "model": model}, "align.json", r"manifest-\d{5}\.parquet",
+               legacy=wrote_before(out / "summary.json", {"alignment"}))  # another model's, or copied in: never done
     counts: collections.Counter[str] = collections.Counter()
     examples: list[dict] = []
     passing: dict[str, list[str]] = {}  # shard → utterances storage failed to give: the shard is left for the rerun
