@@ -308,11 +308,12 @@ def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size
     each part's loss weighted by its share of the loss tokens, so that the parts' gradients add up to the whole
     batch's (the mean over all its loss tokens, as one forward pass would take it)."""
     parts = [collate(items[i: i + size], pad_id, pack) for i in range(0, len(items), size)]
-    total = max(1, sum(loss_tokens(p) for p in parts))
+    tokens = [loss_tokens(p) for p in parts]
+    total = max(1, sum(tokens))
     loss = torch.zeros((), device=accelerator.device)
-    for part in parts:
+    for part, n in zip(parts, tokens):
         batch = {key: v.to(accelerator.device) for key, v in part.items()}
-        weighted = model(**batch, use_cache=False).loss * (loss_tokens(part) / total)  # no cache: packed rows need none
+        weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
         accelerator.backward(weighted)
         loss += weighted.detach()
     return loss
