@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,24 @@ def test_resume_continues_from_saved_step(base_model, dataset, tmp_path):
     (tmp_path / "b" / "checkpoints" / "run.json").unlink()
     assert [h["step"] for h in T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=7))["history"]] == [7]
     assert (tmp_path / "b" / "checkpoints" / "run.json").is_file()
+
+
+def test_resume_refuses_a_base_model_rewritten_in_place(base_model, dataset, tmp_path):
+    """A stage-2 run whose base (``s1/model``) was trained again in place resumed as the same run: the identity
+    held the base's path only. Its weight files' sizes and times are in it now (rsync's quick check)."""
+    base = tmp_path / "base"
+    shutil.copytree(base_model, base)
+    T.train(2, base, dataset, tmp_path / "b", fast(max_steps=2))
+    identity = json.loads((tmp_path / "b" / "checkpoints" / "run.json").read_text())
+    # run.json of an earlier version (no base_weights): resumed from, and completed
+    (tmp_path / "b" / "checkpoints" / "run.json").write_text(json.dumps(
+        {k: v for k, v in identity.items() if k != "base_weights"}))
+    assert [h["step"] for h in T.train(2, base, dataset, tmp_path / "b", fast(max_steps=3))["history"]] == [3]
+    assert json.loads((tmp_path / "b" / "checkpoints" / "run.json").read_text()) == identity
+    weights = base / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
+    with pytest.raises(ValueError, match=r"run\.json: .* holds checkpoints of another run \{'base_weights': "):
+        T.train(2, base, dataset, tmp_path / "b", fast(max_steps=4))
 
 
 def test_cli_train_and_chat(base_model, dataset, tmp_path):

@@ -527,14 +527,25 @@ RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every
              "max_grad_norm", "bf16", "attention", "gradient_checkpointing")
 
 
+# Keys of run.json that an earlier version did not write: checkpoints whose run.json lacks them are this run's when
+# everything else agrees (run.json gains them).
+ADDED_KEYS = ("base_weights",)
+
+
 def run_identity(stage: int, base_model: str | Path, data: str | Path, k: int, cfg: TrainConfig) -> dict:
     """What makes a run the same run (``OUT/checkpoints/run.json``): paths resolved, the published dataset by the
-    digest of its ``speechinstruct.json`` (its counts, sources and vocabulary)."""
-    from ..io import sha256_file
+    digest of its ``speechinstruct.json`` (its counts, sources and vocabulary), a local base model also by its
+    weight files' names, sizes and modification times (rsync's quick check: a base trained again in place, such as
+    stage 1's ``s1/model`` under a stage-2 run, is another run; hashing gigabytes of weights at each start is not
+    worth it)."""
+    from ..io import sha256_file, sha256_json
 
-    meta = Path(data) / "speechinstruct.json"
+    meta, base = Path(data) / "speechinstruct.json", Path(base_model)
+    weights = sorted(p for p in base.iterdir() if p.suffix in (".safetensors", ".bin")) if base.is_dir() else []
     return json.loads(json.dumps({
-        "stage": stage, "base_model": str(Path(base_model).resolve()) if Path(base_model).exists() else str(base_model),
+        "stage": stage, "base_model": str(base.resolve()) if base.exists() else str(base_model),
+        "base_weights": sha256_json([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights])[:16]
+        if weights else None,
         "data": str(Path(data).resolve()), "dataset": sha256_file(meta)[:16] if meta.is_file() else None, "k": k,
         **cfg.model_dump(exclude=set(RESUMABLE))}))
 
@@ -549,6 +560,8 @@ def claim_run(accelerator, out: Path, identity: dict, resume: bool) -> None:
                          f"later resume takes the newest of either); resume it, remove {out / 'checkpoints'}, or give "
                          "another --out")
     old = read_json(path, dict, "; remove it to resume from these checkpoints") if found and path.is_file() else None
+    if old is not None and old != identity and old == {k: v for k, v in identity.items() if k not in ADDED_KEYS}:
+        old = None  # an earlier version's run.json: this run's, written again with the keys it lacked
     if old is not None and old != identity:
         diff = {key: (old.get(key), identity.get(key)) for key in sorted(set(old) | set(identity))
                 if old.get(key) != identity.get(key)}
