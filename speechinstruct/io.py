@@ -107,7 +107,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, text + "\n")
 
 
-def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
+def write_parquet(path: str | os.PathLike, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> None:
+    """``table`` into ``path`` atomically; ``metadata`` added to its schema's (``shardfiles.made_from``)."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
         # No statistics-dependent metadata besides the data: same rows give the same bytes.
         pq.write_table(table, tmp, compression="zstd")
@@ -132,9 +135,12 @@ class _Rows:
 
 
 @contextlib.contextmanager
-def parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema,
+                   metadata: dict[bytes, bytes] | None = None) -> Iterator[pq.ParquetWriter]:
     """A ``ParquetWriter`` (one row group per ``write_table``) on a temporary name, renamed onto ``path`` when
-    the block ends, deleted if it fails."""
+    the block ends, deleted if it fails; ``metadata`` added to the schema's (``shardfiles.made_from``)."""
+    if metadata:
+        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         yield writer
 
@@ -145,11 +151,12 @@ ROWS_AT_A_TIME = 256
 
 
 @contextlib.contextmanager
-def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_group: int = ROWS_AT_A_TIME) -> Iterator[_Rows]:
+def parquet_rows(path: str | os.PathLike, schema: pa.Schema, to_table, rows_per_group: int = ROWS_AT_A_TIME,
+                 metadata: dict[bytes, bytes] | None = None) -> Iterator[_Rows]:
     """``sink.add(row)`` writes rows to ``path`` as they come, a row group at a time (``parquet_writer``):
     memory holds one row group, not the file. ``to_table`` turns a list of row dicts into a table of
     ``schema`` (``records.to_table``)."""
-    with parquet_writer(path, schema) as writer:
+    with parquet_writer(path, schema, metadata) as writer:
         sink = _Rows(writer, to_table, rows_per_group)
         yield sink
         sink.flush()

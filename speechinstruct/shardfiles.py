@@ -139,10 +139,70 @@ def shard_output(out: Path, manifest_shard: Path, fused: bool) -> Path:
     return out / (f"units-{suffix}.parquet" if fused else f"features-{suffix}.arrow")
 
 
-def finished(target: Path) -> bool:
+def finished(target: Path, *inputs: Path) -> bool:
     """Whether a shard's output ``target`` (``features-NNNNN.arrow``, ``scores-NNNNN.parquet``…) is there and none of
-    its errors (``errors-NNNNN.jsonl`` beside it) may pass: a shard written while storage failed is done again."""
-    return target.exists() and not errors_that_may_pass(target.parent / f"errors-{shard_suffix(target)}.jsonl")
+    its errors (``errors-NNNNN.jsonl`` beside it) may pass: a shard written while storage failed is done again.
+    ``inputs``: the input shards it is made from, checked as :func:`check_made_from` does."""
+    if not target.exists():
+        return False
+    check_made_from(target, inputs)
+    return not errors_that_may_pass(target.parent / f"errors-{shard_suffix(target)}.jsonl")
+
+
+# ---------------------------------------------------------------------------- what a shard was made from
+# Every output shard keeps, in its own file's metadata (the Parquet footer's key-value metadata, the Arrow IPC
+# schema's), what its input shards were when it was made: each one's size and the digest of its last 64 KiB,
+# where Parquet and Arrow files keep their footers (row counts, offsets, column statistics). An input written
+# again since (a corpus sharded anew with other --shard-hours, units deduplicated again) makes the output another
+# run's: taken for done, it held other rows than its input holds now. A copy of an input is the same input.
+MADE_FROM = b"speechinstruct:made_from"
+_TAIL = 1 << 16
+
+
+def fingerprint(path: Path) -> str:
+    """``SIZE:DIGEST``: a file's size and the sha256 of its last 64 KiB (the footer of a Parquet or Arrow file)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - _TAIL))
+        return f"{size}:{hashlib.sha256(f.read()).hexdigest()[:32]}"
+
+
+def made_from(*inputs: Path) -> dict[bytes, bytes]:
+    """The metadata an output shard made from ``inputs`` carries (:func:`check_made_from` reads it)."""
+    return {MADE_FROM: json.dumps({p.name: fingerprint(p) for p in inputs}, sort_keys=True).encode()}
+
+
+def check_made_from(target: Path, inputs: tuple[Path, ...] | list[Path]) -> None:
+    """One line when output shard ``target`` was made from input shards other than ``inputs`` as they are now
+    (written again since, or gone); nothing for a file an earlier version wrote (it kept no such metadata)."""
+    if not inputs:
+        return
+    with naming(target):
+        if target.suffix == ".arrow":
+            metadata = _feature_reader(target).schema.metadata
+        else:
+            import pyarrow.parquet as pq
+
+            metadata = pq.read_schema(target).metadata
+    if not metadata or MADE_FROM not in metadata:
+        return
+    try:
+        recorded = json.loads(metadata[MADE_FROM])
+    except ValueError:
+        recorded = None
+    for path in inputs:
+        if not isinstance(recorded, dict) or path.name not in recorded:
+            raise ValueError(f"{target}: its record of the shards it was made from does not name {path.name}: not this "
+                             f"stage's output for it; use a new folder")
+        if not path.is_file():
+            raise ValueError(f"{target}: made from {path.name}, which is not there now ({path.parent} was written "
+                             f"again?); {target.parent} holds output of other inputs: use a new folder")
+        if recorded[path.name] != fingerprint(path):
+            raise ValueError(f"{target}: made from {path.name} as it was before it was written again (sharded, "
+                             f"extracted or deduplicated anew?); {target.parent} holds output of other inputs: use a "
+                             "new folder")
 
 
 def errors_that_may_pass(path: Path) -> list[dict]:

@@ -428,3 +428,24 @@ def test_candidate_pairs_are_the_pairs_datasketchs_minhashlsh_finds():
     for a, b in candidate_pairs(same, 0.3, largest=10):
         groups.union(str(a), str(b))
     assert len(groups.groups()) == 1 and len(groups.groups()[0]) == 100
+
+
+def test_compose_after_dedup_ran_again_is_not_taken_for_done(units_dir, tmp_path):
+    """dedup run again with an evaluation set (a row that reads it now dropped), then compose into the folder of the
+    first run: every shard was taken for done, and the contaminated row's records stayed in the training data.
+    The records of a units shard that was written again since are one line now; an identical rerun is done."""
+    def run(*args):
+        result = runner.invoke(app, [str(a) for a in [*args, "-q"]])
+        return result.exit_code, result.output.replace("\n", "")
+
+    assert run("dedup", units_dir, tmp_path / "dd")[0] == 0
+    assert run("compose", "cross-modal", tmp_path / "dd", tmp_path / "comp")[0] == 0
+    assert run("dedup", units_dir, tmp_path / "dd")[0] == 0  # the same again: the same bytes, the records done
+    code, output = run("compose", "cross-modal", tmp_path / "dd", tmp_path / "comp")
+    assert code == 0 and '"shards skipped (done)": 2' in output, output
+    (tmp_path / "bench.txt").write_text("Mister Quilter is the apostle.\n")
+    code, output = run("dedup", units_dir, tmp_path / "dd", "--eval", tmp_path / "bench.txt")
+    assert code == 0 and '"evaluation text": 1' in output, output
+    code, output = run("compose", "cross-modal", tmp_path / "dd", tmp_path / "comp")
+    assert code == 2 and "Traceback" not in output, output
+    assert "train-00000.parquet: made from units-00000.parquet as it was before it was written again" in output, output

@@ -272,6 +272,16 @@ def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tm
     assert [{k: v for k, v in r.items() if k != "words"} for r in rows] == [{k: v for k, v in r.items() if k != "words"} for r in before]
     again = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model", str(tmp_path / "ctc"), "-q"])
     assert json.loads(again.stdout)["shards skipped (done)"] == 1
+    # the corpus sharded again into the manifest folder (its shards cut elsewhere): not taken for done
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest", sections.Shard(shard_hours=2.5 / 3600))
+    resharded = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model",
+                                    str(tmp_path / "ctc"), "-q"])
+    assert resharded.exit_code == 2 and "Traceback" not in resharded.output, resharded.output
+    assert ("manifest-00000.parquet: made from manifest-00000.parquet as it was before it was written again"
+            in resharded.output.replace("\n", "")), resharded.output
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")  # as it was: the same bytes, done again
+    again = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"), "--model", str(tmp_path / "ctc"), "-q"])
+    assert json.loads(again.stdout)["shards skipped (done)"] == 1
     same = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "manifest"), "--model", str(tmp_path / "ctc")])
     assert same.exit_code == 2 and "align writes a new shard folder" in same.output
     # another model's rerun took the first model's shards for done; a shard align did not write was taken too

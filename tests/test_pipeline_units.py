@@ -345,3 +345,38 @@ def test_a_corpus_root_that_is_not_there_stops_before_any_shard_is_written(manif
         assert not list(command[2].glob("*-00000.*")) if command[2].exists() else True
     stats = cli("extract", manifest, tmp_path / "feats", "--root", librispeech_root, "-q")
     assert stats["utterances"] == 4 and stats["errors"] == 0
+
+
+def test_a_shard_made_from_an_input_that_changed_since_is_not_taken_for_done(manifest, librispeech_root, tmp_path):
+    """The corpus sharded again into the same folder (another --shard-hours): extract into the folder of the first
+    sharding took every features file for done, though features-00000 held other rows than manifest-00000 did
+    now, and quantize likewise its units. Each output shard keeps what its input shards were (size and footer
+    digest, in its own metadata); one that changed since is one line."""
+    import shutil
+
+    cli("extract", manifest, tmp_path / "feats", "-q")
+    cli("cluster", tmp_path / "feats", tmp_path / "km", "--k", "4", "-q")
+    cli("quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units", "-q")
+    cli("extract", manifest, tmp_path / "fused", "--kmeans", tmp_path / "km", "-q")
+    # the same inputs: done, as before (a copy of an input is the same input)
+    shutil.copytree(manifest, tmp_path / "copy")
+    shutil.rmtree(manifest)
+    shutil.copytree(tmp_path / "copy", manifest)
+    assert cli("extract", manifest, tmp_path / "feats", "-q")["shards_skipped"] == 2
+    assert cli("quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units", "-q")["shards_skipped"] == 2
+    shard_corpus("librispeech", librispeech_root, manifest, sections.Shard(shard_hours=1.0))  # one shard of all rows
+    for args, output in ((["extract", manifest, tmp_path / "feats"], "features-00000.arrow"),
+                         (["extract", manifest, tmp_path / "fused", "--kmeans", tmp_path / "km"], "units-00000.parquet"),
+                         (["quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units"], "units-00000.parquet")):
+        result = runner.invoke(app, [str(a) for a in [*args, "-q"]])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert (f"{output}: made from manifest-00000.parquet as it was before it was written again"
+                in result.stderr.replace("\n", "")), result.stderr
+    # an output file of an earlier version (no such metadata) is taken for done, as it was; an input that is gone
+    # (manifest-00001, the corpus now in one shard) is one line too
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "units" / "units-00000.parquet")
+    pq.write_table(table.replace_schema_metadata(None), tmp_path / "units" / "units-00000.parquet")
+    result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "units-00001.parquet: made from manifest-00001.parquet, which is not there now" in result.stderr.replace("\n", "")

@@ -192,6 +192,13 @@ def test_score_cli_writes_scores_errors_summary_and_resumes(tmp_path, speech):
     again = runner.invoke(app, ["score", str(tmp_path / "m"), str(tmp_path / "s"), "--dnsmos", "--asr", str(ctc), "-q"])
     assert again.exit_code == 0 and '"shards_skipped": 1' in again.output
     assert (tmp_path / "s" / "scores-00000.parquet").stat().st_mtime_ns == before
+    # the corpus sharded again into the same folder: the first sharding's scores are not taken for done
+    assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "--shard-hours", "0.0001",
+                               "-q"]).exit_code == 0
+    again = runner.invoke(app, ["score", str(tmp_path / "m"), str(tmp_path / "s"), "--dnsmos", "--asr", str(ctc), "-q"])
+    assert again.exit_code == 2 and "Traceback" not in again.output, again.output
+    assert ("scores-00000.parquet: made from manifest-00000.parquet as it was before it was written again"
+            in again.output.replace("\n", "")), again.output
     other = runner.invoke(app, ["score", str(tmp_path / "m"), str(tmp_path / "s"), "--dnsmos", "-q"])
     assert other.exit_code == 2 and "made with other settings" in other.output
 

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from .. import __version__, records
 from ..io import iter_rows, parquet_rows, write_json, write_parquet
 from ..progress import progress
-from ..shardfiles import (check_spec, duplicate_ids, folder_k, repeat_reason, repeated_elsewhere, select_shards, shard_suffix,
-                          unit_files)
+from ..shardfiles import (check_spec, duplicate_ids, finished, folder_k, made_from, repeat_reason, repeated_elsewhere,
+                          select_shards, shard_suffix, unit_files)
 from ..sources.corpora.base import SPLITS
 from ..speechgpt import record_problems
 
@@ -63,9 +63,10 @@ def finish(record: dict) -> dict:
     return record
 
 
-def _records_file(path: Path, kind: str):
-    """Records of ``kind`` streamed into ``path`` (one row group in memory at a time)."""
-    return parquet_rows(path, records.arrow_schema(kind), functools.partial(records.to_table, kind))
+def _records_file(path: Path, kind: str, source: Path):
+    """Records of ``kind`` made from units shard ``source`` streamed into ``path`` (one row group in memory at a
+    time), which records what ``source`` was (:func:`shardfiles.made_from`)."""
+    return parquet_rows(path, records.arrow_schema(kind), functools.partial(records.to_table, kind), metadata=made_from(source))
 
 
 def _named(part: str | None, suffix: str) -> str:
@@ -127,15 +128,16 @@ def unit_spec(kind: str, units_dir: Path, quality: "QualityGate", **settings) ->
 
 
 @contextlib.contextmanager
-def split_records(out: Path, part: str | None, suffix: str, kind: str):
-    """Record sinks of ``kind`` for one units shard, one file per split (``{split}-{part-}{suffix}.parquet``),
-    all written when the block ends, so that together they mark the shard done; None when they already are."""
-    targets = {s: out / f"{s}-{_named(part, suffix)}.parquet" for s in SPLITS}
-    if all(t.exists() for t in targets.values()):
+def split_records(out: Path, part: str | None, source: Path, kind: str):
+    """Record sinks of ``kind`` for units shard ``source``, one file per split (``{split}-{part-}{suffix}.parquet``),
+    all written when the block ends, so that together they mark the shard done; None when they already are (and
+    were made from ``source`` as it is now, :func:`shardfiles.finished`)."""
+    targets = {s: out / f"{s}-{_named(part, shard_suffix(source))}.parquet" for s in SPLITS}
+    if all(finished(t, source) for t in targets.values()):
         yield None
         return
     with contextlib.ExitStack() as files:
-        yield {s: files.enter_context(_records_file(t, kind)) for s, t in targets.items()}
+        yield {s: files.enter_context(_records_file(t, kind, source)) for s, t in targets.items()}
 
 
 def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality: QualityGate, counts, dropped: list,
@@ -149,7 +151,7 @@ def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality
     k = folder_k(units_dir)
     repeats = None
     for suffix, path in _unit_shards(units_dir, num_shards, shard_index):
-        with split_records(out, part, suffix, kind) as sinks:
+        with split_records(out, part, path, kind) as sinks:
             if sinks is None:
                 counts["shards skipped (done)"] += 1
                 continue

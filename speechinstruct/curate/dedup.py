@@ -600,6 +600,8 @@ def _write_shard(path: Path, out: Path, dropped: dict[str, tuple[str, str]]) -> 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ..shardfiles import made_from
+
     suffix = path.stem.split("-", 1)[1]
     target = out / path.name
     gone = []
@@ -612,7 +614,7 @@ def _write_shard(path: Path, out: Path, dropped: dict[str, tuple[str, str]]) -> 
         else:
             kept.append(i)
     write_text(out / f"dropped-{suffix}.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gone))
-    write_parquet(target, table.take(pa.array(kept, pa.int64())).replace_schema_metadata(table.schema.metadata))
+    write_parquet(target, table.take(pa.array(kept, pa.int64())), made_from(path))  # the input's metadata; its own record
 
 
 def read_summary(folder: str | Path) -> dict | None:

@@ -23,7 +23,8 @@ from .. import records
 from ..io import iter_rows, parquet_rows, read_table, remove_stale_temps, write_json, write_text
 from ..judges.asr import TRANSIENT_STATUS
 from ..judges.judge import Judge
-from ..shardfiles import check_finished, check_kind, check_spec, finished, repeat_reason, repeated_elsewhere, select_shards, shard_suffix
+from ..shardfiles import (check_finished, check_kind, check_spec, finished, made_from, repeat_reason, repeated_elsewhere,
+                          select_shards, shard_suffix)
 
 
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
@@ -106,7 +107,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     for path in mine:
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
-        if finished(target) and not transient_errors(out / f"errors-{suffix}.jsonl"):
+        if finished(target, path) and not transient_errors(out / f"errors-{suffix}.jsonl"):
             skipped += 1
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
@@ -121,7 +122,7 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
             total -= len(earlier)  # the progress bar counts the rows scored
         embeddings: list[np.ndarray] = []  # row for row with the scores file (score --speaker)
         bar = progress(total=total, desc=f"score {path.name}", unit="utt")
-        with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs)) as sink:
+        with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs), metadata=made_from(path)) as sink:
             for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
                 good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]
                 errors += [error_record(row, wav) for row, wav in chunk if isinstance(wav, str)]

@@ -214,7 +214,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
     from .. import records
     from ..io import iter_rows, write_json, write_parquet, wrote_before
     from ..progress import progress
-    from ..shardfiles import check_read, check_spec, corpus_root, manifest_files
+    from ..shardfiles import check_read, check_spec, corpus_root, finished, made_from, manifest_files
     from .decoding import MayPass, check_root, decode_row
 
     manifest, out = Path(manifest), Path(out)
@@ -230,7 +230,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
     passing: dict[str, list[str]] = {}  # shard → utterances storage failed to give: the shard is left for the rerun
     for shard in manifest_files(manifest):
         target = out / shard.name
-        if target.exists():
+        if finished(target, shard):
             counts["shards skipped (done)"] += 1
             continue
         rows = []
@@ -252,7 +252,7 @@ def align_manifest(manifest: str | Path, out: str | Path, aligner: CtcAligner) -
                     counts["aligned"] += 1
             rows.append(row)
         if shard.name not in passing:
-            write_parquet(target, records.to_table("manifest", rows))
+            write_parquet(target, records.to_table("manifest", rows), made_from(shard))
     summary = {**json.loads((manifest / "summary.json").read_text()),
                "alignment": {"model": aligner.source, **dict(sorted(counts.items())), "examples": examples}}
     write_json(out / "summary.json", summary)

@@ -234,7 +234,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     every = manifest_files(manifest)
     pending = [s for s in select_shards(every, num_shards, shard_index)
-               if not finished(shard_output(out, s, fused=makes_units(extractor, kmeans)))]
+               if not finished(shard_output(out, s, fused=makes_units(extractor, kmeans)), s)]
     repeats = repeated_elsewhere(every) if pending else {}
     ray = connect(address)
 

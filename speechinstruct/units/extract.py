@@ -32,7 +32,7 @@ from ..memory import OutOfMemory, halving
 from ..progress import progress
 from ..threads import decode_workers
 from ..shardfiles import (check_finished, check_spec, corpus_root, feature_schema, features_array, finished,
-                          manifest_files, output_spec, repeat_reason, repeated_elsewhere, select_shards, shard_output, shard_suffix)
+                          made_from, manifest_files, output_spec, repeat_reason, repeated_elsewhere, select_shards, shard_output, shard_suffix)
 from ..sources.decoding import AUDIO_COLUMNS, bounded_map, check_root, decode_row, decode_rows, error_record, reason_key  # noqa: F401 (extract's API too)
 from .features import Extractor
 from .kmeans import SpeechEncoder
@@ -189,7 +189,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     started = time.perf_counter()
     for shard in shards:
         target = shard_output(out, shard, fused=fused)
-        if finished(target):
+        if finished(target, shard):
             stats["shards_skipped"] += 1
             continue
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
@@ -201,7 +201,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
         if earlier:
             results = _with_repeats(rows, results, earlier)
         shard_stats = write_shard(results, target, len(rows), extractor.dim, extractor.frame_rate, float16, kmeans,
-                                  units=fused)
+                                  units=fused, source=shard)
         stats["shards_done"] += 1
         for key in ("utterances", "errors", "audio_hours"):
             stats[key] += shard_stats[key]
@@ -224,12 +224,14 @@ def _with_repeats(rows: list[dict], results: Iterator, earlier: dict[str, str]) 
 
 
 def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rate: float, float16: bool,
-                kmeans=None, units: bool | None = None) -> dict:
+                kmeans=None, units: bool | None = None, source: Path | None = None) -> dict:
     """Write one shard from ``(manifest row, value)`` pairs in manifest order, where value is a (frames,
     dim) feature array, a 1-D array of unit labels (already assigned), or an error string. ``units``: write
     units (default: when there is a k-means); without k-means (a codec's units) repeats are kept. Errors go to
-    ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last."""
+    ``errors-NNNNN.jsonl`` first; the shard's output file is renamed into place last, recording the manifest shard
+    ``source`` it was made from (:func:`shardfiles.made_from`)."""
     units = kmeans is not None if units is None else units
+    made = made_from(source) if source is not None else None
 
     errors: list[dict] = []
     counts = {"utterances": 0, "errors": 0, "audio_hours": 0.0, "skip_reasons": collections.Counter()}
@@ -256,12 +258,12 @@ def write_shard(results: Iterable, target: Path, total: int, dim: int, frame_rat
         write_text(target.parent / f"errors-{shard_suffix(target)}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
 
     if units:
-        with UnitWriter(SpeechEncoder(kmeans, deduplicate=kmeans is not None), target) as writer:
+        with UnitWriter(SpeechEncoder(kmeans, deduplicate=kmeans is not None), target, made) as writer:
             for row, value in good(bar):
                 writer.add(row, value)
             write_errors()
     else:
-        schema = feature_schema(dim, float16)
+        schema = feature_schema(dim, float16).with_metadata(made)
         with atomic_path(target) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as ipc:
             ids, feats = [], []
 

@@ -14,8 +14,8 @@ import numpy as np
 from .. import records
 from ..io import parquet_rows, read_json, read_table, write_json
 from ..progress import progress
-from ..shardfiles import (check_spec, feature_dim, feature_files, iter_features, select_shards, shard_output, shard_suffix,
-                          unit_files, units_spec)
+from ..shardfiles import (check_spec, feature_dim, feature_files, finished, iter_features, made_from, select_shards,
+                          shard_output, shard_suffix, unit_files, units_spec)
 from ..speechgpt import to_text
 from .kmeans import KMeans, SpeechEncoder
 
@@ -28,11 +28,12 @@ class UnitWriter:
             writer.add(manifest_row, features)
     """
 
-    def __init__(self, encoder: SpeechEncoder, path: Path):
-        self.encoder, self.path = encoder, Path(path)
+    def __init__(self, encoder: SpeechEncoder, path: Path, metadata: dict[bytes, bytes] | None = None):
+        self.encoder, self.path, self.metadata = encoder, Path(path), metadata
 
     def __enter__(self) -> "UnitWriter":
-        self._context = parquet_rows(self.path, records.arrow_schema("units"), lambda rows: records.to_table("units", rows))
+        self._context = parquet_rows(self.path, records.arrow_schema("units"), lambda rows: records.to_table("units", rows),
+                                     metadata=self.metadata)
         self._sink = self._context.__enter__()
         return self
 
@@ -60,17 +61,17 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
     done = skipped = 0
     for path in select_shards(feature_files(features), num_shards, shard_index):
         target = shard_output(out, path, fused=True)
-        if target.exists():
+        manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
+        if finished(target, path, manifest_shard):
             skipped += 1
             continue
         if feature_dim(path) != kmeans.dim:  # a file of another extractor: named, before its shard is begun
             raise ValueError(f"{path}: {feature_dim(path)}-dim frames, but the k-means {kmeans.source} is {kmeans.dim}-dim "
                              "(features and k-means come from different extractors or layers)")
-        manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
         rows = {r["id"]: r for r in read_table(manifest_shard).to_pylist()}
         # memory: the shard's manifest rows, one utterance's features and one row group of unit rows
         seen: set[str] = set()
-        with UnitWriter(SpeechEncoder(kmeans), target) as writer:
+        with UnitWriter(SpeechEncoder(kmeans), target, made_from(path, manifest_shard)) as writer:
             for uid, f in progress(iter_features(path), total=len(rows), desc=f"quantize {path.name}", unit="utt"):
                 _check_utterance(path, uid, f, rows, seen, manifest_shard)
                 seen.add(uid)
