@@ -190,7 +190,7 @@ def check_made_from(target: Path, inputs: tuple[Path, ...] | list[Path]) -> None
         return
     try:
         recorded = json.loads(metadata[MADE_FROM])
-    except ValueError:
+    except (ValueError, RecursionError):  # edited by hand
         recorded = None
     for path in inputs:
         if not isinstance(recorded, dict) or path.name not in recorded:

@@ -380,3 +380,9 @@ def test_a_shard_made_from_an_input_that_changed_since_is_not_taken_for_done(man
     result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "units-00001.parquet: made from manifest-00001.parquet, which is not there now" in result.stderr.replace("\n", "")
+    # a record edited by hand into something else (nested too deeply for json): one line, not a RecursionError
+    from speechinstruct.shardfiles import MADE_FROM
+    pq.write_table(table.replace_schema_metadata({MADE_FROM: b"[" * 100_000}), tmp_path / "units" / "units-00000.parquet")
+    result = runner.invoke(app, ["quantize", str(tmp_path / "feats"), str(tmp_path / "km"), str(tmp_path / "units"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "units-00000.parquet: its record of the shards it was made from does not name" in result.stderr.replace("\n", "")
