@@ -479,3 +479,28 @@ def test_publish_refuses_records_that_validate_fails(composed, tmp_path):
                        rf"\(first in cross_modal/{path.name} row 0\).*nothing published; a file copied beside itself"):
         publish(folder, tmp_path / "out")
     assert not (tmp_path / "out" / "data").exists()
+
+
+def test_publish_refuses_a_compose_folder_that_lacks_shards_or_is_stale(units_dir, tmp_path):
+    """One task of a compose job array done (shard 0 of 2), publish wrote a dataset of half the records, and its
+    card gave the hours of the whole units folder; units deduplicated again after compose (contaminated rows
+    dropped), publish shipped the records of the rows dropped. Both are one line now, nothing published."""
+    def run(*args):
+        result = runner.invoke(app, [str(a) for a in [*args, "-q"]])
+        return result.exit_code, result.output.replace("\n", "")
+
+    assert run("dedup", units_dir, tmp_path / "dd")[0] == 0
+    comp = tmp_path / "comp"
+    assert run("compose", "cross-modal", tmp_path / "dd", comp / "cross_modal", "--num-shards", 2, "--shard-index", 0)[0] == 0
+    code, output = run("publish", comp, tmp_path / "ds")
+    assert code == 2 and "Traceback" not in output, output
+    assert (f"{comp / 'cross_modal' / 'train-00001.parquet'}: missing (and 2 more): cross_modal/ holds records of part "
+            f"of {tmp_path / 'dd'}") in output, output
+    assert not (tmp_path / "ds").exists()
+    assert run("compose", "cross-modal", tmp_path / "dd", comp / "cross_modal", "--num-shards", 2, "--shard-index", 1)[0] == 0
+    assert run("publish", comp, tmp_path / "ds")[0] == 0
+    (tmp_path / "bench.txt").write_text("Mister Quilter is the apostle.\n")
+    assert run("dedup", units_dir, tmp_path / "dd", "--eval", tmp_path / "bench.txt")[0] == 0
+    code, output = run("publish", comp, tmp_path / "ds2")
+    assert code == 2 and "train-00000.parquet: made from units-00000.parquet as it was before it was written again" in output, output
+    assert not (tmp_path / "ds2").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .. import __version__, records
-from ..io import iter_rows, parquet_rows, write_json, write_parquet
+from ..io import iter_rows, parquet_rows, read_json, write_json, write_parquet
 from ..progress import progress
 from ..shardfiles import (check_spec, duplicate_ids, finished, folder_k, made_from, repeat_reason, repeated_elsewhere,
                           select_shards, shard_suffix, unit_files)
@@ -138,6 +138,34 @@ def split_records(out: Path, part: str | None, source: Path, kind: str):
         return
     with contextlib.ExitStack() as files:
         yield {s: files.enter_context(_records_file(t, kind, source)) for s, t in targets.items()}
+
+
+def check_complete(out: Path) -> None:
+    """One line when a folder of units records lacks the split files of a units shard its spec's units folder holds
+    (a job-array task not finished, or failed), or holds some made from a units shard as it was before it was
+    written again (:func:`shardfiles.finished`): publishing it would ship part of the records, or the records of
+    rows dropped since. Not checked: a folder an earlier version composed (no spec file), one whose units folder
+    is gone, and the kinds composed from texts."""
+    missing, units_of = [], None
+    for spec_file in sorted(out.glob("compose*.json")):
+        units = read_json(spec_file, dict, "; compose again").get("units")
+        if not isinstance(units, str) or not Path(units).is_dir():
+            continue
+        part = spec_file.stem.partition("-")[2] or None  # compose-NAME.json: the records of corpus NAME
+        for path in unit_files(units):
+            targets = [out / f"{s}-{_named(part, shard_suffix(path))}.parquet" for s in SPLITS]
+            gone = [t for t in targets if not t.exists()]
+            if not gone:
+                for target in targets:
+                    finished(target, path)  # one line when made from the shard as it was before
+            elif not missing:
+                units_of = units
+            missing += gone
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{missing[0]}: missing{more}: {out.name}/ holds records of part of {units_of}, which compose "
+                         "makes shard by shard (a job-array task not finished, or failed?); run the compose tasks that "
+                         "are missing, then publish")
 
 
 def gated_units(units_dir: Path, out: Path, part: str | None, kind: str, quality: QualityGate, counts, dropped: list,

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, recipe as settings, records
+from ..compose.common import check_complete
 from ..io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from ..kinds import RECORD_KINDS
 from ..progress import progress
@@ -239,6 +240,8 @@ def publish(compose_dir: str | Path, out: str | Path, cfg: settings.Output | Non
     eval_splits = (cfg or settings.Output()).eval_splits
     compose_dir, out = Path(compose_dir), Path(out)
     inputs = _inputs(compose_dir, eval_splits)
+    for config in inputs:  # every shard composed, and from the units as they are now
+        check_complete(compose_dir / config)
     units_dirs = composed_units_dirs(compose_dir)
     spec, vocabulary = one_vocabulary(compose_dir, units_dirs)
     refuse_invalid(compose_dir, inputs)
