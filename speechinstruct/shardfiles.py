@@ -202,7 +202,7 @@ def check_made_from(target: Path, inputs: tuple[Path, ...] | list[Path]) -> None
         if recorded[path.name] != fingerprint(path):
             raise ValueError(f"{target}: made from {path.name} as it was before it was written again (sharded, "
                              f"extracted or deduplicated anew?); {target.parent} holds output of other inputs: use a "
-                             "new folder")
+                             f"new folder (or, if only this shard's input changed, remove {target.name})")
 
 
 def errors_that_may_pass(path: Path) -> list[dict]:
