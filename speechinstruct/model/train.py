@@ -536,8 +536,8 @@ def run_identity(stage: int, base_model: str | Path, data: str | Path, k: int, c
     """What makes a run the same run (``OUT/checkpoints/run.json``): paths resolved, the published dataset by the
     digest of its ``speechinstruct.json`` (its counts, sources and vocabulary), a local base model also by its
     weight files' names, sizes and modification times (rsync's quick check: a base trained again in place, such as
-    stage 1's ``s1/model`` under a stage-2 run, is another run; hashing the weights would
-    take about a second per GiB at each start)."""
+    stage 1's ``s1/model`` under a stage-2 run, is another run; hashing the weights would take about a second per
+    GiB at each start)."""
     from ..io import sha256_file, sha256_json
 
     meta, base = Path(data) / "speechinstruct.json", Path(base_model)
