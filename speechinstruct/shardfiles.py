@@ -12,7 +12,9 @@ A *job-array part* (``--num-shards N --shard-index I``) is every N-th file from 
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,11 +162,18 @@ _TAIL = 1 << 16
 
 
 def fingerprint(path: Path) -> str:
-    """``SIZE:DIGEST``: a file's size and the sha256 of its last 64 KiB (the footer of a Parquet or Arrow file)."""
+    """``SIZE:DIGEST``: a file's size and the sha256 of its last 64 KiB (the footer of a Parquet or Arrow file);
+    read once while the file's inode, size and times stay (compose checks one units shard for each of its split
+    files; every stage writes a file anew under a new inode, by renaming)."""
+    stat = os.stat(path)
+    return _fingerprint(str(path), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(path: str, size: int, *stat: int) -> str:
     import hashlib
 
     with open(path, "rb") as f:
-        size = f.seek(0, 2)
         f.seek(max(0, size - _TAIL))
         return f"{size}:{hashlib.sha256(f.read()).hexdigest()[:32]}"
 
