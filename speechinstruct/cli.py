@@ -991,18 +991,19 @@ def resynth(
     vocoder: Optional[Path] = typer.Option(None, parser=_input, help="A unit HiFi-GAN: fairseq's generator checkpoint (g_00500000) "
                                            "with its config.json beside it, or their folder; an MFCC k-means folder for "
                                            "the embedded preview (centroids -> Griffin-Lim, not SpeechGPT's vocoder); or "
-                                           "a codec folder. Default for codec units: the codec that made them."),
+                                           "a codec folder. Default for codec units: the codec that made them; for MFCC "
+                                           "k-means units: the preview of their k-means."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many wavs."),
     quiet: bool = Quiet,
 ):
     """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
     \\[ua] answers, pretrain lines) with a manifest."""
-    from .units.codecs import codec_of
-    from .units.vocoder import resynthesize
+    from .units.vocoder import default_vocoder, resynthesize
 
-    voice = _load_vocoder(vocoder, source) if vocoder else codec_of(source)
+    voice = _load_vocoder(vocoder, source) if vocoder else default_vocoder(source)
     if voice is None:
-        fail(f"{source}: give --vocoder (its units are not a codec's, which would decode them itself)")
+        fail(f"{source}: give --vocoder (its units are not a codec's, which would decode them itself, nor MFCC units "
+             "whose k-means is where their spec names it, whose preview would voice them)")
     _print_json(resynthesize(source, out, voice, limit=limit))
 
 

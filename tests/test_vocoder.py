@@ -199,3 +199,34 @@ def test_resynth_never_writes_over_files_it_did_not_write(units_dir, tmp_path):
         ["00000.wav", "00001.wav"]
     (out / ".speechinstruct-resynth.json").unlink()  # a folder an earlier version wrote: its manifest's lines say so
     assert resynthesize(units_dir, out, preview, limit=1)["wavs"] == 1 and not (out / "00001.wav").exists()
+
+
+def test_resynth_of_mfcc_units_voices_them_with_the_preview_of_their_own_kmeans(units_dir, tmp_path):
+    """`resynth UNITS OUT` of MFCC k-means units said "give --vocoder", though the one vocoder that voices them is
+    the preview of the k-means their units.json names, with its digest: it is taken now (for a units folder and a
+    compose folder), and the summary says so. A k-means that is not the one recorded (clustered again since) is
+    not, nor one a published dataset names (by file name only): the line as before."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+    from speechinstruct.compose.cross_modal import cross_modal
+    from speechinstruct.release.publish import publish
+
+    runner = CliRunner()
+    cross_modal(units_dir, tmp_path / "composed" / "cross_modal")
+    publish(tmp_path / "composed", tmp_path / "dataset")
+    for i, source in enumerate((units_dir, tmp_path / "composed")):
+        result = runner.invoke(app, ["resynth", str(source), str(tmp_path / f"wavs{i}"), "--limit", "1", "-q"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["wavs"] == 1 and summary["vocoder"].startswith("preview (MFCC centroids"), summary
+    result = runner.invoke(app, ["resynth", str(tmp_path / "dataset"), str(tmp_path / "ds"), "--limit", "1", "-q"])
+    assert result.exit_code == 2 and "give --vocoder" in result.output, result.output
+    shutil.rmtree(units_dir.parent / "kmeans")
+    from speechinstruct import recipe as sections
+    from speechinstruct.units.cluster import cluster
+    cluster(units_dir.parent / "features", units_dir.parent / "kmeans", sections.KMeans(k=6))
+    result = runner.invoke(app, ["resynth", str(units_dir), str(tmp_path / "other"), "--limit", "1", "-q"])
+    assert result.exit_code == 2 and "give --vocoder" in result.output and "Traceback" not in result.output, result.output

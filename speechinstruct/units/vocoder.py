@@ -143,6 +143,34 @@ def read_config(folder: Path, checkpoint: Path) -> dict:
     return config
 
 
+def default_vocoder(source: str | Path):
+    """What voices ``source``'s units when no vocoder is given: the codec that made codec units
+    (:func:`codecs.codec_of`); for MFCC k-means units, the :class:`PreviewVocoder` of the k-means that made them,
+    where their spec names it (a units folder's ``units.json``, or a compose folder's units folders': the path the
+    stage was given, so a relative one is read from here) and only when its digest is the one recorded. None
+    otherwise: a HiFi-GAN must be named, and a published dataset names its k-means file only (no local path)."""
+    from ..shardfiles import composed_units_dirs, read_units_spec
+    from .codecs import codec_of
+    from .kmeans import load_kmeans
+
+    codec = codec_of(source)
+    if codec is not None:
+        return codec
+    folders = [Path(source), *composed_units_dirs(source)] if Path(source).is_dir() else []
+    for spec in [read_units_spec(folder) or {} for folder in folders]:
+        features, kmeans = spec.get("features"), spec.get("kmeans")
+        path = kmeans.get("source") if isinstance(kmeans, dict) else None
+        if features != "mfcc" or not isinstance(path, str) or not Path(path).exists():
+            continue
+        try:
+            found = load_kmeans(path)
+        except (OSError, ValueError):
+            continue
+        if found.meta.get("sha256") == kmeans.get("sha256") and found.dim == 39:
+            return PreviewVocoder(found)
+    return None
+
+
 def load_vocoder(path: str | Path) -> UnitVocoder | PreviewVocoder:
     """A unit HiFi-GAN from a generator checkpoint (``g_00500000``) or its folder, with ``config.json`` beside it;
     or, for a ``speechinstruct cluster`` folder of MFCC units, the embedded :class:`PreviewVocoder`."""
