@@ -1002,8 +1002,9 @@ def resynth(
 
     voice = _load_vocoder(vocoder, source) if vocoder else default_vocoder(source)
     if voice is None:
-        fail(f"{source}: give --vocoder (its units are not a codec's, which would decode them itself, nor MFCC units "
-             "whose k-means is where their spec names it, whose preview would voice them)")
+        fail(f"{source}: give --vocoder: its units are neither a codec's (which decodes them itself) nor MFCC units "
+             "whose k-means is still where their units.json names it (whose preview voices them; a published dataset "
+             "does not say where)")
     _print_json(resynthesize(source, out, voice, limit=limit))
 
 
