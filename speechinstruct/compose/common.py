@@ -69,8 +69,10 @@ def _records_file(path: Path, kind: str, source: Path):
     return parquet_rows(path, records.arrow_schema(kind), functools.partial(records.to_table, kind), metadata=made_from(source))
 
 
-def _named(part: str | None, suffix: str) -> str:
-    return f"{part}-{suffix}" if part else suffix
+def _split_files(out: Path, part: str | None, source: Path) -> dict[str, Path]:
+    """The record files of units shard ``source`` in ``out``, one per split: ``{split}-{part-}{suffix}.parquet``."""
+    named = f"{part + '-' if part else ''}{shard_suffix(source)}"
+    return {s: out / f"{s}-{named}.parquet" for s in SPLITS}
 
 
 def _unit_shards(units_dir: Path, num_shards: int = 1, shard_index: int = 0):
@@ -132,7 +134,7 @@ def split_records(out: Path, part: str | None, source: Path, kind: str):
     """Record sinks of ``kind`` for units shard ``source``, one file per split (``{split}-{part-}{suffix}.parquet``),
     all written when the block ends, so that together they mark the shard done; None when they already are (and
     were made from ``source`` as it is now, :func:`shardfiles.finished`)."""
-    targets = {s: out / f"{s}-{_named(part, shard_suffix(source))}.parquet" for s in SPLITS}
+    targets = _split_files(out, part, source)
     if all(finished(t, source) for t in targets.values()):
         yield None
         return
@@ -153,7 +155,7 @@ def check_complete(out: Path) -> None:
             continue
         part = spec_file.stem.partition("-")[2] or None  # compose-NAME.json: the records of corpus NAME
         for path in unit_files(units):
-            targets = [out / f"{s}-{_named(part, shard_suffix(path))}.parquet" for s in SPLITS]
+            targets = _split_files(out, part, path).values()
             gone = [t for t in targets if not t.exists()]
             if not gone:
                 for target in targets:
