@@ -51,15 +51,17 @@ class Block:
     rows: list[dict]  # what decode_row reads (extract.AUDIO_COLUMNS)
 
 
-def blocks(shards: list[Path], block_seconds: float, repeats: dict[str, dict[str, str]] | None = None) -> Iterator[Block]:
+def blocks(shards: list[Path], block_seconds: float, repeats: dict[str, dict[str, str]] | None = None,
+           extra: tuple[str, ...] = ()) -> Iterator[Block]:
     """Each shard's rows in manifest order, cut into blocks of at most ``block_seconds`` of audio (one row
-    at least), leaving out the rows whose ids an earlier shard holds (``repeats``: run_shards makes those skips).
+    at least), leaving out the rows whose ids an earlier shard holds (``repeats``: the shared loop makes those
+    skips). A row holds what decode_row reads, and the ``extra`` columns the shard has (score: text, speaker).
     Shards are read one at a time, as the blocks are needed."""
     from ..sources.decoding import AUDIO_COLUMNS, seconds as duration
 
     for shard in shards:
         present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
-        rows = pq.read_table(shard, columns=[c for c in AUDIO_COLUMNS if c in present]).to_pylist()
+        rows = pq.read_table(shard, columns=[c for c in (*AUDIO_COLUMNS, *extra) if c in present]).to_pylist()
         earlier = (repeats or {}).get(shard.name, {})
         rows = [r for r in rows if r["id"] not in earlier]
         start, seconds = 0, 0.0
@@ -157,11 +159,11 @@ def connect(address: str | None):
 
 class _Window:
     """Block results in block order, with at most ``depth`` blocks in flight per actor: each actor gets a
-    new block as soon as one of its own comes back."""
+    new block as soon as one of its own comes back. ``submit(actor, block)`` starts a block's work and returns
+    the reference to its result, ``(node, results, counts)``."""
 
-    def __init__(self, ray, todo: Iterator[Block], actors: list, decode, root: str, depth: int, max_retries: int,
-                 sample_rate: int = 16000):
-        self.ray, self.todo, self.decode, self.root, self.sample_rate = ray, enumerate(todo), decode, root, sample_rate
+    def __init__(self, ray, todo: Iterator[Block], actors: list, submit, depth: int, max_retries: int):
+        self.ray, self.todo, self.submit = ray, enumerate(todo), submit
         self.max_retries = max_retries
         self.free = collections.deque(a for _ in range(depth) for a in actors)
         self.limit = 2 * depth * len(actors)  # blocks in flight + finished ones waiting for their turn
@@ -171,6 +173,7 @@ class _Window:
         self.nodes: collections.Counter[str] = collections.Counter()
         self.halved = 0  # batches the actors halved for memory
         self.flops = 0.0  # the model's FLOPs over every block
+        self.stream = self._in_order()  # started by the first results_for
 
     def _fill(self):
         while self.free and len(self.in_flight) + len(self.done) < self.limit:
@@ -179,10 +182,9 @@ class _Window:
                 return
             seq, block = item
             actor = self.free.popleft()
-            ref = actor.run.remote(self.decode.remote(block.rows, self.root, self.sample_rate))
-            self.in_flight[ref] = (seq, block, actor)
+            self.in_flight[self.submit(actor, block)] = (seq, block, actor)
 
-    def __iter__(self) -> Iterator[tuple[Block, list]]:
+    def _in_order(self) -> Iterator[tuple[Block, list]]:
         while True:
             self._fill()
             if self.next in self.done:
@@ -200,8 +202,8 @@ class _Window:
                 try:
                     node, results, counts = self.ray.get(ref)
                     self.nodes[node] += len(results)
-                    self.halved += counts["batches_halved"]
-                    self.flops += counts["model_flops"]
+                    self.halved += counts.get("batches_halved", 0)
+                    self.flops += counts.get("model_flops", 0.0)
                 except self.ray.exceptions.RayError as e:
                     last = block.first + len(block.rows) - 1
                     reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(". ")[0][:300]
@@ -209,6 +211,36 @@ class _Window:
                                           f"{self.max_retries} retries: {reason} (the Ray logs have the rest)")
                 self.done[seq] = (block, results)
                 self.free.append(actor)
+
+    def results_for(self, shard: str, rows: list[dict]) -> Iterator[tuple[dict, object]]:
+        """(row, its result) for ``rows``, the rows of ``shard`` the blocks were cut from, in order; one line when
+        the blocks that come back are of another shard, row or id than the shared loop expects."""
+        done = 0
+        while done < len(rows):
+            block, results = next(self.stream)
+            if block.shard != shard or block.first != done:
+                raise RayJobError(f"ray engine: expected {shard} row {done}, got {block.shard} row {block.first}")
+            for row, (uid, value) in zip(rows[done:], results):
+                if uid != row["id"]:
+                    raise RayJobError(f"ray engine: expected {row['id']} in {shard}, got {uid}")
+                yield row, value
+            done += len(results)
+
+
+def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gpus_per_actor: float,
+               max_retries: int) -> list:
+    """``actors`` instances of ``cls(*args)`` spread over the nodes (``SPREAD``), each restarted ``max_retries``
+    times when it dies. CPU actors are fewer when they would hold every CPU, leaving none for decode tasks."""
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    if num_gpus_per_actor == 0 and actors * cpus_per_actor > cpus - 1:
+        # CPU actors holding every CPU leave none for the decode tasks: the job would stall.
+        fit = max(1, int((cpus - 1) // cpus_per_actor))
+        log.warning(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}")
+        actors = fit
+    remote_actor = ray.remote(cls).options(
+        num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor, scheduling_strategy="SPREAD",
+        max_restarts=max_retries, max_task_retries=max_retries)
+    return [remote_actor.remote(*args) for _ in range(actors)]
 
 
 def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, kmeans=None, root=None,
@@ -238,35 +270,18 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     repeats = repeated_elsewhere(every) if pending else {}
     ray = connect(address)
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    if num_gpus_per_actor == 0 and actors * cpus_per_actor > cpus - 1:
-        # CPU actors holding every CPU leave none for the decode tasks: the job would stall.
-        fit = max(1, int((cpus - 1) // cpus_per_actor))
-        log.warning(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}")
-        actors = fit
-    remote_actor = ray.remote(ModelActor).options(
-        num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor, scheduling_strategy="SPREAD",
-        max_restarts=max_retries, max_task_retries=max_retries)
     decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
-    window = None
+    window, pool, sample_rate = None, [], sample_rate_of(extractor)
     if pending:
         shared = [ray.put((extractor, kmeans))]  # one copy in the object store, whichever node an actor is on
-        pool = [remote_actor.remote(shared, device, batch_seconds, max(1, int(cpus_per_actor))) for _ in range(actors)]
-        window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds, repeats), pool, decode, str(root), depth,
-                         max_retries, sample_rate_of(extractor))
-    stream = iter(window) if window else iter(())
+        pool = actor_pool(ray, ModelActor, (shared, device, batch_seconds, max(1, int(cpus_per_actor))), actors,
+                          cpus_per_actor, num_gpus_per_actor, max_retries)
+        window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds, repeats), pool,
+                         lambda actor, block: actor.run.remote(decode.remote(block.rows, str(root), sample_rate)),
+                         depth, max_retries)
 
     def results_for(shard: Path, rows: list[dict], root: Path):
-        done = 0
-        while done < len(rows):
-            block, results = next(stream)
-            if block.shard != shard.name or block.first != done:
-                raise RayJobError(f"ray engine: expected {shard.name} row {done}, got {block.shard} row {block.first}")
-            for row, (uid, value) in zip(rows[done:], results):
-                if uid != row["id"]:
-                    raise RayJobError(f"ray engine: expected {row['id']} in {shard.name}, got {uid}")
-                yield row, value
-            done += len(results)
+        return window.results_for(shard.name, rows) if window else iter(())
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
                        num_shards=num_shards, shard_index=shard_index, repeats=repeats)
@@ -275,6 +290,5 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     if window:  # the model's FLOP rate, and its MFU over the actors' devices' summed peaks where all are known
         peaks = [devices.peak_tflops(device, name) for name in ray.get([actor.card.remote() for actor in pool])]
         stats.update(devices.utilisation(window.flops, stats["seconds"], peaks))
-    return {**stats, "engine": "ray", "actors": actors if pending else 0,
+    return {**stats, "engine": "ray", "actors": len(pool),
             "nodes": dict(sorted(window.nodes.items())) if window else {}}
-
