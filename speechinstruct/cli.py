@@ -250,6 +250,19 @@ Features = Enum("Features", {kind.split("-")[0]: kind for kind in FEATURES}, typ
 
 NumShards = typer.Option(1, help="Split the work into this many parts (job arrays)...")
 ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
+Engine = typer.Option("local", help="local, or ray (pip install speechinstruct[ray]).")
+RayAddress = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 (Ray client); "
+                          "default: start a local Ray.")
+Actors = typer.Option(2, help="ray: model actors, spread over the nodes.")
+GpusPerActor = typer.Option(0.0, help="ray: GPUs per model actor.")
+CpusPerActor = typer.Option(1.0, help="ray: CPUs per model actor (and its torch threads).")
+MaxRetries = typer.Option(3, min=0, help="ray: retries for a failed decode task or a dead model actor.")
+
+
+def _engine(engine: str) -> str:
+    if engine not in ("local", "ray"):
+        fail(f"unknown engine {engine!r}: choose local or ray")
+    return engine
 
 
 def _device(device: str) -> str:
@@ -278,14 +291,13 @@ def extract(
     device: str = typer.Option(default(settings.Features, "device"), help="cpu, cuda, cuda:N or auto."),
     workers: Optional[int] = typer.Option(default(settings.Features, "workers"), min=1, help="Audio decoding threads "
                                           "(default: every usable CPU when the model runs on a GPU, else 2)."),
-    engine: str = typer.Option("local", help="local, or ray (pip install speechinstruct[ray])."),
-    ray_address: Optional[str] = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 "
-                                              "(Ray client); default: start a local Ray."),
-    actors: int = typer.Option(2, help="ray: model actors, spread over the nodes."),
-    num_gpus_per_actor: float = typer.Option(0.0, help="ray: GPUs per model actor."),
-    cpus_per_actor: float = typer.Option(1.0, help="ray: CPUs per model actor (and its torch threads)."),
+    engine: str = Engine,
+    ray_address: Optional[str] = RayAddress,
+    actors: int = Actors,
+    num_gpus_per_actor: float = GpusPerActor,
+    cpus_per_actor: float = CpusPerActor,
     block_seconds: Optional[float] = typer.Option(None, help="ray: seconds of audio per work block (default: 4 x --batch-seconds)."),
-    max_retries: int = typer.Option(3, min=0, help="ray: retries for a failed decode task or a dead model actor."),
+    max_retries: int = MaxRetries,
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
@@ -295,8 +307,7 @@ def extract(
     from .units.kmeans import load_kmeans
     from .units.tokenizer import load_tokenizer
 
-    if engine not in ("local", "ray"):
-        fail(f"unknown engine {engine!r}: choose local or ray")
+    _engine(engine)
     cfg = settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16,
                            dtype=dtype, device=device, workers=workers, layer=layer, codebooks=codebooks)
     km = load_kmeans(kmeans) if kmeans else None
@@ -707,16 +718,16 @@ def publish(
                  **({"speechgpt_files": meta["speechgpt_files"]} if "speechgpt_files" in meta else {})})
 
 
-def _judge(dnsmos: bool, asr: Optional[str], base_url: Optional[str], device: str, batch_size: Optional[int],
-           speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False,
-           asr_dtype: str = "auto"):
-    from .judges.judge import Judge
-
+def _judge_options(dnsmos: bool, asr: Optional[str], base_url: Optional[str], batch_size: Optional[int],
+                   speaker: Optional[str] = None, references: Optional[Path] = None, language: bool = False,
+                   asr_dtype: str = "auto") -> dict:
+    """The arguments of ``Judge.load`` (but the device) that score's options name."""
     if references and not speaker:
         speaker = "resemblyzer"  # references mean speaker similarity: the default encoder
     if not (dnsmos or asr or speaker or language):
         fail("nothing to score with: give --dnsmos, --asr MODEL, --speaker or --language")
-    return Judge.load(dnsmos, asr, base_url, device, batch_size, speaker, references, language, asr_dtype)
+    return {"dnsmos": dnsmos, "asr": asr, "base_url": base_url, "batch_size": batch_size, "speaker": speaker,
+            "references": references, "language": language, "asr_dtype": asr_dtype}
 
 
 @command(app)
@@ -746,18 +757,31 @@ def score(
                                                       "to its speaker's (implies --speaker resemblyzer)."),
     language: bool = typer.Option(False, "--language", help="Language ID of each transcript (langid, in its "
                                   "package) and, with --asr, of the audio (a Whisper model's language token)."),
+    engine: str = Engine,
+    ray_address: Optional[str] = RayAddress,
+    actors: int = Actors,
+    num_gpus_per_actor: float = GpusPerActor,
+    cpus_per_actor: float = CpusPerActor,
+    block_seconds: float = typer.Option(600.0, min=0.001, help="ray: seconds of audio per work block."),
+    max_retries: int = MaxRetries,
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,
     quiet: bool = Quiet,
 ):
     """Score every utterance: DNSMOS, the WER and CER of an ASR round trip, speaker embeddings and similarity,
     language; resumable per shard."""
-    from .curate.score import score as run_score
+    from .curate.score import score as run_score, score_ray
+    from .judges.judge import Judge
 
-    judge = _judge(dnsmos, asr, base_url, _device(device), batch_size, speaker, speaker_references, language,
-                   asr_dtype)
-    summary = run_score(source, out, judge, root=root, num_shards=num_shards, shard_index=shard_index,
-                        workers=workers)
+    options = _judge_options(dnsmos, asr, base_url, batch_size, speaker, speaker_references, language, asr_dtype)
+    if _engine(engine) == "ray":  # each actor loads the judges on its own device
+        summary = score_ray(source, out, options, root=root, num_shards=num_shards, shard_index=shard_index,
+                            device=device, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
+                            cpus_per_actor=cpus_per_actor, address=ray_address, block_seconds=block_seconds,
+                            max_retries=max_retries)
+    else:
+        summary = run_score(source, out, Judge.load(**options, device=_device(device)), root=root,
+                            num_shards=num_shards, shard_index=shard_index, workers=workers)
     for column in summary["scores"].values():
         column.pop("histogram", None)
     _print_json(summary)

@@ -301,3 +301,70 @@ def test_extract_reads_webdataset_tar_members_on_the_ray_engine_as_locally(tmp_p
     for f in sorted((tmp_path / "local").glob("features-*.arrow")):
         assert f.read_bytes() == (tmp_path / "ray" / f.name).read_bytes()
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["corpus"] == "webdataset"
+
+
+def _score_files_equal(a: Path, b: Path):
+    same_files(a, b, skip=("summary.json",))  # the summaries differ in seconds and the engine's keys
+
+
+def test_score_on_a_two_node_cluster_writes_the_local_engines_files(manifest, tmp_path):
+    """`score --engine ray`: DNSMOS, speaker embeddings and language ID judged by actors on both nodes of a
+    two-raylet cluster; the scores, errors (an unreadable file among them) and embeddings equal the local engine's."""
+    from ray.cluster_utils import Cluster
+
+    from speechinstruct.curate.score import score, score_ray
+    from speechinstruct.io import read_table
+    from speechinstruct.judges.judge import Judge
+
+    rows = read_table(manifest / "manifest-00001.parquet").to_pylist()
+    root = json.loads((manifest / "summary.json").read_text())["root"]
+    (Path(root) / rows[1]["path"]).write_bytes(b"not audio at all")
+    options = {"dnsmos": True, "speaker": "resemblyzer", "language": True}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": SMALL_STORE})
+    try:
+        cluster.add_node(num_cpus=2, object_store_memory=SMALL_STORE)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        every_node_schedulable(alive)
+        stats = score_ray(manifest, tmp_path / "ray", options, actors=2, block_seconds=1.0, address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert stats["engine"] == "ray" and stats["actors"] == 2 and stats["shards_done"] == 2, stats
+    assert len(stats["nodes"]) == 2 and sum(stats["nodes"].values()) == 4, stats  # each node judged a part
+    assert stats["utterances"] == 3 and stats["skipped"] == 1, stats
+    local = score(manifest, tmp_path / "local", Judge.load(**options))
+    assert local["utterances"] == 3
+    _score_files_equal(tmp_path / "local", tmp_path / "ray")
+
+
+def test_cli_score_on_ray_resumes_refuses_other_judges_and_says_when_an_actor_cannot_load_them(manifest, tmp_path):
+    ray_args = ["--engine", "ray", "--actors", "1", "--block-seconds", "1", "-q"]
+    result = runner.invoke(app, ["score", str(manifest), str(tmp_path / "s"), "--dnsmos", "--language", *ray_args])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["shards_done"] == 2 and summary["utterances"] == 4 and sum(summary["nodes"].values()) == 4
+    local = runner.invoke(app, ["score", str(manifest), str(tmp_path / "local"), "--dnsmos", "--language", "-q"])
+    assert local.exit_code == 0, local.output
+    _score_files_equal(tmp_path / "local", tmp_path / "s")
+
+    (tmp_path / "s" / "scores-00001.parquet").unlink()  # a shard to do again, on either engine
+    result = runner.invoke(app, ["score", str(manifest), str(tmp_path / "s"), "--dnsmos", "--language", *ray_args])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (summary["shards_done"], summary["shards_skipped"], summary["utterances"]) == (1, 1, 4), summary
+    _score_files_equal(tmp_path / "local", tmp_path / "s")
+
+    # every shard done, other judges: refused as on the local engine (the spec comes from an actor)
+    result = runner.invoke(app, ["score", str(manifest), str(tmp_path / "s"), "--dnsmos", *ray_args])
+    assert result.exit_code == 2 and "score.json" in result.output and "other settings" in result.output, result.output
+
+    (tmp_path / "not-a-model").mkdir()
+    result = runner.invoke(app, ["score", str(manifest), str(tmp_path / "t"), "--asr", str(tmp_path / "not-a-model"),
+                                 *ray_args, "--max-retries", "0"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: ray engine: the judges could not be loaded on an actor: {tmp_path / 'not-a-model'}: "), \
+        result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

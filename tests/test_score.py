@@ -511,3 +511,18 @@ def test_asr_and_dnsmos_batches_that_run_out_of_memory_are_halved(tmp_path, spee
     assert judge.score(speech[:1]) == halved and judge.counts["batches_halved"] == 1
     # the same scores, to float rounding of other batch sizes
     assert all(got[c] == pytest.approx(want[c], abs=1e-5) for got, want in zip(halved, clean) for c in want)
+
+
+def test_ray_actors_whose_judges_differ_are_one_line_naming_both_nodes():
+    """`score --engine ray`: every actor reports its judges' spec; another speechmos (its model digest) on one node
+    stops the job before any shard is written, naming the two nodes and what differs."""
+    from speechinstruct.curate.score import same_judges
+    from speechinstruct.units.engine_ray import RayJobError
+
+    spec = {"dnsmos": {"p835_sha256": "aa", "p808_sha256": "bb"}, "asr": None}
+    assert same_judges([("10.0.0.1/ab", spec, 256), ("10.0.0.2/cd", dict(spec), 256)]) == (spec, 256)
+    other = {**spec, "dnsmos": {"p835_sha256": "cc", "p808_sha256": "bb"}}
+    with pytest.raises(RayJobError) as e:
+        same_judges([("10.0.0.1/ab", spec, None), ("10.0.0.2/cd", spec, None), ("10.0.0.3/ef", other, None)])
+    assert str(e.value).startswith("ray engine: the judges on 10.0.0.3/ef are not those on 10.0.0.1/ab (dnsmos: ")
+    assert "'cc'" in str(e.value) and "\n" not in str(e.value)

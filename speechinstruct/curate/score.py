@@ -6,6 +6,10 @@ input shard: ``scores-NNNNN.parquet`` (``schemas/scores.json``) and ``errors-NNN
 not be scored, and why); ``score.json`` records the judges (models and their hashes), ``summary.json`` the
 distribution of every score. A shard is done when its scores file exists (written atomically) and none of its
 errors may pass (audio that storage failed to give for a while); a rerun skips it, and does the others again.
+
+Two engines share the loop that writes the files (:func:`score_shards`): the local one (:func:`score`) decodes
+with threads and judges here; ``--engine ray`` (:func:`score_ray`) has judge actors on the nodes of a Ray cluster
+do it, on the blocks ``extract --engine ray`` cuts (``units.engine_ray``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..shardfiles import (check_finished, check_kind, check_spec, finished, made
                           select_shards, shard_suffix)
 
 
+TEXT_COLUMNS = ("text", "speaker")  # what the judges read of a row besides its audio
 SCORE_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "asr_text", "wer", "cer",
                  "speaker_similarity", "text_language", "asr_language")
 
@@ -86,33 +91,81 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
     ``workers``: audio decoding threads (default: every usable CPU when a judge runs on a GPU, else 2).
     ``clips_at_a_time``: decoded clips handed to the judges per call (default: 16, or four ASR batches when that
     is more, so that a batch is never cut short by the chunk and the ASR's length sort has clips to group)."""
-    from ..progress import progress
-    from ..sources.decoding import AUDIO_COLUMNS, check_root, decode_rows, error_record
     from ..threads import decode_workers
 
     devices = [str(getattr(j, "device", "cpu")) for j in (judge.dnsmos, judge.asr, judge.speaker) if j is not None]
     workers = workers or decode_workers(next((d for d in devices if d != "cpu"), "cpu"))
+    clips_at_a_time = clips_at_a_time or max(16, 4 * getattr(judge.asr, "batch_size", 0))
+
+    def results_for(path: Path, rows: Iterable[dict], root: Path) -> Iterator[tuple[dict, dict | str]]:
+        return judged(rows, root, judge, workers, clips_at_a_time)
+
+    return score_shards(source, out, judge.spec, results_for, root, num_shards, shard_index,
+                        judge.speaker.dim if judge.speaker is not None else None, lambda: halved_counts(judge))
+
+
+def judged(rows: Iterable[dict], root: Path, judge: Judge, workers: int, clips_at_a_time: int
+           ) -> Iterator[tuple[dict, dict | str]]:
+    """(row, its scores or the reason it has none) for each row, in order: the audio decoded by ``workers``
+    threads, handed to the judges ``clips_at_a_time`` clips at a time."""
+    from ..sources.decoding import decode_rows
+
+    for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
+        yield from zip((row for row, _ in chunk), judge_chunk(judge, chunk))
+
+
+def judge_chunk(judge: Judge, chunk: list[tuple[dict, np.ndarray | str]]) -> list[dict | str]:
+    """The judges' verdict on each (row, samples | the reason it has none) of ``chunk``, in one call."""
+    good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]
+    results = iter(judge.scores([w for _, w in good], [r.get("text") for r, _ in good],
+                                [r.get("speaker") for r, _ in good]) if good else [])
+    return [wav if isinstance(wav, str) else next(results) for _, wav in chunk]
+
+
+def halved_counts(judge: Judge) -> dict:
+    """``{"batches_halved": n}``: batches the judges halved for memory so far; ``{}`` when none."""
+    n = sum(getattr(j, "counts", {}).get("batches_halved", 0) for j in (judge.dnsmos, judge.asr) if j is not None)
+    return {"batches_halved": n} if n else {}
+
+
+def to_do(files: list[Path], out: Path, num_shards: int, shard_index: int) -> tuple[list[Path], list[Path]]:
+    """(the shards of ``files`` this worker owns, those of them still to score): a shard is done when its scores
+    file, made from the shard as it is now, is there and none of its errors may pass on a rerun."""
+    mine = select_shards(files, num_shards, shard_index)
+    return mine, [p for p in mine if not (finished(out / f"scores-{shard_suffix(p)}.parquet", p)
+                                          and not transient_errors(out / f"errors-{shard_suffix(p)}.jsonl"))]
+
+
+def score_shards(source: str | Path, out: str | Path, spec: dict, results_for, root: str | Path | None,
+                 num_shards: int, shard_index: int, speaker_dim: int | None, counts=dict,
+                 pending: list[Path] | None = None) -> dict:
+    """The loop both engines share: for each shard of ``source`` this worker owns and has not finished (or of
+    ``pending``, when the engine has chosen them), ``results_for(shard, rows, root)`` yields (row, scores | reason)
+    in order, written as that shard's scores and errors (and speaker embeddings, ``speaker_dim`` wide).
+    ``spec``: the judges', recorded in score.json; ``counts()``: the engine's keys of the summary."""
+    from ..progress import progress
+    from ..sources.decoding import AUDIO_COLUMNS, check_root, error_record
 
     source, out = Path(source), Path(out)
-    clips_at_a_time = clips_at_a_time or max(16, 4 * getattr(judge.asr, "batch_size", 0))
     files, kind = input_files(source)
     root = check_root(Path(root) if root else audio_root(source, kind), source)
     out.mkdir(parents=True, exist_ok=True)
-    check_spec(out, {**judge.spec, "source": str(source.resolve()), "root": str(root.resolve())}, "score.json")
+    check_spec(out, {**spec, "source": str(source.resolve()), "root": str(root.resolve())}, "score.json")
     schema = records.arrow_schema("scores")
     done = skipped = 0
     started = time.perf_counter()
-    mine = select_shards(files, num_shards, shard_index)
+    mine, todo = (to_do(files, out, num_shards, shard_index) if pending is None
+                  else (select_shards(files, num_shards, shard_index), pending))
     repeats = None
     for path in mine:
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
-        if finished(target, path) and not transient_errors(out / f"errors-{suffix}.jsonl"):
+        if path not in todo:
             skipped += 1
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
         present = _columns(path)
-        rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text", "speaker") if c in present])
+        rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, *TEXT_COLUMNS) if c in present])
         total = _num_rows(path)
         errors: list[dict] = []
         if repeats is None:  # ids an earlier shard holds (a shard copied beside itself): skips, as extract makes them
@@ -123,30 +176,113 @@ def score(source: str | Path, out: str | Path, judge: Judge, root: str | Path | 
         embeddings: list[np.ndarray] = []  # row for row with the scores file (score --speaker)
         bar = progress(total=total, desc=f"score {path.name}", unit="utt")
         with parquet_rows(target, schema, lambda rs: records.to_table("scores", rs), metadata=made_from(path)) as sink:
-            for chunk in _chunks(decode_rows(rows, root, workers), clips_at_a_time):
-                good = [(row, wav) for row, wav in chunk if not isinstance(wav, str)]
-                errors += [error_record(row, wav) for row, wav in chunk if isinstance(wav, str)]
-                results = judge.scores([w for _, w in good], [r.get("text") for r, _ in good],
-                                       [r.get("speaker") for r, _ in good]) if good else []
-                for (row, _), result in zip(good, results):
-                    if isinstance(result, str):
-                        errors.append(error_record(row, result))
-                    else:
-                        sink.add({"id": row["id"], "duration": row["duration"], **{c: result.get(c) for c in SCORE_COLUMNS}})
-                        if "embedding" in result:
-                            embeddings.append(result["embedding"])
-                bar.update(len(chunk))
+            for row, result in results_for(path, rows, root):
+                if isinstance(result, str):
+                    errors.append(error_record(row, result))
+                else:
+                    sink.add({"id": row["id"], "duration": row["duration"], **{c: result.get(c) for c in SCORE_COLUMNS}})
+                    if "embedding" in result:
+                        embeddings.append(result["embedding"])
+                bar.update(1)
             bar.close()
             write_text(out / f"errors-{suffix}.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
-            if judge.speaker is not None:  # before the scores file appears: a complete shard has its embeddings
-                write_embeddings(out / f"embeddings-{suffix}.npy", embeddings, judge.speaker.dim)
+            if speaker_dim is not None:  # before the scores file appears: a complete shard has its embeddings
+                write_embeddings(out / f"embeddings-{suffix}.npy", embeddings, speaker_dim)
         done += 1
-    halved = sum(getattr(j, "counts", {}).get("batches_halved", 0) for j in (judge.dnsmos, judge.asr) if j is not None)
     summary = {"shards_done": done, "shards_skipped": skipped, "seconds": round(time.perf_counter() - started, 3),
-               **({"batches_halved": halved} if halved else {}), **summarise(out)}
+               **counts(), **summarise(out)}
     write_json(out / "summary.json", summary)
     check_finished(out, [shard_suffix(p) for p in mine], summary)
     return summary
+
+
+# ------------------------------------------------------------------------------------- the Ray engine
+class JudgeActor:
+    """The judges on one node of a Ray cluster (``score --engine ray``): decoded blocks in, scores out. Each
+    actor loads them itself, on its own device, from the options ``Judge.load`` takes."""
+
+    def __init__(self, options: dict, device: str, threads: int, clips_at_a_time: int | None):
+        import torch
+
+        from ..units.engine_ray import node_name
+
+        torch.set_num_threads(max(1, threads))
+        self.judge = Judge.load(**options, device=device, threads=threads)
+        self.clips = clips_at_a_time or max(16, 4 * getattr(self.judge.asr, "batch_size", 0))
+        self.node, self.halved = node_name(), 0
+
+    def spec(self) -> tuple[str, dict, int | None]:
+        """(this node, the judges' spec, the speaker embeddings' width or None)."""
+        return self.node, self.judge.spec, self.judge.speaker.dim if self.judge.speaker is not None else None
+
+    def run(self, decoded: list[tuple[str, np.ndarray | str]], texts: list[dict]) -> tuple[str, list, dict]:
+        """(this node, (id, scores | reason) per utterance, {batches halved for memory since the last block})."""
+        results = []
+        for chunk in _chunks(list(zip(texts, decoded)), self.clips):
+            verdicts = judge_chunk(self.judge, [(row, wav) for row, (_, wav) in chunk])
+            results += [(uid, verdict) for (_, (uid, _)), verdict in zip(chunk, verdicts)]
+        now = halved_counts(self.judge).get("batches_halved", 0)
+        counts, self.halved = {"batches_halved": now - self.halved}, now
+        return self.node, results, counts
+
+
+def same_judges(specs: list[tuple[str, dict, int | None]]) -> tuple[dict, int | None]:
+    """The judges' spec and speaker embedding width all actors reported ((node, spec, width) each), or one line
+    naming two nodes whose judges differ (another version of a library or model on one of them)."""
+    from ..units.engine_ray import RayJobError
+
+    (node, spec, width), *others = specs
+    for other, theirs, _ in others:
+        if theirs != spec:
+            changed = sorted(k for k in set(spec) | set(theirs) if spec.get(k) != theirs.get(k))
+            raise RayJobError(f"ray engine: the judges on {other} are not those on {node} ({', '.join(changed)}: "
+                              f"{ {k: theirs.get(k) for k in changed} } against { {k: spec.get(k) for k in changed} }); "
+                              "install the same versions and models on every node")
+    return spec, width
+
+
+def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Path | None = None,
+              num_shards: int = 1, shard_index: int = 0, device: str = "auto", actors: int = 2,
+              num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, address: str | None = None,
+              block_seconds: float = 600.0, depth: int = 2, max_retries: int = 3,
+              clips_at_a_time: int | None = None) -> dict:
+    """``score`` (same files) on a Ray cluster, as ``extract --engine ray`` runs: the driver cuts the shards still
+    to do into blocks of about ``block_seconds`` of audio, a decode task per block (any node) reads it, and
+    ``actors`` judge actors spread over the nodes score it, each with the judges ``options`` name (the arguments
+    of :meth:`Judge.load` but ``device``) loaded on ``device`` (``auto``: cuda when actors get GPUs). So the
+    ASR model and the speaker references, like the corpus, must be readable at the same path on every node (or
+    the ASR a hub id in each node's cache). Every actor's judges must be the same (their spec), else one line."""
+    from ..sources.decoding import check_root
+    from ..units.engine_ray import RayJobError, _Window, actor_pool, blocks, connect, decode_block, reason_of
+
+    device = device if device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
+    source, out = Path(source), Path(out)
+    files, kind = input_files(source)
+    root = check_root(Path(root) if root else audio_root(source, kind), source)
+    _, pending = to_do(files, out, num_shards, shard_index)
+    ray = connect(address)
+    # one actor, for the judges' spec, when every shard is done: a rerun with other judges is still refused
+    pool = actor_pool(ray, JudgeActor, (options, device, max(1, int(cpus_per_actor)), clips_at_a_time),
+                      actors if pending else 1, cpus_per_actor, num_gpus_per_actor, max_retries)
+    try:
+        specs = ray.get([actor.spec.remote() for actor in pool])
+    except ray.exceptions.RayError as e:
+        raise RayJobError(f"ray engine: the judges could not be loaded on an actor: {reason_of(e, whole=True)}") from None
+    spec, speaker_dim = same_judges(specs)
+    decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
+    window = _Window(ray, blocks(pending, block_seconds, repeated_elsewhere(files) if pending else {}, extra=TEXT_COLUMNS), pool,
+                     lambda actor, block: actor.run.remote(decode.remote(block.rows, str(root)),
+                                                           [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]),
+                     depth, max_retries)
+
+    def results_for(path: Path, rows: Iterable[dict], root: Path):
+        return window.results_for(path.name, list(rows))
+
+    def counts() -> dict:
+        return {**({"batches_halved": window.halved} if window.halved else {}), "engine": "ray",
+                "actors": len(pool) if pending else 0, "nodes": dict(sorted(window.nodes.items()))}
+
+    return score_shards(source, out, spec, results_for, root, num_shards, shard_index, speaker_dim, counts, pending)
 
 
 def transient_errors(path: Path) -> int:

@@ -39,13 +39,13 @@ class Judge:
     @classmethod
     def load(cls, dnsmos: bool = False, asr: str | None = None, base_url: str | None = None, device: str = "cpu",
              batch_size: int | None = None, speaker: str | None = None, references: str | Path | None = None,
-             language: bool = False, asr_dtype: str = "auto") -> "Judge":
+             language: bool = False, asr_dtype: str = "auto", threads: int | None = None) -> "Judge":
         """The judges a command's options or a recipe's ``quality`` name, loaded: the DNSMOS models, an ASR model (or
         a model at ``base_url``; ``asr_dtype``: its weights'), a speaker encoder (``references``: a folder of SPEAKER.wav
-        to compare with)."""
+        to compare with). ``threads``: DNSMOS's on the CPU (default: every usable CPU)."""
         from .speakers import load_speaker_encoder
 
-        judge_dnsmos = DNSMOS(device=device) if dnsmos else None
+        judge_dnsmos = DNSMOS(threads=threads, device=device) if dnsmos else None
         judge_asr = (load_asr(asr, base_url=base_url, device=device, batch_size=batch_size, dtype=asr_dtype)
                      if asr else None)
         encoder = load_speaker_encoder(speaker, device) if speaker else None

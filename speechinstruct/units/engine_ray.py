@@ -81,6 +81,23 @@ def decode_block(rows: list[dict], root: str, sample_rate: int = 16000) -> list[
     return [(row["id"], decode_row(row, root, sample_rate)) for row in rows]
 
 
+def node_name() -> str:
+    """The node this process runs on, as summaries count work per node: its IP address and node id."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+def reason_of(error: Exception, whole: bool = False) -> str:
+    """The last line of a Ray error (the remote error's own message, without its class name), to its first
+    sentence unless ``whole``."""
+    import re
+
+    line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    line = re.sub(r"^[\w.]+(?:Error|Exception): ", "", line)
+    return line[:500] if whole else line.split(". ")[0][:300]
+
+
 class ModelActor:
     """Holds the extractor (and k-means) on one node: decoded blocks in, features or labels out."""
 
@@ -100,8 +117,7 @@ class ModelActor:
         self.kmeans, self.device = kmeans, device
         self.on_device = kmeans if assigns_on_device(self.extractor, kmeans) else None
         self.batch_seconds = batch_seconds
-        ctx = ray.get_runtime_context()
-        self.node = f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+        self.node = node_name()
 
     def card(self) -> str | None:
         """torch's name for this actor's GPU (the summary's MFU divides by its peak); None on the CPU."""
@@ -206,9 +222,8 @@ class _Window:
                     self.flops += counts.get("model_flops", 0.0)
                 except self.ray.exceptions.RayError as e:
                     last = block.first + len(block.rows) - 1
-                    reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].split(". ")[0][:300]
                     results = RayJobError(f"ray engine: {block.shard} rows {block.first}-{last} failed after "
-                                          f"{self.max_retries} retries: {reason} (the Ray logs have the rest)")
+                                          f"{self.max_retries} retries: {reason_of(e)} (the Ray logs have the rest)")
                 self.done[seq] = (block, results)
                 self.free.append(actor)
 
