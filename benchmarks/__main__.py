@@ -480,6 +480,51 @@ def bench_engine(work: Path, quick: bool) -> list[dict]:
                       f"local {[round(t, 1) for t in times['local']]} s, Ray {[round(t, 1) for t in times['ray']]} s"}]
 
 
+
+def bench_engine_score(work: Path, quick: bool) -> list[dict]:
+    """``score --dnsmos``: the local engine against the Ray engine on a two-node local cluster (as bench_engine:
+    two raylets on this machine, each with half the CPUs as judge-actor slots plus one for decode tasks)."""
+    try:
+        import ray
+        from ray.cluster_utils import Cluster
+    except ImportError:
+        return [{"name": "score: local vs Ray engine", "skipped": "ray not installed (pip install 'speechinstruct[ray]')"}]
+    from speechinstruct.curate.score import score, score_ray
+    from speechinstruct.io import read_table
+    from speechinstruct.judges.judge import Judge
+    from speechinstruct.threads import available_cpus
+
+    cpus = available_cpus()
+    manifest = demo_corpus(work, 24 if quick else 150)
+    per_node = max(1, cpus // 2)
+    times: dict[str, list[float]] = {"local": [], "ray": []}
+    for _ in range(1 if quick else 2):  # full: local, Ray, local, Ray, so that the host's drift falls on both
+        for d in ("score-local", "score-ray"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        local, t = timed(score, manifest, work / "score-local", Judge.load(dnsmos=True))
+        times["local"].append(t)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node + 1})
+        try:
+            cluster.add_node(num_cpus=per_node + 1)
+            cluster.wait_for_nodes()
+            stats, t = timed(score_ray, manifest, work / "score-ray", {"dnsmos": True}, actors=2,
+                             cpus_per_actor=per_node, block_seconds=30.0 if quick else 120.0, address=cluster.address)
+            times["ray"].append(t)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    t_local, t_ray = min(times["local"]), min(times["ray"])
+    same = all((work / "score-local" / f.name).read_bytes() == f.read_bytes()
+               for f in sorted((work / "score-ray").glob("scores-*.parquet")))
+    seconds = sum(r["duration"] for f in sorted(manifest.glob("manifest-*.parquet"))
+                  for r in read_table(f, columns=["duration"]).to_pylist())
+    return [{"name": f"score --dnsmos, {local['utterances']} utts, {seconds:.0f} s audio, 2-node local Ray cluster",
+             "baseline": "local engine", "baseline_s": t_local, "ours_s": t_ray, "speedup": t_local / t_ray,
+             "target": ">= 0.8x on one machine", "realtime": seconds / t_ray,
+             "extra": f"scores files byte-identical: {same}; utterances per node {list(stats['nodes'].values())}; "
+                      f"best of runs local {[round(t, 1) for t in times['local']]} s, "
+                      f"Ray {[round(t, 1) for t in times['ray']]} s"}]
+
 STAGE_CODE = {
     "extract": "from speechinstruct.units.extract import extract; from speechinstruct.units.features import MFCC;"
                "extract(M, W / 'features', MFCC())",
@@ -1108,7 +1153,7 @@ def bench_speakers(work: Path, quick: bool) -> list[dict]:
     return rows
 
 
-SECTIONS = {"kmeans": bench_kmeans, "kmeans_1m": bench_kmeans_1m, "dedup": bench_dedup, "speakers": bench_speakers, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine,
+SECTIONS = {"kmeans": bench_kmeans, "kmeans_1m": bench_kmeans_1m, "dedup": bench_dedup, "speakers": bench_speakers, "extract": bench_extract, "codecs": bench_codecs, "gpu": bench_gpu, "engine": bench_engine, "engine_score": bench_engine_score,
             "memory": bench_memory, "vocoder": bench_vocoder, "recordings": bench_recordings, "compose": bench_compose, "score": bench_score, "train": bench_train,
             "startup": bench_startup}
 GPU_SECTIONS = ("gpu_kmeans", "gpu_asr", "gpu_codecs", "gpu_train", "gpu_hubert")  # `gpu` runs them all

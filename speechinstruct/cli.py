@@ -747,7 +747,7 @@ def score(
     asr_dtype: str = typer.Option(default(settings.Quality, "asr_dtype"), help="ASR weights: auto (bfloat16 on a "
                                   "GPU, float32 on the CPU), float32, bfloat16 or float16."),
     workers: Optional[int] = typer.Option(None, min=1, help="Audio decoding threads (default: every usable CPU when "
-                                          "a judge runs on a GPU, else 2)."),
+                                          "a judge runs on a GPU, else 2); the Ray engine decodes in Ray tasks."),
     speaker: Optional[str] = typer.Option(None, "--speaker", parser=_input_name, help="Speaker embeddings "
                                           "(embeddings-NNNNN.npy, float16, row for row with the scores): "
                                           "`resemblyzer` (GE2E, its weights in its wheel) or a transformers x-vector "

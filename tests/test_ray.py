@@ -349,11 +349,15 @@ def test_cli_score_on_ray_resumes_refuses_other_judges_and_says_when_an_actor_ca
     assert local.exit_code == 0, local.output
     _score_files_equal(tmp_path / "local", tmp_path / "s")
 
-    (tmp_path / "s" / "scores-00001.parquet").unlink()  # a shard to do again, on either engine
-    result = runner.invoke(app, ["score", str(manifest), str(tmp_path / "s"), "--dnsmos", "--language", *ray_args])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
-    assert (summary["shards_done"], summary["shards_skipped"], summary["utterances"]) == (1, 1, 4), summary
+    # each engine resumes the other's folder: a shard to do again in each
+    (tmp_path / "s" / "scores-00001.parquet").unlink()
+    (tmp_path / "local" / "scores-00000.parquet").unlink()
+    for folder, engine in (("s", []), ("local", ray_args)):
+        result = runner.invoke(app, ["score", str(manifest), str(tmp_path / folder), "--dnsmos", "--language", "-q",
+                                     *engine])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout[result.stdout.index("{"):])
+        assert (summary["shards_done"], summary["shards_skipped"], summary["utterances"]) == (1, 1, 4), summary
     _score_files_equal(tmp_path / "local", tmp_path / "s")
 
     # every shard done, other judges: refused as on the local engine (the spec comes from an actor)
