@@ -253,9 +253,9 @@ ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
 Engine = typer.Option("local", help="local, or ray (pip install speechinstruct[ray]).")
 RayAddress = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 (Ray client); "
                           "default: start a local Ray.")
-Actors = typer.Option(2, help="ray: model actors, spread over the nodes.")
-GpusPerActor = typer.Option(0.0, help="ray: GPUs per model actor.")
-CpusPerActor = typer.Option(1.0, help="ray: CPUs per model actor (and its torch threads).")
+Actors = typer.Option(2, min=1, help="ray: model actors, spread over the nodes.")
+GpusPerActor = typer.Option(0.0, min=0.0, help="ray: GPUs per model actor.")
+CpusPerActor = typer.Option(1.0, min=0.0, help="ray: CPUs per model actor (and its torch threads).")
 MaxRetries = typer.Option(3, min=0, help="ray: retries for a failed decode task or a dead model actor.")
 
 

@@ -372,3 +372,20 @@ def test_cli_score_on_ray_resumes_refuses_other_judges_and_says_when_an_actor_ca
     assert line.startswith(f"error: ray engine: the judges could not be loaded on an actor: {tmp_path / 'not-a-model'}: "), \
         result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_pool_that_cannot_be_is_one_line_before_ray_starts(manifest, tmp_path):
+    """`--actors 0` stopped extract with a traceback (`generator raised StopIteration`: no actor took a block) and
+    score with `not enough values to unpack`; a negative resource with Ray's own words. Each is refused first now."""
+    from speechinstruct.curate.score import score_ray
+    from speechinstruct.units.engine_ray import extract_ray
+
+    for command in (["extract", str(manifest), str(tmp_path / "e")], ["score", str(manifest), str(tmp_path / "s"), "--dnsmos"]):
+        for option, value in (("--actors", "0"), ("--cpus-per-actor", "-1"), ("--num-gpus-per-actor", "-1")):
+            result = runner.invoke(app, [*command, "--engine", "ray", option, value, "-q"])
+            assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    with pytest.raises(ValueError, match=r"^actors: 0: give at least one model actor$"):
+        extract_ray(manifest, tmp_path / "e", MFCC(), actors=0)
+    with pytest.raises(ValueError, match=r"^num_gpus_per_actor: -1: cannot be negative$"):
+        score_ray(manifest, tmp_path / "s", {"dnsmos": True}, num_gpus_per_actor=-1)
+    assert not ray.is_initialized() and not (tmp_path / "e").exists() and not (tmp_path / "s").exists()

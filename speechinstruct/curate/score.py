@@ -253,8 +253,10 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     ASR model and the speaker references, like the corpus, must be readable at the same path on every node (or
     the ASR a hub id in each node's cache). Every actor's judges must be the same (their spec), else one line."""
     from ..sources.decoding import check_root
-    from ..units.engine_ray import RayJobError, _Window, actor_pool, blocks, connect, decode_block, reason_of
+    from ..units.engine_ray import (RayJobError, _Window, actor_pool, blocks, check_pool, connect, decode_block,
+                                    reason_of)
 
+    check_pool(actors, cpus_per_actor, num_gpus_per_actor)
     device = device if device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
     source, out = Path(source), Path(out)
     files, kind = input_files(source)

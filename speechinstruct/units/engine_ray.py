@@ -242,6 +242,15 @@ class _Window:
             done += len(results)
 
 
+def check_pool(actors: int, cpus_per_actor: float, num_gpus_per_actor: float) -> None:
+    """One line, before Ray starts, for a pool that cannot be: no actors, or a negative resource."""
+    if actors < 1:
+        raise ValueError(f"actors: {actors}: give at least one model actor")
+    for name, value in (("cpus_per_actor", cpus_per_actor), ("num_gpus_per_actor", num_gpus_per_actor)):
+        if value < 0:
+            raise ValueError(f"{name}: {value}: cannot be negative")
+
+
 def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gpus_per_actor: float,
                max_retries: int) -> list:
     """``actors`` instances of ``cls(*args)`` spread over the nodes (``SPREAD``), each restarted ``max_retries``
@@ -277,6 +286,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
     devices.given_peak()  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
+    check_pool(actors, cpus_per_actor, num_gpus_per_actor)
     manifest, out = Path(manifest), Path(out)
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     every = manifest_files(manifest)
