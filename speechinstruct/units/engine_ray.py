@@ -17,6 +17,9 @@ nodes, ``ray://host:10001`` connects as a Ray client (the ``[ray]`` extra instal
 extractor and k-means travel through Ray's object store, so only the corpus must be readable at the same
 path on every node (a corpus copied from a bucket is fetched by each node's decode tasks, file by file, into
 that node's cache: :func:`speechinstruct.sources.storage.fetch_copy`); the driver writes every output file itself.
+
+``score --engine ray`` (:func:`speechinstruct.curate.score.score_ray`) runs on the same blocks, window and actor
+pool, with actors that hold the judges instead of the extractor.
 """
 
 from __future__ import annotations
