@@ -389,3 +389,19 @@ def test_a_pool_that_cannot_be_is_one_line_before_ray_starts(manifest, tmp_path)
     with pytest.raises(ValueError, match=r"^num_gpus_per_actor: -1: cannot be negative$"):
         score_ray(manifest, tmp_path / "s", {"dnsmos": True}, num_gpus_per_actor=-1)
     assert not ray.is_initialized() and not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_shard_another_task_finishes_meanwhile_does_not_derail_the_ray_engine(manifest, tmp_path, monkeypatch):
+    """The Ray engines chose their shards to do once, before Ray started; extract's shared loop asked again
+    whether each was finished, so a shard a job-array task beside it finished in between was skipped there while its
+    blocks still came back: `expected manifest-00001.parquet row 0, got manifest-00000.parquet row 0`. The loop
+    now takes the engine's choice (the shard is written again, atomically, with the same rows)."""
+    import speechinstruct.units.extract as extract_module
+    from speechinstruct.units.engine_ray import extract_ray
+
+    extract(manifest, tmp_path / "local", MFCC())
+    # the first shard finished by the other task now
+    monkeypatch.setattr(extract_module, "finished", lambda target, *inputs: target.name == "features-00000.arrow")
+    stats = extract_ray(manifest, tmp_path / "ray", MFCC(), actors=1)
+    assert stats["shards_done"] == 2, stats
+    same_files(tmp_path / "local", tmp_path / "ray")

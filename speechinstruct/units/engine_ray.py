@@ -312,7 +312,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
         return window.results_for(shard.name, rows) if window else iter(())
 
     stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
-                       num_shards=num_shards, shard_index=shard_index, repeats=repeats)
+                       num_shards=num_shards, shard_index=shard_index, repeats=repeats, pending=pending)
     if window and window.halved:  # as the local engine's summary
         stats["batches_halved"] = window.halved
     if window:  # the model's FLOP rate, and its MFU over the actors' devices' summed peaks where all are known

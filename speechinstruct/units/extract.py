@@ -166,12 +166,14 @@ def extract(
 
 
 def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmeans=None, float16: bool = False,
-               num_shards: int = 1, shard_index: int = 0, repeats: dict[str, dict[str, str]] | None = None) -> dict:
-    """The driver loop both engines share: for each manifest shard this worker owns and has not finished,
-    ``results_for(shard, rows, root)`` yields (row, features | labels | error) in manifest order, and
-    ``write_shard`` writes them. ``extractor`` gives the spec and dimensions. A row whose id an earlier shard
-    holds (``repeats``: :func:`repeated_elsewhere` of every manifest shard, read here when None) is a skip,
-    never given to ``results_for``."""
+               num_shards: int = 1, shard_index: int = 0, repeats: dict[str, dict[str, str]] | None = None,
+               pending: list[Path] | None = None) -> dict:
+    """The driver loop both engines share: for each manifest shard this worker owns and has not finished (or of
+    ``pending``, when the engine has chosen them: the Ray engine's blocks are cut from those), ``results_for(shard,
+    rows, root)`` yields (row, features | labels | error) in manifest order, and ``write_shard`` writes them.
+    ``extractor`` gives the spec and dimensions. A row whose id an earlier shard holds (``repeats``:
+    :func:`repeated_elsewhere` of every manifest shard, read here when None) is a skip, never given to
+    ``results_for``."""
     manifest, out = Path(manifest), Path(out)
     if kmeans is not None and getattr(extractor, "dim", None) and kmeans.dim != extractor.dim:  # before any audio
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {extractor.spec['features']} makes "
@@ -189,7 +191,7 @@ def run_shards(manifest, out, extractor, results_for: Callable, root=None, kmean
     started = time.perf_counter()
     for shard in shards:
         target = shard_output(out, shard, fused=fused)
-        if finished(target, shard):
+        if (finished(target, shard) if pending is None else shard not in pending):
             stats["shards_skipped"] += 1
             continue
         remove_stale_temps(out, f".*-{shard_suffix(shard)}.*.tmp-*")  # a killed run's half-written files of this shard
