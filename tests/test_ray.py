@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -240,13 +241,32 @@ def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_
         assert start.returncode == 0, start.stderr[-2000:]
         extract(manifest, tmp_path / "local", MFCC())
         for name, address in (("client", f"ray://127.0.0.1:{client}"), ("auto", "auto")):
+            # from another working folder than the cluster's, the corpus root relative to it
             done = subprocess.run([str(bin_dir / "speechinstruct"), "extract", str(manifest), str(tmp_path / name),
-                                   "--engine", "ray", "--ray-address", address, "--actors", "2", "-q"],
-                                  env=env, capture_output=True, text=True, timeout=180)
+                                   "--engine", "ray", "--ray-address", address, "--actors", "2", "-q",
+                                   "--root", "LibriSpeech"],
+                                  env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
             assert done.returncode == 0, done.stderr[-3000:]
             stats = json.loads(done.stdout[done.stdout.index("{"):])
             assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4, stats
             same_files(tmp_path / "local", tmp_path / name)
+        # score, from another working folder than the cluster's, with relative paths (the corpus root and the
+        # speaker references): the decode tasks and judge actors read them as the driver means them
+        row = pq.read_table(manifest / "manifest-00000.parquet").to_pylist()[0]
+        (tmp_path / "refs").mkdir()
+        shutil.copy(tmp_path / "LibriSpeech" / row["path"], tmp_path / "refs" / f"{row['speaker']}.flac")
+        assert Path.cwd() != tmp_path
+        relative = ["--root", "LibriSpeech", "--speaker-references", "refs", "--language", "-q"]
+        done = subprocess.run([str(bin_dir / "speechinstruct"), "score", str(manifest), "scored", *relative,
+                               "--engine", "ray", "--ray-address", "auto", "--actors", "1"],
+                              env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stats = json.loads(done.stdout[done.stdout.index("{"):])
+        assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4, stats
+        local = subprocess.run([str(bin_dir / "speechinstruct"), "score", str(manifest), "scored-here", *relative],
+                               env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert local.returncode == 0, local.stderr[-3000:]
+        same_files(tmp_path / "scored-here", tmp_path / "scored", skip=("summary.json",))
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
     shutil.rmtree(tmp_path / "client", ignore_errors=True)
@@ -405,3 +425,20 @@ def test_a_shard_another_task_finishes_meanwhile_does_not_derail_the_ray_engine(
     stats = extract_ray(manifest, tmp_path / "ray", MFCC(), actors=1)
     assert stats["shards_done"] == 2, stats
     same_files(tmp_path / "local", tmp_path / "ray")
+
+
+def test_a_node_without_the_corpus_root_is_an_error_not_a_skip_per_row(manifest, tmp_path):
+    """A decode task on a node where the corpus is not mounted made every row of its block a skip (`no such
+    file`), and the shard was written as done; it is an error of the task now, which the engine turns into one
+    line naming the shard and rows (`test_a_block_that_keeps_failing…`)."""
+    import socket
+
+    from speechinstruct.io import read_table
+    from speechinstruct.units.engine_ray import decode_block
+
+    rows = read_table(manifest / "manifest-00000.parquet").to_pylist()
+    root = json.loads((manifest / "summary.json").read_text())["root"]
+    assert [uid for uid, wav in decode_block(rows, root)] == [r["id"] for r in rows]
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path}/elsewhere: the corpus root is not on node "
+                                                f"{socket.gethostname()}: mount it at the same path on every node$"):
+        decode_block(rows, str(tmp_path / "elsewhere"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -201,11 +202,13 @@ class JudgeActor:
     """The judges on one node of a Ray cluster (``score --engine ray``): decoded blocks in, scores out. Each
     actor loads them itself, on its own device, from the options ``Judge.load`` takes."""
 
-    def __init__(self, options: dict, device: str, threads: int, clips_at_a_time: int | None):
+    def __init__(self, options: dict, device: str, threads: int, clips_at_a_time: int | None, cwd: str):
         import torch
 
         from ..units.engine_ray import node_name
 
+        if os.path.isdir(cwd):  # the driver's working folder, where it is on this node: relative paths as given there
+            os.chdir(cwd)
         torch.set_num_threads(max(1, threads))
         self.judge = Judge.load(**options, device=device, threads=threads)
         self.clips = clips_at_a_time or max(16, 4 * getattr(self.judge.asr, "batch_size", 0))
@@ -251,7 +254,8 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     ``actors`` judge actors spread over the nodes score it, each with the judges ``options`` name (the arguments
     of :meth:`Judge.load` but ``device``) loaded on ``device`` (``auto``: cuda when actors get GPUs). So the
     ASR model and the speaker references, like the corpus, must be readable at the same path on every node (or
-    the ASR a hub id in each node's cache). Every actor's judges must be the same (their spec), else one line."""
+    the ASR a hub id in each node's cache); relative paths are taken from the driver's working folder where a
+    node has it. Every actor's judges must be the same (their spec), else one line."""
     from ..sources.decoding import check_root
     from ..units.engine_ray import (RayJobError, _Window, actor_pool, blocks, check_pool, connect, decode_block,
                                     reason_of)
@@ -264,7 +268,7 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     _, pending = to_do(files, out, num_shards, shard_index)
     ray = connect(address)
     # one actor, for the judges' spec, when every shard is done: a rerun with other judges is still refused
-    pool = actor_pool(ray, JudgeActor, (options, device, max(1, int(cpus_per_actor)), clips_at_a_time),
+    pool = actor_pool(ray, JudgeActor, (options, device, max(1, int(cpus_per_actor)), clips_at_a_time, os.getcwd()),
                       actors if pending else 1, cpus_per_actor, num_gpus_per_actor, max_retries)
     try:
         specs = ray.get([actor.spec.remote() for actor in pool])
@@ -272,10 +276,10 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
         raise RayJobError(f"ray engine: the judges could not be loaded on an actor: {reason_of(e, whole=True)}") from None
     spec, speaker_dim = same_judges(specs)
     decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
-    window = _Window(ray, blocks(pending, block_seconds, repeated_elsewhere(files) if pending else {}, extra=TEXT_COLUMNS), pool,
-                     lambda actor, block: actor.run.remote(decode.remote(block.rows, str(root)),
-                                                           [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]),
-                     depth, max_retries)
+    todo = blocks(pending, block_seconds, repeated_elsewhere(files) if pending else {}, extra=TEXT_COLUMNS)
+    where = str(root.absolute())  # a decode task's working folder is not the driver's
+    window = _Window(ray, todo, pool, lambda actor, block: actor.run.remote(
+        decode.remote(block.rows, where), [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]), depth, max_retries)
 
     def results_for(path: Path, rows: Iterable[dict], root: Path):
         return window.results_for(path.name, list(rows))

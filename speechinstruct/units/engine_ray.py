@@ -78,9 +78,17 @@ def blocks(shards: list[Path], block_seconds: float, repeats: dict[str, dict[str
 
 
 def decode_block(rows: list[dict], root: str, sample_rate: int = 16000) -> list[tuple[str, np.ndarray | str]]:
-    """(id, samples at ``sample_rate``) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task."""
-    from ..sources.decoding import decode_row
+    """(id, samples at ``sample_rate``) per row, or (id, reason) when the audio cannot be used. Runs as a Ray task.
+    A node without the corpus root (its storage not mounted there) is an error, not a reason per row: those
+    rows' shards would be written as done, every row of them a skip."""
+    import socket
 
+    from ..sources.decoding import decode_row
+    from ..sources.storage import in_a_copy
+
+    if not Path(root).is_dir() and not in_a_copy(Path(root)):
+        raise FileNotFoundError(f"{root}: the corpus root is not on node {socket.gethostname()}: mount it at the "
+                                "same path on every node")
     return [(row["id"], decode_row(row, root, sample_rate)) for row in rows]
 
 
@@ -300,12 +308,13 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
 
     decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
     window, pool, sample_rate = None, [], sample_rate_of(extractor)
+    where = str(root.absolute())  # a decode task's working folder is not the driver's
     if pending:
         shared = [ray.put((extractor, kmeans))]  # one copy in the object store, whichever node an actor is on
         pool = actor_pool(ray, ModelActor, (shared, device, batch_seconds, max(1, int(cpus_per_actor))), actors,
                           cpus_per_actor, num_gpus_per_actor, max_retries)
         window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds, repeats), pool,
-                         lambda actor, block: actor.run.remote(decode.remote(block.rows, str(root), sample_rate)),
+                         lambda actor, block: actor.run.remote(decode.remote(block.rows, where, sample_rate)),
                          depth, max_retries)
 
     def results_for(shard: Path, rows: list[dict], root: Path):
