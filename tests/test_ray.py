@@ -442,3 +442,11 @@ def test_a_node_without_the_corpus_root_is_an_error_not_a_skip_per_row(manifest,
     with pytest.raises(FileNotFoundError, match=f"^{tmp_path}/elsewhere: the corpus root is not on node "
                                                 f"{socket.gethostname()}: mount it at the same path on every node$"):
         decode_block(rows, str(tmp_path / "elsewhere"))
+    # through Ray, the reason the job's one line gives (the window adds the shard and rows: tested above)
+    from speechinstruct.units.engine_ray import reason_of
+
+    ray.init(num_cpus=1, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    with pytest.raises(ray.exceptions.RayError) as failed:
+        ray.get(ray.remote(decode_block).options(max_retries=0).remote(rows, str(tmp_path / "elsewhere")))
+    assert reason_of(failed.value) == (f"{tmp_path}/elsewhere: the corpus root is not on node {socket.gethostname()}: "
+                                       "mount it at the same path on every node")
