@@ -408,6 +408,12 @@ def test_a_pool_that_cannot_be_is_one_line_before_ray_starts(manifest, tmp_path)
         extract_ray(manifest, tmp_path / "e", MFCC(), actors=0)
     with pytest.raises(ValueError, match=r"^num_gpus_per_actor: -1: cannot be negative$"):
         score_ray(manifest, tmp_path / "s", {"dnsmos": True}, num_gpus_per_actor=-1)
+    # an endpoint whose URL carries credentials: refused here, not after the URL went to the actors through Ray
+    from speechinstruct.llm import LLMError
+
+    with pytest.raises(LLMError, match="the URL carries credentials") as refused:
+        score_ray(manifest, tmp_path / "s", {"asr": "whisper-1", "base_url": "http://u:s3cret@127.0.0.1:9/v1"})
+    assert "s3cret" not in str(refused.value)
     assert not ray.is_initialized() and not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
 
 

@@ -260,7 +260,10 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     from ..units.engine_ray import (RayJobError, _Window, actor_pool, blocks, check_pool, connect, decode_block,
                                     reason_of)
 
+    from ..llm import check_endpoint
+
     check_pool(actors, cpus_per_actor, num_gpus_per_actor)
+    check_endpoint(options.get("base_url"), "--base-url")  # here: a URL's credentials never go through Ray
     device = device if device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
     source, out = Path(source), Path(out)
     files, kind = input_files(source)
