@@ -466,10 +466,18 @@ def _weights(folder: Path, name: str = "model") -> dict:
     return load_file(folder / f"{name}.safetensors")
 
 
-def _assert_same_weights(a: dict, b: dict) -> None:
+def _assert_same_weights(a: dict, b: dict, stray: float = 0.0) -> None:
+    """Equal weights to float rounding; ``stray``: the share of each tensor's elements that may be further apart
+    (up to 1e-4), for runs whose gradients were reduced in another order (DDP's all-reduce, FSDP's reduce-scatter).
+    Adam divides each update by the root of its gradients' second moment, so where a gradient is near zero (a
+    token of the vocabulary the batches hardly hold) that order shows: one element of 10,176 of lm_head ended
+    2.4e-5 apart (relative 1.2e-3) on 2026-12-06, every other within 1e-5, and the losses equal."""
     assert sorted(a) == sorted(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+        close = torch.isclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+        assert (~close).float().mean() <= stray, f"{key}: {int((~close).sum())} of {close.numel()} elements apart"
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5 if not stray else 0.0, atol=1e-6 if not stray else 1e-4,
+                                   msg=key)
 
 
 def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, tmp_path):
@@ -501,7 +509,7 @@ def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, 
     assert [r["step"] for r in fsdp] == steps and fsdp[-1]["loss"] == pytest.approx(ddp[-1]["loss"], rel=1e-5)
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp_0").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its shard
-    _assert_same_weights(_weights(tmp_path / "ddp" / "model"), _weights(tmp_path / "fsdp" / "model"))
+    _assert_same_weights(_weights(tmp_path / "ddp" / "model"), _weights(tmp_path / "fsdp" / "model"), stray=1e-3)
 
     # stopped after step 4's checkpoint: the rerun resumes there (no step 1 in its log) and ends where FSDP did
     stopped = tmp_path / "stopped"
@@ -730,3 +738,24 @@ def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
         assert done.exit_code == 2 and said in done.stderr and "Traceback" not in done.output, done.output
     assert not (tmp_path / "o").exists()
     assert T.TrainConfig.from_dict({"configs": "dialogue, pretrain"}).configs == ["dialogue", "pretrain"]
+
+
+def test_each_process_ends_its_process_group(base_model, dataset, tmp_path):
+    """A 2-process run (torchrun, gloo) left its process group to the interpreter's exit, where gloo's threads can
+    abort the process after the training was saved (`terminate called without an active exception`, exit -6: seen
+    once in CI); the launcher then counts the run as failed. Each process ends it now, when train() returns."""
+    import subprocess
+    import sys
+
+    port, env, _ = _processes(base_model, dataset, epochs=1, batch_size=8)
+    code = ("import os, torch.distributed as d; from speechinstruct.model.train import train, TrainConfig; "
+            f"train(2, {str(base_model)!r}, {str(dataset)!r}, {str(tmp_path / 'out')!r}, "
+            "TrainConfig(epochs=1, batch_size=8, grad_accum=1, lr=1e-3, max_steps=2)); "
+            f"open({str(tmp_path)!r} + '/initialized-' + os.environ['RANK'], 'w').write(str(d.is_initialized()))")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "--no-python", sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",
+                                                                               "initialized-1": "False"}
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

@@ -696,6 +696,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         save_final(final, tokenizer, out, stage, cfg,
                    {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump(),
                     "distributed": distributed})
+    # Every process ends its process group, as accelerate asks: one left to the interpreter's exit can abort
+    # the process there (gloo's threads still hold work: "terminate called without an active exception", seen
+    # on a 2-process FSDP run that had saved everything), and the launcher counts the run as failed.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
             "eval_examples": len(eval_examples), "tokens_added": added, "batches_halved": halved,
             "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}
