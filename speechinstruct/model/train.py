@@ -697,8 +697,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                    {"stage": stage, "base_model": str(base_model), "data": str(data), "k": k, **cfg.model_dump(),
                     "distributed": distributed})
     # Every process ends its process group, as accelerate asks: one left to the interpreter's exit can abort
-    # the process there (gloo's threads still hold work: "terminate called without an active exception", seen
-    # on a 2-process FSDP run that had saved everything), and the launcher counts the run as failed.
+    # the process there (gloo's threads still hold work, pytorch/pytorch#179291: "terminate called without an
+    # active exception", seen once on a 2-process FSDP run in CI), and the launcher counts the run as failed.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
