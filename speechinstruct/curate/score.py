@@ -139,11 +139,12 @@ def to_do(files: list[Path], out: Path, num_shards: int, shard_index: int) -> tu
 
 def score_shards(source: str | Path, out: str | Path, spec: dict, results_for, root: str | Path | None,
                  num_shards: int, shard_index: int, speaker_dim: int | None, counts=dict,
-                 pending: list[Path] | None = None) -> dict:
+                 pending: list[Path] | None = None, repeats: dict[str, dict[str, str]] | None = None) -> dict:
     """The loop both engines share: for each shard of ``source`` this worker owns and has not finished (or of
     ``pending``, when the engine has chosen them), ``results_for(shard, rows, root)`` yields (row, scores | reason)
     in order, written as that shard's scores and errors (and speaker embeddings, ``speaker_dim`` wide).
-    ``spec``: the judges', recorded in score.json; ``counts()``: the engine's keys of the summary."""
+    ``spec``: the judges', recorded in score.json; ``counts()``: the engine's keys of the summary; ``repeats``:
+    :func:`repeated_elsewhere` of the shards, when the engine has read it (else read here, once, when needed)."""
     from ..progress import progress
     from ..sources.decoding import AUDIO_COLUMNS, check_root, error_record
 
@@ -157,7 +158,6 @@ def score_shards(source: str | Path, out: str | Path, spec: dict, results_for, r
     started = time.perf_counter()
     mine, todo = (to_do(files, out, num_shards, shard_index) if pending is None
                   else (select_shards(files, num_shards, shard_index), pending))
-    repeats = None
     for path in mine:
         suffix = shard_suffix(path)
         target = out / f"scores-{suffix}.parquet"
@@ -279,7 +279,8 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
         raise RayJobError(f"ray engine: the judges could not be loaded on an actor: {reason_of(e, whole=True)}") from None
     spec, speaker_dim = same_judges(specs)
     decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
-    todo = blocks(pending, block_seconds, repeated_elsewhere(files) if pending else {}, extra=TEXT_COLUMNS)
+    repeats = repeated_elsewhere(files) if pending else {}  # the blocks and the loop that writes them both need it
+    todo = blocks(pending, block_seconds, repeats, extra=TEXT_COLUMNS)
     where = str(root.absolute())  # a decode task's working folder is not the driver's
     window = _Window(ray, todo, pool, lambda actor, block: actor.run.remote(
         decode.remote(block.rows, where), [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]), depth, max_retries)
@@ -291,7 +292,8 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
         return {**({"batches_halved": window.halved} if window.halved else {}), "engine": "ray",
                 "actors": len(pool) if pending else 0, "nodes": dict(sorted(window.nodes.items()))}
 
-    return score_shards(source, out, spec, results_for, root, num_shards, shard_index, speaker_dim, counts, pending)
+    return score_shards(source, out, spec, results_for, root, num_shards, shard_index, speaker_dim, counts, pending,
+                        repeats)
 
 
 def transient_errors(path: Path) -> int:
