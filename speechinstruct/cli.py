@@ -256,7 +256,8 @@ RayAddress = typer.Option(None, help="ray: auto, host:6379 (from a cluster node)
 Actors = typer.Option(2, min=1, help="ray: model actors, spread over the nodes.")
 GpusPerActor = typer.Option(0.0, min=0.0, help="ray: GPUs per model actor.")
 CpusPerActor = typer.Option(1.0, min=0.0, help="ray: CPUs per model actor (and its torch threads).")
-MaxRetries = typer.Option(3, min=0, help="ray: retries for a failed decode task or a dead model actor.")
+MaxRetries = typer.Option(3, min=0, help="ray: retries of a decode task whose worker died and restarts of a dead model actor "
+                          "(an error the code raises is not retried).")
 
 
 def _engine(engine: str) -> str:

@@ -165,8 +165,17 @@ def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(mani
                 os._exit(1)  # the actor's process dies, as on a segfault or the OOM killer
             return super().features_batch(wavs)
 
+    class BugOnLongAudio(MFCC):  # a bug: extract makes a ValueError or RuntimeError a row's skip, not this
+        def features_batch(self, wavs):
+            if any(w.size > 24_000 for w in wavs):
+                raise TypeError("no room for 2 s")
+            return super().features_batch(wavs)
+
     with pytest.raises(RayJobError, match=r"manifest-00001\.parquet rows 0-0 failed after 1 retries: The actor is dead"):
         extract_ray(manifest, tmp_path / "f", DiesOnLongAudio(), actors=1, block_seconds=1.0, max_retries=1)
+    # an error the code raises is not retried by Ray (it would raise again): the line does not claim retries
+    with pytest.raises(RayJobError, match=r"^ray engine: manifest-00001\.parquet rows 0-0 failed: no room for 2 s "):
+        extract_ray(manifest, tmp_path / "g", BugOnLongAudio(), actors=1, block_seconds=1.0, max_retries=1)
     assert (tmp_path / "f" / "features-00000.arrow").is_file()   # the shard finished before it was written
     assert not (tmp_path / "f" / "features-00001.arrow").exists()
     ray.shutdown()

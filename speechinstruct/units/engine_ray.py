@@ -10,7 +10,8 @@ The driver keeps ``depth`` blocks in flight per actor, so decoding overlaps comp
 manifest order and hands each shard to the local engine's writer as its blocks come back: a shard's file
 appears when its last block is done, a killed job keeps every finished shard, and a rerun of either engine
 resumes. A worker or actor that dies is retried ``max_retries`` times (Ray's own task retries and actor
-restarts); after that the job stops with one line naming the shard and rows.
+restarts); after that, or at once for an error the code raised (not retried: it would raise again), the job
+stops with one line naming the shard and rows.
 
 ``address``: ``None`` starts a local runtime, ``"auto"`` or ``host:6379`` joins a cluster from one of its
 nodes, ``ray://host:10001`` connects as a Ray client (the ``[ray]`` extra installs ``ray[client]``). The
@@ -233,8 +234,11 @@ class _Window:
                     self.flops += counts.get("model_flops", 0.0)
                 except self.ray.exceptions.RayError as e:
                     last = block.first + len(block.rows) - 1
-                    results = RayJobError(f"ray engine: {block.shard} rows {block.first}-{last} failed after "
-                                          f"{self.max_retries} retries: {reason_of(e)} (the Ray logs have the rest)")
+                    # Ray retries a worker or actor that died, not an error the code raised (RayTaskError)
+                    how = ("failed" if isinstance(e, self.ray.exceptions.RayTaskError)
+                           else f"failed after {self.max_retries} retries")
+                    results = RayJobError(f"ray engine: {block.shard} rows {block.first}-{last} {how}: "
+                                          f"{reason_of(e)} (the Ray logs have the rest)")
                 self.done[seq] = (block, results)
                 self.free.append(actor)
 
