@@ -417,6 +417,19 @@ def test_a_pool_that_cannot_be_is_one_line_before_ray_starts(manifest, tmp_path)
         extract_ray(manifest, tmp_path / "e", MFCC(), actors=0)
     with pytest.raises(ValueError, match=r"^num_gpus_per_actor: -1: cannot be negative$"):
         score_ray(manifest, tmp_path / "s", {"dnsmos": True}, num_gpus_per_actor=-1)
+    # a GPU no actor can have: Ray shows an actor only its own GPUs, as cuda:0 onwards, and none to one given none
+    for device, gpus, message in (("cuda", 0, r"^--device cuda: an actor given no GPU \(--num-gpus-per-actor 0\) sees none"),
+                                  ("cuda:1", 1, r"^--device cuda:1: each actor sees only the GPU\(s\) Ray gives it, as "
+                                                r"cuda:0..cuda:0; give --device cuda or auto$"),
+                                  ("cuda:2", 0.5, r"cuda:0..cuda:0;"), ("gpu", 1, r"^--device 'gpu': not a device")):
+        with pytest.raises(ValueError, match=message):
+            extract_ray(manifest, tmp_path / "e", MFCC(), cfg=sections.Features(device=device), num_gpus_per_actor=gpus)
+        with pytest.raises(ValueError, match=message):
+            score_ray(manifest, tmp_path / "s", {"dnsmos": True}, device=device, num_gpus_per_actor=gpus)
+    from speechinstruct.units.engine_ray import actor_device
+
+    assert actor_device("cuda:1", 2) == "cuda:1" and actor_device("auto", 0.5) == "cuda"  # two GPUs: cuda:1 its second
+    assert actor_device("auto", 0) == "cpu" and actor_device("cpu", 1) == "cpu"
     # an endpoint whose URL carries credentials: refused here, not after the URL went to the actors through Ray
     from speechinstruct.llm import LLMError
 
@@ -424,6 +437,32 @@ def test_a_pool_that_cannot_be_is_one_line_before_ray_starts(manifest, tmp_path)
         score_ray(manifest, tmp_path / "s", {"asr": "whisper-1", "base_url": "http://u:s3cret@127.0.0.1:9/v1"})
     assert "s3cret" not in str(refused.value)
     assert not ray.is_initialized() and not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
+
+
+def test_gpu_actors_are_as_many_as_the_nodes_gpus_hold(manifest, tmp_path):
+    """`--num-gpus-per-actor 1` on a cluster without GPUs waited for ever (Ray's actors pending, the job silent);
+    more actors than the GPUs hold waited for GPUs the same way once the ones that fit had started."""
+    from speechinstruct.units.engine_ray import extract_ray
+
+    cpu = sections.Features(device="cpu")  # the GPUs Ray counts here are not real: the model stays on the CPU
+    ray.init(num_cpus=3, num_gpus=0, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ValueError, match=r"^--num-gpus-per-actor 1: no node of the cluster has that many GPUs "
+                                             r"\(GPUs per node: 0\); give fewer, or 0 for CPU actors"):
+            extract_ray(manifest, tmp_path / "none", MFCC(), cfg=cpu, num_gpus_per_actor=1)
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=3, num_gpus=1, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ValueError, match=r"^--num-gpus-per-actor 2: no node .* \(GPUs per node: 1\)"):
+            extract_ray(manifest, tmp_path / "two", MFCC(), cfg=cpu, num_gpus_per_actor=2)
+        stats = extract_ray(manifest, tmp_path / "half", MFCC(), cfg=cpu, actors=3, num_gpus_per_actor=0.5,
+                            block_seconds=1.0)
+        assert stats["actors"] == 2 and stats["utterances"] == 4, stats  # two halves of the one GPU
+    finally:
+        ray.shutdown()
+    extract(manifest, tmp_path / "local", MFCC())
+    same_files(tmp_path / "local", tmp_path / "half")
 
 
 def test_a_shard_another_task_finishes_meanwhile_does_not_derail_the_ray_engine(manifest, tmp_path, monkeypatch):

@@ -257,14 +257,14 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     the ASR a hub id in each node's cache); relative paths are taken from the driver's working folder where a
     node has it. Every actor's judges must be the same (their spec), else one line."""
     from ..sources.decoding import check_root
-    from ..units.engine_ray import (RayJobError, _Window, actor_pool, blocks, check_pool, connect, decode_block,
-                                    reason_of)
+    from ..units.engine_ray import (RayJobError, _Window, actor_device, actor_pool, blocks, check_pool, connect,
+                                    decode_block, reason_of)
 
     from ..llm import check_endpoint
 
     check_pool(actors, cpus_per_actor, num_gpus_per_actor)
     check_endpoint(options.get("base_url"), "--base-url")  # here: a URL's credentials never go through Ray
-    device = device if device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
+    device = actor_device(device, num_gpus_per_actor)
     source, out = Path(source), Path(out)
     files, kind = input_files(source)
     root = check_root(Path(root) if root else audio_root(source, kind), source)

@@ -266,16 +266,54 @@ def check_pool(actors: int, cpus_per_actor: float, num_gpus_per_actor: float) ->
             raise ValueError(f"{name}: {value}: cannot be negative")
 
 
+def actor_device(device: str, num_gpus_per_actor: float) -> str:
+    """The device every actor runs on: ``auto`` is cuda when actors get GPUs. One line, before Ray starts, for a
+    device no actor can have: Ray shows an actor only the GPUs it was given (``CUDA_VISIBLE_DEVICES``), as
+    cuda:0 onwards, and none to an actor given no GPU."""
+    import math
+
+    import torch
+
+    if device == "auto":
+        return "cuda" if num_gpus_per_actor > 0 else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if parsed.type == "cuda":
+        if num_gpus_per_actor <= 0:
+            raise ValueError(f"--device {device}: an actor given no GPU (--num-gpus-per-actor 0) sees none; give "
+                             "--num-gpus-per-actor 1 (or a fraction, 0.5: two actors a GPU) or --device auto")
+        visible = max(1, math.ceil(num_gpus_per_actor))
+        if parsed.index is not None and parsed.index >= visible:
+            raise ValueError(f"--device {device}: each actor sees only the GPU(s) Ray gives it, as cuda:0.."
+                             f"cuda:{visible - 1}; give --device cuda or auto")
+    return device
+
+
 def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gpus_per_actor: float,
                max_retries: int) -> list:
     """``actors`` instances of ``cls(*args)`` spread over the nodes (``SPREAD``), each restarted ``max_retries``
-    times when it dies. CPU actors are fewer when they would hold every CPU, leaving none for decode tasks."""
+    times when it dies. CPU actors are fewer when they would hold every CPU, leaving none for decode tasks; GPU
+    actors are as many as the nodes' GPUs hold, and one line when no node has the GPUs of one (the job would
+    wait for them for ever)."""
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if num_gpus_per_actor == 0 and actors * cpus_per_actor > cpus - 1:
         # CPU actors holding every CPU leave none for the decode tasks: the job would stall.
         fit = max(1, int((cpus - 1) // cpus_per_actor))
         log.warning(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}")
         actors = fit
+    if num_gpus_per_actor > 0:
+        gpus = [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        fit = sum(int(g / num_gpus_per_actor + 1e-9) for g in gpus)  # an actor's GPUs are on one node
+        if fit == 0:
+            raise ValueError(f"--num-gpus-per-actor {num_gpus_per_actor:g}: no node of the cluster has that many GPUs "
+                             f"(GPUs per node: {', '.join(f'{g:g}' for g in gpus) or 'no node'}); give fewer, or "
+                             "0 for CPU actors (an autoscaling cluster: start a GPU node first)")
+        if fit < actors:
+            log.warning(f"ray: the nodes' GPUs hold {fit} model actor(s) of {num_gpus_per_actor:g} GPU(s); "
+                        f"using {fit} instead of {actors}")
+            actors = fit
     remote_actor = ray.remote(cls).options(
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor, scheduling_strategy="SPREAD",
         max_restarts=max_retries, max_task_retries=max_retries)
@@ -299,9 +337,9 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     batch_seconds, float16 = cfg.batch_seconds, cfg.float16
     extractor, kmeans = dense_and_kmeans(extractor, kmeans)
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if num_gpus_per_actor > 0 else "cpu")
     devices.given_peak()  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     check_pool(actors, cpus_per_actor, num_gpus_per_actor)
+    device = actor_device(cfg.device, num_gpus_per_actor)
     manifest, out = Path(manifest), Path(out)
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     every = manifest_files(manifest)
