@@ -331,6 +331,26 @@ def test_a_node_without_the_copy_fetches_the_files_its_rows_read(bucket, tmp_pat
     assert fetched == sorted(r["path"].rsplit("/", 1)[1] for r in rows_of(tmp_path / "manifest"))  # the rows' audio only
 
 
+def test_a_judge_actor_on_a_node_without_the_copy_fetches_the_asr_model(bucket, tmp_path):
+    """`score --asr s3://… --engine ray`: the CLI copies the model into the driver's cache and the actors get that
+    path; an actor on another node found no folder there and could not load the judges. It copies the model from
+    its URL now, as decode tasks fetch the corpus files they read (here, the copy deleted; the actor's constructor
+    is what Ray runs on the node)."""
+    import shutil
+
+    from asr_fixture import write_tiny_ctc
+    from speechinstruct.curate.score import JudgeActor
+
+    upload(bucket["client"], write_tiny_ctc(tmp_path / "ctc"), "models/ctc")
+    copy = storage.local("s3://corpus/models/ctc")
+    shutil.rmtree(tmp_path / "cache")
+    actor = JudgeActor({"asr": str(copy), "batch_size": 2}, "cpu", 1, None, str(tmp_path))
+    assert actor.judge.asr is not None and (copy / "config.json").is_file()
+    shutil.rmtree(tmp_path / "cache")  # a name outside a copy, or a hub id, is left as given
+    assert storage.fetch_copy_of(str(tmp_path / "ctc")) == str(tmp_path / "ctc") and not (tmp_path / "cache").exists()
+    assert storage.fetch_copy_of("org/model") == "org/model"
+
+
 def extract_features(manifest, out):
     from speechinstruct.units.extract import extract
     from speechinstruct.units.features import MFCC

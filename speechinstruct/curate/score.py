@@ -205,10 +205,14 @@ class JudgeActor:
     def __init__(self, options: dict, device: str, threads: int, clips_at_a_time: int | None, cwd: str):
         import torch
 
+        from ..sources.storage import fetch_copy_of
         from ..units.engine_ray import node_name
 
         if os.path.isdir(cwd):  # the driver's working folder, where it is on this node: relative paths as given there
             os.chdir(cwd)
+        for name in ("asr", "speaker", "references"):  # given as a URL: the driver's copy, made here too
+            if options.get(name):
+                fetch_copy_of(options[name])
         torch.set_num_threads(max(1, threads))
         self.judge = Judge.load(**options, device=device, threads=threads)
         self.clips = clips_at_a_time or max(16, 4 * getattr(self.judge.asr, "batch_size", 0))

@@ -272,6 +272,15 @@ def fetch_copy(path: Path) -> bool:
     return bool(local_files([url])) and Path(path).is_file()
 
 
+def fetch_copy_of(path):
+    """``path`` as given; where it is a bucket's file or folder copied into the cache (a model, speaker references)
+    that this machine lacks (a Ray node that did not make the copy), copied here from its URL first."""
+    parts = _copy_parts(Path(path))
+    if parts is not None and len(parts) >= 3 and not Path(path).exists():
+        mirror(f"{parts[0]}://{'/'.join(parts[1:])}")
+    return path
+
+
 def cache_path(url: str) -> Path:
     """Where the copy of ``url`` is (or will be) in the cache; nothing is fetched."""
     fs, _ = _filesystem(url)
