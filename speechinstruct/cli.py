@@ -253,11 +253,12 @@ ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
 Engine = typer.Option("local", help="local, or ray (pip install speechinstruct[ray]).")
 RayAddress = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 (Ray client); "
                           "default: start a local Ray.")
-Actors = typer.Option(2, min=1, help="ray: model actors, spread over the nodes.")
-GpusPerActor = typer.Option(0.0, min=0.0, help="ray: GPUs per model actor.")
-CpusPerActor = typer.Option(1.0, min=0.0, help="ray: CPUs per model actor (and its torch threads).")
-MaxRetries = typer.Option(3, min=0, help="ray: retries of a decode task whose worker died and restarts of a dead model actor "
-                          "(an error the code raises is not retried).")
+Actors = typer.Option(default(settings.Ray, "actors"), min=1, help="ray: model actors, spread over the nodes.")
+GpusPerActor = typer.Option(default(settings.Ray, "num_gpus_per_actor"), min=0.0, help="ray: GPUs per model actor.")
+CpusPerActor = typer.Option(default(settings.Ray, "cpus_per_actor"), min=0.0,
+                            help="ray: CPUs per model actor (and its torch threads).")
+MaxRetries = typer.Option(default(settings.Ray, "max_retries"), min=0, help="ray: retries of a decode task whose "
+                          "worker died and restarts of a dead model actor (an error the code raises is not retried).")
 
 
 def _engine(engine: str) -> str:
@@ -763,7 +764,8 @@ def score(
     actors: int = Actors,
     num_gpus_per_actor: float = GpusPerActor,
     cpus_per_actor: float = CpusPerActor,
-    block_seconds: float = typer.Option(600.0, min=0.001, help="ray: seconds of audio per work block."),
+    block_seconds: Optional[float] = typer.Option(default(settings.Ray, "block_seconds"), min=0.001,
+                                                  help="ray: seconds of audio per work block (default: 600)."),
     max_retries: int = MaxRetries,
     num_shards: int = NumShards,
     shard_index: int = ShardIndex,

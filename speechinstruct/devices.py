@@ -25,6 +25,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def actor_device(device: str, num_gpus_per_actor: float,
+                 names: tuple[str, str] = ("--device", "--num-gpus-per-actor")) -> str:
+    """The device every actor of a Ray job runs on (units/engine_ray.py): ``auto`` is cuda when actors get GPUs.
+    One line, before Ray starts, for a device no actor can have: Ray shows an actor only the GPUs it was given
+    (``CUDA_VISIBLE_DEVICES``), as cuda:0 onwards, and none to an actor given no GPU. ``names``: the settings'
+    names in the line (the CLI's options, or a recipe's keys)."""
+    import math
+
+    import torch
+
+    if device == "auto":
+        return "cuda" if num_gpus_per_actor > 0 else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{names[0]} {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if parsed.type == "cuda":
+        if num_gpus_per_actor <= 0:
+            raise ValueError(f"{names[0]} {device}: an actor given no GPU ({names[1]} 0) sees none; give "
+                             f"{names[1]} 1 (or a fraction, 0.5: two actors a GPU) or {names[0]} auto")
+        visible = max(1, math.ceil(num_gpus_per_actor))
+        if parsed.index is not None and parsed.index >= visible:
+            raise ValueError(f"{names[0]} {device}: each actor sees only the GPU(s) Ray gives it, as cuda:0.."
+                             f"cuda:{visible - 1}; give {names[0]} cuda or auto")
+    return device
+
+
 # bfloat16 dense tensor peaks in TFLOP/s (NVIDIA's data sheets; their larger figures are "with sparsity"), by the
 # name torch gives the card: the most specific name first
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),

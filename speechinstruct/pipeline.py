@@ -227,9 +227,12 @@ class Job:
             raise RecipeError(f"kmeans.path: a {self.f['kind']} codec's codes are the units; leave the kmeans section out")
         if self.codec:
             self.runner.total -= len(self.corpora) + 1  # no quantize per corpus, no cluster
-        self.device = resolve_device(self.f["device"])
+        # with a ray section, extract and score run on the cluster's actors, on features.device there (auto: cuda
+        # where actors get GPUs); the driver's own work (quantize, compose's speech) on its GPU if it has one
+        self.ray = recipe["ray"]
+        self.device = resolve_device("auto" if self.ray and self.f["device"] != "cpu" else self.f["device"])
         self.stamps: dict[str, str] = {}
-        self._extractor = None
+        self._extractors: dict[str, object] = {}
         self.feature_settings = {k: self.f[k] for k in ("kind", "checkpoint", "layer", "float16")}
         if self.f["codebooks"] is not None:  # stamps without it stay as they were
             self.feature_settings["codebooks"] = self.f["codebooks"]
@@ -243,15 +246,24 @@ class Job:
         self.dataset = work / (recipe["output"]["dataset"] or "dataset")  # relative outputs follow the workdir
         self.report_dir = work / (recipe["output"]["report"] or "report")
 
-    def extractor(self):
-        """The recipe's extractor, loaded once, when a stage first needs it (never when all are up to date)."""
+    def extractor(self, device: str | None = None):
+        """The recipe's extractor on ``device`` (the run's unless given), loaded once, when a stage first needs it
+        (never when all are up to date)."""
         from .units.tokenizer import load_extractor
 
-        if self._extractor is None:
+        device = device or self.device
+        if device not in self._extractors:
             f = self.f
-            self._extractor = load_extractor(f["kind"], f["checkpoint"], f["layer"], self.device, dtype=f["dtype"],
-                                             codebooks=f["codebooks"])
-        return self._extractor
+            self._extractors[device] = load_extractor(f["kind"], f["checkpoint"], f["layer"], device, dtype=f["dtype"],
+                                                      codebooks=f["codebooks"])
+        return self._extractors[device]
+
+    def ray_options(self) -> dict:
+        """extract_ray's and score_ray's cluster arguments, from the recipe's ray section."""
+        r = self.ray
+        return {"address": r["address"], "actors": r["actors"], "num_gpus_per_actor": r["num_gpus_per_actor"],
+                "cpus_per_actor": r["cpus_per_actor"], "max_retries": r["max_retries"],
+                "block_seconds": r["block_seconds"]}
 
     def tokenizer(self):
         """The recipe's speech tokenizer (tokenizer.py) for the stages that speak text: its codec, or its
@@ -260,15 +272,19 @@ class Job:
 
         return self.extractor() if self.codec else SpeechEncoder(load_kmeans(self.km_path), self.extractor())
 
+    def judge_options(self) -> dict:
+        """``Judge.load``'s arguments but the device: the recipe's judges (``quality``: DNSMOS, ASR, speaker
+        embeddings, language ID)."""
+        q = self.quality
+        return {"dnsmos": q["dnsmos"], "asr": q["asr"], "base_url": q["base_url"], "batch_size": q["batch_size"],
+                "speaker": q["speaker"], "language": bool(q["language"]), "asr_dtype": q["asr_dtype"]}
+
     def judge(self):
-        """The recipe's judges (``quality``: DNSMOS, ASR, speaker embeddings, language ID), loaded once, when a
-        stage first needs them."""
+        """The recipe's judges on the run's device, loaded once, when a stage first needs them."""
         from .judges.judge import Judge
 
         if self._judge is None:
-            q = self.quality
-            self._judge = Judge.load(q["dnsmos"], q["asr"], q["base_url"], self.device, q["batch_size"], q["speaker"],
-                                     language=bool(q["language"]), asr_dtype=q["asr_dtype"])
+            self._judge = Judge.load(**self.judge_options(), device=self.device)
         return self._judge
 
     def judge_settings(self) -> dict:
@@ -288,13 +304,20 @@ class Job:
         return Gates.of(self.quality, synthesized)
 
     def score_corpus(self, c: dict) -> None:
-        from .curate.score import score
+        from .curate.score import score, score_ray
 
         n, base = c["name"], self.work / c["name"]
+
+        def scored():
+            if self.ray:  # each actor loads the judges on its own device
+                return score_ray(base / "manifest", base / "scores", self.judge_options(), device=self.f["device"],
+                                 **self.ray_options())
+            return score(base / "manifest", base / "scores", self.judge(), workers=self.f["workers"])
+
         if self.scoring:
             self.stamps[f"score:{n}"] = self.runner.stage(
                 f"score {n}", base / "scores", self.judge_settings(), [self.stamps[f"shard:{n}"]],
-                lambda: _brief(score(base / "manifest", base / "scores", self.judge(), workers=self.f["workers"])))
+                lambda: _brief(scored()))
 
     def scores_of(self, n: str) -> dict:
         """compose's arguments for corpus ``n``: its scores folder and the gates (none without a quality section)."""
@@ -312,6 +335,7 @@ class Job:
     def shard_and_extract(self, c: dict) -> None:
         from .sources.shard import shard_corpus
         from .sources.storage import is_url
+        from .units.engine_ray import extract_ray
         from .units.extract import extract
 
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
@@ -324,7 +348,10 @@ class Job:
         target = base / ("units" if self.codec else "features")  # a codec's extract writes the units
         self.stamps[f"extract:{n}"] = self.runner.stage(
             f"extract {n} ({f['kind']})", target, self.feature_settings, [self.stamps[f"shard:{n}"]],
-            lambda: extract(base / "manifest", target, self.extractor(), sections.Features(**f)))
+            # on Ray, the extractor goes to the actors from the CPU (they move it to features.device)
+            lambda: extract_ray(base / "manifest", target, self.extractor("cpu"), sections.Features(**f),
+                                **self.ray_options()) if self.ray
+            else extract(base / "manifest", target, self.extractor(), sections.Features(**f)))
         if self.codec:
             self.stamps[f"units:{n}"] = self.stamps[f"extract:{n}"]
 

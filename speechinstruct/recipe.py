@@ -224,6 +224,17 @@ class Dedup(Section):
     audio_hash: bool = False        # also compare the decoded 16 kHz samples (decodes every row)
 
 
+class Ray(Section):
+    """``extract`` and ``score`` on a Ray cluster (``--engine ray`` and its options; units/engine_ray.py): given,
+    the run's extract and score stages use it; the other stages run in this process, the driver."""
+    address: Optional[str] = None   # unset: a local Ray; auto or host:6379 (on a cluster node), ray://host:10001
+    actors: int = Field(2, ge=1)    # model / judge actors, spread over the nodes
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, ge=0)
+    max_retries: int = Field(3, ge=0)  # of a decode task whose worker died, restarts of a dead actor
+    block_seconds: Optional[float] = Field(None, gt=0)  # audio per work block; unset: extract 4 x batch_seconds, score 600
+
+
 class Recipe(Section):
     name: str = "SpeechInstruct"
     workdir: Optional[str] = None  # default: work/<recipe file name>
@@ -237,6 +248,7 @@ class Recipe(Section):
     compose: Compose = Compose()
     quality: Quality = Quality()
     dedup: Optional[Dedup] = None   # no dedup stage unless given
+    ray: Optional[Ray] = None       # extract and score on a Ray cluster; unset: in this process
     output: Output = Output()
 
     @field_validator("corpora")
@@ -444,6 +456,13 @@ def _references(recipe: dict) -> list[str]:
         problems.append(f"features.checkpoint: {f['checkpoint']!r} does not exist (a fairseq .pt or HF folder)")
     if recipe["kmeans"]["path"] and not Path(recipe["kmeans"]["path"]).exists():
         problems.append(f"kmeans.path: {recipe['kmeans']['path']!r} does not exist")
+    if recipe["ray"]:  # a device no actor can have: one line now, not after Ray started
+        from .devices import actor_device
+
+        try:
+            actor_device(f["device"], recipe["ray"]["num_gpus_per_actor"], ("features.device", "ray.num_gpus_per_actor"))
+        except ValueError as e:
+            problems.append(str(e))
     names = [c["name"] for c in recipe["corpora"]] + (["speechinstruct-demo"] if recipe["demo_corpus"] else [])
     for section in ("cross_modal", "pretrain"):
         for name in recipe["compose"][section]["corpora"] or []:

@@ -426,7 +426,7 @@ def test_a_pool_that_cannot_be_is_one_line_before_ray_starts(manifest, tmp_path)
             extract_ray(manifest, tmp_path / "e", MFCC(), cfg=sections.Features(device=device), num_gpus_per_actor=gpus)
         with pytest.raises(ValueError, match=message):
             score_ray(manifest, tmp_path / "s", {"dnsmos": True}, device=device, num_gpus_per_actor=gpus)
-    from speechinstruct.units.engine_ray import actor_device
+    from speechinstruct.devices import actor_device
 
     assert actor_device("cuda:1", 2) == "cuda:1" and actor_device("auto", 0.5) == "cuda"  # two GPUs: cuda:1 its second
     assert actor_device("auto", 0) == "cpu" and actor_device("cpu", 1) == "cpu"
@@ -504,3 +504,35 @@ def test_a_node_without_the_corpus_root_is_an_error_not_a_skip_per_row(manifest,
         ray.get(ray.remote(decode_block).options(max_retries=0).remote(rows, str(tmp_path / "elsewhere")))
     assert reason_of(failed.value) == (f"{tmp_path}/elsewhere: the corpus root is not on node {socket.gethostname()}: "
                                        "mount it at the same path on every node")
+
+
+def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
+    """`run` had no Ray engine: a recipe ran every stage in one process. With a `ray` section its extract and
+    score stages run on the cluster's actors (here a local Ray), and the dataset is the local run's, byte for
+    byte; the engine is not part of a stage's stamp, so the same recipe without the section finds all done."""
+    import yaml
+
+    from speechinstruct.pipeline import run
+
+    def recipe(name, **over):
+        data = {"name": "tiny", "workdir": str(tmp_path / name), "demo_corpus": {"sentences": 8, "seed": 1},
+                "features": {"kind": "mfcc"}, "kmeans": {"k": 8, "max_frames": 20000},
+                "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}},
+                "quality": {"min_dnsmos": 1.0}, "output": {"vocoder": "none"}, **over}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    on_ray = run(recipe("ray", ray={"actors": 1, "block_seconds": 3.0}))
+    stages = {s["stage"]: s for s in json.loads((tmp_path / "ray" / "run-summary.json").read_text())["stages"]}
+    for name in ("score speechinstruct-demo", "extract speechinstruct-demo (mfcc)"):
+        assert stages[name]["result"]["engine"] == "ray" and stages[name]["result"]["actors"] == 1, stages[name]
+    assert stages["score speechinstruct-demo"]["result"]["utterances"] == 8
+    ray.shutdown()
+    local = run(recipe("local"))
+    assert on_ray["valid"] and local["valid"] and on_ray["records"] == local["records"]
+    dataset = {p.relative_to(tmp_path / "local" / "dataset"): p.read_bytes()
+               for p in (tmp_path / "local" / "dataset").rglob("*.parquet")}
+    assert dataset and dataset == {p.relative_to(tmp_path / "ray" / "dataset"): p.read_bytes()
+                                   for p in (tmp_path / "ray" / "dataset").rglob("*.parquet")}
+    assert run(recipe("ray"))["stages_skipped"] == len(stages)  # the engine is not in the stamps: nothing to redo

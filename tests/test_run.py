@@ -147,6 +147,11 @@ def test_demo_corpus_is_published_as_what_it_is(tmp_path):
       "compose.pretrain.dev_fraction: Input should be less than 1"]),
     ("demo_corpus: {}\ncompose: {cross_modal: {corpora: [gigaspeech]}}\n",
      ["compose.cross_modal.corpora: 'gigaspeech' is none of this recipe's corpora ['speechinstruct-demo']"]),
+    ("demo_corpus: {}\nray: {actors: 0, num_gpus: 1}\n",
+     ["ray.actors: Input should be greater than or equal to 1", "ray.num_gpus: unknown key"]),
+    ("demo_corpus: {}\nfeatures: {device: cuda}\nray: {actors: 4}\n",
+     ["features.device cuda: an actor given no GPU (ray.num_gpus_per_actor 0) sees none; give "
+      "ray.num_gpus_per_actor 1 (or a fraction, 0.5: two actors a GPU) or features.device auto"]),
     ("demo_corpus: {}\ncompose: {chain_of_modality: {rewrite: true}}\n",
      ["compose.chain_of_modality: rewrite / tts openai need an llm section (base_url, model)"]),
 ])
@@ -247,7 +252,8 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
     from speechinstruct.sources import shard
 
     cli = typer.main.get_command(app)
-    commands = {("shard",): [settings.Shard], ("extract",): [settings.Features], ("cluster",): [settings.KMeans],
+    commands = {("shard",): [settings.Shard], ("extract",): [settings.Features, settings.Ray],
+                ("score",): [settings.Ray], ("cluster",): [settings.KMeans],
                 ("compose", "cross-modal"): [settings.CrossModal, settings.Compose],
                 ("compose", "pretrain"): [settings.Pretrain, settings.Compose],
                 ("compose", "chain-of-modality"): [settings.ChainOfModality, settings.Compose],
@@ -263,7 +269,11 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
             if section is not None and param.param_type_name == "option":
                 assert param.default == settings.default(section, param.name), (path, param.name)
                 compared += 1
+    from speechinstruct.curate.score import score_ray
+    from speechinstruct.units.engine_ray import extract_ray
+
     functions = {cluster.cluster: [settings.KMeans], extract.extract: [settings.Features], shard.shard_corpus: [settings.Shard],
+                 extract_ray: [settings.Ray], score_ray: [settings.Ray],
                  cross_modal: [settings.CrossModal, settings.Compose], pretrain: [settings.Pretrain, settings.Compose],
                  dialogue.dialogue: [settings.Dialogue, settings.Compose]}
     for fn, sections in functions.items():
@@ -272,7 +282,7 @@ def test_each_setting_has_one_default_the_recipes_and_every_command_and_function
             if section is not None and param.default is not inspect.Parameter.empty:
                 assert param.default == settings.default(section, name), (fn.__name__, name)
                 compared += 1
-    assert compared >= 25, compared
+    assert compared >= 36, compared
     assert settings.default(settings.KMeans, "k") == 1000  # SpeechGPT's K
 
     for args, message in ((["cluster", "f", "o", "--k", "1"], "--k 1: Input should be greater than or equal to 2"),

@@ -251,18 +251,19 @@ def same_judges(specs: list[tuple[str, dict, int | None]]) -> tuple[dict, int | 
 def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Path | None = None,
               num_shards: int = 1, shard_index: int = 0, device: str = "auto", actors: int = 2,
               num_gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, address: str | None = None,
-              block_seconds: float = 600.0, depth: int = 2, max_retries: int = 3,
+              block_seconds: float | None = None, depth: int = 2, max_retries: int = 3,
               clips_at_a_time: int | None = None) -> dict:
     """``score`` (same files) on a Ray cluster, as ``extract --engine ray`` runs: the driver cuts the shards still
-    to do into blocks of about ``block_seconds`` of audio, a decode task per block (any node) reads it, and
+    to do into blocks of about ``block_seconds`` of audio (600 unless given), a decode task per block (any node) reads it, and
     ``actors`` judge actors spread over the nodes score it, each with the judges ``options`` name (the arguments
     of :meth:`Judge.load` but ``device``) loaded on ``device`` (``auto``: cuda when actors get GPUs). So the
     ASR model and the speaker references, like the corpus, must be readable at the same path on every node (or
     the ASR a hub id in each node's cache); relative paths are taken from the driver's working folder where a
     node has it. Every actor's judges must be the same (their spec), else one line."""
     from ..sources.decoding import check_root
-    from ..units.engine_ray import (RayJobError, _Window, actor_device, actor_pool, blocks, check_pool, connect,
-                                    decode_block, reason_of)
+    from ..devices import actor_device
+    from ..units.engine_ray import (RayJobError, _Window, actor_pool, blocks, check_pool, connect, decode_block,
+                                    reason_of)
 
     from ..llm import check_endpoint
 
@@ -284,7 +285,7 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     spec, speaker_dim = same_judges(specs)
     decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
     repeats = repeated_elsewhere(files) if pending else {}  # the blocks and the loop that writes them both need it
-    todo = blocks(pending, block_seconds, repeats, extra=TEXT_COLUMNS)
+    todo = blocks(pending, block_seconds or 600.0, repeats, extra=TEXT_COLUMNS)
     where = str(root.absolute())  # a decode task's working folder is not the driver's
     window = _Window(ray, todo, pool, lambda actor, block: actor.run.remote(
         decode.remote(block.rows, where), [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]), depth, max_retries)

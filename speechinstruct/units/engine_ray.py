@@ -266,31 +266,6 @@ def check_pool(actors: int, cpus_per_actor: float, num_gpus_per_actor: float) ->
             raise ValueError(f"{name}: {value}: cannot be negative")
 
 
-def actor_device(device: str, num_gpus_per_actor: float) -> str:
-    """The device every actor runs on: ``auto`` is cuda when actors get GPUs. One line, before Ray starts, for a
-    device no actor can have: Ray shows an actor only the GPUs it was given (``CUDA_VISIBLE_DEVICES``), as
-    cuda:0 onwards, and none to an actor given no GPU."""
-    import math
-
-    import torch
-
-    if device == "auto":
-        return "cuda" if num_gpus_per_actor > 0 else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
-    if parsed.type == "cuda":
-        if num_gpus_per_actor <= 0:
-            raise ValueError(f"--device {device}: an actor given no GPU (--num-gpus-per-actor 0) sees none; give "
-                             "--num-gpus-per-actor 1 (or a fraction, 0.5: two actors a GPU) or --device auto")
-        visible = max(1, math.ceil(num_gpus_per_actor))
-        if parsed.index is not None and parsed.index >= visible:
-            raise ValueError(f"--device {device}: each actor sees only the GPU(s) Ray gives it, as cuda:0.."
-                             f"cuda:{visible - 1}; give --device cuda or auto")
-    return device
-
-
 def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gpus_per_actor: float,
                max_retries: int) -> list:
     """``actors`` instances of ``cls(*args)`` spread over the nodes (``SPREAD``), each restarted ``max_retries``
@@ -339,7 +314,7 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
 
     devices.given_peak()  # before any work: a bad SPEECHINSTRUCT_PEAK_TFLOPS is one line now
     check_pool(actors, cpus_per_actor, num_gpus_per_actor)
-    device = actor_device(cfg.device, num_gpus_per_actor)
+    device = devices.actor_device(cfg.device, num_gpus_per_actor)
     manifest, out = Path(manifest), Path(out)
     root = check_root(Path(root) if root else corpus_root(manifest), manifest)
     every = manifest_files(manifest)
