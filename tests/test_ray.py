@@ -536,3 +536,17 @@ def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
     assert dataset and dataset == {p.relative_to(tmp_path / "ray" / "dataset"): p.read_bytes()
                                    for p in (tmp_path / "ray" / "dataset").rglob("*.parquet")}
     assert run(recipe("ray"))["stages_skipped"] == len(stages)  # the engine is not in the stamps: nothing to redo
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path):
+    """A cluster address where nothing listens: Ray retried a GCS address for minutes (a recipe's `ray.address`
+    hung past 5 minutes), and gave up on a Ray-client one after 30 s with a hint about tokens."""
+    closed = _free_port()
+    for address in (f"ray://127.0.0.1:{closed}", f"127.0.0.1:{closed}"):
+        result = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "f"), "--engine", "ray",
+                                     "--ray-address", address, "-q"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            f"error: ray address {address}: cannot connect: nothing answers at 127.0.0.1:{closed} (Connection refused); "
+            "is the cluster up (`ray status` on its head node)?"], result.output
+        assert not ray.is_initialized()

@@ -151,6 +151,24 @@ class ModelActor:
         return self.node, results, {"batches_halved": counts["batches_halved"], "model_flops": counts["model_flops"]}
 
 
+def _answers(address: str | None, timeout: float = 10.0) -> None:
+    """One line when nothing listens at a cluster's ``host:port`` (``ray://`` too): Ray itself retries for
+    minutes against a GCS address and gives up on a Ray-client one after 30 s with a hint about tokens."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():  # no port: Ray's defaults
+        host, port = target, ("10001" if address.startswith("ray://") else "6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"ray address {address}: cannot connect: nothing answers at {host}:{port} "
+                         f"({e.strerror or type(e).__name__}); is the cluster up (`ray status` on its head node)?") from None
+
+
 def connect(address: str | None):
     """Start or join Ray (see the module docstring); one clear line when that cannot be done."""
     try:
@@ -159,6 +177,7 @@ def connect(address: str | None):
         raise ValueError("--engine ray needs Ray: pip install 'speechinstruct[ray]'") from None
     if ray.is_initialized():
         return ray
+    _answers(address)
     options = {"ignore_reinit_error": True, "log_to_driver": False}
     if not (address or "").startswith("ray://"):
         options.update(include_dashboard=False, configure_logging=False)
