@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -218,6 +219,27 @@ def test_a_recipe_may_name_a_bucket_as_a_corpus_root(tmp_path):
     recipe.write_text(f"corpora: [{{name: librispeech, root: '{tmp_path}/s3:/corpus'}}]\n")
     with pytest.raises(RecipeError, match="is not a folder"):
         load_recipe(recipe)
+
+
+def test_a_single_file_in_a_bucket_is_an_input_as_a_folder_is(bucket, tmp_path):
+    """Every input URL that named one file (a k-means .npy, a templates file, a fairseq checkpoint) stopped with
+    a traceback (`UnboundLocalError: … 'refused'`) since names climbing out with `..` were refused in folders."""
+    import numpy as np
+
+    from speechinstruct.units.cluster import cluster
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+    from speechinstruct import recipe as sections
+
+    shard_corpus("librispeech", write_librispeech(tmp_path / "LibriSpeech"), tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "f", MFCC())
+    cluster(tmp_path / "f", tmp_path / "km", sections.KMeans(k=4))
+    bucket["client"].put_object(Bucket="corpus", Key="km/c.npy", Body=(tmp_path / "km" / "centroids.npy").read_bytes())
+    np.save(tmp_path / "c.npy", np.load(tmp_path / "km" / "centroids.npy"))
+    for kmeans, out in (("s3://corpus/km/c.npy", "remote"), (str(tmp_path / "c.npy"), "local")):
+        result = runner.invoke(app, ["quantize", str(tmp_path / "f"), kmeans, str(tmp_path / out), "-q"])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "remote" / "units-00000.parquet").read_bytes() == (tmp_path / "local" / "units-00000.parquet").read_bytes()
 
 
 def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ def mirror(url: str) -> Copy:
     try:
         if fs.isfile(remote):  # one file: it is kept in its folder's copy, under its name
             folder, base, entries = target.parent, url.rsplit("/", 1)[0], {target.name: fs.info(remote)}
-            sources = {target.name: remote}
+            sources, refused = {target.name: remote}, ()
         else:
             folder, base = target, url.rstrip("/")
             listed = {_relative(name, remote): info for name, info in fs.find(remote, detail=True).items()
