@@ -407,8 +407,8 @@ def load_recipe(path: str | Path) -> dict:
             message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{_where((*err['loc'], *(err.get('ctx') or {}).get('key', ())))}: {message}")
         recipe = None
-    if recipe is not None and not missing:  # unset variables would only show up again as missing folders
-        problems += _references(recipe)
+    if recipe is not None and not missing and not problems:  # unset variables would show up again as missing folders
+        problems += _copy_urls(recipe) or _references(recipe)
     if missing:
         problems.append(f"set the environment variable(s) {', '.join('$' + m for m in sorted(missing))} "
                         "(your corpus folders / checkpoint) before running this recipe")
@@ -417,6 +417,35 @@ def load_recipe(path: str | Path) -> dict:
     recipe["workdir"] = recipe["workdir"] or f"work/{path.stem}"
     recipe["inferred"] = _infer(recipe)
     return recipe
+
+
+# the keys that name an input file or folder, beside corpora[].root: a URL (s3://, gs://, hf://) there is copied
+# into the cache when the recipe is loaded, as the commands copy theirs (sources/storage.py), and read from there
+URL_KEYS = (("features", "checkpoint"), ("kmeans", "path"), ("templates", "asr"), ("templates", "tts"),
+            ("compose", "chain_of_modality", "instructions"), ("compose", "chain_of_modality", "tts_model"),
+            ("compose", "dialogue", "conversations"), ("compose", "dialogue", "tts_model"),
+            ("compose", "duplex", "conversations"), ("quality", "asr"), ("quality", "speaker"),
+            ("options", "audio_root"), ("options", "asr"))  # the last two: each corpus's
+
+
+def _copy_urls(recipe: dict) -> list[str]:
+    """The URLs of ``URL_KEYS`` replaced by their copies' paths; one line, naming the key, for each that cannot be
+    copied."""
+    from .sources.storage import StorageError, local
+
+    problems = []
+    holders = [("", recipe)] + [(f"corpora[{i}].", c) for i, c in enumerate(recipe["corpora"])]
+    for *path, key in URL_KEYS:
+        for prefix, holder in (holders[1:] if path == ["options"] else holders[:1]):
+            for part in path:
+                holder = (holder or {}).get(part)
+            value = (holder or {}).get(key)
+            if isinstance(value, str) and is_url(value):
+                try:
+                    holder[key] = str(local(value))
+                except StorageError as e:
+                    problems.append(f"{prefix}{'.'.join((*path, key))}: {e}")
+    return problems
 
 
 def _infer(recipe: dict) -> list[str]:

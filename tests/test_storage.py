@@ -242,6 +242,39 @@ def test_a_single_file_in_a_bucket_is_an_input_as_a_folder_is(bucket, tmp_path):
     assert (tmp_path / "remote" / "units-00000.parquet").read_bytes() == (tmp_path / "local" / "units-00000.parquet").read_bytes()
 
 
+def test_a_recipe_may_name_models_and_files_in_a_bucket(bucket, tmp_path):
+    """The commands took a URL for every input, a recipe for its corpora's roots only: `features.checkpoint:
+    s3://…` was "does not exist". The recipe's file and folder keys are copied when it is loaded now, and it
+    reads the copies; what cannot be copied is one line naming the key."""
+    import yaml
+
+    from asr_fixture import write_tiny_ctc
+    from speechinstruct.recipe import RecipeError, load_recipe
+
+    upload(bucket["client"], write_tiny_ctc(tmp_path / "ctc"), "models/ctc")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "asr.txt").write_text("Transcribe this: {speech}\n")
+    upload(bucket["client"], tmp_path / "t", "templates")
+    bucket["client"].put_object(Bucket="corpus", Key="km/km.bin", Body=b"not read when loading")
+    data = {"demo_corpus": {"sentences": 4}, "kmeans": {"path": "s3://corpus/km/km.bin"},
+            "templates": {"asr": "s3://corpus/templates/asr.txt"},
+            "quality": {"asr": "s3://corpus/models/ctc", "max_wer": 0.5}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    cache = tmp_path / "cache" / "s3" / "corpus"
+    assert recipe["kmeans"]["path"] == str(cache / "km" / "km.bin") and (cache / "km" / "km.bin").is_file()
+    assert Path(recipe["templates"]["asr"]).read_text() == "Transcribe this: {speech}\n"
+    assert recipe["quality"]["asr"] == str(cache / "models" / "ctc") and (cache / "models" / "ctc" / "config.json").is_file()
+
+    data["features"] = {"kind": "hubert", "checkpoint": "s3://corpus/models/missing.pt", "layer": 6}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(path)
+    assert str(refused.value).splitlines() == [f"{path}: features.checkpoint: s3://corpus/models/missing.pt: no such "
+                                               "file or folder (nothing is stored under this name)"]
+
+
 def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):
     """hf:// through huggingface_hub's own HfFileSystem, against the loopback Hub (tests/hub_server.py), which
     answers its tree, paths-info and /resolve/ requests as the Hub does."""
