@@ -156,6 +156,15 @@ def test_model_work_runs_on_both_nodes_of_a_two_node_cluster(manifest, tmp_path)
     same_files(tmp_path / "local", tmp_path / "ray")
 
 
+def every_cpu_free() -> bool:
+    """Whether every CPU of the Ray runtime is free again, within a minute (killing an actor is asynchronous)."""
+    for _ in range(600):
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(manifest, tmp_path):
     from speechinstruct.units.engine_ray import RayJobError, extract_ray
 
@@ -176,6 +185,7 @@ def test_a_block_that_keeps_failing_stops_the_job_with_finished_shards_kept(mani
     # an error the code raises is not retried by Ray (it would raise again): the line does not claim retries
     with pytest.raises(RayJobError, match=r"^ray engine: manifest-00001\.parquet rows 0-0 failed: no room for 2 s "):
         extract_ray(manifest, tmp_path / "g", BugOnLongAudio(), actors=1, block_seconds=1.0, max_retries=1)
+    assert every_cpu_free()  # the stopped job's actor is gone: a rerun in this process does not wait for its CPU
     assert (tmp_path / "f" / "features-00000.arrow").is_file()   # the shard finished before it was written
     assert not (tmp_path / "f" / "features-00001.arrow").exists()
     ray.shutdown()
@@ -550,3 +560,34 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path
             f"error: ray address {address}: cannot connect: nothing answers at 127.0.0.1:{closed} (Connection refused); "
             "is the cluster up (`ray status` on its head node)?"], result.output
         assert not ray.is_initialized()
+
+
+def test_a_server_down_for_a_while_stops_score_on_ray_and_a_rerun_in_the_same_process_finishes(manifest, tmp_path):
+    """`score --engine ray --base-url …` with the server down: one line, no shard written; the rerun after it is
+    back finished nothing and waited for ever, in the same process (a notebook, `run`): the stopped job's judge
+    actor still held a CPU, and the new actor took the last one, leaving none for the decode tasks."""
+    import threading
+
+    from transcribe_server import TranscriptionServer
+
+    state, lock = {"down": True}, threading.Lock()
+
+    def answer(samples, request):
+        with lock:
+            if state["down"]:
+                return 503, {"retry-after-ms": "5"}
+        return "the quick brown fox"
+
+    ray.init(num_cpus=2, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    with TranscriptionServer(answer) as server:
+        args = ["score", str(manifest), str(tmp_path / "s"), "--asr", "whisper-1", "--base-url", server.url, "-q",
+                "--engine", "ray", "--actors", "1", "--block-seconds", "1"]
+        down = runner.invoke(app, args)
+        assert down.exit_code == 2, down.output
+        assert "transcription server still answering HTTP 503 after 6 retries" in down.output.strip().splitlines()[-1]
+        assert not list((tmp_path / "s").glob("scores-*.parquet"))
+        assert every_cpu_free()
+        state["down"] = False
+        back = runner.invoke(app, args)
+        assert back.exit_code == 0, back.output
+        assert json.loads(back.stdout[back.stdout.index("{"):])["utterances"] == 4

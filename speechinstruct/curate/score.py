@@ -276,29 +276,29 @@ def score_ray(source: str | Path, out: str | Path, options: dict, root: str | Pa
     _, pending = to_do(files, out, num_shards, shard_index)
     ray = connect(address)
     # one actor, for the judges' spec, when every shard is done: a rerun with other judges is still refused
-    pool = actor_pool(ray, JudgeActor, (options, device, max(1, int(cpus_per_actor)), clips_at_a_time, os.getcwd()),
-                      actors if pending else 1, cpus_per_actor, num_gpus_per_actor, max_retries)
-    try:
-        specs = ray.get([actor.spec.remote() for actor in pool])
-    except ray.exceptions.RayError as e:
-        raise RayJobError(f"ray engine: the judges could not be loaded on an actor: {reason_of(e, whole=True)}") from None
-    spec, speaker_dim = same_judges(specs)
-    decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
-    repeats = repeated_elsewhere(files) if pending else {}  # the blocks and the loop that writes them both need it
-    todo = blocks(pending, block_seconds or 600.0, repeats, extra=TEXT_COLUMNS)
-    where = str(root.absolute())  # a decode task's working folder is not the driver's
-    window = _Window(ray, todo, pool, lambda actor, block: actor.run.remote(
-        decode.remote(block.rows, where), [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]), depth, max_retries)
+    with actor_pool(ray, JudgeActor, (options, device, max(1, int(cpus_per_actor)), clips_at_a_time, os.getcwd()),
+                    actors if pending else 1, cpus_per_actor, num_gpus_per_actor, max_retries) as pool:
+        try:
+            specs = ray.get([actor.spec.remote() for actor in pool])
+        except ray.exceptions.RayError as e:
+            raise RayJobError(f"ray engine: the judges could not be loaded on an actor: {reason_of(e, whole=True)}") from None
+        spec, speaker_dim = same_judges(specs)
+        decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
+        repeats = repeated_elsewhere(files) if pending else {}  # the blocks and the loop that writes them both need it
+        todo = blocks(pending, block_seconds or 600.0, repeats, extra=TEXT_COLUMNS)
+        where = str(root.absolute())  # a decode task's working folder is not the driver's
+        window = _Window(ray, todo, pool, lambda actor, block: actor.run.remote(
+            decode.remote(block.rows, where), [{c: r.get(c) for c in TEXT_COLUMNS} for r in block.rows]), depth, max_retries)
 
-    def results_for(path: Path, rows: Iterable[dict], root: Path):
-        return window.results_for(path.name, list(rows))
+        def results_for(path: Path, rows: Iterable[dict], root: Path):
+            return window.results_for(path.name, list(rows))
 
-    def counts() -> dict:
-        return {**({"batches_halved": window.halved} if window.halved else {}), "engine": "ray",
-                "actors": len(pool) if pending else 0, "nodes": dict(sorted(window.nodes.items()))}
+        def counts() -> dict:
+            return {**({"batches_halved": window.halved} if window.halved else {}), "engine": "ray",
+                    "actors": len(pool) if pending else 0, "nodes": dict(sorted(window.nodes.items()))}
 
-    return score_shards(source, out, spec, results_for, root, num_shards, shard_index, speaker_dim, counts, pending,
-                        repeats)
+        return score_shards(source, out, spec, results_for, root, num_shards, shard_index, speaker_dim, counts,
+                            pending, repeats)
 
 
 def transient_errors(path: Path) -> int:

@@ -26,6 +26,7 @@ pool, with actors that hold the judges instead of the extractor.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -285,10 +286,12 @@ def check_pool(actors: int, cpus_per_actor: float, num_gpus_per_actor: float) ->
             raise ValueError(f"{name}: {value}: cannot be negative")
 
 
+@contextlib.contextmanager
 def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gpus_per_actor: float,
-               max_retries: int) -> list:
+               max_retries: int) -> Iterator[list]:
     """``actors`` instances of ``cls(*args)`` spread over the nodes (``SPREAD``), each restarted ``max_retries``
-    times when it dies. CPU actors are fewer when they would hold every CPU, leaving none for decode tasks; GPU
+    times when it dies, and killed when the ``with`` block ends, however it ends: a job that stopped leaves no
+    actor holding CPUs or GPUs that the next job of this process would wait for. CPU actors are fewer when they would hold every CPU, leaving none for decode tasks; GPU
     actors are as many as the nodes' GPUs hold, and one line when no node has the GPUs of one (the job would
     wait for them for ever)."""
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -297,7 +300,7 @@ def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gp
         fit = max(1, int((cpus - 1) // cpus_per_actor))
         log.warning(f"ray: {cpus:g} CPUs in the cluster; using {fit} model actor(s) instead of {actors}")
         actors = fit
-    if num_gpus_per_actor > 0:
+    if num_gpus_per_actor > 0 and actors:
         gpus = [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         fit = sum(int(g / num_gpus_per_actor + 1e-9) for g in gpus)  # an actor's GPUs are on one node
         if fit == 0:
@@ -311,7 +314,12 @@ def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gp
     remote_actor = ray.remote(cls).options(
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor, scheduling_strategy="SPREAD",
         max_restarts=max_retries, max_task_retries=max_retries)
-    return [remote_actor.remote(*args) for _ in range(actors)]
+    pool = [remote_actor.remote(*args) for _ in range(actors)]
+    try:
+        yield pool
+    finally:
+        for actor in pool:
+            ray.kill(actor, no_restart=True)
 
 
 def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, kmeans=None, root=None,
@@ -343,25 +351,25 @@ def extract_ray(manifest, out, extractor, cfg: settings.Features | None = None, 
     ray = connect(address)
 
     decode = ray.remote(decode_block).options(num_cpus=1, max_retries=max_retries)
-    window, pool, sample_rate = None, [], sample_rate_of(extractor)
+    window, sample_rate = None, sample_rate_of(extractor)
     where = str(root.absolute())  # a decode task's working folder is not the driver's
-    if pending:
-        shared = [ray.put((extractor, kmeans))]  # one copy in the object store, whichever node an actor is on
-        pool = actor_pool(ray, ModelActor, (shared, device, batch_seconds, max(1, int(cpus_per_actor))), actors,
-                          cpus_per_actor, num_gpus_per_actor, max_retries)
-        window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds, repeats), pool,
-                         lambda actor, block: actor.run.remote(decode.remote(block.rows, where, sample_rate)),
-                         depth, max_retries)
+    shared = [ray.put((extractor, kmeans))] if pending else []  # one copy in the object store, for every node
+    with actor_pool(ray, ModelActor, (shared, device, batch_seconds, max(1, int(cpus_per_actor))),
+                    actors if pending else 0, cpus_per_actor, num_gpus_per_actor, max_retries) as pool:
+        if pending:
+            window = _Window(ray, blocks(pending, block_seconds or 4 * batch_seconds, repeats), pool,
+                             lambda actor, block: actor.run.remote(decode.remote(block.rows, where, sample_rate)),
+                             depth, max_retries)
 
-    def results_for(shard: Path, rows: list[dict], root: Path):
-        return window.results_for(shard.name, rows) if window else iter(())
+        def results_for(shard: Path, rows: list[dict], root: Path):
+            return window.results_for(shard.name, rows) if window else iter(())
 
-    stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
-                       num_shards=num_shards, shard_index=shard_index, repeats=repeats, pending=pending)
-    if window and window.halved:  # as the local engine's summary
-        stats["batches_halved"] = window.halved
-    if window:  # the model's FLOP rate, and its MFU over the actors' devices' summed peaks where all are known
-        peaks = [devices.peak_tflops(device, name) for name in ray.get([actor.card.remote() for actor in pool])]
-        stats.update(devices.utilisation(window.flops, stats["seconds"], peaks))
-    return {**stats, "engine": "ray", "actors": len(pool),
-            "nodes": dict(sorted(window.nodes.items())) if window else {}}
+        stats = run_shards(manifest, out, extractor, results_for, root=root, kmeans=kmeans, float16=float16,
+                           num_shards=num_shards, shard_index=shard_index, repeats=repeats, pending=pending)
+        if window and window.halved:  # as the local engine's summary
+            stats["batches_halved"] = window.halved
+        if window:  # the model's FLOP rate, and its MFU over the actors' devices' summed peaks where all are known
+            peaks = [devices.peak_tflops(device, name) for name in ray.get([actor.card.remote() for actor in pool])]
+            stats.update(devices.utilisation(window.flops, stats["seconds"], peaks))
+        return {**stats, "engine": "ray", "actors": len(pool),
+                "nodes": dict(sorted(window.nodes.items())) if window else {}}
