@@ -560,6 +560,10 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path
             f"error: ray address {address}: cannot connect: nothing answers at 127.0.0.1:{closed} (Connection refused); "
             "is the cluster up (`ray status` on its head node)?"], result.output
         assert not ray.is_initialized()
+    from speechinstruct.units.engine_ray import _answers
+
+    with pytest.raises(ValueError, match=f"^ray address :{closed}: cannot connect: nothing answers at :{closed} \\("):
+        _answers(f":{closed}")  # no host: the port is still the one given
 
 
 def test_a_server_down_for_a_while_stops_score_on_ray_and_a_rerun_in_the_same_process_finishes(manifest, tmp_path):

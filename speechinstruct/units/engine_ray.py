@@ -160,8 +160,8 @@ def _answers(address: str | None, timeout: float = 10.0) -> None:
     if not address or address in ("auto", "local"):
         return
     target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():  # no port: Ray's defaults
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit():  # no port: Ray's defaults
         host, port = target, ("10001" if address.startswith("ray://") else "6379")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
