@@ -231,6 +231,10 @@ class Job:
         # where actors get GPUs); the driver's own work (quantize, compose's speech) on its GPU if it has one
         self.ray = recipe["ray"]
         self.device = resolve_device("auto" if self.ray and self.f["device"] != "cpu" else self.f["device"])
+        if self.ray:  # joined now: Ray missing or a cluster that does not answer is one line before hours of shard
+            from .units.engine_ray import connect
+
+            connect(self.ray["address"])
         self.stamps: dict[str, str] = {}
         self._extractors: dict[str, object] = {}
         self.feature_settings = {k: self.f[k] for k in ("kind", "checkpoint", "layer", "float16")}

@@ -560,6 +560,12 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path
             f"error: ray address {address}: cannot connect: nothing answers at 127.0.0.1:{closed} (Connection refused); "
             "is the cluster up (`ray status` on its head node)?"], result.output
         assert not ray.is_initialized()
+    # a recipe's ray.address: one line before any stage runs (not after the corpus was sharded)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"demo_corpus: {{sentences: 2}}\nworkdir: {tmp_path / 'work'}\nray: {{address: '127.0.0.1:{closed}'}}\n")
+    result = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert result.exit_code == 2 and f"nothing answers at 127.0.0.1:{closed}" in result.output, result.output
+    assert not (tmp_path / "work" / "demo-corpus").exists()
     from speechinstruct.units.engine_ray import _answers
 
     with pytest.raises(ValueError, match=f"^ray address :{closed}: cannot connect: nothing answers at :{closed} \\("):
