@@ -386,7 +386,7 @@ def test_a_node_without_the_copy_fetches_the_files_its_rows_read(bucket, tmp_pat
     assert fetched == sorted(r["path"].rsplit("/", 1)[1] for r in rows_of(tmp_path / "manifest"))  # the rows' audio only
 
 
-def test_a_judge_actor_on_a_node_without_the_copy_fetches_the_asr_model(bucket, tmp_path):
+def test_a_judge_actor_on_a_node_without_the_copy_fetches_the_asr_model(bucket, tmp_path, monkeypatch):
     """`score --asr s3://… --engine ray`: the CLI copies the model into the driver's cache and the actors get that
     path; an actor on another node found no folder there and could not load the judges. It copies the model from
     its URL now, as decode tasks fetch the corpus files they read (here, the copy deleted; the actor's constructor
@@ -399,8 +399,12 @@ def test_a_judge_actor_on_a_node_without_the_copy_fetches_the_asr_model(bucket, 
     upload(bucket["client"], write_tiny_ctc(tmp_path / "ctc"), "models/ctc")
     copy = storage.local("s3://corpus/models/ctc")
     shutil.rmtree(tmp_path / "cache")
-    actor = JudgeActor({"asr": str(copy), "batch_size": 2}, "cpu", 1, None, str(tmp_path))
+    # the actor's node name asks Ray, which would start a Ray runtime in this test process (and a `ray stop` in
+    # another test would then end the process): a name of our own here
+    monkeypatch.setattr("speechinstruct.units.engine_ray.node_name", lambda: "here")
+    actor = JudgeActor({"asr": str(copy), "batch_size": 2}, "cpu", 1, None, os.getcwd())  # (it changes to that folder)
     assert actor.judge.asr is not None and (copy / "config.json").is_file()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     shutil.rmtree(tmp_path / "cache")  # a name outside a copy, or a hub id, is left as given
     assert storage.fetch_copy_of(str(tmp_path / "ctc")) == str(tmp_path / "ctc") and not (tmp_path / "cache").exists()
     assert storage.fetch_copy_of("org/model") == "org/model"
