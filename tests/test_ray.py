@@ -601,3 +601,17 @@ def test_a_server_down_for_a_while_stops_score_on_ray_and_a_rerun_in_the_same_pr
         back = runner.invoke(app, args)
         assert back.exit_code == 0, back.output
         assert json.loads(back.stdout[back.stdout.index("{"):])["utterances"] == 4
+
+
+def test_espeak_spawns_its_process_where_this_one_is_connected_to_ray():
+    """A recipe on Ray: espeak-ng's process, forked per utterance, died once (exit code -11) in a driver connected
+    to Ray (its gRPC threads make a forked child unsafe). Such a driver spawns it instead: the same audio."""
+    from speechinstruct.sources import tts as tts_module
+
+    tts = tts_module.EspeakTTS()
+    forked = tts.synthesize_words("my neighbour opened a wooden boat", "en-us", 165)
+    assert not tts_module._fork_unsafe()
+    ray.init(num_cpus=1, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    assert tts_module._fork_unsafe()
+    spawned = tts.synthesize_words("my neighbour opened a wooden boat", "en-us", 165)
+    assert np.array_equal(forked[0], spawned[0]) and forked[1:] == spawned[1:]

@@ -61,6 +61,7 @@ class EspeakTTS:
         if not Path(espeakng_loader.get_library_path()).is_file():
             raise TTSError(f"libespeak-ng missing at {espeakng_loader.get_library_path()}")
         self._context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self._spawn = mp.get_context("spawn")
         if voices:  # the defaults are known to exist (a test)
             missing = [v for v in self.voices if not self._fresh(_espeak_has_voice, v)]
             if missing:
@@ -94,8 +95,9 @@ class EspeakTTS:
 
     def _fresh(self, fn, *args):
         """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died."""
-        receive, send = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
+        context = self._context if not _fork_unsafe() else self._spawn
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
         process.start()
         send.close()
         try:
@@ -121,6 +123,16 @@ def _said(text: str) -> str:
     if not text:
         raise TTSError("nothing to say: empty text")
     return text
+
+
+def _fork_unsafe() -> bool:
+    """Whether this process is connected to Ray (``run`` with a ``ray`` section, ``extract_ray``): its gRPC
+    threads make a forked child crash now and then (seen: the espeak-ng process died, exit code -11, in a test
+    of a recipe on Ray), so children are spawned then (slower: each imports Python afresh)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
 
 def _die_with(parent: int) -> None:
