@@ -261,23 +261,26 @@ def in_a_copy(path: Path) -> bool:
     return _copy_parts(path) is not None
 
 
+def _url_of_copy(path) -> str | None:
+    """The URL whose copy in the cache ``path`` is (PROTOCOL://BUCKET/KEY), None for a path outside the cache."""
+    parts = _copy_parts(Path(path))
+    return f"{parts[0]}://{'/'.join(parts[1:])}" if parts is not None and len(parts) >= 3 else None
+
+
 def fetch_copy(path: Path) -> bool:
     """Fetch ``path``, a file of a copy in the cache that this machine lacks (a Ray node that did not make the
     copy, with the same cache path: the same user, or the same $SPEECHINSTRUCT_CACHE), from its URL. Whether it is
     here now; False too for a path outside the cache."""
-    parts = _copy_parts(path)
-    if parts is None or len(parts) < 3:
-        return False
-    url = f"{parts[0]}://{'/'.join(parts[1:])}"
-    return bool(local_files([url])) and Path(path).is_file()
+    url = _url_of_copy(path)
+    return url is not None and bool(local_files([url])) and Path(path).is_file()
 
 
 def fetch_copy_of(path):
     """``path`` as given; where it is a bucket's file or folder copied into the cache (a model, speaker references)
     that this machine lacks (a Ray node that did not make the copy), copied here from its URL first."""
-    parts = _copy_parts(Path(path))
-    if parts is not None and len(parts) >= 3 and not Path(path).exists():
-        mirror(f"{parts[0]}://{'/'.join(parts[1:])}")
+    url = _url_of_copy(path)
+    if url is not None and not Path(path).exists():
+        mirror(url)
     return path
 
 
