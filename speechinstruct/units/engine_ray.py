@@ -291,9 +291,9 @@ def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gp
                max_retries: int) -> Iterator[list]:
     """``actors`` instances of ``cls(*args)`` spread over the nodes (``SPREAD``), each restarted ``max_retries``
     times when it dies, and killed when the ``with`` block ends, however it ends: a job that stopped leaves no
-    actor holding CPUs or GPUs that the next job of this process would wait for. CPU actors are fewer when they would hold every CPU, leaving none for decode tasks; GPU
-    actors are as many as the nodes' GPUs hold, and one line when no node has the GPUs of one (the job would
-    wait for them for ever)."""
+    actor holding CPUs or GPUs that the next job of this process would wait for. CPU actors are fewer when they
+    would hold every CPU, leaving none for decode tasks; GPU actors are as many as the nodes' GPUs hold, and one
+    line when no node has the GPUs of one (the job would wait for them for ever)."""
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if num_gpus_per_actor == 0 and actors * cpus_per_actor > cpus - 1:
         # CPU actors holding every CPU leave none for the decode tasks: the job would stall.
