@@ -911,7 +911,10 @@ def train(
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig.from_dict(settings, str(config) if config else f"stage {stage}'s training settings")
     result = run_train(stage, base_model, data, out, cfg, resume=resume)
-    _print_json({k: v for k, v in result.items() if k != "history"} | {"last": result["history"][-1:] })
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one summary, not one a process (`accelerate launch`)
+        _print_json({k: v for k, v in result.items() if k != "history"} | {"last": result["history"][-1:] })
 
 
 @command(app)

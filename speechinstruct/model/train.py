@@ -27,6 +27,7 @@ every global batch and the LR schedule steps once per optimizer step, whatever t
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import json
 import logging
@@ -311,18 +312,74 @@ def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size
     tokens = [loss_tokens(p) for p in parts]
     total = max(1, sum(tokens))
     loss = torch.zeros((), device=accelerator.device)
-    for part, n in zip(parts, tokens):
+    for i, (part, n) in enumerate(zip(parts, tokens)):
         batch = {key: v.to(accelerator.device) for key, v in part.items()}
-        weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
-        accelerator.backward(weighted)
+        # several processes (DDP): only the last part's backward pass all-reduces the gradients, so that processes
+        # whose shares split into different numbers of parts make the same collective calls
+        with accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext():
+            weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
+            accelerator.backward(weighted)
         loss += weighted.detach()
     return loss
+
+
+def local_module(model):
+    """``model`` without DDP's wrapper (its own forward, autocast included): a pass through it makes no collective
+    call (DDP's buffer broadcast, its gradient all-reduce), so one process may run more passes than another.
+    Under FSDP the model itself, whose every pass gathers the weights' shards from all processes."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int, pad_id: int,
+                 pack: int) -> tuple[int, int]:
+    """Examples per forward pass for several processes (DDP), found before the first step: each process tries a
+    forward and backward pass over the ``size`` longest examples (its whole share of a batch), with memory the size
+    of the optimizer's state held as the steps will hold it (AdamW: two tensors the size of each trained weight),
+    halving until one fits, and all take the smallest size that fitted everywhere. (size, halvings). One process
+    halves a batch when it runs out of memory in the loop; several cannot: a process that stops mid-step leaves
+    the others waiting in DDP's all-reduce, so a later batch that does not fit is one line (:func:`_halve`).
+    Under FSDP every pass is collective and ``size`` is kept."""
+    if accelerator.num_processes == 1 or accelerator.distributed_type.value == "FSDP":
+        return size, 0
+    inner, start = local_module(model), size
+    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
+    said = ""
+    state = [torch.empty_like(p) for group in optimizer.param_groups for p in group["params"]
+             if p not in optimizer.state for _ in range(2)]  # none when resumed: the state is loaded
+    kind = accelerator.device.type
+    while True:
+        fits = size
+        try:  # the random state as it was after each try: dropout's masks stay those of a run without them
+            with torch.random.fork_rng(devices=[] if kind == "cpu" else [accelerator.device],
+                                       device_type="cuda" if kind == "cpu" else kind):
+                batch = {key: v.to(accelerator.device) for key, v in collate(longest[:size], pad_id, pack).items()}
+                inner(**batch, use_cache=False).loss.backward()
+                del batch
+        except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
+            if not is_out_of_memory(e):
+                raise
+            fits, said = 0, first_line(e)
+        inner.zero_grad(set_to_none=True)
+        free_cached()  # here, not in the except block, whose error holds the failed try's tensors
+        if fits or size == 1:
+            break
+        log.warning("out of memory with %d examples a pass on process %d: trying %d (%s)", size,
+                    accelerator.process_index, size // 2, said)
+        size //= 2
+    del state
+    everywhere = int(accelerator.gather(torch.tensor([fits], device=accelerator.device)).min())
+    if not everywhere:
+        raise OutOfMemory(f"out of memory with one example a pass on {'this process' if not fits else 'another process'}: "
+                          f"lower --max-length (stage 1: block_size) ({said or 'another process ran out of memory'})")
+    return everywhere, int(math.log2(start // everywhere)) if everywhere < start else 0
 
 
 def _halve(first: str, size: int, batch: int, accelerator) -> int:
     """The examples per forward pass after running out of memory (the error's ``first`` line) with ``size`` of a
     micro-batch of ``batch``: half as many, or one line that says what to do when there can be no fewer."""
-    if accelerator.num_processes > 1:  # every process would have to split its batch together
+    if accelerator.num_processes > 1:  # the others wait in a collective call: they split before the first step only
         raise OutOfMemory(f"out of memory on process {accelerator.process_index} of {accelerator.num_processes} "
                           f"with {min(size, batch)} examples a pass: lower --batch-size and raise --grad-accum "
                           f"({first})") from None
@@ -356,10 +413,12 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, accelera
     batches = [np.arange(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
     counts: collections.Counter[str] = collections.Counter()
 
+    forward = local_module(model)  # no collective call: a process may halve a batch, or have none to run
+
     def sums(part: list[dict]) -> list[tuple[float, int]]:
         batch = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
         n = loss_tokens(batch)
-        return [(model(**batch).loss.float().item() * n, n)] if n else []
+        return [(forward(**batch).loss.float().item() * n, n)] if n else []
 
     with torch.no_grad():
         for index in batches[:max_batches]:
@@ -629,7 +688,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     history: list[dict] = []
     model.train()
     tokens, started, running = 0, time.perf_counter(), []
-    size, halved, cycle = cfg.batch_size, 0, []  # size: examples per forward pass; cycle: this step's micro-batches
+    # size: examples per forward pass; cycle: this step's micro-batches
+    size, halved = fitting_size(model, optimizer, accelerator, examples, math.ceil(cfg.batch_size / accelerator.num_processes),
+                                tokenizer.pad_token_id, pack)
+    cycle = []
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
