@@ -555,18 +555,18 @@ def test_processes_where_one_runs_out_of_memory_agree_on_a_smaller_pass_before_t
     passes = {rank: [int(n) for n in (tmp_path / f"passes-{rank}.txt").read_text().split()] for rank in (0, 1)}
     # the tries before the first step, then 3 batches of 9 (shares of 5 and 4) and one of 5 (3 and 2), in passes of 2
     assert passes == {0: [5, *[2, 2, 1] * 3, 2, 1], 1: [5, 2, *[2, 2] * 3, 2]}, passes
-    logs = {run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-            for run in ("fits", "halved")}
+    logs = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("fits", "halved")}
     assert [r["loss"] for r in logs["halved"]] == pytest.approx([r["loss"] for r in logs["fits"]], rel=1e-5)
     _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / "halved" / "model"), stray=1e-3)
 
     # validation (stage 1 has a validation split): the second process halves its share of a batch there, alone
     _, _, args = _processes(base_model, dataset, epochs=1, batch_size=9, stage=1)
     args = [*args[2:], "--max-steps", "1"]
-    for run, how in {"fits1": ddp, "halved1": ("--multi_gpu", OOM_ON_CPU)}.items():
-        done = train(*how, out=tmp_path / run)
+    for name, how in {"fits1": ddp, "halved1": ("--multi_gpu", OOM_ON_CPU)}.items():
+        done = train(*how, out=tmp_path / name)
         assert done.returncode == 0, done.stderr[-3000:]
-        logs[run] = json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[-1])
+        logs[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
     assert logs["halved1"]["eval_loss"] == pytest.approx(logs["fits1"]["eval_loss"], rel=1e-5)
     assert logs["halved1"]["eval_tokens"] == logs["fits1"]["eval_tokens"] > 0
 
