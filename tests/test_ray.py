@@ -457,14 +457,15 @@ def test_gpu_actors_are_as_many_as_the_nodes_gpus_hold(manifest, tmp_path):
     cpu = sections.Features(device="cpu")  # the GPUs Ray counts here are not real: the model stays on the CPU
     ray.init(num_cpus=3, num_gpus=0, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
     try:
-        with pytest.raises(ValueError, match=r"^--num-gpus-per-actor 1: no node of the cluster has that many GPUs "
+        with pytest.raises(ValueError, match=r"^1 GPU\(s\) per actor \(--num-gpus-per-actor; a recipe's ray.num_gpus_per_actor\): "
+                                             r"no node of the cluster has that many GPUs "
                                              r"\(GPUs per node: 0\); give fewer, or 0 for CPU actors"):
             extract_ray(manifest, tmp_path / "none", MFCC(), cfg=cpu, num_gpus_per_actor=1)
     finally:
         ray.shutdown()
     ray.init(num_cpus=3, num_gpus=1, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
     try:
-        with pytest.raises(ValueError, match=r"^--num-gpus-per-actor 2: no node .* \(GPUs per node: 1\)"):
+        with pytest.raises(ValueError, match=r"^2 GPU\(s\) per actor .*: no node .* \(GPUs per node: 1\)"):
             extract_ray(manifest, tmp_path / "two", MFCC(), cfg=cpu, num_gpus_per_actor=2)
         stats = extract_ray(manifest, tmp_path / "half", MFCC(), cfg=cpu, actors=3, num_gpus_per_actor=0.5,
                             block_seconds=1.0)

@@ -304,7 +304,8 @@ def actor_pool(ray, cls, args: tuple, actors: int, cpus_per_actor: float, num_gp
         gpus = [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         fit = sum(int(g / num_gpus_per_actor + 1e-9) for g in gpus)  # an actor's GPUs are on one node
         if fit == 0:
-            raise ValueError(f"--num-gpus-per-actor {num_gpus_per_actor:g}: no node of the cluster has that many GPUs "
+            raise ValueError(f"{num_gpus_per_actor:g} GPU(s) per actor (--num-gpus-per-actor; a recipe's "
+                             f"ray.num_gpus_per_actor): no node of the cluster has that many GPUs "
                              f"(GPUs per node: {', '.join(f'{g:g}' for g in gpus) or 'no node'}); give fewer, or "
                              "0 for CPU actors (an autoscaling cluster: start a GPU node first)")
         if fit < actors:
