@@ -351,7 +351,7 @@ def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int,
     kind = accelerator.device.type
     while True:
         fits = size
-        try:  # the random state as it was after each try: dropout's masks stay those of a run without them
+        try:  # each try leaves the random state as it found it: dropout's masks stay those of a run without tries
             with torch.random.fork_rng(devices=[] if kind == "cpu" else [accelerator.device],
                                        device_type="cuda" if kind == "cpu" else kind):
                 batch = {key: v.to(accelerator.device) for key, v in collate(longest[:size], pad_id, pack).items()}
@@ -371,8 +371,8 @@ def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int,
     del state
     everywhere = int(accelerator.gather(torch.tensor([fits], device=accelerator.device)).min())
     if not everywhere:
-        raise OutOfMemory(f"out of memory with one example a pass on {'this process' if not fits else 'another process'}: "
-                          f"lower --max-length (stage 1: block_size) ({said or 'another process ran out of memory'})")
+        raise OutOfMemory(f"out of memory with one example a pass on {'another' if fits else 'this'} process: lower "
+                          f"--max-length (stage 1: block_size){f' ({said})' if said and not fits else ''}")
     return everywhere, int(math.log2(start // everywhere)) if everywhere < start else 0
 
 
