@@ -536,8 +536,9 @@ def test_processes_where_one_runs_out_of_memory_agree_on_a_smaller_pass_before_t
     train in passes of 2: the same losses and weights as the run that fits, the halving counted once. The first
     process's share of 5 is then three passes where the second's 4 is two: only the last pass of each all-reduces
     the gradients (every pass did: that hung). At the end the second process halves its share of the validation
-    batch (3) alone: the same validation loss (it hung in DDP's buffer broadcast). A process that fits not even
-    one example is one line from the launch, not a traceback or a hang."""
+    batch (3) alone: the same validation loss (it hung in DDP's buffer broadcast), as when a process has no
+    validation example at all. A process that fits not even one example is one line from the launch, not a
+    traceback or a hang."""
     import subprocess
 
     port, env, args = _processes(base_model, dataset, epochs=1, batch_size=9, stage=1)
@@ -564,6 +565,12 @@ def test_processes_where_one_runs_out_of_memory_agree_on_a_smaller_pass_before_t
     assert logs["halved"][-1]["eval_loss"] == pytest.approx(logs["fits"][-1]["eval_loss"], rel=1e-5)
     assert logs["halved"][-1]["eval_tokens"] == logs["fits"][-1]["eval_tokens"] > 0
     _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / "halved" / "model"), stray=1e-3)
+
+    # one validation example (blocks of 1,024 tokens) for two processes: the second has none to run (that hung too)
+    args += ["--block-size", "1024", "--max-steps", "1"]
+    few = train("-m", "speechinstruct.cli", out=tmp_path / "few")
+    assert few.returncode == 0, few.stderr[-3000:]
+    assert json.loads(few.stdout)["eval_examples"] == 1 and json.loads(few.stdout)["last"][-1]["eval_tokens"] > 0
 
     never = train(OOM_ON_CPU, out=tmp_path / "never", above=0)
     assert never.returncode != 0 and "out of memory with one example a pass on this process: lower --max-length" \
