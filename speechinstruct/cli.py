@@ -250,7 +250,8 @@ Features = Enum("Features", {kind.split("-")[0]: kind for kind in FEATURES}, typ
 
 NumShards = typer.Option(1, help="Split the work into this many parts (job arrays)...")
 ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
-Engine = typer.Option("local", help="local, or ray (pip install speechinstruct[ray]).")
+Engine = typer.Option(None, help="local, or ray (pip install speechinstruct[ray]); default: ray when --ray-address "
+                      "is given, else local.")
 RayAddress = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 (Ray client); "
                           "default: start a local Ray.")
 Actors = typer.Option(default(settings.Ray, "actors"), min=1, help="ray: model actors, spread over the nodes.")
@@ -261,9 +262,19 @@ MaxRetries = typer.Option(default(settings.Ray, "max_retries"), min=0, help="ray
                           "worker died and restarts of a dead model actor (an error the code raises is not retried).")
 
 
-def _engine(engine: str) -> str:
+def _engine(engine: str | None, address: str | None, inferred: list[str]) -> str:
+    """local or ray. A cluster address without ``--engine`` means ray (it was ignored: the job ran locally), added
+    to ``inferred`` for the summary and said on stderr; with ``--engine local`` the two contradict: one line."""
+    if engine is None:
+        if not address:
+            return "local"
+        inferred.append("--engine ray (--ray-address is given)")
+        logging.getLogger("speechinstruct").warning("inferred %s", inferred[-1])
+        return "ray"
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
+    if engine == "local" and address:
+        fail("--ray-address names a Ray cluster, and --engine local runs here: give --engine ray, or no --ray-address")
     return engine
 
 
@@ -293,7 +304,7 @@ def extract(
     device: str = typer.Option(default(settings.Features, "device"), help="cpu, cuda, cuda:N or auto."),
     workers: Optional[int] = typer.Option(default(settings.Features, "workers"), min=1, help="Audio decoding threads "
                                           "(default: every usable CPU when the model runs on a GPU, else 2)."),
-    engine: str = Engine,
+    engine: Optional[str] = Engine,
     ray_address: Optional[str] = RayAddress,
     actors: int = Actors,
     num_gpus_per_actor: float = GpusPerActor,
@@ -309,7 +320,8 @@ def extract(
     from .units.kmeans import load_kmeans
     from .units.tokenizer import load_tokenizer
 
-    _engine(engine)
+    inferred: list[str] = []
+    engine = _engine(engine, ray_address, inferred)
     cfg = settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16,
                            dtype=dtype, device=device, workers=workers, layer=layer, codebooks=codebooks)
     km = load_kmeans(kmeans) if kmeans else None
@@ -327,7 +339,7 @@ def extract(
                             block_seconds=block_seconds, max_retries=max_retries)
     else:
         stats = run_extract(manifest, out, extractor, cfg, root=root, num_shards=num_shards, shard_index=shard_index)
-    _print_json(stats)
+    _print_json(stats | ({"inferred": inferred} if inferred else {}))
 
 
 @command(app)
@@ -759,7 +771,7 @@ def score(
                                                       "to its speaker's (implies --speaker resemblyzer)."),
     language: bool = typer.Option(False, "--language", help="Language ID of each transcript (langid, in its "
                                   "package) and, with --asr, of the audio (a Whisper model's language token)."),
-    engine: str = Engine,
+    engine: Optional[str] = Engine,
     ray_address: Optional[str] = RayAddress,
     actors: int = Actors,
     num_gpus_per_actor: float = GpusPerActor,
@@ -777,7 +789,8 @@ def score(
     from .judges.judge import Judge
 
     options = _judge_options(dnsmos, asr, base_url, batch_size, speaker, speaker_references, language, asr_dtype)
-    if _engine(engine) == "ray":  # each actor loads the judges on its own device
+    inferred: list[str] = []
+    if _engine(engine, ray_address, inferred) == "ray":  # each actor loads the judges on its own device
         summary = score_ray(source, out, options, root=root, num_shards=num_shards, shard_index=shard_index,
                             device=device, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
                             cpus_per_actor=cpus_per_actor, address=ray_address, block_seconds=block_seconds,
@@ -787,7 +800,7 @@ def score(
                             num_shards=num_shards, shard_index=shard_index, workers=workers)
     for column in summary["scores"].values():
         column.pop("histogram", None)
-    _print_json(summary)
+    _print_json(summary | ({"inferred": inferred} if inferred else {}))
 
 
 @command(app)

@@ -551,7 +551,8 @@ def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
 
 def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path):
     """A cluster address where nothing listens: Ray retried a GCS address for minutes (a recipe's `ray.address`
-    hung past 5 minutes), and gave up on a Ray-client one after 30 s with a hint about tokens."""
+    hung past 5 minutes), and gave up on a Ray-client one after 30 s with a hint about tokens. An address given
+    without `--engine ray` was ignored: the job ran on this machine; it means Ray now (said)."""
     closed = _free_port()
     for address in (f"ray://127.0.0.1:{closed}", f"127.0.0.1:{closed}"):
         result = runner.invoke(app, ["extract", str(manifest), str(tmp_path / "f"), "--engine", "ray",
@@ -561,6 +562,18 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path
             f"error: ray address {address}: cannot connect: nothing answers at 127.0.0.1:{closed} (Connection refused); "
             "is the cluster up (`ray status` on its head node)?"], result.output
         assert not ray.is_initialized()
+    # an address without --engine means Ray (it was ignored: the job ran here), said; with --engine local: one line
+    for command in (["extract", str(manifest), str(tmp_path / "f")], ["score", str(manifest), str(tmp_path / "s"), "--dnsmos"]):
+        result = runner.invoke(app, [*command, "--ray-address", f"127.0.0.1:{closed}", "-q"])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [
+            "warning: inferred --engine ray (--ray-address is given)",
+            f"error: ray address 127.0.0.1:{closed}: cannot connect: nothing answers at 127.0.0.1:{closed} (Connection "
+            "refused); is the cluster up (`ray status` on its head node)?"], result.output
+        result = runner.invoke(app, [*command, "--engine", "local", "--ray-address", f"127.0.0.1:{closed}", "-q"])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [
+            "error: --ray-address names a Ray cluster, and --engine local runs here: give --engine ray, or no "
+            "--ray-address"], result.output
+        assert not (tmp_path / "f").exists() and not (tmp_path / "s").exists() and not ray.is_initialized()
     # a recipe's ray.address: one line before any stage runs (not after the corpus was sharded)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"demo_corpus: {{sentences: 2}}\nworkdir: {tmp_path / 'work'}\nray: {{address: '127.0.0.1:{closed}'}}\n")
