@@ -776,6 +776,25 @@ def test_a_batch_that_runs_out_of_memory_is_halved_to_the_same_weights(base_mode
         T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1))
 
 
+def test_settings_another_stage_reads_are_said_to_change_nothing(base_model, dataset, tmp_path):
+    """`train --stage 2 --lora-targets q_proj,v_proj --merge` fine-tuned every weight and said nothing: LoRA is
+    stage 3's. The run still trains, and says on stderr and in its summary which settings it did not use; the
+    packaged settings of each stage hold only what that stage reads."""
+    from typer.testing import CliRunner
+    from speechinstruct.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset),
+                                      "--out", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "2", "-q",
+                                      "--lora-targets", "q_proj,v_proj", "--merge", "--block-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "warning: stage 2 does not use block_size (stage 1), lora_targets (stage 3), merge (stage 3): they change " \
+           "nothing" in result.stderr
+    assert json.loads(result.stdout)["not_used"] == ["block_size", "lora_targets", "merge"]
+    assert not (tmp_path / "o" / "adapter").exists() and (tmp_path / "o" / "model" / "model.safetensors").is_file()
+    for stage in (1, 2, 3):
+        assert T.unused_settings(stage, T.TrainConfig.from_dict(T.settings_for_stage(stage))) == []
+
+
 def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
     """train's settings are a recipe section (recipe.Train): a wrong value in a settings file or an option is one
     line naming it, before any model is loaded; the packaged stage files hold only known, valid settings."""

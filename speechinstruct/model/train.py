@@ -651,6 +651,17 @@ def write_log(accelerator, path: Path, record: dict) -> None:
         log.info(json.dumps(record))
 
 
+# Settings that some stages only read. One set for another stage changes nothing, and is easily taken for one that
+# works (`--lora-targets` on stage 2, for a LoRA that is never made): the run says so.
+STAGES_OF = {"block_size": (1,), "max_length": (2, 3), "mask": (2, 3), "lora_r": (3,), "lora_alpha": (3,),
+             "lora_dropout": (3,), "lora_targets": (3,), "merge": (3,)}
+
+
+def unused_settings(stage: int, cfg: TrainConfig) -> list[str]:
+    """The settings given (in a settings file or as options) that ``stage`` does not read."""
+    return sorted(key for key in cfg.model_fields_set if stage not in STAGES_OF.get(key, (stage,)))
+
+
 def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig | None = None,
           resume: bool = True) -> dict:
     require_train_extra("accelerate")
@@ -661,6 +672,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     cfg = cfg or TrainConfig()
     out = Path(out)
     accelerator = make_accelerator(cfg)
+    unused = unused_settings(stage, cfg)
+    if unused and accelerator.is_main_process:
+        log.warning("stage %d does not use %s: they change nothing", stage,
+                    ", ".join(f"{key} (stage {' and '.join(map(str, STAGES_OF[key]))})" for key in unused))
     k = dataset_k(data)
     claim_run(accelerator, out, run_identity(stage, base_model, data, k, cfg), resume)  # before the model loads
     tokenizer, model, added = load_model(stage, base_model, k, cfg)
@@ -765,4 +780,5 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     accelerator.end_training()
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
             "eval_examples": len(eval_examples), "tokens_added": added, "batches_halved": halved,
-            "saved": str(out / ("adapter" if stage == 3 else "model")), "history": history}
+            "saved": str(out / ("adapter" if stage == 3 else "model")), **({"not_used": unused} if unused else {}),
+            "history": history}
