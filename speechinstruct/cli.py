@@ -262,19 +262,27 @@ MaxRetries = typer.Option(default(settings.Ray, "max_retries"), min=0, help="ray
                           "worker died and restarts of a dead model actor (an error the code raises is not retried).")
 
 
-def _engine(engine: str | None, address: str | None, inferred: list[str]) -> str:
-    """local or ray. A cluster address without ``--engine`` means ray (it was ignored: the job ran locally), added
-    to ``inferred`` for the summary and said on stderr; with ``--engine local`` the two contradict: one line."""
+# the options only the Ray engine reads (besides --ray-address)
+RAY_ONLY = ("actors", "num_gpus_per_actor", "cpus_per_actor", "block_seconds", "max_retries")
+
+
+def _engine(ctx: typer.Context, engine: str | None, address: str | None, inferred: list[str]) -> str:
+    """local or ray. Without ``--engine``, a cluster address or another option of the Ray engine given on the
+    command line means ray (they were ignored: the job ran locally), added to ``inferred`` for the summary and said
+    on stderr; with ``--engine local`` they contradict it: one line."""
+    given = (["--ray-address"] if address else []) + [
+        f"--{name.replace('_', '-')}" for name in RAY_ONLY if ctx.get_parameter_source(name).name == "COMMANDLINE"]
     if engine is None:
-        if not address:
+        if not given:
             return "local"
-        inferred.append("--engine ray (--ray-address is given)")
+        inferred.append(f"--engine ray ({', '.join(given)} {'is' if len(given) == 1 else 'are'} given)")
         logging.getLogger("speechinstruct").warning("inferred %s", inferred[-1])
         return "ray"
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}: choose local or ray")
-    if engine == "local" and address:
-        fail("--ray-address names a Ray cluster, and --engine local runs here: give --engine ray, or no --ray-address")
+    if engine == "local" and given:
+        fail(f"{', '.join(given)}: the Ray engine's, and --engine local runs here: give --engine ray, or leave "
+             f"{'it' if len(given) == 1 else 'them'} out")
     return engine
 
 
@@ -286,6 +294,7 @@ def _device(device: str) -> str:
 
 @command(app)
 def extract(
+    ctx: typer.Context,
     manifest: Path = typer.Argument(..., parser=_input, help="A `shard` output folder (or one manifest .parquet)."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for features-*.arrow (or units-*.parquet with --kmeans)."),
     features: Features = typer.Option(Features.mfcc, help="mfcc (offline default); hubert, wav2vec2, wavlm or "
@@ -321,7 +330,7 @@ def extract(
     from .units.tokenizer import load_tokenizer
 
     inferred: list[str] = []
-    engine = _engine(engine, ray_address, inferred)
+    engine = _engine(ctx, engine, ray_address, inferred)
     cfg = settings.checked(settings.Features, kind=features.value, batch_seconds=batch_seconds, float16=float16,
                            dtype=dtype, device=device, workers=workers, layer=layer, codebooks=codebooks)
     km = load_kmeans(kmeans) if kmeans else None
@@ -746,6 +755,7 @@ def _judge_options(dnsmos: bool, asr: Optional[str], base_url: Optional[str], ba
 
 @command(app)
 def score(
+    ctx: typer.Context,
     source: Path = typer.Argument(..., parser=_input, help="A `shard` output (manifest-*.parquet) or a units folder (units-*.parquet)."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for scores-*.parquet, errors-*.jsonl, score.json, summary.json."),
     dnsmos: bool = typer.Option(False, "--dnsmos", help="DNSMOS P.835 (OVRL, SIG, BAK) and P.808, with the ONNX "
@@ -790,7 +800,7 @@ def score(
 
     options = _judge_options(dnsmos, asr, base_url, batch_size, speaker, speaker_references, language, asr_dtype)
     inferred: list[str] = []
-    if _engine(engine, ray_address, inferred) == "ray":  # each actor loads the judges on its own device
+    if _engine(ctx, engine, ray_address, inferred) == "ray":  # each actor loads the judges on its own device
         summary = score_ray(source, out, options, root=root, num_shards=num_shards, shard_index=shard_index,
                             device=device, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
                             cpus_per_actor=cpus_per_actor, address=ray_address, block_seconds=block_seconds,

@@ -571,8 +571,12 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(manifest, tmp_path
             "refused); is the cluster up (`ray status` on its head node)?"], result.output
         result = runner.invoke(app, [*command, "--engine", "local", "--ray-address", f"127.0.0.1:{closed}", "-q"])
         assert result.exit_code == 2 and result.output.strip().splitlines() == [
-            "error: --ray-address names a Ray cluster, and --engine local runs here: give --engine ray, or no "
-            "--ray-address"], result.output
+            "error: --ray-address: the Ray engine's, and --engine local runs here: give --engine ray, or leave it "
+            "out"], result.output
+        result = runner.invoke(app, [*command, "--engine", "local", "--actors", "4", "--max-retries", "0", "-q"])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [
+            "error: --actors, --max-retries: the Ray engine's, and --engine local runs here: give --engine ray, or "
+            "leave them out"], result.output
         assert not (tmp_path / "f").exists() and not (tmp_path / "s").exists() and not ray.is_initialized()
     # a recipe's ray.address: one line before any stage runs (not after the corpus was sharded)
     recipe = tmp_path / "r.yaml"
