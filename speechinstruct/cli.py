@@ -251,7 +251,7 @@ Features = Enum("Features", {kind.split("-")[0]: kind for kind in FEATURES}, typ
 NumShards = typer.Option(1, help="Split the work into this many parts (job arrays)...")
 ShardIndex = typer.Option(0, help="...and do only this part (0-based).")
 Engine = typer.Option(None, help="local, or ray (pip install speechinstruct[ray]); default: ray when --ray-address "
-                      "is given, else local.")
+                      "or another ray: option is given, else local.")
 RayAddress = typer.Option(None, help="ray: auto, host:6379 (from a cluster node) or ray://host:10001 (Ray client); "
                           "default: start a local Ray.")
 Actors = typer.Option(default(settings.Ray, "actors"), min=1, help="ray: model actors, spread over the nodes.")
