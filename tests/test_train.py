@@ -555,6 +555,12 @@ def test_processes_where_one_runs_out_of_memory_agree_on_a_smaller_pass_before_t
     assert halved.returncode == 0, halved.stderr[-3000:]
     summary = json.loads(halved.stdout)  # one summary (each process printed its own: two JSON documents)
     assert (summary["examples"], summary["eval_examples"], summary["batches_halved"]) == (30, 6, 1), summary
+    # every example once (one epoch): its tokens, though the processes' shares differ (the main process's share
+    # times the processes counted 5 + 5 of each batch of 9)
+    settings = T.TrainConfig.from_dict({**T.settings_for_stage(1), "block_size": 32})
+    examples = T.build_examples(1, dataset, T.load_model(1, base_model, T.dataset_k(dataset), settings)[0], settings)
+    assert summary["tokens_this_run"] == json.loads(fits.stdout)["tokens_this_run"] == \
+        sum(len(e["input_ids"]) for e in examples)
     assert "out of memory with 5 examples a pass on process 1: trying 2" in halved.stderr
     passes = {rank: [int(n) for n in (tmp_path / f"passes-{rank}.txt").read_text().split()] for rank in (0, 1)}
     # the tries before the first step, then 3 batches of 9 (shares of 5 and 4) and one of 3 (2 and 1), in passes of 2

@@ -702,11 +702,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     model.train()
-    tokens, started, running = 0, time.perf_counter(), []
-    # size: examples per forward pass; cycle: this step's micro-batches
+    # size: examples per forward pass
     size, halved = fitting_size(model, optimizer, accelerator, examples, math.ceil(cfg.batch_size / accelerator.num_processes),
                                 tokenizer.pad_token_id, pack)
-    cycle = []
+    # tokens: every process's since this start; cycle: this step's micro-batches
+    tokens, started, running, cycle = 0, time.perf_counter(), [], []
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
@@ -738,8 +738,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
             if accelerator.sync_gradients:
                 cycle = []
             batch_in_epoch += 1
-            tokens += sum(len(examples[i]["input_ids"]) for i in mine) * accelerator.num_processes
-            running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
+            # the global batch's loss (the processes' mean) and tokens (their sum: shares may differ by one example)
+            ours = torch.stack([loss.detach().float(), loss.new_tensor(float(sum(len(examples[i]["input_ids"]) for i in mine)))])
+            summed, global_tokens = accelerator.reduce(ours, reduction="sum").tolist()
+            running.append(summed / accelerator.num_processes)
+            tokens += int(global_tokens)
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -779,6 +782,6 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
-            "eval_examples": len(eval_examples), "tokens_added": added, "batches_halved": halved,
+            "eval_examples": len(eval_examples), "tokens_added": added, "tokens_this_run": tokens, "batches_halved": halved,
             "saved": str(out / ("adapter" if stage == 3 else "model")), **({"not_used": unused} if unused else {}),
             "history": history}
