@@ -126,6 +126,11 @@ def command(group: typer.Typer, name: str | None = None):
     return register
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    return ctx.get_parameter_source(name).name == "COMMANDLINE"
+
+
 def _utf8(value: str) -> str:
     """``value``, or one line when it holds bytes that are not UTF-8 (Python passes them on as lone surrogates):
     Arrow, which reads and writes every shard, cannot open such a path."""
@@ -215,9 +220,8 @@ def shard(
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
               "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
               "audio_root": audio_root}
-    # a flag is given when it came from the command line, not from its default
     foreign = [p.name for p in ctx.command.params if any(p.name in s.options for s in SOURCES.values())
-               and ctx.get_parameter_source(p.name).name == "COMMANDLINE" and option_problem(corpus.value, p.name)]
+               and _given(ctx, p.name) and option_problem(corpus.value, p.name)]
     if foreign:
         takers = sorted({source for name in foreign for source, s in SOURCES.items() if name in s.options})
         own = "".join(f", --{o.replace('_', '-')}" for o in SOURCES[corpus.value].options)
@@ -271,7 +275,7 @@ def _engine(ctx: typer.Context, engine: str | None, address: str | None, inferre
     command line means ray (they were ignored: the job ran locally), added to ``inferred`` for the summary and said
     on stderr; with ``--engine local`` they contradict it: one line."""
     given = (["--ray-address"] if address else []) + [
-        f"--{name.replace('_', '-')}" for name in RAY_ONLY if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+        f"--{name.replace('_', '-')}" for name in RAY_ONLY if _given(ctx, name)]
     if engine is None:
         if not given:
             return "local"
