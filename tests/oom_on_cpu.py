@@ -2,9 +2,11 @@
 (``accelerate launch --multi_gpu --num_processes 2 tests/oom_on_cpu.py train ...``).
 
 In the process of rank ``$OOM_RANK``, a pass (training or validation) over more than ``$OOM_ABOVE`` examples raises
-torch's ``OutOfMemoryError``, as a GPU with too little memory does. Each process writes the number of examples of
-its training passes, one a line, to ``$OOM_PASSES/passes-RANK.txt``. Nothing else changes: the model, the loop and
-the saving are the product's own."""
+torch's ``OutOfMemoryError``, as a GPU with too little memory does. ``$OOM_AT`` (``N:forward`` or ``N:backward``)
+makes that process's Nth training pass (counted from 1, the tries before the first step included) run out of
+memory once, in its forward or its backward pass, whatever its size: memory that a moment's fragmentation left
+too short, mid-training. Each process writes the number of examples of its training passes, one a line, to
+``$OOM_PASSES/passes-RANK.txt``. Nothing else changes: the model, the loop and the saving are the product's own."""
 import os
 import sys
 
@@ -12,15 +14,47 @@ import torch
 from transformers import LlamaForCausalLM
 
 _forward = LlamaForCausalLM.forward
+_passes = 0
+
+
+def _out_of_memory(where="forward"):
+    return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected in a {where} pass)")
+
+
+class _FailsBackward(torch.autograd.Function):
+    """The identity, whose backward pass runs out of memory (after the layers nearer the loss have run theirs)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise _out_of_memory("backward")
 
 
 def _forward_that_runs_out_of_memory(self, *args, **kwargs):
+    global _passes
     rank, examples = int(os.environ.get("RANK", "0")), kwargs["input_ids"].shape[0]
+    ours = rank == int(os.environ["OOM_RANK"])
+    at, _, where = os.environ.get("OOM_AT", "0:").partition(":")
     if torch.is_grad_enabled():
+        _passes += 1
         with open(os.path.join(os.environ["OOM_PASSES"], f"passes-{rank}.txt"), "a") as f:
             f.write(f"{examples}\n")
-    if rank == int(os.environ["OOM_RANK"]) and examples > int(os.environ["OOM_ABOVE"]):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    if ours and examples > int(os.environ["OOM_ABOVE"]):
+        raise _out_of_memory()
+    once = ours and torch.is_grad_enabled() and _passes == int(at)
+    if once and where == "forward":
+        raise _out_of_memory()
+    if once and where == "backward":  # halfway down the layers: some gradients are already there
+        layer = self.model.layers[len(self.model.layers) // 2]
+        hook = layer.register_forward_hook(lambda module, inputs, output: _FailsBackward.apply(output)
+                                           if torch.is_tensor(output) else (_FailsBackward.apply(output[0]), *output[1:]))
+        try:
+            return _forward(self, *args, **kwargs)
+        finally:
+            hook.remove()
     return _forward(self, *args, **kwargs)
 
 

@@ -456,6 +456,24 @@ def _launch(port: int, *how: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", str(port), *how]
 
 
+def _launched(command: list[str], env: dict, timeout: float = 300):
+    """``subprocess.run`` of a launch, whose processes (the launcher's children too) are all ended when it hangs: a
+    process left waiting in a collective call would outlive the test."""
+    import os
+    import signal
+    import subprocess
+
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as launch:
+        try:
+            out, err = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            out, err = launch.communicate()
+            pytest.fail(f"the launch hung for {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, launch.returncode, out, err)
+
+
 FSDP = ("--use_fsdp", "--fsdp_version", "2")
 FSDP_ON_CPU = str(Path(__file__).with_name("fsdp_on_cpu.py"))  # lets accelerate shard over CPU processes
 
@@ -527,27 +545,26 @@ def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, 
 OOM_ON_CPU = str(Path(__file__).with_name("oom_on_cpu.py"))  # one process whose passes of many examples do not fit
 
 
-def test_processes_where_one_runs_out_of_memory_agree_on_a_smaller_pass_before_the_first_step(base_model, dataset,
-                                                                                            tmp_path):
+def test_processes_where_one_runs_out_of_memory_halve_its_passes_before_the_first_step_and_mid_step(base_model, dataset,
+                                                                                                  tmp_path):
     """Two DDP processes (gloo), the second of which runs out of memory on a pass of more than 2 examples (issue 38,
     item 6: "out of memory is never a crash"; it was one line, nothing trained, whatever the batch). Stage 1 in
     blocks of 32 tokens: 30 training examples in batches of 9, 6 validation examples. Before the first step each
     process tries a pass over its share of the longest examples (5 of a batch of 9), the second halves it, and both
     train in passes of 2: the same losses and weights as the run that fits, the halving counted once. The first
-    process's share of 5 is then three passes where the second's 4 is two: only the last pass of each all-reduces
-    the gradients (every pass did: that hung). At the end the second process halves its share of the validation
-    batch (3) alone: the same validation loss (it hung in DDP's buffer broadcast), as when a process has no
-    validation example at all. A process that fits not even one example is one line from the launch, not a
-    traceback or a hang."""
-    import subprocess
-
+    process's share of 5 is then three passes where the second's 4 is two (every pass all-reducing hung). At the end
+    the second process halves its share of the validation batch (3) alone: the same validation loss (it hung in
+    DDP's buffer broadcast), as when a process has no validation example at all. Mid-training, a pass that runs out
+    of memory once (in its forward or its backward pass, after the tries found the size) is halved on that process
+    alone and the step's share run again: the same losses and weights (it was one line, and the other process's
+    gloo traceback). A process that fits not even one example is one line from the launch, not a traceback or a
+    hang."""
     port, env, args = _processes(base_model, dataset, epochs=1, batch_size=9, stage=1)
     args = [*args[2:], "--block-size", "32"]  # the program is in how
 
-    def train(*how, out, above=2):
-        env_oom = {**env, "OOM_RANK": "1", "OOM_ABOVE": str(above), "OOM_PASSES": str(tmp_path)}
-        return subprocess.run([*_launch(port, "--multi_gpu", *how), *args, "--out", str(out)], env=env_oom,
-                              capture_output=True, text=True, timeout=600)
+    def train(*how, out, above=2, at="0:"):
+        env_oom = {**env, "OOM_RANK": "1", "OOM_ABOVE": str(above), "OOM_AT": at, "OOM_PASSES": str(tmp_path)}
+        return _launched([*_launch(port, "--multi_gpu", *how), *args, "--out", str(out)], env_oom)
 
     fits = train("-m", "speechinstruct.cli", out=tmp_path / "fits")
     assert fits.returncode == 0, fits.stderr[-3000:]
@@ -571,6 +588,25 @@ def test_processes_where_one_runs_out_of_memory_agree_on_a_smaller_pass_before_t
     assert logs["halved"][-1]["eval_loss"] == pytest.approx(logs["fits"][-1]["eval_loss"], rel=1e-5)
     assert logs["halved"][-1]["eval_tokens"] == logs["fits"][-1]["eval_tokens"] > 0
     _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / "halved" / "model"), stray=1e-3)
+
+    # mid-training, after the tries: one pass of the second process runs out of memory once, in the backward pass of
+    # its second step's share of 4 (halfway down the layers, some gradients already added) or in the forward pass of
+    # its first (the first pass through DDP's wrapper, which broadcasts the buffers before it); it halves its passes
+    # and runs the step's share again while the first process waits (it was one line, the run lost)
+    for at, expected in (("3:backward", [5, 4, 4, 2, 2, 2, 2, 1]), ("2:forward", [5, 4, 2, 2, 2, 2, 2, 2, 1])):
+        where = at.split(":")[1]
+        for rank in (0, 1):
+            (tmp_path / f"passes-{rank}.txt").unlink()
+        once = train(OOM_ON_CPU, out=tmp_path / where, above=100, at=at)
+        assert once.returncode == 0, once.stderr[-3000:]
+        assert f"out of memory with 4 examples a pass on process 1 of 2: 2 from now on (CUDA out of memory. Tried to " \
+               f"allocate 2.00 GiB (injected in a {where} pass))" in once.stderr, once.stderr[-3000:]
+        assert json.loads(once.stdout)["batches_halved"] == 1
+        passes = {rank: [int(n) for n in (tmp_path / f"passes-{rank}.txt").read_text().split()] for rank in (0, 1)}
+        assert passes == {0: [5, 5, 5, 5, 2], 1: expected}, (where, passes)
+        log = [json.loads(line) for line in (tmp_path / where / "log.jsonl").read_text().splitlines()]
+        assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in logs["fits"]], rel=1e-5)
+        _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / where / "model"), stray=1e-3)
 
     # one validation example (blocks of 1,024 tokens) for two processes: the second has none to run (that hung too)
     args += ["--block-size", "1024", "--max-steps", "1"]
@@ -776,10 +812,13 @@ def test_a_batch_that_runs_out_of_memory_is_halved_to_the_same_weights(base_mode
                                       "--out", str(tmp_path / "never"), "--max-steps", "1", "--batch-size", "2", "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "out of memory with one example a pass: lower --max-length" in result.stderr
-    # several processes would all have to split together: one line saying what to change
+    # FSDP's processes would all have to split together: one line saying what to change; a DDP process halves alone
     from types import SimpleNamespace
     with pytest.raises(T.OutOfMemory, match="process 1 of 2 with 3 examples a pass: lower --batch-size"):
-        T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1))
+        T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1,
+                                                               distributed_type=SimpleNamespace(value="FSDP")))
+    assert T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1,
+                                                                  distributed_type=SimpleNamespace(value="MULTI_GPU"))) == 1
 
 
 def test_settings_another_stage_reads_are_said_to_change_nothing(base_model, dataset, tmp_path):

@@ -312,24 +312,68 @@ def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size
     tokens = [loss_tokens(p) for p in parts]
     total = max(1, sum(tokens))
     loss = torch.zeros((), device=accelerator.device)
+    alone = is_ddp(model)  # DDP: no part all-reduces; all_reduce_gradients does, once the step's parts have all run
     for i, (part, n) in enumerate(zip(parts, tokens)):
         batch = {key: v.to(accelerator.device) for key, v in part.items()}
-        # several processes (DDP): only the last part's backward pass all-reduces the gradients, so that processes
-        # whose shares split into different numbers of parts make the same collective calls
-        with accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext():
+        # FSDP: only the last part's backward pass reduces the gradients, so that processes whose shares split into
+        # different numbers of parts make the same collective calls
+        with accelerator.no_sync(model) if alone or i < len(parts) - 1 else contextlib.nullcontext():
             weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
             accelerator.backward(weighted)
         loss += weighted.detach()
     return loss
 
 
+def is_ddp(model) -> bool:
+    """Whether ``model`` is DDP's wrapper (a whole copy per process)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
+def all_reduce_gradients(model, bucket_bytes: int = 25 << 20) -> None:
+    """Each trained weight's gradient replaced by its mean over the processes, as DDP's all-reduce leaves it, in
+    buckets of about 25 MB (DDP's size) in the weights' order. Called once a step's passes have all run, each
+    without DDP's all-reduce (``no_sync``): DDP all-reduces during the last backward pass, which a process that runs
+    out of memory in it cannot leave and join again, and the others would wait in it for good; here the others wait
+    in this call while that process halves its passes and runs the step's share again. The reduction no longer
+    overlaps the last backward pass (its cost on GPUs is not measured: none was lent)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    grads = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:  # a weight no pass of this process used: its share of the mean is zero
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    bucket: list[torch.Tensor] = []
+
+    def reduce():
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+        bucket.clear()
+
+    filled = 0
+    for g in grads:
+        size = g.numel() * g.element_size()
+        if bucket and (g.dtype != bucket[0].dtype or filled + size > bucket_bytes):
+            reduce()
+            filled = 0
+        bucket.append(g)
+        filled += size
+    if bucket:
+        reduce()
+
+
 def local_module(model):
     """``model`` without DDP's wrapper (its own forward, autocast included): a pass through it makes no collective
     call (DDP's buffer broadcast, its gradient all-reduce), so one process may run more passes than another.
     Under FSDP the model itself, whose every pass gathers the weights' shards from all processes."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return model.module if is_ddp(model) else model
 
 
 def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int, pad_id: int,
@@ -337,10 +381,11 @@ def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int,
     """Examples per forward pass for several processes (DDP), found before the first step: each process tries a
     forward and backward pass over the ``size`` longest examples (its whole share of a batch), with memory the size
     of the optimizer's state held as the steps will hold it (AdamW: two tensors the size of each trained weight),
-    halving until one fits, and all take the smallest size that fitted everywhere. (size, halvings). One process
-    halves a batch when it runs out of memory in the loop; several cannot: a process that stops mid-step leaves
-    the others waiting in DDP's all-reduce, so a later batch that does not fit is one line (:func:`_halve`).
-    Under FSDP every pass is collective and ``size`` is kept."""
+    halving until one fits, and all take the smallest size that fitted everywhere. (size, halvings). A process that
+    runs out of memory later, mid-step, halves its passes and runs its share of the step again while the others
+    wait for it in :func:`all_reduce_gradients`; the tries find the size before the first step, with the optimizer's
+    state (which the first step makes) counted, so that it is not found one failed pass at a time.
+    Under FSDP every pass is collective and ``size`` is kept: a batch that does not fit is one line (:func:`_halve`)."""
     if accelerator.num_processes == 1 or accelerator.distributed_type.value == "FSDP":
         return size, 0
     inner, start = local_module(model), size
@@ -379,7 +424,7 @@ def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int,
 def _halve(first: str, size: int, batch: int, accelerator) -> int:
     """The examples per forward pass after running out of memory (the error's ``first`` line) with ``size`` of a
     micro-batch of ``batch``: half as many, or one line that says what to do when there can be no fewer."""
-    if accelerator.num_processes > 1:  # the others wait in a collective call: they split before the first step only
+    if accelerator.distributed_type.value == "FSDP":  # every pass gathers from all processes: none can run alone
         raise OutOfMemory(f"out of memory on process {accelerator.process_index} of {accelerator.num_processes} "
                           f"with {min(size, batch)} examples a pass: lower --batch-size and raise --grad-accum "
                           f"({first})") from None
@@ -387,7 +432,9 @@ def _halve(first: str, size: int, batch: int, accelerator) -> int:
         raise OutOfMemory(f"out of memory with one example a pass: lower --max-length (stage 1: block_size) "
                           f"({first})") from None
     size = min(size, batch)
-    log.warning("out of memory with %d examples a pass: %d from now on (%s)", size, size // 2, first)
+    where = (f" on process {accelerator.process_index} of {accelerator.num_processes}"
+             if accelerator.num_processes > 1 else "")
+    log.warning("out of memory with %d examples a pass%s: %d from now on (%s)", size, where, size // 2, first)
     return size // 2
 
 
@@ -693,6 +740,10 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     # The scheduler is stepped by hand once per optimizer step: prepared by accelerate, it would step once per
     # process (batches are split by hand here, not by accelerate), and the schedule would run N times too fast.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if is_ddp(model):  # no buffer broadcast before a forward pass: a collective call, which a pass run again after
+        # running out of memory made on one process only (that hung); a causal LM's buffers (rotary frequencies) are
+        # the same everywhere, and DDP's wrapper still copied them from the first process when it was made
+        model.broadcast_buffers = False  # torch >= 2.13 names it forward_sync_buffers (this is its setter)
     # how the model is spread: NO, MULTI_CPU / MULTI_GPU (DDP: a copy per process), FSDP (parameters sharded)
     distributed = {"type": accelerator.distributed_type.value, "processes": accelerator.num_processes}
     log.info("training on %d process(es), %s, mixed precision %s", accelerator.num_processes,
@@ -705,8 +756,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     # size: examples per forward pass
     size, halved = fitting_size(model, optimizer, accelerator, examples, math.ceil(cfg.batch_size / accelerator.num_processes),
                                 tokenizer.pad_token_id, pack)
-    # tokens: every process's since this start; cycle: this step's micro-batches
-    tokens, started, running, cycle = 0, time.perf_counter(), [], []
+    # tokens: every process's since this start; cycle: this step's micro-batches; halved_here: this process's halvings
+    tokens, started, running, cycle, halved_here = 0, time.perf_counter(), [], [], 0
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
@@ -725,10 +776,12 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                         if not is_out_of_memory(e):
                             raise
                         size = _halve(first_line(e), size, max(map(len, cycle)), accelerator)
-                    halved += 1  # the step's gradients again from nothing, in parts of ``size``
+                    halved_here += 1  # the step's gradients again from nothing, in parts of ``size``
                     model.zero_grad(set_to_none=True)  # an out-of-memory in the backward pass left some added
                     free_cached()  # here, not in the except block, whose error holds the failed try's tensors
                     redo = cycle[:-1]
+                if accelerator.sync_gradients and is_ddp(model):  # the others may have waited here for this one
+                    all_reduce_gradients(model)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -763,6 +816,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
 
+    # the halvings: the tries' (the same on every process) and each process's own in the loop
+    halved += int(accelerator.reduce(torch.tensor(halved_here, device=accelerator.device), reduction="sum"))
     accelerator.wait_for_everyone()
     # FSDP holds a shard of each weight per process: the whole state is gathered by every process together
     state = accelerator.get_state_dict(model) if distributed["type"] == "FSDP" else None
