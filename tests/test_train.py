@@ -878,3 +878,32 @@ def test_each_process_ends_its_process_group(base_model, dataset, tmp_path):
     assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",
                                                                                "initialized-1": "False"}
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_gradients_are_averaged_over_the_processes_a_weight_without_one_counting_zero(tmp_path):
+    """all_reduce_gradients (DDP's all-reduce, run once a step's passes have all run) over 2 gloo processes, in
+    buckets smaller than a weight: each trained weight's gradient is the processes' mean; one the second process
+    has no gradient for counts as zero there (its buckets would differ, and the processes wait for each other for
+    good); a weight not trained is left alone."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("import json, torch, torch.distributed as d; from speechinstruct.model.train import all_reduce_gradients\n"
+            "d.init_process_group('gloo'); rank = d.get_rank()\n"
+            "m = torch.nn.Linear(3, 2); m.register_parameter('frozen', torch.nn.Parameter(torch.ones(2), False))\n"
+            "m.weight.grad = torch.full((2, 3), float(rank + 1))\n"
+            "if rank == 0:\n    m.bias.grad = torch.tensor([2.0, 4.0])\n"
+            "all_reduce_gradients(m, bucket_bytes=16)\n"
+            f"open({str(tmp_path)!r} + f'/grads-{{rank}}.json', 'w').write(json.dumps("
+            "{n: None if p.grad is None else p.grad.tolist() for n, p in m.named_parameters()}))\n"
+            "d.destroy_process_group()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "--no-python", sys.executable, "-c", code],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {"weight": [[1.5] * 3] * 2, "bias": [1.0, 2.0], "frozen": None}
+    assert [json.loads((tmp_path / f"grads-{rank}.json").read_text()) for rank in (0, 1)] == [expected, expected]
