@@ -281,3 +281,35 @@ def test_cluster_names_a_feature_file_with_frames_that_are_not_finite(tmp_path):
     (tmp_path / "nan" / "features-00000.arrow").rename(tmp_path / "feat" / "features-00002.arrow")
     with pytest.raises(ValueError, match=r"features-00002.arrow: frames hold NaN or infinite values"):
         cluster.sample_frames(tmp_path / "feat", 10**6)
+
+
+def test_kmeans_that_runs_out_of_gpu_memory_is_fitted_by_faiss_on_the_cpu(tmp_path, monkeypatch):
+    """`cluster` on a GPU (torch's k-means) whose memory cannot hold the sample and its distances raised torch's
+    OutOfMemoryError: a traceback, no k-means (issue 38, item 6: out of memory is never a crash). FAISS fits it on
+    the CPU instead, said on stderr and in kmeans.json; the centroids are FAISS's own for that sample."""
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+
+    _feature_folder(tmp_path / "features")
+
+    def out_of_memory(sample, *args, **kwargs):
+        torch.empty(len(sample), 8)  # what fitted before the distances did not
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.93 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.05 GiB is free.\nIf reserved but unallocated memory is large…")
+
+    monkeypatch.setattr(cluster, "engine_for", lambda gpu=None: "torch")
+    monkeypatch.setattr(cluster, "fit_torch", out_of_memory)
+    result = CliRunner().invoke(app, ["cluster", str(tmp_path / "features"), str(tmp_path / "km"), "--k", "8"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "warning: k-means on the GPU ran out of memory with 9,369 frames of 16 (CUDA out of memory. Tried to " \
+           "allocate 2.93 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.05 GiB is free.): FAISS on the CPU " \
+           "instead" in result.stderr, result.stderr
+    meta = json.loads((tmp_path / "km" / "kmeans.json").read_text())
+    assert meta["engine"] == "faiss" and meta["gpu_out_of_memory"].startswith("CUDA out of memory. Tried to allocate")
+    sample = cluster.sample_frames(tmp_path / "features", meta["sample_frames"], meta["seed"])
+    np.testing.assert_array_equal(np.load(tmp_path / "km" / "centroids.npy"), cluster.fit(sample, 8, seed=meta["seed"],
+                                                                                          engine="faiss"))

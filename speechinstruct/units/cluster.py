@@ -7,6 +7,7 @@ sample size, seed, iterations, centroid hash) in the output folder.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import numpy as np
 
 from .. import recipe as settings
 from ..io import atomic_path, claim_outputs, read_json, write_json, wrote_before
+from ..memory import first_line, free_cached, is_out_of_memory
 from ..shardfiles import feature_dim, feature_files, frame_blocks
 from .kmeans import KMeans, nearest_centroids
 
+log = logging.getLogger(__name__)
 
 def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.ndarray:
     """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file: the files are
@@ -139,8 +142,19 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)
     read = time.perf_counter()
-    engine = engine_for(gpu)
-    centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, engine=engine)
+    engine, centroids, short = engine_for(gpu), None, ""
+    try:
+        centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, engine=engine)
+    except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
+        if engine != "torch" or not is_out_of_memory(e):
+            raise
+        short = first_line(e)
+    if centroids is None:  # the GPU could not hold the sample and its distances: FAISS on the CPU holds it
+        free_cached()  # here, not in the except block, whose error holds the failed try's tensors
+        log.warning("k-means on the GPU ran out of memory with %s frames of %d (%s): FAISS on the CPU instead",
+                    f"{len(sample):,}", sample.shape[1], short)
+        engine = "faiss"
+        centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=False, engine=engine)
     fitted = time.perf_counter()
     inertia = KMeans(centroids).inertia(sample)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +168,7 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
         # where they went: reading the sample from the feature files, and the k-means itself
         "seconds_reading": round(read - started, 3), "seconds_fitting": round(fitted - read, 3),
         **({"engine": "torch"} if engine == "torch" else {}),
+        **({"engine": "faiss", "gpu_out_of_memory": short} if short else {}),
     }
     write_json(out / "kmeans.json", meta)
     return meta
