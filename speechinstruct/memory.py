@@ -43,6 +43,11 @@ def free_cached() -> None:
         pass
 
 
+def even_alone(what: str, said: str) -> str:
+    """Why one item (``what``) has no result: it ran out of memory even alone (``said``: the error's first line)."""
+    return f"out of memory even alone ({what}): {said}"
+
+
 def halving(run: Callable[[list], list], items: Sequence, counts: collections.Counter | None = None,
             describe: Callable[[object], str] = lambda item: "one item", ran: list[int] | None = None,
             size: Callable[[list], int] = len) -> list:
@@ -60,7 +65,7 @@ def halving(run: Callable[[list], list], items: Sequence, counts: collections.Co
         return results
     free_cached()  # outside the except block, where nothing holds what the failed try allocated
     if len(items) == 1:
-        raise OutOfMemory(f"out of memory even alone ({describe(items[0])}): {said}")
+        raise OutOfMemory(even_alone(describe(items[0]), said))
     if counts is not None:
         counts["batches_halved"] += 1
     middle = len(items) // 2

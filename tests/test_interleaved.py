@@ -297,6 +297,39 @@ def test_align_gives_a_corpus_word_timings_with_a_ctc_model(librispeech_root, tm
     assert json.loads(again.stdout)["shards skipped (done)"] == 1
 
 
+def test_an_utterance_the_aligner_cannot_hold_even_alone_is_kept_without_words(librispeech_root, tmp_path,
+                                                                              monkeypatch):
+    """A wav2vec2 model on the GPU over one very long utterance runs out of memory: `align` stopped with torch's
+    OutOfMemoryError and its traceback, nothing of the shard written. That row is now kept without words, its
+    reason counted; the others are aligned."""
+    import torch
+    from asr_fixture import write_tiny_ctc
+    from transformers import Wav2Vec2ForCTC
+
+    write_tiny_ctc(tmp_path / "ctc")
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
+    rows = [r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()]
+    longest = max(rows, key=lambda r: r["duration"])
+    forward = Wav2Vec2ForCTC.forward
+
+    def tight(self, input_values=None, **kwargs):
+        if input_values.shape[-1] >= round(longest["duration"] * 16000):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.10 GiB (injected)")
+        return forward(self, input_values, **kwargs)
+
+    monkeypatch.setattr(Wav2Vec2ForCTC, "forward", tight)
+    result = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"),
+                                 "--model", str(tmp_path / "ctc"), "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    report = json.loads(result.stdout)
+    assert (report["aligned"], report["not aligned: out of memory even alone"]) == (3, 1), report
+    assert report["examples"] == [{"id": longest["id"], "reason": f"out of memory even alone (an utterance of "
+                                   f"{longest['duration']:.1f} s): CUDA out of memory. Tried to allocate 9.10 GiB (injected)"}]
+    aligned = {r["id"]: r for f in manifest_files(tmp_path / "aligned") for r in pq.read_table(f).to_pylist()}
+    assert len(aligned) == 4 and not aligned[longest["id"]]["words"]
+    assert all(r["words"] for i, r in aligned.items() if i != longest["id"])
+
+
 def test_align_stops_when_the_root_is_gone_and_leaves_a_shard_storage_failed_for_the_rerun(librispeech_root, tmp_path):
     """A corpus root that is not there made every row "not aligned: unreadable audio" and every shard was written
     as done; an utterance the storage failed to give (a real EIO: /proc/self/mem) lost its words for good. Now

@@ -526,3 +526,50 @@ def test_ray_actors_whose_judges_differ_are_one_line_naming_both_nodes():
         same_judges([("10.0.0.1/ab", spec, None), ("10.0.0.2/cd", spec, None), ("10.0.0.3/ef", other, None)])
     assert str(e.value).startswith("ray engine: the judges on 10.0.0.3/ef are not those on 10.0.0.1/ab (dnsmos: ")
     assert "'cc'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_clip_that_does_not_fit_alone_is_that_utterances_skip_and_the_others_are_scored(tmp_path, speech,
+                                                                                          monkeypatch):
+    """A CTC model's attention over one very long clip (a recording of an hour, left uncut) runs out of memory even
+    alone: `score --asr` stopped with one line at that clip, and a rerun stopped there again, so the corpus could
+    never be scored. So did the speaker encoder (torch's OutOfMemoryError: a traceback). Such a clip is now that
+    utterance's skip with its reason; the other utterances of its batch and shard are scored."""
+    import torch
+    from transformers import Wav2Vec2ForCTC
+
+    from speechinstruct.judges.speakers import GE2E
+
+    long = np.concatenate([speech[0]] * 4)
+    root = _corpus(tmp_path / "ls", {"a": (speech[0], SENTENCES[0]), "long": (long, SENTENCES[0] * 4),
+                                     "b": (speech[1], SENTENCES[1])})
+    assert runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "m"), "-q"]).exit_code == 0
+    limit = len(long) - 1  # samples: the long clip does not fit, alone or with others
+    forward, embed = Wav2Vec2ForCTC.forward, GE2E.embed
+
+    def tight_forward(self, input_values=None, **kwargs):
+        if input_values.shape[0] * input_values.shape[-1] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 21.95 GiB (injected)")
+        return forward(self, input_values, **kwargs)
+
+    def tight_embed(self, wav):
+        if len(wav) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.20 GiB (injected)")
+        return embed(self, wav)
+
+    monkeypatch.setattr(Wav2Vec2ForCTC, "forward", tight_forward)
+    monkeypatch.setattr(GE2E, "embed", tight_embed)
+    seconds = len(long) / 16000
+    for judge, says in ((["--asr", str(write_tiny_ctc(tmp_path / "ctc")), "--batch-size", "4"], "21.95"),
+                        (["--speaker", "resemblyzer"], "3.20")):
+        out = tmp_path / judge[0].strip("-")
+        result = runner.invoke(app, ["score", str(tmp_path / "m"), str(out), *judge, "-q"])
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        summary = json.loads(result.stdout[result.stdout.index("{"):])
+        assert (summary["utterances"], summary["skipped"]) == (2, 1), summary
+        assert pq.read_table(out / "scores-00000.parquet").column("id").to_pylist() == \
+            ["librispeech/10-20-0000", "librispeech/10-20-0002"]
+        errors = [json.loads(x) for x in (out / "errors-00000.jsonl").read_text().splitlines()]
+        assert [(e["id"], e["reason"]) for e in errors] == [(
+            "librispeech/10-20-0001", f"out of memory even alone (a clip of {seconds:.1f} s): CUDA out of memory. Tried "
+                                      f"to allocate {says} GiB (injected)")], errors
+        assert not errors[0].get("may_pass")  # a rerun on the same device would run out again

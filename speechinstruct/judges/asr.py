@@ -18,6 +18,7 @@ import numpy as np
 from ..audio import TARGET_SR
 from ..checkpoints import load_pretrained
 from ..io import read_json, sha256_file
+from ..memory import even_alone, first_line, free_cached, is_out_of_memory
 from . import ScoreError
 
 
@@ -133,6 +134,18 @@ class TransformersASR:
         raw = self.processor.batch_decode(ids, skip_special_tokens=False)  # <|startoftranscript|><|de|><|transcribe|>…
         return [(t, (re.search(r"<\|([a-z]{2,3})\|>", r) or [None, None])[1]) for t, r in zip(texts, raw)]
 
+    def _transcribe_or_reason(self, batch: list[np.ndarray]) -> list[tuple[str, str | None]]:
+        """:meth:`_transcribe_batch`; for one clip that does not fit even alone (attention over an hour left uncut),
+        the reason it has no transcript (:class:`BadAnswer`), so that the others are scored and a rerun ends."""
+        try:
+            return self._transcribe_batch(batch)
+        except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
+            if len(batch) > 1 or not is_out_of_memory(e):
+                raise
+            said = first_line(e)  # not the error itself: its traceback holds the failed try's tensors
+        free_cached()
+        return [(BadAnswer(even_alone(a_clip(batch[0]), said)), None)]
+
     @property
     def spec(self) -> dict:
         spec = {"judge": "asr", "model": self.name, "revision": self.revision, "kind": self.kind,
@@ -156,8 +169,8 @@ class TransformersASR:
         from ..memory import batches
 
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # similar lengths together: less padding
-        heard, self.batch_size = batches(self._transcribe_batch, [wavs[i] for i in order], self.batch_size,
-                                         self.counts, lambda w: f"a clip of {len(w) / TARGET_SR:.1f} s")
+        heard, self.batch_size = batches(self._transcribe_or_reason, [wavs[i] for i in order], self.batch_size,
+                                         self.counts, a_clip)
         out = [""] * len(wavs)
         self.languages = {}  # clip → the language token a Whisper model chose (the last call's clips)
         for i, (text, language) in zip(order, heard):
@@ -165,6 +178,11 @@ class TransformersASR:
             if language:
                 self.languages[i] = language
         return out
+
+
+def a_clip(wav: np.ndarray) -> str:
+    """A 16 kHz clip, as a line about memory names it."""
+    return f"a clip of {len(wav) / TARGET_SR:.1f} s"
 
 
 def _ctc_frames(model, attention_mask):

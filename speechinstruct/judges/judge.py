@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..audio import AudioError
-from .asr import BadAnswer, error_rates, load_asr
+from ..memory import even_alone, first_line, free_cached, is_out_of_memory
+from .asr import BadAnswer, a_clip, error_rates, load_asr
 from .dnsmos import DNSMOS
 
 
@@ -65,9 +66,18 @@ class Judge:
 
     def scores(self, wavs: list[np.ndarray], texts: list[str | None], who: list[str | None] | None = None) -> list[dict | str]:
         out: list[dict | str] = [{} for _ in wavs]
+        failed: dict[int, str] = {}  # clip → why it has no scores (a clip one judge could not hold even alone)
         if self.speaker is not None:
             for i, wav in enumerate(wavs):
-                embedding = self.speaker.embed(wav)
+                try:
+                    embedding = self.speaker.embed(wav)
+                except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
+                    if not is_out_of_memory(e):
+                        raise
+                    failed[i] = even_alone(a_clip(wav), first_line(e))
+                if i in failed:
+                    free_cached()  # here, not in the except block, whose error holds the failed try's tensors
+                    continue
                 out[i]["embedding"] = embedding
                 reference = self.references.get(who[i]) if who else None
                 if reference is not None:
@@ -93,7 +103,7 @@ class Judge:
                         out[i] = rates
                         continue
                     out[i]["wer"], out[i]["cer"] = rates
-        return out
+        return [failed.get(i, scores) for i, scores in enumerate(out)]
 
 
 def reference_embeddings(folder: str | Path, encoder) -> dict[str, np.ndarray]:
