@@ -743,7 +743,7 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     if is_ddp(model):  # no buffer broadcast before a forward pass: a collective call, which a pass run again after
         # running out of memory made on one process only (that hung); a causal LM's buffers (rotary frequencies) are
         # the same everywhere, and DDP's wrapper still copied them from the first process when it was made
-        model.broadcast_buffers = False  # torch >= 2.13 names it forward_sync_buffers (this is its setter)
+        model.broadcast_buffers = False  # newer torch calls it forward_sync_buffers, with this name as its setter
     # how the model is spread: NO, MULTI_CPU / MULTI_GPU (DDP: a copy per process), FSDP (parameters sharded)
     distributed = {"type": accelerator.distributed_type.value, "processes": accelerator.num_processes}
     log.info("training on %d process(es), %s, mixed precision %s", accelerator.num_processes,

@@ -22,6 +22,7 @@ from .kmeans import KMeans, nearest_centroids
 
 log = logging.getLogger(__name__)
 
+
 def sample_frames(features: str | Path, max_frames: int, seed: int = 0) -> np.ndarray:
     """Up to ``max_frames`` frames drawn uniformly without replacement from every feature file: the files are
     counted first, then only the drawn frames are read from their memory maps (memory holds the sample, not
