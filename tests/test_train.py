@@ -458,17 +458,17 @@ def _launch(port: int, *how: str) -> list[str]:
 
 def _launched(command: list[str], env: dict, timeout: float = 300):
     """``subprocess.run`` of a launch, whose processes (the launcher's children too) are all ended when it hangs: a
-    process left waiting in a collective call would outlive the test."""
-    import os
-    import signal
+    process left waiting in a collective call would outlive the test (and hold its output open)."""
     import subprocess
 
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as launch:
+    import psutil
+
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as launch:
         try:
             out, err = launch.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:  # the workers too: torchrun starts each in a session of its own
+            for process in [*psutil.Process(launch.pid).children(recursive=True), psutil.Process(launch.pid)]:
+                process.kill()
             out, err = launch.communicate()
             pytest.fail(f"the launch hung for {timeout} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(command, launch.returncode, out, err)
@@ -862,21 +862,32 @@ def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
 def test_each_process_ends_its_process_group(base_model, dataset, tmp_path):
     """A 2-process run (torchrun, gloo) left its process group to the interpreter's exit, where gloo's threads can
     abort the process after the training was saved (`terminate called without an active exception`, exit -6: seen
-    once in CI); the launcher then counts the run as failed. Each process ends it now, when train() returns."""
+    once in CI); the launcher then counts the run as failed. Each process ends it now, when train() returns.
+    And no DDP wrapper is left when it does: the wrapper's reducer, holding the group's last reference, joined
+    gloo's worker thread with Python's lock held while that thread waited for the lock (a process that had saved
+    the model hung for good: seen once in CI, py-spy showing both threads)."""
     import subprocess
     import sys
 
     port, env, _ = _processes(base_model, dataset, epochs=1, batch_size=8)
-    code = ("import os, torch.distributed as d; from speechinstruct.model.train import train, TrainConfig; "
+    code = ("import gc, os, torch.distributed as d; from speechinstruct.model.train import train, TrainConfig\n"
+            "from torch.nn.parallel import DistributedDataParallel as DDP\n"
+            "destroy, alive = d.destroy_process_group, []\n"
+            "def watched(*a, **k):\n"
+            "    alive.append(sum(isinstance(o, DDP) for o in gc.get_objects()))\n"
+            "    return destroy(*a, **k)\n"
+            "d.destroy_process_group = watched\n"
             f"train(2, {str(base_model)!r}, {str(dataset)!r}, {str(tmp_path / 'out')!r}, "
-            "TrainConfig(epochs=1, batch_size=8, grad_accum=1, lr=1e-3, max_steps=2)); "
-            f"open({str(tmp_path)!r} + '/initialized-' + os.environ['RANK'], 'w').write(str(d.is_initialized()))")
+            "TrainConfig(epochs=1, batch_size=8, grad_accum=1, lr=1e-3, max_steps=2))\n"
+            f"open({str(tmp_path)!r} + '/initialized-' + os.environ['RANK'], 'w').write(str(d.is_initialized()))\n"
+            f"open({str(tmp_path)!r} + '/wrappers-' + os.environ['RANK'], 'w').write(str(alive))\n")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "--no-python", sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",
                                                                                "initialized-1": "False"}
+    assert {p.name: p.read_text() for p in tmp_path.glob("wrappers-*")} == {"wrappers-0": "[0]", "wrappers-1": "[0]"}
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -835,6 +836,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     # the process there (gloo's threads still hold work, pytorch/pytorch#179291: "terminate called without an
     # active exception", seen once on a 2-process FSDP run in CI), and the launcher counts the run as failed.
     accelerator.wait_for_everyone()
+    # DDP's reducer holds the process group too: dropped after the group ended, its destructor joined gloo's worker
+    # thread holding Python's lock, while that thread waited for the lock to free a tensor of the last collective
+    # calls (a run that had saved its model never exited: seen once in CI, with py-spy). Dropped before, the group's
+    # last holder is Python's own, whose destructor lets go of the lock.
+    accelerator.free_memory()  # its own references to the model and the optimizer
+    model = optimizer = None
+    gc.collect()  # a reference cycle through the wrapper would keep it for the interpreter's next collection
     accelerator.end_training()
     return {"stage": stage, "steps": step, "distributed": distributed, "examples": len(examples),
             "eval_examples": len(eval_examples), "tokens_added": added, "tokens_this_run": tokens, "batches_halved": halved,
