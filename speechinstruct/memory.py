@@ -9,7 +9,9 @@ re-raised as :class:`OutOfMemory`, naming how large it was, for the caller to re
 from __future__ import annotations
 
 import collections
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 class OutOfMemory(MemoryError):
@@ -48,22 +50,29 @@ def even_alone(what: str, said: str) -> str:
     return f"out of memory even alone ({what}): {said}"
 
 
+def attempt(run: Callable[[], T]) -> tuple[T | None, str | None]:
+    """``(run(), None)``, or when it runs out of memory ``(None, the error's first line)``, with what the failed
+    try allocated given back (outside the ``except`` block, whose error holds its tensors). Other errors go on up."""
+    try:
+        return run(), None
+    except Exception as e:  # noqa: BLE001  only out-of-memory errors are handled; the rest go on up
+        if not is_out_of_memory(e):
+            raise
+        said = first_line(e)  # not the error itself: its traceback holds the failed try's tensors
+    free_cached()
+    return None, said
+
+
 def halving(run: Callable[[list], list], items: Sequence, counts: collections.Counter | None = None,
             describe: Callable[[object], str] = lambda item: "one item", ran: list[int] | None = None,
             size: Callable[[list], int] = len) -> list:
     """``run(items)``, or on running out of memory the results of its halves run the same way (in order).
     ``ran``: gets the ``size`` of every part that ran (what fitted, for the batches that come after)."""
-    try:
-        results = run(list(items))
-    except Exception as e:  # noqa: BLE001  only out-of-memory errors are handled; the rest go on up
-        if not is_out_of_memory(e):
-            raise
-        said = first_line(e)  # not the error itself: its traceback holds the failed try's tensors
-    else:
+    results, said = attempt(lambda: run(list(items)))
+    if said is None:
         if ran is not None:
             ran.append(size(list(items)))
         return results
-    free_cached()  # outside the except block, where nothing holds what the failed try allocated
     if len(items) == 1:
         raise OutOfMemory(even_alone(describe(items[0]), said))
     if counts is not None:

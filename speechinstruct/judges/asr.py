@@ -18,7 +18,7 @@ import numpy as np
 from ..audio import TARGET_SR
 from ..checkpoints import load_pretrained
 from ..io import read_json, sha256_file
-from ..memory import even_alone, first_line, free_cached, is_out_of_memory
+from ..memory import attempt, even_alone
 from . import ScoreError
 
 
@@ -137,14 +137,10 @@ class TransformersASR:
     def _transcribe_or_reason(self, batch: list[np.ndarray]) -> list[tuple[str, str | None]]:
         """:meth:`_transcribe_batch`; for one clip that does not fit even alone (attention over an hour left uncut),
         the reason it has no transcript (:class:`BadAnswer`), so that the others are scored and a rerun ends."""
-        try:
+        if len(batch) > 1:  # halved by the caller (memory.batches)
             return self._transcribe_batch(batch)
-        except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
-            if len(batch) > 1 or not is_out_of_memory(e):
-                raise
-            said = first_line(e)  # not the error itself: its traceback holds the failed try's tensors
-        free_cached()
-        return [(BadAnswer(even_alone(a_clip(batch[0]), said)), None)]
+        heard, said = attempt(lambda: self._transcribe_batch(batch))
+        return heard if said is None else [(BadAnswer(even_alone(a_clip(batch[0]), said)), None)]
 
     @property
     def spec(self) -> dict:

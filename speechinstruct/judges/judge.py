@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..audio import AudioError
-from ..memory import even_alone, first_line, free_cached, is_out_of_memory
+from ..memory import attempt, even_alone
 from .asr import BadAnswer, a_clip, error_rates, load_asr
 from .dnsmos import DNSMOS
 
@@ -69,14 +69,9 @@ class Judge:
         failed: dict[int, str] = {}  # clip → why it has no scores (a clip one judge could not hold even alone)
         if self.speaker is not None:
             for i, wav in enumerate(wavs):
-                try:
-                    embedding = self.speaker.embed(wav)
-                except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
-                    if not is_out_of_memory(e):
-                        raise
-                    failed[i] = even_alone(a_clip(wav), first_line(e))
-                if i in failed:
-                    free_cached()  # here, not in the except block, whose error holds the failed try's tensors
+                embedding, said = attempt(lambda: self.speaker.embed(wav))
+                if said is not None:
+                    failed[i] = even_alone(a_clip(wav), said)
                     continue
                 out[i]["embedding"] = embedding
                 reference = self.references.get(who[i]) if who else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..memory import even_alone, first_line, free_cached, is_out_of_memory
+from ..memory import attempt, even_alone
 
 TOLERANCE = 0.02  # seconds: alignments are written rounded (MFA: to the 10 ms frame)
 
@@ -188,16 +188,10 @@ class CtcAligner:
                 owner.append(-1)
             tokens += ids
             owner += [n] * len(ids)
-        inputs, said = self.processor(wav, sampling_rate=sample_rate, return_tensors="pt"), ""
-        try:
-            with torch.inference_mode():
-                logits = self.model(inputs["input_values"].to(self.device)).logits[0]
-        except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
-            if not is_out_of_memory(e):
-                raise
-            said = first_line(e)  # not the error itself: its traceback holds the failed try's tensors
-        if said:  # attention over a long utterance: this row is kept without words, the others are aligned
-            free_cached()
+        inputs = self.processor(wav, sampling_rate=sample_rate, return_tensors="pt")
+        with torch.inference_mode():
+            logits, said = attempt(lambda: self.model(inputs["input_values"].to(self.device)).logits[0])
+        if said is not None:  # attention over a long utterance: this row is kept without words, the others aligned
             return even_alone(f"an utterance of {len(wav) / sample_rate:.1f} s", said)
         path = ctc_viterbi(logits.log_softmax(-1).float().cpu().numpy(), tokens, self.blank)
         if path is None:

@@ -6,6 +6,7 @@ sample size, seed, iterations, centroid hash) in the output folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -16,7 +17,7 @@ import numpy as np
 
 from .. import recipe as settings
 from ..io import atomic_path, claim_outputs, read_json, write_json, wrote_before
-from ..memory import first_line, free_cached, is_out_of_memory
+from ..memory import attempt
 from ..shardfiles import feature_dim, feature_files, frame_blocks
 from .kmeans import KMeans, nearest_centroids
 
@@ -143,15 +144,10 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)
     read = time.perf_counter()
-    engine, centroids, short = engine_for(gpu), None, ""
-    try:
-        centroids = fit(sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, engine=engine)
-    except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
-        if engine != "torch" or not is_out_of_memory(e):
-            raise
-        short = first_line(e)
-    if centroids is None:  # the GPU could not hold the sample and its distances: FAISS on the CPU holds it
-        free_cached()  # here, not in the except block, whose error holds the failed try's tensors
+    engine = engine_for(gpu)
+    fitting = functools.partial(fit, sample, k, seed=seed, niter=niter, nredo=nredo, gpu=gpu, engine=engine)
+    centroids, short = attempt(fitting) if engine == "torch" else (fitting(), None)
+    if short is not None:  # the GPU could not hold the sample and its distances: FAISS on the CPU holds it
         log.warning("k-means on the GPU ran out of memory with %s frames of %d (%s): FAISS on the CPU instead",
                     f"{len(sample):,}", sample.shape[1], short)
         engine = "faiss"
