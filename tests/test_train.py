@@ -435,9 +435,8 @@ def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_
     port, env, args = _processes(base_model, dataset, epochs=3, batch_size=31)
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = _launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                     "127.0.0.1", "--master_port", str(port), *args, "--out", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-2000:]
 
     def curve(out):
@@ -457,8 +456,9 @@ def _launch(port: int, *how: str) -> list[str]:
 
 
 def _launched(command: list[str], env: dict, timeout: float = 300):
-    """``subprocess.run`` of a launch, whose processes (the launcher's children too) are all ended when it hangs: a
-    process left waiting in a collective call would outlive the test (and hold its output open)."""
+    """``subprocess.run`` of a launch over several processes (accelerate or torchrun), whose processes (the launcher's
+    children too) are all ended when it hangs: a process left waiting in a collective call would outlive the test and
+    hold its output open, and the test would wait for good (``subprocess.run``'s timeout kills the launcher alone)."""
     import subprocess
 
     import psutil
@@ -505,14 +505,12 @@ def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, 
     ``--use_fsdp`` without the shim, as a user on a machine without GPUs runs it: accelerate ran DDP instead or two
     unconnected copies writing the same log (both seen): one line, nothing trained."""
     import shutil
-    import subprocess
 
     port, env, args = _processes(base_model, dataset, epochs=2, batch_size=8)
     args = args[2:]  # the program is in how
 
     def train(*how, out):
-        done = subprocess.run([*_launch(port, *how), *args, "--out", str(out)], env=env, capture_output=True,
-                              text=True, timeout=600)
+        done = _launched([*_launch(port, *how), *args, "--out", str(out)], env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -535,8 +533,8 @@ def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, 
     assert [r["step"] for r in train(*FSDP, FSDP_ON_CPU, out=stopped)] == [8]
     _assert_same_weights(_weights(tmp_path / "fsdp" / "model"), _weights(stopped / "model"))
 
-    refused = subprocess.run([*_launch(port, *FSDP, "-m", "speechinstruct.cli"), *args, "--out", str(tmp_path / "refused")], env=env,
-                             capture_output=True, text=True, timeout=600)
+    refused = _launched([*_launch(port, *FSDP, "-m", "speechinstruct.cli"), *args, "--out", str(tmp_path / "refused")], env,
+                        timeout=600)
     assert refused.returncode != 0 and "accelerate runs FSDP on GPUs only" in refused.stderr
     assert "Traceback" not in refused.stderr.split("accelerate runs FSDP")[0][-300:]
     assert not (tmp_path / "refused" / "log.jsonl").exists()
@@ -625,13 +623,11 @@ def test_fsdp_saves_and_merges_stage_3s_adapter_whole(base_model, dataset, tmp_p
     """Stage 3 with ``--merge`` under FSDP (2 CPU processes through the shim): the adapter and the merged model
     equal DDP's. Merging the unwrapped model's sharded weights on the main process alone failed (gloo: connection
     closed by peer), after the training had been done."""
-    import subprocess
 
     port, env, args = _processes(base_model, dataset, epochs=1, batch_size=8, stage=3)
     args = [*args[2:], "--max-steps", "2", "--merge"]  # the program is in how
     for name, how in {"ddp": ("--multi_gpu", "-m", "speechinstruct.cli"), "fsdp": (*FSDP, FSDP_ON_CPU)}.items():
-        done = subprocess.run([*_launch(port, *how), *args, "--out", str(tmp_path / name)], env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = _launched([*_launch(port, *how), *args, "--out", str(tmp_path / name)], env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_weights(_weights(tmp_path / "ddp" / "adapter", "adapter_model"),
                          _weights(tmp_path / "fsdp" / "adapter", "adapter_model"))
@@ -866,7 +862,6 @@ def test_each_process_ends_its_process_group(base_model, dataset, tmp_path):
     And no DDP wrapper is left when it does: the wrapper's reducer, holding the group's last reference, joined
     gloo's worker thread with Python's lock held while that thread waited for the lock (a process that had saved
     the model hung for good: seen once in CI, py-spy showing both threads)."""
-    import subprocess
     import sys
 
     port, env, _ = _processes(base_model, dataset, epochs=1, batch_size=8)
@@ -881,9 +876,8 @@ def test_each_process_ends_its_process_group(base_model, dataset, tmp_path):
             "TrainConfig(epochs=1, batch_size=8, grad_accum=1, lr=1e-3, max_steps=2))\n"
             f"open({str(tmp_path)!r} + '/initialized-' + os.environ['RANK'], 'w').write(str(d.is_initialized()))\n"
             f"open({str(tmp_path)!r} + '/wrappers-' + os.environ['RANK'], 'w').write(str(alive))\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "--no-python", sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      str(port), "--no-python", sys.executable, "-c", code], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",
                                                                                "initialized-1": "False"}
@@ -897,7 +891,6 @@ def test_gradients_are_averaged_over_the_processes_a_weight_without_one_counting
     has no gradient for counts as zero there (its buckets would differ, and the processes wait for each other for
     good); a weight not trained is left alone."""
     import socket
-    import subprocess
     import sys
 
     with socket.socket() as sock:
@@ -912,9 +905,9 @@ def test_gradients_are_averaged_over_the_processes_a_weight_without_one_counting
             f"open({str(tmp_path)!r} + f'/grads-{{rank}}.json', 'w').write(json.dumps("
             "{n: None if p.grad is None else p.grad.tolist() for n, p in m.named_parameters()}))\n"
             "d.destroy_process_group()\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), "--no-python", sys.executable, "-c", code],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    done = _launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                      "127.0.0.1", "--master_port", str(port), "--no-python", sys.executable, "-c", code],
+                     {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = {"weight": [[1.5] * 3] * 2, "bias": [1.0, 2.0], "frozen": None}
     assert [json.loads((tmp_path / f"grads-{rank}.json").read_text()) for rank in (0, 1)] == [expected, expected]
