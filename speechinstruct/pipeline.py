@@ -170,7 +170,68 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, force: bool 
     if work.exists() and not work.is_dir():
         raise NotADirectoryError(f"{work}: the workdir is a file, not a folder: give --workdir a folder (it is created)")
     with workdir_lock(work):
+        relocate(work)
         return _run(recipe, work, force)
+
+
+WHERE = ".workdir.json"  # where the workdir was when a run last used it: {"path": absolute}
+
+
+def relocate(work: Path) -> list[Path]:
+    """A workdir moved or copied since a run last used it (``.workdir.json`` says where that was): the paths its
+    stages recorded in their JSON files (a manifest's corpus root, the manifest and k-means a units folder was made
+    from, the units and scores folders compose read) are rewritten from the old place to the new, as conda
+    relocates an environment's prefix. Its stages are then up to date where it lands, and one redone there reads
+    the files beside it, never the old place's (a copy's original may still be there). Files a stage found in its
+    folder and did not write (its stamp's ``foreign``) are left alone, as are paths outside the workdir (a corpus
+    root elsewhere stays where it is). Returns the files rewritten."""
+    here = str(work.resolve())
+    was = _read_stamp(work / WHERE).get("path")
+    rewritten: list[Path] = []
+    if isinstance(was, str) and was not in (here, "/") and Path(was).is_absolute():
+        foreign = {folder / rel for folder, stamp in _stamps(work) for rel in stamp.get("foreign") or [] if isinstance(rel, str)}
+        for path in _json_files(work):
+            if path in foreign or path == work / WHERE:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+                if was not in text and was.isascii():
+                    continue
+                value = json.loads(text)
+            except (OSError, ValueError):
+                continue  # not one of ours as a stage left it: the stage that reads it says so
+            moved = _moved(value, was, here)
+            if moved != value:
+                write_json(path, moved)
+                rewritten.append(path)
+        log.info("%s: moved here from %s since its last run; %d files name the new place", work, was, len(rewritten))
+    write_json(work / WHERE, {"path": here})
+    return rewritten
+
+
+def _stamps(work: Path):
+    for name in (".stage.json", ".stage-pending.json"):
+        for path in work.rglob(name):
+            yield path.parent, _read_stamp(path)
+
+
+def _json_files(work: Path) -> list[Path]:
+    """The JSON files under ``work``, no link followed (a link names something elsewhere, which did not move)."""
+    found = []
+    for folder, dirs, files in os.walk(work):
+        found += [Path(folder) / f for f in files if f.endswith(".json") and not (Path(folder) / f).is_symlink()]
+    return found
+
+
+def _moved(value, was: str, here: str):
+    """``value`` with every string that is the path ``was`` or a path under it moved under ``here``."""
+    if isinstance(value, str):
+        return here + value[len(was):] if value == was or value.startswith(was + os.sep) else value
+    if isinstance(value, list):
+        return [_moved(v, was, here) for v in value]
+    if isinstance(value, dict):
+        return {_moved(k, was, here): _moved(v, was, here) for k, v in value.items()}
+    return value
 
 
 def _report_vocoder(setting: str, km_path: Path, features: str):
@@ -245,7 +306,9 @@ class Job:
         if self.f["checkpoint"] and Path(self.f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
             st = Path(self.f["checkpoint"]).stat()
             self.feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        self.km_path = Path(recipe["kmeans"]["path"]) if recipe["kmeans"]["path"] else work / "kmeans"
+        # the run's own k-means by its absolute path, which the units' specs record (relocate rewrites it when the
+        # workdir moves; resynth finds it from any folder)
+        self.km_path = Path(recipe["kmeans"]["path"]) if recipe["kmeans"]["path"] else work.resolve() / "kmeans"
         self.composed = work / "composed"
         self.dataset = work / (recipe["output"]["dataset"] or "dataset")  # relative outputs follow the workdir
         self.report_dir = work / (recipe["output"]["report"] or "report")
@@ -336,15 +399,24 @@ class Job:
             self.stamps["demo"] = self.runner.stage("demo corpus", folder, demo, [], lambda: make_demo_corpus(
                 folder, demo["sentences"], demo["seed"]))
 
+    def root_setting(self, root: str) -> str:
+        """A corpus root as the shard stage's stamp holds it: a URL as given; a folder inside the workdir (the demo
+        corpus) relative to it, so that the workdir moved elsewhere is up to date (:func:`relocate`); else absolute."""
+        from .sources.storage import is_url
+
+        if is_url(root):
+            return root
+        path, work = Path(root).resolve(), self.work.resolve()
+        return f"<workdir>/{path.relative_to(work).as_posix()}" if path.is_relative_to(work) else str(path)
+
     def shard_and_extract(self, c: dict) -> None:
         from .sources.shard import shard_corpus
-        from .sources.storage import is_url
         from .units.engine_ray import extract_ray
         from .units.extract import extract
 
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
         self.stamps[f"shard:{n}"] = self.runner.stage(
-            f"shard {n}", base / "manifest", {"corpus": n, "root": c["root"] if is_url(c["root"]) else str(Path(c["root"]).resolve()), **shard, **(c.get("options") or {})},
+            f"shard {n}", base / "manifest", {"corpus": n, "root": self.root_setting(c["root"]), **shard, **(c.get("options") or {})},
             [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
             lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
                                         **(c.get("options") or {}))))

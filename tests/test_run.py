@@ -197,6 +197,70 @@ def test_workdir_moves_the_outputs_and_a_second_run_is_refused(tmp_path):
     assert result.exit_code == 2 and "another `speechinstruct run` is using this workdir (pid " in result.stderr
 
 
+@pytest.mark.slow
+def test_a_workdir_moved_or_copied_is_up_to_date_where_it_lands_and_reads_its_own_files(tmp_path):
+    """A workdir moved (cluster scratch to project storage) or copied: every stage is up to date there, and a stage
+    redone there reads the files beside it, never the old place's. A file of the user's is left as it was."""
+    import shutil
+
+    old, moved, copy = tmp_path / "scratch" / "work", tmp_path / "project" / "work", tmp_path / "copy"
+    (old / "my-report").mkdir(parents=True)
+    notes = json.dumps({"written in": str(old / "my-report")})  # the user's own file, naming the old place
+    (old / "my-report" / "notes.json").write_text(notes)
+    path = recipe(tmp_path, output={"vocoder": "none", "report": "my-report"}, quality={"dnsmos": True, "min_dnsmos": 1.0})
+    run(path, workdir=old)
+    published = {p.relative_to(old): p.read_bytes() for p in (old / "dataset").rglob("*") if p.is_file()}
+
+    moved.parent.mkdir()
+    shutil.move(old, moved)
+    again = run(path, workdir=moved)
+    assert again["valid"] and again["stages_skipped"] == 11  # every stage but validate, which runs every time
+    assert {p.relative_to(moved): p.read_bytes() for p in (moved / "dataset").rglob("*") if p.is_file()} == published
+    ours = [p for p in moved.rglob("*.json") if p.name != "notes.json"]
+    assert ours and not [p for p in ours if str(old) in p.read_text()]
+    assert (moved / "my-report" / "notes.json").read_text() == notes
+
+    # stages redone there read the moved manifest, features, scores and units (another k: cluster onwards)
+    other_k = recipe(tmp_path, output={"vocoder": "none", "report": "my-report"}, kmeans={"k": 12, "max_frames": 20000},
+                     quality={"dnsmos": True, "min_dnsmos": 1.0})
+    changed = run(other_k, workdir=moved)
+    assert changed["valid"] and changed["k"] == 12 and changed["stages_skipped"] == 4  # demo, shard, score, extract
+
+    # a copy beside the original reads its own files, not the original's
+    shutil.copytree(moved, copy, symlinks=True)
+    assert run(other_k, workdir=copy)["stages_skipped"] == 11
+    assert not [p for p in copy.rglob("*.json") if p.name != "notes.json" and str(moved) in p.read_text()]
+
+
+def test_relocate_rewrites_only_our_paths_under_the_old_place(tmp_path):
+    from speechinstruct.pipeline import relocate
+
+    work, was = tmp_path / "new", "/old/wörk"
+    (work / "stage").mkdir(parents=True)
+    (work / ".workdir.json").write_text(json.dumps({"path": was}))
+    ours = {"root": f"{was}/demo-corpus", "next door": f"{was}2/x", "elsewhere": "/data/LibriSpeech", "n": 1,
+            "list": [was, {f"{was}/key": "/old"}]}
+    (work / "stage" / "summary.json").write_text(json.dumps(ours, ensure_ascii=False))
+    (work / "stage" / ".stage.json").write_text(json.dumps({"hash": "h", "foreign": ["notes.json"]}))
+    untouched = {"notes.json": json.dumps({"root": was}),  # the user's, in a stage folder
+                 "broken.json": '{"root": "' + was,  # not JSON: the stage that reads it says so
+                 "link.json": None}  # a link to a file elsewhere, which did not move
+    (tmp_path / "elsewhere.json").write_text(json.dumps({"root": was}))
+    (work / "stage" / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    for name, text in untouched.items():
+        if text is not None:
+            (work / "stage" / name).write_text(text)
+    before = {name: (work / "stage" / name).read_bytes() for name in untouched}
+
+    assert relocate(work) == [work / "stage" / "summary.json"]
+    here = str(work.resolve())
+    assert json.loads((work / "stage" / "summary.json").read_text()) == {
+        "root": f"{here}/demo-corpus", "next door": f"{was}2/x", "elsewhere": "/data/LibriSpeech", "n": 1,
+        "list": [here, {f"{here}/key": "/old"}]}
+    assert {name: (work / "stage" / name).read_bytes() for name in untouched} == before
+    assert json.loads((work / ".workdir.json").read_text()) == {"path": here} and relocate(work) == []
+
+
 def test_force_deletes_only_what_the_stage_wrote(tmp_path):
     mine = tmp_path / "work" / "my-report"
     mine.mkdir(parents=True)
