@@ -6,7 +6,8 @@ those below its thresholds, and the speech it synthesises too.
 Each stage writes into its own folder under ``workdir`` and, when done, a stamp (``.stage.json``) with
 the hash of its settings and of its inputs' stamps. A stage whose stamp matches is skipped; one whose
 settings or inputs changed is cleared and redone; one that was interrupted resumes (every stage resumes
-per shard on its own). ``${VAR}`` in the recipe is read from the environment.
+per shard on its own). A workdir moved or copied since its last run is relocated first (:func:`relocate`).
+``${VAR}`` in the recipe is read from the environment.
 """
 
 from __future__ import annotations
