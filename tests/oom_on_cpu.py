@@ -5,7 +5,8 @@ In the process of rank ``$OOM_RANK``, a pass (training or validation) over more 
 torch's ``OutOfMemoryError``, as a GPU with too little memory does. ``$OOM_AT`` (``N:forward`` or ``N:backward``)
 makes that process's Nth training pass (counted from 1, the tries before the first step included) run out of
 memory once, in its forward or its backward pass, whatever its size: memory that a moment's fragmentation left
-too short, mid-training. Each process writes the number of examples of its training passes, one a line, to
+too short, mid-training. ``$OOM_IN``: ``validation`` or ``training`` limits ``$OOM_ABOVE`` to those passes (both
+when unset). Each process writes the number of examples of its training passes, one a line, to
 ``$OOM_PASSES/passes-RANK.txt``. Nothing else changes: the model, the loop and the saving are the product's own."""
 import os
 import sys
@@ -42,7 +43,8 @@ def _forward_that_runs_out_of_memory(self, *args, **kwargs):
         _passes += 1
         with open(os.path.join(os.environ["OOM_PASSES"], f"passes-{rank}.txt"), "a") as f:
             f.write(f"{examples}\n")
-    if ours and examples > int(os.environ["OOM_ABOVE"]):
+    kind = os.environ.get("OOM_IN", "")
+    if ours and examples > int(os.environ["OOM_ABOVE"]) and kind != ("validation" if torch.is_grad_enabled() else "training"):
         raise _out_of_memory()
     once = ours and torch.is_grad_enabled() and _passes == int(at)
     if once and where == "forward":

@@ -197,7 +197,6 @@ def test_workdir_moves_the_outputs_and_a_second_run_is_refused(tmp_path):
     assert result.exit_code == 2 and "another `speechinstruct run` is using this workdir (pid " in result.stderr
 
 
-@pytest.mark.slow
 def test_a_workdir_moved_or_copied_is_up_to_date_where_it_lands_and_reads_its_own_files(tmp_path):
     """A workdir moved (cluster scratch to project storage) or copied: every stage is up to date there, and a stage
     redone there reads the files beside it, never the old place's. A file of the user's is left as it was."""

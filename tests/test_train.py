@@ -911,3 +911,34 @@ def test_gradients_are_averaged_over_the_processes_a_weight_without_one_counting
     assert done.returncode == 0, done.stderr[-3000:]
     expected = {"weight": [[1.5] * 3] * 2, "bias": [1.0, 2.0], "frozen": None}
     assert [json.loads((tmp_path / f"grads-{rank}.json").read_text()) for rank in (0, 1)] == [expected, expected]
+
+
+
+def test_fsdp_validates_a_last_batch_smaller_than_the_processes_and_one_that_does_not_fit_is_one_line(
+        base_model, dataset, tmp_path):
+    """Under FSDP every pass gathers the weights' shards from all processes. Stage 1 in blocks of 32 tokens has 6
+    validation examples: in batches of 5, the second process has no share of the last one (1). It skipped that pass,
+    and the first waited for it for good (the run hung after its training, nothing saved); it runs the pass over
+    the batch's example now and counts nothing: DDP's validation loss and tokens. A validation pass that runs out of
+    memory on one process is one line (halved there alone, its passes would have gathered with the other's)."""
+    port, env, args = _processes(base_model, dataset, epochs=1, batch_size=5, stage=1)
+    args = [*args[2:], "--block-size", "32", "--max-steps", "2"]  # the program is in how
+    both = tmp_path / "fsdp_and_oom_on_cpu.py"  # the two shims: FSDP over CPU processes, and running out of memory
+    both.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport fsdp_on_cpu, oom_on_cpu\n"
+                    "from speechinstruct.cli import main\nsys.exit(main())\n")
+    env = {**env, "OOM_RANK": "1", "OOM_ABOVE": "100", "OOM_IN": "validation", "OOM_PASSES": str(tmp_path)}
+    runs = {}
+    for name, how in {"ddp": ("--multi_gpu", "-m", "speechinstruct.cli"), "fsdp": (*FSDP, str(both))}.items():
+        done = _launched([*_launch(port, *how), *args, "--out", str(tmp_path / name)], env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+    assert runs["fsdp"]["eval_tokens"] == runs["ddp"]["eval_tokens"] > 150  # 6 blocks of up to 31 predicted tokens
+    assert runs["fsdp"]["eval_loss"] == pytest.approx(runs["ddp"]["eval_loss"], rel=1e-5)
+
+    small = _launched([*_launch(port, *FSDP, str(both)), *args, "--out", str(tmp_path / "small")],
+                      {**env, "OOM_ABOVE": "1"}, timeout=300)
+    said = "out of memory on process 1 of 2 with 2 validation examples a pass: lower --batch-size, which validation " \
+           "batches are made of (CUDA out of memory. Tried to allocate 2.00 GiB (injected in a forward pass))"
+    assert small.returncode != 0 and said in small.stderr, small.stderr[-3000:]
+    assert "Traceback" not in small.stderr.split(said)[0][-300:]
+    assert not (tmp_path / "small" / "model").exists()

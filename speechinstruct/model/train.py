@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..io import read_json, write_json
-from ..memory import OutOfMemory, first_line, free_cached, halving, is_out_of_memory
+from ..memory import OutOfMemory, attempt, first_line, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
 
@@ -316,8 +316,8 @@ def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size
     alone = is_ddp(model)  # DDP: no part all-reduces; all_reduce_gradients does, once the step's parts have all run
     for i, (part, n) in enumerate(zip(parts, tokens)):
         batch = {key: v.to(accelerator.device) for key, v in part.items()}
-        # FSDP: only the last part's backward pass reduces the gradients, so that processes whose shares split into
-        # different numbers of parts make the same collective calls
+        # one process: only the last part's backward pass reduces the gradients (a no-op there). FSDP: a share is one
+        # part (its size is the whole share, never halved), whose every pass gathers the weights from all processes
         with accelerator.no_sync(model) if alone or i < len(parts) - 1 else contextlib.nullcontext():
             weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
             accelerator.backward(weighted)
@@ -455,23 +455,41 @@ def process_share(index: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, accelerator, max_batches: int | None = None) -> dict:
     """Mean token loss and perplexity over validation examples (each process its share, then gathered); a batch
-    that runs out of memory is halved (:func:`memory.halving`; its parts' sums are the batch's)."""
+    that runs out of memory is halved (:func:`memory.halving`; its parts' sums are the batch's). Under FSDP every
+    pass gathers the weights' shards from all processes, so each process runs one pass a batch: one with no share
+    of it (a last batch smaller than the processes) runs the batch's first example and counts nothing (it skipped
+    the pass, and the others waited for it for good), and a pass that runs out of memory is one line (halved on
+    one process, its passes would gather with the others' passes of another batch)."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # summed loss, token count
     batches = [np.arange(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
     counts: collections.Counter[str] = collections.Counter()
+    fsdp = accelerator.distributed_type.value == "FSDP"
 
-    forward = local_module(model)  # no collective call: a process may halve a batch, or have none to run
+    forward = local_module(model)  # DDP: no collective call, so a process may halve a batch, or have none to run
 
     def sums(part: list[dict]) -> list[tuple[float, int]]:
         batch = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
         n = loss_tokens(batch)
-        return [(forward(**batch).loss.float().item() * n, n)] if n else []
+        return [(forward(**batch).loss.float().item() * n, n)] if n or fsdp else []
+
+    def collective(part: list[dict]) -> list[tuple[float, int]]:
+        results, said = attempt(lambda: sums(part))
+        if said is not None:
+            raise OutOfMemory(f"out of memory on process {accelerator.process_index} of {accelerator.num_processes} "
+                              f"with {len(part)} validation examples a pass: lower --batch-size, which validation "
+                              f"batches are made of ({said})")
+        return results
 
     with torch.no_grad():
         for index in batches[:max_batches]:
             mine = index[accelerator.process_index :: accelerator.num_processes]
-            for loss_sum, n in halving(sums, [examples[i] for i in mine], counts) if len(mine) else []:
+            if fsdp:
+                ran = collective([examples[i] for i in mine] or [examples[index[0]]])
+                found = [(loss_sum, n) for loss_sum, n in ran if len(mine) and n]
+            else:
+                found = halving(sums, [examples[i] for i in mine], counts) if len(mine) else []
+            for loss_sum, n in found:
                 total += torch.tensor([loss_sum, n], device=accelerator.device)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
