@@ -234,6 +234,21 @@ def test_resume_continues_from_saved_step(base_model, dataset, tmp_path):
     assert (tmp_path / "b" / "checkpoints" / "run.json").is_file()
 
 
+def test_a_resumed_run_logs_each_step_once(base_model, dataset, tmp_path):
+    """A run that ended after logging step 5 but before saving it (killed, out of memory) resumes from step 4's
+    checkpoint and makes step 5 again: its log had step 5 twice (a loss curve drawn from it went back on itself),
+    and a record half written when it was killed ran into the next."""
+    T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=5))
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000005")  # as if it had ended before saving step 5
+    first = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "epoch": 0, "lo')  # and killed while writing step 6's record
+    resumed = T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=6))
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[:4] == first[:4] and log[4:] == resumed["history"]
+
+
 def test_resume_refuses_a_base_model_rewritten_in_place(base_model, dataset, tmp_path):
     """A stage-2 run whose base (``s1/model``) was trained again in place resumed as the same run: the identity
     held the base's path only. Its weight files' sizes and times are in it now (rsync's quick check)."""

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import read_json, write_json
+from ..io import read_json, write_json, write_text
 from ..memory import OutOfMemory, attempt, first_line, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
@@ -709,6 +709,30 @@ def resume_state(accelerator, out: Path, resume: bool) -> tuple[int, int, int]:
     return progress["step"], progress["epoch"], progress["batch_in_epoch"]
 
 
+def keep_log_until(path: Path, step: int) -> None:
+    """``log.jsonl`` without its records of steps after ``step``, where this run starts: a run that ended after
+    logging steps it had not saved (killed, out of memory) makes them again, and logged each twice. A line that is
+    no record of a step (the half-written last line of a killed run) goes too."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and 0 < _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        write_text(path, "".join(kept))
+        log.info("%s: %d records of steps after step %d left out; this run makes those steps again", path,
+                 len(lines) - len(kept), step)
+
+
+def _logged_step(line: str) -> int:
+    """The step a line of ``log.jsonl`` records, 0 for a line that records none."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return 0
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else 0
+
+
 def write_log(accelerator, path: Path, record: dict) -> None:
     """One line of ``log.jsonl`` (and of the log, which ``-q`` keeps quiet), from the main process."""
     if accelerator.is_main_process:
@@ -770,6 +794,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     accelerator.register_for_checkpointing(scheduler)
     step, epoch, batch_in_epoch = resume_state(accelerator, out, resume)
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        keep_log_until(out / "log.jsonl", step)
     history: list[dict] = []
     model.train()
     # size: examples per forward pass
