@@ -6,7 +6,8 @@ torch's ``OutOfMemoryError``, as a GPU with too little memory does. ``$OOM_AT`` 
 makes that process's Nth training pass (counted from 1, the tries before the first step included) run out of
 memory once, in its forward or its backward pass, whatever its size: memory that a moment's fragmentation left
 too short, mid-training. ``$OOM_IN``: ``validation`` or ``training`` limits ``$OOM_ABOVE`` to those passes (both
-when unset). Each process writes the number of examples of its training passes, one a line, to
+when unset). With ``$OOM_ONCE_FILE``, ``$OOM_AT`` fires only while that file is not there, and makes it: once
+over the launcher's restarts of the processes. Each process writes the number of examples of its training passes, one a line, to
 ``$OOM_PASSES/passes-RANK.txt``. Nothing else changes: the model, the loop and the saving are the product's own."""
 import os
 import sys
@@ -47,6 +48,10 @@ def _forward_that_runs_out_of_memory(self, *args, **kwargs):
     if ours and examples > int(os.environ["OOM_ABOVE"]) and kind != ("validation" if torch.is_grad_enabled() else "training"):
         raise _out_of_memory()
     once = ours and torch.is_grad_enabled() and _passes == int(at)
+    marker = os.environ.get("OOM_ONCE_FILE")
+    if once and marker:
+        once = not os.path.exists(marker)
+        open(marker, "a").close()
     if once and where == "forward":
         raise _out_of_memory()
     if once and where == "backward":  # halfway down the layers: some gradients are already there

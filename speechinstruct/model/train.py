@@ -305,19 +305,22 @@ def loss_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int) -> torch.Tensor:
+def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int, passes: int = 0) -> torch.Tensor:
     """The loss of one micro-batch (``items``), its gradient added to the model's, run ``size`` examples at a time:
     each part's loss weighted by its share of the loss tokens, so that the parts' gradients add up to the whole
-    batch's (the mean over all its loss tokens, as one forward pass would take it)."""
+    batch's (the mean over all its loss tokens, as one forward pass would take it). ``passes``: at least that many
+    (FSDP, where every pass gathers the weights from all processes: a process whose share makes fewer parts than
+    another's runs the rest over its first example, weighted zero)."""
     parts = [collate(items[i: i + size], pad_id, pack) for i in range(0, len(items), size)]
     tokens = [loss_tokens(p) for p in parts]
+    parts += [collate(items[:1], pad_id, pack)] * (passes - len(parts))
+    tokens += [0] * (len(parts) - len(tokens))
     total = max(1, sum(tokens))
     loss = torch.zeros((), device=accelerator.device)
     alone = is_ddp(model)  # DDP: no part all-reduces; all_reduce_gradients does, once the step's parts have all run
     for i, (part, n) in enumerate(zip(parts, tokens)):
         batch = {key: v.to(accelerator.device) for key, v in part.items()}
-        # one process: only the last part's backward pass reduces the gradients (a no-op there). FSDP: a share is one
-        # part (its size is the whole share, never halved), whose every pass gathers the weights from all processes
+        # FSDP: only the last part's backward pass reduces the gradients (every process runs as many parts)
         with accelerator.no_sync(model) if alone or i < len(parts) - 1 else contextlib.nullcontext():
             weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
             accelerator.backward(weighted)
@@ -425,10 +428,6 @@ def fitting_size(model, optimizer, accelerator, examples: list[dict], size: int,
 def _halve(first: str, size: int, batch: int, accelerator) -> int:
     """The examples per forward pass after running out of memory (the error's ``first`` line) with ``size`` of a
     micro-batch of ``batch``: half as many, or one line that says what to do when there can be no fewer."""
-    if accelerator.distributed_type.value == "FSDP":  # every pass gathers from all processes: none can run alone
-        raise OutOfMemory(f"out of memory on process {accelerator.process_index} of {accelerator.num_processes} "
-                          f"with {min(size, batch)} examples a pass: lower --batch-size and raise --grad-accum "
-                          f"({first})") from None
     if min(size, batch) == 1:
         raise OutOfMemory(f"out of memory with one example a pass: lower --max-length (stage 1: block_size) "
                           f"({first})") from None
@@ -437,6 +436,46 @@ def _halve(first: str, size: int, batch: int, accelerator) -> int:
              if accelerator.num_processes > 1 else "")
     log.warning("out of memory with %d examples a pass%s: %d from now on (%s)", size, where, size // 2, first)
     return size // 2
+
+
+# Under FSDP every pass gathers the weights' shards from all processes: a process that runs out of memory mid-pass
+# cannot run that pass again alone (the others wait in another gather). It notes half its passes' size here and the
+# run stops; run again (by hand, or by the launcher: `accelerate launch --max_restarts N --rdzv_backend c10d` with
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see the README), it resumes from its last checkpoint with passes of that size
+# on every process.
+RESTART_NOTE = "out-of-memory.json"  # in OUT/checkpoints, beside run.json
+
+
+def restart_note(out: Path, identity: dict) -> dict:
+    """The note an FSDP run of ``identity`` left when it ran out of memory ({"examples_a_pass", "halvings"}), or {}."""
+    from ..io import sha256_json
+
+    path = out / "checkpoints" / RESTART_NOTE
+    try:
+        note = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    fits = isinstance(note, dict) and note.get("run") == sha256_json(identity)[:16]
+    return note if fits and isinstance(note.get("examples_a_pass"), int) and note["examples_a_pass"] >= 1 else {}
+
+
+def stop_for_a_restart(first: str, size: int, batch: int, accelerator, out: Path, identity: dict, halvings: int):
+    """Under FSDP, after running out of memory (the error's ``first`` line) with ``size`` examples a pass of a
+    micro-batch of ``batch``: note half as many for the run's restart (:data:`RESTART_NOTE`) and stop, in one line."""
+    from ..io import sha256_json
+
+    size = min(size, batch)
+    where = f"on process {accelerator.process_index} of {accelerator.num_processes}"
+    if size == 1:
+        raise OutOfMemory(f"out of memory with one example a pass {where}: lower --max-length (stage 1: block_size) "
+                          f"({first})") from None
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_json(out / "checkpoints" / RESTART_NOTE, {"run": sha256_json(identity)[:16], "examples_a_pass": size // 2,
+                                                  "halvings": halvings + 1, "error": first})
+    raise OutOfMemory(f"out of memory {where} with {size} examples a pass ({first}); under FSDP the others wait for "
+                      f"it in their passes, so the run stops: run it again and it resumes from its last checkpoint "
+                      f"with {size // 2} examples a pass (a launch with --max_restarts does so by itself: see the "
+                      f"README)") from None
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -767,7 +806,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
         log.warning("stage %d does not use %s: they change nothing", stage,
                     ", ".join(f"{key} (stage {' and '.join(map(str, STAGES_OF[key]))})" for key in unused))
     k = dataset_k(data)
-    claim_run(accelerator, out, run_identity(stage, base_model, data, k, cfg), resume)  # before the model loads
+    identity = run_identity(stage, base_model, data, k, cfg)
+    claim_run(accelerator, out, identity, resume)  # before the model loads
     tokenizer, model, added = load_model(stage, base_model, k, cfg)
     examples = build_examples(stage, data, tokenizer, cfg)
     pack = cfg.max_length if cfg.pack and stage != 1 else 0  # rows of max_length
@@ -801,6 +841,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
     # size: examples per forward pass
     size, halved = fitting_size(model, optimizer, accelerator, examples, math.ceil(cfg.batch_size / accelerator.num_processes),
                                 tokenizer.pad_token_id, pack)
+    fsdp = distributed["type"] == "FSDP"
+    noted = restart_note(out, identity) if fsdp else {}
+    if noted and noted["examples_a_pass"] < size:  # this run's restart after running out of memory (FSDP)
+        size, halved = noted["examples_a_pass"], int(noted.get("halvings") or 1)
+        if accelerator.is_main_process:
+            log.warning("%d examples a pass from step %d on: the run ran out of memory with more (%s)", size, step,
+                        out / "checkpoints" / RESTART_NOTE)
     # tokens: every process's since this start; cycle: this step's micro-batches; halved_here: this process's halvings
     tokens, started, running, cycle, halved_here = 0, time.perf_counter(), [], [], 0
 
@@ -815,11 +862,17 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                     try:
                         for earlier in redo:
                             backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size)
-                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size)
+                        # FSDP: every process as many passes as the largest share needs
+                        passes = math.ceil(math.ceil(max(len(batches[batch_in_epoch]), accelerator.num_processes)
+                                                     / accelerator.num_processes) / size) if fsdp else 0
+                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes)
                         break
                     except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
                         if not is_out_of_memory(e):
                             raise
+                        if fsdp:  # every pass gathers from all processes: none can run one again alone
+                            stop_for_a_restart(first_line(e), size, max(map(len, cycle)), accelerator, out, identity,
+                                               halved)
                         size = _halve(first_line(e), size, max(map(len, cycle)), accelerator)
                     halved_here += 1  # the step's gradients again from nothing, in parts of ``size``
                     model.zero_grad(set_to_none=True)  # an out-of-memory in the backward pass left some added
