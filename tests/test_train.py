@@ -839,11 +839,16 @@ def test_a_batch_that_runs_out_of_memory_is_halved_to_the_same_weights(base_mode
                                       "--out", str(tmp_path / "never"), "--max-steps", "1", "--batch-size", "2", "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "out of memory with one example a pass: lower --max-length" in result.stderr
-    # FSDP's processes would all have to split together: one line saying what to change; a DDP process halves alone
+    # FSDP's processes would all have to split together: the run stops, noting the size for its rerun (one line
+    # saying so; the whole path: test_fsdp_validates_…); a DDP process halves alone
     from types import SimpleNamespace
-    with pytest.raises(T.OutOfMemory, match="process 1 of 2 with 3 examples a pass: lower --batch-size"):
-        T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1,
-                                                               distributed_type=SimpleNamespace(value="FSDP")))
+    fsdp = SimpleNamespace(num_processes=2, process_index=1, distributed_type=SimpleNamespace(value="FSDP"))
+    with pytest.raises(T.OutOfMemory, match=r"process 1 of 2 with 3 examples a pass \(CUDA out of memory.\); under "
+                                            r"FSDP .* resumes from its last checkpoint with 1 examples a pass"):
+        T.stop_for_a_restart("CUDA out of memory.", 4, 3, fsdp, tmp_path / "fsdp", {"stage": 2}, 0)
+    assert T.restart_note(tmp_path / "fsdp", {"stage": 2})["examples_a_pass"] == 1
+    with pytest.raises(T.OutOfMemory, match="out of memory with one example a pass on process 1 of 2: lower --max-length"):
+        T.stop_for_a_restart("CUDA out of memory.", 1, 3, fsdp, tmp_path / "fsdp", {"stage": 2}, 1)
     assert T._halve("CUDA out of memory.", 4, 3, SimpleNamespace(num_processes=2, process_index=1,
                                                                   distributed_type=SimpleNamespace(value="MULTI_GPU"))) == 1
 
