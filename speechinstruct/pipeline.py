@@ -190,8 +190,10 @@ def relocate(work: Path) -> list[Path]:
     was = _read_stamp(work / WHERE).get("path")
     rewritten: list[Path] = []
     if isinstance(was, str) and was not in (here, "/") and Path(was).is_absolute():
-        foreign = {folder / rel for folder, stamp in _stamps(work) for rel in stamp.get("foreign") or [] if isinstance(rel, str)}
-        for path in _json_files(work):
+        files = _json_files(work)
+        stamps = [p for p in files if p.name in (".stage.json", ".stage-pending.json")]
+        foreign = {p.parent / rel for p in stamps for rel in _read_stamp(p).get("foreign") or [] if isinstance(rel, str)}
+        for path in files:
             if path in foreign or path == work / WHERE:
                 continue
             try:
@@ -208,12 +210,6 @@ def relocate(work: Path) -> list[Path]:
         log.info("%s: moved here from %s since its last run; %d files name the new place", work, was, len(rewritten))
     write_json(work / WHERE, {"path": here})
     return rewritten
-
-
-def _stamps(work: Path):
-    for name in (".stage.json", ".stage-pending.json"):
-        for path in work.rglob(name):
-            yield path.parent, _read_stamp(path)
 
 
 def _json_files(work: Path) -> list[Path]:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import read_json, write_json, write_text
+from ..io import read_json, sha256_json, write_json, write_text
 from ..memory import OutOfMemory, attempt, first_line, free_cached, halving, is_out_of_memory
 from ..recipe import Train
 from ..speechgpt import RESPONSE_MARK, with_bos
@@ -448,22 +448,18 @@ RESTART_NOTE = "out-of-memory.json"  # in OUT/checkpoints, beside run.json
 
 def restart_note(out: Path, identity: dict) -> dict:
     """The note an FSDP run of ``identity`` left when it ran out of memory ({"examples_a_pass", "halvings"}), or {}."""
-    from ..io import sha256_json
-
     path = out / "checkpoints" / RESTART_NOTE
     try:
-        note = json.loads(path.read_text()) if path.is_file() else {}
+        note = read_json(path, dict) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
-    fits = isinstance(note, dict) and note.get("run") == sha256_json(identity)[:16]
+    fits = note.get("run") == sha256_json(identity)[:16]
     return note if fits and isinstance(note.get("examples_a_pass"), int) and note["examples_a_pass"] >= 1 else {}
 
 
 def stop_for_a_restart(first: str, size: int, batch: int, accelerator, out: Path, identity: dict, halvings: int):
     """Under FSDP, after running out of memory (the error's ``first`` line) with ``size`` examples a pass of a
     micro-batch of ``batch``: note half as many for the run's restart (:data:`RESTART_NOTE`) and stop, in one line."""
-    from ..io import sha256_json
-
     size = min(size, batch)
     where = f"on process {accelerator.process_index} of {accelerator.num_processes}"
     if size == 1:
@@ -702,7 +698,7 @@ def run_identity(stage: int, base_model: str | Path, data: str | Path, k: int, c
     weight files' names, sizes and modification times (rsync's quick check: a base trained again in place, such as
     stage 1's ``s1/model`` under a stage-2 run, is another run; hashing the weights would take about a second per
     GiB at each start)."""
-    from ..io import sha256_file, sha256_json
+    from ..io import sha256_file
 
     meta, base = Path(data) / "speechinstruct.json", Path(base_model)
     weights = sorted(p for p in base.iterdir() if p.suffix in (".safetensors", ".bin")) if base.is_dir() else []
@@ -862,9 +858,9 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                     try:
                         for earlier in redo:
                             backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size)
-                        # FSDP: every process as many passes as the largest share needs
-                        passes = math.ceil(math.ceil(max(len(batches[batch_in_epoch]), accelerator.num_processes)
-                                                     / accelerator.num_processes) / size) if fsdp else 0
+                        # FSDP: every process as many passes as the largest share (the first process's) needs
+                        passes = math.ceil(len(process_share(batches[batch_in_epoch], 0, accelerator.num_processes))
+                                           / size) if fsdp else 0
                         loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes)
                         break
                     except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
