@@ -63,17 +63,29 @@ class Runner:
         remove_stale_temps(out, recursive=True)  # half-written files of a killed run
         done.unlink(missing_ok=True)
         write_json(pending, {"hash": digest, "foreign": foreign})
-        self._say(f"{label} → {out}")
+        self._say(f"{label} → {out}" + (f" (again: {'--force' if self.force else _why(finished, settings, inputs)})" if finished else ""))
         started = time.perf_counter()
         result = fn()
         seconds = round(time.perf_counter() - started, 2)
-        write_json(done, {"hash": digest, "settings": settings, "finished": True, "foreign": foreign, "seconds": seconds})
+        write_json(done, {"hash": digest, "settings": settings, "inputs": inputs, "finished": True, "foreign": foreign,
+                          "seconds": seconds})
         pending.unlink()
         self.log.append({"stage": name, "seconds": seconds, "result": result})
         return digest
 
     def _say(self, line: str):
         log.info(line)
+
+
+def _why(stamp: dict, settings: dict, inputs: list[str]) -> str:
+    """Why a finished stage is done again, from its stamp: the settings that changed (names only: a value may be a
+    secret), its inputs (a stage before it redone, a corpus changed), or another version of speechinstruct."""
+    old, new = stamp.get("settings"), json.loads(json.dumps(settings))
+    if isinstance(old, dict) and old != new:
+        return "its settings changed: " + ", ".join(sorted(k for k in {*old, *new} if old.get(k) != new.get(k)))
+    if "inputs" not in stamp:  # written before stamps kept them
+        return "its input or speechinstruct's version changed"
+    return "its input changed" if stamp["inputs"] != inputs else "speechinstruct's version changed"
 
 
 def _read_stamp(path: Path) -> dict:
@@ -407,14 +419,16 @@ class Job:
         return f"<workdir>/{path.relative_to(work).as_posix()}" if path.is_relative_to(work) else str(path)
 
     def shard_and_extract(self, c: dict) -> None:
-        from .sources.shard import shard_corpus
+        from .sources.shard import corpus_state, shard_corpus
         from .units.engine_ray import extract_ray
         from .units.extract import extract
 
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
         self.stamps[f"shard:{n}"] = self.runner.stage(
             f"shard {n}", base / "manifest", {"corpus": n, "root": self.root_setting(c["root"]), **shard, **(c.get("options") or {})},
-            [self.stamps.get("demo", "")] if n == "speechinstruct-demo" else [],
+            # the corpus as it is now: files added or written again since the last run shard it again
+            [*([self.stamps.get("demo", "")] if n == "speechinstruct-demo" else []),
+             corpus_state(n, c["root"], c.get("options"))],
             lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
                                         **(c.get("options") or {}))))
         self.score_corpus(c)

@@ -45,8 +45,13 @@ def test_run_builds_a_valid_dataset_and_skips_when_up_to_date(tmp_path, caplog):
         assert ("validate: PASS" in result.stderr) is said
 
     # a changed k redoes clustering and everything after it, with the same result shape
-    changed = run(recipe(tmp_path, kmeans={"k": 12, "max_frames": 20000}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="speechinstruct"):
+        changed = run(recipe(tmp_path, kmeans={"k": 12, "max_frames": 20000}))
     assert changed["k"] == 12 and changed["stages_skipped"] == 3  # demo, shard, extract
+    said = [m for m in caplog.messages if " → " in m]
+    assert said[0].startswith("[4/11] cluster (k=12") and said[0].endswith(" (again: its settings changed: k)")
+    assert said[1].startswith("[5/11] quantize") and said[1].endswith(" (again: its input changed)")
     meta = json.loads((tmp_path / "work" / "dataset" / "speechinstruct.json").read_text())
     assert meta["k"] == 12
     # and going back gives byte-identical output to the first run
@@ -394,3 +399,42 @@ def test_every_command_takes_quiet():
     lacking = [" ".join(path) for path, command in found
                if not any("-q" in p.opts and "--quiet" in p.opts for p in command.params)]
     assert lacking == []
+
+
+def test_a_corpus_that_changed_is_sharded_again_and_one_that_did_not_is_up_to_date(tmp_path, librispeech_release, caplog):
+    """Files added to a corpus (another chapter downloaded) or a transcript corrected in place (same size): the
+    next run shards it again and the dataset holds the change; a hidden file (`.DS_Store`) is no change."""
+    import soundfile as sf
+
+    from conftest import speechlike
+
+    path = recipe(tmp_path, demo_corpus=None, corpora=[{"name": "librispeech", "root": str(librispeech_release)}],
+                  kmeans={"k": 8, "max_frames": 20000}, output={"eval_splits": False, "vocoder": "none"})
+
+    def texts():  # source utterance → its transcript in the cross-modal records
+        ds = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="train")
+        return {source.rsplit("/", 1)[1]: text for source, text in zip(ds["source_id"], ds["transcript"])}
+
+    first = run(path)
+    assert first["valid"] and "1272-128105-0000" not in texts() and texts()["1272-128104-0002"] == "HE HAS GRAVE DOUBTS"
+    (librispeech_release / "train-clean-100" / ".DS_Store").write_bytes(b"\0")
+    assert run(path)["stages_skipped"] == 9  # every stage but validate, which runs every time
+
+    chapter = librispeech_release / "train-clean-100" / "1272" / "128105"
+    chapter.mkdir()
+    sf.write(chapter / "1272-128105-0000.flac", speechlike(1.5, seed=77), 16000)
+    (chapter / "1272-128105.trans.txt").write_text("1272-128105-0000 A CHAPTER DOWNLOADED LATER\n")
+    with caplog.at_level("INFO", logger="speechinstruct"):
+        added = run(path)
+    assert added["valid"] and added["stages_skipped"] == 0
+    assert "[1/10] shard librispeech → " in " ".join(caplog.messages)
+    assert any(m.startswith("[1/10] shard librispeech → ") and m.endswith(" (again: its input changed)")
+               for m in caplog.messages), caplog.messages
+    assert "1272-128105-0000" in texts()
+
+    trans = librispeech_release / "train-clean-100" / "1272" / "128104" / "1272-128104.trans.txt"
+    before = trans.stat().st_size
+    trans.write_text(trans.read_text().replace("HE HAS GRAVE DOUBTS", "HE HAD GRAVE DOUBTS"))
+    assert trans.stat().st_size == before
+    assert run(path)["stages_skipped"] == 0
+    assert texts()["1272-128104-0002"] == "HE HAD GRAVE DOUBTS"

@@ -337,3 +337,51 @@ def test_an_option_a_source_does_not_take_is_one_line_everywhere(librispeech_roo
     assert ranged.exit_code == 2 and "--speaker-threshold 5.0: Input should be less than 2" in ranged.stderr, ranged.output
     kept = CliRunner().invoke(app, ["shard", "commonvoice", str(tmp_path / "nowhere"), str(tmp_path / "m3"), "--tsv", "x.tsv"])
     assert "is for `shard" not in kept.output  # commonvoice takes it (and then finds no folder)
+
+
+def test_corpus_state_follows_what_a_reader_may_read(tmp_path):
+    """The state `run` stamps a corpus with: any file added, removed or written again under the root (a linked
+    folder's too, a loop followed once), the tar files a pattern names, a local audio_root; never a hidden file, a
+    name that is not UTF-8, where the root is, or a bucket (read from a copy made once)."""
+    from speechinstruct.sources.shard import corpus_state
+
+    root, audio, elsewhere = tmp_path / "corpus", tmp_path / "audio", tmp_path / "elsewhere"
+    for folder in (root / "a", audio, elsewhere):
+        folder.mkdir(parents=True)
+    (root / "a" / "1.txt").write_text("one")
+    (elsewhere / "2.flac").write_bytes(b"x")
+    (root / "linked").symlink_to(elsewhere)
+    (root / "a" / "up").symlink_to("..")  # a loop
+    (root / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin-1 name")  # a lone surrogate in Python
+    state = corpus_state("librispeech", root)
+    assert len(state) == 64 and corpus_state("librispeech", root) == state
+
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "x").write_bytes(b"\0")
+    assert corpus_state("librispeech", root) == state
+    (elsewhere / "3.flac").write_bytes(b"y")  # in a linked folder
+    assert corpus_state("librispeech", root) != state
+    state = corpus_state("librispeech", root)
+    os.utime(root / "a" / "1.txt", ns=(0, 1))  # written again, same size
+    assert corpus_state("librispeech", root) != state
+
+    state, moved = corpus_state("librispeech", root), tmp_path / "moved"
+    root.rename(moved)
+    assert corpus_state("librispeech", moved) == state  # where it is is no part of it
+    with_audio = corpus_state("kaldi", moved, {"audio_root": str(audio)})
+    (audio / "u.wav").write_bytes(b"z")
+    assert corpus_state("kaldi", moved, {"audio_root": str(audio)}) != with_audio
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    (tars / "shard-000.tar").write_bytes(b"t")
+    pattern = str(tars / "shard-{000..001}.tar")
+    one = corpus_state("webdataset", pattern)
+    (tars / "shard-001.tar").write_bytes(b"t")
+    (tars / "other.tar").write_bytes(b"t")
+    assert corpus_state("webdataset", pattern) != one
+    two = corpus_state("webdataset", pattern)
+    (tars / "shard-002.tar").write_bytes(b"t")  # not named by the pattern
+    assert corpus_state("webdataset", pattern) == two
+    assert corpus_state("librispeech", "s3://bucket/LibriSpeech") == ""
