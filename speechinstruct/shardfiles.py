@@ -59,11 +59,36 @@ def manifest_files(folder: str | Path) -> list[Path]:
 
 
 def feature_files(folder: str | Path) -> list[Path]:
-    return _listed(folder, "features-*.arrow", "extract")
+    """The feature shards of a folder (or one shard), each checked to be made from its manifest shard as it is now
+    (:func:`made_from_the_manifest`): a shard of rows the corpus no longer holds as they were is one line, never
+    sampled or quantized."""
+    return made_from_the_manifest(folder, _listed(folder, "features-*.arrow", "extract"), "features.json")
 
 
 def unit_files(folder: str | Path) -> list[Path]:
-    return _listed(folder, "units-*.parquet", "quantize", "units")
+    """The units shards of a folder (or one shard), each checked as :func:`feature_files` does, where its record
+    names its manifest shard (quantize's and extract's do; dedup's name the units shard they were made from)."""
+    return made_from_the_manifest(folder, _listed(folder, "units-*.parquet", "quantize", "units"), "units.json",
+                                  named_only=True)
+
+
+def made_from_the_manifest(folder: str | Path, files: list[Path], spec_name: str, named_only: bool = False) -> list[Path]:
+    """``files``, when the folder's spec file (``features.json``, ``units.json``) names a manifest that is there,
+    each checked to be made from its manifest shard as it is now (:func:`check_made_from`): one line for a shard
+    of a manifest shard written again since, or gone (the corpus sharded again into fewer shards), which every
+    stage reading the folder would otherwise take for its own."""
+    spec_file = Path(folder) / spec_name
+    manifest = read_json(spec_file, dict, "; extract again").get("manifest") if spec_file.is_file() else None
+    if isinstance(manifest, str) and Path(manifest).exists():
+        for path in files:
+            check_made_from(path, [manifest_shard_of(Path(manifest), path)], named_only)
+    return files
+
+
+def manifest_shard_of(manifest: Path, output: Path) -> Path:
+    """The manifest shard an output shard of the same number (``features-00003.arrow``) was made from; the manifest
+    itself when it is one file."""
+    return manifest / f"manifest-{shard_suffix(output)}.parquet" if manifest.is_dir() else manifest
 
 
 def duplicate_ids(files: list[Path]) -> set[str]:
@@ -183,9 +208,10 @@ def made_from(*inputs: Path) -> dict[bytes, bytes]:
     return {MADE_FROM: json.dumps({p.name: fingerprint(p) for p in inputs}, sort_keys=True).encode()}
 
 
-def check_made_from(target: Path, inputs: tuple[Path, ...] | list[Path]) -> None:
+def check_made_from(target: Path, inputs: tuple[Path, ...] | list[Path], named_only: bool = False) -> None:
     """One line when output shard ``target`` was made from input shards other than ``inputs`` as they are now
-    (written again since, or gone); nothing for a file an earlier version wrote (it kept no such metadata)."""
+    (written again since, or gone); nothing for a file an earlier version wrote (it kept no such metadata).
+    ``named_only``: an input its record does not name is not checked (rather than one line)."""
     if not inputs:
         return
     with naming(target):
@@ -202,6 +228,8 @@ def check_made_from(target: Path, inputs: tuple[Path, ...] | list[Path]) -> None
     except (ValueError, RecursionError):  # edited by hand
         recorded = None
     for path in inputs:
+        if named_only and isinstance(recorded, dict) and path.name not in recorded:
+            continue
         if not isinstance(recorded, dict) or path.name not in recorded:
             raise ValueError(f"{target}: its record of the shards it was made from does not name {path.name}: not this "
                              f"stage's output for it; use a new folder")

@@ -367,11 +367,29 @@ def test_a_shard_made_from_an_input_that_changed_since_is_not_taken_for_done(man
     shard_corpus("librispeech", librispeech_root, manifest, sections.Shard(shard_hours=1.0))  # one shard of all rows
     for args, output in ((["extract", manifest, tmp_path / "feats"], "features-00000.arrow"),
                          (["extract", manifest, tmp_path / "fused", "--kmeans", tmp_path / "km"], "units-00000.parquet"),
-                         (["quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units"], "units-00000.parquet")):
+                         # the features it reads are of the first sharding: said before its own output is read
+                         (["quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units"], "features-00000.arrow")):
         result = runner.invoke(app, [str(a) for a in [*args, "-q"]])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert (f"{output}: made from manifest-00000.parquet as it was before it was written again"
                 in result.stderr.replace("\n", "")), result.stderr
+    # cluster never samples features of rows the manifest no longer holds as they were: one line, nothing written
+    result = runner.invoke(app, ["cluster", str(tmp_path / "feats"), str(tmp_path / "km2"), "--k", "4", "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert ("features-00000.arrow: made from manifest-00000.parquet as it was before it was written again"
+            in result.stderr.replace("\n", "")) and not list((tmp_path / "km2").glob("[ck]*")), result.stderr
+    # the shard the line names removed, as it advises, and extracted again: features-00001 is of a manifest shard
+    # that is gone (the corpus is in one shard now), its rows features-00000's again; cluster and quantize say so
+    (tmp_path / "feats" / "features-00000.arrow").unlink()
+    assert cli("extract", manifest, tmp_path / "feats", "-q")["shards_done"] == 1
+    for args in (["cluster", tmp_path / "feats", tmp_path / "km2", "--k", "4"],
+                 ["quantize", tmp_path / "feats", tmp_path / "km", tmp_path / "units2"]):
+        result = runner.invoke(app, [str(a) for a in [*args, "-q"]])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert ("features-00001.arrow: made from manifest-00001.parquet, which is not there now"
+                in result.stderr.replace("\n", "")), result.stderr
+    (tmp_path / "feats" / "features-00001.arrow").unlink()
+    assert cli("cluster", tmp_path / "feats", tmp_path / "km2", "--k", "4", "-q")["k"] == 4
     # an output file of an earlier version (no such metadata) is taken for done, as it was; an input that is gone
     # (manifest-00001, the corpus now in one shard) is one line too
     import pyarrow.parquet as pq

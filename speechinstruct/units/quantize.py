@@ -14,8 +14,9 @@ import numpy as np
 from .. import records
 from ..io import parquet_rows, read_json, read_table, write_json
 from ..progress import progress
-from ..shardfiles import (check_spec, feature_dim, feature_files, finished, iter_features, made_from, select_shards,
-                          shard_output, shard_suffix, unit_files, units_spec)
+from ..shardfiles import (check_spec, feature_dim, feature_files, finished, iter_features, made_from, manifest_shard_of,
+                          select_shards,
+                          shard_output, unit_files, units_spec)
 from ..speechgpt import to_text
 from .kmeans import KMeans, SpeechEncoder
 
@@ -61,7 +62,7 @@ def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: 
     done = skipped = 0
     for path in select_shards(feature_files(features), num_shards, shard_index):
         target = shard_output(out, path, fused=True)
-        manifest_shard = manifest / f"manifest-{shard_suffix(path)}.parquet" if manifest.is_dir() else manifest
+        manifest_shard = manifest_shard_of(manifest, path)
         if finished(target, path, manifest_shard):
             skipped += 1
             continue
