@@ -291,3 +291,38 @@ def parse_json_object(text: str) -> dict | str:
     except RecursionError:
         return "malformed JSON (nested too deeply)"
     return obj
+
+
+# ------------------------------------------------------------------------------- the state of input files
+def files_state(*paths: str | Path) -> str:
+    """What a run's stamps take for the state of input files and folders (a corpus, an evaluation set, a model
+    folder): the sha256 of the path (relative to its root), size and modification time of each file under each
+    of ``paths``, in name order. Linked folders are followed, each once; files and folders whose names start with a
+    dot (``.DS_Store``, ``.cache``) are left out. A file added, removed or written again (even to the same size)
+    changes it; where the paths are (a corpus moved with its times) does not."""
+    digest = hashlib.sha256()
+    for number, top in enumerate(map(Path, paths)):
+        digest.update(f"root {number}\n".encode())
+        for name, path in (_files_under(top) if top.is_dir() else [(top.name, top)]):
+            try:
+                stat = path.stat()
+            except OSError:  # a link to nothing, or gone since the listing: the stage that reads it says so
+                continue
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _files_under(top: Path) -> list[tuple[str, Path]]:
+    """(path relative to ``top``, path) of every file under ``top`` in name order, hidden ones left out, linked
+    folders followed once each (a link back up is not a loop)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [(os.path.relpath(os.path.join(folder, f), top), Path(folder, f)) for f in sorted(files)
+                  if not f.startswith(".")]
+    return found

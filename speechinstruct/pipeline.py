@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, recipe as sections
-from .io import remove_stale_temps, sha256_file, sha256_json, write_json
+from .io import files_state, remove_stale_temps, sha256_file, sha256_json, write_json
 from .kinds import RECORD_KINDS
 from .recipe import RecipeError, load_recipe  # noqa: F401 (the recipe schema lives there)
 from .sources.corpora import SOURCES
@@ -374,6 +374,20 @@ class Job:
             settings["asr_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return settings
 
+    @staticmethod
+    def files_of(*values) -> list[str]:
+        """The state (:func:`io.files_state`) of the settings' values that name local files or folders (evaluation
+        sets, instructions, conversations, template files, model folders), for a stage's inputs: one of them
+        edited since redoes the stage. [] when none does (builtin sets, hub ids, model names), so stamps of such
+        recipes stay as they were."""
+        paths = [v for v in values if isinstance(v, str) and v and Path(v).exists()]
+        return [files_state(*paths)] if paths else []
+
+    def model_folders(self) -> list[str]:
+        """The state of the judges' local model folders (ASR, speaker encoder) when the recipe scores: the stages
+        that score redo when one is replaced."""
+        return self.files_of(self.quality["asr"], self.quality["speaker"]) if self.scoring else []
+
     def gates(self, synthesized: bool = False):
         from .judges.gates import Gates
 
@@ -392,7 +406,7 @@ class Job:
 
         if self.scoring:
             self.stamps[f"score:{n}"] = self.runner.stage(
-                f"score {n}", base / "scores", self.judge_settings(), [self.stamps[f"shard:{n}"]],
+                f"score {n}", base / "scores", self.judge_settings(), [self.stamps[f"shard:{n}"], *self.model_folders()],
                 lambda: _brief(scored()))
 
     def scores_of(self, n: str) -> dict:
@@ -428,7 +442,7 @@ class Job:
             f"shard {n}", base / "manifest", {"corpus": n, "root": self.root_setting(c["root"]), **shard, **(c.get("options") or {})},
             # the corpus as it is now: files added or written again since the last run shard it again
             [*([self.stamps.get("demo", "")] if n == "speechinstruct-demo" else []),
-             corpus_state(n, c["root"], c.get("options"))],
+             corpus_state(n, c["root"], c.get("options")), *self.files_of((c.get("options") or {}).get("asr"))],
             lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
                                         **(c.get("options") or {}))))
         self.score_corpus(c)
@@ -482,7 +496,8 @@ class Job:
             return
         scored = [self.stamps[f"score:{n}"] for n in self.names] if self.scoring else []
         stamp = self.runner.stage(
-            "dedup", self.work / "dedup", cfg, [self.stamps[f"units:{n}"] for n in self.names] + scored,
+            "dedup", self.work / "dedup", cfg, [self.stamps[f"units:{n}"] for n in self.names] + scored
+            + self.files_of(*(e if Path(e).exists() else e.partition("=")[2] for e in cfg["eval"])),
             lambda: _brief(dedup([self.work / n / "units" for n in self.names], [self.units_dir(n) for n in self.names],
                                  sections.Dedup(**cfg),
                                  scores=[self.work / n / "scores" if self.scoring else None for n in self.names])))
@@ -520,7 +535,8 @@ class Job:
             "compose cross-modal", composed / "cross_modal",
             {"mode": cm["mode"], "asr_fraction": cm["asr_fraction"], "seed": seed, "corpora": cm_corpora,
              "templates": {t: sets[t]["version"] for t in sets}, **gated},
-            [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora),
+            [self.stamps[f"units:{n}"] for n in cm_corpora] + scored(cm_corpora)
+            + self.files_of(recipe["templates"]["asr"], recipe["templates"]["tts"]),
             lambda: [cross_modal(self.units_dir(n), composed / "cross_modal", sets["asr"], sets["tts"],
                                  sections.CrossModal(**cm), seed=seed, part=n, **self.scores_of(n))
                      for n in cm_corpora])
@@ -538,7 +554,8 @@ class Job:
             "compose chain-of-modality", composed / "chain_of_modality",
             {**com, "seed": seed, **({"voices": c_cfg["voices"]} if c_cfg["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
-            [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
+            [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else []),
+             *self.files_of(com["instructions"], com["tts_model"]), *self.model_folders()],
             lambda: _brief(chain_of_modality(
                 com["instructions"], composed / "chain_of_modality", self.tokenizer(),
                 make_tts(com["tts"], work / "cache" / "tts", llm=llm, model=com["tts_model"], voices=c_cfg["voices"]),
@@ -565,7 +582,7 @@ class Job:
             "compose duplex", composed / "duplex",
             {**cfg, "seed": seed, **({"voices": voices} if voices else {}),
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
-            [self.stamps["kmeans"], sha256_json(self.feature_settings)],
+            [self.stamps["kmeans"], sha256_json(self.feature_settings), *self.files_of(cfg["conversations"]), *self.model_folders()],
             lambda: _brief(duplex(
                 cfg["conversations"], composed / "duplex", make_tts(cfg["tts"], None, voices=voices),
                 sections.Duplex(**cfg), seed=seed, tokenizer=self.tokenizer(),
@@ -605,7 +622,8 @@ class Job:
             "compose dialogue", composed / "dialogue",
             {**dlg, "seed": seed, **({"voices": recipe["compose"]["voices"]} if recipe["compose"]["voices"] else {}), "llm": {k: v for k, v in (recipe["llm"] or {}).items() if k not in ("max_requests", "timeout")},
              **({"quality": {**self.judge_settings(), **asdict(self.gates(synthesized=True))}} if self.scoring else {})},
-            [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else [])],
+            [self.stamps["kmeans"], sha256_json(self.feature_settings), *([self.stamps["dedup"]] if "dedup" in self.stamps else []),
+             *self.files_of(dlg["conversations"], dlg["tts_model"]), *self.model_folders()],
             lambda: _brief(dialogue(
                 dlg["conversations"], composed / "dialogue", self.tokenizer(),
                 make_tts(dlg["tts"], self.work / "cache" / "tts", llm=llm, model=dlg["tts_model"],

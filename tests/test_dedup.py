@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 
+import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -329,6 +330,16 @@ def test_a_recipe_dedups_every_corpus_before_compose_and_the_card_says_what_was_
     assert "## Duplicates and contamination" in card and "bench.txt" in card and "13-word n-grams" in card
     page = (work / "report" / "index.html").read_text()
     assert "Duplicates and contamination" in page
+
+    # a test set added to the evaluation file since: the next run checks against it (dedup was "up to date")
+    def transcripts():
+        splits = datasets.load_dataset(str(work / "dataset"), "cross_modal")
+        return {t for ds in splits.values() for t in ds["transcript"]}
+
+    leaked = sorted(transcripts())[0]
+    (tmp_path / "bench.txt").write_text(f"nothing in the demo corpus says this\n{leaked}\n")
+    assert run(tmp_path / "r.yaml")["valid"]
+    assert leaked not in transcripts()
     del data["dedup"]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     run(tmp_path / "r.yaml")

@@ -438,3 +438,26 @@ def test_a_corpus_that_changed_is_sharded_again_and_one_that_did_not_is_up_to_da
     assert trans.stat().st_size == before
     assert run(path)["stages_skipped"] == 0
     assert texts()["1272-128104-0002"] == "HE HAD GRAVE DOUBTS"
+
+
+def test_an_input_file_edited_since_redoes_the_stages_that_read_it(tmp_path, caplog):
+    """An instruction file (or an evaluation set, a conversations file, a model folder) named by the recipe and
+    edited since: the stages that read it are done again, not passed over as up to date by its path."""
+    lines = (tmp_path / "instructions.jsonl", [json.dumps({"id": f"mine-{i}", "instruction": f"Name a colour number {i}.",
+                                                           "response": f"Colour number {i} is blue."}) for i in range(4)])
+    lines[0].write_text("\n".join(lines[1][:3]) + "\n")
+    path = recipe(tmp_path, compose={"pretrain": {"dev_fraction": 0.2},
+                                     "chain_of_modality": {"max_pairs": 6, "instructions": str(lines[0])}})
+
+    def pairs():
+        splits = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "chain_of_modality")
+        return sum(len(ds) for ds in splits.values())
+
+    assert run(path)["valid"] and pairs() == 3
+    assert run(path)["stages_skipped"] == 10
+    lines[0].write_text("\n".join(lines[1]) + "\n")
+    with caplog.at_level("INFO", logger="speechinstruct"):
+        again = run(path)
+    assert again["stages_skipped"] == 7 and pairs() == 4, caplog.messages  # chain-of-modality, publish, report redone
+    assert any(m.startswith("[8/11] compose chain-of-modality → ") and m.endswith("(again: its input changed)")
+               for m in caplog.messages), caplog.messages

@@ -8,12 +8,10 @@ Every row carries the ``split`` (train, validation, test) the corpus gives it; `
 from __future__ import annotations
 
 import collections
-import hashlib
-import os
 from pathlib import Path
 
 from .. import recipe as settings, records
-from ..io import claim_outputs, write_json, write_parquet, wrote_before
+from ..io import claim_outputs, files_state, write_json, write_parquet, wrote_before
 from . import storage
 from .corpora import (SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
                       readers, root_problem, split_of, split_word, with_known_license)
@@ -173,51 +171,21 @@ def local_root(corpus: str, root: str | Path, reader_options: dict) -> tuple[Pat
 
 
 def corpus_state(corpus: str, root: str | Path, options: dict | None = None) -> str:
-    """What ``run`` takes for the state of a corpus it has sharded: the sha256 of every file's path (relative to
-    the root), size and modification time, under a local root folder (its linked folders followed, each once), of
-    a root file or of the tar files a pattern names, and under a local ``audio_root`` option; files and folders
-    whose names start with a dot (``.DS_Store``, ``.cache``) are left out, as the readers leave them. A file added,
-    removed, or written again (a transcript corrected in place, even to the same size) changes it. A corpus in a
-    bucket or on the Hub is not listed at each run: its state is "" (``--force`` brings its copy up to date)."""
+    """What ``run`` takes for the state of a corpus it has sharded (:func:`io.files_state`): every file under a local
+    root folder, a root file or the tar files a pattern names, and a local ``audio_root`` option's files. A file
+    added, removed, or written again (a transcript corrected in place, even to the same size) changes it. A corpus
+    in a bucket or on the Hub is not listed at each run: its state is "" (``--force`` brings its copy up to date)."""
     if storage.is_url(root):
         return ""
-    digest = hashlib.sha256()
-    roots = [Path(root)]
+    if corpus in SOURCES and SOURCES[corpus].pattern_root:
+        from .corpora.webdataset import tar_files
+
+        roots = tar_files(root)
+    else:
+        roots = [Path(root)]
     if (audio := (options or {}).get("audio_root")) and not storage.is_url(audio):
         roots.append(Path(audio))
-    for number, top in enumerate(roots):  # where each is, the shard stage's settings say
-        digest.update(f"root {number}\n".encode())
-        if corpus in SOURCES and SOURCES[corpus].pattern_root:
-            from .corpora.webdataset import tar_files
-
-            files = [(p.name, p) for p in tar_files(top)]
-        elif top.is_dir():
-            files = _files_under(top)
-        else:
-            files = [(top.name, top)]
-        for name, path in files:
-            try:
-                stat = path.stat()
-            except OSError:  # a link to nothing, or gone since the listing: the reader says so
-                continue
-            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
-def _files_under(top: Path) -> list[tuple[str, Path]]:
-    """(path relative to ``top``, path) of every file under ``top`` in name order, hidden ones left out, linked
-    folders followed once each (a link back up is not a loop)."""
-    found, seen = [], set()
-    for folder, dirs, files in os.walk(top, followlinks=True):
-        stat = os.stat(folder)
-        if (stat.st_dev, stat.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [(os.path.relpath(os.path.join(folder, f), top), Path(folder, f)) for f in sorted(files)
-                  if not f.startswith(".")]
-    return found
+    return files_state(*roots)
 
 
 def write_rows(items, shards: ManifestShards, tally: Tally, keep: tuple[str, ...] | None, split_map: dict) -> None:
