@@ -315,6 +315,8 @@ class Job:
         if self.f["checkpoint"] and Path(self.f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
             st = Path(self.f["checkpoint"]).stat()
             self.feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        elif self.f["checkpoint"] and Path(self.f["checkpoint"]).is_dir():  # a transformers or codec folder, likewise
+            self.feature_settings["checkpoint_files"] = files_state(self.f["checkpoint"])
         # the run's own k-means by its absolute path, which the units' specs record (relocate rewrites it when the
         # workdir moves; resynth finds it from any folder)
         self.km_path = Path(recipe["kmeans"]["path"]) if recipe["kmeans"]["path"] else work.resolve() / "kmeans"

@@ -461,3 +461,24 @@ def test_an_input_file_edited_since_redoes_the_stages_that_read_it(tmp_path, cap
     assert again["stages_skipped"] == 7 and pairs() == 4, caplog.messages  # chain-of-modality, publish, report redone
     assert any(m.startswith("[8/11] compose chain-of-modality → ") and m.endswith("(again: its input changed)")
                for m in caplog.messages), caplog.messages
+
+
+def test_a_model_folder_replaced_since_redoes_extraction(tmp_path, caplog):
+    """features.checkpoint naming a transformers folder, saved again with other weights: extract and every stage
+    after it are done again (a checkpoint file counted by its size and time; a folder by its path alone)."""
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    def save(seed):
+        torch.manual_seed(seed)
+        HubertModel(HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16)).save_pretrained(tmp_path / "hub")
+
+    save(0)
+    path = recipe(tmp_path, features={"kind": "hubert", "checkpoint": str(tmp_path / "hub"), "layer": 1})
+    assert run(path)["valid"] and run(path)["stages_skipped"] == 10
+    save(1)
+    with caplog.at_level("INFO", logger="speechinstruct"):
+        assert run(path)["stages_skipped"] == 2  # demo, shard
+    assert any(m.startswith("[3/11] extract speechinstruct-demo (hubert) → ")
+               and m.endswith("(again: its settings changed: checkpoint_files)") for m in caplog.messages), caplog.messages
