@@ -317,7 +317,10 @@ def _files_under(top: Path) -> list[tuple[str, Path]]:
     folders followed once each (a link back up is not a loop)."""
     found, seen = [], set()
     for folder, dirs, files in os.walk(top, followlinks=True):
-        stat = os.stat(folder)
+        try:
+            stat = os.stat(folder)
+        except OSError:  # removed since it was listed (a download under way)
+            continue
         if (stat.st_dev, stat.st_ino) in seen:
             dirs[:] = []
             continue

@@ -63,7 +63,8 @@ class Runner:
         remove_stale_temps(out, recursive=True)  # half-written files of a killed run
         done.unlink(missing_ok=True)
         write_json(pending, {"hash": digest, "foreign": foreign})
-        self._say(f"{label} → {out}" + (f" (again: {'--force' if self.force else _why(finished, settings, inputs)})" if finished else ""))
+        why = ("--force" if self.force else _why(finished, settings, inputs)) if finished else None
+        self._say(f"{label} → {out}" + (f" (again: {why})" if why else ""))
         started = time.perf_counter()
         result = fn()
         seconds = round(time.perf_counter() - started, 2)

@@ -78,7 +78,8 @@ def made_from_the_manifest(folder: str | Path, files: list[Path], spec_name: str
     of a manifest shard written again since, or gone (the corpus sharded again into fewer shards), which every
     stage reading the folder would otherwise take for its own."""
     spec_file = Path(folder) / spec_name
-    manifest = read_json(spec_file, dict, "; extract again").get("manifest") if spec_file.is_file() else None
+    spec = read_json(spec_file, dict, "; run the stage that wrote it again") if spec_file.is_file() else {}
+    manifest = spec.get("manifest")
     if isinstance(manifest, str) and Path(manifest).exists():
         for path in files:
             check_made_from(path, [manifest_shard_of(Path(manifest), path)], named_only)

@@ -15,8 +15,7 @@ from .. import records
 from ..io import parquet_rows, read_json, read_table, write_json
 from ..progress import progress
 from ..shardfiles import (check_spec, feature_dim, feature_files, finished, iter_features, made_from, manifest_shard_of,
-                          select_shards,
-                          shard_output, unit_files, units_spec)
+                          select_shards, shard_output, unit_files, units_spec)
 from ..speechgpt import to_text
 from .kmeans import KMeans, SpeechEncoder
 
