@@ -183,9 +183,22 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, force: bool 
     work = Path(workdir or recipe["workdir"])
     if work.exists() and not work.is_dir():
         raise NotADirectoryError(f"{work}: the workdir is a file, not a folder: give --workdir a folder (it is created)")
+    check_outside_corpora(recipe, work)
     with workdir_lock(work):
         relocate(work)
         return _run(recipe, work, force)
+
+
+def check_outside_corpora(recipe: dict, work: Path) -> None:
+    """One line when the workdir is inside a corpus's root folder: the run's outputs (manifests, the report's
+    audio) would be read as part of the corpus at the next run, and each run would change the corpus it shards."""
+    from .sources.storage import is_url
+
+    for number, corpus in enumerate(recipe["corpora"]):
+        root = corpus["root"]
+        if not is_url(root) and Path(root).is_dir() and work.resolve().is_relative_to(Path(root).resolve()):
+            raise RecipeError(f"corpora[{number}].root: {root} holds the workdir {work}: the run's outputs would be "
+                              "read as the corpus; give a workdir outside it (--workdir)")
 
 
 WHERE = ".workdir.json"  # where the workdir was when a run last used it: {"path": absolute}

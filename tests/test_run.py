@@ -482,3 +482,18 @@ def test_a_model_folder_replaced_since_redoes_extraction(tmp_path, caplog):
         assert run(path)["stages_skipped"] == 2  # demo, shard
     assert any(m.startswith("[3/11] extract speechinstruct-demo (hubert) → ")
                and m.endswith("(again: its settings changed: checkpoint_files)") for m in caplog.messages), caplog.messages
+
+
+def test_a_workdir_inside_a_corpus_root_is_one_line(tmp_path, librispeech_release):
+    """The workdir inside a corpus's root: its outputs (the report's audio, the manifests) would be read as the
+    corpus at the next run, and every file the run writes would change the corpus it shards. One line, before
+    any stage, naming the key; nothing written."""
+    path = recipe(tmp_path, demo_corpus=None, corpora=[{"name": "librispeech", "root": str(librispeech_release)}],
+                  workdir=str(librispeech_release / "work"))
+    before = sorted(librispeech_release.rglob("*"))
+    for workdir in (None, librispeech_release / "train-clean-100" / "w"):
+        result = runner.invoke(app, ["run", str(path), "-q", *(["--workdir", str(workdir)] if workdir else [])])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert (f"corpora[0].root: {librispeech_release} holds the workdir {workdir or librispeech_release / 'work'}"
+                in result.stderr.replace("\n", "")), result.stderr
+    assert sorted(librispeech_release.rglob("*")) == before
