@@ -341,8 +341,8 @@ def test_an_option_a_source_does_not_take_is_one_line_everywhere(librispeech_roo
 
 def test_corpus_state_follows_what_a_reader_may_read(tmp_path):
     """The state `run` stamps a corpus with: any file added, removed or written again under the root (a linked
-    folder's too, a loop followed once), the tar files a pattern names, a local audio_root; never a hidden file, a
-    name that is not UTF-8, where the root is, or a bucket (read from a copy made once)."""
+    folder's too, a loop followed once; a name that is not UTF-8 counted like any other), the tar files a pattern
+    names, a local audio_root; never a hidden file, where the root is, or a bucket (not listed at each run)."""
     from speechinstruct.sources.shard import corpus_state
 
     root, audio, elsewhere = tmp_path / "corpus", tmp_path / "audio", tmp_path / "elsewhere"
