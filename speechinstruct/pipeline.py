@@ -71,7 +71,7 @@ class Runner:
         write_json(done, {"hash": digest, "settings": settings, "inputs": inputs, "finished": True, "foreign": foreign,
                           "seconds": seconds})
         pending.unlink()
-        self.log.append({"stage": name, "seconds": seconds, "result": result})
+        self.log.append({"stage": name, "seconds": seconds, **({"again": why} if why else {}), "result": result})
         return digest
 
     def _say(self, line: str):

@@ -431,6 +431,9 @@ def test_a_corpus_that_changed_is_sharded_again_and_one_that_did_not_is_up_to_da
     assert any(m.startswith("[1/10] shard librispeech → ") and m.endswith(" (again: its input changed)")
                for m in caplog.messages), caplog.messages
     assert "1272-128105-0000" in texts()
+    stages = json.loads((tmp_path / "work" / "run-summary.json").read_text())["stages"]
+    assert stages[0]["stage"] == "shard librispeech" and stages[0]["again"] == "its input changed"
+    assert " s (again: its input changed)" in (tmp_path / "work" / "report" / "index.html").read_text()
 
     trans = librispeech_release / "train-clean-100" / "1272" / "128104" / "1272-128104.trans.txt"
     before = trans.stat().st_size

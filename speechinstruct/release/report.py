@@ -543,7 +543,7 @@ def _timings(stages: list[dict] | None) -> list[list[str]]:
     """Each stage's time; then this page's own line (its time is known only after it is written: run-summary.json)."""
     if not stages:
         return []
-    return [[st["stage"], f"{st['seconds']:.1f} s" if "seconds" in st else
+    return [[st["stage"], f"{st['seconds']:.1f} s" + (f" (again: {st['again']})" if st.get("again") else "") if "seconds" in st else
              f"up to date ({st['ran_seconds']:.1f} s when it ran)" if "ran_seconds" in st else "up to date"]
             for st in stages] + [["report", "this page (its time: run-summary.json)"]]
 
