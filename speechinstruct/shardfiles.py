@@ -453,13 +453,18 @@ def read_units_spec(folder: str | Path) -> dict | None:
     return read_json(path, dict, "; extract or quantize into a new folder")
 
 
-def composed_units_dirs(folder: str | Path) -> list[Path]:
+def composed_units_dirs(folder: str | Path, missing_ok: bool = True) -> list[Path]:
     """The units folders a compose folder's records were made from, as its cross-modal, pretrain and interleaved summaries
-    name them (those that still exist), in order, each once."""
+    name them (those that still exist), in order, each once. ``missing_ok`` False: one line for a folder named that
+    is not there (moved or deleted), whose vocabulary and hours publish would otherwise leave out."""
     dirs: list[Path] = []
     for config in [name for name, kind in RECORD_KINDS.items() if kind.from_units]:
         for summary in sorted((Path(folder) / config).glob("summary*.json")):
             units = read_json(summary, dict, "; compose again").get("units")
+            if isinstance(units, str) and units and not Path(units).is_dir() and not missing_ok:
+                raise FileNotFoundError(f"{summary}: its records were made from {units}, which is not there (moved or "
+                                        "deleted?); publish reads their unit vocabulary and hours there: restore it, or "
+                                        "compose again from where it is now")
             if units and Path(units).is_dir() and Path(units) not in dirs:
                 dirs.append(Path(units))
     return dirs

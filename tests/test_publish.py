@@ -504,3 +504,20 @@ def test_publish_refuses_a_compose_folder_that_lacks_shards_or_is_stale(units_di
     code, output = run("publish", comp, tmp_path / "ds2")
     assert code == 2 and "train-00000.parquet: made from units-00000.parquet as it was before it was written again" in output, output
     assert not (tmp_path / "ds2").exists()
+
+
+def test_a_compose_folder_whose_units_folder_is_gone_is_one_line_not_a_dataset_without_its_vocabulary(units_dir, tmp_path):
+    """A compose folder moved or copied without the units folder its records came from (or that folder moved):
+    publish wrote a dataset with `k: null`, no vocabulary and no hours, which validate passed and train could not
+    use. One line naming the summary and the folder; nothing written."""
+    import shutil
+
+    cross_modal(units_dir, tmp_path / "c" / "cross_modal")
+    assert publish(tmp_path / "c", tmp_path / "ds")["k"] == 8
+    shutil.move(units_dir, tmp_path / "elsewhere")
+    result = runner.invoke(app, ["publish", str(tmp_path / "c"), str(tmp_path / "ds2"), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    summary = tmp_path / "c" / "cross_modal" / "summary.json"
+    assert (f"{summary}: its records were made from {units_dir}, which is not there" in result.stderr.replace("\n", "")
+            ), result.stderr
+    assert not (tmp_path / "ds2").exists()

@@ -242,7 +242,7 @@ def publish(compose_dir: str | Path, out: str | Path, cfg: settings.Output | Non
     inputs = _inputs(compose_dir, eval_splits)
     for config in inputs:  # every shard composed, and from the units as they are now
         check_complete(compose_dir / config)
-    units_dirs = composed_units_dirs(compose_dir)
+    units_dirs = composed_units_dirs(compose_dir, missing_ok=False)
     spec, vocabulary = one_vocabulary(compose_dir, units_dirs)
     refuse_invalid(compose_dir, inputs)
     out.mkdir(parents=True, exist_ok=True)
