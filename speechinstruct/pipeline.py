@@ -190,15 +190,18 @@ def run(recipe_path: str | Path, workdir: str | Path | None = None, force: bool 
 
 
 def check_outside_corpora(recipe: dict, work: Path) -> None:
-    """One line when the workdir is inside a corpus's root folder: the run's outputs (manifests, the report's
-    audio) would be read as part of the corpus at the next run, and each run would change the corpus it shards."""
+    """One line when the workdir is inside a corpus's root folder (or its ``audio_root``): the run's outputs
+    (manifests, the report's audio) would be read as part of the corpus at the next run, and each run would change
+    the files the shard stage's stamp holds, so that every run sharded it again."""
     from .sources.storage import is_url
 
     for number, corpus in enumerate(recipe["corpora"]):
-        root = corpus["root"]
-        if not is_url(root) and Path(root).is_dir() and work.resolve().is_relative_to(Path(root).resolve()):
-            raise RecipeError(f"corpora[{number}].root: {root} holds the workdir {work}: the run's outputs would be "
-                              "read as the corpus; give a workdir outside it (--workdir)")
+        audio_root = (corpus.get("options") or {}).get("audio_root")
+        for key, folder in (("root", corpus["root"]), ("options.audio_root", audio_root)):
+            if (isinstance(folder, str) and folder and not is_url(folder) and Path(folder).is_dir()
+                    and work.resolve().is_relative_to(Path(folder).resolve())):
+                raise RecipeError(f"corpora[{number}].{key}: {folder} holds the workdir {work}: the run's outputs "
+                                  "would be read as the corpus; give a workdir outside it (--workdir)")
 
 
 WHERE = ".workdir.json"  # where the workdir was when a run last used it: {"path": absolute}

@@ -500,3 +500,12 @@ def test_a_workdir_inside_a_corpus_root_is_one_line(tmp_path, librispeech_releas
         assert (f"corpora[0].root: {librispeech_release} holds the workdir {workdir or librispeech_release / 'work'}"
                 in result.stderr.replace("\n", "")), result.stderr
     assert sorted(librispeech_release.rglob("*")) == before
+    # a Kaldi data folder whose audio_root holds the workdir: the same, naming that key
+    (tmp_path / "data").mkdir()
+    (tmp_path / "audio").mkdir()
+    kaldi = recipe(tmp_path, demo_corpus=None, workdir=str(tmp_path / "audio" / "work"),
+                   corpora=[{"name": "kaldi", "root": str(tmp_path / "data"), "options": {"audio_root": str(tmp_path / "audio")}}])
+    result = runner.invoke(app, ["run", str(kaldi), "-q"])
+    assert result.exit_code == 2 and (f"corpora[0].options.audio_root: {tmp_path / 'audio'} holds the workdir "
+                                      in result.stderr.replace("\n", "")), result.output
+    assert not list((tmp_path / "audio").iterdir())
