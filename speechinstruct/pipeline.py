@@ -329,11 +329,8 @@ class Job:
             self.feature_settings["codebooks"] = self.f["codebooks"]
         if self.f["dtype"] != "float32":  # float32 stamps stay what they were
             self.feature_settings["dtype"] = self.f["dtype"]
-        if self.f["checkpoint"] and Path(self.f["checkpoint"]).is_file():  # a replaced checkpoint redoes extraction
-            st = Path(self.f["checkpoint"]).stat()
-            self.feature_settings["checkpoint_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        elif self.f["checkpoint"] and Path(self.f["checkpoint"]).is_dir():  # a transformers or codec folder, likewise
-            self.feature_settings["checkpoint_files"] = files_state(self.f["checkpoint"])
+        if self.f["checkpoint"] and Path(self.f["checkpoint"]).exists():  # a checkpoint file or folder replaced
+            self.feature_settings["checkpoint_files"] = files_state(self.f["checkpoint"])  # redoes extraction
         # the run's own k-means by its absolute path, which the units' specs record (relocate rewrites it when the
         # workdir moves; resynth finds it from any folder)
         self.km_path = Path(recipe["kmeans"]["path"]) if recipe["kmeans"]["path"] else work.resolve() / "kmeans"
@@ -383,14 +380,10 @@ class Job:
         return self._judge
 
     def judge_settings(self) -> dict:
-        """What the scores depend on (a replaced ASR folder's weights change the stamp)."""
+        """What the scores depend on, but the judges' model files (:meth:`model_folders`, the stages' inputs)."""
         q = self.quality
         settings = {k: q[k] for k in ("dnsmos", "asr", "base_url")}
         settings.update({k: q[k] for k in ("speaker", "language") if q[k]})  # only when on: older stamps stay valid
-        weights = Path(q["asr"]) / "model.safetensors" if q["asr"] and not q["base_url"] else None
-        if weights is not None and weights.is_file():
-            st = weights.stat()
-            settings["asr_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return settings
 
     @staticmethod
@@ -403,9 +396,10 @@ class Job:
         return [files_state(*paths)] if paths else []
 
     def model_folders(self) -> list[str]:
-        """The state of the judges' local model folders (ASR, speaker encoder) when the recipe scores: the stages
-        that score redo when one is replaced."""
-        return self.files_of(self.quality["asr"], self.quality["speaker"]) if self.scoring else []
+        """The state of the judges' local model folders (an ASR folder, not a model name at ``base_url``; a speaker
+        encoder's) when the recipe scores: the stages that score redo when one is replaced."""
+        q = self.quality
+        return self.files_of(None if q["base_url"] else q["asr"], q["speaker"]) if self.scoring else []
 
     def gates(self, synthesized: bool = False):
         from .judges.gates import Gates
@@ -504,7 +498,7 @@ class Job:
     def dedup(self) -> None:
         """Repeats and evaluation data out of every corpus's units, all corpora together (``recipe.dedup``); the
         stamps of the units compose reads become dedup's."""
-        from .curate.dedup import dedup
+        from .curate.dedup import dedup, eval_source
 
         cfg = self.recipe["dedup"]
         if not cfg:
@@ -516,7 +510,7 @@ class Job:
         scored = [self.stamps[f"score:{n}"] for n in self.names] if self.scoring else []
         stamp = self.runner.stage(
             "dedup", self.work / "dedup", cfg, [self.stamps[f"units:{n}"] for n in self.names] + scored
-            + self.files_of(*(e if Path(e).exists() else e.partition("=")[2] for e in cfg["eval"])),
+            + self.files_of(*(str(eval_source(e)[1]) for e in cfg["eval"])),
             lambda: _brief(dedup([self.work / n / "units" for n in self.names], [self.units_dir(n) for n in self.names],
                                  sections.Dedup(**cfg),
                                  scores=[self.work / n / "scores" if self.scoring else None for n in self.names])))

@@ -509,3 +509,18 @@ def test_a_workdir_inside_a_corpus_root_is_one_line(tmp_path, librispeech_releas
     assert result.exit_code == 2 and (f"corpora[0].options.audio_root: {tmp_path / 'audio'} holds the workdir "
                                       in result.stderr.replace("\n", "")), result.output
     assert not list((tmp_path / "audio").iterdir())
+
+
+def test_a_judge_model_folder_replaced_since_redoes_the_scores(tmp_path, caplog):
+    """quality.asr naming a local CTC folder, saved again with other weights: the score stage (and what reads its
+    scores) is done again; the same folder as it was leaves every stage up to date."""
+    from asr_fixture import write_tiny_ctc
+
+    write_tiny_ctc(tmp_path / "ctc", seed=0)
+    path = recipe(tmp_path, quality={"asr": str(tmp_path / "ctc")})
+    assert run(path)["valid"] and run(path)["stages_skipped"] == 11
+    write_tiny_ctc(tmp_path / "ctc", seed=1)
+    with caplog.at_level("INFO", logger="speechinstruct"):
+        assert run(path)["stages_skipped"] < 11
+    assert any(m.startswith("[3/12] score speechinstruct-demo → ") and m.endswith("(again: its input changed)")
+               for m in caplog.messages), caplog.messages

@@ -305,6 +305,13 @@ def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
     return hashes
 
 
+def eval_source(source: str) -> tuple[str, Path]:
+    """(corpus name, path) of an evaluation source: ``NAME=PATH`` names a corpus folder in the layout ``shard`` reads
+    as NAME, unless a file or folder of that whole name is there; anything else is a path, with no name."""
+    name, _, folder = source.partition("=") if "=" in source and not Path(source).exists() else ("", "", source)
+    return name, Path(folder)
+
+
 def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None) -> tuple[dict, dict, list[dict]]:
     """Evaluation texts into ``texts``, and (with a ``signer``) the signatures and units of evaluation units
     (``eval:SOURCE:ID``) from each source: a text file (a line each), a JSONL file (the text fields of each object), a manifest or
@@ -317,8 +324,7 @@ def read_eval(sources: Iterable[str], texts: EvalTexts, signer: Signer | None) -
     described = []
     for source in sources:
         before = texts.count
-        name, _, folder = source.partition("=") if "=" in source and not Path(source).exists() else ("", "", source)
-        path = Path(folder)
+        name, path = eval_source(source)
         if name:
             from ..sources.shard import shard_corpus
 
