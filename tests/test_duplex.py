@@ -52,6 +52,38 @@ def test_the_files_have_moshi_finetunes_shape_and_durations(built):
         assert {who for *_, who in items} == {MAIN, OTHER}
 
 
+def test_moshi_finetunes_loader_reads_every_segment_with_its_words(built):
+    """As moshi-finetune's data loader reads a dataset (finetune/data/dataset.py and interleaver.py): sphn's
+    ``dataset_jsonl`` cuts each listed file into ``duration_sec`` segments, channels first, resolving ``path``
+    against the manifest's folder; the transcript is ``splitext(path)[0] + ".json"``; a segment's words are found
+    by bisecting the alignments on their starts, which holds only when they are sorted by start."""
+    sphn = pytest.importorskip("sphn")
+    import bisect
+    import os
+
+    out, summary = built
+    segments = sphn.dataset_jsonl(str(out / "duplex.jsonl"), duration_sec=5.0, num_threads=4, sample_rate=24000,
+                                  pad_last_segment=True).seq(skip=0, step_by=1)
+    seen, read = set(), 0
+    for sample in segments:
+        wav = sample["data"][..., : sample["unpadded_len"]]
+        assert wav.shape[0] == 2 and os.path.isabs(sample["path"])
+        with open(os.path.splitext(sample["path"])[0] + ".json") as f:
+            alignments = json.load(f)["alignments"]
+        start = sample["start_time_sec"]
+        starts = [a[1][0] for a in alignments]
+        window = alignments[bisect.bisect_left(starts, start): bisect.bisect_left(starts, start + 5.0)]
+        assert window == [a for a in alignments if start <= a[1][0] < start + 5.0]
+        for word, (a, b), who in window:  # the main speaker on the left channel, the other on the right
+            channel = wav[0 if who == MAIN else 1, int((a - start) * 24000): int((min(b, start + 5.0) - start) * 24000)]
+            assert channel.size == 0 or np.abs(channel).max() > 1e-3, (sample["path"], word)
+        seen.add(sample["path"])
+        read += wav.shape[-1]
+    manifest = [json.loads(line) for line in (out / "duplex.jsonl").read_text().splitlines()]
+    assert len(seen) == summary["conversations"]
+    assert abs(read / 24000 - sum(m["duration"] for m in manifest)) < 0.01 * len(manifest)
+
+
 def test_each_channel_holds_speech_only_where_its_words_are(built):
     """Energy in 20 ms frames: inside the channel's word spans the speech is there, outside them it is silent."""
     out, _ = built
