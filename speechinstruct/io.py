@@ -247,7 +247,8 @@ def sha256_json(obj) -> str:
 
 
 def safe_join(root: str | os.PathLike, relative: str) -> Path:
-    """``root/relative``, refusing absolute paths, ``..`` escapes and symlinks that lead out of ``root``."""
+    """``root/relative`` (``root`` resolved), refusing absolute paths, ``..`` escapes and symlinks that lead out of
+    ``root`` (but for a Hub cache snapshot's links into its repo's blobs: :func:`hub_cache_repo`)."""
     root = Path(root).resolve()
     if os.path.isabs(relative):
         raise ValueError(f"absolute path {relative!r} refused: paths must be relative to the corpus root {root}")
@@ -255,9 +256,22 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
         candidate = (root / relative).resolve()
     except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError on a symlink loop
         raise ValueError(f"path {relative!r} cannot be resolved (symlink loop?): {e}") from None
-    if candidate != root and root not in candidate.parents:
+    repo = hub_cache_repo(root)
+    inside = [root, *([repo / "blobs"] if repo else [])]
+    if not any(candidate == folder or folder in candidate.parents for folder in inside):
         raise ValueError(f"path {relative!r} leaves the corpus root {root}")
-    return candidate
+    return root / relative  # by its own name: a link's target may be named for its content alone (the Hub's blobs)
+
+
+def hub_cache_repo(root: Path) -> Path | None:
+    """The Hugging Face Hub cache's repo folder (``…/datasets--owner--name``) when ``root`` (resolved) lies in one of
+    its ``snapshots``, where huggingface_hub links every file to ``../../blobs/<hash>`` (``shard hf owner/name``)."""
+    parts = root.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("datasets--", "models--", "spaces--")):
+            repo = Path(*parts[:i])
+            return repo if (repo / "blobs").is_dir() else None
+    return None
 
 
 def installed_file(package: str, *parts: str) -> Path | None:

@@ -86,6 +86,57 @@ def test_hub_parquet_folder_shards_with_splits_license_and_a_counted_corrupt_row
     np.testing.assert_array_equal(wav, expected)
 
 
+def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path, monkeypatch):
+    """`shard hf owner/name` as a user runs it: huggingface_hub's own snapshot_download against the loopback Hub
+    (tests/hub_server.py) fills its cache, where each file of the snapshot is a link to ``../../blobs/<hash>``;
+    extract reads every row through those links, as from the same files in a plain folder. A link that leaves the
+    cache's repo folder is still refused. Ids and ``corpus`` carry the dataset's name, not the snapshot's commit."""
+    import os
+
+    import huggingface_hub.constants
+    from hub_server import Hub
+
+    plain = hub_dataset(tmp_path / "plain" / "tiny-asr", corrupt=False)
+    hub = Hub()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)  # both as HF_ENDPOINT sets them
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        hub.files["user/tiny-asr"] = {p.relative_to(plain).as_posix(): p.read_bytes()
+                                      for p in sorted(plain.rglob("*")) if p.is_file()}
+        shard = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "m"), "-q"])
+    finally:
+        hub.close()
+    assert shard.exit_code == 0, shard.output
+    assert json.loads(shard.stdout)["utterances"] == 8
+    snapshot = corpus_root(tmp_path / "m")
+    assert all(f.is_symlink() for f in (snapshot / "data").iterdir())  # the cache as huggingface_hub lays it out
+    row = pq.read_table(manifest_files(tmp_path / "m")[0]).to_pylist()[0]
+    assert row["corpus"] == "tiny-asr" and row["id"].startswith("tiny-asr/data/")  # the dataset's name, not the commit
+    done = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "-q"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["utterances"] == 8 and json.loads(done.stdout)["errors"] == 0
+    shard_corpus("hf", plain, tmp_path / "plain-m")
+    extract(tmp_path / "plain-m", tmp_path / "plain-f", MFCC())
+    assert arrow_rows(tmp_path / "f") == arrow_rows(tmp_path / "plain-f")  # ids, splits and frames alike
+
+    outside = tmp_path / "elsewhere.parquet"  # a link out of the cache's repo folder: refused as before
+    link = snapshot / "data" / "train-00000-of-00002.parquet"
+    outside.write_bytes(link.read_bytes())
+    link.unlink()
+    link.symlink_to(outside)
+    again = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "g"), "-q"])
+    assert json.loads(again.stdout)["errors"] == 3 and "leaves the corpus root" in again.stdout
+
+
+def arrow_rows(folder):
+    import pyarrow as pa
+
+    return [pa.ipc.open_file(str(f)).read_all().to_pylist() for f in sorted(folder.glob("features-*.arrow"))]
+
+
 def test_hub_parquet_bad_columns_and_unknown_split_are_one_line(tmp_path):
     root = hub_dataset(tmp_path / "tiny", corrupt=False)
     bad = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--text-column", "sentence"])

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from ...io import read_json, safe_join
+from ...io import hub_cache_repo, read_json, safe_join
 from ...progress import progress
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .base import Item, Skip, relpath, split_of
@@ -51,13 +51,20 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
         if not files:
             raise ValueError(f"{root}: no split {split!r} in this dataset (it has {', '.join(known)})")
     license = license or card_license(root) or "unknown (no license in the dataset card)"
-    name = root.resolve().name
+    name = dataset_name(root)
     rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
     with progress(total=rows, desc=f"hf {name}", unit="row") as bar:
         for hf_split, path in files:
             for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
                 bar.update()
                 yield item
+
+
+def dataset_name(root: Path) -> str:
+    """The dataset's name for its ids and ``corpus``: its folder's, or the repo's for a snapshot in the Hub cache
+    (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit)."""
+    repo = hub_cache_repo(root.resolve())
+    return repo.name.split("--")[-1] if repo else root.resolve().name
 
 
 def local_folder(source: str | Path) -> Path:
