@@ -204,6 +204,8 @@ def shard(
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,validation (default: all, each marked)."),
     split_map: Optional[list[str]] = typer.Option(None, "--split-map", help="NAME=SPLIT: the split (train, validation, test) "
                                                   "of a corpus part whose name does not say it, e.g. heldout_a=validation; repeatable."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Read files through links in ROOT that lead out of "
+                                      "it (parts linked in from elsewhere); without it each is a counted skip."),
     license: Optional[str] = typer.Option(None, help="The audio's license: required for audio and webdataset (we will "
                                           "not guess one); for LibriSpeech, LibriLight, GigaSpeech, Common Voice and "
                                           "the demo it replaces the corpus's known license; hf: the dataset card's "
@@ -226,10 +228,10 @@ def shard(
         takers = sorted({source for name in foreign for source, s in SOURCES.items() if name in s.options})
         own = "".join(f", --{o.replace('_', '-')}" for o in SOURCES[corpus.value].options)
         fail(f"{' and '.join('--' + f.replace('_', '-') for f in foreign)} {'is' if len(foreign) == 1 else 'are'} for "
-             f"`shard {'/'.join(takers)}` (a {corpus.value} corpus takes --license, --splits, --split-map{own})")
+             f"`shard {'/'.join(takers)}` (a {corpus.value} corpus takes --license, --splits, --split-map, --follow-links{own})")
     if base_url and not asr:
         fail("--base-url needs --asr: the model name at that server (`openai`: whisper-1)")
-    options = {"license": license, "splits": splits, "split_map": split_map or None,
+    options = {"license": license, "splits": splits, "split_map": split_map or None, "follow_links": follow_links or None,
                **{name: value for name, value in values.items() if name in SOURCES[corpus.value].options}}
     if asr:
         options.update(asr=asr, base_url=base_url, device=device)

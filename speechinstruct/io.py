@@ -246,20 +246,32 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def safe_join(root: str | os.PathLike, relative: str) -> Path:
-    """``root/relative`` (``root`` resolved), refusing absolute paths, ``..`` escapes and symlinks that lead out of
-    ``root`` (but for a Hub cache snapshot's links into its repo's blobs: :func:`hub_cache_repo`)."""
+class LinkOutOfRoot(ValueError):
+    """A name inside a corpus root whose file is a link (or under one) that leads out of it."""
+
+
+def safe_join(root: str | os.PathLike, relative: str, follow_links: bool = False) -> Path:
+    """``root/relative`` (``root`` resolved) for a name from data (a manifest row, a metadata file, a listing):
+    absolute names and names with a ``..`` part are refused, and so are links that lead out of ``root`` (but for a
+    Hub cache snapshot's links into its repo's blobs: :func:`hub_cache_repo`) unless ``follow_links``: the
+    corpus's owner said to read where its links lead (``shard --follow-links``), or the name was held to that
+    rule when the corpus was sharded."""
     root = Path(root).resolve()
     if os.path.isabs(relative):
         raise ValueError(f"absolute path {relative!r} refused: paths must be relative to the corpus root {root}")
+    if ".." in Path(relative).parts:
+        raise ValueError(f"path {relative!r} leaves the corpus root {root}" if os.path.normpath(relative).startswith("..")
+                         else f"path {relative!r} has a '..' part: names may not climb (corpus root {root})")
     try:
         candidate = (root / relative).resolve()
     except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError on a symlink loop
         raise ValueError(f"path {relative!r} cannot be resolved (symlink loop?): {e}") from None
-    repo = hub_cache_repo(root)
+    repo = None if follow_links else hub_cache_repo(root)
     inside = [root, *([repo / "blobs"] if repo else [])]
-    if not any(candidate == folder or folder in candidate.parents for folder in inside):
-        raise ValueError(f"path {relative!r} leaves the corpus root {root}")
+    if not follow_links and not any(candidate == folder or folder in candidate.parents for folder in inside):
+        raise LinkOutOfRoot(f"path {relative!r} leaves the corpus root {root} through a link (to {candidate}); "
+                         f"shard --follow-links (a recipe: the corpus's options.follow_links: true) reads where the "
+                         "corpus's links lead")
     return root / relative  # by its own name: a link's target may be named for its content alone (the Hub's blobs)
 
 
@@ -317,7 +329,7 @@ def files_state(*paths: str | Path) -> str:
     digest = hashlib.sha256()
     for number, top in enumerate(map(Path, paths)):
         digest.update(f"root {number}\n".encode())
-        for name, path in (_files_under(top) if top.is_dir() else [(top.name, top)]):
+        for name, path in (files_under(top) if top.is_dir() else [(top.name, top)]):
             try:
                 stat = path.stat()
             except OSError:  # a link to nothing, or gone since the listing: the stage that reads it says so
@@ -326,7 +338,7 @@ def files_state(*paths: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _files_under(top: Path) -> list[tuple[str, Path]]:
+def files_under(top: Path) -> list[tuple[str, Path]]:
     """(path relative to ``top``, path) of every file under ``top`` in name order, hidden ones left out, linked
     folders followed once each (a link back up is not a loop)."""
     found, seen = [], set()

@@ -49,6 +49,7 @@ class CorpusOptions(Section):
     tsv: Optional[str] = None
     max_seconds: Optional[float] = Field(None, gt=0)
     license: Optional[str] = None
+    follow_links: Optional[bool] = None  # read files through links that lead out of root (shard --follow-links)
     # hf: columns and one split of a Hugging Face audio dataset
     audio_column: Optional[str] = None
     text_column: Optional[str] = None

@@ -228,7 +228,39 @@ def test_symlink_out_of_root_is_refused(librispeech_root, tmp_path):
     os.replace(chapter / "1272-128104-0000.flac", outside)
     os.symlink(outside, chapter / "1272-128104-0000.flac")
     summary = shard_corpus("librispeech", librispeech_root, tmp_path / "m")
-    assert summary["skipped"]["path escapes the corpus root"] == 1
+    assert summary["skipped"]["a link out of the corpus root (--follow-links reads it)"] == 1
+
+
+def test_parts_linked_in_from_elsewhere_are_counted_skips_or_read_with_follow_links(tmp_path):
+    """LibriSpeech put together from parts that lie elsewhere (`ln -s /data/LibriSpeech/train-clean-100 .`): the
+    reader did not look inside linked folders, so such a part was left out without a word, or the whole root was
+    "not a LibriSpeech folder". Each file there is a counted skip now, naming --follow-links; with it, the rows
+    are those of the tree itself, and extract reads them."""
+    import shutil
+
+    from conftest import write_librispeech_release
+
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+
+    real = write_librispeech_release(tmp_path / "downloads" / "LibriSpeech")
+    mine = tmp_path / "mine" / "LibriSpeech"
+    mine.mkdir(parents=True)
+    for part in ("train-clean-100", "dev-clean"):
+        (mine / part).symlink_to(real / part)
+    shutil.copytree(real / "test-clean", mine / "test-clean")  # one part of its own
+    summary = shard_corpus("librispeech", mine, tmp_path / "m")
+    assert summary["utterances"] == 2 and summary["skipped"] == {"a link out of the corpus root (--follow-links reads it)": 8}
+    example = summary["skipped_examples"][0]
+    assert example["path"].startswith(("train-clean-100/", "dev-clean/")) and "--follow-links" in example["detail"]
+
+    result = CliRunner().invoke(app, ["shard", "librispeech", str(mine), str(tmp_path / "linked"), "--follow-links", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"]["follow_links"] is True
+    shard_corpus("librispeech", real, tmp_path / "whole")
+    assert rows(tmp_path / "linked") == rows(tmp_path / "whole")
+    stats = extract(tmp_path / "linked", tmp_path / "f", MFCC())
+    assert stats["utterances"] == 8 and stats["errors"] == 0
 
 
 def test_cli_shard_and_clear_errors(librispeech_root, tmp_path):

@@ -96,7 +96,7 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
     if problem:
         return problem
     try:
-        path = safe_join(root, row["path"])
+        path = safe_join(root, row["path"], follow_links=True)  # its links were judged when the corpus was sharded
         if not path.exists():  # a copy of a bucket that another machine made: fetched here, once
             storage.fetch_copy(path)
         if row.get("tar_offset") is not None:  # a member of a WebDataset tar: its bytes, read in place

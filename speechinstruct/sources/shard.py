@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import recipe as settings, records
 from ..io import claim_outputs, files_state, write_json, write_parquet, wrote_before
 from . import storage
-from .corpora import (SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
+from .corpora import (FOLLOW_LINKS, SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
                       readers, root_problem, split_of, split_word, with_known_license)
 
 MAX_LISTED_SKIPS = 1000
@@ -99,12 +99,14 @@ def shard_corpus(
     cfg: settings.Shard | None = None,
     splits: str | list[str] | None = None,
     split_map: dict[str, str] | list[str] | str | None = None,
+    follow_links: bool | None = None,
     **reader_options,
 ) -> dict:
     """Read ``root`` with the ``corpus`` reader, write manifest shards to ``out``; return the summary.
     ``splits`` (e.g. ``"train,validation"``) keeps only rows of those splits; the others are counted as left out.
     ``split_map`` (``{"eval2000": "test"}`` or ``["eval2000=test"]``) says the split of a corpus part whose
-    name does not; the summary lists the part names that said nothing and were kept as train. ``cfg``: the
+    name does not; the summary lists the part names that said nothing and were kept as train. ``follow_links``:
+    read files through the corpus's links that lead out of ``root`` (else each is a counted skip). ``cfg``: the
     recipe's ``shard`` section (its defaults when None); ``reader_options``: the source's own
     (``corpora.SOURCES[corpus].options``) and ``license``."""
     shard_hours = (cfg or settings.Shard()).shard_hours
@@ -134,7 +136,11 @@ def shard_corpus(
     shards, tally = ManifestShards(out, shard_hours), Tally()
     for name in refused:
         tally.skip(Skip(name, "unsafe name in the bucket", "it would be written outside the copy ('..'); not copied"))
-    write_rows(all_readers[corpus](root, **with_known_license(corpus, reader_options)), shards, tally, keep, split_map)
+    following = FOLLOW_LINKS.set(bool(follow_links))  # probe's rule for links out of the root, while the reader runs
+    try:
+        write_rows(all_readers[corpus](root, **with_known_license(corpus, reader_options)), shards, tally, keep, split_map)
+    finally:
+        FOLLOW_LINKS.reset(following)
     written = shards.close()
 
     counts = tally.summary(split_map)
@@ -144,7 +150,8 @@ def shard_corpus(
         **({"source": str(root.resolve())} if audio_root != root else {}),
         **({"remote": remote} if remote else {}),  # where the copy at ``root`` came from
         "options": {"shard_hours": shard_hours, "splits": list(keep) if keep else None,
-                    **({"split_map": split_map} if split_map else {}), **reader_options},
+                    **({"split_map": split_map} if split_map else {}), **({"follow_links": True} if follow_links else {}),
+                    **reader_options},
         "shards": written,
         **{key: counts[key] for key in ("utterances", "hours", "splits")},
         **({"languages": languages()[corpus](root)} if corpus in languages() else {}),

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .base import (DEV_WORDS, SPLITS, TEST_WORDS, TRAIN_WORDS, Item, Note, Reader, Skip, deepest_common_folder,  # noqa: F401 (re-exported)
-                   parse_split_map, parse_splits, probe, relpath, split_of, split_word)
+from .base import (DEV_WORDS, FOLLOW_LINKS, SPLITS, TEST_WORDS, TRAIN_WORDS, Item, Note, Reader, Skip,  # noqa: F401 (re-exported)
+                   deepest_common_folder, parse_split_map, parse_splits, probe, relpath, split_of, split_word)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ SOURCES = {s.name: s for s in (
     Source("lhotse", "lhotse_manifests", file_root=True, options=("audio_root",)),
     Source("kaldi", "kaldi", options=("audio_root",)),
 )}
-SHARD_OPTIONS = ("splits", "split_map", "license")  # what every source takes (shard's own, and the license)
+SHARD_OPTIONS = ("splits", "split_map", "license", "follow_links")  # what every source takes (shard's own, the license)
 
 
 def option_problem(corpus: str, option: str) -> str | None:

@@ -3,6 +3,7 @@ audio file, and the split vocabulary (``train``/``validation``/``test``) with th
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -44,15 +45,25 @@ def deepest_common_folder(files, fallback: Path) -> Path:
     return Path(os.path.commonpath(sorted(parents))) if parents else Path(fallback).resolve()
 
 
+# Whether a corpus's links that lead out of its root are read: the corpus's owner says so (shard --follow-links, a
+# recipe corpus's options.follow_links); shard_corpus sets it while its reader runs. Off, such a file is a counted
+# skip saying how to read it.
+FOLLOW_LINKS: contextvars.ContextVar[bool] = contextvars.ContextVar("follow_links", default=False)
+LINK_OUT = "a link out of the corpus root (--follow-links reads it)"
+
+
 def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
     """(sample_rate, seconds) of an audio file, or a Skip saying why it cannot be read.
 
-    Paths that leave ``root`` (``..``, absolute paths, symlinks pointing outside) are refused."""
+    Paths that leave ``root`` (``..``, absolute paths) are refused, and so are links pointing outside unless
+    :data:`FOLLOW_LINKS`."""
     from ... import audio  # here, not at the top: the CLI reads the registry without loading audio libraries
-    from ...io import safe_join
+    from ...io import LinkOutOfRoot, safe_join
 
     try:
-        safe_join(root, os.path.relpath(path, root))
+        safe_join(root, os.path.relpath(path, root), follow_links=FOLLOW_LINKS.get())
+    except LinkOutOfRoot as e:
+        return Skip(relpath(path, root), LINK_OUT, str(e))
     except ValueError as e:
         return Skip(str(path), "path escapes the corpus root", str(e))
     if not path.is_file():

@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from ...io import hub_cache_repo, read_json, safe_join
+from ...io import files_under, hub_cache_repo, read_json, safe_join
 from ...progress import progress
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
-from .base import Item, Skip, relpath, split_of
+from .base import FOLLOW_LINKS, Item, Skip, relpath, split_of
 
 NAME = "hf"
 # train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
@@ -86,7 +86,7 @@ def _inside(root: Path, relative, where: Path) -> Path:
     if not isinstance(relative, str) or not relative.strip():
         raise ValueError(f"{where}: {relative!r} is not a file or folder name")
     try:
-        return safe_join(root, relative)
+        return safe_join(root, relative, follow_links=FOLLOW_LINKS.get())
     except ValueError as e:
         raise ValueError(f"{where}: {e}; a dataset's files must lie inside it") from None
 
@@ -109,9 +109,10 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
             raise ValueError(f"{info_file}: 'split' must be a name, got {split!r}")
         return [(split, f) for f in _arrow_files(root, root)]
     found = []
-    for path in sorted(root.rglob("*.parquet")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
+    for relative, path in sorted(files_under(root), key=lambda found: found[1]):  # hidden files and folders left out
+        if not relative.endswith(".parquet"):
             continue
+        _inside(root, relative, root)  # a link out of ROOT: one line (--follow-links reads it)
         m = _SPLIT_IN_NAME.match(path.name)
         named = m.group("split") if m else None
         # train/0000.parquet (the Hub's converted layout) names its split by folder
@@ -132,7 +133,7 @@ def _arrow_files(folder: Path, root: Path) -> list[Path]:
             raise ValueError(f"{state}: '_data_files' must be a list of {{\"filename\": …}} objects, got {entries!r}")
         names = [e.get("filename") for e in entries]
         if names:
-            here = os.path.relpath(folder.resolve(), root.resolve())
+            here = os.path.relpath(folder, root)  # by name: a linked split folder is judged by _inside
             return [_inside(root, os.path.join(here, n) if isinstance(n, str) else n, state) for n in names]
     return sorted(folder.glob("data-*.arrow"))
 

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Iterator
 
+from ...io import files_under
 from ...progress import progress
 from .base import Item, Skip, probe, relpath
 
@@ -50,7 +51,7 @@ def read(
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     root = Path(root)
-    flacs = sorted(root.rglob("*.flac"))
+    flacs = sorted(path for name, path in files_under(root) if name.endswith(".flac"))
     if not flacs:
         raise FileNotFoundError(f"{root}: no .flac files: not a LibriLight folder")
     for flac in progress(flacs, desc="librilight files", unit="file"):

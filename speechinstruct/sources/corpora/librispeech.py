@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+from ...io import files_under
 from ...progress import progress
 from ..alignments import textgrid_words
 from .base import Item, Skip, probe, relpath, split_of
@@ -32,7 +33,7 @@ def corpus_split(trans: Path, root: Path) -> str:
 
 def read(root: str | Path, license: str | None = None, corpus: str = "librispeech") -> Iterator[Item]:
     root = Path(root)
-    trans_files = sorted(root.rglob("*.trans.txt"))
+    trans_files = sorted(path for name, path in files_under(root) if name.endswith(".trans.txt"))
     if not trans_files:
         raise FileNotFoundError(f"{root}: no *.trans.txt files: not a LibriSpeech folder")
     for trans in progress(trans_files, desc=f"{corpus} chapters", unit="chapter"):

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ...io import files_under
 from ...progress import progress
 from .base import Item, Note, Skip, probe, relpath
 
@@ -38,7 +39,7 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    files = sorted(p for _, p in files_under(root) if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{root}: no audio files ({', '.join(SUFFIXES)})")
     vad = SileroVAD()
