@@ -340,7 +340,8 @@ def files_state(*paths: str | Path) -> str:
 
 def files_under(top: Path) -> list[tuple[str, Path]]:
     """(path relative to ``top``, path) of every file under ``top`` in name order, hidden ones left out, linked
-    folders followed once each (a link back up is not a loop)."""
+    folders followed once each (a link back up is not a loop): what the corpus readers list, and what a run's
+    corpus state holds."""
     found, seen = [], set()
     for folder, dirs, files in os.walk(top, followlinks=True):
         try:

@@ -114,6 +114,7 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
     assert all(f.is_symlink() for f in (snapshot / "data").iterdir())  # the cache as huggingface_hub lays it out
     row = pq.read_table(manifest_files(tmp_path / "m")[0]).to_pylist()[0]
     assert row["corpus"] == "tiny-asr" and row["id"].startswith("tiny-asr/data/")  # the dataset's name, not the commit
+    assert row["license"] == "cc-by-4.0"  # from the card, itself a link into the blobs
     done = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "-q"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["utterances"] == 8 and json.loads(done.stdout)["errors"] == 0
