@@ -224,6 +224,14 @@ def test_a_recipe_with_language_and_speaker_gates_judges_measures_and_reports(tm
     assert scores["text_language"] == {"en": 12}
     card = (work / "dataset" / "README.md").read_text()
     assert "## Languages (measured)" in card and "| en | 12 |" in card
+    # the compose folder published again after the scores folder went (cleaned up, or left on another machine):
+    # the card still says what was measured (it fell silent, the section gone)
+    from speechinstruct.release.publish import publish
+
+    (work / "speechinstruct-demo" / "scores").rename(tmp_path / "scores-elsewhere")
+    again = publish(work / "composed", tmp_path / "again")
+    assert again["languages_measured"] == {"en": 12} and "| en | 12 |" in (tmp_path / "again" / "README.md").read_text()
+    (tmp_path / "scores-elsewhere").rename(work / "speechinstruct-demo" / "scores")
     page = (work / "report" / "index.html").read_text()
     assert "Speakers and languages" in page and (work / "report" / "talk_time.png").is_file()
     com = json.loads((work / "composed" / "chain_of_modality" / "summary.json").read_text())

@@ -121,6 +121,16 @@ def claim_folder(out: Path, part: str | None, spec: dict, own: str) -> None:
     check_spec(out, spec, name, own, legacy=(out / summary).is_file())
 
 
+def scores_entry(scores) -> dict:
+    """What a compose summary says of the scores folder its gates read: the folder, and the utterances per transcript
+    language measured there (``score --language``), which the card lists (publish) even where that folder is gone."""
+    if not scores:
+        return {}
+    folder = Path(scores).resolve()
+    measured = read_json(folder / "summary.json").get("text_language") if (folder / "summary.json").is_file() else None
+    return {"scores": str(folder), **({"text_language": measured} if measured else {})}
+
+
 def unit_spec(kind: str, units_dir: Path, quality: "QualityGate", **settings) -> dict:
     """What a composer of units records (``kind``) is made from, for :func:`claim_folder`."""
     gates = quality.gates if quality.folder is not None else None

@@ -21,7 +21,7 @@ from ..recipe import default
 from ..sources.corpora.base import SPLITS, split_name
 from ..speechgpt import DEFAULT_PREFIX, cross_modal_text, find_markup, shape_errors, text_problem, to_text
 from . import templates as templates_mod
-from .common import QualityGate, RecordRefused, _draw, finish, gated_units
+from .common import QualityGate, RecordRefused, _draw, finish, gated_units, scores_entry
 
 
 def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | None = None,
@@ -74,7 +74,7 @@ def cross_modal(units_dir: str | Path, out: str | Path, asr_templates: dict | No
     by_split = _count_written(out, part, counts)
     summary = {"records": counts["asr"] + counts["tts"], **dict(sorted(counts.items())), "splits": dict(by_split),
                "templates": {t: sets[t]["version"] for t in sets}, "units": str(Path(units_dir).resolve()),
-               **({"scores": str(Path(scores).resolve())} if scores else {}),
+               **scores_entry(scores),
                "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary

@@ -12,7 +12,7 @@ from .. import recipe as settings
 from ..io import write_json
 from ..recipe import default
 from ..sources.corpora.base import SPLITS, split_name
-from .common import QualityGate, _draw, finish, gated_units, split_counts
+from .common import QualityGate, _draw, finish, gated_units, scores_entry, split_counts
 
 
 def pretrain(units_dir: str | Path, out: str | Path, cfg: settings.Pretrain | None = None,
@@ -34,7 +34,7 @@ def pretrain(units_dir: str | Path, out: str | Path, cfg: settings.Pretrain | No
                                  "source_id": u["id"], "corpus": u["corpus"], "license": u["license"], **judged}))
     counts.update(split_counts(out, part))
     summary = {**{s: counts[s] for s in SPLITS}, **{k: v for k, v in sorted(counts.items()) if k.startswith("dropped")},
-               "units": str(Path(units_dir).resolve()), **({"scores": str(Path(scores).resolve())} if scores else {}),
+               "units": str(Path(units_dir).resolve()), **scores_entry(scores),
                "dropped_examples": dropped[:200]}
     write_json(out / f"summary{'-' + part if part else ''}.json", summary)
     return summary

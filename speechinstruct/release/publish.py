@@ -452,15 +452,18 @@ SPEECHGPT_CITATION = """@article{zhang2023speechgpt,
 
 def measured_languages(compose_dir: Path) -> dict[str, int]:
     """Utterances per language of their transcripts, as ``score --language`` measured them, over the scores folders
-    the compose summaries name (cross-modal and pretrain records read them)."""
+    the compose summaries name (cross-modal and pretrain records read them), as those summaries recorded them."""
     found: collections.Counter[str] = collections.Counter()
     folders = set()
     for config in [name for name, kind in RECORD_KINDS.items() if kind.gated and kind.from_units]:
         for summary in sorted((compose_dir / config).glob("summary*.json")):
-            scores = read_json(summary).get("scores")
-            if scores and Path(scores, "summary.json").is_file() and scores not in folders:
+            said = read_json(summary)
+            scores, measured = said.get("scores"), said.get("text_language")
+            if measured is None and scores and Path(scores, "summary.json").is_file():  # composed before summaries said
+                measured = read_json(Path(scores, "summary.json")).get("text_language")
+            if scores and measured and scores not in folders:
                 folders.add(scores)
-                found.update(read_json(Path(scores, "summary.json")).get("text_language") or {})
+                found.update(measured)
     return dict(found.most_common())
 
 
