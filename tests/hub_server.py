@@ -150,6 +150,16 @@ class Hub:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def serve_huggingface_hub(self, monkeypatch) -> None:
+        """huggingface_hub talks to this Hub: its endpoint constants as ``HF_ENDPOINT`` sets them, and online (the
+        suite runs with ``HF_HUB_OFFLINE=1``, scripts/test.sh; the constant is read at each request)."""
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", self.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            self.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()

@@ -264,7 +264,6 @@ def test_a_single_known_license_is_the_cards_license(units_dir, tmp_path):
 def test_push_to_hub_validates_creates_and_uploads_only_the_dataset(composed, tmp_path, monkeypatch):
     """Against a loopback stand-in for the Hub API: the card is validated, the repo created (once: a second
     push finds it), and the commit holds the dataset files and nothing else (no stage stamps, no arrow copy)."""
-    import huggingface_hub.constants
     from hub_server import Hub
     from huggingface_hub import HfApi
 
@@ -272,9 +271,7 @@ def test_push_to_hub_validates_creates_and_uploads_only_the_dataset(composed, tm
 
     hub = Hub()
     try:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
-        # the suite runs with HF_HUB_OFFLINE=1 (scripts/test.sh); this one test may reach its loopback Hub
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at each request
+        hub.serve_huggingface_hub(monkeypatch)
         out = tmp_path / "ds"
         publish(composed, out, save_to_disk=True)
         (out / ".stage.json").write_text("{}")  # what `run` leaves in the folder

@@ -98,10 +98,7 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
     plain = hub_dataset(tmp_path / "plain" / "tiny-asr", corrupt=False)
     hub = Hub()
     try:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)  # both as HF_ENDPOINT sets them
-        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+        hub.serve_huggingface_hub(monkeypatch)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         hub.files["user/tiny-asr"] = {p.relative_to(plain).as_posix(): p.read_bytes()
                                       for p in sorted(plain.rglob("*")) if p.is_file()}

@@ -278,15 +278,11 @@ def test_a_recipe_may_name_models_and_files_in_a_bucket(bucket, tmp_path):
 def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):
     """hf:// through huggingface_hub's own HfFileSystem, against the loopback Hub (tests/hub_server.py), which
     answers its tree, paths-info and /resolve/ requests as the Hub does."""
-    import huggingface_hub.constants
     from hub_server import Hub
 
     hub = Hub()
     try:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)  # both as HF_ENDPOINT sets them
-        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+        hub.serve_huggingface_hub(monkeypatch)
         monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
         local = write_librispeech(tmp_path / "LibriSpeech")
         hub.files["user/corpus"] = {f"LibriSpeech/{p.relative_to(local).as_posix()}": p.read_bytes()
