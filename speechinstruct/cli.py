@@ -243,7 +243,7 @@ def shard(
         from .sources.corpora.hf import local_folder
         from .sources.storage import is_url
 
-        root = root if is_url(root) else local_folder(root)  # a URL is copied by shard_corpus
+        root = root if is_url(root) else local_folder(root, split)  # a URL is copied by shard_corpus
     summary = shard_corpus(corpus.value, root, out, settings.checked(settings.Shard, shard_hours=shard_hours), **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)

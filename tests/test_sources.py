@@ -91,7 +91,7 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
     (tests/hub_server.py) fills its cache, where each file of the snapshot is a link to ``../../blobs/<hash>``;
     extract reads every row through those links, as from the same files in a plain folder. A link that leaves the
     cache's repo folder is one line, as any link out of a dataset folder. Ids and ``corpus`` carry the dataset's
-    name, not the snapshot's commit."""
+    name, not the snapshot's commit. With --split, only that split's files are fetched."""
     import huggingface_hub.constants
     from hub_server import Hub
 
@@ -102,9 +102,15 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         hub.files["user/tiny-asr"] = {p.relative_to(plain).as_posix(): p.read_bytes()
                                       for p in sorted(plain.rglob("*")) if p.is_file()}
+        one = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "v"), "--split", "validation", "-q"])
+        fetched = sorted(c[1].rsplit("/", 1)[1] for c in hub.calls if c[0] == "GET" and "/resolve/" in c[1])
+        other = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "o"), "--split", "dev", "-q"])
         shard = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "m"), "-q"])
     finally:
         hub.close()
+    assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 2, one.output
+    assert fetched == ["README.md", "validation-00000-of-00001.parquet"]  # --split: that split's files, not all
+    assert other.exit_code == 2 and "no split 'dev' in this dataset (it has train, validation)" in other.stderr
     assert shard.exit_code == 0, shard.output
     assert json.loads(shard.stdout)["utterances"] == 8
     snapshot = corpus_root(tmp_path / "m")

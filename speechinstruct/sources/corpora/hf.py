@@ -67,10 +67,11 @@ def dataset_name(root: Path) -> str:
     return repo.name.split("--")[-1] if repo else root.resolve().name
 
 
-def local_folder(source: str | Path) -> Path:
+def local_folder(source: str | Path, split: str | None = None) -> Path:
     """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose Parquet files
     and card are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never
-    does this)."""
+    does this). With ``split``, only that split's files, where the Hub names them as it does (every Parquet file
+    where it does not)."""
     path = Path(source)
     if path.exists():
         return path
@@ -78,7 +79,17 @@ def local_folder(source: str | Path) -> Path:
         raise FileNotFoundError(f"{source}: no such folder, and not a hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.parquet", "README.md"]))
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=[*patterns, "README.md"]))
+
+    if split:  # data/validation-00000-of-00001.parquet, validation.parquet, validation/0000.parquet, default/validation/…
+        folder = fetch([f"{where}{split}{tail}" for where in ("", "*/") for tail in ("-*.parquet", ".parquet", "/*.parquet")])
+        try:
+            if any(named == split for named, _ in data_files(folder)):
+                return folder
+        except FileNotFoundError:
+            pass
+    return fetch(["*.parquet"])
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
