@@ -266,12 +266,13 @@ def safe_join(root: str | os.PathLike, relative: str, follow_links: bool = False
         candidate = (root / relative).resolve()
     except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError on a symlink loop
         raise ValueError(f"path {relative!r} cannot be resolved (symlink loop?): {e}") from None
-    repo = None if follow_links else hub_cache_repo(root)
-    inside = [root, *([repo / "blobs"] if repo else [])]
-    if not follow_links and not any(candidate == folder or folder in candidate.parents for folder in inside):
-        raise LinkOutOfRoot(f"path {relative!r} leaves the corpus root {root} through a link (to {candidate}); "
-                         f"shard --follow-links (a recipe: the corpus's options.follow_links: true) reads where the "
-                         "corpus's links lead")
+    if not follow_links:
+        repo = hub_cache_repo(root)
+        inside = [root, *([repo / "blobs"] if repo else [])]
+        if not any(candidate == folder or folder in candidate.parents for folder in inside):
+            raise LinkOutOfRoot(f"path {relative!r} leaves the corpus root {root} through a link (to {candidate}); "
+                                f"shard --follow-links (a recipe: the corpus's options.follow_links: true) reads where "
+                                "the corpus's links lead")
     return root / relative  # by its own name: a link's target may be named for its content alone (the Hub's blobs)
 
 

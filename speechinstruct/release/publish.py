@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, recipe as settings, records
-from ..compose.common import check_complete
+from ..compose.common import check_complete, scores_entry
 from ..io import atomic_path, parquet_writer, read_json, write_json, write_parquet, write_text
 from ..kinds import RECORD_KINDS
 from ..progress import progress
@@ -458,9 +458,8 @@ def measured_languages(compose_dir: Path) -> dict[str, int]:
     for config in [name for name, kind in RECORD_KINDS.items() if kind.gated and kind.from_units]:
         for summary in sorted((compose_dir / config).glob("summary*.json")):
             said = read_json(summary)
-            scores, measured = said.get("scores"), said.get("text_language")
-            if measured is None and scores and Path(scores, "summary.json").is_file():  # composed before summaries said
-                measured = read_json(Path(scores, "summary.json")).get("text_language")
+            scores = said.get("scores")  # composed before summaries said what was measured: read it there
+            measured = said.get("text_language") or scores_entry(scores).get("text_language")
             if scores and measured and scores not in folders:
                 folders.add(scores)
                 found.update(measured)

@@ -61,10 +61,10 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
 
 
 def dataset_name(root: Path) -> str:
-    """The dataset's name for its ids and ``corpus``: its folder's, or the repo's for a snapshot in the Hub cache
-    (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit)."""
-    repo = hub_cache_repo(root.resolve())
-    return repo.name.split("--")[-1] if repo else root.resolve().name
+    """The dataset's name for its ids and ``corpus`` (``root`` resolved): its folder's, or the repo's for a snapshot
+    in the Hub cache (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit)."""
+    repo = hub_cache_repo(root)
+    return repo.name.split("--")[-1] if repo else root.name
 
 
 def local_folder(source: str | Path, split: str | None = None) -> Path:
