@@ -194,7 +194,8 @@ def shard(
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
-    audio_column: str = typer.Option("audio", help="hf: the audio column (struct<bytes, path>)."),
+    audio_column: str = typer.Option("audio", help="hf: the audio column (struct<bytes, path>); of an "
+                                      "audiofolder, the metadata's file_name (audio) or X_file_name (X) column."),
     text_column: str = typer.Option("text", help="hf: the transcript column."),
     id_column: Optional[str] = typer.Option(None, help="hf: a column of utterance ids (default: file and row)."),
     speaker_column: Optional[str] = typer.Option(None, help="hf: a column of speaker ids."),

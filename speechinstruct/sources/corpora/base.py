@@ -4,6 +4,7 @@ audio file, and the split vocabulary (``train``/``validation``/``test``) with th
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -36,6 +37,13 @@ Reader = Callable[..., Iterator[Item]]
 
 def relpath(path: Path, root: Path) -> str:
     return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def cell_text(value) -> str | None:
+    """A table's cell (a transcript, a speaker, an id) as text; null, NaN (pandas' missing value) and blank are none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value).strip() or None
 
 
 def deepest_common_folder(files, fallback: Path) -> Path:

@@ -1,13 +1,14 @@
 """Hugging Face audio datasets, read where they lie, without copying the audio.
 
-Two local forms, as ``datasets`` and the Hub write them:
+Three local forms, as ``datasets`` and the Hub write them:
 - Hub-style Parquet files: ``data/train-00000-of-00002.parquet``, ``validation-00000-of-00001.parquet`` or
   ``train/0000.parquet`` (the split is in the file or folder name); the audio column is
   ``struct<bytes: binary, path: string>`` holding the encoded file (flac, wav, mp3…).
 - A ``save_to_disk`` folder: ``dataset_dict.json`` with one folder per split, or one split's folder, each
   with ``data-00000-of-00001.arrow`` (Arrow IPC stream files), ``dataset_info.json`` and ``state.json``.
+- An ``audiofolder``: audio files beside ``metadata.csv``/``.jsonl``/``.parquet`` (``audiofolder.py``).
 A hub id (``owner/name``) is fetched first with ``huggingface_hub.snapshot_download`` (Parquet files and the
-card only), for users with internet, and then read as a local folder.
+card, or an audiofolder's files), for users with internet, and then read as a local folder.
 
 Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
 plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
@@ -19,7 +20,6 @@ plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back fo
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 from pathlib import Path
@@ -32,7 +32,8 @@ import soundfile as sf
 from ...io import files_under, hub_cache_repo, read_json, safe_join
 from ...progress import progress
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
-from .base import FOLLOW_LINKS, Item, Skip, relpath, split_of
+from . import audiofolder
+from .base import FOLLOW_LINKS, Item, Skip, cell_text, relpath, split_of
 
 NAME = "hf"
 # train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
@@ -44,20 +45,31 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
          speaker_column: str | None = None, split: str | None = None, license: str | None = None) -> Iterator[Item]:
     """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``)."""
     root = Path(root).resolve()
-    files = data_files(root)
-    if split is not None:
-        known = sorted({s for s, _ in files})
-        files = [(s, f) for s, f in files if s == split]
-        if not files:
-            raise ValueError(f"{root}: no split {split!r} in this dataset (it has {', '.join(known)})")
     license = license or card_license(root) or "unknown (no license in the dataset card)"
     name = dataset_name(root)
+    folder_splits = audiofolder.layout(root)
+    if folder_splits is not None:  # audio files beside metadata files
+        if split is not None:
+            folder_splits = {split: folder_splits[_known(root, split, folder_splits)]}
+        yield from audiofolder.read(root, folder_splits, name, license, audio_column, text_column, id_column, speaker_column)
+        return
+    files = data_files(root)
+    if split is not None:
+        _known(root, split, [s for s, _ in files])
+        files = [(s, f) for s, f in files if s == split]
     rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
     with progress(total=rows, desc=f"hf {name}", unit="row") as bar:
         for hf_split, path in files:
             for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
                 bar.update()
                 yield item
+
+
+def _known(root: Path, split: str, splits) -> str:
+    """``split`` when the dataset has it, else one line naming those it has."""
+    if split not in splits:
+        raise ValueError(f"{root}: no split {split!r} in this dataset (it has {', '.join(sorted(set(splits)))})")
+    return split
 
 
 def dataset_name(root: Path) -> str:
@@ -71,7 +83,8 @@ def local_folder(source: str | Path, split: str | None = None) -> Path:
     """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose Parquet files
     and card are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never
     does this). With ``split``, only that split's files, where the Hub names them as it does (every Parquet file
-    where it does not)."""
+    where it does not). A repo without Parquet data is fetched as an audiofolder: its audio and metadata files
+    (every split's)."""
     path = Path(source)
     if path.exists():
         return path
@@ -89,7 +102,10 @@ def local_folder(source: str | Path, split: str | None = None) -> Path:
                 return folder
         except FileNotFoundError:
             pass
-    return fetch(["*.parquet"])
+    folder = fetch(["*.parquet"])
+    if any(audiofolder.kind(rel) == "table" for rel, _ in files_under(folder)):
+        return folder
+    return fetch(audiofolder.fetch_patterns())  # no Parquet data: an audiofolder repo, its audio and metadata files
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
@@ -131,8 +147,8 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
             named = path.parent.name if path.parent != root else "train"
         found.append((named, path))
     if not found:
-        raise FileNotFoundError(f"{root}: no Parquet files and no save_to_disk folder (dataset_dict.json or "
-                                "state.json): not a Hugging Face dataset folder")
+        raise FileNotFoundError(f"{root}: no Parquet files, no save_to_disk folder (dataset_dict.json or "
+                                "state.json) and no audio files (audiofolder): not a Hugging Face dataset folder")
     return found
 
 
@@ -238,13 +254,6 @@ def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, a
             yield item
 
 
-def _text(value) -> str | None:
-    """A transcript cell as text; null, NaN (pandas' missing value) and blank are no transcript."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return str(value).strip() or None
-
-
 def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: str, audio_column: str,
          text_column: str, id_column: str | None, speaker_column: str | None) -> Item:
     where = f"{rel} row {row}"
@@ -263,7 +272,7 @@ def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: st
     utt = str(record[id_column]) if id_column else f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
     return {
         "id": f"{name}/{utt}", "path": rel, "offset": 0.0, "duration": info.frames / info.samplerate,
-        "sample_rate": info.samplerate, "text": _text(record.get(text_column)),
+        "sample_rate": info.samplerate, "text": cell_text(record.get(text_column)),
         "speaker": str(record[speaker_column]) if speaker_column and record.get(speaker_column) is not None else "unknown",
         "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
         "row": row, "audio_column": audio_column,

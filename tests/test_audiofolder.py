@@ -1,0 +1,230 @@
+"""`shard hf` on an audiofolder dataset (audio files beside metadata.csv/.jsonl/.parquet), read as the maker reads it:
+``datasets.load_dataset("audiofolder", data_dir=…)`` itself gives the rows each test compares with. Hostile
+metadata (names that climb or are absolute, URLs, links out, malformed lines) are counted skips naming the
+metadata file and row, where ``datasets`` fails the whole dataset."""
+
+import json
+import sys
+import types
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from conftest import speechlike
+from typer.testing import CliRunner
+
+from speechinstruct.cli import app
+from speechinstruct.shardfiles import manifest_files
+from speechinstruct.sources.decoding import decode_row
+from speechinstruct.sources.shard import shard_corpus
+
+runner = CliRunner()
+
+
+def manifest_rows(folder):
+    return [r for f in manifest_files(folder) for r in pq.read_table(f).to_pylist()]
+
+
+def wav(path, seconds: float, seed: int, fmt: str | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, speechlike(seconds, seed=seed), 16000, format=fmt)
+    return path
+
+
+def write_metadata(path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        datasets.Dataset.from_list(rows).to_csv(str(path), index=False)  # as datasets' own users write it
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def split_folders(root):
+    """train/ and test/, each with its metadata.csv; a file in a subfolder named with a backslash (datasets reads
+    Windows names), an audio file no metadata row names, transcripts that look like numbers."""
+    wav(root / "train" / "a.wav", 1.0, 0)
+    wav(root / "train" / "sub" / "b.flac", 1.2, 1, "FLAC")
+    wav(root / "train" / "unlisted.wav", 0.6, 2)
+    wav(root / "test" / "c.wav", 0.8, 3)
+    write_metadata(root / "train" / "metadata.csv", [
+        {"file_name": "a.wav", "transcription": "hello there", "speaker": "s1"},
+        {"file_name": "sub\\b.flac", "transcription": "007 is back", "speaker": "s2"}])
+    write_metadata(root / "test" / "metadata.csv", [{"file_name": "c.wav", "transcription": "bye now", "speaker": "s3"}])
+
+
+def flat_jsonl(root):
+    """One folder, one metadata.jsonl: every file is train."""
+    for i in range(3):
+        wav(root / "clips" / f"{i}.wav", 0.5 + 0.2 * i, 10 + i)
+    write_metadata(root / "metadata.jsonl", [{"file_name": f"clips/{i}.wav", "transcription": f"clip {i}",
+                                              "speaker": f"p{i % 2}"} for i in range(3)])
+
+
+def data_parquet(root):
+    """data/train/ and data/validation/ with metadata.parquet, as the docs' second layout; split folder names with
+    numbers (datasets' train[-._ 0-9]* patterns)."""
+    wav(root / "data" / "train_1" / "x.wav", 0.7, 20)
+    wav(root / "data" / "validation" / "y.wav", 0.9, 21)
+    write_metadata(root / "data" / "train_1" / "metadata.parquet",
+                   [{"file_name": "x.wav", "transcription": "ex", "speaker": "q"}])
+    write_metadata(root / "data" / "validation" / "metadata.parquet",
+                   [{"file_name": "y.wav", "transcription": "why", "speaker": "r"}])
+
+
+def makers_rows(root, monkeypatch, tmp_path) -> set:
+    """(split, file, transcription, speaker) of every row `datasets.load_dataset("audiofolder")` gives. Its Audio
+    feature imports torchcodec to encode even a path (not installed here): a stand-in module lets it store paths."""
+    for name in ("torchcodec", "torchcodec.encoders"):
+        module = types.ModuleType(name)
+        module.AudioEncoder = None
+        monkeypatch.setitem(sys.modules, name, module)
+    loaded = datasets.load_dataset("audiofolder", data_dir=str(root), cache_dir=str(tmp_path / "hf-cache"))
+    return {(split, r["audio"]["path"], r["transcription"], r["speaker"])
+            for split in loaded for r in loaded[split].cast_column("audio", datasets.Audio(decode=False))}
+
+
+@pytest.mark.parametrize("layout", [split_folders, flat_jsonl, data_parquet])
+def test_an_audiofolder_shards_as_datasets_reads_it(tmp_path, monkeypatch, layout):
+    root = tmp_path / "my_dataset"
+    layout(root)
+    expected = makers_rows(root, monkeypatch, tmp_path)
+    summary = shard_corpus("hf", root, tmp_path / "m", text_column="transcription", speaker_column="speaker")
+    rows = manifest_rows(tmp_path / "m")
+    assert {(r["corpus_split"], str(root / r["path"]), r["text"], r["speaker"]) for r in rows} == expected
+    assert len(rows) == len(expected) and {r["corpus"] for r in rows} == {"my_dataset"}
+    assert all(r["split"] == {"train_1": "train"}.get(r["corpus_split"], r["corpus_split"]) for r in rows)
+    for row in rows:  # extract's reader: each row's audio, the whole file
+        samples = decode_row(row, root)
+        assert not isinstance(samples, str) and len(samples) == round(row["duration"] * 16000)
+    if layout is split_folders:
+        assert summary["utterances"] == 3 and "1 audio file named by no metadata file" in " ".join(summary["notes"])
+        assert {r["id"] for r in rows} == {"my_dataset/train/a", "my_dataset/train/sub/b", "my_dataset/test/c"}
+        one = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "t"), "--split", "test",
+                                  "--text-column", "transcription", "-q"])
+        assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 1, one.output
+        dev = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "d"), "--split", "validation"])
+        assert dev.exit_code == 2 and "no split 'validation' in this dataset (it has test, train)" in dev.stderr
+
+
+def test_hostile_metadata_rows_are_counted_skips_naming_file_and_row(tmp_path):
+    root = tmp_path / "ds"
+    outside = wav(tmp_path / "secret.wav", 0.5, 5)
+    wav(root / "ok.wav", 0.5, 0)
+    wav(root / "numbers.wav", 0.5, 1)
+    (root / "notes.txt").write_text("not audio")
+    (root / "linked.wav").symlink_to(outside)
+    lines = [{"file_name": "ok.wav", "text": "NA"},  # pandas' missing value: text here
+             {"file_name": "numbers.wav", "text": "007"},
+             {"file_name": "../secret.wav", "text": "climbs"},
+             {"file_name": str(outside), "text": "absolute"},
+             {"file_name": f"file://{outside}", "text": "a url"},
+             {"file_name": "missing.wav", "text": "gone"},
+             {"file_name": "notes.txt", "text": "not audio"},
+             {"file_name": 12, "text": "a number"},
+             {"file_name": "a\x00b.wav", "text": "nul"},
+             {"file_name": "linked.wav", "text": "a link out"}]
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    text += "{not json\n" + '{"file_name": "ok.wav", "text": "\\ud800"}\n' + "[" * 100_000 + "\n"
+    (root / "metadata.jsonl").write_text(text)
+    result = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    summary = json.loads(result.stdout)
+    rows = manifest_rows(tmp_path / "m")
+    assert sorted((r["path"], r["text"]) for r in rows) == [("numbers.wav", "007"), ("ok.wav", "NA")]
+    assert summary["skipped"] == {"not an audio file name": 5, "missing audio file": 1, "unreadable audio": 1,
+                                  "a link out of the corpus root (--follow-links reads it)": 1,
+                                  "unreadable metadata line": 3}
+    examples = (tmp_path / "m" / "summary.json").read_text()
+    for line in (3, 4, 5, 8, 9, 11, 12, 13):
+        assert f"metadata.jsonl line {line}" in examples, line
+    assert "named by metadata.jsonl line 6" in examples
+    followed = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "f"), "--follow-links", "-q"])
+    assert followed.exit_code == 0 and json.loads(followed.stdout)["utterances"] == 3, followed.output
+
+    (root / "metadata.jsonl").unlink()  # the same cells in a CSV: text as written, where pandas reads NaN and 7
+    (root / "metadata.csv").write_text("file_name,text\nok.wav,NA\nnumbers.wav,007\n")
+    shard_corpus("hf", root, tmp_path / "csv")
+    assert sorted((r["path"], r["text"]) for r in manifest_rows(tmp_path / "csv")) == [("numbers.wav", "007"), ("ok.wav", "NA")]
+
+    (tmp_path / "own.csv").write_text("file_name,text\nok.wav,a user's own table\n")  # metadata linked in from outside
+    (root / "metadata.csv").unlink()
+    (root / "metadata.csv").symlink_to(tmp_path / "own.csv")
+    linked = shard_corpus("hf", root, tmp_path / "linked")
+    assert linked["utterances"] == 0 and linked["skipped"] == {"a link out of the corpus root (--follow-links reads it)": 1}
+    assert shard_corpus("hf", root, tmp_path / "linked2", follow_links=True)["utterances"] == 1
+
+
+def test_audiofolder_metadata_that_cannot_be_used_is_one_line(tmp_path):
+    root = tmp_path / "ds"
+    wav(root / "train" / "a.wav", 0.5, 0)
+    write_metadata(root / "train" / "metadata.csv", [{"file_name": "a.wav", "transcription": "hi"}])
+    no_text = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m")])
+    assert no_text.exit_code == 2 and "Traceback" not in no_text.output
+    assert "metadata.csv: no column 'text' (columns: file_name, transcription)" in no_text.stderr
+    wav(root / "test" / "b.wav", 0.5, 1)
+    write_metadata(root / "test" / "metadata.jsonl", [{"file_name": "b.wav", "transcription": "yo"}])
+    mixed = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m2"), "--text-column", "transcription"])
+    assert mixed.exit_code == 2 and "metadata files of different kinds (.csv, .jsonl)" in mixed.stderr
+    (root / "test" / "metadata.jsonl").unlink()
+    (root / "train" / "metadata.csv").write_text('file_name,transcription\na.wav,"never closed\n')
+    broken = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m3"), "--text-column", "transcription", "-q"])
+    assert broken.exit_code == 0, broken.output
+    summary = json.loads(broken.stdout)  # the test split, without metadata: its audio without transcripts
+    assert summary["skipped"] == {"unreadable metadata file": 1} and summary["utterances"] == 1
+    assert "split test: no metadata file" in " ".join(summary["notes"])
+
+
+def test_a_hub_id_kept_as_an_audiofolder_is_fetched_and_every_row_extracted(tmp_path, monkeypatch):
+    """`shard hf owner/name` for a Hub repo without Parquet data: huggingface_hub's own snapshot_download against
+    the loopback Hub fetches its audio and metadata files (links into the cache's blobs), extract reads every row."""
+    import huggingface_hub.constants
+    from hub_server import Hub
+
+    plain = tmp_path / "voices"
+    split_folders(plain)
+    (plain / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# Voices\n")
+    (plain / "notes.txt").write_text("not fetched")
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        hub.files["user/voices"] = {p.relative_to(plain).as_posix(): p.read_bytes()
+                                    for p in sorted(plain.rglob("*")) if p.is_file()}
+        shard = runner.invoke(app, ["shard", "hf", "user/voices", str(tmp_path / "m"), "--text-column", "transcription",
+                                    "--speaker-column", "speaker", "-q"])
+        fetched = sorted(c[1].split("/resolve/", 1)[1].split("/", 1)[1] for c in hub.calls
+                         if c[0] == "GET" and "/resolve/" in c[1])
+    finally:
+        hub.close()
+    assert shard.exit_code == 0 and json.loads(shard.stdout)["utterances"] == 3, shard.output
+    assert fetched == ["README.md", "test/c.wav", "test/metadata.csv", "train/a.wav", "train/metadata.csv",
+                       "train/sub/b.flac", "train/unlisted.wav"]
+    rows = manifest_rows(tmp_path / "m")
+    assert {(r["id"], r["text"], r["license"]) for r in rows} == {
+        ("voices/train/a", "hello there", "cc-by-4.0"), ("voices/train/sub/b", "007 is back", "cc-by-4.0"),
+        ("voices/test/c", "bye now", "cc-by-4.0")}
+    done = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "f"), "-q"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["utterances"] == 3 and json.loads(done.stdout)["errors"] == 0
+
+
+def test_a_parquet_dataset_with_audio_files_beside_it_is_read_as_parquet(tmp_path):
+    """As datasets picks a folder's builder: the commonest format among the files its splits hold, Parquet on a draw."""
+    from test_sources import hub_dataset
+
+    root = hub_dataset(tmp_path / "tiny", corrupt=False)  # data/train-00000-of-00002.parquet …: the splits' files
+    for i in range(4):
+        wav(root / "samples" / f"{i}.wav", 0.5, i)  # outside data/: no split's
+    assert shard_corpus("hf", root, tmp_path / "m")["utterances"] == 8
+    flat = tmp_path / "flat"  # one folder, all train: one Parquet file and one clip, a draw
+    (flat / "rows.parquet").parent.mkdir()
+    (root / "data" / "validation-00000-of-00001.parquet").rename(flat / "rows.parquet")
+    wav(flat / "0.wav", 0.5, 0)
+    assert shard_corpus("hf", flat, tmp_path / "f")["utterances"] == 2
+    wav(flat / "1.wav", 0.5, 1)  # two clips: an audiofolder without metadata
+    summary = shard_corpus("hf", flat, tmp_path / "f2")
+    assert summary["utterances"] == 2 and "no metadata file" in " ".join(summary["notes"])
