@@ -200,6 +200,8 @@ def shard(
     id_column: Optional[str] = typer.Option(None, help="hf: a column of utterance ids (default: file and row)."),
     speaker_column: Optional[str] = typer.Option(None, help="hf: a column of speaker ids."),
     split: Optional[str] = typer.Option(None, help="hf: read only this split of the dataset (its own name, e.g. validation)."),
+    config: Optional[str] = typer.Option(None, help="hf: the dataset card's config to read (load_dataset's second "
+                                         "argument, the Hub's subset; default: the card's default config)."),
     audio_root: Optional[Path] = typer.Option(None, parser=_input, help="lhotse, kaldi: the folder manifest paths are relative to "
                                               "(default: the deepest folder holding every listed file)."),
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,validation (default: all, each marked)."),
@@ -222,7 +224,7 @@ def shard(
     # each source's own options (SOURCES[...].options); a flag given for a source that does not take it is one line
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
               "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
-              "audio_root": audio_root}
+              "config": config, "audio_root": audio_root}
     foreign = [p.name for p in ctx.command.params if any(p.name in s.options for s in SOURCES.values())
                and _given(ctx, p.name) and option_problem(corpus.value, p.name)]
     if foreign:
@@ -244,7 +246,7 @@ def shard(
         from .sources.corpora.hf import local_folder
         from .sources.storage import is_url
 
-        root = root if is_url(root) else local_folder(root, split)  # a URL is copied by shard_corpus
+        root = root if is_url(root) else local_folder(root, split, config)  # a URL is copied by shard_corpus
     summary = shard_corpus(corpus.value, root, out, settings.checked(settings.Shard, shard_hours=shard_hours), **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)

@@ -56,6 +56,7 @@ class CorpusOptions(Section):
     id_column: Optional[str] = None
     speaker_column: Optional[str] = None
     split: Optional[str] = None
+    config: Optional[str] = None  # the dataset card's config (load_dataset's name; the Hub's subset)
     # lhotse, kaldi: the folder manifest paths are relative to
     audio_root: Optional[str] = None
     # audio: transcribe each utterance (as `score --asr`), here or at an OpenAI-compatible server

@@ -26,6 +26,13 @@ license: cc-by-4.0
 language:
 - fr
 pretty_name: Tiny ASR
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
 ---
 # Tiny ASR
 
@@ -394,7 +401,7 @@ def test_a_lhotse_cuts_file_is_a_root_in_a_recipe_too(tmp_path):
 
 def test_a_data_file_that_is_not_parquet_is_a_counted_skip(tmp_path):
     root = hub_dataset(tmp_path / "tiny", corrupt=False)
-    (root / "data" / "test-00000-of-00001.parquet").write_bytes(b"not parquet at all")
+    (root / "data" / "validation-00001-of-00001.parquet").write_bytes(b"not parquet at all")  # the card's validation
     result = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m")])  # with its progress bar
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])

@@ -49,7 +49,7 @@ SOURCES = {s.name: s for s in (
            transcripts=False, options=("max_seconds", "asr", "base_url", "device", "speakers", "speaker_threshold")),
     Source("webdataset", "webdataset", None, None, "WebDataset shards: the split word in each tar's name or folder",
            pattern_root=True),
-    Source("hf", "hf", options=("audio_column", "text_column", "id_column", "speaker_column", "split")),
+    Source("hf", "hf", options=("audio_column", "text_column", "id_column", "speaker_column", "split", "config")),
     Source("lhotse", "lhotse_manifests", file_root=True, options=("audio_root",)),
     Source("kaldi", "kaldi", options=("audio_root",)),
 )}

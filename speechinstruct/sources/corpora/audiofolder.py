@@ -9,8 +9,9 @@ docs teach for making an audio dataset, and how many Hub audio repos are kept::
     my_dataset/test/c.wav
 
 Read as ``datasets.load_dataset("audiofolder", data_dir=…)`` reads it (``datasets``' folder-based builder, whose rules
-are copied here, and whose own split resolution is called): the splits are those ``datasets`` finds from the
-names (``train/``, ``data/validation/``, ``test_clean/``, ``train-00000-of-00001.wav``; else all ``train``); each
+are copied here): the splits are those ``datasets`` finds (``hf.split_files``, with its own split patterns:
+``train/``, ``data/validation/``, ``test_clean/``, ``train-00000-of-00001.wav``, else all ``train``; or the card
+config's ``data_files``); each
 ``metadata.csv``/``.jsonl``/``.parquet`` (one kind in a dataset) names its split's audio by ``file_name`` (or
 ``<column>_file_name``), relative to the metadata file's folder; the other columns are the transcript, speaker and
 id columns. Audio files no metadata file names are left out, as ``datasets`` leaves them (counted in a note); a
@@ -26,12 +27,10 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
-import re
-from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from ...io import LinkOutOfRoot, files_under, parse_json_object, safe_join
+from ...io import LinkOutOfRoot, parse_json_object, safe_join
 from ...progress import progress
 from .base import FOLLOW_LINKS, LINK_OUT, Item, Note, Skip, cell_text, probe, split_of
 
@@ -64,40 +63,10 @@ def kind(name: str) -> str | None:
     return "table" if suffixes and suffixes[-1] in (".parquet", ".arrow") else None
 
 
-def layout(root: Path) -> dict[str, list[tuple[str, Path]]] | None:
-    """The splits of an audiofolder dataset under ``root`` and each one's audio and metadata files (name relative to
-    ``root``, path), in ``datasets``' split order; None when ``root`` is not one: a ``save_to_disk`` folder, or the
-    splits' commonest data file format is not audio but Parquet or Arrow (``datasets`` then reads the Parquet). The
-    files are listed as every reader lists (linked folders followed once, hidden files left out), the splits found
-    with ``datasets``' own patterns on that listing."""
-    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
-        return None
-    from datasets.data_files import FILES_TO_IGNORE, _get_data_files_patterns
-    from fsspec.utils import glob_translate
-
-    listed = [(rel.replace(os.sep, "/"), path) for rel, path in files_under(root) if path.name not in FILES_TO_IGNORE]
-
-    def matching(pattern: str) -> list[tuple[str, Path]]:
-        regex = re.compile(glob_translate(pattern))
-        return [(rel, path) for rel, path in listed if regex.fullmatch(rel)]
-
-    try:  # datasets' order: data/{split}-NNNNN-of-NNNNN.*, split folders, split words in names, all train
-        patterns = _get_data_files_patterns(lambda pattern: [rel for rel, _ in matching(pattern)])
-    except FileNotFoundError:  # no files at all
-        return None
-    splits = {str(split): list({found: None for g in globs for found in matching(g)}) for split, globs in patterns.items()}
-    # the builder, as datasets picks it: the commonest format of the data files the splits hold, Parquet on a draw
-    formats = Counter(PurePosixPath(rel).suffix.lower() for files in splits.values() for rel, _ in files
-                      if kind(rel) in ("audio", "table"))
-    tabular = (".parquet", ".arrow")
-    if not formats or max(formats, key=lambda f: (formats[f], f in tabular)) in tabular:
-        return None
-    return {split: sorted(f for f in files if kind(f[0]) in ("audio", "metadata")) for split, files in splits.items()}
-
-
 def read(root: Path, splits: dict[str, list[tuple[str, Path]]], name: str, license: str, audio_column: str,
          text_column: str, id_column: str | None, speaker_column: str | None) -> Iterator[Item]:
-    """Manifest rows of the ``splits`` :func:`layout` found, ``name`` as the corpus."""
+    """Manifest rows of an audiofolder's ``splits`` (``hf.split_files``: each one's audio and metadata files), with
+    ``name`` as the corpus."""
     kinds = {Path(rel).suffix for files in splits.values() for rel, _ in files if kind(rel) == "metadata"}
     if len(kinds) > 1:  # datasets refuses them too ("Found metadata files with different extensions")
         raise ValueError(f"{root}: metadata files of different kinds ({', '.join(sorted(kinds))}); an audiofolder "

@@ -19,8 +19,11 @@ plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back fo
 
 from __future__ import annotations
 
+import collections
 import io
+import json
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Iterator
@@ -42,18 +45,28 @@ _SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?
 
 
 def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
-         speaker_column: str | None = None, split: str | None = None, license: str | None = None) -> Iterator[Item]:
-    """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``)."""
+         speaker_column: str | None = None, split: str | None = None, config: str | None = None,
+         license: str | None = None) -> Iterator[Item]:
+    """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``) of the
+    card's config ``config`` (its default one when None; any files when the card names no configs)."""
     root = Path(root).resolve()
     license = license or card_license(root) or "unknown (no license in the dataset card)"
     name = dataset_name(root)
-    folder_splits = audiofolder.layout(root)
-    if folder_splits is not None:  # audio files beside metadata files
+    folder, patterns = card_config(root, config)
+    splits = split_files(root, folder, patterns)
+    if builder(splits) == "audiofolder":  # audio files beside metadata files
         if split is not None:
-            folder_splits = {split: folder_splits[_known(root, split, folder_splits)]}
-        yield from audiofolder.read(root, folder_splits, name, license, audio_column, text_column, id_column, speaker_column)
+            splits = {split: splits[_known(root, split, splits)]}
+        yield from audiofolder.read(root, splits, name, license, audio_column, text_column, id_column, speaker_column)
         return
-    files = data_files(root)
+    if patterns is None:  # the files' names say the splits
+        files = data_files(folder)
+    else:
+        files = [(named, _inside(root, rel, root)) for named, found in splits.items() for rel, _ in found
+                 if audiofolder.kind(rel) == "table"]
+        if not files:
+            raise FileNotFoundError(f"{folder}: no Parquet files match the data_files of the card's config "
+                                    f"({json.dumps(patterns)})")
     if split is not None:
         _known(root, split, [s for s, _ in files])
         files = [(s, f) for s, f in files if s == split]
@@ -63,6 +76,74 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
             for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
                 bar.update()
                 yield item
+
+
+def card_config(root: Path, config: str | None) -> tuple[Path, dict[str, list[str]] | None]:
+    """The folder and the ``{split: patterns}`` of the dataset card's config ``config`` (its default config when
+    None), as ``datasets.load_dataset(ROOT, config)`` takes them from the card's ``configs``: ``data_files``
+    relative to ``data_dir``. No patterns when the config names only a folder, or the card names no configs:
+    then the files' names say the splits. A config to pick, and none given: one line naming them."""
+    from datasets.data_files import sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    card = root / "README.md"
+    try:
+        configs = MetadataConfigs.from_dataset_card_data(DatasetCardData(**_card(root)))
+        default = configs.get_default_config_name()
+    except (ValueError, TypeError, KeyError) as e:  # datasets' own checks of the YAML, or a malformed field
+        raise ValueError(f"{card}: its configs cannot be read: {str(e).strip().splitlines()[0]}") from None
+    if not configs:
+        if config is not None:
+            raise ValueError(f"{root}: no config {config!r}: the dataset card names no configs")
+        return root, None
+    config = config if config is not None else default
+    if config is None:
+        raise ValueError(f"{root}: the dataset card names configs {', '.join(configs)} and no default one: "
+                         "pick one with --config (a recipe: the corpus's options.config)")
+    if config not in configs:
+        raise ValueError(f"{root}: no config {config!r} in the dataset card (it names {', '.join(configs)})")
+    chosen = configs[config]
+    folder = root if chosen.get("data_dir") is None else _inside(root, chosen["data_dir"], card)
+    try:
+        patterns = sanitize_patterns(chosen["data_files"]) if chosen.get("data_files") is not None else None
+    except ValueError as e:
+        raise ValueError(f"{card}: config {config!r}: {str(e).strip().splitlines()[0]}") from None
+    return folder, patterns
+
+
+def split_files(root: Path, folder: Path, patterns: dict[str, list[str]] | None = None) -> dict[str, list[tuple[str, Path]]]:
+    """The files of each split under ``folder`` (name relative to ``root``, path), as ``datasets`` resolves them:
+    ``patterns`` (a card config's ``data_files``) or ``datasets``' own split patterns (``data/{split}-NNNNN-of-NNNNN``,
+    split folders, split words in names, else all train), matched against the files listed as every reader lists
+    them (linked folders followed once, hidden files left out). Empty for a ``save_to_disk`` folder."""
+    if patterns is None and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
+        return {}
+    from datasets.data_files import FILES_TO_IGNORE, _get_data_files_patterns
+    from fsspec.utils import glob_translate
+
+    listed = [(rel.replace(os.sep, "/"), path) for rel, path in files_under(folder) if path.name not in FILES_TO_IGNORE]
+
+    def matching(pattern: str) -> list[tuple[str, Path]]:
+        regex = re.compile(glob_translate(pattern))
+        return [(rel, path) for rel, path in listed if regex.fullmatch(rel)]
+
+    if patterns is None:
+        try:
+            patterns = _get_data_files_patterns(lambda pattern: [rel for rel, _ in matching(pattern)])
+        except FileNotFoundError:  # no files at all
+            return {}
+    return {str(split): sorted({(relpath(path, root), path) for glob in globs for _, path in matching(glob)})
+            for split, globs in patterns.items()}
+
+
+def builder(splits: dict[str, list[tuple[str, Path]]]) -> str:
+    """``audiofolder`` or ``parquet``, as ``datasets`` picks a dataset's builder: by the commonest suffix among the
+    audio and Parquet/Arrow files its splits hold, Parquet on a draw (and where there are none)."""
+    formats = collections.Counter(Path(rel).suffix.lower() for found in splits.values() for rel, _ in found
+                                  if audiofolder.kind(rel) in ("audio", "table"))
+    commonest = max(formats, key=lambda f: (formats[f], f in (".parquet", ".arrow")), default=".parquet")
+    return "parquet" if commonest in (".parquet", ".arrow") else "audiofolder"
 
 
 def _known(root: Path, split: str, splits) -> str:
@@ -79,12 +160,12 @@ def dataset_name(root: Path) -> str:
     return repo.name.split("--")[-1] if repo else root.name
 
 
-def local_folder(source: str | Path, split: str | None = None) -> Path:
-    """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose Parquet files
-    and card are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never
-    does this). With ``split``, only that split's files, where the Hub names them as it does (every Parquet file
-    where it does not). A repo without Parquet data is fetched as an audiofolder: its audio and metadata files
-    (every split's)."""
+def local_folder(source: str | Path, split: str | None = None, config: str | None = None) -> Path:
+    """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose card and data
+    files are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never does this).
+    Where the card names configs, the files of ``config`` (or its default config), of ``split`` only when given.
+    Else its Parquet files, of ``split`` only where the Hub names them by split; a repo without Parquet data is
+    fetched as an audiofolder: its audio and metadata files (every split's)."""
     path = Path(source)
     if path.exists():
         return path
@@ -95,6 +176,14 @@ def local_folder(source: str | Path, split: str | None = None) -> Path:
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=[*patterns, "README.md"]))
 
+    card = fetch([])  # the card first: its configs say which files are whose
+    folder, patterns = card_config(card, config)
+    if patterns is not None or folder != card:  # the config names its files, or its folder
+        base = os.path.relpath(folder, card)
+        if patterns is not None and split is not None:
+            patterns = {split: patterns[_known(Path(str(source)), split, patterns)]}
+        globs = [g for found in patterns.values() for g in found] if patterns is not None else ["*"]
+        return fetch([posixpath.normpath(posixpath.join(base, g)) for g in globs])
     if split:  # data/validation-00000-of-00001.parquet, validation.parquet, validation/0000.parquet, default/validation/…
         folder = fetch([f"{where}{split}{tail}" for where in ("", "*/") for tail in ("-*.parquet", ".parquet", "/*.parquet")])
         try:

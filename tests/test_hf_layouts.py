@@ -1,6 +1,7 @@
-"""`shard hf` on an audiofolder dataset (audio files beside metadata.csv/.jsonl/.parquet), read as the maker reads it:
-``datasets.load_dataset("audiofolder", data_dir=…)`` itself gives the rows each test compares with. Hostile
-metadata (names that climb or are absolute, URLs, links out, malformed lines) are counted skips naming the
+"""`shard hf` on the Hugging Face layouts beyond Parquet file names, read as the maker reads them:
+``datasets.load_dataset`` itself gives the rows each test compares with. An audiofolder dataset (audio files beside
+metadata.csv/.jsonl/.parquet); a card whose ``configs`` name each config's files (``load_dataset(path, config)``).
+Hostile metadata (names that climb or are absolute, URLs, links out, malformed lines) are counted skips naming the
 metadata file and row, where ``datasets`` fails the whole dataset."""
 
 import json
@@ -75,23 +76,27 @@ def data_parquet(root):
                    [{"file_name": "y.wav", "transcription": "why", "speaker": "r"}])
 
 
-def makers_rows(root, monkeypatch, tmp_path) -> set:
-    """(split, file, transcription, speaker) of every row `datasets.load_dataset("audiofolder")` gives. Its Audio
-    feature imports torchcodec to encode even a path (not installed here): a stand-in module lets it store paths."""
+def load_dataset(monkeypatch, tmp_path, *args, **kwargs) -> datasets.DatasetDict:
+    """`datasets.load_dataset(*args, **kwargs)`, its audio left encoded. Its Audio feature imports torchcodec to
+    encode even a path (not installed here): a stand-in module lets it store what it is given."""
     for name in ("torchcodec", "torchcodec.encoders"):
         module = types.ModuleType(name)
         module.AudioEncoder = None
         monkeypatch.setitem(sys.modules, name, module)
-    loaded = datasets.load_dataset("audiofolder", data_dir=str(root), cache_dir=str(tmp_path / "hf-cache"))
-    return {(split, r["audio"]["path"], r["transcription"], r["speaker"])
-            for split in loaded for r in loaded[split].cast_column("audio", datasets.Audio(decode=False))}
+    loaded = datasets.load_dataset(*args, cache_dir=str(tmp_path / "hf-cache"), **kwargs)
+    return datasets.DatasetDict({split: loaded[split].cast_column("audio", datasets.Audio(decode=False)) for split in loaded})
+
+
+def makers_rows(loaded: datasets.DatasetDict) -> set:
+    """(split, file, transcription, speaker) of every row `datasets` gave."""
+    return {(split, r["audio"]["path"], r["transcription"], r["speaker"]) for split in loaded for r in loaded[split]}
 
 
 @pytest.mark.parametrize("layout", [split_folders, flat_jsonl, data_parquet])
 def test_an_audiofolder_shards_as_datasets_reads_it(tmp_path, monkeypatch, layout):
     root = tmp_path / "my_dataset"
     layout(root)
-    expected = makers_rows(root, monkeypatch, tmp_path)
+    expected = makers_rows(load_dataset(monkeypatch, tmp_path, "audiofolder", data_dir=str(root)))
     summary = shard_corpus("hf", root, tmp_path / "m", text_column="transcription", speaker_column="speaker")
     rows = manifest_rows(tmp_path / "m")
     assert {(r["corpus_split"], str(root / r["path"]), r["text"], r["speaker"]) for r in rows} == expected
@@ -228,3 +233,111 @@ def test_a_parquet_dataset_with_audio_files_beside_it_is_read_as_parquet(tmp_pat
     wav(flat / "1.wav", 0.5, 1)  # two clips: an audiofolder without metadata
     summary = shard_corpus("hf", flat, tmp_path / "f2")
     assert summary["utterances"] == 2 and "no metadata file" in " ".join(summary["notes"])
+
+
+LIBRI_CARD = """---
+license: cc-by-4.0
+configs:
+- config_name: clean
+  data_files:
+  - split: train.100
+    path: clean/train.100/*.parquet
+  - split: validation
+    path: clean/validation/*.parquet
+- config_name: other
+  data_files:
+  - split: validation
+    path: other/validation/*.parquet
+- config_name: noisy
+  data_dir: noisy
+---
+"""
+
+
+def configs_dataset(root):
+    """LibriSpeech-shaped configs (clean, other): one folder of Parquet files per config and split, the card's
+    `configs` naming them, no default config; and a config kept as an audiofolder under its `data_dir`."""
+    from test_sources import hf_rows
+
+    for config, split, seed in (("clean", "train.100", 0), ("clean", "validation", 10), ("other", "validation", 20)):
+        (root / config / split).mkdir(parents=True)
+        rows = hf_rows(2, seed, f"{config} {split}")
+        rows["transcription"], rows["speaker"] = rows.pop("text"), rows.pop("speaker_id")
+        datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio()).to_parquet(
+            str(root / config / split / "0000.parquet"))
+    split_folders(root / "noisy")
+    (root / "README.md").write_text(LIBRI_CARD)
+    return root
+
+
+@pytest.mark.parametrize("config", ["clean", "other"])
+def test_a_cards_configs_pick_the_files_as_load_dataset_does(tmp_path, monkeypatch, config):
+    root = configs_dataset(tmp_path / "libri")
+    (root / "README.md").write_text(LIBRI_CARD.split("- config_name: noisy")[0] + "---\n")  # datasets: one builder
+    loaded = load_dataset(monkeypatch, tmp_path, str(root), config)
+    shard_corpus("hf", root, tmp_path / "m", config=config, text_column="transcription", speaker_column="speaker")
+    rows = manifest_rows(tmp_path / "m")
+    assert sorted((r["corpus_split"], r["text"], r["speaker"]) for r in rows) == sorted(
+        (split, r["transcription"], r["speaker"]) for split in loaded for r in loaded[split])
+    assert all(r["path"].startswith(f"{config}/") for r in rows)
+    assert {r["split"] for r in rows} == ({"validation"} if config == "other" else {"validation", "train"})
+
+
+def test_a_default_config_with_a_data_dir_is_read_as_load_dataset_reads_it(tmp_path, monkeypatch):
+    root = tmp_path / "voices"
+    split_folders(root / "noisy")
+    flat_jsonl(root / "quiet")
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: quiet\n  data_dir: quiet\n- config_name: noisy\n"
+                                    "  data_dir: noisy\n  default: true\n---\n")
+    expected = makers_rows(load_dataset(monkeypatch, tmp_path, str(root)))  # the default config: noisy
+    shard_corpus("hf", root, tmp_path / "m", text_column="transcription", speaker_column="speaker")
+    rows = manifest_rows(tmp_path / "m")
+    assert {(r["corpus_split"], str(root / r["path"]), r["text"], r["speaker"]) for r in rows} == expected
+    assert len(rows) == 3 and all(r["path"].startswith("noisy/") for r in rows)
+
+
+def test_a_config_to_pick_is_one_line_naming_them(tmp_path):
+    root = configs_dataset(tmp_path / "libri")
+    none = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m")])
+    assert none.exit_code == 2 and "Traceback" not in none.output
+    assert "the dataset card names configs clean, other, noisy and no default one: pick one with --config" in none.stderr
+    unknown = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--config", "all"])
+    assert unknown.exit_code == 2 and "no config 'all' in the dataset card (it names clean, other, noisy)" in unknown.stderr
+    split = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--config", "other", "--split", "test"])
+    assert split.exit_code == 2 and "no split 'test' in this dataset (it has validation)" in split.stderr
+    (root / "README.md").write_text(LIBRI_CARD.replace("data_dir: noisy", "data_dir: ../elsewhere"))
+    climbs = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--config", "noisy"])
+    assert climbs.exit_code == 2 and "README.md: path '../elsewhere' leaves the corpus root" in climbs.stderr
+    (root / "README.md").write_text(LIBRI_CARD.replace("- split: train.100", "- split: 7"))
+    broken = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "--config", "clean"])
+    assert broken.exit_code == 2 and "README.md: its configs cannot be read" in broken.stderr, broken.output
+    plain = tmp_path / "plain"
+    split_folders(plain)
+    no_configs = runner.invoke(app, ["shard", "hf", str(plain), str(tmp_path / "p"), "--config", "clean"])
+    assert no_configs.exit_code == 2 and "no config 'clean': the dataset card names no configs" in no_configs.stderr
+
+
+def test_a_hub_id_with_configs_fetches_that_configs_split_only(tmp_path, monkeypatch):
+    """`shard hf owner/name --config clean --split validation` on a repo with LibriSpeech-shaped configs: the card
+    first, then only that config's split (a full copy of such a repo would be every config's audio)."""
+    import huggingface_hub.constants
+    from hub_server import Hub
+
+    plain = configs_dataset(tmp_path / "libri")
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        hub.files["user/libri"] = {p.relative_to(plain).as_posix(): p.read_bytes()
+                                   for p in sorted(plain.rglob("*")) if p.is_file()}
+        shard = runner.invoke(app, ["shard", "hf", "user/libri", str(tmp_path / "m"), "--config", "clean", "--split",
+                                    "validation", "--text-column", "transcription", "-q"])
+        fetched = sorted(c[1].split("/resolve/", 1)[1].split("/", 1)[1] for c in hub.calls
+                         if c[0] == "GET" and "/resolve/" in c[1])
+        noisy = runner.invoke(app, ["shard", "hf", "user/libri", str(tmp_path / "n"), "--config", "noisy",
+                                    "--text-column", "transcription", "-q"])
+    finally:
+        hub.close()
+    assert shard.exit_code == 0 and json.loads(shard.stdout)["utterances"] == 2, shard.output
+    assert sorted(set(fetched)) == ["README.md", "clean/validation/0000.parquet"]
+    assert noisy.exit_code == 0 and json.loads(noisy.stdout)["utterances"] == 3, noisy.output
