@@ -142,6 +142,28 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
     assert "--follow-links" in again.stderr and "Traceback" not in again.output
 
 
+def test_an_hf_url_at_a_revision_names_the_corpus_by_the_dataset(tmp_path, monkeypatch):
+    """`shard hf hf://datasets/owner/name@main`: the copy's folder is `name@main`; ids and `corpus` are `name`'s, as
+    for the same dataset fetched by its hub id."""
+    from hub_server import Hub
+
+    from speechinstruct.sources import storage
+
+    plain = hub_dataset(tmp_path / "plain" / "tiny-asr", corrupt=False)
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch)
+        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+        hub.files["user/tiny-asr"] = {p.relative_to(plain).as_posix(): p.read_bytes()
+                                      for p in sorted(plain.rglob("*")) if p.is_file()}
+        summary = shard_corpus("hf", "hf://datasets/user/tiny-asr@main", tmp_path / "m")
+    finally:
+        hub.close()
+    assert summary["utterances"] == 8
+    rows = pq.read_table(manifest_files(tmp_path / "m")[0]).to_pylist()
+    assert {r["corpus"] for r in rows} == {"tiny-asr"} and rows[0]["id"].startswith("tiny-asr/data/")
+
+
 def arrow_rows(folder):
     import pyarrow as pa
 

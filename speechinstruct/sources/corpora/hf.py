@@ -155,9 +155,15 @@ def _known(root: Path, split: str, splits) -> str:
 
 def dataset_name(root: Path) -> str:
     """The dataset's name for its ids and ``corpus`` (``root`` resolved): its folder's, or the repo's for a snapshot
-    in the Hub cache (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit)."""
+    in the Hub cache (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit) and for the copy of
+    an ``hf://datasets/owner/name@rev`` URL (``name``, not ``name@rev``)."""
+    from ..storage import cache_root
+
     repo = hub_cache_repo(root)
-    return repo.name.split("--")[-1] if repo else root.name
+    if repo:
+        return repo.name.split("--")[-1]
+    copies = cache_root().resolve() / "hf" / "datasets"
+    return root.name.split("@")[0] if root.parent.parent == copies else root.name
 
 
 def local_folder(source: str | Path, split: str | None = None, config: str | None = None) -> Path:
