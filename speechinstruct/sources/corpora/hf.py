@@ -35,7 +35,7 @@ import soundfile as sf
 from ...io import files_under, hub_cache_repo, read_json, safe_join
 from ...progress import progress
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
-from . import audiofolder
+from .audiofolder import fetch_patterns as audiofolder_files, kind as file_kind, read as audiofolder_rows
 from .base import FOLLOW_LINKS, Item, Skip, cell_text, relpath, split_of
 
 NAME = "hf"
@@ -57,13 +57,13 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     if builder(splits) == "audiofolder":  # audio files beside metadata files
         if split is not None:
             splits = {split: splits[_known(root, split, splits)]}
-        yield from audiofolder.read(root, splits, name, license, audio_column, text_column, id_column, speaker_column)
+        yield from audiofolder_rows(root, splits, name, license, audio_column, text_column, id_column, speaker_column)
         return
     if patterns is None:  # the files' names say the splits
         files = data_files(folder)
     else:
         files = [(named, _inside(root, rel, root)) for named, found in splits.items() for rel, _ in found
-                 if audiofolder.kind(rel) == "table"]
+                 if file_kind(rel) == "table"]
         if not files:
             raise FileNotFoundError(f"{folder}: no Parquet files match the data_files of the card's config "
                                     f"({json.dumps(patterns)})")
@@ -141,7 +141,7 @@ def builder(splits: dict[str, list[tuple[str, Path]]]) -> str:
     """``audiofolder`` or ``parquet``, as ``datasets`` picks a dataset's builder: by the commonest suffix among the
     audio and Parquet/Arrow files its splits hold, Parquet on a draw (and where there are none)."""
     formats = collections.Counter(Path(rel).suffix.lower() for found in splits.values() for rel, _ in found
-                                  if audiofolder.kind(rel) in ("audio", "table"))
+                                  if file_kind(rel) in ("audio", "table"))
     commonest = max(formats, key=lambda f: (formats[f], f in (".parquet", ".arrow")), default=".parquet")
     return "parquet" if commonest in (".parquet", ".arrow") else "audiofolder"
 
@@ -198,9 +198,9 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
         except FileNotFoundError:
             pass
     folder = fetch(["*.parquet"])
-    if any(audiofolder.kind(rel) == "table" for rel, _ in files_under(folder)):
+    if any(file_kind(rel) == "table" for rel, _ in files_under(folder)):
         return folder
-    return fetch(audiofolder.fetch_patterns())  # no Parquet data: an audiofolder repo, its audio and metadata files
+    return fetch(audiofolder_files())  # no Parquet data: an audiofolder repo, its audio and metadata files
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
