@@ -93,16 +93,20 @@ def test_hub_parquet_folder_shards_with_splits_license_and_a_counted_corrupt_row
     np.testing.assert_array_equal(wav, expected)
 
 
-def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("configs", [True, False], ids=["card-configs", "file-names"])
+def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path, monkeypatch, configs):
     """`shard hf owner/name` as a user runs it: huggingface_hub's own snapshot_download against the loopback Hub
     (tests/hub_server.py) fills its cache, where each file of the snapshot is a link to ``../../blobs/<hash>``;
     extract reads every row through those links, as from the same files in a plain folder. A link that leaves the
     cache's repo folder is one line, as any link out of a dataset folder. Ids and ``corpus`` carry the dataset's
-    name, not the snapshot's commit. With --split, only that split's files are fetched."""
+    name, not the snapshot's commit. With --split, only that split's files are fetched: those the card's default
+    config names for it, or (a card without configs) those the Hub names by split."""
     import huggingface_hub.constants
     from hub_server import Hub
 
     plain = hub_dataset(tmp_path / "plain" / "tiny-asr", corrupt=False)
+    if not configs:
+        (plain / "README.md").write_text(CARD[:CARD.index("configs:")] + "---\n")
     hub = Hub()
     try:
         hub.serve_huggingface_hub(monkeypatch)
