@@ -134,7 +134,7 @@ def test_hostile_metadata_rows_are_counted_skips_naming_file_and_row(tmp_path):
              {"file_name": "linked.wav", "text": "a link out"}]
     text = "".join(json.dumps(r) + "\n" for r in lines)
     text += "{not json\n" + '{"file_name": "ok.wav", "text": "\\ud800"}\n' + "[" * 100_000 + "\n"
-    (root / "metadata.jsonl").write_text(text)
+    (root / "metadata.jsonl").write_text("\ufeff" + text)  # with a BOM, as Windows editors save it
     result = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m"), "-q"])
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     summary = json.loads(result.stdout)

@@ -130,7 +130,7 @@ def _columns(path: Path) -> list[str]:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).schema_arrow.names
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not JSON
         first = next((line for line in f if line.strip()), "{}")
     obj = parse_json_object(first)
     return list(obj) if isinstance(obj, dict) else []
@@ -156,7 +156,7 @@ def _records(root: Path, path: Path, rel: str, audio_keys: list[str], wanted: li
                          "pick them with --audio-column/--text-column/--id-column/--speaker-column")
     try:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not JSON
                 for number, line in enumerate(f, 1):
                     if line.strip():
                         record = parse_json_object(line)
