@@ -9,12 +9,11 @@ docs teach for making an audio dataset, and how many Hub audio repos are kept::
     my_dataset/test/c.wav
 
 Read as ``datasets.load_dataset("audiofolder", data_dir=…)`` reads it (``datasets``' folder-based builder, whose rules
-are copied here): the splits are those ``datasets`` finds (``hf.split_files``, with its own split patterns:
-``train/``, ``data/validation/``, ``test_clean/``, ``train-00000-of-00001.wav``, else all ``train``; or the card
-config's ``data_files``); each
-``metadata.csv``/``.jsonl``/``.parquet`` (one kind in a dataset) names its split's audio by ``file_name`` (or
-``<column>_file_name``), relative to the metadata file's folder; the other columns are the transcript, speaker and
-id columns. Audio files no metadata file names are left out, as ``datasets`` leaves them (counted in a note); a
+are copied here). The splits are those ``datasets`` finds (``hf.split_files``: its own split patterns, ``train/``,
+``data/validation/``, ``test_clean/``, ``train-00000-of-00001.wav``, else all ``train``; or the card config's
+``data_files``). Each ``metadata.csv``/``.jsonl``/``.parquet`` (one kind in a dataset) names its split's audio by
+``file_name`` (or ``<column>_file_name``), relative to the metadata file's folder; the other columns are the
+transcript, speaker and id columns. Audio files no metadata file names are left out, as ``datasets`` leaves them (counted in a note); a
 split without a metadata file gives its audio files without transcripts.
 
 Where ``datasets`` fails the whole dataset, one row is a counted skip naming the metadata file and row: a
