@@ -150,15 +150,31 @@ class Hub:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def serve_huggingface_hub(self, monkeypatch) -> None:
+    def serve_huggingface_hub(self, monkeypatch, cache=None) -> None:
         """huggingface_hub talks to this Hub: its endpoint constants as ``HF_ENDPOINT`` sets them, and online (the
-        suite runs with ``HF_HUB_OFFLINE=1``, scripts/test.sh; the constant is read at each request)."""
+        suite runs with ``HF_HUB_OFFLINE=1``, scripts/test.sh; the constant is read at each request); its cache of
+        downloads in ``cache`` when given."""
         import huggingface_hub.constants
+
+        if cache is not None:
+            monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
 
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", self.url)
         monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                             self.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def add_repo(self, repo: str, folder, under: str = "") -> None:
+        """Serve every file under ``folder`` as the repo ``repo``'s (below ``under`` in it)."""
+        from pathlib import Path
+
+        self.files[repo] = {f"{under}{p.relative_to(folder).as_posix()}": p.read_bytes()
+                            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+    def fetched(self) -> list[str]:
+        """The repo paths of the files downloaded so far (``/resolve/`` GETs), sorted."""
+        return sorted(path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in self.calls
+                      if method == "GET" and "/resolve/" in path)
 
     def close(self):
         self.server.shutdown()

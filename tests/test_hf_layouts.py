@@ -186,7 +186,6 @@ def test_audiofolder_metadata_that_cannot_be_used_is_one_line(tmp_path):
 def test_a_hub_id_kept_as_an_audiofolder_is_fetched_and_every_row_extracted(tmp_path, monkeypatch):
     """`shard hf owner/name` for a Hub repo without Parquet data: huggingface_hub's own snapshot_download against
     the loopback Hub fetches its audio and metadata files (links into the cache's blobs), extract reads every row."""
-    import huggingface_hub.constants
     from hub_server import Hub
 
     plain = tmp_path / "voices"
@@ -195,14 +194,11 @@ def test_a_hub_id_kept_as_an_audiofolder_is_fetched_and_every_row_extracted(tmp_
     (plain / "notes.txt").write_text("not fetched")
     hub = Hub()
     try:
-        hub.serve_huggingface_hub(monkeypatch)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        hub.files["user/voices"] = {p.relative_to(plain).as_posix(): p.read_bytes()
-                                    for p in sorted(plain.rglob("*")) if p.is_file()}
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        hub.add_repo("user/voices", plain)
         shard = runner.invoke(app, ["shard", "hf", "user/voices", str(tmp_path / "m"), "--text-column", "transcription",
                                     "--speaker-column", "speaker", "-q"])
-        fetched = sorted(c[1].split("/resolve/", 1)[1].split("/", 1)[1] for c in hub.calls
-                         if c[0] == "GET" and "/resolve/" in c[1])
+        fetched = hub.fetched()
     finally:
         hub.close()
     assert shard.exit_code == 0 and json.loads(shard.stdout)["utterances"] == 3, shard.output
@@ -320,20 +316,16 @@ def test_a_config_to_pick_is_one_line_naming_them(tmp_path):
 def test_a_hub_id_with_configs_fetches_that_configs_split_only(tmp_path, monkeypatch):
     """`shard hf owner/name --config clean --split validation` on a repo with LibriSpeech-shaped configs: the card
     first, then only that config's split (a full copy of such a repo would be every config's audio)."""
-    import huggingface_hub.constants
     from hub_server import Hub
 
     plain = configs_dataset(tmp_path / "libri")
     hub = Hub()
     try:
-        hub.serve_huggingface_hub(monkeypatch)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        hub.files["user/libri"] = {p.relative_to(plain).as_posix(): p.read_bytes()
-                                   for p in sorted(plain.rglob("*")) if p.is_file()}
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        hub.add_repo("user/libri", plain)
         shard = runner.invoke(app, ["shard", "hf", "user/libri", str(tmp_path / "m"), "--config", "clean", "--split",
                                     "validation", "--text-column", "transcription", "-q"])
-        fetched = sorted(c[1].split("/resolve/", 1)[1].split("/", 1)[1] for c in hub.calls
-                         if c[0] == "GET" and "/resolve/" in c[1])
+        fetched = hub.fetched()
         noisy = runner.invoke(app, ["shard", "hf", "user/libri", str(tmp_path / "n"), "--config", "noisy",
                                     "--text-column", "transcription", "-q"])
     finally:

@@ -101,7 +101,6 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
     cache's repo folder is one line, as any link out of a dataset folder. Ids and ``corpus`` carry the dataset's
     name, not the snapshot's commit. With --split, only that split's files are fetched: those the card's default
     config names for it, or (a card without configs) those the Hub names by split."""
-    import huggingface_hub.constants
     from hub_server import Hub
 
     plain = hub_dataset(tmp_path / "plain" / "tiny-asr", corrupt=False)
@@ -109,18 +108,16 @@ def test_a_hub_id_is_fetched_by_huggingface_hub_and_every_row_extracted(tmp_path
         (plain / "README.md").write_text(CARD[:CARD.index("configs:")] + "---\n")
     hub = Hub()
     try:
-        hub.serve_huggingface_hub(monkeypatch)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        hub.files["user/tiny-asr"] = {p.relative_to(plain).as_posix(): p.read_bytes()
-                                      for p in sorted(plain.rglob("*")) if p.is_file()}
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        hub.add_repo("user/tiny-asr", plain)
         one = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "v"), "--split", "validation", "-q"])
-        fetched = sorted(c[1].rsplit("/", 1)[1] for c in hub.calls if c[0] == "GET" and "/resolve/" in c[1])
+        fetched = hub.fetched()
         other = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "o"), "--split", "dev", "-q"])
         shard = runner.invoke(app, ["shard", "hf", "user/tiny-asr", str(tmp_path / "m"), "-q"])
     finally:
         hub.close()
     assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 2, one.output
-    assert fetched == ["README.md", "validation-00000-of-00001.parquet"]  # --split: that split's files, not all
+    assert fetched == ["README.md", "data/validation-00000-of-00001.parquet"]  # --split: that split's files, not all
     assert other.exit_code == 2 and "no split 'dev' in this dataset (it has train, validation)" in other.stderr
     assert shard.exit_code == 0, shard.output
     assert json.loads(shard.stdout)["utterances"] == 8
@@ -158,8 +155,7 @@ def test_an_hf_url_at_a_revision_names_the_corpus_by_the_dataset(tmp_path, monke
     try:
         hub.serve_huggingface_hub(monkeypatch)
         monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-        hub.files["user/tiny-asr"] = {p.relative_to(plain).as_posix(): p.read_bytes()
-                                      for p in sorted(plain.rglob("*")) if p.is_file()}
+        hub.add_repo("user/tiny-asr", plain)
         summary = shard_corpus("hf", "hf://datasets/user/tiny-asr@main", tmp_path / "m")
     finally:
         hub.close()

@@ -285,8 +285,7 @@ def test_a_dataset_on_the_hub_is_read_through_hf_urls(tmp_path, monkeypatch):
         hub.serve_huggingface_hub(monkeypatch)
         monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
         local = write_librispeech(tmp_path / "LibriSpeech")
-        hub.files["user/corpus"] = {f"LibriSpeech/{p.relative_to(local).as_posix()}": p.read_bytes()
-                                    for p in sorted(local.rglob("*")) if p.is_file()}
+        hub.add_repo("user/corpus", local, under="LibriSpeech/")
         summary = shard_corpus("librispeech", "hf://datasets/user/corpus/LibriSpeech", tmp_path / "m")
         expected = shard_corpus("librispeech", local, tmp_path / "local")
         assert summary["remote"] == "hf://datasets/user/corpus/LibriSpeech" and summary["utterances"] == 4
