@@ -173,7 +173,7 @@ class Hub:
 
     def fetched(self) -> list[str]:
         """The repo paths of the files downloaded so far (``/resolve/`` GETs), sorted."""
-        return sorted(path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in self.calls
+        return sorted(urllib.parse.unquote(path.split("/resolve/", 1)[1].split("/", 1)[1]) for method, path in self.calls
                       if method == "GET" and "/resolve/" in path)
 
     def close(self):

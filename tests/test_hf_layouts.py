@@ -184,26 +184,34 @@ def test_audiofolder_metadata_that_cannot_be_used_is_one_line(tmp_path):
 
 
 def test_a_hub_id_kept_as_an_audiofolder_is_fetched_and_every_row_extracted(tmp_path, monkeypatch):
-    """`shard hf owner/name` for a Hub repo without Parquet data: huggingface_hub's own snapshot_download against
-    the loopback Hub fetches its audio and metadata files (links into the cache's blobs), extract reads every row."""
+    """`shard hf owner/name` for a Hub repo kept as an audiofolder: the repo's listing read as datasets reads it (its
+    split patterns, its builder choice), huggingface_hub's own snapshot_download against the loopback Hub fetches
+    the audio and metadata files of the splits (of `--split`'s only), links into the cache's blobs; extract reads
+    every row."""
     from hub_server import Hub
 
     plain = tmp_path / "voices"
     split_folders(plain)
     (plain / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# Voices\n")
     (plain / "notes.txt").write_text("not fetched")
+    wav(plain / "test" / "odd [1].wav", 0.5, 9)  # a name with glob characters: fetched as itself
     hub = Hub()
     try:
         hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
         hub.add_repo("user/voices", plain)
+        one = runner.invoke(app, ["shard", "hf", "user/voices", str(tmp_path / "t"), "--split", "test",
+                                  "--text-column", "transcription", "-q"])
+        fetched_one = hub.fetched()
         shard = runner.invoke(app, ["shard", "hf", "user/voices", str(tmp_path / "m"), "--text-column", "transcription",
                                     "--speaker-column", "speaker", "-q"])
         fetched = hub.fetched()
     finally:
         hub.close()
+    assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 1, one.output
+    assert fetched_one == ["README.md", "test/c.wav", "test/metadata.csv", "test/odd [1].wav"]
     assert shard.exit_code == 0 and json.loads(shard.stdout)["utterances"] == 3, shard.output
-    assert fetched == ["README.md", "test/c.wav", "test/metadata.csv", "train/a.wav", "train/metadata.csv",
-                       "train/sub/b.flac", "train/unlisted.wav"]
+    assert fetched == sorted([*fetched_one, "train/a.wav", "train/metadata.csv", "train/sub/b.flac",
+                              "train/unlisted.wav"])
     rows = manifest_rows(tmp_path / "m")
     assert {(r["id"], r["text"], r["license"]) for r in rows} == {
         ("voices/train/a", "hello there", "cc-by-4.0"), ("voices/train/sub/b", "007 is back", "cc-by-4.0"),

@@ -42,14 +42,6 @@ def _lists() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(AudioFolder.EXTENSIONS), tuple(AudioFolder.METADATA_FILENAMES)
 
 
-def fetch_patterns() -> list[str]:
-    """What ``shard hf owner/name`` fetches of a Hub repo without Parquet data: its metadata and audio files
-    (huggingface_hub's patterns, where ``*`` spans folders)."""
-    extensions, metadata = _lists()
-    return [*(f"*{name}" for name in metadata), *(f"*{e}" for e in dict.fromkeys(extensions)),
-            *(f"*{e.upper()}" for e in dict.fromkeys(extensions))]
-
-
 def kind(name: str) -> str | None:
     """metadata, audio or table (Parquet/Arrow data) for a file's name, as ``datasets`` sorts data files; None else."""
     extensions, metadata = _lists()

@@ -20,6 +20,7 @@ plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back fo
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import json
 import os
@@ -35,7 +36,7 @@ import soundfile as sf
 from ...io import files_under, hub_cache_repo, read_json, safe_join
 from ...progress import progress
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
-from .audiofolder import fetch_patterns as audiofolder_files, kind as file_kind, read as audiofolder_rows
+from .audiofolder import kind as file_kind, read as audiofolder_rows
 from .base import FOLLOW_LINKS, Item, Skip, cell_text, relpath, split_of
 
 NAME = "hf"
@@ -54,7 +55,7 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     name = dataset_name(root)
     folder, patterns = card_config(root, config)
     splits = split_files(root, folder, patterns)
-    if builder(splits) == "audiofolder":  # audio files beside metadata files
+    if builder(rel for found in splits.values() for rel, _ in found) == "audiofolder":  # audio beside metadata files
         if split is not None:
             splits = {split: splits[_known(root, split, splits)]}
         yield from audiofolder_rows(root, splits, name, license, audio_column, text_column, id_column, speaker_column)
@@ -113,35 +114,43 @@ def card_config(root: Path, config: str | None) -> tuple[Path, dict[str, list[st
 
 
 def split_files(root: Path, folder: Path, patterns: dict[str, list[str]] | None = None) -> dict[str, list[tuple[str, Path]]]:
-    """The files of each split under ``folder`` (name relative to ``root``, path), as ``datasets`` resolves them:
-    ``patterns`` (a card config's ``data_files``) or ``datasets``' own split patterns (``data/{split}-NNNNN-of-NNNNN``,
-    split folders, split words in names, else all train), matched against the files listed as every reader lists
-    them (linked folders followed once, hidden files left out). Empty for a ``save_to_disk`` folder."""
+    """The files of each split under ``folder`` (name relative to ``root``, path), as :func:`split_names` assigns
+    them, among the files listed as every reader lists them (linked folders followed once, hidden files left out).
+    Empty for a ``save_to_disk`` folder."""
     if patterns is None and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
         return {}
+    listed = {rel.replace(os.sep, "/"): path for rel, path in files_under(folder)}
+    return {split: [(relpath(listed[name], root), listed[name]) for name in names]
+            for split, names in split_names(list(listed), patterns).items()}
+
+
+def split_names(names: list[str], patterns: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Each split's files among ``names`` (relative, ``/``-separated: a folder's listing or a Hub repo's), as
+    ``datasets`` resolves them: ``patterns`` (a card config's ``data_files``) or ``datasets``' own split patterns
+    (``data/{split}-NNNNN-of-NNNNN``, split folders, split words in names, else all train), matched as fsspec's glob
+    matches them. Hidden files and the card are no split's."""
     from datasets.data_files import FILES_TO_IGNORE, _get_data_files_patterns
     from fsspec.utils import glob_translate
 
-    listed = [(rel.replace(os.sep, "/"), path) for rel, path in files_under(folder) if path.name not in FILES_TO_IGNORE]
+    names = [n for n in names if posixpath.basename(n) not in FILES_TO_IGNORE and not any(
+        part.startswith(".") for part in n.split("/"))]
 
-    def matching(pattern: str) -> list[tuple[str, Path]]:
+    def matching(pattern: str) -> list[str]:
         regex = re.compile(glob_translate(pattern))
-        return [(rel, path) for rel, path in listed if regex.fullmatch(rel)]
+        return [name for name in names if regex.fullmatch(name)]
 
     if patterns is None:
         try:
-            patterns = _get_data_files_patterns(lambda pattern: [rel for rel, _ in matching(pattern)])
+            patterns = _get_data_files_patterns(matching)
         except FileNotFoundError:  # no files at all
             return {}
-    return {str(split): sorted({(relpath(path, root), path) for glob in globs for _, path in matching(glob)})
-            for split, globs in patterns.items()}
+    return {str(split): sorted({name for glob in globs for name in matching(glob)}) for split, globs in patterns.items()}
 
 
-def builder(splits: dict[str, list[tuple[str, Path]]]) -> str:
+def builder(names) -> str:
     """``audiofolder`` or ``parquet``, as ``datasets`` picks a dataset's builder: by the commonest suffix among the
-    audio and Parquet/Arrow files its splits hold, Parquet on a draw (and where there are none)."""
-    formats = collections.Counter(Path(rel).suffix.lower() for found in splits.values() for rel, _ in found
-                                  if file_kind(rel) in ("audio", "table"))
+    audio and Parquet/Arrow files of a dataset's splits (``names``), Parquet on a draw (and where there are none)."""
+    formats = collections.Counter(Path(name).suffix.lower() for name in names if file_kind(name) in ("audio", "table"))
     commonest = max(formats, key=lambda f: (formats[f], f in (".parquet", ".arrow")), default=".parquet")
     return "parquet" if commonest in (".parquet", ".arrow") else "audiofolder"
 
@@ -170,8 +179,9 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
     """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose card and data
     files are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never does this).
     Where the card names configs, the files of ``config`` (or its default config), of ``split`` only when given.
-    Else its Parquet files, of ``split`` only where the Hub names them by split; a repo without Parquet data is
-    fetched as an audiofolder: its audio and metadata files (every split's)."""
+    Else, a repo whose commonest data files are audio (an audiofolder, as ``datasets`` would read it), the audio
+    and metadata files of its splits (of ``split`` only when given); else its Parquet files, of ``split`` only where
+    the Hub names them by split."""
     path = Path(source)
     if path.exists():
         return path
@@ -190,6 +200,14 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             patterns = {split: patterns[_known(Path(str(source)), split, patterns)]}
         globs = [g for found in patterns.values() for g in found] if patterns is not None else ["*"]
         return fetch([posixpath.normpath(posixpath.join(base, g)) for g in globs])
+    from huggingface_hub import HfApi
+
+    splits = split_names(HfApi().list_repo_files(str(source), repo_type="dataset"))
+    if builder(name for found in splits.values() for name in found) == "audiofolder":  # its split's audio and metadata
+        if split is not None:
+            splits = {split: splits[_known(Path(str(source)), split, splits)]}
+        return fetch([glob.escape(name) for found in splits.values() for name in found
+                      if file_kind(name) in ("audio", "metadata")])
     if split:  # data/validation-00000-of-00001.parquet, validation.parquet, validation/0000.parquet, default/validation/…
         folder = fetch([f"{where}{split}{tail}" for where in ("", "*/") for tail in ("-*.parquet", ".parquet", "/*.parquet")])
         try:
@@ -197,10 +215,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
                 return folder
         except FileNotFoundError:
             pass
-    folder = fetch(["*.parquet"])
-    if any(file_kind(rel) == "table" for rel, _ in files_under(folder)):
-        return folder
-    return fetch(audiofolder_files())  # no Parquet data: an audiofolder repo, its audio and metadata files
+    return fetch(["*.parquet"])
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
