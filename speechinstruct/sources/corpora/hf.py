@@ -208,14 +208,11 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             splits = {split: splits[_known(Path(str(source)), split, splits)]}
         return fetch([glob.escape(name) for found in splits.values() for name in found
                       if file_kind(name) in ("audio", "metadata")])
-    if split:  # data/validation-00000-of-00001.parquet, validation.parquet, validation/0000.parquet, default/validation/…
-        folder = fetch([f"{where}{split}{tail}" for where in ("", "*/") for tail in ("-*.parquet", ".parquet", "/*.parquet")])
-        try:
-            if any(named == split for named, _ in data_files(folder)):
-                return folder
-        except FileNotFoundError:
-            pass
-    return fetch(["*.parquet"])
+    if split is None:
+        return fetch(["*.parquet"])
+    named = {name: parquet_split(name) for found in splits.values() for name in found if name.endswith(".parquet")}
+    _known(Path(str(source)), split, named.values())
+    return fetch([glob.escape(name) for name, of in named.items() if of == split])
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
@@ -250,16 +247,23 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
         if not relative.endswith(".parquet"):
             continue
         _inside(root, relative, root)  # a link out of ROOT: one line (--follow-links reads it)
-        m = _SPLIT_IN_NAME.match(path.name)
-        named = m.group("split") if m else None
-        # train/0000.parquet (the Hub's converted layout) names its split by folder
-        if named is None or named.isdigit() or re.fullmatch(r"\d+", path.stem):
-            named = path.parent.name if path.parent != root else "train"
-        found.append((named, path))
+        found.append((parquet_split(relative.replace(os.sep, "/")), path))
     if not found:
         raise FileNotFoundError(f"{root}: no Parquet files, no save_to_disk folder (dataset_dict.json or "
                                 "state.json) and no audio files (audiofolder): not a Hugging Face dataset folder")
     return found
+
+
+def parquet_split(name: str) -> str:
+    """The split a Parquet file's name (relative to the dataset, ``/``-separated) says: ``data/validation-00000-of-00001
+    .parquet``, ``test.parquet``; by its folder where the file is numbered (``train/0000.parquet``, the Hub's converted
+    layout); ``train`` for a numbered file at the top."""
+    folder, _, base = name.rpartition("/")
+    m = _SPLIT_IN_NAME.match(base)
+    named = m.group("split") if m else None
+    if named is None or named.isdigit() or re.fullmatch(r"\d+", base.removesuffix(".parquet")):
+        return folder.rpartition("/")[2] if folder else "train"
+    return named
 
 
 def _arrow_files(folder: Path, root: Path) -> list[Path]:
