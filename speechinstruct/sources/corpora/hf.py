@@ -180,14 +180,14 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
     files are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never does this).
     Where the card names configs, the files of ``config`` (or its default config), of ``split`` only when given.
     Else, a repo whose commonest data files are audio (an audiofolder, as ``datasets`` would read it), the audio
-    and metadata files of its splits (of ``split`` only when given); else its Parquet files, of ``split`` only where
-    the Hub names them by split."""
+    and metadata files of its splits (of ``split`` only when given); else its Parquet files (those the reader takes
+    for ``split`` when given)."""
     path = Path(source)
     if path.exists():
         return path
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
         raise FileNotFoundError(f"{source}: no such folder, and not a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=[*patterns, "README.md"]))
@@ -200,9 +200,8 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             patterns = {split: patterns[_known(Path(str(source)), split, patterns)]}
         globs = [g for found in patterns.values() for g in found] if patterns is not None else ["*"]
         return fetch([posixpath.normpath(posixpath.join(base, g)) for g in globs])
-    from huggingface_hub import HfApi
-
-    splits = split_names(HfApi().list_repo_files(str(source), repo_type="dataset"))
+    listed = HfApi().list_repo_files(str(source), repo_type="dataset")
+    splits = split_names(listed)
     if builder(name for found in splits.values() for name in found) == "audiofolder":  # its split's audio and metadata
         if split is not None:
             splits = {split: splits[_known(Path(str(source)), split, splits)]}
@@ -210,7 +209,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
                       if file_kind(name) in ("audio", "metadata")])
     if split is None:
         return fetch(["*.parquet"])
-    named = {name: parquet_split(name) for found in splits.values() for name in found if name.endswith(".parquet")}
+    named = {name: parquet_split(name) for name in listed if name.endswith(".parquet") and not name.startswith(".")}
     _known(Path(str(source)), split, named.values())
     return fetch([glob.escape(name) for name, of in named.items() if of == split])
 
