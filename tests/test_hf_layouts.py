@@ -341,3 +341,34 @@ def test_a_hub_id_with_configs_fetches_that_configs_split_only(tmp_path, monkeyp
     assert shard.exit_code == 0 and json.loads(shard.stdout)["utterances"] == 2, shard.output
     assert sorted(set(fetched)) == ["README.md", "clean/validation/0000.parquet"]
     assert noisy.exit_code == 0 and json.loads(noisy.stdout)["utterances"] == 3, noisy.output
+
+
+def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(tmp_path, monkeypatch):
+    """A dataset kept as WebDataset tar shards (datasets' webdataset builder) is not `shard hf`'s: one line naming
+    `shard webdataset` and the shards, locally and for a hub id (before any shard is downloaded); the command it
+    suggests reads the repo."""
+    from hub_server import Hub
+    from test_webdataset import write_shards
+
+    from speechinstruct.sources import storage
+
+    folder, _ = write_shards(tmp_path)  # train-000000.tar, train-000001.tar, validation-000000.tar
+    (folder / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n")
+    local = runner.invoke(app, ["shard", "hf", str(folder), str(tmp_path / "l")])
+    assert local.exit_code == 2 and "Traceback" not in local.output
+    assert f"a WebDataset dataset (3 tar shards, train-000000.tar … validation-000000.tar): read it with `shard " \
+           f"webdataset '{folder}/<shards>'`" in local.stderr
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "copies"))
+        hub.add_repo("user/shards", folder)
+        refused = runner.invoke(app, ["shard", "hf", "user/shards", str(tmp_path / "m")])
+        fetched = hub.fetched()
+        suggested = runner.invoke(app, ["shard", "webdataset", "hf://datasets/user/shards/train-{000000..000001}.tar",
+                                        str(tmp_path / "w"), "--license", "cc-by-4.0", "-q"])
+    finally:
+        hub.close()
+    assert refused.exit_code == 2 and "`shard webdataset 'hf://datasets/user/shards/<shards>'`" in refused.stderr
+    assert fetched == ["README.md"]
+    assert suggested.exit_code == 0 and json.loads(suggested.stdout)["utterances"] == 4, suggested.output

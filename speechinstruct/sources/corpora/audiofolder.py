@@ -43,7 +43,8 @@ def _lists() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def kind(name: str) -> str | None:
-    """metadata, audio or table (Parquet/Arrow data) for a file's name, as ``datasets`` sorts data files; None else."""
+    """metadata, audio, table (Parquet/Arrow data) or shards (WebDataset tars) for a file's name, as ``datasets``
+    sorts data files; None else."""
     extensions, metadata = _lists()
     base = name.rsplit("/", 1)[-1]
     if base in metadata:
@@ -51,7 +52,9 @@ def kind(name: str) -> str | None:
     suffixes = [s.lower() for s in PurePosixPath(base).suffixes[-2:]]  # a.wav, a.wav.gz (datasets' two suffixes)
     if any(s in extensions for s in suffixes):
         return "audio"
-    return "table" if suffixes and suffixes[-1] in (".parquet", ".arrow") else None
+    if suffixes and suffixes[-1] in (".parquet", ".arrow"):
+        return "table"
+    return "shards" if suffixes and suffixes[-1] == ".tar" else None
 
 
 def read(root: Path, splits: dict[str, list[tuple[str, Path]]], name: str, license: str, audio_column: str,

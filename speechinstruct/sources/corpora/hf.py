@@ -55,7 +55,10 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     name = dataset_name(root)
     folder, patterns = card_config(root, config)
     splits = split_files(root, folder, patterns)
-    if builder(rel for found in splits.values() for rel, _ in found) == "audiofolder":  # audio beside metadata files
+    kept_as = builder(rel for found in splits.values() for rel, _ in found)
+    if kept_as == "webdataset":
+        raise ValueError(webdataset_problem(str(folder), str(folder), [rel for found in splits.values() for rel, _ in found]))
+    if kept_as == "audiofolder":  # audio files beside metadata files
         if split is not None:
             splits = {split: splits[_known(root, split, splits)]}
         yield from audiofolder_rows(root, splits, name, license, audio_column, text_column, id_column, speaker_column)
@@ -148,11 +151,19 @@ def split_names(names: list[str], patterns: dict[str, list[str]] | None = None) 
 
 
 def builder(names) -> str:
-    """``audiofolder`` or ``parquet``, as ``datasets`` picks a dataset's builder: by the commonest suffix among the
-    audio and Parquet/Arrow files of a dataset's splits (``names``), Parquet on a draw (and where there are none)."""
-    formats = collections.Counter(Path(name).suffix.lower() for name in names if file_kind(name) in ("audio", "table"))
+    """``audiofolder``, ``webdataset`` or ``parquet``, as ``datasets`` picks a dataset's builder: by the commonest
+    suffix among the audio, tar and Parquet/Arrow files of a dataset's splits (``names``), Parquet on a draw (and
+    where there are none)."""
+    formats = collections.Counter(Path(name).suffix.lower() for name in names if file_kind(name) in ("audio", "table", "shards"))
     commonest = max(formats, key=lambda f: (formats[f], f in (".parquet", ".arrow")), default=".parquet")
-    return "parquet" if commonest in (".parquet", ".arrow") else "audiofolder"
+    return {".parquet": "parquet", ".arrow": "parquet", ".tar": "webdataset"}.get(commonest, "audiofolder")
+
+
+def webdataset_problem(where: str, url: str, names: list[str]) -> str:
+    """One line for a dataset kept as WebDataset tar shards, which ``shard webdataset`` reads (by ``url``)."""
+    tars = sorted(n for n in names if n.endswith(".tar"))
+    return (f"{where}: a WebDataset dataset ({len(tars)} tar shards, {tars[0]} … {tars[-1]}): read it with "
+            f"`shard webdataset '{url}/<shards>'`, the shards as a brace pattern (e.g. {tars[0]})")
 
 
 def _known(root: Path, split: str, splits) -> str:
@@ -202,7 +213,10 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
         return fetch([posixpath.normpath(posixpath.join(base, g)) for g in globs])
     listed = HfApi().list_repo_files(str(source), repo_type="dataset")
     splits = split_names(listed)
-    if builder(name for found in splits.values() for name in found) == "audiofolder":  # its split's audio and metadata
+    kept_as = builder(name for found in splits.values() for name in found)
+    if kept_as == "webdataset":
+        raise ValueError(webdataset_problem(str(source), f"hf://datasets/{source}", listed))
+    if kept_as == "audiofolder":  # its split's audio and metadata
         if split is not None:
             splits = {split: splits[_known(Path(str(source)), split, splits)]}
         return fetch([glob.escape(name) for found in splits.values() for name in found
