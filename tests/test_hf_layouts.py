@@ -294,10 +294,11 @@ def test_a_default_config_with_a_data_dir_is_read_as_load_dataset_reads_it(tmp_p
     (root / "README.md").write_text("---\nconfigs:\n- config_name: quiet\n  data_dir: quiet\n- config_name: noisy\n"
                                     "  data_dir: noisy\n  default: true\n---\n")
     expected = makers_rows(load_dataset(monkeypatch, tmp_path, str(root)))  # the default config: noisy
-    shard_corpus("hf", root, tmp_path / "m", text_column="transcription", speaker_column="speaker")
+    summary = shard_corpus("hf", root, tmp_path / "m", text_column="transcription", speaker_column="speaker")
     rows = manifest_rows(tmp_path / "m")
     assert {(r["corpus_split"], str(root / r["path"]), r["text"], r["speaker"]) for r in rows} == expected
     assert len(rows) == 3 and all(r["path"].startswith("noisy/") for r in rows)
+    assert "config 'noisy': the dataset card's default config" in summary["notes"]  # inferred: said
 
 
 def test_a_config_to_pick_is_one_line_naming_them(tmp_path):

@@ -37,7 +37,7 @@ from ...io import files_under, hub_cache_repo, read_json, safe_join
 from ...progress import progress
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .audiofolder import kind as file_kind, read as audiofolder_rows
-from .base import FOLLOW_LINKS, Item, Skip, cell_text, relpath, split_of
+from .base import FOLLOW_LINKS, Item, Note, Skip, cell_text, relpath, split_of
 
 NAME = "hf"
 # train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
@@ -53,7 +53,9 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     root = Path(root).resolve()
     license = license or card_license(root) or "unknown (no license in the dataset card)"
     name = dataset_name(root)
-    folder, patterns = card_config(root, config)
+    chosen, folder, patterns = card_config(root, config)
+    if chosen is not None and config is None:  # inferred: said in the shard summary
+        yield Note(f"config {chosen!r}: the dataset card's default config")
     splits = split_files(root, folder, patterns)
     kept_as = builder(rel for found in splits.values() for rel, _ in found)
     if kept_as == "webdataset":
@@ -82,8 +84,8 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
                 yield item
 
 
-def card_config(root: Path, config: str | None) -> tuple[Path, dict[str, list[str]] | None]:
-    """The folder and the ``{split: patterns}`` of the dataset card's config ``config`` (its default config when
+def card_config(root: Path, config: str | None) -> tuple[str | None, Path, dict[str, list[str]] | None]:
+    """The name, folder and ``{split: patterns}`` of the dataset card's config ``config`` (its default config when
     None), as ``datasets.load_dataset(ROOT, config)`` takes them from the card's ``configs``: ``data_files``
     relative to ``data_dir``. No patterns when the config names only a folder, or the card names no configs:
     then the files' names say the splits. A config to pick, and none given: one line naming them."""
@@ -100,7 +102,7 @@ def card_config(root: Path, config: str | None) -> tuple[Path, dict[str, list[st
     if not configs:
         if config is not None:
             raise ValueError(f"{root}: no config {config!r}: the dataset card names no configs")
-        return root, None
+        return None, root, None
     config = config if config is not None else default
     if config is None:
         raise ValueError(f"{root}: the dataset card names configs {', '.join(configs)} and no default one: "
@@ -113,7 +115,7 @@ def card_config(root: Path, config: str | None) -> tuple[Path, dict[str, list[st
         patterns = sanitize_patterns(chosen["data_files"]) if chosen.get("data_files") is not None else None
     except ValueError as e:
         raise ValueError(f"{card}: config {config!r}: {str(e).strip().splitlines()[0]}") from None
-    return folder, patterns
+    return config, folder, patterns
 
 
 def split_files(root: Path, folder: Path, patterns: dict[str, list[str]] | None = None) -> dict[str, list[tuple[str, Path]]]:
@@ -204,7 +206,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
         return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=[*patterns, "README.md"]))
 
     card = fetch([])  # the card first: its configs say which files are whose
-    folder, patterns = card_config(card, config)
+    _, folder, patterns = card_config(card, config)
     if patterns is not None or folder != card:  # the config names its files, or its folder
         base = os.path.relpath(folder, card)
         if patterns is not None and split is not None:
