@@ -205,8 +205,14 @@ def test_a_hub_id_kept_as_an_audiofolder_is_fetched_and_every_row_extracted(tmp_
         shard = runner.invoke(app, ["shard", "hf", "user/voices", str(tmp_path / "m"), "--text-column", "transcription",
                                     "--speaker-column", "speaker", "-q"])
         fetched = hub.fetched()
+        missing = runner.invoke(app, ["shard", "hf", "user/missing", str(tmp_path / "x")])
     finally:
         hub.close()
+    gone = runner.invoke(app, ["shard", "hf", "user/voices-2", str(tmp_path / "x")])  # the Hub unreachable
+    for result in (missing, gone):
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: user/") and "the Hub did not give this dataset" in line, result.stderr
     assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 1, one.output
     assert fetched_one == ["README.md", "test/c.wav", "test/metadata.csv", "test/odd [1].wav"]
     assert shard.exit_code == 0 and json.loads(shard.stdout)["utterances"] == 3, shard.output

@@ -202,8 +202,15 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
         raise FileNotFoundError(f"{source}: no such folder, and not a hub id (owner/name)")
     from huggingface_hub import HfApi, snapshot_download
 
+    def from_hub(call):  # huggingface_hub's errors (offline, no such repo, gated, no connection): one line naming it
+        try:
+            return call()
+        except (OSError, ValueError) as e:
+            raise OSError(f"{source}: the Hub did not give this dataset: {' '.join(str(e).split())}") from None
+
     def fetch(patterns: list[str]) -> Path:
-        return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=[*patterns, "README.md"]))
+        return Path(from_hub(lambda: snapshot_download(str(source), repo_type="dataset",
+                                                       allow_patterns=[*patterns, "README.md"])))
 
     card = fetch([])  # the card first: its configs say which files are whose
     _, folder, patterns = card_config(card, config)
@@ -213,7 +220,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             patterns = {split: patterns[_known(Path(str(source)), split, patterns)]}
         globs = [g for found in patterns.values() for g in found] if patterns is not None else ["*"]
         return fetch([posixpath.normpath(posixpath.join(base, g)) for g in globs])
-    listed = HfApi().list_repo_files(str(source), repo_type="dataset")
+    listed = from_hub(lambda: HfApi().list_repo_files(str(source), repo_type="dataset"))
     splits = split_names(listed)
     kept_as = builder(name for found in splits.values() for name in found)
     if kept_as == "webdataset":
