@@ -84,12 +84,14 @@ def load_dataset(monkeypatch, tmp_path, *args, **kwargs) -> datasets.DatasetDict
         module.AudioEncoder = None
         monkeypatch.setitem(sys.modules, name, module)
     loaded = datasets.load_dataset(*args, cache_dir=str(tmp_path / "hf-cache"), **kwargs)
-    return datasets.DatasetDict({split: loaded[split].cast_column("audio", datasets.Audio(decode=False)) for split in loaded})
+    return datasets.DatasetDict({split: ds.cast_column(column, datasets.Audio(decode=False))
+                                 for split, ds in loaded.items() for column, feature in ds.features.items()
+                                 if isinstance(feature, datasets.Audio)})
 
 
-def makers_rows(loaded: datasets.DatasetDict) -> set:
+def makers_rows(loaded: datasets.DatasetDict, audio: str = "audio") -> set:
     """(split, file, transcription, speaker) of every row `datasets` gave."""
-    return {(split, r["audio"]["path"], r["transcription"], r["speaker"]) for split in loaded for r in loaded[split]}
+    return {(split, r[audio]["path"], r["transcription"], r["speaker"]) for split in loaded for r in loaded[split]}
 
 
 @pytest.mark.parametrize("layout", [split_folders, flat_jsonl, data_parquet])
@@ -113,6 +115,22 @@ def test_an_audiofolder_shards_as_datasets_reads_it(tmp_path, monkeypatch, layou
         assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 1, one.output
         dev = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "d"), "--split", "validation"])
         assert dev.exit_code == 2 and "no split 'validation' in this dataset (it has test, train)" in dev.stderr
+
+
+def test_a_named_file_name_column_is_the_audio_column_datasets_makes_of_it(tmp_path, monkeypatch):
+    """`speech_file_name` in the metadata: datasets' audio column `speech`, ours with --audio-column speech."""
+    root = tmp_path / "named"
+    wav(root / "a.wav", 0.5, 0)
+    wav(root / "b.wav", 0.7, 1)
+    write_metadata(root / "metadata.csv", [{"speech_file_name": n, "transcription": t, "speaker": "s"}
+                                           for n, t in (("a.wav", "one"), ("b.wav", "two"))])
+    expected = makers_rows(load_dataset(monkeypatch, tmp_path, "audiofolder", data_dir=str(root)), audio="speech")
+    shard_corpus("hf", root, tmp_path / "m", audio_column="speech", text_column="transcription", speaker_column="speaker")
+    rows = manifest_rows(tmp_path / "m")
+    assert {(r["corpus_split"], str(root / r["path"]), r["text"], r["speaker"]) for r in rows} == expected
+    assert len(rows) == 2
+    plain = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "p"), "--text-column", "transcription"])
+    assert plain.exit_code == 2 and "no audio file name column 'file_name' or 'audio_file_name'" in plain.stderr
 
 
 def test_hostile_metadata_rows_are_counted_skips_naming_file_and_row(tmp_path):
