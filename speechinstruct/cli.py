@@ -202,6 +202,8 @@ def shard(
     split: Optional[str] = typer.Option(None, help="hf: read only this split of the dataset (its own name, e.g. validation)."),
     config: Optional[str] = typer.Option(None, help="hf: the dataset card's config to read (load_dataset's second "
                                          "argument, the Hub's subset; default: the card's default config)."),
+    revision: Optional[str] = typer.Option(None, help="hf, a hub id: the branch, tag or commit to fetch, e.g. "
+                                           "refs/convert/parquet (where the Hub keeps its Parquet conversion)."),
     audio_root: Optional[Path] = typer.Option(None, parser=_input, help="lhotse, kaldi: the folder manifest paths are relative to "
                                               "(default: the deepest folder holding every listed file)."),
     splits: Optional[str] = typer.Option(None, help="Keep only these splits, e.g. train or train,validation (default: all, each marked)."),
@@ -242,11 +244,14 @@ def shard(
         options.update(speakers=True, speaker_threshold=speaker_threshold)
     settings.checked(settings.CorpusOptions, **{name: value for name, value in options.items()  # as a recipe's are
                                                  if name in settings.CorpusOptions.model_fields and name != "split_map"})
+    if revision is not None and (corpus is not Corpus.hf or Path(root).exists()):
+        fail("--revision is for `shard hf` with a hub id (owner/name); an hf:// URL names its revision as "
+             "hf://datasets/owner/name@REVISION")
     if corpus is Corpus.hf:
         from .sources.corpora.hf import local_folder
         from .sources.storage import is_url
 
-        root = root if is_url(root) else local_folder(root, split, config)  # a URL is copied by shard_corpus
+        root = root if is_url(root) else local_folder(root, split, config, revision)  # a URL is copied by shard_corpus
     summary = shard_corpus(corpus.value, root, out, settings.checked(settings.Shard, shard_hours=shard_hours), **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
     _print_json(summary)

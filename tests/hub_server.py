@@ -16,7 +16,15 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-COMMIT = "1" * 40  # the one revision every repo is at
+COMMIT = "1" * 40  # the main branch of every repo
+
+
+def commit_of(revision: str) -> str:
+    """The commit a revision names: a commit itself, main's, or another branch's (the Hub answers a branch's name
+    with its commit)."""
+    if revision == "main" or re.fullmatch(r"[0-9a-f]{40}", revision):
+        return COMMIT if revision == "main" else revision
+    return hashlib.sha1(revision.encode()).hexdigest()
 
 
 def blob_id(data: bytes) -> str:
@@ -42,7 +50,8 @@ class Hub:
     def __init__(self):
         self.calls: list[tuple[str, str]] = []
         self.repos: set[str] = set()
-        self.files: dict[str, dict[str, bytes]] = {}
+        self.files: dict[str, dict[str, bytes]] = {}  # the main branch
+        self.branches: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, branch): another branch's files
         self.validated: list[dict] = []
         hub = self
 
@@ -121,11 +130,12 @@ class Hub:
                 params = urllib.parse.parse_qs(query)
                 m = re.fullmatch(r"/api/datasets/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>revision|tree)/(?P<rev>[^/]+)(?P<sub>/.*)?)?", path)
                 if m:
-                    files = hub.files.get(m["repo"])
+                    revision = urllib.parse.unquote(m["rev"] or "main")
+                    files = hub.at(m["repo"], revision)
                     if files is None:
                         return self._missing("RepoNotFound", "Repository not found")
                     if m["op"] in (None, "revision"):  # repo info, at the main branch or a revision
-                        return self._json(200, {"id": m["repo"], "sha": COMMIT, "private": False,
+                        return self._json(200, {"id": m["repo"], "sha": commit_of(revision), "private": False,
                                                 "siblings": [{"rfilename": name} for name in sorted(files)]})
                     prefix = urllib.parse.unquote(m["sub"] or "").strip("/")
                     recursive = params.get("recursive", ["False"])[0].lower() == "true"
@@ -133,13 +143,14 @@ class Hub:
                 m = re.fullmatch(r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
                 if m:
                     name = urllib.parse.unquote(m["file"])
-                    data = hub.files.get(m["repo"], {}).get(name)
+                    revision = urllib.parse.unquote(m["rev"])
+                    data = (hub.at(m["repo"], revision) or {}).get(name)
                     if data is None:
                         return self._missing("EntryNotFound", f"{name} does not exist")
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(data)))
                     self.send_header("ETag", f'"{blob_id(data)}"')
-                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.send_header("X-Repo-Commit", commit_of(revision))
                     self.end_headers()
                     if not head:
                         self.wfile.write(data)
@@ -164,12 +175,25 @@ class Hub:
                             self.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
-    def add_repo(self, repo: str, folder, under: str = "") -> None:
-        """Serve every file under ``folder`` as the repo ``repo``'s (below ``under`` in it)."""
+    def add_repo(self, repo: str, folder, under: str = "", branch: str = "main") -> None:
+        """Serve every file under ``folder`` as the repo ``repo``'s (below ``under`` in it), on its main branch or
+        on ``branch``."""
         from pathlib import Path
 
-        self.files[repo] = {f"{under}{p.relative_to(folder).as_posix()}": p.read_bytes()
-                            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        files = {f"{under}{p.relative_to(folder).as_posix()}": p.read_bytes()
+                 for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        if branch == "main":
+            self.files[repo] = files
+        else:
+            self.files.setdefault(repo, {})
+            self.branches[(repo, branch)] = files
+
+    def at(self, repo: str, revision: str) -> dict[str, bytes] | None:
+        """The files of ``repo`` at ``revision`` (a branch's name or commit), or None."""
+        if commit_of(revision) == COMMIT:
+            return self.files.get(repo)
+        return next((files for (name, branch), files in self.branches.items()
+                     if name == repo and revision in (branch, commit_of(branch))), None)
 
     def fetched(self) -> list[str]:
         """The repo paths of the files downloaded so far (``/resolve/`` GETs), sorted."""

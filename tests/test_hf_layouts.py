@@ -397,3 +397,47 @@ def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(
     assert refused.exit_code == 2 and "`shard webdataset 'hf://datasets/user/shards/<shards>'`" in refused.stderr
     assert fetched == ["README.md"]
     assert suggested.exit_code == 0 and json.loads(suggested.stdout)["utterances"] == 4, suggested.output
+
+
+def test_the_hubs_parquet_conversion_is_read_from_its_branch_one_config_and_split(tmp_path, monkeypatch):
+    """A dataset whose data the Hub keeps as Parquet only on its `refs/convert/parquet` branch (a script-era
+    dataset), one folder per config there, `{config}/{split}/0000.parquet` or `partial-{split}` where the Hub
+    converted a part: `--revision` reads that branch, `--config` one config's folder, `--split` one split, and
+    only that split's files are fetched."""
+    from hub_server import Hub
+    from test_sources import hf_rows
+
+    converted = tmp_path / "converted"
+    for config, split, seed in (("en", "partial-train", 0), ("en", "validation", 10), ("fr", "validation", 20)):
+        (converted / config / split).mkdir(parents=True)
+        datasets.Dataset.from_dict(hf_rows(2, seed, f"{config} {split}")).cast_column("audio", datasets.Audio()).to_parquet(
+            str(converted / config / split / "0000.parquet"))
+    main = tmp_path / "main"
+    (main / "cv.py").parent.mkdir()
+    (main / "cv.py").write_text("# a loading script: datasets 4 and later no longer run these\n")
+    (main / "README.md").write_text("---\nlicense: cc0-1.0\n---\n")
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        hub.add_repo("user/cv", main)
+        hub.add_repo("user/cv", converted, branch="refs/convert/parquet")
+        on_main = runner.invoke(app, ["shard", "hf", "user/cv", str(tmp_path / "x")])
+        one = runner.invoke(app, ["shard", "hf", "user/cv", str(tmp_path / "m"), "--revision", "refs/convert/parquet",
+                                  "--config", "en", "--split", "validation", "-q"])
+        fetched = hub.fetched()
+        train = runner.invoke(app, ["shard", "hf", "user/cv", str(tmp_path / "t"), "--revision", "refs/convert/parquet",
+                                    "--config", "en", "-q"])
+    finally:
+        hub.close()
+    assert on_main.exit_code == 2 and "user/cv: no data files, but a loading script" in on_main.stderr
+    assert "read with --revision refs/convert/parquet (and --config NAME, one of its folders)" in on_main.stderr
+    assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 2, one.output
+    assert fetched == ["README.md", "en/validation/0000.parquet"]
+    assert {r["corpus_split"] for r in manifest_rows(tmp_path / "m")} == {"validation"}
+    assert train.exit_code == 0, train.output
+    summary = json.loads(train.stdout)
+    assert summary["utterances"] == 4 and summary["splits"]["train"]["corpus_splits"] == {"partial-train": 2}
+    assert {r["corpus"] for r in manifest_rows(tmp_path / "t")} == {"cv"}
+    local = runner.invoke(app, ["shard", "hf", str(converted), str(tmp_path / "l"), "--revision", "main"])
+    assert local.exit_code == 2 and "--revision is for `shard hf` with a hub id" in local.stderr
+    assert shard_corpus("hf", converted, tmp_path / "fr", config="fr")["utterances"] == 2  # a local copy of the branch

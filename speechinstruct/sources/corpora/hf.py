@@ -84,11 +84,13 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
                 yield item
 
 
-def card_config(root: Path, config: str | None) -> tuple[str | None, Path, dict[str, list[str]] | None]:
+def card_config(root: Path, config: str | None, folders: set[str] | None = None) -> tuple[str | None, Path, dict[str, list[str]] | None]:
     """The name, folder and ``{split: patterns}`` of the dataset card's config ``config`` (its default config when
     None), as ``datasets.load_dataset(ROOT, config)`` takes them from the card's ``configs``: ``data_files``
     relative to ``data_dir``. No patterns when the config names only a folder, or the card names no configs:
-    then the files' names say the splits. A config to pick, and none given: one line naming them."""
+    then the files' names say the splits. A config to pick, and none given: one line naming them. Where the card
+    names no configs, ``config`` is a top folder of ROOT's (``folders``; by default those ROOT has), as the Hub's
+    Parquet conversion keeps one folder per config."""
     from datasets.data_files import sanitize_patterns
     from datasets.utils.metadata import MetadataConfigs
     from huggingface_hub import DatasetCardData
@@ -100,9 +102,11 @@ def card_config(root: Path, config: str | None) -> tuple[str | None, Path, dict[
     except (ValueError, TypeError, KeyError) as e:  # datasets' own checks of the YAML, or a malformed field
         raise ValueError(f"{card}: its configs cannot be read: {str(e).strip().splitlines()[0]}") from None
     if not configs:
-        if config is not None:
-            raise ValueError(f"{root}: no config {config!r}: the dataset card names no configs")
-        return None, root, None
+        folders = folders if folders is not None else {p.name for p in root.iterdir() if p.is_dir()}
+        if config is not None and config not in folders:
+            raise ValueError(f"{root}: no config {config!r}: the dataset card names no configs, and there is no "
+                             f"folder {config!r} (a config's, as the Hub's Parquet conversion keeps them)")
+        return config, root if config is None else _inside(root, config, root), None
     config = config if config is not None else default
     if config is None:
         raise ValueError(f"{root}: the dataset card names configs {', '.join(configs)} and no default one: "
@@ -188,7 +192,8 @@ def dataset_name(root: Path) -> str:
     return root.name.split("@")[0] if root.parent.parent == copies else root.name
 
 
-def local_folder(source: str | Path, split: str | None = None, config: str | None = None) -> Path:
+def local_folder(source: str | Path, split: str | None = None, config: str | None = None,
+                 revision: str | None = None) -> Path:
     """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose card and data
     files are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never does this).
     Where the card names configs, the files of ``config`` (or its default config), of ``split`` only when given.
@@ -209,32 +214,39 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             raise OSError(f"{source}: the Hub did not give this dataset: {' '.join(str(e).split())}") from None
 
     def fetch(patterns: list[str]) -> Path:
-        return Path(from_hub(lambda: snapshot_download(str(source), repo_type="dataset",
+        return Path(from_hub(lambda: snapshot_download(str(source), repo_type="dataset", revision=revision,
                                                        allow_patterns=[*patterns, "README.md"])))
 
     card = fetch([])  # the card first: its configs say which files are whose
-    _, folder, patterns = card_config(card, config)
-    if patterns is not None or folder != card:  # the config names its files, or its folder
-        base = os.path.relpath(folder, card)
-        if patterns is not None and split is not None:
+    listed = from_hub(lambda: HfApi().list_repo_files(str(source), repo_type="dataset", revision=revision))
+    _, folder, patterns = card_config(card, config, folders={name.split("/")[0] for name in listed if "/" in name})
+    base = os.path.relpath(folder, card)
+    if patterns is not None:  # the config names its files
+        if split is not None:
             patterns = {split: patterns[_known(Path(str(source)), split, patterns)]}
-        globs = [g for found in patterns.values() for g in found] if patterns is not None else ["*"]
-        return fetch([posixpath.normpath(posixpath.join(base, g)) for g in globs])
-    listed = from_hub(lambda: HfApi().list_repo_files(str(source), repo_type="dataset"))
-    splits = split_names(listed)
+        return fetch([posixpath.normpath(posixpath.join(base, g)) for globs in patterns.values() for g in globs])
+    under = [name[len(base) + 1:] for name in listed if name.startswith(base + "/")] if base != "." else listed
+    splits = split_names(under)
     kept_as = builder(name for found in splits.values() for name in found)
     if kept_as == "webdataset":
         raise ValueError(webdataset_problem(str(source), f"hf://datasets/{source}", listed))
     if kept_as == "audiofolder":  # its split's audio and metadata
         if split is not None:
             splits = {split: splits[_known(Path(str(source)), split, splits)]}
-        return fetch([glob.escape(name) for found in splits.values() for name in found
-                      if file_kind(name) in ("audio", "metadata")])
-    if split is None:
-        return fetch(["*.parquet"])
-    named = {name: parquet_split(name) for name in listed if name.endswith(".parquet") and not name.startswith(".")}
-    _known(Path(str(source)), split, named.values())
-    return fetch([glob.escape(name) for name, of in named.items() if of == split])
+        wanted = [name for found in splits.values() for name in found if file_kind(name) in ("audio", "metadata")]
+    else:
+        named = {name: parquet_split(name) for name in under if name.endswith(".parquet") and not name.startswith(".")}
+        if not named and any(name.endswith(".py") and "/" not in name for name in listed) and revision is None:
+            raise FileNotFoundError(f"{source}: no data files, but a loading script (datasets 4 and later run none): "
+                                    "the Hub's Parquet conversion of it is read with --revision refs/convert/parquet "
+                                    "(and --config NAME, one of its folders)")
+        if split is not None:
+            _known(Path(str(source)), split, named.values())
+        wanted = [name for name, of in named.items() if split is None or of == split]
+    if not wanted:
+        raise FileNotFoundError(f"{source}: no Parquet, audio or tar files" + (f" under {base}/" if base != "." else "")
+                                + (f" at {revision}" if revision else "") + ": not a dataset this command reads")
+    return fetch([glob.escape(posixpath.normpath(posixpath.join(base, name))) for name in wanted])
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
