@@ -441,3 +441,19 @@ def test_the_hubs_parquet_conversion_is_read_from_its_branch_one_config_and_spli
     local = runner.invoke(app, ["shard", "hf", str(converted), str(tmp_path / "l"), "--revision", "main"])
     assert local.exit_code == 2 and "--revision is for `shard hf` with a hub id" in local.stderr
     assert shard_corpus("hf", converted, tmp_path / "fr", config="fr")["utterances"] == 2  # a local copy of the branch
+
+
+def test_hub_patterns_fetch_exactly_the_wanted_files_in_few_patterns():
+    """huggingface_hub's own filter (what snapshot_download runs) on the patterns: the wanted files, no others, and a
+    folder's one pattern where it is wanted whole (a pattern a file would make snapshot_download test N x N)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from speechinstruct.sources.corpora.hf import hub_patterns
+
+    listed = [f"train/spk{i % 50}/{i}.flac" for i in range(3000)] + [f"test/spk{i % 5}/{i}.flac" for i in range(300)]
+    listed += ["train/metadata.csv", "test/metadata.csv", "README.md", ".gitattributes", "test/odd [1]*?.wav",
+               "test/spk10/x.flac", "test1/y.flac"]
+    for wanted in ([n for n in listed if n.startswith("test/")],
+                   [n for n in listed if n.startswith("test/spk1/")] + ["train/spk3/3.flac", "test/odd [1]*?.wav"]):
+        patterns = hub_patterns(wanted, listed)
+        assert sorted(filter_repo_objects(listed, allow_patterns=patterns)) == sorted(wanted) and len(patterns) <= 3

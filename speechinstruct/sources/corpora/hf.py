@@ -246,7 +246,27 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
     if not wanted:
         raise FileNotFoundError(f"{source}: no Parquet, audio or tar files" + (f" under {base}/" if base != "." else "")
                                 + (f" at {revision}" if revision else "") + ": not a dataset this command reads")
-    return fetch([glob.escape(posixpath.normpath(posixpath.join(base, name))) for name in wanted])
+    return fetch(hub_patterns([posixpath.normpath(posixpath.join(base, name)) for name in wanted], listed))
+
+
+def hub_patterns(wanted: list[str], listed: list[str]) -> list[str]:
+    """Few ``snapshot_download`` patterns (fnmatch, ``*`` spanning folders) that fetch exactly ``wanted`` of a repo's
+    ``listed`` files: a folder's where every file under it is wanted, else the file's own name (escaped). One name
+    each would not do: huggingface_hub tests every file against every pattern."""
+    wanted_set = set(wanted)
+    files, chosen = collections.Counter(), collections.Counter()  # under each folder: files, wanted files
+    for name in listed:
+        parts = name.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            files["/".join(parts[:depth])] += 1
+            chosen["/".join(parts[:depth])] += name in wanted_set
+    patterns = set()
+    for name in wanted_set:
+        parts = name.split("/")[:-1]
+        folders = ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+        whole = next((f for f in folders if files[f] == chosen[f]), None)  # the shallowest folder wanted whole
+        patterns.add(glob.escape(whole) + "/*" if whole else glob.escape(name))
+    return sorted(patterns)
 
 
 def _inside(root: Path, relative, where: Path) -> Path:
