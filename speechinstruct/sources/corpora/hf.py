@@ -7,8 +7,11 @@ Three local forms, as ``datasets`` and the Hub write them:
 - A ``save_to_disk`` folder: ``dataset_dict.json`` with one folder per split, or one split's folder, each
   with ``data-00000-of-00001.arrow`` (Arrow IPC stream files), ``dataset_info.json`` and ``state.json``.
 - An ``audiofolder``: audio files beside ``metadata.csv``/``.jsonl``/``.parquet`` (``audiofolder.py``).
-A hub id (``owner/name``) is fetched first with ``huggingface_hub.snapshot_download`` (Parquet files and the
-card, or an audiofolder's files), for users with internet, and then read as a local folder.
+Which files are whose split, and which of these forms a folder is, are decided as ``datasets`` decides them
+(:func:`split_files`, :func:`builder`), and a card's ``configs`` pick a config's files (:func:`card_config`). A
+dataset kept as WebDataset tars is one line naming ``shard webdataset``. A hub id (``owner/name``, at a
+``revision``) is fetched first with ``huggingface_hub.snapshot_download`` (the card, then the files the reader will
+take: :func:`local_folder`), for users with internet, and then read as a local folder.
 
 Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
 plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
