@@ -29,9 +29,9 @@ import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from ...io import LinkOutOfRoot, parse_json_object, safe_join
+from ...io import parse_json_object
 from ...progress import progress
-from .base import FOLLOW_LINKS, LINK_OUT, Item, Note, Skip, cell_text, probe, split_of
+from .base import Item, Note, Skip, cell_text, outside, probe, split_of
 
 
 @functools.cache
@@ -133,10 +133,8 @@ def _columns(path: Path) -> list[str]:
 def _records(root: Path, path: Path, rel: str, audio_keys: list[str], wanted: list[str | None]) -> Iterator[tuple[str, dict | Skip]]:
     """(where, record) of each row of a metadata file, or a Skip for a row (a JSON line) or the rest of a file that
     cannot be read. Columns the reader needs and the file lacks: one line naming them and the file's columns."""
-    try:
-        safe_join(root, rel, follow_links=FOLLOW_LINKS.get())
-    except LinkOutOfRoot as e:  # another folder's metadata (a user's own table) is not read without --follow-links
-        yield rel, Skip(rel, LINK_OUT, str(e))
+    if refused := outside(path, root):  # another folder's metadata (a user's own table): not without --follow-links
+        yield rel, refused
         return
     try:
         names = _columns(path)

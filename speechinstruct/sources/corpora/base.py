@@ -60,12 +60,9 @@ FOLLOW_LINKS: contextvars.ContextVar[bool] = contextvars.ContextVar("follow_link
 LINK_OUT = "a link out of the corpus root (--follow-links reads it)"
 
 
-def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
-    """(sample_rate, seconds) of an audio file, or a Skip saying why it cannot be read.
-
-    Paths that leave ``root`` (``..``, absolute paths) are refused, and so are links pointing outside unless
-    :data:`FOLLOW_LINKS`."""
-    from ... import audio  # here, not at the top: the CLI reads the registry without loading audio libraries
+def outside(path: Path, root: Path) -> Skip | None:
+    """The Skip for a file of a corpus that lies outside ``root``: a path that leaves it (``..``, absolute), or a
+    link out of it unless :data:`FOLLOW_LINKS`; None for a file inside."""
     from ...io import LinkOutOfRoot, safe_join
 
     try:
@@ -74,6 +71,16 @@ def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
         return Skip(relpath(path, root), LINK_OUT, str(e))
     except ValueError as e:
         return Skip(str(path), "path escapes the corpus root", str(e))
+    return None
+
+
+def probe(path: Path, root: Path) -> tuple[int, float] | Skip:
+    """(sample_rate, seconds) of an audio file, or a Skip saying why it cannot be read: outside ``root``
+    (:func:`outside`), missing, unreadable or empty."""
+    from ... import audio  # here, not at the top: the CLI reads the registry without loading audio libraries
+
+    if refused := outside(path, root):
+        return refused
     if not path.is_file():
         return Skip(relpath(path, root), "missing audio file")
     try:

@@ -60,9 +60,10 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     if chosen is not None and config is None:  # inferred: said in the shard summary
         yield Note(f"config {chosen!r}: the dataset card's default config")
     splits = split_files(root, folder, patterns)
-    kept_as = builder(rel for found in splits.values() for rel, _ in found)
+    names = [rel for found in splits.values() for rel, _ in found]
+    kept_as = builder(names)
     if kept_as == "webdataset":
-        raise ValueError(webdataset_problem(str(folder), str(folder), [rel for found in splits.values() for rel, _ in found]))
+        raise ValueError(webdataset_problem(str(folder), str(folder), names))
     if kept_as == "audiofolder":  # audio files beside metadata files
         if split is not None:
             splits = {split: splits[_known(root, split, splits)]}
