@@ -4,6 +4,7 @@ metadata.csv/.jsonl/.parquet); a card whose ``configs`` name each config's files
 Hostile metadata (names that climb or are absolute, URLs, links out, malformed lines) are counted skips naming the
 metadata file and row, where ``datasets`` fails the whole dataset."""
 
+import collections
 import json
 import sys
 import types
@@ -368,6 +369,65 @@ def test_a_hub_id_with_configs_fetches_that_configs_split_only(tmp_path, monkeyp
     assert noisy.exit_code == 0 and json.loads(noisy.stdout)["utterances"] == 3, noisy.output
 
 
+def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without_the_files_fetches_them(
+        tmp_path, monkeypatch):
+    """A recipe names a Hub dataset by its URL, `hf://datasets/owner/name[@rev]`: the card first, then the config's
+    split alone, as for the hub id (a copy of the whole repo would be every config's audio); the same at the Hub's
+    Parquet branch, written as the Hub writes it (`@refs%2Fconvert%2Fparquet`). A folder inside the repo is copied
+    as any URL is. A machine without the downloaded files (a Ray node, a job-array task elsewhere) fetches each file
+    its rows name into the same cache path when it reads them."""
+    from hub_server import Hub
+    from test_sources import arrow_rows, hf_rows
+
+    from speechinstruct.sources import storage
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+
+    plain = configs_dataset(tmp_path / "libri")
+    converted = tmp_path / "converted"
+    (converted / "en" / "validation").mkdir(parents=True)
+    rows = hf_rows(2, 30, "en validation")
+    rows["transcription"] = rows.pop("text")
+    datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio()).to_parquet(
+        str(converted / "en" / "validation" / "0000.parquet"))
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "copies"))
+        hub.add_repo("user/libri", plain)
+        hub.add_repo("user/libri", converted, branch="refs/convert/parquet")
+        options = {"split": "validation", "text_column": "transcription"}
+        fetched = [[]]  # what each step downloaded
+
+        def step(result):
+            fetched.append(sorted((collections.Counter(hub.fetched()) - collections.Counter(sum(fetched, []))).elements()))
+            return result
+
+        clean = step(shard_corpus("hf", "hf://datasets/user/libri", tmp_path / "m", config="clean", **options))
+        other = step(shard_corpus("hf", "hf://datasets/user/libri@main/", tmp_path / "o", config="other", **options))
+        branch = step(shard_corpus("hf", "hf://datasets/user/libri@refs%2Fconvert%2Fparquet", tmp_path / "b",
+                                   config="en", **options))
+        folder = shard_corpus("hf", "hf://datasets/user/libri/other", tmp_path / "f", **options)
+        step(None)
+        gone = tmp_path / "hub-cache"  # this machine never downloaded them: extract fetches the rows' files
+        for path in sorted(gone.rglob("*"), reverse=True):
+            path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
+        done = step(extract(tmp_path / "m", tmp_path / "mf", MFCC()))
+    finally:
+        hub.close()
+    _, fetched_clean, fetched_other, fetched_branch, _, refetched = fetched
+    assert clean["utterances"] == 2 and clean["remote"] == "hf://datasets/user/libri"
+    assert fetched_clean == ["README.md", "clean/validation/0000.parquet"]
+    assert other["utterances"] == 2 and fetched_other == ["other/validation/0000.parquet"]
+    assert branch["utterances"] == 2 and fetched_branch == ["en/validation/0000.parquet"]
+    assert {r["corpus"] for r in manifest_rows(tmp_path / "m") + manifest_rows(tmp_path / "b")} == {"libri"}
+    assert folder["utterances"] == 2 and folder["root"].startswith(str(tmp_path / "copies"))
+    assert done["utterances"] == 2 and done["errors"] == 0 and refetched == ["clean/validation/0000.parquet"]
+    shard_corpus("hf", plain, tmp_path / "local", config="clean", **options)
+    extract(tmp_path / "local", tmp_path / "lf", MFCC())
+    assert arrow_rows(tmp_path / "mf") == arrow_rows(tmp_path / "lf")  # ids, splits and frames alike
+
+
 def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(tmp_path, monkeypatch):
     """A dataset kept as WebDataset tar shards (datasets' webdataset builder) is not `shard hf`'s: one line naming
     `shard webdataset` and the shards, locally and for a hub id (before any shard is downloaded); the command it
@@ -430,7 +490,8 @@ def test_the_hubs_parquet_conversion_is_read_from_its_branch_one_config_and_spli
     finally:
         hub.close()
     assert on_main.exit_code == 2 and "user/cv: no data files, but a loading script" in on_main.stderr
-    assert "read with --revision refs/convert/parquet (and --config NAME, one of its folders)" in on_main.stderr
+    assert "read with --revision refs/convert/parquet (a URL: hf://datasets/user/cv@refs%2Fconvert%2Fparquet) and " \
+           "--config NAME, one of its folders" in " ".join(on_main.stderr.split())
     assert one.exit_code == 0 and json.loads(one.stdout)["utterances"] == 2, one.output
     assert fetched == ["README.md", "en/validation/0000.parquet"]
     assert {r["corpus_split"] for r in manifest_rows(tmp_path / "m")} == {"validation"}

@@ -14,7 +14,7 @@ from .. import recipe as settings, records
 from ..io import claim_outputs, files_state, write_json, write_parquet, wrote_before
 from . import storage
 from .corpora import (FOLLOW_LINKS, SOURCES, Note, Skip, audio_roots, languages, option_problem, parse_split_map, parse_splits,
-                      readers, root_problem, split_of, split_word, with_known_license)
+                      readers, remote_roots, root_problem, split_of, split_word, with_known_license)
 
 MAX_LISTED_SKIPS = 1000
 
@@ -163,11 +163,15 @@ def shard_corpus(
 
 def local_root(corpus: str, root: str | Path, reader_options: dict) -> tuple[Path, tuple[str, ...]]:
     """The corpus root (and ``reader_options["audio_root"]``) where the reader can open it: a bucket or the Hub
-    read from its copy in the cache (downloaded once); with the bucket keys that were not copied because they
-    would be written outside the copy (``..``)."""
+    read from its copy in the cache (downloaded once; a Hub dataset repo's root, only what the reader will read:
+    :func:`corpora.remote_roots`); with the bucket keys that were not copied because they would be written outside
+    the copy (``..``)."""
     refused: tuple[str, ...] = ()
     if storage.is_url(root):
-        if SOURCES[corpus].pattern_root:
+        fetch = remote_roots().get(corpus)
+        if fetch is not None and (fetched := fetch(str(root), **reader_options)) is not None:
+            root = fetched
+        elif SOURCES[corpus].pattern_root:
             root = storage.local_pattern(str(root))
         else:
             copy = storage.mirror(str(root))

@@ -99,6 +99,15 @@ def languages() -> dict[str, Callable[..., list[str]]]:
     return {hf.NAME: hf.card_languages}
 
 
+def remote_roots() -> dict[str, Callable[..., Path | None]]:
+    """For the sources that fetch a ROOT given as a URL themselves, only what their reader will read (a Hub
+    dataset repo: one config's split): URL and the reader's options → the local folder, or None where the URL is
+    to be copied whole, as every other URL is (:func:`speechinstruct.sources.storage.mirror`)."""
+    from . import hf
+
+    return {hf.NAME: hf.remote_root}
+
+
 def audio_roots() -> dict[str, Callable[..., Path]]:
     """For the sources that list audio files by path (lhotse, Kaldi) rather than in a corpus folder: the
     folder their manifest paths are made relative to, from ROOT and the reader's options."""

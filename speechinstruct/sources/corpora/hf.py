@@ -10,8 +10,9 @@ Three local forms, as ``datasets`` and the Hub write them:
 Which files are whose split, and which of these forms a folder is, are decided as ``datasets`` decides them
 (:func:`split_files`, :func:`builder`), and a card's ``configs`` pick a config's files (:func:`card_config`). A
 dataset kept as WebDataset tars is one line naming ``shard webdataset``. A hub id (``owner/name``, at a
-``revision``) is fetched first with ``huggingface_hub.snapshot_download`` (the card, then the files the reader will
-take: :func:`local_folder`), for users with internet, and then read as a local folder.
+``revision``), or the URL of its repo (``hf://datasets/owner/name[@rev]``: :func:`remote_root`), is fetched first
+with ``huggingface_hub.snapshot_download`` (the card, then the files the reader will take: :func:`local_folder`),
+for users with internet, and then read as a local folder.
 
 Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
 plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
@@ -185,15 +186,28 @@ def _known(root: Path, split: str, splits) -> str:
 
 def dataset_name(root: Path) -> str:
     """The dataset's name for its ids and ``corpus`` (``root`` resolved): its folder's, or the repo's for a snapshot
-    in the Hub cache (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit) and for the copy of
-    an ``hf://datasets/owner/name@rev`` URL (``name``, not ``name@rev``)."""
-    from ..storage import cache_root
-
+    in the Hub cache (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit; a hub id's download,
+    and an ``hf://datasets/owner/name@rev`` URL's)."""
     repo = hub_cache_repo(root)
-    if repo:
-        return repo.name.split("--")[-1]
-    copies = cache_root().resolve() / "hf" / "datasets"
-    return root.name.split("@")[0] if root.parent.parent == copies else root.name
+    return repo.name.split("--")[-1] if repo else root.name
+
+
+def remote_root(url: str, split: str | None = None, config: str | None = None, **_) -> Path | None:
+    """An ``hf://datasets/owner/name[@rev]`` URL that names a dataset repo's root (a recipe's Hub dataset), fetched
+    as its hub id is (:func:`local_folder`: the card, then the files the reader will take, into huggingface_hub's
+    cache); None for any other URL, or one the Hub does not answer for: that is copied whole as every URL is, and
+    the copy says what went wrong."""
+    if not url.startswith("hf://"):
+        return None
+    from huggingface_hub import HfFileSystem
+
+    try:  # huggingface_hub's own reading of the URL (`@refs%2Fconvert%2Fparquet`, `@refs/pr/1`, a trailing /)
+        found = HfFileSystem().resolve_path(url)
+    except Exception:  # noqa: BLE001 (missing, offline, not a repo: the copy's one line says which)
+        return None
+    if getattr(found, "repo_type", None) != "dataset" or found.path_in_repo:
+        return None
+    return local_folder(found.repo_id, split, config, found.revision if "@" in url else None)
 
 
 def local_folder(source: str | Path, split: str | None = None, config: str | None = None,
@@ -243,7 +257,8 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
         if not named and any(name.endswith(".py") and "/" not in name for name in listed) and revision is None:
             raise FileNotFoundError(f"{source}: no data files, but a loading script (datasets 4 and later run none): "
                                     "the Hub's Parquet conversion of it is read with --revision refs/convert/parquet "
-                                    "(and --config NAME, one of its folders)")
+                                    f"(a URL: hf://datasets/{source}@refs%2Fconvert%2Fparquet) and --config NAME, one "
+                                    "of its folders")
         if split is not None:
             _known(Path(str(source)), split, named.values())
         wanted = [name for name, of in named.items() if split is None or of == split]
