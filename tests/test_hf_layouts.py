@@ -376,6 +376,7 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
     Parquet branch, written as the Hub writes it (`@refs%2Fconvert%2Fparquet`). A folder inside the repo is copied
     as any URL is. A machine without the downloaded files (a Ray node, a job-array task elsewhere) fetches each file
     its rows name into the same cache path when it reads them."""
+    import huggingface_hub.utils._http
     from hub_server import Hub
     from test_sources import arrow_rows, hf_rows
 
@@ -409,20 +410,36 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
                                    config="en", **options))
         folder = shard_corpus("hf", "hf://datasets/user/libri/other", tmp_path / "f", **options)
         step(None)
-        gone = tmp_path / "hub-cache"  # this machine never downloaded them: extract fetches the rows' files
-        for path in sorted(gone.rglob("*"), reverse=True):
-            path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
-        done = step(extract(tmp_path / "m", tmp_path / "mf", MFCC()))
     finally:
         hub.close()
-    _, fetched_clean, fetched_other, fetched_branch, _, refetched = fetched
+    gone = tmp_path / "hub-cache"  # this machine never downloaded them: extract fetches the rows' files
+    for path in sorted(gone.rglob("*"), reverse=True):
+        path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
+    # first with the Hub down (huggingface_hub tries each file 6 times, its waits skipped here): every row an
+    # error that may pass, the stage not finished; then with the Hub back, the rerun finishes it
+    monkeypatch.setattr(huggingface_hub.utils._http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    down = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "mf"), "-q"])
+    errors = [json.loads(line) for line in (tmp_path / "mf" / "errors-00000.jsonl").read_text().splitlines()]
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        hub.add_repo("user/libri", plain)
+        back = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "mf"), "-q"])
+        refetched = hub.fetched()
+    finally:
+        hub.close()
+    _, fetched_clean, fetched_other, fetched_branch, _ = fetched
     assert clean["utterances"] == 2 and clean["remote"] == "hf://datasets/user/libri"
     assert fetched_clean == ["README.md", "clean/validation/0000.parquet"]
     assert other["utterances"] == 2 and fetched_other == ["other/validation/0000.parquet"]
     assert branch["utterances"] == 2 and fetched_branch == ["en/validation/0000.parquet"]
     assert {r["corpus"] for r in manifest_rows(tmp_path / "m") + manifest_rows(tmp_path / "b")} == {"libri"}
     assert folder["utterances"] == 2 and folder["root"].startswith(str(tmp_path / "copies"))
-    assert done["utterances"] == 2 and done["errors"] == 0 and refetched == ["clean/validation/0000.parquet"]
+    assert down.exit_code == 2 and "Traceback" not in down.output, down.output
+    assert "may pass" in down.output.strip().splitlines()[-1] and json.loads(down.stdout)["utterances"] == 0
+    assert len(errors) == 2 and all(e["may_pass"] and "cannot reach the Hub" in e["reason"] for e in errors), errors
+    assert back.exit_code == 0 and json.loads(back.stdout)["utterances"] == 2, back.output
+    assert refetched == ["clean/validation/0000.parquet"]
     shard_corpus("hf", plain, tmp_path / "local", config="clean", **options)
     extract(tmp_path / "local", tmp_path / "lf", MFCC())
     assert arrow_rows(tmp_path / "mf") == arrow_rows(tmp_path / "lf")  # ids, splits and frames alike

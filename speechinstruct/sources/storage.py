@@ -289,10 +289,16 @@ def fetch_copy(path: Path) -> bool:
         from huggingface_hub import hf_hub_download
 
         cache, kind, repo, commit, name = snapshot
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        url = f"hf://{kind}s/{repo}@{commit}/{name}"
         try:
             hf_hub_download(repo, name, repo_type=kind, revision=commit, cache_dir=cache)
-        except Exception as e:  # noqa: BLE001 (the Hub's errors, each as one line: missing, unreachable, refused)
-            raise _explain(e, f"hf://{kind}s/{repo}@{commit}/{name}") from None
+        except LocalEntryNotFoundError as e:  # a FileNotFoundError, but it says the Hub could not be asked (down,
+            # no connection, HF_HUB_OFFLINE), not that the file is gone: a rerun may read it
+            raise StorageError(f"{url}: cannot reach the Hub ({e.__cause__ or e})", may_pass=True) from None
+        except Exception as e:  # noqa: BLE001 (the Hub's other errors, each as one line: missing, refused)
+            raise _explain(e, url) from None
         return Path(path).is_file()
     url = _url_of_copy(path)
     return url is not None and bool(local_files([url])) and Path(path).is_file()
