@@ -276,15 +276,23 @@ def safe_join(root: str | os.PathLike, relative: str, follow_links: bool = False
     return root / relative  # by its own name: a link's target may be named for its content alone (the Hub's blobs)
 
 
+def hub_snapshot(path) -> tuple[Path, str, str, str, str] | None:
+    """(repo folder, repo type, repo id, commit, file name or "") where ``path`` lies in a snapshot of
+    huggingface_hub's cache (``…/datasets--owner--name/snapshots/COMMIT/FILE``: ``shard hf owner/name``), else None.
+    Read from the path alone: the machine asking may hold none of it."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, 0, -1):
+        kind, _, repo = parts[i - 1].partition("--")
+        if parts[i] == "snapshots" and kind in ("datasets", "models", "spaces") and repo:
+            return Path(*parts[:i]), kind[:-1], repo.replace("--", "/"), parts[i + 1], "/".join(parts[i + 2:])
+    return None
+
+
 def hub_cache_repo(root: Path) -> Path | None:
     """The Hugging Face Hub cache's repo folder (``…/datasets--owner--name``) when ``root`` (resolved) lies in one of
     its ``snapshots``, where huggingface_hub links every file to ``../../blobs/<hash>`` (``shard hf owner/name``)."""
-    parts = root.parts
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i] == "snapshots" and parts[i - 1].startswith(("datasets--", "models--", "spaces--")):
-            repo = Path(*parts[:i])
-            return repo if (repo / "blobs").is_dir() else None
-    return None
+    found = hub_snapshot(root)
+    return found[0] if found and (found[0] / "blobs").is_dir() else None
 
 
 def installed_file(package: str, *parts: str) -> Path | None:

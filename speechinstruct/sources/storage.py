@@ -255,22 +255,12 @@ def _copy_parts(path: Path) -> tuple[str, ...] | None:
     return parts if len(parts) >= 2 and parts[0] != INDEX else None
 
 
-def _hub_snapshot(path) -> tuple[Path, str, str, str, str] | None:
-    """(cache folder, repo type, repo id, commit, file name or "") where ``path`` lies in a snapshot of
-    huggingface_hub's cache (``CACHE/datasets--owner--name/snapshots/COMMIT/FILE``: a hub id's download), else
-    None. Read from the path alone: the machine asking may have none of it."""
-    parts = Path(path).parts
-    for i in range(len(parts) - 2, 0, -1):
-        kind, _, repo = parts[i - 1].partition("--")
-        if parts[i] == "snapshots" and kind in ("datasets", "models", "spaces") and repo:
-            return Path(*parts[:i - 1]), kind[:-1], repo.replace("--", "/"), parts[i + 1], "/".join(parts[i + 2:])
-    return None
-
-
 def in_a_copy(path: Path) -> bool:
     """Whether ``path`` lies in a bucket's copy in the cache, or in a snapshot of huggingface_hub's cache, so that
     what this machine lacks of it is fetched as it is read (:func:`fetch_copy`)."""
-    return _copy_parts(path) is not None or _hub_snapshot(path) is not None
+    from ..io import hub_snapshot
+
+    return _copy_parts(path) is not None or hub_snapshot(path) is not None
 
 
 def _url_of_copy(path) -> str | None:
@@ -284,16 +274,17 @@ def fetch_copy(path: Path) -> bool:
     copy, with the same cache path: the same user, or the same $SPEECHINSTRUCT_CACHE), from its URL; a file of a
     Hub cache snapshot, with huggingface_hub into the same place (the same ``HF_HUB_CACHE``). Whether it is here
     now; False too for a path outside both caches."""
-    snapshot = _hub_snapshot(path)
+    from ..io import hub_snapshot
+
+    snapshot = hub_snapshot(path)
     if snapshot is not None and snapshot[4]:
         from huggingface_hub import hf_hub_download
-
-        cache, kind, repo, commit, name = snapshot
         from huggingface_hub.errors import LocalEntryNotFoundError
 
+        folder, kind, repo, commit, name = snapshot
         url = f"hf://{kind}s/{repo}@{commit}/{name}"
         try:
-            hf_hub_download(repo, name, repo_type=kind, revision=commit, cache_dir=cache)
+            hf_hub_download(repo, name, repo_type=kind, revision=commit, cache_dir=folder.parent)
         except LocalEntryNotFoundError as e:  # a FileNotFoundError, but it says the Hub could not be asked (down,
             # no connection, HF_HUB_OFFLINE), not that the file is gone: a rerun may read it
             raise StorageError(f"{url}: cannot reach the Hub ({e.__cause__ or e})", may_pass=True) from None
