@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from .llm import URL_CREDENTIALS
 from .sources.corpora import SOURCES, option_problem, root_problem
-from .sources.storage import is_url
+from .sources.storage import is_hub_id, is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
 SECRET_KEY = re.compile(r"(api[_-]?key|apikey|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
@@ -409,7 +409,9 @@ def load_recipe(path: str | Path) -> dict:
             message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{_where((*err['loc'], *(err.get('ctx') or {}).get('key', ())))}: {message}")
         recipe = None
+    said = []
     if recipe is not None and not missing and not problems:  # unset variables would show up again as missing folders
+        said = _hub_ids(recipe)
         problems += _copy_urls(recipe) or _references(recipe)
     if missing:
         problems.append(f"set the environment variable(s) {', '.join('$' + m for m in sorted(missing))} "
@@ -417,7 +419,7 @@ def load_recipe(path: str | Path) -> dict:
     if problems:
         raise RecipeError("\n".join(f"{path}: {p}" for p in problems))
     recipe["workdir"] = recipe["workdir"] or f"work/{path.stem}"
-    recipe["inferred"] = _infer(recipe)
+    recipe["inferred"] = said + _infer(recipe)
     return recipe
 
 
@@ -448,6 +450,18 @@ def _copy_urls(recipe: dict) -> list[str]:
                 except StorageError as e:
                     problems.append(f"{prefix}{'.'.join((*path, key))}: {e}")
     return problems
+
+
+def _hub_ids(recipe: dict) -> list[str]:
+    """An hf corpus whose root is a hub id (``owner/name``, no such folder here), as ``shard hf`` takes one: read as
+    the URL of its repo, ``hf://datasets/owner/name`` (only the config's split is fetched); each said in a line."""
+    said = []
+    for i, c in enumerate(recipe["corpora"]):
+        if c["name"] == "hf" and not is_url(c["root"]) and is_hub_id(c["root"]) and not Path(c["root"]).exists():
+            c["root"] = f"hf://datasets/{c['root']}"
+            said.append(f"corpora[{i}].root: {c['root']} (the hub id {c['root'][len('hf://datasets/'):]}; no such "
+                        "folder here)")
+    return said
 
 
 def _infer(recipe: dict) -> list[str]:

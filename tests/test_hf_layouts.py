@@ -445,6 +445,33 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
     assert arrow_rows(tmp_path / "mf") == arrow_rows(tmp_path / "lf")  # ids, splits and frames alike
 
 
+def test_a_recipes_hub_id_is_read_as_its_url_and_said(tmp_path, monkeypatch):
+    """`root: owner/name` for an hf corpus, where no such folder is: the hub id, as `shard hf` takes it, read as
+    `hf://datasets/owner/name` and said among the recipe's inferred settings. A folder of that name is a folder;
+    any other source's root stays a path that must exist."""
+    import yaml
+
+    from speechinstruct.recipe import RecipeError, load_recipe
+
+    def recipe(name: str, root: str):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": "r", "demo_corpus": None, "corpora": [
+            {"name": name, "root": root, "options": {"config": "clean"} if name == "hf" else {}}]}))
+        return path
+
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(recipe("hf", "openslr/librispeech_asr"))
+    assert loaded["corpora"][0]["root"] == "hf://datasets/openslr/librispeech_asr"
+    assert loaded["inferred"] == ["corpora[0].root: hf://datasets/openslr/librispeech_asr (the hub id "
+                                  "openslr/librispeech_asr; no such folder here)"]
+    (tmp_path / "openslr" / "librispeech_asr").mkdir(parents=True)
+    assert load_recipe(recipe("hf", "openslr/librispeech_asr"))["corpora"][0]["root"] == "openslr/librispeech_asr"
+    with pytest.raises(RecipeError, match=r"corpora\[0\]\.root: librispeech root 'openslr/other' is not a folder"):
+        load_recipe(recipe("librispeech", "openslr/other"))
+    with pytest.raises(RecipeError, match=r"corpora\[0\]\.root: hf root 'corpora/a/b' is not a folder"):
+        load_recipe(recipe("hf", "corpora/a/b"))  # not a hub id: two parts only
+
+
 def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(tmp_path, monkeypatch):
     """A dataset kept as WebDataset tar shards (datasets' webdataset builder) is not `shard hf`'s: one line naming
     `shard webdataset` and the shards, locally and for a hub id (before any shard is downloaded); the command it

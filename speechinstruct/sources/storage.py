@@ -31,6 +31,7 @@ from pathlib import Path
 CACHE_ENV = "SPEECHINSTRUCT_CACHE"
 INDEX = ".index"  # CACHE/.index/PROTOCOL/BUCKET/KEY/index.json: relative path → [size, version] of each file
 _URL = re.compile(r"^(?P<protocol>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 _DOWNLOADS_AT_ONCE = 8
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ def may_pass(e: BaseException) -> bool:
     if isinstance(e, StorageError):
         return e.may_pass
     return isinstance(e, (ConnectionError, TimeoutError)) or (isinstance(e, OSError) and e.errno in _PASSING)
+
+
+def is_hub_id(value) -> bool:
+    """Whether ``value`` has the shape of a Hugging Face Hub repo id, ``owner/name`` (what a path that does not
+    exist may be instead)."""
+    return bool(_HUB_ID.fullmatch(str(value)))
 
 
 def is_url(path) -> bool:

@@ -20,6 +20,7 @@ import torch
 from .. import audio
 from ..checkpoints import fairseq_config, literal_arithmetic, load_pretrained, torch_load_restricted
 from ..io import read_json, sha256_file
+from ..sources.storage import is_hub_id
 from ..tokenizers import SSL_MODELS
 
 SAMPLE_RATE = audio.TARGET_SR
@@ -440,7 +441,7 @@ def load_hubert(path: str | Path, layer: int | None = None, device: str = "cpu",
         local = p.is_dir()
         if local and not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p}: not a Hugging Face model folder (no config.json)")
-        if not local and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        if not local and not is_hub_id(source):
             raise FileNotFoundError(f"{source}: no such checkpoint file or model folder")
         if local:
             found = read_json(p / "config.json").get("model_type")

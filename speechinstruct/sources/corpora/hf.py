@@ -39,6 +39,7 @@ import soundfile as sf
 
 from ...io import files_under, hub_cache_repo, read_json, safe_join
 from ...progress import progress
+from ..storage import is_hub_id
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .audiofolder import kind as file_kind, read as audiofolder_rows
 from .base import FOLLOW_LINKS, Item, Note, Skip, cell_text, relpath, split_of
@@ -221,7 +222,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
     path = Path(source)
     if path.exists():
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    if not is_hub_id(source):
         raise FileNotFoundError(f"{source}: no such folder, and not a hub id (owner/name)")
     from huggingface_hub import HfApi, snapshot_download
 
