@@ -205,16 +205,7 @@ SLOW_TESTS = ("test_compose_memory_does_not_grow", "test_publish_memory_does_not
               "test_bad_buckets_and_credentials_are_one_line", "test_score_reads_tar_members_too")
 
 
-# The files that take longest, longest first (seconds of test time, 2026-12-07: 387, 346, 203, 133, 92): they are
-# handed to the two workers first (scripts/test.sh: --dist loadfile --no-loadscope-reorder), so that the small files
-# even out the end. In xdist's own order (by number of tests) test_ray.py came late and one worker ran 110 s longer
-# than the other.
-LONGEST_FIRST = ("test_ray.py", "test_train.py", "test_run.py", "test_reliability.py", "test_score.py")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES or item.name.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
