@@ -445,6 +445,41 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
     assert arrow_rows(tmp_path / "mf") == arrow_rows(tmp_path / "lf")  # ids, splits and frames alike
 
 
+def test_a_repo_url_the_hub_fails_to_resolve_for_a_while_is_one_line_not_a_copy_of_the_whole_repo(tmp_path, monkeypatch):
+    """The Hub not answering while the URL is read (a dropped connection) is the storage's one line, that a rerun
+    may pass; the URL is not then copied whole (every config's audio) as if it named no repo."""
+    from huggingface_hub import HfFileSystem
+    from hub_server import Hub
+
+    from speechinstruct.sources import storage
+
+    plain = configs_dataset(tmp_path / "libri")
+    hub = Hub()
+    calls = []
+
+    def dropped(self, path, revision=None):  # the first call only: the Hub answers again right after
+        calls.append(path)
+        if len(calls) == 1:
+            raise ConnectionError("Connection reset by peer")
+        return resolve(self, path, revision)
+
+    resolve = HfFileSystem.resolve_path
+
+    try:
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "copies"))
+        hub.add_repo("user/libri", plain)
+        with monkeypatch.context() as m:
+            m.setattr(HfFileSystem, "resolve_path", dropped)
+            with pytest.raises(storage.StorageError, match=r"^hf://datasets/user/libri: cannot reach the storage") as e:
+                shard_corpus("hf", "hf://datasets/user/libri", tmp_path / "m", config="clean", split="validation",
+                             text_column="transcription")
+        fetched = hub.fetched()
+    finally:
+        hub.close()
+    assert len(calls) == 1 and e.value.may_pass and fetched == []
+
+
 def test_a_recipes_hub_id_is_read_as_its_url_and_said(tmp_path, monkeypatch):
     """`root: owner/name` for an hf corpus, where no such folder is: the hub id, as `shard hf` takes it, read as
     `hf://datasets/owner/name` and said among the recipe's inferred settings. A folder of that name is a folder;

@@ -135,7 +135,7 @@ def mirror(url: str) -> Copy:
             refused = tuple(sorted(rel for rel in listed if rel not in entries))
             sources = {rel: f"{remote.rstrip('/')}/{rel}" for rel in entries}
     except Exception as e:
-        raise _explain(e, url) from None
+        raise explain(e, url) from None
     if not entries and not refused:
         raise StorageError(f"{url}: no such file or folder (nothing is stored under this name)")
     for rel in refused:
@@ -179,7 +179,7 @@ def _info_or_none(fs, url: str, remote: str) -> dict | None:
     except FileNotFoundError:
         return None
     except Exception as e:
-        raise _explain(e, url) from None
+        raise explain(e, url) from None
 
 
 def _update(fs, url: str, folder: Path, sources: dict, entries: dict, whole_folder: bool) -> Copy:
@@ -232,7 +232,7 @@ def _fetch(fs, url: str, folder: Path, sources: dict, entries: dict, index_file:
                 bar.update(wanted[rel][0])
         write_json(index_file, index)
     if failed:
-        raise _explain(*failed) from None
+        raise explain(*failed) from None
     return Copy(folder, len(wanted), sum(s for s, _ in wanted.values()), len(todo), size, removed)
 
 
@@ -296,7 +296,7 @@ def fetch_copy(path: Path) -> bool:
             # no connection, HF_HUB_OFFLINE), not that the file is gone: a rerun may read it
             raise StorageError(f"{url}: cannot reach the Hub ({e.__cause__ or e})", may_pass=True) from None
         except Exception as e:  # noqa: BLE001 (the Hub's other errors, each as one line: missing, refused)
-            raise _explain(e, url) from None
+            raise explain(e, url) from None
         return Path(path).is_file()
     url = _url_of_copy(path)
     return url is not None and bool(local_files([url])) and Path(path).is_file()
@@ -378,7 +378,7 @@ def redacted(url: str) -> str:
     return f"{head}://{netloc.rpartition('@')[2]}{slash}{path}"
 
 
-def _explain(e: Exception, url: str) -> StorageError:
+def explain(e: Exception, url: str) -> StorageError:
     """One line for a failed listing or download: missing, refused, unreachable, or no credentials."""
     name, text = type(e).__name__, str(e).strip() or type(e).__name__
     where = redacted(url)

@@ -196,16 +196,21 @@ def dataset_name(root: Path) -> str:
 def remote_root(url: str, split: str | None = None, config: str | None = None, **_) -> Path | None:
     """An ``hf://datasets/owner/name[@rev]`` URL that names a dataset repo's root (a recipe's Hub dataset), fetched
     as its hub id is (:func:`local_folder`: the card, then the files the reader will take, into huggingface_hub's
-    cache); None for any other URL, or one the Hub does not answer for: that is copied whole as every URL is, and
-    the copy says what went wrong."""
+    cache); None for any other URL, or one that names no repo there: that is copied as every URL is, and the copy
+    says what went wrong. The Hub not answering is the storage's one line (a rerun may pass), never a cue to copy
+    the whole repo."""
     if not url.startswith("hf://"):
         return None
     from huggingface_hub import HfFileSystem
 
+    from ..storage import explain
+
     try:  # huggingface_hub's own reading of the URL (`@refs%2Fconvert%2Fparquet`, `@refs/pr/1`, a trailing /)
         found = HfFileSystem().resolve_path(url)
-    except Exception:  # noqa: BLE001 (missing, offline, not a repo: the copy's one line says which)
+    except (ValueError, NotImplementedError, FileNotFoundError):  # not a repo's URL, or none there: as any URL
         return None
+    except Exception as e:  # noqa: BLE001 (offline, a dropped connection, the Hub's 5xx: one line)
+        raise explain(e, url) from None
     if getattr(found, "repo_type", None) != "dataset" or found.path_in_repo:
         return None
     return local_folder(found.repo_id, split, config, found.revision if "@" in url else None)
