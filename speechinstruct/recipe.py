@@ -457,10 +457,10 @@ def _hub_ids(recipe: dict) -> list[str]:
     the URL of its repo, ``hf://datasets/owner/name`` (only the config's split is fetched); each said in a line."""
     said = []
     for i, c in enumerate(recipe["corpora"]):
-        if c["name"] == "hf" and not is_url(c["root"]) and is_hub_id(c["root"]) and not Path(c["root"]).exists():
-            c["root"] = f"hf://datasets/{c['root']}"
-            said.append(f"corpora[{i}].root: {c['root']} (the hub id {c['root'][len('hf://datasets/'):]}; no such "
-                        "folder here)")
+        hub_id = c["root"]
+        if c["name"] == "hf" and not is_url(hub_id) and is_hub_id(hub_id) and not Path(hub_id).exists():
+            c["root"] = f"hf://datasets/{hub_id}"
+            said.append(f"corpora[{i}].root: {c['root']} (the hub id {hub_id}; no such folder here)")
     return said
 
 
