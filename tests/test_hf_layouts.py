@@ -408,7 +408,8 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
         other = step(shard_corpus("hf", "hf://datasets/user/libri@main/", tmp_path / "o", config="other", **options))
         branch = step(shard_corpus("hf", "hf://datasets/user/libri@refs%2Fconvert%2Fparquet", tmp_path / "b",
                                    config="en", **options))
-        folder = shard_corpus("hf", "hf://datasets/user/libri/other", tmp_path / "f", **options)
+        folder = step(shard_corpus("hf", "hf://datasets/user/libri/clean", tmp_path / "f",
+                                   **{**options, "split": "train.100"}))
         step(None)
     finally:
         hub.close()
@@ -425,21 +426,27 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
         hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
         hub.add_repo("user/libri", plain)
         back = runner.invoke(app, ["extract", str(tmp_path / "m"), str(tmp_path / "mf"), "-q"])
+        back_folder = runner.invoke(app, ["extract", str(tmp_path / "f"), str(tmp_path / "ff"), "-q"])
         refetched = hub.fetched()
     finally:
         hub.close()
-    _, fetched_clean, fetched_other, fetched_branch, _ = fetched
+    _, fetched_clean, fetched_other, fetched_branch, fetched_folder, _ = fetched
     assert clean["utterances"] == 2 and clean["remote"] == "hf://datasets/user/libri"
     assert fetched_clean == ["README.md", "clean/validation/0000.parquet"]
     assert other["utterances"] == 2 and fetched_other == ["other/validation/0000.parquet"]
     assert branch["utterances"] == 2 and fetched_branch == ["en/validation/0000.parquet"]
     assert {r["corpus"] for r in manifest_rows(tmp_path / "m") + manifest_rows(tmp_path / "b")} == {"libri"}
-    assert folder["utterances"] == 2 and folder["root"].startswith(str(tmp_path / "copies"))
+    # a folder inside the repo: its split's files alone, into huggingface_hub's cache, the corpus named by the
+    # folder (as the copy named it: `clean` and `other` keep apart)
+    assert folder["utterances"] == 2 and fetched_folder == ["clean/train.100/0000.parquet"]
+    assert folder["root"].startswith(str(tmp_path / "hub-cache")) and folder["root"].endswith("/clean")
+    assert {r["corpus"] for r in manifest_rows(tmp_path / "f")} == {"clean"}
     assert down.exit_code == 2 and "Traceback" not in down.output, down.output
     assert "may pass" in down.output.strip().splitlines()[-1] and json.loads(down.stdout)["utterances"] == 0
     assert len(errors) == 2 and all(e["may_pass"] and "cannot reach the Hub" in e["reason"] for e in errors), errors
     assert back.exit_code == 0 and json.loads(back.stdout)["utterances"] == 2, back.output
-    assert refetched == ["clean/validation/0000.parquet"]
+    assert back_folder.exit_code == 0 and json.loads(back_folder.stdout)["utterances"] == 2, back_folder.output
+    assert refetched == ["clean/train.100/0000.parquet", "clean/validation/0000.parquet"]
     shard_corpus("hf", plain, tmp_path / "local", config="clean", **options)
     extract(tmp_path / "local", tmp_path / "lf", MFCC())
     assert arrow_rows(tmp_path / "mf") == arrow_rows(tmp_path / "lf")  # ids, splits and frames alike
@@ -447,8 +454,12 @@ def test_a_dataset_repos_url_fetches_what_its_hub_id_would_and_a_machine_without
 
 def test_a_repo_url_the_hub_fails_to_resolve_for_a_while_is_one_line_not_a_copy_of_the_whole_repo(tmp_path, monkeypatch):
     """The Hub not answering while the URL is read (a dropped connection) is the storage's one line, that a rerun
-    may pass; the URL is not then copied whole (every config's audio) as if it named no repo."""
-    from huggingface_hub import HfFileSystem
+    may pass; the URL is not then copied whole (every config's audio) as if it named no repo. The repo's file list
+    dropped is one line too."""
+    import importlib
+    import importlib.util
+
+    from huggingface_hub import HfApi, HfFileSystem
     from hub_server import Hub
 
     from speechinstruct.sources import storage
@@ -475,9 +486,19 @@ def test_a_repo_url_the_hub_fails_to_resolve_for_a_while_is_one_line_not_a_copy_
                 shard_corpus("hf", "hf://datasets/user/libri", tmp_path / "m", config="clean", split="validation",
                              text_column="transcription")
         fetched = hub.fetched()
+        # the repo's file list dropped (huggingface_hub's transport raises neither OSError nor ValueError): one line
+        transport = importlib.import_module(next(m for m in ("httpx2", "httpx") if importlib.util.find_spec(m)))
+
+        def refused(*args, **kwargs):
+            raise transport.ConnectError("[Errno 111] Connection refused")
+
+        monkeypatch.setattr(HfApi, "list_repo_files", refused)
+        listing = runner.invoke(app, ["shard", "hf", "hf://datasets/user/libri/clean", str(tmp_path / "l")])
     finally:
         hub.close()
     assert len(calls) == 1 and e.value.may_pass and fetched == []
+    assert listing.exit_code == 2 and listing.output.strip().splitlines()[-1] == (
+        "error: user/libri: the Hub did not give this dataset: [Errno 111] Connection refused"), listing.output
 
 
 def test_a_recipes_hub_id_is_read_as_its_url_and_said(tmp_path, monkeypatch):

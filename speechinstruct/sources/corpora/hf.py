@@ -10,9 +10,9 @@ Three local forms, as ``datasets`` and the Hub write them:
 Which files are whose split, and which of these forms a folder is, are decided as ``datasets`` decides them
 (:func:`split_files`, :func:`builder`), and a card's ``configs`` pick a config's files (:func:`card_config`). A
 dataset kept as WebDataset tars is one line naming ``shard webdataset``. A hub id (``owner/name``, at a
-``revision``), or the URL of its repo (``hf://datasets/owner/name[@rev]``: :func:`remote_root`), is fetched first
-with ``huggingface_hub.snapshot_download`` (the card, then the files the reader will take: :func:`local_folder`),
-for users with internet, and then read as a local folder.
+``revision``), or the URL of its repo or of a folder in it (``hf://datasets/owner/name[@rev][/folder]``:
+:func:`remote_root`), is fetched first with ``huggingface_hub.snapshot_download`` (the card, then the files the
+reader will take: :func:`local_folder`), for users with internet, and then read as a local folder.
 
 Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
 plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
@@ -188,17 +188,18 @@ def _known(root: Path, split: str, splits) -> str:
 def dataset_name(root: Path) -> str:
     """The dataset's name for its ids and ``corpus`` (``root`` resolved): its folder's, or the repo's for a snapshot
     in the Hub cache (``…/datasets--owner--name/snapshots/<commit>``: ``name``, not the commit; a hub id's download,
-    and an ``hf://datasets/owner/name@rev`` URL's)."""
+    and an ``hf://datasets/owner/name@rev`` URL's). A folder inside a snapshot is its folder's (``…/clean``), so the
+    folders of one repo keep their ids apart."""
     repo = hub_cache_repo(root)
-    return repo.name.split("--")[-1] if repo else root.name
+    return repo.name.split("--")[-1] if repo and root.parent.name == "snapshots" else root.name
 
 
 def remote_root(url: str, split: str | None = None, config: str | None = None, **_) -> Path | None:
-    """An ``hf://datasets/owner/name[@rev]`` URL that names a dataset repo's root (a recipe's Hub dataset), fetched
-    as its hub id is (:func:`local_folder`: the card, then the files the reader will take, into huggingface_hub's
-    cache); None for any other URL, or one that names no repo there: that is copied as every URL is, and the copy
-    says what went wrong. The Hub not answering is the storage's one line (a rerun may pass), never a cue to copy
-    the whole repo."""
+    """An ``hf://datasets/owner/name[@rev][/folder]`` URL that names a dataset repo (a recipe's Hub dataset) or a
+    folder in one, fetched as its hub id is (:func:`local_folder`: the card, then the files the reader will take,
+    into huggingface_hub's cache); None for any other URL, or one that names no repo or folder there: that is copied
+    as every URL is, and the copy says what went wrong. The Hub not answering is the storage's one line (a rerun may
+    pass), never a cue to copy the whole repo."""
     if not url.startswith("hf://"):
         return None
     from huggingface_hub import HfFileSystem
@@ -211,19 +212,24 @@ def remote_root(url: str, split: str | None = None, config: str | None = None, *
         return None
     except Exception as e:  # noqa: BLE001 (offline, a dropped connection, the Hub's 5xx: one line)
         raise explain(e, url) from None
-    if getattr(found, "repo_type", None) != "dataset" or found.path_in_repo:
+    if getattr(found, "repo_type", None) != "dataset":
         return None
-    return local_folder(found.repo_id, split, config, found.revision if "@" in url else None)
+    try:
+        return local_folder(found.repo_id, split, config, found.revision if "@" in url else None,
+                            under=found.path_in_repo.strip("/"))
+    except NotADirectoryError:  # a file, or nothing of that name in the repo: as any URL
+        return None
 
 
 def local_folder(source: str | Path, split: str | None = None, config: str | None = None,
-                 revision: str | None = None) -> Path:
+                 revision: str | None = None, under: str = "") -> Path:
     """``source`` as a local folder: itself when it exists, else a hub id (``owner/name``) whose card and data
-    files are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never does this).
-    Where the card names configs, the files of ``config`` (or its default config), of ``split`` only when given.
-    Else, a repo whose commonest data files are audio (an audiofolder, as ``datasets`` would read it), the audio
-    and metadata files of its splits (of ``split`` only when given); else its Parquet files (those the reader takes
-    for ``split`` when given)."""
+    files are fetched with ``huggingface_hub`` into its cache (needs internet; the default path never does this),
+    or those of its folder ``under`` (read as a dataset of its own, as a copy of it would be; NotADirectoryError
+    when the repo has no such folder). Where the card names configs, the files of ``config`` (or its default
+    config), of ``split`` only when given. Else, a repo whose commonest data files are audio (an audiofolder, as
+    ``datasets`` would read it), the audio and metadata files of its splits (of ``split`` only when given); else its
+    Parquet files (those the reader takes for ``split`` when given)."""
     path = Path(source)
     if path.exists():
         return path
@@ -234,44 +240,58 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
     def from_hub(call):  # huggingface_hub's errors (offline, no such repo, gated, no connection): one line naming it
         try:
             return call()
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 (its transport's errors, httpx's, are neither OSError nor ValueError)
+            if not isinstance(e, (OSError, ValueError)) and not type(e).__module__.startswith("httpx"):
+                raise
             raise OSError(f"{source}: the Hub did not give this dataset: {' '.join(str(e).split())}") from None
 
-    def fetch(patterns: list[str]) -> Path:
-        return Path(from_hub(lambda: snapshot_download(str(source), repo_type="dataset", revision=revision,
-                                                       allow_patterns=[*patterns, "README.md"])))
+    top = posixpath.join(under, "README.md") if under else "README.md"  # the dataset's card
+
+    def fetch(patterns: list[str]) -> Path:  # the files' folder: the snapshot's, or its folder ``under``
+        snapshot = from_hub(lambda: snapshot_download(str(source), repo_type="dataset", revision=revision,
+                                                      allow_patterns=[*patterns, glob.escape(top)]))
+        return Path(snapshot, under)
 
     card = fetch([])  # the card first: its configs say which files are whose
     listed = from_hub(lambda: HfApi().list_repo_files(str(source), repo_type="dataset", revision=revision))
+    if under:  # the folder's files, by their names in it
+        listed = [name[len(under) + 1:] for name in listed if name.startswith(under + "/")]
+        if not listed:
+            raise NotADirectoryError(f"{source}: no folder {under!r} in this repo")
+    named = f"{source}/{under}" if under else str(source)  # what the lines below name
     _, folder, patterns = card_config(card, config, folders={name.split("/")[0] for name in listed if "/" in name})
     base = os.path.relpath(folder, card)
+
+    def in_repo(names) -> list[str]:  # names under ``base`` as the repo names them
+        return [posixpath.normpath(posixpath.join(under, base, name)) for name in names]
+
     if patterns is not None:  # the config names its files
         if split is not None:
-            patterns = {split: patterns[_known(Path(str(source)), split, patterns)]}
-        return fetch([posixpath.normpath(posixpath.join(base, g)) for globs in patterns.values() for g in globs])
-    under = [name[len(base) + 1:] for name in listed if name.startswith(base + "/")] if base != "." else listed
-    splits = split_names(under)
+            patterns = {split: patterns[_known(Path(named), split, patterns)]}
+        return fetch(in_repo(g for globs in patterns.values() for g in globs))
+    below = [name[len(base) + 1:] for name in listed if name.startswith(base + "/")] if base != "." else listed
+    splits = split_names(below)
     kept_as = builder(name for found in splits.values() for name in found)
     if kept_as == "webdataset":
-        raise ValueError(webdataset_problem(str(source), f"hf://datasets/{source}", listed))
+        raise ValueError(webdataset_problem(named, f"hf://datasets/{named}", listed))
     if kept_as == "audiofolder":  # its split's audio and metadata
         if split is not None:
-            splits = {split: splits[_known(Path(str(source)), split, splits)]}
+            splits = {split: splits[_known(Path(named), split, splits)]}
         wanted = [name for found in splits.values() for name in found if file_kind(name) in ("audio", "metadata")]
     else:
-        named = {name: parquet_split(name) for name in under if name.endswith(".parquet") and not name.startswith(".")}
-        if not named and any(name.endswith(".py") and "/" not in name for name in listed) and revision is None:
-            raise FileNotFoundError(f"{source}: no data files, but a loading script (datasets 4 and later run none): "
+        tables = {name: parquet_split(name) for name in below if name.endswith(".parquet") and not name.startswith(".")}
+        if not tables and any(name.endswith(".py") and "/" not in name for name in listed) and revision is None:
+            raise FileNotFoundError(f"{named}: no data files, but a loading script (datasets 4 and later run none): "
                                     "the Hub's Parquet conversion of it is read with --revision refs/convert/parquet "
                                     f"(a URL: hf://datasets/{source}@refs%2Fconvert%2Fparquet) and --config NAME, one "
                                     "of its folders")
         if split is not None:
-            _known(Path(str(source)), split, named.values())
-        wanted = [name for name, of in named.items() if split is None or of == split]
+            _known(Path(named), split, tables.values())
+        wanted = [name for name, of in tables.items() if split is None or of == split]
     if not wanted:
-        raise FileNotFoundError(f"{source}: no Parquet, audio or tar files" + (f" under {base}/" if base != "." else "")
+        raise FileNotFoundError(f"{named}: no Parquet, audio or tar files" + (f" under {base}/" if base != "." else "")
                                 + (f" at {revision}" if revision else "") + ": not a dataset this command reads")
-    return fetch(hub_patterns([posixpath.normpath(posixpath.join(base, name)) for name in wanted], listed))
+    return fetch(hub_patterns(in_repo(wanted), [posixpath.join(under, name) for name in listed]))
 
 
 def hub_patterns(wanted: list[str], listed: list[str]) -> list[str]:
