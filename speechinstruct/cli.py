@@ -247,14 +247,19 @@ def shard(
     if revision is not None and (corpus is not Corpus.hf or Path(root).exists()):
         fail("--revision is for `shard hf` with a hub id (owner/name); an hf:// URL names its revision as "
              "hf://datasets/owner/name@REVISION")
+    inferred: list[str] = []
     if corpus is Corpus.hf:
-        from .sources.corpora.hf import local_folder
+        from .sources.corpora.hf import hub_url, local_folder
         from .sources.storage import is_url
 
+        if url := hub_url(str(root)):  # a dataset's page on the Hub, pasted from a browser
+            inferred.append(f"{url} (the Hub's web address {root})")
+            logging.getLogger("speechinstruct").warning("inferred %s", inferred[-1])
+            root = url
         root = root if is_url(root) else local_folder(root, split, config, revision)  # a URL is copied by shard_corpus
     summary = shard_corpus(corpus.value, root, out, settings.checked(settings.Shard, shard_hours=shard_hours), **options)
     summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
-    _print_json(summary)
+    _print_json(summary | ({"inferred": inferred} if inferred else {}))
 
 
 # the --features choices (tokenizers.FEATURES): MFCC, the SSL encoders read at --layer, the codecs; Features.data2vec

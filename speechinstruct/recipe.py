@@ -453,14 +453,22 @@ def _copy_urls(recipe: dict) -> list[str]:
 
 
 def _hub_ids(recipe: dict) -> list[str]:
-    """An hf corpus whose root is a hub id (``owner/name``, no such folder here), as ``shard hf`` takes one: read as
-    the URL of its repo, ``hf://datasets/owner/name`` (only the config's split is fetched); each said in a line."""
+    """An hf corpus whose root is a hub id (``owner/name``, no such folder here), as ``shard hf`` takes one, or a
+    dataset's page on the Hub's web site: read as the URL of its repo, ``hf://datasets/owner/name`` (only the
+    config's split is fetched), or of the page's folder; each said in a line."""
     said = []
     for i, c in enumerate(recipe["corpora"]):
-        hub_id = c["root"]
-        if c["name"] == "hf" and not is_url(hub_id) and is_hub_id(hub_id) and not Path(hub_id).exists():
-            c["root"] = f"hf://datasets/{hub_id}"
-            said.append(f"corpora[{i}].root: {c['root']} (the hub id {hub_id}; no such folder here)")
+        root = c["root"]
+        if c["name"] != "hf":
+            continue
+        from .sources.corpora.hf import hub_url
+
+        if not is_url(root) and is_hub_id(root) and not Path(root).exists():
+            c["root"] = f"hf://datasets/{root}"
+            said.append(f"corpora[{i}].root: {c['root']} (the hub id {root}; no such folder here)")
+        elif url := hub_url(root):
+            c["root"] = url
+            said.append(f"corpora[{i}].root: {url} (the Hub's web address {root})")
     return said
 
 

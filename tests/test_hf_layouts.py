@@ -501,6 +501,44 @@ def test_a_repo_url_the_hub_fails_to_resolve_for_a_while_is_one_line_not_a_copy_
         "error: user/libri: the Hub did not give this dataset: [Errno 111] Connection refused"), listing.output
 
 
+def test_the_hubs_web_address_of_a_dataset_is_read_as_its_hf_url_and_said(tmp_path, monkeypatch):
+    """A dataset's page on the Hub, pasted from a browser (`https://huggingface.co/datasets/owner/name`, a folder's
+    `…/tree/REV/folder`), is read as its `hf://` URL (and fetched as that is, its split alone), and said; before,
+    it went to fsspec's HTTP file system, which lists a web page's links. A file's address (`…/resolve/…`, which
+    HTTP reads as it is) and other sites' are left alone."""
+    from hub_server import Hub
+
+    from speechinstruct.sources.corpora.hf import hub_url
+
+    site = "https://huggingface.co/datasets"
+    assert hub_url(f"{site}/openslr/librispeech_asr") == "hf://datasets/openslr/librispeech_asr"
+    assert hub_url(f"{site}/openslr/librispeech_asr/") == "hf://datasets/openslr/librispeech_asr"
+    assert hub_url(f"{site}/o/n/tree/main") == "hf://datasets/o/n@main"
+    assert hub_url(f"{site}/o/n/tree/main/clean/train.100?not-a-path=1") == "hf://datasets/o/n@main/clean/train.100"
+    assert hub_url(f"{site}/o/n/tree/refs%2Fconvert%2Fparquet/en") == "hf://datasets/o/n@refs%2Fconvert%2Fparquet/en"
+    assert hub_url(f"{site}/o/n/tree/main/two%20words") == "hf://datasets/o/n@main/two words"
+    for other in (f"{site}/o/n/resolve/main/data/train.parquet", f"{site}/o/n/blob/main/README.md", f"{site}/o",
+                  "https://huggingface.co/openai/whisper-tiny", "https://example.com/datasets/o/n", "s3://b/k"):
+        assert hub_url(other) is None, other
+
+    plain = configs_dataset(tmp_path / "libri")
+    hub = Hub()
+    try:
+        hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
+        hub.add_repo("user/libri", plain)
+        page = f"{hub.url}/datasets/user/libri/tree/main/clean"  # the Hub at HF_ENDPOINT, as a mirror's users have it
+        result = runner.invoke(app, ["shard", "hf", page, str(tmp_path / "m"), "--split", "validation",
+                                     "--text-column", "transcription"])
+        fetched = hub.fetched()
+    finally:
+        hub.close()
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["utterances"] == 2 and summary["remote"] == "hf://datasets/user/libri@main/clean"
+    assert summary["inferred"] == [f"hf://datasets/user/libri@main/clean (the Hub's web address {page})"]
+    assert fetched == ["clean/validation/0000.parquet"]
+
+
 def test_a_recipes_hub_id_is_read_as_its_url_and_said(tmp_path, monkeypatch):
     """`root: owner/name` for an hf corpus, where no such folder is: the hub id, as `shard hf` takes it, read as
     `hf://datasets/owner/name` and said among the recipe's inferred settings. A folder of that name is a folder;
@@ -526,6 +564,11 @@ def test_a_recipes_hub_id_is_read_as_its_url_and_said(tmp_path, monkeypatch):
         load_recipe(recipe("librispeech", "openslr/other"))
     with pytest.raises(RecipeError, match=r"corpora\[0\]\.root: hf root 'corpora/a/b' is not a folder"):
         load_recipe(recipe("hf", "corpora/a/b"))  # not a hub id: two parts only
+    page = "https://huggingface.co/datasets/openslr/librispeech_asr/tree/main/clean"
+    loaded = load_recipe(recipe("hf", page))
+    assert loaded["corpora"][0]["root"] == "hf://datasets/openslr/librispeech_asr@main/clean"
+    assert loaded["inferred"] == [f"corpora[0].root: hf://datasets/openslr/librispeech_asr@main/clean (the Hub's web "
+                                  f"address {page})"]
 
 
 def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(tmp_path, monkeypatch):

@@ -194,6 +194,26 @@ def dataset_name(root: Path) -> str:
     return repo.name.split("--")[-1] if repo and root.parent.name == "snapshots" else root.name
 
 
+# a dataset's page (or a folder's) on the Hub's web site, after ``…/datasets/``: owner/name[/tree/REV[/folder]]
+_WEB_PAGE = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:/tree/(?P<revision>[^/?#]+)(?P<folder>/[^?#]*)?)?/?(?:[?#].*)?")
+
+
+def hub_url(url: str) -> str | None:
+    """The ``hf://`` URL of a dataset's page, or of a folder's page in it, on the Hub's web site (as a browser's
+    address bar holds it: ``https://huggingface.co/datasets/owner/name[/tree/REV[/folder]]``, or at ``HF_ENDPOINT``):
+    ``hf://datasets/owner/name[@REV][/folder]``. None for any other URL (a file's ``…/resolve/…`` is read by HTTP as
+    it is)."""
+    from urllib.parse import unquote
+
+    from huggingface_hub import constants
+
+    for site in {"https://huggingface.co", constants.ENDPOINT.rstrip("/")}:
+        if url.startswith(f"{site}/datasets/") and (page := _WEB_PAGE.fullmatch(url[len(site) + 10:])):
+            revision = f"@{page['revision']}" if page["revision"] else ""  # kept encoded, as hf:// takes it
+            return f"hf://datasets/{page['repo']}{revision}{unquote(page['folder'] or '').rstrip('/')}"
+    return None
+
+
 def remote_root(url: str, split: str | None = None, config: str | None = None, **_) -> Path | None:
     """An ``hf://datasets/owner/name[@rev][/folder]`` URL that names a dataset repo (a recipe's Hub dataset) or a
     folder in one, fetched as its hub id is (:func:`local_folder`: the card, then the files the reader will take,
