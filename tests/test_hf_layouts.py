@@ -518,7 +518,8 @@ def test_the_hubs_web_address_of_a_dataset_is_read_as_its_hf_url_and_said(tmp_pa
     assert hub_url(f"{site}/o/n/tree/refs%2Fconvert%2Fparquet/en") == "hf://datasets/o/n@refs%2Fconvert%2Fparquet/en"
     assert hub_url(f"{site}/o/n/tree/main/two%20words") == "hf://datasets/o/n@main/two words"
     for other in (f"{site}/o/n/resolve/main/data/train.parquet", f"{site}/o/n/blob/main/README.md", f"{site}/o",
-                  "https://huggingface.co/openai/whisper-tiny", "https://example.com/datasets/o/n", "s3://b/k"):
+                  "https://huggingface.co/openai/whisper-tiny", "https://example.com/datasets/o/n", "s3://b/k",
+                  f"{site}/o/n/tree/main/a%00b", f"{site}/o/n/tree/main/%ED%A0%80"):  # no names: HTTP's, as given
         assert hub_url(other) is None, other
 
     plain = configs_dataset(tmp_path / "libri")

@@ -209,8 +209,14 @@ def hub_url(url: str) -> str | None:
 
     for site in {"https://huggingface.co", constants.ENDPOINT.rstrip("/")}:
         if url.startswith(f"{site}/datasets/") and (page := _WEB_PAGE.fullmatch(url[len(site) + 10:])):
+            try:
+                folder = unquote(page["folder"] or "", errors="strict").rstrip("/")
+            except UnicodeDecodeError:  # not a name (%ED%A0%80, a lone surrogate's bytes): left to HTTP, as given
+                return None
+            if any(ord(c) < 32 or ord(c) == 127 for c in folder):  # %00, %0A: no file's name, and not for a line
+                return None
             revision = f"@{page['revision']}" if page["revision"] else ""  # kept encoded, as hf:// takes it
-            return f"hf://datasets/{page['repo']}{revision}{unquote(page['folder'] or '').rstrip('/')}"
+            return f"hf://datasets/{page['repo']}{revision}{folder}"
     return None
 
 
