@@ -7,6 +7,7 @@ import json
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -387,17 +388,54 @@ def test_split_names_in_every_layout_the_hub_writes(tmp_path):
                      "default/train/0000.parquet": "train", "default/test/0000.parquet": "test"}
 
 
-def test_rows_without_embedded_audio_are_counted_skips_naming_file_and_row(tmp_path):
-    (tmp_path / "ds").mkdir()
-    table = datasets.Dataset.from_dict({"audio": [{"bytes": flac_bytes(1.0, 0), "path": "a.flac"},
-                                                  {"bytes": None, "path": "/elsewhere/b.flac"}],
-                                        "text": ["one", "two"]})
-    table.to_parquet(str(tmp_path / "ds" / "train-00000-of-00001.parquet"))
-    summary = shard_corpus("hf", tmp_path / "ds", tmp_path / "m")
-    assert summary["utterances"] == 1 and summary["skipped"] == {"no embedded audio bytes": 1}
-    assert summary["skipped_examples"] == [{"path": "train-00000-of-00001.parquet row 1", "reason": "no embedded audio bytes",
-                                            "detail": "the audio column holds only the path '/elsewhere/b.flac'"}]
-    assert summary["root"] == str((tmp_path / "ds").resolve()) and "languages" in summary
+def test_rows_holding_only_a_path_read_that_file_inside_the_dataset_and_are_counted_skips_else(tmp_path, monkeypatch):
+    """`Dataset.to_parquet` keeps what `cast_column("audio", Audio())` made of file names: cells with a path and no
+    bytes (only `save_to_disk` and `push_to_hub` embed the audio). A path to a file inside the dataset folder
+    (absolute, or relative to that folder) is read from that file, as `extract` reads LibriSpeech's; a file
+    elsewhere, a missing one or a URL is a counted skip naming the data file and row. Before, every such row was
+    "no embedded audio bytes": a dataset written this way sharded to nothing."""
+    ds = tmp_path / "ds"
+    (ds / "wavs").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for i, where in enumerate(("wavs/a.flac", "wavs/b.flac", "../elsewhere/c.flac", "wavs/gone.flac")):
+        (ds / where).write_bytes(flac_bytes(1.0 + 0.25 * i, i))
+    (tmp_path / "alias").symlink_to(ds)  # a link on the way into the dataset (macOS: /tmp is /private/tmp)
+    cells = [str(ds / "wavs" / "a.flac"), "wavs/b.flac", str(tmp_path / "elsewhere" / "c.flac"), "wavs/gone.flac",
+             str(tmp_path / "alias" / "wavs" / "b.flac")]
+    monkeypatch.chdir(ds)  # a relative name, as a user in the dataset's folder writes it
+    table = datasets.concatenate_datasets([datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio()) for rows in (
+        {"audio": [{"bytes": flac_bytes(1.0, 7), "path": "e.flac"}], "text": ["zero"]},  # one embedded, as before
+        {"audio": cells, "text": ["one", "two", "three", "four", "five"]})])
+    table.to_parquet(str(ds / "train-00000-of-00001.parquet"))  # datasets reads every named file's size here
+    (ds / "wavs" / "gone.flac").unlink()  # moved away since
+    written = pq.read_table(ds / "train-00000-of-00001.parquet")
+    assert written.column("audio").to_pylist()[1] == {"bytes": None, "path": cells[0]}  # as datasets wrote it
+    url = {"audio": {"bytes": None, "path": "https://example.com/d.flac"}, "text": "six"}  # a cell naming a URL
+    pq.write_table(pa.concat_tables([written, pa.Table.from_pylist([url], schema=written.schema)]),
+                   ds / "train-00000-of-00001.parquet")
+    summary = shard_corpus("hf", ds, tmp_path / "m")
+    rows = [r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()]
+    assert [(r["path"], r["row"], r["text"]) for r in rows] == [
+        ("train-00000-of-00001.parquet", 0, "zero"), ("wavs/a.flac", None, "one"), ("wavs/b.flac", None, "two"),
+        ("wavs/b.flac", None, "five")]
+    assert [r["id"] for r in rows] == [f"ds/train-00000-of-00001/{i:06d}" for i in (0, 1, 2, 5)]
+    assert summary["utterances"] == 4 and summary["skipped"] == {
+        "audio outside the dataset folder": 1, "missing audio file": 1, "no embedded audio bytes": 1}
+    outside, url, missing = sorted(summary["skipped_examples"], key=lambda e: e["path"])
+    assert outside["path"] == "train-00000-of-00001.parquet row 3" and cells[2] in outside["detail"]
+    assert missing == {"path": "wavs/gone.flac", "reason": "missing audio file",
+                       "detail": "named by train-00000-of-00001.parquet row 4"}
+    assert url["path"] == "train-00000-of-00001.parquet row 6" and "https://example.com/d.flac" in url["detail"]
+    assert summary["root"] == str(ds.resolve()) and "languages" in summary
+    # extract reads those files as it reads any corpus's: the same frames as the same audio embedded
+    (tmp_path / "embedded").mkdir()
+    datasets.Dataset.from_dict({"audio": [{"bytes": (ds / "wavs" / n).read_bytes(), "path": n} for n in ("a.flac", "b.flac")],
+                                "text": ["one", "two"]}).to_parquet(str(tmp_path / "embedded" / "train.parquet"))
+    shard_corpus("hf", tmp_path / "embedded", tmp_path / "em")
+    assert extract(tmp_path / "m", tmp_path / "f", MFCC())["utterances"] == 4
+    extract(tmp_path / "em", tmp_path / "ef", MFCC())
+    features = [r["features"] for f in arrow_rows(tmp_path / "f") for r in f]
+    assert features[1:3] == [r["features"] for f in arrow_rows(tmp_path / "ef") for r in f] and features[3] == features[2]
 
 
 def test_a_lhotse_cuts_file_is_a_root_in_a_recipe_too(tmp_path):

@@ -3,7 +3,8 @@
 Three local forms, as ``datasets`` and the Hub write them:
 - Hub-style Parquet files: ``data/train-00000-of-00002.parquet``, ``validation-00000-of-00001.parquet`` or
   ``train/0000.parquet`` (the split is in the file or folder name); the audio column is
-  ``struct<bytes: binary, path: string>`` holding the encoded file (flac, wav, mp3…).
+  ``struct<bytes: binary, path: string>`` holding the encoded file (flac, wav, mp3…), or only the path of a file
+  inside the dataset's folder (``Dataset.to_parquet`` of audio cast from file names: :func:`_named_file`).
 - A ``save_to_disk`` folder: ``dataset_dict.json`` with one folder per split, or one split's folder, each
   with ``data-00000-of-00001.arrow`` (Arrow IPC stream files), ``dataset_info.json`` and ``state.json``.
 - An ``audiofolder``: audio files beside ``metadata.csv``/``.jsonl``/``.parquet`` (``audiofolder.py``).
@@ -16,9 +17,9 @@ reader will take: :func:`local_folder`), for users with internet, and then read 
 
 Each manifest row points at its audio by ``path`` (the Parquet/Arrow file, relative to the dataset folder)
 plus ``row`` and ``audio_column``; :func:`audio_bytes` reads those bytes back for ``extract``, one row group
-(Parquet) or one memory-mapped file (Arrow) at a time. Bytes are decoded with soundfile, not ``datasets``'
-``Audio`` feature, which needs torchcodec. The license comes from the dataset card (``README.md``'s YAML
-``license``) when there is one.
+(Parquet) or one memory-mapped file (Arrow) at a time (a cell naming a file: that file's ``path``). Bytes are
+decoded with soundfile, not ``datasets``' ``Audio`` feature, which needs torchcodec. The license comes from the
+dataset card (``README.md``'s YAML ``license``) when there is one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ...progress import progress
 from ..storage import is_hub_id
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .audiofolder import kind as file_kind, read as audiofolder_rows
-from .base import FOLLOW_LINKS, Item, Note, Skip, cell_text, relpath, split_of
+from .base import FOLLOW_LINKS, Item, Note, Skip, cell_text, probe, relpath, split_of
 
 NAME = "hf"
 # train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
@@ -488,31 +489,58 @@ def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, a
     row = 0
     for batch in _batches(path, columns):
         for record in batch.to_pylist():
-            item = _row(record, rel, row, hf_split, name, license, audio_column, text_column, id_column, speaker_column)
+            item = _row(record, root, rel, row, hf_split, name, license, audio_column, text_column, id_column,
+                        speaker_column)
             row += 1
             yield item
 
 
-def _row(record: dict, rel: str, row: int, hf_split: str, name: str, license: str, audio_column: str,
+def _row(record: dict, root: Path, rel: str, row: int, hf_split: str, name: str, license: str, audio_column: str,
          text_column: str, id_column: str | None, speaker_column: str | None) -> Item:
     where = f"{rel} row {row}"
     value = record[audio_column]
     data = _encoded(value)
-    if not data:
+    at: dict = {"path": rel, "row": row, "audio_column": audio_column}  # where extract reads the audio
+    if data:
+        try:
+            info = sf.info(io.BytesIO(data))
+        except Exception as e:  # libsndfile's message names the file object by its address: name the row instead
+            return Skip(where, "unreadable audio", re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", where, str(e)))
+        if info.frames <= 0:
+            return Skip(where, "empty audio", "0 samples")
+        sample_rate, seconds = info.samplerate, info.frames / info.samplerate
+    else:  # a path and no bytes (Dataset.to_parquet keeps cast file names so): that file, inside the dataset
         path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-        return Skip(where, "no embedded audio bytes", f"the audio column holds only the path {path!r}" if path
-                    else f"the audio column holds {type(value).__name__}: nothing to decode")
-    try:
-        info = sf.info(io.BytesIO(data))
-    except Exception as e:  # libsndfile's message names the file object by its address: name the row instead
-        return Skip(where, "unreadable audio", re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", where, str(e)))
-    if info.frames <= 0:
-        return Skip(where, "empty audio", "0 samples")
+        found = _named_file(root, path, where)
+        if isinstance(found, Skip):
+            return found
+        at, (sample_rate, seconds) = {"path": found[0], "row": None, "audio_column": None}, found[1:]
     utt = str(record[id_column]) if id_column else f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
     return {
-        "id": f"{name}/{utt}", "path": rel, "offset": 0.0, "duration": info.frames / info.samplerate,
-        "sample_rate": info.samplerate, "text": cell_text(record.get(text_column)),
+        "id": f"{name}/{utt}", **at, "offset": 0.0, "duration": seconds, "sample_rate": sample_rate,
+        "text": cell_text(record.get(text_column)),
         "speaker": str(record[speaker_column]) if speaker_column and record.get(speaker_column) is not None else "unknown",
         "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
-        "row": row, "audio_column": audio_column,
     }
+
+
+def _named_file(root: Path, path, where: str) -> tuple[str, int, float] | Skip:
+    """(name relative to ROOT, sample rate, seconds) of the audio file an audio cell names by ``path`` alone:
+    absolute, or relative to the dataset's folder (``datasets`` reads it from the working directory: a user's
+    in that folder); a Skip naming the row where it lies outside the dataset, is missing, or is no file's name."""
+    if not isinstance(path, str) or not path.strip() or "\x00" in path or "://" in path:
+        return Skip(where, "no embedded audio bytes", f"the audio column holds only the path {path!r}" if path
+                    else f"the audio column holds {type(path).__name__}: nothing to decode")
+    full = Path(os.path.normpath(root / path))  # an absolute path stays itself
+    for candidate in (full, full.resolve()):  # as written, or with the links on its way (/tmp → /private/tmp) read
+        inside = os.path.relpath(candidate, root)
+        if inside != ".." and not inside.startswith(".." + os.sep):
+            break
+    else:
+        return Skip(where, "audio outside the dataset folder", f"the audio column holds only the path {path!r}: move "
+                    "the audio into the dataset's folder, or write the dataset with save_to_disk or push_to_hub, which "
+                    "embed it")
+    probed = probe(root / inside, root)
+    if isinstance(probed, Skip):
+        return Skip(probed.path, probed.reason, "; ".join(filter(None, (probed.detail, f"named by {where}"))))
+    return inside.replace(os.sep, "/"), *probed
