@@ -95,6 +95,42 @@ def makers_rows(loaded: datasets.DatasetDict, audio: str = "audio") -> set:
     return {(split, r[audio]["path"], r["transcription"], r["speaker"]) for split in loaded for r in loaded[split]}
 
 
+@pytest.mark.parametrize("names", [
+    ["test-clean.parquet", "dev-other.parquet", "train-clean-100.parquet"],  # LibriSpeech's parts as file names
+    ["data/librispeech-test.parquet", "data/librispeech-train.parquet"],
+    ["default/librispeech_asr-test.clean.parquet", "default/librispeech_asr-train.clean.100-00000-of-00002.parquet"],
+    ["mydata.parquet"],
+    ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+     "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet"],  # push_to_hub's, an older one's fingerprint
+    ["train/0000.parquet", "test/0000.parquet", ".cache/train-00000-of-00001.parquet"],  # the Parquet conversion's
+    ["test.parquet", "valid.parquet", "eval_set.parquet"],
+    ["data/train-00000-of-00001.parquet", "test.parquet", "default/validation/0000.parquet"],  # two layouts: one read
+])
+def test_parquet_files_splits_are_those_load_dataset_gives(tmp_path, monkeypatch, names):
+    """Which Parquet file is whose split, where no card names them, is `datasets`' decision (its split patterns and
+    split words), not a reading of our own: `test-clean.parquet` was a train file here (the name did not fit our
+    pattern), and so was the Hub's older Parquet conversion's `default/NAME-test.clean.parquet` (by its folder's
+    name), so test audio became training data. (The conversion's current layout, `{split}/0000.parquet`, is named
+    by its folders, as the Hub's viewer names its splits: the test of `--revision refs/convert/parquet`.)"""
+    from test_sources import hf_rows
+
+    root = tmp_path / "ds"
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict(hf_rows(1 + i, 10 * i, name)).cast_column("audio", datasets.Audio()).to_parquet(
+            str(root / name))
+    loaded = load_dataset(monkeypatch, tmp_path, str(root))
+    summary = shard_corpus("hf", root, tmp_path / "m")
+    rows = manifest_rows(tmp_path / "m")
+    assert sorted((r["corpus_split"], r["text"]) for r in rows) == sorted(
+        (split, r["text"]) for split in loaded for r in loaded[split])
+    assert {r["split"] for r in rows if "test" in r["corpus_split"]} <= {"test"}
+    left = sorted({n for n in names if not n.startswith(".")} - {r["path"] for r in rows})  # said, not lost silently
+    assert [n for n in summary.get("notes", []) if "Parquet file" in n] == ([
+        f"{len(left)} Parquet file{'s' if len(left) > 1 else ''} that datasets' split patterns leave out (a second "
+        f"layout beside the one it reads), left out: {', '.join(left)}"] if left else [])
+
+
 @pytest.mark.parametrize("layout", [split_folders, flat_jsonl, data_parquet])
 def test_an_audiofolder_shards_as_datasets_reads_it(tmp_path, monkeypatch, layout):
     root = tmp_path / "my_dataset"

@@ -372,22 +372,6 @@ def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, sourc
     assert {r["source_id"].split("/")[1] for r in dev} == {"dev-clean" if source == "lhotse" else "dev_clean"}
 
 
-def test_split_names_in_every_layout_the_hub_writes(tmp_path):
-    from speechinstruct.sources.corpora.hf import data_files
-
-    names = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
-             "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet",  # older push_to_hub: a fingerprint
-             "test.parquet", "default/train/0000.parquet", "default/test/0000.parquet",  # refs/convert/parquet
-             ".cache/train-00000-of-00001.parquet"]  # hidden folders are not data
-    for name in names:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    found = {str(p.relative_to(tmp_path)): split for split, p in data_files(tmp_path)}
-    assert found == {"data/train-00000-of-00002.parquet": "train", "data/train-00001-of-00002.parquet": "train",
-                     "data/validation-00000-of-00001-5f6c3c7bd8a2e1f0.parquet": "validation", "test.parquet": "test",
-                     "default/train/0000.parquet": "train", "default/test/0000.parquet": "test"}
-
-
 def test_rows_holding_only_a_path_read_that_file_inside_the_dataset_and_are_counted_skips_else(tmp_path, monkeypatch):
     """`Dataset.to_parquet` keeps what `cast_column("audio", Audio())` made of file names: cells with a path and no
     bytes (only `save_to_disk` and `push_to_hub` embed the audio). A path to a file inside the dataset folder

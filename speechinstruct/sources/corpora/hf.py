@@ -46,9 +46,6 @@ from .audiofolder import kind as file_kind, read as audiofolder_rows
 from .base import FOLLOW_LINKS, Item, Note, Skip, cell_text, probe, relpath, split_of
 
 NAME = "hf"
-# train-00000-of-00002.parquet, validation-00001-of-00002.parquet, test.parquet, train-00000.parquet, and
-# older push_to_hub names with a fingerprint: train-00000-of-00001-5f6c3c7bd8a2e1f0.parquet
-_SPLIT_IN_NAME = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)(?:-\d{5}(?:-of-\d{5})?)?(?:-[0-9a-f]{8,})?\.(?:parquet|arrow)$")
 
 
 def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
@@ -74,6 +71,11 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
         return
     if patterns is None:  # the files' names say the splits
         files = data_files(folder)
+        if left := [relpath(f, root) for split, f in files if split is None]:
+            yield Note(f"{len(left)} Parquet file{'s' if len(left) != 1 else ''} that datasets' split patterns leave "
+                       f"out (a second layout beside the one it reads), left out: {', '.join(left[:3])}"
+                       + (" …" if len(left) > 3 else ""))
+            files = [(split, f) for split, f in files if split is not None]
     else:
         files = [(named, _inside(root, rel, root)) for named, found in splits.items() for rel, _ in found
                  if file_kind(rel) == "table"]
@@ -306,7 +308,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             splits = {split: splits[_known(Path(named), split, splits)]}
         wanted = [name for found in splits.values() for name in found if file_kind(name) in ("audio", "metadata")]
     else:
-        tables = {name: parquet_split(name) for name in below if name.endswith(".parquet") and not name.startswith(".")}
+        tables = parquet_splits(name for name in below if name.endswith(".parquet"))
         if not tables and any(name.endswith(".py") and "/" not in name for name in listed) and revision is None:
             raise FileNotFoundError(f"{named}: no data files, but a loading script (datasets 4 and later run none): "
                                     "the Hub's Parquet conversion of it is read with --revision refs/convert/parquet "
@@ -368,28 +370,31 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
         if not isinstance(split, str):
             raise ValueError(f"{info_file}: 'split' must be a name, got {split!r}")
         return [(split, f) for f in _arrow_files(root, root)]
-    found = []
-    for relative, path in sorted(files_under(root), key=lambda found: found[1]):  # hidden files and folders left out
-        if not relative.endswith(".parquet"):
-            continue
-        _inside(root, relative, root)  # a link out of ROOT: one line (--follow-links reads it)
-        found.append((parquet_split(relative.replace(os.sep, "/")), path))
-    if not found:
+    listed = {relative.replace(os.sep, "/"): path for relative, path in files_under(root)  # hidden ones left out
+              if relative.endswith(".parquet")}
+    if not listed:
         raise FileNotFoundError(f"{root}: no Parquet files, no save_to_disk folder (dataset_dict.json or "
                                 "state.json) and no audio files (audiofolder): not a Hugging Face dataset folder")
-    return found
+    splits = parquet_splits(listed)
+    for name in listed:
+        _inside(root, name, root)  # a link out of ROOT: one line (--follow-links reads it)
+    return [(splits.get(name), path) for name, path in sorted(listed.items(), key=lambda item: item[1])]
 
 
-def parquet_split(name: str) -> str:
-    """The split a Parquet file's name (relative to the dataset, ``/``-separated) says: ``data/validation-00000-of-00001
-    .parquet``, ``test.parquet``; by its folder where the file is numbered (``train/0000.parquet``, the Hub's converted
-    layout); ``train`` for a numbered file at the top."""
-    folder, _, base = name.rpartition("/")
-    m = _SPLIT_IN_NAME.match(base)
-    named = m.group("split") if m else None
-    if named is None or named.isdigit() or re.fullmatch(r"\d+", base.removesuffix(".parquet")):
-        return folder.rpartition("/")[2] if folder else "train"
-    return named
+def parquet_splits(names) -> dict[str, str]:
+    """The split of each Parquet file among ``names`` (relative to the dataset, ``/``-separated) where no card names
+    them. The Hub's Parquet conversion (``refs/convert/parquet``: numbered files in split folders, ``train.100/
+    0000.parquet``, ``partial-train/0000.parquet``): its folder's name, the split the Hub's dataset viewer gives
+    ``datasets`` for it. Else as ``datasets`` assigns them (:func:`split_names`: ``data/validation-00000-of-00001
+    .parquet``, split words such as ``test-clean.parquet``, else all ``train``); a file its patterns leave out (a
+    second layout beside the first it finds) has none. Hidden files have none."""
+    names = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
+    if names and all(_CONVERTED.fullmatch(n) for n in names):
+        return {n: n.split("/")[-2] for n in names}
+    return {name: split for split, found in split_names(names).items() for name in found}
+
+
+_CONVERTED = re.compile(r"(?:[^/]+/)*[^/]+/\d+\.parquet")  # the Hub's Parquet conversion: {config}/{split}/0000.parquet
 
 
 def _arrow_files(folder: Path, root: Path) -> list[Path]:
