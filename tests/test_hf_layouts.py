@@ -131,6 +131,24 @@ def test_parquet_files_splits_are_those_load_dataset_gives(tmp_path, monkeypatch
         f"layout beside the one it reads), left out: {', '.join(left)}"] if left else [])
 
 
+def test_split_names_datasets_refuses_are_one_line_naming_the_folder(tmp_path, monkeypatch):
+    """`data/test-clean-00000-of-00001.parquet`: `datasets` refuses a split name outside `\\w+(\\.\\w+)*`, and so
+    do we, in one line naming the folder and the way out (it was a train file here, by its folder's name)."""
+    from test_sources import hf_rows
+
+    root = tmp_path / "ds"
+    (root / "data").mkdir(parents=True)
+    for name in ("test-clean", "train"):
+        datasets.Dataset.from_dict(hf_rows(1, 0, name)).cast_column("audio", datasets.Audio()).to_parquet(
+            str(root / "data" / f"{name}-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match="Split name should match"):
+        load_dataset(monkeypatch, tmp_path, str(root))
+    result = runner.invoke(app, ["shard", "hf", str(root), str(tmp_path / "m")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().startswith(f"error: {root}: datasets refuses the split names of its data/{{split}}-")
+    assert len(result.stderr.strip().splitlines()) == 1 and "card's configs (data_files)" in result.stderr
+
+
 @pytest.mark.parametrize("layout", [split_folders, flat_jsonl, data_parquet])
 def test_an_audiofolder_shards_as_datasets_reads_it(tmp_path, monkeypatch, layout):
     root = tmp_path / "my_dataset"

@@ -139,14 +139,15 @@ def split_files(root: Path, folder: Path, patterns: dict[str, list[str]] | None 
         return {}
     listed = {rel.replace(os.sep, "/"): path for rel, path in files_under(folder)}
     return {split: [(relpath(listed[name], root), listed[name]) for name in names]
-            for split, names in split_names(list(listed), patterns).items()}
+            for split, names in split_names(list(listed), patterns, where=str(folder)).items()}
 
 
-def split_names(names: list[str], patterns: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+def split_names(names: list[str], patterns: dict[str, list[str]] | None = None, where: str = "") -> dict[str, list[str]]:
     """Each split's files among ``names`` (relative, ``/``-separated: a folder's listing or a Hub repo's), as
     ``datasets`` resolves them: ``patterns`` (a card config's ``data_files``) or ``datasets``' own split patterns
     (``data/{split}-NNNNN-of-NNNNN``, split folders, split words in names, else all train), matched as fsspec's glob
-    matches them. Hidden files and the card are no split's."""
+    matches them. Hidden files and the card are no split's. Split names ``datasets`` refuses: one line naming
+    ``where`` (the folder or repo)."""
     from datasets.data_files import FILES_TO_IGNORE, _get_data_files_patterns
     from fsspec.utils import glob_translate
 
@@ -162,6 +163,10 @@ def split_names(names: list[str], patterns: dict[str, list[str]] | None = None) 
             patterns = _get_data_files_patterns(matching)
         except FileNotFoundError:  # no files at all
             return {}
+        except ValueError as e:  # data/test-clean-00000-of-00001.parquet: datasets takes \w+(.\w+)* split names only
+            raise ValueError(f"{where or 'this dataset'}: datasets refuses the split names of its data/{{split}}-NNNNN-"
+                             f"of-NNNNN files ({str(e).strip()}): rename them (letters, digits, _ and . only), or "
+                             "name each split's files in the card's configs (data_files)") from None
     return {str(split): sorted({name for glob in globs for name in matching(glob)}) for split, globs in patterns.items()}
 
 
@@ -299,7 +304,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             patterns = {split: patterns[_known(Path(named), split, patterns)]}
         return fetch(in_repo(g for globs in patterns.values() for g in globs))
     below = [name[len(base) + 1:] for name in listed if name.startswith(base + "/")] if base != "." else listed
-    splits = split_names(below)
+    splits = split_names(below, where=named)
     kept_as = builder(name for found in splits.values() for name in found)
     if kept_as == "webdataset":
         raise ValueError(webdataset_problem(named, f"hf://datasets/{named}", listed))
@@ -308,7 +313,7 @@ def local_folder(source: str | Path, split: str | None = None, config: str | Non
             splits = {split: splits[_known(Path(named), split, splits)]}
         wanted = [name for found in splits.values() for name in found if file_kind(name) in ("audio", "metadata")]
     else:
-        tables = parquet_splits(name for name in below if name.endswith(".parquet"))
+        tables = parquet_splits((name for name in below if name.endswith(".parquet")), where=named)
         if not tables and any(name.endswith(".py") and "/" not in name for name in listed) and revision is None:
             raise FileNotFoundError(f"{named}: no data files, but a loading script (datasets 4 and later run none): "
                                     "the Hub's Parquet conversion of it is read with --revision refs/convert/parquet "
@@ -375,13 +380,13 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
     if not listed:
         raise FileNotFoundError(f"{root}: no Parquet files, no save_to_disk folder (dataset_dict.json or "
                                 "state.json) and no audio files (audiofolder): not a Hugging Face dataset folder")
-    splits = parquet_splits(listed)
+    splits = parquet_splits(listed, where=str(root))
     for name in listed:
         _inside(root, name, root)  # a link out of ROOT: one line (--follow-links reads it)
     return [(splits.get(name), path) for name, path in sorted(listed.items(), key=lambda item: item[1])]
 
 
-def parquet_splits(names) -> dict[str, str]:
+def parquet_splits(names, where: str = "") -> dict[str, str]:
     """The split of each Parquet file among ``names`` (relative to the dataset, ``/``-separated) where no card names
     them. The Hub's Parquet conversion (``refs/convert/parquet``: numbered files in split folders, ``train.100/
     0000.parquet``, ``partial-train/0000.parquet``): its folder's name, the split the Hub's dataset viewer gives
@@ -391,7 +396,7 @@ def parquet_splits(names) -> dict[str, str]:
     names = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
     if names and all(_CONVERTED.fullmatch(n) for n in names):
         return {n: n.split("/")[-2] for n in names}
-    return {name: split for split, found in split_names(names).items() for name in found}
+    return {name: split for split, found in split_names(names, where=where).items() for name in found}
 
 
 _CONVERTED = re.compile(r"(?:[^/]+/)*[^/]+/\d+\.parquet")  # the Hub's Parquet conversion: {config}/{split}/0000.parquet
