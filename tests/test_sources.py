@@ -3,6 +3,7 @@ manifests and Kaldi data directories. Fixtures are written by the tools themselv
 or in the exact text layout Kaldi's recipes write."""
 
 import io
+import os
 import json
 
 import datasets
@@ -272,14 +273,14 @@ def kaldi_dir(tmp_path):
     return tmp_path / "data", audio
 
 
-def test_kaldi_data_dirs_shard_with_segments_splits_and_pipes_refused(tmp_path):
+def test_kaldi_data_dirs_shard_with_segments_splits_and_decoding_pipes_read(tmp_path):
     data, audio = kaldi_dir(tmp_path)
     result = runner.invoke(app, ["shard", "kaldi", str(data), str(tmp_path / "manifest"), "-q"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["root"] == str(audio)  # the deepest folder holding every wav.scp file
-    assert summary["skipped"] == {"segment outside its recording": 1, "wav.scp entry is a command (not run)": 1}
-    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"validation": 1, "train": 3}
+    assert summary["skipped"] == {"segment outside its recording": 1}
+    assert {k: v["utterances"] for k, v in summary["splits"].items()} == {"validation": 1, "train": 4}
     rows = {r["id"]: r for f in manifest_files(tmp_path / "manifest") for r in pq.read_table(f).to_pylist()}
     seg = rows["kaldi/train/spkA-rec0-0001"]
     assert (seg["path"], seg["offset"], seg["duration"], seg["text"], seg["speaker"]) == ("rec0.flac", 1.5, pytest.approx(2.4),
@@ -287,8 +288,105 @@ def test_kaldi_data_dirs_shard_with_segments_splits_and_pipes_refused(tmp_path):
     assert rows["kaldi/dev_clean/rec2"]["split"] == "validation" and rows["kaldi/dev_clean/rec2"]["duration"] == pytest.approx(4.0)
     full, _ = sf.read(audio / "rec0.flac", dtype="float32")
     np.testing.assert_allclose(decode_row(seg, audio), full[24000:24000 + 38400], atol=1e-6)
+    piped = rows["kaldi/train/spkB-recp-0000"]  # `flac -c -d -s rec1.flac |`: rec1.flac, never run
+    assert (piped["path"], piped["text"]) == ("rec1.flac", "PIPED")
+    np.testing.assert_allclose(decode_row(piped, audio), sf.read(audio / "rec1.flac", dtype="float32")[0][:16000], atol=1e-6)
     stats = extract(tmp_path / "manifest", tmp_path / "feats", MFCC())
-    assert stats["utterances"] == 4 and stats["errors"] == 0
+    assert stats["utterances"] == 5 and stats["errors"] == 0
+
+
+def test_kaldi_commands_that_only_decode_a_file_are_read_as_it_and_no_command_is_run(tmp_path, monkeypatch):
+    """Kaldi recipes write wav.scp as commands: `flac -c -d -s F |` (LibriSpeech), `sph2pipe -f wav -p -c 1 F |` (WSJ,
+    Switchboard), `sox F -t wav -r 16k - |`, and lhotse's export to Kaldi `ffmpeg … -i F -ar 16000 -map_channel 0.0.0
+    … pipe:1 |` or `sph2pipe F … | ffmpeg -i pipe:0 … |` (written here by lhotse's own function). Each that only
+    decodes one file is read as that file (resampling and mixing to mono are what every stage does anyway); no
+    command is ever run (a tripwire program proves it). A command that changes the audio (an effect, a time range),
+    one picking a channel of a file with several, and any other program are counted skips."""
+    from lhotse.audio import AudioSource
+    from lhotse.kaldi import make_wavscp_channel_string_map
+
+    audio = tmp_path / "corpus"
+    (audio / "sph").mkdir(parents=True)
+    sf.write(audio / "a b.flac", speechlike(2.0, seed=1), 16000)
+    sf.write(audio / "sph" / "mono.sph", speechlike(2.0, seed=2, sr=8000), 8000, format="NIST", subtype="PCM_16")
+    stereo = np.stack([speechlike(2.0, seed=3, sr=8000), speechlike(2.0, seed=4, sr=8000)], axis=1)
+    sf.write(audio / "sph" / "stereo.sph", stereo, 8000, format="NIST", subtype="PCM_16")
+    sf.write(audio / "c.wav", speechlike(2.0, seed=5, sr=44100), 44100)
+    sf.write(audio / "d.flac", speechlike(2.0, seed=6), 16000)
+
+    def lhotse_writes(name: str, channels: list[int]) -> str:  # the last channel's wav.scp entry
+        source = AudioSource(type="file", channels=channels, source=str(audio / name))
+        return make_wavscp_channel_string_map(source, 16000)[channels[-1]]
+
+    tripwire = tmp_path / "bin"
+    tripwire.mkdir()
+    for program in ("flac", "sph2pipe", "sox", "ffmpeg", "cat"):  # were any run, it would leave its mark
+        (tripwire / program).write_text(f"#!/bin/sh\ntouch {tmp_path}/ran-{program}\n")
+        (tripwire / program).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tripwire}:{os.environ['PATH']}")
+    entries = {
+        "flac": f"flac --decode --stdout --silent '{audio / 'a b.flac'}' |",  # a name with a space, quoted
+        "wsj": f"/opt/kaldi/tools/sph2pipe_v2.5/sph2pipe -f wav -p -c 1 {audio / 'sph' / 'mono.sph'} |",
+        "swbd-A": f"sph2pipe -f wav -p -c 1 {audio / 'sph' / 'stereo.sph'} |",  # one side of a call
+        "whole": f"sph2pipe -f wav -p {audio / 'sph' / 'stereo.sph'} |",  # both channels: mixed, as any stereo file
+        "sox": f"sox {audio / 'c.wav'} -t wav -r 16k -b 16 -e signed-integer -c 1 - |",
+        "effect": f"sox {audio / 'c.wav'} -t wav - speed 1.1 |",
+        "range": f"sph2pipe -f wav -p -t 0.5:1.5 {audio / 'sph' / 'mono.sph'} |",
+        "chain": f"flac -c -d -s {audio / 'a b.flac'} | sox -t wav - -t wav - gain -3 |",
+        "cat": f"cat {audio / 'c.wav'} |",
+        "lhotse-flac": lhotse_writes("d.flac", [0]),  # ffmpeg -threads 1 -i F -ar 16000 -map_channel 0.0.0 …
+        "lhotse-sph": lhotse_writes("sph/mono.sph", [0]),  # sph2pipe F -f wav -c 1 -p | ffmpeg … -i pipe:0 …
+        "lhotse-swbd-B": lhotse_writes("sph/stereo.sph", [0, 1]),  # … -c 2 … : the other side of a call
+    }
+    assert entries["lhotse-sph"].startswith(f"sph2pipe {audio / 'sph' / 'mono.sph'} -f wav -c 1 -p | ffmpeg")
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "wav.scp").write_text("".join(f"{k} {v}\n" for k, v in sorted(entries.items())))
+    result = runner.invoke(app, ["shard", "kaldi", str(tmp_path / "data"), str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    rows = {r["id"].split("/")[-1]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
+    assert {k: r["path"] for k, r in rows.items()} == {"flac": "a b.flac", "wsj": "sph/mono.sph", "whole": "sph/stereo.sph",
+                                                       "sox": "c.wav", "lhotse-flac": "d.flac", "lhotse-sph": "sph/mono.sph"}
+    assert summary["root"] == str(audio) and summary["skipped"] == {
+        "wav.scp entry is a command (not run)": 4, "wav.scp entry picks one channel of several (not read)": 2}
+    assert not list(tmp_path.glob("ran-*"))
+    np.testing.assert_allclose(decode_row(rows["wsj"], audio, sample_rate=8000),
+                               sf.read(audio / "sph" / "mono.sph", dtype="float32")[0], atol=1e-6)
+    np.testing.assert_allclose(decode_row(rows["whole"], audio, sample_rate=8000), stereo.mean(axis=1), atol=1e-4)
+    assert extract(tmp_path / "m", tmp_path / "f", MFCC())["utterances"] == 6
+
+
+def test_lhotse_manifests_of_a_kaldi_dir_with_decoding_commands_read_their_files(tmp_path):
+    """lhotse's own import of a Kaldi data dir (`load_kaldi_data_dir`, durations from `reco2dur`, so that it runs
+    nothing either) keeps `flac -c -d -s F |` as a `command` source: read as F, as `shard kaldi` reads it; a command
+    picking one side of a two-channel file is a counted skip."""
+    from lhotse.kaldi import load_kaldi_data_dir
+
+    data, audio = kaldi_dir(tmp_path)
+    train = data / "train"
+    stereo = np.stack([speechlike(4.0, seed=7), speechlike(4.0, seed=8)], axis=1)
+    sf.write(audio / "call.sph", stereo, 16000, format="NIST", subtype="PCM_16")
+    with open(train / "wav.scp", "a") as f:
+        f.write(f"call sph2pipe -f wav -p -c 2 {audio / 'call.sph'} |\n")
+    (train / "reco2dur").write_text("rec0 4.0\nrec1 4.0\nrecp 4.0\ncall 4.0\n")
+    with open(train / "segments", "a") as f:
+        f.write("spkC-call-0000 call 0.00 2.00\n")
+    for name, line in (("utt2spk", "spkC-call-0000 spkC"), ("text", "spkC-call-0000 HELLO")):
+        with open(train / name, "a") as f:
+            f.write(line + "\n")
+    recordings, supervisions, _ = load_kaldi_data_dir(train, sampling_rate=16000)
+    assert recordings["recp"].sources[0].type == "command"
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    recordings.to_file(manifests / "kaldi_recordings_train.jsonl.gz")
+    supervisions.to_file(manifests / "kaldi_supervisions_train.jsonl.gz")
+    summary = shard_corpus("lhotse", manifests, tmp_path / "m")
+    rows = {r["id"]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
+    assert rows["lhotse/train/spkB-recp-0000"]["path"] == "rec1.flac" and summary["root"] == str(audio)
+    assert summary["skipped"] == {"audio source picks one channel of several (not read)": 1,
+                                  "segment outside its recording": 1}  # the fixture's 3-9 s of a 4 s file
+    np.testing.assert_allclose(decode_row(rows["lhotse/train/spkB-recp-0000"], audio),
+                               sf.read(audio / "rec1.flac", dtype="float32")[0][:16000], atol=1e-6)
 
 
 def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cuts(tmp_path):
@@ -367,7 +465,7 @@ def lhotse_parts(tmp_path):
 def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, source):
     root = lhotse_parts(tmp_path) if source == "lhotse" else kaldi_dir(tmp_path)[0]
     summary = run_source(tmp_path, source, root, {"license": "CC-BY-4.0"})
-    assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 6, "validation": 2}
+    assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 6 if source == "lhotse" else 8, "validation": 2}
     dev = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="validation")
     assert {r["source_id"].split("/")[1] for r in dev} == {"dev-clean" if source == "lhotse" else "dev_clean"}
 

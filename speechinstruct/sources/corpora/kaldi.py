@@ -3,9 +3,12 @@
 
 ROOT is one data directory or a folder of them (``data/train``, ``data/dev_clean`` …); the split is the
 directory's name (``dev*``/``test*`` are dev/test, anything else train). Without ``segments`` every
-recording is one utterance. ``wav.scp`` entries that are commands (``flac -c -d -s x.flac |``, as Kaldi's
-LibriSpeech recipe writes them) or archive offsets (``x.ark:123``) are never run or read: each is a counted
-skip saying so, so convert such audio to files first. Relative paths are resolved from the current folder,
+recording is one utterance. ``wav.scp`` entries that are commands are never run. A command that only decodes
+one file, unchanged, is read as that file (:func:`piped_file`): ``flac -c -d -s x.flac |`` (Kaldi's LibriSpeech
+recipe), ``sph2pipe -f wav -p -c 1 x.sph |`` (WSJ, Switchboard: a channel of a file with more than one is a
+counted skip, as channels are not read apart), ``sox x.mp3 -t wav -r 16k - |`` (format, rate, bits, encoding,
+mono: what every stage does to audio anyway). Any other command, and archive offsets (``x.ark:123``), are
+counted skips saying so: convert such audio to files first. Relative paths are resolved from the current folder,
 as Kaldi resolves them from its recipe folder. The manifest stores paths relative to ``audio_root``: by
 default the deepest folder holding every listed file (:func:`audio_root`).
 """
@@ -13,6 +16,7 @@ default the deepest folder holding every listed file (:func:`audio_root`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -49,8 +53,12 @@ def _table(path: Path, min_fields: int) -> Iterator[tuple[int, list[str]]]:
 def _file_entries(root: Path) -> Iterator[str]:
     for folder in data_dirs(root):
         for _, fields in _table(folder / "wav.scp", 2):
-            if len(fields) == 2 and not fields[1].endswith("|"):
-                yield fields[1]
+            entry = " ".join(fields[1:])
+            if entry.endswith("|"):  # a command that only decodes a file: that file
+                if (piped := piped_file(entry)) is not None:
+                    yield piped[0]
+            elif len(fields) == 2:
+                yield entry
 
 
 def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> Path:
@@ -112,16 +120,115 @@ def _read_dir(folder: Path, base: Path, license: str) -> Iterator[Item]:
         }
 
 
+def piped_file(command: str) -> tuple[str, int | None] | None:
+    """(the file, the 1-based channel it picks or None) that a ``wav.scp`` command (``… |``) only decodes: unchanged
+    but for what every stage does anyway (resampling, mixing to mono); None for any other command. Nothing is run.
+    Its first program decodes the file: ``flac -c -d -s F`` (Kaldi's LibriSpeech), ``sph2pipe [-f wav] [-p] [-c N]
+    F`` (WSJ, Switchboard), ``sox F [-t T] [-r R] [-b B] [-e E] [-c 1] -``, ``ffmpeg -i F [-ar R] [-ac 1]
+    [-map_channel 0.0.C] [-f wav] pipe:1`` (lhotse's export to Kaldi); programs after it may only convert what they
+    read (``| ffmpeg -i pipe:0 -ar 16000 -f wav pipe:1``, ``| sox -t wav - -t wav -r 8k -``). A program may be
+    named by its path (``$KALDI_ROOT/tools/sph2pipe_v2.5/sph2pipe``)."""
+    import shlex
+
+    lexer = shlex.shlex(command.rstrip().removesuffix("|"), posix=True, punctuation_chars="|;&<>")
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError:  # an unclosed quote
+        return None
+    stages, stage = [], []
+    for word in words:
+        if word == "|":
+            stages.append(stage)
+            stage = []
+        elif set(word) <= set("|;&<>"):  # a redirection, another command, a background job
+            return None
+        else:
+            stage.append(word)
+    stages.append(stage)
+    found = [_decodes(stage) for stage in stages]
+    if any(f is None for f in found) or found[0][0] == "-" or any(f[0] != "-" for f in found[1:]):
+        return None  # the first reads a file, every later one what the one before it wrote
+    if any(channel not in (None, 1) for _, channel in found[1:]):
+        return None  # a later one picks a channel of what it reads: not the first's channel
+    return found[0]
+
+
+def _decodes(words: list[str]) -> tuple[str, int | None] | None:
+    """(its input: a file, or "-" for what it reads; the 1-based channel it picks or None) of one program that only
+    decodes or converts audio, or None."""
+    if len(words) < 2:
+        return None
+    program, args = os.path.basename(words[0]), words[1:]
+    if program == "flac":  # -c -d -s, or together (-cds), or spelt out
+        files = [a for a in args if not a.startswith("-") or a == "-"]
+        long = {"--stdout": "c", "--decode": "d", "--silent": "s", "--totally-silent": "s"}
+        letters = "".join(long.get(a, "?" if a.startswith("--") else a[1:]) for a in args if a not in files)
+        return (files[0], None) if len(files) == 1 and "d" in letters and set(letters) <= set("cdsf") else None
+    takes = {  # each option with the values it may take (None: any): those that leave the audio as it is
+        "sph2pipe": {"-f": ("wav", "rif"), "-c": ("1", "2"), "-p": ()},
+        "sox": {"-t": None, "-r": None, "-b": None, "-e": None, "-c": ("1",), "-q": (), "-V0": (), "-V1": ()},
+        "ffmpeg": {"-i": None, "-threads": None, "-ar": None, "-ac": ("1",), "-f": ("wav",), "-map_channel": None,
+                   "-y": (), "-nostdin": (), "-hide_banner": (), "-loglevel": None, "-v": None, "-acodec": ("pcm_s16le",),
+                   "-c:a": ("pcm_s16le",)},
+    }.get(program)
+    if takes is None:
+        return None
+    given, plain = {}, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in takes and takes[arg] == ():  # a flag
+            i += 1
+            continue
+        if arg in takes:  # an option and its value
+            if i + 1 >= len(args) or (takes[arg] is not None and args[i + 1] not in takes[arg]):
+                return None
+            given[arg] = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("-") and arg != "-":
+            return None  # sph2pipe -t b:e (a time range), -u (mu-law), ffmpeg -af (a filter)…: not the audio as it is
+        plain.append(arg)
+        i += 1
+    if program == "sph2pipe":  # sph2pipe [options] FILE [options] (lhotse puts the file first): to stdout
+        return (plain[0], int(given["-c"]) if "-c" in given else None) if len(plain) == 1 else None
+    if program == "sox":  # sox INPUT … OUTPUT, the output stdout ("-"); anything after it would be an effect
+        return (plain[0], None) if len(plain) == 2 and plain[1] == "-" and args[-1] == "-" else None
+    # ffmpeg -i INPUT … OUTPUT: stdout (pipe:1 or -); pipe:0 or - is what it reads
+    source, channel = given.get("-i"), given.get("-map_channel")
+    if source is None or len(plain) != 1 or plain[0] not in ("pipe:1", "-") or (
+            channel is not None and not re.fullmatch(r"0\.0\.\d+", channel)):
+        return None
+    return ("-" if source in ("pipe:0", "pipe:", "-") else source), (int(channel.split(".")[-1]) + 1 if channel else None)
+
+
 def _probe(entry: str, base: Path, where: str) -> tuple[str, int, float] | Skip:
+    channel = None
     if entry.rstrip().endswith("|"):
-        return Skip(where, "wav.scp entry is a command (not run)", f"{entry!r}: convert this audio to a file first")
-    if len(entry.split()) > 1:
+        piped = piped_file(entry)
+        if piped is None:
+            return Skip(where, "wav.scp entry is a command (not run)", f"{entry!r}: convert this audio to a file first")
+        entry, channel = piped
+    elif len(entry.split()) > 1:
         return Skip(where, "wav.scp entry is not a file path", repr(entry))
-    if ":" in entry and Path(entry.rsplit(":", 1)[0]).suffix == ".ark":
+    elif ":" in entry and Path(entry.rsplit(":", 1)[0]).suffix == ".ark":
         return Skip(where, "wav.scp entry is an archive offset (not read)", f"{entry!r}: extract it to a file first")
     path = Path(os.path.abspath(entry))
     found = probe(path, base)
     if isinstance(found, Skip):
         return Skip(where, found.reason, found.detail or str(path))
     sr, seconds = found
+    if problem := channel_problem(path, channel):
+        return Skip(where, "wav.scp entry picks one channel of several (not read)", problem)
     return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds
+
+
+def channel_problem(path: Path, channel: int | None) -> str | None:
+    """Why a command picking ``channel`` (1-based) of ``path`` cannot be read as the file: it has several (every
+    stage mixes a file's channels; one is not read apart), else None."""
+    import soundfile as sf
+
+    if channel is None or (channels := sf.info(str(path)).channels) == 1:
+        return None
+    return f"channel {channel} of a {channels}-channel file: channels are not read apart; make a file of it"

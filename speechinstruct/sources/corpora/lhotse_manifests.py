@@ -6,7 +6,9 @@ and ``test*`` are dev/test, anything else train). One manifest row per supervisi
 supervisions' texts joined). A supervision's word alignment (``alignment["word"]``) becomes the row's ``words``,
 timed from the supervision's start. Audio sources of type ``file`` are read, and those of type ``url`` whose
 URL is object storage (``s3://``, ``gs://``, ``hf://``; not ``http(s)://``), from their copy in the cache (:mod:`speechinstruct.storage`,
-each fetched once); ``command`` and ``memory`` sources are counted skips. Paths are stored relative to
+each fetched once); a ``command`` source that only decodes one file is read as that file, never run
+(``flac -c -d -s F``: what lhotse's import of a Kaldi ``wav.scp`` makes, :func:`kaldi.piped_file`); other
+``command`` and ``memory`` sources are counted skips. Paths are stored relative to
 ``audio_root``: by default the deepest folder holding every recording's file (:func:`audio_root`).
 """
 
@@ -21,6 +23,7 @@ from ...progress import progress
 from .. import storage
 from ..alignments import check_words, lhotse_words
 from .base import Item, Skip, deepest_common_folder, probe, split_of
+from .kaldi import channel_problem, piped_file
 
 NAME = "lhotse"
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
@@ -123,13 +126,16 @@ def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
 
 
 def _file_of(recording) -> str | None:
-    """The one file a recording's audio is in: its path, or where the cache keeps its URL's copy."""
+    """The one file a recording's audio is in: its path, where the cache keeps its URL's copy, or the file a
+    command only decodes (lhotse's import of a Kaldi ``wav.scp``: ``flac -c -d -s F``, never run)."""
     url = _url_of(recording)
     if url:
         return str(storage.cache_path(url))
     sources = recording.sources
     if len(sources) == 1 and sources[0].type == "file":
         return os.path.abspath(sources[0].source)
+    if len(sources) == 1 and sources[0].type == "command" and (piped := piped_file(f"{sources[0].source} |")):
+        return os.path.abspath(piped[0])
     return None
 
 
@@ -222,6 +228,9 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
     if isinstance(found, Skip):
         return Skip(where, found.reason, found.detail or path)
     sr, seconds = found
+    if recording.sources[0].type == "command" and (
+            problem := channel_problem(Path(path), piped_file(f"{recording.sources[0].source} |")[1])):
+        return Skip(where, "audio source picks one channel of several (not read)", f"recording {recording.id}: {problem}")
     return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds
 
 
