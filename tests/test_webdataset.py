@@ -145,3 +145,47 @@ def test_compressed_tars_are_skipped_whole_and_a_nested_json_member_is_one_skip(
     assert "gzip" in summary["skipped_examples"][0]["detail"] or any(
         "gzip" in s["detail"] for s in summary["skipped_examples"])
     assert summary["utterances"] == 5  # 3 + 1 from the plain tars, and "fine"
+
+
+def test_members_webdataset_ignores_are_ignored_and_a_repeated_member_is_one_skip(tmp_path):
+    """Member names webdataset's own reader takes no sample from are left out here too, and counted in a note:
+    its `__meta__` members, names without a key (`._a.flac`, macOS's AppleDouble files in a tar made there; `README`,
+    no dot). A sample that holds one extension twice (webdataset: "duplicate file name", the whole stream stops) is
+    one counted skip, not the second member read in place of the first."""
+    import tarfile
+
+    import webdataset as wds
+
+    def member(tar, name: str, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    clean = tmp_path / "shards" / "train-000000.tar"
+    clean.parent.mkdir()
+    with tarfile.open(clean, "w") as tar:
+        member(tar, "__index__", b"0 1 2")
+        for i, key in enumerate(("a", "b")):
+            member(tar, f"._{key}.flac", b"\x00\x05\x16\x07AppleDouble")
+            member(tar, f"{key}.flac", encoded(speechlike(1.0, seed=i), 16000, "FLAC"))
+            member(tar, f"{key}.txt", f"sample {key}".encode())
+        member(tar, "README", b"made on a Mac")
+    theirs = [s["__key__"] for s in wds.WebDataset(str(clean), shardshuffle=False)]
+    summary = shard_corpus("webdataset", str(clean), tmp_path / "m", license="x")
+    assert theirs == ["a", "b"] and sorted(rows_of(tmp_path / "m")) == [f"webdataset/train-000000/{k}" for k in theirs]
+    assert summary["skipped"] == {} and summary["notes"] == [
+        "4 tar members that webdataset takes no sample from (its __meta__ files, names without a key such as "
+        "._a.flac or README), left out: train-000000.tar: __index__, ._a.flac, ._b.flac …"]
+
+    twice = tmp_path / "twice" / "train-000000.tar"
+    twice.parent.mkdir()
+    with tarfile.open(twice, "w") as tar:
+        member(tar, "a.flac", encoded(speechlike(1.0, seed=0), 16000, "FLAC"))
+        member(tar, "a.flac", encoded(speechlike(2.0, seed=1), 16000, "FLAC"))
+        member(tar, "b.flac", encoded(speechlike(1.0, seed=2), 16000, "FLAC"))
+    with pytest.raises(ValueError, match="duplicate file name"):
+        list(wds.WebDataset(str(twice), shardshuffle=False))
+    summary = shard_corpus("webdataset", str(twice), tmp_path / "t", license="x")
+    assert sorted(rows_of(tmp_path / "t")) == ["webdataset/train-000000/b"]
+    assert summary["skipped"] == {"member twice in one sample": 1}
+    assert summary["skipped_examples"][0]["path"] == "train-000000.tar: a"

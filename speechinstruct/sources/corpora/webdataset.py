@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import zlib
 from pathlib import Path
 from typing import Iterator
 
 from ...progress import progress
-from .base import Item, Skip, deepest_common_folder, relpath, split_of, split_word
+from .base import Item, Note, Skip, deepest_common_folder, relpath, split_of, split_word
 
 NAME = "webdataset"
 AUDIO = (".flac", ".wav", ".mp3", ".ogg", ".opus")
@@ -48,11 +49,19 @@ def _shards_folder(tars: list[Path]) -> Path:
     return deepest_common_folder(tars, tars[0].parent if tars else Path("."))
 
 
-def _key(name: str) -> tuple[str, str]:
-    """(key, extension) of a member name, as webdataset splits it: at the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), (dot + ext).lower()
+# webdataset's own rules (tariterators): a member's key is its name up to the first dot of the file name, and
+# no sample is made of names without one (README, ._a.flac: macOS's AppleDouble files) or of its __meta__ files
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _key(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a member name, as webdataset splits it: at the first dot of the file name; None for a
+    member webdataset takes no sample from."""
+    found = _KEY.match(name)
+    if found is None or _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None
+    return found.group(1), "." + found.group(2).lower()
 
 
 def _split_part(tar: Path, base: Path) -> str:
@@ -73,30 +82,42 @@ def compressed(tar: Path) -> str | None:
     return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
 
 
-def samples(tar: Path) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
+def samples(tar: Path, ignored: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
     """(key, {extension: (data offset, size, bytes)}) per sample of one tar, read as a stream (one sample's
-    members in memory at a time); a Skip when the tar is truncated or damaged (and no more samples of it)."""
-    current, members = None, {}
+    members in memory at a time); a Skip for a sample holding one extension twice, and when the tar is truncated
+    or damaged (and no more samples of it). Members webdataset takes no sample from are added to ``ignored``."""
+    current, members, twice = None, {}, None
+
+    def done():
+        return Skip(f"{tar.name}: {current}", "member twice in one sample", twice) if twice else (current, members)
+
     try:
         with tarfile.open(tar, "r|*") as stream:
             for info in stream:
                 if not info.isfile():
                     continue
-                key, ext = _key(info.name)
+                found = _key(info.name)
+                if found is None:
+                    if ignored is not None:
+                        ignored.append((tar.name, info.name))
+                    continue
+                key, ext = found
                 if key != current and current is not None:
-                    yield current, members
-                    members = {}
+                    yield done()
+                    members, twice = {}, None
                 current = key
                 handle = stream.extractfile(info)
                 data = handle.read() if handle is not None else b""
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
+                if ext in members:  # webdataset: "duplicate file name", and its stream stops
+                    twice = twice or info.name
                 members[ext] = (info.offset_data, info.size, data)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         yield Skip(tar.name, "truncated or damaged tar", f"after {current or 'the start'}: {str(e)[:120]}")
         return
     if current is not None:
-        yield current, members
+        yield done()
 
 
 def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str) -> Item:
@@ -146,6 +167,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     if not tars:
         raise FileNotFoundError(f"{root}: no tar files match")
     base = (Path(audio_root) if audio_root else _shards_folder(tars)).resolve()
+    ignored: list[tuple[str, str]] = []
     for tar in progress(tars, desc="webdataset shards", unit="tar"):
         resolved = tar.resolve()
         part = _split_part(resolved, base)
@@ -154,5 +176,12 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
             yield Skip(tar.name, "compressed tar", f"{compression}: a row is read later at its byte offset in the tar, "
                        f"which a compressed file does not have; decompress it (e.g. `gunzip`) and shard again")
             continue
-        for sample in samples(tar):
+        for sample in samples(tar, ignored):
             yield sample if isinstance(sample, Skip) else _row(*sample, resolved, base, part, license)
+    if ignored:  # a few of them, by tar
+        by_tar: dict[str, list[str]] = {}
+        for tar_name, name in ignored[:3]:
+            by_tar.setdefault(tar_name, []).append(name)
+        yield Note(f"{len(ignored)} tar member{'s' if len(ignored) != 1 else ''} that webdataset takes no sample from "
+                   "(its __meta__ files, names without a key such as ._a.flac or README), left out: "
+                   + "; ".join(f"{t}: {', '.join(names)}" for t, names in by_tar.items()) + (" …" if len(ignored) > 3 else ""))
