@@ -47,9 +47,11 @@ def load(
     target_sr: int = TARGET_SR,
     reject_silence: bool = True,
     name: str | None = None,
+    channel: int | None = None,
 ) -> np.ndarray:
     """Float32 mono samples at ``target_sr`` of ``[offset, offset + duration)`` seconds of ``path`` (a file
-    name, or a binary file object such as ``io.BytesIO`` of encoded audio; ``name`` then labels errors)."""
+    name, or a binary file object such as ``io.BytesIO`` of encoded audio; ``name`` then labels errors): its
+    channels mixed, or its ``channel`` alone (0-based: one side of a two-channel telephone call)."""
     source = path if hasattr(path, "read") else str(path)
     path = name or path
     try:
@@ -72,7 +74,12 @@ def load(
         raise AudioError(
             f"{path}: truncated: asked for {duration:.3f} s at {offset:.3f} s, file gave {wav.shape[0] / sr:.3f} s"
         )
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if channel is not None:
+        if not 0 <= channel < wav.shape[1]:
+            raise AudioError(f"{path}: no channel {channel} (channels 0 to {wav.shape[1] - 1})")
+        wav = wav[:, channel]
+    else:
+        wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: contains NaN or Inf samples")
     if reject_silence and float(np.abs(wav).max()) < SILENCE_PEAK:

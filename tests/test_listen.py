@@ -6,6 +6,7 @@ import http.server
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -137,6 +138,50 @@ def test_report_cli_takes_units_and_any_vocoder(work, tmp_path):
     pq.write_table(pa.table({"id": ["a"], "x": [1]}), sorted(foreign.glob("units-*.parquet"))[0])
     wrong = runner.invoke(app, ["report", str(dataset), str(tmp_path / "d"), "--units", str(foreign)])
     assert wrong.exit_code == 2 and "units-00000.parquet: not a units file (no path" in wrong.stderr, wrong.output
+
+
+def test_report_plays_originals_that_lie_in_a_tar_or_on_one_channel(work, tmp_path):
+    """The report's originals are read as every stage reads a row's audio (decode_row's columns): a row whose
+    audio is a WebDataset tar member (`tar_offset`) or one channel of a file (`channel`). It read path, offset
+    and duration only, so such a corpus's report had no originals (the whole tar taken for a sound file)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    folder, _ = work
+    units = folder / "speechinstruct-demo" / "units"
+    spec = json.loads((units / "units.json").read_text())
+    copy, tars = tmp_path / "units", tmp_path / "tars"
+    shutil.copytree(units, copy)
+    tars.mkdir()
+    first = sorted(copy.glob("units-*.parquet"))[0]
+    table = pq.read_table(first)
+    rows = table.to_pylist()[:2]
+    with tarfile.open(tars / "train-000000.tar", "w") as tar:
+        for i, row in enumerate(rows):
+            data = (Path(spec["root"]) / row["path"]).read_bytes()
+            info = tarfile.TarInfo(f"{i:03d}.flac")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tars / "train-000000.tar") as tar:
+        for i, row in enumerate(rows):
+            member = tar.getmember(f"{i:03d}.flac")
+            row.update(path="train-000000.tar", tar_offset=member.offset_data, tar_size=member.size)
+    speech = sf.read(Path(spec["root"]) / table.to_pylist()[2]["path"], dtype="float32")[0]
+    stereo = np.stack([np.zeros_like(speech), speech], axis=1)
+    sf.write(tars / "call.wav", stereo, 16000)  # the speech on its right channel, the left silent
+    third = {**table.to_pylist()[2], "path": "call.wav", "offset": 0.0, "duration": 1.0, "channel": 1}
+    schema = pa.schema([f for f in table.schema])
+    pq.write_table(pa.Table.from_pylist([*rows, third], schema=schema), first)
+    for other in sorted(copy.glob("units-*.parquet"))[1:]:
+        other.unlink()
+    (copy / "units.json").write_text(json.dumps({**spec, "root": str(tars)}))
+    result = runner.invoke(app, ["report", str(folder / "dataset"), str(tmp_path / "r"), "--units", str(copy), "--samples", "3"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "r" / "audio").glob("*-original.wav"))) == 3
+    right = sf.read(tmp_path / "r" / "audio" / "02-original.wav", dtype="float32")[0]  # its channel alone, not halved
+    assert np.abs(right).max() == pytest.approx(np.abs(speech[:16000]).max(), rel=0.02)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")

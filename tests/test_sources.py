@@ -299,9 +299,10 @@ def test_kaldi_commands_that_only_decode_a_file_are_read_as_it_and_no_command_is
     """Kaldi recipes write wav.scp as commands: `flac -c -d -s F |` (LibriSpeech), `sph2pipe -f wav -p -c 1 F |` (WSJ,
     Switchboard), `sox F -t wav -r 16k - |`, and lhotse's export to Kaldi `ffmpeg … -i F -ar 16000 -map_channel 0.0.0
     … pipe:1 |` or `sph2pipe F … | ffmpeg -i pipe:0 … |` (written here by lhotse's own function). Each that only
-    decodes one file is read as that file (resampling and mixing to mono are what every stage does anyway); no
-    command is ever run (a tripwire program proves it). A command that changes the audio (an effect, a time range),
-    one picking a channel of a file with several, and any other program are counted skips."""
+    decodes one file is read as that file (resampling and mixing to mono are what every stage does anyway), a
+    channel it picks of a file with several as the row's `channel` (one side of a call); no command is ever run (a
+    tripwire program proves it). A command that changes the audio (an effect, a time range), and any other program,
+    are counted skips."""
     from lhotse.audio import AudioSource
     from lhotse.kaldi import make_wavscp_channel_string_map
 
@@ -345,21 +346,24 @@ def test_kaldi_commands_that_only_decode_a_file_are_read_as_it_and_no_command_is
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     rows = {r["id"].split("/")[-1]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
-    assert {k: r["path"] for k, r in rows.items()} == {"flac": "a b.flac", "wsj": "sph/mono.sph", "whole": "sph/stereo.sph",
-                                                       "sox": "c.wav", "lhotse-flac": "d.flac", "lhotse-sph": "sph/mono.sph"}
-    assert summary["root"] == str(audio) and summary["skipped"] == {
-        "wav.scp entry is a command (not run)": 4, "wav.scp entry picks one channel of several (not read)": 2}
+    assert {k: (r["path"], r["channel"]) for k, r in rows.items()} == {
+        "flac": ("a b.flac", None), "wsj": ("sph/mono.sph", None), "whole": ("sph/stereo.sph", None), "sox": ("c.wav", None),
+        "lhotse-flac": ("d.flac", None), "lhotse-sph": ("sph/mono.sph", None), "swbd-A": ("sph/stereo.sph", 0),
+        "lhotse-swbd-B": ("sph/stereo.sph", 1)}
+    assert summary["root"] == str(audio) and summary["skipped"] == {"wav.scp entry is a command (not run)": 4}
     assert not list(tmp_path.glob("ran-*"))
     np.testing.assert_allclose(decode_row(rows["wsj"], audio, sample_rate=8000),
                                sf.read(audio / "sph" / "mono.sph", dtype="float32")[0], atol=1e-6)
     np.testing.assert_allclose(decode_row(rows["whole"], audio, sample_rate=8000), stereo.mean(axis=1), atol=1e-4)
-    assert extract(tmp_path / "m", tmp_path / "f", MFCC())["utterances"] == 6
+    for side, key in enumerate(("swbd-A", "lhotse-swbd-B")):  # each side of the call alone
+        np.testing.assert_allclose(decode_row(rows[key], audio, sample_rate=8000), stereo[:, side], atol=1e-4)
+    assert extract(tmp_path / "m", tmp_path / "f", MFCC())["utterances"] == 8
 
 
 def test_lhotse_manifests_of_a_kaldi_dir_with_decoding_commands_read_their_files(tmp_path):
     """lhotse's own import of a Kaldi data dir (`load_kaldi_data_dir`, durations from `reco2dur`, so that it runs
     nothing either) keeps `flac -c -d -s F |` as a `command` source: read as F, as `shard kaldi` reads it; a command
-    picking one side of a two-channel file is a counted skip."""
+    picking one side of a two-channel file reads that channel alone."""
     from lhotse.kaldi import load_kaldi_data_dir
 
     data, audio = kaldi_dir(tmp_path)
@@ -383,10 +387,54 @@ def test_lhotse_manifests_of_a_kaldi_dir_with_decoding_commands_read_their_files
     summary = shard_corpus("lhotse", manifests, tmp_path / "m")
     rows = {r["id"]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
     assert rows["lhotse/train/spkB-recp-0000"]["path"] == "rec1.flac" and summary["root"] == str(audio)
-    assert summary["skipped"] == {"audio source picks one channel of several (not read)": 1,
-                                  "segment outside its recording": 1}  # the fixture's 3-9 s of a 4 s file
+    assert summary["skipped"] == {"segment outside its recording": 1}  # the fixture's 3-9 s of a 4 s file
+    call = rows["lhotse/train/spkC-call-0000"]
+    assert (call["path"], call["channel"], rows["lhotse/train/spkB-recp-0000"]["channel"]) == ("call.sph", 1, None)
+    np.testing.assert_allclose(decode_row(call, audio), stereo[:32000, 1], atol=1e-4)
     np.testing.assert_allclose(decode_row(rows["lhotse/train/spkB-recp-0000"], audio),
                                sf.read(audio / "rec1.flac", dtype="float32")[0][:16000], atol=1e-6)
+
+
+def test_lhotse_supervisions_on_one_channel_of_a_call_read_that_channel_alone(tmp_path):
+    """A two-channel telephone call as lhotse's recipes keep one (Switchboard, Fisher: one recording, each speaker's
+    supervisions on a channel): each row reads its speaker's channel alone (it mixed both, the other side's
+    backchannels and crosstalk in every utterance), as lhotse's own `load_audio` does; a supervision on both
+    channels mixes them; a four-channel array's supervision on two of them is a counted skip. Cuts too."""
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    audio = tmp_path / "calls"
+    audio.mkdir()
+    call = np.stack([speechlike(3.0, seed=1, sr=8000), speechlike(3.0, seed=2, sr=8000)], axis=1)
+    sf.write(audio / "call.wav", call, 8000)
+    sf.write(audio / "array.wav", np.stack([speechlike(2.0, seed=i, sr=8000) for i in range(4)], axis=1), 8000)
+    recordings = RecordingSet.from_recordings([Recording.from_file(audio / "call.wav"), Recording.from_file(audio / "array.wav")])
+    assert recordings["call"].num_channels == 2
+    sups = SupervisionSet.from_segments([
+        SupervisionSegment(id="A-0", recording_id="call", start=0.0, duration=1.5, channel=0, text="hello", speaker="A"),
+        SupervisionSegment(id="B-0", recording_id="call", start=1.0, duration=1.5, channel=1, text="hi", speaker="B"),
+        SupervisionSegment(id="AB", recording_id="call", start=0.0, duration=1.0, channel=[0, 1], text="both", speaker="A"),
+        SupervisionSegment(id="two", recording_id="array", start=0.0, duration=1.0, channel=[0, 2], text="x", speaker="C")])
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    recordings.to_file(manifests / "calls_recordings_train.jsonl.gz")
+    sups.to_file(manifests / "calls_supervisions_train.jsonl.gz")
+    summary = shard_corpus("lhotse", manifests, tmp_path / "m")
+    rows = {r["id"].split("/")[-1]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
+    assert {k: r["channel"] for k, r in rows.items()} == {"A-0": 0, "B-0": 1, "AB": None}
+    assert summary["skipped"] == {"several channels of a recording (not read apart)": 1}
+    for uid in ("A-0", "B-0", "AB"):  # lhotse's own reading of each supervision
+        sup = sups[uid]
+        theirs = recordings[sup.recording_id].load_audio(channels=sup.channel, offset=sup.start, duration=sup.duration)
+        np.testing.assert_allclose(decode_row(rows[uid], audio, sample_rate=8000), theirs.mean(axis=0), atol=1e-4)
+    cuts = CutSet.from_manifests(recordings=recordings.filter(lambda r: r.id == "call"),
+                                 supervisions=sups.filter(lambda s: s.id in ("A-0", "B-0"))).trim_to_supervisions(
+        keep_overlapping=False)
+    cuts_dir = tmp_path / "cuts"
+    cuts_dir.mkdir()
+    cuts.to_file(cuts_dir / "calls_cuts_train.jsonl.gz")
+    shard_corpus("lhotse", cuts_dir, tmp_path / "c")
+    by_cut = sorted((r["offset"], r["channel"]) for f in manifest_files(tmp_path / "c") for r in pq.read_table(f).to_pylist())
+    assert by_cut == [(0.0, 0), (1.0, 1)]
 
 
 def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cuts(tmp_path):

@@ -291,7 +291,10 @@ def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
     root = (read_units_spec(folder) or {}).get("root")
     if not root:
         raise ValueError(f"{folder / 'units.json'}: no corpus root recorded; --audio-hash decodes each row's audio")
-    rows = list(iter_rows(path, columns=list(AUDIO_COLUMNS)))
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)  # a units file from before a column existed (channel) lacks it
+    rows = list(iter_rows(path, columns=[c for c in AUDIO_COLUMNS if c in present]))
     hashes, passing = {}, []
     for row, wav in decode_rows(rows, check_root(Path(root), folder)):
         if isinstance(wav, MayPass):

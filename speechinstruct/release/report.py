@@ -82,11 +82,12 @@ def _listen_picks(dataset: Path, units: Path | None, vocoder, samples: int) -> l
     """What to listen to: the first ``samples`` utterances with units of the units folder (or, without one, the
     first cross-modal TTS records), and one chain-of-modality spoken answer when there is a vocoder."""
     from ..io import iter_rows
+    from ..sources.decoding import AUDIO_COLUMNS
 
     picked: list[dict] = []
     if units is not None:
         root = (read_units_spec(units) or {}).get("root")
-        wanted = ["id", "path", "offset", "duration", "row", "audio_column", "text", "units", "durations"]
+        wanted = [*AUDIO_COLUMNS, "text", "units", "durations"]  # where the audio is: decode_row's columns
         for path in unit_files(units):  # each checked to be a units file
             if len(picked) == samples:
                 break
@@ -320,7 +321,7 @@ def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | N
     from .. import audio
     from ..io import iter_rows
     from ..shardfiles import read_units_spec
-    from ..sources.decoding import decode_row
+    from ..sources.decoding import AUDIO_COLUMNS, decode_row
 
     found = meta.get("dedup")
     if not found:
@@ -339,7 +340,8 @@ def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | N
     for folder in map(Path, full["inputs"]):
         root = Path((read_units_spec(folder) or {}).get("root") or ".")
         for path in sorted(folder.glob("units-*.parquet")):
-            for row in iter_rows(path, columns=["id", "path", "offset", "duration", "text"]):
+            present = set(pq.read_schema(path).names)
+            for row in iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text") if c in present]):
                 if row["id"] in ids:
                     rows[row["id"]] = (row, root)
     for n, e in enumerate(wanted):

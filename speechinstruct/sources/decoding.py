@@ -36,7 +36,7 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
 
 
 # the manifest columns decode_row reads: the Ray engine ships only these to its decode tasks
-AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size")
+AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size", "channel")
 
 
 def row_problem(row: dict) -> str | None:
@@ -91,7 +91,7 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
     """The samples of one manifest row at ``sample_rate`` (16 kHz, or a codec's own rate: resampled once, from
     the file's rate), or the reason its audio cannot be used (a :class:`MayPass` when it may be read later). A
     row with a ``row`` number has its audio inside a dataset file (Hugging Face Parquet/Arrow), as encoded bytes;
-    one with a ``tar_offset``, inside a tar."""
+    one with a ``tar_offset``, inside a tar. A row with a ``channel`` is that channel of its file alone."""
     problem = row_problem(row)
     if problem:
         return problem
@@ -106,12 +106,12 @@ def decode_row(row: dict, root: str | Path, sample_rate: int = audio.TARGET_SR) 
             if len(data) != row["tar_size"]:
                 raise audio.AudioError(f"{row['path']}: {row['tar_size']} bytes at {row['tar_offset']} are not in the tar")
             return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
-                              name=f"{row['path']} at byte {row['tar_offset']}")
+                              name=f"{row['path']} at byte {row['tar_offset']}", channel=row.get("channel"))
         if row.get("row") is None:
             return _load_file(path, row, sample_rate)
         data = audio_bytes(path, row["audio_column"], row["row"])
         return audio.load(io.BytesIO(data), row["offset"], row["duration"], target_sr=sample_rate,
-                          name=f"{row['path']} row {row['row']}")
+                          name=f"{row['path']} row {row['row']}", channel=row.get("channel"))
     except (audio.AudioError, ValueError, OSError, KeyError) as e:
         if not storage.may_pass(e):
             return str(e)
@@ -123,7 +123,7 @@ def _load_file(path: Path, row: dict, sample_rate: int) -> np.ndarray:
     fails: on failure the file's bytes are read here, so that an OS error that may pass (an I/O error of a
     network mount) is raised as itself; when they read well now, the window is decoded once more."""
     try:
-        return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
+        return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate, channel=row.get("channel"))
     except audio.AudioError as failed:
         try:
             with open(path, "rb") as f:
@@ -133,7 +133,7 @@ def _load_file(path: Path, row: dict, sample_rate: int) -> np.ndarray:
             if storage.may_pass(e):
                 raise
             raise failed from None
-        return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate)
+        return audio.load(path, row["offset"], row["duration"], target_sr=sample_rate, channel=row.get("channel"))
 
 
 def decode_rows(rows: list[dict], root: Path, workers: int = 2,

@@ -5,10 +5,10 @@ ROOT is one data directory or a folder of them (``data/train``, ``data/dev_clean
 directory's name (``dev*``/``test*`` are dev/test, anything else train). Without ``segments`` every
 recording is one utterance. ``wav.scp`` entries that are commands are never run. A command that only decodes
 one file, unchanged, is read as that file (:func:`piped_file`): ``flac -c -d -s x.flac |`` (Kaldi's LibriSpeech
-recipe), ``sph2pipe -f wav -p -c 1 x.sph |`` (WSJ, Switchboard: a channel of a file with more than one is a
-counted skip, as channels are not read apart), ``sox x.mp3 -t wav -r 16k - |`` (format, rate, bits, encoding,
-mono: what every stage does to audio anyway). Any other command, and archive offsets (``x.ark:123``), are
-counted skips saying so: convert such audio to files first. Relative paths are resolved from the current folder,
+recipe), ``sph2pipe -f wav -p -c 1 x.sph |`` (WSJ; Switchboard, one side of a call: the row's ``channel``),
+``sox x.mp3 -t wav -r 16k - |`` (format, rate, bits, encoding, mono: what every stage does to audio anyway). Any
+other command, and archive offsets (``x.ark:123``), are counted skips saying so: convert such audio to files
+first. Relative paths are resolved from the current folder,
 as Kaldi resolves them from its recipe folder. The manifest stores paths relative to ``audio_root``: by
 default the deepest folder holding every listed file (:func:`audio_root`).
 """
@@ -107,7 +107,7 @@ def _read_dir(folder: Path, base: Path, license: str) -> Iterator[Item]:
         if isinstance(found, Skip):
             yield found if n is None else Skip(where, found.reason, found.detail)
             continue
-        rel, sr, seconds = found
+        rel, sr, seconds, channel = found
         end = seconds if end is None or end < 0 else end  # Kaldi's end -1 means "to the end"
         if not 0 <= start < end <= seconds + 0.01:
             yield Skip(where, "segment outside its recording", f"{start}-{end} s of a {seconds:.3f} s file")
@@ -115,7 +115,7 @@ def _read_dir(folder: Path, base: Path, license: str) -> Iterator[Item]:
         yield {
             "id": f"kaldi/{part}/{utt}", "path": rel, "offset": start, "duration": min(end, seconds) - start,
             "sample_rate": sr, "text": " ".join(texts[utt].split()) if texts.get(utt, "").strip() else None,
-            "speaker": speakers.get(utt, "unknown"), "corpus": NAME, "license": license,
+            "speaker": speakers.get(utt, "unknown"), "corpus": NAME, "license": license, "channel": channel,
             "split": split_of(part), "corpus_split": part,
         }
 
@@ -203,7 +203,7 @@ def _decodes(words: list[str]) -> tuple[str, int | None] | None:
     return ("-" if source in ("pipe:0", "pipe:", "-") else source), (int(channel.split(".")[-1]) + 1 if channel else None)
 
 
-def _probe(entry: str, base: Path, where: str) -> tuple[str, int, float] | Skip:
+def _probe(entry: str, base: Path, where: str) -> tuple[str, int, float, int | None] | Skip:
     channel = None
     if entry.rstrip().endswith("|"):
         piped = piped_file(entry)
@@ -219,16 +219,19 @@ def _probe(entry: str, base: Path, where: str) -> tuple[str, int, float] | Skip:
     if isinstance(found, Skip):
         return Skip(where, found.reason, found.detail or str(path))
     sr, seconds = found
-    if problem := channel_problem(path, channel):
-        return Skip(where, "wav.scp entry picks one channel of several (not read)", problem)
-    return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds
+    index = file_channel(path, channel)
+    if isinstance(index, str):
+        return Skip(where, "wav.scp entry picks a channel the file lacks", index)
+    return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds, index
 
 
-def channel_problem(path: Path, channel: int | None) -> str | None:
-    """Why a command picking ``channel`` (1-based) of ``path`` cannot be read as the file: it has several (every
-    stage mixes a file's channels; one is not read apart), else None."""
+def file_channel(path: Path, channel: int | None) -> int | None | str:
+    """The manifest's ``channel`` (0-based) for a command that picks ``channel`` (1-based) of ``path``: None where
+    it picks none or the file has one, or why the file cannot give it."""
     import soundfile as sf
 
-    if channel is None or (channels := sf.info(str(path)).channels) == 1:
+    if channel is None or (channels := sf.info(str(path)).channels) == 1 and channel == 1:
         return None
-    return f"channel {channel} of a {channels}-channel file: channels are not read apart; make a file of it"
+    if channel > channels:
+        return f"channel {channel} of a {channels}-channel file"
+    return channel - 1

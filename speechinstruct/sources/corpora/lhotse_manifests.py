@@ -23,7 +23,7 @@ from ...progress import progress
 from .. import storage
 from ..alignments import check_words, lhotse_words
 from .base import Item, Skip, deepest_common_folder, probe, split_of
-from .kaldi import channel_problem, piped_file
+from .kaldi import file_channel, piped_file
 
 NAME = "lhotse"
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
@@ -185,7 +185,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 texts = [s.text for s in cut.supervisions if s.text]
                 speakers = [s.speaker for s in cut.supervisions if s.speaker]
                 yield _row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
-                           speakers[0] if speakers else None, license)
+                           speakers[0] if speakers else None, license, getattr(cut, "channel", None))
         else:
             recordings = {}
             for item in records(kinds["recordings"]):
@@ -206,7 +206,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 if isinstance(found, Skip):
                     yield found
                     continue
-                row = _row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license)
+                row = _row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license, sup.channel)
                 words = lhotse_words(sup)
                 problem = check_words(words, row["duration"]) if words and isinstance(row, dict) else None
                 if problem:
@@ -228,20 +228,45 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
     if isinstance(found, Skip):
         return Skip(where, found.reason, found.detail or path)
     sr, seconds = found
-    if recording.sources[0].type == "command" and (
-            problem := channel_problem(Path(path), piped_file(f"{recording.sources[0].source} |")[1])):
-        return Skip(where, "audio source picks one channel of several (not read)", f"recording {recording.id}: {problem}")
-    return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds
+    source = recording.sources[0]
+    if source.type == "command":  # the channel its command picks (1-based), or none
+        index = file_channel(Path(path), piped_file(f"{source.source} |")[1])
+        if isinstance(index, str):
+            return Skip(where, "audio source picks a channel the file lacks", f"recording {recording.id}: {index}")
+        channels = {channel: index for channel in source.channels}
+    else:  # a file's channels in the order its source lists them
+        many = _channels(Path(path)) > 1
+        channels = {channel: (i if many else None) for i, channel in enumerate(source.channels)}
+    return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds, channels
 
 
-def _row(part: str, utt: str, found: tuple[str, int, float], start: float, duration: float, text: str | None,
-         speaker: str | None, license: str) -> Item:
-    rel, sr, seconds = found
+def _channels(path: Path) -> int:
+    import soundfile as sf
+
+    return sf.info(str(path)).channels
+
+
+def _row(part: str, utt: str, found: tuple[str, int, float, dict], start: float, duration: float, text: str | None,
+         speaker: str | None, license: str, channel=None) -> Item:
+    """A manifest row of ``[start, start + duration)`` of a recording (``found``: its file, rate, length and which
+    of the file's channels each of its channel ids is), on its supervision's or cut's ``channel`` (an id, or a list
+    of them: all the recording's are mixed, one is read alone, a few are refused)."""
+    rel, sr, seconds, channels = found
     if start < 0 or duration <= 0 or start + duration > seconds + 0.01:
         return Skip(f"{part}/{utt}", "segment outside its recording", f"{start}+{duration} s of a {seconds:.3f} s file")
+    wanted = sorted(set(channel)) if isinstance(channel, (list, tuple)) else [channel] if channel is not None else []
+    if len(wanted) == 1 and wanted[0] not in channels:
+        return Skip(f"{part}/{utt}", "channel not in its recording", f"channel {wanted[0]} (it has {sorted(channels)})")
+    if 1 < len(wanted) < len(channels):
+        return Skip(f"{part}/{utt}", "several channels of a recording (not read apart)",
+                    f"channels {wanted} of {sorted(channels)}: only one, or all of them mixed, are read")
+    if len(channels) == 1:  # the recording's one channel: the file's only one (None), or the one it is read from
+        index = next(iter(channels.values()))
+    else:  # one of several alone, or all of them mixed (None)
+        index = channels[wanted[0]] if len(wanted) == 1 else None
     return {
         "id": f"lhotse/{part}/{utt}", "path": rel, "offset": float(start), "duration": float(min(duration, seconds - start)),
         "sample_rate": sr, "text": " ".join(text.split()) if text and text.strip() else None,
         "speaker": speaker or "unknown", "corpus": NAME, "license": license, "split": split_of(part),
-        "corpus_split": part,
+        "corpus_split": part, "channel": index,
     }
