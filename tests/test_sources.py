@@ -413,7 +413,8 @@ def test_lhotse_supervisions_on_one_channel_of_a_call_read_that_channel_alone(tm
         SupervisionSegment(id="A-0", recording_id="call", start=0.0, duration=1.5, channel=0, text="hello", speaker="A"),
         SupervisionSegment(id="B-0", recording_id="call", start=1.0, duration=1.5, channel=1, text="hi", speaker="B"),
         SupervisionSegment(id="AB", recording_id="call", start=0.0, duration=1.0, channel=[0, 1], text="both", speaker="A"),
-        SupervisionSegment(id="two", recording_id="array", start=0.0, duration=1.0, channel=[0, 2], text="x", speaker="C")])
+        SupervisionSegment(id="two", recording_id="array", start=0.0, duration=1.0, channel=[0, 2], text="x", speaker="C"),
+        SupervisionSegment(id="ghost", recording_id="call", start=0.0, duration=1.0, channel=[1, 5], text="y", speaker="D")])
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     recordings.to_file(manifests / "calls_recordings_train.jsonl.gz")
@@ -421,7 +422,7 @@ def test_lhotse_supervisions_on_one_channel_of_a_call_read_that_channel_alone(tm
     summary = shard_corpus("lhotse", manifests, tmp_path / "m")
     rows = {r["id"].split("/")[-1]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
     assert {k: r["channel"] for k, r in rows.items()} == {"A-0": 0, "B-0": 1, "AB": None}
-    assert summary["skipped"] == {"several channels of a recording (not read apart)": 1}
+    assert summary["skipped"] == {"several channels of a recording (not read apart)": 1, "channel not in its recording": 1}
     for uid in ("A-0", "B-0", "AB"):  # lhotse's own reading of each supervision
         sup = sups[uid]
         theirs = recordings[sup.recording_id].load_audio(channels=sup.channel, offset=sup.start, duration=sup.duration)

@@ -255,8 +255,8 @@ def _row(part: str, utt: str, found: tuple[str, int, float, dict], start: float,
     if start < 0 or duration <= 0 or start + duration > seconds + 0.01:
         return Skip(f"{part}/{utt}", "segment outside its recording", f"{start}+{duration} s of a {seconds:.3f} s file")
     wanted = sorted(set(channel)) if isinstance(channel, (list, tuple)) else [channel] if channel is not None else []
-    if len(wanted) == 1 and wanted[0] not in channels:
-        return Skip(f"{part}/{utt}", "channel not in its recording", f"channel {wanted[0]} (it has {sorted(channels)})")
+    if missing := [c for c in wanted if c not in channels]:
+        return Skip(f"{part}/{utt}", "channel not in its recording", f"channel {missing[0]} (it has {sorted(channels)})")
     if 1 < len(wanted) < len(channels):
         return Skip(f"{part}/{utt}", "several channels of a recording (not read apart)",
                     f"channels {wanted} of {sorted(channels)}: only one, or all of them mixed, are read")
