@@ -438,6 +438,39 @@ def test_lhotse_supervisions_on_one_channel_of_a_call_read_that_channel_alone(tm
     assert by_cut == [(0.0, 0), (1.0, 1)]
 
 
+def test_lhotse_recordings_kept_as_one_file_per_channel_read_each_speakers_file(tmp_path):
+    """A meeting as lhotse's AMI recipe keeps its headsets (`mic="ihm"`): one recording, one file per channel, each
+    speaker's supervisions on their headset's channel. Each row reads that speaker's file (it was "audio source is
+    not one file" for every supervision), as lhotse's own `load_audio` does; a supervision on every channel (the
+    files are not mixed) is a counted skip."""
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse.audio import AudioSource
+
+    audio = tmp_path / "amicorpus" / "ES2002a" / "audio"
+    audio.mkdir(parents=True)
+    for i in range(2):
+        sf.write(audio / f"ES2002a.Headset-{i}.wav", speechlike(3.0, seed=10 + i), 16000)
+    meeting = Recording(id="ES2002a", sampling_rate=16000, num_samples=48000, duration=3.0, sources=[
+        AudioSource(type="file", channels=[i], source=str(audio / f"ES2002a.Headset-{i}.wav")) for i in range(2)])
+    sups = SupervisionSet.from_segments([
+        SupervisionSegment(id="A", recording_id="ES2002a", start=0.5, duration=1.0, channel=0, text="okay", speaker="MEE006"),
+        SupervisionSegment(id="B", recording_id="ES2002a", start=1.0, duration=1.5, channel=1, text="right", speaker="FEE005"),
+        SupervisionSegment(id="all", recording_id="ES2002a", start=0.0, duration=1.0, channel=[0, 1], text="x", speaker="x")])
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    RecordingSet.from_recordings([meeting]).to_file(manifests / "ami-ihm_recordings_dev.jsonl.gz")
+    sups.to_file(manifests / "ami-ihm_supervisions_dev.jsonl.gz")
+    summary = shard_corpus("lhotse", manifests, tmp_path / "m")
+    rows = {r["id"].split("/")[-1]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
+    assert {k: (r["path"], r["channel"], r["split"]) for k, r in rows.items()} == {
+        "A": ("ES2002a.Headset-0.wav", None, "validation"), "B": ("ES2002a.Headset-1.wav", None, "validation")}
+    assert summary["root"] == str(audio) and summary["skipped"] == {"channels in several files (not mixed)": 1}
+    for uid in ("A", "B"):
+        sup = sups[uid]
+        theirs = meeting.load_audio(channels=sup.channel, offset=sup.start, duration=sup.duration)
+        np.testing.assert_allclose(decode_row(rows[uid], audio), theirs[0], atol=1e-4)
+
+
 def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cuts(tmp_path):
     from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
     from lhotse.audio import AudioSource

@@ -8,7 +8,9 @@ timed from the supervision's start. Audio sources of type ``file`` are read, and
 URL is object storage (``s3://``, ``gs://``, ``hf://``; not ``http(s)://``), from their copy in the cache (:mod:`speechinstruct.storage`,
 each fetched once); a ``command`` source that only decodes one file is read as that file, never run
 (``flac -c -d -s F``: what lhotse's import of a Kaldi ``wav.scp`` makes, :func:`kaldi.piped_file`); other
-``command`` and ``memory`` sources are counted skips. Paths are stored relative to
+``command`` and ``memory`` sources are counted skips. A supervision (or cut) on one channel reads that channel
+alone: of the recording's one file (a two-channel call), or the file holding it (AMI's headsets, one file per
+channel). Paths are stored relative to
 ``audio_root``: by default the deepest folder holding every recording's file (:func:`audio_root`).
 """
 
@@ -125,32 +127,30 @@ def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
             yield from _objects(kinds["recordings"])
 
 
-def _file_of(recording) -> str | None:
-    """The one file a recording's audio is in: its path, where the cache keeps its URL's copy, or the file a
-    command only decodes (lhotse's import of a Kaldi ``wav.scp``: ``flac -c -d -s F``, never run)."""
-    url = _url_of(recording)
-    if url:
-        return str(storage.cache_path(url))
-    sources = recording.sources
-    if len(sources) == 1 and sources[0].type == "file":
-        return os.path.abspath(sources[0].source)
-    if len(sources) == 1 and sources[0].type == "command" and (piped := piped_file(f"{sources[0].source} |")):
-        return os.path.abspath(piped[0])
+def _source_file(source) -> tuple[str, int | None] | None:
+    """(the file, the 1-based channel a command picks of it or None) of one audio source: its path, where the cache
+    keeps its URL's copy (object storage), or the file a command only decodes (lhotse's import of a Kaldi
+    ``wav.scp``: ``flac -c -d -s F``, never run); None for any other source."""
+    if source.type == "file":
+        return os.path.abspath(source.source), None
+    if source.type == "url" and storage.in_object_storage(source.source):
+        return str(storage.cache_path(source.source)), None
+    if source.type == "command" and (piped := piped_file(f"{source.source} |")):
+        return os.path.abspath(piped[0]), piped[1]
     return None
 
 
-def _url_of(recording) -> str | None:
-    sources = recording.sources
-    if len(sources) == 1 and sources[0].type == "url" and storage.in_object_storage(sources[0].source):
-        return sources[0].source
-    return None
+def _urls_of(recording) -> list[str]:
+    return [s.source for s in recording.sources if s.type == "url" and storage.in_object_storage(s.source)]
 
 
 def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> Path:
     """``audio_root`` when given, else the deepest folder holding every recording's file."""
     if audio_root is not None:
         return Path(audio_root).resolve()
-    return deepest_common_folder((f for f in map(_file_of, _recordings(_parts(Path(root)))) if f), Path(root))
+    files = (found[0] for recording in _recordings(_parts(Path(root))) for found in map(_source_file, recording.sources)
+             if found)
+    return deepest_common_folder(files, Path(root))
 
 
 def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None) -> Iterator[Item]:
@@ -159,7 +159,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     license = license or "unknown (lhotse manifests carry none: pass --license)"
     parts = _parts(root)
     # recordings in object storage: their files copied first, each once (a rerun fetches only what changed)
-    fetched = storage.local_files([u for u in map(_url_of, _recordings(parts)) if u])
+    fetched = storage.local_files([u for recording in _recordings(parts) for u in _urls_of(recording)])
     for part, kinds in sorted(parts.items()):
         probed: dict[str, tuple[str, int, float] | Skip] = {}
 
@@ -216,28 +216,34 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 yield row
 
 
-def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple[str, int, float] | Skip:
-    url = _url_of(recording)
-    if url and url not in fetched:  # nothing stored there (an older copy in the cache is not used)
-        return Skip(where, "missing audio file", f"recording {recording.id}: nothing stored at {storage.redacted(url)}")
-    path = _file_of(recording)
-    if path is None:
-        kinds = ", ".join(s.type for s in recording.sources)
-        return Skip(where, "audio source is not one file (not read)", f"recording {recording.id}: sources {kinds}")
-    found = probe(Path(path), base)
-    if isinstance(found, Skip):
-        return Skip(where, found.reason, found.detail or path)
-    sr, seconds = found
-    source = recording.sources[0]
-    if source.type == "command":  # the channel its command picks (1-based), or none
-        index = file_channel(Path(path), piped_file(f"{source.source} |")[1])
-        if isinstance(index, str):
-            return Skip(where, "audio source picks a channel the file lacks", f"recording {recording.id}: {index}")
-        channels = {channel: index for channel in source.channels}
-    else:  # a file's channels in the order its source lists them
-        many = _channels(Path(path)) > 1
-        channels = {channel: (i if many else None) for i, channel in enumerate(source.channels)}
-    return os.path.relpath(path, base).replace(os.sep, "/"), sr, seconds, channels
+def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple[float, dict] | Skip:
+    """(the recording's length, and for each of its channel ids the file that holds it, relative to ``base``, the
+    channel of that file (None: the file has one) and its sample rate), or why it cannot be read. A recording is one
+    file, or one file per channel (lhotse's AMI headsets)."""
+    channels, seconds = {}, None
+    for source in recording.sources:
+        found = _source_file(source)
+        if found is None:
+            return Skip(where, "audio source is not one file (not read)", f"recording {recording.id}: a {source.type} source")
+        if source.type == "url" and source.source not in fetched:  # nothing stored there (an older copy is not used)
+            return Skip(where, "missing audio file", f"recording {recording.id}: nothing stored at "
+                        f"{storage.redacted(source.source)}")
+        path, picked = found
+        probed = probe(Path(path), base)
+        if isinstance(probed, Skip):
+            return Skip(where, probed.reason, probed.detail or path)
+        sr, length = probed
+        seconds = length if seconds is None else min(seconds, length)
+        rel = os.path.relpath(path, base).replace(os.sep, "/")
+        if source.type == "command":  # the channel its command picks (1-based), or none
+            index = file_channel(Path(path), picked)
+            if isinstance(index, str):
+                return Skip(where, "audio source picks a channel the file lacks", f"recording {recording.id}: {index}")
+            channels.update({channel: (rel, index, sr) for channel in source.channels})
+        else:  # a file's channels in the order its source lists them
+            many = _channels(Path(path)) > 1
+            channels.update({channel: (rel, i if many else None, sr) for i, channel in enumerate(source.channels)})
+    return seconds, channels
 
 
 def _channels(path: Path) -> int:
@@ -246,12 +252,12 @@ def _channels(path: Path) -> int:
     return sf.info(str(path)).channels
 
 
-def _row(part: str, utt: str, found: tuple[str, int, float, dict], start: float, duration: float, text: str | None,
+def _row(part: str, utt: str, found: tuple[float, dict], start: float, duration: float, text: str | None,
          speaker: str | None, license: str, channel=None) -> Item:
-    """A manifest row of ``[start, start + duration)`` of a recording (``found``: its file, rate, length and which
-    of the file's channels each of its channel ids is), on its supervision's or cut's ``channel`` (an id, or a list
-    of them: all the recording's are mixed, one is read alone, a few are refused)."""
-    rel, sr, seconds, channels = found
+    """A manifest row of ``[start, start + duration)`` of a recording (``found``: :func:`_probe`'s), on its
+    supervision's or cut's ``channel``: an id, read alone, or a list of them (all the recording's mixed, when one
+    file holds them; one read alone; a few of several refused)."""
+    seconds, channels = found
     if start < 0 or duration <= 0 or start + duration > seconds + 0.01:
         return Skip(f"{part}/{utt}", "segment outside its recording", f"{start}+{duration} s of a {seconds:.3f} s file")
     wanted = sorted(set(channel)) if isinstance(channel, (list, tuple)) else [channel] if channel is not None else []
@@ -260,10 +266,14 @@ def _row(part: str, utt: str, found: tuple[str, int, float, dict], start: float,
     if 1 < len(wanted) < len(channels):
         return Skip(f"{part}/{utt}", "several channels of a recording (not read apart)",
                     f"channels {wanted} of {sorted(channels)}: only one, or all of them mixed, are read")
-    if len(channels) == 1:  # the recording's one channel: the file's only one (None), or the one it is read from
-        index = next(iter(channels.values()))
-    else:  # one of several alone, or all of them mixed (None)
-        index = channels[wanted[0]] if len(wanted) == 1 else None
+    if len(wanted) == 1 or len(channels) == 1:  # one channel: its file, alone (None: the file's only one)
+        rel, index, sr = channels[wanted[0] if wanted else next(iter(channels))]
+    else:  # all of them, mixed: where one file holds them
+        files = {(rel, sr) for rel, _, sr in channels.values()}
+        if len(files) > 1:
+            return Skip(f"{part}/{utt}", "channels in several files (not mixed)",
+                        f"{len(channels)} channels in {len(files)} files: a supervision on one of them is read")
+        (rel, sr), index = files.pop(), None
     return {
         "id": f"lhotse/{part}/{utt}", "path": rel, "offset": float(start), "duration": float(min(duration, seconds - start)),
         "sample_rate": sr, "text": " ".join(text.split()) if text and text.strip() else None,
