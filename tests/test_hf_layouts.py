@@ -131,6 +131,38 @@ def test_parquet_files_splits_are_those_load_dataset_gives(tmp_path, monkeypatch
         f"layout beside the one it reads), left out: {', '.join(left)}"] if left else [])
 
 
+def test_one_parquet_file_is_a_root_of_its_own(tmp_path):
+    """`shard hf data/test-clean.parquet`: one Parquet file (a `Dataset.to_parquet` export, one shard of a Hub
+    dataset), read as its folder's dataset holding that file alone, its split by its name (`datasets`' rule; a lone
+    file it would call train whatever its name, which would make test audio training data); extract reads it. It
+    was "corpus root is not a folder". A file of another kind is one line."""
+    from test_sources import arrow_rows, hf_rows
+
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+
+    root = tmp_path / "ds"
+    (root / "data").mkdir(parents=True)
+    for name, seed in (("test-clean", 0), ("train", 10)):
+        datasets.Dataset.from_dict(hf_rows(2, seed, name)).cast_column("audio", datasets.Audio()).to_parquet(
+            str(root / "data" / f"{name}.parquet"))
+    result = runner.invoke(app, ["shard", "hf", str(root / "data" / "test-clean.parquet"), str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["root"] == str((root / "data").resolve()) and summary["source"] == str(root / "data" / "test-clean.parquet")
+    rows = manifest_rows(tmp_path / "m")
+    assert {(r["path"], r["split"], r["corpus"]) for r in rows} == {("test-clean.parquet", "test", "data")}
+    assert len(rows) == 2 and extract(tmp_path / "m", tmp_path / "f", MFCC())["utterances"] == 2
+    shard_corpus("hf", root / "data", tmp_path / "whole")  # the same rows as in the folder read whole
+    whole = [r for r in manifest_rows(tmp_path / "whole") if r["path"] == "test-clean.parquet"]
+    assert [{k: v for k, v in r.items()} for r in rows] == whole
+    extract(tmp_path / "whole", tmp_path / "wf", MFCC())
+    assert arrow_rows(tmp_path / "f")[0] == [r for r in arrow_rows(tmp_path / "wf")[0] if "test-clean" in r["id"]]
+    (root / "notes.txt").write_text("not a dataset")
+    other = runner.invoke(app, ["shard", "hf", str(root / "notes.txt"), str(tmp_path / "x")])
+    assert other.exit_code == 2 and "Traceback" not in other.output and "notes.txt" in other.stderr, other.output
+
+
 def test_split_names_datasets_refuses_are_one_line_naming_the_folder(tmp_path, monkeypatch):
     """`data/test-clean-00000-of-00001.parquet`: `datasets` refuses a split name outside `\\w+(\\.\\w+)*`, and so
     do we, in one line naming the folder and the way out (it was a train file here, by its folder's name)."""
@@ -617,7 +649,7 @@ def test_a_recipes_hub_id_is_read_as_its_url_and_said(tmp_path, monkeypatch):
     assert load_recipe(recipe("hf", "openslr/librispeech_asr"))["corpora"][0]["root"] == "openslr/librispeech_asr"
     with pytest.raises(RecipeError, match=r"corpora\[0\]\.root: librispeech root 'openslr/other' is not a folder"):
         load_recipe(recipe("librispeech", "openslr/other"))
-    with pytest.raises(RecipeError, match=r"corpora\[0\]\.root: hf root 'corpora/a/b' is not a folder"):
+    with pytest.raises(RecipeError, match=r"corpora\[0\]\.root: hf root 'corpora/a/b' is neither a folder nor a Parquet"):
         load_recipe(recipe("hf", "corpora/a/b"))  # not a hub id: two parts only
     page = "https://huggingface.co/datasets/openslr/librispeech_asr/tree/main/clean"
     loaded = load_recipe(recipe("hf", page))

@@ -127,9 +127,10 @@ def shard_corpus(
     if problem:
         raise FileNotFoundError(f"{root}: corpus root {problem}")
     audio_root = root
-    if corpus in audio_roots():  # manifests that name audio files anywhere: paths relative to their folder
+    if corpus in audio_roots():  # manifests that name audio files anywhere, one data file: paths relative to a folder
         audio_root = audio_roots()[corpus](root, **reader_options)
-        reader_options["audio_root"] = str(audio_root)
+        if "audio_root" in SOURCES[corpus].options or audio_root != root:  # hf: a file's folder only
+            reader_options["audio_root"] = str(audio_root)
     claim_outputs(out, "shard", r"manifest-\d{5}\.parquet|summary\.json",
                   wrote_before(out / "summary.json", {"corpus", "root", "shards", "utterances"}))
 

@@ -25,7 +25,7 @@ class Source:
     language: str | None = None     # the language of its speech (None: the source says it, per clip or card)
     split_rule: str | None = None   # how it marks dev and test audio, for the dataset card
     transcripts: bool = True        # False: speech only (stage-1 units; no cross-modal records by default)
-    file_root: bool = False         # ROOT may also be one file (a lhotse cuts manifest)
+    file_root: str = ""             # what ROOT may also be, one file ("a manifest file": a lhotse cuts file)
     pattern_root: bool = False      # ROOT is a file pattern (WebDataset shards: data/shard-{000..099}.tar)
     generated: bool = False         # made by the recipe's demo_corpus section, not read from a user's folder
     options: tuple[str, ...] = ()   # what its reader takes beyond ROOT and --license (recipe options, CLI flags)
@@ -49,8 +49,9 @@ SOURCES = {s.name: s for s in (
            transcripts=False, options=("max_seconds", "asr", "base_url", "device", "speakers", "speaker_threshold")),
     Source("webdataset", "webdataset", None, None, "WebDataset shards: the split word in each tar's name or folder",
            pattern_root=True),
-    Source("hf", "hf", options=("audio_column", "text_column", "id_column", "speaker_column", "split", "config")),
-    Source("lhotse", "lhotse_manifests", file_root=True, options=("audio_root",)),
+    Source("hf", "hf", file_root="a Parquet or Arrow file",
+           options=("audio_column", "text_column", "id_column", "speaker_column", "split", "config")),
+    Source("lhotse", "lhotse_manifests", file_root="a manifest file", options=("audio_root",)),
     Source("kaldi", "kaldi", options=("audio_root",)),
 )}
 SHARD_OPTIONS = ("splits", "split_map", "license", "follow_links")  # what every source takes (shard's own, the license)
@@ -85,10 +86,10 @@ def root_problem(corpus: str, root: str | Path) -> str | None:
 
         return None if tar_files(root) else "matches no tar files"
     root = Path(root)
-    file_root = corpus in SOURCES and SOURCES[corpus].file_root
+    file_root = SOURCES[corpus].file_root if corpus in SOURCES else ""
     if root.is_dir() or (file_root and root.is_file()):
         return None
-    return "is neither a folder nor a manifest file" if file_root else "is not a folder"
+    return f"is neither a folder nor {file_root}" if file_root else "is not a folder"
 
 
 def languages() -> dict[str, Callable[..., list[str]]]:
@@ -111,7 +112,7 @@ def remote_roots() -> dict[str, Callable[..., Path | None]]:
 def audio_roots() -> dict[str, Callable[..., Path]]:
     """For the sources that list audio files by path (lhotse, Kaldi) rather than in a corpus folder: the
     folder their manifest paths are made relative to, from ROOT and the reader's options."""
-    from . import kaldi, lhotse_manifests, webdataset
+    from . import hf, kaldi, lhotse_manifests, webdataset
 
     return {kaldi.NAME: kaldi.audio_root, lhotse_manifests.NAME: lhotse_manifests.audio_root,
-            webdataset.NAME: webdataset.audio_root}
+            webdataset.NAME: webdataset.audio_root, hf.NAME: hf.audio_root}

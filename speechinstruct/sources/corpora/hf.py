@@ -50,10 +50,14 @@ NAME = "hf"
 
 def read(root: str | Path, audio_column: str = "audio", text_column: str = "text", id_column: str | None = None,
          speaker_column: str | None = None, split: str | None = None, config: str | None = None,
-         license: str | None = None) -> Iterator[Item]:
+         license: str | None = None, audio_root: str | None = None) -> Iterator[Item]:
     """Manifest rows of every split (or only ``split``, the dataset's own name such as ``validation``) of the
-    card's config ``config`` (its default one when None; any files when the card names no configs)."""
+    card's config ``config`` (its default one when None; any files when the card names no configs); of one data
+    file when ``root`` is one (:func:`audio_root`: its folder)."""
     root = Path(root).resolve()
+    if root.is_file():
+        yield from _read_one_file(root, audio_column, text_column, id_column, speaker_column, split, config, license)
+        return
     license = license or card_license(root) or "unknown (no license in the dataset card)"
     name = dataset_name(root)
     chosen, folder, patterns = card_config(root, config)
@@ -91,6 +95,35 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
             for item in _read_file(root, path, hf_split, name, license, audio_column, text_column, id_column, speaker_column):
                 bar.update()
                 yield item
+
+
+def audio_root(root: str | Path, **_) -> Path:
+    """The folder the rows' paths are relative to: ROOT, or the folder of ROOT when it is one data file."""
+    return Path(root).resolve().parent if Path(root).is_file() else Path(root)
+
+
+def _read_one_file(file: Path, audio_column: str, text_column: str, id_column: str | None,
+                   speaker_column: str | None, split: str | None, config: str | None, license: str | None) -> Iterator[Item]:
+    """The rows of one Parquet (or ``save_to_disk`` Arrow) file, as its folder's dataset holding it alone: its split
+    by its name and its folder's (:func:`parquet_splits`: ``test/0000.parquet``, ``data/test-clean.parquet``; a
+    lone file ``datasets`` would call train whatever its name), the license of the card beside it or above."""
+    folder = file.parent
+    if file.suffix not in (".parquet", ".arrow"):
+        raise ValueError(f"{file}: not a Parquet or Arrow file; `shard hf` reads a dataset's folder, or one of its "
+                         "Parquet files")
+    if config is not None:
+        raise ValueError(f"{file}: one data file has no configs; --config picks among a dataset folder's")
+    named = f"{folder.name}/{file.name}"
+    hf_split = parquet_splits([named]).get(named, "train")
+    if split is not None:
+        _known(file, split, [hf_split])
+    card = next((f for f in (folder, folder.parent) if (f / "README.md").is_file()), folder)
+    license = license or card_license(card) or "unknown (no license in the dataset card)"
+    with progress(total=_parquet_rows(file) or None, desc=f"hf {file.name}", unit="row") as bar:
+        for item in _read_file(folder, file, hf_split, dataset_name(folder), license, audio_column, text_column,
+                               id_column, speaker_column):
+            bar.update()
+            yield item
 
 
 def card_config(root: Path, config: str | None, folders: set[str] | None = None) -> tuple[str | None, Path, dict[str, list[str]] | None]:
