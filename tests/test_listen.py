@@ -140,10 +140,9 @@ def test_report_cli_takes_units_and_any_vocoder(work, tmp_path):
     assert wrong.exit_code == 2 and "units-00000.parquet: not a units file (no path" in wrong.stderr, wrong.output
 
 
-def test_report_plays_originals_that_lie_in_a_tar_or_on_one_channel(work, tmp_path):
-    """The report's originals are read as every stage reads a row's audio (decode_row's columns): a row whose
-    audio is a WebDataset tar member (`tar_offset`) or one channel of a file (`channel`). It read path, offset
-    and duration only, so such a corpus's report had no originals (the whole tar taken for a sound file)."""
+def units_in_a_tar_and_on_a_channel(work, tmp_path) -> tuple[Path, np.ndarray, list[dict]]:
+    """A copy of the demo's units folder whose first two rows' audio lies in a WebDataset tar (`tar_offset`) and whose
+    third row is the right channel of a stereo file (`channel`, the left silent): (the folder, that speech, rows)."""
     import io
     import tarfile
 
@@ -169,19 +168,45 @@ def test_report_plays_originals_that_lie_in_a_tar_or_on_one_channel(work, tmp_pa
             member = tar.getmember(f"{i:03d}.flac")
             row.update(path="train-000000.tar", tar_offset=member.offset_data, tar_size=member.size)
     speech = sf.read(Path(spec["root"]) / table.to_pylist()[2]["path"], dtype="float32")[0]
-    stereo = np.stack([np.zeros_like(speech), speech], axis=1)
-    sf.write(tars / "call.wav", stereo, 16000)  # the speech on its right channel, the left silent
-    third = {**table.to_pylist()[2], "path": "call.wav", "offset": 0.0, "duration": 1.0, "channel": 1}
-    schema = pa.schema([f for f in table.schema])
-    pq.write_table(pa.Table.from_pylist([*rows, third], schema=schema), first)
+    sf.write(tars / "call.wav", np.stack([np.zeros_like(speech), speech], axis=1), 16000)
+    rows.append({**table.to_pylist()[2], "path": "call.wav", "offset": 0.0, "duration": 1.0, "channel": 1})
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), first)
     for other in sorted(copy.glob("units-*.parquet"))[1:]:
         other.unlink()
     (copy / "units.json").write_text(json.dumps({**spec, "root": str(tars)}))
+    return copy, speech, rows
+
+
+def test_report_plays_originals_that_lie_in_a_tar_or_on_one_channel(work, tmp_path):
+    """The report's originals are read as every stage reads a row's audio (decode_row's columns): a row whose
+    audio is a WebDataset tar member (`tar_offset`) or one channel of a file (`channel`). It read path, offset
+    and duration only, so such a corpus's report had no originals (the whole tar taken for a sound file)."""
+    folder, _ = work
+    copy, speech, _ = units_in_a_tar_and_on_a_channel(work, tmp_path)
     result = runner.invoke(app, ["report", str(folder / "dataset"), str(tmp_path / "r"), "--units", str(copy), "--samples", "3"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "r" / "audio").glob("*-original.wav"))) == 3
     right = sf.read(tmp_path / "r" / "audio" / "02-original.wav", dtype="float32")[0]  # its channel alone, not halved
     assert np.abs(right).max() == pytest.approx(np.abs(speech[:16000]).max(), rel=0.02)
+
+
+def test_the_reports_duplicate_pairs_play_audio_in_a_tar_or_on_one_channel(work, tmp_path):
+    """The duplicates section plays a dropped copy beside what it duplicates, read as every stage reads a row's
+    audio: it read path, offset and duration only (no pair for a tar's or a dataset file's rows)."""
+    from speechinstruct.release.report import _dedup
+
+    copy, _, rows = units_in_a_tar_and_on_a_channel(work, tmp_path)
+    (tmp_path / "corpus" / "dedup").mkdir(parents=True)
+    examples = {"near duplicate": [{"id": rows[0]["id"], "of": rows[1]["id"]}],
+                "exact duplicate": [{"id": rows[2]["id"], "of": rows[0]["id"]}]}
+    (tmp_path / "corpus" / "dedup" / "dedup.json").write_text(json.dumps({"inputs": [str(copy)], "examples": examples}))
+    meta = {"dedup": {"checked_against": {"eval_sources": [], "eval_split_rows": 0}, "dropped": {"near duplicate": 1},
+                      "kept": 2, "utterances": 3}}
+    (tmp_path / "r" / "audio").mkdir(parents=True)
+    section = _dedup(meta, tmp_path, tmp_path / "r")
+    assert [pair[2:] for pair in section["pairs"]] == [["audio/dup-0-dropped.wav", "audio/dup-0-kept.wav"],
+                                                       ["audio/dup-1-dropped.wav", "audio/dup-1-kept.wav"]]
+    assert all((tmp_path / "r" / name).is_file() for pair in section["pairs"] for name in pair[2:])
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")
