@@ -471,6 +471,41 @@ def test_lhotse_recordings_kept_as_one_file_per_channel_read_each_speakers_file(
         np.testing.assert_allclose(decode_row(rows[uid], audio), theirs[0], atol=1e-4)
 
 
+def test_lhotse_cuts_as_training_recipes_leave_them_padded_mixed_or_perturbed(tmp_path):
+    """Cuts saved after lhotse's own `pad` (a MixedCut of the cut and padding: it was an AttributeError that
+    stopped shard), `mix` (two recordings in one cut), `perturb_speed`/`perturb_volume` (a transform on the
+    recording: the row read the file as it is, at the perturbed cut's times, the wrong audio) and `resample`. A
+    padded cut is its speech; a mix and a perturbed recording are counted skips naming what they are; a resampled
+    one is read as it is (every stage resamples anyway)."""
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(2):
+        sf.write(audio / f"r{i}.wav", speechlike(3.0, seed=i), 16000)
+    recordings = RecordingSet.from_recordings([Recording.from_file(audio / f"r{i}.wav") for i in range(2)])
+    sups = SupervisionSet.from_segments([SupervisionSegment(id=f"r{i}-0", recording_id=f"r{i}", start=0.5, duration=2.0,
+                                                            channel=0, text=f"utterance {i}") for i in range(2)])
+    cuts = CutSet.from_manifests(recordings=recordings, supervisions=sups).trim_to_supervisions()
+    a, b = list(cuts)
+    kinds = {"padded": CutSet.from_cuts([a.pad(duration=3.0)]), "mixed": CutSet.from_cuts([a.mix(b, offset_other_by=0.5)]),
+             "speed": cuts.subset(first=1).perturb_speed(1.1), "volume": cuts.subset(first=1).perturb_volume(2.0),
+             "resampled": cuts.subset(first=1).resample(8000)}
+    folder = tmp_path / "cuts"
+    folder.mkdir()
+    for name, kind in kinds.items():
+        kind.to_file(folder / f"x_cuts_{name}.jsonl.gz")
+    summary = shard_corpus("lhotse", folder, tmp_path / "m")
+    rows = {r["corpus_split"]: r for f in manifest_files(tmp_path / "m") for r in pq.read_table(f).to_pylist()}
+    assert sorted(rows) == ["padded", "resampled"]
+    assert summary["skipped"] == {"a mix of several recordings (not read)": 1, "a transformed recording (not read)": 2}
+    for name in ("padded", "resampled"):  # the speech of cut a: the same samples as lhotse's own reading of it
+        assert (rows[name]["offset"], rows[name]["duration"], rows[name]["text"]) == (0.5, 2.0, "utterance 0")
+        np.testing.assert_allclose(decode_row(rows[name], audio), a.load_audio()[0], atol=1e-4)
+    details = " ".join(e["detail"] for e in summary["skipped_examples"])
+    assert "Speed" in details and "Volume" in details
+
+
 def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cuts(tmp_path):
     from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
     from lhotse.audio import AudioSource

@@ -121,8 +121,8 @@ def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
     for kinds in parts.values():
         if "cuts" in kinds:
             for cut in _objects(kinds["cuts"]):
-                if getattr(cut, "has_recording", False):
-                    yield cut.recording
+                if getattr(cut, "has_recording", False) and not isinstance(speech := _speech_of(cut), str):
+                    yield speech.recording
         else:
             yield from _objects(kinds["recordings"])
 
@@ -138,6 +138,18 @@ def _source_file(source) -> tuple[str, int | None] | None:
     if source.type == "command" and (piped := piped_file(f"{source.source} |")):
         return os.path.abspath(piped[0]), piped[1]
     return None
+
+
+def _speech_of(cut):
+    """The cut whose recording a row reads: ``cut`` itself, or the one track of a MixedCut that holds a recording
+    (lhotse's ``pad`` puts silence beside it); why not, for a mix of several recordings (lhotse's ``mix``)."""
+    tracks = getattr(cut, "tracks", None)
+    if tracks is None:
+        return cut
+    speech = [track.cut for track in tracks if getattr(track.cut, "recording", None) is not None]  # not PaddingCuts
+    if len(speech) == 1:
+        return speech[0]
+    return f"{len(speech)} recordings mixed: {', '.join(c.recording.id for c in speech[:3])}"
 
 
 def _urls_of(recording) -> list[str]:
@@ -177,6 +189,10 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 where = f"{kinds['cuts'].name}: cut {cut.id}"
                 if not getattr(cut, "has_recording", False):
                     yield Skip(where, "cut without a recording", "features-only cuts have no audio to read")
+                    continue
+                cut = _speech_of(cut)
+                if isinstance(cut, str):
+                    yield Skip(where, "a mix of several recordings (not read)", cut)
                     continue
                 found = check(cut.recording, where)
                 if isinstance(found, Skip):
@@ -220,6 +236,10 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
     """(the recording's length, and for each of its channel ids the file that holds it, relative to ``base``, the
     channel of that file (None: the file has one) and its sample rate), or why it cannot be read. A recording is one
     file, or one file per channel (lhotse's AMI headsets)."""
+    changed = [name for name in map(_transform_name, recording.transforms or []) if name != "Resample"]
+    if changed:  # lhotse's perturb_speed, perturb_volume, reverb…: the file as it is is not this audio
+        return Skip(where, "a transformed recording (not read)", f"recording {recording.id}: {', '.join(changed)}: a row "
+                    "reads the file as it is; shard the cuts before perturbing them")
     channels, seconds = {}, None
     for source in recording.sources:
         found = _source_file(source)
@@ -244,6 +264,11 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
             many = _channels(Path(path)) > 1
             channels.update({channel: (rel, i if many else None, sr) for i, channel in enumerate(source.channels)})
     return seconds, channels
+
+
+def _transform_name(transform) -> str:
+    """A recording transform's name (lhotse keeps them as objects, ``Speed(factor=1.1)``, or as dicts)."""
+    return transform.get("name", "?") if isinstance(transform, dict) else type(transform).__name__
 
 
 def _channels(path: Path) -> int:
