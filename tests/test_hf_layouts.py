@@ -131,6 +131,32 @@ def test_parquet_files_splits_are_those_load_dataset_gives(tmp_path, monkeypatch
         f"layout beside the one it reads), left out: {', '.join(left)}"] if left else [])
 
 
+def test_the_audio_and_text_columns_are_found_where_only_one_can_be_meant_and_said(tmp_path):
+    """Common Voice on the Hub names its transcript `sentence`, FLEURS `transcription`, others their audio `speech`:
+    where the named column (`audio`, `text` by default) is missing and one column alone can be meant (the one
+    `struct<bytes, path>` column, the one of `sentence`/`transcription`/`transcript`/`normalized_text`), it is read,
+    and the summary's notes say so. It was one line asking for --text-column. Two candidates stay that line."""
+    from test_sources import hf_rows
+
+    root = tmp_path / "cv"
+    root.mkdir()
+    rows = hf_rows(2, 0, "cv")
+    rows["speech"], rows["sentence"], rows["up_votes"] = rows.pop("audio"), rows.pop("text"), [2, 3]
+    datasets.Dataset.from_dict(rows).cast_column("speech", datasets.Audio()).to_parquet(str(root / "train.parquet"))
+    summary = shard_corpus("hf", root, tmp_path / "m")
+    assert sorted(r["text"] for r in manifest_rows(tmp_path / "m")) == sorted(rows["sentence"])
+    assert summary["utterances"] == 2 and [n for n in summary["notes"] if "column" in n] == [
+        "audio column 'speech': no column 'audio', and 'speech' is the only one holding audio (struct<bytes, path>)",
+        "text column 'sentence': no column 'text', and 'sentence' is the only transcript column"]
+    both = tmp_path / "both"
+    both.mkdir()
+    rows["transcription"] = list(rows["sentence"])
+    datasets.Dataset.from_dict(rows).cast_column("speech", datasets.Audio()).to_parquet(str(both / "train.parquet"))
+    result = runner.invoke(app, ["shard", "hf", str(both), str(tmp_path / "b")])
+    assert result.exit_code == 2 and "no text column 'text' (columns: " in result.stderr
+    assert "sentence" in result.stderr and "transcription" in result.stderr and "Traceback" not in result.output
+
+
 def test_one_parquet_file_is_a_root_of_its_own(tmp_path):
     """`shard hf data/test-clean.parquet`: one Parquet file (a `Dataset.to_parquet` export, one shard of a Hub
     dataset), read as its folder's dataset holding that file alone, its split by its name (`datasets`' rule; a lone

@@ -89,6 +89,9 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     if split is not None:
         _known(root, split, [s for s, _ in files])
         files = [(s, f) for s, f in files if s == split]
+    audio_column, text_column, said = _columns(files, audio_column, text_column)
+    for note in said:
+        yield Note(note)
     rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
     with progress(total=rows, desc=f"hf {name}", unit="row") as bar:
         for hf_split, path in files:
@@ -119,6 +122,9 @@ def _read_one_file(file: Path, audio_column: str, text_column: str, id_column: s
         _known(file, split, [hf_split])
     card = next((f for f in (folder, folder.parent) if (f / "README.md").is_file()), folder)
     license = license or card_license(card) or "unknown (no license in the dataset card)"
+    audio_column, text_column, said = _columns([(hf_split, file)], audio_column, text_column)
+    for note in said:
+        yield Note(note)
     with progress(total=_parquet_rows(file) or None, desc=f"hf {file.name}", unit="row") as bar:
         for item in _read_file(folder, file, hf_split, dataset_name(folder), license, audio_column, text_column,
                                id_column, speaker_column):
@@ -507,11 +513,42 @@ def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
                 yield batch.select(columns)
 
 
-def _schema_names(path: Path) -> list[str]:
+def _schema(path: Path) -> pa.Schema:
     if path.suffix == ".parquet":
-        return pq.ParquetFile(path).schema_arrow.names
+        return pq.ParquetFile(path).schema_arrow
     with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).schema.names
+        return pa.ipc.open_stream(source).schema
+
+
+def _schema_names(path: Path) -> list[str]:
+    return _schema(path).names
+
+
+TEXT_COLUMNS = ("sentence", "transcription", "transcript", "normalized_text")  # the Hub's other names for it
+
+
+def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str) -> tuple[str, str, list[str]]:
+    """The audio and text columns to read, and what was inferred: where the first data file has no column of the
+    name given (``audio``, ``text`` by default) and one column alone can be meant (its one ``struct<bytes, path>``
+    column; the one of :data:`TEXT_COLUMNS` it has), that one, said in a note. Else as given: a missing column is
+    :func:`_read_file`'s one line."""
+    try:
+        schema = _schema(files[0][1]) if files else None
+    except (pa.ArrowInvalid, OSError):  # unreadable: its own skip when its turn comes
+        schema = None
+    said = []
+    if schema is not None and audio_column not in schema.names:
+        audio = [f.name for f in schema if pa.types.is_struct(f.type) and {"bytes", "path"} <= {c.name for c in f.type}]
+        if len(audio) == 1:
+            said.append(f"audio column {audio[0]!r}: no column {audio_column!r}, and {audio[0]!r} is the only one "
+                        "holding audio (struct<bytes, path>)")
+            audio_column = audio[0]
+    if schema is not None and text_column not in schema.names:
+        text = [name for name in TEXT_COLUMNS if name in schema.names]
+        if len(text) == 1:
+            said.append(f"text column {text[0]!r}: no column {text_column!r}, and {text[0]!r} is the only transcript column")
+            text_column = text[0]
+    return audio_column, text_column, said
 
 
 def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, audio_column: str, text_column: str,
