@@ -189,3 +189,19 @@ def test_members_webdataset_ignores_are_ignored_and_a_repeated_member_is_one_ski
     assert sorted(rows_of(tmp_path / "t")) == ["webdataset/train-000000/b"]
     assert summary["skipped"] == {"member twice in one sample": 1}
     assert summary["skipped_examples"][0]["path"] == "train-000000.tar: a"
+
+
+def test_a_samples_json_gives_its_transcript_under_the_names_the_hub_uses(tmp_path):
+    """`transcription` (FLEURS) and `normalized_text` are transcripts too, as for `shard hf`; Common Voice's
+    `client_id` is the speaker."""
+    import webdataset as wds
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
+        for i, meta in enumerate(({"transcription": "fleurs says", "speaker_id": 7},
+                                  {"normalized_text": "normalised", "client_id": "cv-voice"})):
+            sink.write({"__key__": f"s{i}", "flac": encoded(speechlike(1.0, seed=i), 16000, "FLAC"), "json": meta})
+    shard_corpus("webdataset", str(folder / "train-000000.tar"), tmp_path / "m", license="x")
+    rows = rows_of(tmp_path / "m")
+    assert [(r["text"], r["speaker"]) for r in rows.values()] == [("fleurs says", "7"), ("normalised", "cv-voice")]

@@ -30,7 +30,9 @@ from .base import Item, Note, Skip, deepest_common_folder, relpath, split_of, sp
 
 NAME = "webdataset"
 AUDIO = (".flac", ".wav", ".mp3", ".ogg", ".opus")
-TEXT_KEYS, SPEAKER_KEYS = ("text", "transcript", "sentence"), ("speaker", "speaker_id")
+# a sample's .json: its transcript and speaker under the keys datasets and corpora use (the hf reader's TEXT_COLUMNS)
+TEXT_KEYS = ("text", "transcript", "sentence", "transcription", "normalized_text")
+SPEAKER_KEYS = ("speaker", "speaker_id", "client_id")
 
 
 def tar_files(root: str | Path) -> list[Path]:
