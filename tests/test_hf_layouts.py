@@ -135,7 +135,9 @@ def test_the_audio_and_text_columns_are_found_where_only_one_can_be_meant_and_sa
     """Common Voice on the Hub names its transcript `sentence`, FLEURS `transcription`, others their audio `speech`:
     where the named column (`audio`, `text` by default) is missing and one column alone can be meant (the one
     `struct<bytes, path>` column, the one of `sentence`/`transcription`/`transcript`/`normalized_text`), it is read,
-    and the summary's notes say so. It was one line asking for --text-column. Two candidates stay that line."""
+    and the summary's notes say so; the one of `speaker_id`/`speaker`/`client_id` names the speakers (they were
+    all "unknown" without --speaker-column). It was one line asking for --text-column. Two candidates stay that
+    line."""
     from test_sources import hf_rows
 
     root = tmp_path / "cv"
@@ -144,13 +146,15 @@ def test_the_audio_and_text_columns_are_found_where_only_one_can_be_meant_and_sa
     rows["speech"], rows["sentence"], rows["up_votes"] = rows.pop("audio"), rows.pop("text"), [2, 3]
     datasets.Dataset.from_dict(rows).cast_column("speech", datasets.Audio()).to_parquet(str(root / "train.parquet"))
     summary = shard_corpus("hf", root, tmp_path / "m")
-    assert sorted(r["text"] for r in manifest_rows(tmp_path / "m")) == sorted(rows["sentence"])
+    assert sorted((r["text"], r["speaker"]) for r in manifest_rows(tmp_path / "m")) == sorted(
+        zip(rows["sentence"], rows["speaker_id"]))
     assert summary["utterances"] == 2 and [n for n in summary["notes"] if "column" in n] == [
         "audio column 'speech': no column 'audio', and 'speech' is the only one holding audio (struct<bytes, path>)",
-        "text column 'sentence': no column 'text', and 'sentence' is the only transcript column"]
+        "text column 'sentence': no column 'text', and 'sentence' is the only transcript column",
+        "speaker column 'speaker_id': the only column naming speakers"]
     both = tmp_path / "both"
     both.mkdir()
-    rows["transcription"] = list(rows["sentence"])
+    rows["transcription"], rows["client_id"] = list(rows["sentence"]), ["a", "b"]
     datasets.Dataset.from_dict(rows).cast_column("speech", datasets.Audio()).to_parquet(str(both / "train.parquet"))
     result = runner.invoke(app, ["shard", "hf", str(both), str(tmp_path / "b")])
     assert result.exit_code == 2 and "no text column 'text' (columns: " in result.stderr

@@ -89,7 +89,7 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     if split is not None:
         _known(root, split, [s for s, _ in files])
         files = [(s, f) for s, f in files if s == split]
-    audio_column, text_column, said = _columns(files, audio_column, text_column)
+    audio_column, text_column, speaker_column, said = _columns(files, audio_column, text_column, speaker_column)
     for note in said:
         yield Note(note)
     rows = sum(_parquet_rows(f) for _, f in files) or None  # for the progress bar (Arrow files: unknown)
@@ -122,7 +122,8 @@ def _read_one_file(file: Path, audio_column: str, text_column: str, id_column: s
         _known(file, split, [hf_split])
     card = next((f for f in (folder, folder.parent) if (f / "README.md").is_file()), folder)
     license = license or card_license(card) or "unknown (no license in the dataset card)"
-    audio_column, text_column, said = _columns([(hf_split, file)], audio_column, text_column)
+    audio_column, text_column, speaker_column, said = _columns([(hf_split, file)], audio_column, text_column,
+                                                               speaker_column)
     for note in said:
         yield Note(note)
     with progress(total=_parquet_rows(file) or None, desc=f"hf {file.name}", unit="row") as bar:
@@ -525,13 +526,16 @@ def _schema_names(path: Path) -> list[str]:
 
 
 TEXT_COLUMNS = ("sentence", "transcription", "transcript", "normalized_text")  # the Hub's other names for it
+SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")  # LibriSpeech's and most datasets', Common Voice's
 
 
-def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str) -> tuple[str, str, list[str]]:
-    """The audio and text columns to read, and what was inferred: where the first data file has no column of the
-    name given (``audio``, ``text`` by default) and one column alone can be meant (its one ``struct<bytes, path>``
-    column; the one of :data:`TEXT_COLUMNS` it has), that one, said in a note. Else as given: a missing column is
-    :func:`_read_file`'s one line."""
+def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str,
+             speaker_column: str | None) -> tuple[str, str, str | None, list[str]]:
+    """The audio, text and speaker columns to read, and what was inferred: where the first data file has no column
+    of the name given (``audio``, ``text`` by default) and one column alone can be meant (its one ``struct<bytes,
+    path>`` column; the one of :data:`TEXT_COLUMNS` it has), that one, said in a note; with no speaker column
+    given, the one of :data:`SPEAKER_COLUMNS` it has. Else as given: a missing column is :func:`_read_file`'s one
+    line."""
     try:
         schema = _schema(files[0][1]) if files else None
     except (pa.ArrowInvalid, OSError):  # unreadable: its own skip when its turn comes
@@ -548,7 +552,12 @@ def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str)
         if len(text) == 1:
             said.append(f"text column {text[0]!r}: no column {text_column!r}, and {text[0]!r} is the only transcript column")
             text_column = text[0]
-    return audio_column, text_column, said
+    if schema is not None and speaker_column is None:
+        speaker = [name for name in SPEAKER_COLUMNS if name in schema.names]
+        if len(speaker) == 1:
+            said.append(f"speaker column {speaker[0]!r}: the only column naming speakers")
+            speaker_column = speaker[0]
+    return audio_column, text_column, speaker_column, said
 
 
 def _read_file(root: Path, path: Path, hf_split: str, name: str, license: str, audio_column: str, text_column: str,
