@@ -73,8 +73,8 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
             splits = {split: splits[_known(root, split, splits)]}
         yield from audiofolder_rows(root, splits, name, license, audio_column, text_column, id_column, speaker_column)
         return
-    if patterns is None:  # the files' names say the splits
-        files = data_files(folder)
+    if patterns is None:  # the files' names say the splits (split_files has matched them once: not again)
+        files = data_files(folder, assigned={path: named for named, found in splits.items() for _, path in found})
         if left := [relpath(f, root) for split, f in files if split is None]:
             yield Note(f"{len(left)} Parquet file{'s' if len(left) != 1 else ''} that datasets' split patterns leave "
                        f"out (a second layout beside the one it reads), left out: {', '.join(left[:3])}"
@@ -398,9 +398,10 @@ def _inside(root: Path, relative, where: Path) -> Path:
         raise ValueError(f"{where}: {e}; a dataset's files must lie inside it") from None
 
 
-def data_files(root: Path) -> list[tuple[str, Path]]:
-    """(split, file) of every data file under ``root``, Parquet or ``save_to_disk`` Arrow. Names that the
-    metadata files give (splits, ``_data_files``) must stay inside ``root``."""
+def data_files(root: Path, assigned: dict[Path, str] | None = None) -> list[tuple[str | None, Path]]:
+    """(split, file) of every data file under ``root``, Parquet or ``save_to_disk`` Arrow (:func:`parquet_splits`;
+    ``assigned``: the splits :func:`split_files` found for its files, not matched again). Names that the metadata
+    files give (splits, ``_data_files``) must stay inside ``root``."""
     dict_file = root / "dataset_dict.json"
     if dict_file.is_file():  # DatasetDict.save_to_disk: one folder per split
         splits = read_json(dict_file).get("splits")
@@ -420,7 +421,10 @@ def data_files(root: Path) -> list[tuple[str, Path]]:
     if not listed:
         raise FileNotFoundError(f"{root}: no Parquet files, no save_to_disk folder (dataset_dict.json or "
                                 "state.json) and no audio files (audiofolder): not a Hugging Face dataset folder")
-    splits = parquet_splits(listed, where=str(root))
+    if assigned is not None and not _converted(listed):
+        splits = {name: assigned.get(path) for name, path in listed.items()}
+    else:
+        splits = parquet_splits(listed, where=str(root))
     for name in listed:
         _inside(root, name, root)  # a link out of ROOT: one line (--follow-links reads it)
     return [(splits.get(name), path) for name, path in sorted(listed.items(), key=lambda item: item[1])]
@@ -434,9 +438,14 @@ def parquet_splits(names, where: str = "") -> dict[str, str]:
     .parquet``, split words such as ``test-clean.parquet``, else all ``train``); a file its patterns leave out (a
     second layout beside the first it finds) has none. Hidden files have none."""
     names = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
-    if names and all(_CONVERTED.fullmatch(n) for n in names):
+    if _converted(names):
         return {n: n.split("/")[-2] for n in names}
     return {name: split for split, found in split_names(names, where=where).items() for name in found}
+
+
+def _converted(names) -> bool:
+    """Whether ``names`` (not hidden) are the Hub's Parquet conversion's: numbered files in split folders."""
+    return bool(names) and all(_CONVERTED.fullmatch(n) for n in names)
 
 
 _CONVERTED = re.compile(r"(?:[^/]+/)*[^/]+/\d+\.parquet")  # the Hub's Parquet conversion: {config}/{split}/0000.parquet
