@@ -286,15 +286,12 @@ def _audio_hashes(path: Path, folder: Path) -> dict[str, bytes]:
     none. Audio that storage failed to give for a while stops dedup (one line, nothing written): it decides over
     every row together, so a rerun does it all again once the storage is back."""
     from ..shardfiles import read_units_spec
-    from ..sources.decoding import AUDIO_COLUMNS, MayPass, check_root, decode_rows
+    from ..sources.decoding import MayPass, audio_columns, check_root, decode_rows
 
     root = (read_units_spec(folder) or {}).get("root")
     if not root:
         raise ValueError(f"{folder / 'units.json'}: no corpus root recorded; --audio-hash decodes each row's audio")
-    import pyarrow.parquet as pq
-
-    present = set(pq.read_schema(path).names)  # a units file from before a column existed (channel) lacks it
-    rows = list(iter_rows(path, columns=[c for c in AUDIO_COLUMNS if c in present]))
+    rows = list(iter_rows(path, columns=audio_columns(path)))
     hashes, passing = {}, []
     for row, wav in decode_rows(rows, check_root(Path(root), folder)):
         if isinstance(wav, MayPass):

@@ -146,7 +146,7 @@ def score_shards(source: str | Path, out: str | Path, spec: dict, results_for, r
     ``spec``: the judges', recorded in score.json; ``counts()``: the engine's keys of the summary; ``repeats``:
     :func:`repeated_elsewhere` of the shards, when the engine has read it (else read here, once, when needed)."""
     from ..progress import progress
-    from ..sources.decoding import AUDIO_COLUMNS, check_root, error_record
+    from ..sources.decoding import audio_columns, check_root, error_record
 
     source, out = Path(source), Path(out)
     files, kind = input_files(source)
@@ -165,8 +165,7 @@ def score_shards(source: str | Path, out: str | Path, spec: dict, results_for, r
             skipped += 1
             continue
         remove_stale_temps(out, f".*-{suffix}.*.tmp-*")
-        present = _columns(path)
-        rows = iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, *TEXT_COLUMNS) if c in present])
+        rows = iter_rows(path, columns=audio_columns(path, TEXT_COLUMNS))
         total = _num_rows(path)
         errors: list[dict] = []
         if repeats is None:  # ids an earlier shard holds (a shard copied beside itself): skips, as extract makes them
@@ -330,13 +329,6 @@ def read_embeddings(folder: str | Path, suffix: str) -> tuple[list[str], np.ndar
     return ids, np.load(path, allow_pickle=False).astype(np.float32)
 
 
-def _columns(path: Path) -> set[str]:
-    import pyarrow.parquet as pq
-
-    from ..io import naming
-
-    with naming(path):
-        return set(pq.read_schema(path).names)
 
 
 def _num_rows(path: Path) -> int:

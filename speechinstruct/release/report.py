@@ -82,17 +82,15 @@ def _listen_picks(dataset: Path, units: Path | None, vocoder, samples: int) -> l
     """What to listen to: the first ``samples`` utterances with units of the units folder (or, without one, the
     first cross-modal TTS records), and one chain-of-modality spoken answer when there is a vocoder."""
     from ..io import iter_rows
-    from ..sources.decoding import AUDIO_COLUMNS
+    from ..sources.decoding import audio_columns
 
     picked: list[dict] = []
     if units is not None:
         root = (read_units_spec(units) or {}).get("root")
-        wanted = [*AUDIO_COLUMNS, "text", "units", "durations"]  # where the audio is: decode_row's columns
         for path in unit_files(units):  # each checked to be a units file
             if len(picked) == samples:
                 break
-            present = set(pq.read_schema(path).names)  # folders from before row/audio_column existed lack them
-            for row in iter_rows(path, columns=[c for c in wanted if c in present]):
+            for row in iter_rows(path, columns=audio_columns(path, ("text", "units", "durations"))):
                 if len(picked) == samples:
                     break
                 if row["units"]:
@@ -321,7 +319,7 @@ def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | N
     from .. import audio
     from ..io import iter_rows
     from ..shardfiles import read_units_spec
-    from ..sources.decoding import AUDIO_COLUMNS, decode_row
+    from ..sources.decoding import audio_columns, decode_row
 
     found = meta.get("dedup")
     if not found:
@@ -340,8 +338,7 @@ def _dedup(meta: dict, work: Path | None, out: Path, pairs: int = 3) -> dict | N
     for folder in map(Path, full["inputs"]):
         root = Path((read_units_spec(folder) or {}).get("root") or ".")
         for path in sorted(folder.glob("units-*.parquet")):
-            present = set(pq.read_schema(path).names)
-            for row in iter_rows(path, columns=[c for c in (*AUDIO_COLUMNS, "text") if c in present]):
+            for row in iter_rows(path, columns=audio_columns(path, ("text",))):
                 if row["id"] in ids:
                     rows[row["id"]] = (row, root)
     for n, e in enumerate(wanted):

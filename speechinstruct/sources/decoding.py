@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import audio
-from ..io import safe_join
+from ..io import naming, safe_join
 from . import storage
 
 
@@ -37,6 +37,15 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iter
 
 # the manifest columns decode_row reads: the Ray engine ships only these to its decode tasks
 AUDIO_COLUMNS = ("id", "path", "offset", "duration", "row", "audio_column", "tar_offset", "tar_size", "channel")
+
+
+def audio_columns(path: str | Path, extra: Iterable[str] = ()) -> list[str]:
+    """The columns of :data:`AUDIO_COLUMNS` and ``extra`` that the Parquet file ``path`` has: a manifest or units
+    file written before a column existed (``row``, ``audio_column``, ``channel``) lacks it, and decode_row reads
+    such a row as before."""
+    with naming(path):
+        present = set(pq.read_schema(path).names)
+    return [c for c in (*AUDIO_COLUMNS, *extra) if c in present]
 
 
 def row_problem(row: dict) -> str | None:

@@ -62,11 +62,10 @@ def blocks(shards: list[Path], block_seconds: float, repeats: dict[str, dict[str
     at least), leaving out the rows whose ids an earlier shard holds (``repeats``: the shared loop makes those
     skips). A row holds what decode_row reads, and the ``extra`` columns the shard has (score: text, speaker).
     Shards are read one at a time, as the blocks are needed."""
-    from ..sources.decoding import AUDIO_COLUMNS, seconds as duration
+    from ..sources.decoding import audio_columns, seconds as duration
 
     for shard in shards:
-        present = set(pq.read_schema(shard).names)  # manifests from before row/audio_column lack them
-        rows = pq.read_table(shard, columns=[c for c in (*AUDIO_COLUMNS, *extra) if c in present]).to_pylist()
+        rows = pq.read_table(shard, columns=audio_columns(shard, extra)).to_pylist()
         earlier = (repeats or {}).get(shard.name, {})
         rows = [r for r in rows if r["id"] not in earlier]
         start, seconds = 0, 0.0
