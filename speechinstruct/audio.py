@@ -27,11 +27,20 @@ def sample_rate_of(model) -> int:
 
 def info(path: str | os.PathLike) -> tuple[int, int]:
     """(sample_rate, frames) of an audio file."""
+    i = _info(path)
+    return i.samplerate, i.frames
+
+
+def channels(path: str | os.PathLike) -> int:
+    """How many channels an audio file has."""
+    return _info(path).channels
+
+
+def _info(path: str | os.PathLike):
     try:
-        i = sf.info(str(path))
+        return sf.info(str(path))
     except Exception as e:  # libsndfile's errors are RuntimeError/LibsndfileError
         raise AudioError(f"{path}: unreadable audio ({e})") from None
-    return i.samplerate, i.frames
 
 
 def resample(wav: np.ndarray, sr: int, target_sr: int = TARGET_SR) -> np.ndarray:

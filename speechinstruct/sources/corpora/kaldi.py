@@ -228,9 +228,9 @@ def _probe(entry: str, base: Path, where: str) -> tuple[str, int, float, int | N
 def file_channel(path: Path, channel: int | None) -> int | None | str:
     """The manifest's ``channel`` (0-based) for a command that picks ``channel`` (1-based) of ``path``: None where
     it picks none or the file has one, or why the file cannot give it."""
-    import soundfile as sf
+    from ... import audio
 
-    if channel is None or (channels := sf.info(str(path)).channels) == 1 and channel == 1:
+    if channel is None or (channels := audio.channels(path)) == 1 and channel == 1:
         return None
     if channel > channels:
         return f"channel {channel} of a {channels}-channel file"

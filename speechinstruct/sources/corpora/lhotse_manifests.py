@@ -236,6 +236,8 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
     """(the recording's length, and for each of its channel ids the file that holds it, relative to ``base``, the
     channel of that file (None: the file has one) and its sample rate), or why it cannot be read. A recording is one
     file, or one file per channel (lhotse's AMI headsets)."""
+    from ... import audio  # here, not at the top: the CLI reads the registry without loading audio libraries
+
     changed = [name for name in map(_transform_name, recording.transforms or []) if name != "Resample"]
     if changed:  # lhotse's perturb_speed, perturb_volume, reverb…: the file as it is is not this audio
         return Skip(where, "a transformed recording (not read)", f"recording {recording.id}: {', '.join(changed)}: a row "
@@ -261,7 +263,7 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
                 return Skip(where, "audio source picks a channel the file lacks", f"recording {recording.id}: {index}")
             channels.update({channel: (rel, index, sr) for channel in source.channels})
         else:  # a file's channels in the order its source lists them
-            many = _channels(Path(path)) > 1
+            many = audio.channels(path) > 1
             channels.update({channel: (rel, i if many else None, sr) for i, channel in enumerate(source.channels)})
     return seconds, channels
 
@@ -269,12 +271,6 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
 def _transform_name(transform) -> str:
     """A recording transform's name (lhotse keeps them as objects, ``Speed(factor=1.1)``, or as dicts)."""
     return transform.get("name", "?") if isinstance(transform, dict) else type(transform).__name__
-
-
-def _channels(path: Path) -> int:
-    import soundfile as sf
-
-    return sf.info(str(path)).channels
 
 
 def _row(part: str, utt: str, found: tuple[float, dict], start: float, duration: float, text: str | None,
