@@ -58,6 +58,10 @@ def deepest_common_folder(files, fallback: Path) -> Path:
 # skip saying how to read it.
 FOLLOW_LINKS: contextvars.ContextVar[bool] = contextvars.ContextVar("follow_links", default=False)
 LINK_OUT = "a link out of the corpus root (--follow-links reads it)"
+# what datasets and corpora call a clip's transcript and its speaker, in the order a reader prefers them: `text`
+# (most), `sentence` (Common Voice), `transcription` (FLEURS); `speaker_id` (LibriSpeech), `client_id` (Common Voice)
+TRANSCRIPT_NAMES = ("text", "transcript", "sentence", "transcription", "normalized_text")
+SPEAKER_NAMES = ("speaker", "speaker_id", "client_id")
 
 
 def outside(path: Path, root: Path) -> Skip | None:

@@ -43,7 +43,7 @@ from ...progress import progress
 from ..storage import is_hub_id
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .audiofolder import kind as file_kind, read as audiofolder_rows
-from .base import FOLLOW_LINKS, Item, Note, Skip, cell_text, probe, relpath, split_of
+from .base import FOLLOW_LINKS, SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, cell_text, probe, relpath, split_of
 
 NAME = "hf"
 
@@ -534,8 +534,7 @@ def _schema_names(path: Path) -> list[str]:
     return _schema(path).names
 
 
-TEXT_COLUMNS = ("sentence", "transcription", "transcript", "normalized_text")  # the Hub's other names for it
-SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")  # LibriSpeech's and most datasets', Common Voice's
+TEXT_COLUMNS = tuple(n for n in TRANSCRIPT_NAMES if n != "text")  # the Hub's other names for the default's column
 
 
 def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str,
@@ -543,7 +542,7 @@ def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str,
     """The audio, text and speaker columns to read, and what was inferred: where the first data file has no column
     of the name given (``audio``, ``text`` by default) and one column alone can be meant (its one ``struct<bytes,
     path>`` column; the one of :data:`TEXT_COLUMNS` it has), that one, said in a note; with no speaker column
-    given, the one of :data:`SPEAKER_COLUMNS` it has. Else as given: a missing column is :func:`_read_file`'s one
+    given, the one of ``base.SPEAKER_NAMES`` it has. Else as given: a missing column is :func:`_read_file`'s one
     line."""
     try:
         schema = _schema(files[0][1]) if files else None
@@ -562,7 +561,7 @@ def _columns(files: list[tuple[str, Path]], audio_column: str, text_column: str,
             said.append(f"text column {text[0]!r}: no column {text_column!r}, and {text[0]!r} is the only transcript column")
             text_column = text[0]
     if schema is not None and speaker_column is None:
-        speaker = [name for name in SPEAKER_COLUMNS if name in schema.names]
+        speaker = [name for name in SPEAKER_NAMES if name in schema.names]
         if len(speaker) == 1:
             said.append(f"speaker column {speaker[0]!r}: the only column naming speakers")
             speaker_column = speaker[0]

@@ -26,13 +26,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ...progress import progress
-from .base import Item, Note, Skip, deepest_common_folder, relpath, split_of, split_word
+from .base import SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, deepest_common_folder, relpath, split_of, split_word
 
 NAME = "webdataset"
 AUDIO = (".flac", ".wav", ".mp3", ".ogg", ".opus")
-# a sample's .json: its transcript and speaker under the keys datasets and corpora use (the hf reader's TEXT_COLUMNS)
-TEXT_KEYS = ("text", "transcript", "sentence", "transcription", "normalized_text")
-SPEAKER_KEYS = ("speaker", "speaker_id", "client_id")
 
 
 def tar_files(root: str | Path) -> list[Path]:
@@ -141,10 +138,10 @@ def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str
             meta = meta if isinstance(meta, dict) else {}
         except (UnicodeDecodeError, ValueError, RecursionError):
             return Skip(where, "unreadable .json", "not a UTF-8 JSON object")
-    text = next((meta[k] for k in TEXT_KEYS if isinstance(meta.get(k), str)), None)
+    text = next((meta[k] for k in TRANSCRIPT_NAMES if isinstance(meta.get(k), str)), None)
     if text is None and ".txt" in members:
         text = members[".txt"][2].decode("utf-8", "replace")
-    speaker = next((str(meta[k]) for k in SPEAKER_KEYS if meta.get(k) is not None), "unknown")
+    speaker = next((str(meta[k]) for k in SPEAKER_NAMES if meta.get(k) is not None), "unknown")
     return {
         "id": f"{NAME}/{Path(relpath(tar, base)).with_suffix('')}/{key}",
         "path": relpath(tar, base),
