@@ -89,6 +89,13 @@ def read(root: str | Path, audio_column: str = "audio", text_column: str = "text
     if split is not None:
         _known(root, split, [s for s, _ in files])
         files = [(s, f) for s, f in files if s == split]
+    yield from _read_files(root, files, name, license, audio_column, text_column, id_column, speaker_column)
+
+
+def _read_files(root: Path, files: list[tuple[str, Path]], name: str, license: str, audio_column: str,
+                text_column: str, id_column: str | None, speaker_column: str | None) -> Iterator[Item]:
+    """The rows of ``files`` ((split, Parquet or Arrow file) under ``root``), their columns found by :func:`_columns`
+    and said in notes."""
     audio_column, text_column, speaker_column, said = _columns(files, audio_column, text_column, speaker_column)
     for note in said:
         yield Note(note)
@@ -122,15 +129,8 @@ def _read_one_file(file: Path, audio_column: str, text_column: str, id_column: s
         _known(file, split, [hf_split])
     card = next((f for f in (folder, folder.parent) if (f / "README.md").is_file()), folder)
     license = license or card_license(card) or "unknown (no license in the dataset card)"
-    audio_column, text_column, speaker_column, said = _columns([(hf_split, file)], audio_column, text_column,
-                                                               speaker_column)
-    for note in said:
-        yield Note(note)
-    with progress(total=_parquet_rows(file) or None, desc=f"hf {file.name}", unit="row") as bar:
-        for item in _read_file(folder, file, hf_split, dataset_name(folder), license, audio_column, text_column,
-                               id_column, speaker_column):
-            bar.update()
-            yield item
+    yield from _read_files(folder, [(hf_split, file)], dataset_name(folder), license, audio_column, text_column,
+                           id_column, speaker_column)
 
 
 def card_config(root: Path, config: str | None, folders: set[str] | None = None) -> tuple[str | None, Path, dict[str, list[str]] | None]:
