@@ -17,7 +17,7 @@ import typer
 from . import __version__
 from . import recipe as settings
 from .recipe import default
-from .sources.corpora import SOURCES
+from .sources.corpora import CHANNELS, SOURCES
 from .tokenizers import FEATURES
 
 # --help lists the commands in pipeline order (typer lists commands as defined, then groups)
@@ -171,6 +171,7 @@ def _print_json(obj):
 
 # the corpus choices, from the registry (corpora.SOURCES); Corpus.demo is speechinstruct-demo
 Corpus = Enum("Corpus", {name.removeprefix("speechinstruct-"): name for name in SOURCES}, type=str)
+Channels = Enum("Channels", {name: name for name in CHANNELS}, type=str)
 
 
 @command(app)
@@ -191,6 +192,9 @@ def shard(
                                   "clustered); rows get speaker RECORDING#S1, #S2, …"),
     speaker_threshold: float = typer.Option(0.25, help="audio --speakers: the cosine distance at which clusters stop "
                                             "merging (lower: more speakers)."),
+    channels: Channels = typer.Option("mix", help="audio: a recording of several channels is cut with its channels "
+                                      "mixed, or each channel on its own (each: the two sides of a telephone call; "
+                                      "rows get `channel`). On a stereo mix each would give every utterance twice."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
@@ -226,7 +230,7 @@ def shard(
     # each source's own options (SOURCES[...].options); a flag given for a source that does not take it is one line
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
               "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
-              "config": config, "audio_root": audio_root}
+              "config": config, "audio_root": audio_root, "channels": channels.value}
     foreign = [p.name for p in ctx.command.params if any(p.name in s.options for s in SOURCES.values())
                and _given(ctx, p.name) and option_problem(corpus.value, p.name)]
     if foreign:
@@ -240,6 +244,11 @@ def shard(
                **{name: value for name, value in values.items() if name in SOURCES[corpus.value].options}}
     if asr:
         options.update(asr=asr, base_url=base_url, device=device)
+    inferred: list[str] = []
+    if not speakers and _given(ctx, "speaker_threshold"):
+        inferred.append("--speakers (--speaker-threshold is given)")
+        logging.getLogger("speechinstruct").warning("inferred %s", inferred[-1])
+        speakers = True
     if speakers:
         options.update(speakers=True, speaker_threshold=speaker_threshold)
     settings.checked(settings.CorpusOptions, **{name: value for name, value in options.items()  # as a recipe's are
@@ -247,7 +256,6 @@ def shard(
     if revision is not None and (corpus is not Corpus.hf or Path(root).exists()):
         fail("--revision is for `shard hf` with a hub id (owner/name); an hf:// URL names its revision as "
              "hf://datasets/owner/name@REVISION")
-    inferred: list[str] = []
     if corpus is Corpus.hf:
         from .sources.corpora.hf import hub_url, local_folder
         from .sources.storage import is_url

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .llm import URL_CREDENTIALS
-from .sources.corpora import SOURCES, option_problem, root_problem
+from .sources.corpora import CHANNELS, SOURCES, option_problem, root_problem
 from .sources.storage import is_hub_id, is_url
 from .tokenizers import FEATURES, SSL_MODELS
 
@@ -65,6 +65,8 @@ class CorpusOptions(Section):
     # audio: find each recording's speakers (speaker embeddings clustered at this cosine distance)
     speakers: Optional[bool] = None
     speaker_threshold: Optional[float] = Field(None, gt=0, lt=2)
+    # audio: a recording's channels mixed (one stream), or each cut on its own (the sides of a telephone call)
+    channels: Optional[Literal[CHANNELS]] = None
 
 
 class Corpus(Section):
@@ -474,8 +476,14 @@ def _hub_ids(recipe: dict) -> list[str]:
 
 def _infer(recipe: dict) -> list[str]:
     """Settings a recipe leaves unset whose value its other settings make plain, filled in; each said in a line
-    (``run`` prints them and keeps them in its summary). A min_dnsmos gate needs the DNSMOS judge: it is on."""
+    (``run`` prints them and keeps them in its summary). A min_dnsmos gate needs the DNSMOS judge: it is on; a
+    speaker_threshold clusters speakers: speakers is on."""
     q, said = recipe["quality"], []
+    for i, c in enumerate(recipe["corpora"]):
+        options = c["options"]
+        if options.get("speaker_threshold") is not None and options.get("speakers") is None:
+            options["speakers"] = True
+            said.append(f"corpora[{i}].options.speakers: true (corpora[{i}].options.speaker_threshold is set)")
     sections = (("quality", q), ("quality.synthesized", q["synthesized"] or {}))
     if q["dnsmos"] is None:
         gated = [where for where, gates in sections if gates.get("min_dnsmos") is not None]
@@ -533,6 +541,9 @@ def _references(recipe: dict) -> list[str]:
                         "reference: put it under quality.synthesized")
     if q["base_url"] and not q["asr"]:
         problems.append("quality.base_url: needs quality.asr (the model name at that server, or openai)")
+    for i, c in enumerate(recipe["corpora"]):
+        if c["options"].get("speaker_threshold") is not None and c["options"].get("speakers") is False:
+            problems.append(f"corpora[{i}].options.speaker_threshold: clusters speakers, and speakers is false")
     for name in ("chain_of_modality", "dialogue"):
         section = recipe["compose"][name]
         if section and (section["rewrite"] or section["tts"] == "openai") and not recipe["llm"]:

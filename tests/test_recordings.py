@@ -2,6 +2,7 @@
 silences of known length, in several containers and sample rates."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -174,6 +175,81 @@ def test_shard_audio_asr_with_a_transformers_model_hears_what_score_hears(senten
     assert refused.exit_code == 2 and "--asr is for `shard audio`" in refused.stderr
 
 
+def _call(sentences, root):
+    """A two-channel telephone call at 8 kHz: the caller (channel 0) says A, then, 3 s after A ends, the agent
+    (channel 1) says B; each side hears a little line noise while the other talks. Returns the stereo samples."""
+    rng = np.random.default_rng(2)
+    a, b = (audio.resample(s, RATE, 8000) for s in sentences[:2])
+    n = 8000 + a.size + 3 * 8000 + b.size + 2 * 8000
+    call = 0.001 * rng.standard_normal((n, 2)).astype(np.float32)
+    call[8000: 8000 + a.size, 0] += a
+    call[n - 2 * 8000 - b.size: n - 2 * 8000, 1] += b
+    sf.write(root / "call.wav", call, 8000, subtype="PCM_16")
+    return call
+
+
+def test_shard_audio_channels_each_cuts_each_side_of_a_call_on_its_own(sentences, tmp_path, monkeypatch):
+    """--channels each: a stereo call gives each side's utterances, read back from that side alone (for the VAD,
+    the speaker embeddings and the ASR); a mono file gives the rows it gives without the option; the default
+    mixes the channels, as before."""
+    import pyarrow.parquet as pq
+    import soxr
+    from transcribe_server import TranscriptionServer
+    from speechinstruct.units.extract import decode_row
+
+    root = tmp_path / "calls"
+    root.mkdir()
+    call = _call(sentences, root)
+    sf.write(root / "mono.flac", recording(sentences, 16000, gaps=(1.0, 1.0))[0], 16000)
+
+    def rows_of(out):
+        return [r for f in sorted(out.glob("manifest-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+    mixed = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "mix"), "--license", "x", "-q"])
+    assert mixed.exit_code == 0, mixed.output
+    assert [(r["id"], r["channel"]) for r in rows_of(tmp_path / "mix")] == [
+        ("audio/call/00000", None), ("audio/call/00001", None), ("audio/mono/00000", None)]
+
+    def answer(samples, request):  # the RMS of what it got: one side alone, or both mixed (half as loud)
+        return f"rms {np.sqrt(np.mean(samples ** 2)):.4f}"
+
+    from speechinstruct.judges import speakers
+
+    heard = []  # what the speaker encoder is given: a side alone has its speech at full level, a mix at half
+
+    class Encoder(speakers.GE2E):
+        def embed(self, wav):
+            heard.append(float(np.abs(wav).max()))
+            return super().embed(wav)
+
+    monkeypatch.setattr(speakers, "GE2E", Encoder)
+    with TranscriptionServer(answer) as server:
+        each = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "each"), "--license", "x", "-q",
+                                   "--channels", "each", "--speakers", "--asr", "whisper-1", "--base-url", server.url])
+    assert each.exit_code == 0, each.output
+    rows = rows_of(tmp_path / "each")
+    assert [(r["id"], r["channel"]) for r in rows] == [
+        ("audio/call/ch0-00000", 0), ("audio/call/ch1-00000", 1), ("audio/mono/00000", None)]
+    assert [r["speaker"] for r in rows[:2]] == ["call#ch0#S1", "call#ch1#S1"]
+    said = [(0, 1.0, 1.0 + sentences[0].size / RATE),
+            (1, call.shape[0] / 8000 - 2.0 - sentences[1].size / RATE, call.shape[0] / 8000 - 2.0)]
+    for row, (side, start, end) in zip(rows, said):  # each side's utterance is its own speech, nothing more
+        assert row["offset"] <= start + 0.15 and end - 0.15 <= row["offset"] + row["duration"] <= end + 1.0, row
+        clip = decode_row(row, root)
+        begin = int(round(row["offset"] * 8000))
+        alone = soxr.resample(call[begin: begin + int(round(row["duration"] * 8000)), side], 8000, RATE, quality="HQ")
+        assert clip.size == alone.size and np.abs(clip - alone).max() < 1e-4
+        assert row["text"] == f"rms {np.sqrt(np.mean(clip ** 2)):.4f}"  # the ASR heard that side alone
+    assert min(heard[:2]) > 0.8 * min(np.abs(s).max() for s in sentences[:2]), heard  # the call's two spans
+    notes = json.loads(each.stdout)["notes"]
+    assert any(n.startswith("call#ch0: 1 speaker") for n in notes) and any(n.startswith("call#ch1: 1 speaker") for n in notes)
+    assert rows[2] | {"text": None, "speaker": None} == rows_of(tmp_path / "mix")[2] | {"text": None, "speaker": None}
+    refused = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "x"), "--license", "x", "--channels", "both"])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output and "'both' is not one of" in refused.output
+    refused = runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "x"), "--channels", "each"])
+    assert refused.exit_code == 2 and "--channels is for `shard audio`" in refused.output
+
+
 def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_path):
     from speechinstruct.pipeline import Job
     from speechinstruct.recipe import load_recipe
@@ -184,6 +260,32 @@ def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_pat
                               ({"license": "CC0-1.0", "asr": "whisper-1", "base_url": "http://127.0.0.1:9/v1"}, ["audio"])):
         path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "pods"), "options": options}]}))
         assert Job(load_recipe(path), tmp_path / "work", force=False).transcribed == expected
+
+
+def test_a_recipe_takes_channels_for_recordings_only_and_a_speaker_threshold_means_speakers(tmp_path):
+    from speechinstruct.recipe import RecipeError, load_recipe
+
+    (tmp_path / "calls").mkdir()
+    path = tmp_path / "r.yaml"
+    for speakers, said in ((None, ["corpora[0].options.speakers: true (corpora[0].options.speaker_threshold is set)"]),
+                           (True, [])):
+        path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"), "options": {
+            "license": "x", "speaker_threshold": 0.3, **({"speakers": speakers} if speakers else {})}}]}))
+        recipe = load_recipe(path)
+        assert recipe["corpora"][0]["options"]["speakers"] is True and recipe["inferred"] == said
+    path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"), "options": {
+        "license": "x", "speaker_threshold": 0.3, "speakers": False}}]}))
+    with pytest.raises(RecipeError, match="corpora.0..options.speaker_threshold: clusters speakers, and speakers is false"):
+        load_recipe(path)
+    for name, channels, problem in (("audio", "each", None), ("audio", "both", "corpora[0].options.channels: Input should be 'mix' or 'each'"),
+                                    ("librilight", "each", "corpora[0].options.channels: not an option of librilight (it is audio's")):
+        path.write_text(json.dumps({"corpora": [{"name": name, "root": str(tmp_path / "calls"),
+                                                 "options": {"license": "x", "channels": channels}}]}))
+        if problem is None:
+            assert load_recipe(path)["corpora"][0]["options"]["channels"] == "each"
+        else:
+            with pytest.raises(RecipeError, match=re.escape(problem)):
+                load_recipe(path)
 
 
 def test_the_vad_model_ships_inside_the_package_as_silero_vad_publishes_it(tmp_path):

@@ -88,8 +88,9 @@ def test_clustering_recovers_three_voices_taking_turns(tts):
 def test_shard_audio_speakers_labels_rows_and_counts_speakers_per_recording(tts, tmp_path):
     conversation(tts, tmp_path / "rec")
     result = runner.invoke(app, ["shard", "audio", str(tmp_path / "rec"), str(tmp_path / "m"), "--license", "x",
-                                 "--speakers", "--max-seconds", "30", "-q"])
+                                 "--speaker-threshold", "0.25", "--max-seconds", "30", "-q"])  # --speakers: inferred
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["inferred"] == ["--speakers (--speaker-threshold is given)"]
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert any(note.startswith("talk: 3 speakers") for note in summary["notes"]), summary["notes"]
     rows = [r for f in sorted((tmp_path / "m").glob("manifest-*.parquet")) for r in pq.read_table(f).to_pylist()]

@@ -90,8 +90,9 @@ class SileroVAD:
                 context = window[-CONTEXT:]
                 yield float(prob.reshape(-1)[0])
 
-    def spans(self, path: str | Path) -> tuple[list[tuple[float, float]], float]:
-        """(speech spans in seconds, duration) of one audio file, read in blocks."""
+    def spans(self, path: str | Path, channel: int | None = None) -> tuple[list[tuple[float, float]], float]:
+        """(speech spans in seconds, duration) of one audio file (its channels mixed, or its ``channel`` alone),
+        read in blocks."""
         samples = [0]
 
         def counted(blocks):
@@ -99,14 +100,14 @@ class SileroVAD:
                 samples[0] += block.size
                 yield block
 
-        probs = list(self.probabilities(counted(stream_16k(path))))
+        probs = list(self.probabilities(counted(stream_16k(path, channel=channel))))
         found = speech_spans(probs, samples[0], self.rules)
         return [(a / RATE, b / RATE) for a, b in found], samples[0] / RATE
 
 
-def stream_16k(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
-    """A file's samples, mono, at 16 kHz, a block at a time (soxr's streaming resampler: the same samples as
-    resampling the whole file, without holding it)."""
+def stream_16k(path: str | Path, block_seconds: float = BLOCK_SECONDS, channel: int | None = None) -> Iterator[np.ndarray]:
+    """A file's samples at 16 kHz, its channels mixed or its ``channel`` alone, a block at a time (soxr's
+    streaming resampler: the same samples as resampling the whole file, without holding it)."""
     import soundfile as sf
     import soxr
 
@@ -117,7 +118,7 @@ def stream_16k(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterat
             resampler = None if f.samplerate == RATE else soxr.ResampleStream(f.samplerate, RATE, 1, dtype="float32")
             read = 0
             for block in f.blocks(blocksize=int(block_seconds * f.samplerate), dtype="float32", always_2d=True):
-                mono = block.mean(axis=1).astype(np.float32)
+                mono = (block.mean(axis=1) if channel is None else block[:, channel]).astype(np.float32)
                 bad = np.flatnonzero(~np.isfinite(mono))
                 if bad.size:  # the VAD would read them as silence, and every row cut here would fail to decode
                     raise AudioError(f"{path}: contains NaN or Inf samples (the first at {(read + bad[0]) / f.samplerate:.3f} s)")

@@ -62,6 +62,8 @@ LINK_OUT = "a link out of the corpus root (--follow-links reads it)"
 # (most), `sentence` (Common Voice), `transcription` (FLEURS); `speaker_id` (LibriSpeech), `client_id` (Common Voice)
 TRANSCRIPT_NAMES = ("text", "transcript", "sentence", "transcription", "normalized_text")
 SPEAKER_NAMES = ("speaker", "speaker_id", "client_id")
+# how `shard audio` reads a recording of several channels: mixed into one stream, or each channel on its own
+CHANNELS = ("mix", "each")
 
 
 def outside(path: Path, root: Path) -> Skip | None:

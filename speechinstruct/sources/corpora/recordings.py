@@ -7,8 +7,9 @@ ASR ``score`` uses: a transformers folder, or a model at an OpenAI-compatible ``
 cross-modal records too. With ``speakers``, each recording's speech spans are embedded (Resemblyzer's GE2E,
 :mod:`speechinstruct.speakers`) and clustered, the number of speakers being what the clustering finds; each row's
 ``speaker`` is ``{recording}#S1``, ``#S2``, … (the speaker of most of its speech), and a row whose spans hold two
-voices is named in the summary's notes with each recording's count of speakers. A license is required: we will
-not guess one.
+voices is named in the summary's notes with each recording's count of speakers. With ``channels="each"`` a
+recording of several channels (a telephone call, a side on each) is cut one channel at a time, each row naming
+its ``channel``; by default the channels are mixed. A license is required: we will not guess one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from ...io import files_under
 from ...progress import progress
-from .base import Item, Note, Skip, probe, relpath
+from .base import CHANNELS, Item, Note, Skip, probe, relpath
 
 # the container suffixes libsndfile reads (soundfile.available_formats(), as file names spell them)
 SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".snd", ".w64", ".caf", ".rf64")
@@ -30,10 +31,12 @@ SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", "
 
 def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None,
          asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int | None = None,
-         speakers: bool = False, speaker_threshold: float = 0.25) -> Iterator[Item]:
-    from ...audio import AudioError
+         speakers: bool = False, speaker_threshold: float = 0.25, channels: str = "mix") -> Iterator[Item]:
+    from ...audio import AudioError, channels as audio_channels
     from ..vad import SileroVAD, utterances
 
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
     if not license:
         raise ValueError(f"{root}: shard audio needs --license: the license of these recordings (we will not guess one)")
     if max_seconds <= 0:
@@ -64,34 +67,49 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
             yield probed
             continue
         sr, _ = probed
-        try:
-            spans, seconds = vad.spans(path)
-        except AudioError as e:
-            yield Skip(rel, "NaN or Inf samples" if "NaN or Inf" in str(e) else "unreadable audio", str(e))
-            continue
-        cuts = utterances(spans, max_seconds)
-        if not cuts:
-            yield Skip(rel, "no speech found", f"{seconds:.1f} s, silero-vad found no speech")
-            continue
+        sides = [None]
+        if channels == "each":
+            try:
+                sides = list(range(n)) if (n := audio_channels(path)) > 1 else [None]
+            except AudioError as e:
+                yield Skip(rel, "unreadable audio", str(e))
+                continue
         stem = str(Path(rel).with_suffix(""))
-        rows = [{
-                "id": f"audio/{stem}/{i:05d}",
-                "path": rel,
-                "offset": round(start, 4),
-                "duration": round(min(end, seconds) - start, 4),
-                "sample_rate": sr,
-                "text": None,
-                "speaker": "unknown",
-                "corpus": "audio",
-                "license": license,
-                "split": "train",
-                "corpus_split": "train",
-            } for i, (start, end) in enumerate(cuts)]
-        if encoder is not None:
-            yield label_speakers(encoder, path, stem, spans, cuts, rows, speaker_threshold)
-        if transcriber:
-            transcribe(transcriber, path, rows, batch_size, missed)
-        yield from rows
+        for channel in sides:
+            side = "" if channel is None else f" (channel {channel})"
+            try:
+                spans, seconds = vad.spans(path, channel)
+            except AudioError as e:
+                if "NaN or Inf" not in str(e):
+                    yield Skip(rel, "unreadable audio", str(e))
+                    break
+                yield Skip(rel, "NaN or Inf samples", f"{e}{side}")  # another channel may be clean
+                continue
+            cuts = utterances(spans, max_seconds)
+            if not cuts:
+                yield Skip(rel, "no speech found", f"{seconds:.1f} s{side}, silero-vad found no speech")
+                continue
+            # a side's ids end in chN-00000, which no file's (ending in 00000) can equal
+            name, prefix = (stem, "") if channel is None else (f"{stem}#ch{channel}", f"ch{channel}-")
+            rows = [{
+                    "id": f"audio/{stem}/{prefix}{i:05d}",
+                    "path": rel,
+                    "offset": round(start, 4),
+                    "duration": round(min(end, seconds) - start, 4),
+                    "sample_rate": sr,
+                    "text": None,
+                    "speaker": "unknown",
+                    "corpus": "audio",
+                    "license": license,
+                    "split": "train",
+                    "corpus_split": "train",
+                    "channel": channel,
+                } for i, (start, end) in enumerate(cuts)]
+            if encoder is not None:
+                yield label_speakers(encoder, path, name, spans, cuts, rows, speaker_threshold, channel)
+            if transcriber:
+                transcribe(transcriber, path, rows, batch_size, missed)
+            yield from rows
     for reason, count in sorted(missed.items()):
         yield Note(f"{count} utterances kept without a transcript (pretrain only): {reason}")
 
@@ -101,7 +119,7 @@ MIN_EMBED_SECONDS = 1.0  # segments shorter than this join the nearest speaker i
 
 
 def label_speakers(encoder, path: Path, stem: str, spans: list[tuple[float, float]], cuts: list[tuple[float, float]],
-                   rows: list[dict], threshold: float) -> Note:
+                   rows: list[dict], threshold: float, channel: int | None = None) -> Note:
     """Each row's ``speaker`` from the clustered embeddings of the speech inside it (the speaker of most of its
     speech); a Note with the recording's count of speakers and the rows whose speech holds two voices. Spans less
     than :data:`JOIN_GAP` apart are one segment (a pause inside a sentence); segments of :data:`MIN_EMBED_SECONDS`
@@ -116,7 +134,8 @@ def label_speakers(encoder, path: Path, stem: str, spans: list[tuple[float, floa
         else:
             segments.append([a, b])
     spans = [(a, b) for a, b in segments]
-    embeddings = np.array([encoder.embed(load(path, a, max(b - a, 0.05), reject_silence=False)) for a, b in spans])
+    embeddings = np.array([encoder.embed(load(path, a, max(b - a, 0.05), reject_silence=False, channel=channel))
+                           for a, b in spans])
     long = np.array([b - a >= MIN_EMBED_SECONDS for a, b in spans])
     if long.sum() >= 1:
         labels = np.zeros(len(spans), dtype=np.int64)
@@ -150,7 +169,7 @@ def transcribe(transcriber, path: Path, rows: list[dict], batch_size: int, misse
 
     for start in range(0, len(rows), batch_size):
         batch = rows[start: start + batch_size]
-        wavs = [load(path, r["offset"], r["duration"], reject_silence=False) for r in batch]
+        wavs = [load(path, r["offset"], r["duration"], reject_silence=False, channel=r["channel"]) for r in batch]
         for row, text in zip(batch, transcriber.transcribe(wavs)):
             if isinstance(text, BadAnswer) or not text.strip():
                 missed[str(text) if isinstance(text, BadAnswer) else "the ASR model heard no words"] += 1
