@@ -179,7 +179,7 @@ def shard(
     ctx: typer.Context,
     corpus: Corpus = typer.Argument(..., help="Corpus layout of ROOT."),
     root: str = typer.Argument(..., parser=_utf8, help="Corpus folder in its native layout; hf: a dataset folder (Hub-style "
-                               "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or a cuts file; "
+                               "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or of Shar shards, or a cuts file; "
                                "kaldi: a data directory or a folder of them. A URL (s3://, gs://, hf://) is copied into the cache first."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(default(settings.Shard, "shard_hours"), help="Hours of audio per manifest shard."),

@@ -1,7 +1,8 @@
 """lhotse manifests, read with lhotse itself: recordings + supervisions (``*_recordings_<part>.jsonl.gz`` and
 ``*_supervisions_<part>.jsonl.gz``, as lhotse's recipes name them) or cuts (``*_cuts_<part>.jsonl.gz``).
 
-ROOT is a folder of such files, or one cuts file. The split is ``<part>`` (``dev-clean``, ``test``…: ``dev*``
+ROOT is a folder of such files, or one cuts file; lhotse's Shar folders at or under it (tar shards of cuts and their
+audio, ``CutSet.to_shar``) are read by :mod:`lhotse_shar`. The split is ``<part>`` (``dev-clean``, ``test``…: ``dev*``
 and ``test*`` are dev/test, anything else train). One manifest row per supervision (or per cut, its
 supervisions' texts joined). A supervision's word alignment (``alignment["word"]``) becomes the row's ``words``,
 timed from the supervision's start. Audio sources of type ``file`` are read, and those of type ``url`` whose
@@ -24,7 +25,8 @@ from typing import Iterator
 from ...progress import progress
 from .. import storage
 from ..alignments import check_words, lhotse_words
-from .base import Item, Skip, deepest_common_folder, probe, split_of
+from . import lhotse_shar
+from .base import Item, Skip, deepest_common_folder, probe, relpath, split_of
 from .kaldi import file_channel, piped_file
 
 NAME = "lhotse"
@@ -32,22 +34,35 @@ _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|
 
 
 def manifests(root: Path) -> list[tuple[str, str, Path]]:
-    """(part, kind, file) of every lhotse manifest under ``root`` (or ``root`` itself, one file)."""
+    """(part, kind, file) of every lhotse manifest in ``root`` (or ``root`` itself, one file); a Shar folder's cuts
+    files are :mod:`lhotse_shar`'s."""
     files = [root] if root.is_file() else sorted(root.glob("*.jsonl*"))
+    if root.resolve() in shar_folders(root):
+        files = [p for p in files if not lhotse_shar._is_cuts(p)]
     found = []
     for path in files:
         m = _MANIFEST.match(path.name)
         if m:
             found.append((m.group("part") or m.group("prefix") or "train", m.group("kind"), path))
-    if not found:
-        raise FileNotFoundError(f"{root}: no lhotse manifests (*_recordings_*.jsonl.gz with *_supervisions_*, or "
-                                "*_cuts_*.jsonl.gz)")
     return found
 
 
+def shar_folders(root: Path) -> dict[Path, str]:
+    """{Shar folder: its corpus part} at or under ``root``: the part is the folder's path under ``root``, or its
+    name when ``root`` is one."""
+    root = root.resolve()
+    return {folder: (folder.name if folder == root else relpath(folder, root))
+            for folder in lhotse_shar.folders(root)}
+
+
 def _parts(root: Path) -> dict[str, dict[str, Path]]:
+    """The manifests of ``root`` by part and kind; a folder with none, and no Shar folders either, is an error."""
     parts: dict[str, dict[str, Path]] = {}
-    for part, kind, path in manifests(root):
+    found = manifests(root)
+    if not found and not shar_folders(root):
+        raise FileNotFoundError(f"{root}: no lhotse manifests (*_recordings_*.jsonl.gz with *_supervisions_*, or "
+                                "*_cuts_*.jsonl.gz) and no Shar folders (cuts.000000.jsonl.gz with recording.000000.tar)")
+    for part, kind, path in found:
         parts.setdefault(part, {})[kind] = path
     for part, kinds in parts.items():
         if "cuts" not in kinds and not {"recordings", "supervisions"} <= set(kinds):
@@ -160,8 +175,9 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
     """``audio_root`` when given, else the deepest folder holding every recording's file."""
     if audio_root is not None:
         return Path(audio_root).resolve()
-    files = (found[0] for recording in _recordings(_parts(Path(root))) for found in map(_source_file, recording.sources)
-             if found)
+    files = [found[0] for recording in _recordings(_parts(Path(root))) for found in map(_source_file, recording.sources)
+             if found]
+    files += [str(tar) for folder in shar_folders(Path(root)) for tar in lhotse_shar.tars(folder)]
     return deepest_common_folder(files, Path(root))
 
 
@@ -230,6 +246,8 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 elif words and isinstance(row, dict):
                     row["words"] = words
                 yield row
+    for folder, part in shar_folders(root).items():
+        yield from lhotse_shar.read_folder(folder, part, base, license)
 
 
 def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple[float, dict] | Skip:

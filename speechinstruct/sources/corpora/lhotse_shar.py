@@ -1,0 +1,162 @@
+"""lhotse's Shar format, read in place: a folder of ``cuts.000000.jsonl.gz`` with ``recording.000000.tar`` beside
+it (and so on for each shard; ``cuts.jsonl.gz`` with ``recording.tar`` unsharded), as ``CutSet.to_shar`` writes
+it. Each cut's audio is a member of the tar of its shard, named by the cut's id (``ID.flac``, ``ID.wav``,
+``ID.mp3``, ``ID.opus``; ``ID.original`` in the input's own container), its recording's manifest after it
+(``ID.json``); a cut stored without audio has ``ID.nodata`` there. The stored audio is the cut's alone (lhotse
+writes the cut at start 0, its channels only), so a row is ``[start, start + duration)`` of that member, read back
+by its byte offset in the tar (``tar_offset``, ``tar_size``) as WebDataset rows are.
+
+The corpus part, and so the split, is the Shar folder's name (``dev-clean`` is validation); ROOT is one Shar folder
+or a folder holding several. lhotse's own reader pairs the i-th cuts file with the i-th tar and stops on a cut
+whose member is missing; here they are paired by shard number, and a shard's missing or damaged tar, a cut with
+no member, and a cut without a recording are each a counted skip naming the cut. Fields other than the
+recording (features, custom arrays) are named in a note, not read.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+from ...progress import progress
+from .base import Item, Note, Skip, outside, relpath
+
+def _field_and_shard(name: str) -> tuple[str, str]:
+    """(field, shard number or "") of a Shar file name: ``recording.000003.tar`` → (recording, 000003)."""
+    parts = name.split(".")
+    return parts[0], parts[1] if len(parts) > 2 and parts[1].isdigit() else ""
+
+
+def _is_cuts(path: Path) -> bool:
+    return path.name.split(".")[0] == "cuts" and ".jsonl" in path.suffixes  # lhotse's rule (LazySharIterator)
+
+
+def folders(root: Path) -> list[Path]:
+    """The Shar folders at or under ``root``: those holding lhotse's Shar cuts files beside a ``recording`` field,
+    or numbered cuts files (``cuts.000000.jsonl.gz``), which lhotse's other manifests never are. Their paths are
+    under ``root`` resolved, their own links kept (a tar linked in from elsewhere is judged by :func:`outside`)."""
+    from ...io import files_under
+
+    if not root.is_dir():
+        return []
+    root = root.resolve()
+    found: dict[Path, list[Path]] = {}
+    for _, path in files_under(root):
+        found.setdefault(path.parent, []).append(path)
+    return [folder for folder, files in sorted(found.items())
+            if any(_is_cuts(f) for f in files) and (any(_field_and_shard(f.name)[0] == "recording" for f in files)
+                                                  or any(_is_cuts(f) and _field_and_shard(f.name)[1] for f in files))]
+
+
+def tars(folder: Path) -> list[Path]:
+    """The recording tars of one Shar folder."""
+    return sorted(p for p in folder.iterdir() if _field_and_shard(p.name)[0] == "recording" and p.is_file())
+
+
+def members(tar: Path) -> tuple[dict[str, list | None], str | None]:
+    """({cut id: [data offset, size, soundfile's info or why it is unreadable, the channel ids its manifest member
+    lists or None], or None for a cut stored without audio}, why the tar stops early or None): one pass over the
+    tar as a stream, one member in memory at a time. As lhotse's reader, the recording is the manifest member's
+    (``ID.json``), not the cut file's."""
+    import json
+
+    import soundfile as sf
+
+    found: dict[str, list | None] = {}
+    try:
+        with tarfile.open(tar, "r|*") as stream:
+            for info in stream:
+                name = Path(info.name)
+                if not info.isfile() or name.suffix == ".nometa":
+                    continue
+                key = str(name.parent / name.stem)  # lhotse's: the member's name without its extension
+                if name.suffix == ".nodata":
+                    found[key] = None
+                    continue
+                handle = stream.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
+                if name.suffix == ".json":  # the manifest of the data member before it
+                    try:
+                        ids = json.loads(data.decode("utf-8")).get("channel_ids")
+                    except (ValueError, AttributeError, RecursionError):
+                        ids = None
+                    if found.get(key) and isinstance(ids, list) and all(isinstance(i, int) for i in ids):
+                        found[key][3] = ids
+                    continue
+                try:
+                    audio = sf.info(io.BytesIO(data))
+                except (sf.LibsndfileError, RuntimeError) as e:
+                    audio = f"{info.name}: {str(e)[:80]}"
+                found[key] = [info.offset_data, info.size, audio, None]
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        return found, str(e)[:120]
+    return found, None
+
+
+def read_folder(folder: Path, part: str, base: Path, license: str) -> Iterator[Item]:
+    """The rows of one Shar folder, its cuts read with lhotse's own deserializer (``lhotse_manifests.records``)."""
+    from .lhotse_manifests import _row, records
+    from .webdataset import compressed
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    cut_files = [p for p in files if _is_cuts(p)]
+    by_shard = {_field_and_shard(p.name)[1]: p for p in tars(folder)}
+    if not by_shard:
+        raise FileNotFoundError(f"{folder}: lhotse Shar cuts ({cut_files[0].name}) with no recording tar beside them "
+                                "(no audio stored: write it with to_shar(fields={'recording': 'flac'}))")
+    others = sorted({_field_and_shard(p.name)[0] for p in files} - {"cuts", "recording"})
+    if others:
+        yield Note(f"{relpath(folder, base) if folder != base else folder.name}: Shar fields not read (only the "
+                   f"recording's audio is): {', '.join(others)}")
+    for cuts in progress(cut_files, desc=f"lhotse shar {part}", unit="shard"):
+        shard = _field_and_shard(cuts.name)[1]
+        tar = by_shard.get(shard)
+        problem = None
+        if tar is None:
+            problem = ("missing tar", f"recording.{shard + '.' if shard else ''}tar, the audio of {cuts.name}, is not there")
+        elif refused := outside(tar, base):
+            problem = (refused.reason, refused.detail)
+        elif kind := compressed(tar):
+            problem = ("compressed tar", f"{tar.name}: {kind}: a row is read at its byte offset in the tar, which a "
+                       "compressed file does not have; decompress it and shard again")
+        stored, damage = ({}, None) if problem else members(tar)
+        for item in records(cuts):
+            if isinstance(item, Skip):
+                yield item
+                continue
+            cut = item[1]
+            where = f"{part}/{cuts.name}: cut {cut.id}"
+            if problem:
+                yield Skip(where, *problem)
+                continue
+            if cut.id not in stored:
+                yield (Skip(where, "truncated or damaged tar", f"{tar.name}: {damage}") if damage else
+                       Skip(where, "no audio member for the cut", f"{tar.name} holds no {cut.id}.*"))
+                continue
+            if stored[cut.id] is None:
+                yield Skip(where, "cut without a recording", f"{tar.name}: {cut.id}.nodata")
+                continue
+            offset, size, info, ids = stored[cut.id]
+            if isinstance(info, str):
+                yield Skip(where, "unreadable audio", info)
+                continue
+            if ids is None:  # no manifest member: the cut file's recording, else the stored channels in order
+                recording = getattr(cut, "recording", None)
+                ids = list(recording.channel_ids) if recording is not None else list(range(info.channels))
+            if info.channels != len(ids):
+                yield Skip(where, "audio member's channels differ from its recording's",
+                           f"{info.channels} channels stored, the recording lists {ids}")
+                continue
+            rel = relpath(tar, base)
+            found = (info.frames / info.samplerate,
+                     {c: (rel, i if info.channels > 1 else None, info.samplerate) for i, c in enumerate(ids)})
+            texts = [s.text for s in cut.supervisions if s.text]
+            speakers = [s.speaker for s in cut.supervisions if s.speaker]
+            row = _row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
+                       speakers[0] if speakers else None, license, getattr(cut, "channel", None))
+            yield row if isinstance(row, Skip) else {**row, "tar_offset": int(offset), "tar_size": int(size)}
