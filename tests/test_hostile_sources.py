@@ -167,17 +167,39 @@ def test_lhotse_records_of_the_wrong_shape_are_counted_skips_naming_file_and_lin
     sf.write(tmp_path / "r0.flac", speechlike(3.0), 16000)
     good = {"id": "ok", "recording_id": "r0", "start": 0.0, "duration": 1.0, "channel": 0, "text": "fine", "speaker": "s"}
     lines = [good, {**good, "id": "num", "text": 123}, {"id": "missing", "recording_id": "r0"},
-             {**good, "id": "start", "start": "abc"}, [1, 2]]
-    folder = lhotse_pair(tmp_path / "man", lines, tmp_path / "r0.flac")
+             {**good, "id": "start", "start": "abc"}, [1, 2],
+             {**good, "id": "half", "text": "a lone \udc80 surrogate"}, {**good, "id": "sp", "speaker": "\ud800"}]
+    folder = lhotse_pair(tmp_path / "man", lines, tmp_path / "r0.flac")  # json.dumps writes \udc80 as an escape
     result = shard_cli("lhotse", folder, tmp_path / "m")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["utterances"] == 1 and summary["skipped"] == {"malformed manifest record": 4}
+    assert summary["utterances"] == 1 and summary["skipped"] == {"malformed manifest record": 6}
     rows = manifest_rows(tmp_path / "m")
     assert [r["id"] for r in rows] == ["lhotse/train/ok"]
     full = json.loads((tmp_path / "m" / "summary.json").read_text())["skipped_examples"]
-    assert [s["path"] for s in full] == [f"x_supervisions_train.jsonl.gz:{n}" for n in (2, 3, 4, 5)]
+    assert [s["path"] for s in full] == [f"x_supervisions_train.jsonl.gz:{n}" for n in (2, 3, 4, 5, 6, 7)]
     assert "text must be a string, got 123" in full[0]["detail"] and "start must be a number" in full[2]["detail"]
+    assert "not valid Unicode" in full[4]["detail"] and "not valid Unicode" in full[5]["detail"]
+
+
+def test_a_lone_surrogate_from_any_reader_is_a_counted_skip_not_a_stopped_shard(tmp_path):
+    """JSON may spell a lone surrogate (\\udc80), which no UTF-8 file can hold: a WebDataset sample's .json
+    with one in its transcript (or its key) was the whole shard's one line, and nothing written."""
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "train-000.tar", "w") as tar:
+        for key, meta in (("ok", {"text": "fine"}), ("bad", {"text": "half \udc80 a character"})):
+            for ext, data in ((".flac", flac_bytes(1.0, 0)), (".json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(key + ext)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    result = shard_cli("webdataset", tmp_path / "train-000.tar", tmp_path / "m", "--license", "x")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped"] == {"not valid Unicode": 1}
+    assert [r["id"] for r in manifest_rows(tmp_path / "m")] == ["webdataset/train-000/ok"]
+    (example,) = json.loads((tmp_path / "m" / "summary.json").read_text())["skipped_examples"]
+    assert example["path"] == "train-000.tar" and "text" in example["detail"] and "bad" in example["detail"]
 
 
 def test_lhotse_manifest_that_is_not_gzip_or_is_cut_short_is_one_line(tmp_path):

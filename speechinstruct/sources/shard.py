@@ -8,6 +8,7 @@ Every row carries the ``split`` (train, validation, test) the corpus gives it; `
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 from .. import recipe as settings, records
@@ -200,15 +201,32 @@ def corpus_state(corpus: str, root: str | Path, options: dict | None = None) -> 
     return files_state(*roots)
 
 
+def not_unicode(row: dict) -> str | None:
+    """Which field of ``row`` holds a lone surrogate (JSON can spell one, ``\\udc80``; no UTF-8 file can hold it),
+    or None."""
+    for key, value in row.items():
+        for text in value if isinstance(value, list) else [value]:
+            text = json.dumps(text, ensure_ascii=False) if isinstance(text, dict) else text
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    where = row["id"].encode("utf-8", "backslashreplace").decode("utf-8")
+                    return f"{where}: {key} holds a lone surrogate"
+    return None
+
+
 def write_rows(items, shards: ManifestShards, tally: Tally, keep: tuple[str, ...] | None, split_map: dict) -> None:
-    """A reader's items into the shards: notes and skips counted, repeated ids skipped, each row's split as the
-    split map says, rows of splits not kept counted as left out."""
+    """A reader's items into the shards: notes and skips counted, rows no UTF-8 file can hold and repeated ids
+    skipped, each row's split as the split map says, rows of splits not kept counted as left out."""
     seen_ids: set[str] = set()
     for item in items:
         if isinstance(item, Note):
             tally.notes.append(item.text)
         elif isinstance(item, Skip):
             tally.skip(item)
+        elif problem := not_unicode(item):
+            tally.skip(Skip(item["path"], "not valid Unicode", problem))
         elif item["id"] in seen_ids:
             tally.skip(Skip(item["path"], "duplicate id", item["id"]))
         else:

@@ -77,10 +77,11 @@ def records(path: Path) -> Iterator[tuple[int, object] | Skip]:
     ``deserialize_item``, or a :class:`Skip` naming the file and line for a record that is not a valid one.
     A file that is not gzip or is cut short is one clear error naming it (not lhotse's traceback)."""
     import gzip
-    import json
     import zlib
 
     from lhotse.serialization import deserialize_item
+
+    from ...io import parse_json_object
 
     line = 0
     try:
@@ -90,9 +91,9 @@ def records(path: Path) -> Iterator[tuple[int, object] | Skip]:
                     continue
                 where = f"{path.name}:{line}"
                 try:
-                    data = json.loads(text)
-                    if not isinstance(data, dict):
-                        raise ValueError(f"a record must be a JSON object, got {type(data).__name__}")
+                    data = parse_json_object(text)  # a lone surrogate (\udc80) is "not valid Unicode"
+                    if isinstance(data, str):
+                        raise ValueError(f"a record must be a JSON object: {data}")
                     obj = deserialize_item(data)
                     _check_fields(obj)
                 except Exception as e:  # lhotse raises TypeError/KeyError/ValueError/AssertionError on bad records
