@@ -717,7 +717,29 @@ def bench_recordings(work: Path, quick: bool) -> list[dict]:
                      "target": "report"})
     rows.append({"name": f"shard audio peak RSS, a {minutes:g}- vs a {minutes * 8:g}-minute recording", "baseline": "1x",
                  "baseline_mb": rss[1], "ours_mb": rss[8], "ratio": rss[8] / rss[1], "target": "<= 1.2x"})
+    rows.append(bench_vad_threads(work, minutes))
     return rows
+
+
+def bench_vad_threads(work: Path, minutes: float) -> dict:
+    """shard audio on four recordings: the VAD in one thread per available CPU against one thread."""
+    from speechinstruct.sources.shard import shard_corpus
+    from speechinstruct.threads import available_cpus
+
+    root = work / "recordings-4files"
+    if not root.exists():
+        root.mkdir()
+        for seed in range(4):
+            long_recording(root / f"r{seed}.flac", minutes, seed)
+    times = {}
+    for workers in (1, available_cpus(), 1, available_cpus()):  # twice each, interleaved: the host's load drifts
+        shutil.rmtree(work / "recordings-4files-manifest", ignore_errors=True)
+        _, t = timed(shard_corpus, "audio", root, work / "recordings-4files-manifest", license="CC0-1.0", workers=workers)
+        times[workers] = min(times.get(workers, t), t)
+    n = available_cpus()
+    return {"name": f"shard audio, four {minutes:g}-minute recordings: VAD in {n} threads vs 1", "baseline": "1 thread",
+            "speedup": times[1] / times[n], "ours_s": times[n], "baseline_s": times[1],
+            "target": "report", "extra": f"{4 * minutes * 60 / times[n]:.0f}x real time in {n} threads"}
 
 
 def bench_compose(work: Path, quick: bool) -> list[dict]:

@@ -192,6 +192,8 @@ def shard(
                                   "clustered); rows get speaker RECORDING#S1, #S2, …"),
     speaker_threshold: float = typer.Option(0.25, help="audio --speakers: the cosine distance at which clusters stop "
                                             "merging (lower: more speakers)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="audio: processes running the VAD, a file at a time each "
+                                          "(default: the CPUs this process may use)."),
     channels: Channels = typer.Option("mix", help="audio: a recording of several channels is cut with its channels "
                                       "mixed, or each channel on its own (each: the two sides of a telephone call; "
                                       "rows get `channel`). On a stereo mix each would give every utterance twice."),
@@ -230,7 +232,8 @@ def shard(
     # each source's own options (SOURCES[...].options); a flag given for a source that does not take it is one line
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
               "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
-              "config": config, "audio_root": audio_root, "channels": channels.value}
+              "config": config, "audio_root": audio_root, "channels": channels.value,
+              "workers": workers}
     foreign = [p.name for p in ctx.command.params if any(p.name in s.options for s in SOURCES.values())
                and _given(ctx, p.name) and option_problem(corpus.value, p.name)]
     if foreign:

@@ -262,11 +262,38 @@ def test_a_recipe_makes_cross_modal_records_of_recordings_it_transcribes(tmp_pat
         assert Job(load_recipe(path), tmp_path / "work", force=False).transcribed == expected
 
 
+def test_vad_in_worker_threads_gives_the_rows_and_skips_of_one(sentences, tmp_path):
+    """--workers: files (and each channel) run through the VAD in two threads give the manifest, byte for byte,
+    and the skips of one thread, in the same order."""
+    root = tmp_path / "rec"
+    root.mkdir()
+    _call(sentences, root)
+    for n, rate in enumerate((16000, 22050, 44100)):
+        sf.write(root / f"talk{n}.flac", recording(sentences, rate, gaps=(1.0 + n, 3.0, 0.3, 1.0))[0], rate)
+    sf.write(root / "quiet.wav", np.zeros(16000 * 2, np.float32), 16000)
+    (root / "broken.wav").write_bytes(b"RIFF not really a wav")
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"m{workers}"
+        result = runner.invoke(app, ["shard", "audio", str(root), str(outs[workers]), "--license", "x", "-q",
+                                     "--channels", "each", "--workers", str(workers)])
+        assert result.exit_code == 0, result.output
+    assert (outs[1] / "manifest-00000.parquet").read_bytes() == (outs[2] / "manifest-00000.parquet").read_bytes()
+    one, two = (json.loads((outs[w] / "summary.json").read_text()) for w in (1, 2))
+    assert one["utterances"] == 8 and one["skipped"] == {"no speech found": 1, "unreadable audio": 1}
+    assert one["skipped_examples"] == two["skipped_examples"]
+    refused = runner.invoke(app, ["shard", "audio", str(root), str(tmp_path / "x"), "--license", "x", "--workers", "0"])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+
+
 def test_a_recipe_takes_channels_for_recordings_only_and_a_speaker_threshold_means_speakers(tmp_path):
     from speechinstruct.recipe import RecipeError, load_recipe
 
     (tmp_path / "calls").mkdir()
     path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"),
+                                             "options": {"license": "x", "workers": 4}}]}))
+    assert load_recipe(path)["corpora"][0]["options"]["workers"] == 4
     for speakers, said in ((None, ["corpora[0].options.speakers: true (corpora[0].options.speaker_threshold is set)"]),
                            (True, [])):
         path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"), "options": {

@@ -31,9 +31,10 @@ SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", "
 
 def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None,
          asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int | None = None,
-         speakers: bool = False, speaker_threshold: float = 0.25, channels: str = "mix") -> Iterator[Item]:
+         speakers: bool = False, speaker_threshold: float = 0.25, channels: str = "mix",
+         workers: int | None = None) -> Iterator[Item]:
     from ...audio import AudioError, channels as audio_channels
-    from ..vad import SileroVAD, utterances
+    from ..vad import utterances
 
     if channels not in CHANNELS:
         raise ValueError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
@@ -41,11 +42,30 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
         raise ValueError(f"{root}: shard audio needs --license: the license of these recordings (we will not guess one)")
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     root = Path(root)
     files = sorted(p for _, p in files_under(root) if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{root}: no audio files ({', '.join(SUFFIXES)})")
-    vad = SileroVAD()
+    # each file's sample rate and the channels it is cut on (None: mixed), or why it is skipped
+    plan: list[tuple[Path, str, int, list[int | None]] | Skip] = []
+    for path in files:
+        rel = relpath(path, root)
+        probed = probe(path, root)
+        if isinstance(probed, Skip):
+            plan.append(probed)
+            continue
+        sides: list[int | None] = [None]
+        if channels == "each":
+            try:
+                sides = list(range(n)) if (n := audio_channels(path)) > 1 else [None]
+            except AudioError as e:
+                plan.append(Skip(rel, "unreadable audio", str(e)))
+                continue
+        plan.append((path, rel, probed[0], sides))
+    jobs = [(entry[0], channel) for entry in plan if not isinstance(entry, Skip) for channel in entry[3]]
+    found = vad_spans(jobs, workers)
     encoder = None
     if speakers:
         from ...judges.speakers import GE2E
@@ -60,31 +80,22 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
         batch_size = getattr(transcriber, "batch_size", None) or batch_size or 8  # the model's, by its device
         yield Note(f"transcripts by ASR: {json.dumps(transcriber.spec, sort_keys=True)}")
     missed = collections.Counter()
-    for path in progress(files, desc="audio files (VAD)", unit="file"):
-        rel = relpath(path, root)
-        probed = probe(path, root)
-        if isinstance(probed, Skip):
-            yield probed
+    for entry in progress(plan, desc="audio files (VAD)", unit="file"):
+        if isinstance(entry, Skip):
+            yield entry
             continue
-        sr, _ = probed
-        sides = [None]
-        if channels == "each":
-            try:
-                sides = list(range(n)) if (n := audio_channels(path)) > 1 else [None]
-            except AudioError as e:
-                yield Skip(rel, "unreadable audio", str(e))
-                continue
+        path, rel, sr, sides = entry
+        results = [next(found) for _ in sides]  # this file's, in order
         stem = str(Path(rel).with_suffix(""))
-        for channel in sides:
+        for channel, result in zip(sides, results):
             side = "" if channel is None else f" (channel {channel})"
-            try:
-                spans, seconds = vad.spans(path, channel)
-            except AudioError as e:
-                if "NaN or Inf" not in str(e):
-                    yield Skip(rel, "unreadable audio", str(e))
+            if isinstance(result, AudioError):
+                if "NaN or Inf" not in str(result):
+                    yield Skip(rel, "unreadable audio", str(result))
                     break
-                yield Skip(rel, "NaN or Inf samples", f"{e}{side}")  # another channel may be clean
+                yield Skip(rel, "NaN or Inf samples", f"{result}{side}")  # another channel may be clean
                 continue
+            spans, seconds = result
             cuts = utterances(spans, max_seconds)
             if not cuts:
                 yield Skip(rel, "no speech found", f"{seconds:.1f} s{side}, silero-vad found no speech")
@@ -112,6 +123,38 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
             yield from rows
     for reason, count in sorted(missed.items()):
         yield Note(f"{count} utterances kept without a transcript (pretrain only): {reason}")
+
+
+def vad_spans(jobs: list[tuple[Path, int | None]], workers: int | None = None) -> Iterator:
+    """(speech spans, seconds) of each job, a file's channel (None: mixed), or the AudioError that stopped it, in
+    order. ``workers`` threads (default: the CPUs this process may use) run one file each at a time, each with a
+    silero-vad model of its own run with one thread, as silero runs it: onnxruntime and the audio libraries
+    release the GIL, and the spans do not depend on the thread. Threads, not processes: a spawned process
+    imports the caller's ``__main__`` again (a script without ``if __name__ == "__main__"`` runs twice), and a
+    forked one copies the thread pools torch or onnxruntime may hold half-made."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ...audio import AudioError
+    from ...threads import available_cpus
+    from ..vad import SileroVAD
+
+    own = threading.local()
+
+    def spans(job):
+        if not hasattr(own, "vad"):
+            own.vad = SileroVAD()
+        try:
+            return own.vad.spans(*job)
+        except AudioError as e:
+            return e
+
+    workers = max(1, min(workers or available_cpus(), len(jobs)))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="vad")
+    try:
+        yield from pool.map(spans, jobs)
+    finally:  # stopped early (an error, ^C): the files not begun are not run
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 JOIN_GAP = 0.25          # seconds: spans closer than this are one segment for speaker embeddings
