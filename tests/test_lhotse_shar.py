@@ -147,3 +147,8 @@ def test_a_shar_folder_is_a_root_itself_and_says_what_it_leaves_out(tmp_path):
     result = runner.invoke(app, ["shard", "lhotse", str(bare), str(tmp_path / "x"), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "no recording" in result.output and "cuts.000000.jsonl.gz" in result.output
+    deep = tmp_path / "corpus" / "a" / "b" / "c"  # three folders down: not looked for (nor the audio tree beside)
+    shutil.copytree(shar / "dev-clean", deep)
+    result = runner.invoke(app, ["shard", "lhotse", str(tmp_path / "corpus"), str(tmp_path / "y"), "-q"])
+    assert result.exit_code == 2 and "no Shar folders" in result.output and "up to 2 folders down" in result.output
+    assert shard_corpus("lhotse", deep.parent.parent, tmp_path / "z", license="x")["utterances"] == 1  # two down

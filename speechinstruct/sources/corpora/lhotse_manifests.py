@@ -61,7 +61,8 @@ def _parts(root: Path) -> dict[str, dict[str, Path]]:
     found = manifests(root)
     if not found and not shar_folders(root):
         raise FileNotFoundError(f"{root}: no lhotse manifests (*_recordings_*.jsonl.gz with *_supervisions_*, or "
-                                "*_cuts_*.jsonl.gz) and no Shar folders (cuts.000000.jsonl.gz with recording.000000.tar)")
+                                "*_cuts_*.jsonl.gz) and no Shar folders (cuts.000000.jsonl.gz with recording.000000.tar) in it "
+                                f"or up to {lhotse_shar.DEPTH} folders down")
     for part, kind, path in found:
         parts.setdefault(part, {})[kind] = path
     for part, kinds in parts.items():

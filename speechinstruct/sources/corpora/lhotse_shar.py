@@ -16,6 +16,7 @@ recording (features, custom arrays) are named in a note, not read.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zlib
 from pathlib import Path
@@ -34,21 +35,31 @@ def _is_cuts(path: Path) -> bool:
     return path.name.split(".")[0] == "cuts" and ".jsonl" in path.suffixes  # lhotse's rule (LazySharIterator)
 
 
-def folders(root: Path) -> list[Path]:
-    """The Shar folders at or under ``root``: those holding lhotse's Shar cuts files beside a ``recording`` field,
-    or numbered cuts files (``cuts.000000.jsonl.gz``), which lhotse's other manifests never are. Their paths are
-    under ``root`` resolved, their own links kept (a tar linked in from elsewhere is judged by :func:`outside`)."""
-    from ...io import files_under
+DEPTH = 2  # how far under ROOT Shar folders are looked for (shar/train-clean-100 under a corpus folder)
 
+
+def folders(root: Path) -> list[Path]:
+    """The Shar folders at ``root`` or up to :data:`DEPTH` folders under it (not deeper: a corpus's own audio tree
+    beside its manifests is not listed): those holding lhotse's Shar cuts files beside a ``recording`` field, or
+    numbered cuts files (``cuts.000000.jsonl.gz``), which lhotse's other manifests never are. Their paths are under
+    ``root`` resolved, their own links kept (a tar linked in from elsewhere is judged by :func:`outside`)."""
     if not root.is_dir():
         return []
-    root = root.resolve()
-    found: dict[Path, list[Path]] = {}
-    for _, path in files_under(root):
-        found.setdefault(path.parent, []).append(path)
-    return [folder for folder, files in sorted(found.items())
+    found, level = [], [root.resolve()]
+    for depth in range(DEPTH + 1):
+        below = []
+        for folder in level:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:  # unreadable, or removed since it was listed
+                continue
+            files = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()]
             if any(_is_cuts(f) for f in files) and (any(_field_and_shard(f.name)[0] == "recording" for f in files)
-                                                  or any(_is_cuts(f) and _field_and_shard(f.name)[1] for f in files))]
+                                                   or any(_is_cuts(f) and _field_and_shard(f.name)[1] for f in files)):
+                found.append(folder)
+            below += [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
+        level = below
+    return sorted(found)
 
 
 def tars(folder: Path) -> list[Path]:
