@@ -515,3 +515,28 @@ def test_storage_that_fails_for_a_while_then_recovers_is_finished_by_the_rerun(b
         assert rows(tmp_path / "out") == rows(tmp_path / "whole") and len(rows(tmp_path / "out")) == 4
     again = runner.invoke(app, argv)  # finished: nothing is done again
     assert again.exit_code == 0 and '"shards_done": 0' in again.output, again.output
+
+
+def test_lhotse_shar_in_a_bucket_shards_and_reads_back_as_its_local_copy(bucket, tmp_path):
+    """A Shar folder in a bucket is copied and read as the local folder is; a machine without the copy fetches
+    the tars its rows read, and their members decode to the same samples."""
+    import shutil
+
+    import numpy as np
+    from test_lhotse_shar import write_shar
+    from speechinstruct.shardfiles import corpus_root
+    from speechinstruct.units.extract import decode_row
+
+    (tmp_path / "made").mkdir()
+    local = write_shar(tmp_path / "made")
+    upload(bucket["client"], local, "lhotse/shar")
+    remote = shard_corpus("lhotse", "s3://corpus/lhotse/shar", tmp_path / "remote", license="x")
+    here = shard_corpus("lhotse", local, tmp_path / "local", license="x")
+    assert remote["utterances"] == here["utterances"] == 7 and remote["skipped"] == here["skipped"]
+    assert rows_of(tmp_path / "remote") == rows_of(tmp_path / "local")
+    shutil.rmtree(tmp_path / "cache")
+    for row, same in zip(rows_of(tmp_path / "remote"), rows_of(tmp_path / "local")):
+        np.testing.assert_array_equal(decode_row(row, corpus_root(tmp_path / "remote")),
+                                      decode_row(same, corpus_root(tmp_path / "local")))
+    fetched = sorted(p.name for p in (tmp_path / "cache" / "s3").rglob("*") if p.is_file())
+    assert fetched == sorted({r["path"].rsplit("/", 1)[1] for r in rows_of(tmp_path / "remote")})  # the tars only

@@ -25,11 +25,11 @@ from typing import Iterator
 from ...progress import progress
 from .. import storage
 from ..alignments import check_words, lhotse_words
-from . import lhotse_shar
-from .base import Item, Skip, deepest_common_folder, probe, relpath, split_of
+from .base import Item, Skip, deepest_common_folder, probe, relpath
 from .kaldi import file_channel, piped_file
+from .lhotse_records import NAME, manifest_row, records  # noqa: F401 (NAME: the registry's)
+from .lhotse_shar import DEPTH, folders, is_cuts, read_folder, tars
 
-NAME = "lhotse"
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
 
 
@@ -38,7 +38,7 @@ def manifests(root: Path) -> list[tuple[str, str, Path]]:
     files are :mod:`lhotse_shar`'s."""
     files = [root] if root.is_file() else sorted(root.glob("*.jsonl*"))
     if root.resolve() in shar_folders(root):
-        files = [p for p in files if not lhotse_shar._is_cuts(p)]
+        files = [p for p in files if not is_cuts(p)]
     found = []
     for path in files:
         m = _MANIFEST.match(path.name)
@@ -52,7 +52,7 @@ def shar_folders(root: Path) -> dict[Path, str]:
     name when ``root`` is one."""
     root = root.resolve()
     return {folder: (folder.name if folder == root else relpath(folder, root))
-            for folder in lhotse_shar.folders(root)}
+            for folder in folders(root)}
 
 
 def _parts(root: Path) -> dict[str, dict[str, Path]]:
@@ -62,7 +62,7 @@ def _parts(root: Path) -> dict[str, dict[str, Path]]:
     if not found and not shar_folders(root):
         raise FileNotFoundError(f"{root}: no lhotse manifests (*_recordings_*.jsonl.gz with *_supervisions_*, or "
                                 "*_cuts_*.jsonl.gz) and no Shar folders (cuts.000000.jsonl.gz with recording.000000.tar) in it "
-                                f"or up to {lhotse_shar.DEPTH} folders down")
+                                f"or up to {DEPTH} folders down")
     for part, kind, path in found:
         parts.setdefault(part, {})[kind] = path
     for part, kinds in parts.items():
@@ -71,59 +71,6 @@ def _parts(root: Path) -> dict[str, dict[str, Path]]:
             raise FileNotFoundError(f"{root}: part {part!r} has {have} only: lhotse needs recordings with "
                                     "supervisions, or cuts")
     return parts
-
-
-def records(path: Path) -> Iterator[tuple[int, object] | Skip]:
-    """(line, lhotse object) of each line of a JSONL manifest (gzipped or not), decoded by lhotse's own
-    ``deserialize_item``, or a :class:`Skip` naming the file and line for a record that is not a valid one.
-    A file that is not gzip or is cut short is one clear error naming it (not lhotse's traceback)."""
-    import gzip
-    import zlib
-
-    from lhotse.serialization import deserialize_item
-
-    from ...io import parse_json_object
-
-    line = 0
-    try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                where = f"{path.name}:{line}"
-                try:
-                    data = parse_json_object(text)  # a lone surrogate (\udc80) is "not valid Unicode"
-                    if isinstance(data, str):
-                        raise ValueError(f"a record must be a JSON object: {data}")
-                    obj = deserialize_item(data)
-                    _check_fields(obj)
-                except Exception as e:  # lhotse raises TypeError/KeyError/ValueError/AssertionError on bad records
-                    yield Skip(where, "malformed manifest record", f"{type(e).__name__}: {e}")
-                    continue
-                yield line, obj
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # not gzip, truncated, not UTF-8
-        raise ValueError(f"{path}: unreadable manifest after line {line} ({type(e).__name__}: {e})") from None
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_fields(obj) -> None:
-    """The fields this reader uses have the types lhotse documents (lhotse itself does not check them)."""
-    from lhotse import SupervisionSegment
-
-    segments = [obj] if isinstance(obj, SupervisionSegment) else list(getattr(obj, "supervisions", None) or [])
-    if not isinstance(obj, SupervisionSegment) and hasattr(obj, "start"):
-        segments.append(obj)  # a cut: its own start and duration
-    for seg in segments:
-        for key in ("start", "duration"):
-            if not _number(getattr(seg, key)):
-                raise ValueError(f"{key} must be a number of seconds, got {getattr(seg, key)!r}")
-        for key in ("text", "speaker"):
-            value = getattr(seg, key, None)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{key} must be a string, got {value!r}")
 
 
 def _objects(path: Path) -> Iterator:
@@ -179,7 +126,7 @@ def audio_root(root: str | Path, audio_root: str | Path | None = None, **_) -> P
         return Path(audio_root).resolve()
     files = [found[0] for recording in _recordings(_parts(Path(root))) for found in map(_source_file, recording.sources)
              if found]
-    files += [str(tar) for folder in shar_folders(Path(root)) for tar in lhotse_shar.tars(folder)]
+    files += [str(tar) for folder in shar_folders(Path(root)) for tar in tars(folder)]
     return deepest_common_folder(files, Path(root))
 
 
@@ -218,7 +165,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                     continue
                 texts = [s.text for s in cut.supervisions if s.text]
                 speakers = [s.speaker for s in cut.supervisions if s.speaker]
-                yield _row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
+                yield manifest_row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
                            speakers[0] if speakers else None, license, getattr(cut, "channel", None))
         else:
             recordings = {}
@@ -240,7 +187,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 if isinstance(found, Skip):
                     yield found
                     continue
-                row = _row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license, sup.channel)
+                row = manifest_row(part, sup.id, found, sup.start, sup.duration, sup.text, sup.speaker, license, sup.channel)
                 words = lhotse_words(sup)
                 problem = check_words(words, row["duration"]) if words and isinstance(row, dict) else None
                 if problem:
@@ -249,7 +196,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                     row["words"] = words
                 yield row
     for folder, part in shar_folders(root).items():
-        yield from lhotse_shar.read_folder(folder, part, base, license)
+        yield from read_folder(folder, part, base, license)
 
 
 def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple[float, dict] | Skip:
@@ -291,33 +238,3 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
 def _transform_name(transform) -> str:
     """A recording transform's name (lhotse keeps them as objects, ``Speed(factor=1.1)``, or as dicts)."""
     return transform.get("name", "?") if isinstance(transform, dict) else type(transform).__name__
-
-
-def _row(part: str, utt: str, found: tuple[float, dict], start: float, duration: float, text: str | None,
-         speaker: str | None, license: str, channel=None) -> Item:
-    """A manifest row of ``[start, start + duration)`` of a recording (``found``: :func:`_probe`'s), on its
-    supervision's or cut's ``channel``: an id, read alone, or a list of them (all the recording's mixed, when one
-    file holds them; one read alone; a few of several refused)."""
-    seconds, channels = found
-    if start < 0 or duration <= 0 or start + duration > seconds + 0.01:
-        return Skip(f"{part}/{utt}", "segment outside its recording", f"{start}+{duration} s of a {seconds:.3f} s file")
-    wanted = sorted(set(channel)) if isinstance(channel, (list, tuple)) else [channel] if channel is not None else []
-    if missing := [c for c in wanted if c not in channels]:
-        return Skip(f"{part}/{utt}", "channel not in its recording", f"channel {missing[0]} (it has {sorted(channels)})")
-    if 1 < len(wanted) < len(channels):
-        return Skip(f"{part}/{utt}", "several channels of a recording (not read apart)",
-                    f"channels {wanted} of {sorted(channels)}: only one, or all of them mixed, are read")
-    if len(wanted) == 1 or len(channels) == 1:  # one channel: its file, alone (None: the file's only one)
-        rel, index, sr = channels[wanted[0] if wanted else next(iter(channels))]
-    else:  # all of them, mixed: where one file holds them
-        files = {(rel, sr) for rel, _, sr in channels.values()}
-        if len(files) > 1:
-            return Skip(f"{part}/{utt}", "channels in several files (not mixed)",
-                        f"{len(channels)} channels in {len(files)} files: a supervision on one of them is read")
-        (rel, sr), index = files.pop(), None
-    return {
-        "id": f"lhotse/{part}/{utt}", "path": rel, "offset": float(start), "duration": float(min(duration, seconds - start)),
-        "sample_rate": sr, "text": " ".join(text.split()) if text and text.strip() else None,
-        "speaker": speaker or "unknown", "corpus": NAME, "license": license, "split": split_of(part),
-        "corpus_split": part, "channel": index,
-    }

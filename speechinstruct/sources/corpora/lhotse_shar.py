@@ -24,6 +24,7 @@ from typing import Iterator
 
 from ...progress import progress
 from .base import Item, Note, Skip, outside, relpath
+from .lhotse_records import manifest_row, records
 
 def _field_and_shard(name: str) -> tuple[str, str]:
     """(field, shard number or "") of a Shar file name: ``recording.000003.tar`` → (recording, 000003)."""
@@ -31,7 +32,7 @@ def _field_and_shard(name: str) -> tuple[str, str]:
     return parts[0], parts[1] if len(parts) > 2 and parts[1].isdigit() else ""
 
 
-def _is_cuts(path: Path) -> bool:
+def is_cuts(path: Path) -> bool:
     return path.name.split(".")[0] == "cuts" and ".jsonl" in path.suffixes  # lhotse's rule (LazySharIterator)
 
 
@@ -54,8 +55,8 @@ def folders(root: Path) -> list[Path]:
             except OSError:  # unreadable, or removed since it was listed
                 continue
             files = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()]
-            if any(_is_cuts(f) for f in files) and (any(_field_and_shard(f.name)[0] == "recording" for f in files)
-                                                   or any(_is_cuts(f) and _field_and_shard(f.name)[1] for f in files)):
+            if any(is_cuts(f) for f in files) and (any(_field_and_shard(f.name)[0] == "recording" for f in files)
+                                                   or any(is_cuts(f) and _field_and_shard(f.name)[1] for f in files)):
                 found.append(folder)
             below += [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
         level = below
@@ -110,12 +111,11 @@ def members(tar: Path) -> tuple[dict[str, list | None], str | None]:
 
 
 def read_folder(folder: Path, part: str, base: Path, license: str) -> Iterator[Item]:
-    """The rows of one Shar folder, its cuts read with lhotse's own deserializer (``lhotse_manifests.records``)."""
-    from .lhotse_manifests import _row, records
+    """The rows of one Shar folder, its cuts read with lhotse's own deserializer (``lhotse_records.records``)."""
     from .webdataset import compressed
 
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    cut_files = [p for p in files if _is_cuts(p)]
+    cut_files = [p for p in files if is_cuts(p)]
     by_shard = {_field_and_shard(p.name)[1]: p for p in tars(folder)}
     if not by_shard:
         raise FileNotFoundError(f"{folder}: lhotse Shar cuts ({cut_files[0].name}) with no recording tar beside them "
@@ -168,6 +168,6 @@ def read_folder(folder: Path, part: str, base: Path, license: str) -> Iterator[I
                      {c: (rel, i if info.channels > 1 else None, info.samplerate) for i, c in enumerate(ids)})
             texts = [s.text for s in cut.supervisions if s.text]
             speakers = [s.speaker for s in cut.supervisions if s.speaker]
-            row = _row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
+            row = manifest_row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
                        speakers[0] if speakers else None, license, getattr(cut, "channel", None))
             yield row if isinstance(row, Skip) else {**row, "tar_offset": int(offset), "tar_size": int(size)}
