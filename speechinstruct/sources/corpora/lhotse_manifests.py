@@ -27,7 +27,7 @@ from .. import storage
 from ..alignments import check_words, lhotse_words
 from .base import Item, Skip, deepest_common_folder, probe, relpath
 from .kaldi import file_channel, piped_file
-from .lhotse_records import NAME, manifest_row, records  # noqa: F401 (NAME: the registry's)
+from .lhotse_records import NAME, cut_row, manifest_row, records  # noqa: F401 (NAME: the registry's)
 from .lhotse_shar import DEPTH, folders, is_cuts, read_folder, tars
 
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
@@ -163,10 +163,7 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 if isinstance(found, Skip):
                     yield found
                     continue
-                texts = [s.text for s in cut.supervisions if s.text]
-                speakers = [s.speaker for s in cut.supervisions if s.speaker]
-                yield manifest_row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
-                           speakers[0] if speakers else None, license, getattr(cut, "channel", None))
+                yield cut_row(part, cut, found, license)
         else:
             recordings = {}
             for item in records(kinds["recordings"]):

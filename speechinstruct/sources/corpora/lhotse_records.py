@@ -92,3 +92,11 @@ def manifest_row(part: str, utt: str, found: tuple[float, dict], start: float, d
         "speaker": speaker or "unknown", "corpus": NAME, "license": license, "split": split_of(part),
         "corpus_split": part, "channel": index,
     }
+
+
+def cut_row(part: str, cut, found: tuple[float, dict], license: str) -> Item:
+    """The manifest row of one cut (:func:`manifest_row`): its supervisions' texts joined, its first speaker."""
+    texts = [s.text for s in cut.supervisions if s.text]
+    speakers = [s.speaker for s in cut.supervisions if s.speaker]
+    return manifest_row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
+                        speakers[0] if speakers else None, license, getattr(cut, "channel", None))

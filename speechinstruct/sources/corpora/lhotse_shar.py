@@ -24,7 +24,7 @@ from typing import Iterator
 
 from ...progress import progress
 from .base import Item, Note, Skip, outside, relpath
-from .lhotse_records import manifest_row, records
+from .lhotse_records import cut_row, records
 
 def _field_and_shard(name: str) -> tuple[str, str]:
     """(field, shard number or "") of a Shar file name: ``recording.000003.tar`` → (recording, 000003)."""
@@ -166,8 +166,5 @@ def read_folder(folder: Path, part: str, base: Path, license: str) -> Iterator[I
             rel = relpath(tar, base)
             found = (info.frames / info.samplerate,
                      {c: (rel, i if info.channels > 1 else None, info.samplerate) for i, c in enumerate(ids)})
-            texts = [s.text for s in cut.supervisions if s.text]
-            speakers = [s.speaker for s in cut.supervisions if s.speaker]
-            row = manifest_row(part, cut.id, found, cut.start, cut.duration, " ".join(texts) or None,
-                       speakers[0] if speakers else None, license, getattr(cut, "channel", None))
+            row = cut_row(part, cut, found, license)
             yield row if isinstance(row, Skip) else {**row, "tar_offset": int(offset), "tar_size": int(size)}
