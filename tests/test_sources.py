@@ -578,13 +578,26 @@ def lhotse_parts(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("source", ["lhotse", "kaldi"])
+def shar_parts(tmp_path):
+    """lhotse_parts' cuts (one per supervision) written by lhotse's own ``to_shar``, a Shar folder per part."""
+    from lhotse import CutSet, load_manifest
+
+    manifests = lhotse_parts(tmp_path)
+    for part in ("train-clean-5", "dev-clean"):
+        cuts = CutSet.from_manifests(load_manifest(manifests / f"tiny_recordings_{part}.jsonl.gz"),
+                                     load_manifest(manifests / f"tiny_supervisions_{part}.jsonl.gz"))
+        (tmp_path / "shar" / part).mkdir(parents=True)
+        cuts.trim_to_supervisions().to_shar(tmp_path / "shar" / part, fields={"recording": "flac"}, shard_size=2)
+    return tmp_path / "shar"
+
+
+@pytest.mark.parametrize("source", ["lhotse", "kaldi", "shar"])
 def test_lhotse_and_kaldi_sources_run_through_the_whole_pipeline(tmp_path, source):
-    root = lhotse_parts(tmp_path) if source == "lhotse" else kaldi_dir(tmp_path)[0]
-    summary = run_source(tmp_path, source, root, {"license": "CC-BY-4.0"})
-    assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 6 if source == "lhotse" else 8, "validation": 2}
+    root = {"lhotse": lhotse_parts, "shar": shar_parts}.get(source, lambda t: kaldi_dir(t)[0])(tmp_path)
+    summary = run_source(tmp_path, "kaldi" if source == "kaldi" else "lhotse", root, {"license": "CC-BY-4.0"})
+    assert summary["valid"] and summary["records"]["cross_modal"] == {"train": 8 if source == "kaldi" else 6, "validation": 2}
     dev = datasets.load_dataset(str(tmp_path / "work" / "dataset"), "cross_modal", split="validation")
-    assert {r["source_id"].split("/")[1] for r in dev} == {"dev-clean" if source == "lhotse" else "dev_clean"}
+    assert {r["source_id"].split("/")[1] for r in dev} == {"dev_clean" if source == "kaldi" else "dev-clean"}
 
 
 def test_rows_holding_only_a_path_read_that_file_inside_the_dataset_and_are_counted_skips_else(tmp_path, monkeypatch):
