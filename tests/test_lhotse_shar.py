@@ -152,3 +152,21 @@ def test_a_shar_folder_is_a_root_itself_and_says_what_it_leaves_out(tmp_path):
     result = runner.invoke(app, ["shard", "lhotse", str(tmp_path / "corpus"), str(tmp_path / "y"), "-q"])
     assert result.exit_code == 2 and "no Shar folders" in result.output and "up to 2 folders down" in result.output
     assert shard_corpus("lhotse", deep.parent.parent, tmp_path / "z", license="x")["utterances"] == 1  # two down
+
+
+@pytest.mark.parametrize("fmt", ["opus", "mp3", "wav"])
+def test_shar_in_each_audio_format_lhotse_writes_reads_as_lhotse_reads_it(fmt, tmp_path):
+    from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+
+    sf.write(tmp_path / "a.flac", speechlike(4.0, seed=4), 16000)
+    rec = Recording.from_file(tmp_path / "a.flac")
+    (tmp_path / fmt).mkdir()
+    CutSet.from_cuts([MonoCut(id=f"c{i}", start=1.5 * i, duration=1.25, channel=0, recording=rec, supervisions=[
+        SupervisionSegment(id=f"s{i}", recording_id=rec.id, start=0.0, duration=1.25, text="words")]) for i in range(2)]
+    ).to_shar(tmp_path / fmt, fields={"recording": fmt}, shard_size=None)
+    summary = shard_corpus("lhotse", tmp_path / fmt, tmp_path / "m", license="x")
+    rows = rows_of(tmp_path / "m")
+    assert summary["utterances"] == 2 and sorted(rows) == [f"lhotse/{fmt}/c0", f"lhotse/{fmt}/c1"]
+    for c in CutSet.from_shar(in_dir=tmp_path / fmt):
+        np.testing.assert_array_equal(decode_row(rows[f"lhotse/{fmt}/{c.id}"], corpus_root(tmp_path / "m")),
+                                      c.load_audio()[0])
