@@ -291,9 +291,24 @@ def test_a_recipe_takes_channels_for_recordings_only_and_a_speaker_threshold_mea
 
     (tmp_path / "calls").mkdir()
     path = tmp_path / "r.yaml"
-    path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"),
-                                             "options": {"license": "x", "workers": 4}}]}))
-    assert load_recipe(path)["corpora"][0]["options"]["workers"] == 4
+    from speechinstruct.pipeline import Job
+
+    stamped = []  # the shard stage's settings, as its stamp takes them: workers is how it runs, not what it makes
+    for workers in (4, 1):
+        path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"),
+                                                 "options": {"license": "x", "workers": workers}}]}))
+        recipe = load_recipe(path)
+        assert recipe["corpora"][0]["options"]["workers"] == workers
+        job = Job(recipe, tmp_path / "work", force=False)
+
+        def stage(name, out, settings, inputs, fn):
+            stamped.append(settings)
+            raise StopIteration
+
+        job.runner.stage = stage
+        with pytest.raises(StopIteration):
+            job.shard_and_extract(recipe["corpora"][0])
+    assert stamped[0] == stamped[1] and "workers" not in stamped[0] and stamped[0]["channels"] is None
     for speakers, said in ((None, ["corpora[0].options.speakers: true (corpora[0].options.speaker_threshold is set)"]),
                            (True, [])):
         path.write_text(json.dumps({"corpora": [{"name": "audio", "root": str(tmp_path / "calls"), "options": {
