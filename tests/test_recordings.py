@@ -82,6 +82,23 @@ def test_vad_finds_the_speech_and_no_long_silence_inside_an_utterance(sentences,
     assert len(cuts) == 2  # A alone; B and C across their 0.4 s pause
 
 
+def test_probabilities_are_silero_onnx_wrappers_window_by_window(sentences):
+    """Each window's probability is what silero's ``OnnxWrapper.__call__`` computes, called window by window as
+    ``get_speech_timestamps`` calls it: the model run on the previous window's last 64 samples and this window,
+    its recurrent state carried from call to call (written here as silero writes it, with ``session.run``)."""
+    vad = SileroVAD()
+    wav = np.concatenate([np.zeros(8000, np.float32), *sentences, np.zeros(3000, np.float32)])
+    state, context, expected = np.zeros((2, 1, 128), np.float32), np.zeros((1, 64), np.float32), []
+    for start in range(0, wav.size, WINDOW):
+        chunk = wav[start: start + WINDOW]
+        chunk = np.pad(chunk, (0, WINDOW - chunk.size))[None]  # get_speech_timestamps pads the last one
+        x = np.concatenate([context, chunk], axis=1)
+        out, state = vad.session.run(None, {"input": x, "state": state, "sr": np.array(RATE, dtype=np.int64)})
+        context = x[..., -64:]
+        expected.append(float(out.reshape(-1)[0]))
+    assert list(vad.probabilities([wav[:12345], wav[12345:]])) == expected
+
+
 def test_streaming_equals_reading_the_whole_file(sentences, tmp_path):
     import soxr
 
