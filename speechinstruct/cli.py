@@ -192,11 +192,12 @@ def shard(
                                   "clustered); rows get speaker RECORDING#S1, #S2, …"),
     speaker_threshold: float = typer.Option(0.25, help="audio --speakers: the cosine distance at which clusters stop "
                                             "merging (lower: more speakers)."),
-    workers: Optional[int] = typer.Option(None, min=1, help="audio: processes running the VAD, a file at a time each "
-                                          "(default: the CPUs this process may use)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="audio: threads running the VAD, a file at a time each "
+                                          "(default: one per CPU this process may use)."),
     channels: Channels = typer.Option("mix", help="audio: a recording of several channels is cut with its channels "
                                       "mixed, or each channel on its own (each: the two sides of a telephone call; "
-                                      "rows get `channel`). On a stereo mix each would give every utterance twice."),
+                                      "rows get `channel`). Not for stereo music or podcasts, whose channels hold the "
+                                      "same speech: each utterance would come twice."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),

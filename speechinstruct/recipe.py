@@ -67,7 +67,7 @@ class CorpusOptions(Section):
     speaker_threshold: Optional[float] = Field(None, gt=0, lt=2)
     # audio: a recording's channels mixed (one stream), or each cut on its own (the sides of a telephone call)
     channels: Optional[Literal[CHANNELS]] = None
-    # audio: processes running the VAD (default: the CPUs this process may use); how it runs, not what it makes
+    # audio: threads running the VAD (default: one per CPU this process may use); how it runs, not what it makes
     workers: Optional[int] = Field(None, ge=1)
 
 
