@@ -28,7 +28,7 @@ from ..alignments import check_words, lhotse_words
 from .base import Item, Skip, deepest_common_folder, probe, relpath
 from .kaldi import file_channel, piped_file
 from .lhotse_records import NAME, cut_row, manifest_row, records  # noqa: F401 (NAME: the registry's)
-from .lhotse_shar import DEPTH, folders, is_cuts, read_folder, tars
+from .lhotse_shar import DEPTH, folders, is_cuts, is_shar_folder, read_folder, tars
 
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
 
@@ -37,7 +37,7 @@ def manifests(root: Path) -> list[tuple[str, str, Path]]:
     """(part, kind, file) of every lhotse manifest in ``root`` (or ``root`` itself, one file); a Shar folder's cuts
     files are :mod:`lhotse_shar`'s."""
     files = [root] if root.is_file() else sorted(root.glob("*.jsonl*"))
-    if root.resolve() in shar_folders(root):
+    if root.is_dir() and is_shar_folder([p for p in root.iterdir() if not p.name.startswith(".") and p.is_file()]):
         files = [p for p in files if not is_cuts(p)]
     found = []
     for path in files:

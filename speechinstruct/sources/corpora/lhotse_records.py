@@ -65,7 +65,7 @@ def _check_fields(obj) -> None:
 
 
 def manifest_row(part: str, utt: str, found: tuple[float, dict], start: float, duration: float, text: str | None,
-         speaker: str | None, license: str, channel=None) -> Item:
+                 speaker: str | None, license: str, channel=None) -> Item:
     """A manifest row of ``[start, start + duration)`` of a recording (``found``: :func:`_probe`'s), on its
     supervision's or cut's ``channel``: an id, read alone, or a list of them (all the recording's mixed, when one
     file holds them; one read alone; a few of several refused)."""

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
-import zlib
 from pathlib import Path
 from typing import Iterator
 
 from ...progress import progress
 from .base import Item, Note, Skip, outside, relpath
 from .lhotse_records import cut_row, records
+from .webdataset import TAR_ERRORS, compressed, file_members
+
 
 def _field_and_shard(name: str) -> tuple[str, str]:
     """(field, shard number or "") of a Shar file name: ``recording.000003.tar`` → (recording, 000003)."""
@@ -40,23 +40,20 @@ DEPTH = 2  # how far under ROOT Shar folders are looked for (shar/train-clean-10
 
 
 def folders(root: Path) -> list[Path]:
-    """The Shar folders at ``root`` or up to :data:`DEPTH` folders under it (not deeper: a corpus's own audio tree
-    beside its manifests is not listed): those holding lhotse's Shar cuts files beside a ``recording`` field, or
-    numbered cuts files (``cuts.000000.jsonl.gz``), which lhotse's other manifests never are. Their paths are under
-    ``root`` resolved, their own links kept (a tar linked in from elsewhere is judged by :func:`outside`)."""
+    """The Shar folders (:func:`is_shar_folder`) at ``root`` or up to :data:`DEPTH` folders under it (not deeper: a
+    corpus's own audio tree beside its manifests is not listed). Their paths are under ``root`` resolved, their own
+    links kept (a tar linked in from elsewhere is judged by :func:`outside`)."""
     if not root.is_dir():
         return []
     found, level = [], [root.resolve()]
-    for depth in range(DEPTH + 1):
+    for _ in range(DEPTH + 1):
         below = []
         for folder in level:
             try:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError:  # unreadable, or removed since it was listed
                 continue
-            files = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()]
-            if any(is_cuts(f) for f in files) and (any(_field_and_shard(f.name)[0] == "recording" for f in files)
-                                                   or any(is_cuts(f) and _field_and_shard(f.name)[1] for f in files)):
+            if is_shar_folder([Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file()]):
                 found.append(folder)
             below += [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
         level = below
@@ -65,7 +62,18 @@ def folders(root: Path) -> list[Path]:
 
 def tars(folder: Path) -> list[Path]:
     """The recording tars of one Shar folder."""
-    return sorted(p for p in folder.iterdir() if _field_and_shard(p.name)[0] == "recording" and p.is_file())
+    return _recording_tars(sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def _recording_tars(files: list[Path]) -> list[Path]:
+    return [p for p in files if _field_and_shard(p.name)[0] == "recording"]
+
+
+def is_shar_folder(files: list[Path]) -> bool:
+    """Whether a folder holding ``files`` is a Shar folder: lhotse's Shar cuts files beside a ``recording`` field,
+    or numbered cuts files (``cuts.000000.jsonl.gz``), which lhotse's other manifests never are."""
+    return any(is_cuts(f) for f in files) and (bool(_recording_tars(files))
+                                               or any(is_cuts(f) and _field_and_shard(f.name)[1] for f in files))
 
 
 def members(tar: Path) -> tuple[dict[str, list | None], str | None]:
@@ -79,44 +87,38 @@ def members(tar: Path) -> tuple[dict[str, list | None], str | None]:
 
     found: dict[str, list | None] = {}
     try:
-        with tarfile.open(tar, "r|*") as stream:
-            for info in stream:
-                name = Path(info.name)
-                if not info.isfile() or name.suffix == ".nometa":
-                    continue
-                key = str(name.parent / name.stem)  # lhotse's: the member's name without its extension
-                if name.suffix == ".nodata":
-                    found[key] = None
-                    continue
-                handle = stream.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
-                if name.suffix == ".json":  # the manifest of the data member before it
-                    try:
-                        ids = json.loads(data.decode("utf-8")).get("channel_ids")
-                    except (ValueError, AttributeError, RecursionError):
-                        ids = None
-                    if found.get(key) and isinstance(ids, list) and all(isinstance(i, int) for i in ids):
-                        found[key][3] = ids
-                    continue
+        for info, read in file_members(tar):
+            name = Path(info.name)
+            key = str(name.parent / name.stem)  # lhotse's: the member's name without its extension
+            if name.suffix == ".nometa":
+                continue
+            if name.suffix == ".nodata":
+                found[key] = None
+                continue
+            data = read()
+            if name.suffix == ".json":  # the manifest of the data member before it
+                try:
+                    ids = json.loads(data.decode("utf-8")).get("channel_ids")
+                except (ValueError, AttributeError, RecursionError):
+                    ids = None
+                if found.get(key) and isinstance(ids, list) and all(isinstance(i, int) for i in ids):
+                    found[key][3] = ids
+            else:
                 try:
                     audio = sf.info(io.BytesIO(data))
                 except (sf.LibsndfileError, RuntimeError) as e:
                     audio = f"{info.name}: {str(e)[:80]}"
                 found[key] = [info.offset_data, info.size, audio, None]
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    except TAR_ERRORS as e:
         return found, str(e)[:120]
     return found, None
 
 
 def read_folder(folder: Path, part: str, base: Path, license: str) -> Iterator[Item]:
     """The rows of one Shar folder, its cuts read with lhotse's own deserializer (``lhotse_records.records``)."""
-    from .webdataset import compressed
-
     files = sorted(p for p in folder.iterdir() if p.is_file())
     cut_files = [p for p in files if is_cuts(p)]
-    by_shard = {_field_and_shard(p.name)[1]: p for p in tars(folder)}
+    by_shard = {_field_and_shard(p.name)[1]: p for p in _recording_tars(files)}
     if not by_shard:
         raise FileNotFoundError(f"{folder}: lhotse Shar cuts ({cut_files[0].name}) with no recording tar beside them "
                                 "(no audio stored: write it with to_shar(fields={'recording': 'flac'}))")

@@ -23,7 +23,7 @@ import re
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ...progress import progress
 from .base import SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, deepest_common_folder, relpath, split_of, split_word
@@ -81,6 +81,28 @@ def compressed(tar: Path) -> str | None:
     return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
 
 
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # a tar truncated or damaged
+
+
+def file_members(tar: Path) -> Iterator[tuple[tarfile.TarInfo, Callable[[], bytes]]]:
+    """(member, a function reading its bytes) of each file in a tar, read as a stream: a member's bytes can be read
+    until the next member is taken, one member in memory at a time. Reading a member cut short raises
+    ``tarfile.ReadError``; a damaged tar raises one of :data:`TAR_ERRORS`."""
+    with tarfile.open(tar, "r|*") as stream:
+        for info in stream:
+            if not info.isfile():
+                continue
+
+            def read(info=info) -> bytes:
+                handle = stream.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
+                return data
+
+            yield info, read
+
+
 def samples(tar: Path, ignored: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
     """(key, {extension: (data offset, size, bytes)}) per sample of one tar, read as a stream (one sample's
     members in memory at a time); a Skip for a sample holding one extension twice, and when the tar is truncated
@@ -91,28 +113,22 @@ def samples(tar: Path, ignored: list[tuple[str, str]] | None = None) -> Iterator
         return Skip(f"{tar.name}: {current}", "member twice in one sample", twice) if twice else (current, members)
 
     try:
-        with tarfile.open(tar, "r|*") as stream:
-            for info in stream:
-                if not info.isfile():
-                    continue
-                found = _key(info.name)
-                if found is None:
-                    if ignored is not None:
-                        ignored.append((tar.name, info.name))
-                    continue
-                key, ext = found
-                if key != current and current is not None:
-                    yield done()
-                    members, twice = {}, None
-                current = key
-                handle = stream.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
-                if ext in members:  # webdataset: "duplicate file name", and its stream stops
-                    twice = twice or info.name
-                members[ext] = (info.offset_data, info.size, data)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        for info, read in file_members(tar):
+            found = _key(info.name)
+            if found is None:
+                if ignored is not None:
+                    ignored.append((tar.name, info.name))
+                continue
+            key, ext = found
+            if key != current and current is not None:
+                yield done()
+                members, twice = {}, None
+            current = key
+            data = read()
+            if ext in members:  # webdataset: "duplicate file name", and its stream stops
+                twice = twice or info.name
+            members[ext] = (info.offset_data, info.size, data)
+    except TAR_ERRORS as e:
         yield Skip(tar.name, "truncated or damaged tar", f"after {current or 'the start'}: {str(e)[:120]}")
         return
     if current is not None:
