@@ -453,7 +453,8 @@ class Job:
         n, base, shard, f = c["name"], self.work / c["name"], self.recipe["shard"], self.f
         self.stamps[f"shard:{n}"] = self.runner.stage(
             f"shard {n}", base / "manifest", {"corpus": n, "root": self.root_setting(c["root"]), **shard,
-                                              **{k: v for k, v in (c.get("options") or {}).items() if k != "workers"}},  # how, not what
+                                              **{k: v for k, v in (c.get("options") or {}).items()
+                                                 if k not in sections.RUN_ONLY_OPTIONS}},
             # the corpus as it is now: files added or written again since the last run shard it again
             [*([self.stamps.get("demo", "")] if n == "speechinstruct-demo" else []),
              corpus_state(n, c["root"], c.get("options")), *self.files_of((c.get("options") or {}).get("asr"))],

@@ -71,6 +71,10 @@ class CorpusOptions(Section):
     workers: Optional[int] = Field(None, ge=1)
 
 
+# the corpus options that say how the shard stage runs, not what it makes: left out of its stamp
+RUN_ONLY_OPTIONS = ("workers",)
+
+
 class Corpus(Section):
     name: Literal[tuple(n for n, s in SOURCES.items() if not s.generated)]  # the demo corpus: demo_corpus
     root: str
