@@ -533,10 +533,11 @@ def compose_cross_modal(
     """ASR (speech→text) and TTS (text→speech) instruction records."""
     from .compose import templates
     from .compose.cross_modal import cross_modal
+    from .io import read_text
     from .speechgpt import DEFAULT_PREFIX
 
     cfg = settings.checked(settings.CrossModal, mode=mode, asr_fraction=asr_fraction)
-    prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
+    prefix = read_text(prefix_file) if prefix_file else DEFAULT_PREFIX
     sets = {t: templates.load(src, t) for t, src in (("asr", asr_templates), ("tts", tts_templates))}
     _print_json(cross_modal(units, out, sets["asr"], sets["tts"], cfg, prefix=prefix, seed=seed, num_shards=num_shards,
                             shard_index=shard_index))
@@ -942,17 +943,13 @@ def train(
     quiet: bool = Quiet,
 ):
     """Fine-tune a causal LM on a published SpeechInstruct dataset (stages 1–3), with SpeechGPT's settings."""
-    import yaml
-
+    from .io import read_yaml
     from .model.train import TrainConfig, settings_for_stage, train as run_train
 
     if stage not in (1, 2, 3):
         fail(f"--stage must be 1, 2 or 3, got {stage}")
     if config:
-        try:
-            settings = yaml.safe_load(config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            fail(f"{config}: cannot read training settings ({e})")
+        settings = read_yaml(config, "training settings") or {}
         if not isinstance(settings, dict):
             fail(f"{config}: training settings must be a YAML mapping")
     else:
@@ -997,6 +994,7 @@ def chat(
 ):
     """Generate a reply to text or an audio file; prints the answer split into text question, text answer and
     unit answer (as SpeechGPT's cli_infer.py). Reads stdin lines when neither --text nor --audio is given."""
+    from .io import read_text
     from .model.chat import Chat, audio_to_unit_text
     from .speechgpt import DEFAULT_PREFIX
     from .units.tokenizer import load_tokenizer
@@ -1006,7 +1004,7 @@ def chat(
     voice = _load_vocoder(vocoder) if vocoder else None
     if voice is not None and codebooks is not None:  # a codec speaks the units of the codebooks trained on
         voice.keep(codebooks)
-    prefix = prefix_file.read_text() if prefix_file else DEFAULT_PREFIX
+    prefix = read_text(prefix_file) if prefix_file else DEFAULT_PREFIX
     bot = Chat(model, lora, _device(device), prefix=prefix, kind=prompt)
     inputs: list[str] = []
     if audio_file:

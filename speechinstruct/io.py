@@ -186,6 +186,31 @@ def iter_rows(path: str | os.PathLike, batch_size: int = ROWS_AT_A_TIME, columns
             yield from batch.to_pylist()
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A text file the user hands us (a recipe, a system prompt, a key), or one line naming it when it is not UTF-8
+    (Python's own error names no file)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}: {e.reason})") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str):
+    """A YAML file the user hands us (``what``: a recipe, training settings), or one line naming it: unreadable, not
+    UTF-8, not YAML, or nested too deeply for PyYAML (which recurses; JSON is YAML too)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(read_text(path))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot read {what} (nested too deeply)") from None
+
+
 def read_json(path: str | os.PathLike, kind: type = dict, hint: str = ""):
     """A JSON file that must hold a ``kind`` (dict or list); one line naming the file otherwise (``hint``: what
     to do about it, appended)."""

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from .io import sha256_json, write_json
+from .io import read_text, sha256_json, write_json
 
 
 class LLMError(RuntimeError):
@@ -50,7 +50,7 @@ def api_key(env: str = "OPENAI_API_KEY", key_file: str | Path | None = None) -> 
         return os.environ[env]
     key_file = key_file or os.environ.get("SPEECHINSTRUCT_API_KEY_FILE")
     if key_file and Path(key_file).is_file():
-        return Path(key_file).read_text().strip() or None
+        return read_text(key_file).strip() or None
     return None
 
 

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .io import read_yaml
 from .llm import URL_CREDENTIALS
 from .sources.corpora import CHANNELS, SOURCES, option_problem, root_problem
 from .sources.storage import is_hub_id, is_url
@@ -399,9 +399,9 @@ def load_recipe(path: str | Path) -> dict:
     problem, each naming its key path) when anything is wrong."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+        raw = read_yaml(path, "recipe") or {}
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping")
     problems = _secrets(raw)

@@ -331,3 +331,43 @@ def test_a_path_that_is_not_utf8_is_one_line_and_a_lone_surrogate_is_written_as_
         assert result.exit_code == 2 and "the path is not UTF-8" in said and "\\xff" in said, result.output
     write_json(tmp_path / "s.json", {"units": bad, "text": "é"})
     assert read_json(tmp_path / "s.json") == {"units": bad, "text": "é"}
+
+
+NOT_UTF8 = b"\xff\xfe\x00corpora: []\n"
+
+
+@pytest.mark.parametrize("case", ["recipe", "recipe nested", "train config", "train config nested", "prefix file",
+                                  "chat prefix file", "api key file", "librilight json nested"])
+def test_the_users_own_files_not_utf8_or_nested_too_deeply_are_one_line_naming_them(case, units_dir, tmp_path):
+    """A recipe, a training settings file, a system prompt file or an API key file holding bytes that are not UTF-8
+    stopped with Python's bare "'utf-8' codec can't decode byte 0xff in position 0", naming no file; a recipe (or
+    settings file) nested too deeply (JSON is YAML) stopped with PyYAML's RecursionError traceback, and a
+    LibriLight voice-activity JSON nested too deeply with json's. Each names its file now."""
+    from speechinstruct.llm import api_key
+
+    bad = tmp_path / "bad.txt"
+    nested = "[" * 5000 + "]" * 5000
+    bad.write_bytes(nested.encode() if "nested" in case else NOT_UTF8)
+    if case == "api key file":
+        with pytest.raises(ValueError, match=f"^{bad}: "):
+            api_key("SPEECHINSTRUCT_NO_SUCH_VARIABLE", bad)
+        return
+    if case == "librilight json nested":
+        root = tmp_path / "librilight" / "small" / "100" / "book"
+        root.mkdir(parents=True)
+        sf.write(root / "a.flac", speechlike(1.0), 16000)
+        (root / "a.json").write_text('{"voice_activity": ' + nested + "}")
+        result = shard_cli("librilight", tmp_path / "librilight", tmp_path / "m")
+        assert result.exit_code == 0, result.output
+        skipped = json.loads((tmp_path / "m" / "summary.json").read_text())["skipped_examples"]
+        assert [(s["path"], s["reason"]) for s in skipped] == [("small/100/book/a.json", "malformed voice-activity json")]
+        return
+    args = {"recipe": ["run", bad], "train config": ["train", "--stage", "1", "--base-model", tmp_path / "base", "--data",
+                                                      tmp_path / "data", "--out", tmp_path / "out", "--config", bad],
+            "prefix file": ["compose", "cross-modal", units_dir, tmp_path / "out", "--prefix-file", bad],
+            "chat prefix file": ["chat", "--model", tmp_path / "model", "--text", "hi", "--prefix-file", bad]
+            }[case.removesuffix(" nested")]
+    result = runner.invoke(app, [*map(str, args), "-q"] if case != "recipe" else list(map(str, args)))
+    said = result.output.strip()
+    assert result.exit_code == 2 and said.startswith(f"error: {bad}: ") and len(said.splitlines()) == 1, result.output
+    assert ("nested too deeply" if "nested" in case else "not UTF-8") in said, said

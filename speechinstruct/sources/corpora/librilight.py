@@ -66,6 +66,9 @@ def read(
         except (ValueError, KeyError, TypeError) as e:
             yield Skip(relpath(meta_path, root), "malformed voice-activity json", f"{type(e).__name__}: {e}")
             continue
+        except RecursionError:
+            yield Skip(relpath(meta_path, root), "malformed voice-activity json", "nested too deeply")
+            continue
         probed = probe(flac, root)
         if isinstance(probed, Skip):
             yield probed
