@@ -1080,8 +1080,9 @@ def resynth(
 ):
     """Units back to speech: a wav for each unit record (units, cross-modal ASR/TTS speech, chain-of-modality
     \\[ua] answers, pretrain lines) with a manifest."""
-    from .units.vocoder import default_vocoder, resynthesize
+    from .units.vocoder import default_vocoder, record_files, resynthesize
 
+    record_files(source)  # none there: said before the vocoder is looked for
     voice = _load_vocoder(vocoder, source) if vocoder else default_vocoder(source)
     if voice is None:
         fail(f"{source}: give --vocoder: its units are neither a codec's (which decodes them itself) nor MFCC units "

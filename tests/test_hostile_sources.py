@@ -371,3 +371,19 @@ def test_the_users_own_files_not_utf8_or_nested_too_deeply_are_one_line_naming_t
     said = result.output.strip()
     assert result.exit_code == 2 and said.startswith(f"error: {bad}: ") and len(said.splitlines()) == 1, result.output
     assert ("nested too deeply" if "nested" in case else "not UTF-8") in said, said
+
+
+@pytest.mark.parametrize("command", [["compose", "interleaved"], ["resynth"]])
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_an_input_folder_missing_or_empty_is_said_to_be_so(command, where, tmp_path):
+    """`compose interleaved` of a folder that is not there said "its units.json records no frame rate: extract or
+    quantize it again", and `resynth` "give --vocoder: its units are neither a codec's …": each said what a units
+    folder lacks, of a folder that holds nothing. They say it holds no units now, as every other command does."""
+    folder = tmp_path / "units"
+    if where == "empty":
+        folder.mkdir()
+    result = runner.invoke(app, [*command, str(folder), str(tmp_path / "out"), "-q"])
+    said = result.output.strip()
+    assert result.exit_code == 2 and len(said.splitlines()) == 1, result.output
+    assert said.startswith(f"error: {folder}: no unit") and "frame rate" not in said and "vocoder" not in said, said
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ import numpy as np
 from .. import recipe as settings
 from ..io import write_json
 from ..recipe import default
-from ..shardfiles import folder_vocabulary
+from ..shardfiles import folder_vocabulary, unit_files
 from ..sources.corpora.base import SPLITS, split_name
 from ..units.kmeans import dedup
 from .common import QualityGate, RecordRefused, _draw, finish, gated_units, split_counts
@@ -108,6 +108,7 @@ def interleaved(units_dir: str | Path, out: str | Path, cfg: settings.Interleave
     if not 1 <= min_words <= max_words:
         raise ValueError(f"min_words {min_words} and max_words {max_words}: need 1 <= min_words <= max_words")
     units_dir, out = Path(units_dir), Path(out)
+    unit_files(units_dir)  # no units there: said before what their units.json lacks
     vocabulary = folder_vocabulary(units_dir)
     if vocabulary is None or not vocabulary.frame_rate:
         raise ValueError(f"{units_dir}: its units.json records no frame rate: extract or quantize it again")

@@ -339,6 +339,14 @@ def _claim(out: Path) -> None:
                   wrote_before(out / "manifest.jsonl", {"file", "id", "kind", "source"}))
 
 
+def record_files(source: Path) -> list[Path]:
+    """The Parquet files of unit records under ``source`` (or ``source`` itself), or one line when there are none."""
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
+    return files
+
+
 def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | PreviewVocoder, limit: int | None = None) -> dict:
     """Speak the unit records under ``source`` (a units folder, a compose folder or a published dataset:
     every ``*.parquet`` below it) into ``OUT/NNNNN.wav``, with ``OUT/manifest.jsonl`` naming each file's
@@ -350,9 +358,7 @@ def resynthesize(source: str | Path, out: str | Path, vocoder: UnitVocoder | Pre
     from ..progress import progress
 
     source, out = Path(source), Path(out)
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"{source}: no unit records (*.parquet) to resynthesise")
+    files = record_files(source)
     _claim(out)
     entries, skipped = [], 0
     bar = progress(total=limit, desc=f"resynth {out.name}", unit="wav")
