@@ -180,7 +180,8 @@ def shard(
     corpus: Corpus = typer.Argument(..., help="Corpus layout of ROOT."),
     root: str = typer.Argument(..., parser=_utf8, help="Corpus folder in its native layout; hf: a dataset folder (Hub-style "
                                "Parquet or save_to_disk) or a hub id; lhotse: a folder of manifests or of Shar shards, or a cuts file; "
-                               "kaldi: a data directory or a folder of them. A URL (s3://, gs://, hf://) is copied into the cache first."),
+                               "kaldi: a data directory or a folder of them; webdataset: a folder of tars, a brace pattern (data/shard-{000..099}.tar) "
+                               "or one tar. A URL (s3://, gs://, hf://) is copied into the cache first."),
     out: Path = typer.Argument(..., parser=_output, help="Output folder for manifest-*.parquet and summary.json."),
     shard_hours: float = typer.Option(default(settings.Shard, "shard_hours"), help="Hours of audio per manifest shard."),
     max_seconds: float = typer.Option(30.0, help="librilight, audio: longest utterance cut from the VAD spans."),

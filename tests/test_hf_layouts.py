@@ -702,7 +702,9 @@ def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(
     local = runner.invoke(app, ["shard", "hf", str(folder), str(tmp_path / "l")])
     assert local.exit_code == 2 and "Traceback" not in local.output
     assert f"a WebDataset dataset (3 tar shards, train-000000.tar … validation-000000.tar): read it with `shard " \
-           f"webdataset '{folder}/<shards>'`" in local.stderr
+           f"webdataset '{folder}'` (every tar under it)" in local.stderr
+    as_said = runner.invoke(app, ["shard", "webdataset", str(folder), str(tmp_path / "s"), "--license", "cc-by-4.0", "-q"])
+    assert as_said.exit_code == 0 and json.loads(as_said.stdout)["utterances"] == 5, as_said.output
     hub = Hub()
     try:
         hub.serve_huggingface_hub(monkeypatch, cache=tmp_path / "hub-cache")
@@ -710,13 +712,17 @@ def test_a_webdataset_repo_is_one_line_saying_how_to_read_it_and_that_way_works(
         hub.add_repo("user/shards", folder)
         refused = runner.invoke(app, ["shard", "hf", "user/shards", str(tmp_path / "m")])
         fetched = hub.fetched()
-        suggested = runner.invoke(app, ["shard", "webdataset", "hf://datasets/user/shards/train-{000000..000001}.tar",
-                                        str(tmp_path / "w"), "--license", "cc-by-4.0", "-q"])
+        suggested = runner.invoke(app, ["shard", "webdataset", "hf://datasets/user/shards", str(tmp_path / "w"),
+                                        "--license", "cc-by-4.0", "-q"])
+        some = runner.invoke(app, ["shard", "webdataset", "hf://datasets/user/shards/train-{000000..000001}.tar",
+                                   str(tmp_path / "some"), "--license", "cc-by-4.0", "-q"])
     finally:
         hub.close()
-    assert refused.exit_code == 2 and "`shard webdataset 'hf://datasets/user/shards/<shards>'`" in refused.stderr
+    assert refused.exit_code == 2 and "`shard webdataset 'hf://datasets/user/shards'`" in refused.stderr
     assert fetched == ["README.md"]
-    assert suggested.exit_code == 0 and json.loads(suggested.stdout)["utterances"] == 4, suggested.output
+    assert suggested.exit_code == 0, suggested.output
+    assert json.loads(suggested.stdout)["splits"] == json.loads(as_said.stdout)["splits"]  # the whole repo, as locally
+    assert some.exit_code == 0 and json.loads(some.stdout)["utterances"] == 4, some.output
 
 
 def test_the_hubs_parquet_conversion_is_read_from_its_branch_one_config_and_split(tmp_path, monkeypatch):

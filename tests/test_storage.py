@@ -147,6 +147,21 @@ def test_tar_shards_in_a_bucket_are_read_by_their_pattern(bucket, tmp_path):
     assert again["utterances"] == 3 and {r["path"] for r in rows_of(tmp_path / "again")} == {"train-000000.tar"}
 
 
+def test_a_folder_of_tar_shards_in_a_bucket_is_read_as_its_local_copy(bucket, tmp_path):
+    """`shard webdataset s3://corpus/hub-layout/` (the Hub's split-folder layout in a bucket): the folder is copied and
+    read as the local folder is, each tar's split from its folder."""
+    from test_webdataset import split_folders
+
+    root, _ = split_folders(tmp_path)
+    upload(bucket["client"], root, "hub-layout")  # the bucket is the module's: a prefix no other test writes
+    summary = shard_corpus("webdataset", "s3://corpus/hub-layout/", tmp_path / "remote", license="CC-BY-4.0")
+    expected = shard_corpus("webdataset", root, tmp_path / "local", license="CC-BY-4.0")
+    assert summary["splits"] == expected["splits"] and set(summary["splits"]) == {"train", "validation"}
+    columns = ("id", "path", "tar_offset", "tar_size", "split", "text")
+    assert [tuple(r[c] for c in columns) for r in rows_of(tmp_path / "remote")] == \
+        [tuple(r[c] for c in columns) for r in rows_of(tmp_path / "local")]
+
+
 def test_a_stage_input_may_be_a_url(bucket, tmp_path, librispeech_root):
     shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
     upload(bucket["client"], tmp_path / "manifest", "stage/manifest")

@@ -2,6 +2,7 @@
 read as streams; the manifest names each audio member's bytes in its tar, and extract decodes them in place."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -205,3 +206,80 @@ def test_a_samples_json_gives_its_transcript_under_the_names_the_hub_uses(tmp_pa
     shard_corpus("webdataset", str(folder / "train-000000.tar"), tmp_path / "m", license="x")
     rows = rows_of(tmp_path / "m")
     assert [(r["text"], r["speaker"]) for r in rows.values()] == [("fleurs says", "7"), ("normalised", "cv-voice")]
+
+
+def split_folders(tmp_path, name="wds"):
+    """The Hub's layout for a WebDataset dataset: a folder of split folders of numbered tars, as webdataset's
+    TarWriter writes them; a hidden folder's tar (datasets reads none) and a card beside them."""
+    import shutil
+
+    folder, clips = write_shards(tmp_path)
+    root = tmp_path / name
+    for split, tars in {"train": ["train-000000.tar", "train-000001.tar"], "validation": ["validation-000000.tar"]}.items():
+        (root / split).mkdir(parents=True)
+        for n, tar in enumerate(tars):
+            shutil.copy(folder / tar, root / split / f"{n:06d}.tar")
+    (root / ".cache").mkdir()
+    shutil.copy(folder / "train-000000.tar", root / ".cache" / "000000.tar")
+    (root / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n")
+    return root, clips
+
+
+def test_a_folder_of_tars_is_read_whole_and_each_tar_takes_its_folders_split(tmp_path):
+    """ROOT a folder (the Hub's `validation/000000.tar` layout): every tar under it, in order of their paths, each
+    tar's split from its name or the folders between it and ROOT; hidden folders left out, as datasets leaves them.
+    It was "corpus root matches no tar files", though the folder held them."""
+    from speechinstruct.units.extract import decode_row
+
+    root, clips = split_folders(tmp_path)
+    (root / "validation" / "000001.tar").write_bytes(b"not a tar")  # skips name a tar by its path under ROOT
+    result = runner.invoke(app, ["shard", "webdataset", str(root), str(tmp_path / "m"), "--license", "CC-BY-4.0", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = rows_of(tmp_path / "m")
+    assert {uid: (r["split"], r["path"]) for uid, r in rows.items()} == {
+        **{f"webdataset/train/000000/s00{i}": ("train", "train/000000.tar") for i in range(3)},
+        "webdataset/train/000001/w000": ("train", "train/000001.tar"),
+        "webdataset/validation/000000/v000": ("validation", "validation/000000.tar")}
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["root"] == str(root.resolve())
+    assert {e["path"]: e["reason"] for e in summary["skipped_examples"]} == {
+        "train/000000.tar: s003": "sample without audio", "train/000001.tar: w001": "unreadable audio",
+        "validation/000001.tar": "truncated or damaged tar"}
+    assert np.allclose(decode_row(rows["webdataset/validation/000000/v000"], summary["root"]), clips["v000"], atol=1e-4)
+
+    only_held_out = tmp_path / "held"  # a folder of one split's folder: its split still, not train
+    (only_held_out / "validation").mkdir(parents=True)
+    (root / "validation" / "000000.tar").rename(only_held_out / "validation" / "000000.tar")
+    shard_corpus("webdataset", only_held_out, tmp_path / "h", license="x")
+    assert {r["split"] for r in rows_of(tmp_path / "h").values()} == {"validation"}
+
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / ".hidden" / "0.tar").write_bytes(b"")
+    result = runner.invoke(app, ["shard", "webdataset", str(empty), str(tmp_path / "e"), "--license", "x", "-q"])
+    assert result.exit_code == 2 and "no tar files" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("given", ["pattern", "one tar"])
+def test_tars_named_in_a_split_folder_take_its_split(given, tmp_path):
+    """`shard webdataset 'data/validation/{000000..000001}.tar'` (or one tar there): the README says a tar's folder
+    names its split, but only folders below the tars' common folder were read, so validation audio became
+    training data."""
+    root, _ = split_folders(tmp_path)
+    named = f"{root}/validation/{{000000..000001}}.tar" if given == "pattern" else f"{root}/validation/000000.tar"
+    summary = shard_corpus("webdataset", named, tmp_path / "m", license="x")
+    assert summary["splits"]["validation"]["utterances"] == 1 and "train" not in summary["splits"], summary["splits"]
+
+
+def test_a_tar_linked_in_from_outside_a_folder_root_is_a_counted_skip(tmp_path):
+    """A folder ROOT is a corpus folder like any other: a tar linked in from outside it is read only with
+    --follow-links. (Named in a pattern, a tar is the user's own choice, and read.)"""
+    root, _ = split_folders(tmp_path)
+    outside = tmp_path / "elsewhere.tar"
+    (root / "validation" / "000000.tar").rename(outside)
+    (root / "validation" / "000000.tar").symlink_to(outside)
+    summary = shard_corpus("webdataset", root, tmp_path / "m", license="x")
+    assert summary["skipped"]["a link out of the corpus root (--follow-links reads it)"] == 1
+    assert "validation" not in summary["splits"]
+    summary = shard_corpus("webdataset", root, tmp_path / "f", license="x", follow_links=True)
+    assert summary["splits"]["validation"]["utterances"] == 1

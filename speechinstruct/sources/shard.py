@@ -173,7 +173,7 @@ def local_root(corpus: str, root: str | Path, reader_options: dict) -> tuple[Pat
         fetch = remote_roots().get(corpus)
         if fetch is not None and (fetched := fetch(str(root), **reader_options)) is not None:
             root = fetched
-        elif SOURCES[corpus].pattern_root:
+        elif SOURCES[corpus].pattern_root and "{" in str(root):  # only the files it names; a folder is copied whole
             root = storage.local_pattern(str(root))
         else:
             copy = storage.mirror(str(root))

@@ -85,7 +85,9 @@ def root_problem(corpus: str, root: str | Path) -> str | None:
     if corpus in SOURCES and SOURCES[corpus].pattern_root:
         from .webdataset import tar_files
 
-        return None if tar_files(root) else "matches no tar files"
+        if tar_files(root):
+            return None
+        return "holds no tar files (none in hidden folders is read)" if Path(root).is_dir() else "matches no tar files"
     root = Path(root)
     file_root = SOURCES[corpus].file_root if corpus in SOURCES else ""
     if root.is_dir() or (file_root and root.is_file()):

@@ -223,7 +223,7 @@ def webdataset_problem(where: str, url: str, names: list[str]) -> str:
     """One line for a dataset kept as WebDataset tar shards, which ``shard webdataset`` reads (by ``url``)."""
     tars = sorted(n for n in names if n.endswith(".tar"))
     return (f"{where}: a WebDataset dataset ({len(tars)} tar shards, {tars[0]} … {tars[-1]}): read it with "
-            f"`shard webdataset '{url}/<shards>'`, the shards as a brace pattern (e.g. {tars[0]})")
+            f"`shard webdataset '{url}'` (every tar under it), or some of its shards as a brace pattern")
 
 
 def _known(root: Path, split: str, splits) -> str:

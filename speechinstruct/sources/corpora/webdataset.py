@@ -1,14 +1,16 @@
 """WebDataset tar shards (corpus name ``webdataset``): ROOT is a shard pattern such as
-``data/shard-{000000..000099}.tar`` (brace-expanded as webdataset expands it) or one tar file.
+``data/shard-{000000..000099}.tar`` (brace-expanded as webdataset expands it), one tar file, or a folder (every
+``.tar`` under it, hidden folders left out as ``datasets`` leaves them: the Hub's ``validation/000000.tar`` layout).
 
 A sample is the tar members that share a key (the member name up to the first dot of its file name, as
 webdataset groups them): one audio member (``.flac``, ``.wav``, ``.mp3``, ``.ogg``, ``.opus``) and, for its text
 and speaker, a ``.json`` (``text``/``transcript``/``sentence``, ``speaker``/``speaker_id``, ``language``; Emilia's
 shards carry these) and/or a ``.txt``. Each tar is read once, as a stream, a sample at a time. The manifest row
-records the tar (``path``, relative to the folder of all the shards) and where the audio member's bytes lie in it
-(``tar_offset``, ``tar_size``), so ``extract`` reads the audio without unpacking anything. The split is read from
-the tar's name or its folder (``train-000.tar``, ``validation/000.tar``), train when neither says. A license is
-required: a shard carries none we could trust.
+records the tar (``path``, relative to the folder ROOT or to the folder of all the shards) and where the audio
+member's bytes lie in it (``tar_offset``, ``tar_size``), so ``extract`` reads the audio without unpacking anything.
+The split is read from the tar's name or its folders (``train-000.tar``, ``validation/000.tar``): below a folder
+ROOT, or the tar's own folder for a pattern or one tar; train when none says. A license is required: a shard
+carries none we could trust.
 
 A sample without audio, audio libsndfile cannot read, and a truncated tar (the rest of that tar cannot be read)
 are skipped with the tar and the member named. A compressed tar (``.tar.gz``, ``.tar.bz2``, ``.tar.xz``,
@@ -26,22 +28,29 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ...progress import progress
-from .base import SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, deepest_common_folder, relpath, split_of, split_word
+from .base import (SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, deepest_common_folder, outside, relpath, split_of,
+                   split_word)
 
 NAME = "webdataset"
 AUDIO = (".flac", ".wav", ".mp3", ".ogg", ".opus")
 
 
 def tar_files(root: str | Path) -> list[Path]:
-    """The tar files a pattern names (brace expansion), or one tar file, in order; those that exist."""
+    """The tar files under a folder (in order of their paths; none in a folder or file whose name starts with ``.``
+    or ``__``, which ``datasets`` leaves out too), or those a pattern names (brace expansion), or one tar file, in
+    order; those that exist."""
     from braceexpand import braceexpand
 
+    folder = Path(root)
+    if folder.is_dir():
+        return sorted(p for p in folder.rglob("*.tar") if p.is_file()
+                      and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
     return [Path(p) for p in braceexpand(str(root)) if Path(p).is_file()]
 
 
 def audio_root(root: str | Path, **_) -> Path:
-    """The deepest folder holding every shard: manifest paths are relative to it."""
-    return _shards_folder(tar_files(root))
+    """Manifest paths are relative to this: a folder ROOT itself, else the deepest folder holding every shard."""
+    return Path(root) if Path(root).is_dir() else _shards_folder(tar_files(root))
 
 
 def _shards_folder(tars: list[Path]) -> Path:
@@ -63,9 +72,14 @@ def _key(name: str) -> tuple[str, str] | None:
     return found.group(1), "." + found.group(2).lower()
 
 
-def _split_part(tar: Path, base: Path) -> str:
-    """The corpus part a tar belongs to: the split word its name starts with, else its folder's, else train."""
-    for name in (tar.stem.split("-")[0], tar.stem, *reversed(tar.relative_to(base).parts[:-1])):
+def _split_part(tar: Path, base: Path, folder_root: bool) -> str:
+    """The corpus part a tar belongs to: the split word its name starts with, else the nearest of its folders below
+    ``base`` that says one (and for a pattern or one tar, ``folder_root`` False, its own folder, though ``base``),
+    else train. A folder ROOT's own name is not read: ``datasets`` matches its split patterns below the root too."""
+    folders = tar.relative_to(base).parts[:-1]
+    if not folder_root and not folders:
+        folders = (tar.parent.name,)
+    for name in (tar.stem.split("-")[0], tar.stem, *reversed(folders)):
         if split_word(name) is not None:
             return name
     return "train"
@@ -103,21 +117,24 @@ def file_members(tar: Path) -> Iterator[tuple[tarfile.TarInfo, Callable[[], byte
             yield info, read
 
 
-def samples(tar: Path, ignored: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
+def samples(tar: Path, ignored: list[tuple[str, str]] | None = None,
+            name: str | None = None) -> Iterator[tuple[str, dict[str, tuple[int, int, bytes | None]]] | Skip]:
     """(key, {extension: (data offset, size, bytes)}) per sample of one tar, read as a stream (one sample's
     members in memory at a time); a Skip for a sample holding one extension twice, and when the tar is truncated
-    or damaged (and no more samples of it). Members webdataset takes no sample from are added to ``ignored``."""
+    or damaged (and no more samples of it). Members webdataset takes no sample from are added to ``ignored``.
+    ``name``: the tar's, in skips (its file name by default)."""
+    name = name or tar.name
     current, members, twice = None, {}, None
 
     def done():
-        return Skip(f"{tar.name}: {current}", "member twice in one sample", twice) if twice else (current, members)
+        return Skip(f"{name}: {current}", "member twice in one sample", twice) if twice else (current, members)
 
     try:
         for info, read in file_members(tar):
             found = _key(info.name)
             if found is None:
                 if ignored is not None:
-                    ignored.append((tar.name, info.name))
+                    ignored.append((name, info.name))
                 continue
             key, ext = found
             if key != current and current is not None:
@@ -129,7 +146,7 @@ def samples(tar: Path, ignored: list[tuple[str, str]] | None = None) -> Iterator
                 twice = twice or info.name
             members[ext] = (info.offset_data, info.size, data)
     except TAR_ERRORS as e:
-        yield Skip(tar.name, "truncated or damaged tar", f"after {current or 'the start'}: {str(e)[:120]}")
+        yield Skip(name, "truncated or damaged tar", f"after {current or 'the start'}: {str(e)[:120]}")
         return
     if current is not None:
         yield done()
@@ -138,7 +155,7 @@ def samples(tar: Path, ignored: list[tuple[str, str]] | None = None) -> Iterator
 def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str) -> Item:
     import soundfile as sf
 
-    where = f"{tar.name}: {key}"
+    where = f"{relpath(tar, base)}: {key}"
     audio_ext = next((ext for ext in members if "." + ext.rsplit(".", 1)[-1] in AUDIO), None)  # .flac, .speech.flac
     if audio_ext is None:
         return Skip(where, "sample without audio", ", ".join(sorted(members)) or "no members")
@@ -181,18 +198,23 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     tars = tar_files(root)
     if not tars:
         raise FileNotFoundError(f"{root}: no tar files match")
-    base = (Path(audio_root) if audio_root else _shards_folder(tars)).resolve()
+    folder_root = Path(root).is_dir()
+    base = (Path(audio_root) if audio_root else Path(root) if folder_root else _shards_folder(tars)).resolve()
     ignored: list[tuple[str, str]] = []
     for tar in progress(tars, desc="webdataset shards", unit="tar"):
-        resolved = tar.resolve()
-        part = _split_part(resolved, base)
+        tar = tar.parent.resolve() / tar.name  # its folders resolved as ``base`` is, not a link the tar itself is
+        name = relpath(tar, base)
+        if folder_root and (refused := outside(tar, base)):  # a tar named in a pattern is read where it lies
+            yield refused
+            continue
         compression = compressed(tar)
         if compression:
-            yield Skip(tar.name, "compressed tar", f"{compression}: a row is read later at its byte offset in the tar, "
+            yield Skip(name, "compressed tar", f"{compression}: a row is read later at its byte offset in the tar, "
                        f"which a compressed file does not have; decompress it (e.g. `gunzip`) and shard again")
             continue
-        for sample in samples(tar, ignored):
-            yield sample if isinstance(sample, Skip) else _row(*sample, resolved, base, part, license)
+        part = _split_part(tar, base, folder_root)
+        for sample in samples(tar, ignored, name):
+            yield sample if isinstance(sample, Skip) else _row(*sample, tar, base, part, license)
     if ignored:  # a few of them, by tar
         by_tar: dict[str, list[str]] = {}
         for tar_name, name in ignored[:3]:
