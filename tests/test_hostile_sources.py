@@ -387,3 +387,27 @@ def test_an_input_folder_missing_or_empty_is_said_to_be_so(command, where, tmp_p
     assert result.exit_code == 2 and len(said.splitlines()) == 1, result.output
     assert said.startswith(f"error: {folder}: no unit") and "frame rate" not in said and "vocoder" not in said, said
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("subset", [None, "XS"])
+def test_gigaspeech_entries_whose_segments_are_not_a_list_of_objects_are_counted_skips(subset, tmp_path):
+    """An audio entry of GigaSpeech.json whose `segments` is a number stopped the shard with "TypeError: 'int'
+    object is not iterable"; a string or an object was taken apart as one. Each is a counted skip naming the entry,
+    a segment that is not an object one naming its audio, and the good entries are read."""
+    from conftest import write_gigaspeech
+
+    root = write_gigaspeech(tmp_path / "gs")
+    meta = json.loads((root / "GigaSpeech.json").read_text())
+    good = next(a for a in meta["audios"] if a["aid"] == "POD0000000001")  # its audio is there
+    meta["audios"][1:1] = [{**good, "segments": 5}, {**good, "segments": "{XS}"}, {**good, "segments": {"sid": "x"}},
+                           {**good, "aid": "late", "segments": ["{XS}", 7, *good["segments"]]}]
+    meta["audios"][4]["segments"][2:] = [{**s, "sid": s["sid"] + "-again"} for s in good["segments"]]
+    (root / "GigaSpeech.json").write_text(json.dumps(meta))
+    result = shard_cli("gigaspeech", root, tmp_path / "m", *(["--subset", subset] if subset else []))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    entries = [e["path"] for e in summary["skipped_examples"] if e["reason"] == "malformed audio entry"]
+    assert entries == ["GigaSpeech.json:audios[1]", "GigaSpeech.json:audios[2]", "GigaSpeech.json:audios[3]"]
+    assert summary["skipped"].get("malformed segment", 0) == (2 if subset is None else 0)
+    ids = {r["id"] for r in manifest_rows(tmp_path / "m")}
+    assert "gigaspeech/POD0000000001_S0000000-again" in ids and "gigaspeech/POD0000000001_S0000000" in ids

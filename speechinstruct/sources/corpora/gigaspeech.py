@@ -50,10 +50,13 @@ def read(
         try:
             rel = str(entry["path"])
             segments = entry.get("segments") or []
+            if not isinstance(segments, list):
+                raise TypeError(f"segments is a {type(segments).__name__}, not a list")
         except (KeyError, TypeError, AttributeError) as e:
             yield Skip(where, "malformed audio entry", f"{type(e).__name__}: {e}")
             continue
-        chosen = [s for s in segments if want is None or _in_subset(s, want)]
+        # a segment that is not an object is read (and skipped, malformed) only where every segment is wanted
+        chosen = [s for s in segments if want is None or (isinstance(s, dict) and _in_subset(s, want))]
         if not chosen:
             continue
         path = root / rel
