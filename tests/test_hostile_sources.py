@@ -411,3 +411,40 @@ def test_gigaspeech_entries_whose_segments_are_not_a_list_of_objects_are_counted
     assert summary["skipped"].get("malformed segment", 0) == (2 if subset is None else 0)
     ids = {r["id"] for r in manifest_rows(tmp_path / "m")}
     assert "gigaspeech/POD0000000001_S0000000-again" in ids and "gigaspeech/POD0000000001_S0000000" in ids
+
+
+def test_librilight_files_without_a_usable_voice_activity_span_are_counted_not_lost(tmp_path):
+    """A LibriLight file whose voice-activity spans all end before they start, lie before the audio or have no
+    length gave no row and no skip: the file was lost without a word. One whose span lasts a nanosecond gave a row
+    of 0.0 s. Each is a counted skip now; the usable spans of a file are read."""
+    root = tmp_path / "ll" / "small" / "100" / "book"
+    root.mkdir(parents=True)
+    spans = {"reversed": [[2, 1]], "before": [[-5, -1]], "empty": [[0.5, 0.5]], "nano": [[0, 1e-9]], "none": [],
+             "mixed": [[2, 1], [0.5, 1.5]]}
+    for name, va in spans.items():
+        sf.write(root / f"{name}.flac", speechlike(3.0), 16000)
+        (root / f"{name}.json").write_text(json.dumps({"voice_activity": va}))
+    result = shard_cli("librilight", tmp_path / "ll", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    rows = manifest_rows(tmp_path / "m")
+    assert [(r["id"], r["offset"], r["duration"]) for r in rows] == [("librilight/small/100/book/mixed/00000", 0.5, 1.0)]
+    assert sorted(e["path"] for e in summary["skipped_examples"] if e["reason"] == "no voice activity") == [
+        f"small/100/book/{name}.flac" for name in sorted(("reversed", "before", "empty", "nano", "none"))]
+
+
+def test_a_segment_too_short_for_the_manifests_precision_is_a_counted_skip_from_any_reader(tmp_path):
+    """A GigaSpeech segment of a nanosecond (begin 1.0, end 1.000000001) passed every check of its reader and became
+    a row of 0.0 s, counted in the hours and utterances until extract failed it. `shard` skips any reader's row
+    without a positive duration, counted."""
+    from conftest import write_gigaspeech
+
+    root = write_gigaspeech(tmp_path / "gs")
+    meta = json.loads((root / "GigaSpeech.json").read_text())
+    good = next(a for a in meta["audios"] if a["aid"] == "POD0000000001")
+    good["segments"].append({**good["segments"][0], "sid": "nano", "begin_time": 1.0, "end_time": 1.000000001})
+    (root / "GigaSpeech.json").write_text(json.dumps(meta))
+    summary = shard_corpus("gigaspeech", root, tmp_path / "m")
+    assert "gigaspeech/nano" not in {r["id"] for r in manifest_rows(tmp_path / "m")}
+    assert [e["detail"] for e in summary["skipped_examples"] if e["reason"] == "no audio in its span"] == [
+        "gigaspeech/nano: 0.0 s"]

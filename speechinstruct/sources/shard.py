@@ -227,6 +227,8 @@ def write_rows(items, shards: ManifestShards, tally: Tally, keep: tuple[str, ...
             tally.skip(item)
         elif problem := not_unicode(item):
             tally.skip(Skip(item["path"], "not valid Unicode", problem))
+        elif not item["duration"] > 0:  # a span shorter than the manifest's precision (or NaN): no audio to read
+            tally.skip(Skip(item["path"], "no audio in its span", f"{item['id']}: {item['duration']} s"))
         elif item["id"] in seen_ids:
             tally.skip(Skip(item["path"], "duplicate id", item["id"]))
         else:

@@ -78,7 +78,12 @@ def read(
         parts = Path(rel).parts
         speaker = str(meta.get("speaker") or (parts[-3] if len(parts) >= 3 else "unknown"))
         stem = str(Path(rel).with_suffix(""))
-        for i, (start, end) in enumerate(segment(spans, max_seconds)):
+        # a window shorter than the manifest's 0.1 ms precision would be a row of 0.0 s
+        windows = [(start, end) for start, end in segment(spans, max_seconds) if round(end - start, 4) > 0]
+        if not windows:  # said, not lost: no span of its json lies inside the audio with any length
+            yield Skip(rel, "no voice activity", f"{meta_path.name} lists no span inside the audio ({seconds:.2f} s)")
+            continue
+        for i, (start, end) in enumerate(windows):
             yield {
                 "id": f"librilight/{stem}/{i:05d}",
                 "path": rel,
