@@ -784,3 +784,24 @@ def test_hub_patterns_fetch_exactly_the_wanted_files_in_few_patterns():
                    [n for n in listed if n.startswith("test/spk1/")] + ["train/spk3/3.flac", "test/odd [1]*?.wav"]):
         patterns = hub_patterns(wanted, listed)
         assert sorted(filter_repo_objects(listed, allow_patterns=patterns)) == sorted(wanted) and len(patterns) <= 3
+
+
+def test_a_metadata_cell_that_is_a_json_object_or_array_is_no_transcript_or_speaker(tmp_path):
+    """A metadata.jsonl line whose `text` was an object became the transcript "{'a': 1}", Python's spelling of it,
+    and trained on as such (`speaker` and an id column alike). Such a line is a counted skip naming the line and
+    the column; numbers stay text ("007" as written, 12 as "12")."""
+    root = tmp_path / "af"
+    for name in ("obj", "arr", "spk", "num", "ok"):
+        wav(root / f"{name}.wav", 0.5, len(name))
+    write_metadata(root / "metadata.jsonl", [
+        {"file_name": "obj.wav", "text": {"a": 1}, "speaker": "s"},
+        {"file_name": "arr.wav", "text": ["two", "readings"], "speaker": "s"},
+        {"file_name": "spk.wav", "text": "fine", "speaker": {"id": 3}},
+        {"file_name": "num.wav", "text": 12, "speaker": 7},
+        {"file_name": "ok.wav", "text": "hello", "speaker": "s"}])
+    summary = shard_corpus("hf", root, tmp_path / "m", speaker_column="speaker")
+    rows = {r["path"]: (r["text"], r["speaker"]) for r in manifest_rows(tmp_path / "m")}
+    assert rows == {"num.wav": ("12", "7"), "ok.wav": ("hello", "s")}
+    assert {(e["path"], e["detail"]) for e in summary["skipped_examples"] if e["reason"] == "a cell that is not text"} == {
+        ("metadata.jsonl line 1", "text: a JSON object"), ("metadata.jsonl line 2", "text: a JSON array"),
+        ("metadata.jsonl line 3", "speaker: a JSON object")}

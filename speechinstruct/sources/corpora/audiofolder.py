@@ -31,7 +31,7 @@ from typing import Iterator
 
 from ...io import parse_json_object
 from ...progress import progress
-from .base import Item, Note, Skip, cell_text, outside, probe, split_of
+from .base import Item, Note, Skip, cells_text, outside, probe, split_of
 
 
 @functools.cache
@@ -180,12 +180,12 @@ def _row(rel: str, record: dict | None, where: str, root: Path, split: str, name
     if isinstance(probed, Skip):  # named by a metadata row: say which
         return Skip(probed.path, probed.reason, "; ".join(filter(None, (probed.detail, where != rel and f"named by {where}"))))
     sr, seconds = probed
-    record = record or {}
-    utt = cell_text(record.get(id_column)) if id_column else None
-    speaker = cell_text(record.get(speaker_column)) if speaker_column else None
+    cells = cells_text(record or {}, {"id": id_column, "text": text_column, "speaker": speaker_column}, where)
+    if isinstance(cells, Skip):
+        return cells
     return {
-        "id": f"{name}/{utt or PurePosixPath(rel).with_suffix('').as_posix()}", "path": rel,
-        "offset": 0.0, "duration": seconds, "sample_rate": sr, "text": cell_text(record.get(text_column)),
-        "speaker": speaker or "unknown", "corpus": name, "license": license, "split": split_of(split),
+        "id": f"{name}/{cells['id'] or PurePosixPath(rel).with_suffix('').as_posix()}", "path": rel,
+        "offset": 0.0, "duration": seconds, "sample_rate": sr, "text": cells["text"],
+        "speaker": cells["speaker"] or "unknown", "corpus": name, "license": license, "split": split_of(split),
         "corpus_split": split,
     }

@@ -39,11 +39,30 @@ def relpath(path: Path, root: Path) -> str:
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
+class NotText(ValueError):
+    """A table's cell that holds an object or an array where text is read (a transcript, a speaker, an id)."""
+
+
 def cell_text(value) -> str | None:
-    """A table's cell (a transcript, a speaker, an id) as text; null, NaN (pandas' missing value) and blank are none."""
+    """A table's cell (a transcript, a speaker, an id) as text; null, NaN (pandas' missing value) and blank are none;
+    a number is its digits. An object or an array raises :class:`NotText`: Python's spelling of it is no text."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, (dict, list, tuple)):
+        raise NotText(f"a JSON {'object' if isinstance(value, dict) else 'array'}")
     return str(value).strip() or None
+
+
+def cells_text(record: dict, columns: dict[str, str | None], where: str) -> dict[str, str | None] | Skip:
+    """``{key: cell_text(record[column])}`` for each of ``columns`` given (None where a column is not), or the Skip
+    naming ``where`` and the first column whose cell is not text."""
+    found: dict[str, str | None] = {}
+    for key, column in columns.items():
+        try:
+            found[key] = cell_text(record.get(column)) if column else None
+        except NotText as e:
+            return Skip(where, "a cell that is not text", f"{column}: {e}")
+    return found
 
 
 def deepest_common_folder(files, fallback: Path) -> Path:

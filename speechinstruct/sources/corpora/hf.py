@@ -43,7 +43,8 @@ from ...progress import progress
 from ..storage import is_hub_id
 from ..decoding import audio_bytes, encoded_audio as _encoded  # noqa: F401 (audio_bytes: this module's API)
 from .audiofolder import kind as file_kind, read as audiofolder_rows
-from .base import FOLLOW_LINKS, SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, cell_text, probe, relpath, split_of
+from .base import (FOLLOW_LINKS, SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, cells_text, probe, relpath,
+                   split_of)
 
 NAME = "hf"
 
@@ -612,11 +613,13 @@ def _row(record: dict, root: Path, rel: str, row: int, hf_split: str, name: str,
         if isinstance(found, Skip):
             return found
         at, (sample_rate, seconds) = {"path": found[0], "row": None, "audio_column": None}, found[1:]
-    utt = str(record[id_column]) if id_column else f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
+    cells = cells_text(record, {"id": id_column, "text": text_column, "speaker": speaker_column}, where)
+    if isinstance(cells, Skip):
+        return cells
+    utt = cells["id"] or f"{Path(rel).with_suffix('').as_posix()}/{row:06d}"
     return {
         "id": f"{name}/{utt}", **at, "offset": 0.0, "duration": seconds, "sample_rate": sample_rate,
-        "text": cell_text(record.get(text_column)),
-        "speaker": str(record[speaker_column]) if speaker_column and record.get(speaker_column) is not None else "unknown",
+        "text": cells["text"], "speaker": cells["speaker"] or "unknown",
         "corpus": name, "license": license, "split": split_of(hf_split), "corpus_split": hf_split,
     }
 
