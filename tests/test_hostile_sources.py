@@ -435,8 +435,8 @@ def test_librilight_files_without_a_usable_voice_activity_span_are_counted_not_l
 
 def test_a_segment_too_short_for_the_manifests_precision_is_a_counted_skip_from_any_reader(tmp_path):
     """A GigaSpeech segment of a nanosecond (begin 1.0, end 1.000000001) passed every check of its reader and became
-    a row of 0.0 s, counted in the hours and utterances until extract failed it. `shard` skips any reader's row
-    without a positive duration, counted."""
+    a row of 0.0 s, counted in the hours and utterances until extract failed it (a Kaldi segment alike, unrounded).
+    `shard` skips any reader's row shorter than one sample, counted."""
     from conftest import write_gigaspeech
 
     root = write_gigaspeech(tmp_path / "gs")
@@ -448,3 +448,12 @@ def test_a_segment_too_short_for_the_manifests_precision_is_a_counted_skip_from_
     assert "gigaspeech/nano" not in {r["id"] for r in manifest_rows(tmp_path / "m")}
     assert [e["detail"] for e in summary["skipped_examples"] if e["reason"] == "no audio in its span"] == [
         "gigaspeech/nano: 0.0 s"]
+
+    from test_sources import kaldi_dir  # a Kaldi segment of a nanosecond: 1e-09 s, less than one sample
+
+    data, _ = kaldi_dir(tmp_path / "kaldi")
+    with open(data / "train" / "segments", "a") as segments:
+        segments.write("spkA-rec0-nano rec0 1.0 1.000000001\n")
+    summary = shard_corpus("kaldi", data, tmp_path / "k")
+    assert [e["detail"] for e in summary["skipped_examples"] if e["reason"] == "no audio in its span"] == [
+        f"kaldi/train/spkA-rec0-nano: {1.000000001 - 1.0} s"]

@@ -227,7 +227,7 @@ def write_rows(items, shards: ManifestShards, tally: Tally, keep: tuple[str, ...
             tally.skip(item)
         elif problem := not_unicode(item):
             tally.skip(Skip(item["path"], "not valid Unicode", problem))
-        elif not item["duration"] > 0:  # a span shorter than the manifest's precision (or NaN): no audio to read
+        elif not item["duration"] * item["sample_rate"] >= 1:  # a span shorter than a sample (or NaN): no audio
             tally.skip(Skip(item["path"], "no audio in its span", f"{item['id']}: {item['duration']} s"))
         elif item["id"] in seen_ids:
             tally.skip(Skip(item["path"], "duplicate id", item["id"]))
