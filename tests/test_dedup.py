@@ -460,3 +460,20 @@ def test_compose_after_dedup_ran_again_is_not_taken_for_done(units_dir, tmp_path
     code, output = run("compose", "cross-modal", tmp_path / "dd", tmp_path / "comp")
     assert code == 2 and "Traceback" not in output, output
     assert "train-00000.parquet: made from units-00000.parquet as it was before it was written again" in output, output
+
+
+def test_an_evaluation_jsonl_of_odd_shapes_is_read_as_far_as_it_is_text(planted, tmp_path):
+    """A JSONL evaluation line whose `messages` was a number stopped dedup with "TypeError: 'int' object is not
+    iterable"; a line that looks like JSON but is not was left out without a word, so its text was never kept out.
+    Each line is read for the text it holds now: a malformed one as the line itself."""
+    from speechinstruct.curate.dedup import _read_eval_file
+
+    bench = tmp_path / "bench.jsonl"
+    sentence = "the quick brown fox jumps over the lazy dog while thirteen words or more are needed here"
+    bench.write_text('{"messages": 5}\n{"messages": "a string"}\n{"messages": [{"content": 7}, "x"]}\n'
+                     '{"text": "' + sentence + '", oops}\n{"question": "What is held out here?"}\n')
+    texts = EvalTexts(13)
+    _read_eval_file(bench, texts)
+    assert texts.match(sentence)[1] == "bench.jsonl:4" and texts.match("what is held out here")[1] == "bench.jsonl:5"
+    result = runner.invoke(app, ["dedup", str(planted["root"] / "units"), str(tmp_path / "o"), "--eval", str(bench), "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output

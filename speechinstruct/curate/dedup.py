@@ -377,18 +377,17 @@ def _read_eval_file(path: Path, texts: EvalTexts) -> None:
 
     for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         where = f"{path.name}:{lineno}"
-        if path.suffix in (".jsonl", ".json") and line.strip().startswith("{"):
-            obj = parse_json_object(line)
-            if isinstance(obj, str):
-                continue
-            for key in EVAL_TEXT_KEYS:
-                if isinstance(obj.get(key), str):
-                    texts.add(obj[key], where)
-            for message in obj.get("messages") or []:
-                if isinstance(message, dict) and isinstance(message.get("content"), str):
-                    texts.add(message["content"], where)
-        else:
+        obj = parse_json_object(line) if path.suffix in (".jsonl", ".json") and line.strip().startswith("{") else line
+        if isinstance(obj, str):  # a line of text, or one that is not JSON after all: its words are what is held out
             texts.add(line, where)
+            continue
+        for key in EVAL_TEXT_KEYS:
+            if isinstance(obj.get(key), str):
+                texts.add(obj[key], where)
+        messages = obj.get("messages")
+        for message in messages if isinstance(messages, list) else []:
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                texts.add(message["content"], where)
 
 
 # ------------------------------------------------------------------------------------------- the stage
