@@ -229,7 +229,7 @@ def shard(
     Common Voice in their native layouts, a Hugging Face audio dataset, lhotse manifests, a Kaldi data directory,
     WebDataset tar shards (webdataset), or raw recordings of any length cut at speech by silero-vad (audio)."""
     from .sources.corpora import option_problem
-    from .sources.shard import shard_corpus
+    from .sources.shard import read_something, shard_corpus
 
     # each source's own options (SOURCES[...].options); a flag given for a source that does not take it is one line
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
@@ -271,8 +271,8 @@ def shard(
             root = url
         root = root if is_url(root) else local_folder(root, split, config, revision)  # a URL is copied by shard_corpus
     summary = shard_corpus(corpus.value, root, out, settings.checked(settings.Shard, shard_hours=shard_hours), **options)
-    summary = {k: v for k, v in summary.items() if k != "skipped_examples"}
-    _print_json(summary | ({"inferred": inferred} if inferred else {}))
+    summary = {k: v for k, v in summary.items() if k != "skipped_examples"} | ({"inferred": inferred} if inferred else {})
+    _print_json(read_something(summary, out))
 
 
 # the --features choices (tokenizers.FEATURES): MFCC, the SSL encoders read at --layer, the codecs; Features.data2vec

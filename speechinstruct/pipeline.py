@@ -446,7 +446,7 @@ class Job:
         return f"<workdir>/{path.relative_to(work).as_posix()}" if path.is_relative_to(work) else str(path)
 
     def shard_and_extract(self, c: dict) -> None:
-        from .sources.shard import corpus_state, shard_corpus
+        from .sources.shard import corpus_state, read_something, shard_corpus
         from .units.engine_ray import extract_ray
         from .units.extract import extract
 
@@ -458,8 +458,8 @@ class Job:
             # the corpus as it is now: files added or written again since the last run shard it again
             [*([self.stamps.get("demo", "")] if n == "speechinstruct-demo" else []),
              corpus_state(n, c["root"], c.get("options")), *self.files_of((c.get("options") or {}).get("asr"))],
-            lambda: _brief(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
-                                        **(c.get("options") or {}))))
+            lambda: _brief(read_something(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
+                                                       **(c.get("options") or {})), base / "manifest")))
         self.score_corpus(c)
         target = base / ("units" if self.codec else "features")  # a codec's extract writes the units
         self.stamps[f"extract:{n}"] = self.runner.stage(

@@ -357,6 +357,8 @@ def test_the_users_own_files_not_utf8_or_nested_too_deeply_are_one_line_naming_t
         root.mkdir(parents=True)
         sf.write(root / "a.flac", speechlike(1.0), 16000)
         (root / "a.json").write_text('{"voice_activity": ' + nested + "}")
+        sf.write(root / "b.flac", speechlike(1.0), 16000)  # read beside it
+        (root / "b.json").write_text('{"voice_activity": [[0.1, 0.9]]}')
         result = shard_cli("librilight", tmp_path / "librilight", tmp_path / "m")
         assert result.exit_code == 0, result.output
         skipped = json.loads((tmp_path / "m" / "summary.json").read_text())["skipped_examples"]

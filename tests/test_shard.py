@@ -417,3 +417,38 @@ def test_corpus_state_follows_what_a_reader_may_read(tmp_path):
     (tars / "shard-002.tar").write_bytes(b"t")  # not named by the pattern
     assert corpus_state("webdataset", pattern) == two
     assert corpus_state("librispeech", "s3://bucket/LibriSpeech") == ""
+
+
+def test_a_corpus_that_gives_no_utterance_is_one_line_not_a_later_stages_riddle(tmp_path):
+    """A LibriSpeech folder whose every FLAC is damaged sharded to nothing with exit code 0, and the next stage said
+    "no manifest-*.parquet files (run `speechinstruct shard` first)", of a folder shard had just written; `run` said
+    the same of its own shard stage. shard ends with one line naming ROOT and the skips now (its summary printed and
+    written as before), and so does `run`, at its shard stage. A shard whose rows all fall in splits left out by
+    --splits says that instead."""
+    root = tmp_path / "ls" / "train-clean-5" / "19" / "198"
+    root.mkdir(parents=True)
+    (root / "19-198.trans.txt").write_text("19-198-0000 HELLO\n19-198-0001 THERE\n")
+    for n in range(2):
+        (root / f"19-198-000{n}.flac").write_bytes(b"fLaC but damaged")
+    runner = CliRunner()
+    result = runner.invoke(app, ["shard", "librispeech", str(tmp_path / "ls"), str(tmp_path / "m"), "-q"])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert last == (f"error: {tmp_path / 'ls'}: no utterance read: every one was skipped (unreadable audio: 2); "
+                    f"{tmp_path / 'm' / 'summary.json'} names each"), last
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["skipped"] == {"unreadable audio": 2}
+    assert json.loads(result.stdout.split("error:")[0])["utterances"] == 0
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"corpora:\n  - name: librispeech\n    root: {tmp_path / 'ls'}\nworkdir: {tmp_path / 'work'}\n")
+    ran = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert ran.exit_code == 2 and "no utterance read: every one was skipped (unreadable audio: 2)" in ran.output, ran.output
+    assert "run `speechinstruct shard` first" not in ran.output
+
+    from conftest import write_librispeech
+
+    write_librispeech(tmp_path / "good")
+    left = runner.invoke(app, ["shard", "librispeech", str(tmp_path / "good"), str(tmp_path / "t"), "--splits", "test", "-q"])
+    assert left.exit_code == 2 and left.output.strip().splitlines()[-1].startswith(  # its missing and corrupt FLAC
+        f"error: {tmp_path / 'good'}: no utterance read: every one was skipped (missing audio file: 1, unreadable audio: "
+        "1) or is in a split --splits leaves out (train: 4)"), left.output

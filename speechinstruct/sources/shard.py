@@ -183,6 +183,28 @@ def local_root(corpus: str, root: str | Path, reader_options: dict) -> tuple[Pat
     return Path(root), refused
 
 
+class NothingRead(ValueError):
+    """A shard that wrote no row: every utterance skipped or left out. ``summary``: the shard's, which the command line
+    still prints."""
+
+    summary: dict | None = None
+
+
+def read_something(summary: dict, out: str | Path) -> dict:
+    """``summary``, or one line (:class:`NothingRead`) when its shard holds no utterance: what became of them (the
+    skips, or the splits ``--splits`` left out), rather than a later stage's "no manifest files, run shard first"."""
+    if summary["utterances"]:
+        return summary
+    counted = lambda counts: ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    skipped, left = summary.get("skipped") or {}, summary.get("left_out_by_split") or {}
+    what = " or ".join(filter(None, (skipped and f"was skipped ({counted(skipped)})",
+                                     left and f"is in a split --splits leaves out ({counted(left)})")))
+    nothing = NothingRead(f"{summary.get('source') or summary['root']}: no utterance read"
+                          + (f": every one {what}; {Path(out) / 'summary.json'} names each" if what else ""))
+    nothing.summary = summary
+    raise nothing
+
+
 def corpus_state(corpus: str, root: str | Path, options: dict | None = None) -> str:
     """What ``run`` takes for the state of a corpus it has sharded (:func:`io.files_state`): every file under a local
     root folder, a root file or the tar files a pattern names, and a local ``audio_root`` option's files. A file
