@@ -459,3 +459,26 @@ def test_a_segment_too_short_for_the_manifests_precision_is_a_counted_skip_from_
     summary = shard_corpus("kaldi", data, tmp_path / "k")
     assert [e["detail"] for e in summary["skipped_examples"] if e["reason"] == "no audio in its span"] == [
         f"kaldi/train/spkA-rec0-nano: {1.000000001 - 1.0} s"]
+
+
+@pytest.mark.parametrize("case", ["nested", "array", "templates a number", "templates strings", "a template without text",
+                                  "a template whose text is a number"])
+def test_a_template_file_of_the_wrong_shape_is_one_line_naming_it(case, units_dir, tmp_path):
+    """A template file (`--asr-templates`) nested too deeply stopped compose with a RecursionError traceback, a JSON
+    array or templates that are not a list of {id, text} objects with an AttributeError or a TypeError. Each is one
+    line naming the file now, before anything is written."""
+    from speechinstruct.compose.templates import FORMAT
+
+    head = {"format": FORMAT, "task": "asr"}
+    content = {"nested": "[" * 5000 + "]" * 5000, "array": "[1, 2]",
+               "templates a number": json.dumps({**head, "templates": 5}),
+               "templates strings": json.dumps({**head, "templates": ["say it"]}),
+               "a template without text": json.dumps({**head, "templates": [{"id": "t1"}]}),
+               "a template whose text is a number": json.dumps({**head, "templates": [{"id": "t1", "text": 5}]})}[case]
+    bad = tmp_path / "templates.json"
+    bad.write_text(content)
+    result = runner.invoke(app, ["compose", "cross-modal", str(units_dir), str(tmp_path / "out"), "--asr-templates",
+                                 str(bad), "-q"])
+    said = result.output.strip()
+    assert result.exit_code == 2 and said.startswith(f"error: {bad}: ") and len(said.splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from ..io import write_json
+from ..io import read_json, write_json
 from ..speechgpt import find_markup
 
 TASKS = ("asr", "tts")
@@ -44,11 +44,18 @@ def load(source: str | Path | None, task: str) -> dict:
         return builtin(task)
     path = Path(source)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        data = read_json(path, dict, f"; not a {task} template file")
+    except OSError as e:
         raise ValueError(f"{path}: not a readable template file ({e})") from None
-    if data.get("format") != FORMAT or data.get("task") != task or not data.get("templates"):
-        raise ValueError(f"{path}: not a {task} template file (format {FORMAT!r}, task {task!r}, non-empty templates)")
+    templates = data.get("templates")
+    if data.get("format") != FORMAT or data.get("task") != task or not isinstance(data.get("version"), str) \
+            or not isinstance(templates, list) or not templates:
+        raise ValueError(f"{path}: not a {task} template file (format {FORMAT!r}, task {task!r}, a version, non-empty "
+                         "templates)")
+    for i, template in enumerate(templates):
+        if not (isinstance(template, dict) and isinstance(template.get("id"), str)
+                and isinstance(template.get("text"), str) and template["text"].strip()):
+            raise ValueError(f"{path}: templates[{i}] is not an object with an id and a text (strings)")
     check_markup(data, path)
     return data
 
