@@ -283,3 +283,24 @@ def test_a_tar_linked_in_from_outside_a_folder_root_is_a_counted_skip(tmp_path):
     assert "validation" not in summary["splits"]
     summary = shard_corpus("webdataset", root, tmp_path / "f", license="x", follow_links=True)
     assert summary["splits"]["validation"]["utterances"] == 1
+
+
+def test_a_folder_with_a_dataset_card_takes_its_license_and_languages_and_says_so(tmp_path):
+    """The Hub's WebDataset repos carry a card (README.md) naming their license. `shard webdataset FOLDER` refused
+    such a folder without --license, though the license was written beside the tars; it is the card's now, said in
+    a note, with the card's languages as `shard hf` takes them. --license still wins; a folder without a card (or a
+    pattern) still needs it."""
+    root, _ = split_folders(tmp_path)
+    (root / "README.md").write_text("---\nlicense: cc-by-4.0\nlanguage:\n- en\n---\n# shards\n")
+    result = runner.invoke(app, ["shard", "webdataset", str(root), str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {r["license"] for r in rows_of(tmp_path / "m").values()} == {"cc-by-4.0"}
+    assert summary["languages"] == ["en"]
+    assert "license 'cc-by-4.0': the dataset card's (README.md)" in summary["notes"]
+    given = shard_corpus("webdataset", root, tmp_path / "g", license="CC0-1.0")
+    assert {r["license"] for r in rows_of(tmp_path / "g").values()} == {"CC0-1.0"} and not given.get("notes")
+
+    (root / "README.md").unlink()
+    refused = runner.invoke(app, ["shard", "webdataset", str(root), str(tmp_path / "r"), "-q"])
+    assert refused.exit_code == 2 and "needs --license" in refused.output

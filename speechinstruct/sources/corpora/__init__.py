@@ -98,9 +98,9 @@ def root_problem(corpus: str, root: str | Path) -> str | None:
 def languages() -> dict[str, Callable[..., list[str]]]:
     """For sources that say which languages they hold (a Hugging Face dataset's card): ROOT → language codes,
     written to the shard summary and from there to the published card."""
-    from . import hf
+    from . import hf, webdataset
 
-    return {hf.NAME: hf.card_languages}
+    return {hf.NAME: hf.card_languages, webdataset.NAME: webdataset.card_languages}
 
 
 def remote_roots() -> dict[str, Callable[..., Path | None]]:

@@ -192,13 +192,26 @@ def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str
     }
 
 
+def card_languages(root: str | Path, **_) -> list[str]:
+    """The languages a folder ROOT's dataset card (``README.md``, as the Hub keeps one beside the tars) names."""
+    from .hf import card_languages as of_card
+
+    return of_card(root) if Path(root).is_dir() else []
+
+
 def read(root: str | Path, audio_root: str | Path | None = None, license: str | None = None) -> Iterator[Item]:
+    folder_root = Path(root).is_dir()
+    if not license and folder_root:  # the Hub's WebDataset repos keep a card beside the tars: its license, said
+        from .hf import card_license
+
+        if license := card_license(Path(root)):
+            yield Note(f"license {license!r}: the dataset card's (README.md)")
     if not license:
-        raise ValueError(f"{root}: shard webdataset needs --license: the license of these shards (we will not guess one)")
+        raise ValueError(f"{root}: shard webdataset needs --license: the license of these shards (we will not guess "
+                         "one; a folder's dataset card, README.md, would name it)")
     tars = tar_files(root)
     if not tars:
         raise FileNotFoundError(f"{root}: no tar files match")
-    folder_root = Path(root).is_dir()
     base = (Path(audio_root) if audio_root else Path(root) if folder_root else _shards_folder(tars)).resolve()
     ignored: list[tuple[str, str]] = []
     for tar in progress(tars, desc="webdataset shards", unit="tar"):
