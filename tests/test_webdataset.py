@@ -274,6 +274,7 @@ def test_tars_named_in_a_split_folder_take_its_split(given, tmp_path):
 def test_a_tar_linked_in_from_outside_a_folder_root_is_a_counted_skip(tmp_path):
     """A folder ROOT is a corpus folder like any other: a tar linked in from outside it is read only with
     --follow-links. (Named in a pattern, a tar is the user's own choice, and read.)"""
+    import shutil
     root, _ = split_folders(tmp_path)
     outside = tmp_path / "elsewhere.tar"
     (root / "validation" / "000000.tar").rename(outside)
@@ -283,6 +284,19 @@ def test_a_tar_linked_in_from_outside_a_folder_root_is_a_counted_skip(tmp_path):
     assert "validation" not in summary["splits"]
     summary = shard_corpus("webdataset", root, tmp_path / "f", license="x", follow_links=True)
     assert summary["splits"]["validation"]["utterances"] == 1
+
+    # a folder of tars linked in (test/ -> a folder elsewhere): listed, as every corpus reader lists linked folders,
+    # and read only with --follow-links; its tars named and split by where they are linked in
+    elsewhere = tmp_path / "held-out-copy"
+    elsewhere.mkdir()
+    shutil.copy(outside, elsewhere / "000000.tar")
+    (root / "test").symlink_to(elsewhere, target_is_directory=True)
+    summary = shard_corpus("webdataset", root, tmp_path / "l", license="x")
+    assert summary["skipped"]["a link out of the corpus root (--follow-links reads it)"] == 2
+    assert {e["path"] for e in summary["skipped_examples"]} >= {"test/000000.tar", "validation/000000.tar"}
+    summary = shard_corpus("webdataset", root, tmp_path / "lf", license="x", follow_links=True)
+    assert summary["splits"]["test"]["utterances"] == 1
+    assert {r["path"] for r in rows_of(tmp_path / "lf").values() if r["split"] == "test"} == {"test/000000.tar"}
 
 
 def test_a_folder_with_a_dataset_card_takes_its_license_and_languages_and_says_so(tmp_path):

@@ -27,6 +27,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ...io import files_under
 from ...progress import progress
 from .base import (SPEAKER_NAMES, TRANSCRIPT_NAMES, Item, Note, Skip, deepest_common_folder, outside, relpath, split_of,
                    split_word)
@@ -42,9 +43,9 @@ def tar_files(root: str | Path) -> list[Path]:
     from braceexpand import braceexpand
 
     folder = Path(root)
-    if folder.is_dir():
-        return sorted(p for p in folder.rglob("*.tar") if p.is_file()
-                      and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+    if folder.is_dir():  # listed as every corpus reader lists a folder: linked folders followed once, hidden ones not
+        return [path for rel, path in files_under(folder) if rel.endswith(".tar")
+                and not any(part.startswith("__") for part in Path(rel).parts)]
     return [Path(p) for p in braceexpand(str(root)) if Path(p).is_file()]
 
 
@@ -215,7 +216,9 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
     base = (Path(audio_root) if audio_root else Path(root) if folder_root else _shards_folder(tars)).resolve()
     ignored: list[tuple[str, str]] = []
     for tar in progress(tars, desc="webdataset shards", unit="tar"):
-        tar = tar.parent.resolve() / tar.name  # its folders resolved as ``base`` is, not a link the tar itself is
+        # under ``base`` as listed (a link in a folder ROOT stays a link, for ``outside`` to judge); a pattern's tar
+        # with its folders resolved as ``base`` is, not a link the tar itself is
+        tar = base / tar.relative_to(root) if folder_root else tar.parent.resolve() / tar.name
         name = relpath(tar, base)
         if folder_root and (refused := outside(tar, base)):  # a tar named in a pattern is read where it lies
             yield refused
