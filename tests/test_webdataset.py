@@ -201,11 +201,16 @@ def test_a_samples_json_gives_its_transcript_under_the_names_the_hub_uses(tmp_pa
     folder.mkdir()
     with wds.TarWriter(str(folder / "train-000000.tar")) as sink:
         for i, meta in enumerate(({"transcription": "fleurs says", "speaker_id": 7},
-                                  {"normalized_text": "normalised", "client_id": "cv-voice"})):
+                                  {"normalized_text": "normalised", "client_id": "cv-voice"},
+                                  # an object where a speaker is read was the speaker "{'name': 'x'}": passed over now,
+                                  # as a transcript that is not text is
+                                  {"text": {"raw": "x"}, "transcript": "spoken", "speaker": {"name": "x"},
+                                   "speaker_id": "spk9"})):
             sink.write({"__key__": f"s{i}", "flac": encoded(speechlike(1.0, seed=i), 16000, "FLAC"), "json": meta})
     shard_corpus("webdataset", str(folder / "train-000000.tar"), tmp_path / "m", license="x")
     rows = rows_of(tmp_path / "m")
-    assert [(r["text"], r["speaker"]) for r in rows.values()] == [("fleurs says", "7"), ("normalised", "cv-voice")]
+    assert [(r["text"], r["speaker"]) for r in rows.values()] == [("fleurs says", "7"), ("normalised", "cv-voice"),
+                                                                   ("spoken", "spk9")]
 
 
 def split_folders(tmp_path, name="wds"):

@@ -175,7 +175,9 @@ def _row(key: str, members: dict, tar: Path, base: Path, part: str, license: str
     text = next((meta[k] for k in TRANSCRIPT_NAMES if isinstance(meta.get(k), str)), None)
     if text is None and ".txt" in members:
         text = members[".txt"][2].decode("utf-8", "replace")
-    speaker = next((str(meta[k]) for k in SPEAKER_NAMES if meta.get(k) is not None), "unknown")
+    # a name or a number, as a transcript is text: an object or a list under such a key is passed over
+    speaker = next((str(meta[k]) for k in SPEAKER_NAMES if isinstance(meta.get(k), (str, int, float))
+                    and not isinstance(meta[k], bool) and str(meta[k]).strip()), "unknown")
     return {
         "id": f"{NAME}/{Path(relpath(tar, base)).with_suffix('')}/{key}",
         "path": relpath(tar, base),
