@@ -161,6 +161,14 @@ def test_a_folder_of_tar_shards_in_a_bucket_is_read_as_its_local_copy(bucket, tm
     assert [tuple(r[c] for c in columns) for r in rows_of(tmp_path / "remote")] == \
         [tuple(r[c] for c in columns) for r in rows_of(tmp_path / "local")]
 
+    # a bucket folder that gives no utterance: the line names the URL the user gave, not the cache's copy
+    bucket["client"].put_object(Bucket="corpus", Key="damaged/train/000000.tar", Body=b"not a tar")
+    nothing = runner.invoke(app, ["shard", "webdataset", "s3://corpus/damaged/", str(tmp_path / "d"), "--license", "x",
+                                  "-q"])
+    assert nothing.exit_code == 2 and nothing.output.strip().splitlines()[-1].startswith(
+        "error: s3://corpus/damaged/: no utterance read: every one was skipped (truncated or damaged tar: 1)"), \
+        nothing.output
+
 
 def test_a_stage_input_may_be_a_url(bucket, tmp_path, librispeech_root):
     shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")

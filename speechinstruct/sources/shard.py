@@ -195,11 +195,15 @@ def read_something(summary: dict, out: str | Path) -> dict:
     skips, or the splits ``--splits`` left out), rather than a later stage's "no manifest files, run shard first"."""
     if summary["utterances"]:
         return summary
-    counted = lambda counts: ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def counted(counts: dict[str, int]) -> str:  # the commonest first
+        return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
     skipped, left = summary.get("skipped") or {}, summary.get("left_out_by_split") or {}
     what = " or ".join(filter(None, (skipped and f"was skipped ({counted(skipped)})",
                                      left and f"is in a split --splits leaves out ({counted(left)})")))
-    nothing = NothingRead(f"{summary.get('source') or summary['root']}: no utterance read"
+    root = summary.get("remote") or summary.get("source") or summary["root"]  # as the user named it
+    nothing = NothingRead(f"{root}: no utterance read"
                           + (f": every one {what}; {Path(out) / 'summary.json'} names each" if what else ""))
     nothing.summary = summary
     raise nothing

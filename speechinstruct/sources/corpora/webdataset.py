@@ -9,8 +9,8 @@ shards carry these) and/or a ``.txt``. Each tar is read once, as a stream, a sam
 records the tar (``path``, relative to the folder ROOT or to the folder of all the shards) and where the audio
 member's bytes lie in it (``tar_offset``, ``tar_size``), so ``extract`` reads the audio without unpacking anything.
 The split is read from the tar's name or its folders (``train-000.tar``, ``validation/000.tar``): below a folder
-ROOT, or the tar's own folder for a pattern or one tar; train when none says. A license is required: a shard
-carries none we could trust.
+ROOT, or the tar's own folder for a pattern or one tar; train when none says. A license is required (a shard
+carries none we could trust), unless a folder ROOT holds a dataset card (``README.md``) naming one.
 
 A sample without audio, audio libsndfile cannot read, and a truncated tar (the rest of that tar cannot be read)
 are skipped with the tar and the member named. A compressed tar (``.tar.gz``, ``.tar.bz2``, ``.tar.xz``,
@@ -75,8 +75,9 @@ def _key(name: str) -> tuple[str, str] | None:
 
 def _split_part(tar: Path, base: Path, folder_root: bool) -> str:
     """The corpus part a tar belongs to: the split word its name starts with, else the nearest of its folders below
-    ``base`` that says one (and for a pattern or one tar, ``folder_root`` False, its own folder, though ``base``),
-    else train. A folder ROOT's own name is not read: ``datasets`` matches its split patterns below the root too."""
+    ``base`` that says one (for a pattern or one tar, ``folder_root`` False, its own folder even where that folder
+    is ``base``), else train. A folder ROOT's own name is not read: ``datasets`` matches its split patterns below the
+    root too."""
     folders = tar.relative_to(base).parts[:-1]
     if not folder_root and not folders:
         folders = (tar.parent.name,)
