@@ -379,3 +379,16 @@ def test_markup_and_controls_in_transcripts_or_alignment_labels_make_no_interlea
     assert summary["skipped: markup in the words"] == 2 and summary["skipped: control character in the words"] == 1
     assert {d["where"] for d in summary["dropped_examples"]} == {r["id"] for r in rows[:3]}
     assert all(validate(f).ok for f in (tmp_path / "out").glob("*.parquet"))
+
+
+def test_align_with_a_folder_that_is_no_model_says_so_in_a_short_line(librispeech_root, tmp_path):
+    """`align --model FOLDER` of a folder that holds no model said transformers' own "Unrecognized processing class
+    in …. Can't instantiate a processor, a tokenizer, an image processor, a video processor or a feature extractor
+    …" inside our line. It says the folder is no transformers model folder now, before anything loads."""
+    shard_corpus("librispeech", librispeech_root, tmp_path / "manifest")
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["align", str(tmp_path / "manifest"), str(tmp_path / "aligned"),
+                                 "--model", str(tmp_path / "empty"), "-q"])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path / 'empty'}: not a transformers model folder (no config.json): --model takes a CTC model "
+        "as save_pretrained writes it, or a hub id"), result.output

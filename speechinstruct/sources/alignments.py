@@ -143,6 +143,9 @@ class CtcAligner:
         from ..checkpoints import load_pretrained
 
         local = Path(model).is_dir()
+        if local and not (Path(model) / "config.json").is_file():  # said before transformers' own long riddle
+            raise FileNotFoundError(f"{model}: not a transformers model folder (no config.json): --model takes a CTC "
+                                    "model as save_pretrained writes it, or a hub id")
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(str(model), local_files_only=local)
         except Exception as e:  # noqa: BLE001  a malformed vocab.json or config, whatever it raises
