@@ -205,15 +205,7 @@ SLOW_TESTS = ("test_compose_memory_does_not_grow", "test_publish_memory_does_not
               "test_bad_buckets_and_credentials_are_one_line", "test_score_reads_tar_members_too")
 
 
-# The files that take minutes each, longest first (their own tests' durations, 2026-12-07): run first, so that
-# pytest-xdist (`--dist loadfile`, which hands out files in collection order) packs the short files around them
-# rather than leaving one worker alone on test_train.py at the end, as alphabetical order did.
-LONGEST_FILES = ("test_ray.py", "test_train.py", "test_run.py", "test_reliability.py")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES or item.name.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
-    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: each file's tests stay in order
