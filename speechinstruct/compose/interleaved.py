@@ -108,9 +108,9 @@ def interleaved(units_dir: str | Path, out: str | Path, cfg: settings.Interleave
     if not 1 <= min_words <= max_words:
         raise ValueError(f"min_words {min_words} and max_words {max_words}: need 1 <= min_words <= max_words")
     units_dir, out = Path(units_dir), Path(out)
-    unit_files(units_dir)  # no units there: said before what their units.json lacks
     vocabulary = folder_vocabulary(units_dir)
     if vocabulary is None or not vocabulary.frame_rate:
+        unit_files(units_dir)  # no units there at all: that is the line, rather than what their units.json lacks
         raise ValueError(f"{units_dir}: its units.json records no frame rate: extract or quantize it again")
     merge = vocabulary.tokenizer == "kmeans"  # k-means units had their repeats merged; codec units did not
     codebooks = vocabulary.codebooks or 1
