@@ -810,16 +810,11 @@ def test_a_metadata_cell_that_is_a_json_object_or_array_is_no_transcript_or_spea
 def test_a_parquet_struct_transcript_is_a_counted_skip_and_a_null_id_cell_the_rows_own_id(tmp_path):
     """The same in a Parquet file: a struct column read as the transcript is "a cell that is not text" for each row;
     a null cell of --id-column gave the id "None" (two of them: one a duplicate), the row's own id now."""
-    import io
-
-    def flac(seed):
-        buffer = io.BytesIO()
-        sf.write(buffer, speechlike(0.5, seed=seed), 16000, format="FLAC")
-        return buffer.getvalue()
+    from test_sources import flac_bytes
 
     root = tmp_path / "pq"
     write_metadata(root / "data" / "train-00000-of-00001.parquet", [
-        {"audio": {"bytes": flac(i), "path": f"{i}.flac"}, "text": f"clip {i}", "notes": {"raw": "x"},
+        {"audio": {"bytes": flac_bytes(0.5, i), "path": f"{i}.flac"}, "text": f"clip {i}", "notes": {"raw": "x"},
          "id": None if i < 2 else f"u{i}"} for i in range(3)])
     summary = shard_corpus("hf", root, tmp_path / "m", id_column="id")
     assert sorted(r["id"] for r in manifest_rows(tmp_path / "m")) == [
