@@ -176,6 +176,11 @@ def commonvoice_root(tmp_path):
 @pytest.fixture
 def units_dir(librispeech_root, tmp_path):
     """A quantized mini corpus: LibriSpeech layout → manifest → MFCC → k-means (k=8) → units."""
+    return make_units(librispeech_root, tmp_path)
+
+
+def make_units(librispeech_root: Path, tmp_path: Path) -> Path:
+    """``units_dir``'s steps: ``tmp_path``/manifest, features, kmeans and units made from ``librispeech_root``."""
     from speechinstruct import recipe as sections
     from speechinstruct.units.cluster import cluster
     from speechinstruct.units.extract import extract
@@ -202,7 +207,9 @@ SLOW_TESTS = ("test_compose_memory_does_not_grow", "test_publish_memory_does_not
               "test_storage_that_fails_for_a_while_then_recovers_is_finished_by_the_rerun[score]",
               "test_quiet_means_no_progress_bars", "test_codecs_that_attend_over_the_whole_clip_encode_a_batch_with_each_"
               "utterances_own_codes[xcodec", "test_xcodec2_units_are_the_models_own_codes",
-              "test_bad_buckets_and_credentials_are_one_line", "test_score_reads_tar_members_too")
+              "test_bad_buckets_and_credentials_are_one_line", "test_score_reads_tar_members_too",
+              "test_extract_with_mimi_writes_units_a_dataset_validates_on", "test_a_recipe_may_name_models_and_files_in_a",
+              "test_each_turn_is_judged_and_a_conversation_with_a_failing_turn_is_dropped")
 
 
 def pytest_collection_modifyitems(config, items):

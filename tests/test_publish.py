@@ -1,10 +1,14 @@
 import json
+import os
+import shutil
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
+
+from conftest import make_units, write_librispeech
 
 from speechinstruct import recipe as sections
 from speechinstruct import records
@@ -23,19 +27,49 @@ from speechinstruct.release.validate import validate
 runner = CliRunner()
 
 
-@pytest.fixture
-def composed(units_dir, tmp_path):
-    out = tmp_path / "composed"
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A mini corpus, its units, the three record kinds composed from them and their published dataset, made once
+    for this file (a second each, 40 times over, was a third of the quick subset's time); each test gets a copy."""
+    folder = tmp_path_factory.mktemp("built")
+    units_dir = make_units(write_librispeech(folder / "LibriSpeech"), folder)
+    out = folder / "composed"
     cross_modal(units_dir, out / "cross_modal")
     pretrain(units_dir, out / "pretrain", sections.Pretrain(dev_fraction=0.3))
     chain_of_modality("builtin", out / "chain_of_modality", SpeechEncoder(load_kmeans(units_dir.parent / "kmeans"), MFCC()),
-                      CachedTTS(EspeakTTS(), tmp_path / "tts"), sections.ChainOfModality(max_pairs=8))
-    return out
+                      CachedTTS(EspeakTTS(), folder / "tts"), sections.ChainOfModality(max_pairs=8))
+    publish(out, folder / "dataset")
+    return folder
+
+
+def _copy(built, tmp_path, *names):
+    """``names`` copied from ``built`` into ``tmp_path`` as if made there: the folders the stage files name (a
+    compose folder its units folder, a units folder its manifest) are the copies', and every time stamp is kept."""
+    for name in names:
+        shutil.copytree(built / name, tmp_path / name, symlinks=True)
+        for path in (tmp_path / name).rglob("*.json"):
+            text = path.read_text()
+            if str(built) in text:
+                stat = path.stat()
+                path.write_text(text.replace(str(built), str(tmp_path)))
+                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 @pytest.fixture
-def dataset(composed, tmp_path):
-    publish(composed, tmp_path / "dataset")
+def units_dir(built, tmp_path):
+    _copy(built, tmp_path, "LibriSpeech", "manifest", "features", "kmeans", "units")
+    return tmp_path / "units"
+
+
+@pytest.fixture
+def composed(units_dir, built, tmp_path):
+    _copy(built, tmp_path, "composed", "tts")
+    return tmp_path / "composed"
+
+
+@pytest.fixture
+def dataset(composed, built, tmp_path):
+    _copy(built, tmp_path, "dataset")
     return tmp_path / "dataset"
 
 
@@ -450,7 +484,6 @@ def test_a_dataset_file_that_is_not_the_configs_is_named_when_training_loads_it(
 
 def test_publish_refuses_records_that_validate_fails(composed, tmp_path):
     """A record with markup in a text field (composed by an older version, or edited) is not published."""
-    import shutil
 
     import pyarrow.parquet as pq
     from speechinstruct import records
@@ -507,7 +540,6 @@ def test_a_compose_folder_whose_units_folder_is_gone_is_one_line_not_a_dataset_w
     """A compose folder moved or copied without the units folder its records came from (or that folder moved):
     publish wrote a dataset with `k: null`, no vocabulary and no hours, which validate passed and train could not
     use. One line naming the summary and the folder; nothing written."""
-    import shutil
 
     cross_modal(units_dir, tmp_path / "c" / "cross_modal")
     assert publish(tmp_path / "c", tmp_path / "ds")["k"] == 8
