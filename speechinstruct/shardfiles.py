@@ -93,19 +93,22 @@ def manifest_shard_of(manifest: Path, output: Path) -> Path:
 
 
 def duplicate_ids(files: list[Path]) -> set[str]:
-    """The ids that occur more than once across ``files``, counted in Arrow (a column of ids, not Python strings)."""
+    """The ids that occur more than once across ``files``, counted in Arrow (a column of ids, not Python strings).
+    Only text ids are compared: a file whose ids are numbers, lists or nulls (written by another tool) breaks the
+    schema, which says so record by record."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     columns = []
     for f in files:
         with naming(f):
-            if "id" in pq.read_schema(f).names:
-                columns.extend(pq.read_table(f, columns=["id"]).column("id").chunks)
+            schema = pq.read_schema(f)
+            if "id" in schema.names and (pa.types.is_string(kind := schema.field("id").type) or pa.types.is_large_string(kind)):
+                columns.extend(c.cast(pa.string()) for c in pq.read_table(f, columns=["id"]).column("id").chunks)
     if not columns:
         return set()
-    counts = pc.value_counts(pa.chunked_array(columns, type=columns[0].type))
-    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+    counts = pc.value_counts(pa.chunked_array(columns, type=pa.string()))
+    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).drop_null().to_pylist())
 
 
 def repeat_reason(first: str | None = None) -> str:

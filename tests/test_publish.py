@@ -1,3 +1,5 @@
+import datetime
+import decimal
 import json
 import os
 import shutil
@@ -190,6 +192,31 @@ def test_every_rule_catches_its_fault(dataset, config, mutate, rule):
     assert not report_.ok and report_.by_rule[rule] >= 1, report_.as_dict()
     example = next(e for e in report_.examples if e["rule"] == rule)
     assert example["file"].startswith(f"data/{config}/") and example["row"] in (0, len(pq.read_table(dataset / example["file"])) - 1)
+
+
+@pytest.mark.parametrize("ids", [lambda o: [7, 8, 9, 7], lambda o: [None, None, *o[2:]], lambda o: [[1], [1], [2], None],
+                                 lambda o: [{"a": 1}, {"a": 1}, {"a": 2}, {"a": 3}], lambda o: [b"\xff\x00"] * 4,
+                                 lambda o: [datetime.datetime(2020, 1, 1)] * 4, lambda o: [decimal.Decimal("1.5")] * 4,
+                                 lambda o: [float("nan")] * 4],
+                         ids=["numbers", "nulls", "lists", "objects", "bytes", "timestamps", "decimals", "nan"])
+def test_ids_of_another_type_fail_the_schema_not_the_auditor(dataset, ids):
+    """A config whose one file holds ids that are not strings (a tool of the user's wrote them) failed ``validate``
+    with Arrow's "Array chunks must all be same type" traceback. Each such id is a schema error of its record; only
+    text ids are compared for duplicates (two nulls, or two 7s, are not said twice over). ``--json`` wrote a NaN id
+    as ``NaN``, which is not JSON, and stopped with a TypeError traceback at bytes, a timestamp or a decimal: an id
+    that is not text is given as Python spells it."""
+    path = sorted((dataset / "data" / "cross_modal").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    ids = ids(table.column("id").to_pylist())
+    assert table.num_rows == len(ids)
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids)), path)
+    result = runner.invoke(app, ["validate", str(dataset), "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    out = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert all(isinstance(e["id"], str) or e["id"] is None for e in out["errors"])
+    not_text = sum(not isinstance(i, str) for i in ids)
+    assert out["errors_by_rule"] == {"schema": not_text} and out["failed_records"]["cross_modal"] == not_text, out
+    assert all(e["file"] == f"data/cross_modal/{path.name}" and e["message"].startswith("id: ") for e in out["errors"])
 
 
 def test_units_durations_rule(units_dir, tmp_path):

@@ -130,17 +130,19 @@ def check_files(report: Report, config: str, kind: str, files: list[Path], base:
         for i, rec in enumerate(iter_rows(f)):  # a record batch in memory at a time
             report.records[config] += 1
             errors = check_record(kind, rec, report.k)
-            if rec.get("id") in repeated:
-                if rec.get("id") in seen:
-                    errors.append(("duplicate-id", f"id appears more than once (first in {seen[rec.get('id')]})"))
+            if isinstance(key := rec.get("id"), str) and key in repeated:  # another type is the schema's error
+                if key in seen:
+                    errors.append(("duplicate-id", f"id appears more than once (first in {seen[key]})"))
                 else:
-                    seen[rec.get("id")] = f"{rel} row {i}"
+                    seen[key] = f"{rel} row {i}"
             if errors:
                 report.failed[config] += 1
             for rule, message in errors:
                 report.by_rule[rule] += 1
                 if len(report.examples) < max_examples:
-                    report.examples.append({"file": str(rel), "row": i, "id": rec.get("id"), "rule": rule, "message": message})
+                    report.examples.append({"file": str(rel), "row": i,
+                                            "id": key if key is None or isinstance(key, str) else repr(key),
+                                            "rule": rule, "message": message})
 
 
 def format_report(report: Report) -> str:
