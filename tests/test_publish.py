@@ -372,6 +372,28 @@ def test_report_says_pass_or_fail_first_and_shows_a_record_of_every_kind(dataset
     assert json.loads((tmp_path / "bad" / "report.json").read_text())["valid"] is False
 
 
+@pytest.mark.parametrize("column,values", [
+    ("plain_text", lambda n: [{"a": 1}] * n), ("transcript", lambda n: [datetime.datetime(2020, 1, 1)] * n),
+    ("transcript", lambda n: [float("nan")] * n), ("units", lambda n: ["1 2 3"] * n), ("units", lambda n: [[2**62]] * n),
+    ("units", lambda n: [[-5, 3]] * n), ("task", lambda n: [["tts"]] * n), ("id", lambda n: [b"\xff"] * n),
+], ids=["object-text", "timestamp-transcript", "nan-transcript", "text-units", "huge-unit", "negative-unit",
+        "list-task", "bytes-id"])
+def test_report_of_records_another_tool_wrote_says_fail_and_draws_the_rest(dataset, tmp_path, column, values):
+    """An auditor's report of a dataset whose one file holds values of the wrong type stopped with a traceback (a
+    transcript that is a timestamp: "has no len()"; plain_text an object: "expected string"), "object of too small
+    depth" for text units, and a unit id of 2**62 tried to count 2**62 units ("array is too big"; a unit of 10**9
+    would have asked for 8 GB). The verdict says FAIL and names them; the plots and samples leave out the records
+    the schema refuses, and units outside [0, K)."""
+    path = sorted((dataset / "data" / "cross_modal").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values(table.num_rows))), path)
+    result = runner.invoke(app, ["report", str(dataset), str(tmp_path / "report"), "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert numbers["valid"] is False and "FAIL: " in (tmp_path / "report" / "index.html").read_text()
+    assert numbers["units_used"] <= 8 and numbers["units_by_kind"]["chain-of-modality speech (TTS)"] > 0
+
+
 def test_publish_never_deletes_or_overwrites_files_it_did_not_write(composed, tmp_path):
     """The user's own files in OUT stay byte for byte; one standing where publish writes is refused by name;
     what an earlier publish wrote and this one does not is deleted (and only that)."""

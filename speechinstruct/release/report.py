@@ -148,10 +148,16 @@ def _listen_to(j: int, item: dict, out: Path, vocoder, asr) -> tuple[dict, dict]
 
 
 def _rows(folder: Path, config: str, columns: list[str] | None):
+    """The records of ``config`` (their ``columns``, or all) that the kind's schema takes: one another tool wrote
+    with a transcript that is a number, or units that are text, is the verdict's to name, and is left out here."""
     from ..io import iter_rows
+    from ..records import columns_problem, json_schema
 
+    known = set(json_schema(config)["properties"])
     for f in sorted((folder / "data" / config).glob("*.parquet")):
-        yield from iter_rows(f, columns=columns)
+        for row in iter_rows(f, columns=columns):
+            if columns_problem(config, row, tuple(c for c in (columns or row) if c in known)) is None:
+                yield row
 
 
 _UNIT_RUN = re.compile(r"<sosp>((?:<\d+>)+)<eosp>")
@@ -490,7 +496,8 @@ def _unit_usage_plot(dataset: Path, out: Path, k: int, numbers: dict) -> list[tu
         for row in _rows(dataset, config, columns):
             for column in columns:
                 if row[column]:
-                    target += np.bincount(np.asarray(row[column]), minlength=target.size)[: target.size]
+                    units = np.asarray(row[column], dtype=np.int64)
+                    target += np.bincount(units[(units >= 0) & (units < target.size)], minlength=target.size)  # else: the verdict's unit-range
     total = sum(usage.values())
     if not total.sum():
         return []
