@@ -211,7 +211,10 @@ def test_a_workdir_moved_or_copied_is_up_to_date_where_it_lands_and_reads_its_ow
     (old / "my-report").mkdir(parents=True)
     notes = json.dumps({"written in": str(old / "my-report")})  # the user's own file, naming the old place
     (old / "my-report" / "notes.json").write_text(notes)
-    path = recipe(tmp_path, output={"vocoder": "none", "report": "my-report"}, quality={"dnsmos": True, "min_dnsmos": 1.0})
+    small = {"demo_corpus": {"sentences": 8, "seed": 1},  # DNSMOS judges every utterance three times over: few
+             "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}}}
+    path = recipe(tmp_path, output={"vocoder": "none", "report": "my-report"}, quality={"dnsmos": True, "min_dnsmos": 1.0},
+                  **small)
     run(path, workdir=old)
     published = {p.relative_to(old): p.read_bytes() for p in (old / "dataset").rglob("*") if p.is_file()}
 
@@ -226,7 +229,7 @@ def test_a_workdir_moved_or_copied_is_up_to_date_where_it_lands_and_reads_its_ow
 
     # stages redone there read the moved manifest, features, scores and units (another k: cluster onwards)
     other_k = recipe(tmp_path, output={"vocoder": "none", "report": "my-report"}, kmeans={"k": 12, "max_frames": 20000},
-                     quality={"dnsmos": True, "min_dnsmos": 1.0})
+                     quality={"dnsmos": True, "min_dnsmos": 1.0}, **small)
     changed = run(other_k, workdir=moved)
     assert changed["valid"] and changed["k"] == 12 and changed["stages_skipped"] == 4  # demo, shard, score, extract
 
