@@ -459,7 +459,8 @@ class Job:
             [*([self.stamps.get("demo", "")] if n == "speechinstruct-demo" else []),
              corpus_state(n, c["root"], c.get("options")), *self.files_of((c.get("options") or {}).get("asr"))],
             lambda: _brief(read_something(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
-                                                       **(c.get("options") or {})), base / "manifest")))
+                                                       **(c.get("options") or {})), base / "manifest",
+                                                          "the recipe's `splits` option")))
         self.score_corpus(c)
         target = base / ("units" if self.codec else "features")  # a codec's extract writes the units
         self.stamps[f"extract:{n}"] = self.runner.stage(

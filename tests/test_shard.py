@@ -452,3 +452,9 @@ def test_a_corpus_that_gives_no_utterance_is_one_line_not_a_later_stages_riddle(
     assert left.exit_code == 2 and left.output.strip().splitlines()[-1].startswith(  # its missing and corrupt FLAC
         f"error: {tmp_path / 'good'}: no utterance read: every one was skipped (missing audio file: 1, unreadable audio: "
         "1) or is in a split --splits leaves out (train: 4)"), left.output
+    # a recipe has no --splits: its corpus's option is named
+    recipe.write_text(f"corpora:\n  - name: librispeech\n    root: {tmp_path / 'good'}\n    options: {{splits: test}}\n"
+                      f"workdir: {tmp_path / 'work2'}\n")
+    ran = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert ran.exit_code == 2 and "or is in a split the recipe's `splits` option leaves out (train: 4)" in ran.output, \
+        ran.output

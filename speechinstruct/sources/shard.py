@@ -190,9 +190,10 @@ class NothingRead(ValueError):
     summary: dict | None = None
 
 
-def read_something(summary: dict, out: str | Path) -> dict:
+def read_something(summary: dict, out: str | Path, splits: str = "--splits") -> dict:
     """``summary``, or one line (:class:`NothingRead`) when its shard holds no utterance: what became of them (the
-    skips, or the splits ``--splits`` left out), rather than a later stage's "no manifest files, run shard first"."""
+    skips, or the splits ``splits``, the option as the user gave it, left out), rather than a later stage's "no
+    manifest files, run shard first"."""
     if summary["utterances"]:
         return summary
 
@@ -201,7 +202,7 @@ def read_something(summary: dict, out: str | Path) -> dict:
 
     skipped, left = summary.get("skipped") or {}, summary.get("left_out_by_split") or {}
     what = " or ".join(filter(None, (skipped and f"was skipped ({counted(skipped)})",
-                                     left and f"is in a split --splits leaves out ({counted(left)})")))
+                                     left and f"is in a split {splits} leaves out ({counted(left)})")))
     root = summary.get("remote") or summary.get("source") or summary["root"]  # as the user named it
     nothing = NothingRead(f"{root}: no utterance read"
                           + (f": every one {what}; {Path(out) / 'summary.json'} names each" if what else ""))
