@@ -547,6 +547,47 @@ def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cut
     assert cut_rows == sorted((s.start, pytest.approx(s.duration), s.text) for s in sups[:3])
 
 
+def test_lhotse_cuts_split_into_chunks_by_lhotse_read_as_one_part(tmp_path):
+    """A large cuts manifest is split into chunks by lhotse (`lhotse split-lazy`, as icefall's recipes split
+    GigaSpeech and Libriheavy: ``cuts_XL.00000000.jsonl.gz``; ``CutSet.split_lazy(prefix="cuts")``:
+    ``cuts.00000000.jsonl.gz``). Each chunk was a part of its own, named ``train-clean-5.00000001`` in every row's
+    corpus split; chunks named ``cuts.N`` were no manifest at all. The chunks of a part are read as that part."""
+    from click.testing import CliRunner as ClickRunner
+    from lhotse import CutSet, Recording
+    from lhotse.bin.modes.manipulation import split_lazy
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    recordings = []
+    for i in range(5):
+        sf.write(audio / f"r{i}.flac", speechlike(1.0 + 0.2 * i, seed=i), 16000)
+        recordings.append(Recording.from_file(audio / f"r{i}.flac", recording_id=f"r{i}"))
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    CutSet.from_manifests(recordings=recordings).to_file(whole / "librispeech_cuts_train-clean-5.jsonl.gz")
+    CutSet.from_manifests(recordings=recordings[:2]).to_file(whole / "librispeech_cuts_dev-clean.jsonl.gz")
+    expected = shard_corpus("lhotse", whole, tmp_path / "from-whole")
+    assert expected["splits"]["train"]["corpus_splits"] == {"train-clean-5": 5}
+
+    chunks = tmp_path / "chunks"
+    for name in ("librispeech_cuts_train-clean-5", "librispeech_cuts_dev-clean"):
+        done = ClickRunner().invoke(split_lazy, [str(whole / f"{name}.jsonl.gz"), str(chunks), "2"])
+        assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in chunks.iterdir())[:3] == [
+        "librispeech_cuts_dev-clean.00000000.jsonl.gz", "librispeech_cuts_train-clean-5.00000000.jsonl.gz",
+        "librispeech_cuts_train-clean-5.00000001.jsonl.gz"]
+    by_chunk = shard_corpus("lhotse", chunks, tmp_path / "from-chunks")
+    assert by_chunk["splits"] == expected["splits"] and by_chunk["skipped"] == {}
+
+    CutSet.from_manifests(recordings=recordings).split_lazy(tmp_path / "bare", chunk_size=2, prefix="cuts")
+    bare = shard_corpus("lhotse", tmp_path / "bare", tmp_path / "from-bare")
+    assert bare["splits"]["train"]["utterances"] == 5 and bare["skipped"] == {}
+    rows = lambda folder: sorted((r["path"], r["duration"]) for f in manifest_files(folder)  # noqa: E731
+                                 for r in pq.read_table(f).to_pylist())
+    assert rows(tmp_path / "from-chunks") == rows(tmp_path / "from-whole")
+    assert [r[0] for r in rows(tmp_path / "from-bare")] == [f"r{i}.flac" for i in range(5)]
+
+
 def test_lhotse_and_kaldi_refuse_what_they_are_not(tmp_path):
     (tmp_path / "nothing").mkdir()
     for corpus, message in (("lhotse", "no lhotse manifests"), ("kaldi", "not a Kaldi data directory")):

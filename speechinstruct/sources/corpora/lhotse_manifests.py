@@ -30,7 +30,10 @@ from .kaldi import file_channel, piped_file
 from .lhotse_records import NAME, cut_row, manifest_row, records  # noqa: F401 (NAME: the registry's)
 from .lhotse_shar import DEPTH, folders, is_cuts, is_shar_folder, read_folder, tars
 
-_MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$")
+# lhotse's recipes' names; a chunk of one split by lhotse (``split_lazy``: ``cuts_XL.00000000.jsonl.gz``, or
+# ``cuts.00000000.jsonl.gz`` with the prefix "cuts") ends in its number, and is read with the other chunks of its part
+_MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?(?:\.\d+)?"
+                       r"\.jsonl(?:\.gz)?$")
 
 
 def manifests(root: Path) -> list[tuple[str, str, Path]]:
@@ -55,33 +58,42 @@ def shar_folders(root: Path) -> dict[Path, str]:
             for folder in folders(root)}
 
 
-def _parts(root: Path) -> dict[str, dict[str, Path]]:
-    """The manifests of ``root`` by part and kind; a folder with none, and no Shar folders either, is an error."""
-    parts: dict[str, dict[str, Path]] = {}
+def _parts(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """The manifests of ``root`` by part and kind (a kind's chunks in order); a folder with none, and no Shar folders
+    either, is an error."""
+    parts: dict[str, dict[str, list[Path]]] = {}
     found = manifests(root)
     if not found and not shar_folders(root):
         raise FileNotFoundError(f"{root}: no lhotse manifests (*_recordings_*.jsonl.gz with *_supervisions_*, or "
                                 "*_cuts_*.jsonl.gz) and no Shar folders (cuts.000000.jsonl.gz with recording.000000.tar) in it "
                                 f"or up to {DEPTH} folders down")
-    for part, kind, path in found:
-        parts.setdefault(part, {})[kind] = path
+    for part, kind, path in found:  # sorted by name: a kind's chunks in their order
+        parts.setdefault(part, {}).setdefault(kind, []).append(path)
     for part, kinds in parts.items():
         if "cuts" not in kinds and not {"recordings", "supervisions"} <= set(kinds):
-            have = ", ".join(p.name for p in kinds.values())
+            have = ", ".join(p.name for paths in kinds.values() for p in paths)
             raise FileNotFoundError(f"{root}: part {part!r} has {have} only: lhotse needs recordings with "
                                     "supervisions, or cuts")
     return parts
 
 
-def _objects(path: Path) -> Iterator:
-    """The valid records of a manifest, for the passes that only look (the audio root): skips are counted by
-    :func:`read`."""
-    for item in records(path):
-        if not isinstance(item, Skip):
-            yield item[1]
+def _objects(paths: list[Path]) -> Iterator:
+    """The valid records of a manifest's chunks, for the passes that only look (the audio root): skips are counted
+    by :func:`read`."""
+    for path in paths:
+        for item in records(path):
+            if not isinstance(item, Skip):
+                yield item[1]
 
 
-def _recordings(parts: dict[str, dict[str, Path]]) -> Iterator:
+def _records(paths: list[Path]) -> Iterator:
+    """(file, record or skip) of each chunk of a manifest in turn."""
+    for path in paths:
+        for item in records(path):
+            yield path, item
+
+
+def _recordings(parts: dict[str, dict[str, list[Path]]]) -> Iterator:
     for kinds in parts.values():
         if "cuts" in kinds:
             for cut in _objects(kinds["cuts"]):
@@ -146,14 +158,15 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
             return probed[recording.id]
 
         if "cuts" in kinds:
-            for item in progress(records(kinds["cuts"]), desc=f"lhotse {part} cuts", unit="cut"):
+            for path, item in progress(_records(kinds["cuts"]), desc=f"lhotse {part} cuts", unit="cut"):
                 if isinstance(item, Skip):
                     yield item
                     continue
                 _, cut = item
-                where = f"{kinds['cuts'].name}: cut {cut.id}"
+                where = f"{path.name}: cut {cut.id}"
                 if not getattr(cut, "has_recording", False):
-                    yield Skip(where, "cut without a recording", "features-only cuts have no audio to read")
+                    yield Skip(where, "cut without a recording", "features-only cuts, or a Shar folder's cuts without its "
+                               "recording tars, have no audio to read")
                     continue
                 cut = _speech_of(cut)
                 if isinstance(cut, str):
@@ -166,17 +179,17 @@ def read(root: str | Path, audio_root: str | Path | None = None, license: str | 
                 yield cut_row(part, cut, found, license)
         else:
             recordings = {}
-            for item in records(kinds["recordings"]):
+            for _, item in _records(kinds["recordings"]):
                 if isinstance(item, Skip):
                     yield item
                 else:
                     recordings[item[1].id] = item[1]
-            for item in progress(records(kinds["supervisions"]), desc=f"lhotse {part}", unit="utt"):
+            for path, item in progress(_records(kinds["supervisions"]), desc=f"lhotse {part}", unit="utt"):
                 if isinstance(item, Skip):
                     yield item
                     continue
                 _, sup = item
-                where = f"{kinds['supervisions'].name}: supervision {sup.id}"
+                where = f"{path.name}: supervision {sup.id}"
                 if sup.recording_id not in recordings:
                     yield Skip(where, "recording not in the recordings manifest", sup.recording_id)
                     continue
@@ -210,7 +223,9 @@ def _probe(recording, base: Path, where: str, fetched: dict[str, Path]) -> tuple
     for source in recording.sources:
         found = _source_file(source)
         if found is None:
-            return Skip(where, "audio source is not one file (not read)", f"recording {recording.id}: a {source.type} source")
+            return Skip(where, "audio source is not one file (not read)", f"recording {recording.id}: a {source.type} source"
+                        + (" (a Shar folder's cut: its audio is in the recording tar beside it, not here)"
+                           if source.type == "shar" else ""))
         if source.type == "url" and source.source not in fetched:  # nothing stored there (an older copy is not used)
             return Skip(where, "missing audio file", f"recording {recording.id}: nothing stored at "
                         f"{storage.redacted(source.source)}")

@@ -70,10 +70,12 @@ def _recording_tars(files: list[Path]) -> list[Path]:
 
 
 def is_shar_folder(files: list[Path]) -> bool:
-    """Whether a folder holding ``files`` is a Shar folder: lhotse's Shar cuts files beside a ``recording`` field,
-    or numbered cuts files (``cuts.000000.jsonl.gz``), which lhotse's other manifests never are."""
-    return any(is_cuts(f) for f in files) and (bool(_recording_tars(files))
-                                               or any(is_cuts(f) and _field_and_shard(f.name)[1] for f in files))
+    """Whether a folder holding ``files`` is a Shar folder: lhotse's Shar cuts files beside the numbered tars of its
+    fields (``recording.000000.tar``, ``features.000000.tar``). Numbered cuts files with no tar beside them are the
+    chunks of an ordinary cuts manifest (``CutSet.split_lazy(prefix="cuts")``: ``cuts.00000000.jsonl.gz``), which
+    :mod:`lhotse_manifests` reads."""
+    return any(is_cuts(f) for f in files) and (bool(_recording_tars(files)) or any(
+        f.name.endswith(".tar") and _field_and_shard(f.name)[1] for f in files))
 
 
 def members(tar: Path) -> tuple[dict[str, list | None], str | None]:
