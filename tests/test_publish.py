@@ -394,6 +394,35 @@ def test_report_of_records_another_tool_wrote_says_fail_and_draws_the_rest(datas
     assert numbers["units_used"] <= 8 and numbers["units_by_kind"]["chain-of-modality speech (TTS)"] > 0
 
 
+@pytest.mark.parametrize("change,said", [
+    (lambda t: t.set_column(t.schema.get_field_index("duration"), "duration", pa.array(["x"] * t.num_rows)),
+     "its duration column holds string, not numbers"),
+    (lambda t: t.drop(["n_units"]), "no n_units column"),
+    (lambda t: b"garbage", "unreadable parquet file"),
+    (lambda t: t.set_column(t.schema.get_field_index("duration"), "duration", pa.array([float("nan")] * t.num_rows)), None),
+    (lambda t: t.slice(0, 0), None),
+], ids=["text", "missing", "garbage", "nan", "empty"])
+def test_report_of_utterance_stats_another_tool_wrote_is_one_line_naming_the_file(dataset, tmp_path, change, said):
+    """``stats/utterances.parquet`` (publish writes it: each utterance's duration, frames and units) holding text
+    durations stopped the report with "could not convert string to float: 'x'", a missing column with a line naming
+    no file, NaN durations with matplotlib's "autodetected range of [nan, nan] is not finite", and no rows wrote NaN
+    means into report.json, which is not JSON. A file that is not publish's is one line naming it; durations that
+    are not positive numbers are left out of the plots."""
+    path = dataset / "stats" / "utterances.parquet"
+    changed = change(pq.read_table(path))
+    path.write_bytes(changed) if isinstance(changed, bytes) else pq.write_table(changed, path)
+    result = runner.invoke(app, ["report", str(dataset), str(tmp_path / "report"), "-q"])
+    assert "Traceback" not in result.output, result.output
+    if said:
+        line = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"error: {path}: " in line and said in line, result.output
+        return
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text(),
+                         parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert not (tmp_path / "report" / "durations.png").exists() and "utterances" not in numbers and numbers["records"]
+
+
 def test_publish_never_deletes_or_overwrites_files_it_did_not_write(composed, tmp_path):
     """The user's own files in OUT stay byte for byte; one standing where publish writes is refused by name;
     what an earlier publish wrote and this one does not is deleted (and only that)."""

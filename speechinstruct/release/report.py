@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io import atomic_path, write_json, write_text
@@ -466,11 +467,11 @@ def _corpus_plots(dataset: Path, out: Path, meta: dict, numbers: dict) -> list[t
                                                          ax.set_title("Audio hours per corpus")))
         plots.append(("hours_per_corpus.png", "Hours of audio per source corpus"))
     stats_path = dataset / "stats" / "utterances.parquet"
-    if stats_path.is_file():
-        s = pq.read_table(stats_path).to_pydict()
-        durations = np.array(s["duration"], dtype=float)
-        ups = np.array(s["n_units"], dtype=float) / np.maximum(durations, 1e-9)
-        fps = np.array(s["n_frames"], dtype=float) / np.maximum(durations, 1e-9)
+    s = _utterance_stats(stats_path) if stats_path.is_file() else None
+    if s is not None:
+        durations = s["duration"]
+        ups = s["n_units"] / durations
+        fps = s["n_frames"] / durations
         _plot(out / "durations.png", lambda ax: (ax.hist(durations, bins=40, color="#66ccee"), ax.set_xlabel("seconds"),
                                                   ax.set_ylabel("utterances"), ax.set_title("Utterance durations")))
         _plot(out / "units_per_second.png", lambda ax: (ax.hist(ups, bins=40, color="#228833"), ax.set_xlabel("units per second (repeats merged)"),
@@ -479,6 +480,27 @@ def _corpus_plots(dataset: Path, out: Path, meta: dict, numbers: dict) -> list[t
         numbers.update({"utterances": int(durations.size), "mean_duration_s": round(float(durations.mean()), 3),
                         "mean_units_per_second": round(float(ups.mean()), 3), "frames_per_second": round(float(fps.mean()), 3)})
     return plots
+
+
+def _utterance_stats(path: Path) -> dict[str, np.ndarray] | None:
+    """Each utterance's duration, frames and units from ``stats/utterances.parquet`` (publish writes it), of those
+    whose duration is a positive number, or None when none is; one line naming the file when it is not publish's."""
+    from ..io import read_table
+
+    table = read_table(path)
+    columns = {}
+    for name in ("duration", "n_frames", "n_units"):
+        if name not in table.column_names:
+            raise ValueError(f"{path}: no {name} column: not the file publish writes (publish the dataset again)")
+        kind = table.schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise ValueError(f"{path}: its {name} column holds {kind}, not numbers: not the file publish writes "
+                             "(publish the dataset again)")
+        columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(float)
+    kept = np.isfinite(columns["duration"]) & (columns["duration"] > 0)
+    for name in ("n_frames", "n_units"):
+        kept &= np.isfinite(columns[name])
+    return {name: values[kept] for name, values in columns.items()} if kept.any() else None
 
 
 def _unit_usage_plot(dataset: Path, out: Path, k: int, numbers: dict) -> list[tuple[str, str]]:
