@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -440,8 +441,15 @@ def read_dataset_meta(folder: str | Path) -> dict:
     for config, splits in (meta.get("counts") or {}).items():
         if not isinstance(splits, dict) or not all(isinstance(n, int) for n in splits.values()):
             raise ValueError(f"{path}: counts[{config!r}] must map splits to record counts; publish the dataset again")
+    for config, kinds in (meta.get("by_kind") or {}).items():
+        if not isinstance(kinds, dict) or not all(isinstance(n, int) for n in kinds.values()):
+            raise ValueError(f"{path}: by_kind[{config!r}] must map kinds to record counts; publish the dataset again")
+    if not all(isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h >= 0
+               for h in meta["hours"].values()):
+        raise ValueError(f"{path}: hours must map corpora to hours (numbers); publish the dataset again")
     for i, source in enumerate(meta.get("sources") or []):
-        if not isinstance(source, dict) or not isinstance(source.get("records", {}), dict):
+        if (not isinstance(source, dict) or not isinstance(source.get("records", {}), dict)
+                or not all(isinstance(source.get(key), str) for key in ("corpus", "license"))):
             raise ValueError(f"{path}: sources[{i}] must be an object with corpus, license and records")
     return meta
 

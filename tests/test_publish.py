@@ -513,7 +513,14 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
                            "'k' is 8 but the vocabulary has 9 units"),
                           (lambda m: {**m, "vocabulary": {"tokenizer": "kmeans"}}, "'vocabulary' must be an object"),
                           (lambda m: {**m, "vocabulary": {**m["vocabulary"], "codebooks": 3}},
-                           "vocabulary size 8 is not codebooks 3 x codebook_size 8")):
+                           "vocabulary size 8 is not codebooks 3 x codebook_size 8"),
+                          # the report stopped at these with "Unknown format code 'f' for object of type 'str'", a
+                          # TypeError traceback (unhashable type: 'dict'), a line naming no file, or NaN in report.json
+                          (lambda m: {**m, "hours": {"librispeech": "a"}}, "hours must map corpora to hours"),
+                          (lambda m: {**m, "hours": {"librispeech": float("nan")}}, "hours must map corpora to hours"),
+                          (lambda m: {**m, "by_kind": {"cross_modal": {"asr": {"a": 1}}}},
+                           "by_kind['cross_modal'] must map kinds to record counts"),
+                          (lambda m: {**m, "sources": [{"corpus": 5}]}, "sources[0] must be an object with corpus")):
         (dataset / "speechinstruct.json").write_text(json.dumps(edit(meta)))
         for cmd in (["report", str(dataset), str(tmp_path / "r")], ["validate", str(dataset)]):
             result = runner.invoke(app, cmd)
