@@ -461,7 +461,12 @@ def read_units_spec(folder: str | Path) -> dict | None:
     path = (folder if folder.is_dir() else folder.parent) / "units.json"
     if not path.is_file():
         return None
-    return read_json(path, dict, "; extract or quantize into a new folder")
+    spec = read_json(path, dict, "; extract or quantize into a new folder")
+    for key in ("root", "manifest"):  # the corpus root its rows' paths are relative to, the manifest it was made from
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ValueError(f"{path}: {key!r} must be a path (text), got {json.dumps(spec[key])[:80]}; extract or "
+                             "quantize into a new folder")
+    return spec
 
 
 def composed_units_dirs(folder: str | Path, missing_ok: bool = True) -> list[Path]:

@@ -531,6 +531,19 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
     assert result.exit_code == 2 and "speechinstruct.json: not valid JSON" in result.stderr
 
 
+@pytest.mark.parametrize("key,value", [("root", 5), ("manifest", ["m"]), ("root", {"a": 1})])
+def test_a_units_json_whose_paths_are_not_text_is_one_line_naming_it(units_dir, dataset, tmp_path, key, value):
+    """``units.json``'s corpus root or manifest folder of another JSON type (an edited file) stopped ``report
+    --units`` and ``score`` of the units with "expected str, bytes or os.PathLike object, not int" tracebacks."""
+    spec = json.loads((units_dir / "units.json").read_text())
+    (units_dir / "units.json").write_text(json.dumps({**spec, key: value}))
+    for cmd in (["report", str(dataset), str(tmp_path / "r"), "--units", str(units_dir), "-q"],
+                ["score", str(units_dir), str(tmp_path / "s"), "--dnsmos", "-q"], ["validate", str(units_dir)]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (cmd, result.output)
+        assert f"{units_dir / 'units.json'}: '{key}' must be a path (text)" in " ".join(result.output.split()), result.output
+
+
 def test_a_dataset_whose_files_were_filtered_still_loads_for_training(dataset, caplog, tmp_path, monkeypatch):
     """A user drops rows from a Parquet file: the card's dataset_info sizes no longer match. Training loads it
     without the size check and says which split, instead of datasets' NonMatchingSplitsSizesError."""
