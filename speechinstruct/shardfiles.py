@@ -156,9 +156,14 @@ def corpus_root(folder: str | Path) -> Path:
     folder = Path(folder)
     summary = (folder if folder.is_dir() else folder.parent) / "summary.json"
     try:
-        return Path(json.loads(summary.read_text())["root"])
-    except (OSError, KeyError, ValueError) as e:
-        raise FileNotFoundError(f"{summary}: cannot read the corpus root ({e}); pass --root") from None
+        root = json.loads(summary.read_text())["root"]
+    except (OSError, KeyError, ValueError, TypeError, RecursionError) as e:
+        why = {KeyError: "no 'root' in it", TypeError: "not a JSON object", RecursionError: "nested too deeply"}
+        raise FileNotFoundError(f"{summary}: cannot read the corpus root ({why.get(type(e), e)}); pass --root") from None
+    if not isinstance(root, str):
+        raise FileNotFoundError(f"{summary}: cannot read the corpus root ('root' is {json.dumps(root)[:80]}, not a "
+                                "path); pass --root")
+    return Path(root)
 
 
 def shard_suffix(path: Path) -> str:

@@ -264,6 +264,20 @@ def test_truncated_stage_files_are_named_in_the_error(librispeech_root, tmp_path
     assert result.exit_code == 2 and "manifest-00000.parquet: unreadable parquet file" in result.stderr
 
 
+@pytest.mark.parametrize("summary", ['{"root": 5}', '{"root": {"a": 1}}', '[1]'], ids=["number", "object", "array"])
+def test_a_manifest_summary_whose_root_is_not_a_path_is_one_line(librispeech_root, tmp_path, summary):
+    """A manifest folder's summary.json (an edited one) whose corpus root was a number or an object, or which was
+    not an object, stopped extract and score with "expected str, bytes or os.PathLike object, not int" or "list
+    indices must be integers" tracebacks; a summary without a root was already one line, as these are now."""
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    (tmp_path / "m" / "summary.json").write_text(summary)
+    for command in (["extract", tmp_path / "m", tmp_path / "f"], ["score", tmp_path / "m", tmp_path / "s", "--dnsmos"]):
+        result = runner.invoke(app, [*map(str, command), "-q"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+        assert f"{tmp_path / 'm' / 'summary.json'}: cannot read the corpus root" in " ".join(result.output.split()), \
+            result.output
+
+
 def test_stage_files_of_another_kind_are_named_with_what_they_lack(librispeech_root, tmp_path):
     """A readable Parquet file under a stage file's name that is not one (another tool's, a hand edit that dropped
     columns): every stage that reads it says which file lacks which columns of its kind, in one line. It was
