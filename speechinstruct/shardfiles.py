@@ -79,9 +79,9 @@ def made_from_the_manifest(folder: str | Path, files: list[Path], spec_name: str
     of a manifest shard written again since, or gone (the corpus sharded again into fewer shards), which every
     stage reading the folder would otherwise take for its own."""
     spec_file = Path(folder) / spec_name
-    spec = read_json(spec_file, dict, "; run the stage that wrote it again") if spec_file.is_file() else {}
+    spec = read_spec(spec_file, "; run the stage that wrote it again") if spec_file.is_file() else {}
     manifest = spec.get("manifest")
-    if isinstance(manifest, str) and Path(manifest).exists():
+    if manifest is not None and Path(manifest).exists():
         for path in files:
             check_made_from(path, [manifest_shard_of(Path(manifest), path)], named_only)
     return files
@@ -466,11 +466,17 @@ def read_units_spec(folder: str | Path) -> dict | None:
     path = (folder if folder.is_dir() else folder.parent) / "units.json"
     if not path.is_file():
         return None
-    spec = read_json(path, dict, "; extract or quantize into a new folder")
-    for key in ("root", "manifest"):  # the corpus root its rows' paths are relative to, the manifest it was made from
+    return read_spec(path, "; extract or quantize into a new folder")
+
+
+def read_spec(path: Path, hint: str) -> dict:
+    """An extract or quantize output's spec file (``features.json``, ``units.json``): a JSON object whose corpus root
+    (its rows' paths are relative to it) and manifest (it was made from), where given, are paths; one line naming
+    the file otherwise (``hint``: what to do about it)."""
+    spec = read_json(path, dict, hint)
+    for key in ("root", "manifest"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
-            raise ValueError(f"{path}: {key!r} must be a path (text), got {json.dumps(spec[key])[:80]}; extract or "
-                             "quantize into a new folder")
+            raise ValueError(f"{path}: {key!r} must be a path (text), got {json.dumps(spec[key])[:80]}{hint}")
     return spec
 
 

@@ -278,6 +278,25 @@ def test_a_manifest_summary_whose_root_is_not_a_path_is_one_line(librispeech_roo
             result.output
 
 
+@pytest.mark.parametrize("key,value", [("manifest", 5), ("manifest", {"a": 1}), ("root", 5)])
+def test_a_features_json_whose_paths_are_not_text_is_one_line(librispeech_root, tmp_path, key, value):
+    """features.json (an edited one) whose manifest was a number stopped quantize with "expected str, bytes or
+    os.PathLike object, not int"; each reader of it (cluster, quantize) now says which key of which file."""
+    from speechinstruct.units.extract import extract
+    from speechinstruct.units.features import MFCC
+
+    shard_corpus("librispeech", librispeech_root, tmp_path / "m")
+    extract(tmp_path / "m", tmp_path / "f", MFCC())
+    assert runner.invoke(app, ["cluster", str(tmp_path / "f"), str(tmp_path / "km"), "--k", "4", "-q"]).exit_code == 0
+    spec = json.loads((tmp_path / "f" / "features.json").read_text())
+    (tmp_path / "f" / "features.json").write_text(json.dumps({**spec, key: value}))
+    for command in (["cluster", tmp_path / "f", tmp_path / "km2", "--k", "4"], ["quantize", tmp_path / "f", tmp_path / "km", tmp_path / "u"]):
+        result = runner.invoke(app, [*map(str, command), "-q"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+        assert f"{tmp_path / 'f' / 'features.json'}: '{key}' must be a path (text)" in " ".join(result.output.split()), \
+            result.output
+
+
 def test_stage_files_of_another_kind_are_named_with_what_they_lack(librispeech_root, tmp_path):
     """A readable Parquet file under a stage file's name that is not one (another tool's, a hand edit that dropped
     columns): every stage that reads it says which file lacks which columns of its kind, in one line. It was

@@ -16,9 +16,9 @@ import faiss
 import numpy as np
 
 from .. import recipe as settings
-from ..io import atomic_path, claim_outputs, read_json, write_json, wrote_before
+from ..io import atomic_path, claim_outputs, write_json, wrote_before
 from ..memory import attempt
-from ..shardfiles import feature_dim, feature_files, frame_blocks
+from ..shardfiles import feature_dim, feature_files, frame_blocks, read_spec
 from .kmeans import KMeans, nearest_centroids
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def cluster(features: str | Path, out: str | Path, cfg: settings.KMeans | None =
     features, out = Path(features), Path(out)
     claim_outputs(out, "cluster", r"centroids\.npy|kmeans\.json",
                   wrote_before(out / "kmeans.json", {"k", "dim", "sha256", "sample_frames"}))
-    spec = read_json(features / "features.json", dict, "; extract again") if (features / "features.json").is_file() else {}
+    spec = read_spec(features / "features.json", "; extract again") if (features / "features.json").is_file() else {}
     started = time.perf_counter()
     sample = sample_frames(features, max_frames, seed)
     read = time.perf_counter()

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import records
-from ..io import parquet_rows, read_json, read_table, write_json
+from ..io import parquet_rows, read_table, write_json
 from ..progress import progress
 from ..shardfiles import (check_spec, feature_dim, feature_files, finished, iter_features, made_from, manifest_shard_of,
-                          select_shards, shard_output, unit_files, units_spec)
+                          read_spec, select_shards, shard_output, unit_files, units_spec)
 from ..speechgpt import to_text
 from .kmeans import KMeans, SpeechEncoder
 
@@ -49,7 +49,7 @@ class UnitWriter:
 
 def quantize(features: str | Path, kmeans: KMeans, out: str | Path, num_shards: int = 1, shard_index: int = 0) -> dict:
     features, out = Path(features), Path(out)
-    spec = read_json(features / "features.json", dict, "; extract again")
+    spec = read_spec(features / "features.json", "; extract again")
     if spec.get("dim") != kmeans.dim:
         raise ValueError(f"{kmeans.source}: k-means is {kmeans.dim}-dim but {features} holds {spec.get('dim')}-dim features")
     manifest = Path(spec["manifest"])
