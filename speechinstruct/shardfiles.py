@@ -341,6 +341,12 @@ class Vocabulary:
             n = value.get(key, 1)
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"{where}: vocabulary {key} must be a positive integer, got {n!r}")
+        for key, kind in (("frame_rate", (int, float)), ("sample_rate", int)):
+            if value.get(key) is not None and not _positive(value[key], kind):
+                raise ValueError(f"{where}: vocabulary {key} must be a positive number, got {value[key]!r}")
+        for key in ("tokenizer", "features", "sha256"):
+            if value.get(key) is not None and not isinstance(value[key], str):
+                raise ValueError(f"{where}: vocabulary {key} must be text, got {value[key]!r}")
         vocabulary = cls(**value)
         if vocabulary.codebooks * vocabulary.codebook_size != vocabulary.size:
             raise ValueError(f"{where}: vocabulary size {vocabulary.size} is not codebooks {vocabulary.codebooks} "
@@ -477,7 +483,16 @@ def read_spec(path: Path, hint: str) -> dict:
     for key in ("root", "manifest"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ValueError(f"{path}: {key!r} must be a path (text), got {json.dumps(spec[key])[:80]}{hint}")
+    if spec.get("dim") is not None and not _positive(spec["dim"], int):
+        raise ValueError(f"{path}: 'dim' must be a positive integer, got {json.dumps(spec['dim'])[:80]}{hint}")
+    if spec.get("frame_rate") is not None and not _positive(spec["frame_rate"], (int, float)):
+        raise ValueError(f"{path}: 'frame_rate' must be a positive number, got {json.dumps(spec['frame_rate'])[:80]}{hint}")
     return spec
+
+
+def _positive(value, kind) -> bool:
+    """Whether ``value`` is a finite number of ``kind`` above 0 (JSON's true is not 1)."""
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def composed_units_dirs(folder: str | Path, missing_ok: bool = True) -> list[Path]:

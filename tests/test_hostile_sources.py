@@ -278,10 +278,13 @@ def test_a_manifest_summary_whose_root_is_not_a_path_is_one_line(librispeech_roo
             result.output
 
 
-@pytest.mark.parametrize("key,value", [("manifest", 5), ("manifest", {"a": 1}), ("root", 5)])
-def test_a_features_json_whose_paths_are_not_text_is_one_line(librispeech_root, tmp_path, key, value):
+@pytest.mark.parametrize("key,value,said", [("manifest", 5, "must be a path (text)"), ("manifest", {"a": 1}, "must be a path (text)"),
+                                           ("root", 5, "must be a path (text)"), ("frame_rate", "x", "must be a positive number"),
+                                           ("dim", 0, "must be a positive integer")])
+def test_a_features_json_whose_paths_are_not_text_is_one_line(librispeech_root, tmp_path, key, value, said):
     """features.json (an edited one) whose manifest was a number stopped quantize with "expected str, bytes or
-    os.PathLike object, not int"; each reader of it (cluster, quantize) now says which key of which file."""
+    os.PathLike object, not int"; a frame rate "x" went on into units.json and the published dataset's vocabulary.
+    Each reader of it (cluster, quantize) now says which key of which file."""
     from speechinstruct.units.extract import extract
     from speechinstruct.units.features import MFCC
 
@@ -293,8 +296,7 @@ def test_a_features_json_whose_paths_are_not_text_is_one_line(librispeech_root, 
     for command in (["cluster", tmp_path / "f", tmp_path / "km2", "--k", "4"], ["quantize", tmp_path / "f", tmp_path / "km", tmp_path / "u"]):
         result = runner.invoke(app, [*map(str, command), "-q"])
         assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
-        assert f"{tmp_path / 'f' / 'features.json'}: '{key}' must be a path (text)" in " ".join(result.output.split()), \
-            result.output
+        assert f"{tmp_path / 'f' / 'features.json'}: '{key}' {said}" in " ".join(result.output.split()), result.output
 
 
 def test_stage_files_of_another_kind_are_named_with_what_they_lack(librispeech_root, tmp_path):

@@ -520,7 +520,11 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
                           (lambda m: {**m, "hours": {"librispeech": float("nan")}}, "hours must map corpora to hours"),
                           (lambda m: {**m, "by_kind": {"cross_modal": {"asr": {"a": 1}}}},
                            "by_kind['cross_modal'] must map kinds to record counts"),
-                          (lambda m: {**m, "sources": [{"corpus": 5}]}, "sources[0] must be an object with corpus")):
+                          (lambda m: {**m, "sources": [{"corpus": 5}]}, "sources[0] must be an object with corpus"),
+                          (lambda m: {**m, "vocabulary": {**m["vocabulary"], "frame_rate": "x"}},
+                           "vocabulary frame_rate must be a positive number"),
+                          (lambda m: {**m, "vocabulary": {**m["vocabulary"], "features": 5}},
+                           "vocabulary features must be text")):
         (dataset / "speechinstruct.json").write_text(json.dumps(edit(meta)))
         for cmd in (["report", str(dataset), str(tmp_path / "r")], ["validate", str(dataset)]):
             result = runner.invoke(app, cmd)
