@@ -355,7 +355,7 @@ def _score_files_equal(a: Path, b: Path):
     """The local engine's score files and Ray's: the same files, errors and rows, each value equal, a DNSMOS score
     or an embedding within 1e-6. Their float sums depend on the batch's other windows and the thread count on some
     CPUs (an AMD EPYC with AVX2: DNSMOS 8e-8 apart with other clips in the batch, GE2E 4e-8 with 1 or 2 threads),
-    not on the Intel machine where these files were byte-identical. Texts, ids and counts are equal."""
+    not on the earlier development machine, where these files were byte-identical. Texts, ids and counts are equal."""
     floats = [p.name for p in a.iterdir() if p.name.startswith(("scores-", "embeddings-"))]
     same_files(a, b, skip=("summary.json", *floats))  # the summaries differ in seconds and the engine's keys
     for name in floats:
