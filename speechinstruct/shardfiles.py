@@ -339,7 +339,7 @@ class Vocabulary:
                              f"{', '.join(sorted(fields))}), got {value!r}")
         for key in ("size", "codebooks", "codebook_size"):
             n = value.get(key, 1)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            if not _positive(n, int):
                 raise ValueError(f"{where}: vocabulary {key} must be a positive integer, got {n!r}")
         for key, kind in (("frame_rate", (int, float)), ("sample_rate", int)):
             if value.get(key) is not None and not _positive(value[key], kind):
@@ -444,7 +444,7 @@ def read_dataset_meta(folder: str | Path) -> dict:
             raise ValueError(f"{path}: {key!r} must be a JSON {'object' if kind is dict else kind.__name__}, "
                              f"got {type(meta[key]).__name__}; publish the dataset again")
     k = meta.get("k")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+    if k is not None and not _positive(k, int):
         raise ValueError(f"{path}: 'k' must be a positive integer, got {k!r}; publish the dataset again")
     if "vocabulary" in meta and Vocabulary.from_json(meta["vocabulary"], str(path)).size != k:
         raise ValueError(f"{path}: 'k' is {k!r} but the vocabulary has {meta['vocabulary']['size']} units; "
@@ -455,8 +455,7 @@ def read_dataset_meta(folder: str | Path) -> dict:
     for config, kinds in (meta.get("by_kind") or {}).items():
         if not isinstance(kinds, dict) or not all(isinstance(n, int) for n in kinds.values()):
             raise ValueError(f"{path}: by_kind[{config!r}] must map kinds to record counts; publish the dataset again")
-    if not all(isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h >= 0
-               for h in meta["hours"].values()):
+    if not all(_number(h, (int, float)) and h >= 0 for h in meta["hours"].values()):
         raise ValueError(f"{path}: hours must map corpora to hours (numbers); publish the dataset again")
     for i, source in enumerate(meta.get("sources") or []):
         if (not isinstance(source, dict) or not isinstance(source.get("records", {}), dict)
@@ -490,9 +489,19 @@ def read_spec(path: Path, hint: str) -> dict:
     return spec
 
 
+def _number(value, kind) -> bool:
+    """Whether ``value`` is a finite number of ``kind``: JSON's true is not 1, nor NaN, nor an int of 400 digits
+    (no float holds it: ``math.isfinite`` raises)."""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _positive(value, kind) -> bool:
-    """Whether ``value`` is a finite number of ``kind`` above 0 (JSON's true is not 1)."""
-    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _number(value, kind) and value > 0
 
 
 def composed_units_dirs(folder: str | Path, missing_ok: bool = True) -> list[Path]:

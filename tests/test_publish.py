@@ -518,6 +518,8 @@ def test_an_edited_speechinstruct_json_is_one_line_in_report_and_validate(datase
                           # TypeError traceback (unhashable type: 'dict'), a line naming no file, or NaN in report.json
                           (lambda m: {**m, "hours": {"librispeech": "a"}}, "hours must map corpora to hours"),
                           (lambda m: {**m, "hours": {"librispeech": float("nan")}}, "hours must map corpora to hours"),
+                          (lambda m: {**m, "hours": {"librispeech": 10**400}}, "hours must map corpora to hours"),
+                          (lambda m: {**m, "k": 10**400}, "'k' must be a positive integer"),
                           (lambda m: {**m, "by_kind": {"cross_modal": {"asr": {"a": 1}}}},
                            "by_kind['cross_modal'] must map kinds to record counts"),
                           (lambda m: {**m, "sources": [{"corpus": 5}]}, "sources[0] must be an object with corpus"),
