@@ -1,7 +1,6 @@
 import datetime
 import decimal
 import json
-import os
 import shutil
 
 import datasets
@@ -46,15 +45,14 @@ def built(tmp_path_factory):
 
 def _copy(built, tmp_path, *names):
     """``names`` copied from ``built`` into ``tmp_path`` as if made there: the folders the stage files name (a
-    compose folder its units folder, a units folder its manifest) are the copies', and every time stamp is kept."""
+    compose folder its units folder, a units folder its manifest) are the copies', as ``run`` relocates a workdir
+    moved since its last run (:func:`speechinstruct.pipeline.relocate`)."""
+    from speechinstruct.pipeline import relocate
+
     for name in names:
         shutil.copytree(built / name, tmp_path / name, symlinks=True)
-        for path in (tmp_path / name).rglob("*.json"):
-            text = path.read_text()
-            if str(built) in text:
-                stat = path.stat()
-                path.write_text(text.replace(str(built), str(tmp_path)))
-                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (tmp_path / ".workdir.json").write_text(json.dumps({"path": str(built)}))
+    relocate(tmp_path)
 
 
 @pytest.fixture
