@@ -485,18 +485,20 @@ def _corpus_plots(dataset: Path, out: Path, meta: dict, numbers: dict) -> list[t
 def _utterance_stats(path: Path) -> dict[str, np.ndarray] | None:
     """Each utterance's duration, frames and units from ``stats/utterances.parquet`` (publish writes it), of those
     whose duration is a positive number, or None when none is; one line naming the file when it is not publish's."""
-    from ..io import read_table
+    from ..io import naming, read_table
 
-    table = read_table(path)
-    columns = {}
-    for name in ("duration", "n_frames", "n_units"):
-        if name not in table.column_names:
+    names = ("duration", "n_frames", "n_units")
+    with naming(path):
+        schema = pq.read_schema(path)
+    for name in names:
+        if name not in schema.names:
             raise ValueError(f"{path}: no {name} column: not the file publish writes (publish the dataset again)")
-        kind = table.schema.field(name).type
+        kind = schema.field(name).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             raise ValueError(f"{path}: its {name} column holds {kind}, not numbers: not the file publish writes "
                              "(publish the dataset again)")
-        columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(float)
+    table = read_table(path, columns=list(names))  # not the ids, corpora and licenses beside them
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False).astype(float) for name in names}
     kept = np.isfinite(columns["duration"]) & (columns["duration"] > 0)
     for name in ("n_frames", "n_units"):
         kept &= np.isfinite(columns[name])

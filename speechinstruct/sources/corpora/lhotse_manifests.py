@@ -77,20 +77,17 @@ def _parts(root: Path) -> dict[str, dict[str, list[Path]]]:
     return parts
 
 
-def _objects(paths: list[Path]) -> Iterator:
-    """The valid records of a manifest's chunks, for the passes that only look (the audio root): skips are counted
-    by :func:`read`."""
-    for path in paths:
-        for item in records(path):
-            if not isinstance(item, Skip):
-                yield item[1]
-
-
 def _records(paths: list[Path]) -> Iterator:
     """(file, record or skip) of each chunk of a manifest in turn."""
     for path in paths:
         for item in records(path):
             yield path, item
+
+
+def _objects(paths: list[Path]) -> Iterator:
+    """The valid records of a manifest's chunks, for the passes that only look (the audio root): skips are counted
+    by :func:`read`."""
+    return (item[1] for _, item in _records(paths) if not isinstance(item, Skip))
 
 
 def _recordings(parts: dict[str, dict[str, list[Path]]]) -> Iterator:
