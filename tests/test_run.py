@@ -17,7 +17,7 @@ def recipe(tmp_path, **over):
             "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 6}},
             # these tests are about stages and stamps; the report's resynthesis has its own (tests/test_listen.py)
             "output": {"vocoder": "none"}}
-    data.update(over)
+    data.update(over, output={**data["output"], **over.get("output", {})})  # a test's output keys, without resynthesis
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
