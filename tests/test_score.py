@@ -52,19 +52,26 @@ def noisy(wav: np.ndarray, snr_db: float = 0.0, seed: int = 0) -> np.ndarray:
     return (out / max(1.0, np.abs(out).max())).astype(np.float32)
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
-def test_dnsmos_equals_speechmos_on_speech_noise_and_every_length(dnsmos, speech, engine):
-    """Both engines against speechmos's own dnsmos.run: onnxruntime (the CPU default) and the same networks run by
-    torch (the GPU default, run here on the CPU: TorchGraph and torch's log-mel features)."""
+@pytest.fixture(scope="module")
+def speechmos_scored(speech):
+    """Clips of speech, noise and every length, each with speechmos's own ``dnsmos.run`` scores (computed once for
+    both engines' tests)."""
     from speechmos import dnsmos as reference
 
-    judge = dnsmos if engine == "onnxruntime" else DNSMOS(threads=2, engine="torch", batch_windows=5)
     long = np.concatenate(speech * 3)[: int(17.5 * 16000)]  # windows 7.. are one sample short: speechmos skips them
     clips = {"speech": speech[0], "speech 0 dB": noisy(speech[1]), "noise": noisy(np.zeros(40000, np.float32) + 1e-3),
              "short 0.3 s": speech[2][:4800], "17.5 s": long}
+    return clips, [reference.run(clip, 16000) for clip in clips.values()]
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_dnsmos_equals_speechmos_on_speech_noise_and_every_length(dnsmos, speechmos_scored, engine):
+    """Both engines against speechmos's own dnsmos.run: onnxruntime (the CPU default) and the same networks run by
+    torch (the GPU default, run here on the CPU: TorchGraph and torch's log-mel features)."""
+    judge = dnsmos if engine == "onnxruntime" else DNSMOS(threads=2, engine="torch", batch_windows=5)
+    clips, theirs = speechmos_scored
     ours = judge.score(list(clips.values()))
-    for (name, clip), got in zip(clips.items(), ours):
-        want = reference.run(clip, 16000)
+    for (name, clip), got, want in zip(clips.items(), ours, theirs):
         for column, key in (("dnsmos_ovrl", "ovrl_mos"), ("dnsmos_sig", "sig_mos"), ("dnsmos_bak", "bak_mos"),
                             ("dnsmos_p808", "p808_mos")):
             assert abs(got[column] - float(want[key])) <= 1e-3, (name, column, got[column], want[key])  # issue: 0.02
