@@ -196,6 +196,15 @@ def make_units(librispeech_root: Path, tmp_path: Path) -> Path:
     return tmp_path / "units"
 
 
+def fixed_dnsmos(monkeypatch) -> None:
+    """DNSMOS networks that give every window 3.0 (ovrl, sig, bak and p808), for tests of what happens around the
+    judge: which rows score judges or skips, with how many threads, where its files go. The networks' own scores
+    (tested against speechmos in test_score.py) took most of those tests' time, 1-2 s a clip on 2 cores."""
+    from speechinstruct.judges.dnsmos import DNSMOS
+
+    monkeypatch.setattr(DNSMOS, "score_windows", lambda self, windows: [np.full(4, 3.0)] * len(windows))
+
+
 # The quick subset for iteration (`scripts/test.sh -m "not slow"`, under 3 minutes on 2 cores): everything but
 # the files and tests that take seconds each (whole runs of the pipeline, Ray clusters, training, kills).
 SLOW_FILES = ("test_ray.py", "test_reliability.py", "test_run.py", "test_train.py", "test_listen.py")

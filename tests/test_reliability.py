@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from conftest import speechlike
+from conftest import fixed_dnsmos, speechlike
 from openai_server import FakeOpenAI
 from speechinstruct import recipe as sections
 from speechinstruct.shardfiles import read_features
@@ -196,15 +196,8 @@ def test_an_id_twice_in_a_manifest_shard_is_extracted_once(librispeech_root, tmp
     assert [e["reason"] for e in errors] == ["id repeated in this shard (an earlier row has it)"]
 
 
-def fixed_scores(judge):
-    """``judge`` with DNSMOS networks that give every window 3.0: for tests of which rows score judges and which it
-    skips, where the networks' own scores (tested against speechmos in test_score.py) took most of the time."""
-    judge.dnsmos.score_windows = lambda windows: [np.full(4, 3.0)] * len(windows)
-    return judge
-
-
 @pytest.mark.parametrize("engine", ["local", "ray blocks", "score"])
-def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_path, engine):
+def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_path, engine, monkeypatch):
     """A manifest shard copied beside itself (or two shard folders merged by hand) put every utterance in two
     feature files, then two units rows and two records each, refused only at publish ("compose them again", which
     changed nothing). The later shard's repeated rows are now counted skips naming the shard that has them first,
@@ -235,7 +228,8 @@ def test_an_id_in_two_manifest_shards_is_extracted_once(librispeech_root, tmp_pa
         from speechinstruct.judges.dnsmos import DNSMOS
         from speechinstruct.judges.judge import Judge
 
-        summary = score(tmp_path / "m", tmp_path / "out", fixed_scores(Judge(DNSMOS())))
+        fixed_dnsmos(monkeypatch)
+        summary = score(tmp_path / "m", tmp_path / "out", Judge(DNSMOS()))
         assert pq.read_table(tmp_path / "out" / "scores-00099.parquet")["id"].to_pylist() == \
             ["librispeech/new-a", "librispeech/new-b"], summary
         errors = [json.loads(x) for x in (tmp_path / "out" / "errors-00099.jsonl").read_text().splitlines()]
@@ -298,7 +292,7 @@ def test_ids_whose_hashes_collide_are_not_repeats(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("stage", ["extract", "score", "ray blocks"])
-def test_hand_edited_manifest_rows_are_skips_with_their_reason(librispeech_root, tmp_path, stage):
+def test_hand_edited_manifest_rows_are_skips_with_their_reason(librispeech_root, tmp_path, stage, monkeypatch):
     """A manifest another tool wrote with nullable columns, or a hand edit: a row without a path or a duration,
     with a negative, NaN or infinite time, an empty id or a NUL in its path was a traceback (TypeError) or, with a
     negative duration, the whole file counted as negative hours; each is now a counted skip naming what is wrong."""
@@ -326,7 +320,8 @@ def test_hand_edited_manifest_rows_are_skips_with_their_reason(librispeech_root,
     if stage == "extract":
         stats = extract(tmp_path / "m", tmp_path / "out", MFCC())
     else:
-        stats = score(tmp_path / "m", tmp_path / "out", fixed_scores(Judge(DNSMOS())))
+        fixed_dnsmos(monkeypatch)
+        stats = score(tmp_path / "m", tmp_path / "out", Judge(DNSMOS()))
     errors = [json.loads(line) for line in (tmp_path / "out" / f"errors-{first.stem.split('-')[1]}.jsonl").read_text().splitlines()]
     reasons = [e["reason"] for e in errors[-len(BAD_ROWS):]]
     assert all(r.startswith("not a manifest row") for r in reasons), reasons
