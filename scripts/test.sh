@@ -11,5 +11,6 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Two test files at a time (pytest-xdist, one file per worker: module fixtures are built once): the suite waits
-# on subprocesses, servers and Ray as much as on the CPU. TEST_WORKERS=0 runs it in one process.
-exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+# on subprocesses, servers and Ray as much as on the CPU. Files in the order tests/conftest.py gives them (the
+# longest first). TEST_WORKERS=0 runs it in one process.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
