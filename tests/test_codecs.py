@@ -294,8 +294,10 @@ def xcodec2_feature_extractor():
 
 def test_xcodec2_units_are_the_models_own_codes_on_its_feature_extractors_inputs(folders):
     """XCodec2 reads the waveform and 80 log-mel filterbanks; ours come from kaldi-native-fbank, the feature
-    extractor's from torchaudio: the inputs agree (waveform exactly, filterbanks within 1e-3 after normalising) and
-    the codes are the model's own encode of the extractor's inputs."""
+    extractor's from torchaudio: the inputs agree (waveform exactly, filterbanks within 1e-3 after normalising), the
+    units are the model's own encode of ours exactly, and of the extractor's but for at most one code a clip: a value
+    within the filterbanks' 1e-3 of a quantisation step may fall on either side (one code did once, in CI on
+    2026-12-07 with the suite's files in another order; every code agreed in every run before)."""
     from transformers import Xcodec2Model
 
     from speechinstruct.units.codecs import xcodec2_inputs
@@ -313,8 +315,10 @@ def test_xcodec2_units_are_the_models_own_codes_on_its_feature_extractors_inputs
         assert torch.allclose(ours["input_features"], ref["input_features"], atol=1e-3)
         with torch.no_grad():
             codes = model.encode(ref["input_values"], ref["input_features"]).audio_codes[0].numpy()
+            own = model.encode(ours["input_values"], ours["input_features"]).audio_codes[0].numpy()
         units = codec.units(wav)
-        assert units.tolist() == codes[0].tolist() and len(set(units.tolist())) > 3
+        assert units.tolist() == own[0].tolist() and len(set(units.tolist())) > 3
+        assert units.shape == codes[0].shape and (units != codes[0]).sum() <= 1, (units.tolist(), codes[0].tolist())
         with torch.no_grad():
             back = model.decode(audio_codes=torch.from_numpy(codes)[None]).audio_values.reshape(-1).numpy()
         assert np.allclose(codec.speech(units), back[: units.size * 320], atol=1e-5)
