@@ -199,7 +199,7 @@ def make_units(librispeech_root: Path, tmp_path: Path) -> Path:
 def fixed_dnsmos(monkeypatch) -> None:
     """DNSMOS networks that give every window 3.0 (ovrl, sig, bak and p808), for tests of what happens around the
     judge: which rows score judges or skips, with how many threads, where its files go. The networks' own scores
-    (tested against speechmos in test_score.py) took most of those tests' time, 1-2 s a clip on 2 cores."""
+    (tested against speechmos in test_score.py) took most of those tests' time: about 2 s a clip on 2 cores."""
     from speechinstruct.judges.dnsmos import DNSMOS
 
     monkeypatch.setattr(DNSMOS, "score_windows", lambda self, windows: [np.full(4, 3.0)] * len(windows))
