@@ -482,10 +482,9 @@ def read_spec(path: Path, hint: str) -> dict:
     for key in ("root", "manifest"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ValueError(f"{path}: {key!r} must be a path (text), got {json.dumps(spec[key])[:80]}{hint}")
-    if spec.get("dim") is not None and not _positive(spec["dim"], int):
-        raise ValueError(f"{path}: 'dim' must be a positive integer, got {json.dumps(spec['dim'])[:80]}{hint}")
-    if spec.get("frame_rate") is not None and not _positive(spec["frame_rate"], (int, float)):
-        raise ValueError(f"{path}: 'frame_rate' must be a positive number, got {json.dumps(spec['frame_rate'])[:80]}{hint}")
+    for key, kind, what in (("dim", int, "a positive integer"), ("frame_rate", (int, float), "a positive number")):
+        if spec.get(key) is not None and not _positive(spec[key], kind):
+            raise ValueError(f"{path}: {key!r} must be {what}, got {json.dumps(spec[key])[:80]}{hint}")
     return spec
 
 
