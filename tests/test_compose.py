@@ -1,5 +1,9 @@
+import faulthandler
 import json
+import logging
+import os
 import re
+import signal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -497,6 +501,41 @@ def test_an_espeak_process_that_dies_is_one_line_not_a_hang(espeak):
         espeak._fresh(_die_at_once)
     wav, _ = espeak.synthesize("still here", "en-us", 165)  # and the next utterance is spoken
     assert wav.size > 1000
+
+
+_FORKS_CRASH = []  # True inside: a forked child of this process dies of SIGSEGV; a spawned one imports it empty
+
+
+def _crash_forked_child():
+    if _FORKS_CRASH:
+        faulthandler.disable()  # pytest's would print this process's stack: the crash is meant
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+os.register_at_fork(after_in_child=_crash_forked_child)
+
+
+def test_an_espeak_process_killed_because_it_was_forked_is_spoken_again_spawned(caplog):
+    """CI: the forked espeak-ng process died of SIGSEGV (exit code -11) in a test process that had run other
+    tests first (Ray's threads, for one, outlive ray.shutdown), and a whole module's speech fixture failed. What a
+    forked child dies of is this process's state, not the text: the engine speaks that utterance and every later
+    one in spawned processes, says so once, and the audio is the same. One that dies spawned too is one line."""
+    from speechinstruct.sources.tts import TTSError
+
+    tts = EspeakTTS()
+    said = tts.synthesize_words("my neighbour opened a wooden boat", "en-us", 165)
+    _FORKS_CRASH.append(True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="speechinstruct"):
+            again = tts.synthesize_words("my neighbour opened a wooden boat", "en-us", 165)
+            other = tts.synthesize("and sailed it", "en-us", 165)  # spawned at once: no second crash, no line
+        with pytest.raises(TTSError, match=r"the espeak-ng process died \(exit code 3\)"):
+            tts._fresh(_die_at_once)
+    finally:
+        _FORKS_CRASH.clear()
+    assert np.array_equal(said[0], again[0]) and said[1:] == again[1:] and other[0].size > 1000
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "forked espeak-ng process was killed (signal SIGSEGV)" in lines[0], lines
 
 
 def test_markup_formed_by_stripping_markdown_nul_and_lone_surrogates_are_skipped(tmp_path, espeak):

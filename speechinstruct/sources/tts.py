@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import numpy as np
 import soundfile as sf
 
 from ..io import atomic_path
+
+log = logging.getLogger(__name__)
 
 # Voices that ship in espeakng-loader's data (accent + voice variant).
 ESPEAK_VOICES = ("en-us", "en-us+f3", "en", "en+f2", "en-029+m3", "en-gb-scotland+f4", "en-us+m7", "en-gb-x-rp+f5", "en-us-nyc")
@@ -94,21 +97,21 @@ class EspeakTTS:
         return wav, sr, words
 
     def _fresh(self, fn, *args):
-        """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died."""
-        context = self._context if not _fork_unsafe() else self._spawn
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
-        process.start()
-        send.close()
-        try:
-            result = receive.recv()
-        except EOFError:
-            result = None
-        finally:
-            receive.close()
-            process.join()
-        if process.exitcode != 0 and result is None:
-            raise TTSError(f"the espeak-ng process died (exit code {process.exitcode})")
+        """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died.
+
+        A forked process killed by a signal died of what it inherited from this one, not of its text (seen in
+        CI: SIGSEGV, in a test process that had run other tests first; a process whose Ray runtime was shut
+        down keeps 11 of Ray's threads, against 1 before ``ray.init``): that utterance and every later one of
+        this engine are spoken in spawned processes, and a warning says so."""
+        forked = self._context is not self._spawn and not _fork_unsafe()
+        result, exitcode = _in_new_process(self._context if forked else self._spawn, fn, args)
+        if forked and exitcode is not None and exitcode < 0 and result is None:
+            log.warning("a forked espeak-ng process was killed (signal %s): speaking in spawned processes from now "
+                        "on (slower: each imports Python afresh)", _signal_name(-exitcode))
+            self._context = self._spawn
+            result, exitcode = _in_new_process(self._spawn, fn, args)
+        if exitcode != 0 and result is None:
+            raise TTSError(f"the espeak-ng process died (exit code {exitcode})")
         if isinstance(result, BaseException):
             raise result
         return result
@@ -123,6 +126,31 @@ def _said(text: str) -> str:
     if not text:
         raise TTSError("nothing to say: empty text")
     return text
+
+
+def _in_new_process(context, fn, args):
+    """(what ``fn(*args)`` returned or raised, or None when it sent nothing; the process's exit code)."""
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
+    process.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = None
+    finally:
+        receive.close()
+        process.join()
+    return result, process.exitcode
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _fork_unsafe() -> bool:
