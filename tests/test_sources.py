@@ -550,8 +550,9 @@ def test_lhotse_manifests_written_by_lhotse_shard_alike_for_supervisions_and_cut
 def test_lhotse_cuts_split_into_chunks_by_lhotse_read_as_one_part(tmp_path):
     """A large cuts manifest is split into chunks by lhotse (`lhotse split-lazy`, as icefall's recipes split
     GigaSpeech and Libriheavy: ``cuts_XL.00000000.jsonl.gz``; ``CutSet.split_lazy(prefix="cuts")``:
-    ``cuts.00000000.jsonl.gz``). Each chunk was a part of its own, named ``train-clean-5.00000001`` in every row's
-    corpus split; chunks named ``cuts.N`` were no manifest at all. The chunks of a part are read as that part."""
+    ``cuts.00000000.jsonl.gz``; with no prefix: ``split.00000000.jsonl.gz``). Each chunk was a part of its own, named
+    ``train-clean-5.00000001`` in every row's corpus split; chunks named ``cuts.N`` or ``split.N`` were no manifest at
+    all. The chunks of a part are read as that part."""
     from click.testing import CliRunner as ClickRunner
     from lhotse import CutSet, Recording
     from lhotse.bin.modes.manipulation import split_lazy
@@ -586,6 +587,15 @@ def test_lhotse_cuts_split_into_chunks_by_lhotse_read_as_one_part(tmp_path):
                                  for r in pq.read_table(f).to_pylist())
     assert rows(tmp_path / "from-chunks") == rows(tmp_path / "from-whole")
     assert [r[0] for r in rows(tmp_path / "from-bare")] == [f"r{i}.flac" for i in range(5)]
+
+    # lhotse's default prefix names the chunks split.00000000.jsonl.gz, nothing saying their kind or part: the kind
+    # is their records' (as lhotse's load_manifest_lazy tells it), the part their folder's name (as a Shar folder's)
+    CutSet.from_manifests(recordings=recordings[:3]).split_lazy(tmp_path / "dev-clean", chunk_size=2)
+    assert sorted(p.name for p in (tmp_path / "dev-clean").iterdir()) == ["split.00000000.jsonl.gz",
+                                                                         "split.00000001.jsonl.gz"]
+    default = shard_corpus("lhotse", tmp_path / "dev-clean", tmp_path / "from-default")
+    assert default["splits"]["validation"]["corpus_splits"] == {"dev-clean": 3} and default["skipped"] == {}
+    assert [r[0] for r in rows(tmp_path / "from-default")] == [f"r{i}.flac" for i in range(3)]
 
 
 def test_lhotse_and_kaldi_refuse_what_they_are_not(tmp_path):

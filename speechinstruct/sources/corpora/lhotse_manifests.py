@@ -1,5 +1,7 @@
 """lhotse manifests, read with lhotse itself: recordings + supervisions (``*_recordings_<part>.jsonl.gz`` and
-``*_supervisions_<part>.jsonl.gz``, as lhotse's recipes name them) or cuts (``*_cuts_<part>.jsonl.gz``).
+``*_supervisions_<part>.jsonl.gz``, as lhotse's recipes name them) or cuts (``*_cuts_<part>.jsonl.gz``); the
+chunks ``split_lazy`` writes with no prefix (``split.00000000.jsonl.gz``) are the kind their records are, and the
+part their folder's name.
 
 ROOT is a folder of such files, or one cuts file; lhotse's Shar folders at or under it (tar shards of cuts and their
 audio, ``CutSet.to_shar``) are read by :mod:`lhotse_shar`. The split is ``<part>`` (``dev-clean``, ``test``…: ``dev*``
@@ -34,6 +36,8 @@ from .lhotse_shar import DEPTH, folders, is_cuts, is_shar_folder, read_folder, t
 # ``cuts.00000000.jsonl.gz`` with the prefix "cuts") ends in its number, and is read with the other chunks of its part
 _MANIFEST = re.compile(r"^(?:(?P<prefix>.*?)_)?(?P<kind>recordings|supervisions|cuts)(?:_(?P<part>.+?))?(?:\.\d+)?"
                        r"\.jsonl(?:\.gz)?$")
+# the chunks of ``split_lazy`` with no prefix (lhotse's default, "split"): their records say their kind
+_SPLIT_CHUNK = re.compile(r"^split\.\d+\.jsonl(?:\.gz)?$")
 
 
 def manifests(root: Path) -> list[tuple[str, str, Path]]:
@@ -47,7 +51,21 @@ def manifests(root: Path) -> list[tuple[str, str, Path]]:
         m = _MANIFEST.match(path.name)
         if m:
             found.append((m.group("part") or m.group("prefix") or "train", m.group("kind"), path))
+    if chunks := [path for path in files if _SPLIT_CHUNK.match(path.name)]:
+        part = (root if root.is_dir() else root.parent).resolve().name  # as a Shar folder's
+        found += [(part, _kind_of(chunks), path) for path in chunks]
     return found
+
+
+def _kind_of(chunks: list[Path]) -> str:
+    """The kind of ``split_lazy``'s unnamed chunks: their first valid record's, as lhotse's ``load_manifest_lazy``
+    tells it; "cuts" when none is valid (each record is then a counted skip)."""
+    from lhotse import Recording, SupervisionSegment
+
+    for record in _objects(chunks):
+        return "recordings" if isinstance(record, Recording) else \
+            "supervisions" if isinstance(record, SupervisionSegment) else "cuts"
+    return "cuts"
 
 
 def shar_folders(root: Path) -> dict[Path, str]:
