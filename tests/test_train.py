@@ -457,9 +457,17 @@ def _processes(base_model, dataset, epochs: int, batch_size: int, stage: int = 2
     return port, {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}, args
 
 
-def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_path):
+def test_two_processes_follow_the_one_process_lr_curve_and_each_ends_its_process_group(base_model, dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo on loopback): the LR schedule steps once per optimizer step, as
-    with one process, and a last batch smaller than the number of processes (31 + 1 of 32 records) trains."""
+    with one process, and a last batch smaller than the number of processes (31 + 1 of 32 records) trains.
+
+    A 2-process run left its process group to the interpreter's exit, where gloo's threads can abort the process
+    after the training was saved (`terminate called without an active exception`, exit -6: seen once in CI); the
+    launcher then counts the run as failed. Each process ends it now, when train() returns. And no DDP wrapper is
+    left when it does: the wrapper's reducer, holding the group's last reference, joined gloo's worker thread with
+    Python's lock held while that thread waited for the lock (a process that had saved the model hung for good:
+    seen once in CI, py-spy showing both threads). The CLI runs as a user runs it, watched: the DDP wrappers alive
+    when the group is ended, and whether a group is left when the CLI returns."""
     import sys
 
     from typer.testing import CliRunner
@@ -469,8 +477,23 @@ def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_
     port, env, args = _processes(base_model, dataset, epochs=3, batch_size=31)
     one = CliRunner().invoke(app, [*args[2:], "--out", str(tmp_path / "one")])  # one process: this one
     assert one.exit_code == 0, one.output[-2000:]
+    watched = ("import gc, os, sys, torch.distributed as d\n"
+               "from torch.nn.parallel import DistributedDataParallel as DDP\n"
+               "destroy, alive = d.destroy_process_group, []\n"
+               "def watched(*a, **k):\n"
+               "    alive.append(sum(isinstance(o, DDP) for o in gc.get_objects()))\n"
+               "    return destroy(*a, **k)\n"
+               "d.destroy_process_group = watched\n"
+               "from speechinstruct.cli import main\n"
+               "sys.argv = ['speechinstruct', *sys.argv[1:]]\n"
+               "try:\n    main()\n"
+               "except SystemExit as e:\n    code = e.code\n"
+               f"open({str(tmp_path)!r} + '/initialized-' + os.environ['RANK'], 'w').write(str(d.is_initialized()))\n"
+               f"open({str(tmp_path)!r} + '/wrappers-' + os.environ['RANK'], 'w').write(str(alive))\n"
+               "sys.exit(code)\n")
     two = _launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                     "127.0.0.1", "--master_port", str(port), *args, "--out", str(tmp_path / "two")], env)
+                     "127.0.0.1", "--master_port", str(port), "--no-python", sys.executable, "-c", watched, *args[2:],
+                     "--out", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-2000:]
 
     def curve(out):
@@ -480,6 +503,9 @@ def test_two_processes_follow_the_one_process_lr_curve(base_model, dataset, tmp_
     assert curve(tmp_path / "one")[-1] == (6, 0.0)  # 2 batches per epoch x 3 epochs, cosine to zero
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # both ranks saved
     assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+    assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",
+                                                                               "initialized-1": "False"}
+    assert {p.name: p.read_text() for p in tmp_path.glob("wrappers-*")} == {"wrappers-0": "[0]", "wrappers-1": "[0]"}
 
 
 def _launch(port: int, *how: str) -> list[str]:
@@ -892,36 +918,6 @@ def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
         assert done.exit_code == 2 and said in done.stderr and "Traceback" not in done.output, done.output
     assert not (tmp_path / "o").exists()
     assert T.TrainConfig.from_dict({"configs": "dialogue, pretrain"}).configs == ["dialogue", "pretrain"]
-
-
-def test_each_process_ends_its_process_group(base_model, dataset, tmp_path):
-    """A 2-process run (torchrun, gloo) left its process group to the interpreter's exit, where gloo's threads can
-    abort the process after the training was saved (`terminate called without an active exception`, exit -6: seen
-    once in CI); the launcher then counts the run as failed. Each process ends it now, when train() returns.
-    And no DDP wrapper is left when it does: the wrapper's reducer, holding the group's last reference, joined
-    gloo's worker thread with Python's lock held while that thread waited for the lock (a process that had saved
-    the model hung for good: seen once in CI, py-spy showing both threads)."""
-    import sys
-
-    port, env, _ = _processes(base_model, dataset, epochs=1, batch_size=8)
-    code = ("import gc, os, torch.distributed as d; from speechinstruct.model.train import train, TrainConfig\n"
-            "from torch.nn.parallel import DistributedDataParallel as DDP\n"
-            "destroy, alive = d.destroy_process_group, []\n"
-            "def watched(*a, **k):\n"
-            "    alive.append(sum(isinstance(o, DDP) for o in gc.get_objects()))\n"
-            "    return destroy(*a, **k)\n"
-            "d.destroy_process_group = watched\n"
-            f"train(2, {str(base_model)!r}, {str(dataset)!r}, {str(tmp_path / 'out')!r}, "
-            "TrainConfig(epochs=1, batch_size=8, grad_accum=1, lr=1e-3, max_steps=2))\n"
-            f"open({str(tmp_path)!r} + '/initialized-' + os.environ['RANK'], 'w').write(str(d.is_initialized()))\n"
-            f"open({str(tmp_path)!r} + '/wrappers-' + os.environ['RANK'], 'w').write(str(alive))\n")
-    done = _launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                      str(port), "--no-python", sys.executable, "-c", code], env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",
-                                                                               "initialized-1": "False"}
-    assert {p.name: p.read_text() for p in tmp_path.glob("wrappers-*")} == {"wrappers-0": "[0]", "wrappers-1": "[0]"}
-    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 
 def test_gradients_are_averaged_over_the_processes_a_weight_without_one_counting_zero(tmp_path):
