@@ -538,6 +538,32 @@ def test_an_espeak_process_killed_because_it_was_forked_is_spoken_again_spawned(
     assert len(lines) == 1 and "forked espeak-ng process was killed (signal SIGSEGV)" in lines[0], lines
 
 
+_FORKED = []  # one entry a fork of this process
+
+
+def _segfault():
+    faulthandler.disable()
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+os.register_at_fork(before=lambda: _FORKED.append(1))
+
+
+def test_an_utterance_that_kills_espeak_spawned_too_is_one_line_and_later_ones_are_still_forked(caplog):
+    """What kills a spawned process too is the utterance's (a text libespeak-ng crashes on), not this process's
+    state: one line, no warning, and the next utterance is forked as before (not spawned for good, slower)."""
+    from speechinstruct.sources.tts import TTSError
+
+    tts = EspeakTTS()
+    with caplog.at_level(logging.WARNING, logger="speechinstruct"):
+        with pytest.raises(TTSError, match=r"the espeak-ng process died \(exit code -11\)"):
+            tts._fresh(_segfault)
+    forks = len(_FORKED)
+    wav, _ = tts.synthesize("still here", "en-us", 165)
+    assert wav.size > 1000 and len(_FORKED) == forks + 1  # forked
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
 def test_markup_formed_by_stripping_markdown_nul_and_lone_surrogates_are_skipped(tmp_path, espeak):
     """What is checked is what is spoken and written: `<eo**a>` becomes `<eoa>` once markdown is stripped; a NUL
     would stop the TTS while the record kept the rest; a lone surrogate in an id cannot be written to any UTF-8

@@ -99,17 +99,20 @@ class EspeakTTS:
     def _fresh(self, fn, *args):
         """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died.
 
-        A forked process killed by a signal died of what it inherited from this one, not of its text (seen in
-        CI: SIGSEGV, in a test process that had run other tests first; a process whose Ray runtime was shut
-        down keeps 11 of Ray's threads, against 1 before ``ray.init``): that utterance and every later one of
-        this engine are spoken in spawned processes, and a warning says so."""
+        A forked process killed by a signal is tried again spawned. Spoken there, it died of what it inherited
+        from this one, not of its text (seen in CI: SIGSEGV, in a test process that had run other tests first; a
+        process whose Ray runtime was shut down keeps 11 of Ray's threads, against 1 before ``ray.init``): every
+        later utterance of this engine is spoken in a spawned process, and a warning says so. Killed spawned too,
+        the text is to blame: one line, and the next utterance is forked again."""
         forked = self._context is not self._spawn and not _fork_unsafe()
         result, exitcode = _in_new_process(self._context if forked else self._spawn, fn, args)
         if forked and exitcode is not None and exitcode < 0 and result is None:
-            log.warning("a forked espeak-ng process was killed (signal %s): speaking in spawned processes from now "
-                        "on (slower: each imports Python afresh)", _signal_name(-exitcode))
-            self._context = self._spawn
+            killed = _signal_name(-exitcode)
             result, exitcode = _in_new_process(self._spawn, fn, args)
+            if exitcode == 0 or result is not None:
+                log.warning("a forked espeak-ng process was killed (signal %s), a spawned one was not: speaking in "
+                            "spawned processes from now on (slower: each imports Python afresh)", killed)
+                self._context = self._spawn
         if exitcode != 0 and result is None:
             raise TTSError(f"the espeak-ng process died (exit code {exitcode})")
         if isinstance(result, BaseException):
