@@ -67,11 +67,17 @@ def speechmos_scored(speech):
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
 def test_dnsmos_equals_speechmos_on_speech_noise_and_every_length(dnsmos, speechmos_scored, engine):
     """Both engines against speechmos's own dnsmos.run: onnxruntime (the CPU default) and the same networks run by
-    torch (the GPU default, run here on the CPU: TorchGraph and torch's log-mel features)."""
-    judge = dnsmos if engine == "onnxruntime" else DNSMOS(threads=2, engine="torch", batch_windows=5)
+    torch (the GPU default, run here on the CPU: TorchGraph and torch's log-mel features). torch leaves out the
+    17.5 s clip (this test took 31 s with it, 16 s without, alone on the 2-core machine: torch's CPU convolutions):
+    the windows a clip is cut into (its last one short, skipped) are both engines' dnsmos_windows; in batches of 3
+    windows, the 7 of the 0 dB clip still fall in three batches."""
+    judge = dnsmos if engine == "onnxruntime" else DNSMOS(threads=2, engine="torch", batch_windows=3)
     clips, theirs = speechmos_scored
+    if engine == "torch":
+        clips, theirs = dict(list(clips.items())[:-1]), theirs[:-1]
+    assert sum(len(dnsmos_windows(clip)) for clip in clips.values()) > judge.batch_windows
     ours = judge.score(list(clips.values()))
-    for (name, clip), got, want in zip(clips.items(), ours, theirs):
+    for (name, clip), got, want in zip(clips.items(), ours, theirs, strict=True):
         for column, key in (("dnsmos_ovrl", "ovrl_mos"), ("dnsmos_sig", "sig_mos"), ("dnsmos_bak", "bak_mos"),
                             ("dnsmos_p808", "p808_mos")):
             assert abs(got[column] - float(want[key])) <= 1e-3, (name, column, got[column], want[key])  # issue: 0.02
