@@ -2,10 +2,10 @@
 (``accelerate launch --multi_gpu --num_processes 2 tests/oom_on_cpu.py train ...``).
 
 In the process of rank ``$OOM_RANK``, a pass (training or validation) over more than ``$OOM_ABOVE`` examples raises
-torch's ``OutOfMemoryError``, as a GPU with too little memory does. ``$OOM_AT`` (``N:forward`` or ``N:backward``)
-makes that process's Nth training pass (counted from 1, the tries before the first step included) run out of
-memory once, in its forward or its backward pass, whatever its size: memory that a moment's fragmentation left
-too short, mid-training. ``$OOM_IN``: ``validation`` or ``training`` limits ``$OOM_ABOVE`` to those passes (both
+torch's ``OutOfMemoryError``, as a GPU with too little memory does. ``$OOM_AT`` (``N:forward`` or ``N:backward``,
+several separated by commas) makes that process's Nth training pass (counted from 1, the tries before the first step
+included) run out of memory once, in its forward or its backward pass, whatever its size: memory that a moment's
+fragmentation left too short, mid-training. ``$OOM_IN``: ``validation`` or ``training`` limits ``$OOM_ABOVE`` to those passes (both
 when unset). With ``$OOM_ONCE_FILE``, ``$OOM_AT`` fires only while that file is not there, and makes it: once
 over the launcher's restarts of the processes. Each process writes the number of examples of its training passes, one a line, to
 ``$OOM_PASSES/passes-RANK.txt``. Nothing else changes: the model, the loop and the saving are the product's own."""
@@ -39,7 +39,7 @@ def _forward_that_runs_out_of_memory(self, *args, **kwargs):
     global _passes
     rank, examples = int(os.environ.get("RANK", "0")), kwargs["input_ids"].shape[0]
     ours = rank == int(os.environ["OOM_RANK"])
-    at, _, where = os.environ.get("OOM_AT", "0:").partition(":")
+    at = dict(item.split(":") for item in os.environ.get("OOM_AT", "0:").split(","))  # {"N": "forward"}
     if torch.is_grad_enabled():
         _passes += 1
         with open(os.path.join(os.environ["OOM_PASSES"], f"passes-{rank}.txt"), "a") as f:
@@ -47,7 +47,8 @@ def _forward_that_runs_out_of_memory(self, *args, **kwargs):
     kind = os.environ.get("OOM_IN", "")
     if ours and examples > int(os.environ["OOM_ABOVE"]) and kind != ("validation" if torch.is_grad_enabled() else "training"):
         raise _out_of_memory()
-    once = ours and torch.is_grad_enabled() and _passes == int(at)
+    where = at.get(str(_passes)) if ours and torch.is_grad_enabled() else None
+    once = where is not None
     marker = os.environ.get("OOM_ONCE_FILE")
     if once and marker:
         once = not os.path.exists(marker)

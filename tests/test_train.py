@@ -647,24 +647,24 @@ def test_processes_where_one_runs_out_of_memory_halve_its_passes_before_the_firs
     assert logs["halved"][-1]["eval_tokens"] == logs["fits"][-1]["eval_tokens"] > 0
     _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / "halved" / "model"), stray=1e-3)
 
-    # mid-training, after the tries: one pass of the second process runs out of memory once, in the backward pass of
-    # its second step's share of 4 (halfway down the layers, some gradients already added) or in the forward pass of
-    # its first (the first pass through DDP's wrapper, which broadcasts the buffers before it); it halves its passes
-    # and runs the step's share again while the first process waits (it was one line, the run lost)
-    for at, expected in (("3:backward", [5, 4, 4, 2, 2, 2, 2, 1]), ("2:forward", [5, 4, 2, 2, 2, 2, 2, 2, 1])):
-        where = at.split(":")[1]
-        for rank in (0, 1):
-            (tmp_path / f"passes-{rank}.txt").unlink()
-        once = train(OOM_ON_CPU, out=tmp_path / where, above=100, at=at)
-        assert once.returncode == 0, once.stderr[-3000:]
-        assert f"out of memory with 4 examples a pass on process 1 of 2: 2 from now on (CUDA out of memory. Tried to " \
-               f"allocate 2.00 GiB (injected in a {where} pass))" in once.stderr, once.stderr[-3000:]
-        assert json.loads(once.stdout)["batches_halved"] == 1
-        passes = {rank: [int(n) for n in (tmp_path / f"passes-{rank}.txt").read_text().split()] for rank in (0, 1)}
-        assert passes == {0: [5, 5, 5, 5, 2], 1: expected}, (where, passes)
-        log = [json.loads(line) for line in (tmp_path / where / "log.jsonl").read_text().splitlines()]
-        assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in logs["fits"]], rel=1e-5)
-        _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / where / "model"), stray=1e-3)
+    # mid-training, after the tries, the second process runs out of memory twice: in the forward pass of its first
+    # step's share of 4 (the first pass through DDP's wrapper, which broadcasts the buffers before it), then in the
+    # backward pass of its second step's second pass of 2 (halfway down the layers, some of this pass's gradients and
+    # all of the step's first pass's already added); each time it halves its passes and runs the step's share again
+    # while the first process waits (it was one line, the run lost)
+    for rank in (0, 1):
+        (tmp_path / f"passes-{rank}.txt").unlink()
+    twice = train(OOM_ON_CPU, out=tmp_path / "twice", above=100, at="2:forward,6:backward")
+    assert twice.returncode == 0, twice.stderr[-3000:]
+    for size, half, where in ((4, 2, "forward"), (2, 1, "backward")):
+        assert f"out of memory with {size} examples a pass on process 1 of 2: {half} from now on (CUDA out of memory. " \
+               f"Tried to allocate 2.00 GiB (injected in a {where} pass))" in twice.stderr, twice.stderr[-3000:]
+    assert json.loads(twice.stdout)["batches_halved"] == 2
+    passes = {rank: [int(n) for n in (tmp_path / f"passes-{rank}.txt").read_text().split()] for rank in (0, 1)}
+    assert passes == {0: [5, 5, 5, 5, 2], 1: [5, 4, 2, 2, 2, 2, *[1] * 9]}, passes
+    log = [json.loads(line) for line in (tmp_path / "twice" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in logs["fits"]], rel=1e-5)
+    _assert_same_weights(_weights(tmp_path / "fits" / "model"), _weights(tmp_path / "twice" / "model"), stray=1e-3)
 
     # one validation example (blocks of 1,024 tokens) for two processes: the second has none to run (that hung too)
     args += ["--block-size", "1024", "--max-steps", "1"]
