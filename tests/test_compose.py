@@ -504,12 +504,17 @@ def test_an_espeak_process_that_dies_is_one_line_not_a_hang(espeak):
 
 
 _FORKS_CRASH = []  # True inside: a forked child of this process dies of SIGSEGV; a spawned one imports it empty
+_FORKS_HANG = []  # True inside: a forked child of this process waits for good (a lock another thread held)
 
 
 def _crash_forked_child():
     if _FORKS_CRASH:
         faulthandler.disable()  # pytest's would print this process's stack: the crash is meant
         os.kill(os.getpid(), signal.SIGSEGV)
+    if _FORKS_HANG:
+        import time
+
+        time.sleep(3600)
 
 
 os.register_at_fork(after_in_child=_crash_forked_child)
@@ -536,6 +541,30 @@ def test_an_espeak_process_killed_because_it_was_forked_is_spoken_again_spawned(
     assert np.array_equal(said[0], again[0]) and said[1:] == again[1:] and other[0].size > 1000
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "forked espeak-ng process was killed (signal SIGSEGV)" in lines[0], lines
+
+
+def test_a_forked_espeak_process_that_never_answers_is_killed_and_the_utterance_spoken_spawned(caplog):
+    """A forked child of a process with other threads may wait for good on a lock one of them held (POSIX: after
+    fork, only async-signal-safe calls are safe); a pipe read with no limit would wait with it, the run hung. It
+    is killed after ``fork_limit`` seconds and the utterance spoken in a spawned process, as for one killed."""
+    import psutil
+
+    tts = EspeakTTS()
+    said = tts.synthesize("my neighbour opened a wooden boat", "en-us", 165)
+    tts.fork_limit = 1.0
+    before = {p.pid for p in psutil.Process().children()}
+    _FORKS_HANG.append(True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="speechinstruct"):
+            again = tts.synthesize("my neighbour opened a wooden boat", "en-us", 165)
+    finally:
+        _FORKS_HANG.clear()
+    assert np.array_equal(said[0], again[0])
+    waiting = [p for p in psutil.Process().children() if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+               and "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's own, started by spawn
+    assert not waiting, [p.cmdline() for p in waiting]  # the forked process that never answered is gone
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "a forked espeak-ng process gave no answer in 1 s" in lines[0], lines
 
 
 _FORKED = []  # one entry a fork of this process

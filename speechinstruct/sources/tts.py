@@ -52,6 +52,7 @@ class EspeakTTS:
     seen at once and is one line."""
 
     name = "espeak-ng"
+    fork_limit = 60.0  # seconds a forked process may answer in (360 words, 107 s of audio: 0.28 s, 2-core machine)
 
     def __init__(self, voices: tuple[str, ...] | None = None, rates: tuple[int, ...] = ESPEAK_RATES):
         import multiprocessing as mp
@@ -99,19 +100,23 @@ class EspeakTTS:
     def _fresh(self, fn, *args):
         """``fn(*args)`` in a new process: its result, its exception raised here, or one line when it died.
 
-        A forked process killed by a signal is tried again spawned. Spoken there, it died of what it inherited
-        from this one, not of its text (seen in CI: SIGSEGV, in a test process that had run other tests first; a
-        process whose Ray runtime was shut down keeps 11 of Ray's threads, against 1 before ``ray.init``): every
-        later utterance of this engine is spoken in a spawned process, and a warning says so. Killed spawned too,
-        the text is to blame: one line, and the next utterance is forked again."""
+        A forked process killed by a signal, or silent for ``fork_limit`` seconds (then killed: a forked child of
+        a process with other threads may wait for good on a lock one of them held), is tried again spawned.
+        Spoken there, it died of what it inherited from this one, not of its text (seen in CI: SIGSEGV, in a test
+        process that had run other tests first; a process whose Ray runtime was shut down keeps 11 of Ray's
+        threads, against 1 before ``ray.init``): every later utterance of this engine is spoken in a spawned
+        process, and a warning says so. Killed spawned too, the text is to blame: one line, and the next utterance
+        is forked again."""
         forked = self._context is not self._spawn and not _fork_unsafe()
-        result, exitcode = _in_new_process(self._context if forked else self._spawn, fn, args)
+        result, exitcode = _in_new_process(self._context if forked else self._spawn, fn, args,
+                                           self.fork_limit if forked else None)
         if forked and exitcode is not None and exitcode < 0 and result is None:
-            killed = _signal_name(-exitcode)
+            what = (f"gave no answer in {self.fork_limit:g} s" if exitcode == -_SIGKILL
+                    else f"was killed (signal {_signal_name(-exitcode)})")
             result, exitcode = _in_new_process(self._spawn, fn, args)
             if exitcode == 0 or result is not None:
-                log.warning("a forked espeak-ng process was killed (signal %s), a spawned one was not: speaking in "
-                            "spawned processes from now on (slower: each imports Python afresh)", killed)
+                log.warning("a forked espeak-ng process %s, a spawned one did not: speaking in spawned processes "
+                            "from now on (slower: each imports Python afresh)", what)
                 self._context = self._spawn
         if exitcode != 0 and result is None:
             raise TTSError(f"the espeak-ng process died (exit code {exitcode})")
@@ -131,13 +136,17 @@ def _said(text: str) -> str:
     return text
 
 
-def _in_new_process(context, fn, args):
-    """(what ``fn(*args)`` returned or raised, or None when it sent nothing; the process's exit code)."""
+def _in_new_process(context, fn, args, limit: float | None = None):
+    """(what ``fn(*args)`` returned or raised, or None when it sent nothing; the process's exit code). A process
+    that sends nothing and does not end within ``limit`` seconds is killed (exit code -SIGKILL)."""
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
     process.start()
     send.close()
     try:
+        if limit is not None and not receive.poll(limit):
+            process.kill()
+            raise EOFError
         result = receive.recv()
     except EOFError:
         result = None
@@ -145,6 +154,9 @@ def _in_new_process(context, fn, args):
         receive.close()
         process.join()
     return result, process.exitcode
+
+
+_SIGKILL = 9
 
 
 def _signal_name(number: int) -> str:
