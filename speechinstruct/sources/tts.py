@@ -21,6 +21,7 @@ import hashlib
 import io
 import logging
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ class EspeakTTS:
         result, exitcode = _in_new_process(self._context if forked else self._spawn, fn, args,
                                            self.fork_limit if forked else None)
         if forked and exitcode is not None and exitcode < 0 and result is None:
-            what = (f"gave no answer in {self.fork_limit:g} s" if exitcode == -_SIGKILL
+            what = (f"gave no answer in {self.fork_limit:g} s" if exitcode == -signal.SIGKILL
                     else f"was killed (signal {_signal_name(-exitcode)})")
             result, exitcode = _in_new_process(self._spawn, fn, args)
             if exitcode == 0 or result is not None:
@@ -156,12 +157,7 @@ def _in_new_process(context, fn, args, limit: float | None = None):
     return result, process.exitcode
 
 
-_SIGKILL = 9
-
-
 def _signal_name(number: int) -> str:
-    import signal
-
     try:
         return signal.Signals(number).name
     except ValueError:
@@ -181,9 +177,6 @@ def _fork_unsafe() -> bool:
 def _die_with(parent: int) -> None:
     """End this (forked) process when ``parent`` does, as Linux's PR_SET_PDEATHSIG does: a process left behind
     by a killed run would hold what it inherited, the workdir's lock among them."""
-    import ctypes
-    import signal
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
     except (OSError, AttributeError):  # not Linux: the parent's daemon flag still ends it at a normal exit
