@@ -109,12 +109,12 @@ class EspeakTTS:
         process, and a warning says so. Killed spawned too, the text is to blame: one line, and the next utterance
         is forked again."""
         forked = self._context is not self._spawn and not _fork_unsafe()
-        result, exitcode = _in_new_process(self._context if forked else self._spawn, fn, args,
-                                           self.fork_limit if forked else None)
+        result, exitcode, silent = _in_new_process(self._context if forked else self._spawn, fn, args,
+                                                   self.fork_limit if forked else None)
         if forked and exitcode is not None and exitcode < 0 and result is None:
-            what = (f"gave no answer in {self.fork_limit:g} s" if exitcode == -signal.SIGKILL
+            what = (f"gave no answer in {self.fork_limit:g} s" if silent
                     else f"was killed (signal {_signal_name(-exitcode)})")
-            result, exitcode = _in_new_process(self._spawn, fn, args)
+            result, exitcode, _ = _in_new_process(self._spawn, fn, args)
             if exitcode == 0 or result is not None:
                 log.warning("a forked espeak-ng process %s, a spawned one did not: speaking in spawned processes "
                             "from now on (slower: each imports Python afresh)", what)
@@ -138,14 +138,16 @@ def _said(text: str) -> str:
 
 
 def _in_new_process(context, fn, args, limit: float | None = None):
-    """(what ``fn(*args)`` returned or raised, or None when it sent nothing; the process's exit code). A process
-    that sends nothing and does not end within ``limit`` seconds is killed (exit code -SIGKILL)."""
+    """(what ``fn(*args)`` returned or raised, or None when it sent nothing; the process's exit code; whether it
+    was killed here for sending nothing and not ending within ``limit`` seconds)."""
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_run_and_send, args=(send, receive, fn, args, os.getpid()), daemon=True)
     process.start()
     send.close()
+    silent = False
     try:
         if limit is not None and not receive.poll(limit):
+            silent = True
             process.kill()
             raise EOFError
         result = receive.recv()
@@ -154,7 +156,7 @@ def _in_new_process(context, fn, args, limit: float | None = None):
     finally:
         receive.close()
         process.join()
-    return result, process.exitcode
+    return result, process.exitcode, silent
 
 
 def _signal_name(number: int) -> str:
