@@ -503,21 +503,30 @@ def test_an_espeak_process_that_dies_is_one_line_not_a_hang(espeak):
     assert wav.size > 1000
 
 
-_FORKS_CRASH = []  # a signal inside: a forked child of this process dies of it; a spawned one imports it empty
-_FORKS_HANG = []  # True inside: a forked child of this process waits for good (a lock another thread held)
+# What this process's forks meet (a spawned process imports these lists empty): a signal in _FORKS_CRASH kills a
+# forked child; True in _FORKS_HANG puts it to sleep for good (a lock another thread held); _FORKED counts forks.
+_FORKS_CRASH, _FORKS_HANG, _FORKED = [], [], []
 
 
-def _crash_forked_child():
+def _die_of(number):
+    faulthandler.disable()  # pytest's would print this process's stack: the death is meant
+    os.kill(os.getpid(), number)
+
+
+def _segfault():
+    _die_of(signal.SIGSEGV)
+
+
+def _in_forked_child():
     if _FORKS_CRASH:
-        faulthandler.disable()  # pytest's would print this process's stack: the crash is meant
-        os.kill(os.getpid(), _FORKS_CRASH[0])
+        _die_of(_FORKS_CRASH[0])
     if _FORKS_HANG:
         import time
 
         time.sleep(3600)
 
 
-os.register_at_fork(after_in_child=_crash_forked_child)
+os.register_at_fork(before=lambda: _FORKED.append(1), after_in_child=_in_forked_child)
 
 
 @pytest.mark.parametrize("killed_by", [signal.SIGSEGV, signal.SIGKILL])  # SIGKILL: the kernel's OOM killer's too
@@ -566,17 +575,6 @@ def test_a_forked_espeak_process_that_never_answers_is_killed_and_the_utterance_
     assert not waiting, [p.cmdline() for p in waiting]  # the forked process that never answered is gone
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "a forked espeak-ng process gave no answer in 1 s" in lines[0], lines
-
-
-_FORKED = []  # one entry a fork of this process
-
-
-def _segfault():
-    faulthandler.disable()
-    os.kill(os.getpid(), signal.SIGSEGV)
-
-
-os.register_at_fork(before=lambda: _FORKED.append(1))
 
 
 def test_an_utterance_that_kills_espeak_spawned_too_is_one_line_and_later_ones_are_still_forked(caplog):

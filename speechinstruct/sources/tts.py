@@ -111,7 +111,7 @@ class EspeakTTS:
         forked = self._context is not self._spawn and not _fork_unsafe()
         result, exitcode, silent = _in_new_process(self._context if forked else self._spawn, fn, args,
                                                    self.fork_limit if forked else None)
-        if forked and exitcode is not None and exitcode < 0 and result is None:
+        if forked and exitcode < 0 and result is None:  # the process was joined: an exit code
             what = (f"gave no answer in {self.fork_limit:g} s" if silent
                     else f"was killed (signal {_signal_name(-exitcode)})")
             result, exitcode, _ = _in_new_process(self._spawn, fn, args)
