@@ -290,7 +290,7 @@ class Train(Section):
     scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    max_grad_norm: Optional[float] = Field(1.0, ge=0)  # 0 or null: no clipping (as in Trainer)
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)

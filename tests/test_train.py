@@ -901,6 +901,31 @@ def test_settings_another_stage_reads_are_said_to_change_nothing(base_model, dat
         assert T.unused_settings(stage, T.TrainConfig.from_dict(T.settings_for_stage(stage))) == []
 
 
+def test_max_grad_norm_0_turns_clipping_off_as_the_help_says(base_model, dataset, tmp_path, monkeypatch):
+    """`--max-grad-norm 0` ("0 turns it off", as in Hugging Face's Trainer) was refused: "Input should be greater
+    than 0". It trains, unclipped; a settings file's 0 or null too; a negative norm is one line."""
+    from accelerate import Accelerator
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+
+    clipped = []
+    clip = Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, params, norm, *a, **k: clipped.append(norm) or
+                        clip(self, params, norm, *a, **k))
+    common = ["train", "--stage", "2", "--base-model", str(base_model), "--data", str(dataset), "--max-steps", "1",
+              "--batch-size", "2", "-q"]
+    for norm, calls in (("0", []), ("0.5", [0.5])):
+        clipped.clear()
+        done = CliRunner().invoke(app, [*common, "--out", str(tmp_path / norm), "--max-grad-norm", norm])
+        assert done.exit_code == 0, done.output
+        assert clipped == calls
+    for value in (0, None):
+        assert T.TrainConfig.from_dict({**T.settings_for_stage(2), "max_grad_norm": value}).max_grad_norm == value
+    done = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o"), "--max-grad-norm", "-1"])
+    assert done.exit_code == 2 and "max_grad_norm -1.0: Input should be greater than or equal to 0" in done.stderr
+
+
 def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
     """train's settings are a recipe section (recipe.Train): a wrong value in a settings file or an option is one
     line naming it, before any model is loaded; the packaged stage files hold only known, valid settings."""
