@@ -209,6 +209,17 @@ def test_three_stages_loss_decreases_and_chain(base_model, dataset, tmp_path):
     assert merged["raw"] == reply["raw"]
 
 
+def test_accumulated_micro_batches_train_as_their_whole_batch(base_model, dataset, tmp_path):
+    """A step's loss is the mean over all its loss tokens, as one pass over the whole batch takes it (transformers'
+    Trainer since 4.46, huggingface/transformers#34242): batches of 4 accumulated twice train as batches of 8 (the
+    same 8 examples a step). Each micro-batch's mean, averaged over the micro-batches, gave the tokens of short
+    examples more weight: the logged losses differed by up to 1.5e-4 (2.7e-5 of the loss) in 3 steps."""
+    whole = T.train(2, base_model, dataset, tmp_path / "whole", fast(max_steps=3, batch_size=8, seed=5))
+    accumulated = T.train(2, base_model, dataset, tmp_path / "acc", fast(max_steps=3, batch_size=4, grad_accum=2, seed=5))
+    assert [h["loss"] for h in accumulated["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-5)
+    _assert_same_weights(_weights(tmp_path / "whole" / "model"), _weights(tmp_path / "acc" / "model"), stray=1e-3)
+
+
 def test_resume_continues_from_saved_step(base_model, dataset, tmp_path):
     straight = T.train(2, base_model, dataset, tmp_path / "a", fast(max_steps=6))
     T.train(2, base_model, dataset, tmp_path / "b", fast(max_steps=4))
@@ -459,7 +470,8 @@ def _processes(base_model, dataset, epochs: int, batch_size: int, stage: int = 2
 
 def test_two_processes_follow_the_one_process_lr_curve_and_each_ends_its_process_group(base_model, dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo on loopback): the LR schedule steps once per optimizer step, as
-    with one process, and a last batch smaller than the number of processes (31 + 1 of 32 records) trains.
+    with one process, a last batch smaller than the number of processes (31 + 1 of 32 records) trains, and the
+    losses and weights are one process's.
 
     A 2-process run left its process group to the interpreter's exit, where gloo's threads can abort the process
     after the training was saved (`terminate called without an active exception`, exit -6: seen once in CI); the
@@ -501,6 +513,12 @@ def test_two_processes_follow_the_one_process_lr_curve_and_each_ends_its_process
 
     assert curve(tmp_path / "two") == curve(tmp_path / "one")  # one log, written once, same schedule
     assert curve(tmp_path / "one")[-1] == (6, 0.0)  # 2 batches per epoch x 3 epochs, cosine to zero
+    # and the same training: a step's loss is its mean over the loss tokens of both processes' shares (16 and 15
+    # examples), not the mean of the two shares' means (weights 2e-3 apart after 6 steps of lr 1e-3)
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+              for name in ("one", "two")}
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-5)
+    _assert_same_weights(_weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model"), stray=1e-3)
     assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "random_states_1.pkl").is_file()  # both ranks saved
     assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
     assert {p.name: p.read_text() for p in tmp_path.glob("initialized-*")} == {"initialized-0": "False",

@@ -305,17 +305,25 @@ def loss_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int, passes: int = 0) -> torch.Tensor:
-    """The loss of one micro-batch (``items``), its gradient added to the model's, run ``size`` examples at a time:
-    each part's loss weighted by its share of the loss tokens, so that the parts' gradients add up to the whole
-    batch's (the mean over all its loss tokens, as one forward pass would take it). ``passes``: at least that many
-    (FSDP, where every pass gathers the weights from all processes: a process whose share makes fewer parts than
-    another's runs the rest over its first example, weighted zero)."""
+def example_loss_tokens(example: dict) -> int:
+    """How many tokens of one example the loss is over, in a padded batch or a packed row alike (:func:`collate`)."""
+    return sum(label != -100 for label in example["labels"][1:])
+
+
+def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int, passes: int = 0,
+             norm: float = 0.0) -> torch.Tensor:
+    """The loss of one micro-batch (``items``) over ``norm`` tokens (default: its own loss tokens, making it the
+    micro-batch's mean loss), its gradient added to the model's, run ``size`` examples at a time: each part's mean
+    loss weighted by its loss tokens over ``norm``, so that the parts' gradients add up to the whole micro-batch's.
+    train() passes a norm of its own for every micro-batch and scales the step's summed gradients once they are all
+    in (:func:`step_scale`). ``passes``: at least that many (FSDP, where every pass gathers the weights from all
+    processes: a process whose share makes fewer parts than another's runs the rest over its first example,
+    weighted zero)."""
     parts = [collate(items[i: i + size], pad_id, pack) for i in range(0, len(items), size)]
     tokens = [loss_tokens(p) for p in parts]
     parts += [collate(items[:1], pad_id, pack)] * (passes - len(parts))
     tokens += [0] * (len(parts) - len(tokens))
-    total = max(1, sum(tokens))
+    total = norm or max(1, sum(tokens))
     loss = torch.zeros((), device=accelerator.device)
     alone = is_ddp(model)  # DDP: no part all-reduces; all_reduce_gradients does, once the step's parts have all run
     for i, (part, n) in enumerate(zip(parts, tokens)):
@@ -326,6 +334,17 @@ def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size
             accelerator.backward(weighted)
         loss += weighted.detach()
     return loss
+
+
+def step_scale(norm: float, step_tokens: int, accelerator) -> float:
+    """What the summed gradients of a step are multiplied by to make them the gradient of its mean loss over all its
+    loss tokens (``step_tokens``, every micro-batch's on every process), as one pass over the whole batch would take
+    it and as transformers' Trainer does since 4.46 (``average_tokens_across_devices``; huggingface/transformers#34242):
+    each micro-batch's parts were weighted by their tokens over ``norm``, accelerate divided each backward pass by the
+    accumulation steps and the gradients were averaged over the processes. Each micro-batch's mean loss, averaged
+    over micro-batches and processes (as DDP and accelerate leave it, and as SpeechGPT trained with transformers 4.2x),
+    weighs the tokens of a micro-batch or process share of short examples more."""
+    return norm * accelerator.gradient_accumulation_steps * accelerator.num_processes / max(1, step_tokens)
 
 
 def is_ddp(model) -> bool:
@@ -846,22 +865,29 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                         out / "checkpoints" / RESTART_NOTE)
     # tokens: every process's since this start; cycle: this step's micro-batches; halved_here: this process's halvings
     tokens, started, running, cycle, halved_here = 0, time.perf_counter(), [], [], 0
+    # the loss of a step: the sum of its micro-batches' token losses over ``norm`` (the mean loss tokens of a global
+    # batch: gradients of a usual size), made the mean over the step's loss tokens (on every process) at its end
+    counts = [example_loss_tokens(e) for e in examples]
+    norm = max(1.0, sum(counts) / math.ceil(len(examples) / cfg.batch_size))
+    step_tokens, step_loss = 0, 0.0
 
     while step < total_steps:
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
         while batch_in_epoch < len(batches) and step < total_steps:
             mine = process_share(batches[batch_in_epoch], accelerator.process_index, accelerator.num_processes)
             cycle.append([examples[i] for i in mine])
+            step_tokens += sum(counts[i] for rank in range(accelerator.num_processes)
+                               for i in process_share(batches[batch_in_epoch], rank, accelerator.num_processes))
             with accelerator.accumulate(model):
                 redo: list[list[dict]] = []  # after running out of memory: the step's earlier micro-batches again
                 while True:
                     try:
                         for earlier in redo:
-                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size)
+                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size, norm=norm)
                         # FSDP: every process as many passes as the largest share (the first process's) needs
                         passes = math.ceil(len(process_share(batches[batch_in_epoch], 0, accelerator.num_processes))
                                            / size) if fsdp else 0
-                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes)
+                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes, norm)
                         break
                     except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
                         if not is_out_of_memory(e):
@@ -876,6 +902,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                     redo = cycle[:-1]
                 if accelerator.sync_gradients and is_ddp(model):  # the others may have waited here for this one
                     all_reduce_gradients(model)
+                if accelerator.sync_gradients:
+                    scale = step_scale(norm, step_tokens, accelerator)
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -885,13 +916,15 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
             if accelerator.sync_gradients:
                 cycle = []
             batch_in_epoch += 1
-            # the global batch's loss (the processes' mean) and tokens (their sum: shares may differ by one example)
+            # the global batch's summed token losses over norm, and its tokens (shares may differ by one example)
             ours = torch.stack([loss.detach().float(), loss.new_tensor(float(sum(len(examples[i]["input_ids"]) for i in mine)))])
             summed, global_tokens = accelerator.reduce(ours, reduction="sum").tolist()
-            running.append(summed / accelerator.num_processes)
+            step_loss += summed
             tokens += int(global_tokens)
             if not accelerator.sync_gradients:
                 continue
+            running.append(step_loss * norm / max(1, step_tokens))  # the step's mean loss over its loss tokens
+            step_tokens, step_loss = 0, 0.0
             step += 1
             evaluate_now = eval_examples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
             if step % cfg.log_every == 0 or step == total_steps or step == 1 or evaluate_now:
