@@ -164,6 +164,27 @@ def test_packaged_stage_settings_are_speechgpts():
         T.TrainConfig.from_dict(s)  # every key is a real setting
 
 
+def test_the_warm_up_is_as_many_steps_as_trainers():
+    """SpeechGPT's 3 % warm-up is Trainer's ``math.ceil(steps * warmup_ratio)`` steps: we took the floor (one step
+    fewer for 50 or 110 steps), and none for a run of fewer than 34 steps. The schedule's LR at each step is
+    Trainer's own scheduler's."""
+    from transformers import TrainingArguments, get_scheduler
+
+    for steps, ratio in ((50, 0.03), (110, 0.03), (20, 0.03), (1000, 0.03), (7, 0.5), (10, 0.0)):
+        # transformers 5: a warmup_steps below 1 is the ratio (4.x's warmup_ratio, whose rule this is)
+        expected = TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(steps)
+        cfg = T.TrainConfig.from_dict({**T.settings_for_stage(2), "warmup_ratio": ratio})
+        weight = torch.nn.Parameter(torch.zeros(1))
+        ours = T.make_optimizer(torch.nn.Linear(1, 1), cfg, steps)[1]
+        theirs = get_scheduler("cosine", torch.optim.AdamW([weight], lr=cfg.lr), num_warmup_steps=expected,
+                               num_training_steps=steps)
+        curve = []
+        for _ in range(steps):
+            curve.append((ours.get_last_lr()[0], theirs.get_last_lr()[0]))
+            ours.optimizer.step(), ours.step(), theirs.optimizer.step(), theirs.step()
+        assert [a for a, _ in curve] == [b for _, b in curve], (steps, ratio)
+
+
 def test_stage1_packs_blocks_as_ma_pretrain(base_model, dataset):
     """BOS before each line, no EOS, the short last block kept (SpeechGPT's ma_pretrain.py)."""
     import datasets

@@ -688,11 +688,12 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """(AdamW over the trainable parameters, its learning-rate schedule over ``total_steps``)."""
+    """(AdamW over the trainable parameters, its learning-rate schedule over ``total_steps``: a warm-up of
+    ``ceil(warmup_ratio * total_steps)`` steps, as Trainer takes it)."""
     from transformers import get_scheduler
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     return optimizer, scheduler
 
