@@ -185,6 +185,29 @@ def test_the_warm_up_is_as_many_steps_as_trainers():
         assert [a for a, _ in curve] == [b for _, b in curve], (steps, ratio)
 
 
+def test_weight_decay_leaves_biases_and_norms_as_trainers_does(base_model):
+    """With weight decay (SpeechGPT's is 0), Trainer decays every weight but biases and norms; we decayed the
+    norms' weights too. Our optimizer's groups are Trainer's own choice of names (GPT-2 has biases and LayerNorms,
+    LLaMA RMSNorms); with no decay, one group as before (earlier runs' checkpoints hold one)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer
+
+    models = [AutoModelForCausalLM.from_pretrained(base_model),
+              GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300))]
+    for model in models:
+        model.lm_head.weight.requires_grad_(False)  # a frozen weight is in no group
+        names = {id(p): name for name, p in model.named_parameters()}
+        decayed = set(Trainer.get_decay_parameter_names(None, model))
+        cfg = T.TrainConfig.from_dict({**T.settings_for_stage(2), "weight_decay": 0.1})
+        groups = T.make_optimizer(model, cfg, 10)[0].param_groups
+        assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {names[id(p)] for p in groups[0]["params"]} == trained & decayed
+        assert {names[id(p)] for p in groups[1]["params"]} == trained - decayed
+        assert {"model.norm.weight", "transformer.ln_f.weight", "transformer.h.0.attn.c_attn.bias"} & (trained - decayed)
+        groups = T.make_optimizer(model, T.TrainConfig.from_dict(T.settings_for_stage(2)), 10)[0].param_groups
+        assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
 def test_stage1_packs_blocks_as_ma_pretrain(base_model, dataset):
     """BOS before each line, no EOS, the short last block kept (SpeechGPT's ma_pretrain.py)."""
     import datasets

@@ -687,12 +687,27 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+# the parameter names Trainer decays no weight of (Trainer.get_decay_parameter_names), besides LayerNorm's
+NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     """(AdamW over the trainable parameters, its learning-rate schedule over ``total_steps``: a warm-up of
-    ``ceil(warmup_ratio * total_steps)`` steps, as Trainer takes it)."""
+    ``ceil(warmup_ratio * total_steps)`` steps), as Trainer makes them: weight decay on every weight but biases
+    and norms (its ``get_decay_parameter_names``; one group, as before, when there is no decay, so that
+    checkpoints of earlier runs load)."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.weight_decay:
+        from transformers.trainer_pt_utils import get_parameter_names
+
+        decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY))
+        groups = [{"params": [p for name, p in trained if name in decayed], "weight_decay": cfg.weight_decay},
+                  {"params": [p for name, p in trained if name not in decayed], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in trained], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     return optimizer, scheduler
