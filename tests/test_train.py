@@ -424,6 +424,8 @@ def test_packed_batches_give_the_padded_batches_losses(architectures, dataset, t
     assert rows["input_ids"].tolist() == [[1, 5, 6, 1, 7], [1, 8, 9, 4, 0]] and "attention_mask" not in rows
     assert rows["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert rows["labels"].tolist() == [[-100, 5, 6, -100, 7], [-100, 8, 9, 4, -100]]
+    # the loss tokens train() counts a step's loss over, example by example, are those of either batch
+    assert sum(map(T.example_loss_tokens, batch)) == T.loss_tokens(rows) == T.loss_tokens(T.collate(batch, 0)) == 6
     if arch == "llama":
         padded = T.train(3, base, dataset, tmp_path / "c", fast(max_steps=2, max_length=2048, lora_dropout=0.0))
         packed = T.train(3, base, dataset, tmp_path / "d", fast(max_steps=2, max_length=2048, lora_dropout=0.0, pack=True))
