@@ -982,6 +982,12 @@ def chat(
     codebooks: Optional[int] = typer.Option(None, min=1, help="Codec units: the dataset's codebooks (for --audio with "
                                             "a codec and for a codec --vocoder)."),
     max_new_tokens: int = typer.Option(256),
+    sample: bool = typer.Option(False, "--sample", help="Sample as SpeechGPT's cli_infer.py does (temperature 0.7, "
+                                "top-p 0.8, top-k 50, at least 10 new tokens); default: greedy, the same answer each time."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (implies --sample)."),
+    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set of tokens this likely (implies --sample)."),
+    top_k: Optional[int] = typer.Option(None, help="Sample from this many likeliest tokens, 0: all (implies --sample)."),
+    seed: Optional[int] = typer.Option(None, help="Seed the sampling: the same answers again."),
     prompt: str = typer.Option("chain_of_modality", help="Prompt format: chain_of_modality (stage 3's records), "
                                "cross_modal (stage 2's) or speechgpt-cli (SpeechGPT's cli_infer.py template)."),
     prefix_file: Optional[Path] = typer.Option(None, parser=_input, help="System prompt file (default: SpeechGPT's)."),
@@ -1002,6 +1008,7 @@ def chat(
 
     if bool(vocoder) != bool(speak):
         fail("--vocoder and --speak go together: the vocoder speaks the unit answer into the --speak wav")
+    sampling = _sampling(sample, temperature, top_p, top_k)
     voice = _load_vocoder(vocoder) if vocoder else None
     if voice is not None and codebooks is not None:  # a codec speaks the units of the codebooks trained on
         voice.keep(codebooks)
@@ -1016,8 +1023,12 @@ def chat(
     if not inputs:
         inputs = (line.strip() for line in sys.stdin if line.strip())
     past = _read_history(history) if history else None
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
     for user_input in inputs:
-        answer = bot.reply(user_input, max_new_tokens=max_new_tokens,
+        answer = bot.reply(user_input, max_new_tokens=max_new_tokens, sampling=sampling,
                            history=[(turn["input"], turn["answer"]) for turn in past or []])
         if answer.get("history_left_out"):
             typer.secho(f"note: the {answer['history_left_out']} earliest exchanges of the history did not fit the "
@@ -1037,6 +1048,24 @@ def chat(
                 answer["spoken"] = None  # nothing to say: the answer has no units
                 typer.secho("note: the answer has no unit part to speak", err=True)
         _print_json(answer)
+
+
+def _sampling(sample: bool, temperature: float | None, top_p: float | None, top_k: int | None) -> dict | None:
+    """chat's sampling settings: SpeechGPT's (cli_infer.py), with what the options change; None: greedy. A sampling
+    option without ``--sample`` means sampling (said in a note)."""
+    from .model.chat import SPEECHGPT_SAMPLING
+
+    if temperature is not None and not temperature > 0:
+        fail(f"--temperature must be above 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        fail(f"--top-p must be above 0 and at most 1, got {top_p}")
+    if top_k is not None and top_k < 0:
+        fail(f"--top-k must be 0 (off) or more, got {top_k}")
+    given = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    if given and not sample:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        typer.secho(f"note: {names} impl{'y' if len(given) > 1 else 'ies'} --sample", err=True)
+    return {**SPEECHGPT_SAMPLING, **given} if sample or given else None
 
 
 def _read_history(path: Path) -> list[dict]:

@@ -353,6 +353,43 @@ def test_cli_train_and_chat(base_model, dataset, tmp_path):
     assert result.exit_code == 2 and "--stage must be 1, 2 or 3" in result.stderr
 
 
+def test_chat_samples_as_speechgpts_cli_infer_when_asked(base_model, tmp_path, monkeypatch):
+    """chat decoded greedily, with no way to sample: SpeechGPT's cli_infer.py samples (temperature 0.7, top-p 0.8,
+    top-k 50, at least 10 new tokens). `--sample` generates with those, `--temperature`/`--top-p`/`--top-k` change
+    one (and imply `--sample`, said in a note), `--seed` gives the same answer again; greedy stays the default."""
+    from transformers import GenerationMixin
+    from typer.testing import CliRunner
+
+    from speechinstruct.cli import app
+
+    asked = []
+    generate = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate", lambda self, *a, **k: asked.append(k) or generate(self, *a, **k))
+    runner = CliRunner()
+    chat = ["chat", "--model", str(base_model), "--text", "hello", "--max-new-tokens", "12"]
+    greedy = runner.invoke(app, chat)
+    assert greedy.exit_code == 0, greedy.output
+    assert asked[-1]["do_sample"] is False and "temperature" not in asked[-1]
+    answers = []
+    for _ in range(2):
+        sampled = runner.invoke(app, [*chat, "--sample", "--seed", "3"])
+        assert sampled.exit_code == 0, sampled.output
+        answers.append(json.loads(sampled.stdout)["raw"])
+        assert {k: asked[-1][k] for k in ("do_sample", "temperature", "top_p", "top_k", "min_new_tokens")} == \
+            {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 50, "min_new_tokens": 10}
+    assert answers[0] == answers[1]
+    hotter = runner.invoke(app, [*chat, "--temperature", "1.3", "--top-k", "0"])
+    assert hotter.exit_code == 0, hotter.output
+    assert "note: --temperature, --top-k imply --sample" in hotter.stderr
+    assert (asked[-1]["do_sample"], asked[-1]["temperature"], asked[-1]["top_p"], asked[-1]["top_k"]) == (True, 1.3, 0.8, 0)
+    for option, value, said in (("--temperature", "0", "--temperature must be above 0"),
+                                ("--top-p", "1.5", "--top-p must be above 0 and at most 1"),
+                                ("--top-k", "-1", "--top-k must be 0 (off) or more")):
+        bad = runner.invoke(app, [*chat, option, value])
+        assert bad.exit_code == 2 and f"error: {said}, got {float(value) if option != '--top-k' else int(value)}" \
+            in bad.stderr, bad.output
+
+
 def _bytelevel_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -5,7 +5,8 @@ format the model was trained on, up to the answer (``PROMPTS``): by default chai
 ``{prefix}[Human]: {input}<eoh>. [SpeechGPT]:``, or cross-modal's ``… {input}<eoh> [SpeechGPT]:``, or SpeechGPT's
 ``cli_infer.py`` template (``[Human]: {input} <eoh>. [SpeechGPT]: ``). The answer is split as ``cli_infer.py``
 splits it: text question (before ``; [ta]``), text answer (between ``[ta]`` and ``; [ua]``) and unit answer
-(after ``[ua]``), each up to ``<eoa>``.
+(after ``[ua]``), each up to ``<eoa>``. Decoding is greedy (the same answer each time), or sampled as
+``cli_infer.py`` samples (:data:`SPEECHGPT_SAMPLING`).
 
 Several turns: with ``history`` (earlier (input, answer) exchanges) the chain-of-modality prompt is the
 dialogue so far, as ``compose dialogue`` writes it (``speechgpt.dialogue_text``: each exchange
@@ -19,6 +20,10 @@ from pathlib import Path
 import torch
 
 from ..speechgpt import (DEFAULT_PREFIX, EXCHANGE_SEPARATOR, PROMPTS, exchange_text, parse_answer, to_text, with_bos)  # noqa: F401 # (parse_answer: chat's API)
+
+
+# how SpeechGPT's cli_infer.py generates (its GenerationConfig; max_new_tokens 2048): ``chat --sample``
+SPEECHGPT_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 50, "min_new_tokens": 10}
 
 
 def model_folder(path, option: str, marker: str = "config.json") -> Path:
@@ -94,13 +99,14 @@ class Chat:
                          f"with {max_new_tokens} to answer: shorten it or lower --max-new-tokens")
 
     @torch.inference_mode()
-    def reply(self, user_input: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 0.8,
-              history: list[tuple[str, str]] = ()) -> dict:
+    def reply(self, user_input: str, max_new_tokens: int = 256, history: list[tuple[str, str]] = (),
+              sampling: dict | None = None) -> dict:
         """The model's answer (:func:`parse_answer`), with ``history_left_out``: the earliest exchanges of
-        ``history`` that did not fit the model's context beside the input and the answer (the most recent are kept)."""
+        ``history`` that did not fit the model's context beside the input and the answer (the most recent are kept).
+        ``sampling``: ``generate``'s sampling settings (:data:`SPEECHGPT_SAMPLING`, say); None decodes greedily."""
         prompt, left_out = self.fitting(user_input, history, max_new_tokens)
         ids = torch.tensor([prompt], device=self.device)
-        sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+        sampling = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
         output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                      stop_strings=["<eoa>"], tokenizer=self.tokenizer, **sampling)
