@@ -127,8 +127,9 @@ def command(group: typer.Typer, name: str | None = None):
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether option ``name`` was given on the command line (not left at its default)."""
-    return ctx.get_parameter_source(name).name == "COMMANDLINE"
+    """Whether option ``name`` was given on the command line (not left at its default; a command without it: no)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _utf8(value: str) -> str:
@@ -199,6 +200,11 @@ def shard(
                                       "mixed, or each channel on its own (each: the two sides of a telephone call; "
                                       "rows get `channel`). Not for stereo music or podcasts, whose channels hold the "
                                       "same speech: each utterance would come twice."),
+    engine: Optional[str] = typer.Option(None, help="audio: the VAD here (local), or as Ray tasks over a cluster's "
+                                         "nodes (ray; pip install speechinstruct[ray]); default: ray when --ray-address "
+                                         "is given, else local."),
+    ray_address: Optional[str] = typer.Option(None, help="audio --engine ray: auto, host:6379 (from a cluster node) or "
+                                              "ray://host:10001 (Ray client); default: start a local Ray."),
     subset: Optional[str] = typer.Option(None, help="gigaspeech: XS, S, M, L, XL (training), DEV or TEST."),
     tsv: Optional[str] = typer.Option(None, help="commonvoice: which TSV to read (default validated.tsv; clips in "
                                       "dev.tsv/test.tsv stay validation/test; a TSV named here is read even without them)."),
@@ -235,7 +241,7 @@ def shard(
     values = {"max_seconds": max_seconds, "subset": subset, "tsv": tsv, "audio_column": audio_column,
               "text_column": text_column, "id_column": id_column, "speaker_column": speaker_column, "split": split,
               "config": config, "audio_root": audio_root, "channels": channels.value,
-              "workers": workers}
+              "workers": workers, "engine": engine, "ray_address": ray_address}
     foreign = [p.name for p in ctx.command.params if any(p.name in s.options for s in SOURCES.values())
                and _given(ctx, p.name) and option_problem(corpus.value, p.name)]
     if foreign:
@@ -245,11 +251,16 @@ def shard(
              f"`shard {'/'.join(takers)}` (a {corpus.value} corpus takes --license, --splits, --split-map, --follow-links{own})")
     if base_url and not asr:
         fail("--base-url needs --asr: the model name at that server (`openai`: whisper-1)")
+    inferred: list[str] = []
+    if corpus.value == "audio":
+        values["engine"] = _engine(ctx, engine, ray_address, inferred)
+        if values["engine"] == "ray" and _given(ctx, "workers"):
+            fail("--workers: the local engine's VAD threads, and --engine ray runs the VAD as Ray tasks (one CPU "
+                 "each, as many at a time as the cluster has CPUs): leave it out")
     options = {"license": license, "splits": splits, "split_map": split_map or None, "follow_links": follow_links or None,
                **{name: value for name, value in values.items() if name in SOURCES[corpus.value].options}}
     if asr:
         options.update(asr=asr, base_url=base_url, device=device)
-    inferred: list[str] = []
     if not speakers and _given(ctx, "speaker_threshold"):
         inferred.append("--speakers (--speaker-threshold is given)")
         logging.getLogger("speechinstruct").warning("inferred %s", inferred[-1])

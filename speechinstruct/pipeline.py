@@ -445,6 +445,14 @@ class Job:
         path, work = Path(root).resolve(), self.work.resolve()
         return f"<workdir>/{path.relative_to(work).as_posix()}" if path.is_relative_to(work) else str(path)
 
+    def shard_options(self, c: dict) -> dict:
+        """A corpus's options for shard_corpus: with a `ray` section, raw recordings are cut by Ray tasks on the
+        cluster (unless the corpus says `engine: local`)."""
+        options = dict(c.get("options") or {})
+        if self.ray and c["name"] == "audio" and options.get("engine") is None:
+            options.update(engine="ray", ray_address=self.ray["address"])
+        return options
+
     def shard_and_extract(self, c: dict) -> None:
         from .sources.shard import corpus_state, read_something, shard_corpus
         from .units.engine_ray import extract_ray
@@ -459,7 +467,7 @@ class Job:
             [*([self.stamps.get("demo", "")] if n == "speechinstruct-demo" else []),
              corpus_state(n, c["root"], c.get("options")), *self.files_of((c.get("options") or {}).get("asr"))],
             lambda: _brief(read_something(shard_corpus(c["name"], c["root"], base / "manifest", sections.Shard(**shard),
-                                                       **(c.get("options") or {})), base / "manifest",
+                                                       **self.shard_options(c)), base / "manifest",
                                                           "the recipe's `splits` option")))
         self.score_corpus(c)
         target = base / ("units" if self.codec else "features")  # a codec's extract writes the units

@@ -69,10 +69,13 @@ class CorpusOptions(Section):
     channels: Optional[Literal[CHANNELS]] = None
     # audio: threads running the VAD (default: one per CPU this process may use); how it runs, not what it makes
     workers: Optional[int] = Field(None, ge=1)
+    # audio: the VAD here (local) or as Ray tasks over a cluster's nodes (ray; a recipe's `ray` section means ray)
+    engine: Optional[Literal["local", "ray"]] = None
+    ray_address: Optional[str] = None
 
 
 # the corpus options that say how the shard stage runs, not what it makes: left out of its stamp
-RUN_ONLY_OPTIONS = ("workers",)
+RUN_ONLY_OPTIONS = ("workers", "engine", "ray_address")
 
 
 class Corpus(Section):

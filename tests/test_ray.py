@@ -554,12 +554,23 @@ def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
     """`run` had no Ray engine: a recipe ran every stage in one process. With a `ray` section its extract and
     score stages run on the cluster's actors (here a local Ray), and the dataset is the local run's, byte for
     byte; the engine is not part of a stage's stamp, so the same recipe without the section finds all done."""
+    import soundfile as sf
     import yaml
 
     from speechinstruct.pipeline import run
+    from speechinstruct.sources.tts import EspeakTTS
+
+    recordings = tmp_path / "recordings"  # and raw recordings, cut by Ray tasks
+    recordings.mkdir()
+    tts = EspeakTTS()
+    for n, text in enumerate(("The old sailor walked slowly to the red house.", "Nobody had opened its door.")):
+        wav, sr = tts.synthesize(text, "en-us", 160)
+        silence = np.zeros(sr, np.float32)
+        sf.write(recordings / f"talk{n}.wav", np.concatenate([silence, wav, silence]), sr)
 
     def recipe(name, **over):
         data = {"name": "tiny", "workdir": str(tmp_path / name), "demo_corpus": {"sentences": 8, "seed": 1},
+                "corpora": [{"name": "audio", "root": str(recordings), "options": {"license": "x"}}],
                 "features": {"kind": "mfcc"}, "kmeans": {"k": 8, "max_frames": 20000},
                 "compose": {"pretrain": {"dev_fraction": 0.2}, "chain_of_modality": {"max_pairs": 2}},
                 # a language gate: langid on the transcripts (a DNSMOS gate judged each utterance and each synthesised
@@ -574,6 +585,8 @@ def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
     for name in ("score speechinstruct-demo", "extract speechinstruct-demo (mfcc)"):
         assert stages[name]["result"]["engine"] == "ray" and stages[name]["result"]["actors"] == 1, stages[name]
     assert stages["score speechinstruct-demo"]["result"]["utterances"] == 8
+    assert stages["extract audio (mfcc)"]["result"]["engine"] == "ray"
+    assert "VAD on Ray: 2 recordings (or channels) on 1 node" in json.dumps(stages["shard audio"]["result"])
     ray.shutdown()
     local = run(recipe("local"))
     assert on_ray["valid"] and local["valid"] and on_ray["records"] == local["records"]
@@ -668,3 +681,54 @@ def test_espeak_spawns_its_process_where_this_one_is_connected_to_ray():
     assert tts_module._fork_unsafe()
     spawned = tts.synthesize_words("my neighbour opened a wooden boat", "en-us", 165)
     assert np.array_equal(forked[0], spawned[0]) and forked[1:] == spawned[1:]
+
+
+def test_shard_audio_cuts_recordings_on_ray_as_locally(tmp_path):
+    """`shard audio --engine ray`: each recording (each channel with --channels each) is a Ray task that runs the VAD
+    where Ray puts it; the manifest is the local engine's byte for byte, the skips (a file with no speech, one that is
+    not audio) the same, in the same order. `--ray-address` means the Ray engine (said); another corpus refuses it."""
+    import soundfile as sf
+    from test_recordings import _call, recording
+
+    from speechinstruct import audio
+    from speechinstruct.sources.tts import EspeakTTS
+
+    tts = EspeakTTS()
+    said = [audio.resample(*tts.synthesize(text, "en-us", 160)) for text in (
+        "The old sailor walked slowly to the red house by the sea.", "Nobody had opened its door for many years.",
+        "Inside, the rooms were full of maps and letters.")]
+    root = tmp_path / "rec"
+    root.mkdir()
+    _call(said, root)
+    for n, rate in enumerate((16000, 44100)):
+        sf.write(root / f"talk{n}.flac", recording(said, rate, gaps=(1.0 + n, 3.0, 0.3, 1.0))[0], rate)
+    sf.write(root / "quiet.wav", np.zeros(16000 * 2, np.float32), 16000)
+    (root / "broken.wav").write_bytes(b"RIFF not really a wav")
+    common = ["shard", "audio", str(root), "--license", "x", "-q", "--channels", "each"]
+    here = Path.cwd()
+    ray.init(num_cpus=2, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
+    local = runner.invoke(app, [*common[:3], str(tmp_path / "local"), *common[3:], "--workers", "1"])
+    assert local.exit_code == 0, local.output
+    os.chdir(tmp_path)  # the recordings named relative to this process's working folder, not a Ray worker's
+    try:
+        on_ray = runner.invoke(app, ["shard", "audio", "rec", str(tmp_path / "ray"), *common[3:], "--engine", "ray"])
+    finally:
+        os.chdir(here)
+    assert on_ray.exit_code == 0, on_ray.output
+    assert (tmp_path / "local" / "manifest-00000.parquet").read_bytes() == \
+        (tmp_path / "ray" / "manifest-00000.parquet").read_bytes()
+    here, there = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("local", "ray"))
+    assert here["utterances"] == 6 and here["skipped"] == {"no speech found": 1, "unreadable audio": 1}
+    # (the same skips, in the same order: the one named by a relative root, as the command was given it)
+    assert json.dumps(there["skipped_examples"]) == json.dumps(here["skipped_examples"]).replace(str(root), "rec")
+    ran = [note for note in there["notes"] if note.startswith("VAD on Ray: ")]  # the files, each channel of the call
+    assert len(ran) == 1 and ran[0].startswith("VAD on Ray: 5 recordings (or channels) on 1 node ("), there["notes"]
+    assert not any(note.startswith("VAD on Ray") for note in here.get("notes", []))
+    # the cluster's address alone means the Ray engine (this process is connected: the address is not dialled)
+    inferred = runner.invoke(app, [*common[:3], str(tmp_path / "auto"), *common[3:], "--ray-address", "auto"])
+    assert inferred.exit_code == 0, inferred.output
+    assert "inferred --engine ray (--ray-address is given)" in inferred.stderr
+    other = runner.invoke(app, ["shard", "librispeech", str(root), str(tmp_path / "x"), "--engine", "ray"])
+    assert other.exit_code == 2 and "--engine is for `shard audio`" in other.stderr, other.output
+    both = runner.invoke(app, [*common[:3], str(tmp_path / "y"), *common[3:], "--engine", "ray", "--workers", "2"])
+    assert both.exit_code == 2 and "error: --workers: the local engine's VAD threads" in both.stderr, both.output

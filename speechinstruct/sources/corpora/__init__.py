@@ -47,7 +47,7 @@ SOURCES = {s.name: s for s in (
            "the embedded demo corpus: all train", generated=True),
     Source("audio", "recordings", None, None, "raw recordings cut by a voice activity detector: all train",
            transcripts=False, options=("max_seconds", "asr", "base_url", "device", "speakers", "speaker_threshold", "channels",
-                    "workers")),
+                    "workers", "engine", "ray_address")),
     Source("webdataset", "webdataset", None, None, "WebDataset shards: the split word in each tar's name or folder",
            pattern_root=True),
     Source("hf", "hf", file_root="a Parquet or Arrow file",

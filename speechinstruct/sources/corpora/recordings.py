@@ -32,7 +32,7 @@ SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", "
 def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None,
          asr: str | None = None, base_url: str | None = None, device: str = "auto", batch_size: int | None = None,
          speakers: bool = False, speaker_threshold: float = 0.25, channels: str = "mix",
-         workers: int | None = None) -> Iterator[Item]:
+         workers: int | None = None, engine: str = "local", ray_address: str | None = None) -> Iterator[Item]:
     from ...audio import AudioError, channels as audio_channels
     from ..vad import utterances
 
@@ -44,6 +44,8 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be local or ray, got {engine!r}")
     root = Path(root)
     files = sorted(p for _, p in files_under(root) if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
@@ -65,7 +67,8 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
                 continue
         plan.append((path, rel, probed[0], sides))
     jobs = [(entry[0], channel) for entry in plan if not isinstance(entry, Skip) for channel in entry[3]]
-    found = vad_spans(jobs, workers)
+    nodes: collections.Counter = collections.Counter()  # Ray: the jobs each node ran
+    found = vad_spans_ray(jobs, ray_address, nodes) if engine == "ray" else vad_spans(jobs, workers)
     encoder = None
     if speakers:
         from ...judges.speakers import GE2E
@@ -123,6 +126,9 @@ def read(root: str | Path, max_seconds: float = 30.0, license: str | None = None
             yield from rows
     for reason, count in sorted(missed.items()):
         yield Note(f"{count} utterances kept without a transcript (pretrain only): {reason}")
+    if nodes:
+        yield Note(f"VAD on Ray: {sum(nodes.values())} recordings (or channels) on {len(nodes)} "
+                   f"node{'s' if len(nodes) != 1 else ''} ({', '.join(f'{n}: {c}' for n, c in sorted(nodes.items()))})")
 
 
 def vad_spans(jobs: list[tuple[Path, int | None]], workers: int | None = None) -> Iterator:
@@ -155,6 +161,57 @@ def vad_spans(jobs: list[tuple[Path, int | None]], workers: int | None = None) -
         yield from pool.map(spans, jobs)
     finally:  # stopped early (an error, ^C): the files not begun are not run
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def vad_spans_ray(jobs: list[tuple[Path, int | None]], address: str | None = None,
+                  nodes: collections.Counter | None = None, max_retries: int = 3) -> Iterator:
+    """:func:`vad_spans`'s results, each job a Ray task of one CPU run where Ray's scheduler puts it (``address``: as
+    ``extract --engine ray`` joins a cluster), so that a cluster's nodes cut the recordings, which must be readable
+    at the same path on each. In order, with at most two tasks in flight per CPU of the cluster; a worker that dies
+    is retried ``max_retries`` times, and an error the VAD raised (not an unreadable file's) is one line.
+    ``nodes`` counts the jobs each node ran."""
+    from ...units.engine_ray import connect, reason_of
+
+    ray = connect(address)
+    task = ray.remote(_vad_task).options(num_cpus=1, max_retries=max_retries)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: collections.deque = collections.deque()
+    todo = iter(jobs)
+    for path, channel in todo:  # absolute: a Ray worker's working folder is not this process's
+        pending.append((path, task.remote(str(path.absolute()), channel)))
+        if len(pending) == window:
+            break
+    while pending:
+        path, ref = pending.popleft()
+        try:
+            node, result = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            for _, left in pending:
+                ray.cancel(left)
+            raise ValueError(f"{path}: ray engine: the VAD task failed: {reason_of(e)}") from None
+        if (job := next(todo, None)) is not None:
+            pending.append((job[0], task.remote(str(job[0].absolute()), job[1])))
+        if nodes is not None:
+            nodes[node] += 1
+        yield result
+
+
+_VAD = None  # a Ray worker's silero-vad model, made by its first task and kept for the next
+
+
+def _vad_task(path: str, channel: int | None):
+    """One job of :func:`vad_spans_ray`, run in a Ray worker: (its node, (speech spans, seconds) or the AudioError)."""
+    global _VAD
+    from ...audio import AudioError
+    from ...units.engine_ray import node_name
+    from ..vad import SileroVAD
+
+    if _VAD is None:
+        _VAD = SileroVAD()
+    try:
+        return node_name(), _VAD.spans(Path(path), channel)
+    except AudioError as e:
+        return node_name(), e
 
 
 JOIN_GAP = 0.25          # seconds: spans closer than this are one segment for speaker embeddings
