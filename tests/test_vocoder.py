@@ -152,7 +152,7 @@ def test_chat_speaks_the_unit_answer(tmp_path, monkeypatch):
         def __init__(self, *args, **kwargs):
             pass
 
-        def reply(self, user_input, max_new_tokens=256, history=()):
+        def reply(self, user_input, max_new_tokens=256, history=(), sampling=None):
             return chat.parse_answer("what is up; [ta] the sky; [ua] <sosp><3><7><7><1><eosp><eoa>")
 
     monkeypatch.setattr(chat, "Chat", Scripted)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +36,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import recipe as settings
+from ..raycluster import _answers, connect, node_name, reason_of  # noqa: F401  (the Ray engines' API, as before)
 from ..shardfiles import corpus_root, finished, manifest_files, repeated_elsewhere, select_shards, shard_output
 
 log = logging.getLogger(__name__)
@@ -93,23 +92,6 @@ def decode_block(rows: list[dict], root: str, sample_rate: int = 16000) -> list[
     return [(row["id"], decode_row(row, root, sample_rate)) for row in rows]
 
 
-def node_name() -> str:
-    """The node this process runs on, as summaries count work per node: its IP address and node id."""
-    import ray
-
-    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
-
-
-def reason_of(error: Exception, whole: bool = False) -> str:
-    """The last line of a Ray error (the remote error's own message, without its class name), to its first
-    sentence unless ``whole``."""
-    import re
-
-    line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-    line = re.sub(r"^[\w.]+(?:Error|Exception): ", "", line)
-    return line[:500] if whole else line.split(". ")[0][:300]
-
-
 class ModelActor:
     """Holds the extractor (and k-means) on one node: decoded blocks in, features or labels out."""
 
@@ -149,59 +131,6 @@ class ModelActor:
             results.append((uid, value))
         self.batch_seconds = min(self.batch_seconds, counts.get("fitted_seconds") or self.batch_seconds)
         return self.node, results, {"batches_halved": counts["batches_halved"], "model_flops": counts["model_flops"]}
-
-
-def _answers(address: str | None, timeout: float = 10.0) -> None:
-    """One line when nothing listens at a cluster's ``host:port`` (``ray://`` too): Ray itself retries for
-    minutes against a GCS address and gives up on a Ray-client one after 30 s with a hint about tokens."""
-    import socket
-
-    if not address or address in ("auto", "local"):
-        return
-    target = address.removeprefix("ray://")
-    host, colon, port = target.rpartition(":")
-    if not colon or not port.isdigit():  # no port: Ray's defaults
-        host, port = target, ("10001" if address.startswith("ray://") else "6379")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ValueError(f"ray address {address}: cannot connect: nothing answers at {host}:{port} "
-                         f"({e.strerror or type(e).__name__}); is the cluster up (`ray status` on its head node)?") from None
-
-
-def connect(address: str | None):
-    """Start or join Ray (see the module docstring); one clear line when that cannot be done."""
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("--engine ray needs Ray: pip install 'speechinstruct[ray]'") from None
-    if ray.is_initialized():
-        return ray
-    _answers(address)
-    options = {"ignore_reinit_error": True, "log_to_driver": False}
-    if not (address or "").startswith("ray://"):
-        options.update(include_dashboard=False, configure_logging=False)
-    try:
-        for attempt in range(3):
-            try:
-                ray.init(address=address, **options)
-                break
-            except ConnectionAbortedError:
-                # Seen with Ray 2.60: the first Ray-client connection to a fresh cluster can fail with
-                # "Initialization failure from server" (the proxy's first per-client server dies at start);
-                # the next one goes through.
-                if attempt == 2:
-                    raise
-                time.sleep(1.0)
-    except ImportError as e:
-        raise ValueError(f"ray address {address}: {e} (pip install 'speechinstruct[ray]' installs ray[client])") from None
-    except (ConnectionError, RuntimeError, TimeoutError) as e:
-        hint = ("" if os.environ.get("RAY_AUTH_MODE") else
-                " (a cluster with token authentication, the default of `ray start` since Ray 2.59, needs "
-                "RAY_AUTH_MODE=token here too, and its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
-        raise ValueError(f"ray address {address}: cannot connect: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
-    return ray
 
 
 class _Window:

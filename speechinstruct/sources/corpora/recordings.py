@@ -170,7 +170,7 @@ def vad_spans_ray(jobs: list[tuple[Path, int | None]], address: str | None = Non
     at the same path on each. In order, with at most two tasks in flight per CPU of the cluster; a worker that dies
     is retried ``max_retries`` times, and an error the VAD raised (not an unreadable file's) is one line.
     ``nodes`` counts the jobs each node ran."""
-    from ...units.engine_ray import connect, reason_of
+    from ...raycluster import connect, reason_of
 
     ray = connect(address)
     task = ray.remote(_vad_task).options(num_cpus=1, max_retries=max_retries)
@@ -203,7 +203,7 @@ def _vad_task(path: str, channel: int | None):
     """One job of :func:`vad_spans_ray`, run in a Ray worker: (its node, (speech spans, seconds) or the AudioError)."""
     global _VAD
     from ...audio import AudioError
-    from ...units.engine_ray import node_name
+    from ...raycluster import node_name
     from ..vad import SileroVAD
 
     if _VAD is None:
