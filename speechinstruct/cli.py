@@ -1066,8 +1066,8 @@ def _sampling(sample: bool, temperature: float | None, top_p: float | None, top_
     option without ``--sample`` means sampling (said in a note)."""
     from .model.chat import SPEECHGPT_SAMPLING
 
-    if temperature is not None and not temperature > 0:
-        fail(f"--temperature must be above 0, got {temperature}")
+    if temperature is not None and not 0 < temperature < float("inf"):
+        fail(f"--temperature must be a finite number above 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         fail(f"--top-p must be above 0 and at most 1, got {top_p}")
     if top_k is not None and top_k < 0:

@@ -382,7 +382,8 @@ def test_chat_samples_as_speechgpts_cli_infer_when_asked(base_model, tmp_path, m
     assert hotter.exit_code == 0, hotter.output
     assert "note: --temperature, --top-k imply --sample" in hotter.stderr
     assert (asked[-1]["do_sample"], asked[-1]["temperature"], asked[-1]["top_p"], asked[-1]["top_k"]) == (True, 1.3, 0.8, 0)
-    for option, value, said in (("--temperature", "0", "--temperature must be above 0"),
+    for option, value, said in (("--temperature", "0", "--temperature must be a finite number above 0"),
+                                ("--temperature", "inf", "--temperature must be a finite number above 0"),
                                 ("--top-p", "1.5", "--top-p must be above 0 and at most 1"),
                                 ("--top-k", "-1", "--top-k must be 0 (off) or more")):
         bad = runner.invoke(app, [*chat, option, value])
