@@ -43,7 +43,8 @@ def _answers(address: str | None, timeout: float = 10.0) -> None:
 
 
 def connect(address: str | None):
-    """Start or join Ray (see the module docstring); one clear line when that cannot be done."""
+    """Start or join Ray (``address``: None starts a local runtime, ``"auto"`` or ``host:6379`` joins a cluster
+    from one of its nodes, ``ray://host:10001`` connects as a Ray client); one clear line when that cannot be done."""
     try:
         import ray
     except ImportError:
