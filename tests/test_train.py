@@ -685,6 +685,7 @@ def test_accelerate_launch_over_cpu_processes_ddp_and_fsdp(base_model, dataset, 
     fsdp = train(*FSDP, FSDP_ON_CPU, out=tmp_path / "fsdp")
     assert json.loads((tmp_path / "fsdp" / "train_config.json").read_text())["distributed"] == {"type": "FSDP", "processes": 2}
     assert [r["step"] for r in fsdp] == steps and fsdp[-1]["loss"] == pytest.approx(ddp[-1]["loss"], rel=1e-5)
+    assert fsdp[-1]["grad_norm"] == pytest.approx(ddp[-1]["grad_norm"], rel=1e-4)  # the whole model's, not a shard's
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp_0").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its shard
     _assert_same_weights(_weights(tmp_path / "ddp" / "model"), _weights(tmp_path / "fsdp" / "model"), stray=1e-3)
@@ -1022,6 +1023,9 @@ def test_max_grad_norm_0_turns_clipping_off_as_the_help_says(base_model, dataset
         done = CliRunner().invoke(app, [*common, "--out", str(tmp_path / norm), "--max-grad-norm", norm])
         assert done.exit_code == 0, done.output
         assert clipped == calls
+    # the gradients' norm before clipping is logged, as Trainer logs grad_norm (where it clips: it costs a pass)
+    logged = [json.loads(line) for line in (tmp_path / "0.5" / "log.jsonl").read_text().splitlines()]
+    assert logged[-1]["grad_norm"] > 0.5 and "grad_norm" not in json.loads((tmp_path / "0" / "log.jsonl").read_text())
     for value in (0, None):
         assert T.TrainConfig.from_dict({**T.settings_for_stage(2), "max_grad_norm": value}).max_grad_norm == value
     done = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o"), "--max-grad-norm", "-1"])

@@ -881,6 +881,7 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                         out / "checkpoints" / RESTART_NOTE)
     # tokens: every process's since this start; cycle: this step's micro-batches; halved_here: this process's halvings
     tokens, started, running, cycle, halved_here = 0, time.perf_counter(), [], [], 0
+    norms: list[float] = []  # the gradients' norm of each step since the last log line, before clipping
     # the loss of a step: the sum of its micro-batches' token losses over ``norm`` (the mean loss tokens of a global
     # batch: gradients of a usual size), made the mean over the step's loss tokens (on every process) at its end
     counts = [example_loss_tokens(e) for e in examples]
@@ -924,7 +925,8 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                         if p.grad is not None:
                             p.grad.mul_(scale)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # FSDP: a DTensor
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -947,11 +949,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                 record = {"step": step, "epoch": epoch, "loss": round(float(np.mean(running)), 5),
                           "lr": scheduler.get_last_lr()[0],
                           "tokens_per_s": round(tokens / max(time.perf_counter() - started, 1e-9), 1)}
+                if norms:  # the mean over the steps since the last line, as the loss
+                    record["grad_norm"] = round(float(np.mean(norms)), 5)
                 if evaluate_now:
                     record.update(evaluate(model, eval_examples, cfg.batch_size, tokenizer.pad_token_id,
                                            accelerator, cfg.eval_batches))
                 history.append(record)
-                running = []
+                running, norms = [], []
                 write_log(accelerator, out / "log.jsonl", record)
             if step % cfg.save_every == 0 or step == total_steps:
                 save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
