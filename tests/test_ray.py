@@ -732,3 +732,8 @@ def test_shard_audio_cuts_recordings_on_ray_as_locally(tmp_path):
     assert other.exit_code == 2 and "--engine is for `shard audio`" in other.stderr, other.output
     both = runner.invoke(app, [*common[:3], str(tmp_path / "y"), *common[3:], "--engine", "ray", "--workers", "2"])
     assert both.exit_code == 2 and "error: --workers: the local engine's VAD threads" in both.stderr, both.output
+    # an error the VAD task raises (not an unreadable file's skip) is one line naming the file
+    from speechinstruct.sources.corpora.recordings import vad_spans_ray
+
+    with pytest.raises(ValueError, match=r"talk0.flac: ray engine: the VAD task failed: index 7 is out of bounds"):
+        list(vad_spans_ray([(root / "talk0.flac", 7)]))

@@ -181,19 +181,21 @@ def vad_spans_ray(jobs: list[tuple[Path, int | None]], address: str | None = Non
         pending.append((path, task.remote(str(path.absolute()), channel)))
         if len(pending) == window:
             break
-    while pending:
-        path, ref = pending.popleft()
-        try:
-            node, result = ray.get(ref)
-        except ray.exceptions.RayError as e:
-            for _, left in pending:
-                ray.cancel(left)
-            raise ValueError(f"{path}: ray engine: the VAD task failed: {reason_of(e)}") from None
-        if (job := next(todo, None)) is not None:
-            pending.append((job[0], task.remote(str(job[0].absolute()), job[1])))
-        if nodes is not None:
-            nodes[node] += 1
-        yield result
+    try:
+        while pending:
+            path, ref = pending.popleft()
+            try:
+                node, result = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise ValueError(f"{path}: ray engine: the VAD task failed: {reason_of(e)}") from None
+            if (job := next(todo, None)) is not None:
+                pending.append((job[0], task.remote(str(job[0].absolute()), job[1])))
+            if nodes is not None:
+                nodes[node] += 1
+            yield result
+    finally:  # stopped early (an error, ^C): the tasks still in flight are cancelled
+        for _, left in pending:
+            ray.cancel(left)
 
 
 _VAD = None  # a Ray worker's silero-vad model, made by its first task and kept for the next
