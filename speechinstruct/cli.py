@@ -998,7 +998,7 @@ def chat(
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (implies --sample)."),
     top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set of tokens this likely (implies --sample)."),
     top_k: Optional[int] = typer.Option(None, help="Sample from this many likeliest tokens, 0: all (implies --sample)."),
-    seed: Optional[int] = typer.Option(None, help="Seed the sampling: the same answers again."),
+    seed: Optional[int] = typer.Option(None, min=0, max=2**32 - 1, help="Seed the sampling: the same answers again."),
     prompt: str = typer.Option("chain_of_modality", help="Prompt format: chain_of_modality (stage 3's records), "
                                "cross_modal (stage 2's) or speechgpt-cli (SpeechGPT's cli_infer.py template)."),
     prefix_file: Optional[Path] = typer.Option(None, parser=_input, help="System prompt file (default: SpeechGPT's)."),

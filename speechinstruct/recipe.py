@@ -303,7 +303,7 @@ class Train(Section):
     attention: str = "sdpa"               # the model's attention kernel: sdpa (torch's fused), eager, flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % more time
     pack: bool = False                    # stages 2 and 3: examples end to end in rows of max_length (train.collate)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # what numpy and transformers' set_seed take
     save_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

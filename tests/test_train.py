@@ -389,6 +389,8 @@ def test_chat_samples_as_speechgpts_cli_infer_when_asked(base_model, tmp_path, m
         bad = runner.invoke(app, [*chat, option, value])
         assert bad.exit_code == 2 and f"error: {said}, got {float(value) if option != '--top-k' else int(value)}" \
             in bad.stderr, bad.output
+    bad = runner.invoke(app, [*chat, "--seed", "-1"])  # numpy's "Seed must be between 0 and 2**32 - 1", after loading
+    assert bad.exit_code == 2 and "--seed" in bad.output and "Traceback" not in bad.output, bad.output
 
 
 def _bytelevel_tokenizer():
@@ -1042,6 +1044,7 @@ def test_training_settings_are_checked_as_a_recipe_section_is(tmp_path):
     for text, said in (("lr: -1\n", "lr -1: Input should be greater than 0"),
                        ("batch_size: 0\n", "batch_size 0: Input should be greater than or equal to 1"),
                        ("mask: response\n", "mask 'response': mask must be one of prefix, prompt, assistant, none"),
+                       ("seed: -1\n", "seed -1: Input should be greater than or equal to 0"),
                        ("lr_typo: 1\n", "unknown training settings ['lr_typo']")):
         bad.write_text(text)
         done = CliRunner().invoke(app, ["train", "--stage", "2", "--base-model", str(tmp_path / "none"), "--data",
