@@ -881,11 +881,11 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                         out / "checkpoints" / RESTART_NOTE)
     # tokens: every process's since this start; cycle: this step's micro-batches; halved_here: this process's halvings
     tokens, started, running, cycle, halved_here = 0, time.perf_counter(), [], [], 0
-    norms: list[float] = []  # the gradients' norm of each step since the last log line, before clipping
-    # the loss of a step: the sum of its micro-batches' token losses over ``norm`` (the mean loss tokens of a global
-    # batch: gradients of a usual size), made the mean over the step's loss tokens (on every process) at its end
+    grad_norms: list[float] = []  # the gradients' norm of each step since the last log line, before clipping
+    # the loss of a step: the sum of its micro-batches' token losses over ``token_norm`` (the mean loss tokens of a
+    # global batch: gradients of a usual size), made the mean over the step's loss tokens (on every process) at its end
     counts = [example_loss_tokens(e) for e in examples]
-    norm = max(1.0, sum(counts) / math.ceil(len(examples) / cfg.batch_size))
+    token_norm = max(1.0, sum(counts) / math.ceil(len(examples) / cfg.batch_size))
     step_tokens, step_loss = 0, 0.0
 
     while step < total_steps:
@@ -900,11 +900,12 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                 while True:
                     try:
                         for earlier in redo:
-                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size, norm=norm)
+                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size, norm=token_norm)
                         # FSDP: every process as many passes as the largest share (the first process's) needs
                         passes = math.ceil(len(process_share(batches[batch_in_epoch], 0, accelerator.num_processes))
                                            / size) if fsdp else 0
-                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes, norm)
+                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes,
+                                        token_norm)
                         break
                     except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
                         if not is_out_of_memory(e):
@@ -920,13 +921,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                 if accelerator.sync_gradients and is_ddp(model):  # the others may have waited here for this one
                     all_reduce_gradients(model)
                 if accelerator.sync_gradients:
-                    scale = step_scale(norm, step_tokens, accelerator)
+                    scale = step_scale(token_norm, step_tokens, accelerator)
                     for p in model.parameters():
                         if p.grad is not None:
                             p.grad.mul_(scale)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
-                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # FSDP: a DTensor
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # FSDP: a DTensor
+                    grad_norms.append(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -934,14 +935,14 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
             if accelerator.sync_gradients:
                 cycle = []
             batch_in_epoch += 1
-            # the global batch's summed token losses over norm, and its tokens (shares may differ by one example)
+            # the global batch's summed token losses over token_norm, and its tokens (shares may differ by one example)
             ours = torch.stack([loss.detach().float(), loss.new_tensor(float(sum(len(examples[i]["input_ids"]) for i in mine)))])
             summed, global_tokens = accelerator.reduce(ours, reduction="sum").tolist()
             step_loss += summed
             tokens += int(global_tokens)
             if not accelerator.sync_gradients:
                 continue
-            running.append(step_loss * norm / max(1, step_tokens))  # the step's mean loss over its loss tokens
+            running.append(step_loss * token_norm / max(1, step_tokens))  # the step's mean loss over its loss tokens
             step_tokens, step_loss = 0, 0.0
             step += 1
             evaluate_now = eval_examples and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
@@ -949,13 +950,13 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                 record = {"step": step, "epoch": epoch, "loss": round(float(np.mean(running)), 5),
                           "lr": scheduler.get_last_lr()[0],
                           "tokens_per_s": round(tokens / max(time.perf_counter() - started, 1e-9), 1)}
-                if norms:  # the mean over the steps since the last line, as the loss
-                    record["grad_norm"] = round(float(np.mean(norms)), 5)
+                if grad_norms:  # the mean over the steps since the last line, as the loss
+                    record["grad_norm"] = round(float(np.mean(grad_norms)), 5)
                 if evaluate_now:
                     record.update(evaluate(model, eval_examples, cfg.batch_size, tokenizer.pad_token_id,
                                            accelerator, cfg.eval_batches))
                 history.append(record)
-                running, norms = [], []
+                running, grad_norms = [], []
                 write_log(accelerator, out / "log.jsonl", record)
             if step % cfg.save_every == 0 or step == total_steps:
                 save_checkpoint(accelerator, out, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
