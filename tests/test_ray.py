@@ -23,6 +23,7 @@ from speechinstruct.units.extract import extract
 from speechinstruct.units.features import MFCC
 from speechinstruct.sources.shard import shard_corpus
 from speechinstruct.shardfiles import read_features
+from test_recordings import sentences  # noqa: F401  (a fixture: espeak-ng sentences at 16 kHz)
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -254,7 +255,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_path):
+def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_path, monkeypatch):
     """A cluster started by `ray start --head`, with token authentication on (as Ray >= 2.59 does by default),
     joined from the CLI in another process through the Ray client (`ray://`) and through `auto`."""
     bin_dir = Path(sys.executable).parent
@@ -283,8 +284,7 @@ def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_
         row = pq.read_table(manifest / "manifest-00000.parquet").to_pylist()[0]
         (tmp_path / "refs").mkdir()
         shutil.copy(tmp_path / "LibriSpeech" / row["path"], tmp_path / "refs" / f"{row['speaker']}.flac")
-        here = Path.cwd()
-        assert here != tmp_path
+        assert Path.cwd() != tmp_path
         relative = ["--root", "LibriSpeech", "--speaker-references", "refs", "--language", "-q"]
         done = subprocess.run([str(bin_dir / "speechinstruct"), "score", str(manifest), "scored", *relative,
                                "--engine", "ray", "--ray-address", "auto", "--actors", "1"],
@@ -292,11 +292,8 @@ def test_cli_joins_a_token_auth_cluster_by_ray_client_and_by_auto(manifest, tmp_
         assert done.returncode == 0, done.stderr[-3000:]
         stats = json.loads(done.stdout[done.stdout.index("{"):])
         assert stats["utterances"] == 4 and sum(stats["nodes"].values()) == 4, stats
-        os.chdir(tmp_path)  # the local engine's files for the same command, run here (a process less)
-        try:
-            local = runner.invoke(app, ["score", str(manifest), "scored-here", *relative])
-        finally:
-            os.chdir(here)
+        monkeypatch.chdir(tmp_path)  # the local engine's files for the same command, run here (a process less)
+        local = runner.invoke(app, ["score", str(manifest), "scored-here", *relative])
         assert local.exit_code == 0, local.output[-3000:]
         _score_files_equal(tmp_path / "scored-here", tmp_path / "scored")
     finally:
@@ -550,7 +547,7 @@ def test_a_node_without_the_corpus_root_is_an_error_not_a_skip_per_row(manifest,
                                        "mount it at the same path on every node")
 
 
-def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
+def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(sentences, tmp_path):
     """`run` had no Ray engine: a recipe ran every stage in one process. With a `ray` section its extract and
     score stages run on the cluster's actors (here a local Ray), and the dataset is the local run's, byte for
     byte; the engine is not part of a stage's stamp, so the same recipe without the section finds all done."""
@@ -558,15 +555,12 @@ def test_a_recipe_with_a_ray_section_runs_extract_and_score_on_ray(tmp_path):
     import yaml
 
     from speechinstruct.pipeline import run
-    from speechinstruct.sources.tts import EspeakTTS
 
     recordings = tmp_path / "recordings"  # and raw recordings, cut by Ray tasks
     recordings.mkdir()
-    tts = EspeakTTS()
-    for n, text in enumerate(("The old sailor walked slowly to the red house.", "Nobody had opened its door.")):
-        wav, sr = tts.synthesize(text, "en-us", 160)
-        silence = np.zeros(sr, np.float32)
-        sf.write(recordings / f"talk{n}.wav", np.concatenate([silence, wav, silence]), sr)
+    silence = np.zeros(16000, np.float32)
+    for n, wav in enumerate(sentences[:2]):
+        sf.write(recordings / f"talk{n}.wav", np.concatenate([silence, wav, silence]), 16000)
 
     def recipe(name, **over):
         data = {"name": "tiny", "workdir": str(tmp_path / name), "demo_corpus": {"sentences": 8, "seed": 1},
@@ -683,37 +677,26 @@ def test_espeak_spawns_its_process_where_this_one_is_connected_to_ray():
     assert np.array_equal(forked[0], spawned[0]) and forked[1:] == spawned[1:]
 
 
-def test_shard_audio_cuts_recordings_on_ray_as_locally(tmp_path):
+def test_shard_audio_cuts_recordings_on_ray_as_locally(sentences, tmp_path, monkeypatch):
     """`shard audio --engine ray`: each recording (each channel with --channels each) is a Ray task that runs the VAD
     where Ray puts it; the manifest is the local engine's byte for byte, the skips (a file with no speech, one that is
     not audio) the same, in the same order. `--ray-address` means the Ray engine (said); another corpus refuses it."""
     import soundfile as sf
     from test_recordings import _call, recording
 
-    from speechinstruct import audio
-    from speechinstruct.sources.tts import EspeakTTS
-
-    tts = EspeakTTS()
-    said = [audio.resample(*tts.synthesize(text, "en-us", 160)) for text in (
-        "The old sailor walked slowly to the red house by the sea.", "Nobody had opened its door for many years.",
-        "Inside, the rooms were full of maps and letters.")]
     root = tmp_path / "rec"
     root.mkdir()
-    _call(said, root)
+    _call(sentences, root)
     for n, rate in enumerate((16000, 44100)):
-        sf.write(root / f"talk{n}.flac", recording(said, rate, gaps=(1.0 + n, 3.0, 0.3, 1.0))[0], rate)
+        sf.write(root / f"talk{n}.flac", recording(sentences, rate, gaps=(1.0 + n, 3.0, 0.3, 1.0))[0], rate)
     sf.write(root / "quiet.wav", np.zeros(16000 * 2, np.float32), 16000)
     (root / "broken.wav").write_bytes(b"RIFF not really a wav")
     common = ["shard", "audio", str(root), "--license", "x", "-q", "--channels", "each"]
-    here = Path.cwd()
     ray.init(num_cpus=2, object_store_memory=SMALL_STORE, include_dashboard=False, log_to_driver=False)
     local = runner.invoke(app, [*common[:3], str(tmp_path / "local"), *common[3:], "--workers", "1"])
     assert local.exit_code == 0, local.output
-    os.chdir(tmp_path)  # the recordings named relative to this process's working folder, not a Ray worker's
-    try:
-        on_ray = runner.invoke(app, ["shard", "audio", "rec", str(tmp_path / "ray"), *common[3:], "--engine", "ray"])
-    finally:
-        os.chdir(here)
+    monkeypatch.chdir(tmp_path)  # the recordings named relative to this process's working folder, not a Ray worker's
+    on_ray = runner.invoke(app, ["shard", "audio", "rec", str(tmp_path / "ray"), *common[3:], "--engine", "ray"])
     assert on_ray.exit_code == 0, on_ray.output
     assert (tmp_path / "local" / "manifest-00000.parquet").read_bytes() == \
         (tmp_path / "ray" / "manifest-00000.parquet").read_bytes()

@@ -310,27 +310,25 @@ def example_loss_tokens(example: dict) -> int:
     return sum(label != -100 for label in example["labels"][1:])
 
 
-def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int, passes: int = 0,
-             norm: float = 0.0) -> torch.Tensor:
-    """The loss of one micro-batch (``items``) over ``norm`` tokens (default: its own loss tokens, making it the
-    micro-batch's mean loss), its gradient added to the model's, run ``size`` examples at a time: each part's mean
-    loss weighted by its loss tokens over ``norm``, so that the parts' gradients add up to the whole micro-batch's.
-    train() passes a norm of its own for every micro-batch and scales the step's summed gradients once they are all
-    in (:func:`step_scale`). ``passes``: at least that many (FSDP, where every pass gathers the weights from all
-    processes: a process whose share makes fewer parts than another's runs the rest over its first example,
-    weighted zero)."""
+def backward(model, accelerator, items: list[dict], pad_id: int, pack: int, size: int, norm: float,
+             passes: int = 0) -> torch.Tensor:
+    """The summed token losses of one micro-batch (``items``) over ``norm`` (train()'s, the same for every
+    micro-batch), its gradient added to the model's, run ``size`` examples at a time: each part's mean loss weighted
+    by its loss tokens over ``norm``, so that the parts' gradients add up to the whole micro-batch's; train() scales
+    the step's summed gradients once they are all in (:func:`step_scale`). ``passes``: at least that many (FSDP,
+    where every pass gathers the weights from all processes: a process whose share makes fewer parts than another's
+    runs the rest over its first example, weighted zero)."""
     parts = [collate(items[i: i + size], pad_id, pack) for i in range(0, len(items), size)]
     tokens = [loss_tokens(p) for p in parts]
     parts += [collate(items[:1], pad_id, pack)] * (passes - len(parts))
     tokens += [0] * (len(parts) - len(tokens))
-    total = norm or max(1, sum(tokens))
     loss = torch.zeros((), device=accelerator.device)
     alone = is_ddp(model)  # DDP: no part all-reduces; all_reduce_gradients does, once the step's parts have all run
     for i, (part, n) in enumerate(zip(parts, tokens)):
         batch = {key: v.to(accelerator.device) for key, v in part.items()}
         # FSDP: only the last part's backward pass reduces the gradients (every process runs as many parts)
         with accelerator.no_sync(model) if alone or i < len(parts) - 1 else contextlib.nullcontext():
-            weighted = model(**batch, use_cache=False).loss * (n / total)  # no cache: packed rows need none
+            weighted = model(**batch, use_cache=False).loss * (n / norm)  # no cache: packed rows need none
             accelerator.backward(weighted)
         loss += weighted.detach()
     return loss
@@ -900,12 +898,12 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                 while True:
                     try:
                         for earlier in redo:
-                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size, norm=token_norm)
+                            backward(model, accelerator, earlier, tokenizer.pad_token_id, pack, size, token_norm)
                         # FSDP: every process as many passes as the largest share (the first process's) needs
                         passes = math.ceil(len(process_share(batches[batch_in_epoch], 0, accelerator.num_processes))
                                            / size) if fsdp else 0
-                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size, passes,
-                                        token_norm)
+                        loss = backward(model, accelerator, cycle[-1], tokenizer.pad_token_id, pack, size,
+                                        token_norm, passes)
                         break
                     except Exception as e:  # noqa: BLE001  only running out of memory is handled; the rest go on up
                         if not is_out_of_memory(e):
@@ -918,16 +916,18 @@ def train(stage: int, base_model: str | Path, data: str | Path, out: str | Path,
                     model.zero_grad(set_to_none=True)  # an out-of-memory in the backward pass left some added
                     free_cached()  # here, not in the except block, whose error holds the failed try's tensors
                     redo = cycle[:-1]
-                if accelerator.sync_gradients and is_ddp(model):  # the others may have waited here for this one
-                    all_reduce_gradients(model)
                 if accelerator.sync_gradients:
+                    if is_ddp(model):  # the others may have waited here for this one
+                        all_reduce_gradients(model)
                     scale = step_scale(token_norm, step_tokens, accelerator)
                     for p in model.parameters():
                         if p.grad is not None:
                             p.grad.mul_(scale)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # FSDP: a DTensor
-                    grad_norms.append(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
+                    if cfg.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                            grad_norm = grad_norm.full_tensor()
+                        grad_norms.append(float(grad_norm))
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()

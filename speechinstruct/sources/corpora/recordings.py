@@ -172,15 +172,17 @@ def vad_spans_ray(jobs: list[tuple[Path, int | None]], address: str | None = Non
     ``nodes`` counts the jobs each node ran."""
     from ...raycluster import connect, reason_of
 
+    import itertools
+
     ray = connect(address)
     task = ray.remote(_vad_task).options(num_cpus=1, max_retries=max_retries)
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: collections.deque = collections.deque()
+
+    def submit(path: Path, channel: int | None):  # absolute: a Ray worker's working folder is not this process's
+        return path, task.remote(str(path.absolute()), channel)
+
     todo = iter(jobs)
-    for path, channel in todo:  # absolute: a Ray worker's working folder is not this process's
-        pending.append((path, task.remote(str(path.absolute()), channel)))
-        if len(pending) == window:
-            break
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending = collections.deque(submit(*job) for job in itertools.islice(todo, window))
     try:
         while pending:
             path, ref = pending.popleft()
@@ -189,7 +191,7 @@ def vad_spans_ray(jobs: list[tuple[Path, int | None]], address: str | None = Non
             except ray.exceptions.RayError as e:
                 raise ValueError(f"{path}: ray engine: the VAD task failed: {reason_of(e)}") from None
             if (job := next(todo, None)) is not None:
-                pending.append((job[0], task.remote(str(job[0].absolute()), job[1])))
+                pending.append(submit(*job))
             if nodes is not None:
                 nodes[node] += 1
             yield result
